@@ -1,0 +1,29 @@
+# gridmesh: the two commands a newcomer needs are `make test` and `make devnet`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test devnet lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: $(STAMP) lint
+	$(BIN)/pytest -q
+
+devnet: $(STAMP)
+	$(BIN)/python -m daemon.devnet
+
+bench: $(STAMP)
+	$(BIN)/python bench/p2p.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,139 @@
+"""Node configuration: defaults in code, a TOML file over them, command-line flags over both."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_FILE = "config.toml"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class P2PConfig:
+    listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/4001",)
+    bootstrap: tuple[str, ...] = ()
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 30.0
+    ping_interval_s: float = 10.0
+    dht_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class RPCConfig:
+    port: int = 8645
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    publish_interval_s: float = 30.0
+    record_validity_s: float = 90.0
+    max_clock_skew_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class Config:
+    network_id: str = "gridmesh-local"
+    p2p: P2PConfig = field(default_factory=P2PConfig)
+    rpc: RPCConfig = field(default_factory=RPCConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    def validate(self) -> Config:
+        if not self.network_id or len(self.network_id) > 64:
+            raise ConfigError("network_id must be 1 to 64 characters")
+        if not 0 <= self.rpc.port <= 65535:
+            raise ConfigError(f"rpc.port {self.rpc.port} is not a TCP port")
+        res = self.resources
+        if not 0 < res.publish_interval_s < res.record_validity_s:
+            raise ConfigError(
+                "resources.publish_interval_s must be positive and below record_validity_s"
+            )
+        if res.record_validity_s > 3600:
+            raise ConfigError("resources.record_validity_s must be at most 3600")
+        if self.p2p.reconnect_min_s <= 0 or self.p2p.reconnect_max_s < self.p2p.reconnect_min_s:
+            raise ConfigError("p2p.reconnect_min_s must be > 0 and <= reconnect_max_s")
+        return self
+
+
+def _section(cls: type, raw: Any, name: str) -> Any:
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    known = {f.name: f for f in fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"unknown key {name}.{key} (known: {', '.join(known)})")
+        default = getattr(cls(), key)
+        if isinstance(default, tuple):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{name}.{key} must be a list of strings")
+            value = tuple(value)
+        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not type(default):
+            raise ConfigError(f"{name}.{key} must be a {type(default).__name__}")
+        values[key] = value
+    return cls(**values)
+
+
+def parse(raw: dict[str, Any]) -> Config:
+    top = {"network_id", "p2p", "rpc", "resources"}
+    unknown = set(raw) - top
+    if unknown:
+        raise ConfigError(f"unknown top-level keys: {', '.join(sorted(unknown))}")
+    network_id = raw.get("network_id", Config.network_id)
+    if not isinstance(network_id, str):
+        raise ConfigError("network_id must be a string")
+    return Config(
+        network_id=network_id,
+        p2p=_section(P2PConfig, raw.get("p2p"), "p2p"),
+        rpc=_section(RPCConfig, raw.get("rpc"), "rpc"),
+        resources=_section(ResourcesConfig, raw.get("resources"), "resources"),
+    ).validate()
+
+
+def load(path: Path) -> Config:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    try:
+        return parse(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def with_overrides(
+    config: Config,
+    *,
+    listen: list[str] | None = None,
+    bootstrap: list[str] | None = None,
+    rpc_port: int | None = None,
+) -> Config:
+    p2p = config.p2p
+    if listen:
+        p2p = replace(p2p, listen=tuple(listen))
+    if bootstrap:
+        p2p = replace(p2p, bootstrap=tuple(bootstrap))
+    rpc = config.rpc if rpc_port is None else replace(config.rpc, port=rpc_port)
+    return replace(config, p2p=p2p, rpc=rpc).validate()
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("GRIDMESH_HOME") or Path.home() / ".gridmesh")
+
+
+def template_text() -> str:
+    """The text `gridmesh init` writes to HOME/config.toml."""
+    return (REPO_CONFIGS / "node.toml").read_text()

@@ -1,0 +1,47 @@
+import tomllib
+
+import pytest
+
+from daemon import config
+
+
+def test_node_toml_documents_the_code_defaults():
+    parsed = config.parse(tomllib.loads(config.template_text()))
+    assert parsed == config.Config()
+
+
+def test_devnet_toml_parses():
+    cfg = config.load(config.REPO_CONFIGS / "devnet.toml")
+    assert cfg.rpc.port == 0
+    assert cfg.resources.publish_interval_s < cfg.resources.record_validity_s
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"bogus": 1}, "unknown top-level"),
+        ({"rpc": {"port": "x"}}, "rpc.port must be a int"),
+        ({"rpc": {"port": 70000}}, "not a TCP port"),
+        ({"p2p": {"listen": "/ip4/1.2.3.4"}}, "list of strings"),
+        ({"p2p": {"nope": 1}}, "unknown key p2p.nope"),
+        ({"resources": {"publish_interval_s": 100, "record_validity_s": 90}}, "below"),
+    ],
+)
+def test_bad_config_is_a_clear_error(raw, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.parse(raw)
+
+
+def test_overrides(tmp_path):
+    cfg = config.with_overrides(
+        config.Config(), listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=None, rpc_port=0
+    )
+    assert cfg.p2p.listen == ("/ip4/127.0.0.1/tcp/0",)
+    assert cfg.rpc.port == 0
+
+
+def test_load_reports_path(tmp_path):
+    bad = tmp_path / "c.toml"
+    bad.write_text("network_id = [")
+    with pytest.raises(config.ConfigError, match="c.toml"):
+        config.load(bad)
