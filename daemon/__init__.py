@@ -1,0 +1,3 @@
+"""gridmesh: the daemon process, its APIs and its CLI."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,304 @@
+"""HTTP transport for the JSON-RPC control plane, bound to 127.0.0.1 only.
+
+A small HTTP/1.1 server: h11 for parsing, `trio.serve_listeners` for accepting. hypercorn's
+trio worker was tried first (port 0 works with it), but it sends responses inside a shielded
+cancel scope: one local client that pipelines requests and never reads the answers blocks
+cancellation of the whole server indefinitely, which breaks "shuts down promptly". Owning the
+loop also makes the limits explicit: header size (h11's max_incomplete_event_size), body size
+(Content-Length checked up front, then counted per chunk, so at most ~MAX_BODY is buffered),
+read/write timeouts and a cap on concurrent connections.
+
+Routes: POST / (JSON-RPC, bearer token), GET /metrics (Prometheus text, no token: the
+listener is loopback only).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Callable
+from http import HTTPStatus
+
+import h11
+import trio
+
+from daemon.api.cookie import COOKIE_FILE
+from daemon.api.jsonrpc import INTERNAL_ERROR, INVALID_REQUEST, Dispatcher
+
+log = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+MAX_BODY = 1 << 20
+MAX_HEADER_BYTES = 16 * 1024
+MAX_CONNECTIONS = 64
+READ_TIMEOUT_S = 30.0  # to receive one whole request (or to idle between keep-alive requests)
+WRITE_TIMEOUT_S = 30.0
+LINGER_S = 1.0  # drain unread input this long before closing, so the client sees our error
+UNAUTHORIZED = -32001
+METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+_RECV_SIZE = 64 * 1024
+
+Headers = list[tuple[bytes, bytes]]
+
+
+def _rpc_error_body(code: int, message: str) -> bytes:
+    doc = {"jsonrpc": "2.0", "error": {"code": code, "message": message}, "id": None}
+    return json.dumps(doc, separators=(",", ":")).encode("ascii")
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class _Response:
+    """What to send back for one request."""
+
+    def __init__(
+        self,
+        status: int,
+        body: bytes = b"",
+        content_type: bytes | None = None,
+        extra: Headers | None = None,
+        *,
+        close: bool = False,
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.extra = extra or []
+        self.close = close  # the request body was not consumed: the connection must end
+
+
+def _text(status: int, text: str, extra: Headers | None = None) -> _Response:
+    return _Response(status, text.encode() + b"\n", b"text/plain; charset=utf-8", extra, close=True)
+
+
+class _Server:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        token: str,
+        metrics: Callable[[], bytes],
+        on_reject: Callable[[str], None],
+        max_body: int,
+    ) -> None:
+        if not token:
+            raise ValueError("an RPC token is required")
+        self._dispatcher = dispatcher
+        self._expected = b"Bearer " + token.encode("utf-8")
+        self._metrics = metrics
+        self._on_reject = on_reject
+        self._max_body = max_body
+        self._active = 0
+
+    async def handle_connection(self, stream: trio.SocketStream) -> None:
+        """Serve one connection; swallows every error so the listener keeps going."""
+        if self._active >= MAX_CONNECTIONS:
+            self._reject("too_many_connections")
+            return  # serve_listeners closes the stream
+        self._active += 1
+        try:
+            await self._serve(stream)
+        except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except trio.TooSlowError:
+            log.debug("rpc connection timed out")
+        except Exception:
+            log.exception("rpc connection failed")
+        finally:
+            self._active -= 1
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        while True:
+            try:
+                with trio.move_on_after(READ_TIMEOUT_S) as scope:
+                    event = await _next_event(conn, stream)
+                if scope.cancelled_caught:
+                    return
+                if isinstance(event, h11.ConnectionClosed):
+                    return
+                assert isinstance(event, h11.Request)
+                response = await self._route(conn, stream, event)
+            except h11.RemoteProtocolError as e:
+                self._reject("bad_http")
+                if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                    status = e.error_status_hint
+                    resp = _text(status, f"bad request: {e}")
+                    await _send(conn, stream, resp, head=False)
+                await _linger_close(stream)
+                return
+            head = event.method == b"HEAD"
+            await _send(conn, stream, response, head=head)
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
+                await _linger_close(stream)
+                return
+            conn.start_next_cycle()
+
+    async def _route(
+        self, conn: h11.Connection, stream: trio.SocketStream, req: h11.Request
+    ) -> _Response:
+        path = req.target.split(b"?", 1)[0]
+        if path == b"/metrics":
+            if req.method != b"GET":
+                return _text(405, "method not allowed", [(b"allow", b"GET")])
+            await self._read_body(conn, stream, req)  # normally empty; keeps keep-alive working
+            return self._serve_metrics()
+        if path != b"/":
+            return _text(404, "not found")
+        if req.method != b"POST":
+            return _text(405, "method not allowed", [(b"allow", b"POST")])
+        # Constant-time compare of the whole header value; the scheme must be spelt "Bearer".
+        auth = _header(req.headers, b"authorization") or b""
+        if not hmac.compare_digest(auth, self._expected):
+            self._reject("unauthorized")
+            msg = (
+                "unauthorized: send 'Authorization: Bearer <token>' "
+                f"with the token read from HOME/{COOKIE_FILE}"
+            )
+            body = _rpc_error_body(UNAUTHORIZED, msg)
+            extra = [(b"www-authenticate", b"Bearer")]
+            return _Response(401, body, b"application/json", extra, close=True)
+        try:
+            body = await self._read_body(conn, stream, req)
+        except _BodyTooLarge:
+            self._reject("too_large")
+            msg = f"invalid request: body larger than {self._max_body} bytes"
+            err = _rpc_error_body(INVALID_REQUEST, msg)
+            return _Response(413, err, b"application/json", close=True)
+        try:
+            result = await self._dispatcher.handle(body)
+        except Exception:  # the dispatcher is not supposed to raise; keep serving anyway
+            log.exception("rpc dispatcher failed")
+            result = _rpc_error_body(INTERNAL_ERROR, "internal error")
+        if result is None:
+            return _Response(204)
+        return _Response(200, result, b"application/json")
+
+    async def _read_body(
+        self, conn: h11.Connection, stream: trio.SocketStream, req: h11.Request
+    ) -> bytes:
+        length = _header(req.headers, b"content-length")
+        # h11 has already rejected a malformed Content-Length, so int() is safe.
+        if length is not None and int(length) > self._max_body:
+            raise _BodyTooLarge
+        if conn.they_are_waiting_for_100_continue:
+            await _send_all(stream, conn.send(h11.InformationalResponse(status_code=100)))
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            with trio.fail_after(READ_TIMEOUT_S):
+                event = await _next_event(conn, stream)
+            if isinstance(event, h11.Data):
+                total += len(event.data)
+                if total > self._max_body:
+                    raise _BodyTooLarge
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                return b"".join(chunks)
+            else:  # ConnectionClosed in the middle of the body
+                raise _ClientGone
+
+    def _serve_metrics(self) -> _Response:
+        try:
+            body = self._metrics()
+        except Exception:
+            log.exception("metrics collection failed")
+            return _Response(500, b"metrics collection failed\n", b"text/plain; charset=utf-8")
+        return _Response(200, body, METRICS_CONTENT_TYPE)
+
+    def _reject(self, reason: str) -> None:
+        try:
+            self._on_reject(reason)
+        except Exception:
+            log.exception("on_reject hook failed")
+
+
+async def _next_event(conn: h11.Connection, stream: trio.SocketStream) -> h11.Event:
+    while True:
+        event = conn.next_event()
+        if event is h11.PAUSED:  # cannot happen: we never read past the end of a request
+            raise RuntimeError("h11 paused unexpectedly")
+        if event is not h11.NEED_DATA:
+            return event
+        conn.receive_data(await stream.receive_some(_RECV_SIZE))
+
+
+async def _send(
+    conn: h11.Connection, stream: trio.SocketStream, resp: _Response, *, head: bool
+) -> None:
+    headers: Headers = [(b"cache-control", b"no-store")]
+    if resp.content_type is not None:
+        headers.append((b"content-type", resp.content_type))
+    if resp.status != 204:
+        headers.append((b"content-length", str(len(resp.body)).encode("ascii")))
+    if resp.close:
+        headers.append((b"connection", b"close"))
+    headers.extend(resp.extra)
+    reason = HTTPStatus(resp.status).phrase.encode("ascii")
+    out = conn.send(h11.Response(status_code=resp.status, headers=headers, reason=reason)) or b""
+    if resp.body and not head:
+        out += conn.send(h11.Data(data=resp.body)) or b""
+    out += conn.send(h11.EndOfMessage()) or b""
+    await _send_all(stream, out)
+
+
+async def _send_all(stream: trio.SocketStream, data: bytes | None) -> None:
+    if data:
+        with trio.fail_after(WRITE_TIMEOUT_S):
+            await stream.send_all(data)
+
+
+async def _linger_close(stream: trio.SocketStream) -> None:
+    """Half-close, then discard input for a moment before closing.
+
+    Closing a socket with unread input makes the kernel send a reset, which can destroy our
+    error response before the client reads it (e.g. a 413 sent before the body arrived).
+    """
+    try:
+        await stream.send_eof()
+        with trio.move_on_after(LINGER_S):
+            while await stream.receive_some(_RECV_SIZE):
+                pass
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    await trio.aclose_forcefully(stream)
+
+
+def _header(headers: Headers, name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key == name:  # h11 lower-cases header names
+            return value
+    return None
+
+
+async def serve_rpc(
+    dispatcher: Dispatcher,
+    *,
+    token: str,
+    port: int,
+    metrics: Callable[[], bytes],
+    on_reject: Callable[[str], None],
+    max_body: int = MAX_BODY,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve JSON-RPC on 127.0.0.1:port until cancelled; `task_status.started(actual_port)`.
+
+    `on_reject(reason)` counts refused requests: "unauthorized", "too_large", "bad_http",
+    "too_many_connections".
+    """
+    server = _Server(dispatcher, token, metrics, on_reject, max_body)
+    listeners = await trio.open_tcp_listeners(port, host=HOST)
+    try:
+        actual = listeners[0].socket.getsockname()[1]
+        log.info("JSON-RPC listening on http://%s:%d/", HOST, actual)
+        task_status.started(actual)
+        await trio.serve_listeners(server.handle_connection, listeners)
+    finally:
+        for listener in listeners:
+            await trio.aclose_forcefully(listener)

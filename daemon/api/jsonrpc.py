@@ -1,0 +1,351 @@
+"""A transport-free JSON-RPC 2.0 dispatcher.
+
+`Dispatcher.handle` takes the raw request body and returns the serialized response (or None
+when JSON-RPC says nothing is sent back). It never raises for bad input or failing handlers:
+every problem becomes a JSON-RPC error object, so a transport only has to move bytes.
+
+The caller bounds the body size before calling `handle`; JSON nesting depth is bounded by
+Python's recursion limit, and hitting it is reported as a parse error.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+
+MAX_BATCH = 100
+_MAX_NAME_IN_MESSAGE = 64
+_MAX_EXC_MESSAGE = 200
+
+Handler = Callable[..., Awaitable[Any]]
+OutcomeHook = Callable[[str, str], None]
+
+_NO_ID = object()  # marks a notification: the request had no "id" member
+
+
+class RPCError(Exception):
+    """An error to send back as a JSON-RPC error object; handlers raise it for app errors."""
+
+    def __init__(self, code: int, message: str, data: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+
+    def to_dict(self) -> dict[str, Any]:
+        err: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.data is not None:
+            err["data"] = self.data
+        return err
+
+
+def invalid_params(msg: str, data: Any = None) -> RPCError:
+    """The error a handler raises for a semantically bad argument (-32602)."""
+    return RPCError(INVALID_PARAMS, msg, data)
+
+
+@dataclass(frozen=True)
+class Param:
+    """One declared parameter of an RPC method."""
+
+    name: str
+    types: tuple[type, ...]
+    required: bool = True
+    description: str = ""
+
+    @property
+    def type_name(self) -> str:
+        return "|".join("null" if t is type(None) else t.__name__ for t in self.types)
+
+    def accepts(self, value: Any) -> bool:
+        """Type check with JSON's view of numbers.
+
+        bool is an int subclass in Python but not a number in JSON, so it only passes where
+        bool is declared. An int passes where float is declared (JSON has one number type).
+        """
+        if isinstance(value, bool):
+            return bool in self.types
+        if isinstance(value, int) and float in self.types:
+            return True
+        return isinstance(value, self.types)
+
+
+@dataclass(frozen=True)
+class _Method:
+    name: str
+    handler: Handler
+    params: tuple[Param, ...]
+    description: str
+
+
+class _Reject(Exception):
+    """Internal: stop processing one request with this error and outcome label."""
+
+    def __init__(self, error: RPCError, outcome: str) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.outcome = outcome
+
+
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+class Dispatcher:
+    """Routes JSON-RPC 2.0 requests to registered async handlers.
+
+    `on_outcome(method, outcome)` is called once per request (batch members included) with
+    the method name, or "-" when the request had no valid or known method (so unknown names
+    sent by clients cannot blow up metric label cardinality), and "ok" or an error reason.
+    """
+
+    def __init__(
+        self, *, on_outcome: OutcomeHook | None = None, max_batch: int = MAX_BATCH
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self._methods: dict[str, _Method] = {}
+        self._on_outcome = on_outcome
+        self.max_batch = max_batch
+
+    def register(
+        self,
+        name: str,
+        handler: Handler,
+        params: list[Param] | None = None,
+        description: str = "",
+    ) -> None:
+        """Register `async def handler(**kwargs)`; kwargs are named after `params`."""
+        if not isinstance(name, str) or not name:
+            raise ValueError("method name must be a non-empty string")
+        if name.startswith("rpc."):
+            raise ValueError("method names starting with 'rpc.' are reserved by JSON-RPC 2.0")
+        if name in self._methods:
+            raise ValueError(f"method {name!r} is already registered")
+        if not inspect.iscoroutinefunction(handler):
+            raise TypeError(f"handler for {name!r} must be an async function")
+        params = list(params or [])
+        seen: set[str] = set()
+        for p in params:
+            if not p.name.isidentifier() or p.name in seen:
+                raise ValueError(f"bad or duplicate parameter name {p.name!r} for {name!r}")
+            if not p.types:
+                raise ValueError(f"parameter {p.name!r} of {name!r} declares no types")
+            seen.add(p.name)
+        self._methods[name] = _Method(name, handler, tuple(params), description)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """All methods, sorted by name, in a JSON-ready form (served as `rpc_methods`)."""
+        return [
+            {
+                "name": m.name,
+                "description": m.description,
+                "params": [
+                    {
+                        "name": p.name,
+                        "type": p.type_name,
+                        "required": p.required,
+                        "description": p.description,
+                    }
+                    for p in m.params
+                ],
+            }
+            for m in sorted(self._methods.values(), key=lambda m: m.name)
+        ]
+
+    async def handle(self, body: bytes) -> bytes | None:
+        """Serialized response to `body`, or None when there is nothing to send."""
+        try:
+            text = body.decode("utf-8")
+            doc = json.loads(text, parse_constant=_reject_constant)
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            self._outcome("-", "parse_error")
+            msg = "parse error: body is not valid UTF-8 JSON"
+            if isinstance(e, RecursionError):
+                msg = "parse error: JSON nested too deeply"
+            return _dump(_error_response(None, RPCError(PARSE_ERROR, msg)))
+
+        if isinstance(doc, list):
+            if not doc:
+                self._outcome("-", "invalid_request")
+                err = RPCError(INVALID_REQUEST, "invalid request: empty batch")
+                return _dump(_error_response(None, err))
+            if len(doc) > self.max_batch:
+                self._outcome("-", "invalid_request")
+                err = RPCError(
+                    INVALID_REQUEST,
+                    f"invalid request: batch of {len(doc)} exceeds the limit of {self.max_batch}",
+                )
+                return _dump(_error_response(None, err))
+            parts = [r for r in [await self._handle_one(item) for item in doc] if r is not None]
+            return b"[" + b",".join(parts) + b"]" if parts else None
+        return await self._handle_one(doc)
+
+    async def _handle_one(self, req: Any) -> bytes | None:
+        """Process one request object; returns its serialized response or None."""
+        req_id: Any = None
+        method_label = "-"
+        try:
+            if not isinstance(req, dict):
+                raise _Reject(
+                    RPCError(INVALID_REQUEST, "invalid request: expected a JSON object"),
+                    "invalid_request",
+                )
+            req_id = _extract_id(req)
+            if req.get("jsonrpc") != "2.0":
+                raise _Reject(
+                    RPCError(INVALID_REQUEST, 'invalid request: "jsonrpc" must be "2.0"'),
+                    "invalid_request",
+                )
+            name = req.get("method")
+            if not isinstance(name, str):
+                raise _Reject(
+                    RPCError(INVALID_REQUEST, 'invalid request: "method" must be a string'),
+                    "invalid_request",
+                )
+            params = req.get("params", _NO_ID)
+            if params is not _NO_ID and not isinstance(params, dict | list):
+                raise _Reject(
+                    RPCError(
+                        INVALID_REQUEST, 'invalid request: "params" must be an object or array'
+                    ),
+                    "invalid_request",
+                )
+            method = self._methods.get(name)
+            if method is None:
+                shown = _short(name, _MAX_NAME_IN_MESSAGE)
+                raise _Reject(
+                    RPCError(METHOD_NOT_FOUND, f"method not found: {shown!r}"),
+                    "method_not_found",
+                )
+            method_label = name
+            kwargs = _bind(method, None if params is _NO_ID else params)
+            result = await self._call(method, kwargs)
+            response: dict[str, Any] = {"jsonrpc": "2.0", "result": result, "id": req_id}
+            outcome = "ok"
+        except _Reject as r:
+            response = _error_response(req_id, r.error)
+            outcome = r.outcome
+
+        if req_id is _NO_ID:
+            # A notification (valid envelope, no "id"): executed, never answered.
+            self._outcome(method_label, outcome)
+            return None
+        try:
+            out = _dump(response)
+        except (TypeError, ValueError, RecursionError) as e:
+            log.error("rpc %s: response is not JSON-serializable: %s", method_label, e)
+            err = RPCError(INTERNAL_ERROR, "internal error: response is not JSON-serializable")
+            out = _dump(_error_response(req_id, err))
+            outcome = "internal_error"
+        self._outcome(method_label, outcome)
+        return out
+
+    async def _call(self, method: _Method, kwargs: dict[str, Any]) -> Any:
+        try:
+            return await method.handler(**kwargs)
+        except RPCError as e:
+            raise _Reject(e, "app_error") from None
+        except Exception as e:
+            # Handlers must never take the daemon down; report and log instead.
+            log.exception("rpc %s: handler failed", method.name)
+            detail = _short(str(e), _MAX_EXC_MESSAGE)
+            msg = f"internal error: {type(e).__name__}: {detail}"
+            raise _Reject(RPCError(INTERNAL_ERROR, msg), "internal_error") from None
+
+    def _outcome(self, method: str, outcome: str) -> None:
+        if self._on_outcome is None:
+            return
+        try:
+            self._on_outcome(method, outcome)
+        except Exception:
+            log.exception("rpc on_outcome hook failed")
+
+
+def _extract_id(req: dict[str, Any]) -> Any:
+    """The request's id, `_NO_ID` for a notification; rejects ids of the wrong type."""
+    if "id" not in req:
+        # Only a well-formed request counts as a notification; errors in the envelope are
+        # still reported (with id null), as the JSON-RPC 2.0 examples do.
+        if req.get("jsonrpc") == "2.0" and isinstance(req.get("method"), str):
+            return _NO_ID
+        return None
+    req_id = req["id"]
+    if req_id is None or isinstance(req_id, str):
+        return req_id
+    if isinstance(req_id, int) and not isinstance(req_id, bool):
+        return req_id
+    raise _Reject(
+        RPCError(INVALID_REQUEST, 'invalid request: "id" must be a string, integer or null'),
+        "invalid_request",
+    )
+
+
+def _bind(method: _Method, params: dict[str, Any] | list[Any] | None) -> dict[str, Any]:
+    """Check `params` against the declared parameters and return handler kwargs."""
+    declared = method.params
+    if params is None:
+        given: dict[str, Any] = {}
+    elif isinstance(params, list):
+        if len(params) > len(declared):
+            raise _bad_params(
+                f"too many positional parameters for {method.name!r}: "
+                f"got {len(params)}, at most {len(declared)}"
+            )
+        given = {p.name: v for p, v in zip(declared, params, strict=False)}
+    else:
+        known = {p.name for p in declared}
+        extra = sorted(k for k in params if k not in known)
+        if extra:
+            shown = ", ".join(repr(_short(k, _MAX_NAME_IN_MESSAGE)) for k in extra[:5])
+            raise _bad_params(f"unknown parameter(s) for {method.name!r}: {shown}")
+        given = dict(params)
+    for p in declared:
+        if p.name not in given:
+            if p.required:
+                raise _bad_params(f"missing required parameter {p.name!r} ({p.type_name})")
+            continue
+        value = given[p.name]
+        if not p.accepts(value):
+            raise _bad_params(
+                f"parameter {p.name!r} must be {p.type_name}, got {_json_type(value)}"
+            )
+    return given
+
+
+def _bad_params(msg: str) -> _Reject:
+    return _Reject(RPCError(INVALID_PARAMS, f"invalid params: {msg}"), "invalid_params")
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    return type(value).__name__
+
+
+def _error_response(req_id: Any, err: RPCError) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "error": err.to_dict(), "id": None if req_id is _NO_ID else req_id}
+
+
+def _dump(obj: Any) -> bytes:
+    # ensure_ascii keeps lone surrogates (legal in JSON strings) encodable; allow_nan=False
+    # keeps the output strict JSON.
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("ascii")

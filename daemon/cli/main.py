@@ -1,0 +1,224 @@
+"""The `gridmesh` command line: set up a node, run its daemon, and talk to it over JSON-RPC."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from daemon import config as configuration
+from daemon.cli import render
+
+app = typer.Typer(
+    help="gridmesh: a peer-to-peer network for AI compute.\n\n"
+    "Start with `gridmesh init`, run `gridmesh daemon`, then ask it questions with "
+    "`gridmesh status`, `gridmesh peers` and `gridmesh nodes`.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+HomeOption = typer.Option(
+    None,
+    "--home",
+    help="Node home directory (default: $GRIDMESH_HOME or ~/.gridmesh).",
+    show_default=False,
+)
+JsonOption = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table.")
+
+
+def _home(home: Path | None) -> Path:
+    return (home or configuration.default_home()).expanduser()
+
+
+def fail(message: str, code: int = 1) -> None:
+    typer.echo(f"gridmesh: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def init(home: Path | None = HomeOption) -> None:
+    """Create this node's keys and config.toml (never overwrites existing keys)."""
+    from p2p import identity
+
+    home = _home(home)
+    try:
+        ident, created = identity.init_identity(home)
+    except identity.IdentityError as exc:
+        fail(str(exc))
+    config_path = home / configuration.CONFIG_FILE
+    if not config_path.exists():
+        config_path.write_text(configuration.template_text())
+    verb = "created" if created else "kept existing"
+    typer.echo(f"{verb} identity in {home}")
+    typer.echo(f"peer id:        {ident.peer_id}")
+    typer.echo(f"payout address: {ident.payout_address}")
+    typer.echo(f"config:         {config_path}")
+
+
+@app.command()
+def daemon(
+    home: Path | None = HomeOption,
+    config: Path | None = typer.Option(
+        None, "--config", help="Config file (default: HOME/config.toml if present)."
+    ),
+    listen: list[str] = typer.Option(
+        [], "--listen", help="Multiaddr to listen on, e.g. /ip4/127.0.0.1/tcp/0 (repeatable)."
+    ),
+    bootstrap: list[str] = typer.Option(
+        [], "--bootstrap", help="Full multiaddr of a node to join through (repeatable)."
+    ),
+    rpc_port: int | None = typer.Option(
+        None, "--rpc-port", help="JSON-RPC port on 127.0.0.1; 0 picks a free one."
+    ),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+) -> None:
+    """Run the daemon in the foreground until Ctrl-C or SIGTERM."""
+    home = _home(home)
+    level = getattr(logging, log_level.upper(), None)
+    if not isinstance(level, int):
+        fail(f"unknown log level {log_level!r}")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config_path = config or home / configuration.CONFIG_FILE
+    try:
+        cfg = (
+            configuration.load(config_path)
+            if config or config_path.exists()
+            else configuration.Config()
+        )
+        cfg = configuration.with_overrides(
+            cfg, listen=listen, bootstrap=bootstrap, rpc_port=rpc_port
+        )
+    except configuration.ConfigError as exc:
+        fail(str(exc))
+
+    import trio
+
+    from daemon.node import SHUTDOWN_GRACE_S, Daemon, DaemonError
+    from p2p.host import quiet_libp2p_logs
+    from p2p.identity import IdentityError
+
+    quiet_libp2p_logs(logging.DEBUG if level <= logging.DEBUG else logging.ERROR)
+    try:
+        node = Daemon(home, cfg, exit_watchdog_s=SHUTDOWN_GRACE_S)
+        trio.run(node.run)
+    except (DaemonError, IdentityError, OSError) as exc:
+        fail(str(exc))
+
+
+def _client(home: Path | None) -> Any:
+    from daemon.api.client import RPCClient
+    from daemon.api.cookie import read_cookie
+    from daemon.node import read_daemon_file
+
+    home = _home(home)
+    info = read_daemon_file(home)
+    if info is None:
+        fail(f"no daemon is running with home {home} (start one with `gridmesh daemon`)")
+    try:
+        token = read_cookie(home)
+    except OSError:
+        fail(f"cannot read {home}/rpc.cookie: is the daemon running as this user?")
+    return RPCClient(info["rpc_url"], token)
+
+
+def call(home: Path | None, method: str, params: Any = None) -> Any:
+    from daemon.api.client import DaemonUnreachable, RPCCallError
+
+    client = _client(home)
+    try:
+        return client.call(method, params)
+    except DaemonUnreachable as exc:
+        fail(f"the daemon is not answering: {exc}")
+    except RPCCallError as exc:
+        fail(f"{method} failed ({exc.code}): {exc.message}")
+
+
+def _print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, sort_keys=True))
+
+
+@app.command()
+def status(home: Path | None = HomeOption, as_json: bool = JsonOption) -> None:
+    """Show this node's identity, addresses and resources."""
+    info = call(home, "node_info")
+    if as_json:
+        _print_json(info)
+    else:
+        render.node_info(info)
+
+
+@app.command()
+def peers(home: Path | None = HomeOption, as_json: bool = JsonOption) -> None:
+    """List the peers this node knows, with connection state and RTT."""
+    result = call(home, "node_peers")
+    if as_json:
+        _print_json(result)
+    else:
+        render.peers(result)
+
+
+@app.command()
+def nodes(
+    home: Path | None = HomeOption,
+    min_gpus: int | None = typer.Option(None, "--min-gpus", min=0, help="At least N GPUs."),
+    min_vram_gb: float | None = typer.Option(
+        None, "--min-vram-gb", min=0, help="Each counted GPU has at least this much memory."
+    ),
+    gpu_name: str | None = typer.Option(
+        None, "--gpu-name", help="GPU name contains this text (case-insensitive), e.g. H100."
+    ),
+    min_cpu_cores: int | None = typer.Option(None, "--min-cpu-cores", min=0),
+    as_json: bool = JsonOption,
+) -> None:
+    """Find nodes in the network (through the DHT) and their resources."""
+    node_filter = {
+        key: value
+        for key, value in {
+            "min_gpus": min_gpus,
+            "min_vram_gb": min_vram_gb,
+            "gpu_name": gpu_name,
+            "min_cpu_cores": min_cpu_cores,
+        }.items()
+        if value is not None
+    }
+    result = call(home, "nodes_find", {"filter": node_filter})
+    if as_json:
+        _print_json(result)
+    else:
+        render.nodes(result)
+
+
+@app.command()
+def rpc(
+    method: str = typer.Argument(..., help="Method name; `gridmesh rpc rpc_methods` lists them."),
+    params: str | None = typer.Argument(
+        None, help="Parameters as JSON, an object or an array, e.g. '{\"filter\": {}}'."
+    ),
+    home: Path | None = HomeOption,
+) -> None:
+    """Call any JSON-RPC method and print the result as JSON."""
+    parsed: Any = None
+    if params is not None:
+        try:
+            parsed = json.loads(params)
+        except ValueError as exc:
+            fail(f"JSON-PARAMS is not valid JSON: {exc}")
+        if not isinstance(parsed, dict | list):
+            fail("JSON-PARAMS must be a JSON object or array")
+    _print_json(call(home, method, parsed))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

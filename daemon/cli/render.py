@@ -1,0 +1,87 @@
+"""Human-readable tables for the CLI (rich); `--json` bypasses all of this."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def gib(value: Any) -> str:
+    return f"{value / 1024**3:.1f} GiB" if isinstance(value, int | float) else "-"
+
+
+def short_id(peer_id: str) -> str:
+    return f"{peer_id[:10]}…{peer_id[-6:]}" if len(peer_id) > 20 else peer_id
+
+
+def gpu_summary(resources: dict[str, Any]) -> str:
+    gpus = resources.get("gpus") or []
+    if not gpus:
+        return "none"
+    names: dict[str, int] = {}
+    for gpu in gpus:
+        names[gpu.get("name", "?")] = names.get(gpu.get("name", "?"), 0) + 1
+    return ", ".join(f"{count}x {name}" for name, count in names.items())
+
+
+def node_info(info: dict[str, Any]) -> None:
+    res = info.get("resources") or {}
+    cpu, mem, disk = res.get("cpu") or {}, res.get("memory") or {}, res.get("disk") or {}
+    table = Table(show_header=False, box=None)
+    table.add_row("peer id", info.get("peer_id", ""))
+    table.add_row("version", str(info.get("version", "")))
+    table.add_row("network", str(info.get("network_id", "")))
+    table.add_row("payout address", info.get("payout_address", ""))
+    table.add_row("rpc", info.get("rpc_url", ""))
+    for addr in info.get("listen_addrs") or []:
+        table.add_row("listen", addr)
+    table.add_row("cpu", f"{cpu.get('model', '?')} ({cpu.get('cores', '?')} cores)")
+    table.add_row(
+        "memory", f"{gib(mem.get('available_bytes'))} free of {gib(mem.get('total_bytes'))}"
+    )
+    table.add_row("disk", f"{gib(disk.get('free_bytes'))} free of {gib(disk.get('total_bytes'))}")
+    table.add_row("gpus", gpu_summary(res))
+    for gpu in res.get("gpus") or []:
+        table.add_row(
+            f"  gpu {gpu.get('index')}",
+            f"{gpu.get('name')} {gib(gpu.get('memory_free_bytes'))} free of "
+            f"{gib(gpu.get('memory_total_bytes'))}, util {gpu.get('utilization_pct')}%",
+        )
+    if res.get("gpu_driver"):
+        table.add_row("driver", str(res["gpu_driver"]))
+    console.print(table)
+
+
+def peers(rows: list[dict[str, Any]]) -> None:
+    table = Table(title=f"{len(rows)} peers")
+    for column in ("peer id", "connected", "rtt ms", "address"):
+        table.add_column(column)
+    for row in rows:
+        rtt = row.get("rtt_ms")
+        table.add_row(
+            short_id(row["peer_id"]),
+            "yes" if row.get("connected") else "no",
+            f"{rtt:.1f}" if isinstance(rtt, int | float) else "-",
+            (row.get("addrs") or ["-"])[0],
+        )
+    console.print(table)
+
+
+def nodes(records: list[dict[str, Any]]) -> None:
+    table = Table(title=f"{len(records)} nodes")
+    for column in ("peer id", "cpu cores", "memory", "gpus", "address"):
+        table.add_column(column)
+    for record in records:
+        res = record.get("resources") or {}
+        table.add_row(
+            short_id(record["peer_id"]),
+            str((res.get("cpu") or {}).get("cores", "-")),
+            gib((res.get("memory") or {}).get("total_bytes")),
+            gpu_summary(res),
+            (record.get("addrs") or ["-"])[0],
+        )
+    console.print(table)

@@ -1,0 +1,279 @@
+"""A local network on one machine: N daemons in separate processes, chained bootstrap.
+
+`make devnet` runs this. Each daemon gets a temporary home, free ports and only the previous
+daemon as its bootstrap; we wait until every daemon finds all N through `nodes_find`, print
+what they found, and keep running until Ctrl-C (or exit at once with DEVNET_ONCE=1).
+`DaemonProcess` is also the harness the multi-process tests and benchmarks use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from daemon.api.client import DaemonUnreachable, RPCCallError, RPCClient
+from daemon.api.cookie import read_cookie
+from daemon.config import REPO_CONFIGS
+from daemon.node import DAEMON_FILE
+
+DEVNET_CONFIG = REPO_CONFIGS / "devnet.toml"
+
+
+class DevnetError(RuntimeError):
+    pass
+
+
+def wait_for(
+    condition: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 0.05
+) -> Any:
+    """Poll `condition` until it returns something truthy, or raise after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise DevnetError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(poll_s)
+
+
+class DaemonProcess:
+    """One `gridmesh daemon` child process with its own home."""
+
+    def __init__(
+        self,
+        home: Path,
+        *,
+        config: Path = DEVNET_CONFIG,
+        bootstrap: list[str] | None = None,
+        extra_args: list[str] | None = None,
+        log_path: Path | None = None,
+    ) -> None:
+        self.home = home
+        self.config = config
+        self.bootstrap = bootstrap or []
+        self.extra_args = extra_args or []
+        self.log_path = log_path or home / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.info: dict[str, Any] = {}
+
+    def start(self, timeout_s: float = 20.0) -> DaemonProcess:
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / DAEMON_FILE).unlink(missing_ok=True)
+        args = [
+            sys.executable,
+            "-m",
+            "daemon.cli.main",
+            "daemon",
+            "--home",
+            str(self.home),
+            "--config",
+            str(self.config),
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--rpc-port",
+            "0",
+            *[arg for addr in self.bootstrap for arg in ("--bootstrap", addr)],
+            *self.extra_args,
+        ]
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it open
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+        self.info = wait_for(self._read_info, timeout_s, f"daemon in {self.home} to start")
+        return self
+
+    def _read_info(self) -> dict[str, Any] | None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise DevnetError(
+                f"daemon in {self.home} exited with {self.proc.returncode}:\n{self.log_tail()}"
+            )
+        try:
+            return json.loads((self.home / DAEMON_FILE).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+    @property
+    def peer_id(self) -> str:
+        return self.info["peer_id"]
+
+    @property
+    def addr(self) -> str:
+        return self.info["listen_addrs"][0]
+
+    def client(self, timeout: float = 30.0) -> RPCClient:
+        return RPCClient(self.info["rpc_url"], read_cookie(self.home), timeout=timeout)
+
+    def call(self, method: str, params: Any = None) -> Any:
+        return self.client().call(method, params)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, as a crash or power loss would leave it."""
+        if self.alive():
+            assert self.proc is not None
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self, timeout_s: float = 8.0) -> int | None:
+        """SIGTERM, then SIGKILL if it does not exit in time. Returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def found_counts(daemons: list[DaemonProcess]) -> dict[str, int]:
+    """For each daemon's peer id: how many daemons (itself included) find it via nodes_find."""
+    counts = {d.peer_id: 0 for d in daemons}
+    for daemon in daemons:
+        try:
+            records = daemon.client(timeout=10).call("nodes_find", {})
+        except (DaemonUnreachable, RPCCallError):
+            continue
+        for record in records:
+            if record["peer_id"] in counts:
+                counts[record["peer_id"]] += 1
+    return counts
+
+
+def all_found(daemons: list[DaemonProcess]) -> bool:
+    return all(count == len(daemons) for count in found_counts(daemons).values())
+
+
+class Devnet:
+    """N chained daemons under one temporary directory; a context manager that cleans up."""
+
+    def __init__(self, size: int = 4, root: Path | None = None, config: Path = DEVNET_CONFIG):
+        if size < 1:
+            raise DevnetError("a devnet needs at least one daemon")
+        self.size = size
+        self.config = config
+        self._own_root = root is None
+        self.root = root or Path(tempfile.mkdtemp(prefix="gridmesh-devnet-"))
+        self.daemons: list[DaemonProcess] = []
+
+    def start(self) -> Devnet:
+        for index in range(self.size):
+            bootstrap = [self.daemons[-1].addr] if self.daemons else []
+            daemon = DaemonProcess(
+                self.root / f"node{index}", config=self.config, bootstrap=bootstrap
+            )
+            self.daemons.append(daemon)
+            daemon.start()
+        return self
+
+    def wait_all_found(self, timeout_s: float = 30.0) -> None:
+        wait_for(
+            lambda: all_found(self.daemons),
+            timeout_s,
+            f"all {self.size} daemons to find each other",
+            poll_s=0.2,
+        )
+
+    def stop(self) -> None:
+        for daemon in self.daemons:
+            daemon.stop()
+        if self._own_root:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> Devnet:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def print_table(daemons: list[DaemonProcess]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from daemon.cli.render import gib, gpu_summary
+
+    counts = found_counts(daemons)
+    table = Table(title=f"gridmesh devnet: {len(daemons)} daemons")
+    for column in ("#", "peer id", "found by", "cpu", "memory", "gpus", "rpc"):
+        table.add_column(column)
+    for index, daemon in enumerate(daemons):
+        res = daemon.call("node_info")["resources"]
+        cpu = res.get("cpu") or {}
+        table.add_row(
+            str(index),
+            daemon.peer_id,
+            f"{counts[daemon.peer_id]}/{len(daemons)}",
+            f"{cpu.get('cores', '?')} cores",
+            gib((res.get("memory") or {}).get("total_bytes")),
+            gpu_summary(res),
+            daemon.info["rpc_url"],
+        )
+    Console(width=200).print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m daemon.devnet",
+        description="Run a local gridmesh network of N daemons until Ctrl-C "
+        "(DEVNET_ONCE=1: exit after the table).",
+    )
+    parser.add_argument("--nodes", type=int, default=4, help="number of daemons (default 4)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for discovery")
+    args = parser.parse_args(argv)
+    once = os.environ.get("DEVNET_ONCE", "") not in ("", "0")
+    started = time.monotonic()
+    devnet = Devnet(args.nodes)
+    try:
+        print(f"starting {args.nodes} daemons under {devnet.root} ...", flush=True)
+        devnet.start()
+        for index, daemon in enumerate(devnet.daemons):
+            print(f"  node{index} {daemon.peer_id} rpc {daemon.info['rpc_url']}", flush=True)
+        print("waiting until every daemon finds all of them through nodes_find ...", flush=True)
+        devnet.wait_all_found(args.timeout)
+        print(f"all {args.nodes} daemons found by all in {time.monotonic() - started:.1f} s")
+        print_table(devnet.daemons)
+        if once:
+            return 0
+        print("devnet running; Ctrl-C stops every daemon.", flush=True)
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        return 0
+    except DevnetError as exc:
+        print(f"devnet: {exc}", file=sys.stderr)
+        for daemon in devnet.daemons:
+            print(f"--- {daemon.home} log tail ---\n{daemon.log_tail()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        print("stopping daemons ...", flush=True)
+        devnet.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Prometheus metrics for one daemon.
+
+Each `Metrics` owns its own `CollectorRegistry` (not the process-global one) so several
+daemons can share a test process. Label values that come from the network or from users
+are sanitised and bounded, so a hostile peer cannot grow the series count without limit.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+MAX_LABEL_CHARS = 64
+# Distinct (source, reason) pairs kept before further reasons are counted as "other".
+MAX_REJECT_SERIES = 256
+DHT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+_NOT_LABEL = re.compile(r"[^a-z0-9_]+")
+
+
+def sanitize_label(value: Any) -> str:
+    """Lowercase, runs of other characters become "_", at most 64 chars, never empty."""
+    cleaned = _NOT_LABEL.sub("_", str(value).lower()).strip("_")[:MAX_LABEL_CHARS]
+    return cleaned or "unknown"
+
+
+class Metrics:
+    def __init__(self, known_methods: Iterable[str] = ()) -> None:
+        """`known_methods`: RPC method names counted under their own label; others are "unknown"."""
+        self.known_methods: set[str] = set(known_methods)
+        self.registry = CollectorRegistry()
+        reg = self.registry
+        self.peers = Gauge("gridmesh_peers", "Peers by state", ["state"], registry=reg)
+        self.dht_operations = Counter(
+            "gridmesh_dht_operations_total",
+            "DHT operations by outcome",
+            ["op", "outcome"],
+            registry=reg,
+        )
+        self.dht_latency = Histogram(
+            "gridmesh_dht_operation_seconds",
+            "DHT operation latency",
+            ["op"],
+            buckets=DHT_BUCKETS,
+            registry=reg,
+        )
+        self.rejected = Counter(
+            "gridmesh_rejected_messages_total",
+            "Messages rejected, by where they came in and why",
+            ["source", "reason"],
+            registry=reg,
+        )
+        self.rpc_requests = Counter(
+            "gridmesh_rpc_requests_total",
+            "JSON-RPC requests by method and outcome",
+            ["method", "outcome"],
+            registry=reg,
+        )
+        self.records_published = Counter(
+            "gridmesh_records_published_total",
+            "Resource record publications",
+            ["outcome"],
+            registry=reg,
+        )
+        self.cpu_cores = Gauge("gridmesh_cpu_cores", "Logical CPU cores", registry=reg)
+        self.memory_total = Gauge("gridmesh_memory_total_bytes", "Total RAM", registry=reg)
+        self.memory_available = Gauge(
+            "gridmesh_memory_available_bytes", "Available RAM", registry=reg
+        )
+        self.disk_free = Gauge(
+            "gridmesh_disk_free_bytes", "Free disk at the node home", registry=reg
+        )
+        self.gpu_count = Gauge("gridmesh_gpu_count", "NVIDIA GPUs detected", registry=reg)
+        self.gpu_memory_total = Gauge(
+            "gridmesh_gpu_memory_total_bytes", "GPU memory", ["index", "name"], registry=reg
+        )
+        self.gpu_memory_free = Gauge(
+            "gridmesh_gpu_memory_free_bytes", "Free GPU memory", ["index"], registry=reg
+        )
+        self.gpu_utilization = Gauge(
+            "gridmesh_gpu_utilization_ratio", "GPU utilization, 0 to 1", ["index"], registry=reg
+        )
+        self.gpu_power = Gauge(
+            "gridmesh_gpu_power_watts", "GPU power draw", ["index"], registry=reg
+        )
+        self._reject_series: set[tuple[str, str]] = set()
+        # Label tuples currently exported per GPU gauge, so vanished GPUs can be removed.
+        self._gpu_series: dict[Gauge, set[tuple[str, ...]]] = {
+            self.gpu_memory_total: set(),
+            self.gpu_memory_free: set(),
+            self.gpu_utilization: set(),
+            self.gpu_power: set(),
+        }
+
+    def reject(self, source: str, reason: str) -> None:
+        labels = (sanitize_label(source), sanitize_label(reason))
+        if labels not in self._reject_series:
+            if len(self._reject_series) >= MAX_REJECT_SERIES:
+                labels = (labels[0], "other")
+            self._reject_series.add(labels)
+        self.rejected.labels(*labels).inc()
+
+    def rpc_outcome(self, method: str, outcome: str) -> None:
+        label = method if method in self.known_methods else "unknown"
+        self.rpc_requests.labels(label, sanitize_label(outcome)).inc()
+
+    def observe_dht(self, op: str, outcome: str, seconds: float) -> None:
+        op = sanitize_label(op)
+        self.dht_operations.labels(op, sanitize_label(outcome)).inc()
+        self.dht_latency.labels(op).observe(max(0.0, float(seconds)))
+
+    def record_published(self, ok: bool) -> None:
+        self.records_published.labels("ok" if ok else "failed").inc()
+
+    def set_peers(self, connected: int, known: int) -> None:
+        self.peers.labels("connected").set(connected)
+        self.peers.labels("known").set(known)
+
+    def set_resources(self, resources: dict[str, Any]) -> None:
+        """Mirror a `daemon.resources.detect_resources` dict; missing parts read as 0."""
+        cpu = _section(resources, "cpu")
+        memory = _section(resources, "memory")
+        disk = _section(resources, "disk")
+        self.cpu_cores.set(_num(cpu.get("cores")))
+        self.memory_total.set(_num(memory.get("total_bytes")))
+        self.memory_available.set(_num(memory.get("available_bytes")))
+        self.disk_free.set(_num(disk.get("free_bytes")))
+        raw_gpus = resources.get("gpus")
+        gpus = [g for g in raw_gpus if isinstance(g, dict)] if isinstance(raw_gpus, list) else []
+        self.gpu_count.set(len(gpus))
+        wanted: dict[Gauge, dict[tuple[str, ...], float]] = {g: {} for g in self._gpu_series}
+        for position, gpu in enumerate(gpus):
+            index = str(gpu.get("index", position))
+            name = str(gpu.get("name", ""))[: MAX_LABEL_CHARS * 2]
+            wanted[self.gpu_memory_total][(index, name)] = _num(gpu.get("memory_total_bytes"))
+            wanted[self.gpu_memory_free][(index,)] = _num(gpu.get("memory_free_bytes"))
+            if _is_num(gpu.get("utilization_pct")):
+                wanted[self.gpu_utilization][(index,)] = _num(gpu["utilization_pct"]) / 100.0
+            if _is_num(gpu.get("power_w")):
+                wanted[self.gpu_power][(index,)] = _num(gpu["power_w"])
+        for gauge, values in wanted.items():
+            current = self._gpu_series[gauge]
+            for labels in current - values.keys():
+                gauge.remove(*labels)
+            for labels, value in values.items():
+                gauge.labels(*labels).set(value)
+            self._gpu_series[gauge] = set(values)
+
+    def render(self) -> bytes:
+        """Prometheus text exposition; serve it with `CONTENT_TYPE`."""
+        return generate_latest(self.registry)
+
+
+def _section(resources: dict[str, Any], key: str) -> dict[str, Any]:
+    value = resources.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _is_num(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _num(value: Any) -> float:
+    return float(value) if _is_num(value) else 0.0

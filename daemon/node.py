@@ -1,0 +1,232 @@
+"""The daemon process: composes identity, the libp2p network, discovery, RPC and metrics.
+
+One instance per home (an flock on HOME/daemon.lock). While it runs, HOME/daemon.json tells the
+CLI and other tools where to reach it; the file and the RPC cookie are removed on exit.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from daemon import __version__, resources
+from daemon.api import cookie
+from daemon.api.http import serve_rpc
+from daemon.api.jsonrpc import Dispatcher
+from daemon.config import Config
+from daemon.metrics import Metrics
+from daemon.rpc_methods import register_node_methods
+from p2p import identity
+from p2p.discovery import DiscoverySettings, ResourceDirectory
+from p2p.host import Libp2pNetwork
+from p2p.records import NAMESPACE
+
+log = logging.getLogger(__name__)
+
+DAEMON_FILE = "daemon.json"
+LOCK_FILE = "daemon.lock"
+SHUTDOWN_GRACE_S = 4.0
+
+
+class DaemonError(RuntimeError):
+    pass
+
+
+@contextmanager
+def home_lock(home: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the home for the daemon's lifetime (released on any exit)."""
+    fd = os.open(home / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            info = read_daemon_file(home)
+            pid = f" (pid {info['pid']})" if info else ""
+            raise DaemonError(f"another daemon is already running with home {home}{pid}") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def read_daemon_file(home: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((home / DAEMON_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class Daemon:
+    def __init__(self, home: Path, config: Config, *, exit_watchdog_s: float | None = None) -> None:
+        self.home = home
+        self.config = config
+        self._exit_watchdog_s = exit_watchdog_s
+        self.ident, created = identity.init_identity(home)
+        if created:
+            log.info("created a new identity in %s", home)
+        self.metrics = Metrics()
+        self.resources: dict[str, Any] = {}
+        self.rpc_url = ""
+        self.shutdown = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        settings = DiscoverySettings(
+            network_id=config.network_id,
+            record_validity_s=config.resources.record_validity_s,
+            publish_interval_s=config.resources.publish_interval_s,
+            max_clock_skew_s=config.resources.max_clock_skew_s,
+            dht_timeout_s=config.p2p.dht_timeout_s,
+        )
+        self.net = Libp2pNetwork(
+            self.ident,
+            network_id=config.network_id,
+            listen=list(config.p2p.listen),
+            dht_namespace=NAMESPACE,
+            dht_validator=_LazyValidator(self),
+            dht_timeout_s=config.p2p.dht_timeout_s,
+            on_reject=self.metrics.reject,
+            on_dht_op=self.metrics.observe_dht,
+        )
+        self.directory = ResourceDirectory(
+            self.net,
+            self.ident,
+            settings,
+            describe=lambda: (self.net.listen_addrs(), public_resources(self.resources)),
+            on_reject=lambda reason: self.metrics.reject("dht", reason),
+        )
+        self.dispatcher = Dispatcher(on_outcome=self.metrics.rpc_outcome)
+        register_node_methods(self.dispatcher, self)
+        self.metrics.known_methods = {m["name"] for m in self.dispatcher.describe()}
+
+    async def refresh_resources(self) -> None:
+        self.resources = await trio.to_thread.run_sync(resources.detect_resources, self.home)
+        self.metrics.set_resources(self.resources)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await trio.sleep(self.config.resources.publish_interval_s)
+            await self.refresh_resources()
+            self.metrics.set_peers(len(self.net.connected_peers()), len(self.net.known_peers()))
+
+    async def _publish_loop(self) -> None:
+        while True:
+            ok = await self.directory.publish_once()
+            self.metrics.record_published(ok)
+            await trio.sleep(self.config.resources.publish_interval_s)
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("received %s, shutting down", signal.Signals(signum).name)
+                self.shutdown.set()
+                return
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with home_lock(self.home):
+            try:
+                await self._run_locked(task_status)
+            finally:
+                (self.home / DAEMON_FILE).unlink(missing_ok=True)
+                cookie.remove_cookie(self.home)
+
+    async def _run_locked(self, task_status: trio.TaskStatus[None]) -> None:
+        await self.refresh_resources()
+        token = cookie.create_cookie(self.home)
+        async with self.net.run(), trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._watch_signals)
+            port = await nursery.start(
+                lambda task_status: serve_rpc(
+                    self.dispatcher,
+                    token=token,
+                    port=self.config.rpc.port,
+                    metrics=self.metrics.render,
+                    on_reject=lambda reason: self.metrics.reject("rpc", reason),
+                    task_status=task_status,
+                )
+            )
+            self.rpc_url = f"http://127.0.0.1:{port}/"
+            for addr in self.config.p2p.bootstrap:
+                nursery.start_soon(
+                    self.net.keep_connected,
+                    addr,
+                    self.config.p2p.reconnect_min_s,
+                    self.config.p2p.reconnect_max_s,
+                )
+            nursery.start_soon(self.net.track_peers, self.config.p2p.ping_interval_s)
+            nursery.start_soon(self._publish_loop)
+            nursery.start_soon(self._refresh_loop)
+            _write_json_atomic(self.home / DAEMON_FILE, self.info_file())
+            log.info("daemon %s up; rpc %s", self.ident.peer_id, self.rpc_url)
+            task_status.started()
+            await self.shutdown.wait()
+            if self._exit_watchdog_s is not None:
+                _arm_exit_watchdog(self._exit_watchdog_s)
+            (self.home / DAEMON_FILE).unlink(missing_ok=True)
+            nursery.cancel_scope.cancel()
+
+    def request_shutdown(self, delay_s: float = 0.05) -> None:
+        """Stop soon, leaving time to answer the RPC call that asked for it."""
+
+        async def later() -> None:
+            await trio.sleep(delay_s)
+            self.shutdown.set()
+
+        if self._nursery is None:
+            self.shutdown.set()
+        else:
+            self._nursery.start_soon(later)
+
+    def info_file(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "peer_id": self.ident.peer_id,
+            "listen_addrs": self.net.listen_addrs(),
+            "rpc_url": self.rpc_url,
+            "version": __version__,
+        }
+
+
+def public_resources(detected: dict[str, Any]) -> dict[str, Any]:
+    """What goes into the signed public record: no local paths (they name users)."""
+    disk = {k: v for k, v in (detected.get("disk") or {}).items() if k != "path"}
+    return {**detected, "disk": disk}
+
+
+class _LazyValidator:
+    """The DHT validator exists only once the directory does; the host needs it earlier."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+
+    def validate(self, key: str, value: bytes) -> None:
+        self._daemon.directory.validator.validate(key, value)
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        return self._daemon.directory.validator.select(key, values)
+
+
+def _arm_exit_watchdog(grace_s: float) -> None:
+    """If libp2p's teardown hangs, leave anyway: a stop must take seconds, not minutes."""
+
+    def expire() -> None:
+        log.warning("shutdown took longer than %.1f s; exiting", grace_s)
+        os._exit(0)
+
+    timer = threading.Timer(grace_s, expire)
+    timer.daemon = True
+    timer.start()

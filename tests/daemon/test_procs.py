@@ -1,0 +1,239 @@
+"""Real daemons in separate processes on 127.0.0.1: discovery, crash, restart, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from daemon.api.client import RPCCallError
+from daemon.devnet import DaemonProcess, Devnet, found_counts, wait_for
+
+pytestmark = pytest.mark.procs
+
+VALIDITY_S = 4.0
+FAST_CONFIG = f"""
+network_id = "proctest"
+[p2p]
+listen = ["/ip4/127.0.0.1/tcp/0"]
+reconnect_min_s = 0.2
+reconnect_max_s = 2.0
+ping_interval_s = 1.0
+dht_timeout_s = 2.0
+[rpc]
+port = 0
+[resources]
+publish_interval_s = 1.0
+record_validity_s = {VALIDITY_S}
+max_clock_skew_s = 5.0
+"""
+
+
+@pytest.fixture(scope="module")
+def fast_config(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "fast.toml"
+    path.write_text(FAST_CONFIG)
+    return path
+
+
+@pytest.fixture(scope="module")
+def net4(tmp_path_factory, fast_config):
+    devnet = Devnet(4, root=tmp_path_factory.mktemp("net4"), config=fast_config)
+    with devnet:
+        devnet.wait_all_found(timeout_s=30)
+        yield devnet
+
+
+def metric(daemon: DaemonProcess, name: str, **labels: str) -> float:
+    """Sum of a metric's samples whose labels include `labels` (0 if absent)."""
+    url = daemon.info["rpc_url"] + "metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name) or line.startswith("#"):
+            continue
+        series, value = line.rsplit(" ", 1)
+        if series.split("{")[0] != name:
+            continue
+        if all(f'{k}="{v}"' in series for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def test_four_daemons_find_each_other(net4):
+    counts = found_counts(net4.daemons)
+    assert sorted(counts.values()) == [4, 4, 4, 4]
+    info = net4.daemons[0].call("node_info")
+    assert info["peer_id"] == net4.daemons[0].peer_id
+    assert info["payout_address"].startswith("0x")
+    assert info["resources"]["cpu"]["cores"] >= 1
+    assert all(a.endswith("/p2p/" + info["peer_id"]) for a in info["listen_addrs"])
+    peers = net4.daemons[1].call("node_peers")
+    connected = [p for p in peers if p["connected"]]
+    assert connected, peers
+    wait_for(
+        lambda: any(p["rtt_ms"] is not None for p in net4.daemons[1].call("node_peers")),
+        10,
+        "an RTT measurement",
+    )
+
+
+def test_filters_through_rpc(net4):
+    d = net4.daemons[2]
+    assert d.call("nodes_find", {"filter": {"min_gpus": 1}}) == []
+    assert len(d.call("nodes_find", {"filter": {"min_cpu_cores": 1}})) == 4
+    with pytest.raises(RPCCallError) as err:
+        d.call("nodes_find", {"filter": {"min_gpus": -1}})
+    assert err.value.code == -32602
+
+
+def test_rpc_methods_lists_everything(net4):
+    methods = {m["name"]: m for m in net4.daemons[0].call("rpc_methods")}
+    for name in ("node_info", "node_peers", "node_connect", "nodes_find", "node_shutdown"):
+        assert methods[name]["description"]
+    assert methods["node_connect"]["params"][0]["name"] == "multiaddr"
+
+
+def test_bad_input_is_counted_and_daemon_keeps_serving(net4):
+    target = net4.daemons[3]
+    url = target.info["rpc_url"]
+    host, port = url.split("//")[1].rstrip("/").split(":")
+    token = (target.home / "rpc.cookie").read_text().strip()
+
+    def post(body: bytes, auth: bool = True) -> int:
+        request = urllib.request.Request(url, data=body, method="POST")
+        if auth:
+            request.add_header("Authorization", f"Bearer {token}")
+        request.add_header("Content-Type", "application/json")
+        try:
+            return urllib.request.urlopen(request, timeout=10).status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    before_large = metric(target, "gridmesh_rejected_messages_total", reason="too_large")
+    assert post(b"[" * (2 << 20)) == 413
+    assert post(b"{not json") == 200  # a JSON-RPC parse error travels in a 200 body
+    assert post(b'{"jsonrpc":"2.0","method":"node_info","id":1}', auth=False) == 401
+    with socket.create_connection((host, int(port)), timeout=5) as raw:
+        raw.sendall(os.urandom(4096))
+    # random bytes on every libp2p protocol the daemon advertises
+    script = Path(__file__).with_name("garbage_peer.py")
+    subprocess.run(
+        [sys.executable, str(script), target.addr], check=True, timeout=60, capture_output=True
+    )
+    assert metric(target, "gridmesh_rejected_messages_total", reason="too_large") > before_large
+    assert metric(target, "gridmesh_rejected_messages_total", reason="unauthorized") >= 1
+    assert metric(target, "gridmesh_rejected_messages_total", source="dht") >= 1
+    assert metric(target, "gridmesh_rejected_messages_total", source="stream") >= 1
+    assert target.alive()
+    assert target.call("node_info")["peer_id"] == target.peer_id
+    assert len(target.call("nodes_find", {})) == 4
+
+
+def test_killed_daemon_disappears_and_restart_keeps_identity(tmp_path, fast_config):
+    with Devnet(3, root=tmp_path, config=fast_config) as devnet:
+        devnet.wait_all_found(timeout_s=30)
+        victim = devnet.daemons[2]
+        victim_id = victim.peer_id
+        victim.kill()
+        killed_at = time.monotonic()
+
+        def gone() -> bool:
+            return all(
+                victim_id not in {r["peer_id"] for r in d.call("nodes_find", {})}
+                for d in devnet.daemons[:2]
+            )
+
+        wait_for(gone, 2 * VALIDITY_S + 5, "the killed daemon to vanish", poll_s=0.2)
+        assert time.monotonic() - killed_at <= 2 * VALIDITY_S + 1
+        # the stale daemon.json of a SIGKILLed daemon does not stop a restart
+        restarted = DaemonProcess(
+            victim.home, config=fast_config, bootstrap=[devnet.daemons[0].addr]
+        )
+        devnet.daemons[2] = restarted
+        restarted.start()
+        assert restarted.peer_id == victim_id
+        devnet.wait_all_found(timeout_s=30)
+
+
+def test_sigterm_stops_cleanly_and_home_is_locked(tmp_path, fast_config):
+    first = DaemonProcess(tmp_path / "home", config=fast_config).start()
+    try:
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "daemon.cli.main",
+                "daemon",
+                "--home",
+                str(first.home),
+                "--config",
+                str(fast_config),
+                "--rpc-port",
+                "0",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert second.returncode == 1
+        assert "already running" in second.stderr
+        assert first.alive()
+        started = time.monotonic()
+        first.proc.send_signal(signal.SIGTERM)
+        assert first.proc.wait(10) == 0
+        assert time.monotonic() - started < 5
+        assert not (first.home / "daemon.json").exists()
+        assert not (first.home / "rpc.cookie").exists()
+    finally:
+        first.stop()
+
+
+def test_node_shutdown_rpc(tmp_path, fast_config):
+    daemon = DaemonProcess(tmp_path / "home", config=fast_config).start()
+    try:
+        assert daemon.call("node_shutdown") == {"stopping": True}
+        assert daemon.proc.wait(10) == 0
+    finally:
+        daemon.stop()
+
+
+def test_cli_against_a_running_daemon(tmp_path, fast_config):
+    home = tmp_path / "home"
+    gm = [sys.executable, "-m", "daemon.cli.main"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*gm, *args], capture_output=True, text=True, timeout=60)
+
+    absent = run("status", "--home", str(home))
+    assert absent.returncode == 1
+    assert absent.stderr.strip().count("\n") == 0 and "no daemon is running" in absent.stderr
+    init = run("init", "--home", str(home))
+    assert init.returncode == 0 and "peer id" in init.stdout
+    assert (home / "config.toml").exists()
+    daemon = DaemonProcess(home, config=fast_config).start()
+    try:
+        status = json.loads(run("status", "--home", str(home), "--json").stdout)
+        assert status["peer_id"] == daemon.peer_id
+        assert daemon.peer_id[:10] in run("status", "--home", str(home)).stdout
+        nodes = wait_for(
+            lambda: json.loads(run("nodes", "--home", str(home), "--json").stdout),
+            10,
+            "the node to find itself",
+        )
+        assert nodes[0]["peer_id"] == daemon.peer_id
+        assert run("nodes", "--home", str(home), "--min-gpus", "1", "--json").stdout.strip() == "[]"
+        assert json.loads(run("rpc", "rpc_methods", "--home", str(home)).stdout)
+        bad = run("rpc", "no_such_method", "--home", str(home))
+        assert bad.returncode == 1 and "-32601" in bad.stderr
+        assert run("peers", "--home", str(home)).returncode == 0
+    finally:
+        daemon.stop()
