@@ -84,6 +84,7 @@ class Daemon:
         self.rpc_url = ""
         self.shutdown = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self._publish_now = trio.Event()
         settings = DiscoverySettings(
             network_id=config.network_id,
             record_validity_s=config.resources.record_validity_s,
@@ -123,10 +124,13 @@ class Daemon:
             self.metrics.set_peers(len(self.net.connected_peers()), len(self.net.known_peers()))
 
     async def _publish_loop(self) -> None:
+        """Publish every interval, and at once when a bootstrap connection (re)opens."""
         while True:
+            self._publish_now = trio.Event()
             ok = await self.directory.publish_once()
             self.metrics.record_published(ok)
-            await trio.sleep(self.config.resources.publish_interval_s)
+            with trio.move_on_after(self.config.resources.publish_interval_s):
+                await self._publish_now.wait()
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -166,6 +170,7 @@ class Daemon:
                     addr,
                     self.config.p2p.reconnect_min_s,
                     self.config.p2p.reconnect_max_s,
+                    lambda peer_id: self._publish_now.set(),
                 )
             nursery.start_soon(self.net.track_peers, self.config.p2p.ping_interval_s)
             nursery.start_soon(self._publish_loop)

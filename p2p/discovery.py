@@ -32,6 +32,7 @@ class DiscoverySettings:
     max_clock_skew_s: float = 10.0
     dht_timeout_s: float = 5.0
     max_parallel_gets: int = 16
+    find_timeout_s: float = 1.0
 
 
 class RecordValidator:
@@ -76,6 +77,7 @@ class ResourceDirectory:
         self._describe = describe
         self._on_reject = on_reject or (lambda reason: None)
         self.validator = RecordValidator(settings, net.now, self._on_reject)
+        self._cache: dict[str, records.ResourceRecord] = {}
         self.published = 0
         self.publish_failures = 0
 
@@ -144,19 +146,28 @@ class ResourceDirectory:
     async def find(
         self, predicate: Callable[[records.ResourceRecord], bool] | None = None
     ) -> list[records.ResourceRecord]:
-        """Valid records of this node and every node it knows, filtered, sorted by peer id."""
+        """Valid records of this node and every node it knows, filtered, sorted by peer id.
+
+        Look-ups run in parallel for at most `find_timeout_s`: one slow or frozen peer must not
+        stall the answer. A peer whose look-up is still running then is answered from the last
+        record we verified for it, as long as that record has not expired.
+        """
         candidates = sorted(self._net.known_peers() | {self._ident.peer_id})
-        found: dict[str, records.ResourceRecord] = {}
         limiter = trio.CapacityLimiter(self._settings.max_parallel_gets)
 
         async def one(peer_id: str) -> None:
             async with limiter:
                 record = await self.lookup(peer_id)
             if record is not None:
-                found[peer_id] = record
+                self._cache[peer_id] = record
 
-        async with trio.open_nursery() as nursery:
-            for peer_id in candidates:
-                nursery.start_soon(one, peer_id)
-        matching = [r for r in found.values() if predicate is None or predicate(r)]
+        with trio.move_on_after(self._settings.find_timeout_s):
+            async with trio.open_nursery() as nursery:
+                for peer_id in candidates:
+                    nursery.start_soon(one, peer_id)
+        now = self._net.now()
+        for peer_id, record in list(self._cache.items()):
+            if record.expires_at < now:
+                del self._cache[peer_id]
+        matching = [r for r in self._cache.values() if predicate is None or predicate(r)]
         return sorted(matching, key=lambda r: r.peer_id)

@@ -6,7 +6,9 @@ Keep all knowledge of py-libp2p 0.8.1's quirks here (DESIGN.md, "Known pitfalls"
 - a malformed message on some protocols escapes the stream handler and kills the host: every
   handler, libp2p's own included, is wrapped in one guard that counts, resets and carries on;
 - DHT operations have 10 s internal timeouts: every call here is bounded by our own deadline;
-- `dht.add_peer` must be called after connecting;
+- `dht.add_peer` must be called after connecting; dead peers stay in the routing table and
+  are dialled three times with backoff by every lookup: we dial once and forget peers whose
+  last connection closed;
 - libp2p's loggers do not propagate: `quiet_libp2p_logs` attaches our own handler.
 """
 
@@ -24,11 +26,13 @@ from typing import Any
 import multiaddr
 import trio
 from libp2p import new_host
+from libp2p.abc import INotifee
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.host.ping import PingService
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network import swarm as _swarm
+from libp2p.network.config import RetryConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.records.validator import NamespacedValidator, Validator
@@ -44,6 +48,7 @@ _swarm._HAPPY_EYEBALLS_DELAY = 0  # type: ignore[attr-defined]
 log = logging.getLogger(__name__)
 
 MAX_FRAME_BYTES = 4 << 20
+PING_TIMEOUT_S = 2.0
 HELLO_PROTOCOL = "/gridmesh/hello/1.0.0"
 HELLO_TYPE = "hello"
 _LEN = struct.Struct(">I")
@@ -103,6 +108,39 @@ async def _read_exactly(stream: Any, n: int) -> bytes:
     return b"".join(chunks)
 
 
+class _ForgetDisconnected(INotifee):
+    """Drop a peer from the DHT routing table when its last connection closes.
+
+    py-libp2p keeps dead peers in the routing table, and every lookup then spends seconds
+    dialling them (the "ghost node" problem exo users report). A live peer that comes back
+    reconnects and is added again on its first exchange with us.
+    """
+
+    def __init__(self, owner: Libp2pNetwork) -> None:
+        self._owner = owner
+
+    async def disconnected(self, network: Any, conn: Any) -> None:
+        peer = conn.muxed_conn.peer_id
+        if not network.get_connections(peer):
+            self._owner.dht.routing_table.remove_peer(peer)
+            self._owner.peers.pop(peer.to_base58(), None)
+
+    async def opened_stream(self, network: Any, stream: Any) -> None:
+        pass
+
+    async def closed_stream(self, network: Any, stream: Any) -> None:
+        pass
+
+    async def connected(self, network: Any, conn: Any) -> None:
+        pass
+
+    async def listen(self, network: Any, multiaddr: Any) -> None:
+        pass
+
+    async def listen_close(self, network: Any, multiaddr: Any) -> None:
+        pass
+
+
 @dataclass
 class PeerState:
     peer_id: str
@@ -145,7 +183,10 @@ class Libp2pNetwork:
             ),
             validator_changed=True,
         )
+        # one dial attempt: a dead peer must fail fast; our bootstrap loop does its own backoff
+        self.host.get_network().retry_config = RetryConfig(max_retries=0)  # type: ignore[attr-defined]
         self._ping = PingService(self.host)
+        self.host.get_network().register_notifee(_ForgetDisconnected(self))
         self._dht_timeout_s = dht_timeout_s
         self._request_timeout_s = request_timeout_s
         self._on_reject = on_reject or (lambda source, reason: None)
@@ -285,7 +326,7 @@ class Libp2pNetwork:
     async def ping(self, peer_id: str) -> float:
         """Round-trip time to a connected peer in milliseconds."""
         started = time.perf_counter()
-        with trio.fail_after(5):
+        with trio.fail_after(PING_TIMEOUT_S):
             await self._ping.ping(ID.from_base58(peer_id), 1)
         return (time.perf_counter() - started) * 1000
 
@@ -307,10 +348,21 @@ class Libp2pNetwork:
                         state.rtt_ms = await self.ping(peer_id)
                         state.last_seen = time.time()
                     except Exception:
+                        # connected but silent: a frozen or half-closed peer. Drop it so that
+                        # lookups stop waiting on it; a live peer reconnects on its own.
                         state.rtt_ms = None
+                        log.info("peer %s does not answer pings; disconnecting", peer_id)
+                        with contextlib.suppress(Exception):
+                            await self.host.disconnect(ID.from_base58(peer_id))
             await trio.sleep(interval_s)
 
-    async def keep_connected(self, addr: str, min_s: float, max_s: float) -> None:
+    async def keep_connected(
+        self,
+        addr: str,
+        min_s: float,
+        max_s: float,
+        on_connected: Callable[[str], None] | None = None,
+    ) -> None:
         """Bootstrap: connect to `addr` and reconnect with exponential backoff whenever lost."""
         delay = min_s
         try:
@@ -324,6 +376,8 @@ class Libp2pNetwork:
                     await self.connect(addr)
                     log.info("connected to bootstrap %s", addr)
                     delay = min_s
+                    if on_connected is not None:
+                        on_connected(target)
                 except NetworkError as exc:
                     log.info("bootstrap %s unreachable (%s); retry in %.1f s", addr, exc, delay)
                     await trio.sleep(delay)
@@ -367,7 +421,18 @@ class Libp2pNetwork:
             await stack.enter_async_context(self.host.run(self._listen))
             await stack.enter_async_context(background_trio_service(self.dht))
             self.set_request_handler(HELLO_PROTOCOL, self._answer_hello)
-            yield self
+            try:
+                yield self
+            finally:
+                await self._close_connections()
+
+    async def _close_connections(self) -> None:
+        """py-libp2p leaves connections open when a host stops: peers would see us alive."""
+        with trio.move_on_after(1) as scope:
+            scope.shield = True
+            for peer in list(self.host.get_connected_peers()):
+                with contextlib.suppress(Exception):
+                    await self.host.disconnect(peer)
 
 
 def _reason(exc: BaseException) -> str:

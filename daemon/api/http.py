@@ -90,7 +90,7 @@ class _Server:
         if not token:
             raise ValueError("an RPC token is required")
         self._dispatcher = dispatcher
-        self._expected = b"Bearer " + token.encode("utf-8")
+        self._token = token.encode("utf-8")
         self._metrics = metrics
         self._on_reject = on_reject
         self._max_body = max_body
@@ -121,9 +121,8 @@ class _Server:
                     event = await _next_event(conn, stream)
                 if scope.cancelled_caught:
                     return
-                if isinstance(event, h11.ConnectionClosed):
+                if not isinstance(event, h11.Request):  # ConnectionClosed
                     return
-                assert isinstance(event, h11.Request)
                 response = await self._route(conn, stream, event)
             except h11.RemoteProtocolError as e:
                 self._reject("bad_http")
@@ -147,15 +146,16 @@ class _Server:
         if path == b"/metrics":
             if req.method != b"GET":
                 return _text(405, "method not allowed", [(b"allow", b"GET")])
-            await self._read_body(conn, stream, req)  # normally empty; keeps keep-alive working
+            try:  # normally empty; read so that keep-alive keeps working
+                await self._read_body(conn, stream, req)
+            except _BodyTooLarge:
+                return self._too_large()
             return self._serve_metrics()
         if path != b"/":
             return _text(404, "not found")
         if req.method != b"POST":
             return _text(405, "method not allowed", [(b"allow", b"POST")])
-        # Constant-time compare of the whole header value; the scheme must be spelt "Bearer".
-        auth = _header(req.headers, b"authorization") or b""
-        if not hmac.compare_digest(auth, self._expected):
+        if not self._authorized(req.headers):
             self._reject("unauthorized")
             msg = (
                 "unauthorized: send 'Authorization: Bearer <token>' "
@@ -167,10 +167,7 @@ class _Server:
         try:
             body = await self._read_body(conn, stream, req)
         except _BodyTooLarge:
-            self._reject("too_large")
-            msg = f"invalid request: body larger than {self._max_body} bytes"
-            err = _rpc_error_body(INVALID_REQUEST, msg)
-            return _Response(413, err, b"application/json", close=True)
+            return self._too_large()
         try:
             result = await self._dispatcher.handle(body)
         except Exception:  # the dispatcher is not supposed to raise; keep serving anyway
@@ -179,6 +176,12 @@ class _Server:
         if result is None:
             return _Response(204)
         return _Response(200, result, b"application/json")
+
+    def _authorized(self, headers: Headers) -> bool:
+        scheme, _, credentials = (_header(headers, b"authorization") or b"").partition(b" ")
+        # The scheme is case-insensitive (RFC 9110); the token is compared in constant time.
+        ok = hmac.compare_digest(credentials.strip(), self._token)
+        return ok and scheme.lower() == b"bearer"
 
     async def _read_body(
         self, conn: h11.Connection, stream: trio.SocketStream, req: h11.Request
@@ -203,6 +206,12 @@ class _Server:
                 return b"".join(chunks)
             else:  # ConnectionClosed in the middle of the body
                 raise _ClientGone
+
+    def _too_large(self) -> _Response:
+        self._reject("too_large")
+        msg = f"invalid request: body larger than {self._max_body} bytes"
+        err = _rpc_error_body(INVALID_REQUEST, msg)
+        return _Response(413, err, b"application/json", close=True)
 
     def _serve_metrics(self) -> _Response:
         try:

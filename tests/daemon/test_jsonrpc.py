@@ -61,9 +61,7 @@ def make_dispatcher(**kwargs: Any) -> tuple[Dispatcher, Recorder]:
     async def echo(value: Any = None) -> Any:
         return value
 
-    d.register(
-        "add", add, [Param("a", (int,)), Param("b", (int,), required=False)], "Add numbers."
-    )
+    d.register("add", add, [Param("a", (int,)), Param("b", (int,), required=False)], "Add numbers.")
     d.register(
         "scale",
         scale,

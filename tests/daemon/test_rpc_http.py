@@ -1,0 +1,435 @@
+"""The JSON-RPC HTTP server, run in-process on a free port, and the sync client."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h11
+import pytest
+import trio
+
+from daemon.api.client import DaemonUnreachable, RPCCallError, RPCClient
+from daemon.api.cookie import CookieNotFound, create_cookie, read_cookie, remove_cookie
+from daemon.api.http import HOST, MAX_BODY, UNAUTHORIZED, serve_rpc
+from daemon.api.jsonrpc import INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR, Dispatcher, Param
+
+TOKEN = "test-token-123"
+METRICS = b"# TYPE gridmesh_up gauge\ngridmesh_up 1\n"
+DEADLINE = 10  # seconds; every network wait in these tests is bounded by it
+
+
+@dataclass
+class Server:
+    port: int
+    dispatcher: Dispatcher
+    rejects: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    handler_running: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}/"
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[bytes, bytes]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def make_dispatcher(server_state: dict[str, Any]) -> Dispatcher:
+    d = Dispatcher()
+
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    async def note(text: str) -> None:
+        server_state["notes"].append(text)
+
+    async def block() -> None:
+        server_state["running"].set()
+        await trio.sleep_forever()
+
+    d.register("add", add, [Param("a", (int,)), Param("b", (int,))], "Add.")
+    d.register("note", note, [Param("text", (str,))], "Note.")
+    d.register("block", block, [], "Never returns.")
+    return d
+
+
+async def start_server(
+    nursery: trio.Nursery, metrics: bytes | None = None
+) -> tuple[Server, trio.CancelScope]:
+    """Start a server in its own cancel scope inside `nursery`."""
+    state: dict[str, Any] = {"notes": [], "running": trio.Event()}
+    d = make_dispatcher(state)
+    body = METRICS if metrics is None else metrics
+    rejects: list[str] = []
+    scope = trio.CancelScope()
+
+    async def run(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        with scope:
+            await serve_rpc(
+                d,
+                token=TOKEN,
+                port=0,
+                metrics=lambda: body,
+                on_reject=rejects.append,
+                task_status=task_status,
+            )
+
+    port = await nursery.start(run)
+    server = Server(port, d, rejects, state["notes"], state["running"])
+    return server, scope
+
+
+@pytest.fixture
+async def server(nursery: trio.Nursery) -> Server:
+    srv, _ = await start_server(nursery)
+    return srv
+
+
+async def read_reply(conn: h11.Connection, stream: trio.abc.Stream) -> Reply:
+    status, headers, chunks = 0, {}, []
+    with trio.fail_after(DEADLINE):
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                status, headers = event.status_code, dict(event.headers)
+            elif isinstance(event, h11.Data):
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                return Reply(status, headers, b"".join(chunks))
+            elif isinstance(event, h11.InformationalResponse):
+                continue
+            else:
+                raise AssertionError(f"unexpected event {event!r}")
+
+
+async def http(
+    port: int,
+    method: str = "POST",
+    target: str = "/",
+    body: bytes = b"",
+    token: str | None = TOKEN,
+    auth: str | bytes | None = None,
+) -> Reply:
+    """One request on a fresh connection."""
+    with trio.fail_after(DEADLINE):
+        stream = await trio.open_tcp_stream(HOST, port)
+    async with stream:
+        conn = h11.Connection(h11.CLIENT)
+        await send_request(conn, stream, method, target, body, token, auth)
+        return await read_reply(conn, stream)
+
+
+async def send_request(
+    conn: h11.Connection,
+    stream: trio.abc.Stream,
+    method: str = "POST",
+    target: str = "/",
+    body: bytes = b"",
+    token: str | None = TOKEN,
+    auth: str | bytes | None = None,
+) -> None:
+    headers: list[tuple[str, str | bytes]] = [("host", HOST), ("content-length", str(len(body)))]
+    if auth is not None:
+        headers.append(("authorization", auth))
+    elif token is not None:
+        headers.append(("authorization", f"Bearer {token}"))
+    out = conn.send(h11.Request(method=method, target=target, headers=headers))
+    if body:
+        out += conn.send(h11.Data(data=body))
+    out += conn.send(h11.EndOfMessage())
+    with trio.fail_after(DEADLINE):
+        await stream.send_all(out)
+
+
+def rpc_body(method: str, params: Any = None, id: Any = 1) -> bytes:
+    req: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+    if id is not None:
+        req["id"] = id
+    if params is not None:
+        req["params"] = params
+    return json.dumps(req).encode()
+
+
+async def assert_serves(server: Server) -> None:
+    reply = await http(server.port, body=rpc_body("add", [20, 22], id="ok"))
+    assert reply.status == 200
+    assert reply.json() == {"jsonrpc": "2.0", "result": 42, "id": "ok"}
+
+
+async def read_until_eof(stream: trio.abc.Stream) -> bytes:
+    data = b""
+    with trio.fail_after(DEADLINE):
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    return data
+
+
+async def test_ok_call(server: Server):
+    reply = await http(server.port, body=rpc_body("add", {"a": 1, "b": 2}, id=5))
+    assert reply.status == 200
+    assert reply.headers[b"content-type"] == b"application/json"
+    assert reply.json() == {"jsonrpc": "2.0", "result": 3, "id": 5}
+    assert server.rejects == []
+
+
+async def test_keep_alive_serves_several_requests(server: Server):
+    stream = await trio.open_tcp_stream(HOST, server.port)
+    async with stream:
+        conn = h11.Connection(h11.CLIENT)
+        for i in range(3):
+            await send_request(conn, stream, body=rpc_body("add", [i, 1], id=i))
+            reply = await read_reply(conn, stream)
+            assert reply.json()["result"] == i + 1
+            conn.start_next_cycle()
+
+
+async def test_missing_token_is_401(server: Server):
+    reply = await http(server.port, body=rpc_body("add", [1, 2]), token=None)
+    assert reply.status == 401
+    assert reply.headers[b"content-type"] == b"application/json"
+    err = reply.json()["error"]
+    assert err["code"] == UNAUTHORIZED
+    assert "rpc.cookie" in err["message"]
+    assert server.rejects == ["unauthorized"]
+
+
+@pytest.mark.parametrize(
+    "auth",
+    [
+        f"Bearer {TOKEN}x",
+        "Bearer",
+        f"Basic {TOKEN}",
+        TOKEN,
+        f"Bearer {TOKEN[:-1]}",
+        b"Bearer \xe9",
+    ],
+)
+async def test_wrong_token_is_401(server: Server, auth: str | bytes):
+    reply = await http(server.port, body=rpc_body("add", [1, 2]), auth=auth)
+    assert reply.status == 401
+    assert reply.json()["error"]["code"] == UNAUTHORIZED
+    assert server.rejects == ["unauthorized"]
+    await assert_serves(server)
+
+
+async def test_bearer_scheme_is_case_insensitive(server: Server):
+    reply = await http(server.port, body=rpc_body("add", [1, 2]), auth=f"bearer {TOKEN}")
+    assert reply.status == 200
+
+
+async def test_body_of_exactly_max_is_accepted(server: Server):
+    body = rpc_body("add", [1, 2])
+    body += b" " * (MAX_BODY - len(body))
+    assert len(body) == MAX_BODY
+    reply = await http(server.port, body=body)
+    assert reply.status == 200
+    assert reply.json()["result"] == 3
+
+
+async def test_body_over_max_with_content_length_is_413(server: Server):
+    stream = await trio.open_tcp_stream(HOST, server.port)
+    async with stream:
+        conn = h11.Connection(h11.CLIENT)
+        body = b"x" * (MAX_BODY + 1)
+        headers = [
+            ("host", HOST),
+            ("content-length", str(len(body))),
+            ("authorization", f"Bearer {TOKEN}"),
+        ]
+        out = conn.send(h11.Request(method="POST", target="/", headers=headers))
+        out += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
+
+        async def sender() -> None:
+            # the server may close once it has answered
+            with contextlib.suppress(trio.BrokenResourceError):
+                await stream.send_all(out)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender)
+            reply = await read_reply(conn, stream)
+            nursery.cancel_scope.cancel()
+    assert reply.status == 413
+    assert reply.json()["error"]["code"] == INVALID_REQUEST
+    assert server.rejects == ["too_large"]
+    await assert_serves(server)
+
+
+async def test_chunked_body_over_max_is_413_when_counted(server: Server):
+    """No Content-Length: the server must count while reading and stop at the limit."""
+    stream = await trio.open_tcp_stream(HOST, server.port)
+    async with stream:
+        conn = h11.Connection(h11.CLIENT)
+        headers = [
+            ("host", HOST),
+            ("transfer-encoding", "chunked"),
+            ("authorization", f"Bearer {TOKEN}"),
+        ]
+        await stream.send_all(conn.send(h11.Request(method="POST", target="/", headers=headers)))
+        chunk = b"y" * 65536
+        sent = 0
+        while sent <= MAX_BODY:
+            with trio.fail_after(DEADLINE):
+                await stream.send_all(conn.send(h11.Data(data=chunk)))
+            sent += len(chunk)
+        # The body never ends; the server has to answer anyway.
+        reply = await read_reply(conn, stream)
+    assert reply.status == 413
+    assert server.rejects == ["too_large"]
+    await assert_serves(server)
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\x00\x01\x02\xff garbage\r\n\r\n",
+        b"GET\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    ],
+)
+async def test_garbage_does_not_kill_the_server(server: Server, garbage: bytes):
+    stream = await trio.open_tcp_stream(HOST, server.port)
+    async with stream:
+        await stream.send_all(garbage)
+        data = await read_until_eof(stream)
+    assert data.startswith(b"HTTP/1.1 4"), data[:100]
+    assert server.rejects == ["bad_http"]
+    await assert_serves(server)
+
+
+async def test_abrupt_disconnects_do_not_kill_the_server(server: Server):
+    # connect and leave; leave halfway through the headers; leave halfway through a body
+    for raw in [b"", b"POST / HTTP/1.1\r\nHo", b"POST / HTTP/1.1\r\nContent-Length: 50\r\n\r\n{"]:
+        stream = await trio.open_tcp_stream(HOST, server.port)
+        if raw:
+            await stream.send_all(raw)
+        await stream.aclose()
+    await assert_serves(server)
+
+
+async def test_non_json_body_is_parse_error(server: Server):
+    reply = await http(server.port, body=b"{not json")
+    assert reply.status == 200
+    assert reply.json()["error"]["code"] == PARSE_ERROR
+
+
+async def test_rpc_error_comes_back_as_200(server: Server):
+    reply = await http(server.port, body=rpc_body("add", [1, "2"]))
+    assert reply.status == 200
+    assert reply.json()["error"]["code"] == INVALID_PARAMS
+
+
+async def test_notification_is_204(server: Server):
+    reply = await http(server.port, body=rpc_body("note", ["hi"], id=None))
+    assert reply.status == 204
+    assert reply.body == b""
+    assert server.notes == ["hi"]
+
+
+async def test_metrics(server: Server):
+    reply = await http(server.port, method="GET", target="/metrics", token=None)
+    assert reply.status == 200
+    assert reply.headers[b"content-type"].startswith(b"text/plain; version=0.0.4")
+    assert reply.body == METRICS
+
+
+async def test_not_found_and_method_not_allowed(server: Server):
+    assert (await http(server.port, method="GET", target="/nope")).status == 404
+    assert (await http(server.port, method="POST", target="/rpc")).status == 404
+    reply = await http(server.port, method="GET", target="/")
+    assert reply.status == 405
+    assert reply.headers[b"allow"] == b"POST"
+    reply = await http(server.port, method="POST", target="/metrics")
+    assert reply.status == 405
+    await assert_serves(server)
+
+
+async def test_client_call_batch_and_errors(server: Server):
+    client = RPCClient(server.url, TOKEN, timeout=DEADLINE)
+    assert await trio.to_thread.run_sync(client.call, "add", [2, 3]) == 5
+    assert await trio.to_thread.run_sync(client.call, "add", {"a": 1, "b": 1}) == 2
+    with pytest.raises(RPCCallError) as info:
+        await trio.to_thread.run_sync(client.call, "add", [1])
+    assert info.value.code == INVALID_PARAMS
+    results = await trio.to_thread.run_sync(
+        client.batch, [("add", [1, 1]), ("nope", None), ("add", [2, 2])]
+    )
+    assert results[0] == 2 and results[2] == 4
+    assert isinstance(results[1], RPCCallError) and results[1].code == -32601
+
+    bad = RPCClient(server.url, "wrong", timeout=DEADLINE)
+    with pytest.raises(RPCCallError) as info:
+        await trio.to_thread.run_sync(bad.call, "add", [1, 2])
+    assert info.value.code == UNAUTHORIZED
+
+
+async def test_cancellation_shuts_down_promptly():
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            # 16 MiB of metrics: more than the socket buffers, so a client that asks and
+            # never reads leaves the server blocked in a send.
+            big = b"m 1\n" * (4 << 20)
+            server, scope = await start_server(nursery, metrics=big)
+            idle = await trio.open_tcp_stream(HOST, server.port)
+            await idle.send_all(b"POST / HTTP/1.1\r\nHost: x\r\n")  # half a request
+            stalled = await trio.open_tcp_stream(HOST, server.port)
+            await stalled.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 4)
+
+            async def in_flight() -> None:
+                await http(server.port, body=rpc_body("block"))
+
+            nursery.start_soon(in_flight)
+            await server.handler_running.wait()
+            # wait until the stalled client's response has started arriving
+            await stalled.receive_some(1)
+            started = trio.current_time()
+            scope.cancel()
+            nursery.cancel_scope.cancel()  # also ends in_flight
+        elapsed = trio.current_time() - started
+    assert elapsed < 1.0
+    with pytest.raises(OSError):
+        await trio.open_tcp_stream(HOST, server.port)
+    client = RPCClient(server.url, TOKEN, timeout=DEADLINE)
+    with pytest.raises(DaemonUnreachable, match="refused"):
+        await trio.to_thread.run_sync(client.call, "add", [1, 2])
+    await idle.aclose()
+    await stalled.aclose()
+
+
+async def test_cookie_roundtrip(tmp_path: Path):
+    home = tmp_path / "home"
+    with pytest.raises(CookieNotFound, match="rpc.cookie"):
+        read_cookie(home)
+    with pytest.raises(FileNotFoundError):
+        read_cookie(home)
+    token = create_cookie(home)
+    assert len(token) >= 40
+    path = home / "rpc.cookie"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert read_cookie(home) == token
+    # an existing, too-open file is tightened and overwritten
+    path.chmod(0o644)
+    token2 = create_cookie(home)
+    assert token2 != token
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert read_cookie(home) == token2
+    remove_cookie(home, token)  # not ours any more: kept
+    assert path.exists()
+    remove_cookie(home)
+    assert not path.exists()
+    remove_cookie(home)  # missing is fine
