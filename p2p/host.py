@@ -35,13 +35,15 @@ from libp2p.network import swarm as _swarm
 from libp2p.network.config import RetryConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.pubsub import Pubsub
 from libp2p.records.validator import NamespacedValidator, Validator
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
 from p2p import codec, identity
-from p2p.network import DHTValidator, NetworkError, RequestHandler
+from p2p.network import DHTValidator, GossipHandler, NetworkError, RequestHandler
 
 _swarm._HAPPY_EYEBALLS_DELAY = 0  # type: ignore[attr-defined]
 
@@ -186,6 +188,20 @@ class Libp2pNetwork:
         # one dial attempt: a dead peer must fail fast; our bootstrap loop does its own backoff
         self.host.get_network().retry_config = RetryConfig(max_retries=0)  # type: ignore[attr-defined]
         self._ping = PingService(self.host)
+        # GossipSub's defaults lose messages (120 s heartbeat, 10 msg/s spam limit): tune them
+        self.gossipsub = GossipSub(
+            protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11],
+            degree=6,
+            degree_low=4,
+            degree_high=12,
+            heartbeat_initial_delay=0.1,
+            heartbeat_interval=1,  # type: ignore[arg-type]
+            spam_protection_enabled=False,
+            max_messages_per_topic_per_second=10_000.0,
+            max_pending_messages_per_peer=1000,
+        )
+        self.pubsub = Pubsub(self.host, self.gossipsub)
+        self._nursery: trio.Nursery | None = None
         self.host.get_network().register_notifee(_ForgetDisconnected(self))
         self._dht_timeout_s = dht_timeout_s
         self._request_timeout_s = request_timeout_s
@@ -415,15 +431,43 @@ class Libp2pNetwork:
 
     # -- lifecycle --------------------------------------------------------------------
 
+    async def publish(self, topic: str, data: bytes) -> None:
+        try:
+            await self.pubsub.publish(topic, data)
+        except Exception as exc:
+            raise NetworkError(f"publishing on {topic} failed: {exc!r}") from exc
+
+    async def subscribe(self, topic: str, handler: GossipHandler) -> None:
+        if self._nursery is None:
+            raise NetworkError("subscribe() needs a running network")
+        subscription = await self.pubsub.subscribe(topic)
+        self._nursery.start_soon(self._read_topic, topic, subscription, handler)
+
+    async def _read_topic(self, topic: str, subscription: Any, handler: GossipHandler) -> None:
+        while True:
+            message = await subscription.get()
+            try:
+                sender = ID(message.from_id).to_base58()
+                if sender != self.peer_id:
+                    await handler(sender, message.data)
+            except Exception as exc:  # one bad message must not end the subscription
+                self._on_reject("pubsub", _reason(exc))
+                log.debug("gossip handler for %s failed: %r", topic, exc)
+
     @asynccontextmanager
     async def run(self) -> AsyncIterator[Libp2pNetwork]:
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(self.host.run(self._listen))
+            # pubsub must run before the first dial, or links become one-way
+            await stack.enter_async_context(background_trio_service(self.pubsub))
+            await self.pubsub.wait_until_ready()
             await stack.enter_async_context(background_trio_service(self.dht))
             self.set_request_handler(HELLO_PROTOCOL, self._answer_hello)
+            self._nursery = await stack.enter_async_context(trio.open_nursery())
             try:
                 yield self
             finally:
+                self._nursery.cancel_scope.cancel()
                 await self._close_connections()
 
     async def _close_connections(self) -> None:

@@ -15,6 +15,8 @@ from typing import Protocol
 
 # handler(sender peer id, request payload) -> response payload
 RequestHandler = Callable[[str, bytes], Awaitable[bytes]]
+# handler(origin peer id, message data); exceptions are counted and dropped by the network
+GossipHandler = Callable[[str, bytes], Awaitable[None]]
 
 
 class NetworkError(Exception):
@@ -48,3 +50,11 @@ class Network(Protocol):
     async def request(self, peer_id: str, protocol: str, payload: bytes) -> bytes: ...
 
     def set_request_handler(self, protocol: str, handler: RequestHandler) -> None: ...
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        """Best-effort broadcast to the topic's subscribers; never echoed to its sender."""
+        ...
+
+    async def subscribe(self, topic: str, handler: GossipHandler) -> None:
+        """Call `handler` for every message on `topic` (from others) from now on."""
+        ...

@@ -109,7 +109,8 @@ async def test_garbage_on_every_protocol_keeps_host_alive(nodes):
 
     a.net.set_request_handler("/gridmesh/test/echo/1", echo)
     protocols = [str(p) for p in a.net.host.get_mux().handlers if p is not None]
-    assert "/ipfs/kad/1.0.0" in protocols and "/gridmesh/test/echo/1" in protocols
+    for expected in ("/ipfs/kad/1.0.0", "/meshsub/1.2.0", "/gridmesh/test/echo/1"):
+        assert expected in protocols
     for protocol in protocols:
         try:
             with trio.move_on_after(2):
@@ -161,3 +162,37 @@ async def test_peer_of_another_network_is_refused(nodes):
         with pytest.raises(NetworkError, match="someothernet"):
             await a.net.connect(stranger.net.listen_addrs()[0])
         assert stranger.ident.peer_id not in a.net.known_peers()
+
+
+async def test_gossip_reaches_subscribers_and_bad_messages_are_counted(nodes):
+    a, b, c = nodes
+    await b.net.connect(a.net.listen_addrs()[0])
+    await c.net.connect(b.net.listen_addrs()[0])
+    got: dict[str, list[tuple[str, bytes]]] = {"a": [], "b": [], "c": []}
+    arrived = trio.Event()
+
+    async def on_a(sender: str, data: bytes) -> None:
+        got["a"].append((sender, data))
+
+    async def on_b(sender: str, data: bytes) -> None:
+        got["b"].append((sender, data))
+
+    async def on_c(sender: str, data: bytes) -> None:
+        if data == b"boom":
+            raise ValueError("handler failure")
+        got["c"].append((sender, data))
+        arrived.set()
+
+    await a.net.subscribe("t", on_a)
+    await b.net.subscribe("t", on_b)
+    await c.net.subscribe("t", on_c)
+    with trio.fail_after(10):
+        while not arrived.is_set():  # the mesh forms within a heartbeat or two
+            await a.net.publish("t", b"boom")
+            await a.net.publish("t", b"hello")
+            with trio.move_on_after(0.5):
+                await arrived.wait()
+    assert got["c"][0] == (a.ident.peer_id, b"hello")
+    assert ("pubsub", "ValueError") in c.rejects
+    assert (a.ident.peer_id, b"hello") in got["b"]
+    assert got["a"] == []  # a publisher never hears its own messages

@@ -1,0 +1,141 @@
+"""Durable registry storage: sqlite in WAL mode through aiosqlite, behind the asyncio bridge.
+
+One transaction per applied batch, committed with synchronous=FULL before the batch is
+acknowledged, so a daemon killed at any moment restarts with every acknowledged entry and
+never with half a batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from p2p import codec
+from p2p.aio import AsyncioBridge
+from registry.entry import Entry
+from registry.hlc import Timestamp
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value BLOB,
+    ts_wall INTEGER NOT NULL,
+    ts_counter INTEGER NOT NULL,
+    author TEXT NOT NULL,
+    created_wall INTEGER NOT NULL,
+    created_counter INTEGER NOT NULL,
+    owner TEXT NOT NULL,
+    sig BLOB NOT NULL,
+    PRIMARY KEY (kind, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+COLUMNS = "kind, key, value, ts_wall, ts_counter, author, created_wall, created_counter, owner, sig"
+
+
+def _row(entry: Entry) -> tuple[Any, ...]:
+    value = None if entry.value is None else codec.encode(entry.value)
+    return (
+        entry.kind,
+        entry.key,
+        value,
+        entry.ts.wall_ms,
+        entry.ts.counter,
+        entry.author,
+        entry.created.wall_ms,
+        entry.created.counter,
+        entry.owner,
+        entry.signature,
+    )
+
+
+def _entry(row: tuple[Any, ...]) -> Entry:
+    kind, key, value, ts_wall, ts_counter, author, c_wall, c_counter, owner, sig = row
+    return Entry(
+        kind=kind,
+        key=key,
+        value=None if value is None else codec.decode(value),
+        ts=Timestamp(ts_wall, ts_counter),
+        author=author,
+        created=Timestamp(c_wall, c_counter),
+        owner=owner,
+        signature=sig,
+    )
+
+
+class RegistryStore:
+    def __init__(self, bridge: AsyncioBridge, path: Path) -> None:
+        self._bridge = bridge
+        self._path = path
+        self._db: aiosqlite.Connection | None = None
+
+    async def open(self) -> None:
+        self._db = await self._bridge.run(self._open)
+
+    async def _open(self) -> aiosqlite.Connection:
+        db = await aiosqlite.connect(self._path, isolation_level=None)
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=FULL")
+        await db.executescript(SCHEMA)
+        return db
+
+    async def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            await self._bridge.run(db.close)
+
+    def _conn(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError("registry store is not open")
+        return self._db
+
+    async def load_all(self) -> list[Entry]:
+        async def load() -> list[Entry]:
+            async with self._conn().execute(f"SELECT {COLUMNS} FROM entries") as cursor:
+                return [_entry(tuple(row)) for row in await cursor.fetchall()]
+
+        return await self._bridge.run(load)
+
+    async def apply(self, entries: Iterable[Entry]) -> None:
+        """Write a batch in one transaction; returns once it is durable."""
+        rows = [_row(e) for e in entries]
+        if not rows:
+            return
+
+        async def write() -> None:
+            db = self._conn()
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                await db.executemany(
+                    f"INSERT OR REPLACE INTO entries ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    rows,
+                )
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+            await db.execute("COMMIT")
+
+        await self._bridge.run(write)
+
+    async def purge_tombstones(self, before_wall_ms: int) -> int:
+        async def purge() -> int:
+            db = self._conn()
+            cursor = await db.execute(
+                "DELETE FROM entries WHERE value IS NULL AND ts_wall < ?", (before_wall_ms,)
+            )
+            return cursor.rowcount
+
+        return await self._bridge.run(purge)
+
+    async def integrity_check(self) -> str:
+        async def check() -> str:
+            async with self._conn().execute("PRAGMA integrity_check") as cursor:
+                row = await cursor.fetchone()
+                return str(row[0]) if row else "no answer"
+
+        return await self._bridge.run(check)
