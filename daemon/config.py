@@ -39,11 +39,20 @@ class ResourcesConfig:
 
 
 @dataclass(frozen=True)
+class RegistryConfig:
+    sync_interval_s: float = 2.0
+    sync_timeout_s: float = 5.0
+    tombstone_horizon_s: float = 604800.0
+    gc_interval_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class Config:
     network_id: str = "gridmesh-local"
     p2p: P2PConfig = field(default_factory=P2PConfig)
     rpc: RPCConfig = field(default_factory=RPCConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
 
     def validate(self) -> Config:
         if not self.network_id or len(self.network_id) > 64:
@@ -57,6 +66,11 @@ class Config:
             )
         if res.record_validity_s > 3600:
             raise ConfigError("resources.record_validity_s must be at most 3600")
+        reg = self.registry
+        if min(reg.sync_interval_s, reg.sync_timeout_s, reg.gc_interval_s) <= 0:
+            raise ConfigError("registry intervals and timeouts must be positive")
+        if reg.tombstone_horizon_s < 60:
+            raise ConfigError("registry.tombstone_horizon_s must be at least 60")
         if self.p2p.reconnect_min_s <= 0 or self.p2p.reconnect_max_s < self.p2p.reconnect_min_s:
             raise ConfigError("p2p.reconnect_min_s must be > 0 and <= reconnect_max_s")
         return self
@@ -86,7 +100,7 @@ def _section(cls: type, raw: Any, name: str) -> Any:
 
 
 def parse(raw: dict[str, Any]) -> Config:
-    top = {"network_id", "p2p", "rpc", "resources"}
+    top = {"network_id", "p2p", "rpc", "resources", "registry"}
     unknown = set(raw) - top
     if unknown:
         raise ConfigError(f"unknown top-level keys: {', '.join(sorted(unknown))}")
@@ -98,6 +112,7 @@ def parse(raw: dict[str, Any]) -> Config:
         p2p=_section(P2PConfig, raw.get("p2p"), "p2p"),
         rpc=_section(RPCConfig, raw.get("rpc"), "rpc"),
         resources=_section(ResourcesConfig, raw.get("resources"), "resources"),
+        registry=_section(RegistryConfig, raw.get("registry"), "registry"),
     ).validate()
 
 

@@ -25,11 +25,16 @@ from daemon.api.http import serve_rpc
 from daemon.api.jsonrpc import Dispatcher
 from daemon.config import Config
 from daemon.metrics import Metrics
+from daemon.registry_methods import register_registry_methods
 from daemon.rpc_methods import register_node_methods
 from p2p import identity
+from p2p.aio import AsyncioBridge
 from p2p.discovery import DiscoverySettings, ResourceDirectory
 from p2p.host import Libp2pNetwork
 from p2p.records import NAMESPACE
+from registry.replica import Replica
+from registry.replication import ReplicationSettings, Replicator
+from registry.store import RegistryStore
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +114,28 @@ class Daemon:
             describe=lambda: (self.net.listen_addrs(), public_resources(self.resources)),
             on_reject=lambda reason: self.metrics.reject("dht", reason),
         )
+        self.bridge = AsyncioBridge()
+        self.store = RegistryStore(self.bridge, home / "registry.db")
+        self.replica = Replica(
+            self.ident,
+            store=self.store,
+            on_reject=lambda reason: None,  # counted per source by the replicator below
+        )
+        self.replicator = Replicator(
+            self.net,
+            self.replica,
+            ReplicationSettings(
+                network_id=config.network_id,
+                sync_interval_s=config.registry.sync_interval_s,
+                sync_timeout_s=config.registry.sync_timeout_s,
+                gc_interval_s=config.registry.gc_interval_s,
+                tombstone_horizon_s=config.registry.tombstone_horizon_s,
+            ),
+            on_reject=self.metrics.reject,
+        )
         self.dispatcher = Dispatcher(on_outcome=self.metrics.rpc_outcome)
         register_node_methods(self.dispatcher, self)
+        register_registry_methods(self.dispatcher, self.replicator)
         self.metrics.known_methods = {m["name"] for m in self.dispatcher.describe()}
 
     async def refresh_resources(self) -> None:
@@ -142,10 +167,15 @@ class Daemon:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with home_lock(self.home):
             try:
+                await self.store.open()
+                await self.replica.load()
                 await self._run_locked(task_status)
             finally:
                 (self.home / DAEMON_FILE).unlink(missing_ok=True)
                 cookie.remove_cookie(self.home)
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    await self.store.close()
+                self.bridge.close()
 
     async def _run_locked(self, task_status: trio.TaskStatus[None]) -> None:
         await self.refresh_resources()
@@ -172,6 +202,9 @@ class Daemon:
                     self.config.p2p.reconnect_max_s,
                     lambda peer_id: self._publish_now.set(),
                 )
+            await self.replicator.start()
+            nursery.start_soon(self.replicator.run_anti_entropy)
+            nursery.start_soon(self.replicator.run_gc)
             nursery.start_soon(self.net.track_peers, self.config.p2p.ping_interval_s)
             nursery.start_soon(self._publish_loop)
             nursery.start_soon(self._refresh_loop)

@@ -213,6 +213,88 @@ def rpc(
     _print_json(call(home, method, parsed))
 
 
+KEY_FIELDS = {"blocks": "blockId", "vdags": "vdagName", "components": "name", "policies": "name"}
+
+
+def load_documents(path: str) -> list[dict[str, Any]]:
+    """Registry documents from a YAML (multi-document) or JSON file, or '-' for stdin."""
+    import yaml
+
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as exc:
+        fail(f"cannot read {path}: {exc.strerror}")
+    try:
+        loaded = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        fail(f"{path} is not valid YAML or JSON: {exc}")
+    docs: list[Any] = []
+    for item in loaded:
+        docs.extend(item if isinstance(item, list) else [item])
+    out = []
+    for index, doc in enumerate(docs, 1):
+        if not isinstance(doc, dict) or "kind" not in doc or not isinstance(doc.get("value"), dict):
+            fail(f"document {index} of {path} needs `kind` and a `value` map (and usually `key`)")
+        key = doc.get("key") or doc["value"].get(KEY_FIELDS.get(doc["kind"], ""))
+        if not isinstance(key, str):
+            fail(f"document {index} of {path} has no `key`")
+        out.append({"kind": doc["kind"], "key": key, "value": doc["value"]})
+    return out
+
+
+@app.command()
+def apply(
+    file: str = typer.Option(..., "-f", "--file", help="YAML or JSON file, '-' for stdin."),
+    home: Path | None = HomeOption,
+) -> None:
+    """Write registry entries from a file: one or many documents of {kind, key, value}."""
+    for doc in load_documents(file):
+        entry = call(home, "registry_put", doc)
+        typer.echo(f"{entry['kind']}/{entry['key']} applied (version {entry['version']})")
+
+
+@app.command()
+def get(
+    kind: str = typer.Argument(..., help="clusters, members, components, blocks, vdags, ..."),
+    key: str | None = typer.Argument(None, help="One entry; without it, list the kind."),
+    filter: str | None = typer.Option(
+        None, "--filter", help="e.g. \"minInstances >= 1 AND blockId LIKE 'llama%'\""
+    ),
+    limit: int = typer.Option(1000, "--limit", min=1, help="At most this many entries."),
+    home: Path | None = HomeOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Show registry entries (from this node's replica)."""
+    if key is not None:
+        entries = [call(home, "registry_get", {"kind": kind, "key": key})]
+    else:
+        entries, cursor = [], None
+        while len(entries) < limit:
+            params: dict[str, Any] = {"kind": kind, "limit": min(1000, limit - len(entries))}
+            if filter:
+                params["filter"] = filter
+            if cursor:
+                params["cursor"] = cursor
+            page = call(home, "registry_list", params)
+            entries.extend(page["items"])
+            cursor = page["next_cursor"]
+            if not cursor:
+                break
+    if as_json:
+        _print_json(entries if key is None else entries[0])
+    else:
+        render.entries(entries)
+
+
+@app.command()
+def delete(
+    kind: str = typer.Argument(...), key: str = typer.Argument(...), home: Path | None = HomeOption
+) -> None:
+    """Delete a registry entry (only its owner or the cluster's admins may)."""
+    entry = call(home, "registry_delete", {"kind": kind, "key": key})
+    typer.echo(f"{entry['kind']}/{entry['key']} deleted (version {entry['version']})")
+
+
 def main() -> None:
     try:
         app()

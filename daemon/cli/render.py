@@ -85,3 +85,21 @@ def nodes(records: list[dict[str, Any]]) -> None:
             (record.get("addrs") or ["-"])[0],
         )
     console.print(table)
+
+
+def entries(rows: list[dict[str, Any]]) -> None:
+    import json
+
+    table = Table(title=f"{len(rows)} entries")
+    for column in ("kind", "key", "owner", "version", "value"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        value = json.dumps(row.get("value"), sort_keys=True)
+        table.add_row(
+            row["kind"],
+            row["key"],
+            short_id(row.get("owner", "")),
+            row.get("version", ""),
+            value if len(value) <= 80 else value[:77] + "...",
+        )
+    console.print(table)

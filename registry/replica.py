@@ -1,0 +1,271 @@
+"""A node's replica of the registries: verified, authorized, merged, durable.
+
+Every entry, from a local user or from a peer, goes through `apply`: signature, clock, schema,
+authorization and admission checks, then the pure merge of `registry.entry`, then one sqlite
+transaction for the whole batch. Nothing here touches the network.
+
+Who may write:
+- an entry's owner (the author of the write that created the key) may update or delete it;
+- entries of a cluster (the `clusters` entry itself, its `members`, and any entry whose value
+  names a `cluster_id`) may be written only by that cluster's admins, as listed in the
+  cluster entry this replica holds; the cluster's creator is its first admin;
+- each kind's admission hook may refuse a write with a reason.
+An entry whose cluster this replica does not know yet is refused (`unknown_cluster`); anti-
+entropy offers it again later, once the cluster entry has arrived.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from p2p import codec, identity
+from registry import schemas
+from registry.entry import Entry, EntryId, join, sign_entry, verify_entry
+from registry.hlc import ClockError, HybridClock
+from registry.store import RegistryStore
+
+MAX_VALUE_BYTES = 64 * 1024
+MAX_LIST_LIMIT = 1000
+
+RejectHook = Callable[[str], None]
+
+
+class Rejected(ValueError):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[Entry]
+    next_cursor: str | None
+
+
+def encode_cursor(entry_id: EntryId) -> str:
+    return base64.urlsafe_b64encode(codec.encode(list(entry_id))).decode()
+
+
+def decode_cursor(cursor: str) -> EntryId:
+    try:
+        kind, key = codec.decode(base64.urlsafe_b64decode(cursor.encode()), max_bytes=1024)
+        if isinstance(kind, str) and isinstance(key, str):
+            return (kind, key)
+    except (ValueError, TypeError, codec.CodecError):
+        pass
+    raise Rejected("bad_cursor", "cursor is not one returned by registry_list")
+
+
+class Replica:
+    def __init__(
+        self,
+        ident: identity.NodeIdentity,
+        *,
+        clock: HybridClock | None = None,
+        store: RegistryStore | None = None,
+        hooks: dict[str, schemas.AdmissionHook] | None = None,
+        on_reject: RejectHook | None = None,
+    ) -> None:
+        self.ident = ident
+        self.clock = clock or HybridClock()
+        self.store = store
+        self.hooks = schemas.default_hooks if hooks is None else hooks
+        self._on_reject = on_reject or (lambda reason: None)
+        self.entries: dict[EntryId, Entry] = {}
+        self.applied = 0
+        self.rejected: Counter[str] = Counter()
+
+    async def load(self) -> None:
+        if self.store is not None:
+            for entry in await self.store.load_all():
+                self.entries[entry.id] = entry
+                self.clock.advance(entry.ts)
+
+    # -- checks ------------------------------------------------------------------------
+
+    def admins_of(
+        self, cluster_id: str, pending: Mapping[EntryId, Entry] | None = None
+    ) -> set[str] | None:
+        cluster_id_ = ("clusters", cluster_id)
+        cluster = (pending or {}).get(cluster_id_) or self.entries.get(cluster_id_)
+        if cluster is None or cluster.value is None:
+            return None
+        admins = cluster.value.get("admins")
+        return {a for a in admins if isinstance(a, str)} if isinstance(admins, list) else set()
+
+    def governing_cluster(self, entry: Entry, current: Entry | None) -> str | None:
+        if entry.kind == "clusters":
+            return entry.key
+        if entry.kind == "members":
+            return entry.key.split("/", 1)[0]
+        for source in (entry.value, current.value if current else None):
+            if isinstance(source, dict) and isinstance(source.get("cluster_id"), str):
+                return source["cluster_id"]
+        return None
+
+    def check(self, entry: Entry, pending: Mapping[EntryId, Entry] | None = None) -> None:
+        """Raise Rejected unless `entry` may be merged into this replica (plus `pending`,
+        the earlier entries of the same batch)."""
+        if not verify_entry(entry):
+            raise Rejected("bad_signature", "entry signature does not match its author")
+        if entry.kind not in schemas.KINDS:
+            raise Rejected("unknown_kind", f"unknown kind {entry.kind!r}")
+        try:
+            self.clock.check(entry.ts)
+        except ClockError as exc:
+            raise Rejected("bad_timestamp", str(exc)) from None
+        if entry.created > entry.ts:
+            raise Rejected("bad_timestamp", "an entry cannot be created after it was written")
+        try:
+            schemas.validate_key(entry.kind, entry.key)
+            if entry.value is not None:
+                if len(codec.encode(entry.value)) > MAX_VALUE_BYTES:
+                    raise schemas.SchemaError(f"value exceeds {MAX_VALUE_BYTES} bytes")
+                schemas.validate_value(entry.kind, entry.key, entry.value)
+        except schemas.SchemaError as exc:
+            raise Rejected("schema", str(exc)) from None
+        current = (pending or {}).get(entry.id) or self.entries.get(entry.id)
+        self._check_authorized(entry, current, pending)
+        reason = schemas.admit(
+            schemas.Write(
+                kind=entry.kind,
+                key=entry.key,
+                value=entry.value,
+                author=entry.author,
+                existing_author=current.owner if current else None,
+            ),
+            self.hooks,
+        )
+        if reason:
+            raise Rejected("admission", reason)
+
+    def _check_authorized(
+        self, entry: Entry, current: Entry | None, pending: Mapping[EntryId, Entry] | None
+    ) -> None:
+        cluster_id = self.governing_cluster(entry, current)
+        if cluster_id is None:
+            if entry.author != entry.owner:
+                raise Rejected(
+                    "unauthorized", f"{entry.kind}/{entry.key} is owned by {entry.owner}"
+                )
+            return
+        admins = self.admins_of(cluster_id, pending)
+        if entry.kind == "clusters" and admins is None:
+            # creating a cluster (or re-creating one deleted): its creator must be an admin
+            new_admins = (entry.value or {}).get("admins") or []
+            if entry.author != entry.owner or entry.author not in new_admins:
+                raise Rejected("unauthorized", "a cluster's creator must list itself in admins")
+            return
+        if admins is None:
+            raise Rejected("unknown_cluster", f"cluster {cluster_id!r} is not known here (yet)")
+        if entry.author not in admins:
+            raise Rejected("unauthorized", f"only admins of cluster {cluster_id!r} may write this")
+
+    # -- writes ------------------------------------------------------------------------
+
+    async def apply(self, entries: Iterable[Entry]) -> list[Entry]:
+        """Check, merge and persist a batch; returns the entries that changed the replica."""
+        changed: dict[EntryId, Entry] = {}
+        for entry in entries:
+            current = changed.get(entry.id) or self.entries.get(entry.id)
+            if current == entry:
+                continue
+            try:
+                self.check(entry, changed)
+            except Rejected as exc:
+                self.rejected[exc.reason] += 1
+                self._on_reject(exc.reason)
+                continue
+            if join(current, entry) is entry:
+                changed[entry.id] = entry
+                self.clock.observe(entry.ts)
+        if changed:
+            if self.store is not None:
+                await self.store.apply(changed.values())
+            self.entries.update(changed)
+            self.applied += len(changed)
+        return list(changed.values())
+
+    async def put(self, kind: str, key: str, value: dict[str, Any] | None) -> Entry:
+        """A local write (value None deletes). Raises Rejected with a reason users can read."""
+        current = self.entries.get((kind, key))
+        ts = self.clock.now()
+        if current is None or (current.deleted and current.owner != self.ident.peer_id):
+            if value is None:
+                raise Rejected("not_found", f"{kind}/{key} does not exist")
+            if current is not None:
+                raise Rejected(
+                    "unauthorized",
+                    f"{kind}/{key} was deleted by its owner {current.owner}; the key is free "
+                    "again once the tombstone is collected",
+                )
+            created, owner = ts, self.ident.peer_id
+        else:
+            created, owner = current.created, current.owner
+        entry = sign_entry(
+            self.ident, kind=kind, key=key, value=value, ts=ts, created=created, owner=owner
+        )
+        self.check(entry)  # raises with the reason; local refusals are not counted as attacks
+        await self.apply([entry])
+        return entry
+
+    async def collect_garbage(self, horizon_ms: int) -> int:
+        """Forget tombstones older than the horizon (a peer offline longer may resurrect)."""
+        cutoff = self.clock.now().wall_ms - horizon_ms
+        old = [e.id for e in self.entries.values() if e.deleted and e.ts.wall_ms < cutoff]
+        for entry_id in old:
+            del self.entries[entry_id]
+        if old and self.store is not None:
+            await self.store.purge_tombstones(cutoff)
+        return len(old)
+
+    # -- reads -------------------------------------------------------------------------
+
+    def get(self, kind: str, key: str) -> Entry | None:
+        return self.entries.get((kind, key))
+
+    def list(
+        self,
+        kind: str | None,
+        predicate: Callable[[dict[str, Any]], bool] | None = None,
+        *,
+        limit: int = 100,
+        cursor: str | None = None,
+        include_deleted: bool = False,
+    ) -> Page:
+        after = decode_cursor(cursor) if cursor else None
+        limit = max(1, min(limit, MAX_LIST_LIMIT))
+        items: list[Entry] = []
+        for entry_id in sorted(self.entries):
+            if kind is not None and entry_id[0] != kind:
+                continue
+            if after is not None and entry_id <= after:
+                continue
+            entry = self.entries[entry_id]
+            if entry.deleted and not include_deleted:
+                continue
+            if predicate is not None and not predicate(entry.to_json()):
+                continue
+            if len(items) == limit:
+                return Page(items, encode_cursor(items[-1].id))
+            items.append(entry)
+        return Page(items, None)
+
+    def stats(self) -> dict[str, Any]:
+        by_kind: dict[str, dict[str, int]] = {k: {"live": 0, "deleted": 0} for k in schemas.KINDS}
+        for entry in self.entries.values():
+            bucket = by_kind.setdefault(entry.kind, {"live": 0, "deleted": 0})
+            bucket["deleted" if entry.deleted else "live"] += 1
+        return {
+            "entries": len(self.entries),
+            "live": sum(k["live"] for k in by_kind.values()),
+            "deleted": sum(k["deleted"] for k in by_kind.values()),
+            "by_kind": by_kind,
+            "applied": self.applied,
+            "rejected": dict(self.rejected),
+            "clock": str(self.clock.last),
+        }

@@ -1,0 +1,212 @@
+"""Replication of a `Replica` over a `Network`: gossip for new entries, anti-entropy for the rest.
+
+- Every write that changes the local replica is published on the network's registry topic;
+  receivers apply it (the gossip layer never echoes a message to its sender).
+- Every `sync_interval_s`, anti-entropy with one random known peer (`registry.sync`): digests
+  out, listing back, then pull what the peer has better and push what we have better. This is
+  how a node that was offline, partitioned or just started catches up; bulk transfer goes over
+  request/response, never gossip.
+Malformed gossip or sync messages are dropped and counted; they never reach the replica.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from p2p import codec
+from p2p.network import Network, NetworkError
+from registry import sync
+from registry.entry import Entry, EntryError, entry_from_wire
+from registry.replica import Replica
+
+log = logging.getLogger(__name__)
+
+SYNC_PROTOCOL = "/gridmesh/registry/sync/1.0.0"
+WIRE_VERSION = 1
+MAX_GOSSIP_BYTES = 512 * 1024
+MAX_GOSSIP_ENTRIES = 64
+MAX_SYNC_BYTES = 4 << 20
+
+
+def topic_for(network_id: str) -> str:
+    return f"/gridmesh/{network_id}/registry/1"
+
+
+@dataclass(frozen=True)
+class ReplicationSettings:
+    network_id: str
+    sync_interval_s: float = 2.0
+    sync_timeout_s: float = 5.0
+    gc_interval_s: float = 60.0
+    tombstone_horizon_s: float = 7 * 24 * 3600.0
+
+
+class Replicator:
+    def __init__(
+        self,
+        net: Network,
+        replica: Replica,
+        settings: ReplicationSettings,
+        *,
+        rng: random.Random | None = None,
+        on_reject: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.net = net
+        self.replica = replica
+        self.settings = settings
+        self.topic = topic_for(settings.network_id)
+        self._rng = rng or random.Random()
+        self._on_reject = on_reject or (lambda source, reason: None)
+        self.stats: Counter[str] = Counter()
+
+    # -- outgoing ----------------------------------------------------------------------
+
+    async def write(self, kind: str, key: str, value: dict[str, Any] | None) -> Entry:
+        """A local write: applied durably first, then gossiped. Returns once acknowledged."""
+        entry = await self.replica.put(kind, key, value)
+        await self.announce([entry])
+        return entry
+
+    async def announce(self, entries: Iterable[Entry]) -> None:
+        batch = [e.to_wire() for e in entries]
+        for start in range(0, len(batch), MAX_GOSSIP_ENTRIES):
+            data = codec.encode(
+                {"v": WIRE_VERSION, "entries": batch[start : start + MAX_GOSSIP_ENTRIES]}
+            )
+            try:
+                await self.net.publish(self.topic, data)
+                self.stats["gossip_sent"] += 1
+            except NetworkError as exc:  # anti-entropy delivers it later
+                log.debug("gossip publish failed: %s", exc)
+
+    # -- incoming ----------------------------------------------------------------------
+
+    def _reject(self, source: str, reason: str) -> None:
+        self.stats[f"rejected_{source}"] += 1
+        self._on_reject(source, reason)
+
+    def _entries(self, raw: Any, source: str) -> list[Entry] | None:
+        if not isinstance(raw, list) or len(raw) > sync.MAX_TRANSFER:
+            self._reject(source, "malformed")
+            return None
+        out = []
+        for item in raw:
+            try:
+                out.append(entry_from_wire(item))
+            except EntryError as exc:
+                self._reject(source, exc.reason)
+        return out
+
+    async def on_gossip(self, sender: str, data: bytes) -> None:
+        try:
+            msg = codec.decode(data, max_bytes=MAX_GOSSIP_BYTES)
+        except codec.CodecError as exc:
+            self._reject("gossip", exc.reason)
+            return
+        if not isinstance(msg, dict) or msg.get("v") != WIRE_VERSION:
+            self._reject("gossip", "bad_version")
+            return
+        entries = self._entries(msg.get("entries"), "gossip")
+        if entries:
+            changed = await self.replica.apply(entries)
+            self.stats["gossip_applied"] += len(changed)
+
+    async def on_sync(self, sender: str, payload: bytes) -> bytes:
+        """Serve one anti-entropy step for a peer."""
+        try:
+            msg = codec.decode(payload, max_bytes=MAX_SYNC_BYTES)
+            if not isinstance(msg, dict) or msg.get("v") != WIRE_VERSION:
+                raise sync.SyncError("unsupported sync message version")
+            op = msg.get("op")
+            if op == "digests":
+                theirs = sync.parse_digests(msg)
+                mine = sync.digests(self.replica.entries.values())
+                buckets = sync.differing_buckets(mine, theirs)
+                reply: dict[str, Any] = sync.encode_listing(
+                    sync.listing(self.replica.entries, buckets)
+                )
+            elif op == "pull":
+                ids = msg.get("ids")
+                if not isinstance(ids, list) or len(ids) > sync.MAX_TRANSFER:
+                    raise sync.SyncError("pull ids must be a bounded list")
+                found = []
+                for item in ids:
+                    if isinstance(item, list) and len(item) == 2:
+                        entry = self.replica.entries.get((str(item[0]), str(item[1])))
+                        if entry is not None:
+                            found.append(entry.to_wire())
+                reply = {"entries": found}
+            elif op == "push":
+                entries = self._entries(msg.get("entries"), "sync")
+                changed = await self.replica.apply(entries or [])
+                self.stats["sync_applied"] += len(changed)
+                reply = {"applied": len(changed)}
+            else:
+                raise sync.SyncError(f"unknown sync op {str(op)[:32]!r}")
+        except (codec.CodecError, sync.SyncError) as exc:
+            self._reject("sync", getattr(exc, "reason", "malformed"))
+            return codec.encode({"v": WIRE_VERSION, "error": str(exc)[:200]})
+        reply["v"] = WIRE_VERSION
+        return codec.encode(reply)
+
+    async def _call(self, peer_id: str, message: dict[str, Any]) -> dict[str, Any]:
+        message["v"] = WIRE_VERSION
+        raw = await self.net.request(peer_id, SYNC_PROTOCOL, codec.encode(message))
+        reply = codec.decode(raw, max_bytes=MAX_SYNC_BYTES)
+        if not isinstance(reply, dict) or reply.get("v") != WIRE_VERSION:
+            raise sync.SyncError("malformed sync reply")
+        if "error" in reply:
+            raise sync.SyncError(f"peer refused: {str(reply['error'])[:200]}")
+        return reply
+
+    async def sync_with(self, peer_id: str) -> tuple[int, int]:
+        """One anti-entropy round with `peer_id`: (entries pulled and applied, entries pushed)."""
+        reply = await self._call(
+            peer_id, sync.encode_digests(sync.digests(self.replica.entries.values()))
+        )
+        pull_ids, push = sync.plan(self.replica.entries, sync.parse_listing(reply))
+        applied = 0
+        if pull_ids:
+            got = await self._call(peer_id, {"op": "pull", "ids": [list(i) for i in pull_ids]})
+            entries = self._entries(got.get("entries"), "sync") or []
+            changed = await self.replica.apply(entries)
+            applied = len(changed)
+            if changed:  # spread what we learned: others may have missed it too
+                await self.announce(changed)
+        if push:
+            await self._call(peer_id, {"op": "push", "entries": [e.to_wire() for e in push]})
+        self.stats["sync_rounds"] += 1
+        return applied, len(push)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Register the handlers; call once the network runs, before writes arrive."""
+        self.net.set_request_handler(SYNC_PROTOCOL, self.on_sync)
+        await self.net.subscribe(self.topic, self.on_gossip)
+
+    async def run_anti_entropy(self) -> None:
+        while True:
+            await trio.sleep(self.settings.sync_interval_s * (0.5 + self._rng.random()))
+            peers = sorted(self.net.known_peers())
+            if not peers:
+                continue
+            peer = self._rng.choice(peers)
+            with trio.move_on_after(self.settings.sync_timeout_s):
+                try:
+                    await self.sync_with(peer)
+                except (NetworkError, sync.SyncError, codec.CodecError) as exc:
+                    self.stats["sync_failed"] += 1
+                    log.debug("anti-entropy with %s failed: %s", peer, exc)
+
+    async def run_gc(self) -> None:
+        while True:
+            await trio.sleep(self.settings.gc_interval_s)
+            await self.replica.collect_garbage(int(self.settings.tombstone_horizon_s * 1000))
