@@ -560,8 +560,10 @@ class _Parser:
             self.advance()
             return tok.value  # type: ignore[no-any-return]
         if tok.kind == "FIELD":
+            prev = self.previous()
+            after = f" after {prev.show()}" if prev is not None else ""
             raise QueryError(
-                f"expected a value after {self.previous().show()}, found field name {tok.show()}",
+                f"expected a value{after}, found field name {tok.show()}",
                 tok.pos,
                 "quote strings; a field is compared with a value, not another field",
             )

@@ -528,7 +528,9 @@ def validate_key(kind: str, key: str) -> None:
 def validate_value(kind: str, key: str, value: dict[str, Any]) -> None:
     """Check `value` against its kind's schema; raise SchemaError naming the field path."""
     _check_kind(kind)
-    shown = key if isinstance(key, str) and len(key) <= MAX_KEY_LENGTH else "?"
+    if not isinstance(key, str):
+        raise SchemaError(f"{kind}: a key must be a string, not {type(key).__name__}", "key")
+    shown = key if len(key) <= MAX_KEY_LENGTH else "?"
     name = f"{kind}/{shown if _KEY_RE.fullmatch(shown) else _show(shown)}"
     try:
         if not isinstance(value, dict):
@@ -539,10 +541,13 @@ def validate_value(kind: str, key: str, value: dict[str, Any]) -> None:
         if cross is not None:
             cross(key, value)
     except _Invalid as exc:
-        message = f"{exc.path} {exc.problem}" if exc.path else exc.problem
+        if exc.path:
+            message = f"{exc.path} {exc.problem}"
+        elif exc.problem.startswith(("value ", "unknown field")):
+            message = exc.problem
+        else:
+            message = f"value {exc.problem}"
         raise SchemaError(f"{name}: {message}", exc.path) from None
-    except RecursionError:
-        raise SchemaError(f"{name}: value nests too deeply") from None
 
 
 # --------------------------------------------------------------------------- admission
