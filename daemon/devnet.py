@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from daemon.config import REPO_CONFIGS
 from daemon.node import DAEMON_FILE
 
 DEVNET_CONFIG = REPO_CONFIGS / "devnet.toml"
+SAMPLES = [REPO_CONFIGS / "samples" / f"{name}.yaml" for name in ("cluster", "component", "block")]
 
 
 class DevnetError(RuntimeError):
@@ -122,6 +124,22 @@ class DaemonProcess:
 
     def call(self, method: str, params: Any = None) -> Any:
         return self.client().call(method, params)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of a Prometheus metric's samples whose labels include `labels` (0 if none)."""
+        url = self.info["rpc_url"] + "metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith("#") or not line.startswith(name):
+                continue
+            series, value = line.rsplit(" ", 1)
+            if series.split("{")[0] == name and all(
+                f'{k}="{v}"' in series for k, v in labels.items()
+            ):
+                total += float(value)
+        return total
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -237,6 +255,45 @@ def print_table(daemons: list[DaemonProcess]) -> None:
     Console(width=200).print(table)
 
 
+def apply_samples(daemon: DaemonProcess) -> list[tuple[str, str]]:
+    """Write the sample cluster, component and block specs through one daemon."""
+    from daemon.specs import load_documents, substitute_self
+
+    written = []
+    for path in SAMPLES:
+        for doc in load_documents(str(path)):
+            entry = daemon.call("registry_put", substitute_self(doc, daemon.peer_id))
+            written.append((entry["kind"], entry["key"]))
+    return written
+
+
+def holders(daemons: list[DaemonProcess], entry_id: tuple[str, str]) -> list[bool]:
+    kind, key = entry_id
+    out = []
+    for daemon in daemons:
+        try:
+            daemon.call("registry_get", {"kind": kind, "key": key})
+            out.append(True)
+        except RPCCallError:
+            out.append(False)
+    return out
+
+
+def print_registry_table(daemons: list[DaemonProcess], written: list[tuple[str, str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="registry entries written on node0, as each daemon holds them")
+    table.add_column("entry")
+    for index in range(len(daemons)):
+        table.add_column(f"node{index}")
+    for entry_id in written:
+        table.add_row(
+            "/".join(entry_id), *("yes" if h else "NO" for h in holders(daemons, entry_id))
+        )
+    Console(width=200).print(table)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m daemon.devnet",
@@ -258,6 +315,17 @@ def main(argv: list[str] | None = None) -> int:
         devnet.wait_all_found(args.timeout)
         print(f"all {args.nodes} daemons found by all in {time.monotonic() - started:.1f} s")
         print_table(devnet.daemons)
+        print("applying configs/samples (cluster, component, block) through node0 ...")
+        written = apply_samples(devnet.daemons[0])
+        replicated_at = time.monotonic()
+        wait_for(
+            lambda: all(all(holders(devnet.daemons, e)) for e in written),
+            args.timeout,
+            "the sample entries to reach every daemon",
+            poll_s=0.02,
+        )
+        print(f"replicated to all {args.nodes} in {time.monotonic() - replicated_at:.2f} s")
+        print_registry_table(devnet.daemons, written)
         if once:
             return 0
         print("devnet running; Ctrl-C stops every daemon.", flush=True)

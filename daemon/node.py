@@ -119,7 +119,7 @@ class Daemon:
         self.replica = Replica(
             self.ident,
             store=self.store,
-            on_reject=lambda reason: None,  # counted per source by the replicator below
+            on_reject=self.metrics.reject,
         )
         self.replicator = Replicator(
             self.net,

@@ -31,7 +31,8 @@ from registry.store import RegistryStore
 MAX_VALUE_BYTES = 64 * 1024
 MAX_LIST_LIMIT = 1000
 
-RejectHook = Callable[[str], None]
+# (source, reason): where a refused entry came from ("local", "gossip", "sync") and why
+RejectHook = Callable[[str, str], None]
 
 
 class Rejected(ValueError):
@@ -74,7 +75,7 @@ class Replica:
         self.clock = clock or HybridClock()
         self.store = store
         self.hooks = schemas.default_hooks if hooks is None else hooks
-        self._on_reject = on_reject or (lambda reason: None)
+        self._on_reject = on_reject or (lambda source, reason: None)
         self.entries: dict[EntryId, Entry] = {}
         self.applied = 0
         self.rejected: Counter[str] = Counter()
@@ -167,7 +168,7 @@ class Replica:
 
     # -- writes ------------------------------------------------------------------------
 
-    async def apply(self, entries: Iterable[Entry]) -> list[Entry]:
+    async def apply(self, entries: Iterable[Entry], source: str = "local") -> list[Entry]:
         """Check, merge and persist a batch; returns the entries that changed the replica."""
         changed: dict[EntryId, Entry] = {}
         for entry in entries:
@@ -178,7 +179,7 @@ class Replica:
                 self.check(entry, changed)
             except Rejected as exc:
                 self.rejected[exc.reason] += 1
-                self._on_reject(exc.reason)
+                self._on_reject(source, exc.reason)
                 continue
             if join(current, entry) is entry:
                 changed[entry.id] = entry

@@ -115,7 +115,7 @@ class Replicator:
             return
         entries = self._entries(msg.get("entries"), "gossip")
         if entries:
-            changed = await self.replica.apply(entries)
+            changed = await self.replica.apply(entries, "gossip")
             self.stats["gossip_applied"] += len(changed)
 
     async def on_sync(self, sender: str, payload: bytes) -> bytes:
@@ -145,7 +145,7 @@ class Replicator:
                 reply = {"entries": found}
             elif op == "push":
                 entries = self._entries(msg.get("entries"), "sync")
-                changed = await self.replica.apply(entries or [])
+                changed = await self.replica.apply(entries or [], "sync")
                 self.stats["sync_applied"] += len(changed)
                 reply = {"applied": len(changed)}
             else:
@@ -176,7 +176,7 @@ class Replicator:
         if pull_ids:
             got = await self._call(peer_id, {"op": "pull", "ids": [list(i) for i in pull_ids]})
             entries = self._entries(got.get("entries"), "sync") or []
-            changed = await self.replica.apply(entries)
+            changed = await self.replica.apply(entries, "sync")
             applied = len(changed)
             if changed:  # spread what we learned: others may have missed it too
                 await self.announce(changed)

@@ -213,43 +213,23 @@ def rpc(
     _print_json(call(home, method, parsed))
 
 
-KEY_FIELDS = {"blocks": "blockId", "vdags": "vdagName", "components": "name", "policies": "name"}
-
-
-def load_documents(path: str) -> list[dict[str, Any]]:
-    """Registry documents from a YAML (multi-document) or JSON file, or '-' for stdin."""
-    import yaml
-
-    try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text()
-    except OSError as exc:
-        fail(f"cannot read {path}: {exc.strerror}")
-    try:
-        loaded = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        fail(f"{path} is not valid YAML or JSON: {exc}")
-    docs: list[Any] = []
-    for item in loaded:
-        docs.extend(item if isinstance(item, list) else [item])
-    out = []
-    for index, doc in enumerate(docs, 1):
-        if not isinstance(doc, dict) or "kind" not in doc or not isinstance(doc.get("value"), dict):
-            fail(f"document {index} of {path} needs `kind` and a `value` map (and usually `key`)")
-        key = doc.get("key") or doc["value"].get(KEY_FIELDS.get(doc["kind"], ""))
-        if not isinstance(key, str):
-            fail(f"document {index} of {path} has no `key`")
-        out.append({"kind": doc["kind"], "key": key, "value": doc["value"]})
-    return out
-
-
 @app.command()
 def apply(
     file: str = typer.Option(..., "-f", "--file", help="YAML or JSON file, '-' for stdin."),
     home: Path | None = HomeOption,
 ) -> None:
-    """Write registry entries from a file: one or many documents of {kind, key, value}."""
-    for doc in load_documents(file):
-        entry = call(home, "registry_put", doc)
+    """Write registry entries from a file: one or many documents of {kind, key, value}.
+
+    The string "$SELF" anywhere in a value stands for this node's peer id."""
+    from daemon.specs import SpecError, load_documents, substitute_self
+
+    try:
+        documents = load_documents(file)
+    except SpecError as exc:
+        fail(str(exc))
+    peer_id = call(home, "node_info")["peer_id"]
+    for doc in documents:
+        entry = call(home, "registry_put", substitute_self(doc, peer_id))
         typer.echo(f"{entry['kind']}/{entry['key']} applied (version {entry['version']})")
 
 

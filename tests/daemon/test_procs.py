@@ -10,38 +10,14 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
+from daemon import config
 from daemon.api.client import RPCCallError
 from daemon.devnet import DaemonProcess, Devnet, found_counts, wait_for
 
 pytestmark = pytest.mark.procs
-
-VALIDITY_S = 4.0
-FAST_CONFIG = f"""
-network_id = "proctest"
-[p2p]
-listen = ["/ip4/127.0.0.1/tcp/0"]
-reconnect_min_s = 0.2
-reconnect_max_s = 2.0
-ping_interval_s = 1.0
-dht_timeout_s = 2.0
-[rpc]
-port = 0
-[resources]
-publish_interval_s = 1.0
-record_validity_s = {VALIDITY_S}
-max_clock_skew_s = 5.0
-"""
-
-
-@pytest.fixture(scope="module")
-def fast_config(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("cfg") / "fast.toml"
-    path.write_text(FAST_CONFIG)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -50,22 +26,6 @@ def net4(tmp_path_factory, fast_config):
     with devnet:
         devnet.wait_all_found(timeout_s=30)
         yield devnet
-
-
-def metric(daemon: DaemonProcess, name: str, **labels: str) -> float:
-    """Sum of a metric's samples whose labels include `labels` (0 if absent)."""
-    url = daemon.info["rpc_url"] + "metrics"
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name) or line.startswith("#"):
-            continue
-        series, value = line.rsplit(" ", 1)
-        if series.split("{")[0] != name:
-            continue
-        if all(f'{k}="{v}"' in series for k, v in labels.items()):
-            total += float(value)
-    return total
 
 
 def test_four_daemons_find_each_other(net4):
@@ -118,27 +78,30 @@ def test_bad_input_is_counted_and_daemon_keeps_serving(net4):
         except urllib.error.HTTPError as exc:
             return exc.code
 
-    before_large = metric(target, "gridmesh_rejected_messages_total", reason="too_large")
+    before_large = target.metric("gridmesh_rejected_messages_total", reason="too_large")
     assert post(b"[" * (2 << 20)) == 413
     assert post(b"{not json") == 200  # a JSON-RPC parse error travels in a 200 body
     assert post(b'{"jsonrpc":"2.0","method":"node_info","id":1}', auth=False) == 401
     with socket.create_connection((host, int(port)), timeout=5) as raw:
         raw.sendall(os.urandom(4096))
     # random bytes on every libp2p protocol the daemon advertises
-    script = Path(__file__).with_name("garbage_peer.py")
     subprocess.run(
-        [sys.executable, str(script), target.addr], check=True, timeout=60, capture_output=True
+        [sys.executable, "-m", "daemon.tools.hostile_peer", "garbage", target.addr, "proctest"],
+        check=True,
+        timeout=60,
+        capture_output=True,
     )
-    assert metric(target, "gridmesh_rejected_messages_total", reason="too_large") > before_large
-    assert metric(target, "gridmesh_rejected_messages_total", reason="unauthorized") >= 1
-    assert metric(target, "gridmesh_rejected_messages_total", source="dht") >= 1
-    assert metric(target, "gridmesh_rejected_messages_total", source="stream") >= 1
+    assert target.metric("gridmesh_rejected_messages_total", reason="too_large") > before_large
+    assert target.metric("gridmesh_rejected_messages_total", reason="unauthorized") >= 1
+    assert target.metric("gridmesh_rejected_messages_total", source="dht") >= 1
+    assert target.metric("gridmesh_rejected_messages_total", source="stream") >= 1
     assert target.alive()
     assert target.call("node_info")["peer_id"] == target.peer_id
     assert len(target.call("nodes_find", {})) == 4
 
 
 def test_killed_daemon_disappears_and_restart_keeps_identity(tmp_path, fast_config):
+    validity_s = config.load(fast_config).resources.record_validity_s
     with Devnet(3, root=tmp_path, config=fast_config) as devnet:
         devnet.wait_all_found(timeout_s=30)
         victim = devnet.daemons[2]
@@ -152,8 +115,8 @@ def test_killed_daemon_disappears_and_restart_keeps_identity(tmp_path, fast_conf
                 for d in devnet.daemons[:2]
             )
 
-        wait_for(gone, 2 * VALIDITY_S + 5, "the killed daemon to vanish", poll_s=0.2)
-        assert time.monotonic() - killed_at <= 2 * VALIDITY_S + 1
+        wait_for(gone, 2 * validity_s + 5, "the killed daemon to vanish", poll_s=0.2)
+        assert time.monotonic() - killed_at <= 2 * validity_s + 1
         # the stale daemon.json of a SIGKILLed daemon does not stop a restart
         restarted = DaemonProcess(
             victim.home, config=fast_config, bootstrap=[devnet.daemons[0].addr]

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from daemon.specs import substitute_self
 from registry import schemas
 from registry.schemas import (
     KINDS,
@@ -28,8 +29,8 @@ PEER = "12D3KooWEyoppNCUx8Yx66oV9fJnriXwCcXwDDUA2kj6vnc6iDEp"
 
 
 def load_sample(name: str) -> dict[str, Any]:
-    """The samples are JSON-syntax YAML, so json reads them without PyYAML."""
-    doc = json.loads((SAMPLES / f"{name}.yaml").read_text())
+    """A sample as `gridmesh apply` reads it, with `$SELF` standing for the applying node."""
+    doc = substitute_self(yaml.safe_load((SAMPLES / f"{name}.yaml").read_text()), PEER)
     assert set(doc) == {"kind", "key", "value"}
     return doc
 

@@ -1,0 +1,32 @@
+"""Fixtures for tests that start real daemons: a config with short periods."""
+
+from pathlib import Path
+
+import pytest
+
+FAST_CONFIG = """
+network_id = "proctest"
+[p2p]
+listen = ["/ip4/127.0.0.1/tcp/0"]
+reconnect_min_s = 0.2
+reconnect_max_s = 2.0
+ping_interval_s = 1.0
+dht_timeout_s = 2.0
+[rpc]
+port = 0
+[resources]
+publish_interval_s = 1.0
+record_validity_s = 4.0
+max_clock_skew_s = 5.0
+[registry]
+sync_interval_s = 0.5
+sync_timeout_s = 3.0
+"""
+
+
+@pytest.fixture(scope="session")
+def fast_config(tmp_path_factory) -> Path:
+    """Daemons that republish every second, with records valid for 4 s."""
+    path = tmp_path_factory.mktemp("cfg") / "fast.toml"
+    path.write_text(FAST_CONFIG)
+    return path

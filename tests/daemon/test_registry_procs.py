@@ -1,0 +1,174 @@
+"""Registries across real daemons: replication, catch-up, late joiners, attacks, crashes."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from daemon.api.client import DaemonUnreachable, RPCCallError
+from daemon.devnet import DaemonProcess, Devnet, wait_for
+
+pytestmark = pytest.mark.procs
+
+COMPONENT = {"name": "llama", "version": "1"}
+
+
+def keys_on(daemon: DaemonProcess, kind: str = "components") -> set[str]:
+    page = daemon.call("registry_list", {"kind": kind, "limit": 1000})
+    return {item["key"] for item in page["items"]}
+
+
+def test_write_replicates_and_late_and_returning_nodes_catch_up(tmp_path, fast_config):
+    with Devnet(3, root=tmp_path, config=fast_config) as net:
+        net.wait_all_found(30)
+        a, b, c = net.daemons
+        a.call("registry_put", {"kind": "components", "key": "llama", "value": COMPONENT})
+        wait_for(lambda: all("llama" in keys_on(d) for d in net.daemons), 5, "replication")
+        # owner-only: b may not change a's entry, and says why
+        with pytest.raises(RPCCallError) as err:
+            b.call(
+                "registry_put",
+                {"kind": "components", "key": "llama", "value": {**COMPONENT, "version": "2"}},
+            )
+        assert err.value.data["reason"] == "unauthorized"
+        # c stops; writes go on; c comes back and catches up through anti-entropy
+        assert c.stop() == 0
+        for i in range(20):
+            a.call("registry_put", {"kind": "components", "key": f"m{i}", "value": COMPONENT})
+        a.call("registry_delete", {"kind": "components", "key": "m0"})
+        expected = {"llama"} | {f"m{i}" for i in range(1, 20)}
+        wait_for(lambda: keys_on(b) == expected, 5, "b to have every write")
+        back = DaemonProcess(c.home, config=fast_config, bootstrap=[b.addr]).start()
+        net.daemons[2] = back
+        wait_for(lambda: keys_on(back) == expected, 15, "the returning daemon to catch up")
+        # a daemon started fresh receives the whole registry
+        fresh = DaemonProcess(tmp_path / "fresh", config=fast_config, bootstrap=[a.addr]).start()
+        net.daemons.append(fresh)
+        wait_for(lambda: keys_on(fresh) == expected, 15, "a fresh daemon to get everything")
+        assert fresh.call("registry_stats")["deleted"] == 1
+
+
+def test_forged_and_malformed_registry_messages_rejected_everywhere(tmp_path, fast_config):
+    with Devnet(3, root=tmp_path, config=fast_config) as net:
+        net.wait_all_found(30)
+        owner = net.daemons[0]
+        owner.call("registry_put", {"kind": "components", "key": "llama", "value": COMPONENT})
+        wait_for(lambda: all("llama" in keys_on(d) for d in net.daemons), 5, "replication")
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "daemon.tools.hostile_peer",
+                "registry",
+                net.daemons[1].addr,
+                "proctest",
+                "components",
+                "llama",
+            ],
+            check=True,
+            timeout=60,
+            capture_output=True,
+        )
+
+        def counted(daemon: DaemonProcess, **labels: str) -> bool:
+            return daemon.metric("gridmesh_rejected_messages_total", **labels) >= 1
+
+        for daemon in net.daemons:  # gossip reaches every node, and every node refuses
+            wait_for(
+                lambda d=daemon: counted(d, source="gossip", reason="unauthorized"),
+                10,
+                "the forged update to be refused",
+            )
+            assert counted(daemon, source="gossip", reason="bad_signature")
+            assert counted(daemon, source="gossip", reason="malformed")
+            entry = daemon.call("registry_get", {"kind": "components", "key": "llama"})
+            assert entry["value"] == COMPONENT and entry["author"] == owner.peer_id
+        target = net.daemons[1]
+        assert counted(target, source="sync")
+        assert target.alive() and len(target.call("nodes_find", {})) == 3
+
+
+def test_sigkill_during_writes_loses_nothing_acknowledged(tmp_path, fast_config):
+    daemon = DaemonProcess(tmp_path / "home", config=fast_config).start()
+    acknowledged: list[str] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        client = daemon.client(timeout=5)
+        i = 0
+        while not stop.is_set():
+            key = f"w{i}"
+            try:
+                client.call("registry_put", {"kind": "components", "key": key, "value": COMPONENT})
+            except (DaemonUnreachable, RPCCallError, OSError):
+                return
+            acknowledged.append(key)
+            i += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        wait_for(lambda: len(acknowledged) >= 50, 30, "50 acknowledged writes")
+        daemon.kill()
+    finally:
+        stop.set()
+        thread.join(10)
+    restarted = DaemonProcess(daemon.home, config=fast_config).start()
+    try:
+        stats = restarted.call("registry_stats")
+        stored = keys_on(restarted)
+        assert set(acknowledged) <= stored
+        assert stats["live"] == len(stored) == stats["by_kind"]["components"]["live"]
+        assert len(stored) - len(acknowledged) <= 1  # at most the write in flight
+        with sqlite3.connect(daemon.home / "registry.db") as db:
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        restarted.stop()
+
+
+def test_cli_apply_get_delete(tmp_path, fast_config):
+    daemon = DaemonProcess(tmp_path / "home", config=fast_config).start()
+    gm = [sys.executable, "-m", "daemon.cli.main"]
+    home = ["--home", str(daemon.home)]
+    samples = Path(__file__).resolve().parents[2] / "configs" / "samples"
+    try:
+        for name in ("cluster.yaml", "component.yaml", "block.yaml"):
+            done = subprocess.run(
+                [*gm, "apply", "-f", str(samples / name), *home],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 0, done.stderr
+            assert "applied" in done.stdout
+        listed = subprocess.run(
+            [*gm, "get", "blocks", *home, "--json", "--filter", "minInstances >= 1"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert listed.returncode == 0, listed.stderr
+        assert '"kind": "blocks"' in listed.stdout
+        bad = subprocess.run(
+            [*gm, "get", "blocks", *home, "--filter", "minInstances >="],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert bad.returncode == 1 and "position" in bad.stderr
+        key = daemon.call("registry_list", {"kind": "components"})["items"][0]["key"]
+        gone = subprocess.run(
+            [*gm, "delete", "components", key, *home], capture_output=True, text=True, timeout=60
+        )
+        assert gone.returncode == 0 and "deleted" in gone.stdout
+        missing = subprocess.run(
+            [*gm, "get", "components", key, *home], capture_output=True, text=True, timeout=60
+        )
+        assert missing.returncode == 1 and "does not exist" in missing.stderr
+    finally:
+        daemon.stop()

@@ -1,0 +1,188 @@
+"""Resource discovery on the in-memory network: 50 nodes, virtual time, real signed records."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pytest
+import trio
+
+from p2p import codec, records
+from p2p.discovery import DiscoverySettings, ResourceDirectory
+from p2p.identity import NodeIdentity
+from p2p.memnet import MemoryNetwork, MemoryNode
+
+SETTINGS = DiscoverySettings(network_id="sim", record_validity_s=90, publish_interval_s=30)
+MAINTENANCE_S = 10.0
+
+
+@dataclass
+class SimNode:
+    index: int
+    ident: NodeIdentity
+    node: MemoryNode
+    directory: ResourceDirectory
+    rejects: Counter[str] = field(default_factory=Counter)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    @property
+    def peer_id(self) -> str:
+        return self.ident.peer_id
+
+
+def _resources(index: int) -> dict[str, object]:
+    return {"cpu": {"cores": index + 1}, "gpus": []}
+
+
+async def _run(sim: SimNode) -> None:
+    with sim.scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sim.directory.run)
+            nursery.start_soon(sim.node.run_maintenance, MAINTENANCE_S)
+
+
+async def _start(nursery: trio.Nursery, hub: MemoryNetwork, count: int) -> list[SimNode]:
+    """`count` nodes, node i bootstrapping from node i - 1 only, each publishing and refreshing."""
+    sims: list[SimNode] = []
+    for index in range(count):
+        ident = NodeIdentity.generate()
+        node = hub.add_node(ident.peer_id)
+        rejects: Counter[str] = Counter()
+        directory = ResourceDirectory(
+            node,
+            ident,
+            SETTINGS,
+            describe=lambda i=index: ([f"/memory/{i}"], _resources(i)),
+            on_reject=lambda reason, c=rejects: c.update([reason]),
+        )
+        node.set_validator(directory.validator)
+        if sims:
+            await node.connect(sims[-1].peer_id)
+        sim = SimNode(index, ident, node, directory, rejects)
+        nursery.start_soon(_run, sim)
+        sims.append(sim)
+    return sims
+
+
+async def _found(sims: list[SimNode]) -> dict[str, list[records.ResourceRecord]]:
+    """Every node's `find()`, all run at the same virtual instant."""
+    results: dict[str, list[records.ResourceRecord]] = {}
+
+    async def one(sim: SimNode) -> None:
+        results[sim.peer_id] = await sim.directory.find()
+
+    async with trio.open_nursery() as nursery:
+        for sim in sims:
+            nursery.start_soon(one, sim)
+    return results
+
+
+async def _wait_until_everyone_finds_everyone(
+    sims: list[SimNode], limit_s: float
+) -> tuple[float, dict[str, list[records.ResourceRecord]]]:
+    """Poll every 10 virtual seconds until every node's find() returns every node.
+
+    Returns how long that took (virtual seconds) and the finds of that round.
+    """
+    everyone = sorted(sim.peer_id for sim in sims)
+    start = trio.current_time()
+    while trio.current_time() - start < limit_s:
+        await trio.sleep(10)
+        if any(len(sim.node.known_peers()) < len(sims) - 1 for sim in sims):
+            continue  # find() only asks for the peers a node knows; cheap to check first
+        found = await _found(sims)
+        if all([r.peer_id for r in found[sim.peer_id]] == everyone for sim in sims):
+            return trio.current_time() - start, found
+    raise AssertionError(f"discovery did not converge within {limit_s} virtual seconds")
+
+
+def _check_records(found: list[records.ResourceRecord], sims: list[SimNode]) -> None:
+    by_peer = {sim.peer_id: sim for sim in sims}
+    assert sorted(by_peer) == [r.peer_id for r in found]
+    for record in found:
+        sim = by_peer[record.peer_id]
+        assert record.network_id == "sim"
+        assert record.resources == _resources(sim.index)
+        assert record.addrs == [f"/memory/{sim.index}"]
+        assert record.payout_address == sim.ident.payout_address
+        assert record.valid_for == 90.0
+
+
+async def test_fifty_nodes_find_each_other_and_forget_a_crashed_one(autojump_clock):
+    hub = MemoryNetwork(seed=1)
+    async with trio.open_nursery() as nursery:
+        sims = await _start(nursery, hub, 50)
+        took, found = await _wait_until_everyone_finds_everyone(sims, limit_s=120)
+        assert took <= 120
+        for sim in sims:
+            _check_records(found[sim.peer_id], sims)
+        assert all(sim.directory.published >= 1 for sim in sims)
+        assert all(sim.directory.publish_failures == 0 for sim in sims)
+
+        victim = sims[25]
+        victim.scope.cancel()
+        hub.remove_node(victim.peer_id)
+        removed_at = trio.current_time()
+        survivors = [sim for sim in sims if sim is not victim]
+        await trio.sleep(1)
+        still_there = [r.peer_id for r in await survivors[0].directory.find()]
+        assert victim.peer_id in still_there  # its last record is still valid for a while
+
+        # its last record expires at most one validity period after the crash: from then on
+        # no store and no cache may return it (the acceptance bound is two periods)
+        gone_by = removed_at + SETTINGS.record_validity_s + 1
+        assert gone_by - removed_at <= 2 * SETTINGS.record_validity_s
+        await trio.sleep(gone_by - trio.current_time())
+        found = await _found(survivors)
+        for sim in survivors:
+            _check_records(found[sim.peer_id], survivors)
+        # nothing honest was ever rejected, only expired copies in local stores
+        assert all(set(sim.rejects) <= {"stale"} for sim in sims)
+        nursery.cancel_scope.cancel()
+
+
+async def test_fifty_nodes_converge_despite_five_percent_loss(autojump_clock):
+    hub = MemoryNetwork(seed=2, loss=0.05)
+    async with trio.open_nursery() as nursery:
+        sims = await _start(nursery, hub, 50)
+        took, found = await _wait_until_everyone_finds_everyone(sims, limit_s=300)
+        assert took <= 300
+        for sim in sims:
+            _check_records(found[sim.peer_id], sims)
+        assert hub.messages_dropped > 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_forged_records_are_rejected_and_counted(autojump_clock):
+    hub = MemoryNetwork(seed=3)
+    async with trio.open_nursery() as nursery:
+        sims = await _start(nursery, hub, 20)
+        attacker = hub.add_node("attacker")  # runs no validator: stores anything
+        await attacker.connect(sims[0].peer_id)
+        await _wait_until_everyone_finds_everyone(sims, limit_s=60)
+
+        victim, honest = sims[3], sims[7]
+        key = victim.directory.key_for(victim.peer_id)
+        raw = codec.decode(victim.node.local_value(key))
+        raw["body"]["resources"] = {"gpus": [{"name": "H100", "vram_gb": 80}] * 8}
+        forged = codec.encode(raw)  # signed over other resources: the signature fails
+
+        with pytest.raises(records.RecordError) as err:
+            await honest.node.dht_put(key, forged)
+        assert err.value.reason == "bad_signature"
+        assert honest.rejects["bad_signature"] == 1
+
+        before = sum(sim.rejects["bad_signature"] for sim in sims)
+        await attacker.dht_put(key, forged)
+        assert attacker.local_value(key) == forged
+        # the attacker stores at the K closest, here every honest node: each one refuses
+        assert sum(sim.rejects["bad_signature"] for sim in sims) - before == 20
+        assert sum(sim.node.puts_rejected for sim in sims) == 20
+        assert all(sim.node.local_value(key) != forged for sim in sims)
+
+        found = await _found(sims)
+        for sim in sims:
+            _check_records(found[sim.peer_id], sims)
+        assert all(set(sim.rejects) <= {"stale", "bad_signature"} for sim in sims)
+        nursery.cancel_scope.cancel()
