@@ -24,6 +24,8 @@ devnet: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/p2p.py
+	$(BIN)/python bench/registry_daemons.py
+	$(BIN)/python bench/registry.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

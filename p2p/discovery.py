@@ -55,7 +55,8 @@ class RecordValidator:
                 max_skew=self._settings.max_clock_skew_s,
             )
         except records.RecordError as exc:
-            self._on_reject(exc.reason)
+            if exc.reason != "stale":  # expired copies are normal traffic, not an attack
+                self._on_reject(exc.reason)
             raise
 
     def select(self, key: str, values: list[bytes]) -> int:

@@ -203,6 +203,7 @@ class Libp2pNetwork:
         self.pubsub = Pubsub(self.host, self.gossipsub)
         self._nursery: trio.Nursery | None = None
         self.host.get_network().register_notifee(_ForgetDisconnected(self))
+        self._dht_validator = dht_validator
         self._dht_timeout_s = dht_timeout_s
         self._request_timeout_s = request_timeout_s
         self._on_reject = on_reject or (lambda source, reason: None)
@@ -230,6 +231,14 @@ class Libp2pNetwork:
         await self._timed_dht("put", self.dht.put_value(key, value))
 
     async def dht_get(self, key: str) -> bytes | None:
+        # py-libp2p answers from its local store without re-validating: an expired copy would
+        # hide the fresh one on the network for the store's 24 h TTL. Drop it and ask around.
+        local = self.dht.value_store.get(key.encode())
+        if local is not None:
+            try:
+                self._dht_validator.validate(key, local.value)
+            except Exception:
+                self.dht.value_store.remove(key.encode())
         return await self._timed_dht("get", self.dht.get_value(key))
 
     async def _timed_dht(self, op: str, call: Awaitable[Any]) -> Any:
