@@ -43,7 +43,13 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
 from p2p import codec, identity
-from p2p.network import DHTValidator, GossipHandler, NetworkError, RequestHandler
+from p2p.network import (
+    DHTValidator,
+    GossipHandler,
+    NetworkError,
+    RequestHandler,
+    StreamHandler,
+)
 
 _swarm._HAPPY_EYEBALLS_DELAY = 0  # type: ignore[attr-defined]
 
@@ -141,6 +147,40 @@ class _ForgetDisconnected(INotifee):
 
     async def listen_close(self, network: Any, multiaddr: Any) -> None:
         pass
+
+
+MAX_STREAM_FRAME_BYTES = 256 << 20
+
+
+class FramedStream:
+    """A libp2p stream carrying length-prefixed frames (the `p2p.network.Stream` protocol)."""
+
+    def __init__(self, stream: Any, peer_id: str, max_frame_bytes: int) -> None:
+        self._stream = stream
+        self._max = max_frame_bytes
+        self.peer_id = peer_id
+
+    async def send(self, frame: bytes) -> None:
+        try:
+            await self._stream.write(_LEN.pack(len(frame)) + frame)
+        except Exception as exc:
+            raise NetworkError(f"stream to {self.peer_id} broke: {exc!r}") from exc
+
+    async def receive(self) -> bytes:
+        try:
+            return await read_frame(self._stream, self._max)
+        except NetworkError:
+            raise
+        except Exception as exc:
+            raise NetworkError(f"stream from {self.peer_id} broke: {exc!r}") from exc
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._stream.close()
+
+    async def reset(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._stream.reset()
 
 
 @dataclass
@@ -279,6 +319,31 @@ class Libp2pNetwork:
                 request = await read_frame(stream)
                 await write_frame(stream, await handler(sender, request))
             await stream.close()
+
+        self.host.set_stream_handler(protocol, serve)  # type: ignore[arg-type]
+        self.guard_handlers()
+
+    async def open_stream(
+        self, peer_id: str, protocol: str, max_frame_bytes: int = MAX_STREAM_FRAME_BYTES
+    ) -> FramedStream:
+        try:
+            with trio.fail_after(self._request_timeout_s):
+                raw = await self.host.new_stream(ID.from_base58(peer_id), [protocol])
+        except trio.TooSlowError:
+            raise NetworkError(f"opening {protocol} to {peer_id} timed out") from None
+        except Exception as exc:
+            raise NetworkError(f"opening {protocol} to {peer_id} failed: {exc!r}") from exc
+        return FramedStream(raw, peer_id, max_frame_bytes)
+
+    def set_stream_handler(
+        self, protocol: str, handler: StreamHandler, max_frame_bytes: int = MAX_STREAM_FRAME_BYTES
+    ) -> None:
+        async def serve(raw: Any) -> None:
+            stream = FramedStream(raw, raw.muxed_conn.peer_id.to_base58(), max_frame_bytes)
+            try:
+                await handler(stream)
+            finally:
+                await stream.close()
 
         self.host.set_stream_handler(protocol, serve)  # type: ignore[arg-type]
         self.guard_handlers()

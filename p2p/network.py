@@ -58,3 +58,23 @@ class Network(Protocol):
     async def subscribe(self, topic: str, handler: GossipHandler) -> None:
         """Call `handler` for every message on `topic` (from others) from now on."""
         ...
+
+
+class Stream(Protocol):
+    """A long-lived, ordered, framed byte stream to one peer (for data paths such as shards,
+    where a new stream per message would cost milliseconds)."""
+
+    @property
+    def peer_id(self) -> str: ...
+
+    async def send(self, frame: bytes) -> None: ...
+
+    async def receive(self) -> bytes:
+        """The next frame; raises NetworkError when the stream ends or breaks."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+# handler(stream opened by a peer); exceptions are counted and reset the stream
+StreamHandler = Callable[[Stream], Awaitable[None]]

@@ -196,3 +196,25 @@ async def test_gossip_reaches_subscribers_and_bad_messages_are_counted(nodes):
     assert ("pubsub", "ValueError") in c.rejects
     assert (a.ident.peer_id, b"hello") in got["b"]
     assert got["a"] == []  # a publisher never hears its own messages
+
+
+async def test_long_lived_framed_stream(nodes):
+    a, b, _ = nodes
+    await b.net.connect(a.net.listen_addrs()[0])
+
+    async def echo_upper(stream) -> None:
+        while True:
+            frame = await stream.receive()
+            if frame == b"bye":
+                return
+            await stream.send(frame.upper())
+
+    a.net.set_stream_handler("/gridmesh/test/stream/1", echo_upper)
+    stream = await b.net.open_stream(a.ident.peer_id, "/gridmesh/test/stream/1")
+    assert stream.peer_id == a.ident.peer_id
+    for i in range(20):
+        await stream.send(b"frame %d" % i + b"x" * 70_000)
+        assert await stream.receive() == b"FRAME %d" % i + b"X" * 70_000
+    await stream.send(b"bye")
+    with pytest.raises(NetworkError):
+        await stream.receive()  # the server closed its end

@@ -1,0 +1,1 @@
+"""Block shards: models cut into ranges of layers, served by daemons."""
