@@ -47,12 +47,18 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True)
+class ShardsConfig:
+    allow_remote_deploy: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     network_id: str = "gridmesh-local"
     p2p: P2PConfig = field(default_factory=P2PConfig)
     rpc: RPCConfig = field(default_factory=RPCConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
 
     def validate(self) -> Config:
         if not self.network_id or len(self.network_id) > 64:
@@ -100,7 +106,7 @@ def _section(cls: type, raw: Any, name: str) -> Any:
 
 
 def parse(raw: dict[str, Any]) -> Config:
-    top = {"network_id", "p2p", "rpc", "resources", "registry"}
+    top = {"network_id", "p2p", "rpc", "resources", "registry", "shards"}
     unknown = set(raw) - top
     if unknown:
         raise ConfigError(f"unknown top-level keys: {', '.join(sorted(unknown))}")
@@ -113,6 +119,7 @@ def parse(raw: dict[str, Any]) -> Config:
         rpc=_section(RPCConfig, raw.get("rpc"), "rpc"),
         resources=_section(ResourcesConfig, raw.get("resources"), "resources"),
         registry=_section(RegistryConfig, raw.get("registry"), "registry"),
+        shards=_section(ShardsConfig, raw.get("shards"), "shards"),
     ).validate()
 
 

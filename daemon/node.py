@@ -27,6 +27,8 @@ from daemon.config import Config
 from daemon.metrics import Metrics
 from daemon.registry_methods import register_registry_methods
 from daemon.rpc_methods import register_node_methods
+from daemon.shard_methods import register_shard_methods
+from daemon.shards.service import ShardService
 from p2p import identity
 from p2p.aio import AsyncioBridge
 from p2p.discovery import DiscoverySettings, ResourceDirectory
@@ -88,7 +90,7 @@ class Daemon:
         self.resources: dict[str, Any] = {}
         self.rpc_url = ""
         self.shutdown = trio.Event()
-        self._nursery: trio.Nursery | None = None
+        self._nursery_: trio.Nursery | None = None
         self._publish_now = trio.Event()
         settings = DiscoverySettings(
             network_id=config.network_id,
@@ -136,6 +138,8 @@ class Daemon:
         self.dispatcher = Dispatcher(on_outcome=self.metrics.rpc_outcome)
         register_node_methods(self.dispatcher, self)
         register_registry_methods(self.dispatcher, self.replicator)
+        self.shards = ShardService(self, allow_remote_deploy=config.shards.allow_remote_deploy)
+        register_shard_methods(self.dispatcher, self, self.shards)
         self.metrics.known_methods = {m["name"] for m in self.dispatcher.describe()}
 
     async def refresh_resources(self) -> None:
@@ -181,7 +185,7 @@ class Daemon:
         await self.refresh_resources()
         token = cookie.create_cookie(self.home)
         async with self.net.run(), trio.open_nursery() as nursery:
-            self._nursery = nursery
+            self._nursery_ = nursery
             nursery.start_soon(self._watch_signals)
             port = await nursery.start(
                 lambda task_status: serve_rpc(
@@ -203,6 +207,7 @@ class Daemon:
                     lambda peer_id: self._publish_now.set(),
                 )
             await self.replicator.start()
+            self.shards.start()
             nursery.start_soon(self.replicator.run_anti_entropy)
             nursery.start_soon(self.replicator.run_gc)
             nursery.start_soon(self.net.track_peers, self.config.p2p.ping_interval_s)
@@ -217,6 +222,13 @@ class Daemon:
             (self.home / DAEMON_FILE).unlink(missing_ok=True)
             nursery.cancel_scope.cancel()
 
+    @property
+    def nursery(self) -> trio.Nursery:
+        """The daemon's task nursery (for work that outlives one RPC call)."""
+        if self._nursery_ is None:
+            raise RuntimeError("the daemon is not running")
+        return self._nursery_
+
     def request_shutdown(self, delay_s: float = 0.05) -> None:
         """Stop soon, leaving time to answer the RPC call that asked for it."""
 
@@ -224,10 +236,10 @@ class Daemon:
             await trio.sleep(delay_s)
             self.shutdown.set()
 
-        if self._nursery is None:
+        if self._nursery_ is None:
             self.shutdown.set()
         else:
-            self._nursery.start_soon(later)
+            self._nursery_.start_soon(later)
 
     def info_file(self) -> dict[str, Any]:
         return {

@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 MAX_FRAME_BYTES = 4 << 20
 PING_TIMEOUT_S = 2.0
+MAX_MISSED_PINGS = 3
 HELLO_PROTOCOL = "/gridmesh/hello/1.0.0"
 HELLO_TYPE = "hello"
 _LEN = struct.Struct(">I")
@@ -189,6 +190,7 @@ class PeerState:
     addrs: list[str] = field(default_factory=list)
     rtt_ms: float | None = None
     last_seen: float = 0.0
+    missed_pings: int = 0
 
 
 class Libp2pNetwork:
@@ -437,13 +439,16 @@ class Libp2pNetwork:
                     try:
                         state.rtt_ms = await self.ping(peer_id)
                         state.last_seen = time.time()
+                        state.missed_pings = 0
                     except Exception:
                         # connected but silent: a frozen or half-closed peer. Drop it so that
                         # lookups stop waiting on it; a live peer reconnects on its own.
                         state.rtt_ms = None
-                        log.info("peer %s does not answer pings; disconnecting", peer_id)
-                        with contextlib.suppress(Exception):
-                            await self.host.disconnect(ID.from_base58(peer_id))
+                        state.missed_pings += 1
+                        if state.missed_pings >= MAX_MISSED_PINGS:
+                            log.info("peer %s does not answer pings; disconnecting", peer_id)
+                            with contextlib.suppress(Exception):
+                                await self.host.disconnect(ID.from_base58(peer_id))
             await trio.sleep(interval_s)
 
     async def keep_connected(

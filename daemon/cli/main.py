@@ -12,6 +12,7 @@ import typer
 
 from daemon import config as configuration
 from daemon.cli import render
+from daemon.cli.model import model_app
 
 app = typer.Typer(
     help="gridmesh: a peer-to-peer network for AI compute.\n\n"
@@ -21,6 +22,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+app.add_typer(model_app, name="model", help="Make and inspect model checkpoints.")
 
 HomeOption = typer.Option(
     None,

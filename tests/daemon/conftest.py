@@ -21,6 +21,8 @@ max_clock_skew_s = 5.0
 [registry]
 sync_interval_s = 0.5
 sync_timeout_s = 3.0
+[shards]
+allow_remote_deploy = true
 """
 
 

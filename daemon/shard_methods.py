@@ -1,0 +1,273 @@
+"""The block_*, shard_plan and generate JSON-RPC methods."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from daemon.api.jsonrpc import Dispatcher, Param, RPCError, invalid_params
+from daemon.shards.service import Job, ShardService, ShardServiceError
+
+if TYPE_CHECKING:
+    from daemon.node import Daemon
+
+SHARD_ERROR = -32030
+MAX_NEW_TOKENS = 4096
+
+
+def _failed(exc: ShardServiceError) -> RPCError:
+    return RPCError(SHARD_ERROR, f"{exc.code}: {exc}", {"reason": exc.code})
+
+
+def _job_json(job: Job, since: int = 0) -> dict[str, Any]:
+    return {
+        "job": job.id,
+        "tokens": job.tokens[since:],
+        "n_tokens": len(job.tokens),
+        "text": job.text,
+        "done": job.done,
+        "error": job.error,
+        "route": job.route,
+        "recoveries": job.recoveries,
+        "seconds": round(job.finished - job.started, 3) if job.finished else None,
+    }
+
+
+def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: ShardService) -> None:
+    async def _model_spec(model_dir: str, dtype: str) -> Any:
+        await service.ensure_torch()
+        from daemon.shards.model import LlamaConfig, ModelError
+        from scheduler.shard_plan import ModelSpec
+
+        try:
+            config = LlamaConfig.from_dir(model_dir)
+        except (ModelError, OSError) as exc:
+            raise invalid_params(f"cannot read the model in {model_dir}: {exc}") from None
+        return config, ModelSpec(
+            name=model_dir,
+            num_layers=config.num_hidden_layers,
+            layer_bytes=config.layer_bytes(dtype),
+            embed_bytes=config.embed_bytes(dtype),
+            head_bytes=config.head_bytes(dtype),
+        )
+
+    async def _plan(model_dir: str, dtype: str, nodes: int | None, replicas: int) -> Any:
+        from scheduler.shard_plan import Candidate, PlanError, plan_shards
+
+        _, spec = await _model_spec(model_dir, dtype)
+        records = await daemon.directory.find()
+        candidates = []
+        for record in records:
+            res = record.resources
+            memory = (res.get("memory") or {}).get("available_bytes") or 0
+            cores = (res.get("cpu") or {}).get("cores") or 1
+            candidates.append(Candidate(record.peer_id, int(memory), float(cores)))
+        try:
+            return plan_shards(spec, candidates, replicas=replicas, max_nodes=nodes)
+        except PlanError as exc:
+            raise RPCError(SHARD_ERROR, f"no plan: {exc}") from None
+
+    async def shard_plan(
+        model_dir: str, dtype: str = "float32", nodes: int | None = None, replicas: int = 1
+    ) -> dict[str, Any]:
+        plan = await _plan(model_dir, dtype, nodes, replicas)
+        return plan.to_json()
+
+    async def block_deploy(
+        model: str,
+        model_dir: str,
+        dtype: str = "float32",
+        plan: list[Any] | None = None,
+        nodes: int | None = None,
+        replicas: int = 1,
+    ) -> dict[str, Any]:
+        if plan is None:
+            assignments = [
+                {"peer_id": a.peer_id, "start": a.start, "end": a.end}
+                for a in (await _plan(model_dir, dtype, nodes, replicas)).assignments
+            ]
+        else:
+            assignments = []
+            for item in plan:
+                if not (
+                    isinstance(item, dict)
+                    and isinstance(item.get("peer_id"), str)
+                    and isinstance(item.get("start"), int)
+                    and isinstance(item.get("end"), int)
+                ):
+                    raise invalid_params("plan items are {peer_id, start, end}")
+                assignments.append(item)
+        results = []
+        for item in assignments:
+            request = {
+                "model": model,
+                "model_dir": model_dir,
+                "start": item["start"],
+                "end": item["end"],
+                "dtype": dtype,
+            }
+            try:
+                block = await service.load_on(item["peer_id"], request)
+                results.append({"peer_id": item["peer_id"], "ok": True, "block": block})
+            except ShardServiceError as exc:
+                results.append({"peer_id": item["peer_id"], "ok": False, "error": str(exc)})
+        return {"model": model, "assignments": assignments, "results": results}
+
+    async def block_load(
+        model: str, model_dir: str, start: int, end: int, dtype: str = "float32"
+    ) -> dict[str, Any]:
+        try:
+            return await service.load(model, model_dir, start, end, dtype)
+        except ShardServiceError as exc:
+            raise _failed(exc) from None
+
+    async def block_undeploy(model: str) -> dict[str, Any]:
+        return {"model": model, "unloaded": await service.unload(model)}
+
+    async def block_list(model: str | None = None) -> dict[str, Any]:
+        announced: dict[str, list[dict[str, Any]]] = {}
+        models = (
+            {model}
+            if model
+            else {
+                e.value.get("model")
+                for e in daemon.replica.entries.values()
+                if e.kind == "blocks" and e.value and isinstance(e.value.get("model"), str)
+            }
+        )
+        for name in sorted(m for m in models if m):
+            announced[name] = service.announced(name)
+        return {"local": service.local_blocks(), "announced": announced}
+
+    async def generate(
+        model: str,
+        prompt: str | None = None,
+        token_ids: list[Any] | None = None,
+        max_tokens: int = 32,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        stream: bool = False,
+    ) -> dict[str, Any]:
+        if (prompt is None) == (token_ids is None):
+            raise invalid_params("give exactly one of prompt or token_ids")
+        if not 1 <= max_tokens <= MAX_NEW_TOKENS:
+            raise invalid_params(f"max_tokens must be 1..{MAX_NEW_TOKENS}")
+        if not 0 <= temperature <= 10:
+            raise invalid_params("temperature must be between 0 and 10")
+        if token_ids is not None:
+            if not token_ids or not all(isinstance(t, int) and t >= 0 for t in token_ids):
+                raise invalid_params("token_ids must be a non-empty list of non-negative ints")
+            ids = [int(t) for t in token_ids]
+        else:
+            ids = await _encode(model, prompt or "")
+        try:
+            job = service.new_job()
+        except ShardServiceError as exc:
+            raise _failed(exc) from None
+        run = service.generate(job, model, ids, max_tokens, temperature=temperature, seed=seed)
+        if stream:
+
+            async def in_background() -> None:
+                await run
+
+            daemon.nursery.start_soon(in_background)
+            return {"job": job.id}
+        await run
+        return _job_json(job)
+
+    async def _encode(model: str, prompt: str) -> list[int]:
+        await service.ensure_torch()
+        from daemon.shards.model import ModelError, load_tokenizer
+
+        local = service.local_block(model)
+        if local is None:
+            raise invalid_params(
+                "this node holds no shard of the model and so no tokenizer: pass token_ids, "
+                "or call generate on a serving node"
+            )
+        try:
+            ids = load_tokenizer(local.model_dir).encode(prompt)
+        except ModelError as exc:
+            raise invalid_params(f"cannot tokenize: {exc}") from None
+        if not ids:
+            raise invalid_params("the prompt is empty")
+        return ids
+
+    async def generate_poll(job: str, since: int = 0) -> dict[str, Any]:
+        found = service.jobs.get(job)
+        if found is None:
+            raise invalid_params(f"unknown job {job[:40]!r}")
+        return _job_json(found, max(0, since))
+
+    model_param = Param("model", (str,), True, "model id the shards were deployed under")
+    dir_param = Param("model_dir", (str,), True, "local directory of an HF Llama checkpoint")
+    dtype_param = Param("dtype", (str,), False, "float32 (default), float16 or bfloat16")
+    dispatcher.register(
+        "shard_plan",
+        shard_plan,
+        [
+            dir_param,
+            dtype_param,
+            Param("nodes", (int,), False, "split over exactly this many nodes"),
+            Param("replicas", (int,), False, "copies of the chain when capacity allows"),
+        ],
+        "Dry run: how the model's layers would be split over the known nodes.",
+    )
+    dispatcher.register(
+        "block_deploy",
+        block_deploy,
+        [
+            model_param,
+            dir_param,
+            dtype_param,
+            Param(
+                "plan", (list,), False, "[{peer_id, start, end}]; planned automatically if absent"
+            ),
+            Param("nodes", (int,), False, "for the automatic plan: this many nodes"),
+            Param("replicas", (int,), False, "for the automatic plan"),
+        ],
+        "Ask each chosen daemon to load its range of layers.",
+    )
+    dispatcher.register(
+        "block_load",
+        block_load,
+        [
+            model_param,
+            dir_param,
+            Param("start", (int,), True, "first layer"),
+            Param("end", (int,), True, "one past the last layer"),
+            dtype_param,
+        ],
+        "Load a range of layers on this daemon and announce it.",
+    )
+    dispatcher.register(
+        "block_undeploy", block_undeploy, [model_param], "Stop serving the model on this daemon."
+    )
+    dispatcher.register(
+        "block_list",
+        block_list,
+        [Param("model", (str,), False, "only this model")],
+        "Shards loaded here, and every announced server per model.",
+    )
+    dispatcher.register(
+        "generate",
+        generate,
+        [
+            model_param,
+            Param("prompt", (str,), False, "text (needs a local shard for the tokenizer)"),
+            Param("token_ids", (list,), False, "token ids instead of a prompt"),
+            Param("max_tokens", (int,), False, "new tokens, default 32"),
+            Param("temperature", (float,), False, "0 (default) is greedy"),
+            Param("seed", (int,), False, "sampling seed"),
+            Param("stream", (bool,), False, "return a job id at once; poll generate_poll"),
+        ],
+        "Generate through the chain of shard servers (greedy or seeded sampling).",
+    )
+    dispatcher.register(
+        "generate_poll",
+        generate_poll,
+        [
+            Param("job", (str,), True, "job id from generate with stream=true"),
+            Param("since", (int,), False, "return tokens from this index on"),
+        ],
+        "Tokens of a streaming generation so far, and whether it is done.",
+    )

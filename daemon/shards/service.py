@@ -1,0 +1,342 @@
+"""Block shards inside the daemon: serve ranges of layers, announce them, generate through them.
+
+torch is imported only when this node first loads a shard or generates (DESIGN.md: a daemon
+that serves nothing stays small). Serving daemons announce each loaded range in the `blocks`
+registry (model, layers, measured ms per layer), which is how clients find routes; peers may
+ask a daemon to load a range over `/gridmesh/shard-control/1.0.0` when its config allows.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from p2p import codec
+from p2p.network import NetworkError, Stream
+from registry.replica import Rejected
+
+if TYPE_CHECKING:
+    from daemon.node import Daemon
+    from daemon.shards.server import ShardServer
+
+log = logging.getLogger(__name__)
+
+CONTROL_PROTOCOL = "/gridmesh/shard-control/1.0.0"
+MAX_JOBS = 64
+JOB_TTL_S = 600.0
+
+
+class ShardServiceError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def block_key(model_id: str, start: int, end: int, peer_id: str) -> str:
+    return f"{model_id}.{start}-{end}.{peer_id[-12:]}"
+
+
+@dataclass
+class Job:
+    """A generation that clients poll (`generate` with stream=true, then `generate_poll`)."""
+
+    id: str
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    done: bool = False
+    error: str | None = None
+    route: list[dict[str, Any]] = field(default_factory=list)
+    recoveries: list[dict[str, Any]] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+
+
+class ShardService:
+    def __init__(self, daemon: Daemon, *, allow_remote_deploy: bool) -> None:
+        self.daemon = daemon
+        self.allow_remote_deploy = allow_remote_deploy
+        self._server: ShardServer | None = None
+        self.jobs: dict[str, Job] = {}
+
+    # -- serving -----------------------------------------------------------------------
+
+    async def ensure_torch(self) -> None:
+        """Import torch and the model code in a worker thread: a multi-second import on the
+        event loop would stall pings and streams until peers drop us."""
+        if self._server is None:
+            await trio.to_thread.run_sync(importlib.import_module, "daemon.shards.server")
+
+    @property
+    def server(self) -> ShardServer:
+        if self._server is None:
+            from daemon.shards.server import SHARD_PROTOCOL, ShardServer
+
+            self._server = ShardServer(
+                on_reject=lambda reason: self.daemon.metrics.reject("shard", reason)
+            )
+            self.daemon.net.set_stream_handler(SHARD_PROTOCOL, self._server.handle_stream)
+        return self._server
+
+    def start(self) -> None:
+        self.daemon.net.set_request_handler(CONTROL_PROTOCOL, self._on_control)
+
+    async def load(
+        self, model_id: str, model_dir: str, start: int, end: int, dtype: str = "float32"
+    ) -> dict[str, Any]:
+        from daemon.shards.model import ModelError, to_dtype
+        from daemon.shards.server import ShardError
+
+        path = Path(os.path.expanduser(model_dir))  # noqa: ASYNC240 - no I/O, string only
+        await self.ensure_torch()
+        try:
+            block = await self.server.load(model_id, path, start, end, dtype=to_dtype(dtype))
+        except (ShardError, ModelError) as exc:
+            raise ShardServiceError(getattr(exc, "code", "bad_model"), str(exc)) from None
+        await self._announce(block.to_json())
+        return block.to_json()
+
+    async def _announce(self, block: dict[str, Any]) -> None:
+        peer_id = self.daemon.ident.peer_id
+        key = block_key(block["model"], block["start"], block["end"], peer_id)
+        value = {
+            "blockId": key,
+            "blockComponentURI": block["model"],
+            "model": block["model"],
+            "layers": [block["start"], block["end"]],
+            "served_by": [peer_id],
+            "parameters": {
+                "ms_per_layer": block["ms_per_layer"],
+                "dtype": block["dtype"],
+                "parameters_bytes": block["parameters_bytes"],
+            },
+        }
+        try:
+            await self.daemon.replicator.write("blocks", key, value)
+        except Rejected as exc:
+            log.warning("could not announce %s: %s", key, exc)
+
+    async def unload(self, model_id: str) -> bool:
+        if self._server is None or model_id not in self._server.blocks:
+            return False
+        block = self._server.blocks[model_id]
+        self._server.unload(model_id)
+        key = block_key(model_id, block.start, block.end, self.daemon.ident.peer_id)
+        try:
+            await self.daemon.replicator.write("blocks", key, None)
+        except Rejected as exc:
+            log.warning("could not withdraw %s: %s", key, exc)
+        return True
+
+    def local_block(self, model_id: str) -> Any:
+        """The ServedBlock of a model served here, or None."""
+        return self._server.blocks.get(model_id) if self._server is not None else None
+
+    def local_blocks(self) -> list[dict[str, Any]]:
+        if self._server is None:
+            return []
+        return [block.to_json() for block in self._server.blocks.values()]
+
+    # -- remote control ------------------------------------------------------------------
+
+    async def _on_control(self, sender: str, payload: bytes) -> bytes:
+        try:
+            msg = codec.decode(payload, max_bytes=16 * 1024)
+            if not isinstance(msg, dict):
+                raise ShardServiceError("malformed", "a control message is a map")
+            if not self.allow_remote_deploy:
+                raise ShardServiceError(
+                    "forbidden",
+                    "this node does not accept deploys from peers (shards.allow_remote_deploy)",
+                )
+            op = msg.get("op")
+            if op == "load":
+                fields = (msg.get("model"), msg.get("model_dir"), msg.get("start"), msg.get("end"))
+                model_id, model_dir, start, end = fields
+                if not (isinstance(model_id, str) and isinstance(model_dir, str)):
+                    raise ShardServiceError("malformed", "model and model_dir must be strings")
+                if not (isinstance(start, int) and isinstance(end, int)):
+                    raise ShardServiceError("malformed", "start and end must be integers")
+                block = await self.load(
+                    model_id, model_dir, start, end, str(msg.get("dtype", "float32"))
+                )
+                return codec.encode({"ok": True, "block": block})
+            if op == "unload":
+                return codec.encode({"ok": await self.unload(str(msg.get("model")))})
+            raise ShardServiceError("malformed", f"unknown op {str(op)[:20]!r}")
+        except ShardServiceError as exc:
+            self.daemon.metrics.reject("shard_control", exc.code)
+            return codec.encode({"ok": False, "code": exc.code, "error": str(exc)})
+        except codec.CodecError as exc:
+            self.daemon.metrics.reject("shard_control", exc.reason)
+            return codec.encode({"ok": False, "code": exc.reason, "error": str(exc)})
+
+    async def load_on(self, peer_id: str, request: dict[str, Any]) -> dict[str, Any]:
+        if peer_id == self.daemon.ident.peer_id:
+            return await self.load(
+                request["model"],
+                request["model_dir"],
+                request["start"],
+                request["end"],
+                request.get("dtype", "float32"),
+            )
+        try:
+            with trio.fail_after(120):
+                raw = await self.daemon.net.request(
+                    peer_id, CONTROL_PROTOCOL, codec.encode({"op": "load", **request})
+                )
+        except (NetworkError, trio.TooSlowError) as exc:
+            raise ShardServiceError("unreachable", f"{peer_id}: {exc}") from None
+        reply = codec.decode(raw)
+        if not isinstance(reply, dict) or not reply.get("ok"):
+            error = reply.get("error") if isinstance(reply, dict) else "malformed reply"
+            raise ShardServiceError("remote_refused", f"{peer_id}: {error}")
+        return reply["block"]
+
+    # -- routing and generation ----------------------------------------------------------
+
+    def announced(self, model_id: str) -> list[dict[str, Any]]:
+        """Every announced server of a model, from this node's registry replica."""
+        out = []
+        for entry in self.daemon.replica.entries.values():
+            value = entry.value
+            if entry.kind != "blocks" or value is None or value.get("model") != model_id:
+                continue
+            layers, served_by = value.get("layers"), value.get("served_by")
+            if not (isinstance(layers, list) and len(layers) == 2 and served_by):
+                continue
+            params = value.get("parameters") or {}
+            out.append(
+                {
+                    "peer_id": served_by[0],
+                    "start": layers[0],
+                    "end": layers[1],
+                    "ms_per_layer": float(params.get("ms_per_layer", 1.0)),
+                }
+            )
+        return out
+
+    async def servers(self, model_id: str) -> list[Any]:
+        from scheduler.routing import Server
+
+        me = self.daemon.ident.peer_id
+        connected = self.daemon.net.connected_peers()
+        out = []
+        for item in self.announced(model_id):
+            peer = item["peer_id"]
+            state = self.daemon.net.peers.get(peer)
+            rtt = 0.0 if peer == me else (state.rtt_ms if state and state.rtt_ms else 1.0)
+            alive = peer == me or peer in connected
+            out.append(Server(peer, item["start"], item["end"], item["ms_per_layer"], rtt, alive))
+        return out
+
+    async def open_stream(self, peer_id: str, protocol: str) -> Stream:
+        if peer_id == self.daemon.ident.peer_id:
+            return await self._loopback(protocol)
+        return await self.daemon.net.open_stream(peer_id, protocol)
+
+    async def _loopback(self, protocol: str) -> Stream:
+        """A stream to our own shard server, in memory (libp2p cannot dial itself)."""
+        to_server_send, to_server_recv = trio.open_memory_channel[bytes](4)
+        to_client_send, to_client_recv = trio.open_memory_channel[bytes](4)
+        server_side = _ChannelStream("self", to_client_send, to_server_recv)
+        nursery = self.daemon.nursery
+
+        async def serve() -> None:
+            async with to_client_send:
+                await self.server.handle_stream(server_side)
+
+        nursery.start_soon(serve)
+        return _ChannelStream(self.daemon.ident.peer_id, to_server_send, to_client_recv)
+
+    async def generate(
+        self,
+        job: Job,
+        model_id: str,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        *,
+        temperature: float,
+        seed: int | None,
+    ) -> Job:
+        from daemon.shards.client import GenerationError, RemoteModel
+        from daemon.shards.client import generate as generate_tokens
+        from daemon.shards.model import ModelError, load_tokenizer
+
+        await self.ensure_torch()
+        announced = self.announced(model_id)
+        if not announced:
+            job.error, job.done = f"no server announces model {model_id!r}", True
+            return job
+        num_layers = max(item["end"] for item in announced)
+        local = self.local_block(model_id)
+        tokenizer = None
+        if local is not None:
+            try:
+                tokenizer = load_tokenizer(local.model_dir)
+            except ModelError:
+                tokenizer = None
+        model = RemoteModel(
+            self,
+            lambda: self.servers(model_id),
+            model_id=model_id,
+            num_layers=num_layers,
+            max_length=len(prompt_ids) + max_new_tokens,
+        )
+        try:
+            await model.open()
+            job.route = model.route
+            eos = tokenizer.eos_id if tokenizer else None
+            async for token in generate_tokens(
+                model, prompt_ids, max_new_tokens, temperature=temperature, seed=seed, eos_id=eos
+            ):
+                job.tokens.append(token)
+                if tokenizer is not None:
+                    job.text = tokenizer.decode(job.tokens)
+            job.route = model.route
+        except GenerationError as exc:
+            job.error = str(exc)
+        finally:
+            job.recoveries = model.recoveries
+            job.done, job.finished = True, time.time()
+            with trio.CancelScope(shield=True):
+                await model.close()
+        return job
+
+    def new_job(self) -> Job:
+        now = time.time()
+        for job_id in [j.id for j in self.jobs.values() if j.done and now - j.started > JOB_TTL_S]:
+            del self.jobs[job_id]
+        if len(self.jobs) >= MAX_JOBS:
+            raise ShardServiceError("busy", f"{MAX_JOBS} generations are already tracked")
+        job = Job(secrets.token_hex(8))
+        self.jobs[job.id] = job
+        return job
+
+
+class _ChannelStream:
+    def __init__(self, peer_id: str, send: Any, receive: Any) -> None:
+        self.peer_id = peer_id
+        self._send, self._receive = send, receive
+
+    async def send(self, frame: bytes) -> None:
+        try:
+            await self._send.send(frame)
+        except (trio.ClosedResourceError, trio.BrokenResourceError) as exc:
+            raise NetworkError("loopback stream closed") from exc
+
+    async def receive(self) -> bytes:
+        try:
+            return await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
+            raise NetworkError("loopback stream ended") from exc
+
+    async def close(self) -> None:
+        await self._send.aclose()
