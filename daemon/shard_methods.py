@@ -172,6 +172,8 @@ def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: Shar
             daemon.nursery.start_soon(in_background)
             return {"job": job.id}
         await run
+        if job.error:
+            raise RPCError(SHARD_ERROR, job.error, _job_json(job))
         return _job_json(job)
 
     async def _encode(model: str, prompt: str) -> list[int]:

@@ -278,6 +278,96 @@ def delete(
     typer.echo(f"{entry['kind']}/{entry['key']} deleted (version {entry['version']})")
 
 
+@app.command()
+def deploy(
+    model_dir: Path = typer.Argument(
+        ..., help="Local directory of a Hugging Face Llama checkpoint."
+    ),
+    model: str = typer.Option(..., "--model", help="Id to serve it under, e.g. tiny."),
+    nodes: int | None = typer.Option(None, "--nodes", min=1, help="Split over this many nodes."),
+    replicas: int = typer.Option(1, "--replicas", min=1, help="Copies of the chain."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only print the plan (shard_plan)."),
+    home: Path | None = HomeOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Split a model into block shards and have the chosen daemons load them."""
+    params: dict[str, Any] = {"model_dir": str(model_dir.resolve()), "dtype": dtype}
+    if nodes is not None:
+        params["nodes"] = nodes
+    params["replicas"] = replicas
+    if dry_run:
+        result = call(home, "shard_plan", params)
+    else:
+        result = call(home, "block_deploy", {**params, "model": model})
+    if as_json:
+        _print_json(result)
+        return
+    if dry_run:
+        for item in result["assignments"]:
+            typer.echo(f"{item['peer_id']}  layers [{item['start']}, {item['end']})")
+        return
+    for item in result["results"]:
+        status = "loaded" if item["ok"] else f"FAILED: {item['error']}"
+        block = item.get("block") or {}
+        span = f"[{block.get('start')}, {block.get('end')})" if block else ""
+        typer.echo(f"{item['peer_id']}  {span}  {status}")
+    if not all(item["ok"] for item in result["results"]):
+        raise typer.Exit(1)
+
+
+@app.command()
+def blocks(
+    model: str | None = typer.Option(None, "--model", help="Only this model."),
+    home: Path | None = HomeOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Shards served by this daemon, and every announced server per model."""
+    result = call(home, "block_list", {"model": model} if model else {})
+    if as_json:
+        _print_json(result)
+    else:
+        render.blocks(result)
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="Text to continue."),
+    model: str = typer.Option(..., "--model", help="Model id as deployed."),
+    max_tokens: int = typer.Option(32, "--max-tokens", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy."),
+    seed: int | None = typer.Option(None, "--seed", help="Sampling seed."),
+    home: Path | None = HomeOption,
+) -> None:
+    """Generate text through the shard servers, printing tokens as they come."""
+    import time
+
+    params: dict[str, Any] = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "stream": True,
+    }
+    if seed is not None:
+        params["seed"] = seed
+    job = call(home, "generate", params)["job"]
+    shown = ""
+    while True:
+        state = call(home, "generate_poll", {"job": job})
+        if state["text"] != shown:
+            typer.echo(state["text"][len(shown) :], nl=False)
+            shown = state["text"]
+        if state["done"]:
+            break
+        time.sleep(0.05)
+    typer.echo("")
+    if state["error"]:
+        fail(state["error"])
+    hops = " -> ".join(f"{h['peer_id'][-6:]}[{h['start']},{h['end']})" for h in state["route"])
+    typer.echo(f"({state['n_tokens']} tokens in {state['seconds']} s via {hops})", err=True)
+
+
 def main() -> None:
     try:
         app()

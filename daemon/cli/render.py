@@ -103,3 +103,30 @@ def entries(rows: list[dict[str, Any]]) -> None:
             value if len(value) <= 80 else value[:77] + "...",
         )
     console.print(table)
+
+
+def blocks(result: dict[str, Any]) -> None:
+    table = Table(title="served here")
+    for column in ("model", "layers", "dtype", "params", "ms/layer", "steps"):
+        table.add_column(column)
+    for block in result.get("local", []):
+        table.add_row(
+            block["model"],
+            f"[{block['start']}, {block['end']})",
+            block["dtype"],
+            gib(block["parameters_bytes"]),
+            str(block["ms_per_layer"]),
+            str(block["steps"]),
+        )
+    console.print(table)
+    for model, servers in result.get("announced", {}).items():
+        table = Table(title=f"announced servers of {model}")
+        for column in ("peer id", "layers", "ms/layer"):
+            table.add_column(column)
+        for server in sorted(servers, key=lambda s: (s["start"], s["peer_id"])):
+            table.add_row(
+                short_id(server["peer_id"]),
+                f"[{server['start']}, {server['end']})",
+                f"{server['ms_per_layer']:.2f}",
+            )
+        console.print(table)

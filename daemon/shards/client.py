@@ -20,17 +20,21 @@ from typing import Any, Protocol
 
 import torch
 import trio
-from scheduler.routing import NoRouteError, Server, find_route
 
 from daemon.shards import wire
 from daemon.shards.server import SHARD_PROTOCOL
 from p2p.network import NetworkError, Stream
+from scheduler.routing import NoRouteError, Server, find_route
 
 log = logging.getLogger(__name__)
 
 
 class StreamOpener(Protocol):
     async def open_stream(self, peer_id: str, protocol: str) -> Stream: ...
+
+
+# server error codes that no other server would answer differently
+REQUEST_ERRORS = {"bad_length", "too_long", "bad_input", "bad_position", "bad_range", "model"}
 
 
 class HopFailed(Exception):
@@ -65,7 +69,12 @@ class Hop:
         except (NetworkError, wire.WireError) as exc:
             raise HopFailed(self.peer_id, str(exc)) from None
         if reply.get("op") == "error":
-            raise HopFailed(self.peer_id, f"{reply.get('code')}: {reply.get('message')}")
+            message = f"{reply.get('code')}: {reply.get('message')}"
+            if (
+                reply.get("code") in REQUEST_ERRORS
+            ):  # our request is wrong: another server won't help
+                raise GenerationError(f"{self.peer_id} refused: {message}")
+            raise HopFailed(self.peer_id, message)
         return reply, out
 
 

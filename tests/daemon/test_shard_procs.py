@@ -1,0 +1,128 @@
+"""Block shards across real daemon processes: exact generation, and a SIGKILLed server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from daemon.api.client import RPCCallError
+from daemon.devnet import Devnet, wait_for
+
+torch = pytest.importorskip("torch")
+
+from daemon.shards.model import greedy_generate, load_model, make_tiny  # noqa: E402
+
+pytestmark = pytest.mark.procs
+
+LAYERS = 6
+PROMPT = list(b"a network of shards")
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "m", layers=LAYERS, seed=7)
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir):
+    return greedy_generate([load_model(model_dir)], PROMPT, NEW_TOKENS)
+
+
+def deploy(net: Devnet, model_dir, ranges: list[tuple[int, int]]) -> None:
+    plan = [
+        {"peer_id": d.peer_id, "start": a, "end": b}
+        for d, (a, b) in zip(net.daemons, ranges, strict=True)
+    ]
+    result = net.daemons[0].call(
+        "block_deploy", {"model": "tiny", "model_dir": str(model_dir), "plan": plan}
+    )
+    assert all(r["ok"] for r in result["results"]), result
+    wait_for(
+        lambda: all(
+            len(d.call("block_list", {"model": "tiny"})["announced"].get("tiny", [])) == len(ranges)
+            for d in net.daemons
+        ),
+        15,
+        "every daemon to see every announced shard",
+    )
+
+
+def test_three_daemons_generate_exactly_the_single_process_tokens(
+    tmp_path, fast_config, model_dir, expected
+):
+    with Devnet(3, root=tmp_path, config=fast_config) as net:
+        net.wait_all_found(30)
+        deploy(net, model_dir, [(0, 2), (2, 4), (4, 6)])
+        served = net.daemons[1].call("block_list", {})["local"][0]
+        whole = load_model(model_dir).nbytes()
+        # a daemon serving 2 of 6 layers (no embedding, no head) holds about a third of them
+        assert served["parameters_bytes"] < whole / 2
+        result = net.daemons[2].call(
+            "generate", {"model": "tiny", "token_ids": PROMPT, "max_tokens": NEW_TOKENS}
+        )
+        assert result["error"] is None
+        assert result["tokens"] == expected
+        assert [h["peer_id"] for h in result["route"]] == [d.peer_id for d in net.daemons]
+        # text prompts work on a serving node (it has the tokenizer)
+        text = net.daemons[0].call(
+            "generate", {"model": "tiny", "prompt": bytes(PROMPT).decode(), "max_tokens": 4}
+        )
+        assert text["tokens"] == expected[:4]
+        with pytest.raises(RPCCallError) as err:
+            net.daemons[0].call("generate", {"model": "tiny", "token_ids": [1] * 600})
+        assert "max_length must be 1..512" in str(err.value)
+        cli = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "daemon.cli.main",
+                "generate",
+                "--home",
+                str(net.daemons[0].home),
+                "--model",
+                "tiny",
+                "--max-tokens",
+                "4",
+                bytes(PROMPT).decode(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert cli.returncode == 0, cli.stderr
+        assert "4 tokens" in cli.stderr
+
+
+def test_sigkilled_server_with_a_replica_still_gives_the_same_tokens(
+    tmp_path, fast_config, model_dir
+):
+    long = 100  # long enough that the kill lands mid-generation
+    expected = greedy_generate([load_model(model_dir)], PROMPT, long)
+    with Devnet(4, root=tmp_path, config=fast_config) as net:
+        net.wait_all_found(30)
+        deploy(net, model_dir, [(0, 2), (2, 4), (2, 4), (4, 6)])
+        client = net.daemons[0]
+        job = client.call(
+            "generate",
+            {"model": "tiny", "token_ids": PROMPT, "max_tokens": long, "stream": True},
+        )["job"]
+        first = wait_for(lambda: client.call("generate_poll", {"job": job})["route"], 30, "route")
+        middle = first[1]["peer_id"]
+        victim = next(d for d in net.daemons if d.peer_id == middle)
+        wait_for(
+            lambda: client.call("generate_poll", {"job": job})["n_tokens"] >= 3, 30, "3 tokens"
+        )
+        victim.kill()
+        state = wait_for(
+            lambda: (s := client.call("generate_poll", {"job": job}))["done"] and s, 60, "the end"
+        )
+        assert state["error"] is None
+        if not state["recoveries"]:
+            pytest.fail(f"the kill came too late to test failover: {state['n_tokens']} tokens")
+        assert state["tokens"] == expected
+        assert [r["peer_id"] for r in state["recoveries"]] == [middle]
+        assert middle not in [h["peer_id"] for h in state["route"]]
+        assert all(r["seconds"] <= 5 for r in state["recoveries"]), state["recoveries"]
