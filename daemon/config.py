@@ -49,6 +49,7 @@ class RegistryConfig:
 @dataclass(frozen=True)
 class ShardsConfig:
     allow_remote_deploy: bool = False
+    torch_threads: int = 0
 
 
 @dataclass(frozen=True)

@@ -138,7 +138,11 @@ class Daemon:
         self.dispatcher = Dispatcher(on_outcome=self.metrics.rpc_outcome)
         register_node_methods(self.dispatcher, self)
         register_registry_methods(self.dispatcher, self.replicator)
-        self.shards = ShardService(self, allow_remote_deploy=config.shards.allow_remote_deploy)
+        self.shards = ShardService(
+            self,
+            allow_remote_deploy=config.shards.allow_remote_deploy,
+            torch_threads=config.shards.torch_threads,
+        )
         register_shard_methods(self.dispatcher, self, self.shards)
         self.metrics.known_methods = {m["name"] for m in self.dispatcher.describe()}
 

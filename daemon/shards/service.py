@@ -60,9 +60,12 @@ class Job:
 
 
 class ShardService:
-    def __init__(self, daemon: Daemon, *, allow_remote_deploy: bool) -> None:
+    def __init__(
+        self, daemon: Daemon, *, allow_remote_deploy: bool, torch_threads: int = 0
+    ) -> None:
         self.daemon = daemon
         self.allow_remote_deploy = allow_remote_deploy
+        self.torch_threads = torch_threads
         self._server: ShardServer | None = None
         self.jobs: dict[str, Job] = {}
 
@@ -73,6 +76,10 @@ class ShardService:
         event loop would stall pings and streams until peers drop us."""
         if self._server is None:
             await trio.to_thread.run_sync(importlib.import_module, "daemon.shards.server")
+            if self.torch_threads > 0:
+                import torch
+
+                torch.set_num_threads(self.torch_threads)
 
     @property
     def server(self) -> ShardServer:
