@@ -40,8 +40,8 @@ class ResourcesConfig:
 
 @dataclass(frozen=True)
 class RegistryConfig:
-    sync_interval_s: float = 2.0
-    sync_timeout_s: float = 5.0
+    sync_interval_s: float = 1.0
+    sync_timeout_s: float = 1.0
     tombstone_horizon_s: float = 604800.0
     gc_interval_s: float = 60.0
 

@@ -24,6 +24,18 @@ How failures look to a caller (callers bound every call with `move_on_after`/`fa
 DHT calls use the same links but bound each RPC by RPC_TIMEOUT_S of virtual time; a lost or
 unanswered RPC counts as a failure against the peer.
 
+Gossip (`publish`/`subscribe`) is an epidemic broadcast over the same lossy links, one hop per
+message: the publisher sends to `fanout` random known peers subscribed to the topic; a
+subscriber that has not seen the message id (a hash of origin and data, kept in a bounded
+seen-cache) hands it to its handlers and forwards it to `fanout` random subscribed known peers,
+never back to the peer it came from nor to the origin. Loss, partitions, latency and crashes
+apply per hop; nothing is retransmitted (anti-entropy is the caller's business). The hub knows
+who subscribes to what; real GossipSub learns it from its peers and keeps a stable mesh of
+`fanout` peers instead of picking at random per message. Handlers run one message at a time in
+one task per subscribed topic; an exception is counted (`gossip_handler_errors`) and dropped.
+Since the id is a hash of origin and data, publishing the same bytes twice is one message to
+the receivers (GossipSub ids carry a sequence number too).
+
 Simplifications: a handler runs in the caller's task, so it is cancelled when the caller gives
 up; loss and jitter come from one `random.Random(seed)`, so a run is reproducible only up to
 trio's (randomised) scheduling order; `now()` is `epoch + trio.current_time()`, which starts
@@ -48,12 +60,13 @@ import hashlib
 import heapq
 import math
 import random
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import trio
 
-from p2p.network import DHTValidator, NetworkError, RequestHandler
+from p2p.network import DHTValidator, GossipHandler, NetworkError, RequestHandler
 
 K = 20  # replication factor and lookup width
 ALPHA = 3  # parallel RPCs per lookup
@@ -67,6 +80,8 @@ _DHT_PREFIX = "/memdht/"
 FIND_NODE = "/memdht/find_node"
 GET = "/memdht/get"
 PUT = "/memdht/put"
+GOSSIP_FANOUT = 6  # peers each publisher and forwarder sends a gossip message to (GossipSub's D)
+SEEN_CACHE_SIZE = 8192  # message ids a node remembers, to drop gossip it has already seen
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -77,6 +92,11 @@ def dht_id(name: str) -> int:
 
 def _ids_size(peers: list[str]) -> int:
     return sum(map(len, peers)) + 2
+
+
+def message_id(origin: str, data: bytes) -> bytes:
+    """The id of a gossip message: receivers drop ids they have seen."""
+    return hashlib.sha256(origin.encode() + b"\0" + data).digest()[:16]
 
 
 class RoutingTable:
@@ -92,6 +112,7 @@ class RoutingTable:
         self._ids: list[int] = []
         self._by_id: dict[int, str] = {}
         self._by_peer: dict[str, int] = {}
+        self.version = 0  # bumped on every change, so views of the table can be cached
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -109,6 +130,7 @@ class RoutingTable:
         bisect.insort(self._ids, pid)
         self._by_id[pid] = peer_id
         self._by_peer[peer_id] = pid
+        self.version += 1
         return True
 
     def discard(self, peer_id: str) -> None:
@@ -117,11 +139,17 @@ class RoutingTable:
             return
         del self._ids[bisect.bisect_left(self._ids, pid)]
         del self._by_id[pid]
+        self.version += 1
 
     def clear(self) -> None:
         self._ids.clear()
         self._by_id.clear()
         self._by_peer.clear()
+        self.version += 1
+
+    def members(self, peers: set[str]) -> set[str]:
+        """The peers of `peers` that this table holds."""
+        return peers & self._by_peer.keys()
 
     def closest(self, target: int, count: int, exclude: str | None = None) -> list[str]:
         """The `count` known peers closest to `target`, nearest first, without `exclude`."""
@@ -192,9 +220,13 @@ class MemoryNetwork:
         jitter_s: float = 0.0,
         loss: float = 0.0,
         epoch: float = 1_700_000_000.0,
+        fanout: int = GOSSIP_FANOUT,
+        seen_cache: int = SEEN_CACHE_SIZE,
     ) -> None:
         if latency_s < 0 or jitter_s < 0 or not 0.0 <= loss <= 1.0:
             raise ValueError("latency and jitter must be >= 0 and loss in [0, 1]")
+        if fanout < 1 or seen_cache < 1:
+            raise ValueError("fanout and seen_cache must be >= 1")
         # latency, jitter and loss may be changed between steps of a simulation; `rng` also
         # picks the targets of random refresh lookups
         self.latency_s = latency_s
@@ -202,9 +234,15 @@ class MemoryNetwork:
         self.loss = loss
         self.epoch = epoch
         self.rng = random.Random(seed)
-        self.messages_sent = 0
+        self.fanout = fanout
+        self.seen_cache = seen_cache
+        self.messages_sent = 0  # every message, gossip hops included
         self.messages_dropped = 0
         self.bytes_sent = 0
+        self.gossip_sent = 0  # gossip hops (each also counts in messages_sent)
+        self.gossip_bytes = 0  # their share of bytes_sent
+        self._subscribers: dict[str, set[str]] = {}  # topic -> peer ids
+        self._subscriptions_version = 0
         self._nodes: dict[str, MemoryNode] = {}
         self._removed: dict[str, bool] = {}  # peer id -> refuses connections
         self._groups: dict[str, int] = {}
@@ -234,6 +272,9 @@ class MemoryNetwork:
         node = self._nodes.pop(peer_id)
         node._crash()
         self._removed[peer_id] = refuse
+        for subscribers in self._subscribers.values():
+            subscribers.discard(peer_id)
+        self._subscriptions_version += 1
 
     def node(self, peer_id: str) -> MemoryNode:
         return self._nodes[peer_id]
@@ -362,6 +403,76 @@ class MemoryNetwork:
         if delay is not None:
             self._at(trio.current_time() + delay, reply.finish, True, response)
 
+    # -- gossip ----------------------------------------------------------------------------
+
+    def subscribers(self, topic: str) -> set[str]:
+        """The live peers subscribed to `topic` (a copy)."""
+        return set(self._subscribers.get(topic, ()))
+
+    def _subscribe(self, peer_id: str, topic: str) -> None:
+        subscribers = self._subscribers.setdefault(topic, set())
+        if peer_id not in subscribers:
+            subscribers.add(peer_id)
+            self._subscriptions_version += 1
+
+    def _forward(
+        self,
+        src: MemoryNode,
+        topic: str,
+        msg_id: bytes,
+        origin: str,
+        data: bytes,
+        came_from: str | None,
+    ) -> None:
+        """Send a gossip message from `src` to `fanout` random subscribed peers it knows."""
+        peers = src._gossip_peers(topic)
+        if not peers:
+            return
+        fanout = self.fanout
+        # a random sample with room for the two peers that must not get it: still uniform
+        pool = self.rng.sample(peers, min(len(peers), fanout + 2))
+        size = len(topic) + len(origin) + len(msg_id) + len(data)
+        now = trio.current_time()
+        sent = 0
+        src_id = src.peer_id
+        for peer_id in pool:
+            if peer_id in (came_from, origin):
+                continue
+            self.gossip_sent += 1
+            self.gossip_bytes += size + _HEADER_BYTES
+            delay = self._send(src_id, peer_id, size)
+            if delay is not None:
+                dst = self._nodes.get(peer_id)
+                self._at(
+                    now + delay,
+                    self._gossip_arrive,
+                    dst,
+                    peer_id,
+                    src_id,
+                    topic,
+                    msg_id,
+                    origin,
+                    data,
+                )
+            sent += 1
+            if sent == fanout:
+                break
+
+    def _gossip_arrive(
+        self,
+        dst: MemoryNode | None,
+        dst_id: str,
+        sender: str,
+        topic: str,
+        msg_id: bytes,
+        origin: str,
+        data: bytes,
+    ) -> None:
+        if dst is None or self._nodes.get(dst_id) is not dst:  # dead on arrival
+            self.messages_dropped += 1
+            return
+        dst._receive_gossip(sender, topic, msg_id, origin, data)
+
     # -- the timer -------------------------------------------------------------------------
 
     def _ensure_timer(self) -> None:
@@ -430,6 +541,14 @@ class MemoryNode:
         self._alive = True
         self._bootstrap_pending = False
         self.puts_rejected = 0  # values from peers that this node's validator refused
+        # gossip: handlers and the queue feeding each topic's delivery task
+        self._topics: dict[str, tuple[list[GossipHandler], trio.MemorySendChannel[Any]]] = {}
+        self._seen: set[bytes] = set()
+        self._seen_order: deque[bytes] = deque()
+        self._gossip_cache: dict[str, tuple[int, int, list[str]]] = {}
+        self.gossip_received = 0  # first copies of messages on subscribed topics
+        self.gossip_duplicates = 0  # copies dropped as already seen
+        self.gossip_handler_errors = 0  # handler calls that raised
 
     # -- the Network protocol --------------------------------------------------------------
 
@@ -502,6 +621,35 @@ class MemoryNode:
         valid = [v for v in dict.fromkeys(found) if self._accepts(key, v)]
         return valid[self._select(key, valid)] if valid else None
 
+    async def publish(self, topic: str, data: bytes) -> None:
+        """Send `data` to `fanout` random subscribed known peers; they pass it on.
+
+        Returns at once (the sends are in flight); never delivered back to this node.
+        """
+        self._check_alive()
+        if not isinstance(data, bytes):
+            raise TypeError(f"gossip data is bytes, not {type(data).__name__}")
+        msg_id = message_id(self._peer_id, data)
+        self._remember(msg_id)
+        self._hub._ensure_timer()
+        self._hub._forward(self, topic, msg_id, self._peer_id, data, None)
+        await trio.lowlevel.checkpoint()
+
+    async def subscribe(self, topic: str, handler: GossipHandler) -> None:
+        """Call `handler(origin, data)` for each message on `topic` from now on, in order."""
+        self._check_alive()
+        subscription = self._topics.get(topic)
+        if subscription is not None:
+            subscription[0].append(handler)
+        else:
+            send, receive = trio.open_memory_channel[Any](math.inf)
+            self._topics[topic] = ([handler], send)
+            trio.lowlevel.spawn_system_task(
+                self._deliver, topic, receive, name=f"memnet gossip {self._peer_id} {topic}"
+            )
+            self._hub._subscribe(self._peer_id, topic)
+        await trio.lowlevel.checkpoint()
+
     # -- beyond the protocol: bootstrap, maintenance, inspection -----------------------------
 
     async def connect(self, peer_id: str, *, timeout_s: float = DIAL_TIMEOUT_S) -> None:
@@ -559,6 +707,60 @@ class MemoryNode:
         self._table.clear()
         self._failures.clear()
         self._evicted.clear()
+        for _, send in self._topics.values():
+            send.close()  # ends the delivery tasks
+        self._topics.clear()
+        self._seen.clear()
+        self._seen_order.clear()
+        self._gossip_cache.clear()
+
+    # -- gossip internals ------------------------------------------------------------------
+
+    def _remember(self, msg_id: bytes) -> None:
+        self._seen.add(msg_id)
+        self._seen_order.append(msg_id)
+        if len(self._seen_order) > self._hub.seen_cache:
+            self._seen.discard(self._seen_order.popleft())
+
+    def _gossip_peers(self, topic: str) -> list[str]:
+        """Known peers subscribed to `topic`, sorted; cached until the table or topic changes."""
+        table_version, subs_version = self._table.version, self._hub._subscriptions_version
+        cached = self._gossip_cache.get(topic)
+        if cached is not None and cached[0] == table_version and cached[1] == subs_version:
+            return cached[2]
+        subscribers = self._hub._subscribers.get(topic)
+        peers = sorted(self._table.members(subscribers)) if subscribers else []
+        self._gossip_cache[topic] = (table_version, subs_version, peers)
+        return peers
+
+    def _receive_gossip(
+        self, sender: str, topic: str, msg_id: bytes, origin: str, data: bytes
+    ) -> None:
+        """One gossip hop arrived (in the timer task): drop it if seen, else forward and queue."""
+        self._heard_from(sender)
+        if msg_id in self._seen:
+            self.gossip_duplicates += 1
+            return
+        self._remember(msg_id)
+        subscription = self._topics.get(topic)
+        if subscription is None:  # not subscribed (any more): neither delivered nor forwarded
+            return
+        self.gossip_received += 1
+        self._hub._forward(self, topic, msg_id, origin, data, sender)
+        subscription[1].send_nowait((origin, data))
+
+    async def _deliver(self, topic: str, receive: trio.MemoryReceiveChannel[Any]) -> None:
+        """The delivery task of one topic: runs the handlers, one message at a time."""
+        async with receive:
+            async for origin, data in receive:
+                subscription = self._topics.get(topic)
+                if not self._alive or subscription is None:
+                    return
+                for handler in tuple(subscription[0]):
+                    try:
+                        await handler(origin, data)
+                    except Exception:  # a handler's bug must not stop delivery
+                        self.gossip_handler_errors += 1
 
     def _learn(self, peer_id: str) -> None:
         """A peer proved alive: (re)admit it to the routing table."""

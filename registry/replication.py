@@ -42,8 +42,12 @@ def topic_for(network_id: str) -> str:
 @dataclass(frozen=True)
 class ReplicationSettings:
     network_id: str
-    sync_interval_s: float = 2.0
-    sync_timeout_s: float = 5.0
+    sync_interval_s: float = 1.0
+    # one request of a round; a lost message costs this long, then another peer is tried
+    sync_timeout_s: float = 0.5
+    # entries pulled by anti-entropy are gossiped on only if written this recently (older ones
+    # are what a returning or new node catches up on: re-flooding them helps no one)
+    reannounce_window_s: float = 5.0
     gc_interval_s: float = 60.0
     tombstone_horizon_s: float = 7 * 24 * 3600.0
 
@@ -158,7 +162,11 @@ class Replicator:
 
     async def _call(self, peer_id: str, message: dict[str, Any]) -> dict[str, Any]:
         message["v"] = WIRE_VERSION
-        raw = await self.net.request(peer_id, SYNC_PROTOCOL, codec.encode(message))
+        try:
+            with trio.fail_after(self.settings.sync_timeout_s):
+                raw = await self.net.request(peer_id, SYNC_PROTOCOL, codec.encode(message))
+        except trio.TooSlowError:
+            raise NetworkError(f"sync {message.get('op')} to {peer_id} timed out") from None
         reply = codec.decode(raw, max_bytes=MAX_SYNC_BYTES)
         if not isinstance(reply, dict) or reply.get("v") != WIRE_VERSION:
             raise sync.SyncError("malformed sync reply")
@@ -178,8 +186,10 @@ class Replicator:
             entries = self._entries(got.get("entries"), "sync") or []
             changed = await self.replica.apply(entries, "sync")
             applied = len(changed)
-            if changed:  # spread what we learned: others may have missed it too
-                await self.announce(changed)
+            recent_ms = self.replica.clock.now().wall_ms - self.settings.reannounce_window_s * 1000
+            fresh = [e for e in changed if e.ts.wall_ms >= recent_ms]
+            if fresh:  # a write that gossip missed here was likely missed elsewhere too
+                await self.announce(fresh)
         if push:
             await self._call(peer_id, {"op": "push", "entries": [e.to_wire() for e in push]})
         self.stats["sync_rounds"] += 1
@@ -193,18 +203,23 @@ class Replicator:
         await self.net.subscribe(self.topic, self.on_gossip)
 
     async def run_anti_entropy(self) -> None:
+        """One round per interval with a random peer; a failed round is retried at once with
+        another peer (a lost message must not cost a whole interval)."""
+        failed_last = False
         while True:
-            await trio.sleep(self.settings.sync_interval_s * (0.5 + self._rng.random()))
+            interval = self.settings.sync_interval_s
+            await trio.sleep((0.05 if failed_last else interval) * (0.5 + self._rng.random()))
             peers = sorted(self.net.known_peers())
             if not peers:
                 continue
             peer = self._rng.choice(peers)
-            with trio.move_on_after(self.settings.sync_timeout_s):
-                try:
-                    await self.sync_with(peer)
-                except (NetworkError, sync.SyncError, codec.CodecError) as exc:
-                    self.stats["sync_failed"] += 1
-                    log.debug("anti-entropy with %s failed: %s", peer, exc)
+            try:
+                await self.sync_with(peer)
+                failed_last = False
+            except (NetworkError, sync.SyncError, codec.CodecError) as exc:
+                self.stats["sync_failed"] += 1
+                failed_last = not failed_last  # retry once quickly, then back to the interval
+                log.debug("anti-entropy with %s failed: %s", peer, exc)
 
     async def run_gc(self) -> None:
         while True:

@@ -20,7 +20,7 @@ record_validity_s = 4.0
 max_clock_skew_s = 5.0
 [registry]
 sync_interval_s = 0.5
-sync_timeout_s = 3.0
+sync_timeout_s = 1.0
 [shards]
 allow_remote_deploy = true
 """

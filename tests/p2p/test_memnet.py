@@ -414,3 +414,225 @@ def test_routing_table_closest_matches_brute_force(
     )[:count]
     assert table.closest(target, count, exclude=f"p{exclude}") == expected
     assert len(table) == len(remaining) and table.peers() == set(remaining)
+
+
+# -- gossip ------------------------------------------------------------------------------
+
+TOPIC = "/test/topic"
+
+
+class Inbox:
+    """A gossip handler that records (origin, data, virtual time) for each delivery."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[str, bytes, float]] = []
+
+    async def __call__(self, origin: str, data: bytes) -> None:
+        self.got.append((origin, data, trio.current_time()))
+
+    def data(self) -> list[bytes]:
+        return [data for _, data, _ in self.got]
+
+
+async def _known_mesh(hub: MemoryNetwork, count: int) -> list[MemoryNode]:
+    """`count` nodes, chained, kept refreshing until they all know each other."""
+    nodes = await _chain(hub, count)
+    everyone = {n.peer_id for n in nodes}
+    async with trio.open_nursery() as nursery:
+        for node in nodes:
+            nursery.start_soon(node.run_maintenance, 10.0)
+        for _ in range(30):  # at most 300 virtual seconds
+            if all(n.known_peers() == everyone - {n.peer_id} for n in nodes):
+                break
+            await trio.sleep(10)
+        else:
+            raise AssertionError("the nodes did not learn each other within 300 s")
+        nursery.cancel_scope.cancel()
+    return nodes
+
+
+async def _subscribe_all(nodes: list[MemoryNode]) -> dict[str, Inbox]:
+    inboxes = {}
+    for node in nodes:
+        inboxes[node.peer_id] = Inbox()
+        await node.subscribe(TOPIC, inboxes[node.peer_id])
+    return inboxes
+
+
+async def test_gossip_reaches_every_subscriber_of_fifty_nodes_in_a_few_hops(autojump_clock):
+    # a node is missed by random-fanout gossip with probability ~e^-fanout: with 10, the
+    # chance that one of 10 messages misses one of 49 nodes is ~2% (and the seed is fixed)
+    hub = MemoryNetwork(seed=11, latency_s=LATENCY, fanout=10)
+    nodes = await _known_mesh(hub, 50)
+    inboxes = await _subscribe_all(nodes)
+    publishers = [nodes[(7 * round_) % len(nodes)] for round_ in range(10)]
+    for round_, publisher in enumerate(publishers):
+        start = trio.current_time()
+        before = hub.gossip_sent
+        await publisher.publish(TOPIC, b"msg-%d" % round_)
+        await trio.sleep(1.0)
+        for node in nodes:
+            got = [(o, t) for o, d, t in inboxes[node.peer_id].got if d == b"msg-%d" % round_]
+            if node is publisher:
+                assert got == []  # never echoed to its sender
+            else:
+                assert len(got) == 1  # exactly once, however many copies arrived
+                origin, when = got[0]
+                assert origin == publisher.peer_id
+                assert when - start <= 8 * LATENCY + 1e-9  # a handful of hops
+        # every subscriber forwards once to `fanout` peers; the publisher sends to `fanout`
+        assert hub.gossip_sent - before == 10 * 50
+    assert sum(n.gossip_duplicates for n in nodes) > 0
+    assert all(n.gossip_received == 10 - publishers.count(n) for n in nodes)
+    assert all(n.gossip_handler_errors == 0 for n in nodes)
+
+
+async def test_gossip_with_loss_still_reaches_almost_everyone(autojump_clock):
+    hub = MemoryNetwork(seed=12, latency_s=LATENCY)
+    nodes = await _known_mesh(hub, 50)
+    inboxes = await _subscribe_all(nodes)
+    hub.loss = 0.10
+    dropped = hub.messages_dropped
+    messages = 20
+    for i in range(messages):
+        await nodes[i].publish(TOPIC, b"lossy-%d" % i)
+    await trio.sleep(1.0)
+    assert hub.messages_dropped > dropped
+    deliveries = [len(inbox.got) for inbox in inboxes.values()]
+    assert all(d <= messages for d in deliveries)  # never twice
+    # missed with probability ~e^-(fanout * (1 - loss)) = 0.5% per node and message
+    coverage = sum(deliveries) / (messages * (len(nodes) - 1))
+    assert 0.95 <= coverage <= 1.0
+
+
+async def test_gossip_is_not_echoed_nor_sent_back(autojump_clock):
+    hub = MemoryNetwork(latency_s=LATENCY)
+    a, b, c = await _chain(hub, 3)
+    await a.connect(c.peer_id)  # a full triangle
+    inboxes = await _subscribe_all([a, b, c])
+    await a.publish(TOPIC, b"hello")
+    await trio.sleep(1)
+    assert inboxes[a.peer_id].got == []
+    assert [(o, d) for o, d, _ in inboxes[b.peer_id].got] == [(a.peer_id, b"hello")]
+    assert [(o, d) for o, d, _ in inboxes[c.peer_id].got] == [(a.peer_id, b"hello")]
+    # a sends to b and c; each forwards to the other only (not back, not to the origin)
+    assert hub.gossip_sent == 4
+    assert a.gossip_duplicates == 0
+    assert b.gossip_duplicates == c.gossip_duplicates == 1
+
+
+async def test_gossip_takes_one_latency_per_hop_and_counts_bytes(autojump_clock):
+    hub, a, b = _pair()
+    await b.connect(a.peer_id)
+    inbox = Inbox()
+    await b.subscribe(TOPIC, inbox)
+    before = hub.bytes_sent
+    start = trio.current_time()
+    await a.publish(TOPIC, b"x" * 1000)
+    await trio.sleep(1)
+    assert inbox.got[0][2] - start == pytest.approx(LATENCY)
+    msg_id = memnet.message_id(a.peer_id, b"x" * 1000)
+    size = len(TOPIC) + len(a.peer_id) + len(msg_id) + 1000 + memnet._HEADER_BYTES
+    assert hub.bytes_sent - before == hub.gossip_bytes == size
+    assert hub.gossip_sent == 1
+
+
+async def test_gossip_dedups_by_origin_and_data(autojump_clock):
+    hub = MemoryNetwork(latency_s=LATENCY)
+    a, b, c = await _chain(hub, 3)
+    await a.connect(c.peer_id)
+    inboxes = await _subscribe_all([a, b, c])
+    await a.publish(TOPIC, b"same")
+    await a.publish(TOPIC, b"same")  # the same id: one message to receivers
+    await b.publish(TOPIC, b"same")  # another origin: another message
+    await trio.sleep(1)
+    assert sorted(o for o, _, _ in inboxes[c.peer_id].got) == sorted([a.peer_id, b.peer_id])
+    assert [o for o, _, _ in inboxes[a.peer_id].got] == [b.peer_id]
+    assert [o for o, _, _ in inboxes[b.peer_id].got] == [a.peer_id]
+
+
+async def test_gossip_skips_unsubscribed_and_unknown_peers(autojump_clock):
+    hub = MemoryNetwork(latency_s=LATENCY)
+    a, b, c = await _chain(hub, 3)  # a knows b only; b knows both
+    stranger = hub.add_node("stranger")  # subscribed, but nobody knows it
+    inboxes = await _subscribe_all([a, c, stranger])  # b is not subscribed
+    await a.publish(TOPIC, b"m")
+    await trio.sleep(1)
+    # a knows no subscriber: nothing is sent (b, which could relay, has not subscribed)
+    assert hub.gossip_sent == 0
+    assert hub.subscribers(TOPIC) == {a.peer_id, c.peer_id, "stranger"}
+    await b.subscribe(TOPIC, Inbox())
+    await a.publish(TOPIC, b"m2")
+    await trio.sleep(1)
+    assert [d for _, d, _ in inboxes[c.peer_id].got] == [b"m2"]  # relayed by b
+    assert inboxes["stranger"].got == []
+
+
+async def test_partitions_block_gossip_and_heal_restores(autojump_clock):
+    hub = MemoryNetwork(latency_s=LATENCY)
+    nodes = await _known_mesh(hub, 6)
+    inboxes = await _subscribe_all(nodes)
+    left = {n.peer_id for n in nodes[:3]}
+    hub.partition([left])
+    await nodes[0].publish(TOPIC, b"split")
+    await trio.sleep(1)
+    for node in nodes[1:]:
+        expected = [b"split"] if node.peer_id in left else []
+        assert inboxes[node.peer_id].data() == expected
+    hub.heal()
+    await nodes[5].publish(TOPIC, b"healed")
+    await trio.sleep(1)
+    assert all(b"healed" in inboxes[n.peer_id].data() for n in nodes[:5])
+
+
+async def test_handler_errors_are_counted_and_delivery_goes_on(autojump_clock):
+    hub, a, b = _pair()
+    await b.connect(a.peer_id)
+    calls: list[bytes] = []
+
+    async def flaky(origin: str, data: bytes) -> None:
+        calls.append(data)
+        if data == b"boom":
+            raise RuntimeError("handler bug")
+
+    inbox = Inbox()
+    await b.subscribe(TOPIC, flaky)
+    await b.subscribe(TOPIC, inbox)  # a second handler on the same topic
+    for data in (b"one", b"boom", b"two"):
+        await a.publish(TOPIC, data)
+    await trio.sleep(1)
+    assert calls == [b"one", b"boom", b"two"]
+    assert inbox.data() == [b"one", b"boom", b"two"]  # the other handler still ran
+    assert b.gossip_handler_errors == 1
+
+
+async def test_crashed_nodes_neither_get_nor_send_gossip(autojump_clock):
+    hub = MemoryNetwork(latency_s=LATENCY)
+    a, b, c = await _chain(hub, 3)
+    await a.connect(c.peer_id)
+    inboxes = await _subscribe_all([a, b, c])
+    await a.publish(TOPIC, b"in flight")
+    hub.remove_node(b.peer_id)  # crashes before the message arrives
+    await trio.sleep(1)
+    assert inboxes[b.peer_id].got == []
+    assert inboxes[c.peer_id].data() == [b"in flight"]
+    assert hub.subscribers(TOPIC) == {a.peer_id, c.peer_id}
+    with pytest.raises(NetworkError):
+        await b.publish(TOPIC, b"ghost")
+    with pytest.raises(TypeError):
+        await a.publish(TOPIC, "not bytes")  # type: ignore[arg-type]
+
+
+async def test_seen_cache_is_bounded(autojump_clock):
+    hub = MemoryNetwork(latency_s=LATENCY, seen_cache=4)
+    a, b = await _chain(hub, 2)
+    inbox = Inbox()
+    await b.subscribe(TOPIC, inbox)
+    for i in range(10):
+        await a.publish(TOPIC, b"%d" % i)
+    await trio.sleep(1)
+    assert len(b._seen) == len(b._seen_order) == 4
+    await a.publish(TOPIC, b"0")  # forgotten long ago: delivered again
+    await a.publish(TOPIC, b"9")  # still remembered: dropped
+    await trio.sleep(1)
+    assert inbox.data() == [b"%d" % i for i in range(10)] + [b"0"]
