@@ -40,6 +40,8 @@ ping_interval_s = 5.0
 dht_timeout_s = 3.0
 [rpc]
 port = 0
+[grpc]
+port = 0
 [resources]
 publish_interval_s = 10.0
 record_validity_s = 30.0

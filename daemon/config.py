@@ -53,6 +53,12 @@ class ShardsConfig:
 
 
 @dataclass(frozen=True)
+class GRPCConfig:
+    enabled: bool = True
+    port: int = 8646
+
+
+@dataclass(frozen=True)
 class Config:
     network_id: str = "gridmesh-local"
     p2p: P2PConfig = field(default_factory=P2PConfig)
@@ -60,12 +66,15 @@ class Config:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
+    grpc: GRPCConfig = field(default_factory=GRPCConfig)
 
     def validate(self) -> Config:
         if not self.network_id or len(self.network_id) > 64:
             raise ConfigError("network_id must be 1 to 64 characters")
         if not 0 <= self.rpc.port <= 65535:
             raise ConfigError(f"rpc.port {self.rpc.port} is not a TCP port")
+        if not 0 <= self.grpc.port <= 65535:
+            raise ConfigError(f"grpc.port {self.grpc.port} is not a TCP port")
         res = self.resources
         if not 0 < res.publish_interval_s < res.record_validity_s:
             raise ConfigError(
@@ -107,7 +116,7 @@ def _section(cls: type, raw: Any, name: str) -> Any:
 
 
 def parse(raw: dict[str, Any]) -> Config:
-    top = {"network_id", "p2p", "rpc", "resources", "registry", "shards"}
+    top = {"network_id", "p2p", "rpc", "resources", "registry", "shards", "grpc"}
     unknown = set(raw) - top
     if unknown:
         raise ConfigError(f"unknown top-level keys: {', '.join(sorted(unknown))}")
@@ -121,6 +130,7 @@ def parse(raw: dict[str, Any]) -> Config:
         resources=_section(ResourcesConfig, raw.get("resources"), "resources"),
         registry=_section(RegistryConfig, raw.get("registry"), "registry"),
         shards=_section(ShardsConfig, raw.get("shards"), "shards"),
+        grpc=_section(GRPCConfig, raw.get("grpc"), "grpc"),
     ).validate()
 
 

@@ -89,6 +89,7 @@ class Daemon:
         self.metrics = Metrics()
         self.resources: dict[str, Any] = {}
         self.rpc_url = ""
+        self.grpc_port: int | None = None
         self.shutdown = trio.Event()
         self._nursery_: trio.Nursery | None = None
         self._publish_now = trio.Event()
@@ -212,6 +213,17 @@ class Daemon:
                 )
             await self.replicator.start()
             self.shards.start()
+            if self.config.grpc.enabled:
+                from daemon.api.grpc_server import ShardBackend, serve_grpc
+
+                self.grpc_port = await nursery.start(
+                    lambda task_status: serve_grpc(
+                        self.bridge,
+                        ShardBackend(self.shards),
+                        port=self.config.grpc.port,
+                        task_status=task_status,
+                    )
+                )
             nursery.start_soon(self.replicator.run_anti_entropy)
             nursery.start_soon(self.replicator.run_gc)
             nursery.start_soon(self.net.track_peers, self.config.p2p.ping_interval_s)
@@ -251,6 +263,7 @@ class Daemon:
             "peer_id": self.ident.peer_id,
             "listen_addrs": self.net.listen_addrs(),
             "rpc_url": self.rpc_url,
+            "grpc_addr": f"127.0.0.1:{self.grpc_port}" if self.grpc_port else None,
             "version": __version__,
         }
 

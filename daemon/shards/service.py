@@ -310,6 +310,9 @@ class ShardService:
             job.route = model.route
         except GenerationError as exc:
             job.error = str(exc)
+        except Exception as exc:  # a background job must never take the daemon down
+            log.exception("generation %s failed", job.id)
+            job.error = f"internal error: {type(exc).__name__}: {exc}"
         finally:
             job.recoveries = model.recoveries
             job.done, job.finished = True, time.time()

@@ -23,6 +23,8 @@ sync_interval_s = 0.5
 sync_timeout_s = 1.0
 [shards]
 allow_remote_deploy = true
+[grpc]
+port = 0
 """
 
 

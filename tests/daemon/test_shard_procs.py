@@ -74,6 +74,22 @@ def test_three_daemons_generate_exactly_the_single_process_tokens(
         with pytest.raises(RPCCallError) as err:
             net.daemons[0].call("generate", {"model": "tiny", "token_ids": [1] * 600})
         assert "max_length must be 1..512" in str(err.value)
+        # the same through the gRPC API, with its health service
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        from daemon.api.proto import gridmesh_inference_pb2 as pb
+        from daemon.api.proto import gridmesh_inference_pb2_grpc as pb_grpc
+
+        with grpc.insecure_channel(net.daemons[1].info["grpc_addr"]) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            request = pb.GenerateRequest(
+                model="tiny", token_ids=pb.TokenIds(ids=PROMPT), max_tokens=NEW_TOKENS
+            )
+            replies = list(pb_grpc.InferenceStub(channel).Generate(request, timeout=60))
+        assert [r.token_id for r in replies if not r.done] == expected
+        assert replies[-1].done and len(replies[-1].route) == 3
         cli = subprocess.run(
             [
                 sys.executable,

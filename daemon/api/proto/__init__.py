@@ -1,0 +1,1 @@
+"""Generated gRPC modules of the inference API (see gridmesh_inference.proto, generate.sh)."""

@@ -1,0 +1,573 @@
+"""The gRPC inference API, served in-process over a fake backend; sync clients in threads."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+import pytest
+import trio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from daemon.api.grpc_server import (
+    GRACE_S,
+    HOST,
+    SERVICE_NAME,
+    BackendError,
+    InferenceBackend,
+    ShardBackend,
+    _text_delta,
+    serve_grpc,
+)
+from daemon.api.proto import gridmesh_inference_pb2 as pb2
+from daemon.api.proto import gridmesh_inference_pb2_grpc as pb2_grpc
+from daemon.shards.service import Job, ShardService
+from p2p.aio import AsyncioBridge, open_bridge
+
+DEADLINE = 10  # seconds; every RPC and wait in these tests is bounded by it
+VOCAB = 16
+ROUTE = [{"peer_id": "peerA", "start": 0, "end": 2}, {"peer_id": "peerB", "start": 2, "end": 4}]
+
+
+def expected_tokens(ids: list[int], n: int, seed: int | None) -> list[int]:
+    """The fake's generation: lowercase letters, so a token's text is its byte."""
+    return [97 + (sum(ids) + 3 * i + (seed or 0)) % 26 for i in range(n)]
+
+
+def expected_logits(ids: list[int]) -> list[float]:
+    return [((sum(ids) + 7 * i) % VOCAB) / 4 - 1.0 for i in range(VOCAB)]  # exact in float32
+
+
+@dataclass
+class FakeJob:
+    id: str
+    tokens: list[int] = field(default_factory=list)
+    done: bool = False
+    error: str | None = None
+    error_code: str | None = None
+
+    @property
+    def text(self) -> str:
+        return bytes(self.tokens).decode()
+
+
+class FakeBackend:
+    """Deterministic tokens. Models: "slow" gives one token, then the rest on `release`;
+    "broken" fails after two tokens; "gone" fails as unavailable; "missing" is unknown;
+    "crash" raises a bug; "slowfwd" holds Forward until `forward_gate`."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self.jobs: dict[str, FakeJob] = {}
+        self.requests: list[dict[str, Any]] = []
+        self.release = trio.Event()
+        self.cancelled: list[str] = []
+        self.cancel_seen = trio.Event()
+        self.forward_started = trio.Event()
+        self.forward_gate = trio.Event()
+
+    async def start_generation(
+        self,
+        model: str,
+        prompt: str | None,
+        token_ids: list[int] | None,
+        max_tokens: int,
+        temperature: float,
+        seed: int | None,
+    ) -> str:
+        self.requests.append(
+            {
+                "model": model,
+                "prompt": prompt,
+                "token_ids": token_ids,
+                "max_tokens": max_tokens,
+                "temperature": temperature,
+                "seed": seed,
+            }
+        )
+        if model == "missing":
+            raise BackendError("not_found", "no server announces model 'missing'")
+        if model == "crash":
+            raise RuntimeError("a bug")
+        ids = token_ids if token_ids is not None else list((prompt or "").encode())
+        tokens = expected_tokens(ids, max_tokens, seed)
+        job = FakeJob(f"job{len(self.jobs)}")
+        self.jobs[job.id] = job
+        if model == "slow":
+            job.tokens.append(tokens[0])
+
+            async def finish() -> None:
+                await self.release.wait()
+                job.tokens.extend(tokens[1:])
+                job.done = True
+
+            self.nursery.start_soon(finish)
+        elif model in ("broken", "gone"):
+            job.tokens.extend(tokens[:2])
+            job.error, job.done = "peerB: stream reset", True
+            job.error_code = "unavailable" if model == "gone" else None
+        else:
+            job.tokens.extend(tokens)
+            job.done = True
+        return job.id
+
+    def poll(self, job_id: str, since: int) -> dict[str, Any]:
+        job = self.jobs[job_id]
+        return {
+            "job": job.id,
+            "tokens": job.tokens[since:],
+            "n_tokens": len(job.tokens),
+            "text": job.text,
+            "done": job.done,
+            "error": job.error,
+            "error_code": job.error_code,
+            "route": ROUTE,
+            "recoveries": [{"peer_id": "peerC", "reason": "reset", "seconds": 0.1}],
+            "seconds": 0.25 if job.done else None,
+        }
+
+    def cancel(self, job_id: str) -> None:
+        self.cancelled.append(job_id)
+        self.cancel_seen.set()
+
+    async def forward(self, model: str, token_ids: list[int]) -> tuple[list[float], int]:
+        if model == "missing":
+            raise BackendError("not_found", "no server announces model 'missing'")
+        if model == "slowfwd":
+            self.forward_started.set()
+            await self.forward_gate.wait()
+        logits = expected_logits(token_ids)
+        return logits, max(range(VOCAB), key=logits.__getitem__)
+
+
+@dataclass
+class Served:
+    port: int
+    backend: Any
+    bridge: AsyncioBridge
+    channel: grpc.Channel
+    scope: trio.CancelScope
+    stopped: trio.Event
+
+    @property
+    def stub(self) -> pb2_grpc.InferenceStub:
+        return pb2_grpc.InferenceStub(self.channel)
+
+
+@asynccontextmanager
+async def serving(
+    make_backend: Callable[[trio.Nursery], InferenceBackend] = FakeBackend,
+) -> AsyncIterator[Served]:
+    async with open_bridge() as bridge, trio.open_nursery() as nursery:
+        backend = make_backend(nursery)
+        scope, stopped = trio.CancelScope(), trio.Event()
+
+        async def run(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                await serve_grpc(bridge, backend, port=0, task_status=task_status)
+            stopped.set()
+
+        port = await nursery.start(run)
+        channel = grpc.insecure_channel(f"{HOST}:{port}")
+        try:
+            yield Served(port, backend, bridge, channel, scope, stopped)
+        finally:
+            channel.close()
+            nursery.cancel_scope.cancel()
+
+
+async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    return await trio.to_thread.run_sync(fn, *args)
+
+
+def failure(fn: Callable[[], Any]) -> grpc.RpcError:
+    """The RpcError that `fn` raises."""
+    try:
+        fn()
+    except grpc.RpcError as exc:
+        return exc
+    raise AssertionError("the call succeeded")
+
+
+def generate(served: Served, **fields: Any) -> list[pb2.GenerateReply]:
+    return list(served.stub.Generate(pb2.GenerateRequest(**fields), timeout=DEADLINE))
+
+
+async def test_generate_streams_every_token_in_order() -> None:
+    async with serving() as served:
+        replies = await in_thread(
+            lambda: generate(
+                served,
+                model="m",
+                token_ids=pb2.TokenIds(ids=[1, 2, 3]),
+                max_tokens=20,
+                temperature=0.7,
+                seed=5,
+            )
+        )
+    expected = expected_tokens([1, 2, 3], 20, 5)
+    *tokens, final = replies
+    assert [r.token_id for r in tokens] == expected
+    assert [r.index for r in tokens] == list(range(20))
+    assert all(r.HasField("token_id") and not r.done for r in tokens)
+    assert final.done and not final.HasField("token_id")
+    assert final.n_tokens == 20 and final.recoveries == 1 and final.seconds == 0.25
+    assert [(h.peer_id, h.start, h.end) for h in final.route] == [
+        ("peerA", 0, 2),
+        ("peerB", 2, 4),
+    ]
+    assert final.text == bytes(expected).decode()
+    assert "".join(r.text_delta for r in replies) == final.text
+    request = served.backend.requests[0]
+    assert request["token_ids"] == [1, 2, 3] and request["prompt"] is None
+    assert request["seed"] == 5 and request["temperature"] == pytest.approx(0.7)
+
+
+async def test_generate_from_text_with_defaults() -> None:
+    async with serving() as served:
+        replies = await in_thread(lambda: generate(served, model="m", text="hi"))
+    request = served.backend.requests[0]
+    assert request["prompt"] == "hi" and request["token_ids"] is None
+    assert request["max_tokens"] == 32 and request["seed"] is None
+    assert request["temperature"] == 0.0
+    assert [r.token_id for r in replies[:-1]] == expected_tokens(list(b"hi"), 32, None)
+
+
+async def test_generate_delivers_tokens_before_the_end() -> None:
+    async with serving() as served:
+        call = served.stub.Generate(
+            pb2.GenerateRequest(model="slow", token_ids=pb2.TokenIds(ids=[4]), max_tokens=5),
+            timeout=DEADLINE,
+        )
+        first = await in_thread(next, call)
+        expected = expected_tokens([4], 5, None)
+        assert first.token_id == expected[0] and first.text_delta == chr(expected[0])
+        (job,) = served.backend.jobs.values()
+        assert not job.done  # the first token arrived while the generation still runs
+        served.backend.release.set()
+        rest = await in_thread(list, call)
+    assert [r.token_id for r in rest[:-1]] == expected[1:]
+    assert rest[-1].done and rest[-1].text == bytes(expected).decode()
+    assert served.backend.cancelled == []
+
+
+async def test_a_client_that_hangs_up_cancels_its_generation() -> None:
+    async with serving() as served:
+        call = served.stub.Generate(
+            pb2.GenerateRequest(model="slow", token_ids=pb2.TokenIds(ids=[4]), max_tokens=5),
+            timeout=DEADLINE,
+        )
+        await in_thread(next, call)
+        call.cancel()
+        with trio.fail_after(DEADLINE):
+            await served.backend.cancel_seen.wait()
+        assert served.backend.cancelled == list(served.backend.jobs)
+
+
+async def test_forward_returns_float32_logits() -> None:
+    async with serving() as served:
+        reply = await in_thread(
+            lambda: served.stub.Forward(
+                pb2.ForwardRequest(model="m", token_ids=[3, 1, 4]), timeout=DEADLINE
+            )
+        )
+    logits = expected_logits([3, 1, 4])
+    assert reply.vocab_size == VOCAB and len(reply.logits) == 4 * VOCAB
+    assert list(struct.unpack(f"<{VOCAB}f", reply.logits)) == logits
+    assert reply.next_token == logits.index(max(logits))
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"model": "", "text": "hi"}, "model is required"),
+        ({"model": "x" * 300, "text": "hi"}, "model is longer"),
+        ({"model": "m"}, "give a prompt"),
+        ({"model": "m", "text": ""}, "prompt text is empty"),
+        ({"model": "m", "token_ids": pb2.TokenIds()}, "token_ids is empty"),
+        ({"model": "m", "text": "hi", "max_tokens": 0}, "max_tokens must be 1 to 4096"),
+        ({"model": "m", "text": "hi", "max_tokens": -3}, "max_tokens must be 1 to 4096"),
+        ({"model": "m", "text": "hi", "max_tokens": 4097}, "max_tokens must be 1 to 4096"),
+        ({"model": "m", "text": "hi", "temperature": -1.0}, "temperature must be"),
+        ({"model": "m", "text": "hi", "temperature": float("nan")}, "temperature must be"),
+    ],
+)
+async def test_generate_rejects_bad_arguments(fields: dict[str, Any], message: str) -> None:
+    async with serving() as served:
+        error = await in_thread(failure, lambda: generate(served, **fields))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in error.details()
+    assert served.backend.requests == []
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"model": "", "token_ids": [1]}, "model is required"),
+        ({"model": "m"}, "token_ids is empty"),
+        ({"model": "m", "token_ids": [1] * 4097}, "more than 4096 tokens"),
+    ],
+)
+async def test_forward_rejects_bad_arguments(fields: dict[str, Any], message: str) -> None:
+    async with serving() as served:
+        error = await in_thread(
+            failure,
+            lambda: served.stub.Forward(pb2.ForwardRequest(**fields), timeout=DEADLINE),
+        )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in error.details()
+
+
+@pytest.mark.parametrize(
+    ("model", "status", "message"),
+    [
+        ("missing", grpc.StatusCode.NOT_FOUND, "no server announces model 'missing'"),
+        ("crash", grpc.StatusCode.INTERNAL, "internal error: RuntimeError"),
+    ],
+)
+async def test_generate_maps_backend_errors(
+    model: str, status: grpc.StatusCode, message: str
+) -> None:
+    async with serving() as served:
+        error = await in_thread(failure, lambda: generate(served, model=model, text="hi"))
+    assert error.code() == status and error.details() == message
+
+
+@pytest.mark.parametrize(
+    ("model", "status"),
+    [("broken", grpc.StatusCode.ABORTED), ("gone", grpc.StatusCode.UNAVAILABLE)],
+)
+async def test_a_failed_generation_ends_the_stream_after_its_tokens(
+    model: str, status: grpc.StatusCode
+) -> None:
+    got: list[pb2.GenerateReply] = []
+
+    def collect() -> None:
+        request = pb2.GenerateRequest(model=model, token_ids=pb2.TokenIds(ids=[7]), max_tokens=9)
+        got.extend(served.stub.Generate(request, timeout=DEADLINE))
+
+    async with serving() as served:
+        error = await in_thread(failure, collect)
+    assert error.code() == status and error.details() == "peerB: stream reset"
+    assert [r.token_id for r in got] == expected_tokens([7], 9, None)[:2]
+
+
+async def test_forward_maps_backend_errors() -> None:
+    async with serving() as served:
+        error = await in_thread(
+            failure,
+            lambda: served.stub.Forward(
+                pb2.ForwardRequest(model="missing", token_ids=[1]), timeout=DEADLINE
+            ),
+        )
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_health_reports_serving() -> None:
+    async with serving() as served:
+        health = health_pb2_grpc.HealthStub(served.channel)
+
+        def check(service: str) -> Any:
+            return health.Check(health_pb2.HealthCheckRequest(service=service), timeout=DEADLINE)
+
+        overall = await in_thread(check, "")
+        inference = await in_thread(check, SERVICE_NAME)
+        unknown = await in_thread(failure, lambda: check("no.such.Service"))
+    assert overall.status == health_pb2.HealthCheckResponse.SERVING
+    assert inference.status == health_pb2.HealthCheckResponse.SERVING
+    assert unknown.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_reflection_lists_and_describes_the_inference_service() -> None:
+    async with serving() as served:
+        stub = reflection_pb2_grpc.ServerReflectionStub(served.channel)
+        requests = [
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE_NAME),
+        ]
+        listed, described = await in_thread(
+            lambda: list(stub.ServerReflectionInfo(iter(requests), timeout=DEADLINE))
+        )
+    names = {s.name for s in listed.list_services_response.service}
+    assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
+    assert described.file_descriptor_response.file_descriptor_proto  # the .proto, serialized
+
+
+async def test_the_asyncio_loop_stays_free_while_a_backend_call_waits() -> None:
+    async with serving() as served, trio.open_nursery() as nursery:
+        replies: list[pb2.ForwardReply] = []
+
+        async def forward() -> None:
+            request = pb2.ForwardRequest(model="slowfwd", token_ids=[2])
+            replies.append(await in_thread(lambda: served.stub.Forward(request, timeout=DEADLINE)))
+
+        nursery.start_soon(forward)
+        with trio.fail_after(DEADLINE):
+            await served.backend.forward_started.wait()
+            await served.bridge.run(asyncio.sleep, 0)  # the loop still runs other work
+        health = health_pb2_grpc.HealthStub(served.channel)
+        other = await in_thread(
+            lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=DEADLINE)
+        )
+        assert other.status == health_pb2.HealthCheckResponse.SERVING
+        served.backend.forward_gate.set()
+    assert replies[0].vocab_size == VOCAB
+
+
+async def test_cancellation_stops_the_server_within_a_second() -> None:
+    async with serving() as served, trio.open_nursery() as nursery:
+        call = served.stub.Generate(
+            pb2.GenerateRequest(model="slow", token_ids=pb2.TokenIds(ids=[4]), max_tokens=5),
+            timeout=DEADLINE,
+        )
+        await in_thread(next, call)  # a generation is in flight
+        errors: list[grpc.RpcError] = []
+
+        async def drain() -> None:
+            errors.append(await in_thread(failure, lambda: list(call)))
+
+        nursery.start_soon(drain)
+        started = time.monotonic()
+        served.scope.cancel()
+        with trio.fail_after(DEADLINE):
+            await served.stopped.wait()
+        assert time.monotonic() - started < 1.0
+    assert errors[0].code() == grpc.StatusCode.UNAVAILABLE
+    assert errors[0].details() == "the daemon is shutting down"
+    assert served.backend.cancelled == list(served.backend.jobs)  # the generation is stopped
+    with grpc.insecure_channel(f"{HOST}:{served.port}") as channel:
+        stub = pb2_grpc.InferenceStub(channel)
+        request = pb2.ForwardRequest(model="m", token_ids=[1])
+        refused = await in_thread(failure, lambda: stub.Forward(request, timeout=2))
+    assert refused.code() == grpc.StatusCode.UNAVAILABLE
+    assert GRACE_S <= 1.0
+
+
+async def test_a_taken_port_is_an_error() -> None:
+    async with serving() as served:
+        with pytest.raises(OSError, match="cannot listen"):
+            await serve_grpc(served.bridge, served.backend, port=served.port)
+
+
+def test_text_delta_holds_back_an_incomplete_character() -> None:
+    assert _text_delta("", "ab\ufffd", final=False) == ("ab", "ab")
+    assert _text_delta("ab", "abé", final=False) == ("é", "abé")
+    assert _text_delta("ab", "ab\ufffd", final=True) == ("\ufffd", "ab\ufffd")
+    assert _text_delta("abc", "xbc", final=True) == ("", "abc")  # rewritten: text is final
+
+
+# -- ShardBackend over a scripted ShardService (no torch, no peers) -------------------------
+
+
+class ScriptedShards(ShardService):
+    """Model "missing" is announced by no one, "bug" raises, "hang" stops after a token."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        daemon: Any = SimpleNamespace(nursery=nursery)  # the backend uses only its nursery
+        super().__init__(daemon, allow_remote_deploy=False)
+        self.finished = trio.Event()
+
+    def announced(self, model_id: str) -> list[dict[str, Any]]:
+        if model_id == "missing":
+            return []
+        return [{"peer_id": "p1", "start": 0, "end": 4, "ms_per_layer": 1.0}]
+
+    async def generate(
+        self,
+        job: Job,
+        model_id: str,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        *,
+        temperature: float,
+        seed: int | None,
+    ) -> Job:
+        try:  # like ShardService.generate: the job is done however this ends
+            if model_id == "bug":
+                raise ValueError("bad tensor")
+            job.route = [{"peer_id": "p1", "start": 0, "end": 4}]
+            for token in expected_tokens(prompt_ids, max_new_tokens, seed):
+                job.tokens.append(token)
+                job.text = bytes(job.tokens).decode()
+                if model_id == "hang":
+                    await trio.sleep_forever()
+                await trio.lowlevel.checkpoint()
+        finally:
+            job.done, job.finished = True, time.time()
+            self.finished.set()
+        return job
+
+
+def shard_backend(nursery: trio.Nursery) -> ShardBackend:
+    return ShardBackend(ScriptedShards(nursery))
+
+
+async def test_shard_backend_streams_a_generation() -> None:
+    async with serving(shard_backend) as served:
+        replies = await in_thread(
+            lambda: generate(served, model="m", token_ids=pb2.TokenIds(ids=[9, 9]), max_tokens=6)
+        )
+    expected = expected_tokens([9, 9], 6, None)
+    assert [r.token_id for r in replies[:-1]] == expected
+    final = replies[-1]
+    assert final.done and final.text == bytes(expected).decode() and final.n_tokens == 6
+    assert [(h.peer_id, h.start, h.end) for h in final.route] == [("p1", 0, 4)]
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "message"),
+    [
+        ({"model": "missing", "text": "hi"}, grpc.StatusCode.NOT_FOUND, "no server announces"),
+        ({"model": "m", "text": "hi"}, grpc.StatusCode.FAILED_PRECONDITION, "no tokenizer"),
+        (
+            {"model": "bug", "token_ids": pb2.TokenIds(ids=[1])},
+            grpc.StatusCode.ABORTED,
+            "internal error: ValueError: bad tensor",
+        ),
+    ],
+)
+async def test_shard_backend_maps_errors(
+    fields: dict[str, Any], status: grpc.StatusCode, message: str
+) -> None:
+    async with serving(shard_backend) as served:
+        error = await in_thread(failure, lambda: generate(served, **fields))
+    assert error.code() == status and message in error.details()
+
+
+async def test_shard_backend_cancels_an_abandoned_generation() -> None:
+    async with serving(shard_backend) as served:
+        call = served.stub.Generate(
+            pb2.GenerateRequest(model="hang", token_ids=pb2.TokenIds(ids=[1]), max_tokens=5),
+            timeout=DEADLINE,
+        )
+        await in_thread(next, call)
+        call.cancel()
+        with trio.fail_after(DEADLINE):
+            await served.backend.service.finished.wait()
+        # no checkpoint between generate() returning and the backend marking the job
+        (job,) = served.backend.service.jobs.values()
+        state = served.backend.poll(job.id, 0)
+    assert state["done"] and state["error"] == "cancelled" and state["error_code"] == "cancelled"
+
+
+def test_generated_modules_are_current(tmp_path: Path) -> None:
+    """The committed *_pb2* files are what generate.sh makes of the .proto today."""
+    protoc = pytest.importorskip("grpc_tools.protoc")
+    root = Path(__file__).resolve().parents[2]
+    proto = "daemon/api/proto/gridmesh_inference.proto"
+    out = f"{tmp_path}"
+    args = ["protoc", "-I", str(root), f"--python_out={out}", f"--grpc_python_out={out}"]
+    assert protoc.main([*args, f"--pyi_out={out}", str(root / proto)]) == 0
+    for suffix in ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi"):
+        name = f"gridmesh_inference{suffix}"
+        made = (tmp_path / "daemon/api/proto" / name).read_text()
+        assert made == (root / "daemon/api/proto" / name).read_text(), f"run generate.sh: {name}"
