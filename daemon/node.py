@@ -114,7 +114,10 @@ class Daemon:
             self.net,
             self.ident,
             settings,
-            describe=lambda: (self.net.listen_addrs(), public_resources(self.resources)),
+            describe=lambda: (
+                self.net.listen_addrs(),
+                {**public_resources(self.resources), "blocks": self.shards.summary()},
+            ),
             on_reject=lambda reason: self.metrics.reject("dht", reason),
         )
         self.bridge = AsyncioBridge()
@@ -213,6 +216,7 @@ class Daemon:
                 )
             await self.replicator.start()
             self.shards.start()
+            nursery.start_soon(self.shards.reap_forever)
             if self.config.grpc.enabled:
                 from daemon.api.grpc_server import ShardBackend, serve_grpc
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import trio
+
 from daemon.api.jsonrpc import Dispatcher, Param, RPCError, invalid_params
 from daemon.shards.service import Job, ShardService, ShardServiceError
 
@@ -96,8 +98,9 @@ def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: Shar
                 ):
                     raise invalid_params("plan items are {peer_id, start, end}")
                 assignments.append(item)
-        results = []
-        for item in assignments:
+        results: list[dict[str, Any]] = [{} for _ in assignments]
+
+        async def load(index: int, item: dict[str, Any]) -> None:
             request = {
                 "model": model,
                 "model_dir": model_dir,
@@ -107,9 +110,13 @@ def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: Shar
             }
             try:
                 block = await service.load_on(item["peer_id"], request)
-                results.append({"peer_id": item["peer_id"], "ok": True, "block": block})
+                results[index] = {"peer_id": item["peer_id"], "ok": True, "block": block}
             except ShardServiceError as exc:
-                results.append({"peer_id": item["peer_id"], "ok": False, "error": str(exc)})
+                results[index] = {"peer_id": item["peer_id"], "ok": False, "error": str(exc)}
+
+        async with trio.open_nursery() as nursery:  # every daemon loads at the same time
+            for index, item in enumerate(assignments):
+                nursery.start_soon(load, index, item)
         return {"model": model, "assignments": assignments, "results": results}
 
     async def block_load(

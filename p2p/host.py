@@ -297,9 +297,11 @@ class Libp2pNetwork:
         finally:
             self._on_dht_op(op, outcome, trio.current_time() - started)
 
-    async def request(self, peer_id: str, protocol: str, payload: bytes) -> bytes:
+    async def request(
+        self, peer_id: str, protocol: str, payload: bytes, *, timeout_s: float | None = None
+    ) -> bytes:
         try:
-            with trio.fail_after(self._request_timeout_s):
+            with trio.fail_after(timeout_s or self._request_timeout_s):
                 stream = await self.host.new_stream(ID.from_base58(peer_id), [protocol])
                 try:
                     await write_frame(stream, payload)
@@ -314,10 +316,12 @@ class Libp2pNetwork:
         except Exception as exc:
             raise NetworkError(f"request {protocol} to {peer_id} failed: {exc!r}") from exc
 
-    def set_request_handler(self, protocol: str, handler: RequestHandler) -> None:
+    def set_request_handler(
+        self, protocol: str, handler: RequestHandler, *, timeout_s: float | None = None
+    ) -> None:
         async def serve(stream: Any) -> None:
             sender = stream.muxed_conn.peer_id.to_base58()
-            with trio.fail_after(self._request_timeout_s):
+            with trio.fail_after(timeout_s or self._request_timeout_s):
                 request = await read_frame(stream)
                 await write_frame(stream, await handler(sender, request))
             await stream.close()

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 CONTROL_PROTOCOL = "/gridmesh/shard-control/1.0.0"
 MAX_JOBS = 64
+# loading a range may first import torch and then read gigabytes: allow it time
+LOAD_TIMEOUT_S = 300.0
 JOB_TTL_S = 600.0
 
 
@@ -93,7 +95,33 @@ class ShardService:
         return self._server
 
     def start(self) -> None:
-        self.daemon.net.set_request_handler(CONTROL_PROTOCOL, self._on_control)
+        self.daemon.net.set_request_handler(
+            CONTROL_PROTOCOL, self._on_control, timeout_s=LOAD_TIMEOUT_S
+        )
+
+    async def reap_forever(self, interval_s: float = 10.0) -> None:
+        """Free the caches of sessions abandoned without a close (their client vanished)."""
+        while True:
+            await trio.sleep(interval_s)
+            if self._server is not None:
+                self._server.reap_idle()
+
+    def summary(self) -> list[dict[str, Any]]:
+        """What this node serves, for its DHT resource record: ranges, speed, load."""
+        if self._server is None:
+            return []
+        sessions = len(self._server.sessions)
+        return [
+            {
+                "model": block.model_id,
+                "start": block.start,
+                "end": block.end,
+                "ms_per_layer": round(block.ms_per_layer, 3),
+                "sessions": sessions,
+                "max_sessions": self._server.max_sessions,
+            }
+            for block in self._server.blocks.values()
+        ]
 
     async def load(
         self, model_id: str, model_dir: str, start: int, end: int, dtype: str = "float32"
@@ -195,11 +223,13 @@ class ShardService:
                 request.get("dtype", "float32"),
             )
         try:
-            with trio.fail_after(120):
-                raw = await self.daemon.net.request(
-                    peer_id, CONTROL_PROTOCOL, codec.encode({"op": "load", **request})
-                )
-        except (NetworkError, trio.TooSlowError) as exc:
+            raw = await self.daemon.net.request(
+                peer_id,
+                CONTROL_PROTOCOL,
+                codec.encode({"op": "load", **request}),
+                timeout_s=LOAD_TIMEOUT_S,
+            )
+        except NetworkError as exc:
             raise ShardServiceError("unreachable", f"{peer_id}: {exc}") from None
         reply = codec.decode(raw)
         if not isinstance(reply, dict) or not reply.get("ok"):

@@ -57,6 +57,14 @@ def test_three_daemons_generate_exactly_the_single_process_tokens(
         net.wait_all_found(30)
         deploy(net, model_dir, [(0, 2), (2, 4), (4, 6)])
         served = net.daemons[1].call("block_list", {})["local"][0]
+
+        def in_dht_record() -> bool:  # served ranges also travel in the signed DHT record
+            records = net.daemons[0].call("nodes_find", {})
+            mine = [r for r in records if r["peer_id"] == net.daemons[1].peer_id]
+            blocks = mine[0]["resources"].get("blocks") if mine else None
+            return bool(blocks) and blocks[0]["start"] == 2 and blocks[0]["model"] == "tiny"
+
+        wait_for(in_dht_record, 15, "the served range in the DHT record")
         whole = load_model(model_dir).nbytes()
         # a daemon serving 2 of 6 layers (no embedding, no head) holds about a third of them
         assert served["parameters_bytes"] < whole / 2

@@ -217,3 +217,24 @@ async def test_prompt_over_the_context_length_is_refused(model_dir):
         with pytest.raises(GenerationError, match="exceed"):
             await model.step(list(range(200)))
         nursery.cancel_scope.cancel()
+
+
+async def test_idle_sessions_expire(model_dir):
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(nursery)
+        server = await cluster.add("a", model_dir, 0, 6)
+        stream = await cluster.open_stream("a", "shard")
+        await stream.send(
+            wire.encode({"op": "open", "model": "tiny", "start": 0, "end": 6, "max_length": 8})
+        )
+        session = wire.decode(await stream.receive())[0]["session"]
+        server.session_idle_s = 0.0
+        assert server.reap_idle() == 1 and not server.sessions
+        await stream.send(
+            wire.encode(
+                {"op": "forward", "session": session, "position": 0},
+                torch.tensor([[1, 2]], dtype=torch.int64),
+            )
+        )
+        assert wire.decode(await stream.receive())[0]["code"] == "unknown_session"
+        nursery.cancel_scope.cancel()
