@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from p2p import codec
+from p2p.memnet import stream_pair
 from p2p.network import NetworkError, Stream
 from registry.replica import Rejected
 
@@ -281,17 +282,17 @@ class ShardService:
 
     async def _loopback(self, protocol: str) -> Stream:
         """A stream to our own shard server, in memory (libp2p cannot dial itself)."""
-        to_server_send, to_server_recv = trio.open_memory_channel[bytes](4)
-        to_client_send, to_client_recv = trio.open_memory_channel[bytes](4)
-        server_side = _ChannelStream("self", to_client_send, to_server_recv)
-        nursery = self.daemon.nursery
+        me = self.daemon.ident.peer_id
+        client_end, server_end = stream_pair(me, me, capacity=4)
 
         async def serve() -> None:
-            async with to_client_send:
-                await self.server.handle_stream(server_side)
+            try:
+                await self.server.handle_stream(server_end)
+            finally:
+                await server_end.close()
 
-        nursery.start_soon(serve)
-        return _ChannelStream(self.daemon.ident.peer_id, to_server_send, to_client_recv)
+        self.daemon.nursery.start_soon(serve)
+        return client_end
 
     async def generate(
         self,
@@ -359,24 +360,3 @@ class ShardService:
         job = Job(secrets.token_hex(8))
         self.jobs[job.id] = job
         return job
-
-
-class _ChannelStream:
-    def __init__(self, peer_id: str, send: Any, receive: Any) -> None:
-        self.peer_id = peer_id
-        self._send, self._receive = send, receive
-
-    async def send(self, frame: bytes) -> None:
-        try:
-            await self._send.send(frame)
-        except (trio.ClosedResourceError, trio.BrokenResourceError) as exc:
-            raise NetworkError("loopback stream closed") from exc
-
-    async def receive(self) -> bytes:
-        try:
-            return await self._receive.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
-            raise NetworkError("loopback stream ended") from exc
-
-    async def close(self) -> None:
-        await self._send.aclose()

@@ -14,31 +14,11 @@ from daemon.shards import wire  # noqa: E402
 from daemon.shards.client import GenerationError, RemoteModel, generate  # noqa: E402
 from daemon.shards.model import greedy_generate, load_model, make_tiny  # noqa: E402
 from daemon.shards.server import ShardServer  # noqa: E402
+from p2p.memnet import ChannelStream, stream_pair  # noqa: E402
 from p2p.network import NetworkError  # noqa: E402
 from scheduler.routing import Server  # noqa: E402
 
 LAYERS = 6
-
-
-class MemoryStream:
-    def __init__(self, peer_id: str, send, receive) -> None:
-        self.peer_id = peer_id
-        self._send, self._receive = send, receive
-
-    async def send(self, frame: bytes) -> None:
-        try:
-            await self._send.send(frame)
-        except (trio.ClosedResourceError, trio.BrokenResourceError) as exc:
-            raise NetworkError(f"stream to {self.peer_id} closed") from exc
-
-    async def receive(self) -> bytes:
-        try:
-            return await self._receive.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
-            raise NetworkError(f"stream from {self.peer_id} ended") from exc
-
-    async def close(self) -> None:
-        await self._send.aclose()
 
 
 class Cluster:
@@ -59,22 +39,20 @@ class Cluster:
         self.scopes[peer_id] = []
         return server
 
-    async def open_stream(self, peer_id: str, protocol: str) -> MemoryStream:
+    async def open_stream(self, peer_id: str, protocol: str) -> ChannelStream:
         if peer_id in self.dead or peer_id not in self.servers:
             raise NetworkError(f"cannot reach {peer_id}")
-        to_server_send, to_server_recv = trio.open_memory_channel(8)
-        to_client_send, to_client_recv = trio.open_memory_channel(8)
-        server_side = MemoryStream("client", to_client_send, to_server_recv)
+        client_end, server_end = stream_pair("client", peer_id)
         scope = trio.CancelScope()
         self.scopes[peer_id].append(scope)
 
         async def serve() -> None:
             with scope:
-                await self.servers[peer_id].handle_stream(server_side)
-            await to_client_send.aclose()
+                await self.servers[peer_id].handle_stream(server_end)
+            await server_end.close()
 
         self.nursery.start_soon(serve)
-        return MemoryStream(peer_id, to_server_send, to_client_recv)
+        return client_end
 
     def kill(self, peer_id: str) -> None:
         self.dead.add(peer_id)
