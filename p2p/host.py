@@ -505,7 +505,7 @@ class Libp2pNetwork:
                     raise
                 self.stream_errors += 1
                 self._on_reject("stream", _reason(exc))
-                log.debug("stream handler for %s failed: %r", protocol, exc)
+                log.info("stream handler for %s failed: %r", protocol, exc)
                 with contextlib.suppress(Exception):
                     await stream.reset()
 

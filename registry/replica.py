@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import trio
+
 from p2p import codec, identity
 from registry import schemas
 from registry.entry import Entry, EntryId, join, sign_entry, verify_entry
@@ -77,6 +79,7 @@ class Replica:
         self.hooks = schemas.default_hooks if hooks is None else hooks
         self._on_reject = on_reject or (lambda source, reason: None)
         self.entries: dict[EntryId, Entry] = {}
+        self._apply_lock = trio.Lock()
         self.applied = 0
         self.rejected: Counter[str] = Counter()
 
@@ -169,7 +172,14 @@ class Replica:
     # -- writes ------------------------------------------------------------------------
 
     async def apply(self, entries: Iterable[Entry], source: str = "local") -> list[Entry]:
-        """Check, merge and persist a batch; returns the entries that changed the replica."""
+        """Check, merge and persist a batch; returns the entries that changed the replica.
+
+        Batches apply one at a time: a batch merged against a state that another batch is
+        still committing could write an older entry over a newer one."""
+        async with self._apply_lock:
+            return await self._apply(entries, source)
+
+    async def _apply(self, entries: Iterable[Entry], source: str) -> list[Entry]:
         changed: dict[EntryId, Entry] = {}
         for entry in entries:
             current = changed.get(entry.id) or self.entries.get(entry.id)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import trio
 
 from p2p import codec
 from p2p.aio import AsyncioBridge
@@ -73,6 +74,7 @@ class RegistryStore:
         self._bridge = bridge
         self._path = path
         self._db: aiosqlite.Connection | None = None
+        self._write_lock = trio.Lock()
 
     async def open(self) -> None:
         self._db = await self._bridge.run(self._open)
@@ -120,7 +122,8 @@ class RegistryStore:
                 raise
             await db.execute("COMMIT")
 
-        await self._bridge.run(write)
+        async with self._write_lock:  # one transaction at a time on the one connection
+            await self._bridge.run(write)
 
     async def purge_tombstones(self, before_wall_ms: int) -> int:
         async def purge() -> int:
@@ -130,7 +133,8 @@ class RegistryStore:
             )
             return cursor.rowcount
 
-        return await self._bridge.run(purge)
+        async with self._write_lock:
+            return await self._bridge.run(purge)
 
     async def integrity_check(self) -> str:
         async def check() -> str:

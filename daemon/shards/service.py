@@ -132,6 +132,10 @@ class ShardService:
 
         path = Path(os.path.expanduser(model_dir))  # noqa: ASYNC240 - no I/O, string only
         await self.ensure_torch()
+        existing = self.local_block(model_id)
+        if existing is not None and (existing.start, existing.end) == (start, end):
+            await self._announce(existing.to_json())  # idempotent: a retried deploy finds it
+            return existing.to_json()
         try:
             block = await self.server.load(model_id, path, start, end, dtype=to_dtype(dtype))
         except (ShardError, ModelError) as exc:
@@ -223,15 +227,17 @@ class ShardService:
                 request["end"],
                 request.get("dtype", "float32"),
             )
-        try:
-            raw = await self.daemon.net.request(
-                peer_id,
-                CONTROL_PROTOCOL,
-                codec.encode({"op": "load", **request}),
-                timeout_s=LOAD_TIMEOUT_S,
-            )
-        except NetworkError as exc:
-            raise ShardServiceError("unreachable", f"{peer_id}: {exc}") from None
+        message = codec.encode({"op": "load", **request})
+        for attempt in (1, 2):  # one retry: a busy peer may have dropped the stream
+            try:
+                raw = await self.daemon.net.request(
+                    peer_id, CONTROL_PROTOCOL, message, timeout_s=LOAD_TIMEOUT_S
+                )
+                break
+            except NetworkError as exc:
+                if attempt == 2:
+                    raise ShardServiceError("unreachable", f"{peer_id}: {exc}") from None
+                log.warning("asking %s to load failed (%s); retrying once", peer_id, exc)
         reply = codec.decode(raw)
         if not isinstance(reply, dict) or not reply.get("ok"):
             error = reply.get("error") if isinstance(reply, dict) else "malformed reply"

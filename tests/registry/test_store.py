@@ -49,3 +49,26 @@ async def test_bridge_cancellation_does_not_hang():
             await bridge.run(asyncio.sleep, 30)
         assert scope.cancelled_caught
         assert await bridge.run(asyncio.sleep, 0, "done") == "done"
+
+
+async def test_concurrent_batches_commit_one_at_a_time(tmp_path):
+    """Gossip, sync and local writes apply concurrently in a daemon: every batch must commit,
+    and a batch must never write an older entry over a newer one."""
+    from registry.replica import Replica
+
+    async with open_bridge() as bridge:
+        store = RegistryStore(bridge, tmp_path / "registry.db")
+        await store.open()
+        replica = Replica(IDENT, store=store)
+        versions = [_entry("k", {"name": "k", "version": str(i)}, ts=10 + i) for i in range(20)]
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(
+                    replica.put, "components", f"c{i}", {"name": "c", "version": "1"}
+                )
+            for entry in reversed(versions):  # newest first: later batches must not regress it
+                nursery.start_soon(replica.apply, [entry])
+        stored = {e.key: e for e in await store.load_all()}
+        assert sorted(stored) == sorted([f"c{i}" for i in range(20)] + ["k"]), sorted(stored)
+        assert stored["k"] == versions[-1] == replica.get("components", "k")
+        await store.close()
