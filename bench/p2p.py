@@ -21,6 +21,7 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 import argparse  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 
 import trio  # noqa: E402
@@ -108,15 +109,24 @@ def measure_join(devnet: Devnet, config: Path) -> tuple[float, float]:
     newcomer.start()
     ready = time.monotonic()
     devnet.daemons.append(newcomer)  # stopped with the devnet
-    pending = {d.peer_id: d for d in devnet.daemons}
-    deadline = spawned + 60
-    while pending:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{len(pending)} daemons never found the newcomer")
-        for peer_id, daemon in list(pending.items()):
-            if newcomer.peer_id in {r["peer_id"] for r in daemon.call("nodes_find", {})}:
-                del pending[peer_id]
-    done = time.monotonic()
+    seen_at: dict[str, float] = {}
+
+    def watch(daemon: DaemonProcess) -> None:  # one poller per daemon: no daemon waits on another
+        client = daemon.client(timeout=10)
+        while time.monotonic() < spawned + 60:
+            if newcomer.peer_id in {r["peer_id"] for r in client.call("nodes_find", {})}:
+                seen_at[daemon.peer_id] = time.monotonic()
+                return
+            time.sleep(0.02)
+
+    threads = [threading.Thread(target=watch, args=(d,)) for d in devnet.daemons]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if len(seen_at) < len(devnet.daemons):
+        raise RuntimeError(f"{len(devnet.daemons) - len(seen_at)} daemons never found it")
+    done = max(seen_at.values())
     return done - spawned, done - ready
 
 
