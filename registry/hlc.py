@@ -42,6 +42,10 @@ class HybridClock:
         self._max_drift_ms = max_drift_ms
         self._last = Timestamp(0, 0)
 
+    def now_ms(self) -> int:
+        """Wall-clock milliseconds, without ticking the logical clock."""
+        return self._now_ms()
+
     @property
     def last(self) -> Timestamp:
         return self._last

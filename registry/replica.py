@@ -32,6 +32,8 @@ from registry.store import RegistryStore
 
 MAX_VALUE_BYTES = 64 * 1024
 MAX_LIST_LIMIT = 1000
+# how recent a competing (earlier) claim on an already-owned key must be to take it over
+CLAIM_WINDOW_MS = 60_000
 
 # (source, reason): where a refused entry came from ("local", "gossip", "sync") and why
 RejectHook = Callable[[str, str], None]
@@ -72,8 +74,10 @@ class Replica:
         store: RegistryStore | None = None,
         hooks: dict[str, schemas.AdmissionHook] | None = None,
         on_reject: RejectHook | None = None,
+        claim_window_ms: int = CLAIM_WINDOW_MS,
     ) -> None:
         self.ident = ident
+        self.claim_window_ms = claim_window_ms
         self.clock = clock or HybridClock()
         self.store = store
         self.hooks = schemas.default_hooks if hooks is None else hooks
@@ -133,6 +137,7 @@ class Replica:
         except schemas.SchemaError as exc:
             raise Rejected("schema", str(exc)) from None
         current = (pending or {}).get(entry.id) or self.entries.get(entry.id)
+        self._check_claim(entry, current)
         self._check_authorized(entry, current, pending)
         reason = schemas.admit(
             schemas.Write(
@@ -146,6 +151,24 @@ class Replica:
         )
         if reason:
             raise Rejected("admission", reason)
+
+    def _check_claim(self, entry: Entry, current: Entry | None) -> None:
+        """Refuse a takeover: a smaller (earlier) claim on a key held here under another claim
+        is taken only if it was made within `claim_window_ms` of now.
+
+        Two nodes creating one key at about the same time still converge on the earlier claim
+        everywhere; a claim backdated to steal a key created more than the window ago is
+        refused by every replica that holds the key. (A replica that never saw the key can
+        still be fed a backdated claim first; closing that needs attested creation times.)
+        """
+        if current is None or entry.claim >= current.claim:
+            return  # nothing held, the same claim, or a claim that loses the merge anyway
+        if entry.created.wall_ms < self.clock.now_ms() - self.claim_window_ms:
+            raise Rejected(
+                "stale_claim",
+                f"{entry.kind}/{entry.key} is already owned by {current.owner}; a competing "
+                "claim must be recent",
+            )
 
     def _check_authorized(
         self, entry: Entry, current: Entry | None, pending: Mapping[EntryId, Entry] | None

@@ -175,3 +175,35 @@ async def test_garbage_collection_of_tombstones():
     time.ms += 60_000
     assert await r.collect_garbage(horizon_ms=60_000) == 1
     assert r.get("components", "k") is None
+
+
+async def test_a_backdated_claim_cannot_take_over_an_owned_key():
+    time = FakeTime()
+    alice, carol = replica_for(ALICE, time), replica_for(CAROL, time)
+    owned = await alice.put("components", "llama", COMPONENT)
+    await carol.apply([owned])
+    time.ms += 120_000  # two minutes later, Bob signs a create "from before" Alice's
+    stolen = sign_entry(
+        BOB,
+        kind="components",
+        key="llama",
+        value={**COMPONENT, "version": "mine"},
+        ts=Timestamp(time.ms, 0),
+        created=Timestamp(owned.created.wall_ms - 1, 0),
+        owner=BOB.peer_id,
+    )
+    for replica in (alice, carol):
+        assert await replica.apply([stolen], "gossip") == []
+        assert replica.rejected["stale_claim"] == 1
+        assert replica.get("components", "llama") == owned
+
+
+async def test_concurrent_creates_converge_on_the_earlier_claim():
+    time = FakeTime()
+    alice, bob = replica_for(ALICE, time), replica_for(BOB, time)
+    first = await alice.put("components", "k", COMPONENT)
+    time.ms += 300  # Bob creates the same key before hearing of Alice's
+    second = await bob.put("components", "k", {**COMPONENT, "version": "2"})
+    await alice.apply([second])
+    await bob.apply([first])
+    assert alice.get("components", "k") == bob.get("components", "k") == first
