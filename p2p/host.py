@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 MAX_FRAME_BYTES = 4 << 20
 PING_TIMEOUT_S = 2.0
 MAX_MISSED_PINGS = 3
+FROZEN_AFTER_S = 20.0
 HELLO_PROTOCOL = "/gridmesh/hello/1.0.0"
 HELLO_TYPE = "hello"
 _LEN = struct.Struct(">I")
@@ -449,7 +450,10 @@ class Libp2pNetwork:
                         # lookups stop waiting on it; a live peer reconnects on its own.
                         state.rtt_ms = None
                         state.missed_pings += 1
-                        if state.missed_pings >= MAX_MISSED_PINGS:
+                        silent_s = time.time() - (state.last_seen or time.time())
+                        # a busy peer (a long import holding the GIL) misses a few pings;
+                        # only one silent for a long time is taken for frozen
+                        if state.missed_pings >= MAX_MISSED_PINGS and silent_s >= FROZEN_AFTER_S:
                             log.info("peer %s does not answer pings; disconnecting", peer_id)
                             with contextlib.suppress(Exception):
                                 await self.host.disconnect(ID.from_base58(peer_id))

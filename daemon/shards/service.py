@@ -271,14 +271,14 @@ class ShardService:
         from scheduler.routing import Server
 
         me = self.daemon.ident.peer_id
-        connected = self.daemon.net.connected_peers()
         out = []
         for item in self.announced(model_id):
             peer = item["peer_id"]
             state = self.daemon.net.peers.get(peer)
             rtt = 0.0 if peer == me else (state.rtt_ms if state and state.rtt_ms else 1.0)
-            alive = peer == me or peer in connected
-            out.append(Server(peer, item["start"], item["end"], item["ms_per_layer"], rtt, alive))
+            # every announced server counts as alive: opening its stream dials it if needed,
+            # and one that fails is excluded by the client for the rest of the generation
+            out.append(Server(peer, item["start"], item["end"], item["ms_per_layer"], rtt))
         return out
 
     async def open_stream(self, peer_id: str, protocol: str) -> Stream:

@@ -88,7 +88,7 @@ async def _wait_until_everyone_finds_everyone(
     everyone = sorted(sim.peer_id for sim in sims)
     start = trio.current_time()
     while trio.current_time() - start < limit_s:
-        await trio.sleep(10)
+        await trio.sleep(10)  # virtual time (autojump clock)
         if any(len(sim.node.known_peers()) < len(sims) - 1 for sim in sims):
             continue  # find() only asks for the peers a node knows; cheap to check first
         found = await _found(sims)
@@ -125,7 +125,7 @@ async def test_fifty_nodes_find_each_other_and_forget_a_crashed_one(autojump_clo
         hub.remove_node(victim.peer_id)
         removed_at = trio.current_time()
         survivors = [sim for sim in sims if sim is not victim]
-        await trio.sleep(1)
+        await trio.sleep(1)  # virtual time (autojump clock)
         still_there = [r.peer_id for r in await survivors[0].directory.find()]
         assert victim.peer_id in still_there  # its last record is still valid for a while
 
@@ -133,7 +133,7 @@ async def test_fifty_nodes_find_each_other_and_forget_a_crashed_one(autojump_clo
         # no store and no cache may return it (the acceptance bound is two periods)
         gone_by = removed_at + SETTINGS.record_validity_s + 1
         assert gone_by - removed_at <= 2 * SETTINGS.record_validity_s
-        await trio.sleep(gone_by - trio.current_time())
+        await trio.sleep(gone_by - trio.current_time())  # virtual time (autojump clock)
         found = await _found(survivors)
         for sim in survivors:
             _check_records(found[sim.peer_id], survivors)

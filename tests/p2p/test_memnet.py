@@ -150,7 +150,7 @@ async def test_partition_blocks_the_answer_of_a_request_in_flight(autojump_clock
 
     async def slow(sender: str, payload: bytes) -> bytes:
         arrived.set()
-        await trio.sleep(1.0)
+        await trio.sleep(1.0)  # virtual time (autojump clock)
         return b"late"
 
     b.set_request_handler("/slow", slow)
@@ -245,7 +245,7 @@ async def test_connect_resends_the_dial_until_the_peer_answers(autojump_clock):
     async with trio.open_nursery() as nursery:
 
         async def heal_later() -> None:
-            await trio.sleep(2.5)
+            await trio.sleep(2.5)  # virtual time (autojump clock)
             hub.heal()
 
         nursery.start_soon(heal_later)
@@ -359,15 +359,17 @@ async def test_peers_forget_a_crashed_node(autojump_clock):
     # a lookup does not wait out a silent peer, only a few round trips
     assert trio.current_time() - start < 2 * (hub.stall_s() + 2 * RTT)
     await survivor.refresh()
-    await trio.sleep(memnet.RPC_TIMEOUT_S)  # the last RPCs time out: four failures so far
+    await trio.sleep(  # virtual time (autojump clock)
+        memnet.RPC_TIMEOUT_S
+    )  # the last RPCs time out: four failures so far  # virtual time (autojump clock)
     assert crashed.peer_id in survivor.known_peers()
     await survivor.refresh()
-    await trio.sleep(memnet.RPC_TIMEOUT_S)
+    await trio.sleep(memnet.RPC_TIMEOUT_S)  # virtual time (autojump clock)
     assert crashed.peer_id not in survivor.known_peers()  # MAX_FAILURES reached
     # the others still name it, but hearsay does not bring it back for a while
     await survivor.refresh()
     assert crashed.peer_id not in survivor.known_peers()
-    await trio.sleep(memnet.EVICTION_BACKOFF_S)
+    await trio.sleep(memnet.EVICTION_BACKOFF_S)  # virtual time (autojump clock)
     await survivor.refresh()
     assert crashed.peer_id in survivor.known_peers()
 
@@ -377,7 +379,7 @@ async def test_maintenance_stops_when_the_node_is_removed(autojump_clock):
     a, b = await _chain(hub, 2)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(b.run_maintenance, 10.0)
-        await trio.sleep(25)
+        await trio.sleep(25)  # virtual time (autojump clock)
         hub.remove_node(b.peer_id)
     assert 30.0 < trio.current_time() < 30.1  # its next refresh found it removed, and returned
 
@@ -388,7 +390,7 @@ async def test_maintenance_spreads_a_chained_bootstrap(autojump_clock):
     async with trio.open_nursery() as nursery:
         for node in nodes:
             nursery.start_soon(node.run_maintenance, 10.0)
-        await trio.sleep(60)
+        await trio.sleep(60)  # virtual time (autojump clock)
         nursery.cancel_scope.cancel()
     everyone = {n.peer_id for n in nodes}
     assert all(n.known_peers() == everyone - {n.peer_id} for n in nodes)
@@ -444,7 +446,7 @@ async def _known_mesh(hub: MemoryNetwork, count: int) -> list[MemoryNode]:
         for _ in range(30):  # at most 300 virtual seconds
             if all(n.known_peers() == everyone - {n.peer_id} for n in nodes):
                 break
-            await trio.sleep(10)
+            await trio.sleep(10)  # virtual time (autojump clock)
         else:
             raise AssertionError("the nodes did not learn each other within 300 s")
         nursery.cancel_scope.cancel()
@@ -470,7 +472,7 @@ async def test_gossip_reaches_every_subscriber_of_fifty_nodes_in_a_few_hops(auto
         start = trio.current_time()
         before = hub.gossip_sent
         await publisher.publish(TOPIC, b"msg-%d" % round_)
-        await trio.sleep(1.0)
+        await trio.sleep(1.0)  # virtual time (autojump clock)
         for node in nodes:
             got = [(o, t) for o, d, t in inboxes[node.peer_id].got if d == b"msg-%d" % round_]
             if node is publisher:
@@ -496,7 +498,7 @@ async def test_gossip_with_loss_still_reaches_almost_everyone(autojump_clock):
     messages = 20
     for i in range(messages):
         await nodes[i].publish(TOPIC, b"lossy-%d" % i)
-    await trio.sleep(1.0)
+    await trio.sleep(1.0)  # virtual time (autojump clock)
     assert hub.messages_dropped > dropped
     deliveries = [len(inbox.got) for inbox in inboxes.values()]
     assert all(d <= messages for d in deliveries)  # never twice
@@ -511,7 +513,7 @@ async def test_gossip_is_not_echoed_nor_sent_back(autojump_clock):
     await a.connect(c.peer_id)  # a full triangle
     inboxes = await _subscribe_all([a, b, c])
     await a.publish(TOPIC, b"hello")
-    await trio.sleep(1)
+    await trio.sleep(1)  # virtual time (autojump clock)
     assert inboxes[a.peer_id].got == []
     assert [(o, d) for o, d, _ in inboxes[b.peer_id].got] == [(a.peer_id, b"hello")]
     assert [(o, d) for o, d, _ in inboxes[c.peer_id].got] == [(a.peer_id, b"hello")]
@@ -529,7 +531,7 @@ async def test_gossip_takes_one_latency_per_hop_and_counts_bytes(autojump_clock)
     before = hub.bytes_sent
     start = trio.current_time()
     await a.publish(TOPIC, b"x" * 1000)
-    await trio.sleep(1)
+    await trio.sleep(1)  # virtual time (autojump clock)
     assert inbox.got[0][2] - start == pytest.approx(LATENCY)
     msg_id = memnet.message_id(a.peer_id, b"x" * 1000)
     size = len(TOPIC) + len(a.peer_id) + len(msg_id) + 1000 + memnet._HEADER_BYTES
@@ -545,7 +547,7 @@ async def test_gossip_dedups_by_origin_and_data(autojump_clock):
     await a.publish(TOPIC, b"same")
     await a.publish(TOPIC, b"same")  # the same id: one message to receivers
     await b.publish(TOPIC, b"same")  # another origin: another message
-    await trio.sleep(1)
+    await trio.sleep(1)  # virtual time (autojump clock)
     assert sorted(o for o, _, _ in inboxes[c.peer_id].got) == sorted([a.peer_id, b.peer_id])
     assert [o for o, _, _ in inboxes[a.peer_id].got] == [b.peer_id]
     assert [o for o, _, _ in inboxes[b.peer_id].got] == [a.peer_id]
@@ -557,13 +559,13 @@ async def test_gossip_skips_unsubscribed_and_unknown_peers(autojump_clock):
     stranger = hub.add_node("stranger")  # subscribed, but nobody knows it
     inboxes = await _subscribe_all([a, c, stranger])  # b is not subscribed
     await a.publish(TOPIC, b"m")
-    await trio.sleep(1)
+    await trio.sleep(1)  # virtual time (autojump clock)
     # a knows no subscriber: nothing is sent (b, which could relay, has not subscribed)
     assert hub.gossip_sent == 0
     assert hub.subscribers(TOPIC) == {a.peer_id, c.peer_id, "stranger"}
     await b.subscribe(TOPIC, Inbox())
     await a.publish(TOPIC, b"m2")
-    await trio.sleep(1)
+    await trio.sleep(1)  # virtual time (autojump clock)
     assert [d for _, d, _ in inboxes[c.peer_id].got] == [b"m2"]  # relayed by b
     assert inboxes["stranger"].got == []
 
@@ -575,13 +577,13 @@ async def test_partitions_block_gossip_and_heal_restores(autojump_clock):
     left = {n.peer_id for n in nodes[:3]}
     hub.partition([left])
     await nodes[0].publish(TOPIC, b"split")
-    await trio.sleep(1)
+    await trio.sleep(1)  # virtual time (autojump clock)
     for node in nodes[1:]:
         expected = [b"split"] if node.peer_id in left else []
         assert inboxes[node.peer_id].data() == expected
     hub.heal()
     await nodes[5].publish(TOPIC, b"healed")
-    await trio.sleep(1)
+    await trio.sleep(1)  # virtual time (autojump clock)
     assert all(b"healed" in inboxes[n.peer_id].data() for n in nodes[:5])
 
 
@@ -600,7 +602,7 @@ async def test_handler_errors_are_counted_and_delivery_goes_on(autojump_clock):
     await b.subscribe(TOPIC, inbox)  # a second handler on the same topic
     for data in (b"one", b"boom", b"two"):
         await a.publish(TOPIC, data)
-    await trio.sleep(1)
+    await trio.sleep(1)  # virtual time (autojump clock)
     assert calls == [b"one", b"boom", b"two"]
     assert inbox.data() == [b"one", b"boom", b"two"]  # the other handler still ran
     assert b.gossip_handler_errors == 1
@@ -613,7 +615,7 @@ async def test_crashed_nodes_neither_get_nor_send_gossip(autojump_clock):
     inboxes = await _subscribe_all([a, b, c])
     await a.publish(TOPIC, b"in flight")
     hub.remove_node(b.peer_id)  # crashes before the message arrives
-    await trio.sleep(1)
+    await trio.sleep(1)  # virtual time (autojump clock)
     assert inboxes[b.peer_id].got == []
     assert inboxes[c.peer_id].data() == [b"in flight"]
     assert hub.subscribers(TOPIC) == {a.peer_id, c.peer_id}
@@ -630,9 +632,9 @@ async def test_seen_cache_is_bounded(autojump_clock):
     await b.subscribe(TOPIC, inbox)
     for i in range(10):
         await a.publish(TOPIC, b"%d" % i)
-    await trio.sleep(1)
+    await trio.sleep(1)  # virtual time (autojump clock)
     assert len(b._seen) == len(b._seen_order) == 4
     await a.publish(TOPIC, b"0")  # forgotten long ago: delivered again
     await a.publish(TOPIC, b"9")  # still remembered: dropped
-    await trio.sleep(1)
+    await trio.sleep(1)  # virtual time (autojump clock)
     assert inbox.data() == [b"%d" % i for i in range(10)] + [b"0"]

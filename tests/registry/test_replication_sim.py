@@ -120,7 +120,7 @@ async def network(
             await sim.node.connect(sims[-1].peer_id)
         await start(nursery, sim)
         sims.append(sim)
-    await trio.sleep(5)  # the first refreshes spread the chain
+    await trio.sleep(5)  # the first refreshes spread the chain (virtual time, autojump clock)
     return sims
 
 
@@ -140,7 +140,7 @@ async def wait_converged(sims: list[SimNode], limit_s: float, step_s: float = 0.
         if trio.current_time() - start > limit_s:
             sizes = Counter(len(sim.replica.entries) for sim in sims)
             raise AssertionError(f"no convergence within {limit_s} s; entries held: {sizes}")
-        await trio.sleep(step_s)
+        await trio.sleep(step_s)  # virtual time (autojump clock)
     return trio.current_time() - start
 
 
@@ -164,7 +164,7 @@ async def test_two_hundred_nodes_converge_through_loss_and_a_partition(autojump_
             keys.append(key)
             arrivals.written[key] = trio.current_time()
             await rng.choice(sims).replicator.write("components", key, component(i))
-            await trio.sleep(0.1)
+            await trio.sleep(0.1)  # virtual time (autojump clock)
         await wait_converged(sims, limit_s=30)
         times = [arrivals.convergence(key, len(sims)) for key in keys]
         assert None not in times
@@ -180,13 +180,13 @@ async def test_two_hundred_nodes_converge_through_loss_and_a_partition(autojump_
         for i in range(20):
             await rng.choice(left).replicator.write("components", f"left-{i}", component(i))
             await rng.choice(right).replicator.write("components", f"right-{i}", component(i))
-            await trio.sleep(0.1)
+            await trio.sleep(0.1)  # virtual time (autojump clock)
         # the same keys created on both sides: the earlier claim must win everywhere
         early_left, late_right = left[3], right[4]
         early_right, late_left = right[5], left[6]
         await early_left.replicator.write("components", "contested-a", component("a", "left"))
         await early_right.replicator.write("components", "contested-b", component("b", "right"))
-        await trio.sleep(0.5)
+        await trio.sleep(0.5)  # virtual time (autojump clock)
         await late_right.replicator.write("components", "contested-a", component("a", "right"))
         await late_left.replicator.write("components", "contested-b", component("b", "left"))
         # owners update and delete their own entries on their side only
@@ -195,7 +195,7 @@ async def test_two_hundred_nodes_converge_through_loss_and_a_partition(autojump_
         updater, deleter = by_peer[owners["w-1"]], by_peer[owners["w-2"]]
         await updater.replicator.write("components", "w-1", component(1, "2"))
         await deleter.replicator.write("components", "w-2", None)
-        await trio.sleep(5)
+        await trio.sleep(5)  # virtual time (autojump clock)
         assert not converged(sims)
         assert all("right-0" not in {k for _, k in s.replica.entries} for s in left)
 
@@ -221,7 +221,7 @@ async def test_a_late_joiner_catches_up_through_anti_entropy(autojump_clock):
         sims = await network(nursery, hub, 30)
         for i in range(100):
             await rng.choice(sims).replicator.write("components", f"early-{i}", component(i))
-            await trio.sleep(0.05)
+            await trio.sleep(0.05)  # virtual time (autojump clock)
         await wait_converged(sims, limit_s=30)
 
         joiner = add_node(hub)
@@ -302,7 +302,7 @@ async def test_malformed_gossip_and_sync_are_counted_and_change_nothing(autojump
         ]
         for data, _ in gossip:
             await attacker.publish(topic_for(SETTINGS.network_id), data)
-        await trio.sleep(1)
+        await trio.sleep(1)  # virtual time (autojump clock)
         expected = sum(count for _, count in gossip)
         for sim, applied_before in zip(sims, applied, strict=True):
             assert sim.replicator.stats["rejected_gossip"] == expected
@@ -343,7 +343,8 @@ async def test_malformed_gossip_and_sync_are_counted_and_change_nothing(autojump
         assert [e["key"] for e in reply["entries"]] == ["honest-1"]
 
         rounds = [sim.replicator.stats["sync_rounds"] for sim in sims]
-        await trio.sleep(5)  # a few anti-entropy rounds: nothing bad spreads
+        # a few anti-entropy rounds: nothing bad spreads
+        await trio.sleep(5)  # virtual time (autojump clock)
         assert [sim.replica.entries for sim in sims] == before
         # rounds with the attacker fail (it serves no sync); the others go on
         assert all(s.replicator.stats["sync_rounds"] > n for s, n in zip(sims, rounds, strict=True))
