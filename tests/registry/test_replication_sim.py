@@ -83,7 +83,9 @@ def add_node(
     settings: ReplicationSettings = SETTINGS,
     arrivals: Arrivals | None = None,
 ) -> SimNode:
-    ident = NodeIdentity.generate()
+    # identities from the hub's seeded generator: the same peer ids, so the same topology,
+    # on every run
+    ident = NodeIdentity(node_seed=hub.rng.randbytes(32), payout_key=hub.rng.randbytes(32))
     node = hub.add_node(ident.peer_id)
     replica = Replica(ident, clock=HybridClock(now_ms=lambda: int(hub.now() * 1000)))
     if arrivals is not None:
