@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -118,6 +119,32 @@ def test_three_daemons_generate_exactly_the_single_process_tokens(
         )
         assert cli.returncode == 0, cli.stderr
         assert "4 tokens" in cli.stderr
+
+        def gm(*args: str) -> subprocess.CompletedProcess[str]:
+            home = ["--home", str(net.daemons[2].home)]
+            return subprocess.run(
+                [sys.executable, "-m", "daemon.cli.main", *args, *home],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+
+        plan = gm("deploy", str(model_dir), "--model", "tiny2", "--nodes", "2", "--dry-run")
+        assert plan.returncode == 0, plan.stderr
+        assert len(plan.stdout.strip().splitlines()) == 2 and "layers [0," in plan.stdout
+        listed = json.loads(gm("blocks", "--json").stdout)
+        assert listed["local"][0]["start"] == 4
+        assert len(listed["announced"]["tiny"]) == 3
+        # undeploy withdraws the announcement everywhere
+        assert net.daemons[2].call("block_undeploy", {"model": "tiny"})["unloaded"]
+        wait_for(
+            lambda: (
+                len(net.daemons[0].call("block_list", {"model": "tiny"})["announced"]["tiny"]) == 2
+            ),
+            10,
+            "the withdrawal to replicate",
+        )
+        assert net.daemons[2].call("block_list", {})["local"] == []
 
 
 def test_sigkilled_server_with_a_replica_still_gives_the_same_tokens(
