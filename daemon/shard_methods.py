@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from daemon.api.jsonrpc import Dispatcher, Param, RPCError, invalid_params
-from daemon.shards.service import Job, ShardService, ShardServiceError
+from daemon.shards.service import ShardService, ShardServiceError
 
 if TYPE_CHECKING:
     from daemon.node import Daemon
@@ -18,20 +18,6 @@ MAX_NEW_TOKENS = 4096
 
 def _failed(exc: ShardServiceError) -> RPCError:
     return RPCError(SHARD_ERROR, f"{exc.code}: {exc}", {"reason": exc.code})
-
-
-def _job_json(job: Job, since: int = 0) -> dict[str, Any]:
-    return {
-        "job": job.id,
-        "tokens": job.tokens[since:],
-        "n_tokens": len(job.tokens),
-        "text": job.text,
-        "done": job.done,
-        "error": job.error,
-        "route": job.route,
-        "recoveries": job.recoveries,
-        "seconds": round(job.finished - job.started, 3) if job.finished else None,
-    }
 
 
 def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: ShardService) -> None:
@@ -180,32 +166,20 @@ def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: Shar
             return {"job": job.id}
         await run
         if job.error:
-            raise RPCError(SHARD_ERROR, job.error, _job_json(job))
-        return _job_json(job)
+            raise RPCError(SHARD_ERROR, job.error, job.to_json())
+        return job.to_json()
 
     async def _encode(model: str, prompt: str) -> list[int]:
-        await service.ensure_torch()
-        from daemon.shards.model import ModelError, load_tokenizer
-
-        local = service.local_block(model)
-        if local is None:
-            raise invalid_params(
-                "this node holds no shard of the model and so no tokenizer: pass token_ids, "
-                "or call generate on a serving node"
-            )
         try:
-            ids = load_tokenizer(local.model_dir).encode(prompt)
-        except ModelError as exc:
-            raise invalid_params(f"cannot tokenize: {exc}") from None
-        if not ids:
-            raise invalid_params("the prompt is empty")
-        return ids
+            return await service.encode_prompt(model, prompt)
+        except ShardServiceError as exc:
+            raise invalid_params(str(exc)) from None
 
     async def generate_poll(job: str, since: int = 0) -> dict[str, Any]:
         found = service.jobs.get(job)
         if found is None:
             raise invalid_params(f"unknown job {job[:40]!r}")
-        return _job_json(found, max(0, since))
+        return found.to_json(since)
 
     model_param = Param("model", (str,), True, "model id the shards were deployed under")
     dir_param = Param("model_dir", (str,), True, "local directory of an HF Llama checkpoint")

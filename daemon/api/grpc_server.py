@@ -492,24 +492,15 @@ class ShardBackend:
         return announced
 
     async def _encode(self, model: str, prompt: str) -> list[int]:
-        local = self.service.local_block(model)
-        if local is None:
-            raise BackendError(
-                "failed_precondition",
-                "this node holds no shard of the model and so no tokenizer: pass token_ids, "
-                "or call a serving node",
-            )
-        await self.service.ensure_torch()
-        from daemon.shards.model import ModelError, load_tokenizer
+        from daemon.shards.service import ShardServiceError
 
+        await self.service.ensure_torch()
         try:
-            tokenizer = await trio.to_thread.run_sync(load_tokenizer, local.model_dir)
-            ids = tokenizer.encode(prompt)
-        except ModelError as exc:
-            raise BackendError("failed_precondition", f"cannot tokenize: {exc}") from None
-        if not ids:
-            raise BackendError("invalid_argument", "the prompt is empty")
-        return ids
+            return await self.service.encode_prompt(model, prompt)
+        except ShardServiceError as exc:
+            empty = exc.code == "empty_prompt"
+            code: ErrorCode = "invalid_argument" if empty else "failed_precondition"
+            raise BackendError(code, str(exc)) from None
 
     async def start_generation(
         self,
@@ -556,16 +547,8 @@ class ShardBackend:
         if job is None:
             raise BackendError("not_found", f"unknown job {job_id[:40]!r}")
         return {
-            "job": job.id,
-            "tokens": job.tokens[max(0, since) :],
-            "n_tokens": len(job.tokens),
-            "text": job.text,
-            "done": job.done,
-            "error": job.error,
+            **job.to_json(since),
             "error_code": _job_error_code(job.error) if job.error else None,
-            "route": job.route,
-            "recoveries": job.recoveries,
-            "seconds": round(job.finished - job.started, 3) if job.finished else None,
         }
 
     def cancel(self, job_id: str) -> None:

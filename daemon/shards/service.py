@@ -61,6 +61,20 @@ class Job:
     started: float = field(default_factory=time.time)
     finished: float | None = None
 
+    def to_json(self, since: int = 0) -> dict[str, Any]:
+        """What the APIs report: tokens from index `since` on, and the state so far."""
+        return {
+            "job": self.id,
+            "tokens": self.tokens[max(0, since) :],
+            "n_tokens": len(self.tokens),
+            "text": self.text,
+            "done": self.done,
+            "error": self.error,
+            "route": self.route,
+            "recoveries": self.recoveries,
+            "seconds": round(self.finished - self.started, 3) if self.finished else None,
+        }
+
 
 class ShardService:
     def __init__(
@@ -71,6 +85,7 @@ class ShardService:
         self.torch_threads = torch_threads
         self._server: ShardServer | None = None
         self.jobs: dict[str, Job] = {}
+        self._tokenizers: dict[Path, Any] = {}
 
     # -- serving -----------------------------------------------------------------------
 
@@ -312,7 +327,6 @@ class ShardService:
     ) -> Job:
         from daemon.shards.client import GenerationError, RemoteModel
         from daemon.shards.client import generate as generate_tokens
-        from daemon.shards.model import ModelError, load_tokenizer
 
         await self.ensure_torch()
         announced = self.announced(model_id)
@@ -320,13 +334,10 @@ class ShardService:
             job.error, job.done = f"no server announces model {model_id!r}", True
             return job
         num_layers = max(item["end"] for item in announced)
-        local = self.local_block(model_id)
-        tokenizer = None
-        if local is not None:
-            try:
-                tokenizer = load_tokenizer(local.model_dir)
-            except ModelError:
-                tokenizer = None
+        try:
+            tokenizer = await self.tokenizer(model_id)
+        except ShardServiceError:
+            tokenizer = None  # token ids in, token ids out: text is a convenience
         model = RemoteModel(
             self,
             lambda: self.servers(model_id),
@@ -356,6 +367,35 @@ class ShardService:
             with trio.CancelScope(shield=True):
                 await model.close()
         return job
+
+    async def tokenizer(self, model_id: str) -> Any:
+        """The tokenizer of a model served here (read once per checkpoint), or None."""
+        local = self.local_block(model_id)
+        if local is None:
+            return None
+        if local.model_dir not in self._tokenizers:
+            from daemon.shards.model import ModelError, load_tokenizer
+
+            try:
+                loaded = await trio.to_thread.run_sync(load_tokenizer, local.model_dir)
+            except ModelError as exc:
+                raise ShardServiceError("tokenizer_error", f"cannot tokenize: {exc}") from None
+            self._tokenizers[local.model_dir] = loaded
+        return self._tokenizers[local.model_dir]
+
+    async def encode_prompt(self, model_id: str, prompt: str) -> list[int]:
+        """Token ids of a prompt, with the tokenizer of a local shard of the model."""
+        tokenizer = await self.tokenizer(model_id)
+        if tokenizer is None:
+            raise ShardServiceError(
+                "no_tokenizer",
+                "this node holds no shard of the model and so no tokenizer: pass token_ids, "
+                "or call a serving node",
+            )
+        ids = tokenizer.encode(prompt)
+        if not ids:
+            raise ShardServiceError("empty_prompt", "the prompt is empty")
+        return list(ids)
 
     def new_job(self) -> Job:
         now = time.time()
