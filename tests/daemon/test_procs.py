@@ -200,3 +200,15 @@ def test_cli_against_a_running_daemon(tmp_path, fast_config):
         assert run("peers", "--home", str(home)).returncode == 0
     finally:
         daemon.stop()
+
+
+def test_sigint_stops_within_five_seconds(tmp_path, fast_config):
+    daemon = DaemonProcess(tmp_path / "home", config=fast_config).start()
+    try:
+        started = time.monotonic()
+        daemon.proc.send_signal(signal.SIGINT)
+        assert daemon.proc.wait(10) == 0
+        assert time.monotonic() - started < 5
+        assert not (daemon.home / "daemon.json").exists()
+    finally:
+        daemon.stop()
