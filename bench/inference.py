@@ -4,7 +4,8 @@ Makes a random Llama-shaped checkpoint (default: hidden 2048, 8 layers, float32)
 - one process: greedy decode with the KV cache (the reference), tokens/s;
 - N daemons on loopback, each serving a contiguous range, driven by one extra client daemon:
   decode tokens/s and the overhead per network hop,
-  (time per token split - time per token in one process) / hops;
+  (time per token split - time per token in one process) / hops, both chained (each server
+  pushes to the next, the default) and relayed (the client sends every hop's input);
 - recovery: 3 servers with a replica of the middle range; the serving replica is SIGKILLed
   mid-generation; seconds from the failure to the first replayed step, and whether the
   tokens equal the reference.
@@ -89,8 +90,8 @@ def deploy(
     )
 
 
-def timed_generate(client: DaemonProcess, tokens: int) -> tuple[float, list[int]]:
-    params = {"model": "m", "token_ids": PROMPT}
+def timed_generate(client: DaemonProcess, tokens: int, relay: bool) -> tuple[float, list[int]]:
+    params = {"model": "m", "token_ids": PROMPT, "relay": relay}
     client.call("generate", {**params, "max_tokens": 2})  # warm up: torch import, caches
     started = time.perf_counter()
     client.call("generate", {**params, "max_tokens": 1})
@@ -98,6 +99,8 @@ def timed_generate(client: DaemonProcess, tokens: int) -> tuple[float, list[int]
     started = time.perf_counter()
     out = client.call("generate", {**params, "max_tokens": tokens + 1})
     total = time.perf_counter() - started
+    if out["forwarding"] != ("relayed" if relay else "chained"):
+        raise RuntimeError(f"asked relay={relay}, the generation went {out['forwarding']}")
     return (total - prefill) / tokens, out["tokens"]
 
 
@@ -156,14 +159,16 @@ def main() -> int:
             with Devnet(n + 1, root=root / f"split{n}", config=config) as net:
                 net.wait_all_found(60)
                 deploy(net.daemons[0], net.daemons[1:], model_dir, args.layers)
-                per_token, tokens = timed_generate(net.daemons[0], args.tokens)
-            rows.append((f"{n} daemons", n, per_token, tokens == reference))
+                for relay in (False, True):
+                    per_token, tokens = timed_generate(net.daemons[0], args.tokens, relay)
+                    how = "relayed" if relay else "chained"
+                    rows.append((f"{n} daemons, {how}", n, per_token, tokens == reference))
         print("recovery ...", file=sys.stderr, flush=True)
         recovery_s, recovered_same = recovery(
             root / "recovery", config, model_dir, args.layers, reference
         )
     header = (
-        f"{'setup':>10} | {'hops':>4} | {'ms/token':>8} | {'tokens/s':>8} | "
+        f"{'setup':>20} | {'hops':>4} | {'ms/token':>8} | {'tokens/s':>8} | "
         f"{'overhead/hop':>12} | {'same tokens':>11}"
     )
     print(header)
@@ -171,7 +176,7 @@ def main() -> int:
     for name, hops, per_token, same in rows:
         overhead = f"{(per_token - base) * 1000 / hops:>9.2f} ms" if hops else f"{'-':>12}"
         print(
-            f"{name:>10} | {hops:>4} | {per_token * 1000:>8.2f} | {1 / per_token:>8.2f} | "
+            f"{name:>20} | {hops:>4} | {per_token * 1000:>8.2f} | {1 / per_token:>8.2f} | "
             f"{overhead} | {'yes' if same else 'NO':>11}"
         )
     print(

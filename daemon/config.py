@@ -50,6 +50,7 @@ class RegistryConfig:
 class ShardsConfig:
     allow_remote_deploy: bool = False
     torch_threads: int = 0
+    cache_gib: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,8 @@ class Config:
             raise ConfigError("registry intervals and timeouts must be positive")
         if reg.tombstone_horizon_s < 60:
             raise ConfigError("registry.tombstone_horizon_s must be at least 60")
+        if self.shards.cache_gib < 0:
+            raise ConfigError("shards.cache_gib must be >= 0 (0: half the free memory)")
         if self.p2p.reconnect_min_s <= 0 or self.p2p.reconnect_max_s < self.p2p.reconnect_min_s:
             raise ConfigError("p2p.reconnect_min_s must be > 0 and <= reconnect_max_s")
         return self

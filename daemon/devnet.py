@@ -330,7 +330,8 @@ def shard_demo(daemons: list[DaemonProcess], root: Path, prompt: str, max_tokens
     names = {d.peer_id: f"node{i}" for i, d in enumerate(daemons)}
     route = " -> ".join(f"{names[h['peer_id']]}[{h['start']},{h['end']})" for h in remote["route"])
     remote_text, local_text = tokenizer.decode(remote["tokens"]), tokenizer.decode(local)
-    print(f"route from node0: {route}")
+    how = {"chained": "each server pushed to the next", "relayed": "node0 relayed every hop"}
+    print(f"route from node0: {route} ({how[remote['forwarding']]})")
     print(f"generated {len(remote['tokens'])} tokens in {remote['seconds']} s")
     print(f"through the shards: {remote_text!r}")
     print(f"single process:     {local_text!r}")

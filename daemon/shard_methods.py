@@ -139,6 +139,7 @@ def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: Shar
         temperature: float = 0.0,
         seed: int | None = None,
         stream: bool = False,
+        relay: bool = False,
     ) -> dict[str, Any]:
         if (prompt is None) == (token_ids is None):
             raise invalid_params("give exactly one of prompt or token_ids")
@@ -156,7 +157,9 @@ def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: Shar
             job = service.new_job()
         except ShardServiceError as exc:
             raise _failed(exc) from None
-        run = service.generate(job, model, ids, max_tokens, temperature=temperature, seed=seed)
+        run = service.generate(
+            job, model, ids, max_tokens, temperature=temperature, seed=seed, relay=relay
+        )
         if stream:
 
             async def in_background() -> None:
@@ -242,6 +245,13 @@ def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: Shar
             Param("temperature", (float,), False, "0 (default) is greedy"),
             Param("seed", (int,), False, "sampling seed"),
             Param("stream", (bool,), False, "return a job id at once; poll generate_poll"),
+            Param(
+                "relay",
+                (bool,),
+                False,
+                "send every hop's activations through this node instead of letting each "
+                "server push to the next (default false)",
+            ),
         ],
         "Generate through the chain of shard servers (greedy or seeded sampling).",
     )

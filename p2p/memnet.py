@@ -1030,6 +1030,12 @@ class ChannelStream:
     async def close(self) -> None:
         await self._send.aclose()
 
+    def abort(self) -> None:
+        """Break both directions at once, as a killed process would: the other end's
+        sends and receives fail."""
+        self._send.close()
+        self._receive.close()
+
 
 def stream_pair(a_id: str, b_id: str, capacity: int = 8) -> tuple[ChannelStream, ChannelStream]:
     """Two connected stream ends: the first is `a`'s end (its peer is `b`), then `b`'s."""

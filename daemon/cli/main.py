@@ -337,6 +337,13 @@ def generate(
     max_tokens: int = typer.Option(32, "--max-tokens", min=1),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy."),
     seed: int | None = typer.Option(None, "--seed", help="Sampling seed."),
+    relay: bool = typer.Option(
+        False,
+        "--relay",
+        help="Route every hop's activations through this daemon (by default each server "
+        "pushes to the next one directly; relaying is for servers that cannot reach each "
+        "other, and is what the client falls back to when it sees that).",
+    ),
     home: Path | None = HomeOption,
 ) -> None:
     """Generate text through the shard servers, printing tokens as they come."""
@@ -348,6 +355,7 @@ def generate(
         "max_tokens": max_tokens,
         "temperature": temperature,
         "stream": True,
+        "relay": relay,
     }
     if seed is not None:
         params["seed"] = seed
@@ -365,7 +373,8 @@ def generate(
     if state["error"]:
         fail(state["error"])
     hops = " -> ".join(f"{h['peer_id'][-6:]}[{h['start']},{h['end']})" for h in state["route"])
-    typer.echo(f"({state['n_tokens']} tokens in {state['seconds']} s via {hops})", err=True)
+    how = state.get("forwarding", "chained")
+    typer.echo(f"({state['n_tokens']} tokens in {state['seconds']} s via {hops}, {how})", err=True)
 
 
 def main() -> None:

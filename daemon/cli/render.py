@@ -107,7 +107,7 @@ def entries(rows: list[dict[str, Any]]) -> None:
 
 def blocks(result: dict[str, Any]) -> None:
     table = Table(title="served here")
-    for column in ("model", "layers", "dtype", "params", "ms/layer", "steps"):
+    for column in ("model", "layers", "dtype", "params", "ms/layer", "steps", "free cache"):
         table.add_column(column)
     for block in result.get("local", []):
         table.add_row(
@@ -117,16 +117,19 @@ def blocks(result: dict[str, Any]) -> None:
             gib(block["parameters_bytes"]),
             str(block["ms_per_layer"]),
             str(block["steps"]),
+            f"{block.get('cache_tokens_free', '?')} positions",
         )
     console.print(table)
     for model, servers in result.get("announced", {}).items():
         table = Table(title=f"announced servers of {model}")
-        for column in ("peer id", "layers", "ms/layer"):
+        for column in ("peer id", "layers", "ms/layer", "free cache"):
             table.add_column(column)
         for server in sorted(servers, key=lambda s: (s["start"], s["peer_id"])):
+            free = server.get("cache_tokens_free")
             table.add_row(
                 short_id(server["peer_id"]),
                 f"[{server['start']}, {server['end']})",
                 f"{server['ms_per_layer']:.2f}",
+                "?" if free is None else f"{free} positions",
             )
         console.print(table)

@@ -1,17 +1,25 @@
 """The shard client: generate through a chain of remote shard servers, surviving failures.
 
 A route (scheduler.routing) is a chain of hops covering all layers. Each hop is a session on
-one server, over one long-lived stream. Every step goes hop by hop; each hop keeps the inputs
-it was sent, chunk by chunk with their positions. When a hop fails (stream reset or EOF,
-an error reply, or a step past its deadline), the client re-routes from that hop's first layer
-without the failed server, opens fresh sessions, and replays the recorded chunks through the
-new hops with the positions they had, so the rebuilt caches are the ones that were lost, and
-the generated tokens are exactly those of a run without the failure (Petals replays from
-position 0 into a broken cache; #587).
+one server, over one long-lived stream. A step is either chained (default: the client sends
+the first hop its input and the rest of the route; each server pushes its output to the next
+and the last one answers the client, see daemon.shards.server) or relayed (the client sends
+each hop its input and gets the output back). Either way the client records every hop's
+inputs, chunk by chunk with their positions: in a chained step each server sends the client
+a copy of what it pushed on.
+
+When a hop fails (stream reset or EOF, an error reply, or no progress within the step
+timeout), the client re-routes from that hop's first layer without the failed server, opens
+fresh sessions, and replays the recorded chunks through the new hops with the positions they
+had, so the rebuilt caches are the ones that were lost, and the generated tokens are exactly
+those of a run without the failure (Petals replays from position 0 into a broken cache;
+#587). A server that cannot push to the next one (servers that cannot reach each other, e.g.
+behind NAT) makes the client relay the rest of the generation itself.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -57,25 +65,44 @@ class Hop:
     session: str
     chunks: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
+    def record(self, position: int, x: torch.Tensor) -> None:
+        """Keep an input for replay (once: a chained step may have recorded it already)."""
+        if not self.chunks or self.chunks[-1][0] < position:
+            self.chunks.append((position, x))
+
+    async def send(self, header: dict[str, Any], tensor: torch.Tensor | None = None) -> None:
+        try:
+            await self.stream.send(wire.encode(header, tensor))
+        except NetworkError as exc:
+            raise HopFailed(self.peer_id, str(exc)) from None
+
+    async def receive(self) -> tuple[dict[str, Any], torch.Tensor | None]:
+        try:
+            return wire.decode(await self.stream.receive())
+        except (NetworkError, wire.WireError) as exc:
+            raise HopFailed(self.peer_id, str(exc)) from None
+
     async def call(
         self, header: dict[str, Any], tensor: torch.Tensor | None, timeout_s: float
     ) -> tuple[dict[str, Any], torch.Tensor | None]:
         try:
             with trio.fail_after(timeout_s):
-                await self.stream.send(wire.encode(header, tensor))
-                reply, out = wire.decode(await self.stream.receive())
+                await self.send(header, tensor)
+                reply, out = await self.receive()
+                while "step" in reply:  # a late message of an abandoned chained step
+                    reply, out = await self.receive()
         except trio.TooSlowError:
             raise HopFailed(self.peer_id, f"no answer within {timeout_s:.1f} s") from None
-        except (NetworkError, wire.WireError) as exc:
-            raise HopFailed(self.peer_id, str(exc)) from None
+        self.check(reply)
+        return reply, out
+
+    def check(self, reply: dict[str, Any]) -> None:
+        """Raise for an error reply: GenerationError if our request is at fault."""
         if reply.get("op") == "error":
-            message = f"{reply.get('code')}: {reply.get('message')}"
-            if (
-                reply.get("code") in REQUEST_ERRORS
-            ):  # our request is wrong: another server won't help
+            message = f"{reply.get('code')}: {str(reply.get('message'))[:300]}"
+            if reply.get("code") in REQUEST_ERRORS:  # another server would refuse it too
                 raise GenerationError(f"{self.peer_id} refused: {message}")
             raise HopFailed(self.peer_id, message)
-        return reply, out
 
 
 # () -> servers currently announced for the model (with RTTs); refreshed on every re-route
@@ -95,7 +122,10 @@ class RemoteModel:
         max_length: int,
         step_timeout_s: float = 10.0,
         max_recoveries: int = 8,
+        chained: bool = True,
     ) -> None:
+        """`step_timeout_s`: how long a step may make no progress before its hop counts as
+        failed. `chained`: servers push to each other (else the client relays every hop)."""
         self._opener = opener
         self._servers = servers
         self.model_id = model_id
@@ -105,8 +135,10 @@ class RemoteModel:
         self.max_recoveries = max_recoveries
         self.hops: list[Hop] = []
         self.failed: set[str] = set()
+        self.chained = chained
         self.length = 0
         self.recoveries: list[dict[str, Any]] = []
+        self._step_numbers = itertools.count(1)
 
     @property
     def route(self) -> list[dict[str, Any]]:
@@ -152,11 +184,12 @@ class RemoteModel:
         _, out = await hop.call(header, x, self.step_timeout_s)
         if out is None:
             raise HopFailed(hop.peer_id, "a forward reply without a tensor")
-        hop.chunks.append((position, x))
+        hop.record(position, x)
         return out
 
-    async def _recover(self, failed: HopFailed, step: _Step | None) -> None:
-        """Replace the failed hop and everything after it; replay their recorded inputs."""
+    async def _recover(self, failed: HopFailed, step: _Step | None) -> int:
+        """Replace the failed hop and everything after it; replay their recorded inputs.
+        Returns the first layer re-routed."""
         index = next((i for i, h in enumerate(self.hops) if h.peer_id == failed.peer_id), None)
         if index is None:  # failed while opening: nothing to replay yet
             index = len(self.hops)
@@ -180,6 +213,7 @@ class RemoteModel:
             # hops index.. are new: the current chunk goes through them again
             step.next_hop = index
             step.x = current if current is not None else step.x
+        return start
 
     async def _with_recovery(
         self, action: Callable[[], Awaitable[Any]], step: _Step | None = None
@@ -189,11 +223,12 @@ class RemoteModel:
             try:
                 if failure is not None:
                     started = time.monotonic()
-                    await self._recover(failure, step)
+                    from_layer = await self._recover(failure, step)
                     self.recoveries.append(
                         {
                             "peer_id": failure.peer_id,
                             "reason": failure.reason,
+                            "from_layer": from_layer,
                             "seconds": round(time.monotonic() - started, 3),
                         }
                     )
@@ -218,23 +253,119 @@ class RemoteModel:
             raise GenerationError(f"{self.length + len(token_ids)} tokens exceed {self.max_length}")
         step = _Step(self.length, 0, torch.tensor([token_ids], dtype=torch.int64))
 
+        async def relay_one() -> None:
+            last = step.next_hop == len(self.hops) - 1
+            hop = self.hops[step.next_hop]
+            step.x = await self._forward(hop, step.position, step.x, last)
+            step.next_hop += 1
+
         async def run() -> torch.Tensor:
+            if self.chained and step.next_hop < len(self.hops):
+                await self._run_chained(step)
+                if step.next_hop < len(self.hops):  # a server could not push to the next
+                    await relay_one()  # a dead next server raises HopFailed here
+                    log.warning("servers cannot reach each other: relaying from now on")
+                    self.chained = False
             while step.next_hop < len(self.hops):
-                last = step.next_hop == len(self.hops) - 1
-                hop = self.hops[step.next_hop]
-                step.x = await self._forward(hop, step.position, step.x, last)
-                step.next_hop += 1
+                await relay_one()
             return step.x
 
         logits = await self._with_recovery(run, step)
         self.length += len(token_ids)
         return logits[0, -1].float()
 
+    async def _run_chained(self, step: _Step) -> None:
+        """One chained step from hop `step.next_hop` on; advances `step` as hops report.
+
+        Every hop answers once: a `partial` (a copy of what it pushed on, recorded as the
+        next hop's input) or, from the last hop, the `result`. Raises HopFailed for the
+        earliest hop that broke or made no progress within the step timeout; hops before it
+        are heard out first, so every kept hop's stream is left between frames.
+        """
+        number = next(self._step_numbers)
+        first = step.next_hop
+        hops = self.hops[first:]
+        chain = [{"peer": h.peer_id, "session": h.session} for h in hops[1:]]
+        header = {
+            "op": "forward",
+            "session": hops[0].session,
+            "position": step.position,
+            "step": number,
+            "chain": chain,
+            "last_only": True,
+        }
+        hops[0].record(step.position, step.x)
+        await hops[0].send(header, step.x)
+        reports_in, reports_out = trio.open_memory_channel[_Report](len(hops))
+        heard: dict[int, tuple[dict[str, Any], torch.Tensor | None]] = {}
+        failure: tuple[int, HopFailed] | None = None
+        refused: GenerationError | None = None
+        relay_from: int | None = None
+
+        async def listen(i: int) -> None:
+            try:
+                while True:
+                    reply, out = await hops[i].receive()
+                    if reply.get("step") == number:
+                        break
+                report: _Report = (i, reply, out, None)
+            except HopFailed as exc:
+                report = (i, {}, None, exc)
+            await reports_in.send(report)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(hops)):
+                nursery.start_soon(listen, i)
+            with trio.CancelScope(deadline=trio.current_time() + self.step_timeout_s) as waiting:
+                while len(heard) < len(hops):
+                    stop = min(failure[0] if failure else len(hops), relay_from or len(hops))
+                    if stop < len(hops) and all(i in heard for i in range(stop)):
+                        break  # every hop before the break has answered
+                    i, reply, out, error = await reports_out.receive()
+                    waiting.deadline = trio.current_time() + self.step_timeout_s  # progress
+                    try:
+                        if error is not None:
+                            raise error
+                        hops[i].check(reply)
+                        if out is None or reply.get("op") not in ("partial", "result"):
+                            raise HopFailed(hops[i].peer_id, "a step reply without a tensor")
+                    except HopFailed as exc:
+                        failure = min(failure or (i, exc), (i, exc), key=lambda f: f[0])
+                        continue
+                    except GenerationError as exc:  # raised below: the body's errors get
+                        refused = exc  # wrapped in an ExceptionGroup by the nursery
+                        break
+                    heard[i] = reply, out
+                    if i + 1 < len(hops):
+                        hops[i + 1].record(step.position, out)
+                        if reply.get("forward_error"):  # hop i could not reach hop i + 1
+                            relay_from = i + 1 if relay_from is None else min(relay_from, i + 1)
+            nursery.cancel_scope.cancel()
+        if refused is not None:
+            raise refused
+        missing = next((i for i in range(len(hops)) if i not in heard), None)
+        if relay_from is not None and missing == relay_from:
+            # hop relay_from never got the step: the caller relays it there itself
+            step.next_hop, step.x = first + relay_from, heard[relay_from - 1][1]
+            return
+        if missing is None:
+            step.next_hop, step.x = len(self.hops), heard[len(hops) - 1][1]
+            return
+        # hops before `missing` are done with this step: it resumes at `missing`
+        step.next_hop, step.x = first + missing, heard[missing - 1][1] if missing else step.x
+        if failure is not None and failure[0] <= missing:
+            raise failure[1]
+        raise HopFailed(hops[missing].peer_id, f"no progress within {self.step_timeout_s:.1f} s")
+
     async def close(self) -> None:
         for hop in self.hops:
             with trio.move_on_after(1):
                 await hop.stream.close()
         self.hops = []
+
+
+# one hop's answer to a chained step: (index in the chain, reply, tensor, failure)
+_Report = tuple[int, dict[str, Any], "torch.Tensor | None", "HopFailed | None"]
 
 
 @dataclass

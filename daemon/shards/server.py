@@ -5,17 +5,34 @@ cache of this hop for one generation), sends forward steps, and closes them. Eve
 checked before any compute: known session, contiguous positions, dtype and shape, length
 limits. Errors answer `{"op": "error", "code", "message"}` and leave the stream usable;
 sessions die with their stream, on `close`, or after `session_idle_s` without use.
+
+Two ways to run a step through a chain of servers:
+- relayed: the client sends each hop its input and gets that hop's output back (`result`);
+- chained: the client sends the first hop a `forward` with `chain`, the (peer, session) of
+  every later hop. Each server computes, pushes its output straight to the next server
+  (`pushed: true`, over one pooled stream per next peer), and sends the session's owner (the
+  client) a copy as `partial`, which the client keeps to replay that span after a failure.
+  The last server sends the `result` to its owner. A step thus crosses the network once per
+  hop plus once back, instead of twice per hop. Errors go to the session's owner too, tagged
+  with the step; a pushed frame for an unknown session is dropped (counted), never answered
+  on the push stream, which nobody reads.
+A session id is 128 random bits: knowing it is what lets a server push into it.
+
+Every session's KV cache is preallocated, and all of them together stay within the cache
+budget; `free_cache_tokens` is what servers announce, and a session that does not fit is
+refused as `busy` (the client then routes around this server).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import trio
@@ -30,6 +47,13 @@ SHARD_PROTOCOL = "/gridmesh/shard/1.0.0"
 MAX_SESSIONS = 64
 SESSION_IDLE_S = 120.0
 MAX_STEP_TOKENS = 4096
+MAX_CHAIN = 64
+MAX_PEERS = 64  # pooled push streams to next servers
+PUSH_TIMEOUT_S = 10.0
+
+
+class StreamOpener(Protocol):
+    async def open_stream(self, peer_id: str, protocol: str) -> Stream: ...
 
 
 class ShardError(Exception):
@@ -53,6 +77,14 @@ class ServedBlock:
     compute_s: float = 0.0
 
     @property
+    def cache_bytes_per_token(self) -> int:
+        """Keys and values of one position in every layer of this range."""
+        cfg = self.config
+        per_layer = 2 * cfg.num_key_value_heads * cfg.head_dim
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return per_layer * (self.end - self.start) * element
+
+    @property
     def ms_per_layer(self) -> float:
         """Measured compute time per layer per step (a prior of 1 ms until measured)."""
         if not self.steps:
@@ -73,14 +105,54 @@ class ServedBlock:
         }
 
 
+class Outbox:
+    """A stream whose sends may come from several tasks (replies, and results of chained
+    steps arriving on other streams): one frame at a time."""
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self._lock = trio.Lock()
+
+    async def send(self, header: dict[str, Any], tensor: torch.Tensor | None = None) -> None:
+        await self.send_frame(wire.encode(header, tensor))
+
+    async def send_frame(self, frame: bytes) -> None:
+        async with self._lock:
+            await self.stream.send(frame)
+
+
 @dataclass
 class Session:
     id: str
     block: ServedBlock
     cache: KVCache
     max_length: int
+    owner: Outbox
+    """The stream that opened the session: results and errors of chained steps go there."""
     length: int = 0
     last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class NextHop:
+    peer: str
+    session: str
+
+
+def parse_chain(raw: Any) -> list[NextHop]:
+    """The later hops of a chained step, checked (they come from the network)."""
+    if not isinstance(raw, list) or len(raw) > MAX_CHAIN:
+        raise ShardError("bad_input", f"chain must be a list of at most {MAX_CHAIN} hops")
+    hops = []
+    for item in raw:
+        peer = item.get("peer") if isinstance(item, dict) else None
+        session = item.get("session") if isinstance(item, dict) else None
+        if not (isinstance(peer, str) and 0 < len(peer) <= 256):
+            raise ShardError("bad_input", "each chain hop needs a peer id")
+        if not (isinstance(session, str) and 0 < len(session) <= 64):
+            raise ShardError("bad_input", "each chain hop needs a session id")
+        hops.append(NextHop(peer, session))
+    return hops
 
 
 class ShardServer:
@@ -89,12 +161,20 @@ class ShardServer:
         *,
         max_sessions: int = MAX_SESSIONS,
         session_idle_s: float = SESSION_IDLE_S,
+        cache_budget_bytes: int | None = None,
+        opener: StreamOpener | None = None,
         on_reject: Callable[[str], None] | None = None,
     ) -> None:
+        """`cache_budget_bytes`: KV cache all sessions may hold together (None: half of the
+        memory available when the first range is loaded). `opener`: how to reach the next
+        server of a chained step (None: chained steps that need a push are refused)."""
         self.blocks: dict[str, ServedBlock] = {}
         self.sessions: dict[str, Session] = {}
         self.max_sessions = max_sessions
         self.session_idle_s = session_idle_s
+        self.cache_budget_bytes = cache_budget_bytes
+        self._opener = opener
+        self._peers: dict[str, Outbox] = {}
         self._on_reject = on_reject or (lambda reason: None)
         # one step at a time per process: torch already uses every core for one
         self._compute = trio.CapacityLimiter(1)
@@ -129,6 +209,8 @@ class ShardServer:
             raise ShardError("bad_model", f"cannot load {model_dir}: {exc}") from None
         block = ServedBlock(model_id, model_dir, start, end, config, shard, dtype, device)
         self.blocks[model_id] = block
+        if self.cache_budget_bytes is None:
+            self.cache_budget_bytes = available_memory(device) // 2
         return block
 
     def unload(self, model_id: str) -> bool:
@@ -139,7 +221,16 @@ class ShardServer:
 
     # -- sessions ----------------------------------------------------------------------
 
-    def open_session(self, header: dict[str, Any]) -> Session:
+    @property
+    def cache_used_bytes(self) -> int:
+        return sum(session.cache.nbytes for session in self.sessions.values())
+
+    def free_cache_tokens(self, block: ServedBlock) -> int:
+        """Positions of `block` that one more session could still hold in its KV cache."""
+        free = (self.cache_budget_bytes or 0) - self.cache_used_bytes
+        return max(0, free // block.cache_bytes_per_token)
+
+    def open_session(self, header: dict[str, Any], owner: Outbox) -> Session:
         block = self.blocks.get(str(header.get("model")))
         if block is None:
             raise ShardError("unknown_model", f"model {str(header.get('model'))[:80]!r} not served")
@@ -153,9 +244,17 @@ class ShardServer:
             self.reap_idle()
             if len(self.sessions) >= self.max_sessions:
                 raise ShardError("busy", f"{self.max_sessions} sessions already open")
-        session_id = secrets.token_hex(8)
+        free = self.free_cache_tokens(block)
+        if max_length > free:
+            self.reap_idle()
+            free = self.free_cache_tokens(block)
+            if max_length > free:
+                raise ShardError(
+                    "busy", f"KV cache full: {free} positions free, {max_length} asked"
+                )
+        session_id = secrets.token_hex(16)
         cache = block.shard.new_cache(batch=1, max_len=max_length)
-        session = Session(session_id, block, cache, max_length)
+        session = Session(session_id, block, cache, max_length, owner)
         self.sessions[session_id] = session
         return session
 
@@ -198,34 +297,35 @@ class ShardServer:
     async def forward(
         self, session: Session, position: Any, x: torch.Tensor | None, last_only: bool
     ) -> torch.Tensor:
-        self._check_input(session, position, x)
-        assert x is not None
-        block = session.block
-
-        def run() -> torch.Tensor:
-            started = time.perf_counter()
-            with torch.inference_mode():
-                positions = torch.arange(
-                    session.length, session.length + x.shape[1], device=block.device
-                )
-                out = block.shard(x.to(block.device), session.cache, positions)
-                if last_only:
-                    out = out[:, -1:, :]
-                out = out.cpu()
-            block.compute_s += time.perf_counter() - started
-            block.steps += 1
-            return out
-
-        async with self._compute:
-            out = await trio.to_thread.run_sync(run)
+        async with self._compute:  # the check too: two steps at one position must not race
+            self._check_input(session, position, x)
+            assert x is not None
+            out = await trio.to_thread.run_sync(self._run, session, x, last_only)
         session.length += x.shape[1]
         session.last_used = time.monotonic()
+        return out
+
+    def _run(self, session: Session, x: torch.Tensor, last_only: bool) -> torch.Tensor:
+        block = session.block
+
+        started = time.perf_counter()
+        with torch.inference_mode():
+            first = session.length
+            positions = torch.arange(first, first + x.shape[1], device=block.device)
+            out = block.shard(x.to(block.device), session.cache, positions)
+            if last_only:
+                out = out[:, -1:, :]
+            out = out.cpu()
+        block.compute_s += time.perf_counter() - started
+        block.steps += 1
         return out
 
     # -- protocol ----------------------------------------------------------------------
 
     async def handle_stream(self, stream: Stream) -> None:
-        """Serve one client stream until it closes; its sessions end with it."""
+        """Serve one stream (a client's, or a previous server's pushes) until it closes;
+        the sessions opened on it end with it."""
+        outbox = Outbox(stream)
         owned: set[str] = set()
         try:
             while True:
@@ -233,25 +333,40 @@ class ShardServer:
                     frame = await stream.receive()
                 except NetworkError:
                     return
-                reply, tensor = await self._handle_frame(frame, owned)
-                await stream.send(wire.encode(reply, tensor))
+                reply = await self._handle_frame(frame, outbox, owned)
+                if reply is not None:
+                    try:
+                        await outbox.send(*reply)
+                    except NetworkError:
+                        return
         finally:
             for session_id in owned:
                 self.sessions.pop(session_id, None)
 
     async def _handle_frame(
-        self, frame: bytes, owned: set[str]
-    ) -> tuple[dict[str, Any], torch.Tensor | None]:
+        self, frame: bytes, outbox: Outbox, owned: set[str]
+    ) -> tuple[dict[str, Any], torch.Tensor | None] | None:
+        """The reply to send back on this stream, or None (chained steps answer elsewhere)."""
+        step: Any = None
         try:
             header, tensor = wire.decode(frame)
-            op = header.get("op")
+            op, step = header.get("op"), header.get("step")
             if op == "open":
-                session = self.open_session(header)
+                session = self.open_session(header, outbox)
                 owned.add(session.id)
                 return {"op": "opened", "session": session.id}, None
             session = self.sessions.get(str(header.get("session")))
+            if header.get("pushed") is True:  # from the previous server of a chained step
+                if session is None or op != "forward" or "chain" not in header:
+                    self._on_reject("unknown_session")
+                    return None
+                await self._chained_step(session, header, tensor)
+                return None
             if session is None or session.id not in owned:
                 raise ShardError("unknown_session", "no such session on this stream (expired?)")
+            if op == "forward" and "chain" in header:
+                await self._chained_step(session, header, tensor)
+                return None
             if op == "forward":
                 out = await self.forward(
                     session, header.get("position"), tensor, bool(header.get("last_only"))
@@ -262,12 +377,101 @@ class ShardServer:
                 owned.discard(session.id)
                 return {"op": "closed"}, None
             raise ShardError("bad_op", f"unknown op {str(op)[:20]!r}")
-        except wire.WireError as exc:
-            self._on_reject(exc.reason)
-            return {"op": "error", "code": exc.reason, "message": str(exc)}, None
-        except ShardError as exc:
-            self._on_reject(exc.code)
-            return {"op": "error", "code": exc.code, "message": str(exc)}, None
-        except ModelError as exc:  # the model's own checks, e.g. a full KV cache
-            self._on_reject("model")
-            return {"op": "error", "code": "model", "message": str(exc)}, None
+        except (wire.WireError, ShardError, ModelError) as exc:
+            return self._error(exc, step), None
+
+    def _error(self, exc: Exception, step: Any) -> dict[str, Any]:
+        if isinstance(exc, wire.WireError):
+            code = exc.reason
+        elif isinstance(exc, ShardError):
+            code = exc.code
+        else:  # the model's own checks, e.g. a full KV cache
+            code = "model"
+        self._on_reject(code)
+        error = {"op": "error", "code": code, "message": str(exc)}
+        if isinstance(step, int) and not isinstance(step, bool):
+            error["step"] = step
+        return error
+
+    async def _chained_step(
+        self, session: Session, header: dict[str, Any], x: torch.Tensor | None
+    ) -> None:
+        """Compute this hop of a chained step, push the output on, and tell the owner."""
+        step, position = header.get("step"), header.get("position")
+        try:
+            if not isinstance(step, int) or isinstance(step, bool):
+                raise ShardError("bad_input", "a chained step needs an integer step number")
+            chain = parse_chain(header.get("chain"))
+            last_only = not chain and bool(header.get("last_only"))
+            out = await self.forward(session, position, x, last_only)
+        except (ShardError, ModelError) as exc:
+            await self._tell_owner(session, self._error(exc, step))
+            return
+        if not chain:
+            await self._tell_owner(session, {"op": "result", "step": step}, out)
+            return
+        nxt = chain[0]
+        push = {
+            "op": "forward",
+            "pushed": True,
+            "session": nxt.session,
+            "position": position,
+            "step": step,
+            "chain": [{"peer": h.peer, "session": h.session} for h in chain[1:]],
+            "last_only": bool(header.get("last_only")),
+        }
+        partial: dict[str, Any] = {"op": "partial", "step": step, "position": position}
+        try:
+            await self._push(nxt.peer, wire.encode(push, out))
+        except NetworkError as exc:
+            # the owner decides: relay this step itself, or route around the next server
+            partial.update(forward_error=str(exc)[:300], failed_peer=nxt.peer)
+        await self._tell_owner(session, partial, out)
+
+    async def _tell_owner(
+        self, session: Session, header: dict[str, Any], tensor: torch.Tensor | None = None
+    ) -> None:
+        with contextlib.suppress(NetworkError):  # the client is gone; its sessions end with it
+            await session.owner.send(header, tensor)
+
+    async def _push(self, peer_id: str, frame: bytes) -> None:
+        """Send a frame to the next server over a pooled stream (one fresh retry)."""
+        if self._opener is None:
+            raise NetworkError("this server does not push to other servers")
+        for attempt in (1, 2):
+            outbox = self._peers.get(peer_id)
+            try:
+                with trio.fail_after(PUSH_TIMEOUT_S):
+                    if outbox is None:
+                        stream = await self._opener.open_stream(peer_id, SHARD_PROTOCOL)
+                        outbox = Outbox(stream)
+                        if len(self._peers) >= MAX_PEERS:
+                            await self._drop_peer(next(iter(self._peers)))
+                        self._peers[peer_id] = outbox
+                    await outbox.send_frame(frame)
+                return
+            except (NetworkError, trio.TooSlowError) as exc:
+                await self._drop_peer(peer_id)
+                if attempt == 2:
+                    raise NetworkError(f"cannot push to {peer_id}: {exc!r}") from None
+
+    async def _drop_peer(self, peer_id: str) -> None:
+        outbox = self._peers.pop(peer_id, None)
+        if outbox is not None:
+            with trio.move_on_after(1):
+                await outbox.stream.close()
+
+
+def available_memory(device: str) -> int:
+    """Bytes free on `device` now: CUDA's free memory, or the host's MemAvailable."""
+    if device.startswith("cuda"):
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30  # no /proc (macOS): assume 4 GiB

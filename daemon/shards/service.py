@@ -57,6 +57,7 @@ class Job:
     done: bool = False
     error: str | None = None
     route: list[dict[str, Any]] = field(default_factory=list)
+    forwarding: str = "chained"  # or "relayed": how activations went from hop to hop
     recoveries: list[dict[str, Any]] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     finished: float | None = None
@@ -71,6 +72,7 @@ class Job:
             "done": self.done,
             "error": self.error,
             "route": self.route,
+            "forwarding": self.forwarding,
             "recoveries": self.recoveries,
             "seconds": round(self.finished - self.started, 3) if self.finished else None,
         }
@@ -78,12 +80,19 @@ class Job:
 
 class ShardService:
     def __init__(
-        self, daemon: Daemon, *, allow_remote_deploy: bool, torch_threads: int = 0
+        self,
+        daemon: Daemon,
+        *,
+        allow_remote_deploy: bool,
+        torch_threads: int = 0,
+        cache_gib: float = 0.0,
     ) -> None:
         self.daemon = daemon
         self.allow_remote_deploy = allow_remote_deploy
         self.torch_threads = torch_threads
+        self.cache_budget_bytes = int(cache_gib * (1 << 30)) or None  # None: decided at load
         self._server: ShardServer | None = None
+        self._announced_free: dict[str, int] = {}  # model -> free cache positions announced
         self.jobs: dict[str, Job] = {}
         self._tokenizers: dict[Path, Any] = {}
 
@@ -105,7 +114,9 @@ class ShardService:
             from daemon.shards.server import SHARD_PROTOCOL, ShardServer
 
             self._server = ShardServer(
-                on_reject=lambda reason: self.daemon.metrics.reject("shard", reason)
+                cache_budget_bytes=self.cache_budget_bytes,
+                opener=self,  # chained steps push to the next server over our streams
+                on_reject=lambda reason: self.daemon.metrics.reject("shard", reason),
             )
             self.daemon.net.set_stream_handler(SHARD_PROTOCOL, self._server.handle_stream)
         return self._server
@@ -116,11 +127,24 @@ class ShardService:
         )
 
     async def reap_forever(self, interval_s: float = 10.0) -> None:
-        """Free the caches of sessions abandoned without a close (their client vanished)."""
+        """Free the caches of sessions abandoned without a close (their client vanished), and
+        re-announce a block whose free cache moved by more than a tenth of the budget."""
         while True:
             await trio.sleep(interval_s)
-            if self._server is not None:
-                self._server.reap_idle()
+            if self._server is None:
+                continue
+            self._server.reap_idle()
+            for block in list(self._server.blocks.values()):
+                announced = self._announced_free.get(block.model_id)
+                free = self._server.free_cache_tokens(block)
+                budget = (self._server.cache_budget_bytes or 0) // block.cache_bytes_per_token
+                if announced is None or abs(free - announced) > budget // 10:
+                    await self._announce(self.block_json(block))
+
+    def block_json(self, block: Any) -> dict[str, Any]:
+        """A served block as the APIs and announcements show it, with its free cache."""
+        assert self._server is not None
+        return {**block.to_json(), "cache_tokens_free": self._server.free_cache_tokens(block)}
 
     def summary(self) -> list[dict[str, Any]]:
         """What this node serves, for its DHT resource record: ranges, speed, load."""
@@ -135,6 +159,7 @@ class ShardService:
                 "ms_per_layer": round(block.ms_per_layer, 3),
                 "sessions": sessions,
                 "max_sessions": self._server.max_sessions,
+                "cache_tokens_free": self._server.free_cache_tokens(block),
             }
             for block in self._server.blocks.values()
         ]
@@ -149,14 +174,14 @@ class ShardService:
         await self.ensure_torch()
         existing = self.local_block(model_id)
         if existing is not None and (existing.start, existing.end) == (start, end):
-            await self._announce(existing.to_json())  # idempotent: a retried deploy finds it
-            return existing.to_json()
+            await self._announce(self.block_json(existing))  # idempotent: a retried deploy
+            return self.block_json(existing)
         try:
             block = await self.server.load(model_id, path, start, end, dtype=to_dtype(dtype))
         except (ShardError, ModelError) as exc:
             raise ShardServiceError(getattr(exc, "code", "bad_model"), str(exc)) from None
-        await self._announce(block.to_json())
-        return block.to_json()
+        await self._announce(self.block_json(block))
+        return self.block_json(block)
 
     async def _announce(self, block: dict[str, Any]) -> None:
         peer_id = self.daemon.ident.peer_id
@@ -171,10 +196,12 @@ class ShardService:
                 "ms_per_layer": block["ms_per_layer"],
                 "dtype": block["dtype"],
                 "parameters_bytes": block["parameters_bytes"],
+                "cache_tokens_free": block["cache_tokens_free"],
             },
         }
         try:
             await self.daemon.replicator.write("blocks", key, value)
+            self._announced_free[block["model"]] = block["cache_tokens_free"]
         except Rejected as exc:
             log.warning("could not announce %s: %s", key, exc)
 
@@ -183,6 +210,7 @@ class ShardService:
             return False
         block = self._server.blocks[model_id]
         self._server.unload(model_id)
+        self._announced_free.pop(model_id, None)
         key = block_key(model_id, block.start, block.end, self.daemon.ident.peer_id)
         try:
             await self.daemon.replicator.write("blocks", key, None)
@@ -197,7 +225,7 @@ class ShardService:
     def local_blocks(self) -> list[dict[str, Any]]:
         if self._server is None:
             return []
-        return [block.to_json() for block in self._server.blocks.values()]
+        return [self.block_json(block) for block in self._server.blocks.values()]
 
     # -- remote control ------------------------------------------------------------------
 
@@ -272,23 +300,31 @@ class ShardService:
             if not (isinstance(layers, list) and len(layers) == 2 and served_by):
                 continue
             params = value.get("parameters") or {}
+            free = params.get("cache_tokens_free")
             out.append(
                 {
                     "peer_id": served_by[0],
                     "start": layers[0],
                     "end": layers[1],
                     "ms_per_layer": float(params.get("ms_per_layer", 1.0)),
+                    "cache_tokens_free": free if isinstance(free, int) else None,
                 }
             )
         return out
 
-    async def servers(self, model_id: str) -> list[Any]:
+    async def servers(self, model_id: str, need_tokens: int = 0) -> list[Any]:
+        """Announced servers of a model, as routing sees them. Those that announced less
+        free cache than `need_tokens` are left out (the announcement may be stale either
+        way: a server that turns out full refuses the session and is routed around)."""
         from scheduler.routing import Server
 
         me = self.daemon.ident.peer_id
         out = []
         for item in self.announced(model_id):
             peer = item["peer_id"]
+            free = item["cache_tokens_free"]
+            if free is not None and free < need_tokens:
+                continue
             state = self.daemon.net.peers.get(peer)
             rtt = 0.0 if peer == me else (state.rtt_ms if state and state.rtt_ms else 1.0)
             # every announced server counts as alive: opening its stream dials it if needed,
@@ -324,6 +360,7 @@ class ShardService:
         *,
         temperature: float,
         seed: int | None,
+        relay: bool = False,
     ) -> Job:
         from daemon.shards.client import GenerationError, RemoteModel
         from daemon.shards.client import generate as generate_tokens
@@ -338,12 +375,14 @@ class ShardService:
             tokenizer = await self.tokenizer(model_id)
         except ShardServiceError:
             tokenizer = None  # token ids in, token ids out: text is a convenience
+        max_length = len(prompt_ids) + max_new_tokens
         model = RemoteModel(
             self,
-            lambda: self.servers(model_id),
+            lambda: self.servers(model_id, need_tokens=max_length),
             model_id=model_id,
             num_layers=num_layers,
-            max_length=len(prompt_ids) + max_new_tokens,
+            max_length=max_length,
+            chained=not relay,
         )
         try:
             await model.open()
@@ -363,6 +402,7 @@ class ShardService:
             job.error = f"internal error: {type(exc).__name__}: {exc}"
         finally:
             job.recoveries = model.recoveries
+            job.forwarding = "chained" if model.chained else "relayed"
             job.done, job.finished = True, time.time()
             with trio.CancelScope(shield=True):
                 await model.close()

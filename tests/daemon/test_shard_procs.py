@@ -63,7 +63,12 @@ def test_three_daemons_generate_exactly_the_single_process_tokens(
             records = net.daemons[0].call("nodes_find", {})
             mine = [r for r in records if r["peer_id"] == net.daemons[1].peer_id]
             blocks = mine[0]["resources"].get("blocks") if mine else None
-            return bool(blocks) and blocks[0]["start"] == 2 and blocks[0]["model"] == "tiny"
+            return (
+                bool(blocks)
+                and blocks[0]["start"] == 2
+                and blocks[0]["model"] == "tiny"
+                and blocks[0]["cache_tokens_free"] > 0
+            )
 
         wait_for(in_dht_record, 15, "the served range in the DHT record")
         whole = load_model(model_dir).nbytes()
@@ -75,6 +80,16 @@ def test_three_daemons_generate_exactly_the_single_process_tokens(
         assert result["error"] is None
         assert result["tokens"] == expected
         assert [h["peer_id"] for h in result["route"]] == [d.peer_id for d in net.daemons]
+        assert result["forwarding"] == "chained"  # each server pushed to the next
+        # the same with the client relaying every hop instead of servers pushing on
+        relayed = net.daemons[2].call(
+            "generate",
+            {"model": "tiny", "token_ids": PROMPT, "max_tokens": NEW_TOKENS, "relay": True},
+        )
+        assert relayed["tokens"] == expected and relayed["forwarding"] == "relayed"
+        # every server announces its free KV cache (positions a new session could hold)
+        announced = net.daemons[2].call("block_list", {"model": "tiny"})["announced"]["tiny"]
+        assert all(s["cache_tokens_free"] > NEW_TOKENS for s in announced), announced
         # text prompts work on a serving node (it has the tokenizer)
         text = net.daemons[0].call(
             "generate", {"model": "tiny", "prompt": bytes(PROMPT).decode(), "max_tokens": 4}

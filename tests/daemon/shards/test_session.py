@@ -22,29 +22,40 @@ LAYERS = 6
 
 
 class Cluster:
-    """Shard servers reachable by peer id; `kill` drops one like a SIGKILLed process."""
+    """Shard servers reachable by peer id; `kill` drops one like a SIGKILLed process.
+
+    Servers push chained steps to each other through `open_stream` too; with
+    `servers_isolated` they cannot reach each other (only the client reaches them).
+    """
 
     def __init__(self, nursery: trio.Nursery) -> None:
         self.nursery = nursery
         self.servers: dict[str, ShardServer] = {}
         self.ranges: dict[str, tuple[int, int]] = {}
         self.scopes: dict[str, list[trio.CancelScope]] = {}
+        self.ends: dict[str, list[ChannelStream]] = {}
         self.dead: set[str] = set()
+        self.servers_isolated = False
 
-    async def add(self, peer_id: str, model_dir, start: int, end: int) -> ShardServer:
-        server = ShardServer()
+    async def add(self, peer_id: str, model_dir, start: int, end: int, **kw) -> ShardServer:
+        server = ShardServer(opener=_Dialer(self, peer_id), **kw)
         await server.load("tiny", model_dir, start, end)
         self.servers[peer_id] = server
         self.ranges[peer_id] = (start, end)
-        self.scopes[peer_id] = []
+        self.scopes[peer_id], self.ends[peer_id] = [], []
         return server
 
-    async def open_stream(self, peer_id: str, protocol: str) -> ChannelStream:
+    async def open_stream(
+        self, peer_id: str, protocol: str, origin: str = "client"
+    ) -> ChannelStream:
+        if origin != "client" and (self.servers_isolated or origin in self.dead):
+            raise NetworkError(f"{origin} cannot reach {peer_id}")
         if peer_id in self.dead or peer_id not in self.servers:
             raise NetworkError(f"cannot reach {peer_id}")
-        client_end, server_end = stream_pair("client", peer_id)
+        client_end, server_end = stream_pair(origin, peer_id)
         scope = trio.CancelScope()
         self.scopes[peer_id].append(scope)
+        self.ends[peer_id].append(server_end)
 
         async def serve() -> None:
             with scope:
@@ -58,12 +69,24 @@ class Cluster:
         self.dead.add(peer_id)
         for scope in self.scopes[peer_id]:
             scope.cancel()
+        for end in self.ends[peer_id]:
+            end.abort()
 
     async def announced(self) -> list[Server]:
         return [
             Server(peer, start, end, ms_per_layer=1.0, rtt_ms=1.0, alive=peer not in self.dead)
             for peer, (start, end) in self.ranges.items()
         ]
+
+
+class _Dialer:
+    """How one server of the cluster opens streams to the others."""
+
+    def __init__(self, cluster: Cluster, origin: str) -> None:
+        self.cluster, self.origin = cluster, origin
+
+    async def open_stream(self, peer_id: str, protocol: str) -> ChannelStream:
+        return await self.cluster.open_stream(peer_id, protocol, self.origin)
 
 
 @pytest.fixture(scope="module")
@@ -93,31 +116,80 @@ async def collect(model: RemoteModel, prompt, n, on_token=None) -> list[int]:
     return out
 
 
-async def test_chain_of_three_generates_exactly_the_single_process_tokens(model_dir, reference):
+@pytest.mark.parametrize("chained", [True, False], ids=["chained", "relayed"])
+async def test_chain_of_three_generates_exactly_the_single_process_tokens(
+    model_dir, reference, chained
+):
     prompt, expected = reference
     async with trio.open_nursery() as nursery:
         cluster = Cluster(nursery)
         for peer, (a, b) in {"s1": (0, 2), "s2": (2, 4), "s3": (4, 6)}.items():
             await cluster.add(peer, model_dir, a, b)
-        model = remote(cluster)
+        model = remote(cluster, chained=chained)
         await model.open()
         assert [h["peer_id"] for h in model.route] == ["s1", "s2", "s3"]
         assert await collect(model, prompt, 24) == expected
+        assert model.chained is chained and not model.recoveries
+        if chained:  # the servers pushed to each other: s2 and s3 each got a push stream
+            assert [len(cluster.ends[p]) for p in ("s1", "s2", "s3")] == [1, 2, 2]
         await model.close()
         nursery.cancel_scope.cancel()
 
 
+async def test_servers_that_cannot_reach_each_other_fall_back_to_relaying(model_dir, reference):
+    prompt, expected = reference
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(nursery)
+        cluster.servers_isolated = True  # e.g. each behind its own NAT
+        for peer, (a, b) in {"s1": (0, 2), "s2": (2, 4), "s3": (4, 6)}.items():
+            await cluster.add(peer, model_dir, a, b)
+        model = remote(cluster)
+        await model.open()
+        assert await collect(model, prompt, 24) == expected
+        assert model.chained is False and not model.recoveries and not model.failed
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_stalled_server_is_routed_around(model_dir, reference):
+    prompt, expected = reference
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(nursery)
+        for name, (a, b) in {"a": (0, 3), "z": (3, 6)}.items():
+            await cluster.add(f"{name}1", model_dir, a, b)
+            await cluster.add(f"{name}2", model_dir, a, b)
+        model = remote(cluster, step_timeout_s=1.0)
+        await model.open()
+        victim = model.route[1]["peer_id"]
+        stuck = trio.Event()  # never set: the victim's steps hang
+
+        async def hang(*args, **kw):
+            await stuck.wait()
+
+        def maybe_stall(count: int) -> None:
+            if count == 5:
+                cluster.servers[victim].forward = hang
+
+        assert await collect(model, prompt, 12, maybe_stall) == expected[:12]
+        assert [r["peer_id"] for r in model.recoveries] == [victim]
+        assert "no progress" in model.recoveries[0]["reason"]
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("chained", [True, False], ids=["chained", "relayed"])
 @pytest.mark.parametrize("hop", [0, 1, 2])
-async def test_killed_server_mid_generation_gives_the_same_tokens(model_dir, reference, hop):
+async def test_killed_server_mid_generation_gives_the_same_tokens(
+    model_dir, reference, hop, chained
+):
     prompt, expected = reference
     async with trio.open_nursery() as nursery:
         cluster = Cluster(nursery)
         for name, (a, b) in {"a": (0, 2), "m": (2, 4), "z": (4, 6)}.items():
             await cluster.add(f"{name}1", model_dir, a, b)
             await cluster.add(f"{name}2", model_dir, a, b)  # a replica of each range
-        model = remote(cluster)
+        model = remote(cluster, chained=chained)
         await model.open()
-        victim = model.route[hop]["peer_id"]
+        before = model.route
+        victim = before[hop]["peer_id"]
 
         def maybe_kill(count: int) -> None:
             if count == 10:
@@ -126,6 +198,9 @@ async def test_killed_server_mid_generation_gives_the_same_tokens(model_dir, ref
         assert await collect(model, prompt, 24, maybe_kill) == expected
         assert [r["peer_id"] for r in model.recoveries] == [victim]
         assert victim not in [h["peer_id"] for h in model.route]
+        # only the dead hop was re-routed: the client had recorded that hop's inputs
+        assert model.recoveries[0]["from_layer"] == before[hop]["start"]
+        assert model.chained is chained  # a dead server is not an unreachable one
         nursery.cancel_scope.cancel()
 
 
@@ -215,4 +290,63 @@ async def test_idle_sessions_expire(model_dir):
             )
         )
         assert wire.decode(await stream.receive())[0]["code"] == "unknown_session"
+        nursery.cancel_scope.cancel()
+
+
+async def test_pushed_frames_are_checked_and_never_answered_on_the_push_stream(model_dir):
+    async with trio.open_nursery() as nursery:
+        rejects: list[str] = []
+        cluster = Cluster(nursery)
+        await cluster.add("a", model_dir, 0, 3)
+        server = await cluster.add("b", model_dir, 3, 6, on_reject=rejects.append)
+        owner = await cluster.open_stream("b", "shard")
+        await owner.send(
+            wire.encode({"op": "open", "model": "tiny", "start": 3, "end": 6, "max_length": 8})
+        )
+        session = wire.decode(await owner.receive())[0]["session"]
+        assert len(session) == 32  # 128 bits: knowing it is the right to push into it
+        pusher = await cluster.open_stream("b", "shard", origin="a")
+        hidden = torch.zeros(1, 1, server.blocks["tiny"].config.hidden_size)
+        push = {"op": "forward", "pushed": True, "position": 0, "step": 1, "chain": []}
+        # unknown session: dropped and counted, no answer anywhere
+        await pusher.send(wire.encode({**push, "session": "f" * 32}, hidden))
+        # a bad chain: the session's owner is told, tagged with the step
+        await pusher.send(wire.encode({**push, "session": session, "chain": "x"}, hidden))
+        reply, _ = wire.decode(await owner.receive())
+        assert (reply["op"], reply["code"], reply["step"]) == ("error", "bad_input", 1)
+        assert rejects == ["unknown_session", "bad_input"]
+        # a good push: the result goes to the owner, not back to the pusher
+        await pusher.send(wire.encode({**push, "session": session, "step": 2}, hidden))
+        reply, out = wire.decode(await owner.receive())
+        assert (reply["op"], reply["step"], out.shape) == ("result", 2, (1, 1, 258))
+        assert server.sessions[session].length == 1
+        with trio.move_on_after(0.2):  # nothing ever comes back on the push stream
+            await pusher.receive()
+            pytest.fail("a pushed frame was answered on the push stream")
+        nursery.cancel_scope.cancel()
+
+
+async def test_sessions_are_refused_when_the_cache_budget_is_full(model_dir):
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(nursery)
+        probe = await cluster.add("probe", model_dir, 0, 6)
+        per_token = probe.blocks["tiny"].cache_bytes_per_token
+        server = await cluster.add("a", model_dir, 0, 6, cache_budget_bytes=100 * per_token)
+        block = server.blocks["tiny"]
+        assert server.free_cache_tokens(block) == 100
+        stream = await cluster.open_stream("a", "shard")
+
+        async def open_session(max_length: int) -> dict:
+            header = {"op": "open", "model": "tiny", "start": 0, "end": 6}
+            await stream.send(wire.encode({**header, "max_length": max_length}))
+            return wire.decode(await stream.receive())[0]
+
+        first = await open_session(60)
+        assert first["op"] == "opened" and server.free_cache_tokens(block) == 40
+        refused = await open_session(41)
+        assert refused["code"] == "busy" and "40 positions free" in refused["message"]
+        await stream.send(wire.encode({"op": "close", "session": first["session"]}))
+        assert wire.decode(await stream.receive())[0]["op"] == "closed"
+        assert server.free_cache_tokens(block) == 100
+        assert (await open_session(41))["op"] == "opened"
         nursery.cancel_scope.cancel()
