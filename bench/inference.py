@@ -1,7 +1,10 @@
 """Inference benchmark: decode speed in one process and split over 2, 3 and 4 daemons.
 
-Makes a random Llama-shaped checkpoint (default: hidden 2048, 8 layers, float32), then
-- one process: greedy decode with the KV cache (the reference), tokens/s;
+Makes a random Llama-shaped checkpoint (`--preset`: `cpu` is hidden 2048, 8 layers, float32;
+`1b` and `8b` are Llama-3.2-1B and Llama-3.1-8B shapes in bfloat16), then
+- transformers (with `--hf`, the default on CUDA): `LlamaForCausalLM` on the same checkpoint,
+  a plain greedy decode loop with its KV cache, tokens/s: the baseline a user would pick;
+- one process: gridmesh's greedy decode with the KV cache (the reference), tokens/s;
 - N daemons on loopback, each serving a contiguous range, driven by one extra client daemon:
   decode tokens/s and the overhead per network hop,
   (time per token split - time per token in one process) / hops, both chained (each server
@@ -9,11 +12,14 @@ Makes a random Llama-shaped checkpoint (default: hidden 2048, 8 layers, float32)
 - recovery: 3 servers with a replica of the middle range; the serving replica is SIGKILLed
   mid-generation; seconds from the failure to the first replayed step, and whether the
   tokens equal the reference.
-Every daemon and the reference use `--threads` torch threads (default 1) so that processes
-sharing this machine's cores are compared fairly.
-Targets: overhead per hop <= 5 ms for hidden 2048 on loopback; recovery <= 5 s.
+On the CPU every daemon and the reference use `--threads` torch threads (default 1) so that
+processes sharing this machine's cores are compared fairly; with `--device cuda` the daemons
+share the GPU.
+Targets: overhead per hop <= 5 ms for hidden 2048 on loopback; recovery <= 5 s. On an H100:
+gridmesh in one process >= 4x transformers for 8B; 4 daemons >= 0.8 of one process for 8B.
 
-usage: python bench/inference.py [--hidden 2048] [--layers 8] [--tokens 32] [--splits 2 3 4]
+usage: python bench/inference.py [--preset cpu|1b|8b] [--device cpu|cuda] [--splits 2 3 4]
+       [--hidden 2048] [--layers 8] [--prompt-tokens N] [--tokens N] [--hf] [--no-recovery]
 """
 
 from __future__ import annotations
@@ -33,15 +39,38 @@ from daemon.config import REPO_CONFIGS  # noqa: E402
 from daemon.devnet import DaemonProcess, Devnet, wait_for  # noqa: E402
 from daemon.shards.model import greedy_generate, load_model, make_tiny  # noqa: E402
 
-PROMPT = list(range(10, 26))
+# checkpoint shapes; `cpu` follows --hidden/--layers
+PRESETS: dict[str, dict] = {
+    "cpu": {"dtype": "float32", "vocab": 258},
+    "1b": {  # Llama-3.2-1B
+        "dtype": "bfloat16",
+        "hidden": 2048,
+        "layers": 16,
+        "heads": 32,
+        "kv_heads": 8,
+        "intermediate": 8192,
+        "vocab": 128256,
+        "tie": True,
+    },
+    "8b": {  # Llama-3.1-8B
+        "dtype": "bfloat16",
+        "hidden": 4096,
+        "layers": 32,
+        "heads": 32,
+        "kv_heads": 8,
+        "intermediate": 14336,
+        "vocab": 128256,
+    },
+}
 
 
-def config_text(threads: int) -> str:
-    """The devnet config with `threads` torch threads and background chatter at the pace of
-    a real node (the devnet's 2 s publishes and pings steal cores from the steps we time)."""
+def config_text(threads: int, device: str) -> str:
+    """The devnet config with `threads` torch threads, shards on `device`, and background
+    chatter at the pace of a real node (the devnet's 2 s publishes and pings steal cores from
+    the steps we time)."""
     base = (REPO_CONFIGS / "devnet.toml").read_text()
     for old, new in (
-        ("torch_threads = 1", f"torch_threads = {threads}"),
+        ("torch_threads = 1", f'torch_threads = {threads}\ndevice = "{device}"'),
         ("publish_interval_s = 2.0", "publish_interval_s = 30.0"),
         ("record_validity_s = 10.0", "record_validity_s = 90.0"),
         ("ping_interval_s = 2.0", "ping_interval_s = 10.0"),
@@ -53,17 +82,58 @@ def config_text(threads: int) -> str:
     return base
 
 
-def one_process(model_dir: Path, tokens: int) -> tuple[float, list[int]]:
-    model = load_model(model_dir)
-    greedy_generate([model], PROMPT, 2)  # warm up
-    started = time.perf_counter()
-    short = greedy_generate([model], PROMPT, 1)
-    prefill = time.perf_counter() - started
-    started = time.perf_counter()
-    out = greedy_generate([model], PROMPT, tokens + 1)
-    total = time.perf_counter() - started
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def one_process(
+    model_dir: Path, prompt: list[int], tokens: int, device: str, dtype: str
+) -> tuple[float, list[int]]:
+    model = load_model(model_dir, device=device, dtype=dtype)
+    greedy_generate([model], prompt, 2)  # warm up
+
+    def timed(n: int) -> tuple[float, list[int]]:
+        synchronize(device)
+        started = time.perf_counter()
+        out = greedy_generate([model], prompt, n)
+        synchronize(device)
+        return time.perf_counter() - started, out
+
+    prefill, short = timed(1)
+    total, out = timed(tokens + 1)
     assert out[0] == short[0]
     return (total - prefill) / tokens, out
+
+
+def transformers_baseline(
+    model_dir: Path, prompt: list[int], tokens: int, device: str, dtype: str
+) -> tuple[float, list[int]]:
+    """`LlamaForCausalLM`, greedy, with its KV cache: a plain decode loop."""
+    from transformers import LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    model = model.to(device).eval()
+    ids = torch.tensor([prompt], device=device)
+
+    def decode(n: int) -> tuple[float, list[int]]:
+        with torch.inference_mode():
+            out = model(ids, use_cache=True)
+            token = out.logits[0, -1].argmax()
+            generated = [int(token)]
+            synchronize(device)
+            started = time.perf_counter()
+            for _ in range(n):
+                out = model(token.view(1, 1), past_key_values=out.past_key_values, use_cache=True)
+                token = out.logits[0, -1].argmax()
+                generated.append(int(token))
+            synchronize(device)
+            return (time.perf_counter() - started) / n, generated
+
+    decode(2)  # warm up
+    return decode(tokens)
 
 
 def deploy(
@@ -71,6 +141,7 @@ def deploy(
     servers: list[DaemonProcess],
     model_dir: Path,
     layers: int,
+    dtype: str,
     ranges: list[tuple[int, int]] | None = None,
 ) -> None:
     n = len(servers)
@@ -79,7 +150,8 @@ def deploy(
         {"peer_id": d.peer_id, "start": a, "end": b}
         for d, (a, b) in zip(servers, ranges, strict=True)
     ]
-    result = client.call("block_deploy", {"model": "m", "model_dir": str(model_dir), "plan": plan})
+    request = {"model": "m", "model_dir": str(model_dir), "plan": plan, "dtype": dtype}
+    result = client.call("block_deploy", request, timeout=600)
     failed = [r for r in result["results"] if not r["ok"]]
     if failed:
         raise RuntimeError(f"deploy failed: {failed}")
@@ -90,31 +162,41 @@ def deploy(
     )
 
 
-def timed_generate(client: DaemonProcess, tokens: int, relay: bool) -> tuple[float, list[int]]:
-    params = {"model": "m", "token_ids": PROMPT, "relay": relay}
-    client.call("generate", {**params, "max_tokens": 2})  # warm up: torch import, caches
+def timed_generate(
+    client: DaemonProcess, prompt: list[int], tokens: int, relay: bool
+) -> tuple[float, list[int]]:
+    params = {"model": "m", "token_ids": prompt, "relay": relay}
+    client.call("generate", {**params, "max_tokens": 2}, timeout=600)  # warm up
     started = time.perf_counter()
-    client.call("generate", {**params, "max_tokens": 1})
+    client.call("generate", {**params, "max_tokens": 1}, timeout=600)
     prefill = time.perf_counter() - started
     started = time.perf_counter()
-    out = client.call("generate", {**params, "max_tokens": tokens + 1})
+    out = client.call("generate", {**params, "max_tokens": tokens + 1}, timeout=600)
     total = time.perf_counter() - started
     if out["forwarding"] != ("relayed" if relay else "chained"):
         raise RuntimeError(f"asked relay={relay}, the generation went {out['forwarding']}")
     return (total - prefill) / tokens, out["tokens"]
 
 
-def recovery(root: Path, config: Path, model_dir: Path, layers: int, reference: list[int]):
+def recovery(
+    root: Path,
+    config: Path,
+    model_dir: Path,
+    layers: int,
+    dtype: str,
+    prompt: list[int],
+    reference: list[int],
+) -> tuple[float, bool]:
     third = layers // 3
     ranges = [(0, third), (third, 2 * third), (third, 2 * third), (2 * third, layers)]
     with Devnet(5, root=root, config=config) as net:
         net.wait_all_found(60)
         client, servers = net.daemons[0], net.daemons[1:]
-        deploy(client, servers, model_dir, layers, ranges)
-        client.call("generate", {"model": "m", "token_ids": PROMPT, "max_tokens": 2})
+        deploy(client, servers, model_dir, layers, dtype, ranges)
+        client.call("generate", {"model": "m", "token_ids": prompt, "max_tokens": 2}, timeout=600)
         job = client.call(
             "generate",
-            {"model": "m", "token_ids": PROMPT, "max_tokens": len(reference), "stream": True},
+            {"model": "m", "token_ids": prompt, "max_tokens": len(reference), "stream": True},
         )["job"]
         route = wait_for(lambda: client.call("generate_poll", {"job": job})["route"], 60, "route")
         victim = next(d for d in servers if d.peer_id == route[1]["peer_id"])
@@ -127,63 +209,104 @@ def recovery(root: Path, config: Path, model_dir: Path, layers: int, reference: 
         return (seconds[0] if seconds else float("nan")), state["tokens"] == reference
 
 
+def make_checkpoint(root: Path, args: argparse.Namespace) -> tuple[Path, dict]:
+    shape = dict(PRESETS[args.preset])
+    if args.preset == "cpu":
+        heads = max(1, args.hidden // 128)
+        shape.update(
+            hidden=args.hidden,
+            layers=args.layers,
+            heads=heads,
+            kv_heads=max(1, heads // 4),
+            intermediate=int(args.hidden * 2.75),
+        )
+    if args.dtype:
+        shape["dtype"] = args.dtype
+    positions = max(512, args.prompt_tokens + args.tokens + 8)
+    model_dir = make_tiny(root / "model", **shape, max_positions=positions, seed=0)
+    return model_dir, shape
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+    parser.add_argument("--hidden", type=int, default=2048, help="preset cpu only")
+    parser.add_argument("--layers", type=int, default=8, help="preset cpu only")
+    parser.add_argument("--prompt-tokens", type=int, default=None, help="16 on CPU, else 128")
+    parser.add_argument("--tokens", type=int, default=None, help="new tokens: 32 CPU, 128 GPU")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--splits", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--hf", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--recovery", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
+    on_gpu = args.device.startswith("cuda")
+    if on_gpu and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device")
+    args.prompt_tokens = args.prompt_tokens or (128 if on_gpu else 16)
+    args.tokens = args.tokens or (128 if on_gpu else 32)
+    args.hf = on_gpu if args.hf is None else args.hf
     torch.set_num_threads(args.threads)
-    heads = max(1, args.hidden // 128)
+    prompt = [10 + i % 240 for i in range(args.prompt_tokens)]
     rows = []
     with tempfile.TemporaryDirectory(prefix="gridmesh-bench-") as tmp:
         root = Path(tmp)
         config = root / "bench.toml"
-        config.write_text(config_text(args.threads))
-        model_dir = make_tiny(
-            root / "model",
-            layers=args.layers,
-            hidden=args.hidden,
-            heads=heads,
-            kv_heads=max(1, heads // 4),
-            intermediate=int(args.hidden * 2.75),
-            seed=0,
+        config.write_text(config_text(args.threads, args.device))
+        print(f"writing a random {args.preset} checkpoint ...", file=sys.stderr, flush=True)
+        model_dir, shape = make_checkpoint(root, args)
+        dtype, layers = shape["dtype"], shape["layers"]
+        print(
+            f"model: hidden {shape['hidden']}, {layers} layers, {dtype}, on {args.device}; "
+            f"prompt {args.prompt_tokens} tokens, {args.tokens} new",
+            file=sys.stderr,
         )
-        print(f"model: hidden {args.hidden}, {args.layers} layers, float32", file=sys.stderr)
-        base, reference = one_process(model_dir, args.tokens)
-        rows.append(("1 process", 0, base, True))
+        base, reference = one_process(model_dir, prompt, args.tokens, args.device, dtype)
+        if args.hf:
+            print("transformers ...", file=sys.stderr, flush=True)
+            hf, hf_tokens = transformers_baseline(
+                model_dir, prompt, args.tokens, args.device, dtype
+            )
+            rows.append(("transformers", None, hf, hf_tokens == reference))
+        rows.append(("gridmesh, 1 process", 0, base, True))
         for n in args.splits:
             print(f"split over {n} daemons ...", file=sys.stderr, flush=True)
             with Devnet(n + 1, root=root / f"split{n}", config=config) as net:
                 net.wait_all_found(60)
-                deploy(net.daemons[0], net.daemons[1:], model_dir, args.layers)
+                deploy(net.daemons[0], net.daemons[1:], model_dir, layers, dtype)
                 for relay in (False, True):
-                    per_token, tokens = timed_generate(net.daemons[0], args.tokens, relay)
+                    per_token, tokens = timed_generate(net.daemons[0], prompt, args.tokens, relay)
                     how = "relayed" if relay else "chained"
                     rows.append((f"{n} daemons, {how}", n, per_token, tokens == reference))
-        print("recovery ...", file=sys.stderr, flush=True)
-        recovery_s, recovered_same = recovery(
-            root / "recovery", config, model_dir, args.layers, reference
-        )
+        if args.recovery:
+            print("recovery ...", file=sys.stderr, flush=True)
+            recovery_s, recovered_same = recovery(
+                root / "recovery", config, model_dir, layers, dtype, prompt, reference
+            )
     header = (
         f"{'setup':>20} | {'hops':>4} | {'ms/token':>8} | {'tokens/s':>8} | "
-        f"{'overhead/hop':>12} | {'same tokens':>11}"
+        f"{'overhead/hop':>12} | {'vs 1 process':>12} | {'same tokens':>11}"
     )
     print(header)
     print("-" * len(header))
     for name, hops, per_token, same in rows:
         overhead = f"{(per_token - base) * 1000 / hops:>9.2f} ms" if hops else f"{'-':>12}"
         print(
-            f"{name:>20} | {hops:>4} | {per_token * 1000:>8.2f} | {1 / per_token:>8.2f} | "
-            f"{overhead} | {'yes' if same else 'NO':>11}"
+            f"{name:>20} | {'-' if hops is None else hops:>4} | {per_token * 1000:>8.2f} | "
+            f"{1 / per_token:>8.2f} | {overhead} | {base / per_token:>11.2f}x | "
+            f"{'yes' if same else 'NO':>11}"
         )
-    print(
-        f"recovery from a SIGKILLed server: {recovery_s:.2f} s; "
-        f"tokens equal to one process: {'yes' if recovered_same else 'NO'}"
-    )
+    if args.hf:
+        print(f"gridmesh in one process decodes {hf / base:.2f}x as fast as transformers")
+    if args.recovery:
+        print(
+            f"recovery from a SIGKILLed server: {recovery_s:.2f} s; "
+            f"tokens equal to one process: {'yes' if recovered_same else 'NO'}"
+        )
     print("targets: overhead per hop <= 5 ms (hidden 2048, loopback); recovery <= 5 s")
+    if on_gpu:
+        print("GPU targets (8b): 1 process >= 4x transformers; 4 daemons >= 0.8x 1 process")
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -51,6 +52,7 @@ class ShardsConfig:
     allow_remote_deploy: bool = False
     torch_threads: int = 0
     cache_gib: float = 0.0
+    device: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,10 @@ class Config:
             raise ConfigError("registry intervals and timeouts must be positive")
         if reg.tombstone_horizon_s < 60:
             raise ConfigError("registry.tombstone_horizon_s must be at least 60")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d{1,2})?", self.shards.device):
+            raise ConfigError(
+                f"shards.device {self.shards.device[:20]!r}: use auto, cpu, cuda or cuda:N"
+            )
         if self.shards.cache_gib < 0:
             raise ConfigError("shards.cache_gib must be >= 0 (0: half the free memory)")
         if self.p2p.reconnect_min_s <= 0 or self.p2p.reconnect_max_s < self.p2p.reconnect_min_s:

@@ -122,8 +122,8 @@ class DaemonProcess:
     def client(self, timeout: float = 30.0) -> RPCClient:
         return RPCClient(self.info["rpc_url"], read_cookie(self.home), timeout=timeout)
 
-    def call(self, method: str, params: Any = None) -> Any:
-        return self.client().call(method, params)
+    def call(self, method: str, params: Any = None, timeout: float = 30.0) -> Any:
+        return self.client(timeout).call(method, params)
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of a Prometheus metric's samples whose labels include `labels` (0 if none)."""

@@ -147,6 +147,7 @@ class Daemon:
             allow_remote_deploy=config.shards.allow_remote_deploy,
             torch_threads=config.shards.torch_threads,
             cache_gib=config.shards.cache_gib,
+            device=config.shards.device,
         )
         register_shard_methods(self.dispatcher, self, self.shards)
         self.metrics.known_methods = {m["name"] for m in self.dispatcher.describe()}

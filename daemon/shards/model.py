@@ -834,7 +834,8 @@ def greedy_generate(
             generator.seed()
         else:
             generator.manual_seed(seed)
-    tokens = torch.tensor([list(prompt_ids)], dtype=torch.int64)
+    device = shards[0].device
+    tokens = torch.tensor([list(prompt_ids)], dtype=torch.int64, device=device)
     out: list[int] = []
     for _ in range(max_new_tokens):
         hidden = tokens
@@ -849,7 +850,7 @@ def greedy_generate(
         out.append(token)
         if eos_id is not None and token == eos_id:
             break
-        tokens = torch.tensor([[token]], dtype=torch.int64)
+        tokens = torch.tensor([[token]], dtype=torch.int64, device=device)
     return out
 
 

@@ -86,10 +86,12 @@ class ShardService:
         allow_remote_deploy: bool,
         torch_threads: int = 0,
         cache_gib: float = 0.0,
+        device: str = "auto",
     ) -> None:
         self.daemon = daemon
         self.allow_remote_deploy = allow_remote_deploy
         self.torch_threads = torch_threads
+        self.device = device
         self.cache_budget_bytes = int(cache_gib * (1 << 30)) or None  # None: decided at load
         self._server: ShardServer | None = None
         self._announced_free: dict[str, int] = {}  # model -> free cache positions announced
@@ -107,6 +109,14 @@ class ShardService:
                 import torch
 
                 torch.set_num_threads(self.torch_threads)
+
+    def torch_device(self) -> str:
+        """The configured device, with `auto` resolved: the first GPU torch sees, else CPU."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     @property
     def server(self) -> ShardServer:
@@ -177,7 +187,9 @@ class ShardService:
             await self._announce(self.block_json(existing))  # idempotent: a retried deploy
             return self.block_json(existing)
         try:
-            block = await self.server.load(model_id, path, start, end, dtype=to_dtype(dtype))
+            block = await self.server.load(
+                model_id, path, start, end, dtype=to_dtype(dtype), device=self.torch_device()
+            )
         except (ShardError, ModelError) as exc:
             raise ShardServiceError(getattr(exc, "code", "bad_model"), str(exc)) from None
         await self._announce(self.block_json(block))

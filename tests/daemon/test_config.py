@@ -25,6 +25,8 @@ def test_devnet_toml_parses():
         ({"p2p": {"listen": "/ip4/1.2.3.4"}}, "list of strings"),
         ({"p2p": {"nope": 1}}, "unknown key p2p.nope"),
         ({"resources": {"publish_interval_s": 100, "record_validity_s": 90}}, "below"),
+        ({"shards": {"device": "tpu"}}, "use auto, cpu, cuda or cuda:N"),
+        ({"shards": {"cache_gib": -1}}, "cache_gib must be >= 0"),
     ],
 )
 def test_bad_config_is_a_clear_error(raw, message):
