@@ -53,6 +53,7 @@ class ShardsConfig:
     torch_threads: int = 0
     cache_gib: float = 0.0
     device: str = "auto"
+    local_sockets: bool = True
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,12 @@ class Metrics:
             ["outcome"],
             registry=reg,
         )
+        self.shard_streams = Counter(
+            "gridmesh_shard_streams_total",
+            "Shard streams this node opened, by transport (loopback, local socket, libp2p)",
+            ["transport"],
+            registry=reg,
+        )
         self.cpu_cores = Gauge("gridmesh_cpu_cores", "Logical CPU cores", registry=reg)
         self.memory_total = Gauge("gridmesh_memory_total_bytes", "Total RAM", registry=reg)
         self.memory_available = Gauge(

@@ -148,6 +148,7 @@ class Daemon:
             torch_threads=config.shards.torch_threads,
             cache_gib=config.shards.cache_gib,
             device=config.shards.device,
+            local_sockets=config.shards.local_sockets,
         )
         register_shard_methods(self.dispatcher, self, self.shards)
         self.metrics.known_methods = {m["name"] for m in self.dispatcher.describe()}
@@ -219,6 +220,7 @@ class Daemon:
             await self.replicator.start()
             self.shards.start()
             nursery.start_soon(self.shards.reap_forever)
+            nursery.start_soon(self.shards.serve_local)
             if self.config.grpc.enabled:
                 from daemon.api.grpc_server import ShardBackend, serve_grpc
 

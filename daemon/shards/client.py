@@ -29,8 +29,7 @@ from typing import Any, Protocol
 import torch
 import trio
 
-from daemon.shards import wire
-from daemon.shards.server import SHARD_PROTOCOL
+from daemon.shards import SHARD_PROTOCOL, wire
 from p2p.network import NetworkError, Stream
 from scheduler.routing import NoRouteError, Server, find_route
 

@@ -37,13 +37,12 @@ from typing import Any, Protocol
 import torch
 import trio
 
-from daemon.shards import wire
+from daemon.shards import SHARD_PROTOCOL, wire
 from daemon.shards.model import KVCache, LlamaConfig, LlamaShard, ModelError, load_shard
 from p2p.network import NetworkError, Stream
 
 log = logging.getLogger(__name__)
 
-SHARD_PROTOCOL = "/gridmesh/shard/1.0.0"
 MAX_SESSIONS = 64
 SESSION_IDLE_S = 120.0
 MAX_STEP_TOKENS = 4096

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from p2p import codec
+from daemon.shards import SHARD_PROTOCOL
+from p2p import codec, localsock
 from p2p.memnet import stream_pair
 from p2p.network import NetworkError, Stream
 from registry.replica import Rejected
@@ -35,6 +36,7 @@ MAX_JOBS = 64
 # loading a range may first import torch and then read gigabytes: allow it time
 LOAD_TIMEOUT_S = 300.0
 JOB_TTL_S = 600.0
+LOCAL_RETRY_S = 60.0  # after a failed local dial, use libp2p to that peer for this long
 
 
 class ShardServiceError(Exception):
@@ -87,14 +89,17 @@ class ShardService:
         torch_threads: int = 0,
         cache_gib: float = 0.0,
         device: str = "auto",
+        local_sockets: bool = True,
     ) -> None:
         self.daemon = daemon
         self.allow_remote_deploy = allow_remote_deploy
         self.torch_threads = torch_threads
         self.device = device
+        self.local_sockets = local_sockets and localsock.HOST_ID is not None
         self.cache_budget_bytes = int(cache_gib * (1 << 30)) or None  # None: decided at load
         self._server: ShardServer | None = None
         self._announced_free: dict[str, int] = {}  # model -> free cache positions announced
+        self._local_failed: dict[str, float] = {}  # peer -> when a local dial last failed
         self.jobs: dict[str, Job] = {}
         self._tokenizers: dict[Path, Any] = {}
 
@@ -121,7 +126,7 @@ class ShardService:
     @property
     def server(self) -> ShardServer:
         if self._server is None:
-            from daemon.shards.server import SHARD_PROTOCOL, ShardServer
+            from daemon.shards.server import ShardServer
 
             self._server = ShardServer(
                 cache_budget_bytes=self.cache_budget_bytes,
@@ -135,6 +140,25 @@ class ShardService:
         self.daemon.net.set_request_handler(
             CONTROL_PROTOCOL, self._on_control, timeout_s=LOAD_TIMEOUT_S
         )
+
+    async def serve_local(self) -> None:
+        """Accept shard streams from daemons on this host over a Unix socket (see
+        p2p.localsock); without one (not Linux, or the name taken) peers use libp2p."""
+        if not self.local_sockets:
+            return
+        listener = localsock.Listener(
+            self.daemon.ident,
+            {SHARD_PROTOCOL: self._on_local_stream},
+            on_reject=lambda reason: self.daemon.metrics.reject("localsock", reason),
+        )
+        try:
+            await listener.serve()
+        except OSError as exc:
+            log.warning("no local shard socket (%s); same-host peers will use libp2p", exc)
+
+    async def _on_local_stream(self, stream: Stream) -> None:
+        await self.ensure_torch()
+        await self.server.handle_stream(stream)
 
     async def reap_forever(self, interval_s: float = 10.0) -> None:
         """Free the caches of sessions abandoned without a close (their client vanished), and
@@ -209,6 +233,7 @@ class ShardService:
                 "dtype": block["dtype"],
                 "parameters_bytes": block["parameters_bytes"],
                 "cache_tokens_free": block["cache_tokens_free"],
+                "host": localsock.HOST_ID,  # peers on this host dial our local socket
             },
         }
         try:
@@ -345,9 +370,36 @@ class ShardService:
         return out
 
     async def open_stream(self, peer_id: str, protocol: str) -> Stream:
+        """A stream to a shard server: in memory to ourselves, over the Unix socket to a
+        daemon on this host, else over libp2p."""
+        transports = self.daemon.metrics.shard_streams
         if peer_id == self.daemon.ident.peer_id:
+            transports.labels("loopback").inc()
             return await self._loopback(protocol)
+        failed_at = self._local_failed.get(peer_id, -LOCAL_RETRY_S)
+        if self.same_host(peer_id) and time.monotonic() - failed_at >= LOCAL_RETRY_S:
+            try:
+                stream = await localsock.dial(peer_id, protocol)
+                transports.labels("local").inc()
+                return stream
+            except NetworkError as exc:
+                log.info("local stream to %s failed (%s); using libp2p", peer_id[-12:], exc)
+                self._local_failed[peer_id] = time.monotonic()
+        transports.labels("libp2p").inc()
         return await self.daemon.net.open_stream(peer_id, protocol)
+
+    def same_host(self, peer_id: str) -> bool:
+        """Whether the peer announced a block from this host (same kernel boot id)."""
+        if not self.local_sockets:
+            return False
+        for entry in self.daemon.replica.entries.values():
+            value = entry.value
+            if entry.kind != "blocks" or not isinstance(value, dict):
+                continue
+            if value.get("served_by") == [peer_id]:
+                params = value.get("parameters")
+                return isinstance(params, dict) and params.get("host") == localsock.HOST_ID
+        return False
 
     async def _loopback(self, protocol: str) -> Stream:
         """A stream to our own shard server, in memory (libp2p cannot dial itself)."""

@@ -10,6 +10,7 @@ import pytest
 
 from daemon.api.client import RPCCallError
 from daemon.devnet import Devnet, wait_for
+from p2p import localsock
 
 torch = pytest.importorskip("torch")
 
@@ -81,6 +82,11 @@ def test_three_daemons_generate_exactly_the_single_process_tokens(
         assert result["tokens"] == expected
         assert [h["peer_id"] for h in result["route"]] == [d.peer_id for d in net.daemons]
         assert result["forwarding"] == "chained"  # each server pushed to the next
+        if localsock.HOST_ID is not None:  # daemons on one host talk over Unix sockets
+            streams = "gridmesh_shard_streams_total"
+            assert net.daemons[2].metric(streams, transport="local") >= 2  # to node0, node1
+            assert net.daemons[0].metric(streams, transport="local") >= 1  # push to node1
+            assert net.daemons[2].metric(streams, transport="libp2p") == 0
         # the same with the client relaying every hop instead of servers pushing on
         relayed = net.daemons[2].call(
             "generate",
@@ -162,12 +168,18 @@ def test_three_daemons_generate_exactly_the_single_process_tokens(
         assert net.daemons[2].call("block_list", {})["local"] == []
 
 
+@pytest.mark.parametrize("local_sockets", [True, False], ids=["local", "libp2p"])
 def test_sigkilled_server_with_a_replica_still_gives_the_same_tokens(
-    tmp_path, fast_config, model_dir
+    tmp_path, fast_config, model_dir, local_sockets
 ):
     long = 100  # long enough that the kill lands mid-generation
     expected = greedy_generate([load_model(model_dir)], PROMPT, long)
-    with Devnet(4, root=tmp_path, config=fast_config) as net:
+    config = tmp_path / "node.toml"
+    text = fast_config.read_text()
+    config.write_text(
+        text.replace("[shards]", f"[shards]\nlocal_sockets = {str(local_sockets).lower()}")
+    )
+    with Devnet(4, root=tmp_path / "net", config=config) as net:
         net.wait_all_found(30)
         deploy(net, model_dir, [(0, 2), (2, 4), (2, 4), (4, 6)])
         client = net.daemons[0]
@@ -192,3 +204,7 @@ def test_sigkilled_server_with_a_replica_still_gives_the_same_tokens(
         assert [r["peer_id"] for r in state["recoveries"]] == [middle]
         assert middle not in [h["peer_id"] for h in state["route"]]
         assert all(r["seconds"] <= 5 for r in state["recoveries"]), state["recoveries"]
+        if not local_sockets:
+            streams = "gridmesh_shard_streams_total"
+            assert client.metric(streams, transport="libp2p") >= 3
+            assert client.metric(streams, transport="local") == 0
