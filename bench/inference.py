@@ -8,7 +8,9 @@ Makes a random Llama-shaped checkpoint (`--preset`: `cpu` is hidden 2048, 8 laye
 - N daemons on loopback, each serving a contiguous range, driven by one extra client daemon:
   decode tokens/s and the overhead per network hop,
   (time per token split - time per token in one process) / hops, both chained (each server
-  pushes to the next, the default) and relayed (the client sends every hop's input);
+  pushes to the next, the default) and relayed (the client sends every hop's input), over
+  each `--transports`: `local` (Unix sockets between daemons on one host, the default
+  there) and `libp2p` (Noise-encrypted yamux over TCP, what daemons on different hosts use);
 - recovery: 3 servers with a replica of the middle range; the serving replica is SIGKILLed
   mid-generation; seconds from the failure to the first replayed step, and whether the
   tokens equal the reference.
@@ -30,8 +32,10 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parent.parent)  # don't let bench/ shadow packages
 
 import argparse  # noqa: E402
+import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -64,13 +68,17 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def config_text(threads: int, device: str) -> str:
+def config_text(threads: int, device: str, local_sockets: bool) -> str:
     """The devnet config with `threads` torch threads, shards on `device`, and background
     chatter at the pace of a real node (the devnet's 2 s publishes and pings steal cores from
     the steps we time)."""
     base = (REPO_CONFIGS / "devnet.toml").read_text()
     for old, new in (
-        ("torch_threads = 1", f'torch_threads = {threads}\ndevice = "{device}"'),
+        (
+            "torch_threads = 1",
+            f'torch_threads = {threads}\ndevice = "{device}"\n'
+            f"local_sockets = {str(local_sockets).lower()}",
+        ),
         ("publish_interval_s = 2.0", "publish_interval_s = 30.0"),
         ("record_validity_s = 10.0", "record_validity_s = 90.0"),
         ("ping_interval_s = 2.0", "ping_interval_s = 10.0"),
@@ -87,6 +95,22 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+REPEATS = 3  # every time per token is the median of this many runs: 2 cores are noisy
+
+
+def median_per_token(run: Callable[[int], tuple[float, list[int]]], tokens: int):
+    """Decode time per token, (time for tokens + 1 - time for 1) / tokens, the median of
+    REPEATS runs, and the tokens of the last run."""
+    samples = []
+    for _ in range(REPEATS):
+        prefill, short = run(1)
+        total, out = run(tokens + 1)
+        if out[0] != short[0]:
+            raise RuntimeError("the first token changed between runs")
+        samples.append((total - prefill) / tokens)
+    return statistics.median(samples), out
+
+
 def one_process(
     model_dir: Path, prompt: list[int], tokens: int, device: str, dtype: str
 ) -> tuple[float, list[int]]:
@@ -100,10 +124,7 @@ def one_process(
         synchronize(device)
         return time.perf_counter() - started, out
 
-    prefill, short = timed(1)
-    total, out = timed(tokens + 1)
-    assert out[0] == short[0]
-    return (total - prefill) / tokens, out
+    return median_per_token(timed, tokens)
 
 
 def transformers_baseline(
@@ -167,15 +188,15 @@ def timed_generate(
 ) -> tuple[float, list[int]]:
     params = {"model": "m", "token_ids": prompt, "relay": relay}
     client.call("generate", {**params, "max_tokens": 2}, timeout=600)  # warm up
-    started = time.perf_counter()
-    client.call("generate", {**params, "max_tokens": 1}, timeout=600)
-    prefill = time.perf_counter() - started
-    started = time.perf_counter()
-    out = client.call("generate", {**params, "max_tokens": tokens + 1}, timeout=600)
-    total = time.perf_counter() - started
-    if out["forwarding"] != ("relayed" if relay else "chained"):
-        raise RuntimeError(f"asked relay={relay}, the generation went {out['forwarding']}")
-    return (total - prefill) / tokens, out["tokens"]
+
+    def timed(n: int) -> tuple[float, list[int]]:
+        started = time.perf_counter()
+        out = client.call("generate", {**params, "max_tokens": n}, timeout=600)
+        if out["forwarding"] != ("relayed" if relay else "chained"):
+            raise RuntimeError(f"asked relay={relay}, the generation went {out['forwarding']}")
+        return time.perf_counter() - started, out["tokens"]
+
+    return median_per_token(timed, tokens)
 
 
 def recovery(
@@ -238,6 +259,9 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=None, help="new tokens: 32 CPU, 128 GPU")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--splits", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument(
+        "--transports", nargs="+", choices=["local", "libp2p"], default=["local", "libp2p"]
+    )
     parser.add_argument("--hf", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--recovery", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
@@ -252,8 +276,11 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="gridmesh-bench-") as tmp:
         root = Path(tmp)
-        config = root / "bench.toml"
-        config.write_text(config_text(args.threads, args.device))
+        configs = {}
+        for transport in ("local", "libp2p"):
+            configs[transport] = root / f"{transport}.toml"
+            text = config_text(args.threads, args.device, transport == "local")
+            configs[transport].write_text(text)
         print(f"writing a random {args.preset} checkpoint ...", file=sys.stderr, flush=True)
         model_dir, shape = make_checkpoint(root, args)
         dtype, layers = shape["dtype"], shape["layers"]
@@ -271,21 +298,31 @@ def main() -> int:
             rows.append(("transformers", None, hf, hf_tokens == reference))
         rows.append(("gridmesh, 1 process", 0, base, True))
         for n in args.splits:
-            print(f"split over {n} daemons ...", file=sys.stderr, flush=True)
-            with Devnet(n + 1, root=root / f"split{n}", config=config) as net:
-                net.wait_all_found(60)
-                deploy(net.daemons[0], net.daemons[1:], model_dir, layers, dtype)
-                for relay in (False, True):
-                    per_token, tokens = timed_generate(net.daemons[0], prompt, args.tokens, relay)
-                    how = "relayed" if relay else "chained"
-                    rows.append((f"{n} daemons, {how}", n, per_token, tokens == reference))
+            for transport in args.transports:
+                print(f"split over {n} daemons, {transport} ...", file=sys.stderr, flush=True)
+                with Devnet(n + 1, root=root / f"{transport}{n}", config=configs[transport]) as net:
+                    net.wait_all_found(60)
+                    deploy(net.daemons[0], net.daemons[1:], model_dir, layers, dtype)
+                    for relay in (False, True):
+                        per_token, tokens = timed_generate(
+                            net.daemons[0], prompt, args.tokens, relay
+                        )
+                        how = "relayed" if relay else "chained"
+                        name = f"{n} daemons, {transport}, {how}"
+                        rows.append((name, n, per_token, tokens == reference))
         if args.recovery:
             print("recovery ...", file=sys.stderr, flush=True)
             recovery_s, recovered_same = recovery(
-                root / "recovery", config, model_dir, layers, dtype, prompt, reference
+                root / "recovery",
+                configs[args.transports[0]],
+                model_dir,
+                layers,
+                dtype,
+                prompt,
+                reference,
             )
     header = (
-        f"{'setup':>20} | {'hops':>4} | {'ms/token':>8} | {'tokens/s':>8} | "
+        f"{'setup':>28} | {'hops':>4} | {'ms/token':>8} | {'tokens/s':>8} | "
         f"{'overhead/hop':>12} | {'vs 1 process':>12} | {'same tokens':>11}"
     )
     print(header)
@@ -293,7 +330,7 @@ def main() -> int:
     for name, hops, per_token, same in rows:
         overhead = f"{(per_token - base) * 1000 / hops:>9.2f} ms" if hops else f"{'-':>12}"
         print(
-            f"{name:>20} | {'-' if hops is None else hops:>4} | {per_token * 1000:>8.2f} | "
+            f"{name:>28} | {'-' if hops is None else hops:>4} | {per_token * 1000:>8.2f} | "
             f"{1 / per_token:>8.2f} | {overhead} | {base / per_token:>11.2f}x | "
             f"{'yes' if same else 'NO':>11}"
         )
