@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/p2p.py
 	$(BIN)/python bench/registry_daemons.py
 	$(BIN)/python bench/registry.py
+	$(BIN)/python bench/inference.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
