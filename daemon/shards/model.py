@@ -816,10 +816,12 @@ def greedy_generate(
     temperature: float = 0.0,
     seed: int | None = None,
     eos_id: int | None = None,
+    static: bool = False,
 ) -> list[int]:
     """The single-process reference loop over a chain of shards: prefill, then decode one
     token at a time with KV caches. Greedy at temperature 0, else sampled from a CPU
-    `torch.Generator` seeded by `seed`. Returns the new tokens (stopping after `eos_id`)."""
+    `torch.Generator` seeded by `seed`. Returns the new tokens (stopping after `eos_id`).
+    `static`: decode with fixed-shape steps (`daemon.shards.decode`), CUDA graphs on a GPU."""
     _check_chain(shards)
     if not prompt_ids:
         raise ModelError("empty prompt")
@@ -837,10 +839,19 @@ def greedy_generate(
     device = shards[0].device
     tokens = torch.tensor([list(prompt_ids)], dtype=torch.int64, device=device)
     out: list[int] = []
-    for _ in range(max_new_tokens):
+    decoders = None
+    if static:
+        from daemon.shards.decode import StaticDecoder
+
+        decoders = [StaticDecoder(s, c) for s, c in zip(shards, caches, strict=True)]
+    for step in range(max_new_tokens):
         hidden = tokens
-        for shard, cache in zip(shards, caches, strict=True):
-            hidden = shard(hidden, cache)
+        if decoders is not None and step > 0:
+            for decoder in decoders:
+                hidden = decoder.step(hidden)
+        else:
+            for shard, cache in zip(shards, caches, strict=True):
+                hidden = shard(hidden, cache)
         logits = hidden[0, -1].float().cpu()
         if generator is None:
             token = int(torch.argmax(logits))

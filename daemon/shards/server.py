@@ -128,6 +128,7 @@ class Session:
     max_length: int
     owner: Outbox
     """The stream that opened the session: results and errors of chained steps go there."""
+    decoder: Any = None  # a StaticDecoder, made at the first one-token step if used
     length: int = 0
     last_used: float = field(default_factory=time.monotonic)
 
@@ -162,17 +163,21 @@ class ShardServer:
         session_idle_s: float = SESSION_IDLE_S,
         cache_budget_bytes: int | None = None,
         opener: StreamOpener | None = None,
+        static_decode: bool | None = None,
         on_reject: Callable[[str], None] | None = None,
     ) -> None:
         """`cache_budget_bytes`: KV cache all sessions may hold together (None: half of the
         memory available when the first range is loaded). `opener`: how to reach the next
-        server of a chained step (None: chained steps that need a push are refused)."""
+        server of a chained step (None: chained steps that need a push are refused).
+        `static_decode`: one-token steps as fixed-shape steps, CUDA graphs on a GPU
+        (`daemon.shards.decode`); None: on CUDA devices only."""
         self.blocks: dict[str, ServedBlock] = {}
         self.sessions: dict[str, Session] = {}
         self.max_sessions = max_sessions
         self.session_idle_s = session_idle_s
         self.cache_budget_bytes = cache_budget_bytes
         self._opener = opener
+        self.static_decode = static_decode
         self._peers: dict[str, Outbox] = {}
         self._on_reject = on_reject or (lambda reason: None)
         # one step at a time per process: torch already uses every core for one
@@ -308,6 +313,18 @@ class ShardServer:
         block = session.block
 
         started = time.perf_counter()
+        static = self.static_decode
+        if static is None:
+            static = block.device.startswith("cuda")
+        if static and x.shape[1] == 1:
+            if session.decoder is None:
+                from daemon.shards.decode import StaticDecoder
+
+                session.decoder = StaticDecoder(block.shard, session.cache)
+            out = session.decoder.step(x).cpu()
+            block.compute_s += time.perf_counter() - started
+            block.steps += 1
+            return out
         with torch.inference_mode():
             first = session.length
             positions = torch.arange(first, first + x.shape[1], device=block.device)

@@ -116,20 +116,27 @@ async def collect(model: RemoteModel, prompt, n, on_token=None) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("chained", [True, False], ids=["chained", "relayed"])
+@pytest.mark.parametrize(
+    ("chained", "static"),
+    [(True, False), (False, False), (True, True)],
+    ids=["chained", "relayed", "chained-static"],
+)
 async def test_chain_of_three_generates_exactly_the_single_process_tokens(
-    model_dir, reference, chained
+    model_dir, reference, chained, static
 ):
     prompt, expected = reference
     async with trio.open_nursery() as nursery:
         cluster = Cluster(nursery)
         for peer, (a, b) in {"s1": (0, 2), "s2": (2, 4), "s3": (4, 6)}.items():
-            await cluster.add(peer, model_dir, a, b)
+            # static: one-token steps as fixed-shape steps (CUDA graphs on a GPU)
+            await cluster.add(peer, model_dir, a, b, static_decode=static)
         model = remote(cluster, chained=chained)
         await model.open()
         assert [h["peer_id"] for h in model.route] == ["s1", "s2", "s3"]
         assert await collect(model, prompt, 24) == expected
         assert model.chained is chained and not model.recoveries
+        sessions = [s for srv in cluster.servers.values() for s in srv.sessions.values()]
+        assert len(sessions) == 3 and all((s.decoder is not None) == static for s in sessions)
         if chained:  # the servers pushed to each other: s2 and s3 each got a push stream
             assert [len(cluster.ends[p]) for p in ("s1", "s2", "s3")] == [1, 2, 2]
         await model.close()
