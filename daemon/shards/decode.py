@@ -29,7 +29,6 @@ from daemon.shards.model import (
     LlamaShard,
     ModelError,
     _Attention,
-    _DecoderLayer,
     _rotate_half,
 )
 
@@ -62,22 +61,6 @@ def _attention(
     probs = F.softmax(scores, dim=-1).to(values.dtype)
     out = torch.matmul(probs, values[0])  # [kv_heads, groups, dim]
     return attn.o_proj(out.reshape(1, 1, heads * dim))
-
-
-def _layer(
-    layer: _DecoderLayer,
-    x: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    keys: Tensor,
-    values: Tensor,
-    position: Tensor,
-    visible: Tensor,
-) -> Tensor:
-    x = x + _attention(
-        layer.self_attn, layer.input_layernorm(x), cos, sin, keys, values, position, visible
-    )
-    return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
 class StaticDecoder:
@@ -118,7 +101,12 @@ class StaticDecoder:
         hidden = embed(self._input) if embed is not None else self._input
         for index, layer in enumerate(shard.layers.values()):
             keys, values = self.cache.keys[index], self.cache.values[index]
-            hidden = _layer(layer, hidden, cos, sin, keys, values, self._position, visible)
+            normed = layer.input_layernorm(hidden)
+            attn = layer.self_attn
+            hidden = hidden + _attention(
+                attn, normed, cos, sin, keys, values, self._position, visible
+            )
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         if shard.norm is None or shard.lm_head is None:
             return hidden
         return shard.lm_head(shard.norm(hidden)).float()
