@@ -29,7 +29,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -49,6 +49,9 @@ MAX_STEP_TOKENS = 4096
 MAX_CHAIN = 64
 MAX_PEERS = 64  # pooled push streams to next servers
 PUSH_TIMEOUT_S = 10.0
+# chained steps a stream may have in flight: their handler keeps reading meanwhile, so pushes
+# between servers of crossing routes (A->B, B->C, C->A) cannot all wait on each other
+MAX_STEPS_IN_FLIGHT = 64
 
 
 class StreamOpener(Protocol):
@@ -343,26 +346,45 @@ class ShardServer:
         the sessions opened on it end with it."""
         outbox = Outbox(stream)
         owned: set[str] = set()
+        in_flight = trio.Semaphore(MAX_STEPS_IN_FLIGHT)
+
+        async def run_step(session: Session, header: dict[str, Any], x: Any) -> None:
+            try:
+                await self._chained_step(session, header, x)
+            finally:
+                in_flight.release()
+
         try:
-            while True:
-                try:
-                    frame = await stream.receive()
-                except NetworkError:
-                    return
-                reply = await self._handle_frame(frame, outbox, owned)
-                if reply is not None:
+            async with trio.open_nursery() as steps:
+
+                async def spawn(session: Session, header: dict[str, Any], x: Any) -> None:
+                    await in_flight.acquire()
+                    steps.start_soon(run_step, session, header, x)
+
+                while True:
                     try:
-                        await outbox.send(*reply)
+                        frame = await stream.receive()
                     except NetworkError:
                         return
+                    reply = await self._handle_frame(frame, outbox, owned, spawn)
+                    if reply is not None:
+                        try:
+                            await outbox.send(*reply)
+                        except NetworkError:
+                            return
         finally:
             for session_id in owned:
                 self.sessions.pop(session_id, None)
 
     async def _handle_frame(
-        self, frame: bytes, outbox: Outbox, owned: set[str]
+        self,
+        frame: bytes,
+        outbox: Outbox,
+        owned: set[str],
+        spawn: Callable[[Session, dict[str, Any], Any], Awaitable[None]],
     ) -> tuple[dict[str, Any], torch.Tensor | None] | None:
-        """The reply to send back on this stream, or None (chained steps answer elsewhere)."""
+        """The reply to send back on this stream, or None: chained steps run beside the
+        stream's reader (`spawn`) and answer the session's owner."""
         step: Any = None
         try:
             header, tensor = wire.decode(frame)
@@ -376,12 +398,12 @@ class ShardServer:
                 if session is None or op != "forward" or "chain" not in header:
                     self._on_reject("unknown_session")
                     return None
-                await self._chained_step(session, header, tensor)
+                await spawn(session, header, tensor)
                 return None
             if session is None or session.id not in owned:
                 raise ShardError("unknown_session", "no such session on this stream (expired?)")
             if op == "forward" and "chain" in header:
-                await self._chained_step(session, header, tensor)
+                await spawn(session, header, tensor)
                 return None
             if op == "forward":
                 out = await self.forward(

@@ -357,3 +357,36 @@ async def test_sessions_are_refused_when_the_cache_budget_is_full(model_dir):
         assert server.free_cache_tokens(block) == 100
         assert (await open_session(41))["op"] == "opened"
         nursery.cancel_scope.cancel()
+
+
+async def test_a_stream_keeps_being_read_while_its_chained_step_waits_on_a_push(model_dir):
+    """Pushes between servers of crossing routes must not wait on each other forever: a
+    stream's reader goes on while the steps it started wait to push."""
+
+    class StuckNext:  # the next server accepts the stream but never reads it
+        def __init__(self) -> None:
+            self.dialed = trio.Event()
+
+        async def open_stream(self, peer_id: str, protocol: str) -> ChannelStream:
+            ours, self.never_read = stream_pair("s1", peer_id, capacity=0)
+            self.dialed.set()
+            return ours
+
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(nursery)
+        server = await cluster.add("s1", model_dir, 0, 3)
+        server._opener = stuck = StuckNext()
+        stream = await cluster.open_stream("s1", "shard")
+        header = {"op": "open", "model": "tiny", "start": 0, "end": 3, "max_length": 8}
+        await stream.send(wire.encode(header))
+        session = wire.decode(await stream.receive())[0]["session"]
+        step = {"op": "forward", "session": session, "position": 0, "step": 1}
+        chain = [{"peer": "s2", "session": "a" * 32}]
+        await stream.send(wire.encode({**step, "chain": chain}, torch.tensor([[1, 2]])))
+        with trio.fail_after(5):
+            await stuck.dialed.wait()  # the step ran and is pushing: its push never ends
+            await stream.send(wire.encode(header))
+            reply, _ = wire.decode(await stream.receive())  # yet the stream still answers
+        assert reply["op"] == "opened"
+        assert server.sessions[session].length == 2
+        nursery.cancel_scope.cancel()
