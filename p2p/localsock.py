@@ -18,6 +18,7 @@ fail to connect, and the caller falls back to libp2p).
 from __future__ import annotations
 
 import contextlib
+import logging
 import secrets
 import socket
 import struct
@@ -28,6 +29,8 @@ import trio
 
 from p2p import codec, identity
 from p2p.network import NetworkError, Stream
+
+log = logging.getLogger(__name__)
 
 MAX_FRAME_BYTES = 300 << 20  # a shard step carries at most 256 MiB of tensor
 HELLO_TIMEOUT_S = 2.0
@@ -163,6 +166,9 @@ class Listener:
             handler = await self._hello(stream)
             if handler is not None:
                 await handler(stream)
+        except Exception:  # as the libp2p guard: count it, end this stream, keep serving
+            log.exception("local stream handler failed")
+            self._on_reject("handler_error")
         finally:
             await stream.close()
 

@@ -144,28 +144,34 @@ class RemoteModel:
         return [{"peer_id": h.peer_id, "start": h.start, "end": h.end} for h in self.hops]
 
     async def _open_hops(self, start: int) -> list[Hop]:
+        """Sessions on a route from layer `start`; on failure the ones opened are closed."""
         servers = await self._servers()
         spans = find_route(servers, self.num_layers, start=start, exclude=self.failed)
-        hops = []
-        for span in spans:
-            try:
-                stream = await self._opener.open_stream(span.peer_id, SHARD_PROTOCOL)
-            except NetworkError as exc:
-                raise HopFailed(span.peer_id, str(exc)) from None
-            hop = Hop(span.peer_id, span.start, span.end, stream, session="")
-            reply, _ = await hop.call(
-                {
-                    "op": "open",
-                    "model": self.model_id,
-                    "start": span.start,
-                    "end": span.end,
-                    "max_length": self.max_length,
-                },
-                None,
-                self.step_timeout_s,
-            )
-            hop.session = str(reply["session"])
-            hops.append(hop)
+        hops: list[Hop] = []
+        try:
+            for span in spans:
+                try:
+                    with trio.fail_after(self.step_timeout_s):
+                        stream = await self._opener.open_stream(span.peer_id, SHARD_PROTOCOL)
+                except (NetworkError, trio.TooSlowError) as exc:
+                    raise HopFailed(span.peer_id, repr(exc)) from None
+                hop = Hop(span.peer_id, span.start, span.end, stream, session="")
+                hops.append(hop)
+                reply, _ = await hop.call(
+                    {
+                        "op": "open",
+                        "model": self.model_id,
+                        "start": span.start,
+                        "end": span.end,
+                        "max_length": self.max_length,
+                    },
+                    None,
+                    self.step_timeout_s,
+                )
+                hop.session = str(reply["session"])
+        except BaseException:
+            await _close_all(hops)
+            raise
         return hops
 
     async def open(self) -> None:
@@ -201,9 +207,9 @@ class RemoteModel:
         replay = [(p, c) for p, c in old.chunks if p < self.length] if old else []
         current = next((c for p, c in old.chunks if p >= self.length), None) if old else None
         start = old.start if old else 0
-        for hop in self.hops[index:]:
-            await hop.stream.close()
-        self.hops = self.hops[:index] + await self._open_hops(start)
+        await _close_all(self.hops[index:])
+        self.hops = self.hops[:index]  # if opening fails, the next recovery starts here
+        self.hops += await self._open_hops(start)
         for position, chunk in replay:
             x = chunk
             for i in range(index, len(self.hops)):
@@ -294,7 +300,10 @@ class RemoteModel:
             "last_only": True,
         }
         hops[0].record(step.position, step.x)
-        await hops[0].send(header, step.x)
+        with trio.move_on_after(self.step_timeout_s) as sending:
+            await hops[0].send(header, step.x)
+        if sending.cancelled_caught:
+            raise HopFailed(hops[0].peer_id, f"no progress within {self.step_timeout_s:.1f} s")
         reports_in, reports_out = trio.open_memory_channel[_Report](len(hops))
         heard: dict[int, tuple[dict[str, Any], torch.Tensor | None]] = {}
         failure: tuple[int, HopFailed] | None = None
@@ -357,10 +366,16 @@ class RemoteModel:
         raise HopFailed(hops[missing].peer_id, f"no progress within {self.step_timeout_s:.1f} s")
 
     async def close(self) -> None:
-        for hop in self.hops:
+        await _close_all(self.hops)
+        self.hops = []
+
+
+async def _close_all(hops: list[Hop]) -> None:
+    """Close hop streams (their servers free the sessions), whatever is being cancelled."""
+    with trio.CancelScope(shield=True):
+        for hop in hops:
             with trio.move_on_after(1):
                 await hop.stream.close()
-        self.hops = []
 
 
 # one hop's answer to a chained step: (index in the chain, reply, tensor, failure)

@@ -18,6 +18,7 @@ eager path there, and on CUDA the graph against the fixed-shape step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -33,6 +34,7 @@ from daemon.shards.model import (
 )
 
 log = logging.getLogger(__name__)
+_nothing = contextlib.nullcontext
 
 
 def _attention(
@@ -112,15 +114,18 @@ class StaticDecoder:
         return shard.lm_head(shard.norm(hidden)).float()
 
     def _capture(self) -> None:
+        """Capture the step on this shard's device (the caller's thread may have another
+        current device). `thread_local`: allocations by other threads, such as a new
+        session's cache, do not break the capture."""
         self.use_graph = False  # until the capture succeeds
-        side = torch.cuda.Stream()
+        side = torch.cuda.Stream(device=self.shard.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self._compute()  # warm-up: the replay rewrites the slot this writes
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
                 self._output = self._compute()
         except RuntimeError as exc:
             log.warning("CUDA graph capture failed, decoding eagerly: %s", exc)
@@ -134,7 +139,8 @@ class StaticDecoder:
             raise ModelError(f"a static step takes one position of batch 1, got {tuple(x.shape)}")
         cache = self.cache
         cache.reserve(1)
-        with torch.inference_mode():
+        on_gpu = self.shard.device.type == "cuda"
+        with torch.inference_mode(), torch.cuda.device(self.shard.device) if on_gpu else _nothing():
             self._input.copy_(x)
             self._position.fill_(cache.length)
             if self.use_graph and self._graph is None:

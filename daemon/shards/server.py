@@ -25,7 +25,6 @@ refused as `busy` (the client then routes around this server).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import secrets
 import time
@@ -48,7 +47,11 @@ SESSION_IDLE_S = 120.0
 MAX_STEP_TOKENS = 4096
 MAX_CHAIN = 64
 MAX_PEERS = 64  # pooled push streams to next servers
-PUSH_TIMEOUT_S = 10.0
+# a push (dial included) must fail well within the client's step timeout (10 s), so that
+# the client hears `forward_error` and relays, rather than blaming this server
+PUSH_BUDGET_S = 3.0
+PUSH_BYTES_PER_S = 20e6  # plus this much time per byte, for large prefill tensors
+TELL_OWNER_TIMEOUT_S = 5.0
 # chained steps a stream may have in flight: their handler keeps reading meanwhile, so pushes
 # between servers of crossing routes (A->B, B->C, C->A) cannot all wait on each other
 MAX_STEPS_IN_FLIGHT = 64
@@ -131,6 +134,7 @@ class Session:
     max_length: int
     owner: Outbox
     """The stream that opened the session: results and errors of chained steps go there."""
+    stepping: bool = False  # a chained step of this session is in flight
     decoder: Any = None  # a StaticDecoder, made at the first one-token step if used
     length: int = 0
     last_used: float = field(default_factory=time.monotonic)
@@ -182,6 +186,7 @@ class ShardServer:
         self._opener = opener
         self.static_decode = static_decode
         self._peers: dict[str, Outbox] = {}
+        self._dialing: dict[str, trio.Lock] = {}
         self._on_reject = on_reject or (lambda reason: None)
         # one step at a time per process: torch already uses every core for one
         self._compute = trio.CapacityLimiter(1)
@@ -260,7 +265,10 @@ class ShardServer:
                     "busy", f"KV cache full: {free} positions free, {max_length} asked"
                 )
         session_id = secrets.token_hex(16)
-        cache = block.shard.new_cache(batch=1, max_len=max_length)
+        try:
+            cache = block.shard.new_cache(batch=1, max_len=max_length)
+        except torch.OutOfMemoryError:
+            raise ShardError("busy", "out of memory for the session's KV cache") from None
         session = Session(session_id, block, cache, max_length, owner)
         self.sessions[session_id] = session
         return session
@@ -280,6 +288,8 @@ class ShardServer:
             raise ShardError(
                 "bad_position", f"expected position {session.length}, got {str(position)[:20]}"
             )
+        if x.dim() < 2 or not 0 < x.shape[1] <= MAX_STEP_TOKENS:
+            raise ShardError("bad_input", f"a step carries 1..{MAX_STEP_TOKENS} positions")
         if block.start == 0:
             if x.dtype != torch.int64 or x.dim() != 2 or x.shape[0] != 1:
                 raise ShardError("bad_input", "the first shard takes int64 token ids [1, seq]")
@@ -293,8 +303,6 @@ class ShardServer:
                     f"expected {wire.NAMES[block.dtype]} hidden states [1, seq, {hidden}]",
                 )
         seq = x.shape[1]
-        if not 0 < seq <= MAX_STEP_TOKENS:
-            raise ShardError("bad_input", f"a step carries 1..{MAX_STEP_TOKENS} positions")
         if session.length + seq > session.max_length:
             raise ShardError(
                 "too_long",
@@ -352,13 +360,18 @@ class ShardServer:
             try:
                 await self._chained_step(session, header, x)
             finally:
+                session.stepping = False
                 in_flight.release()
 
         try:
             async with trio.open_nursery() as steps:
 
                 async def spawn(session: Session, header: dict[str, Any], x: Any) -> None:
+                    if session.stepping:  # a client waits for each step before the next
+                        raise ShardError("bad_position", "a step of this session is running")
+                    self._check_input(session, header.get("position"), x)  # before parking x
                     await in_flight.acquire()
+                    session.stepping = True
                     steps.start_soon(run_step, session, header, x)
 
                 while True:
@@ -398,7 +411,10 @@ class ShardServer:
                 if session is None or op != "forward" or "chain" not in header:
                     self._on_reject("unknown_session")
                     return None
-                await spawn(session, header, tensor)
+                try:
+                    await spawn(session, header, tensor)
+                except ShardError as exc:
+                    await self._tell_owner(session, self._error(exc, step))
                 return None
             if session is None or session.id not in owned:
                 raise ShardError("unknown_session", "no such session on this stream (expired?)")
@@ -415,7 +431,7 @@ class ShardServer:
                 owned.discard(session.id)
                 return {"op": "closed"}, None
             raise ShardError("bad_op", f"unknown op {str(op)[:20]!r}")
-        except (wire.WireError, ShardError, ModelError) as exc:
+        except (wire.WireError, ShardError, ModelError, RuntimeError) as exc:
             return self._error(exc, step), None
 
     def _error(self, exc: Exception, step: Any) -> dict[str, Any]:
@@ -423,8 +439,11 @@ class ShardServer:
             code = exc.reason
         elif isinstance(exc, ShardError):
             code = exc.code
-        else:  # the model's own checks, e.g. a full KV cache
+        elif isinstance(exc, ModelError):  # the model's own checks, e.g. a full KV cache
             code = "model"
+        else:  # torch refused (out of memory, a kernel error): this server's problem
+            log.warning("shard compute failed: %r", exc)
+            code = "compute"
         self._on_reject(code)
         error = {"op": "error", "code": code, "message": str(exc)}
         if isinstance(step, int) and not isinstance(step, bool):
@@ -442,7 +461,7 @@ class ShardServer:
             chain = parse_chain(header.get("chain"))
             last_only = not chain and bool(header.get("last_only"))
             out = await self.forward(session, position, x, last_only)
-        except (ShardError, ModelError) as exc:
+        except (ShardError, ModelError, RuntimeError) as exc:
             await self._tell_owner(session, self._error(exc, step))
             return
         if not chain:
@@ -469,35 +488,60 @@ class ShardServer:
     async def _tell_owner(
         self, session: Session, header: dict[str, Any], tensor: torch.Tensor | None = None
     ) -> None:
-        with contextlib.suppress(NetworkError):  # the client is gone; its sessions end with it
-            await session.owner.send(header, tensor)
+        try:
+            with trio.fail_after(TELL_OWNER_TIMEOUT_S):
+                await session.owner.send(header, tensor)
+        except NetworkError:  # the client is gone: its sessions end with its stream
+            self.sessions.pop(session.id, None)
+        except trio.TooSlowError:  # the client stopped reading: end its session, free its cache
+            self._on_reject("owner_stalled")
+            self.sessions.pop(session.id, None)
 
     async def _push(self, peer_id: str, frame: bytes) -> None:
-        """Send a frame to the next server over a pooled stream (one fresh retry)."""
+        """Send a frame to the next server over a pooled stream (one fresh retry), within
+        PUSH_BUDGET_S (plus time for the bytes)."""
         if self._opener is None:
             raise NetworkError("this server does not push to other servers")
-        for attempt in (1, 2):
-            outbox = self._peers.get(peer_id)
-            try:
-                with trio.fail_after(PUSH_TIMEOUT_S):
-                    if outbox is None:
-                        stream = await self._opener.open_stream(peer_id, SHARD_PROTOCOL)
-                        outbox = Outbox(stream)
-                        if len(self._peers) >= MAX_PEERS:
-                            await self._drop_peer(next(iter(self._peers)))
-                        self._peers[peer_id] = outbox
-                    await outbox.send_frame(frame)
-                return
-            except (NetworkError, trio.TooSlowError) as exc:
-                await self._drop_peer(peer_id)
-                if attempt == 2:
-                    raise NetworkError(f"cannot push to {peer_id}: {exc!r}") from None
+        try:
+            with trio.fail_after(PUSH_BUDGET_S + len(frame) / PUSH_BYTES_PER_S):
+                for attempt in (1, 2):
+                    outbox = await self._pooled(peer_id)
+                    try:
+                        await outbox.send_frame(frame)
+                        return
+                    except NetworkError:
+                        await self._drop_peer(peer_id, outbox)
+                        if attempt == 2:
+                            raise
+                    except BaseException:  # cancelled mid-frame: the stream is unusable
+                        await self._drop_peer(peer_id, outbox)
+                        raise
+        except trio.TooSlowError:
+            raise NetworkError(f"cannot push to {peer_id} in time") from None
 
-    async def _drop_peer(self, peer_id: str) -> None:
-        outbox = self._peers.pop(peer_id, None)
-        if outbox is not None:
-            with trio.move_on_after(1):
-                await outbox.stream.close()
+    async def _pooled(self, peer_id: str) -> Outbox:
+        """The pooled stream to a next server, opened once even when steps race for it."""
+        if len(self._dialing) > 4 * MAX_PEERS:  # forget the locks of idle peers
+            self._dialing = {p: lk for p, lk in self._dialing.items() if lk.locked()}
+        lock = self._dialing.setdefault(peer_id, trio.Lock())
+        async with lock:
+            outbox = self._peers.get(peer_id)
+            if outbox is None:
+                assert self._opener is not None
+                outbox = Outbox(await self._opener.open_stream(peer_id, SHARD_PROTOCOL))
+                while len(self._peers) >= MAX_PEERS:
+                    oldest = next(iter(self._peers))
+                    await self._drop_peer(oldest, self._peers[oldest])
+                self._peers[peer_id] = outbox
+        return outbox
+
+    async def _drop_peer(self, peer_id: str, outbox: Outbox) -> None:
+        """Forget a pooled stream (only that one: a fresh one may have replaced it)."""
+        if self._peers.get(peer_id) is outbox:
+            del self._peers[peer_id]
+        with trio.move_on_after(1) as scope:
+            scope.shield = True
+            await outbox.stream.close()
 
 
 def available_memory(device: str) -> int:

@@ -169,6 +169,8 @@ class ShardService:
                 continue
             self._server.reap_idle()
             for block in list(self._server.blocks.values()):
+                if self._server.blocks.get(block.model_id) is not block:
+                    continue  # undeployed while we announced another: no resurrection
                 announced = self._announced_free.get(block.model_id)
                 free = self._server.free_cache_tokens(block)
                 budget = (self._server.cache_budget_bytes or 0) // block.cache_bytes_per_token
@@ -409,6 +411,9 @@ class ShardService:
         async def serve() -> None:
             try:
                 await self.server.handle_stream(server_end)
+            except Exception:  # as the libp2p guard: count it, end the stream, keep the node
+                log.exception("loopback shard stream failed")
+                self.daemon.metrics.reject("shard", "handler_error")
             finally:
                 await server_end.close()
 

@@ -118,3 +118,24 @@ async def test_an_oversized_frame_breaks_the_stream_without_allocating_it():
         with pytest.raises(NetworkError, match="exceeds"):
             await stream.receive()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_failing_handler_ends_its_stream_not_the_listener():
+    server, rejects = NodeIdentity.generate(), []
+
+    async def broken(stream) -> None:
+        raise RuntimeError("a bug in a handler")
+
+    async with trio.open_nursery() as nursery:
+        listener = localsock.Listener(
+            server, {PROTOCOL: echo, "/broken": broken}, on_reject=rejects.append
+        )
+        await nursery.start(listener.serve)
+        stream = await localsock.dial(server.peer_id, "/broken")
+        with pytest.raises(NetworkError):
+            await stream.receive()
+        assert rejects == ["handler_error"]
+        stream = await localsock.dial(server.peer_id, PROTOCOL)  # still serving
+        await stream.send(b"ab")
+        assert await stream.receive() == b"ba"
+        nursery.cancel_scope.cancel()

@@ -10,6 +10,7 @@ import trio
 
 torch = pytest.importorskip("torch")
 
+from daemon.shards import server as server_module  # noqa: E402
 from daemon.shards import wire  # noqa: E402
 from daemon.shards.client import GenerationError, RemoteModel, generate  # noqa: E402
 from daemon.shards.model import greedy_generate, load_model, make_tiny  # noqa: E402
@@ -25,7 +26,8 @@ class Cluster:
     """Shard servers reachable by peer id; `kill` drops one like a SIGKILLed process.
 
     Servers push chained steps to each other through `open_stream` too; with
-    `servers_isolated` they cannot reach each other (only the client reaches them).
+    `servers_isolated` they cannot reach each other (only the client reaches them); with
+    `dials_hang`, their dials to each other never complete (a NAT dropping packets).
     """
 
     def __init__(self, nursery: trio.Nursery) -> None:
@@ -36,6 +38,7 @@ class Cluster:
         self.ends: dict[str, list[ChannelStream]] = {}
         self.dead: set[str] = set()
         self.servers_isolated = False
+        self.dials_hang = False
 
     async def add(self, peer_id: str, model_dir, start: int, end: int, **kw) -> ShardServer:
         server = ShardServer(opener=_Dialer(self, peer_id), **kw)
@@ -48,6 +51,8 @@ class Cluster:
     async def open_stream(
         self, peer_id: str, protocol: str, origin: str = "client"
     ) -> ChannelStream:
+        if origin != "client" and self.dials_hang:
+            await trio.sleep_forever()
         if origin != "client" and (self.servers_isolated or origin in self.dead):
             raise NetworkError(f"{origin} cannot reach {peer_id}")
         if peer_id in self.dead or peer_id not in self.servers:
@@ -143,14 +148,21 @@ async def test_chain_of_three_generates_exactly_the_single_process_tokens(
         nursery.cancel_scope.cancel()
 
 
-async def test_servers_that_cannot_reach_each_other_fall_back_to_relaying(model_dir, reference):
+@pytest.mark.parametrize("how", ["refused", "hanging"])
+async def test_servers_that_cannot_reach_each_other_fall_back_to_relaying(
+    model_dir, reference, how, monkeypatch
+):
     prompt, expected = reference
+    # a push gives up well within the client's step timeout, so the client relays instead
+    # of blaming the server that could not push
+    monkeypatch.setattr(server_module, "PUSH_BUDGET_S", 0.3)
     async with trio.open_nursery() as nursery:
         cluster = Cluster(nursery)
-        cluster.servers_isolated = True  # e.g. each behind its own NAT
+        cluster.servers_isolated = how == "refused"  # e.g. each behind its own NAT
+        cluster.dials_hang = how == "hanging"
         for peer, (a, b) in {"s1": (0, 2), "s2": (2, 4), "s3": (4, 6)}.items():
             await cluster.add(peer, model_dir, a, b)
-        model = remote(cluster)
+        model = remote(cluster, step_timeout_s=1.5)
         await model.open()
         assert await collect(model, prompt, 24) == expected
         assert model.chained is False and not model.recoveries and not model.failed
@@ -251,6 +263,7 @@ async def test_bad_requests_are_refused_and_the_server_keeps_serving(model_dir):
         cases = [
             ({**fwd, "session": "nope"}, torch.zeros(1, 1, hidden), "unknown_session"),
             (fwd, torch.zeros(1, 1, hidden + 1), "bad_input"),  # wrong shape
+            (fwd, torch.zeros(1, 0, hidden), "bad_input"),  # no positions
             (fwd, torch.zeros(1, 1, hidden, dtype=torch.float16), "bad_input"),  # wrong dtype
             (fwd, torch.zeros(1, 2), "bad_input"),  # token ids to a middle shard
             ({**fwd, "position": 5}, torch.zeros(1, 1, hidden), "bad_position"),
@@ -389,4 +402,49 @@ async def test_a_stream_keeps_being_read_while_its_chained_step_waits_on_a_push(
             reply, _ = wire.decode(await stream.receive())  # yet the stream still answers
         assert reply["op"] == "opened"
         assert server.sessions[session].length == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_first_shard_refuses_an_empty_step(model_dir):
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(nursery)
+        await cluster.add("a", model_dir, 0, 6)
+        stream = await cluster.open_stream("a", "shard")
+        header = {"op": "open", "model": "tiny", "start": 0, "end": 6, "max_length": 8}
+        await stream.send(wire.encode(header))
+        session = wire.decode(await stream.receive())[0]["session"]
+        empty = torch.zeros(1, 0, dtype=torch.int64)
+        for chain in ({}, {"chain": [], "step": 1}):  # relayed and chained
+            step = {"op": "forward", "session": session, "position": 0, **chain}
+            await stream.send(wire.encode(step, empty))
+            assert wire.decode(await stream.receive())[0]["code"] == "bad_input"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_session_whose_client_stops_reading_is_ended(model_dir, monkeypatch):
+    monkeypatch.setattr(server_module, "TELL_OWNER_TIMEOUT_S", 0.2)
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(nursery)
+        stalled = trio.Semaphore(0)
+
+        def rejected(reason: str) -> None:
+            if reason == "owner_stalled":
+                stalled.release()
+
+        server = await cluster.add("a", model_dir, 0, 6, on_reject=rejected)
+        free = server.free_cache_tokens(server.blocks["tiny"])
+        stream = await cluster.open_stream("a", "shard")  # capacity: 8 frames each way
+        sessions = []
+        for _ in range(10):
+            header = {"op": "open", "model": "tiny", "start": 0, "end": 6, "max_length": 8}
+            await stream.send(wire.encode(header))
+            sessions.append(wire.decode(await stream.receive())[0]["session"])
+        for session in sessions:  # ten results on their way; this client reads none
+            step = {"op": "forward", "session": session, "position": 0, "step": 1, "chain": []}
+            await stream.send(wire.encode(step, torch.tensor([[1, 2]])))
+        with trio.fail_after(10):  # the results that did not fit end their sessions
+            await stalled.acquire()
+            await stalled.acquire()
+        assert len(server.sessions) == 8
+        assert server.free_cache_tokens(server.blocks["tiny"]) == free - 8 * 8
         nursery.cancel_scope.cancel()
