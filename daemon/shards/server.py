@@ -12,8 +12,9 @@ Two ways to run a step through a chain of servers:
   every later hop. Each server computes, pushes its output straight to the next server
   (`pushed: true`, over one pooled stream per next peer), and sends the session's owner (the
   client) a copy as `partial`, which the client keeps to replay that span after a failure.
-  The last server sends the `result` to its owner. A step thus crosses the network once per
-  hop plus once back, instead of twice per hop. Errors go to the session's owner too, tagged
+  The last server sends the `result` to its owner. A step's critical path thus crosses the
+  network once per hop plus once back, instead of twice per hop (the copies travel beside
+  it, so the bytes sent are the same as relayed). Errors go to the session's owner too, tagged
   with the step; a pushed frame for an unknown session is dropped (counted), never answered
   on the push stream, which nobody reads.
 A session id is 128 random bits: knowing it is what lets a server push into it.
