@@ -11,11 +11,13 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
+import pytest
 import trio
 
 from p2p import codec
 from p2p.identity import NodeIdentity
 from p2p.memnet import MemoryNetwork, MemoryNode
+from p2p.network import NetworkError
 from registry import sync
 from registry.entry import Entry, sign_entry
 from registry.hlc import HybridClock, Timestamp
@@ -241,6 +243,36 @@ async def test_a_late_joiner_catches_up_through_anti_entropy(autojump_clock):
         await wait_converged([*sims, joiner], limit_s=30)
         assert len(joiner.replica.entries) == 102
         nursery.cancel_scope.cancel()
+
+
+async def test_a_round_hedges_past_a_silent_peer(autojump_clock):
+    hub = MemoryNetwork(seed=10)
+    asker, holder, silent = sims = [add_node(hub) for _ in range(3)]
+    for sim in sims:
+        await sim.replicator.start()  # handlers only: the rounds below are the only ones
+    await holder.node.connect(asker.peer_id)
+    await silent.node.connect(asker.peer_id)
+    await holder.replica.put("components", "only-here", component("h"))  # not gossiped
+    hub.remove_node(silent.peer_id)  # a dead machine: requests to it vanish
+
+    started = trio.current_time()
+    assert await asker.replicator.sync_with(silent.peer_id, [holder.peer_id]) == (1, 0)
+    # the digests went to the holder too once the silent peer had not answered for half the
+    # timeout (no round trip measured yet): the round took that, not the whole timeout
+    took = trio.current_time() - started
+    assert SETTINGS.sync_timeout_s / 2 <= took < SETTINGS.sync_timeout_s
+    assert asker.replicator.stats["sync_hedged"] == 1
+    assert asker.replica.get("components", "only-here") == holder.replica.get(
+        "components", "only-here"
+    )
+    # once round trips are measured, a hedge waits a few of them (at least hedge_min_s)
+    assert asker.replicator.hedge_delay() == SETTINGS.hedge_min_s
+
+    # with no one else to ask, a silent peer still fails the round after the timeout
+    started = trio.current_time()
+    with pytest.raises(NetworkError, match="timed out"):
+        await asker.replicator.sync_with(silent.peer_id)
+    assert trio.current_time() - started >= SETTINGS.sync_timeout_s
 
 
 def forged_entry(author: NodeIdentity, key: str, *, kind: str = "components") -> Entry:
