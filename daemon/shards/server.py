@@ -257,6 +257,11 @@ class ShardServer:
             self.reap_idle()
             if len(self.sessions) >= self.max_sessions:
                 raise ShardError("busy", f"{self.max_sessions} sessions already open")
+        peer = owner.stream.peer_id
+        if sum(s.owner.stream.peer_id == peer for s in self.sessions.values()) >= (
+            self.max_sessions // 2
+        ):  # one peer cannot take every session (one with many peer ids still can)
+            raise ShardError("busy", f"{self.max_sessions // 2} sessions of this peer are open")
         free = self.free_cache_tokens(block)
         if max_length > free:
             self.reap_idle()

@@ -448,3 +448,23 @@ async def test_a_session_whose_client_stops_reading_is_ended(model_dir, monkeypa
         assert len(server.sessions) == 8
         assert server.free_cache_tokens(server.blocks["tiny"]) == free - 8 * 8
         nursery.cancel_scope.cancel()
+
+
+async def test_one_peer_cannot_take_every_session(model_dir):
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(nursery)
+        server = await cluster.add("a", model_dir, 0, 6, max_sessions=4)
+        greedy = await cluster.open_stream("a", "shard", origin="greedy")
+        other = await cluster.open_stream("a", "shard", origin="other")
+
+        async def open_on(stream) -> dict:
+            header = {"op": "open", "model": "tiny", "start": 0, "end": 6, "max_length": 8}
+            await stream.send(wire.encode(header))
+            return wire.decode(await stream.receive())[0]
+
+        assert [(await open_on(greedy))["op"] for _ in range(2)] == ["opened", "opened"]
+        refused = await open_on(greedy)
+        assert refused["code"] == "busy" and "of this peer" in refused["message"]
+        assert (await open_on(other))["op"] == "opened"
+        assert len(server.sessions) == 3
+        nursery.cancel_scope.cancel()
