@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -53,9 +53,6 @@ MAX_PEERS = 64  # pooled push streams to next servers
 PUSH_BUDGET_S = 3.0
 PUSH_BYTES_PER_S = 20e6  # plus this much time per byte, for large prefill tensors
 TELL_OWNER_TIMEOUT_S = 5.0
-# chained steps a stream may have in flight: their handler keeps reading meanwhile, so pushes
-# between servers of crossing routes (A->B, B->C, C->A) cannot all wait on each other
-MAX_STEPS_IN_FLIGHT = 64
 
 
 class StreamOpener(Protocol):
@@ -357,26 +354,28 @@ class ShardServer:
 
     async def handle_stream(self, stream: Stream) -> None:
         """Serve one stream (a client's, or a previous server's pushes) until it closes;
-        the sessions opened on it end with it."""
+        the sessions opened on it end with it.
+
+        Chained steps run beside the reader, so pushes between servers of crossing routes
+        (A->B, B->C, C->A) cannot all wait on each other. At most one step per session is in
+        flight, so a stream holds at most `max_sessions` of them.
+        """
         outbox = Outbox(stream)
         owned: set[str] = set()
-        in_flight = trio.Semaphore(MAX_STEPS_IN_FLIGHT)
 
         async def run_step(session: Session, header: dict[str, Any], x: Any) -> None:
             try:
                 await self._chained_step(session, header, x)
             finally:
                 session.stepping = False
-                in_flight.release()
 
         try:
             async with trio.open_nursery() as steps:
 
-                async def spawn(session: Session, header: dict[str, Any], x: Any) -> None:
+                def spawn(session: Session, header: dict[str, Any], x: Any) -> None:
                     if session.stepping:  # a client waits for each step before the next
                         raise ShardError("bad_position", "a step of this session is running")
                     self._check_input(session, header.get("position"), x)  # before parking x
-                    await in_flight.acquire()
                     session.stepping = True
                     steps.start_soon(run_step, session, header, x)
 
@@ -400,7 +399,7 @@ class ShardServer:
         frame: bytes,
         outbox: Outbox,
         owned: set[str],
-        spawn: Callable[[Session, dict[str, Any], Any], Awaitable[None]],
+        spawn: Callable[[Session, dict[str, Any], Any], None],
     ) -> tuple[dict[str, Any], torch.Tensor | None] | None:
         """The reply to send back on this stream, or None: chained steps run beside the
         stream's reader (`spawn`) and answer the session's owner."""
@@ -418,14 +417,14 @@ class ShardServer:
                     self._on_reject("unknown_session")
                     return None
                 try:
-                    await spawn(session, header, tensor)
+                    spawn(session, header, tensor)
                 except ShardError as exc:
                     await self._tell_owner(session, self._error(exc, step))
                 return None
             if session is None or session.id not in owned:
                 raise ShardError("unknown_session", "no such session on this stream (expired?)")
             if op == "forward" and "chain" in header:
-                await spawn(session, header, tensor)
+                spawn(session, header, tensor)
                 return None
             if op == "forward":
                 out = await self.forward(

@@ -165,17 +165,22 @@ class ShardService:
         re-announce a block whose free cache moved by more than a tenth of the budget."""
         while True:
             await trio.sleep(interval_s)
-            if self._server is None:
-                continue
-            self._server.reap_idle()
-            for block in list(self._server.blocks.values()):
-                if self._server.blocks.get(block.model_id) is not block:
-                    continue  # undeployed while we announced another: no resurrection
-                announced = self._announced_free.get(block.model_id)
-                free = self._server.free_cache_tokens(block)
-                budget = (self._server.cache_budget_bytes or 0) // block.cache_bytes_per_token
-                if announced is None or abs(free - announced) > budget // 10:
-                    await self._announce(self.block_json(block))
+            if self._server is not None:
+                self._server.reap_idle()
+                await self.refresh_announcements()
+
+    async def refresh_announcements(self) -> None:
+        """Re-announce the blocks whose free cache moved by more than a tenth of the budget
+        since their last announcement."""
+        assert self._server is not None
+        for block in list(self._server.blocks.values()):
+            if self._server.blocks.get(block.model_id) is not block:
+                continue  # undeployed while we announced another: no resurrection
+            announced = self._announced_free.get(block.model_id)
+            free = self._server.free_cache_tokens(block)
+            budget = (self._server.cache_budget_bytes or 0) // block.cache_bytes_per_token
+            if announced is None or abs(free - announced) > budget // 10:
+                await self._announce(self.block_json(block))
 
     def block_json(self, block: Any) -> dict[str, Any]:
         """A served block as the APIs and announcements show it, with its free cache."""

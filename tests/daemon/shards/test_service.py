@@ -8,8 +8,11 @@ import pytest
 
 pytest.importorskip("torch")
 
+from daemon.shards.model import make_tiny  # noqa: E402
+from daemon.shards.server import Outbox, ShardServer  # noqa: E402
 from daemon.shards.service import ShardService, block_key  # noqa: E402
 from p2p import localsock  # noqa: E402
+from p2p.memnet import stream_pair  # noqa: E402
 
 ME = "12D3KooWme"
 
@@ -67,3 +70,30 @@ def test_same_host_is_what_the_peer_announced_and_can_be_turned_off():
     off = service(*entries)
     off.local_sockets = False
     assert not off.same_host("here")
+
+
+async def test_free_cache_is_re_announced_when_it_moves_by_a_tenth(tmp_path):
+    writes: list[tuple[str, dict]] = []
+
+    async def write(kind: str, key: str, value: dict) -> None:
+        writes.append((key, value["parameters"]["cache_tokens_free"]))
+
+    shards = service()
+    shards.daemon.replicator = SimpleNamespace(write=write)
+    server = ShardServer()
+    block = await server.load("m", make_tiny(tmp_path / "m", layers=2), 0, 2)
+    server.cache_budget_bytes = 1000 * block.cache_bytes_per_token
+    shards._server = server
+    await shards.refresh_announcements()  # never announced: announce
+    assert [free for _, free in writes] == [1000]
+    owner = Outbox(stream_pair("a", "b")[0])
+    header = {"model": "m", "start": 0, "end": 2}
+    server.open_session({**header, "max_length": 100}, owner)  # a tenth: not yet
+    await shards.refresh_announcements()
+    assert [free for _, free in writes] == [1000]
+    server.open_session({**header, "max_length": 1}, owner)  # past a tenth
+    await shards.refresh_announcements()
+    assert [free for _, free in writes] == [1000, 899]
+    server.unload("m")  # nothing served: nothing announced
+    await shards.refresh_announcements()
+    assert len(writes) == 2
