@@ -12,6 +12,8 @@ import json
 from typing import Any
 from urllib.parse import urlsplit
 
+from daemon.api.jsonrpc import cap_recursion_limit, json_too_deep
+
 
 class RPCClientError(Exception):
     """Base of the errors raised by RPCClient."""
@@ -49,6 +51,7 @@ class RPCClient:
         self._token = token
         self.timeout = timeout
         self._ids = itertools.count(1)
+        cap_recursion_limit()
 
     def call(self, method: str, params: dict[str, Any] | list[Any] | None = None) -> Any:
         """Call `method` and return its result; raises RPCCallError on a JSON-RPC error."""
@@ -116,6 +119,8 @@ class RPCClient:
         if resp.status == 204:
             return None
         try:
+            if json_too_deep(data):
+                raise ValueError("nested too deeply")
             return json.loads(data)
         except (ValueError, RecursionError):
             raise BadResponse(

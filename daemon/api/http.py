@@ -24,7 +24,7 @@ import h11
 import trio
 
 from daemon.api.cookie import COOKIE_FILE
-from daemon.api.jsonrpc import INTERNAL_ERROR, INVALID_REQUEST, Dispatcher
+from daemon.api.jsonrpc import INTERNAL_ERROR, INVALID_REQUEST, Dispatcher, cap_recursion_limit
 
 log = logging.getLogger(__name__)
 
@@ -301,6 +301,7 @@ async def serve_rpc(
     `on_reject(reason)` counts refused requests: "unauthorized", "too_large", "bad_http",
     "too_many_connections".
     """
+    cap_recursion_limit()  # before the first request: see daemon.api.jsonrpc
     server = _Server(dispatcher, token, metrics, on_reject, max_body)
     listeners = await trio.open_tcp_listeners(port, host=HOST)
     try:

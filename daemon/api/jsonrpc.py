@@ -4,8 +4,11 @@
 when JSON-RPC says nothing is sent back). It never raises for bad input or failing handlers:
 every problem becomes a JSON-RPC error object, so a transport only has to move bytes.
 
-The caller bounds the body size before calling `handle`; JSON nesting depth is bounded by
-Python's recursion limit, and hitting it is reported as a parse error.
+The caller bounds the body size before calling `handle`; nesting depth is bounded by a
+pre-scan (`json_too_deep`) before the body reaches the C parser. That parser recurses on the C
+stack up to the interpreter's recursion limit, which py_ecc (imported by eth_account) raises
+to 100,000 on import: 70,000 `[` then overflowed the stack and killed the process. The scan
+makes the depth independent of that limit, and `cap_recursion_limit` puts the limit back.
 """
 
 from __future__ import annotations
@@ -13,8 +16,11 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import re
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -26,6 +32,8 @@ INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
 
 MAX_BATCH = 100
+MAX_JSON_DEPTH = 64  # arrays and objects nested inside each other, the envelope included
+SANE_RECURSION_LIMIT = 1000  # CPython's default
 _MAX_NAME_IN_MESSAGE = 64
 _MAX_EXC_MESSAGE = 200
 
@@ -107,6 +115,38 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# A JSON string (escapes included); what is left outside strings is structure and scalars.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+
+
+def json_too_deep(data: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether `data` nests arrays/objects deeper than `limit`, without parsing it.
+
+    Linear and iterative: strings are cut out by a regex, then the brackets left are summed.
+    An unterminated string counts its brackets (the body is invalid JSON anyway).
+    """
+    if data.count(b"[") + data.count(b"{") <= limit:  # the usual case: nothing to scan
+        return False
+    brackets = _JSON_STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
+    return max(accumulate(_STEP[b] for b in brackets), default=0) > limit
+
+
+def cap_recursion_limit(limit: int = SANE_RECURSION_LIMIT) -> None:
+    """Undo py_ecc's import-time `sys.setrecursionlimit(100000)` for this process.
+
+    py_ecc is imported here, once, so that its side effect happens now and not later, when
+    eth_account is first imported lazily (p2p.identity); then the limit is lowered again, so
+    a deep recursion anywhere is a RecursionError and never a C stack overflow. Called where
+    the daemon starts its RPC server and where the CLI makes its RPC client.
+    """
+    import py_ecc  # noqa: F401 - for its import side effect
+
+    if sys.getrecursionlimit() > limit:
+        sys.setrecursionlimit(limit)
+
+
 class Dispatcher:
     """Routes JSON-RPC 2.0 requests to registered async handlers.
 
@@ -171,6 +211,10 @@ class Dispatcher:
 
     async def handle(self, body: bytes) -> bytes | None:
         """Serialized response to `body`, or None when there is nothing to send."""
+        if json_too_deep(body):
+            self._outcome("-", "parse_error")
+            msg = f"parse error: JSON nested deeper than {MAX_JSON_DEPTH} levels"
+            return _dump(_error_response(None, RPCError(PARSE_ERROR, msg)))
         try:
             text = body.decode("utf-8")
             doc = json.loads(text, parse_constant=_reject_constant)

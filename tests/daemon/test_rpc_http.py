@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import stat
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -433,3 +434,51 @@ async def test_cookie_roundtrip(tmp_path: Path):
     remove_cookie(home)
     assert not path.exists()
     remove_cookie(home)  # missing is fine
+
+
+# -- hostile bodies: nesting (issue 12 item 7) ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 70_000,
+        b'{"a":' * 70_000 + b"1" + b"}" * 70_000,
+        b"[" * 70_000 + b"]" * 70_000,
+        rpc_body("add", {"a": 1, "b": 1})[:-1] + b',"x":' + b"[" * 65 + b"]" * 65 + b"}",
+    ],
+    ids=["open-brackets", "nested-objects", "balanced-arrays", "deep-member"],
+)
+async def test_deeply_nested_json_is_a_parse_error_not_a_crash(server: Server, body: bytes):
+    # As in a daemon that has imported eth_account: py_ecc sets the limit to 100,000, and the
+    # C JSON parser then recursed until the C stack overflowed (a segfault, not an error).
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(100_000)
+    try:
+        reply = await http(server.port, body=body)
+    finally:
+        sys.setrecursionlimit(old)
+    assert reply.status == 200
+    error = reply.json()["error"]
+    assert error["code"] == PARSE_ERROR and "nested deeper than" in error["message"]
+    await assert_serves(server)
+
+
+async def test_nesting_within_the_limit_still_parses(server: Server):
+    # 60 arrays inside the envelope, and brackets inside a string do not count
+    deep = b"[" * 60 + b"]" * 60
+    body = rpc_body("add", {"a": 1, "b": 2})[:-1] + b',"x":' + deep + b',"y":"' + b"[" * 99
+    reply = await http(server.port, body=body + b'"}')
+    assert reply.json() == {"jsonrpc": "2.0", "result": 3, "id": 1}
+
+
+async def test_starting_the_server_undoes_py_ecc_recursion_limit(nursery: trio.Nursery):
+    import py_ecc  # noqa: F401 - what eth_account imports; it raised the limit on import
+
+    sys.setrecursionlimit(100_000)  # as py_ecc's import did
+    try:
+        server, _ = await start_server(nursery)
+        assert sys.getrecursionlimit() <= 1000
+        await assert_serves(server)
+    finally:
+        sys.setrecursionlimit(max(sys.getrecursionlimit(), 1000))
