@@ -229,6 +229,8 @@ class Daemon:
                         self.bridge,
                         ShardBackend(self.shards),
                         port=self.config.grpc.port,
+                        token=token,  # the RPC cookie: gRPC authenticates like JSON-RPC
+                        on_reject=lambda reason: self.metrics.reject("grpc", reason),
                         task_status=task_status,
                     )
                 )

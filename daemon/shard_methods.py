@@ -2,22 +2,42 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from daemon.api.jsonrpc import Dispatcher, Param, RPCError, invalid_params
-from daemon.shards.service import ShardService, ShardServiceError
+from daemon.api.jsonrpc import REQUESTER, Dispatcher, Param, RPCError, invalid_params
+from daemon.shards.service import Job, ShardService, ShardServiceError
 
 if TYPE_CHECKING:
     from daemon.node import Daemon
 
 SHARD_ERROR = -32030
+BUSY = -32031  # a cap on running generations was reached: retry later
 MAX_NEW_TOKENS = 4096
+MAX_CLIENT_ID_CHARS = 64
 
 
 def _failed(exc: ShardServiceError) -> RPCError:
-    return RPCError(SHARD_ERROR, f"{exc.code}: {exc}", {"reason": exc.code})
+    code = BUSY if exc.code == "busy" else SHARD_ERROR
+    return RPCError(code, f"{exc.code}: {exc}", {"reason": exc.code})
+
+
+def _job_failed(job: Job) -> RPCError:
+    error = job.error or ""
+    code = BUSY if "busy" in error else SHARD_ERROR
+    return RPCError(code, error, job.to_json())
+
+
+async def _run_job(job: Job, run: Any) -> None:
+    """Run a job's generation inside its cancel scope; it ends done either way."""
+    with job.scope:
+        await run
+    if not job.done or (job.scope.cancelled_caught and job.error is None):
+        # cancelled (generate_cancel) before or while service.generate ran
+        job.error = job.error or "cancelled"
+        job.done, job.finished = True, job.finished or time.time()
 
 
 def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: ShardService) -> None:
@@ -140,6 +160,7 @@ def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: Shar
         seed: int | None = None,
         stream: bool = False,
         relay: bool = False,
+        client: str | None = None,
     ) -> dict[str, Any]:
         if (prompt is None) == (token_ids is None):
             raise invalid_params("give exactly one of prompt or token_ids")
@@ -147,29 +168,37 @@ def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: Shar
             raise invalid_params(f"max_tokens must be 1..{MAX_NEW_TOKENS}")
         if not 0 <= temperature <= 10:
             raise invalid_params("temperature must be between 0 and 10")
+        if client is not None and not 1 <= len(client) <= MAX_CLIENT_ID_CHARS:
+            raise invalid_params(f"client must be 1..{MAX_CLIENT_ID_CHARS} characters")
         if token_ids is not None:
-            if not token_ids or not all(isinstance(t, int) and t >= 0 for t in token_ids):
+            if not token_ids or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in token_ids
+            ):
                 raise invalid_params("token_ids must be a non-empty list of non-negative ints")
             ids = [int(t) for t in token_ids]
         else:
             ids = await _encode(model, prompt or "")
+        # per-requester caps: the client id if given, else the HTTP connection
+        owner = f"rpc-client:{client}" if client is not None else REQUESTER.get() or "rpc"
         try:
-            job = service.new_job()
+            job = service.new_job(owner)
         except ShardServiceError as exc:
             raise _failed(exc) from None
-        run = service.generate(
-            job, model, ids, max_tokens, temperature=temperature, seed=seed, relay=relay
+        run = _run_job(
+            job,
+            service.generate(
+                job, model, ids, max_tokens, temperature=temperature, seed=seed, relay=relay
+            ),
         )
         if stream:
-
-            async def in_background() -> None:
-                await run
-
-            daemon.nursery.start_soon(in_background)
+            daemon.nursery.start_soon(lambda: run)
             return {"job": job.id}
-        await run
+        try:
+            await run
+        finally:
+            service.drop_job(job.id)  # the answer carries the final state
         if job.error:
-            raise RPCError(SHARD_ERROR, job.error, job.to_json())
+            raise _job_failed(job)
         return job.to_json()
 
     async def _encode(model: str, prompt: str) -> list[int]:
@@ -179,10 +208,16 @@ def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: Shar
             raise invalid_params(str(exc)) from None
 
     async def generate_poll(job: str, since: int = 0) -> dict[str, Any]:
-        found = service.jobs.get(job)
+        state = service.read_job(job, since)  # a finished job is dropped once read
+        if state is None:
+            raise invalid_params(f"unknown job {job[:40]!r} (finished jobs are kept until read)")
+        return state
+
+    async def generate_cancel(job: str) -> dict[str, Any]:
+        found = service.cancel_job(job)
         if found is None:
             raise invalid_params(f"unknown job {job[:40]!r}")
-        return found.to_json(since)
+        return {"job": found.id, "cancelled": not found.done}
 
     model_param = Param("model", (str,), True, "model id the shards were deployed under")
     dir_param = Param("model_dir", (str,), True, "local directory of an HF Llama checkpoint")
@@ -252,6 +287,13 @@ def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: Shar
                 "send every hop's activations through this node instead of letting each "
                 "server push to the next (default false)",
             ),
+            Param(
+                "client",
+                (str,),
+                False,
+                "an id for this client: running generations are capped per id "
+                "(default: per connection)",
+            ),
         ],
         "Generate through the chain of shard servers (greedy or seeded sampling).",
     )
@@ -263,4 +305,10 @@ def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: Shar
             Param("since", (int,), False, "return tokens from this index on"),
         ],
         "Tokens of a streaming generation so far, and whether it is done.",
+    )
+    dispatcher.register(
+        "generate_cancel",
+        generate_cancel,
+        [Param("job", (str,), True, "job id from generate with stream=true")],
+        "Stop a streaming generation and forget its job.",
     )

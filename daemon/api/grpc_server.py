@@ -7,7 +7,11 @@ servicer never blocks that loop (aiosqlite shares it): every call into trio beco
 back as an asyncio future (`_TrioPortal`). A client that hangs up cancels its trio task; a
 server that stops fails the calls still pending with UNAVAILABLE.
 
-The server binds 127.0.0.1 only: like JSON-RPC, local control is local.
+The server binds 127.0.0.1 only, and like JSON-RPC it wants the cookie: Inference calls carry
+`authorization: Bearer <HOME/rpc.cookie>` metadata or end UNAUTHENTICATED (other local
+users must not spend this node's compute). Health checks and reflection stay open: they say
+nothing that is not in the repository. One connection (a requester) may have at most
+`MAX_RPCS_PER_PEER` Inference calls in flight; more end RESOURCE_EXHAUSTED ("busy").
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import hmac
 import logging
 import math
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, get_args
 
@@ -35,7 +40,7 @@ from daemon.api.proto import gridmesh_inference_pb2_grpc as pb2_grpc
 from p2p.aio import AsyncioBridge
 
 if TYPE_CHECKING:
-    from daemon.shards.service import Job, ShardService
+    from daemon.shards.service import ShardService
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +57,8 @@ MAX_PROMPT_CHARS = 1 << 20
 MAX_MODEL_CHARS = 256
 MAX_TEMPERATURE = 100.0
 MAX_CONCURRENT_RPCS = 256
+MAX_RPCS_PER_PEER = 8  # Inference calls in flight per connection
+AUTH_METADATA = "authorization"
 POLL_MIN_S = 0.005  # Generate polls its job this often while tokens come in...
 POLL_MAX_S = 0.05  # ...backing off to this while none do
 
@@ -95,19 +102,22 @@ class InferenceBackend(Protocol):
         max_tokens: int,
         temperature: float,
         seed: int | None,
+        owner: str = "",
     ) -> str:
-        """Start generating (exactly one of `prompt` and `token_ids` is given); the job id."""
+        """Start generating (exactly one of `prompt` and `token_ids` is given); the job id.
+        `owner` names the requester, for per-requester caps."""
         ...
 
     def poll(self, job_id: str, since: int) -> dict[str, Any]:
         """The job's state, shaped like JSON-RPC `generate_poll`: `tokens` (from index
         `since` on), `text` (all decoded so far), `done`, `error` (str or None), `route`
         ([{peer_id, start, end}]), `recoveries` (a list or a count), `n_tokens`, `seconds`;
-        optionally `error_code` (an `ErrorCode`; ABORTED when absent)."""
+        optionally `error_code` (an `ErrorCode`; ABORTED when absent). A finished job may
+        be forgotten once its final state was returned."""
         ...
 
     def cancel(self, job_id: str) -> None:
-        """Stop a generation nobody reads any more (its client hung up)."""
+        """Stop a generation nobody reads any more (its client hung up), and forget it."""
         ...
 
     async def forward(self, model: str, token_ids: list[int]) -> tuple[Sequence[float], int]:
@@ -295,6 +305,27 @@ class InferenceServicer(pb2_grpc.InferenceServicer):
     def __init__(self, backend: InferenceBackend, portal: _TrioPortal) -> None:
         self._backend = backend
         self._portal = portal
+        self._in_flight: dict[str, int] = {}  # peer -> Inference calls running
+
+    @contextlib.contextmanager
+    def _slot(self, peer: str) -> Iterator[str | None]:
+        """Count a call against its peer; None (do not serve) when the peer is at its cap."""
+        if self._in_flight.get(peer, 0) >= MAX_RPCS_PER_PEER:
+            yield None
+            return
+        self._in_flight[peer] = self._in_flight.get(peer, 0) + 1
+        try:
+            yield peer
+        finally:
+            left = self._in_flight.pop(peer) - 1
+            if left:
+                self._in_flight[peer] = left
+
+    async def _busy(self, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"busy: this connection already has {MAX_RPCS_PER_PEER} calls running",
+        )
 
     async def Generate(  # noqa: N802 - the gRPC method name
         self, request: pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -302,6 +333,16 @@ class InferenceServicer(pb2_grpc.InferenceServicer):
         problem = _check_model(request.model) or _check_generate(request)
         if problem is not None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        with self._slot(context.peer()) as peer:
+            if peer is None:
+                await self._busy(context)
+                return
+            async for reply in self._generate(request, context, peer):
+                yield reply
+
+    async def _generate(
+        self, request: pb2.GenerateRequest, context: grpc.aio.ServicerContext, peer: str
+    ) -> AsyncIterator[pb2.GenerateReply]:
         which = request.WhichOneof("prompt")
         prompt = request.text if which == "text" else None
         token_ids = list(request.token_ids.ids) if which == "token_ids" else None
@@ -316,6 +357,7 @@ class InferenceServicer(pb2_grpc.InferenceServicer):
                 max_tokens,
                 float(request.temperature),
                 seed,
+                f"grpc:{peer}",
             )
         except Exception as exc:
             await context.abort(*_failure(exc))
@@ -359,6 +401,14 @@ class InferenceServicer(pb2_grpc.InferenceServicer):
             problem = f"more than {MAX_FORWARD_TOKENS} tokens"
         if problem is not None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        with self._slot(context.peer()) as peer:
+            if peer is None:
+                await self._busy(context)
+            return await self._forward(request, context)
+
+    async def _forward(
+        self, request: pb2.ForwardRequest, context: grpc.aio.ServicerContext
+    ) -> pb2.ForwardReply:
         try:
             logits, next_token = await self._portal.call(
                 self._backend.forward, request.model, list(request.token_ids)
@@ -391,6 +441,69 @@ def _final_reply(state: dict[str, Any], n_tokens: int, emitted: str, text: str) 
 # -- the server ----------------------------------------------------------------------------
 
 
+class _CookieAuth(grpc.aio.ServerInterceptor):
+    """Inference calls need `authorization: Bearer <cookie>` metadata; others pass."""
+
+    def __init__(self, token: str, on_reject: Callable[[str], None]) -> None:
+        if not token:
+            raise ValueError("a gRPC token is required")
+        self._token = token.encode("utf-8")
+        self._on_reject = on_reject
+        self._prefix = f"/{SERVICE_NAME}/"
+
+    def _authorized(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
+        values = [v for k, v in metadata or () if k == AUTH_METADATA]
+        if len(values) != 1:
+            return False
+        value = values[0] if isinstance(values[0], bytes) else values[0].encode("utf-8")
+        scheme, _, credentials = value.partition(b" ")
+        ok = hmac.compare_digest(credentials.strip(), self._token)  # constant time
+        return ok and scheme.lower() == b"bearer"
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method = details.method or ""
+        if handler is None or not method.startswith(self._prefix):
+            return handler
+        if self._authorized(details.invocation_metadata):
+            return handler
+        try:
+            self._on_reject("unauthenticated")
+        except Exception:
+            log.exception("on_reject hook failed")
+        return _deny(handler)
+
+
+_DENIED = (
+    "unauthenticated: send 'authorization: Bearer <token>' metadata with the token read "
+    "from HOME/rpc.cookie"
+)
+
+
+def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as `handler` that ends the call UNAUTHENTICATED."""
+
+    async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
+
+    async def deny_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
+        yield  # pragma: no cover - an async generator, as streaming handlers are
+
+    decode, encode = handler.request_deserializer, handler.response_serializer
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(deny_stream, decode, encode)
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(deny, decode, encode)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(deny, decode, encode)
+    return grpc.stream_stream_rpc_method_handler(deny_stream, decode, encode)
+
+
 @dataclass
 class _Running:
     server: grpc.aio.Server
@@ -404,11 +517,16 @@ class _Running:
 
 
 async def _start(
-    backend: InferenceBackend, token: trio.lowlevel.TrioToken, nursery: trio.Nursery, port: int
+    backend: InferenceBackend,
+    token: trio.lowlevel.TrioToken,
+    nursery: trio.Nursery,
+    port: int,
+    auth: _CookieAuth,
 ) -> _Running:
     """Build and start the server; runs on the asyncio loop, which grpc.aio binds to."""
     portal = _TrioPortal(token, nursery, asyncio.get_running_loop())
     server = grpc.aio.server(
+        interceptors=[auth],
         maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
         # grpc sets SO_REUSEPORT by default: a second daemon would share the port silently
         options=[("grpc.so_reuseport", 0)],
@@ -436,18 +554,23 @@ async def serve_grpc(
     backend: InferenceBackend,
     *,
     port: int,
+    token: str,
+    on_reject: Callable[[str], None] = lambda reason: None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the inference API on 127.0.0.1:`port` (0: a free port) until cancelled.
 
+    Inference calls must carry `authorization: Bearer <token>` (the RPC cookie);
+    `on_reject(reason)` counts refusals ("unauthenticated").
     `task_status.started(port)` reports the bound port. On cancellation health turns
     NOT_SERVING, calls in flight get `GRACE_S`, and the server is gone within about a second.
     """
-    token = trio.lowlevel.current_trio_token()
+    auth = _CookieAuth(token, on_reject)
+    trio_token = trio.lowlevel.current_trio_token()
     bind_error: OSError | None = None
     async with trio.open_nursery() as nursery:  # the portal's trio tasks
         try:
-            running = await bridge.run(_start, backend, token, nursery, port)
+            running = await bridge.run(_start, backend, trio_token, nursery, port, auth)
         except OSError as exc:  # raised below, not wrapped in the nursery's ExceptionGroup
             bind_error = exc
         else:
@@ -474,6 +597,8 @@ def _job_error_code(message: str) -> ErrorCode:
         return "invalid_argument"
     if message == "cancelled":
         return "cancelled"
+    if "busy" in message:
+        return "resource_exhausted"
     return "aborted"
 
 
@@ -483,7 +608,6 @@ class ShardBackend:
 
     def __init__(self, service: ShardService) -> None:
         self.service = service
-        self._scopes: dict[str, trio.CancelScope] = {}
 
     def _require_announced(self, model: str) -> list[dict[str, Any]]:
         announced = self.service.announced(model)
@@ -510,31 +634,29 @@ class ShardBackend:
         max_tokens: int,
         temperature: float,
         seed: int | None,
+        owner: str = "",
     ) -> str:
         from daemon.shards.service import ShardServiceError
 
         self._require_announced(model)
         ids = token_ids if token_ids is not None else await self._encode(model, prompt or "")
         try:
-            job = self.service.new_job()
+            job = self.service.new_job(owner)
         except ShardServiceError as exc:
-            raise BackendError("resource_exhausted", str(exc)) from None
-        scope = trio.CancelScope()
-        self._scopes[job.id] = scope
+            raise BackendError("resource_exhausted", f"busy: {exc}") from None
 
         async def run() -> None:
             try:
-                with scope:
+                with job.scope:
                     await self.service.generate(
                         job, model, ids, max_tokens, temperature=temperature, seed=seed
                     )
-                if scope.cancelled_caught and job.error is None:
+                if job.scope.cancelled_caught and job.error is None:
                     job.error = "cancelled"
             except Exception as exc:  # one generation must never take the daemon down
                 log.exception("generation %s failed", job.id)
                 job.error = f"internal error: {type(exc).__name__}: {exc}"
             finally:
-                self._scopes.pop(job.id, None)
                 if not job.done:  # cancelled before generate() took charge of the job
                     job.error = job.error or "cancelled"
                     job.done, job.finished = True, time.time()
@@ -543,18 +665,14 @@ class ShardBackend:
         return job.id
 
     def poll(self, job_id: str, since: int) -> dict[str, Any]:
-        job: Job | None = self.service.jobs.get(job_id)
-        if job is None:
+        state = self.service.read_job(job_id, since)  # a finished job is dropped once read
+        if state is None:
             raise BackendError("not_found", f"unknown job {job_id[:40]!r}")
-        return {
-            **job.to_json(since),
-            "error_code": _job_error_code(job.error) if job.error else None,
-        }
+        error = state.get("error")
+        return {**state, "error_code": _job_error_code(error) if error else None}
 
     def cancel(self, job_id: str) -> None:
-        scope = self._scopes.get(job_id)
-        if scope is not None:
-            scope.cancel()
+        self.service.cancel_job(job_id)
 
     async def forward(self, model: str, token_ids: list[int]) -> tuple[Sequence[float], int]:
         announced = self._require_announced(model)

@@ -24,7 +24,13 @@ import h11
 import trio
 
 from daemon.api.cookie import COOKIE_FILE
-from daemon.api.jsonrpc import INTERNAL_ERROR, INVALID_REQUEST, Dispatcher, cap_recursion_limit
+from daemon.api.jsonrpc import (
+    INTERNAL_ERROR,
+    INVALID_REQUEST,
+    REQUESTER,
+    Dispatcher,
+    cap_recursion_limit,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +109,8 @@ class _Server:
             return  # serve_listeners closes the stream
         self._active += 1
         try:
+            host, port = stream.socket.getpeername()[:2]
+            REQUESTER.set(f"rpc:{host}:{port}")  # this connection's task only
             await self._serve(stream)
         except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
             pass

@@ -19,6 +19,7 @@ import logging
 import re
 import sys
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
@@ -36,6 +37,10 @@ MAX_JSON_DEPTH = 64  # arrays and objects nested inside each other, the envelope
 SANE_RECURSION_LIMIT = 1000  # CPython's default
 _MAX_NAME_IN_MESSAGE = 64
 _MAX_EXC_MESSAGE = 200
+
+# Who sent the request being handled, set by the transport (e.g. "rpc:127.0.0.1:40312", one
+# per connection); handlers use it to apply per-requester caps.
+REQUESTER: ContextVar[str] = ContextVar("gridmesh_rpc_requester", default="")
 
 Handler = Callable[..., Awaitable[Any]]
 OutcomeHook = Callable[[str, str], None]

@@ -330,6 +330,18 @@ def blocks(
         render.blocks(result)
 
 
+def _cancel_generation(home: Path | None, job: str) -> None:
+    """Best effort `generate_cancel`: the daemon may be gone, or the job already over."""
+    import contextlib
+
+    from daemon.api.client import RPCClientError
+
+    client = _client(home)
+    client.timeout = 5
+    with contextlib.suppress(RPCClientError):
+        client.call("generate_cancel", {"job": job})
+
+
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="Text to continue."),
@@ -361,14 +373,21 @@ def generate(
         params["seed"] = seed
     job = call(home, "generate", params)["job"]
     shown = ""
-    while True:
-        state = call(home, "generate_poll", {"job": job})
-        if state["text"] != shown:
-            typer.echo(state["text"][len(shown) :], nl=False)
-            shown = state["text"]
-        if state["done"]:
-            break
-        time.sleep(0.05)
+    try:
+        while True:
+            state = call(home, "generate_poll", {"job": job})
+            if state["text"] != shown:
+                typer.echo(state["text"][len(shown) :], nl=False)
+                shown = state["text"]
+            if state["done"]:
+                break
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        # Ctrl-C: stop the generation too, or it would run on in the daemon for nobody
+        typer.echo("")
+        _cancel_generation(home, job)
+        typer.echo("cancelled", err=True)
+        raise typer.Exit(130) from None
     typer.echo("")
     if state["error"]:
         fail(state["error"])

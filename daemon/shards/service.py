@@ -32,10 +32,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONTROL_PROTOCOL = "/gridmesh/shard-control/1.0.0"
-MAX_JOBS = 64
+# Generations running at once, all requesters together: at most half a shard server's 64
+# sessions, the share one peer (this daemon) may hold there, so our own load is refused by
+# us as "busy" and never surfaces as a shard server refusing it (or as "no route").
+MAX_JOBS = 32
+MAX_JOBS_PER_REQUESTER = 8  # running at once per requester (gRPC connection, RPC client)
+MAX_FINISHED_JOBS = 64  # finished but never read: beyond this the oldest is dropped
 # loading a range may first import torch and then read gigabytes: allow it time
 LOAD_TIMEOUT_S = 300.0
-JOB_TTL_S = 600.0
+JOB_TTL_S = 600.0  # a finished job nobody reads is dropped this long after it finished
 LOCAL_RETRY_S = 60.0  # after a failed local dial, use libp2p to that peer for this long
 
 
@@ -51,9 +56,16 @@ def block_key(model_id: str, start: int, end: int, peer_id: str) -> str:
 
 @dataclass
 class Job:
-    """A generation that clients poll (`generate` with stream=true, then `generate_poll`)."""
+    """A generation that clients poll (`generate` with stream=true, then `generate_poll`).
+
+    Only running jobs count against the caps; a finished one is dropped as soon as its
+    final state has been read (`read_job`) or it is cancelled, else after `JOB_TTL_S`.
+    """
 
     id: str
+    owner: str = ""  # who asked: caps are per owner; "" counts only against the total
+    # whoever runs the job runs it inside this scope, so that `cancel_job` can stop it
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope, repr=False)
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     done: bool = False
@@ -511,12 +523,48 @@ class ShardService:
             raise ShardServiceError("empty_prompt", "the prompt is empty")
         return list(ids)
 
-    def new_job(self) -> Job:
-        now = time.time()
-        for job_id in [j.id for j in self.jobs.values() if j.done and now - j.started > JOB_TTL_S]:
-            del self.jobs[job_id]
-        if len(self.jobs) >= MAX_JOBS:
-            raise ShardServiceError("busy", f"{MAX_JOBS} generations are already tracked")
-        job = Job(secrets.token_hex(8))
+    # -- job bookkeeping (the local APIs' generations) ------------------------------------
+
+    def new_job(self, owner: str = "") -> Job:
+        """Track a new generation for `owner`; ShardServiceError("busy") when at a cap."""
+        self._reap_jobs()
+        running = [j for j in self.jobs.values() if not j.done]
+        if len(running) >= MAX_JOBS:
+            raise ShardServiceError("busy", f"{MAX_JOBS} generations are already running")
+        if owner and sum(j.owner == owner for j in running) >= MAX_JOBS_PER_REQUESTER:
+            raise ShardServiceError(
+                "busy", f"this client already runs {MAX_JOBS_PER_REQUESTER} generations"
+            )
+        job = Job(secrets.token_hex(16), owner=owner)
         self.jobs[job.id] = job
         return job
+
+    def read_job(self, job_id: str, since: int = 0) -> dict[str, Any] | None:
+        """The job's state (None if unknown); a finished job is dropped once read."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return None
+        if job.done:
+            del self.jobs[job_id]
+        return job.to_json(since)
+
+    def cancel_job(self, job_id: str) -> Job | None:
+        """Stop a job and forget it; returns it, or None if unknown."""
+        job = self.jobs.pop(job_id, None)
+        if job is not None:
+            job.scope.cancel()
+        return job
+
+    def drop_job(self, job_id: str) -> None:
+        """Forget a job whose result was handed over some other way."""
+        self.jobs.pop(job_id, None)
+
+    def _reap_jobs(self) -> None:
+        now = time.time()
+        finished = sorted(
+            (j for j in self.jobs.values() if j.done), key=lambda j: j.finished or j.started
+        )
+        for i, job in enumerate(finished):
+            expired = now - (job.finished or job.started) > JOB_TTL_S
+            if expired or len(finished) - i > MAX_FINISHED_JOBS:
+                del self.jobs[job.id]

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from daemon.api.grpc_server import (
     GRACE_S,
     HOST,
+    MAX_RPCS_PER_PEER,
     SERVICE_NAME,
     BackendError,
     InferenceBackend,
@@ -30,10 +31,11 @@ from daemon.api.grpc_server import (
 )
 from daemon.api.proto import gridmesh_inference_pb2 as pb2
 from daemon.api.proto import gridmesh_inference_pb2_grpc as pb2_grpc
-from daemon.shards.service import Job, ShardService
+from daemon.shards.service import MAX_JOBS, Job, ShardService
 from p2p.aio import AsyncioBridge, open_bridge
 
 DEADLINE = 10  # seconds; every RPC and wait in these tests is bounded by it
+TOKEN = "grpc-test-token"
 VOCAB = 16
 ROUTE = [{"peer_id": "peerA", "start": 0, "end": 2}, {"peer_id": "peerB", "start": 2, "end": 4}]
 
@@ -69,6 +71,7 @@ class FakeBackend:
         self.nursery = nursery
         self.jobs: dict[str, FakeJob] = {}
         self.requests: list[dict[str, Any]] = []
+        self.owners: list[str] = []
         self.release = trio.Event()
         self.cancelled: list[str] = []
         self.cancel_seen = trio.Event()
@@ -83,7 +86,9 @@ class FakeBackend:
         max_tokens: int,
         temperature: float,
         seed: int | None,
+        owner: str = "",
     ) -> str:
+        self.owners.append(owner)
         self.requests.append(
             {
                 "model": model,
@@ -149,6 +154,27 @@ class FakeBackend:
         return logits, max(range(VOCAB), key=logits.__getitem__)
 
 
+class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call, as a real client would."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def _details(self, details: Any) -> Any:
+        metadata = [*(details.metadata or ()), ("authorization", f"Bearer {self.token}")]
+        return details._replace(metadata=metadata)
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+
+def authed_channel(port: int, token: str = TOKEN) -> grpc.Channel:
+    return grpc.intercept_channel(grpc.insecure_channel(f"{HOST}:{port}"), _Bearer(token))
+
+
 @dataclass
 class Served:
     port: int
@@ -157,6 +183,7 @@ class Served:
     channel: grpc.Channel
     scope: trio.CancelScope
     stopped: trio.Event
+    rejects: list[str] = field(default_factory=list)
 
     @property
     def stub(self) -> pb2_grpc.InferenceStub:
@@ -170,16 +197,24 @@ async def serving(
     async with open_bridge() as bridge, trio.open_nursery() as nursery:
         backend = make_backend(nursery)
         scope, stopped = trio.CancelScope(), trio.Event()
+        rejects: list[str] = []
 
         async def run(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
             with scope:
-                await serve_grpc(bridge, backend, port=0, task_status=task_status)
+                await serve_grpc(
+                    bridge,
+                    backend,
+                    port=0,
+                    token=TOKEN,
+                    on_reject=rejects.append,
+                    task_status=task_status,
+                )
             stopped.set()
 
         port = await nursery.start(run)
-        channel = grpc.insecure_channel(f"{HOST}:{port}")
+        channel = authed_channel(port)
         try:
-            yield Served(port, backend, bridge, channel, scope, stopped)
+            yield Served(port, backend, bridge, channel, scope, stopped, rejects)
         finally:
             channel.close()
             nursery.cancel_scope.cancel()
@@ -455,7 +490,7 @@ async def test_cancellation_stops_the_server_within_a_second() -> None:
 async def test_a_taken_port_is_an_error() -> None:
     async with serving() as served:
         with pytest.raises(OSError, match="cannot listen"):
-            await serve_grpc(served.bridge, served.backend, port=served.port)
+            await serve_grpc(served.bridge, served.backend, port=served.port, token=TOKEN)
 
 
 def test_text_delta_holds_back_an_incomplete_character() -> None:
@@ -475,6 +510,7 @@ class ScriptedShards(ShardService):
         daemon: Any = SimpleNamespace(nursery=nursery)  # the backend uses only its nursery
         super().__init__(daemon, allow_remote_deploy=False)
         self.finished = trio.Event()
+        self.started: list[Job] = []
 
     def announced(self, model_id: str) -> list[dict[str, Any]]:
         if model_id == "missing":
@@ -491,6 +527,7 @@ class ScriptedShards(ShardService):
         temperature: float,
         seed: int | None,
     ) -> Job:
+        self.started.append(job)
         try:  # like ShardService.generate: the job is done however this ends
             if model_id == "bug":
                 raise ValueError("bad tensor")
@@ -553,10 +590,12 @@ async def test_shard_backend_cancels_an_abandoned_generation() -> None:
         call.cancel()
         with trio.fail_after(DEADLINE):
             await served.backend.service.finished.wait()
-        # no checkpoint between generate() returning and the backend marking the job
-        (job,) = served.backend.service.jobs.values()
-        state = served.backend.poll(job.id, 0)
-    assert state["done"] and state["error"] == "cancelled" and state["error_code"] == "cancelled"
+        (job,) = served.backend.service.started
+        with trio.fail_after(DEADLINE):
+            while job.error is None:  # set right after generate() returns
+                await trio.lowlevel.checkpoint()
+        assert job.done and job.error == "cancelled"
+        assert served.backend.service.jobs == {}  # cancelled: forgotten at once
 
 
 def test_generated_modules_are_current(tmp_path: Path) -> None:
@@ -571,3 +610,82 @@ def test_generated_modules_are_current(tmp_path: Path) -> None:
         name = f"gridmesh_inference{suffix}"
         made = (tmp_path / "daemon/api/proto" / name).read_text()
         assert made == (root / "daemon/api/proto" / name).read_text(), f"run generate.sh: {name}"
+
+
+# -- authentication and per-connection caps (issue 12 item 8) -------------------------------
+
+
+def own_connection(port: int, token: str | None = TOKEN) -> grpc.Channel:
+    """A channel on its own TCP connection (grpc shares one per target by default), as a
+    second client process would have."""
+    channel = grpc.insecure_channel(
+        f"{HOST}:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
+    )
+    return channel if token is None else grpc.intercept_channel(channel, _Bearer(token))
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token", ""], ids=["none", "wrong", "empty"])
+async def test_inference_without_the_cookie_is_unauthenticated(token: str | None) -> None:
+    async with serving() as served:
+        channel = own_connection(served.port, token)
+        stub = pb2_grpc.InferenceStub(channel)
+        request = pb2.GenerateRequest(model="m", token_ids=pb2.TokenIds(ids=[1]))
+        gen = await in_thread(failure, lambda: list(stub.Generate(request, timeout=DEADLINE)))
+        fwd = await in_thread(
+            failure,
+            lambda: stub.Forward(pb2.ForwardRequest(model="m", token_ids=[1]), timeout=DEADLINE),
+        )
+        # health checks stay open, so do not need the cookie
+        health = health_pb2_grpc.HealthStub(channel)
+        ok = await in_thread(
+            lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=DEADLINE)
+        )
+        channel.close()
+    assert gen.code() == grpc.StatusCode.UNAUTHENTICATED and "rpc.cookie" in gen.details()
+    assert fwd.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert ok.status == health_pb2.HealthCheckResponse.SERVING
+    assert served.backend.requests == []  # nothing reached the backend
+    assert served.rejects == ["unauthenticated", "unauthenticated"]
+
+
+async def test_200_streams_on_one_connection_leave_others_served() -> None:
+    async with serving() as served:
+        request = pb2.GenerateRequest(model="slow", token_ids=pb2.TokenIds(ids=[4]), max_tokens=3)
+        calls = [served.stub.Generate(request, timeout=DEADLINE) for _ in range(200)]
+
+        def first(call: Any) -> Any:
+            try:
+                return next(call)
+            except grpc.RpcError as exc:
+                return exc
+
+        firsts = await in_thread(lambda: [first(c) for c in calls])
+        refused = [f for f in firsts if isinstance(f, grpc.RpcError)]
+        running = [f for f in firsts if not isinstance(f, grpc.RpcError)]
+        # another client, on its own connection, is served at once
+        honest = own_connection(served.port)
+        stub = pb2_grpc.InferenceStub(honest)
+        fast = pb2.GenerateRequest(model="m", token_ids=pb2.TokenIds(ids=[1]), max_tokens=2)
+        replies = await in_thread(lambda: list(stub.Generate(fast, timeout=DEADLINE)))
+        honest.close()
+        served.backend.release.set()
+        live = [c for c, f in zip(calls, firsts, strict=True) if not isinstance(f, grpc.RpcError)]
+        rest = await in_thread(lambda: [list(c) for c in live])
+    assert len(running) == MAX_RPCS_PER_PEER and len(refused) == 200 - MAX_RPCS_PER_PEER
+    assert all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
+    assert all("busy" in r.details() for r in refused)
+    assert replies[-1].done and replies[-1].n_tokens == 2
+    assert len(set(served.backend.owners)) == 2  # the requester is the connection
+    assert sum(1 for r in rest if r and r[-1].done) == MAX_RPCS_PER_PEER
+
+
+async def test_finished_generations_are_forgotten_once_read() -> None:
+    # 64 generations used to fill the job table for 10 minutes: the 65th was refused
+    async with serving(shard_backend) as served:
+        for i in range(3 * MAX_JOBS):
+            request = pb2.GenerateRequest(model="m", token_ids=pb2.TokenIds(ids=[i]), max_tokens=2)
+            replies = await in_thread(
+                lambda request=request: list(served.stub.Generate(request, timeout=DEADLINE))
+            )
+            assert replies[-1].done and replies[-1].n_tokens == 2
+        assert served.backend.service.jobs == {}

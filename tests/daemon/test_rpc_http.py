@@ -6,18 +6,29 @@ import contextlib
 import json
 import stat
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import h11
 import pytest
 import trio
+from typer.testing import CliRunner
 
 from daemon.api.client import DaemonUnreachable, RPCCallError, RPCClient
 from daemon.api.cookie import CookieNotFound, create_cookie, read_cookie, remove_cookie
 from daemon.api.http import HOST, MAX_BODY, UNAUTHORIZED, serve_rpc
 from daemon.api.jsonrpc import INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR, Dispatcher, Param
+from daemon.shard_methods import BUSY, register_shard_methods
+from daemon.shards.service import (
+    MAX_FINISHED_JOBS,
+    MAX_JOBS,
+    MAX_JOBS_PER_REQUESTER,
+    Job,
+    ShardService,
+)
 
 TOKEN = "test-token-123"
 METRICS = b"# TYPE gridmesh_up gauge\ngridmesh_up 1\n"
@@ -482,3 +493,170 @@ async def test_starting_the_server_undoes_py_ecc_recursion_limit(nursery: trio.N
         await assert_serves(server)
     finally:
         sys.setrecursionlimit(max(sys.getrecursionlimit(), 1000))
+
+
+# -- generations: reaped when read, cancellable, capped per client (issue 12 item 8) ---------
+
+
+class ScriptedShards(ShardService):
+    """Generation without torch or peers: "m" finishes at once, "hang" stops after a token."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        super().__init__(SimpleNamespace(nursery=nursery), allow_remote_deploy=False)  # type: ignore[arg-type]
+        self.ended: list[Job] = []
+        self.ended_event = trio.Event()
+
+    def announced(self, model_id: str) -> list[dict[str, Any]]:
+        return [{"peer_id": "p1", "start": 0, "end": 4, "ms_per_layer": 1.0}]
+
+    async def encode_prompt(self, model_id: str, prompt: str) -> list[int]:
+        return list(prompt.encode())
+
+    async def generate(
+        self,
+        job: Job,
+        model_id: str,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        *,
+        temperature: float,
+        seed: int | None,
+        relay: bool = False,
+    ) -> Job:
+        try:
+            for i in range(max_new_tokens):
+                job.tokens.append(sum(prompt_ids) + i)
+                if model_id == "hang":
+                    await trio.sleep_forever()
+                await trio.lowlevel.checkpoint()
+        finally:
+            job.done, job.finished = True, time.time()
+            self.ended.append(job)
+            self.ended_event.set()
+        return job
+
+
+async def start_shard_server(nursery: trio.Nursery) -> tuple[RPCClient, ScriptedShards]:
+    service = ScriptedShards(nursery)
+    d = Dispatcher()
+    register_shard_methods(d, SimpleNamespace(nursery=nursery), service)  # type: ignore[arg-type]
+    port = await nursery.start(
+        lambda task_status: serve_rpc(
+            d,
+            token=TOKEN,
+            port=0,
+            metrics=lambda: b"",
+            on_reject=lambda r: None,
+            task_status=task_status,
+        )
+    )
+    return RPCClient(f"http://{HOST}:{port}/", TOKEN, timeout=DEADLINE), service
+
+
+async def rpc(client: RPCClient, method: str, params: Any) -> Any:
+    return await trio.to_thread.run_sync(client.call, method, params)
+
+
+async def rpc_error(client: RPCClient, method: str, params: Any) -> RPCCallError:
+    with pytest.raises(RPCCallError) as info:
+        await rpc(client, method, params)
+    return info.value
+
+
+async def test_finished_generations_are_forgotten_once_read(nursery: trio.Nursery):
+    # finished jobs used to be kept 600 s against a cap of 64: the 65th generation failed
+    client, service = await start_shard_server(nursery)
+    for i in range(2 * MAX_FINISHED_JOBS + 10):
+        if i % 2:
+            result = await rpc(
+                client, "generate", {"model": "m", "token_ids": [i], "max_tokens": 2}
+            )
+        else:
+            params = {"model": "m", "token_ids": [i], "max_tokens": 2, "stream": True}
+            job = (await rpc(client, "generate", params))["job"]
+            with trio.fail_after(DEADLINE):
+                while not (result := await rpc(client, "generate_poll", {"job": job}))["done"]:
+                    pass
+        assert result["tokens"] == [i, i + 1] and result["error"] is None
+    assert service.jobs == {}
+    # read once, then gone
+    error = await rpc_error(client, "generate_poll", {"job": result["job"]})
+    assert error.code == INVALID_PARAMS and "unknown job" in error.message
+
+
+async def test_finished_jobs_nobody_reads_do_not_block_new_ones(nursery: trio.Nursery):
+    client, service = await start_shard_server(nursery)
+    params = {"model": "m", "token_ids": [1], "max_tokens": 1, "stream": True}
+    for _ in range(MAX_FINISHED_JOBS + MAX_JOBS + 5):
+        await rpc(client, "generate", params)  # never polled
+        with trio.fail_after(DEADLINE):
+            while not all(j.done for j in service.jobs.values()):
+                await trio.lowlevel.checkpoint()
+    assert len(service.jobs) <= MAX_FINISHED_JOBS + 1
+
+
+async def test_generate_cancel_stops_a_streaming_generation(nursery: trio.Nursery):
+    client, service = await start_shard_server(nursery)
+    params = {"model": "hang", "token_ids": [5], "max_tokens": 4, "stream": True}
+    job = (await rpc(client, "generate", params))["job"]
+    state = await rpc(client, "generate_poll", {"job": job})
+    assert not state["done"]
+    assert await rpc(client, "generate_cancel", {"job": job}) == {"job": job, "cancelled": True}
+    with trio.fail_after(DEADLINE):
+        await service.ended_event.wait()  # the generation itself stopped
+    (ended,) = service.ended
+    assert ended.id == job and ended.error == "cancelled"
+    assert service.jobs == {}
+    error = await rpc_error(client, "generate_cancel", {"job": job})
+    assert error.code == INVALID_PARAMS
+
+
+async def test_busy_is_its_own_error_and_capped_per_client(nursery: trio.Nursery):
+    client, service = await start_shard_server(nursery)
+    hang = {"model": "hang", "token_ids": [1], "max_tokens": 2, "stream": True}
+    greedy = [
+        (await rpc(client, "generate", {**hang, "client": "greedy"}))["job"]
+        for _ in range(MAX_JOBS_PER_REQUESTER)
+    ]
+    error = await rpc_error(client, "generate", {**hang, "client": "greedy"})
+    assert error.code == BUSY and "busy" in error.message
+    error = await rpc_error(client, "generate", {**hang, "client": "greedy", "stream": False})
+    assert error.code == BUSY
+    # another client is still served
+    fine = await rpc(client, "generate", {"model": "m", "token_ids": [2], "client": "other"})
+    assert fine["error"] is None and fine["n_tokens"] == 32
+    # and all clients together stop at the total
+    others = [
+        (await rpc(client, "generate", {**hang, "client": f"c{i}"}))["job"]
+        for i in range(MAX_JOBS - MAX_JOBS_PER_REQUESTER)
+    ]
+    error = await rpc_error(client, "generate", {**hang, "client": "late"})
+    assert error.code == BUSY
+    for job in greedy + others:
+        await rpc(client, "generate_cancel", {"job": job})
+    assert service.jobs == {}
+    done = await rpc(client, "generate", {"model": "m", "token_ids": [2], "client": "late"})
+    assert done["error"] is None
+
+
+async def test_cli_generate_stopped_with_ctrl_c_cancels_its_job(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+):
+    from daemon.cli import main as cli
+
+    client, service = await start_shard_server(nursery)
+    monkeypatch.setattr(cli, "_client", lambda home: RPCClient(client.url, TOKEN, DEADLINE))
+
+    def ctrl_c(seconds: float) -> None:  # the user presses Ctrl-C while the CLI waits
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(time, "sleep", ctrl_c)
+    runner = CliRunner()
+    result = await trio.to_thread.run_sync(
+        lambda: runner.invoke(cli.app, ["generate", "hi", "--model", "hang"])
+    )
+    assert result.exit_code == 130, result.output
+    with trio.fail_after(DEADLINE):
+        await service.ended_event.wait()
+    (ended,) = service.ended
+    assert ended.error == "cancelled" and service.jobs == {}

@@ -117,7 +117,10 @@ def test_three_daemons_generate_exactly_the_single_process_tokens(
             request = pb.GenerateRequest(
                 model="tiny", token_ids=pb.TokenIds(ids=PROMPT), max_tokens=NEW_TOKENS
             )
-            replies = list(pb_grpc.InferenceStub(channel).Generate(request, timeout=60))
+            cookie = (net.daemons[1].home / "rpc.cookie").read_text().strip()
+            auth = [("authorization", f"Bearer {cookie}")]  # gRPC wants the RPC cookie
+            stub = pb_grpc.InferenceStub(channel)
+            replies = list(stub.Generate(request, timeout=60, metadata=auth))
         assert [r.token_id for r in replies if not r.done] == expected
         assert replies[-1].done and len(replies[-1].route) == 3
         cli = subprocess.run(
