@@ -17,6 +17,7 @@ from p2p import identity
 WIRE_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20
 MAX_DEPTH = 16
+MAX_SIGNATURE_BYTES = 128  # Ed25519 signatures are 64 bytes
 
 
 class CodecError(ValueError):
@@ -107,26 +108,42 @@ def seal(ident: identity.NodeIdentity, type_: str, body: Any, timestamp: float) 
     )
 
 
-def open_envelope(
+def parse_envelope(
     data: bytes, *, expect_type: str | None = None, max_bytes: int = MAX_MESSAGE_BYTES
 ) -> Envelope:
-    """Decode and verify an envelope; raise CodecError on any problem."""
+    """Decode an envelope and check its shape, WITHOUT checking the signature.
+
+    The cheap checks (size, msgpack, shape, type) come first so that callers can refuse
+    garbage and wrong-purpose messages before paying for a signature check; nothing read
+    from the result may be trusted until `verify_envelope` has passed.
+    """
     raw = decode(data, max_bytes=max_bytes)
     if not isinstance(raw, dict):
         raise CodecError("malformed", "an envelope is a map")
     version = raw.get("v")
     if version != WIRE_VERSION:
-        raise CodecError("bad_version", f"wire version {version!r} is not supported")
+        raise CodecError("bad_version", f"wire version {str(version)[:16]!r} is not supported")
     type_, sender, ts, sig = raw.get("t"), raw.get("from"), raw.get("ts"), raw.get("sig")
     if not isinstance(type_, str) or not isinstance(sender, str) or len(sender) > 128:
         raise CodecError("malformed", "envelope type and sender must be short strings")
     if not isinstance(ts, int | float) or isinstance(ts, bool):
         raise CodecError("malformed", "envelope timestamp must be a number")
-    if not isinstance(sig, bytes):
-        raise CodecError("malformed", "envelope signature must be bytes")
+    if not isinstance(sig, bytes) or len(sig) > MAX_SIGNATURE_BYTES:
+        raise CodecError("malformed", "envelope signature must be short bytes")
     if expect_type is not None and type_ != expect_type:
         raise CodecError("wrong_type", f"expected {expect_type!r}, got {type_[:32]!r}")
-    env = Envelope(type=type_, sender=sender, timestamp=ts, body=raw.get("body"), signature=sig)
-    if not identity.verify(sender, env.signing_bytes(), sig):
+    return Envelope(type=type_, sender=sender, timestamp=ts, body=raw.get("body"), signature=sig)
+
+
+def verify_envelope(env: Envelope) -> Envelope:
+    """Raise CodecError unless the envelope is signed by the key behind its sender."""
+    if not identity.verify(env.sender, env.signing_bytes(), env.signature):
         raise CodecError("bad_signature", "signature does not match the sender")
     return env
+
+
+def open_envelope(
+    data: bytes, *, expect_type: str | None = None, max_bytes: int = MAX_MESSAGE_BYTES
+) -> Envelope:
+    """Decode and verify an envelope; raise CodecError on any problem."""
+    return verify_envelope(parse_envelope(data, expect_type=expect_type, max_bytes=max_bytes))

@@ -15,14 +15,18 @@ Keep all knowledge of py-libp2p 0.8.1's quirks here (DESIGN.md, "Known pitfalls"
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
+import socket
 import struct
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import multiaddr
 import trio
 from libp2p import new_host
@@ -35,8 +39,9 @@ from libp2p.network import swarm as _swarm
 from libp2p.network.config import RetryConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.pubsub import pubsub as _pubsub_module
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
-from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.pubsub import Pubsub, signature_validator
 from libp2p.records.validator import NamespacedValidator, Validator
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
@@ -52,6 +57,9 @@ from p2p.network import (
 )
 
 _swarm._HAPPY_EYEBALLS_DELAY = 0  # type: ignore[attr-defined]
+# py-libp2p drops gossip silently once a subscription's queue (32) is full; ours is larger and
+# every drop is counted (see `_harden_pubsub`)
+_pubsub_module.SUBSCRIPTION_CHANNEL_SIZE = 256  # type: ignore[attr-defined]
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +69,64 @@ MAX_MISSED_PINGS = 3
 FROZEN_AFTER_S = 20.0
 HELLO_PROTOCOL = "/gridmesh/hello/1.0.0"
 HELLO_TYPE = "hello"
+MAX_HELLO_BYTES = 4096
 _LEN = struct.Struct(">I")
 # (source, reason) -> None: the daemon counts rejected input in /metrics
 RejectHook = Callable[[str, str], None]
 # (op, outcome, seconds) -> None
 DHTObserver = Callable[[str, str, float], None]
+
+
+class ListenError(NetworkError):
+    """This node cannot listen where it was told to (the message names the address)."""
+
+
+@dataclass(frozen=True)
+class HostLimits:
+    """Per-peer limits of the host (configured under `[p2p]`; README "Limits and quotas").
+
+    Over a limit, a stream is reset and a gossip message dropped, and both are counted.
+    """
+
+    streams_per_s: float = 200.0  # new inbound streams per peer and protocol
+    stream_burst: int = 400
+    gossip_per_s: float = 500.0  # gossip messages per forwarding peer
+    gossip_burst: int = 1000
+    max_gossip_bytes: int = 1 << 20
+    hello_timeout_s: float = 5.0  # how long a peer's streams wait for its hello
+    seen_ttl_s: int = 30  # how long gossip message ids are remembered (py-libp2p: 120)
+    max_tracked_peers: int = 4096  # verified peers and rate-limit buckets remembered
+
+
+class HelloBody(msgspec.Struct, frozen=True):
+    """The signed hello's body: which gridmesh network the sender belongs to."""
+
+    network_id: Annotated[str, msgspec.Meta(max_length=128)]
+
+
+class RateLimiter:
+    """Token buckets by key (peer, or peer and protocol), the least recently used forgotten."""
+
+    def __init__(
+        self,
+        rate: float,
+        burst: int,
+        max_keys: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._rate, self._burst, self._max = rate, float(burst), max_keys
+        self._clock = clock
+        self._buckets: OrderedDict[Any, tuple[float, float]] = OrderedDict()
+
+    def allow(self, key: Any) -> bool:
+        now = self._clock()
+        tokens, last = self._buckets.pop(key, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - last) * self._rate)
+        allowed = tokens >= 1.0
+        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
+        while len(self._buckets) > self._max:
+            self._buckets.popitem(last=False)
+        return allowed
 
 
 def quiet_libp2p_logs(level: int = logging.ERROR) -> None:
@@ -83,11 +144,36 @@ def quiet_libp2p_logs(level: int = logging.ERROR) -> None:
 class _ValidatorBridge(Validator):
     """Adapts our `DHTValidator` to py-libp2p's `Validator` base class."""
 
-    def __init__(self, inner: DHTValidator) -> None:
+    def __init__(self, inner: DHTValidator, on_reject: RejectHook) -> None:
         self._inner = inner
+        self._on_reject = on_reject
 
     def validate(self, key: str, value: bytes) -> None:
-        self._inner.validate(key, value)
+        try:
+            self._inner.validate(key, value)
+        except Exception as exc:
+            # our validator counts what it refuses, except expired copies (normal on reads
+            # of its local store); here they came from the DHT, so they are counted too
+            if getattr(exc, "reason", None) == "stale":
+                self._on_reject("dht", "stale")
+            exc._gridmesh_counted = True  # type: ignore[attr-defined]
+            raise
+
+
+class _CountingValidator(NamespacedValidator):
+    """A strict `NamespacedValidator` that counts every refusal, foreign keys included."""
+
+    def __init__(self, validators: dict[str, Validator], on_reject: RejectHook) -> None:
+        super().__init__(validators, strict_validation=True)
+        self._on_reject = on_reject
+
+    def validate(self, key: str, value: bytes) -> None:
+        try:
+            super().validate(key, value)
+        except Exception as exc:
+            if not getattr(exc, "_gridmesh_counted", False):
+                self._on_reject("dht", "foreign_key")
+            raise
 
     def select(self, key: str, values: list[bytes]) -> int:
         return self._inner.select(key, values)
@@ -134,6 +220,7 @@ class _ForgetDisconnected(INotifee):
         if not network.get_connections(peer):
             self._owner.dht.routing_table.remove_peer(peer)
             self._owner.peers.pop(peer.to_base58(), None)
+            self._owner._forget_unverified(peer.to_base58())
 
     async def opened_stream(self, network: Any, stream: Any) -> None:
         pass
@@ -142,7 +229,9 @@ class _ForgetDisconnected(INotifee):
         pass
 
     async def connected(self, network: Any, conn: Any) -> None:
-        pass
+        # every connection, inbound or dialled by the DHT, gets a hello: until one is valid
+        # the peer is served nothing else (see `Libp2pNetwork._guarded`)
+        self._owner._hello_in_background(conn.muxed_conn.peer_id.to_base58())
 
     async def listen(self, network: Any, multiaddr: Any) -> None:
         pass
@@ -209,10 +298,16 @@ class Libp2pNetwork:
         request_timeout_s: float = 10.0,
         on_reject: RejectHook | None = None,
         on_dht_op: DHTObserver | None = None,
+        limits: HostLimits | None = None,
     ) -> None:
         self._ident = ident
         self.network_id = network_id
-        self._listen = [multiaddr.Multiaddr(a) for a in listen]
+        self.limits = limits or HostLimits()
+        self._on_reject = on_reject or (lambda source, reason: None)
+        try:
+            self._listen = [multiaddr.Multiaddr(a) for a in listen]
+        except Exception as exc:
+            raise ListenError(f"not a listen multiaddr: {str(listen)[:200]} ({exc})") from None
         key_pair = create_new_key_pair(ident.node_seed)
         noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
         self.host = new_host(
@@ -220,14 +315,22 @@ class Libp2pNetwork:
             sec_opt={NOISE_PROTOCOL_ID: noise},
             muxer_preference="YAMUX",
         )
+        # advertise only addresses a peer can dial: 0.0.0.0 becomes this host's addresses
+        self.host._addrs_factory = _dialable_addrs  # type: ignore[attr-defined]
         self.dht = KadDHT(
             self.host,
             DHTMode.SERVER,
-            validator=NamespacedValidator(
-                {dht_namespace: _ValidatorBridge(dht_validator)}, strict_validation=True
+            validator=_CountingValidator(
+                {dht_namespace: _ValidatorBridge(dht_validator, self._on_reject)},
+                self._on_reject,
             ),
             validator_changed=True,
+            strict_validation=True,
         )
+        # KadDHT() may reset the validator's strict mode: keys outside our namespace would then
+        # be stored and served (DESIGN.md, "Known pitfalls"). Set it again, after construction.
+        self.dht.strict_validation = True
+        self.dht.validator.strict_validation = True  # type: ignore[union-attr]
         # one dial attempt: a dead peer must fail fast; our bootstrap loop does its own backoff
         self.host.get_network().retry_config = RetryConfig(max_retries=0)  # type: ignore[attr-defined]
         self._ping = PingService(self.host)
@@ -243,16 +346,34 @@ class Libp2pNetwork:
             max_messages_per_topic_per_second=10_000.0,
             max_pending_messages_per_peer=1000,
         )
-        self.pubsub = Pubsub(self.host, self.gossipsub)
+        self.pubsub = Pubsub(
+            self.host,
+            self.gossipsub,
+            seen_ttl=self.limits.seen_ttl_s,
+            sweep_interval=max(1, min(10, self.limits.seen_ttl_s)),
+        )
+        self._harden_pubsub()
         self._nursery: trio.Nursery | None = None
         self.host.get_network().register_notifee(_ForgetDisconnected(self))
         self._dht_validator = dht_validator
         self._dht_timeout_s = dht_timeout_s
         self._request_timeout_s = request_timeout_s
-        self._on_reject = on_reject or (lambda source, reason: None)
         self._on_dht_op = on_dht_op or (lambda op, outcome, seconds: None)
         self.peers: dict[str, PeerState] = {}
         self.stream_errors = 0
+        limits = self.limits
+        self._stream_limiter = RateLimiter(
+            limits.streams_per_s, limits.stream_burst, limits.max_tracked_peers * 4
+        )
+        self._gossip_limiter = RateLimiter(
+            limits.gossip_per_s, limits.gossip_burst, limits.max_tracked_peers
+        )
+        # peers whose signed hello named our network (by peer id: Noise authenticates it)
+        self._verified: OrderedDict[str, None] = OrderedDict()
+        # set when a peer's hello check ends; waited on by its streams
+        self._hello_done: dict[str, trio.Event] = {}
+        self._hello_inflight: set[str] = set()
+        self._hello_failures: OrderedDict[str, str] = OrderedDict()  # why, for a waiting dial
 
     # -- Network protocol -------------------------------------------------------------
 
@@ -267,8 +388,12 @@ class Libp2pNetwork:
         return {p.to_base58() for p in self.host.get_connected_peers()}
 
     def known_peers(self) -> set[str]:
+        """Connected or routable peers whose hello showed them to be nodes of our network."""
         routing = {p.to_base58() for p in self.dht.routing_table.get_peer_ids()}
-        return (routing | self.connected_peers()) - {self.peer_id}
+        return ((routing | self.connected_peers()) & self._verified.keys()) - {self.peer_id}
+
+    def is_verified(self, peer_id: str) -> bool:
+        return peer_id in self._verified
 
     async def dht_put(self, key: str, value: bytes) -> None:
         await self._timed_dht("put", self.dht.put_value(key, value))
@@ -367,58 +492,177 @@ class Libp2pNetwork:
         return out
 
     async def connect(self, addr: str, timeout_s: float = 10.0) -> str:
-        """Dial a full multiaddr and add the peer to the DHT; returns its peer id."""
+        """Dial exactly `addr`, check the peer's hello, add it to the DHT; returns its peer id.
+
+        Raises NetworkError when nothing answers at that address (even if the peer is
+        connected elsewhere), when it is this node, or when its hello is missing or names
+        another network.
+        """
         try:
-            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+            target = multiaddr.Multiaddr(addr)
+            info = info_from_p2p_addr(target)
         except Exception as exc:
             raise NetworkError(f"not a multiaddr with /p2p/<peer id>: {addr[:200]}") from exc
-        if info.peer_id.to_base58() == self.peer_id:
+        peer_id = info.peer_id.to_base58()
+        if peer_id == self.peer_id:
             raise NetworkError("refusing to connect to myself")
+        if any(self._is_own_addr(a) for a in info.addrs):
+            raise NetworkError(f"refusing to connect to {addr}: that is this node's own address")
         try:
             with trio.fail_after(timeout_s):
-                await self.host.connect(info)
-                await self._check_hello(info.peer_id.to_base58())
+                # dial this very address: host.connect() would return at once for a peer that
+                # is connected through another address, and so "connect" to a dead port
+                self.host.get_peerstore().add_addrs(info.peer_id, info.addrs, 3600)
+                await self.host.get_network().dial_addr(info.addrs[0], info.peer_id)  # type: ignore[attr-defined]
+                await self._ensure_verified(peer_id)
                 await self.dht.add_peer(info.peer_id)
         except NetworkError:
             raise
         except trio.TooSlowError:
             raise NetworkError(f"connecting to {addr} timed out after {timeout_s} s") from None
         except Exception as exc:
-            raise NetworkError(f"connecting to {addr} failed: {exc}") from exc
-        peer = self.peers.setdefault(info.peer_id.to_base58(), PeerState(info.peer_id.to_base58()))
+            raise NetworkError(f"connecting to {addr} failed: {_describe(exc)}") from None
+        peer = self.peers.setdefault(peer_id, PeerState(peer_id))
         peer.addrs = [str(a) for a in info.addrs]
         peer.last_seen = time.time()
         return peer.peer_id
+
+    def _is_own_addr(self, addr: multiaddr.Multiaddr) -> bool:
+        """True when `addr` is one of our own TCP listeners (dialling it reaches ourselves)."""
+        try:
+            host, port = _ip_and_port(addr)
+        except ValueError:
+            return False
+        for own in self.host.get_transport_addrs():
+            try:
+                own_host, own_port = _ip_and_port(own)
+            except ValueError:
+                continue
+            if port != own_port:
+                continue
+            if own_host == host or (
+                ipaddress.ip_address(own_host).is_unspecified and _is_local_ip(host)
+            ):
+                return True
+        return False
+
+    # -- the hello: which network a peer belongs to -----------------------------------
 
     def _hello(self) -> bytes:
         body = {"network_id": self.network_id}
         return codec.seal(self._ident, HELLO_TYPE, body, timestamp=self.now()).to_wire()
 
-    async def _answer_hello(self, sender: str, payload: bytes) -> bytes:
-        env = codec.open_envelope(payload, expect_type=HELLO_TYPE, max_bytes=4096)
+    def _open_hello(self, payload: bytes, sender: str) -> str:
+        """The network id of a peer's hello; CodecError unless it is well-formed and theirs."""
+        env = codec.parse_envelope(payload, expect_type=HELLO_TYPE, max_bytes=MAX_HELLO_BYTES)
         if env.sender != sender:
-            raise NetworkError("hello signed by another peer")
+            raise codec.CodecError("wrong_sender", "hello signed by another peer")
+        try:
+            body = msgspec.convert(env.body, HelloBody, strict=True)
+        except msgspec.ValidationError as exc:
+            raise codec.CodecError("malformed", f"hello body: {str(exc)[:200]}") from None
+        codec.verify_envelope(env)
+        return body.network_id
+
+    async def _answer_hello(self, sender: str, payload: bytes) -> bytes:
+        try:
+            theirs = self._open_hello(payload, sender)
+        except codec.CodecError as exc:
+            self._on_reject("hello", exc.reason)
+            raise
+        if theirs == self.network_id:
+            self._mark_verified(sender)
+        else:
+            self._on_reject("hello", "wrong_network")
+        # answered either way, so that the dialler can tell its user which network we are on
         return self._hello()
 
     async def _check_hello(self, peer_id: str) -> None:
         """Refuse a peer of another gridmesh network (or one that is no gridmesh node)."""
         try:
-            reply = codec.open_envelope(
-                await self.request(peer_id, HELLO_PROTOCOL, self._hello()),
-                expect_type=HELLO_TYPE,
-                max_bytes=4096,
+            reply = await self.request(
+                peer_id, HELLO_PROTOCOL, self._hello(), timeout_s=self.limits.hello_timeout_s
             )
-            theirs = reply.body.get("network_id") if isinstance(reply.body, dict) else None
-            if reply.sender != peer_id:
-                raise NetworkError("hello answered by another peer")
+            theirs = self._open_hello(reply, peer_id)
         except (NetworkError, codec.CodecError) as exc:
-            await self.host.disconnect(ID.from_base58(peer_id))
+            self._on_reject("hello", getattr(exc, "reason", "no_hello"))
+            await self._drop_peer(peer_id)
             raise NetworkError(f"peer {peer_id} failed the gridmesh handshake: {exc}") from None
         if theirs != self.network_id:
-            await self.host.disconnect(ID.from_base58(peer_id))
+            self._on_reject("hello", "wrong_network")
+            await self._drop_peer(peer_id)
             raise NetworkError(
-                f"peer {peer_id} is on network {str(theirs)[:64]!r}, not {self.network_id!r}"
+                f"peer {peer_id} is on network {theirs[:64]!r}, not {self.network_id!r}"
             )
+        self._mark_verified(peer_id)
+
+    async def _ensure_verified(self, peer_id: str) -> None:
+        """Check the peer's hello unless done already or under way (then wait for that one)."""
+        if peer_id in self._verified:
+            return
+        if peer_id in self._hello_inflight:
+            done = self._hello_done.setdefault(peer_id, trio.Event())
+            with trio.move_on_after(self.limits.hello_timeout_s + 1):
+                await done.wait()
+            if peer_id not in self._verified:
+                raise NetworkError(
+                    self._hello_failures.get(peer_id, f"peer {peer_id} failed the handshake")
+                )
+            return
+        self._hello_inflight.add(peer_id)
+        try:
+            await self._check_hello(peer_id)
+        except NetworkError as exc:
+            self._hello_failures[peer_id] = str(exc)
+            while len(self._hello_failures) > 256:
+                self._hello_failures.popitem(last=False)
+            raise
+        finally:
+            self._hello_inflight.discard(peer_id)
+            if peer_id not in self._verified:
+                self._hello_done.pop(peer_id, trio.Event()).set()
+
+    def _hello_in_background(self, peer_id: str) -> None:
+        if peer_id in self._verified or peer_id in self._hello_inflight or self._nursery is None:
+            return
+        self._nursery.start_soon(self._background_hello, peer_id)
+
+    async def _background_hello(self, peer_id: str) -> None:
+        try:
+            await self._ensure_verified(peer_id)
+        except NetworkError as exc:  # counted by _check_hello
+            log.info("%s", exc)
+
+    def _mark_verified(self, peer_id: str) -> None:
+        self._hello_failures.pop(peer_id, None)
+        self._verified[peer_id] = None
+        self._verified.move_to_end(peer_id)
+        if len(self._verified) > self.limits.max_tracked_peers:
+            connected = self.connected_peers()
+            for old in list(self._verified):
+                if len(self._verified) <= self.limits.max_tracked_peers:
+                    break
+                if old not in connected:
+                    del self._verified[old]
+        self._hello_done.setdefault(peer_id, trio.Event()).set()
+
+    def _forget_unverified(self, peer_id: str) -> None:
+        if peer_id not in self._verified and peer_id not in self._hello_inflight:
+            self._hello_done.pop(peer_id, None)
+
+    async def _wait_verified(self, peer_id: str) -> bool:
+        if peer_id in self._verified:
+            return True
+        done = self._hello_done.setdefault(peer_id, trio.Event())
+        with trio.move_on_after(self.limits.hello_timeout_s):
+            await done.wait()
+        return peer_id in self._verified
+
+    async def _drop_peer(self, peer_id: str) -> None:
+        with contextlib.suppress(Exception):
+            self.dht.routing_table.remove_peer(ID.from_base58(peer_id))
+        with contextlib.suppress(Exception):
+            await self.host.disconnect(ID.from_base58(peer_id))
 
     async def ping(self, peer_id: str) -> float:
         """Round-trip time to a connected peer in milliseconds."""
@@ -499,7 +743,31 @@ class Libp2pNetwork:
             handlers[protocol] = self._guarded(str(protocol), handler)
 
     def _guarded(self, protocol: str, handler: Callable[[Any], Awaitable[None]]) -> Any:
+        """The one gate every inbound stream passes: rate limit, then hello, then handler."""
+
         async def guarded(stream: Any) -> None:
+            try:
+                peer = stream.muxed_conn.peer_id.to_base58()
+            except Exception:
+                peer = None
+            if peer is not None:
+                if not self._stream_limiter.allow((peer, protocol)):
+                    self._on_reject("stream", "rate_limited")
+                    with contextlib.suppress(Exception):
+                        await stream.reset()
+                    return
+                # nothing but the hello is served to a peer until its hello is valid
+                if protocol != HELLO_PROTOCOL and peer not in self._verified:
+                    verified = False
+                    try:
+                        verified = await self._wait_verified(peer)
+                    finally:  # counted also when the peer's connection is dropped meanwhile
+                        if not verified:
+                            self._on_reject("stream", "no_hello")
+                    if not verified:
+                        with contextlib.suppress(Exception):
+                            await stream.reset()
+                        return
             try:
                 await handler(stream)
             except trio.Cancelled:
@@ -515,6 +783,48 @@ class Libp2pNetwork:
 
         guarded._gridmesh_guarded = True  # type: ignore[attr-defined]
         return guarded
+
+    # -- gossip -----------------------------------------------------------------------
+
+    def _harden_pubsub(self) -> None:
+        """Cheap, per-peer checks before py-libp2p's own, and a count for every drop.
+
+        py-libp2p starts a task per received message and drops bad ones silently; here a
+        forwarding peer over its rate or a message over the size limit is dropped before the
+        signature check, and whatever py-libp2p then refuses (bad signature, validation) or
+        cannot queue for our subscription is counted.
+        """
+        pubsub = self.pubsub
+        push = pubsub.push_msg
+        limits = self.limits
+
+        async def push_msg(forwarder: ID, msg: Any) -> None:
+            if forwarder == pubsub.my_id:
+                await push(forwarder, msg)
+                return
+            if not self._gossip_limiter.allow(forwarder.to_base58()):
+                self._on_reject("pubsub", "rate_limited")
+                return
+            if msg.ByteSize() > limits.max_gossip_bytes:
+                self._on_reject("pubsub", "too_large")
+                return
+            if pubsub._is_msg_seen(msg):
+                return  # duplicates are normal in a mesh
+            await push(forwarder, msg)
+            if not pubsub._is_msg_seen(msg):
+                bad_sig = pubsub.strict_signing and not _safe_signature_check(msg)
+                self._on_reject("pubsub", "bad_signature" if bad_sig else "refused")
+
+        def notify_subscriptions(msg: Any) -> None:
+            for topic in msg.topicIDs:
+                if topic in pubsub.topic_ids:
+                    try:
+                        pubsub.subscribed_topics_send[topic].send_nowait(msg)
+                    except trio.WouldBlock:
+                        self._on_reject("pubsub", "queue_full")
+
+        pubsub.push_msg = push_msg  # type: ignore[method-assign]
+        pubsub.notify_subscriptions = notify_subscriptions  # type: ignore[method-assign]
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -543,8 +853,13 @@ class Libp2pNetwork:
 
     @asynccontextmanager
     async def run(self) -> AsyncIterator[Libp2pNetwork]:
+        _check_listen_free(self._listen)
         async with AsyncExitStack() as stack:
-            await stack.enter_async_context(self.host.run(self._listen))
+            try:
+                await stack.enter_async_context(self.host.run(self._listen))
+            except Exception as exc:  # py-libp2p raises ExceptionGroups from its nurseries
+                where = ", ".join(str(a) for a in self._listen)
+                raise ListenError(f"cannot listen on {where}: {_describe(exc)}") from None
             # pubsub must run before the first dial, or links become one-way
             await stack.enter_async_context(background_trio_service(self.pubsub))
             await self.pubsub.wait_until_ready()
@@ -564,6 +879,109 @@ class Libp2pNetwork:
             for peer in list(self.host.get_connected_peers()):
                 with contextlib.suppress(Exception):
                     await self.host.disconnect(peer)
+
+
+def _safe_signature_check(msg: Any) -> bool:
+    try:
+        return bool(signature_validator(msg))
+    except Exception:
+        return False
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for an exception, unwrapping ExceptionGroups to their first leaf."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return str(exc) or type(exc).__name__
+
+
+def _ip_and_port(addr: multiaddr.Multiaddr) -> tuple[str, int]:
+    """(ip, tcp port) of an /ip4 or /ip6 TCP multiaddr; ValueError for anything else."""
+    protocols = {p.name for p in addr.protocols()}
+    if "tcp" not in protocols:
+        raise ValueError("not a TCP address")
+    for name in ("ip4", "ip6"):
+        if name in protocols:
+            return addr.value_for_protocol(name), int(addr.value_for_protocol("tcp"))
+    raise ValueError("not an IP address")
+
+
+def _is_local_ip(host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return ip.is_loopback or ip.is_unspecified or host in _interface_ips(ip.version)
+
+
+def _check_listen_free(listen: list[multiaddr.Multiaddr]) -> None:
+    """Fail clearly when a fixed TCP port is taken.
+
+    py-libp2p sets SO_REUSEPORT, so a second daemon would bind the same port silently and the
+    two would then dial themselves. This probe binds without SO_REUSEPORT: it fails while
+    anyone listens there.
+    """
+    for addr in listen:
+        try:
+            host, port = _ip_and_port(addr)
+        except ValueError:
+            continue
+        if port == 0:
+            continue
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+                raise ListenError(
+                    f"cannot listen on {addr}: {host}:{port} is not available ({reason}); "
+                    "is another daemon running? Use another port, or tcp/0 for any free one"
+                ) from None
+
+
+def _interface_ips(version: int) -> list[str]:
+    """This host's non-loopback addresses of one IP version (best effort, no extra deps)."""
+    family = socket.AF_INET if version == 4 else socket.AF_INET6
+    found: list[str] = []
+    with contextlib.suppress(OSError):
+        for info in socket.getaddrinfo(socket.gethostname(), None, family, socket.SOCK_STREAM):
+            found.append(str(info[4][0]))
+    with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as probe:
+        # connecting a UDP socket sends nothing; it picks the interface of the default route
+        probe.connect(("192.0.2.1", 9) if version == 4 else ("2001:db8::1", 9))
+        found.append(str(probe.getsockname()[0]))
+    out = []
+    for text in found:
+        try:
+            ip = ipaddress.ip_address(text.split("%")[0])
+        except ValueError:
+            continue
+        if not (ip.is_loopback or ip.is_unspecified or ip.is_link_local) and str(ip) not in out:
+            out.append(str(ip))
+    return out
+
+
+def _dialable_addrs(addrs: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+    """Replace 0.0.0.0 (or ::) by this host's addresses, or loopback when it has no other."""
+    out: list[multiaddr.Multiaddr] = []
+    for addr in addrs:
+        try:
+            host, port = _ip_and_port(addr)
+        except ValueError:
+            out.append(addr)
+            continue
+        ip = ipaddress.ip_address(host)
+        if not ip.is_unspecified:
+            out.append(addr)
+            continue
+        proto = "ip4" if ip.version == 4 else "ip6"
+        loopback = "127.0.0.1" if ip.version == 4 else "::1"
+        for local in _interface_ips(ip.version) or [loopback]:
+            out.append(multiaddr.Multiaddr(f"/{proto}/{local}/tcp/{port}"))
+    seen: set[str] = set()
+    return [a for a in out if not (str(a) in seen or seen.add(str(a)))]
 
 
 def _reason(exc: BaseException) -> str:

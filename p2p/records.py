@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
 
 from p2p import codec, identity
 
@@ -19,6 +22,8 @@ RECORD_TYPE = "resources"
 MAX_RECORD_BYTES = 64 * 1024
 DEFAULT_MAX_SKEW_S = 10.0
 MAX_VALIDITY_S = 3600.0
+MAX_ADDRS = 32
+MAX_ADDR_CHARS = 512
 
 
 class RecordError(ValueError):
@@ -78,6 +83,18 @@ def make_record(
     return codec.seal(ident, RECORD_TYPE, body, timestamp=float(now)).to_wire()
 
 
+class RecordBody(msgspec.Struct, frozen=True):
+    """The typed body of a resource record; unknown fields are ignored (newer writers)."""
+
+    net: Annotated[str, Meta(max_length=128)]
+    valid_for: Annotated[float, Meta(gt=0, le=MAX_VALIDITY_S)]
+    payout: Annotated[str, Meta(max_length=64)]
+    addrs: Annotated[
+        list[Annotated[str, Meta(max_length=MAX_ADDR_CHARS)]], Meta(max_length=MAX_ADDRS)
+    ]
+    resources: dict[str, Any]
+
+
 def validate_record(
     key: str,
     value: bytes,
@@ -86,39 +103,42 @@ def validate_record(
     network_id: str,
     max_skew: float = DEFAULT_MAX_SKEW_S,
 ) -> ResourceRecord:
-    """Return the record if it is well-formed, correctly signed, under its own key and fresh."""
+    """Return the record if it is well-formed, correctly signed, under its own key and fresh.
+
+    Cheap checks first: size, shape, network, key and freshness are refused before the
+    signature is checked, so forged or misplaced records cost a flooder's victim little.
+    """
+    if len(key) > 128:
+        raise RecordError("wrong_key", "key too long")
     try:
-        env = codec.open_envelope(value, expect_type=RECORD_TYPE, max_bytes=MAX_RECORD_BYTES)
+        env = codec.parse_envelope(value, expect_type=RECORD_TYPE, max_bytes=MAX_RECORD_BYTES)
     except codec.CodecError as exc:
         raise RecordError(exc.reason, str(exc)) from None
-    body = env.body
-    if not isinstance(body, dict):
-        raise RecordError("malformed", "record body is not a map")
-    net, valid_for = body.get("net"), body.get("valid_for")
-    payout, addrs, resources = body.get("payout"), body.get("addrs"), body.get("resources")
-    if net != network_id:
-        raise RecordError("wrong_network", f"record is for network {str(net)[:40]!r}")
+    try:
+        body = msgspec.convert(env.body, RecordBody, strict=True)
+    except (msgspec.ValidationError, TypeError, ValueError) as exc:
+        raise RecordError("malformed", f"record body: {str(exc)[:200]}") from None
+    if body.net != network_id:
+        raise RecordError("wrong_network", f"record is for network {body.net[:40]!r}")
     if key != record_key(network_id, env.sender):
         raise RecordError("wrong_key", "record is stored under another node's key")
-    if not isinstance(valid_for, float) or not 0 < valid_for <= MAX_VALIDITY_S:
-        raise RecordError("malformed", "valid_for must be a float in (0, 3600]")
-    if not isinstance(payout, str) or not isinstance(resources, dict):
-        raise RecordError("malformed", "payout must be a string and resources a map")
-    if not isinstance(addrs, list) or not all(isinstance(a, str) for a in addrs):
-        raise RecordError("malformed", "addrs must be a list of strings")
     issued = float(env.timestamp)
     if issued > now + max_skew:
         raise RecordError("future", f"issued {issued - now:.1f} s in the future")
-    if issued + valid_for < now:
-        raise RecordError("stale", f"expired {now - issued - valid_for:.1f} s ago")
+    if issued + body.valid_for < now:
+        raise RecordError("stale", f"expired {now - issued - body.valid_for:.1f} s ago")
+    try:
+        codec.verify_envelope(env)
+    except codec.CodecError as exc:
+        raise RecordError(exc.reason, str(exc)) from None
     return ResourceRecord(
         peer_id=env.sender,
         network_id=network_id,
         issued_at=issued,
-        valid_for=valid_for,
-        payout_address=payout,
-        addrs=addrs,
-        resources=resources,
+        valid_for=body.valid_for,
+        payout_address=body.payout,
+        addrs=list(body.addrs),
+        resources=body.resources,
     )
 
 

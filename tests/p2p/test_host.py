@@ -2,21 +2,40 @@
 and the guard that keeps the host alive when a peer sends garbage on any protocol."""
 
 import os
-from contextlib import AsyncExitStack
+import socket
+from contextlib import AsyncExitStack, asynccontextmanager
 
+import multiaddr
 import pytest
 import trio
+from libp2p import new_host
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.records.validator import NamespacedValidator
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
 
-from p2p import identity, records
+from p2p import codec, identity, records
 from p2p.discovery import DiscoverySettings, ResourceDirectory
-from p2p.host import Libp2pNetwork, read_frame, write_frame
+from p2p.host import (
+    HELLO_PROTOCOL,
+    HostLimits,
+    Libp2pNetwork,
+    ListenError,
+    read_frame,
+    write_frame,
+)
 from p2p.network import NetworkError
 
 NET = "hosttest"
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
 
 class Node:
-    def __init__(self, network_id: str = NET) -> None:
+    def __init__(
+        self, network_id: str = NET, limits: HostLimits | None = None, listen: str = LOOPBACK
+    ) -> None:
         self.ident = identity.NodeIdentity.generate()
         self.rejects: list[tuple[str, str]] = []
         self.stream_rejected = trio.Event()
@@ -24,10 +43,11 @@ class Node:
         self.net = Libp2pNetwork(
             self.ident,
             network_id=network_id,
-            listen=["/ip4/127.0.0.1/tcp/0"],
+            listen=[listen],
             dht_namespace=records.NAMESPACE,
             dht_validator=_Deferred(self),
             on_reject=self._rejected,
+            limits=limits,
         )
         self.directory = ResourceDirectory(
             self.net,
@@ -216,3 +236,221 @@ async def test_long_lived_framed_stream(nodes):
     await stream.send(b"bye")
     with pytest.raises(NetworkError):
         await stream.receive()  # the server closed its end
+
+
+# -- hostile peers (issue 12): real hosts on 127.0.0.1, attacking over the wire ------------
+
+SYNC = "/gridmesh/registry/sync/1.0.0"
+
+
+def _count(node: Node, source: str, reason: str) -> int:
+    return sum(1 for r in node.rejects if r == (source, reason))
+
+
+async def _raw_connect(attacker: Node, target: Node) -> None:
+    """Open a libp2p connection the way any libp2p peer would: no gridmesh hello sent."""
+    info = info_from_p2p_addr(multiaddr.Multiaddr(target.net.listen_addrs()[0]))
+    await attacker.net.host.connect(info)
+
+
+async def _ask(attacker: Node, target: Node, protocol: str, payload: bytes) -> bytes:
+    stream = await attacker.net.host.new_stream(target.net.host.get_id(), [protocol])
+    await write_frame(stream, payload)
+    return await read_frame(stream)
+
+
+async def _serve_sync(node: Node) -> list[str]:
+    asked: list[str] = []
+
+    async def sync(sender: str, payload: bytes) -> bytes:
+        asked.append(sender)
+        return b"registry contents"
+
+    node.net.set_request_handler(SYNC, sync)
+    return asked
+
+
+@asynccontextmanager
+async def bare_libp2p_peer():
+    """Any libp2p peer (as a js-libp2p or go-libp2p node would be): no gridmesh protocols."""
+    key_pair = create_new_key_pair()
+    noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
+    host = new_host(key_pair=key_pair, sec_opt={NOISE_PROTOCOL_ID: noise}, muxer_preference="YAMUX")
+    async with host.run([multiaddr.Multiaddr(LOOPBACK)]):
+        yield host
+
+
+async def test_peer_without_hello_is_served_nothing():
+    fast = HostLimits(hello_timeout_s=0.5)
+    target, honest = Node(limits=fast), Node()
+    async with target.net.run(), honest.net.run(), bare_libp2p_peer() as stranger:
+        asked = await _serve_sync(target)
+        info = info_from_p2p_addr(multiaddr.Multiaddr(target.net.listen_addrs()[0]))
+        await stranger.connect(info)
+        with pytest.raises(Exception):  # noqa: B017 - reset or closed, as libp2p reports it
+            with trio.fail_after(5):
+                stream = await stranger.new_stream(info.peer_id, [SYNC])
+                await write_frame(stream, b"give me everything")
+                await read_frame(stream)
+        assert asked == []
+        assert stranger.get_id().to_base58() not in target.net.known_peers()
+        with trio.fail_after(5):  # our hello to it failed: counted, and it was dropped
+            while _count(target, "hello", "no_hello") < 1:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        # an honest peer's hello makes it known and served
+        await honest.net.connect(target.net.listen_addrs()[0])
+        assert await honest.net.request(target.ident.peer_id, SYNC, b"hi") == b"registry contents"
+        assert target.net.known_peers() == {honest.ident.peer_id}
+
+
+async def test_gate_holds_streams_until_the_hello():
+    """A peer that answers no hello gets nothing while we wait for it, then a reset."""
+    target = Node(limits=HostLimits(hello_timeout_s=0.5))
+    async with target.net.run(), bare_libp2p_peer() as stranger:
+        asked = await _serve_sync(target)
+
+        async def hang(stream) -> None:  # holds our hello unanswered
+            await trio.sleep_forever()
+
+        stranger.set_stream_handler(HELLO_PROTOCOL, hang)
+        info = info_from_p2p_addr(multiaddr.Multiaddr(target.net.listen_addrs()[0]))
+        await stranger.connect(info)
+        with pytest.raises(Exception):  # noqa: B017
+            with trio.fail_after(5):
+                stream = await stranger.new_stream(info.peer_id, [SYNC])
+                await write_frame(stream, b"give me everything")
+                await read_frame(stream)
+        assert asked == []
+        with trio.fail_after(5):
+            while _count(target, "stream", "no_hello") < 1:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+
+
+async def test_peer_claiming_another_network_is_not_served(nodes):
+    target, _, _ = nodes
+    asked = await _serve_sync(target)
+    stranger = Node(network_id="othernet")
+    async with stranger.net.run():
+        await _raw_connect(stranger, target)
+        with pytest.raises(Exception):  # noqa: B017
+            with trio.fail_after(8):
+                await _ask(stranger, target, SYNC, b"x")
+        # and its own hello, sent by hand, does not help it
+        with pytest.raises(NetworkError):
+            await stranger.net.connect(target.net.listen_addrs()[0])
+    assert asked == []
+    assert stranger.ident.peer_id not in target.net.known_peers()
+    assert _count(target, "hello", "wrong_network") >= 1
+
+
+async def test_foreign_and_forged_dht_puts_are_refused_and_counted(nodes):
+    target, attacker, _ = nodes
+    await attacker.net.connect(target.net.listen_addrs()[0])
+    # the attacker's DHT takes anything, as a js-libp2p peer's or a modified one's would
+    attacker.net.dht.strict_validation = False
+    attacker.net.dht.validator = NamespacedValidator({}, strict_validation=False)
+    for i in range(5):
+        with trio.fail_after(10):
+            await attacker.net.dht.put_value(f"/other/key{i}", b"foreign value")
+    assert _count(target, "dht", "foreign_key") == 5
+    for i in range(5):
+        assert target.net.dht.value_store.get(f"/other/key{i}".encode()) is None
+    # a record of ours, under our namespace, with a bad signature: refused and counted
+    good = records.make_record(
+        attacker.ident, network_id=NET, now=attacker.net.now(), valid_for=60, addrs=[], resources={}
+    )
+    env = codec.decode(good)
+    env["sig"] = bytes(64)
+    key = records.record_key(NET, attacker.ident.peer_id)
+    with trio.fail_after(10):
+        await attacker.net.dht.put_value(key, codec.encode(env))
+    assert _count(target, "dht", "bad_signature") == 1
+    assert target.net.dht.value_store.get(key.encode()) is None
+
+
+async def test_stream_flood_is_refused_and_counted_while_honest_peer_is_served():
+    limits = HostLimits(streams_per_s=5.0, stream_burst=10)
+    target, flooder, honest = Node(limits=limits), Node(), Node()
+    async with target.net.run(), flooder.net.run(), honest.net.run():
+        await flooder.net.connect(target.net.listen_addrs()[0])
+        await honest.net.connect(target.net.listen_addrs()[0])
+
+        async def echo(sender: str, payload: bytes) -> bytes:
+            return payload
+
+        target.net.set_request_handler("/gridmesh/test/echo/1", echo)
+        failed = 0
+        for _ in range(60):
+            try:
+                await flooder.net.request(
+                    target.ident.peer_id, "/gridmesh/test/echo/1", b"x", timeout_s=2
+                )
+            except NetworkError:
+                failed += 1
+        assert failed >= 30
+        assert _count(target, "stream", "rate_limited") >= failed
+        reply = await honest.net.request(target.ident.peer_id, "/gridmesh/test/echo/1", b"ok")
+        assert reply == b"ok"
+
+
+async def test_gossip_flood_is_dropped_and_counted():
+    limits = HostLimits(gossip_per_s=5.0, gossip_burst=10)
+    target, flooder = Node(limits=limits), Node()
+    async with target.net.run(), flooder.net.run():
+        await flooder.net.connect(target.net.listen_addrs()[0])
+        got: list[bytes] = []
+
+        async def on_message(sender: str, data: bytes) -> None:
+            got.append(data)
+
+        await target.net.subscribe("t", on_message)
+        await flooder.net.subscribe("t", on_message)
+        with trio.fail_after(10):
+            while not got:  # wait for the mesh
+                await flooder.net.publish("t", b"warmup")
+                with trio.move_on_after(0.3):
+                    while not got:  # noqa: ASYNC110 - nothing to wait on but the list
+                        await trio.sleep(0.01)
+        for i in range(200):
+            await flooder.net.publish("t", b"flood %d" % i)
+            await trio.sleep(0.003)  # paced: the flooder's own 32-message queue would drop
+        with trio.fail_after(10):
+            while _count(target, "pubsub", "rate_limited") < 100:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        assert len(got) < 60
+
+
+async def test_connect_to_a_closed_port_raises(nodes):
+    a, b, _ = nodes
+    await a.net.connect(b.net.listen_addrs()[0])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    # b is connected, but nothing listens at this address: that is no connection
+    with pytest.raises(NetworkError):
+        await a.net.connect(f"/ip4/127.0.0.1/tcp/{closed}/p2p/{b.ident.peer_id}")
+
+
+async def test_a_taken_port_fails_with_one_clear_error():
+    first = Node()
+    async with first.net.run():
+        port = int(first.net.listen_addrs()[0].split("/tcp/")[1].split("/")[0])
+        second = Node(listen=f"/ip4/127.0.0.1/tcp/{port}")
+        with pytest.raises(ListenError, match=f"127.0.0.1:{port}"):
+            async with second.net.run():
+                pass
+        # and a node never dials itself, whatever peer id the address carries
+        with pytest.raises(NetworkError, match="own address"):
+            await first.net.connect(
+                f"/ip4/127.0.0.1/tcp/{port}/p2p/{identity.NodeIdentity.generate().peer_id}"
+            )
+
+
+async def test_wildcard_listener_advertises_dialable_addresses():
+    node, other = Node(listen="/ip4/0.0.0.0/tcp/0"), Node()
+    async with node.net.run(), other.net.run():
+        addrs = node.net.listen_addrs()
+        assert addrs
+        assert not any("/0.0.0.0/" in a for a in addrs)
+        await other.net.connect(addrs[0])
+        assert node.ident.peer_id in other.net.known_peers()
