@@ -30,6 +30,8 @@ class P2PConfig:
 @dataclass(frozen=True)
 class RPCConfig:
     port: int = 8645
+    max_connections: int = 256  # beyond it, the slowest waiting connection is shed
+    request_timeout_s: float = 10.0  # idle + head + body of one request, in total
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,10 @@ class Config:
             raise ConfigError("network_id must be 1 to 64 characters")
         if not 0 <= self.rpc.port <= 65535:
             raise ConfigError(f"rpc.port {self.rpc.port} is not a TCP port")
+        if not 1 <= self.rpc.max_connections <= 65536:
+            raise ConfigError("rpc.max_connections must be 1 to 65536")
+        if not 0 < self.rpc.request_timeout_s <= 3600:
+            raise ConfigError("rpc.request_timeout_s must be above 0 and at most 3600")
         if not 0 <= self.grpc.port <= 65535:
             raise ConfigError(f"grpc.port {self.grpc.port} is not a TCP port")
         res = self.resources

@@ -205,6 +205,8 @@ class Daemon:
                     port=self.config.rpc.port,
                     metrics=self.metrics.render,
                     on_reject=lambda reason: self.metrics.reject("rpc", reason),
+                    max_connections=self.config.rpc.max_connections,
+                    request_timeout_s=self.config.rpc.request_timeout_s,
                     task_status=task_status,
                 )
             )

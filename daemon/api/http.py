@@ -6,7 +6,16 @@ cancel scope: one local client that pipelines requests and never reads the answe
 cancellation of the whole server indefinitely, which breaks "shuts down promptly". Owning the
 loop also makes the limits explicit: header size (h11's max_incomplete_event_size), body size
 (Content-Length checked up front, then counted per chunk, so at most ~MAX_BODY is buffered),
-read/write timeouts and a cap on concurrent connections.
+timeouts and a cap on concurrent connections.
+
+Slow clients (issue 12 item 9): a request gets one deadline, `REQUEST_TIMEOUT_S` from when
+the server starts waiting for it (keep-alive idle time included) to its last body byte, so
+trickling a byte at a time does not extend it. The head is parsed and the token and
+Content-Length checked before any body byte is read; `GET /metrics` never reads a body. The
+connection cap cannot be held by slow clients: when it is reached, a new connection sheds
+the connection that has spent longest waiting for (or sending) its request; connections
+whose request is being executed are never shed. An honest client sends its request at once,
+so it is never the oldest waiting one.
 
 Routes: POST / (JSON-RPC, bearer token), GET /metrics (Prometheus text, no token: the
 listener is loopback only).
@@ -37,8 +46,8 @@ log = logging.getLogger(__name__)
 HOST = "127.0.0.1"
 MAX_BODY = 1 << 20
 MAX_HEADER_BYTES = 16 * 1024
-MAX_CONNECTIONS = 64
-READ_TIMEOUT_S = 30.0  # to receive one whole request (or to idle between keep-alive requests)
+MAX_CONNECTIONS = 256
+REQUEST_TIMEOUT_S = 10.0  # idle + head + body of one request, however slowly it trickles in
 WRITE_TIMEOUT_S = 30.0
 LINGER_S = 1.0  # drain unread input this long before closing, so the client sees our error
 UNAUTHORIZED = -32001
@@ -59,6 +68,18 @@ class _BodyTooLarge(Exception):
 
 class _ClientGone(Exception):
     pass
+
+
+class _TimedOut(Exception):
+    """The request's deadline passed before its body was complete."""
+
+
+class _Conn:
+    """One connection's place in the connection table."""
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.waiting_since: float | None = trio.current_time()  # None: a handler runs
 
 
 class _Response:
@@ -92,26 +113,52 @@ class _Server:
         metrics: Callable[[], bytes],
         on_reject: Callable[[str], None],
         max_body: int,
+        max_connections: int = MAX_CONNECTIONS,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
     ) -> None:
         if not token:
             raise ValueError("an RPC token is required")
+        if max_connections < 1 or request_timeout_s <= 0:
+            raise ValueError("max_connections and request_timeout_s must be positive")
         self._dispatcher = dispatcher
         self._token = token.encode("utf-8")
         self._metrics = metrics
         self._on_reject = on_reject
         self._max_body = max_body
-        self._active = 0
+        self._max_connections = max_connections
+        self._request_timeout_s = request_timeout_s
+        self._conns: set[_Conn] = set()
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    def _make_room(self) -> bool:
+        """At the cap, shed the connection waiting longest for its request; False if all
+        connections are executing requests."""
+        if len(self._conns) < self._max_connections:
+            return True
+        waiting = [c for c in self._conns if c.waiting_since is not None]
+        if not waiting:
+            return False
+        oldest = min(waiting, key=lambda c: c.waiting_since or 0.0)
+        oldest.scope.cancel()
+        self._conns.discard(oldest)
+        self._reject("shed_slow_connection")
+        return True
 
     async def handle_connection(self, stream: trio.SocketStream) -> None:
         """Serve one connection; swallows every error so the listener keeps going."""
-        if self._active >= MAX_CONNECTIONS:
+        if not self._make_room():
             self._reject("too_many_connections")
             return  # serve_listeners closes the stream
-        self._active += 1
+        me = _Conn()
+        self._conns.add(me)
         try:
             host, port = stream.socket.getpeername()[:2]
             REQUESTER.set(f"rpc:{host}:{port}")  # this connection's task only
-            await self._serve(stream)
+            with me.scope:
+                await self._serve(stream, me)
         except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except trio.TooSlowError:
@@ -119,19 +166,25 @@ class _Server:
         except Exception:
             log.exception("rpc connection failed")
         finally:
-            self._active -= 1
+            self._conns.discard(me)
+            if me.scope.cancelled_caught:  # shed: close at once, no linger
+                await trio.aclose_forcefully(stream)
 
-    async def _serve(self, stream: trio.SocketStream) -> None:
+    async def _serve(self, stream: trio.SocketStream, me: _Conn) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         while True:
+            me.waiting_since = trio.current_time()
+            deadline = me.waiting_since + self._request_timeout_s  # the whole request
             try:
-                with trio.move_on_after(READ_TIMEOUT_S) as scope:
+                with trio.move_on_at(deadline) as scope:
                     event = await _next_event(conn, stream)
-                if scope.cancelled_caught:
+                if scope.cancelled_caught:  # idle too long, or the head came too slowly
+                    if _started(conn):
+                        self._reject("request_timeout")
                     return
                 if not isinstance(event, h11.Request):  # ConnectionClosed
                     return
-                response = await self._route(conn, stream, event)
+                response = await self._route(conn, stream, event, me, deadline)
             except h11.RemoteProtocolError as e:
                 self._reject("bad_http")
                 if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
@@ -148,17 +201,23 @@ class _Server:
             conn.start_next_cycle()
 
     async def _route(
-        self, conn: h11.Connection, stream: trio.SocketStream, req: h11.Request
+        self,
+        conn: h11.Connection,
+        stream: trio.SocketStream,
+        req: h11.Request,
+        me: _Conn,
+        deadline: float,
     ) -> _Response:
         path = req.target.split(b"?", 1)[0]
         if path == b"/metrics":
             if req.method != b"GET":
                 return _text(405, "method not allowed", [(b"allow", b"GET")])
-            try:  # normally empty; read so that keep-alive keeps working
-                await self._read_body(conn, stream, req)
-            except _BodyTooLarge:
-                return self._too_large()
-            return self._serve_metrics()
+            response = self._serve_metrics()
+            if _has_body(req):  # never read: answer, then close instead of keeping alive
+                response.close = True
+            else:
+                await self._read_body(conn, stream, req, deadline)  # EndOfMessage, no I/O
+            return response
         if path != b"/":
             return _text(404, "not found")
         if req.method != b"POST":
@@ -173,9 +232,13 @@ class _Server:
             extra = [(b"www-authenticate", b"Bearer")]
             return _Response(401, body, b"application/json", extra, close=True)
         try:
-            body = await self._read_body(conn, stream, req)
+            body = await self._read_body(conn, stream, req, deadline)
         except _BodyTooLarge:
             return self._too_large()
+        except _TimedOut:
+            self._reject("request_timeout")
+            return _text(408, "request timeout: send the whole request at once")
+        me.waiting_since = None  # executing: never shed
         try:
             result = await self._dispatcher.handle(body)
         except Exception:  # the dispatcher is not supposed to raise; keep serving anyway
@@ -192,7 +255,7 @@ class _Server:
         return ok and scheme.lower() == b"bearer"
 
     async def _read_body(
-        self, conn: h11.Connection, stream: trio.SocketStream, req: h11.Request
+        self, conn: h11.Connection, stream: trio.SocketStream, req: h11.Request, deadline: float
     ) -> bytes:
         length = _header(req.headers, b"content-length")
         # h11 has already rejected a malformed Content-Length, so int() is safe.
@@ -203,8 +266,11 @@ class _Server:
         chunks: list[bytes] = []
         total = 0
         while True:
-            with trio.fail_after(READ_TIMEOUT_S):
+            event: h11.Event | None = None
+            with trio.move_on_at(deadline):  # the request's one deadline, not one per chunk
                 event = await _next_event(conn, stream)
+            if event is None:
+                raise _TimedOut
             if isinstance(event, h11.Data):
                 total += len(event.data)
                 if total > self._max_body:
@@ -287,6 +353,18 @@ async def _linger_close(stream: trio.SocketStream) -> None:
     await trio.aclose_forcefully(stream)
 
 
+def _has_body(req: h11.Request) -> bool:
+    length = _header(req.headers, b"content-length")
+    return (length is not None and int(length) > 0) or (
+        _header(req.headers, b"transfer-encoding") is not None
+    )
+
+
+def _started(conn: h11.Connection) -> bool:
+    """Whether part of a request has arrived (so a 408 is worth sending)."""
+    return bool(conn.trailing_data[0])
+
+
 def _header(headers: Headers, name: bytes) -> bytes | None:
     for key, value in headers:
         if key == name:  # h11 lower-cases header names
@@ -302,15 +380,19 @@ async def serve_rpc(
     metrics: Callable[[], bytes],
     on_reject: Callable[[str], None],
     max_body: int = MAX_BODY,
+    max_connections: int = MAX_CONNECTIONS,
+    request_timeout_s: float = REQUEST_TIMEOUT_S,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve JSON-RPC on 127.0.0.1:port until cancelled; `task_status.started(actual_port)`.
 
     `on_reject(reason)` counts refused requests: "unauthorized", "too_large", "bad_http",
-    "too_many_connections".
+    "request_timeout", "shed_slow_connection", "too_many_connections".
     """
     cap_recursion_limit()  # before the first request: see daemon.api.jsonrpc
-    server = _Server(dispatcher, token, metrics, on_reject, max_body)
+    server = _Server(
+        dispatcher, token, metrics, on_reject, max_body, max_connections, request_timeout_s
+    )
     listeners = await trio.open_tcp_listeners(port, host=HOST)
     try:
         actual = listeners[0].socket.getsockname()[1]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import stat
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -660,3 +662,136 @@ async def test_cli_generate_stopped_with_ctrl_c_cancels_its_job(
         await service.ended_event.wait()
     (ended,) = service.ended
     assert ended.error == "cancelled" and service.jobs == {}
+
+
+# -- slow clients (issue 12 item 9) ---------------------------------------------------------
+
+TRICKLE_S = 0.1  # a slow client sends one more byte this often
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    """Poll `condition` (a few ms apart) until it holds; fail after DEADLINE."""
+    with trio.fail_after(DEADLINE):
+        for _ in itertools.count():
+            if condition():
+                return
+            await trio.sleep(0.005)
+
+
+async def start_custom_server(nursery: trio.Nursery, **limits: Any) -> Server:
+    state: dict[str, Any] = {"notes": [], "running": trio.Event()}
+    d = make_dispatcher(state)
+    rejects: list[str] = []
+    port = await nursery.start(
+        lambda task_status: serve_rpc(
+            d,
+            token=TOKEN,
+            port=0,
+            metrics=lambda: METRICS,
+            on_reject=rejects.append,
+            task_status=task_status,
+            **limits,
+        )
+    )
+    return Server(port, d, rejects, state["notes"], state["running"])
+
+
+async def slow_client(
+    port: int, head: bytes, trickle: bytes, opened: list[trio.SocketStream], sent: list[int]
+):
+    """Send `head` at once, then `trickle` one byte per TRICKLE_S, until shed or cancelled."""
+    stream = await trio.open_tcp_stream(HOST, port)
+    opened.append(stream)
+    try:
+        await stream.send_all(head)
+        for i in itertools.count():
+            await trio.sleep(TRICKLE_S)
+            await stream.send_all(trickle[i % len(trickle) : i % len(trickle) + 1])
+            sent[0] += 1
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass  # shed or timed out by the server
+
+
+SLOW_HEAD = b"POST / HTTP/1.1\r\nHost: x\r\n"
+SLOW_BODY = (
+    f"POST / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 100000\r\n\r\n"
+).encode()
+
+
+async def open_slow_clients(
+    nursery: trio.Nursery, port: int, n: int
+) -> tuple[list[trio.SocketStream], list[int]]:
+    """`n` slow clients, half sending their head slowly, half their body (with the token)."""
+    opened: list[trio.SocketStream] = []
+    sent = [0]  # bytes trickled so far, all clients together
+    for i in range(n):
+        if i % 2:
+            nursery.start_soon(slow_client, port, SLOW_BODY, b'{"jsonrpc":"2.0"', opened, sent)
+        else:
+            nursery.start_soon(slow_client, port, SLOW_HEAD, b"X-Slow: yes\r\n", opened, sent)
+    await wait_until(lambda: len(opened) == n)
+    return opened, sent
+
+
+@pytest.mark.parametrize("max_connections", [None, 16], ids=["default-cap", "cap-16-shedding"])
+async def test_honest_client_answered_while_70_slow_connections_are_open(
+    max_connections: int | None,
+):
+    limits = {} if max_connections is None else {"max_connections": max_connections}
+    async with trio.open_nursery() as nursery:
+        server = await start_custom_server(nursery, **limits)
+        opened, sent = await open_slow_clients(nursery, server.port, 70)
+        if max_connections is not None:  # the server has taken all 70 in, shedding the oldest
+            shed = 70 - max_connections
+            await wait_until(lambda: server.rejects.count("shed_slow_connection") >= shed)
+        await wait_until(lambda: sent[0] >= 2 * 16)  # the survivors are trickling
+        started = trio.current_time()
+        with trio.fail_after(2):
+            await assert_serves(server)  # on a fresh connection
+            await assert_serves(server)
+        assert trio.current_time() - started < 2
+        nursery.cancel_scope.cancel()
+    for stream in opened:
+        await stream.aclose()
+    assert "too_many_connections" not in server.rejects
+
+
+async def test_one_deadline_per_request_however_slowly_it_trickles(nursery: trio.Nursery):
+    timeout = 0.5
+    server = await start_custom_server(nursery, request_timeout_s=timeout)
+    for head, trickle in [(SLOW_BODY, b"[1,2,3]"), (SLOW_HEAD, b"X-Slow: yes\r\n")]:
+        stream = await trio.open_tcp_stream(HOST, server.port)
+        async with stream:
+            started = trio.current_time()
+            await stream.send_all(head)
+            with trio.fail_after(DEADLINE):  # the server ends it, though bytes keep coming
+                with contextlib.suppress(trio.BrokenResourceError):
+                    while True:
+                        with trio.move_on_after(TRICKLE_S / 2):
+                            if not await stream.receive_some(65536):
+                                break
+                        await stream.send_all(trickle[:1])
+            elapsed = trio.current_time() - started
+        assert timeout <= elapsed < timeout + 1.5  # LINGER_S for the 408
+    assert server.rejects.count("request_timeout") == 2
+    await assert_serves(server)
+
+
+async def test_metrics_never_reads_a_body(server: Server):
+    stream = await trio.open_tcp_stream(HOST, server.port)
+    async with stream:
+        # announces a large body that never comes: answered at once, then closed
+        await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 900000\r\n\r\n")
+        with trio.fail_after(2):
+            data = await read_until_eof(stream)
+    assert data.startswith(b"HTTP/1.1 200") and data.endswith(METRICS)
+    assert b"connection: close" in data.lower()
+
+
+async def test_the_token_is_checked_before_any_body_is_read(server: Server):
+    stream = await trio.open_tcp_stream(HOST, server.port)
+    async with stream:
+        await stream.send_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 900000\r\n\r\n")
+        with trio.fail_after(2):
+            data = await read_until_eof(stream)
+    assert data.startswith(b"HTTP/1.1 401")
