@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from p2p import codec, identity
+from registry import wire
 from registry.hlc import Timestamp
 
 MAX_KIND_LEN = 32
@@ -127,43 +128,22 @@ def verify_entry(entry: Entry) -> bool:
     return identity.verify(entry.author, entry.signing_bytes(), entry.signature)
 
 
-def _timestamp(raw: Any, name: str) -> Timestamp:
-    if (
-        not isinstance(raw, list)
-        or len(raw) != 2
-        or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in raw)
-    ):
-        raise EntryError("malformed", f"{name} must be [wall_ms, counter]")
-    return Timestamp(raw[0], raw[1])
-
-
 def entry_from_wire(raw: Any) -> Entry:
-    """Build an Entry from decoded wire data; EntryError on any shape problem (not the sig)."""
-    if not isinstance(raw, dict):
-        raise EntryError("malformed", "an entry is a map")
-    kind, key, author, owner, sig = (raw.get(f) for f in ("kind", "key", "author", "owner", "sig"))
-    if not isinstance(kind, str) or not 0 < len(kind) <= MAX_KIND_LEN:
-        raise EntryError("malformed", "kind must be a short string")
-    if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_LEN:
-        raise EntryError("malformed", f"key must be a string of 1 to {MAX_KEY_LEN} characters")
-    if not isinstance(author, str) or not isinstance(owner, str):
-        raise EntryError("malformed", "author and owner must be peer ids")
-    if len(author) > 128 or len(owner) > 128:
-        raise EntryError("malformed", "author and owner must be peer ids")
-    if not isinstance(sig, bytes):
-        raise EntryError("malformed", "sig must be bytes")
-    value = raw.get("value")
-    if value is not None and not isinstance(value, dict):
-        raise EntryError("malformed", "value must be a map or null")
+    """Build an Entry from decoded wire data through its typed form (`registry.wire.WireEntry`);
+    EntryError on any shape or bound problem (the signature is checked by the replica)."""
+    try:
+        typed = wire.convert(raw, wire.WireEntry)
+    except wire.WireError as exc:
+        raise EntryError("malformed", exc.detail) from None
     return Entry(
-        kind=kind,
-        key=key,
-        value=value,
-        ts=_timestamp(raw.get("ts"), "ts"),
-        author=author,
-        created=_timestamp(raw.get("created"), "created"),
-        owner=owner,
-        signature=sig,
+        kind=typed.kind,
+        key=typed.key,
+        value=typed.value,
+        ts=Timestamp(*typed.ts),
+        author=typed.author,
+        created=Timestamp(*typed.created),
+        owner=typed.owner,
+        signature=typed.sig,
     )
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import base64
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -32,6 +32,10 @@ from registry.store import RegistryStore
 
 MAX_VALUE_BYTES = 64 * 1024
 MAX_LIST_LIMIT = 1000
+# defaults of `Limits` (daemon config [registry]): an honest node stays far below them
+MAX_ENTRY_BYTES = 64 * 1024
+AUTHOR_MAX_ENTRIES = 10_000
+AUTHOR_MAX_BYTES = 4 << 20
 # how recent a competing (earlier) claim on an already-owned key must be to take it over
 CLAIM_WINDOW_MS = 60_000
 
@@ -43,6 +47,30 @@ class Rejected(ValueError):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one entry and one author may take in this replica.
+
+    `max_entry_bytes` bounds an entry as it travels (msgpack of its wire form, signature and
+    all). The author quotas count every entry an author wrote that this replica holds (its
+    current version, tombstones included, until collected), over all kinds; `per_kind`
+    adds a stricter (entries, bytes) quota per author for single kinds. A write that would
+    take its author over a quota is refused with reason `quota`, from any source; a write
+    that does not grow its author's usage (an update in place, a delete) is always let
+    through, so an author over quota can still shrink.
+    """
+
+    max_entry_bytes: int = MAX_ENTRY_BYTES
+    author_max_entries: int = AUTHOR_MAX_ENTRIES
+    author_max_bytes: int = AUTHOR_MAX_BYTES
+    per_kind: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def wire_size(entry: Entry) -> int:
+    """An entry's size as it travels and is counted against quotas."""
+    return len(codec.encode(entry.to_wire()))
 
 
 @dataclass(frozen=True)
@@ -75,8 +103,10 @@ class Replica:
         hooks: dict[str, schemas.AdmissionHook] | None = None,
         on_reject: RejectHook | None = None,
         claim_window_ms: int = CLAIM_WINDOW_MS,
+        limits: Limits | None = None,
     ) -> None:
         self.ident = ident
+        self.limits = limits or Limits()
         self.claim_window_ms = claim_window_ms
         self.clock = clock or HybridClock()
         self.store = store
@@ -86,12 +116,122 @@ class Replica:
         self._apply_lock = trio.Lock()
         self.applied = 0
         self.rejected: Counter[str] = Counter()
+        # quota accounting: (author, kind or "*") -> [entries, bytes], and each held entry's size
+        self.usage: dict[tuple[str, str], list[int]] = {}
+        self._sizes: dict[EntryId, int] = {}
 
     async def load(self) -> None:
-        if self.store is not None:
-            for entry in await self.store.load_all():
-                self.entries[entry.id] = entry
-                self.clock.advance(entry.ts)
+        """Read the store. An entry that no longer passes the shape and schema checks (one
+        stored by an older version, or a damaged row) is left out and counted (`bad_entry`,
+        source `store`): it must not reach the readers of the replica."""
+        if self.store is None:
+            return
+        loaded = await self.store.load_all()
+        for _ in range(self.store.bad_rows):
+            self._count_reject("store", "bad_entry")
+        for entry in loaded:
+            try:
+                self._check_stored(entry)
+            except Rejected:
+                self._count_reject("store", "bad_entry")
+                continue
+            self._account(entry, self.entries.get(entry.id))
+            self.entries[entry.id] = entry
+            self.clock.advance(entry.ts)
+
+    def _check_stored(self, entry: Entry) -> None:
+        if entry.kind not in schemas.KINDS:
+            raise Rejected("bad_entry", f"unknown kind {entry.kind!r}")
+        try:
+            schemas.validate_key(entry.kind, entry.key)
+            if entry.value is not None:
+                schemas.validate_value(entry.kind, entry.key, entry.value)
+        except (schemas.SchemaError, TypeError, ValueError) as exc:
+            raise Rejected("bad_entry", str(exc)) from None
+
+    def _count_reject(self, source: str, reason: str) -> None:
+        self.rejected[reason] += 1
+        self._on_reject(source, reason)
+
+    # -- quotas ------------------------------------------------------------------------
+
+    def _size(self, entry: Entry) -> int:
+        held = self.entries.get(entry.id)
+        if held is entry and entry.id in self._sizes:
+            return self._sizes[entry.id]
+        return wire_size(entry)
+
+    def _deltas(
+        self, entry: Entry, current: Entry | None
+    ) -> dict[tuple[str, str], tuple[int, int]]:
+        """How replacing `current` with `entry` changes each (author, scope) usage."""
+        size = self._size(entry)
+        out: dict[tuple[str, str], tuple[int, int]] = {}
+        for scope in ("*", entry.kind):
+            out[(entry.author, scope)] = (1, size)
+        if current is not None:
+            old = self._size(current)
+            for scope in ("*", current.kind):
+                n, b = out.get((current.author, scope), (0, 0))
+                out[(current.author, scope)] = (n - 1, b - old)
+        return out
+
+    def _account(self, entry: Entry, current: Entry | None) -> None:
+        size = self._size(entry)
+        for slot, (n, b) in self._deltas(entry, current).items():
+            row = self.usage.setdefault(slot, [0, 0])
+            row[0] += n
+            row[1] += b
+            if row == [0, 0]:
+                del self.usage[slot]
+        self._sizes[entry.id] = size
+
+    def _forget(self, entry: Entry) -> None:
+        size = self._sizes.pop(entry.id, None)
+        if size is None:
+            size = wire_size(entry)
+        for scope in ("*", entry.kind):
+            row = self.usage.get((entry.author, scope))
+            if row is not None:
+                row[0] -= 1
+                row[1] -= size
+                if row[0] <= 0:
+                    del self.usage[(entry.author, scope)]
+
+    def _check_size_and_quota(
+        self,
+        entry: Entry,
+        current: Entry | None,
+        pending_usage: Mapping[tuple[str, str], list[int]] | None,
+    ) -> None:
+        limits = self.limits
+        size = self._size(entry)
+        if size > limits.max_entry_bytes:
+            raise Rejected(
+                "too_large",
+                f"{entry.kind}/{entry.key} takes {size} bytes (limit {limits.max_entry_bytes}, "
+                "registry.max_entry_bytes)",
+            )
+        for (author, scope), (n, b) in self._deltas(entry, current).items():
+            if author != entry.author or (n <= 0 and b <= 0):
+                continue  # only a write that grows its author's usage can break a quota
+            if scope == "*":
+                max_n, max_b = limits.author_max_entries, limits.author_max_bytes
+            elif scope in limits.per_kind:
+                max_n, max_b = limits.per_kind[scope]
+            else:
+                continue
+            held = (pending_usage or {}).get((author, scope)) or self.usage.get(
+                (author, scope), [0, 0]
+            )
+            if held[0] + n > max_n or held[1] + b > max_b:
+                what = "all kinds" if scope == "*" else f"kind {scope}"
+                raise Rejected(
+                    "quota",
+                    f"author {author} is at its quota for {what}: {held[0]} entries, "
+                    f"{held[1]} bytes (limits {max_n} entries, {max_b} bytes; "
+                    "registry.author_max_entries / author_max_bytes)",
+                )
 
     # -- checks ------------------------------------------------------------------------
 
@@ -115,9 +255,14 @@ class Replica:
                 return source["cluster_id"]
         return None
 
-    def check(self, entry: Entry, pending: Mapping[EntryId, Entry] | None = None) -> None:
+    def check(
+        self,
+        entry: Entry,
+        pending: Mapping[EntryId, Entry] | None = None,
+        pending_usage: Mapping[tuple[str, str], list[int]] | None = None,
+    ) -> None:
         """Raise Rejected unless `entry` may be merged into this replica (plus `pending`,
-        the earlier entries of the same batch)."""
+        the earlier entries of the same batch, and `pending_usage`, their quota usage)."""
         if not verify_entry(entry):
             raise Rejected("bad_signature", "entry signature does not match its author")
         if entry.kind not in schemas.KINDS:
@@ -139,6 +284,7 @@ class Replica:
         current = (pending or {}).get(entry.id) or self.entries.get(entry.id)
         self._check_claim(entry, current)
         self._check_authorized(entry, current, pending)
+        self._check_size_and_quota(entry, current, pending_usage)
         reason = schemas.admit(
             schemas.Write(
                 kind=entry.kind,
@@ -204,22 +350,30 @@ class Replica:
 
     async def _apply(self, entries: Iterable[Entry], source: str) -> list[Entry]:
         changed: dict[EntryId, Entry] = {}
+        replaced: dict[EntryId, Entry | None] = {}  # what each changed id held before the batch
+        pending_usage: dict[tuple[str, str], list[int]] = {}
         for entry in entries:
             current = changed.get(entry.id) or self.entries.get(entry.id)
             if current == entry:
                 continue
             try:
-                self.check(entry, changed)
+                self.check(entry, changed, pending_usage)
             except Rejected as exc:
-                self.rejected[exc.reason] += 1
-                self._on_reject(source, exc.reason)
+                self._count_reject(source, exc.reason)
                 continue
             if join(current, entry) is entry:
+                for slot, (n, b) in self._deltas(entry, current).items():
+                    row = pending_usage.setdefault(slot, list(self.usage.get(slot, [0, 0])))
+                    row[0] += n
+                    row[1] += b
+                replaced.setdefault(entry.id, self.entries.get(entry.id))
                 changed[entry.id] = entry
                 self.clock.observe(entry.ts)
         if changed:
             if self.store is not None:
                 await self.store.apply(changed.values())
+            for entry_id, entry in changed.items():
+                self._account(entry, replaced[entry_id])
             self.entries.update(changed)
             self.applied += len(changed)
         return list(changed.values())
@@ -252,7 +406,7 @@ class Replica:
         cutoff = self.clock.now().wall_ms - horizon_ms
         old = [e.id for e in self.entries.values() if e.deleted and e.ts.wall_ms < cutoff]
         for entry_id in old:
-            del self.entries[entry_id]
+            self._forget(self.entries.pop(entry_id))
         if old and self.store is not None:
             await self.store.purge_tombstones(cutoff)
         return len(old)

@@ -22,23 +22,26 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
 from p2p import codec
 from p2p.network import Network, NetworkError
-from registry import sync
-from registry.entry import Entry, EntryError, entry_from_wire
+from registry import sync, wire
+from registry.entry import Entry, EntryError, EntryId, entry_from_wire
 from registry.replica import Replica
 
 log = logging.getLogger(__name__)
 
 SYNC_PROTOCOL = "/gridmesh/registry/sync/1.0.0"
-WIRE_VERSION = 1
+WIRE_VERSION = wire.WIRE_VERSION
 MAX_GOSSIP_BYTES = 512 * 1024
 MAX_GOSSIP_ENTRIES = 64
-MAX_SYNC_BYTES = 4 << 20
+MAX_SYNC_BYTES = 4 << 20  # the libp2p frame limit (p2p.host.MAX_FRAME_BYTES)
+REPLY_MARGIN = 4096  # room for a reply's own framing beside its entries
+
+_R = TypeVar("_R")
 
 
 def topic_for(network_id: str) -> str:
@@ -61,6 +64,11 @@ class ReplicationSettings:
     reannounce_window_s: float = 5.0
     gc_interval_s: float = 60.0
     tombstone_horizon_s: float = 7 * 24 * 3600.0
+    # the largest sync message (request or reply) sent or accepted: listings, pull replies
+    # and pushes are paged under it, so a registry of any size syncs
+    max_message_bytes: int = MAX_SYNC_BYTES
+    # listing pages one round walks through; a larger registry continues next round
+    max_pages_per_round: int = 64
 
 
 class Replicator:
@@ -84,6 +92,8 @@ class Replicator:
         # retransmission timer keeps them); None until the first answer
         self._srtt: float | None = None
         self._rttvar = 0.0
+        # the listing page the next round starts at (None: the first)
+        self._resume: EntryId | None = None
 
     # -- outgoing ----------------------------------------------------------------------
 
@@ -111,10 +121,8 @@ class Replicator:
         self.stats[f"rejected_{source}"] += 1
         self._on_reject(source, reason)
 
-    def _entries(self, raw: Any, source: str) -> list[Entry] | None:
-        if not isinstance(raw, list) or len(raw) > sync.MAX_TRANSFER:
-            self._reject(source, "malformed")
-            return None
+    def _entries(self, raw: list[Any], source: str) -> list[Entry]:
+        """The entries of a message, each through its typed form; a bad one is counted."""
         out = []
         for item in raw:
             try:
@@ -123,16 +131,18 @@ class Replicator:
                 self._reject(source, exc.reason)
         return out
 
+    @property
+    def _budget(self) -> int:
+        """Bytes a reply or push may fill: the message limit less room for the envelope."""
+        return max(1024, self.settings.max_message_bytes - REPLY_MARGIN)
+
     async def on_gossip(self, sender: str, data: bytes) -> None:
         try:
-            msg = codec.decode(data, max_bytes=MAX_GOSSIP_BYTES)
-        except codec.CodecError as exc:
+            msg = wire.decode_gossip(data, MAX_GOSSIP_BYTES)
+        except wire.WireError as exc:
             self._reject("gossip", exc.reason)
             return
-        if not isinstance(msg, dict) or msg.get("v") != WIRE_VERSION:
-            self._reject("gossip", "bad_version")
-            return
-        entries = self._entries(msg.get("entries"), "gossip")
+        entries = self._entries(msg.entries, "gossip")
         if entries:
             changed = await self.replica.apply(entries, "gossip")
             self.stats["gossip_applied"] += len(changed)
@@ -140,37 +150,40 @@ class Replicator:
     async def on_sync(self, sender: str, payload: bytes) -> bytes:
         """Serve one anti-entropy step for a peer."""
         try:
-            msg = codec.decode(payload, max_bytes=MAX_SYNC_BYTES)
-            if not isinstance(msg, dict) or msg.get("v") != WIRE_VERSION:
-                raise sync.SyncError("unsupported sync message version")
-            op = msg.get("op")
-            if op == "digests":
-                theirs = sync.parse_digests(msg)
+            op = wire.decode_sync_op(payload, self.settings.max_message_bytes)
+            if isinstance(op, wire.DigestsOp):
+                theirs = sync.parse_digests(op)
                 mine = sync.digests(self.replica.entries.values())
-                buckets = sync.differing_buckets(mine, theirs)
-                reply: dict[str, Any] = sync.encode_listing(
-                    sync.listing(self.replica.entries, buckets)
+                after = (op.after.kind, op.after.key) if op.after is not None else None
+                lst = sync.listing(
+                    self.replica.entries,
+                    sync.differing_buckets(mine, theirs),
+                    after,
+                    max_bytes=self._budget,
                 )
-            elif op == "pull":
-                ids = msg.get("ids")
-                if not isinstance(ids, list) or len(ids) > sync.MAX_TRANSFER:
-                    raise sync.SyncError("pull ids must be a bounded list")
-                found = []
-                for item in ids:
-                    if isinstance(item, list) and len(item) == 2:
-                        entry = self.replica.entries.get((str(item[0]), str(item[1])))
-                        if entry is not None:
-                            found.append(entry.to_wire())
-                reply = {"entries": found}
-            elif op == "push":
-                entries = self._entries(msg.get("entries"), "sync")
-                changed = await self.replica.apply(entries or [], "sync")
+                reply: dict[str, Any] = sync.encode_listing(lst)
+            elif isinstance(op, wire.PullOp):
+                found: list[dict[str, Any]] = []
+                size, more = 0, False
+                for entry_id in op.ids:
+                    entry = self.replica.entries.get(entry_id)
+                    if entry is None:
+                        continue
+                    item = entry.to_wire()
+                    cost = len(codec.encode(item))
+                    if found and size + cost > self._budget:
+                        more = True  # the puller asks again for what it did not get
+                        break
+                    found.append(item)
+                    size += cost
+                reply = {"entries": found, "more": more}
+            else:
+                entries = self._entries(op.entries, "sync")
+                changed = await self.replica.apply(entries, "sync")
                 self.stats["sync_applied"] += len(changed)
                 reply = {"applied": len(changed)}
-            else:
-                raise sync.SyncError(f"unknown sync op {str(op)[:32]!r}")
-        except (codec.CodecError, sync.SyncError) as exc:
-            self._reject("sync", getattr(exc, "reason", "malformed"))
+        except wire.WireError as exc:
+            self._reject("sync", exc.reason)
             return codec.encode({"v": WIRE_VERSION, "error": str(exc)[:200]})
         reply["v"] = WIRE_VERSION
         return codec.encode(reply)
@@ -191,7 +204,7 @@ class Replicator:
             self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - sample)
             self._srtt = 0.875 * self._srtt + 0.125 * sample
 
-    async def _call(self, peer_id: str, message: dict[str, Any]) -> dict[str, Any]:
+    async def _call(self, peer_id: str, message: dict[str, Any], reply_type: type[_R]) -> _R:
         message["v"] = WIRE_VERSION
         sent = trio.current_time()
         try:
@@ -200,14 +213,11 @@ class Replicator:
         except trio.TooSlowError:
             raise NetworkError(f"sync {message.get('op')} to {peer_id} timed out") from None
         self._observe_rtt(trio.current_time() - sent)
-        reply = codec.decode(raw, max_bytes=MAX_SYNC_BYTES)
-        if not isinstance(reply, dict) or reply.get("v") != WIRE_VERSION:
-            raise sync.SyncError("malformed sync reply")
-        if "error" in reply:
-            raise sync.SyncError(f"peer refused: {str(reply['error'])[:200]}")
-        return reply
+        return wire.decode_reply(raw, reply_type, self.settings.max_message_bytes)
 
-    async def _call_any(self, peers: list[str], message: dict[str, Any]) -> tuple[str, Any]:
+    async def _call_any(
+        self, peers: list[str], message: dict[str, Any], reply_type: type[_R]
+    ) -> tuple[str, _R]:
         """`message` to `peers[0]`, then to each next peer too once no answer came within
         `hedge_delay()`, or at once when a request failed: (the first peer to answer, its
         answer); the other requests are cancelled. Raises the last error if all failed."""
@@ -215,8 +225,8 @@ class Replicator:
 
         async def attempt(peer_id: str) -> None:
             try:
-                outcome: Any = await self._call(peer_id, dict(message))
-            except (NetworkError, sync.SyncError, codec.CodecError) as exc:
+                outcome: Any = await self._call(peer_id, dict(message), reply_type)
+            except (NetworkError, wire.WireError) as exc:
                 outcome = exc
             send.send_nowait((peer_id, outcome))
 
@@ -242,31 +252,83 @@ class Replicator:
     async def sync_with(self, peer_id: str, hedges: list[str] | None = None) -> tuple[int, int]:
         """One anti-entropy round with `peer_id`: (entries pulled and applied, entries pushed).
 
-        Its digests and pull requests are hedged to the peers in `hedges` (`_call_any`); the
-        round goes on with the first peer that answers the digests."""
+        Its first digests request and its pulls are hedged to the peers in `hedges`
+        (`_call_any`); the round goes on with the first peer that answers the digests, page
+        after listing page (at most `max_pages_per_round`), pulling and pushing each page's
+        differences in byte-bounded messages."""
         hedges = [p for p in hedges or [] if p != peer_id]
-        peer_id, reply = await self._call_any(
-            [peer_id, *hedges], sync.encode_digests(sync.digests(self.replica.entries.values()))
-        )
-        pull_ids, push = sync.plan(self.replica.entries, sync.parse_listing(reply))
-        applied = 0
-        if pull_ids:
+        mine = sync.digests(self.replica.entries.values())
+        after = self._resume  # where the last round stopped, when it ran out of pages
+        applied = pushed = pages = 0
+        while True:
+            message = sync.encode_digests(mine, after)
+            if pages == 0:
+                peer_id, reply = await self._call_any(
+                    [peer_id, *hedges], message, wire.ListingReply
+                )
+            else:
+                reply = await self._call(peer_id, message, wire.ListingReply)
+            lst = sync.parse_listing(reply)
+            pull_ids, push = sync.plan(self.replica.entries, lst, after)
             # another peer that answers first may lack some: they come in a later round
-            others = [p for p in hedges if p != peer_id]
-            _, got = await self._call_any(
-                [peer_id, *others], {"op": "pull", "ids": [list(i) for i in pull_ids]}
-            )
-            entries = self._entries(got.get("entries"), "sync") or []
-            changed = await self.replica.apply(entries, "sync")
-            applied = len(changed)
-            recent_ms = self.replica.clock.now().wall_ms - self.settings.reannounce_window_s * 1000
-            fresh = [e for e in changed if e.ts.wall_ms >= recent_ms]
-            if fresh:  # a write that gossip missed here was likely missed elsewhere too
-                await self.announce(fresh)
-        if push:
-            await self._call(peer_id, {"op": "push", "entries": [e.to_wire() for e in push]})
+            applied += await self._pull([peer_id, *(p for p in hedges if p != peer_id)], pull_ids)
+            pushed += await self._push(peer_id, push)
+            pages += 1
+            self.stats["sync_pages"] += 1
+            if not lst.truncated or lst.next is None:
+                self._resume = None
+                break
+            if after is not None and lst.next <= after:
+                raise sync.SyncError("a listing page did not advance")
+            after = lst.next
+            if pages >= self.settings.max_pages_per_round:
+                self._resume = after  # the next round goes on from here
+                break
         self.stats["sync_rounds"] += 1
-        return applied, len(push)
+        return applied, pushed
+
+    async def _pull(self, peers: list[str], ids: list[EntryId]) -> int:
+        """Fetch `ids` in requests of at most MAX_TRANSFER ids, asking again for the ids a
+        reply left out for lack of room; returns how many changed the replica."""
+        applied = 0
+        remaining = list(ids)
+        while remaining:
+            chunk, remaining = remaining[: sync.MAX_TRANSFER], remaining[sync.MAX_TRANSFER :]
+            while chunk:
+                _, got = await self._call_any(
+                    peers, {"op": "pull", "ids": [list(i) for i in chunk]}, wire.PullReply
+                )
+                entries = self._entries(got.entries, "sync")
+                applied += await self._apply_pulled(entries)
+                received = {e.id for e in entries}
+                if not got.more or not received:
+                    break  # what is still missing, the peer lacks (or sent broken)
+                chunk = [i for i in chunk if i not in received]
+        return applied
+
+    async def _apply_pulled(self, entries: list[Entry]) -> int:
+        changed = await self.replica.apply(entries, "sync")
+        recent_ms = self.replica.clock.now().wall_ms - self.settings.reannounce_window_s * 1000
+        fresh = [e for e in changed if e.ts.wall_ms >= recent_ms]
+        if fresh:  # a write that gossip missed here was likely missed elsewhere too
+            await self.announce(fresh)
+        return len(changed)
+
+    async def _push(self, peer_id: str, entries: list[Entry]) -> int:
+        """Push `entries` in messages under the byte budget (and MAX_TRANSFER entries)."""
+        batch: list[dict[str, Any]] = []
+        size = 0
+        for entry in entries:
+            item = entry.to_wire()
+            cost = len(codec.encode(item))
+            if batch and (size + cost > self._budget or len(batch) == sync.MAX_TRANSFER):
+                await self._call(peer_id, {"op": "push", "entries": batch}, wire.PushReply)
+                batch, size = [], 0
+            batch.append(item)
+            size += cost
+        if batch:
+            await self._call(peer_id, {"op": "push", "entries": batch}, wire.PushReply)
+        return len(entries)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -290,7 +352,7 @@ class Replicator:
             try:
                 await self.sync_with(peer, hedges)
                 failed_last = False
-            except (NetworkError, sync.SyncError, codec.CodecError) as exc:
+            except (NetworkError, wire.WireError) as exc:
                 self.stats["sync_failed"] += 1
                 failed_last = not failed_last  # retry once quickly, then back to the interval
                 log.debug("anti-entropy with %s failed: %s", peer, exc)

@@ -349,6 +349,14 @@ _VDAG_NODE = obj(
     }
 )
 
+_ANNOUNCED_PARAMETERS: dict[str, Spec] = {
+    "ms_per_layer": Spec(("number",), minimum=0.0, maximum=1e6),
+    "cache_tokens_free": integer(minimum=0),
+    "parameters_bytes": integer(minimum=0),
+    "dtype": text(max_len=32),
+    "host": text(max_len=128),
+}
+
 _SCHEMAS: dict[str, dict[str, Spec]] = {
     "clusters": {
         "name": text(True),
@@ -380,7 +388,9 @@ _SCHEMAS: dict[str, dict[str, Spec]] = {
         "maxInstances": integer(minimum=0),
         "blockInitData": obj(),
         "initSettings": obj(),
-        "parameters": obj(),
+        # free-form (AIOS), except the fields a server announcement puts there, which every
+        # node reads when it routes (registry.blocks): they must have their types
+        "parameters": obj(_ANNOUNCED_PARAMETERS, open=True),
         "policyRulesSpec": array(_POLICY_RULE),
         "cluster_id": text(),
         "model": text(),
@@ -573,6 +583,8 @@ MAX_CLUSTER_ADMINS = 64
 MAX_BLOCK_INSTANCES = 10_000
 MAX_LAYER_INDEX = 100_000
 MAX_VDAG_NODES = 256
+# a server announcement's key: registry.blocks.announcement_key(model, start, end, peer_id)
+ANNOUNCEMENT_KEY_RE = re.compile(r".+\.[0-9]+-[0-9]+\.([A-Za-z0-9]{12})")
 ENDPOINT_SCHEMES = frozenset({"http", "https", "grpc", "grpcs"})
 
 
@@ -615,6 +627,15 @@ def _admit_block(write: Write) -> str | None:
         return f"layers beyond {MAX_LAYER_INDEX} are refused"
     if _local_uri(_field(write, "blockComponentURI")):
         return "a block's blockComponentURI must not be a local file path"
+    served_by = _field(write, "served_by")
+    if isinstance(served_by, list) and served_by and served_by != [write.author]:
+        return "served_by may only name the peer writing it: a server announces itself"
+    reserved = ANNOUNCEMENT_KEY_RE.fullmatch(write.key)
+    if reserved and not write.author.endswith(reserved.group(1)):
+        return (
+            "keys of the form <model>.<start>-<end>.<last 12 characters of a peer id> are "
+            "that peer's server announcements"
+        )
     return None
 
 

@@ -3,10 +3,15 @@
 One transaction per applied batch, committed with synchronous=FULL before the batch is
 acknowledged, so a daemon killed at any moment restarts with every acknowledged entry and
 never with half a batch.
+
+The database and its -wal and -shm files are private to the node's user (mode 0600, as the
+node key and the RPC cookie are): the file is created so before sqlite opens it (sqlite gives
+the -wal and -shm files the database's mode), and an older, wider file is narrowed.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -56,11 +61,25 @@ def _row(entry: Entry) -> tuple[Any, ...]:
 
 
 def _entry(row: tuple[Any, ...]) -> Entry:
+    """A stored row as an Entry; ValueError (or codec.CodecError) when it cannot be one."""
     kind, key, value, ts_wall, ts_counter, author, c_wall, c_counter, owner, sig = row
+    if not (
+        isinstance(kind, str)
+        and isinstance(key, str)
+        and isinstance(author, str)
+        and isinstance(owner, str)
+        and isinstance(sig, bytes)
+        and all(isinstance(n, int) and n >= 0 for n in (ts_wall, ts_counter, c_wall, c_counter))
+        and (value is None or isinstance(value, bytes))
+    ):
+        raise ValueError("a stored row has the wrong column types")
+    decoded = None if value is None else codec.decode(value)
+    if decoded is not None and not isinstance(decoded, dict):
+        raise ValueError("a stored value is not a map")
     return Entry(
         kind=kind,
         key=key,
-        value=None if value is None else codec.decode(value),
+        value=decoded,
         ts=Timestamp(ts_wall, ts_counter),
         author=author,
         created=Timestamp(c_wall, c_counter),
@@ -69,21 +88,38 @@ def _entry(row: tuple[Any, ...]) -> Entry:
     )
 
 
+def make_private(path: Path) -> None:
+    """Create the database file with mode 0600 if it is missing, and narrow it and its
+    -wal and -shm files to 0600 if they exist with a wider mode."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.close(fd)
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        name = Path(f"{path}{suffix}")
+        try:
+            if name.stat().st_mode & 0o077:
+                name.chmod(0o600)
+        except FileNotFoundError:
+            continue
+
+
 class RegistryStore:
     def __init__(self, bridge: AsyncioBridge, path: Path) -> None:
         self._bridge = bridge
         self._path = path
         self._db: aiosqlite.Connection | None = None
         self._write_lock = trio.Lock()
+        self.bad_rows = 0  # rows the last load_all could not read (left out)
 
     async def open(self) -> None:
         self._db = await self._bridge.run(self._open)
 
     async def _open(self) -> aiosqlite.Connection:
+        make_private(self._path)
         db = await aiosqlite.connect(self._path, isolation_level=None)
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=FULL")
         await db.executescript(SCHEMA)
+        make_private(self._path)  # the -wal and -shm files exist now
         return db
 
     async def close(self) -> None:
@@ -98,8 +134,15 @@ class RegistryStore:
 
     async def load_all(self) -> list[Entry]:
         async def load() -> list[Entry]:
+            out = []
+            self.bad_rows = 0
             async with self._conn().execute(f"SELECT {COLUMNS} FROM entries") as cursor:
-                return [_entry(tuple(row)) for row in await cursor.fetchall()]
+                for row in await cursor.fetchall():
+                    try:
+                        out.append(_entry(tuple(row)))
+                    except (ValueError, TypeError):  # codec.CodecError is a ValueError
+                        self.bad_rows += 1
+            return out
 
         return await self._bridge.run(load)
 

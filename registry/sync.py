@@ -2,11 +2,16 @@
 
 Entries are grouped per kind into BUCKETS key ranges (by hash of the key). A bucket's digest
 is the XOR of the hashes of its entries' exact states, so it is order-free and cheap. A round:
-1. A sends its digests; B answers with the (key, claim, version) of its entries in the
-   buckets that differ (bounded; `truncated` says when it stopped early);
-2. A pulls the entries where B's state wins, and pushes those where its own wins or that B
-   lacks (only for buckets B listed completely).
-Everything here is pure; `registry.replication` moves the messages.
+1. A sends its digests; B answers with one page of the (key, claim, version) of its entries in
+   the buckets that differ, in (kind, key) order, bounded in count and in bytes; when it
+   stopped early (`truncated`) it names where the next page starts (`next`), and A asks for
+   that page with the same digests and `after` = `next`, until the listing is complete;
+2. per page, A pulls the entries where B's state wins, and pushes those where its own wins or
+   that B lacks (in the id range the page covered).
+Pull replies and pushes are paged by bytes as well (`registry.replication`), so a registry of
+any size syncs completely under any frame limit.
+Everything here is pure; `registry.replication` moves the messages and `registry.wire` holds
+their typed forms.
 """
 
 from __future__ import annotations
@@ -17,18 +22,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from p2p import codec
+from registry import wire
 from registry.entry import Entry, EntryId
 
-BUCKETS = 16
-DIGEST_BYTES = 8
-MAX_LISTING = 2000
-MAX_TRANSFER = 256
+BUCKETS = wire.BUCKETS
+DIGEST_BYTES = wire.DIGEST_BYTES
+MAX_LISTING = wire.MAX_LISTING
+MAX_TRANSFER = wire.MAX_TRANSFER
+SUMMARY_OVERHEAD = 48  # msgpack framing and integers of one summary, at most
 
 Summary = tuple[str, str, list[Any], list[Any]]  # kind, key, claim, version
 
 
-class SyncError(ValueError):
-    """A peer's sync message is malformed."""
+class SyncError(wire.WireError):
+    """A peer's sync message is malformed (or a peer refused ours)."""
+
+    def __init__(self, detail: str, reason: str = "malformed") -> None:
+        super().__init__(reason, detail)
 
 
 def bucket_of(kind: str, key: str) -> int:
@@ -64,21 +74,50 @@ def summary(entry: Entry) -> Summary:
     return (entry.kind, entry.key, list(entry.claim), list(entry.version))
 
 
+def summary_bytes(entry: Entry) -> int:
+    """An upper bound of one summary's encoded size."""
+    return (
+        SUMMARY_OVERHEAD
+        + len(entry.kind.encode())
+        + len(entry.key.encode())
+        + len(entry.owner.encode())
+        + len(entry.author.encode())
+        + DIGEST_BYTES
+    )
+
+
 @dataclass(frozen=True)
 class Listing:
     buckets: list[tuple[str, int]]
     summaries: list[Summary]
     truncated: bool
+    # where the next page starts (the last id listed) when truncated
+    next: EntryId | None = None
 
 
-def listing(entries: Mapping[EntryId, Entry], buckets: list[tuple[str, int]]) -> Listing:
+def listing(
+    entries: Mapping[EntryId, Entry],
+    buckets: list[tuple[str, int]],
+    after: EntryId | None = None,
+    *,
+    max_items: int = MAX_LISTING,
+    max_bytes: int = 1 << 20,
+) -> Listing:
+    """One page of the summaries of `entries` in `buckets` with ids after `after`, at most
+    `max_items` of them and about `max_bytes` (always at least one)."""
     wanted = set(buckets)
     out: list[Summary] = []
+    size = 0
     for entry_id in sorted(entries):
+        if after is not None and entry_id <= after:
+            continue
         if (entry_id[0], bucket_of(*entry_id)) in wanted:
-            if len(out) == MAX_LISTING:
-                return Listing(buckets, out, truncated=True)
-            out.append(summary(entries[entry_id]))
+            entry = entries[entry_id]
+            cost = summary_bytes(entry)
+            if out and (len(out) == max_items or size + cost > max_bytes):
+                return Listing(buckets, out, truncated=True, next=(out[-1][0], out[-1][1]))
+            out.append(summary(entry))
+            size += cost
     return Listing(buckets, out, truncated=False)
 
 
@@ -93,8 +132,11 @@ def _beats(a: tuple[tuple[Any, ...], ...], b: tuple[tuple[Any, ...], ...]) -> bo
     return a[1] > b[1]
 
 
-def plan(mine: Mapping[EntryId, Entry], theirs: Listing) -> tuple[list[EntryId], list[Entry]]:
-    """What to pull from the peer, and what to push to it, bounded by MAX_TRANSFER each."""
+def plan(
+    mine: Mapping[EntryId, Entry], theirs: Listing, after: EntryId | None = None
+) -> tuple[list[EntryId], list[Entry]]:
+    """What to pull from the peer, and what to push to it, for one listing page: the page
+    covers the ids after `after` up to its `next` (to the end when it is the last page)."""
     pull: list[EntryId] = []
     push: list[Entry] = []
     listed: set[EntryId] = set()
@@ -112,80 +154,62 @@ def plan(mine: Mapping[EntryId, Entry], theirs: Listing) -> tuple[list[EntryId],
             pull.append(entry_id)
         else:
             push.append(current)
-    if not theirs.truncated:
-        wanted = set(theirs.buckets)
-        for entry_id, entry in sorted(mine.items()):
-            if entry_id not in listed and (entry_id[0], bucket_of(*entry_id)) in wanted:
-                push.append(entry)
-    return pull[:MAX_TRANSFER], push[:MAX_TRANSFER]
+    end = theirs.next if theirs.truncated else None
+    if theirs.truncated and end is None:
+        return pull, push  # an old-style truncated page: its range is unknown, push nothing
+    wanted = set(theirs.buckets)
+    for entry_id, entry in sorted(mine.items()):
+        if after is not None and entry_id <= after:
+            continue
+        if end is not None and entry_id > end:
+            break
+        if entry_id not in listed and (entry_id[0], bucket_of(*entry_id)) in wanted:
+            push.append(entry)
+    return pull, push
 
 
-# -- wire forms (bounded, validated) ---------------------------------------------------
+# -- wire forms (bounded, validated through registry.wire) ------------------------------
 
 
-def encode_digests(d: Mapping[str, list[bytes]]) -> dict[str, Any]:
-    return {"op": "digests", "digests": {k: list(v) for k, v in d.items()}}
+def encode_digests(d: Mapping[str, list[bytes]], after: EntryId | None = None) -> dict[str, Any]:
+    msg: dict[str, Any] = {"op": "digests", "digests": {k: list(v) for k, v in d.items()}}
+    if after is not None:
+        msg["after"] = {"kind": after[0], "key": after[1]}
+    return msg
 
 
 def parse_digests(msg: Any) -> dict[str, list[bytes]]:
-    raw = msg.get("digests") if isinstance(msg, dict) else None
-    if not isinstance(raw, dict) or len(raw) > 64:
-        raise SyncError("digests must be a map of at most 64 kinds")
-    out = {}
-    for kind, row in raw.items():
-        if (
-            not isinstance(row, list)
-            or len(row) != BUCKETS
-            or not all(isinstance(d, bytes) and len(d) == DIGEST_BYTES for d in row)
-        ):
-            raise SyncError(f"digest row for {str(kind)[:32]!r} is malformed")
-        out[kind] = row
-    return out
+    """The digests of a digests op (a `wire.DigestsOp` or its raw map)."""
+    if not isinstance(msg, wire.DigestsOp):
+        if not isinstance(msg, dict):
+            raise SyncError("digests must be a map")
+        try:
+            msg = wire.convert({"v": wire.WIRE_VERSION, **msg, "op": "digests"}, wire.DigestsOp)
+        except wire.WireError as exc:
+            raise SyncError(exc.detail) from None
+    return {kind: list(row) for kind, row in msg.digests.items()}
 
 
 def encode_listing(lst: Listing) -> dict[str, Any]:
-    return {
+    msg: dict[str, Any] = {
         "buckets": [list(b) for b in lst.buckets],
         "summaries": [list(s) for s in lst.summaries],
         "truncated": lst.truncated,
     }
+    if lst.next is not None:
+        msg["next"] = {"kind": lst.next[0], "key": lst.next[1]}
+    return msg
 
 
 def parse_listing(msg: Any) -> Listing:
-    if not isinstance(msg, dict):
-        raise SyncError("listing must be a map")
-    buckets, summaries = msg.get("buckets"), msg.get("summaries")
-    if not isinstance(buckets, list) or len(buckets) > 64 * BUCKETS:
-        raise SyncError("buckets must be a bounded list")
-    if not isinstance(summaries, list) or len(summaries) > MAX_LISTING:
-        raise SyncError("summaries must be a bounded list")
-    parsed_buckets = []
-    for b in buckets:
-        if not (isinstance(b, list) and len(b) == 2 and isinstance(b[0], str)):
-            raise SyncError("a bucket is [kind, index]")
-        if not (isinstance(b[1], int) and 0 <= b[1] < BUCKETS):
-            raise SyncError("bucket index out of range")
-        parsed_buckets.append((b[0], b[1]))
-    parsed: list[Summary] = []
-    for s in summaries:
-        if not (
-            isinstance(s, list)
-            and len(s) == 4
-            and isinstance(s[0], str)
-            and isinstance(s[1], str)
-            and _shape(s[2], (int, int, str))
-            and _shape(s[3], (int, int, str, bytes))
-        ):
-            raise SyncError("a summary is [kind, key, claim, version]")
-        parsed.append((s[0], s[1], s[2], s[3]))
-    return Listing(parsed_buckets, parsed, bool(msg.get("truncated")))
-
-
-def _shape(value: Any, types: tuple[type, ...]) -> bool:
-    return (
-        isinstance(value, list)
-        and len(value) == len(types)
-        and all(
-            isinstance(v, t) and not isinstance(v, bool) for v, t in zip(value, types, strict=True)
-        )
-    )
+    """A listing reply (a `wire.ListingReply` or its raw map) as a `Listing`."""
+    if not isinstance(msg, wire.ListingReply):
+        if not isinstance(msg, dict):
+            raise SyncError("listing must be a map")
+        try:
+            msg = wire.convert({"v": wire.WIRE_VERSION, **msg}, wire.ListingReply)
+        except wire.WireError as exc:
+            raise SyncError(exc.detail) from None
+    summaries: list[Summary] = [(k, key, list(c), list(v)) for k, key, c, v in msg.summaries]
+    nxt = (msg.next.kind, msg.next.key) if msg.next is not None else None
+    return Listing(list(msg.buckets), summaries, msg.truncated, nxt)
