@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -45,10 +46,13 @@ REQUEST_ERRORS = {"bad_length", "too_long", "bad_input", "bad_position", "bad_ra
 
 
 class HopFailed(Exception):
-    def __init__(self, peer_id: str, reason: str) -> None:
+    def __init__(self, peer_id: str, reason: str, *, transient: bool = False) -> None:
+        """`transient`: the hop's stream broke (reset or EOF), which a reconnecting peer
+        may survive; it gets one more chance when no route avoids it."""
         super().__init__(f"{peer_id}: {reason}")
         self.peer_id = peer_id
         self.reason = reason
+        self.transient = transient
 
 
 class GenerationError(RuntimeError):
@@ -62,6 +66,7 @@ class Hop:
     end: int
     stream: Stream
     session: str
+    link: str = ""  # the token the previous hop's server shows when it pushes to us
     chunks: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
     def record(self, position: int, x: torch.Tensor) -> None:
@@ -69,37 +74,44 @@ class Hop:
         if not self.chunks or self.chunks[-1][0] < position:
             self.chunks.append((position, x))
 
-    async def send(self, header: dict[str, Any], tensor: torch.Tensor | None = None) -> None:
+    @property
+    def next_hop(self) -> wire.NextHop:
+        """How the previous hop's server reaches this hop's session."""
+        return wire.NextHop(peer=self.peer_id, session=self.session, link=self.link)
+
+    async def send(self, header: wire.Request, tensor: torch.Tensor | None = None) -> None:
         try:
             await self.stream.send(wire.encode(header, tensor))
         except NetworkError as exc:
-            raise HopFailed(self.peer_id, str(exc)) from None
+            raise HopFailed(self.peer_id, str(exc), transient=True) from None
 
-    async def receive(self) -> tuple[dict[str, Any], torch.Tensor | None]:
+    async def receive(self) -> tuple[wire.Message, torch.Tensor | None]:
         try:
             return wire.decode(await self.stream.receive())
-        except (NetworkError, wire.WireError) as exc:
+        except NetworkError as exc:
+            raise HopFailed(self.peer_id, str(exc), transient=True) from None
+        except wire.WireError as exc:
             raise HopFailed(self.peer_id, str(exc)) from None
 
     async def call(
-        self, header: dict[str, Any], tensor: torch.Tensor | None, timeout_s: float
-    ) -> tuple[dict[str, Any], torch.Tensor | None]:
+        self, header: wire.Request, tensor: torch.Tensor | None, timeout_s: float
+    ) -> tuple[wire.Message, torch.Tensor | None]:
         try:
             with trio.fail_after(timeout_s):
                 await self.send(header, tensor)
                 reply, out = await self.receive()
-                while "step" in reply:  # a late message of an abandoned chained step
-                    reply, out = await self.receive()
+                while getattr(reply, "step", None) is not None:  # a late message of an
+                    reply, out = await self.receive()  # abandoned chained step
         except trio.TooSlowError:
             raise HopFailed(self.peer_id, f"no answer within {timeout_s:.1f} s") from None
         self.check(reply)
         return reply, out
 
-    def check(self, reply: dict[str, Any]) -> None:
+    def check(self, reply: wire.Message) -> None:
         """Raise for an error reply: GenerationError if our request is at fault."""
-        if reply.get("op") == "error":
-            message = f"{reply.get('code')}: {str(reply.get('message'))[:300]}"
-            if reply.get("code") in REQUEST_ERRORS:  # another server would refuse it too
+        if isinstance(reply, wire.Error):
+            message = f"{reply.code}: {reply.message[:300]}"
+            if reply.code in REQUEST_ERRORS:  # another server would refuse it too
                 raise GenerationError(f"{self.peer_id} refused: {message}")
             raise HopFailed(self.peer_id, message)
 
@@ -138,41 +150,75 @@ class RemoteModel:
         self.length = 0
         self.recoveries: list[dict[str, Any]] = []
         self._step_numbers = itertools.count(1)
+        # peers whose stream broke: when each broke, and which were given their one retry
+        self._broke_at: dict[str, float] = {}
+        self._retried: set[str] = set()
+        self._resume_at: int | None = None  # the hop a failed re-route started from
 
     @property
     def route(self) -> list[dict[str, Any]]:
         return [{"peer_id": h.peer_id, "start": h.start, "end": h.end} for h in self.hops]
 
-    async def _open_hops(self, start: int) -> list[Hop]:
-        """Sessions on a route from layer `start`; on failure the ones opened are closed."""
+    async def _open_hops(self, start: int, prev: Hop | None = None) -> list[Hop]:
+        """Sessions on a route from layer `start`, after hop `prev` (None: from the client);
+        on failure the ones opened are closed.
+
+        They open from the last to the first, so that each is opened knowing where its output
+        goes (the next hop's session and link token) and who may push into it (the previous
+        hop's peer); `prev` is then re-pointed at the first of them."""
         servers = await self._servers()
         spans = find_route(servers, self.num_layers, start=start, exclude=self.failed)
         hops: list[Hop] = []
         try:
-            for span in spans:
-                try:
-                    with trio.fail_after(self.step_timeout_s):
-                        stream = await self._opener.open_stream(span.peer_id, SHARD_PROTOCOL)
-                except (NetworkError, trio.TooSlowError) as exc:
-                    raise HopFailed(span.peer_id, repr(exc)) from None
+            for i in reversed(range(len(spans))):
+                span = spans[i]
+                stream = await self._dial(span.peer_id)
                 hop = Hop(span.peer_id, span.start, span.end, stream, session="")
-                hops.append(hop)
+                hops.insert(0, hop)
+                before = spans[i - 1].peer_id if i else (prev.peer_id if prev else None)
                 reply, _ = await hop.call(
-                    {
-                        "op": "open",
-                        "model": self.model_id,
-                        "start": span.start,
-                        "end": span.end,
-                        "max_length": self.max_length,
-                    },
+                    wire.Open(
+                        model=self.model_id,
+                        start=span.start,
+                        end=span.end,
+                        max_length=self.max_length,
+                        prev=before,
+                        next=hops[1].next_hop if len(hops) > 1 else None,
+                    ),
                     None,
                     self.step_timeout_s,
                 )
-                hop.session = str(reply["session"])
+                if not isinstance(reply, wire.Opened):
+                    raise HopFailed(span.peer_id, f"{type(reply).__name__} answers an open")
+                hop.session, hop.link = reply.session, reply.link
+            if prev is not None and hops:
+                reply, _ = await prev.call(
+                    wire.Link(session=prev.session, next=hops[0].next_hop),
+                    None,
+                    self.step_timeout_s,
+                )
+                if not isinstance(reply, wire.Linked):
+                    raise HopFailed(prev.peer_id, f"{type(reply).__name__} answers a link")
         except BaseException:
             await _close_all(hops)
             raise
         return hops
+
+    async def _dial(self, peer_id: str) -> Stream:
+        """A stream to a hop. A peer whose stream broke and that is being given its one
+        more chance is dialled again until the step deadline after it broke."""
+        delay = 0.05
+        while True:
+            try:
+                with trio.fail_after(self.step_timeout_s):
+                    return await self._opener.open_stream(peer_id, SHARD_PROTOCOL)
+            except (NetworkError, trio.TooSlowError) as exc:
+                broke = self._broke_at.get(peer_id)
+                deadline = broke + self.step_timeout_s if broke is not None else -math.inf
+                if trio.current_time() + delay > deadline:
+                    raise HopFailed(peer_id, repr(exc)) from None
+            await trio.sleep(delay)
+            delay = min(1.0, 2 * delay)
 
     async def open(self) -> None:
         async def ensure_open() -> None:
@@ -185,9 +231,9 @@ class RemoteModel:
         return sum(chunk.shape[1] for position, chunk in hop.chunks if position < self.length)
 
     async def _forward(self, hop: Hop, position: int, x: torch.Tensor, last: bool) -> torch.Tensor:
-        header = {"op": "forward", "session": hop.session, "position": position, "last_only": last}
-        _, out = await hop.call(header, x, self.step_timeout_s)
-        if out is None:
+        header = wire.Forward(session=hop.session, position=position, last_only=last)
+        reply, out = await hop.call(header, x, self.step_timeout_s)
+        if out is None or not isinstance(reply, wire.Result):
             raise HopFailed(hop.peer_id, "a forward reply without a tensor")
         hop.record(position, x)
         return out
@@ -196,8 +242,8 @@ class RemoteModel:
         """Replace the failed hop and everything after it; replay their recorded inputs.
         Returns the first layer re-routed."""
         index = next((i for i, h in enumerate(self.hops) if h.peer_id == failed.peer_id), None)
-        if index is None:  # failed while opening: nothing to replay yet
-            index = len(self.hops)
+        if index is None:  # failed while opening: re-routing from a hop, or from the start
+            index = self._resume_at if self._resume_at is not None else len(self.hops)
         # the replay source must hold every earlier position; walk back to such a hop
         while index > 0 and (
             index == len(self.hops) or self._tokens(self.hops[index]) < self.length
@@ -208,8 +254,12 @@ class RemoteModel:
         current = next((c for p, c in old.chunks if p >= self.length), None) if old else None
         start = old.start if old else 0
         await _close_all(self.hops[index:])
-        self.hops = self.hops[:index]  # if opening fails, the next recovery starts here
-        self.hops += await self._open_hops(start)
+        # if opening fails, the next recovery starts here again (the closed hops keep the
+        # inputs to replay)
+        self._resume_at = index
+        prev = self.hops[index - 1] if index else None
+        self.hops = self.hops[:index] + await self._open_hops(start, prev)
+        self._resume_at = None
         for position, chunk in replay:
             x = chunk
             for i in range(index, len(self.hops)):
@@ -246,9 +296,18 @@ class RemoteModel:
                     ) from exc
                 log.warning("hop %s failed (%s); re-routing", exc.peer_id, exc.reason)
                 self.failed.add(exc.peer_id)
+                if exc.transient and exc.peer_id not in self._retried:
+                    self._broke_at.setdefault(exc.peer_id, trio.current_time())
                 failure = exc
             except NoRouteError as exc:
-                raise GenerationError(str(exc)) from None
+                # no route avoids the hops that failed: one whose stream merely broke (e.g.
+                # its daemon reconnecting) gets one more chance, until the step deadline
+                again = {p for p in self._broke_at if p in self.failed and p not in self._retried}
+                if failure is None or not again:
+                    raise GenerationError(str(exc)) from None
+                log.warning("no route without %s: trying them again", sorted(again))
+                self.failed -= again
+                self._retried |= again
 
     async def step(self, token_ids: list[int]) -> torch.Tensor:
         """Run new tokens through every hop; returns the logits of the last position."""
@@ -290,22 +349,16 @@ class RemoteModel:
         number = next(self._step_numbers)
         first = step.next_hop
         hops = self.hops[first:]
-        chain = [{"peer": h.peer_id, "session": h.session} for h in hops[1:]]
-        header = {
-            "op": "forward",
-            "session": hops[0].session,
-            "position": step.position,
-            "step": number,
-            "chain": chain,
-            "last_only": True,
-        }
+        header = wire.Forward(
+            session=hops[0].session, position=step.position, step=number, last_only=True
+        )
         hops[0].record(step.position, step.x)
         with trio.move_on_after(self.step_timeout_s) as sending:
             await hops[0].send(header, step.x)
         if sending.cancelled_caught:
             raise HopFailed(hops[0].peer_id, f"no progress within {self.step_timeout_s:.1f} s")
         reports_in, reports_out = trio.open_memory_channel[_Report](len(hops))
-        heard: dict[int, tuple[dict[str, Any], torch.Tensor | None]] = {}
+        heard: dict[int, tuple[wire.Message, torch.Tensor | None]] = {}
         failure: tuple[int, HopFailed] | None = None
         refused: GenerationError | None = None
         relay_from: int | None = None
@@ -314,11 +367,11 @@ class RemoteModel:
             try:
                 while True:
                     reply, out = await hops[i].receive()
-                    if reply.get("step") == number:
+                    if getattr(reply, "step", None) == number:
                         break
                 report: _Report = (i, reply, out, None)
             except HopFailed as exc:
-                report = (i, {}, None, exc)
+                report = (i, None, None, exc)
             await reports_in.send(report)
 
         async with trio.open_nursery() as nursery:
@@ -334,8 +387,9 @@ class RemoteModel:
                     try:
                         if error is not None:
                             raise error
+                        assert reply is not None
                         hops[i].check(reply)
-                        if out is None or reply.get("op") not in ("partial", "result"):
+                        if out is None or not isinstance(reply, wire.Partial | wire.Result):
                             raise HopFailed(hops[i].peer_id, "a step reply without a tensor")
                     except HopFailed as exc:
                         failure = min(failure or (i, exc), (i, exc), key=lambda f: f[0])
@@ -346,7 +400,8 @@ class RemoteModel:
                     heard[i] = reply, out
                     if i + 1 < len(hops):
                         hops[i + 1].record(step.position, out)
-                        if reply.get("forward_error"):  # hop i could not reach hop i + 1
+                        if isinstance(reply, wire.Partial) and reply.forward_error:
+                            # hop i could not reach hop i + 1
                             relay_from = i + 1 if relay_from is None else min(relay_from, i + 1)
             nursery.cancel_scope.cancel()
         if refused is not None:
@@ -379,7 +434,7 @@ async def _close_all(hops: list[Hop]) -> None:
 
 
 # one hop's answer to a chained step: (index in the chain, reply, tensor, failure)
-_Report = tuple[int, dict[str, Any], "torch.Tensor | None", "HopFailed | None"]
+_Report = tuple[int, "wire.Message | None", "torch.Tensor | None", "HopFailed | None"]
 
 
 @dataclass

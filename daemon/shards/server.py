@@ -8,16 +8,26 @@ sessions die with their stream, on `close`, or after `session_idle_s` without us
 
 Two ways to run a step through a chain of servers:
 - relayed: the client sends each hop its input and gets that hop's output back (`result`);
-- chained: the client sends the first hop a `forward` with `chain`, the (peer, session) of
-  every later hop. Each server computes, pushes its output straight to the next server
-  (`pushed: true`, over one pooled stream per next peer), and sends the session's owner (the
-  client) a copy as `partial`, which the client keeps to replay that span after a failure.
-  The last server sends the `result` to its owner. A step's critical path thus crosses the
-  network once per hop plus once back, instead of twice per hop (the copies travel beside
-  it, so the bytes sent are the same as relayed). Errors go to the session's owner too, tagged
-  with the step; a pushed frame for an unknown session is dropped (counted), never answered
-  on the push stream, which nobody reads.
-A session id is 128 random bits: knowing it is what lets a server push into it.
+- chained: the client sends the first hop a `forward` with a `step` number. Each server
+  computes, pushes its output straight to its session's next hop (`pushed: true`, over one
+  pooled stream per next peer), and sends the session's owner (the client) a copy as
+  `partial`, which the client keeps to replay that span after a failure. The last server
+  sends the `result` to its owner. A step's critical path thus crosses the network once per
+  hop plus once back, instead of twice per hop (the copies travel beside it, so the bytes
+  sent are the same as relayed). Errors go to the session's owner too, tagged with the step.
+
+A session belongs to the peer that opened it (the authenticated identity of its stream:
+libp2p's, or the local socket's mutual hello) and is used only on that stream. Its opener
+alone says where its output goes (`next`: a server, that server's session and the link token
+it gave the opener) and who may push into it (`prev`: one peer id); a push must also show
+the session's link token, which this server gives only to the opener. A push from anyone
+else, or naming an unknown session, is dropped and counted, never answered: knowing a
+session id lets nobody read from it, push into it or redirect it.
+
+Streams are bounded: a frame by what the sessions of this server can take (its header, plus
+a step of `MAX_STEP_TOKENS` positions of the widest input; then by the named session's
+remaining positions), a stream without a live session by `stream_idle_s` without a frame, and
+a peer by `max_streams_per_peer` streams at once.
 
 Every session's KV cache is preallocated, and all of them together stay within the cache
 budget; `free_cache_tokens` is what servers announce, and a session that does not fit is
@@ -46,8 +56,12 @@ log = logging.getLogger(__name__)
 MAX_SESSIONS = 64
 SESSION_IDLE_S = 120.0
 MAX_STEP_TOKENS = 4096
-MAX_CHAIN = 64
 MAX_PEERS = 64  # pooled push streams to next servers
+STREAM_IDLE_S = 30.0  # a stream without a live session and without a frame is closed
+MAX_STREAMS_PER_PEER = MAX_SESSIONS // 2 + 8  # a session each, plus pushes and spares
+# a pooled push stream unused for this long is replaced before use: its server may have
+# closed it as idle (STREAM_IDLE_S, which config keeps at least twice this)
+POOL_IDLE_S = 10.0
 # a push (dial included) must fail well within the client's step timeout (10 s), so that
 # the client hears `forward_error` and relays, rather than blaming this server
 PUSH_BUDGET_S = 3.0
@@ -115,13 +129,15 @@ class Outbox:
     def __init__(self, stream: Stream) -> None:
         self.stream = stream
         self._lock = trio.Lock()
+        self.last_sent = time.monotonic()
 
-    async def send(self, header: dict[str, Any], tensor: torch.Tensor | None = None) -> None:
+    async def send(self, header: wire.Reply | wire.Forward, tensor: Any = None) -> None:
         await self.send_frame(wire.encode(header, tensor))
 
     async def send_frame(self, frame: bytes) -> None:
         async with self._lock:
             await self.stream.send(frame)
+            self.last_sent = time.monotonic()
 
 
 @dataclass
@@ -132,32 +148,14 @@ class Session:
     max_length: int
     owner: Outbox
     """The stream that opened the session: results and errors of chained steps go there."""
-    stepping: bool = False  # a chained step of this session is in flight
+    peer: str  # the owner's peer id
+    link: str  # the token a push into this session must show (given to the owner only)
+    prev: str | None = None  # the only peer that may push into this session
+    next: wire.NextHop | None = None  # where chained steps push their output
+    stepping: bool = False  # a chained step of this session is computing or pushing
     decoder: Any = None  # a StaticDecoder, made at the first one-token step if used
     length: int = 0
     last_used: float = field(default_factory=time.monotonic)
-
-
-@dataclass(frozen=True)
-class NextHop:
-    peer: str
-    session: str
-
-
-def parse_chain(raw: Any) -> list[NextHop]:
-    """The later hops of a chained step, checked (they come from the network)."""
-    if not isinstance(raw, list) or len(raw) > MAX_CHAIN:
-        raise ShardError("bad_input", f"chain must be a list of at most {MAX_CHAIN} hops")
-    hops = []
-    for item in raw:
-        peer = item.get("peer") if isinstance(item, dict) else None
-        session = item.get("session") if isinstance(item, dict) else None
-        if not (isinstance(peer, str) and 0 < len(peer) <= 256):
-            raise ShardError("bad_input", "each chain hop needs a peer id")
-        if not (isinstance(session, str) and 0 < len(session) <= 64):
-            raise ShardError("bad_input", "each chain hop needs a session id")
-        hops.append(NextHop(peer, session))
-    return hops
 
 
 class ShardServer:
@@ -170,12 +168,16 @@ class ShardServer:
         opener: StreamOpener | None = None,
         static_decode: bool | None = None,
         on_reject: Callable[[str], None] | None = None,
+        stream_idle_s: float = STREAM_IDLE_S,
+        max_streams_per_peer: int = MAX_STREAMS_PER_PEER,
     ) -> None:
         """`cache_budget_bytes`: KV cache all sessions may hold together (None: half of the
         memory available when the first range is loaded). `opener`: how to reach the next
         server of a chained step (None: chained steps that need a push are refused).
         `static_decode`: one-token steps as fixed-shape steps, CUDA graphs on a GPU
-        (`daemon.shards.decode`); None: on CUDA devices only."""
+        (`daemon.shards.decode`); None: on CUDA devices only. `stream_idle_s`: how long a
+        stream holding no live session may send nothing before it is closed;
+        `max_streams_per_peer`: streams one peer may hold open at once."""
         self.blocks: dict[str, ServedBlock] = {}
         self.sessions: dict[str, Session] = {}
         self.max_sessions = max_sessions
@@ -186,6 +188,9 @@ class ShardServer:
         self._peers: dict[str, Outbox] = {}
         self._dialing: dict[str, trio.Lock] = {}
         self._on_reject = on_reject or (lambda reason: None)
+        self.stream_idle_s = stream_idle_s
+        self.max_streams_per_peer = max_streams_per_peer
+        self._streams: dict[str, int] = {}  # peer -> streams it holds open here
         # one step at a time per process: torch already uses every core for one
         self._compute = trio.CapacityLimiter(1)
 
@@ -240,22 +245,49 @@ class ShardServer:
         free = (self.cache_budget_bytes or 0) - self.cache_used_bytes
         return max(0, free // block.cache_bytes_per_token)
 
-    def open_session(self, header: dict[str, Any], owner: Outbox) -> Session:
-        block = self.blocks.get(str(header.get("model")))
+    @staticmethod
+    def input_bytes_per_position(block: ServedBlock) -> int:
+        """Bytes of one position of a step's input: a token id, or a hidden state."""
+        if block.start == 0:
+            return wire.element_size(torch.int64)
+        return block.config.hidden_size * wire.element_size(block.dtype)
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """The largest frame any session here can take: a header and a step of
+        `MAX_STEP_TOKENS` positions of the widest input (a header alone, serving nothing).
+        The transports refuse longer frames before reading them."""
+        widest = max(
+            (
+                min(MAX_STEP_TOKENS, b.config.max_position_embeddings)
+                * self.input_bytes_per_position(b)
+                for b in self.blocks.values()
+            ),
+            default=0,
+        )
+        return 4 + wire.MAX_HEADER_BYTES + widest
+
+    def session_input_limit(self, session: Session) -> int:
+        """The most tensor bytes a step of this session can carry (its remaining positions)."""
+        positions = min(MAX_STEP_TOKENS, max(0, session.max_length - session.length))
+        return positions * self.input_bytes_per_position(session.block)
+
+    def open_session(self, header: wire.Open, owner: Outbox) -> Session:
+        block = self.blocks.get(header.model)
         if block is None:
-            raise ShardError("unknown_model", f"model {str(header.get('model'))[:80]!r} not served")
-        if header.get("start") != block.start or header.get("end") != block.end:
+            raise ShardError("unknown_model", f"model {header.model[:80]!r} not served")
+        if header.start != block.start or header.end != block.end:
             raise ShardError("bad_range", f"this server holds layers [{block.start}, {block.end})")
-        max_length = header.get("max_length")
+        max_length = header.max_length
         limit = block.config.max_position_embeddings
-        if not isinstance(max_length, int) or not 0 < max_length <= limit:
+        if not 0 < max_length <= limit:
             raise ShardError("bad_length", f"max_length must be 1..{limit}")
         if len(self.sessions) >= self.max_sessions:
             self.reap_idle()
             if len(self.sessions) >= self.max_sessions:
                 raise ShardError("busy", f"{self.max_sessions} sessions already open")
         peer = owner.stream.peer_id
-        if sum(s.owner.stream.peer_id == peer for s in self.sessions.values()) >= (
+        if sum(s.peer == peer for s in self.sessions.values()) >= (
             self.max_sessions // 2
         ):  # one peer cannot take every session (one with many peer ids still can)
             raise ShardError("busy", f"{self.max_sessions // 2} sessions of this peer are open")
@@ -272,7 +304,17 @@ class ShardServer:
             cache = block.shard.new_cache(batch=1, max_len=max_length)
         except torch.OutOfMemoryError:
             raise ShardError("busy", "out of memory for the session's KV cache") from None
-        session = Session(session_id, block, cache, max_length, owner)
+        session = Session(
+            session_id,
+            block,
+            cache,
+            max_length,
+            owner,
+            peer=peer,
+            link=secrets.token_hex(16),
+            prev=header.prev,
+            next=header.next,
+        )
         self.sessions[session_id] = session
         return session
 
@@ -358,88 +400,154 @@ class ShardServer:
 
         Chained steps run beside the reader, so pushes between servers of crossing routes
         (A->B, B->C, C->A) cannot all wait on each other. At most one step per session is in
-        flight, so a stream holds at most `max_sessions` of them.
+        flight, so a stream holds at most `max_sessions` of them (and as many final replies).
         """
+        peer = stream.peer_id
+        if self._streams.get(peer, 0) >= self.max_streams_per_peer:
+            self._on_reject("too_many_streams")
+            return  # the transport closes it
+        self._streams[peer] = self._streams.get(peer, 0) + 1
         outbox = Outbox(stream)
         owned: set[str] = set()
 
-        async def run_step(session: Session, header: dict[str, Any], x: Any) -> None:
+        async def run_step(session: Session, header: wire.Forward, x: torch.Tensor) -> None:
             try:
                 await self._chained_step(session, header, x)
-            finally:
+            except BaseException:
                 session.stepping = False
+                raise
 
         try:
             async with trio.open_nursery() as steps:
 
-                def spawn(session: Session, header: dict[str, Any], x: Any) -> None:
+                def spawn(session: Session, header: wire.Forward, x: torch.Tensor | None) -> None:
                     if session.stepping:  # a client waits for each step before the next
                         raise ShardError("bad_position", "a step of this session is running")
-                    self._check_input(session, header.get("position"), x)  # before parking x
+                    self._check_input(session, header.position, x)  # before parking x
+                    assert x is not None
                     session.stepping = True
                     steps.start_soon(run_step, session, header, x)
 
-                while True:
-                    try:
-                        frame = await stream.receive()
-                    except NetworkError:
-                        return
-                    reply = await self._handle_frame(frame, outbox, owned, spawn)
-                    if reply is not None:
-                        try:
-                            await outbox.send(*reply)
-                        except NetworkError:
-                            return
+                frames_in, frames_out = trio.open_memory_channel[bytes](0)
+                reading = trio.CancelScope()
+
+                async def pump() -> None:
+                    """Read frames beside the loop, so that waking up for the idle check
+                    never cuts a frame in half."""
+                    with reading:
+                        async with frames_in:
+                            while True:
+                                try:
+                                    frame = await stream.receive()
+                                except NetworkError:
+                                    return
+                                await frames_in.send(frame)
+
+                steps.start_soon(pump)
+                try:
+                    await self._serve_frames(frames_out, outbox, owned, spawn)
+                finally:
+                    reading.cancel()  # in-flight steps finish (or fail) by themselves
         finally:
+            self._streams[peer] -= 1
+            if not self._streams[peer]:
+                del self._streams[peer]
             for session_id in owned:
                 self.sessions.pop(session_id, None)
+
+    async def _serve_frames(
+        self,
+        frames: trio.MemoryReceiveChannel[bytes],
+        outbox: Outbox,
+        owned: set[str],
+        spawn: Callable[[Session, wire.Forward, torch.Tensor | None], None],
+    ) -> None:
+        while True:
+            with trio.move_on_after(self.stream_idle_s) as idle:
+                try:
+                    frame = await frames.receive()
+                except trio.EndOfChannel:
+                    return
+            if idle.cancelled_caught:
+                if any(session_id in self.sessions for session_id in owned):
+                    continue  # e.g. a chained hop's owner stream: its client only listens
+                self._on_reject("idle_stream")
+                return
+            reply = await self._handle_frame(frame, outbox, owned, spawn)
+            if reply is not None:
+                try:
+                    await outbox.send(*reply)
+                except NetworkError:
+                    return
 
     async def _handle_frame(
         self,
         frame: bytes,
         outbox: Outbox,
         owned: set[str],
-        spawn: Callable[[Session, dict[str, Any], Any], None],
-    ) -> tuple[dict[str, Any], torch.Tensor | None] | None:
+        spawn: Callable[[Session, wire.Forward, torch.Tensor | None], None],
+    ) -> tuple[wire.Reply, torch.Tensor | None] | None:
         """The reply to send back on this stream, or None: chained steps run beside the
         stream's reader (`spawn`) and answer the session's owner."""
-        step: Any = None
+        step: int | None = None
         try:
-            header, tensor = wire.decode(frame)
-            op, step = header.get("op"), header.get("step")
-            if op == "open":
+            header, payload = wire.decode_header(frame)
+            if isinstance(header, wire.Open):
+                wire.decode_tensor(header, payload, 0)
                 session = self.open_session(header, outbox)
                 owned.add(session.id)
-                return {"op": "opened", "session": session.id}, None
-            session = self.sessions.get(str(header.get("session")))
-            if header.get("pushed") is True:  # from the previous server of a chained step
-                if session is None or op != "forward" or "chain" not in header:
-                    self._on_reject("unknown_session")
-                    return None
-                try:
-                    spawn(session, header, tensor)
-                except ShardError as exc:
-                    await self._tell_owner(session, self._error(exc, step))
+                return wire.Opened(session=session.id, link=session.link), None
+            if isinstance(header, wire.Forward) and header.pushed:
+                await self._pushed(header, payload, outbox, spawn)
                 return None
+            if not isinstance(header, wire.Forward | wire.Link | wire.Close):
+                raise ShardError("bad_op", f"{type(header).__name__.lower()} is not a request")
+            step = header.step if isinstance(header, wire.Forward) else None
+            session = self.sessions.get(header.session)
             if session is None or session.id not in owned:
                 raise ShardError("unknown_session", "no such session on this stream (expired?)")
-            if op == "forward" and "chain" in header:
+            tensor = wire.decode_tensor(header, payload, self.session_input_limit(session))
+            if isinstance(header, wire.Forward) and header.step is not None:
                 spawn(session, header, tensor)
                 return None
-            if op == "forward":
-                out = await self.forward(
-                    session, header.get("position"), tensor, bool(header.get("last_only"))
-                )
-                return {"op": "result", "length": session.length}, out
-            if op == "close":
-                self.sessions.pop(session.id, None)
-                owned.discard(session.id)
-                return {"op": "closed"}, None
-            raise ShardError("bad_op", f"unknown op {str(op)[:20]!r}")
+            if isinstance(header, wire.Forward):
+                out = await self.forward(session, header.position, tensor, header.last_only)
+                return wire.Result(length=session.length), out
+            if isinstance(header, wire.Link):
+                session.next = header.next
+                return wire.Linked(session=session.id), None
+            self.sessions.pop(session.id, None)
+            owned.discard(session.id)
+            return wire.Closed(), None
         except (wire.WireError, ShardError, ModelError, RuntimeError) as exc:
             return self._error(exc, step), None
 
-    def _error(self, exc: Exception, step: Any) -> dict[str, Any]:
+    async def _pushed(
+        self,
+        header: wire.Forward,
+        payload: memoryview,
+        outbox: Outbox,
+        spawn: Callable[[Session, wire.Forward, torch.Tensor | None], None],
+    ) -> None:
+        """A step pushed by the previous server of a chain. Only the peer the session's
+        opener named, showing the session's link token, may push; anything else is dropped
+        and counted (an answer would tell a prober which sessions exist)."""
+        session = self.sessions.get(header.session)
+        if session is None:
+            self._on_reject("unknown_session")
+            return
+        if outbox.stream.peer_id != session.prev or header.link != session.link:
+            self._on_reject("foreign_push")
+            return
+        try:
+            if header.step is None:
+                raise ShardError("bad_input", "a pushed step needs a step number")
+            tensor = wire.decode_tensor(header, payload, self.session_input_limit(session))
+            spawn(session, header, tensor)
+        except (wire.WireError, ShardError) as exc:
+            await self._tell_owner(session, self._error(exc, header.step))
+
+    def _error(self, exc: Exception, step: int | None) -> wire.Error:
         if isinstance(exc, wire.WireError):
             code = exc.reason
         elif isinstance(exc, ShardError):
@@ -450,48 +558,47 @@ class ShardServer:
             log.warning("shard compute failed: %r", exc)
             code = "compute"
         self._on_reject(code)
-        error = {"op": "error", "code": code, "message": str(exc)}
-        if isinstance(step, int) and not isinstance(step, bool):
-            error["step"] = step
-        return error
+        return wire.Error(code=code, message=str(exc)[:1000], step=step)
 
-    async def _chained_step(
-        self, session: Session, header: dict[str, Any], x: torch.Tensor | None
-    ) -> None:
-        """Compute this hop of a chained step, push the output on, and tell the owner."""
-        step, position = header.get("step"), header.get("position")
+    async def _chained_step(self, session: Session, header: wire.Forward, x: torch.Tensor) -> None:
+        """Compute this hop of a chained step, push the output on, and tell the owner.
+
+        The session may take its next step as soon as this one's last message to the owner
+        is on its way: `stepping` is cleared before that send, since the client answers it
+        with the next step at once (clearing it after raced that step, issue 12 item 16)."""
+        step, position, nxt = header.step, header.position, session.next
+        assert step is not None
         try:
-            if not isinstance(step, int) or isinstance(step, bool):
-                raise ShardError("bad_input", "a chained step needs an integer step number")
-            chain = parse_chain(header.get("chain"))
-            last_only = not chain and bool(header.get("last_only"))
-            out = await self.forward(session, position, x, last_only)
+            out = await self.forward(session, position, x, nxt is None and header.last_only)
         except (ShardError, ModelError, RuntimeError) as exc:
+            session.stepping = False
             await self._tell_owner(session, self._error(exc, step))
             return
-        if not chain:
-            await self._tell_owner(session, {"op": "result", "step": step}, out)
+        if nxt is None:
+            session.stepping = False
+            await self._tell_owner(session, wire.Result(step=step), out)
             return
-        nxt = chain[0]
-        push = {
-            "op": "forward",
-            "pushed": True,
-            "session": nxt.session,
-            "position": position,
-            "step": step,
-            "chain": [{"peer": h.peer, "session": h.session} for h in chain[1:]],
-            "last_only": bool(header.get("last_only")),
-        }
-        partial: dict[str, Any] = {"op": "partial", "step": step, "position": position}
+        push = wire.Forward(
+            session=nxt.session,
+            position=position,
+            step=step,
+            last_only=header.last_only,
+            pushed=True,
+            link=nxt.link,
+        )
+        partial = wire.Partial(step=step, position=position)
         try:
             await self._push(nxt.peer, wire.encode(push, out))
         except NetworkError as exc:
             # the owner decides: relay this step itself, or route around the next server
-            partial.update(forward_error=str(exc)[:300], failed_peer=nxt.peer)
+            partial = wire.Partial(
+                step=step, position=position, forward_error=str(exc)[:300], failed_peer=nxt.peer
+            )
+        session.stepping = False
         await self._tell_owner(session, partial, out)
 
     async def _tell_owner(
-        self, session: Session, header: dict[str, Any], tensor: torch.Tensor | None = None
+        self, session: Session, header: wire.Reply, tensor: torch.Tensor | None = None
     ) -> None:
         try:
             with trio.fail_after(TELL_OWNER_TIMEOUT_S):
@@ -531,6 +638,9 @@ class ShardServer:
         lock = self._dialing.setdefault(peer_id, trio.Lock())
         async with lock:
             outbox = self._peers.get(peer_id)
+            if outbox is not None and time.monotonic() - outbox.last_sent > POOL_IDLE_S:
+                await self._drop_peer(peer_id, outbox)  # its server may have closed it
+                outbox = None
             if outbox is None:
                 assert self._opener is not None
                 outbox = Outbox(await self._opener.open_stream(peer_id, SHARD_PROTOCOL))

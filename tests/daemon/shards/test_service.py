@@ -8,6 +8,7 @@ import pytest
 
 pytest.importorskip("torch")
 
+from daemon.shards import wire  # noqa: E402
 from daemon.shards.model import make_tiny  # noqa: E402
 from daemon.shards.server import Outbox, ShardServer  # noqa: E402
 from daemon.shards.service import ShardService, block_key  # noqa: E402
@@ -88,10 +89,10 @@ async def test_free_cache_is_re_announced_when_it_moves_by_a_tenth(tmp_path):
     assert [free for _, free in writes] == [1000]
     owner = Outbox(stream_pair("a", "b")[0])
     header = {"model": "m", "start": 0, "end": 2}
-    server.open_session({**header, "max_length": 100}, owner)  # a tenth: not yet
+    server.open_session(wire.Open(**header, max_length=100), owner)  # a tenth: not yet
     await shards.refresh_announcements()
     assert [free for _, free in writes] == [1000]
-    server.open_session({**header, "max_length": 1}, owner)  # past a tenth
+    server.open_session(wire.Open(**header, max_length=1), owner)  # past a tenth
     await shards.refresh_announcements()
     assert [free for _, free in writes] == [1000, 899]
     server.unload("m")  # nothing served: nothing announced

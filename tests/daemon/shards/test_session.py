@@ -37,8 +37,10 @@ class Cluster:
         self.scopes: dict[str, list[trio.CancelScope]] = {}
         self.ends: dict[str, list[ChannelStream]] = {}
         self.dead: set[str] = set()
+        self.down: set[str] = set()  # unreachable for now, but still announced as alive
         self.servers_isolated = False
         self.dials_hang = False
+        self.wrap = lambda end: end  # e.g. a stream end that schedules frames adversarially
 
     async def add(self, peer_id: str, model_dir, start: int, end: int, **kw) -> ShardServer:
         server = ShardServer(opener=_Dialer(self, peer_id), **kw)
@@ -55,16 +57,17 @@ class Cluster:
             await trio.sleep_forever()
         if origin != "client" and (self.servers_isolated or origin in self.dead):
             raise NetworkError(f"{origin} cannot reach {peer_id}")
-        if peer_id in self.dead or peer_id not in self.servers:
+        if peer_id in self.dead | self.down or peer_id not in self.servers:
             raise NetworkError(f"cannot reach {peer_id}")
         client_end, server_end = stream_pair(origin, peer_id)
+        served = self.wrap(server_end)
         scope = trio.CancelScope()
         self.scopes[peer_id].append(scope)
         self.ends[peer_id].append(server_end)
 
         async def serve() -> None:
             with scope:
-                await self.servers[peer_id].handle_stream(server_end)
+                await self.servers[peer_id].handle_stream(served)
             await server_end.close()
 
         self.nursery.start_soon(serve)
@@ -72,10 +75,27 @@ class Cluster:
 
     def kill(self, peer_id: str) -> None:
         self.dead.add(peer_id)
+        self.break_streams(peer_id)
+
+    def break_streams(self, peer_id: str) -> None:
+        """Every stream of the server ends at once (its process died, or its connection
+        dropped); its sessions go with them."""
         for scope in self.scopes[peer_id]:
             scope.cancel()
         for end in self.ends[peer_id]:
             end.abort()
+
+    def bounce(self, peer_id: str, down_s: float) -> None:
+        """The server's streams break and it cannot be dialled for `down_s` seconds (its
+        daemon reconnecting), then it serves again."""
+        self.break_streams(peer_id)
+        self.down.add(peer_id)
+
+        async def back() -> None:
+            await trio.sleep(down_s)
+            self.down.discard(peer_id)
+
+        self.nursery.start_soon(back)
 
     async def announced(self) -> list[Server]:
         return [
@@ -252,12 +272,12 @@ async def test_bad_requests_are_refused_and_the_server_keeps_serving(model_dir):
             return wire.decode(await stream.receive())
 
         base = {"op": "open", "model": "tiny", "start": 2, "end": 6}
-        assert (await ask({**base, "max_length": 10**9}))[0]["code"] == "bad_length"
-        assert (await ask({**base, "model": "other", "max_length": 8}))[0][
-            "code"
-        ] == "unknown_model"
+        assert (await ask({**base, "max_length": 10**6}))[0].code == "bad_length"
+        assert (await ask({**base, "max_length": 10**9}))[0].code == "bad_header"  # typed bound
+        refused, _ = await ask({**base, "model": "other", "max_length": 8})
+        assert refused.code == "unknown_model"
         reply, _ = await ask({**base, "max_length": 8})
-        session = reply["session"]
+        session = reply.session
         fwd = {"op": "forward", "session": session, "position": 0}
         hidden = server.blocks["tiny"].config.hidden_size
         cases = [
@@ -267,16 +287,20 @@ async def test_bad_requests_are_refused_and_the_server_keeps_serving(model_dir):
             (fwd, torch.zeros(1, 1, hidden, dtype=torch.float16), "bad_input"),  # wrong dtype
             (fwd, torch.zeros(1, 2), "bad_input"),  # token ids to a middle shard
             ({**fwd, "position": 5}, torch.zeros(1, 1, hidden), "bad_position"),
-            (fwd, torch.zeros(1, 9, hidden), "too_long"),  # over the session's max_length
-            ({"op": "dance", "session": session}, None, "bad_op"),
+            # over the session's max_length: refused from the header, before the bytes are read
+            (fwd, torch.zeros(1, 9, hidden), "too_large"),
+            ({"op": "dance", "session": session}, None, "bad_header"),
+            ({"op": "opened", "session": session, "link": "x"}, None, "bad_op"),  # a reply
+            ({**fwd, "position": "0"}, torch.zeros(1, 1, hidden), "bad_header"),
+            ({**fwd, "position": -1}, torch.zeros(1, 1, hidden), "bad_header"),
         ]
         for header, tensor, code in cases:
             reply, _ = await ask(header, tensor)
-            assert reply["code"] == code, (header, reply)
+            assert reply.code == code, (header, reply)
         await stream.send(b"\xff" * 100)  # garbage frame
-        assert wire.decode(await stream.receive())[0]["code"] == "malformed"
+        assert wire.decode(await stream.receive())[0].code == "malformed"
         reply, out = await ask(fwd, torch.zeros(1, 3, hidden))
-        assert reply["op"] == "result" and out.shape == (1, 3, 258)
+        assert wire.op(reply) == "result" and out.shape == (1, 3, 258)
         assert not math.isnan(float(out.sum()))
         nursery.cancel_scope.cancel()
 
@@ -300,7 +324,7 @@ async def test_idle_sessions_expire(model_dir):
         await stream.send(
             wire.encode({"op": "open", "model": "tiny", "start": 0, "end": 6, "max_length": 8})
         )
-        session = wire.decode(await stream.receive())[0]["session"]
+        session = wire.decode(await stream.receive())[0].session
         server.session_idle_s = 0.0
         assert server.reap_idle() == 1 and not server.sessions
         await stream.send(
@@ -309,7 +333,7 @@ async def test_idle_sessions_expire(model_dir):
                 torch.tensor([[1, 2]], dtype=torch.int64),
             )
         )
-        assert wire.decode(await stream.receive())[0]["code"] == "unknown_session"
+        assert wire.decode(await stream.receive())[0].code == "unknown_session"
         nursery.cancel_scope.cancel()
 
 
@@ -320,25 +344,25 @@ async def test_pushed_frames_are_checked_and_never_answered_on_the_push_stream(m
         await cluster.add("a", model_dir, 0, 3)
         server = await cluster.add("b", model_dir, 3, 6, on_reject=rejects.append)
         owner = await cluster.open_stream("b", "shard")
-        await owner.send(
-            wire.encode({"op": "open", "model": "tiny", "start": 3, "end": 6, "max_length": 8})
-        )
-        session = wire.decode(await owner.receive())[0]["session"]
-        assert len(session) == 32  # 128 bits: knowing it is the right to push into it
+        open_b = {"op": "open", "model": "tiny", "start": 3, "end": 6, "max_length": 8}
+        await owner.send(wire.encode({**open_b, "prev": "a"}))
+        opened = wire.decode(await owner.receive())[0]
+        session, link = opened.session, opened.link
+        assert len(session) == 32 and len(link) == 32
         pusher = await cluster.open_stream("b", "shard", origin="a")
         hidden = torch.zeros(1, 1, server.blocks["tiny"].config.hidden_size)
-        push = {"op": "forward", "pushed": True, "position": 0, "step": 1, "chain": []}
+        push = {"op": "forward", "pushed": True, "position": 0, "step": 1, "link": link}
         # unknown session: dropped and counted, no answer anywhere
         await pusher.send(wire.encode({**push, "session": "f" * 32}, hidden))
-        # a bad chain: the session's owner is told, tagged with the step
-        await pusher.send(wire.encode({**push, "session": session, "chain": "x"}, hidden))
+        # a bad tensor from the right pusher: the session's owner is told, tagged with the step
+        await pusher.send(wire.encode({**push, "session": session}, hidden[:, :, :5]))
         reply, _ = wire.decode(await owner.receive())
-        assert (reply["op"], reply["code"], reply["step"]) == ("error", "bad_input", 1)
+        assert (wire.op(reply), reply.code, reply.step) == ("error", "bad_input", 1)
         assert rejects == ["unknown_session", "bad_input"]
         # a good push: the result goes to the owner, not back to the pusher
         await pusher.send(wire.encode({**push, "session": session, "step": 2}, hidden))
         reply, out = wire.decode(await owner.receive())
-        assert (reply["op"], reply["step"], out.shape) == ("result", 2, (1, 1, 258))
+        assert (wire.op(reply), reply.step, out.shape) == ("result", 2, (1, 1, 258))
         assert server.sessions[session].length == 1
         with trio.move_on_after(0.2):  # nothing ever comes back on the push stream
             await pusher.receive()
@@ -362,13 +386,13 @@ async def test_sessions_are_refused_when_the_cache_budget_is_full(model_dir):
             return wire.decode(await stream.receive())[0]
 
         first = await open_session(60)
-        assert first["op"] == "opened" and server.free_cache_tokens(block) == 40
+        assert wire.op(first) == "opened" and server.free_cache_tokens(block) == 40
         refused = await open_session(41)
-        assert refused["code"] == "busy" and "40 positions free" in refused["message"]
-        await stream.send(wire.encode({"op": "close", "session": first["session"]}))
-        assert wire.decode(await stream.receive())[0]["op"] == "closed"
+        assert refused.code == "busy" and "40 positions free" in refused.message
+        await stream.send(wire.encode({"op": "close", "session": first.session}))
+        assert wire.op(wire.decode(await stream.receive())[0]) == "closed"
         assert server.free_cache_tokens(block) == 100
-        assert (await open_session(41))["op"] == "opened"
+        assert wire.op(await open_session(41)) == "opened"
         nursery.cancel_scope.cancel()
 
 
@@ -391,16 +415,16 @@ async def test_a_stream_keeps_being_read_while_its_chained_step_waits_on_a_push(
         server._opener = stuck = StuckNext()
         stream = await cluster.open_stream("s1", "shard")
         header = {"op": "open", "model": "tiny", "start": 0, "end": 3, "max_length": 8}
-        await stream.send(wire.encode(header))
-        session = wire.decode(await stream.receive())[0]["session"]
+        nxt = {"peer": "s2", "session": "a" * 32, "link": "b" * 32}
+        await stream.send(wire.encode({**header, "next": nxt}))
+        session = wire.decode(await stream.receive())[0].session
         step = {"op": "forward", "session": session, "position": 0, "step": 1}
-        chain = [{"peer": "s2", "session": "a" * 32}]
-        await stream.send(wire.encode({**step, "chain": chain}, torch.tensor([[1, 2]])))
+        await stream.send(wire.encode(step, torch.tensor([[1, 2]])))
         with trio.fail_after(5):
             await stuck.dialed.wait()  # the step ran and is pushing: its push never ends
             await stream.send(wire.encode(header))
             reply, _ = wire.decode(await stream.receive())  # yet the stream still answers
-        assert reply["op"] == "opened"
+        assert wire.op(reply) == "opened"
         assert server.sessions[session].length == 2
         nursery.cancel_scope.cancel()
 
@@ -412,12 +436,12 @@ async def test_first_shard_refuses_an_empty_step(model_dir):
         stream = await cluster.open_stream("a", "shard")
         header = {"op": "open", "model": "tiny", "start": 0, "end": 6, "max_length": 8}
         await stream.send(wire.encode(header))
-        session = wire.decode(await stream.receive())[0]["session"]
+        session = wire.decode(await stream.receive())[0].session
         empty = torch.zeros(1, 0, dtype=torch.int64)
-        for chain in ({}, {"chain": [], "step": 1}):  # relayed and chained
+        for chain in ({}, {"step": 1}):  # relayed and chained
             step = {"op": "forward", "session": session, "position": 0, **chain}
             await stream.send(wire.encode(step, empty))
-            assert wire.decode(await stream.receive())[0]["code"] == "bad_input"
+            assert wire.decode(await stream.receive())[0].code == "bad_input"
         nursery.cancel_scope.cancel()
 
 
@@ -438,9 +462,9 @@ async def test_a_session_whose_client_stops_reading_is_ended(model_dir, monkeypa
         for _ in range(10):
             header = {"op": "open", "model": "tiny", "start": 0, "end": 6, "max_length": 8}
             await stream.send(wire.encode(header))
-            sessions.append(wire.decode(await stream.receive())[0]["session"])
+            sessions.append(wire.decode(await stream.receive())[0].session)
         for session in sessions:  # ten results on their way; this client reads none
-            step = {"op": "forward", "session": session, "position": 0, "step": 1, "chain": []}
+            step = {"op": "forward", "session": session, "position": 0, "step": 1}
             await stream.send(wire.encode(step, torch.tensor([[1, 2]])))
         with trio.fail_after(10):  # the results that did not fit end their sessions
             await stalled.acquire()
@@ -462,9 +486,271 @@ async def test_one_peer_cannot_take_every_session(model_dir):
             await stream.send(wire.encode(header))
             return wire.decode(await stream.receive())[0]
 
-        assert [(await open_on(greedy))["op"] for _ in range(2)] == ["opened", "opened"]
+        assert [wire.op(await open_on(greedy)) for _ in range(2)] == ["opened", "opened"]
         refused = await open_on(greedy)
-        assert refused["code"] == "busy" and "of this peer" in refused["message"]
-        assert (await open_on(other))["op"] == "opened"
+        assert refused.code == "busy" and "of this peer" in refused.message
+        assert wire.op(await open_on(other)) == "opened"
         assert len(server.sessions) == 3
+        nursery.cancel_scope.cancel()
+
+
+# -- a step's reply and the next step (issue 12 item 16) -------------------------------
+
+
+async def test_one_server_holding_every_layer_generates_chained(model_dir, reference):
+    prompt, expected = reference
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(nursery)
+        await cluster.add("solo", model_dir, 0, LAYERS)
+        model = remote(cluster, chained=True)
+        await model.open()
+        assert [h["peer_id"] for h in model.route] == ["solo"]
+        assert await collect(model, prompt, 24) == expected
+        assert model.chained and not model.recoveries
+        nursery.cancel_scope.cancel()
+
+
+class EagerClient:
+    """The server's end of a stream whose client answers a step's result at once: each
+    send of a chained result returns only after the client's next frame has been handled
+    by the server (as a fast local socket can schedule it)."""
+
+    def __init__(self, inner: ChannelStream) -> None:
+        self.inner, self.peer_id = inner, inner.peer_id
+        self.received = 0
+        self.arrived = trio.Event()
+
+    async def receive(self) -> bytes:
+        try:
+            frame = await self.inner.receive()
+        finally:
+            self.received += 1
+            self.arrived.set()
+        return frame
+
+    async def send(self, frame: bytes) -> None:
+        await self.inner.send(frame)
+        header, _ = wire.decode_header(frame)
+        if isinstance(header, wire.Result) and header.step is not None:
+            seen, self.arrived = self.received, trio.Event()
+            with trio.move_on_after(2):
+                while self.received == seen:
+                    await self.arrived.wait()
+            await trio.testing.wait_all_tasks_blocked()  # the server has handled it
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def test_the_next_step_may_arrive_as_soon_as_the_result_is_sent(model_dir, reference):
+    prompt, expected = reference
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(nursery)
+        cluster.wrap = EagerClient
+        await cluster.add("solo", model_dir, 0, LAYERS)
+        model = remote(cluster, chained=True)
+        await model.open()
+        # before the fix every step after the first was refused: "a step of this session
+        # is running"
+        assert await collect(model, prompt, 6) == expected[:6]
+        assert model.chained and not model.recoveries
+        nursery.cancel_scope.cancel()
+
+
+# -- a hop whose stream breaks once (issue 12 item 17) ------------------------------------
+
+
+@pytest.mark.parametrize("chained", [True, False], ids=["chained", "relayed"])
+@pytest.mark.parametrize("down_s", [0.0, 0.4])
+async def test_a_hop_that_comes_back_within_the_step_deadline_is_retried(
+    model_dir, reference, chained, down_s
+):
+    prompt, expected = reference
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(nursery)
+        await cluster.add("a", model_dir, 0, 3)
+        await cluster.add("b", model_dir, 3, 6)  # no replica of b
+        model = remote(cluster, chained=chained, step_timeout_s=2.0)
+        await model.open()
+
+        def bounce_b(count: int) -> None:
+            if count == 5:
+                cluster.bounce("b", down_s)
+
+        assert await collect(model, prompt, 24, bounce_b) == expected
+        assert [r["peer_id"] for r in model.recoveries] == ["b"]
+        assert [h["peer_id"] for h in model.route] == ["a", "b"]
+        assert model.recoveries[0]["from_layer"] == 3
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_hop_that_stays_away_past_the_step_deadline_is_a_clear_error(model_dir, reference):
+    prompt, _ = reference
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(nursery)
+        await cluster.add("a", model_dir, 0, 3)
+        await cluster.add("b", model_dir, 3, 6)
+        model = remote(cluster, step_timeout_s=0.5)
+        await model.open()
+
+        def bounce_b(count: int) -> None:
+            if count == 3:
+                cluster.bounce("b", 30.0)
+
+        started = trio.current_time()
+        with pytest.raises(GenerationError, match="3"):
+            await collect(model, prompt, 10, bounce_b)
+        assert trio.current_time() - started < 5  # the retry ends at the step deadline
+        nursery.cancel_scope.cancel()
+
+
+# -- a session belongs to its opener (issue 12 item 4) ----------------------------------
+
+
+async def _victim_generation(cluster: Cluster, prompt, n: int):
+    """A victim's chained generation through s1 -> s2 -> s3, paused after `n` tokens."""
+    model = remote(cluster)
+    await model.open()
+    tokens = []
+    steps = generate(model, prompt, 24)
+    for _ in range(n):
+        tokens.append(await steps.__anext__())
+    return model, steps, tokens
+
+
+async def test_a_peer_that_knows_a_session_id_cannot_push_into_it_or_read_it(model_dir, reference):
+    prompt, expected = reference
+    async with trio.open_nursery() as nursery:
+        rejects: list[str] = []
+        cluster = Cluster(nursery)
+        for peer, (a, b) in {"s1": (0, 2), "s2": (2, 4), "s3": (4, 6)}.items():
+            await cluster.add(peer, model_dir, a, b, on_reject=rejects.append)
+        model, steps, tokens = await _victim_generation(cluster, prompt, 5)
+        s2 = model.hops[1]
+        victim = cluster.servers["s2"].sessions[s2.session]
+        length = victim.length
+        # mallory learned s2's session id (and even its link token) and pushes as a peer,
+        # naming herself as where the output should go (the old protocol obeyed `chain`)
+        mallory = await cluster.open_stream("s2", "shard", origin="mallory")
+        hidden = torch.zeros(1, 1, cluster.servers["s2"].blocks["tiny"].config.hidden_size)
+        for link in ("0" * 32, s2.link):
+            push = {"op": "forward", "pushed": True, "session": s2.session, "link": link}
+            chain = [{"peer": "mallory", "session": "m" * 32}]
+            await mallory.send(
+                wire.encode({**push, "position": length, "step": 99, "chain": chain}, hidden)
+            )
+        # her own stream may not drive, re-point or close the victim's session either
+        for header in (
+            {"op": "forward", "session": s2.session, "position": length, "step": 98},
+            {
+                "op": "link",
+                "session": s2.session,
+                "next": {"peer": "mallory", "session": "m", "link": "l"},
+            },
+            {"op": "close", "session": s2.session},
+        ):
+            tensor = hidden if header["op"] == "forward" else None
+            await mallory.send(wire.encode(header, tensor))
+            assert wire.decode(await mallory.receive())[0].code == "unknown_session"
+        with trio.move_on_after(0.3):  # nothing computed over the victim's cache reaches her
+            await mallory.receive()
+            pytest.fail("the attacker got an answer")
+        assert rejects.count("foreign_push") == 2 and victim.length == length
+        # the victim's generation goes on, untouched
+        async for token in steps:
+            tokens.append(token)
+        assert tokens == expected and not model.recoveries
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_session_cannot_be_chained_into_another_users_session(model_dir, reference):
+    """Mallory opens her own session on s1 (the victim's previous hop: pushes from s1 pass
+    the peer check) and points its output at the victim's s2 session: without the link
+    token that only the victim was given, s2 drops the pushes."""
+    prompt, expected = reference
+    async with trio.open_nursery() as nursery:
+        refused = trio.Event()
+
+        def rejected(reason: str) -> None:
+            if reason == "foreign_push":
+                refused.set()
+
+        cluster = Cluster(nursery)
+        for peer, (a, b) in {"s1": (0, 2), "s2": (2, 4), "s3": (4, 6)}.items():
+            await cluster.add(peer, model_dir, a, b, on_reject=rejected)
+        model, steps, tokens = await _victim_generation(cluster, prompt, 4)
+        s2 = model.hops[1]
+        victim = cluster.servers["s2"].sessions[s2.session]
+        length = victim.length
+        mallory = await cluster.open_stream("s1", "shard", origin="mallory")
+        nxt = {"peer": "s2", "session": s2.session, "link": s2.session}  # a guessed token
+        await mallory.send(
+            wire.encode(
+                {"op": "open", "model": "tiny", "start": 0, "end": 2, "max_length": 64, "next": nxt}
+            )
+        )
+        own = wire.decode(await mallory.receive())[0].session
+        step = {"op": "forward", "session": own, "position": 0, "step": 1}
+        await mallory.send(wire.encode(step, torch.tensor([[5] * length])))
+        reply, _ = wire.decode(await mallory.receive())  # s1 pushed, and tells her so
+        assert wire.op(reply) == "partial" and reply.forward_error is None
+        with trio.fail_after(5):
+            await refused.wait()
+        assert victim.length == length
+        async for token in steps:
+            tokens.append(token)
+        assert tokens == expected and not model.recoveries
+        nursery.cancel_scope.cancel()
+
+
+# -- bounded streams (issue 12 item 3) -------------------------------------------------
+
+
+async def test_idle_streams_are_closed_and_a_peer_cannot_hold_many(model_dir, reference):
+    prompt, expected = reference
+    async with trio.open_nursery() as nursery:
+        rejects: list[str] = []
+        cluster = Cluster(nursery)
+        server = await cluster.add(
+            "a",
+            model_dir,
+            0,
+            6,
+            on_reject=rejects.append,
+            stream_idle_s=0.3,
+            max_streams_per_peer=4,
+        )
+        idle = [await cluster.open_stream("a", "shard", origin="mallory") for _ in range(5)]
+        with trio.fail_after(5):  # the fifth is refused at once, the others once idle
+            for stream in idle:
+                with pytest.raises(NetworkError):
+                    await stream.receive()
+        assert rejects.count("too_many_streams") == 1 and rejects.count("idle_stream") == 4
+        assert not server._streams
+        # a stream holding a live session is not idle, however long its client only listens
+        model = remote(cluster)
+        await model.open()
+        await trio.sleep(0.5)
+        assert await collect(model, prompt, 8) == expected[:8]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_frame_larger_than_the_session_can_take_is_refused_before_it_is_read(model_dir):
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(nursery)
+        server = await cluster.add("b", model_dir, 3, 6)
+        config = server.blocks["tiny"].config
+        hidden, positions = config.hidden_size, min(4096, config.max_position_embeddings)
+        # the transports refuse frames over this before reading them (float32 hidden states)
+        assert server.max_frame_bytes == 4 + wire.MAX_HEADER_BYTES + positions * hidden * 4
+        stream = await cluster.open_stream("b", "shard")
+        await stream.send(
+            wire.encode({"op": "open", "model": "tiny", "start": 3, "end": 6, "max_length": 4})
+        )
+        session = wire.decode(await stream.receive())[0].session
+        fwd = {"op": "forward", "session": session, "position": 0}
+        await stream.send(wire.encode(fwd, torch.zeros(1, 5, hidden)))
+        assert wire.decode(await stream.receive())[0].code == "too_large"
+        await stream.send(wire.encode(fwd, torch.zeros(1, 4, hidden)))
+        assert wire.op(wire.decode(await stream.receive())[0]) == "result"
         nursery.cancel_scope.cancel()
