@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
+import msgspec
 import trio
 
 from daemon.api.jsonrpc import REQUESTER, Dispatcher, Param, RPCError, invalid_params
@@ -17,6 +18,38 @@ SHARD_ERROR = -32030
 BUSY = -32031  # a cap on running generations was reached: retry later
 MAX_NEW_TOKENS = 4096
 MAX_CLIENT_ID_CHARS = 64
+MAX_PROMPT_CHARS = 1 << 20  # as the gRPC API
+MAX_PROMPT_TOKENS = 32768
+MAX_MODEL_CHARS = 256
+MAX_JOB_ID_CHARS = 64
+
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=(1 << 31) - 1)]
+JobId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_JOB_ID_CHARS)]
+
+
+class GenerateParams(msgspec.Struct, forbid_unknown_fields=True):
+    """`generate`'s params with their bounds (the JSON-RPC dispatcher validates into it)."""
+
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_MODEL_CHARS)]
+    prompt: Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)] | None = None
+    token_ids: (
+        Annotated[list[TokenId], msgspec.Meta(min_length=1, max_length=MAX_PROMPT_TOKENS)] | None
+    ) = None
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_NEW_TOKENS)] = 32
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=10)] = 0.0
+    seed: Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)] | None = None
+    stream: bool = False
+    relay: bool = False
+    client: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_CLIENT_ID_CHARS)] | None = None
+
+
+class PollParams(msgspec.Struct, forbid_unknown_fields=True):
+    job: JobId
+    since: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class CancelParams(msgspec.Struct, forbid_unknown_fields=True):
+    job: JobId
 
 
 def _failed(exc: ShardServiceError) -> RPCError:
@@ -137,18 +170,16 @@ def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: Shar
         return {"model": model, "unloaded": await service.unload(model)}
 
     async def block_list(model: str | None = None) -> dict[str, Any]:
-        announced: dict[str, list[dict[str, Any]]] = {}
-        models = (
-            {model}
-            if model
-            else {
-                e.value.get("model")
-                for e in daemon.replica.entries.values()
-                if e.kind == "blocks" and e.value and isinstance(e.value.get("model"), str)
-            }
-        )
-        for name in sorted(m for m in models if m):
-            announced[name] = service.announced(name)
+        """Shards served here, and per model every server's own announcement: entries are
+        read through their typed form (`registry.blocks`); a `blocks` entry that is no
+        announcement (an AIOS block spec) is not listed, an unreadable one is counted."""
+        from registry.blocks import announcements
+
+        if model:
+            models = {model}
+        else:
+            models = {a.model for a in announcements(list(daemon.replica.entries.values()))}
+        announced = {name: service.announced(name) for name in sorted(models)}
         return {"local": service.local_blocks(), "announced": announced}
 
     async def generate(
@@ -162,22 +193,10 @@ def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: Shar
         relay: bool = False,
         client: str | None = None,
     ) -> dict[str, Any]:
+        # bounds and types: checked by the dispatcher against GenerateParams
         if (prompt is None) == (token_ids is None):
             raise invalid_params("give exactly one of prompt or token_ids")
-        if not 1 <= max_tokens <= MAX_NEW_TOKENS:
-            raise invalid_params(f"max_tokens must be 1..{MAX_NEW_TOKENS}")
-        if not 0 <= temperature <= 10:
-            raise invalid_params("temperature must be between 0 and 10")
-        if client is not None and not 1 <= len(client) <= MAX_CLIENT_ID_CHARS:
-            raise invalid_params(f"client must be 1..{MAX_CLIENT_ID_CHARS} characters")
-        if token_ids is not None:
-            if not token_ids or not all(
-                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in token_ids
-            ):
-                raise invalid_params("token_ids must be a non-empty list of non-negative ints")
-            ids = [int(t) for t in token_ids]
-        else:
-            ids = await _encode(model, prompt or "")
+        ids = list(token_ids) if token_ids is not None else await _encode(model, prompt or "")
         # per-requester caps: the client id if given, else the HTTP connection
         owner = f"rpc-client:{client}" if client is not None else REQUESTER.get() or "rpc"
         try:
@@ -296,6 +315,7 @@ def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: Shar
             ),
         ],
         "Generate through the chain of shard servers (greedy or seeded sampling).",
+        struct=GenerateParams,
     )
     dispatcher.register(
         "generate_poll",
@@ -305,10 +325,12 @@ def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: Shar
             Param("since", (int,), False, "return tokens from this index on"),
         ],
         "Tokens of a streaming generation so far, and whether it is done.",
+        struct=PollParams,
     )
     dispatcher.register(
         "generate_cancel",
         generate_cancel,
         [Param("job", (str,), True, "job id from generate with stream=true")],
         "Stop a streaming generation and forget its job.",
+        struct=CancelParams,
     )

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
 
+import msgspec
+
 log = logging.getLogger(__name__)
 
 PARSE_ERROR = -32700
@@ -101,6 +103,7 @@ class _Method:
     handler: Handler
     params: tuple[Param, ...]
     description: str
+    struct: type[msgspec.Struct] | None = None
 
 
 class _Reject(Exception):
@@ -175,8 +178,14 @@ class Dispatcher:
         handler: Handler,
         params: list[Param] | None = None,
         description: str = "",
+        struct: type[msgspec.Struct] | None = None,
     ) -> None:
-        """Register `async def handler(**kwargs)`; kwargs are named after `params`."""
+        """Register `async def handler(**kwargs)`; kwargs are named after `params`.
+
+        With `struct`, the bound params are then validated into that msgspec Struct (its
+        fields named as `params`, with their bounds); a violation answers -32602 naming the
+        field, and the handler gets every field of the Struct as kwargs.
+        """
         if not isinstance(name, str) or not name:
             raise ValueError("method name must be a non-empty string")
         if name.startswith("rpc."):
@@ -193,7 +202,11 @@ class Dispatcher:
             if not p.types:
                 raise ValueError(f"parameter {p.name!r} of {name!r} declares no types")
             seen.add(p.name)
-        self._methods[name] = _Method(name, handler, tuple(params), description)
+        if struct is not None:
+            if set(struct.__struct_fields__) != seen:
+                raise ValueError(f"the fields of {struct.__name__} must be the params of {name!r}")
+            msgspec.json.Decoder(struct)  # a Struct msgspec cannot check fails here, not later
+        self._methods[name] = _Method(name, handler, tuple(params), description, struct)
 
     def describe(self) -> list[dict[str, Any]]:
         """All methods, sorted by name, in a JSON-ready form (served as `rpc_methods`)."""
@@ -285,6 +298,8 @@ class Dispatcher:
                 )
             method_label = name
             kwargs = _bind(method, None if params is _NO_ID else params)
+            if method.struct is not None:
+                kwargs = _validate(method.struct, kwargs)
             result = await self._call(method, kwargs)
             response: dict[str, Any] = {"jsonrpc": "2.0", "result": result, "id": req_id}
             outcome = "ok"
@@ -376,6 +391,15 @@ def _bind(method: _Method, params: dict[str, Any] | list[Any] | None) -> dict[st
                 f"parameter {p.name!r} must be {p.type_name}, got {_json_type(value)}"
             )
     return given
+
+
+def _validate(struct: type[msgspec.Struct], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Every field of `struct`, converted from `kwargs` with its bounds checked."""
+    try:
+        value = msgspec.convert(kwargs, struct)
+    except msgspec.ValidationError as e:
+        raise _bad_params(_short(str(e), _MAX_EXC_MESSAGE)) from None
+    return {f: getattr(value, f) for f in struct.__struct_fields__}
 
 
 def _bad_params(msg: str) -> _Reject:

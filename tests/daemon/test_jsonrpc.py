@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from daemon.api.jsonrpc import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
     INVALID_REQUEST,
+    MAX_JSON_DEPTH,
     METHOD_NOT_FOUND,
     PARSE_ERROR,
     Dispatcher,
     Param,
     RPCError,
     invalid_params,
+    json_too_deep,
 )
 
 
@@ -400,3 +405,126 @@ async def test_outcome_hook_failure_does_not_break_dispatch():
 
     d.register("one", one, [], "")
     assert json.loads(await d.handle(b'{"jsonrpc":"2.0","method":"one","id":1}'))["result"] == 1
+
+
+# -- typed params (msgspec Structs) -----------------------------------------------------------
+
+
+class Window(msgspec.Struct, forbid_unknown_fields=True):
+    start: Annotated[int, msgspec.Meta(ge=0)]
+    ids: Annotated[list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(max_length=4)] = []
+    scale: Annotated[float, msgspec.Meta(ge=0, le=10)] = 1.0
+
+
+def window_dispatcher() -> Dispatcher:
+    d = Dispatcher()
+
+    async def window(start: int, ids: list[int], scale: float) -> dict[str, Any]:
+        return {"start": start, "ids": ids, "scale": scale}
+
+    params = [Param("start", (int,)), Param("ids", (list,), False), Param("scale", (float,), False)]
+    d.register("window", window, params, "", struct=Window)
+    return d
+
+
+async def test_struct_params_are_converted_with_defaults():
+    d = window_dispatcher()
+    resp = await rpc(d, req("window", {"start": 2, "scale": 3}))
+    assert resp["result"] == {"start": 2, "ids": [], "scale": 3.0}
+    resp = await rpc(d, req("window", [1, [5, 6]]))
+    assert resp["result"] == {"start": 1, "ids": [5, 6], "scale": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("params", "where"),
+    [
+        ({"start": -1}, "$.start"),
+        ({"start": 0, "ids": [1, -2]}, "$.ids[1]"),
+        ({"start": 0, "ids": [True]}, "$.ids[0]"),
+        ({"start": 0, "ids": ["1"]}, "$.ids[0]"),
+        ({"start": 0, "ids": [1, 2, 3, 4, 5]}, "$.ids"),
+        ({"start": 0, "scale": 10.5}, "$.scale"),
+    ],
+)
+async def test_struct_bounds_are_invalid_params_naming_the_field(params: Any, where: str):
+    resp = await rpc(window_dispatcher(), req("window", params))
+    assert error_code(resp) == INVALID_PARAMS
+    assert (
+        resp["error"]["message"].startswith("invalid params:") and where in resp["error"]["message"]
+    )
+
+
+async def test_struct_must_match_the_params():
+    d = Dispatcher()
+
+    async def window(start: int) -> int:
+        return start
+
+    with pytest.raises(ValueError, match="fields of Window"):
+        d.register("window", window, [Param("start", (int,))], "", struct=Window)
+
+
+# -- fuzz: nothing a client sends makes handle() raise or answer invalid JSON ----------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+envelopes = st.fixed_dictionaries(
+    {},
+    optional={
+        "jsonrpc": st.sampled_from(["2.0", "1.0", 2]) | json_values,
+        "method": st.sampled_from(["add", "scale", "flag", "echo", "window", "rpc.x"])
+        | json_values,
+        "params": json_values,
+        "id": json_values,
+    },
+)
+
+
+def check_answer(out: bytes | None) -> None:
+    if out is None:
+        return
+    doc = json.loads(out)
+    for item in doc if isinstance(doc, list) else [doc]:
+        assert item["jsonrpc"] == "2.0" and ("result" in item) != ("error" in item)
+        if "error" in item:
+            assert isinstance(item["error"]["code"], int)
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.binary(max_size=512))
+async def test_fuzz_random_bytes(body: bytes):
+    d, _ = make_dispatcher()
+    check_answer(await d.handle(body))
+
+
+@settings(max_examples=300, deadline=None)
+@given(doc=envelopes | st.lists(envelopes, max_size=5) | json_values)
+async def test_fuzz_random_structures(doc: Any):
+    d, _ = make_dispatcher()
+    d.register(
+        "window",
+        window_dispatcher()._methods["window"].handler,
+        [Param("start", (int,)), Param("ids", (list,), False), Param("scale", (float,), False)],
+        struct=Window,
+    )
+    check_answer(await d.handle(json.dumps(doc).encode()))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    depth=st.integers(min_value=0, max_value=5000),
+    opener=st.sampled_from([b"[", b'{"a":', b'["[",']),
+)
+async def test_fuzz_nesting_is_bounded(depth: int, opener: bytes):
+    d, _ = make_dispatcher()
+    body = opener * depth + b"1" + (b"]" if opener != b'{"a":' else b"}") * depth
+    check_answer(await d.handle(body))
+
+
+@given(text=st.text(max_size=200), depth=st.integers(0, 80))
+def test_depth_scan_agrees_with_the_parser(text: str, depth: int):
+    body = ("[" * depth + json.dumps(text) + "]" * depth).encode()
+    assert json_too_deep(body) == (depth > MAX_JSON_DEPTH)
