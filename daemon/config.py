@@ -47,6 +47,11 @@ class RegistryConfig:
     sync_timeout_s: float = 1.0
     tombstone_horizon_s: float = 604800.0
     gc_interval_s: float = 60.0
+    # limits (README, Limits and quotas: Registry): one entry as it travels, and what one
+    # author's entries may take in every replica (all kinds together)
+    max_entry_bytes: int = 65536
+    author_max_entries: int = 10000
+    author_max_bytes: int = 4194304
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,12 @@ class Config:
             raise ConfigError("registry intervals and timeouts must be positive")
         if reg.tombstone_horizon_s < 60:
             raise ConfigError("registry.tombstone_horizon_s must be at least 60")
+        if not 1024 <= reg.max_entry_bytes <= 262144:
+            raise ConfigError("registry.max_entry_bytes must be 1024 to 262144")
+        if reg.author_max_entries < 1 or reg.author_max_bytes < reg.max_entry_bytes:
+            raise ConfigError(
+                "registry.author_max_entries must be >= 1 and author_max_bytes >= max_entry_bytes"
+            )
         if not re.fullmatch(r"auto|cpu|cuda(:\d{1,2})?", self.shards.device):
             raise ConfigError(
                 f"shards.device {self.shards.device[:20]!r}: use auto, cpu, cuda or cuda:N"

@@ -34,7 +34,7 @@ from p2p.aio import AsyncioBridge
 from p2p.discovery import DiscoverySettings, ResourceDirectory
 from p2p.host import Libp2pNetwork
 from p2p.records import NAMESPACE
-from registry.replica import Replica
+from registry.replica import Limits, Replica
 from registry.replication import ReplicationSettings, Replicator
 from registry.store import RegistryStore
 
@@ -126,6 +126,11 @@ class Daemon:
             self.ident,
             store=self.store,
             on_reject=self.metrics.reject,
+            limits=Limits(
+                max_entry_bytes=config.registry.max_entry_bytes,
+                author_max_entries=config.registry.author_max_entries,
+                author_max_bytes=config.registry.author_max_bytes,
+            ),
         )
         self.replicator = Replicator(
             self.net,

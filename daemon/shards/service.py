@@ -346,27 +346,28 @@ class ShardService:
     # -- routing and generation ----------------------------------------------------------
 
     def announced(self, model_id: str) -> list[dict[str, Any]]:
-        """Every announced server of a model, from this node's registry replica."""
-        out = []
-        for entry in self.daemon.replica.entries.values():
-            value = entry.value
-            if entry.kind != "blocks" or value is None or value.get("model") != model_id:
-                continue
-            layers, served_by = value.get("layers"), value.get("served_by")
-            if not (isinstance(layers, list) and len(layers) == 2 and served_by):
-                continue
-            params = value.get("parameters") or {}
-            free = params.get("cache_tokens_free")
-            out.append(
-                {
-                    "peer_id": served_by[0],
-                    "start": layers[0],
-                    "end": layers[1],
-                    "ms_per_layer": float(params.get("ms_per_layer", 1.0)),
-                    "cache_tokens_free": free if isinstance(free, int) else None,
-                }
-            )
-        return out
+        """Every announced server of a model, from this node's registry replica.
+
+        Entries are read through their typed form (`registry.blocks`): only a server's own
+        announcement counts, and an entry that cannot be read (stored by an older version,
+        say) is skipped and counted (`registry`, `bad_entry`), never raised."""
+        from registry.blocks import announcements
+
+        found = announcements(
+            list(self.daemon.replica.entries.values()),
+            model_id,
+            on_bad=lambda reason: self.daemon.metrics.reject("registry", reason),
+        )
+        return [
+            {
+                "peer_id": item.peer_id,
+                "start": item.start,
+                "end": item.end,
+                "ms_per_layer": item.ms_per_layer,
+                "cache_tokens_free": item.cache_tokens_free,
+            }
+            for item in found
+        ]
 
     async def servers(self, model_id: str, need_tokens: int = 0) -> list[Any]:
         """Announced servers of a model, as routing sees them. Those that announced less
