@@ -17,6 +17,54 @@ class ConfigError(ValueError):
     pass
 
 
+# A libp2p multiaddr this daemon can listen on or dial: /ip4|ip6|dns|dns4|dns6/HOST/tcp/PORT.
+TRANSPORT = re.compile(r"/(ip4|ip6|dns|dns4|dns6)/([^/]+)/tcp/(\d{1,5})")
+# A base58btc peer id (Ed25519 ids start 12D3KooW, older RSA ids Qm).
+_PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{40,64}")
+LISTEN_EXAMPLE = "/ip4/0.0.0.0/tcp/4001 (tcp/0 picks a free port)"
+BOOTSTRAP_EXAMPLE = "/ip4/203.0.113.7/tcp/4001/p2p/12D3KooW..."
+
+
+def _check_transport(addr: str) -> str | None:
+    """Why `addr`'s /ip4|ip6|dns.../tcp/PORT part is wrong, or None (the rest unchecked)."""
+    import ipaddress
+
+    match = TRANSPORT.match(addr)
+    if match is None:
+        return "expected /ip4/ADDRESS/tcp/PORT (or /ip6/..., /dns/NAME/...)"
+    proto, host, port = match.groups()
+    if int(port) > 65535:
+        return f"tcp port {port} is not a TCP port (0..65535)"
+    try:
+        if proto == "ip4":
+            ipaddress.IPv4Address(host)
+        elif proto == "ip6":
+            ipaddress.IPv6Address(host)
+    except ValueError:
+        return f"{host[:40]!r} is not an {proto} address"
+    return None
+
+
+def listen_error(addr: str) -> str | None:
+    """Why `addr` cannot be a listen multiaddr, or None."""
+    problem = _check_transport(addr)
+    if problem is None and TRANSPORT.fullmatch(addr) is None:
+        problem = "a listen address ends with /tcp/PORT"
+    return problem and f"{addr[:80]!r} is not a listen multiaddr: {problem}"
+
+
+def bootstrap_error(addr: str) -> str | None:
+    """Why `addr` cannot be a bootstrap multiaddr (it must name the peer), or None."""
+    problem = _check_transport(addr)
+    if problem is None:
+        rest = addr[TRANSPORT.match(addr).end() :]  # type: ignore[union-attr]
+        if not rest.startswith("/p2p/"):
+            problem = "it must end with /p2p/<peer id> of the node to join"
+        elif not _PEER_ID.fullmatch(rest[5:]):
+            problem = f"{rest[5:][:60]!r} is not a peer id (12D3KooW...)"
+    return problem and f"{addr[:80]!r} is not a bootstrap multiaddr: {problem}"
+
+
 @dataclass(frozen=True)
 class P2PConfig:
     listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/4001",)
@@ -61,12 +109,16 @@ class ShardsConfig:
     cache_gib: float = 0.0
     device: str = "auto"
     local_sockets: bool = True
+    # shard stream limits (README: Limits and quotas, Shard streams)
+    stream_idle_s: float = 30.0
+    max_streams_per_peer: int = 40
+    max_local_connections: int = 256
 
 
 @dataclass(frozen=True)
 class GRPCConfig:
     enabled: bool = True
-    port: int = 8646
+    port: int = 0  # a free port: several daemons on one host; daemon.json has the address
 
 
 @dataclass(frozen=True)
@@ -90,6 +142,14 @@ class Config:
             raise ConfigError("rpc.request_timeout_s must be above 0 and at most 3600")
         if not 0 <= self.grpc.port <= 65535:
             raise ConfigError(f"grpc.port {self.grpc.port} is not a TCP port")
+        if not self.p2p.listen:
+            raise ConfigError(f"p2p.listen is empty: give at least one, e.g. {LISTEN_EXAMPLE}")
+        for index, addr in enumerate(self.p2p.listen):
+            if problem := listen_error(addr):
+                raise ConfigError(f"p2p.listen[{index}] {problem}; e.g. {LISTEN_EXAMPLE}")
+        for index, addr in enumerate(self.p2p.bootstrap):
+            if problem := bootstrap_error(addr):
+                raise ConfigError(f"p2p.bootstrap[{index}] {problem}; e.g. {BOOTSTRAP_EXAMPLE}")
         res = self.resources
         if not 0 < res.publish_interval_s < res.record_validity_s:
             raise ConfigError(
@@ -114,6 +174,13 @@ class Config:
             )
         if self.shards.cache_gib < 0:
             raise ConfigError("shards.cache_gib must be >= 0 (0: half the free memory)")
+        if not 20.0 <= self.shards.stream_idle_s <= 3600:
+            # a server replaces its pooled push streams after 10 s idle: stay well above
+            raise ConfigError("shards.stream_idle_s must be 20..3600")
+        if not 1 <= self.shards.max_streams_per_peer <= 4096:
+            raise ConfigError("shards.max_streams_per_peer must be 1..4096")
+        if not 2 <= self.shards.max_local_connections <= 65536:
+            raise ConfigError("shards.max_local_connections must be 2..65536")
         if self.p2p.reconnect_min_s <= 0 or self.p2p.reconnect_max_s < self.p2p.reconnect_min_s:
             raise ConfigError("p2p.reconnect_min_s must be > 0 and <= reconnect_max_s")
         return self
@@ -180,14 +247,26 @@ def with_overrides(
     listen: list[str] | None = None,
     bootstrap: list[str] | None = None,
     rpc_port: int | None = None,
+    grpc_port: int | None = None,
 ) -> Config:
+    """`config` with command-line flags applied; errors name the flag."""
+    for addr in listen or ():
+        if problem := listen_error(addr):
+            raise ConfigError(f"--listen {problem}; e.g. {LISTEN_EXAMPLE}")
+    for addr in bootstrap or ():
+        if problem := bootstrap_error(addr):
+            raise ConfigError(f"--bootstrap {problem}; e.g. {BOOTSTRAP_EXAMPLE}")
+    for flag, port in (("--rpc-port", rpc_port), ("--grpc-port", grpc_port)):
+        if port is not None and not 0 <= port <= 65535:
+            raise ConfigError(f"{flag} {port} is not a TCP port (0..65535; 0 picks a free one)")
     p2p = config.p2p
     if listen:
         p2p = replace(p2p, listen=tuple(listen))
     if bootstrap:
         p2p = replace(p2p, bootstrap=tuple(bootstrap))
     rpc = config.rpc if rpc_port is None else replace(config.rpc, port=rpc_port)
-    return replace(config, p2p=p2p, rpc=rpc).validate()
+    grpc = config.grpc if grpc_port is None else replace(config.grpc, port=grpc_port)
+    return replace(config, p2p=p2p, rpc=rpc, grpc=grpc).validate()
 
 
 def default_home() -> Path:

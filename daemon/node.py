@@ -6,14 +6,11 @@ CLI and other tools where to reach it; the file and the RPC cookie are removed o
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import signal
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +21,13 @@ from daemon.api import cookie
 from daemon.api.http import serve_rpc
 from daemon.api.jsonrpc import Dispatcher
 from daemon.config import Config
+from daemon.home import (  # noqa: F401 - LOCK_FILE, DaemonError, read_daemon_file: re-exported
+    DAEMON_FILE,
+    LOCK_FILE,
+    DaemonError,
+    home_lock,
+    read_daemon_file,
+)
 from daemon.metrics import Metrics
 from daemon.registry_methods import register_registry_methods
 from daemon.rpc_methods import register_node_methods
@@ -40,36 +44,7 @@ from registry.store import RegistryStore
 
 log = logging.getLogger(__name__)
 
-DAEMON_FILE = "daemon.json"
-LOCK_FILE = "daemon.lock"
 SHUTDOWN_GRACE_S = 4.0
-
-
-class DaemonError(RuntimeError):
-    pass
-
-
-@contextmanager
-def home_lock(home: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the home for the daemon's lifetime (released on any exit)."""
-    fd = os.open(home / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            info = read_daemon_file(home)
-            pid = f" (pid {info['pid']})" if info else ""
-            raise DaemonError(f"another daemon is already running with home {home}{pid}") from None
-        yield
-    finally:
-        os.close(fd)
-
-
-def read_daemon_file(home: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((home / DAEMON_FILE).read_text())
-    except (FileNotFoundError, ValueError):
-        return None
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:

@@ -70,22 +70,37 @@ def daemon(
         None, "--config", help="Config file (default: HOME/config.toml if present)."
     ),
     listen: list[str] = typer.Option(
-        [], "--listen", help="Multiaddr to listen on, e.g. /ip4/127.0.0.1/tcp/0 (repeatable)."
+        [],
+        "--listen",
+        help="libp2p multiaddr to listen on, /ip4/ADDRESS/tcp/PORT (repeatable); tcp/0 picks "
+        "a free port, e.g. /ip4/127.0.0.1/tcp/0 for a second daemon on this host.",
     ),
     bootstrap: list[str] = typer.Option(
-        [], "--bootstrap", help="Full multiaddr of a node to join through (repeatable)."
+        [],
+        "--bootstrap",
+        help="Full multiaddr of a node to join through, ending in /p2p/<its peer id> "
+        "(`gridmesh status` on that node shows it; repeatable).",
     ),
     rpc_port: int | None = typer.Option(
-        None, "--rpc-port", help="JSON-RPC port on 127.0.0.1; 0 picks a free one."
+        None, "--rpc-port", help="JSON-RPC port on 127.0.0.1 (default 8645); 0 picks a free one."
+    ),
+    grpc_port: int | None = typer.Option(
+        None,
+        "--grpc-port",
+        help="gRPC inference port on 127.0.0.1 (default 0: a free one, shown by `status`).",
     ),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
 ) -> None:
-    """Run the daemon in the foreground until Ctrl-C or SIGTERM."""
+    """Run the daemon in the foreground until Ctrl-C or SIGTERM.
+
+    Several daemons on one host each need their own --home and free ports, e.g.
+    `gridmesh daemon --home ~/.gridmesh2 --listen /ip4/127.0.0.1/tcp/0 --rpc-port 0`."""
+    from daemon.home import running_daemon
+
     home = _home(home)
     level = getattr(logging, log_level.upper(), None)
     if not isinstance(level, int):
-        fail(f"unknown log level {log_level!r}")
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        fail(f"unknown log level {log_level!r} (use debug, info, warning or error)")
     config_path = config or home / configuration.CONFIG_FILE
     try:
         cfg = (
@@ -94,34 +109,61 @@ def daemon(
             else configuration.Config()
         )
         cfg = configuration.with_overrides(
-            cfg, listen=listen, bootstrap=bootstrap, rpc_port=rpc_port
+            cfg, listen=listen, bootstrap=bootstrap, rpc_port=rpc_port, grpc_port=grpc_port
         )
     except configuration.ConfigError as exc:
         fail(str(exc))
+    running, _ = running_daemon(home) if home.is_dir() else (None, None)
+    if running is not None:
+        fail(f"another daemon is already running with home {home} (pid {running.get('pid')})")
+    from daemon.cli.ports import port_problems
+
+    for problem in port_problems(cfg):
+        fail(problem)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import trio
 
     from daemon.node import SHUTDOWN_GRACE_S, Daemon, DaemonError
     from p2p.host import quiet_libp2p_logs
     from p2p.identity import IdentityError
+    from p2p.network import NetworkError
 
     quiet_libp2p_logs(logging.DEBUG if level <= logging.DEBUG else logging.ERROR)
     try:
         node = Daemon(home, cfg, exit_watchdog_s=SHUTDOWN_GRACE_S)
         trio.run(node.run)
-    except (DaemonError, IdentityError, OSError) as exc:
-        fail(str(exc))
+    except BaseException as exc:
+        # trio wraps a failed start in (nested) exception groups: a port taken between the
+        # check above and the bind, a listen address libp2p refuses, a bad identity file.
+        leaves = _leaves(exc)
+        clear = (DaemonError, IdentityError, NetworkError, OSError)
+        if not leaves or not all(isinstance(leaf, clear) for leaf in leaves):
+            raise
+        for message in dict.fromkeys(str(leaf) or type(leaf).__name__ for leaf in leaves):
+            typer.echo(f"gridmesh: {message}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, without the groups themselves."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    if isinstance(exc, KeyboardInterrupt | SystemExit | typer.Exit):
+        return []
+    return [exc]
 
 
 def _client(home: Path | None) -> Any:
     from daemon.api.client import RPCClient
     from daemon.api.cookie import read_cookie
-    from daemon.node import read_daemon_file
+    from daemon.home import running_daemon
 
     home = _home(home)
-    info = read_daemon_file(home)
+    info, stale_pid = running_daemon(home)
     if info is None:
-        fail(f"no daemon is running with home {home} (start one with `gridmesh daemon`)")
+        stale = "" if stale_pid is None else f" (stale files from pid {stale_pid} removed)"
+        fail(f"no daemon is running with home {home}{stale}; start one with `gridmesh daemon`")
     try:
         token = read_cookie(home)
     except OSError:

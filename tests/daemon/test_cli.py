@@ -1,0 +1,206 @@
+"""A new user's mistakes, made through the real CLI: each is one clear line and exit code 1."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from daemon.cli.main import app
+from daemon.devnet import DaemonProcess
+
+runner = CliRunner()
+GM = [sys.executable, "-m", "daemon.cli.main"]
+
+
+def gm(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*GM, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(result, *needles: str) -> str:
+    """The CLI failed with exit code 1 and a single `gridmesh: ...` line naming the needles.
+
+    `result` is a subprocess's CompletedProcess or typer's CliRunner Result."""
+    if isinstance(result, subprocess.CompletedProcess):
+        code, output = result.returncode, result.stderr + result.stdout
+    else:
+        code, output = result.exit_code, result.output
+    assert code == 1, output
+    lines = output.strip().splitlines()
+    assert len(lines) == 1, output
+    assert lines[0].startswith("gridmesh: "), output
+    assert "Traceback" not in output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def cli(*args: str):
+    result = runner.invoke(app, list(args))
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+# -- item 12: multiaddrs are validated, for flags and for config.toml ---------------------
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "needle"),
+    [
+        ("--listen", "garbage", "expected /ip4/ADDRESS/tcp/PORT"),
+        ("--listen", "/ip4/300.1.2.3/tcp/4001", "is not an ip4 address"),
+        ("--listen", "/ip4/127.0.0.1/tcp/99999", "not a TCP port"),
+        ("--listen", "/ip4/127.0.0.1/tcp/1/p2p/x", "ends with /tcp/PORT"),
+        ("--bootstrap", "garbage", "expected /ip4/ADDRESS/tcp/PORT"),
+        ("--bootstrap", "/ip4/1.2.3.4/tcp/4001", "must end with /p2p/<peer id>"),
+        ("--bootstrap", "/ip4/1.2.3.4/tcp/4001/p2p/hello", "is not a peer id"),
+        ("--rpc-port", "70000", "--rpc-port 70000 is not a TCP port"),
+        ("--grpc-port", "-1", "--grpc-port -1 is not a TCP port"),
+    ],
+)
+def test_bad_flag_is_one_line_naming_the_flag(tmp_path, flag, value, needle):
+    result = cli("daemon", "--home", str(tmp_path / "h"), flag, value)
+    assert result.exit_code == 1
+    line = one_line_error(result, needle)
+    assert line.startswith(f"gridmesh: {flag}")
+    assert not (tmp_path / "h" / "daemon.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("toml", "needle"),
+    [
+        ('[p2p]\nlisten = ["garbage"]\n', "p2p.listen[0]"),
+        ("[p2p]\nlisten = []\n", "p2p.listen is empty"),
+        ('[p2p]\nbootstrap = ["/ip4/1.2.3.4/tcp/4001"]\n', "p2p.bootstrap[0]"),
+        ('[p2p]\nbootstrap = ["/dns/x.example/tcp/1/p2p/12D3Koo!"]\n', "not a peer id"),
+    ],
+)
+def test_bad_multiaddr_in_config_names_the_key_and_file(tmp_path, toml, needle):
+    path = tmp_path / "config.toml"
+    path.write_text(toml)
+    result = cli("daemon", "--home", str(tmp_path / "h"), "--config", str(path))
+    assert result.exit_code == 1
+    one_line_error(result, needle, str(path))
+
+
+def test_good_multiaddrs_pass_validation():
+    from daemon import config
+
+    peer = "12D3KooWQQk2YcdHSkqWYZWhefsfH7ci8PACnWaNTJFtmssExvqk"
+    cfg = config.with_overrides(
+        config.Config(),
+        listen=["/ip4/0.0.0.0/tcp/0", "/ip6/::1/tcp/4001", "/dns4/node.example/tcp/1"],
+        bootstrap=[f"/ip4/203.0.113.7/tcp/4001/p2p/{peer}", f"/dns/a.example/tcp/1/p2p/{peer}"],
+    )
+    assert len(cfg.p2p.listen) == 3 and len(cfg.p2p.bootstrap) == 2
+
+
+# -- item 11: ports ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def taken_port():
+    """A port something else listens on, as a second daemon would find 8645 or 4001."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("flag", "setting"),
+    [("--rpc-port", "rpc.port"), ("--grpc-port", "grpc.port")],
+)
+def test_taken_local_api_port_is_one_line_naming_the_port(tmp_path, taken_port, flag, setting):
+    args = ["daemon", "--home", str(tmp_path / "h"), "--listen", "/ip4/127.0.0.1/tcp/0"]
+    args += ["--rpc-port", "0", "--grpc-port", "0", flag, str(taken_port)]
+    result = cli(*args)
+    assert result.exit_code == 1
+    one_line_error(result, f"{setting} {taken_port}", "already in use", f"{flag} 0")
+
+
+def test_taken_libp2p_port_is_one_line_naming_the_port(tmp_path, taken_port):
+    listen = f"/ip4/127.0.0.1/tcp/{taken_port}"
+    result = cli("daemon", "--home", str(tmp_path / "h"), "--listen", listen, "--rpc-port", "0")
+    assert result.exit_code == 1
+    one_line_error(result, f"p2p.listen {listen}", "already in use", "/ip4/127.0.0.1/tcp/0")
+
+
+def test_listen_on_an_address_not_of_this_machine(tmp_path):
+    result = cli("daemon", "--home", str(tmp_path / "h"), "--listen", "/ip4/192.0.2.1/tcp/0")
+    assert result.exit_code == 1
+    one_line_error(result, "192.0.2.1 is not an address of this machine")
+
+
+@pytest.mark.procs
+def test_two_daemons_on_one_host_with_the_documented_flags(tmp_path):
+    """Default config (no config.toml) plus `--listen .../tcp/0 --rpc-port 0`: both start."""
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    first = DaemonProcess(tmp_path / "a", config=empty)
+    second = DaemonProcess(tmp_path / "b", config=empty)
+    try:
+        first.start()
+        second.start()
+        assert first.info["grpc_addr"] != second.info["grpc_addr"]
+        assert first.call("node_info")["peer_id"] != second.call("node_info")["peer_id"]
+        # the same home twice is refused in one line, before any port is touched
+        again = gm("daemon", "--home", str(first.home), "--rpc-port", "0", timeout=30)
+        one_line_error(again, "already running", str(first.home))
+    finally:
+        for daemon in (first, second):  # stop both at once
+            if daemon.alive():
+                daemon.proc.terminate()
+        first.stop()
+        second.stop()
+
+
+# -- item 15: a crashed daemon's files ----------------------------------------------------
+
+
+@pytest.mark.procs
+def test_stale_files_of_a_killed_daemon_are_reported_and_removed(tmp_path, fast_config):
+    daemon = DaemonProcess(tmp_path / "home", config=fast_config).start()
+    pid = daemon.proc.pid
+    daemon.kill()
+    assert (daemon.home / "daemon.json").exists() and (daemon.home / "rpc.cookie").exists()
+    result = gm("status", "--home", str(daemon.home))
+    one_line_error(result, "no daemon is running", f"stale files from pid {pid} removed")
+    assert not (daemon.home / "daemon.json").exists()
+    assert not (daemon.home / "rpc.cookie").exists()
+    again = gm("status", "--home", str(daemon.home))
+    line = one_line_error(again, "no daemon is running")
+    assert "stale files" not in line
+
+
+# -- item 14: commands that only talk to the daemon import nothing heavy -----------------
+
+HEAVY = ("libp2p", "torch", "web3", "eth_account", "grpc", "trio", "transformers")
+
+
+def test_cli_imports_nothing_heavy(tmp_path):
+    """Import the CLI and run a command that reads the home, in a fresh interpreter."""
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from daemon.cli.main import app\n"
+        f"CliRunner().invoke(app, ['status', '--home', {str(tmp_path)!r}])\n"
+        f"CliRunner().invoke(app, ['get', 'blocks', '--home', {str(tmp_path)!r}])\n"
+        f"print([m for m in sys.modules if m.split('.')[0] in {HEAVY!r}])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1].replace("'", '"')) == []
+
+
+def test_status_without_a_daemon_is_one_line(tmp_path):
+    result = gm("status", "--home", str(tmp_path))
+    one_line_error(result, "no daemon is running", str(tmp_path))
