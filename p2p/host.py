@@ -159,6 +159,9 @@ class _ValidatorBridge(Validator):
             exc._gridmesh_counted = True  # type: ignore[attr-defined]
             raise
 
+    def select(self, key: str, values: list[bytes]) -> int:
+        return self._inner.select(key, values)
+
 
 class _CountingValidator(NamespacedValidator):
     """A strict `NamespacedValidator` that counts every refusal, foreign keys included."""
@@ -174,9 +177,6 @@ class _CountingValidator(NamespacedValidator):
             if not getattr(exc, "_gridmesh_counted", False):
                 self._on_reject("dht", "foreign_key")
             raise
-
-    def select(self, key: str, values: list[bytes]) -> int:
-        return self._inner.select(key, values)
 
 
 async def read_frame(stream: Any, max_bytes: int = MAX_FRAME_BYTES) -> bytes:
@@ -388,9 +388,16 @@ class Libp2pNetwork:
         return {p.to_base58() for p in self.host.get_connected_peers()}
 
     def known_peers(self) -> set[str]:
-        """Connected or routable peers whose hello showed them to be nodes of our network."""
+        """Connected or routable peers whose hello showed them to be nodes of our network.
+
+        A peer the DHT told us of is asked for its hello in the background (it shows up here
+        once that succeeds, and leaves the routing table if it fails).
+        """
         routing = {p.to_base58() for p in self.dht.routing_table.get_peer_ids()}
-        return ((routing | self.connected_peers()) & self._verified.keys()) - {self.peer_id}
+        candidates = (routing | self.connected_peers()) - {self.peer_id}
+        for peer_id in candidates - self._verified.keys():
+            self._hello_in_background(peer_id)
+        return candidates & self._verified.keys()
 
     def is_verified(self, peer_id: str) -> bool:
         return peer_id in self._verified
@@ -552,21 +559,9 @@ class Libp2pNetwork:
         body = {"network_id": self.network_id}
         return codec.seal(self._ident, HELLO_TYPE, body, timestamp=self.now()).to_wire()
 
-    def _open_hello(self, payload: bytes, sender: str) -> str:
-        """The network id of a peer's hello; CodecError unless it is well-formed and theirs."""
-        env = codec.parse_envelope(payload, expect_type=HELLO_TYPE, max_bytes=MAX_HELLO_BYTES)
-        if env.sender != sender:
-            raise codec.CodecError("wrong_sender", "hello signed by another peer")
-        try:
-            body = msgspec.convert(env.body, HelloBody, strict=True)
-        except msgspec.ValidationError as exc:
-            raise codec.CodecError("malformed", f"hello body: {str(exc)[:200]}") from None
-        codec.verify_envelope(env)
-        return body.network_id
-
     async def _answer_hello(self, sender: str, payload: bytes) -> bytes:
         try:
-            theirs = self._open_hello(payload, sender)
+            theirs = open_hello(payload, sender)
         except codec.CodecError as exc:
             self._on_reject("hello", exc.reason)
             raise
@@ -583,7 +578,7 @@ class Libp2pNetwork:
             reply = await self.request(
                 peer_id, HELLO_PROTOCOL, self._hello(), timeout_s=self.limits.hello_timeout_s
             )
-            theirs = self._open_hello(reply, peer_id)
+            theirs = open_hello(reply, peer_id)
         except (NetworkError, codec.CodecError) as exc:
             self._on_reject("hello", getattr(exc, "reason", "no_hello"))
             await self._drop_peer(peer_id)
@@ -879,6 +874,19 @@ class Libp2pNetwork:
             for peer in list(self.host.get_connected_peers()):
                 with contextlib.suppress(Exception):
                     await self.host.disconnect(peer)
+
+
+def open_hello(payload: bytes, sender: str) -> str:
+    """The network id of a peer's hello; CodecError unless it is well-formed and theirs."""
+    env = codec.parse_envelope(payload, expect_type=HELLO_TYPE, max_bytes=MAX_HELLO_BYTES)
+    if env.sender != sender:
+        raise codec.CodecError("wrong_sender", "hello signed by another peer")
+    try:
+        body = msgspec.convert(env.body, HelloBody, strict=True)
+    except msgspec.ValidationError as exc:
+        raise codec.CodecError("malformed", f"hello body: {str(exc)[:200]}") from None
+    codec.verify_envelope(env)  # last: the costly check, after the cheap ones
+    return body.network_id
 
 
 def _safe_signature_check(msg: Any) -> bool:

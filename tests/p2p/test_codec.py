@@ -88,3 +88,74 @@ def test_random_large_garbage():
     for _ in range(20):
         with pytest.raises(codec.CodecError):
             codec.open_envelope(os.urandom(4096))
+
+
+# random structures, not only random bytes: every msgpack value a peer could send
+_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=40)
+    | st.binary(max_size=80)
+)
+_values = st.recursive(
+    _leaf,
+    lambda inner: (
+        st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5)
+    ),
+    max_leaves=30,
+)
+_envelope_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "v": st.sampled_from([1, 2, "1", None]) | _leaf,
+        "t": st.sampled_from(["hello", "resources"]) | _leaf,
+        "from": st.just(IDENT.peer_id) | _leaf,
+        "ts": st.floats(allow_nan=True) | _leaf,
+        "body": _values,
+        "sig": st.binary(min_size=64, max_size=64) | _leaf,
+    },
+)
+
+
+@given(_values | _envelope_like)
+def test_random_structures_only_raise_codec_error(value):
+    data = codec.encode(value)
+    for opener in (codec.open_envelope, codec.parse_envelope):
+        try:
+            env = opener(data)
+        except codec.CodecError as exc:
+            assert exc.reason
+        else:
+            assert isinstance(env, codec.Envelope)
+    try:
+        codec.decode(data)
+    except codec.CodecError as exc:
+        assert exc.reason
+
+
+@given(_values)
+def test_signed_envelopes_with_random_bodies_roundtrip(body):
+    # what a real peer signs, whatever its body, opens to the same body
+    env = codec.seal(IDENT, "x", body, timestamp=1.0)
+    try:
+        opened = codec.open_envelope(env.to_wire())
+    except codec.CodecError as exc:  # only nesting can be refused here
+        assert exc.reason == "too_deep"
+    else:
+        assert opened.sender == IDENT.peer_id
+
+
+def test_parse_checks_shape_before_signature():
+    env = codec.seal(IDENT, "hello", {"a": 1}, timestamp=1.0)
+    raw = codec.decode(env.to_wire())
+    raw["sig"] = bytes(64)
+    parsed = codec.parse_envelope(codec.encode(raw), expect_type="hello")  # shape is fine
+    with pytest.raises(codec.CodecError) as err:
+        codec.verify_envelope(parsed)
+    assert err.value.reason == "bad_signature"
+    raw["sig"] = bytes(100_000)  # an oversized signature is refused without verifying
+    with pytest.raises(codec.CodecError) as err:
+        codec.parse_envelope(codec.encode(raw))
+    assert err.value.reason == "malformed"

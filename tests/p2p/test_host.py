@@ -8,6 +8,8 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import multiaddr
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
@@ -23,6 +25,7 @@ from p2p.host import (
     HostLimits,
     Libp2pNetwork,
     ListenError,
+    open_hello,
     read_frame,
     write_frame,
 )
@@ -454,3 +457,60 @@ async def test_wildcard_listener_advertises_dialable_addresses():
         assert not any("/0.0.0.0/" in a for a in addrs)
         await other.net.connect(addrs[0])
         assert node.ident.peer_id in other.net.known_peers()
+
+
+_hello_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=20)
+)
+_hello_values = st.recursive(
+    _hello_leaf | st.binary(max_size=70),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=12), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+HELLO_IDENT = identity.NodeIdentity.generate()
+
+
+@given(
+    st.binary(max_size=300)
+    | _hello_values.map(codec.encode)
+    | _hello_values.map(
+        lambda body: codec.seal(HELLO_IDENT, "hello", body, timestamp=1.0).to_wire()
+    )
+)
+@settings(max_examples=150, deadline=None)
+def test_hello_decoder_only_raises_codec_error(payload):
+    try:
+        network_id = open_hello(payload, HELLO_IDENT.peer_id)
+    except codec.CodecError as exc:
+        assert exc.reason
+    else:
+        assert isinstance(network_id, str) and len(network_id) <= 128
+
+
+def test_hello_is_typed():
+    def hello(body):
+        return codec.seal(HELLO_IDENT, "hello", body, timestamp=1.0).to_wire()
+
+    assert open_hello(hello({"network_id": "n"}), HELLO_IDENT.peer_id) == "n"
+    for body in ({"network_id": 5}, {"network_id": "x" * 129}, {}, ["n"], None):
+        with pytest.raises(codec.CodecError, match="malformed"):
+            open_hello(hello(body), HELLO_IDENT.peer_id)
+    with pytest.raises(codec.CodecError, match="wrong_sender"):
+        open_hello(hello({"network_id": "n"}), identity.NodeIdentity.generate().peer_id)
+
+
+async def test_republishing_replaces_the_record(nodes):
+    a, b, _ = nodes
+    await b.net.connect(a.net.listen_addrs()[0])
+    key = b.directory.key_for(b.ident.peer_id)
+    for _ in range(3):  # a second put selects between the stored value and the new one
+        assert await b.directory.publish_once()
+    stored = a.net.dht.value_store.get(key.encode())
+    assert stored is not None
+    assert stored.value == await b.net.dht_get(key)

@@ -1,4 +1,6 @@
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from p2p import codec, identity, records
 
@@ -70,3 +72,100 @@ def test_select_newest_last_wins_ties():
     assert records.select_newest([new, old]) == 0
     assert records.select_newest([new, new]) == 1
     assert records.select_newest([b"junk", old]) == 1
+
+
+def _signed(ident, body, ts=1000.0, type_=records.RECORD_TYPE):
+    return codec.seal(ident, type_, body, timestamp=ts).to_wire()
+
+
+def _body(**changes):
+    body = {"net": NET, "valid_for": 90.0, "payout": "0xabc", "addrs": [], "resources": {}}
+    body.update(changes)
+    return body
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"valid_for": True},
+        {"valid_for": "90"},
+        {"valid_for": 0.0},
+        {"valid_for": 7200.0},
+        {"addrs": ["/ip4/1.2.3.4/tcp/1"] * (records.MAX_ADDRS + 1)},
+        {"addrs": ["x" * (records.MAX_ADDR_CHARS + 1)]},
+        {"addrs": [1]},
+        {"payout": 5},
+        {"resources": []},
+        {"net": None},
+    ],
+)
+def test_typed_body_refuses_wrong_shapes(changes):
+    ident = identity.NodeIdentity.generate()
+    key = records.record_key(NET, ident.peer_id)
+    assert _reason(key, _signed(ident, _body(**changes))) == "malformed"
+
+
+def test_cheap_checks_come_before_the_signature():
+    # a misplaced, stale or foreign record is refused for that, without a signature check
+    ident, other = identity.NodeIdentity.generate(), identity.NodeIdentity.generate()
+    raw = codec.decode(_record(ident))
+    raw["sig"] = bytes(64)
+    forged = codec.encode(raw)
+    assert _reason(records.record_key(NET, other.peer_id), forged) == "wrong_key"
+    assert _reason(records.record_key(NET, ident.peer_id), forged, now=5000.0) == "stale"
+    assert _reason(records.record_key(NET, ident.peer_id), forged, network_id="x") == (
+        "wrong_network"
+    )
+    assert _reason(records.record_key(NET, ident.peer_id), forged) == "bad_signature"
+
+
+_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=30)
+    | st.binary(max_size=40)
+)
+_values = st.recursive(
+    _leaf,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=25,
+)
+_bodies = st.fixed_dictionaries(
+    {},
+    optional={
+        "net": st.just(NET) | _leaf,
+        "valid_for": st.floats(allow_nan=True) | _leaf,
+        "payout": _leaf,
+        "addrs": st.lists(st.text(max_size=20) | _leaf, max_size=4) | _leaf,
+        "resources": _values,
+    },
+)
+FUZZ_IDENT = identity.NodeIdentity.generate()
+FUZZ_KEY = records.record_key(NET, FUZZ_IDENT.peer_id)
+
+
+@given(_bodies | _values, st.floats(allow_nan=True) | st.integers(-(2**40), 2**40))
+def test_signed_random_bodies_only_raise_record_error(body, ts):
+    # correctly signed, so every check past the signature is exercised too
+    try:
+        rec = records.validate_record(
+            FUZZ_KEY, _signed(FUZZ_IDENT, body, ts), now=1010.0, network_id=NET
+        )
+    except records.RecordError as exc:
+        assert exc.reason
+    else:
+        assert rec.peer_id == FUZZ_IDENT.peer_id
+        assert isinstance(rec.addrs, list) and isinstance(rec.resources, dict)
+
+
+@given(st.binary(max_size=600) | _values.map(codec.encode))
+def test_random_values_only_raise_record_error(value):
+    try:
+        records.validate_record(FUZZ_KEY, value, now=1010.0, network_id=NET)
+    except records.RecordError as exc:
+        assert exc.reason
+    records.select_newest([value, value])  # never raises either
