@@ -531,6 +531,9 @@ class ScriptedShards(ShardService):
         try:  # like ShardService.generate: the job is done however this ends
             if model_id == "bug":
                 raise ValueError("bad tensor")
+            if model_id == "full":  # as the client reports servers refusing a session
+                job.error = "p1: busy: 32 sessions of this peer are open"
+                return job
             job.route = [{"peer_id": "p1", "start": 0, "end": 4}]
             for token in expected_tokens(prompt_ids, max_new_tokens, seed):
                 job.tokens.append(token)
@@ -569,6 +572,11 @@ async def test_shard_backend_streams_a_generation() -> None:
             {"model": "bug", "token_ids": pb2.TokenIds(ids=[1])},
             grpc.StatusCode.ABORTED,
             "internal error: ValueError: bad tensor",
+        ),
+        (
+            {"model": "full", "token_ids": pb2.TokenIds(ids=[1])},
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "busy",
         ),
     ],
 )
@@ -689,3 +697,30 @@ async def test_finished_generations_are_forgotten_once_read() -> None:
             )
             assert replies[-1].done and replies[-1].n_tokens == 2
         assert served.backend.service.jobs == {}
+
+
+async def test_over_the_total_cap_generations_are_busy_not_another_error() -> None:
+    async with serving(shard_backend) as served:
+        request = pb2.GenerateRequest(model="hang", token_ids=pb2.TokenIds(ids=[1]), max_tokens=3)
+        channels = [own_connection(served.port) for _ in range(MAX_JOBS // MAX_RPCS_PER_PEER + 1)]
+        calls = [
+            pb2_grpc.InferenceStub(channel).Generate(request, timeout=DEADLINE)
+            for channel in channels
+            for _ in range(MAX_RPCS_PER_PEER)
+        ]
+
+        def first(call: Any) -> Any:
+            try:
+                return next(call)
+            except grpc.RpcError as exc:
+                return exc
+
+        firsts = await in_thread(lambda: [first(c) for c in calls])
+        for call in calls:
+            call.cancel()
+        for channel in channels:
+            channel.close()
+    refused = [f for f in firsts if isinstance(f, grpc.RpcError)]
+    assert len(refused) == len(calls) - MAX_JOBS
+    assert all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
+    assert all(r.details().startswith("busy") for r in refused)
