@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -13,6 +14,8 @@ from daemon.shards.service import Job, ShardService, ShardServiceError
 
 if TYPE_CHECKING:
     from daemon.node import Daemon
+
+log = logging.getLogger(__name__)
 
 SHARD_ERROR = -32030
 BUSY = -32031  # a cap on running generations was reached: retry later
@@ -64,9 +67,14 @@ def _job_failed(job: Job) -> RPCError:
 
 
 async def _run_job(job: Job, run: Any) -> None:
-    """Run a job's generation inside its cancel scope; it ends done either way."""
-    with job.scope:
-        await run
+    """Run a job's generation inside its cancel scope; it ends done either way, and never
+    raises (a streaming job runs in the daemon's nursery)."""
+    try:
+        with job.scope:
+            await run
+    except Exception as exc:
+        log.exception("generation %s failed", job.id)
+        job.error = f"internal error: {type(exc).__name__}: {exc}"
     if not job.done or (job.scope.cancelled_caught and job.error is None):
         # cancelled (generate_cancel) before or while service.generate ran
         job.error = job.error or "cancelled"

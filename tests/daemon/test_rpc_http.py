@@ -527,6 +527,8 @@ class ScriptedShards(ShardService):
         seed: int | None,
         relay: bool = False,
     ) -> Job:
+        if model_id == "crash":  # a bug, raised before the job is marked done
+            raise RuntimeError("a bug")
         try:
             for i in range(max_new_tokens):
                 job.tokens.append(sum(prompt_ids) + i)
@@ -880,3 +882,14 @@ async def test_generation_params_are_validated_with_clear_errors(
     error = await rpc_error(client, method, params)
     assert error.code == INVALID_PARAMS and where in error.message, error.message
     assert service.jobs == {}
+
+
+async def test_a_crashing_streaming_generation_is_a_job_error(nursery: trio.Nursery):
+    client, service = await start_shard_server(nursery)
+    params = {"model": "crash", "token_ids": [1], "stream": True}
+    job = (await rpc(client, "generate", params))["job"]
+    with trio.fail_after(DEADLINE):
+        while not (state := await rpc(client, "generate_poll", {"job": job}))["done"]:
+            pass
+    assert state["error"] == "internal error: RuntimeError: a bug"
+    assert (await rpc(client, "generate", {"model": "m", "token_ids": [1]}))["error"] is None
