@@ -302,9 +302,15 @@ def _pack_floats(values: Sequence[float]) -> bytes:
 class InferenceServicer(pb2_grpc.InferenceServicer):
     """`gridmesh.inference.v1.Inference` over an `InferenceBackend`; runs on the asyncio loop."""
 
-    def __init__(self, backend: InferenceBackend, portal: _TrioPortal) -> None:
+    def __init__(
+        self,
+        backend: InferenceBackend,
+        portal: _TrioPortal,
+        on_reject: Callable[[str], None] = lambda reason: None,
+    ) -> None:
         self._backend = backend
         self._portal = portal
+        self._on_reject = on_reject
         self._in_flight: dict[str, int] = {}  # peer -> Inference calls running
 
     @contextlib.contextmanager
@@ -322,6 +328,10 @@ class InferenceServicer(pb2_grpc.InferenceServicer):
                 self._in_flight[peer] = left
 
     async def _busy(self, context: grpc.aio.ServicerContext) -> None:
+        try:
+            self._on_reject("busy")
+        except Exception:
+            log.exception("on_reject hook failed")
         await context.abort(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"busy: this connection already has {MAX_RPCS_PER_PEER} calls running",
@@ -448,7 +458,7 @@ class _CookieAuth(grpc.aio.ServerInterceptor):
         if not token:
             raise ValueError("a gRPC token is required")
         self._token = token.encode("utf-8")
-        self._on_reject = on_reject
+        self.on_reject = on_reject
         self._prefix = f"/{SERVICE_NAME}/"
 
     def _authorized(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
@@ -472,7 +482,7 @@ class _CookieAuth(grpc.aio.ServerInterceptor):
         if self._authorized(details.invocation_metadata):
             return handler
         try:
-            self._on_reject("unauthenticated")
+            self.on_reject("unauthenticated")
         except Exception:
             log.exception("on_reject hook failed")
         return _deny(handler)
@@ -531,7 +541,8 @@ async def _start(
         # grpc sets SO_REUSEPORT by default: a second daemon would share the port silently
         options=[("grpc.so_reuseport", 0)],
     )
-    pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(backend, portal), server)
+    servicer = InferenceServicer(backend, portal, auth.on_reject)
+    pb2_grpc.add_InferenceServicer_to_server(servicer, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -561,7 +572,7 @@ async def serve_grpc(
     """Serve the inference API on 127.0.0.1:`port` (0: a free port) until cancelled.
 
     Inference calls must carry `authorization: Bearer <token>` (the RPC cookie);
-    `on_reject(reason)` counts refusals ("unauthenticated").
+    `on_reject(reason)` counts refusals ("unauthenticated", "busy").
     `task_status.started(port)` reports the bound port. On cancellation health turns
     NOT_SERVING, calls in flight get `GRACE_S`, and the server is gone within about a second.
     """

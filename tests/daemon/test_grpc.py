@@ -682,6 +682,7 @@ async def test_200_streams_on_one_connection_leave_others_served() -> None:
     assert len(running) == MAX_RPCS_PER_PEER and len(refused) == 200 - MAX_RPCS_PER_PEER
     assert all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
     assert all("busy" in r.details() for r in refused)
+    assert served.rejects == ["busy"] * len(refused)
     assert replies[-1].done and replies[-1].n_tokens == 2
     assert len(set(served.backend.owners)) == 2  # the requester is the connection
     assert sum(1 for r in rest if r and r[-1].done) == MAX_RPCS_PER_PEER

@@ -651,7 +651,7 @@ async def test_cli_generate_stopped_with_ctrl_c_cancels_its_job(
     from daemon.cli import main as cli
 
     client, service = await start_shard_server(nursery)
-    monkeypatch.setattr(cli, "_client", lambda home: RPCClient(client.url, TOKEN, DEADLINE))
+    monkeypatch.setattr(cli, "_client", lambda *args: RPCClient(client.url, TOKEN, DEADLINE))
 
     def ctrl_c(seconds: float) -> None:  # the user presses Ctrl-C while the CLI waits
         raise KeyboardInterrupt
