@@ -15,6 +15,7 @@ Keep all knowledge of py-libp2p 0.8.1's quirks here (DESIGN.md, "Known pitfalls"
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ipaddress
 import logging
 import socket
@@ -90,8 +91,10 @@ class HostLimits:
 
     streams_per_s: float = 200.0  # new inbound streams per peer and protocol
     stream_burst: int = 400
-    gossip_per_s: float = 500.0  # gossip messages per forwarding peer
-    gossip_burst: int = 1000
+    gossip_per_s: float = 200.0  # gossip messages per forwarding peer
+    gossip_burst: int = 400
+    gossip_bytes_per_s: int = 4 << 20  # gossip bytes per forwarding peer
+    gossip_bytes_burst: int = 8 << 20
     max_gossip_bytes: int = 1 << 20
     hello_timeout_s: float = 5.0  # how long a peer's streams wait for its hello
     seen_ttl_s: int = 30  # how long gossip message ids are remembered (py-libp2p: 120)
@@ -118,12 +121,12 @@ class RateLimiter:
         self._clock = clock
         self._buckets: OrderedDict[Any, tuple[float, float]] = OrderedDict()
 
-    def allow(self, key: Any) -> bool:
+    def allow(self, key: Any, cost: float = 1.0) -> bool:
         now = self._clock()
         tokens, last = self._buckets.pop(key, (self._burst, now))
         tokens = min(self._burst, tokens + (now - last) * self._rate)
-        allowed = tokens >= 1.0
-        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
+        allowed = tokens >= cost
+        self._buckets[key] = (tokens - cost if allowed else tokens, now)
         while len(self._buckets) > self._max:
             self._buckets.popitem(last=False)
         return allowed
@@ -163,6 +166,36 @@ class _ValidatorBridge(Validator):
         return self._inner.select(key, values)
 
 
+# set while an inbound DHT stream is served: whether its refusal was counted already
+_DHT_REFUSAL: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar(
+    "gridmesh_dht_refusal", default=None
+)
+DHT_PROTOCOL = "/ipfs/kad/1.0.0"
+
+
+class _ResetCountingStream:
+    """A libp2p stream whose reset by KadDHT's handler counts as a refused message.
+
+    KadDHT refuses many things before (or instead of) asking our validator: bad signed peer
+    records, mismatched or empty keys, oversized records, a full inbound limiter. It resets
+    the stream for each, silently; this proxy counts the resets the validator did not count.
+    """
+
+    def __init__(self, stream: Any, cell: list[bool], on_reject: RejectHook) -> None:
+        self._stream = stream
+        self._cell = cell
+        self._on_reject = on_reject
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    async def reset(self) -> None:
+        if not self._cell[0]:
+            self._cell[0] = True
+            self._on_reject("dht", "refused")
+        await self._stream.reset()
+
+
 class _CountingValidator(NamespacedValidator):
     """A strict `NamespacedValidator` that counts every refusal, foreign keys included."""
 
@@ -176,6 +209,9 @@ class _CountingValidator(NamespacedValidator):
         except Exception as exc:
             if not getattr(exc, "_gridmesh_counted", False):
                 self._on_reject("dht", "foreign_key")
+            cell = _DHT_REFUSAL.get()
+            if cell is not None:
+                cell[0] = True
             raise
 
 
@@ -367,6 +403,9 @@ class Libp2pNetwork:
         )
         self._gossip_limiter = RateLimiter(
             limits.gossip_per_s, limits.gossip_burst, limits.max_tracked_peers
+        )
+        self._gossip_bytes = RateLimiter(
+            limits.gossip_bytes_per_s, limits.gossip_bytes_burst, limits.max_tracked_peers
         )
         # peers whose signed hello named our network (by peer id: Noise authenticates it)
         self._verified: OrderedDict[str, None] = OrderedDict()
@@ -763,6 +802,11 @@ class Libp2pNetwork:
                         with contextlib.suppress(Exception):
                             await stream.reset()
                         return
+            token, raw = None, stream
+            if protocol == DHT_PROTOCOL:
+                cell = [False]
+                token = _DHT_REFUSAL.set(cell)
+                stream = _ResetCountingStream(stream, cell, self._on_reject)
             try:
                 await handler(stream)
             except trio.Cancelled:
@@ -774,7 +818,10 @@ class Libp2pNetwork:
                 self._on_reject("stream", _reason(exc))
                 log.info("stream handler for %s failed: %r", protocol, exc)
                 with contextlib.suppress(Exception):
-                    await stream.reset()
+                    await raw.reset()  # counted above, not again by a DHT stream's proxy
+            finally:
+                if token is not None:
+                    _DHT_REFUSAL.reset(token)
 
         guarded._gridmesh_guarded = True  # type: ignore[attr-defined]
         return guarded
@@ -797,11 +844,12 @@ class Libp2pNetwork:
             if forwarder == pubsub.my_id:
                 await push(forwarder, msg)
                 return
-            if not self._gossip_limiter.allow(forwarder.to_base58()):
-                self._on_reject("pubsub", "rate_limited")
-                return
-            if msg.ByteSize() > limits.max_gossip_bytes:
+            peer, size = forwarder.to_base58(), msg.ByteSize()
+            if size > limits.max_gossip_bytes:
                 self._on_reject("pubsub", "too_large")
+                return
+            if not self._gossip_limiter.allow(peer) or not self._gossip_bytes.allow(peer, size):
+                self._on_reject("pubsub", "rate_limited")
                 return
             if pubsub._is_msg_seen(msg):
                 return  # duplicates are normal in a mesh

@@ -371,6 +371,38 @@ async def test_foreign_and_forged_dht_puts_are_refused_and_counted(nodes):
     assert target.net.dht.value_store.get(key.encode()) is None
 
 
+async def test_every_forged_dht_put_is_counted_once(nodes):
+    """Straight to the target's DHT handler: what KadDHT refuses before our validator counts."""
+    target, attacker, _ = nodes
+    await attacker.net.connect(target.net.listen_addrs()[0])
+    now = attacker.net.now()
+    good = records.make_record(
+        attacker.ident, network_id=NET, now=now, valid_for=60, addrs=[], resources={}
+    )
+    stale = records.make_record(
+        attacker.ident, network_id=NET, now=now - 600, valid_for=60, addrs=[], resources={}
+    )
+    own = records.record_key(NET, attacker.ident.peer_id)
+    forgeries = [
+        (f"/{records.NAMESPACE}/{'ab' * 32}", good),  # not its own key (and over 50 bytes)
+        (records.record_key(NET, target.ident.peer_id), good),  # the target's key
+        (own, stale),
+        (own, os.urandom(300)),
+        (own, os.urandom(1 << 20)),  # over KadDHT's record size limit: refused before us
+        ("/foreign/key", good),
+    ]
+    before = sum(1 for source, _ in target.rejects if source == "dht")
+    store = attacker.net.dht.value_store
+    for key, value in forgeries:
+        with trio.fail_after(10):
+            assert not await store._store_at_peer(target.net.host.get_id(), key.encode(), value)
+    with trio.fail_after(5):
+        while sum(1 for s, _ in target.rejects if s == "dht") - before < len(forgeries):  # noqa: ASYNC110
+            await trio.sleep(0.02)
+    # and once each: a double count comes with the first (validator, then the reset)
+    assert sum(1 for s, _ in target.rejects if s == "dht") - before == len(forgeries)
+
+
 async def test_stream_flood_is_refused_and_counted_while_honest_peer_is_served():
     limits = HostLimits(streams_per_s=5.0, stream_burst=10)
     target, flooder, honest = Node(limits=limits), Node(), Node()
