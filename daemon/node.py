@@ -36,7 +36,7 @@ from daemon.shards.service import ShardService
 from p2p import identity
 from p2p.aio import AsyncioBridge
 from p2p.discovery import DiscoverySettings, ResourceDirectory
-from p2p.host import Libp2pNetwork
+from p2p.host import HostLimits, Libp2pNetwork
 from p2p.records import NAMESPACE
 from registry.replica import Limits, Replica
 from registry.replication import ReplicationSettings, Replicator
@@ -84,6 +84,17 @@ class Daemon:
             dht_timeout_s=config.p2p.dht_timeout_s,
             on_reject=self.metrics.reject,
             on_dht_op=self.metrics.observe_dht,
+            limits=HostLimits(
+                streams_per_s=config.p2p.peer_streams_per_s,
+                stream_burst=config.p2p.peer_stream_burst,
+                gossip_per_s=config.p2p.peer_gossip_per_s,
+                gossip_burst=config.p2p.peer_gossip_burst,
+                gossip_bytes_per_s=config.p2p.peer_gossip_bytes_per_s,
+                gossip_bytes_burst=2 * config.p2p.peer_gossip_bytes_per_s,
+                max_gossip_bytes=config.p2p.max_gossip_bytes,
+                hello_timeout_s=config.p2p.hello_timeout_s,
+                seen_ttl_s=config.p2p.gossip_seen_ttl_s,
+            ),
         )
         self.directory = ResourceDirectory(
             self.net,
@@ -91,7 +102,11 @@ class Daemon:
             settings,
             describe=lambda: (
                 self.net.listen_addrs(),
-                {**public_resources(self.resources), "blocks": self.shards.summary()},
+                {
+                    **public_resources(self.resources),
+                    "blocks": self.shards.summary(),
+                    "accepts_deploys": config.shards.allow_remote_deploy,  # for planners
+                },
             ),
             on_reject=lambda reason: self.metrics.reject("dht", reason),
         )

@@ -99,27 +99,73 @@ def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: Shar
             head_bytes=config.head_bytes(dtype),
         )
 
-    async def _plan(model_dir: str, dtype: str, nodes: int | None, replicas: int) -> Any:
-        from scheduler.shard_plan import Candidate, PlanError, plan_shards
+    def _accepts_deploys(record: Any) -> bool:
+        """This node (local control), or a peer whose record says it takes remote deploys."""
+        if record.peer_id == daemon.ident.peer_id:
+            return True
+        return record.resources.get("accepts_deploys") is True
 
+    async def _plan(model_dir: str, dtype: str, nodes: int | None, replicas: int) -> Any:
+        from scheduler.shard_plan import Candidate, PlanError, plan_shards, plan_with_nodes
+
+        if nodes is not None and nodes < 1:
+            raise invalid_params("nodes must be at least 1")
         _, spec = await _model_spec(model_dir, dtype)
         records = await daemon.directory.find()
         candidates = []
+        refusing = 0
         for record in records:
+            if not _accepts_deploys(record):
+                refusing += 1
+                continue
             res = record.resources
             memory = (res.get("memory") or {}).get("available_bytes") or 0
             cores = (res.get("cpu") or {}).get("cores") or 1
             candidates.append(Candidate(record.peer_id, int(memory), float(cores)))
+        note = (
+            f" ({refusing} known node(s) do not accept deploys from peers: "
+            "[shards] allow_remote_deploy = false)"
+            if refusing
+            else ""
+        )
+        if nodes is not None and nodes > len(candidates):
+            raise RPCError(
+                SHARD_ERROR,
+                f"no plan: asked for exactly {nodes} nodes, but only {len(candidates)} known "
+                f"node(s) accept a deploy{note}",
+                {"reason": "too_few_nodes"},
+            )
         try:
-            return plan_shards(spec, candidates, replicas=replicas, max_nodes=nodes)
+            if nodes is None:
+                return plan_shards(spec, candidates, replicas=replicas)
+            return plan_with_nodes(spec, candidates, nodes, replicas=replicas)
         except PlanError as exc:
-            raise RPCError(SHARD_ERROR, f"no plan: {exc}") from None
+            raise RPCError(SHARD_ERROR, f"no plan: {exc}{note}", {"reason": "no_plan"}) from None
 
     async def shard_plan(
         model_dir: str, dtype: str = "float32", nodes: int | None = None, replicas: int = 1
     ) -> dict[str, Any]:
         plan = await _plan(model_dir, dtype, nodes, replicas)
         return plan.to_json()
+
+    async def _unload_on(peer_id: str, model: str) -> dict[str, Any]:
+        """Ask `peer_id` (or this node) to stop serving `model`: {peer_id, ok, unloaded|error}."""
+        if peer_id == daemon.ident.peer_id:
+            return {"peer_id": peer_id, "ok": True, "unloaded": await service.unload(model)}
+        from daemon.shards.service import CONTROL_PROTOCOL
+        from p2p import codec
+        from p2p.network import NetworkError
+
+        message = codec.encode({"op": "unload", "model": model})
+        try:
+            raw = await daemon.net.request(peer_id, CONTROL_PROTOCOL, message, timeout_s=30.0)
+            reply = codec.decode(raw, max_bytes=16 * 1024)
+        except (NetworkError, codec.CodecError) as exc:
+            return {"peer_id": peer_id, "ok": False, "error": f"unreachable: {exc}"}
+        if not isinstance(reply, dict) or "error" in reply:
+            error = reply.get("error") if isinstance(reply, dict) else "malformed reply"
+            return {"peer_id": peer_id, "ok": False, "error": str(error)[:300]}
+        return {"peer_id": peer_id, "ok": True, "unloaded": bool(reply.get("ok"))}
 
     async def block_deploy(
         model: str,
@@ -164,7 +210,25 @@ def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: Shar
         async with trio.open_nursery() as nursery:  # every daemon loads at the same time
             for index, item in enumerate(assignments):
                 nursery.start_soon(load, index, item)
-        return {"model": model, "assignments": assignments, "results": results}
+        rolled_back: list[dict[str, Any]] = []
+        if not all(r["ok"] for r in results):
+            # All or nothing: a half-deployed model only answers "missing layers" later.
+            loaded = sorted({r["peer_id"] for r in results if r["ok"]})
+            rolled_back = [{} for _ in loaded]
+
+            async def unload(index: int, peer_id: str) -> None:
+                rolled_back[index] = await _unload_on(peer_id, model)
+
+            async with trio.open_nursery() as nursery:
+                for index, peer_id in enumerate(loaded):
+                    nursery.start_soon(unload, index, peer_id)
+        return {
+            "model": model,
+            "ok": not rolled_back and all(r["ok"] for r in results),
+            "assignments": assignments,
+            "results": results,
+            "rolled_back": rolled_back,
+        }
 
     async def block_load(
         model: str, model_dir: str, start: int, end: int, dtype: str = "float32"
@@ -174,8 +238,25 @@ def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: Shar
         except ShardServiceError as exc:
             raise _failed(exc) from None
 
-    async def block_undeploy(model: str) -> dict[str, Any]:
-        return {"model": model, "unloaded": await service.unload(model)}
+    async def block_undeploy(model: str, network: bool = False) -> dict[str, Any]:
+        if not network:
+            return {"model": model, "unloaded": await service.unload(model)}
+        peers = {server["peer_id"] for server in service.announced(model)}
+        if service.local_block(model) is not None:
+            peers.add(daemon.ident.peer_id)
+        results: list[dict[str, Any]] = [{} for _ in peers]
+
+        async def unload(index: int, peer_id: str) -> None:
+            results[index] = await _unload_on(peer_id, model)
+
+        async with trio.open_nursery() as nursery:
+            for index, peer_id in enumerate(sorted(peers)):
+                nursery.start_soon(unload, index, peer_id)
+        return {
+            "model": model,
+            "unloaded": any(r.get("unloaded") for r in results),
+            "results": results,
+        }
 
     async def block_list(model: str | None = None) -> dict[str, Any]:
         """Shards served here, and per model every server's own announcement: entries are
@@ -270,10 +351,11 @@ def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: Shar
             Param(
                 "plan", (list,), False, "[{peer_id, start, end}]; planned automatically if absent"
             ),
-            Param("nodes", (int,), False, "for the automatic plan: this many nodes"),
+            Param("nodes", (int,), False, "for the automatic plan: exactly this many nodes"),
             Param("replicas", (int,), False, "for the automatic plan"),
         ],
-        "Ask each chosen daemon to load its range of layers.",
+        "Ask each chosen daemon to load its range of layers; if any fails, those that loaded "
+        "unload again (rolled_back) and ok is false.",
     )
     dispatcher.register(
         "block_load",
@@ -288,7 +370,19 @@ def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: Shar
         "Load a range of layers on this daemon and announce it.",
     )
     dispatcher.register(
-        "block_undeploy", block_undeploy, [model_param], "Stop serving the model on this daemon."
+        "block_undeploy",
+        block_undeploy,
+        [
+            model_param,
+            Param(
+                "network",
+                (bool,),
+                False,
+                "also ask every announced server of the model to unload it (default false: "
+                "only this daemon)",
+            ),
+        ],
+        "Stop serving the model on this daemon, or on every server that announces it.",
     )
     dispatcher.register(
         "block_list",

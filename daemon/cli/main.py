@@ -154,7 +154,7 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
-def _client(home: Path | None) -> Any:
+def _client(home: Path | None, timeout: float = 30) -> Any:
     from daemon.api.client import RPCClient
     from daemon.api.cookie import read_cookie
     from daemon.home import running_daemon
@@ -168,19 +168,52 @@ def _client(home: Path | None) -> Any:
         token = read_cookie(home)
     except OSError:
         fail(f"cannot read {home}/rpc.cookie: is the daemon running as this user?")
-    return RPCClient(info["rpc_url"], token)
+    return RPCClient(info["rpc_url"], token, timeout=timeout)
 
 
-def call(home: Path | None, method: str, params: Any = None) -> Any:
+# Methods that load or unload model weights: minutes on a large model, not 30 s.
+LONG_METHODS = {"block_deploy", "block_load", "block_undeploy", "shard_plan"}
+LONG_TIMEOUT_S = 3600.0
+
+
+def call(home: Path | None, method: str, params: Any = None, *, timeout: float = 30) -> Any:
     from daemon.api.client import DaemonUnreachable, RPCCallError
 
-    client = _client(home)
+    client = _client(home, timeout)
     try:
         return client.call(method, params)
     except DaemonUnreachable as exc:
         fail(f"the daemon is not answering: {exc}")
     except RPCCallError as exc:
-        fail(f"{method} failed ({exc.code}): {exc.message}")
+        fail(f"{method} failed ({exc.code}): {exc.message}{_hint(exc)}")
+
+
+def _hint(exc: Any) -> str:
+    """What to do next, for refusals a new user meets first."""
+    reason = exc.data.get("reason") if isinstance(exc.data, dict) else None
+    if reason == "unknown_cluster":
+        return (
+            "; apply the cluster's document first (it can be in the same `gridmesh apply`, "
+            "e.g. -f configs/samples/), or wait until it has replicated to this node"
+        )
+    return ""
+
+
+def _long_call(home: Path | None, method: str, params: Any, what: str) -> Any:
+    """`call` without the 30 s cap, with a spinner and the elapsed time on stderr."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        progress.add_task(what, total=None)
+        return call(home, method, params, timeout=LONG_TIMEOUT_S)
 
 
 def _print_json(value: Any) -> None:
@@ -255,27 +288,62 @@ def rpc(
             fail(f"JSON-PARAMS is not valid JSON: {exc}")
         if not isinstance(parsed, dict | list):
             fail("JSON-PARAMS must be a JSON object or array")
-    _print_json(call(home, method, parsed))
+    timeout = LONG_TIMEOUT_S if method in LONG_METHODS else 30
+    _print_json(call(home, method, parsed, timeout=timeout))
+
+
+# Kinds others refer to go first, so one apply of a directory works in any file order.
+APPLY_ORDER = {"clusters": 0, "members": 1, "components": 2, "policies": 3, "blocks": 4}
+
+
+def _spec_files(sources: list[str]) -> list[str]:
+    """Files named, with each directory's *.yaml, *.yml and *.json (sorted, not recursive)."""
+    out: list[str] = []
+    for source in sources:
+        path = Path(source)
+        if source != "-" and path.is_dir():
+            found = sorted(str(p) for p in path.iterdir() if p.suffix in (".yaml", ".yml", ".json"))
+            if not found:
+                fail(f"{source} is a directory without .yaml, .yml or .json files")
+            out.extend(found)
+        else:
+            out.append(source)
+    return out
 
 
 @app.command()
 def apply(
-    file: str = typer.Option(..., "-f", "--file", help="YAML or JSON file, '-' for stdin."),
+    files: list[str] = typer.Argument(None, help="More files or directories.", show_default=False),
+    file: list[str] = typer.Option(
+        [],
+        "-f",
+        "--file",
+        help="YAML or JSON file, a directory of them, or '-' for stdin (repeatable).",
+    ),
     home: Path | None = HomeOption,
 ) -> None:
-    """Write registry entries from a file: one or many documents of {kind, key, value}.
+    """Write registry entries from files: documents of {kind, key, value}.
 
-    The string "$SELF" anywhere in a value stands for this node's peer id."""
+    `gridmesh apply -f configs/samples/` applies a directory; clusters and members are
+    written before the entries that name them. The string "$SELF" anywhere in a value stands
+    for this node's peer id."""
     from daemon.specs import SpecError, load_documents, substitute_self
 
-    try:
-        documents = load_documents(file)
-    except SpecError as exc:
-        fail(str(exc))
+    sources = _spec_files([*file, *(files or [])])
+    if not sources:
+        fail("nothing to apply: give files or directories, e.g. -f configs/samples/")
+    documents: list[dict[str, Any]] = []
+    for source in sources:
+        try:
+            documents.extend(load_documents(source))
+        except SpecError as exc:
+            fail(str(exc))
+    documents.sort(key=lambda doc: APPLY_ORDER.get(doc["kind"], len(APPLY_ORDER)))
     peer_id = call(home, "node_info")["peer_id"]
     for doc in documents:
         entry = call(home, "registry_put", substitute_self(doc, peer_id))
-        typer.echo(f"{entry['kind']}/{entry['key']} applied (version {entry['version']})")
+        version = render.version(entry["version"])
+        typer.echo(f"{entry['kind']}/{entry['key']} applied (version {version})")
 
 
 @app.command()
@@ -317,45 +385,116 @@ def delete(
 ) -> None:
     """Delete a registry entry (only its owner or the cluster's admins may)."""
     entry = call(home, "registry_delete", {"kind": kind, "key": key})
-    typer.echo(f"{entry['kind']}/{entry['key']} deleted (version {entry['version']})")
+    version = render.version(entry["version"])
+    typer.echo(f"{entry['kind']}/{entry['key']} deleted (version {version})")
 
 
 @app.command()
 def deploy(
     model_dir: Path = typer.Argument(
-        ..., help="Local directory of a Hugging Face Llama checkpoint."
+        ...,
+        help="Local directory of a Hugging Face Llama checkpoint, at the same path on every "
+        "node that loads a part (config.json, *.safetensors, tokenizer.json).",
     ),
     model: str = typer.Option(..., "--model", help="Id to serve it under, e.g. tiny."),
-    nodes: int | None = typer.Option(None, "--nodes", min=1, help="Split over this many nodes."),
+    nodes: int | None = typer.Option(
+        None,
+        "--nodes",
+        min=1,
+        help="Split each copy over exactly this many nodes (default: as few as fit).",
+    ),
     replicas: int = typer.Option(1, "--replicas", min=1, help="Copies of the chain."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only print the plan (shard_plan)."),
     home: Path | None = HomeOption,
     as_json: bool = JsonOption,
 ) -> None:
-    """Split a model into block shards and have the chosen daemons load them."""
+    """Split a model into block shards and have the chosen daemons load them.
+
+    Only nodes that accept deploys from peers ([shards] allow_remote_deploy = true), and
+    this node, are planned on. If any node fails to load its part, the nodes that loaded
+    theirs unload again: a model is deployed completely or not at all.
+    Undo with `gridmesh undeploy MODEL`."""
+    if dtype not in ("float32", "float16", "bfloat16"):
+        fail(f"--dtype {dtype!r}: use float32, float16 or bfloat16")
+    if not model_dir.is_dir():
+        fail(f"{model_dir} is not a directory (expected a Hugging Face checkpoint)")
+    if not (model_dir / "config.json").is_file():
+        fail(f"{model_dir} has no config.json: is it a Hugging Face checkpoint directory?")
     params: dict[str, Any] = {"model_dir": str(model_dir.resolve()), "dtype": dtype}
     if nodes is not None:
         params["nodes"] = nodes
     params["replicas"] = replicas
+    plan = _long_call(home, "shard_plan", params, "planning")
     if dry_run:
-        result = call(home, "shard_plan", params)
+        if as_json:
+            _print_json(plan)
+            return
+        for item in plan["assignments"]:
+            typer.echo(f"{item['peer_id']}  layers [{item['start']}, {item['end']})")
+        return
+    assignments = [
+        {"peer_id": a["peer_id"], "start": a["start"], "end": a["end"]} for a in plan["assignments"]
+    ]
+    count = len({a["peer_id"] for a in assignments})
+    result = _long_call(
+        home,
+        "block_deploy",
+        {"model": model, "model_dir": params["model_dir"], "dtype": dtype, "plan": assignments},
+        f"loading {model} on {count} node(s)",
+    )
+    if as_json:
+        _print_json(result)
     else:
-        result = call(home, "block_deploy", {**params, "model": model})
+        for item in result["results"]:
+            state = "loaded" if item["ok"] else f"FAILED: {item['error']}"
+            block = item.get("block") or {}
+            span = f"[{block.get('start')}, {block.get('end')})" if block else ""
+            typer.echo(f"{item['peer_id']}  {span}  {state}")
+    if not all(item["ok"] for item in result["results"]):
+        rolled = result.get("rolled_back") or []
+        undone = [r["peer_id"] for r in rolled if r.get("ok")]
+        stuck = [f"{r['peer_id']} ({r.get('error')})" for r in rolled if not r.get("ok")]
+        message = f"deploy of {model} failed; unloaded it again on {len(undone)} node(s)"
+        if stuck:
+            message += f", but could not on: {', '.join(stuck)}"
+        fail(message)
+
+
+@app.command()
+def undeploy(
+    model: str = typer.Argument(..., help="Model id as deployed, e.g. tiny."),
+    local: bool = typer.Option(
+        False, "--local", help="Only this daemon (default: every node that announces it)."
+    ),
+    home: Path | None = HomeOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Stop serving a model: on every node that announces a part of it (as deploy loaded
+    it), or with --local only on this daemon."""
+    result = _long_call(
+        home, "block_undeploy", {"model": model, "network": not local}, f"unloading {model}"
+    )
     if as_json:
         _print_json(result)
         return
-    if dry_run:
-        for item in result["assignments"]:
-            typer.echo(f"{item['peer_id']}  layers [{item['start']}, {item['end']})")
-        return
-    for item in result["results"]:
-        status = "loaded" if item["ok"] else f"FAILED: {item['error']}"
-        block = item.get("block") or {}
-        span = f"[{block.get('start')}, {block.get('end')})" if block else ""
-        typer.echo(f"{item['peer_id']}  {span}  {status}")
-    if not all(item["ok"] for item in result["results"]):
-        raise typer.Exit(1)
+    if "results" in result:
+        rows = result["results"]
+    else:
+        rows = [{"peer_id": "this node", "ok": True, "unloaded": result["unloaded"]}]
+    if not rows:
+        fail(f"no node announces model {model!r} (`gridmesh blocks` lists what is served)")
+    for row in rows:
+        state = (
+            f"FAILED: {row.get('error')}"
+            if not row["ok"]
+            else ("unloaded" if row.get("unloaded") else "was not serving it")
+        )
+        typer.echo(f"{row['peer_id']}  {state}")
+    if not all(row["ok"] for row in rows):
+        fail(f"{model} is still served by some nodes (see above)")
+    if not any(row.get("unloaded") for row in rows):
+        fail(f"no node was serving model {model!r}")
 
 
 @app.command()

@@ -14,6 +14,12 @@ def gib(value: Any) -> str:
     return f"{value / 1024**3:.1f} GiB" if isinstance(value, int | float) else "-"
 
 
+def version(value: Any) -> str:
+    """A registry version (hybrid logical clock "MS.COUNTER") as MS, or MS+COUNTER."""
+    wall, _, counter = str(value).partition(".")
+    return wall if counter in ("", "0") else f"{wall}+{counter}"
+
+
 def short_id(peer_id: str) -> str:
     return f"{peer_id[:10]}…{peer_id[-6:]}" if len(peer_id) > 20 else peer_id
 
@@ -99,7 +105,7 @@ def entries(rows: list[dict[str, Any]]) -> None:
             row["kind"],
             row["key"],
             short_id(row.get("owner", "")),
-            row.get("version", ""),
+            version(row.get("version", "")),
             value if len(value) <= 80 else value[:77] + "...",
         )
     console.print(table)

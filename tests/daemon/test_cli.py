@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -204,3 +205,112 @@ def test_cli_imports_nothing_heavy(tmp_path):
 def test_status_without_a_daemon_is_one_line(tmp_path):
     result = gm("status", "--home", str(tmp_path))
     one_line_error(result, "no daemon is running", str(tmp_path))
+
+
+# -- item 13: registry documents and versions ---------------------------------------------
+
+SAMPLES = Path(__file__).resolve().parents[2] / "configs" / "samples"
+
+
+@pytest.mark.procs
+def test_apply_hints_files_directories_and_integer_versions(tmp_path, fast_config):
+    daemon = DaemonProcess(tmp_path / "home", config=fast_config).start()
+    home = ["--home", str(daemon.home)]
+    try:
+        alone = gm("apply", "-f", str(SAMPLES / "component.yaml"), *home)
+        one_line_error(alone, "not known here", "apply the cluster's document first")
+        # several files after one -f, in the wrong order: clusters still go first
+        files = [str(SAMPLES / n) for n in ("block.yaml", "component.yaml", "cluster.yaml")]
+        several = gm("apply", "-f", *files, *home)
+        assert several.returncode == 0, several.stderr
+        assert several.stdout.splitlines()[0].startswith("clusters/lab-west applied")
+        assert len(several.stdout.splitlines()) == 3
+        directory = gm("apply", "-f", str(SAMPLES), *home)
+        assert directory.returncode == 0, directory.stderr
+        assert len(directory.stdout.splitlines()) == 3
+        version = directory.stdout.splitlines()[0].split("(version ")[1].rstrip(")")
+        assert version.isdigit(), directory.stdout
+        table = gm("get", "clusters", *home, "--json")
+        assert json.loads(table.stdout)[0]["key"] == "lab-west"
+        shown = gm("get", "clusters", *home)
+        assert f"{version[:6]}" in shown.stdout and f"{version}.0" not in shown.stdout
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        one_line_error(gm("apply", "-f", str(empty), *home), "without .yaml")
+    finally:
+        daemon.stop()
+
+
+# -- item 13: deploy, exactly N nodes, refusing peers, rollback, undeploy ------------------
+
+
+def _found_all(daemon: DaemonProcess, count: int) -> bool:
+    return len(daemon.call("nodes_find", {})) == count
+
+
+@pytest.mark.procs
+def test_deploy_plans_only_on_willing_nodes_rolls_back_and_undeploys(tmp_path, fast_config):
+    pytest.importorskip("torch")
+    from daemon.devnet import wait_for
+    from daemon.shards.model import make_tiny
+
+    model_dir = make_tiny(tmp_path / "tiny", layers=4, seed=3)
+    refusing = tmp_path / "refusing.toml"
+    refusing.write_text(
+        fast_config.read_text().replace("allow_remote_deploy = true", "allow_remote_deploy = false")
+    )
+    first = DaemonProcess(tmp_path / "a", config=fast_config).start()
+    daemons = [first]
+    try:
+        daemons.append(DaemonProcess(tmp_path / "b", config=fast_config, bootstrap=[first.addr]))
+        daemons.append(DaemonProcess(tmp_path / "c", config=refusing, bootstrap=[first.addr]))
+        for daemon in daemons[1:]:
+            daemon.start()
+        wait_for(lambda: _found_all(first, 3), 30, "three nodes to be found")
+        willing, unwilling = daemons[1].peer_id, daemons[2].peer_id
+        home = ["--home", str(first.home)]
+        deploy = ["deploy", str(model_dir), "--model", "tiny", *home]
+
+        three = gm(*deploy, "--nodes", "3", "--dry-run")
+        line = one_line_error(three, "exactly 3 nodes", "only 2 known node(s) accept a deploy")
+        assert "allow_remote_deploy" in line
+        two = gm(*deploy, "--nodes", "2", "--dry-run")
+        assert two.returncode == 0, two.stderr
+        planned = {row.split()[0] for row in two.stdout.splitlines()}
+        assert planned == {first.peer_id, willing} and unwilling not in two.stdout
+
+        done = gm(*deploy, "--nodes", "2")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.count("loaded") == 2
+        wait_for(
+            lambda: len(first.call("block_list", {"model": "tiny"})["announced"]["tiny"]) == 2,
+            15,
+            "both shards to be announced",
+        )
+        gone = gm("undeploy", "tiny", *home)
+        assert gone.returncode == 0, gone.stderr
+        assert gone.stdout.count("unloaded") == 2
+        assert daemons[1].call("block_list", {})["local"] == []
+        missing = gm("undeploy", "tiny", *home)
+        one_line_error(missing, "no node")
+
+        # one part fails (a range past the model's 4 layers): the part a peer loaded is
+        # unloaded again there, through the real CLI's raw RPC command
+        plan = [
+            {"peer_id": willing, "start": 0, "end": 2},
+            {"peer_id": first.peer_id, "start": 2, "end": 9},
+        ]
+        params = {"model": "tiny", "model_dir": str(model_dir), "plan": plan}
+        raw = gm("rpc", "block_deploy", json.dumps(params), *home)
+        assert raw.returncode == 0, raw.stderr
+        result = json.loads(raw.stdout)
+        assert result["ok"] is False
+        assert [r["ok"] for r in result["results"]] == [True, False]
+        assert result["rolled_back"] == [{"peer_id": willing, "ok": True, "unloaded": True}]
+        assert daemons[1].call("block_list", {})["local"] == []
+    finally:
+        for daemon in daemons:
+            if daemon.alive():
+                daemon.proc.terminate()
+        for daemon in daemons:
+            daemon.stop()
