@@ -73,6 +73,15 @@ class P2PConfig:
     reconnect_max_s: float = 30.0
     ping_interval_s: float = 10.0
     dht_timeout_s: float = 5.0
+    # per-peer limits of the libp2p host (p2p.host.HostLimits; README "Limits and quotas")
+    peer_streams_per_s: float = 200.0
+    peer_stream_burst: int = 400
+    peer_gossip_per_s: float = 200.0
+    peer_gossip_burst: int = 400
+    peer_gossip_bytes_per_s: int = 4194304
+    max_gossip_bytes: int = 1048576
+    hello_timeout_s: float = 5.0
+    gossip_seen_ttl_s: int = 30
 
 
 @dataclass(frozen=True)
@@ -150,6 +159,15 @@ class Config:
         for index, addr in enumerate(self.p2p.bootstrap):
             if problem := bootstrap_error(addr):
                 raise ConfigError(f"p2p.bootstrap[{index}] {problem}; e.g. {BOOTSTRAP_EXAMPLE}")
+        p2p = self.p2p
+        if min(p2p.peer_streams_per_s, p2p.peer_gossip_per_s, p2p.hello_timeout_s) <= 0:
+            raise ConfigError("p2p peer rates and hello_timeout_s must be positive")
+        if min(p2p.peer_stream_burst, p2p.peer_gossip_burst, p2p.gossip_seen_ttl_s) < 1:
+            raise ConfigError("p2p bursts and gossip_seen_ttl_s must be at least 1")
+        if not 1024 <= p2p.max_gossip_bytes <= p2p.peer_gossip_bytes_per_s:
+            raise ConfigError(
+                "p2p.max_gossip_bytes must be at least 1024 and at most peer_gossip_bytes_per_s"
+            )
         res = self.resources
         if not 0 < res.publish_interval_s < res.record_validity_s:
             raise ConfigError(
