@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -30,7 +30,7 @@ from p2p import codec
 from p2p.network import Network, NetworkError
 from registry import sync, wire
 from registry.entry import Entry, EntryError, EntryId, entry_from_wire
-from registry.replica import Replica
+from registry.replica import Rejected, Replica
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,14 @@ MAX_SYNC_BYTES = 4 << 20  # the libp2p frame limit (p2p.host.MAX_FRAME_BYTES)
 REPLY_MARGIN = 4096  # room for a reply's own framing beside its entries
 
 _R = TypeVar("_R")
+MAX_REFUSED = 10_000  # refused entry states remembered (the oldest are forgotten first)
+# refusals that may pass later without a new version: the entry is fetched again next round
+RETRY_REASONS = frozenset({"unknown_cluster", "bad_timestamp"})
+
+
+def _refusal(peer_id: str, entry_id: EntryId, claim: Any, version: Any) -> tuple[Any, ...]:
+    """The key of a remembered refusal: by this replica (peer_id "") or by a peer."""
+    return (peer_id, entry_id, tuple(claim), tuple(version))
 
 
 def topic_for(network_id: str) -> str:
@@ -69,6 +77,9 @@ class ReplicationSettings:
     max_message_bytes: int = MAX_SYNC_BYTES
     # listing pages one round walks through; a larger registry continues next round
     max_pages_per_round: int = 64
+    # an entry refused when pulled (over quota, bad signature...) is not pulled again from
+    # any peer for this long, unless its state changes
+    refused_ttl_s: float = 60.0
 
 
 class Replicator:
@@ -94,6 +105,8 @@ class Replicator:
         self._rttvar = 0.0
         # the listing page the next round starts at (None: the first)
         self._resume: EntryId | None = None
+        # entry states refused when pulled, and until when not to pull them again
+        self._refused: OrderedDict[tuple[Any, ...], float] = OrderedDict()
 
     # -- outgoing ----------------------------------------------------------------------
 
@@ -270,6 +283,7 @@ class Replicator:
                 reply = await self._call(peer_id, message, wire.ListingReply)
             lst = sync.parse_listing(reply)
             pull_ids, push = sync.plan(self.replica.entries, lst, after)
+            pull_ids = self._not_refused(lst, pull_ids)
             # another peer that answers first may lack some: they come in a later round
             applied += await self._pull([peer_id, *(p for p in hedges if p != peer_id)], pull_ids)
             pushed += await self._push(peer_id, push)
@@ -287,6 +301,24 @@ class Replicator:
         self.stats["sync_rounds"] += 1
         return applied, pushed
 
+    def _not_refused(self, lst: sync.Listing, ids: list[EntryId]) -> list[EntryId]:
+        """`ids` less those whose listed state this replica refused within
+        `refused_ttl_s`: an entry refused for good (a bad signature, over quota...) is not
+        fetched again every round from a peer that accepted it."""
+        if not self._refused:
+            return ids
+        now = trio.current_time()
+        listed = {(k, key): (tuple(c), tuple(v)) for k, key, c, v in lst.summaries}
+        out = []
+        for entry_id in ids:
+            claim, version = listed.get(entry_id, ((), ()))
+            expiry = self._refused.get(_refusal("", entry_id, claim, version))
+            if expiry is not None and expiry > now:
+                self.stats["sync_skipped_refused"] += 1
+                continue
+            out.append(entry_id)
+        return out
+
     async def _pull(self, peers: list[str], ids: list[EntryId]) -> int:
         """Fetch `ids` in requests of at most MAX_TRANSFER ids, asking again for the ids a
         reply left out for lack of room; returns how many changed the replica."""
@@ -299,6 +331,8 @@ class Replicator:
                     peers, {"op": "pull", "ids": [list(i) for i in chunk]}, wire.PullReply
                 )
                 entries = self._entries(got.entries, "sync")
+                # a cluster before the entries it governs: they are judged by its admins
+                entries.sort(key=lambda e: e.kind != "clusters")
                 applied += await self._apply_pulled(entries)
                 received = {e.id for e in entries}
                 if not got.more or not received:
@@ -308,27 +342,66 @@ class Replicator:
 
     async def _apply_pulled(self, entries: list[Entry]) -> int:
         changed = await self.replica.apply(entries, "sync")
+        self._remember("", self._refused_for_good(entries, changed))
         recent_ms = self.replica.clock.now().wall_ms - self.settings.reannounce_window_s * 1000
         fresh = [e for e in changed if e.ts.wall_ms >= recent_ms]
         if fresh:  # a write that gossip missed here was likely missed elsewhere too
             await self.announce(fresh)
         return len(changed)
 
-    async def _push(self, peer_id: str, entries: list[Entry]) -> int:
-        """Push `entries` in messages under the byte budget (and MAX_TRANSFER entries)."""
-        batch: list[dict[str, Any]] = []
-        size = 0
+    def _refused_for_good(self, entries: list[Entry], changed: list[Entry]) -> list[Entry]:
+        """The pulled entries the replica refused for a reason that a later round cannot
+        change without a new version (checked again: `apply` reports only what changed)."""
+        applied = {e.id for e in changed}
+        out = []
         for entry in entries:
-            item = entry.to_wire()
-            cost = len(codec.encode(item))
+            if entry.id in applied or self.replica.entries.get(entry.id) == entry:
+                continue
+            try:
+                self.replica.check(entry)
+            except Rejected as exc:
+                if exc.reason not in RETRY_REASONS:
+                    out.append(entry)
+        return out
+
+    def _remember(self, peer_id: str, entries: list[Entry]) -> None:
+        until = trio.current_time() + self.settings.refused_ttl_s
+        for entry in entries:
+            key = _refusal(peer_id, entry.id, entry.claim, entry.version)
+            self._refused[key] = until
+            self._refused.move_to_end(key)
+        while len(self._refused) > MAX_REFUSED:
+            self._refused.popitem(last=False)
+
+    async def _push(self, peer_id: str, entries: list[Entry]) -> int:
+        """Push `entries` in messages under the byte budget (and MAX_TRANSFER entries).
+
+        A state pushed to a peer is not pushed to it again for `refused_ttl_s`: the peer
+        holds it durably once it answered, so a state planned again is one it refused."""
+        now = trio.current_time()
+        fresh = [
+            e
+            for e in entries
+            if self._refused.get(_refusal(peer_id, e.id, e.claim, e.version), 0.0) <= now
+        ]
+        self.stats["sync_skipped_refused"] += len(entries) - len(fresh)
+        batch: list[Entry] = []
+        size = 0
+        for entry in fresh:
+            cost = len(codec.encode(entry.to_wire()))
             if batch and (size + cost > self._budget or len(batch) == sync.MAX_TRANSFER):
-                await self._call(peer_id, {"op": "push", "entries": batch}, wire.PushReply)
+                await self._push_batch(peer_id, batch)
                 batch, size = [], 0
-            batch.append(item)
+            batch.append(entry)
             size += cost
         if batch:
-            await self._call(peer_id, {"op": "push", "entries": batch}, wire.PushReply)
-        return len(entries)
+            await self._push_batch(peer_id, batch)
+        return len(fresh)
+
+    async def _push_batch(self, peer_id: str, batch: list[Entry]) -> None:
+        message = {"op": "push", "entries": [e.to_wire() for e in batch]}
+        await self._call(peer_id, message, wire.PushReply)
+        self._remember(peer_id, batch)
 
     # -- lifecycle ---------------------------------------------------------------------
 

@@ -251,3 +251,39 @@ async def test_a_registry_larger_than_the_message_limit_reaches_a_new_node(autoj
             assert sim.replica.rejected.total() == 0
             assert not any("too_large" in r for r in sim.rejects), sim.rejects
         nursery.cancel_scope.cancel()
+
+
+async def test_entries_a_node_refuses_are_not_fetched_or_pushed_every_round(autojump_clock):
+    """Two nodes whose quotas differ (an older config, or entries that arrived in another
+    order): the stricter node refuses 15 of the author's 20 entries once, not every round
+    in either direction, and retries them after `refused_ttl_s`."""
+    hub = MemoryNetwork(seed=8)
+    settings = replace(SETTINGS, refused_ttl_s=30.0)
+    generous = add_node(hub, settings=settings, limits=Limits())
+    strict = add_node(hub, settings=settings, limits=Limits(author_max_entries=5))
+    await strict.node.connect(generous.peer_id)
+    author = NodeIdentity.generate()
+    now = int(hub.now() * 1000)
+    entries = [
+        signed(author, "components", f"e{n}", {"name": "e", "version": str(n)}, now, n)
+        for n in range(20)
+    ]
+    assert await generous.replica.apply(entries, "local") == entries
+    async with trio.open_nursery() as nursery:
+        await start(nursery, generous)
+        await start(nursery, strict)
+        await trio.sleep(10)  # about ten rounds each way
+        held = [e for e in strict.replica.entries.values() if e.author == author.peer_id]
+        assert len(held) == 5
+        first = strict.replica.rejected["quota"]
+        assert 15 <= first <= 30, first  # a pull and a push may both deliver them once
+        rounds = strict.replicator.stats["sync_rounds"] + generous.replicator.stats["sync_rounds"]
+        await trio.sleep(15)
+        more = strict.replicator.stats["sync_rounds"] + generous.replicator.stats["sync_rounds"]
+        assert more - rounds >= 10
+        assert strict.replica.rejected["quota"] == first  # no refetch, no re-push
+        assert strict.replicator.stats["sync_skipped_refused"] > 0
+        assert generous.replicator.stats["sync_skipped_refused"] > 0
+        await trio.sleep(40)  # past the TTL: tried again (and refused again)
+        assert strict.replica.rejected["quota"] > first
+        nursery.cancel_scope.cancel()
