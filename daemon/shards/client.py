@@ -23,7 +23,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -453,9 +453,11 @@ async def generate(
     *,
     temperature: float = 0.0,
     seed: int | None = None,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
 ) -> AsyncIterator[int]:
-    """Yield generated token ids one by one (greedy, or seeded sampling)."""
+    """Yield generated token ids one by one (greedy, or seeded sampling), up to and including
+    an eos id (`eos_id`: one id or several, e.g. Llama 3's end_of_text and eot_id)."""
+    stop = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     logits = await model.step(prompt_ids)
     for _ in range(max_new_tokens):
@@ -465,6 +467,6 @@ async def generate(
             probs = torch.softmax(logits / temperature, dim=-1)
             token = int(torch.multinomial(probs, 1, generator=generator))
         yield token
-        if token == eos_id:
+        if token in stop:
             return
         logits = await model.step([token])

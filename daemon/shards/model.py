@@ -815,14 +815,16 @@ def greedy_generate(
     *,
     temperature: float = 0.0,
     seed: int | None = None,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     static: bool = False,
 ) -> list[int]:
     """The single-process reference loop over a chain of shards: prefill, then decode one
     token at a time with KV caches. Greedy at temperature 0, else sampled from a CPU
-    `torch.Generator` seeded by `seed`. Returns the new tokens (stopping after `eos_id`).
+    `torch.Generator` seeded by `seed`. Returns the new tokens (stopping after an eos id:
+    `eos_id` is one id or several, as `eos_token_id` in a generation_config.json).
     `static`: decode with fixed-shape steps (`daemon.shards.decode`), CUDA graphs on a GPU."""
     _check_chain(shards)
+    stop = stop_ids(eos_id)
     if not prompt_ids:
         raise ModelError("empty prompt")
     if max_new_tokens < 0 or temperature < 0:
@@ -859,10 +861,19 @@ def greedy_generate(
             probs = torch.softmax(logits / temperature, dim=-1)
             token = int(torch.multinomial(probs, 1, generator=generator))
         out.append(token)
-        if eos_id is not None and token == eos_id:
+        if token in stop:
             break
         tokens = torch.tensor([[token]], dtype=torch.int64, device=device)
     return out
+
+
+def stop_ids(eos_id: int | Sequence[int] | None) -> frozenset[int]:
+    """The token ids that end a generation: none, one, or all of a list (Llama 3 has two)."""
+    if eos_id is None:
+        return frozenset()
+    if isinstance(eos_id, int):
+        return frozenset((eos_id,))
+    return frozenset(int(i) for i in eos_id)
 
 
 # --------------------------------------------------------------------------------------
@@ -942,27 +953,48 @@ class Tokenizer:
     """Text to token ids and back.
 
     Byte-level tokenizers (ours) run in pure Python; other `tokenizer.json` files go through
-    the `tokenizers` library, imported only then. `encode` adds no special tokens unless
-    `add_bos` is set.
+    the `tokenizers` library, imported only then. `encode` adds the special tokens the
+    checkpoint's `tokenizer.json` post-processor names (e.g. Llama's BOS), as Hugging Face's
+    tokenizers do by default; `add_special_tokens=False` leaves them out.
     """
 
     def __init__(
-        self, *, bos_id: int | None, eos_id: int | None, backend: Any | None = None
+        self,
+        *,
+        bos_id: int | None,
+        eos_id: int | None,
+        backend: Any | None = None,
+        eos_ids: Sequence[int] = (),
+        prefix: Sequence[int] = (),
+        suffix: Sequence[int] = (),
     ) -> None:
         self.bos_id = bos_id
-        self.eos_id = eos_id
+        # every id that ends a generation (generation_config.json may list several)
+        self.eos_ids: tuple[int, ...] = tuple(eos_ids) or (() if eos_id is None else (eos_id,))
+        # as Hugging Face's eos_token_id: one id, or all of them when there are several (what
+        # `generate(eos_id=...)` takes)
+        self.eos_id: int | tuple[int, ...] | None = (
+            self.eos_ids if len(self.eos_ids) > 1 else eos_id
+        )
         self._backend = backend  # a tokenizers.Tokenizer, or None for bytes
+        self._prefix, self._suffix = list(prefix), list(suffix)  # byte level: the template
 
     @property
     def is_byte_level(self) -> bool:
         return self._backend is None
 
-    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
+    def encode(
+        self, text: str, *, add_special_tokens: bool = True, add_bos: bool = False
+    ) -> list[int]:
+        """Token ids of `text`, with the checkpoint's special tokens around it (BOS for Llama)
+        unless `add_special_tokens` is False; `add_bos` adds BOS when the template has none."""
         if self._backend is None:
             ids = list(text.encode("utf-8"))
+            if add_special_tokens:
+                ids = [*self._prefix, *ids, *self._suffix]
         else:
-            ids = list(self._backend.encode(text, add_special_tokens=False).ids)
-        if add_bos and self.bos_id is not None:
+            ids = list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
+        if add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
             ids.insert(0, self.bos_id)
         return ids
 
@@ -979,6 +1011,40 @@ def _token_id(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _token_ids(value: Any) -> list[int]:
+    """`eos_token_id` as config files write it: one id or a list of ids."""
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
+
+
+def _template(spec: Any) -> tuple[list[int], list[int]]:
+    """The special token ids a `tokenizer.json` post-processor puts before and after a single
+    sequence (TemplateProcessing, alone or inside a Sequence); ([], []) for anything else."""
+    post = spec.get("post_processor") if isinstance(spec, dict) else None
+    if not isinstance(post, dict):
+        return [], []
+    procs = post.get("processors") if post.get("type") == "Sequence" else [post]
+    for proc in procs if isinstance(procs, list) else []:
+        if not isinstance(proc, dict) or proc.get("type") != "TemplateProcessing":
+            continue
+        special = proc.get("special_tokens") or {}
+        before: list[int] = []
+        after: list[int] = []
+        seen_text = False
+        for item in proc.get("single") or []:
+            if not isinstance(item, dict):
+                continue
+            if "Sequence" in item:
+                seen_text = True
+                continue
+            name = (item.get("SpecialToken") or {}).get("id")
+            entry = special.get(name) if isinstance(special, dict) else None
+            ids = _token_ids((entry or {}).get("ids") or [])
+            (after if seen_text else before).extend(ids)
+        return before, after
+    return [], []
+
+
 def load_tokenizer(model_dir: str | os.PathLike[str]) -> Tokenizer:
     """The tokenizer of a checkpoint directory, from its `tokenizer.json`."""
     model_dir = Path(model_dir)
@@ -991,6 +1057,7 @@ def load_tokenizer(model_dir: str | os.PathLike[str]) -> Tokenizer:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelError(f"{file}: cannot read: {exc}") from None
     ids: dict[str, int | None] = {"bos_token_id": None, "eos_token_id": None}
+    eos_ids: list[int] = []
     for name in (CONFIG_FILE, GENERATION_FILE):  # generation_config.json wins
         try:
             extra = json.loads((model_dir / name).read_text())
@@ -999,11 +1066,14 @@ def load_tokenizer(model_dir: str | os.PathLike[str]) -> Tokenizer:
         for key in ids:
             if isinstance(extra, dict) and _token_id(extra.get(key)) is not None:
                 ids[key] = _token_id(extra.get(key))
+                if key == "eos_token_id":
+                    eos_ids = _token_ids(extra.get(key))
     if isinstance(spec, dict) and _is_byte_tokenizer(spec):
         by_content = {t.get("content"): t.get("id") for t in spec.get("added_tokens") or []}
         bos = ids["bos_token_id"] if ids["bos_token_id"] is not None else by_content.get(BYTE_BOS)
         eos = ids["eos_token_id"] if ids["eos_token_id"] is not None else by_content.get(BYTE_EOS)
-        return Tokenizer(bos_id=bos, eos_id=eos)
+        prefix, suffix = _template(spec)
+        return Tokenizer(bos_id=bos, eos_id=eos, eos_ids=eos_ids, prefix=prefix, suffix=suffix)
     try:
         import tokenizers
     except ImportError:
@@ -1012,7 +1082,9 @@ def load_tokenizer(model_dir: str | os.PathLike[str]) -> Tokenizer:
         backend = tokenizers.Tokenizer.from_str(text)
     except Exception as exc:
         raise ModelError(f"{file}: invalid tokenizer: {exc}") from None
-    return Tokenizer(bos_id=ids["bos_token_id"], eos_id=ids["eos_token_id"], backend=backend)
+    return Tokenizer(
+        bos_id=ids["bos_token_id"], eos_id=ids["eos_token_id"], eos_ids=eos_ids, backend=backend
+    )
 
 
 # --------------------------------------------------------------------------------------
