@@ -121,9 +121,9 @@ class Replica:
         self._sizes: dict[EntryId, int] = {}
 
     async def load(self) -> None:
-        """Read the store. An entry that no longer passes the shape and schema checks (one
-        stored by an older version, or a damaged row) is left out and counted (`bad_entry`,
-        source `store`): it must not reach the readers of the replica."""
+        """Read the store. An entry that no longer passes the shape, schema and admission
+        checks (one stored by an older version, or a damaged row) is left out and counted
+        (`bad_entry`, source `store`): it must not reach the readers of the replica."""
         if self.store is None:
             return
         loaded = await self.store.load_all()
@@ -148,6 +148,10 @@ class Replica:
                 schemas.validate_value(entry.kind, entry.key, entry.value)
         except (schemas.SchemaError, TypeError, ValueError) as exc:
             raise Rejected("bad_entry", str(exc)) from None
+        write = schemas.Write(entry.kind, entry.key, entry.value, entry.author, entry.owner)
+        reason = schemas.admit(write, self.hooks)
+        if reason:
+            raise Rejected("bad_entry", reason)
 
     def _count_reject(self, source: str, reason: str) -> None:
         self.rejected[reason] += 1
