@@ -30,7 +30,8 @@ def register_node_methods(dispatcher: Dispatcher, daemon: Daemon) -> None:
     async def node_peers() -> list[dict[str, Any]]:
         connected = daemon.net.connected_peers()
         peers = []
-        for peer_id in sorted(daemon.net.known_peers() | connected):
+        # only peers whose hello verified: a connected non-gridmesh peer is about to be dropped
+        for peer_id in sorted(daemon.net.known_peers()):
             state = daemon.net.peers.get(peer_id)
             peers.append(
                 {

@@ -212,3 +212,64 @@ def test_sigint_stops_within_five_seconds(tmp_path, fast_config):
         assert not (daemon.home / "daemon.json").exists()
     finally:
         daemon.stop()
+
+
+def test_node_connect_to_a_closed_port_fails(net4):
+    """Over the real RPC: nothing listening there is an error, even for a connected peer."""
+    d, other = net4.daemons[0], net4.daemons[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    with pytest.raises(RPCCallError) as err:
+        d.call("node_connect", {"multiaddr": f"/ip4/127.0.0.1/tcp/{closed}/p2p/{other.peer_id}"})
+    assert err.value.code == -32010
+    assert str(closed) in str(err.value)
+
+
+def test_libp2p_peer_without_hello_gets_nothing(net4):
+    """A plain libp2p peer (no gridmesh hello) asks a daemon for its registry: refused, not
+    listed among its peers, and counted."""
+    import trio
+    from libp2p import new_host
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+    from libp2p.security.noise.transport import PROTOCOL_ID, Transport
+    from multiaddr import Multiaddr
+
+    from p2p import codec
+    from p2p.host import read_frame, write_frame
+    from registry.replication import SYNC_PROTOCOL, WIRE_VERSION
+
+    target = net4.daemons[1]
+    before = target.metric("gridmesh_rejected_messages_total", reason="no_hello")
+    outcome: dict[str, object] = {}
+
+    async def attack() -> None:
+        keys = create_new_key_pair()
+        noise = Transport(keys, noise_privkey=create_x25519_key_pair().private_key)
+        host = new_host(key_pair=keys, sec_opt={PROTOCOL_ID: noise}, muxer_preference="YAMUX")
+        async with host.run([Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            info = info_from_p2p_addr(Multiaddr(target.addr))
+            await host.connect(info)
+            outcome["listed"] = host.get_id().to_base58() in {
+                p["peer_id"] for p in await trio.to_thread.run_sync(target.call, "node_peers")
+            }
+            pull = codec.encode({"v": WIRE_VERSION, "op": "pull", "ids": [["components", "x"]]})
+            try:
+                with trio.fail_after(15):
+                    stream = await host.new_stream(info.peer_id, [SYNC_PROTOCOL])
+                    await write_frame(stream, pull)
+                    outcome["answer"] = await read_frame(stream)
+            except Exception as exc:  # reset, or dropped with the connection
+                outcome["refused"] = type(exc).__name__
+
+    trio.run(attack)
+    assert "answer" not in outcome, outcome
+    assert outcome["listed"] is False
+    wait_for(
+        lambda: target.metric("gridmesh_rejected_messages_total", reason="no_hello") > before,
+        10,
+        "the refusal to be counted",
+    )
+    assert target.alive()
