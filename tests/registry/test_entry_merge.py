@@ -38,22 +38,25 @@ def _rest(e):
     return (e.value, e.ts, e.author, e.created, e.owner)
 
 
+@settings(deadline=None)
 @given(same_key, same_key)
 def test_join_commutative(a, b):
     assert join(a, b) == join(b, a)
 
 
+@settings(deadline=None)
 @given(same_key, same_key, same_key)
 def test_join_associative(a, b, c):
     assert join(join(a, b), c) == join(a, join(b, c))
 
 
+@settings(deadline=None)
 @given(same_key)
 def test_join_idempotent(a):
     assert join(a, a) == a
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(entries(), max_size=20), st.randoms(use_true_random=False))
 def test_replicas_converge_in_any_order_with_duplicates(batch, rnd):
     first, _ = merge({}, batch)
