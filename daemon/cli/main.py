@@ -222,8 +222,13 @@ def _print_json(value: Any) -> None:
 
 @app.command()
 def status(home: Path | None = HomeOption, as_json: bool = JsonOption) -> None:
-    """Show this node's identity, addresses and resources."""
+    """Show this node's identity, addresses (libp2p, JSON-RPC, gRPC) and resources."""
+    from daemon.home import read_daemon_file
+
     info = call(home, "node_info")
+    grpc_addr = (read_daemon_file(_home(home)) or {}).get("grpc_addr")
+    if grpc_addr and "grpc_addr" not in info:
+        info["grpc_addr"] = grpc_addr
     if as_json:
         _print_json(info)
     else:

@@ -43,6 +43,8 @@ def node_info(info: dict[str, Any]) -> None:
     table.add_row("network", str(info.get("network_id", "")))
     table.add_row("payout address", info.get("payout_address", ""))
     table.add_row("rpc", info.get("rpc_url", ""))
+    if info.get("grpc_addr"):
+        table.add_row("grpc", info["grpc_addr"])
     for addr in info.get("listen_addrs") or []:
         table.add_row("listen", addr)
     table.add_row("cpu", f"{cpu.get('model', '?')} ({cpu.get('cores', '?')} cores)")

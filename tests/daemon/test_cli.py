@@ -149,6 +149,8 @@ def test_two_daemons_on_one_host_with_the_documented_flags(tmp_path):
         first.start()
         second.start()
         assert first.info["grpc_addr"] != second.info["grpc_addr"]
+        shown = gm("status", "--home", str(second.home))
+        assert second.info["grpc_addr"] in shown.stdout  # where to point a gRPC client
         assert first.call("node_info")["peer_id"] != second.call("node_info")["peer_id"]
         # the same home twice is refused in one line, before any port is touched
         again = gm("daemon", "--home", str(first.home), "--rpc-port", "0", timeout=30)
