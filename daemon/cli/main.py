@@ -49,13 +49,15 @@ def init(home: Path | None = HomeOption) -> None:
     from p2p import identity
 
     home = _home(home)
+    config_path = home / configuration.CONFIG_FILE
     try:
         ident, created = identity.init_identity(home)
+        if not config_path.exists():
+            config_path.write_text(configuration.template_text())
     except identity.IdentityError as exc:
         fail(str(exc))
-    config_path = home / configuration.CONFIG_FILE
-    if not config_path.exists():
-        config_path.write_text(configuration.template_text())
+    except OSError as exc:
+        fail(f"cannot set up {home}: {exc.strerror or exc} ({exc.filename or home})")
     verb = "created" if created else "kept existing"
     typer.echo(f"{verb} identity in {home}")
     typer.echo(f"peer id:        {ident.peer_id}")

@@ -89,6 +89,26 @@ def test_bad_multiaddr_in_config_names_the_key_and_file(tmp_path, toml, needle):
     one_line_error(result, needle, str(path))
 
 
+def test_config_that_is_not_a_readable_file(tmp_path):
+    result = cli("daemon", "--home", str(tmp_path / "h"), "--config", str(tmp_path))
+    assert result.exit_code == 1
+    one_line_error(result, "cannot read config file", str(tmp_path))
+    missing = cli("daemon", "--home", str(tmp_path / "h"), "--config", str(tmp_path / "no.toml"))
+    one_line_error(missing, "does not exist")
+
+
+def test_home_that_is_a_file_or_holds_a_bad_key(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    one_line_error(cli("init", "--home", str(a_file)), "cannot set up", str(a_file))
+    home = tmp_path / "h"
+    home.mkdir()
+    (home / "node.key").write_text("garbage")
+    (home / "node.key").chmod(0o600)
+    args = ["daemon", "--home", str(home), "--rpc-port", "0", "--listen", "/ip4/127.0.0.1/tcp/0"]
+    one_line_error(cli(*args), "node.key")
+
+
 def test_good_multiaddrs_pass_validation():
     from daemon import config
 
