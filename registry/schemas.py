@@ -167,6 +167,7 @@ _TYPE_NAMES = {
     "bool": "a boolean",
     "dict": "an object",
     "list": "a list",
+    "null": "null",
 }
 
 
@@ -174,7 +175,8 @@ _TYPE_NAMES = {
 class Spec:
     """The expected shape of one field.
 
-    types: any of "str", "int", "number" (int or float), "bool", "dict", "list", "any".
+    types: any of "str", "int", "number" (int or float), "bool", "dict", "list", "any"
+    (which excludes null), "null".
     fields: for a dict, the known keys; unknown keys are refused unless `open`.
     values: for a dict, the spec of every value. items: for a list, the spec of each item.
     min_len / max_len bound a string's characters or a list's items; minimum / maximum bound
@@ -235,6 +237,8 @@ def _type_ok(types: tuple[str, ...], value: Any) -> str | None:
         name = "dict"
     elif isinstance(value, list):
         name = "list"
+    elif value is None and "null" in types:
+        return "null"
     else:
         return None
     if "any" in types or name in types:
@@ -354,7 +358,7 @@ _ANNOUNCED_PARAMETERS: dict[str, Spec] = {
     "cache_tokens_free": integer(minimum=0),
     "parameters_bytes": integer(minimum=0),
     "dtype": text(max_len=32),
-    "host": text(max_len=128),
+    "host": Spec(("str", "null"), max_len=128),  # a node without a local socket: null
 }
 
 _SCHEMAS: dict[str, dict[str, Spec]] = {
