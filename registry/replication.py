@@ -330,7 +330,13 @@ class Replicator:
                 _, got = await self._call_any(
                     peers, {"op": "pull", "ids": [list(i) for i in chunk]}, wire.PullReply
                 )
-                entries = self._entries(got.entries, "sync")
+                wanted = set(chunk)
+                entries = []
+                for entry in self._entries(got.entries, "sync"):
+                    if entry.id in wanted:
+                        entries.append(entry)
+                    else:
+                        self._reject("sync", "unrequested")
                 # a cluster before the entries it governs: they are judged by its admins
                 entries.sort(key=lambda e: e.kind != "clusters")
                 applied += await self._apply_pulled(entries)

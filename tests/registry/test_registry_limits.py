@@ -12,11 +12,13 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import pytest
 import trio
 
 from p2p import codec
 from p2p.identity import NodeIdentity
 from p2p.memnet import MemoryNetwork, MemoryNode
+from registry import sync
 from registry.blocks import announcement_key, announcements
 from registry.entry import Entry, sign_entry
 from registry.hlc import HybridClock, Timestamp
@@ -287,3 +289,40 @@ async def test_entries_a_node_refuses_are_not_fetched_or_pushed_every_round(auto
         await trio.sleep(40)  # past the TTL: tried again (and refused again)
         assert strict.replica.rejected["quota"] > first
         nursery.cancel_scope.cancel()
+
+
+async def test_a_hostile_sync_server_cannot_make_a_round_loop(autojump_clock):
+    """A peer that answers every pull with `more` and entries nobody asked for, and lists the
+    same page again and again: the round ends (with an error), takes nothing unasked."""
+    hub = MemoryNetwork(seed=4)
+    honest = add_node(hub)
+    mallory = NodeIdentity.generate()
+    evil = hub.add_node(mallory.peer_id)
+    await honest.node.connect(evil.peer_id)
+    now = int(hub.now() * 1000)
+    listed = signed(mallory, "components", "listed", {"name": "a", "version": "1"}, now)
+    pushed = signed(mallory, "components", "unasked", {"name": "b", "version": "1"}, now)
+    asked: Counter[str] = Counter()
+
+    async def serve(sender: str, payload: bytes) -> bytes:
+        op = codec.decode(payload)["op"]
+        asked[op] += 1
+        if op == "digests":
+            kind, key, claim, version = sync.summary(listed)
+            return codec.encode(
+                {
+                    "v": 1,
+                    "buckets": [[kind, sync.bucket_of(kind, key)]],
+                    "summaries": [[kind, key, claim, version]],
+                    "truncated": True,
+                    "next": {"kind": kind, "key": key},  # never advances
+                }
+            )
+        return codec.encode({"v": 1, "entries": [pushed.to_wire()], "more": True})
+
+    evil.set_request_handler(SYNC_PROTOCOL, serve)
+    with trio.fail_after(10), pytest.raises(sync.SyncError, match="did not advance"):
+        await honest.replicator.sync_with(evil.peer_id)
+    assert asked == Counter({"digests": 2, "pull": 2})
+    assert honest.rejects["sync:unrequested"] == 2
+    assert honest.replica.entries == {}
