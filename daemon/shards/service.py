@@ -15,8 +15,9 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
+import msgspec
 import trio
 
 from daemon.shards import SHARD_PROTOCOL
@@ -42,6 +43,30 @@ MAX_FINISHED_JOBS = 64  # finished but never read: beyond this the oldest is dro
 LOAD_TIMEOUT_S = 300.0
 JOB_TTL_S = 600.0  # a finished job nobody reads is dropped this long after it finished
 LOCAL_RETRY_S = 60.0  # after a failed local dial, use libp2p to that peer for this long
+
+
+# the shard control protocol's requests, validated at the boundary
+_Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+_Layer = Annotated[int, msgspec.Meta(ge=0, le=1 << 16)]
+
+
+class LoadRequest(msgspec.Struct, tag_field="op", tag="load", frozen=True):
+    model: _Name
+    model_dir: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+    start: _Layer
+    end: _Layer
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+class UnloadRequest(msgspec.Struct, tag_field="op", tag="unload", frozen=True):
+    model: _Name
+
+
+ControlRequest = Union[LoadRequest, UnloadRequest]  # noqa: UP007 - msgspec wants a Union
+_CONTROL = msgspec.msgpack.Decoder(ControlRequest)  # type: ignore[arg-type]
+MAX_CONTROL_BYTES = 16 * 1024
+# the longest shard frame a stream takes before this node serves anything (headers only)
+HEADER_FRAME_BYTES = 64 * 1024
 
 
 class ShardServiceError(Exception):
@@ -112,6 +137,11 @@ class ShardService:
         self._server: ShardServer | None = None
         self._announced_free: dict[str, int] = {}  # model -> free cache positions announced
         self._local_failed: dict[str, float] = {}  # peer -> when a local dial last failed
+        # stream limits ([shards] in the config; the defaults when it has none)
+        limits = getattr(getattr(daemon, "config", None), "shards", None)
+        self.stream_idle_s = float(getattr(limits, "stream_idle_s", 30.0))
+        self.max_streams_per_peer = int(getattr(limits, "max_streams_per_peer", 40))
+        self.max_local_connections = int(getattr(limits, "max_local_connections", 256))
         self.jobs: dict[str, Job] = {}
         self._tokenizers: dict[Path, Any] = {}
 
@@ -144,9 +174,29 @@ class ShardService:
                 cache_budget_bytes=self.cache_budget_bytes,
                 opener=self,  # chained steps push to the next server over our streams
                 on_reject=lambda reason: self.daemon.metrics.reject("shard", reason),
+                stream_idle_s=self.stream_idle_s,
+                max_streams_per_peer=self.max_streams_per_peer,
             )
-            self.daemon.net.set_stream_handler(SHARD_PROTOCOL, self._server.handle_stream)
+            self._register_stream_handler()
         return self._server
+
+    def _register_stream_handler(self) -> None:
+        """(Re-)register the libp2p shard handler with the longest frame what we serve now
+        can take: libp2p's framing refuses longer ones from their length prefix (streams
+        opened before keep the bound they had; the server checks each frame against its
+        session anyway)."""
+        assert self._server is not None
+        self.daemon.net.set_stream_handler(
+            SHARD_PROTOCOL,
+            self._server.handle_stream,
+            max_frame_bytes=self.max_frame_bytes(),
+        )
+
+    def max_frame_bytes(self) -> int:
+        """The longest shard frame this node takes now (asked per frame on local sockets)."""
+        if self._server is None:
+            return HEADER_FRAME_BYTES
+        return max(HEADER_FRAME_BYTES, self._server.max_frame_bytes)
 
     def start(self) -> None:
         self.daemon.net.set_request_handler(
@@ -162,6 +212,8 @@ class ShardService:
             self.daemon.ident,
             {SHARD_PROTOCOL: self._on_local_stream},
             on_reject=lambda reason: self.daemon.metrics.reject("localsock", reason),
+            max_frame_bytes=self.max_frame_bytes,
+            max_connections=self.max_local_connections,
         )
         try:
             await listener.serve()
@@ -235,6 +287,7 @@ class ShardService:
             )
         except (ShardError, ModelError) as exc:
             raise ShardServiceError(getattr(exc, "code", "bad_model"), str(exc)) from None
+        self._register_stream_handler()  # frames as long as this block's steps
         await self._announce(self.block_json(block))
         return self.block_json(block)
 
@@ -266,6 +319,7 @@ class ShardService:
             return False
         block = self._server.blocks[model_id]
         self._server.unload(model_id)
+        self._register_stream_handler()
         self._announced_free.pop(model_id, None)
         key = block_key(model_id, block.start, block.end, self.daemon.ident.peer_id)
         try:
@@ -286,36 +340,33 @@ class ShardService:
     # -- remote control ------------------------------------------------------------------
 
     async def _on_control(self, sender: str, payload: bytes) -> bytes:
+        """A peer's load or unload request, validated into `LoadRequest`/`UnloadRequest`
+        (bounded fields, a known op) before anything else."""
         try:
-            msg = codec.decode(payload, max_bytes=16 * 1024)
-            if not isinstance(msg, dict):
-                raise ShardServiceError("malformed", "a control message is a map")
+            if len(payload) > MAX_CONTROL_BYTES:
+                raise ShardServiceError(
+                    "too_large", f"a control message is at most {MAX_CONTROL_BYTES} bytes"
+                )
+            try:
+                msg = _CONTROL.decode(payload)
+            except msgspec.ValidationError as exc:
+                raise ShardServiceError("bad_request", str(exc)[:300]) from None
+            except msgspec.MsgspecError as exc:
+                raise ShardServiceError("malformed", f"not msgpack: {str(exc)[:200]}") from None
             if not self.allow_remote_deploy:
                 raise ShardServiceError(
                     "forbidden",
                     "this node does not accept deploys from peers (shards.allow_remote_deploy)",
                 )
-            op = msg.get("op")
-            if op == "load":
-                fields = (msg.get("model"), msg.get("model_dir"), msg.get("start"), msg.get("end"))
-                model_id, model_dir, start, end = fields
-                if not (isinstance(model_id, str) and isinstance(model_dir, str)):
-                    raise ShardServiceError("malformed", "model and model_dir must be strings")
-                if not (isinstance(start, int) and isinstance(end, int)):
-                    raise ShardServiceError("malformed", "start and end must be integers")
-                block = await self.load(
-                    model_id, model_dir, start, end, str(msg.get("dtype", "float32"))
-                )
+            if isinstance(msg, LoadRequest):
+                if msg.start >= msg.end:
+                    raise ShardServiceError("bad_request", "start must be below end")
+                block = await self.load(msg.model, msg.model_dir, msg.start, msg.end, msg.dtype)
                 return codec.encode({"ok": True, "block": block})
-            if op == "unload":
-                return codec.encode({"ok": await self.unload(str(msg.get("model")))})
-            raise ShardServiceError("malformed", f"unknown op {str(op)[:20]!r}")
+            return codec.encode({"ok": await self.unload(msg.model)})
         except ShardServiceError as exc:
             self.daemon.metrics.reject("shard_control", exc.code)
             return codec.encode({"ok": False, "code": exc.code, "error": str(exc)})
-        except codec.CodecError as exc:
-            self.daemon.metrics.reject("shard_control", exc.reason)
-            return codec.encode({"ok": False, "code": exc.reason, "error": str(exc)})
 
     async def load_on(self, peer_id: str, request: dict[str, Any]) -> dict[str, Any]:
         if peer_id == self.daemon.ident.peer_id:
@@ -399,7 +450,7 @@ class ShardService:
         failed_at = self._local_failed.get(peer_id, -LOCAL_RETRY_S)
         if self.same_host(peer_id) and time.monotonic() - failed_at >= LOCAL_RETRY_S:
             try:
-                stream = await localsock.dial(peer_id, protocol)
+                stream = await localsock.dial(self.daemon.ident, peer_id, protocol)
                 transports.labels("local").inc()
                 return stream
             except NetworkError as exc:
