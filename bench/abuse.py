@@ -1,0 +1,476 @@
+"""Abuse benchmark: what hostile floods cost honest users of a 4-daemon network.
+
+Starts 4 daemons on loopback (the devnet config, one torch thread each) and deploys a tiny
+6-layer model over three of them: node2 [0,2), node0 [2,4), node3 [4,6). node0 is the TARGET:
+one hostile peer (`python -m daemon.tools.hostile_peer flood KIND`, its own process and
+identity) connects to it alone. node1 serves nothing and is not attacked: the UNTARGETED node.
+Honest probes, one after the other, in rounds:
+- nodes_find on the target, and on the untargeted node;
+- registry write: `registry_put` on the target until the entry is visible on the untargeted
+  node (`registry_get` polled every 10 ms);
+- generate: `--tokens` new tokens asked of the untargeted node, routed through the target.
+First a baseline without a flood, then each flood for `--seconds` (probing while it runs):
+badsig (registry gossip with bad signatures), gossip (garbage gossip), dht (forged DHT puts),
+streams (stream and connection flood), frames (huge never-finished and garbage frames, shard
+sessions), fill (a registry fill by one author; last, since what it stores stays).
+The resident memory (VmRSS) of the target and of the untargeted daemon is read before each
+flood, every half second while it runs (the maximum is reported), and `--settle` seconds after.
+Targets: honest p99 during every flood <= 2x the baseline p99; RSS back within 20 % of its
+start `--settle` (60) seconds after. The exit status is 0 whatever the targets, unless
+`--strict`.
+
+usage: python bench/abuse.py [--seconds 20] [--settle 60] [--probes 30] [--floods KIND,...]
+       [--tokens 8] [--quick] [--strict]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# This folder holds bench/registry.py, named like the `registry` package: don't shadow it.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+from daemon.api.client import RPCClientError  # noqa: E402
+from daemon.devnet import DEVNET_CONFIG, DaemonProcess, Devnet, wait_for  # noqa: E402
+from daemon.tools.hostile_peer import FLOODS  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPT = list(b"honest users ")
+LAYERS = 6
+P99_TARGET = 2.0  # honest p99 during a flood <= 2x the baseline p99
+RSS_TARGET = 1.2  # RSS after the settle time within 20 % of before the flood
+PROBE_TIMEOUT_S = 20.0  # a probe that takes longer counts as failed, at this many seconds
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def rss_bytes(pid: int) -> int:
+    """VmRSS of a process (0 once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+class RSSWatch:
+    """Samples the RSS of some processes every `interval_s` in a thread; `peak()` is the
+    largest sample since the last `reset()`."""
+
+    def __init__(self, pids: dict[str, int], interval_s: float = 0.5) -> None:
+        self.pids = pids
+        self.interval_s = interval_s
+        self._peak = dict.fromkeys(pids, 0)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def sample(self) -> dict[str, int]:
+        now = {name: rss_bytes(pid) for name, pid in self.pids.items()}
+        with self._lock:
+            for name, value in now.items():
+                self._peak[name] = max(self._peak[name], value)
+        return now
+
+    def reset(self) -> None:
+        with self._lock:
+            self._peak = dict.fromkeys(self.pids, 0)
+
+    def peak(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._peak)
+
+    def __enter__(self) -> RSSWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+@dataclass
+class Phase:
+    name: str
+    samples: dict[str, list[float]] = field(default_factory=dict)  # probe -> seconds
+    errors: dict[str, int] = field(default_factory=dict)  # probe -> failed probes
+    first_error: dict[str, str] = field(default_factory=dict)  # probe -> why it first failed
+    rss: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # node -> b, d, a
+    hostile: dict[str, float] = field(default_factory=dict)  # the flood's own counts
+    rejected: float = 0.0  # the target's gridmesh_rejected_messages_total, during the phase
+    target_alive: bool = True
+
+
+class Probes:
+    """The honest probes, each one a timed call; a probe that fails or times out is recorded
+    as an error at PROBE_TIMEOUT_S."""
+
+    def __init__(self, target: DaemonProcess, untargeted: DaemonProcess, tokens: int) -> None:
+        self.target = target
+        self.untargeted = untargeted
+        self.tokens = tokens
+        self._writes = 0
+        self.names = [
+            "nodes_find@target",
+            "nodes_find@untargeted",
+            "registry put->visible",
+            f"generate {tokens} tok",
+        ]
+
+    def _nodes_find(self, daemon: DaemonProcess) -> None:
+        found = daemon.call("nodes_find", {}, timeout=PROBE_TIMEOUT_S)
+        if len(found) < 4:
+            raise RuntimeError(f"nodes_find found {len(found)} of 4 daemons")
+
+    def _registry(self) -> None:
+        self._writes += 1
+        key = f"abuse-probe-{os.getpid()}-{self._writes}"
+        started = time.perf_counter()
+        self.target.call(
+            "registry_put",
+            {"kind": "components", "key": key, "value": {"name": key, "version": "1"}},
+            timeout=PROBE_TIMEOUT_S,
+        )
+        client = self.untargeted.client(timeout=PROBE_TIMEOUT_S)
+        while time.perf_counter() - started < PROBE_TIMEOUT_S:
+            try:
+                client.call("registry_get", {"kind": "components", "key": key})
+                return
+            except RPCClientError:
+                time.sleep(0.01)
+        raise TimeoutError("the write never became visible")
+
+    def _generate(self) -> None:
+        out = self.untargeted.call(
+            "generate",
+            {"model": "tiny", "token_ids": PROMPT, "max_tokens": self.tokens},
+            timeout=PROBE_TIMEOUT_S,
+        )
+        if out.get("error") or len(out.get("tokens", [])) != self.tokens:
+            raise RuntimeError(f"generate failed: {str(out.get('error'))[:200]}")
+
+    def run_one(self, name: str, phase: Phase | None = None) -> float | None:
+        """Seconds the probe took, or None if it failed (why: in `phase.first_error`)."""
+        probe: Callable[[], None] = {
+            self.names[0]: lambda: self._nodes_find(self.target),
+            self.names[1]: lambda: self._nodes_find(self.untargeted),
+            self.names[2]: self._registry,
+            self.names[3]: self._generate,
+        }[name]
+        started = time.perf_counter()
+        try:
+            probe()
+        except Exception as exc:
+            if phase is not None:
+                phase.first_error.setdefault(name, f"{type(exc).__name__}: {str(exc)[:160]}")
+            return None
+        elapsed = time.perf_counter() - started
+        return elapsed if elapsed < PROBE_TIMEOUT_S else None
+
+    def rounds(self, phase: Phase, count: int, keep_going: Callable[[], bool]) -> None:
+        """Each probe `count` times (or until `keep_going()` turns false): one thread per probe,
+        so that a slow probe does not starve the others of samples."""
+        lock = threading.Lock()
+        for name in self.names:
+            phase.samples.setdefault(name, [])
+            phase.errors.setdefault(name, 0)
+
+        def loop(name: str) -> None:
+            for _ in range(count):
+                if not keep_going():
+                    return
+                seconds = self.run_one(name, phase)
+                with lock:
+                    if seconds is None:
+                        phase.errors[name] += 1
+                        phase.samples[name].append(PROBE_TIMEOUT_S)
+                    else:
+                        phase.samples[name].append(seconds)
+
+        threads = [threading.Thread(target=loop, args=(name,), daemon=True) for name in self.names]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(count * (PROBE_TIMEOUT_S + 5))
+
+
+def config_file(root: Path) -> Path:
+    """The devnet config (one torch thread per daemon, as it already says)."""
+    text = DEVNET_CONFIG.read_text()
+    if "torch_threads = 1" not in text:
+        raise RuntimeError("configs/devnet.toml no longer sets torch_threads = 1")
+    path = root / "abuse.toml"
+    path.write_text(text)
+    return path
+
+
+def deploy_tiny(root: Path, net: Devnet, client: DaemonProcess) -> None:
+    model_dir = root / "tiny"
+    subprocess.run(
+        [sys.executable, "-m", "daemon.cli.main", "model", "make-tiny", str(model_dir)]
+        + ["--layers", str(LAYERS), "--seed", "1"],
+        check=True,
+        capture_output=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    target, _, node2, node3 = net.daemons
+    plan = [
+        {"peer_id": node2.peer_id, "start": 0, "end": 2},
+        {"peer_id": target.peer_id, "start": 2, "end": 4},
+        {"peer_id": node3.peer_id, "start": 4, "end": LAYERS},
+    ]
+    result = client.call(
+        "block_deploy", {"model": "tiny", "model_dir": str(model_dir), "plan": plan}, timeout=300
+    )
+    failed = [r for r in result["results"] if not r["ok"]]
+    if failed:
+        raise RuntimeError(f"deploy failed: {failed}")
+    wait_for(
+        lambda: len(client.call("block_list", {"model": "tiny"})["announced"].get("tiny", [])) == 3,
+        60,
+        "the three shards to be announced",
+    )
+
+
+def rejected(daemon: DaemonProcess) -> float:
+    try:
+        return daemon.metric("gridmesh_rejected_messages_total")
+    except Exception:
+        return float("nan")
+
+
+def run_flood(
+    kind: str,
+    args: argparse.Namespace,
+    net: Devnet,
+    probes: Probes,
+    watch: RSSWatch,
+    log_dir: Path,
+    procs: list[subprocess.Popen[str]],
+) -> Phase:
+    target = net.daemons[0]
+    phase = Phase(kind)
+    before = watch.sample()
+    rejected_before = rejected(target)
+    log = open(log_dir / f"hostile-{kind}.log", "w")  # noqa: SIM115 - closed below
+    hostile = subprocess.Popen(
+        [sys.executable, "-m", "daemon.tools.hostile_peer", "flood", kind, target.addr]
+        + [args.network_id, "--seconds", str(args.seconds)],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    procs.append(hostile)
+    lines: list[str] = []
+    started = threading.Event()
+
+    def read() -> None:
+        assert hostile.stdout is not None
+        for line in hostile.stdout:
+            lines.append(line.rstrip())
+            if line.startswith("FLOODING"):
+                started.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        if not started.wait(60) and hostile.poll() is None:
+            raise RuntimeError(f"the {kind} flood did not start within 60 s")
+        watch.reset()
+        flood_ends = time.monotonic() + args.seconds
+        if started.is_set():
+            probes.rounds(
+                phase,
+                args.probes,
+                lambda: hostile.poll() is None and time.monotonic() < flood_ends,
+            )
+        hostile.wait(args.seconds + 60)
+    except subprocess.TimeoutExpired:
+        hostile.kill()
+        hostile.wait()
+    finally:
+        reader.join(5)
+        log.close()
+    during = watch.peak()
+    phase.rejected = rejected(target) - rejected_before
+    phase.target_alive = target.alive()
+    for line in lines:
+        if line.startswith("RESULT "):
+            phase.hostile = json.loads(line[len("RESULT ") :])
+    if not phase.hostile:
+        tail = (log_dir / f"hostile-{kind}.log").read_text(errors="replace")[-600:]
+        print(f"  the {kind} flood ended without a result (exit {hostile.returncode}): {tail}")
+    time.sleep(args.settle)
+    after = watch.sample()
+    for node in before:
+        phase.rss[node] = (before[node], max(during[node], before[node]), after[node])
+    return phase
+
+
+def mb(n: int) -> str:
+    return f"{n / 1e6:.0f}"
+
+
+def print_tables(phases: list[Phase], baseline: Phase) -> bool:
+    """Print the latency, RSS and flood tables; whether every target was met."""
+    met = True
+    header = (
+        f"{'flood':<9} | {'probe':<22} | {'n':>3} | {'err':>3} | {'p50 ms':>8} | "
+        f"{'p99 ms':>8} | {'p99/base':>8} | ok"
+    )
+    print(header)
+    print("-" * len(header))
+    for phase in [baseline, *phases]:
+        for name, samples in phase.samples.items():
+            if not samples:
+                print(f"{phase.name:<9} | {name:<22} | {0:>3} | {'':>3} | no samples")
+                met = met and phase is baseline
+                continue
+            base = baseline.samples.get(name) or samples
+            ratio = pct(samples, 0.99) / pct(base, 0.99)
+            ok = phase.errors[name] == 0 and (phase is baseline or ratio <= P99_TARGET)
+            met = met and ok
+            print(
+                f"{phase.name:<9} | {name:<22} | {len(samples):>3} | {phase.errors[name]:>3} | "
+                f"{pct(samples, 0.5) * 1000:>8.1f} | {pct(samples, 0.99) * 1000:>8.1f} | "
+                f"{ratio:>7.2f}x | {'yes' if ok else 'NO'}"
+            )
+    print(f"target: p99 during a flood <= {P99_TARGET:g}x the baseline p99, no failed probe")
+    print(f"(a failed probe counts as {PROBE_TIMEOUT_S:g} s)")
+    for phase in [baseline, *phases]:
+        for name, why in phase.first_error.items():
+            print(f"  {phase.name} {name} first failure: {why}")
+    print()
+    header = (
+        f"{'flood':<9} | {'node':<10} | {'before MB':>9} | {'during MB':>9} | {'after MB':>8} | "
+        f"{'after/before':>12} | ok"
+    )
+    print(header)
+    print("-" * len(header))
+    for phase in phases:
+        for node, (before, during, after) in phase.rss.items():
+            ratio = after / before if before else float("inf")
+            ok = ratio <= RSS_TARGET
+            met = met and ok
+            print(
+                f"{phase.name:<9} | {node:<10} | {mb(before):>9} | {mb(during):>9} | "
+                f"{mb(after):>8} | {ratio:>11.2f}x | {'yes' if ok else 'NO'}"
+            )
+    print(f"target: RSS after the settle time within {RSS_TARGET - 1:.0%} of before the flood")
+    print()
+    header = (
+        f"{'flood':<9} | {'sent':>8} | {'refused':>8} | {'accepted':>8} | {'failed':>6} | "
+        f"{'MB sent':>7} | {'target rejected':>15} | target alive"
+    )
+    print(header)
+    print("-" * len(header))
+    for phase in phases:
+        h = phase.hostile
+        met = met and phase.target_alive
+        print(
+            f"{phase.name:<9} | {h.get('sent', 0):>8} | {h.get('refused', 0):>8} | "
+            f"{h.get('accepted', 0):>8} | {h.get('failed', 0):>6} | "
+            f"{h.get('bytes', 0) / 1e6:>7.1f} | {phase.rejected:>15.0f} | "
+            f"{'yes' if phase.target_alive else 'NO'}"
+        )
+    print("(sent/refused/accepted/failed: the hostile peer's own counts; target rejected: the")
+    print(" target's gridmesh_rejected_messages_total during the flood)")
+    return met
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, help="each flood's duration (20)")
+    parser.add_argument("--settle", type=float, help="seconds before RSS 'after' (60)")
+    parser.add_argument("--probes", type=int, help="the most samples of each probe per phase (30)")
+    parser.add_argument("--tokens", type=int, default=8, help="tokens per generate probe")
+    parser.add_argument("--floods", default=",".join(FLOODS), help="comma-separated, in order")
+    parser.add_argument(
+        "--quick", action="store_true", help="a check run: 5 s floods, 5 s settle, 8 probes"
+    )
+    parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
+    args = parser.parse_args()
+    quick = {"seconds": 5.0, "settle": 5.0, "probes": 8}
+    full = {"seconds": 20.0, "settle": 60.0, "probes": 30}
+    for name, value in (quick if args.quick else full).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    floods = [f for f in args.floods.split(",") if f]
+    unknown = [f for f in floods if f not in FLOODS]
+    if unknown:
+        parser.error(f"unknown floods {unknown}: choose from {', '.join(FLOODS)}")
+    procs: list[subprocess.Popen[str]] = []
+    phases: list[Phase] = []
+    with tempfile.TemporaryDirectory(prefix="gridmesh-abuse-") as tmp:
+        root = Path(tmp)
+        net = Devnet(4, root=root / "net", config=config_file(root))
+        try:
+            print("starting 4 daemons ...", flush=True)
+            net.start()
+            net.wait_all_found(60)
+            target, untargeted = net.daemons[0], net.daemons[1]
+            print("deploying a tiny model over node2, node0 (target), node3 ...", flush=True)
+            deploy_tiny(root, net, untargeted)
+            probes = Probes(target, untargeted, args.tokens)
+            for name in probes.names:  # warm up: first calls load and connect
+                probes.run_one(name)
+            args.network_id = target.call("node_info")["network_id"]
+            assert target.proc is not None and untargeted.proc is not None
+            pids = {"target": target.proc.pid, "untargeted": untargeted.proc.pid}
+            with RSSWatch(pids) as watch:
+                baseline = Phase("baseline")
+                print(f"baseline: {args.probes} samples of each probe ...", flush=True)
+                probes.rounds(baseline, args.probes, lambda: True)
+                for kind in floods:
+                    if not target.alive():
+                        print(f"the target is dead: {kind} skipped", flush=True)
+                        continue
+                    print(
+                        f"flood {kind}: {args.seconds:g} s, then {args.settle:g} s to settle ...",
+                        flush=True,
+                    )
+                    phases.append(run_flood(kind, args, net, probes, watch, root, procs))
+            print()
+            print(
+                f"4 daemons, tiny {LAYERS}-layer model over 3; floods of {args.seconds:g} s, "
+                f"RSS {args.settle:g} s after, up to {args.probes} samples of each probe per phase"
+            )
+            met = print_tables(phases, baseline)
+        except KeyboardInterrupt:
+            print("interrupted; stopping everything", file=sys.stderr)
+            return 130
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            net.stop()
+    print("all targets met" if met else "some targets missed")
+    return 1 if args.strict and not met else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
