@@ -5,23 +5,29 @@ Makes a random Llama-shaped checkpoint (`--preset`: `cpu` is hidden 2048, 8 laye
 - transformers (with `--hf`, the default on CUDA): `LlamaForCausalLM` on the same checkpoint,
   a plain greedy decode loop with its KV cache, tokens/s: the baseline a user would pick;
 - one process: gridmesh's greedy decode with the KV cache (the reference), tokens/s;
-- N daemons on loopback, each serving a contiguous range, driven by one extra client daemon:
-  decode tokens/s and the overhead per network hop,
-  (time per token split - time per token in one process) / hops, both chained (each server
-  pushes to the next, the default) and relayed (the client sends every hop's input), over
-  each `--transports`: `local` (Unix sockets between daemons on one host, the default
-  there) and `libp2p` (Noise-encrypted yamux over TCP, what daemons on different hosts use);
+- N daemons (servers) on loopback, each serving a contiguous range, driven by one extra client
+  daemon: decode tokens/s and the overhead per token over one process, both chained (each
+  server pushes to the next, the default: N + 1 messages on a step's critical path) and
+  relayed (the client sends every server its input and gets its output back: 2N messages),
+  over each `--transports`: `local` (Unix sockets between daemons on one host, the default
+  there) and `libp2p` (Noise-encrypted yamux over TCP, what daemons on different hosts use).
+  The overhead is split into a cost per message (transport, framing) and a cost per server
+  (its session handling) by least squares over the rows of a transport:
+  overhead = servers * per_server + messages * per_message;
 - recovery: 3 servers with a replica of the middle range; the serving replica is SIGKILLed
-  mid-generation; seconds from the failure to the first replayed step, and whether the
+  mid-generation; seconds from the kill to the next token (the client's own measure, from
+  when it noticed the failure to the first replayed step, is shown too), and whether the
   tokens equal the reference.
 On the CPU every daemon and the reference use `--threads` torch threads (default 1) so that
 processes sharing this machine's cores are compared fairly; with `--device cuda` the daemons
 share the GPU.
-Targets: overhead per hop <= 5 ms for hidden 2048 on loopback; recovery <= 5 s. On an H100:
+Targets: overhead per server <= 5 ms for hidden 2048 on loopback; recovery <= 5 s. On an H100:
 gridmesh in one process >= 4x transformers for 8B; 4 daemons >= 0.8 of one process for 8B.
 
 usage: python bench/inference.py [--preset cpu|1b|8b] [--device cpu|cuda] [--splits 2 3 4]
        [--hidden 2048] [--layers 8] [--prompt-tokens N] [--tokens N] [--hf] [--no-recovery]
+smallest (a check that it runs, ~1 min on 2 cores): python bench/inference.py --hidden 64
+       --layers 3 --splits 2 --transports local --prompt-tokens 4 --tokens 4
 """
 
 from __future__ import annotations
@@ -209,7 +215,9 @@ def recovery(
     dtype: str,
     prompt: list[int],
     reference: list[int],
-) -> tuple[float, bool]:
+) -> tuple[float, float, bool]:
+    """(seconds from the SIGKILL to the next token, seconds the client reports from noticing
+    the failure to the replayed step, whether the tokens equal the reference)."""
     third = layers // 3
     ranges = [(0, third), (third, 2 * third), (third, 2 * third), (2 * third, layers)]
     with Devnet(5, root=root, config=config) as net:
@@ -221,15 +229,50 @@ def recovery(
             "generate",
             {"model": "m", "token_ids": prompt, "max_tokens": len(reference), "stream": True},
         )["job"]
-        route = wait_for(lambda: client.call("generate_poll", {"job": job})["route"], 60, "route")
-        victim = next(d for d in servers if d.peer_id == route[1]["peer_id"])
-        wait_for(lambda: client.call("generate_poll", {"job": job})["n_tokens"] >= 4, 60, "tokens")
-        victim.kill()
-        state = wait_for(
-            lambda: (s := client.call("generate_poll", {"job": job}))["done"] and s, 300, "end"
-        )
+        # One loop, one poll at a time: a finished job is forgotten once its end was read.
+        deadline = time.monotonic() + 300
+        victim = None
+        killed_at = at_kill = from_kill = None
+        while True:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the recovery generation did not finish in 300 s")
+            state = client.call("generate_poll", {"job": job})
+            now = time.monotonic()
+            if state["done"]:
+                break
+            if victim is None and state["route"] and state["n_tokens"] >= 4:
+                victim = next(d for d in servers if d.peer_id == state["route"][1]["peer_id"])
+                victim.kill()
+                killed_at, at_kill = time.monotonic(), state["n_tokens"]
+            elif killed_at is not None and from_kill is None and state["n_tokens"] > at_kill + 1:
+                # the token after the next one surely needed the killed server's layers (the
+                # next may have passed it already): this over-counts by at most one step
+                from_kill = now - killed_at
+            time.sleep(0.005)
+        if state["error"] or killed_at is None:
+            raise RuntimeError(
+                f"recovery run: {state['error'] or 'ended before a server could be killed'}"
+            )
+        if from_kill is None:  # it ended within a step of the kill
+            from_kill = now - killed_at
         seconds = [r["seconds"] for r in state["recoveries"]]
-        return (seconds[0] if seconds else float("nan")), state["tokens"] == reference
+        noticed = seconds[0] if seconds else float("nan")
+        return from_kill, noticed, state["tokens"] == reference
+
+
+def split_overhead(samples: list[tuple[int, int, float]]) -> tuple[float, float] | None:
+    """Least squares for overhead = servers * per_server + messages * per_message over
+    (servers, messages, overhead) samples: (per_server, per_message), or None when the
+    samples do not tell the two apart (e.g. only chained rows)."""
+    sxx = sum(s * s for s, _, _ in samples)
+    syy = sum(m * m for _, m, _ in samples)
+    sxy = sum(s * m for s, m, _ in samples)
+    sxo = sum(s * o for s, _, o in samples)
+    syo = sum(m * o for _, m, o in samples)
+    det = sxx * syy - sxy * sxy
+    if abs(det) < 1e-9:
+        return None
+    return (sxo * syy - syo * sxy) / det, (syo * sxx - sxo * sxy) / det
 
 
 def make_checkpoint(root: Path, args: argparse.Namespace) -> tuple[Path, dict]:
@@ -299,13 +342,15 @@ def main() -> int:
             hf, hf_tokens = transformers_baseline(
                 model_dir, prompt, args.tokens, args.device, dtype
             )
-            rows.append(("transformers", None, hf, hf_tokens[: len(reference)] == reference))
+            same = hf_tokens[: len(reference)] == reference
+            rows.append(("transformers", None, None, hf, same))
         if on_gpu:  # the eager loop too, to show what the graphs buy
             eager, eager_tokens = one_process(
                 model_dir, prompt, args.tokens, args.device, dtype, static=False
             )
-            rows.append(("gridmesh, 1 process, eager", None, eager, eager_tokens == reference))
-        rows.append(("gridmesh, 1 process", 0, base, True))
+            same = eager_tokens == reference
+            rows.append(("gridmesh, 1 process, eager", None, None, eager, same))
+        rows.append(("gridmesh, 1 process", 0, 0, base, True))
         for n in args.splits:
             for transport in args.transports:
                 print(f"split over {n} daemons, {transport} ...", file=sys.stderr, flush=True)
@@ -318,39 +363,61 @@ def main() -> int:
                         )
                         how = "relayed" if relay else "chained"
                         name = f"{n} daemons, {transport}, {how}"
-                        rows.append((name, n, per_token, tokens == reference))
+                        messages = 2 * n if relay else n + 1
+                        rows.append((name, n, messages, per_token, tokens == reference))
         if args.recovery:
             print("recovery ...", file=sys.stderr, flush=True)
-            recovery_s, recovered_same = recovery(
+            # long enough to kill a server mid-generation even on a tiny model
+            long_reference = greedy_generate(
+                [load_model(model_dir, device=args.device, dtype=dtype)],
+                prompt,
+                max(args.tokens + 2, 64),
+            )
+            recovery_s, noticed_s, recovered_same = recovery(
                 root / "recovery",
                 configs[args.transports[0]],
                 model_dir,
                 layers,
                 dtype,
                 prompt,
-                reference,
+                long_reference,
             )
     header = (
-        f"{'setup':>28} | {'hops':>4} | {'ms/token':>8} | {'tokens/s':>8} | "
-        f"{'overhead/hop':>12} | {'vs 1 process':>12} | {'same tokens':>11}"
+        f"{'setup':>28} | {'servers':>7} | {'messages':>8} | {'ms/token':>8} | "
+        f"{'tokens/s':>8} | {'overhead':>9} | {'vs 1 process':>12} | {'same tokens':>11}"
     )
     print(header)
     print("-" * len(header))
-    for name, hops, per_token, same in rows:
-        overhead = f"{(per_token - base) * 1000 / hops:>9.2f} ms" if hops else f"{'-':>12}"
+    for name, servers, messages, per_token, same in rows:
+        overhead = f"{(per_token - base) * 1000:>6.2f} ms" if servers else f"{'-':>9}"
         print(
-            f"{name:>28} | {'-' if hops is None else hops:>4} | {per_token * 1000:>8.2f} | "
+            f"{name:>28} | {'-' if servers is None else servers:>7} | "
+            f"{'-' if messages is None else messages:>8} | {per_token * 1000:>8.2f} | "
             f"{1 / per_token:>8.2f} | {overhead} | {base / per_token:>11.2f}x | "
             f"{'yes' if same else 'NO':>11}"
         )
+    print("messages: on a step's critical path (chained N + 1, relayed 2N); overhead: per token")
+    for transport in args.transports:
+        fit = split_overhead(
+            [(s, m, t - base) for name, s, m, t, _ in rows if s and f", {transport}," in name]
+        )
+        if fit is None:
+            print(f"{transport}: too few rows to split the overhead (needs chained and relayed)")
+        else:
+            per_server, per_message = fit
+            print(
+                f"{transport}: overhead per server {per_server * 1000:.2f} ms, "
+                f"per message {per_message * 1000:.2f} ms (least squares over its rows)"
+            )
     if args.hf:
         print(f"gridmesh in one process decodes {hf / base:.2f}x as fast as transformers")
     if args.recovery:
         print(
-            f"recovery from a SIGKILLed server: {recovery_s:.2f} s; "
+            f"recovery from a SIGKILLed server: {recovery_s:.2f} s from the kill to the next "
+            f"token ({noticed_s:.2f} s from when the client noticed to the replayed step); "
             f"tokens equal to one process: {'yes' if recovered_same else 'NO'}"
         )
-    print("targets: overhead per hop <= 5 ms (hidden 2048, loopback); recovery <= 5 s")
+    print("targets: overhead per server <= 5 ms (hidden 2048, loopback); recovery <= 5 s")
     if on_gpu:
         print("GPU targets (8b): 1 process >= 4x transformers; 4 daemons >= 0.8x 1 process")
     return 0

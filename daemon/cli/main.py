@@ -16,8 +16,11 @@ from daemon.cli.model import model_app
 
 app = typer.Typer(
     help="gridmesh: a peer-to-peer network for AI compute.\n\n"
-    "Start with `gridmesh init`, run `gridmesh daemon`, then ask it questions with "
-    "`gridmesh status`, `gridmesh peers` and `gridmesh nodes`.",
+    "Start with `gridmesh init`, run `gridmesh daemon` (join others with --bootstrap "
+    "/ip4/ADDRESS/tcp/PORT/p2p/PEER_ID), then ask it questions with `gridmesh status`, "
+    "`gridmesh peers` and `gridmesh nodes`. Serve a model with `gridmesh deploy DIR --model "
+    "ID`, use it with `gridmesh generate --model ID TEXT`, stop with `gridmesh undeploy ID`. "
+    "Every command takes --home DIR (default $GRIDMESH_HOME or ~/.gridmesh) and --help.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
