@@ -185,12 +185,22 @@ class _ResetCountingStream:
         self._stream = stream
         self._cell = cell
         self._on_reject = on_reject
+        self._broken = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
 
+    async def read(self, n: int | None = None) -> bytes:
+        try:
+            return await self._stream.read(n)
+        except Exception:
+            # the peer reset or dropped the stream (an honest querier that got its answer
+            # elsewhere does): KadDHT resets it in turn, which is no refusal of ours
+            self._broken = True
+            raise
+
     async def reset(self) -> None:
-        if not self._cell[0]:
+        if not self._cell[0] and not self._broken:
             self._cell[0] = True
             self._on_reject("dht", "refused")
         await self._stream.reset()

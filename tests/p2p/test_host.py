@@ -107,6 +107,11 @@ async def test_connect_request_and_discovery(nodes):
             found = await a.directory.find()
     assert {r.peer_id for r in found} == {n.ident.peer_id for n in nodes}
     assert all(r.resources["cpu"]["cores"] == 4 for r in found)
+    for _ in range(5):  # honest traffic is never counted as refused
+        for node in nodes:
+            await node.directory.publish_once()
+            await node.directory.find()
+    assert [node.rejects for node in nodes] == [[], [], []]
 
 
 async def test_forged_record_rejected_by_remote_validator(nodes):
