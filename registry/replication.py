@@ -117,16 +117,30 @@ class Replicator:
         return entry
 
     async def announce(self, entries: Iterable[Entry]) -> None:
-        batch = [e.to_wire() for e in entries]
-        for start in range(0, len(batch), MAX_GOSSIP_ENTRIES):
-            data = codec.encode(
-                {"v": WIRE_VERSION, "entries": batch[start : start + MAX_GOSSIP_ENTRIES]}
-            )
-            try:
-                await self.net.publish(self.topic, data)
-                self.stats["gossip_sent"] += 1
-            except NetworkError as exc:  # anti-entropy delivers it later
-                log.debug("gossip publish failed: %s", exc)
+        """Gossip `entries` in messages of at most MAX_GOSSIP_ENTRIES entries and
+        MAX_GOSSIP_BYTES (what every receiver accepts)."""
+        batch: list[dict[str, Any]] = []
+        size = 0
+        for entry in entries:
+            item = entry.to_wire()
+            cost = len(codec.encode(item))
+            if batch and (
+                len(batch) == MAX_GOSSIP_ENTRIES or size + cost > MAX_GOSSIP_BYTES - REPLY_MARGIN
+            ):
+                await self._publish(batch)
+                batch, size = [], 0
+            batch.append(item)
+            size += cost
+        if batch:
+            await self._publish(batch)
+
+    async def _publish(self, batch: list[dict[str, Any]]) -> None:
+        data = codec.encode({"v": WIRE_VERSION, "entries": batch})
+        try:
+            await self.net.publish(self.topic, data)
+            self.stats["gossip_sent"] += 1
+        except NetworkError as exc:  # anti-entropy delivers it later
+            log.debug("gossip publish failed: %s", exc)
 
     # -- incoming ----------------------------------------------------------------------
 
