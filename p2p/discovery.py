@@ -7,6 +7,7 @@ libp2p in the daemon and over `p2p.memnet` in simulations on trio's virtual cloc
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,11 @@ class DiscoverySettings:
     dht_timeout_s: float = 5.0
     max_parallel_gets: int = 16
     find_timeout_s: float = 1.0
+    # a peer whose last look-up found no record (or did not finish) gets only this long in
+    # find() until `absent_retry_s` have passed: a record-less or silent peer (a hostile one
+    # answering no DHT queries) must not make every find() wait `find_timeout_s`
+    absent_lookup_s: float = 0.05
+    absent_retry_s: float = 30.0
 
 
 class RecordValidator:
@@ -79,6 +85,7 @@ class ResourceDirectory:
         self._on_reject = on_reject or (lambda reason: None)
         self.validator = RecordValidator(settings, net.now, self._on_reject)
         self._cache: dict[str, records.ResourceRecord] = {}
+        self._absent: dict[str, float] = {}  # peer id -> when to look it up in full again
         self.published = 0
         self.publish_failures = 0
 
@@ -155,12 +162,21 @@ class ResourceDirectory:
         """
         candidates = sorted(self._net.known_peers() | {self._ident.peer_id})
         limiter = trio.CapacityLimiter(self._settings.max_parallel_gets)
+        started = self._net.now()
+        self._absent = {p: t for p, t in self._absent.items() if t > started}
 
         async def one(peer_id: str) -> None:
-            async with limiter:
-                record = await self.lookup(peer_id)
+            absent = peer_id in self._absent and peer_id != self._ident.peer_id
+            if not absent:  # until its look-up succeeds
+                self._absent[peer_id] = started + self._settings.absent_retry_s
+            limit = self._settings.absent_lookup_s if absent else math.inf
+            record = None
+            with trio.move_on_after(limit):
+                async with limiter:
+                    record = await self.lookup(peer_id)
             if record is not None:
                 self._cache[peer_id] = record
+                self._absent.pop(peer_id, None)
 
         with trio.move_on_after(self._settings.find_timeout_s):
             async with trio.open_nursery() as nursery:

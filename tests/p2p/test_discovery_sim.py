@@ -186,3 +186,23 @@ async def test_forged_records_are_rejected_and_counted(autojump_clock):
             _check_records(found[sim.peer_id], sims)
         assert all(set(sim.rejects) <= {"stale", "bad_signature"} for sim in sims)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_without_a_record_is_found_once_it_publishes(autojump_clock):
+    """A record-less peer is given little time in later finds, but is not forgotten."""
+    hub = MemoryNetwork(seed=4)
+    idents = [NodeIdentity.generate() for _ in range(2)]
+    nodes = [hub.add_node(ident.peer_id) for ident in idents]
+    finder, late = (
+        ResourceDirectory(node, ident, SETTINGS, describe=lambda: ([], {}))
+        for node, ident in zip(nodes, idents, strict=True)
+    )
+    for node, directory in zip(nodes, (finder, late), strict=True):
+        node.set_validator(directory.validator)
+    await nodes[1].connect(idents[0].peer_id)
+    assert await finder.publish_once()
+    assert [r.peer_id for r in await finder.find()] == [idents[0].peer_id]  # late: no record
+    assert await late.publish_once()
+    await trio.sleep(SETTINGS.absent_retry_s)
+    found = await finder.find()
+    assert sorted(r.peer_id for r in found) == sorted(i.peer_id for i in idents)

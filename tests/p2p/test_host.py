@@ -21,6 +21,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from p2p import codec, identity, records
 from p2p.discovery import DiscoverySettings, ResourceDirectory
 from p2p.host import (
+    DHT_PROTOCOL,
     HELLO_PROTOCOL,
     HostLimits,
     Libp2pNetwork,
@@ -551,3 +552,24 @@ async def test_republishing_replaces_the_record(nodes):
     stored = a.net.dht.value_store.get(key.encode())
     assert stored is not None
     assert stored.value == await b.net.dht_get(key)
+
+
+async def test_a_peer_silent_on_the_dht_slows_only_its_first_find(nodes):
+    """A connected peer that never answers DHT queries (and has no record) must not make
+    every nodes_find wait for the find deadline."""
+    a, b, silent = nodes
+    await b.net.connect(a.net.listen_addrs()[0])
+    await silent.net.connect(a.net.listen_addrs()[0])
+    assert await b.directory.publish_once()
+    assert await a.directory.publish_once()
+
+    async def never_answer(stream) -> None:
+        await trio.sleep_forever()
+
+    silent.net.host.get_mux().handlers[DHT_PROTOCOL] = never_answer
+    await a.directory.find()  # may wait for the silent peer once
+    for _ in range(5):
+        started = trio.current_time()
+        found = await a.directory.find()
+        assert trio.current_time() - started < 0.5
+        assert {r.peer_id for r in found} == {a.ident.peer_id, b.ident.peer_id}
