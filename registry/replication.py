@@ -75,6 +75,9 @@ class ReplicationSettings:
     # the largest sync message (request or reply) sent or accepted: listings, pull replies
     # and pushes are paged under it, so a registry of any size syncs
     max_message_bytes: int = MAX_SYNC_BYTES
+    # what one page (listing, pull reply, push) fills: small enough to cross a slow link
+    # within sync_timeout_s, large enough that a big sync takes few round trips
+    sync_page_bytes: int = 1 << 20
     # listing pages one round walks through; a larger registry continues next round
     max_pages_per_round: int = 64
     # an entry refused when pulled (over quota, bad signature...) is not pulled again from
@@ -160,8 +163,10 @@ class Replicator:
 
     @property
     def _budget(self) -> int:
-        """Bytes a reply or push may fill: the message limit less room for the envelope."""
-        return max(1024, self.settings.max_message_bytes - REPLY_MARGIN)
+        """Bytes a listing, pull reply or push may fill: `sync_page_bytes`, and always the
+        message limit less room for the envelope."""
+        limit = self.settings.max_message_bytes - REPLY_MARGIN
+        return max(1024, min(self.settings.sync_page_bytes, limit))
 
     async def on_gossip(self, sender: str, data: bytes) -> None:
         try:
