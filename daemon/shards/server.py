@@ -404,6 +404,9 @@ class ShardServer:
         """
         peer = stream.peer_id
         if self._streams.get(peer, 0) >= self.max_streams_per_peer:
+            log.info(
+                "refusing a shard stream of %s: %d open", peer[-12:], self.max_streams_per_peer
+            )
             self._on_reject("too_many_streams")
             return  # the transport closes it
         self._streams[peer] = self._streams.get(peer, 0) + 1
@@ -471,6 +474,7 @@ class ShardServer:
             if idle.cancelled_caught:
                 if any(session_id in self.sessions for session_id in owned):
                     continue  # e.g. a chained hop's owner stream: its client only listens
+                log.info("closing an idle shard stream of %s", outbox.stream.peer_id[-12:])
                 self._on_reject("idle_stream")
                 return
             reply = await self._handle_frame(frame, outbox, owned, spawn)

@@ -3,11 +3,14 @@ and refusals."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from p2p import codec, localsock
 from p2p.identity import NodeIdentity
@@ -270,3 +273,31 @@ async def test_frames_are_bounded_by_the_listener_and_must_be_finished_in_time(m
         assert outcomes[0] == 1000 and "exceeds 10" in outcomes[1]
         assert "not finished in time" in outcomes[2]
         nursery.cancel_scope.cancel()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.binary(max_size=300),
+    st.sampled_from([localsock.Hello, localsock.Challenge, localsock.Proof]),
+)
+def test_hello_decoding_raises_only_network_errors(data, kind):
+    with contextlib.suppress(NetworkError):
+        localsock._decode(data, kind)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["protocol", "nonce", "peer", "signature", "x"]),
+        st.none()
+        | st.integers(-(1 << 63), (1 << 64) - 1)
+        | st.text(max_size=40)
+        | st.binary(max_size=40)
+        | st.lists(st.integers(-(1 << 63), (1 << 63) - 1), max_size=3),
+        max_size=5,
+    )
+)
+def test_hello_structures_raise_only_network_errors(message):
+    for kind in (localsock.Hello, localsock.Challenge, localsock.Proof):
+        with contextlib.suppress(NetworkError):
+            localsock._decode(codec.encode(message), kind)

@@ -15,6 +15,8 @@ from daemon.shards import wire  # noqa: E402
 from daemon.shards.client import GenerationError, RemoteModel, generate  # noqa: E402
 from daemon.shards.model import greedy_generate, load_model, make_tiny  # noqa: E402
 from daemon.shards.server import ShardServer  # noqa: E402
+from p2p import localsock  # noqa: E402
+from p2p.identity import NodeIdentity  # noqa: E402
 from p2p.memnet import ChannelStream, stream_pair  # noqa: E402
 from p2p.network import NetworkError  # noqa: E402
 from scheduler.routing import Server  # noqa: E402
@@ -753,4 +755,60 @@ async def test_a_frame_larger_than_the_session_can_take_is_refused_before_it_is_
         assert wire.decode(await stream.receive())[0].code == "too_large"
         await stream.send(wire.encode(fwd, torch.zeros(1, 4, hidden)))
         assert wire.op(wire.decode(await stream.receive())[0]) == "result"
+        nursery.cancel_scope.cancel()
+
+
+# -- over the same-host socket: real identities (issue 12 items 4 and 10) ----------------
+
+
+@pytest.mark.skipif(localsock.HOST_ID is None, reason="abstract Unix sockets need Linux")
+async def test_same_host_peers_are_told_apart_and_cannot_use_each_others_sessions(model_dir):
+    server_ident, victim, mallory = (NodeIdentity.generate() for _ in range(3))
+    rejects: list[str] = []
+    server = ShardServer(max_sessions=4, on_reject=rejects.append)
+    await server.load("tiny", model_dir, 3, 6)
+    hidden = torch.zeros(1, 1, server.blocks["tiny"].config.hidden_size)
+    opening = {"op": "open", "model": "tiny", "start": 3, "end": 6, "max_length": 8}
+
+    async def ask(stream, header, tensor=None):
+        await stream.send(wire.encode(header, tensor))
+        return wire.decode(await stream.receive())[0]
+
+    async with trio.open_nursery() as nursery:
+        listener = localsock.Listener(
+            server_ident,
+            {"shard": server.handle_stream},
+            on_reject=rejects.append,
+            max_frame_bytes=lambda: server.max_frame_bytes,
+        )
+        await nursery.start(listener.serve)
+        # mallory takes every session one peer may hold (half); before the mutual hello every
+        # same-host peer was "local", and the victim was refused as the same peer
+        theirs = await localsock.dial(mallory, server_ident.peer_id, "shard")
+        assert [wire.op(await ask(theirs, opening)) for _ in range(3)] == [
+            "opened",
+            "opened",
+            "error",
+        ]
+        ours = await localsock.dial(victim, server_ident.peer_id, "shard")
+        opened = await ask(ours, {**opening, "prev": victim.peer_id})
+        assert wire.op(opened) == "opened"
+        assert server.sessions[opened.session].peer == victim.peer_id
+        # mallory knows the victim's session id and link token: her pushes are dropped
+        push = {"op": "forward", "pushed": True, "session": opened.session, "step": 1}
+        await theirs.send(wire.encode({**push, "position": 0, "link": opened.link}, hidden))
+        # and her own stream cannot drive the victim's session
+        fwd = {"op": "forward", "session": opened.session, "position": 0}
+        assert (await ask(theirs, fwd, hidden)).code == "unknown_session"
+        assert "foreign_push" in rejects and server.sessions[opened.session].length == 0
+        # a frame longer than anything this server takes ends mallory's stream unread
+        await theirs._stream.send_all(localsock._LEN.pack(server.max_frame_bytes + 1))
+        with pytest.raises(NetworkError):
+            await theirs.receive()
+        # the victim's own push (it named itself the previous hop) and steps go through
+        await ours.send(wire.encode({**push, "position": 0, "link": opened.link}, hidden))
+        reply, out = wire.decode(await ours.receive())
+        assert (wire.op(reply), reply.step, out.shape) == ("result", 1, (1, 1, 258))
+        reply = await ask(ours, {**fwd, "position": 1}, hidden)
+        assert wire.op(reply) == "result" and reply.length == 2
         nursery.cancel_scope.cancel()
