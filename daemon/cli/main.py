@@ -118,7 +118,7 @@ def daemon(
         )
     except configuration.ConfigError as exc:
         fail(str(exc))
-    running, _ = running_daemon(home) if home.is_dir() else (None, None)
+    running, stale = running_daemon(home) if home.is_dir() else (None, None)
     if running is not None:
         fail(f"another daemon is already running with home {home} (pid {running.get('pid')})")
     from daemon.cli.ports import port_problems
@@ -126,6 +126,10 @@ def daemon(
     for problem in port_problems(cfg):
         fail(problem)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if stale is not None:
+        logging.getLogger("daemon.home").warning(
+            "removed stale daemon.json and rpc.cookie of pid %s (killed?)", stale
+        )
 
     import trio
 

@@ -199,6 +199,26 @@ def test_stale_files_of_a_killed_daemon_are_reported_and_removed(tmp_path, fast_
     again = gm("status", "--home", str(daemon.home))
     line = one_line_error(again, "no daemon is running")
     assert "stale files" not in line
+    # the next daemon on the home finds the leftovers of a killed one too, and says so
+    daemon.start()
+    pid = daemon.proc.pid
+    daemon.kill()
+    assert json.loads((daemon.home / "daemon.json").read_text())["pid"] == pid
+    args = ["daemon", "--home", str(daemon.home), "--config", str(fast_config)]
+    restarted = subprocess.Popen([*GM, *args], stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while "up; rpc" not in line:  # the daemon logs its start on stderr, line by line
+            line = restarted.stderr.readline()
+            assert line, "the restarted daemon exited"
+            if "stale" in line:
+                assert f"removed stale daemon.json and rpc.cookie of pid {pid}" in line
+                break
+        else:
+            pytest.fail("the restarted daemon did not report the stale files")
+    finally:
+        restarted.terminate()
+        restarted.wait(10)
 
 
 # -- item 14: commands that only talk to the daemon import nothing heavy -----------------
