@@ -49,6 +49,7 @@ __all__ = [
     "Write",
     "admit",
     "default_hooks",
+    "spec_of",
     "validate_key",
     "validate_value",
 ]
@@ -554,6 +555,7 @@ def validate_value(kind: str, key: str, value: dict[str, Any]) -> None:
         cross = _CROSS_CHECKS.get(kind)
         if cross is not None:
             cross(key, value)
+        _check_typed(kind, value)
     except _Invalid as exc:
         if exc.path:
             message = f"{exc.path} {exc.problem}"
@@ -562,6 +564,22 @@ def validate_value(kind: str, key: str, value: dict[str, Any]) -> None:
         else:
             message = f"value {exc.problem}"
         raise SchemaError(f"{name}: {message}", exc.path) from None
+
+
+def spec_of(kind: str) -> Spec:
+    """The declared shape of a kind's values (`registry.kinds` derives its Structs from it)."""
+    _check_kind(kind)
+    return _SPECS[kind]
+
+
+def _check_typed(kind: str, value: dict[str, Any]) -> None:
+    """Every accepted value must also have its typed form (`registry.kinds`)."""
+    from registry import kinds  # kinds imports this module
+
+    try:
+        kinds.typed_value(kind, value)
+    except kinds.TypedValueError as exc:
+        raise _Invalid("", f"value has no typed form: {exc}") from None
 
 
 # --------------------------------------------------------------------------- admission
