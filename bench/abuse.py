@@ -118,12 +118,14 @@ class Phase:
     rss: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # node -> b, d, a
     hostile: dict[str, float] = field(default_factory=dict)  # the flood's own counts
     rejected: float = 0.0  # the target's gridmesh_rejected_messages_total, during the phase
+    entries: dict[str, float] = field(default_factory=dict)  # node -> registry entries added
     target_alive: bool = True
 
 
 class Probes:
-    """The honest probes, each one a timed call; a probe that fails or times out is recorded
-    as an error at PROBE_TIMEOUT_S."""
+    """The honest probes, each one a timed call. A probe that fails (an error, a wrong or
+    incomplete answer) is counted as an error and its time is kept; one that takes longer than
+    PROBE_TIMEOUT_S is an error at PROBE_TIMEOUT_S."""
 
     def __init__(self, target: DaemonProcess, untargeted: DaemonProcess, tokens: int) -> None:
         self.target = target
@@ -169,8 +171,8 @@ class Probes:
         if out.get("error") or len(out.get("tokens", [])) != self.tokens:
             raise RuntimeError(f"generate failed: {str(out.get('error'))[:200]}")
 
-    def run_one(self, name: str, phase: Phase | None = None) -> float | None:
-        """Seconds the probe took, or None if it failed (why: in `phase.first_error`)."""
+    def run_one(self, name: str, phase: Phase | None = None) -> tuple[float, bool]:
+        """Seconds the probe took, and whether it succeeded (why not: `phase.first_error`)."""
         probe: Callable[[], None] = {
             self.names[0]: lambda: self._nodes_find(self.target),
             self.names[1]: lambda: self._nodes_find(self.untargeted),
@@ -183,9 +185,9 @@ class Probes:
         except Exception as exc:
             if phase is not None:
                 phase.first_error.setdefault(name, f"{type(exc).__name__}: {str(exc)[:160]}")
-            return None
+            return min(time.perf_counter() - started, PROBE_TIMEOUT_S), False
         elapsed = time.perf_counter() - started
-        return elapsed if elapsed < PROBE_TIMEOUT_S else None
+        return min(elapsed, PROBE_TIMEOUT_S), elapsed < PROBE_TIMEOUT_S
 
     def rounds(self, phase: Phase, count: int, keep_going: Callable[[], bool]) -> None:
         """Each probe `count` times (or until `keep_going()` turns false): one thread per probe,
@@ -199,13 +201,10 @@ class Probes:
             for _ in range(count):
                 if not keep_going():
                     return
-                seconds = self.run_one(name, phase)
+                seconds, ok = self.run_one(name, phase)
                 with lock:
-                    if seconds is None:
-                        phase.errors[name] += 1
-                        phase.samples[name].append(PROBE_TIMEOUT_S)
-                    else:
-                        phase.samples[name].append(seconds)
+                    phase.samples[name].append(seconds)
+                    phase.errors[name] += not ok
 
         threads = [threading.Thread(target=loop, args=(name,), daemon=True) for name in self.names]
         for thread in threads:
@@ -260,6 +259,13 @@ def rejected(daemon: DaemonProcess) -> float:
         return float("nan")
 
 
+def registry_entries(daemon: DaemonProcess) -> float:
+    try:
+        return float(daemon.call("registry_stats", timeout=30)["entries"])
+    except Exception:
+        return float("nan")
+
+
 def run_flood(
     kind: str,
     args: argparse.Namespace,
@@ -271,8 +277,10 @@ def run_flood(
 ) -> Phase:
     target = net.daemons[0]
     phase = Phase(kind)
+    nodes = {"target": target, "untargeted": probes.untargeted}
     before = watch.sample()
     rejected_before = rejected(target)
+    entries_before = {name: registry_entries(d) for name, d in nodes.items()}
     log = open(log_dir / f"hostile-{kind}.log", "w")  # noqa: SIM115 - closed below
     hostile = subprocess.Popen(
         [sys.executable, "-m", "daemon.tools.hostile_peer", "flood", kind, target.addr]
@@ -325,6 +333,9 @@ def run_flood(
         print(f"  the {kind} flood ended without a result (exit {hostile.returncode}): {tail}")
     time.sleep(args.settle)
     after = watch.sample()
+    probe_writes = len(phase.samples.get(probes.names[2], []))  # the registry probe's entries
+    for name, daemon in nodes.items():
+        phase.entries[name] = registry_entries(daemon) - entries_before[name] - probe_writes
     for node in before:
         phase.rss[node] = (before[node], max(during[node], before[node]), after[node])
     return phase
@@ -359,7 +370,9 @@ def print_tables(phases: list[Phase], baseline: Phase) -> bool:
                 f"{ratio:>7.2f}x | {'yes' if ok else 'NO'}"
             )
     print(f"target: p99 during a flood <= {P99_TARGET:g}x the baseline p99, no failed probe")
-    print(f"(a failed probe counts as {PROBE_TIMEOUT_S:g} s)")
+    print(
+        f"(err: probes that failed, answered wrong or incompletely, or took {PROBE_TIMEOUT_S:g} s)"
+    )
     for phase in [baseline, *phases]:
         for name, why in phase.first_error.items():
             print(f"  {phase.name} {name} first failure: {why}")
@@ -383,21 +396,25 @@ def print_tables(phases: list[Phase], baseline: Phase) -> bool:
     print()
     header = (
         f"{'flood':<9} | {'sent':>8} | {'refused':>8} | {'accepted':>8} | {'failed':>6} | "
-        f"{'MB sent':>7} | {'target rejected':>15} | target alive"
+        f"{'MB sent':>7} | {'target rejected':>15} | {'+entries t/u':>13} | target alive"
     )
     print(header)
     print("-" * len(header))
     for phase in phases:
         h = phase.hostile
+        added = "/".join(
+            f"{phase.entries.get(n, float('nan')):.0f}" for n in ("target", "untargeted")
+        )
         met = met and phase.target_alive
         print(
             f"{phase.name:<9} | {h.get('sent', 0):>8} | {h.get('refused', 0):>8} | "
             f"{h.get('accepted', 0):>8} | {h.get('failed', 0):>6} | "
             f"{h.get('bytes', 0) / 1e6:>7.1f} | {phase.rejected:>15.0f} | "
-            f"{'yes' if phase.target_alive else 'NO'}"
+            f"{added:>13} | {'yes' if phase.target_alive else 'NO'}"
         )
     print("(sent/refused/accepted/failed: the hostile peer's own counts; target rejected: the")
-    print(" target's gridmesh_rejected_messages_total during the flood)")
+    print(" target's gridmesh_rejected_messages_total during the flood; +entries t/u: registry")
+    print(" entries the target / the untargeted node gained, the probes' own writes left out)")
     return met
 
 

@@ -278,8 +278,9 @@ class Flood:
                 nursery.start_soon(loop)
 
     async def protocols(self) -> list[str]:
+        """The protocols the target advertises (identify; `connected` waited for them)."""
         store = self.net.host.get_peerstore()
-        found = await poll(lambda: [str(p) for p in store.get_protocols(self.target_id)], 5)
+        found = await poll(lambda: [str(p) for p in store.get_protocols(self.target_id)], 1)
         return sorted(set(found) | set(BASELINE_PROTOCOLS))
 
     async def publish(self, data: bytes) -> None:
@@ -411,12 +412,17 @@ class Flood:
 
         async def idle_conns() -> None:
             host, port = _tcp_of(self.target_addr)
+            # on loopback, from another address than the honest daemons' 127.0.0.1, as an
+            # attacker on another host would (per-address limits must not hit honest peers)
+            local = "127.0.0.2" if host == "127.0.0.1" else None
             sockets = []
             try:
                 for _ in range(self.limits.max_idle_conns):
                     try:
                         with trio.fail_after(2):
-                            sockets.append(await trio.open_tcp_stream(host, port))
+                            sockets.append(
+                                await trio.open_tcp_stream(host, port, local_address=local)
+                            )
                     except (OSError, trio.TooSlowError):
                         self.stats.refused += 1
                 await trio.sleep_forever()
@@ -651,8 +657,10 @@ async def connected(
 
         await net.subscribe(topic, ignore)
         target = await net.connect(target_addr)
+        target_id = ID.from_base58(target)
+        store = net.host.get_peerstore()  # identify tells the target's protocols
+        await poll(lambda: store.get_protocols(target_id), 10)
         if gossip:  # publish once the target grafted us (GossipSub heartbeat is 1 s)
-            target_id = ID.from_base58(target)
             await poll(lambda: target_id in net.gossipsub.mesh.get(topic, ()), 10)
         yield net, me, target
 
