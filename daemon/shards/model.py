@@ -941,11 +941,14 @@ def _is_byte_tokenizer(spec: Mapping[str, Any]) -> bool:
     model = spec.get("model")
     if not isinstance(model, dict) or model.get("type") != "BPE" or model.get("merges"):
         return False
-    vocab = model.get("vocab") or {}
+    vocab = model.get("vocab")
+    added_tokens = spec.get("added_tokens") or []
+    if not isinstance(vocab, dict) or not isinstance(added_tokens, list):
+        return False
     mapping = _bytes_to_unicode()
     if any(vocab.get(char) != byte for byte, char in mapping.items()):
         return False
-    added = {t.get("id") for t in spec.get("added_tokens") or [] if isinstance(t, dict)}
+    added = {t.get("id") for t in added_tokens if isinstance(t, dict)}
     return all(i in added for i in vocab.values() if isinstance(i, int) and i >= 256)
 
 
@@ -1027,19 +1030,22 @@ def _template(spec: Any) -> tuple[list[int], list[int]]:
     for proc in procs if isinstance(procs, list) else []:
         if not isinstance(proc, dict) or proc.get("type") != "TemplateProcessing":
             continue
-        special = proc.get("special_tokens") or {}
+        special = proc.get("special_tokens")
+        special = special if isinstance(special, dict) else {}
+        single = proc.get("single")
         before: list[int] = []
         after: list[int] = []
         seen_text = False
-        for item in proc.get("single") or []:
+        for item in single if isinstance(single, list) else []:
             if not isinstance(item, dict):
                 continue
             if "Sequence" in item:
                 seen_text = True
                 continue
-            name = (item.get("SpecialToken") or {}).get("id")
-            entry = special.get(name) if isinstance(special, dict) else None
-            ids = _token_ids((entry or {}).get("ids") or [])
+            token = item.get("SpecialToken")
+            name = token.get("id") if isinstance(token, dict) else None
+            entry = special.get(name) if isinstance(name, str) else None
+            ids = _token_ids(entry.get("ids")) if isinstance(entry, dict) else []
             (after if seen_text else before).extend(ids)
         return before, after
     return [], []
@@ -1069,7 +1075,11 @@ def load_tokenizer(model_dir: str | os.PathLike[str]) -> Tokenizer:
                 if key == "eos_token_id":
                     eos_ids = _token_ids(extra.get(key))
     if isinstance(spec, dict) and _is_byte_tokenizer(spec):
-        by_content = {t.get("content"): t.get("id") for t in spec.get("added_tokens") or []}
+        by_content = {
+            t["content"]: t.get("id")
+            for t in spec.get("added_tokens") or []
+            if isinstance(t, dict) and isinstance(t.get("content"), str)
+        }
         bos = ids["bos_token_id"] if ids["bos_token_id"] is not None else by_content.get(BYTE_BOS)
         eos = ids["eos_token_id"] if ids["eos_token_id"] is not None else by_content.get(BYTE_EOS)
         prefix, suffix = _template(spec)

@@ -47,3 +47,48 @@ def test_load_reports_path(tmp_path):
     bad.write_text("network_id = [")
     with pytest.raises(config.ConfigError, match="c.toml"):
         config.load(bad)
+
+
+def test_any_multiaddr_text_is_accepted_or_a_config_error():
+    """--listen/--bootstrap and p2p.listen/bootstrap take anything a user types: the check
+    raises only ConfigError, and what it accepts has the documented shape."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    parts = st.sampled_from(
+        [
+            "ip4",
+            "ip6",
+            "dns",
+            "tcp",
+            "p2p",
+            "udp",
+            "1.2.3.4",
+            "::1",
+            "0",
+            "4001",
+            "99999",
+            "12D3KooWQQk2YcdHSkqWYZWhefsfH7ci8PACnWaNTJFtmssExvqk",
+            "",
+            "x",
+        ]
+    )
+    addrs = st.lists(parts, max_size=7).map(lambda p: "/" + "/".join(p)) | st.text(max_size=40)
+
+    @settings(max_examples=300, deadline=None)
+    @given(addr=addrs)
+    def check(addr):
+        for key in ("listen", "bootstrap"):
+            try:
+                cfg = config.parse({"p2p": {key: [addr]}})
+            except config.ConfigError:
+                continue
+            assert addr.startswith(("/ip4/", "/ip6/", "/dns"))
+            assert (key == "bootstrap") == ("/p2p/" in addr)
+            assert getattr(cfg.p2p, key) == (addr,)
+        try:
+            config.with_overrides(config.Config(), listen=[addr], bootstrap=[addr])
+        except config.ConfigError as exc:
+            assert str(exc).startswith(("--listen", "--bootstrap"))
+
+    check()

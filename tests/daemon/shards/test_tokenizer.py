@@ -155,3 +155,51 @@ async def test_client_generate_stops_on_any_eos_of_a_list(tiny, free_run):
         await model.close()
         nursery.cancel_scope.cancel()
     assert out == tokens[: tokens.index(a) + 1]
+
+
+def _json_values():
+    from hypothesis import strategies as st
+
+    leaves = st.none() | st.booleans() | st.integers(-5, 300) | st.text(max_size=8)
+    return st.recursive(
+        leaves,
+        lambda inner: (
+            st.lists(inner, max_size=4)
+            | st.dictionaries(
+                st.sampled_from(["type", "single", "special_tokens", "ids", "id", "SpecialToken"])
+                | st.text(max_size=6),
+                inner,
+                max_size=4,
+            )
+        ),
+        max_leaves=20,
+    )
+
+
+def test_any_post_processor_or_added_tokens_is_a_tokenizer_or_a_model_error(tmp_path):
+    """A checkpoint's tokenizer.json comes from whoever made it: odd structures in the parts
+    we read never raise anything but ModelError."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    path = m.make_tiny(tmp_path / "fuzz", layers=1)
+    base = json.loads((path / "tokenizer.json").read_text())
+    templates = st.fixed_dictionaries(
+        {"type": st.sampled_from(["TemplateProcessing", "Sequence"]), "single": _json_values()},
+        optional={"special_tokens": _json_values(), "processors": _json_values()},
+    )
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(post=templates | _json_values(), added=st.none() | _json_values())
+    def check(post, added):
+        spec = {**base, "post_processor": post}
+        if added is not None:
+            spec["added_tokens"] = added
+        (path / "tokenizer.json").write_text(json.dumps(spec))
+        try:
+            tok = m.load_tokenizer(path)
+        except m.ModelError:
+            return
+        assert all(isinstance(i, int) for i in tok.encode("héllo"))
+
+    check()
