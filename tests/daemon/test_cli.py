@@ -109,6 +109,20 @@ def test_home_that_is_a_file_or_holds_a_bad_key(tmp_path):
     one_line_error(cli(*args), "node.key")
 
 
+def test_deploy_mistakes_before_any_daemon_is_asked(tmp_path):
+    home = ["--home", str(tmp_path / "h")]
+    missing = cli("deploy", str(tmp_path / "nope"), "--model", "m", *home)
+    one_line_error(missing, "is not a directory")
+    (tmp_path / "empty").mkdir()
+    empty = cli("deploy", str(tmp_path / "empty"), "--model", "m", *home)
+    one_line_error(empty, "has no config.json")
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    dtype = cli("deploy", str(tmp_path / "empty"), "--model", "m", "--dtype", "int4", *home)
+    one_line_error(dtype, "--dtype 'int4'")
+    no_daemon = cli("deploy", str(tmp_path / "empty"), "--model", "m", *home)
+    one_line_error(no_daemon, "no daemon is running")
+
+
 def test_good_multiaddrs_pass_validation():
     from daemon import config
 
