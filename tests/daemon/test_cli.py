@@ -240,14 +240,62 @@ def test_stale_files_of_a_killed_daemon_are_reported_and_removed(tmp_path, fast_
 HEAVY = ("libp2p", "torch", "web3", "eth_account", "grpc", "trio", "transformers")
 
 
-def test_cli_imports_nothing_heavy(tmp_path):
-    """Import the CLI and run a command that reads the home, in a fresh interpreter."""
+@pytest.fixture
+def answering_home(tmp_path):
+    """A home whose daemon.lock is held and whose daemon.json names a JSON-RPC endpoint on a
+    real socket that answers node_info, registry_list and block_list: what the CLI sees of a
+    running daemon, without libp2p in this test process either."""
+    import fcntl
+    import http.server
+    import threading
+
+    results = {
+        "node_info": {"peer_id": "12D3KooWFakeFakeFake", "resources": {}, "listen_addrs": []},
+        "registry_list": {"items": [], "next_cursor": None},
+        "block_list": {"local": [], "announced": {}},
+    }
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            body = json.dumps(
+                {"jsonrpc": "2.0", "id": request["id"], "result": results[request["method"]]}
+            ).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    lock = os.open(tmp_path / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    (tmp_path / "daemon.json").write_text(json.dumps({"pid": os.getpid(), "rpc_url": url}))
+    (tmp_path / "rpc.cookie").write_text("token")
+    (tmp_path / "rpc.cookie").chmod(0o600)
+    yield tmp_path
+    server.shutdown()
+    os.close(lock)
+
+
+def test_cli_imports_nothing_heavy(answering_home):
+    """Commands that only talk to the daemon, run in a fresh interpreter against a daemon's
+    JSON-RPC endpoint, load none of libp2p, torch, grpc, trio, web3."""
+    home = str(answering_home)
     code = (
         "import sys\n"
         "from typer.testing import CliRunner\n"
         "from daemon.cli.main import app\n"
-        f"CliRunner().invoke(app, ['status', '--home', {str(tmp_path)!r}])\n"
-        f"CliRunner().invoke(app, ['get', 'blocks', '--home', {str(tmp_path)!r}])\n"
+        "for args in (['status'], ['get', 'blocks'], ['blocks'], ['status', '--json']):\n"
+        f"    result = CliRunner().invoke(app, [*args, '--home', {home!r}])\n"
+        "    assert result.exit_code == 0, (args, result.output)\n"
+        "    assert 'FakeFake' in result.output or 'entries' in result.output or args == "
+        "['blocks'], result.output\n"
         f"print([m for m in sys.modules if m.split('.')[0] in {HEAVY!r}])\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"}
