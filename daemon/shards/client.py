@@ -207,14 +207,19 @@ class RemoteModel:
     async def _dial(self, peer_id: str) -> Stream:
         """A stream to a hop. A peer whose stream broke and that is being given its one
         more chance is dialled again until the step deadline after it broke."""
+        broke = self._broke_at.get(peer_id)
+        deadline = broke + self.step_timeout_s if broke is not None else -math.inf
         delay = 0.05
         while True:
+            limit = self.step_timeout_s
+            if broke is not None:  # a retried peer's dials end at its deadline too
+                limit = max(0.05, min(limit, deadline - trio.current_time()))
             try:
-                with trio.fail_after(self.step_timeout_s):
-                    return await self._opener.open_stream(peer_id, SHARD_PROTOCOL)
+                with trio.fail_after(limit):
+                    stream = await self._opener.open_stream(peer_id, SHARD_PROTOCOL)
+                self._broke_at.pop(peer_id, None)  # it is back
+                return stream
             except (NetworkError, trio.TooSlowError) as exc:
-                broke = self._broke_at.get(peer_id)
-                deadline = broke + self.step_timeout_s if broke is not None else -math.inf
                 if trio.current_time() + delay > deadline:
                     raise HopFailed(peer_id, repr(exc)) from None
             await trio.sleep(delay)
