@@ -48,7 +48,10 @@ def _check_transport(addr: str) -> str | None:
 def listen_error(addr: str) -> str | None:
     """Why `addr` cannot be a listen multiaddr, or None."""
     problem = _check_transport(addr)
-    if problem is None and TRANSPORT.fullmatch(addr) is None:
+    if problem is None and not addr.startswith(("/ip4/", "/ip6/")):
+        # py-libp2p listens on every interface for a /dns address: never what was meant
+        problem = "listen on an address, /ip4/ADDRESS/... or /ip6/ADDRESS/... (not /dns)"
+    elif problem is None and TRANSPORT.fullmatch(addr) is None:
         problem = "a listen address ends with /tcp/PORT"
     return problem and f"{addr[:80]!r} is not a listen multiaddr: {problem}"
 

@@ -57,6 +57,7 @@ def cli(*args: str):
         ("--listen", "/ip4/300.1.2.3/tcp/4001", "is not an ip4 address"),
         ("--listen", "/ip4/127.0.0.1/tcp/99999", "not a TCP port"),
         ("--listen", "/ip4/127.0.0.1/tcp/1/p2p/x", "ends with /tcp/PORT"),
+        ("--listen", "/dns/localhost/tcp/0", "not /dns"),
         ("--bootstrap", "garbage", "expected /ip4/ADDRESS/tcp/PORT"),
         ("--bootstrap", "/ip4/1.2.3.4/tcp/4001", "must end with /p2p/<peer id>"),
         ("--bootstrap", "/ip4/1.2.3.4/tcp/4001/p2p/hello", "is not a peer id"),
@@ -129,10 +130,10 @@ def test_good_multiaddrs_pass_validation():
     peer = "12D3KooWQQk2YcdHSkqWYZWhefsfH7ci8PACnWaNTJFtmssExvqk"
     cfg = config.with_overrides(
         config.Config(),
-        listen=["/ip4/0.0.0.0/tcp/0", "/ip6/::1/tcp/4001", "/dns4/node.example/tcp/1"],
+        listen=["/ip4/0.0.0.0/tcp/0", "/ip6/::1/tcp/4001"],
         bootstrap=[f"/ip4/203.0.113.7/tcp/4001/p2p/{peer}", f"/dns/a.example/tcp/1/p2p/{peer}"],
     )
-    assert len(cfg.p2p.listen) == 3 and len(cfg.p2p.bootstrap) == 2
+    assert len(cfg.p2p.listen) == 2 and len(cfg.p2p.bootstrap) == 2
 
 
 # -- item 11: ports ---------------------------------------------------------------------
