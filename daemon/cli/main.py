@@ -171,7 +171,9 @@ def _client(home: Path | None, timeout: float = 30) -> Any:
     home = _home(home)
     info, stale_pid = running_daemon(home)
     if info is None:
-        stale = "" if stale_pid is None else f" (stale files from pid {stale_pid} removed)"
+        stale = {None: "", -1: " (stale files removed)"}.get(
+            stale_pid, f" (stale files from pid {stale_pid} removed)"
+        )
         fail(f"no daemon is running with home {home}{stale}; start one with `gridmesh daemon`")
     try:
         token = read_cookie(home)
