@@ -460,4 +460,22 @@ class Replica:
             "applied": self.applied,
             "rejected": dict(self.rejected),
             "clock": str(self.clock.last),
+            "quota": self.quota_stats(),
+        }
+
+    def quota_stats(self, top: int = 5) -> dict[str, Any]:
+        """The limits, and the authors holding the most bytes here (who a `quota` refusal
+        is about, for an operator)."""
+        totals = sorted(
+            ((author, n, b) for (author, scope), (n, b) in self.usage.items() if scope == "*"),
+            key=lambda row: (-row[2], row[0]),
+        )
+        return {
+            "max_entry_bytes": self.limits.max_entry_bytes,
+            "author_max_entries": self.limits.author_max_entries,
+            "author_max_bytes": self.limits.author_max_bytes,
+            "authors": len(totals),
+            "top_authors": [
+                {"author": author, "entries": n, "bytes": b} for author, n, b in totals[:top]
+            ],
         }

@@ -75,6 +75,11 @@ async def test_peers_entries_over_quota_are_refused_and_counted_per_source():
     assert seen["sync:quota"] == 6 and bob.rejected["quota"] == 12
     assert bob.usage[(ALICE.peer_id, "*")][1] <= 4 * size
     assert bob.usage == recount(bob)
+    quota = bob.stats()["quota"]  # what registry_stats shows an operator
+    assert quota["author_max_bytes"] == 4 * size and quota["authors"] == 1
+    assert quota["top_authors"] == [
+        {"author": ALICE.peer_id, "entries": 4, "bytes": sum(wire_size(e) for e in entries[:4])}
+    ]
 
 
 async def test_a_per_kind_quota_bounds_one_kind_only():
