@@ -613,6 +613,7 @@ class Libp2pNetwork:
             theirs = open_hello(payload, sender)
         except codec.CodecError as exc:
             self._on_reject("hello", exc.reason)
+            exc._gridmesh_counted = True  # type: ignore[attr-defined]
             raise
         if theirs == self.network_id:
             self._mark_verified(sender)
@@ -825,7 +826,8 @@ class Libp2pNetwork:
                 if isinstance(exc, KeyboardInterrupt | SystemExit):
                     raise
                 self.stream_errors += 1
-                self._on_reject("stream", _reason(exc))
+                if not getattr(exc, "_gridmesh_counted", False):
+                    self._on_reject("stream", _reason(exc))
                 log.info("stream handler for %s failed: %r", protocol, exc)
                 with contextlib.suppress(Exception):
                     await raw.reset()  # counted above, not again by a DHT stream's proxy

@@ -573,3 +573,23 @@ async def test_a_peer_silent_on_the_dht_slows_only_its_first_find(nodes):
         found = await a.directory.find()
         assert trio.current_time() - started < 0.5
         assert {r.peer_id for r in found} == {a.ident.peer_id, b.ident.peer_id}
+
+
+async def test_gossip_with_bad_signatures_is_dropped_and_counted(nodes):
+    """A peer whose messages carry no valid signature: each one dropped and counted."""
+    target, forger, _ = nodes
+    await forger.net.connect(target.net.listen_addrs()[0])
+    got: list[bytes] = []
+
+    async def on_message(sender: str, data: bytes) -> None:
+        got.append(data)
+
+    await target.net.subscribe("t", on_message)
+    await forger.net.subscribe("t", on_message)
+    # the forger's py-libp2p then neither signs nor checks: its messages go out unsigned
+    forger.net.pubsub.strict_signing = False
+    with trio.fail_after(10):
+        while _count(target, "pubsub", "bad_signature") < 5:  # noqa: ASYNC110
+            await forger.net.publish("t", b"forged")
+            await trio.sleep(0.1)
+    assert got == []
