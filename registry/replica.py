@@ -119,6 +119,7 @@ class Replica:
         # quota accounting: (author, kind or "*") -> [entries, bytes], and each held entry's size
         self.usage: dict[tuple[str, str], list[int]] = {}
         self._sizes: dict[EntryId, int] = {}
+        self._size_memo: dict[int, tuple[Entry, int]] = {}  # entries being checked or applied
 
     async def load(self) -> None:
         """Read the store. An entry that no longer passes the shape, schema and admission
@@ -163,7 +164,14 @@ class Replica:
         held = self.entries.get(entry.id)
         if held is entry and entry.id in self._sizes:
             return self._sizes[entry.id]
-        return wire_size(entry)
+        memo = self._size_memo.get(id(entry))
+        if memo is not None and memo[0] is entry:
+            return memo[1]
+        if len(self._size_memo) >= 4096:
+            self._size_memo.clear()
+        size = wire_size(entry)
+        self._size_memo[id(entry)] = (entry, size)  # the entry is held: its id stays its own
+        return size
 
     def _deltas(
         self, entry: Entry, current: Entry | None
@@ -380,6 +388,7 @@ class Replica:
                 self._account(entry, replaced[entry_id])
             self.entries.update(changed)
             self.applied += len(changed)
+        self._size_memo.clear()
         return list(changed.values())
 
     async def put(self, kind: str, key: str, value: dict[str, Any] | None) -> Entry:
