@@ -362,7 +362,7 @@ class Libp2pNetwork:
             muxer_preference="YAMUX",
         )
         # advertise only addresses a peer can dial: 0.0.0.0 becomes this host's addresses
-        self.host._addrs_factory = _dialable_addrs  # type: ignore[attr-defined]
+        self.host._addrs_factory = self._advertised_addrs  # type: ignore[attr-defined]
         self.dht = KadDHT(
             self.host,
             DHTMode.SERVER,
@@ -582,6 +582,26 @@ class Libp2pNetwork:
         peer.addrs = [str(a) for a in info.addrs]
         peer.last_seen = time.time()
         return peer.peer_id
+
+    def _advertised_addrs(self, candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+        """What identify and our records announce: dialable addresses on our listen ports.
+
+        Observed addresses on other ports (the ephemeral ports of our own dials) are left out.
+        """
+        ports = set()
+        for own in self.host.get_transport_addrs():
+            with contextlib.suppress(ValueError):
+                ports.add(_ip_and_port(own)[1])
+        kept = []
+        for addr in _dialable_addrs(candidates):
+            try:
+                port = _ip_and_port(addr)[1]
+            except ValueError:
+                kept.append(addr)
+                continue
+            if port in ports:
+                kept.append(addr)
+        return kept
 
     def _is_own_addr(self, addr: multiaddr.Multiaddr) -> bool:
         """True when `addr` is one of our own TCP listeners (dialling it reaches ourselves)."""
