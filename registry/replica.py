@@ -124,21 +124,33 @@ class Replica:
     async def load(self) -> None:
         """Read the store. An entry that no longer passes the shape, schema and admission
         checks (one stored by an older version, or a damaged row) is left out and counted
-        (`bad_entry`, source `store`): it must not reach the readers of the replica."""
+        (`bad_entry`, source `store`): it must not reach the readers of the replica.
+
+        Entries over the size limit or their author's quota (stored before the limits, or
+        under larger ones) are left out too (`too_large` / `quota`, source `store`), the
+        earliest written kept first; their rows stay in the store, so raising the limits
+        brings them back."""
         if self.store is None:
             return
         loaded = await self.store.load_all()
         for _ in range(self.store.bad_rows):
             self._count_reject("store", "bad_entry")
+        loaded.sort(key=lambda e: (e.ts, e.kind, e.key))
         for entry in loaded:
             try:
                 self._check_stored(entry)
             except Rejected:
                 self._count_reject("store", "bad_entry")
                 continue
+            try:
+                self._check_size_and_quota(entry, self.entries.get(entry.id), None)
+            except Rejected as exc:
+                self._count_reject("store", exc.reason)
+                continue
             self._account(entry, self.entries.get(entry.id))
             self.entries[entry.id] = entry
             self.clock.advance(entry.ts)
+        self._size_memo.clear()
 
     def _check_stored(self, entry: Entry) -> None:
         if entry.kind not in schemas.KINDS:

@@ -12,7 +12,7 @@ from p2p.aio import open_bridge
 from registry.blocks import announcement_key, announcements
 from registry.entry import sign_entry
 from registry.hlc import HybridClock, Timestamp
-from registry.replica import Replica
+from registry.replica import Limits, Replica
 from registry.store import RegistryStore
 
 IDENT = identity.NodeIdentity.generate()
@@ -106,4 +106,42 @@ async def test_bad_stored_rows_and_entries_are_left_out_and_counted(tmp_path):
         assert seen == [("store", "bad_entry")] * 3
         assert replica.rejected["bad_entry"] == 3
         assert announcements(replica.entries.values()) == []
+        await store.close()
+
+
+async def test_stored_entries_over_quota_are_left_out_earliest_kept_and_come_back(tmp_path):
+    """What one author flooded into a store before the quotas existed: the replica loads its
+    earliest entries up to the quota and counts the rest; raising the quota brings them back."""
+    path = tmp_path / "registry.db"
+    flood = [
+        sign_entry(
+            IDENT,
+            kind="components",
+            key=f"f{n:02d}",
+            value={"name": "f", "version": str(n)},
+            ts=Timestamp(1_000 + n, 0),
+            created=Timestamp(1_000 + n, 0),
+            owner=IDENT.peer_id,
+        )
+        for n in range(12)
+    ]
+    async with open_bridge() as bridge:
+        store = RegistryStore(bridge, path)
+        await store.open()
+        await store.apply(reversed(flood))  # as an older version stored them
+        seen: list[tuple[str, str]] = []
+        replica = Replica(
+            IDENT,
+            store=store,
+            clock=HybridClock(lambda: 2_000),
+            limits=Limits(author_max_entries=10),
+            on_reject=lambda source, reason: seen.append((source, reason)),
+        )
+        await replica.load()
+        assert sorted(replica.entries) == [("components", f"f{n:02d}") for n in range(10)]
+        assert seen == [("store", "quota")] * 2
+        assert len(await store.load_all()) == 12  # left out, not deleted
+        roomy = Replica(IDENT, store=store, clock=HybridClock(lambda: 2_000))
+        await roomy.load()
+        assert len(roomy.entries) == 12
         await store.close()
