@@ -181,23 +181,55 @@ class _ResetCountingStream:
     the stream for each, silently; this proxy counts the resets the validator did not count.
     """
 
-    def __init__(self, stream: Any, cell: list[bool], on_reject: RejectHook) -> None:
+    def __init__(
+        self,
+        stream: Any,
+        cell: list[bool],
+        on_reject: RejectHook,
+        allow_message: Callable[[], bool],
+    ) -> None:
         self._stream = stream
         self._cell = cell
         self._on_reject = on_reject
+        self._allow_message = allow_message
         self._broken = False
+        # where we are in KadDHT's varint-prefixed messages, to limit them per peer however
+        # many a peer sends on one stream
+        self._prefix: list[int] = []
+        self._body_left = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
 
     async def read(self, n: int | None = None) -> bytes:
+        if not self._prefix and not self._body_left and not self._allow_message():
+            self._cell[0] = True
+            self._on_reject("dht", "rate_limited")
+            raise NetworkError("DHT messages over this peer's rate limit")
         try:
-            return await self._stream.read(n)
+            data = await self._stream.read(n)
         except Exception:
             # the peer reset or dropped the stream (an honest querier that got its answer
             # elsewhere does): KadDHT resets it in turn, which is no refusal of ours
             self._broken = True
             raise
+        self._track(data)
+        return data
+
+    def _track(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self._body_left:
+                step = min(self._body_left, len(view))
+                self._body_left -= step
+                view = view[step:]
+                continue
+            byte = view[0]
+            view = view[1:]
+            self._prefix.append(byte)
+            if not byte & 0x80 or len(self._prefix) >= 10:
+                self._body_left = sum((b & 0x7F) << (7 * i) for i, b in enumerate(self._prefix))
+                self._prefix = []
 
     async def reset(self) -> None:
         if not self._cell[0] and not self._broken:
@@ -837,7 +869,12 @@ class Libp2pNetwork:
             if protocol == DHT_PROTOCOL:
                 cell = [False]
                 token = _DHT_REFUSAL.set(cell)
-                stream = _ResetCountingStream(stream, cell, self._on_reject)
+                stream = _ResetCountingStream(
+                    stream,
+                    cell,
+                    self._on_reject,
+                    lambda: self._stream_limiter.allow((peer, "dht-message")),
+                )
             try:
                 await handler(stream)
             except trio.Cancelled:

@@ -13,10 +13,12 @@ from hypothesis import strategies as st
 from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.kad_dht.pb.kademlia_pb2 import Message as KadMessage
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.records.validator import NamespacedValidator
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.utils.varint import encode_uvarint
 
 from p2p import codec, identity, records
 from p2p.discovery import DiscoverySettings, ResourceDirectory
@@ -593,3 +595,32 @@ async def test_gossip_with_bad_signatures_is_dropped_and_counted(nodes):
             await forger.net.publish("t", b"forged")
             await trio.sleep(0.1)
     assert got == []
+
+
+async def test_dht_messages_pipelined_on_one_stream_are_rate_limited():
+    """Many DHT queries on one long-lived stream count against the peer's limit too."""
+    limits = HostLimits(streams_per_s=5.0, stream_burst=10)
+    target, flooder, honest = Node(limits=limits), Node(), Node()
+    async with target.net.run(), flooder.net.run(), honest.net.run():
+        await flooder.net.connect(target.net.listen_addrs()[0])
+        await honest.net.connect(target.net.listen_addrs()[0])
+        assert await target.directory.publish_once()
+        query = KadMessage()
+        query.type = KadMessage.MessageType.FIND_NODE
+        query.key = flooder.net.host.get_id().to_bytes()
+        frame = query.SerializeToString()
+        stream = await flooder.net.host.new_stream(target.net.host.get_id(), [DHT_PROTOCOL])
+        sent = 0
+        with pytest.raises(Exception):  # noqa: B017 - reset by the target, as libp2p reports it
+            with trio.fail_after(10):
+                for _ in range(200):
+                    await stream.write(encode_uvarint(len(frame)) + frame)
+                    sent += 1
+                    await trio.sleep(0.001)
+        assert sent >= 10  # the burst went through: it was the limit that cut the stream
+        with trio.fail_after(5):
+            while _count(target, "dht", "rate_limited") < 1:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        assert _count(target, "dht", "rate_limited") == 1  # one stream, reset once
+        key = target.directory.key_for(target.ident.peer_id)
+        assert await honest.net.dht_get(key) is not None
