@@ -805,6 +805,9 @@ async def test_same_host_peers_are_told_apart_and_cannot_use_each_others_session
         await theirs._stream.send_all(localsock._LEN.pack(server.max_frame_bytes + 1))
         with pytest.raises(NetworkError):
             await theirs.receive()
+        await trio.testing.wait_all_tasks_blocked()  # her stream's sessions and caches go
+        assert [s.peer for s in server.sessions.values()] == [victim.peer_id]
+        assert server._streams == {victim.peer_id: 1} and listener.connections == 1
         # the victim's own push (it named itself the previous hop) and steps go through
         await ours.send(wire.encode({**push, "position": 0, "link": opened.link}, hidden))
         reply, out = wire.decode(await ours.receive())
