@@ -71,6 +71,7 @@ FROZEN_AFTER_S = 20.0
 HELLO_PROTOCOL = "/gridmesh/hello/1.0.0"
 HELLO_TYPE = "hello"
 MAX_HELLO_BYTES = 4096
+HELLO_RETRY_S = 30.0
 _LEN = struct.Struct(">I")
 # (source, reason) -> None: the daemon counts rejected input in /metrics
 RejectHook = Callable[[str, str], None]
@@ -202,10 +203,7 @@ class _ResetCountingStream:
         return getattr(self._stream, name)
 
     async def read(self, n: int | None = None) -> bytes:
-        if not self._prefix and not self._body_left and not self._allow_message():
-            self._cell[0] = True
-            self._on_reject("dht", "rate_limited")
-            raise NetworkError("DHT messages over this peer's rate limit")
+        starts_message = not self._prefix and not self._body_left
         try:
             data = await self._stream.read(n)
         except Exception:
@@ -213,6 +211,10 @@ class _ResetCountingStream:
             # elsewhere does): KadDHT resets it in turn, which is no refusal of ours
             self._broken = True
             raise
+        if data and starts_message and not self._allow_message():
+            self._cell[0] = True
+            self._on_reject("dht", "rate_limited")
+            raise NetworkError("DHT messages over this peer's rate limit")
         self._track(data)
         return data
 
@@ -454,7 +456,9 @@ class Libp2pNetwork:
         # set when a peer's hello check ends; waited on by its streams
         self._hello_done: dict[str, trio.Event] = {}
         self._hello_inflight: set[str] = set()
-        self._hello_failures: OrderedDict[str, str] = OrderedDict()  # why, for a waiting dial
+        # peer id -> (when, why) its last hello failed: told to a waiting dial, and no hello
+        # in the background is tried again for HELLO_RETRY_S
+        self._hello_failures: OrderedDict[str, tuple[float, str]] = OrderedDict()
 
     # -- Network protocol -------------------------------------------------------------
 
@@ -703,15 +707,15 @@ class Libp2pNetwork:
                 await done.wait()
             if peer_id not in self._verified:
                 raise NetworkError(
-                    self._hello_failures.get(peer_id, f"peer {peer_id} failed the handshake")
+                    self._hello_failures.get(peer_id, (0.0, f"peer {peer_id} failed the hello"))[1]
                 )
             return
         self._hello_inflight.add(peer_id)
         try:
             await self._check_hello(peer_id)
         except NetworkError as exc:
-            self._hello_failures[peer_id] = str(exc)
-            while len(self._hello_failures) > 256:
+            self._hello_failures[peer_id] = (time.monotonic(), str(exc))
+            while len(self._hello_failures) > self.limits.max_tracked_peers:
                 self._hello_failures.popitem(last=False)
             raise
         finally:
@@ -722,6 +726,9 @@ class Libp2pNetwork:
     def _hello_in_background(self, peer_id: str) -> None:
         if peer_id in self._verified or peer_id in self._hello_inflight or self._nursery is None:
             return
+        failed_at = self._hello_failures.get(peer_id, (-HELLO_RETRY_S, ""))[0]
+        if time.monotonic() - failed_at < HELLO_RETRY_S:
+            return  # a peer the DHT keeps telling us of is not dialled in a loop
         self._nursery.start_soon(self._background_hello, peer_id)
 
     async def _background_hello(self, peer_id: str) -> None:
