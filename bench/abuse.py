@@ -10,9 +10,12 @@ Honest probes, one after the other, in rounds:
   node (`registry_get` polled every 10 ms);
 - generate: `--tokens` new tokens asked of the untargeted node, routed through the target.
 First a baseline without a flood, then each flood for `--seconds` (probing while it runs):
+idle (a control: the hostile peer connected and silent, without a record of its own),
 badsig (registry gossip with bad signatures), gossip (garbage gossip), dht (forged DHT puts),
 streams (stream and connection flood), frames (huge never-finished and garbage frames, shard
-sessions), fill (a registry fill by one author; last, since what it stores stays).
+sessions), fill (a registry fill by one author; last, since what it stores stays). In the
+floods the hostile peer first puts a valid record of its own on the target, as any peer does,
+so that their rows show what the flood costs rather than what a silent peer does (see idle).
 The resident memory (VmRSS) of the target and of the untargeted daemon is read before each
 flood, every half second while it runs (the maximum is reported), and `--settle` seconds after.
 Targets: honest p99 during every flood <= 2x the baseline p99; RSS back within 20 % of its
@@ -43,7 +46,7 @@ from dataclasses import dataclass, field  # noqa: E402
 
 from daemon.api.client import RPCClientError  # noqa: E402
 from daemon.devnet import DEVNET_CONFIG, DaemonProcess, Devnet, wait_for  # noqa: E402
-from daemon.tools.hostile_peer import FLOODS  # noqa: E402
+from daemon.tools.hostile_peer import FLOODS, IDLE  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = list(b"honest users ")
@@ -284,7 +287,8 @@ def run_flood(
     log = open(log_dir / f"hostile-{kind}.log", "w")  # noqa: SIM115 - closed below
     hostile = subprocess.Popen(
         [sys.executable, "-m", "daemon.tools.hostile_peer", "flood", kind, target.addr]
-        + [args.network_id, "--seconds", str(args.seconds)],
+        + [args.network_id, "--seconds", str(args.seconds)]
+        + ([] if kind == IDLE else ["--announce"]),
         stdout=subprocess.PIPE,
         stderr=log,
         text=True,
@@ -424,7 +428,9 @@ def main() -> int:
     parser.add_argument("--settle", type=float, help="seconds before RSS 'after' (60)")
     parser.add_argument("--probes", type=int, help="the most samples of each probe per phase (30)")
     parser.add_argument("--tokens", type=int, default=8, help="tokens per generate probe")
-    parser.add_argument("--floods", default=",".join(FLOODS), help="comma-separated, in order")
+    parser.add_argument(
+        "--floods", default=",".join((IDLE, *FLOODS)), help="comma-separated, in order"
+    )
     parser.add_argument(
         "--quick", action="store_true", help="a check run: 5 s floods, 5 s settle, 8 probes"
     )
@@ -436,9 +442,9 @@ def main() -> int:
         if getattr(args, name) is None:
             setattr(args, name, value)
     floods = [f for f in args.floods.split(",") if f]
-    unknown = [f for f in floods if f not in FLOODS]
+    unknown = [f for f in floods if f not in (IDLE, *FLOODS)]
     if unknown:
-        parser.error(f"unknown floods {unknown}: choose from {', '.join(FLOODS)}")
+        parser.error(f"unknown floods {unknown}: choose from {IDLE}, {', '.join(FLOODS)}")
     procs: list[subprocess.Popen[str]] = []
     phases: list[Phase] = []
     with tempfile.TemporaryDirectory(prefix="gridmesh-abuse-") as tmp:

@@ -17,6 +17,9 @@
                  gridmesh protocol, and shard sessions opened up to the target's limits
         fill     a registry fill by one author: many valid, maximum-size entries (sync push
                  and gossip)
+        idle     (a control) connected, sending nothing
+        With --announce the hostile peer first puts a valid record of its own on the target,
+        as an ordinary peer does. Other options bound the flood (see FloodLimits).
         It prints one line of counts, then `RESULT {json}` for scripts (bench/abuse.py).
 
 Every attack must be rejected and counted by the target, which keeps serving. The flood
@@ -171,6 +174,7 @@ async def registry(target_addr: str, network_id: str, kind: str, key: str) -> No
 # ----------------------------------------------------------------------------------- floods
 
 FLOODS = ("badsig", "gossip", "dht", "streams", "frames", "fill")
+IDLE = "idle"  # the control: connected, sending nothing
 SHARD_PROTOCOL = "/gridmesh/shard/1.0.0"  # daemon.shards.SHARD_PROTOCOL (that imports torch)
 _LEN = struct.Struct(">I")
 GOSSIP_ENTRIES = 64  # registry.replication.MAX_GOSSIP_ENTRIES: a message the target must open
@@ -212,6 +216,9 @@ class FloodLimits:
     # stay connected this long after the flood, sending nothing, so the target gets to what
     # it has queued (a peer's unread gossip is dropped when it disconnects)
     linger_s: float = 2.0
+    # first put a valid resource record of our own on the target, as an ordinary peer does
+    # (without one, the target's look-ups of this silent peer are a cost of their own)
+    announce: bool = False
 
 
 class Flood:
@@ -287,6 +294,23 @@ class Flood:
         self.stats.sent += 1
         self.stats.bytes += len(data)
         await self.net.publish(self.topic, data)
+
+    async def idle(self) -> None:
+        """No flood: what a connected hostile peer costs by being there."""
+        await trio.sleep_forever()
+
+    async def announce(self) -> None:
+        record = records.make_record(
+            self.me,
+            network_id=self.network_id,
+            now=self.net.now(),
+            valid_for=records.MAX_VALIDITY_S,
+            addrs=[],  # nobody else is to dial us: the flood goes to the target alone
+            resources={},
+        )
+        key = records.record_key(self.network_id, self.me.peer_id).encode()
+        with trio.move_on_after(5):
+            await self.net.dht.value_store._store_at_peer(self.target_id, key, record)
 
     # -- (a) gossip with bad signatures ------------------------------------------------
 
@@ -674,8 +698,8 @@ async def flood(
 ) -> FloodStats:
     """Run one flood against the target for `limits.seconds` (or until its budget is spent);
     `on_start` is called once connected, when the flood begins."""
-    if kind not in FLOODS:
-        raise ValueError(f"unknown flood {kind!r}: one of {', '.join(FLOODS)}")
+    if kind not in (IDLE, *FLOODS):
+        raise ValueError(f"unknown flood {kind!r}: one of {IDLE}, {', '.join(FLOODS)}")
     limits = limits or FloodLimits()
     stats = FloodStats(kind)
     async with connected(target_addr, network_id, gossip=kind in ("badsig", "gossip", "fill")) as (
@@ -684,6 +708,8 @@ async def flood(
         target,
     ):
         attack = Flood(net, me, target, target_addr, network_id, limits, stats)
+        if limits.announce:
+            await attack.announce()
         started = trio.current_time()
         if on_start is not None:
             on_start()
@@ -696,12 +722,16 @@ async def flood(
 
 def flood_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m daemon.tools.hostile_peer flood")
-    parser.add_argument("kind", choices=FLOODS)
+    parser.add_argument("kind", choices=(IDLE, *FLOODS))
     parser.add_argument("target")
     parser.add_argument("network_id")
     defaults = FloodLimits()
     for name, value in asdict(defaults).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(value, bool):
+            parser.add_argument(flag, action="store_true", default=value)
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
     args = parser.parse_args(argv)
     limits = FloodLimits(**{name: getattr(args, name) for name in asdict(defaults)})
     stats = trio.run(
