@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import ipaddress
 import logging
 import socket
@@ -979,6 +980,9 @@ class Libp2pNetwork:
             except Exception as exc:  # py-libp2p raises ExceptionGroups from its nurseries
                 where = ", ".join(str(a) for a in self._listen)
                 raise ListenError(f"cannot listen on {where}: {_describe(exc)}") from None
+            if not self.host.get_transport_addrs():  # py-libp2p may fail to bind silently
+                where = ", ".join(str(a) for a in self._listen)
+                raise ListenError(f"cannot listen on {where}: no address could be bound")
             # pubsub must run before the first dial, or links become one-way
             await stack.enter_async_context(background_trio_service(self.pubsub))
             await self.pubsub.wait_until_ready()
@@ -1047,18 +1051,16 @@ def _is_local_ip(host: str) -> bool:
 
 
 def _check_listen_free(listen: list[multiaddr.Multiaddr]) -> None:
-    """Fail clearly when a fixed TCP port is taken.
+    """Fail clearly when a fixed TCP port is taken, or the address is not this host's.
 
     py-libp2p sets SO_REUSEPORT, so a second daemon would bind the same port silently and the
-    two would then dial themselves. This probe binds without SO_REUSEPORT: it fails while
-    anyone listens there.
+    two would then dial themselves; and it carries on without listening when a bind fails.
+    This probe binds without SO_REUSEPORT: it fails while anyone listens there.
     """
     for addr in listen:
         try:
             host, port = _ip_and_port(addr)
         except ValueError:
-            continue
-        if port == 0:
             continue
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as probe:
@@ -1066,11 +1068,13 @@ def _check_listen_free(listen: list[multiaddr.Multiaddr]) -> None:
             try:
                 probe.bind((host, port))
             except OSError as exc:
-                reason = exc.strerror or str(exc)
-                raise ListenError(
-                    f"cannot listen on {addr}: {host}:{port} is not available ({reason}); "
-                    "is another daemon running? Use another port, or tcp/0 for any free one"
-                ) from None
+                if exc.errno == errno.EADDRINUSE:
+                    why = "is in use (another daemon?); use another port, or tcp/0 for any free one"
+                elif exc.errno == errno.EADDRNOTAVAIL:
+                    why = "is not an address of this host"
+                else:
+                    why = f"cannot be bound ({exc.strerror or exc})"
+                raise ListenError(f"cannot listen on {addr}: {host}:{port} {why}") from None
 
 
 def _interface_ips(version: int) -> list[str]:

@@ -21,6 +21,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.utils.varint import encode_uvarint
 
 from p2p import codec, identity, records
+from p2p import host as host_module
 from p2p.discovery import DiscoverySettings, ResourceDirectory
 from p2p.host import (
     DHT_PROTOCOL,
@@ -624,3 +625,23 @@ async def test_dht_messages_pipelined_on_one_stream_are_rate_limited():
         assert _count(target, "dht", "rate_limited") == 1  # one stream, reset once
         key = target.directory.key_for(target.ident.peer_id)
         assert await honest.net.dht_get(key) is not None
+
+
+async def test_an_address_not_on_this_host_fails_with_one_clear_error():
+    node = Node(listen="/ip4/203.0.113.9/tcp/0")  # TEST-NET-3: no interface has it
+    with pytest.raises(ListenError, match="203.0.113.9") as err:
+        async with node.net.run():
+            pass
+    assert not isinstance(err.value, BaseExceptionGroup)
+    assert "\n" not in str(err.value)
+
+
+def test_wildcard_falls_back_to_loopback_when_there_is_no_other_address(monkeypatch):
+    monkeypatch.setattr(host_module, "_interface_ips", lambda version: [])
+    addrs = [multiaddr.Multiaddr("/ip4/0.0.0.0/tcp/4001"), multiaddr.Multiaddr("/ip6/::/tcp/5")]
+    assert [str(a) for a in host_module._dialable_addrs(addrs)] == [
+        "/ip4/127.0.0.1/tcp/4001",
+        "/ip6/::1/tcp/5",
+    ]
+    monkeypatch.setattr(host_module, "_interface_ips", lambda version: ["10.1.2.3"])
+    assert [str(a) for a in host_module._dialable_addrs(addrs[:1])] == ["/ip4/10.1.2.3/tcp/4001"]
