@@ -23,7 +23,7 @@ start `--settle` (60) seconds after. The exit status is 0 whatever the targets, 
 `--strict`.
 
 usage: python bench/abuse.py [--seconds 20] [--settle 60] [--probes 30] [--floods KIND,...]
-       [--tokens 8] [--quick] [--strict]
+       [--tokens 8] [--nice N] [--quick] [--strict]
 """
 
 from __future__ import annotations
@@ -294,6 +294,7 @@ def run_flood(
         text=True,
         cwd=REPO,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=(lambda: os.nice(args.nice)) if args.nice else None,  # noqa: PLW1509
     )
     procs.append(hostile)
     lines: list[str] = []
@@ -435,6 +436,13 @@ def main() -> int:
         "--quick", action="store_true", help="a check run: 5 s floods, 5 s settle, 8 probes"
     )
     parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="run the hostile peer at this niceness: on a small machine it competes with the "
+        "daemons for the cores, which an attacker on another host would not",
+    )
     args = parser.parse_args()
     quick = {"seconds": 5.0, "settle": 5.0, "probes": 8}
     full = {"seconds": 20.0, "settle": 60.0, "probes": 30}
@@ -447,6 +455,7 @@ def main() -> int:
         parser.error(f"unknown floods {unknown}: choose from {IDLE}, {', '.join(FLOODS)}")
     procs: list[subprocess.Popen[str]] = []
     phases: list[Phase] = []
+    load_at_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="gridmesh-abuse-") as tmp:
         root = Path(tmp)
         net = Devnet(4, root=root / "net", config=config_file(root))
@@ -480,6 +489,10 @@ def main() -> int:
             print(
                 f"4 daemons, tiny {LAYERS}-layer model over 3; floods of {args.seconds:g} s, "
                 f"RSS {args.settle:g} s after, up to {args.probes} samples of each probe per phase"
+            )
+            print(
+                f"{os.cpu_count()} cores; load average {load_at_start:.1f} at the start, "
+                f"{os.getloadavg()[0]:.1f} at the end; hostile peer at niceness {args.nice}"
             )
             met = print_tables(phases, baseline)
         except KeyboardInterrupt:

