@@ -680,6 +680,15 @@ async def connected(
     me.payout_address  # noqa: B018 - derived once (about 1 s of imports), not mid-flood
     net = hostile_network(network_id, me)
     topic = topic_for(network_id)
+    # py-libp2p's swarm dials peers it hears of to keep a minimum of connections: not ours
+    auto = getattr(net.host.get_network(), "auto_connector", None)
+    if auto is not None:
+
+        async def off(*args: Any) -> None:
+            return None
+
+        auto.start = off
+        auto.run_background_task = off
     async with net.run():
 
         async def ignore(sender: str, data: bytes) -> None:
@@ -692,7 +701,20 @@ async def connected(
         await poll(lambda: store.get_protocols(target_id), 10)
         if gossip:  # publish once the target grafted us (GossipSub heartbeat is 1 s)
             await poll(lambda: target_id in net.gossipsub.mesh.get(topic, ()), 10)
-        yield net, me, target
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_target_only, net, target)
+            yield net, me, target
+            nursery.cancel_scope.cancel()
+
+
+async def _target_only(net: Libp2pNetwork, target: str) -> None:
+    """Hang up on every peer but the target (the DHT may dial peers the target names): the
+    flood is the target's to handle, not its neighbours'."""
+    while True:
+        for peer in net.connected_peers() - {target}:
+            with suppress(Exception):
+                await net.host.disconnect(ID.from_base58(peer))
+        await trio.sleep(0.2)
 
 
 async def flood(
