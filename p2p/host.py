@@ -73,6 +73,7 @@ HELLO_PROTOCOL = "/gridmesh/hello/1.0.0"
 HELLO_TYPE = "hello"
 MAX_HELLO_BYTES = 4096
 HELLO_RETRY_S = 30.0
+CLOSED_POLL_S = 2.0  # how often an inbound connection's socket is checked for being closed
 _LEN = struct.Struct(">I")
 # (source, reason) -> None: the daemon counts rejected input in /metrics
 RejectHook = Callable[[str, str], None]
@@ -101,6 +102,7 @@ class HostLimits:
     hello_timeout_s: float = 5.0  # how long a peer's streams wait for its hello
     seen_ttl_s: int = 30  # how long gossip message ids are remembered (py-libp2p: 120)
     max_tracked_peers: int = 4096  # verified peers and rate-limit buckets remembered
+    max_connections_per_ip: int = 64  # inbound connections open at once from one IP
 
 
 class HelloBody(msgspec.Struct, frozen=True):
@@ -434,6 +436,7 @@ class Libp2pNetwork:
             sweep_interval=max(1, min(10, self.limits.seen_ttl_s)),
         )
         self._harden_pubsub()
+        self._harden_inbound()
         self._nursery: trio.Nursery | None = None
         self.host.get_network().register_notifee(_ForgetDisconnected(self))
         self._dht_validator = dht_validator
@@ -902,6 +905,53 @@ class Libp2pNetwork:
 
         guarded._gridmesh_guarded = True  # type: ignore[attr-defined]
         return guarded
+
+    # -- inbound connections ----------------------------------------------------------
+
+    def _harden_inbound(self) -> None:
+        """Per-IP cap on inbound connections, and inbound slots that come back.
+
+        py-libp2p 0.8.1 holds an inbound slot (of 250) until the swarm stops, not until the
+        connection closes: after ~125 peers have come and gone, every new peer is refused.
+        Here the slot's holder is cancelled once the connection's socket is closed, and one IP
+        may hold at most `max_connections_per_ip` connections (idle sockets from one address
+        would otherwise take every slot before their handshakes time out).
+        """
+        swarm = self.host.get_network()
+        original = swarm._handle_inbound_connection  # type: ignore[attr-defined]
+        per_ip: dict[str, int] = {}
+        limit = self.limits.max_connections_per_ip
+
+        async def until_closed(raw: Any, scope: trio.CancelScope) -> None:
+            sock = getattr(getattr(raw, "stream", None), "socket", None)
+            if sock is None:
+                return  # not a TCP stream we can watch: py-libp2p's behaviour stays
+            while sock.fileno() != -1:  # noqa: ASYNC110 - nothing signals a closed socket
+                await trio.sleep(CLOSED_POLL_S)
+            scope.cancel()
+
+        async def handle(raw: Any, maddr: Any) -> None:
+            try:
+                ip = (raw.get_remote_address() or ("", 0))[0]
+            except Exception:
+                ip = ""
+            if per_ip.get(ip, 0) >= limit:
+                self._on_reject("connection", "per_ip_limit")
+                with contextlib.suppress(Exception):
+                    await raw.close()
+                return
+            per_ip[ip] = per_ip.get(ip, 0) + 1
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(until_closed, raw, nursery.cancel_scope)
+                    await original(raw, maddr)
+                    nursery.cancel_scope.cancel()
+            finally:
+                per_ip[ip] -= 1
+                if not per_ip[ip]:
+                    del per_ip[ip]
+
+        swarm._handle_inbound_connection = handle  # type: ignore[attr-defined]
 
     # -- gossip -----------------------------------------------------------------------
 

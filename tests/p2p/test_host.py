@@ -645,3 +645,52 @@ def test_wildcard_falls_back_to_loopback_when_there_is_no_other_address(monkeypa
     ]
     monkeypatch.setattr(host_module, "_interface_ips", lambda version: ["10.1.2.3"])
     assert [str(a) for a in host_module._dialable_addrs(addrs[:1])] == ["/ip4/10.1.2.3/tcp/4001"]
+
+
+async def test_inbound_slots_come_back_when_peers_leave(monkeypatch):
+    """py-libp2p kept an inbound slot per connection until the host stopped: after enough
+    peers had come and gone, every new peer was refused."""
+    monkeypatch.setattr(host_module, "CLOSED_POLL_S", 0.05)
+    target = Node()
+    target.net.host.get_network()._inbound_limiter = trio.CapacityLimiter(4)
+    async with target.net.run():
+
+        async def echo(sender: str, payload: bytes) -> bytes:
+            return payload
+
+        target.net.set_request_handler("/gridmesh/test/echo/1", echo)
+        for _ in range(8):  # twice the slots, one peer after the other
+            visitor = Node()
+            async with visitor.net.run():
+                with trio.fail_after(10):
+                    while True:  # a slot comes back within a poll of the socket closing
+                        try:
+                            await visitor.net.connect(target.net.listen_addrs()[0], timeout_s=2)
+                            break
+                        except NetworkError:
+                            await trio.sleep(0.1)
+                reply = await visitor.net.request(
+                    target.ident.peer_id, "/gridmesh/test/echo/1", b"hi"
+                )
+                assert reply == b"hi"
+
+
+async def test_idle_sockets_from_one_address_cannot_take_every_slot():
+    target, honest = Node(limits=HostLimits(max_connections_per_ip=3)), Node()
+    async with target.net.run(), honest.net.run():
+        port = int(target.net.listen_addrs()[0].split("/tcp/")[1].split("/")[0])
+        idle = []
+        try:
+            for _ in range(6):  # from another loopback address, never starting a handshake
+                sock = trio.socket.socket()
+                await sock.bind(("127.0.0.2", 0))
+                await sock.connect(("127.0.0.1", port))
+                idle.append(sock)
+            with trio.fail_after(5):
+                while _count(target, "connection", "per_ip_limit") < 3:  # noqa: ASYNC110
+                    await trio.sleep(0.02)
+            await honest.net.connect(target.net.listen_addrs()[0])
+        finally:
+            for sock in idle:
+                sock.close()
+        assert _count(target, "connection", "per_ip_limit") == 3
