@@ -85,6 +85,7 @@ class P2PConfig:
     max_gossip_bytes: int = 1048576
     hello_timeout_s: float = 5.0
     gossip_seen_ttl_s: int = 30
+    max_connections_per_ip: int = 64
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,8 @@ class Config:
             raise ConfigError("p2p peer rates and hello_timeout_s must be positive")
         if min(p2p.peer_stream_burst, p2p.peer_gossip_burst, p2p.gossip_seen_ttl_s) < 1:
             raise ConfigError("p2p bursts and gossip_seen_ttl_s must be at least 1")
+        if p2p.max_connections_per_ip < 1:
+            raise ConfigError("p2p.max_connections_per_ip must be at least 1")
         if not 1024 <= p2p.max_gossip_bytes <= p2p.peer_gossip_bytes_per_s:
             raise ConfigError(
                 "p2p.max_gossip_bytes must be at least 1024 and at most peer_gossip_bytes_per_s"

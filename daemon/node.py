@@ -94,6 +94,7 @@ class Daemon:
                 max_gossip_bytes=config.p2p.max_gossip_bytes,
                 hello_timeout_s=config.p2p.hello_timeout_s,
                 seen_ttl_s=config.p2p.gossip_seen_ttl_s,
+                max_connections_per_ip=config.p2p.max_connections_per_ip,
             ),
         )
         self.directory = ResourceDirectory(
