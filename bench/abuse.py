@@ -37,6 +37,7 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
@@ -456,6 +457,7 @@ def main() -> int:
     procs: list[subprocess.Popen[str]] = []
     phases: list[Phase] = []
     load_at_start = os.getloadavg()[0]
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))  # clean up as on Ctrl-C
     with tempfile.TemporaryDirectory(prefix="gridmesh-abuse-") as tmp:
         root = Path(tmp)
         net = Devnet(4, root=root / "net", config=config_file(root))
