@@ -291,6 +291,9 @@ class Flood:
         return sorted(set(found) | set(BASELINE_PROTOCOLS))
 
     async def publish(self, data: bytes) -> None:
+        if self.target not in self.net.connected_peers():  # gossip to no one is not sent
+            await self.reconnect()
+            return
         self.stats.sent += 1
         self.stats.bytes += len(data)
         await self.net.publish(self.topic, data)
