@@ -290,13 +290,16 @@ class Flood:
         found = await poll(lambda: [str(p) for p in store.get_protocols(self.target_id)], 1)
         return sorted(set(found) | set(BASELINE_PROTOCOLS))
 
-    async def publish(self, data: bytes) -> None:
-        if self.target not in self.net.connected_peers():  # gossip to no one is not sent
+    async def publish(self, data: bytes) -> bool:
+        """Publish on the registry topic; False if the target is not connected (then gossip
+        would go to no one)."""
+        if self.target not in self.net.connected_peers():
             await self.reconnect()
-            return
+            return False
         self.stats.sent += 1
         self.stats.bytes += len(data)
         await self.net.publish(self.topic, data)
+        return True
 
     async def idle(self) -> None:
         """No flood: what a connected hostile peer costs by being there."""
@@ -634,8 +637,8 @@ class Flood:
             if not batch:
                 self.exhausted = True
                 return
-            await self.publish(codec.encode({"v": WIRE_VERSION, "entries": batch}))
-            self.stats.sent += len(batch) - 1
+            if await self.publish(codec.encode({"v": WIRE_VERSION, "entries": batch})):
+                self.stats.sent += len(batch) - 1  # entries, not messages
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.workers, push, 2)
