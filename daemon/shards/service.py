@@ -24,6 +24,7 @@ from daemon.shards import SHARD_PROTOCOL
 from p2p import codec, localsock
 from p2p.memnet import stream_pair
 from p2p.network import NetworkError, Stream
+from registry.blocks import announcement_key, announcements
 from registry.replica import Rejected
 
 if TYPE_CHECKING:
@@ -75,8 +76,7 @@ class ShardServiceError(Exception):
         self.code = code
 
 
-def block_key(model_id: str, start: int, end: int, peer_id: str) -> str:
-    return f"{model_id}.{start}-{end}.{peer_id[-12:]}"
+block_key = announcement_key  # where a server announces a range it serves
 
 
 @dataclass
@@ -402,8 +402,6 @@ class ShardService:
         Entries are read through their typed form (`registry.blocks`): only a server's own
         announcement counts, and an entry that cannot be read (stored by an older version,
         say) is skipped and counted (`registry`, `bad_entry`), never raised."""
-        from registry.blocks import announcements
-
         found = announcements(
             list(self.daemon.replica.entries.values()),
             model_id,
@@ -463,14 +461,11 @@ class ShardService:
         """Whether the peer announced a block from this host (same kernel boot id)."""
         if not self.local_sockets:
             return False
-        for entry in self.daemon.replica.entries.values():
-            value = entry.value
-            if entry.kind != "blocks" or not isinstance(value, dict):
-                continue
-            if value.get("served_by") == [peer_id]:
-                params = value.get("parameters")
-                return isinstance(params, dict) and params.get("host") == localsock.HOST_ID
-        return False
+        # only the peer's own, readable announcements say where it runs (registry.blocks)
+        return any(
+            item.peer_id == peer_id and item.host == localsock.HOST_ID
+            for item in announcements(self.daemon.replica.entries.values())
+        )
 
     async def _loopback(self, protocol: str) -> Stream:
         """A stream to our own shard server, in memory (libp2p cannot dial itself)."""

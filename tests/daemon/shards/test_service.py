@@ -61,9 +61,14 @@ def test_same_host_is_what_the_peer_announced_and_can_be_turned_off():
         announcement("elsewhere", 2, 4, host="another-boot-id"),
         announcement("silent", 4, 6),
     )
-    shards = service(*entries)
-    assert [shards.same_host(p) for p in ("here", "elsewhere", "silent", "unknown")] == [
+    # someone else's entry claiming that "far" runs on this host (so that we would dial a
+    # local socket for it) is no announcement of "far"
+    forged = announcement("far", 6, 8, host=localsock.HOST_ID)
+    forged.author = forged.owner = "mallory"
+    shards = service(*entries, forged)
+    assert [shards.same_host(p) for p in ("here", "elsewhere", "silent", "unknown", "far")] == [
         True,
+        False,
         False,
         False,
         False,
