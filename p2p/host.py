@@ -49,7 +49,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
-from p2p import codec, identity
+from p2p import codec, identity, localsock
 from p2p.network import (
     DHTValidator,
     GossipHandler,
@@ -262,12 +262,58 @@ class _CountingValidator(NamespacedValidator):
             raise
 
 
-async def read_frame(stream: Any, max_bytes: int = MAX_FRAME_BYTES) -> bytes:
-    header = await _read_exactly(stream, _LEN.size)
-    (length,) = _LEN.unpack(header)
-    if length > max_bytes:
-        raise NetworkError(f"frame of {length} bytes exceeds the limit of {max_bytes}")
-    return await _read_exactly(stream, length)
+# A frame that has begun must finish within FRAME_DEADLINE_S plus its length at
+# FRAME_MIN_BYTES_PER_S: the rule of the local socket (p2p.localsock), for libp2p streams too.
+FRAME_DEADLINE_S = localsock.FRAME_TIMEOUT_S
+FRAME_MIN_BYTES_PER_S = localsock.FRAME_BYTES_PER_S
+# the longest frame a stream takes: a number, or a function asked as each frame begins
+FrameBound = int | Callable[[], int]
+
+
+class FrameDeadlineError(NetworkError):
+    """A frame began but did not finish within its deadline (a trickling or stalled peer)."""
+
+    reason = "frame_deadline"
+
+
+def frame_time_limit_s(
+    length: int,
+    deadline_s: float = FRAME_DEADLINE_S,
+    min_bytes_per_s: float = FRAME_MIN_BYTES_PER_S,
+) -> float:
+    """How long a frame of `length` bytes may take from its first byte to its last."""
+    return deadline_s + length / min_bytes_per_s
+
+
+async def read_frame(
+    stream: Any,
+    max_bytes: FrameBound = MAX_FRAME_BYTES,
+    *,
+    deadline_s: float = FRAME_DEADLINE_S,
+    min_bytes_per_s: float = FRAME_MIN_BYTES_PER_S,
+) -> bytes:
+    """The next length-prefixed frame: at most `max_bytes` (refused from its prefix), and
+    finished within `frame_time_limit_s(length)` of its first byte, else FrameDeadlineError.
+
+    Waiting for a frame's first byte is not bounded here (idle streams are the caller's
+    business); once a peer has begun a frame it cannot hold the read, and the bytes buffered
+    so far, open by trickling or stopping.
+    """
+    head = await stream.read(_LEN.size)  # returns what has arrived: 1 to 4 bytes
+    if not head:
+        raise NetworkError("stream closed")
+    begun = trio.current_time()
+    limit = max_bytes() if callable(max_bytes) else max_bytes  # what we take may have changed
+    with trio.move_on_at(begun + deadline_s) as scope:
+        if len(head) < _LEN.size:
+            head += await _read_exactly(stream, _LEN.size - len(head))
+        (length,) = _LEN.unpack(head)
+        if length > limit:
+            raise NetworkError(f"frame of {length} bytes exceeds the limit of {limit}")
+        scope.deadline = begun + frame_time_limit_s(length, deadline_s, min_bytes_per_s)
+        return await _read_exactly(stream, length)
+    waited = trio.current_time() - begun
+    raise FrameDeadlineError(f"a frame was not finished within {waited:.1f} s of its first byte")
 
 
 async def write_frame(stream: Any, payload: bytes) -> None:
@@ -327,11 +373,28 @@ MAX_STREAM_FRAME_BYTES = 256 << 20
 
 
 class FramedStream:
-    """A libp2p stream carrying length-prefixed frames (the `p2p.network.Stream` protocol)."""
+    """A libp2p stream carrying length-prefixed frames (the `p2p.network.Stream` protocol).
 
-    def __init__(self, stream: Any, peer_id: str, max_frame_bytes: int) -> None:
+    Each frame is bounded by `max_frame_bytes` (asked per frame when it is a function) and
+    must finish within `frame_time_limit_s` of its first byte: a stream whose peer misses
+    that is reset and counted (`stream`/`frame_deadline` on the reject hook).
+    """
+
+    def __init__(
+        self,
+        stream: Any,
+        peer_id: str,
+        max_frame_bytes: FrameBound,
+        *,
+        on_reject: RejectHook | None = None,
+        frame_deadline_s: float = FRAME_DEADLINE_S,
+        min_bytes_per_s: float = FRAME_MIN_BYTES_PER_S,
+    ) -> None:
         self._stream = stream
         self._max = max_frame_bytes
+        self._on_reject = on_reject or (lambda source, reason: None)
+        self._deadline_s = frame_deadline_s
+        self._min_bytes_per_s = min_bytes_per_s
         self.peer_id = peer_id
 
     async def send(self, frame: bytes) -> None:
@@ -342,7 +405,18 @@ class FramedStream:
 
     async def receive(self) -> bytes:
         try:
-            return await read_frame(self._stream, self._max)
+            return await read_frame(
+                self._stream,
+                self._max,
+                deadline_s=self._deadline_s,
+                min_bytes_per_s=self._min_bytes_per_s,
+            )
+        except FrameDeadlineError as exc:
+            self._on_reject("stream", exc.reason)
+            await self.reset()
+            error = FrameDeadlineError(f"stream from {self.peer_id}: {exc}")
+            error._gridmesh_counted = True  # type: ignore[attr-defined]  # the guard: not again
+            raise error from None
         except NetworkError:
             raise
         except Exception as exc:
@@ -552,8 +626,16 @@ class Libp2pNetwork:
         self.guard_handlers()
 
     async def open_stream(
-        self, peer_id: str, protocol: str, max_frame_bytes: int = MAX_STREAM_FRAME_BYTES
+        self,
+        peer_id: str,
+        protocol: str,
+        max_frame_bytes: FrameBound = MAX_STREAM_FRAME_BYTES,
+        *,
+        frame_deadline_s: float | None = None,
+        min_bytes_per_s: float | None = None,
     ) -> FramedStream:
+        """A framed stream to `peer_id` (see `FramedStream` for the bounds on its frames;
+        the deadline defaults to FRAME_DEADLINE_S plus the length at FRAME_MIN_BYTES_PER_S)."""
         try:
             with trio.fail_after(self._request_timeout_s):
                 raw = await self.host.new_stream(ID.from_base58(peer_id), [protocol])
@@ -561,13 +643,23 @@ class Libp2pNetwork:
             raise NetworkError(f"opening {protocol} to {peer_id} timed out") from None
         except Exception as exc:
             raise NetworkError(f"opening {protocol} to {peer_id} failed: {exc!r}") from exc
-        return FramedStream(raw, peer_id, max_frame_bytes)
+        return self._framed(raw, peer_id, max_frame_bytes, frame_deadline_s, min_bytes_per_s)
 
     def set_stream_handler(
-        self, protocol: str, handler: StreamHandler, max_frame_bytes: int = MAX_STREAM_FRAME_BYTES
+        self,
+        protocol: str,
+        handler: StreamHandler,
+        max_frame_bytes: FrameBound = MAX_STREAM_FRAME_BYTES,
+        *,
+        frame_deadline_s: float | None = None,
+        min_bytes_per_s: float | None = None,
     ) -> None:
+        """Serve `protocol`'s streams with `handler`; `max_frame_bytes` may be a function,
+        asked as each frame begins (so a stream opened earlier gets today's bound)."""
+
         async def serve(raw: Any) -> None:
-            stream = FramedStream(raw, raw.muxed_conn.peer_id.to_base58(), max_frame_bytes)
+            peer = raw.muxed_conn.peer_id.to_base58()
+            stream = self._framed(raw, peer, max_frame_bytes, frame_deadline_s, min_bytes_per_s)
             try:
                 await handler(stream)
             finally:
@@ -575,6 +667,23 @@ class Libp2pNetwork:
 
         self.host.set_stream_handler(protocol, serve)  # type: ignore[arg-type]
         self.guard_handlers()
+
+    def _framed(
+        self,
+        raw: Any,
+        peer_id: str,
+        max_frame_bytes: FrameBound,
+        frame_deadline_s: float | None,
+        min_bytes_per_s: float | None,
+    ) -> FramedStream:
+        return FramedStream(
+            raw,
+            peer_id,
+            max_frame_bytes,
+            on_reject=self._on_reject,
+            frame_deadline_s=FRAME_DEADLINE_S if frame_deadline_s is None else frame_deadline_s,
+            min_bytes_per_s=min_bytes_per_s or FRAME_MIN_BYTES_PER_S,
+        )
 
     # -- connections ------------------------------------------------------------------
 

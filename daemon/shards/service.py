@@ -181,19 +181,20 @@ class ShardService:
         return self._server
 
     def _register_stream_handler(self) -> None:
-        """(Re-)register the libp2p shard handler with the longest frame what we serve now
-        can take: libp2p's framing refuses longer ones from their length prefix (streams
-        opened before keep the bound they had; the server checks each frame against its
-        session anyway)."""
+        """Register the libp2p shard handler, its frames bounded by what we serve at the
+        moment each frame begins (`max_frame_bytes` is asked per frame): libp2p's framing
+        refuses longer ones from their length prefix, also on streams opened before a load
+        or an unload; the server checks each frame against its session anyway."""
         assert self._server is not None
         self.daemon.net.set_stream_handler(
             SHARD_PROTOCOL,
             self._server.handle_stream,
-            max_frame_bytes=self.max_frame_bytes(),
+            max_frame_bytes=self.max_frame_bytes,
         )
 
     def max_frame_bytes(self) -> int:
-        """The longest shard frame this node takes now (asked per frame on local sockets)."""
+        """The longest shard frame this node takes now (asked per frame, on libp2p streams
+        and local sockets alike)."""
         if self._server is None:
             return HEADER_FRAME_BYTES
         return max(HEADER_FRAME_BYTES, self._server.max_frame_bytes)
@@ -287,7 +288,6 @@ class ShardService:
             )
         except (ShardError, ModelError) as exc:
             raise ShardServiceError(getattr(exc, "code", "bad_model"), str(exc)) from None
-        self._register_stream_handler()  # frames as long as this block's steps
         await self._announce(self.block_json(block))
         return self.block_json(block)
 
@@ -319,7 +319,6 @@ class ShardService:
             return False
         block = self._server.blocks[model_id]
         self._server.unload(model_id)
-        self._register_stream_handler()
         self._announced_free.pop(model_id, None)
         key = block_key(model_id, block.start, block.end, self.daemon.ident.peer_id)
         try:
