@@ -15,6 +15,12 @@ had, so the rebuilt caches are the ones that were lost, and the generated tokens
 those of a run without the failure (Petals replays from position 0 into a broken cache;
 #587). A server that cannot push to the next one (servers that cannot reach each other, e.g.
 behind NAT) makes the client relay the rest of the generation itself.
+
+A server at one of its caps (sessions, sessions of one peer, KV cache) answers an open with
+`busy`; the client routes around it like a failed hop. When the servers that answered busy
+are all that stands between it and a route, it raises ServersBusyError ("busy: ..."), which
+the APIs report as busy (JSON-RPC -32031, gRPC RESOURCE_EXHAUSTED: retry later), not as a
+missing route.
 """
 
 from __future__ import annotations
@@ -46,17 +52,44 @@ REQUEST_ERRORS = {"bad_length", "too_long", "bad_input", "bad_position", "bad_ra
 
 
 class HopFailed(Exception):
-    def __init__(self, peer_id: str, reason: str, *, transient: bool = False) -> None:
+    def __init__(
+        self, peer_id: str, reason: str, *, transient: bool = False, busy: bool = False
+    ) -> None:
         """`transient`: the hop's stream broke (reset or EOF), which a reconnecting peer
-        may survive; it gets one more chance when no route avoids it."""
+        may survive; it gets one more chance when no route avoids it. `busy`: the server
+        refused a session at one of its caps (it is alive, only full)."""
         super().__init__(f"{peer_id}: {reason}")
         self.peer_id = peer_id
         self.reason = reason
         self.transient = transient
+        self.busy = busy
 
 
 class GenerationError(RuntimeError):
     pass
+
+
+class ServersBusyError(GenerationError):
+    """No route, only because servers on it answered `busy` (at their session or cache
+    caps): retrying later may succeed. Its message starts with "busy:", which the local
+    APIs map to their busy errors."""
+
+    code = "busy"
+
+
+class _BusyNoRoute(NoRouteError):
+    """No route avoids the failed servers, but one would if those that answered busy were
+    used: they are what stands in the way."""
+
+    def __init__(self, exc: NoRouteError, busy: list[str]) -> None:
+        super().__init__(
+            str(exc),
+            missing=exc.missing,
+            first_missing=exc.first_missing,
+            considered=exc.considered,
+            skipped=exc.skipped,
+        )
+        self.busy = busy
 
 
 @dataclass
@@ -113,7 +146,7 @@ class Hop:
             message = f"{reply.code}: {reply.message[:300]}"
             if reply.code in REQUEST_ERRORS:  # another server would refuse it too
                 raise GenerationError(f"{self.peer_id} refused: {message}")
-            raise HopFailed(self.peer_id, message)
+            raise HopFailed(self.peer_id, message, busy=reply.code == "busy")
 
 
 # () -> servers currently announced for the model (with RTTs); refreshed on every re-route
@@ -146,6 +179,7 @@ class RemoteModel:
         self.max_recoveries = max_recoveries
         self.hops: list[Hop] = []
         self.failed: set[str] = set()
+        self.busy: set[str] = set()  # failed peers that answered busy (alive, but full)
         self.chained = chained
         self.length = 0
         self.recoveries: list[dict[str, Any]] = []
@@ -167,7 +201,17 @@ class RemoteModel:
         goes (the next hop's session and link token) and who may push into it (the previous
         hop's peer); `prev` is then re-pointed at the first of them."""
         servers = await self._servers()
-        spans = find_route(servers, self.num_layers, start=start, exclude=self.failed)
+        try:
+            spans = find_route(servers, self.num_layers, start=start, exclude=self.failed)
+        except NoRouteError as exc:
+            busy = self.failed & self.busy
+            if busy:
+                try:  # would the servers that answered busy make a route?
+                    find_route(servers, self.num_layers, start=start, exclude=self.failed - busy)
+                except NoRouteError:
+                    raise exc from None  # no: a route is missing, busy or not
+                raise _BusyNoRoute(exc, sorted(busy)) from None
+            raise
         hops: list[Hop] = []
         try:
             for i in reversed(range(len(spans))):
@@ -301,6 +345,8 @@ class RemoteModel:
                     ) from exc
                 log.warning("hop %s failed (%s); re-routing", exc.peer_id, exc.reason)
                 self.failed.add(exc.peer_id)
+                if exc.busy:
+                    self.busy.add(exc.peer_id)
                 if exc.transient and exc.peer_id not in self._retried:
                     self._broke_at.setdefault(exc.peer_id, trio.current_time())
                 failure = exc
@@ -309,6 +355,13 @@ class RemoteModel:
                 # its daemon reconnecting) gets one more chance, until the step deadline
                 again = {p for p in self._broke_at if p in self.failed and p not in self._retried}
                 if failure is None or not again:
+                    if isinstance(exc, _BusyNoRoute):
+                        names = ", ".join(p[-12:] for p in exc.busy[:8])
+                        raise ServersBusyError(
+                            f"busy: the servers that could serve layers from "
+                            f"{exc.first_missing} on are at their session or cache limits "
+                            f"({names}); try again later"
+                        ) from None
                     raise GenerationError(str(exc)) from None
                 log.warning("no route without %s: trying them again", sorted(again))
                 self.failed -= again

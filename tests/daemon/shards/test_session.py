@@ -846,3 +846,72 @@ async def test_one_server_chained_over_the_local_socket(model_dir, reference):
             assert model.chained and not model.recoveries
             await model.close()
         nursery.cancel_scope.cancel()
+
+
+# -- servers at their caps answer busy (issue 12) ----------------------------------------
+
+
+async def test_servers_that_answer_busy_are_routed_around_then_reported_as_busy(
+    model_dir, reference
+):
+    """Replicas at their per-peer session cap answer `busy`: the client uses a free one; when
+    every replica is full its error says busy (the APIs' busy errors), not "no route"."""
+    from daemon.api.grpc_server import _job_error_code
+    from daemon.shard_methods import BUSY, _job_failed
+    from daemon.shards.client import ServersBusyError
+    from daemon.shards.service import Job
+
+    prompt, expected = reference
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(nursery)
+        for peer in ("a1", "a2"):  # one session per peer each (half of max_sessions)
+            await cluster.add(peer, model_dir, 0, 3, max_sessions=2)
+        await cluster.add("z", model_dir, 3, 6)
+
+        async def a1_first() -> list[Server]:  # a1 is the cheaper replica: tried first
+            servers = await cluster.announced()
+            return [
+                Server(s.peer_id, s.start, s.end, 1.0, 0.5 if s.peer_id == "a1" else 5.0, s.alive)
+                for s in servers
+            ]
+
+        def model() -> RemoteModel:
+            return RemoteModel(
+                cluster, a1_first, model_id="tiny", num_layers=LAYERS, max_length=128
+            )
+
+        first = model()
+        await first.open()
+        assert [h["peer_id"] for h in first.route] == ["a1", "z"]  # a1 is now full for us
+        second = model()
+        await second.open()  # a1 answers busy; a2 is free
+        assert [h["peer_id"] for h in second.route] == ["a2", "z"]
+        assert second.busy == {"a1"} and second.failed == {"a1"}
+        assert await collect(second, prompt, 24) == expected
+        third = model()  # both replicas of layers 0-3 are full
+        with pytest.raises(ServersBusyError) as refused:
+            await third.open()
+        message = str(refused.value)
+        assert message.startswith("busy:") and "no route" not in message
+        assert third.busy == {"a1", "a2"} and not third.hops
+        await trio.testing.wait_all_tasks_blocked()  # the servers have seen the closes
+        assert len(cluster.servers["z"].sessions) == 2  # nothing left open by the refusal
+        # the local APIs report it as busy: JSON-RPC -32031, gRPC RESOURCE_EXHAUSTED
+        job = Job("j", error=message, done=True)
+        assert _job_failed(job).code == BUSY
+        assert _job_error_code(message) == "resource_exhausted"
+        # once a replica frees up, the same request goes through
+        await first.close()
+        fourth = model()
+        await fourth.open()
+        assert [h["peer_id"] for h in fourth.route] == ["a1", "z"]
+        # busy servers that would not make a route anyway: "no route", as before
+        cluster.kill("z")
+        fifth = model()
+        with pytest.raises(GenerationError) as missing:
+            await fifth.open()
+        assert not isinstance(missing.value, ServersBusyError)
+        assert "busy" not in str(missing.value)
+        for done in (second, fourth):
+            await done.close()
+        nursery.cancel_scope.cancel()
