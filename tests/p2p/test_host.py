@@ -1,6 +1,7 @@
 """The libp2p adapter, in one process: connect, request/response, DHT with our validator,
 and the guard that keeps the host alive when a peer sends garbage on any protocol."""
 
+import contextlib
 import os
 import socket
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -815,7 +816,9 @@ async def test_a_peer_that_stops_mid_frame_is_reset_in_time_and_counted():
 
         raw = await attacker.net.host.new_stream(target.net.host.get_id(), [FRAMED])
         started = trio.current_time()
-        await raw.write(announced.to_bytes(4, "big") + b"x" * (announced // 2))
+        with contextlib.suppress(Exception):  # on a slow machine the reset may come first
+            await raw.write(announced.to_bytes(4, "big") + b"x" * (announced // 2))
+        wrote_s = trio.current_time() - started
         big = b"y" * (1 << 20)  # an honest 1 MiB frame meanwhile, well within its time
         await good.send(big)
         assert await good.receive() == big.upper()
@@ -823,7 +826,7 @@ async def test_a_peer_that_stops_mid_frame_is_reset_in_time_and_counted():
             with pytest.raises(Exception):  # noqa: B017 - reset, as libp2p reports it
                 await raw.read(1)
         cut_after = trio.current_time() - started
-        assert limit <= cut_after < limit + 3, cut_after
+        assert limit <= cut_after < limit + 3, (cut_after, wrote_s)
         with trio.fail_after(5):
             await attacker_cut.wait()
         assert isinstance(ended[attacker.ident.peer_id], FrameDeadlineError)
