@@ -276,13 +276,7 @@ class FrameDeadlineError(NetworkError):
     reason = "frame_deadline"
 
 
-def frame_time_limit_s(
-    length: int,
-    deadline_s: float = FRAME_DEADLINE_S,
-    min_bytes_per_s: float = FRAME_MIN_BYTES_PER_S,
-) -> float:
-    """How long a frame of `length` bytes may take from its first byte to its last."""
-    return deadline_s + length / min_bytes_per_s
+frame_time_limit_s = localsock.frame_time_limit_s
 
 
 async def read_frame(
@@ -1283,4 +1277,5 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, BaseExceptionGroup):
         first = exc.exceptions[0] if exc.exceptions else exc
         return _reason(first)
-    return type(exc).__name__
+    reason = getattr(exc, "reason", None)  # our errors name their own reason
+    return reason if isinstance(reason, str) else type(exc).__name__

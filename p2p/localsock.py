@@ -51,6 +51,19 @@ HELLO_TIMEOUT_S = 2.0
 HELLO_BYTES = 4096
 FRAME_TIMEOUT_S = 10.0  # a frame begun must end within this, plus its bytes at:
 FRAME_BYTES_PER_S = 50e6
+
+
+def frame_time_limit_s(
+    length: int, deadline_s: float | None = None, min_bytes_per_s: float | None = None
+) -> float:
+    """How long a frame of `length` bytes may take from its first byte to its last (the rule
+    for the Unix socket here and for libp2p streams in p2p.host); by default this module's
+    FRAME_TIMEOUT_S and FRAME_BYTES_PER_S, read at each call."""
+    deadline_s = FRAME_TIMEOUT_S if deadline_s is None else deadline_s
+    rate = FRAME_BYTES_PER_S if min_bytes_per_s is None else min_bytes_per_s
+    return deadline_s + length / rate
+
+
 MAX_CONNECTIONS = 256
 MAX_HANDSHAKES = 32
 _LEN = struct.Struct(">I")
@@ -179,7 +192,7 @@ class SocketStream:
             (length,) = _LEN.unpack(self._take(_LEN.size))
             if length > max_bytes:
                 raise NetworkError(f"frame of {length} bytes exceeds {max_bytes}")
-            with trio.fail_after(FRAME_TIMEOUT_S + length / FRAME_BYTES_PER_S):
+            with trio.fail_after(frame_time_limit_s(length)):
                 await self._fill(length)
         except trio.TooSlowError:
             raise NetworkError(f"a frame from {self.peer_id} was not finished in time") from None

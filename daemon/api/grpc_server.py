@@ -701,9 +701,16 @@ class ShardBackend:
             await remote.open()
             logits = await remote.step(token_ids)
         except GenerationError as exc:
-            code: ErrorCode = "invalid_argument" if " refused: " in str(exc) else "unavailable"
-            raise BackendError(code, str(exc)) from None
+            raise BackendError(forward_error_code(exc), str(exc)) from None
         finally:
             with trio.CancelScope(shield=True):
                 await remote.close()
         return logits.tolist(), int(logits.argmax())
+
+
+def forward_error_code(exc: Exception) -> ErrorCode:
+    """The gRPC status of a failed `Forward` step: busy servers are RESOURCE_EXHAUSTED (come
+    back later), a refused request INVALID_ARGUMENT, anything else UNAVAILABLE."""
+    if getattr(exc, "code", "") == "busy":
+        return "resource_exhausted"
+    return "invalid_argument" if " refused: " in str(exc) else "unavailable"

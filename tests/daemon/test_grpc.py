@@ -27,6 +27,7 @@ from daemon.api.grpc_server import (
     InferenceBackend,
     ShardBackend,
     _text_delta,
+    forward_error_code,
     serve_grpc,
 )
 from daemon.api.proto import gridmesh_inference_pb2 as pb2
@@ -725,3 +726,12 @@ async def test_over_the_total_cap_generations_are_busy_not_another_error() -> No
     assert len(refused) == len(calls) - MAX_JOBS
     assert all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
     assert all(r.details().startswith("busy") for r in refused)
+
+
+def test_forward_maps_busy_servers_to_resource_exhausted() -> None:
+    pytest.importorskip("torch")
+    from daemon.shards.client import GenerationError, ServersBusyError
+
+    assert forward_error_code(ServersBusyError("busy: all full")) == "resource_exhausted"
+    assert forward_error_code(GenerationError("p1 refused: bad shape")) == "invalid_argument"
+    assert forward_error_code(GenerationError("no route")) == "unavailable"
