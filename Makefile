@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/registry_daemons.py
 	$(BIN)/python bench/registry.py
 	$(BIN)/python bench/inference.py
+	$(BIN)/python bench/abuse.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
