@@ -38,6 +38,9 @@ AUTHOR_MAX_ENTRIES = 10_000
 AUTHOR_MAX_BYTES = 4 << 20
 # how recent a competing (earlier) claim on an already-owned key must be to take it over
 CLAIM_WINDOW_MS = 60_000
+# quota refusals of one author in one batch after which the rest of its new keys in that
+# batch are refused at once (a flood of one author's entries costs a few checks per message)
+QUOTA_STRIKES = 4
 
 # (source, reason): where a refused entry came from ("local", "gossip", "sync") and why
 RejectHook = Callable[[str, str], None]
@@ -286,9 +289,15 @@ class Replica:
         pending_usage: Mapping[tuple[str, str], list[int]] | None = None,
     ) -> None:
         """Raise Rejected unless `entry` may be merged into this replica (plus `pending`,
-        the earlier entries of the same batch, and `pending_usage`, their quota usage)."""
-        if not verify_entry(entry):
-            raise Rejected("bad_signature", "entry signature does not match its author")
+        the earlier entries of the same batch, and `pending_usage`, their quota usage).
+
+        The checks run cheapest first, so a flood costs little: size and the claimed
+        author's quota (dict lookups and one encoding), then kind, clock and schema, and only
+        then the signature. Checking a quota before the signature is safe: a refused entry
+        changes nothing and never counts towards anyone's quota, so a forger naming another
+        author can only get its own entry refused."""
+        current = (pending or {}).get(entry.id) or self.entries.get(entry.id)
+        self._check_size_and_quota(entry, current, pending_usage)
         if entry.kind not in schemas.KINDS:
             raise Rejected("unknown_kind", f"unknown kind {entry.kind!r}")
         try:
@@ -305,10 +314,10 @@ class Replica:
                 schemas.validate_value(entry.kind, entry.key, entry.value)
         except schemas.SchemaError as exc:
             raise Rejected("schema", str(exc)) from None
-        current = (pending or {}).get(entry.id) or self.entries.get(entry.id)
+        if not verify_entry(entry):
+            raise Rejected("bad_signature", "entry signature does not match its author")
         self._check_claim(entry, current)
         self._check_authorized(entry, current, pending)
-        self._check_size_and_quota(entry, current, pending_usage)
         reason = schemas.admit(
             schemas.Write(
                 kind=entry.kind,
@@ -376,13 +385,21 @@ class Replica:
         changed: dict[EntryId, Entry] = {}
         replaced: dict[EntryId, Entry | None] = {}  # what each changed id held before the batch
         pending_usage: dict[tuple[str, str], list[int]] = {}
+        over_quota: Counter[tuple[str, str]] = Counter()  # quota refusals, by (author, kind)
         for entry in entries:
             current = changed.get(entry.id) or self.entries.get(entry.id)
             if current == entry:
                 continue
+            if current is None and over_quota[(entry.author, entry.kind)] >= QUOTA_STRIKES:
+                # the author's further new keys of this kind in this batch: refused unchecked
+                # (a new key always grows its usage); anti-entropy offers them again later
+                self._count_reject(source, "quota")
+                continue
             try:
                 self.check(entry, changed, pending_usage)
             except Rejected as exc:
+                if exc.reason == "quota":
+                    over_quota[(entry.author, entry.kind)] += 1
                 self._count_reject(source, exc.reason)
                 continue
             if join(current, entry) is entry:
