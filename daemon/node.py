@@ -236,6 +236,7 @@ class Daemon:
             nursery.start_soon(self.replicator.run_gc)
             nursery.start_soon(self.net.track_peers, self.config.p2p.ping_interval_s)
             nursery.start_soon(self._publish_loop)
+            nursery.start_soon(self.directory.refresh_forever)  # keeps nodes_find off the DHT
             nursery.start_soon(self._refresh_loop)
             _write_json_atomic(self.home / DAEMON_FILE, self.info_file())
             log.info("daemon %s up; rpc %s", self.ident.peer_id, self.rpc_url)

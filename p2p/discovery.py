@@ -34,26 +34,33 @@ class DiscoverySettings:
     dht_timeout_s: float = 5.0
     max_parallel_gets: int = 16
     find_timeout_s: float = 1.0
-    # a peer whose last look-up found no record (or did not finish) gets only this long in
-    # find() until `absent_retry_s` have passed: a record-less or silent peer (a hostile one
-    # answering no DHT queries) must not make every find() wait `find_timeout_s`
-    absent_lookup_s: float = 0.05
+    # A peer whose look-up found no record (or did not finish) is looked up again after
+    # `absent_retry_s` (at most `publish_interval_s`: an honest node has published by then),
+    # doubling each time it is still absent up to `absent_retry_max_s`. Those look-ups run in
+    # `refresh_forever`, off find()'s path: a record-less or silent peer (a hostile one
+    # answering no DHT queries) costs find() nothing after the first time.
     absent_retry_s: float = 30.0
+    absent_retry_max_s: float = 600.0
 
 
 class RecordValidator:
     """The DHT validator for our namespace: every node runs it on every value it stores."""
 
     def __init__(
-        self, settings: DiscoverySettings, now: Callable[[], float], on_reject: RejectHook
+        self,
+        settings: DiscoverySettings,
+        now: Callable[[], float],
+        on_reject: RejectHook,
+        on_valid: Callable[[records.ResourceRecord], None] | None = None,
     ) -> None:
         self._settings = settings
         self._now = now
         self._on_reject = on_reject
+        self._on_valid = on_valid
 
     def validate(self, key: str, value: bytes) -> None:
         try:
-            records.validate_record(
+            record = records.validate_record(
                 key,
                 value,
                 now=self._now(),
@@ -64,6 +71,8 @@ class RecordValidator:
             if exc.reason != "stale":  # expired copies are normal traffic, not an attack
                 self._on_reject(exc.reason)
             raise
+        if self._on_valid is not None:
+            self._on_valid(record)
 
     def select(self, key: str, values: list[bytes]) -> int:
         return records.select_newest(values)
@@ -83,9 +92,15 @@ class ResourceDirectory:
         self._settings = settings
         self._describe = describe
         self._on_reject = on_reject or (lambda reason: None)
-        self.validator = RecordValidator(settings, net.now, self._on_reject)
+        # a record stored with us (its publisher put it here) is verified: cache it at once
+        self.validator = RecordValidator(settings, net.now, self._on_reject, self._offer)
         self._cache: dict[str, records.ResourceRecord] = {}
-        self._absent: dict[str, float] = {}  # peer id -> when to look it up in full again
+        # peer id -> when it may be looked up again; set when a look-up starts, cleared when
+        # one finds a record, so a look-up that fails or is cancelled counts as a miss
+        self._retry_at: dict[str, float] = {}
+        self._backoff: dict[str, float] = {}  # peer id -> its current retry delay
+        self._attempted: set[str] = set()  # peers looked up at least once
+        self._refreshers = 0  # running refresh_forever tasks
         self.published = 0
         self.publish_failures = 0
 
@@ -103,6 +118,15 @@ class ResourceDirectory:
             resources=resources,
         )
 
+    def _own(self, value: bytes) -> records.ResourceRecord:
+        return records.validate_record(
+            self.key_for(self._ident.peer_id),
+            value,
+            now=self._net.now(),
+            network_id=self._settings.network_id,
+            max_skew=self._settings.max_clock_skew_s,
+        )
+
     async def publish_once(self) -> bool:
         """Put our record; True when the put finished within the deadline."""
         value = self.make_own_record()
@@ -114,6 +138,10 @@ class ResourceDirectory:
                 self.publish_failures += 1
                 return False
             self.published += 1
+            try:  # find() answers with our own record at once
+                self._offer(self._own(value))
+            except records.RecordError as exc:  # the network's validators refuse it too
+                log.warning("our own resource record is invalid: %s", exc)
             return True
         self.publish_failures += 1
         return False
@@ -151,40 +179,115 @@ class ResourceDirectory:
             return None
         return record if record.peer_id == peer_id else None
 
+    def _offer(self, record: records.ResourceRecord) -> None:
+        """Cache a verified record if it is the newest we have; its peer stops backing off."""
+        current = self._cache.get(record.peer_id)
+        if current is None or record.issued_at >= current.issued_at:
+            self._cache[record.peer_id] = record
+        self._retry_at.pop(record.peer_id, None)
+        self._backoff.pop(record.peer_id, None)
+
+    def _base_retry_s(self) -> float:
+        return min(self._settings.absent_retry_s, self._settings.publish_interval_s)
+
+    def _due(self, peer_id: str, now: float) -> bool:
+        """Whether `peer_id` needs a look-up: no usable cached record, or one past half its
+        validity, and it is not backing off or already being looked up."""
+        if now < self._retry_at.get(peer_id, -math.inf):
+            return False
+        record = self._cache.get(peer_id)
+        return record is None or now >= record.issued_at + record.valid_for / 2
+
+    async def _refresh_one(self, peer_id: str, limiter: trio.CapacityLimiter) -> None:
+        """Look `peer_id` up (bounded by `dht_timeout_s`) and cache what verifies."""
+        now = self._net.now()
+        self._attempted.add(peer_id)
+        cached = self._cache.get(peer_id)
+        if cached is not None and cached.expires_at > now:
+            delay = self._base_retry_s()  # a failed refresh: try again well before it expires
+        else:
+            previous = self._backoff.get(peer_id)
+            delay = (
+                self._base_retry_s()
+                if previous is None
+                else min(2 * previous, self._settings.absent_retry_max_s)
+            )
+            self._backoff[peer_id] = delay
+        self._retry_at[peer_id] = now + delay  # until a look-up finds a record
+        async with limiter:
+            record = await self.lookup(peer_id)
+        if record is not None:
+            self._offer(record)
+
+    def _candidates(self) -> list[str]:
+        return sorted(self._net.known_peers() | {self._ident.peer_id})
+
+    def _forget_expired(self) -> None:
+        now = self._net.now()
+        for peer_id, record in list(self._cache.items()):
+            if record.expires_at < now:
+                del self._cache[peer_id]
+        # a peer that left is forgotten once its back-off has run out, not before: leaving
+        # and reconnecting must not earn a silent peer another wait in find()
+        known = set(self._candidates())
+        for peer_id in [p for p in self._retry_at if p not in known and self._retry_at[p] <= now]:
+            del self._retry_at[peer_id]
+        keep = known | set(self._cache) | set(self._retry_at)
+        self._backoff = {p: d for p, d in self._backoff.items() if p in keep}
+        self._attempted &= keep
+
+    async def refresh_once(self) -> int:
+        """Look up, in parallel, every known peer whose record is due; how many were due."""
+        now = self._net.now()
+        due = [p for p in self._candidates() if self._due(p, now)]
+        limiter = trio.CapacityLimiter(self._settings.max_parallel_gets)
+        async with trio.open_nursery() as nursery:
+            for peer_id in due:
+                nursery.start_soon(self._refresh_one, peer_id, limiter)
+        self._forget_expired()
+        return len(due)
+
+    async def refresh_forever(self, interval_s: float | None = None) -> None:
+        """Keep cached records fresh in the background, so find() need not wait on the DHT.
+
+        Every `interval_s` (default: the smaller of `publish_interval_s` and a quarter of
+        `record_validity_s`) it looks up the known peers whose record is missing or past half
+        its validity, except those backing off (see `absent_retry_s`).
+        """
+        if interval_s is None:
+            interval_s = min(
+                self._settings.publish_interval_s, self._settings.record_validity_s / 4
+            )
+        self._refreshers += 1
+        try:
+            while True:
+                await self.refresh_once()
+                await trio.sleep(interval_s)
+        finally:
+            self._refreshers -= 1
+
     async def find(
         self, predicate: Callable[[records.ResourceRecord], bool] | None = None
     ) -> list[records.ResourceRecord]:
         """Valid records of this node and every node it knows, filtered, sorted by peer id.
 
-        Look-ups run in parallel for at most `find_timeout_s`: one slow or frozen peer must not
-        stall the answer. A peer whose look-up is still running then is answered from the last
-        record we verified for it, as long as that record has not expired.
+        Answers from the records cached (verified, unexpired) by `refresh_forever`; it waits,
+        at most `find_timeout_s` and in parallel, only for peers never looked up before, so a
+        record-less or silent peer slows one find at most. Without a running refresher it
+        looks up every due peer itself, within the same deadline.
         """
-        candidates = sorted(self._net.known_peers() | {self._ident.peer_id})
-        limiter = trio.CapacityLimiter(self._settings.max_parallel_gets)
-        started = self._net.now()
-        self._absent = {p: t for p, t in self._absent.items() if t > started}
-
-        async def one(peer_id: str) -> None:
-            absent = peer_id in self._absent and peer_id != self._ident.peer_id
-            if not absent:  # until its look-up succeeds
-                self._absent[peer_id] = started + self._settings.absent_retry_s
-            limit = self._settings.absent_lookup_s if absent else math.inf
-            record = None
-            with trio.move_on_after(limit):
-                async with limiter:
-                    record = await self.lookup(peer_id)
-            if record is not None:
-                self._cache[peer_id] = record
-                self._absent.pop(peer_id, None)
-
-        with trio.move_on_after(self._settings.find_timeout_s):
-            async with trio.open_nursery() as nursery:
-                for peer_id in candidates:
-                    nursery.start_soon(one, peer_id)
         now = self._net.now()
-        for peer_id, record in list(self._cache.items()):
-            if record.expires_at < now:
-                del self._cache[peer_id]
+        wanted = [
+            p
+            for p in self._candidates()
+            if self._due(p, now) and not (self._refreshers and p in self._attempted)
+        ]
+        if wanted:
+            limiter = trio.CapacityLimiter(self._settings.max_parallel_gets)
+            with trio.move_on_after(self._settings.find_timeout_s):
+                async with trio.open_nursery() as nursery:
+                    for peer_id in wanted:
+                        nursery.start_soon(self._refresh_one, peer_id, limiter)
+        self._forget_expired()
         matching = [r for r in self._cache.values() if predicate is None or predicate(r)]
         return sorted(matching, key=lambda r: r.peer_id)

@@ -12,6 +12,7 @@ from p2p import codec, records
 from p2p.discovery import DiscoverySettings, ResourceDirectory
 from p2p.identity import NodeIdentity
 from p2p.memnet import MemoryNetwork, MemoryNode
+from p2p.network import Network
 
 SETTINGS = DiscoverySettings(network_id="sim", record_validity_s=90, publish_interval_s=30)
 MAINTENANCE_S = 10.0
@@ -35,15 +36,21 @@ def _resources(index: int) -> dict[str, object]:
     return {"cpu": {"cores": index + 1}, "gpus": []}
 
 
-async def _run(sim: SimNode) -> None:
+async def _run(sim: SimNode, refresh: bool = False) -> None:
     with sim.scope:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(sim.directory.run)
             nursery.start_soon(sim.node.run_maintenance, MAINTENANCE_S)
+            if refresh:  # as the daemon does
+                nursery.start_soon(sim.directory.refresh_forever)
 
 
-async def _start(nursery: trio.Nursery, hub: MemoryNetwork, count: int) -> list[SimNode]:
-    """`count` nodes, node i bootstrapping from node i - 1 only, each publishing and refreshing."""
+async def _start(
+    nursery: trio.Nursery, hub: MemoryNetwork, count: int, refresh: bool = False
+) -> list[SimNode]:
+    """`count` nodes, node i bootstrapping from node i - 1 only, each publishing and refreshing.
+
+    With `refresh`, each also runs `refresh_forever`, so find() answers from its cache."""
     sims: list[SimNode] = []
     for index in range(count):
         ident = NodeIdentity.generate()
@@ -60,7 +67,7 @@ async def _start(nursery: trio.Nursery, hub: MemoryNetwork, count: int) -> list[
         if sims:
             await node.connect(sims[-1].peer_id)
         sim = SimNode(index, ident, node, directory, rejects)
-        nursery.start_soon(_run, sim)
+        nursery.start_soon(_run, sim, refresh)
         sims.append(sim)
     return sims
 
@@ -206,3 +213,104 @@ async def test_a_peer_without_a_record_is_found_once_it_publishes(autojump_clock
     await trio.sleep(SETTINGS.absent_retry_s)
     found = await finder.find()
     assert sorted(r.peer_id for r in found) == sorted(i.peer_id for i in idents)
+
+
+async def test_with_background_refresh_finds_are_fast_and_a_stopped_node_drops_out(autojump_clock):
+    """The daemon's set-up: find() answers from records kept fresh by refresh_forever."""
+    hub = MemoryNetwork(seed=5)
+    async with trio.open_nursery() as nursery:
+        sims = await _start(nursery, hub, 20, refresh=True)
+        await _wait_until_everyone_finds_everyone(sims, limit_s=120)
+        finder = sims[0]
+        for _ in range(30):  # five virtual minutes: records are refreshed, never waited for
+            await trio.sleep(10)  # virtual time (autojump clock)
+            started = trio.current_time()
+            found = await finder.directory.find()
+            assert trio.current_time() - started == 0
+            _check_records(found, sims)
+
+        victim = sims[10]
+        victim.scope.cancel()
+        hub.remove_node(victim.peer_id)
+        removed_at = trio.current_time()
+        survivors = [sim for sim in sims if sim is not victim]
+        await trio.sleep(1)  # virtual time (autojump clock)
+        assert victim.peer_id in [r.peer_id for r in await finder.directory.find()]
+        await trio.sleep(removed_at + SETTINGS.record_validity_s + 1 - trio.current_time())
+        found = await _found(survivors)
+        for sim in survivors:
+            _check_records(found[sim.peer_id], survivors)
+        assert all(set(sim.rejects) <= {"stale"} for sim in sims)
+        nursery.cancel_scope.cancel()
+
+
+class _WithSilentPeer:
+    """A node's network seam with one more connected peer that answers no DHT query.
+
+    A look-up of that peer's record then hangs, as a py-libp2p Kademlia walk stuck on a
+    peer that never answers does, until the caller gives up (`dht_timeout_s`).
+    """
+
+    def __init__(self, inner: MemoryNode, silent_key: str, silent_id: str) -> None:
+        self._inner = inner
+        self._silent_key = silent_key
+        self._silent_id = silent_id
+        self.silent_lookups = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    def known_peers(self) -> set[str]:
+        return self._inner.known_peers() | {self._silent_id}
+
+    async def dht_get(self, key: str) -> bytes | None:
+        if key == self._silent_key:
+            self.silent_lookups += 1
+            await trio.sleep_forever()
+        return await self._inner.dht_get(key)
+
+
+async def test_silent_and_record_less_peers_slow_no_find_after_the_first(autojump_clock):
+    """Connected peers that are silent on the DHT or have no record cost find() nothing
+    after its first call, over minutes of finds; one that publishes later is still found."""
+    hub = MemoryNetwork(seed=6)
+    idents = [NodeIdentity.generate() for _ in range(3)]  # finder, honest, late
+    nodes = [hub.add_node(ident.peer_id) for ident in idents]
+    silent_id = NodeIdentity.generate().peer_id
+    seam = _WithSilentPeer(nodes[0], records.record_key("sim", silent_id), silent_id)
+    nets: list[Network] = [seam, nodes[1], nodes[2]]
+    finder, honest, late = (
+        ResourceDirectory(net, ident, SETTINGS, describe=lambda: ([], {}))
+        for net, ident in zip(nets, idents, strict=True)
+    )
+    for node, directory in zip(nodes, (finder, honest, late), strict=True):
+        node.set_validator(directory.validator)
+    await nodes[1].connect(idents[0].peer_id)
+    await nodes[2].connect(idents[0].peer_id)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(finder.run)
+        nursery.start_soon(honest.run)
+        nursery.start_soon(finder.refresh_forever)
+        await trio.sleep(1)  # virtual time (autojump clock)
+
+        started = trio.current_time()
+        first = await finder.find()
+        assert trio.current_time() - started <= SETTINGS.find_timeout_s + 0.01
+        assert {r.peer_id for r in first} == {idents[0].peer_id, idents[1].peer_id}
+        slowest = 0.0
+        for _ in range(60):  # ten virtual minutes of finds, every ten seconds
+            await trio.sleep(10)  # virtual time (autojump clock)
+            started = trio.current_time()
+            found = await finder.find()
+            slowest = max(slowest, trio.current_time() - started)
+            assert {r.peer_id for r in found} == {idents[0].peer_id, idents[1].peer_id}
+        assert slowest == 0
+        # the silent peer is still tried in the background, backing off: 30, 60, 120, 240 s
+        assert 3 <= seam.silent_lookups <= 6
+
+        nursery.start_soon(late.run)  # the record-less peer starts publishing
+        published_at = trio.current_time()
+        while idents[2].peer_id not in [r.peer_id for r in await finder.find()]:  # noqa: ASYNC110
+            await trio.sleep(1)  # virtual time (autojump clock)
+        assert trio.current_time() - published_at <= SETTINGS.publish_interval_s
+        nursery.cancel_scope.cancel()
