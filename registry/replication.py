@@ -43,6 +43,7 @@ REPLY_MARGIN = 4096  # room for a reply's own framing beside its entries
 
 _R = TypeVar("_R")
 MAX_REFUSED = 10_000  # refused entry states remembered (the oldest are forgotten first)
+MAX_PUSH_PEERS = 4096  # peers whose push budget is remembered (the least recent forgotten)
 # refusals that may pass later without a new version: the entry is fetched again next round
 RETRY_REASONS = frozenset({"unknown_cluster", "bad_timestamp"})
 
@@ -83,6 +84,11 @@ class ReplicationSettings:
     # an entry refused when pulled (over quota, bad signature...) is not pulled again from
     # any peer for this long, unless its state changes
     refused_ttl_s: float = 60.0
+    # bytes of sync pushes one peer may have this node check, per second and at once (a token
+    # bucket); a push over it is refused whole (`sync`/`rate_limited`, once per entry) and
+    # answered `applied: 0`, so an honest pusher moves on: this node pulls what it lacks
+    push_bytes_per_s: float = float(4 << 20)
+    push_bytes_burst: int = 16 << 20
 
 
 class Replicator:
@@ -110,6 +116,8 @@ class Replicator:
         self._resume: EntryId | None = None
         # entry states refused when pulled, and until when not to pull them again
         self._refused: OrderedDict[tuple[Any, ...], float] = OrderedDict()
+        # push budget per sending peer: peer id -> (tokens, when last refilled)
+        self._push_tokens: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
     # -- outgoing ----------------------------------------------------------------------
 
@@ -209,6 +217,11 @@ class Replicator:
                     found.append(item)
                     size += cost
                 reply = {"entries": found, "more": more}
+            elif not self._push_allowed(sender, len(payload)):
+                for _ in op.entries:
+                    self._reject("sync", "rate_limited")
+                self.stats["sync_push_rate_limited"] += 1
+                reply = {"applied": 0}
             else:
                 entries = self._entries(op.entries, "sync")
                 changed = await self.replica.apply(entries, "sync")
@@ -219,6 +232,20 @@ class Replicator:
             return codec.encode({"v": WIRE_VERSION, "error": str(exc)[:200]})
         reply["v"] = WIRE_VERSION
         return codec.encode(reply)
+
+    def _push_allowed(self, peer_id: str, size: int) -> bool:
+        """Take `size` bytes from `peer_id`'s push budget, if it holds that many."""
+        now = trio.current_time()
+        rate = self.settings.push_bytes_per_s
+        # one push of the largest message always fits a full bucket
+        burst = float(max(self.settings.push_bytes_burst, self.settings.max_message_bytes))
+        tokens, last = self._push_tokens.pop(peer_id, (burst, now))
+        tokens = min(burst, tokens + (now - last) * rate)
+        allowed = tokens >= size
+        self._push_tokens[peer_id] = (tokens - size if allowed else tokens, now)
+        while len(self._push_tokens) > MAX_PUSH_PEERS:
+            self._push_tokens.popitem(last=False)
+        return allowed
 
     def hedge_delay(self) -> float:
         """How long a sync request may go unanswered before it also goes to another peer: a

@@ -138,3 +138,73 @@ async def test_an_author_at_quota_is_refused_before_its_signature_is_checked(mon
     bad = Entry(**{**bad.__dict__, "signature": bytes(64)})
     assert await r.apply([bad], "sync") == []
     assert r.rejected["bad_signature"] == 1 and calls == ["o1"]
+
+
+async def test_sync_pushes_beyond_a_peers_byte_budget_are_refused_unchecked(
+    autojump_clock, monkeypatch
+):
+    """A peer pushing faster than `push_bytes_per_s` (entries of many fresh authors, so no
+    quota helps) has the rest refused (`sync`/`rate_limited`) without a signature check; its
+    pushes are answered, and an honest peer's write still replicates."""
+    verified: Counter[str] = Counter()
+    real_verify = replica_module.verify_entry
+
+    def counting_verify(entry: Entry) -> bool:
+        verified["all"] += 1
+        return real_verify(entry)
+
+    monkeypatch.setattr(replica_module, "verify_entry", counting_verify)
+    hub = MemoryNetwork(seed=13)
+    settings = ReplicationSettings(
+        network_id="flood",
+        push_bytes_per_s=256 * 1024,
+        push_bytes_burst=1 << 20,
+        max_message_bytes=1 << 20,  # the burst is never below the largest message
+    )
+    ident = NodeIdentity(node_seed=hub.rng.randbytes(32), payout_key=hub.rng.randbytes(32))
+    target = hub.add_node(ident.peer_id)
+    rejects: Counter[str] = Counter()
+    target_replica = Replica(ident, clock=HybridClock(now_ms=lambda: int(hub.now() * 1000)))
+    target_repl = Replicator(
+        target,
+        target_replica,
+        settings,
+        rng=random.Random(2),
+        on_reject=lambda source, reason: rejects.update([f"{source}:{reason}"]),
+    )
+    honest_ident = NodeIdentity.generate()
+    honest = hub.add_node(honest_ident.peer_id)
+    honest_repl = Replicator(
+        honest,
+        Replica(honest_ident, clock=HybridClock(now_ms=lambda: int(hub.now() * 1000))),
+        settings,
+        rng=random.Random(3),
+    )
+    await honest.connect(target.peer_id)
+    attacker = hub.add_node(NodeIdentity.generate().peer_id)
+    await attacker.connect(target.peer_id)
+    now = int(hub.now() * 1000)
+    value = {"name": "fill", "version": "1", "config": {"blob": "x" * 4000}}
+    async with trio.open_nursery() as nursery:
+        for repl in (target_repl, honest_repl):
+            await repl.start()
+            nursery.start_soon(repl.run_anti_entropy)
+        pushed = 0
+        started = trio.current_time()
+        for n in range(40):  # 40 pushes of 32 entries (~4 KB each), ~5 MB, back to back
+            authors = [NodeIdentity.generate() for _ in range(32)]
+            wire = [signed(a, f"k{n}-{i}", value, now, 0).to_wire() for i, a in enumerate(authors)]
+            push = codec.encode({"v": 1, "op": "push", "entries": wire})
+            reply = await attacker.request(target.peer_id, SYNC_PROTOCOL, push)
+            assert codec.decode(reply)["v"] == 1  # answered, refused or not
+            pushed += len(push)
+        elapsed = trio.current_time() - started
+        assert rejects["sync:rate_limited"] >= 32 * 20, rejects
+        checked = verified["all"] * len(push) / 32  # bytes of pushes that were checked
+        assert checked <= (1 << 20) + 256 * 1024 * elapsed + len(push), (checked, elapsed)
+        assert checked < pushed / 3
+        entry = await honest_repl.write("components", "honest", {"name": "h", "version": "1"})
+        await wait_for(
+            lambda: target_replica.get("components", "honest") == entry, 10, "the honest write"
+        )
+        nursery.cancel_scope.cancel()
