@@ -106,9 +106,9 @@ async def test_only_servers_own_readable_announcements_are_routed(autojump_clock
     message = codec.encode({"v": 1, "entries": [e.to_wire() for e in poisoned]})
     await attacker.publish(topic_for(SETTINGS.network_id), message)
     refused = ("schema", "admission")
-    with trio.fail_after(5):  # virtual time (autojump clock); a metric has no event to wait on
+    with trio.fail_after(5):  # a metric has no event to wait on: poll it under a deadline
         while sum(rejected(metrics, "gossip", r) for r in refused) < 2:  # noqa: ASYNC110
-            await trio.sleep(0.01)
+            await trio.sleep(0.01)  # virtual: this test runs on the autojump clock
     assert rejected(metrics, "gossip", "schema") == 1
     assert rejected(metrics, "gossip", "admission") == 1
     assert len(replica.entries) == 3  # the announcement, the cluster, the block spec
