@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from p2p import codec, identity
+from p2p.testing.strategies import msgpack_scalars, msgpack_values
 
 IDENT = identity.NodeIdentity.generate()
 
@@ -91,21 +92,8 @@ def test_random_large_garbage():
 
 
 # random structures, not only random bytes: every msgpack value a peer could send
-_leaf = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
-    | st.floats(allow_nan=True)
-    | st.text(max_size=40)
-    | st.binary(max_size=80)
-)
-_values = st.recursive(
-    _leaf,
-    lambda inner: (
-        st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5)
-    ),
-    max_leaves=30,
-)
+_leaf = msgpack_scalars(text_size=40, binary_size=80)
+_values = msgpack_values(_leaf, max_size=5, key_size=8, max_leaves=30)
 _envelope_like = st.fixed_dictionaries(
     {},
     optional={

@@ -3,6 +3,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from p2p import codec, identity, records
+from p2p.testing.strategies import msgpack_scalars, msgpack_values
 
 NET = "testnet"
 
@@ -119,21 +120,8 @@ def test_cheap_checks_come_before_the_signature():
     assert _reason(records.record_key(NET, ident.peer_id), forged) == "bad_signature"
 
 
-_leaf = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
-    | st.floats(allow_nan=True)
-    | st.text(max_size=30)
-    | st.binary(max_size=40)
-)
-_values = st.recursive(
-    _leaf,
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
-    max_leaves=25,
-)
+_leaf = msgpack_scalars(text_size=30, binary_size=40)
+_values = msgpack_values(_leaf, max_size=4, key_size=8, max_leaves=25)
 _bodies = st.fixed_dictionaries(
     {},
     optional={

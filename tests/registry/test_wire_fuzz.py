@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from p2p import codec
 from p2p.identity import NodeIdentity
 from p2p.memnet import MemoryNetwork
+from p2p.testing.strategies import msgpack_scalars, msgpack_values
 from registry import blocks, schemas, sync, wire
 from registry.entry import Entry, EntryError, entry_from_wire
 from registry.hlc import HybridClock, Timestamp
@@ -23,21 +24,8 @@ from registry.replication import ReplicationSettings, Replicator
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 
-scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
-    | st.floats(allow_nan=True, allow_infinity=True)
-    | st.text(max_size=40)
-    | st.binary(max_size=40)
-)
-structures = st.recursive(
-    scalars,
-    lambda inner: (
-        st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=12), inner, max_size=6)
-    ),
-    max_leaves=40,
-)
+scalars = msgpack_scalars(text_size=40, binary_size=40, allow_infinity=True)
+structures = msgpack_values(scalars, max_size=6, key_size=12, max_leaves=40)
 # maps that look like registry messages, with every field random
 near_messages = st.fixed_dictionaries(
     {"v": st.sampled_from([1, 1, 1, 0, 2, True, "1"])},

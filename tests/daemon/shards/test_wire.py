@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2p import codec
+from p2p.testing.strategies import msgpack_scalars, msgpack_values
 
 torch = pytest.importorskip("torch")
 wire = pytest.importorskip("daemon.shards.wire")
@@ -107,17 +108,11 @@ def test_random_bytes_raise_only_wire_errors(data):
             wire.decode(frame, max_bytes=1 << 16)
 
 
-_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1)
-    | st.floats(allow_nan=True)
-    | st.text(max_size=80)
-    | st.binary(max_size=40)
-    | st.sampled_from(["open", "forward", "link", "close", "opened", "result", "error", "float32"]),
-    lambda children: (
-        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=12), children, max_size=5)
-    ),
+_ops = ["open", "forward", "link", "close", "opened", "result", "error", "float32"]
+_values = msgpack_values(
+    msgpack_scalars(text_size=80, binary_size=40) | st.sampled_from(_ops),
+    max_size=5,
+    key_size=12,
     max_leaves=20,
 )
 _keys = st.sampled_from(
