@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test devnet lint bench clean
+.PHONY: test fuzz devnet lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,6 +19,11 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(BIN)/pytest -q
+
+# the property tests with fresh random examples, many more of them (see tests/conftest.py)
+fuzz: $(STAMP)
+	GRIDMESH_HYPOTHESIS=explore $(BIN)/pytest -q -m 'not procs' \
+		$$(grep -rl '^from hypothesis' tests --include='test_*.py')
 
 devnet: $(STAMP)
 	$(BIN)/python -m daemon.devnet

@@ -41,7 +41,9 @@ def deploy(net: Devnet, model_dir, ranges: list[tuple[int, int]]) -> None:
     result = net.daemons[0].call(
         "block_deploy", {"model": "tiny", "model_dir": str(model_dir), "plan": plan}
     )
-    assert all(r["ok"] for r in result["results"]), result
+    errors = [r for r in result["results"] if not r["ok"]]
+    logs = "\n".join(f"--- {d.peer_id[-8:]} ---\n{d.log_tail(40)}" for d in net.daemons)
+    assert not errors, f"{errors}\n{logs}"
     wait_for(
         lambda: all(
             len(d.call("block_list", {"model": "tiny"})["announced"].get("tiny", [])) == len(ranges)
