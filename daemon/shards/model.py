@@ -948,7 +948,9 @@ def _is_byte_tokenizer(spec: Mapping[str, Any]) -> bool:
     mapping = _bytes_to_unicode()
     if any(vocab.get(char) != byte for byte, char in mapping.items()):
         return False
-    added = {t.get("id") for t in added_tokens if isinstance(t, dict) and isinstance(t.get("id"), int)}
+    added = {
+        t.get("id") for t in added_tokens if isinstance(t, dict) and isinstance(t.get("id"), int)
+    }
     return all(i in added for i in vocab.values() if isinstance(i, int) and i >= 256)
 
 
