@@ -101,6 +101,7 @@ class ResourceDirectory:
         self._backoff: dict[str, float] = {}  # peer id -> its current retry delay
         self._attempted: set[str] = set()  # peers looked up at least once
         self._refreshers = 0  # running refresh_forever tasks
+        self._wake = trio.Event()  # set by find() when it saw peers never looked up
         self.published = 0
         self.publish_failures = 0
 
@@ -262,7 +263,9 @@ class ResourceDirectory:
         try:
             while True:
                 await self.refresh_once()
-                await trio.sleep(interval_s)
+                with trio.move_on_after(interval_s):
+                    await self._wake.wait()
+                self._wake = trio.Event()
         finally:
             self._refreshers -= 1
 
@@ -271,18 +274,18 @@ class ResourceDirectory:
     ) -> list[records.ResourceRecord]:
         """Valid records of this node and every node it knows, filtered, sorted by peer id.
 
-        Answers from the records cached (verified, unexpired) by `refresh_forever`; it waits,
-        at most `find_timeout_s` and in parallel, only for peers never looked up before, so a
-        record-less or silent peer slows one find at most. Without a running refresher it
-        looks up every due peer itself, within the same deadline.
+        With `refresh_forever` running it never waits: it answers from the records cached
+        (verified, unexpired) and wakes the refresher for peers never looked up before, so a
+        new peer shows up in a later find, and a hostile peer that answers no DHT query never
+        slows one. Without a refresher it looks up every due peer itself, in parallel and
+        within `find_timeout_s`.
         """
         now = self._net.now()
-        wanted = [
-            p
-            for p in self._candidates()
-            if self._due(p, now) and not (self._refreshers and p in self._attempted)
-        ]
-        if wanted:
+        wanted = [p for p in self._candidates() if self._due(p, now)]
+        if self._refreshers:
+            if any(p not in self._attempted for p in wanted):
+                self._wake.set()
+        elif wanted:
             limiter = trio.CapacityLimiter(self._settings.max_parallel_gets)
             with trio.move_on_after(self._settings.find_timeout_s):
                 async with trio.open_nursery() as nursery:
