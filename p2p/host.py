@@ -25,7 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import msgspec
@@ -39,6 +39,8 @@ from libp2p.host.ping import PingService
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network import swarm as _swarm
 from libp2p.network.config import RetryConfig
+from libp2p.network.stream.exceptions import StreamEOF as _Libp2pStreamEOF
+from libp2p.network.stream.exceptions import StreamReset as _Libp2pStreamReset
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.pubsub import pubsub as _pubsub_module
@@ -52,10 +54,14 @@ from libp2p.tools.anyio_service import background_trio_service
 from p2p import codec, identity, localsock
 from p2p.network import (
     DHTValidator,
+    FrameBound,
     GossipHandler,
     NetworkError,
+    PeerState,
     RequestHandler,
+    StreamClosed,
     StreamHandler,
+    StreamReset,
 )
 
 _swarm._HAPPY_EYEBALLS_DELAY = 0  # type: ignore[attr-defined]
@@ -266,8 +272,6 @@ class _CountingValidator(NamespacedValidator):
 # FRAME_MIN_BYTES_PER_S: the rule of the local socket (p2p.localsock), for libp2p streams too.
 FRAME_DEADLINE_S = localsock.FRAME_TIMEOUT_S
 FRAME_MIN_BYTES_PER_S = localsock.FRAME_BYTES_PER_S
-# the longest frame a stream takes: a number, or a function asked as each frame begins
-FrameBound = int | Callable[[], int]
 
 
 class FrameDeadlineError(NetworkError):
@@ -295,7 +299,7 @@ async def read_frame(
     """
     head = await stream.read(_LEN.size)  # returns what has arrived: 1 to 4 bytes
     if not head:
-        raise NetworkError("stream closed")
+        raise StreamClosed("stream closed")
     begun = trio.current_time()
     limit = max_bytes() if callable(max_bytes) else max_bytes  # what we take may have changed
     with trio.move_on_at(begun + deadline_s) as scope:
@@ -413,8 +417,17 @@ class FramedStream:
             raise error from None
         except NetworkError:
             raise
+        except _Libp2pStreamEOF:
+            raise StreamClosed(f"stream from {self.peer_id} ended") from None
+        except _Libp2pStreamReset:
+            raise StreamReset(f"stream from {self.peer_id} was reset") from None
         except Exception as exc:
             raise NetworkError(f"stream from {self.peer_id} broke: {exc!r}") from exc
+
+    async def close_write(self) -> None:
+        """Half-close (a yamux FIN): the peer reads to the end; we may still receive."""
+        with contextlib.suppress(Exception):
+            await self._stream.close_write()
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -423,15 +436,6 @@ class FramedStream:
     async def reset(self) -> None:
         with contextlib.suppress(Exception):
             await self._stream.reset()
-
-
-@dataclass
-class PeerState:
-    peer_id: str
-    addrs: list[str] = field(default_factory=list)
-    rtt_ms: float | None = None
-    last_seen: float = 0.0
-    missed_pings: int = 0
 
 
 class Libp2pNetwork:

@@ -42,7 +42,7 @@ import msgspec
 import trio
 
 from p2p import identity
-from p2p.network import NetworkError, Stream
+from p2p.network import FrameBound, NetworkError, Stream, StreamClosed
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,9 @@ class SocketStream:
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise NetworkError(f"local stream from {self.peer_id} broke: {exc!r}") from None
             if not chunk:
-                raise NetworkError(f"local stream from {self.peer_id} ended")
+                if not self._buffer:  # at a frame's boundary: the peer ended in order
+                    raise StreamClosed(f"local stream from {self.peer_id} ended")
+                raise NetworkError(f"local stream from {self.peer_id} ended mid-frame")
             self._buffer += chunk
 
     def _take(self, n: int) -> bytes:
@@ -198,9 +200,20 @@ class SocketStream:
             raise NetworkError(f"a frame from {self.peer_id} was not finished in time") from None
         return self._take(length)
 
+    async def close_write(self) -> None:
+        """Half-close (shutdown(SHUT_WR)): the peer reads to the end; we may still receive."""
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            async with self._send_lock:
+                await self._stream.send_eof()
+
     async def close(self) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             await self._stream.aclose()
+
+    async def reset(self) -> None:
+        """Close at once, in both directions (a Unix socket has no reset: the peer sees the
+        end of the stream, or a broken pipe when it sends)."""
+        await self.close()
 
 
 async def dial(ident: identity.NodeIdentity, peer_id: str, protocol: str) -> Stream:
@@ -239,6 +252,54 @@ async def dial(ident: identity.NodeIdentity, peer_id: str, protocol: str) -> Str
 
 
 StreamHandler = Callable[[Stream], Awaitable[None]]
+
+
+class LocalStreams:
+    """The stream part of the `p2p.network` seam (`Streams`) over this host's Unix sockets:
+    streams to daemons on this host, and a `Listener` serving the handlers set here (run
+    `serve` in a nursery). Requests, gossip and the DHT are not carried here."""
+
+    def __init__(
+        self,
+        ident: identity.NodeIdentity,
+        *,
+        on_reject: Callable[[str], None] | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+        max_handshakes: int = MAX_HANDSHAKES,
+    ) -> None:
+        self._ident = ident
+        self._handlers: dict[str, StreamHandler] = {}
+        self.listener = Listener(
+            ident,
+            self._handlers,
+            on_reject=on_reject,
+            max_connections=max_connections,
+            max_handshakes=max_handshakes,
+        )
+
+    @property
+    def peer_id(self) -> str:
+        return self._ident.peer_id
+
+    async def open_stream(self, peer_id: str, protocol: str) -> Stream:
+        return await dial(self._ident, peer_id, protocol)
+
+    def set_stream_handler(
+        self, protocol: str, handler: StreamHandler, max_frame_bytes: FrameBound = MAX_FRAME_BYTES
+    ) -> None:
+        """Serve `protocol`'s streams, each frame bounded by `max_frame_bytes` (asked per
+        frame when it is a function); takes effect for streams opened from now on."""
+
+        async def serve(stream: Stream) -> None:
+            if isinstance(stream, SocketStream):
+                stream.max_frame_bytes = max_frame_bytes
+            await handler(stream)
+
+        self._handlers[protocol] = serve
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen until cancelled (see `Listener.serve`)."""
+        await self.listener.serve(task_status=task_status)
 
 
 class Listener:

@@ -67,6 +67,9 @@ from typing import Any
 import trio
 
 from p2p.network import DHTValidator, GossipHandler, NetworkError, RequestHandler
+from p2p.streams import ChannelStream, stream_pair
+
+__all__ = ["ChannelStream", "stream_pair"]  # re-exported for tests
 
 K = 20  # replication factor and lookup width
 ALPHA = 3  # parallel RPCs per lookup
@@ -1005,42 +1008,3 @@ class _Lookup:
                     seen.add(peer)
                     bisect.insort(self._candidates, (dht_id(peer) ^ self._target, peer))
         self._schedule()
-
-
-class ChannelStream:
-    """One end of an in-memory `p2p.network.Stream` (trio memory channels): for loopback
-    streams inside a process, and for tests of stream protocols without a network."""
-
-    def __init__(self, peer_id: str, send: Any, receive: Any) -> None:
-        self.peer_id = peer_id
-        self._send, self._receive = send, receive
-
-    async def send(self, frame: bytes) -> None:
-        try:
-            await self._send.send(frame)
-        except (trio.ClosedResourceError, trio.BrokenResourceError) as exc:
-            raise NetworkError(f"stream to {self.peer_id} closed") from exc
-
-    async def receive(self) -> bytes:
-        try:
-            return await self._receive.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
-            raise NetworkError(f"stream from {self.peer_id} ended") from exc
-
-    async def close(self) -> None:
-        await self._send.aclose()
-
-    def abort(self) -> None:
-        """Break both directions at once, as a killed process would: the other end's
-        sends and receives fail."""
-        self._send.close()
-        self._receive.close()
-
-
-def stream_pair(a_id: str, b_id: str, capacity: int = 8) -> tuple[ChannelStream, ChannelStream]:
-    """Two connected stream ends: the first is `a`'s end (its peer is `b`), then `b`'s."""
-    a_to_b_send, a_to_b_recv = trio.open_memory_channel[bytes](capacity)
-    b_to_a_send, b_to_a_recv = trio.open_memory_channel[bytes](capacity)
-    return ChannelStream(b_id, a_to_b_send, b_to_a_recv), ChannelStream(
-        a_id, b_to_a_send, a_to_b_recv
-    )

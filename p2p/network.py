@@ -1,26 +1,56 @@
-"""The `Network` seam: what protocol cores may ask of the network, and nothing more.
+"""The `Network` seam: everything the daemon and the protocol cores ask of the network.
 
-Two implementations: `p2p.host.Libp2pNetwork` (real py-libp2p) and `p2p.memnet` (in memory, on
-trio's clock, with loss and partitions) for tests and simulations of hundreds of nodes. Cores
-take a `Network` and never import either one.
+Three transports stand behind it: `p2p.host.Libp2pNetwork` (real py-libp2p: all of it),
+`p2p.testing.memnet` (in memory, on trio's clock, with loss and partitions: all of it, for
+tests and simulations of hundreds of nodes) and `p2p.localsock` (Unix sockets between
+daemons on one host: the stream part only). Cores take the narrowest part they use
+(`Requests`, `Streams`, `Gossip`, `DHT`, or the whole `Network`) and import none of them.
+`p2p.testing.conformance` checks that each transport keeps the contract written here.
 
 Every call may hang on a slow or dead peer: callers bound them with `trio.move_on_after` or
-`trio.fail_after`. Both implementations raise `NetworkError` for a failed request.
+`trio.fail_after` (or pass `timeout_s` to `request`). Every transport raises `NetworkError`
+for a failed request or a broken stream.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 # handler(sender peer id, request payload) -> response payload
 RequestHandler = Callable[[str, bytes], Awaitable[bytes]]
 # handler(origin peer id, message data); exceptions are counted and dropped by the network
 GossipHandler = Callable[[str, bytes], Awaitable[None]]
+# the longest frame a stream takes: a number, or a function asked as each frame begins (so a
+# stream opened earlier gets the bound of the moment)
+FrameBound = int | Callable[[], int]
 
 
 class NetworkError(Exception):
-    """A request could not be delivered or answered."""
+    """A request could not be delivered or answered, or a stream broke."""
+
+
+class StreamClosed(NetworkError):
+    """The peer ended its side of the stream in order (`close_write` or `close`): every frame
+    it sent before has been received. Raised by `receive`."""
+
+    reason = "stream_closed"
+
+
+class StreamReset(NetworkError):
+    """The stream was reset (by either end, or because the peer vanished): frames in flight
+    are lost. Transports that cannot tell a reset from an orderly end (a Unix socket) raise
+    `StreamClosed` or plain `NetworkError` instead; callers treat every `NetworkError` of a
+    stream as its end."""
+
+    reason = "stream_reset"
+
+
+def frame_limit(bound: FrameBound) -> int:
+    """The bound of the moment (a function is asked now)."""
+    return bound() if callable(bound) else bound
 
 
 class DHTValidator(Protocol):
@@ -31,26 +61,104 @@ class DHTValidator(Protocol):
     def select(self, key: str, values: list[bytes]) -> int: ...
 
 
-class Network(Protocol):
+class Stream(Protocol):
+    """A long-lived, ordered, framed, two-way stream to one peer (for data paths such as
+    shards, where a new stream per message would cost milliseconds).
+
+    Semantics every transport keeps (checked by `p2p.testing.conformance.check_streams`):
+    - frames arrive whole, in order, each as sent; a frame over the receiver's bound breaks
+      the stream;
+    - `send` waits while the peer's receive buffer is full (flow control): it never buffers
+      without bound;
+    - `close_write` is a half-close: the peer receives what was sent, then `StreamClosed`,
+      and may still send frames back, which this end can receive;
+    - `close` ends the stream for this end: the peer receives what was sent, then a
+      `NetworkError`; this end should not use it afterwards;
+    - `reset` aborts both directions at once, as a killed process does: the peer's pending
+      and later `receive` and its later `send` raise `NetworkError` promptly;
+    - a peer that leaves the network (crash, stop) ends its streams the same way.
+    """
+
     @property
     def peer_id(self) -> str: ...
 
-    def now(self) -> float:
-        """Wall-clock seconds (UNIX time) as this network sees it; virtual in simulations."""
+    async def send(self, frame: bytes) -> None:
+        """Send one frame; raises NetworkError when the stream is closed or broken."""
         ...
 
-    def known_peers(self) -> set[str]:
-        """Peers this node knows of: connected ones and those in its DHT routing table."""
+    async def receive(self) -> bytes:
+        """The next frame; raises StreamClosed at the peer's orderly end, NetworkError when
+        the stream breaks."""
         ...
 
-    async def dht_put(self, key: str, value: bytes) -> None: ...
+    async def close_write(self) -> None:
+        """Half-close: no more frames from this end; receiving goes on."""
+        ...
 
-    async def dht_get(self, key: str) -> bytes | None: ...
+    async def close(self) -> None:
+        """This end is done with the stream (never raises)."""
+        ...
 
-    async def request(self, peer_id: str, protocol: str, payload: bytes) -> bytes: ...
+    async def reset(self) -> None:
+        """Abort both directions (never raises)."""
+        ...
 
-    def set_request_handler(self, protocol: str, handler: RequestHandler) -> None: ...
 
+# handler(stream opened by a peer); exceptions are counted and reset the stream
+StreamHandler = Callable[[Stream], Awaitable[None]]
+
+
+@dataclass
+class PeerState:
+    """What a node knows of a connected or routable peer."""
+
+    peer_id: str
+    addrs: list[str] = field(default_factory=list)
+    rtt_ms: float | None = None
+    last_seen: float = 0.0
+    missed_pings: int = 0
+
+
+class Requests(Protocol):
+    """One request, one response, each one frame (`check_requests`)."""
+
+    @property
+    def peer_id(self) -> str: ...
+
+    async def request(
+        self, peer_id: str, protocol: str, payload: bytes, *, timeout_s: float | None = None
+    ) -> bytes:
+        """The peer's answer; NetworkError when it cannot be delivered or answered (no such
+        protocol there, the handler failed) or, with `timeout_s`, when it takes longer."""
+        ...
+
+    def set_request_handler(
+        self, protocol: str, handler: RequestHandler, *, timeout_s: float | None = None
+    ) -> None:
+        """Answer `protocol` with `handler` (`timeout_s`: how long one answer may take)."""
+        ...
+
+
+class Streams(Protocol):
+    """Framed streams to peers (`check_streams`). The Unix-socket transport has only this."""
+
+    @property
+    def peer_id(self) -> str: ...
+
+    async def open_stream(self, peer_id: str, protocol: str) -> Stream:
+        """A stream to `peer_id`'s handler of `protocol`; NetworkError when it cannot be
+        reached or serves no such protocol."""
+        ...
+
+    def set_stream_handler(
+        self, protocol: str, handler: StreamHandler, max_frame_bytes: FrameBound = ...
+    ) -> None:
+        """Serve `protocol`'s streams with `handler`, frames bounded by `max_frame_bytes`.
+        The stream ends when the handler returns; an exception resets it."""
+        ...
+
+
+class Gossip(Protocol):
     async def publish(self, topic: str, data: bytes) -> None:
         """Best-effort broadcast to the topic's subscribers; never echoed to its sender."""
         ...
@@ -60,21 +168,63 @@ class Network(Protocol):
         ...
 
 
-class Stream(Protocol):
-    """A long-lived, ordered, framed byte stream to one peer (for data paths such as shards,
-    where a new stream per message would cost milliseconds)."""
+class DHT(Protocol):
+    async def dht_put(self, key: str, value: bytes) -> None: ...
+
+    async def dht_get(self, key: str) -> bytes | None: ...
+
+
+class Network(Requests, Streams, Gossip, DHT, Protocol):
+    """The whole contract the daemon uses; `p2p.host.Libp2pNetwork` and
+    `p2p.testing.memnet.MemoryNode` implement all of it."""
 
     @property
-    def peer_id(self) -> str: ...
-
-    async def send(self, frame: bytes) -> None: ...
-
-    async def receive(self) -> bytes:
-        """The next frame; raises NetworkError when the stream ends or breaks."""
+    def peers(self) -> Mapping[str, PeerState]:
+        """Peers this node tracks (addresses, measured round trip), by peer id."""
         ...
 
-    async def close(self) -> None: ...
+    def now(self) -> float:
+        """Wall-clock seconds (UNIX time) as this network sees it; virtual in simulations."""
+        ...
 
+    def known_peers(self) -> set[str]:
+        """Peers this node knows of: connected ones and those in its DHT routing table."""
+        ...
 
-# handler(stream opened by a peer); exceptions are counted and reset the stream
-StreamHandler = Callable[[Stream], Awaitable[None]]
+    def connected_peers(self) -> set[str]:
+        """Peers with an open connection to this node."""
+        ...
+
+    def listen_addrs(self) -> list[str]:
+        """Addresses others dial to reach this node (each ends in /p2p/<peer id>)."""
+        ...
+
+    def peer_addrs(self, peer_id: str) -> list[str]:
+        """Addresses this node knows for a peer (empty when none)."""
+        ...
+
+    async def connect(self, addr: str, timeout_s: float = ...) -> str:
+        """Dial `addr` (ending in /p2p/<peer id>); the peer's id, or NetworkError."""
+        ...
+
+    async def ping(self, peer_id: str) -> float:
+        """Round-trip time to a connected peer in milliseconds."""
+        ...
+
+    def run(self) -> AbstractAsyncContextManager[Any]:
+        """Start the node; it stops when the context exits."""
+        ...
+
+    async def track_peers(self, interval_s: float) -> None:
+        """Keep `peers` current (runs until cancelled)."""
+        ...
+
+    async def keep_connected(
+        self,
+        addr: str,
+        min_s: float,
+        max_s: float,
+        on_connected: Callable[[str], None] | None = None,
+    ) -> None:
+        """Connect to `addr` and reconnect with backoff whenever lost (until cancelled)."""
+        ...

@@ -22,8 +22,8 @@ import trio
 
 from daemon.shards import SHARD_PROTOCOL
 from p2p import codec, localsock
-from p2p.memnet import stream_pair
 from p2p.network import NetworkError, Stream
+from p2p.streams import stream_pair
 from registry.blocks import announcement_key, announcements
 from registry.replica import Rejected
 
