@@ -139,12 +139,19 @@ class Daemon:
         register_node_methods(self.dispatcher, self)
         register_registry_methods(self.dispatcher, self.replicator)
         self.shards = ShardService(
-            self,
+            ident=self.ident,
+            net=self.net,
+            replica=self.replica,
+            replicator=self.replicator,
+            metrics=self.metrics,
             allow_remote_deploy=config.shards.allow_remote_deploy,
             torch_threads=config.shards.torch_threads,
             cache_gib=config.shards.cache_gib,
             device=config.shards.device,
             local_sockets=config.shards.local_sockets,
+            stream_idle_s=config.shards.stream_idle_s,
+            max_streams_per_peer=config.shards.max_streams_per_peer,
+            max_local_connections=config.shards.max_local_connections,
         )
         register_shard_methods(self.dispatcher, self, self.shards)
         self.metrics.known_methods = {m["name"] for m in self.dispatcher.describe()}
@@ -216,9 +223,7 @@ class Daemon:
                     lambda peer_id: self._publish_now.set(),
                 )
             await self.replicator.start()
-            self.shards.start()
-            nursery.start_soon(self.shards.reap_forever)
-            nursery.start_soon(self.shards.serve_local)
+            await nursery.start(self.shards.run)
             if self.config.grpc.enabled:
                 from daemon.api.grpc_server import ShardBackend, serve_grpc
 

@@ -672,7 +672,7 @@ class ShardBackend:
                     job.error = job.error or "cancelled"
                     job.done, job.finished = True, time.time()
 
-        self.service.daemon.nursery.start_soon(run)
+        self.service.spawn(run)
         return job.id
 
     def poll(self, job_id: str, since: int) -> dict[str, Any]:

@@ -11,124 +11,119 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import secrets
 import time
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Protocol
 
-import msgspec
 import trio
 
 from daemon.shards import SHARD_PROTOCOL
+from daemon.shards.control import (  # noqa: F401 - re-exported for the API modules
+    CONTROL_PROTOCOL,
+    LOAD_TIMEOUT_S,
+    MAX_CONTROL_BYTES,
+    LoadRequest,
+    UnloadRequest,
+    decode_control,
+)
+from daemon.shards.jobs import (  # noqa: F401 - MAX_*, JOB_TTL_S: re-exported
+    JOB_TTL_S,
+    MAX_FINISHED_JOBS,
+    MAX_JOBS,
+    MAX_JOBS_PER_REQUESTER,
+    Job,
+    JobTable,
+    ShardServiceError,
+)
 from p2p import codec, localsock
-from p2p.network import NetworkError, Stream
+from p2p.network import NetworkError, RequestHandler, Stream, StreamHandler
 from p2p.streams import stream_pair
 from registry.blocks import announcement_key, announcements
 from registry.replica import Rejected
 
 if TYPE_CHECKING:
-    from daemon.node import Daemon
+    from daemon.metrics import Metrics
     from daemon.shards.server import ShardServer
+    from p2p.identity import NodeIdentity
 
 log = logging.getLogger(__name__)
 
-CONTROL_PROTOCOL = "/gridmesh/shard-control/1.0.0"
-# Generations running at once, all requesters together: at most half a shard server's 64
-# sessions, the share one peer (this daemon) may hold there, so our own load is refused by
-# us as "busy" and never surfaces as a shard server refusing it (or as "no route").
-MAX_JOBS = 32
-MAX_JOBS_PER_REQUESTER = 8  # running at once per requester (gRPC connection, RPC client)
-MAX_FINISHED_JOBS = 64  # finished but never read: beyond this the oldest is dropped
-# loading a range may first import torch and then read gigabytes: allow it time
-LOAD_TIMEOUT_S = 300.0
-JOB_TTL_S = 600.0  # a finished job nobody reads is dropped this long after it finished
 LOCAL_RETRY_S = 60.0  # after a failed local dial, use libp2p to that peer for this long
-
-
-# the shard control protocol's requests, validated at the boundary
-_Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-_Layer = Annotated[int, msgspec.Meta(ge=0, le=1 << 16)]
-
-
-class LoadRequest(msgspec.Struct, tag_field="op", tag="load", frozen=True):
-    model: _Name
-    model_dir: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
-    start: _Layer
-    end: _Layer
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-
-
-class UnloadRequest(msgspec.Struct, tag_field="op", tag="unload", frozen=True):
-    model: _Name
-
-
-ControlRequest = Union[LoadRequest, UnloadRequest]  # noqa: UP007 - msgspec wants a Union
-_CONTROL = msgspec.msgpack.Decoder(ControlRequest)  # type: ignore[arg-type]
-MAX_CONTROL_BYTES = 16 * 1024
 # the longest shard frame a stream takes before this node serves anything (headers only)
 HEADER_FRAME_BYTES = 64 * 1024
-
-
-class ShardServiceError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 block_key = announcement_key  # where a server announces a range it serves
 
 
-@dataclass
-class Job:
-    """A generation that clients poll (`generate` with stream=true, then `generate_poll`).
+class ShardNetwork(Protocol):
+    """What shards ask of the network: control requests, shard streams, peers' RTT."""
 
-    Only running jobs count against the caps; a finished one is dropped as soon as its
-    final state has been read (`read_job`) or it is cancelled, else after `JOB_TTL_S`.
+    @property
+    def peers(self) -> Mapping[str, Any]: ...  # peer id -> state with `rtt_ms`
+
+    async def request(
+        self, peer_id: str, protocol: str, payload: bytes, *, timeout_s: float | None = None
+    ) -> bytes: ...
+
+    def set_request_handler(
+        self, protocol: str, handler: RequestHandler, *, timeout_s: float | None = None
+    ) -> None: ...
+
+    async def open_stream(self, peer_id: str, protocol: str) -> Stream: ...
+
+    def set_stream_handler(
+        self, protocol: str, handler: StreamHandler, max_frame_bytes: Callable[[], int]
+    ) -> None: ...
+
+
+class Entries(Protocol):
+    """The registry replica as shards read it (announcements of blocks)."""
+
+    @property
+    def entries(self) -> Mapping[Any, Any]: ...
+
+
+class Writer(Protocol):
+    """The replicator as shards use it: announce and withdraw our own blocks."""
+
+    def write(self, kind: str, key: str, value: dict[str, Any] | None) -> Awaitable[Any]: ...
+
+
+class ShardService(JobTable):
+    """Serve shards, announce them, and generate through the network's shards.
+
+    It gets only what it uses: this node's identity, the network, the registry replica (to
+    read announcements) and the replicator (to write ours), and metrics. Loopback streams
+    and background generations run in `nursery` (given, or the one `run` opens).
     """
 
-    id: str
-    owner: str = ""  # who asked: caps are per owner; "" counts only against the total
-    # whoever runs the job runs it inside this scope, so that `cancel_job` can stop it
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope, repr=False)
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    done: bool = False
-    error: str | None = None
-    route: list[dict[str, Any]] = field(default_factory=list)
-    forwarding: str = "chained"  # or "relayed": how activations went from hop to hop
-    recoveries: list[dict[str, Any]] = field(default_factory=list)
-    started: float = field(default_factory=time.time)
-    finished: float | None = None
-
-    def to_json(self, since: int = 0) -> dict[str, Any]:
-        """What the APIs report: tokens from index `since` on, and the state so far."""
-        return {
-            "job": self.id,
-            "tokens": self.tokens[max(0, since) :],
-            "n_tokens": len(self.tokens),
-            "text": self.text,
-            "done": self.done,
-            "error": self.error,
-            "route": self.route,
-            "forwarding": self.forwarding,
-            "recoveries": self.recoveries,
-            "seconds": round(self.finished - self.started, 3) if self.finished else None,
-        }
-
-
-class ShardService:
     def __init__(
         self,
-        daemon: Daemon,
         *,
+        ident: NodeIdentity,
+        net: ShardNetwork,
+        replica: Entries,
+        replicator: Writer,
+        metrics: Metrics,
         allow_remote_deploy: bool,
         torch_threads: int = 0,
         cache_gib: float = 0.0,
         device: str = "auto",
         local_sockets: bool = True,
+        stream_idle_s: float = 30.0,
+        max_streams_per_peer: int = 40,
+        max_local_connections: int = 256,
+        nursery: trio.Nursery | None = None,
     ) -> None:
-        self.daemon = daemon
+        super().__init__()
+        self.ident = ident
+        self.net = net
+        self.replica = replica
+        self.replicator = replicator
+        self.metrics = metrics
+        self._nursery = nursery
         self.allow_remote_deploy = allow_remote_deploy
         self.torch_threads = torch_threads
         self.device = device
@@ -137,13 +132,37 @@ class ShardService:
         self._server: ShardServer | None = None
         self._announced_free: dict[str, int] = {}  # model -> free cache positions announced
         self._local_failed: dict[str, float] = {}  # peer -> when a local dial last failed
-        # stream limits ([shards] in the config; the defaults when it has none)
-        limits = getattr(getattr(daemon, "config", None), "shards", None)
-        self.stream_idle_s = float(getattr(limits, "stream_idle_s", 30.0))
-        self.max_streams_per_peer = int(getattr(limits, "max_streams_per_peer", 40))
-        self.max_local_connections = int(getattr(limits, "max_local_connections", 256))
-        self.jobs: dict[str, Job] = {}
+        self.stream_idle_s = stream_idle_s
+        self.max_streams_per_peer = max_streams_per_peer
+        self.max_local_connections = max_local_connections
         self._tokenizers: dict[Path, Any] = {}
+
+    # -- running ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Answer the control protocol, reap idle sessions, serve the local socket; runs
+        loopback streams and background generations until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self.start()
+            nursery.start_soon(self.reap_forever)
+            nursery.start_soon(self.serve_local)
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        """Where loopback streams and background generations run."""
+        if self._nursery is None:
+            raise RuntimeError("the shard service is not running")
+        return self._nursery
+
+    def spawn(self, fn: Callable[[], Awaitable[Any]]) -> None:
+        """Run `fn()` in the background, for work that outlives one API call."""
+        self.nursery.start_soon(fn)
 
     # -- serving -----------------------------------------------------------------------
 
@@ -173,7 +192,7 @@ class ShardService:
             self._server = ShardServer(
                 cache_budget_bytes=self.cache_budget_bytes,
                 opener=self,  # chained steps push to the next server over our streams
-                on_reject=lambda reason: self.daemon.metrics.reject("shard", reason),
+                on_reject=lambda reason: self.metrics.reject("shard", reason),
                 stream_idle_s=self.stream_idle_s,
                 max_streams_per_peer=self.max_streams_per_peer,
             )
@@ -186,7 +205,7 @@ class ShardService:
         refuses longer ones from their length prefix, also on streams opened before a load
         or an unload; the server checks each frame against its session anyway."""
         assert self._server is not None
-        self.daemon.net.set_stream_handler(
+        self.net.set_stream_handler(
             SHARD_PROTOCOL,
             self._server.handle_stream,
             max_frame_bytes=self.max_frame_bytes,
@@ -200,9 +219,7 @@ class ShardService:
         return max(HEADER_FRAME_BYTES, self._server.max_frame_bytes)
 
     def start(self) -> None:
-        self.daemon.net.set_request_handler(
-            CONTROL_PROTOCOL, self._on_control, timeout_s=LOAD_TIMEOUT_S
-        )
+        self.net.set_request_handler(CONTROL_PROTOCOL, self._on_control, timeout_s=LOAD_TIMEOUT_S)
 
     async def serve_local(self) -> None:
         """Accept shard streams from daemons on this host over a Unix socket (see
@@ -210,9 +227,9 @@ class ShardService:
         if not self.local_sockets:
             return
         listener = localsock.Listener(
-            self.daemon.ident,
+            self.ident,
             {SHARD_PROTOCOL: self._on_local_stream},
-            on_reject=lambda reason: self.daemon.metrics.reject("localsock", reason),
+            on_reject=lambda reason: self.metrics.reject("localsock", reason),
             max_frame_bytes=self.max_frame_bytes,
             max_connections=self.max_local_connections,
         )
@@ -292,7 +309,7 @@ class ShardService:
         return self.block_json(block)
 
     async def _announce(self, block: dict[str, Any]) -> None:
-        peer_id = self.daemon.ident.peer_id
+        peer_id = self.ident.peer_id
         key = block_key(block["model"], block["start"], block["end"], peer_id)
         value = {
             "blockId": key,
@@ -309,7 +326,7 @@ class ShardService:
             },
         }
         try:
-            await self.daemon.replicator.write("blocks", key, value)
+            await self.replicator.write("blocks", key, value)
             self._announced_free[block["model"]] = block["cache_tokens_free"]
         except Rejected as exc:
             log.warning("could not announce %s: %s", key, exc)
@@ -320,9 +337,9 @@ class ShardService:
         block = self._server.blocks[model_id]
         self._server.unload(model_id)
         self._announced_free.pop(model_id, None)
-        key = block_key(model_id, block.start, block.end, self.daemon.ident.peer_id)
+        key = block_key(model_id, block.start, block.end, self.ident.peer_id)
         try:
-            await self.daemon.replicator.write("blocks", key, None)
+            await self.replicator.write("blocks", key, None)
         except Rejected as exc:
             log.warning("could not withdraw %s: %s", key, exc)
         return True
@@ -342,16 +359,7 @@ class ShardService:
         """A peer's load or unload request, validated into `LoadRequest`/`UnloadRequest`
         (bounded fields, a known op) before anything else."""
         try:
-            if len(payload) > MAX_CONTROL_BYTES:
-                raise ShardServiceError(
-                    "too_large", f"a control message is at most {MAX_CONTROL_BYTES} bytes"
-                )
-            try:
-                msg = _CONTROL.decode(payload)
-            except msgspec.ValidationError as exc:
-                raise ShardServiceError("bad_request", str(exc)[:300]) from None
-            except msgspec.MsgspecError as exc:
-                raise ShardServiceError("malformed", f"not msgpack: {str(exc)[:200]}") from None
+            msg = decode_control(payload)
             if not self.allow_remote_deploy:
                 raise ShardServiceError(
                     "forbidden",
@@ -364,11 +372,11 @@ class ShardService:
                 return codec.encode({"ok": True, "block": block})
             return codec.encode({"ok": await self.unload(msg.model)})
         except ShardServiceError as exc:
-            self.daemon.metrics.reject("shard_control", exc.code)
+            self.metrics.reject("shard_control", exc.code)
             return codec.encode({"ok": False, "code": exc.code, "error": str(exc)})
 
     async def load_on(self, peer_id: str, request: dict[str, Any]) -> dict[str, Any]:
-        if peer_id == self.daemon.ident.peer_id:
+        if peer_id == self.ident.peer_id:
             return await self.load(
                 request["model"],
                 request["model_dir"],
@@ -379,7 +387,7 @@ class ShardService:
         message = codec.encode({"op": "load", **request})
         for attempt in (1, 2):  # one retry: a busy peer may have dropped the stream
             try:
-                raw = await self.daemon.net.request(
+                raw = await self.net.request(
                     peer_id, CONTROL_PROTOCOL, message, timeout_s=LOAD_TIMEOUT_S
                 )
                 break
@@ -402,9 +410,9 @@ class ShardService:
         announcement counts, and an entry that cannot be read (stored by an older version,
         say) is skipped and counted (`registry`, `bad_entry`), never raised."""
         found = announcements(
-            list(self.daemon.replica.entries.values()),
+            list(self.replica.entries.values()),
             model_id,
-            on_bad=lambda reason: self.daemon.metrics.reject("registry", reason),
+            on_bad=lambda reason: self.metrics.reject("registry", reason),
         )
         return [
             {
@@ -423,14 +431,14 @@ class ShardService:
         way: a server that turns out full refuses the session and is routed around)."""
         from scheduler.routing import Server
 
-        me = self.daemon.ident.peer_id
+        me = self.ident.peer_id
         out = []
         for item in self.announced(model_id):
             peer = item["peer_id"]
             free = item["cache_tokens_free"]
             if free is not None and free < need_tokens:
                 continue
-            state = self.daemon.net.peers.get(peer)
+            state = self.net.peers.get(peer)
             rtt = 0.0 if peer == me else (state.rtt_ms if state and state.rtt_ms else 1.0)
             # every announced server counts as alive: opening its stream dials it if needed,
             # and one that fails is excluded by the client for the rest of the generation
@@ -440,21 +448,21 @@ class ShardService:
     async def open_stream(self, peer_id: str, protocol: str) -> Stream:
         """A stream to a shard server: in memory to ourselves, over the Unix socket to a
         daemon on this host, else over libp2p."""
-        transports = self.daemon.metrics.shard_streams
-        if peer_id == self.daemon.ident.peer_id:
+        transports = self.metrics.shard_streams
+        if peer_id == self.ident.peer_id:
             transports.labels("loopback").inc()
             return await self._loopback(protocol)
         failed_at = self._local_failed.get(peer_id, -LOCAL_RETRY_S)
         if self.same_host(peer_id) and time.monotonic() - failed_at >= LOCAL_RETRY_S:
             try:
-                stream = await localsock.dial(self.daemon.ident, peer_id, protocol)
+                stream = await localsock.dial(self.ident, peer_id, protocol)
                 transports.labels("local").inc()
                 return stream
             except NetworkError as exc:
                 log.info("local stream to %s failed (%s); using libp2p", peer_id[-12:], exc)
                 self._local_failed[peer_id] = time.monotonic()
         transports.labels("libp2p").inc()
-        return await self.daemon.net.open_stream(peer_id, protocol)
+        return await self.net.open_stream(peer_id, protocol)
 
     def same_host(self, peer_id: str) -> bool:
         """Whether the peer announced a block from this host (same kernel boot id)."""
@@ -463,12 +471,12 @@ class ShardService:
         # only the peer's own, readable announcements say where it runs (registry.blocks)
         return any(
             item.peer_id == peer_id and item.host == localsock.HOST_ID
-            for item in announcements(self.daemon.replica.entries.values())
+            for item in announcements(self.replica.entries.values())
         )
 
     async def _loopback(self, protocol: str) -> Stream:
         """A stream to our own shard server, in memory (libp2p cannot dial itself)."""
-        me = self.daemon.ident.peer_id
+        me = self.ident.peer_id
         client_end, server_end = stream_pair(me, me, capacity=4)
 
         async def serve() -> None:
@@ -476,11 +484,11 @@ class ShardService:
                 await self.server.handle_stream(server_end)
             except Exception:  # as the libp2p guard: count it, end the stream, keep the node
                 log.exception("loopback shard stream failed")
-                self.daemon.metrics.reject("shard", "handler_error")
+                self.metrics.reject("shard", "handler_error")
             finally:
                 await server_end.close()
 
-        self.daemon.nursery.start_soon(serve)
+        self.spawn(serve)
         return client_end
 
     async def generate(
@@ -568,49 +576,3 @@ class ShardService:
         if not ids:
             raise ShardServiceError("empty_prompt", "the prompt is empty")
         return list(ids)
-
-    # -- job bookkeeping (the local APIs' generations) ------------------------------------
-
-    def new_job(self, owner: str = "") -> Job:
-        """Track a new generation for `owner`; ShardServiceError("busy") when at a cap."""
-        self._reap_jobs()
-        running = [j for j in self.jobs.values() if not j.done]
-        if len(running) >= MAX_JOBS:
-            raise ShardServiceError("busy", f"{MAX_JOBS} generations are already running")
-        if owner and sum(j.owner == owner for j in running) >= MAX_JOBS_PER_REQUESTER:
-            raise ShardServiceError(
-                "busy", f"this client already runs {MAX_JOBS_PER_REQUESTER} generations"
-            )
-        job = Job(secrets.token_hex(16), owner=owner)
-        self.jobs[job.id] = job
-        return job
-
-    def read_job(self, job_id: str, since: int = 0) -> dict[str, Any] | None:
-        """The job's state (None if unknown); a finished job is dropped once read."""
-        job = self.jobs.get(job_id)
-        if job is None:
-            return None
-        if job.done:
-            del self.jobs[job_id]
-        return job.to_json(since)
-
-    def cancel_job(self, job_id: str) -> Job | None:
-        """Stop a job and forget it; returns it, or None if unknown."""
-        job = self.jobs.pop(job_id, None)
-        if job is not None:
-            job.scope.cancel()
-        return job
-
-    def drop_job(self, job_id: str) -> None:
-        """Forget a job whose result was handed over some other way."""
-        self.jobs.pop(job_id, None)
-
-    def _reap_jobs(self) -> None:
-        now = time.time()
-        finished = sorted(
-            (j for j in self.jobs.values() if j.done), key=lambda j: j.finished or j.started
-        )
-        for i, job in enumerate(finished):
-            expired = now - (job.finished or job.started) > JOB_TTL_S
-            if expired or len(finished) - i > MAX_FINISHED_JOBS:
-                del self.jobs[job.id]

@@ -120,7 +120,14 @@ async def test_only_servers_own_readable_announcements_are_routed(autojump_clock
     daemon = SimpleNamespace(
         ident=ident, replica=replica, metrics=metrics, net=SimpleNamespace(peers={})
     )
-    service = ShardService(daemon, allow_remote_deploy=False)  # type: ignore[arg-type]
+    service = ShardService(
+        ident=ident,
+        net=daemon.net,
+        replica=replica,
+        replicator=SimpleNamespace(),  # type: ignore[arg-type]
+        metrics=metrics,
+        allow_remote_deploy=False,
+    )
     dispatcher = Dispatcher()
     register_shard_methods(dispatcher, daemon, service)  # type: ignore[arg-type]
 

@@ -508,8 +508,16 @@ class ScriptedShards(ShardService):
     """Model "missing" is announced by no one, "bug" raises, "hang" stops after a token."""
 
     def __init__(self, nursery: trio.Nursery) -> None:
-        daemon: Any = SimpleNamespace(nursery=nursery)  # the backend uses only its nursery
-        super().__init__(daemon, allow_remote_deploy=False)
+        unused: Any = SimpleNamespace()  # the backend uses only the nursery
+        super().__init__(
+            ident=unused,
+            net=unused,
+            replica=unused,
+            replicator=unused,
+            metrics=unused,
+            allow_remote_deploy=False,
+            nursery=nursery,
+        )
         self.finished = trio.Event()
         self.started: list[Job] = []
 

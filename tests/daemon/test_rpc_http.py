@@ -506,7 +506,16 @@ class ScriptedShards(ShardService):
     """Generation without torch or peers: "m" finishes at once, "hang" stops after a token."""
 
     def __init__(self, nursery: trio.Nursery) -> None:
-        super().__init__(SimpleNamespace(nursery=nursery), allow_remote_deploy=False)  # type: ignore[arg-type]
+        unused: Any = SimpleNamespace()  # scripted: no identity, network or registry used
+        super().__init__(
+            ident=unused,
+            net=unused,
+            replica=unused,
+            replicator=unused,
+            metrics=unused,
+            allow_remote_deploy=False,
+            nursery=nursery,
+        )
         self.ended: list[Job] = []
         self.ended_event = trio.Event()
 

@@ -32,13 +32,14 @@ def announcement(peer: str, start: int, end: int, **parameters) -> SimpleNamespa
 
 
 def service(*entries: SimpleNamespace) -> ShardService:
-    daemon = SimpleNamespace(
-        ident=SimpleNamespace(peer_id=ME),
+    return ShardService(
+        ident=SimpleNamespace(peer_id=ME),  # type: ignore[arg-type]
+        net=SimpleNamespace(peers={"full": SimpleNamespace(rtt_ms=3.0)}),  # type: ignore[arg-type]
         replica=SimpleNamespace(entries={(e.kind, e.key): e for e in entries}),
-        net=SimpleNamespace(peers={"full": SimpleNamespace(rtt_ms=3.0)}),
+        replicator=SimpleNamespace(),  # type: ignore[arg-type]
         metrics=Metrics(),
+        allow_remote_deploy=False,
     )
-    return ShardService(daemon, allow_remote_deploy=False)  # type: ignore[arg-type]
 
 
 async def test_servers_without_enough_free_cache_are_left_out():
@@ -49,7 +50,7 @@ async def test_servers_without_enough_free_cache_are_left_out():
         announcement("bogus", 0, 4, cache_tokens_free="lots"),  # not an int: skipped
     )
     assert sorted(s.peer_id for s in await shards.servers("m")) == ["full", "old", "roomy"]
-    assert shards.daemon.metrics.rejected.labels("registry", "bad_entry")._value.get() >= 1
+    assert shards.metrics.rejected.labels("registry", "bad_entry")._value.get() >= 1
     fitting = await shards.servers("m", need_tokens=1000)
     assert sorted(s.peer_id for s in fitting) == ["old", "roomy"]
 
@@ -85,7 +86,7 @@ async def test_free_cache_is_re_announced_when_it_moves_by_a_tenth(tmp_path):
         writes.append((key, value["parameters"]["cache_tokens_free"]))
 
     shards = service()
-    shards.daemon.replicator = SimpleNamespace(write=write)
+    shards.replicator = SimpleNamespace(write=write)
     server = ShardServer()
     block = await server.load("m", make_tiny(tmp_path / "m", layers=2), 0, 2)
     server.cache_budget_bytes = 1000 * block.cache_bytes_per_token
@@ -125,14 +126,15 @@ async def test_control_requests_are_typed_and_bounded_over_the_network(autojump_
     async def write(kind: str, key: str, value) -> None:
         announced.append(key)
 
-    daemon = SimpleNamespace(
+    shards = ShardService(
         ident=ident,
         replica=SimpleNamespace(entries={}),
-        net=SimpleNamespace(set_stream_handler=lambda *a, **kw: None),
+        net=SimpleNamespace(set_stream_handler=lambda *a, **kw: None),  # type: ignore[arg-type]
         metrics=metrics,
         replicator=SimpleNamespace(write=write),
+        allow_remote_deploy=True,
+        device="cpu",
     )
-    shards = ShardService(daemon, allow_remote_deploy=True, device="cpu")  # type: ignore[arg-type]
     node.set_request_handler(CONTROL_PROTOCOL, shards._on_control)
 
     async def ask(message) -> dict:
