@@ -26,6 +26,11 @@ from typing import Any
 
 import msgspec
 
+from daemon.api.params import Param, convert, first_paragraph, signature_params
+from daemon.errors import GridmeshError, InvalidParams, status_of
+
+__all__ = ["Dispatcher", "Param", "RPCError", "invalid_params", "rpc_error"]
+
 log = logging.getLogger(__name__)
 
 PARSE_ERROR = -32700
@@ -51,7 +56,9 @@ _NO_ID = object()  # marks a notification: the request had no "id" member
 
 
 class RPCError(Exception):
-    """An error to send back as a JSON-RPC error object; handlers raise it for app errors."""
+    """A JSON-RPC error object as it goes out. The dispatcher makes these for protocol
+    errors; handlers raise a `daemon.errors.GridmeshError` kind, whose code the table in
+    `daemon.errors` decides (`rpc_error`)."""
 
     def __init__(self, code: int, message: str, data: Any = None) -> None:
         super().__init__(message)
@@ -66,35 +73,14 @@ class RPCError(Exception):
         return err
 
 
-def invalid_params(msg: str, data: Any = None) -> RPCError:
+def invalid_params(msg: str, data: Any = None) -> InvalidParams:
     """The error a handler raises for a semantically bad argument (-32602)."""
-    return RPCError(INVALID_PARAMS, msg, data)
+    return InvalidParams(msg, data)
 
 
-@dataclass(frozen=True)
-class Param:
-    """One declared parameter of an RPC method."""
-
-    name: str
-    types: tuple[type, ...]
-    required: bool = True
-    description: str = ""
-
-    @property
-    def type_name(self) -> str:
-        return "|".join("null" if t is type(None) else t.__name__ for t in self.types)
-
-    def accepts(self, value: Any) -> bool:
-        """Type check with JSON's view of numbers.
-
-        bool is an int subclass in Python but not a number in JSON, so it only passes where
-        bool is declared. An int passes where float is declared (JSON has one number type).
-        """
-        if isinstance(value, bool):
-            return bool in self.types
-        if isinstance(value, int) and float in self.types:
-            return True
-        return isinstance(value, self.types)
+def rpc_error(error: GridmeshError) -> RPCError:
+    """`error` as the JSON-RPC error object its kind maps to (`daemon.errors.STATUS`)."""
+    return RPCError(status_of(error).jsonrpc, error.message, error.data)
 
 
 @dataclass(frozen=True)
@@ -103,7 +89,7 @@ class _Method:
     handler: Handler
     params: tuple[Param, ...]
     description: str
-    struct: type[msgspec.Struct] | None = None
+    struct: type[msgspec.Struct] | None
 
 
 class _Reject(Exception):
@@ -177,14 +163,19 @@ class Dispatcher:
         name: str,
         handler: Handler,
         params: list[Param] | None = None,
-        description: str = "",
+        description: str | None = None,
         struct: type[msgspec.Struct] | None = None,
     ) -> None:
-        """Register `async def handler(**kwargs)`; kwargs are named after `params`.
+        """Register `async def handler(...)` as method `name`.
 
-        With `struct`, the bound params are then validated into that msgspec Struct (its
-        fields named as `params`, with their bounds); a violation answers -32602 naming the
-        field, and the handler gets every field of the Struct as kwargs.
+        Its parameters are its signature: each annotation (`Annotated[T, msgspec.Meta(...)]`
+        for bounds and a `description`) is the parameter's type, validation and
+        documentation, a default makes it optional (see `daemon.api.params`). A value that
+        breaks them answers -32602 naming the parameter. `description` defaults to the first
+        paragraph of the handler's docstring.
+
+        Deprecated, for callers not yet moved to annotations: an explicit `params` list,
+        optionally with a `struct` (fields named as `params`) that validates the values.
         """
         if not isinstance(name, str) or not name:
             raise ValueError("method name must be a non-empty string")
@@ -194,7 +185,13 @@ class Dispatcher:
             raise ValueError(f"method {name!r} is already registered")
         if not inspect.iscoroutinefunction(handler):
             raise TypeError(f"handler for {name!r} must be an async function")
-        params = list(params or [])
+        if description is None:
+            description = first_paragraph(handler)
+        if params is None:
+            declared, struct = signature_params(name, handler)
+            self._methods[name] = _Method(name, handler, declared, description, struct)
+            return
+        params = list(params)
         seen: set[str] = set()
         for p in params:
             if not p.name.isidentifier() or p.name in seen:
@@ -326,6 +323,8 @@ class Dispatcher:
             return await method.handler(**kwargs)
         except RPCError as e:
             raise _Reject(e, "app_error") from None
+        except GridmeshError as e:
+            raise _Reject(rpc_error(e), "app_error") from None
         except Exception as e:
             # Handlers must never take the daemon down; report and log instead.
             log.exception("rpc %s: handler failed", method.name)
@@ -396,9 +395,9 @@ def _bind(method: _Method, params: dict[str, Any] | list[Any] | None) -> dict[st
 def _validate(struct: type[msgspec.Struct], kwargs: dict[str, Any]) -> dict[str, Any]:
     """Every field of `struct`, converted from `kwargs` with its bounds checked."""
     try:
-        value = msgspec.convert(kwargs, struct)
-    except msgspec.ValidationError as e:
-        raise _bad_params(_short(str(e), _MAX_EXC_MESSAGE)) from None
+        value = convert(struct, kwargs)
+    except InvalidParams as e:
+        raise _Reject(rpc_error(e), "invalid_params") from None
     return {f: getattr(value, f) for f in struct.__struct_fields__}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from typing import Annotated, Any
@@ -19,7 +20,6 @@ from daemon.api.jsonrpc import (
     METHOD_NOT_FOUND,
     PARSE_ERROR,
     Dispatcher,
-    Param,
     RPCError,
     invalid_params,
     json_too_deep,
@@ -40,15 +40,20 @@ def make_dispatcher(**kwargs: Any) -> tuple[Dispatcher, Recorder]:
     d = Dispatcher(on_outcome=rec, **kwargs)
 
     async def add(a: int, b: int = 0) -> int:
+        """Add numbers."""
         return a + b
 
-    async def scale(x: float, label: str | None = None) -> dict[str, Any]:
+    async def scale(
+        x: Annotated[int | float, msgspec.Meta(description="a number")], label: str | None = None
+    ) -> dict[str, Any]:
+        """Double x."""
         return {"x": x * 2, "label": label}
 
     async def flag(on: bool) -> bool:
         return not on
 
     async def note(text: str) -> None:
+        """Record a note."""
         rec.notes.append(text)
 
     async def fail_app() -> None:
@@ -63,23 +68,11 @@ def make_dispatcher(**kwargs: Any) -> tuple[Dispatcher, Recorder]:
     async def unserializable() -> Any:
         return {1, 2}
 
-    async def echo(value: Any = None) -> Any:
+    async def echo(value: dict[str, Any] | list[Any] | None = None) -> Any:
         return value
 
-    d.register("add", add, [Param("a", (int,)), Param("b", (int,), required=False)], "Add numbers.")
-    d.register(
-        "scale",
-        scale,
-        [Param("x", (int, float), description="a number"), Param("label", (str,), False)],
-        "Double x.",
-    )
-    d.register("flag", flag, [Param("on", (bool,))], "")
-    d.register("note", note, [Param("text", (str,))], "Record a note.")
-    d.register("fail_app", fail_app, [], "")
-    d.register("fail_custom", fail_custom, [], "")
-    d.register("crash", crash, [], "")
-    d.register("unserializable", unserializable, [], "")
-    d.register("echo", echo, [Param("value", (dict, list), required=False)], "")
+    for handler in (add, scale, flag, note, fail_app, fail_custom, crash, unserializable, echo):
+        d.register(handler.__name__, handler)
     return d, rec
 
 
@@ -353,7 +346,7 @@ async def test_describe():
     async def methods() -> list[dict[str, Any]]:
         return d.describe()
 
-    d.register("rpc_methods", methods, [], "List the methods.")
+    d.register("rpc_methods", methods, description="List the methods.")
     resp = await rpc(d, req("rpc_methods"))
     by_name = {m["name"]: m for m in resp["result"]}
     assert [m["name"] for m in resp["result"]] == sorted(by_name)
@@ -374,6 +367,10 @@ async def test_describe():
     assert by_name["rpc_methods"]["params"] == []
 
 
+class Opaque:
+    pass
+
+
 async def test_register_validation():
     d = Dispatcher()
 
@@ -383,15 +380,28 @@ async def test_register_validation():
     def sync_handler() -> None:
         return None
 
-    d.register("m", h, [], "")
+    async def star(*values: int) -> None:
+        return None
+
+    async def unannotated(x) -> None:  # type: ignore[no-untyped-def]
+        return None
+
+    async def unchecked(x: Opaque) -> None:  # msgspec cannot check a plain class
+        return None
+
+    d.register("m", h)
     with pytest.raises(ValueError):
-        d.register("m", h, [], "")
+        d.register("m", h)
     with pytest.raises(ValueError):
-        d.register("rpc.discover", h, [], "")
+        d.register("rpc.discover", h)
     with pytest.raises(TypeError):
-        d.register("s", sync_handler, [], "")  # type: ignore[arg-type]
-    with pytest.raises(ValueError):
-        d.register("p", h, [Param("x", (int,)), Param("x", (int,))], "")
+        d.register("s", sync_handler)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="plain named parameter"):
+        d.register("star", star)
+    with pytest.raises(ValueError, match="no type annotation"):
+        d.register("unannotated", unannotated)
+    with pytest.raises(TypeError):
+        d.register("unchecked", unchecked)
 
 
 async def test_outcome_hook_failure_does_not_break_dispatch():
@@ -403,27 +413,27 @@ async def test_outcome_hook_failure_does_not_break_dispatch():
     async def one() -> int:
         return 1
 
-    d.register("one", one, [], "")
+    d.register("one", one)
     assert json.loads(await d.handle(b'{"jsonrpc":"2.0","method":"one","id":1}'))["result"] == 1
 
 
 # -- typed params (msgspec Structs) -----------------------------------------------------------
 
 
-class Window(msgspec.Struct, forbid_unknown_fields=True):
-    start: Annotated[int, msgspec.Meta(ge=0)]
-    ids: Annotated[list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(max_length=4)] = []
-    scale: Annotated[float, msgspec.Meta(ge=0, le=10)] = 1.0
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+
+
+async def window(
+    start: NonNegative,
+    ids: Annotated[tuple[NonNegative, ...], msgspec.Meta(max_length=4)] = (),
+    scale: Annotated[float, msgspec.Meta(ge=0, le=10)] = 1.0,
+) -> dict[str, Any]:
+    return {"start": start, "ids": ids, "scale": scale}
 
 
 def window_dispatcher() -> Dispatcher:
     d = Dispatcher()
-
-    async def window(start: int, ids: list[int], scale: float) -> dict[str, Any]:
-        return {"start": start, "ids": ids, "scale": scale}
-
-    params = [Param("start", (int,)), Param("ids", (list,), False), Param("scale", (float,), False)]
-    d.register("window", window, params, "", struct=Window)
+    d.register("window", window)
     return d
 
 
@@ -454,14 +464,25 @@ async def test_struct_bounds_are_invalid_params_naming_the_field(params: Any, wh
     )
 
 
-async def test_struct_must_match_the_params():
-    d = Dispatcher()
+async def test_described_params_are_the_signature():
+    d, _ = make_dispatcher()
+    d.register("window", window)
+    for method in d.describe():
+        handler = d._methods[method["name"]].handler
+        signature = inspect.signature(handler).parameters
+        assert [p["name"] for p in method["params"]] == list(signature)
+        for p in method["params"]:
+            assert p["required"] == (signature[p["name"]].default is inspect.Parameter.empty)
+    by_name = {m["name"]: m for m in d.describe()}
+    assert by_name["window"]["params"][1]["type"] == "list"
+    assert by_name["scale"]["params"][1]["type"] == "str|null"
+    assert by_name["echo"]["params"][0]["type"] == "dict|list|null"
 
-    async def window(start: int) -> int:
-        return start
 
-    with pytest.raises(ValueError, match="fields of Window"):
-        d.register("window", window, [Param("start", (int,))], "", struct=Window)
+async def test_bounds_are_named_in_the_message():
+    resp = await rpc(window_dispatcher(), req("window", {"start": 0, "scale": 10.5}))
+    message = resp["error"]["message"]
+    assert message.startswith("invalid params: scale must be 0 to 10 (Expected `float` <= 10")
 
 
 # -- fuzz: nothing a client sends makes handle() raise or answer invalid JSON ----------------
@@ -504,12 +525,7 @@ async def test_fuzz_random_bytes(body: bytes):
 @given(doc=envelopes | st.lists(envelopes, max_size=5) | json_values)
 async def test_fuzz_random_structures(doc: Any):
     d, _ = make_dispatcher()
-    d.register(
-        "window",
-        window_dispatcher()._methods["window"].handler,
-        [Param("start", (int,)), Param("ids", (list,), False), Param("scale", (float,), False)],
-        struct=Window,
-    )
+    d.register("window", window)
     check_answer(await d.handle(json.dumps(doc).encode()))
 
 
