@@ -374,7 +374,7 @@ class ShardServer:
             static = block.device.startswith("cuda")
         if static and x.shape[1] == 1:
             if session.decoder is None:
-                from daemon.shards.decode import StaticDecoder
+                from daemon.shards.model import StaticDecoder
 
                 session.decoder = StaticDecoder(block.shard, session.cache)
             out = session.decoder.step(x).cpu()

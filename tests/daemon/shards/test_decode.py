@@ -6,10 +6,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from daemon.shards.decode import StaticDecoder  # noqa: E402
 from daemon.shards.model import (  # noqa: E402
     KVCacheFull,
     ModelError,
+    StaticDecoder,
     greedy_generate,
     load_model,
     load_shard,

@@ -283,13 +283,13 @@ def test_cache_is_bounded(whole):
 def test_shard_reads_only_its_tensors(tiny, monkeypatch):
     cfg = m.LlamaConfig.from_dir(tiny)
     read: list[str] = []
-    original = m._Checkpoint.get
+    original = m.Checkpoint.get
 
     def spy(self, name, shape):
         read.append(name)
         return original(self, name, shape)
 
-    monkeypatch.setattr(m._Checkpoint, "get", spy)
+    monkeypatch.setattr(m.Checkpoint, "get", spy)
     middle = m.load_shard(tiny, 1, 3)
     assert set(read) == set(middle.checkpoint_names())
     assert all(name.startswith(("model.layers.1.", "model.layers.2.")) for name in read)

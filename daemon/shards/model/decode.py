@@ -25,20 +25,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from daemon.shards.model import (
-    KVCache,
-    LlamaShard,
-    ModelError,
-    _Attention,
-    _rotate_half,
-)
+from daemon.shards.model.config import ModelError
+from daemon.shards.model.kvcache import KVCache
+from daemon.shards.model.layers import Attention, rotate_half
+from daemon.shards.model.shard import LlamaShard
 
 log = logging.getLogger(__name__)
 _nothing = contextlib.nullcontext
 
 
 def _attention(
-    attn: _Attention,
+    attn: Attention,
     x: Tensor,
     cos: Tensor,
     sin: Tensor,
@@ -52,8 +49,8 @@ def _attention(
     q = attn.q_proj(x).view(1, 1, heads, dim).transpose(1, 2)
     k = attn.k_proj(x).view(1, 1, kv_heads, dim).transpose(1, 2)
     v = attn.v_proj(x).view(1, 1, kv_heads, dim).transpose(1, 2)
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
     keys.index_copy_(2, position, k)
     values.index_copy_(2, position, v)
     # grouped-query attention without repeating the cache: query heads grouped per kv head
@@ -98,7 +95,7 @@ class StaticDecoder:
     def _compute(self) -> Tensor:
         shard = self.shard
         visible = self._slots <= self._position
-        cos, sin = shard._rotary(self._position[None], shard.dtype)
+        cos, sin = shard.rotary(self._position[None], shard.dtype)
         embed = shard.embed_tokens
         hidden = embed(self._input) if embed is not None else self._input
         for index, layer in enumerate(shard.layers.values()):

@@ -1,0 +1,164 @@
+"""The layers of a Llama decoder, as transformers' `LlamaForCausalLM` computes them.
+
+RMSNorm in float32, rotary embeddings computed in float32 and cast, grouped-query attention
+through `scaled_dot_product_attention`, SwiGLU. Weights are frozen parameters taken as given.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from daemon.shards.model.config import LlamaConfig
+from daemon.shards.model.kvcache import KVCache
+
+
+def _param(tensor: Tensor) -> nn.Parameter:
+    return nn.Parameter(tensor, requires_grad=False)
+
+
+class Linear(nn.Module):
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        self.weight = _param(weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight = _param(weight)
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # As transformers: normalise in float32, cast back, then scale.
+        dtype = x.dtype
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class Embedding(nn.Module):
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        self.weight = _param(weight)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return F.embedding(ids, self.weight)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _repeat_kv(x: Tensor, groups: int) -> Tensor:
+    b, kv, n, d = x.shape
+    return x[:, :, None].expand(b, kv, groups, n, d).reshape(b, kv * groups, n, d)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig, weights: Mapping[str, Tensor]) -> None:
+        super().__init__()
+        self.q_proj = Linear(weights["q_proj.weight"])
+        self.k_proj = Linear(weights["k_proj.weight"])
+        self.v_proj = Linear(weights["v_proj.weight"])
+        self.o_proj = Linear(weights["o_proj.weight"])
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, layer: int
+    ) -> Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        past = 0
+        if cache is not None:
+            past = cache.length
+            cache.keys[layer][:, :, past : past + s] = k
+            cache.values[layer][:, :, past : past + s] = v
+            k = cache.keys[layer][:, :, : past + s]
+            v = cache.values[layer][:, :, : past + s]
+        # Causal over cache + new tokens: query i (slot past+i) sees slots <= past+i.
+        # SDPA's is_causal aligns top-left, right only when there is no past.
+        mask = None
+        if s > 1 and past > 0:
+            mask = torch.ones(s, past + s, dtype=torch.bool, device=x.device).tril(past)
+        groups = self.heads // self.kv_heads
+        extra: dict[str, Any] = {}
+        if groups > 1:
+            if mask is None:
+                extra["enable_gqa"] = True
+            else:  # masked GQA is not supported by every SDPA backend
+                k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=s > 1 and past == 0, scale=self.scale, **extra
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, weights: Mapping[str, Tensor]) -> None:
+        super().__init__()
+        self.gate_proj = Linear(weights["gate_proj.weight"])
+        self.up_proj = Linear(weights["up_proj.weight"])
+        self.down_proj = Linear(weights["down_proj.weight"])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, weights: Mapping[str, Tensor]) -> None:
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(weights["input_layernorm.weight"], eps)
+        self.self_attn = Attention(
+            config, {k[len("self_attn.") :]: v for k, v in weights.items() if "self_attn." in k}
+        )
+        self.post_attention_layernorm = RMSNorm(weights["post_attention_layernorm.weight"], eps)
+        self.mlp = MLP({k[len("mlp.") :]: v for k, v in weights.items() if k.startswith("mlp.")})
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, layer: int
+    ) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def rope_inv_freq(config: LlamaConfig) -> Tensor:
+    """Inverse rotary frequencies (float32, CPU), as transformers computes them."""
+    dim = config.head_dim
+    base = config.rope_theta
+    inv_freq = 1.0 / (
+        base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim)
+    )
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    low_freq_wavelen = old_context / low
+    high_freq_wavelen = old_context / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)

@@ -1,0 +1,176 @@
+"""A shard: decoder layers `[start, end)` of a Llama model, and its eager forward pass."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from daemon.shards.model.config import LlamaConfig, ModelError, check_shape, shard_tensor_names
+from daemon.shards.model.kvcache import KVCache
+from daemon.shards.model.layers import DecoderLayer, Embedding, Linear, RMSNorm, rope_inv_freq
+
+
+class LlamaShard(nn.Module):
+    """Decoder layers `[start, end)` of a Llama model, plus the embedding if `start == 0` and
+    the final norm and LM head if `end == num_hidden_layers`.
+
+    Parameter names follow the checkpoint without its `model.` prefix, with global layer
+    indices (`layers.5.mlp.up_proj.weight`), so `checkpoint_names()` maps back exactly.
+    """
+
+    def __init__(
+        self, config: LlamaConfig, start: int, end: int, tensors: Mapping[str, Tensor]
+    ) -> None:
+        super().__init__()
+        config.check_range(start, end)
+        self.config = config
+        self.start = start
+        self.end = end
+        shapes = config.tensor_shapes()
+        shapes.setdefault("lm_head.weight", shapes["model.embed_tokens.weight"])
+        needed = shard_tensor_names(config, start, end)
+        for name in needed:
+            if name not in tensors:
+                raise ModelError(f"missing tensor {name!r}")
+            check_shape(name, tuple(tensors[name].shape), shapes[name])
+        self.embed_tokens: Embedding | None = None
+        self.norm: RMSNorm | None = None
+        self.lm_head: Linear | None = None
+        if self.has_embedding:
+            self.embed_tokens = Embedding(tensors["model.embed_tokens.weight"])
+        self.layers = nn.ModuleDict(
+            {
+                str(i): DecoderLayer(
+                    config,
+                    {name: tensors[f"model.layers.{i}.{name}"] for name in config.layer_shapes()},
+                )
+                for i in range(start, end)
+            }
+        )
+        if self.has_head:
+            self.norm = RMSNorm(tensors["model.norm.weight"], config.rms_norm_eps)
+            if config.tie_word_embeddings and self.embed_tokens is not None:
+                self.lm_head = Linear(tensors["model.embed_tokens.weight"])
+                self.lm_head.weight = self.embed_tokens.weight  # one tensor, not two
+            else:
+                head = (
+                    "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+                )
+                self.lm_head = Linear(tensors[head])
+        # Plain attribute, not a buffer: `.to(dtype)` must not round the frequencies.
+        self._inv_freq = rope_inv_freq(config)
+
+    @property
+    def has_embedding(self) -> bool:
+        return self.start == 0
+
+    @property
+    def has_head(self) -> bool:
+        return self.end == self.config.num_hidden_layers
+
+    @property
+    def num_layers(self) -> int:
+        return self.end - self.start
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def checkpoint_names(self) -> list[str]:
+        """The checkpoint tensors this shard holds (a tied head is the embedding)."""
+        return shard_tensor_names(self.config, self.start, self.end)
+
+    def nbytes(self) -> int:
+        """Bytes of the parameters held (shared tensors once)."""
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
+        """An empty cache for this shard's layers on its device and dtype."""
+        cfg = self.config
+        return KVCache(
+            self.num_layers,
+            batch,
+            cfg.num_key_value_heads,
+            max_len or cfg.max_position_embeddings,
+            cfg.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    def rotary(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Rotary (cos, sin) for absolute `positions` `[batch or 1, seq]`, in `dtype`."""
+        if self._inv_freq.device != positions.device:
+            self._inv_freq = self._inv_freq.to(positions.device)
+        freqs = positions[..., None].float() * self._inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        # [batch or 1, 1 (heads), seq, head_dim]
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+    def forward(
+        self,
+        x: Tensor,
+        cache: KVCache | None = None,
+        positions: Tensor | Sequence[int] | None = None,
+    ) -> Tensor:
+        """Token ids `[batch, seq]` (first shard) or hidden states `[batch, seq, hidden]` in;
+        hidden states out, or float32 logits `[batch, seq, vocab]` from the last shard.
+
+        `positions` are the absolute positions of the new tokens, `[seq]` or `[batch, seq]`;
+        by default they follow the cache. The cache (if any) must belong to this shard; the
+        new keys and values are appended after its `length` positions.
+        """
+        with torch.no_grad():
+            return self._forward(x, cache, positions)
+
+    def _forward(
+        self, x: Tensor, cache: KVCache | None, positions: Tensor | Sequence[int] | None
+    ) -> Tensor:
+        device, dtype = self.device, self.dtype
+        if self.embed_tokens is not None:
+            if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32):
+                raise ModelError(
+                    "first shard takes token ids [batch, seq] int64, "
+                    f"got {x.dtype} {tuple(x.shape)}"
+                )
+            hidden = self.embed_tokens(x.to(device))
+        else:
+            if x.dim() != 3 or x.shape[-1] != self.config.hidden_size or not x.is_floating_point():
+                raise ModelError(
+                    f"shard [{self.start}, {self.end}) takes hidden states [batch, seq, "
+                    f"{self.config.hidden_size}], got {x.dtype} {tuple(x.shape)}"
+                )
+            hidden = x.to(device=device, dtype=dtype)
+        batch, seq = hidden.shape[:2]
+        if seq < 1:
+            raise ModelError("empty input: seq must be >= 1")
+        past = 0
+        if cache is not None:
+            if cache.num_layers != self.num_layers or cache.batch != batch:
+                raise ModelError(
+                    f"cache has {cache.num_layers} layers and batch {cache.batch}; this shard "
+                    f"has {self.num_layers} layers and the input batch {batch}"
+                )
+            cache.reserve(seq)
+            past = cache.length
+        if positions is None:
+            pos = torch.arange(past, past + seq, device=device)
+        else:
+            pos = torch.as_tensor(positions, dtype=torch.int64).to(device)
+        if pos.dim() == 1:
+            pos = pos[None]
+        if pos.dim() != 2 or pos.shape[-1] != seq or pos.shape[0] not in (1, batch):
+            raise ModelError(f"positions {tuple(pos.shape)} do not match input [{batch}, {seq}]")
+        cos, sin = self.rotary(pos, dtype)
+        for index, layer in enumerate(self.layers.values()):
+            hidden = layer(hidden, cos, sin, cache, index)
+        if cache is not None:
+            cache.length = past + seq
+        if self.norm is None or self.lm_head is None:
+            return hidden
+        return self.lm_head(self.norm(hidden)).float()

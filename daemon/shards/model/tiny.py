@@ -1,0 +1,119 @@
+"""Tiny deterministic random Llama checkpoints, for tests and demos."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from daemon.shards.model.config import (
+    CONFIG_FILE,
+    GENERATION_FILE,
+    INDEX_FILE,
+    SINGLE_FILE,
+    TOKENIZER_FILE,
+    LlamaConfig,
+    ModelError,
+    to_dtype,
+)
+from daemon.shards.model.tokenizer import BYTE_BOS_ID, BYTE_EOS_ID, byte_tokenizer_json
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def make_tiny(
+    out_dir: str | os.PathLike[str],
+    *,
+    layers: int = 4,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    vocab: int = 258,
+    max_positions: int = 512,
+    seed: int = 0,
+    dtype: str = "float32",
+    tie: bool = False,
+    shards: int = 1,
+    rope_theta: float = 10000.0,
+    rope_scaling: dict | None = None,
+) -> Path:
+    """Write a small deterministic random Llama checkpoint in the Hugging Face layout.
+
+    Same arguments, same bytes. Weights are drawn at a trained model's scale (std 0.02,
+    norm weights near 1) so logits and attention are not degenerate. `shards > 1` writes
+    `model-0000k-of-0000N.safetensors` files and `model.safetensors.index.json`.
+    """
+    from safetensors.torch import save_file
+
+    if vocab < 258:
+        raise ModelError("vocab must be >= 258 (256 bytes + BOS + EOS)")
+    raw = {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": rope_theta,
+        "rope_scaling": rope_scaling,
+        "max_position_embeddings": max_positions,
+        "tie_word_embeddings": tie,
+        "model_type": "llama",
+    }
+    config = LlamaConfig.from_dict(raw)
+    torch_dtype = to_dtype(dtype)
+    shapes = config.tensor_shapes()
+    if not 1 <= shards <= len(shapes):
+        raise ModelError(f"shards must be in [1, {len(shapes)}]")
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, Tensor] = {}
+    for name, shape in shapes.items():
+        if len(shape) == 1:  # norm weights around 1
+            value = 1.0 + 0.1 * torch.randn(shape, generator=generator)
+        else:
+            value = 0.02 * torch.randn(shape, generator=generator)
+        tensors[name] = value.to(torch_dtype).contiguous()
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("model*.safetensors"), out / INDEX_FILE]:
+        stale.unlink(missing_ok=True)
+    metadata = {"format": "pt"}
+    if shards == 1:
+        save_file(tensors, str(out / SINGLE_FILE), metadata=metadata)
+    else:
+        names = list(tensors)
+        weight_map = {}
+        for k in range(shards):
+            part = names[k * len(names) // shards : (k + 1) * len(names) // shards]
+            file = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+            save_file({n: tensors[n] for n in part}, str(out / file), metadata=metadata)
+            weight_map.update(dict.fromkeys(part, file))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        _write_json(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+    hf_config = config.to_json()
+    hf_config.update(
+        {
+            "bos_token_id": BYTE_BOS_ID,
+            "eos_token_id": BYTE_EOS_ID,
+            "torch_dtype": dtype,
+            "initializer_range": 0.02,
+            "use_cache": True,
+        }
+    )
+    _write_json(out / CONFIG_FILE, hf_config)
+    _write_json(
+        out / GENERATION_FILE,
+        {"bos_token_id": BYTE_BOS_ID, "eos_token_id": BYTE_EOS_ID, "do_sample": False},
+    )
+    _write_json(out / TOKENIZER_FILE, byte_tokenizer_json())
+    return out
