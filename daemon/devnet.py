@@ -25,7 +25,7 @@ from typing import Any
 from daemon.api.client import DaemonUnreachable, RPCCallError, RPCClient
 from daemon.api.cookie import read_cookie
 from daemon.config import REPO_CONFIGS
-from daemon.node import DAEMON_FILE
+from daemon.home import DAEMON_FILE
 
 DEVNET_CONFIG = REPO_CONFIGS / "devnet.toml"
 SAMPLES = [REPO_CONFIGS / "samples" / f"{name}.yaml" for name in ("cluster", "component", "block")]

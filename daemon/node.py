@@ -136,7 +136,15 @@ class Daemon:
             on_reject=self.metrics.reject,
         )
         self.dispatcher = Dispatcher(on_outcome=self.metrics.rpc_outcome)
-        register_node_methods(self.dispatcher, self)
+        register_node_methods(
+            self.dispatcher,
+            ident=self.ident,
+            network_id=config.network_id,
+            net=self.net,
+            directory=self.directory,
+            local_state=lambda: {"rpc_url": self.rpc_url, "resources": self.resources},
+            request_shutdown=self.request_shutdown,
+        )
         register_registry_methods(self.dispatcher, self.replicator)
         self.shards = ShardService(
             ident=self.ident,
@@ -153,7 +161,7 @@ class Daemon:
             max_streams_per_peer=config.shards.max_streams_per_peer,
             max_local_connections=config.shards.max_local_connections,
         )
-        register_shard_methods(self.dispatcher, self, self.shards)
+        register_shard_methods(self.dispatcher, self.shards, self.directory)
         self.metrics.known_methods = {m["name"] for m in self.dispatcher.describe()}
 
     async def refresh_resources(self) -> None:

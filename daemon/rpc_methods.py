@@ -2,95 +2,96 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any
 
-from daemon import __version__
-from daemon.api.jsonrpc import Dispatcher, Param, RPCError, invalid_params
+from msgspec import Meta
+
+from daemon import __version__, errors
+from daemon.api.jsonrpc import Dispatcher
+from daemon.errors import InvalidParams
 from p2p.network import NetworkError
 from scheduler.filters import FilterError, NodeFilter
 
 if TYPE_CHECKING:
-    from daemon.node import Daemon
+    from p2p.discovery import ResourceDirectory
+    from p2p.identity import NodeIdentity
+    from p2p.network import Network
 
-NETWORK_ERROR = -32010
+Multiaddr = Annotated[str, Meta(description="full multiaddr ending in /p2p/<peer id>")]
+FilterSpec = Annotated[
+    dict[str, Any] | None,
+    Meta(description="{min_gpus, min_vram_gb, gpu_name, min_cpu_cores}, all optional"),
+]
 
 
-def register_node_methods(dispatcher: Dispatcher, daemon: Daemon) -> None:
+def register_node_methods(
+    dispatcher: Dispatcher,
+    *,
+    ident: NodeIdentity,
+    network_id: str,
+    net: Network,
+    directory: ResourceDirectory,
+    local_state: Callable[[], dict[str, Any]],
+    request_shutdown: Callable[[], None],
+) -> None:
+    """`local_state()` gives what changes while the daemon runs: `rpc_url` and `resources`."""
+
     async def node_info() -> dict[str, Any]:
+        """This node's identity, addresses and detected resources."""
         return {
-            "peer_id": daemon.ident.peer_id,
+            "peer_id": ident.peer_id,
             "version": __version__,
-            "network_id": daemon.config.network_id,
-            "listen_addrs": daemon.net.listen_addrs(),
-            "payout_address": daemon.ident.payout_address,
-            "rpc_url": daemon.rpc_url,
-            "resources": daemon.resources,
+            "network_id": network_id,
+            "listen_addrs": net.listen_addrs(),
+            "payout_address": ident.payout_address,
+            **local_state(),
         }
 
     async def node_peers() -> list[dict[str, Any]]:
-        connected = daemon.net.connected_peers()
+        """Peers this node knows, whether connected, and their RTT."""
+        connected = net.connected_peers()
         peers = []
         # only peers whose hello verified: a connected non-gridmesh peer is about to be dropped
-        for peer_id in sorted(daemon.net.known_peers()):
-            state = daemon.net.peers.get(peer_id)
+        for peer_id in sorted(net.known_peers()):
+            state = net.peers.get(peer_id)
             peers.append(
                 {
                     "peer_id": peer_id,
-                    "addrs": daemon.net.peer_addrs(peer_id) or (state.addrs if state else []),
+                    "addrs": net.peer_addrs(peer_id) or (state.addrs if state else []),
                     "connected": peer_id in connected,
                     "rtt_ms": None if state is None or state.rtt_ms is None else state.rtt_ms,
                 }
             )
         return peers
 
-    async def node_connect(multiaddr: str) -> dict[str, Any]:
+    async def node_connect(multiaddr: Multiaddr) -> dict[str, Any]:
+        """Dial a peer and add it to the DHT routing table."""
         if len(multiaddr) > 1024 or "/p2p/" not in multiaddr:
-            raise invalid_params("multiaddr must be a full address ending in /p2p/<peer id>")
+            raise InvalidParams("multiaddr must be a full address ending in /p2p/<peer id>")
         try:
-            peer_id = await daemon.net.connect(multiaddr)
+            peer_id = await net.connect(multiaddr)
         except NetworkError as exc:
-            raise RPCError(NETWORK_ERROR, str(exc)) from None
+            raise errors.from_network(exc) from None
         return {"peer_id": peer_id, "connected": True}
 
-    async def nodes_find(filter: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    async def nodes_find(filter: FilterSpec = None) -> list[dict[str, Any]]:
+        """Valid resource records of known nodes (this one included) matching the filter."""
         try:
             node_filter = NodeFilter.parse(filter)
         except FilterError as exc:
-            raise invalid_params(str(exc)) from None
-        found = await daemon.directory.find(lambda r: node_filter.matches(r.resources))
+            raise InvalidParams(str(exc)) from None
+        found = await directory.find(lambda r: node_filter.matches(r.resources))
         return [record.to_json() for record in found]
 
     async def node_shutdown() -> dict[str, Any]:
-        daemon.request_shutdown()
+        """Stop this daemon cleanly."""
+        request_shutdown()
         return {"stopping": True}
 
     async def rpc_methods() -> list[dict[str, Any]]:
+        """Every method with its parameters."""
         return dispatcher.describe()
 
-    dispatcher.register(
-        "node_info", node_info, [], "This node's identity, addresses and detected resources."
-    )
-    dispatcher.register(
-        "node_peers", node_peers, [], "Peers this node knows, whether connected, and their RTT."
-    )
-    dispatcher.register(
-        "node_connect",
-        node_connect,
-        [Param("multiaddr", (str,), True, "full multiaddr ending in /p2p/<peer id>")],
-        "Dial a peer and add it to the DHT routing table.",
-    )
-    dispatcher.register(
-        "nodes_find",
-        nodes_find,
-        [
-            Param(
-                "filter",
-                (dict,),
-                False,
-                "{min_gpus, min_vram_gb, gpu_name, min_cpu_cores}, all optional",
-            )
-        ],
-        "Valid resource records of known nodes (this one included) matching the filter.",
-    )
-    dispatcher.register("node_shutdown", node_shutdown, [], "Stop this daemon cleanly.")
-    dispatcher.register("rpc_methods", rpc_methods, [], "Every method with its parameters.")
+    for handler in (node_info, node_peers, node_connect, nodes_find, node_shutdown, rpc_methods):
+        dispatcher.register(handler.__name__, handler)

@@ -6,64 +6,65 @@ import logging
 import time
 from typing import TYPE_CHECKING, Annotated, Any
 
-import msgspec
 import trio
+from msgspec import Meta
 
-from daemon.api.jsonrpc import REQUESTER, Dispatcher, Param, RPCError, invalid_params
+from daemon import errors
+from daemon.api.generation import (
+    ClientId,
+    JobId,
+    MaxTokens,
+    Model,
+    Prompt,
+    PromptTokens,
+    Seed,
+    Temperature,
+    one_prompt,
+)
+from daemon.api.jsonrpc import REQUESTER, Dispatcher, RPCError, rpc_error
+from daemon.errors import InvalidParams, ShardFailure, status_of
 from daemon.shards.service import Job, ShardService, ShardServiceError
 
 if TYPE_CHECKING:
-    from daemon.node import Daemon
+    from p2p.discovery import ResourceDirectory
 
 log = logging.getLogger(__name__)
 
-SHARD_ERROR = -32030
-BUSY = -32031  # a cap on running generations was reached: retry later
-MAX_NEW_TOKENS = 4096
-MAX_CLIENT_ID_CHARS = 64
-MAX_PROMPT_CHARS = 1 << 20  # as the gRPC API
-MAX_PROMPT_TOKENS = 32768
-MAX_MODEL_CHARS = 256
-MAX_JOB_ID_CHARS = 64
+# the codes clients see for these kinds (decided by the table in daemon.errors)
+SHARD_ERROR = status_of(ShardFailure).jsonrpc
+BUSY = status_of(errors.Busy).jsonrpc  # a cap on running generations was reached: retry later
 
-TokenId = Annotated[int, msgspec.Meta(ge=0, le=(1 << 31) - 1)]
-JobId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_JOB_ID_CHARS)]
-
-
-class GenerateParams(msgspec.Struct, forbid_unknown_fields=True):
-    """`generate`'s params with their bounds (the JSON-RPC dispatcher validates into it)."""
-
-    model: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_MODEL_CHARS)]
-    prompt: Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)] | None = None
-    token_ids: (
-        Annotated[list[TokenId], msgspec.Meta(min_length=1, max_length=MAX_PROMPT_TOKENS)] | None
-    ) = None
-    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_NEW_TOKENS)] = 32
-    temperature: Annotated[float, msgspec.Meta(ge=0, le=10)] = 0.0
-    seed: Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)] | None = None
-    stream: bool = False
-    relay: bool = False
-    client: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_CLIENT_ID_CHARS)] | None = None
-
-
-class PollParams(msgspec.Struct, forbid_unknown_fields=True):
-    job: JobId
-    since: Annotated[int, msgspec.Meta(ge=0)] = 0
-
-
-class CancelParams(msgspec.Struct, forbid_unknown_fields=True):
-    job: JobId
-
-
-def _failed(exc: ShardServiceError) -> RPCError:
-    code = BUSY if exc.code == "busy" else SHARD_ERROR
-    return RPCError(code, f"{exc.code}: {exc}", {"reason": exc.code})
+ModelDir = Annotated[str, Meta(description="local directory of an HF Llama checkpoint")]
+Dtype = Annotated[str, Meta(description="float32 (default), float16 or bfloat16")]
+Nodes = Annotated[int | None, Meta(description="split over exactly this many nodes")]
+Replicas = Annotated[int, Meta(description="copies of the chain when capacity allows")]
+Plan = Annotated[
+    list[Any] | None,
+    Meta(description="[{peer_id, start, end}]; planned automatically if absent"),
+]
+Layer = Annotated[int, Meta(description="a layer index: the first, or one past the last")]
+EveryServer = Annotated[
+    bool,
+    Meta(
+        description="also ask every announced server of the model to unload it "
+        "(default false: only this daemon)"
+    ),
+]
+ModelFilter = Annotated[str | None, Meta(description="only this model")]
+StreamJob = Annotated[bool, Meta(description="return a job id at once; poll generate_poll")]
+Relay = Annotated[
+    bool,
+    Meta(
+        description="send every hop's activations through this node instead of letting each "
+        "server push to the next (default false)"
+    ),
+]
+Since = Annotated[int, Meta(ge=0, description="return tokens from this index on")]
 
 
 def _job_failed(job: Job) -> RPCError:
-    error = job.error or ""
-    code = BUSY if "busy" in error else SHARD_ERROR
-    return RPCError(code, error, job.to_json())
+    """A finished generation's error as JSON-RPC sends it, with the job's state as data."""
+    return rpc_error(errors.job_error(job.error or "", job.to_json()))
 
 
 async def _run_job(job: Job, run: Any) -> None:
@@ -81,7 +82,9 @@ async def _run_job(job: Job, run: Any) -> None:
         job.done, job.finished = True, job.finished or time.time()
 
 
-def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: ShardService) -> None:
+def register_shard_methods(
+    dispatcher: Dispatcher, service: ShardService, directory: ResourceDirectory
+) -> None:
     async def _model_spec(model_dir: str, dtype: str) -> Any:
         await service.ensure_torch()
         from daemon.shards.model import LlamaConfig, ModelError
@@ -90,7 +93,7 @@ def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: Shar
         try:
             config = LlamaConfig.from_dir(model_dir)
         except (ModelError, OSError) as exc:
-            raise invalid_params(f"cannot read the model in {model_dir}: {exc}") from None
+            raise InvalidParams(f"cannot read the model in {model_dir}: {exc}") from None
         return config, ModelSpec(
             name=model_dir,
             num_layers=config.num_hidden_layers,
@@ -101,7 +104,7 @@ def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: Shar
 
     def _accepts_deploys(record: Any) -> bool:
         """This node (local control), or a peer whose record says it takes remote deploys."""
-        if record.peer_id == daemon.ident.peer_id:
+        if record.peer_id == service.ident.peer_id:
             return True
         return record.resources.get("accepts_deploys") is True
 
@@ -109,9 +112,9 @@ def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: Shar
         from scheduler.shard_plan import Candidate, PlanError, plan_shards, plan_with_nodes
 
         if nodes is not None and nodes < 1:
-            raise invalid_params("nodes must be at least 1")
+            raise InvalidParams("nodes must be at least 1")
         _, spec = await _model_spec(model_dir, dtype)
-        records = await daemon.directory.find()
+        records = await directory.find()
         candidates = []
         refusing = 0
         for record in records:
@@ -129,8 +132,7 @@ def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: Shar
             else ""
         )
         if nodes is not None and nodes > len(candidates):
-            raise RPCError(
-                SHARD_ERROR,
+            raise ShardFailure(
                 f"no plan: asked for exactly {nodes} nodes, but only {len(candidates)} known "
                 f"node(s) accept a deploy{note}",
                 {"reason": "too_few_nodes"},
@@ -140,17 +142,18 @@ def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: Shar
                 return plan_shards(spec, candidates, replicas=replicas)
             return plan_with_nodes(spec, candidates, nodes, replicas=replicas)
         except PlanError as exc:
-            raise RPCError(SHARD_ERROR, f"no plan: {exc}{note}", {"reason": "no_plan"}) from None
+            raise ShardFailure(f"no plan: {exc}{note}", {"reason": "no_plan"}) from None
 
     async def shard_plan(
-        model_dir: str, dtype: str = "float32", nodes: int | None = None, replicas: int = 1
+        model_dir: ModelDir, dtype: Dtype = "float32", nodes: Nodes = None, replicas: Replicas = 1
     ) -> dict[str, Any]:
+        """Dry run: how the model's layers would be split over the known nodes."""
         plan = await _plan(model_dir, dtype, nodes, replicas)
         return plan.to_json()
 
     async def _unload_on(peer_id: str, model: str) -> dict[str, Any]:
         """Ask `peer_id` (or this node) to stop serving `model`: {peer_id, ok, unloaded|error}."""
-        if peer_id == daemon.ident.peer_id:
+        if peer_id == service.ident.peer_id:
             return {"peer_id": peer_id, "ok": True, "unloaded": await service.unload(model)}
         from daemon.shards.service import CONTROL_PROTOCOL
         from p2p import codec
@@ -158,7 +161,7 @@ def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: Shar
 
         message = codec.encode({"op": "unload", "model": model})
         try:
-            raw = await daemon.net.request(peer_id, CONTROL_PROTOCOL, message, timeout_s=30.0)
+            raw = await service.net.request(peer_id, CONTROL_PROTOCOL, message, timeout_s=30.0)
             reply = codec.decode(raw, max_bytes=16 * 1024)
         except (NetworkError, codec.CodecError) as exc:
             return {"peer_id": peer_id, "ok": False, "error": f"unreachable: {exc}"}
@@ -168,13 +171,18 @@ def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: Shar
         return {"peer_id": peer_id, "ok": True, "unloaded": bool(reply.get("ok"))}
 
     async def block_deploy(
-        model: str,
-        model_dir: str,
-        dtype: str = "float32",
-        plan: list[Any] | None = None,
-        nodes: int | None = None,
-        replicas: int = 1,
+        model: Model,
+        model_dir: ModelDir,
+        dtype: Dtype = "float32",
+        plan: Plan = None,
+        nodes: Nodes = None,
+        replicas: Replicas = 1,
     ) -> dict[str, Any]:
+        """Ask each chosen daemon to load its range of layers; if any fails, those that loaded
+        unload again (rolled_back) and ok is false.
+
+        nodes and replicas apply to the automatic plan.
+        """
         if plan is None:
             assignments = [
                 {"peer_id": a.peer_id, "start": a.start, "end": a.end}
@@ -189,7 +197,7 @@ def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: Shar
                     and isinstance(item.get("start"), int)
                     and isinstance(item.get("end"), int)
                 ):
-                    raise invalid_params("plan items are {peer_id, start, end}")
+                    raise InvalidParams("plan items are {peer_id, start, end}")
                 assignments.append(item)
         results: list[dict[str, Any]] = [{} for _ in assignments]
 
@@ -231,19 +239,21 @@ def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: Shar
         }
 
     async def block_load(
-        model: str, model_dir: str, start: int, end: int, dtype: str = "float32"
+        model: Model, model_dir: ModelDir, start: Layer, end: Layer, dtype: Dtype = "float32"
     ) -> dict[str, Any]:
+        """Load a range of layers on this daemon and announce it."""
         try:
             return await service.load(model, model_dir, start, end, dtype)
         except ShardServiceError as exc:
-            raise _failed(exc) from None
+            raise errors.from_shard_service(exc) from None
 
-    async def block_undeploy(model: str, network: bool = False) -> dict[str, Any]:
+    async def block_undeploy(model: Model, network: EveryServer = False) -> dict[str, Any]:
+        """Stop serving the model on this daemon, or on every server that announces it."""
         if not network:
             return {"model": model, "unloaded": await service.unload(model)}
         peers = {server["peer_id"] for server in service.announced(model)}
         if service.local_block(model) is not None:
-            peers.add(daemon.ident.peer_id)
+            peers.add(service.ident.peer_id)
         results: list[dict[str, Any]] = [{} for _ in peers]
 
         async def unload(index: int, peer_id: str) -> None:
@@ -258,40 +268,41 @@ def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: Shar
             "results": results,
         }
 
-    async def block_list(model: str | None = None) -> dict[str, Any]:
-        """Shards served here, and per model every server's own announcement: entries are
-        read through their typed form (`registry.blocks`); a `blocks` entry that is no
-        announcement (an AIOS block spec) is not listed, an unreadable one is counted."""
+    async def block_list(model: ModelFilter = None) -> dict[str, Any]:
+        """Shards loaded here, and every announced server per model.
+
+        Entries are read through their typed form (`registry.blocks`); a `blocks` entry that
+        is no announcement (an AIOS block spec) is not listed, an unreadable one is counted.
+        """
         from registry.blocks import announcements
 
         if model:
             models = {model}
         else:
-            models = {a.model for a in announcements(list(daemon.replica.entries.values()))}
+            models = {a.model for a in announcements(list(service.replica.entries.values()))}
         announced = {name: service.announced(name) for name in sorted(models)}
         return {"local": service.local_blocks(), "announced": announced}
 
     async def generate(
-        model: str,
-        prompt: str | None = None,
-        token_ids: list[Any] | None = None,
-        max_tokens: int = 32,
-        temperature: float = 0.0,
-        seed: int | None = None,
-        stream: bool = False,
-        relay: bool = False,
-        client: str | None = None,
+        model: Model,
+        prompt: Prompt | None = None,
+        token_ids: PromptTokens | None = None,
+        max_tokens: MaxTokens = 32,
+        temperature: Temperature = 0.0,
+        seed: Seed | None = None,
+        stream: StreamJob = False,
+        relay: Relay = False,
+        client: ClientId | None = None,
     ) -> dict[str, Any]:
-        # bounds and types: checked by the dispatcher against GenerateParams
-        if (prompt is None) == (token_ids is None):
-            raise invalid_params("give exactly one of prompt or token_ids")
+        """Generate through the chain of shard servers (greedy or seeded sampling)."""
+        one_prompt(prompt, token_ids)  # bounds and types: checked from the annotations
         ids = list(token_ids) if token_ids is not None else await _encode(model, prompt or "")
         # per-requester caps: the client id if given, else the HTTP connection
         owner = f"rpc-client:{client}" if client is not None else REQUESTER.get() or "rpc"
         try:
             job = service.new_job(owner)
         except ShardServiceError as exc:
-            raise _failed(exc) from None
+            raise errors.from_shard_service(exc) from None
         run = _run_job(
             job,
             service.generate(
@@ -299,7 +310,7 @@ def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: Shar
             ),
         )
         if stream:
-            daemon.nursery.start_soon(lambda: run)
+            service.spawn(lambda: run)
             return {"job": job.id}
         try:
             await run
@@ -313,126 +324,30 @@ def register_shard_methods(dispatcher: Dispatcher, daemon: Daemon, service: Shar
         try:
             return await service.encode_prompt(model, prompt)
         except ShardServiceError as exc:
-            raise invalid_params(str(exc)) from None
+            raise errors.from_encoding(exc) from None
 
-    async def generate_poll(job: str, since: int = 0) -> dict[str, Any]:
+    async def generate_poll(job: JobId, since: Since = 0) -> dict[str, Any]:
+        """Tokens of a streaming generation so far, and whether it is done."""
         state = service.read_job(job, since)  # a finished job is dropped once read
         if state is None:
-            raise invalid_params(f"unknown job {job[:40]!r} (finished jobs are kept until read)")
+            raise InvalidParams(f"unknown job {job[:40]!r} (finished jobs are kept until read)")
         return state
 
-    async def generate_cancel(job: str) -> dict[str, Any]:
+    async def generate_cancel(job: JobId) -> dict[str, Any]:
+        """Stop a streaming generation and forget its job."""
         found = service.cancel_job(job)
         if found is None:
-            raise invalid_params(f"unknown job {job[:40]!r}")
+            raise InvalidParams(f"unknown job {job[:40]!r}")
         return {"job": found.id, "cancelled": not found.done}
 
-    model_param = Param("model", (str,), True, "model id the shards were deployed under")
-    dir_param = Param("model_dir", (str,), True, "local directory of an HF Llama checkpoint")
-    dtype_param = Param("dtype", (str,), False, "float32 (default), float16 or bfloat16")
-    dispatcher.register(
-        "shard_plan",
+    for handler in (
         shard_plan,
-        [
-            dir_param,
-            dtype_param,
-            Param("nodes", (int,), False, "split over exactly this many nodes"),
-            Param("replicas", (int,), False, "copies of the chain when capacity allows"),
-        ],
-        "Dry run: how the model's layers would be split over the known nodes.",
-    )
-    dispatcher.register(
-        "block_deploy",
         block_deploy,
-        [
-            model_param,
-            dir_param,
-            dtype_param,
-            Param(
-                "plan", (list,), False, "[{peer_id, start, end}]; planned automatically if absent"
-            ),
-            Param("nodes", (int,), False, "for the automatic plan: exactly this many nodes"),
-            Param("replicas", (int,), False, "for the automatic plan"),
-        ],
-        "Ask each chosen daemon to load its range of layers; if any fails, those that loaded "
-        "unload again (rolled_back) and ok is false.",
-    )
-    dispatcher.register(
-        "block_load",
         block_load,
-        [
-            model_param,
-            dir_param,
-            Param("start", (int,), True, "first layer"),
-            Param("end", (int,), True, "one past the last layer"),
-            dtype_param,
-        ],
-        "Load a range of layers on this daemon and announce it.",
-    )
-    dispatcher.register(
-        "block_undeploy",
         block_undeploy,
-        [
-            model_param,
-            Param(
-                "network",
-                (bool,),
-                False,
-                "also ask every announced server of the model to unload it (default false: "
-                "only this daemon)",
-            ),
-        ],
-        "Stop serving the model on this daemon, or on every server that announces it.",
-    )
-    dispatcher.register(
-        "block_list",
         block_list,
-        [Param("model", (str,), False, "only this model")],
-        "Shards loaded here, and every announced server per model.",
-    )
-    dispatcher.register(
-        "generate",
         generate,
-        [
-            model_param,
-            Param("prompt", (str,), False, "text (needs a local shard for the tokenizer)"),
-            Param("token_ids", (list,), False, "token ids instead of a prompt"),
-            Param("max_tokens", (int,), False, "new tokens, default 32"),
-            Param("temperature", (float,), False, "0 (default) is greedy"),
-            Param("seed", (int,), False, "sampling seed"),
-            Param("stream", (bool,), False, "return a job id at once; poll generate_poll"),
-            Param(
-                "relay",
-                (bool,),
-                False,
-                "send every hop's activations through this node instead of letting each "
-                "server push to the next (default false)",
-            ),
-            Param(
-                "client",
-                (str,),
-                False,
-                "an id for this client: running generations are capped per id "
-                "(default: per connection)",
-            ),
-        ],
-        "Generate through the chain of shard servers (greedy or seeded sampling).",
-        struct=GenerateParams,
-    )
-    dispatcher.register(
-        "generate_poll",
         generate_poll,
-        [
-            Param("job", (str,), True, "job id from generate with stream=true"),
-            Param("since", (int,), False, "return tokens from this index on"),
-        ],
-        "Tokens of a streaming generation so far, and whether it is done.",
-        struct=PollParams,
-    )
-    dispatcher.register(
-        "generate_cancel",
         generate_cancel,
-        [Param("job", (str,), True, "job id from generate with stream=true")],
-        "Stop a streaming generation and forget its job.",
-        struct=CancelParams,
-    )
+    ):
+        dispatcher.register(handler.__name__, handler)

@@ -24,7 +24,7 @@ from daemon.shards.service import ShardService
 from daemon.specs import load_documents, substitute_self
 from p2p import codec
 from p2p.identity import NodeIdentity
-from p2p.memnet import MemoryNetwork
+from p2p.testing.memnet import MemoryNetwork
 from registry.blocks import announcement_key
 from registry.entry import sign_entry
 from registry.hlc import HybridClock, Timestamp
@@ -129,7 +129,7 @@ async def test_only_servers_own_readable_announcements_are_routed(autojump_clock
         allow_remote_deploy=False,
     )
     dispatcher = Dispatcher()
-    register_shard_methods(dispatcher, daemon, service)  # type: ignore[arg-type]
+    register_shard_methods(dispatcher, service, SimpleNamespace())  # type: ignore[arg-type]
 
     listed = await call(dispatcher, "block_list", {})
     assert listed["announced"] == {

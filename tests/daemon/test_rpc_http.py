@@ -554,7 +554,7 @@ class ScriptedShards(ShardService):
 async def start_shard_server(nursery: trio.Nursery) -> tuple[RPCClient, ScriptedShards]:
     service = ScriptedShards(nursery)
     d = Dispatcher()
-    register_shard_methods(d, SimpleNamespace(nursery=nursery), service)  # type: ignore[arg-type]
+    register_shard_methods(d, service, SimpleNamespace())  # type: ignore[arg-type]
     port = await nursery.start(
         lambda task_status: serve_rpc(
             d,
