@@ -192,6 +192,7 @@ def signature_params(
     struct = msgspec.defstruct(
         f"{name}_params", fields, kw_only=True, forbid_unknown_fields=True, module=__name__
     )
+    msgspec.json.Decoder(struct)  # a constraint msgspec cannot check fails here, not at a call
     return tuple(params), struct
 
 
