@@ -18,18 +18,10 @@ import trio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from daemon.api.grpc_server import (
-    GRACE_S,
-    HOST,
-    MAX_RPCS_PER_PEER,
-    SERVICE_NAME,
-    BackendError,
-    InferenceBackend,
-    ShardBackend,
-    _text_delta,
-    forward_error_code,
-    serve_grpc,
-)
+from daemon import errors
+from daemon.api.grpc_backend import InferenceBackend, ShardBackend, forward_error_code
+from daemon.api.grpc_messages import text_delta
+from daemon.api.grpc_server import GRACE_S, HOST, MAX_RPCS_PER_PEER, SERVICE_NAME, serve_grpc
 from daemon.api.proto import gridmesh_inference_pb2 as pb2
 from daemon.api.proto import gridmesh_inference_pb2_grpc as pb2_grpc
 from daemon.shards.service import MAX_JOBS, Job, ShardService
@@ -101,7 +93,7 @@ class FakeBackend:
             }
         )
         if model == "missing":
-            raise BackendError("not_found", "no server announces model 'missing'")
+            raise errors.ModelNotServed("no server announces model 'missing'")
         if model == "crash":
             raise RuntimeError("a bug")
         ids = token_ids if token_ids is not None else list((prompt or "").encode())
@@ -147,7 +139,7 @@ class FakeBackend:
 
     async def forward(self, model: str, token_ids: list[int]) -> tuple[list[float], int]:
         if model == "missing":
-            raise BackendError("not_found", "no server announces model 'missing'")
+            raise errors.ModelNotServed("no server announces model 'missing'")
         if model == "slowfwd":
             self.forward_started.set()
             await self.forward_gate.wait()
@@ -325,11 +317,11 @@ async def test_forward_returns_float32_logits() -> None:
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"model": "", "text": "hi"}, "model is required"),
-        ({"model": "x" * 300, "text": "hi"}, "model is longer"),
+        ({"model": "", "text": "hi"}, "model must be 1 to 256 characters"),
+        ({"model": "x" * 300, "text": "hi"}, "model must be 1 to 256 characters"),
         ({"model": "m"}, "give a prompt"),
-        ({"model": "m", "text": ""}, "prompt text is empty"),
-        ({"model": "m", "token_ids": pb2.TokenIds()}, "token_ids is empty"),
+        ({"model": "m", "text": ""}, "prompt must be 1 to 1048576 characters"),
+        ({"model": "m", "token_ids": pb2.TokenIds()}, "token_ids must be 1 to 32768 items"),
         ({"model": "m", "text": "hi", "max_tokens": 0}, "max_tokens must be 1 to 4096"),
         ({"model": "m", "text": "hi", "max_tokens": -3}, "max_tokens must be 1 to 4096"),
         ({"model": "m", "text": "hi", "max_tokens": 4097}, "max_tokens must be 1 to 4096"),
@@ -348,9 +340,9 @@ async def test_generate_rejects_bad_arguments(fields: dict[str, Any], message: s
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"model": "", "token_ids": [1]}, "model is required"),
-        ({"model": "m"}, "token_ids is empty"),
-        ({"model": "m", "token_ids": [1] * 4097}, "more than 4096 tokens"),
+        ({"model": "", "token_ids": [1]}, "model must be 1 to 256 characters"),
+        ({"model": "m"}, "token_ids must be 1 to 4096 items"),
+        ({"model": "m", "token_ids": [1] * 4097}, "token_ids must be 1 to 4096 items"),
     ],
 )
 async def test_forward_rejects_bad_arguments(fields: dict[str, Any], message: str) -> None:
@@ -495,10 +487,10 @@ async def test_a_taken_port_is_an_error() -> None:
 
 
 def test_text_delta_holds_back_an_incomplete_character() -> None:
-    assert _text_delta("", "ab\ufffd", final=False) == ("ab", "ab")
-    assert _text_delta("ab", "abé", final=False) == ("é", "abé")
-    assert _text_delta("ab", "ab\ufffd", final=True) == ("\ufffd", "ab\ufffd")
-    assert _text_delta("abc", "xbc", final=True) == ("", "abc")  # rewritten: text is final
+    assert text_delta("", "ab\ufffd", final=False) == ("ab", "ab")
+    assert text_delta("ab", "abé", final=False) == ("é", "abé")
+    assert text_delta("ab", "ab\ufffd", final=True) == ("\ufffd", "ab\ufffd")
+    assert text_delta("abc", "xbc", final=True) == ("", "abc")  # rewritten: text is final
 
 
 # -- ShardBackend over a scripted ShardService (no torch, no peers) -------------------------
