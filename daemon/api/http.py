@@ -40,6 +40,7 @@ from daemon.api.jsonrpc import (
     Dispatcher,
     cap_recursion_limit,
 )
+from daemon.errors import GridmeshError, Unauthorized, status_of
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ MAX_CONNECTIONS = 256
 REQUEST_TIMEOUT_S = 10.0  # idle + head + body of one request, however slowly it trickles in
 WRITE_TIMEOUT_S = 30.0
 LINGER_S = 1.0  # drain unread input this long before closing, so the client sees our error
-UNAUTHORIZED = -32001
+UNAUTHORIZED = status_of(Unauthorized).jsonrpc  # the table in daemon.errors decides
 METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 _RECV_SIZE = 64 * 1024
 
@@ -60,6 +61,13 @@ Headers = list[tuple[bytes, bytes]]
 def _rpc_error_body(code: int, message: str) -> bytes:
     doc = {"jsonrpc": "2.0", "error": {"code": code, "message": message}, "id": None}
     return json.dumps(doc, separators=(",", ":")).encode("ascii")
+
+
+def _error_reply(error: GridmeshError, extra: Headers | None = None) -> _Response:
+    """`error` as a JSON-RPC error body, with the HTTP status of its kind."""
+    status = status_of(error)
+    body = _rpc_error_body(status.jsonrpc, error.message)
+    return _Response(status.http, body, b"application/json", extra, close=True)
 
 
 class _BodyTooLarge(Exception):
@@ -224,13 +232,11 @@ class _Server:
             return _text(405, "method not allowed", [(b"allow", b"POST")])
         if not self._authorized(req.headers):
             self._reject("unauthorized")
-            msg = (
+            denied = Unauthorized(
                 "unauthorized: send 'Authorization: Bearer <token>' "
                 f"with the token read from HOME/{COOKIE_FILE}"
             )
-            body = _rpc_error_body(UNAUTHORIZED, msg)
-            extra = [(b"www-authenticate", b"Bearer")]
-            return _Response(401, body, b"application/json", extra, close=True)
+            return _error_reply(denied, [(b"www-authenticate", b"Bearer")])
         try:
             body = await self._read_body(conn, stream, req, deadline)
         except _BodyTooLarge:
