@@ -29,8 +29,6 @@ import msgspec
 from daemon.api.params import Param, convert, first_paragraph, signature_params
 from daemon.errors import GridmeshError, InvalidParams, status_of
 
-__all__ = ["Dispatcher", "Param", "RPCError", "invalid_params", "rpc_error"]
-
 log = logging.getLogger(__name__)
 
 PARSE_ERROR = -32700
@@ -89,7 +87,7 @@ class _Method:
     handler: Handler
     params: tuple[Param, ...]
     description: str
-    struct: type[msgspec.Struct] | None
+    struct: type[msgspec.Struct]  # validates the bound params (types, bounds)
 
 
 class _Reject(Exception):
@@ -158,14 +156,7 @@ class Dispatcher:
         self._on_outcome = on_outcome
         self.max_batch = max_batch
 
-    def register(
-        self,
-        name: str,
-        handler: Handler,
-        params: list[Param] | None = None,
-        description: str | None = None,
-        struct: type[msgspec.Struct] | None = None,
-    ) -> None:
+    def register(self, name: str, handler: Handler, description: str | None = None) -> None:
         """Register `async def handler(...)` as method `name`.
 
         Its parameters are its signature: each annotation (`Annotated[T, msgspec.Meta(...)]`
@@ -173,9 +164,6 @@ class Dispatcher:
         documentation, a default makes it optional (see `daemon.api.params`). A value that
         breaks them answers -32602 naming the parameter. `description` defaults to the first
         paragraph of the handler's docstring.
-
-        Deprecated, for callers not yet moved to annotations: an explicit `params` list,
-        optionally with a `struct` (fields named as `params`) that validates the values.
         """
         if not isinstance(name, str) or not name:
             raise ValueError("method name must be a non-empty string")
@@ -187,23 +175,8 @@ class Dispatcher:
             raise TypeError(f"handler for {name!r} must be an async function")
         if description is None:
             description = first_paragraph(handler)
-        if params is None:
-            declared, struct = signature_params(name, handler)
-            self._methods[name] = _Method(name, handler, declared, description, struct)
-            return
-        params = list(params)
-        seen: set[str] = set()
-        for p in params:
-            if not p.name.isidentifier() or p.name in seen:
-                raise ValueError(f"bad or duplicate parameter name {p.name!r} for {name!r}")
-            if not p.types:
-                raise ValueError(f"parameter {p.name!r} of {name!r} declares no types")
-            seen.add(p.name)
-        if struct is not None:
-            if set(struct.__struct_fields__) != seen:
-                raise ValueError(f"the fields of {struct.__name__} must be the params of {name!r}")
-            msgspec.json.Decoder(struct)  # a Struct msgspec cannot check fails here, not later
-        self._methods[name] = _Method(name, handler, tuple(params), description, struct)
+        declared, struct = signature_params(name, handler)
+        self._methods[name] = _Method(name, handler, declared, description, struct)
 
     def describe(self) -> list[dict[str, Any]]:
         """All methods, sorted by name, in a JSON-ready form (served as `rpc_methods`)."""
@@ -295,8 +268,7 @@ class Dispatcher:
                 )
             method_label = name
             kwargs = _bind(method, None if params is _NO_ID else params)
-            if method.struct is not None:
-                kwargs = _validate(method.struct, kwargs)
+            kwargs = _validate(method.struct, kwargs)
             result = await self._call(method, kwargs)
             response: dict[str, Any] = {"jsonrpc": "2.0", "result": result, "id": req_id}
             outcome = "ok"

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from daemon.api.client import DaemonUnreachable, RPCCallError, RPCClient
 from daemon.api.cookie import CookieNotFound, create_cookie, read_cookie, remove_cookie
 from daemon.api.http import HOST, MAX_BODY, UNAUTHORIZED, serve_rpc
-from daemon.api.jsonrpc import INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR, Dispatcher, Param
+from daemon.api.jsonrpc import INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR, Dispatcher
 from daemon.shard_methods import BUSY, register_shard_methods
 from daemon.shards.service import (
     MAX_FINISHED_JOBS,
@@ -75,9 +75,9 @@ def make_dispatcher(server_state: dict[str, Any]) -> Dispatcher:
         server_state["running"].set()
         await trio.sleep_forever()
 
-    d.register("add", add, [Param("a", (int,)), Param("b", (int,))], "Add.")
-    d.register("note", note, [Param("text", (str,))], "Note.")
-    d.register("block", block, [], "Never returns.")
+    d.register("add", add, "Add.")
+    d.register("note", note, "Note.")
+    d.register("block", block, "Never returns.")
     return d
 
 
