@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test fuzz devnet lint bench clean
+.PHONY: test fuzz devnet lint bench clean deps wheel-check
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,15 @@ bench: $(STAMP)
 	$(BIN)/python bench/registry.py
 	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/abuse.py
+
+# the import check: no import circle, DESIGN.md's layering, no production use of the testing kit
+deps: $(STAMP)
+	$(BIN)/python -m daemon.tools.deps
+
+# build the wheel, install it in a fresh venv outside the checkout, run init, a daemon start and
+# stop, and model make-tiny from it (.ci/wheel_check.py says how torch is not installed twice)
+wheel-check: $(STAMP)
+	$(BIN)/python .ci/wheel_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

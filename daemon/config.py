@@ -9,7 +9,19 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+def _configs_dir() -> Path:
+    """The profiles: daemon/configs in an installed wheel (pyproject.toml force-includes the
+    repository's configs/ there), else configs/ of the source tree this module is in."""
+    from importlib.resources import files
+
+    shipped = files("daemon") / "configs"
+    if shipped.is_dir():
+        return Path(str(shipped))
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+REPO_CONFIGS = _configs_dir()
 CONFIG_FILE = "config.toml"
 
 
