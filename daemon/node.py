@@ -1,16 +1,22 @@
-"""The daemon process: composes identity, the libp2p network, discovery, RPC and metrics.
+"""The daemon: composes identity, the network, discovery, the registry, shards, RPC and metrics.
 
-One instance per home (an flock on HOME/daemon.lock). While it runs, HOME/daemon.json tells the
-CLI and other tools where to reach it; the file and the RPC cookie are removed on exit.
+`Daemon` builds the services, each with only what it uses, and wires them; none of them knows
+the `Daemon`. As a process (the default) it holds one home (an flock on HOME/daemon.lock);
+while it runs, HOME/daemon.json tells the CLI and other tools where to reach it, and the file
+and the RPC cookie are removed on exit. Given another network factory and `IN_PROCESS`, many
+daemons run whole in one process on trio's virtual clock (tests, simulations).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +43,7 @@ from p2p import identity
 from p2p.aio import AsyncioBridge
 from p2p.discovery import DiscoverySettings, ResourceDirectory
 from p2p.host import HostLimits, Libp2pNetwork
+from p2p.network import DHTValidator, Network
 from p2p.records import NAMESPACE
 from registry.replica import Limits, Replica
 from registry.replication import ReplicationSettings, Replicator
@@ -47,16 +54,73 @@ log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 4.0
 
 
+# builds this node's network: (identity, config, the DHT validator, metrics) -> Network
+NetworkFactory = Callable[[identity.NodeIdentity, Config, DHTValidator, Metrics], Network]
+
+
+@dataclass(frozen=True)
+class ProcessParts:
+    """What a daemon touches beyond its network. A daemon process has all of it; daemons
+    sharing one process (and trio's virtual clock) run with `IN_PROCESS`."""
+
+    # the home's lock, daemon.json and RPC cookie, SIGINT/SIGTERM, the HTTP JSON-RPC and
+    # gRPC listeners (without them the API is the `dispatcher`, called in-process)
+    process: bool = True
+    sqlite: bool = True  # the registry persists in HOME/registry.db; else it lives in memory
+    local_sockets: bool = True  # same-host shard streams over Unix sockets (if configured)
+    detect_resources: Callable[[Path], dict[str, Any]] = resources.detect_resources
+
+
+IN_PROCESS = ProcessParts(process=False, sqlite=False, local_sockets=False)
+
+
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
 
 
+def libp2p_network(
+    ident: identity.NodeIdentity, config: Config, validator: DHTValidator, metrics: Metrics
+) -> Libp2pNetwork:
+    """The default network: a libp2p host (TCP, Noise, Yamux, Kademlia, GossipSub)."""
+    return Libp2pNetwork(
+        ident,
+        network_id=config.network_id,
+        listen=list(config.p2p.listen),
+        dht_namespace=NAMESPACE,
+        dht_validator=validator,
+        dht_timeout_s=config.p2p.dht_timeout_s,
+        on_reject=metrics.reject,
+        on_dht_op=metrics.observe_dht,
+        limits=HostLimits(
+            streams_per_s=config.p2p.peer_streams_per_s,
+            stream_burst=config.p2p.peer_stream_burst,
+            gossip_per_s=config.p2p.peer_gossip_per_s,
+            gossip_burst=config.p2p.peer_gossip_burst,
+            gossip_bytes_per_s=config.p2p.peer_gossip_bytes_per_s,
+            gossip_bytes_burst=2 * config.p2p.peer_gossip_bytes_per_s,
+            max_gossip_bytes=config.p2p.max_gossip_bytes,
+            hello_timeout_s=config.p2p.hello_timeout_s,
+            seen_ttl_s=config.p2p.gossip_seen_ttl_s,
+            max_connections_per_ip=config.p2p.max_connections_per_ip,
+        ),
+    )
+
+
 class Daemon:
-    def __init__(self, home: Path, config: Config, *, exit_watchdog_s: float | None = None) -> None:
+    def __init__(
+        self,
+        home: Path,
+        config: Config,
+        *,
+        exit_watchdog_s: float | None = None,
+        network: NetworkFactory = libp2p_network,
+        parts: ProcessParts = ProcessParts(),  # noqa: B008 - frozen, shared safely
+    ) -> None:
         self.home = home
         self.config = config
+        self.parts = parts
         self._exit_watchdog_s = exit_watchdog_s
         self.ident, created = identity.init_identity(home)
         if created:
@@ -75,28 +139,7 @@ class Daemon:
             max_clock_skew_s=config.resources.max_clock_skew_s,
             dht_timeout_s=config.p2p.dht_timeout_s,
         )
-        self.net = Libp2pNetwork(
-            self.ident,
-            network_id=config.network_id,
-            listen=list(config.p2p.listen),
-            dht_namespace=NAMESPACE,
-            dht_validator=_LazyValidator(self),
-            dht_timeout_s=config.p2p.dht_timeout_s,
-            on_reject=self.metrics.reject,
-            on_dht_op=self.metrics.observe_dht,
-            limits=HostLimits(
-                streams_per_s=config.p2p.peer_streams_per_s,
-                stream_burst=config.p2p.peer_stream_burst,
-                gossip_per_s=config.p2p.peer_gossip_per_s,
-                gossip_burst=config.p2p.peer_gossip_burst,
-                gossip_bytes_per_s=config.p2p.peer_gossip_bytes_per_s,
-                gossip_bytes_burst=2 * config.p2p.peer_gossip_bytes_per_s,
-                max_gossip_bytes=config.p2p.max_gossip_bytes,
-                hello_timeout_s=config.p2p.hello_timeout_s,
-                seen_ttl_s=config.p2p.gossip_seen_ttl_s,
-                max_connections_per_ip=config.p2p.max_connections_per_ip,
-            ),
-        )
+        self.net = network(self.ident, config, _LazyValidator(self), self.metrics)
         self.directory = ResourceDirectory(
             self.net,
             self.ident,
@@ -111,8 +154,13 @@ class Daemon:
             ),
             on_reject=lambda reason: self.metrics.reject("dht", reason),
         )
-        self.bridge = AsyncioBridge()
-        self.store = RegistryStore(self.bridge, home / "registry.db")
+        # the asyncio side: sqlite and gRPC (a daemon without either needs no bridge thread)
+        self.bridge = AsyncioBridge() if parts.sqlite or parts.process else None
+        self.store = (
+            RegistryStore(self.bridge, home / "registry.db")
+            if parts.sqlite and self.bridge
+            else None
+        )
         self.replica = Replica(
             self.ident,
             store=self.store,
@@ -156,7 +204,7 @@ class Daemon:
             torch_threads=config.shards.torch_threads,
             cache_gib=config.shards.cache_gib,
             device=config.shards.device,
-            local_sockets=config.shards.local_sockets,
+            local_sockets=config.shards.local_sockets and parts.local_sockets,
             stream_idle_s=config.shards.stream_idle_s,
             max_streams_per_peer=config.shards.max_streams_per_peer,
             max_local_connections=config.shards.max_local_connections,
@@ -165,7 +213,7 @@ class Daemon:
         self.metrics.known_methods = {m["name"] for m in self.dispatcher.describe()}
 
     async def refresh_resources(self) -> None:
-        self.resources = await trio.to_thread.run_sync(resources.detect_resources, self.home)
+        self.resources = await trio.to_thread.run_sync(self.parts.detect_resources, self.home)
         self.metrics.set_resources(self.resources)
 
     async def _refresh_loop(self) -> None:
@@ -191,37 +239,44 @@ class Daemon:
                 return
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        with home_lock(self.home):
+        process = self.parts.process
+        with home_lock(self.home) if process else contextlib.nullcontext():
             try:
-                await self.store.open()
+                if self.store is not None:
+                    await self.store.open()
                 await self.replica.load()
                 await self._run_locked(task_status)
             finally:
-                (self.home / DAEMON_FILE).unlink(missing_ok=True)
-                cookie.remove_cookie(self.home)
-                with trio.CancelScope(shield=True), trio.move_on_after(2):
-                    await self.store.close()
-                self.bridge.close()
+                if process:
+                    (self.home / DAEMON_FILE).unlink(missing_ok=True)
+                    cookie.remove_cookie(self.home)
+                if self.store is not None:
+                    with trio.CancelScope(shield=True), trio.move_on_after(2):
+                        await self.store.close()
+                if self.bridge is not None:
+                    self.bridge.close()
 
     async def _run_locked(self, task_status: trio.TaskStatus[None]) -> None:
         await self.refresh_resources()
-        token = cookie.create_cookie(self.home)
+        process = self.parts.process
+        token = cookie.create_cookie(self.home) if process else ""
         async with self.net.run(), trio.open_nursery() as nursery:
             self._nursery_ = nursery
-            nursery.start_soon(self._watch_signals)
-            port = await nursery.start(
-                lambda task_status: serve_rpc(
-                    self.dispatcher,
-                    token=token,
-                    port=self.config.rpc.port,
-                    metrics=self.metrics.render,
-                    on_reject=lambda reason: self.metrics.reject("rpc", reason),
-                    max_connections=self.config.rpc.max_connections,
-                    request_timeout_s=self.config.rpc.request_timeout_s,
-                    task_status=task_status,
+            if process:
+                nursery.start_soon(self._watch_signals)
+                port = await nursery.start(
+                    lambda task_status: serve_rpc(
+                        self.dispatcher,
+                        token=token,
+                        port=self.config.rpc.port,
+                        metrics=self.metrics.render,
+                        on_reject=lambda reason: self.metrics.reject("rpc", reason),
+                        max_connections=self.config.rpc.max_connections,
+                        request_timeout_s=self.config.rpc.request_timeout_s,
+                        task_status=task_status,
+                    )
                 )
-            )
-            self.rpc_url = f"http://127.0.0.1:{port}/"
+                self.rpc_url = f"http://127.0.0.1:{port}/"
             for addr in self.config.p2p.bootstrap:
                 nursery.start_soon(
                     self.net.keep_connected,
@@ -232,7 +287,7 @@ class Daemon:
                 )
             await self.replicator.start()
             await nursery.start(self.shards.run)
-            if self.config.grpc.enabled:
+            if process and self.config.grpc.enabled and self.bridge is not None:
                 from daemon.api.grpc_server import ShardBackend, serve_grpc
 
                 self.grpc_port = await nursery.start(
@@ -251,13 +306,15 @@ class Daemon:
             nursery.start_soon(self._publish_loop)
             nursery.start_soon(self.directory.refresh_forever)  # keeps nodes_find off the DHT
             nursery.start_soon(self._refresh_loop)
-            _write_json_atomic(self.home / DAEMON_FILE, self.info_file())
+            if process:
+                _write_json_atomic(self.home / DAEMON_FILE, self.info_file())
             log.info("daemon %s up; rpc %s", self.ident.peer_id, self.rpc_url)
             task_status.started()
             await self.shutdown.wait()
             if self._exit_watchdog_s is not None:
                 _arm_exit_watchdog(self._exit_watchdog_s)
-            (self.home / DAEMON_FILE).unlink(missing_ok=True)
+            if process:
+                (self.home / DAEMON_FILE).unlink(missing_ok=True)
             nursery.cancel_scope.cancel()
 
     @property
