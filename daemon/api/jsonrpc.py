@@ -374,7 +374,7 @@ def _validate(struct: type[msgspec.Struct], kwargs: dict[str, Any]) -> dict[str,
 
 
 def _bad_params(msg: str) -> _Reject:
-    return _Reject(RPCError(INVALID_PARAMS, f"invalid params: {msg}"), "invalid_params")
+    return _Reject(rpc_error(InvalidParams(f"invalid params: {msg}")), "invalid_params")
 
 
 def _json_type(value: Any) -> str:
