@@ -37,7 +37,7 @@ import trio  # noqa: E402
 import trio.testing  # noqa: E402
 
 from p2p.identity import NodeIdentity  # noqa: E402
-from p2p.memnet import GOSSIP_FANOUT, MemoryNetwork  # noqa: E402
+from p2p.testing.memnet import GOSSIP_FANOUT, MemoryNetwork  # noqa: E402
 from registry.hlc import HybridClock  # noqa: E402
 from registry.replica import Replica  # noqa: E402
 from registry.replication import ReplicationSettings, Replicator  # noqa: E402

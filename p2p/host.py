@@ -53,6 +53,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from p2p import codec, identity, localsock
 from p2p.network import (
+    MAX_STREAM_FRAME_BYTES,
     DHTValidator,
     FrameBound,
     GossipHandler,
@@ -365,9 +366,6 @@ class _ForgetDisconnected(INotifee):
 
     async def listen_close(self, network: Any, multiaddr: Any) -> None:
         pass
-
-
-MAX_STREAM_FRAME_BYTES = 256 << 20
 
 
 class FramedStream:

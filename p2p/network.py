@@ -26,6 +26,7 @@ GossipHandler = Callable[[str, bytes], Awaitable[None]]
 # the longest frame a stream takes: a number, or a function asked as each frame begins (so a
 # stream opened earlier gets the bound of the moment)
 FrameBound = int | Callable[[], int]
+MAX_STREAM_FRAME_BYTES = 256 << 20  # the default bound on a stream's frames
 
 
 class NetworkError(Exception):

@@ -11,8 +11,8 @@ import trio
 from p2p import codec, records
 from p2p.discovery import DiscoverySettings, ResourceDirectory
 from p2p.identity import NodeIdentity
-from p2p.memnet import MemoryNetwork, MemoryNode
 from p2p.network import Network
+from p2p.testing.memnet import MemoryNetwork, MemoryNode
 
 SETTINGS = DiscoverySettings(network_id="sim", record_validity_s=90, publish_interval_s=30)
 MAINTENANCE_S = 10.0

@@ -7,9 +7,9 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2p import memnet
-from p2p.memnet import MemoryNetwork, MemoryNode, RoutingTable
 from p2p.network import NetworkError
+from p2p.testing import memnet
+from p2p.testing.memnet import MemoryNetwork, MemoryNode, RoutingTable
 
 LATENCY = 0.005
 RTT = 2 * LATENCY

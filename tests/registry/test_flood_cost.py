@@ -13,7 +13,7 @@ import trio
 
 from p2p import codec
 from p2p.identity import NodeIdentity
-from p2p.memnet import MemoryNetwork
+from p2p.testing.memnet import MemoryNetwork
 from registry import replica as replica_module
 from registry.entry import Entry, sign_entry
 from registry.hlc import HybridClock, Timestamp

@@ -17,7 +17,7 @@ import trio
 
 from p2p import codec
 from p2p.identity import NodeIdentity
-from p2p.memnet import MemoryNetwork, MemoryNode
+from p2p.testing.memnet import MemoryNetwork, MemoryNode
 from registry import sync
 from registry.blocks import announcement_key, announcements
 from registry.entry import Entry, sign_entry

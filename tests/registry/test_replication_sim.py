@@ -16,8 +16,8 @@ import trio
 
 from p2p import codec
 from p2p.identity import NodeIdentity
-from p2p.memnet import MemoryNetwork, MemoryNode
 from p2p.network import NetworkError
+from p2p.testing.memnet import MemoryNetwork, MemoryNode
 from registry import sync
 from registry.entry import Entry, sign_entry
 from registry.hlc import HybridClock, Timestamp

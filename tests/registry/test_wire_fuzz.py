@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from p2p import codec
 from p2p.identity import NodeIdentity
-from p2p.memnet import MemoryNetwork
+from p2p.testing.memnet import MemoryNetwork
 from p2p.testing.strategies import msgpack_scalars, msgpack_values
 from registry import blocks, schemas, sync, wire
 from registry.entry import Entry, EntryError, entry_from_wire

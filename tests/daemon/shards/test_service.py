@@ -15,7 +15,7 @@ from daemon.shards.model import make_tiny  # noqa: E402
 from daemon.shards.server import Outbox, ShardServer  # noqa: E402
 from daemon.shards.service import ShardService, block_key  # noqa: E402
 from p2p import localsock  # noqa: E402
-from p2p.memnet import stream_pair  # noqa: E402
+from p2p.streams import stream_pair  # noqa: E402
 
 ME = "12D3KooWme"
 
@@ -115,7 +115,7 @@ async def test_control_requests_are_typed_and_bounded_over_the_network(autojump_
     from daemon.shards.service import CONTROL_PROTOCOL
     from p2p import codec
     from p2p.identity import NodeIdentity
-    from p2p.memnet import MemoryNetwork
+    from p2p.testing.memnet import MemoryNetwork
 
     hub = MemoryNetwork(seed=3)
     ident, mallory = NodeIdentity.generate(), NodeIdentity.generate()

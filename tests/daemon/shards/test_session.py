@@ -17,8 +17,8 @@ from daemon.shards.model import greedy_generate, load_model, make_tiny  # noqa: 
 from daemon.shards.server import ShardServer  # noqa: E402
 from p2p import localsock  # noqa: E402
 from p2p.identity import NodeIdentity  # noqa: E402
-from p2p.memnet import ChannelStream, stream_pair  # noqa: E402
 from p2p.network import NetworkError  # noqa: E402
+from p2p.streams import ChannelStream, stream_pair  # noqa: E402
 from scheduler.routing import Server  # noqa: E402
 
 LAYERS = 6

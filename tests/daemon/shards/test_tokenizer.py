@@ -14,7 +14,7 @@ trio = pytest.importorskip("trio")
 from daemon.shards import model as m  # noqa: E402
 from daemon.shards.client import RemoteModel, generate  # noqa: E402
 from daemon.shards.server import ShardServer  # noqa: E402
-from p2p.memnet import stream_pair  # noqa: E402
+from p2p.streams import stream_pair  # noqa: E402
 from scheduler.routing import Server  # noqa: E402
 
 TEXTS = ["hello world", "hello", "", " well, hold the door", "héllo ✓"]
