@@ -10,8 +10,9 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import trio
 
 from p2p import identity, records
@@ -27,20 +28,23 @@ Describe = Callable[[], tuple[list[str], dict[str, Any]]]
 
 @dataclass(frozen=True)
 class DiscoverySettings:
+    """How discovery publishes and finds records. The `msgspec.Meta` bounds are what a
+    config may set (daemon.settings checks them at load; construction does not)."""
+
     network_id: str
-    record_validity_s: float = 90.0
-    publish_interval_s: float = 30.0
-    max_clock_skew_s: float = 10.0
-    dht_timeout_s: float = 5.0
-    max_parallel_gets: int = 16
-    find_timeout_s: float = 1.0
+    record_validity_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 90.0
+    publish_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    max_clock_skew_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0
+    dht_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    max_parallel_gets: Annotated[int, msgspec.Meta(ge=1)] = 16
+    find_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0
     # A peer whose look-up found no record (or did not finish) is looked up again after
     # `absent_retry_s` (at most `publish_interval_s`: an honest node has published by then),
     # doubling each time it is still absent up to `absent_retry_max_s`. Those look-ups run in
     # `refresh_forever`, off find()'s path: a record-less or silent peer (a hostile one
     # answering no DHT queries) costs find() nothing after the first time.
-    absent_retry_s: float = 30.0
-    absent_retry_max_s: float = 600.0
+    absent_retry_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    absent_retry_max_s: Annotated[float, msgspec.Meta(gt=0)] = 600.0
 
 
 class RecordValidator:

@@ -20,8 +20,9 @@ import base64
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import trio
 
 from p2p import codec, identity
@@ -63,11 +64,14 @@ class Limits:
     take its author over a quota is refused with reason `quota`, from any source; a write
     that does not grow its author's usage (an update in place, a delete) is always let
     through, so an author over quota can still shrink.
+
+    The `msgspec.Meta` bounds are what a config may set (daemon.settings checks them at load,
+    and that `author_max_bytes` is at least `max_entry_bytes`; construction does not).
     """
 
-    max_entry_bytes: int = MAX_ENTRY_BYTES
-    author_max_entries: int = AUTHOR_MAX_ENTRIES
-    author_max_bytes: int = AUTHOR_MAX_BYTES
+    max_entry_bytes: Annotated[int, msgspec.Meta(ge=1024, le=256 * 1024)] = MAX_ENTRY_BYTES
+    author_max_entries: Annotated[int, msgspec.Meta(ge=1)] = AUTHOR_MAX_ENTRIES
+    author_max_bytes: Annotated[int, msgspec.Meta(ge=1024)] = AUTHOR_MAX_BYTES
     per_kind: Mapping[str, tuple[int, int]] = field(default_factory=dict)
 
 

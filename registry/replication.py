@@ -22,8 +22,9 @@ import random
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
+import msgspec
 import trio
 
 from p2p import codec
@@ -59,36 +60,40 @@ def topic_for(network_id: str) -> str:
 
 @dataclass(frozen=True)
 class ReplicationSettings:
+    """How a replica syncs with its peers. The `msgspec.Meta` bounds are what a config may
+    set (daemon.settings checks them at load; construction does not)."""
+
     network_id: str
-    sync_interval_s: float = 1.0
+    sync_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0
     # one request of a round; a round whose requests all go unanswered this long fails, and
     # another peer is tried
-    sync_timeout_s: float = 0.5
+    sync_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 0.5
     # extra peers a round's digests or pull request may also go to while it goes unanswered
-    sync_hedges: int = 2
+    sync_hedges: Annotated[int, msgspec.Meta(ge=0)] = 2
     # the least wait before a hedge (the wait follows the measured round-trip time)
-    hedge_min_s: float = 0.05
+    hedge_min_s: Annotated[float, msgspec.Meta(gt=0)] = 0.05
     # entries pulled by anti-entropy are gossiped on only if written this recently (older ones
     # are what a returning or new node catches up on: re-flooding them helps no one)
-    reannounce_window_s: float = 5.0
-    gc_interval_s: float = 60.0
-    tombstone_horizon_s: float = 7 * 24 * 3600.0
+    reannounce_window_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+    gc_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    # deleted entries are forgotten after this long (a node offline longer may bring one back)
+    tombstone_horizon_s: Annotated[float, msgspec.Meta(ge=60)] = 7 * 24 * 3600.0
     # the largest sync message (request or reply) sent or accepted: listings, pull replies
     # and pushes are paged under it, so a registry of any size syncs
-    max_message_bytes: int = MAX_SYNC_BYTES
+    max_message_bytes: Annotated[int, msgspec.Meta(ge=1024)] = MAX_SYNC_BYTES
     # what one page (listing, pull reply, push) fills: small enough to cross a slow link
     # within sync_timeout_s, large enough that a big sync takes few round trips
-    sync_page_bytes: int = 1 << 20
+    sync_page_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1 << 20
     # listing pages one round walks through; a larger registry continues next round
-    max_pages_per_round: int = 64
+    max_pages_per_round: Annotated[int, msgspec.Meta(ge=1)] = 64
     # an entry refused when pulled (over quota, bad signature...) is not pulled again from
     # any peer for this long, unless its state changes
-    refused_ttl_s: float = 60.0
+    refused_ttl_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
     # bytes of sync pushes one peer may have this node check, per second and at once (a token
     # bucket); a push over it is refused whole (`sync`/`rate_limited`, once per entry) and
     # answered `applied: 0`, so an honest pusher moves on: this node pulls what it lacks
-    push_bytes_per_s: float = float(4 << 20)
-    push_bytes_burst: int = 16 << 20
+    push_bytes_per_s: Annotated[float, msgspec.Meta(gt=0)] = float(4 << 20)
+    push_bytes_burst: Annotated[int, msgspec.Meta(ge=1)] = 16 << 20
 
 
 class Replicator:

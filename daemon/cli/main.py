@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,10 @@ def init(home: Path | None = HomeOption) -> None:
 def daemon(
     home: Path | None = HomeOption,
     config: Path | None = typer.Option(
-        None, "--config", help="Config file (default: HOME/config.toml if present)."
+        None,
+        "--config",
+        help="Config file (default: HOME/config.toml if present). GRIDMESH_<SECTION>__<KEY> "
+        "environment variables override it (e.g. GRIDMESH_RPC__PORT=0), flags override both.",
     ),
     listen: list[str] = typer.Option(
         [],
@@ -107,14 +111,13 @@ def daemon(
     if not isinstance(level, int):
         fail(f"unknown log level {log_level!r} (use debug, info, warning or error)")
     config_path = config or home / configuration.CONFIG_FILE
+    flags = {"--listen": listen, "--bootstrap": bootstrap, "--rpc-port": rpc_port}
     try:
-        cfg = (
-            configuration.load(config_path)
-            if config or config_path.exists()
-            else configuration.Config()
-        )
-        cfg = configuration.with_overrides(
-            cfg, listen=listen, bootstrap=bootstrap, rpc_port=rpc_port, grpc_port=grpc_port
+        # defaults < the file < GRIDMESH_<SECTION>__<KEY> variables < flags (daemon.settings)
+        cfg = configuration.resolve(
+            config_path if config or config_path.exists() else None,
+            env=os.environ,
+            flags={**flags, "--grpc-port": grpc_port},
         )
     except configuration.ConfigError as exc:
         fail(str(exc))

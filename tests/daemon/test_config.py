@@ -20,7 +20,7 @@ def test_devnet_toml_parses():
     ("raw", "message"),
     [
         ({"bogus": 1}, "unknown top-level"),
-        ({"rpc": {"port": "x"}}, "rpc.port must be a int"),
+        ({"rpc": {"port": "x"}}, "rpc.port must be an integer, not a string"),
         ({"rpc": {"port": 70000}}, "not a TCP port"),
         ({"p2p": {"listen": "/ip4/1.2.3.4"}}, "list of strings"),
         ({"p2p": {"nope": 1}}, "unknown key p2p.nope"),

@@ -1,0 +1,589 @@
+"""The node's settings: one typed tree, loaded from its defaults, a TOML file, the environment
+and command-line flags (each over the one before), checked at load; an error names the source
+(file, variable or flag), the key and why: `node.toml: p2p.peer_streams_per_s must be > 0.0
+(got 0)`, `GRIDMESH_P2P__LISTEN: p2p.listen[0] 'foo' is not a listen multiaddr: ...`, `--rpc-port
+70000 is not a TCP port (...)`.
+
+Each setting is declared once. The daemon's own keys are declared here. A key that a lower
+layer uses is declared by that layer's settings type, with its type, bounds (`msgspec.Meta`)
+and default: p2p.discovery.DiscoverySettings, registry.replication.ReplicationSettings,
+registry.replica.Limits. A section *exposes* such fields under their config keys (`Exposed`),
+and `Config.discovery()`, `replication()`, `registry_limits()` and `host_limits()` build each
+service's settings from the tree. p2p.host.HostLimits declares no bounds: the [p2p] section
+adds them to its fields (`Exposed.bounds`).
+
+Environment: `GRIDMESH_<SECTION>__<KEY>` sets `[section] key` (`GRIDMESH_P2P__LISTEN`,
+`GRIDMESH_RPC__PORT`), `GRIDMESH_NETWORK_ID` the top-level key. A list is comma-separated, or
+a TOML array (`["/ip4/127.0.0.1/tcp/0"]`); numbers and true/false are read as the key's type.
+Other `GRIDMESH_` variables without a double underscore (`GRIDMESH_HOME`) are not settings;
+one with a double underscore that names no key is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+import typing
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, TypeVar
+
+import msgspec
+
+from p2p.discovery import DiscoverySettings
+from p2p.host import HostLimits
+from registry.replica import Limits
+from registry.replication import ReplicationSettings
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names its source, its key and why."""
+
+
+ENV_PREFIX = "GRIDMESH_"
+
+# -- multiaddrs ---------------------------------------------------------------------------
+
+# A libp2p multiaddr this daemon can listen on or dial: /ip4|ip6|dns|dns4|dns6/HOST/tcp/PORT.
+TRANSPORT = re.compile(r"/(ip4|ip6|dns|dns4|dns6)/([^/]+)/tcp/(\d{1,5})")
+# A base58btc peer id (Ed25519 ids start 12D3KooW, older RSA ids Qm).
+_PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{40,64}")
+LISTEN_EXAMPLE = "/ip4/0.0.0.0/tcp/4001 (tcp/0 picks a free port)"
+BOOTSTRAP_EXAMPLE = "/ip4/203.0.113.7/tcp/4001/p2p/12D3KooW..."
+
+
+def _check_transport(addr: str) -> str | None:
+    """Why `addr`'s /ip4|ip6|dns.../tcp/PORT part is wrong, or None (the rest unchecked)."""
+    import ipaddress
+
+    match = TRANSPORT.match(addr)
+    if match is None:
+        return "expected /ip4/ADDRESS/tcp/PORT (or /ip6/..., /dns/NAME/...)"
+    proto, host, port = match.groups()
+    if int(port) > 65535:
+        return f"tcp port {port} is not a TCP port (0..65535)"
+    try:
+        if proto == "ip4":
+            ipaddress.IPv4Address(host)
+        elif proto == "ip6":
+            ipaddress.IPv6Address(host)
+    except ValueError:
+        return f"{host[:40]!r} is not an {proto} address"
+    return None
+
+
+def listen_error(addr: str) -> str | None:
+    """Why `addr` cannot be a listen multiaddr, or None."""
+    problem = _check_transport(addr)
+    if problem is None and not addr.startswith(("/ip4/", "/ip6/")):
+        # py-libp2p listens on every interface for a /dns address: never what was meant
+        problem = "listen on an address, /ip4/ADDRESS/... or /ip6/ADDRESS/... (not /dns)"
+    elif problem is None and TRANSPORT.fullmatch(addr) is None:
+        problem = "a listen address ends with /tcp/PORT"
+    return problem and f"{addr[:80]!r} is not a listen multiaddr: {problem}"
+
+
+def bootstrap_error(addr: str) -> str | None:
+    """Why `addr` cannot be a bootstrap multiaddr (it must name the peer), or None."""
+    problem = _check_transport(addr)
+    if problem is None:
+        rest = addr[TRANSPORT.match(addr).end() :]  # type: ignore[union-attr]
+        if not rest.startswith("/p2p/"):
+            problem = "it must end with /p2p/<peer id> of the node to join"
+        elif not _PEER_ID.fullmatch(rest[5:]):
+            problem = f"{rest[5:][:60]!r} is not a peer id (12D3KooW...)"
+    return problem and f"{addr[:80]!r} is not a bootstrap multiaddr: {problem}"
+
+
+# -- the tree -----------------------------------------------------------------------------
+
+SECTIONS = ("p2p", "rpc", "resources", "registry", "shards", "grpc")
+# a `description` names what a value out of bounds is not: "70000 is not a TCP port (...)"
+Port = Annotated[
+    int, msgspec.Meta(ge=0, le=65535, description="a TCP port (0..65535; 0 picks a free one)")
+]
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+# (key, why, other keys the rule involves): a rule between keys of one section that it breaks
+Problem = tuple[str, str, tuple[str, ...]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Exposed:
+    """Fields of a lower layer's settings dataclass that a config section offers as keys,
+    with the field's type, bounds and default (unless `defaults` or `bounds` say otherwise)."""
+
+    settings: type
+    keys: Mapping[str, str]  # config key -> field name
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    bounds: Mapping[str, msgspec.Meta] = dataclasses.field(default_factory=dict)
+
+    def fields(self) -> list[tuple[str, Any, Any]]:
+        hints = typing.get_type_hints(self.settings, include_extras=True)
+        defaults = {f.name: f.default for f in dataclasses.fields(self.settings)}
+        out = []
+        for key, name in self.keys.items():
+            kind = hints[name]
+            if key in self.bounds:
+                kind = Annotated[kind, self.bounds[key]]
+            out.append((key, kind, self.defaults.get(key, defaults[name])))
+        return out
+
+
+class Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A table of the config file."""
+
+    exposed: ClassVar[tuple[Exposed, ...]] = ()
+
+    def problems(self) -> Iterator[Problem]:
+        """The rules between this section's keys that it breaks (bounds of single keys are
+        their types' `msgspec.Meta`)."""
+        return iter(())
+
+    def values_for(self, settings: type) -> dict[str, Any]:
+        """The fields of `settings` that this section sets, by field name."""
+        return {
+            name: getattr(self, key)
+            for part in self.exposed
+            if part.settings is settings
+            for key, name in part.keys.items()
+        }
+
+
+S = TypeVar("S", bound=Section)
+
+
+def exposing(base: type[S], *exposed: Exposed) -> type[S]:
+    """`base` with the keys that `exposed` offers added as fields."""
+    return msgspec.defstruct(
+        base.__name__.removeprefix("_"),
+        [field for part in exposed for field in part.fields()],
+        bases=(base,),
+        module=__name__,
+        namespace={"exposed": exposed, "__doc__": base.__doc__},
+        frozen=True,
+        kw_only=True,
+        forbid_unknown_fields=True,
+    )
+
+
+class _P2PConfig(Section):
+    """[p2p]: where to listen, whom to join; the DHT deadline and the host's per-peer limits
+    (README "Limits and quotas") are exposed from p2p."""
+
+    listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/4001",)
+    bootstrap: tuple[str, ...] = ()
+    reconnect_min_s: Positive = 1.0
+    reconnect_max_s: Positive = 30.0
+    ping_interval_s: Positive = 10.0
+
+    def problems(self) -> Iterator[Problem]:
+        if not self.listen:
+            yield "listen", f"is empty: give at least one, e.g. {LISTEN_EXAMPLE}", ()
+        for index, addr in enumerate(self.listen):
+            if problem := listen_error(addr):
+                yield f"listen[{index}]", f"{problem}; e.g. {LISTEN_EXAMPLE}", ()
+        for index, addr in enumerate(self.bootstrap):
+            if problem := bootstrap_error(addr):
+                yield f"bootstrap[{index}]", f"{problem}; e.g. {BOOTSTRAP_EXAMPLE}", ()
+        if self.reconnect_max_s < self.reconnect_min_s:
+            why = f"must be at most reconnect_max_s ({self.reconnect_max_s})"
+            yield "reconnect_min_s", why, ("reconnect_max_s",)
+        limits = self.values_for(HostLimits)
+        if limits["max_gossip_bytes"] > limits["gossip_bytes_per_s"]:
+            why = f"must be at most peer_gossip_bytes_per_s ({limits['gossip_bytes_per_s']})"
+            yield "max_gossip_bytes", why, ("peer_gossip_bytes_per_s",)
+
+
+P2PConfig = exposing(
+    _P2PConfig,
+    Exposed(DiscoverySettings, {"dht_timeout_s": "dht_timeout_s"}),
+    Exposed(
+        HostLimits,
+        {
+            "peer_streams_per_s": "streams_per_s",
+            "peer_stream_burst": "stream_burst",
+            "peer_gossip_per_s": "gossip_per_s",
+            "peer_gossip_burst": "gossip_burst",
+            "peer_gossip_bytes_per_s": "gossip_bytes_per_s",
+            "max_gossip_bytes": "max_gossip_bytes",
+            "hello_timeout_s": "hello_timeout_s",
+            "gossip_seen_ttl_s": "seen_ttl_s",
+            "max_connections_per_ip": "max_connections_per_ip",
+        },
+        # HostLimits (p2p/host.py) declares no bounds of its own: these are its bounds
+        bounds={
+            "peer_streams_per_s": msgspec.Meta(gt=0),
+            "peer_stream_burst": msgspec.Meta(ge=1),
+            "peer_gossip_per_s": msgspec.Meta(gt=0),
+            "peer_gossip_burst": msgspec.Meta(ge=1),
+            "peer_gossip_bytes_per_s": msgspec.Meta(ge=1024),
+            "max_gossip_bytes": msgspec.Meta(ge=1024),
+            "hello_timeout_s": msgspec.Meta(gt=0),
+            "gossip_seen_ttl_s": msgspec.Meta(ge=1),
+            "max_connections_per_ip": msgspec.Meta(ge=1),
+        },
+    ),
+)
+
+
+class RPCConfig(Section):
+    """[rpc]: the JSON-RPC server on 127.0.0.1."""
+
+    port: Port = 8645
+    # beyond it, the slowest waiting connection is shed
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 256
+    # idle + head + body of one request, in total
+    request_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
+
+
+class _ResourcesConfig(Section):
+    """[resources]: this node's signed resource record (exposed from p2p.discovery)."""
+
+    def problems(self) -> Iterator[Problem]:
+        discovery = self.values_for(DiscoverySettings)
+        if discovery["publish_interval_s"] >= discovery["record_validity_s"]:
+            why = (
+                f"must be below record_validity_s ({discovery['record_validity_s']}): a record "
+                "is republished before it expires"
+            )
+            yield "publish_interval_s", why, ("record_validity_s",)
+
+
+ResourcesConfig = exposing(
+    _ResourcesConfig,
+    Exposed(
+        DiscoverySettings,
+        {key: key for key in ("publish_interval_s", "record_validity_s", "max_clock_skew_s")},
+    ),
+)
+
+
+class _RegistryConfig(Section):
+    """[registry]: anti-entropy (registry.replication) and the replica's limits
+    (registry.replica, README "Limits and quotas")."""
+
+    def problems(self) -> Iterator[Problem]:
+        limits = self.values_for(Limits)
+        if limits["author_max_bytes"] < limits["max_entry_bytes"]:
+            why = f"must be at least max_entry_bytes ({limits['max_entry_bytes']})"
+            yield "author_max_bytes", why, ("max_entry_bytes",)
+
+
+RegistryConfig = exposing(
+    _RegistryConfig,
+    Exposed(
+        ReplicationSettings,
+        {
+            k: k
+            for k in ("sync_interval_s", "sync_timeout_s", "tombstone_horizon_s", "gc_interval_s")
+        },
+        # a daemon's requests cross real links: twice the simulations' 0.5 s
+        defaults={"sync_timeout_s": 1.0},
+    ),
+    Exposed(Limits, {k: k for k in ("max_entry_bytes", "author_max_entries", "author_max_bytes")}),
+)
+
+
+class ShardsConfig(Section):
+    """[shards]: serving model shards (daemon.shards)."""
+
+    allow_remote_deploy: bool = False
+    torch_threads: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0: torch's default
+    cache_gib: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # 0: half the free memory
+    device: Annotated[
+        str,
+        msgspec.Meta(
+            pattern=r"^(auto|cpu|cuda(:\d{1,2})?)$",
+            description="a device (use auto, cpu, cuda or cuda:N)",
+        ),
+    ] = "auto"
+    local_sockets: bool = True
+    # shard stream limits (README: Limits and quotas, Shard streams); a server replaces its
+    # pooled push streams after 10 s idle: stay well above
+    stream_idle_s: Annotated[float, msgspec.Meta(ge=20, le=3600)] = 30.0
+    max_streams_per_peer: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 40
+    max_local_connections: Annotated[int, msgspec.Meta(ge=2, le=65536)] = 256
+
+
+class GRPCConfig(Section):
+    """[grpc]: the gRPC inference API on 127.0.0.1."""
+
+    enabled: bool = True
+    port: Port = 0  # a free port: several daemons on one host; daemon.json has the address
+
+
+class Config(Section):
+    """The whole tree; `discovery()` and its siblings are what each service is given."""
+
+    network_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = "gridmesh-local"
+    p2p: P2PConfig = P2PConfig()
+    rpc: RPCConfig = RPCConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    registry: RegistryConfig = RegistryConfig()
+    shards: ShardsConfig = ShardsConfig()
+    grpc: GRPCConfig = GRPCConfig()
+
+    def problems(self) -> Iterator[Problem]:
+        for name in SECTIONS:
+            for key, why, others in getattr(self, name).problems():
+                yield f"{name}.{key}", why, tuple(f"{name}.{other}" for other in others)
+
+    def discovery(self) -> DiscoverySettings:
+        return DiscoverySettings(
+            network_id=self.network_id,
+            **self.p2p.values_for(DiscoverySettings),
+            **self.resources.values_for(DiscoverySettings),
+        )
+
+    def host_limits(self) -> HostLimits:
+        limits = self.p2p.values_for(HostLimits)
+        # a burst of two seconds' worth of gossip bytes
+        return HostLimits(**limits, gossip_bytes_burst=2 * limits["gossip_bytes_per_s"])
+
+    def replication(self) -> ReplicationSettings:
+        return ReplicationSettings(
+            network_id=self.network_id, **self.registry.values_for(ReplicationSettings)
+        )
+
+    def registry_limits(self) -> Limits:
+        return Limits(**self.registry.values_for(Limits))
+
+
+# -- loading ------------------------------------------------------------------------------
+
+# command-line flag -> the key it sets
+FLAGS: dict[str, tuple[str, str]] = {
+    "--listen": ("p2p", "listen"),
+    "--bootstrap": ("p2p", "bootstrap"),
+    "--rpc-port": ("rpc", "port"),
+    "--grpc-port": ("grpc", "port"),
+}
+
+
+class Layers:
+    """Raw settings, each layer over the ones before, remembering where each key came from."""
+
+    def __init__(self) -> None:
+        self.raw: dict[str, Any] = {}
+        self.sources: dict[tuple[str, ...], str] = {}
+
+    def set(self, path: tuple[str, ...], value: Any, source: str) -> None:
+        if len(path) == 1:
+            self.raw[path[0]] = value
+        else:
+            section = self.raw.setdefault(path[0], {})
+            if not isinstance(section, dict):
+                raise ConfigError(_say(self.sources.get(path[:1], ""), path[0], "must be a table"))
+            section[path[1]] = value
+            self.sources.setdefault(path[:1], source)
+        self.sources[path] = source
+
+    def add_table(self, raw: Mapping[str, Any], source: str) -> None:
+        """Every key of a parsed TOML document (or a dict in its shape)."""
+        for key, value in raw.items():
+            if isinstance(value, dict) and isinstance(self.raw.get(key, {}), dict):
+                self.raw.setdefault(key, {})
+                self.sources[(key,)] = source
+                for inner, item in value.items():
+                    self.set((key, inner), item, source)
+            else:
+                self.set((key,), value, source)
+
+    def add_env(self, env: Mapping[str, str]) -> None:
+        """The settings among environment variables (the module docstring has the scheme)."""
+        for name in sorted(env):
+            if not name.startswith(ENV_PREFIX):
+                continue
+            rest = name[len(ENV_PREFIX) :].lower()
+            if "__" in rest:
+                section, _, key = rest.partition("__")
+                path: tuple[str, ...] = (section, key)
+            elif rest in Config.__struct_fields__ and rest not in SECTIONS:
+                path = (rest,)
+            else:
+                continue  # GRIDMESH_HOME and other variables that are not settings
+            self.set(path, _from_text(env[name], _field_type(path), name), name)
+
+    def source(self, path: tuple[str, ...]) -> str:
+        """Where the key at `path` (or the table holding it) came from; "" for a default."""
+        for end in range(len(path), 0, -1):
+            if path[:end] in self.sources:
+                return self.sources[path[:end]]
+        return ""
+
+    def build(self) -> Config:
+        try:
+            config = msgspec.convert(self.raw, Config)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(self._explain(str(exc))) from None
+        for key, why, others in config.problems():
+            # the source of a key the rule involves that was set, else of its table
+            paths = [_path(k) for k in (key, *others)]
+            given = [self.sources[path] for path in paths if path in self.sources]
+            raise ConfigError(_say(given[0] if given else self.source(paths[0]), key, why))
+        return config
+
+    def _explain(self, text: str) -> str:
+        """msgspec's ValidationError text as `source: key: why`."""
+        what, _, where = text.partition(" - at `$")
+        steps: list[str | int] = [
+            name or int(index) for name, index in re.findall(r"\.([^.\[`]+)|\[(\d+)\]", where)
+        ]
+        names = tuple(s for s in steps if isinstance(s, str))
+        key = "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in steps).lstrip(".")
+        unknown = re.fullmatch(r"Object contains unknown field `(.+)`", what)
+        if unknown:
+            names += (unknown.group(1),)
+            known = ", ".join(_struct_of(names[:-1]).__struct_fields__)
+            where_ = "top-level key" if len(names) == 1 else "key"
+            text = f"unknown {where_} {'.'.join(names)} (known: {known})"
+            return _say(self.source(names), text, "")
+        value = _lookup(self.raw, steps)
+        got = f" (got {value!r})" if value is not _MISSING else ""
+        if kinds := re.fullmatch(r"Expected `(\w+)`, got `(\w+)`", what):
+            expected = _NOUNS.get(kinds[1], kinds[1])
+            if typing.get_args(_field_type(names)) == (str, ...):
+                expected = "a list of strings"
+            why = f"must be {expected}, not {_NOUNS.get(kinds[2], kinds[2])}{got}"
+        elif bound := re.fullmatch(r"Expected `\w+` (.+)", what):
+            what_it_is = _description(_field_type(names))
+            why = f"{value!r} is not {what_it_is}" if what_it_is else f"must be {bound[1]}{got}"
+        else:
+            why = what
+        return _say(self.source(names), key, why)
+
+
+_NOUNS = {
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "bool": "true or false",
+    "array": "a list",
+    "object": "a table",
+    "null": "empty",
+}
+_MISSING = object()
+
+
+def _say(source: str, key: str, why: str) -> str:
+    """`source: key why`; a flag stands for its key: `--rpc-port 70000 is not a TCP port`."""
+    if source.startswith("--"):
+        return f"{source} {why}"
+    text = f"{key} {why}".rstrip()
+    return f"{source}: {text}" if source else text
+
+
+def _path(key: str) -> tuple[str, ...]:
+    """("p2p", "listen") of "p2p.listen[0]"."""
+    return tuple(re.sub(r"\[\d+\]", "", key).split("."))
+
+
+def _lookup(raw: Any, steps: list[str | int]) -> Any:
+    for step in steps:
+        try:
+            raw = raw[step]
+        except (KeyError, IndexError, TypeError):
+            return _MISSING
+    return raw
+
+
+def _struct_of(names: tuple[str, ...]) -> type:
+    kind: Any = Config
+    for name in names:
+        kind = typing.get_type_hints(kind, include_extras=True)[name]
+    return kind
+
+
+def _field_type(names: tuple[str, ...]) -> Any:
+    """The annotated type of the key at `names`, or None where there is no such key."""
+    try:
+        return _struct_of(names)
+    except (KeyError, AttributeError, TypeError):
+        return None
+
+
+def _description(kind: Any) -> str:
+    metas = getattr(kind, "__metadata__", ())
+    return next((m.description for m in metas if isinstance(m, msgspec.Meta) and m.description), "")
+
+
+def _from_text(text: str, kind: Any, name: str) -> Any:
+    """An environment variable's text as a value of the key's type (the check comes later)."""
+    base = kind.__origin__ if typing.get_origin(kind) is Annotated else kind
+    if typing.get_origin(base) in (tuple, list):
+        if text.lstrip().startswith("["):
+            try:
+                return tomllib.loads(f"value = {text}")["value"]
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{name}: not a TOML array: {exc}") from None
+        return [part.strip() for part in text.split(",") if part.strip()]
+    if base in (int, float, bool):
+        try:
+            return msgspec.convert(text.strip(), base, strict=False)
+        except msgspec.ValidationError:
+            return text  # refused with the key's expected type when the tree is built
+    return text
+
+
+def parse(raw: Mapping[str, Any], source: str = "") -> Config:
+    """A config from a parsed TOML document (or a dict in its shape)."""
+    layers = Layers()
+    layers.add_table(raw, source)
+    return layers.build()
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except (OSError, UnicodeDecodeError) as exc:  # a directory, no permission, not text
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(f"cannot read config file {path}: {reason}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def load(path: Path) -> Config:
+    """The config in the TOML file at `path` (over the defaults)."""
+    return parse(_read(path), str(path))
+
+
+def resolve(
+    path: Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Config:
+    """Defaults, then the file at `path`, then `env`'s GRIDMESH_ settings, then `flags`
+    (flag name -> value; None or an empty list: not given)."""
+    layers = Layers()
+    if path is not None:
+        layers.add_table(_read(path), str(path))
+    layers.add_env(env or {})
+    _add_flags(layers, flags or {})
+    return layers.build()
+
+
+def with_overrides(
+    config: Config,
+    *,
+    listen: list[str] | None = None,
+    bootstrap: list[str] | None = None,
+    rpc_port: int | None = None,
+    grpc_port: int | None = None,
+) -> Config:
+    """`config` with command-line flags applied; errors name the flag."""
+    layers = Layers()
+    layers.add_table(msgspec.to_builtins(config), "")
+    flags = {"--listen": listen, "--bootstrap": bootstrap, "--rpc-port": rpc_port}
+    _add_flags(layers, {**flags, "--grpc-port": grpc_port})
+    return layers.build()
+
+
+def _add_flags(layers: Layers, flags: Mapping[str, Any]) -> None:
+    for flag, value in flags.items():
+        if value is None or value == []:
+            continue
+        layers.set(FLAGS[flag], list(value) if isinstance(value, tuple) else value, flag)
