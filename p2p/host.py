@@ -10,48 +10,58 @@ Keep all knowledge of py-libp2p 0.8.1's quirks here (DESIGN.md, "Known pitfalls"
   are dialled three times with backoff by every lookup: we dial once and forget peers whose
   last connection closed;
 - libp2p's loggers do not propagate: `quiet_libp2p_logs` attaches our own handler.
+
+The host's parts live beside it: `p2p.framing` (frames and the libp2p stream adapter),
+`p2p.hello` (the network-membership gate), `p2p.guard` (the stream guard, gossip and inbound
+connection limits), `p2p.limits` (per-peer limits, token buckets), `p2p.dhtguard` (the DHT's
+validators and refusal counts), `p2p.addrs` (our addresses), `p2p.peers` (peer tracking).
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import errno
 import ipaddress
 import logging
-import socket
-import struct
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
-import msgspec
 import multiaddr
 import trio
 from libp2p import new_host
-from libp2p.abc import INotifee
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.host.ping import PingService
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network import swarm as _swarm
 from libp2p.network.config import RetryConfig
-from libp2p.network.stream.exceptions import StreamEOF as _Libp2pStreamEOF
-from libp2p.network.stream.exceptions import StreamReset as _Libp2pStreamReset
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.pubsub import pubsub as _pubsub_module
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
-from libp2p.pubsub.pubsub import Pubsub, signature_validator
-from libp2p.records.validator import NamespacedValidator, Validator
+from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
-from p2p import codec, identity, localsock
+from p2p import identity
+from p2p.addrs import ListenError, check_listen_free, ip_and_port, is_own_addr
+from p2p.addrs import interface_ips as _interface_ips
+from p2p.dhtguard import DHT_PROTOCOL, CountingValidator, ValidatorBridge
+from p2p.framing import (
+    FRAME_DEADLINE_S,
+    FRAME_MIN_BYTES_PER_S,
+    MAX_FRAME_BYTES,
+    FrameDeadlineError,
+    FramedStream,
+    frame_time_limit_s,
+    read_frame,
+    write_frame,
+)
+from p2p.guard import StreamGuard, harden_inbound, harden_pubsub, reason_of
+from p2p.hello import HELLO_PROTOCOL, HelloGate, open_hello
+from p2p.limits import HostLimits, RateLimiter, RejectHook
 from p2p.network import (
     MAX_STREAM_FRAME_BYTES,
     DHTValidator,
@@ -60,87 +70,43 @@ from p2p.network import (
     NetworkError,
     PeerState,
     RequestHandler,
-    StreamClosed,
     StreamHandler,
-    StreamReset,
 )
+from p2p.peers import ForgetDisconnected, keep_connected, track_peers
 
 _swarm._HAPPY_EYEBALLS_DELAY = 0  # type: ignore[attr-defined]
 # py-libp2p drops gossip silently once a subscription's queue (32) is full; ours is larger and
-# every drop is counted (see `_harden_pubsub`)
+# every drop is counted (see `p2p.guard.harden_pubsub`)
 _pubsub_module.SUBSCRIPTION_CHANNEL_SIZE = 256  # type: ignore[attr-defined]
 
 log = logging.getLogger(__name__)
 
-MAX_FRAME_BYTES = 4 << 20
+# what others import from here (the host's parts live in the modules above)
+__all__ = [
+    "DHT_PROTOCOL",
+    "FRAME_DEADLINE_S",
+    "FRAME_MIN_BYTES_PER_S",
+    "HELLO_PROTOCOL",
+    "MAX_FRAME_BYTES",
+    "MAX_STREAM_FRAME_BYTES",
+    "FrameDeadlineError",
+    "FramedStream",
+    "HostLimits",
+    "Libp2pNetwork",
+    "ListenError",
+    "PeerState",
+    "RejectHook",
+    "frame_time_limit_s",
+    "open_hello",
+    "quiet_libp2p_logs",
+    "read_frame",
+    "write_frame",
+]
+
 PING_TIMEOUT_S = 2.0
-MAX_MISSED_PINGS = 3
-FROZEN_AFTER_S = 20.0
-HELLO_PROTOCOL = "/gridmesh/hello/1.0.0"
-HELLO_TYPE = "hello"
-MAX_HELLO_BYTES = 4096
-HELLO_RETRY_S = 30.0
 CLOSED_POLL_S = 2.0  # how often an inbound connection's socket is checked for being closed
-_LEN = struct.Struct(">I")
-# (source, reason) -> None: the daemon counts rejected input in /metrics
-RejectHook = Callable[[str, str], None]
 # (op, outcome, seconds) -> None
 DHTObserver = Callable[[str, str, float], None]
-
-
-class ListenError(NetworkError):
-    """This node cannot listen where it was told to (the message names the address)."""
-
-
-@dataclass(frozen=True)
-class HostLimits:
-    """Per-peer limits of the host (configured under `[p2p]`; README "Limits and quotas").
-
-    Over a limit, a stream is reset and a gossip message dropped, and both are counted.
-    """
-
-    streams_per_s: float = 200.0  # new inbound streams per peer and protocol
-    stream_burst: int = 400
-    gossip_per_s: float = 200.0  # gossip messages per forwarding peer
-    gossip_burst: int = 400
-    gossip_bytes_per_s: int = 4 << 20  # gossip bytes per forwarding peer
-    gossip_bytes_burst: int = 8 << 20
-    max_gossip_bytes: int = 1 << 20
-    hello_timeout_s: float = 5.0  # how long a peer's streams wait for its hello
-    seen_ttl_s: int = 30  # how long gossip message ids are remembered (py-libp2p: 120)
-    max_tracked_peers: int = 4096  # verified peers and rate-limit buckets remembered
-    max_connections_per_ip: int = 64  # inbound connections open at once from one IP
-
-
-class HelloBody(msgspec.Struct, frozen=True):
-    """The signed hello's body: which gridmesh network the sender belongs to."""
-
-    network_id: Annotated[str, msgspec.Meta(max_length=128)]
-
-
-class RateLimiter:
-    """Token buckets by key (peer, or peer and protocol), the least recently used forgotten."""
-
-    def __init__(
-        self,
-        rate: float,
-        burst: int,
-        max_keys: int,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._rate, self._burst, self._max = rate, float(burst), max_keys
-        self._clock = clock
-        self._buckets: OrderedDict[Any, tuple[float, float]] = OrderedDict()
-
-    def allow(self, key: Any, cost: float = 1.0) -> bool:
-        now = self._clock()
-        tokens, last = self._buckets.pop(key, (self._burst, now))
-        tokens = min(self._burst, tokens + (now - last) * self._rate)
-        allowed = tokens >= cost
-        self._buckets[key] = (tokens - cost if allowed else tokens, now)
-        while len(self._buckets) > self._max:
-            self._buckets.popitem(last=False)
-        return allowed
 
 
 def quiet_libp2p_logs(level: int = logging.ERROR) -> None:
@@ -153,287 +119,6 @@ def quiet_libp2p_logs(level: int = logging.ERROR) -> None:
     root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
-
-
-class _ValidatorBridge(Validator):
-    """Adapts our `DHTValidator` to py-libp2p's `Validator` base class."""
-
-    def __init__(self, inner: DHTValidator, on_reject: RejectHook) -> None:
-        self._inner = inner
-        self._on_reject = on_reject
-
-    def validate(self, key: str, value: bytes) -> None:
-        try:
-            self._inner.validate(key, value)
-        except Exception as exc:
-            # our validator counts what it refuses, except expired copies (normal on reads
-            # of its local store); here they came from the DHT, so they are counted too
-            if getattr(exc, "reason", None) == "stale":
-                self._on_reject("dht", "stale")
-            exc._gridmesh_counted = True  # type: ignore[attr-defined]
-            raise
-
-    def select(self, key: str, values: list[bytes]) -> int:
-        return self._inner.select(key, values)
-
-
-# set while an inbound DHT stream is served: whether its refusal was counted already
-_DHT_REFUSAL: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar(
-    "gridmesh_dht_refusal", default=None
-)
-DHT_PROTOCOL = "/ipfs/kad/1.0.0"
-
-
-class _ResetCountingStream:
-    """A libp2p stream whose reset by KadDHT's handler counts as a refused message.
-
-    KadDHT refuses many things before (or instead of) asking our validator: bad signed peer
-    records, mismatched or empty keys, oversized records, a full inbound limiter. It resets
-    the stream for each, silently; this proxy counts the resets the validator did not count.
-    """
-
-    def __init__(
-        self,
-        stream: Any,
-        cell: list[bool],
-        on_reject: RejectHook,
-        allow_message: Callable[[], bool],
-    ) -> None:
-        self._stream = stream
-        self._cell = cell
-        self._on_reject = on_reject
-        self._allow_message = allow_message
-        self._broken = False
-        # where we are in KadDHT's varint-prefixed messages, to limit them per peer however
-        # many a peer sends on one stream
-        self._prefix: list[int] = []
-        self._body_left = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
-
-    async def read(self, n: int | None = None) -> bytes:
-        starts_message = not self._prefix and not self._body_left
-        try:
-            data = await self._stream.read(n)
-        except Exception:
-            # the peer reset or dropped the stream (an honest querier that got its answer
-            # elsewhere does): KadDHT resets it in turn, which is no refusal of ours
-            self._broken = True
-            raise
-        if data and starts_message and not self._allow_message():
-            self._cell[0] = True
-            self._on_reject("dht", "rate_limited")
-            raise NetworkError("DHT messages over this peer's rate limit")
-        self._track(data)
-        return data
-
-    def _track(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            if self._body_left:
-                step = min(self._body_left, len(view))
-                self._body_left -= step
-                view = view[step:]
-                continue
-            byte = view[0]
-            view = view[1:]
-            self._prefix.append(byte)
-            if not byte & 0x80 or len(self._prefix) >= 10:
-                self._body_left = sum((b & 0x7F) << (7 * i) for i, b in enumerate(self._prefix))
-                self._prefix = []
-
-    async def reset(self) -> None:
-        if not self._cell[0] and not self._broken:
-            self._cell[0] = True
-            self._on_reject("dht", "refused")
-        await self._stream.reset()
-
-
-class _CountingValidator(NamespacedValidator):
-    """A strict `NamespacedValidator` that counts every refusal, foreign keys included."""
-
-    def __init__(self, validators: dict[str, Validator], on_reject: RejectHook) -> None:
-        super().__init__(validators, strict_validation=True)
-        self._on_reject = on_reject
-
-    def validate(self, key: str, value: bytes) -> None:
-        try:
-            super().validate(key, value)
-        except Exception as exc:
-            if not getattr(exc, "_gridmesh_counted", False):
-                self._on_reject("dht", "foreign_key")
-            cell = _DHT_REFUSAL.get()
-            if cell is not None:
-                cell[0] = True
-            raise
-
-
-# A frame that has begun must finish within FRAME_DEADLINE_S plus its length at
-# FRAME_MIN_BYTES_PER_S: the rule of the local socket (p2p.localsock), for libp2p streams too.
-FRAME_DEADLINE_S = localsock.FRAME_TIMEOUT_S
-FRAME_MIN_BYTES_PER_S = localsock.FRAME_BYTES_PER_S
-
-
-class FrameDeadlineError(NetworkError):
-    """A frame began but did not finish within its deadline (a trickling or stalled peer)."""
-
-    reason = "frame_deadline"
-
-
-frame_time_limit_s = localsock.frame_time_limit_s
-
-
-async def read_frame(
-    stream: Any,
-    max_bytes: FrameBound = MAX_FRAME_BYTES,
-    *,
-    deadline_s: float = FRAME_DEADLINE_S,
-    min_bytes_per_s: float = FRAME_MIN_BYTES_PER_S,
-) -> bytes:
-    """The next length-prefixed frame: at most `max_bytes` (refused from its prefix), and
-    finished within `frame_time_limit_s(length)` of its first byte, else FrameDeadlineError.
-
-    Waiting for a frame's first byte is not bounded here (idle streams are the caller's
-    business); once a peer has begun a frame it cannot hold the read, and the bytes buffered
-    so far, open by trickling or stopping.
-    """
-    head = await stream.read(_LEN.size)  # returns what has arrived: 1 to 4 bytes
-    if not head:
-        raise StreamClosed("stream closed")
-    begun = trio.current_time()
-    limit = max_bytes() if callable(max_bytes) else max_bytes  # what we take may have changed
-    with trio.move_on_at(begun + deadline_s) as scope:
-        if len(head) < _LEN.size:
-            head += await _read_exactly(stream, _LEN.size - len(head))
-        (length,) = _LEN.unpack(head)
-        if length > limit:
-            raise NetworkError(f"frame of {length} bytes exceeds the limit of {limit}")
-        scope.deadline = begun + frame_time_limit_s(length, deadline_s, min_bytes_per_s)
-        return await _read_exactly(stream, length)
-    waited = trio.current_time() - begun
-    raise FrameDeadlineError(f"a frame was not finished within {waited:.1f} s of its first byte")
-
-
-async def write_frame(stream: Any, payload: bytes) -> None:
-    if len(payload) > MAX_FRAME_BYTES:
-        raise NetworkError(f"frame of {len(payload)} bytes exceeds the limit")
-    await stream.write(_LEN.pack(len(payload)) + payload)
-
-
-async def _read_exactly(stream: Any, n: int) -> bytes:
-    chunks, remaining = [], n
-    while remaining:
-        chunk = await stream.read(remaining)
-        if not chunk:
-            raise NetworkError("stream closed mid-frame")
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
-
-
-class _ForgetDisconnected(INotifee):
-    """Drop a peer from the DHT routing table when its last connection closes.
-
-    py-libp2p keeps dead peers in the routing table, and every lookup then spends seconds
-    dialling them (the "ghost node" problem exo users report). A live peer that comes back
-    reconnects and is added again on its first exchange with us.
-    """
-
-    def __init__(self, owner: Libp2pNetwork) -> None:
-        self._owner = owner
-
-    async def disconnected(self, network: Any, conn: Any) -> None:
-        peer = conn.muxed_conn.peer_id
-        if not network.get_connections(peer):
-            self._owner.dht.routing_table.remove_peer(peer)
-            self._owner.peers.pop(peer.to_base58(), None)
-            self._owner._forget_unverified(peer.to_base58())
-
-    async def opened_stream(self, network: Any, stream: Any) -> None:
-        pass
-
-    async def closed_stream(self, network: Any, stream: Any) -> None:
-        pass
-
-    async def connected(self, network: Any, conn: Any) -> None:
-        # every connection, inbound or dialled by the DHT, gets a hello: until one is valid
-        # the peer is served nothing else (see `Libp2pNetwork._guarded`)
-        self._owner._hello_in_background(conn.muxed_conn.peer_id.to_base58())
-
-    async def listen(self, network: Any, multiaddr: Any) -> None:
-        pass
-
-    async def listen_close(self, network: Any, multiaddr: Any) -> None:
-        pass
-
-
-class FramedStream:
-    """A libp2p stream carrying length-prefixed frames (the `p2p.network.Stream` protocol).
-
-    Each frame is bounded by `max_frame_bytes` (asked per frame when it is a function) and
-    must finish within `frame_time_limit_s` of its first byte: a stream whose peer misses
-    that is reset and counted (`stream`/`frame_deadline` on the reject hook).
-    """
-
-    def __init__(
-        self,
-        stream: Any,
-        peer_id: str,
-        max_frame_bytes: FrameBound,
-        *,
-        on_reject: RejectHook | None = None,
-        frame_deadline_s: float = FRAME_DEADLINE_S,
-        min_bytes_per_s: float = FRAME_MIN_BYTES_PER_S,
-    ) -> None:
-        self._stream = stream
-        self._max = max_frame_bytes
-        self._on_reject = on_reject or (lambda source, reason: None)
-        self._deadline_s = frame_deadline_s
-        self._min_bytes_per_s = min_bytes_per_s
-        self.peer_id = peer_id
-
-    async def send(self, frame: bytes) -> None:
-        try:
-            await self._stream.write(_LEN.pack(len(frame)) + frame)
-        except Exception as exc:
-            raise NetworkError(f"stream to {self.peer_id} broke: {exc!r}") from exc
-
-    async def receive(self) -> bytes:
-        try:
-            return await read_frame(
-                self._stream,
-                self._max,
-                deadline_s=self._deadline_s,
-                min_bytes_per_s=self._min_bytes_per_s,
-            )
-        except FrameDeadlineError as exc:
-            self._on_reject("stream", exc.reason)
-            await self.reset()
-            error = FrameDeadlineError(f"stream from {self.peer_id}: {exc}")
-            error._gridmesh_counted = True  # type: ignore[attr-defined]  # the guard: not again
-            raise error from None
-        except NetworkError:
-            raise
-        except _Libp2pStreamEOF:
-            raise StreamClosed(f"stream from {self.peer_id} ended") from None
-        except _Libp2pStreamReset:
-            raise StreamReset(f"stream from {self.peer_id} was reset") from None
-        except Exception as exc:
-            raise NetworkError(f"stream from {self.peer_id} broke: {exc!r}") from exc
-
-    async def close_write(self) -> None:
-        """Half-close (a yamux FIN): the peer reads to the end; we may still receive."""
-        with contextlib.suppress(Exception):
-            await self._stream.close_write()
-
-    async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            await self._stream.close()
-
-    async def reset(self) -> None:
-        with contextlib.suppress(Exception):
-            await self._stream.reset()
 
 
 class Libp2pNetwork:
@@ -473,8 +158,8 @@ class Libp2pNetwork:
         self.dht = KadDHT(
             self.host,
             DHTMode.SERVER,
-            validator=_CountingValidator(
-                {dht_namespace: _ValidatorBridge(dht_validator, self._on_reject)},
+            validator=CountingValidator(
+                {dht_namespace: ValidatorBridge(dht_validator, self._on_reject)},
                 self._on_reject,
             ),
             validator_changed=True,
@@ -505,34 +190,44 @@ class Libp2pNetwork:
             seen_ttl=self.limits.seen_ttl_s,
             sweep_interval=max(1, min(10, self.limits.seen_ttl_s)),
         )
-        self._harden_pubsub()
-        self._harden_inbound()
+        # the poll interval is read at each use (tests shorten it)
+        harden_inbound(
+            self.host.get_network(),
+            self.limits.max_connections_per_ip,
+            self._on_reject,
+            lambda: CLOSED_POLL_S,
+        )
         self._nursery: trio.Nursery | None = None
-        self.host.get_network().register_notifee(_ForgetDisconnected(self))
+        self.host.get_network().register_notifee(ForgetDisconnected(self))
         self._dht_validator = dht_validator
         self._dht_timeout_s = dht_timeout_s
         self._request_timeout_s = request_timeout_s
         self._on_dht_op = on_dht_op or (lambda op, outcome, seconds: None)
         self.peers: dict[str, PeerState] = {}
-        self.stream_errors = 0
         limits = self.limits
         self._stream_limiter = RateLimiter(
             limits.streams_per_s, limits.stream_burst, limits.max_tracked_peers * 4
         )
-        self._gossip_limiter = RateLimiter(
-            limits.gossip_per_s, limits.gossip_burst, limits.max_tracked_peers
+        harden_pubsub(
+            self.pubsub,
+            limits,
+            self._on_reject,
+            RateLimiter(limits.gossip_per_s, limits.gossip_burst, limits.max_tracked_peers),
+            RateLimiter(
+                limits.gossip_bytes_per_s, limits.gossip_bytes_burst, limits.max_tracked_peers
+            ),
         )
-        self._gossip_bytes = RateLimiter(
-            limits.gossip_bytes_per_s, limits.gossip_bytes_burst, limits.max_tracked_peers
+        self.hello_gate = HelloGate(
+            ident,
+            network_id,
+            limits,
+            self._on_reject,
+            request=self.request,
+            drop_peer=self._drop_peer,
+            connected_peers=self.connected_peers,
+            now=self.now,
         )
-        # peers whose signed hello named our network (by peer id: Noise authenticates it)
-        self._verified: OrderedDict[str, None] = OrderedDict()
-        # set when a peer's hello check ends; waited on by its streams
-        self._hello_done: dict[str, trio.Event] = {}
-        self._hello_inflight: set[str] = set()
-        # peer id -> (when, why) its last hello failed: told to a waiting dial, and no hello
-        # in the background is tried again for HELLO_RETRY_S
-        self._hello_failures: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        self._guard = StreamGuard(self._stream_limiter, self.hello_gate, self._on_reject)
 
     # -- Network protocol -------------------------------------------------------------
 
@@ -554,12 +249,18 @@ class Libp2pNetwork:
         """
         routing = {p.to_base58() for p in self.dht.routing_table.get_peer_ids()}
         candidates = (routing | self.connected_peers()) - {self.peer_id}
-        for peer_id in candidates - self._verified.keys():
-            self._hello_in_background(peer_id)
-        return candidates & self._verified.keys()
+        verified = self.hello_gate.verified
+        for peer_id in candidates - verified.keys():
+            self.hello_gate.in_background(peer_id)
+        return candidates & verified.keys()
 
     def is_verified(self, peer_id: str) -> bool:
-        return peer_id in self._verified
+        return peer_id in self.hello_gate.verified
+
+    @property
+    def stream_errors(self) -> int:
+        """Stream handlers that raised (their streams were reset and counted)."""
+        return self._guard.errors
 
     async def dht_put(self, key: str, value: bytes) -> None:
         await self._timed_dht("put", self.dht.put_value(key, value))
@@ -715,7 +416,7 @@ class Libp2pNetwork:
                 # is connected through another address, and so "connect" to a dead port
                 self.host.get_peerstore().add_addrs(info.peer_id, info.addrs, 3600)
                 await self.host.get_network().dial_addr(info.addrs[0], info.peer_id)  # type: ignore[attr-defined]
-                await self._ensure_verified(peer_id)
+                await self.hello_gate.ensure_verified(peer_id)
                 await self.dht.add_peer(info.peer_id)
         except NetworkError:
             raise
@@ -736,11 +437,11 @@ class Libp2pNetwork:
         ports = set()
         for own in self.host.get_transport_addrs():
             with contextlib.suppress(ValueError):
-                ports.add(_ip_and_port(own)[1])
+                ports.add(ip_and_port(own)[1])
         kept = []
         for addr in _dialable_addrs(candidates):
             try:
-                port = _ip_and_port(addr)[1]
+                port = ip_and_port(addr)[1]
             except ValueError:
                 kept.append(addr)
                 continue
@@ -750,126 +451,7 @@ class Libp2pNetwork:
 
     def _is_own_addr(self, addr: multiaddr.Multiaddr) -> bool:
         """True when `addr` is one of our own TCP listeners (dialling it reaches ourselves)."""
-        try:
-            host, port = _ip_and_port(addr)
-        except ValueError:
-            return False
-        for own in self.host.get_transport_addrs():
-            try:
-                own_host, own_port = _ip_and_port(own)
-            except ValueError:
-                continue
-            if port != own_port:
-                continue
-            if own_host == host or (
-                ipaddress.ip_address(own_host).is_unspecified and _is_local_ip(host)
-            ):
-                return True
-        return False
-
-    # -- the hello: which network a peer belongs to -----------------------------------
-
-    def _hello(self) -> bytes:
-        body = {"network_id": self.network_id}
-        return codec.seal(self._ident, HELLO_TYPE, body, timestamp=self.now()).to_wire()
-
-    async def _answer_hello(self, sender: str, payload: bytes) -> bytes:
-        try:
-            theirs = open_hello(payload, sender)
-        except codec.CodecError as exc:
-            self._on_reject("hello", exc.reason)
-            exc._gridmesh_counted = True  # type: ignore[attr-defined]
-            raise
-        if theirs == self.network_id:
-            self._mark_verified(sender)
-        else:
-            self._on_reject("hello", "wrong_network")
-        # answered either way, so that the dialler can tell its user which network we are on
-        return self._hello()
-
-    async def _check_hello(self, peer_id: str) -> None:
-        """Refuse a peer of another gridmesh network (or one that is no gridmesh node)."""
-        try:
-            reply = await self.request(
-                peer_id, HELLO_PROTOCOL, self._hello(), timeout_s=self.limits.hello_timeout_s
-            )
-            theirs = open_hello(reply, peer_id)
-        except (NetworkError, codec.CodecError) as exc:
-            self._on_reject("hello", getattr(exc, "reason", "no_hello"))
-            await self._drop_peer(peer_id)
-            raise NetworkError(f"peer {peer_id} failed the gridmesh handshake: {exc}") from None
-        if theirs != self.network_id:
-            self._on_reject("hello", "wrong_network")
-            await self._drop_peer(peer_id)
-            raise NetworkError(
-                f"peer {peer_id} is on network {theirs[:64]!r}, not {self.network_id!r}"
-            )
-        self._mark_verified(peer_id)
-
-    async def _ensure_verified(self, peer_id: str) -> None:
-        """Check the peer's hello unless done already or under way (then wait for that one)."""
-        if peer_id in self._verified:
-            return
-        if peer_id in self._hello_inflight:
-            done = self._hello_done.setdefault(peer_id, trio.Event())
-            with trio.move_on_after(self.limits.hello_timeout_s + 1):
-                await done.wait()
-            if peer_id not in self._verified:
-                raise NetworkError(
-                    self._hello_failures.get(peer_id, (0.0, f"peer {peer_id} failed the hello"))[1]
-                )
-            return
-        self._hello_inflight.add(peer_id)
-        try:
-            await self._check_hello(peer_id)
-        except NetworkError as exc:
-            self._hello_failures[peer_id] = (time.monotonic(), str(exc))
-            while len(self._hello_failures) > self.limits.max_tracked_peers:
-                self._hello_failures.popitem(last=False)
-            raise
-        finally:
-            self._hello_inflight.discard(peer_id)
-            if peer_id not in self._verified:
-                self._hello_done.pop(peer_id, trio.Event()).set()
-
-    def _hello_in_background(self, peer_id: str) -> None:
-        if peer_id in self._verified or peer_id in self._hello_inflight or self._nursery is None:
-            return
-        failed_at = self._hello_failures.get(peer_id, (-HELLO_RETRY_S, ""))[0]
-        if time.monotonic() - failed_at < HELLO_RETRY_S:
-            return  # a peer the DHT keeps telling us of is not dialled in a loop
-        self._nursery.start_soon(self._background_hello, peer_id)
-
-    async def _background_hello(self, peer_id: str) -> None:
-        try:
-            await self._ensure_verified(peer_id)
-        except NetworkError as exc:  # counted by _check_hello
-            log.info("%s", exc)
-
-    def _mark_verified(self, peer_id: str) -> None:
-        self._hello_failures.pop(peer_id, None)
-        self._verified[peer_id] = None
-        self._verified.move_to_end(peer_id)
-        if len(self._verified) > self.limits.max_tracked_peers:
-            connected = self.connected_peers()
-            for old in list(self._verified):
-                if len(self._verified) <= self.limits.max_tracked_peers:
-                    break
-                if old not in connected:
-                    del self._verified[old]
-        self._hello_done.setdefault(peer_id, trio.Event()).set()
-
-    def _forget_unverified(self, peer_id: str) -> None:
-        if peer_id not in self._verified and peer_id not in self._hello_inflight:
-            self._hello_done.pop(peer_id, None)
-
-    async def _wait_verified(self, peer_id: str) -> bool:
-        if peer_id in self._verified:
-            return True
-        done = self._hello_done.setdefault(peer_id, trio.Event())
-        with trio.move_on_after(self.limits.hello_timeout_s):
-            await done.wait()
-        return peer_id in self._verified
+        return is_own_addr(addr, self.host.get_transport_addrs())
 
     async def _drop_peer(self, peer_id: str) -> None:
         with contextlib.suppress(Exception):
@@ -892,29 +474,10 @@ class Libp2pNetwork:
 
     async def track_peers(self, interval_s: float) -> None:
         """Keep `peers` current: who is connected or routable, and their measured RTT."""
-        while True:
-            connected = self.connected_peers()
-            for peer_id in self.known_peers():
-                state = self.peers.setdefault(peer_id, PeerState(peer_id))
-                state.addrs = self.peer_addrs(peer_id) or state.addrs
-                if peer_id in connected:
-                    try:
-                        state.rtt_ms = await self.ping(peer_id)
-                        state.last_seen = time.time()
-                        state.missed_pings = 0
-                    except Exception:
-                        # connected but silent: a frozen or half-closed peer. Drop it so that
-                        # lookups stop waiting on it; a live peer reconnects on its own.
-                        state.rtt_ms = None
-                        state.missed_pings += 1
-                        silent_s = time.time() - (state.last_seen or time.time())
-                        # a busy peer (a long import holding the GIL) misses a few pings;
-                        # only one silent for a long time is taken for frozen
-                        if state.missed_pings >= MAX_MISSED_PINGS and silent_s >= FROZEN_AFTER_S:
-                            log.info("peer %s does not answer pings; disconnecting", peer_id)
-                            with contextlib.suppress(Exception):
-                                await self.host.disconnect(ID.from_base58(peer_id))
-            await trio.sleep(interval_s)
+        await track_peers(self, interval_s, self._disconnect)
+
+    async def _disconnect(self, peer_id: str) -> None:
+        await self.host.disconnect(ID.from_base58(peer_id))
 
     async def keep_connected(
         self,
@@ -924,182 +487,18 @@ class Libp2pNetwork:
         on_connected: Callable[[str], None] | None = None,
     ) -> None:
         """Bootstrap: connect to `addr` and reconnect with exponential backoff whenever lost."""
-        delay = min_s
         try:
             target = info_from_p2p_addr(multiaddr.Multiaddr(addr)).peer_id.to_base58()
         except Exception:
             log.error("ignoring bootstrap address without /p2p/<peer id>: %s", addr)
             return
-        while True:
-            if target not in self.connected_peers():
-                try:
-                    await self.connect(addr)
-                    log.info("connected to bootstrap %s", addr)
-                    delay = min_s
-                    if on_connected is not None:
-                        on_connected(target)
-                except NetworkError as exc:
-                    log.info("bootstrap %s unreachable (%s); retry in %.1f s", addr, exc, delay)
-                    await trio.sleep(delay)
-                    delay = min(delay * 2, max_s)
-                    continue
-            await trio.sleep(min_s)
+        await keep_connected(self, addr, target, min_s, max_s, on_connected)
 
     # -- guard ------------------------------------------------------------------------
 
     def guard_handlers(self) -> None:
         """Wrap every registered stream handler so that no bad stream can kill the host."""
-        handlers = self.host.get_mux().handlers
-        for protocol, handler in list(handlers.items()):
-            if handler is None or getattr(handler, "_gridmesh_guarded", False):
-                continue
-            handlers[protocol] = self._guarded(str(protocol), handler)
-
-    def _guarded(self, protocol: str, handler: Callable[[Any], Awaitable[None]]) -> Any:
-        """The one gate every inbound stream passes: rate limit, then hello, then handler."""
-
-        async def guarded(stream: Any) -> None:
-            try:
-                peer = stream.muxed_conn.peer_id.to_base58()
-            except Exception:
-                peer = None
-            if peer is not None:
-                if not self._stream_limiter.allow((peer, protocol)):
-                    self._on_reject("stream", "rate_limited")
-                    with contextlib.suppress(Exception):
-                        await stream.reset()
-                    return
-                # nothing but the hello is served to a peer until its hello is valid
-                if protocol != HELLO_PROTOCOL and peer not in self._verified:
-                    verified = False
-                    try:
-                        verified = await self._wait_verified(peer)
-                    finally:  # counted also when the peer's connection is dropped meanwhile
-                        if not verified:
-                            self._on_reject("stream", "no_hello")
-                    if not verified:
-                        with contextlib.suppress(Exception):
-                            await stream.reset()
-                        return
-            token, raw = None, stream
-            if protocol == DHT_PROTOCOL:
-                cell = [False]
-                token = _DHT_REFUSAL.set(cell)
-                stream = _ResetCountingStream(
-                    stream,
-                    cell,
-                    self._on_reject,
-                    lambda: self._stream_limiter.allow((peer, "dht-message")),
-                )
-            try:
-                await handler(stream)
-            except trio.Cancelled:
-                raise
-            except BaseException as exc:  # noqa: BLE001 - the guard must catch everything
-                if isinstance(exc, KeyboardInterrupt | SystemExit):
-                    raise
-                self.stream_errors += 1
-                if not getattr(exc, "_gridmesh_counted", False):
-                    self._on_reject("stream", _reason(exc))
-                log.info("stream handler for %s failed: %r", protocol, exc)
-                with contextlib.suppress(Exception):
-                    await raw.reset()  # counted above, not again by a DHT stream's proxy
-            finally:
-                if token is not None:
-                    _DHT_REFUSAL.reset(token)
-
-        guarded._gridmesh_guarded = True  # type: ignore[attr-defined]
-        return guarded
-
-    # -- inbound connections ----------------------------------------------------------
-
-    def _harden_inbound(self) -> None:
-        """Per-IP cap on inbound connections, and inbound slots that come back.
-
-        py-libp2p 0.8.1 holds an inbound slot (of 250) until the swarm stops, not until the
-        connection closes: after ~125 peers have come and gone, every new peer is refused.
-        Here the slot's holder is cancelled once the connection's socket is closed, and one IP
-        may hold at most `max_connections_per_ip` connections (idle sockets from one address
-        would otherwise take every slot before their handshakes time out).
-        """
-        swarm = self.host.get_network()
-        original = swarm._handle_inbound_connection  # type: ignore[attr-defined]
-        per_ip: dict[str, int] = {}
-        limit = self.limits.max_connections_per_ip
-
-        async def until_closed(raw: Any, scope: trio.CancelScope) -> None:
-            sock = getattr(getattr(raw, "stream", None), "socket", None)
-            if sock is None:
-                return  # not a TCP stream we can watch: py-libp2p's behaviour stays
-            while sock.fileno() != -1:  # noqa: ASYNC110 - nothing signals a closed socket
-                await trio.sleep(CLOSED_POLL_S)
-            scope.cancel()
-
-        async def handle(raw: Any, maddr: Any) -> None:
-            try:
-                ip = (raw.get_remote_address() or ("", 0))[0]
-            except Exception:
-                ip = ""
-            if per_ip.get(ip, 0) >= limit:
-                self._on_reject("connection", "per_ip_limit")
-                with contextlib.suppress(Exception):
-                    await raw.close()
-                return
-            per_ip[ip] = per_ip.get(ip, 0) + 1
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(until_closed, raw, nursery.cancel_scope)
-                    await original(raw, maddr)
-                    nursery.cancel_scope.cancel()
-            finally:
-                per_ip[ip] -= 1
-                if not per_ip[ip]:
-                    del per_ip[ip]
-
-        swarm._handle_inbound_connection = handle  # type: ignore[attr-defined]
-
-    # -- gossip -----------------------------------------------------------------------
-
-    def _harden_pubsub(self) -> None:
-        """Cheap, per-peer checks before py-libp2p's own, and a count for every drop.
-
-        py-libp2p starts a task per received message and drops bad ones silently; here a
-        forwarding peer over its rate or a message over the size limit is dropped before the
-        signature check, and whatever py-libp2p then refuses (bad signature, validation) or
-        cannot queue for our subscription is counted.
-        """
-        pubsub = self.pubsub
-        push = pubsub.push_msg
-        limits = self.limits
-
-        async def push_msg(forwarder: ID, msg: Any) -> None:
-            if forwarder == pubsub.my_id:
-                await push(forwarder, msg)
-                return
-            peer, size = forwarder.to_base58(), msg.ByteSize()
-            if size > limits.max_gossip_bytes:
-                self._on_reject("pubsub", "too_large")
-                return
-            if not self._gossip_limiter.allow(peer) or not self._gossip_bytes.allow(peer, size):
-                self._on_reject("pubsub", "rate_limited")
-                return
-            if pubsub._is_msg_seen(msg):
-                return  # duplicates are normal in a mesh
-            await push(forwarder, msg)
-            if not pubsub._is_msg_seen(msg):
-                bad_sig = pubsub.strict_signing and not _safe_signature_check(msg)
-                self._on_reject("pubsub", "bad_signature" if bad_sig else "refused")
-
-        def notify_subscriptions(msg: Any) -> None:
-            for topic in msg.topicIDs:
-                if topic in pubsub.topic_ids:
-                    try:
-                        pubsub.subscribed_topics_send[topic].send_nowait(msg)
-                    except trio.WouldBlock:
-                        self._on_reject("pubsub", "queue_full")
-
-        pubsub.push_msg = push_msg  # type: ignore[method-assign]
-        pubsub.notify_subscriptions = notify_subscriptions  # type: ignore[method-assign]
+        self._guard.guard_all(self.host.get_mux().handlers)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -1123,12 +522,12 @@ class Libp2pNetwork:
                 if sender != self.peer_id:
                     await handler(sender, message.data)
             except Exception as exc:  # one bad message must not end the subscription
-                self._on_reject("pubsub", _reason(exc))
+                self._on_reject("pubsub", reason_of(exc))
                 log.debug("gossip handler for %s failed: %r", topic, exc)
 
     @asynccontextmanager
     async def run(self) -> AsyncIterator[Libp2pNetwork]:
-        _check_listen_free(self._listen)
+        check_listen_free(self._listen)
         async with AsyncExitStack() as stack:
             try:
                 await stack.enter_async_context(self.host.run(self._listen))
@@ -1142,8 +541,9 @@ class Libp2pNetwork:
             await stack.enter_async_context(background_trio_service(self.pubsub))
             await self.pubsub.wait_until_ready()
             await stack.enter_async_context(background_trio_service(self.dht))
-            self.set_request_handler(HELLO_PROTOCOL, self._answer_hello)
+            self.set_request_handler(HELLO_PROTOCOL, self.hello_gate.answer)
             self._nursery = await stack.enter_async_context(trio.open_nursery())
+            self.hello_gate.nursery = self._nursery
             try:
                 yield self
             finally:
@@ -1159,26 +559,6 @@ class Libp2pNetwork:
                     await self.host.disconnect(peer)
 
 
-def open_hello(payload: bytes, sender: str) -> str:
-    """The network id of a peer's hello; CodecError unless it is well-formed and theirs."""
-    env = codec.parse_envelope(payload, expect_type=HELLO_TYPE, max_bytes=MAX_HELLO_BYTES)
-    if env.sender != sender:
-        raise codec.CodecError("wrong_sender", "hello signed by another peer")
-    try:
-        body = msgspec.convert(env.body, HelloBody, strict=True)
-    except msgspec.ValidationError as exc:
-        raise codec.CodecError("malformed", f"hello body: {str(exc)[:200]}") from None
-    codec.verify_envelope(env)  # last: the costly check, after the cheap ones
-    return body.network_id
-
-
-def _safe_signature_check(msg: Any) -> bool:
-    try:
-        return bool(signature_validator(msg))
-    except Exception:
-        return False
-
-
 def _describe(exc: BaseException) -> str:
     """One line for an exception, unwrapping ExceptionGroups to their first leaf."""
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
@@ -1186,80 +566,12 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _ip_and_port(addr: multiaddr.Multiaddr) -> tuple[str, int]:
-    """(ip, tcp port) of an /ip4 or /ip6 TCP multiaddr; ValueError for anything else."""
-    protocols = {p.name for p in addr.protocols()}
-    if "tcp" not in protocols:
-        raise ValueError("not a TCP address")
-    for name in ("ip4", "ip6"):
-        if name in protocols:
-            return addr.value_for_protocol(name), int(addr.value_for_protocol("tcp"))
-    raise ValueError("not an IP address")
-
-
-def _is_local_ip(host: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return ip.is_loopback or ip.is_unspecified or host in _interface_ips(ip.version)
-
-
-def _check_listen_free(listen: list[multiaddr.Multiaddr]) -> None:
-    """Fail clearly when a fixed TCP port is taken, or the address is not this host's.
-
-    py-libp2p sets SO_REUSEPORT, so a second daemon would bind the same port silently and the
-    two would then dial themselves; and it carries on without listening when a bind fails.
-    This probe binds without SO_REUSEPORT: it fails while anyone listens there.
-    """
-    for addr in listen:
-        try:
-            host, port = _ip_and_port(addr)
-        except ValueError:
-            continue
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((host, port))
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    why = "is in use (another daemon?); use another port, or tcp/0 for any free one"
-                elif exc.errno == errno.EADDRNOTAVAIL:
-                    why = "is not an address of this host"
-                else:
-                    why = f"cannot be bound ({exc.strerror or exc})"
-                raise ListenError(f"cannot listen on {addr}: {host}:{port} {why}") from None
-
-
-def _interface_ips(version: int) -> list[str]:
-    """This host's non-loopback addresses of one IP version (best effort, no extra deps)."""
-    family = socket.AF_INET if version == 4 else socket.AF_INET6
-    found: list[str] = []
-    with contextlib.suppress(OSError):
-        for info in socket.getaddrinfo(socket.gethostname(), None, family, socket.SOCK_STREAM):
-            found.append(str(info[4][0]))
-    with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as probe:
-        # connecting a UDP socket sends nothing; it picks the interface of the default route
-        probe.connect(("192.0.2.1", 9) if version == 4 else ("2001:db8::1", 9))
-        found.append(str(probe.getsockname()[0]))
-    out = []
-    for text in found:
-        try:
-            ip = ipaddress.ip_address(text.split("%")[0])
-        except ValueError:
-            continue
-        if not (ip.is_loopback or ip.is_unspecified or ip.is_link_local) and str(ip) not in out:
-            out.append(str(ip))
-    return out
-
-
 def _dialable_addrs(addrs: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
     """Replace 0.0.0.0 (or ::) by this host's addresses, or loopback when it has no other."""
     out: list[multiaddr.Multiaddr] = []
     for addr in addrs:
         try:
-            host, port = _ip_and_port(addr)
+            host, port = ip_and_port(addr)
         except ValueError:
             out.append(addr)
             continue
@@ -1273,11 +585,3 @@ def _dialable_addrs(addrs: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiadd
             out.append(multiaddr.Multiaddr(f"/{proto}/{local}/tcp/{port}"))
     seen: set[str] = set()
     return [a for a in out if not (str(a) in seen or seen.add(str(a)))]
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, BaseExceptionGroup):
-        first = exc.exceptions[0] if exc.exceptions else exc
-        return _reason(first)
-    reason = getattr(exc, "reason", None)  # our errors name their own reason
-    return reason if isinstance(reason, str) else type(exc).__name__

@@ -14,7 +14,7 @@ for a failed request or a broken stream.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -140,16 +140,21 @@ class Requests(Protocol):
         ...
 
 
-class Streams(Protocol):
-    """Framed streams to peers (`check_streams`). The Unix-socket transport has only this."""
-
-    @property
-    def peer_id(self) -> str: ...
+class StreamOpener(Protocol):
+    """What opens streams to peers: a transport, or a service choosing among several (the
+    shard service picks loopback, the Unix socket or libp2p per peer)."""
 
     async def open_stream(self, peer_id: str, protocol: str) -> Stream:
         """A stream to `peer_id`'s handler of `protocol`; NetworkError when it cannot be
         reached or serves no such protocol."""
         ...
+
+
+class Streams(StreamOpener, Protocol):
+    """Framed streams to peers (`check_streams`). The Unix-socket transport has only this."""
+
+    @property
+    def peer_id(self) -> str: ...
 
     def set_stream_handler(
         self, protocol: str, handler: StreamHandler, max_frame_bytes: FrameBound = ...
@@ -180,7 +185,7 @@ class Network(Requests, Streams, Gossip, DHT, Protocol):
     `p2p.testing.memnet.MemoryNode` implement all of it."""
 
     @property
-    def peers(self) -> Mapping[str, PeerState]:
+    def peers(self) -> dict[str, PeerState]:
         """Peers this node tracks (addresses, measured round trip), by peer id."""
         ...
 

@@ -1,0 +1,206 @@
+"""What keeps a py-libp2p host alive and fair under hostile input (DESIGN.md, "Known
+pitfalls": one malformed message on some protocols kills the host).
+
+`StreamGuard` wraps every stream handler, libp2p's own included, in one gate: a per-peer
+rate limit, then the hello (nothing but the hello is served to a peer until it passed), then
+the handler, whose failure is counted and resets the stream instead of escaping.
+`harden_pubsub` puts cheap per-peer checks before py-libp2p's own gossip checks, and counts
+every message py-libp2p would drop silently; `harden_inbound` caps inbound connections per IP
+and gives their slots back when they close.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+from libp2p.peer.id import ID
+from libp2p.pubsub.pubsub import signature_validator
+
+from p2p.dhtguard import DHT_PROTOCOL, DHT_REFUSAL, ResetCountingStream
+from p2p.hello import HELLO_PROTOCOL, HelloGate
+from p2p.limits import HostLimits, RateLimiter, RejectHook
+
+log = logging.getLogger(__name__)
+
+
+class StreamGuard:
+    """The one gate every inbound stream passes: rate limit, then hello, then handler."""
+
+    def __init__(self, limiter: RateLimiter, hello: HelloGate, on_reject: RejectHook) -> None:
+        self._limiter = limiter
+        self._hello = hello
+        self._on_reject = on_reject
+        self.errors = 0  # handlers that raised
+
+    def guard_all(self, handlers: dict[Any, Any]) -> None:
+        """Wrap every handler of a multiselect table that is not wrapped yet, in place."""
+        for protocol, handler in list(handlers.items()):
+            if handler is None or getattr(handler, "_gridmesh_guarded", False):
+                continue
+            handlers[protocol] = self.wrap(str(protocol), handler)
+
+    def wrap(self, protocol: str, handler: Callable[[Any], Awaitable[None]]) -> Any:
+        async def guarded(stream: Any) -> None:
+            try:
+                peer = stream.muxed_conn.peer_id.to_base58()
+            except Exception:
+                peer = None
+            if peer is not None:
+                if not self._limiter.allow((peer, protocol)):
+                    self._on_reject("stream", "rate_limited")
+                    with contextlib.suppress(Exception):
+                        await stream.reset()
+                    return
+                # nothing but the hello is served to a peer until its hello is valid
+                if protocol != HELLO_PROTOCOL and peer not in self._hello.verified:
+                    verified = False
+                    try:
+                        verified = await self._hello.wait_verified(peer)
+                    finally:  # counted also when the peer's connection is dropped meanwhile
+                        if not verified:
+                            self._on_reject("stream", "no_hello")
+                    if not verified:
+                        with contextlib.suppress(Exception):
+                            await stream.reset()
+                        return
+            token, raw = None, stream
+            if protocol == DHT_PROTOCOL:
+                cell = [False]
+                token = DHT_REFUSAL.set(cell)
+                stream = ResetCountingStream(
+                    stream,
+                    cell,
+                    self._on_reject,
+                    lambda: self._limiter.allow((peer, "dht-message")),
+                )
+            try:
+                await handler(stream)
+            except trio.Cancelled:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - the guard must catch everything
+                if isinstance(exc, KeyboardInterrupt | SystemExit):
+                    raise
+                self.errors += 1
+                if not getattr(exc, "_gridmesh_counted", False):
+                    self._on_reject("stream", reason_of(exc))
+                log.info("stream handler for %s failed: %r", protocol, exc)
+                with contextlib.suppress(Exception):
+                    await raw.reset()  # counted above, not again by a DHT stream's proxy
+            finally:
+                if token is not None:
+                    DHT_REFUSAL.reset(token)
+
+        guarded._gridmesh_guarded = True  # type: ignore[attr-defined]
+        return guarded
+
+
+def harden_pubsub(
+    pubsub: Any,
+    limits: HostLimits,
+    on_reject: RejectHook,
+    messages: RateLimiter,
+    message_bytes: RateLimiter,
+) -> None:
+    """Cheap, per-peer checks before py-libp2p's own, and a count for every drop.
+
+    py-libp2p starts a task per received message and drops bad ones silently; here a
+    forwarding peer over its rate (`messages`, `message_bytes`) or a message over the size
+    limit is dropped before the signature check, and whatever py-libp2p then refuses (bad
+    signature, validation) or cannot queue for our subscription is counted.
+    """
+    push = pubsub.push_msg
+
+    async def push_msg(forwarder: ID, msg: Any) -> None:
+        if forwarder == pubsub.my_id:
+            await push(forwarder, msg)
+            return
+        peer, size = forwarder.to_base58(), msg.ByteSize()
+        if size > limits.max_gossip_bytes:
+            on_reject("pubsub", "too_large")
+            return
+        if not messages.allow(peer) or not message_bytes.allow(peer, size):
+            on_reject("pubsub", "rate_limited")
+            return
+        if pubsub._is_msg_seen(msg):
+            return  # duplicates are normal in a mesh
+        await push(forwarder, msg)
+        if not pubsub._is_msg_seen(msg):
+            bad_sig = pubsub.strict_signing and not _safe_signature_check(msg)
+            on_reject("pubsub", "bad_signature" if bad_sig else "refused")
+
+    def notify_subscriptions(msg: Any) -> None:
+        for topic in msg.topicIDs:
+            if topic in pubsub.topic_ids:
+                try:
+                    pubsub.subscribed_topics_send[topic].send_nowait(msg)
+                except trio.WouldBlock:
+                    on_reject("pubsub", "queue_full")
+
+    pubsub.push_msg = push_msg
+    pubsub.notify_subscriptions = notify_subscriptions
+
+
+def harden_inbound(
+    swarm: Any, limit: int, on_reject: RejectHook, poll_s: Callable[[], float]
+) -> None:
+    """Per-IP cap on inbound connections, and inbound slots that come back.
+
+    py-libp2p 0.8.1 holds an inbound slot (of 250) until the swarm stops, not until the
+    connection closes: after ~125 peers have come and gone, every new peer is refused.
+    Here the slot's holder is cancelled once the connection's socket is closed (checked every
+    `poll_s()` seconds), and one IP may hold at most `limit` connections (idle sockets from
+    one address would otherwise take every slot before their handshakes time out).
+    """
+    original = swarm._handle_inbound_connection
+    per_ip: dict[str, int] = {}
+
+    async def until_closed(raw: Any, scope: trio.CancelScope) -> None:
+        sock = getattr(getattr(raw, "stream", None), "socket", None)
+        if sock is None:
+            return  # not a TCP stream we can watch: py-libp2p's behaviour stays
+        while sock.fileno() != -1:  # noqa: ASYNC110 - nothing signals a closed socket
+            await trio.sleep(poll_s())
+        scope.cancel()
+
+    async def handle(raw: Any, maddr: Any) -> None:
+        try:
+            ip = (raw.get_remote_address() or ("", 0))[0]
+        except Exception:
+            ip = ""
+        if per_ip.get(ip, 0) >= limit:
+            on_reject("connection", "per_ip_limit")
+            with contextlib.suppress(Exception):
+                await raw.close()
+            return
+        per_ip[ip] = per_ip.get(ip, 0) + 1
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(until_closed, raw, nursery.cancel_scope)
+                await original(raw, maddr)
+                nursery.cancel_scope.cancel()
+        finally:
+            per_ip[ip] -= 1
+            if not per_ip[ip]:
+                del per_ip[ip]
+
+    swarm._handle_inbound_connection = handle
+
+
+def _safe_signature_check(msg: Any) -> bool:
+    try:
+        return bool(signature_validator(msg))
+    except Exception:
+        return False
+
+
+def reason_of(exc: BaseException) -> str:
+    """The reason an error is counted under: its own `reason`, else its type's name."""
+    if isinstance(exc, BaseExceptionGroup):
+        first = exc.exceptions[0] if exc.exceptions else exc
+        return reason_of(first)
+    reason = getattr(exc, "reason", None)  # our errors name their own reason
+    return reason if isinstance(reason, str) else type(exc).__name__

@@ -1,0 +1,113 @@
+"""Who this host is connected to: peers forgotten when their last connection closes, round
+trips measured and frozen peers dropped, and bootstrap connections kept up."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+from libp2p.abc import INotifee
+
+from p2p.network import Network, NetworkError, PeerState
+
+log = logging.getLogger(__name__)
+
+MAX_MISSED_PINGS = 3
+FROZEN_AFTER_S = 20.0
+
+
+class ForgetDisconnected(INotifee):
+    """Drop a peer from the DHT routing table when its last connection closes.
+
+    py-libp2p keeps dead peers in the routing table, and every lookup then spends seconds
+    dialling them (the "ghost node" problem exo users report). A live peer that comes back
+    reconnects and is added again on its first exchange with us.
+    """
+
+    def __init__(self, owner: Any) -> None:
+        self._owner = owner
+
+    async def disconnected(self, network: Any, conn: Any) -> None:
+        peer = conn.muxed_conn.peer_id
+        if not network.get_connections(peer):
+            self._owner.dht.routing_table.remove_peer(peer)
+            self._owner.peers.pop(peer.to_base58(), None)
+            self._owner.hello_gate.forget_unverified(peer.to_base58())
+
+    async def opened_stream(self, network: Any, stream: Any) -> None:
+        pass
+
+    async def closed_stream(self, network: Any, stream: Any) -> None:
+        pass
+
+    async def connected(self, network: Any, conn: Any) -> None:
+        # every connection, inbound or dialled by the DHT, gets a hello: until one is valid
+        # the peer is served nothing else (see `p2p.guard.StreamGuard`)
+        self._owner.hello_gate.in_background(conn.muxed_conn.peer_id.to_base58())
+
+    async def listen(self, network: Any, multiaddr: Any) -> None:
+        pass
+
+    async def listen_close(self, network: Any, multiaddr: Any) -> None:
+        pass
+
+
+async def track_peers(
+    net: Network, interval_s: float, disconnect: Callable[[str], Awaitable[None]]
+) -> None:
+    """Keep `net.peers` current: who is connected or routable, and their measured RTT; a
+    peer silent for long is disconnected."""
+    while True:
+        connected = net.connected_peers()
+        for peer_id in net.known_peers():
+            state = net.peers.setdefault(peer_id, PeerState(peer_id))
+            state.addrs = net.peer_addrs(peer_id) or state.addrs
+            if peer_id in connected:
+                try:
+                    state.rtt_ms = await net.ping(peer_id)
+                    state.last_seen = time.time()
+                    state.missed_pings = 0
+                except Exception:
+                    # connected but silent: a frozen or half-closed peer. Drop it so that
+                    # lookups stop waiting on it; a live peer reconnects on its own.
+                    state.rtt_ms = None
+                    state.missed_pings += 1
+                    silent_s = time.time() - (state.last_seen or time.time())
+                    # a busy peer (a long import holding the GIL) misses a few pings;
+                    # only one silent for a long time is taken for frozen
+                    if state.missed_pings >= MAX_MISSED_PINGS and silent_s >= FROZEN_AFTER_S:
+                        log.info("peer %s does not answer pings; disconnecting", peer_id)
+                        with contextlib.suppress(Exception):
+                            await disconnect(peer_id)
+        await trio.sleep(interval_s)
+
+
+async def keep_connected(
+    net: Network,
+    addr: str,
+    target: str,
+    min_s: float,
+    max_s: float,
+    on_connected: Callable[[str], None] | None = None,
+) -> None:
+    """Bootstrap: connect to `addr` (the peer `target`) and reconnect with exponential
+    backoff whenever lost."""
+    delay = min_s
+    while True:
+        if target not in net.connected_peers():
+            try:
+                await net.connect(addr)
+                log.info("connected to bootstrap %s", addr)
+                delay = min_s
+                if on_connected is not None:
+                    on_connected(target)
+            except NetworkError as exc:
+                log.info("bootstrap %s unreachable (%s); retry in %.1f s", addr, exc, delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, max_s)
+                continue
+        await trio.sleep(min_s)
