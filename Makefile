@@ -37,7 +37,7 @@ bench: $(STAMP)
 
 # the import check: no import circle, DESIGN.md's layering, no production use of the testing kit
 deps: $(STAMP)
-	$(BIN)/python -m daemon.tools.deps
+	$(BIN)/python -m daemon.tools.deps --strict
 
 # build the wheel, install it in a fresh venv outside the checkout, run init, a daemon start and
 # stop, and model make-tiny from it (.ci/wheel_check.py says how torch is not installed twice)
