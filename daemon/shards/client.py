@@ -31,20 +31,16 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import trio
 
 from daemon.shards import SHARD_PROTOCOL, wire
-from p2p.network import NetworkError, Stream
+from p2p.network import NetworkError, Stream, StreamOpener
 from scheduler.routing import NoRouteError, Server, find_route
 
 log = logging.getLogger(__name__)
-
-
-class StreamOpener(Protocol):
-    async def open_stream(self, peer_id: str, protocol: str) -> Stream: ...
 
 
 # server error codes that no other server would answer differently

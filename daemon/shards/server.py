@@ -42,14 +42,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import trio
 
 from daemon.shards import SHARD_PROTOCOL, wire
 from daemon.shards.model import KVCache, LlamaConfig, LlamaShard, ModelError, load_shard
-from p2p.network import NetworkError, Stream
+from p2p.network import NetworkError, Stream, StreamOpener
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,6 @@ POOL_IDLE_S = 10.0
 PUSH_BUDGET_S = 3.0
 PUSH_BYTES_PER_S = 20e6  # plus this much time per byte, for large prefill tensors
 TELL_OWNER_TIMEOUT_S = 5.0
-
-
-class StreamOpener(Protocol):
-    async def open_stream(self, peer_id: str, protocol: str) -> Stream: ...
 
 
 class ShardError(Exception):
