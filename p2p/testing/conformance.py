@@ -7,9 +7,10 @@ runs on a fresh pair:
     async def test_streams():
         await check_streams(make_pair)
 
-`check_requests` and `check_streams` each cover one part of the seam (`Requests`,
-`Streams`); `check_network` runs both, for transports that implement the whole `Network`.
-`REQUEST_CHECKS` and `STREAM_CHECKS` name each check, for a test parametrized over them.
+`check_requests`, `check_streams`, `check_gossip` and `check_dht` each cover one part of the
+seam (`Requests`, `Streams`, `Gossip`, `DHT`); `check_network` runs them all, for transports
+that implement the whole `Network`. `REQUEST_CHECKS`, `STREAM_CHECKS`, `GOSSIP_CHECKS` and
+`DHT_CHECKS` name each check, for a test parametrized over them.
 Checks wait with deadlines (`Pair.timeout_s`), never fixed sleeps, so they run on a real
 clock (libp2p, sockets) and on trio's virtual clock (the in-memory network) alike.
 """
@@ -429,6 +430,70 @@ STREAM_CHECKS: list[Check] = [
 ]
 
 
+# -- gossip and the DHT ------------------------------------------------------------------
+
+TOPIC = "conformance/topic"
+
+
+async def _publish_until(pair: Pair, data: bytes, got: list[tuple[str, bytes]]) -> None:
+    """Publish (again: gossip is best effort, and a mesh forms in its own time) until `b`
+    received `data`."""
+    with trio.fail_after(pair.timeout_s):
+        while not any(item[1] == data for item in got):
+            await pair.a.publish(TOPIC, data)
+            with trio.move_on_after(0.5):
+                while not any(item[1] == data for item in got):  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+
+
+async def gossip_delivered(pair: Pair) -> None:
+    """A message published by `a` reaches `b`'s handler with `a` as its origin, and is not
+    echoed to `a`."""
+    got_b: list[tuple[str, bytes]] = []
+    got_a: list[tuple[str, bytes]] = []
+
+    async def on_b(origin: str, data: bytes) -> None:
+        got_b.append((origin, data))
+
+    async def on_a(origin: str, data: bytes) -> None:
+        got_a.append((origin, data))
+
+    await pair.b.subscribe(TOPIC, on_b)
+    await pair.a.subscribe(TOPIC, on_a)
+    await _publish_until(pair, b"news", got_b)
+    _expect({origin for origin, _ in got_b} == {pair.a.peer_id}, f"origins {got_b[:3]!r}")
+    _expect(got_a == [], f"a received its own message: {got_a[:3]!r}")
+
+
+async def gossip_handler_fails(pair: Pair) -> None:
+    """A handler that raises does not end the subscription: later messages still arrive."""
+    got: list[tuple[str, bytes]] = []
+
+    async def flaky(origin: str, data: bytes) -> None:
+        got.append((origin, data))
+        if data == b"first":
+            raise ValueError("a bug in the handler")
+
+    await pair.b.subscribe(TOPIC, flaky)
+    await _publish_until(pair, b"first", got)
+    await _publish_until(pair, b"second", got)
+
+
+DHT_KEY = "/gridmesh/" + "c0" * 16  # in the gridmesh namespace, under py-libp2p's 50 bytes
+
+
+async def dht_put_get(pair: Pair) -> None:
+    """A value one node puts, the other gets; a key nobody put gives None."""
+    with trio.fail_after(pair.timeout_s):
+        await pair.a.dht_put(DHT_KEY, b"value")
+        _expect(await pair.b.dht_get(DHT_KEY) == b"value", "b did not get a's value")
+        _expect(await pair.b.dht_get(DHT_KEY[:-2] + "ff") is None, "a value for a missing key")
+
+
+GOSSIP_CHECKS: list[Check] = [gossip_delivered, gossip_handler_fails]
+DHT_CHECKS: list[Check] = [dht_put_get]
+
+
 async def run_checks(make_pair: MakePair, checks: list[Check]) -> None:
     """Run each check on a fresh pair; the first failure names its check."""
     for check in checks:
@@ -449,6 +514,19 @@ async def check_streams(make_pair: MakePair) -> None:
     await run_checks(make_pair, STREAM_CHECKS)
 
 
+async def check_gossip(make_pair: MakePair) -> None:
+    """The `Gossip` part of the seam."""
+    await run_checks(make_pair, GOSSIP_CHECKS)
+
+
+async def check_dht(make_pair: MakePair) -> None:
+    """The `DHT` part of the seam."""
+    await run_checks(make_pair, DHT_CHECKS)
+
+
+ALL_CHECKS: list[Check] = REQUEST_CHECKS + STREAM_CHECKS + GOSSIP_CHECKS + DHT_CHECKS
+
+
 async def check_network(make_pair: MakePair) -> None:
     """Every check, for a transport that implements the whole `Network`."""
-    await run_checks(make_pair, REQUEST_CHECKS + STREAM_CHECKS)
+    await run_checks(make_pair, ALL_CHECKS)

@@ -118,8 +118,8 @@ async def localsock_pair() -> AsyncIterator[Pair]:
 MAKERS = {"libp2p": libp2p_pair, "memory": memory_pair, "localsock": localsock_pair}
 # what each transport implements of the seam
 PARTS = {
-    "libp2p": conformance.REQUEST_CHECKS + conformance.STREAM_CHECKS,
-    "memory": conformance.REQUEST_CHECKS + conformance.STREAM_CHECKS,
+    "libp2p": conformance.ALL_CHECKS,
+    "memory": conformance.ALL_CHECKS,
     "localsock": conformance.STREAM_CHECKS,
 }
 CASES = [
