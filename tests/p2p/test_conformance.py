@@ -4,6 +4,8 @@ same-host Unix socket (streams only: it carries no requests, gossip or DHT)."""
 
 from __future__ import annotations
 
+import inspect
+import typing
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
@@ -12,6 +14,7 @@ import trio
 
 from p2p import identity, localsock, records
 from p2p.host import Libp2pNetwork
+from p2p.network import Network, Streams
 from p2p.testing import conformance
 from p2p.testing.conformance import Pair
 from p2p.testing.memnet import MemoryNetwork
@@ -172,3 +175,59 @@ async def test_a_broken_transport_fails_the_suite() -> None:
 
     with pytest.raises(conformance.ConformanceError, match="stream_reset_by_opener"):
         await conformance.run_checks(broken_pair, [conformance.stream_reset_by_opener])
+
+
+def _members(protocol: type) -> set[str]:
+    """The public members a Protocol declares, its bases' included."""
+    names: set[str] = set()
+    for cls in protocol.__mro__:
+        if cls in (object, typing.Protocol, typing.Generic):
+            continue
+        names |= {name for name in vars(cls) if not name.startswith("_")}
+    return names
+
+
+def _accepts(impl: inspect.Signature, declared: inspect.Signature) -> str | None:
+    """Why a method with signature `impl` cannot be called as `declared` says, or None."""
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    for name, param in declared.parameters.items():
+        if name == "self":
+            continue
+        mine = impl.parameters.get(name)
+        if mine is None:
+            return f"no parameter {name!r}"
+        if param.kind in positional and mine.kind not in positional:
+            return f"{name!r} is not positional"
+        if param.default is not inspect.Parameter.empty and mine.default is inspect.Parameter.empty:
+            return f"{name!r} has no default"
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    for name, mine in impl.parameters.items():
+        required = mine.default is inspect.Parameter.empty and mine.kind not in variadic
+        if name not in declared.parameters and required:
+            return f"extra parameter {name!r} without a default"
+    return None
+
+
+@pytest.mark.parametrize("transport", ["libp2p", "memory", "localsock"])
+def test_each_transport_has_every_member_of_its_part_of_the_seam(transport: str) -> None:
+    """The seam is complete: every member the daemon may use exists, callable as declared."""
+    if transport == "libp2p":
+        node, protocol = _libp2p_node(), Network
+    elif transport == "memory":
+        node, protocol = MemoryNetwork().add_node("x"), Network
+    else:
+        node, protocol = localsock.LocalStreams(identity.NodeIdentity.generate()), Streams
+    problems = []
+    for name in sorted(_members(protocol)):
+        if not hasattr(node, name):
+            problems.append(f"{name}: missing")
+            continue
+        declared = inspect.getattr_static(protocol, name)
+        if callable(declared):
+            why = _accepts(inspect.signature(getattr(node, name)), inspect.signature(declared))
+            if why is not None:
+                problems.append(f"{name}: {why}")
+    assert problems == []
+    assert {"open_stream", "set_stream_handler", "request", "connect", "listen_addrs"} <= (
+        _members(Network)
+    )
