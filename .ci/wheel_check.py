@@ -198,15 +198,17 @@ def use_the_wheel(venv: Path, work: Path) -> dict[str, float]:
             raise CheckFailed(f"the daemon exited {code} on SIGTERM")
         if (home / "daemon.json").exists():
             raise CheckFailed("the daemon left daemon.json behind")
+        if "Traceback" in (work / "daemon.log").read_text():
+            raise CheckFailed("the daemon logged a traceback")
+    except CheckFailed as exc:
+        log.flush()
+        tail = (work / "daemon.log").read_text()[-4000:]
+        raise CheckFailed(f"{exc}\n--- the daemon's log (end) ---\n{tail}") from None
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
         log.close()
-        text = (work / "daemon.log").read_text()
-        if "Traceback" in text:
-            print(text[-4000:])
-            raise CheckFailed("the daemon logged a traceback")
     say("gridmesh daemon: started, answered `gridmesh status`, stopped on SIGTERM (exit 0)")
 
     started = time.monotonic()
@@ -278,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep:
             say(f"kept {tmp}")
         else:
+            started = time.monotonic()
             shutil.rmtree(tmp, ignore_errors=True)
+            timings["clean up"] = time.monotonic() - started
     width = max(map(len, timings))
     for step, seconds in timings.items():
         print(f"  {step:<{width}}  {seconds:6.1f} s")
