@@ -116,13 +116,10 @@ class Peering:
     # -- connections and peers ---------------------------------------------------------------
 
     def connected_peers(self) -> set[str]:
-        """Peers this node exchanged messages with that are still on the network."""
-        hub = self._hub
-        return {
-            p
-            for p in self._contacts
-            if hub._nodes.get(p) is not None and hub.reachable(self._peer_id, p)
-        }
+        """Peers this node exchanged messages with that are still on the network (a peer
+        behind a partition stays connected, as a frozen one does on TCP: pings notice it)."""
+        nodes = self._hub._nodes
+        return {p for p in self._contacts if p in nodes}
 
     def listen_addrs(self) -> list[str]:
         return [f"/p2p/{self._peer_id}"]
@@ -149,11 +146,16 @@ class Peering:
         yield self
 
     async def track_peers(self, interval_s: float) -> None:
-        """Keep `peers` current: who is known, and their measured (virtual) round trip."""
+        """Keep `peers` current: who is known, and the measured (virtual) round trip of
+        those connected (a peer unreachable now keeps missing pings)."""
         while self._alive:
+            connected = self.connected_peers()
             for peer_id in sorted(self.known_peers()):  # type: ignore[attr-defined]
                 state = self.peers.setdefault(peer_id, PeerState(peer_id))
                 state.addrs = state.addrs or [f"/p2p/{peer_id}"]
+                if peer_id not in connected:  # as libp2p: only connected peers are pinged
+                    state.rtt_ms = None
+                    continue
                 try:
                     state.rtt_ms = await self.ping(peer_id)
                     state.last_seen = self._hub.now()

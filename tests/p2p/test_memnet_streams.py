@@ -142,6 +142,8 @@ async def test_connect_by_address_ping_and_peer_tracking(autojump_clock):
         hub.partition([{"a"}, {"b"}])
         await trio.sleep(20)
         assert a.peers["b"].rtt_ms is None and a.peers["b"].missed_pings >= 2
+        assert "b" in a.connected_peers()  # silent, not gone
+        hub.remove_node("b")
         assert "b" not in a.connected_peers()
         nursery.cancel_scope.cancel()
     with pytest.raises(NetworkError):
