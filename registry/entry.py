@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from p2p import codec, identity
@@ -55,17 +56,26 @@ class Entry:
     def deleted(self) -> bool:
         return self.value is None
 
-    @property
+    # An entry never changes once made (its value is not mutated either: replicas replace
+    # entries whole), so what merge and anti-entropy compare is computed once per entry:
+    # a sync round compares every entry's state, every round, with every peer.
+    @cached_property
     def claim(self) -> Claim:
         return (self.created.wall_ms, self.created.counter, self.owner)
 
-    @property
+    @cached_property
     def digest(self) -> bytes:
         return hashlib.sha256(codec.encode(self.value)).digest()[:8]
 
-    @property
+    @cached_property
     def version(self) -> Version:
         return (self.ts.wall_ms, self.ts.counter, self.author, self.digest)
+
+    @cached_property
+    def state_hash(self) -> int:
+        """A hash of the exact state (claim, version), as anti-entropy digests XOR it."""
+        state = codec.encode([list(self.claim), list(self.version)])
+        return int.from_bytes(hashlib.sha256(state).digest()[: wire.DIGEST_BYTES], "big")
 
     def signing_bytes(self) -> bytes:
         return codec.encode(

@@ -26,7 +26,7 @@ import msgspec
 import trio
 
 from p2p import codec, identity
-from registry import schemas
+from registry import schemas, sync
 from registry.entry import Entry, EntryId, join, sign_entry, verify_entry
 from registry.hlc import ClockError, HybridClock
 from registry.store import RegistryStore
@@ -120,6 +120,8 @@ class Replica:
         self.hooks = schemas.default_hooks if hooks is None else hooks
         self._on_reject = on_reject or (lambda source, reason: None)
         self.entries: dict[EntryId, Entry] = {}
+        self._mutations = 0  # counts changes to `entries`: the digests cache's key
+        self._digests: tuple[tuple[int, int], dict[str, list[bytes]]] | None = None
         self._apply_lock = trio.Lock()
         self.applied = 0
         self.rejected: Counter[str] = Counter()
@@ -157,6 +159,7 @@ class Replica:
             self._account(entry, self.entries.get(entry.id))
             self.entries[entry.id] = entry
             self.clock.advance(entry.ts)
+        self._mutations += 1
         self._size_memo.clear()
 
     def _check_stored(self, entry: Entry) -> None:
@@ -421,6 +424,7 @@ class Replica:
                 self._account(entry, replaced[entry_id])
             self.entries.update(changed)
             self.applied += len(changed)
+            self._mutations += 1
         self._size_memo.clear()
         return list(changed.values())
 
@@ -453,11 +457,20 @@ class Replica:
         old = [e.id for e in self.entries.values() if e.deleted and e.ts.wall_ms < cutoff]
         for entry_id in old:
             self._forget(self.entries.pop(entry_id))
+        self._mutations += 1
         if old and self.store is not None:
             await self.store.purge_tombstones(cutoff)
         return len(old)
 
     # -- reads -------------------------------------------------------------------------
+
+    def digests(self) -> dict[str, list[bytes]]:
+        """Anti-entropy digests of every entry (`sync.digests`), recomputed only after the
+        entries changed: every sync round, served or started, asks for them."""
+        key = (self._mutations, len(self.entries))
+        if self._digests is None or self._digests[0] != key:
+            self._digests = (key, sync.digests(self.entries.values()))
+        return self._digests[1]
 
     def get(self, kind: str, key: str) -> Entry | None:
         return self.entries.get((kind, key))

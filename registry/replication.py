@@ -198,7 +198,7 @@ class Replicator:
             op = wire.decode_sync_op(payload, self.settings.max_message_bytes)
             if isinstance(op, wire.DigestsOp):
                 theirs = sync.parse_digests(op)
-                mine = sync.digests(self.replica.entries.values())
+                mine = self.replica.digests()
                 after = (op.after.kind, op.after.key) if op.after is not None else None
                 lst = sync.listing(
                     self.replica.entries,
@@ -321,7 +321,7 @@ class Replicator:
         after listing page (at most `max_pages_per_round`), pulling and pushing each page's
         differences in byte-bounded messages."""
         hedges = [p for p in hedges or [] if p != peer_id]
-        mine = sync.digests(self.replica.entries.values())
+        mine = self.replica.digests()
         after = self._resume  # where the last round stopped, when it ran out of pages
         applied = pushed = pages = 0
         while True:

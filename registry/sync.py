@@ -19,9 +19,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
-from p2p import codec
 from registry import wire
 from registry.entry import Entry, EntryId
 
@@ -41,21 +41,20 @@ class SyncError(wire.WireError):
         super().__init__(reason, detail)
 
 
+@lru_cache(maxsize=1 << 16)  # every round asks it of every entry; keys are few and stable
 def bucket_of(kind: str, key: str) -> int:
     return hashlib.sha256(f"{kind}\0{key}".encode()).digest()[0] % BUCKETS
 
 
 def state_hash(entry: Entry) -> bytes:
-    return hashlib.sha256(codec.encode([list(entry.claim), list(entry.version)])).digest()[
-        :DIGEST_BYTES
-    ]
+    return entry.state_hash.to_bytes(DIGEST_BYTES, "big")
 
 
 def digests(entries: Iterable[Entry]) -> dict[str, list[bytes]]:
     out: dict[str, list[int]] = {}
     for entry in entries:
         row = out.setdefault(entry.kind, [0] * BUCKETS)
-        row[bucket_of(entry.kind, entry.key)] ^= int.from_bytes(state_hash(entry), "big")
+        row[bucket_of(entry.kind, entry.key)] ^= entry.state_hash
     return {kind: [v.to_bytes(DIGEST_BYTES, "big") for v in row] for kind, row in out.items()}
 
 

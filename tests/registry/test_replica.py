@@ -207,3 +207,30 @@ async def test_concurrent_creates_converge_on_the_earlier_claim():
     await alice.apply([second])
     await bob.apply([first])
     assert alice.get("components", "k") == bob.get("components", "k") == first
+
+
+async def test_cached_digests_follow_every_change():
+    """`Replica.digests()` is cached; every way entries change (local writes, entries from
+    peers, garbage collection) must show in the next digests exactly as a fresh computation."""
+    from registry import sync
+
+    time = FakeTime()
+    r, other = replica_for(ALICE, time), replica_for(BOB, time)
+
+    def fresh() -> dict[str, list[bytes]]:
+        return sync.digests(r.entries.values())
+
+    assert r.digests() == fresh() == {}
+    await r.put("components", "a", COMPONENT)
+    first = r.digests()
+    assert first == fresh() and first
+    await r.put("components", "a", {**COMPONENT, "version": "2"})  # same key, same count
+    assert r.digests() == fresh() != first
+    theirs = await other.put("components", "b", COMPONENT)
+    assert await r.apply([theirs], "gossip")
+    assert r.digests() == fresh()
+    await r.put("components", "a", None)
+    time.ms += 10_000_000
+    assert await r.collect_garbage(horizon_ms=1_000) == 1
+    assert r.digests() == fresh()
+    assert ("components", "a") not in r.entries
