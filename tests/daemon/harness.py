@@ -130,12 +130,16 @@ class MemoryCluster:
         *,
         seed: int = 0,
         settings: dict[str, Any] | None = None,
+        detect_resources: Callable[[Path], dict[str, Any]] | None = None,
     ) -> None:
         self.root = root
         self.nursery = nursery
         self.hub = MemoryNetwork(seed=seed, latency_s=0.001, fanout=8)
         self.daemons: list[RunningDaemon] = []
+        self._launched = 0
         self.settings = settings or FAST
+        # fixed resources by default: detection reads the machine (and may take a while)
+        self.detect_resources = detect_resources or (lambda home: json.loads(json.dumps(RESOURCES)))
 
     def config(self, bootstrap: list[str]) -> Config:
         raw = json.loads(json.dumps(self.settings))
@@ -155,15 +159,27 @@ class MemoryCluster:
         return self.daemons
 
     async def add(self, home: Path, bootstrap: list[str]) -> RunningDaemon:
+        """Start one more daemon, in `home`."""
+        running = await self._launch(home, bootstrap)
+        self.daemons.append(running)
+        return running
+
+    async def restart(self, old: RunningDaemon, bootstrap: list[str]) -> RunningDaemon:
+        """Start a daemon again in the home of `old` (stopped or killed), in its place: same
+        identity; its registry starts empty (in-process daemons keep it in memory)."""
+        running = await self._launch(old.daemon.home, bootstrap)
+        self.daemons[self.daemons.index(old)] = running
+        return running
+
+    async def _launch(self, home: Path, bootstrap: list[str]) -> RunningDaemon:
         home.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - before the daemon runs
-        parts = replace(IN_PROCESS, detect_resources=lambda home: dict(RESOURCES))
+        parts = replace(IN_PROCESS, detect_resources=self.detect_resources)
         daemon = Daemon(home, self.config(bootstrap), network=self._network, parts=parts)
         peer_id = daemon.ident.peer_id
-        running = RunningDaemon(
-            daemon, self.hub.node(peer_id), memory_addr(len(self.daemons), peer_id)
-        )
+        self._launched += 1
+        addr = memory_addr(self._launched, peer_id)
+        running = RunningDaemon(daemon, self.hub.node(peer_id), addr)
         await self.nursery.start(self._run, running)
-        self.daemons.append(running)
         return running
 
     async def _run(self, running: RunningDaemon, *, task_status: Any) -> None:
@@ -172,6 +188,12 @@ class MemoryCluster:
                 await running.daemon.run(task_status=task_status)
         finally:
             running.stopped.set()
+
+    async def stop(self, running: RunningDaemon) -> None:
+        """A clean stop (as SIGTERM): the daemon winds down, then leaves the network."""
+        running.daemon.shutdown.set()
+        await running.stopped.wait()
+        self.hub.remove_node(running.peer_id, refuse=True)
 
     def kill(self, running: RunningDaemon) -> None:
         """SIGKILL, in memory: the daemon's tasks stop where they are, its streams break and

@@ -53,6 +53,45 @@ async def test_discovery_and_a_replicated_write(autojump_clock, tmp_path):
     print(f"real {time.perf_counter() - started:.2f} s")
 
 
+# -- moved from test_registry_procs.py ------------------------------------------------------
+
+
+async def test_write_replicates_and_late_and_returning_nodes_catch_up(autojump_clock, tmp_path):
+    async with memory_cluster(tmp_path, 3) as net:
+        a, b, c = net.daemons
+        await a.call("registry_put", {"kind": "components", "key": "llama", "value": COMPONENT})
+
+        async def everywhere() -> bool:
+            return all(["llama" in await keys_on(d) for d in net.daemons])
+
+        await net.wait_for(everywhere, 5, "replication")
+        # owner-only: b may not change a's entry, and says why
+        with pytest.raises(RPCCallError) as err:
+            await b.call(
+                "registry_put",
+                {"kind": "components", "key": "llama", "value": {**COMPONENT, "version": "2"}},
+            )
+        assert err.value.data["reason"] == "unauthorized"
+        # c stops; writes go on; c comes back and catches up through anti-entropy
+        await net.stop(c)
+        for i in range(20):
+            await a.call("registry_put", {"kind": "components", "key": f"m{i}", "value": COMPONENT})
+        await a.call("registry_delete", {"kind": "components", "key": "m0"})
+        expected = {"llama"} | {f"m{i}" for i in range(1, 20)}
+
+        async def on(daemon) -> bool:
+            return await keys_on(daemon) == expected
+
+        await net.wait_for(lambda: on(b), 5, "b to have every write")
+        back = await net.restart(c, bootstrap=[b.addr])
+        assert back.peer_id == c.peer_id
+        await net.wait_for(lambda: on(back), 15, "the returning daemon to catch up")
+        # a daemon started fresh receives the whole registry
+        fresh = await net.add(tmp_path / "fresh", bootstrap=[a.addr])
+        await net.wait_for(lambda: on(fresh), 15, "a fresh daemon to get everything")
+        assert (await fresh.call("registry_stats"))["deleted"] == 1
+
+
 LAYERS = 6
 PROMPT = list(b"a network of shards")
 
