@@ -19,7 +19,7 @@ Key = Annotated[str, Meta(description="entry key")]
 Value = Annotated[dict[str, Any], Meta(description="the entry, checked by its schema")]
 KindFilter = Annotated[str | None, Meta(description="only this kind")]
 Filter = Annotated[str | None, Meta(description="e.g. \"minInstances >= 1 AND key LIKE 'llama%'\"")]
-Limit = Annotated[int, Meta(description="page size, 1..1000 (default 100)")]
+Limit = Annotated[int, Meta(ge=1, le=1000, description="page size, 1..1000 (default 100)")]
 Cursor = Annotated[str | None, Meta(description="next_cursor of the previous page")]
 
 
@@ -64,8 +64,6 @@ def register_registry_methods(dispatcher: Dispatcher, replicator: Replicator) ->
         """Entries sorted by kind and key, filtered, one page at a time."""
         if kind is not None:
             _kind(kind)
-        if not 1 <= limit <= 1000:
-            raise InvalidParams("limit must be between 1 and 1000")
         try:
             predicate = compile_filter(filter)
         except QueryError as exc:

@@ -36,7 +36,9 @@ BUSY = status_of(errors.Busy).jsonrpc  # a cap on running generations was reache
 
 ModelDir = Annotated[str, Meta(description="local directory of an HF Llama checkpoint")]
 Dtype = Annotated[str, Meta(description="float32 (default), float16 or bfloat16")]
-Nodes = Annotated[int | None, Meta(description="split over exactly this many nodes")]
+Nodes = Annotated[
+    Annotated[int, Meta(ge=1)] | None, Meta(description="split over exactly this many nodes")
+]
 Replicas = Annotated[int, Meta(description="copies of the chain when capacity allows")]
 Plan = Annotated[
     list[Any] | None,
@@ -111,8 +113,6 @@ def register_shard_methods(
     async def _plan(model_dir: str, dtype: str, nodes: int | None, replicas: int) -> Any:
         from scheduler.shard_plan import Candidate, PlanError, plan_shards, plan_with_nodes
 
-        if nodes is not None and nodes < 1:
-            raise InvalidParams("nodes must be at least 1")
         _, spec = await _model_spec(model_dir, dtype)
         records = await directory.find()
         candidates = []

@@ -144,6 +144,8 @@ def test_every_description_is_its_handlers_signature() -> None:
         ("registry_get", {"kind": "blocks", "key": "k"}, None, NotFound, None),
         ("registry_put", {"kind": "nope", "key": "k", "value": {}}, None, None, None),
         ("registry_list", {"limit": 0}, None, None, None),
+        ("registry_list", {"limit": 1001}, None, None, None),
+        ("shard_plan", {"model_dir": "/nowhere", "nodes": 0}, None, None, None),
         (
             "block_load",
             {"model": "m", "model_dir": "/nowhere", "start": 0, "end": 1},
