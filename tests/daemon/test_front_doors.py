@@ -3,7 +3,9 @@ the same message: both validate through the types in `daemon.api.generation`."""
 
 from __future__ import annotations
 
+import inspect
 import json
+import typing
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -12,6 +14,7 @@ import grpc
 import pytest
 import trio
 
+from daemon.api.generation import ForwardInput, GenerateInput
 from daemon.api.grpc_server import HOST, serve_grpc
 from daemon.api.jsonrpc import INVALID_PARAMS, Dispatcher
 from daemon.api.proto import gridmesh_inference_pb2 as pb2
@@ -185,3 +188,22 @@ async def test_refusals_name_the_parameter_and_its_bounds(
 ) -> None:
     error = await jsonrpc_generate(arguments)
     assert error["code"] == INVALID_PARAMS and needle in error["message"], error
+
+
+def test_generate_takes_the_grpc_inputs_fields_with_their_types_and_defaults() -> None:
+    """JSON-RPC `generate`'s parameters are `GenerateInput`'s fields, annotation for
+    annotation: a bound changed in one place changes on both doors."""
+    d = Dispatcher()
+    register_shard_methods(d, FullShards(), SimpleNamespace())  # type: ignore[arg-type]
+    handler = d._methods["generate"].handler
+    handler_hints = typing.get_type_hints(handler, include_extras=True)
+    signature = inspect.signature(handler).parameters
+    for struct in (GenerateInput, ForwardInput):
+        struct_hints = typing.get_type_hints(struct, include_extras=True)
+        for name in struct.__struct_fields__:
+            if struct is ForwardInput and name == "token_ids":
+                continue  # Forward takes up to 4096 tokens, a prompt up to 32768
+            assert handler_hints[name] == struct_hints[name], name
+            default = getattr(struct(model="m", token_ids=[1]), name)
+            if name not in ("model", "token_ids"):
+                assert signature[name].default == default, name
