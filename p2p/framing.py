@@ -73,7 +73,10 @@ async def write_frame(stream: Any, payload: bytes) -> None:
 async def _read_exactly(stream: Any, n: int) -> bytes:
     chunks, remaining = [], n
     while remaining:
-        chunk = await stream.read(remaining)
+        try:
+            chunk = await stream.read(remaining)
+        except _Libp2pStreamEOF:  # an end inside a frame is no orderly end (StreamClosed)
+            chunk = b""
         if not chunk:
             raise NetworkError("stream closed mid-frame")
         chunks.append(chunk)
