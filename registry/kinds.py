@@ -22,8 +22,7 @@ from typing import Annotated, Any, Literal, Union
 import msgspec
 from msgspec import Meta
 
-from registry import schemas
-from registry.schemas import MAX_LIST_ITEMS, MAX_STRING_LENGTH, Spec
+from registry.specs import KINDS, MAX_LIST_ITEMS, MAX_STRING_LENGTH, SPECS, Spec
 
 
 class TypedValueError(ValueError):
@@ -115,12 +114,12 @@ def _object_type(spec: Spec, name: str) -> Any:
 @cache
 def value_type(kind: str) -> Any:
     """The msgspec type of a kind's values (a Struct)."""
-    return _type_of(schemas.spec_of(kind), kind.capitalize())
+    return _type_of(SPECS[kind], kind.capitalize())
 
 
 def typed_value(kind: str, value: Any) -> Any:
     """`value` as its kind's Struct; TypedValueError if it does not fit."""
-    if kind not in schemas.KINDS:
+    if kind not in KINDS:
         raise TypedValueError(f"unknown kind {str(kind)[:32]!r}")
     try:
         return msgspec.convert(value, value_type(kind), strict=True)

@@ -32,9 +32,22 @@ import json
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
+
+from registry import kinds
+from registry.specs import (
+    KINDS,
+    MAX_DEPTH,
+    MAX_KEY_LENGTH,
+    MAX_LIST_ITEMS,
+    MAX_STRING_LENGTH,
+    MAX_VALUE_BYTES,
+    PEER_ID_RE,
+    SPECS,
+    Spec,
+)
 
 __all__ = [
     "KINDS",
@@ -54,25 +67,10 @@ __all__ = [
     "validate_value",
 ]
 
-KINDS: tuple[str, ...] = (
-    "clusters",
-    "members",
-    "components",
-    "blocks",
-    "vdags",
-    "policies",
-    "endpoints",
-)
 
-MAX_KEY_LENGTH = 200
-MAX_STRING_LENGTH = 4096
-MAX_LIST_ITEMS = 1024
-MAX_VALUE_BYTES = 64 * 1024
-MAX_DEPTH = 16  # containers nested inside each other, the value itself counting as 1
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what msgpack and sqlite can carry
 
 _KEY_RE = re.compile(r"[A-Za-z0-9._:@/-]+")
-_PEER_ID_RE = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
@@ -172,58 +170,6 @@ _TYPE_NAMES = {
 }
 
 
-@dataclass(frozen=True, eq=False)
-class Spec:
-    """The expected shape of one field.
-
-    types: any of "str", "int", "number" (int or float), "bool", "dict", "list", "any"
-    (which excludes null), "null".
-    fields: for a dict, the known keys; unknown keys are refused unless `open`.
-    values: for a dict, the spec of every value. items: for a list, the spec of each item.
-    min_len / max_len bound a string's characters or a list's items; minimum / maximum bound
-    a number. unique: list items must not repeat. pattern: a string must fullmatch it, and
-    `pattern_doc` says in words what that means.
-    """
-
-    types: tuple[str, ...]
-    required: bool = False
-    fields: Mapping[str, Spec] | None = None
-    open: bool = False
-    values: Spec | None = None
-    items: Spec | None = None
-    enum: frozenset[str] | None = None
-    min_len: int | None = None
-    max_len: int | None = None
-    minimum: float | None = None
-    maximum: float | None = None
-    unique: bool = False
-    pattern: re.Pattern[str] | None = None
-    pattern_doc: str = ""
-
-
-def text(required: bool = False, *, min_len: int | None = None, **kw: Any) -> Spec:
-    if required and min_len is None:
-        min_len = 1  # a required name, id or URI is never empty
-    return Spec(("str",), required=required, min_len=min_len, **kw)
-
-
-def integer(required: bool = False, **kw: Any) -> Spec:
-    return Spec(("int",), required=required, **kw)
-
-
-def obj(fields: Mapping[str, Spec] | None = None, required: bool = False, **kw: Any) -> Spec:
-    """A dict: closed over `fields` when given, free-form otherwise."""
-    return Spec(("dict",), required=required, fields=fields, **kw)
-
-
-def array(items: Spec, required: bool = False, **kw: Any) -> Spec:
-    return Spec(("list",), required=required, items=items, **kw)
-
-
-def one_of(*names: str, required: bool = False) -> Spec:
-    return text(required, enum=frozenset(names))
-
-
 def _type_ok(types: tuple[str, ...], value: Any) -> str | None:
     """The matching type name for `value`, or None."""
     if isinstance(value, bool):
@@ -307,142 +253,6 @@ def _check_object(spec: Spec, value: dict[str, Any], path: str) -> None:
     if spec.values is not None:
         for name, item in value.items():
             _check(spec.values, item, _join(path, name))
-
-
-# --------------------------------------------------------------------------- the kinds
-
-_COMMON: dict[str, Spec] = {
-    "metadata": obj(),
-    "labels": obj(values=text()),
-}
-
-_PEER_ID = text(
-    True, pattern=_PEER_ID_RE, pattern_doc="a peer id (1 to 128 of A-Z a-z 0-9 . _ : @ -)"
-)
-_POLICY_RULE = obj(
-    {
-        "name": text(True),
-        "policyRuleURI": text(True),
-        "parameters": obj(),
-        "settings": obj(),
-    }
-)
-_GRAPH_REF = Spec(("str", "dict"), fields={"nodeLabel": text(True)}, open=True, min_len=1)
-_CONNECTION = obj(
-    {
-        "nodeLabel": text(),
-        "inputs": array(_GRAPH_REF),
-        "from": text(),
-        "to": text(),
-    },
-    open=True,
-)
-_VDAG_NODE = obj(
-    {
-        "nodeLabel": text(True),
-        "nodeType": one_of("block", "vdag", required=True),
-        "vdagURI": text(),
-        "manualBlockId": text(),
-        "assignmentPolicyRule": obj(),
-        "preprocessingPolicyRule": obj(),
-        "postprocessingPolicyRule": obj(),
-        # Also in AIOS's vDAG registry's node object:
-        "modelParameters": obj(),
-        "inputProtocol": obj(),
-        "outputProtocol": obj(),
-        "IOMap": array(Spec(("any",))),
-    }
-)
-
-_ANNOUNCED_PARAMETERS: dict[str, Spec] = {
-    "ms_per_layer": Spec(("number",), minimum=0.0, maximum=1e6),
-    "cache_tokens_free": integer(minimum=0),
-    "parameters_bytes": integer(minimum=0),
-    "dtype": text(max_len=32),
-    "host": Spec(("str", "null"), max_len=128),  # a node without a local socket: null
-}
-
-_SCHEMAS: dict[str, dict[str, Spec]] = {
-    "clusters": {
-        "name": text(True),
-        "admins": array(_PEER_ID, True, min_len=1, unique=True),
-        "description": text(),
-        "tags": array(text()),
-        "settings": obj(),
-    },
-    "members": {
-        "cluster_id": text(True),
-        "peer_id": _PEER_ID,
-        "roles": array(
-            one_of("admin", "worker", "observer", "coordinator"), True, min_len=1, unique=True
-        ),
-    },
-    "components": {
-        "name": text(True),
-        "version": text(True),
-        "componentType": one_of("model", "block", "policy", "vdag", "service"),
-        "uri": text(),
-        "description": text(),
-        "cluster_id": text(),
-        "config": obj(),
-    },
-    "blocks": {
-        "blockId": text(True),
-        "blockComponentURI": text(True),
-        "minInstances": integer(minimum=0),
-        "maxInstances": integer(minimum=0),
-        "blockInitData": obj(),
-        "initSettings": obj(),
-        # free-form (AIOS), except the fields a server announcement puts there, which every
-        # node reads when it routes (registry.blocks): they must have their types
-        "parameters": obj(_ANNOUNCED_PARAMETERS, open=True),
-        "policyRulesSpec": array(_POLICY_RULE),
-        "cluster_id": text(),
-        "model": text(),
-        "layers": array(integer(minimum=0), min_len=2, max_len=2),
-        "served_by": array(_PEER_ID, unique=True),
-    },
-    "vdags": {
-        "vdagName": text(True),
-        # AIOS writes {"version": "1.0.0", "release-tag": "stable"}; a plain string also works.
-        "vdagVersion": Spec(
-            ("str", "dict"),
-            required=True,
-            min_len=1,
-            fields={"version": text(), "release-tag": text()},
-        ),
-        "discoveryTags": array(text()),
-        "controller": obj(),
-        "nodes": array(_VDAG_NODE, True, min_len=1),
-        "graph": obj(
-            {
-                "input": array(_GRAPH_REF, True, min_len=1),
-                "output": array(_GRAPH_REF, True, min_len=1),
-                "connections": array(_CONNECTION),
-            },
-            required=True,
-        ),
-    },
-    "policies": {
-        "name": text(True),
-        "policyURI": text(),
-        "description": text(),
-        "parameters": obj(),
-        "settings": obj(),
-    },
-    "endpoints": {
-        "url": text(True),
-        "protocol": one_of("grpc", "http", "openai", required=True),
-        "block_id": text(),
-        "vdag": text(),
-        "model": text(),
-        "peer_id": replace(_PEER_ID, required=False),
-    },
-}
-
-_SPECS: dict[str, Spec] = {
-    kind: obj({**fields, **_COMMON}, required=True) for kind, fields in _SCHEMAS.items()
-}
 
 
 def _check_members(key: str, value: dict[str, Any]) -> None:
@@ -534,7 +344,7 @@ def validate_key(kind: str, key: str) -> None:
         problem = "must not contain '..'"
     elif kind == "members":
         cluster_id, _, peer_id = key.partition("/")
-        if not cluster_id or not _PEER_ID_RE.fullmatch(peer_id):
+        if not cluster_id or not PEER_ID_RE.fullmatch(peer_id):
             problem = "must be <cluster_id>/<peer_id> (one '/')"
     if problem is not None:
         raise SchemaError(f"{kind}: key {_show(key)} {problem}", "key")
@@ -551,7 +361,7 @@ def validate_value(kind: str, key: str, value: dict[str, Any]) -> None:
         if not isinstance(value, dict):
             raise _Invalid("", f"value must be an object, not {type(value).__name__}")
         _check_bounds(value)
-        _check(_SPECS[kind], value, "")
+        _check(SPECS[kind], value, "")
         cross = _CROSS_CHECKS.get(kind)
         if cross is not None:
             cross(key, value)
@@ -569,13 +379,11 @@ def validate_value(kind: str, key: str, value: dict[str, Any]) -> None:
 def spec_of(kind: str) -> Spec:
     """The declared shape of a kind's values (`registry.kinds` derives its Structs from it)."""
     _check_kind(kind)
-    return _SPECS[kind]
+    return SPECS[kind]
 
 
 def _check_typed(kind: str, value: dict[str, Any]) -> None:
     """Every accepted value must also have its typed form (`registry.kinds`)."""
-    from registry import kinds  # kinds imports this module
-
     try:
         kinds.typed_value(kind, value)
     except kinds.TypedValueError as exc:

@@ -13,7 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemon.specs import substitute_self
-from registry import schemas
 from registry.schemas import (
     KINDS,
     SchemaError,
@@ -23,6 +22,7 @@ from registry.schemas import (
     validate_key,
     validate_value,
 )
+from registry.specs import SPECS
 
 SAMPLES = Path(__file__).resolve().parents[2] / "configs" / "samples"
 PEER = "12D3KooWEyoppNCUx8Yx66oV9fJnriXwCcXwDDUA2kj6vnc6iDEp"
@@ -484,7 +484,7 @@ json_like = st.recursive(
     max_leaves=20,
 )
 field_names = st.sampled_from(
-    sorted({name for spec in schemas._SCHEMAS.values() for name in spec} | {"metadata", "x"})
+    sorted({name for spec in SPECS.values() for name in spec.fields or {}} | {"metadata", "x"})
 )
 
 
