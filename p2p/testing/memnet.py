@@ -26,6 +26,11 @@ How failures look to a caller (callers bound every call with `move_on_after`/`fa
 | handler raised                          |                                              |
 | the calling node itself was removed     | `NetworkError` at once                       |
 
+Streams (`open_stream`) cost one round trip to open, over the same links and with the same
+failures as a request; their frames then travel at once, at most `stream_capacity` frames
+buffered each way. A node removed with `refuse=True` resets its streams; without, they go
+silent (see `p2p.testing.peering`).
+
 DHT calls use the same links but bound each RPC by RPC_TIMEOUT_S of virtual time; a lost or
 unanswered RPC counts as a failure against the peer.
 
