@@ -26,7 +26,6 @@ from daemon import __version__, resources
 from daemon.api import cookie
 from daemon.api.http import serve_rpc
 from daemon.api.jsonrpc import Dispatcher
-from daemon.config import Config
 from daemon.home import (  # noqa: F401 - LOCK_FILE, DaemonError, read_daemon_file: re-exported
     DAEMON_FILE,
     LOCK_FILE,
@@ -37,16 +36,17 @@ from daemon.home import (  # noqa: F401 - LOCK_FILE, DaemonError, read_daemon_fi
 from daemon.metrics import Metrics
 from daemon.registry_methods import register_registry_methods
 from daemon.rpc_methods import register_node_methods
+from daemon.settings import Config
 from daemon.shard_methods import register_shard_methods
 from daemon.shards.service import ShardService
 from p2p import identity
 from p2p.aio import AsyncioBridge
-from p2p.discovery import DiscoverySettings, ResourceDirectory
-from p2p.host import HostLimits, Libp2pNetwork
+from p2p.discovery import ResourceDirectory
+from p2p.host import Libp2pNetwork
 from p2p.network import DHTValidator, Network
 from p2p.records import NAMESPACE
-from registry.replica import Limits, Replica
-from registry.replication import ReplicationSettings, Replicator
+from registry.replica import Replica
+from registry.replication import Replicator
 from registry.store import RegistryStore
 
 log = logging.getLogger(__name__)
@@ -93,18 +93,7 @@ def libp2p_network(
         dht_timeout_s=config.p2p.dht_timeout_s,
         on_reject=metrics.reject,
         on_dht_op=metrics.observe_dht,
-        limits=HostLimits(
-            streams_per_s=config.p2p.peer_streams_per_s,
-            stream_burst=config.p2p.peer_stream_burst,
-            gossip_per_s=config.p2p.peer_gossip_per_s,
-            gossip_burst=config.p2p.peer_gossip_burst,
-            gossip_bytes_per_s=config.p2p.peer_gossip_bytes_per_s,
-            gossip_bytes_burst=2 * config.p2p.peer_gossip_bytes_per_s,
-            max_gossip_bytes=config.p2p.max_gossip_bytes,
-            hello_timeout_s=config.p2p.hello_timeout_s,
-            seen_ttl_s=config.p2p.gossip_seen_ttl_s,
-            max_connections_per_ip=config.p2p.max_connections_per_ip,
-        ),
+        limits=config.host_limits(),
     )
 
 
@@ -132,18 +121,11 @@ class Daemon:
         self.shutdown = trio.Event()
         self._nursery_: trio.Nursery | None = None
         self._publish_now = trio.Event()
-        settings = DiscoverySettings(
-            network_id=config.network_id,
-            record_validity_s=config.resources.record_validity_s,
-            publish_interval_s=config.resources.publish_interval_s,
-            max_clock_skew_s=config.resources.max_clock_skew_s,
-            dht_timeout_s=config.p2p.dht_timeout_s,
-        )
         self.net = network(self.ident, config, _LazyValidator(self), self.metrics)
         self.directory = ResourceDirectory(
             self.net,
             self.ident,
-            settings,
+            config.discovery(),
             describe=lambda: (
                 self.net.listen_addrs(),
                 {
@@ -165,22 +147,12 @@ class Daemon:
             self.ident,
             store=self.store,
             on_reject=self.metrics.reject,
-            limits=Limits(
-                max_entry_bytes=config.registry.max_entry_bytes,
-                author_max_entries=config.registry.author_max_entries,
-                author_max_bytes=config.registry.author_max_bytes,
-            ),
+            limits=config.registry_limits(),
         )
         self.replicator = Replicator(
             self.net,
             self.replica,
-            ReplicationSettings(
-                network_id=config.network_id,
-                sync_interval_s=config.registry.sync_interval_s,
-                sync_timeout_s=config.registry.sync_timeout_s,
-                gc_interval_s=config.registry.gc_interval_s,
-                tombstone_horizon_s=config.registry.tombstone_horizon_s,
-            ),
+            config.replication(),
             on_reject=self.metrics.reject,
         )
         self.dispatcher = Dispatcher(on_outcome=self.metrics.rpc_outcome)
