@@ -47,8 +47,9 @@ from typing import Any
 import torch
 import trio
 
-from daemon.shards import SHARD_PROTOCOL, wire
+from daemon.shards import wire
 from daemon.shards.model import KVCache, LlamaConfig, LlamaShard, ModelError, load_shard
+from daemon.shards.push import Outbox, PushPool
 from p2p.network import NetworkError, Stream, StreamOpener
 
 log = logging.getLogger(__name__)
@@ -56,16 +57,8 @@ log = logging.getLogger(__name__)
 MAX_SESSIONS = 64
 SESSION_IDLE_S = 120.0
 MAX_STEP_TOKENS = 4096
-MAX_PEERS = 64  # pooled push streams to next servers
 STREAM_IDLE_S = 30.0  # a stream without a live session and without a frame is closed
 MAX_STREAMS_PER_PEER = MAX_SESSIONS // 2 + 8  # a session each, plus pushes and spares
-# a pooled push stream unused for this long is replaced before use: its server may have
-# closed it as idle (STREAM_IDLE_S, which config keeps at least twice this)
-POOL_IDLE_S = 10.0
-# a push (dial included) must fail well within the client's step timeout (10 s), so that
-# the client hears `forward_error` and relays, rather than blaming this server
-PUSH_BUDGET_S = 3.0
-PUSH_BYTES_PER_S = 20e6  # plus this much time per byte, for large prefill tensors
 TELL_OWNER_TIMEOUT_S = 5.0
 
 
@@ -118,24 +111,6 @@ class ServedBlock:
         }
 
 
-class Outbox:
-    """A stream whose sends may come from several tasks (replies, and results of chained
-    steps arriving on other streams): one frame at a time."""
-
-    def __init__(self, stream: Stream) -> None:
-        self.stream = stream
-        self._lock = trio.Lock()
-        self.last_sent = time.monotonic()
-
-    async def send(self, header: wire.Reply | wire.Forward, tensor: Any = None) -> None:
-        await self.send_frame(wire.encode(header, tensor))
-
-    async def send_frame(self, frame: bytes) -> None:
-        async with self._lock:
-            await self.stream.send(frame)
-            self.last_sent = time.monotonic()
-
-
 @dataclass
 class Session:
     id: str
@@ -179,10 +154,8 @@ class ShardServer:
         self.max_sessions = max_sessions
         self.session_idle_s = session_idle_s
         self.cache_budget_bytes = cache_budget_bytes
-        self._opener = opener
+        self.pushes = PushPool(opener)
         self.static_decode = static_decode
-        self._peers: dict[str, Outbox] = {}
-        self._dialing: dict[str, trio.Lock] = {}
         self._on_reject = on_reject or (lambda reason: None)
         self.stream_idle_s = stream_idle_s
         self.max_streams_per_peer = max_streams_per_peer
@@ -588,7 +561,7 @@ class ShardServer:
         )
         partial = wire.Partial(step=step, position=position)
         try:
-            await self._push(nxt.peer, wire.encode(push, out))
+            await self.pushes.push(nxt.peer, wire.encode(push, out))
         except NetworkError as exc:
             # the owner decides: relay this step itself, or route around the next server
             partial = wire.Partial(
@@ -608,55 +581,6 @@ class ShardServer:
         except trio.TooSlowError:  # the client stopped reading: end its session, free its cache
             self._on_reject("owner_stalled")
             self.sessions.pop(session.id, None)
-
-    async def _push(self, peer_id: str, frame: bytes) -> None:
-        """Send a frame to the next server over a pooled stream (one fresh retry), within
-        PUSH_BUDGET_S (plus time for the bytes)."""
-        if self._opener is None:
-            raise NetworkError("this server does not push to other servers")
-        try:
-            with trio.fail_after(PUSH_BUDGET_S + len(frame) / PUSH_BYTES_PER_S):
-                for attempt in (1, 2):
-                    outbox = await self._pooled(peer_id)
-                    try:
-                        await outbox.send_frame(frame)
-                        return
-                    except NetworkError:
-                        await self._drop_peer(peer_id, outbox)
-                        if attempt == 2:
-                            raise
-                    except BaseException:  # cancelled mid-frame: the stream is unusable
-                        await self._drop_peer(peer_id, outbox)
-                        raise
-        except trio.TooSlowError:
-            raise NetworkError(f"cannot push to {peer_id} in time") from None
-
-    async def _pooled(self, peer_id: str) -> Outbox:
-        """The pooled stream to a next server, opened once even when steps race for it."""
-        if len(self._dialing) > 4 * MAX_PEERS:  # forget the locks of idle peers
-            self._dialing = {p: lk for p, lk in self._dialing.items() if lk.locked()}
-        lock = self._dialing.setdefault(peer_id, trio.Lock())
-        async with lock:
-            outbox = self._peers.get(peer_id)
-            if outbox is not None and time.monotonic() - outbox.last_sent > POOL_IDLE_S:
-                await self._drop_peer(peer_id, outbox)  # its server may have closed it
-                outbox = None
-            if outbox is None:
-                assert self._opener is not None
-                outbox = Outbox(await self._opener.open_stream(peer_id, SHARD_PROTOCOL))
-                while len(self._peers) >= MAX_PEERS:
-                    oldest = next(iter(self._peers))
-                    await self._drop_peer(oldest, self._peers[oldest])
-                self._peers[peer_id] = outbox
-        return outbox
-
-    async def _drop_peer(self, peer_id: str, outbox: Outbox) -> None:
-        """Forget a pooled stream (only that one: a fresh one may have replaced it)."""
-        if self._peers.get(peer_id) is outbox:
-            del self._peers[peer_id]
-        with trio.move_on_after(1) as scope:
-            scope.shield = True
-            await outbox.stream.close()
 
 
 def available_memory(device: str) -> int:

@@ -11,6 +11,7 @@ import trio
 torch = pytest.importorskip("torch")
 
 from daemon.shards import SHARD_PROTOCOL, wire  # noqa: E402
+from daemon.shards import push as push_module  # noqa: E402
 from daemon.shards import server as server_module  # noqa: E402
 from daemon.shards.client import GenerationError, RemoteModel, generate  # noqa: E402
 from daemon.shards.model import greedy_generate, load_model, make_tiny  # noqa: E402
@@ -177,7 +178,7 @@ async def test_servers_that_cannot_reach_each_other_fall_back_to_relaying(
     prompt, expected = reference
     # a push gives up well within the client's step timeout, so the client relays instead
     # of blaming the server that could not push
-    monkeypatch.setattr(server_module, "PUSH_BUDGET_S", 0.3)
+    monkeypatch.setattr(push_module, "PUSH_BUDGET_S", 0.3)
     async with trio.open_nursery() as nursery:
         cluster = Cluster(nursery)
         cluster.servers_isolated = how == "refused"  # e.g. each behind its own NAT
@@ -414,7 +415,7 @@ async def test_a_stream_keeps_being_read_while_its_chained_step_waits_on_a_push(
     async with trio.open_nursery() as nursery:
         cluster = Cluster(nursery)
         server = await cluster.add("s1", model_dir, 0, 3)
-        server._opener = stuck = StuckNext()
+        server.pushes.opener = stuck = StuckNext()
         stream = await cluster.open_stream("s1", "shard")
         header = {"op": "open", "model": "tiny", "start": 0, "end": 3, "max_length": 8}
         nxt = {"peer": "s2", "session": "a" * 32, "link": "b" * 32}
