@@ -1,10 +1,11 @@
 """Registry replication benchmark on the in-memory network: 50, 200 and 1,000 nodes, one table.
 
 Each node runs the real code: a `NodeIdentity`, a `Replica` (no store) and a `Replicator`
-(gossip of new entries plus anti-entropy with one random peer per `sync_interval_s`) on a
-`p2p.memnet` network with message loss, in trio's virtual time. Nodes bootstrap by a chain of
-dials and one DHT refresh each; then a stream of writes (`--rate` per second, each a new key,
-from random nodes) runs, and the simulation goes on until every replica holds every write.
+(gossip of new entries plus anti-entropy with one random peer per `sync_interval_s`) on the
+in-memory network (`p2p.testing.memnet`) with message loss, in trio's virtual time. Nodes
+bootstrap by a chain of dials and one DHT refresh each; then a stream of writes (`--rate` per
+second, each a new key, from random nodes) runs, and the simulation goes on until every
+replica holds every write.
 Each size runs once per `--settings` pair (sync_interval_s/sync_timeout_s): by default the
 Replicator's defaults, 1 s / 0.5 s.
 

@@ -1,7 +1,7 @@
 """Resource discovery over the DHT: publish our signed record, find everyone else's.
 
 Sans-IO in the sense of DESIGN.md: it only talks to a `Network`, so the same code runs over
-libp2p in the daemon and over `p2p.memnet` in simulations on trio's virtual clock.
+libp2p in the daemon and over `p2p.testing.memnet` in simulations on trio's virtual clock.
 """
 
 from __future__ import annotations

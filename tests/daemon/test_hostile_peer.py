@@ -1,4 +1,4 @@
-"""The hostile peer's floods (daemon/tools/hostile_peer.py, used by bench/abuse.py): each runs
+"""The hostile peer's floods (daemon/tools/hostile_peer/, used by bench/abuse.py): each runs
 for a moment against a real daemon, which refuses and counts what it sends and keeps serving."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 pushes bad-typed, oversized, impersonating and quota-busting entries; a registry larger than
 the sync message limit reaches a newly joined node completely.
 
-Virtual time (`autojump_clock`); every node is a real Replica + Replicator on `p2p.memnet`.
+Virtual time (`autojump_clock`); every node is a real Replica + Replicator on `p2p.testing.memnet`.
 """
 
 from __future__ import annotations
