@@ -6,11 +6,10 @@ and command-line flags (each over the one before), checked at load; an error nam
 
 Each setting is declared once. The daemon's own keys are declared here. A key that a lower
 layer uses is declared by that layer's settings type, with its type, bounds (`msgspec.Meta`)
-and default: p2p.discovery.DiscoverySettings, registry.replication.ReplicationSettings,
-registry.replica.Limits. A section *exposes* such fields under their config keys (`Exposed`),
-and `Config.discovery()`, `replication()`, `registry_limits()` and `host_limits()` build each
-service's settings from the tree. p2p.host.HostLimits declares no bounds: the [p2p] section
-adds them to its fields (`Exposed.bounds`).
+and default: p2p.discovery.DiscoverySettings, p2p.limits.HostLimits,
+registry.replication.ReplicationSettings, registry.replica.Limits. A section *exposes* such
+fields under their config keys (`Exposed`), and `Config.discovery()`, `host_limits()`,
+`replication()` and `registry_limits()` build each service's settings from the tree.
 
 Environment: `GRIDMESH_<SECTION>__<KEY>` sets `[section] key` (`GRIDMESH_P2P__LISTEN`,
 `GRIDMESH_RPC__PORT`), `GRIDMESH_NETWORK_ID` the top-level key. A list is comma-separated, or
@@ -32,7 +31,7 @@ from typing import Annotated, Any, ClassVar, TypeVar
 import msgspec
 
 from p2p.discovery import DiscoverySettings
-from p2p.host import HostLimits
+from p2p.limits import HostLimits
 from registry.replica import Limits
 from registry.replication import ReplicationSettings
 
@@ -111,23 +110,20 @@ Problem = tuple[str, str, tuple[str, ...]]
 @dataclasses.dataclass(frozen=True)
 class Exposed:
     """Fields of a lower layer's settings dataclass that a config section offers as keys,
-    with the field's type, bounds and default (unless `defaults` or `bounds` say otherwise)."""
+    with the field's type, bounds and default (unless `defaults` says otherwise)."""
 
     settings: type
     keys: Mapping[str, str]  # config key -> field name
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    bounds: Mapping[str, msgspec.Meta] = dataclasses.field(default_factory=dict)
 
     def fields(self) -> list[tuple[str, Any, Any]]:
+        """(key, annotated type, default) of each exposed field."""
         hints = typing.get_type_hints(self.settings, include_extras=True)
         defaults = {f.name: f.default for f in dataclasses.fields(self.settings)}
-        out = []
-        for key, name in self.keys.items():
-            kind = hints[name]
-            if key in self.bounds:
-                kind = Annotated[kind, self.bounds[key]]
-            out.append((key, kind, self.defaults.get(key, defaults[name])))
-        return out
+        return [
+            (key, hints[name], self.defaults.get(key, defaults[name]))
+            for key, name in self.keys.items()
+        ]
 
 
 class Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -210,18 +206,6 @@ P2PConfig = exposing(
             "hello_timeout_s": "hello_timeout_s",
             "gossip_seen_ttl_s": "seen_ttl_s",
             "max_connections_per_ip": "max_connections_per_ip",
-        },
-        # HostLimits (p2p/host.py) declares no bounds of its own: these are its bounds
-        bounds={
-            "peer_streams_per_s": msgspec.Meta(gt=0),
-            "peer_stream_burst": msgspec.Meta(ge=1),
-            "peer_gossip_per_s": msgspec.Meta(gt=0),
-            "peer_gossip_burst": msgspec.Meta(ge=1),
-            "peer_gossip_bytes_per_s": msgspec.Meta(ge=1024),
-            "max_gossip_bytes": msgspec.Meta(ge=1024),
-            "hello_timeout_s": msgspec.Meta(gt=0),
-            "gossip_seen_ttl_s": msgspec.Meta(ge=1),
-            "max_connections_per_ip": msgspec.Meta(ge=1),
         },
     ),
 )

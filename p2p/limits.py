@@ -6,7 +6,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
 
 # (source, reason) -> None: the daemon counts rejected input in /metrics
 RejectHook = Callable[[str, str], None]
@@ -17,19 +19,28 @@ class HostLimits:
     """Per-peer limits of the host (configured under `[p2p]`; README "Limits and quotas").
 
     Over a limit, a stream is reset and a gossip message dropped, and both are counted.
+    The `msgspec.Meta` bounds are what a config may set (daemon.settings checks them at load,
+    and that `max_gossip_bytes` is at most `gossip_bytes_per_s`; construction does not).
     """
 
-    streams_per_s: float = 200.0  # new inbound streams per peer and protocol
-    stream_burst: int = 400
-    gossip_per_s: float = 200.0  # gossip messages per forwarding peer
-    gossip_burst: int = 400
-    gossip_bytes_per_s: int = 4 << 20  # gossip bytes per forwarding peer
-    gossip_bytes_burst: int = 8 << 20
-    max_gossip_bytes: int = 1 << 20
-    hello_timeout_s: float = 5.0  # how long a peer's streams wait for its hello
-    seen_ttl_s: int = 30  # how long gossip message ids are remembered (py-libp2p: 120)
-    max_tracked_peers: int = 4096  # verified peers and rate-limit buckets remembered
-    max_connections_per_ip: int = 64  # inbound connections open at once from one IP
+    # new inbound streams per peer and protocol
+    streams_per_s: Annotated[float, msgspec.Meta(gt=0)] = 200.0
+    stream_burst: Annotated[int, msgspec.Meta(ge=1)] = 400
+    # gossip messages per forwarding peer
+    gossip_per_s: Annotated[float, msgspec.Meta(gt=0)] = 200.0
+    gossip_burst: Annotated[int, msgspec.Meta(ge=1)] = 400
+    # gossip bytes per forwarding peer
+    gossip_bytes_per_s: Annotated[int, msgspec.Meta(ge=1024)] = 4 << 20
+    gossip_bytes_burst: Annotated[int, msgspec.Meta(ge=1024)] = 8 << 20
+    max_gossip_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1 << 20
+    # how long a peer's streams wait for its hello
+    hello_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    # how long gossip message ids are remembered (py-libp2p: 120)
+    seen_ttl_s: Annotated[int, msgspec.Meta(ge=1)] = 30
+    # verified peers and rate-limit buckets remembered
+    max_tracked_peers: Annotated[int, msgspec.Meta(ge=1)] = 4096
+    # inbound connections open at once from one IP
+    max_connections_per_ip: Annotated[int, msgspec.Meta(ge=1)] = 64
 
 
 class RateLimiter:
