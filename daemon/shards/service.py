@@ -290,11 +290,11 @@ class ShardService(JobTable):
     async def load(
         self, model_id: str, model_dir: str, start: int, end: int, dtype: str = "float32"
     ) -> dict[str, Any]:
+        path = Path(os.path.expanduser(model_dir))  # noqa: ASYNC240 - no I/O, string only
+        await self.ensure_torch()  # before the imports below: they import torch
         from daemon.shards.model import ModelError, to_dtype
         from daemon.shards.server import ShardError
 
-        path = Path(os.path.expanduser(model_dir))  # noqa: ASYNC240 - no I/O, string only
-        await self.ensure_torch()
         existing = self.local_block(model_id)
         if existing is not None and (existing.start, existing.end) == (start, end):
             await self._announce(self.block_json(existing))  # idempotent: a retried deploy
