@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import trio
 
 from daemon.api.client import RPCCallError
 from tests.daemon.harness import inline_threads, memory_cluster
@@ -51,6 +52,74 @@ async def test_discovery_and_a_replicated_write(autojump_clock, tmp_path):
             )
         assert err.value.data["reason"] == "unauthorized"
     print(f"real {time.perf_counter() - started:.2f} s")
+
+
+# -- moved from test_procs.py ----------------------------------------------------------------
+
+
+async def found_counts(net) -> dict[str, int]:
+    """For each daemon's peer id: how many daemons (itself included) find it via nodes_find."""
+    counts = {d.peer_id: 0 for d in net.daemons}
+    for daemon in net.daemons:
+        for record in await daemon.call("nodes_find", {}):
+            if record["peer_id"] in counts:
+                counts[record["peer_id"]] += 1
+    return counts
+
+
+async def test_four_daemons_find_each_other_filter_and_list_methods(autojump_clock, tmp_path):
+    from daemon.resources import detect_resources  # this machine's, as a daemon process sees
+
+    async with memory_cluster(tmp_path, 4, detect_resources=detect_resources) as net:
+        assert sorted((await found_counts(net)).values()) == [4, 4, 4, 4]
+        first = net.daemons[0]
+        info = await first.call("node_info")
+        assert info["peer_id"] == first.peer_id
+        assert info["payout_address"].startswith("0x")
+        assert info["resources"]["cpu"]["cores"] >= 1
+        assert all(a.endswith("/p2p/" + info["peer_id"]) for a in info["listen_addrs"])
+        peers = await net.daemons[1].call("node_peers")
+        connected = [p for p in peers if p["connected"]]
+        assert connected, peers
+
+        async def rtt_measured() -> bool:
+            peers = await net.daemons[1].call("node_peers")
+            return any(p["rtt_ms"] is not None for p in peers)
+
+        await net.wait_for(rtt_measured, 10, "an RTT measurement")
+        # filters through RPC (the resources are this machine's: no GPU, as test_procs assumed)
+        d = net.daemons[2]
+        assert await d.call("nodes_find", {"filter": {"min_gpus": 1}}) == []
+        assert len(await d.call("nodes_find", {"filter": {"min_cpu_cores": 1}})) == 4
+        with pytest.raises(RPCCallError) as err:
+            await d.call("nodes_find", {"filter": {"min_gpus": -1}})
+        assert err.value.code == -32602
+        # rpc_methods lists everything
+        methods = {m["name"]: m for m in await first.call("rpc_methods")}
+        for name in ("node_info", "node_peers", "node_connect", "nodes_find", "node_shutdown"):
+            assert methods[name]["description"]
+        assert methods["node_connect"]["params"][0]["name"] == "multiaddr"
+
+
+async def test_killed_daemon_disappears_and_restart_keeps_identity(autojump_clock, tmp_path):
+    """The stale daemon.json a SIGKILLed process leaves is test_procs.py's business."""
+    async with memory_cluster(tmp_path, 3) as net:
+        validity_s = net.daemons[0].daemon.config.resources.record_validity_s
+        victim = net.daemons[2]
+        net.kill(victim)
+        killed_at = trio.current_time()
+
+        async def gone() -> bool:
+            for d in net.daemons[:2]:
+                if victim.peer_id in {r["peer_id"] for r in await d.call("nodes_find", {})}:
+                    return False
+            return True
+
+        await net.wait_for(gone, 2 * validity_s + 5, "the killed daemon to vanish", poll_s=0.2)
+        assert trio.current_time() - killed_at <= 2 * validity_s + 1
+        restarted = await net.restart(victim, bootstrap=[net.daemons[0].addr])
+        assert restarted.peer_id == victim.peer_id
+        await net.wait_for(net.all_found, 30, "all 3 daemons to find each other")
 
 
 # -- moved from test_registry_procs.py ------------------------------------------------------
@@ -192,3 +261,72 @@ async def test_six_daemons_discover_replicate_serve_and_recover_a_killed_server(
     real_s = time.perf_counter() - started
     print(f"6 whole daemons: {real_s:.2f} s of real time")
     assert real_s < 10, f"{real_s:.1f} s of real time"
+
+
+# -- moved from test_shard_procs.py (gRPC, the CLI and same-host sockets stay there) ------------
+
+NEW_TOKENS = 24
+
+
+async def test_three_daemons_generate_exactly_the_single_process_tokens(
+    autojump_clock, tmp_path, one_torch_thread
+):
+    from daemon.shards.model import greedy_generate, load_model, make_tiny
+
+    torch = one_torch_thread
+    model_dir = make_tiny(tmp_path / "tiny", layers=LAYERS, seed=7)
+    with torch.no_grad():
+        expected = greedy_generate([load_model(model_dir)], PROMPT, NEW_TOKENS)
+    async with memory_cluster(tmp_path / "net", 3) as net:
+        await deploy(net, model_dir, net.daemons, [(0, 2), (2, 4), (4, 6)])
+        served = (await net.daemons[1].call("block_list", {}))["local"][0]
+
+        async def in_dht_record() -> bool:  # served ranges also travel in the DHT record
+            records = await net.daemons[0].call("nodes_find", {})
+            mine = [r for r in records if r["peer_id"] == net.daemons[1].peer_id]
+            blocks = mine[0]["resources"].get("blocks") if mine else None
+            return (
+                bool(blocks)
+                and blocks[0]["start"] == 2
+                and blocks[0]["model"] == "tiny"
+                and blocks[0]["cache_tokens_free"] > 0
+            )
+
+        await net.wait_for(in_dht_record, 15, "the served range in the DHT record")
+        whole = load_model(model_dir).nbytes()
+        # a daemon serving 2 of 6 layers (no embedding, no head) holds about a third of them
+        assert served["parameters_bytes"] < whole / 2
+        result = await net.daemons[2].call(
+            "generate", {"model": "tiny", "token_ids": PROMPT, "max_tokens": NEW_TOKENS}
+        )
+        assert result["error"] is None
+        assert result["tokens"] == expected
+        assert [h["peer_id"] for h in result["route"]] == [d.peer_id for d in net.daemons]
+        assert result["forwarding"] == "chained"  # each server pushed to the next
+        # the same with the client relaying every hop instead of servers pushing on
+        relayed = await net.daemons[2].call(
+            "generate",
+            {"model": "tiny", "token_ids": PROMPT, "max_tokens": NEW_TOKENS, "relay": True},
+        )
+        assert relayed["tokens"] == expected and relayed["forwarding"] == "relayed"
+        # every server announces its free KV cache (positions a new session could hold)
+        listed = await net.daemons[2].call("block_list", {"model": "tiny"})
+        announced = listed["announced"]["tiny"]
+        assert all(s["cache_tokens_free"] > NEW_TOKENS for s in announced), announced
+        # text prompts work on a serving node (it has the tokenizer)
+        text = await net.daemons[0].call(
+            "generate", {"model": "tiny", "prompt": bytes(PROMPT).decode(), "max_tokens": 4}
+        )
+        assert text["tokens"] == expected[:4]
+        with pytest.raises(RPCCallError) as err:
+            await net.daemons[0].call("generate", {"model": "tiny", "token_ids": [1] * 600})
+        assert "max_length must be 1..512" in str(err.value)
+        # undeploy withdraws the announcement everywhere
+        assert (await net.daemons[2].call("block_undeploy", {"model": "tiny"}))["unloaded"]
+
+        async def withdrawn() -> bool:
+            listed = await net.daemons[0].call("block_list", {"model": "tiny"})
+            return len(listed["announced"]["tiny"]) == 2
+
+        await net.wait_for(withdrawn, 10, "the withdrawal to replicate")
+        assert (await net.daemons[2].call("block_list", {}))["local"] == []
