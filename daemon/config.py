@@ -12,6 +12,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from daemon.multiaddrs import (  # noqa: F401 - offered here (checks by text, stdlib only)
+    BOOTSTRAP_EXAMPLE,
+    LISTEN_EXAMPLE,
+    TRANSPORT,
+    bootstrap_error,
+    listen_error,
+)
+
 
 def _configs_dir() -> Path:
     """The profiles: daemon/configs in an installed wheel (pyproject.toml force-includes the
@@ -30,20 +38,15 @@ CONFIG_FILE = "config.toml"
 # the names of daemon.settings offered here
 _SETTINGS = frozenset(
     {
-        "BOOTSTRAP_EXAMPLE",
         "Config",
         "ConfigError",
         "ENV_PREFIX",
         "GRPCConfig",
-        "LISTEN_EXAMPLE",
         "P2PConfig",
         "RPCConfig",
         "RegistryConfig",
         "ResourcesConfig",
         "ShardsConfig",
-        "TRANSPORT",
-        "bootstrap_error",
-        "listen_error",
         "load",
         "parse",
         "resolve",
