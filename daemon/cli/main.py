@@ -12,7 +12,17 @@ from typing import Any
 import typer
 
 from daemon import config as configuration
-from daemon.cli import render
+from daemon.cli import render, shards
+from daemon.cli.common import (
+    LONG_METHODS,
+    LONG_TIMEOUT_S,
+    HomeOption,
+    JsonOption,
+    call,
+    fail,
+    home_dir,
+    print_json,
+)
 from daemon.cli.model import model_app
 
 app = typer.Typer(
@@ -29,30 +39,13 @@ app = typer.Typer(
 
 app.add_typer(model_app, name="model", help="Make and inspect model checkpoints.")
 
-HomeOption = typer.Option(
-    None,
-    "--home",
-    help="Node home directory (default: $GRIDMESH_HOME or ~/.gridmesh).",
-    show_default=False,
-)
-JsonOption = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table.")
-
-
-def _home(home: Path | None) -> Path:
-    return (home or configuration.default_home()).expanduser()
-
-
-def fail(message: str, code: int = 1) -> None:
-    typer.echo(f"gridmesh: {message}", err=True)
-    raise typer.Exit(code)
-
 
 @app.command()
 def init(home: Path | None = HomeOption) -> None:
     """Create this node's keys and config.toml (never overwrites existing keys)."""
     from p2p import identity
 
-    home = _home(home)
+    home = home_dir(home)
     config_path = home / configuration.CONFIG_FILE
     try:
         ident, created = identity.init_identity(home)
@@ -106,7 +99,7 @@ def daemon(
     `gridmesh daemon --home ~/.gridmesh2 --listen /ip4/127.0.0.1/tcp/0 --rpc-port 0`."""
     from daemon.home import running_daemon
 
-    home = _home(home)
+    home = home_dir(home)
     level = getattr(logging, log_level.upper(), None)
     if not isinstance(level, int):
         fail(f"unknown log level {log_level!r} (use debug, info, warning or error)")
@@ -166,85 +159,17 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
-def _client(home: Path | None, timeout: float = 30) -> Any:
-    from daemon.api.client import RPCClient
-    from daemon.api.cookie import read_cookie
-    from daemon.home import running_daemon
-
-    home = _home(home)
-    info, stale_pid = running_daemon(home)
-    if info is None:
-        stale = {None: "", -1: " (stale files removed)"}.get(
-            stale_pid, f" (stale files from pid {stale_pid} removed)"
-        )
-        fail(f"no daemon is running with home {home}{stale}; start one with `gridmesh daemon`")
-    try:
-        token = read_cookie(home)
-    except OSError:
-        fail(f"cannot read {home}/rpc.cookie: is the daemon running as this user?")
-    return RPCClient(info["rpc_url"], token, timeout=timeout)
-
-
-# Methods that load or unload model weights: minutes on a large model, not 30 s.
-LONG_METHODS = {"block_deploy", "block_load", "block_undeploy", "shard_plan"}
-LONG_TIMEOUT_S = 3600.0
-
-
-def call(home: Path | None, method: str, params: Any = None, *, timeout: float = 30) -> Any:
-    from daemon.api.client import DaemonUnreachable, RPCCallError
-
-    client = _client(home, timeout)
-    try:
-        return client.call(method, params)
-    except DaemonUnreachable as exc:
-        fail(f"the daemon is not answering: {exc}")
-    except RPCCallError as exc:
-        fail(f"{method} failed ({exc.code}): {exc.message}{_hint(exc)}")
-
-
-def _hint(exc: Any) -> str:
-    """What to do next, for refusals a new user meets first."""
-    reason = exc.data.get("reason") if isinstance(exc.data, dict) else None
-    if reason == "unknown_cluster":
-        return (
-            "; apply the cluster's document first (it can be in the same `gridmesh apply`, "
-            "e.g. -f configs/samples/), or wait until it has replicated to this node"
-        )
-    return ""
-
-
-def _long_call(home: Path | None, method: str, params: Any, what: str) -> Any:
-    """`call` without the 30 s cap, with a spinner and the elapsed time on stderr."""
-    from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    console = Console(stderr=True)
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as progress:
-        progress.add_task(what, total=None)
-        return call(home, method, params, timeout=LONG_TIMEOUT_S)
-
-
-def _print_json(value: Any) -> None:
-    typer.echo(json.dumps(value, indent=2, sort_keys=True))
-
-
 @app.command()
 def status(home: Path | None = HomeOption, as_json: bool = JsonOption) -> None:
     """Show this node's identity, addresses (libp2p, JSON-RPC, gRPC) and resources."""
     from daemon.home import read_daemon_file
 
     info = call(home, "node_info")
-    grpc_addr = (read_daemon_file(_home(home)) or {}).get("grpc_addr")
+    grpc_addr = (read_daemon_file(home_dir(home)) or {}).get("grpc_addr")
     if grpc_addr and "grpc_addr" not in info:
         info["grpc_addr"] = grpc_addr
     if as_json:
-        _print_json(info)
+        print_json(info)
     else:
         render.node_info(info)
 
@@ -254,7 +179,7 @@ def peers(home: Path | None = HomeOption, as_json: bool = JsonOption) -> None:
     """List the peers this node knows, with connection state and RTT."""
     result = call(home, "node_peers")
     if as_json:
-        _print_json(result)
+        print_json(result)
     else:
         render.peers(result)
 
@@ -285,7 +210,7 @@ def nodes(
     }
     result = call(home, "nodes_find", {"filter": node_filter})
     if as_json:
-        _print_json(result)
+        print_json(result)
     else:
         render.nodes(result)
 
@@ -308,7 +233,7 @@ def rpc(
         if not isinstance(parsed, dict | list):
             fail("JSON-PARAMS must be a JSON object or array")
     timeout = LONG_TIMEOUT_S if method in LONG_METHODS else 30
-    _print_json(call(home, method, parsed, timeout=timeout))
+    print_json(call(home, method, parsed, timeout=timeout))
 
 
 # Kinds others refer to go first, so one apply of a directory works in any file order.
@@ -393,7 +318,7 @@ def get(
             if not cursor:
                 break
     if as_json:
-        _print_json(entries if key is None else entries[0])
+        print_json(entries if key is None else entries[0])
     else:
         render.entries(entries)
 
@@ -408,192 +333,8 @@ def delete(
     typer.echo(f"{entry['kind']}/{entry['key']} deleted (version {version})")
 
 
-@app.command()
-def deploy(
-    model_dir: Path = typer.Argument(
-        ...,
-        help="Local directory of a Hugging Face Llama checkpoint, at the same path on every "
-        "node that loads a part (config.json, *.safetensors, tokenizer.json).",
-    ),
-    model: str = typer.Option(..., "--model", help="Id to serve it under, e.g. tiny."),
-    nodes: int | None = typer.Option(
-        None,
-        "--nodes",
-        min=1,
-        help="Split each copy over exactly this many nodes (default: as few as fit).",
-    ),
-    replicas: int = typer.Option(1, "--replicas", min=1, help="Copies of the chain."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Only print the plan (shard_plan)."),
-    home: Path | None = HomeOption,
-    as_json: bool = JsonOption,
-) -> None:
-    """Split a model into block shards and have the chosen daemons load them.
-
-    Only nodes that accept deploys from peers ([shards] allow_remote_deploy = true), and
-    this node, are planned on. If any node fails to load its part, the nodes that loaded
-    theirs unload again: a model is deployed completely or not at all.
-    Undo with `gridmesh undeploy MODEL`."""
-    if dtype not in ("float32", "float16", "bfloat16"):
-        fail(f"--dtype {dtype!r}: use float32, float16 or bfloat16")
-    if not model_dir.is_dir():
-        fail(f"{model_dir} is not a directory (expected a Hugging Face checkpoint)")
-    if not (model_dir / "config.json").is_file():
-        fail(f"{model_dir} has no config.json: is it a Hugging Face checkpoint directory?")
-    params: dict[str, Any] = {"model_dir": str(model_dir.resolve()), "dtype": dtype}
-    if nodes is not None:
-        params["nodes"] = nodes
-    params["replicas"] = replicas
-    plan = _long_call(home, "shard_plan", params, "planning")
-    if dry_run:
-        if as_json:
-            _print_json(plan)
-            return
-        for item in plan["assignments"]:
-            typer.echo(f"{item['peer_id']}  layers [{item['start']}, {item['end']})")
-        return
-    assignments = [
-        {"peer_id": a["peer_id"], "start": a["start"], "end": a["end"]} for a in plan["assignments"]
-    ]
-    count = len({a["peer_id"] for a in assignments})
-    result = _long_call(
-        home,
-        "block_deploy",
-        {"model": model, "model_dir": params["model_dir"], "dtype": dtype, "plan": assignments},
-        f"loading {model} on {count} node(s)",
-    )
-    if as_json:
-        _print_json(result)
-    else:
-        for item in result["results"]:
-            state = "loaded" if item["ok"] else f"FAILED: {item['error']}"
-            block = item.get("block") or {}
-            span = f"[{block.get('start')}, {block.get('end')})" if block else ""
-            typer.echo(f"{item['peer_id']}  {span}  {state}")
-    if not all(item["ok"] for item in result["results"]):
-        rolled = result.get("rolled_back") or []
-        undone = [r["peer_id"] for r in rolled if r.get("ok")]
-        stuck = [f"{r['peer_id']} ({r.get('error')})" for r in rolled if not r.get("ok")]
-        message = f"deploy of {model} failed; unloaded it again on {len(undone)} node(s)"
-        if stuck:
-            message += f", but could not on: {', '.join(stuck)}"
-        fail(message)
-
-
-@app.command()
-def undeploy(
-    model: str = typer.Argument(..., help="Model id as deployed, e.g. tiny."),
-    local: bool = typer.Option(
-        False, "--local", help="Only this daemon (default: every node that announces it)."
-    ),
-    home: Path | None = HomeOption,
-    as_json: bool = JsonOption,
-) -> None:
-    """Stop serving a model: on every node that announces a part of it (as deploy loaded
-    it), or with --local only on this daemon."""
-    result = _long_call(
-        home, "block_undeploy", {"model": model, "network": not local}, f"unloading {model}"
-    )
-    if as_json:
-        _print_json(result)
-        return
-    if "results" in result:
-        rows = result["results"]
-    else:
-        rows = [{"peer_id": "this node", "ok": True, "unloaded": result["unloaded"]}]
-    if not rows:
-        fail(f"no node announces model {model!r} (`gridmesh blocks` lists what is served)")
-    for row in rows:
-        state = (
-            f"FAILED: {row.get('error')}"
-            if not row["ok"]
-            else ("unloaded" if row.get("unloaded") else "was not serving it")
-        )
-        typer.echo(f"{row['peer_id']}  {state}")
-    if not all(row["ok"] for row in rows):
-        fail(f"{model} is still served by some nodes (see above)")
-    if not any(row.get("unloaded") for row in rows):
-        fail(f"no node was serving model {model!r}")
-
-
-@app.command()
-def blocks(
-    model: str | None = typer.Option(None, "--model", help="Only this model."),
-    home: Path | None = HomeOption,
-    as_json: bool = JsonOption,
-) -> None:
-    """Shards served by this daemon, and every announced server per model."""
-    result = call(home, "block_list", {"model": model} if model else {})
-    if as_json:
-        _print_json(result)
-    else:
-        render.blocks(result)
-
-
-def _cancel_generation(home: Path | None, job: str) -> None:
-    """Best effort `generate_cancel`: the daemon may be gone, or the job already over."""
-    import contextlib
-
-    from daemon.api.client import RPCClientError
-
-    client = _client(home)
-    client.timeout = 5
-    with contextlib.suppress(RPCClientError):
-        client.call("generate_cancel", {"job": job})
-
-
-@app.command()
-def generate(
-    prompt: str = typer.Argument(..., help="Text to continue."),
-    model: str = typer.Option(..., "--model", help="Model id as deployed."),
-    max_tokens: int = typer.Option(32, "--max-tokens", min=1),
-    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy."),
-    seed: int | None = typer.Option(None, "--seed", help="Sampling seed."),
-    relay: bool = typer.Option(
-        False,
-        "--relay",
-        help="Route every hop's activations through this daemon (by default each server "
-        "pushes to the next one directly; relaying is for servers that cannot reach each "
-        "other, and is what the client falls back to when it sees that).",
-    ),
-    home: Path | None = HomeOption,
-) -> None:
-    """Generate text through the shard servers, printing tokens as they come."""
-    import time
-
-    params: dict[str, Any] = {
-        "model": model,
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": temperature,
-        "stream": True,
-        "relay": relay,
-    }
-    if seed is not None:
-        params["seed"] = seed
-    job = call(home, "generate", params)["job"]
-    shown = ""
-    try:
-        while True:
-            state = call(home, "generate_poll", {"job": job})
-            if state["text"] != shown:
-                typer.echo(state["text"][len(shown) :], nl=False)
-                shown = state["text"]
-            if state["done"]:
-                break
-            time.sleep(0.05)
-    except KeyboardInterrupt:
-        # Ctrl-C: stop the generation too, or it would run on in the daemon for nobody
-        typer.echo("")
-        _cancel_generation(home, job)
-        typer.echo("cancelled", err=True)
-        raise typer.Exit(130) from None
-    typer.echo("")
-    if state["error"]:
-        fail(state["error"])
-    hops = " -> ".join(f"{h['peer_id'][-6:]}[{h['start']},{h['end']})" for h in state["route"])
-    how = state.get("forwarding", "chained")
-    typer.echo(f"({state['n_tokens']} tokens in {state['seconds']} s via {hops}, {how})", err=True)
+for command in shards.COMMANDS:
+    app.command()(command)
 
 
 def main() -> None:

@@ -146,7 +146,7 @@ class ShardServer:
         memory available when the first range is loaded). `opener`: how to reach the next
         server of a chained step (None: chained steps that need a push are refused).
         `static_decode`: one-token steps as fixed-shape steps, CUDA graphs on a GPU
-        (`daemon.shards.decode`); None: on CUDA devices only. `stream_idle_s`: how long a
+        (`daemon.shards.model.decode`); None: on CUDA devices only. `stream_idle_s`: how long a
         stream holding no live session may send nothing before it is closed;
         `max_streams_per_peer`: streams one peer may hold open at once."""
         self.blocks: dict[str, ServedBlock] = {}

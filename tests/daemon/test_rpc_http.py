@@ -657,10 +657,11 @@ async def test_busy_is_its_own_error_and_capped_per_client(nursery: trio.Nursery
 async def test_cli_generate_stopped_with_ctrl_c_cancels_its_job(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ):
+    from daemon.cli import common
     from daemon.cli import main as cli
 
     client, service = await start_shard_server(nursery)
-    monkeypatch.setattr(cli, "_client", lambda *args: RPCClient(client.url, TOKEN, DEADLINE))
+    monkeypatch.setattr(common, "rpc_client", lambda *args: RPCClient(client.url, TOKEN, DEADLINE))
 
     def ctrl_c(seconds: float) -> None:  # the user presses Ctrl-C while the CLI waits
         raise KeyboardInterrupt
