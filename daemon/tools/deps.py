@@ -9,13 +9,13 @@ import by file and line, on:
   contracts). Every import of one of our modules counts, wherever it stands: at module level,
   under `if TYPE_CHECKING:`, or inside a function. A lazy or type-only import avoids the error
   at import time but not the circle: the two modules still cannot be read, tested or moved
-  apart (`shards/model.py` imports `shards/decode.py` inside a function, which imports
-  `model.py` back; the services import `Daemon` back for their annotations). Lazy imports of
+  apart (as the model imported its decoder inside a function, which imported the model back,
+  and services imported `Daemon` back for their annotations). Lazy imports of
   other people's modules (torch) are not ours and never count.
 - an import that breaks the layering of DESIGN.md: p2p imports nothing of ours, registry
   only p2p, scheduler only p2p and registry, contracts only p2p; daemon may import all.
-- a production import of the testing kit (`p2p.testing`, and `p2p.memnet`, the in-memory
-  network, until it has moved there). Production means the packages above, which the wheel
+- a production import of the testing kit (`p2p.testing`, and the old `p2p.memnet`, should
+  it come back). Production means the packages above, which the wheel
   ships, less the kit itself. tests/ and bench/ are not production: neither is shipped, and
   a simulation on the in-memory network (bench/registry.py) is what the kit is for.
   `daemon/tools/` is shipped and counts.
