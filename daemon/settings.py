@@ -30,6 +30,7 @@ from typing import Annotated, Any, ClassVar, TypeVar
 
 import msgspec
 
+from daemon.errors import ConfigInvalid
 from daemon.multiaddrs import BOOTSTRAP_EXAMPLE, LISTEN_EXAMPLE, bootstrap_error, listen_error
 from p2p.discovery import DiscoverySettings
 from p2p.limits import HostLimits
@@ -37,7 +38,7 @@ from registry.replica import Limits
 from registry.replication import ReplicationSettings
 
 
-class ConfigError(ValueError):
+class ConfigError(ConfigInvalid, ValueError):
     """A setting that cannot be used; the message names its source, its key and why."""
 
 

@@ -277,3 +277,14 @@ def test_the_config_module_stays_light():
         "assert config.Config is __import__('daemon.settings').settings.Config\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_config_error_is_a_gridmesh_error_of_the_config_kind():
+    """Config mistakes map through the one error table like every other failure."""
+    from daemon import errors
+    from daemon.settings import ConfigError
+
+    error = ConfigError("x.toml: p2p.listen is empty")
+    assert isinstance(error, errors.ConfigInvalid) and isinstance(error, ValueError)
+    assert errors.status_of(error) == errors.status_of(errors.ConfigInvalid("x"))
+    assert error.message == str(error) == "x.toml: p2p.listen is empty"
