@@ -37,7 +37,7 @@ from daemon.shards.jobs import (  # noqa: F401 - MAX_*, JOB_TTL_S: re-exported
     ShardServiceError,
 )
 from p2p import codec, localsock
-from p2p.network import NetworkError, RequestHandler, Stream, StreamHandler
+from p2p.network import NetworkError, PeerState, Requests, Stream, Streams
 from p2p.streams import stream_pair
 from registry.blocks import announcement_key, announcements
 from registry.replica import Rejected
@@ -57,25 +57,11 @@ HEADER_FRAME_BYTES = 64 * 1024
 block_key = announcement_key  # where a server announces a range it serves
 
 
-class ShardNetwork(Protocol):
+class ShardNetwork(Requests, Streams, Protocol):
     """What shards ask of the network: control requests, shard streams, peers' RTT."""
 
     @property
-    def peers(self) -> Mapping[str, Any]: ...  # peer id -> state with `rtt_ms`
-
-    async def request(
-        self, peer_id: str, protocol: str, payload: bytes, *, timeout_s: float | None = None
-    ) -> bytes: ...
-
-    def set_request_handler(
-        self, protocol: str, handler: RequestHandler, *, timeout_s: float | None = None
-    ) -> None: ...
-
-    async def open_stream(self, peer_id: str, protocol: str) -> Stream: ...
-
-    def set_stream_handler(
-        self, protocol: str, handler: StreamHandler, max_frame_bytes: Callable[[], int]
-    ) -> None: ...
+    def peers(self) -> Mapping[str, PeerState]: ...
 
 
 class Entries(Protocol):
