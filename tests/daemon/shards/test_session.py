@@ -130,8 +130,11 @@ async def cluster(nursery):
 
 @pytest.fixture
 def virtual_time(autojump_clock, monkeypatch):
-    """Trio's virtual clock for tests that wait on timeouts, with `trio.to_thread` run
-    inline (a computing thread would let the clock jump past every deadline meanwhile)."""
+    """Trio's virtual clock for tests that wait on timeouts (a test's own argument: pytest-trio
+    takes the clock from those only), with `trio.to_thread` run inline (a computing thread
+    would let the clock jump past every deadline meanwhile). The other tests keep real time
+    and worker threads: on this 2-core machine torch computing on the event loop's thread is
+    several times slower (OpenMP's workers spin between steps)."""
     inline_threads(monkeypatch)
     return autojump_clock
 
