@@ -8,6 +8,7 @@ import pytest
 import trio
 
 from daemon.api.client import RPCCallError
+from p2p.identity import BINDING_FILE, NODE_KEY_FILE, PAYOUT_KEY_FILE
 from tests.daemon.harness import inline_threads, memory_cluster
 
 COMPONENT = {"name": "llama", "version": "1"}
@@ -39,6 +40,12 @@ async def test_discovery_and_a_replicated_write(autojump_clock, tmp_path):
         a, b, *_ = net.daemons
         info = await a.call("node_info")
         assert info["peer_id"] == a.peer_id and info["network_id"] == "memtest"
+        # in-process daemons touch no OS state but their identity: no lock, daemon.json,
+        # cookie, sqlite store or sockets, and no RPC URL (the dispatcher is the API)
+        home = a.daemon.home
+        identity_files = {BINDING_FILE, NODE_KEY_FILE, PAYOUT_KEY_FILE}
+        assert {p.name for p in home.iterdir()} == identity_files
+        assert info["rpc_url"] == "" and a.daemon.bridge is None
         await a.call("registry_put", {"kind": "components", "key": "llama", "value": COMPONENT})
 
         async def replicated() -> bool:
