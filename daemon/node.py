@@ -289,13 +289,6 @@ class Daemon:
                 (self.home / DAEMON_FILE).unlink(missing_ok=True)
             nursery.cancel_scope.cancel()
 
-    @property
-    def nursery(self) -> trio.Nursery:
-        """The daemon's task nursery (for work that outlives one RPC call)."""
-        if self._nursery_ is None:
-            raise RuntimeError("the daemon is not running")
-        return self._nursery_
-
     def request_shutdown(self, delay_s: float = 0.05) -> None:
         """Stop soon, leaving time to answer the RPC call that asked for it."""
 
