@@ -45,7 +45,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
-from p2p import identity
+from p2p import atomic_writes, identity
 from p2p.addrs import ListenError, check_listen_free, ip_and_port, is_own_addr
 from p2p.addrs import interface_ips as _interface_ips
 from p2p.dhtguard import DHT_PROTOCOL, CountingValidator, ValidatorBridge
@@ -75,6 +75,7 @@ from p2p.network import (
 from p2p.peers import ForgetDisconnected, keep_connected, track_peers
 
 _swarm._HAPPY_EYEBALLS_DELAY = 0  # type: ignore[attr-defined]
+atomic_writes.install()  # a cancelled write must not break its connection (see the module)
 # py-libp2p drops gossip silently once a subscription's queue (32) is full; ours is larger and
 # every drop is counted (see `p2p.guard.harden_pubsub`)
 _pubsub_module.SUBSCRIPTION_CHANNEL_SIZE = 256  # type: ignore[attr-defined]
