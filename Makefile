@@ -17,8 +17,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Test files run in parallel, one worker per core here (a file's tests stay together, so
+# its module fixtures are built once); TEST_WORKERS=0 runs them in this process, in order.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # the property tests with fresh random examples, many more of them (see tests/conftest.py)
 fuzz: $(STAMP)
