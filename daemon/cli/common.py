@@ -20,7 +20,7 @@ JsonOption = typer.Option(False, "--json", help="Print machine-readable JSON ins
 
 
 def home_dir(home: Path | None) -> Path:
-    return (home or configuration.defaulthome_dir()).expanduser()
+    return (home or configuration.default_home()).expanduser()
 
 
 def fail(message: str, code: int = 1) -> None:

@@ -419,3 +419,15 @@ def test_deploy_plans_only_on_willing_nodes_rolls_back_and_undeploys(tmp_path, f
                 daemon.proc.terminate()
         for daemon in daemons:
             daemon.stop()
+
+
+def test_commands_without_home_use_gridmesh_home(tmp_path, monkeypatch):
+    """No --home: the node's home is $GRIDMESH_HOME (else ~/.gridmesh), for every command."""
+    home = tmp_path / "node"
+    monkeypatch.setenv("GRIDMESH_HOME", str(home))
+    result = runner.invoke(app, ["init"])
+    assert result.exit_code == 0, result.output
+    assert (home / "config.toml").is_file()
+    status = runner.invoke(app, ["status"])  # no daemon runs there: said in one line
+    assert status.exit_code == 1
+    assert f"no daemon is running with home {home}" in status.output
