@@ -199,30 +199,17 @@ def from_encoding(exc: Any) -> InvalidParams:
     return cls(str(exc))
 
 
-def from_generation(exc: Exception) -> ShardFailure | Busy:
-    """A failed step through the chain (`GenerationError`): servers that answered busy are
-    `Busy`, a server refusing the request `ShardRefused`, anything else `RouteUnavailable`."""
-    if getattr(exc, "code", "") == "busy":
-        return Busy(str(exc))
-    return (ShardRefused if " refused: " in str(exc) else RouteUnavailable)(str(exc))
+_GENERATION_KINDS: dict[str, type[GridmeshError]] = {"busy": Busy, "refused": ShardRefused}
 
 
-def job_error(message: str, data: Any = None) -> GridmeshError:
-    """The kind of a finished generation's error, from the job's `error` text.
+def from_generation(exc: Exception) -> GridmeshError:
+    """A failed step through the chain (`GenerationError`, by its `code`): servers that
+    answered busy are `Busy`, a server refusing the request `ShardRefused`, anything else
+    `RouteUnavailable`."""
+    return _GENERATION_KINDS.get(getattr(exc, "code", ""), RouteUnavailable)(str(exc))
 
-    Jobs record their failure as text (`Job.error`), so this is the one place that reads
-    it: "no server announces ..." (`ModelNotServed`), "... refused: ..." (`ShardRefused`),
-    "cancelled", anything mentioning busy (`Busy`), else a `ShardFailure`.
-    """
-    cls: type[GridmeshError]
-    if message.startswith("no server announces"):
-        cls = ModelNotServed
-    elif " refused: " in message:
-        cls = ShardRefused
-    elif message == "cancelled":
-        cls = Cancelled
-    elif "busy" in message:
-        cls = Busy
-    else:
-        cls = ShardFailure
-    return cls(message, data)
+
+def generation_failure(exc: Exception) -> type[GridmeshError]:
+    """The kind of a generation job that failed with `exc` (`GenerationError`, by its
+    `code`): `Busy`, `ShardRefused`, else `ShardFailure`."""
+    return _GENERATION_KINDS.get(getattr(exc, "code", ""), ShardFailure)

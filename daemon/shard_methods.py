@@ -66,7 +66,7 @@ Since = Annotated[int, Meta(ge=0, description="return tokens from this index on"
 
 def _job_failed(job: Job) -> RPCError:
     """A finished generation's error as JSON-RPC sends it, with the job's state as data."""
-    return rpc_error(errors.job_error(job.error or "", job.to_json()))
+    return rpc_error(job.failure())
 
 
 async def _run_job(job: Job, run: Any) -> None:
@@ -77,10 +77,11 @@ async def _run_job(job: Job, run: Any) -> None:
             await run
     except Exception as exc:
         log.exception("generation %s failed", job.id)
-        job.error = f"internal error: {type(exc).__name__}: {exc}"
+        job.fail(f"internal error: {type(exc).__name__}: {exc}")
     if not job.done or (job.scope.cancelled_caught and job.error is None):
         # cancelled (generate_cancel) before or while service.generate ran
-        job.error = job.error or "cancelled"
+        if job.error is None:
+            job.fail("cancelled", errors.Cancelled)
         job.done, job.finished = True, job.finished or time.time()
 
 

@@ -62,9 +62,9 @@ class InferenceBackend(Protocol):
         ...
 
 
-def _job_error_code(message: str) -> str:
-    """The gRPC status (lowercase name) a generation that failed with `message` ends with."""
-    return status_of(errors.job_error(message)).grpc.lower()
+def _job_error_code(kind: type[errors.GridmeshError]) -> str:
+    """The gRPC status (lowercase name) a generation that failed as `kind` ends with."""
+    return status_of(kind).grpc.lower()
 
 
 class ShardBackend:
@@ -111,13 +111,14 @@ class ShardBackend:
                         job, model, ids, max_tokens, temperature=temperature, seed=seed
                     )
                 if job.scope.cancelled_caught and job.error is None:
-                    job.error = "cancelled"
+                    job.fail("cancelled", errors.Cancelled)
             except Exception as exc:  # one generation must never take the daemon down
                 log.exception("generation %s failed", job.id)
-                job.error = f"internal error: {type(exc).__name__}: {exc}"
+                job.fail(f"internal error: {type(exc).__name__}: {exc}")
             finally:
                 if not job.done:  # cancelled before generate() took charge of the job
-                    job.error = job.error or "cancelled"
+                    if job.error is None:
+                        job.fail("cancelled", errors.Cancelled)
                     job.done, job.finished = True, time.time()
 
         self.service.spawn(run)
@@ -127,8 +128,7 @@ class ShardBackend:
         state = self.service.read_job(job_id, since)  # a finished job is dropped once read
         if state is None:
             raise errors.NotFound(f"unknown job {job_id[:40]!r}")
-        error = state.get("error")
-        return {**state, "error_code": errors.job_error(error).code if error else None}
+        return state  # its error_code: the job's error kind (Job.fail)
 
     def cancel(self, job_id: str) -> None:
         self.service.cancel_job(job_id)

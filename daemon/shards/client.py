@@ -62,7 +62,15 @@ class HopFailed(Exception):
 
 
 class GenerationError(RuntimeError):
-    pass
+    """A generation cannot go on; `code` says why, for the local APIs (daemon.errors)."""
+
+    code = "failed"
+
+
+class RequestRefused(GenerationError):
+    """A server refused the request itself: another server would refuse it too."""
+
+    code = "refused"
 
 
 class ServersBusyError(GenerationError):
@@ -141,7 +149,7 @@ class Hop:
         if isinstance(reply, wire.Error):
             message = f"{reply.code}: {reply.message[:300]}"
             if reply.code in REQUEST_ERRORS:  # another server would refuse it too
-                raise GenerationError(f"{self.peer_id} refused: {message}")
+                raise RequestRefused(f"{self.peer_id} refused: {message}")
             raise HopFailed(self.peer_id, message, busy=reply.code == "busy")
 
 
@@ -336,7 +344,9 @@ class RemoteModel:
                 return await action()
             except HopFailed as exc:
                 if len(self.recoveries) >= self.max_recoveries:
-                    raise GenerationError(
+                    # the last hop was only busy: a retry later may go through
+                    give_up = ServersBusyError if exc.busy else GenerationError
+                    raise give_up(
                         f"giving up after {self.max_recoveries} recoveries: {exc}"
                     ) from exc
                 log.warning("hop %s failed (%s); re-routing", exc.peer_id, exc.reason)

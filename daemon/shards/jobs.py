@@ -10,6 +10,8 @@ from typing import Any
 
 import trio
 
+from daemon import errors
+
 # Generations running at once, all requesters together: at most half a shard server's 64
 # sessions, the share one peer (this daemon) may hold there, so our own load is refused by
 # us as "busy" and never surfaces as a shard server refusing it (or as "no route").
@@ -41,11 +43,21 @@ class Job:
     text: str = ""
     done: bool = False
     error: str | None = None
+    # what `error` is, as the local APIs report it (their codes and statuses: daemon.errors)
+    error_kind: type[errors.GridmeshError] = errors.ShardFailure
     route: list[dict[str, Any]] = field(default_factory=list)
     forwarding: str = "chained"  # or "relayed": how activations went from hop to hop
     recoveries: list[dict[str, Any]] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     finished: float | None = None
+
+    def fail(self, message: str, kind: type[errors.GridmeshError] = errors.ShardFailure) -> None:
+        """Record why the job failed, and as which kind of error it is reported."""
+        self.error, self.error_kind = message, kind
+
+    def failure(self) -> errors.GridmeshError:
+        """The job's error as the APIs raise it, with the job's state as its data."""
+        return self.error_kind(self.error or "", self.to_json())
 
     def to_json(self, since: int = 0) -> dict[str, Any]:
         """What the APIs report: tokens from index `since` on, and the state so far."""
@@ -56,6 +68,7 @@ class Job:
             "text": self.text,
             "done": self.done,
             "error": self.error,
+            "error_code": self.error_kind.code if self.error is not None else None,
             "route": self.route,
             "forwarding": self.forwarding,
             "recoveries": self.recoveries,

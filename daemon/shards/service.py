@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
+from daemon import errors
 from daemon.shards import SHARD_PROTOCOL
 from daemon.shards.control import (  # noqa: F401 - re-exported for the API modules
     CONTROL_PROTOCOL,
@@ -494,7 +495,8 @@ class ShardService(JobTable):
         await self.ensure_torch()
         announced = self.announced(model_id)
         if not announced:
-            job.error, job.done = f"no server announces model {model_id!r}", True
+            job.fail(f"no server announces model {model_id!r}", errors.ModelNotServed)
+            job.done = True
             return job
         num_layers = max(item["end"] for item in announced)
         try:
@@ -522,10 +524,10 @@ class ShardService(JobTable):
                     job.text = tokenizer.decode(job.tokens)
             job.route = model.route
         except GenerationError as exc:
-            job.error = str(exc)
+            job.fail(str(exc), errors.generation_failure(exc))
         except Exception as exc:  # a background job must never take the daemon down
             log.exception("generation %s failed", job.id)
-            job.error = f"internal error: {type(exc).__name__}: {exc}"
+            job.fail(f"internal error: {type(exc).__name__}: {exc}")
         finally:
             job.recoveries = model.recoveries
             job.forwarding = "chained" if model.chained else "relayed"

@@ -110,7 +110,7 @@ class _Rejected(ValueError):
         (errors.from_encoding(_Coded("no_tokenizer", "t")), errors.FailedPrecondition, "t", None),
         (errors.from_generation(_Coded("busy", "busy: full")), errors.Busy, "busy: full", None),
         (
-            errors.from_generation(RuntimeError("p1 refused: shape")),
+            errors.from_generation(_Coded("refused", "p1 refused: shape")),
             errors.ShardRefused,
             "p1 refused: shape",
             None,
@@ -131,17 +131,30 @@ def test_errors_from_below_are_translated(
 
 
 @pytest.mark.parametrize(
-    ("message", "cls"),
+    ("exc", "cls"),
     [
-        ("no server announces model 'm'", errors.ModelNotServed),
-        ("p1 refused: bad shape", errors.ShardRefused),
-        ("cancelled", errors.Cancelled),
-        ("busy: every server is full", errors.Busy),
-        ("p1: busy: 32 sessions of this peer are open", errors.Busy),
-        ("peerB: stream reset", errors.ShardFailure),
-        ("internal error: ValueError: bad tensor", errors.ShardFailure),
+        (_Coded("busy", "busy: every server is full"), errors.Busy),
+        (_Coded("refused", "p1 refused: bad shape"), errors.ShardRefused),
+        (_Coded("failed", "peerB: stream reset"), errors.ShardFailure),
+        (RuntimeError("p1 refused: busy"), errors.ShardFailure),  # by code, never by text
     ],
 )
-def test_job_errors_are_classified_once(message: str, cls: type[GridmeshError]) -> None:
-    error = errors.job_error(message, {"job": "j"})
-    assert type(error) is cls and error.message == message and error.data == {"job": "j"}
+def test_a_failed_generation_has_the_kind_of_its_error(exc: Exception, cls: type) -> None:
+    assert errors.generation_failure(exc) is cls
+
+
+def test_a_job_reports_the_kind_it_failed_with() -> None:
+    """Jobs record their error's kind when they fail; the APIs report that kind's code
+    (JSON-RPC) and status (gRPC), whatever the message says."""
+    pytest.importorskip("trio")
+    from daemon.shards.jobs import Job
+
+    job = Job("j", done=True)
+    assert job.to_json()["error_code"] is None
+    job.fail("cancelled", errors.Cancelled)
+    error = job.failure()
+    assert type(error) is errors.Cancelled and error.message == "cancelled"
+    assert error.data["job"] == "j" and error.data["error_code"] == "cancelled"
+    busy = Job("k", done=True)
+    busy.fail("no route: everything refused")  # default kind: a shard failure
+    assert type(busy.failure()) is errors.ShardFailure

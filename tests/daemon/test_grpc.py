@@ -533,7 +533,7 @@ class ScriptedShards(ShardService):
             if model_id == "bug":
                 raise ValueError("bad tensor")
             if model_id == "full":  # as the client reports servers refusing a session
-                job.error = "p1: busy: 32 sessions of this peer are open"
+                job.fail("p1: busy: 32 sessions of this peer are open", errors.Busy)
                 return job
             job.route = [{"peer_id": "p1", "start": 0, "end": 4}]
             for token in expected_tokens(prompt_ids, max_new_tokens, seed):
@@ -730,8 +730,8 @@ async def test_over_the_total_cap_generations_are_busy_not_another_error() -> No
 
 def test_forward_maps_busy_servers_to_resource_exhausted() -> None:
     pytest.importorskip("torch")
-    from daemon.shards.client import GenerationError, ServersBusyError
+    from daemon.shards.client import GenerationError, RequestRefused, ServersBusyError
 
     assert forward_error_code(ServersBusyError("busy: all full")) == "resource_exhausted"
-    assert forward_error_code(GenerationError("p1 refused: bad shape")) == "invalid_argument"
+    assert forward_error_code(RequestRefused("p1 refused: bad shape")) == "invalid_argument"
     assert forward_error_code(GenerationError("no route")) == "unavailable"

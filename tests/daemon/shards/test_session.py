@@ -305,6 +305,7 @@ async def test_servers_that_answer_busy_are_routed_around_then_reported_as_busy(
 ):
     """Replicas at their per-peer session cap answer `busy`: the client uses a free one; when
     every replica is full its error says busy (the APIs' busy errors), not "no route"."""
+    from daemon import errors
     from daemon.api.grpc_server import _job_error_code
     from daemon.shard_methods import BUSY, _job_failed
     from daemon.shards.client import ServersBusyError
@@ -344,9 +345,10 @@ async def test_servers_that_answer_busy_are_routed_around_then_reported_as_busy(
     await trio.testing.wait_all_tasks_blocked()  # the servers have seen the closes
     assert len(cluster.servers["z"].sessions) == 2  # nothing left open by the refusal
     # the local APIs report it as busy: JSON-RPC -32031, gRPC RESOURCE_EXHAUSTED
-    job = Job("j", error=message, done=True)
+    job = Job("j", done=True)
+    job.fail(message, errors.generation_failure(refused.value))
     assert _job_failed(job).code == BUSY
-    assert _job_error_code(message) == "resource_exhausted"
+    assert _job_error_code(job.error_kind) == "resource_exhausted"
     # once a replica frees up, the same request goes through
     await first.close()
     fourth = model()
