@@ -214,7 +214,7 @@ class MemoryCluster:
                 result = await condition()
                 if result:
                     return result
-                await trio.sleep(poll_s)
+                await trio.sleep(poll_s)  # virtual time (autojump clock)
         raise AssertionError(f"timed out after {timeout_s} s (virtual) waiting for {what}")
 
     async def all_found(self) -> bool:

@@ -80,7 +80,7 @@ class MemoryCluster:
         self.hub.remove_node(peer_id, refuse=True)
 
         async def back() -> None:
-            await trio.sleep(down_s)
+            await trio.sleep(down_s)  # the downtime itself; bouncing tests run on autojump
             self.servers[peer_id].pushes.opener = self.node(peer_id)
             self.serve(peer_id)
 
