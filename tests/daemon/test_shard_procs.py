@@ -9,49 +9,30 @@ import sys
 
 import pytest
 
-from daemon.devnet import Devnet, wait_for
+from daemon.devnet import Devnet
 from p2p import localsock
 
 torch = pytest.importorskip("torch")
 
-from daemon.shards.model import greedy_generate, load_model, make_tiny  # noqa: E402
+from tests.daemon.shard_procs import (  # noqa: E402
+    NEW_TOKENS,
+    PROMPT,
+    deploy,
+    reference_tokens,
+    tiny_model,
+)
 
 pytestmark = pytest.mark.procs
-
-LAYERS = 6
-PROMPT = list(b"a network of shards")
-NEW_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("tiny") / "m", layers=LAYERS, seed=7)
+    return tiny_model(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def expected(model_dir):
-    return greedy_generate([load_model(model_dir)], PROMPT, NEW_TOKENS)
-
-
-def deploy(net: Devnet, model_dir, ranges: list[tuple[int, int]]) -> None:
-    plan = [
-        {"peer_id": d.peer_id, "start": a, "end": b}
-        for d, (a, b) in zip(net.daemons, ranges, strict=True)
-    ]
-    result = net.daemons[0].call(
-        "block_deploy", {"model": "tiny", "model_dir": str(model_dir), "plan": plan}
-    )
-    errors = [r for r in result["results"] if not r["ok"]]
-    logs = "\n".join(f"--- {d.peer_id[-8:]} ---\n{d.log_tail(40)}" for d in net.daemons)
-    assert not errors, f"{errors}\n{logs}"
-    wait_for(
-        lambda: all(
-            len(d.call("block_list", {"model": "tiny"})["announced"].get("tiny", [])) == len(ranges)
-            for d in net.daemons
-        ),
-        15,
-        "every daemon to see every announced shard",
-    )
+    return reference_tokens(model_dir)
 
 
 def test_three_daemons_generate_exactly_the_single_process_tokens(
@@ -130,45 +111,3 @@ def test_three_daemons_generate_exactly_the_single_process_tokens(
         listed = json.loads(gm("blocks", "--json").stdout)
         assert listed["local"][0]["start"] == 4
         assert len(listed["announced"]["tiny"]) == 3
-
-
-@pytest.mark.parametrize("local_sockets", [True, False], ids=["local", "libp2p"])
-def test_sigkilled_server_with_a_replica_still_gives_the_same_tokens(
-    tmp_path, fast_config, model_dir, local_sockets
-):
-    long = 100  # long enough that the kill lands mid-generation
-    expected = greedy_generate([load_model(model_dir)], PROMPT, long)
-    config = tmp_path / "node.toml"
-    text = fast_config.read_text()
-    config.write_text(
-        text.replace("[shards]", f"[shards]\nlocal_sockets = {str(local_sockets).lower()}")
-    )
-    with Devnet(4, root=tmp_path / "net", config=config) as net:
-        net.wait_all_found(30)
-        deploy(net, model_dir, [(0, 2), (2, 4), (2, 4), (4, 6)])
-        client = net.daemons[0]
-        job = client.call(
-            "generate",
-            {"model": "tiny", "token_ids": PROMPT, "max_tokens": long, "stream": True},
-        )["job"]
-        first = wait_for(lambda: client.call("generate_poll", {"job": job})["route"], 30, "route")
-        middle = first[1]["peer_id"]
-        victim = next(d for d in net.daemons if d.peer_id == middle)
-        wait_for(
-            lambda: client.call("generate_poll", {"job": job})["n_tokens"] >= 3, 30, "3 tokens"
-        )
-        victim.kill()
-        state = wait_for(
-            lambda: (s := client.call("generate_poll", {"job": job}))["done"] and s, 60, "the end"
-        )
-        assert state["error"] is None
-        if not state["recoveries"]:
-            pytest.fail(f"the kill came too late to test failover: {state['n_tokens']} tokens")
-        assert state["tokens"] == expected
-        assert [r["peer_id"] for r in state["recoveries"]] == [middle]
-        assert middle not in [h["peer_id"] for h in state["route"]]
-        assert all(r["seconds"] <= 5 for r in state["recoveries"]), state["recoveries"]
-        if not local_sockets:
-            streams = "gridmesh_shard_streams_total"
-            assert client.metric(streams, transport="libp2p") >= 3
-            assert client.metric(streams, transport="local") == 0
