@@ -92,7 +92,11 @@ class DaemonProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
-        self.info = wait_for(self._read_info, timeout_s, f"daemon in {self.home} to start")
+        try:
+            self.info = wait_for(self._read_info, timeout_s, f"daemon in {self.home} to start")
+        except BaseException:
+            self.stop()  # one that did not come up in time must not be left running
+            raise
         return self
 
     def _read_info(self) -> dict[str, Any] | None:

@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 
 from daemon.api.client import RPCCallError
-from daemon.devnet import DaemonProcess, Devnet, wait_for
+from daemon.devnet import DaemonProcess, Devnet, DevnetError, wait_for
 
 pytestmark = pytest.mark.procs
 
@@ -157,6 +157,14 @@ def test_cli_against_a_running_daemon(tmp_path, fast_config):
         assert run("peers", "--home", str(home)).returncode == 0
     finally:
         daemon.stop()
+
+
+def test_a_daemon_that_does_not_start_in_time_is_not_left_running(tmp_path, fast_config):
+    """A test (or the devnet) giving up on a slow start stops the process it spawned."""
+    daemon = DaemonProcess(tmp_path / "home", config=fast_config)
+    with pytest.raises(DevnetError, match="to start"):
+        daemon.start(timeout_s=0.01)
+    assert daemon.proc is not None and daemon.proc.poll() is not None
 
 
 def test_sigint_stops_within_five_seconds(tmp_path, fast_config):
