@@ -689,7 +689,7 @@ async def wait_until(condition: Callable[[], bool]) -> None:
         for _ in itertools.count():
             if condition():
                 return
-            await trio.sleep(0.005)
+            await trio.sleep(0.005)  # a poll under the DEADLINE above, not a fixed wait
 
 
 async def start_custom_server(nursery: trio.Nursery, **limits: Any) -> Server:
@@ -719,7 +719,7 @@ async def slow_client(
     try:
         await stream.send_all(head)
         for i in itertools.count():
-            await trio.sleep(TRICKLE_S)
+            await trio.sleep(TRICKLE_S)  # the slow client itself (real sockets, real time)
             await stream.send_all(trickle[i % len(trickle) : i % len(trickle) + 1])
             sent[0] += 1
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):

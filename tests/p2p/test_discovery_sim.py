@@ -210,7 +210,7 @@ async def test_a_peer_without_a_record_is_found_once_it_publishes(autojump_clock
     assert await finder.publish_once()
     assert [r.peer_id for r in await finder.find()] == [idents[0].peer_id]  # late: no record
     assert await late.publish_once()
-    await trio.sleep(SETTINGS.absent_retry_s)
+    await trio.sleep(SETTINGS.absent_retry_s)  # virtual time (autojump clock)
     found = await finder.find()
     assert sorted(r.peer_id for r in found) == sorted(i.peer_id for i in idents)
 
@@ -236,6 +236,7 @@ async def test_with_background_refresh_finds_are_fast_and_a_stopped_node_drops_o
         survivors = [sim for sim in sims if sim is not victim]
         await trio.sleep(1)  # virtual time (autojump clock)
         assert victim.peer_id in [r.peer_id for r in await finder.directory.find()]
+        # virtual time (autojump clock): until the victim's record has expired
         await trio.sleep(removed_at + SETTINGS.record_validity_s + 1 - trio.current_time())
         found = await _found(survivors)
         for sim in survivors:

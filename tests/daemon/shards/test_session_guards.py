@@ -351,7 +351,7 @@ async def test_idle_streams_are_closed_and_a_peer_cannot_hold_many(
     # a stream holding a live session is not idle, however long its client only listens
     model = remote(cluster)
     await model.open()
-    await trio.sleep(0.5)
+    await trio.sleep(0.5)  # virtual time (autojump clock): longer than stream_idle_s
     assert await collect(model, prompt, 8) == expected[:8]
 
 
