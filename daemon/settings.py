@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import tomllib
+import types
 import typing
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -34,6 +35,7 @@ from daemon.errors import ConfigInvalid
 from daemon.multiaddrs import BOOTSTRAP_EXAMPLE, LISTEN_EXAMPLE, bootstrap_error, listen_error
 from p2p.discovery import DiscoverySettings
 from p2p.limits import HostLimits
+from p2p.records import PricePerUnit
 from registry.replica import Limits
 from registry.replication import ReplicationSettings
 
@@ -46,7 +48,7 @@ ENV_PREFIX = "GRIDMESH_"
 
 # -- the tree -----------------------------------------------------------------------------
 
-SECTIONS = ("p2p", "rpc", "resources", "registry", "shards", "grpc")
+SECTIONS = ("p2p", "rpc", "resources", "registry", "shards", "grpc", "chain", "market")
 # a `description` names what a value out of bounds is not: "70000 is not a TCP port (...)"
 Port = Annotated[
     int, msgspec.Meta(ge=0, le=65535, description="a TCP port (0..65535; 0 picks a free one)")
@@ -246,6 +248,48 @@ class GRPCConfig(Section):
     port: Port = 0  # a free port: several daemons on one host; daemon.json has the address
 
 
+# the networks contracts.chain.networks defines (the CHAIN engineer's list; settings names
+# them as a literal so that loading a config never imports the chain client)
+CHAIN_NETWORKS = ("devnet", "anvil", "base-sepolia")
+NO_DEFAULT_RPC = ("base-sepolia",)  # networks whose RPC URL the user must give
+_NETWORK_PATTERN = f"^({'|'.join(re.escape(name) for name in CHAIN_NETWORKS)})$"
+_NETWORK_DOC = f"a network (use {', '.join(CHAIN_NETWORKS[:-1])} or {CHAIN_NETWORKS[-1]})"
+
+
+class ChainConfig(Section):
+    """[chain]: the chain this node settles on (contracts.chain.networks)."""
+
+    network: Annotated[
+        str,
+        msgspec.Meta(pattern=_NETWORK_PATTERN, description=_NETWORK_DOC),
+    ] = "devnet"
+    # empty: the network's default endpoint
+    rpc_url: Annotated[
+        str,
+        msgspec.Meta(
+            max_length=2048,
+            pattern=r"^(https?://[^\s/?#]+[^\s]*)?$",
+            description="an RPC URL (http://HOST... or https://HOST...; empty: the network's "
+            "default)",
+        ),
+    ] = ""
+
+    def problems(self) -> Iterator[Problem]:
+        if self.network in NO_DEFAULT_RPC and not self.rpc_url:
+            why = f"is empty, but {self.network} has no default endpoint: give its RPC URL"
+            yield "rpc_url", why, ("network",)
+
+
+class MarketConfig(Section):
+    """[market]: prices, in the stablecoin's smallest unit per unit of work (one layer run
+    over one token). This node's price travels in its signed resource record and its shard
+    announcements; `max_price_per_unit` is what this node, as a requester, pays at most when
+    a call names no maximum (None: no maximum)."""
+
+    price_per_unit: PricePerUnit = 0  # 0: free
+    max_price_per_unit: PricePerUnit | None = None
+
+
 class Config(Section):
     """The whole tree; `discovery()` and its siblings are what each service is given."""
 
@@ -256,6 +300,8 @@ class Config(Section):
     registry: RegistryConfig = RegistryConfig()
     shards: ShardsConfig = ShardsConfig()
     grpc: GRPCConfig = GRPCConfig()
+    chain: ChainConfig = ChainConfig()
+    market: MarketConfig = MarketConfig()
 
     def problems(self) -> Iterator[Problem]:
         for name in SECTIONS:
@@ -374,8 +420,9 @@ class Layers:
             return _say(self.source(names), text, "")
         value = _lookup(self.raw, steps)
         got = f" (got {value!r})" if value is not _MISSING else ""
-        if kinds := re.fullmatch(r"Expected `(\w+)`, got `(\w+)`", what):
-            expected = _NOUNS.get(kinds[1], kinds[1])
+        if kinds := re.fullmatch(r"Expected `([\w |]+)`, got `(\w+)`", what):
+            arms = kinds[1].split(" | ")  # an optional key: "int | null"
+            expected = " or ".join("unset" if k == "null" else _NOUNS.get(k, k) for k in arms)
             if typing.get_args(_field_type(names)) == (str, ...):
                 expected = "a list of strings"
             why = f"must be {expected}, not {_NOUNS.get(kinds[2], kinds[2])}{got}"
@@ -442,8 +489,13 @@ def _description(kind: Any) -> str:
 
 
 def _from_text(text: str, kind: Any, name: str) -> Any:
-    """An environment variable's text as a value of the key's type (the check comes later)."""
+    """An environment variable's text as a value of the key's type (the check comes later);
+    for an optional key, an empty text is None (unset)."""
     base = kind.__origin__ if typing.get_origin(kind) is Annotated else kind
+    if typing.get_origin(base) in (typing.Union, types.UnionType):
+        arms = [arm for arm in typing.get_args(base) if arm is not type(None)]
+        if len(arms) == 1 < len(typing.get_args(base)):
+            return None if not text.strip() else _from_text(text, arms[0], name)
     if typing.get_origin(base) in (tuple, list):
         if text.lstrip().startswith("["):
             try:

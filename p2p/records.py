@@ -24,6 +24,10 @@ DEFAULT_MAX_SKEW_S = 10.0
 MAX_VALIDITY_S = 3600.0
 MAX_ADDRS = 32
 MAX_ADDR_CHARS = 512
+# A price: the stablecoin's smallest unit per unit of work (one layer run over one token).
+# At most an int64, so msgpack, sqlite and JSON all carry it exactly.
+MAX_PRICE_PER_UNIT = 2**63 - 1
+PricePerUnit = Annotated[int, Meta(ge=0, le=MAX_PRICE_PER_UNIT)]
 
 
 class RecordError(ValueError):

@@ -4,6 +4,7 @@ every mistake names its key and where it came from; each setting is declared onc
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 import tomllib
@@ -80,6 +81,23 @@ MISTAKES = [
     (env("P2P__BOOTSTRAP", "garbage"), "GRIDMESH_P2P__BOOTSTRAP: p2p.bootstrap[0] 'garbage'"),
     (flag("--listen", ["foo"]), "--listen 'foo' is not a listen multiaddr"),
     (flag("--bootstrap", ["garbage"]), "--bootstrap 'garbage' is not a bootstrap multiaddr"),
+    # the chain and prices
+    (file("[chain]\nnetwork = 'mainnet'\n"), "{file}: chain.network 'mainnet' is not a network"),
+    (env("CHAIN__NETWORK", "Anvil"), "GRIDMESH_CHAIN__NETWORK: chain.network 'Anvil' is not a"),
+    (file("[chain]\nrpc_url = 'ftp://x'\n"), "{file}: chain.rpc_url 'ftp://x' is not an RPC URL"),
+    (env("CHAIN__RPC_URL", "http://"), "GRIDMESH_CHAIN__RPC_URL: chain.rpc_url 'http://' is not"),
+    (env("CHAIN__NETWORK", "base-sepolia"), "GRIDMESH_CHAIN__NETWORK: chain.rpc_url is empty, but"),
+    (file("[market]\nprice_per_unit = -1\n"), "{file}: market.price_per_unit must be >= 0"),
+    (file("[market]\nprice_per_unit = 1.5\n"), "{file}: market.price_per_unit must be an int"),
+    (env("MARKET__PRICE_PER_UNIT", "x"), "GRIDMESH_MARKET__PRICE_PER_UNIT: market.price_per_unit"),
+    (env("MARKET__PRICE_PER_UNIT", str(2**63)), "GRIDMESH_MARKET__PRICE_PER_UNIT: market.price"),
+    (file("[market]\nmax_price_per_unit = -2\n"), "{file}: market.max_price_per_unit must be >="),
+    (
+        env("MARKET__MAX_PRICE_PER_UNIT", "ten"),
+        "GRIDMESH_MARKET__MAX_PRICE_PER_UNIT: market.max_price_per_unit must be an integer or "
+        "unset, not a string",
+    ),
+    (file("[market]\nmax_price = 1\n"), "{file}: unknown key market.max_price"),
 ]
 
 
@@ -148,6 +166,42 @@ def test_environment_values_are_read_as_their_keys_types():
         resolve(env={"GRIDMESH_P2P__LISTEN": "[unclosed"})
 
 
+def test_the_chain_and_prices_take_their_layers_and_types(tmp_path):
+    assert (Config().chain.network, Config().chain.rpc_url) == ("devnet", "")
+    assert (Config().market.price_per_unit, Config().market.max_price_per_unit) == (0, None)
+    path = write(tmp_path, "[chain]\nnetwork = 'anvil'\n[market]\nprice_per_unit = 7\n")
+    cfg = resolve(path)
+    assert (cfg.chain.network, cfg.market.price_per_unit) == ("anvil", 7)
+    env = {
+        "GRIDMESH_CHAIN__NETWORK": "base-sepolia",
+        "GRIDMESH_CHAIN__RPC_URL": "https://sepolia.base.org",
+        "GRIDMESH_MARKET__PRICE_PER_UNIT": "9",
+        "GRIDMESH_MARKET__MAX_PRICE_PER_UNIT": "12",
+    }
+    cfg = resolve(path, env=env)
+    assert (cfg.chain.network, cfg.chain.rpc_url) == ("base-sepolia", "https://sepolia.base.org")
+    assert (cfg.market.price_per_unit, cfg.market.max_price_per_unit) == (9, 12)
+    # an empty variable unsets an optional key that the file set
+    path = write(tmp_path, "[market]\nmax_price_per_unit = 5\n")
+    assert resolve(path).market.max_price_per_unit == 5
+    unset = {"GRIDMESH_MARKET__MAX_PRICE_PER_UNIT": ""}
+    assert resolve(path, env=unset).market.max_price_per_unit is None
+    # every network the chain client names is accepted; prices up to an int64
+    for network in settings.CHAIN_NETWORKS:
+        url = "http://127.0.0.1:8545" if network in settings.NO_DEFAULT_RPC else ""
+        assert settings.parse({"chain": {"network": network, "rpc_url": url}}).chain.network
+    assert settings.parse({"market": {"price_per_unit": 2**63 - 1}}).market.price_per_unit
+
+
+def test_settings_names_the_networks_the_chain_client_defines():
+    """The literal list here is CHAIN's contracts/chain/networks.py (once it exists)."""
+    networks = pytest.importorskip("contracts.chain.networks")
+    names = getattr(networks, "NETWORKS", None)
+    if names is None:
+        pytest.skip("contracts.chain.networks has no NETWORKS table yet")
+    assert set(settings.CHAIN_NETWORKS) == set(names)
+
+
 def test_other_gridmesh_variables_are_not_settings():
     env = {"GRIDMESH_HOME": "/somewhere", "GRIDMESH_HYPOTHESIS": "explore", "PATH": "/bin"}
     assert resolve(env=env) == Config()
@@ -164,17 +218,33 @@ def test_with_overrides_applies_flags_to_a_loaded_config():
 # -- the documented keys -------------------------------------------------------------------
 
 
+def _commented_keys(text: str) -> set[tuple[str, str]]:
+    """(section, key) of each `# key = value` example line under a `[section]` header."""
+    found, section = set(), ""
+    for line in text.splitlines():
+        if header := re.fullmatch(r"\[(\w+)\]", line.strip()):
+            section = header[1]
+        elif example := re.fullmatch(r"# (\w+) = \S.*", line.strip()):
+            found.add((section, example[1]))
+    return found
+
+
 def test_every_key_documented_in_node_toml_parses_and_is_its_default():
     documented = tomllib.loads(NODE_TOML.read_text())
     assert settings.load(NODE_TOML) == Config()
     defaults = Config()
-    # the file documents every key of the tree, and no other
+    # the file documents every key of the tree, and no other; TOML has no null, so a key
+    # that is unset by default is documented as a commented example (`# key = value`)
     assert set(documented) == set(Config.__struct_fields__)
+    examples = _commented_keys(NODE_TOML.read_text())
     for name, value in documented.items():
         if not isinstance(value, dict):
             assert settings.parse({name: value}) == defaults
             continue
-        assert set(value) == set(getattr(defaults, name).__struct_fields__), name
+        fields = set(getattr(defaults, name).__struct_fields__)
+        unset = {key for key in fields if getattr(getattr(defaults, name), key) is None}
+        assert set(value) == fields - unset, name
+        assert {(name, key) for key in unset} <= examples, name
         for key, item in value.items():  # each alone parses, to its default
             section = getattr(settings.parse({name: {key: item}}, "node.toml"), name)
             assert getattr(section, key) == getattr(getattr(defaults, name), key), (name, key)
