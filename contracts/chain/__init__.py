@@ -1,0 +1,1 @@
+"""The chain client: errors, the embedded dev chain, networks, keys, deployment records."""
