@@ -21,8 +21,17 @@ lint: $(STAMP)
 # its module fixtures are built once); TEST_WORKERS=0 runs them in this process, in order.
 TEST_WORKERS ?= 2
 
-test: $(STAMP) lint
+test: $(STAMP) lint contracts-deps
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
+
+# the pinned Solidity toolchain (solc-js, OpenZeppelin, anvil) for the contract tests; never
+# needed by the daemon at run time. npm ci empties node_modules, so the stamp lives inside it.
+CONTRACTS_STAMP := contracts/node_modules/.installed
+.PHONY: contracts-deps
+contracts-deps: $(CONTRACTS_STAMP)
+$(CONTRACTS_STAMP): contracts/package-lock.json
+	cd contracts && npm ci --no-audit --no-fund
+	touch $(CONTRACTS_STAMP)
 
 # the property tests with fresh random examples, many more of them (see tests/conftest.py)
 fuzz: $(STAMP)
