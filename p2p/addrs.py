@@ -107,3 +107,24 @@ def is_own_addr(addr: multiaddr.Multiaddr, own_addrs: list[multiaddr.Multiaddr])
         ):
             return True
     return False
+
+
+def dialable_addrs(addrs: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+    """Replace 0.0.0.0 (or ::) by this host's addresses, or loopback when it has no other."""
+    out: list[multiaddr.Multiaddr] = []
+    for addr in addrs:
+        try:
+            host, port = ip_and_port(addr)
+        except ValueError:
+            out.append(addr)
+            continue
+        ip = ipaddress.ip_address(host)
+        if not ip.is_unspecified:
+            out.append(addr)
+            continue
+        proto = "ip4" if ip.version == 4 else "ip6"
+        loopback = "127.0.0.1" if ip.version == 4 else "::1"
+        for local in interface_ips(ip.version) or [loopback]:
+            out.append(multiaddr.Multiaddr(f"/{proto}/{local}/tcp/{port}"))
+    seen: set[str] = set()
+    return [a for a in out if not (str(a) in seen or seen.add(str(a)))]

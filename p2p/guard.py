@@ -1,8 +1,9 @@
 """What keeps a py-libp2p host alive and fair under hostile input (DESIGN.md, "Known
 pitfalls": one malformed message on some protocols kills the host).
 
-`StreamGuard` wraps every stream handler, libp2p's own included, in one gate: a per-peer
-rate limit, then the hello (nothing but the hello is served to a peer until it passed), then
+`StreamGuard` wraps every stream handler, libp2p's own included, in one gate: a banned peer
+is refused (p2p.bans), then a per-peer rate limit, then the hello (nothing but the hello is
+served to a peer until it passed), then
 the handler, whose failure is counted and resets the stream instead of escaping.
 `harden_pubsub` puts cheap per-peer checks before py-libp2p's own gossip checks, and counts
 every message py-libp2p would drop silently; `harden_inbound` caps inbound connections per IP
@@ -20,6 +21,7 @@ import trio
 from libp2p.peer.id import ID
 from libp2p.pubsub.pubsub import signature_validator
 
+from p2p.bans import PeerBans
 from p2p.dhtguard import DHT_PROTOCOL, DHT_REFUSAL, ResetCountingStream
 from p2p.hello import HELLO_PROTOCOL, HelloGate
 from p2p.limits import HostLimits, RateLimiter, RejectHook
@@ -28,12 +30,15 @@ log = logging.getLogger(__name__)
 
 
 class StreamGuard:
-    """The one gate every inbound stream passes: rate limit, then hello, then handler."""
+    """The one gate every inbound stream passes: ban, rate limit, hello, then handler."""
 
-    def __init__(self, limiter: RateLimiter, hello: HelloGate, on_reject: RejectHook) -> None:
+    def __init__(
+        self, limiter: RateLimiter, hello: HelloGate, on_reject: RejectHook, bans: PeerBans
+    ) -> None:
         self._limiter = limiter
         self._hello = hello
         self._on_reject = on_reject
+        self._bans = bans
         self.errors = 0  # handlers that raised
 
     def guard_all(self, handlers: dict[Any, Any]) -> None:
@@ -50,8 +55,14 @@ class StreamGuard:
             except Exception:
                 peer = None
             if peer is not None:
-                if not self._limiter.allow((peer, protocol)):
-                    self._on_reject("stream", "rate_limited")
+                refusal = None
+                if self._bans.is_banned(peer):
+                    refusal = "banned"
+                elif not self._limiter.allow((peer, protocol)):
+                    refusal = "rate_limited"
+                    self._bans.strike(peer)
+                if refusal is not None:
+                    self._on_reject("stream", refusal)
                     with contextlib.suppress(Exception):
                         await stream.reset()
                     return
@@ -75,7 +86,7 @@ class StreamGuard:
                     stream,
                     cell,
                     self._on_reject,
-                    lambda: self._limiter.allow((peer, "dht-message")),
+                    lambda: self._allow_dht_message(peer),
                 )
             try:
                 await handler(stream)
@@ -97,6 +108,15 @@ class StreamGuard:
         guarded._gridmesh_guarded = True  # type: ignore[attr-defined]
         return guarded
 
+    def _allow_dht_message(self, peer: str | None) -> bool:
+        if peer is not None and self._bans.is_banned(peer):
+            return False
+        if self._limiter.allow((peer, "dht-message")):
+            return True
+        if peer is not None:
+            self._bans.strike(peer)
+        return False
+
 
 def harden_pubsub(
     pubsub: Any,
@@ -104,13 +124,16 @@ def harden_pubsub(
     on_reject: RejectHook,
     messages: RateLimiter,
     message_bytes: RateLimiter,
+    bans: PeerBans,
 ) -> None:
     """Cheap, per-peer checks before py-libp2p's own, and a count for every drop.
 
     py-libp2p starts a task per received message and drops bad ones silently; here a
     forwarding peer over its rate (`messages`, `message_bytes`) or a message over the size
     limit is dropped before the signature check, and whatever py-libp2p then refuses (bad
-    signature, validation) or cannot queue for our subscription is counted.
+    signature, validation) or cannot queue for our subscription is counted. Messages over a
+    limit and bad signatures are strikes against the forwarder (honest peers forward only
+    what they validated), and a banned forwarder's messages are dropped unread.
     """
     push = pubsub.push_msg
 
@@ -119,11 +142,16 @@ def harden_pubsub(
             await push(forwarder, msg)
             return
         peer, size = forwarder.to_base58(), msg.ByteSize()
+        if bans.is_banned(peer):
+            on_reject("pubsub", "banned")
+            return
         if size > limits.max_gossip_bytes:
             on_reject("pubsub", "too_large")
+            bans.strike(peer)
             return
         if not messages.allow(peer) or not message_bytes.allow(peer, size):
             on_reject("pubsub", "rate_limited")
+            bans.strike(peer)
             return
         if pubsub._is_msg_seen(msg):
             return  # duplicates are normal in a mesh
@@ -131,6 +159,8 @@ def harden_pubsub(
         if not pubsub._is_msg_seen(msg):
             bad_sig = pubsub.strict_signing and not _safe_signature_check(msg)
             on_reject("pubsub", "bad_signature" if bad_sig else "refused")
+            if bad_sig:
+                bans.strike(peer)
 
     def notify_subscriptions(msg: Any) -> None:
         for topic in msg.topicIDs:

@@ -20,7 +20,6 @@ validators and refusal counts), `p2p.addrs` (our addresses), `p2p.peers` (peer t
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -46,8 +45,14 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
 from p2p import atomic_writes, identity
-from p2p.addrs import ListenError, check_listen_free, ip_and_port, is_own_addr
-from p2p.addrs import interface_ips as _interface_ips
+from p2p.addrs import (
+    ListenError,
+    check_listen_free,
+    dialable_addrs,
+    ip_and_port,
+    is_own_addr,
+)
+from p2p.bans import PeerBans
 from p2p.dhtguard import DHT_PROTOCOL, CountingValidator, ValidatorBridge
 from p2p.framing import (
     FRAME_DEADLINE_S,
@@ -206,6 +211,13 @@ class Libp2pNetwork:
         self._on_dht_op = on_dht_op or (lambda op, outcome, seconds: None)
         self.peers: dict[str, PeerState] = {}
         limits = self.limits
+        self.bans = PeerBans(
+            limits.ban_strikes,
+            limits.ban_window_s,
+            limits.ban_s,
+            limits.max_tracked_peers,
+            self._on_ban,
+        )
         self._stream_limiter = RateLimiter(
             limits.streams_per_s, limits.stream_burst, limits.max_tracked_peers * 4
         )
@@ -217,6 +229,7 @@ class Libp2pNetwork:
             RateLimiter(
                 limits.gossip_bytes_per_s, limits.gossip_bytes_burst, limits.max_tracked_peers
             ),
+            self.bans,
         )
         self.hello_gate = HelloGate(
             ident,
@@ -228,7 +241,7 @@ class Libp2pNetwork:
             connected_peers=self.connected_peers,
             now=self.now,
         )
-        self._guard = StreamGuard(self._stream_limiter, self.hello_gate, self._on_reject)
+        self._guard = StreamGuard(self._stream_limiter, self.hello_gate, self._on_reject, self.bans)
 
     # -- Network protocol -------------------------------------------------------------
 
@@ -440,7 +453,7 @@ class Libp2pNetwork:
             with contextlib.suppress(ValueError):
                 ports.add(ip_and_port(own)[1])
         kept = []
-        for addr in _dialable_addrs(candidates):
+        for addr in dialable_addrs(candidates):
             try:
                 port = ip_and_port(addr)[1]
             except ValueError:
@@ -453,6 +466,21 @@ class Libp2pNetwork:
     def _is_own_addr(self, addr: multiaddr.Multiaddr) -> bool:
         """True when `addr` is one of our own TCP listeners (dialling it reaches ourselves)."""
         return is_own_addr(addr, self.host.get_transport_addrs())
+
+    def _on_ban(self, peer_id: str) -> None:
+        """A peer kept breaking our limits (p2p.bans): count it and close its connections."""
+        self._on_reject("peer", "banned")
+        log.warning("peer %s banned for %.0f s: over its limits", peer_id, self.limits.ban_s)
+        self._drop_in_background(peer_id)
+
+    def refuse_banned(self, peer_id: str) -> None:
+        """A banned peer connected (or we dialled it): count it and close the connection."""
+        self._on_reject("connection", "banned")
+        self._drop_in_background(peer_id)
+
+    def _drop_in_background(self, peer_id: str) -> None:
+        if self._nursery is not None:  # called from sync code
+            self._nursery.start_soon(self._drop_peer, peer_id)
 
     async def _drop_peer(self, peer_id: str) -> None:
         with contextlib.suppress(Exception):
@@ -565,24 +593,3 @@ def _describe(exc: BaseException) -> str:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     return str(exc) or type(exc).__name__
-
-
-def _dialable_addrs(addrs: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
-    """Replace 0.0.0.0 (or ::) by this host's addresses, or loopback when it has no other."""
-    out: list[multiaddr.Multiaddr] = []
-    for addr in addrs:
-        try:
-            host, port = ip_and_port(addr)
-        except ValueError:
-            out.append(addr)
-            continue
-        ip = ipaddress.ip_address(host)
-        if not ip.is_unspecified:
-            out.append(addr)
-            continue
-        proto = "ip4" if ip.version == 4 else "ip6"
-        loopback = "127.0.0.1" if ip.version == 4 else "::1"
-        for local in _interface_ips(ip.version) or [loopback]:
-            out.append(multiaddr.Multiaddr(f"/{proto}/{local}/tcp/{port}"))
-    seen: set[str] = set()
-    return [a for a in out if not (str(a) in seen or seen.add(str(a)))]

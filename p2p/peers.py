@@ -45,9 +45,13 @@ class ForgetDisconnected(INotifee):
         pass
 
     async def connected(self, network: Any, conn: Any) -> None:
+        peer = conn.muxed_conn.peer_id.to_base58()
+        if self._owner.bans.is_banned(peer):  # its identity is known now: refuse it
+            self._owner.refuse_banned(peer)
+            return
         # every connection, inbound or dialled by the DHT, gets a hello: until one is valid
         # the peer is served nothing else (see `p2p.guard.StreamGuard`)
-        self._owner.hello_gate.in_background(conn.muxed_conn.peer_id.to_base58())
+        self._owner.hello_gate.in_background(peer)
 
     async def listen(self, network: Any, multiaddr: Any) -> None:
         pass

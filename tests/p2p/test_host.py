@@ -21,6 +21,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.utils.varint import encode_uvarint
 
+from p2p import addrs as addrs_module
 from p2p import codec, identity, records
 from p2p import host as host_module
 from p2p.discovery import DiscoverySettings, ResourceDirectory
@@ -640,14 +641,14 @@ async def test_an_address_not_on_this_host_fails_with_one_clear_error():
 
 
 def test_wildcard_falls_back_to_loopback_when_there_is_no_other_address(monkeypatch):
-    monkeypatch.setattr(host_module, "_interface_ips", lambda version: [])
+    monkeypatch.setattr(addrs_module, "interface_ips", lambda version: [])
     addrs = [multiaddr.Multiaddr("/ip4/0.0.0.0/tcp/4001"), multiaddr.Multiaddr("/ip6/::/tcp/5")]
-    assert [str(a) for a in host_module._dialable_addrs(addrs)] == [
+    assert [str(a) for a in addrs_module.dialable_addrs(addrs)] == [
         "/ip4/127.0.0.1/tcp/4001",
         "/ip6/::1/tcp/5",
     ]
-    monkeypatch.setattr(host_module, "_interface_ips", lambda version: ["10.1.2.3"])
-    assert [str(a) for a in host_module._dialable_addrs(addrs[:1])] == ["/ip4/10.1.2.3/tcp/4001"]
+    monkeypatch.setattr(addrs_module, "interface_ips", lambda version: ["10.1.2.3"])
+    assert [str(a) for a in addrs_module.dialable_addrs(addrs[:1])] == ["/ip4/10.1.2.3/tcp/4001"]
 
 
 async def test_inbound_slots_come_back_when_peers_leave(monkeypatch):

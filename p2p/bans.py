@@ -1,0 +1,69 @@
+"""Peers that keep breaking the host's limits are disconnected and refused for a while.
+
+A rate limit alone still lets a flooding peer cost its target the work of every message it
+refuses: a stream's protocol negotiation, a frame's decryption, a gossip message's parse. At
+1,000 refused streams a second that is most of a core of Python (bench/abuse.py measured honest
+`nodes_find` p99 at 11-44x its baseline during DHT and stream floods). So each refusal for
+abuse (over a rate limit, over a size limit, a bad gossip signature) is a strike; a peer with
+more than `ban_strikes` within about `ban_window_s` is banned for `ban_s`: its connections are
+closed, new ones are closed as soon as its identity is known, and its streams are reset unread.
+Honest peers never come near: they stay under the rate limits, so they collect no strikes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from p2p.limits import RateLimiter
+
+
+class PeerBans:
+    """Strikes per peer (a token bucket: `strikes` of burst, refilled over `window_s`) and the
+    peers banned until a deadline. `on_ban(peer)` is called once per ban."""
+
+    def __init__(
+        self,
+        strikes: int,
+        window_s: float,
+        ban_s: float,
+        max_peers: int,
+        on_ban: Callable[[str], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._strikes = RateLimiter(strikes / window_s, strikes, max_peers, clock)
+        self._ban_s = ban_s
+        self._max_peers = max_peers
+        self._on_ban = on_ban
+        self._clock = clock
+        self._until: OrderedDict[str, float] = OrderedDict()
+        self.bans = 0  # bans so far
+
+    def strike(self, peer: str) -> None:
+        """One refusal for abuse; the strike over the limit bans the peer (`ban_s` 0: never)."""
+        if self._ban_s <= 0 or self.is_banned(peer):
+            return
+        if not self._strikes.allow(peer):
+            self.ban(peer)
+
+    def ban(self, peer: str) -> None:
+        self._until.pop(peer, None)
+        self._until[peer] = self._clock() + self._ban_s
+        while len(self._until) > self._max_peers:
+            self._until.popitem(last=False)
+        self.bans += 1
+        self._on_ban(peer)
+
+    def is_banned(self, peer: str) -> bool:
+        until = self._until.get(peer)
+        if until is None:
+            return False
+        if self._clock() < until:
+            return True
+        del self._until[peer]
+        return False
+
+    def banned(self) -> list[str]:
+        """The peers banned now."""
+        return [peer for peer in list(self._until) if self.is_banned(peer)]

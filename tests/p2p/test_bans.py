@@ -1,0 +1,157 @@
+"""Peers that keep breaking the host's limits are banned (p2p.bans): the strike arithmetic on a
+fake clock, then a real flooding peer against a real host, while an honest peer is served."""
+
+import contextlib
+
+import trio
+
+from p2p.bans import PeerBans
+from p2p.host import HostLimits
+from p2p.network import NetworkError
+from tests.p2p.test_host import Node, _count
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_bans(clock: FakeClock, strikes: int = 5, ban_s: float = 30.0) -> tuple[PeerBans, list]:
+    banned: list[str] = []
+    bans = PeerBans(strikes, 10.0, ban_s, 100, banned.append, clock)
+    return bans, banned
+
+
+def test_the_strike_over_the_limit_bans_once_until_the_ban_ends():
+    clock = FakeClock()
+    bans, banned = make_bans(clock)
+    for _ in range(5):
+        bans.strike("evil")
+    assert not bans.is_banned("evil") and banned == []
+    bans.strike("evil")
+    assert bans.is_banned("evil") and banned == ["evil"]
+    bans.strike("evil")  # strikes while banned do not ban again
+    assert banned == ["evil"] and bans.bans == 1
+    assert not bans.is_banned("honest")
+    clock.now = 29.9
+    assert bans.banned() == ["evil"]
+    clock.now = 30.0
+    assert not bans.is_banned("evil") and bans.banned() == []
+
+
+def test_occasional_refusals_never_ban():
+    """The strikes refill over the window: a peer refused now and then is never banned."""
+    clock = FakeClock()
+    bans, banned = make_bans(clock)
+    for _ in range(1000):
+        bans.strike("bursty")
+        clock.now += 2.1  # 5 strikes per 10 s refill one every 2 s
+    assert banned == []
+
+
+def test_ban_s_zero_turns_bans_off():
+    clock = FakeClock()
+    bans, banned = make_bans(clock, ban_s=0)
+    for _ in range(100):
+        bans.strike("evil")
+    assert banned == [] and not bans.is_banned("evil")
+
+
+def test_banned_peers_are_forgotten_beyond_the_cap():
+    clock = FakeClock()
+    banned: list[str] = []
+    bans = PeerBans(1, 10.0, 60.0, 3, banned.append, clock)
+    for peer in "abcde":
+        bans.ban(peer)
+    assert bans.banned() == ["c", "d", "e"]
+
+
+async def test_a_flooding_peer_is_banned_disconnected_and_refused_while_honest_peers_are_served():
+    limits = HostLimits(streams_per_s=5.0, stream_burst=10, ban_strikes=20, ban_s=3.0)
+    target, flooder, honest = Node(limits=limits), Node(), Node()
+    async with target.net.run(), flooder.net.run(), honest.net.run():
+        addr = target.net.listen_addrs()[0]
+        await flooder.net.connect(addr)
+        await honest.net.connect(addr)
+
+        async def echo(sender: str, payload: bytes) -> bytes:
+            return payload
+
+        target.net.set_request_handler("/gridmesh/test/echo/1", echo)
+        with trio.fail_after(20):
+            while not target.net.bans.is_banned(flooder.ident.peer_id):
+                with contextlib.suppress(NetworkError):
+                    await flooder.net.request(
+                        target.ident.peer_id, "/gridmesh/test/echo/1", b"x", timeout_s=2
+                    )
+        assert _count(target, "peer", "banned") == 1
+        assert _count(target, "stream", "rate_limited") > 20
+        with trio.fail_after(5):  # its connection is closed
+            while flooder.ident.peer_id in target.net.connected_peers():  # noqa: ASYNC110
+                await trio.sleep(0.02)
+
+        # it comes back: the connection is closed as soon as its identity is known, and
+        # nothing it asks is served
+        refused_before = _count(target, "connection", "banned")
+        try:
+            await flooder.net.connect(addr, timeout_s=3)
+            await flooder.net.request(
+                target.ident.peer_id, "/gridmesh/test/echo/1", b"x", timeout_s=2
+            )
+            served = True
+        except NetworkError:
+            served = False
+        assert not served
+        with trio.fail_after(5):
+            while _count(target, "connection", "banned") <= refused_before:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+
+        # the honest peer, on the same host, was never touched
+        reply = await honest.net.request(target.ident.peer_id, "/gridmesh/test/echo/1", b"ok")
+        assert reply == b"ok"
+        assert not target.net.bans.is_banned(honest.ident.peer_id)
+
+        # and the ban ends
+        with trio.fail_after(15):
+            while True:
+                try:
+                    await flooder.net.connect(addr, timeout_s=3)
+                    reply = await flooder.net.request(
+                        target.ident.peer_id, "/gridmesh/test/echo/1", b"back", timeout_s=2
+                    )
+                    break
+                except NetworkError:
+                    await trio.sleep(0.2)  # polling the ban's end, which is real time
+        assert reply == b"back"
+
+
+async def test_a_gossip_flooder_is_banned_and_its_messages_dropped_unread():
+    limits = HostLimits(gossip_per_s=5.0, gossip_burst=10, ban_strikes=20, ban_s=60.0)
+    target, flooder = Node(limits=limits), Node()
+    async with target.net.run(), flooder.net.run():
+        await flooder.net.connect(target.net.listen_addrs()[0])
+        got: list[bytes] = []
+
+        async def on_message(sender: str, data: bytes) -> None:
+            got.append(data)
+
+        await target.net.subscribe("t", on_message)
+        await flooder.net.subscribe("t", on_message)
+        with trio.fail_after(10):
+            while not got:  # wait for the mesh
+                await flooder.net.publish("t", b"warmup")
+                with trio.move_on_after(0.3):
+                    while not got:  # noqa: ASYNC110 - nothing to wait on but the list
+                        await trio.sleep(0.01)
+        with trio.fail_after(20):
+            i = 0
+            while not target.net.bans.is_banned(flooder.ident.peer_id):
+                i += 1
+                await flooder.net.publish("t", b"flood %d" % i)
+                await trio.sleep(0.003)  # paced: the flooder's own 32-message queue would drop
+        assert _count(target, "peer", "banned") == 1
+        assert _count(target, "pubsub", "rate_limited") > 20
+        assert len(got) < 40
