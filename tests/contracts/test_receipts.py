@@ -1,0 +1,323 @@
+"""Receipts off chain: the provider's chain of signed receipts, the requester's checks (each
+refusal with its reason), cumulative vouchers and equivocation proofs."""
+
+from __future__ import annotations
+
+import pytest
+
+from contracts import eip712, merkle
+from contracts.eip712 import Domain, SignedReceipt, Signer
+from contracts.receipts import (
+    Acknowledger,
+    BadSignature,
+    BrokenChain,
+    Equivocation,
+    ForeignJob,
+    InputMismatch,
+    JobBudget,
+    JobTerms,
+    OutputMismatch,
+    OverDeposit,
+    PriceOverMax,
+    ReceiptChain,
+    ReceiptRefused,
+    ReceiptVerifier,
+    StepReplayed,
+    StepSkipped,
+    WrongProvider,
+    WrongSession,
+    WrongWork,
+    activation_hash,
+    find_equivocation,
+    session_hash,
+)
+
+DOMAIN = Domain(131277322940537, b"\x5a" * 20)
+JOB = b"\x01" * 32
+PROVIDER = Signer(b"\x11" * 32)
+OTHER = Signer(b"\x22" * 32)
+PAYER = Signer(b"\x33" * 32)
+PRICE = 5
+LAYERS = (4, 8)  # 4 layers: a step of t tokens is 4 t units
+TERMS = JobTerms(job_id=JOB, deposit=10_000, max_price_per_unit=10)
+
+
+def chain(
+    signer: Signer = PROVIDER, *, session: str = "s1", job: bytes = JOB, price: int = PRICE
+) -> ReceiptChain:
+    return ReceiptChain(
+        DOMAIN,
+        signer,
+        job_id=job,
+        session_id=session,
+        model_id="tiny",
+        layer_start=LAYERS[0],
+        layer_end=LAYERS[1],
+        price_per_unit=price,
+    )
+
+
+def verifier(
+    *, session: str = "s1", terms: JobTerms = TERMS, budget: JobBudget | None = None
+) -> ReceiptVerifier:
+    return ReceiptVerifier(
+        DOMAIN,
+        terms,
+        provider=PROVIDER.address,
+        session_id=session,
+        model_id="tiny",
+        layers=LAYERS,
+        budget=budget,
+    )
+
+
+def step_of(ch: ReceiptChain, n: int, *, tokens: int = 1, output: bytes | None = None):
+    """(signed receipt, input hash, output hash) of the chain's next step."""
+    inp = activation_hash(b"in %d" % n)
+    out = output if output is not None else activation_hash(b"out %d" % n)
+    signed = ch.sign_step(
+        input_hash=inp, output_hash=out, tokens=tokens, timestamp=1_790_000_000 + n
+    )
+    return signed, inp, out
+
+
+def resign(signed: SignedReceipt, signer: Signer = PROVIDER, **changes: object) -> SignedReceipt:
+    receipt = eip712.Receipt(**{**eip712_fields(signed.receipt), **changes})
+    return SignedReceipt(receipt, signer.sign(DOMAIN, receipt))
+
+
+def eip712_fields(receipt: eip712.Receipt) -> dict:
+    return {name: getattr(receipt, name) for name in receipt.__struct_fields__}
+
+
+def refused(v: ReceiptVerifier, signed, inp, out, error: type[ReceiptRefused]) -> ReceiptRefused:
+    state = (v.next_step, v.last_digest, v.total, v.budget.accepted)
+    with pytest.raises(error) as caught:
+        v.check(signed, input_hash=inp, output_hash=out)
+    assert caught.value.reason == error.reason
+    assert str(caught.value).startswith(error.reason + ": ")
+    assert (v.next_step, v.last_digest, v.total, v.budget.accepted) == state  # nothing changed
+    return caught.value
+
+
+def test_a_good_chain_is_accepted_and_vouched() -> None:
+    ch, v, ack = chain(), verifier(), Acknowledger(DOMAIN, JOB, PAYER)
+    accepted = []
+    for n in range(10):
+        signed, inp, out = step_of(ch, n, tokens=n + 1)
+        # it travels as msgpack to the requester
+        arrived = eip712.decode_signed_receipt(eip712.encode_signed_receipt(signed))
+        got = v.check(arrived, input_hash=inp, output_hash=out)
+        assert got.receipt.step == n
+        assert got.receipt.units == 4 * (n + 1) and got.amount == 4 * (n + 1) * PRICE
+        assert got.receipt.prev_receipt == (accepted[-1].digest if accepted else bytes(32))
+        assert got.digest == DOMAIN.digest(signed.receipt)
+        ack.acknowledge(got)
+        accepted.append(got)
+    total = sum(4 * (n + 1) * PRICE for n in range(10))
+    assert v.total == v.budget.accepted == ack.acknowledged(PROVIDER.address) == total
+    signed_voucher = ack.voucher(PROVIDER.address)
+    assert signed_voucher is not None
+    voucher = signed_voucher.voucher
+    assert (voucher.job_id, voucher.provider, voucher.cumulative_amount, voucher.nonce) == (
+        JOB, PROVIDER.address, total, 1,
+    )  # fmt: skip
+    assert eip712.recover(DOMAIN, voucher, signed_voucher.signature) == PAYER.address
+    digests = [a.digest for a in accepted]
+    assert voucher.receipts_root == merkle.root(digests)
+    for d in digests:
+        assert merkle.verify(ack.proof(PROVIDER.address, d), voucher.receipts_root, d)
+
+
+def test_bad_signatures_are_refused() -> None:
+    ch, v = chain(), verifier()
+    signed, inp, out = step_of(ch, 0)
+    by_other = resign(signed, OTHER)
+    assert "not by the provider" in refused(v, by_other, inp, out, BadSignature).detail
+    flipped = bytearray(signed.signature)
+    flipped[5] ^= 1
+    refused(v, SignedReceipt(signed.receipt, bytes(flipped)), inp, out, BadSignature)
+    malformed = SignedReceipt(signed.receipt, signed.signature[:64] + b"\x01")
+    assert "27 or 28" in refused(v, malformed, inp, out, BadSignature).detail
+    # a field changed after signing: the signature no longer recovers the provider
+    tampered = SignedReceipt(resign(signed, units=1000).receipt, signed.signature)
+    refused(v, tampered, inp, out, BadSignature)
+    v.check(signed, input_hash=inp, output_hash=out)  # the genuine one still goes through
+
+
+def test_a_broken_hash_chain_is_refused() -> None:
+    ch, v = chain(), verifier()
+    first, inp, out = step_of(ch, 0)
+    v.check(first, input_hash=inp, output_hash=out)
+    second, inp, out = step_of(ch, 1)
+    refused(v, resign(second, prev_receipt=b"\x07" * 32), inp, out, BrokenChain)
+    refused(v, resign(second, prev_receipt=bytes(32)), inp, out, BrokenChain)
+    # the first receipt of a session links nothing
+    fresh = verifier(session="s2")
+    other, inp0, out0 = step_of(chain(session="s2"), 0)
+    refused(fresh, resign(other, prev_receipt=first.receipt.prev_receipt[:31] + b"\x01"), inp0,
+            out0, BrokenChain)  # fmt: skip
+    v.check(second, input_hash=inp, output_hash=out)
+
+
+def test_replayed_and_skipped_steps_are_refused() -> None:
+    ch, v = chain(), verifier()
+    first, inp, out = step_of(ch, 0)
+    v.check(first, input_hash=inp, output_hash=out)
+    error = refused(v, first, inp, out, StepReplayed)
+    assert isinstance(error, StepReplayed) and error.equivocation is None  # the same receipt
+    second, inp1, out1 = step_of(ch, 1)
+    third, inp2, out2 = step_of(ch, 2)
+    assert "step 1 expected" in refused(v, third, inp2, out2, StepSkipped).detail
+    v.check(second, input_hash=inp1, output_hash=out1)
+    v.check(third, input_hash=inp2, output_hash=out2)
+
+
+def test_a_replayed_step_with_another_output_is_equivocation() -> None:
+    ch, v = chain(), verifier()
+    first, inp, out = step_of(ch, 0)
+    v.check(first, input_hash=inp, output_hash=out)
+    second, inp1, out1 = step_of(ch, 1)
+    v.check(second, input_hash=inp1, output_hash=out1)
+    liar = resign(first, output_hash=activation_hash(b"something else"))
+    error = refused(v, liar, inp, liar.receipt.output_hash, StepReplayed)
+    assert isinstance(error, StepReplayed)
+    assert error.equivocation == Equivocation(first, liar)
+    assert "equivocation" in error.detail
+    a, sig_a, b, sig_b = error.equivocation.call_args()
+    assert a == first.receipt.abi_tuple() and sig_a == first.signature
+    assert b == liar.receipt.abi_tuple() and sig_b == liar.signature
+    assert a[6] == b[6] == 0 and a[8] != b[8]  # step, outputHash in the struct's order
+
+
+def test_find_equivocation_only_for_real_conflicts() -> None:
+    ch = chain()
+    a, _, _ = step_of(ch, 0)
+    b = resign(a, output_hash=b"\x09" * 32)
+    assert find_equivocation(DOMAIN, a, b) == Equivocation(a, b)
+    assert find_equivocation(DOMAIN, a, resign(a, timestamp=1)) is None  # same output
+    assert find_equivocation(DOMAIN, a, resign(b, step=1)) is None
+    assert find_equivocation(DOMAIN, a, resign(b, session=session_hash("s9"))) is None
+    assert find_equivocation(DOMAIN, a, resign(b, job_id=b"\x02" * 32)) is None
+    # a receipt "of" the provider signed by somebody else proves nothing
+    assert find_equivocation(DOMAIN, a, resign(b, OTHER)) is None
+    forged_sig = SignedReceipt(b.receipt, a.signature)
+    assert find_equivocation(DOMAIN, a, forged_sig) is None
+    # another domain (chain or escrow): the signatures do not recover the provider here
+    elsewhere = Domain(31337, DOMAIN.verifying_contract)
+    assert find_equivocation(elsewhere, a, b) is None
+
+
+def test_foreign_job_session_provider_and_work_are_refused() -> None:
+    v = verifier()
+    signed, inp, out = step_of(chain(job=b"\x02" * 32), 0)
+    refused(v, signed, inp, out, ForeignJob)
+    signed, inp, out = step_of(chain(session="other"), 0)
+    refused(v, signed, inp, out, WrongSession)
+    signed, inp, out = step_of(chain(OTHER), 0)
+    assert "the session runs on" in refused(v, signed, inp, out, WrongProvider).detail
+    signed, inp, out = step_of(chain(), 0)
+    refused(v, resign(signed, model=b"\x00" * 32), inp, out, WrongWork)
+    refused(v, resign(signed, layer_end=9), inp, out, WrongWork)
+    refused(v, resign(signed, units=0), inp, out, WrongWork)
+
+
+def test_input_and_output_must_be_what_was_sent_and_received() -> None:
+    v = verifier()
+    signed, inp, out = step_of(chain(), 0)
+    refused(v, signed, activation_hash(b"what I sent"), out, InputMismatch)
+    refused(v, signed, inp, activation_hash(b"what I got"), OutputMismatch)
+    v.check(signed, input_hash=inp, output_hash=out)
+
+
+def test_a_price_over_the_maximum_is_refused() -> None:
+    v = verifier()
+    signed, inp, out = step_of(chain(price=11), 0)
+    assert "maximum 10" in refused(v, signed, inp, out, PriceOverMax).detail
+    signed, inp, out = step_of(chain(price=10), 0)
+    v.check(signed, input_hash=inp, output_hash=out)  # at the maximum is fine
+
+
+def test_amounts_over_the_deposit_are_refused_across_sessions() -> None:
+    terms = JobTerms(job_id=JOB, deposit=100, max_price_per_unit=10)
+    budget = JobBudget(terms.deposit)
+    v1, v2 = (
+        verifier(terms=terms, budget=budget),
+        verifier(session="s2", terms=terms, budget=budget),
+    )
+    c1, c2 = chain(), chain(session="s2")
+    signed, inp, out = step_of(c1, 0, tokens=3)  # 4 layers x 3 tokens x 5 = 60
+    v1.check(signed, input_hash=inp, output_hash=out)
+    signed, inp, out = step_of(c2, 0, tokens=2)  # 40: exactly the deposit
+    v2.check(signed, input_hash=inp, output_hash=out)
+    assert budget.accepted == 100
+    signed, inp, out = step_of(c1, 1, tokens=1)  # 20 more
+    assert "over its deposit of 100" in refused(v1, signed, inp, out, OverDeposit).detail
+    lone = verifier(terms=JobTerms(job_id=JOB, deposit=19, max_price_per_unit=10))
+    signed, inp, out = step_of(chain(), 0)
+    refused(lone, signed, inp, out, OverDeposit)
+
+
+def test_vouchers_are_cumulative_and_monotonic() -> None:
+    ch, v, ack = chain(), verifier(), Acknowledger(DOMAIN, JOB, PAYER)
+    assert ack.voucher(PROVIDER.address) is None
+    seen, digests = [], []
+    for batch in range(3):
+        for n in range(batch * 4, batch * 4 + 4):
+            signed, inp, out = step_of(ch, n)
+            accepted = v.check(signed, input_hash=inp, output_hash=out)
+            ack.acknowledge(accepted)
+            digests.append(accepted.digest)
+        signed_voucher = ack.voucher(PROVIDER.address)
+        assert signed_voucher is not None
+        assert ack.voucher(PROVIDER.address) == signed_voucher  # nothing new: the same one
+        voucher = signed_voucher.voucher
+        assert voucher.nonce == batch + 1
+        assert voucher.cumulative_amount == len(digests) * 4 * PRICE
+        assert voucher.receipts_root == merkle.root(digests)
+        assert eip712.recover(DOMAIN, voucher, signed_voucher.signature) == PAYER.address
+        seen.append(voucher)
+    assert [s.nonce for s in seen] == [1, 2, 3]
+    assert seen[0].cumulative_amount < seen[1].cumulative_amount < seen[2].cumulative_amount
+    assert ack.digests(PROVIDER.address) == digests
+    # a receipt acknowledged after the latest voucher has no proof under its root yet
+    signed, inp, out = step_of(ch, 12)
+    late = v.check(signed, input_hash=inp, output_hash=out)
+    ack.acknowledge(late)
+    with pytest.raises(KeyError):
+        ack.proof(PROVIDER.address, late.digest)
+    with pytest.raises(ValueError, match="already"):
+        ack.acknowledge(late)
+    assert ack.voucher(PROVIDER.address).voucher.nonce == 4  # type: ignore[union-attr]
+    assert merkle.verify(
+        ack.proof(PROVIDER.address, late.digest), merkle.root(digests + [late.digest]), late.digest
+    )
+
+
+def test_vouchers_are_per_provider_and_per_job() -> None:
+    ack = Acknowledger(DOMAIN, JOB, PAYER)
+    other_v = ReceiptVerifier(DOMAIN, TERMS, provider=OTHER.address, session_id="s1")
+    for signer, v in ((PROVIDER, verifier()), (OTHER, other_v)):
+        signed, inp, out = step_of(chain(signer), 0, tokens=2 if signer is OTHER else 1)
+        ack.acknowledge(v.check(signed, input_hash=inp, output_hash=out))
+    mine, theirs = ack.voucher(PROVIDER.address), ack.voucher(OTHER.address)
+    assert mine is not None and theirs is not None
+    assert (mine.voucher.cumulative_amount, theirs.voucher.cumulative_amount) == (20, 40)
+    assert mine.voucher.nonce == theirs.voucher.nonce == 1
+    foreign_ack = Acknowledger(DOMAIN, b"\x02" * 32, PAYER)
+    signed, inp, out = step_of(chain(), 0)
+    with pytest.raises(ValueError, match="another job"):
+        foreign_ack.acknowledge(verifier().check(signed, input_hash=inp, output_hash=out))
+
+
+def test_the_provider_chain_never_signs_a_step_twice() -> None:
+    ch = chain()
+    receipts = [step_of(ch, n, tokens=3)[0] for n in range(3)]
+    assert [r.receipt.step for r in receipts] == [0, 1, 2]
+    assert receipts[1].receipt.prev_receipt == DOMAIN.digest(receipts[0].receipt)
+    assert all(r.receipt.units == 12 and r.receipt.amount == 60 for r in receipts)
+    with pytest.raises(ValueError, match="token"):
+        ch.sign_step(input_hash=bytes(32), output_hash=bytes(32), tokens=0, timestamp=0)
+    with pytest.raises(ValueError, match="empty"):
+        ReceiptChain(DOMAIN, PROVIDER, job_id=JOB, session_id="s", model_id="m", layer_start=3,
+                     layer_end=3, price_per_unit=1)  # fmt: skip
