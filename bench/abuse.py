@@ -4,12 +4,14 @@ Starts 4 daemons on loopback (the devnet config, one torch thread each) and depl
 6-layer model over three of them: node2 [0,2), node0 [2,4), node3 [4,6). node0 is the TARGET:
 one hostile peer (`python -m daemon.tools.hostile_peer flood KIND`, its own process and
 identity) connects to it alone. node1 serves nothing and is not attacked: the UNTARGETED node.
-Honest probes, one after the other, in rounds:
+Honest probes, each in its own thread, paced evenly over the phase (`--probes` samples at
+most, so that a phase's p99 stands for all of it and is not one sample):
 - nodes_find on the target, and on the untargeted node;
 - registry write: `registry_put` on the target until the entry is visible on the untargeted
   node (`registry_get` polled every 10 ms);
 - generate: `--tokens` new tokens asked of the untargeted node, routed through the target.
-First a baseline without a flood, then each flood for `--seconds` (probing while it runs):
+First a baseline without a flood for `--seconds`, then each flood for `--seconds` (probing
+while it runs):
 idle (a control: the hostile peer connected and silent, without a record of its own),
 badsig (registry gossip with bad signatures), gossip (garbage gossip), dht (forged DHT puts),
 streams (stream and connection flood), frames (huge never-finished and garbage frames, shard
@@ -22,7 +24,7 @@ Targets: honest p99 during every flood <= 2x the baseline p99; RSS back within 2
 start `--settle` (60) seconds after. The exit status is 0 whatever the targets, unless
 `--strict`.
 
-usage: python bench/abuse.py [--seconds 20] [--settle 60] [--probes 30] [--floods KIND,...]
+usage: python bench/abuse.py [--seconds 20] [--settle 60] [--probes 100] [--floods KIND,...]
        [--tokens 8] [--nice N] [--quick] [--strict]
 """
 
@@ -193,16 +195,25 @@ class Probes:
         elapsed = time.perf_counter() - started
         return min(elapsed, PROBE_TIMEOUT_S), elapsed < PROBE_TIMEOUT_S
 
-    def rounds(self, phase: Phase, count: int, keep_going: Callable[[], bool]) -> None:
-        """Each probe `count` times (or until `keep_going()` turns false): one thread per probe,
-        so that a slow probe does not starve the others of samples."""
+    def rounds(
+        self, phase: Phase, count: int, spread_s: float, keep_going: Callable[[], bool]
+    ) -> None:
+        """Each probe up to `count` times, paced evenly over `spread_s` seconds (a sample
+        starts no earlier than its share of the time), until `keep_going()` turns false: one
+        thread per probe, so that a slow probe does not starve the others of samples. Paced so
+        that a phase's samples stand for all of it, not only its first second."""
         lock = threading.Lock()
         for name in self.names:
             phase.samples.setdefault(name, [])
             phase.errors.setdefault(name, 0)
 
+        started = time.monotonic()
+
         def loop(name: str) -> None:
-            for _ in range(count):
+            for i in range(count):
+                wait = started + i * spread_s / count - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)  # pacing the samples, not waiting for a condition
                 if not keep_going():
                     return
                 seconds, ok = self.run_one(name, phase)
@@ -214,7 +225,7 @@ class Probes:
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join(count * (PROBE_TIMEOUT_S + 5))
+            thread.join(spread_s + count * (PROBE_TIMEOUT_S + 5))
 
 
 def config_file(root: Path) -> Path:
@@ -320,6 +331,7 @@ def run_flood(
             probes.rounds(
                 phase,
                 args.probes,
+                args.seconds,
                 lambda: hostile.poll() is None and time.monotonic() < flood_ends,
             )
         else:
@@ -432,7 +444,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, help="each flood's duration (20)")
     parser.add_argument("--settle", type=float, help="seconds before RSS 'after' (60)")
-    parser.add_argument("--probes", type=int, help="the most samples of each probe per phase (30)")
+    parser.add_argument(
+        "--probes",
+        type=int,
+        help="the most samples of each probe per phase, paced over it (100)",
+    )
     parser.add_argument("--tokens", type=int, default=8, help="tokens per generate probe")
     parser.add_argument(
         "--floods", default=",".join((IDLE, *FLOODS)), help="comma-separated, in order"
@@ -450,7 +466,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     quick = {"seconds": 5.0, "settle": 5.0, "probes": 8}
-    full = {"seconds": 20.0, "settle": 60.0, "probes": 30}
+    full = {"seconds": 20.0, "settle": 60.0, "probes": 100}
     for name, value in (quick if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -480,8 +496,15 @@ def main() -> int:
             pids = {"target": target.proc.pid, "untargeted": untargeted.proc.pid}
             with RSSWatch(pids) as watch:
                 baseline = Phase("baseline")
-                print(f"baseline: {args.probes} samples of each probe ...", flush=True)
-                probes.rounds(baseline, args.probes, lambda: True)
+                print(
+                    f"baseline: up to {args.probes} samples of each probe over "
+                    f"{args.seconds:g} s ...",
+                    flush=True,
+                )
+                baseline_ends = time.monotonic() + args.seconds
+                probes.rounds(
+                    baseline, args.probes, args.seconds, lambda: time.monotonic() < baseline_ends
+                )
                 for kind in floods:
                     if not target.alive():
                         print(f"the target is dead: {kind} skipped", flush=True)
