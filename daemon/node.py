@@ -135,6 +135,7 @@ class Daemon:
                 },
             ),
             on_reject=lambda reason: self.metrics.reject("dht", reason),
+            price_per_unit=config.market.price_per_unit,  # signed into the record
         )
         # the asyncio side: sqlite and gRPC (a daemon without either needs no bridge thread)
         self.bridge = AsyncioBridge() if parts.sqlite or parts.process else None
@@ -180,8 +181,14 @@ class Daemon:
             stream_idle_s=config.shards.stream_idle_s,
             max_streams_per_peer=config.shards.max_streams_per_peer,
             max_local_connections=config.shards.max_local_connections,
+            price_per_unit=config.market.price_per_unit,
         )
-        register_shard_methods(self.dispatcher, self.shards, self.directory)
+        register_shard_methods(
+            self.dispatcher,
+            self.shards,
+            self.directory,
+            default_max_price=config.market.max_price_per_unit,
+        )
         self.metrics.known_methods = {m["name"] for m in self.dispatcher.describe()}
 
     async def refresh_resources(self) -> None:

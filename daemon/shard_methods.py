@@ -24,6 +24,7 @@ from daemon.api.generation import (
 from daemon.api.jsonrpc import REQUESTER, Dispatcher, RPCError, rpc_error
 from daemon.errors import InvalidParams, ShardFailure, status_of
 from daemon.shards.service import Job, ShardService, ShardServiceError
+from p2p.records import MAX_PRICE_PER_UNIT
 
 if TYPE_CHECKING:
     from p2p.discovery import ResourceDirectory
@@ -62,6 +63,13 @@ Relay = Annotated[
     ),
 ]
 Since = Annotated[int, Meta(ge=0, description="return tokens from this index on")]
+MaxPrice = Annotated[
+    Annotated[int, Meta(ge=0, le=MAX_PRICE_PER_UNIT)] | None,
+    Meta(
+        description="use no provider whose price per layer-token is over this, or that "
+        "declares none (default: [market] max_price_per_unit; unset there: any)"
+    ),
+]
 
 
 def _job_failed(job: Job) -> RPCError:
@@ -86,8 +94,17 @@ async def _run_job(job: Job, run: Any) -> None:
 
 
 def register_shard_methods(
-    dispatcher: Dispatcher, service: ShardService, directory: ResourceDirectory
+    dispatcher: Dispatcher,
+    service: ShardService,
+    directory: ResourceDirectory,
+    default_max_price: int | None = None,
 ) -> None:
+    """`default_max_price`: the maximum price per unit of calls that name none ([market]
+    max_price_per_unit; None: no maximum)."""
+
+    def _max_price(given: int | None) -> int | None:
+        return default_max_price if given is None else given
+
     async def _model_spec(model_dir: str, dtype: str) -> Any:
         await service.ensure_torch()
         from daemon.shards.model import LlamaConfig, ModelError
@@ -111,7 +128,9 @@ def register_shard_methods(
             return True
         return record.resources.get("accepts_deploys") is True
 
-    async def _plan(model_dir: str, dtype: str, nodes: int | None, replicas: int) -> Any:
+    async def _plan(
+        model_dir: str, dtype: str, nodes: int | None, replicas: int, max_price: int | None
+    ) -> Any:
         from scheduler.shard_plan import Candidate, PlanError, plan_shards, plan_with_nodes
 
         _, spec = await _model_spec(model_dir, dtype)
@@ -125,31 +144,57 @@ def register_shard_methods(
             res = record.resources
             memory = (res.get("memory") or {}).get("available_bytes") or 0
             cores = (res.get("cpu") or {}).get("cores") or 1
-            candidates.append(Candidate(record.peer_id, int(memory), float(cores)))
+            candidates.append(
+                Candidate(
+                    record.peer_id,
+                    int(memory),
+                    float(cores),
+                    price_per_unit=record.price_per_unit,
+                )
+            )
         note = (
             f" ({refusing} known node(s) do not accept deploys from peers: "
             "[shards] allow_remote_deploy = false)"
             if refusing
             else ""
         )
-        if nodes is not None and nodes > len(candidates):
+        dear = sum(  # left out for price (the planner says so itself when it fails)
+            1
+            for c in candidates
+            if max_price is not None and (c.price_per_unit is None or c.price_per_unit > max_price)
+        )
+        if nodes is not None and nodes > len(candidates) - dear:
+            priced = (
+                f", {dear} of them excluded for price (over the maximum of {max_price} per "
+                "unit, or declaring no price)"
+                if dear
+                else ""
+            )
             raise ShardFailure(
                 f"no plan: asked for exactly {nodes} nodes, but only {len(candidates)} known "
-                f"node(s) accept a deploy{note}",
+                f"node(s) accept a deploy{priced}{note}",
                 {"reason": "too_few_nodes"},
             )
         try:
             if nodes is None:
-                return plan_shards(spec, candidates, replicas=replicas)
-            return plan_with_nodes(spec, candidates, nodes, replicas=replicas)
+                return plan_shards(
+                    spec, candidates, replicas=replicas, max_price_per_unit=max_price
+                )
+            return plan_with_nodes(
+                spec, candidates, nodes, replicas=replicas, max_price_per_unit=max_price
+            )
         except PlanError as exc:
             raise ShardFailure(f"no plan: {exc}{note}", {"reason": "no_plan"}) from None
 
     async def shard_plan(
-        model_dir: ModelDir, dtype: Dtype = "float32", nodes: Nodes = None, replicas: Replicas = 1
+        model_dir: ModelDir,
+        dtype: Dtype = "float32",
+        nodes: Nodes = None,
+        replicas: Replicas = 1,
+        max_price_per_unit: MaxPrice = None,
     ) -> dict[str, Any]:
         """Dry run: how the model's layers would be split over the known nodes."""
-        plan = await _plan(model_dir, dtype, nodes, replicas)
+        plan = await _plan(model_dir, dtype, nodes, replicas, _max_price(max_price_per_unit))
         return plan.to_json()
 
     async def _unload_on(peer_id: str, model: str) -> dict[str, Any]:
@@ -178,16 +223,19 @@ def register_shard_methods(
         plan: Plan = None,
         nodes: Nodes = None,
         replicas: Replicas = 1,
+        max_price_per_unit: MaxPrice = None,
     ) -> dict[str, Any]:
         """Ask each chosen daemon to load its range of layers; if any fails, those that loaded
         unload again (rolled_back) and ok is false.
 
-        nodes and replicas apply to the automatic plan.
+        nodes, replicas and max_price_per_unit apply to the automatic plan.
         """
         if plan is None:
+            max_price = _max_price(max_price_per_unit)
+            automatic = await _plan(model_dir, dtype, nodes, replicas, max_price)
             assignments = [
                 {"peer_id": a.peer_id, "start": a.start, "end": a.end}
-                for a in (await _plan(model_dir, dtype, nodes, replicas)).assignments
+                for a in automatic.assignments
             ]
         else:
             assignments = []
@@ -294,6 +342,7 @@ def register_shard_methods(
         stream: StreamJob = False,
         relay: Relay = False,
         client: ClientId | None = None,
+        max_price_per_unit: MaxPrice = None,
     ) -> dict[str, Any]:
         """Generate through the chain of shard servers (greedy or seeded sampling)."""
         one_prompt(prompt, token_ids)  # bounds and types: checked from the annotations
@@ -307,7 +356,14 @@ def register_shard_methods(
         run = _run_job(
             job,
             service.generate(
-                job, model, ids, max_tokens, temperature=temperature, seed=seed, relay=relay
+                job,
+                model,
+                ids,
+                max_tokens,
+                temperature=temperature,
+                seed=seed,
+                relay=relay,
+                max_price_per_unit=_max_price(max_price_per_unit),
             ),
         )
         if stream:

@@ -90,11 +90,14 @@ class ResourceDirectory:
         settings: DiscoverySettings,
         describe: Describe,
         on_reject: RejectHook | None = None,
+        price_per_unit: int | None = None,
     ) -> None:
+        """`price_per_unit`: this node's price, signed into its record (None: declares none)."""
         self._net = net
         self._ident = ident
         self._settings = settings
         self._describe = describe
+        self._price_per_unit = price_per_unit
         self._on_reject = on_reject or (lambda reason: None)
         # a record stored with us (its publisher put it here) is verified: cache it at once
         self.validator = RecordValidator(settings, net.now, self._on_reject, self._offer)
@@ -121,6 +124,7 @@ class ResourceDirectory:
             valid_for=self._settings.record_validity_s,
             addrs=addrs,
             resources=resources,
+            price_per_unit=self._price_per_unit,
         )
 
     def _own(self, value: bytes) -> records.ResourceRecord:

@@ -51,6 +51,8 @@ class ResourceRecord:
     payout_address: str
     addrs: list[str]
     resources: dict[str, Any]
+    # the node's price per unit of work; None: it declares none (a node of an older version)
+    price_per_unit: int | None = None
 
     @property
     def expires_at(self) -> float:
@@ -65,6 +67,7 @@ class ResourceRecord:
             "payout_address": self.payout_address,
             "addrs": list(self.addrs),
             "resources": self.resources,
+            "price_per_unit": self.price_per_unit,
         }
 
 
@@ -76,19 +79,24 @@ def make_record(
     valid_for: float,
     addrs: list[str],
     resources: dict[str, Any],
+    price_per_unit: int | None = None,
 ) -> bytes:
-    body = {
+    body: dict[str, Any] = {
         "net": network_id,
         "valid_for": float(valid_for),
         "payout": ident.payout_address,
         "addrs": list(addrs),
         "resources": resources,
     }
+    if price_per_unit is not None:
+        body["price_per_unit"] = price_per_unit
     return codec.seal(ident, RECORD_TYPE, body, timestamp=float(now)).to_wire()
 
 
 class RecordBody(msgspec.Struct, frozen=True):
-    """The typed body of a resource record; unknown fields are ignored (newer writers)."""
+    """The typed body of a resource record; unknown fields are ignored (newer writers), and
+    a field added later is optional: absent in an older writer's record, it reads as None
+    (unknown), never as a made-up value."""
 
     net: Annotated[str, Meta(max_length=128)]
     valid_for: Annotated[float, Meta(gt=0, le=MAX_VALIDITY_S)]
@@ -97,6 +105,7 @@ class RecordBody(msgspec.Struct, frozen=True):
         list[Annotated[str, Meta(max_length=MAX_ADDR_CHARS)]], Meta(max_length=MAX_ADDRS)
     ]
     resources: dict[str, Any]
+    price_per_unit: PricePerUnit | None = None
 
 
 def validate_record(
@@ -143,6 +152,7 @@ def validate_record(
         payout_address=body.payout,
         addrs=list(body.addrs),
         resources=body.resources,
+        price_per_unit=body.price_per_unit,
     )
 
 

@@ -19,6 +19,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
+from p2p.records import PricePerUnit
 from registry.entry import Entry
 from registry.schemas import MAX_LAYER_INDEX
 
@@ -30,13 +31,16 @@ class BadAnnouncement(ValueError):
 
 
 class AnnouncedParameters(msgspec.Struct, frozen=True):
-    """The fields of `parameters` routing reads; others (AIOS's) are ignored."""
+    """The fields of `parameters` routing reads; others (AIOS's) are ignored. Fields added
+    after the first version are optional: an older server's announcement lacks them and they
+    read as None (unknown)."""
 
     ms_per_layer: Annotated[float, Meta(ge=0.0, le=1e6)]
     cache_tokens_free: Annotated[int, Meta(ge=0)] | None = None
     parameters_bytes: Annotated[int, Meta(ge=0)] | None = None
     dtype: Annotated[str, Meta(max_length=32)] | None = None
     host: Annotated[str, Meta(max_length=128)] | None = None
+    price_per_unit: PricePerUnit | None = None
 
 
 class _AnnouncedValue(msgspec.Struct, frozen=True):
@@ -56,6 +60,7 @@ class Announcement(msgspec.Struct, frozen=True):
     ms_per_layer: float
     cache_tokens_free: int | None
     host: str | None
+    price_per_unit: int | None = None  # None: the server declares no price (older version)
 
 
 def announcement_key(model: str, start: int, end: int, peer_id: str) -> str:
@@ -101,6 +106,7 @@ def parse_announcement(entry: Entry) -> Announcement | None:
         ms_per_layer=params.ms_per_layer,
         cache_tokens_free=params.cache_tokens_free,
         host=params.host,
+        price_per_unit=params.price_per_unit,
     )
 
 

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from p2p.records import MAX_PRICE_PER_UNIT
+
 KINDS: tuple[str, ...] = (
     "clusters",
     "members",
@@ -131,6 +133,8 @@ _ANNOUNCED_PARAMETERS: dict[str, Spec] = {
     "parameters_bytes": integer(minimum=0),
     "dtype": text(max_len=32),
     "host": Spec(("str", "null"), max_len=128),  # a node without a local socket: null
+    # the server's price per unit of work (the stablecoin's smallest unit per layer-token)
+    "price_per_unit": integer(minimum=0, maximum=MAX_PRICE_PER_UNIT),
 }
 
 _SCHEMAS: dict[str, dict[str, Spec]] = {

@@ -16,8 +16,13 @@ route, plus its hops:
 The search is Dijkstra (heapq) over states "activations are at layer boundary b, held by
 server s". A server may be entered at any boundary inside its range and run any sub-range.
 Costs are summed as integer microseconds so that equal costs compare equal; on equal cost
-fewer hops win, then the order of servers sorted by (peer id, range). The result does not
-depend on the input order.
+the cheaper route wins (the sum of each server's price per unit times the layers it runs; a
+server that declares no price counts as dearer than any price), then fewer hops, then the
+order of servers sorted by (peer id, range). The result does not depend on the input order.
+
+Prices: `max_price_per_unit` (a job's maximum, in the stablecoin's smallest unit per
+layer-token) leaves out every server whose price is over it, and every server that declares
+none (an older version: it cannot be paid); a NoRouteError says how many were left out so.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from p2p.records import MAX_PRICE_PER_UNIT
+
 MAX_LAYERS = 100_000
 MAX_SERVERS = 4096
 MAX_PEER_ID_LEN = 256
@@ -37,6 +44,8 @@ _CLIENT = -1
 _DONE = -2
 
 _State = tuple[int, int]
+# what a server that declares no price weighs in the tie-break: more than any price
+_UNKNOWN_PRICE = MAX_PRICE_PER_UNIT + 1
 
 HopRtt = Callable[[str, str], float]
 
@@ -52,12 +61,15 @@ class NoRouteError(LookupError):
         first_missing: int,
         considered: list[str],
         skipped: dict[str, str],
+        priced_out: int = 0,
     ) -> None:
         super().__init__(message)
         self.missing = missing
         self.first_missing = first_missing
         self.considered = considered
         self.skipped = skipped
+        self.priced_out = priced_out
+        """How many servers (peers) were left out for their price."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,8 @@ class Server:
     rtt_ms: float
     """Round trip from the client."""
     alive: bool = True
+    price_per_unit: int | None = None
+    """Its price per layer-token; None: it declares none (an older version)."""
 
 
 @dataclass(frozen=True)
@@ -86,13 +100,15 @@ def find_route(
     start: int = 0,
     exclude: Iterable[str] = frozenset(),
     hop_rtt: HopRtt | None = None,
+    max_price_per_unit: int | None = None,
 ) -> list[Span]:
     """The cheapest chain of spans covering `[start, num_layers)`.
 
     `start > 0` re-routes after a failure: pass the layer where the dead server's span began
-    and the dead server in `exclude`. Raises NoRouteError naming the missing layers.
+    and the dead server in `exclude`. `max_price_per_unit` (None: no maximum) leaves out the
+    servers over it or without a price. Raises NoRouteError naming the missing layers.
     """
-    return _search(servers, num_layers, start, exclude, hop_rtt)[0]
+    return _search(servers, num_layers, start, exclude, hop_rtt, max_price_per_unit)[0]
 
 
 def route_cost(
@@ -149,7 +165,25 @@ def _usable(s: Any) -> str | None:
         return "bad rtt_ms"
     if s.alive is not True:
         return "dead"
+    price = s.price_per_unit
+    if price is not None and not (_is_int(price) and 0 <= price <= MAX_PRICE_PER_UNIT):
+        return "bad price"
     return None
+
+
+def _over_price(s: Server, max_price: int | None) -> str | None:
+    """Why a usable server is too dear for `max_price` (None: it is not)."""
+    if max_price is None:
+        return None
+    if s.price_per_unit is None:
+        return "declares no price"
+    if s.price_per_unit > max_price:
+        return f"price {s.price_per_unit} over the maximum {max_price}"
+    return None
+
+
+def _price_key(s: Server) -> int:
+    return _UNKNOWN_PRICE if s.price_per_unit is None else s.price_per_unit
 
 
 def _us(ms: float) -> int:
@@ -173,16 +207,20 @@ def _search(
     start: int,
     exclude: Iterable[str],
     hop_rtt: HopRtt | None,
+    max_price: int | None = None,
 ) -> tuple[list[Span], int]:
     if not _is_int(num_layers) or not 1 <= num_layers <= MAX_LAYERS:
         raise ValueError(f"num_layers must be an integer in [1, {MAX_LAYERS}]")
     if not _is_int(start) or not 0 <= start < num_layers:
         raise ValueError(f"start must be an integer in [0, {num_layers})")
+    if max_price is not None and not (_is_int(max_price) and max_price >= 0):
+        raise ValueError("max_price_per_unit must be an integer >= 0 or None")
     if isinstance(exclude, str):
         exclude = {exclude}
     excluded = {e for e in exclude if isinstance(e, str)}
     usable: set[Server] = set()
     skipped: dict[str, str] = {}
+    priced_out: set[str] = set()
     for s in servers:
         reason = _usable(s)
         if reason is None and s.peer_id in excluded:
@@ -191,23 +229,31 @@ def _search(
             reason = f"range [{s.start}, {s.end}) beyond the model's {num_layers} layers"
         if reason is None and s.end <= start:
             reason = "before the start layer"
+        if reason is None and (reason := _over_price(s, max_price)) is not None:
+            priced_out.add(s.peer_id)
         if reason is None:
             usable.add(s)
         else:
             peer = s.peer_id if isinstance(s, Server) and isinstance(s.peer_id, str) else "?"
             skipped.setdefault(peer[:MAX_PEER_ID_LEN], reason)
     if len(usable) > MAX_SERVERS:  # keep the closest: rtt is what the client measured itself
-        near = sorted(usable, key=lambda s: (s.rtt_ms, s.ms_per_layer, s.peer_id, s.start, s.end))
+        near = sorted(
+            usable,
+            key=lambda s: (s.rtt_ms, s.ms_per_layer, _price_key(s), s.peer_id, s.start, s.end),
+        )
         for s in near[MAX_SERVERS:]:
             skipped.setdefault(s.peer_id, f"over the limit of {MAX_SERVERS} servers")
         usable = set(near[:MAX_SERVERS])
-    pool = sorted(usable, key=lambda s: (s.peer_id, s.start, s.end, s.ms_per_layer, s.rtt_ms))
+    pool = sorted(
+        usable, key=lambda s: (s.peer_id, s.start, s.end, s.ms_per_layer, s.rtt_ms, _price_key(s))
+    )
     by_layer: list[list[int]] = [[] for _ in range(num_layers)]
     for i, s in enumerate(pool):
         for layer in range(max(s.start, start), s.end):
             by_layer[layer].append(i)
 
     step = [_us(s.ms_per_layer) for s in pool]
+    unit = [_price_key(s) for s in pool]  # the tie-break after time: money per layer
     half = [_us(s.rtt_ms / 2) for s in pool]
     full = [_us(s.rtt_ms) for s in pool]
     hops: dict[tuple[int, int], int | None] = {}
@@ -222,22 +268,26 @@ def _search(
     # A state is (boundary b, i): i >= 0 means server i holds the activations at b and has
     # run at least one layer (entering a server always runs its first layer, so no span is
     # empty); _CLIENT means the client holds them, _DONE that they are back after layer n.
-    best: dict[_State, tuple[int, int]] = {(start, _CLIENT): (0, 0)}
+    # Paths are compared by (time, money, hops): every path to a state has run the same
+    # layers, so with equal prices money never decides, and all three only grow.
+    best: dict[_State, tuple[int, int, int]] = {(start, _CLIENT): (0, 0, 0)}
     prev: dict[_State, tuple[_State, bool]] = {}
-    heap: list[tuple[int, int, int, int]] = [(0, 0, start, _CLIENT)]
+    heap: list[tuple[int, int, int, int, int]] = [(0, 0, 0, start, _CLIENT)]
     furthest = start
 
-    def relax(state: _State, cost: int, nhops: int, parent: _State, entered: bool) -> None:
+    def relax(
+        state: _State, cost: int, money: int, nhops: int, parent: _State, entered: bool
+    ) -> None:
         old = best.get(state)
-        if old is None or (cost, nhops) < old:
-            best[state] = (cost, nhops)
+        if old is None or (cost, money, nhops) < old:
+            best[state] = (cost, money, nhops)
             prev[state] = (parent, entered)
-            heapq.heappush(heap, (cost, nhops, state[0], state[1]))
+            heapq.heappush(heap, (cost, money, nhops, state[0], state[1]))
 
     while heap:
-        cost, nhops, b, i = heapq.heappop(heap)
+        cost, money, nhops, b, i = heapq.heappop(heap)
         state = (b, i)
-        if best[state] != (cost, nhops):
+        if best[state] != (cost, money, nhops):
             continue  # a stale heap entry
         furthest = max(furthest, b)
         if i == _DONE or (i == _CLIENT and b == num_layers):
@@ -245,20 +295,20 @@ def _search(
         if i == _CLIENT:
             for t in by_layer[b]:
                 entry = full[t] if hop_rtt is None else half[t]
-                relax((b + 1, t), cost + entry + step[t], nhops + 1, state, True)
+                relax((b + 1, t), cost + entry + step[t], money + unit[t], nhops + 1, state, True)
             continue
         if b < pool[i].end:
-            relax((b + 1, i), cost + step[i], nhops, state, False)
+            relax((b + 1, i), cost + step[i], money + unit[i], nhops, state, False)
         if hop_rtt is None:
-            relax((b, _CLIENT), cost, nhops, state, False)
+            relax((b, _CLIENT), cost, money, nhops, state, False)
         elif b == num_layers:
-            relax((b, _DONE), cost + half[i], nhops, state, False)
+            relax((b, _DONE), cost + half[i], money, nhops, state, False)
         else:
             for t in by_layer[b]:
                 hop = hop_cost(i, t) if t != i else None
                 if hop is not None:
-                    relax((b + 1, t), cost + hop + step[t], nhops + 1, state, True)
-    raise _no_route(pool, skipped, num_layers, start, furthest)
+                    relax((b + 1, t), cost + hop + step[t], money + unit[t], nhops + 1, state, True)
+    raise _no_route(pool, skipped, num_layers, start, furthest, len(priced_out), max_price)
 
 
 def _spans(goal: _State, prev: dict[_State, tuple[_State, bool]], pool: list[Server]) -> list[Span]:
@@ -281,6 +331,8 @@ def _no_route(
     num_layers: int,
     start: int,
     furthest: int,
+    priced_out: int = 0,
+    max_price: int | None = None,
 ) -> NoRouteError:
     covered = [False] * num_layers
     for s in pool:
@@ -308,6 +360,11 @@ def _no_route(
             f"no route for layers {_fmt_range(start, num_layers)}: every layer is served, "
             f"but no chain of reachable servers gets past layer {furthest}"
         )
+    if priced_out:
+        head += (
+            f"; {priced_out} server(s) excluded for price (over the maximum of {max_price} "
+            "per unit, or declaring no price)"
+        )
     considered = [f"{s.peer_id}{_fmt_range(s.start, s.end)}" for s in pool]
     text = f"{head}; considered {len(pool)} server(s)"
     if considered:
@@ -325,6 +382,7 @@ def _no_route(
         first_missing=first,
         considered=[s.peer_id for s in pool],
         skipped=dict(skipped),
+        priced_out=priced_out,
     )
 
 

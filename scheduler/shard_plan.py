@@ -9,7 +9,8 @@ The rule (exo's memory-weighted partitioning, adjusted by throughput):
 1. A node's *budget* is `floor(memory_fraction * free_bytes)`. A range `[s, e)` costs
    `(e - s) * (layer_bytes + cache_bytes_per_layer)`, plus `embed_bytes` when `s == 0` and
    `head_bytes` when `e == num_layers`. No range ever exceeds its node's budget.
-2. Nodes are preferred by `budget * throughput` (then lower rtt, then peer id). Each chain
+2. Nodes are preferred by `budget * throughput` (then lower rtt, then lower price, a node
+   that declares no price after every priced one, then peer id). Each chain
    gets up to `max_nodes` nodes (default: as many as there are layers); `replicas` chains are
    built on disjoint node sets, and when the pool can't hold that many copies, fewer are built
    (down to one). A node holds at most one range of a model.
@@ -21,6 +22,10 @@ The rule (exo's memory-weighted partitioning, adjusted by throughput):
    capped node can't take goes to the others by the same weights (water-filling). With equal
    throughput this is exo's memory weighting; a node twice as fast gets twice the share until
    its memory is full. Shares are rounded by largest remainder, ties by chain position.
+
+Prices: `max_price_per_unit` (a job's maximum, in the stablecoin's smallest unit per
+layer-token) leaves out the candidates whose price is over it, and those that declare none
+(older versions, which cannot be paid); a PlanError says how many were left out so.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+from p2p.records import MAX_PRICE_PER_UNIT
 
 MAX_LAYERS = 100_000
 MAX_BYTES = 2**62
@@ -39,6 +46,7 @@ MAX_NAME_LEN = 256
 MAX_THROUGHPUT = 1e15
 MAX_RTT_MS = 1e7
 _MIN_FACTOR = 1e-12
+_UNKNOWN_PRICE = MAX_PRICE_PER_UNIT + 1  # a node without a price sorts after every price
 
 
 class PlanError(ValueError):
@@ -52,6 +60,8 @@ class Candidate:
     throughput: float
     """Relative compute speed (layers/s, TFLOPS, ...): only ratios between candidates matter."""
     rtt_ms: float | None = None
+    price_per_unit: int | None = None
+    """Its price per layer-token; None: it declares none (an older version)."""
 
 
 @dataclass(frozen=True)
@@ -184,13 +194,18 @@ class _Node:
     budget: int
     throughput: float
     rtt: float
+    price: int | None = None
 
     @property
     def score(self) -> float:
         return self.budget * self.throughput
 
-    def pref_key(self) -> tuple[float, float, str]:
-        return (-self.score, self.rtt, self.peer_id)
+    @property
+    def price_key(self) -> int:
+        return _UNKNOWN_PRICE if self.price is None else self.price
+
+    def pref_key(self) -> tuple[float, float, int, str]:
+        return (-self.score, self.rtt, self.price_key, self.peer_id)
 
 
 def plan_shards(
@@ -200,15 +215,17 @@ def plan_shards(
     replicas: int = 1,
     max_nodes: int | None = None,
     memory_fraction: float = 0.9,
+    max_price_per_unit: int | None = None,
 ) -> Plan:
     """Place `model` on up to `max_nodes` nodes per chain, `replicas` chains if they fit.
 
     Returns a plan with at least one full chain (its `replicas` says how many were built);
     raises PlanError when not even one fits. Deterministic: the input order doesn't matter.
+    `max_price_per_unit` (None: no maximum) leaves out the candidates over it or unpriced.
     """
     if max_nodes is not None and (not _is_int(max_nodes) or max_nodes < 1):
         raise PlanError("max_nodes must be a positive integer or None")
-    return _plan(model, candidates, replicas, max_nodes, False, memory_fraction)
+    return _plan(model, candidates, replicas, max_nodes, False, memory_fraction, max_price_per_unit)
 
 
 def plan_with_nodes(
@@ -218,11 +235,12 @@ def plan_with_nodes(
     *,
     replicas: int = 1,
     memory_fraction: float = 0.9,
+    max_price_per_unit: int | None = None,
 ) -> Plan:
     """Like plan_shards, but every chain is split over exactly `n_nodes` daemons."""
     if not _is_int(n_nodes) or n_nodes < 1:
         raise PlanError("n_nodes must be a positive integer")
-    return _plan(model, candidates, replicas, n_nodes, True, memory_fraction)
+    return _plan(model, candidates, replicas, n_nodes, True, memory_fraction, max_price_per_unit)
 
 
 def _plan(
@@ -232,6 +250,7 @@ def _plan(
     per_chain: int | None,
     exact: bool,
     memory_fraction: float,
+    max_price: int | None = None,
 ) -> Plan:
     if not isinstance(model, ModelSpec):
         raise PlanError("model must be a ModelSpec")
@@ -244,10 +263,14 @@ def _plan(
         or not 0.0 < memory_fraction <= 1.0
     ):
         raise PlanError("memory_fraction must be a number in (0, 1]")
+    if max_price is not None and not (_is_int(max_price) and max_price >= 0):
+        raise PlanError("max_price_per_unit must be an integer >= 0 or None")
     n = model.num_layers
     if exact and per_chain is not None and per_chain > n:
         raise PlanError(f"can't split {n} layers over {per_chain} daemons: at most one per layer")
-    nodes, rejected = _valid_nodes(candidates, memory_fraction)
+    valid, rejected = _valid_nodes(candidates, memory_fraction)
+    nodes = [node for node in valid if _affordable(node, max_price)]
+    priced_out = len(valid) - len(nodes)
     holders = [node for node in nodes if _fit(model, node.budget, 0) >= 1]
     pool = sorted(holders, key=_Node.pref_key)[:MAX_CANDIDATES]
     size = min(per_chain if per_chain is not None else n, n)
@@ -260,7 +283,18 @@ def _plan(
             groups = _groups(model, ordered, count, size, exact)
             if groups is not None:
                 return _build(model, groups)
-    raise PlanError(_no_fit_message(model, nodes, pool, rejected, size, exact, memory_fraction))
+    message = _no_fit_message(model, nodes, pool, rejected, size, exact, memory_fraction)
+    if priced_out:
+        message += (
+            f"; {priced_out} candidate(s) excluded for price (over the maximum of {max_price} "
+            "per unit, or declaring no price)"
+        )
+    raise PlanError(message)
+
+
+def _affordable(node: _Node, max_price: int | None) -> bool:
+    """Whether a node's declared price is within `max_price` (None: any node is)."""
+    return max_price is None or (node.price is not None and node.price <= max_price)
 
 
 def _valid_nodes(candidates: Any, memory_fraction: float) -> tuple[list[_Node], int]:
@@ -277,10 +311,11 @@ def _valid_nodes(candidates: Any, memory_fraction: float) -> tuple[list[_Node], 
             rejected += 1
             continue
         old = kept.get(node.peer_id)
-        if old is None or (node.budget, node.throughput, -node.rtt) < (
+        if old is None or (node.budget, node.throughput, -node.rtt, -node.price_key) < (
             old.budget,
             old.throughput,
             -old.rtt,
+            -old.price_key,
         ):
             kept[node.peer_id] = node
         rejected += old is not None
@@ -299,8 +334,11 @@ def _node_of(c: Any, memory_fraction: float) -> _Node | None:
         return None
     rtt = c.rtt_ms
     rtt_value = float(rtt) if _is_num(rtt) and 0.0 <= rtt <= MAX_RTT_MS else math.inf
+    price = c.price_per_unit
+    if price is not None and not (_is_int(price) and 0 <= price <= MAX_PRICE_PER_UNIT):
+        return None
     budget = min(int(c.free_bytes * memory_fraction), c.free_bytes)
-    return _Node(c.peer_id, budget, float(tp), rtt_value)
+    return _Node(c.peer_id, budget, float(tp), rtt_value, price)
 
 
 def _fit(model: ModelSpec, budget: int, extra: int) -> int:

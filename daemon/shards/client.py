@@ -92,6 +92,7 @@ class _BusyNoRoute(NoRouteError):
             first_missing=exc.first_missing,
             considered=exc.considered,
             skipped=exc.skipped,
+            priced_out=exc.priced_out,
         )
         self.busy = busy
 
@@ -171,9 +172,11 @@ class RemoteModel:
         step_timeout_s: float = 10.0,
         max_recoveries: int = 8,
         chained: bool = True,
+        max_price_per_unit: int | None = None,
     ) -> None:
         """`step_timeout_s`: how long a step may make no progress before its hop counts as
-        failed. `chained`: servers push to each other (else the client relays every hop)."""
+        failed. `chained`: servers push to each other (else the client relays every hop).
+        `max_price_per_unit`: routes (and re-routes) use no server over it (None: any)."""
         self._opener = opener
         self._servers = servers
         self.model_id = model_id
@@ -185,6 +188,7 @@ class RemoteModel:
         self.failed: set[str] = set()
         self.busy: set[str] = set()  # failed peers that answered busy (alive, but full)
         self.chained = chained
+        self.max_price_per_unit = max_price_per_unit
         self.length = 0
         self.recoveries: list[dict[str, Any]] = []
         self._step_numbers = itertools.count(1)
@@ -205,13 +209,22 @@ class RemoteModel:
         goes (the next hop's session and link token) and who may push into it (the previous
         hop's peer); `prev` is then re-pointed at the first of them."""
         servers = await self._servers()
+        price = self.max_price_per_unit
         try:
-            spans = find_route(servers, self.num_layers, start=start, exclude=self.failed)
+            spans = find_route(
+                servers, self.num_layers, start=start, exclude=self.failed, max_price_per_unit=price
+            )
         except NoRouteError as exc:
             busy = self.failed & self.busy
             if busy:
                 try:  # would the servers that answered busy make a route?
-                    find_route(servers, self.num_layers, start=start, exclude=self.failed - busy)
+                    find_route(
+                        servers,
+                        self.num_layers,
+                        start=start,
+                        exclude=self.failed - busy,
+                        max_price_per_unit=price,
+                    )
                 except NoRouteError:
                     raise exc from None  # no: a route is missing, busy or not
                 raise _BusyNoRoute(exc, sorted(busy)) from None

@@ -102,8 +102,10 @@ class ShardService(JobTable):
         stream_idle_s: float = 30.0,
         max_streams_per_peer: int = 40,
         max_local_connections: int = 256,
+        price_per_unit: int = 0,
         nursery: trio.Nursery | None = None,
     ) -> None:
+        """`price_per_unit`: this node's price as a provider, announced with every block."""
         super().__init__()
         self.ident = ident
         self.net = net
@@ -122,6 +124,7 @@ class ShardService(JobTable):
         self.stream_idle_s = stream_idle_s
         self.max_streams_per_peer = max_streams_per_peer
         self.max_local_connections = max_local_connections
+        self.price_per_unit = price_per_unit
         self._tokenizers: dict[Path, Any] = {}
 
     # -- running ---------------------------------------------------------------------------
@@ -310,6 +313,7 @@ class ShardService(JobTable):
                 "parameters_bytes": block["parameters_bytes"],
                 "cache_tokens_free": block["cache_tokens_free"],
                 "host": localsock.HOST_ID,  # peers on this host dial our local socket
+                "price_per_unit": self.price_per_unit,
             },
         }
         try:
@@ -408,6 +412,7 @@ class ShardService(JobTable):
                 "end": item.end,
                 "ms_per_layer": item.ms_per_layer,
                 "cache_tokens_free": item.cache_tokens_free,
+                "price_per_unit": item.price_per_unit,
             }
             for item in found
         ]
@@ -429,7 +434,16 @@ class ShardService(JobTable):
             rtt = 0.0 if peer == me else (state.rtt_ms if state and state.rtt_ms else 1.0)
             # every announced server counts as alive: opening its stream dials it if needed,
             # and one that fails is excluded by the client for the rest of the generation
-            out.append(Server(peer, item["start"], item["end"], item["ms_per_layer"], rtt))
+            out.append(
+                Server(
+                    peer,
+                    item["start"],
+                    item["end"],
+                    item["ms_per_layer"],
+                    rtt,
+                    price_per_unit=item["price_per_unit"],
+                )
+            )
         return out
 
     async def open_stream(self, peer_id: str, protocol: str) -> Stream:
@@ -488,6 +502,7 @@ class ShardService(JobTable):
         temperature: float,
         seed: int | None,
         relay: bool = False,
+        max_price_per_unit: int | None = None,
     ) -> Job:
         from daemon.shards.client import GenerationError, RemoteModel
         from daemon.shards.client import generate as generate_tokens
@@ -511,6 +526,7 @@ class ShardService(JobTable):
             num_layers=num_layers,
             max_length=max_length,
             chained=not relay,
+            max_price_per_unit=max_price_per_unit,
         )
         try:
             await model.open()

@@ -140,6 +140,7 @@ async def test_only_servers_own_readable_announcements_are_routed(autojump_clock
                 "end": 2,
                 "ms_per_layer": 2.0,
                 "cache_tokens_free": 500,
+                "price_per_unit": None,  # an announcement without a price: declares none
             }
         ]
     }

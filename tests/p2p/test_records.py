@@ -98,6 +98,11 @@ def _body(**changes):
         {"payout": 5},
         {"resources": []},
         {"net": None},
+        {"price_per_unit": "5"},
+        {"price_per_unit": 1.5},
+        {"price_per_unit": True},
+        {"price_per_unit": -1},
+        {"price_per_unit": 2**63},
     ],
 )
 def test_typed_body_refuses_wrong_shapes(changes):
@@ -157,3 +162,33 @@ def test_random_values_only_raise_record_error(value):
     except records.RecordError as exc:
         assert exc.reason
     records.select_newest([value, value])  # never raises either
+
+
+@pytest.mark.parametrize("price", [0, 12, records.MAX_PRICE_PER_UNIT])
+def test_the_price_travels_signed_in_the_record(price):
+    ident = identity.NodeIdentity.generate()
+    key = records.record_key(NET, ident.peer_id)
+    value = records.make_record(
+        ident,
+        network_id=NET,
+        now=1000.0,
+        valid_for=90.0,
+        addrs=[],
+        resources={},
+        price_per_unit=price,
+    )
+    rec = records.validate_record(key, value, now=1010.0, network_id=NET)
+    assert rec.price_per_unit == price and rec.to_json()["price_per_unit"] == price
+    # the price is under the signature: changing it breaks the record
+    raw = codec.decode(value)
+    raw["body"]["price_per_unit"] = price + 1 if price < records.MAX_PRICE_PER_UNIT else 0
+    assert _reason(key, codec.encode(raw)) == "bad_signature"
+
+
+def test_a_record_without_a_price_declares_none():
+    """An older node's record has no price: it reads as None (unknown), not as free."""
+    ident = identity.NodeIdentity.generate()
+    key = records.record_key(NET, ident.peer_id)
+    rec = records.validate_record(key, _record(ident), now=1010.0, network_id=NET)
+    assert rec.price_per_unit is None
+    assert "price_per_unit" not in codec.decode(_record(ident))["body"]

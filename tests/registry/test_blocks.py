@@ -59,6 +59,11 @@ async def test_a_servers_own_announcement_is_accepted_and_read(host):
         ({"ms_per_layer": -1}, "parameters.ms_per_layer must be >= 0"),
         ({"cache_tokens_free": "lots"}, "parameters.cache_tokens_free must be an integer"),
         ({"host": 7}, "parameters.host must be a string or null"),
+        ({"price_per_unit": "5"}, "parameters.price_per_unit must be an integer"),
+        ({"price_per_unit": 1.5}, "parameters.price_per_unit must be an integer"),
+        ({"price_per_unit": True}, "parameters.price_per_unit must be an integer"),
+        ({"price_per_unit": -1}, "parameters.price_per_unit must be >= 0"),
+        ({"price_per_unit": 2**63}, "parameters.price_per_unit must be <="),
     ],
 )
 async def test_announced_parameters_must_have_their_types(params, problem):
@@ -99,3 +104,28 @@ def test_entries_an_older_version_stored_read_as_bad_or_as_no_announcement():
     spec = {**announced(SERVER.peer_id, "llama-shard-0"), "cluster_id": "lab-west"}
     assert parse_announcement(entry(SERVER, "llama-shard-0", spec)) is None
     assert parse_announcement(entry(SERVER, key, None)) is None  # withdrawn
+
+
+@pytest.mark.parametrize("price", [0, 7, 2**63 - 1])
+async def test_a_servers_price_travels_in_its_signed_announcement(price):
+    r = replica(SERVER)
+    key = announcement_key("m", 0, 4, SERVER.peer_id)
+    entry = await r.put("blocks", key, announced(SERVER.peer_id, key, price_per_unit=price))
+    read = parse_announcement(entry)
+    assert read is not None and read.price_per_unit == price
+    # an announcement without a price (an older server) declares none: None, not 0
+    older = await r.put("blocks", key, announced(SERVER.peer_id, key))
+    read = parse_announcement(older)
+    assert read is not None and read.price_per_unit is None
+
+
+@pytest.mark.parametrize("price", ["5", 1.5, True, -1, 2**63, [1]])
+def test_a_wrongly_typed_price_stored_by_an_older_version_is_a_bad_announcement(price):
+    ts = Timestamp(1, 0)
+    key = announcement_key("m", 0, 4, SERVER.peer_id)
+    value = announced(SERVER.peer_id, key, price_per_unit=price)
+    entry = sign_entry(
+        SERVER, kind="blocks", key=key, value=value, ts=ts, created=ts, owner=SERVER.peer_id
+    )
+    with pytest.raises(BadAnnouncement):
+        parse_announcement(entry)
