@@ -23,6 +23,7 @@ from daemon.cli.common import (
     home_dir,
     print_json,
 )
+from daemon.cli.chain import chain_app
 from daemon.cli.model import model_app
 
 app = typer.Typer(
@@ -38,6 +39,7 @@ app = typer.Typer(
 )
 
 app.add_typer(model_app, name="model", help="Make and inspect model checkpoints.")
+app.add_typer(chain_app, name="chain")
 
 
 @app.command()
