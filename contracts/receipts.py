@@ -236,8 +236,12 @@ class Equivocation:
 
     def call_args(self) -> tuple[Any, ...]:
         """`JobEscrow.reportEquivocation(a, sigA, b, sigB)`'s arguments, for web3."""
-        return (self.a.receipt.abi_tuple(), self.a.signature, self.b.receipt.abi_tuple(),
-                self.b.signature)  # fmt: skip
+        return (
+            self.a.receipt.abi_tuple(),
+            self.a.signature,
+            self.b.receipt.abi_tuple(),
+            self.b.signature,
+        )
 
 
 def _signer_of(domain: Domain, signed: SignedReceipt) -> bytes | None:

@@ -292,9 +292,12 @@ def test_receipt_bounds_are_inclusive() -> None:
     assert receipt.amount == (2**64 - 1) * (2**256 - 1)
     with pytest.raises(ValueError, match="nonce"):
         Voucher(
-            job_id=bytes(32), provider=bytes(20), cumulative_amount=0, receipts_root=bytes(32),
+            job_id=bytes(32),
+            provider=bytes(20),
+            cumulative_amount=0,
+            receipts_root=bytes(32),
             nonce=2**64,
-        )  # fmt: skip
+        )
 
 
 def test_domain_is_validated() -> None:

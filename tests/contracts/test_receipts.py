@@ -4,6 +4,7 @@ refusal with its reason), cumulative vouchers and equivocation proofs."""
 from __future__ import annotations
 
 import pytest
+from web3.logs import DISCARD
 
 from contracts import eip712, merkle
 from contracts.eip712 import Domain, SignedReceipt, Signer
@@ -81,9 +82,11 @@ def step_of(ch: ReceiptChain, n: int, *, tokens: int = 1, output: bytes | None =
     return signed, inp, out
 
 
-def resign(signed: SignedReceipt, signer: Signer = PROVIDER, **changes: object) -> SignedReceipt:
+def resign(
+    signed: SignedReceipt, signer: Signer = PROVIDER, domain: Domain = DOMAIN, **changes: object
+) -> SignedReceipt:
     receipt = eip712.Receipt(**{**eip712_fields(signed.receipt), **changes})
-    return SignedReceipt(receipt, signer.sign(DOMAIN, receipt))
+    return SignedReceipt(receipt, signer.sign(domain, receipt))
 
 
 def eip712_fields(receipt: eip712.Receipt) -> dict:
@@ -120,8 +123,11 @@ def test_a_good_chain_is_accepted_and_vouched() -> None:
     assert signed_voucher is not None
     voucher = signed_voucher.voucher
     assert (voucher.job_id, voucher.provider, voucher.cumulative_amount, voucher.nonce) == (
-        JOB, PROVIDER.address, total, 1,
-    )  # fmt: skip
+        JOB,
+        PROVIDER.address,
+        total,
+        1,
+    )
     assert eip712.recover(DOMAIN, voucher, signed_voucher.signature) == PAYER.address
     digests = [a.digest for a in accepted]
     assert voucher.receipts_root == merkle.root(digests)
@@ -155,8 +161,13 @@ def test_a_broken_hash_chain_is_refused() -> None:
     # the first receipt of a session links nothing
     fresh = verifier(session="s2")
     other, inp0, out0 = step_of(chain(session="s2"), 0)
-    refused(fresh, resign(other, prev_receipt=first.receipt.prev_receipt[:31] + b"\x01"), inp0,
-            out0, BrokenChain)  # fmt: skip
+    refused(
+        fresh,
+        resign(other, prev_receipt=first.receipt.prev_receipt[:31] + b"\x01"),
+        inp0,
+        out0,
+        BrokenChain,
+    )
     v.check(second, input_hash=inp, output_hash=out)
 
 
@@ -319,5 +330,225 @@ def test_the_provider_chain_never_signs_a_step_twice() -> None:
     with pytest.raises(ValueError, match="token"):
         ch.sign_step(input_hash=bytes(32), output_hash=bytes(32), tokens=0, timestamp=0)
     with pytest.raises(ValueError, match="empty"):
-        ReceiptChain(DOMAIN, PROVIDER, job_id=JOB, session_id="s", model_id="m", layer_start=3,
-                     layer_end=3, price_per_unit=1)  # fmt: skip
+        ReceiptChain(
+            DOMAIN,
+            PROVIDER,
+            job_id=JOB,
+            session_id="s",
+            model_id="m",
+            layer_start=3,
+            layer_end=3,
+            price_per_unit=1,
+        )
+
+
+# -- on chain: the same digests, roots, proofs and equivocation proofs as JobEscrow's ------------
+
+
+class Escrow:
+    """The contracts on an in-process eth-tester chain, a staked provider and a funded payer."""
+
+    MIN_STAKE = 1_000
+    FUNDS = 10**12
+
+    def __init__(self) -> None:
+        from eth_account import Account
+        from eth_tester import EthereumTester, PyEVMBackend
+        from web3 import EthereumTesterProvider, Web3
+
+        from contracts import artifacts, deployment
+
+        backend = PyEVMBackend()
+        self.w3 = Web3(EthereumTesterProvider(EthereumTester(backend)))
+        self.keys = [k.to_hex() for k in backend.account_keys[:5]]
+        self.send = deployment.send
+        self.accounts = [Account.from_key(k) for k in self.keys]
+        self.d = deployment.deploy_all(
+            self.w3, self.keys[0], min_stake=self.MIN_STAKE, unbonding_delay_s=60, half_life_s=3600
+        )
+
+        def contract(name: str, address: str):
+            return self.w3.eth.contract(address=address, abi=artifacts.load(name).abi)
+
+        self.token = contract("TestUSD", self.d.token)
+        self.providers = contract("ProviderRegistry", self.d.providers)
+        self.escrow = contract("JobEscrow", self.d.escrow)
+        self.domain = Domain(self.w3.eth.chain_id, eip712.address_from_hex(self.d.escrow))
+        self.payer = self.accounts[1]
+        self.payer_signer = Signer(self.keys[1])
+        self.fund(self.payer, self.d.escrow)
+        self.jobs = 0
+
+    def fund(self, account, spender: str) -> None:
+        self.send(self.w3, account, self.token.functions.mint(account.address, self.FUNDS))
+        approve = self.token.functions.approve(spender, self.FUNDS)
+        self.send(self.w3, account, approve)
+
+    def stake(self, index: int) -> Signer:
+        account = self.accounts[index]
+        self.fund(account, self.d.providers)
+        self.send(self.w3, account, self.providers.functions.register(b"peer %d" % index))
+        self.send(self.w3, account, self.providers.functions.stake(self.MIN_STAKE))
+        assert self.providers.functions.isActive(account.address).call()
+        return Signer(self.keys[index])
+
+    def deposit(self, amount: int, max_price: int) -> bytes:
+        self.jobs += 1
+        job = eip712.keccak(b"job %d" % self.jobs)
+        deadline = self.w3.eth.get_block("latest")["timestamp"] + 3600
+        call = self.escrow.functions.deposit(job, amount, max_price, deadline)
+        self.send(self.w3, self.payer, call)
+        return job
+
+    def settle(self, signed: eip712.SignedVoucher, by: int = 2) -> dict:
+        call = self.escrow.functions.settle(signed.voucher.abi_tuple(), signed.signature)
+        receipt = self.send(self.w3, self.accounts[by], call)
+        (event,) = self.escrow.events.Settled().process_receipt(receipt, errors=DISCARD)
+        return dict(event["args"])
+
+    def verify(self, job: bytes, provider: bytes, digest: bytes, proof: list[bytes]) -> bool:
+        address = eip712.to_checksum_address(provider)
+        return self.escrow.functions.verifyReceipt(job, address, digest, proof).call()
+
+
+@pytest.fixture(scope="module")
+def onchain() -> Escrow:
+    return Escrow()
+
+
+def test_the_contract_hashes_receipts_and_vouchers_as_we_do(onchain: Escrow) -> None:
+    d = onchain.domain
+    ch = ReceiptChain(
+        d,
+        PROVIDER,
+        job_id=JOB,
+        session_id="s",
+        model_id="m",
+        layer_start=0,
+        layer_end=2**32 - 1,
+        price_per_unit=2**256 - 1,
+    )
+    for n in range(3):
+        signed, _, _ = step_of(ch, n, tokens=n + 1)
+        receipt = signed.receipt
+        assert onchain.escrow.functions.hashReceipt(receipt.abi_tuple()).call() == d.digest(receipt)
+    voucher = eip712.Voucher(
+        job_id=JOB,
+        provider=OTHER.address,
+        cumulative_amount=2**255 + 7,
+        receipts_root=b"\x42" * 32,
+        nonce=2**64 - 1,
+    )
+    assert onchain.escrow.functions.hashVoucher(voucher.abi_tuple()).call() == d.digest(voucher)
+
+
+def test_vouchers_settle_and_receipts_prove_against_the_recorded_root(onchain: Escrow) -> None:
+    provider = onchain.stake(2)
+    d, price = onchain.domain, 7
+    job = onchain.deposit(amount=100_000, max_price=price)
+    terms = JobTerms(job_id=job, deposit=100_000, max_price_per_unit=price)
+    ch = ReceiptChain(
+        d,
+        provider,
+        job_id=job,
+        session_id="s",
+        model_id="m",
+        layer_start=0,
+        layer_end=3,
+        price_per_unit=price,
+    )
+    v = ReceiptVerifier(d, terms, provider=provider.address, session_id="s", model_id="m")
+    ack = Acknowledger(d, job, onchain.payer_signer)
+    balance = onchain.token.functions.balanceOf
+    address = eip712.to_checksum_address(provider.address)
+    paid, digests, vouchers = 0, [], []
+    for batch in (5, 12):
+        for _ in range(batch):
+            signed, inp, out = step_of(ch, ch.next_step, tokens=2)
+            accepted = v.check(signed, input_hash=inp, output_hash=out)
+            ack.acknowledge(accepted)
+            digests.append(accepted.digest)
+        signed_voucher = ack.voucher(provider.address)
+        assert signed_voucher is not None
+        vouchers.append(signed_voucher)
+        before = balance(address).call()
+        event = onchain.settle(signed_voucher)
+        delta = signed_voucher.voucher.cumulative_amount - paid
+        assert event["delta"] == delta and event["fee"] == delta * 100 // 10_000
+        assert (event["receiptsRoot"], event["nonce"]) == (merkle.root(digests), len(vouchers))
+        assert balance(address).call() - before == delta - delta * 100 // 10_000
+        paid = signed_voucher.voucher.cumulative_amount
+        assert paid == len(digests) * 3 * 2 * price
+        for digest in digests:
+            proof = ack.proof(provider.address, digest)
+            assert onchain.verify(job, provider.address, digest, proof)
+            assert not onchain.verify(job, provider.address, eip712.keccak(digest), proof)
+    # the same or an older voucher pays nothing: the contract refuses it (StaleVoucher)
+    state = (balance(address).call(), onchain.escrow.functions.paid(job, address).call())
+    assert state[1] == paid
+    for old in vouchers:
+        with pytest.raises(Exception, match="revert"):
+            onchain.settle(old)
+    assert (balance(address).call(), onchain.escrow.functions.paid(job, address).call()) == state
+
+
+# trees whose every leaf is checked on chain (odd and even levels, promotions at several
+# heights); of the other sizes the first, a middle and the last leaf (each call costs ~10 ms)
+EVERY_LEAF = {1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 31, 33}
+
+
+def test_openzeppelin_merkle_proofs_agree_for_trees_of_1_to_33(onchain: Escrow) -> None:
+    """Trees of 1..33 leaves, each recorded on chain by a settlement: our proofs of its leaves
+    verify through JobEscrow.verifyReceipt (OpenZeppelin's MerkleProof); a truncated proof, or
+    a leaf of the previous tree, does not."""
+    provider = onchain.stake(3)
+    job = onchain.deposit(amount=10_000, max_price=1)
+    address = eip712.to_checksum_address(provider.address)
+    previous: list[bytes] = []
+    for n in range(1, 34):
+        leaves = [eip712.keccak(b"%d/%d" % (n, i)) for i in range(n)]
+        root = merkle.root(leaves)
+        voucher = eip712.Voucher(
+            job_id=job, provider=provider.address, cumulative_amount=n, receipts_root=root, nonce=n
+        )
+        signature = onchain.payer_signer.sign(onchain.domain, voucher)
+        onchain.settle(eip712.SignedVoucher(voucher, signature))
+        assert onchain.escrow.functions.rootOf(job, address).call() == root
+        indexes = range(n) if n in EVERY_LEAF else sorted({0, n // 2, n - 1})
+        for i in indexes:
+            proof = merkle.proof(leaves, i)
+            assert onchain.verify(job, provider.address, leaves[i], proof), (n, i)
+            if n > 1 and i in (0, n - 1):
+                assert not onchain.verify(job, provider.address, leaves[i], proof[:-1])
+        if previous:
+            assert not onchain.verify(
+                job, provider.address, previous[-1], merkle.proof(previous, len(previous) - 1)
+            )
+        previous = leaves
+
+
+def test_an_equivocation_found_off_chain_slashes_on_chain(onchain: Escrow) -> None:
+    provider = onchain.stake(4)
+    d = onchain.domain
+    job = onchain.deposit(amount=1_000, max_price=1)
+    ch = ReceiptChain(
+        d,
+        provider,
+        job_id=job,
+        session_id="s",
+        model_id="m",
+        layer_start=0,
+        layer_end=1,
+        price_per_unit=1,
+    )
+    honest, _, _ = step_of(ch, 0)
+    liar = resign(honest, provider, d, output_hash=b"\x66" * 32)
+    assert find_equivocation(d, honest, resign(honest, provider, d, timestamp=5)) is None
+    proof = find_equivocation(d, honest, liar)
+    assert proof is not None
+    call = onchain.escrow.functions.reportEquivocation(*proof.call_args())
+    receipt = onchain.send(onchain.w3, onchain.payer, call)
+    (event,) = onchain.escrow.events.EquivocationReported().process_receipt(receipt, errors=DISCARD)
+    assert event["args"]["slashed"] == Escrow.MIN_STAKE
+    address = eip712.to_checksum_address(provider.address)
+    assert not onchain.providers.functions.isActive(address).call()
