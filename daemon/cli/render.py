@@ -24,6 +24,11 @@ def short_id(peer_id: str) -> str:
     return f"{peer_id[:10]}…{peer_id[-6:]}" if len(peer_id) > 20 else peer_id
 
 
+def price(value: Any) -> str:
+    """A price per layer-token in the stablecoin's smallest unit; "-": none declared."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else "-"
+
+
 def gpu_summary(resources: dict[str, Any]) -> str:
     gpus = resources.get("gpus") or []
     if not gpus:
@@ -81,7 +86,7 @@ def peers(rows: list[dict[str, Any]]) -> None:
 
 def nodes(records: list[dict[str, Any]]) -> None:
     table = Table(title=f"{len(records)} nodes")
-    for column in ("peer id", "cpu cores", "memory", "gpus", "address"):
+    for column in ("peer id", "cpu cores", "memory", "gpus", "price/unit", "address"):
         table.add_column(column)
     for record in records:
         res = record.get("resources") or {}
@@ -90,6 +95,7 @@ def nodes(records: list[dict[str, Any]]) -> None:
             str((res.get("cpu") or {}).get("cores", "-")),
             gib((res.get("memory") or {}).get("total_bytes")),
             gpu_summary(res),
+            price(record.get("price_per_unit")),
             (record.get("addrs") or ["-"])[0],
         )
     console.print(table)
@@ -130,7 +136,7 @@ def blocks(result: dict[str, Any]) -> None:
     console.print(table)
     for model, servers in result.get("announced", {}).items():
         table = Table(title=f"announced servers of {model}")
-        for column in ("peer id", "layers", "ms/layer", "free cache"):
+        for column in ("peer id", "layers", "ms/layer", "free cache", "price/unit"):
             table.add_column(column)
         for server in sorted(servers, key=lambda s: (s["start"], s["peer_id"])):
             free = server.get("cache_tokens_free")
@@ -139,5 +145,6 @@ def blocks(result: dict[str, Any]) -> None:
                 f"[{server['start']}, {server['end']})",
                 f"{server['ms_per_layer']:.2f}",
                 "?" if free is None else f"{free} positions",
+                price(server.get("price_per_unit")),
             )
         console.print(table)

@@ -10,6 +10,15 @@ import typer
 from daemon.cli import common, render
 from daemon.cli.common import HomeOption, JsonOption, call, fail, long_call, print_json
 
+MaxPriceOption = typer.Option(
+    None,
+    "--max-price-per-unit",
+    min=0,
+    help="Use no provider whose price per layer-token (in the stablecoin's smallest unit) is "
+    "over this, or that declares none (default: the daemon's [market] max_price_per_unit; "
+    "unset there: any).",
+)
+
 
 def deploy(
     model_dir: Path = typer.Argument(
@@ -27,6 +36,7 @@ def deploy(
     replicas: int = typer.Option(1, "--replicas", min=1, help="Copies of the chain."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only print the plan (shard_plan)."),
+    max_price_per_unit: int | None = MaxPriceOption,
     home: Path | None = HomeOption,
     as_json: bool = JsonOption,
 ) -> None:
@@ -46,6 +56,8 @@ def deploy(
     if nodes is not None:
         params["nodes"] = nodes
     params["replicas"] = replicas
+    if max_price_per_unit is not None:
+        params["max_price_per_unit"] = max_price_per_unit
     plan = long_call(home, "shard_plan", params, "planning")
     if dry_run:
         if as_json:
@@ -155,6 +167,7 @@ def generate(
         "pushes to the next one directly; relaying is for servers that cannot reach each "
         "other, and is what the client falls back to when it sees that).",
     ),
+    max_price_per_unit: int | None = MaxPriceOption,
     home: Path | None = HomeOption,
 ) -> None:
     """Generate text through the shard servers, printing tokens as they come."""
@@ -170,6 +183,8 @@ def generate(
     }
     if seed is not None:
         params["seed"] = seed
+    if max_price_per_unit is not None:
+        params["max_price_per_unit"] = max_price_per_unit
     job = call(home, "generate", params)["job"]
     shown = ""
     try:

@@ -200,6 +200,9 @@ def test_settings_names_the_networks_the_chain_client_defines():
     if names is None:
         pytest.skip("contracts.chain.networks has no NETWORKS table yet")
     assert set(settings.CHAIN_NETWORKS) == set(names)
+    # and the same ones need an RPC URL from the user
+    no_default = {name for name, network in names.items() if not network.default_rpc_url}
+    assert no_default == set(settings.NO_DEFAULT_RPC)
 
 
 def test_other_gridmesh_variables_are_not_settings():
