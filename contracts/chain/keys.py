@@ -1,0 +1,102 @@
+"""The key this node signs chain transactions with: `GRIDMESH_CHAIN_KEY` (hex) when set, else
+`chain.key` in the node's home (mode 0600, created on first use). Never from the repository,
+never printed or logged: a `ChainKey` shows only its address.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from collections.abc import Mapping
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from contracts.chain.errors import ChainError
+
+ENV_VAR = "GRIDMESH_CHAIN_KEY"
+KEY_FILE = "chain.key"
+# secp256k1's group order: a private key is an integer in [1, N)
+_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+
+
+@dataclass(frozen=True)
+class ChainKey:
+    """A private key and where it came from; repr and str show the address only."""
+
+    private_key: str = field(repr=False)  # 0x + 64 hex digits
+    source: str  # "GRIDMESH_CHAIN_KEY" or the file's path
+
+    @property
+    def address(self) -> str:
+        from eth_account import Account
+
+        return Account.from_key(self.private_key).address
+
+    def __str__(self) -> str:
+        return f"chain key {self.address} (from {self.source})"
+
+
+def parse_key(text: str, source: str) -> ChainKey:
+    """A hex private key (with or without 0x); ChainError names `source`, never the text."""
+    value = text.strip().removeprefix("0x").removeprefix("0X")
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        raise ChainError(f"{source} is not a hex-encoded private key") from None
+    if len(raw) != 32:
+        raise ChainError(f"{source} must hold a 32-byte private key (64 hex digits)")
+    if not 0 < int.from_bytes(raw, "big") < _N:
+        raise ChainError(f"{source} is not a valid secp256k1 private key")
+    return ChainKey("0x" + raw.hex(), source)
+
+
+def load_key(home: Path, env: Mapping[str, str] | None = None, *, create: bool = True) -> ChainKey:
+    """The node's chain key (see the module docstring); `create` makes `home/chain.key` when
+    neither exists."""
+    env = os.environ if env is None else env
+    if env.get(ENV_VAR, "").strip():
+        return parse_key(env[ENV_VAR], ENV_VAR)
+    path = home / KEY_FILE
+    if not path.exists():
+        if not create:
+            raise ChainError(f"no chain key: set {ENV_VAR} or create {path}")
+        _create(path)
+    return _read(path)
+
+
+def _read(path: Path) -> ChainKey:
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text()
+    except OSError as exc:
+        raise ChainError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ChainError(
+            f"{path} can be read by other users (mode {stat.S_IMODE(mode):o}): "
+            f"run `chmod 600 {path}` (and consider the key exposed)"
+        )
+    return parse_key(text, str(path))
+
+
+def _create(path: Path) -> None:
+    """Write a new random key, readable by the owner only. Two processes racing both end with
+    the same file: the key is written aside and linked into place, which fails if one exists."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    while True:
+        key = secrets.token_bytes(32)
+        if 0 < int.from_bytes(key, "big") < _N:
+            break
+    aside = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        try:
+            os.write(fd, ("0x" + key.hex() + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with suppress(FileExistsError):  # another process made it first: use theirs
+            os.link(aside, path)
+    finally:
+        aside.unlink(missing_ok=True)
