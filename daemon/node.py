@@ -182,13 +182,9 @@ class Daemon:
             max_streams_per_peer=config.shards.max_streams_per_peer,
             max_local_connections=config.shards.max_local_connections,
             price_per_unit=config.market.price_per_unit,
+            max_price_per_unit=config.market.max_price_per_unit,
         )
-        register_shard_methods(
-            self.dispatcher,
-            self.shards,
-            self.directory,
-            default_max_price=config.market.max_price_per_unit,
-        )
+        register_shard_methods(self.dispatcher, self.shards, self.directory)
         self.metrics.known_methods = {m["name"] for m in self.dispatcher.describe()}
 
     async def refresh_resources(self) -> None:

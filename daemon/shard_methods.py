@@ -94,16 +94,11 @@ async def _run_job(job: Job, run: Any) -> None:
 
 
 def register_shard_methods(
-    dispatcher: Dispatcher,
-    service: ShardService,
-    directory: ResourceDirectory,
-    default_max_price: int | None = None,
+    dispatcher: Dispatcher, service: ShardService, directory: ResourceDirectory
 ) -> None:
-    """`default_max_price`: the maximum price per unit of calls that name none ([market]
-    max_price_per_unit; None: no maximum)."""
-
     def _max_price(given: int | None) -> int | None:
-        return default_max_price if given is None else given
+        """A call's maximum price per unit, else the node's ([market] max_price_per_unit)."""
+        return service.default_max_price if given is None else given
 
     async def _model_spec(model_dir: str, dtype: str) -> Any:
         await service.ensure_torch()

@@ -103,9 +103,12 @@ class ShardService(JobTable):
         max_streams_per_peer: int = 40,
         max_local_connections: int = 256,
         price_per_unit: int = 0,
+        max_price_per_unit: int | None = None,
         nursery: trio.Nursery | None = None,
     ) -> None:
-        """`price_per_unit`: this node's price as a provider, announced with every block."""
+        """`price_per_unit`: this node's price as a provider, announced with every block;
+        `max_price_per_unit`: the most it pays as a requester when a generation names no
+        maximum (None: no maximum), whichever API asks (JSON-RPC, gRPC)."""
         super().__init__()
         self.ident = ident
         self.net = net
@@ -125,6 +128,7 @@ class ShardService(JobTable):
         self.max_streams_per_peer = max_streams_per_peer
         self.max_local_connections = max_local_connections
         self.price_per_unit = price_per_unit
+        self.default_max_price = max_price_per_unit
         self._tokenizers: dict[Path, Any] = {}
 
     # -- running ---------------------------------------------------------------------------
@@ -526,7 +530,9 @@ class ShardService(JobTable):
             num_layers=num_layers,
             max_length=max_length,
             chained=not relay,
-            max_price_per_unit=max_price_per_unit,
+            max_price_per_unit=(
+                self.default_max_price if max_price_per_unit is None else max_price_per_unit
+            ),
         )
         try:
             await model.open()

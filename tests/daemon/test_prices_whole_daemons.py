@@ -119,6 +119,12 @@ async def _check(net: MemoryCluster, model_dir: Path, expected: list[int]) -> No
     await net.stop(cheap)
     with pytest.raises(RPCCallError):  # within 3, no server is left
         await requester.call("generate", generate)
+    # the config's maximum holds whichever API asks: gRPC calls the service as here
+    service = requester.daemon.shards
+    job = service.new_job("grpc:test")
+    await service.generate(job, "tiny", PROMPT, 8, temperature=0.0, seed=None)
+    service.drop_job(job.id)
+    assert job.error is not None and "1 server(s) excluded for price" in job.error, job.error
     result = await requester.call("generate", {**generate, "max_price_per_unit": 9})
     assert result["tokens"] == expected
     assert [h["peer_id"] for h in result["route"]] == [dear.peer_id]
