@@ -459,3 +459,16 @@ def decode_signed_receipt(data: bytes) -> SignedReceipt:
     except codec.CodecError as exc:
         raise WireFormatError(exc.reason, str(exc)) from None
     return signed_receipt_from_wire(obj)
+
+
+def encode_signed_voucher(signed: SignedVoucher) -> bytes:
+    return codec.encode(signed_voucher_to_wire(signed))
+
+
+def decode_signed_voucher(data: bytes) -> SignedVoucher:
+    """msgpack bytes from a peer -> SignedVoucher, or WireFormatError."""
+    try:
+        obj = codec.decode(data, max_bytes=MAX_WIRE_BYTES, max_depth=3)
+    except codec.CodecError as exc:
+        raise WireFormatError(exc.reason, str(exc)) from None
+    return signed_voucher_from_wire(obj)

@@ -11,6 +11,8 @@
 - `Acknowledger` (requester, one per job): keeps the accepted receipts per provider in order and
   issues cumulative vouchers signed by the payer (nonce + 1, Merkle root over every digest
   acknowledged so far, cumulative amount): what `JobEscrow.settle` pays against.
+- `VoucherBook` (provider, one per job): checks the vouchers its payer sends (job, provider,
+  the payer's signature, nonce and amount rising) and keeps the best one to settle with.
 - `find_equivocation`: two receipts of one provider for one job, session and step with different
   outputs, both signed by it: the arguments of `JobEscrow.reportEquivocation`.
 
@@ -432,3 +434,69 @@ class Acknowledger:
         if index >= account.vouched:
             raise KeyError("receipt acknowledged after the latest voucher")
         return merkle.proof(account.digests[: account.vouched], index)
+
+
+class VoucherRefused(Exception):
+    """A voucher the provider does not take; `reason`: foreign_job, wrong_provider,
+    bad_signature or stale_voucher."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class VoucherBook:
+    """The provider's vouchers of one job: the best one its payer signed, and what was settled.
+
+    The root is not checked here (the provider does not know the order in which the requester
+    acknowledged the receipts of several sessions); settlement needs only the payer's signature,
+    and a receipt left out of the root can still be proven with the provider's own copy."""
+
+    def __init__(self, domain: Domain, job_id: bytes, *, provider: bytes, payer: bytes) -> None:
+        self.domain = domain
+        self.job_id = job_id
+        self.provider = provider
+        self.payer = payer
+        self.best: SignedVoucher | None = None
+        self.settled_amount = 0
+        self.settled_nonce = 0
+
+    def offer(self, signed: SignedVoucher) -> None:
+        """Take `signed` as the best voucher, or raise VoucherRefused."""
+        v = signed.voucher
+        if v.job_id != self.job_id:
+            raise VoucherRefused("foreign_job", "voucher is for another job")
+        if v.provider != self.provider:
+            raise VoucherRefused("wrong_provider", "voucher pays another provider")
+        try:
+            signer = recover_digest(self.domain.digest(v), signed.signature)
+        except SignatureError as exc:
+            raise VoucherRefused("bad_signature", str(exc)) from None
+        if signer != self.payer:
+            raise VoucherRefused("bad_signature", "voucher not signed by the job's payer")
+        best = self.best.voucher if self.best is not None else None
+        floor_nonce = max(self.settled_nonce, best.nonce if best else 0)
+        floor_amount = max(self.settled_amount, best.cumulative_amount if best else 0)
+        if v.nonce <= floor_nonce or v.cumulative_amount < floor_amount:
+            raise VoucherRefused(
+                "stale_voucher",
+                f"nonce {v.nonce} / amount {v.cumulative_amount} after nonce {floor_nonce} / "
+                f"amount {floor_amount}",
+            )
+        self.best = signed
+
+    @property
+    def unsettled(self) -> int:
+        """What settling the best voucher would pay (fee included)."""
+        best = self.best.voucher.cumulative_amount if self.best is not None else 0
+        return max(0, best - self.settled_amount)
+
+    def to_settle(self) -> SignedVoucher | None:
+        """The voucher to settle with, or None when it would pay nothing."""
+        return self.best if self.unsettled > 0 else None
+
+    def settled(self, signed: SignedVoucher) -> None:
+        """Record a voucher the escrow accepted (from its Settled event)."""
+        self.settled_amount = max(self.settled_amount, signed.voucher.cumulative_amount)
+        self.settled_nonce = max(self.settled_nonce, signed.voucher.nonce)

@@ -326,6 +326,28 @@ def test_voucher_wire_round_trips(voucher: Voucher) -> None:
     signed = eip712.SignedVoucher(voucher, Signer(KEY_B).sign(DOMAIN, voucher))
     packed = msgpack.packb(eip712.signed_voucher_to_wire(signed))
     assert eip712.signed_voucher_from_wire(msgpack.unpackb(packed)) == signed
+    assert eip712.decode_signed_voucher(eip712.encode_signed_voucher(signed)) == signed
+
+
+def test_bad_signed_vouchers_are_refused() -> None:
+    voucher = Voucher(
+        job_id=bytes(32), provider=bytes(20), cumulative_amount=1, receipts_root=bytes(32), nonce=1
+    )
+    good = {"voucher": eip712.voucher_to_wire(voucher), "signature": b"\x1b" * 65}
+    assert eip712.decode_signed_voucher(msgpack.packb(good)).voucher == voucher
+    for bad, reason in (
+        ({**good, "voucher": {**good["voucher"], "nonce": -1}}, "bad_field"),
+        ({**good, "voucher": {**good["voucher"], "receiptsRoot": b"\x00"}}, "bad_field"),
+        ({"voucher": {}, "signature": b"\x1b" * 65}, "missing_field"),
+        ({**good, "signature": b""}, "bad_field"),
+        ({**good, "pad": b"\x00" * eip712.MAX_WIRE_BYTES}, "too_large"),
+    ):
+        with pytest.raises(WireFormatError) as caught:
+            eip712.decode_signed_voucher(msgpack.packb(bad))
+        assert caught.value.reason == reason
+    with pytest.raises(WireFormatError) as caught:
+        eip712.decode_signed_voucher(b"\xc1")
+    assert caught.value.reason == "malformed"
 
 
 def test_big_prices_travel_as_decimal_strings() -> None:

@@ -25,6 +25,8 @@ from contracts.receipts import (
     ReceiptVerifier,
     StepReplayed,
     StepSkipped,
+    VoucherBook,
+    VoucherRefused,
     WrongProvider,
     WrongSession,
     WrongWork,
@@ -342,6 +344,48 @@ def test_the_provider_chain_never_signs_a_step_twice() -> None:
         )
 
 
+def test_the_provider_keeps_the_best_voucher_of_its_payer() -> None:
+    ch, v, ack = chain(), verifier(), Acknowledger(DOMAIN, JOB, PAYER)
+    book = VoucherBook(DOMAIN, JOB, provider=PROVIDER.address, payer=PAYER.address)
+    assert book.to_settle() is None and book.unsettled == 0
+    vouchers = []
+    for n in range(3):
+        signed, inp, out = step_of(ch, n)
+        ack.acknowledge(v.check(signed, input_hash=inp, output_hash=out))
+        voucher = ack.voucher(PROVIDER.address)
+        assert voucher is not None
+        # it travels as msgpack to the provider
+        vouchers.append(eip712.decode_signed_voucher(eip712.encode_signed_voucher(voucher)))
+    book.offer(vouchers[0])
+    book.offer(vouchers[2])
+    assert book.to_settle() == vouchers[2] and book.unsettled == 60
+
+    def refusal(signed: eip712.SignedVoucher) -> str:
+        with pytest.raises(VoucherRefused) as caught:
+            book.offer(signed)
+        assert book.best == vouchers[2]
+        return caught.value.reason
+
+    assert refusal(vouchers[1]) == "stale_voucher"
+    assert refusal(vouchers[2]) == "stale_voucher"
+
+    def signed_by(signer: Signer, **changes: object) -> eip712.SignedVoucher:
+        fields = {n: getattr(vouchers[2].voucher, n) for n in vouchers[2].voucher.__struct_fields__}
+        voucher = eip712.Voucher(**{**fields, "nonce": 9, **changes})
+        return eip712.SignedVoucher(voucher, signer.sign(DOMAIN, voucher))
+
+    assert refusal(signed_by(OTHER)) == "bad_signature"
+    assert refusal(signed_by(PAYER, cumulative_amount=59)) == "stale_voucher"
+    assert refusal(signed_by(PAYER, job_id=b"\x02" * 32)) == "foreign_job"
+    assert refusal(signed_by(PAYER, provider=OTHER.address)) == "wrong_provider"
+    bad_sig = eip712.SignedVoucher(vouchers[2].voucher, vouchers[2].signature[:64] + b"\x00")
+    assert refusal(bad_sig) == "bad_signature"
+    book.settled(vouchers[2])
+    assert book.to_settle() is None and book.unsettled == 0
+    book.offer(signed_by(PAYER, cumulative_amount=80))
+    assert book.unsettled == 20
+
+
 # -- on chain: the same digests, roots, proofs and equivocation proofs as JobEscrow's ------------
 
 
@@ -459,6 +503,7 @@ def test_vouchers_settle_and_receipts_prove_against_the_recorded_root(onchain: E
     )
     v = ReceiptVerifier(d, terms, provider=provider.address, session_id="s", model_id="m")
     ack = Acknowledger(d, job, onchain.payer_signer)
+    book = VoucherBook(d, job, provider=provider.address, payer=onchain.payer_signer.address)
     balance = onchain.token.functions.balanceOf
     address = eip712.to_checksum_address(provider.address)
     paid, digests, vouchers = 0, [], []
@@ -468,7 +513,8 @@ def test_vouchers_settle_and_receipts_prove_against_the_recorded_root(onchain: E
             accepted = v.check(signed, input_hash=inp, output_hash=out)
             ack.acknowledge(accepted)
             digests.append(accepted.digest)
-        signed_voucher = ack.voucher(provider.address)
+        book.offer(ack.voucher(provider.address))  # type: ignore[arg-type]
+        signed_voucher = book.to_settle()
         assert signed_voucher is not None
         vouchers.append(signed_voucher)
         before = balance(address).call()
@@ -477,8 +523,9 @@ def test_vouchers_settle_and_receipts_prove_against_the_recorded_root(onchain: E
         assert event["delta"] == delta and event["fee"] == delta * 100 // 10_000
         assert (event["receiptsRoot"], event["nonce"]) == (merkle.root(digests), len(vouchers))
         assert balance(address).call() - before == delta - delta * 100 // 10_000
+        book.settled(signed_voucher)
         paid = signed_voucher.voucher.cumulative_amount
-        assert paid == len(digests) * 3 * 2 * price
+        assert paid == len(digests) * 3 * 2 * price and book.to_settle() is None
         for digest in digests:
             proof = ack.proof(provider.address, digest)
             assert onchain.verify(job, provider.address, digest, proof)
