@@ -357,7 +357,13 @@ def _field_from_wire(wire_name: str, value: Any, kind: str, limit: int) -> Any:
         if len(raw) != limit:
             raise WireFormatError("bad_field", f"{wire_name} must be {limit} bytes, got {len(raw)}")
         return raw
-    if type(value) is str and limit == UINT256_MAX and 0 < len(value) <= 78 and value.isdigit():
+    if (
+        type(value) is str
+        and limit == UINT256_MAX
+        and 0 < len(value) <= 78
+        and value.isascii()
+        and value.isdigit()
+    ):
         value = int(value)  # numbers past 64 bits travel as decimal strings (msgpack stops there)
     if type(value) is not int or not 0 <= value <= limit:
         raise WireFormatError(

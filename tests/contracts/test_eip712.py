@@ -381,6 +381,8 @@ def _wire(**changes: object) -> dict:
         (_wire(pricePerUnit="1" * 79), "bad_field", "pricePerUnit"),
         (_wire(pricePerUnit=str(2**256)), "bad_field", "pricePerUnit"),
         (_wire(pricePerUnit="-1"), "bad_field", "pricePerUnit"),
+        (_wire(pricePerUnit="\u00b2"), "bad_field", "pricePerUnit"),  # a digit int() refuses
+        (_wire(pricePerUnit="\u0663"), "bad_field", "pricePerUnit"),  # a non-ASCII digit
         (_wire(timestamp=1.5), "bad_field", "timestamp"),
     ],
 )
@@ -424,7 +426,9 @@ _wire_values = st.one_of(
     st.floats(allow_nan=True),
     st.binary(max_size=70),
     st.text(max_size=90),
-    st.sampled_from(["0x" + "ab" * 32, "0x" + "cd" * 20, "12345", "0x", "0x" + "ab" * 65]),
+    st.sampled_from(
+        ["0x" + "ab" * 32, "0x" + "cd" * 20, "12345", "0x", "0x" + "ab" * 65, "\u00b2"]
+    ),
     st.lists(st.integers(), max_size=3),
     st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
 )
