@@ -23,6 +23,7 @@ from contracts.eip712 import (
     Voucher,
     WireFormatError,
 )
+from p2p.identity import NodeIdentity
 
 ETH_TESTER_CHAIN_ID = 131277322940537
 KEY_A = bytes.fromhex("4c0883a69102937d6231471b5dbb6204fe5129617082792ae468d01a3f362318")
@@ -220,6 +221,11 @@ def test_eth_account_signatures_recover_with_ours(domain: Domain, voucher: Vouch
 def test_signer_address_is_eth_accounts() -> None:
     assert eip712.to_checksum_address(Signer(KEY_A).address) == Account.from_key(KEY_A).address
     assert Signer("0x" + KEY_A.hex()).address == Signer(KEY_A).address
+    # a node signs receipts with its payout key: the address its identity binds to its peer id
+    ident = NodeIdentity.generate()
+    assert eip712.to_checksum_address(Signer(ident.payout_key).address) == ident.payout_address
+    with pytest.raises(ValueError, match="32 bytes"):
+        Signer(b"\x01" * 31)
 
 
 def test_wrong_domain_field_or_signer_recovers_another_address() -> None:
