@@ -251,13 +251,14 @@ class GRPCConfig(Section):
 # the networks contracts.chain.networks defines (the CHAIN engineer's list; settings names
 # them as a literal so that loading a config never imports the chain client)
 CHAIN_NETWORKS = ("devnet", "anvil", "base-sepolia")
-NO_DEFAULT_RPC = ("base-sepolia",)  # networks whose RPC URL the user must give
 _NETWORK_PATTERN = f"^({'|'.join(re.escape(name) for name in CHAIN_NETWORKS)})$"
 _NETWORK_DOC = f"a network (use {', '.join(CHAIN_NETWORKS[:-1])} or {CHAIN_NETWORKS[-1]})"
 
 
 class ChainConfig(Section):
-    """[chain]: the chain this node settles on (contracts.chain.networks)."""
+    """[chain]: the chain this node settles on (contracts.chain.networks). A network without
+    a default endpoint (base-sepolia) and no `rpc_url` is refused where it is used
+    (`networks.endpoint`), not at load: a command's --rpc-url flag may supply it."""
 
     network: Annotated[
         str,
@@ -273,11 +274,6 @@ class ChainConfig(Section):
             "default)",
         ),
     ] = ""
-
-    def problems(self) -> Iterator[Problem]:
-        if self.network in NO_DEFAULT_RPC and not self.rpc_url:
-            why = f"is empty, but {self.network} has no default endpoint: give its RPC URL"
-            yield "rpc_url", why, ("network",)
 
 
 class MarketConfig(Section):

@@ -86,7 +86,6 @@ MISTAKES = [
     (env("CHAIN__NETWORK", "Anvil"), "GRIDMESH_CHAIN__NETWORK: chain.network 'Anvil' is not a"),
     (file("[chain]\nrpc_url = 'ftp://x'\n"), "{file}: chain.rpc_url 'ftp://x' is not an RPC URL"),
     (env("CHAIN__RPC_URL", "http://"), "GRIDMESH_CHAIN__RPC_URL: chain.rpc_url 'http://' is not"),
-    (env("CHAIN__NETWORK", "base-sepolia"), "GRIDMESH_CHAIN__NETWORK: chain.rpc_url is empty, but"),
     (file("[market]\nprice_per_unit = -1\n"), "{file}: market.price_per_unit must be >= 0"),
     (file("[market]\nprice_per_unit = 1.5\n"), "{file}: market.price_per_unit must be an int"),
     (env("MARKET__PRICE_PER_UNIT", "x"), "GRIDMESH_MARKET__PRICE_PER_UNIT: market.price_per_unit"),
@@ -186,10 +185,11 @@ def test_the_chain_and_prices_take_their_layers_and_types(tmp_path):
     assert resolve(path).market.max_price_per_unit == 5
     unset = {"GRIDMESH_MARKET__MAX_PRICE_PER_UNIT": ""}
     assert resolve(path, env=unset).market.max_price_per_unit is None
-    # every network the chain client names is accepted; prices up to an int64
+    # every network the chain client names is accepted (base-sepolia without an RPC URL
+    # too: a command's --rpc-url may give it, and the chain client refuses it without one);
+    # prices up to an int64
     for network in settings.CHAIN_NETWORKS:
-        url = "http://127.0.0.1:8545" if network in settings.NO_DEFAULT_RPC else ""
-        assert settings.parse({"chain": {"network": network, "rpc_url": url}}).chain.network
+        assert settings.parse({"chain": {"network": network}}).chain.network == network
     assert settings.parse({"market": {"price_per_unit": 2**63 - 1}}).market.price_per_unit
 
 
@@ -200,9 +200,6 @@ def test_settings_names_the_networks_the_chain_client_defines():
     if names is None:
         pytest.skip("contracts.chain.networks has no NETWORKS table yet")
     assert set(settings.CHAIN_NETWORKS) == set(names)
-    # and the same ones need an RPC URL from the user
-    no_default = {name for name, network in names.items() if not network.default_rpc_url}
-    assert no_default == set(settings.NO_DEFAULT_RPC)
 
 
 def test_other_gridmesh_variables_are_not_settings():
