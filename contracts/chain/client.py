@@ -188,7 +188,7 @@ class ChainClient:
             waited = self.backoff_s * (2 ** (self.retries - 1) - 1)
             return ChainUnreachable(
                 f"cannot reach the chain at {self.rpc_url} ({self.retries} attempts over "
-                f"{waited:.1f} s): {_reason(exc)}; is it running (`gridmesh chain serve`)?"
+                f"{waited:.1f} s): {_reason(exc)}"
             )
         if isinstance(exc, requests.exceptions.Timeout):
             return ChainUnreachable(
@@ -200,7 +200,7 @@ class ChainClient:
         if revert is not None:
             return revert
         message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-        return ChainError(f"the chain at {self.rpc_url} refused: {message}")
+        return ChainError(f"{message} (the chain at {self.rpc_url})")
 
     def _all_abis(self, bound: Bound | None = None) -> list[Any]:
         """The ABIs reverts are named against: the called contract's, then the client's

@@ -23,6 +23,7 @@ class Network:
     default_rpc_url: str  # "" when the user must give one
     description: str
     development: bool  # funded public accounts and evm_* testing methods
+    dev_key: str = ""  # the public key of its first funded account (development only)
 
 
 NETWORKS: dict[str, Network] = {
@@ -34,8 +35,17 @@ NETWORKS: dict[str, Network] = {
             "http://127.0.0.1:8545",
             "the embedded development chain of `gridmesh chain serve`",
             True,
+            "0x" + "00" * 31 + "01",  # eth-tester's first account
         ),
-        Network("anvil", 31337, "http://127.0.0.1:8545", "a local anvil node", True),
+        Network(
+            "anvil",
+            31337,
+            "http://127.0.0.1:8545",
+            "a local anvil node",
+            True,
+            # anvil's first account (of its well-known test mnemonic)
+            "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80",
+        ),
         Network("base-sepolia", 84532, "", "Base Sepolia, the public testnet", False),
     )
 }

@@ -5,9 +5,16 @@ web3 and eth-tester are imported inside the commands only, so `gridmesh --help` 
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+from typing import Any
+
 import typer
 
-from daemon.cli.common import fail
+from contracts.chain.errors import ChainError, ChainUnreachable
+from daemon import config as configuration
+from daemon.cli.common import HomeOption, JsonOption, fail, home_dir, print_json
 
 chain_app = typer.Typer(
     no_args_is_help=True,
@@ -70,3 +77,252 @@ def serve(
         typer.echo("stopped", err=True)
     finally:
         running.server.server_close()
+
+
+NetworkOption = typer.Option(
+    None,
+    "--network",
+    help="devnet, anvil or base-sepolia (default: [chain] network in config.toml, else devnet).",
+    show_default=False,
+)
+RpcUrlOption = typer.Option(
+    None,
+    "--rpc-url",
+    help="The network's JSON-RPC endpoint (default: [chain] rpc_url, else the network's own; "
+    "base-sepolia has none: give your RPC provider's URL).",
+    show_default=False,
+)
+ConfigOption = typer.Option(
+    None, "--config", help="Config file (default: HOME/config.toml if present).", show_default=False
+)
+
+
+def _endpoint(
+    home: Path, config: Path | None, network: str | None, rpc_url: str | None
+) -> tuple[Any, str]:
+    """(network, RPC URL): flags, else [chain] of the config, else the network's defaults."""
+    from contracts.chain import networks
+
+    configured_network, configured_url = "devnet", ""
+    config_path = config or home / configuration.CONFIG_FILE
+    if config is not None or config_path.exists():
+        try:
+            cfg = configuration.resolve(config_path, env=os.environ, flags={})
+        except configuration.ConfigError as exc:
+            fail(str(exc))
+        section = getattr(cfg, "chain", None)
+        if section is not None:
+            configured_network, configured_url = section.network, section.rpc_url
+    name = network or configured_network
+    # the configured URL belongs to the configured network only
+    url = rpc_url or (configured_url if name == configured_network else "")
+    try:
+        return networks.endpoint(name, url)
+    except ChainError as exc:
+        fail(str(exc))
+        raise  # unreachable: fail exits
+
+
+def _reach(client: Any, network: Any, url: str) -> int:
+    """The endpoint's chain id, or one line saying why there is none."""
+    try:
+        return client.chain_id_sync()
+    except ChainUnreachable as exc:
+        fail(f"{exc}; {_start_hint(network)}")
+    except ChainError as exc:
+        fail(str(exc))
+    raise AssertionError("unreachable")
+
+
+def _start_hint(network: Any) -> str:
+    return {
+        "devnet": "is it running? start it with `gridmesh chain serve`",
+        "anvil": "is anvil running? (npm installs it as contracts/node_modules/.bin/anvil)",
+    }.get(network.name, "is --rpc-url (or [chain] rpc_url) right?")
+
+
+@chain_app.command()
+def deploy(
+    network: str | None = NetworkOption,
+    rpc_url: str | None = RpcUrlOption,
+    force: bool = typer.Option(
+        False, "--force", help="Deploy even if HOME/chain/NETWORK.json records a deployment."
+    ),
+    min_stake: int = typer.Option(
+        100_000_000,
+        "--min-stake",
+        min=1,
+        help="Least stake a provider needs, in tUSD's "
+        "smallest unit (6 decimals: 100000000 = 100 tUSD).",
+    ),
+    unbonding_delay: int = typer.Option(
+        7 * 24 * 3600,
+        "--unbonding-delay",
+        min=0,
+        help="Seconds between asking to unstake and withdrawing.",
+    ),
+    half_life: int = typer.Option(
+        30 * 24 * 3600, "--half-life", min=1, help="Seconds in which a reputation score halves."
+    ),
+    fee_bps: int = typer.Option(
+        100, "--fee-bps", min=0, max=10_000, help="Protocol fee in basis points (100 = 1%)."
+    ),
+    fee_recipient: str | None = typer.Option(
+        None, "--fee-recipient", help="Address paid the fee (default: the deployer)."
+    ),
+    node_key: bool = typer.Option(
+        False,
+        "--node-key",
+        help="On devnet and anvil, deploy from this node's chain key "
+        "instead of the chain's first funded development account.",
+    ),
+    home: Path | None = HomeOption,
+    config: Path | None = ConfigOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Deploy the contracts (TestUSD, ReputationRegistry, ProviderRegistry, JobEscrow) and
+    record their addresses in HOME/chain/NETWORK.json.
+
+    On devnet and anvil the deployer is the chain's first development account (its key is
+    public); on base-sepolia it is this node's chain key ($GRIDMESH_CHAIN_KEY, else
+    HOME/chain.key, created on first use), which needs Base Sepolia ETH for gas.
+    A recorded deployment that is still alive, or one made on another chain id, is kept
+    unless --force."""
+    from contracts.chain import networks, records
+    from contracts.chain.client import ChainClient
+    from contracts.chain.keys import load_key
+    from contracts.deployment import deploy_all
+
+    home = home_dir(home)
+    net, url = _endpoint(home, config, network, rpc_url)
+    try:
+        key = net.dev_key if net.development and not node_key else load_key(home).private_key
+    except ChainError as exc:
+        fail(str(exc))
+    path = records.record_path(home, net.name)
+    with ChainClient(url, key, retries=3) as client:
+        chain_id = _reach(client, net, url)
+        try:
+            existing = records.read_record(home, net.name)
+            alive = (
+                existing is not None
+                and existing.chain_id == chain_id
+                and _has_code(client, existing.addresses.get("JobEscrow"))
+            )
+            records.check_redeploy(existing, path, chain_id, url, escrow_alive=alive, force=force)
+            networks.check_chain_id(net, url, chain_id)
+            if client.run_sync(lambda w3: w3.eth.get_balance(client.address)) == 0:
+                fail(f"the deployer {client.address} has no funds on {net.name} to pay for gas")
+            if not as_json:
+                typer.echo(
+                    f"deploying from {client.address} to {net.name} (chain id {chain_id}) at "
+                    f"{url} ...",
+                    err=True,
+                )
+            deployment = client.run_sync(
+                lambda w3: deploy_all(
+                    w3,
+                    key,
+                    min_stake=min_stake,
+                    unbonding_delay_s=unbonding_delay,
+                    fee_bps=fee_bps,
+                    fee_recipient=fee_recipient,
+                    half_life_s=half_life,
+                )
+            )
+        except ChainError as exc:
+            fail(str(exc))
+    record = records.DeploymentRecord(
+        net.name, chain_id, deployment.addresses(), deployment.block, deployment.deployer
+    )
+    try:
+        written = records.write_record(home, record)
+    except OSError as exc:
+        fail(
+            f"deployed, but cannot write {path}: {exc.strerror or exc}; addresses: "
+            f"{json.dumps(record.addresses)}"
+        )
+    if as_json:
+        print_json({**record.as_json(), "record": str(written), "gasUsed": deployment.gas_used})
+        return
+    for name, address in record.addresses.items():
+        typer.echo(f"{name:<19} {address}")
+    typer.echo(f"block {record.block}; recorded in {written}")
+
+
+def _has_code(client: Any, address: str | None) -> bool:
+    if not address:
+        return False
+    return len(client.run_sync(lambda w3: w3.eth.get_code(address))) > 0
+
+
+@chain_app.command()
+def info(
+    network: str | None = NetworkOption,
+    rpc_url: str | None = RpcUrlOption,
+    home: Path | None = HomeOption,
+    config: Path | None = ConfigOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Show the deployment recorded for a network and what its endpoint says now (chain id,
+    latest block, whether the recorded contracts are there)."""
+    from contracts.chain import records
+    from contracts.chain.client import ChainClient
+
+    home = home_dir(home)
+    net, url = _endpoint(home, config, network, rpc_url)
+    try:
+        record = records.read_record(home, net.name)
+    except ChainError as exc:
+        fail(str(exc))
+    endpoint: dict[str, Any] = {"url": url}
+    with ChainClient(url, retries=2, timeout_s=10) as client:
+        try:
+            endpoint["chainId"] = client.chain_id_sync()
+            endpoint["block"] = client.run_sync(lambda w3: int(w3.eth.block_number))
+            if record is not None and record.chain_id == endpoint["chainId"]:
+                endpoint["contractsPresent"] = _has_code(client, record.addresses.get("JobEscrow"))
+        except ChainUnreachable as exc:
+            endpoint["error"] = f"{exc}; {_start_hint(net)}"
+        except ChainError as exc:
+            endpoint["error"] = str(exc)
+    path = records.record_path(home, net.name)
+    if as_json:
+        print_json(
+            {
+                "network": net.name,
+                "record": record.as_json() if record else None,
+                "recordPath": str(path),
+                "endpoint": endpoint,
+            }
+        )
+        return
+    typer.echo(f"network:   {net.name} ({net.description}; chain id {net.chain_id})")
+    if "error" in endpoint:
+        typer.echo(f"endpoint:  {url}: not answering ({endpoint['error']})")
+    else:
+        typer.echo(f"endpoint:  {url}: chain id {endpoint['chainId']}, block {endpoint['block']}")
+    if record is None:
+        typer.echo(
+            f"deployed:  nothing recorded in {path}; run `gridmesh chain deploy "
+            f"--network {net.name}`"
+        )
+        return
+    typer.echo(
+        f"deployed:  chain id {record.chain_id}, block {record.block}, by "
+        f"{record.deployer or '?'} (recorded in {path})"
+    )
+    for name, address in record.addresses.items():
+        typer.echo(f"  {name:<19} {address}")
+    if "chainId" in endpoint and endpoint["chainId"] != record.chain_id:
+        typer.echo(
+            f"warning: the endpoint is chain id {endpoint['chainId']}, not the recorded "
+            f"{record.chain_id}: these addresses are not there",
+            err=True,
+        )
+    elif endpoint.get("contractsPresent") is False:
+        typer.echo(
+            "warning: no contract at the recorded JobEscrow address (a restarted dev "
+            "chain?): `gridmesh chain deploy` deploys anew",
+            err=True,
+        )
