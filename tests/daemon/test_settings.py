@@ -275,6 +275,9 @@ def test_every_key_documented_in_node_toml_parses_and_is_its_default():
         ("p2p", "hello_timeout_s", HostLimits, "hello_timeout_s"),
         ("p2p", "gossip_seen_ttl_s", HostLimits, "seen_ttl_s"),
         ("p2p", "max_connections_per_ip", HostLimits, "max_connections_per_ip"),
+        ("p2p", "ban_strikes", HostLimits, "ban_strikes"),
+        ("p2p", "ban_window_s", HostLimits, "ban_window_s"),
+        ("p2p", "ban_s", HostLimits, "ban_s"),
     ],
 )
 def test_a_lower_layers_key_takes_its_type_and_bounds_from_that_layer(
