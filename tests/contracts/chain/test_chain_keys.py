@@ -115,5 +115,3 @@ def test_settings_name_the_same_networks() -> None:
     from daemon import settings
 
     assert tuple(networks.NETWORKS) == settings.CHAIN_NETWORKS
-    no_default = tuple(n.name for n in networks.NETWORKS.values() if not n.default_rpc_url)
-    assert no_default == settings.NO_DEFAULT_RPC
