@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -112,6 +113,7 @@ class DevChain:
             "evm_mine": self._mine,
             "evm_snapshot": self._snapshot,
             "evm_revert": self._revert,
+            "net_version": lambda params: str(self.chain_id),  # as anvil: the chain id
         }
 
     @property
@@ -176,6 +178,8 @@ class DevChain:
 
     def _run(self, method: str, params: list[Any]) -> Any:
         """Call under the lock: the method's JSON-ready result, or RPCFailure."""
+        if self._time_offset:
+            self._keep_offset()
         extra = self._extras.get(method)
         if extra is not None:
             return extra(params)  # already as on the wire
@@ -209,6 +213,14 @@ class DevChain:
         self._backend.chain.header = header.copy(timestamp=header.timestamp + seconds)
         self._time_offset += seconds
         return self._time_offset
+
+    def _keep_offset(self) -> None:
+        """Stamp the next block no earlier than now + the offset, as anvil does (py-evm would
+        stamp it parent + 1 s until the wall clock caught up)."""
+        header = self._backend.chain.header
+        due = int(time.time()) + self._time_offset
+        if header.timestamp < due:
+            self._backend.chain.header = header.copy(timestamp=due)
 
     def _mine(self, params: list[Any]) -> str:
         """evm_mine([timestamp]): mine one block (at that timestamp when given)."""

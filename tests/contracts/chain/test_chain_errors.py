@@ -165,3 +165,11 @@ def test_revert_is_a_chain_error() -> None:
     from contracts.chain.errors import ChainError
 
     assert issubclass(ContractRevert, ChainError)
+
+
+def test_named_against_the_committed_artifacts_by_default() -> None:
+    """Without `abis`, every committed contract's errors are known (contracts.artifacts)."""
+    assert decode_revert(UNKNOWN_JOB).error_name == "UnknownJob"
+    data = keccak(text="MintCapExceeded(uint256,uint256)")[:4] + encode(["uint256"] * 2, [9, 8])
+    assert decode_revert(data).args == (9, 8)
+    assert decode_revert(bytes.fromhex("deadbeef")).error_name == "0xdeadbeef"

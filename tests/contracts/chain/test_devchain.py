@@ -7,6 +7,7 @@ import http.client
 import json
 import socket
 import threading
+import time
 from urllib.parse import urlsplit
 
 from eth_abi import encode
@@ -48,6 +49,7 @@ def test_accounts_funded_and_keys_printed_are_theirs(devchain: RunningChain) -> 
         assert Account.from_key(account.private_key).address == account.address
         assert _balance(devchain, account.address) == FUNDS
     assert int(rpc(devchain.url, "eth_chainId"), 16) == devchain.chain.chain_id == 131277322940537
+    assert rpc(devchain.url, "net_version") == "131277322940537"
 
 
 def test_signed_transfer_moves_exactly_value_plus_gas(devchain: RunningChain) -> None:
@@ -89,6 +91,12 @@ def test_increase_time_moves_block_timestamps(devchain: RunningChain) -> None:
     at = int(block["timestamp"], 16) + 500
     rpc(devchain.url, "evm_mine", [at])
     assert int(rpc(devchain.url, "eth_getBlockByNumber", ["latest", False])["timestamp"], 16) == at
+    # the offset stays: blocks keep being stamped at least the wall clock + 3660 s (anvil's way)
+    now = int(time.time())
+    for _ in range(3):
+        rpc(devchain.url, "evm_mine")
+        latest = rpc(devchain.url, "eth_getBlockByNumber", ["latest", False])
+        assert int(latest["timestamp"], 16) >= now + 3660
     assert rpc_error(devchain.url, "evm_increaseTime", [-5])["code"] == -32602
 
 
@@ -196,8 +204,6 @@ def test_connections_bounded() -> None:
             for sock in idle:
                 sock.close()
         # the slots come back once the idle connections are gone (polled, with a deadline)
-        import time
-
         deadline = time.monotonic() + 10
         while True:
             try:
