@@ -535,6 +535,7 @@ class ScriptedShards(ShardService):
         temperature: float,
         seed: int | None,
         relay: bool = False,
+        max_price_per_unit: int | None = None,
     ) -> Job:
         if model_id == "crash":  # a bug, raised before the job is marked done
             raise RuntimeError("a bug")
