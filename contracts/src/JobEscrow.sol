@@ -6,7 +6,7 @@ import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol
 import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 import {MerkleProof} from "@openzeppelin/contracts/utils/cryptography/MerkleProof.sol";
-import {ReentrancyGuard} from "@openzeppelin/contracts/utils/ReentrancyGuard.sol";
+import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
 import {ProviderRegistry} from "./ProviderRegistry.sol";
 import {ReputationRegistry} from "./ReputationRegistry.sol";
 
@@ -17,7 +17,7 @@ import {ReputationRegistry} from "./ReputationRegistry.sol";
 /// payer takes back what was not paid. Two receipts a provider signed for the same step with
 /// different outputs slash it. The EIP-712 domain ("gridmesh", "1", chain id, this address)
 /// keeps signatures from being replayed on another chain or escrow.
-contract JobEscrow is EIP712, ReentrancyGuard {
+contract JobEscrow is EIP712, ReentrancyGuardTransient {
     using SafeERC20 for IERC20;
 
     struct Receipt {
@@ -44,13 +44,21 @@ contract JobEscrow is EIP712, ReentrancyGuard {
         uint64 nonce;
     }
 
+    /// @dev Three storage slots: payer, deadline and refunded share one, deposit and paid another.
     struct Job {
         address payer;
         uint64 deadline;
         bool refunded;
-        uint256 deposit;
-        uint256 paid; // to all providers, fees included
+        uint128 deposit;
+        uint128 paid; // to all providers, fees included
         uint256 maxPricePerUnit;
+    }
+
+    /// @dev Per job and provider, two slots: what was paid and the voucher nonce share one.
+    struct Account {
+        uint192 paid; // cumulative, fees included (never above the job's uint128 deposit)
+        uint64 nonce;
+        bytes32 root;
     }
 
     bytes32 public constant RECEIPT_TYPEHASH = keccak256(
@@ -67,14 +75,11 @@ contract JobEscrow is EIP712, ReentrancyGuard {
     address public immutable feeRecipient;
 
     mapping(bytes32 jobId => Job) public jobs;
-    /// @notice Cumulative amount settled to a provider for a job (fees included).
-    mapping(bytes32 jobId => mapping(address provider => uint256)) public paid;
-    mapping(bytes32 jobId => mapping(address provider => uint64)) public lastNonce;
-    /// @notice Merkle root of the receipts covered by the provider's latest settled voucher.
-    mapping(bytes32 jobId => mapping(address provider => bytes32)) public rootOf;
+    mapping(bytes32 jobId => mapping(address provider => Account)) private _accounts;
 
     error ZeroAddress();
     error ZeroAmount();
+    error AmountTooLarge(uint256 amount, uint256 max);
     error FeeTooHigh(uint16 feeBps, uint16 max);
     error JobExists(bytes32 jobId);
     error UnknownJob(bytes32 jobId);
@@ -135,12 +140,13 @@ contract JobEscrow is EIP712, ReentrancyGuard {
     function deposit(bytes32 jobId, uint256 amount, uint256 maxPricePerUnit, uint64 deadline) external nonReentrant {
         if (jobs[jobId].payer != address(0)) revert JobExists(jobId);
         if (amount == 0) revert ZeroAmount();
+        if (amount > type(uint128).max) revert AmountTooLarge(amount, type(uint128).max);
         if (deadline <= block.timestamp) revert DeadlineInPast(deadline, block.timestamp);
         jobs[jobId] = Job({
             payer: msg.sender,
             deadline: deadline,
             refunded: false,
-            deposit: amount,
+            deposit: uint128(amount),
             paid: 0,
             maxPricePerUnit: maxPricePerUnit
         });
@@ -168,18 +174,20 @@ contract JobEscrow is EIP712, ReentrancyGuard {
         if (block.timestamp > job.deadline) revert DeadlinePassed(v.jobId, job.deadline);
         if (!providers.isActive(v.provider)) revert ProviderNotActive(v.provider);
         if (!_signedBy(hashVoucher(v), signature, payer)) revert BadSignature();
-        uint64 prevNonce = lastNonce[v.jobId][v.provider];
-        uint256 prevPaid = paid[v.jobId][v.provider];
+        Account storage account = _accounts[v.jobId][v.provider];
+        uint64 prevNonce = account.nonce;
+        uint256 prevPaid = account.paid;
         if (v.nonce <= prevNonce || v.cumulativeAmount <= prevPaid) {
             revert StaleVoucher(v.nonce, prevNonce, v.cumulativeAmount, prevPaid);
         }
         delta = v.cumulativeAmount - prevPaid;
         uint256 jobPaid = job.paid + delta;
         if (jobPaid > job.deposit) revert OverDeposit(v.jobId, jobPaid, job.deposit);
-        job.paid = jobPaid;
-        paid[v.jobId][v.provider] = v.cumulativeAmount;
-        lastNonce[v.jobId][v.provider] = v.nonce;
-        rootOf[v.jobId][v.provider] = v.receiptsRoot;
+        // jobPaid <= deposit < 2**128, so both casts are exact
+        job.paid = uint128(jobPaid);
+        account.paid = uint192(v.cumulativeAmount);
+        account.nonce = v.nonce;
+        account.root = v.receiptsRoot;
     }
 
     /// @notice After the deadline, once: what was not paid goes back to the payer.
@@ -220,8 +228,23 @@ contract JobEscrow is EIP712, ReentrancyGuard {
         view
         returns (bool)
     {
-        bytes32 root = rootOf[jobId][provider];
+        bytes32 root = _accounts[jobId][provider].root;
         return root != bytes32(0) && MerkleProof.verifyCalldata(proof, root, receiptDigest);
+    }
+
+    /// @notice Cumulative amount settled to `provider` for the job (fees included).
+    function paid(bytes32 jobId, address provider) external view returns (uint256) {
+        return _accounts[jobId][provider].paid;
+    }
+
+    /// @notice The nonce of the provider's latest settled voucher for the job.
+    function lastNonce(bytes32 jobId, address provider) external view returns (uint64) {
+        return _accounts[jobId][provider].nonce;
+    }
+
+    /// @notice Merkle root of the receipts covered by the provider's latest settled voucher.
+    function rootOf(bytes32 jobId, address provider) external view returns (bytes32) {
+        return _accounts[jobId][provider].root;
     }
 
     /// @notice What the payer has not been charged yet (zero once refunded).

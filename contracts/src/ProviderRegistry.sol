@@ -3,7 +3,7 @@ pragma solidity 0.8.37;
 
 import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
 import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
-import {ReentrancyGuard} from "@openzeppelin/contracts/utils/ReentrancyGuard.sol";
+import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
 
 /// @notice What the registry asks the escrow: where slashed stake goes.
 interface IFeeRecipient {
@@ -15,7 +15,7 @@ interface IFeeRecipient {
 /// per address and one address per peer id), stakes the token, and unstakes in two steps:
 /// `requestUnstake` moves stake to unbonding, `withdrawUnstaked` pays it out `unbondingDelay`
 /// seconds after the latest request. Unbonding stake is still slashable. Only the escrow slashes.
-contract ProviderRegistry is ReentrancyGuard {
+contract ProviderRegistry is ReentrancyGuardTransient {
     using SafeERC20 for IERC20;
 
     struct Provider {

@@ -4,13 +4,13 @@ pragma solidity 0.8.37;
 import {Math} from "@openzeppelin/contracts/utils/math/Math.sol";
 
 /// @title ReputationRegistry: non-transferable, decaying scores per provider.
-/// @notice A provider's score grows by the amount each settlement pays it and halves every
+/// @notice A provider's score grows by the amount each settlement pays it (up to 2**128 - 1) and halves every
 /// `halfLife` seconds (linearly between the halvings); a slash sets it to zero. Only the
 /// escrow, set once by the deployer, updates scores. There is nothing to transfer.
 contract ReputationRegistry {
+    /// @dev score, updatedAt and settlements fill one slot (one write per settlement).
     struct Record {
-        uint256 score; // as of `updatedAt`, before decay since then
-        uint256 totalSettled; // smallest token units ever settled to the provider, never decays
+        uint128 score; // as of `updatedAt`, before decay since then; saturates
         uint64 updatedAt;
         uint64 settlements;
         uint64 slashes;
@@ -54,10 +54,10 @@ contract ReputationRegistry {
 
     function recordSettlement(address provider, uint256 amount) external onlyEscrow {
         Record storage r = _records[provider];
-        uint256 score = _decayed(r.score, r.updatedAt) + amount;
+        uint256 score = _decayed(r.score, r.updatedAt);
+        score = amount >= type(uint128).max - score ? type(uint128).max : score + amount;
         uint64 settlements = r.settlements + 1;
-        r.score = score;
-        r.totalSettled += amount;
+        r.score = uint128(score);
         r.updatedAt = uint64(block.timestamp);
         r.settlements = settlements;
         emit SettlementRecorded(provider, amount, score, settlements);
@@ -82,7 +82,7 @@ contract ReputationRegistry {
     /// @notice Everything known of a provider; `score` is decayed to now.
     function recordOf(address provider) external view returns (Record memory record) {
         record = _records[provider];
-        record.score = _decayed(record.score, record.updatedAt);
+        record.score = uint128(_decayed(record.score, record.updatedAt));
     }
 
     /// @dev score / 2^(elapsed / halfLife), then linearly towards the next halving.

@@ -376,3 +376,36 @@ def test_send_refuses_a_failed_transaction(chain: Any) -> None:
             what="refund",
             tx={"gas": 100_000},
         )
+
+
+def test_gas_per_call_stays_within_budget(chain: Any) -> None:
+    """gasUsed from receipts (never estimates). A first settlement must stay under 200k gas:
+    at 1,000 receipts per voucher that is issue 14's target of <= 200 gas per receipt."""
+    gas = {}
+    gas["deposit"] = chain.send(
+        "payer", chain.escrow.functions.deposit(JOB, 100 * TOKEN, 25, chain.now() + 3600)
+    )["gasUsed"]
+    first = chain.voucher(JOB, 10 * TOKEN, 1)
+    gas["settle first"] = chain.settle(first, chain.sign("payer", "Voucher", first))["gasUsed"]
+    later = chain.voucher(JOB, 20 * TOKEN, 2)
+    gas["settle later"] = chain.settle(later, chain.sign("payer", "Voucher", later))["gasUsed"]
+    chain.advance(3700)
+    gas["refund"] = chain.send("payer", chain.escrow.functions.refund(JOB))["gasUsed"]
+    a, b = chain.receipt(JOB), chain.receipt(JOB, outputHash=keccak(b"another output"))
+    proof = [
+        chain.as_tuple("Receipt", a),
+        chain.sign("provider", "Receipt", a),
+        chain.as_tuple("Receipt", b),
+        chain.sign("provider", "Receipt", b),
+    ]
+    gas["reportEquivocation"] = chain.send(
+        "outsider", chain.escrow.functions.reportEquivocation(*proof)
+    )["gasUsed"]
+    budget = {
+        "deposit": 140_000,
+        "settle first": 200_000,
+        "settle later": 110_000,
+        "refund": 55_000,
+        "reportEquivocation": 135_000,
+    }
+    assert {k: v for k, v in gas.items() if v > budget[k]} == {}, gas
