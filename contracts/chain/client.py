@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from contracts.chain.errors import ChainError, ChainUnreachable, ContractRevert, as_revert
+from contracts.chain.jsonlimits import cap_recursion_limit
 from contracts.chain.keys import ChainKey, parse_key
 
 if TYPE_CHECKING:
@@ -177,6 +178,7 @@ class ChainClient:
                 exception_retry_configuration=retry,
             )
             self._w3 = Web3(provider)
+            cap_recursion_limit()  # web3 imported py_ecc: deep JSON answers must not crash us
         return self._w3
 
     def _explain(self, exc: Exception) -> ChainError:

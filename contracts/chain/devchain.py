@@ -10,7 +10,7 @@ like anvil, so `contracts.chain.errors` reads them the same on both.
 The HTTP side is the standard library's ThreadingHTTPServer, bounded: at most
 `max_connections` at once (more are answered 503), bodies of at most `max_body` bytes (413),
 batches of at most `MAX_BATCH` requests, idle keep-alive connections closed after
-`IDLE_TIMEOUT_S`, JSON nested at most `MAX_JSON_DEPTH` deep, only `Content-Type:
+`IDLE_TIMEOUT_S`, JSON nested at most `jsonlimits.MAX_JSON_DEPTH` deep, only `Content-Type:
 application/json` (a web page cannot post that cross-origin without a preflight, which is not
 answered). It binds 127.0.0.1 unless told otherwise: its accounts' keys are public.
 """
@@ -25,8 +25,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from itertools import accumulate
 from typing import Any
+
+from contracts.chain.jsonlimits import cap_recursion_limit, json_too_deep
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,6 @@ DEFAULT_ACCOUNTS = 10
 MAX_BODY = 8 * 1024 * 1024  # a deployment of several contracts is well under 1 MiB
 MAX_BATCH = 200
 MAX_CONNECTIONS = 64
-MAX_JSON_DEPTH = 32
 IDLE_TIMEOUT_S = 30.0
 
 # JSON-RPC 2.0 error codes; 3 is what geth and anvil answer a revert with
@@ -87,7 +87,7 @@ class DevChain:
             ethereum_tester_middleware,
         )
 
-        _cap_recursion_limit()  # py_ecc (imported by the above) raised it to 100,000
+        cap_recursion_limit()  # py_ecc (imported by the above) raised it to 100,000
         genesis = PyEVMBackend.generate_genesis_state(num_accounts=accounts)
         self._backend = _Backend(genesis_state=genesis)
         self.tester = EthereumTester(self._backend)
@@ -345,30 +345,6 @@ def _reply(rid: Any, *, result: Any = None, error: RPCFailure | None = None) -> 
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
-
-
-# A JSON string (escapes included); what is left outside strings is structure and scalars.
-_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
-
-
-def json_too_deep(data: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
-    """Whether `data` nests arrays/objects deeper than `limit`, without parsing it (a deep
-    `json.loads` under py_ecc's recursion limit overflows the C stack: DESIGN.md)."""
-    import re
-
-    if data.count(b"[") + data.count(b"{") <= limit:
-        return False
-    without_strings = re.sub(rb'"[^"\\]*(?:\\.[^"\\]*)*"', b"", data, flags=re.DOTALL)
-    brackets = without_strings.translate(None, _NOT_BRACKETS)
-    return max(accumulate(_STEP[b] for b in brackets), default=0) > limit
-
-
-def _cap_recursion_limit(limit: int = 10_000) -> None:
-    import sys
-
-    if sys.getrecursionlimit() > limit:
-        sys.setrecursionlimit(limit)
 
 
 # -- HTTP -----------------------------------------------------------------------------------

@@ -190,3 +190,39 @@ async def test_same_client_against_anvil(anvil_w3: Any) -> None:
         token = client.bind("TestUSD", deployment.token)
         result = await client.transact(token, "mint", deployer.address, 7)
         assert result.named("Transfer")[0].args["value"] == 7 and result.gas_used > 21_000
+
+
+def test_deeply_nested_answer_is_an_error_not_a_crash() -> None:
+    """py_ecc raises the recursion limit to 100,000 at import; a hostile endpoint's deeply
+    nested JSON would then overflow the C stack. In a subprocess, so a crash fails only this."""
+    import subprocess
+    import sys
+
+    code = """
+import http.server, threading
+from contracts.chain.client import ChainClient
+from contracts.chain.errors import ChainError
+
+class Deep(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = b"[" * 300000 + b"]" * 300000
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Deep)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+with ChainClient(f"http://127.0.0.1:{server.server_address[1]}", retries=1) as client:
+    try:
+        client.chain_id_sync()
+    except ChainError as exc:
+        print("refused:", type(exc).__name__)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "refused: ChainError"
