@@ -226,6 +226,8 @@ def test_deposit_rules(chain: Any) -> None:
         chain.send("payer", chain.escrow.functions.deposit(JOB2, TOKEN, 25, chain.now() - 1))
     with chain.reverts("ZeroAmount"):
         chain.deposit(JOB2, 0)
+    with chain.reverts("AmountTooLarge"):  # deposits and what is paid are kept in 128 bits
+        chain.deposit(JOB2, 2**128)
     voucher = chain.voucher(JOB2, 1, 1)
     with chain.reverts("UnknownJob"):
         chain.settle(voucher, chain.sign("payer", "Voucher", voucher))
@@ -362,6 +364,24 @@ def test_deploy_all_wires_the_contracts(chain: Any) -> None:
         "ReputationRegistry.setEscrow",
     }
     assert d.block <= chain.w3.eth.block_number
+
+
+def test_deploy_all_defaults_the_fee_recipient_to_the_deployer(chain: Any) -> None:
+    from contracts.deployment import deploy_all
+
+    d = deploy_all(
+        chain.w3,
+        chain.acct["outsider"].key.hex(),
+        min_stake=1,
+        unbonding_delay_s=60,
+        half_life_s=3600,
+    )
+    escrow = chain.contract("JobEscrow", d.escrow).functions
+    assert d.fee_recipient == d.deployer == chain.addr("outsider")
+    assert (escrow.feeRecipient().call(), escrow.feeBps().call()) == (chain.addr("outsider"), 100)
+    assert chain.contract("ReputationRegistry", d.reputation).functions.halfLife().call() == 3600
+    unbonding = chain.contract("ProviderRegistry", d.providers).functions.unbondingDelay().call()
+    assert unbonding == 60
 
 
 def test_send_refuses_a_failed_transaction(chain: Any) -> None:
