@@ -306,12 +306,19 @@ class ChainClient:
                 gas = int(function.estimate_gas(base) * GAS_MARGIN)
             except Exception as exc:
                 raise self._revert_or(exc, contract, fn) from exc
-        if self._nonce is None:
-            self._nonce = int(w3.eth.get_transaction_count(account.address, "pending"))
-        tx = function.build_transaction(
-            {**base, "nonce": self._nonce, "gas": gas, "chainId": self._read_chain_id(w3)}
-        )
-        tx_hash = self._send(w3, account.sign_transaction(tx))
+        for attempt in (1, 2):
+            if self._nonce is None:
+                self._nonce = int(w3.eth.get_transaction_count(account.address, "pending"))
+            tx = function.build_transaction(
+                {**base, "nonce": self._nonce, "gas": gas, "chainId": self._read_chain_id(w3)}
+            )
+            try:
+                tx_hash = self._send(w3, account.sign_transaction(tx))
+                break
+            except Exception as exc:
+                # another sender used this key meanwhile: once more with the node's count
+                if attempt == 2 or "nonce" not in str(exc).lower():
+                    raise
         receipt = w3.eth.wait_for_transaction_receipt(
             tx_hash, timeout=self.receipt_timeout_s, poll_latency=self.poll_s
         )

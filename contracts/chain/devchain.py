@@ -281,6 +281,7 @@ def _Backend(**kwargs: Any) -> Any:  # noqa: N802 - a class, built on first use
 def _failure(method: str, exc: Exception) -> RPCFailure:
     """The JSON-RPC error for what eth-tester or web3's formatters raised."""
     from eth_tester.exceptions import TransactionFailed, ValidationError
+    from eth_utils.exceptions import ValidationError as EVMValidationError
 
     from contracts.chain.errors import ERROR_STRING_SELECTOR, revert_data
 
@@ -299,6 +300,8 @@ def _failure(method: str, exc: Exception) -> RPCFailure:
         return RPCFailure(EXECUTION_REVERTED, message, "0x" + data.hex())
     if isinstance(exc, TransactionFailed):
         return RPCFailure(SERVER_ERROR, f"execution failed: {exc}")
+    if isinstance(exc, EVMValidationError):  # py-evm refusing a transaction (nonce, funds)
+        return RPCFailure(SERVER_ERROR, f"invalid transaction: {exc}")
     if isinstance(exc, ValidationError | ValueError | TypeError | KeyError | IndexError):
         return RPCFailure(INVALID_PARAMS, f"invalid params for {method}: {exc}")
     log.exception("dev chain: %s failed", method)

@@ -226,3 +226,28 @@ with ChainClient(f"http://127.0.0.1:{server.server_address[1]}", retries=1) as c
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "refused: ChainError"
+
+
+async def test_two_clients_sharing_a_key_recover_their_nonces(
+    deployed: tuple[RunningChain, Deployment],
+) -> None:
+    running, deployment = deployed
+    key = running.accounts[2].private_key
+    with ChainClient(running.url, key) as first, ChainClient(running.url, key) as second:
+        token = first.bind("TestUSD", deployment.token)
+        await first.transact(token, "mint", first.address, 1)
+        await second.transact(token, "mint", first.address, 1)  # first's count is stale now
+        assert (await first.transact(token, "mint", first.address, 1)).gas_used > 0
+        assert (await second.transact(token, "mint", first.address, 1)).gas_used > 0
+
+
+async def test_cancelled_trio_caller_returns_at_once() -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with ChainClient(url, timeout_s=1, retries=1) as client:
+            started = time.monotonic()
+            with trio.move_on_after(0.1) as scope:
+                await client.block_number()
+            assert scope.cancelled_caught and time.monotonic() - started < 0.8
