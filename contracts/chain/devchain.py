@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -158,7 +159,7 @@ class DevChain:
             return _reply(None, error=RPCFailure(INVALID_REQUEST, "a request must be an object"))
         rid = request.get("id")
         notification = "id" not in request
-        if not isinstance(rid, str | int | None) or isinstance(rid, bool):
+        if not isinstance(rid, str | int | float | None) or isinstance(rid, bool):
             return _reply(None, error=RPCFailure(INVALID_REQUEST, "id must be a string or number"))
         method, params = request.get("method"), request.get("params", [])
         try:
@@ -421,6 +422,8 @@ class _Server(ThreadingHTTPServer):
         self.chain = chain
         self.max_body = max_body
         self._slots = threading.BoundedSemaphore(max_connections)
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
