@@ -90,7 +90,7 @@ contract JobEscrow is EIP712, ReentrancyGuardTransient {
     error ProviderNotActive(address provider);
     error BadSignature();
     error StaleVoucher(uint64 nonce, uint64 lastNonce, uint256 cumulativeAmount, uint256 paid);
-    error OverDeposit(bytes32 jobId, uint256 wanted, uint256 deposit);
+    error OverDeposit(bytes32 jobId, uint256 delta, uint256 remaining);
     error NotEquivocation();
 
     event Deposited(
@@ -181,10 +181,10 @@ contract JobEscrow is EIP712, ReentrancyGuardTransient {
             revert StaleVoucher(v.nonce, prevNonce, v.cumulativeAmount, prevPaid);
         }
         delta = v.cumulativeAmount - prevPaid;
-        uint256 jobPaid = job.paid + delta;
-        if (jobPaid > job.deposit) revert OverDeposit(v.jobId, jobPaid, job.deposit);
-        // jobPaid <= deposit < 2**128, so both casts are exact
-        job.paid = uint128(jobPaid);
+        uint256 remaining = job.deposit - job.paid;
+        if (delta > remaining) revert OverDeposit(v.jobId, delta, remaining);
+        // job.paid + delta <= deposit < 2**128 and cumulativeAmount <= that: both casts are exact
+        job.paid += uint128(delta);
         account.paid = uint192(v.cumulativeAmount);
         account.nonce = v.nonce;
         account.root = v.receiptsRoot;

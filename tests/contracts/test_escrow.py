@@ -168,6 +168,9 @@ def test_amounts_over_the_deposit_are_refused(chain: Any) -> None:
     too_much = chain.voucher(JOB, 100 * TOKEN + 1, 1)
     with chain.reverts("OverDeposit"):
         chain.settle(too_much, chain.sign("payer", "Voucher", too_much))
+    absurd = chain.voucher(JOB, 2**256 - 1, 1)  # refused by name, no arithmetic panic
+    with chain.reverts("OverDeposit"):
+        chain.settle(absurd, chain.sign("payer", "Voucher", absurd))
     mine = chain.voucher(JOB, 60 * TOKEN, 1)
     chain.settle(mine, chain.sign("payer", "Voucher", mine))
     # two providers together may not exceed the deposit either
