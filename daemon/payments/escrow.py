@@ -181,6 +181,11 @@ class Escrow:
                 "since the deployment?): run `gridmesh chain deploy --force`"
             )
 
+    async def chain_time(self) -> int:
+        """The latest block's timestamp: the clock deadlines are checked against (a dev chain's
+        runs ahead of the wall clock after evm_increaseTime)."""
+        return await self.client.run(lambda w3: int(w3.eth.get_block("latest")["timestamp"]))
+
     # -- jobs --------------------------------------------------------------------------------
 
     async def job(self, job_id: bytes) -> OnChainJob | None:
