@@ -82,13 +82,13 @@ def serve(
 NetworkOption = typer.Option(
     None,
     "--network",
-    help="devnet, anvil or base-sepolia (default: [chain] network in config.toml, else devnet).",
+    help="devnet, anvil or base-sepolia (default: \\[chain] network in config.toml, else devnet).",
     show_default=False,
 )
 RpcUrlOption = typer.Option(
     None,
     "--rpc-url",
-    help="The network's JSON-RPC endpoint (default: [chain] rpc_url, else the network's own; "
+    help="The network's JSON-RPC endpoint (default: \\[chain] rpc_url, else the network's own; "
     "base-sepolia has none: give your RPC provider's URL).",
     show_default=False,
 )
@@ -105,14 +105,17 @@ def _endpoint(
 
     configured_network, configured_url = "devnet", ""
     config_path = config or home / configuration.CONFIG_FILE
-    if config is not None or config_path.exists():
-        try:
-            cfg = configuration.resolve(config_path, env=os.environ, flags={})
-        except configuration.ConfigError as exc:
-            fail(str(exc))
-        section = getattr(cfg, "chain", None)
-        if section is not None:
-            configured_network, configured_url = section.network, section.rpc_url
+    try:  # defaults < the file < GRIDMESH_CHAIN__NETWORK / GRIDMESH_CHAIN__RPC_URL
+        cfg = configuration.resolve(
+            config_path if config is not None or config_path.exists() else None,
+            env=os.environ,
+            flags={},
+        )
+    except configuration.ConfigError as exc:
+        fail(str(exc))
+    section = getattr(cfg, "chain", None)
+    if section is not None:
+        configured_network, configured_url = section.network, section.rpc_url
     name = network or configured_network
     # the configured URL belongs to the configured network only
     url = rpc_url or (configured_url if name == configured_network else "")
@@ -180,14 +183,13 @@ def deploy(
     config: Path | None = ConfigOption,
     as_json: bool = JsonOption,
 ) -> None:
-    """Deploy the contracts (TestUSD, ReputationRegistry, ProviderRegistry, JobEscrow) and
-    record their addresses in HOME/chain/NETWORK.json.
+    """Deploy the contracts and record their addresses in HOME/chain/NETWORK.json.
 
-    On devnet and anvil the deployer is the chain's first development account (its key is
-    public); on base-sepolia it is this node's chain key ($GRIDMESH_CHAIN_KEY, else
-    HOME/chain.key, created on first use), which needs Base Sepolia ETH for gas.
-    A recorded deployment that is still alive, or one made on another chain id, is kept
-    unless --force."""
+    It deploys TestUSD, ReputationRegistry, ProviderRegistry and JobEscrow.
+    On devnet and anvil the deployer is the chain's first development account (a public key).
+    Elsewhere it is this node's chain key, which needs the network's ETH for gas:
+    $GRIDMESH_CHAIN_KEY, else HOME/chain.key (created on first use).
+    A recorded deployment still alive, or made on another chain id, is kept unless --force."""
     from contracts.chain import networks, records
     from contracts.chain.client import ChainClient
     from contracts.chain.keys import load_key
