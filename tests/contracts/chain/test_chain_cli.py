@@ -52,12 +52,12 @@ def test_serve_on_a_taken_port_is_one_clear_line() -> None:
     assert "Traceback" not in result.stderr
 
 
-def _cli(*args: str):
+def _cli(*args: str, env: dict[str, str] | None = None):
     from typer.testing import CliRunner
 
     from daemon.cli.main import app
 
-    return CliRunner().invoke(app, list(args))
+    return CliRunner().invoke(app, list(args), env=env)
 
 
 def _one_line_error(result, *needles: str) -> str:
@@ -148,7 +148,11 @@ def test_deploy_mistakes_are_one_clear_line(tmp_path) -> None:
         "cannot reach the chain",
         "gridmesh chain serve",
     )
-    # the network and URL come from [chain] in config.toml when no flag gives them
+    # the network and URL come from GRIDMESH_CHAIN__* or [chain] in config.toml without flags
+    _one_line_error(
+        _cli("chain", "info", "--home", home, env={"GRIDMESH_CHAIN__NETWORK": "base-sepolia"}),
+        "base-sepolia has no default RPC endpoint",
+    )
     (tmp_path / "config.toml").write_text('[chain]\nnetwork = "base-sepolia"\nrpc_url = ""\n')
     _one_line_error(_cli("chain", "info", "--home", home), "rpc_url")
     (tmp_path / "config.toml").write_text(
