@@ -287,6 +287,9 @@ class MarketConfig(Section):
 
     price_per_unit: PricePerUnit = 0  # 0: free
     max_price_per_unit: PricePerUnit | None = None
+    # as a provider: settle a job on chain once its acknowledged, unsettled amount reaches
+    # this (smallest units; also at the end of the job's last session here, and at start)
+    settle_threshold: Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)] = 1_000_000
 
 
 class Config(Section):
