@@ -19,6 +19,7 @@ import glob
 import re
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -306,6 +307,15 @@ def anvil_binary() -> Path | None:
     return Path(found[0]) if found else None
 
 
+def _die_with_parent() -> None:
+    """Runs in the anvil child before exec: on Linux, the kernel kills anvil when pytest dies
+    without running its finalizers (SIGKILL, or SIGTERM from a CI timeout)."""
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+
+
 @pytest.fixture(scope="session")
 def anvil_w3() -> Iterator[Any]:
     """A fresh anvil on a free 127.0.0.1 port for this test session; always killed after."""
@@ -323,6 +333,7 @@ def anvil_w3() -> Iterator[Any]:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
+                preexec_fn=_die_with_parent,
             )
             w3 = Web3(Web3.HTTPProvider(f"http://127.0.0.1:{port}", request_kwargs={"timeout": 30}))
             deadline = time.monotonic() + 30
