@@ -216,7 +216,16 @@ def test_refund_only_after_the_deadline_only_the_remainder_once(chain: Any) -> N
 
 
 def test_deposit_rules(chain: Any) -> None:
-    deadline = chain.deposit(JOB, 5 * TOKEN)
+    deadline = chain.now() + 3600
+    receipt = chain.send("payer", chain.escrow.functions.deposit(JOB, 5 * TOKEN, 25, deadline))
+    event = chain.escrow.events.Deposited().process_receipt(receipt, errors=DISCARD)[0]["args"]
+    assert dict(event) == {
+        "jobId": JOB,
+        "payer": chain.addr("payer"),
+        "amount": 5 * TOKEN,
+        "maxPricePerUnit": 25,
+        "deadline": deadline,
+    }
     receipt_logs = chain.escrow.functions.jobs(JOB).call()
     assert receipt_logs == [chain.addr("payer"), deadline, False, 5 * TOKEN, 0, 25]
     with chain.reverts("JobExists"):  # a job id is used once, whoever asks

@@ -45,7 +45,9 @@ def test_active_needs_registration_and_the_minimum_stake(chain: Any) -> None:
     assert providers.isActive(outsider).call() is False
     with chain.reverts("ZeroAmount"):
         chain.send("outsider", providers.stake(0))
-    chain.send("outsider", providers.stake(1))
+    receipt = chain.send("outsider", providers.stake(1))
+    event = chain.providers.events.Staked().process_receipt(receipt, errors=DISCARD)[0]["args"]
+    assert dict(event) == {"provider": outsider, "amount": 1, "stake": MIN_STAKE}
     assert providers.isActive(outsider).call() is True
     assert providers.stakeOf(outsider).call() == MIN_STAKE
     assert chain.balance(chain.providers.address) == 3 * MIN_STAKE  # with the fixture's two
@@ -62,6 +64,14 @@ def test_unstake_respects_the_unbonding_delay(chain: Any) -> None:
     receipt = chain.send("provider", providers.requestUnstake(40 * TOKEN))
     requested_at = chain.w3.eth.get_block(receipt["blockNumber"])["timestamp"]
     ready_at = requested_at + UNBONDING_DELAY_S
+    event = chain.providers.events.UnstakeRequested().process_receipt(receipt, errors=DISCARD)
+    assert dict(event[0]["args"]) == {
+        "provider": provider,
+        "amount": 40 * TOKEN,
+        "stake": 60 * TOKEN,
+        "unbonding": 40 * TOKEN,
+        "readyAt": ready_at,
+    }
     assert providers.stakeOf(provider).call() == 60 * TOKEN
     assert providers.unbondingOf(provider).call() == [40 * TOKEN, ready_at]
     assert providers.isActive(provider).call() is False  # below the minimum now
@@ -72,7 +82,9 @@ def test_unstake_respects_the_unbonding_delay(chain: Any) -> None:
         chain.send("provider", providers.withdrawUnstaked())
     chain.advance(30)
     before = chain.balance("provider")
-    chain.send("provider", providers.withdrawUnstaked())
+    receipt = chain.send("provider", providers.withdrawUnstaked())
+    event = chain.providers.events.Unstaked().process_receipt(receipt, errors=DISCARD)[0]["args"]
+    assert dict(event) == {"provider": provider, "amount": 40 * TOKEN}
     assert chain.balance("provider") - before == 40 * TOKEN
     assert providers.unbondingOf(provider).call() == [0, ready_at]
     with chain.reverts("NothingUnbonding"):
