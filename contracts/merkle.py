@@ -65,3 +65,33 @@ def verify(proof: Sequence[bytes], root: bytes, leaf: bytes) -> bool:
             return False
         node = hash_pair(node, sibling)
     return node == root
+
+
+class Accumulator:
+    """The same root, kept up to date as leaves are appended: O(log n) per leaf and per root.
+
+    With odd nodes promoted, the tree of n leaves is a complete subtree per 1-bit of n (largest
+    first, the "peaks"), and its root folds them from the right: H(p1, H(p2, ... H(pk-1, pk))).
+    Appending merges equal-sized peaks as a binary counter carries.
+    """
+
+    def __init__(self) -> None:
+        self._peaks: list[tuple[int, bytes]] = []  # (size, subtree root), largest first
+        self.count = 0
+
+    def append(self, leaf: bytes) -> None:
+        _check_leaves([leaf])
+        size, node = 1, leaf
+        while self._peaks and self._peaks[-1][0] == size:
+            _, left = self._peaks.pop()
+            size, node = size * 2, hash_pair(left, node)
+        self._peaks.append((size, node))
+        self.count += 1
+
+    def root(self) -> bytes:
+        if not self._peaks:
+            return ZERO32
+        node = self._peaks[-1][1]
+        for _, peak in reversed(self._peaks[:-1]):
+            node = hash_pair(peak, node)
+        return node

@@ -364,6 +364,7 @@ class ReceiptVerifier:
 class _Account:
     digests: list[bytes] = field(default_factory=list)
     index: dict[bytes, int] = field(default_factory=dict)
+    tree: merkle.Accumulator = field(default_factory=merkle.Accumulator)
     amount: int = 0
     voucher: SignedVoucher | None = None
     vouched: int = 0  # how many digests the last voucher covers
@@ -372,9 +373,8 @@ class _Account:
 class Acknowledger:
     """The payer's acknowledgements in one job: accepted receipts per provider, and vouchers.
 
-    A voucher's root covers every receipt acknowledged to that provider so far, so its cost is
-    linear in their number: issue vouchers at a threshold or at the end of a session, not per
-    receipt.
+    A voucher's root covers every receipt acknowledged to that provider so far; it is kept
+    incrementally (`merkle.Accumulator`), so a voucher per receipt costs O(log n), not O(n).
     """
 
     def __init__(self, domain: Domain, job_id: bytes, payer: Signer) -> None:
@@ -393,6 +393,7 @@ class Acknowledger:
             raise ValueError("receipt acknowledged already")
         account.index[accepted.digest] = len(account.digests)
         account.digests.append(accepted.digest)
+        account.tree.append(accepted.digest)
         account.amount += accepted.amount
 
     def acknowledged(self, provider: bytes) -> int:
@@ -417,7 +418,7 @@ class Acknowledger:
             job_id=self.job_id,
             provider=provider,
             cumulative_amount=account.amount,
-            receipts_root=merkle.root(account.digests),
+            receipts_root=account.tree.root(),
             nonce=nonce,
         )
         account.voucher = SignedVoucher(voucher, self.payer.sign(self.domain, voucher))

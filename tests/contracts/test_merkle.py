@@ -73,3 +73,23 @@ def test_order_matters_and_bad_input_is_refused() -> None:
     with pytest.raises(IndexError):
         merkle.proof([], 0)
     assert not merkle.verify([b"short"], merkle.root([a, b]), a)
+
+
+def test_the_accumulator_keeps_the_same_root() -> None:
+    acc = merkle.Accumulator()
+    items = leaves(70, b"acc")
+    assert acc.root() == bytes(32) and acc.count == 0
+    for n, leaf in enumerate(items, start=1):
+        acc.append(leaf)
+        assert acc.count == n
+        assert acc.root() == merkle.root(items[:n]), n
+    with pytest.raises(ValueError):
+        acc.append(b"short")
+
+
+@given(st.lists(st.binary(min_size=32, max_size=32), max_size=80))
+def test_the_accumulator_on_random_leaves(items: list[bytes]) -> None:
+    acc = merkle.Accumulator()
+    for leaf in items:
+        acc.append(leaf)
+    assert acc.root() == merkle.root(items)
