@@ -4,6 +4,7 @@ refusal with its reason), cumulative vouchers and equivocation proofs."""
 from __future__ import annotations
 
 import pytest
+from msgspec.structs import asdict
 from web3.logs import DISCARD
 
 from contracts import eip712, merkle
@@ -87,12 +88,8 @@ def step_of(ch: ReceiptChain, n: int, *, tokens: int = 1, output: bytes | None =
 def resign(
     signed: SignedReceipt, signer: Signer = PROVIDER, domain: Domain = DOMAIN, **changes: object
 ) -> SignedReceipt:
-    receipt = eip712.Receipt(**{**eip712_fields(signed.receipt), **changes})
+    receipt = eip712.Receipt(**{**asdict(signed.receipt), **changes})
     return SignedReceipt(receipt, signer.sign(domain, receipt))
-
-
-def eip712_fields(receipt: eip712.Receipt) -> dict:
-    return {name: getattr(receipt, name) for name in receipt.__struct_fields__}
 
 
 def refused(v: ReceiptVerifier, signed, inp, out, error: type[ReceiptRefused]) -> ReceiptRefused:
@@ -370,8 +367,7 @@ def test_the_provider_keeps_the_best_voucher_of_its_payer() -> None:
     assert refusal(vouchers[2]) == "stale_voucher"
 
     def signed_by(signer: Signer, **changes: object) -> eip712.SignedVoucher:
-        fields = {n: getattr(vouchers[2].voucher, n) for n in vouchers[2].voucher.__struct_fields__}
-        voucher = eip712.Voucher(**{**fields, "nonce": 9, **changes})
+        voucher = eip712.Voucher(**{**asdict(vouchers[2].voucher), "nonce": 9, **changes})
         return eip712.SignedVoucher(voucher, signer.sign(DOMAIN, voucher))
 
     assert refusal(signed_by(OTHER)) == "bad_signature"
