@@ -1,0 +1,262 @@
+"""The requester's side of paid work: check every receipt, acknowledge it, send vouchers.
+
+A generation runs as a paid job when it names a job id this node deposited for (its job book,
+`daemon.payments.jobs.JobBook`); any other job id is refused before a session opens. Per job
+the node keeps one `Acknowledger` (the payer's cumulative vouchers) and one `JobBudget` (all
+receipts of the job within its deposit), shared by the job's generations.
+
+Per generation (`PaidGeneration`), each session opened on a provider gets a `ReceiptVerifier`
+bound to the provider's payout address (from its signed resource record) and the session. The
+shard client hands every step's receipt with the bytes it concerns: a hop's input is what the
+client sent, or in a chained step the copy of the previous hop's output (so each output hash
+must be the next hop's input hash), and its output is what arrived. A refused receipt fails the
+step as a bad hop and is never acknowledged. After each accepted receipt the provider is owed
+a new voucher; a sender per generation hands each provider its latest over
+`/gridmesh/voucher/1.0.0` (the newest only: vouchers are cumulative), recording the nonce and
+amount in the job book before it is sent, so a restarted node never issues a nonce twice.
+Vouchers still unsent when the generation ends are sent before it returns (bounded).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from contracts.eip712 import (
+    Domain,
+    SignedVoucher,
+    Signer,
+    Voucher,
+    WireFormatError,
+    decode_signed_receipt,
+    to_checksum_address,
+)
+from contracts.receipts import (
+    Acknowledger,
+    JobBudget,
+    JobTerms,
+    ReceiptRefused,
+    ReceiptVerifier,
+    activation_hash,
+)
+from daemon.payments import wire
+from p2p.network import NetworkError
+
+log = logging.getLogger(__name__)
+
+FLUSH_TIMEOUT_S = 10.0  # the vouchers of a finished generation must be sent within this
+
+
+class PaymentError(Exception):
+    """A generation cannot run as the paid job it names; `code` says why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Book(Protocol):
+    """What the requester needs of the job book (`daemon.payments.jobs.JobBook`)."""
+
+    def get(self, job_id: bytes) -> Any: ...  # PaidJob(job_id, max_price_per_unit, deposit, ...)
+
+    def record_acknowledged(
+        self, job_id: bytes, provider: bytes | str, cumulative: int, nonce: int
+    ) -> None: ...
+
+    def acknowledged(self, job_id: bytes) -> dict[str, Any]: ...  # -> Acknowledged(cum, nonce)
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any: ...
+
+
+# (peer id, request bytes) -> the answer's bytes (the network's request)
+Send = Callable[[str, bytes], Awaitable[bytes]]
+# peer id -> its payout address (20 bytes) from its signed resource record, None if unknown
+PayoutOf = Callable[[str], Awaitable[bytes | None]]
+
+
+@dataclass
+class JobState:
+    """One job's acknowledgements, shared by its generations on this node."""
+
+    terms: JobTerms
+    budget: JobBudget
+    acknowledger: Acknowledger
+    peers: dict[bytes, str] = field(default_factory=dict)  # provider address -> peer id
+    refusals: list[str] = field(default_factory=list)  # vouchers providers refused
+
+
+def _resume(acknowledger: Acknowledger, provider: bytes, cumulative: int, nonce: int) -> None:
+    """Continue a provider's vouchers after a restart: amounts and nonces go on from the job
+    book's record. The receipts behind them are not in the book, so the next root covers only
+    receipts acknowledged since (the earlier ones were paid against earlier roots)."""
+    from contracts.receipts import _Account  # the Acknowledger's own record of a provider
+
+    placeholder = Voucher(
+        job_id=acknowledger.job_id,
+        provider=provider,
+        cumulative_amount=cumulative,
+        receipts_root=bytes(32),
+        nonce=nonce,
+    )
+    account = _Account(amount=cumulative, voucher=SignedVoucher(placeholder, b""), vouched=0)
+    acknowledger._accounts[provider] = account  # noqa: SLF001 - never sent: nonce + 1 is
+
+
+class Requester:
+    """One node's paid work as a requester (the daemon holds one when it has an Escrow)."""
+
+    def __init__(
+        self, domain: Domain, payer: Signer, book: Book, *, send: Send, payout_of: PayoutOf
+    ) -> None:
+        self.domain = domain
+        self.payer = payer
+        self.book = book
+        self._send = send
+        self._payout_of = payout_of
+        self.jobs: dict[bytes, JobState] = {}
+
+    async def generation(self, job_id: bytes) -> PaidGeneration:
+        """A paid generation of `job_id`, or PaymentError (not a job this node deposited)."""
+        job = await self.book.run(self.book.get, job_id)
+        if job is None:
+            raise PaymentError(
+                "unknown_job",
+                f"job 0x{job_id.hex()} is not in this node's job book: create it with "
+                "`gridmesh job create` on this node",
+            )
+        state = self.jobs.get(job_id)
+        if state is None:
+            acknowledger = Acknowledger(self.domain, job_id, self.payer)
+            acked = await self.book.run(self.book.acknowledged, job_id)
+            spent = 0
+            for address, ack in acked.items():
+                provider = bytes.fromhex(address[2:])
+                _resume(acknowledger, provider, ack.cumulative, ack.nonce)
+                spent += ack.cumulative
+            terms = JobTerms(job_id, job.deposit, job.max_price_per_unit)
+            state = JobState(terms, JobBudget(job.deposit, spent), acknowledger)
+            self.jobs[job_id] = state
+        return PaidGeneration(self, state)
+
+
+class PaidGeneration:
+    """The receipts and vouchers of one generation of a paid job (see the module doc)."""
+
+    def __init__(self, requester: Requester, state: JobState) -> None:
+        self._requester = requester
+        self.state = state
+        self.job_id = state.terms.job_id
+        self.max_price_per_unit = state.terms.max_price_per_unit
+        self._verifiers: dict[tuple[str, str], ReceiptVerifier] = {}
+        self._owed: set[bytes] = set()  # providers whose latest voucher is not sent yet
+        self._wake = trio.Event()
+        self.acknowledged = 0  # in this generation
+        self.refused: list[str] = []  # receipts refused (peer: reason)
+
+    async def opened(
+        self, peer_id: str, session_id: str, model_id: str, start: int, end: int
+    ) -> str | None:
+        """A session opened on `peer_id` for layers [start, end) of `model_id`; the reason it
+        cannot be paid (no payout address known for the peer), or None."""
+        provider = await self._requester._payout_of(peer_id)
+        if provider is None:
+            return "no signed payout address known for this peer"
+        self.state.peers[provider] = peer_id
+        self._verifiers[(peer_id, session_id)] = ReceiptVerifier(
+            self._requester.domain,
+            self.state.terms,
+            provider=provider,
+            session_id=session_id,
+            model_id=model_id,
+            layers=(start, end),
+            budget=self.state.budget,
+        )
+        return None
+
+    def check(
+        self, peer_id: str, session_id: str, receipt: bytes | None, given: bytes, got: bytes
+    ) -> str | None:
+        """Verify and acknowledge a step's receipt (`given`: the hop's input bytes, `got`:
+        its output bytes as they arrived); the reason it is refused, or None."""
+        verifier = self._verifiers.get((peer_id, session_id))
+        try:
+            if verifier is None:
+                raise ReceiptRefused("a step of a session not opened as paid")
+            if receipt is None:
+                raise ReceiptRefused("the step came without a receipt")
+            signed = decode_signed_receipt(receipt)
+            accepted = verifier.check(
+                signed, input_hash=activation_hash(given), output_hash=activation_hash(got)
+            )
+        except (ReceiptRefused, WireFormatError) as exc:
+            why = f"receipt refused: {exc}"
+            self.refused.append(f"{peer_id}: {why}"[:300])
+            del self.refused[:-32]
+            return why
+        self.state.acknowledger.acknowledge(accepted)
+        self.acknowledged += accepted.amount
+        self._owed.add(accepted.receipt.provider)
+        self._wake.set()
+        return None
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Send vouchers while the generation runs; on exit, send what is still owed."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._sender)
+            try:
+                yield
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(FLUSH_TIMEOUT_S):
+                    await self._send_owed()
+                nursery.cancel_scope.cancel()
+
+    async def _sender(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            await self._send_owed()
+
+    async def _send_owed(self) -> None:
+        while self._owed:
+            provider = min(self._owed)
+            self._owed.discard(provider)
+            await self._send_voucher(provider)
+
+    async def _send_voucher(self, provider: bytes) -> None:
+        """Issue the provider's latest voucher, record it in the job book, then send it."""
+        requester, state = self._requester, self.state
+        signed = state.acknowledger.voucher(provider)
+        if signed is None:
+            return
+        v = signed.voucher
+        await requester.book.run(
+            requester.book.record_acknowledged, v.job_id, provider, v.cumulative_amount, v.nonce
+        )
+        peer_id = state.peers[provider]
+        who = to_checksum_address(provider)
+        try:
+            reply = wire.decode(await requester._send(peer_id, wire.offer(signed)))
+        except (NetworkError, wire.VoucherWireError) as exc:
+            # the provider settles with the voucher it has; the next one covers this one
+            log.warning("voucher %d for %s not delivered: %s", v.nonce, who, exc)
+            return
+        if isinstance(reply, wire.Refused):
+            log.warning("%s refused voucher %d: %s %s", who, v.nonce, reply.code, reply.message)
+            state.refusals.append(f"{who}: {reply.code}")
+            del state.refusals[:-32]
+
+    def to_json(self) -> dict[str, Any]:
+        """What the generation's job reports about its payment."""
+        return {
+            "job_id": "0x" + self.job_id.hex(),
+            "acknowledged": self.acknowledged,
+            "receipts_refused": list(self.refused),
+            "vouchers_refused": list(self.state.refusals),
+        }
