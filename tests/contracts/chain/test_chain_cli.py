@@ -8,7 +8,7 @@ import sys
 
 from eth_account import Account
 
-from tests.contracts.chain.conftest import rpc
+from tests.contracts.chain.rpc_helpers import rpc
 
 GM = [sys.executable, "-m", "daemon.cli.main"]
 
@@ -75,7 +75,7 @@ def test_deploy_end_to_end_records_and_refuses_what_it_should(tmp_path) -> None:
 
     from contracts.chain.devchain import serve_in_thread
     from contracts.chain.records import read_record, record_path
-    from tests.contracts.chain.conftest import rpc
+    from tests.contracts.chain.rpc_helpers import rpc
 
     home = str(tmp_path / "home")
     with serve_in_thread(port=0, accounts=2) as chain:

@@ -15,7 +15,7 @@ from eth_account import Account
 from eth_utils import keccak
 
 from contracts.chain.devchain import MAX_BATCH, RunningChain, serve_in_thread
-from tests.contracts.chain.conftest import post, reverter_initcode, rpc, rpc_error
+from tests.contracts.chain.rpc_helpers import post, reverter_initcode, rpc, rpc_error
 
 FUNDS = 10**24  # eth-tester's 1,000,000 ether per account
 GAS_PRICE = 2 * 10**9
