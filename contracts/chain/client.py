@@ -201,8 +201,11 @@ class ChainClient:
         revert = as_revert(exc, self._all_abis())
         if revert is not None:
             return revert
-        message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-        return ChainError(f"{message} (the chain at {self.rpc_url})")
+        first = exc.args[0] if exc.args and isinstance(exc.args[0], str) else None
+        message = getattr(exc, "message", None) or first or str(exc) or type(exc).__name__
+        if type(exc).__name__ == "Web3RPCError":  # the node said it
+            return ChainError(f"{message} (the chain at {self.rpc_url})")
+        return ChainError(f"{type(exc).__name__}: {message}")
 
     def _all_abis(self, bound: Bound | None = None) -> list[Any]:
         """The ABIs reverts are named against: the called contract's, then the client's
@@ -306,21 +309,12 @@ class ChainClient:
                 gas = int(function.estimate_gas(base) * GAS_MARGIN)
             except Exception as exc:
                 raise self._revert_or(exc, contract, fn) from exc
-        for attempt in (1, 2):
-            if self._nonce is None:
-                self._nonce = int(w3.eth.get_transaction_count(account.address, "pending"))
-            tx = function.build_transaction(
-                {**base, "nonce": self._nonce, "gas": gas, "chainId": self._read_chain_id(w3)}
-            )
-            try:
-                tx_hash = self._send(w3, account.sign_transaction(tx))
-                break
-            except Exception as exc:
-                # another sender used this key meanwhile: once more with the node's count
-                if attempt == 2 or "nonce" not in str(exc).lower():
-                    raise
-        receipt = w3.eth.wait_for_transaction_receipt(
-            tx_hash, timeout=self.receipt_timeout_s, poll_latency=self.poll_s
+        chain_id = self._read_chain_id(w3)
+        tx, receipt = self._send_and_wait(
+            w3,
+            lambda nonce: function.build_transaction(
+                {**base, "nonce": nonce, "gas": gas, "chainId": chain_id}
+            ),
         )
         if receipt["status"] != 1:
             raise self._failed(w3, contract, fn, tx, receipt)
@@ -343,6 +337,62 @@ class ChainClient:
             int(receipt["blockNumber"]),
             tuple(events),
         )
+
+    async def send_value(self, to: str, wei: int) -> TxResult:
+        """Send `wei` of the native coin (gas money) from this client's key to `to`."""
+        return await self.run(self._send_value, to, wei)
+
+    def send_value_sync(self, to: str, wei: int) -> TxResult:
+        return self.run_sync(self._send_value, to, wei)
+
+    def _send_value(self, w3: Web3, to: str, wei: int) -> TxResult:
+        from web3 import Web3 as W3
+
+        if wei < 0:
+            raise ChainError(f"cannot send a negative amount ({wei} wei)")
+        target = W3.to_checksum_address(to)
+        sender = self._signer().address
+        fees = {"maxPriorityFeePerGas": int(w3.eth.max_priority_fee)}
+        fees["maxFeePerGas"] = (
+            2 * int(w3.eth.get_block("latest")["baseFeePerGas"]) + (fees["maxPriorityFeePerGas"])
+        )
+        gas = int(w3.eth.estimate_gas({"from": sender, "to": target, "value": wei}))
+        tx, receipt = self._send_and_wait(
+            w3,
+            lambda nonce: {
+                "from": sender,
+                "to": target,
+                "value": wei,
+                "gas": gas,
+                "nonce": nonce,
+                **fees,
+            },
+        )
+        tx_hash = "0x" + bytes(receipt["transactionHash"]).hex()
+        if receipt["status"] != 1:
+            raise ChainError(f"sending {wei} wei to {target} failed: transaction {tx_hash}")
+        return TxResult(tx_hash, int(receipt["gasUsed"]), int(receipt["blockNumber"]))
+
+    def _send_and_wait(self, w3: Web3, build: Callable[[int], dict[str, Any]]) -> tuple[Any, Any]:
+        """Sign `build(nonce)` with this client's key, send it and wait for its receipt; the
+        transaction and the receipt, whatever its status. The nonce is the client's own count;
+        a send refused for its nonce (another sender used the key meanwhile) is built and
+        signed once more with the node's count."""
+        account = self._signer()
+        for attempt in (1, 2):
+            if self._nonce is None:
+                self._nonce = int(w3.eth.get_transaction_count(account.address, "pending"))
+            tx = {**build(self._nonce), "chainId": self._read_chain_id(w3)}
+            try:
+                tx_hash = self._send(w3, account.sign_transaction(tx))
+                break
+            except Exception as exc:
+                if attempt == 2 or "nonce" not in str(exc).lower():
+                    raise
+        receipt = w3.eth.wait_for_transaction_receipt(
+            tx_hash, timeout=self.receipt_timeout_s, poll_latency=self.poll_s
+        )
+        return tx, receipt
 
     def _send(self, w3: Web3, signed: Any) -> Any:
         """Send a signed transaction and count its nonce as used. A resend after a lost
@@ -397,7 +447,12 @@ class ChainClient:
         if isinstance(exc, ChainError):
             return exc
         revert = as_revert(exc, self._all_abis(contract), context=f"{contract.name}.{fn}")
-        return revert if revert is not None else self._explain(exc)
+        if revert is not None:
+            return revert
+        error = self._explain(exc)
+        if type(error) is ChainError:
+            return ChainError(f"{contract.name}.{fn}: {error}")
+        return error
 
 
 def _reason(exc: BaseException) -> str:

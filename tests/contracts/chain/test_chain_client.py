@@ -116,6 +116,23 @@ async def test_concurrent_trio_callers_share_one_worker_and_one_nonce_sequence(
     assert nonces == list(range(nonces[0], nonces[0] + 5))
 
 
+async def test_send_value_pays_gas_money_in_the_same_nonce_sequence(
+    deployed: tuple[RunningChain, Deployment], client: ChainClient
+) -> None:
+    _, deployment = deployed
+    receiver = "0x" + "5a" * 20  # not checksummed: taken as it is for the value sent
+    sent = await client.send_value(receiver, 12_345)
+    assert sent.gas_used == 21_000 and sent.events == ()
+    assert await client.balance_of(receiver) == 12_345
+    token = client.bind("TestUSD", deployment.token)
+    with pytest.raises(ChainError, match="TestUSD.mint: InvalidAddress: web3.py only accepts"):
+        await client.transact(token, "mint", receiver, 1)  # web3's rule for arguments
+    checksummed = "0x5a5A5a5a5A5a5a5a5a5A5a5A5A5a5a5A5A5A5A5A"
+    assert (await client.transact(token, "mint", checksummed, 1)).gas_used > 0
+    assert client.send_value_sync(receiver, 1).block == sent.block + 2
+    assert await client.balance_of(receiver) == 12_346
+
+
 async def test_no_key_reads_only(deployed: tuple[RunningChain, Deployment]) -> None:
     running, deployment = deployed
     with ChainClient(running.url) as reader:
