@@ -101,7 +101,8 @@ class DevChain:
         self._endpoints = API_ENDPOINTS
         provider = EthereumTesterProvider(self.tester)
         w3 = Web3(provider, middleware=[])
-        # web3's own request and result formatting for eth-tester (hex in, snake_case out)
+        # web3's own translation between the wire (camelCase keys, hex quantities) and
+        # eth-tester's calls (snake_case keys, ints); results are hex-encoded by `_wire`
         self._pipeline = combine_middleware(
             middleware=(default_transaction_fields_middleware, ethereum_tester_middleware),
             w3=w3,
