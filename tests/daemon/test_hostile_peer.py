@@ -57,8 +57,9 @@ def test_each_flood_is_refused_and_counted(target, kind):
     stats = trio.run(flood, kind, target.addr, network_id, LIMITS)
     assert stats.sent > 0, stats
     assert stats.accepted == 0 or kind == "frames", stats  # frames: shard sessions, none here
-    # the target counts what it refused (streams are counted when the flood resets them)
-    wait_for(lambda: counted(target, kind) > before, 10, f"{kind} to be counted ({stats})")
+    # the target counts what it refused (streams are counted when the flood resets them, or
+    # when their hello wait ends: up to hello_timeout_s on a loaded machine)
+    wait_for(lambda: counted(target, kind) > before, 30, f"{kind} to be counted ({stats})")
     assert target.alive()
     assert target.call("node_info")["peer_id"] == target.peer_id
 
