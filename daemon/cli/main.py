@@ -12,7 +12,8 @@ from typing import Any
 import typer
 
 from daemon import config as configuration
-from daemon.cli import render, shards
+from daemon.cli import jobs, render, shards
+from daemon.cli.chain import chain_app
 from daemon.cli.common import (
     LONG_METHODS,
     LONG_TIMEOUT_S,
@@ -23,7 +24,6 @@ from daemon.cli.common import (
     home_dir,
     print_json,
 )
-from daemon.cli.chain import chain_app
 from daemon.cli.model import model_app
 
 app = typer.Typer(
@@ -40,6 +40,7 @@ app = typer.Typer(
 
 app.add_typer(model_app, name="model", help="Make and inspect model checkpoints.")
 app.add_typer(chain_app, name="chain")
+app.add_typer(jobs.job_app, name="job")
 
 
 @app.command()
@@ -336,6 +337,8 @@ def delete(
 
 
 for command in shards.COMMANDS:
+    app.command()(command)
+for command in jobs.COMMANDS:
     app.command()(command)
 
 
