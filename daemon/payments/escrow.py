@@ -354,35 +354,9 @@ class Escrow:
         """The native balance (wei) that pays for gas."""
         return await self.client.balance_of(_checksum(address) if address else self._me())
 
-    async def send_gas(self, to: str, wei: int) -> str:
-        """Send `wei` of the native coin from this account (a dev account funding a node);
-        the transaction hash."""
-        target = _checksum(to)
-        sender = self._me()
-        client = self.client
-
-        def send(w3: Any) -> str:
-            from eth_account import Account
-
-            key = client._key  # noqa: SLF001 - the client's own key, on its own worker
-            assert key is not None
-            tx = {
-                "to": target,
-                "value": wei,
-                "gas": 21_000,
-                "gasPrice": int(w3.eth.gas_price),
-                "nonce": int(w3.eth.get_transaction_count(sender, "pending")),
-                "chainId": int(w3.eth.chain_id),
-            }
-            signed = Account.from_key(key.private_key).sign_transaction(tx)
-            tx_hash = w3.eth.send_raw_transaction(signed.raw_transaction)
-            receipt = w3.eth.wait_for_transaction_receipt(tx_hash, timeout=client.receipt_timeout_s)
-            if receipt["status"] != 1:
-                raise ChainError(f"sending {wei} wei to {target} failed")
-            client._nonce = None  # noqa: SLF001 - sent outside transact: ask the node again
-            return "0x" + bytes(tx_hash).hex()
-
-        return await client.run(send)
+    async def send_gas(self, to: str, wei: int) -> TxResult:
+        """Send `wei` of the native coin from this account (a dev account funding a node)."""
+        return await self.client.send_value(_checksum(to), wei)
 
     async def _approve(self, spender: str, amount: int) -> None:
         allowance = await self.client.call(self.token, "allowance", self._me(), spender)

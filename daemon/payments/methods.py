@@ -68,6 +68,23 @@ class Payments:
     default_max_price: int | None = None
     why_no_escrow: str = ""
     _book: JobBook | None = field(default=None, repr=False)
+    owned: bool = True  # close() closes the escrow's client and the book
+
+    @classmethod
+    def of_daemon(cls, daemon: Any) -> Payments:
+        """The Payments of a `daemon.node.Daemon`: its Escrow (None without a chain) and the
+        job book its paid work (daemon.payments.wiring) already holds; the daemon closes
+        them."""
+        paid = getattr(daemon, "paid", None)
+        return cls(
+            daemon.home,
+            daemon.ident.peer_id,
+            getattr(daemon, "escrow", None),
+            daemon.config.chain.network,
+            daemon.config.market.max_price_per_unit,
+            _book=paid.book if paid is not None else None,
+            owned=paid is None,
+        )
 
     @property
     def book(self) -> JobBook:
@@ -86,9 +103,9 @@ class Payments:
         return self.escrow
 
     def close(self) -> None:
-        if self.escrow is not None:
+        if self.escrow is not None and self.owned:
             self.escrow.client.close()
-        if self._book is not None:
+        if self._book is not None and (self.owned or self.escrow is None):
             self._book.close()
 
 

@@ -24,6 +24,7 @@ from daemon.api.jsonrpc import Dispatcher
 from daemon.cli import common
 from daemon.cli.jobs import parse_amount, show_amount
 from daemon.cli.main import app
+from daemon.errors import FailedPrecondition
 from daemon.payments.methods import Payments, open_payments, register_payment_methods
 from p2p import identity
 from tests.daemon.payments.escrow_env import FEE_BPS, MIN_STAKE, UNBONDING_S, Env, deployed_chain
@@ -247,3 +248,27 @@ def test_amounts() -> None:
             parse_amount(bad)
     assert show_amount(1_500_000) == "1.5 tUSD" and show_amount(0) == "0 tUSD"
     assert show_amount(20 * TUSD) == "20 tUSD"
+
+
+def test_payments_of_a_daemon_share_its_escrow_and_job_book(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from daemon.payments.jobs import JobBook
+
+    cfg = configuration.resolve(None, env={"GRIDMESH_MARKET__MAX_PRICE_PER_UNIT": "9"}, flags={})
+    ident, _ = identity.init_identity(tmp_path)
+    with JobBook(tmp_path) as book:
+        escrow = object()
+        daemon = SimpleNamespace(
+            home=tmp_path, ident=ident, config=cfg, escrow=escrow, paid=SimpleNamespace(book=book)
+        )
+        payments = Payments.of_daemon(daemon)
+        assert payments.escrow is escrow and payments.book is book
+        assert payments.default_max_price == 9 and payments.peer_id == ident.peer_id
+        payments.close()  # the daemon's to close: the book stays open
+        assert book.list() == []
+    bare = Payments.of_daemon(SimpleNamespace(home=tmp_path, ident=ident, config=cfg))
+    assert bare.escrow is None
+    with pytest.raises(FailedPrecondition, match="no chain configured"):
+        bare.need_escrow()
+    bare.close()
