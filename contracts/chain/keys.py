@@ -1,22 +1,24 @@
 """The key this node signs chain transactions with: `GRIDMESH_CHAIN_KEY` (hex) when set, else
-`chain.key` in the node's home (mode 0600, created on first use). Never from the repository,
-never printed or logged: a `ChainKey` shows only its address.
+the node's payout key (`payout.key` in its home, mode 0600, made by `gridmesh init` and bound
+to its peer id by p2p.identity). One key per node: the address that registers and stakes as a
+provider is the one that signs receipts and is paid, and as a requester the one that deposits
+and signs vouchers. Never from the repository, never printed or logged: a `ChainKey` shows
+only its address.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 import stat
 from collections.abc import Mapping
-from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from contracts.chain.errors import ChainError
+from p2p.identity import PAYOUT_KEY_FILE
 
 ENV_VAR = "GRIDMESH_CHAIN_KEY"
-KEY_FILE = "chain.key"
+KEY_FILE = PAYOUT_KEY_FILE
 # secp256k1's group order: a private key is an integer in [1, N)
 _N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
@@ -52,17 +54,17 @@ def parse_key(text: str, source: str) -> ChainKey:
     return ChainKey("0x" + raw.hex(), source)
 
 
-def load_key(home: Path, env: Mapping[str, str] | None = None, *, create: bool = True) -> ChainKey:
-    """The node's chain key (see the module docstring); `create` makes `home/chain.key` when
-    neither exists."""
+def load_key(home: Path, env: Mapping[str, str] | None = None) -> ChainKey:
+    """The node's chain key (see the module docstring): its payout key unless
+    GRIDMESH_CHAIN_KEY is set."""
     env = os.environ if env is None else env
     if env.get(ENV_VAR, "").strip():
         return parse_key(env[ENV_VAR], ENV_VAR)
     path = home / KEY_FILE
     if not path.exists():
-        if not create:
-            raise ChainError(f"no chain key: set {ENV_VAR} or create {path}")
-        _create(path)
+        raise ChainError(
+            f"no chain key: {path} is missing (run `gridmesh init`) and {ENV_VAR} is not set"
+        )
     return _read(path)
 
 
@@ -78,25 +80,3 @@ def _read(path: Path) -> ChainKey:
             f"run `chmod 600 {path}` (and consider the key exposed)"
         )
     return parse_key(text, str(path))
-
-
-def _create(path: Path) -> None:
-    """Write a new random key, readable by the owner only. Two processes racing both end with
-    the same file: the key is written aside and linked into place, which fails if one exists."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    while True:
-        key = secrets.token_bytes(32)
-        if 0 < int.from_bytes(key, "big") < _N:
-            break
-    aside = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        try:
-            os.write(fd, ("0x" + key.hex() + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        with suppress(FileExistsError):  # another process made it first: use theirs
-            os.link(aside, path)
-    finally:
-        aside.unlink(missing_ok=True)

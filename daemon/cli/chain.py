@@ -188,7 +188,7 @@ def deploy(
     It deploys TestUSD, ReputationRegistry, ProviderRegistry and JobEscrow.
     On devnet and anvil the deployer is the chain's first development account (a public key).
     Elsewhere it is this node's chain key, which needs the network's ETH for gas:
-    $GRIDMESH_CHAIN_KEY, else HOME/chain.key (created on first use).
+    $GRIDMESH_CHAIN_KEY, else the node's payout key (HOME/payout.key, from `gridmesh init`).
     A recorded deployment still alive, or made on another chain id, is kept unless --force."""
     from contracts.chain import networks, records
     from contracts.chain.client import ChainClient

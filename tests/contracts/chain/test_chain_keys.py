@@ -1,11 +1,9 @@
-"""Where the node's chain key comes from (environment, else its home, mode 0600, made once),
-that it is never shown, and the named networks with their endpoints."""
+"""Where the node's chain key comes from (environment, else its payout key in its home, mode
+0600), that it is never shown, and the named networks with their endpoints."""
 
 from __future__ import annotations
 
-import os
 import stat
-import threading
 from pathlib import Path
 
 import pytest
@@ -14,23 +12,25 @@ from eth_account import Account
 from contracts.chain import networks
 from contracts.chain.errors import ChainError
 from contracts.chain.keys import ENV_VAR, KEY_FILE, load_key, parse_key
+from p2p.identity import init_identity
 
 DEV_KEY = "0x" + "00" * 31 + "01"
 
 
-def test_created_once_owner_only(tmp_path: Path) -> None:
+def test_it_is_the_nodes_payout_key(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    first = load_key(home, env={})
+    ident, _ = init_identity(home)
+    key = load_key(home, env={})
     path = home / KEY_FILE
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert first.source == str(path)
-    assert load_key(home, env={}) == first  # the same key next time
-    assert Account.from_key(first.private_key).address == first.address
-    assert [p.name for p in home.iterdir()] == [KEY_FILE]  # nothing left aside
+    assert key.source == str(path)
+    assert key.address == ident.payout_address  # the address bound to the peer id
+    assert load_key(home, env={}) == key
+    assert Account.from_key(key.private_key).address == key.address
 
 
 def test_environment_overrides_the_file(tmp_path: Path) -> None:
-    load_key(tmp_path, env={})
+    init_identity(tmp_path)
     key = load_key(tmp_path, env={ENV_VAR: DEV_KEY.removeprefix("0x")})
     assert key.private_key == DEV_KEY and key.source == ENV_VAR
     assert key.address == "0x7E5F4552091A69125d5DfCb7b8C2659029395Bdf"
@@ -39,6 +39,7 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
 
 
 def test_never_shown(tmp_path: Path) -> None:
+    init_identity(tmp_path)
     key = load_key(tmp_path, env={})
     secret = key.private_key.removeprefix("0x")
     assert secret not in repr(key) and secret not in str(key) and key.address in str(key)
@@ -69,27 +70,10 @@ def test_file_readable_by_others_is_refused(tmp_path: Path) -> None:
     assert load_key(tmp_path, env={}).private_key == DEV_KEY
 
 
-def test_without_create_says_how(tmp_path: Path) -> None:
-    with pytest.raises(ChainError, match=ENV_VAR):
-        load_key(tmp_path, env={}, create=False)
-    assert not (tmp_path / KEY_FILE).exists()
-
-
-def test_racing_creators_agree(tmp_path: Path) -> None:
-    keys: list[str] = []
-    barrier = threading.Barrier(4)
-
-    def make() -> None:
-        barrier.wait()
-        keys.append(load_key(tmp_path, env={}).private_key)
-
-    threads = [threading.Thread(target=make) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert len(keys) == 4 and len(set(keys)) == 1
-    assert sorted(os.listdir(tmp_path)) == [KEY_FILE]
+def test_without_a_key_says_how(tmp_path: Path) -> None:
+    with pytest.raises(ChainError, match=f"gridmesh init.*{ENV_VAR}"):
+        load_key(tmp_path, env={})
+    assert not (tmp_path / KEY_FILE).exists()  # nothing made behind the node's back
 
 
 def test_networks_and_their_endpoints() -> None:
