@@ -199,7 +199,11 @@ def _from_exception(exc: BaseException, depth: int) -> bytes | None:
             if found is not None:
                 return found
             if isinstance(arg, str) and arg.startswith("execution reverted"):
-                return _reason_only(arg)
+                # in process, web3's tester provider raises the data's repr after a colon:
+                # TransactionFailed("execution reverted: b'\\xe4\\x98...'")
+                tail = arg.partition(":")[2].strip()
+                found = _from_text(tail) if tail else None
+                return found if found is not None else _reason_only(arg)
         return None
     if name == "Revert":  # py-evm's VM error, the data as its first argument
         return _dig(exc.args[0], depth + 1) if exc.args else b""

@@ -173,3 +173,30 @@ def test_named_against_the_committed_artifacts_by_default() -> None:
     data = keccak(text="MintCapExceeded(uint256,uint256)")[:4] + encode(["uint256"] * 2, [9, 8])
     assert decode_revert(data).args == (9, 8)
     assert decode_revert(bytes.fromhex("deadbeef")).error_name == "0xdeadbeef"
+
+
+def test_a_real_revert_through_web3s_in_process_tester_is_named() -> None:
+    """web3's EthereumTesterProvider (no HTTP) raises TransactionFailed with the data's repr
+    in its message: the same name as over HTTP, for calls and for transactions."""
+    from eth_account import Account
+    from web3 import EthereumTesterProvider, Web3
+
+    from contracts.artifacts import load
+    from contracts.deployment import deploy_all
+
+    w3 = Web3(EthereumTesterProvider())
+    key = "0x" + "00" * 31 + "01"
+    funder = w3.eth.accounts[0]
+    w3.eth.send_transaction({"from": funder, "to": Account.from_key(key).address, "value": 10**20})
+    deployment = deploy_all(w3, key, min_stake=10, unbonding_delay_s=10, half_life_s=100)
+    escrow = w3.eth.contract(address=deployment.addresses()["JobEscrow"], abi=load("JobEscrow").abi)
+    job = b"\x01" * 32
+    for attempt in (
+        lambda: escrow.functions.refund(job).call(),
+        lambda: escrow.functions.refund(job).transact({"from": funder}),
+    ):
+        with pytest.raises(Exception) as caught:
+            attempt()
+        revert = as_revert(caught.value)
+        assert revert is not None and revert.error_name == "UnknownJob", revert
+        assert revert.args == (job,)
