@@ -4,9 +4,11 @@ fake clock, then a real flooding peer against a real host, while an honest peer 
 import contextlib
 
 import trio
+from libp2p.kad_dht.pb.kademlia_pb2 import Message as KadMessage
+from libp2p.utils.varint import encode_uvarint
 
 from p2p.bans import PeerBans
-from p2p.host import HostLimits
+from p2p.host import DHT_PROTOCOL, HostLimits
 from p2p.network import NetworkError
 from tests.p2p.test_host import Node, _count
 
@@ -155,3 +157,34 @@ async def test_a_gossip_flooder_is_banned_and_its_messages_dropped_unread():
         assert _count(target, "peer", "banned") == 1
         assert _count(target, "pubsub", "rate_limited") > 20
         assert len(got) < 40
+
+
+async def test_dht_messages_over_the_limit_are_strikes_too():
+    """DHT queries pipelined on streams, over the per-peer message limit: strikes, then a ban."""
+    limits = HostLimits(streams_per_s=5.0, stream_burst=10, ban_strikes=3, ban_s=60.0)
+    target, flooder = Node(limits=limits), Node()
+    async with target.net.run(), flooder.net.run():
+        await flooder.net.connect(target.net.listen_addrs()[0])
+        query = KadMessage()
+        query.type = KadMessage.MessageType.FIND_NODE
+        query.key = flooder.net.host.get_id().to_bytes()
+        frame = encode_uvarint(len(query.SerializeToString())) + query.SerializeToString()
+        # few streams (within the stream limit's burst), many messages on each
+        with trio.fail_after(20):
+            for _ in range(8):
+                if target.net.bans.is_banned(flooder.ident.peer_id):
+                    break
+                with contextlib.suppress(Exception):  # reset by the target
+                    stream = await flooder.net.host.new_stream(
+                        target.net.host.get_id(), [DHT_PROTOCOL]
+                    )
+                    for _ in range(20):
+                        await stream.write(frame)
+                        await trio.sleep(0.001)
+                while _count(target, "dht", "rate_limited") < 1:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            while not target.net.bans.is_banned(flooder.ident.peer_id):  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        assert _count(target, "stream", "rate_limited") == 0  # messages, not streams
+        assert _count(target, "dht", "rate_limited") >= 3
+        assert _count(target, "peer", "banned") == 1
