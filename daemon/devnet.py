@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from contracts.chain.errors import ChainError
 from daemon.api.client import DaemonUnreachable, RPCCallError, RPCClient
 from daemon.api.cookie import read_cookie
 from daemon.config import REPO_CONFIGS
@@ -60,8 +61,10 @@ class DaemonProcess:
         bootstrap: list[str] | None = None,
         extra_args: list[str] | None = None,
         log_path: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.home = home
+        self.env = env or {}  # on top of this process's environment
         self.config = config
         self.bootstrap = bootstrap or []
         self.extra_args = extra_args or []
@@ -89,7 +92,7 @@ class DaemonProcess:
             *self.extra_args,
         ]
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it open
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         try:
@@ -190,11 +193,18 @@ def all_found(daemons: list[DaemonProcess]) -> bool:
 class Devnet:
     """N chained daemons under one temporary directory; a context manager that cleans up."""
 
-    def __init__(self, size: int = 4, root: Path | None = None, config: Path = DEVNET_CONFIG):
+    def __init__(
+        self,
+        size: int = 4,
+        root: Path | None = None,
+        config: Path = DEVNET_CONFIG,
+        env: dict[str, str] | None = None,
+    ):
         if size < 1:
             raise DevnetError("a devnet needs at least one daemon")
         self.size = size
         self.config = config
+        self.env = env or {}
         self._own_root = root is None
         self.root = root or Path(tempfile.mkdtemp(prefix="gridmesh-devnet-"))
         self.daemons: list[DaemonProcess] = []
@@ -203,7 +213,7 @@ class Devnet:
         for index in range(self.size):
             bootstrap = [self.daemons[-1].addr] if self.daemons else []
             daemon = DaemonProcess(
-                self.root / f"node{index}", config=self.config, bootstrap=bootstrap
+                self.root / f"node{index}", config=self.config, bootstrap=bootstrap, env=self.env
             )
             self.daemons.append(daemon)
             daemon.start()
@@ -298,9 +308,16 @@ def print_registry_table(daemons: list[DaemonProcess], written: list[tuple[str, 
     Console(width=200).print(table)
 
 
-def shard_demo(daemons: list[DaemonProcess], root: Path, prompt: str, max_tokens: int) -> bool:
-    """Make a tiny model, split it over daemons 1..3, generate from daemon 0, and compare with
-    a single-process run. Returns whether the texts are equal."""
+def shard_demo(
+    daemons: list[DaemonProcess],
+    root: Path,
+    prompt: str,
+    max_tokens: int,
+    job_id: str | None = None,
+) -> bool:
+    """Make a tiny model, split it over daemons 1..3, generate from daemon 0 (as paid job
+    `job_id` when given), and compare with a single-process run. Returns whether the texts
+    are equal."""
     from daemon.shards.model import greedy_generate, load_model, load_tokenizer, make_tiny
 
     servers = daemons[1:4] if len(daemons) >= 4 else daemons
@@ -327,9 +344,10 @@ def shard_demo(daemons: list[DaemonProcess], root: Path, prompt: str, max_tokens
     )
     tokenizer = load_tokenizer(model_dir)
     ids = tokenizer.encode(prompt)
-    remote = daemons[0].call(
-        "generate", {"model": "tiny", "token_ids": ids, "max_tokens": max_tokens}
-    )
+    params: dict[str, Any] = {"model": "tiny", "token_ids": ids, "max_tokens": max_tokens}
+    if job_id is not None:
+        params["job_id"] = job_id
+    remote = daemons[0].call("generate", params)
     local = greedy_generate([load_model(model_dir)], ids, max_tokens)
     names = {d.peer_id: f"node{i}" for i, d in enumerate(daemons)}
     route = " -> ".join(f"{names[h['peer_id']]}[{h['start']},{h['end']})" for h in remote["route"])
@@ -344,6 +362,76 @@ def shard_demo(daemons: list[DaemonProcess], root: Path, prompt: str, max_tokens
     return same
 
 
+def paid_demo(devnet: Devnet, chain: Any, parties: list[Any]) -> bool:
+    """Fund every node, register and stake the shard servers, deposit a job for node0, run
+    the shard demo as that job, let the providers settle, refund the rest after the deadline
+    (the chain's clock moved on) and print each party's balance before and after. Returns
+    whether the texts were identical and every balance is exactly right."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from daemon.payments import devnet_chain as dc
+
+    daemons = devnet.daemons
+    servers = daemons[1:4] if len(daemons) >= 4 else daemons
+    requester = parties[0]
+    providers = [parties[daemons.index(d)] for d in servers]
+    fees = dc.Party("fees", chain.fee_recipient)
+    chain.fund(parties, 1000 * dc.TUSD)
+    for party, daemon in zip(providers, servers, strict=True):
+        chain.stake(party, daemon.peer_id)
+    names = ", ".join(p.name for p in providers)
+    print(f"funded every node (gas, 1000 tUSD); {names} registered and staked 100 tUSD each")
+    before = chain.balances([*parties, fees])
+    methods = dc.methods_of(daemons[0])
+    paid_flow = "job_id" in methods.get("generate", [])
+    job = dc.create_job(chain, daemons[0], requester, "job_create" in methods)
+    print(
+        f"node0 deposited {dc.DEPOSIT / dc.TUSD:g} tUSD for job {job} (max price "
+        f"{dc.PRICE_PER_UNIT}/unit, deadline in {dc.DEADLINE_S} s); servers charge "
+        f"{dc.PRICE_PER_UNIT}/unit"
+    )
+    if not paid_flow:
+        print("this build's generate takes no job_id: the demo runs free, the job is refunded")
+    same = shard_demo(daemons, devnet.root, "gridmesh ", 24, job if paid_flow else None)
+    acked: dict[str, int] = {}
+    if paid_flow:
+        acked = wait_for(lambda: dc.acknowledged(daemons[0], job), 30, "node0's vouchers")
+        wait_for(
+            lambda: (
+                dc.settled(chain, job, providers)
+                == {p.address: acked.get(p.address, 0) for p in providers}
+            ),
+            60,
+            "the providers to settle what node0 acknowledged",
+            poll_s=0.5,
+        )
+    paid = dc.settled(chain, job, providers)
+    chain.advance(dc.DEADLINE_S + 1)
+    refunded = dc.refund(chain, daemons[0], requester, job, "job_refund" in methods)
+    after = chain.balances([*parties, fees])
+    table = Table(title=f"tUSD balances before and after job {job[:18]}...")
+    for column in ("party", "before", "after", "change"):
+        table.add_column(column)
+    for row in dc.balance_rows(before, after):
+        table.add_row(*row)
+    Console(width=200).print(table)
+    for party in providers:
+        print(
+            f"{party.name}: acknowledged {acked.get(party.address, 0)}, settled "
+            f"{paid[party.address]} (smallest units; fee {dc.FEE_BPS / 100:g} %)"
+        )
+    print(f"node0 refunded {refunded} after the deadline")
+    wrong = dc.check_balances(before, after, requester, providers, paid)
+    if paid_flow and not any(paid.values()):
+        wrong.append("nothing was settled for the paid generation")
+    for line in wrong:
+        print(f"WRONG: {line}")
+    if not wrong:
+        print("every balance is exactly right")
+    return same and not wrong
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m daemon.devnet",
@@ -355,8 +443,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     once = os.environ.get("DEVNET_ONCE", "") not in ("", "0")
     started = time.monotonic()
+    from daemon.payments.devnet_chain import PRICE_PER_UNIT, DevnetChain
+
     devnet = Devnet(args.nodes)
+    chain = DevnetChain()
     try:
+        print("serving a dev chain and deploying the contracts ...", flush=True)
+        chain.start()
+        escrow = chain.record.addresses["JobEscrow"]
+        print(f"dev chain at {chain.url} (chain id {chain.record.chain_id}); JobEscrow {escrow}")
+        parties = [
+            chain.prepare_home(devnet.root / f"node{i}", f"node{i}") for i in range(args.nodes)
+        ]
+        devnet.env = {
+            "GRIDMESH_CHAIN__RPC_URL": chain.url,
+            "GRIDMESH_MARKET__PRICE_PER_UNIT": str(PRICE_PER_UNIT),
+        }
         print(f"starting {args.nodes} daemons under {devnet.root} ...", flush=True)
         devnet.start()
         for index, daemon in enumerate(devnet.daemons):
@@ -376,14 +478,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"replicated to all {args.nodes} in {time.monotonic() - replicated_at:.2f} s")
         print_registry_table(devnet.daemons, written)
-        if not shard_demo(devnet.daemons, devnet.root, "gridmesh ", 24):
+        if not paid_demo(devnet, chain, parties):
             return 1
         if once:
             return 0
         print("devnet running; Ctrl-C stops every daemon.", flush=True)
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
         return 0
-    except DevnetError as exc:
+    except (DevnetError, ChainError, RPCCallError) as exc:
         print(f"devnet: {exc}", file=sys.stderr)
         for daemon in devnet.daemons:
             print(f"--- {daemon.home} log tail ---\n{daemon.log_tail()}", file=sys.stderr)
@@ -393,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         print("stopping daemons ...", flush=True)
         devnet.stop()
+        chain.close()
 
 
 if __name__ == "__main__":
