@@ -69,6 +69,9 @@ class ProcessParts:
     sqlite: bool = True  # the registry persists in HOME/registry.db; else it lives in memory
     local_sockets: bool = True  # same-host shard streams over Unix sockets (if configured)
     detect_resources: Callable[[Path], dict[str, Any]] = resources.detect_resources
+    # (home, config, identity) -> this node's Escrow, or None: no paid work. None here: the
+    # deployment recorded in the home for [chain] network, if any (daemon.payments.wiring)
+    escrow: Callable[[Path, Config, identity.NodeIdentity], Any] | None = None
 
 
 IN_PROCESS = ProcessParts(process=False, sqlite=False, local_sockets=False)
@@ -185,7 +188,36 @@ class Daemon:
             max_price_per_unit=config.market.max_price_per_unit,
         )
         register_shard_methods(self.dispatcher, self.shards, self.directory)
+        self.escrow: Any = None  # daemon.payments.escrow.Escrow when this node has a chain
+        self.paid: Any = None  # daemon.payments.wiring.PaidWork: paid work, with an Escrow
+        self._wire_payments()
         self.metrics.known_methods = {m["name"] for m in self.dispatcher.describe()}
+
+    def _wire_payments(self) -> None:
+        """Give the shard service the provider and requester sides of paid work when this
+        node has an Escrow; without one, paid sessions and generations are refused."""
+        if self.parts.escrow is not None:
+            self.escrow = self.parts.escrow(self.home, self.config, self.ident)
+        else:
+            from daemon.payments.wiring import escrow_from_home
+
+            self.escrow = escrow_from_home(self.home, self.config, self.ident)
+        if self.escrow is None:
+            return
+        from daemon.payments.wiring import build
+
+        self.paid = build(
+            self.escrow,
+            home=self.home,
+            ident=self.ident,
+            config=self.config,
+            net=self.net,
+            lookup=self.directory.lookup,
+            on_reject=lambda reason: self.metrics.reject("payments", reason),
+        )
+        if self.paid is not None:
+            self.shards.provider = self.paid.provider
+            self.shards.requester = self.paid.requester
 
     async def refresh_resources(self) -> None:
         self.resources = await trio.to_thread.run_sync(self.parts.detect_resources, self.home)
@@ -228,6 +260,8 @@ class Daemon:
                 if self.store is not None:
                     with trio.CancelScope(shield=True), trio.move_on_after(2):
                         await self.store.close()
+                if self.paid is not None:
+                    self.paid.close()
                 if self.bridge is not None:
                     self.bridge.close()
 
@@ -262,6 +296,10 @@ class Daemon:
                 )
             await self.replicator.start()
             await nursery.start(self.shards.run)
+            if self.paid is not None:  # vouchers answered, jobs settled
+                await nursery.start(
+                    lambda task_status: self.paid.run(self.net, task_status=task_status)
+                )
             if process and self.config.grpc.enabled and self.bridge is not None:
                 from daemon.api.grpc_server import ShardBackend, serve_grpc
 

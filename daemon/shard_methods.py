@@ -70,6 +70,14 @@ MaxPrice = Annotated[
         "declares none (default: [market] max_price_per_unit; unset there: any)"
     ),
 ]
+PaidJobId = Annotated[
+    str,
+    Meta(
+        pattern=r"^(0x)?[0-9a-fA-F]{64}$",
+        description="run as this paid job (its id, 64 hex digits, from `job_create` on this "
+        "node): providers attach signed receipts, this node checks and acknowledges them",
+    ),
+]
 
 
 def _job_failed(job: Job) -> RPCError:
@@ -338,8 +346,10 @@ def register_shard_methods(
         relay: Relay = False,
         client: ClientId | None = None,
         max_price_per_unit: MaxPrice = None,
+        job_id: PaidJobId | None = None,
     ) -> dict[str, Any]:
-        """Generate through the chain of shard servers (greedy or seeded sampling)."""
+        """Generate through the chain of shard servers (greedy or seeded sampling); as a paid
+        job when `job_id` is given."""
         one_prompt(prompt, token_ids)  # bounds and types: checked from the annotations
         ids = list(token_ids) if token_ids is not None else await _encode(model, prompt or "")
         # per-requester caps: the client id if given, else the HTTP connection
@@ -359,6 +369,8 @@ def register_shard_methods(
                 seed=seed,
                 relay=relay,
                 max_price_per_unit=_max_price(max_price_per_unit),
+                # only a paid generation names a job (free work calls as before)
+                **({"job_id": bytes.fromhex(job_id.removeprefix("0x"))} if job_id else {}),
             ),
         )
         if stream:

@@ -89,6 +89,8 @@ class JobState:
     acknowledger: Acknowledger
     peers: dict[bytes, str] = field(default_factory=dict)  # provider address -> peer id
     refusals: list[str] = field(default_factory=list)  # vouchers providers refused
+    # one voucher issued and sent at a time: they reach each provider in nonce order
+    sending: trio.Lock = field(default_factory=trio.Lock)
 
 
 def _resume(acknowledger: Acknowledger, provider: bytes, cumulative: int, nonce: int) -> None:
@@ -224,10 +226,11 @@ class PaidGeneration:
             await self._send_owed()
 
     async def _send_owed(self) -> None:
-        while self._owed:
-            provider = min(self._owed)
-            self._owed.discard(provider)
-            await self._send_voucher(provider)
+        async with self.state.sending:
+            while self._owed:
+                provider = min(self._owed)
+                self._owed.discard(provider)
+                await self._send_voucher(provider)
 
     async def _send_voucher(self, provider: bytes) -> None:
         """Issue the provider's latest voucher, record it in the job book, then send it."""

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 # server error codes that no other server would answer differently
 REQUEST_ERRORS = {"bad_length", "too_long", "bad_input", "bad_position", "bad_range", "model"}
+# a paid job no server would take (daemon.payments.provider)
+REQUEST_ERRORS |= {"unknown_job", "job_refunded", "job_expired", "job_spent"}
 
 
 class HopFailed(Exception):
@@ -173,10 +175,14 @@ class RemoteModel:
         max_recoveries: int = 8,
         chained: bool = True,
         max_price_per_unit: int | None = None,
+        payments: Any = None,
     ) -> None:
         """`step_timeout_s`: how long a step may make no progress before its hop counts as
         failed. `chained`: servers push to each other (else the client relays every hop).
-        `max_price_per_unit`: routes (and re-routes) use no server over it (None: any)."""
+        `max_price_per_unit`: routes (and re-routes) use no server over it (None: any).
+        `payments`: a paid job's generation (`daemon.payments.requester.PaidGeneration`):
+        sessions are opened for its job and every step's receipt must pass its check, else
+        the hop failed (None: free work)."""
         self._opener = opener
         self._servers = servers
         self.model_id = model_id
@@ -189,6 +195,7 @@ class RemoteModel:
         self.busy: set[str] = set()  # failed peers that answered busy (alive, but full)
         self.chained = chained
         self.max_price_per_unit = max_price_per_unit
+        self.payments = payments
         self.length = 0
         self.recoveries: list[dict[str, Any]] = []
         self._step_numbers = itertools.count(1)
@@ -245,6 +252,7 @@ class RemoteModel:
                         max_length=self.max_length,
                         prev=before,
                         next=hops[1].next_hop if len(hops) > 1 else None,
+                        job=self.payments.job_id if self.payments is not None else None,
                     ),
                     None,
                     self.step_timeout_s,
@@ -252,6 +260,12 @@ class RemoteModel:
                 if not isinstance(reply, wire.Opened):
                     raise HopFailed(span.peer_id, f"{type(reply).__name__} answers an open")
                 hop.session, hop.link = reply.session, reply.link
+                if self.payments is not None:
+                    why = await self.payments.opened(
+                        hop.peer_id, hop.session, self.model_id, hop.start, hop.end
+                    )
+                    if why is not None:
+                        raise HopFailed(hop.peer_id, why)
             if prev is not None and hops:
                 reply, _ = await prev.call(
                     wire.Link(session=prev.session, next=hops[0].next_hop),
@@ -301,8 +315,22 @@ class RemoteModel:
         reply, out = await hop.call(header, x, self.step_timeout_s)
         if out is None or not isinstance(reply, wire.Result):
             raise HopFailed(hop.peer_id, "a forward reply without a tensor")
+        self._check_receipt(hop, reply, x, out)
         hop.record(position, x)
         return out
+
+    def _check_receipt(
+        self, hop: Hop, reply: wire.Message, given: torch.Tensor, got: torch.Tensor
+    ) -> None:
+        """In a paid generation, the hop's receipt of a step must pass (else HopFailed: the
+        step fails over and the receipt is never acknowledged)."""
+        if self.payments is not None:
+            receipt = getattr(reply, "receipt", None)
+            why = self.payments.check(
+                hop.peer_id, hop.session, receipt, wire.tensor_bytes(given), wire.tensor_bytes(got)
+            )
+            if why is not None:
+                raise HopFailed(hop.peer_id, why)
 
     async def _recover(self, failed: HopFailed, step: _Step | None) -> int:
         """Replace the failed hop and everything after it; replay their recorded inputs.
@@ -481,6 +509,17 @@ class RemoteModel:
                             # hop i could not reach hop i + 1
                             relay_from = i + 1 if relay_from is None else min(relay_from, i + 1)
             nursery.cancel_scope.cancel()
+        for i in range(len(hops) if self.payments is not None else 0):
+            if i not in heard:
+                break
+            try:  # in route order: each hop's input is the previous hop's output
+                given = heard[i - 1][1] if i else step.x
+                self._check_receipt(hops[i], heard[i][0], given, heard[i][1])  # type: ignore[arg-type]
+            except HopFailed as exc:
+                for j in [j for j in heard if j >= i]:
+                    del heard[j]
+                failure = min(failure or (i, exc), (i, exc), key=lambda f: f[0])
+                break
         if refused is not None:
             raise refused
         missing = next((i for i in range(len(hops)) if i not in heard), None)

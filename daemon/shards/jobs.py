@@ -50,6 +50,7 @@ class Job:
     recoveries: list[dict[str, Any]] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     finished: float | None = None
+    payment: dict[str, Any] | None = None  # a paid job's receipts and vouchers (to_json)
 
     def fail(self, message: str, kind: type[errors.GridmeshError] = errors.ShardFailure) -> None:
         """Record why the job failed, and as which kind of error it is reported."""
@@ -73,6 +74,7 @@ class Job:
             "forwarding": self.forwarding,
             "recoveries": self.recoveries,
             "seconds": round(self.finished - self.started, 3) if self.finished else None,
+            **({"payment": self.payment} if self.payment is not None else {}),
         }
 
 

@@ -32,6 +32,9 @@ a peer by `max_streams_per_peer` streams at once.
 Every session's KV cache is preallocated, and all of them together stay within the cache
 budget; `free_cache_tokens` is what servers announce, and a session that does not fit is
 refused as `busy` (the client then routes around this server).
+
+A session opened with a job id is paid work (daemon.payments.provider): admitted only for a
+live, funded job; each of its steps answers with this node's signed receipt of the step.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ import torch
 import trio
 
 from daemon.shards import wire
-from daemon.shards.model import KVCache, LlamaConfig, LlamaShard, ModelError, load_shard
+from daemon.shards.blocks import ServedBlock, available_memory
+from daemon.shards.model import KVCache, LlamaConfig, ModelError, load_shard
 from daemon.shards.push import Outbox, PushPool
 from p2p.network import NetworkError, Stream, StreamOpener
 
@@ -69,49 +73,6 @@ class ShardError(Exception):
 
 
 @dataclass
-class ServedBlock:
-    model_id: str
-    model_dir: Path
-    start: int
-    end: int
-    config: LlamaConfig
-    shard: LlamaShard
-    dtype: torch.dtype
-    device: str
-    loaded_at: float = field(default_factory=time.time)
-    steps: int = 0
-    compute_s: float = 0.0
-
-    @property
-    def cache_bytes_per_token(self) -> int:
-        """Keys and values of one position in every layer of this range."""
-        cfg = self.config
-        per_layer = 2 * cfg.num_key_value_heads * cfg.head_dim
-        element = torch.empty((), dtype=self.dtype).element_size()
-        return per_layer * (self.end - self.start) * element
-
-    @property
-    def ms_per_layer(self) -> float:
-        """Measured compute time per layer per step (a prior of 1 ms until measured)."""
-        if not self.steps:
-            return 1.0
-        return 1000 * self.compute_s / self.steps / (self.end - self.start)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "model": self.model_id,
-            "model_dir": str(self.model_dir),
-            "start": self.start,
-            "end": self.end,
-            "dtype": wire.NAMES[self.dtype],
-            "device": self.device,
-            "parameters_bytes": sum(p.numel() * p.element_size() for p in self.shard.parameters()),
-            "ms_per_layer": round(self.ms_per_layer, 3),
-            "steps": self.steps,
-        }
-
-
-@dataclass
 class Session:
     id: str
     block: ServedBlock
@@ -125,6 +86,7 @@ class Session:
     next: wire.NextHop | None = None  # where chained steps push their output
     stepping: bool = False  # a chained step of this session is computing or pushing
     decoder: Any = None  # a StaticDecoder, made at the first one-token step if used
+    paid: Any = None  # a paid session's receipts (daemon.payments.provider.PaidSession)
     length: int = 0
     last_used: float = field(default_factory=time.monotonic)
 
@@ -141,6 +103,7 @@ class ShardServer:
         on_reject: Callable[[str], None] | None = None,
         stream_idle_s: float = STREAM_IDLE_S,
         max_streams_per_peer: int = MAX_STREAMS_PER_PEER,
+        payments: Any = None,
     ) -> None:
         """`cache_budget_bytes`: KV cache all sessions may hold together (None: half of the
         memory available when the first range is loaded). `opener`: how to reach the next
@@ -148,7 +111,9 @@ class ShardServer:
         `static_decode`: one-token steps as fixed-shape steps, CUDA graphs on a GPU
         (`daemon.shards.model.decode`); None: on CUDA devices only. `stream_idle_s`: how long a
         stream holding no live session may send nothing before it is closed;
-        `max_streams_per_peer`: streams one peer may hold open at once."""
+        `max_streams_per_peer`: streams one peer may hold open at once. `payments`: the
+        provider's side of paid work (`daemon.payments.provider.Provider`; None: sessions
+        opened for a job are refused)."""
         self.blocks: dict[str, ServedBlock] = {}
         self.sessions: dict[str, Session] = {}
         self.max_sessions = max_sessions
@@ -162,6 +127,7 @@ class ShardServer:
         self._streams: dict[str, int] = {}  # peer -> streams it holds open here
         # one step at a time per process: torch already uses every core for one
         self._compute = trio.CapacityLimiter(1)
+        self.payments = payments
 
     # -- blocks ------------------------------------------------------------------------
 
@@ -200,7 +166,7 @@ class ShardServer:
     def unload(self, model_id: str) -> bool:
         block = self.blocks.pop(model_id, None)
         for session_id in [s.id for s in self.sessions.values() if s.block is block]:
-            del self.sessions[session_id]
+            self.end_session(session_id)
         return block is not None
 
     # -- sessions ----------------------------------------------------------------------
@@ -291,8 +257,50 @@ class ShardServer:
         cutoff = time.monotonic() - self.session_idle_s
         idle = [s.id for s in self.sessions.values() if s.last_used < cutoff]
         for session_id in idle:
-            del self.sessions[session_id]
+            self.end_session(session_id)
         return len(idle)
+
+    def end_session(self, session_id: str) -> None:
+        """Forget a session (closed, its stream gone, idle, unloaded); a paid one's job may
+        be settled now."""
+        session = self.sessions.pop(session_id, None)
+        if session is not None and session.paid is not None and self.payments is not None:
+            self.payments.ended(session.paid)
+
+    async def _admit(self, session: Session, job_id: bytes) -> None:
+        """Make `session` paid work for `job_id`, or drop it and raise ShardError with the
+        provider's reason (an unknown, expired or unfunded job gets no free work)."""
+        from daemon.payments.provider import PaymentRefused
+
+        try:
+            if self.payments is None:
+                raise ShardError("unpaid", "this node does no paid work (no chain configured)")
+            block = session.block
+            session.paid = await self.payments.admit(
+                job_id,
+                session_id=session.id,
+                model_id=block.model_id,
+                start=block.start,
+                end=block.end,
+            )
+        except PaymentRefused as exc:
+            self.end_session(session.id)
+            raise ShardError(exc.code, str(exc)) from None
+        except BaseException:
+            self.end_session(session.id)
+            raise
+
+    async def _receipt(self, session: Session, x: torch.Tensor, out: torch.Tensor) -> bytes | None:
+        """A paid session's signed receipt of the step that took `x` and gave `out`."""
+        if session.paid is None or self.payments is None:
+            return None
+        try:
+            return await self.payments.sign(
+                session.paid, wire.tensor_bytes(x), wire.tensor_bytes(out), x.shape[1]
+            )
+        except Exception as exc:  # the store failed: the step fails, the client re-routes
+            log.warning("cannot sign a receipt: %r", exc)
+            raise ShardError("receipt", "this server cannot record the step's receipt") from None
 
     def _check_input(self, session: Session, position: Any, x: torch.Tensor | None) -> None:
         block = session.block
@@ -425,7 +433,7 @@ class ShardServer:
             if not self._streams[peer]:
                 del self._streams[peer]
             for session_id in owned:
-                self.sessions.pop(session_id, None)
+                self.end_session(session_id)
 
     async def _serve_frames(
         self,
@@ -468,6 +476,8 @@ class ShardServer:
             if isinstance(header, wire.Open):
                 wire.decode_tensor(header, payload, 0)
                 session = self.open_session(header, outbox)
+                if header.job is not None:
+                    await self._admit(session, header.job)
                 owned.add(session.id)
                 return wire.Opened(session=session.id, link=session.link), None
             if isinstance(header, wire.Forward) and header.pushed:
@@ -485,11 +495,12 @@ class ShardServer:
                 return None
             if isinstance(header, wire.Forward):
                 out = await self.forward(session, header.position, tensor, header.last_only)
-                return wire.Result(length=session.length), out
+                receipt = await self._receipt(session, tensor, out)  # type: ignore[arg-type]
+                return wire.Result(length=session.length, receipt=receipt), out
             if isinstance(header, wire.Link):
                 session.next = header.next
                 return wire.Linked(session=session.id), None
-            self.sessions.pop(session.id, None)
+            self.end_session(session.id)
             owned.discard(session.id)
             return wire.Closed(), None
         except (wire.WireError, ShardError, ModelError, RuntimeError) as exc:
@@ -543,13 +554,14 @@ class ShardServer:
         assert step is not None
         try:
             out = await self.forward(session, position, x, nxt is None and header.last_only)
+            receipt = await self._receipt(session, x, out)
         except (ShardError, ModelError, RuntimeError) as exc:
             session.stepping = False
             await self._tell_owner(session, self._error(exc, step))
             return
         if nxt is None:
             session.stepping = False
-            await self._tell_owner(session, wire.Result(step=step), out)
+            await self._tell_owner(session, wire.Result(step=step, receipt=receipt), out)
             return
         push = wire.Forward(
             session=nxt.session,
@@ -559,13 +571,17 @@ class ShardServer:
             pushed=True,
             link=nxt.link,
         )
-        partial = wire.Partial(step=step, position=position)
+        partial = wire.Partial(step=step, position=position, receipt=receipt)
         try:
             await self.pushes.push(nxt.peer, wire.encode(push, out))
         except NetworkError as exc:
             # the owner decides: relay this step itself, or route around the next server
             partial = wire.Partial(
-                step=step, position=position, forward_error=str(exc)[:300], failed_peer=nxt.peer
+                step=step,
+                position=position,
+                forward_error=str(exc)[:300],
+                failed_peer=nxt.peer,
+                receipt=receipt,
             )
         session.stepping = False
         await self._tell_owner(session, partial, out)
@@ -577,22 +593,7 @@ class ShardServer:
             with trio.fail_after(TELL_OWNER_TIMEOUT_S):
                 await session.owner.send(header, tensor)
         except NetworkError:  # the client is gone: its sessions end with its stream
-            self.sessions.pop(session.id, None)
+            self.end_session(session.id)
         except trio.TooSlowError:  # the client stopped reading: end its session, free its cache
             self._on_reject("owner_stalled")
-            self.sessions.pop(session.id, None)
-
-
-def available_memory(device: str) -> int:
-    """Bytes free on `device` now: CUDA's free memory, or the host's MemAvailable."""
-    if device.startswith("cuda"):
-        free, _total = torch.cuda.mem_get_info(torch.device(device))
-        return int(free)
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 << 30  # no /proc (macOS): assume 4 GiB
+            self.end_session(session.id)

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
-from daemon import errors
 from daemon.shards import SHARD_PROTOCOL
 from daemon.shards.control import (  # noqa: F401 - re-exported for the API modules
     CONTROL_PROTOCOL,
@@ -130,6 +129,9 @@ class ShardService(JobTable):
         self.price_per_unit = price_per_unit
         self.default_max_price = max_price_per_unit
         self._tokenizers: dict[Path, Any] = {}
+        # paid work (daemon.payments), given by the daemon when it has an Escrow
+        self.provider: Any = None  # payments.provider.Provider: paid sessions served here
+        self.requester: Any = None  # payments.requester.Requester: paid generations
 
     # -- running ---------------------------------------------------------------------------
 
@@ -189,6 +191,7 @@ class ShardService(JobTable):
                 on_reject=lambda reason: self.metrics.reject("shard", reason),
                 stream_idle_s=self.stream_idle_s,
                 max_streams_per_peer=self.max_streams_per_peer,
+                payments=self.provider,
             )
             self._register_stream_handler()
         return self._server
@@ -507,56 +510,23 @@ class ShardService(JobTable):
         seed: int | None,
         relay: bool = False,
         max_price_per_unit: int | None = None,
+        job_id: bytes | None = None,
     ) -> Job:
-        from daemon.shards.client import GenerationError, RemoteModel
-        from daemon.shards.client import generate as generate_tokens
+        """Run `job`'s generation through the network's shard servers (daemon.shards.
+        generation); `job_id`: as that paid job (daemon.payments.requester)."""
+        from daemon.shards.generation import run_generation
 
-        await self.ensure_torch()
-        announced = self.announced(model_id)
-        if not announced:
-            job.fail(f"no server announces model {model_id!r}", errors.ModelNotServed)
-            job.done = True
-            return job
-        num_layers = max(item["end"] for item in announced)
-        try:
-            tokenizer = await self.tokenizer(model_id)
-        except ShardServiceError:
-            tokenizer = None  # token ids in, token ids out: text is a convenience
-        max_length = len(prompt_ids) + max_new_tokens
-        model = RemoteModel(
+        options = {"temperature": temperature, "seed": seed, "relay": relay}
+        return await run_generation(
             self,
-            lambda: self.servers(model_id, need_tokens=max_length),
-            model_id=model_id,
-            num_layers=num_layers,
-            max_length=max_length,
-            chained=not relay,
-            max_price_per_unit=(
-                self.default_max_price if max_price_per_unit is None else max_price_per_unit
-            ),
+            job,
+            model_id,
+            prompt_ids,
+            max_new_tokens,
+            **options,
+            max_price_per_unit=max_price_per_unit,
+            job_id=job_id,
         )
-        try:
-            await model.open()
-            job.route = model.route
-            eos = tokenizer.eos_id if tokenizer else None
-            async for token in generate_tokens(
-                model, prompt_ids, max_new_tokens, temperature=temperature, seed=seed, eos_id=eos
-            ):
-                job.tokens.append(token)
-                if tokenizer is not None:
-                    job.text = tokenizer.decode(job.tokens)
-            job.route = model.route
-        except GenerationError as exc:
-            job.fail(str(exc), errors.generation_failure(exc))
-        except Exception as exc:  # a background job must never take the daemon down
-            log.exception("generation %s failed", job.id)
-            job.fail(f"internal error: {type(exc).__name__}: {exc}")
-        finally:
-            job.recoveries = model.recoveries
-            job.forwarding = "chained" if model.chained else "relayed"
-            job.done, job.finished = True, time.time()
-            with trio.CancelScope(shield=True):
-                await model.close()
-        return job
 
     async def tokenizer(self, model_id: str) -> Any:
         """The tokenizer of a model served here (read once per checkpoint), or None."""

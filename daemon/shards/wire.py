@@ -41,6 +41,9 @@ Count = Annotated[int, msgspec.Meta(ge=0, le=1 << 31)]
 Text = Annotated[str, msgspec.Meta(max_length=1024)]
 Shape = Annotated[list[Count], msgspec.Meta(min_length=1, max_length=MAX_DIMS)]
 DTypeName = Literal["float32", "float16", "bfloat16", "int64", "int32"]
+JobId = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
+# a signed receipt (contracts.eip712.encode_signed_receipt), decoded by the payer's daemon
+ReceiptBytes = Annotated[bytes, msgspec.Meta(min_length=1, max_length=4096)]
 
 
 class WireError(ValueError):
@@ -79,6 +82,7 @@ class Open(_Message, tag="open"):
     max_length: Annotated[int, msgspec.Meta(ge=1, le=1 << 24)]
     prev: PeerId | None = None
     next: NextHop | None = None
+    job: JobId | None = None  # the paid job the session's steps are for (None: free work)
 
 
 class Link(_Message, tag="link"):
@@ -122,17 +126,22 @@ class Closed(_Message, tag="closed"):
 
 
 class Result(_Message, tag="result"):
+    """A step's output. `receipt`: in a paid session, this hop's signed receipt of the step."""
+
     length: Count | None = None
     step: Count | None = None
+    receipt: ReceiptBytes | None = None
 
 
 class Partial(_Message, tag="partial"):
-    """A copy of what a hop pushed on (the client records it for replay)."""
+    """A copy of what a hop pushed on (the client records it for replay), with the hop's
+    receipt of the step in a paid session: each hop's receipt reaches the payer once."""
 
     step: Count
     position: Count
     forward_error: Text | None = None
     failed_peer: PeerId | None = None
+    receipt: ReceiptBytes | None = None
 
 
 class Error(_Message, tag="error"):
@@ -157,14 +166,20 @@ def encode(header: _Message | dict[str, Any], tensor: torch.Tensor | None = None
         if tensor.dtype not in NAMES:
             raise WireError("bad_dtype", f"{tensor.dtype} cannot be sent")
         extra = {"dtype": NAMES[tensor.dtype], "shape": list(tensor.shape)}
-        # bfloat16 has no numpy twin: send its raw 16-bit pattern
-        raw = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
-        payload = raw.numpy().tobytes()
+        payload = tensor_bytes(tensor)
     if isinstance(header, _Message):
         packed = _ENCODER.encode(msgspec.structs.replace(header, **extra) if extra else header)
     else:
         packed = codec.encode({**header, **extra})
     return _LEN.pack(len(packed)) + packed + payload
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """A tensor's bytes as a frame carries them (what receipts hash)."""
+    tensor = tensor.detach().contiguous().cpu()
+    # bfloat16 has no numpy twin: send its raw 16-bit pattern
+    raw = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
+    return raw.numpy().tobytes()
 
 
 def element_size(dtype: torch.dtype) -> int:
