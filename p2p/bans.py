@@ -4,10 +4,13 @@ A rate limit alone still lets a flooding peer cost its target the work of every 
 refuses: a stream's protocol negotiation, a frame's decryption, a gossip message's parse. At
 1,000 refused streams a second that is most of a core of Python (bench/abuse.py measured honest
 `nodes_find` p99 at 11-44x its baseline during DHT and stream floods). So each refusal for
-abuse (over a rate limit, over a size limit, a bad gossip signature) is a strike; a peer with
+abuse (a stream or DHT message over the peer's rate limit, a gossip message with a bad
+signature) is a strike; a peer with
 more than `ban_strikes` within about `ban_window_s` is banned for `ban_s`: its connections are
 closed, new ones are closed as soon as its identity is known, and its streams are reset unread.
 Honest peers never come near: they stay under the rate limits, so they collect no strikes.
+Gossip over a rate or size limit is no strike: an honest forwarder relays its whole mesh's
+rate (one busy writer would get every forwarder banned), and may run with larger limits.
 """
 
 from __future__ import annotations

@@ -131,9 +131,11 @@ def harden_pubsub(
     py-libp2p starts a task per received message and drops bad ones silently; here a
     forwarding peer over its rate (`messages`, `message_bytes`) or a message over the size
     limit is dropped before the signature check, and whatever py-libp2p then refuses (bad
-    signature, validation) or cannot queue for our subscription is counted. Messages over a
-    limit and bad signatures are strikes against the forwarder (honest peers forward only
-    what they validated), and a banned forwarder's messages are dropped unread.
+    signature, validation) or cannot queue for our subscription is counted. A bad signature is
+    a strike against the forwarder (honest peers forward only what they validated); a message
+    over a rate or size limit is not: an honest forwarder relays whatever rate its mesh
+    publishes at, and may run with larger limits. A banned forwarder's messages are dropped
+    unread.
     """
     push = pubsub.push_msg
 
@@ -147,11 +149,9 @@ def harden_pubsub(
             return
         if size > limits.max_gossip_bytes:
             on_reject("pubsub", "too_large")
-            bans.strike(peer)
             return
         if not messages.allow(peer) or not message_bytes.allow(peer, size):
             on_reject("pubsub", "rate_limited")
-            bans.strike(peer)
             return
         if pubsub._is_msg_seen(msg):
             return  # duplicates are normal in a mesh

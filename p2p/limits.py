@@ -41,9 +41,9 @@ class HostLimits:
     max_tracked_peers: Annotated[int, msgspec.Meta(ge=1)] = 4096
     # inbound connections open at once from one IP
     max_connections_per_ip: Annotated[int, msgspec.Meta(ge=1)] = 64
-    # a peer refused for abuse (over a rate or size limit, a bad gossip signature) more than
-    # `ban_strikes` times within about `ban_window_s` is disconnected and refused for `ban_s`
-    # (p2p.bans)
+    # a peer refused for abuse (streams or DHT messages over its rate, bad gossip signatures)
+    # more than `ban_strikes` times within about `ban_window_s` is disconnected and refused
+    # for `ban_s` (p2p.bans)
     ban_strikes: Annotated[int, msgspec.Meta(ge=1)] = 200
     ban_window_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
     ban_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
