@@ -72,6 +72,12 @@ class PaidCluster(MemoryCluster):
     def __init__(self, root: Path, nursery: trio.Nursery, ledger: Ledger) -> None:
         super().__init__(root, nursery)
         self.ledger = ledger
+        self.unchained: set[str] = set()  # homes (names) of daemons without a chain
+
+    def escrow(self, home: Path, config: Any, ident: Any) -> FakeEscrow | None:
+        if home.name in self.unchained:
+            return None
+        return FakeEscrow(self.ledger, Signer(ident.payout_key))
 
     async def add_priced(self, price: int, threshold: int = 10**12) -> RunningDaemon:
         self.settings = {**FAST, "market": {"price_per_unit": price, "settle_threshold": threshold}}
@@ -80,12 +86,7 @@ class PaidCluster(MemoryCluster):
 
     async def _launch(self, home: Path, bootstrap: list[str]) -> RunningDaemon:
         home.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - before the daemon runs
-        ledger = self.ledger
-        parts = replace(
-            IN_PROCESS,
-            detect_resources=self.detect_resources,
-            escrow=lambda home, config, ident: FakeEscrow(ledger, Signer(ident.payout_key)),
-        )
+        parts = replace(IN_PROCESS, detect_resources=self.detect_resources, escrow=self.escrow)
         daemon = Daemon(home, self.config(bootstrap), network=self._network, parts=parts)
         self._launched += 1
         running = RunningDaemon(daemon, self.hub.node(daemon.ident.peer_id), "")
@@ -321,3 +322,50 @@ async def test_bad_vouchers_and_unfunded_jobs_are_refused_by_providers(
             assert reply.message
         assert server.daemon.paid.store.account(JOB, me).voucher == account.voucher
         nursery.cancel_scope.cancel()
+
+
+async def test_a_server_without_a_chain_refuses_paid_sessions_and_is_routed_around(
+    autojump_clock, tmp_path, tiny
+):
+    model_dir, expected = tiny
+    async with trio.open_nursery() as nursery:
+        net = PaidCluster(tmp_path, nursery, Ledger())
+        net.unchained.add("node1")  # the cheaper server does free work only
+        for price in (0, 1, 2):
+            await net.add_priced(price)
+        await net.wait_for(net.all_found, 60, "all daemons to find each other")
+        requester, free_only, paid = net.daemons
+        assert free_only.daemon.paid is None and free_only.daemon.escrow is None
+        await deploy(net, model_dir, [(free_only, 0, LAYERS), (paid, 0, LAYERS)])
+        create_job(net, requester)
+        free = await requester.call("generate", GENERATE)
+        assert free["tokens"] == expected
+        assert [h["peer_id"] for h in free["route"]] == [free_only.peer_id]  # the cheaper
+        result = await requester.call("generate", {**GENERATE, "job_id": JOB.hex()})
+        assert result["tokens"] == expected
+        assert [h["peer_id"] for h in result["route"]] == [paid.peer_id]
+        assert [r["peer_id"] for r in result["recoveries"]] == [free_only.peer_id]
+        assert "unpaid" in result["recoveries"][0]["reason"]
+        nursery.cancel_scope.cancel()
+
+
+def test_the_paid_fields_of_shard_frames_are_bounded():
+    from daemon.shards import wire as shard_wire
+
+    opened = shard_wire.Open(model="tiny", start=0, end=2, max_length=8, job=JOB)
+    header, _ = shard_wire.decode(shard_wire.encode(opened))
+    assert header == opened
+    result = shard_wire.Result(step=3, receipt=b"r" * 4096)
+    assert shard_wire.decode(shard_wire.encode(result))[0] == result
+    base = {"op": "open", "model": "tiny", "start": 0, "end": 2, "max_length": 8}
+    bad = [
+        {**base, "job": bytes(31)},
+        {**base, "job": bytes(33)},
+        {**base, "job": "11" * 32},  # bytes, not hex text
+        {"op": "result", "receipt": b"r" * 4097},
+        {"op": "partial", "step": 1, "position": 0, "receipt": b""},
+    ]
+    for header in bad:
+        with pytest.raises(shard_wire.WireError) as err:
+            shard_wire.decode(shard_wire.encode(header))
+        assert err.value.reason == "bad_header", header
