@@ -38,10 +38,12 @@ from contracts.eip712 import (
 )
 from contracts.receipts import (
     Acknowledger,
+    Equivocation,
     JobBudget,
     JobTerms,
     ReceiptRefused,
     ReceiptVerifier,
+    StepReplayed,
     activation_hash,
 )
 from daemon.payments import wire
@@ -78,6 +80,8 @@ class Book(Protocol):
 Send = Callable[[str, bytes], Awaitable[bytes]]
 # peer id -> its payout address (20 bytes) from its signed resource record, None if unknown
 PayoutOf = Callable[[str], Awaitable[bytes | None]]
+# proof that a provider signed two outputs for one step -> reported on chain (slashes it)
+Report = Callable[[Equivocation], Awaitable[Any]]
 
 
 @dataclass
@@ -114,13 +118,23 @@ class Requester:
     """One node's paid work as a requester (the daemon holds one when it has an Escrow)."""
 
     def __init__(
-        self, domain: Domain, payer: Signer, book: Book, *, send: Send, payout_of: PayoutOf
+        self,
+        domain: Domain,
+        payer: Signer,
+        book: Book,
+        *,
+        send: Send,
+        payout_of: PayoutOf,
+        report: Report | None = None,
     ) -> None:
+        """`report`: where proofs of equivocation go (Escrow.report_equivocation)."""
         self.domain = domain
         self.payer = payer
         self.book = book
         self._send = send
         self._payout_of = payout_of
+        self._report = report
+        self.reported: list[Equivocation] = []
         self.jobs: dict[bytes, JobState] = {}
 
     async def generation(self, job_id: bytes) -> PaidGeneration:
@@ -160,6 +174,7 @@ class PaidGeneration:
         self._wake = trio.Event()
         self.acknowledged = 0  # in this generation
         self.refused: list[str] = []  # receipts refused (peer: reason)
+        self._proofs: list[Equivocation] = []  # equivocations to report
 
     async def opened(
         self, peer_id: str, session_id: str, model_id: str, start: int, end: int
@@ -197,6 +212,9 @@ class PaidGeneration:
                 signed, input_hash=activation_hash(given), output_hash=activation_hash(got)
             )
         except (ReceiptRefused, WireFormatError) as exc:
+            if isinstance(exc, StepReplayed) and exc.equivocation is not None:
+                self._proofs.append(exc.equivocation)
+                self._wake.set()
             why = f"receipt refused: {exc}"
             self.refused.append(f"{peer_id}: {why}"[:300])
             del self.refused[:-32]
@@ -226,6 +244,8 @@ class PaidGeneration:
             await self._send_owed()
 
     async def _send_owed(self) -> None:
+        while self._proofs:
+            await self._report_one(self._proofs.pop(0))
         async with self.state.sending:
             while self._owed:
                 provider = min(self._owed)
@@ -254,6 +274,20 @@ class PaidGeneration:
             log.warning("%s refused voucher %d: %s %s", who, v.nonce, reply.code, reply.message)
             state.refusals.append(f"{who}: {reply.code}")
             del state.refusals[:-32]
+
+    async def _report_one(self, proof: Equivocation) -> None:
+        """Report a provider that signed two outputs for one step (its stake is slashed)."""
+        requester = self._requester
+        who = to_checksum_address(proof.provider)
+        log.warning("%s signed two outputs for one step: reporting it", who)
+        if requester._report is None:
+            return
+        try:
+            await requester._report(proof)
+        except Exception as exc:  # noqa: BLE001 - a chain error must not end the generation
+            log.warning("reporting the equivocation of %s failed: %s", who, exc)
+            return
+        requester.reported.append(proof)
 
     def to_json(self) -> dict[str, Any]:
         """What the generation's job reports about its payment."""

@@ -133,5 +133,10 @@ def build(
             peer_id, wire.VOUCHER_PROTOCOL, payload, timeout_s=wire.VOUCHER_TIMEOUT_S
         )
 
-    requester = Requester(escrow.domain, signer, book, send=send, payout_of=payout_of)
+    async def report(proof: Any) -> None:
+        await escrow.report_equivocation(proof.a, proof.b)
+
+    requester = Requester(
+        escrow.domain, signer, book, send=send, payout_of=payout_of, report=report
+    )
     return PaidWork(escrow, store, book, provider, requester)

@@ -17,6 +17,8 @@ import pytest
 import trio
 
 from contracts.chain.client import ChainClient
+from contracts.eip712 import Receipt, SignedReceipt
+from contracts.receipts import find_equivocation
 from daemon.node import IN_PROCESS, Daemon
 from daemon.payments.escrow import Escrow
 from daemon.payments.job_spec import JobSpec
@@ -133,4 +135,16 @@ async def test_a_paid_generation_settles_exactly_on_the_dev_chain(tmp_path, tiny
         assert sorted(a.cumulative for a in acked.values()) == sorted(
             (LAYERS // 3) * tokens * p for p in PRICES
         )
+        # a provider that signs a second output for a step it receipted is slashed through the
+        # requester's report (what a replayed step with another output triggers)
+        cheat = servers[0]
+        domain = cheat.daemon.escrow.domain
+        signed = cheat.daemon.paid.store.receipts(job.job_id)[0]
+        fields = {f: getattr(signed.receipt, f) for f in Receipt.__struct_fields__}
+        other = Receipt(**{**fields, "output_hash": bytes([7] * 32)})
+        twice = SignedReceipt(other, cheat.daemon.paid.provider.signer.sign(domain, other))
+        proof = find_equivocation(domain, signed, twice)
+        assert proof is not None
+        await requester.daemon.paid.requester._report(proof)  # noqa: SLF001 - the wiring's
+        assert (await cheat.daemon.escrow.stake_info()).slashed
         nursery.cancel_scope.cancel()

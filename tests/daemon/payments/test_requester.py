@@ -157,3 +157,35 @@ async def test_a_restarted_requester_continues_the_nonces(tmp_path):
     voucher = provider.store.account(JOB, PROVIDER.address).voucher.voucher
     assert (voucher.nonce, voucher.cumulative_amount) == (2, 20)  # taken: not a stale nonce
     assert paid.state.refusals == []
+
+
+async def test_two_outputs_signed_for_one_step_are_reported(tmp_path):
+    ledger, book, net, provider, _ = setup(tmp_path)
+    reports = []
+
+    async def report(proof):
+        reports.append(proof)
+
+    requester = Requester(
+        DOMAIN, PAYER, book, send=net.send, payout_of=net.payout_of, report=report
+    )
+    paid = await requester.generation(JOB)
+    session = await provider_session(provider)
+    async with paid.running():
+        assert await paid.opened("peerA", "s1", "tiny", 0, 2) is None
+        first = await provider.sign(session, b"a", b"b", tokens=1)
+        assert paid.check("peerA", "s1", first, b"a", b"b") is None
+        # the same step again, with another output, signed by the provider
+        r = decode_signed_receipt(first).receipt
+        fields = {f: getattr(r, f) for f in Receipt.__struct_fields__}
+        other = Receipt(**{**fields, "output_hash": bytes([9] * 32)})
+        twice = encode_signed_receipt(SignedReceipt(other, PROVIDER.sign(DOMAIN, other)))
+        why = paid.check("peerA", "s1", twice, b"a", b"b")
+        assert why is not None and "step_replayed" in why and "equivocation" in why
+    assert len(reports) == 1 and requester.reported == reports
+    proof = reports[0]
+    assert proof.provider == PROVIDER.address
+    assert {proof.a.receipt.output_hash, proof.b.receipt.output_hash} == {
+        r.output_hash,
+        bytes([9] * 32),
+    }
