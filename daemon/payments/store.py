@@ -99,7 +99,12 @@ class PaymentStore:
         self.path = path
         _create_private(path)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA synchronous = FULL")
+        # WAL: a commit survives the process being killed without an fsync (a receipt per
+        # step costs ~0.2 ms instead of ~19 ms with a rollback journal); vouchers and
+        # settlements are written with synchronous = FULL (`_write(durable=True)`), which
+        # also survives the machine going down
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA synchronous = NORMAL")
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
         self._limiter = trio.CapacityLimiter(1)
@@ -112,16 +117,22 @@ class PaymentStore:
         with self._lock:
             self._db.close()
 
-    def _write(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+    def _write(self, statements: list[tuple[str, tuple[Any, ...]]], durable: bool = False) -> None:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if durable:
+                self._db.execute("PRAGMA synchronous = FULL")
             try:
-                for sql, args in statements:
-                    self._db.execute(sql, args)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    for sql, args in statements:
+                        self._db.execute(sql, args)
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                if durable:
+                    self._db.execute("PRAGMA synchronous = NORMAL")
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -178,7 +189,8 @@ class PaymentStore:
                         time.time(),
                     ),
                 )
-            ]
+            ],
+            durable=True,
         )
 
     def record_settled(self, signed: SignedVoucher) -> None:
@@ -193,7 +205,8 @@ class PaymentStore:
                     "INSERT OR REPLACE INTO settlements VALUES (?, ?, ?, ?, ?)",
                     (v.job_id, v.provider, v.nonce, str(v.cumulative_amount), time.time()),
                 )
-            ]
+            ],
+            durable=True,
         )
 
     # -- reads -------------------------------------------------------------------------------
