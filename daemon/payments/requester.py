@@ -93,8 +93,8 @@ class JobState:
     acknowledger: Acknowledger
     peers: dict[bytes, str] = field(default_factory=dict)  # provider address -> peer id
     refusals: list[str] = field(default_factory=list)  # vouchers providers refused
-    # one voucher issued and sent at a time: they reach each provider in nonce order
-    sending: trio.Lock = field(default_factory=trio.Lock)
+    # per provider, one voucher issued and sent at a time: they arrive in nonce order
+    sending: dict[bytes, trio.Lock] = field(default_factory=dict)
 
 
 def _resume(acknowledger: Acknowledger, provider: bytes, cumulative: int, nonce: int) -> None:
@@ -171,7 +171,8 @@ class PaidGeneration:
         self.max_price_per_unit = state.terms.max_price_per_unit
         self._verifiers: dict[tuple[str, str], ReceiptVerifier] = {}
         self._owed: set[bytes] = set()  # providers whose latest voucher is not sent yet
-        self._wake = trio.Event()
+        self._senders: dict[bytes, trio.Event] = {}  # a task per provider, woken by its event
+        self._nursery: trio.Nursery | None = None
         self.acknowledged = 0  # in this generation
         self.refused: list[str] = []  # receipts refused (peer: reason)
         self._proofs: list[Equivocation] = []  # equivocations to report
@@ -214,43 +215,67 @@ class PaidGeneration:
         except (ReceiptRefused, WireFormatError) as exc:
             if isinstance(exc, StepReplayed) and exc.equivocation is not None:
                 self._proofs.append(exc.equivocation)
-                self._wake.set()
+                if self._nursery is not None:
+                    self._nursery.start_soon(self._report_all)
             why = f"receipt refused: {exc}"
             self.refused.append(f"{peer_id}: {why}"[:300])
             del self.refused[:-32]
             return why
         self.state.acknowledger.acknowledge(accepted)
         self.acknowledged += accepted.amount
-        self._owed.add(accepted.receipt.provider)
-        self._wake.set()
+        self._owe(accepted.receipt.provider)
         return None
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        """Send vouchers while the generation runs; on exit, send what is still owed."""
+        """Send vouchers while the generation runs (a task per provider: one that does not
+        answer delays no other); on exit, send what is still owed, within FLUSH_TIMEOUT_S."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._sender)
+            self._nursery = nursery
+            for provider in list(self._owed):
+                self._owe(provider)
             try:
                 yield
             finally:
+                self._nursery = None
                 with trio.CancelScope(shield=True), trio.move_on_after(FLUSH_TIMEOUT_S):
-                    await self._send_owed()
+                    await self._flush()
                 nursery.cancel_scope.cancel()
 
-    async def _sender(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake = trio.Event()
-            await self._send_owed()
+    def _owe(self, provider: bytes) -> None:
+        """The provider is owed its newest voucher: wake (or start) its sender."""
+        self._owed.add(provider)
+        if self._nursery is None:
+            return  # sent when the generation runs, or at its end
+        event = self._senders.get(provider)
+        if event is None:
+            event = self._senders[provider] = trio.Event()
+            self._nursery.start_soon(self._sender, provider)
+        event.set()
 
-    async def _send_owed(self) -> None:
-        while self._proofs:
-            await self._report_one(self._proofs.pop(0))
-        async with self.state.sending:
-            while self._owed:
-                provider = min(self._owed)
+    async def _sender(self, provider: bytes) -> None:
+        while True:
+            await self._senders[provider].wait()
+            self._senders[provider] = trio.Event()
+            await self._send_if_owed(provider)
+
+    async def _send_if_owed(self, provider: bytes) -> None:
+        lock = self.state.sending.setdefault(provider, trio.Lock())
+        async with lock:
+            if provider in self._owed:
                 self._owed.discard(provider)
                 await self._send_voucher(provider)
+
+    async def _flush(self) -> None:
+        """Report equivocations and send every owed voucher, providers in parallel."""
+        await self._report_all()
+        async with trio.open_nursery() as nursery:
+            for provider in sorted(self._owed):
+                nursery.start_soon(self._send_if_owed, provider)
+
+    async def _report_all(self) -> None:
+        while self._proofs:
+            await self._report_one(self._proofs.pop(0))
 
     async def _send_voucher(self, provider: bytes) -> None:
         """Issue the provider's latest voucher, record it in the job book, then send it."""

@@ -369,3 +369,55 @@ def test_the_paid_fields_of_shard_frames_are_bounded():
         with pytest.raises(shard_wire.WireError) as err:
             shard_wire.decode(shard_wire.encode(header))
         assert err.value.reason == "bad_header", header
+
+
+async def test_a_provider_killed_mid_job_is_paid_for_what_was_acknowledged_when_back(
+    autojump_clock, tmp_path, tiny
+):
+    model_dir, expected = tiny
+    async with trio.open_nursery() as nursery:
+        net = await cluster(nursery, tmp_path, [3, 2, 4, 3])
+        requester, first, victim, spare, last = net.daemons
+        await deploy(net, model_dir, [(first, 0, 2), (victim, 2, 4), (spare, 2, 4), (last, 4, 6)])
+        create_job(net, requester)
+        # steps take a little (virtual) time, as compute does: vouchers (requests, which take
+        # the network's latency) reach the victim between its steps, as they would for real
+        provider = victim.daemon.paid.provider
+        sign = provider.sign
+
+        async def slow_sign(*args: Any) -> bytes:
+            await trio.sleep(0.01)  # virtual time (autojump clock)
+            return await sign(*args)
+
+        provider.sign = slow_sign
+        job = (await requester.call("generate", {**GENERATE, "job_id": JOB.hex(), "stream": True}))[
+            "job"
+        ]
+        requester.at_token(job, 8, lambda: net.kill(victim))  # SIGKILL, mid-generation
+
+        async def finished() -> dict | None:
+            state = await requester.call("generate_poll", {"job": job})
+            return state if state["done"] else None
+
+        state = await net.wait_for(finished, 60, "the generation to end")
+        assert state["error"] is None and state["tokens"] == expected
+        assert [r["peer_id"] for r in state["recoveries"]] == [victim.peer_id]
+        assert victim.stopped.is_set()
+        key = (JOB, address(victim))
+        assert key not in net.ledger.paid  # it never reached a session end or the threshold
+        back = await net.restart(victim, bootstrap=[requester.addr])
+        account = back.daemon.paid.store.account(JOB, address(back))
+        # what the requester acknowledged before the kill is in the store, and is settled
+        # at start: exactly that, nothing for receipts it signed but was not vouched for
+        assert 0 < account.acknowledged <= account.signed
+        # (the requester's book may hold a later voucher that never arrived: it records each
+        # before sending it; a later voucher of the job would carry that amount on)
+        acked = requester.daemon.paid.book.acknowledged(JOB)
+        assert acked[back.daemon.escrow.address].cumulative >= account.acknowledged
+
+        async def paid() -> bool:
+            return net.ledger.paid.get(key) == account.acknowledged
+
+        await net.wait_for(paid, 10, "the restarted provider to settle")
+        assert not back.daemon.paid.store.unsettled()
+        nursery.cancel_scope.cancel()
