@@ -139,6 +139,11 @@ class Swim:
         return [p for p, m in self.members.items() if m.state != State.DEAD]
 
     @property
+    def queued(self) -> int:
+        """Updates waiting to be piggybacked (0 in a quiet cluster)."""
+        return len(self._queue)
+
+    @property
     def size(self) -> int:
         """The cluster's size as the timeouts count it (ourselves included)."""
         return len(self.members) + 1
