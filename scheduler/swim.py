@@ -325,15 +325,6 @@ class Swim:
             if update not in out:
                 out.append(update)
         return out
-        limit = self.retransmit_limit()
-        self._queue.sort(key=lambda q: (q.transmits, -q.order))
-        taken = self._queue[: self.settings.max_piggyback]
-        for queued in taken:
-            if queued.update not in out:
-                out.append(queued.update)
-            queued.transmits += 1
-        self._queue = [q for q in self._queue if q.transmits < limit]
-        return out
 
     def _message(self, kind: type[wire.Gossip] | type[wire.Ack], seq: int, to: str) -> wire.Message:
         return kind(wire.WIRE_VERSION, self.cluster, seq, self._me(), self._updates(to))

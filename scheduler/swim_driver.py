@@ -18,9 +18,10 @@ response; they never reach a core or stop the driver.
 
 from __future__ import annotations
 
-import logging
+import random
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -31,9 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from p2p import identity
 from p2p.network import NetworkError, Requests
 from scheduler import swim_wire as wire
-from scheduler.swim import Effect, Send, StateChanged, Swim
-
-log = logging.getLogger(__name__)
+from scheduler.swim import Effect, Send, StateChanged, Swim, SwimSettings
 
 SWIM_PROTOCOL = "/gridmesh/swim/1.0.0"
 # how long a relay's answer to a PingReq may be awaited beyond the core's own nack timer
@@ -58,6 +57,32 @@ def verify(peer_id: str, message: bytes, signature: bytes) -> bool:
     except (InvalidSignature, ValueError):
         return False
     return True
+
+
+def new_core(
+    ident: identity.NodeIdentity,
+    cluster: str,
+    settings: SwimSettings,
+    members: Iterable[str],
+    *,
+    rng: random.Random | None = None,
+) -> Swim:
+    """A core for this node in `cluster`, to run with `SwimDriver.run`. Its incarnation
+    starts at this node's wall clock in milliseconds: above any incarnation of an earlier
+    life of this node (one refutation per millisecond would be needed to catch up), so a
+    restarted node need not store it. It is only ever compared with this node's own
+    incarnations, never with another node's clock."""
+    return Swim(
+        ident.peer_id,
+        cluster,
+        settings,
+        sign=ident.sign,
+        verify=verify,
+        incarnation=max(1, time.time_ns() // 1_000_000),
+        now=trio.current_time(),
+        members=members,
+        rng=rng,
+    )
 
 
 @dataclass
@@ -188,9 +213,12 @@ class SwimDriver:
             send, receive = trio.open_memory_channel[wire.Message](1)
             entry.waiting[key] = send
             limit = core.scaled(core.settings.probe_timeout_s) + REPLY_GRACE_S
-            with trio.move_on_after(limit):
-                reply = await receive.receive()
-            entry.waiting.pop(key, None)
+            try:
+                with trio.move_on_after(limit):
+                    reply = await receive.receive()
+            finally:  # the asker may give up first (its request cancelled)
+                if entry.waiting.get(key) is send:
+                    del entry.waiting[key]
         if reply is None:
             return b""
         return wire.encode(reply)

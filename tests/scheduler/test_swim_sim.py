@@ -6,11 +6,15 @@ partition's sides declare each other dead and meet again after it heals."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import trio
 
-from scheduler.swim import State
-from tests.scheduler.swim_sim import start_cluster
+from p2p.testing.memnet import MemoryNetwork
+from scheduler.swim import State, SwimSettings
+from scheduler.swim_driver import SwimDriver, new_core
+from tests.scheduler.swim_sim import identities, start_cluster
 
 SETTLE_S = 2.0
 
@@ -101,4 +105,32 @@ async def test_a_partition_declares_each_side_dead_to_the_other_then_heals(autoj
             assert sim.views(member.peer_id, sim.members) - {None} == {State.ALIVE}
         back = [w for w, _, c in sim.changes if w >= healed_at and c.state == State.ALIVE]
         assert len(back) == 2 * 13 * 7  # each side saw each member of the other come back
+        nursery.cancel_scope.cancel()
+
+
+async def test_new_core_starts_at_the_wall_clock_and_runs_on_a_driver(autojump_clock):
+    """As the daemon will: `new_core` per cluster, one driver per node serving them all."""
+    hub = MemoryNetwork(seed=9)
+    idents = identities(3)
+    peers = [i.peer_id for i in idents]
+    before = time.time_ns() // 1_000_000
+    changes: dict[str, list] = {p: [] for p in peers}
+    async with trio.open_nursery() as nursery:
+        drivers = []
+        for ident in idents:
+            driver = SwimDriver(hub.add_node(ident.peer_id))
+            for cluster in ("one", "two"):
+                core = new_core(ident, cluster, SwimSettings(), peers)
+                assert before <= core.incarnation <= time.time_ns() // 1_000_000
+                await nursery.start(driver.run, core, changes[ident.peer_id].append)
+            drivers.append(driver)
+        with pytest.raises(ValueError, match="already driven"):
+            await drivers[0].run(new_core(idents[0], "one", SwimSettings(), peers))
+        await trio.sleep(2.0)
+        assert all(d.core(c).stats["probes_acked"] > 0 for d in drivers for c in ("one", "two"))
+        hub.remove_node(peers[2])
+        await trio.sleep(4.0)
+        for peer in peers[:2]:  # each survivor, in each cluster
+            seen = sorted((c.state, c.peer_id) for c in changes[peer])
+            assert seen == sorted([(State.SUSPECT, peers[2]), (State.DEAD, peers[2])] * 2)
         nursery.cancel_scope.cancel()
