@@ -189,8 +189,13 @@ class Daemon:
         )
         register_shard_methods(self.dispatcher, self.shards, self.directory)
         self.escrow: Any = None  # daemon.payments.escrow.Escrow when this node has a chain
+        self._own_escrow = False
         self.paid: Any = None  # daemon.payments.wiring.PaidWork: paid work, with an Escrow
         self._wire_payments()
+        from daemon.payments.methods import Payments, register_payment_methods
+
+        self.payments = Payments.of_daemon(self)  # job_*, earnings, stake, ... (JSON-RPC)
+        register_payment_methods(self.dispatcher, self.payments)
         self.metrics.known_methods = {m["name"] for m in self.dispatcher.describe()}
 
     def _wire_payments(self) -> None:
@@ -198,10 +203,11 @@ class Daemon:
         node has an Escrow; without one, paid sessions and generations are refused."""
         if self.parts.escrow is not None:
             self.escrow = self.parts.escrow(self.home, self.config, self.ident)
-        else:
+        else:  # ours: its chain client's thread ends with the daemon
             from daemon.payments.wiring import escrow_from_home
 
             self.escrow = escrow_from_home(self.home, self.config, self.ident)
+            self._own_escrow = self.escrow is not None
         if self.escrow is None:
             return
         from daemon.payments.wiring import build
@@ -260,8 +266,11 @@ class Daemon:
                 if self.store is not None:
                     with trio.CancelScope(shield=True), trio.move_on_after(2):
                         await self.store.close()
+                self.payments.close()
                 if self.paid is not None:
                     self.paid.close()
+                if self._own_escrow:
+                    self.escrow.client.close()
                 if self.bridge is not None:
                     self.bridge.close()
 

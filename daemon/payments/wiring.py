@@ -45,7 +45,7 @@ def chain_key(ident: NodeIdentity) -> str:
 
 def escrow_from_home(home: Path, config: Config, ident: NodeIdentity) -> Escrow | None:
     """The Escrow of the deployment recorded in `home` for `[chain] network`; None when none
-    is recorded (this node does no paid work)."""
+    is recorded or it cannot be used (logged): this node then does no paid work."""
     from contracts.chain.records import record_path
 
     network = config.chain.network
@@ -55,8 +55,18 @@ def escrow_from_home(home: Path, config: Config, ident: NodeIdentity) -> Escrow 
     from contracts.chain.networks import endpoint
     from daemon.payments.escrow import Escrow
 
-    _, url = endpoint(network, config.chain.rpc_url or None)
-    return Escrow.from_home(ChainClient(url, chain_key(ident)), home, network)
+    try:
+        _, url = endpoint(network, config.chain.rpc_url or None)
+        client = ChainClient(url, chain_key(ident))
+    except Exception as exc:  # ChainError: no usable endpoint or key: paid work off, with why
+        log.warning("no paid work: the chain is not usable: %s", exc)
+        return None
+    try:
+        return Escrow.from_home(client, home, network)
+    except Exception as exc:  # a broken deployment record
+        client.close()
+        log.warning("no paid work: the chain is not usable: %s", exc)
+        return None
 
 
 @dataclass
