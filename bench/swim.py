@@ -7,7 +7,9 @@ Every member runs the real core (`scheduler.swim`) and driver (`scheduler.swim_d
   response count as two messages, as the hub counts them) and the bytes per member per second;
 - dead: `--trials` runs, each a fresh cluster that settles, then one random member crashes;
   the time until each survivor declares it dead (every observer: p50, p99) and until the last
-  one does (per trial: p50, p99, max). Target: the last within 5 s at up to 100 members.
+  one does (per trial: p50, p99, max), and `false`: deaths of members that did not crash,
+  declared by anyone in any trial (should be 0). Target: the last within 5 s at up to 100
+  members.
 The wall-clock seconds each size took are printed too.
 
 usage: python bench/swim.py [--sizes 5 20 100] [--trials 10] [--trials-large 4]
@@ -63,7 +65,7 @@ async def _quiet(count: int, args: argparse.Namespace) -> tuple[float, float, fl
     return spread, (sim.hub.messages_sent - sent) / per, (sim.hub.bytes_sent - sent_bytes) / per
 
 
-async def _trial(count: int, seed: int, args: argparse.Namespace) -> tuple[list[float], float]:
+async def _trial(count: int, seed: int, args: argparse.Namespace) -> tuple[list[float], float, int]:
     async with trio.open_nursery() as nursery:
         sim = await start_cluster(nursery, count, seed=seed, loss=args.loss, jitter_s=args.jitter)
         await trio.sleep(SETTLE_S)
@@ -77,7 +79,8 @@ async def _trial(count: int, seed: int, args: argparse.Namespace) -> tuple[list[
         nursery.cancel_scope.cancel()
     times = [t - crashed_at for t in sim.declared(victim.peer_id, State.DEAD).values()]
     last = max(times) if len(times) == count - 1 else float("inf")
-    return times, last
+    false = [c for _, _, c in sim.changes if c.state == State.DEAD and c.peer_id != victim.peer_id]
+    return times, last, len(false)
 
 
 def main() -> None:
@@ -96,7 +99,7 @@ def main() -> None:
     header = (
         f"{'members':>7} | {'spread s':>8} | {'msg/member/s':>12} | {'B/member/s':>10} | "
         f"{'dead p50':>8} | {'dead p99':>8} | {'all p50':>7} | {'all p99':>7} | "
-        f"{'all max':>7} | {'trials':>6} | {'wall s':>6}"
+        f"{'all max':>7} | {'false':>5} | {'trials':>6} | {'wall s':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -107,17 +110,20 @@ def main() -> None:
         trials = args.trials_large if count >= 100 else args.trials
         every: list[float] = []
         lasts: list[float] = []
+        false_deaths = 0
         for trial in range(trials):
             clock = trio.testing.MockClock(autojump_threshold=0)
             seed = args.seed * 1000 + trial
-            times, last = trio.run(_trial, count, seed, args, clock=clock)
+            times, last, false = trio.run(_trial, count, seed, args, clock=clock)
             every.extend(times)
             lasts.append(last)
+            false_deaths += false
         print(
             f"{count:>7} | {spread:>8.1f} | {rate:>12.1f} | {byte_rate:>10.0f} | "
             f"{statistics.median(every):>8.2f} | {_pct(every, 0.99):>8.2f} | "
             f"{statistics.median(lasts):>7.2f} | {_pct(lasts, 0.99):>7.2f} | "
-            f"{max(lasts):>7.2f} | {trials:>6} | {time.perf_counter() - started:>6.1f}",
+            f"{max(lasts):>7.2f} | {false_deaths:>5} | {trials:>6} | "
+            f"{time.perf_counter() - started:>6.1f}",
             flush=True,
         )
 
