@@ -1,0 +1,379 @@
+"""Runs `scheduler.election.ElectionCore` on the `p2p.network.Network` seam.
+
+One `ElectionRouter` per node owns the two protocols: `ELECTION_PROTOCOL` (vote requests,
+votes, heartbeats and their answers, each one request whose answer is empty: the election is
+made of one-way messages, so a lost answer costs nothing) and `COMMAND_PROTOCOL` (the
+coordinator's signed commands). It decodes each message (bad ones are dropped and counted by
+reason), and hands it to the `ElectionDriver` of its cluster, or to the node's `FenceKeeper`.
+
+An `ElectionDriver` runs one cluster's core in one task: it feeds the core the messages of its
+inbox and the timer, and carries out the core's effects in order: a `Persist` is awaited
+(through the injected `ElectionStore`) before any later message leaves, so a vote is on disk
+before it is sent. Time comes from an injected `Clock`, this node's monotonic clock
+(`trio.current_time` by default; a `p2p.testing.faults.SkewedClock` in simulations); the
+driver never reads wall-clock time and never sends a time.
+
+`freeze`/`thaw` are for fault tests: a frozen driver does nothing, as a SIGSTOPped process,
+while messages pile up in its inbox (bounded; the overflow is dropped and counted); thawed, it
+first lets the core look at its clock (a coordinator past its lease steps down) and then
+works through the backlog.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import trio
+
+from p2p import codec, identity
+from p2p.network import NetworkError, Requests
+from scheduler import election_wire as wire
+from scheduler.election import (
+    Effect,
+    ElectionCore,
+    ElectionSettings,
+    LeaderChanged,
+    Persist,
+    PersistentState,
+    Send,
+)
+from scheduler.fencing import FenceError, FenceKeeper, sign_command
+
+log = logging.getLogger(__name__)
+
+INBOX_SIZE = 256  # messages waiting for a driver; more are dropped (a peer cannot flood memory)
+SEND_TIMEOUT_S = 1.0  # one message's delivery; a later heartbeat or vote supersedes it
+
+
+class Clock(Protocol):
+    def now(self) -> float:
+        """This node's monotonic clock, in seconds."""
+        ...
+
+    def trio_time(self, local: float) -> float:
+        """The `trio.current_time()` at which `now()` shows `local`."""
+        ...
+
+
+class TrioClock:
+    """trio's clock (monotonic; virtual under a MockClock)."""
+
+    def now(self) -> float:
+        return trio.current_time()
+
+    def trio_time(self, local: float) -> float:
+        return local
+
+
+class ElectionStore(Protocol):
+    def load(self, cluster: str) -> PersistentState | None: ...
+
+    async def save(self, cluster: str, state: PersistentState) -> None:
+        """Returns once `state` is durable."""
+        ...
+
+
+class MemoryElectionStore:
+    """Keeps state across simulated restarts (keep the object), not real ones."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, PersistentState] = {}
+        self.writes = 0
+
+    def load(self, cluster: str) -> PersistentState | None:
+        return self.states.get(cluster)
+
+    async def save(self, cluster: str, state: PersistentState) -> None:
+        self.states[cluster] = state
+        self.writes += 1
+        await trio.lowlevel.checkpoint()
+
+
+class FileElectionStore:
+    """Every cluster's term and vote in one JSON file, replaced atomically (fsynced)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raw = {}
+        self._states = {
+            name: PersistentState(int(s["term"]), s.get("voted_for")) for name, s in raw.items()
+        }
+
+    def load(self, cluster: str) -> PersistentState | None:
+        return self._states.get(cluster)
+
+    async def save(self, cluster: str, state: PersistentState) -> None:
+        self._states[cluster] = state
+        data = json.dumps(
+            {n: {"term": s.term, "voted_for": s.voted_for} for n, s in sorted(self._states.items())}
+        ).encode()
+        await trio.to_thread.run_sync(self._write, data)
+
+    def _write(self, data: bytes) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+
+
+class NotCoordinatorError(Exception):
+    """This node does not hold the cluster's coordinator lease: it may not issue commands."""
+
+
+CommandHandler = Callable[[wire.Command], None]
+
+
+class ElectionRouter:
+    """One node's election and command protocols, dispatching to its clusters' drivers."""
+
+    def __init__(
+        self,
+        net: Requests,
+        fence: FenceKeeper,
+        *,
+        on_command: CommandHandler | None = None,
+    ) -> None:
+        self.net = net
+        self.fence = fence
+        self.on_command = on_command or (lambda cmd: None)
+        self.drivers: dict[str, ElectionDriver] = {}
+        self.stats: Counter[str] = Counter()  # refusals by reason, for /metrics
+        net.set_request_handler(wire.ELECTION_PROTOCOL, self._on_election)
+        net.set_request_handler(wire.COMMAND_PROTOCOL, self._on_command)
+
+    def voters(self, cluster: str) -> frozenset[str]:
+        driver = self.drivers.get(cluster)
+        return driver.core.voters if driver is not None and driver.ready else frozenset()
+
+    async def _on_election(self, sender: str, payload: bytes) -> bytes:
+        try:
+            message = wire.decode_election(payload)
+        except wire.ElectionWireError as exc:
+            self.stats[f"election_{exc.reason}"] += 1
+            return b""
+        driver = self.drivers.get(message.cluster)
+        if driver is None:
+            self.stats["election_unknown_cluster"] += 1
+        else:
+            driver.deliver(sender, message)
+        return b""
+
+    async def _on_command(self, sender: str, payload: bytes) -> bytes:
+        try:
+            command = wire.decode_command(payload)
+        except wire.ElectionWireError as exc:
+            self.stats[f"command_{exc.reason}"] += 1
+            return codec.encode({"v": wire.WIRE_VERSION, "refused": exc.reason})
+        driver = self.drivers.get(command.cluster)
+        if driver is not None and driver.frozen:  # a stopped process answers nothing
+            await driver.thawed()
+        try:
+            self.fence.check(command)
+        except FenceError as exc:
+            self.stats[f"command_{exc.reason}"] += 1
+            return codec.encode({"v": wire.WIRE_VERSION, "refused": exc.reason})
+        self.stats["command_accepted"] += 1
+        self.on_command(command)
+        return codec.encode({"v": wire.WIRE_VERSION, "refused": None})
+
+
+class ElectionDriver:
+    """One cluster's election on this node; `run()` until cancelled."""
+
+    def __init__(
+        self,
+        router: ElectionRouter,
+        cluster: str,
+        voters: frozenset[str],
+        store: ElectionStore,
+        *,
+        ident: identity.NodeIdentity | None = None,
+        settings: ElectionSettings | None = None,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+        observer: Callable[[ElectionDriver], None] | None = None,
+        send_timeout_s: float = SEND_TIMEOUT_S,
+    ) -> None:
+        self.router = router
+        self.cluster = cluster
+        self.peer_id = router.net.peer_id
+        self._initial_voters = frozenset(voters)
+        self.store = store
+        self.ident = ident
+        self.settings = settings or ElectionSettings()
+        self.clock: Clock = clock or TrioClock()
+        self._rng = rng or random.Random()
+        self._observer = observer or (lambda driver: None)
+        self.send_timeout_s = send_timeout_s
+        self.stats: Counter[str] = Counter()
+        self._core: ElectionCore | None = None
+        self._inbox_send, self._inbox = trio.open_memory_channel[tuple[str, Any]](INBOX_SIZE)
+        self._thawed = trio.Event()
+        self._thawed.set()
+        self._nursery: trio.Nursery | None = None
+        self._seq = 0
+        self._seq_term = -1
+
+    # -- state -------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._core is not None
+
+    @property
+    def core(self) -> ElectionCore:
+        if self._core is None:
+            raise RuntimeError("the driver has not started")
+        return self._core
+
+    def is_coordinator(self) -> bool:
+        return self._core is not None and self._core.is_coordinator(self.clock.now())
+
+    @property
+    def frozen(self) -> bool:
+        return not self._thawed.is_set()
+
+    def freeze(self) -> None:
+        if self._thawed.is_set():
+            self._thawed = trio.Event()
+
+    def thaw(self) -> None:
+        self._thawed.set()
+
+    async def thawed(self) -> None:
+        """Returns once the driver is not frozen."""
+        while not self._thawed.is_set():
+            await self._thawed.wait()
+
+    # -- commands ----------------------------------------------------------------------
+
+    def sign_next_command(self, action: str, body: bytes) -> wire.Command:
+        """The next command of this coordinator's term, signed; NotCoordinatorError unless
+        this node holds the lease now."""
+        if self.ident is None:
+            raise NotCoordinatorError("this driver has no node key to sign commands")
+        if not self.is_coordinator():
+            raise NotCoordinatorError(f"not the coordinator of {self.cluster}")
+        term = self.core.term
+        if term != self._seq_term:
+            self._seq_term, self._seq = term, 0
+        self._seq += 1
+        return sign_command(self.ident, self.cluster, term, self._seq, action, body)
+
+    async def send_command(self, command: wire.Command) -> dict[str, str | None]:
+        """Send `command` to every other voter; per voter, None if accepted, else the reason
+        it was refused (`unreachable` when it did not answer)."""
+        payload = wire.encode(command)
+        results: dict[str, str | None] = {}
+
+        async def one(peer: str) -> None:
+            try:
+                answer = await self.router.net.request(
+                    peer, wire.COMMAND_PROTOCOL, payload, timeout_s=self.send_timeout_s
+                )
+                raw = codec.decode(answer, max_bytes=256)
+                refused = raw.get("refused") if isinstance(raw, dict) else "malformed"
+                results[peer] = None if refused is None else str(refused)[:32]
+            except (NetworkError, codec.CodecError):
+                results[peer] = "unreachable"
+
+        async with trio.open_nursery() as nursery:
+            for peer in sorted(self.core.voters - {self.peer_id}):
+                nursery.start_soon(one, peer)
+        return results
+
+    # -- running -----------------------------------------------------------------------
+
+    def deliver(self, sender: str, message: wire.ElectionMessage) -> None:
+        """A decoded message for this cluster (from the router)."""
+        try:
+            self._inbox_send.send_nowait((sender, message))
+        except trio.WouldBlock:
+            self.stats["inbox_full"] += 1
+
+    def set_voters(self, voters: frozenset[str]) -> None:
+        """One voter added or removed (from the membership registry)."""
+        effects = self.core.set_voters(frozenset(voters), self.clock.now())
+        if effects and self._nursery is not None:
+            self._nursery.start_soon(self._apply, effects)
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        state = self.store.load(self.cluster)
+        self._core = ElectionCore(
+            self.cluster,
+            self.peer_id,
+            self._initial_voters,
+            self.clock.now(),
+            settings=self.settings,
+            state=state,
+            rng=self._rng,
+        )
+        self.router.drivers[self.cluster] = self
+        self.router.fence.observe_term(self.cluster, self._core.term)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await self._loop()
+        finally:
+            if self.router.drivers.get(self.cluster) is self:
+                del self.router.drivers[self.cluster]
+
+    async def _loop(self) -> None:
+        core = self.core
+        while True:
+            await self.thawed()
+            await self._apply(core.tick(self.clock.now()))
+            item: tuple[str, Any] | None = None
+            # never a wake-up at once: a clock's rounding must not spin this loop
+            wake = max(self.clock.trio_time(core.next_deadline()), trio.current_time() + 1e-6)
+            with trio.move_on_at(wake):
+                item = await self._inbox.receive()
+            if item is None:
+                continue
+            if self.frozen:  # arrived while frozen: handled after the thaw, clock first
+                await self.thawed()
+                await self._apply(core.tick(self.clock.now()))
+            sender, message = item
+            self.stats["received"] += 1
+            await self._apply(core.receive(sender, message, self.clock.now()))
+
+    async def _apply(self, effects: list[Effect]) -> None:
+        core = self.core
+        for effect in effects:
+            if isinstance(effect, Persist):
+                await self.store.save(self.cluster, effect.state)
+            elif isinstance(effect, Send):
+                self._send(effect.to, effect.message)
+            elif isinstance(effect, LeaderChanged):
+                self.stats["leader_changes"] += 1
+        self.router.fence.observe_term(self.cluster, core.term, core.leader)
+        self._observer(self)
+
+    def _send(self, to: str, message: wire.ElectionMessage) -> None:
+        if self._nursery is None:
+            return
+        self.stats["sent"] += 1
+        self._nursery.start_soon(self._deliver, to, wire.encode(message))
+
+    async def _deliver(self, to: str, payload: bytes) -> None:
+        try:
+            await self.router.net.request(
+                to, wire.ELECTION_PROTOCOL, payload, timeout_s=self.send_timeout_s
+            )
+        except NetworkError:
+            self.stats["send_failed"] += 1

@@ -1,0 +1,246 @@
+"""The election driver on the in-memory network, in virtual time: election, failover,
+persistence across restarts, fencing of a paused coordinator, partitions, bad input."""
+
+from __future__ import annotations
+
+import random
+
+import msgspec
+import pytest
+import trio
+
+from p2p import codec
+from p2p.identity import NodeIdentity
+from p2p.testing.faults import FaultyNetwork, SkewedClock
+from scheduler import election_wire as wire
+from scheduler.election import PersistentState, Role
+from scheduler.election_driver import (
+    ElectionDriver,
+    ElectionRouter,
+    FileElectionStore,
+    MemoryElectionStore,
+    NotCoordinatorError,
+)
+from scheduler.fencing import FenceKeeper, MemoryFenceStore, sign_command
+
+CLUSTER = "c1"
+
+
+class Node:
+    def __init__(self, hub: FaultyNetwork, ident: NodeIdentity, voters: frozenset[str]) -> None:
+        self.hub = hub
+        self.ident = ident
+        self.voters = voters
+        self.store = MemoryElectionStore()
+        self.fence_store = MemoryFenceStore()
+        self.commands: list[wire.Command] = []
+        self.scope: trio.CancelScope | None = None
+        self.driver: ElectionDriver | None = None
+        self.router: ElectionRouter | None = None
+
+    @property
+    def peer_id(self) -> str:
+        return self.ident.peer_id
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        node = self.hub.add_node(self.peer_id)
+        fence = FenceKeeper(self.fence_store, lambda cluster: self.voters)
+        self.router = ElectionRouter(node, fence, on_command=self.commands.append)
+        self.driver = ElectionDriver(
+            self.router,
+            CLUSTER,
+            self.voters,
+            self.store,
+            ident=self.ident,
+            rng=random.Random(self.peer_id),
+        )
+        with trio.CancelScope() as self.scope:
+            await self.driver.run(task_status=task_status)
+
+    def crash(self) -> None:
+        self.scope.cancel()
+        self.hub.remove_node(self.peer_id)
+
+
+async def cluster(nursery: trio.Nursery, size: int = 3, seed: int = 1):
+    hub = FaultyNetwork(seed=seed, latency_s=0.005)
+    idents = [NodeIdentity.generate() for _ in range(size)]
+    voters = frozenset(i.peer_id for i in idents)
+    nodes = [Node(hub, ident, voters) for ident in idents]
+    for node in nodes:
+        await nursery.start(node.run)
+    return hub, nodes
+
+
+def agreed(nodes: list[Node]) -> Node | None:
+    leaders = [n for n in nodes if n.driver.core.role is Role.LEADER]
+    if len(leaders) != 1:
+        return None
+    core = leaders[0].driver.core
+    if all(
+        n.driver.core.leader == leaders[0].peer_id and n.driver.core.term == core.term
+        for n in nodes
+    ):
+        return leaders[0]
+    return None
+
+
+async def wait_agreed(nodes: list[Node], limit_s: float = 3.0) -> Node:
+    deadline = trio.current_time() + limit_s
+    while trio.current_time() < deadline:
+        leader = agreed(nodes)
+        if leader is not None:
+            return leader
+        await trio.sleep(0.01)
+    raise AssertionError(f"no coordinator known to all within {limit_s} s")
+
+
+async def test_three_nodes_elect_one_and_fail_over_within_3s(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        hub, nodes = await cluster(nursery)
+        leader = await wait_agreed(nodes)
+        assert leader.driver.is_coordinator()
+        for node in nodes:  # the term and any vote are on disk
+            assert node.store.states[CLUSTER].term == leader.driver.core.term
+        leader.crash()
+        rest = [n for n in nodes if n is not leader]
+        start = trio.current_time()
+        new = await wait_agreed(rest)
+        assert trio.current_time() - start < 3.0
+        assert new.driver.core.term > leader.store.states[CLUSTER].term
+        # the old coordinator comes back with its persisted term and follows
+        nursery.start_soon(leader.run)
+        await trio.sleep(1.0)
+        assert await wait_agreed(nodes) is new
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_paused_coordinator_is_fenced_and_steps_down(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        hub, nodes = await cluster(nursery)
+        leader = await wait_agreed(nodes)
+        first = leader.driver.sign_next_command("assign", b"a")
+        results = await leader.driver.send_command(first)
+        assert set(results.values()) == {None}
+        zombie = leader.driver.sign_next_command("assign", b"b")  # decided, then SIGSTOP
+        leader.driver.freeze()
+        rest = [n for n in nodes if n is not leader]
+        new = await wait_agreed(rest)
+        await trio.sleep(2.0)
+        leader.driver.thaw()
+        results = await leader.driver.send_command(zombie)
+        assert set(results.values()) == {"stale_term"}
+        for node in rest:
+            assert node.router.fence.refused["stale_term"] == 1
+            assert [c.seq for c in node.commands] == [1]
+        await trio.sleep(0.1)
+        assert leader.driver.core.role is Role.FOLLOWER
+        assert not leader.driver.is_coordinator()
+        with pytest.raises(NotCoordinatorError):
+            leader.driver.sign_next_command("assign", b"c")
+        assert await wait_agreed(nodes) is new
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_minority_elects_nobody_and_the_majority_keeps_a_coordinator(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        hub, nodes = await cluster(nursery, size=5)
+        leader = await wait_agreed(nodes)
+        minority = [leader, *[n for n in nodes if n is not leader][:1]]
+        majority = [n for n in nodes if n not in minority]
+        hub.partition([{n.peer_id for n in minority}, {n.peer_id for n in majority}])
+        new = await wait_agreed(majority)
+        await trio.sleep(5.0)
+        assert not any(n.driver.core.role is Role.LEADER for n in minority)
+        assert agreed(majority) is new
+        # pre-vote: the minority's terms did not run away while cut off
+        assert max(n.driver.core.term for n in minority) <= new.driver.core.term
+        hub.heal()
+        assert await wait_agreed(nodes) is new
+        nursery.cancel_scope.cancel()
+
+
+async def test_one_way_cut_from_the_coordinator_and_skewed_clocks_still_converge(autojump_clock):
+    hub = FaultyNetwork(seed=3, latency_s=0.005)
+    idents = [NodeIdentity.generate() for _ in range(3)]
+    voters = frozenset(i.peer_id for i in idents)
+    nodes = [Node(hub, ident, voters) for ident in idents]
+    async with trio.open_nursery() as nursery:
+        skews = [(0.95, -5.0), (1.05, 5.0), (1.0, 0.0)]
+        for node, (rate, offset) in zip(nodes, skews, strict=True):
+            await nursery.start(_run_with_clock, node, SkewedClock(rate, offset))
+        leader = await wait_agreed(nodes)
+        for other in nodes:  # nothing the coordinator sends arrives
+            if other is not leader:
+                hub.block(leader.peer_id, other.peer_id)
+        rest = [n for n in nodes if n is not leader]
+        await wait_agreed(rest, 3.0)
+        hub.clear_faults()
+        await wait_agreed(nodes, 3.0)
+        nursery.cancel_scope.cancel()
+
+
+async def _run_with_clock(node: Node, clock: SkewedClock, task_status=trio.TASK_STATUS_IGNORED):
+    net = node.hub.add_node(node.peer_id)
+    fence = FenceKeeper(node.fence_store, lambda cluster: node.voters)
+    node.router = ElectionRouter(net, fence, on_command=node.commands.append)
+    node.driver = ElectionDriver(
+        node.router, CLUSTER, node.voters, node.store, ident=node.ident, clock=clock
+    )
+    with trio.CancelScope() as node.scope:
+        await node.driver.run(task_status=task_status)
+
+
+async def test_bad_input_is_counted_and_changes_nothing(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        hub, nodes = await cluster(nursery)
+        leader = await wait_agreed(nodes)
+        term = leader.driver.core.term
+        target = next(n for n in nodes if n is not leader)
+        outsider_ident = NodeIdentity.generate()
+        outsider = hub.add_node(outsider_ident.peer_id)
+        garbage = [b"", b"\xc1", codec.encode({"v": 2, "t": "hb"}), codec.encode([1, 2])]
+        for payload in garbage:
+            await outsider.request(target.peer_id, wire.ELECTION_PROTOCOL, payload)
+        # a vote request and a heartbeat of a huge term from a non-member
+        for msg in (wire.VoteRequest(CLUSTER, 99, pre=False), wire.Heartbeat(CLUSTER, 99, 1)):
+            await outsider.request(target.peer_id, wire.ELECTION_PROTOCOL, wire.encode(msg))
+        # commands: from a non-voter, forged, replayed, stale
+        good = leader.driver.sign_next_command("assign", b"x")
+        await leader.driver.send_command(good)
+        bad = [
+            sign_command(outsider_ident, CLUSTER, term, 5, "assign", b"x"),
+            msgspec.structs.replace(
+                sign_command(outsider_ident, CLUSTER, term, 6, "assign", b"x"),
+                signer=leader.peer_id,
+            ),
+            good,
+            sign_command(leader.ident, CLUSTER, term - 1, 9, "assign", b"x"),
+        ]
+        answers = []
+        for command in bad:
+            raw = await outsider.request(
+                target.peer_id, wire.COMMAND_PROTOCOL, wire.encode(command)
+            )
+            answers.append(codec.decode(raw)["refused"])
+        assert answers == ["not_voter", "bad_signature", "replayed_seq", "stale_term"]
+        await outsider.request(target.peer_id, wire.COMMAND_PROTOCOL, b"\x00garbage")
+        stats = target.router.stats
+        assert stats["election_malformed"] + stats["election_bad_version"] == len(garbage)
+        assert stats["command_malformed"] == 1
+        assert target.driver.core.stats["not_voter"] == 2
+        await trio.sleep(1.0)
+        assert agreed(nodes) is leader and leader.driver.core.term == term
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_file_store_keeps_term_and_vote(tmp_path):
+    path = tmp_path / "election.json"
+    store = FileElectionStore(path)
+    await store.save("c1", PersistentState(4, "peer-a"))
+    await store.save("c2", PersistentState(1, None))
+    again = FileElectionStore(path)
+    assert again.load("c1") == PersistentState(4, "peer-a")
+    assert again.load("c2") == PersistentState(1, None)
+    assert again.load("c3") is None
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
