@@ -87,6 +87,8 @@ class Swim:
         `verify(peer id, message, signature)` checks another's."""
         if incarnation < 1:
             raise ValueError("an incarnation starts at 1 (0 means never heard from)")
+        if settings.probe_timeout_s >= settings.probe_interval_s:
+            raise ValueError("probe_timeout_s must be shorter than probe_interval_s")
         self.me = me
         self.cluster = cluster
         self.settings = settings

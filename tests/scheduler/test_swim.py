@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import msgspec
 import pytest
 
 from scheduler import swim_wire as wire
@@ -218,3 +219,15 @@ def test_a_paused_member_shifts_its_timers_instead_of_declaring_deaths():
     assert not [e for e in effects if getattr(e, "state", None) == State.DEAD]
     assert core.state_of(x) == State.SUSPECT
     assert core.suspicions[x].deadline - later == pytest.approx(left, abs=0.25)
+
+
+def test_settings_are_checked_as_a_config_would_be():
+    assert msgspec.convert({"probe_interval_s": 0.5}, SwimSettings).probe_interval_s == 0.5
+    for bad in ({"probe_interval_s": 0}, {"max_piggyback": wire.MAX_UPDATES}, {"gossip_nodes": 0}):
+        with pytest.raises(msgspec.ValidationError):
+            msgspec.convert(bad, SwimSettings)
+    ident = identities(1)[0]
+    with pytest.raises(ValueError, match="shorter"):
+        make_core(ident, [], SwimSettings(probe_interval_s=0.1, probe_timeout_s=0.1))
+    with pytest.raises(ValueError, match="incarnation"):
+        make_core(ident, [], DEFAULTS, incarnation=0)
