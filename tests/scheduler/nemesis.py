@@ -47,7 +47,7 @@ FAULT_S = 8.0  # virtual seconds of faults per schedule
 CONVERGE_S = 3.0  # the Done-means bound after the faults stop
 FAILOVER_LIMIT_S = 10.0  # how long a failover is waited for before it counts as failed
 QUIET_S = 3.0  # the quiet cluster's messages are counted over this long
-COMMAND_EVERY_S = 0.1  # a coordinator's command rate
+COMMAND_EVERY_S = 0.25  # a coordinator's command rate
 LATENCY_S = 0.005
 # identities are costly to make by the thousand: a pool shared by every schedule
 _IDENTS = [NodeIdentity.generate() for _ in range(7)]
@@ -72,9 +72,8 @@ class Member:
     zombie: Command | None = None  # signed before a pause, sent after it
     starting: bool = False
 
-    @property
-    def peer_id(self) -> str:
-        return self.ident.peer_id
+    def __post_init__(self) -> None:
+        self.peer_id = self.ident.peer_id  # derived from the key on every read: cache it
 
     @property
     def up(self) -> bool:
