@@ -335,8 +335,9 @@ class Swim:
         self, kind: type[wire.Ping] | type[wire.PingReq], seq: int, target: str, to: str
     ) -> wire.Message:
         updates = self._updates(to)
-        if to != target:  # a ping-req: the relay's ping carries our claim about the target
-            claim = self.members[target].claim
+        member = self.members.get(target)
+        if to != target and member is not None:  # a ping-req: our claim about the target
+            claim = member.claim
             if claim is not None and claim not in updates:
                 updates = [claim, *updates][: wire.MAX_UPDATES]
         return kind(wire.WIRE_VERSION, self.cluster, seq, self._me(), updates, target)

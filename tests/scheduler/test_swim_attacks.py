@@ -7,6 +7,8 @@ claim of death is only an accusation."""
 from __future__ import annotations
 
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from p2p.identity import NodeIdentity
 from p2p.testing.memnet import MemoryNetwork
@@ -16,6 +18,7 @@ from scheduler.swim_driver import SWIM_PROTOCOL
 from tests.scheduler.swim_pump import CLUSTER, Pump, deterministic_identity, identities
 from tests.scheduler.swim_sim import CLUSTER as SIM_CLUSTER
 from tests.scheduler.swim_sim import start_cluster
+from tests.scheduler.test_swim_wire import messages
 
 STRANGER = deterministic_identity(10_000)
 
@@ -175,3 +178,35 @@ async def test_the_driver_refuses_malformed_messages_and_strangers_and_keeps_goi
         await trio.sleep(3.0)
         assert sim.changes == []
         nursery.cancel_scope.cancel()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), messages, st.floats(0, 0.5)), max_size=12))
+def test_random_messages_never_break_the_core(script):
+    """Typed but arbitrary messages, from members and a stranger, interleaved with ticks:
+    the core never raises, nobody dies, and it still probes and answers afterwards."""
+    pump = Pump.cluster(5)
+    a = pump.peers[0]
+    core = pump.cores[a]
+    senders = [*pump.peers[1:], STRANGER.peer_id, a]
+    now = 0.0
+    for index, message, step in script:
+        now += step
+        sender = senders[index]
+        if index % 2:  # half of them in this cluster, from a signed header, to reach deeper
+            inc = message.me.incarnation or 1
+            ident = next((i for i in identities(5) if i.peer_id == sender), STRANGER)
+            message = type(message)(
+                **{
+                    **{f: getattr(message, f) for f in message.__struct_fields__},
+                    "cluster": CLUSTER,
+                    "me": wire.Me(inc, _proof(ident, inc)),
+                }
+            )
+        core.on_message(sender, message, now)
+        core.on_tick(now)
+    pump.now = now
+    pump.run_for(3.0)
+    assert pump.declared(a, State.DEAD) == {}
+    assert all(s == State.ALIVE for s in (core.state_of(p) for p in pump.peers[1:]))
+    assert core.stats["probes_acked"] > 0
