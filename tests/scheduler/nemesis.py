@@ -23,6 +23,7 @@ runs that schedule again.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass, field
 
@@ -49,8 +50,11 @@ FAILOVER_LIMIT_S = 10.0  # how long a failover is waited for before it counts as
 QUIET_S = 3.0  # the quiet cluster's messages are counted over this long
 COMMAND_EVERY_S = 0.25  # a coordinator's command rate
 LATENCY_S = 0.005
-# identities are costly to make by the thousand: a pool shared by every schedule
-_IDENTS = [NodeIdentity.generate() for _ in range(7)]
+# the same keys in every schedule and process, so that a seed replays the same run
+_IDENTS = [
+    NodeIdentity(hashlib.sha256(b"nemesis node %d" % i).digest(), bytes(31) + b"\x01")
+    for i in range(7)
+]
 
 
 class Violation(AssertionError):

@@ -3,6 +3,7 @@ persistence across restarts, fencing of a paused coordinator, partitions, bad in
 
 from __future__ import annotations
 
+import hashlib
 import random
 
 import msgspec
@@ -62,9 +63,17 @@ class Node:
         self.hub.remove_node(self.peer_id)
 
 
+def identities(size: int) -> list[NodeIdentity]:
+    """Fixed keys: the nodes' random timeouts are seeded by peer id, so runs repeat."""
+    return [
+        NodeIdentity(hashlib.sha256(b"driver test %d" % i).digest(), bytes(31) + b"\x01")
+        for i in range(size)
+    ]
+
+
 async def cluster(nursery: trio.Nursery, size: int = 3, seed: int = 1):
     hub = FaultyNetwork(seed=seed, latency_s=0.005)
-    idents = [NodeIdentity.generate() for _ in range(size)]
+    idents = identities(size)
     voters = frozenset(i.peer_id for i in idents)
     nodes = [Node(hub, ident, voters) for ident in idents]
     for node in nodes:
@@ -162,7 +171,7 @@ async def test_a_minority_elects_nobody_and_the_majority_keeps_a_coordinator(aut
 
 async def test_one_way_cut_from_the_coordinator_and_skewed_clocks_still_converge(autojump_clock):
     hub = FaultyNetwork(seed=3, latency_s=0.005)
-    idents = [NodeIdentity.generate() for _ in range(3)]
+    idents = identities(3)
     voters = frozenset(i.peer_id for i in idents)
     nodes = [Node(hub, ident, voters) for ident in idents]
     async with trio.open_nursery() as nursery:
@@ -185,7 +194,13 @@ async def _run_with_clock(node: Node, clock: SkewedClock, task_status=trio.TASK_
     fence = FenceKeeper(node.fence_store, lambda cluster: node.voters)
     node.router = ElectionRouter(net, fence, on_command=node.commands.append)
     node.driver = ElectionDriver(
-        node.router, CLUSTER, node.voters, node.store, ident=node.ident, clock=clock
+        node.router,
+        CLUSTER,
+        node.voters,
+        node.store,
+        ident=node.ident,
+        clock=clock,
+        rng=random.Random(node.peer_id),
     )
     with trio.CancelScope() as node.scope:
         await node.driver.run(task_status=task_status)
