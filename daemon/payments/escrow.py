@@ -36,8 +36,8 @@ _ADVICE = {
     "ProviderNotActive": "the provider must be registered and staked at least the minimum "
     "(`gridmesh stake AMOUNT`)",
     "NotRegistered": "register first: `gridmesh stake AMOUNT` registers this node's peer id",
-    "ERC20InsufficientBalance": "not enough tUSD: on a devnet or testnet `gridmesh chain fund` "
-    "mints some",
+    "ERC20InsufficientBalance": "not enough tUSD in this account (`gridmesh wallet`): on a "
+    "devnet `gridmesh fund` gives some",
     "DeadlineNotReached": "a job is refunded only after its deadline (`gridmesh job status`)",
     "DeadlinePassed": "the job's deadline has passed: nothing more can be settled; the payer "
     "may refund the rest",

@@ -217,7 +217,7 @@ async def test_job_specs_from_files_and_bad_input(
     poor = await payer.cli(
         "job", "create", "--deposit", "900000tUSD", "--deadline", "60", "--max-price", "1"
     )
-    _refused(poor, "ERC20InsufficientBalance", "gridmesh chain fund")
+    _refused(poor, "ERC20InsufficientBalance", "`gridmesh fund` gives some")
     assert len(json.loads(_ok(await payer.cli("job", "list", "--json")))) == 2
 
 

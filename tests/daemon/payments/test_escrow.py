@@ -128,7 +128,7 @@ async def test_deposit_refusals_name_their_error(env: Env) -> None:
     with pytest.raises(ContractRevert) as poor:
         await payer.deposit(secrets.token_bytes(32), 10**12, 1, env.now() + 600)
     assert poor.value.error_name == "ERC20InsufficientBalance"
-    assert "chain fund" in explain(poor.value)
+    assert "gridmesh fund" in explain(poor.value)
     with pytest.raises(ChainError, match="positive"):
         await payer.deposit(secrets.token_bytes(32), 0, 1, env.now() + 600)
     with pytest.raises(ChainError, match="32 bytes"):
