@@ -261,16 +261,20 @@ class PaidGeneration:
 
     async def _send_if_owed(self, provider: bytes) -> None:
         lock = self.state.sending.setdefault(provider, trio.Lock())
-        async with lock:
+        async with lock:  # also waits for a send in flight
             if provider in self._owed:
                 self._owed.discard(provider)
-                await self._send_voucher(provider)
+                try:
+                    await self._send_voucher(provider)
+                except BaseException:  # cancelled mid-send: the flush sends it again
+                    self._owed.add(provider)
+                    raise
 
     async def _flush(self) -> None:
         """Report equivocations and send every owed voucher, providers in parallel."""
         await self._report_all()
-        async with trio.open_nursery() as nursery:
-            for provider in sorted(self._owed):
+        async with trio.open_nursery() as nursery:  # those in flight too: wait for them
+            for provider in sorted(self._owed | set(self._senders)):
                 nursery.start_soon(self._send_if_owed, provider)
 
     async def _report_all(self) -> None:

@@ -20,6 +20,7 @@ from daemon.payments.jobs import JobBook, PaidJob
 from daemon.payments.provider import Provider
 from daemon.payments.requester import PaymentError, Requester
 from daemon.payments.store import STORE_FILE, PaymentStore
+from tests.daemon.harness import inline_threads
 from tests.daemon.payments.paid_fakes import DOMAIN, FakeEscrow, Ledger
 
 PAYER = Signer(bytes([1] * 32))
@@ -189,3 +190,31 @@ async def test_two_outputs_signed_for_one_step_are_reported(tmp_path):
         r.output_hash,
         bytes([9] * 32),
     }
+
+
+async def test_a_voucher_in_flight_when_the_generation_ends_is_waited_for(
+    autojump_clock, tmp_path, monkeypatch
+):
+    """The generation ends while its provider's last voucher is on its way: leaving
+    `running()` waits for that send instead of cancelling it."""
+    inline_threads(monkeypatch)  # sqlite in a thread would let the virtual clock jump
+    ledger, book, net, provider, requester = setup(tmp_path)
+    send = net.send
+
+    async def slow_send(peer_id: str, payload: bytes) -> bytes:
+        await trio.sleep(1)  # virtual time: the network's latency
+        return await send(peer_id, payload)
+
+    requester._send = slow_send  # noqa: SLF001 - the network the requester was given
+    paid = await requester.generation(JOB)
+    session = await provider_session(provider)
+    async with paid.running():
+        assert await paid.opened("peerA", "s1", "tiny", 0, 2) is None
+        for i in range(2):
+            receipt = await provider.sign(session, bytes([i]), bytes([i + 1]), tokens=1)
+            assert paid.check("peerA", "s1", receipt, bytes([i]), bytes([i + 1])) is None
+            # the first voucher is delivered; the second is in flight when the generation ends
+            await trio.sleep(2 if i == 0 else 0.5)
+    account = provider.store.account(JOB, PROVIDER.address)
+    assert account.acknowledged == account.signed == 20
+    assert account.voucher.voucher.nonce == 2 and net.sent == 2
