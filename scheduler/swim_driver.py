@@ -47,8 +47,11 @@ def _public_key(peer_id: str) -> Ed25519PublicKey | None:
         return None
 
 
+@lru_cache(maxsize=8192)
 def verify(peer_id: str, message: bytes, signature: bytes) -> bool:
-    """`p2p.identity.verify` with the peer's decoded key cached (a core verifies often)."""
+    """`p2p.identity.verify`, with the peer's decoded key and the answers cached: every core
+    of this process (one per cluster, or a whole simulated cluster) checks the same alive
+    claims and accusations, and an answer never changes."""
     key = _public_key(peer_id)
     if key is None:
         return False
