@@ -11,10 +11,11 @@ shard client hands every step's receipt with the bytes it concerns: a hop's inpu
 client sent, or in a chained step the copy of the previous hop's output (so each output hash
 must be the next hop's input hash), and its output is what arrived. A refused receipt fails the
 step as a bad hop and is never acknowledged. After each accepted receipt the provider is owed
-a new voucher; a sender per generation hands each provider its latest over
-`/gridmesh/voucher/1.0.0` (the newest only: vouchers are cumulative), recording the nonce and
-amount in the job book before it is sent, so a restarted node never issues a nonce twice.
-Vouchers still unsent when the generation ends are sent before it returns (bounded).
+a new voucher; a sender per provider (one that does not answer delays no other) hands it its
+latest over `/gridmesh/voucher/1.0.0` (the newest only: vouchers are cumulative, and reach a
+provider in nonce order), recording the nonce and amount in the job book before it is sent, so
+a restarted node never issues a nonce twice. Vouchers owed or in flight when the generation
+ends are sent before it returns (bounded by FLUSH_TIMEOUT_S).
 """
 
 from __future__ import annotations
