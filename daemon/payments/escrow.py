@@ -188,13 +188,13 @@ class Escrow:
 
     # -- jobs --------------------------------------------------------------------------------
 
-    async def job(self, job_id: bytes) -> OnChainJob | None:
-        """The job as JobEscrow has it, None when unknown. Read again after `cache_s`; a
-        job this escrow transacts on is read again at once."""
+    async def job(self, job_id: bytes, *, fresh: bool = False) -> OnChainJob | None:
+        """The job as JobEscrow has it, None when unknown. Read again after `cache_s` (or
+        when `fresh`); a job this escrow transacts on is read again at once."""
         _check_job_id(job_id)
         now = self._clock()
         cached = self._jobs.get(job_id)
-        if cached is not None and now - cached[0] < self._cache_s:
+        if cached is not None and not fresh and now - cached[0] < self._cache_s:
             return cached[1]
         payer, deadline, refunded, deposit, paid, max_price = await self.client.call(
             self.escrow, "jobs", job_id

@@ -230,7 +230,7 @@ def register_payment_methods(dispatcher: Dispatcher, payments: Payments) -> None
                 payments.home, payments.network
             )
             return out
-        on_chain = await escrow.job(job_id)
+        on_chain = await escrow.job(job_id, fresh=True)  # a person asking: no cached view
         if on_chain is None and local is None:
             raise NotFound(f"job {job} is neither in this node's job book nor on the chain")
         out["chain_time"] = await escrow.chain_time()

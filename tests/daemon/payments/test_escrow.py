@@ -190,6 +190,7 @@ async def test_jobs_are_cached_briefly(env: Env) -> None:
     env.advance(3601)
     await payer.refund(job_id)
     assert not (await watcher.job(job_id)).refunded  # still the cached view
+    assert (await watcher.job(job_id, fresh=True)).refunded
     now[0] = 5.0
     assert (await watcher.job(job_id)).refunded
 
