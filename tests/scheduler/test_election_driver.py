@@ -9,10 +9,14 @@ import random
 import msgspec
 import pytest
 import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from p2p import codec
 from p2p.identity import NodeIdentity
 from p2p.testing.faults import FaultyNetwork, SkewedClock
+from p2p.testing.strategies import msgpack_scalars, msgpack_values
 from scheduler import election_wire as wire
 from scheduler.election import PersistentState, Role
 from scheduler.election_driver import (
@@ -259,3 +263,63 @@ async def test_the_file_store_keeps_term_and_vote(tmp_path):
     assert again.load("c2") == PersistentState(1, None)
     assert again.load("c3") is None
     assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+async def test_a_vote_leaves_only_once_it_is_persisted(autojump_clock):
+    """The driver carries out a Persist before the Send after it: a slow disk delays the vote."""
+
+    class SlowStore(MemoryElectionStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = trio.Event()
+
+        async def save(self, cluster, state):
+            await self.gate.wait()
+            await super().save(cluster, state)
+
+    hub = FaultyNetwork(seed=1, latency_s=0.005)
+    voter_ident, candidate_ident, third = identities(3)
+    voters = frozenset(i.peer_id for i in (voter_ident, candidate_ident, third))
+    candidate = hub.add_node(candidate_ident.peer_id)
+    replies: list[tuple[float, wire.ElectionMessage]] = []
+
+    async def on_election(sender: str, payload: bytes) -> bytes:
+        message = wire.decode_election(payload)
+        if isinstance(message, wire.VoteReply):  # (the voter's own pre-votes are not)
+            replies.append((trio.current_time(), message))
+        return b""
+
+    candidate.set_request_handler(wire.ELECTION_PROTOCOL, on_election)
+    store = SlowStore()
+    net = hub.add_node(voter_ident.peer_id)
+    router = ElectionRouter(net, FenceKeeper(MemoryFenceStore(), lambda c: voters))
+    driver = ElectionDriver(router, CLUSTER, voters, store, rng=random.Random(1))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(driver.run)
+        await trio.sleep(1.0)  # past the boot window in which it votes for no one
+        request = wire.encode(wire.VoteRequest(CLUSTER, 1, pre=False))
+        await candidate.request(voter_ident.peer_id, wire.ELECTION_PROTOCOL, request)
+        await trio.sleep(2.0)
+        assert replies == [] and store.writes == 0
+        opened = trio.current_time()
+        store.gate.set()
+        await trio.sleep(0.1)
+        assert store.states[CLUSTER] == PersistentState(1, candidate_ident.peer_id)
+        assert [m for _, m in replies] == [wire.VoteReply(CLUSTER, 1, True, pre=False)]
+        assert replies[0][0] >= opened
+        nursery.cancel_scope.cancel()
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+@given(payload=st.binary(max_size=200) | msgpack_values(msgpack_scalars()).map(codec.encode))
+def test_random_payloads_are_counted_never_raised(payload):
+    async def main() -> None:
+        hub = FaultyNetwork(seed=1)
+        net = hub.add_node("a")
+        router = ElectionRouter(net, FenceKeeper(MemoryFenceStore(), lambda c: frozenset()))
+        assert await router._on_election("b", payload) == b""
+        answer = codec.decode(await router._on_command("b", payload))
+        assert answer["refused"] is not None
+        assert sum(router.stats.values()) >= 1
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
