@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +50,8 @@ MAX_NONCE = (1 << 63) - 1  # what the voucher protocol's answer carries
 
 class PaymentRefused(Exception):
     """A paid session this provider will not run; `code` is what the client is answered:
-    unknown_job, job_refunded, job_expired, job_spent, price_over_max, chain_unavailable."""
+    unknown_job, job_refunded, job_expired, job_spent, not_payer, payer_unknown,
+    price_over_max, chain_unavailable."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -84,16 +85,20 @@ class Provider:
         *,
         price_per_unit: int,
         settle_threshold: int,
+        payout_of: Callable[[str], Awaitable[bytes | None]] | None = None,
         clock: Callable[[], float] = time.time,
         on_reject: Callable[[str], None] | None = None,
     ) -> None:
-        """`signer`: the payout key (the account `escrow` transacts with); `clock`: unix time,
+        """`signer`: the payout key (the account `escrow` transacts with); `payout_of`: a
+        peer's payout address from its signed resource record, so that a paid session is run
+        only for the peer whose account pays the job (None: not checked); `clock`: unix time,
         for deadlines and receipts' timestamps."""
         self.escrow = escrow
         self.signer = signer
         self.store = store
         self.price_per_unit = price_per_unit
         self.settle_threshold = settle_threshold
+        self._payout_of = payout_of
         self._clock = clock
         self._on_reject = on_reject or (lambda reason: None)
         self._books: dict[bytes, VoucherBook] = {}
@@ -128,9 +133,18 @@ class Provider:
     # -- sessions and receipts ---------------------------------------------------------------
 
     async def admit(
-        self, job_id: bytes, *, session_id: str, model_id: str, start: int, end: int
+        self,
+        job_id: bytes,
+        session_id: str,
+        model_id: str,
+        start: int,
+        end: int,
+        *,
+        opener: str | None = None,
     ) -> PaidSession:
-        """A paid session's receipts, or PaymentRefused."""
+        """A paid session's receipts, or PaymentRefused. `opener`: the peer that opened the
+        session (its authenticated identity): it must be the job's payer's, or anyone who
+        learnt a job id could have providers work for it unpaid."""
         try:
             job = await self.escrow.job(job_id)
         except ChainError as exc:
@@ -151,6 +165,15 @@ class Provider:
                 f"{job.max_price_per_unit}",
             )
         payer = address_from_hex(job.payer)
+        if self._payout_of is not None and opener is not None:
+            address = await self._payout_of(opener)
+            if address is None:  # its record may show up: another server may find it
+                raise PaymentRefused("payer_unknown", "no signed record of the session's opener")
+            if address != payer:
+                raise PaymentRefused(
+                    "not_payer",
+                    f"job {name}.. is paid by {job.payer}, not by this session's opener",
+                )
         if job_id not in self._books:
             await self.store.run(self.store.add_job, job_id, payer, job.deadline)
             self._new_book(job_id, payer)

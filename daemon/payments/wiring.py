@@ -114,14 +114,6 @@ def build(
         return None
     store = PaymentStore(home / STORE_FILE)
     book = JobBook(home)
-    provider = Provider(
-        escrow,
-        signer,
-        store,
-        price_per_unit=config.market.price_per_unit,
-        settle_threshold=config.market.settle_threshold,
-        on_reject=on_reject,
-    )
     payouts: dict[str, bytes] = {}
 
     async def payout_of(peer_id: str) -> bytes | None:
@@ -135,6 +127,16 @@ def build(
                 payouts.clear()
             payouts[peer_id] = address_from_hex(record.payout_address)
         return payouts[peer_id]
+
+    provider = Provider(
+        escrow,
+        signer,
+        store,
+        price_per_unit=config.market.price_per_unit,
+        settle_threshold=config.market.settle_threshold,
+        payout_of=payout_of,
+        on_reject=on_reject,
+    )
 
     async def send(peer_id: str, payload: bytes) -> bytes:
         if peer_id == ident.peer_id:  # our own shard server: no network to ourselves

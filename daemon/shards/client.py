@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 # server error codes that no other server would answer differently
 REQUEST_ERRORS = {"bad_length", "too_long", "bad_input", "bad_position", "bad_range", "model"}
 # a paid job no server would take (daemon.payments.provider)
-REQUEST_ERRORS |= {"unknown_job", "job_refunded", "job_expired", "job_spent"}
+REQUEST_ERRORS |= {"unknown_job", "job_refunded", "job_expired", "job_spent", "not_payer"}
 
 
 class HopFailed(Exception):

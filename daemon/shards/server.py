@@ -277,11 +277,7 @@ class ShardServer:
                 raise ShardError("unpaid", "this node does no paid work (no chain configured)")
             block = session.block
             session.paid = await self.payments.admit(
-                job_id,
-                session_id=session.id,
-                model_id=block.model_id,
-                start=block.start,
-                end=block.end,
+                job_id, session.id, block.model_id, block.start, block.end, opener=session.peer
             )
         except PaymentRefused as exc:
             self.end_session(session.id)

@@ -421,3 +421,24 @@ async def test_a_provider_killed_mid_job_is_paid_for_what_was_acknowledged_when_
         await net.wait_for(paid, 10, "the restarted provider to settle")
         assert not back.daemon.paid.store.unsettled()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_that_learnt_a_job_id_gets_no_work_under_it(autojump_clock, tmp_path, tiny):
+    """Mallory puts the requester's job id in its own job book (as if it had deposited) and
+    opens paid sessions with it: the provider sees that the opener's signed payout address
+    is not the job's payer and refuses, so the job's payer is never billed for Mallory."""
+    model_dir, _ = tiny
+    async with trio.open_nursery() as nursery:
+        net = await cluster(nursery, tmp_path, [1])
+        requester, server = net.daemons
+        mallory = await net.add_priced(0)
+        await net.wait_for(net.all_found, 60, "mallory to be found")
+        await deploy(net, model_dir, [(server, 0, LAYERS)])
+        create_job(net, requester)
+        book = mallory.daemon.paid.book
+        book.add(PaidJob(JOB, MAX_PRICE, DEPOSIT, int(time.time()) + 3600, time.time()))
+        with pytest.raises(RPCCallError) as err:
+            await mallory.call("generate", {**GENERATE, "job_id": JOB.hex()})
+        assert "not_payer" in err.value.message, err.value.message
+        assert server.daemon.paid.store.receipts(JOB) == []
+        nursery.cancel_scope.cancel()

@@ -100,6 +100,30 @@ async def test_a_paid_session_needs_a_live_funded_job_at_our_price(tmp_path, cha
     assert err.value.code == code, err.value
 
 
+async def test_a_paid_session_runs_only_for_the_jobs_payer(tmp_path):
+    """Whoever learnt a job id cannot have providers work for it: the session's opener (its
+    authenticated peer) must be the payer's, by its signed payout address."""
+    payouts = {"payer-peer": PAYER.address, "mallory": ME.address}
+
+    async def payout_of(peer_id: str) -> bytes | None:
+        return payouts.get(peer_id)
+
+    provider = Provider(
+        FakeEscrow(funded(), ME),
+        ME,
+        PaymentStore(tmp_path / STORE_FILE),
+        price_per_unit=PRICE,
+        settle_threshold=10**9,
+        payout_of=payout_of,
+    )
+    for opener, code in (("mallory", "not_payer"), ("stranger", "payer_unknown")):
+        with pytest.raises(PaymentRefused) as err:
+            await provider.admit(JOB, "s1", "tiny", 0, 2, opener=opener)
+        assert err.value.code == code
+    paid = await provider.admit(JOB, "s1", "tiny", 0, 2, opener="payer-peer")
+    assert paid.job_id == JOB
+
+
 async def test_no_chain_no_paid_session(tmp_path):
     provider = make(tmp_path, Ledger(), escrow=DownEscrow(Ledger(), ME))
     with pytest.raises(PaymentRefused) as err:
