@@ -193,10 +193,11 @@ class FenceKeeper:
         self.accepted += 1
 
     def _check(self, cmd: Command) -> None:
-        if not signature_ok(cmd):
-            raise BadSignature(cmd, f"the signature is not {cmd.signer[:64]}'s")
+        # the cheap check first: a flood from non-voters costs no signature checks
         if cmd.signer not in self._voters(cmd.cluster):
             raise NotVoter(cmd, f"{cmd.signer[:64]} is not a voter of {cmd.cluster}")
+        if not signature_ok(cmd):
+            raise BadSignature(cmd, f"the signature is not {cmd.signer[:64]}'s")
         current = self.state(cmd.cluster)
         if cmd.term < current.term:
             raise StaleTerm(cmd, f"term {cmd.term} is below {current.term}, already seen")
