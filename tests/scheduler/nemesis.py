@@ -326,6 +326,8 @@ class Sim:
         if len(leaders) != 1:
             return None
         leader = leaders[0]
+        if not leader.driver.is_coordinator():  # elected, and holding its lease
+            return None
         term = leader.driver.core.term
         for m in live:
             if m.driver.core.term != term or m.driver.core.leader != leader.peer_id:
