@@ -138,6 +138,8 @@ class Probes:
         self.untargeted = untargeted
         self.tokens = tokens
         self._writes = 0
+        self.peers: set[str] = set()  # every daemon's peer id (set by main)
+        self.node_names: dict[str, str] = {}  # peer id -> node name
         self.names = [
             "nodes_find@target",
             "nodes_find@untargeted",
@@ -148,7 +150,11 @@ class Probes:
     def _nodes_find(self, daemon: DaemonProcess) -> None:
         found = daemon.call("nodes_find", {}, timeout=PROBE_TIMEOUT_S)
         if len(found) < 4:
-            raise RuntimeError(f"nodes_find found {len(found)} of 4 daemons")
+            missing = self.peers - {record.get("peer_id") for record in found}
+            raise RuntimeError(
+                f"nodes_find found {len(found)} of 4 daemons, not "
+                + ", ".join(sorted(self.node_names.get(p, p) for p in missing))
+            )
 
     def _registry(self) -> None:
         self._writes += 1
@@ -489,6 +495,8 @@ def main() -> int:
             print("deploying a tiny model over node2, node0 (target), node3 ...", flush=True)
             deploy_tiny(root, net, untargeted)
             probes = Probes(target, untargeted, args.tokens)
+            probes.node_names = {d.peer_id: f"node{i}" for i, d in enumerate(net.daemons)}
+            probes.peers = set(probes.node_names)
             for name in probes.names:  # warm up: first calls load and connect
                 probes.run_one(name)
             args.network_id = target.call("node_info")["network_id"]

@@ -260,22 +260,53 @@ class ResourceDirectory:
         """Keep cached records fresh in the background, so find() need not wait on the DHT.
 
         Every `interval_s` (default: the smaller of `publish_interval_s` and a quarter of
-        `record_validity_s`) it looks up the known peers whose record is missing or past half
-        its validity, except those backing off (see `absent_retry_s`).
+        `record_validity_s`) it starts a look-up of each known peer whose record is missing or
+        past half its validity, except those backing off (see `absent_retry_s`) or being looked
+        up already. Look-ups run on their own: a silent peer's, which takes `dht_timeout_s`,
+        never holds back the next round for the others (it once let honest records expire
+        while a record-less peer was connected).
         """
         if interval_s is None:
             interval_s = min(
                 self._settings.publish_interval_s, self._settings.record_validity_s / 4
             )
+        limiter = trio.CapacityLimiter(self._settings.max_parallel_gets)
+        in_flight: set[str] = set()
+
+        async def refresh(peer_id: str) -> None:
+            try:
+                await self._refresh_one(peer_id, limiter)
+            finally:
+                in_flight.discard(peer_id)
+
         self._refreshers += 1
         try:
-            while True:
-                await self.refresh_once()
-                with trio.move_on_after(interval_s):
-                    await self._wake.wait()
-                self._wake = trio.Event()
+            async with trio.open_nursery() as nursery:
+                while True:
+                    now = self._net.now()
+                    for peer_id in self._candidates():
+                        if peer_id not in in_flight and self._due(peer_id, now):
+                            in_flight.add(peer_id)
+                            nursery.start_soon(refresh, peer_id)
+                    self._forget_expired()
+                    with trio.move_on_after(self._next_due_in(interval_s, in_flight)):
+                        await self._wake.wait()
+                    self._wake = trio.Event()
         finally:
             self._refreshers -= 1
+
+    def _next_due_in(self, most_s: float, in_flight: set[str]) -> float:
+        """Seconds until the next peer falls due (a failed look-up's retry included), at most
+        `most_s`: a retry waits for its own time, not for the next full interval."""
+        now = self._net.now()
+        soonest = now + most_s
+        for peer_id in self._candidates():
+            if peer_id in in_flight:
+                continue
+            record = self._cache.get(peer_id)
+            due = -math.inf if record is None else record.issued_at + record.valid_for / 2
+            soonest = min(soonest, max(due, self._retry_at.get(peer_id, -math.inf)))
+        return max(0.0, soonest - now)
 
     async def find(
         self, predicate: Callable[[records.ResourceRecord], bool] | None = None
