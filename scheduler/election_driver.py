@@ -21,6 +21,7 @@ works through the backlog.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -310,6 +311,8 @@ class ElectionDriver:
         effects = self.core.set_voters(frozenset(voters), self.clock.now())
         if effects and self._nursery is not None:
             self._nursery.start_soon(self._apply, effects)
+        with contextlib.suppress(trio.WouldBlock):  # wake the loop: a sooner deadline maybe
+            self._inbox_send.send_nowait(("", None))
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         state = self.store.load(self.cluster)
@@ -349,6 +352,8 @@ class ElectionDriver:
                 await self.thawed()
                 await self._apply(core.tick(self.clock.now()))
             sender, message = item
+            if message is None:  # a wake-up (set_voters)
+                continue
             self.stats["received"] += 1
             await self._apply(core.receive(sender, message, self.clock.now()))
 

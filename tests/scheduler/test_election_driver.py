@@ -323,3 +323,67 @@ def test_random_payloads_are_counted_never_raised(payload):
         assert sum(router.stats.values()) >= 1
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def test_one_router_serves_several_clusters(autojump_clock):
+    """A node in two clusters: one router, one driver per cluster, each elects apart."""
+    hub = FaultyNetwork(seed=2, latency_s=0.005)
+    idents = identities(4)
+    ids = [i.peer_id for i in idents]
+    clusters = {"c1": frozenset(ids[:3]), "c2": frozenset(ids[1:])}
+    routers = {}
+    for ident in idents:
+        net = hub.add_node(ident.peer_id)
+        fence = FenceKeeper(MemoryFenceStore(), lambda cluster: clusters.get(cluster, frozenset()))
+        routers[ident.peer_id] = ElectionRouter(net, fence)
+    drivers: dict[str, list[ElectionDriver]] = {"c1": [], "c2": []}
+    async with trio.open_nursery() as nursery:
+        for name, voters in clusters.items():
+            for peer in sorted(voters):
+                driver = ElectionDriver(
+                    routers[peer],
+                    name,
+                    voters,
+                    MemoryElectionStore(),
+                    rng=random.Random(f"{name} {peer}"),
+                )
+                drivers[name].append(driver)
+                await nursery.start(driver.run)
+        await trio.sleep(3.0)
+        for name, group in drivers.items():
+            leaders = {d.core.leader for d in group}
+            assert len(leaders) == 1 and None not in leaders, name
+            assert sum(d.is_coordinator() for d in group) == 1
+        assert set(routers[ids[1]].drivers) == {"c1", "c2"}
+        # a message for a cluster the node is not in is counted, not delivered
+        outsider = hub.add_node("outsider")
+        heartbeat = wire.encode(wire.Heartbeat("c9", 1, 1))
+        await outsider.request(ids[0], wire.ELECTION_PROTOCOL, heartbeat)
+        assert routers[ids[0]].stats["election_unknown_cluster"] == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_voters_change_one_at_a_time_while_running(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        hub, nodes = await cluster(nursery, size=3)
+        leader = await wait_agreed(nodes)
+        # a fourth voter joins: everyone learns of it, then it starts
+        fourth_ident = identities(4)[3]
+        voters = frozenset({*nodes[0].voters, fourth_ident.peer_id})
+        for node in nodes:
+            node.voters = voters
+            node.driver.set_voters(voters)
+        fourth = Node(hub, fourth_ident, voters)
+        await nursery.start(fourth.run)
+        everyone = [*nodes, fourth]
+        assert await wait_agreed(everyone) is leader
+        # the coordinator is removed: it steps down and the other three elect one of them
+        rest = [n for n in everyone if n is not leader]
+        without = voters - {leader.peer_id}
+        for node in everyone:
+            node.voters = without
+            node.driver.set_voters(without)
+        assert leader.driver.core.role is Role.FOLLOWER
+        new = await wait_agreed(rest)
+        assert new is not leader
+        nursery.cancel_scope.cancel()
