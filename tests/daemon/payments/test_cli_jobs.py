@@ -272,3 +272,21 @@ def test_payments_of_a_daemon_share_its_escrow_and_job_book(tmp_path: Path) -> N
     with pytest.raises(FailedPrecondition, match="no chain configured"):
         bare.need_escrow()
     bare.close()
+
+
+def test_a_deployment_that_cannot_be_used_turns_paid_work_off_saying_why(tmp_path: Path) -> None:
+    ident, _ = identity.init_identity(tmp_path)
+    (tmp_path / "chain").mkdir()
+    (tmp_path / "chain" / "devnet.json").write_text('{"network": "devnet"}')  # broken
+    cfg = configuration.resolve(None, env={}, flags={})
+    payments = open_payments(tmp_path, cfg, ident.peer_id, ident.payout_key)
+    assert payments.escrow is None
+    with pytest.raises(FailedPrecondition) as why:
+        payments.need_escrow()
+    assert "the chain is not usable" in str(why.value) and "devnet.json" in str(why.value)
+    payments.close()
+    anvil = configuration.resolve(None, env={"GRIDMESH_CHAIN__NETWORK": "anvil"}, flags={})
+    other = open_payments(tmp_path, anvil, ident.peer_id, ident.payout_key)  # no anvil record
+    with pytest.raises(FailedPrecondition, match="network 'anvil'"):
+        other.need_escrow()
+    other.close()
