@@ -27,7 +27,7 @@ import logging
 import os
 import random
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -275,9 +275,12 @@ class ElectionDriver:
         self._seq += 1
         return sign_command(self.ident, self.cluster, term, self._seq, action, body)
 
-    async def send_command(self, command: wire.Command) -> dict[str, str | None]:
-        """Send `command` to every other voter; per voter, None if accepted, else the reason
-        it was refused (`unreachable` when it did not answer)."""
+    async def send_command(
+        self, command: wire.Command, to: Iterable[str] | None = None
+    ) -> dict[str, str | None]:
+        """Send `command` to the members `to` (by default every other voter; workers check
+        it with a FenceKeeper whose voters come from the membership registry); per member,
+        None if accepted, else the reason it was refused (`unreachable`: no answer)."""
         payload = wire.encode(command)
         results: dict[str, str | None] = {}
 
@@ -293,7 +296,8 @@ class ElectionDriver:
                 results[peer] = "unreachable"
 
         async with trio.open_nursery() as nursery:
-            for peer in sorted(self.core.voters - {self.peer_id}):
+            targets = self.core.voters if to is None else frozenset(to)
+            for peer in sorted(targets - {self.peer_id}):
                 nursery.start_soon(one, peer)
         return results
 

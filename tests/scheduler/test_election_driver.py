@@ -387,3 +387,20 @@ async def test_voters_change_one_at_a_time_while_running(autojump_clock):
         new = await wait_agreed(rest)
         assert new is not leader
         nursery.cancel_scope.cancel()
+
+
+async def test_commands_reach_workers_whose_fences_know_the_voters(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        hub, nodes = await cluster(nursery)
+        leader = await wait_agreed(nodes)
+        worker_net = hub.add_node("worker")
+        accepted: list[wire.Command] = []
+        fence = FenceKeeper(MemoryFenceStore(), lambda cluster: nodes[0].voters)
+        ElectionRouter(worker_net, fence, on_command=accepted.append)
+        command = leader.driver.sign_next_command("assign", b"layers 0-4")
+        assert await leader.driver.send_command(command, to=["worker"]) == {"worker": None}
+        assert accepted == [command] and fence.highest(CLUSTER) == leader.driver.core.term
+        assert await leader.driver.send_command(command, to=["worker"]) == {
+            "worker": "replayed_seq"
+        }
+        nursery.cancel_scope.cancel()
