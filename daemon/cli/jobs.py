@@ -29,7 +29,8 @@ def _group() -> None:
     """Paid jobs: lock a deposit in the escrow, generate under the job id, get the rest back.
 
     1. `gridmesh job create --deposit 5tUSD --max-price 10 --deadline 3600` (or -f job.yaml)
-    prints a job id. 2. The JSON-RPC `generate` with that `job_id` runs as the job: each
+    prints a job id. 2. `gridmesh generate PROMPT --model M --job JOB` (or JSON-RPC
+    `generate` with that `job_id`) runs as the job: each
     provider signs a receipt per step, this node acknowledges them and the providers settle
     on chain. 3. `gridmesh job status JOB` shows deposit, paid, acknowledged per provider.
     4. After the deadline, `gridmesh job refund JOB` returns what was not spent.
@@ -165,7 +166,7 @@ def create(
         f"{job['max_price_per_unit']}/unit; deadline {_when(job['deadline'])}",
         err=True,
     )
-    typer.echo(f"use it: JSON-RPC generate with job_id {job['job_id']}", err=True)
+    typer.echo(f"use it: gridmesh generate PROMPT --model MODEL --job {job['job_id']}", err=True)
 
 
 @job_app.command()

@@ -168,9 +168,17 @@ def generate(
         "other, and is what the client falls back to when it sees that).",
     ),
     max_price_per_unit: int | None = MaxPriceOption,
+    job_id: str | None = typer.Option(
+        None,
+        "--job",
+        help="Run as this paid job (its id from `gridmesh job create`): every server signs a "
+        "receipt per step, this daemon checks each and pays with vouchers against the deposit.",
+    ),
     home: Path | None = HomeOption,
 ) -> None:
-    """Generate text through the shard servers, printing tokens as they come."""
+    """Generate text through the shard servers, printing tokens as they come.
+
+    With --job the generation is paid from that job's deposit; without it, it is free work."""
     import time
 
     params: dict[str, Any] = {
@@ -185,6 +193,8 @@ def generate(
         params["seed"] = seed
     if max_price_per_unit is not None:
         params["max_price_per_unit"] = max_price_per_unit
+    if job_id is not None:
+        params["job_id"] = job_id
     job = call(home, "generate", params)["job"]
     shown = ""
     try:
@@ -208,6 +218,13 @@ def generate(
     hops = " -> ".join(f"{h['peer_id'][-6:]}[{h['start']},{h['end']})" for h in state["route"])
     how = state.get("forwarding", "chained")
     typer.echo(f"({state['n_tokens']} tokens in {state['seconds']} s via {hops}, {how})", err=True)
+    if payment := state.get("payment"):
+        refused = len(payment.get("receipts_refused") or [])
+        typer.echo(
+            f"(paid job {payment.get('job_id')}: {payment.get('acknowledged')} acknowledged in "
+            f"this generation, in the token's smallest unit; {refused} receipts refused)",
+            err=True,
+        )
 
 
 COMMANDS = (deploy, undeploy, blocks, generate)  # registered by daemon.cli.main, in this order

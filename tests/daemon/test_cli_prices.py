@@ -89,3 +89,23 @@ def test_deploy_and_generate_pass_a_maximum_price_on(tmp_path, monkeypatch):
     assert "max_price_per_unit" not in calls[1][1] and "max_price_per_unit" not in calls[4][1]
     refused = runner.invoke(app, [*generate, "--max-price-per-unit", "-1"])
     assert refused.exit_code != 0 and len(calls) == 6
+
+
+def test_generate_runs_as_a_paid_job_with_job(tmp_path, monkeypatch):
+    calls: list[tuple[str, dict]] = []
+    job_id = "0x" + "ab" * 32
+
+    def answer(home, method, params, *rest):
+        calls.append((method, dict(params)))
+        if method == "generate":
+            return {"job": "j"}
+        state = {"text": "x", "done": True, "error": None, "route": [], "n_tokens": 1}
+        payment = {"job_id": job_id, "acknowledged": 4000, "receipts_refused": []}
+        return {**state, "seconds": 0, "payment": payment}
+
+    monkeypatch.setattr(shards, "call", answer)
+    home = ["--home", str(tmp_path / "h")]
+    result = CliRunner().invoke(app, ["generate", "hi", "--model", "m", "--job", job_id, *home])
+    assert result.exit_code == 0, result.output
+    assert calls[0][0] == "generate" and calls[0][1]["job_id"] == job_id
+    assert f"paid job {job_id}: 4000 acknowledged" in result.output
