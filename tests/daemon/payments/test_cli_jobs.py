@@ -131,7 +131,7 @@ async def test_paid_job_from_the_command_line(env: Env, nodes: dict[str, Node]) 
     )
     job = out.splitlines()[0]
     assert job.startswith("0x") and len(job) == 66
-    assert "deposited 5 tUSD" in out and f"generate with job_id {job}" in out
+    assert "deposited 5 tUSD" in out and f"--job {job}" in out
     listed = json.loads(_ok(await payer.cli("job", "list", "--json")))
     assert [(j["job_id"], j["name"], j["deposit"], j["state"]) for j in listed] == [
         (job, "demo", 5 * TUSD, "deposited")
