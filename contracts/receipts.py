@@ -368,6 +368,7 @@ class _Account:
     amount: int = 0
     voucher: SignedVoucher | None = None
     vouched: int = 0  # how many digests the last voucher covers
+    nonce: int = 0  # the nonce of the last voucher (also one issued before a `resume`)
 
 
 class Acknowledger:
@@ -396,6 +397,17 @@ class Acknowledger:
         account.tree.append(accepted.digest)
         account.amount += accepted.amount
 
+    def resume(self, provider: bytes, cumulative: int, nonce: int) -> None:
+        """Go on from a record kept elsewhere (the requester's job book, after a restart): the
+        next voucher to `provider` adds to `cumulative` and has nonce `nonce + 1`. The receipts
+        behind the record are not known here, so later roots cover only receipts acknowledged
+        from now on (the earlier ones were paid against the roots of earlier vouchers)."""
+        if provider in self._accounts:
+            raise ValueError("this provider has acknowledgements here already")
+        if cumulative < 0 or nonce < 0:
+            raise ValueError("a cumulative amount and a nonce are never negative")
+        self._accounts[provider] = _Account(amount=cumulative, nonce=nonce)
+
     def acknowledged(self, provider: bytes) -> int:
         """The cumulative amount acknowledged to `provider`."""
         account = self._accounts.get(provider)
@@ -409,11 +421,11 @@ class Acknowledger:
         """The latest voucher for `provider`: a new one (nonce + 1) when receipts were
         acknowledged since the last, else the last again; None when nothing was."""
         account = self._accounts.get(provider)
-        if account is None:
-            return None
+        if account is None or (account.voucher is None and not account.digests):
+            return None  # nothing acknowledged (since a `resume`)
         if account.voucher is not None and account.vouched == len(account.digests):
             return account.voucher
-        nonce = 1 if account.voucher is None else account.voucher.voucher.nonce + 1
+        nonce = account.nonce + 1
         voucher = Voucher(
             job_id=self.job_id,
             provider=provider,
@@ -423,6 +435,7 @@ class Acknowledger:
         )
         account.voucher = SignedVoucher(voucher, self.payer.sign(self.domain, voucher))
         account.vouched = len(account.digests)
+        account.nonce = nonce
         return account.voucher
 
     def proof(self, provider: bytes, digest: bytes) -> list[bytes]:

@@ -30,9 +30,7 @@ import trio
 
 from contracts.eip712 import (
     Domain,
-    SignedVoucher,
     Signer,
-    Voucher,
     WireFormatError,
     decode_signed_receipt,
     to_checksum_address,
@@ -98,23 +96,6 @@ class JobState:
     sending: dict[bytes, trio.Lock] = field(default_factory=dict)
 
 
-def _resume(acknowledger: Acknowledger, provider: bytes, cumulative: int, nonce: int) -> None:
-    """Continue a provider's vouchers after a restart: amounts and nonces go on from the job
-    book's record. The receipts behind them are not in the book, so the next root covers only
-    receipts acknowledged since (the earlier ones were paid against earlier roots)."""
-    from contracts.receipts import _Account  # the Acknowledger's own record of a provider
-
-    placeholder = Voucher(
-        job_id=acknowledger.job_id,
-        provider=provider,
-        cumulative_amount=cumulative,
-        receipts_root=bytes(32),
-        nonce=nonce,
-    )
-    account = _Account(amount=cumulative, voucher=SignedVoucher(placeholder, b""), vouched=0)
-    acknowledger._accounts[provider] = account  # noqa: SLF001 - never sent: nonce + 1 is
-
-
 class Requester:
     """One node's paid work as a requester (the daemon holds one when it has an Escrow)."""
 
@@ -154,7 +135,7 @@ class Requester:
             spent = 0
             for address, ack in acked.items():
                 provider = bytes.fromhex(address[2:])
-                _resume(acknowledger, provider, ack.cumulative, ack.nonce)
+                acknowledger.resume(provider, ack.cumulative, ack.nonce)
                 spent += ack.cumulative
             terms = JobTerms(job_id, job.deposit, job.max_price_per_unit)
             state = JobState(terms, JobBudget(job.deposit, spent), acknowledger)

@@ -304,6 +304,30 @@ def test_vouchers_are_cumulative_and_monotonic() -> None:
     )
 
 
+def test_vouchers_resume_from_a_record_after_a_restart() -> None:
+    """A requester restarted with its job book's record (cumulative 5000, nonce 7) goes on:
+    nothing to send until a receipt arrives, then nonce 8 over 5000 plus the new amount, signed,
+    with a root over the receipts acknowledged since."""
+    ch, v, ack = chain(), verifier(), Acknowledger(DOMAIN, JOB, PAYER)
+    ack.resume(PROVIDER.address, 5000, 7)
+    assert ack.voucher(PROVIDER.address) is None  # no placeholder ever leaves
+    assert ack.acknowledged(PROVIDER.address) == 5000
+    signed, inp, out = step_of(ch, 0)
+    accepted = v.check(signed, input_hash=inp, output_hash=out)
+    ack.acknowledge(accepted)
+    signed_voucher = ack.voucher(PROVIDER.address)
+    assert signed_voucher is not None
+    voucher = signed_voucher.voucher
+    assert voucher.nonce == 8
+    assert voucher.cumulative_amount == 5000 + accepted.amount
+    assert voucher.receipts_root == merkle.root([accepted.digest])
+    assert eip712.recover(DOMAIN, voucher, signed_voucher.signature) == PAYER.address
+    with pytest.raises(ValueError, match="already"):
+        ack.resume(PROVIDER.address, 0, 0)
+    with pytest.raises(ValueError, match="negative"):
+        Acknowledger(DOMAIN, JOB, PAYER).resume(PROVIDER.address, -1, 0)
+
+
 def test_vouchers_are_per_provider_and_per_job() -> None:
     ack = Acknowledger(DOMAIN, JOB, PAYER)
     other_v = ReceiptVerifier(DOMAIN, TERMS, provider=OTHER.address, session_id="s1")
