@@ -15,11 +15,13 @@ from daemon.api.generation import (
     JobId,
     MaxTokens,
     Model,
+    PaidJobId,
     Prompt,
     PromptTokens,
     Seed,
     Temperature,
     one_prompt,
+    paid_job_id,
 )
 from daemon.api.jsonrpc import REQUESTER, Dispatcher, RPCError, rpc_error
 from daemon.errors import InvalidParams, ShardFailure, status_of
@@ -68,14 +70,6 @@ MaxPrice = Annotated[
     Meta(
         description="use no provider whose price per layer-token is over this, or that "
         "declares none (default: [market] max_price_per_unit; unset there: any)"
-    ),
-]
-PaidJobId = Annotated[
-    str,
-    Meta(
-        pattern=r"^(0x)?[0-9a-fA-F]{64}$",
-        description="run as this paid job (its id, 64 hex digits, from `job_create` on this "
-        "node): providers attach signed receipts, this node checks and acknowledges them",
     ),
 ]
 
@@ -370,7 +364,7 @@ def register_shard_methods(
                 relay=relay,
                 max_price_per_unit=_max_price(max_price_per_unit),
                 # only a paid generation names a job (free work calls as before)
-                **({"job_id": bytes.fromhex(job_id.removeprefix("0x"))} if job_id else {}),
+                **paid_job_id(job_id),
             ),
         )
         if stream:

@@ -56,6 +56,19 @@ Temperature = Annotated[float, Meta(ge=0, le=MAX_TEMPERATURE, description="0 (de
 # int64; gRPC's uint64 seeds arrive as their two's complement (`int64_seed`), which seeds
 # torch's generator exactly as the unsigned value does
 Seed = Annotated[int, Meta(ge=-(1 << 63), le=(1 << 63) - 1, description="sampling seed")]
+PaidJobId = Annotated[
+    str,
+    Meta(
+        pattern=r"^(0x)?[0-9a-fA-F]{64}$",
+        description="run as this paid job (its id, 64 hex digits, from `job_create` on this "
+        "node): providers attach signed receipts, this node checks and acknowledges them",
+    ),
+]
+
+
+def paid_job_id(job_id: str | None) -> dict[str, bytes]:
+    """`service.generate`'s keyword for a paid job: {} for free work (called as before)."""
+    return {"job_id": bytes.fromhex(job_id.removeprefix("0x"))} if job_id else {}
 
 
 def int64_seed(seed: int) -> int:
@@ -97,6 +110,7 @@ class GenerateInput(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_tokens: MaxTokens = DEFAULT_MAX_TOKENS
     temperature: Temperature = 0.0
     seed: Seed | None = None
+    job_id: PaidJobId | None = None
 
 
 class ForwardInput(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 from daemon import errors
+from daemon.api.generation import paid_job_id
 from daemon.errors import status_of
 from daemon.shards.jobs import ShardServiceError
 
@@ -38,9 +39,10 @@ class InferenceBackend(Protocol):
         temperature: float,
         seed: int | None,
         owner: str = "",
+        job_id: str | None = None,
     ) -> str:
         """Start generating (exactly one of `prompt` and `token_ids` is given); the job id.
-        `owner` names the requester, for per-requester caps."""
+        `owner` names the requester, for per-requester caps; `job_id` makes it a paid job."""
         ...
 
     def poll(self, job_id: str, since: int) -> dict[str, Any]:
@@ -96,6 +98,7 @@ class ShardBackend:
         temperature: float,
         seed: int | None,
         owner: str = "",
+        job_id: str | None = None,
     ) -> str:
         self._require_announced(model)
         ids = token_ids if token_ids is not None else await self._encode(model, prompt or "")
@@ -108,7 +111,13 @@ class ShardBackend:
             try:
                 with job.scope:
                     await self.service.generate(
-                        job, model, ids, max_tokens, temperature=temperature, seed=seed
+                        job,
+                        model,
+                        ids,
+                        max_tokens,
+                        temperature=temperature,
+                        seed=seed,
+                        **paid_job_id(job_id),
                     )
                 if job.scope.cancelled_caught and job.error is None:
                     job.fail("cancelled", errors.Cancelled)

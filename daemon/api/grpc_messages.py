@@ -27,6 +27,8 @@ def generate_input(request: pb2.GenerateRequest) -> GenerateInput:
         values["max_tokens"] = request.max_tokens
     if request.HasField("seed"):
         values["seed"] = int64_seed(request.seed)
+    if request.HasField("job_id"):
+        values["job_id"] = request.job_id
     checked = params.convert(GenerateInput, values)
     one_prompt(checked.prompt, checked.token_ids)
     return checked

@@ -147,6 +147,7 @@ class InferenceServicer(pb2_grpc.InferenceServicer):
                 request.temperature,
                 request.seed,
                 f"grpc:{peer}",
+                request.job_id,
             )
         except Exception as exc:
             await _abort(context, exc)

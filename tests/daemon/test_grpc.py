@@ -80,6 +80,7 @@ class FakeBackend:
         temperature: float,
         seed: int | None,
         owner: str = "",
+        job_id: str | None = None,
     ) -> str:
         self.owners.append(owner)
         self.requests.append(
@@ -90,6 +91,7 @@ class FakeBackend:
                 "max_tokens": max_tokens,
                 "temperature": temperature,
                 "seed": seed,
+                **({"job_id": job_id} if job_id is not None else {}),
             }
         )
         if model == "missing":
@@ -327,6 +329,11 @@ async def test_forward_returns_float32_logits() -> None:
         ({"model": "m", "text": "hi", "max_tokens": 4097}, "max_tokens must be 1 to 4096"),
         ({"model": "m", "text": "hi", "temperature": -1.0}, "temperature must be"),
         ({"model": "m", "text": "hi", "temperature": float("nan")}, "temperature must be"),
+        ({"model": "m", "text": "hi", "job_id": "0x1234"}, "job_id: Expected `str` matching regex"),
+        (
+            {"model": "m", "text": "hi", "job_id": "zz" * 32},
+            "job_id: Expected `str` matching regex",
+        ),
     ],
 )
 async def test_generate_rejects_bad_arguments(fields: dict[str, Any], message: str) -> None:
@@ -512,6 +519,7 @@ class ScriptedShards(ShardService):
         )
         self.finished = trio.Event()
         self.started: list[Job] = []
+        self.job_ids: list[bytes | None] = []  # what each generate() was given
 
     def announced(self, model_id: str) -> list[dict[str, Any]]:
         if model_id == "missing":
@@ -527,8 +535,10 @@ class ScriptedShards(ShardService):
         *,
         temperature: float,
         seed: int | None,
+        job_id: bytes | None = None,
     ) -> Job:
         self.started.append(job)
+        self.job_ids.append(job_id)
         try:  # like ShardService.generate: the job is done however this ends
             if model_id == "bug":
                 raise ValueError("bad tensor")
@@ -550,6 +560,19 @@ class ScriptedShards(ShardService):
 
 def shard_backend(nursery: trio.Nursery) -> ShardBackend:
     return ShardBackend(ScriptedShards(nursery))
+
+
+async def test_a_paid_generation_passes_its_job_id_on_to_the_shard_service() -> None:
+    job_id = "ab" * 32
+    async with serving(shard_backend) as served:
+        paid = dict(model="m", token_ids=pb2.TokenIds(ids=[9, 9]), max_tokens=2, job_id=job_id)
+        replies = await in_thread(lambda: generate(served, **paid))
+        await in_thread(
+            lambda: generate(served, model="m", token_ids=pb2.TokenIds(ids=[9]), max_tokens=1)
+        )
+    assert replies[-1].done and replies[-1].n_tokens == 2
+    shards = served.backend.service
+    assert shards.job_ids == [bytes.fromhex(job_id), None]  # free work: no job named
 
 
 async def test_shard_backend_streams_a_generation() -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)daemon/api/proto/gridmesh_inference.proto\x12\x15gridmesh.inference.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xc9\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x34\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x1f.gridmesh.inference.v1.TokenIdsH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x02\x88\x01\x01\x42\x08\n\x06promptB\r\n\x0b_max_tokensB\x07\n\x05_seed\"2\n\x03Hop\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\"\xd4\x01\n\rGenerateReply\x12\x15\n\x08token_id\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\r\n\x05index\x18\x02 \x01(\r\x12\x12\n\ntext_delta\x18\x03 \x01(\t\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12\x0c\n\x04text\x18\x05 \x01(\t\x12)\n\x05route\x18\x06 \x03(\x0b\x32\x1a.gridmesh.inference.v1.Hop\x12\x12\n\nrecoveries\x18\x07 \x01(\r\x12\x10\n\x08n_tokens\x18\x08 \x01(\r\x12\x0f\n\x07seconds\x18\t \x01(\x01\x42\x0b\n\t_token_id\"2\n\x0e\x46orwardRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"F\n\x0c\x46orwardReply\x12\x0e\n\x06logits\x18\x01 \x01(\x0c\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x12\n\nnext_token\x18\x03 \x01(\r2\xbe\x01\n\tInference\x12Z\n\x08Generate\x12&.gridmesh.inference.v1.GenerateRequest\x1a$.gridmesh.inference.v1.GenerateReply0\x01\x12U\n\x07\x46orward\x12%.gridmesh.inference.v1.ForwardRequest\x1a#.gridmesh.inference.v1.ForwardReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)daemon/api/proto/gridmesh_inference.proto\x12\x15gridmesh.inference.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xe9\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x34\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x1f.gridmesh.inference.v1.TokenIdsH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x02\x88\x01\x01\x12\x13\n\x06job_id\x18\x07 \x01(\tH\x03\x88\x01\x01\x42\x08\n\x06promptB\r\n\x0b_max_tokensB\x07\n\x05_seedB\t\n\x07_job_id\"2\n\x03Hop\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\"\xd4\x01\n\rGenerateReply\x12\x15\n\x08token_id\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\r\n\x05index\x18\x02 \x01(\r\x12\x12\n\ntext_delta\x18\x03 \x01(\t\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12\x0c\n\x04text\x18\x05 \x01(\t\x12)\n\x05route\x18\x06 \x03(\x0b\x32\x1a.gridmesh.inference.v1.Hop\x12\x12\n\nrecoveries\x18\x07 \x01(\r\x12\x10\n\x08n_tokens\x18\x08 \x01(\r\x12\x0f\n\x07seconds\x18\t \x01(\x01\x42\x0b\n\t_token_id\"2\n\x0e\x46orwardRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"F\n\x0c\x46orwardReply\x12\x0e\n\x06logits\x18\x01 \x01(\x0c\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x12\n\nnext_token\x18\x03 \x01(\r2\xbe\x01\n\tInference\x12Z\n\x08Generate\x12&.gridmesh.inference.v1.GenerateRequest\x1a$.gridmesh.inference.v1.GenerateReply0\x01\x12U\n\x07\x46orward\x12%.gridmesh.inference.v1.ForwardRequest\x1a#.gridmesh.inference.v1.ForwardReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,15 +34,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=68
   _globals['_TOKENIDS']._serialized_end=91
   _globals['_GENERATEREQUEST']._serialized_start=94
-  _globals['_GENERATEREQUEST']._serialized_end=295
-  _globals['_HOP']._serialized_start=297
-  _globals['_HOP']._serialized_end=347
-  _globals['_GENERATEREPLY']._serialized_start=350
-  _globals['_GENERATEREPLY']._serialized_end=562
-  _globals['_FORWARDREQUEST']._serialized_start=564
-  _globals['_FORWARDREQUEST']._serialized_end=614
-  _globals['_FORWARDREPLY']._serialized_start=616
-  _globals['_FORWARDREPLY']._serialized_end=686
-  _globals['_INFERENCE']._serialized_start=689
-  _globals['_INFERENCE']._serialized_end=879
+  _globals['_GENERATEREQUEST']._serialized_end=327
+  _globals['_HOP']._serialized_start=329
+  _globals['_HOP']._serialized_end=379
+  _globals['_GENERATEREPLY']._serialized_start=382
+  _globals['_GENERATEREPLY']._serialized_end=594
+  _globals['_FORWARDREQUEST']._serialized_start=596
+  _globals['_FORWARDREQUEST']._serialized_end=646
+  _globals['_FORWARDREPLY']._serialized_start=648
+  _globals['_FORWARDREPLY']._serialized_end=718
+  _globals['_INFERENCE']._serialized_start=721
+  _globals['_INFERENCE']._serialized_end=911
 # @@protoc_insertion_point(module_scope)
