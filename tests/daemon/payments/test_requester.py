@@ -214,7 +214,7 @@ async def test_a_voucher_in_flight_when_the_generation_ends_is_waited_for(
             receipt = await provider.sign(session, bytes([i]), bytes([i + 1]), tokens=1)
             assert paid.check("peerA", "s1", receipt, bytes([i]), bytes([i + 1])) is None
             # the first voucher is delivered; the second is in flight when the generation ends
-            await trio.sleep(2 if i == 0 else 0.5)
+            await trio.sleep(2 if i == 0 else 0.5)  # virtual time (autojump clock)
     account = provider.store.account(JOB, PROVIDER.address)
     assert account.acknowledged == account.signed == 20
     assert account.voucher.voucher.nonce == 2 and net.sent == 2
