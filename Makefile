@@ -47,6 +47,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/registry.py
 	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/abuse.py
+	$(BIN)/python bench/chain.py
+	$(BIN)/python bench/swim.py
+	$(BIN)/python bench/election_nemesis.py
 
 # the import check: no import circle, DESIGN.md's layering, no production use of the testing kit
 deps: $(STAMP)
