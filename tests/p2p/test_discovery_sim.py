@@ -259,8 +259,8 @@ class _WithSilentPeer:
         self._silent_key = silent_key
         self._silent_id = silent_id
         self.silent_lookups = 0
-        self._flaky = flaky  # every other look-up of another peer finds nothing
-        self._other_lookups = 0
+        self._flaky = flaky  # every other look-up of each other peer's record finds nothing
+        self._lookups: Counter[str] = Counter()
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._inner, name)
@@ -272,8 +272,8 @@ class _WithSilentPeer:
         if key == self._silent_key:
             self.silent_lookups += 1
             await trio.sleep_forever()
-        self._other_lookups += 1
-        if self._flaky and self._other_lookups % 2:
+        self._lookups[key] += 1
+        if self._flaky and self._lookups[key] % 2:
             return None  # a Kademlia walk that reached none of the record's holders in time
         return await self._inner.dht_get(key)
 
@@ -354,7 +354,7 @@ async def test_find_never_waits_and_wakes_the_refresher_for_a_new_peer(autojump_
 
 async def test_a_silent_peers_slow_lookups_never_let_honest_records_expire(autojump_clock):
     """Short-lived records (as in the devnet: valid 10 s, republished every 2 s), honest
-    look-ups that fail every other time, and a connected peer whose look-ups hang until
+    look-ups that fail every other time (per record), and a connected peer whose look-ups hang until
     `dht_timeout_s`: every find() for two virtual minutes still holds every honest record. (A
     refresher that waited for its whole round retried a failed look-up only after the silent
     one gave up, and let records expire: bench/abuse.py's nodes_find missed an honest daemon on
