@@ -13,19 +13,15 @@ writes, one connection behind a lock); trio callers may use `JobBook.run` (a wor
 
 from __future__ import annotations
 
-import os
 import secrets
 import sqlite3
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
-
-import trio
+from typing import TYPE_CHECKING, Any
 
 from contracts.eip712 import address_from_hex, to_checksum_address
+from daemon.payments.private_db import PrivateDB
 
 if TYPE_CHECKING:
     from daemon.payments.escrow import Escrow
@@ -34,7 +30,6 @@ if TYPE_CHECKING:
 BOOK_FILE = "jobs.db"
 DEPOSITING = "depositing"
 DEPOSITED = "deposited"
-T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -101,36 +96,12 @@ def _provider_bytes(provider: bytes | str) -> bytes:
     return raw
 
 
-class JobBook:
-    """The jobs this node deposited for and their acknowledged amounts."""
+class JobBook(PrivateDB):
+    """The jobs this node deposited for and their acknowledged amounts (synchronous = FULL:
+    an acknowledgement is recorded before its voucher leaves)."""
 
     def __init__(self, path: Path) -> None:
-        if path.is_dir():
-            path = path / BOOK_FILE
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-        os.close(fd)
-        os.chmod(path, 0o600)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA synchronous = FULL")
-        self._db.executescript(_SCHEMA)
-        self._lock = threading.Lock()
-        self._limiter = trio.CapacityLimiter(1)
-
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Call one of the methods below from trio, off the event loop."""
-        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def __enter__(self) -> JobBook:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().__init__(path / BOOK_FILE if path.is_dir() else path, _SCHEMA, wal=False)
 
     # -- jobs --------------------------------------------------------------------------------
 

@@ -13,16 +13,10 @@ CLI (`gridmesh earnings`).
 
 from __future__ import annotations
 
-import os
-import sqlite3
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
-
-import trio
+from typing import Any
 
 from contracts.eip712 import (
     SignedReceipt,
@@ -33,9 +27,9 @@ from contracts.eip712 import (
     encode_signed_voucher,
     to_checksum_address,
 )
+from daemon.payments.private_db import PrivateDB
 
 STORE_FILE = "payments.db"
-T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -85,37 +79,15 @@ class Account:
         return max(0, self.acknowledged - self.settled)
 
 
-def _create_private(path: Path) -> None:
-    """Create the file readable by its owner only (before sqlite opens it)."""
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-    os.close(fd)
-    os.chmod(path, 0o600)
+class PaymentStore(PrivateDB):
+    """Signed receipts, the latest voucher per (job, provider) and settlements.
 
-
-class PaymentStore:
-    """Signed receipts, the latest voucher per (job, provider) and settlements."""
+    Write-ahead logged (a receipt per step is cheap); vouchers and settlements are written
+    with synchronous = FULL (`_write(durable=True)`), which also survives the machine going
+    down."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        _create_private(path)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        # WAL: a commit survives the process being killed without an fsync (a receipt per
-        # step costs ~0.2 ms instead of ~19 ms with a rollback journal); vouchers and
-        # settlements are written with synchronous = FULL (`_write(durable=True)`), which
-        # also survives the machine going down
-        self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute("PRAGMA synchronous = NORMAL")
-        self._db.executescript(_SCHEMA)
-        self._lock = threading.Lock()
-        self._limiter = trio.CapacityLimiter(1)
-
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Call one of the methods below from trio, off the event loop."""
-        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        super().__init__(path, _SCHEMA, wal=True)
 
     def _write(self, statements: list[tuple[str, tuple[Any, ...]]], durable: bool = False) -> None:
         with self._lock:
