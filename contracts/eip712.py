@@ -460,11 +460,7 @@ def encode_signed_receipt(signed: SignedReceipt) -> bytes:
 
 def decode_signed_receipt(data: bytes) -> SignedReceipt:
     """msgpack bytes from a peer -> SignedReceipt, or WireFormatError."""
-    try:
-        obj = codec.decode(data, max_bytes=MAX_WIRE_BYTES, max_depth=3)
-    except codec.CodecError as exc:
-        raise WireFormatError(exc.reason, str(exc)) from None
-    return signed_receipt_from_wire(obj)
+    return signed_receipt_from_wire(_decode_bounded(data))
 
 
 def encode_signed_voucher(signed: SignedVoucher) -> bytes:
@@ -473,8 +469,12 @@ def encode_signed_voucher(signed: SignedVoucher) -> bytes:
 
 def decode_signed_voucher(data: bytes) -> SignedVoucher:
     """msgpack bytes from a peer -> SignedVoucher, or WireFormatError."""
+    return signed_voucher_from_wire(_decode_bounded(data))
+
+
+def _decode_bounded(data: bytes) -> Any:
+    """msgpack from a peer, bounded in size and depth before anything else is looked at."""
     try:
-        obj = codec.decode(data, max_bytes=MAX_WIRE_BYTES, max_depth=3)
+        return codec.decode(data, max_bytes=MAX_WIRE_BYTES, max_depth=3)
     except codec.CodecError as exc:
         raise WireFormatError(exc.reason, str(exc)) from None
-    return signed_voucher_from_wire(obj)
