@@ -120,8 +120,12 @@ async def frames(attack: Flood) -> None:
             return
 
         async def drain() -> None:
-            while await stream.read(65536):
-                pass
+            # the target resets or closes the stream (or bans us): reading just ends; the
+            # writes below see it too. Raised here, it could leave the nursery beside the
+            # flood's own cancellation, as a BaseExceptionGroup nothing below catches
+            with suppress(Exception):
+                while await stream.read(65536):
+                    pass
 
         try:
             async with trio.open_nursery() as nursery:
