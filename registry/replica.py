@@ -6,9 +6,11 @@ transaction for the whole batch. Nothing here touches the network.
 
 Who may write:
 - an entry's owner (the author of the write that created the key) may update or delete it;
-- entries of a cluster (the `clusters` entry itself, its `members`, and any entry whose value
-  names a `cluster_id`) may be written only by that cluster's admins, as listed in the
-  cluster entry this replica holds; the cluster's creator is its first admin;
+- entries of a cluster (the `clusters` entry itself and any entry whose value names a
+  `cluster_id`) may be written only by that cluster's admins, as listed in the cluster entry
+  this replica holds; the cluster's creator is its first admin;
+- a cluster's `members` entries follow its admission rule (`registry.clusters.member_refusal`):
+  admins write any, a peer may join by its own entry as the rule allows, and leave;
 - each kind's admission hook may refuse a write with a reason.
 An entry whose cluster this replica does not know yet is refused (`unknown_cluster`); anti-
 entropy offers it again later, once the cluster entry has arrived.
@@ -26,7 +28,7 @@ import msgspec
 import trio
 
 from p2p import codec, identity
-from registry import schemas, sync
+from registry import clusters, schemas, sync
 from registry.entry import Entry, EntryId, join, sign_entry, verify_entry
 from registry.hlc import ClockError, HybridClock
 from registry.store import RegistryStore
@@ -375,6 +377,15 @@ class Replica:
             return
         if admins is None:
             raise Rejected("unknown_cluster", f"cluster {cluster_id!r} is not known here (yet)")
+        if entry.kind == "members":  # self-joins and leaves, by the cluster's admission rule
+            cluster_ = ("clusters", cluster_id)
+            cluster = (pending or {}).get(cluster_) or self.entries[cluster_]
+            refusal = clusters.member_refusal(
+                cluster.value or {}, entry.key, entry.value, entry.author, entry.ts.wall_ms
+            )
+            if refusal is not None:
+                raise Rejected(refusal.reason, str(refusal))
+            return
         if entry.author not in admins:
             raise Rejected("unauthorized", f"only admins of cluster {cluster_id!r} may write this")
 
@@ -432,7 +443,10 @@ class Replica:
         """A local write (value None deletes). Raises Rejected with a reason users can read."""
         current = self.entries.get((kind, key))
         ts = self.clock.now()
-        if current is None or (current.deleted and current.owner != self.ident.peer_id):
+        reclaim = current is not None and current.deleted and kind == "members"
+        if current is None or (
+            current.deleted and current.owner != self.ident.peer_id and not reclaim
+        ):
             if value is None:
                 raise Rejected("not_found", f"{kind}/{key} does not exist")
             if current is not None:

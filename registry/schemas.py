@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from registry import kinds
+from registry import kinds, query
 from registry.specs import (
     KINDS,
     MAX_DEPTH,
@@ -255,6 +255,16 @@ def _check_object(spec: Spec, value: dict[str, Any], path: str) -> None:
             _check(spec.values, item, _join(path, name))
 
 
+def _check_clusters(key: str, value: dict[str, Any]) -> None:
+    settings = value.get("settings") or {}
+    require = settings.get("require")
+    if isinstance(require, str) and require.strip():
+        try:
+            query.parse(require)
+        except query.QueryError as exc:
+            raise _Invalid("settings.require", f"is not a valid filter: {exc}") from None
+
+
 def _check_members(key: str, value: dict[str, Any]) -> None:
     cluster_id, _, peer_id = key.partition("/")
     if value["cluster_id"] != cluster_id:
@@ -312,6 +322,7 @@ def _check_vdags(key: str, value: dict[str, Any]) -> None:
 
 
 _CROSS_CHECKS: dict[str, Callable[[str, dict[str, Any]], None]] = {
+    "clusters": _check_clusters,
     "members": _check_members,
     "blocks": _check_blocks,
     "vdags": _check_vdags,

@@ -30,6 +30,9 @@ MAX_LIST_ITEMS = 1024
 MAX_VALUE_BYTES = 64 * 1024
 MAX_DEPTH = 16  # containers nested inside each other, the value itself counting as 1
 PEER_ID_RE = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+MAX_REQUIRE_CHARS = 1024  # a cluster's `require` filter expression
+RECORD_CHUNK_CHARS = 4096  # a member entry's resource record: base64 in chunks of this size
+RECORD_MAX_CHUNKS = 8
 
 
 @dataclass(frozen=True, eq=False)
@@ -143,13 +146,33 @@ _SCHEMAS: dict[str, dict[str, Spec]] = {
         "admins": array(_PEER_ID, True, min_len=1, unique=True),
         "description": text(),
         "tags": array(text()),
-        "settings": obj(),
+        # open: settings written before these fields were declared stay readable
+        "settings": obj(
+            {
+                "admission": one_of("open", "approval", "allowlist"),
+                "require": text(max_len=MAX_REQUIRE_CHARS),  # a registry.query filter
+                "allowlist": array(_PEER_ID, unique=True),
+            },
+            open=True,
+        ),
     },
     "members": {
         "cluster_id": text(True),
         "peer_id": _PEER_ID,
+        # admin, voter, worker; "coordinator" and "observer" are the older vocabulary, still
+        # read (as voter and worker: registry.clusters) but refused in self-joins
         "roles": array(
-            one_of("admin", "worker", "observer", "coordinator"), True, min_len=1, unique=True
+            one_of("admin", "voter", "worker", "coordinator", "observer"),
+            True,
+            min_len=1,
+            unique=True,
+        ),
+        # absent: active. "requested": a join request in an approval cluster, not a member
+        "status": one_of("requested", "active"),
+        # the joiner's signed resource record (p2p.records wire bytes, base64, in chunks
+        # because registry strings are bounded), for the cluster's `require` expression
+        "resource_record": array(
+            text(min_len=1, max_len=RECORD_CHUNK_CHARS), min_len=1, max_len=RECORD_MAX_CHUNKS
         ),
     },
     "components": {
