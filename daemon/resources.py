@@ -4,18 +4,29 @@ The result is a plain dict of str/int/float/None/list values so it serialises to
 msgpack unchanged; `scheduler/filters.py` reads `gpus[*].name`, `gpus[*].memory_total_bytes`
 and `cpu.cores`. Detection never raises: it runs at every republish, and a flaky GPU driver
 must not stop a node from advertising its CPU.
+
+Beside what is detected, the record carries what placement weighs (`scheduler.placement`):
+`energy_record` adds the operator's declared energy price and carbon intensity
+(`EnergySettings`, `[resources]` keys) and the GPUs' total power draw as NVML measured it (0 W
+on a machine without GPUs; unknown, None, when a GPU does not report its draw), and
+`peer_rtts` the round trips this node measured to its peers (the RTT between two hops).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import platform
 import shutil
 import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Annotated, Any, TypedDict
+
+from msgspec import Meta
 
 with warnings.catch_warnings():
     # pynvml 13 is a shim over nvidia-ml-py that warns (FutureWarning) on first import.
@@ -27,6 +38,9 @@ with warnings.catch_warnings():
 
 MAX_ERROR_CHARS = 200
 MAX_TEXT_CHARS = 128
+MAX_RTT_PEERS = 64  # peer RTTs published in the record (the nearest first)
+MAX_ENERGY_PRICE = 1e9
+MAX_CARBON = 1e6
 
 
 class CpuInfo(TypedDict):
@@ -228,3 +242,75 @@ def _error(where: str, exc: BaseException) -> str:
         detail = ""
     detail = detail or type(exc).__name__
     return _text(f"{where}: {detail}", MAX_ERROR_CHARS)
+
+
+# -- what placement weighs --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EnergySettings:
+    """What the operator declares about this node's energy (`[resources]` keys); unset: not
+    declared (a planner then assumes the worst declared by the others)."""
+
+    # the price of a kWh here, in any currency the cluster agrees on (only ratios matter)
+    energy_price_per_kwh: Annotated[float, Meta(ge=0.0, le=MAX_ENERGY_PRICE)] | None = None
+    # grams of CO2 emitted per kWh of this node's electricity
+    carbon_g_per_kwh: Annotated[float, Meta(ge=0.0, le=MAX_CARBON)] | None = None
+
+
+class EnergyInfo(TypedDict):
+    energy_price_per_kwh: float | None
+    carbon_g_per_kwh: float | None
+    gpu_power_w: float | None
+    gpu_power: str
+
+
+def energy_record(detected: Mapping[str, Any], settings: EnergySettings) -> dict[str, EnergyInfo]:
+    """`{"energy": ...}` for the public record: the declared price and carbon intensity, and
+    the GPUs' power draw summed from `detected` (`detect_resources`): `gpu_power` says what
+    it is: "measured" (NVML's reading of every GPU), "no_gpus" (0 W: nothing to draw),
+    "unknown" (a GPU reports no draw, or detection failed: gpu_power_w is None)."""
+    gpus = detected.get("gpus")
+    gpus = [g for g in gpus if isinstance(g, Mapping)] if isinstance(gpus, list) else []
+    draws = [g.get("power_w") for g in gpus]
+    power: float | None
+    if not gpus and not detected.get("gpu_error"):
+        power, source = 0.0, "no_gpus"
+    elif gpus and all(_non_negative(w) for w in draws):
+        power, source = round(sum(float(w) for w in draws), 3), "measured"
+    else:
+        power, source = None, "unknown"
+    return {
+        "energy": {
+            "energy_price_per_kwh": _declared(settings.energy_price_per_kwh, MAX_ENERGY_PRICE),
+            "carbon_g_per_kwh": _declared(settings.carbon_g_per_kwh, MAX_CARBON),
+            "gpu_power_w": power,
+            "gpu_power": source,
+        }
+    }
+
+
+def peer_rtts(peers: Mapping[str, Any], limit: int = MAX_RTT_PEERS) -> dict[str, float]:
+    """The round trips (ms) this node measured to its peers (`p2p.network.PeerState.rtt_ms`,
+    kept by `track_peers`), the `limit` nearest, for planners to weigh the hop between two
+    nodes."""
+    measured = [
+        (float(state.rtt_ms), peer)
+        for peer, state in peers.items()
+        if isinstance(peer, str) and _non_negative(getattr(state, "rtt_ms", None))
+    ]
+    return {peer: round(ms, 3) for ms, peer in sorted(measured)[:limit]}
+
+
+def _non_negative(value: Any) -> bool:
+    """A finite, non-negative reading."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
+
+
+def _declared(value: float | None, top: float) -> float | None:
+    return float(value) if _non_negative(value) and value is not None and value <= top else None
