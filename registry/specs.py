@@ -138,6 +138,10 @@ _ANNOUNCED_PARAMETERS: dict[str, Spec] = {
     "host": Spec(("str", "null"), max_len=128),  # a node without a local socket: null
     # the server's price per unit of work (the stablecoin's smallest unit per layer-token)
     "price_per_unit": integer(minimum=0, maximum=MAX_PRICE_PER_UNIT),
+    # the server's load, read by its cluster coordinator's scaling: steps waiting for its
+    # compute, and the share of recent time it spent computing
+    "queue_length": integer(minimum=0, maximum=1 << 20),
+    "utilisation": Spec(("number",), minimum=0.0, maximum=1.0),
 }
 
 _SCHEMAS: dict[str, dict[str, Spec]] = {

@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 LOCAL_RETRY_S = 60.0  # after a failed local dial, use libp2p to that peer for this long
 # the longest shard frame a stream takes before this node serves anything (headers only)
 HEADER_FRAME_BYTES = 64 * 1024
+LOAD_STEP = 0.1  # re-announce a block when this node's utilisation moved this much
+MAX_QUEUE_LENGTH = 1 << 20
 
 
 block_key = announcement_key  # where a server announces a range it serves
@@ -122,6 +124,9 @@ class ShardService(JobTable):
         self.cache_budget_bytes = int(cache_gib * (1 << 30)) or None  # None: decided at load
         self._server: ShardServer | None = None
         self._announced_free: dict[str, int] = {}  # model -> free cache positions announced
+        self._announced_load: dict[str, tuple[int, float]] = {}  # model -> load announced
+        self._load_mark: tuple[float, float] | None = None  # (monotonic, compute seconds)
+        self.utilisation = 0.0  # share of the last interval this node spent computing
         self._local_failed: dict[str, float] = {}  # peer -> when a local dial last failed
         self.stream_idle_s = stream_idle_s
         self.max_streams_per_peer = max_streams_per_peer
@@ -252,14 +257,36 @@ class ShardService(JobTable):
         """Re-announce the blocks whose free cache moved by more than a tenth of the budget
         since their last announcement."""
         assert self._server is not None
+        self.measure_load()
         for block in list(self._server.blocks.values()):
             if self._server.blocks.get(block.model_id) is not block:
                 continue  # undeployed while we announced another: no resurrection
             announced = self._announced_free.get(block.model_id)
             free = self._server.free_cache_tokens(block)
             budget = (self._server.cache_budget_bytes or 0) // block.cache_bytes_per_token
-            if announced is None or abs(free - announced) > budget // 10:
+            queue, util = self._announced_load.get(block.model_id, (0, 0.0))
+            load_moved = abs(self.utilisation - util) >= LOAD_STEP or (queue > 0) != (
+                self.queue_length() > 0
+            )
+            if announced is None or abs(free - announced) > budget // 10 or load_moved:
                 await self._announce(self.block_json(block))
+
+    def queue_length(self) -> int:
+        """Steps waiting for this node's compute now (one step runs at a time)."""
+        limiter = getattr(self._server, "_compute", None)  # ShardServer's one-step limiter
+        return int(limiter.statistics().tasks_waiting) if limiter is not None else 0
+
+    def measure_load(self) -> float:
+        """The share of the time since the last measurement this node spent computing (what
+        its blocks' steps took), announced as `utilisation` for the cluster coordinator's
+        scaling (daemon.cluster.coordinator)."""
+        busy = sum(b.compute_s for b in self._server.blocks.values()) if self._server else 0.0
+        now = time.monotonic()
+        if self._load_mark is not None and now > self._load_mark[0]:
+            spent = max(0.0, busy - self._load_mark[1])
+            self.utilisation = round(min(1.0, spent / (now - self._load_mark[0])), 3)
+        self._load_mark = (now, busy)
+        return self.utilisation
 
     def block_json(self, block: Any) -> dict[str, Any]:
         """A served block as the APIs and announcements show it, with its free cache."""
@@ -321,11 +348,18 @@ class ShardService(JobTable):
                 "cache_tokens_free": block["cache_tokens_free"],
                 "host": localsock.HOST_ID,  # peers on this host dial our local socket
                 "price_per_unit": self.price_per_unit,
+                # load, for a cluster coordinator's scaling
+                "queue_length": min(self.queue_length(), MAX_QUEUE_LENGTH),
+                "utilisation": self.utilisation,
             },
         }
         try:
             await self.replicator.write("blocks", key, value)
             self._announced_free[block["model"]] = block["cache_tokens_free"]
+            self._announced_load[block["model"]] = (
+                value["parameters"]["queue_length"],
+                self.utilisation,
+            )
         except Rejected as exc:
             log.warning("could not announce %s: %s", key, exc)
 
@@ -335,6 +369,7 @@ class ShardService(JobTable):
         block = self._server.blocks[model_id]
         self._server.unload(model_id)
         self._announced_free.pop(model_id, None)
+        self._announced_load.pop(model_id, None)
         key = block_key(model_id, block.start, block.end, self.ident.peer_id)
         try:
             await self.replicator.write("blocks", key, None)
