@@ -8,7 +8,7 @@ are sanitised and bounded, so a hostile peer cannot grow the series count withou
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -19,6 +19,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 MAX_LABEL_CHARS = 64
@@ -163,9 +164,78 @@ class Metrics:
                 gauge.labels(*labels).set(value)
             self._gpu_series[gauge] = set(values)
 
+    def watch_clusters(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        """Export the cluster runtime's state (`daemon.cluster.runtime.ClusterRuntime.
+        snapshot`), read at each scrape."""
+        self.registry.register(_ClusterCollector(snapshot))
+
     def render(self) -> bytes:
         """Prometheus text exposition; serve it with `CONTENT_TYPE`."""
         return generate_latest(self.registry)
+
+
+class _ClusterCollector:
+    """Per cluster: its term, whether this node coordinates it, elections started and won,
+    members by SWIM state; per node: commands refused by reason, peer messages refused by
+    protocol and reason. Cluster names are those this node runs (bounded by
+    `[cluster] max_clusters`); reasons are the code's own."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self.snapshot = snapshot
+
+    def describe(self) -> list[Metric]:
+        return []  # no scrape at registration
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.snapshot()
+        term = GaugeMetricFamily(
+            "gridmesh_cluster_term", "The cluster's term as this node knows it", labels=["cluster"]
+        )
+        coordinating = GaugeMetricFamily(
+            "gridmesh_cluster_coordinating",
+            "1 while this node holds the cluster's coordinator lease",
+            labels=["cluster"],
+        )
+        started = CounterMetricFamily(
+            "gridmesh_cluster_elections_started",
+            "Elections this node started (after a won pre-vote)",
+            labels=["cluster"],
+        )
+        won = CounterMetricFamily(
+            "gridmesh_cluster_elections_won", "Elections this node won", labels=["cluster"]
+        )
+        members = GaugeMetricFamily(
+            "gridmesh_cluster_members",
+            "The cluster's members by state, as this node's failure detector sees them",
+            labels=["cluster", "state"],
+        )
+        for name, cluster in snap.get("clusters", {}).items():
+            label = [sanitize_label(name)]
+            term.add_metric(label, cluster["term"])
+            coordinating.add_metric(label, 1 if cluster["coordinating"] else 0)
+            started.add_metric(label, cluster["elections_started"])
+            won.add_metric(label, cluster["elections_won"])
+            for state, count in cluster["members"].items():
+                members.add_metric([*label, sanitize_label(state)], count)
+        refused = CounterMetricFamily(
+            "gridmesh_cluster_commands_refused",
+            "Coordinator commands this node refused, by reason (stale_term, replayed_seq, ...)",
+            labels=["reason"],
+        )
+        for reason, count in snap.get("commands_refused", {}).items():
+            refused.add_metric([sanitize_label(reason)], count)
+        accepted = CounterMetricFamily(
+            "gridmesh_cluster_commands_accepted", "Coordinator commands this node accepted"
+        )
+        accepted.add_metric([], snap.get("commands_accepted", 0))
+        messages = CounterMetricFamily(
+            "gridmesh_cluster_messages_refused",
+            "Cluster messages from peers refused, by protocol (swim, election, command) and why",
+            labels=["protocol", "reason"],
+        )
+        for (protocol, reason), count in snap.get("messages_refused", {}).items():
+            messages.add_metric([sanitize_label(protocol), sanitize_label(reason)], count)
+        yield from (term, coordinating, started, won, members, refused, accepted, messages)
 
 
 def _section(resources: dict[str, Any], key: str) -> dict[str, Any]:

@@ -26,6 +26,8 @@ from daemon import __version__, resources
 from daemon.api import cookie
 from daemon.api.http import serve_rpc
 from daemon.api.jsonrpc import Dispatcher
+from daemon.cluster.runtime import ClusterRuntime, RegistryMembership, RuntimeSettings
+from daemon.cluster.runtime_methods import register_runtime_methods
 from daemon.home import (  # noqa: F401 - LOCK_FILE, DaemonError, read_daemon_file: re-exported
     DAEMON_FILE,
     LOCK_FILE,
@@ -48,6 +50,8 @@ from p2p.records import NAMESPACE
 from registry.replica import Replica
 from registry.replication import Replicator
 from registry.store import RegistryStore
+from scheduler.election_driver import FileElectionStore, MemoryElectionStore
+from scheduler.fencing import FileFenceStore, MemoryFenceStore
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +76,16 @@ class ProcessParts:
     # (home, config, identity) -> this node's Escrow, or None: no paid work. None here: the
     # deployment recorded in the home for [chain] network, if any (daemon.payments.wiring)
     escrow: Callable[[Path, Config, identity.NodeIdentity], Any] | None = None
+    # clusters' election votes and command fences in HOME/cluster-*.json (fsynced); else in
+    # memory: a restarted in-process daemon forgets its votes
+    cluster_state_on_disk: bool = True
 
 
-IN_PROCESS = ProcessParts(process=False, sqlite=False, local_sockets=False)
+IN_PROCESS = ProcessParts(
+    process=False, sqlite=False, local_sockets=False, cluster_state_on_disk=False
+)
+ELECTION_FILE = "cluster-election.json"
+FENCE_FILE = "cluster-fence.json"
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -188,6 +199,9 @@ class Daemon:
             max_price_per_unit=config.market.max_price_per_unit,
         )
         register_shard_methods(self.dispatcher, self.shards, self.directory)
+        self.clusters = self._cluster_runtime()
+        register_runtime_methods(self.dispatcher, self.clusters)
+        self.metrics.watch_clusters(self.clusters.snapshot)
         self.escrow: Any = None  # daemon.payments.escrow.Escrow when this node has a chain
         self._own_escrow = False
         self.paid: Any = None  # daemon.payments.wiring.PaidWork: paid work, with an Escrow
@@ -197,6 +211,28 @@ class Daemon:
         self.payments = Payments.of_daemon(self)  # job_*, earnings, stake, ... (JSON-RPC)
         register_payment_methods(self.dispatcher, self.payments)
         self.metrics.known_methods = {m["name"] for m in self.dispatcher.describe()}
+
+    def _cluster_runtime(self) -> ClusterRuntime:
+        """SWIM, election and fenced commands for the clusters this node is a member of."""
+        on_disk = self.parts.cluster_state_on_disk
+        cluster = self.config.cluster
+        return ClusterRuntime(
+            self.ident,
+            self.net,
+            RegistryMembership(self.replica),
+            election_store=(
+                FileElectionStore(self.home / ELECTION_FILE) if on_disk else MemoryElectionStore()
+            ),
+            fence_store=FileFenceStore(self.home / FENCE_FILE) if on_disk else MemoryFenceStore(),
+            settings=RuntimeSettings(
+                swim=self.config.swim(),
+                election=self.config.election(),
+                watch_interval_s=cluster.watch_interval_s,
+                command_timeout_s=cluster.command_timeout_s,
+                announce_retry_s=cluster.announce_retry_s,
+                max_clusters=cluster.max_clusters,
+            ),
+        )
 
     def _wire_payments(self) -> None:
         """Give the shard service the provider and requester sides of paid work when this
@@ -304,6 +340,7 @@ class Daemon:
                     lambda peer_id: self._publish_now.set(),
                 )
             await self.replicator.start()
+            await nursery.start(self.clusters.run)
             await nursery.start(self.shards.run)
             if self.paid is not None:  # vouchers answered, jobs settled
                 await nursery.start(

@@ -38,6 +38,8 @@ from p2p.limits import HostLimits
 from p2p.records import PricePerUnit
 from registry.replica import Limits
 from registry.replication import ReplicationSettings
+from scheduler.election import ElectionSettings
+from scheduler.swim_state import SwimSettings
 
 
 class ConfigError(ConfigInvalid, ValueError):
@@ -48,7 +50,7 @@ ENV_PREFIX = "GRIDMESH_"
 
 # -- the tree -----------------------------------------------------------------------------
 
-SECTIONS = ("p2p", "rpc", "resources", "registry", "shards", "grpc", "chain", "market")
+SECTIONS = ("p2p", "rpc", "resources", "registry", "shards", "grpc", "chain", "market", "cluster")
 # a `description` names what a value out of bounds is not: "70000 is not a TCP port (...)"
 Port = Annotated[
     int, msgspec.Meta(ge=0, le=65535, description="a TCP port (0..65535; 0 picks a free one)")
@@ -292,6 +294,73 @@ class MarketConfig(Section):
     settle_threshold: Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)] = 1_000_000
 
 
+class _ClusterConfig(Section):
+    """[cluster]: failure detection (scheduler.swim) and coordinator election
+    (scheduler.election) in the clusters this node belongs to, and their runtime
+    (daemon.cluster.runtime). The defaults declare a crashed member dead within 5 s in
+    clusters of up to 100 members and replace a dead coordinator within 3 s (p99)."""
+
+    # how often the registry's change counter is looked at (membership changes)
+    watch_interval_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 0.25
+    # one coordinator command's delivery to one member
+    command_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 1.0
+    # a coordinator retries telling workers (who get no heartbeats) of itself this often
+    announce_retry_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 1.0
+    # clusters run at once; this node's further memberships are left out (counted)
+    max_clusters: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
+
+    def problems(self) -> Iterator[Problem]:
+        swim = self.values_for(SwimSettings)
+        if swim["probe_timeout_s"] >= swim["probe_interval_s"]:
+            why = f"must be below probe_interval_s ({swim['probe_interval_s']})"
+            yield "probe_timeout_s", why, ("probe_interval_s",)
+        keys = {name: key for part in self.exposed for key, name in part.keys.items()}
+        try:
+            ElectionSettings(**self.values_for(ElectionSettings))
+        except ValueError as exc:  # its rules between keys (the lease below the timeouts)
+            name, _, why = str(exc).partition(" ")
+            others = tuple(k for f, k in keys.items() if f in why and k != keys.get(name))
+            yield keys.get(name, name), why, others
+
+
+ClusterConfig = exposing(
+    _ClusterConfig,
+    Exposed(
+        SwimSettings,
+        {
+            k: k
+            for k in (
+                "probe_interval_s",
+                "probe_timeout_s",
+                "indirect_checks",
+                "nack_ratio",
+                "suspicion_mult",
+                "suspicion_max_timeout_mult",
+                "retransmit_mult",
+                "gossip_interval_s",
+                "gossip_nodes",
+                "gossip_to_the_dead_s",
+                "reconnect_interval_s",
+                "max_piggyback",
+                "awareness_max_multiplier",
+                "max_relays",
+                "pause_threshold_s",
+            )
+        },
+    ),
+    Exposed(
+        ElectionSettings,
+        {
+            "heartbeat_s": "heartbeat_s",
+            "election_timeout_min_s": "election_timeout_min_s",
+            "election_timeout_max_s": "election_timeout_max_s",
+            "lease_s": "lease_s",
+            "max_clock_rate_error": "max_rate_error",
+        },
+    ),
+)
+
+
 class Config(Section):
     """The whole tree; `discovery()` and its siblings are what each service is given."""
 
@@ -304,6 +373,7 @@ class Config(Section):
     grpc: GRPCConfig = GRPCConfig()
     chain: ChainConfig = ChainConfig()
     market: MarketConfig = MarketConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     def problems(self) -> Iterator[Problem]:
         for name in SECTIONS:
@@ -329,6 +399,12 @@ class Config(Section):
 
     def registry_limits(self) -> Limits:
         return Limits(**self.registry.values_for(Limits))
+
+    def swim(self) -> SwimSettings:
+        return SwimSettings(**self.cluster.values_for(SwimSettings))
+
+    def election(self) -> ElectionSettings:
+        return ElectionSettings(**self.cluster.values_for(ElectionSettings))
 
 
 # -- loading ------------------------------------------------------------------------------
