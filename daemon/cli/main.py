@@ -14,6 +14,7 @@ import typer
 from daemon import config as configuration
 from daemon.cli import jobs, render, shards
 from daemon.cli.chain import chain_app
+from daemon.cli.cluster import cluster_app
 from daemon.cli.common import (
     LONG_METHODS,
     LONG_TIMEOUT_S,
@@ -41,6 +42,7 @@ app = typer.Typer(
 app.add_typer(model_app, name="model", help="Make and inspect model checkpoints.")
 app.add_typer(chain_app, name="chain")
 app.add_typer(jobs.job_app, name="job")
+app.add_typer(cluster_app, name="cluster")
 
 
 @app.command()

@@ -1,0 +1,269 @@
+"""`gridmesh cluster ...`: what each command sends, how it shows the answer, its errors, its
+help, and (with real daemon processes) the whole create / join / approve / leave round."""
+
+from __future__ import annotations
+
+import fcntl
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from daemon.cli.main import app
+
+runner = CliRunner()
+GM = [sys.executable, "-m", "daemon.cli.main"]
+HEAVY = ("libp2p", "torch", "web3", "eth_account", "grpc", "trio", "transformers")
+ADMIN = "12D3KooWAdminAdminAdminAdminAdminAdminAdmin0001"
+BOB = "12D3KooWBobBobBobBobBobBobBobBobBobBobBobBob0002"
+INFO = {
+    "name": "lab",
+    "description": "the lab",
+    "admins": [ADMIN],
+    "admission": "approval",
+    "require": "gpus >= 1",
+    "allowlist": [],
+    "voters": [ADMIN, BOB],
+    "members": [
+        {
+            "peer_id": ADMIN,
+            "roles": ["admin"],
+            "voter": True,
+            "admin": True,
+            "status": "active",
+            "since": 1_800_000_000.0,
+        },
+        {
+            "peer_id": BOB,
+            "roles": ["voter"],
+            "voter": True,
+            "admin": False,
+            "status": "requested",
+            "since": 1_800_000_100.0,
+        },
+    ],
+    "this_node": {"peer_id": ADMIN, "status": "active", "admin": True},
+    "runtime": {"coordinator": ADMIN, "term": 7, "members": {ADMIN: "alive", BOB: "suspect"}},
+    "placements": [{"block": "llama.0-4", "peer_id": BOB, "layers": [0, 4]}],
+}
+
+
+class FakeDaemon:
+    """A home whose daemon.json names a JSON-RPC endpoint answering from `results` (a value,
+    or an exception's {"code", "message", "data"} under "error"), recording each call."""
+
+    def __init__(self, home: Any) -> None:
+        self.home = home
+        self.results: dict[str, Any] = {}
+        self.calls: list[tuple[str, Any]] = []
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.calls.append((request["method"], request.get("params")))
+                answer = fake.results[request["method"]]
+                reply: dict[str, Any] = {"jsonrpc": "2.0", "id": request["id"]}
+                if isinstance(answer, dict) and set(answer) == {"error"}:
+                    reply["error"] = answer["error"]
+                else:
+                    reply["result"] = answer
+                body = json.dumps(reply).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.lock = os.open(home / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self.lock, fcntl.LOCK_EX)
+        url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        (home / "daemon.json").write_text(json.dumps({"pid": os.getpid(), "rpc_url": url}))
+        (home / "rpc.cookie").write_text("token")
+        (home / "rpc.cookie").chmod(0o600)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        os.close(self.lock)
+
+
+@pytest.fixture
+def fake(tmp_path):
+    daemon = FakeDaemon(tmp_path)
+    yield daemon
+    daemon.close()
+
+
+def run(fake: FakeDaemon, *args: str):
+    result = runner.invoke(app, ["cluster", *args, "--home", str(fake.home)])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+def test_each_command_sends_its_params(fake):
+    fake.results = {
+        "cluster_create": {**INFO, "admission": "allowlist"},
+        "cluster_join": {"cluster": "lab", "peer_id": BOB, "roles": ["voter"], "status": "active"},
+        "cluster_approve": {"cluster": "lab", "peer_id": BOB, "roles": ["worker"]},
+        "cluster_remove": {"cluster": "lab", "peer_id": BOB, "status": "removed"},
+        "cluster_leave": {"cluster": "lab", "peer_id": ADMIN, "status": "left"},
+    }
+    created = run(
+        fake,
+        "create",
+        "lab",
+        "--admission",
+        "allowlist",
+        "--allow",
+        BOB,
+        "--allow",
+        ADMIN,
+        "--require",
+        "gpus >= 1",
+        "--description",
+        "the lab",
+    )
+    assert created.exit_code == 0, created.output
+    assert "created cluster lab (allowlist)" in created.output
+    assert "gridmesh cluster join lab" in created.output
+    joined = run(fake, "join", "lab", "--role", "voter")
+    assert joined.exit_code == 0 and "joined lab as voter" in joined.output
+    approved = run(fake, "approve", "lab", BOB, "--role", "worker")
+    assert f"{BOB} is a member of lab as worker" in approved.output
+    assert "removed" in run(fake, "remove", "lab", BOB).output
+    assert "left lab" in run(fake, "leave", "lab").output
+    assert fake.calls == [
+        (
+            "cluster_create",
+            {
+                "name": "lab",
+                "admission": "allowlist",
+                "require": "gpus >= 1",
+                "allowlist": [BOB, ADMIN],
+                "description": "the lab",
+            },
+        ),
+        ("cluster_join", {"name": "lab", "role": "voter"}),
+        ("cluster_approve", {"name": "lab", "peer": BOB, "role": "worker"}),
+        ("cluster_remove", {"name": "lab", "peer": BOB}),
+        ("cluster_leave", {"name": "lab"}),
+    ]
+
+
+def test_a_request_says_how_an_admin_approves_it(fake):
+    fake.results["cluster_join"] = {
+        "cluster": "lab",
+        "peer_id": BOB,
+        "roles": ["worker"],
+        "status": "requested",
+    }
+    result = run(fake, "join", "lab")
+    assert result.exit_code == 0
+    assert f"gridmesh cluster approve lab {BOB}" in result.output
+    assert fake.calls == [("cluster_join", {"name": "lab", "role": "worker"})]
+
+
+def test_info_shows_rule_coordinator_members_states_and_placements(fake):
+    fake.results["cluster_info"] = INFO
+    result = runner.invoke(
+        app, ["cluster", "info", "lab", "--home", str(fake.home)], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 0, result.output
+    out = result.output
+    for needle in (
+        "approval",
+        "gpus >= 1",
+        "the lab",
+        "term",
+        "7",
+        "admin (coordinator)",
+        "suspect",
+        "requested",
+        "1 member, 1 request",
+        "1 placement",
+        "llama.0-4",
+        "[0, 4]",
+    ):
+        assert needle in out, (needle, out)
+    as_json = run(fake, "info", "lab", "--json")
+    assert json.loads(as_json.output) == INFO
+    # a runtime that failed, and no placements
+    fake.results["cluster_info"] = {**INFO, "runtime": {"error": "RuntimeError: x"}}
+    del fake.results["cluster_info"]["placements"]
+    out = run(fake, "info", "lab").output
+    assert "unknown (RuntimeError: x)" in out and "placements" not in out
+
+
+def test_members_table(fake):
+    fake.results["cluster_members"] = INFO["members"]
+    out = runner.invoke(
+        app, ["cluster", "members", "lab", "--home", str(fake.home)], env={"COLUMNS": "200"}
+    ).output
+    assert ADMIN in out and BOB in out and "requested" in out
+    assert "2027-01-15" in out  # since, in UTC
+
+
+def test_refusals_are_one_line_with_the_reason(fake):
+    fake.results["cluster_join"] = {
+        "error": {
+            "code": -32020,
+            "message": "requirement: cluster 'gpu' requires gpus >= 1; not met: gpus >= 1 "
+            "(this node: 0)",
+            "data": {"reason": "requirement"},
+        }
+    }
+    result = run(fake, "join", "gpu")
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gridmesh: cluster_join failed")
+    assert "gpus >= 1 (this node: 0)" in lines[0]
+    # choices are checked before the daemon is asked
+    for args, needle in (
+        (["create", "lab", "--admission", "anyone"], "--admission 'anyone'"),
+        (["join", "lab", "--role", "admin"], "--role 'admin': use one of voter, worker"),
+        (["approve", "lab", BOB, "--role", "boss"], "--role 'boss'"),
+    ):
+        result = run(fake, *args)
+        assert result.exit_code == 1 and needle in result.output, result.output
+    assert [c[0] for c in fake.calls] == ["cluster_join"]
+
+
+def test_help_teaches_roles_admission_and_require():
+    out = runner.invoke(app, ["cluster", "--help"], env={"COLUMNS": "200"}).output
+    for needle in ("open", "approval", "allowlist", "--require", "vram_gb", "voter", "worker"):
+        assert needle in out, needle
+    for command in ("create", "join", "approve", "remove", "leave", "members", "info"):
+        assert command in out
+        help_ = runner.invoke(app, ["cluster", command, "--help"])
+        assert help_.exit_code == 0
+
+
+def test_cluster_commands_import_nothing_heavy(fake):
+    fake.results = {"cluster_info": INFO, "cluster_members": INFO["members"]}
+    home = str(fake.home)
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from daemon.cli.main import app\n"
+        "for args in (['cluster', 'info', 'lab'], ['cluster', 'members', 'lab']):\n"
+        f"    result = CliRunner().invoke(app, [*args, '--home', {home!r}])\n"
+        "    assert result.exit_code == 0, (args, result.output)\n"
+        f"print([m for m in sys.modules if m.split('.')[0] in {HEAVY!r}])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1].replace("'", '"')) == []
