@@ -26,6 +26,7 @@ from daemon import __version__, resources
 from daemon.api import cookie
 from daemon.api.http import serve_rpc
 from daemon.api.jsonrpc import Dispatcher
+from daemon.cluster.membership import register_cluster_methods
 from daemon.cluster.runtime import ClusterRuntime, RegistryMembership, RuntimeSettings
 from daemon.cluster.runtime_methods import register_runtime_methods
 from daemon.home import (  # noqa: F401 - LOCK_FILE, DaemonError, read_daemon_file: re-exported
@@ -201,6 +202,9 @@ class Daemon:
         register_shard_methods(self.dispatcher, self.shards, self.directory)
         self.clusters = self._cluster_runtime()
         register_runtime_methods(self.dispatcher, self.clusters)
+        register_cluster_methods(
+            self.dispatcher, self.replicator, self.directory, describe=self.clusters.describe
+        )
         self.metrics.watch_clusters(self.clusters.snapshot)
         self.escrow: Any = None  # daemon.payments.escrow.Escrow when this node has a chain
         self._own_escrow = False

@@ -39,12 +39,6 @@ async def daemons(root: Path, count: int) -> AsyncIterator[MemoryCluster]:
         cluster.hub.epoch = time.time() - trio.current_time()
         await cluster.start(count)
         await cluster.wait_for(cluster.all_found, 60, f"all {count} daemons to find each other")
-        for running in cluster.daemons:
-            names = {m["name"] for m in running.daemon.dispatcher.describe()}
-            if "cluster_create" not in names:  # until daemon/node.py registers them
-                register_cluster_methods(
-                    running.daemon.dispatcher, running.daemon.replicator, running.daemon.directory
-                )
         try:
             yield cluster
         finally:
