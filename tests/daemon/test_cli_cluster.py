@@ -267,3 +267,58 @@ def test_cluster_commands_import_nothing_heavy(fake):
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1].replace("'", '"')) == []
+
+
+# -- real daemon processes ---------------------------------------------------------------
+
+
+def gm(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*GM, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.procs
+def test_create_join_approve_members_info_leave_with_real_daemons(tmp_path, fast_config):
+    from daemon.devnet import DaemonProcess, wait_for
+
+    first = DaemonProcess(tmp_path / "a", config=fast_config).start()
+    daemons = [first]
+    try:
+        second = DaemonProcess(tmp_path / "b", config=fast_config, bootstrap=[first.addr])
+        daemons.append(second.start())
+        a, b = ["--home", str(first.home)], ["--home", str(second.home)]
+        created = gm("cluster", "create", "lab", "--description", "the lab", *a)
+        assert created.returncode == 0, created.stderr
+
+        def known_on_b() -> bool:
+            return gm("cluster", "members", "lab", *b).returncode == 0
+
+        wait_for(known_on_b, 30, "the cluster to reach the second daemon")
+        asked = gm("cluster", "join", "lab", "--role", "voter", *b)
+        assert asked.returncode == 0, asked.stderr
+        assert f"gridmesh cluster approve lab {second.peer_id}" in asked.stdout
+
+        def listed(home: list[str], peer: str, status: str) -> bool:
+            out = gm("cluster", "members", "lab", "--json", *home)
+            rows = json.loads(out.stdout) if out.returncode == 0 else []
+            return any(r["peer_id"] == peer and r["status"] == status for r in rows)
+
+        wait_for(lambda: listed(a, second.peer_id, "requested"), 30, "the request at the admin")
+        # the requester cannot approve itself
+        refused = gm("cluster", "approve", "lab", second.peer_id, *b)
+        assert refused.returncode == 1 and "only an admin" in refused.stderr
+        approved = gm("cluster", "approve", "lab", second.peer_id, *a)
+        assert approved.returncode == 0, approved.stderr
+        wait_for(lambda: listed(b, second.peer_id, "active"), 30, "the approval at the member")
+        info = gm("cluster", "info", "lab", "--json", *b)
+        assert info.returncode == 0, info.stderr
+        shown = json.loads(info.stdout)
+        assert shown["voters"] == sorted([first.peer_id, second.peer_id])
+        assert shown["this_node"]["status"] == "active" and "runtime" in shown
+        table = gm("cluster", "info", "lab", *b)
+        assert "the lab" in table.stdout and "approval" in table.stdout
+        left = gm("cluster", "leave", "lab", *b)
+        assert left.returncode == 0, left.stderr
+        wait_for(lambda: not listed(a, second.peer_id, "active"), 30, "the leave at the admin")
+    finally:
+        for daemon in daemons:
+            daemon.stop()

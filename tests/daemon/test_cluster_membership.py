@@ -251,3 +251,32 @@ async def test_info_renders_the_runtime_and_placements_when_given(tmp_path, auto
         info = await a.call("cluster_info", {"name": "lab"})
         assert info["runtime"] == {"error": "RuntimeError: not running"}
         assert "placements" not in info
+
+
+async def test_members_run_an_election_and_info_shows_the_coordinator(tmp_path, autojump_clock):
+    """The registry's members are what the cluster runtime runs: three voters (an open
+    cluster) elect one coordinator, and cluster_info on every daemon shows it and its term."""
+    async with daemons(tmp_path, 4) as cluster:
+        a, b, c, d = cluster.daemons
+        await a.call("cluster_create", {"name": "lab", "admission": "open"})
+        await converge(cluster, "lab", {(a.peer_id, "active")})
+        for running in (b, c):
+            await running.call("cluster_join", {"name": "lab", "role": "voter"})
+        await converge(
+            cluster, "lab", {(a.peer_id, "active"), (b.peer_id, "active"), (c.peer_id, "active")}
+        )
+
+        async def one_coordinator() -> str | None:
+            seen = set()
+            for running in (a, b, c):
+                runtime = (await running.call("cluster_info", {"name": "lab"}))["runtime"]
+                seen.add((runtime["coordinator"], runtime["term"]))
+            (leader, term), *others = seen
+            return leader if not others and leader is not None and term > 0 else None
+
+        leader = await cluster.wait_for(one_coordinator, 30, "one coordinator known to all")
+        assert leader in {a.peer_id, b.peer_id, c.peer_id}
+        # d is not a member: it knows of the cluster but runs nothing for it
+        info = await d.call("cluster_info", {"name": "lab"})
+        assert info["this_node"]["status"] == "none" and info["runtime"]["member"] is False
+        assert info["voters"] == sorted([a.peer_id, b.peer_id, c.peer_id])
