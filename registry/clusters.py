@@ -143,20 +143,22 @@ def clusters_of(replica: Replica, peer_id: str) -> list[str]:
         if kind != "members" or entry.value is None or is_request(entry.value):
             continue
         cluster, _, peer = key.partition("/")
-        if peer == peer_id and replica.get("clusters", cluster) is not None:
-            held = replica.get("clusters", cluster)
-            if held is not None and held.value is not None:
-                out.append(cluster)
+        held = replica.get("clusters", cluster) if peer == peer_id else None
+        if held is not None and held.value is not None:
+            out.append(cluster)
     return sorted(out)
 
 
 def _member_entries(replica: Replica, name: str) -> list[Entry]:
+    """The cluster's live member entries, by key (one pass, no sort of the whole replica:
+    the runtime reads views whenever the replica changes)."""
     prefix = f"{name}/"
-    return [
+    found = [
         entry
-        for (kind, key), entry in sorted(replica.entries.items())
+        for (kind, key), entry in replica.entries.items()
         if kind == "members" and key.startswith(prefix) and entry.value is not None
     ]
+    return sorted(found, key=lambda e: e.key)
 
 
 # --------------------------------------------------------------------------- resource records

@@ -448,7 +448,12 @@ def _admit_cluster(write: Write) -> str | None:
 
 
 def _admit_member(write: Write) -> str | None:
-    # Who may grant roles (a cluster's admins) needs replica state: `replica` checks it.
+    # Who may join, as what (admins, self-joins by the cluster's admission rule, its
+    # `require` on the joiner's resource record) needs the cluster entry: the replica checks
+    # it with `registry.clusters.member_refusal`. Here: what no writer may do.
+    roles = _field(write, "roles")
+    if _field(write, "status") == "requested" and isinstance(roles, list) and "admin" in roles:
+        return "a join request cannot ask for the admin role: an admin grants it"
     return None
 
 

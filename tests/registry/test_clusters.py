@@ -317,3 +317,12 @@ async def test_hostile_record_bytes_never_crash_a_replica():
         await bystander.apply([entry], source="gossip")
     assert EVE.peer_id not in cluster_view(bystander, "c").members
     assert sum(bystander.rejected.values()) == 200
+
+
+async def test_a_request_for_the_admin_role_is_refused_by_the_schema_hook():
+    admin, _ = await make_cluster()
+    with pytest.raises(Rejected) as err:
+        await admin.put(
+            "members", f"c/{BOB.peer_id}", member(BOB, roles=["admin"], status="requested")
+        )
+    assert err.value.reason == "admission" and "cannot ask for the admin role" in str(err.value)
