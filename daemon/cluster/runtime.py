@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 ANNOUNCE = "coordinator"  # the action a new coordinator tells workers of itself with
 STATES = ("alive", "suspect", "dead")
+MAX_CLUSTER_NAME = 64  # scheduler.election_wire.ClusterName and swim_wire's
 
 CommandHandler = Callable[[str, str, dict[str, Any]], Awaitable[None]]
 DeathHandler = Callable[[str, str], None]
@@ -321,6 +322,9 @@ class ClusterRuntime:
         self._version = self.membership.version()
         wanted: dict[str, ViewLike] = {}
         for name in sorted(self.membership.clusters_of(self.peer_id)):
+            if not 0 < len(name) <= MAX_CLUSTER_NAME:  # the wire's bound on a cluster name
+                self.stats["cluster_name_too_long"] += 1
+                continue
             view = self.membership.view(name)
             if view is None or self.peer_id not in view.members:
                 continue

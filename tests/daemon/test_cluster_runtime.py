@@ -16,14 +16,17 @@ from daemon.cluster.runtime import (
     NotCoordinatorError,
     RuntimeSettings,
 )
+from daemon.settings import ConfigError, parse
 from p2p import codec
 from p2p.identity import NodeIdentity
 from p2p.testing.hub import MemoryNetwork
 from scheduler import election_wire as wire
 from scheduler import swim_wire
+from scheduler.election import ElectionSettings
 from scheduler.election_driver import MemoryElectionStore
 from scheduler.fencing import MemoryFenceStore, sign_command
 from scheduler.swim_driver import SWIM_PROTOCOL
+from scheduler.swim_state import SwimSettings
 
 C = "lab"
 
@@ -348,3 +351,43 @@ async def test_bad_commands_and_messages_are_refused_and_counted(autojump_clock)
         assert await wait_agreed(nodes[:4], 1.0) is leader
         assert leader.runtime.coordinator(C)[1] == term
         nursery.cancel_scope.cancel()
+
+
+async def test_a_cluster_name_longer_than_the_wire_allows_is_left_out(autojump_clock):
+    hub = MemoryNetwork(seed=1, latency_s=0.002)
+    membership = FakeMembership()
+    (ident,) = identities(1, b"long")
+    membership.set("x" * 65, ident.peer_id, True)
+    membership.set("ok", ident.peer_id, True)
+    runtime = ClusterRuntime(
+        ident,
+        hub.add_node(ident.peer_id),
+        membership,
+        election_store=MemoryElectionStore(),
+        fence_store=MemoryFenceStore(),
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(runtime.run)
+        assert runtime.clusters() == ["ok"]
+        assert runtime.stats["cluster_name_too_long"] == 1
+        nursery.cancel_scope.cancel()
+
+
+def test_cluster_config_keys_build_the_cores_settings_and_rules_are_checked():
+    config = parse({"cluster": {"probe_interval_s": 0.5, "lease_s": 0.4, "max_clusters": 4}})
+    assert config.swim() == SwimSettings(probe_interval_s=0.5)
+    assert config.election() == ElectionSettings(lease_s=0.4)
+    assert config.cluster.max_clusters == 4
+    # the defaults are the cores' own
+    assert parse({}).swim() == SwimSettings() and parse({}).election() == ElectionSettings()
+    for raw, message in [
+        ({"probe_timeout_s": 0.3}, "cluster.probe_timeout_s must be below probe_interval_s"),
+        ({"lease_s": 0.6}, "cluster.lease_s must be below election_timeout_min_s"),
+        ({"election_timeout_max_s": 0.5}, "cluster.election_timeout_min_s must be below"),
+        ({"max_clock_rate_error": 1.5}, "cluster.max_clock_rate_error must be in"),
+        ({"indirect_checks": 17}, "cluster.indirect_checks must be <= 16"),
+        ({"max_clusters": 0}, "cluster.max_clusters must be >= 1"),
+        ({"heartbeat_s": 0.0}, "cluster.heartbeat_s must be positive"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse({"cluster": raw}, "node.toml")
