@@ -6,8 +6,9 @@ is refused (p2p.bans), then a per-peer rate limit, then the hello (nothing but t
 served to a peer until it passed), then
 the handler, whose failure is counted and resets the stream instead of escaping.
 `harden_pubsub` puts cheap per-peer checks before py-libp2p's own gossip checks, and counts
-every message py-libp2p would drop silently; `harden_inbound` caps inbound connections per IP
-and gives their slots back when they close.
+every message py-libp2p would drop silently; `GossipValidators` runs our topics' validators
+inside py-libp2p, before a message is delivered or forwarded; `harden_inbound` caps inbound
+connections per IP and gives their slots back when they close.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from typing import Any
 
 import trio
 from libp2p.peer.id import ID
-from libp2p.pubsub.pubsub import signature_validator
+from libp2p.pubsub.pubsub import ValidationCache, ValidationResult, signature_validator
 
 from p2p.bans import PeerBans
 from p2p.dhtguard import DHT_PROTOCOL, DHT_REFUSAL, ResetCountingStream
 from p2p.hello import HELLO_PROTOCOL, HelloGate
 from p2p.limits import HostLimits, RateLimiter, RejectHook
+from p2p.network import GossipValidator
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +137,16 @@ def harden_pubsub(
     a strike against the forwarder (honest peers forward only what they validated); a message
     over a rate or size limit is not: an honest forwarder relays whatever rate its mesh
     publishes at, and may run with larger limits. A banned forwarder's messages are dropped
-    unread.
+    unread. A message our validators refused (`GossipValidators`) is counted by them, not
+    here, and its later copies are dropped before py-libp2p checks their signatures again.
     """
     push = pubsub.push_msg
+    cache = pubsub.validation_cache
+    pubsub.validation_cache = RefusalCache(cache.ttl, cache.max_size)
+
+    def refused_before(msg: Any) -> bool:
+        """A validator refused this message id (now or earlier), and counted it."""
+        return pubsub.validation_cache.get(pubsub._msg_id_constructor(msg)) is not None
 
     async def push_msg(forwarder: ID, msg: Any) -> None:
         if forwarder == pubsub.my_id:
@@ -153,10 +162,12 @@ def harden_pubsub(
         if not messages.allow(peer) or not message_bytes.allow(peer, size):
             on_reject("pubsub", "rate_limited")
             return
-        if pubsub._is_msg_seen(msg):
+        if pubsub._is_msg_seen(msg) or refused_before(msg):
             return  # duplicates are normal in a mesh
         await push(forwarder, msg)
         if not pubsub._is_msg_seen(msg):
+            if refused_before(msg):
+                return  # a validator of ours refused it: it counted it (GossipValidators)
             bad_sig = pubsub.strict_signing and not _safe_signature_check(msg)
             on_reject("pubsub", "bad_signature" if bad_sig else "refused")
             if bad_sig:
@@ -172,6 +183,59 @@ def harden_pubsub(
 
     pubsub.push_msg = push_msg
     pubsub.notify_subscriptions = notify_subscriptions
+
+
+class RefusalCache(ValidationCache):
+    """py-libp2p's cache of validation results by message id (origin and sequence number),
+    keeping refusals only.
+
+    py-libp2p keeps an accepted id for 300 s, past the seen ids' TTL (`seen_ttl_s`): an
+    origin could then send other data under an id it had used before and skip the
+    validators. A refusal is safe to keep: only the origin can sign a message under its id,
+    so a refused id refuses nothing but the origin's own message."""
+
+    def put(self, msg_id: bytes, result: ValidationResult) -> None:
+        if not result.is_valid:
+            super().put(msg_id, result)
+
+
+class GossipValidators:
+    """Our topics' gossip validators (`p2p.network.Gossip.subscribe`) as py-libp2p's.
+
+    py-libp2p runs a topic's validator in `Pubsub.push_msg` after the signature check and
+    before it marks the message seen, queues it for our subscription or forwards it to the
+    mesh: a refused message goes nowhere. Each validator sees the message's origin and data;
+    all of a topic's must accept. Our own publications pass unvalidated. A validator counts
+    its own refusals; one that raises refuses, counted here as `pubsub`/`validator_error`.
+    """
+
+    def __init__(self, pubsub: Any, on_reject: RejectHook) -> None:
+        self._pubsub = pubsub
+        self._on_reject = on_reject
+        self._by_topic: dict[str, list[GossipValidator]] = {}
+
+    def add(self, topic: str, validator: GossipValidator) -> None:
+        validators = self._by_topic.get(topic)
+        if validators is None:
+            validators = self._by_topic[topic] = []
+            self._pubsub.set_topic_validator(topic, self._runner(topic, validators), False)
+        validators.append(validator)
+
+    def _runner(self, topic: str, validators: list[GossipValidator]) -> Callable[[ID, Any], bool]:
+        pubsub, on_reject = self._pubsub, self._on_reject
+
+        def validate(forwarder: ID, msg: Any) -> bool:
+            if forwarder == pubsub.my_id:
+                return True  # our own publication
+            try:
+                origin, data = ID(msg.from_id).to_base58(), msg.data
+                return all(validator(origin, data) for validator in validators)
+            except Exception as exc:  # a validator's bug refuses the message, never more
+                on_reject("pubsub", "validator_error")
+                log.info("gossip validator for %s failed: %r", topic, exc)
+                return False
+
+        return validate
 
 
 def harden_inbound(

@@ -12,9 +12,10 @@ Keep all knowledge of py-libp2p 0.8.1's quirks here (DESIGN.md, "Known pitfalls"
 - libp2p's loggers do not propagate: `quiet_libp2p_logs` attaches our own handler.
 
 The host's parts live beside it: `p2p.framing` (frames and the libp2p stream adapter),
-`p2p.hello` (the network-membership gate), `p2p.guard` (the stream guard, gossip and inbound
-connection limits), `p2p.limits` (per-peer limits, token buckets), `p2p.dhtguard` (the DHT's
-validators and refusal counts), `p2p.addrs` (our addresses), `p2p.peers` (peer tracking).
+`p2p.hello` (the network-membership gate), `p2p.guard` (the stream guard, gossip limits and
+validators, inbound connection limits), `p2p.limits` (per-peer limits, token buckets),
+`p2p.dhtguard` (the DHT's validators and refusal counts), `p2p.addrs` (our addresses),
+`p2p.peers` (peer tracking).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ from p2p.framing import (
     read_frame,
     write_frame,
 )
-from p2p.guard import StreamGuard, harden_inbound, harden_pubsub, reason_of
+from p2p.guard import GossipValidators, StreamGuard, harden_inbound, harden_pubsub, reason_of
 from p2p.hello import HELLO_PROTOCOL, HelloGate, open_hello
 from p2p.limits import HostLimits, RateLimiter, RejectHook
 from p2p.network import (
@@ -72,6 +73,7 @@ from p2p.network import (
     DHTValidator,
     FrameBound,
     GossipHandler,
+    GossipValidator,
     NetworkError,
     PeerState,
     RequestHandler,
@@ -231,6 +233,7 @@ class Libp2pNetwork:
             ),
             self.bans,
         )
+        self.gossip_validators = GossipValidators(self.pubsub, self._on_reject)
         self.hello_gate = HelloGate(
             ident,
             network_id,
@@ -503,10 +506,7 @@ class Libp2pNetwork:
 
     async def track_peers(self, interval_s: float) -> None:
         """Keep `peers` current: who is connected or routable, and their measured RTT."""
-        await track_peers(self, interval_s, self._disconnect)
-
-    async def _disconnect(self, peer_id: str) -> None:
-        await self.host.disconnect(ID.from_base58(peer_id))
+        await track_peers(self, interval_s, lambda p: self.host.disconnect(ID.from_base58(p)))
 
     async def keep_connected(
         self,
@@ -537,9 +537,13 @@ class Libp2pNetwork:
         except Exception as exc:
             raise NetworkError(f"publishing on {topic} failed: {exc!r}") from exc
 
-    async def subscribe(self, topic: str, handler: GossipHandler) -> None:
+    async def subscribe(
+        self, topic: str, handler: GossipHandler, validator: GossipValidator | None = None
+    ) -> None:
         if self._nursery is None:
             raise NetworkError("subscribe() needs a running network")
+        if validator is not None:  # before the subscription, so that nothing slips past it
+            self.gossip_validators.add(topic, validator)
         subscription = await self.pubsub.subscribe(topic)
         self._nursery.start_soon(self._read_topic, topic, subscription, handler)
 

@@ -23,6 +23,8 @@ from typing import Any, Protocol
 RequestHandler = Callable[[str, bytes], Awaitable[bytes]]
 # handler(origin peer id, message data); exceptions are counted and dropped by the network
 GossipHandler = Callable[[str, bytes], Awaitable[None]]
+# validator(origin peer id, message data) -> whether to take the message (`Gossip.subscribe`)
+GossipValidator = Callable[[str, bytes], bool]
 # the longest frame a stream takes: a number, or a function asked as each frame begins (so a
 # stream opened earlier gets the bound of the moment)
 FrameBound = int | Callable[[], int]
@@ -169,8 +171,20 @@ class Gossip(Protocol):
         """Best-effort broadcast to the topic's subscribers; never echoed to its sender."""
         ...
 
-    async def subscribe(self, topic: str, handler: GossipHandler) -> None:
-        """Call `handler` for every message on `topic` (from others) from now on."""
+    async def subscribe(
+        self, topic: str, handler: GossipHandler, validator: GossipValidator | None = None
+    ) -> None:
+        """Call `handler` for every message on `topic` (from others) from now on.
+
+        `validator`, when given, runs on every message from others before anything else
+        is done with it: a message it refuses (returns False, or raises: counted by the
+        network) is neither delivered to this node's handlers nor forwarded to its peers, so
+        what this node would refuse costs the rest of the network nothing. It is synchronous,
+        cheap and changes no state (it may count its refusals); it sees the message's origin,
+        not the peer that forwarded it. A topic's validators (one per `subscribe`) must all
+        accept a message. This node's own publications are never validated.
+        (`check_gossip_validator`, `check_gossip_not_forwarded`)
+        """
         ...
 
 

@@ -9,7 +9,8 @@ runs on a fresh pair:
 
 `check_requests`, `check_streams`, `check_gossip` and `check_dht` each cover one part of the
 seam (`Requests`, `Streams`, `Gossip`, `DHT`); `check_network` runs them all, for transports
-that implement the whole `Network`. `REQUEST_CHECKS`, `STREAM_CHECKS`, `GOSSIP_CHECKS` and
+that implement the whole `Network`. What takes three nodes (gossip forwarding) is in
+`p2p.testing.gossip_line`. `REQUEST_CHECKS`, `STREAM_CHECKS`, `GOSSIP_CHECKS` and
 `DHT_CHECKS` name each check, for a test parametrized over them.
 Checks wait with deadlines (`Pair.timeout_s`), never fixed sleeps, so they run on a real
 clock (libp2p, sockets) and on trio's virtual clock (the in-memory network) alike.
@@ -435,15 +436,21 @@ STREAM_CHECKS: list[Check] = [
 TOPIC = "conformance/topic"
 
 
-async def _publish_until(pair: Pair, data: bytes, got: list[tuple[str, bytes]]) -> None:
-    """Publish (again: gossip is best effort, and a mesh forms in its own time) until `b`
-    received `data`."""
-    with trio.fail_after(pair.timeout_s):
+async def publish_until(
+    node: Any, data: bytes, got: list[tuple[str, bytes]], timeout_s: float
+) -> None:
+    """`node` publishes `data` (again: gossip is best effort, and a mesh forms in its own
+    time) until it is in `got` (a handler's or a validator's record)."""
+    with trio.fail_after(timeout_s):
         while not any(item[1] == data for item in got):
-            await pair.a.publish(TOPIC, data)
+            await node.publish(TOPIC, data)
             with trio.move_on_after(0.5):
                 while not any(item[1] == data for item in got):  # noqa: ASYNC110
                     await trio.sleep(0.01)
+
+
+async def _publish_until(pair: Pair, data: bytes, got: list[tuple[str, bytes]]) -> None:
+    await publish_until(pair.a, data, got, pair.timeout_s)
 
 
 async def gossip_delivered(pair: Pair) -> None:
@@ -479,6 +486,42 @@ async def gossip_handler_fails(pair: Pair) -> None:
     await _publish_until(pair, b"second", got)
 
 
+def refusing_validator(seen: list[tuple[str, bytes]]) -> Callable[[str, bytes], bool]:
+    """A validator that records each call, refuses data starting with b"refused" and raises
+    on b"raises"."""
+
+    def validate(origin: str, data: bytes) -> bool:
+        seen.append((origin, data))
+        if data == b"raises":
+            raise ValueError("a bug in the validator")
+        return not data.startswith(b"refused")
+
+    return validate
+
+
+async def gossip_validated(pair: Pair) -> None:
+    """What `b`'s validator refuses (or raises on) never reaches `b`'s handler, and later
+    messages still do; the validator sees each message's origin, and never `b`'s own."""
+    seen: list[tuple[str, bytes]] = []
+    got_b: list[tuple[str, bytes]] = []
+    got_a: list[tuple[str, bytes]] = []
+
+    async def on_b(origin: str, data: bytes) -> None:
+        got_b.append((origin, data))
+
+    async def on_a(origin: str, data: bytes) -> None:
+        got_a.append((origin, data))
+
+    await pair.b.subscribe(TOPIC, on_b, refusing_validator(seen))
+    await pair.a.subscribe(TOPIC, on_a)
+    await _publish_until(pair, b"refused", seen)
+    await _publish_until(pair, b"raises", seen)
+    await _publish_until(pair, b"accepted", got_b)
+    _expect([data for _, data in got_b] == [b"accepted"] * len(got_b), f"b got {got_b[:3]!r}")
+    await publish_until(pair.b, b"from b", got_a, pair.timeout_s)
+    _expect({origin for origin, _ in seen} == {pair.a.peer_id}, f"validated {seen[:3]!r}")
+
+
 DHT_KEY = "/gridmesh/" + "c0" * 16  # in the gridmesh namespace, under py-libp2p's 50 bytes
 
 
@@ -490,7 +533,7 @@ async def dht_put_get(pair: Pair) -> None:
         _expect(await pair.b.dht_get(DHT_KEY[:-2] + "ff") is None, "a value for a missing key")
 
 
-GOSSIP_CHECKS: list[Check] = [gossip_delivered, gossip_handler_fails]
+GOSSIP_CHECKS: list[Check] = [gossip_delivered, gossip_handler_fails, gossip_validated]
 DHT_CHECKS: list[Check] = [dht_put_get]
 
 

@@ -37,8 +37,10 @@ unanswered RPC counts as a failure against the peer.
 Gossip (`publish`/`subscribe`) is an epidemic broadcast over the same lossy links, one hop per
 message: the publisher sends to `fanout` random known peers subscribed to the topic; a
 subscriber that has not seen the message id (a hash of origin and data, kept in a bounded
-seen-cache) hands it to its handlers and forwards it to `fanout` random subscribed known peers,
-never back to the peer it came from nor to the origin. Loss, partitions, latency and crashes
+seen-cache) runs the topic's validators (`subscribe(..., validator)`; a refused message is
+counted in `gossip_refused` and goes no further), then hands it to its handlers and forwards it
+to `fanout` random subscribed known peers, never back to the peer it came from nor to the
+origin. Loss, partitions, latency and crashes
 apply per hop; nothing is retransmitted (anti-entropy is the caller's business). The hub knows
 who subscribes to what; real GossipSub learns it from its peers and keeps a stable mesh of
 `fanout` peers instead of picking at random per message. Handlers run one message at a time in

@@ -10,7 +10,13 @@ from typing import Any
 
 import trio
 
-from p2p.network import DHTValidator, GossipHandler, NetworkError, RequestHandler
+from p2p.network import (
+    DHTValidator,
+    GossipHandler,
+    GossipValidator,
+    NetworkError,
+    RequestHandler,
+)
 from p2p.testing.kademlia import (
     _DHT_PREFIX,
     EVICTION_BACKOFF_S,
@@ -58,12 +64,15 @@ class MemoryNode(Peering):
         self.puts_rejected = 0  # values from peers that this node's validator refused
         # gossip: handlers and the queue feeding each topic's delivery task
         self._topics: dict[str, tuple[list[GossipHandler], trio.MemorySendChannel[Any]]] = {}
+        self._validators: dict[str, list[GossipValidator]] = {}  # topic -> all must accept
         self._seen: set[bytes] = set()
         self._seen_order: deque[bytes] = deque()
         self._gossip_cache: dict[str, tuple[int, int, list[str]]] = {}
         self.gossip_received = 0  # first copies of messages on subscribed topics
         self.gossip_duplicates = 0  # copies dropped as already seen
         self.gossip_handler_errors = 0  # handler calls that raised
+        self.gossip_refused = 0  # first copies a validator refused (neither delivered nor sent on)
+        self.gossip_validator_errors = 0  # validator calls that raised (each also refused)
         self._handler_timeouts: dict[str, float] = {}
         self._init_peering()
 
@@ -172,9 +181,14 @@ class MemoryNode(Peering):
         self._hub._forward(self, topic, msg_id, self._peer_id, data, None)
         await trio.lowlevel.checkpoint()
 
-    async def subscribe(self, topic: str, handler: GossipHandler) -> None:
-        """Call `handler(origin, data)` for each message on `topic` from now on, in order."""
+    async def subscribe(
+        self, topic: str, handler: GossipHandler, validator: GossipValidator | None = None
+    ) -> None:
+        """Call `handler(origin, data)` for each message on `topic` from now on, in order;
+        a message `validator` refuses is neither delivered nor forwarded (`Gossip.subscribe`)."""
         self._check_alive()
+        if validator is not None:  # before the subscription, so that nothing slips past it
+            self._validators.setdefault(topic, []).append(validator)
         subscription = self._topics.get(topic)
         if subscription is not None:
             subscription[0].append(handler)
@@ -251,6 +265,7 @@ class MemoryNode(Peering):
         for _, send in self._topics.values():
             send.close()  # ends the delivery tasks
         self._topics.clear()
+        self._validators.clear()
         self._seen.clear()
         self._seen_order.clear()
         self._gossip_cache.clear()
@@ -277,7 +292,9 @@ class MemoryNode(Peering):
     def _receive_gossip(
         self, sender: str, topic: str, msg_id: bytes, origin: str, data: bytes
     ) -> None:
-        """One gossip hop arrived (in the timer task): drop it if seen, else forward and queue."""
+        """One gossip hop arrived (in the timer task): drop it if seen, else validate, forward
+        and queue. A refused message is remembered as seen too: its later copies cost nothing
+        (as py-libp2p caches a refusal by message id)."""
         self._heard_from(sender)
         if msg_id in self._seen:
             self.gossip_duplicates += 1
@@ -286,9 +303,23 @@ class MemoryNode(Peering):
         subscription = self._topics.get(topic)
         if subscription is None:  # not subscribed (any more): neither delivered nor forwarded
             return
+        if not self._validated(topic, origin, data):
+            self.gossip_refused += 1
+            return
         self.gossip_received += 1
         self._hub._forward(self, topic, msg_id, origin, data, sender)
         subscription[1].send_nowait((origin, data))
+
+    def _validated(self, topic: str, origin: str, data: bytes) -> bool:
+        """Whether every validator of `topic` takes the message (one that raises refuses)."""
+        for validator in tuple(self._validators.get(topic, ())):
+            try:
+                if not validator(origin, data):
+                    return False
+            except Exception:
+                self.gossip_validator_errors += 1
+                return False
+        return True
 
     async def _deliver(self, topic: str, receive: trio.MemoryReceiveChannel[Any]) -> None:
         """The delivery task of one topic: runs the handlers, one message at a time."""

@@ -4,6 +4,7 @@ same-host Unix socket (streams only: it carries no requests, gossip or DHT)."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import typing
 from collections.abc import AsyncIterator, Callable
@@ -17,6 +18,7 @@ from p2p.host import Libp2pNetwork
 from p2p.network import Network, Streams
 from p2p.testing import conformance
 from p2p.testing.conformance import Pair
+from p2p.testing.gossip_line import Line, check_gossip_line
 from p2p.testing.memnet import MemoryNetwork
 
 
@@ -116,6 +118,55 @@ async def localsock_pair() -> AsyncIterator[Pair]:
 
         yield Pair(a, b, vanish_b)
         nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def libp2p_line() -> AsyncIterator[Line]:
+    a, b, c = _libp2p_node(), _libp2p_node(), _libp2p_node()
+    async with a.run(), b.run(), c.run():
+        await a.connect(b.listen_addrs()[0])
+        await c.connect(b.listen_addrs()[0])
+        yield Line(a, b, c)
+
+
+@asynccontextmanager
+async def memory_line() -> AsyncIterator[Line]:
+    hub = MemoryNetwork(latency_s=0.001)
+    a, b, c = hub.add_node("peer-a"), hub.add_node("peer-b"), hub.add_node("peer-c")
+    await a.connect(b.listen_addrs()[0])
+    await c.connect(b.listen_addrs()[0])
+    yield Line(a, b, c)
+    assert b.gossip_refused >= 2 and b.gossip_validator_errors >= 1
+
+
+@pytest.mark.parametrize("make_line", [libp2p_line, memory_line], ids=["libp2p", "memory"])
+async def test_gossip_line(make_line) -> None:
+    """Three nodes in a line: what the middle one's validator refuses goes no further."""
+    await check_gossip_line(make_line)
+
+
+async def test_the_line_check_fails_a_transport_that_forwards_refused_gossip() -> None:
+    """The line check can fail: a middle node whose validator is ignored forwards all."""
+
+    @asynccontextmanager
+    async def ignoring_line() -> AsyncIterator[Line]:
+        async with memory_line() as line:
+            subscribe = line.b.subscribe
+
+            async def no_validator(topic, handler, validator=None) -> None:
+                def record_only(origin: str, data: bytes) -> bool:
+                    with contextlib.suppress(ValueError):
+                        validator(origin, data)
+                    return True
+
+                await subscribe(topic, handler, record_only)
+
+            line.b.subscribe = no_validator
+            line.timeout_s = 5.0
+            yield line
+
+    with pytest.raises(conformance.ConformanceError, match="gossip_refused_not_forwarded"):
+        await check_gossip_line(ignoring_line)
 
 
 MAKERS = {"libp2p": libp2p_pair, "memory": memory_pair, "localsock": localsock_pair}
