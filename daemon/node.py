@@ -26,6 +26,7 @@ from daemon import __version__, resources
 from daemon.api import cookie
 from daemon.api.http import serve_rpc
 from daemon.api.jsonrpc import Dispatcher
+from daemon.cluster.coordinator_methods import coordinator_for
 from daemon.cluster.membership import register_cluster_methods
 from daemon.cluster.runtime import ClusterRuntime, RegistryMembership, RuntimeSettings
 from daemon.cluster.runtime_methods import register_runtime_methods
@@ -147,6 +148,11 @@ class Daemon:
                     **public_resources(self.resources),
                     "blocks": self.shards.summary(),
                     "accepts_deploys": config.shards.allow_remote_deploy,  # for planners
+                    **resources.placement_record(  # energy and RTTs, weighed by placement
+                        self.resources,
+                        config.resources.values_for(resources.EnergySettings),
+                        self.net.peers,
+                    ),
                 },
             ),
             on_reject=lambda reason: self.metrics.reject("dht", reason),
@@ -206,6 +212,15 @@ class Daemon:
             self.dispatcher, self.replicator, self.directory, describe=self.clusters.describe
         )
         self.metrics.watch_clusters(self.clusters.snapshot)
+        self.coordinator = coordinator_for(  # places, heals and scales through clusters
+            self.dispatcher,
+            self.clusters,
+            self.shards,
+            self.directory,
+            self.replica,
+            self.metrics,
+            config,
+        )
         self.escrow: Any = None  # daemon.payments.escrow.Escrow when this node has a chain
         self._own_escrow = False
         self.paid: Any = None  # daemon.payments.wiring.PaidWork: paid work, with an Escrow
@@ -345,6 +360,7 @@ class Daemon:
                 )
             await self.replicator.start()
             await nursery.start(self.clusters.run)
+            await nursery.start(self.coordinator.run)
             await nursery.start(self.shards.run)
             if self.paid is not None:  # vouchers answered, jobs settled
                 await nursery.start(

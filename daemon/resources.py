@@ -290,6 +290,15 @@ def energy_record(detected: Mapping[str, Any], settings: EnergySettings) -> dict
     }
 
 
+def placement_record(
+    detected: Mapping[str, Any], declared: Mapping[str, Any], peers: Mapping[str, Any]
+) -> dict[str, Any]:
+    """What placement reads in the public record: `energy` (`energy_record`, with the
+    `EnergySettings` fields `declared` sets) and `rtt_ms` (`peer_rtts`)."""
+    energy = energy_record(detected, EnergySettings(**declared))
+    return {**energy, "rtt_ms": peer_rtts(peers)}
+
+
 def peer_rtts(peers: Mapping[str, Any], limit: int = MAX_RTT_PEERS) -> dict[str, float]:
     """The round trips (ms) this node measured to its peers (`p2p.network.PeerState.rtt_ms`,
     kept by `track_peers`), the `limit` nearest, for planners to weigh the hop between two

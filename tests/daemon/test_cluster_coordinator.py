@@ -1,0 +1,265 @@
+"""A cluster's coordinator through whole daemons on the in-memory network (virtual time): a
+block deployed through the coordinator from another member, a member serving a range killed
+and its layers re-placed with the generation still giving one process's tokens; forged
+commands and requests from outside the cluster refused and counted."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from daemon.api.client import RPCCallError
+from daemon.cluster import coordinator_wire as wire
+from p2p import codec
+from scheduler import election_wire
+from scheduler.fencing import sign_command
+from tests.daemon.harness import RESOURCES, MemoryCluster, RunningDaemon, inline_threads
+
+pytest.importorskip("torch")
+
+LAYERS = 6
+PROMPT = list(b"a cluster of shards")
+NEW_TOKENS = 16
+CLUSTER = "lab"
+
+
+@pytest.fixture(autouse=True)
+def _inline(monkeypatch):
+    inline_threads(monkeypatch)
+
+
+@pytest.fixture
+def one_torch_thread():
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield torch
+    torch.set_num_threads(before)
+
+
+def small_memory(model_dir: Path):
+    """Resources whose free memory holds about a third of the tiny model: placement must
+    split it over three members."""
+    from daemon.shards.model import LlamaConfig
+
+    config = LlamaConfig.from_dir(model_dir)
+    whole = (
+        LAYERS * config.layer_bytes("float32")
+        + config.embed_bytes("float32")
+        + config.head_bytes("float32")
+    )
+    free = int(whole / 0.9 / 2.5)
+
+    def detect(home: Path) -> dict[str, Any]:
+        return {**RESOURCES, "memory": {"total_bytes": 8 << 30, "available_bytes": free}}
+
+    return detect
+
+
+@asynccontextmanager
+async def lab(root: Path, count: int, detect: Any) -> AsyncIterator[MemoryCluster]:
+    """`count` whole daemons in one open cluster, every one a voter, a coordinator elected."""
+    async with trio.open_nursery() as nursery:
+        net = MemoryCluster(root, nursery, detect_resources=detect)
+        net.hub.epoch = time.time() - trio.current_time()  # registry and records: one clock
+        await net.start(count)
+        await net.wait_for(net.all_found, 60, f"all {count} daemons to find each other")
+        first, *others = net.daemons
+        await first.call("cluster_create", {"name": CLUSTER, "admission": "open"})
+
+        async def known_everywhere() -> bool:
+            for d in others:
+                try:
+                    await d.call("cluster_members", {"name": CLUSTER})
+                except RPCCallError:
+                    return False
+            return True
+
+        await net.wait_for(known_everywhere, 30, "the cluster to reach every daemon")
+        for d in others:
+            await d.call("cluster_join", {"name": CLUSTER, "role": "voter"})
+        await coordinator_agreed(net, count)
+        try:
+            yield net
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def coordinator_agreed(net: MemoryCluster, members: int) -> RunningDaemon:
+    live = [d for d in net.daemons if not d.stopped.is_set()]
+
+    async def agreed() -> RunningDaemon | None:
+        seen = {d.daemon.clusters.coordinator(CLUSTER)[0] for d in live}
+        sizes = {len(d.daemon.clusters.member_states(CLUSTER)) for d in live}
+        if len(seen) != 1 or None in seen or sizes != {members}:
+            return None
+        leader = seen.pop()
+        return next((d for d in live if d.peer_id == leader), None)
+
+    return await net.wait_for(agreed, 60, "one coordinator known to every member")
+
+
+def served(net: MemoryCluster, by: RunningDaemon) -> list[tuple[int, int, str]]:
+    """The live ranges of the model `by` sees announced."""
+    live = {d.peer_id for d in net.daemons if not d.stopped.is_set()}
+    return sorted(
+        (s["start"], s["end"], s["peer_id"])
+        for s in by.daemon.shards.announced("tiny")
+        if s["peer_id"] in live
+    )
+
+
+def covered_once(ranges: list[tuple[int, int, str]]) -> bool:
+    counts = [0] * LAYERS
+    for start, end, _ in ranges:
+        for layer in range(start, end):
+            counts[layer] += 1
+    return counts == [1] * LAYERS
+
+
+async def test_deploy_through_the_coordinator_then_heal_a_killed_member(
+    autojump_clock, tmp_path, one_torch_thread
+):
+    torch = one_torch_thread
+    from daemon.shards.model import greedy_generate, load_model, make_tiny
+
+    model_dir = make_tiny(tmp_path / "tiny", layers=LAYERS, seed=7)
+    with torch.no_grad():
+        expected = greedy_generate([load_model(model_dir)], PROMPT, NEW_TOKENS)
+    async with lab(tmp_path / "net", 5, small_memory(model_dir)) as net:
+        leader = await coordinator_agreed(net, 5)
+        asker = next(d for d in net.daemons if d is not leader)
+        # a dry run first: every member scored, by term
+        plan = await asker.call(
+            "cluster_plan", {"name": CLUSTER, "model_dir": str(model_dir), "model": "tiny"}
+        )
+        assert plan["coordinator"] == leader.peer_id
+        assert len(plan["scores"]) == 5 and len(plan["assignments"]) == 3
+        assert set(plan["scores"][0]["terms"]) == {
+            "memory",
+            "throughput",
+            "rtt",
+            "energy",
+            "carbon",
+        }
+        assert "ms_per_layer" in plan["scores"][0]["assumed"]  # nothing served yet
+        # the deploy, asked of a member that is not the coordinator: forwarded to it
+        result = await asker.call(
+            "cluster_deploy",
+            {"name": CLUSTER, "model": "tiny", "model_dir": str(model_dir), "wait_s": 30},
+        )
+        assert result["ok"], result
+        assert result["coordinator"] == leader.peer_id
+        ranges = [(s["start"], s["end"], s["peer_id"]) for s in result["servers"]]
+        assert covered_once(ranges) and len(ranges) == 3, ranges
+        assert [e["action"] for e in result["events"]].count("assign") == 3
+
+        async def seen_by_all() -> bool:
+            return all(covered_once(served(net, d)) for d in net.daemons)
+
+        await net.wait_for(seen_by_all, 15, "every daemon to see the three ranges")
+        # every member keeps the coordinator's deployment table (for the next coordinator)
+        rows = asker.daemon.coordinator.placements(CLUSTER)
+        assert [r["model"] for r in rows] == ["tiny"] and rows[0]["target"] == 1
+        client = next(d for d in net.daemons if d.peer_id not in {r[2] for r in ranges})
+        whole = await client.call(
+            "generate", {"model": "tiny", "token_ids": PROMPT, "max_tokens": NEW_TOKENS}
+        )
+        assert whole["tokens"] == expected
+        # kill a member holding a range (not the coordinator): its layers are placed again
+        victim_id = next(p for _, _, p in ranges if p != leader.peer_id)
+        lost = next((a, b) for a, b, p in ranges if p == victim_id)
+        victim = next(d for d in net.daemons if d.peer_id == victim_id)
+        killed_at = trio.current_time()
+        net.kill(victim)
+
+        async def healed() -> list[tuple[int, int, str]] | None:
+            now = served(net, leader)
+            return now if covered_once(now) and victim_id not in {p for *_, p in now} else None
+
+        now = await net.wait_for(healed, 30, "the lost range to be placed again")
+        heal_s = trio.current_time() - killed_at
+        replaced = [r for r in now if r not in ranges]
+        assert [(a, b) for a, b, _ in replaced] == [lost], (now, ranges)
+        events = leader.daemon.coordinator.status(CLUSTER, "tiny")["events"]
+        assert any(
+            e["action"] == "assign" and f"{lost[0]}..{lost[1]} to" in e["reason"] for e in events
+        ), events
+        print(f"the lost range served again {heal_s:.2f} s (virtual) after the kill")
+        if client.peer_id == victim_id:
+            client = leader
+        again = await client.call(
+            "generate", {"model": "tiny", "token_ids": PROMPT, "max_tokens": NEW_TOKENS}
+        )
+        assert again["tokens"] == expected
+        assert victim_id not in [h["peer_id"] for h in again["route"]]
+
+
+async def test_forged_commands_and_outsiders_requests_are_refused(autojump_clock, tmp_path):
+    async with lab(tmp_path / "net", 3, None) as net:
+        leader = await coordinator_agreed(net, 3)
+        forger, target = [d for d in net.daemons if d is not leader]
+        term = leader.daemon.clusters.coordinator(CLUSTER)[1]
+        before = sum(target.daemon.clusters.fence.refused.values())
+        order = codec.encode(wire.to_body(wire.AssignBody("evil", "/etc", 0, 1)))
+
+        async def send(cmd: election_wire.Command) -> str | None:
+            raw = await forger.daemon.net.request(
+                target.peer_id, election_wire.COMMAND_PROTOCOL, election_wire.encode(cmd)
+            )
+            return codec.decode(raw)["refused"]
+
+        # a voter that is not the coordinator signs an assign in the coordinator's term
+        forged = sign_command(forger.daemon.ident, CLUSTER, term, 1, wire.ASSIGN, order)
+        assert await send(forged) == "not_coordinator"
+        # one signed with the coordinator's name but the forger's key
+        named = election_wire.Command(**{**_fields(forged), "signer": leader.peer_id})
+        assert await send(named) == "bad_signature"
+        # the coordinator's own command, replayed
+        table = wire.to_body(wire.TableBody(term, 1, []))
+        real = leader.daemon.clusters.election_driver(CLUSTER).sign_next_command(
+            wire.DEPLOYMENTS, codec.encode(table)
+        )
+        assert await send(real) is None
+        assert await send(real) == "replayed_seq"
+        assert sum(target.daemon.clusters.fence.refused.values()) == before + 3
+        # the forger claims a term it never won: the member does not act on it either
+        ahead = sign_command(forger.daemon.ident, CLUSTER, term + 1, 1, wire.ASSIGN, order)
+        await send(ahead)
+        await trio.sleep(1)
+        assert target.daemon.shards.local_block("evil") is None
+        assert (
+            target.metric("gridmesh_rejected_messages_total", reason="assign_not_the_coordinator")
+            == 1
+        )
+        # an outsider (no member of the cluster) asking the coordinator directly
+        outsider = await net.add(tmp_path / "outsider", [leader.addr])
+        await net.wait_for(net.all_found, 60, "the outsider to be found")
+        spec = wire.DeploySpec("tiny", "/nowhere", wire.ModelShape(2, 10, 10, 10))
+        request = wire.encode_request(wire.DeployRequest(CLUSTER, spec))
+        raw = await outsider.daemon.net.request(leader.peer_id, wire.COORDINATOR_PROTOCOL, request)
+        reply = codec.decode(raw)
+        assert reply["ok"] is False and reply["reason"] == "not_member"
+        for garbage in (b"\xc1" * 10, codec.encode({"op": "deploy", "cluster": 7}), b"x" * 20000):
+            raw = await forger.daemon.net.request(
+                leader.peer_id, wire.COORDINATOR_PROTOCOL, garbage
+            )
+            assert codec.decode(raw)["ok"] is False
+        for reason in ("not_member", "malformed", "bad_request", "too_large"):
+            count = leader.metric("gridmesh_rejected_messages_total", reason=f"request_{reason}")
+            assert count == 1, reason
+        # the outsider's RPC says there is no coordinator it knows of
+        with pytest.raises(RPCCallError) as err:
+            await outsider.call("cluster_undeploy", {"name": CLUSTER, "model": "tiny"})
+        assert "no coordinator" in err.value.message
+        assert not leader.stopped.is_set() and not target.stopped.is_set()
+
+
+def _fields(cmd: election_wire.Command) -> dict[str, Any]:
+    return {f: getattr(cmd, f) for f in cmd.__struct_fields__}
