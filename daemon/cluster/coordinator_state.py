@@ -60,7 +60,8 @@ def surplus(
     kept = list(served)
     gone: list[Served] = []
     for s in sorted(
-        (s for s in served if not s.pending), key=lambda s: (rank.get(s.peer_id, len(rank)), s)
+        (s for s in served if not s.pending),
+        key=lambda s: (rank.get(s.peer_id, len(rank)), s.peer_id, s.start, s.end),
     ):
         rest = [k for k in kept if k is not s]
         counts = coverage(num_layers, rest)
