@@ -209,7 +209,11 @@ class Daemon:
         self.clusters = self._cluster_runtime()
         register_runtime_methods(self.dispatcher, self.clusters)
         register_cluster_methods(
-            self.dispatcher, self.replicator, self.directory, describe=self.clusters.describe
+            self.dispatcher,
+            self.replicator,
+            self.directory,
+            describe=self.clusters.describe,
+            placements=lambda name: self.coordinator.placements(name),  # built just below
         )
         self.metrics.watch_clusters(self.clusters.snapshot)
         self.coordinator = coordinator_for(  # places, heals and scales through clusters

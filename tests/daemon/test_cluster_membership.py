@@ -280,3 +280,5 @@ async def test_members_run_an_election_and_info_shows_the_coordinator(tmp_path, 
         info = await d.call("cluster_info", {"name": "lab"})
         assert info["this_node"]["status"] == "none" and info["runtime"]["member"] is False
         assert info["voters"] == sorted([a.peer_id, b.peer_id, c.peer_id])
+        # the coordinator's placements: none deployed yet
+        assert (await a.call("cluster_info", {"name": "lab"}))["placements"] == []
