@@ -91,8 +91,11 @@ async def lab(root: Path, count: int, detect: Any) -> AsyncIterator[MemoryCluste
             nursery.cancel_scope.cancel()
 
 
-async def coordinator_agreed(net: MemoryCluster, members: int) -> RunningDaemon:
-    live = [d for d in net.daemons if not d.stopped.is_set()]
+async def coordinator_agreed(
+    net: MemoryCluster, members: int, gone: tuple[RunningDaemon, ...] = ()
+) -> RunningDaemon:
+    """The coordinator every running member (but `gone`) knows, once they agree."""
+    live = [d for d in net.daemons if not d.stopped.is_set() and d not in gone]
 
     async def agreed() -> RunningDaemon | None:
         seen = {d.daemon.clusters.coordinator(CLUSTER)[0] for d in live}
@@ -263,3 +266,111 @@ async def test_forged_commands_and_outsiders_requests_are_refused(autojump_clock
 
 def _fields(cmd: election_wire.Command) -> dict[str, Any]:
     return {f: getattr(cmd, f) for f in cmd.__struct_fields__}
+
+
+async def test_a_new_coordinator_adopts_the_table_and_heals(
+    autojump_clock, tmp_path, one_torch_thread
+):
+    """The coordinator is killed: the next one takes the deployment table the members keep,
+    and heals the range the old coordinator served (or, if it served none, the range of a
+    member killed next)."""
+    torch = one_torch_thread
+    from daemon.shards.model import greedy_generate, load_model, make_tiny
+
+    model_dir = make_tiny(tmp_path / "tiny", layers=LAYERS, seed=7)
+    with torch.no_grad():
+        expected = greedy_generate([load_model(model_dir)], PROMPT, NEW_TOKENS)
+    async with lab(tmp_path / "net", 5, small_memory(model_dir)) as net:
+        old = await coordinator_agreed(net, 5)
+        result = await old.call(
+            "cluster_deploy",
+            {"name": CLUSTER, "model": "tiny", "model_dir": str(model_dir), "wait_s": 30},
+        )
+        assert result["ok"], result
+        ranges = [(s["start"], s["end"], s["peer_id"]) for s in result["servers"]]
+        holders = {p for *_, p in ranges}
+        net.kill(old)
+        new = await coordinator_agreed(net, 5, gone=(old,))  # (the dead one is still a member)
+        victim = old
+        if old.peer_id not in holders:  # then a member serving a range dies too
+            victim = next(d for d in net.daemons if d.peer_id in holders and d is not new)
+            net.kill(victim)
+
+        async def healed() -> list[tuple[int, int, str]] | None:
+            now = served(net, new)
+            return now if covered_once(now) and victim.peer_id not in {p for *_, p in now} else None
+
+        await net.wait_for(healed, 30, "the new coordinator to heal the lost range")
+        events = new.daemon.coordinator.status(CLUSTER, "tiny")["events"]
+        assert [e["action"] for e in events][:1] == ["adopt"], events
+        assert new.daemon.coordinator.placements(CLUSTER)[0]["target"] == 1
+        client = next(d for d in net.daemons if not d.stopped.is_set())
+        again = await client.call(
+            "generate", {"model": "tiny", "token_ids": PROMPT, "max_tokens": NEW_TOKENS}
+        )
+        assert again["tokens"] == expected
+
+
+async def test_load_adds_a_copy_and_idleness_removes_it_never_below_the_minimum(
+    autojump_clock, tmp_path
+):
+    from daemon.cluster.coordinator_state import ScalingSettings
+    from daemon.shards.model import make_tiny
+
+    model_dir = make_tiny(tmp_path / "tiny", layers=LAYERS, seed=7)
+    async with lab(tmp_path / "net", 4, None) as net:
+        leader = await coordinator_agreed(net, 4)
+        leader.daemon.coordinator.scaling = ScalingSettings(up_after_s=5, down_after_s=10)
+        result = await leader.call(
+            "cluster_deploy",
+            {
+                "name": CLUSTER,
+                "model": "tiny",
+                "model_dir": str(model_dir),
+                "min_instances": 1,
+                "max_instances": 2,
+                "wait_s": 30,
+            },
+        )
+        assert result["ok"] and result["target"] == 1, result
+        assert len(result["servers"]) == 1  # the whole model fits one member
+
+        async def set_load(util: float) -> None:
+            for d in net.daemons:
+                shards = d.daemon.shards
+                if shards.local_block("tiny") is not None:
+                    shards.measure_load = lambda: None  # as measured: `util`
+                    shards.utilisation = util
+                    await shards.refresh_announcements()
+
+        await set_load(0.95)
+
+        async def copies(n: int) -> list | None:
+            now = served(net, leader)
+            return now if len(now) == n and covered_twice_or_once(now, n) else None
+
+        await net.wait_for(lambda: copies(2), 60, "a second copy under load")
+        target_events = [
+            e
+            for e in leader.daemon.coordinator.status(CLUSTER, "tiny")["events"]
+            if e["action"] == "scale"
+        ]
+        assert "1 -> 2: busy for" in target_events[-1]["reason"], target_events
+        assert leader.daemon.coordinator.placements(CLUSTER)[0]["target"] == 2
+        await set_load(0.0)
+        await net.wait_for(lambda: copies(1), 60, "one copy released when idle")
+        events = leader.daemon.coordinator.status(CLUSTER, "tiny")["events"]
+        assert any(e["action"] == "scale" and "2 -> 1: idle" in e["reason"] for e in events)
+        assert any(e["action"] == "release" for e in events)
+        # idle for much longer: never below the minimum
+        await trio.sleep(60)
+        assert len(served(net, leader)) == 1
+        assert leader.daemon.coordinator.placements(CLUSTER)[0]["target"] == 1
+
+
+def covered_twice_or_once(ranges: list[tuple[int, int, str]], n: int) -> bool:
+    counts = [0] * LAYERS
+    for start, end, _ in ranges:
+        for layer in range(start, end):
+            counts[layer] += 1
+    return counts == [n] * LAYERS
