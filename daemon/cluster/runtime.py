@@ -37,6 +37,7 @@ from scheduler.election_driver import (
     ElectionStore,
     NotCoordinatorError,
 )
+from scheduler.fencing import REASONS as FENCE_REASONS
 from scheduler.fencing import FenceError, FenceKeeper, FenceStore
 from scheduler.swim import State, StateChanged, Swim, SwimSettings
 
@@ -274,7 +275,8 @@ class ClusterRuntime:
                 refused[("swim", key.removeprefix("refused_"))] += count
         for key, count in self.router.stats.items():
             protocol, _, reason = key.partition("_")
-            if key != "command_accepted":
+            # fence refusals are commands_refused; here what did not decode or had no place
+            if key != "command_accepted" and reason not in FENCE_REASONS:
                 refused[(protocol, reason)] += count
         for name, run in sorted(self._runs.items()):
             states = Counter(self.member_states(name).values())
