@@ -52,8 +52,8 @@ from p2p.records import NAMESPACE
 from registry.replica import Replica
 from registry.replication import Replicator
 from registry.store import RegistryStore
-from scheduler.election_driver import FileElectionStore, MemoryElectionStore
-from scheduler.fencing import FileFenceStore, MemoryFenceStore
+from scheduler.election_driver import ElectionStore, FileElectionStore, MemoryElectionStore
+from scheduler.fencing import FenceStore, FileFenceStore, MemoryFenceStore
 
 log = logging.getLogger(__name__)
 
@@ -237,16 +237,28 @@ class Daemon:
 
     def _cluster_runtime(self) -> ClusterRuntime:
         """SWIM, election and fenced commands for the clusters this node is a member of."""
-        on_disk = self.parts.cluster_state_on_disk
         cluster = self.config.cluster
+        election_store: ElectionStore = MemoryElectionStore()
+        fence_store: FenceStore = MemoryFenceStore()
+        if self.parts.cluster_state_on_disk:
+            path = self.home / ELECTION_FILE
+            try:
+                election_store = FileElectionStore(path)
+                path = self.home / FENCE_FILE
+                fence_store = FileFenceStore(path)
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                # never start without them: the node could vote twice in a term, or accept
+                # a deposed coordinator's command
+                raise DaemonError(
+                    f"{path} is damaged ({type(exc).__name__}: {exc}); it holds this node's "
+                    "cluster votes and fences: restore it, or move it away to start with none"
+                ) from None
         return ClusterRuntime(
             self.ident,
             self.net,
             RegistryMembership(self.replica),
-            election_store=(
-                FileElectionStore(self.home / ELECTION_FILE) if on_disk else MemoryElectionStore()
-            ),
-            fence_store=FileFenceStore(self.home / FENCE_FILE) if on_disk else MemoryFenceStore(),
+            election_store=election_store,
+            fence_store=fence_store,
             settings=RuntimeSettings(
                 swim=self.config.swim(),
                 election=self.config.election(),

@@ -13,8 +13,10 @@ import pytest
 import trio
 
 from daemon.cluster.runtime import NotCoordinatorError
-from daemon.node import ELECTION_FILE, FENCE_FILE, IN_PROCESS, Daemon
+from daemon.node import ELECTION_FILE, FENCE_FILE, IN_PROCESS, Daemon, DaemonError
+from daemon.settings import parse
 from p2p import codec
+from p2p.testing.hub import MemoryNetwork
 from scheduler import election_wire as wire
 from scheduler import swim_wire
 from scheduler.fencing import sign_command
@@ -294,3 +296,18 @@ async def test_a_restarted_voter_keeps_its_vote_and_fence_on_disk(autojump_clock
         assert back.daemon.clusters.fence.highest(C) == term
         assert await wait_agreed(net, net.daemons, 30) == leader.peer_id
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("name", [ELECTION_FILE, FENCE_FILE])
+@pytest.mark.parametrize("damage", ["{not json", "[1, 2]", '{"lab": 5}', '{"lab": {"x": 1}}'])
+def test_a_damaged_vote_or_fence_file_stops_the_start_naming_it(tmp_path, name, damage):
+    (tmp_path / name).write_text(damage)
+    parts = replace(IN_PROCESS, cluster_state_on_disk=True)
+    hub = MemoryNetwork()
+    with pytest.raises(DaemonError, match=f"{name} is damaged"):
+        Daemon(
+            tmp_path,
+            parse({}),
+            network=lambda ident, config, validator, metrics: hub.add_node(ident.peer_id),
+            parts=parts,
+        )
