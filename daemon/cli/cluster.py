@@ -17,6 +17,8 @@ from daemon.cli.common import HomeOption, JsonOption, call, fail, print_json
 
 ADMISSIONS = ("open", "approval", "allowlist")
 JOIN_ROLES = ("voter", "worker")
+DTYPES = ("float32", "float16", "bfloat16")
+TERMS = ("memory", "throughput", "rtt", "energy", "carbon")
 
 cluster_app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
@@ -44,7 +46,9 @@ HELP = "\n\n".join(
         "3. On the admin's node: `gridmesh cluster members lab`, then "
         "`gridmesh cluster approve lab PEER_ID`.  "
         "4. On any node: `gridmesh cluster info lab` (rule, admins, coordinator and term, "
-        "members with their role and state).",
+        "members with their role and state).  "
+        "`gridmesh cluster plan lab MODEL_DIR` shows how its coordinator would place a model "
+        "now, each member's score broken down by term.",
     )
 )
 
@@ -207,6 +211,40 @@ def info(
     _info_table(result)
 
 
+@cluster_app.command()
+def plan(
+    name: str = typer.Argument(..., help="The cluster."),
+    model_dir: str = typer.Argument(
+        ..., help="The HF Llama checkpoint's directory (the same path on every member)."
+    ),
+    model: str | None = typer.Option(None, "--model", help="Model id (default: MODEL_DIR)."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
+    replicas: int = typer.Option(1, "--replicas", min=1, help="Copies of the chain."),
+    home: Path | None = HomeOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Dry run: how the cluster's coordinator would place MODEL_DIR now, and why.
+
+    Every member's score broken down by term (free memory, throughput, RTT between hops,
+    energy and carbon; costs count negative), the inputs it read, which ones were assumed
+    because the member did not declare them, and the members left out with the reason."""
+    from daemon.cli.common import LONG_TIMEOUT_S
+
+    params: dict[str, Any] = {
+        "name": name,
+        "model_dir": model_dir,
+        "dtype": _choice(dtype, DTYPES, "--dtype"),
+        "replicas": replicas,
+    }
+    if model is not None:
+        params["model"] = model
+    result = call(home, "cluster_plan", params, timeout=LONG_TIMEOUT_S)
+    if as_json:
+        print_json(result)
+    else:
+        _plan_tables(result)
+
+
 # --------------------------------------------------------------------------- tables
 
 
@@ -318,4 +356,51 @@ def _cell(value: Any) -> str:
         return "-"
     if isinstance(value, str):
         return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return "\n".join(value) or "-"
     return json.dumps(value, sort_keys=True)
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "-"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _plan_tables(result: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from daemon.cli.render import console
+
+    typer.echo(
+        f"{result.get('model')}: {result.get('num_layers')} layers, "
+        f"{result.get('replicas')} replica(s) on cluster {result.get('cluster')}, planned by "
+        f"{result.get('coordinator')} (term {result.get('term')})"
+    )
+    assignments = result.get("assignments") or []
+    table = Table(title=f"{len(assignments)} assignments")
+    for column in ("replica", "layers", "peer id"):
+        table.add_column(column, overflow="fold")
+    for row in assignments:
+        table.add_row(
+            str(row.get("replica", "-")),
+            f"[{row.get('start')}, {row.get('end')})",
+            str(row.get("peer_id")),
+        )
+    console.print(table)
+    scores = result.get("scores") or []
+    table = Table(title="scores (best first; each term weighted, costs negative)")
+    for column in ("peer id", "chosen", "total", *TERMS, "assumed"):
+        table.add_column(column, overflow="fold")
+    for row in scores:
+        terms = row.get("terms") if isinstance(row.get("terms"), dict) else {}
+        table.add_row(
+            str(row.get("peer_id")),
+            "yes" if row.get("chosen") else "",
+            _number(row.get("total")),
+            *(_number(terms.get(term)) for term in TERMS),
+            ", ".join(row.get("assumed") or []) or "-",
+        )
+    console.print(table)
+    for peer, why in sorted((result.get("excluded") or {}).items()):
+        typer.echo(f"left out {peer}: {why}")

@@ -243,7 +243,7 @@ def test_help_teaches_roles_admission_and_require():
     out = runner.invoke(app, ["cluster", "--help"], env={"COLUMNS": "200"}).output
     for needle in ("open", "approval", "allowlist", "--require", "vram_gb", "voter", "worker"):
         assert needle in out, needle
-    for command in ("create", "join", "approve", "remove", "leave", "members", "info"):
+    for command in ("create", "join", "approve", "remove", "leave", "members", "info", "plan"):
         assert command in out
         help_ = runner.invoke(app, ["cluster", command, "--help"])
         assert help_.exit_code == 0
@@ -269,6 +269,114 @@ def test_cluster_commands_import_nothing_heavy(fake):
     assert json.loads(out.stdout.strip().splitlines()[-1].replace("'", '"')) == []
 
 
+PLAN = {
+    "cluster": "lab",
+    "coordinator": ADMIN,
+    "term": 4,
+    "model": "tiny",
+    "num_layers": 8,
+    "replicas": 1,
+    "assignments": [
+        {"peer_id": ADMIN, "start": 0, "end": 5, "replica": 0},
+        {"peer_id": BOB, "start": 5, "end": 8, "replica": 0},
+    ],
+    "start": 0,
+    "end": 8,
+    "scores": [
+        {
+            "peer_id": ADMIN,
+            "total": 0.8125,
+            "terms": {
+                "memory": 0.5,
+                "throughput": 0.4,
+                "rtt": -0.05,
+                "energy": -0.0375,
+                "carbon": 0.0,
+            },
+            "inputs": {},
+            "assumed": [],
+            "chosen": True,
+        },
+        {
+            "peer_id": BOB,
+            "total": 0.25,
+            "terms": {"memory": 0.3, "throughput": 0.0, "rtt": 0.0, "energy": -0.05, "carbon": 0.0},
+            "inputs": {},
+            "assumed": ["ms_per_layer", "carbon_g_per_kwh"],
+            "chosen": True,
+        },
+    ],
+    "excluded": {"12D3KooWCarol": "does not accept deploys"},
+}
+
+
+def test_plan_sends_its_params_and_shows_scores_by_term(fake):
+    fake.results["cluster_plan"] = PLAN
+    result = runner.invoke(
+        app,
+        [
+            "cluster",
+            "plan",
+            "lab",
+            "/models/tiny",
+            "--model",
+            "tiny",
+            "--dtype",
+            "float16",
+            "--replicas",
+            "2",
+            "--home",
+            str(fake.home),
+        ],
+        env={"COLUMNS": "220"},
+    )
+    assert result.exit_code == 0, result.output
+    assert fake.calls == [
+        (
+            "cluster_plan",
+            {
+                "name": "lab",
+                "model_dir": "/models/tiny",
+                "dtype": "float16",
+                "replicas": 2,
+                "model": "tiny",
+            },
+        )
+    ]
+    out = result.output
+    for needle in (
+        f"tiny: 8 layers, 1 replica(s) on cluster lab, planned by {ADMIN} (term 4)",
+        "[0, 5)",
+        "[5, 8)",
+        "0.812",
+        "-0.0375",
+        "ms_per_layer, carbon_g_per_kwh",
+        "left out 12D3KooWCarol: does not accept deploys",
+    ):
+        assert needle in out, (needle, out)
+    bad = run(fake, "plan", "lab", "/m", "--dtype", "int4")
+    assert bad.exit_code == 1 and "--dtype 'int4'" in bad.output
+    assert json.loads(run(fake, "plan", "lab", "/m", "--json").output) == PLAN
+
+
+def test_info_shows_the_coordinators_placement_rows(fake):
+    rows = [
+        {
+            "model": "tiny",
+            "target": 1,
+            "instances": "1..2",
+            "servers": [f"{ADMIN} 0..5 alive", f"{BOB} 5..8 alive"],
+            "last": "place: deployed",
+        }
+    ]
+    fake.results["cluster_info"] = {**INFO, "placements": rows}
+    out = runner.invoke(
+        app, ["cluster", "info", "lab", "--home", str(fake.home)], env={"COLUMNS": "220"}
+    ).output
+    assert f"{ADMIN} 0..5 alive" in out and f"{BOB} 5..8 alive" in out
+    assert "place: deployed" in out and "1..2" in out and '["' not in out
+
+
 # -- real daemon processes ---------------------------------------------------------------
 
 
@@ -280,6 +388,10 @@ def gm(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 def test_create_join_approve_members_info_leave_with_real_daemons(tmp_path, fast_config):
     from daemon.devnet import DaemonProcess, wait_for
 
+    pytest.importorskip("torch")
+    from daemon.shards.model import make_tiny
+
+    model_dir = make_tiny(tmp_path / "tiny", layers=4, seed=3)
     first = DaemonProcess(tmp_path / "a", config=fast_config).start()
     daemons = [first]
     try:
@@ -316,6 +428,18 @@ def test_create_join_approve_members_info_leave_with_real_daemons(tmp_path, fast
         assert shown["this_node"]["status"] == "active" and "runtime" in shown
         table = gm("cluster", "info", "lab", *b)
         assert "the lab" in table.stdout and "approval" in table.stdout
+
+        def coordinator() -> str | None:
+            runtime = json.loads(gm("cluster", "info", "lab", "--json", *a).stdout)["runtime"]
+            return runtime["coordinator"]
+
+        leader = wait_for(coordinator, 30, "a coordinator")
+        assert leader in (first.peer_id, second.peer_id)
+        # a dry run through the coordinator (C's cluster_plan, with the params it documents)
+        planned = gm("cluster", "plan", "lab", str(model_dir), "--model", "tiny", *b)
+        assert planned.returncode == 0, planned.stderr
+        assert "tiny: 4 layers" in planned.stdout and "(term " in planned.stdout
+        assert "scores" in planned.stdout and first.peer_id in planned.stdout
         left = gm("cluster", "leave", "lab", *b)
         assert left.returncode == 0, left.stderr
         wait_for(lambda: not listed(a, second.peer_id, "active"), 30, "the leave at the admin")
