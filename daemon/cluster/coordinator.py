@@ -81,6 +81,8 @@ class CoordinatorSettings:
     assign_timeout_s: Annotated[float, Meta(gt=0.0, le=3600.0)] = 120.0
     failed_cooldown_s: Annotated[float, Meta(ge=0.0, le=86400.0)] = 300.0
     forward_timeout_s: Annotated[float, Meta(gt=0.0, le=600.0)] = 30.0
+    # a new coordinator waits this long for the members' tables (a frozen one holds it up)
+    adopt_timeout_s: Annotated[float, Meta(gt=0.0, le=600.0)] = 2.0
 
 
 @dataclass(frozen=True)
@@ -302,7 +304,7 @@ class ClusterCoordinator:
                     peer,
                     wire.COORDINATOR_PROTOCOL,
                     request,
-                    timeout_s=self.settings.forward_timeout_s,
+                    timeout_s=self.settings.adopt_timeout_s,
                 )
                 reply = wire.decode_reply(raw)
                 if reply.get("table") is not None:
@@ -311,7 +313,7 @@ class ClusterCoordinator:
             except (NetworkError, wire.WireError):
                 pass  # unreachable or odd: the others' tables will do
 
-        with trio.move_on_after(self.settings.forward_timeout_s):
+        with trio.move_on_after(self.settings.adopt_timeout_s):
             async with trio.open_nursery() as nursery:
                 for peer in sorted(self._alive(cluster) - {self.me}):
                     nursery.start_soon(ask, peer)

@@ -152,6 +152,12 @@ async def test_deploy_through_the_coordinator_then_heal_a_killed_member(
             "carbon",
         }
         assert "ms_per_layer" in plan["scores"][0]["assumed"]  # nothing served yet
+        # what the members' records say: no GPUs (0 W), no declared price; measured RTTs
+        for score in plan["scores"]:
+            assert score["inputs"]["gpu_power_w"] == 0.0, score
+            assert "gpu_power_w" not in score["assumed"]
+            assert "energy_price_per_kwh" in score["assumed"]
+        assert all(s["inputs"]["mean_rtt_ms"] < 50 for s in plan["scores"]), plan["scores"]
         # the deploy, asked of a member that is not the coordinator: forwarded to it
         result = await asker.call(
             "cluster_deploy",

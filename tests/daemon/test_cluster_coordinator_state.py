@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemon.cluster import coordinator_wire as wire
+from daemon.cluster.coordinator_facts import NOT_ACCEPTING, node_facts, served_ranges
 from daemon.cluster.coordinator_state import (
     Load,
     Scaler,
@@ -19,6 +22,7 @@ from daemon.cluster.coordinator_state import (
     surplus,
 )
 from p2p import codec
+from registry.blocks import announcement_key
 
 
 def s(peer: str, start: int, end: int, **kw) -> Served:
@@ -144,3 +148,65 @@ def test_requests_and_bodies_are_typed_and_bounded():
         wire.body_of(wire.TableBody, too_many)
     with pytest.raises(wire.WireError):
         wire.decode_reply(codec.encode([1, 2]))
+
+
+def record(peer: str, **resources) -> SimpleNamespace:
+    return SimpleNamespace(peer_id=peer, resources=resources)
+
+
+def announcement(peer: str, model: str, start: int, end: int, **params) -> SimpleNamespace:
+    value = {
+        "model": model,
+        "layers": [start, end],
+        "served_by": [peer],
+        "parameters": {"ms_per_layer": 2.0, **params},
+    }
+    key = announcement_key(model, start, end, peer)
+    return SimpleNamespace(kind="blocks", key=key, value=value, author=peer, owner=peer)
+
+
+def test_facts_come_from_records_and_announcements_odd_values_unknown():
+    mem = {"memory": {"available_bytes": 1000}}
+    records = [
+        record("me", **mem),  # this node: no accepts_deploys needed
+        record("gpu", accepts_deploys=True, gpus=[{"memory_free_bytes": 5000}, "x"], **mem),
+        record(
+            "green",
+            accepts_deploys=True,
+            energy={"gpu_power_w": 300, "energy_price_per_kwh": 0.2, "carbon_g_per_kwh": "low"},
+            rtt_ms={"gpu": 3.0},
+            **mem,
+        ),
+        record("closed", accepts_deploys=False, **mem),
+        record("odd", accepts_deploys=True, memory={"available_bytes": True}),
+    ]
+    entries = [
+        announcement("gpu", "other", 0, 2),
+        announcement("green", "m", 0, 2, ms_per_layer=5.0),
+        announcement("green", "other", 0, 2, ms_per_layer=1.0),
+    ]
+    peers = ["me", "gpu", "green", "closed", "odd", "unknown"]
+    facts, excluded = node_facts(records, entries, peers, "m", "me", {"gpu": 7.0})
+    by = {f.peer_id: f for f in facts}
+    assert set(by) == {"me", "gpu", "green", "odd"}
+    assert excluded["closed"] == NOT_ACCEPTING and "no resource record" in excluded["unknown"]
+    assert by["gpu"].free_bytes == 5000 and by["me"].free_bytes == 1000
+    assert by["odd"].free_bytes == 0
+    assert by["green"].ms_per_layer == 5.0  # this model's measurement before another's
+    assert by["gpu"].ms_per_layer == 2.0 and by["me"].ms_per_layer is None
+    assert by["green"].gpu_power_w == 300.0 and by["green"].carbon_g_per_kwh is None
+    assert by["green"].rtt_ms == {"gpu": 3.0} and by["me"].rtt_ms == {"gpu": 7.0}
+
+
+def test_served_ranges_read_load_leniently():
+    entries = [
+        announcement("a", "m", 0, 2, utilisation=0.5, queue_length=3),
+        announcement("b", "m", 2, 4, utilisation=7.0),  # out of bounds: unknown
+        announcement("c", "m", 0, 4),
+        announcement("a", "other", 0, 4),
+    ]
+    ranges = served_ranges(entries, "m", {"a", "b"})
+    assert ranges == [
+        Served("a", 0, 2, 2.0, 3, 0.5),
+        Served("b", 2, 4, 2.0, None, None),
+    ]
