@@ -340,6 +340,19 @@ class Replica:
         if reason:
             raise Rejected("admission", reason)
 
+    def would_change(self, entry: Entry) -> bool:
+        """Whether `entry` alone would be accepted and change this replica: raises Rejected
+        as `check` does, False when it is held already or loses the merge. Changes and
+        keeps nothing (a gossip validator asks it of entries it then drops)."""
+        current = self.entries.get(entry.id)
+        if current == entry:
+            return False
+        try:
+            self.check(entry)
+        finally:
+            self._size_memo.pop(id(entry), None)  # `check` memoises the size of what it holds
+        return join(current, entry) is entry
+
     def _check_claim(self, entry: Entry, current: Entry | None) -> None:
         """Refuse a takeover: a smaller (earlier) claim on a key held here under another claim
         is taken only if it was made within `claim_window_ms` of now.

@@ -12,6 +12,8 @@
   `sync_timeout_s`; a node that missed a write's gossip catches up in its next round even on a
   lossy network, and only requests that are slow cost extra bytes.
 Malformed gossip or sync messages are dropped and counted; they never reach the replica.
+Gossip is validated before the network delivers or forwards it (`validate_gossip`): a message
+none of whose entries this replica would take goes no further than this node.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from p2p import codec
 from p2p.network import Network, NetworkError
 from registry import sync, wire
 from registry.entry import Entry, EntryError, EntryId, entry_from_wire
-from registry.replica import Rejected, Replica
+from registry.replica import QUOTA_STRIKES, Rejected, Replica
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +182,50 @@ class Replicator:
         message limit less room for the envelope."""
         limit = self.settings.max_message_bytes - REPLY_MARGIN
         return max(1024, min(self.settings.sync_page_bytes, limit))
+
+    def validate_gossip(self, sender: str, data: bytes) -> bool:
+        """The registry topic's gossip validator (`Gossip.subscribe`): take a message only if
+        it decodes and at least one entry in it would be accepted and change this replica.
+        The network neither delivers nor forwards a refused message, so an entry over its
+        author's quota, badly signed or already held here costs the rest of the mesh nothing.
+
+        Synchronous and cheap: it stops at the first entry that would change the replica,
+        checks each cheapest first (`Replica.check`: size and quota before the signature),
+        and, as `Replica.apply` does, refuses an author's further new keys of a kind unchecked
+        after QUOTA_STRIKES quota refusals. It changes nothing but counts: a refused message's
+        refusals are counted here exactly as `on_gossip` would have counted them (an accepted
+        message's, by `on_gossip`)."""
+        try:
+            msg = wire.decode_gossip(data, MAX_GOSSIP_BYTES)
+        except wire.WireError as exc:
+            self.stats["gossip_refused"] += 1
+            self._reject("gossip", exc.reason)
+            return False
+        malformed: list[str] = []
+        refused: list[str] = []
+        over_quota: Counter[tuple[str, str]] = Counter()
+        for item in msg.entries:
+            try:
+                entry = entry_from_wire(item)
+            except EntryError as exc:
+                malformed.append(exc.reason)
+                continue
+            slot = (entry.author, entry.kind)
+            if over_quota[slot] >= QUOTA_STRIKES and entry.id not in self.replica.entries:
+                refused.append("quota")
+                continue
+            try:
+                if self.replica.would_change(entry):
+                    return True
+            except Rejected as exc:
+                over_quota[slot] += exc.reason == "quota"
+                refused.append(exc.reason)
+        self.stats["gossip_refused"] += 1
+        for reason in malformed:
+            self._reject("gossip", reason)
+        for reason in refused:  # as Replica.apply counts what it refuses
+            self.replica._count_reject("gossip", reason)
+        return False
 
     async def on_gossip(self, sender: str, data: bytes) -> None:
         try:
@@ -465,7 +511,7 @@ class Replicator:
     async def start(self) -> None:
         """Register the handlers; call once the network runs, before writes arrive."""
         self.net.set_request_handler(SYNC_PROTOCOL, self.on_sync)
-        await self.net.subscribe(self.topic, self.on_gossip)
+        await self.net.subscribe(self.topic, self.on_gossip, self.validate_gossip)
 
     async def run_anti_entropy(self) -> None:
         """One round per interval with a random peer (hedged to `sync_hedges` other random

@@ -1,0 +1,204 @@
+"""The registry's gossip validator (`Replicator.validate_gossip`): gossip this node would not
+take goes no further than this node.
+
+Attacked as a real peer on the in-memory network: a hostile node, connected to the target
+only, gossips over-quota entries, garbage and replays; the nodes behind the target (a line,
+hostile - target - c - d) never receive them, neither delivered nor forwarded, while the
+target counts each refusal once; honest gossip still crosses the line hop by hop (no anti-
+entropy runs, so only gossip forwarding can carry it)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from p2p import codec
+from p2p.identity import NodeIdentity
+from p2p.testing.memnet import MemoryNetwork, MemoryNode
+from registry import replica as replica_module
+from registry.entry import Entry, sign_entry
+from registry.hlc import HybridClock, Timestamp
+from registry.replica import QUOTA_STRIKES, Limits, Replica
+from registry.replication import ReplicationSettings, Replicator, topic_for
+
+SETTINGS = ReplicationSettings(network_id="validator")
+TOPIC = topic_for(SETTINGS.network_id)
+QUOTA = 10
+VALUE = {"name": "fill", "version": "1", "config": {"blob": "x" * 2000}}
+
+
+@dataclass
+class Node:
+    node: MemoryNode
+    replica: Replica
+    replicator: Replicator
+    rejects: Counter[str] = field(default_factory=Counter)
+
+
+def _replicated(hub: MemoryNetwork, ident: NodeIdentity) -> Node:
+    rejects: Counter[str] = Counter()
+
+    def count(source: str, reason: str) -> None:
+        rejects[f"{source}:{reason}"] += 1
+
+    replica = Replica(
+        ident,
+        clock=HybridClock(now_ms=lambda: int(hub.now() * 1000)),
+        limits=Limits(author_max_entries=QUOTA),
+        on_reject=count,
+    )
+    node = hub.add_node(ident.peer_id)
+    replicator = Replicator(node, replica, SETTINGS, rng=random.Random(1), on_reject=count)
+    return Node(node, replica, replicator, rejects)
+
+
+def signed(ident: NodeIdentity, key: str, now_ms: int, n: int) -> Entry:
+    ts = Timestamp(now_ms, n)
+    return sign_entry(
+        ident, kind="components", key=key, value=VALUE, ts=ts, created=ts, owner=ident.peer_id
+    )
+
+
+def message(entries: list[Any]) -> bytes:
+    return codec.encode({"v": 1, "entries": entries})
+
+
+async def wait_for(condition: Any, limit_s: float, what: str) -> None:
+    deadline = trio.current_time() + limit_s
+    while not condition():
+        assert trio.current_time() < deadline, f"no {what} within {limit_s} virtual s"
+        await trio.sleep(0.05)  # virtual time (autojump clock)
+
+
+async def test_gossip_the_target_refuses_never_reaches_the_nodes_behind_it(
+    autojump_clock, monkeypatch
+):
+    verified: Counter[str] = Counter()
+    real_verify = replica_module.verify_entry
+
+    def counting_verify(entry: Entry) -> bool:
+        verified[entry.author] += 1
+        return real_verify(entry)
+
+    monkeypatch.setattr(replica_module, "verify_entry", counting_verify)
+    hub = MemoryNetwork(seed=21)
+    mallory = NodeIdentity.generate()
+    hostile = hub.add_node(mallory.peer_id)
+    target, c, d = (_replicated(hub, NodeIdentity.generate()) for _ in range(3))
+    # the line: hostile - target - c - d (each node knows its neighbours only)
+    await hostile.connect(target.node.peer_id)
+    await c.node.connect(target.node.peer_id)
+    await d.node.connect(c.node.peer_id)
+    assert hostile.known_peers() == {target.node.peer_id}
+    assert d.node.known_peers() == {c.node.peer_id}
+
+    async def ignore(origin: str, data: bytes) -> None:
+        pass
+
+    await hostile.subscribe(TOPIC, ignore)  # a peer of the mesh like any other
+    for n in (target, c, d):
+        await n.replicator.start()
+
+    now = int(hub.now() * 1000)
+    flood = [signed(mallory, f"fill-{i}", now, i) for i in range(QUOTA + 200)]
+    wire = [e.to_wire() for e in flood]
+    # the author's quota's worth: taken and forwarded down the line (8 entries a message)
+    for start in range(0, QUOTA, 8):
+        await hostile.publish(TOPIC, message(wire[start : min(start + 8, QUOTA)]))
+    held = [("components", f"fill-{i}") for i in range(QUOTA)]
+    await wait_for(lambda: all(k in d.replica.entries for k in held), 5, "the quota at d")
+    received = {n.node.peer_id: n.node.gossip_received for n in (c, d)}
+    verified.clear()
+
+    # then what none of them would take
+    over_quota = [message(wire[s : s + 8]) for s in range(QUOTA, QUOTA + 200, 8)]
+    forged = dict(wire[QUOTA], key="forged", sig=bytes(64))
+    garbage = [
+        random.Random(3).randbytes(1000),  # not msgpack
+        codec.encode({"v": 99, "entries": []}),  # an unknown version
+        message([{"kind": 5}, "x"]),  # malformed entries
+        message([dict(forged, author=target.node.peer_id, owner=target.node.peer_id)]),
+        message(wire[:2][::-1]),  # a replay, as other bytes: every entry already held
+    ]
+    for data in over_quota + garbage:
+        await hostile.publish(TOPIC, data)
+    await trio.sleep(2)  # virtual time: every hop long arrived
+
+    # nothing of it reached the nodes behind the target, neither delivered nor forwarded
+    for n in (c, d):
+        assert n.node.gossip_received == received[n.node.peer_id]  # nothing new arrived
+        assert n.rejects == Counter(), n.rejects
+    # refused at the target, each refusal counted once there
+    refused_entries = 200
+    assert target.rejects["gossip:quota"] == refused_entries, target.rejects
+    assert target.replica.rejected["quota"] == refused_entries
+    assert target.rejects["gossip:malformed"] == 1 + 2  # the random bytes, the two entries
+    assert target.rejects["gossip:bad_version"] == 1
+    assert target.rejects["gossip:bad_signature"] == 1
+    assert target.replicator.stats["gossip_refused"] == len(over_quota) + len(garbage)
+    assert target.node.gossip_refused == len(over_quota) + len(garbage)
+    for n in (target, c, d):
+        assert sorted(k for k in n.replica.entries if k[1].startswith("fill")) == sorted(held)
+    # and cheaply: the over-quota entries were refused before any signature check
+    assert verified[mallory.peer_id] == 0, verified
+    assert len(over_quota) * QUOTA_STRIKES <= refused_entries
+
+    # honest gossip still crosses the line both ways, hop by hop
+    written = await d.replicator.write("components", "from-d", {"name": "d", "version": "1"})
+    await wait_for(lambda: target.replica.get("components", "from-d") == written, 5, "d->target")
+    written = await target.replicator.write("components", "from-t", {"name": "t", "version": "1"})
+    await wait_for(lambda: d.replica.get("components", "from-t") == written, 5, "target->d")
+
+
+async def test_the_validator_counts_a_refused_message_as_the_handler_would():
+    """Twin replicas: one sees each message through the validator only (refused there, so
+    never handled), the other through the handler only; their counts are equal."""
+    author = NodeIdentity.generate()
+    clock_ms = 1_800_000_000_000
+    twins = []
+    for _ in range(2):
+        counts: Counter[str] = Counter()
+        replica = Replica(
+            NodeIdentity.generate(),
+            clock=HybridClock(now_ms=lambda: clock_ms),
+            limits=Limits(author_max_entries=3),
+            on_reject=lambda source, reason, counts=counts: counts.update([f"{source}:{reason}"]),
+        )
+        repl = Replicator(
+            None,  # type: ignore[arg-type] - no network: messages are handed in directly
+            replica,
+            SETTINGS,
+            on_reject=lambda source, reason, counts=counts: counts.update([f"{source}:{reason}"]),
+        )
+        twins.append((replica, repl, counts))
+    entries = [signed(author, f"k{i}", clock_ms, i).to_wire() for i in range(12)]
+    taken = message(entries[:3])
+    for _, repl, _ in twins:
+        await repl.on_gossip("peer", taken)  # the author's quota, held by both
+    stranger = NodeIdentity.generate()
+    badsig = dict(signed(stranger, "s", clock_ms, 1).to_wire(), sig=bytes(64))
+    refused = [
+        message(entries[3:12]),  # over quota, past QUOTA_STRIKES
+        message([badsig, {"kind": 1}, *entries[3:5]]),
+        message(entries[:3]),  # held already: refused, nothing counted
+        message([dict(entries[0], value={"name": 1})]),  # a schema error
+        codec.encode({"v": 1, "entries": "x"}),
+        b"\xc1",
+    ]
+    (validated, via_validator, counts_v), (handled, via_handler, counts_h) = twins
+    for data in refused:
+        assert via_validator.validate_gossip("peer", data) is False
+        await via_handler.on_gossip("peer", data)
+    assert counts_v == counts_h, (counts_v, counts_h)
+    assert validated.rejected == handled.rejected
+    assert counts_v["gossip:quota"] == 9 + 2 and counts_v["gossip:bad_signature"] == 1
+    assert counts_v["gossip:schema"] == 1
+    assert validated.entries == handled.entries
+    assert validated._size_memo == {}  # the validator keeps nothing of what it refused
+    # and one entry it would take is enough to pass a message on
+    fresh = signed(stranger, "t", clock_ms, 2).to_wire()
+    assert via_validator.validate_gossip("peer", message([*entries[3:8], fresh])) is True
