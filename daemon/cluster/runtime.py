@@ -88,13 +88,33 @@ class Membership(Protocol):
 
 
 class RegistryMembership:
-    """`Membership` over a replica, through `registry.clusters` (active members only)."""
+    """`Membership` over a replica, through `registry.clusters` (active members only).
+
+    Its version moves only when a `clusters` or `members` entry changed: the replica's
+    change counter is cheap to read, but other kinds change far more often (announcements)
+    and reading the views scans the whole replica."""
+
+    KINDS = frozenset({"clusters", "members"})
 
     def __init__(self, replica: Replica) -> None:
         self.replica = replica
+        self._applied = -1
+        self._marks: frozenset[tuple[Any, bytes]] = frozenset()
+        self._version = 0
 
     def version(self) -> int:
-        return int(self.replica.applied)
+        applied = self.replica.applied
+        if applied != self._applied:
+            self._applied = applied
+            marks = frozenset(
+                (entry_id, entry.signature)  # an entry is replaced whole, never changed
+                for entry_id, entry in self.replica.entries.items()
+                if entry_id[0] in self.KINDS
+            )
+            if marks != self._marks:
+                self._marks = marks
+                self._version += 1
+        return self._version
 
     def clusters_of(self, peer_id: str) -> list[str]:
         return registry_clusters.clusters_of(self.replica, peer_id)

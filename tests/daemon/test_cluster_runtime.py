@@ -14,12 +14,14 @@ from daemon.cluster.runtime import (
     ANNOUNCE,
     ClusterRuntime,
     NotCoordinatorError,
+    RegistryMembership,
     RuntimeSettings,
 )
 from daemon.settings import ConfigError, parse
 from p2p import codec
 from p2p.identity import NodeIdentity
 from p2p.testing.hub import MemoryNetwork
+from registry.replica import Replica
 from scheduler import election_wire as wire
 from scheduler import swim_wire
 from scheduler.election import ElectionSettings
@@ -391,3 +393,23 @@ def test_cluster_config_keys_build_the_cores_settings_and_rules_are_checked():
     ]:
         with pytest.raises(ConfigError, match=message):
             parse({"cluster": raw}, "node.toml")
+
+
+async def test_the_registry_version_moves_only_with_clusters_and_members():
+    (ident,) = identities(1, b"registry")
+    replica = Replica(ident)
+    membership = RegistryMembership(replica)
+    first = membership.version()
+    await replica.put("components", "llama", {"name": "llama", "version": "1"})
+    assert membership.version() == first  # another kind: nothing to re-read
+    await replica.put("clusters", C, {"name": C, "admins": [ident.peer_id]})
+    second = membership.version()
+    assert second != first and membership.version() == second
+    member = {"cluster_id": C, "peer_id": ident.peer_id, "roles": ["admin"]}
+    await replica.put("members", f"{C}/{ident.peer_id}", member)
+    third = membership.version()
+    assert third != second
+    assert membership.clusters_of(ident.peer_id) == [C]
+    assert membership.view(C).voters == frozenset({ident.peer_id})
+    await replica.put("members", f"{C}/{ident.peer_id}", {**member, "roles": ["worker"]})
+    assert membership.version() != third  # rewritten: a new version of the entry
