@@ -52,6 +52,7 @@ from p2p import codec
 from p2p.network import NetworkError
 from registry.clusters import cluster_view
 from scheduler.election_driver import NotCoordinatorError
+from scheduler.election_wire import MAX_COMMAND_BODY
 from scheduler.placement import (
     NodeFacts,
     PlacementError,
@@ -197,6 +198,11 @@ class ClusterCoordinator:
             return codec.encode({**reply, "coordinator": known})
         except GridmeshError as exc:
             return codec.encode({"ok": False, "reason": exc.code, "error": exc.message[:2000]})
+        except Exception as exc:  # answered, logged and counted; never the node's end
+            log.exception("cluster %s: a member's request failed", cluster)
+            self._reject("request_failed")
+            error = f"internal error: {type(exc).__name__}"
+            return codec.encode({"ok": False, "reason": "internal", "error": error})
 
     async def handle(
         self, request: wire.DeployRequest | wire.PlanRequest | wire.UndeployRequest
@@ -228,7 +234,17 @@ class ClusterCoordinator:
                 wire.MAX_DEPLOYMENTS
             ):
                 raise FailedPrecondition(f"{cluster!r} has {wire.MAX_DEPLOYMENTS} deployments")
+            before = table.deployments.get(spec.model)
             table.deployments[spec.model] = wire.Deployment(spec, spec.replicas)
+            if len(codec.encode(wire.to_body(table.body()))) > MAX_COMMAND_BODY:
+                if before is None:
+                    del table.deployments[spec.model]
+                else:
+                    table.deployments[spec.model] = before
+                raise FailedPrecondition(
+                    f"{cluster!r}'s deployment table would not fit one command "
+                    f"({MAX_COMMAND_BODY} bytes): undeploy a block first"
+                )
             self._event(cluster, spec.model, "deploy", f"asked for {spec.replicas} instance(s)")
             await self._publish(cluster)
         await self.reconcile(cluster)
@@ -356,6 +372,7 @@ class ClusterCoordinator:
                 self._event(
                     cluster, model, "give_up", f"{peer} did not announce {s.start}..{s.end}"
                 )
+                self._wake.set()  # place it elsewhere now
             else:
                 out.append(s)
         if not pending:
@@ -363,16 +380,16 @@ class ClusterCoordinator:
         return out
 
     def _settled(self, cluster: str, model: str) -> bool:
+        """Whether every range the deployment wants is announced (none still assigned)."""
         table = self.tables.get(cluster)
         deployment = table.deployments.get(model) if table else None
-        if deployment is None or self._pending.get((cluster, model)):
+        if deployment is None:
             return False
         states = self.runtime.member_states(cluster)
         served = self._served(cluster, model, {p for p, s in states.items() if s != "dead"})
-        if not self._pending.get((cluster, model)):
-            self._wake.set()  # something was given up: place it elsewhere now
-        n = deployment.spec.shape.num_layers
-        return not shortfalls(n, served, deployment.target)
+        if self._pending.get((cluster, model)):
+            return False
+        return not shortfalls(deployment.spec.shape.num_layers, served, deployment.target)
 
     def _scale(
         self, cluster: str, deployment: wire.Deployment, served: list[Served]
