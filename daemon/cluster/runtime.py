@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 ANNOUNCE = "coordinator"  # the action a new coordinator tells workers of itself with
 STATES = ("alive", "suspect", "dead")
+RETRY_S = 5.0  # a cluster that failed (its vote could not be stored) is retried after this
 MAX_CLUSTER_NAME = 64  # scheduler.election_wire.ClusterName and swim_wire's
 
 CommandHandler = Callable[[str, str, dict[str, Any]], Awaitable[None]]
@@ -182,6 +183,7 @@ class ClusterRuntime:
         self._death_handlers: list[DeathHandler] = []
         self._nursery: trio.Nursery | None = None
         self._version: int | None = None
+        self._retry_at = 0.0  # a failed cluster is started again from then on
 
     # -- the API other services use --------------------------------------------------------
 
@@ -335,7 +337,10 @@ class ClusterRuntime:
             task_status.started()
             while True:
                 await trio.sleep(self.settings.watch_interval_s)
-                if self.membership.version() != self._version:
+                if (
+                    self.membership.version() != self._version
+                    and trio.current_time() >= self._retry_at
+                ):
                     await self._reconcile()
 
     async def _reconcile(self) -> None:
@@ -395,6 +400,7 @@ class ClusterRuntime:
         run.poke()
 
     async def _run_cluster(self, run: _Run, *, task_status: Any) -> None:
+        started = False
         try:
             with run.scope:
                 async with trio.open_nursery() as nursery:
@@ -410,6 +416,16 @@ class ClusterRuntime:
                         await self._start_election(run)
                     nursery.start_soon(self._announcer, run)
                     task_status.started()
+                    started = True
+        except Exception:  # a disk that cannot keep a vote: this cluster stops, not the node
+            self.stats["cluster_failed"] += 1
+            log.exception("cluster %s stopped; retried in %.0f s", run.name, RETRY_S)
+            if self._runs.get(run.name) is run:
+                del self._runs[run.name]
+            self._version = None  # reconciled again once the retry is due
+            self._retry_at = trio.current_time() + RETRY_S
+            if not started:
+                task_status.started()
         finally:
             run.swim, run.election = None, None
 

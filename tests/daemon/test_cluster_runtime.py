@@ -413,3 +413,41 @@ async def test_the_registry_version_moves_only_with_clusters_and_members():
     assert membership.view(C).voters == frozenset({ident.peer_id})
     await replica.put("members", f"{C}/{ident.peer_id}", {**member, "roles": ["worker"]})
     assert membership.version() != third  # rewritten: a new version of the entry
+
+
+class FailingStore(MemoryElectionStore):
+    """A disk that cannot take a vote while `broken`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.broken = True
+
+    async def save(self, cluster, state) -> None:
+        if self.broken:
+            raise OSError(28, "No space left on device")
+        await super().save(cluster, state)
+
+
+async def test_a_cluster_whose_vote_cannot_be_stored_stops_alone_and_is_retried(autojump_clock):
+    hub = MemoryNetwork(seed=1, latency_s=0.002)
+    membership = FakeMembership()
+    (ident,) = identities(1, b"disk")
+    membership.set(C, ident.peer_id, True)
+    store = FailingStore()
+    runtime = ClusterRuntime(
+        ident,
+        hub.add_node(ident.peer_id),
+        membership,
+        election_store=store,
+        fence_store=MemoryFenceStore(),
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(runtime.run)
+        await trio.sleep(3.0)  # its election timer fires: the term cannot be stored
+        assert runtime.stats["cluster_failed"] >= 1
+        assert runtime.clusters() == [] and not runtime.is_coordinator(C)
+        store.broken = False  # the disk has room again: the retry runs the cluster
+        await trio.sleep(10.0)
+        assert runtime.clusters() == [C] and runtime.is_coordinator(C)
+        assert store.states[C].term >= 1
+        nursery.cancel_scope.cancel()
