@@ -247,7 +247,10 @@ class ClusterCoordinator:
                 )
             self._event(cluster, spec.model, "deploy", f"asked for {spec.replicas} instance(s)")
             await self._publish(cluster)
-        await self.reconcile(cluster)
+        try:
+            await self.reconcile(cluster)
+        except NotCoordinatorError:  # the table is out: whoever coordinates next places it
+            self._event(cluster, spec.model, "handover", "lost the lease while placing")
         with trio.move_on_after(wait_s):
             while not self._settled(cluster, spec.model):  # noqa: ASYNC110 - polls the registry
                 await trio.sleep(0.1)  # (the loop retries what was given up)
