@@ -235,7 +235,15 @@ class _ClusterCollector:
         )
         for (protocol, reason), count in snap.get("messages_refused", {}).items():
             messages.add_metric([sanitize_label(protocol), sanitize_label(reason)], count)
-        yield from (term, coordinating, started, won, members, refused, accepted, messages)
+        events = CounterMetricFamily(
+            "gridmesh_cluster_events",
+            "The cluster runtime's own events (commands sent and handled, handlers that failed, "
+            "bodies that did not decode, clusters left out or stopped by a failure)",
+            labels=["event"],
+        )
+        for event, count in snap.get("runtime", {}).items():
+            events.add_metric([sanitize_label(event)], count)
+        yield from (term, coordinating, started, won, members, refused, accepted, messages, events)
 
 
 def _section(resources: dict[str, Any], key: str) -> dict[str, Any]:
