@@ -265,6 +265,7 @@ class ClusterCoordinator:
             self._event(cluster, model, "undeploy", "asked to")
             await self._publish(cluster)
             self._pending.pop((cluster, model), None)
+            self._scalers.pop((cluster, model), None)
             servers = self._served(cluster, model, set(self.runtime.member_states(cluster)))
             body = wire.to_body(wire.ReleaseBody(model))
             results = await self.runtime.command(
@@ -292,6 +293,8 @@ class ClusterCoordinator:
         """One round for `cluster`: scale, heal, shrink every deployment."""
         async with self._lock(cluster):
             await self._adopt(cluster)
+            now = trio.current_time()
+            self._failed = {k: until for k, until in self._failed.items() if until > now}
             table = self.tables[cluster]
             states = self.runtime.member_states(cluster)
             live = {p for p, s in states.items() if s != "dead"}

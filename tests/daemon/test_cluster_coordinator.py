@@ -372,6 +372,19 @@ async def test_load_adds_a_copy_and_idleness_removes_it_never_below_the_minimum(
         await trio.sleep(60)
         assert len(served(net, leader)) == 1
         assert leader.daemon.coordinator.placements(CLUSTER)[0]["target"] == 1
+        # undeployed, asked of another member: released, and gone from every member's table
+        other = next(d for d in net.daemons if d is not leader)
+        undone = await other.call("cluster_undeploy", {"name": CLUSTER, "model": "tiny"})
+        assert list(undone["released"].values()) == [None]
+
+        async def gone() -> bool:
+            tables = [d.daemon.coordinator.placements(CLUSTER) for d in net.daemons]
+            return not served(net, leader) and tables == [[]] * len(net.daemons)
+
+        await net.wait_for(gone, 10, "the block released and forgotten everywhere")
+        with pytest.raises(RPCCallError) as err:
+            await other.call("cluster_undeploy", {"name": CLUSTER, "model": "tiny"})
+        assert "not deployed" in err.value.message
 
 
 def covered_twice_or_once(ranges: list[tuple[int, int, str]], n: int) -> bool:
