@@ -204,14 +204,15 @@ class ClusterRuntime:
         driver = run.election
         if driver is not None and driver.ready:
             core = driver.core
-            if core.leader == self.peer_id and not driver.is_coordinator():
-                return None, core.term  # the lease ran out; the core steps down on its tick
-            return core.leader, core.term
-        fence = self.fence.state(cluster)
-        leader = fence.coordinator
+            leader, term = core.leader, core.term
+            if leader == self.peer_id and not driver.is_coordinator():
+                return None, term  # the lease ran out; the core steps down on its tick
+        else:  # a worker: the coordinator that last told it of itself
+            fence = self.fence.state(cluster)
+            leader, term = fence.coordinator, fence.term
         if leader is not None and run.swim is not None and run.swim.state_of(leader) == State.DEAD:
-            leader = None
-        return leader, fence.term
+            leader = None  # declared dead here: not named until the next one is known
+        return leader, term
 
     def is_coordinator(self, cluster: str) -> bool:
         run = self._runs.get(cluster)
