@@ -451,3 +451,24 @@ async def test_a_cluster_whose_vote_cannot_be_stored_stops_alone_and_is_retried(
         assert runtime.clusters() == [C] and runtime.is_coordinator(C)
         assert store.states[C].term >= 1
         nursery.cancel_scope.cancel()
+
+
+async def test_a_coordinator_declared_dead_is_not_named_while_no_other_is_known(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        hub, membership, nodes = await start(nursery, 3, workers=1)
+        leader = await wait_agreed(nodes, 5.0)
+        term = leader.runtime.coordinator(C)[1]
+        rest = [n for n in nodes if n is not leader]
+        for node in rest:  # no election among the survivors for now
+            if (driver := node.runtime.election_driver(C)) is not None:
+                driver.freeze()
+        leader.kill()
+        await trio.sleep(4.0)
+        for node in rest:
+            assert node.runtime.member_states(C)[leader.peer_id] == "dead"
+            assert node.runtime.coordinator(C) == (None, term)
+        for node in rest:
+            if (driver := node.runtime.election_driver(C)) is not None:
+                driver.thaw()
+        assert await wait_agreed(rest, 3.0) is not leader
+        nursery.cancel_scope.cancel()
