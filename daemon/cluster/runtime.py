@@ -57,13 +57,6 @@ CommandHandler = Callable[[str, str, dict[str, Any]], Awaitable[None]]
 DeathHandler = Callable[[str, str], None]
 
 
-class MemberLike(Protocol):
-    peer_id: str
-
-    @property
-    def voter(self) -> bool: ...
-
-
 class ViewLike(Protocol):
     """What the runtime reads of `registry.clusters.ClusterView`."""
 
