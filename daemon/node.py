@@ -88,6 +88,7 @@ IN_PROCESS = ProcessParts(
 )
 ELECTION_FILE = "cluster-election.json"
 FENCE_FILE = "cluster-fence.json"
+DEPLOYMENTS_FILE = "cluster-deployments.json"  # the deployment tables (coordinator_member)
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -224,6 +225,7 @@ class Daemon:
             self.replica,
             self.metrics,
             config,
+            home / DEPLOYMENTS_FILE if parts.cluster_state_on_disk else None,
         )
         self.escrow: Any = None  # daemon.payments.escrow.Escrow when this node has a chain
         self._own_escrow = False

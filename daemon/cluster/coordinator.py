@@ -37,7 +37,7 @@ from msgspec import Meta
 
 from daemon.cluster import coordinator_wire as wire
 from daemon.cluster.coordinator_facts import node_facts, served_ranges
-from daemon.cluster.coordinator_member import MemberSide, Table
+from daemon.cluster.coordinator_member import MemberSide, Table, TableFile
 from daemon.cluster.coordinator_state import (
     Scaler,
     ScalingSettings,
@@ -107,6 +107,7 @@ class ClusterCoordinator:
         settings: CoordinatorSettings | None = None,
         weights: PlacementWeights | None = None,
         scaling: ScalingSettings | None = None,
+        tables: TableFile | None = None,
     ) -> None:
         self.runtime = runtime
         self.shards = shards
@@ -118,7 +119,7 @@ class ClusterCoordinator:
         self.settings = settings or CoordinatorSettings()
         self.weights = weights or PlacementWeights()
         self.scaling = scaling or ScalingSettings()
-        self.member = MemberSide(shards, on_reject, lambda c: runtime.coordinator(c)[0])
+        self.member = MemberSide(shards, on_reject, lambda c: runtime.coordinator(c)[0], tables)
         self.tables = self.member.tables  # this node's copy of each cluster's table
         self._adopted: dict[str, int] = {}  # cluster -> the term whose tables were gathered
         self._pending: dict[tuple[str, str], dict[str, _Pending]] = {}
@@ -356,6 +357,7 @@ class ClusterCoordinator:
         """Send the deployment table, one version on, to every member."""
         table = self.tables[cluster]
         table.version += 1
+        await self.member.save()
         await self.runtime.command(cluster, wire.DEPLOYMENTS, wire.to_body(table.body()))
 
     def _alive(self, cluster: str) -> set[str]:

@@ -6,10 +6,15 @@ are typed here (coordinator_wire) before anything is done."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import trio
 
 from daemon.cluster import coordinator_wire as wire
 from daemon.shards.jobs import ShardServiceError
@@ -37,6 +42,52 @@ class Table:
         return cls(body.term, body.version, {d.spec.model: d for d in body.deployments})
 
 
+class TableFile:
+    """Every cluster's deployment table in one JSON file (HOME/cluster-deployments.json),
+    replaced atomically, so that a cluster whose members all restart still knows its blocks;
+    None: in memory only. A file that can't be read is set aside, never fatal."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+
+    def load(self) -> dict[str, Table]:
+        if self.path is None:
+            return {}
+        try:
+            raw = json.loads(self.path.read_text())
+            if not isinstance(raw, dict):
+                raise ValueError("not a map")
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable %s: %s", self.path, exc)
+            return {}
+        tables = {}
+        for cluster, body in raw.items():
+            try:
+                tables[cluster] = Table.of(wire.body_of(wire.TableBody, body))
+            except wire.WireError as exc:
+                log.warning("ignoring %s's table in %s: %s", cluster, self.path, exc)
+        return tables
+
+    async def save(self, tables: dict[str, Table]) -> None:
+        if self.path is None:
+            return
+        data = json.dumps({c: wire.to_body(t.body()) for c, t in sorted(tables.items())})
+        await trio.to_thread.run_sync(self._write, data.encode())
+
+    def _write(self, data: bytes) -> None:
+        assert self.path is not None
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+
+
 class MemberSide:
     """`coordinator_of(cluster)`: the coordinator this node knows (its own election's on a
     voter): a fenced command from another signer is not carried out. (The fence takes a
@@ -48,12 +99,21 @@ class MemberSide:
         shards: ShardService,
         on_reject: Callable[[str], None],
         coordinator_of: Callable[[str], str | None],
+        store: TableFile | None = None,
     ) -> None:
         self.shards = shards
         self.me = shards.ident.peer_id
         self._reject = on_reject
         self._coordinator_of = coordinator_of
-        self.tables: dict[str, Table] = {}
+        self.store = store or TableFile(None)
+        self.tables: dict[str, Table] = self.store.load()
+
+    async def save(self) -> None:
+        """Keep the tables on disk (when this node has a home)."""
+        try:
+            await self.store.save(self.tables)
+        except OSError as exc:
+            log.warning("could not save the deployment tables: %s", exc)
 
     def _unknown_signer(self, cluster: str, coordinator: str, action: str) -> bool:
         known = self._coordinator_of(cluster)
@@ -120,6 +180,7 @@ class MemberSide:
         current = self.tables.get(cluster)
         if current is None or (table.term, table.version) > (current.term, current.version):
             self.tables[cluster] = Table.of(table)
+            await self.save()
 
     def table_reply(self, cluster: str) -> bytes:
         table = self.tables.get(cluster)

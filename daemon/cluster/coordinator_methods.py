@@ -24,6 +24,7 @@ from `model_dir` on this node; the members load their ranges from the same path 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 from msgspec import Meta
@@ -31,6 +32,7 @@ from msgspec import Meta
 from daemon.api.jsonrpc import Dispatcher
 from daemon.cluster import coordinator_wire as wire
 from daemon.cluster.coordinator import ClusterCoordinator, CoordinatorSettings
+from daemon.cluster.coordinator_member import TableFile
 from daemon.cluster.coordinator_state import ScalingSettings
 from daemon.errors import FailedPrecondition, InvalidParams, NetworkFailure, Unavailable
 from p2p.network import NetworkError
@@ -169,9 +171,11 @@ def coordinator_for(
     replica: Replica,
     metrics: Metrics,
     config: Config,
+    tables: Path | None = None,
 ) -> ClusterCoordinator:
     """The daemon's coordinator, its methods registered; its settings, placement weights and
-    scaling thresholds from the `[cluster]` keys that expose them (defaults otherwise)."""
+    scaling thresholds from the `[cluster]` keys that expose them (defaults otherwise); the
+    deployment tables kept in `tables` (a file; None: in memory)."""
     section = config.cluster
     coordinator = ClusterCoordinator(
         runtime=runtime,
@@ -182,6 +186,7 @@ def coordinator_for(
         settings=CoordinatorSettings(**section.values_for(CoordinatorSettings)),
         weights=PlacementWeights(**section.values_for(PlacementWeights)),
         scaling=ScalingSettings(**section.values_for(ScalingSettings)),
+        tables=TableFile(tables),
     )
     register_coordinator_methods(dispatcher, coordinator)
     return coordinator

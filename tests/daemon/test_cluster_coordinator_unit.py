@@ -11,6 +11,7 @@ import trio
 
 from daemon.cluster import coordinator_wire as wire
 from daemon.cluster.coordinator import ClusterCoordinator, CoordinatorSettings
+from daemon.cluster.coordinator_member import TableFile
 from daemon.errors import FailedPrecondition
 from daemon.shards.jobs import ShardServiceError
 from p2p import codec
@@ -90,7 +91,9 @@ def record(peer: str, free: int = 10_000) -> SimpleNamespace:
     )
 
 
-def coordinator(runtime: FakeRuntime, shards: FakeShards, records=()) -> ClusterCoordinator:
+def coordinator(
+    runtime: FakeRuntime, shards: FakeShards, records=(), tables: TableFile | None = None
+) -> ClusterCoordinator:
     rejected: list[str] = []
 
     async def find() -> list:
@@ -103,6 +106,7 @@ def coordinator(runtime: FakeRuntime, shards: FakeShards, records=()) -> Cluster
         replica=SimpleNamespace(entries={}),  # type: ignore[arg-type]
         on_reject=rejected.append,
         settings=CoordinatorSettings(assign_timeout_s=5.0, failed_cooldown_s=60.0),
+        tables=tables,
     )
     made.rejected = rejected  # type: ignore[attr-defined]
     return made
@@ -194,3 +198,28 @@ async def test_the_table_is_bounded_by_one_command():
     with pytest.raises(FailedPrecondition):
         await boss.deploy(C, spec("one-more", long_dir), wait_s=0.0)
     assert len(boss.tables[C].deployments) == before
+
+
+async def test_tables_survive_a_restart_on_disk_and_a_bad_file_is_set_aside(tmp_path):
+    path = tmp_path / "cluster-deployments.json"
+    runtime = FakeRuntime({ME: "alive"})
+    boss = coordinator(runtime, FakeShards(), tables=TableFile(path))
+    await boss.deploy(C, spec(), wait_s=0.0)
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    again = coordinator(
+        FakeRuntime({ME: "alive"}, coordinating=False), FakeShards(), tables=TableFile(path)
+    )
+    assert list(again.tables[C].deployments) == ["m"]
+    assert again.tables[C].version == boss.tables[C].version
+    # a member stores what its coordinator sends
+    member_path = tmp_path / "member.json"
+    runtime = FakeRuntime({ME: "alive"}, coordinating=False)
+    coordinator(runtime, FakeShards(), tables=TableFile(member_path))
+    body = wire.to_body(wire.TableBody(7, 1, [wire.Deployment(spec("x"), 2)]))
+    await runtime.handlers[wire.DEPLOYMENTS](C, "boss", body)
+    assert TableFile(member_path).load()[C].deployments["x"].target == 2
+    # unreadable files and entries are ignored, never fatal
+    path.write_text("{not json")
+    assert TableFile(path).load() == {}
+    path.write_text('{"lab": {"term": "x"}, "ok": {"term": 1, "version": 2, "deployments": []}}')
+    assert list(TableFile(path).load()) == ["ok"]
