@@ -14,6 +14,7 @@ connections per IP and gives their slots back when they close.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,12 +24,20 @@ from libp2p.peer.id import ID
 from libp2p.pubsub.pubsub import ValidationCache, ValidationResult, signature_validator
 
 from p2p.bans import PeerBans
-from p2p.dhtguard import DHT_PROTOCOL, DHT_REFUSAL, ResetCountingStream
+from p2p.dhtguard import DHT_PROTOCOL, DHT_REFUSAL, CountingValidator, ResetCountingStream
 from p2p.hello import HELLO_PROTOCOL, HelloGate
 from p2p.limits import HostLimits, RateLimiter, RejectHook
 from p2p.network import GossipValidator
 
 log = logging.getLogger(__name__)
+
+# set while an inbound DHT stream is served: the peer that opened it (`StrikingValidator`)
+DHT_PEER: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "gridmesh_dht_peer", default=None
+)
+# refusals of a put record that an honest peer can cause: py-libp2p republishes the records it
+# holds, and a copy may expire on the way, or come from a peer whose clock is off
+NO_STRIKE_REASONS = frozenset({"stale", "future"})
 
 
 class StreamGuard:
@@ -80,10 +89,10 @@ class StreamGuard:
                         with contextlib.suppress(Exception):
                             await stream.reset()
                         return
-            token, raw = None, stream
+            token, peer_token, raw = None, None, stream
             if protocol == DHT_PROTOCOL:
                 cell = [False]
-                token = DHT_REFUSAL.set(cell)
+                token, peer_token = DHT_REFUSAL.set(cell), DHT_PEER.set(peer)
                 stream = ResetCountingStream(
                     stream,
                     cell,
@@ -104,8 +113,9 @@ class StreamGuard:
                 with contextlib.suppress(Exception):
                     await raw.reset()  # counted above, not again by a DHT stream's proxy
             finally:
-                if token is not None:
+                if token is not None and peer_token is not None:
                     DHT_REFUSAL.reset(token)
+                    DHT_PEER.reset(peer_token)
 
         guarded._gridmesh_guarded = True  # type: ignore[attr-defined]
         return guarded
@@ -118,6 +128,28 @@ class StreamGuard:
         if peer is not None:
             self._bans.strike(peer)
         return False
+
+
+class StrikingValidator(CountingValidator):
+    """The DHT's validator (`CountingValidator`, refusals counted), and a strike (p2p.bans)
+    against a peer for each record it puts that is refused for what only a forger or a
+    flooder sends: a bad signature, someone else's key, another network or namespace,
+    garbage. A flood of forged puts then gets its sender banned within seconds, instead of
+    costing a stream, a negotiation and a check each for as long as it lasts. Expired or
+    future records (NO_STRIKE_REASONS) are no strike, nor is anything refused on our reads."""
+
+    def __init__(self, validators: dict[str, Any], on_reject: RejectHook, bans: PeerBans) -> None:
+        super().__init__(validators, on_reject)
+        self._bans = bans
+
+    def validate(self, key: str, value: bytes) -> None:
+        try:
+            super().validate(key, value)
+        except Exception as exc:
+            peer = DHT_PEER.get()
+            if peer is not None and getattr(exc, "reason", None) not in NO_STRIKE_REASONS:
+                self._bans.strike(peer)
+            raise
 
 
 def harden_pubsub(
@@ -298,3 +330,10 @@ def reason_of(exc: BaseException) -> str:
         return reason_of(first)
     reason = getattr(exc, "reason", None)  # our errors name their own reason
     return reason if isinstance(reason, str) else type(exc).__name__
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for an exception, unwrapping ExceptionGroups to their first leaf."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return str(exc) or type(exc).__name__

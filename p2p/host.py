@@ -54,7 +54,7 @@ from p2p.addrs import (
     is_own_addr,
 )
 from p2p.bans import PeerBans
-from p2p.dhtguard import DHT_PROTOCOL, CountingValidator, ValidatorBridge
+from p2p.dhtguard import DHT_PROTOCOL, ValidatorBridge
 from p2p.framing import (
     FRAME_DEADLINE_S,
     FRAME_MIN_BYTES_PER_S,
@@ -65,7 +65,15 @@ from p2p.framing import (
     read_frame,
     write_frame,
 )
-from p2p.guard import GossipValidators, StreamGuard, harden_inbound, harden_pubsub, reason_of
+from p2p.guard import (
+    GossipValidators,
+    StreamGuard,
+    StrikingValidator,
+    describe_error,
+    harden_inbound,
+    harden_pubsub,
+    reason_of,
+)
 from p2p.hello import HELLO_PROTOCOL, HelloGate, open_hello
 from p2p.limits import HostLimits, RateLimiter, RejectHook
 from p2p.network import (
@@ -163,12 +171,17 @@ class Libp2pNetwork:
         )
         # advertise only addresses a peer can dial: 0.0.0.0 becomes this host's addresses
         self.host._addrs_factory = self._advertised_addrs  # type: ignore[attr-defined]
+        lim = self.limits
+        self.bans = PeerBans(
+            lim.ban_strikes, lim.ban_window_s, lim.ban_s, lim.max_tracked_peers, self._on_ban
+        )
         self.dht = KadDHT(
             self.host,
             DHTMode.SERVER,
-            validator=CountingValidator(
+            validator=StrikingValidator(
                 {dht_namespace: ValidatorBridge(dht_validator, self._on_reject)},
                 self._on_reject,
+                self.bans,
             ),
             validator_changed=True,
             strict_validation=True,
@@ -213,13 +226,6 @@ class Libp2pNetwork:
         self._on_dht_op = on_dht_op or (lambda op, outcome, seconds: None)
         self.peers: dict[str, PeerState] = {}
         limits = self.limits
-        self.bans = PeerBans(
-            limits.ban_strikes,
-            limits.ban_window_s,
-            limits.ban_s,
-            limits.max_tracked_peers,
-            self._on_ban,
-        )
         self._stream_limiter = RateLimiter(
             limits.streams_per_s, limits.stream_burst, limits.max_tracked_peers * 4
         )
@@ -440,7 +446,7 @@ class Libp2pNetwork:
         except trio.TooSlowError:
             raise NetworkError(f"connecting to {addr} timed out after {timeout_s} s") from None
         except Exception as exc:
-            raise NetworkError(f"connecting to {addr} failed: {_describe(exc)}") from None
+            raise NetworkError(f"connecting to {addr} failed: {describe_error(exc)}") from None
         peer = self.peers.setdefault(peer_id, PeerState(peer_id))
         peer.addrs = [str(a) for a in info.addrs]
         peer.last_seen = time.time()
@@ -566,7 +572,7 @@ class Libp2pNetwork:
                 await stack.enter_async_context(self.host.run(self._listen))
             except Exception as exc:  # py-libp2p raises ExceptionGroups from its nurseries
                 where = ", ".join(str(a) for a in self._listen)
-                raise ListenError(f"cannot listen on {where}: {_describe(exc)}") from None
+                raise ListenError(f"cannot listen on {where}: {describe_error(exc)}") from None
             if not self.host.get_transport_addrs():  # py-libp2p may fail to bind silently
                 where = ", ".join(str(a) for a in self._listen)
                 raise ListenError(f"cannot listen on {where}: no address could be bound")
@@ -590,10 +596,3 @@ class Libp2pNetwork:
             for peer in list(self.host.get_connected_peers()):
                 with contextlib.suppress(Exception):
                     await self.host.disconnect(peer)
-
-
-def _describe(exc: BaseException) -> str:
-    """One line for an exception, unwrapping ExceptionGroups to their first leaf."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return str(exc) or type(exc).__name__
