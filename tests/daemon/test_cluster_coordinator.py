@@ -393,3 +393,55 @@ def covered_twice_or_once(ranges: list[tuple[int, int, str]], n: int) -> bool:
         for layer in range(start, end):
             counts[layer] += 1
     return counts == [n] * LAYERS
+
+
+async def test_a_generation_in_flight_goes_on_and_the_lost_copy_is_placed_again(
+    autojump_clock, tmp_path, one_torch_thread
+):
+    """Two copies: the server of one is killed mid-generation; the client fails over to the
+    other copy (exact tokens), and the coordinator places a second copy again, unasked."""
+    torch = one_torch_thread
+    from daemon.shards.model import greedy_generate, load_model, make_tiny
+
+    model_dir = make_tiny(tmp_path / "tiny", layers=LAYERS, seed=7)
+    new_tokens = 48
+    with torch.no_grad():
+        expected = greedy_generate([load_model(model_dir)], PROMPT, new_tokens)
+    async with lab(tmp_path / "net", 5, None) as net:
+        leader = await coordinator_agreed(net, 5)
+        params = {"name": CLUSTER, "model": "tiny", "model_dir": str(model_dir), "replicas": 2}
+        result = await leader.call("cluster_deploy", {**params, "wait_s": 30})
+        assert result["ok"] and len(result["servers"]) == 2, result
+        holders = {s["peer_id"] for s in result["servers"]}
+        client = next(d for d in net.daemons if d.peer_id not in holders and d is not leader)
+        job = (
+            await client.call(
+                "generate",
+                {"model": "tiny", "token_ids": PROMPT, "max_tokens": new_tokens, "stream": True},
+            )
+        )["job"]
+        killed: list[str] = []
+
+        def kill() -> None:  # the server of the route (maybe the coordinator), at token 3
+            serving = client.daemon.shards.jobs[job].route[0]["peer_id"]
+            killed.append(serving)
+            net.kill(next(d for d in net.daemons if d.peer_id == serving))
+
+        client.at_token(job, 3, kill)
+
+        async def finished() -> dict | None:
+            state = await client.call("generate_poll", {"job": job})
+            return state if state["done"] else None
+
+        state = await net.wait_for(finished, 60, "the generation to end")
+        assert state["error"] is None and state["tokens"] == expected
+        assert killed and killed[0] not in [h["peer_id"] for h in state["route"]]
+        if not state["recoveries"]:
+            pytest.fail(f"the kill came too late to test failover: {state['n_tokens']} tokens")
+        assert [r["peer_id"] for r in state["recoveries"]] == killed
+
+        async def two_copies_again() -> bool:
+            now = served(net, client)
+            return len(now) == 2 and killed[0] not in {p for *_, p in now}
+
+        await net.wait_for(two_copies_again, 30, "a second copy placed again")
