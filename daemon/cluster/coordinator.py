@@ -119,7 +119,9 @@ class ClusterCoordinator:
         self.settings = settings or CoordinatorSettings()
         self.weights = weights or PlacementWeights()
         self.scaling = scaling or ScalingSettings()
-        self.member = MemberSide(shards, on_reject, lambda c: runtime.coordinator(c)[0], tables)
+        self.member = MemberSide(
+            shards, on_reject, lambda c: runtime.coordinator(c)[0], tables, self._tell
+        )
         self.tables = self.member.tables  # this node's copy of each cluster's table
         self._adopted: dict[str, int] = {}  # cluster -> the term whose tables were gathered
         self._pending: dict[tuple[str, str], dict[str, _Pending]] = {}
@@ -166,14 +168,8 @@ class ClusterCoordinator:
     def _event(self, cluster: str, model: str, action: str, reason: str) -> None:
         log.info("cluster %s: %s %s: %s", cluster, action, model, reason)
         events = self._events.setdefault(cluster, deque(maxlen=MAX_EVENTS))
-        events.append(
-            {
-                "at": round(trio.current_time(), 3),
-                "model": model,
-                "action": action,
-                "reason": reason,
-            }
-        )
+        at = round(trio.current_time(), 3)
+        events.append({"at": at, "model": model, "action": action, "reason": reason})
 
     # -- requests members forward ------------------------------------------------------------
 
@@ -189,6 +185,9 @@ class ClusterCoordinator:
                 raise wire.WireError("not_member", f"not an active member of {cluster!r} here")
             if isinstance(request, wire.TableRequest):
                 return self.member.table_reply(cluster)
+            if isinstance(request, wire.LoadFailed):
+                self._load_failed(sender, request)
+                return codec.encode({"ok": True, "result": {}})
             return codec.encode({"ok": True, "result": await self.handle(request)})
         except wire.WireError as exc:
             self._reject(f"request_{exc.reason}")
@@ -204,6 +203,35 @@ class ClusterCoordinator:
             self._reject("request_failed")
             error = f"internal error: {type(exc).__name__}"
             return codec.encode({"ok": False, "reason": "internal", "error": error})
+
+    async def _tell(self, peer: str, payload: bytes) -> None:
+        """A member's report to its coordinator (this node's own handler when it is it)."""
+        if peer == self.me:
+            await self._on_request(peer, payload)
+            return
+        try:
+            timeout_s = self.settings.adopt_timeout_s
+            await self.net.request(peer, wire.COORDINATOR_PROTOCOL, payload, timeout_s=timeout_s)
+        except NetworkError as exc:
+            log.info("could not tell the coordinator %s: %s", peer, exc)
+
+    def _load_failed(self, sender: str, report: wire.LoadFailed) -> None:
+        """A member could not load what it was assigned: place it elsewhere now."""
+        pending = self._pending.get((report.cluster, report.model), {})
+        wait = pending.get(sender)
+        if wait is None or (wait.served.start, wait.served.end) != (report.start, report.end):
+            self._reject("request_unexpected")  # nothing of the kind was asked of it here
+            return
+        del pending[sender]
+        now = trio.current_time()
+        self._failed[(report.cluster, report.model, sender)] = now + self.settings.failed_cooldown_s
+        self._event(
+            report.cluster,
+            report.model,
+            "load_failed",
+            f"{sender} could not load {report.start}..{report.end}: {report.error}",
+        )
+        self._wake.set()
 
     async def handle(
         self, request: wire.DeployRequest | wire.PlanRequest | wire.UndeployRequest
@@ -443,31 +471,27 @@ class ClusterCoordinator:
                 return
             self._placed[(cluster, spec.model)] = placement.to_json()
             for a in placement.plan.assignments:
+                # pending before it is sent: a member that fails at once reports back at once
+                key, s = (cluster, spec.model), Served(a.peer_id, a.start, a.end, pending=True)
+                deadline = now + self.settings.assign_timeout_s
+                self._pending.setdefault(key, {})[a.peer_id] = _Pending(s, deadline)
+                score = placement.scores[a.peer_id].total
+                why = f"layers {start}..{end} held {held} of {target} time(s)"
+                to = f"{a.start}..{a.end} to {a.peer_id} (score {score:.3f})"
+                self._event(cluster, spec.model, "assign", f"{to}: {why}")
                 order = wire.AssignBody(spec.model, spec.model_dir, a.start, a.end, spec.dtype)
                 results = await self.runtime.command(
                     cluster, wire.ASSIGN, wire.to_body(order), to={a.peer_id}
                 )
                 refused = results.get(a.peer_id)
-                score = placement.scores[a.peer_id].total
-                if refused is None:
-                    s = Served(a.peer_id, a.start, a.end, pending=True)
-                    deadline = now + self.settings.assign_timeout_s
-                    self._pending.setdefault((cluster, spec.model), {})[a.peer_id] = _Pending(
-                        s, deadline
-                    )
-                    served.append(s)
-                    why = f"layers {start}..{end} held {held} of {target} time(s)"
-                    self._event(
-                        cluster,
-                        spec.model,
-                        "assign",
-                        f"{a.start}..{a.end} to {a.peer_id} (score {score:.3f}): {why}",
-                    )
-                else:
+                if refused is not None:
+                    self._pending.get(key, {}).pop(a.peer_id, None)
                     self._failed[(cluster, spec.model, a.peer_id)] = (
                         now + self.settings.failed_cooldown_s
                     )
                     self._event(cluster, spec.model, "assign_refused", f"{a.peer_id}: {refused}")
+                elif a.peer_id in self._pending.get(key, {}):  # (not failed meanwhile)
+                    served.append(s)
 
     def _stuck(self, cluster: str, model: str, why: str, excluded: Mapping[str, str]) -> None:
         """Say once (until it changes) why a shortfall can't be placed now."""

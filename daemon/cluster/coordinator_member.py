@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -100,12 +100,16 @@ class MemberSide:
         on_reject: Callable[[str], None],
         coordinator_of: Callable[[str], str | None],
         store: TableFile | None = None,
+        tell: Callable[[str, bytes], Awaitable[None]] | None = None,
     ) -> None:
+        """`tell(peer, request)`: sends a coordinator request (`coordinator_wire`), bounded,
+        failures ignored; how a member reports an assignment it could not carry out."""
         self.shards = shards
         self.me = shards.ident.peer_id
         self._reject = on_reject
         self._coordinator_of = coordinator_of
         self.store = store or TableFile(None)
+        self._tell = tell
         self.tables: dict[str, Table] = self.store.load()
 
     async def save(self) -> None:
@@ -142,6 +146,7 @@ class MemberSide:
         if coordinator != self.me and not self.shards.allow_remote_deploy:
             log.warning("cluster %s: assign refused: [shards] allow_remote_deploy is off", cluster)
             self._reject("assign_forbidden")
+            await self._failed(cluster, coordinator, order, "this node takes no deploys")
             return
         existing = self.shards.local_block(order.model)
         if existing is not None and (existing.start, existing.end) != (order.start, order.end):
@@ -153,6 +158,15 @@ class MemberSide:
         except ShardServiceError as exc:
             log.warning("cluster %s: assigned %s failed to load: %s", cluster, order.model, exc)
             self._reject("assign_failed")
+            await self._failed(cluster, coordinator, order, str(exc))
+
+    async def _failed(
+        self, cluster: str, coordinator: str, order: wire.AssignBody, error: str
+    ) -> None:
+        if self._tell is None:
+            return
+        report = wire.LoadFailed(cluster, order.model, order.start, order.end, error[:300])
+        await self._tell(coordinator, wire.encode_request(report))
 
     async def on_release(self, cluster: str, coordinator: str, body: dict[str, Any]) -> None:
         if self._unknown_signer(cluster, coordinator, wire.RELEASE):

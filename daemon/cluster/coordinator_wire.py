@@ -116,7 +116,18 @@ class TableRequest(_Strict, tag_field="op", tag="table"):
     cluster: ClusterName
 
 
-Request = Union[DeployRequest, PlanRequest, UndeployRequest, TableRequest]  # noqa: UP007
+class LoadFailed(_Strict, tag_field="op", tag="load_failed"):
+    """A member tells its coordinator that it could not carry out an `assign` (the range is
+    placed elsewhere at once, not after `assign_timeout_s`)."""
+
+    cluster: ClusterName
+    model: ModelName
+    start: Layer
+    end: Layer
+    error: Annotated[str, Meta(max_length=300)] = ""
+
+
+Request = Union[DeployRequest, PlanRequest, UndeployRequest, TableRequest, LoadFailed]  # noqa: UP007
 _REQUEST = msgspec.msgpack.Decoder(Request)  # type: ignore[arg-type]
 
 
@@ -149,7 +160,10 @@ class TableBody(_Strict):
 S = TypeVar("S", bound=msgspec.Struct)
 
 
-def decode_request(payload: bytes) -> DeployRequest | PlanRequest | UndeployRequest | TableRequest:
+AnyRequest = DeployRequest | PlanRequest | UndeployRequest | TableRequest | LoadFailed
+
+
+def decode_request(payload: bytes) -> AnyRequest:
     if len(payload) > MAX_REQUEST_BYTES:
         raise WireError("too_large", f"a coordinator request is at most {MAX_REQUEST_BYTES} bytes")
     try:

@@ -163,7 +163,7 @@ async def test_deploy_through_the_coordinator_then_heal_a_killed_member(
             "cluster_deploy",
             {"name": CLUSTER, "model": "tiny", "model_dir": str(model_dir), "wait_s": 30},
         )
-        assert result["ok"], result
+        assert result["ok"], result["events"]
         assert result["coordinator"] == leader.peer_id
         ranges = [(s["start"], s["end"], s["peer_id"]) for s in result["servers"]]
         assert covered_once(ranges) and len(ranges) == 3, ranges
@@ -292,7 +292,7 @@ async def test_a_new_coordinator_adopts_the_table_and_heals(
             "cluster_deploy",
             {"name": CLUSTER, "model": "tiny", "model_dir": str(model_dir), "wait_s": 30},
         )
-        assert result["ok"], result
+        assert result["ok"], result["events"]
         ranges = [(s["start"], s["end"], s["peer_id"]) for s in result["servers"]]
         holders = {p for *_, p in ranges}
         net.kill(old)
@@ -445,3 +445,37 @@ async def test_a_generation_in_flight_goes_on_and_the_lost_copy_is_placed_again(
             return len(now) == 2 and killed[0] not in {p for *_, p in now}
 
         await net.wait_for(two_copies_again, 30, "a second copy placed again")
+
+
+async def test_members_that_cannot_load_say_so_and_the_block_lands_on_one_that_can(
+    autojump_clock, tmp_path
+):
+    from daemon.shards.jobs import ShardServiceError
+    from daemon.shards.model import make_tiny
+
+    model_dir = make_tiny(tmp_path / "tiny", layers=LAYERS, seed=7)
+
+    def detect(home: Path) -> dict[str, Any]:  # node1 scores last: the least free memory
+        free = (1 if home.name == "node1" else 6) << 30
+        return {**RESOURCES, "memory": {"total_bytes": 8 << 30, "available_bytes": free}}
+
+    async with lab(tmp_path / "net", 4, detect) as net:
+        good = net.daemons[1]
+        leader = await coordinator_agreed(net, 4)
+
+        async def no_checkpoint(*args: Any, **kwargs: Any) -> dict:
+            raise ShardServiceError("bad_model", "no checkpoint at that path here")
+
+        for d in net.daemons:
+            if d is not good:
+                d.daemon.shards.load = no_checkpoint
+        result = await leader.call(
+            "cluster_deploy",
+            {"name": CLUSTER, "model": "tiny", "model_dir": str(model_dir), "wait_s": 30},
+        )
+        # well within the 120 s an unannounced assignment is waited for
+        assert result["ok"], result["events"]
+        assert [s["peer_id"] for s in result["servers"]] == [good.peer_id]
+        failed = [e for e in result["events"] if e["action"] == "load_failed"]
+        assert len(failed) == 3, result["events"]  # every other member, tried first
+        assert all("no checkpoint" in e["reason"] for e in failed)

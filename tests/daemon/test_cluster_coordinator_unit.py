@@ -176,7 +176,7 @@ async def test_a_refused_assignment_is_placed_elsewhere_and_a_shortfall_explaine
     assert result["ok"] is False  # nothing announced yet
     assert [s["state"] for s in result["servers"]] == ["assigned"]
     actions = [e["action"] for e in result["events"]]
-    assert actions == ["deploy", "assign_refused", "assign"]
+    assert actions == ["deploy", "assign", "assign_refused", "assign"]
     # b never announces: given up after the timeout, left out; nobody else can hold it
     await trio.sleep(6)
     await boss.reconcile(C)
@@ -223,3 +223,42 @@ async def test_tables_survive_a_restart_on_disk_and_a_bad_file_is_set_aside(tmp_
     assert TableFile(path).load() == {}
     path.write_text('{"lab": {"term": "x"}, "ok": {"term": 1, "version": 2, "deployments": []}}')
     assert list(TableFile(path).load()) == ["ok"]
+
+
+async def test_a_member_that_cannot_load_says_so_and_the_range_goes_elsewhere_at_once(
+    autojump_clock, monkeypatch
+):
+    runtime = FakeRuntime({ME: "alive", "a": "alive", "b": "alive"})
+    boss = coordinator(runtime, FakeShards(), [record("a", 50_000), record("b", 20_000)])
+    await boss.deploy(C, spec(), wait_s=0.0)
+    assert [to for action, _, to in runtime.sent if action == wire.ASSIGN] == [frozenset({"a"})]
+    # a member's side: the load fails, and it tells the coordinator that signed the order
+    told: list[tuple[str, bytes]] = []
+
+    async def tell(peer: str, payload: bytes) -> None:
+        told.append((peer, payload))
+
+    member = FakeRuntime({"a": "alive"}, coordinating=False)
+    side = coordinator(member, FakeShards(fail=True))
+    side.member._tell = tell
+    order = wire.to_body(wire.AssignBody("m", "/models/m", 0, 4))
+    await member.handlers[wire.ASSIGN](C, "boss", order)
+    ((peer, payload),) = told
+    report = wire.decode_request(payload)
+    assert peer == "boss" and isinstance(report, wire.LoadFailed)
+    assert (report.model, report.start, report.end) == ("m", 0, 4)
+    assert "no such checkpoint" in report.error
+    # the coordinator takes it from the member it assigned the range to, and places it again
+    view = SimpleNamespace(members={"a": 1, "b": 1, "x": 1})
+    monkeypatch.setattr("daemon.cluster.coordinator.cluster_view", lambda replica, name: view)
+    answer = codec.decode(await boss._on_request("a", payload))
+    assert answer["ok"] is True
+    # a report nobody asked for (another member, or the same one again) is counted only
+    assert codec.decode(await boss._on_request("x", payload))["ok"] is True
+    assert codec.decode(await boss._on_request("a", payload))["ok"] is True
+    assert boss.rejected.count("request_unexpected") == 2  # type: ignore[attr-defined]
+    events = boss.status(C, "m")["events"]
+    assert events[-1]["action"] == "load_failed" and "no such checkpoint" in events[-1]["reason"]
+    await boss.reconcile(C)
+    assigns = [to for action, _, to in runtime.sent if action == wire.ASSIGN]
+    assert assigns == [frozenset({"a"}), frozenset({"b"})]
