@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -131,6 +131,8 @@ class ClusterCoordinator:
         self._placed: dict[tuple[str, str], dict[str, Any]] = {}  # the last placement shown
         self._locks: dict[str, trio.Lock] = {}
         self._wake = trio.Event()
+        # cluster_deploy's handler (coordinator_methods), for block_deploy's `cluster` param
+        self.rpc_deploy: Callable[..., Awaitable[dict[str, Any]]] | None = None
         runtime.on_command(wire.ASSIGN, self.member.on_assign)
         runtime.on_command(wire.RELEASE, self.member.on_release)
         runtime.on_command(wire.DEPLOYMENTS, self.member.on_table)

@@ -161,6 +161,7 @@ def register_coordinator_methods(dispatcher: Dispatcher, coordinator: ClusterCoo
 
     for handler in (cluster_deploy, cluster_plan, cluster_undeploy):
         dispatcher.register(handler.__name__, handler)
+    coordinator.rpc_deploy = cluster_deploy
 
 
 def coordinator_for(

@@ -469,10 +469,9 @@ async def test_members_that_cannot_load_say_so_and_the_block_lands_on_one_that_c
         for d in net.daemons:
             if d is not good:
                 d.daemon.shards.load = no_checkpoint
-        result = await leader.call(
-            "cluster_deploy",
-            {"name": CLUSTER, "model": "tiny", "model_dir": str(model_dir), "wait_s": 30},
-        )
+        # as block_deploy's `cluster` param would call it
+        deploy = leader.daemon.coordinator.rpc_deploy
+        result = await deploy(name=CLUSTER, model="tiny", model_dir=str(model_dir), wait_s=30)
         # well within the 120 s an unannounced assignment is waited for
         assert result["ok"], result["events"]
         assert [s["peer_id"] for s in result["servers"]] == [good.peer_id]
