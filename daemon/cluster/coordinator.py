@@ -381,7 +381,8 @@ class ClusterCoordinator:
         self._pending = {k: v for k, v in self._pending.items() if k[0] != cluster}
         if deployments:
             self._event(cluster, "*", "adopt", f"coordinator of term {term}: {len(deployments)}")
-        await self._publish(cluster)
+        if newest is not None:  # (a cluster that never had a table needs none sent)
+            await self._publish(cluster)
 
     async def _publish(self, cluster: str) -> None:
         """Send the deployment table, one version on, to every member."""
