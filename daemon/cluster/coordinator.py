@@ -4,17 +4,19 @@ dies, and scales them by the load their servers announce. Every node runs one
 (`ClusterRuntime.is_coordinator`) and, as a member, carries out the commands of theirs.
 
 A cluster's *deployment table* (model -> spec and target copies, `coordinator_wire.TableBody`)
-is kept by its coordinator and sent to every member as a fenced `deployments` command, so
-that a newly elected coordinator (which also asks the members for theirs and keeps the newest,
-by (term, version)) goes on where the last one stopped. What is actually served is read from
-the members' announcements in the `blocks` registry; the coordinator's loop (every
-`reconcile_interval_s`, at once when a member is declared dead) compares the two:
+is kept by its coordinator and sent to every member as a fenced `deployments` command (each
+keeps it on disk, coordinator_member.TableFile), so that a newly elected coordinator (which
+also asks the members for theirs and keeps the newest, by (term, version)) goes on where the
+last one stopped. What is actually served is read from the members' announcements in the
+`blocks` registry; the coordinator's loop (every `reconcile_interval_s`, at once when a member
+is declared dead) compares the two:
 
 - *placement* and *healing*: the runs of layers held fewer times than the target are placed
   by `scheduler.placement.place` on live members that serve none of the model, and sent to
   them as fenced `assign` commands (a member loads the range with its shard service and
-  announces it as usual); an assignment not announced within `assign_timeout_s` is given up
-  and that member left out for the model for `failed_cooldown_s`;
+  announces it as usual); an assignment the member reports it could not carry out
+  (`load_failed`), or does not announce within `assign_timeout_s`, is given up and that member
+  left out for the model for `failed_cooldown_s`;
 - *scaling*: `coordinator_state.Scaler` moves the target between the spec's
   `min_instances` and `max_instances` from the servers' announced `utilisation` and
   `queue_length`; copies beyond the target are `release`d (never below it).
