@@ -23,15 +23,23 @@ import base64
 import binascii
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from p2p import codec, records
 from registry import query
 from registry.specs import RECORD_CHUNK_CHARS, RECORD_MAX_CHUNKS
 
 if TYPE_CHECKING:
-    from registry.entry import Entry
-    from registry.replica import Replica
+    from registry.entry import Entry, EntryId
+
+
+class Replica(Protocol):
+    """What the views read of a `registry.replica.Replica` (which imports this module)."""
+
+    entries: Mapping[EntryId, Entry]
+
+    def get(self, kind: str, key: str) -> Entry | None: ...
+
 
 ROLES = ("admin", "voter", "worker")
 LEGACY_ROLES = {"coordinator": "voter", "observer": "worker"}
