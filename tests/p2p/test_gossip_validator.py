@@ -11,7 +11,10 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
+import pytest
 import trio
+from libp2p.exceptions import ValidationError
+from libp2p.peer.id import ID
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import PUBSUB_SIGNING_PREFIX
 
@@ -161,3 +164,27 @@ async def _send_signed(sender: Libp2pNetwork, to: Libp2pNetwork, seqno: bytes, d
     msg.signature = pubsub.sign_key.sign(PUBSUB_SIGNING_PREFIX.encode() + msg.SerializeToString())
     msg.key = sender.host.get_public_key().serialize()
     await pubsub.write_msg(pubsub.peers[to.pubsub.my_id], rpc_pb2.RPC(publish=[msg]))
+
+
+async def test_a_refusal_costs_no_formatting_of_the_message():
+    """py-libp2p formats a refused message whole into its error's text (32 ms for 500 KB of
+    random bytes): a refusal of ours must not reach that."""
+    net = _node(Counter())
+    net.gossip_validators.add(TOPIC, lambda origin, data: data != b"refused")
+    origin = identity.NodeIdentity.generate()
+
+    class Message:  # what py-libp2p reads of a message, and a text it must not ask for
+        from_id = ID.from_base58(origin.peer_id).to_bytes()
+        seqno = bytes(8)
+        topicIDs = [TOPIC]  # noqa: N815 - protobuf's name
+        data = b"refused"
+
+        def __str__(self) -> str:
+            raise AssertionError("the message was formatted")
+
+    with pytest.raises(ValidationError, match="refused by the gossip validator"):
+        await net.pubsub.validate_msg(ID.from_base58(origin.peer_id), Message())
+    message = Message()
+    message.seqno = (1).to_bytes(8, "big")
+    message.data = b"accepted"
+    await net.pubsub.validate_msg(ID.from_base58(origin.peer_id), message)
