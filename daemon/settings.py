@@ -31,14 +31,17 @@ from typing import Annotated, Any, ClassVar, TypeVar
 
 import msgspec
 
+from daemon.cluster.coordinator_state import CoordinatorSettings, ScalingSettings
 from daemon.errors import ConfigInvalid
 from daemon.multiaddrs import BOOTSTRAP_EXAMPLE, LISTEN_EXAMPLE, bootstrap_error, listen_error
+from daemon.resources import EnergySettings
 from p2p.discovery import DiscoverySettings
 from p2p.limits import HostLimits
 from p2p.records import PricePerUnit
 from registry.replica import Limits
 from registry.replication import ReplicationSettings
 from scheduler.election import ElectionSettings
+from scheduler.placement import PlacementWeights
 from scheduler.swim_state import SwimSettings
 
 
@@ -196,6 +199,7 @@ ResourcesConfig = exposing(
         DiscoverySettings,
         {key: key for key in ("publish_interval_s", "record_validity_s", "max_clock_skew_s")},
     ),
+    Exposed(EnergySettings, {key: key for key in ("energy_price_per_kwh", "carbon_g_per_kwh")}),
 )
 
 
@@ -356,6 +360,48 @@ ClusterConfig = exposing(
             "election_timeout_max_s": "election_timeout_max_s",
             "lease_s": "lease_s",
             "max_clock_rate_error": "max_rate_error",
+        },
+    ),
+    Exposed(
+        PlacementWeights,
+        {
+            f"placement_{k}": k
+            for k in (
+                "memory",
+                "throughput",
+                "rtt",
+                "energy",
+                "carbon",
+                "unknown_rtt_ms",
+                "memory_fraction",
+                "max_nodes_per_chain",
+            )
+        },
+    ),
+    Exposed(
+        ScalingSettings,
+        {
+            f"scale_{k}": k
+            for k in (
+                "up_utilisation",
+                "up_queue",
+                "down_utilisation",
+                "up_after_s",
+                "down_after_s",
+            )
+        },
+    ),
+    Exposed(
+        CoordinatorSettings,
+        {
+            k: k
+            for k in (
+                "reconcile_interval_s",
+                "assign_timeout_s",
+                "failed_cooldown_s",
+                "forward_timeout_s",
+                "adopt_timeout_s",
+            )
         },
     ),
 )

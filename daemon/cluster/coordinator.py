@@ -32,15 +32,15 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
 import trio
-from msgspec import Meta
 
 from daemon.cluster import coordinator_wire as wire
 from daemon.cluster.coordinator_facts import node_facts, served_ranges
 from daemon.cluster.coordinator_member import MemberSide, Table, TableFile
 from daemon.cluster.coordinator_state import (
+    CoordinatorSettings,
     Scaler,
     ScalingSettings,
     Served,
@@ -74,18 +74,6 @@ log = logging.getLogger(__name__)
 MAX_EVENTS = 50  # per cluster
 MAX_HEAL_STEPS = 16  # ranges placed per deployment per round
 MAX_SCORES_SHOWN = 64
-
-
-@dataclass(frozen=True)
-class CoordinatorSettings:
-    """How the coordinator acts (`[cluster]` keys)."""
-
-    reconcile_interval_s: Annotated[float, Meta(gt=0.0, le=3600.0)] = 2.0
-    assign_timeout_s: Annotated[float, Meta(gt=0.0, le=3600.0)] = 120.0
-    failed_cooldown_s: Annotated[float, Meta(ge=0.0, le=86400.0)] = 300.0
-    forward_timeout_s: Annotated[float, Meta(gt=0.0, le=600.0)] = 30.0
-    # a new coordinator waits this long for the members' tables (a frozen one holds it up)
-    adopt_timeout_s: Annotated[float, Meta(gt=0.0, le=600.0)] = 2.0
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,18 @@ def surplus(
 
 
 @dataclass(frozen=True)
+class CoordinatorSettings:
+    """How the coordinator acts (`[cluster]` keys)."""
+
+    reconcile_interval_s: Annotated[float, Meta(gt=0.0, le=3600.0)] = 2.0
+    assign_timeout_s: Annotated[float, Meta(gt=0.0, le=3600.0)] = 120.0
+    failed_cooldown_s: Annotated[float, Meta(ge=0.0, le=86400.0)] = 300.0
+    forward_timeout_s: Annotated[float, Meta(gt=0.0, le=600.0)] = 30.0
+    # a new coordinator waits this long for the members' tables (a frozen one holds it up)
+    adopt_timeout_s: Annotated[float, Meta(gt=0.0, le=600.0)] = 2.0
+
+
+@dataclass(frozen=True)
 class ScalingSettings:
     """When the load servers announce moves a deployment's copies (`[cluster]` keys)."""
 

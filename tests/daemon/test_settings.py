@@ -361,3 +361,28 @@ def test_a_config_error_is_a_gridmesh_error_of_the_config_kind():
     assert isinstance(error, errors.ConfigInvalid) and isinstance(error, ValueError)
     assert errors.status_of(error) == errors.status_of(errors.ConfigInvalid("x"))
     assert error.message == str(error) == "x.toml: p2p.listen is empty"
+
+
+def test_placement_scaling_coordinator_and_energy_keys_reach_their_settings():
+    from daemon.cluster.coordinator_state import CoordinatorSettings, ScalingSettings
+    from daemon.resources import EnergySettings
+    from scheduler.placement import PlacementWeights
+
+    config = settings.parse(
+        {
+            "cluster": {"placement_rtt": 2.5, "scale_up_after_s": 7.0, "adopt_timeout_s": 3.0},
+            "resources": {"energy_price_per_kwh": 0.3, "carbon_g_per_kwh": 420.0},
+        }
+    )
+    assert PlacementWeights(**config.cluster.values_for(PlacementWeights)).rtt == 2.5
+    assert ScalingSettings(**config.cluster.values_for(ScalingSettings)).up_after_s == 7.0
+    assert (
+        CoordinatorSettings(**config.cluster.values_for(CoordinatorSettings)).adopt_timeout_s == 3
+    )
+    energy = EnergySettings(**config.resources.values_for(EnergySettings))
+    assert (energy.energy_price_per_kwh, energy.carbon_g_per_kwh) == (0.3, 420.0)
+    # their bounds come from the settings dataclasses, and a refusal names the key
+    with pytest.raises(ConfigError, match="placement_memory_fraction"):
+        settings.parse({"cluster": {"placement_memory_fraction": 1.5}})
+    with pytest.raises(ConfigError, match="energy_price_per_kwh"):
+        settings.parse({"resources": {"energy_price_per_kwh": -1}})
