@@ -43,6 +43,16 @@ Nodes = Annotated[
     Annotated[int, Meta(ge=1)] | None, Meta(description="split over exactly this many nodes")
 ]
 Replicas = Annotated[int, Meta(description="copies of the chain when capacity allows")]
+Cluster = (
+    Annotated[
+        str,
+        Meta(
+            pattern=r"^[A-Za-z0-9._:@-]{1,64}$",
+            description="deploy through this cluster's coordinator (as cluster_deploy)",
+        ),
+    ]
+    | None
+)
 Plan = Annotated[
     list[Any] | None,
     Meta(description="[{peer_id, start, end}]; planned automatically if absent"),
@@ -221,12 +231,26 @@ def register_shard_methods(
         nodes: Nodes = None,
         replicas: Replicas = 1,
         max_price_per_unit: MaxPrice = None,
+        cluster: Cluster = None,
     ) -> dict[str, Any]:
         """Ask each chosen daemon to load its range of layers; if any fails, those that loaded
         unload again (rolled_back) and ok is false.
 
-        nodes, replicas and max_price_per_unit apply to the automatic plan.
+        nodes, replicas and max_price_per_unit apply to the automatic plan. With cluster, the
+        cluster's coordinator places, heals and scales the block instead (cluster_deploy).
         """
+        if cluster is not None:
+            if plan is not None or nodes is not None or max_price_per_unit is not None:
+                raise InvalidParams(
+                    "plan, nodes and max_price_per_unit do not go with cluster: the cluster's "
+                    "coordinator places the block (see cluster_plan for its dry run)"
+                )
+            deploy = dispatcher.handler("cluster_deploy")
+            if deploy is None:
+                raise InvalidParams("this daemon has no cluster coordinator to deploy through")
+            return await deploy(
+                name=cluster, model=model, model_dir=model_dir, dtype=dtype, replicas=replicas
+            )
         if plan is None:
             max_price = _max_price(max_price_per_unit)
             automatic = await _plan(model_dir, dtype, nodes, replicas, max_price)

@@ -178,6 +178,12 @@ class Dispatcher:
         declared, struct = signature_params(name, handler)
         self._methods[name] = _Method(name, handler, declared, description, struct)
 
+    def handler(self, name: str) -> Handler | None:
+        """The handler registered as `name` (for a method that delegates to another; its
+        arguments are then the caller's to validate), or None."""
+        method = self._methods.get(name)
+        return method.handler if method is not None else None
+
     def describe(self) -> list[dict[str, Any]]:
         """All methods, sorted by name, in a JSON-ready form (served as `rpc_methods`)."""
         return [

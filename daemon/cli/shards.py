@@ -37,6 +37,14 @@ def deploy(
     dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only print the plan (shard_plan)."),
     max_price_per_unit: int | None = MaxPriceOption,
+    cluster: str | None = typer.Option(
+        None,
+        "--cluster",
+        help="Deploy through this cluster's coordinator instead: it places the copies on the "
+        "members, places a dead member's layers again and scales between the block's min and "
+        "max instances (`gridmesh cluster plan` is its dry run; --nodes, --dry-run and "
+        "--max-price-per-unit do not apply).",
+    ),
     home: Path | None = HomeOption,
     as_json: bool = JsonOption,
 ) -> None:
@@ -45,6 +53,7 @@ def deploy(
     Only nodes that accept deploys from peers ([shards] allow_remote_deploy = true), and
     this node, are planned on. If any node fails to load its part, the nodes that loaded
     theirs unload again: a model is deployed completely or not at all.
+    With --cluster, the cluster's coordinator places and keeps the model instead.
     Undo with `gridmesh undeploy MODEL`."""
     if dtype not in ("float32", "float16", "bfloat16"):
         fail(f"--dtype {dtype!r}: use float32, float16 or bfloat16")
@@ -52,6 +61,14 @@ def deploy(
         fail(f"{model_dir} is not a directory (expected a Hugging Face checkpoint)")
     if not (model_dir / "config.json").is_file():
         fail(f"{model_dir} has no config.json: is it a Hugging Face checkpoint directory?")
+    if cluster is not None:
+        if nodes is not None or dry_run or max_price_per_unit is not None:
+            fail(
+                "--cluster: the coordinator places the model; --nodes, --dry-run and "
+                "--max-price-per-unit do not apply (see `gridmesh cluster plan`)"
+            )
+        _deploy_through(home, cluster, model, model_dir, dtype, replicas, as_json)
+        return
     params: dict[str, Any] = {"model_dir": str(model_dir.resolve()), "dtype": dtype}
     if nodes is not None:
         params["nodes"] = nodes
@@ -92,6 +109,36 @@ def deploy(
         if stuck:
             message += f", but could not on: {', '.join(stuck)}"
         fail(message)
+
+
+def _deploy_through(
+    home: Path | None,
+    cluster: str,
+    model: str,
+    model_dir: Path,
+    dtype: str,
+    replicas: int,
+    as_json: bool,
+) -> None:
+    params = {
+        "cluster": cluster,
+        "model": model,
+        "model_dir": str(model_dir.resolve()),
+        "dtype": dtype,
+        "replicas": replicas,
+    }
+    result = long_call(home, "block_deploy", params, f"deploying {model} through {cluster}")
+    if as_json:
+        print_json(result)
+    else:
+        typer.echo(f"coordinator {result.get('coordinator')} (term {result.get('term')})")
+        for s in result.get("servers") or []:
+            typer.echo(f"{s['peer_id']}  [{s['start']}, {s['end']})  {s['state']}")
+    if not result.get("ok"):
+        fail(
+            f"{model} is not fully served through {cluster} yet: see `gridmesh cluster info "
+            f"{cluster}`"
+        )
 
 
 def undeploy(

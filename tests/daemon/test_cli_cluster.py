@@ -446,3 +446,43 @@ def test_create_join_approve_members_info_leave_with_real_daemons(tmp_path, fast
     finally:
         for daemon in daemons:
             daemon.stop()
+
+
+def test_deploy_with_cluster_goes_through_block_deploy_to_the_coordinator(fake, tmp_path):
+    model_dir = tmp_path / "ckpt"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    fake.results = {
+        "block_deploy": {
+            "ok": True,
+            "coordinator": ADMIN,
+            "term": 3,
+            "servers": [{"peer_id": BOB, "start": 0, "end": 4, "state": "alive"}],
+        }
+    }
+    args = ["deploy", str(model_dir), "--model", "tiny", "--cluster", "lab"]
+    done = runner.invoke(app, [*args, "--home", str(fake.home)])
+    assert done.exit_code == 0, done.output
+    assert fake.calls == [
+        (
+            "block_deploy",
+            {
+                "cluster": "lab",
+                "model": "tiny",
+                "model_dir": str(model_dir.resolve()),
+                "dtype": "float32",
+                "replicas": 1,
+            },
+        )
+    ]
+    assert f"coordinator {ADMIN} (term 3)" in done.output
+    assert f"{BOB}  [0, 4)  alive" in done.output
+    # options that only the plain deploy has are refused, naming why
+    refused = runner.invoke(app, [*args, "--nodes", "2", "--home", str(fake.home)])
+    assert refused.exit_code != 0
+    assert "the coordinator places the model" in refused.output
+    # a deploy the coordinator could not complete yet exits non-zero, pointing at cluster info
+    fake.results["block_deploy"] = {**fake.results["block_deploy"], "ok": False}
+    partial = runner.invoke(app, [*args, "--home", str(fake.home)])
+    assert partial.exit_code != 0
+    assert "gridmesh cluster info lab" in partial.output

@@ -497,3 +497,31 @@ async def test_a_voter_cannot_claim_a_term_it_never_won(autojump_clock, tmp_path
             target.peer_id, election_wire.COMMAND_PROTOCOL, election_wire.encode(ahead)
         )
         assert codec.decode(raw)["refused"] is not None
+
+
+async def test_block_deploy_aimed_at_a_cluster_goes_through_its_coordinator(
+    autojump_clock, tmp_path, one_torch_thread
+):
+    """`block_deploy` with `cluster`, on a member that does not coordinate: the coordinator
+    places the block (it shows in its placements), the tokens are exact; a plan or node count
+    with `cluster` is refused, naming the reason."""
+    torch = one_torch_thread
+    from daemon.shards.model import greedy_generate, load_model, make_tiny
+
+    model_dir = make_tiny(tmp_path / "tiny", layers=LAYERS, seed=7)
+    with torch.no_grad():
+        expected = greedy_generate([load_model(model_dir)], PROMPT, NEW_TOKENS)
+    async with lab(tmp_path / "net", 3, small_memory(model_dir)) as net:
+        leader = await coordinator_agreed(net, 3)
+        member = next(d for d in net.daemons if d is not leader)
+        params = {"model": "tiny", "model_dir": str(model_dir), "cluster": CLUSTER}
+        with pytest.raises(RPCCallError, match="coordinator places"):
+            await member.call("block_deploy", {**params, "nodes": 2})
+        result = await member.call("block_deploy", params)
+        assert result["ok"], result
+        assert covered_once(served(net, leader))
+        assert leader.daemon.coordinator.placements(CLUSTER)[0]["model"] == "tiny"
+        again = await member.call(
+            "generate", {"model": "tiny", "token_ids": PROMPT, "max_tokens": NEW_TOKENS}
+        )
+        assert again["tokens"] == expected
