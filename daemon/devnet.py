@@ -2,7 +2,10 @@
 
 `make devnet` runs this. Each daemon gets a temporary home, free ports and only the previous
 daemon as its bootstrap; we wait until every daemon finds all N through `nodes_find`, print
-what they found, and keep running until Ctrl-C (or exit at once with DEVNET_ONCE=1).
+what they found, put them all in one cluster (node0 creates it, the others join as voters or
+workers), print the coordinator they elect, deploy a tiny model through it (cluster_deploy)
+and run a paid generation through the cluster from a node that serves none of it, compared
+token by token with one process; then keep running until Ctrl-C (or exit with DEVNET_ONCE=1).
 `DaemonProcess` is also the harness the multi-process tests and benchmarks use.
 """
 
@@ -308,110 +311,230 @@ def print_registry_table(daemons: list[DaemonProcess], written: list[tuple[str, 
     Console(width=200).print(table)
 
 
-def shard_demo(
-    daemons: list[DaemonProcess],
-    root: Path,
-    prompt: str,
-    max_tokens: int,
-    job_id: str | None = None,
-) -> bool:
-    """Make a tiny model, split it over daemons 1..3, generate from daemon 0 (as paid job
-    `job_id` when given), and compare with a single-process run. Returns whether the texts
-    are equal."""
-    from daemon.shards.model import greedy_generate, load_model, load_tokenizer, make_tiny
+CLUSTER = "devnet"
+VOTERS = 3  # node0 (its admin, also a voter) and the next two; the others join as workers
 
-    servers = daemons[1:4] if len(daemons) >= 4 else daemons
-    model_dir = make_tiny(root / "tiny-model", layers=6, hidden=64, heads=4, kv_heads=2, seed=1)
-    ranges = [(i * 6 // len(servers), (i + 1) * 6 // len(servers)) for i in range(len(servers))]
-    plan = [
-        {"peer_id": d.peer_id, "start": a, "end": b}
-        for d, (a, b) in zip(servers, ranges, strict=True)
-    ]
-    print(f"made a tiny 6-layer model in {model_dir}; deploying it over {len(servers)} daemons")
-    result = daemons[0].call(
-        "block_deploy", {"model": "tiny", "model_dir": str(model_dir), "plan": plan}
+
+def form_cluster(daemons: list[DaemonProcess], timeout_s: float) -> dict[str, Any]:
+    """Put every daemon in one cluster as a user would (`gridmesh cluster create` on node0,
+    `gridmesh cluster join --role voter|worker` on the others, through the same RPC methods)
+    and wait until all of them name the same coordinator. Returns its cluster_coordinator."""
+    names = {d.peer_id: f"node{i}" for i, d in enumerate(daemons)}
+    daemons[0].call(
+        "cluster_create",
+        {"name": CLUSTER, "admission": "open", "description": "make devnet's daemons"},
     )
-    for item in result["results"]:
-        if not item["ok"]:
-            raise DevnetError(f"deploy on {item['peer_id']} failed: {item['error']}")
+    print(f"node0 created cluster {CLUSTER!r} (admission open) and is its admin")
+    for index, daemon in enumerate(daemons[1:], start=1):
+        role = "voter" if index < VOTERS else "worker"
+        wait_for(
+            lambda daemon=daemon, role=role: _join(daemon, role),
+            timeout_s,
+            f"node{index} to join {CLUSTER!r} (the cluster entry to reach it)",
+            poll_s=0.2,
+        )
+        print(f"node{index} joined as a {role}")
+    formed = time.monotonic()
+    view = wait_for(
+        lambda: agreed_coordinator(daemons),
+        timeout_s,
+        f"one coordinator of {CLUSTER!r} known to all {len(daemons)} daemons",
+        poll_s=0.1,
+    )
+    print(
+        f"cluster {CLUSTER!r}: elected coordinator {names[view['coordinator']]} "
+        f"{view['coordinator']} (term {view['term']}), known to all {len(daemons)} daemons "
+        f"{time.monotonic() - formed:.1f} s after the last join"
+    )
+    print_members(daemons, names)
+    return view
+
+
+def _join(daemon: DaemonProcess, role: str) -> bool:
+    try:
+        answer = daemon.call("cluster_join", {"name": CLUSTER, "role": role}, timeout=10)
+    except RPCCallError:  # the cluster's entry has not reached this daemon yet
+        return False
+    return answer["status"] == "active"
+
+
+def agreed_coordinator(daemons: list[DaemonProcess]) -> dict[str, Any] | None:
+    """The cluster_coordinator answer every daemon gives (the same coordinator and term, one
+    of them holding the lease); None until they agree."""
+    try:
+        views = [d.call("cluster_coordinator", {"name": CLUSTER}, timeout=5) for d in daemons]
+    except (DaemonUnreachable, RPCCallError):
+        return None
+    named = {(v["coordinator"], v["term"]) for v in views}
+    if len(named) != 1 or views[0]["coordinator"] is None:
+        return None
+    if sum(bool(v["coordinating"]) for v in views) != 1:
+        return None
+    return views[0]
+
+
+def print_members(daemons: list[DaemonProcess], names: dict[str, str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    info = daemons[0].call("cluster_info", {"name": CLUSTER})
+    table = Table(title=f"cluster {CLUSTER!r} as node0 sees it (cluster info)")
+    for column in ("member", "peer id", "roles", "state"):
+        table.add_column(column)
+    states = (info.get("runtime") or {}).get("members") or {}
+    for row in info.get("members", []):
+        peer = row["peer_id"]
+        table.add_row(
+            names.get(peer, "?"),
+            peer,
+            ",".join(row.get("roles", [])),
+            str(states.get(peer, "?")),
+        )
+    Console(width=200).print(table)
+
+
+def deploy_through_cluster(
+    daemons: list[DaemonProcess], model_dir: Path, timeout_s: float = 90.0
+) -> list[DaemonProcess]:
+    """cluster_deploy from node0: the coordinator places the model on members (node0's call
+    is forwarded to it when node0 is not it). Returns the daemons serving it, once announced."""
+    names = {d.peer_id: f"node{i}" for i, d in enumerate(daemons)}
+    params = {
+        "name": CLUSTER,
+        "model": "tiny",
+        "model_dir": str(model_dir),
+        "replicas": 1,
+        "wait_s": 60,
+    }
+    result = wait_for(
+        lambda: _cluster_deploy(daemons[0], params),
+        timeout_s,
+        "a deploy through the coordinator",
+        poll_s=0.5,
+    )
+    if not result["ok"]:
+        raise DevnetError(f"the deploy through {CLUSTER!r} failed: {result}")
+    served = sorted(result["servers"], key=lambda s: s["start"])
+    where = ", ".join(f"{names.get(s['peer_id'], '?')}[{s['start']},{s['end']})" for s in served)
+    print(
+        f"deployed through cluster {CLUSTER!r}: coordinator "
+        f"{names.get(result['coordinator'], '?')} (term {result['term']}) placed {where}"
+    )
+    for line in result.get("events", [])[-3:]:
+        print(f"  coordinator: {line.get('action')} {line.get('reason')}")
     wait_for(
         lambda: (
             len(daemons[0].call("block_list", {"model": "tiny"})["announced"].get("tiny", []))
-            == len(servers)
+            >= len(served)
         ),
         30,
         "the shards to be announced",
     )
+    by_peer = {d.peer_id: d for d in daemons}
+    return [by_peer[s["peer_id"]] for s in served if s["peer_id"] in by_peer]
+
+
+def _cluster_deploy(asker: DaemonProcess, params: dict[str, Any]) -> dict[str, Any] | None:
+    """The deploy's answer; None (retry) while the cluster is between coordinators."""
+    try:
+        return asker.call("cluster_deploy", params, timeout=120)
+    except RPCCallError as exc:
+        if (exc.data or {}).get("reason") in ("not_coordinator", "no_coordinator"):
+            return None
+        raise
+
+
+def generate_demo(
+    client: DaemonProcess,
+    daemons: list[DaemonProcess],
+    model_dir: Path,
+    prompt: str,
+    max_tokens: int,
+    job_id: str | None = None,
+) -> bool:
+    """Generate from `client` (as paid job `job_id` when given) through the deployed model
+    and compare with a single-process run. Returns whether the token ids are equal."""
+    from daemon.shards.model import greedy_generate, load_model, load_tokenizer
+
     tokenizer = load_tokenizer(model_dir)
     ids = tokenizer.encode(prompt)
     params: dict[str, Any] = {"model": "tiny", "token_ids": ids, "max_tokens": max_tokens}
     if job_id is not None:
         params["job_id"] = job_id
-    remote = daemons[0].call("generate", params)
+    remote = client.call("generate", params)
     local = greedy_generate([load_model(model_dir)], ids, max_tokens)
     names = {d.peer_id: f"node{i}" for i, d in enumerate(daemons)}
+    me = names[client.peer_id]
     route = " -> ".join(f"{names[h['peer_id']]}[{h['start']},{h['end']})" for h in remote["route"])
     remote_text, local_text = tokenizer.decode(remote["tokens"]), tokenizer.decode(local)
-    how = {"chained": "each server pushed to the next", "relayed": "node0 relayed every hop"}
-    print(f"route from node0: {route} ({how[remote['forwarding']]})")
+    how = {"chained": "each server pushed to the next", "relayed": f"{me} relayed every hop"}
+    print(f"route from {me}: {route} ({how[remote['forwarding']]})")
     print(f"generated {len(remote['tokens'])} tokens in {remote['seconds']} s")
-    print(f"through the shards: {remote_text!r}")
-    print(f"single process:     {local_text!r}")
+    print(f"through the cluster: {remote_text!r}")
+    print(f"single process:      {local_text!r}")
     same = remote["tokens"] == local
     print("identical to the single-process run" if same else "DIFFERENT from the single process")
     return same
 
 
 def paid_demo(devnet: Devnet, chain: Any, parties: list[Any]) -> bool:
-    """Fund every node, register and stake the shard servers, deposit a job for node0, run
-    the shard demo as that job, let the providers settle, refund the rest after the deadline
-    (the chain's clock moved on) and print each party's balance before and after. Returns
-    whether the texts were identical and every balance is exactly right."""
+    """Fund every node, make a tiny model and deploy it through the cluster's coordinator,
+    register and stake the members it placed it on, deposit a job for a node that serves
+    none of it, generate as that job, let the providers settle, refund the rest after the
+    deadline (the chain's clock moved on) and print each party's balance before and after.
+    Returns whether the texts were identical and every balance is exactly right."""
     from rich.console import Console
     from rich.table import Table
 
     from daemon.payments import devnet_chain as dc
+    from daemon.shards.model import make_tiny
 
     daemons = devnet.daemons
-    servers = daemons[1:4] if len(daemons) >= 4 else daemons
-    requester = parties[0]
-    providers = [parties[daemons.index(d)] for d in servers]
     fees = dc.Party("fees", chain.fee_recipient)
     chain.fund(parties, 1000 * dc.TUSD)
-    methods = dc.methods_of(daemons[0])
+    print("funded every node (gas, 1000 tUSD)")
+    model_dir = make_tiny(
+        devnet.root / "tiny-model", layers=6, hidden=64, heads=4, kv_heads=2, seed=1
+    )
+    print(f"made a tiny 6-layer model in {model_dir}; deploying it through {CLUSTER!r}")
+    servers = deploy_through_cluster(daemons, model_dir)
+    client = next((d for d in daemons if d not in servers), daemons[0])
+    requester = parties[daemons.index(client)]
+    providers = [parties[daemons.index(d)] for d in servers]
+    methods = dc.methods_of(client)
     for party, daemon in zip(providers, servers, strict=True):
         if "stake" in methods:  # as `gridmesh stake 100tUSD` on that node does
             daemon.call("stake", {"amount": dc.MIN_STAKE}, timeout=120)
         else:
             chain.stake(party, daemon.peer_id)
     names = ", ".join(p.name for p in providers)
-    print(f"funded every node (gas, 1000 tUSD); {names} registered and staked 100 tUSD each")
+    print(f"{names} (serving it) registered and staked 100 tUSD each")
     before = chain.balances([*parties, fees])
     paid_flow = "job_id" in methods.get("generate", [])
-    job = dc.create_job(chain, daemons[0], requester, "job_create" in methods)
+    job = dc.create_job(chain, client, requester, "job_create" in methods)
     print(
-        f"node0 deposited {dc.DEPOSIT / dc.TUSD:g} tUSD for job {job} (max price "
+        f"{requester.name} deposited {dc.DEPOSIT / dc.TUSD:g} tUSD for job {job} (max price "
         f"{dc.PRICE_PER_UNIT}/unit, deadline in {dc.DEADLINE_S} s); servers charge "
         f"{dc.PRICE_PER_UNIT}/unit"
     )
     if not paid_flow:
         print("this build's generate takes no job_id: the demo runs free, the job is refunded")
-    same = shard_demo(daemons, devnet.root, "gridmesh ", 24, job if paid_flow else None)
+    same = generate_demo(client, daemons, model_dir, "gridmesh ", 24, job if paid_flow else None)
     acked: dict[str, int] = {}
     if paid_flow:
-        acked = wait_for(lambda: dc.acknowledged(daemons[0], job), 30, "node0's vouchers")
+        acked = wait_for(lambda: dc.acknowledged(client, job), 30, f"{requester.name}'s vouchers")
         wait_for(
             lambda: (
                 dc.settled(chain, job, providers)
                 == {p.address: acked.get(p.address, 0) for p in providers}
             ),
             60,
-            "the providers to settle what node0 acknowledged",
+            f"the providers to settle what {requester.name} acknowledged",
             poll_s=0.5,
         )
     paid = dc.settled(chain, job, providers)
     chain.advance(dc.DEADLINE_S + 1)
-    refunded = dc.refund(chain, daemons[0], requester, job, "job_refund" in methods)
+    refunded = dc.refund(chain, client, requester, job, "job_refund" in methods)
     after = chain.balances([*parties, fees])
     table = Table(title=f"tUSD balances before and after job {job[:18]}...")
     for column in ("party", "before", "after", "change"):
@@ -424,7 +547,7 @@ def paid_demo(devnet: Devnet, chain: Any, parties: list[Any]) -> bool:
             f"{party.name}: acknowledged {acked.get(party.address, 0)}, settled "
             f"{paid[party.address]} (smallest units; fee {dc.FEE_BPS / 100:g} %)"
         )
-    print(f"node0 refunded {refunded} after the deadline")
+    print(f"{requester.name} refunded {refunded} after the deadline")
     wrong = dc.check_balances(before, after, requester, providers, paid)
     if paid_flow and not any(paid.values()):
         wrong.append("nothing was settled for the paid generation")
@@ -481,6 +604,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"replicated to all {args.nodes} in {time.monotonic() - replicated_at:.2f} s")
         print_registry_table(devnet.daemons, written)
+        print(f"forming cluster {CLUSTER!r} of all {args.nodes} daemons ...", flush=True)
+        form_cluster(devnet.daemons, args.timeout)
         if not paid_demo(devnet, chain, parties):
             return 1
         if once:

@@ -1,0 +1,65 @@
+"""`make devnet` as the checks run it (`DEVNET_ONCE=1 python -m daemon.devnet`): its daemons
+form one cluster through the cluster_* RPC methods, it prints the coordinator they elected
+(peer id and term), deploys the demo model through that coordinator, and the paid generation
+through the cluster gives the tokens of one process with every balance exactly right."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+
+pytestmark = pytest.mark.procs
+
+PEER = r"12D3KooW[1-9A-HJ-NP-Za-km-z]+"
+
+
+def test_make_devnet_forms_a_cluster_prints_its_coordinator_and_deploys_through_it(tmp_path):
+    env = {**os.environ, "DEVNET_ONCE": "1", "TMPDIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "daemon.devnet", "--nodes", "4"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    out = done.stdout
+    assert done.returncode == 0, f"{out}\n{done.stderr[-4000:]}"
+    nodes = dict(re.findall(rf"^  (node\d) ({PEER}) rpc ", out, re.M))
+    assert sorted(nodes) == ["node0", "node1", "node2", "node3"], out
+    assert "node0 created cluster 'devnet'" in out
+    joined = dict(re.findall(r"^(node\d) joined as a (voter|worker)$", out, re.M))
+    assert joined == {"node1": "voter", "node2": "voter", "node3": "worker"}, out
+    elected = re.search(
+        rf"^cluster 'devnet': elected coordinator (node\d) ({PEER}) \(term (\d+)\), "
+        r"known to all 4 daemons",
+        out,
+        re.M,
+    )
+    assert elected is not None, out
+    name, peer, term = elected.groups()
+    assert nodes[name] == peer and int(term) >= 1
+    # only voters coordinate: never the worker
+    assert joined.get(name) != "worker"
+    deployed = re.search(
+        r"^deployed through cluster 'devnet': coordinator (node\d) \(term (\d+)\) placed "
+        r"((?:node\d\[\d+,\d+\)(?:, )?)+)$",
+        out,
+        re.M,
+    )
+    assert deployed is not None, out
+    assert joined.get(deployed.group(1)) != "worker" and int(deployed.group(2)) >= int(term)
+    # the ranges placed cover the model's 6 layers once
+    ranges = sorted(
+        (int(a), int(b)) for a, b in re.findall(r"node\d\[(\d+),(\d+)\)", deployed.group(3))
+    )
+    assert ranges[0][0] == 0 and ranges[-1][1] == 6, ranges
+    assert all(x[1] == y[0] for x, y in zip(ranges, ranges[1:], strict=False)), ranges
+    assert "identical to the single-process run" in out
+    assert "every balance is exactly right" in out
+    assert "WRONG" not in out
