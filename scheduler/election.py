@@ -26,6 +26,11 @@ What it implements, beyond the terms, randomised timeouts and majority votes of 
 
 Time is only ever this node's monotonic clock, and only differences of it are used; no time
 crosses the wire. Voter changes come from outside (the membership registry), one at a time.
+
+Term proofs: a granted vote's `proof` (the voter's signature, checked by the driver before
+the reply gets here) is kept with the vote, and the proofs of the votes that elected this
+node, plus any that come in after it won, are `vote_proofs` (the driver makes them the term's
+`TermProof`, `scheduler.fencing`). The core signs and verifies nothing.
 """
 
 from __future__ import annotations
@@ -158,6 +163,7 @@ class ElectionCore:
         self._last_leader_contact = now
         self._election_deadline = now + self._timeout()
         self._votes: set[str] = set()
+        self._proofs: dict[str, bytes] = {}  # voter -> its signed vote in this candidacy
         self._candidacy_started = now
         self._round = 0
         self._round_sent: dict[int, float] = {}
@@ -181,6 +187,12 @@ class ElectionCore:
         if self.role is Role.LEADER:
             return min(self._next_heartbeat, self._step_down_at())
         return self._election_deadline
+
+    @property
+    def vote_proofs(self) -> dict[str, bytes]:
+        """While leading: the signed votes of this term (voter -> signature; this node's own
+        is not among them)."""
+        return dict(self._proofs) if self.role is Role.LEADER else {}
 
     @property
     def persistent(self) -> PersistentState:
@@ -240,6 +252,15 @@ class ElectionCore:
             self._become_leader(now, out)
         return out
 
+    def step_down(self, now: float) -> list[Effect]:
+        """Give up the lead (the driver's call: its term proof no longer convinces the
+        members, after a voter change); the next election proves a new term."""
+        out: list[Effect] = []
+        if self.role is Role.LEADER:
+            self.stats["proof_short"] += 1
+            self._become_follower(now, None, out)
+        return out
+
     # -- handlers ----------------------------------------------------------------------
 
     def _on_vote_request(
@@ -284,8 +305,15 @@ class ElectionCore:
                 if len(self._votes & self.voters) >= majority(self.voters):
                     self._start_election(now, out)
             return
-        if self.role is Role.CANDIDATE and msg.granted and msg.term == self.term:
+        if not msg.granted or msg.term != self.term:
+            return
+        if self.role is Role.LEADER and sender not in self._proofs and msg.proof is not None:
+            self._proofs[sender] = msg.proof  # a late vote: a stronger proof of the term
+            return
+        if self.role is Role.CANDIDATE:
             self._votes.add(sender)
+            if msg.proof is not None:
+                self._proofs[sender] = msg.proof
             if len(self._votes & self.voters) >= majority(self.voters):
                 self._become_leader(now, out)
 
@@ -353,6 +381,7 @@ class ElectionCore:
         was_leader = self.role is Role.LEADER
         self.role = Role.FOLLOWER
         self._votes = set()
+        self._proofs = {}
         if was_leader:
             self.stats["stepped_down"] += 1
             self._round_sent.clear()
@@ -366,6 +395,7 @@ class ElectionCore:
     def _start_pre_vote(self, now: float, out: list[Effect]) -> None:
         self.role = Role.PRE_CANDIDATE
         self._votes = {self.self_id}
+        self._proofs = {}
         self._election_deadline = now + self._timeout()
         self.stats["pre_votes_started"] += 1
         if self.leader is not None:
@@ -382,6 +412,7 @@ class ElectionCore:
         self.term += 1
         self.voted_for = self.self_id
         self._votes = {self.self_id}
+        self._proofs = {}
         self._candidacy_started = now
         self._election_deadline = now + self._timeout()
         self.stats["elections_started"] += 1

@@ -13,6 +13,14 @@ before it is sent. Time comes from an injected `Clock`, this node's monotonic cl
 (`trio.current_time` by default; a `p2p.testing.faults.SkewedClock` in simulations); the
 driver never reads wall-clock time and never sends a time.
 
+Term proofs (`scheduler.fencing`): the driver signs each vote it grants (not pre-votes) with
+the node key, refuses (drops, counted) a granted vote whose signature is missing or wrong, and
+as coordinator sends its commands with the term's proof, made from the signed votes its core
+kept; to a member that already accepted a command of the term it sends none (the member's
+fence remembers the term's coordinator), and sends it again if the member asks
+(`no_term_proof`). A coordinator whose proof is no longer a majority of its voters after a
+voter change steps down, so that the next term is proven under the new set.
+
 `freeze`/`thaw` are for fault tests: a frozen driver does nothing, as a SIGSTOPped process,
 while messages pile up in its inbox (bounded; the overflow is dropped and counted); thawed, it
 first lets the core look at its clock (a coordinator past its lease steps down) and then
@@ -31,6 +39,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
+import msgspec
 import trio
 
 from p2p import codec, identity
@@ -43,9 +52,19 @@ from scheduler.election import (
     LeaderChanged,
     Persist,
     PersistentState,
+    Role,
     Send,
+    majority,
 )
-from scheduler.fencing import FenceError, FenceKeeper, sign_command
+from scheduler.fencing import (
+    FenceError,
+    FenceKeeper,
+    NoTermProof,
+    make_proof,
+    sign_command,
+    sign_vote,
+    vote_ok,
+)
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +188,16 @@ class ElectionRouter:
         driver = self.drivers.get(message.cluster)
         if driver is None:
             self.stats["election_unknown_cluster"] += 1
-        else:
-            driver.deliver(sender, message)
+            return b""
+        if isinstance(message, wire.VoteReply) and message.granted and not message.pre:
+            # a vote counts only signed: it is a piece of the term's proof
+            if message.proof is None:
+                self.stats["election_unsigned_vote"] += 1
+                return b""
+            if not vote_ok(sender, message.cluster, message.term, self.net.peer_id, message.proof):
+                self.stats["election_bad_vote_signature"] += 1
+                return b""
+        driver.deliver(sender, message)
         return b""
 
     async def _on_command(self, sender: str, payload: bytes) -> bytes:
@@ -228,6 +255,10 @@ class ElectionDriver:
         self._nursery: trio.Nursery | None = None
         self._seq = 0
         self._seq_term = -1
+        self._proof: wire.TermProof | None = None  # this term's, while coordinating
+        self._proof_votes = 0  # the votes it was made from
+        self._own_vote: tuple[int, bytes] | None = None  # (term, this node's signed vote)
+        self._proved: set[str] = set()  # members that accepted a command of _seq_term
 
     # -- state -------------------------------------------------------------------------
 
@@ -271,9 +302,35 @@ class ElectionDriver:
             raise NotCoordinatorError(f"not the coordinator of {self.cluster}")
         term = self.core.term
         if term != self._seq_term:
-            self._seq_term, self._seq = term, 0
+            self._seq_term, self._seq, self._proved = term, 0, set()
         self._seq += 1
-        return sign_command(self.ident, self.cluster, term, self._seq, action, body)
+        command = sign_command(self.ident, self.cluster, term, self._seq, action, body)
+        return msgspec.structs.replace(command, proof=self.term_proof())
+
+    def term_proof(self) -> wire.TermProof | None:
+        """The proof that this node won its current term (its own signed vote and those it
+        collected), while it leads; None otherwise or without a node key."""
+        core = self.core
+        if self.ident is None or core.role is not Role.LEADER:
+            return None
+        if self._own_vote is None or self._own_vote[0] != core.term:
+            own = sign_vote(self.ident, self.cluster, core.term, self.peer_id)
+            self._own_vote = (core.term, own)
+        votes = core.vote_proofs
+        votes[self.peer_id] = self._own_vote[1]
+        proof = self._proof
+        if proof is None or proof.term != core.term or self._proof_votes != len(votes):
+            proof = self._proof = make_proof(self.cluster, core.term, self.peer_id, votes)
+            self._proof_votes = len(votes)
+        return proof
+
+    def _proof_short(self) -> bool:
+        """Whether, leading, this node's proof is short of a majority of its voters."""
+        core = self.core
+        if self.ident is None or core.role is not Role.LEADER:
+            return False
+        proven = set(core.vote_proofs) | {self.peer_id}
+        return len(proven & core.voters) < majority(core.voters)
 
     async def send_command(
         self, command: wire.Command, to: Iterable[str] | None = None
@@ -282,18 +339,30 @@ class ElectionDriver:
         it with a FenceKeeper whose voters come from the membership registry); per member,
         None if accepted, else the reason it was refused (`unreachable`: no answer)."""
         payload = wire.encode(command)
+        bare = wire.encode(msgspec.structs.replace(command, proof=None))
         results: dict[str, str | None] = {}
+        mine = command.term == self._seq_term  # else: a command of an earlier term of ours
 
-        async def one(peer: str) -> None:
+        async def send(peer: str, data: bytes) -> str | None:
             try:
                 answer = await self.router.net.request(
-                    peer, wire.COMMAND_PROTOCOL, payload, timeout_s=self.send_timeout_s
+                    peer, wire.COMMAND_PROTOCOL, data, timeout_s=self.send_timeout_s
                 )
                 raw = codec.decode(answer, max_bytes=256)
                 refused = raw.get("refused") if isinstance(raw, dict) else "malformed"
-                results[peer] = None if refused is None else str(refused)[:32]
+                return None if refused is None else str(refused)[:32]
             except (NetworkError, codec.CodecError):
-                results[peer] = "unreachable"
+                return "unreachable"
+
+        async def one(peer: str) -> None:
+            proved = mine and command.proof is not None and peer in self._proved
+            refused = await send(peer, bare if proved else payload)
+            if proved and refused == NoTermProof.reason:  # it forgot the term: prove it again
+                self.stats["proof_resent"] += 1
+                refused = await send(peer, payload)
+            if mine and refused is None:
+                self._proved.add(peer)
+            results[peer] = refused
 
         async with trio.open_nursery() as nursery:
             targets = self.core.voters if to is None else frozenset(to)
@@ -312,7 +381,12 @@ class ElectionDriver:
 
     def set_voters(self, voters: frozenset[str]) -> None:
         """One voter added or removed (from the membership registry)."""
-        effects = self.core.set_voters(frozenset(voters), self.clock.now())
+        now = self.clock.now()
+        effects = self.core.set_voters(frozenset(voters), now)
+        if self._proof_short():
+            self.stats["proof_short"] += 1
+            log.info("%s: the term's proof is short of the new voters' majority", self.cluster)
+            effects += self.core.step_down(now)
         if effects and self._nursery is not None:
             self._nursery.start_soon(self._apply, effects)
         with contextlib.suppress(trio.WouldBlock):  # wake the loop: a sooner deadline maybe
@@ -370,12 +444,18 @@ class ElectionDriver:
                 self._send(effect.to, effect.message)
             elif isinstance(effect, LeaderChanged):
                 self.stats["leader_changes"] += 1
-        self.router.fence.observe_term(self.cluster, core.term, core.leader)
+        self.router.fence.observe_term(self.cluster, core.term)
         self._observer(self)
 
     def _send(self, to: str, message: wire.ElectionMessage) -> None:
         if self._nursery is None:
             return
+        if isinstance(message, wire.VoteReply) and message.granted and not message.pre:
+            if self.ident is None:  # a vote without a signature counts for no one
+                self.stats["vote_unsigned"] += 1
+            else:
+                proof = sign_vote(self.ident, self.cluster, message.term, to)
+                message = msgspec.structs.replace(message, proof=proof)
         self.stats["sent"] += 1
         self._nursery.start_soon(self._deliver, to, wire.encode(message))
 

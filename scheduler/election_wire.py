@@ -8,8 +8,14 @@ label). Nothing past this module sees an untyped peer message.
 
 Election messages are not signed: the transport authenticates the sender (libp2p's Noise
 handshake binds the connection to the peer id; the request handler is told who sent it).
-Commands are signed by the coordinator's node key (`scheduler.fencing`), since they are
-checked by members that may get them second hand and keep them as evidence.
+Two things are: a granted vote (not a pre-vote) carries the voter's signature over (cluster,
+term, candidate) (`scheduler.fencing.vote_signing_bytes`), so that the winner can prove it
+won; and a coordinator's command is signed by its node key and carries its term's proof, a
+`TermProof` made of a majority of the voters' vote signatures (`scheduler.fencing`), since
+commands are checked by members that take no part in the election (workers), may get them
+second hand and keep them as evidence.
+
+Version 2 added those two signatures; a version 1 message is refused as `bad_version`.
 """
 
 from __future__ import annotations
@@ -21,12 +27,16 @@ from msgspec import Meta
 
 from p2p import codec
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 ELECTION_PROTOCOL = "/gridmesh/election/1.0.0"
 COMMAND_PROTOCOL = "/gridmesh/cluster/command/1.0.0"
 MAX_ELECTION_BYTES = 1024  # every election message is a few dozen bytes
 MAX_COMMAND_BODY = 64 * 1024
-MAX_COMMAND_BYTES = MAX_COMMAND_BODY + 1024
+# a term's proof holds at most this many votes: a majority of up to 255 voters (a cluster with
+# more voters cannot prove a term, and its coordinator's commands are refused as no_term_proof)
+MAX_PROOF_VOTES = 128
+MAX_PROOF_BYTES = MAX_PROOF_VOTES * (128 + 128 + 8) + 256
+MAX_COMMAND_BYTES = MAX_COMMAND_BODY + MAX_PROOF_BYTES + 1024
 
 ClusterName = Annotated[str, Meta(min_length=1, max_length=64)]
 PeerId = Annotated[str, Meta(min_length=1, max_length=128)]
@@ -63,12 +73,14 @@ class VoteRequest(_Msg, tag="vote"):
 
 class VoteReply(_Msg, tag="vote_reply"):
     """The answer to a VoteRequest: `term` is the request's term when granted, else the
-    voter's own."""
+    voter's own. A granted vote (not a pre-vote) carries `proof`, the voter's signature over
+    (cluster, term, candidate); a candidate counts no granted vote without a valid one."""
 
     cluster: ClusterName
     term: Term
     granted: bool
     pre: bool
+    proof: Signature | None = None
     v: int = WIRE_VERSION
 
 
@@ -97,9 +109,30 @@ ElectionMessage = VoteRequest | VoteReply | Heartbeat | HeartbeatReply
 _ELECTION_TAGS = frozenset({"vote", "vote_reply", "hb", "hb_reply"})
 
 
+class Vote(msgspec.Struct, forbid_unknown_fields=True, frozen=True, array_like=True):
+    """One voter's signature over (cluster, term, candidate): its vote in that term."""
+
+    voter: PeerId
+    sig: Signature
+
+
+class TermProof(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """That `candidate` won `term` of `cluster`: the signed votes it collected (a majority of
+    the voters, each once; checked by `scheduler.fencing.FenceKeeper`)."""
+
+    cluster: ClusterName
+    term: Term
+    candidate: PeerId
+    votes: Annotated[tuple[Vote, ...], Meta(min_length=1, max_length=MAX_PROOF_VOTES)]
+
+
 class Command(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """A coordinator's command (assign a shard, release it, scale...), fenced by cluster,
-    term and sequence number and signed by the coordinator (`scheduler.fencing`)."""
+    term and sequence number and signed by the coordinator (`scheduler.fencing`).
+
+    `proof` is the coordinator's proof of its term; it is not under the signature (it proves
+    itself) and may be left out once the member has accepted a command of the term, which it
+    remembers (its fence)."""
 
     cluster: ClusterName
     term: Term
@@ -108,6 +141,7 @@ class Command(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     body: Annotated[bytes, Meta(max_length=MAX_COMMAND_BODY)]
     signer: PeerId
     sig: Signature
+    proof: TermProof | None = None
     v: int = WIRE_VERSION
 
 

@@ -8,7 +8,10 @@ voters are the registry's, so that a worker checks a command as strictly as a vo
 
 Workers take no part in the election and get no heartbeats: a new coordinator tells them of
 itself with a fenced `coordinator` command (accepting it records the term's coordinator in
-their fence), and repeats it to workers it could not reach and to workers that join later.
+their fence), and repeats it to members it could not reach and to members that join later.
+It tells the other voters too: a fence learns a term's coordinator only from a command that
+proves the term (`scheduler.fencing`), never from the election's unsigned heartbeats, so
+this proves the term to every member at once rather than with the first real command.
 
 Commands (`command`) are encoded (msgpack, bounded), signed and fenced by the election
 driver; a member that accepts one hands its body to the handler registered for its action
@@ -468,7 +471,8 @@ class ClusterRuntime:
                 log.exception("a member-dead handler failed")
 
     async def _announcer(self, run: _Run) -> None:
-        """As coordinator: tell the workers (who get no heartbeats) of this term."""
+        """As coordinator: tell the members of this term, with its proof (workers get no
+        heartbeats; voters' fences take no coordinator from heartbeats)."""
         while True:
             with trio.move_on_after(self.settings.announce_retry_s):
                 await run.changed.wait()
@@ -478,11 +482,11 @@ class ClusterRuntime:
                 continue
             if driver.core.term != run.announced_term:
                 run.announced_term, run.announced = driver.core.term, set()
-            workers = run.members - run.voters - {self.peer_id} - run.announced
-            if not workers:
+            members = run.members - {self.peer_id} - run.announced
+            if not members:
                 continue
             try:
-                results = await self.command(run.name, ANNOUNCE, {}, to=workers)
+                results = await self.command(run.name, ANNOUNCE, {}, to=members)
             except NotCoordinatorError:
                 continue
             run.announced |= {peer for peer, refused in results.items() if refused is None}

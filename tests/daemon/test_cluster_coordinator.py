@@ -11,14 +11,17 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 
 from daemon.api.client import RPCCallError
 from daemon.cluster import coordinator_wire as wire
 from p2p import codec
+from p2p.identity import NodeIdentity
 from scheduler import election_wire
-from scheduler.fencing import sign_command
+from scheduler.election_wire import TermProof, Vote
+from scheduler.fencing import sign_command, sign_vote
 from tests.daemon.harness import RESOURCES, MemoryCluster, RunningDaemon, inline_threads
 
 pytest.importorskip("torch")
@@ -238,15 +241,12 @@ async def test_forged_commands_and_outsiders_requests_are_refused(autojump_clock
         assert await send(real) is None
         assert await send(real) == "replayed_seq"
         assert sum(target.daemon.clusters.fence.refused.values()) == before + 3
-        # the forger claims a term it never won: the member does not act on it either
+        # the forger claims a term it never won, with no proof of it: the fence refuses it
+        # (test_a_voter_cannot_claim_a_term_it_never_won tries proofs of every kind)
         ahead = sign_command(forger.daemon.ident, CLUSTER, term + 1, 1, wire.ASSIGN, order)
-        await send(ahead)
+        assert await send(ahead) == "no_term_proof"
         await trio.sleep(1)
         assert target.daemon.shards.local_block("evil") is None
-        assert (
-            target.metric("gridmesh_rejected_messages_total", reason="assign_not_the_coordinator")
-            == 1
-        )
         # an outsider (no member of the cluster) asking the coordinator directly
         outsider = await net.add(tmp_path / "outsider", [leader.addr])
         await net.wait_for(net.all_found, 60, "the outsider to be found")
@@ -480,23 +480,79 @@ async def test_members_that_cannot_load_say_so_and_the_block_lands_on_one_that_c
         assert all("no checkpoint" in e["reason"] for e in failed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the fence (scheduler/fencing.py) takes any voter's command for a term above the "
-    "highest seen, though that voter never won the term; the member side does not act on it "
-    "(test above), but the fence's term is raised and the real coordinator's commands are "
-    "then refused as stale",
-)
 async def test_a_voter_cannot_claim_a_term_it_never_won(autojump_clock, tmp_path):
+    """A voter that is not the coordinator (buggy or hostile: it signs with its own node key
+    and talks to the member itself) commands a term above the highest seen, each time with
+    another kind of term proof. All are refused, counted by reason, and move no fence: the
+    real coordinator's next command is still accepted (before term proofs, the first of them
+    was taken, and the coordinator's commands were then refused as stale_term)."""
     async with lab(tmp_path / "net", 3, None) as net:
         leader = await coordinator_agreed(net, 3)
         forger, target = [d for d in net.daemons if d is not leader]
         term = leader.daemon.clusters.coordinator(CLUSTER)[1]
-        ahead = sign_command(forger.daemon.ident, CLUSTER, term + 1, 1, wire.ASSIGN, b"\x80")
-        raw = await forger.daemon.net.request(
-            target.peer_id, election_wire.COMMAND_PROTOCOL, election_wire.encode(ahead)
+        fence = target.daemon.clusters.fence
+        before = fence.state(CLUSTER)
+        assert before.term == term and before.coordinator == leader.peer_id  # announced
+        ahead = term + 1
+        me, real, outsider = forger.daemon.ident, leader.peer_id, NodeIdentity.generate()
+
+        def vote(ident: NodeIdentity, t: int = ahead, candidate: str = forger.peer_id) -> Vote:
+            return Vote(ident.peer_id, sign_vote(ident, CLUSTER, t, candidate))
+
+        real_proof = leader.daemon.clusters.election_driver(CLUSTER).term_proof()
+        assert real_proof is not None and len(real_proof.votes) >= 2
+        attacks = {
+            "no proof": (None, "no_term_proof"),
+            "its own vote only": ((vote(me),), "no_term_proof"),
+            "its own vote and an outsider's": ((vote(me), vote(outsider)), "no_term_proof"),
+            "its own vote twice": ((vote(me), vote(me)), "bad_term_proof"),
+            "a vote in the coordinator's name, signed by the forger": (
+                (vote(me), Vote(real, sign_vote(me, CLUSTER, ahead, forger.peer_id))),
+                "bad_term_proof",
+            ),
+            "votes for another candidate": (
+                (vote(me, candidate=real), Vote(real, sign_vote(me, CLUSTER, ahead, real))),
+                "bad_term_proof",
+            ),
+            "the real coordinator's proof of the current term": (real_proof, "bad_term_proof"),
+        }
+        for seq, (what, (votes, reason)) in enumerate(attacks.items(), start=1):
+            command = sign_command(me, CLUSTER, ahead, seq, wire.ASSIGN, b"\x80")
+            if isinstance(votes, TermProof):
+                proof: TermProof | None = votes
+            else:
+                proof = None if votes is None else TermProof(CLUSTER, ahead, me.peer_id, votes)
+            command = msgspec.structs.replace(command, proof=proof)
+            raw = await forger.daemon.net.request(
+                target.peer_id, election_wire.COMMAND_PROTOCOL, election_wire.encode(command)
+            )
+            assert codec.decode(raw)["refused"] == reason, what
+        assert fence.state(CLUSTER) == before
+        refused = {
+            r: target.metric("gridmesh_cluster_commands_refused_total", reason=r)
+            for r in ("no_term_proof", "bad_term_proof")
+        }
+        assert refused == {"no_term_proof": 3, "bad_term_proof": 4}
+        # a signed vote the forger sends unasked, with a bad signature: dropped and counted
+        bogus = election_wire.VoteReply(CLUSTER, ahead, True, pre=False, proof=b"s" * 64)
+        await forger.daemon.net.request(
+            leader.peer_id, election_wire.ELECTION_PROTOCOL, election_wire.encode(bogus)
         )
-        assert codec.decode(raw)["refused"] is not None
+        assert (
+            leader.metric(
+                "gridmesh_cluster_messages_refused_total",
+                protocol="election",
+                reason="bad_vote_signature",
+            )
+            == 1
+        )
+        # the real coordinator commands on, in its term
+        results = await leader.daemon.clusters.command(
+            CLUSTER, "noop", {}, to=[target.peer_id, forger.peer_id]
+        )
+        assert results == {target.peer_id: None, forger.peer_id: None}
+        assert leader.daemon.clusters.coordinator(CLUSTER) == (real, term)
+        assert not target.stopped.is_set() and not forger.stopped.is_set()
 
 
 async def test_block_deploy_aimed_at_a_cluster_goes_through_its_coordinator(

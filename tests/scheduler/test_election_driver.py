@@ -332,6 +332,7 @@ async def test_one_router_serves_several_clusters(autojump_clock):
     ids = [i.peer_id for i in idents]
     clusters = {"c1": frozenset(ids[:3]), "c2": frozenset(ids[1:])}
     routers = {}
+    by_id = {ident.peer_id: ident for ident in idents}
     for ident in idents:
         net = hub.add_node(ident.peer_id)
         fence = FenceKeeper(MemoryFenceStore(), lambda cluster: clusters.get(cluster, frozenset()))
@@ -345,6 +346,7 @@ async def test_one_router_serves_several_clusters(autojump_clock):
                     name,
                     voters,
                     MemoryElectionStore(),
+                    ident=by_id[peer],
                     rng=random.Random(f"{name} {peer}"),
                 )
                 drivers[name].append(driver)

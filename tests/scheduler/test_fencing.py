@@ -1,37 +1,64 @@
-"""Fencing of coordinator commands: each refusal with its own error and reason, persistence,
-and the registry rule for entries written by coordinators."""
+"""Fencing of coordinator commands: each refusal with its own error and reason, term proofs
+(forged, short, duplicated, foreign, misdirected), persistence, and the registry rule for
+entries written by coordinators."""
 
 from __future__ import annotations
+
+import json
 
 import msgspec
 import pytest
 
 from p2p.identity import NodeIdentity
+from scheduler.election_wire import TermProof, Vote
 from scheduler.fencing import (
     REASONS,
     BadSignature,
+    BadTermProof,
+    FenceFileError,
     FenceKeeper,
     FenceState,
     FileFenceStore,
     MemoryFenceStore,
     NotCoordinator,
+    NoTermProof,
     NotVoter,
     ReplayedSequence,
     StaleTerm,
     entry_wins,
+    make_proof,
     sign_command,
+    sign_vote,
 )
 
-A, B, OUTSIDER = NodeIdentity.generate(), NodeIdentity.generate(), NodeIdentity.generate()
-VOTERS = frozenset({A.peer_id, B.peer_id})
+A, B, C = NodeIdentity.generate(), NodeIdentity.generate(), NodeIdentity.generate()
+D, OUTSIDER = NodeIdentity.generate(), NodeIdentity.generate()
+VOTERS = frozenset({A.peer_id, B.peer_id, C.peer_id})
 
 
-def keeper(store=None) -> FenceKeeper:
-    return FenceKeeper(store or MemoryFenceStore(), lambda cluster: VOTERS)
+def keeper(store=None, voters=VOTERS) -> FenceKeeper:
+    return FenceKeeper(store or MemoryFenceStore(), lambda cluster: voters)
 
 
-def cmd(ident: NodeIdentity, term: int, seq: int, cluster: str = "c1", body: bytes = b"x"):
-    return sign_command(ident, cluster, term, seq, "assign", body)
+def proof(candidate: NodeIdentity, term: int, by=(A, B, C), cluster: str = "c1") -> TermProof:
+    """Votes by `by` for `candidate` in `term`, as the winner assembles them."""
+    votes = {v.peer_id: sign_vote(v, cluster, term, candidate.peer_id) for v in by}
+    return make_proof(cluster, term, candidate.peer_id, votes)
+
+
+def cmd(
+    ident: NodeIdentity,
+    term: int,
+    seq: int,
+    cluster: str = "c1",
+    body: bytes = b"x",
+    with_proof: TermProof | None | bool = True,
+):
+    """A signed command; by default with a proof of its term signed by every voter."""
+    command = sign_command(ident, cluster, term, seq, "assign", body)
+    if with_proof is True:
+        with_proof = proof(ident, term, cluster=cluster)
+    return msgspec.structs.replace(command, proof=with_proof or None)
 
 
 def test_accepts_rising_sequences_and_newer_terms():
@@ -79,10 +106,75 @@ def test_a_term_seen_in_the_election_fences_the_deposed_coordinator():
     k.observe_term("c1", 4)  # B won term 4; A was paused and sends on
     with pytest.raises(StaleTerm):
         k.check(cmd(A, 3, 2))
-    k.observe_term("c1", 4, B.peer_id)
+    assert k.state("c1") == FenceState(4, 0, None)  # the election names no coordinator here
+    with pytest.raises(NoTermProof):
+        k.check(cmd(A, 4, 1, with_proof=False))
+    k.check(cmd(B, 4, 1))  # B proves term 4
     with pytest.raises(NotCoordinator):
-        k.check(cmd(A, 4, 1))
-    k.check(cmd(B, 4, 1))
+        k.check(cmd(A, 4, 2))  # even with a (forged-looking but valid) proof of its own
+
+
+def test_a_proven_term_needs_no_proof_again_and_is_checked_once():
+    k = keeper()
+    k.check(cmd(A, 2, 1))
+    for seq in range(2, 20):
+        k.check(cmd(A, 2, seq, with_proof=seq % 2 == 0))
+    assert k.proofs_checked == 1 and k.accepted == 19
+
+
+def test_a_voter_cannot_command_a_term_it_did_not_win():
+    """What a buggy or hostile voter could send for a term above the highest seen; each
+    refused with its reason and counted, and none moves the fence."""
+    k = keeper()
+    k.check(cmd(B, 3, 1))
+    t = 4
+    forged_vote = Vote(B.peer_id, sign_vote(A, "c1", t, A.peer_id))  # B's name, A's key
+    cases = [
+        (cmd(A, t, 1, with_proof=False), NoTermProof),  # no proof at all
+        (cmd(A, t, 1, with_proof=proof(A, t, by=(A,))), NoTermProof),  # its own vote only
+        (cmd(A, t, 1, with_proof=proof(A, t, by=(A, OUTSIDER, D))), NoTermProof),  # foreign
+        (  # the same voter twice
+            cmd(A, t, 1, with_proof=TermProof("c1", t, A.peer_id, proof(A, t, by=(A,)).votes * 2)),
+            BadTermProof,
+        ),
+        (  # a vote whose signature is not its voter's
+            cmd(
+                A,
+                t,
+                1,
+                with_proof=TermProof("c1", t, A.peer_id, (*proof(A, t, (A,)).votes, forged_vote)),
+            ),
+            BadTermProof,
+        ),
+        (cmd(A, t, 1, with_proof=proof(B, t)), BadTermProof),  # another candidate's proof
+        (cmd(A, t, 1, with_proof=proof(A, t - 1)), BadTermProof),  # another term's
+        (cmd(A, t, 1, with_proof=proof(A, t, cluster="c2")), BadTermProof),  # another cluster's
+        (  # the fields say term t, the votes were signed for term t - 1
+            cmd(A, t, 1, with_proof=TermProof("c1", t, A.peer_id, proof(A, t - 1).votes)),
+            BadTermProof,
+        ),
+    ]
+    for command, error in cases:
+        with pytest.raises(error):
+            k.check(command)
+    assert k.refused == {"no_term_proof": 3, "bad_term_proof": 6}
+    assert k.state("c1") == FenceState(3, 1, B.peer_id)
+    k.check(cmd(B, 3, 2))  # the real coordinator goes on
+
+
+def test_a_majority_of_the_members_own_voters_is_needed():
+    """Proofs are counted against the checking member's voters, which may differ by one from
+    the coordinator's during a change (see scheduler/fencing.py)."""
+    grown = VOTERS | {D.peer_id}  # majority 3
+    k = keeper(voters=grown)
+    with pytest.raises(NoTermProof):
+        k.check(cmd(A, 1, 1, with_proof=proof(A, 1, by=(A, B))))  # a majority of the old 3
+    k.check(cmd(A, 1, 2, with_proof=proof(A, 1, by=(A, B, C))))  # every old voter's vote
+    shrunk = frozenset({A.peer_id, B.peer_id})  # C removed: its vote no longer counts
+    k = keeper(voters=shrunk)
+    with pytest.raises(NoTermProof):
+        k.check(cmd(A, 1, 1, with_proof=proof(A, 1, by=(A, C))))
+    k.check(cmd(A, 1, 2, with_proof=proof(A, 1, by=(A, B, C))))
 
 
 def test_clusters_are_fenced_apart():
@@ -97,6 +189,7 @@ def test_the_fence_survives_a_restart_in_a_file(tmp_path):
     k = keeper(FileFenceStore(path))
     k.check(cmd(A, 7, 3))
     k.observe_term("c2", 2)
+    assert json.loads(path.read_text())["c1"] == {"term": 7, "seq": 3, "coordinator": A.peer_id}
     restarted = keeper(FileFenceStore(path))
     assert restarted.state("c1") == FenceState(7, 3, A.peer_id)
     assert restarted.highest("c2") == 2
@@ -105,6 +198,25 @@ def test_the_fence_survives_a_restart_in_a_file(tmp_path):
     with pytest.raises(StaleTerm):
         restarted.check(cmd(A, 6, 9))
     assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_fence_file_written_before_term_proofs_is_read_and_a_damaged_one_refused(tmp_path):
+    path = tmp_path / "fences.json"
+    path.write_text(json.dumps({"c1": {"term": 5, "seq": 2, "coordinator": B.peer_id}}))
+    assert FileFenceStore(path).load() == {"c1": FenceState(5, 2, B.peer_id)}
+    for damaged in (
+        "{",
+        "[]",
+        '{"c1": {"term": "5", "seq": 2}}',
+        '{"c1": {"term": 5, "seq": 2, "proof": 1}}',
+        '{"c1": {"term": -1, "seq": 0}}',
+        '{"c1": 7}',
+    ):
+        path.write_text(damaged)
+        with pytest.raises(FenceFileError) as info:
+            FileFenceStore(path)
+        assert isinstance(info.value, ValueError)  # the daemon's one-line refusal to start
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
 def test_the_state_is_saved_before_a_command_counts_as_accepted():
