@@ -355,6 +355,50 @@ async def test_bad_commands_and_messages_are_refused_and_counted(autojump_clock)
         nursery.cancel_scope.cancel()
 
 
+async def test_a_voter_that_claims_a_term_by_heartbeat_cannot_command_in_it(autojump_clock):
+    """Heartbeats are unsigned, so a hostile voter can make another voter follow it in a term
+    it never won (a disruption the election has always allowed); the fence, though, learns a
+    term's coordinator only from a proof: its commands in that term are refused, every
+    voter's fence knew the real coordinator from its announcement, and the cluster elects
+    a real one whose commands every member takes."""
+    async with trio.open_nursery() as nursery:
+        hub, membership, nodes = await start(nursery, 3, workers=1)
+        leader = await wait_agreed(nodes, 5.0)
+        term = leader.runtime.coordinator(C)[1]
+
+        def announced() -> bool:
+            return all(
+                n.runtime.fence.state(C).coordinator == leader.peer_id
+                for n in nodes
+                if n is not leader
+            )
+
+        deadline = trio.current_time() + 2.0
+        while not announced():  # voters too: the announcement proves the term to them
+            assert trio.current_time() < deadline, "not every member was told of the term"
+            await trio.sleep(0.01)
+        hostile, target = [n for n in nodes[:3] if n is not leader]
+        net = hub.node(hostile.peer_id)
+        claim = wire.Heartbeat(C, term + 1, 1)
+        await net.request(target.peer_id, wire.ELECTION_PROTOCOL, wire.encode(claim))
+        await trio.sleep(0.01)
+        assert target.runtime.election_driver(C).core.leader == hostile.peer_id
+        assert target.runtime.fence.state(C).term == term + 1
+        assert target.runtime.fence.state(C).coordinator is None  # not from a heartbeat
+        for node in (target, nodes[3]):
+            order = sign_command(hostile.ident, C, term + 1, 1, "assign", codec.encode({}))
+            raw = await net.request(node.peer_id, wire.COMMAND_PROTOCOL, wire.encode(order))
+            assert codec.decode(raw)["refused"] == "no_term_proof"
+            assert node.received == []
+            assert node.runtime.snapshot()["commands_refused"]["no_term_proof"] == 1
+        # the cluster gets a real coordinator again, and its commands reach every member
+        new = await wait_agreed(nodes, 5.0)
+        assert new.runtime.coordinator(C)[1] >= term + 2  # term + 1 is nobody's
+        results = await new.runtime.command(C, "assign", {"n": 1})
+        assert set(results.values()) == {None}
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_cluster_name_longer_than_the_wire_allows_is_left_out(autojump_clock):
     hub = MemoryNetwork(seed=1, latency_s=0.002)
     membership = FakeMembership()

@@ -259,3 +259,20 @@ def test_three_cores_elect_exactly_one_coordinator():
             break
     assert len(leaders) == 1
     assert {c.term for c in cores.values()} == {leaders[0].term}
+
+
+def test_the_signed_votes_that_elected_a_coordinator_are_kept_late_ones_too():
+    c = core("a", frozenset({"a", "b", "c", "d", "e"}))
+    fire(c, 1.5)
+    term = c.term + 1
+    for voter in ("b", "c"):
+        c.receive(voter, VoteReply("c1", term, True, pre=True), 1.5)
+    assert c.role is Role.CANDIDATE and c.vote_proofs == {}
+    c.receive("b", VoteReply("c1", term, True, False, proof=b"sig b"), 1.51)
+    c.receive("c", VoteReply("c1", term, True, False, proof=b"sig c"), 1.52)
+    assert c.role is Role.LEADER and c.vote_proofs == {"b": b"sig b", "c": b"sig c"}
+    c.receive("d", VoteReply("c1", term, True, False, proof=b"sig d"), 1.53)  # late
+    c.receive("e", VoteReply("c1", term - 1, True, False, proof=b"old"), 1.53)  # another term
+    assert c.vote_proofs == {"b": b"sig b", "c": b"sig c", "d": b"sig d"}
+    assert c.step_down(1.6) and c.role is Role.FOLLOWER and c.stats["proof_short"] == 1
+    assert c.vote_proofs == {} and c.step_down(1.7) == []

@@ -26,7 +26,13 @@ from scheduler.election_driver import (
     MemoryElectionStore,
     NotCoordinatorError,
 )
-from scheduler.fencing import FenceKeeper, MemoryFenceStore, sign_command
+from scheduler.fencing import (
+    FenceKeeper,
+    MemoryFenceStore,
+    sign_command,
+    sign_vote,
+    vote_ok,
+)
 
 CLUSTER = "c1"
 
@@ -293,7 +299,7 @@ async def test_a_vote_leaves_only_once_it_is_persisted(autojump_clock):
     store = SlowStore()
     net = hub.add_node(voter_ident.peer_id)
     router = ElectionRouter(net, FenceKeeper(MemoryFenceStore(), lambda c: voters))
-    driver = ElectionDriver(router, CLUSTER, voters, store, rng=random.Random(1))
+    driver = ElectionDriver(router, CLUSTER, voters, store, ident=voter_ident, rng=random.Random(1))
     async with trio.open_nursery() as nursery:
         await nursery.start(driver.run)
         await trio.sleep(1.0)  # past the boot window in which it votes for no one
@@ -305,7 +311,9 @@ async def test_a_vote_leaves_only_once_it_is_persisted(autojump_clock):
         store.gate.set()
         await trio.sleep(0.1)
         assert store.states[CLUSTER] == PersistentState(1, candidate_ident.peer_id)
-        assert [m for _, m in replies] == [wire.VoteReply(CLUSTER, 1, True, pre=False)]
+        [(_, vote)] = replies
+        assert msgspec.structs.replace(vote, proof=None) == wire.VoteReply(CLUSTER, 1, True, False)
+        assert vote_ok(voter_ident.peer_id, CLUSTER, 1, candidate_ident.peer_id, vote.proof)
         assert replies[0][0] >= opened
         nursery.cancel_scope.cancel()
 
@@ -405,4 +413,94 @@ async def test_commands_reach_workers_whose_fences_know_the_voters(autojump_cloc
         assert await leader.driver.send_command(command, to=["worker"]) == {
             "worker": "replayed_seq"
         }
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_vote_counts_only_with_its_voters_signature(autojump_clock):
+    """Granted votes that are unsigned, signed by another key or for another candidate are
+    dropped and counted: a candidate elected by them would have no proof of its term."""
+    hub = FaultyNetwork(seed=1, latency_s=0.005)
+    a, b, c = identities(3)
+    voters = frozenset(i.peer_id for i in (a, b, c))
+    net = hub.add_node(a.peer_id)
+    router = ElectionRouter(net, FenceKeeper(MemoryFenceStore(), lambda cl: voters))
+    driver = ElectionDriver(router, CLUSTER, voters, MemoryElectionStore(), ident=a)
+    b_net = hub.add_node(b.peer_id)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(driver.run)
+        for proof in (
+            None,
+            sign_vote(c, CLUSTER, 1, a.peer_id),  # c's key, sent by b
+            sign_vote(b, CLUSTER, 1, c.peer_id),  # b's vote for c
+            sign_vote(b, CLUSTER, 2, a.peer_id),  # for another term
+            b"\x00" * 64,
+        ):
+            reply = wire.VoteReply(CLUSTER, 1, True, pre=False, proof=proof)
+            await b_net.request(a.peer_id, wire.ELECTION_PROTOCOL, wire.encode(reply))
+        assert router.stats["election_unsigned_vote"] == 1
+        assert router.stats["election_bad_vote_signature"] == 4
+        assert driver.stats["received"] == 0
+        good = wire.VoteReply(CLUSTER, 1, True, False, sign_vote(b, CLUSTER, 1, a.peer_id))
+        await b_net.request(a.peer_id, wire.ELECTION_PROTOCOL, wire.encode(good))
+        await trio.sleep(0.01)
+        assert driver.stats["received"] == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_commands_carry_the_terms_proof_until_the_member_has_it(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        hub, nodes = await cluster(nursery)
+        leader = await wait_agreed(nodes)
+        term = leader.driver.core.term
+        proof = leader.driver.term_proof()
+        assert proof is not None and (proof.cluster, proof.term, proof.candidate) == (
+            CLUSTER,
+            term,
+            leader.peer_id,
+        )
+        assert len({v.voter for v in proof.votes}) >= 2 and leader.peer_id in {
+            v.voter for v in proof.votes
+        }
+        assert all(vote_ok(v.voter, CLUSTER, term, leader.peer_id, v.sig) for v in proof.votes)
+        follower = next(n for n in nodes if n is not leader)
+        assert follower.driver.term_proof() is None
+        worker_net = hub.add_node("worker")
+        got: list[wire.Command] = []
+        fence = FenceKeeper(MemoryFenceStore(), lambda cl: nodes[0].voters)
+        worker = ElectionRouter(worker_net, fence, on_command=got.append)
+        for body in (b"one", b"two"):
+            command = leader.driver.sign_next_command("assign", body)
+            assert command.proof == leader.driver.term_proof()
+            assert await leader.driver.send_command(command, to=["worker"]) == {"worker": None}
+        assert [c.proof is not None for c in got] == [True, False]  # the member has it
+        assert fence.proofs_checked == 1
+        # the member lost its fence (a store in memory, restarted): asked, the proof again
+        worker.fence = FenceKeeper(MemoryFenceStore(), lambda cl: nodes[0].voters)
+        command = leader.driver.sign_next_command("assign", b"three")
+        assert await leader.driver.send_command(command, to=["worker"]) == {"worker": None}
+        assert leader.driver.stats["proof_resent"] == 1 and got[-1].proof is not None
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_coordinator_whose_proof_falls_short_after_a_voter_change_steps_down(
+    autojump_clock,
+):
+    """A cluster of one proves its terms with its own vote; a second voter makes that one
+    vote of two, short of a majority: it steps down and the two elect one with both votes."""
+    hub = FaultyNetwork(seed=3, latency_s=0.005)
+    first, second = identities(2)
+    async with trio.open_nursery() as nursery:
+        a = Node(hub, first, frozenset({first.peer_id}))
+        await nursery.start(a.run)
+        assert await wait_agreed([a]) is a
+        assert [v.voter for v in a.driver.term_proof().votes] == [a.peer_id]
+        both = frozenset({first.peer_id, second.peer_id})
+        a.voters = both
+        a.driver.set_voters(both)
+        assert a.driver.core.role is Role.FOLLOWER
+        assert a.driver.stats["proof_short"] == 1
+        b = Node(hub, second, both)
+        await nursery.start(b.run)
+        leader = await wait_agreed([a, b], limit_s=5.0)
+        assert {v.voter for v in leader.driver.term_proof().votes} == both
         nursery.cancel_scope.cancel()
