@@ -7,10 +7,16 @@ coordinator had signed a command just before and sends it on waking), crashes an
 with the persisted term, vote and fences kept, and clock skew (each node's clock runs at a
 rate off by up to ±5 % from an offset up to ±5 s, for the whole run).
 
+A member that is not the coordinator now and then also forges: it signs a command for the
+term above its own with a proof made of its own vote only (what a buggy or hostile voter
+could send) and sends it to every other member.
+
 Checked after every step of every core (the driver's observer):
 - at most one coordinator per term (over the whole run, restarts included);
 - no member accepts a command from a term lower than one it has seen (tracked here, apart
   from the FenceKeeper's own state);
+- no member accepts a command from anyone but the coordinator elected in its term (the
+  forgeries above, and any other command, need a proof of the term);
 - no two members hold a coordinator's lease at the same moment.
 Checked at the end: within `CONVERGE_S` of virtual time after the faults stop, exactly one
 coordinator, known to every member. Then the coordinator is killed and the failover timed
@@ -23,14 +29,17 @@ runs that schedule again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 from dataclasses import dataclass, field
 
+import msgspec
 import trio
 import trio.testing
 
 from p2p.identity import NodeIdentity
+from p2p.network import NetworkError
 from p2p.testing.faults import FaultyNetwork, SkewedClock
 from scheduler.election import ElectionSettings, Role
 from scheduler.election_driver import (
@@ -39,8 +48,8 @@ from scheduler.election_driver import (
     MemoryElectionStore,
     NotCoordinatorError,
 )
-from scheduler.election_wire import Command
-from scheduler.fencing import FenceKeeper, MemoryFenceStore
+from scheduler.election_wire import COMMAND_PROTOCOL, Command, TermProof, Vote, encode
+from scheduler.fencing import FenceKeeper, MemoryFenceStore, sign_command, sign_vote
 
 CLUSTER = "nemesis"
 SETTINGS = ElectionSettings()
@@ -49,6 +58,7 @@ CONVERGE_S = 3.0  # the Done-means bound after the faults stop
 FAILOVER_LIMIT_S = 10.0  # how long a failover is waited for before it counts as failed
 QUIET_S = 3.0  # the quiet cluster's messages are counted over this long
 COMMAND_EVERY_S = 0.25  # a coordinator's command rate
+FORGE_P = 0.1  # the chance that a member that is not the coordinator forges, every COMMAND_EVERY_S
 LATENCY_S = 0.005
 # the same keys in every schedule and process, so that a seed replays the same run
 _IDENTS = [
@@ -93,6 +103,7 @@ class Result:
     quiet_msgs_per_member_s: float = 0.0
     commands_refused_stale: int = 0
     zombies_sent: int = 0
+    forgeries_sent: int = 0
     elections: int = 0
     violations: list[str] = field(default_factory=list)
 
@@ -117,6 +128,12 @@ class CheckedFenceKeeper(FenceKeeper):
                 f"member {self.member.index} accepted a command of term {cmd.term} "
                 f"after seeing term {seen}"
             )
+        winner = self.sim.leaders_by_term.get(cmd.term)
+        if winner != cmd.signer:
+            self.sim.violate(
+                f"member {self.member.index} accepted a command of term {cmd.term} from "
+                f"{cmd.signer[-8:]}, which did not win it (the winner: {str(winner)[-8:]})"
+            )
         self.member.max_term_seen = max(seen, cmd.term)
 
 
@@ -137,6 +154,8 @@ class Sim:
         ]
         self.voter_ids = frozenset(m.peer_id for m in self.members)
         self.leaders_by_term: dict[int, str] = {}
+        # its own generator: forging does not change the draws of the fault schedule
+        self.forge_rng = random.Random(f"forge {seed}")
         self.result = Result(seed, size)
         self.nursery: trio.Nursery | None = None
 
@@ -198,8 +217,25 @@ class Sim:
             try:
                 command = driver.sign_next_command("assign", b"shard")
             except NotCoordinatorError:
+                if self.forge_rng.random() < FORGE_P:
+                    self.nursery.start_soon(self._forge, member, driver)
                 continue
             self.nursery.start_soon(self._send_command, driver, command)
+
+    async def _forge(self, member: Member, driver: ElectionDriver) -> None:
+        """Claim the next term with nothing but this member's own vote."""
+        term = driver.core.term + 1
+        vote = Vote(member.peer_id, sign_vote(member.ident, CLUSTER, term, member.peer_id))
+        command = sign_command(member.ident, CLUSTER, term, 1, "assign", b"forged")
+        proof = TermProof(CLUSTER, term, member.peer_id, (vote,))
+        payload = encode(msgspec.structs.replace(command, proof=proof))
+        self.result.forgeries_sent += 1
+        for other in self.members:
+            if other is not member:
+                with contextlib.suppress(NetworkError):
+                    await driver.router.net.request(
+                        other.peer_id, COMMAND_PROTOCOL, payload, timeout_s=1.0
+                    )
 
     async def _send_command(self, driver: ElectionDriver, command: Command) -> None:
         results = await driver.send_command(command)

@@ -63,3 +63,14 @@ def test_the_nemesis_catches_a_stale_command_accepted(monkeypatch):
     monkeypatch.setattr(fencing.FenceKeeper, "_check", no_stale_check)
     caught = [run_schedule(seed, 3) for seed in range(FIRST_SEED, FIRST_SEED + 20)]
     assert any("accepted a command of term" in v for r in caught for v in r.violations)
+
+
+def test_the_nemesis_catches_a_forged_term_accepted(monkeypatch):
+    """The term-proof check is real: a keeper that takes any proof lets a forger's command in
+    (the members that are not the coordinator forge claims of the next term)."""
+    from scheduler import fencing
+
+    monkeypatch.setattr(fencing.FenceKeeper, "_prove", lambda self, cmd, voters: None)
+    caught = [run_schedule(seed, 3) for seed in range(FIRST_SEED, FIRST_SEED + 5)]
+    assert any("which did not win it" in v for r in caught for v in r.violations)
+    assert all(r.forgeries_sent > 0 for r in caught)
