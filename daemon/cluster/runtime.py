@@ -193,7 +193,8 @@ class ClusterRuntime:
         return None if run is None else run.election
 
     def coordinator(self, cluster: str) -> tuple[str | None, int]:
-        """(the coordinator's peer id, its term) as known here; (None, term) when none is."""
+        """(the coordinator's peer id, its term) as known here; (None, term) when none is.
+        Another node is named only once it proved its term to this node's fence."""
         run = self._runs.get(cluster)
         if run is None:
             return None, self.fence.highest(cluster)
@@ -203,6 +204,14 @@ class ClusterRuntime:
             leader, term = core.leader, core.term
             if leader == self.peer_id and not driver.is_coordinator():
                 return None, term  # the lease ran out; the core steps down on its tick
+            fence = self.fence.state(cluster)
+            if leader not in (None, self.peer_id) and (fence.term, fence.coordinator) != (
+                term,
+                leader,
+            ):
+                # heard of by heartbeat (unsigned) only: named once it proved its term here
+                # (its announcement), so no voter names one that could not command it
+                leader = None
         else:  # a worker: the coordinator that last told it of itself
             fence = self.fence.state(cluster)
             leader, term = fence.coordinator, fence.term

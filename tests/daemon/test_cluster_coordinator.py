@@ -492,7 +492,8 @@ async def test_a_voter_cannot_claim_a_term_it_never_won(autojump_clock, tmp_path
         term = leader.daemon.clusters.coordinator(CLUSTER)[1]
         fence = target.daemon.clusters.fence
         before = fence.state(CLUSTER)
-        assert before.term == term and before.coordinator == leader.peer_id  # announced
+        # named by the member only once proven to its fence (the coordinator's announcement)
+        assert before.term == term and before.coordinator == leader.peer_id
         ahead = term + 1
         me, real, outsider = forger.daemon.ident, leader.peer_id, NodeIdentity.generate()
 

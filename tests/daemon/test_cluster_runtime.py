@@ -385,6 +385,7 @@ async def test_a_voter_that_claims_a_term_by_heartbeat_cannot_command_in_it(auto
         assert target.runtime.election_driver(C).core.leader == hostile.peer_id
         assert target.runtime.fence.state(C).term == term + 1
         assert target.runtime.fence.state(C).coordinator is None  # not from a heartbeat
+        assert target.runtime.coordinator(C) == (None, term + 1)  # nor named by the runtime
         for node in (target, nodes[3]):
             order = sign_command(hostile.ident, C, term + 1, 1, "assign", codec.encode({}))
             raw = await net.request(node.peer_id, wire.COMMAND_PROTOCOL, wire.encode(order))
