@@ -37,7 +37,7 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 import msgspec
 import trio
@@ -116,8 +116,21 @@ class MemoryElectionStore:
         await trio.lowlevel.checkpoint()
 
 
+class ElectionFileError(ValueError):
+    """An election file this version cannot read."""
+
+
+class _StoredVote(msgspec.Struct, forbid_unknown_fields=True):
+    term: Annotated[int, msgspec.Meta(ge=0)]
+    voted_for: str | None = None
+
+
 class FileElectionStore:
-    """Every cluster's term and vote in one JSON file, replaced atomically (fsynced)."""
+    """Every cluster's term and vote in one JSON file, replaced atomically (fsynced).
+
+    The format ({cluster: {term, voted_for}}) is the same since the first version; anything
+    else is an ElectionFileError (one line): a node must not start with its votes forgotten,
+    or it could vote twice in a term."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -125,9 +138,17 @@ class FileElectionStore:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
             raw = {}
-        self._states = {
-            name: PersistentState(int(s["term"]), s.get("voted_for")) for name, s in raw.items()
-        }
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ElectionFileError(f"{path}: not an election file ({exc})") from None
+        if not isinstance(raw, dict):
+            raise ElectionFileError(f"{path}: not an election file (not a JSON object)")
+        self._states = {}
+        for name, fields in raw.items():
+            try:
+                stored = msgspec.convert(fields, _StoredVote, strict=True)
+            except msgspec.ValidationError as exc:
+                raise ElectionFileError(f"{path}: cluster {name[:64]!r}: {exc}") from None
+            self._states[name] = PersistentState(stored.term, stored.voted_for)
 
     def load(self, cluster: str) -> PersistentState | None:
         return self._states.get(cluster)

@@ -21,6 +21,7 @@ from scheduler import election_wire as wire
 from scheduler.election import PersistentState, Role
 from scheduler.election_driver import (
     ElectionDriver,
+    ElectionFileError,
     ElectionRouter,
     FileElectionStore,
     MemoryElectionStore,
@@ -269,6 +270,30 @@ async def test_the_file_store_keeps_term_and_vote(tmp_path):
     assert again.load("c2") == PersistentState(1, None)
     assert again.load("c3") is None
     assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_an_election_file_of_before_term_proofs_is_read_and_a_damaged_one_refused(tmp_path):
+    path = tmp_path / "election.json"
+    path.write_text(
+        '{"c1": {"term": 4, "voted_for": "peer-a"}, "c2": {"term": 1, "voted_for": null}}'
+    )
+    again = FileElectionStore(path)
+    assert again.load("c1") == PersistentState(4, "peer-a")
+    assert again.load("c2") == PersistentState(1, None)
+    for damaged in (
+        "{",
+        "[]",
+        '{"c1": 5}',
+        '{"c1": {"term": "4"}}',
+        '{"c1": {"term": -1}}',
+        '{"c1": {"term": 1, "voted_for": 7}}',
+        '{"c1": {}}',
+    ):
+        path.write_text(damaged)
+        with pytest.raises(ElectionFileError) as info:
+            FileElectionStore(path)
+        assert isinstance(info.value, ValueError)  # the daemon's one-line refusal to start
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
 async def test_a_vote_leaves_only_once_it_is_persisted(autojump_clock):
