@@ -98,6 +98,17 @@ class FakeDaemon:
         os.close(self.lock)
 
 
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch):
+    """The CLI's rich console is made once per process, its width fixed then (COLUMNS or 80):
+    another test file may have made it before this one's `env={"COLUMNS": ...}` could count."""
+    from rich.console import Console
+
+    from daemon.cli import render
+
+    monkeypatch.setattr(render, "console", Console(width=220))
+
+
 @pytest.fixture
 def fake(tmp_path):
     daemon = FakeDaemon(tmp_path)
