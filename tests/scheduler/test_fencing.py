@@ -8,6 +8,8 @@ import json
 
 import msgspec
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from p2p.identity import NodeIdentity
 from scheduler.election_wire import TermProof, Vote
@@ -237,3 +239,68 @@ def test_entries_from_a_lower_term_never_override_a_higher_one():
     assert entry_wins(5, 5, otherwise=False) is False
     assert entry_wins(None, 5, otherwise=True) is True
     assert entry_wins(3, None, otherwise=False) is False
+
+
+_SIGS: dict[tuple[str, str, int, str, str], bytes] = {}
+
+
+def _sig(key: NodeIdentity, cluster: str, term: int, candidate: str) -> bytes:
+    at = (key.peer_id, cluster, term, candidate, "")
+    if at not in _SIGS:
+        _SIGS[at] = sign_vote(key, cluster, term, candidate)
+    return _SIGS[at]
+
+
+KINDS = ("valid", "other_term", "other_candidate", "other_key", "garbage")
+vote_specs = st.lists(
+    st.tuples(st.sampled_from([A, B, C, D]), st.sampled_from(KINDS)), min_size=0, max_size=6
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    candidate=st.sampled_from([A, B, C]),
+    fields=st.tuples(st.sampled_from(["c1", "c2"]), st.sampled_from([5, 4]), st.booleans()),
+    specs=vote_specs,
+)
+def test_a_proof_is_taken_exactly_when_a_majority_of_distinct_voters_signed_it(
+    candidate, fields, specs
+):
+    """Random proofs (votes by voters and an outsider, valid or signed for another term,
+    candidate or by another key, duplicates, misdirected fields) against an oracle."""
+    cluster, term, for_candidate = fields
+    named = candidate if for_candidate else (B if candidate is not B else C)
+    votes = []
+    for voter, kind in specs:
+        signed_term, signed_for, key = 5, candidate.peer_id, voter
+        if kind == "other_term":
+            signed_term = 6
+        elif kind == "other_candidate":
+            signed_for = D.peer_id
+        elif kind == "other_key":
+            key = OUTSIDER
+        sig = b"\x00" * 64 if kind == "garbage" else _sig(key, "c1", signed_term, signed_for)
+        votes.append(Vote(voter.peer_id, sig))
+    command = cmd(candidate, 5, 1, with_proof=False)
+    command = msgspec.structs.replace(
+        command, proof=TermProof(cluster, term, named.peer_id, tuple(votes))
+    )
+    counted = [(v, k) for v, k in specs if v is not D]
+    if (cluster, term, for_candidate) != ("c1", 5, True) or len(
+        {v.peer_id for v, _ in specs}
+    ) < len(specs):
+        expected = "bad_term_proof"
+    elif len(counted) < 2:
+        expected = "no_term_proof"
+    elif any(k != "valid" for _, k in counted):
+        expected = "bad_term_proof"
+    else:
+        expected = None
+    k = keeper()
+    try:
+        k.check(command)
+        got = None
+    except (NoTermProof, BadTermProof) as exc:
+        got = exc.reason
+        assert k.highest("c1") == 0
+    assert got == expected, (specs, fields)
