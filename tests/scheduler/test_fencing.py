@@ -286,9 +286,9 @@ def test_a_proof_is_taken_exactly_when_a_majority_of_distinct_voters_signed_it(
         command, proof=TermProof(cluster, term, named.peer_id, tuple(votes))
     )
     counted = [(v, k) for v, k in specs if v is not D]
-    if (cluster, term, for_candidate) != ("c1", 5, True) or len(
-        {v.peer_id for v, _ in specs}
-    ) < len(specs):
+    misdirected = (cluster, term, for_candidate) != ("c1", 5, True)
+    duplicated = len({v.peer_id for v, _ in specs}) < len(specs)
+    if misdirected or duplicated:
         expected = "bad_term_proof"
     elif len(counted) < 2:
         expected = "no_term_proof"
