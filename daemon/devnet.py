@@ -65,8 +65,14 @@ class DaemonProcess:
         extra_args: list[str] | None = None,
         log_path: Path | None = None,
         env: dict[str, str] | None = None,
+        listen: str = "/ip4/127.0.0.1/tcp/0",
+        prefix: list[str] | None = None,
     ) -> None:
+        """`prefix`: a command the daemon's command line is run under (e.g. `ip netns exec
+        NAME`, which execs it: the child's pid stays the daemon's)."""
         self.home = home
+        self.listen = listen
+        self.prefix = prefix or []
         self.env = env or {}  # on top of this process's environment
         self.config = config
         self.bootstrap = bootstrap or []
@@ -79,6 +85,7 @@ class DaemonProcess:
         self.home.mkdir(parents=True, exist_ok=True)
         (self.home / DAEMON_FILE).unlink(missing_ok=True)
         args = [
+            *self.prefix,
             sys.executable,
             "-m",
             "daemon.cli.main",
@@ -88,7 +95,7 @@ class DaemonProcess:
             "--config",
             str(self.config),
             "--listen",
-            "/ip4/127.0.0.1/tcp/0",
+            self.listen,
             "--rpc-port",
             "0",
             *[arg for addr in self.bootstrap for arg in ("--bootstrap", addr)],
