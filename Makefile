@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/chain.py
 	$(BIN)/python bench/swim.py
 	$(BIN)/python bench/election_nemesis.py
+	$(BIN)/python bench/cluster.py --procs 5
 
 # the import check: no import circle, DESIGN.md's layering, no production use of the testing kit
 deps: $(STAMP)

@@ -19,9 +19,15 @@ wall-clock time until every survivor's `cluster_coordinator` names the same new 
 every 20 ms over HTTP, so a few tens of ms are polling), and until every survivor's /metrics
 counts a dead member; the killed daemon is restarted between trials. Wall time on a shared
 machine includes its scheduling. Do not run it during a timing window of another benchmark.
+Then, where network namespaces can be made (root and iproute2: tests/daemon/netns.py), the
+quiet cost of a real cluster: N daemons each in its own namespace on one bridge, the packets
+and bytes each sends on its link per second over `--proc-quiet` s before they form a cluster
+(republishing, registry sync, pings) and again once they have formed one (all voters) and
+settled; the difference is the cluster's own traffic (SWIM, heartbeats; TCP packets, which
+are not messages one for one: a request is a yamux stream of several frames, and its ACKs).
 
 usage: python bench/cluster.py [--sizes 3 5 7] [--trials 50] [--quiet 10] [--seed 1]
-       [--procs 5] [--proc-trials 5]        (`--sizes` with no size: no simulation)
+       [--procs 5] [--proc-trials 20] [--proc-quiet 10]   (`--sizes` with no size: no simulation)
 """
 
 from __future__ import annotations
@@ -221,16 +227,20 @@ def simulate(args: argparse.Namespace) -> None:
         )
 
 
+BENCH_CONFIG = (
+    'network_id = "clusterbench"\n[p2p]\nlisten = ["/ip4/127.0.0.1/tcp/0"]\n'
+    "reconnect_min_s = 0.2\nreconnect_max_s = 2.0\nping_interval_s = 1.0\n"
+    "dht_timeout_s = 2.0\n[rpc]\nport = 0\n[resources]\npublish_interval_s = 1.0\n"
+    "record_validity_s = 4.0\nmax_clock_skew_s = 5.0\n[registry]\nsync_interval_s = 0.5\n"
+    "sync_timeout_s = 1.0\n[grpc]\nenabled = false\n"
+)
+
+
 def real_daemons(args: argparse.Namespace) -> None:
+    from daemon.api.client import DaemonUnreachable, RPCCallError
     from daemon.devnet import Devnet, wait_for
 
-    config = (
-        'network_id = "clusterbench"\n[p2p]\nlisten = ["/ip4/127.0.0.1/tcp/0"]\n'
-        "reconnect_min_s = 0.2\nreconnect_max_s = 2.0\nping_interval_s = 1.0\n"
-        "dht_timeout_s = 2.0\n[rpc]\nport = 0\n[resources]\npublish_interval_s = 1.0\n"
-        "record_validity_s = 4.0\nmax_clock_skew_s = 5.0\n[registry]\nsync_interval_s = 0.5\n"
-        "sync_timeout_s = 1.0\n[grpc]\nenabled = false\n"
-    )
+    config = BENCH_CONFIG
     with tempfile.TemporaryDirectory(prefix="gridmesh-cluster-bench-") as root:
         path = Path(root) / "bench.toml"
         path.write_text(config)
@@ -257,7 +267,10 @@ def real_daemons(args: argparse.Namespace) -> None:
                 )
 
             def agreed(group: list[Any]) -> str | None:
-                views = [d.call("cluster_coordinator", {"name": C}, timeout=5) for d in group]
+                try:
+                    views = [d.call("cluster_coordinator", {"name": C}, timeout=5) for d in group]
+                except (DaemonUnreachable, RPCCallError, OSError):  # one restarting
+                    return None
                 leaders = [v for v in views if v["coordinating"]]
                 if len(leaders) != 1:
                     return None
@@ -299,6 +312,89 @@ def real_daemons(args: argparse.Namespace) -> None:
             )
 
 
+def _link_counters(netns_name: str) -> tuple[int, int]:
+    """(packets, bytes) sent on the namespace's eth0 so far."""
+    import json
+    import subprocess
+
+    out = subprocess.run(
+        ["ip", "-s", "-j", "-n", netns_name, "link", "show", "eth0"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=20,
+    ).stdout
+    tx = json.loads(out)[0]["stats64"]["tx"]
+    return int(tx["packets"]), int(tx["bytes"])
+
+
+def _sent_rates(lan: Any, seconds: float) -> tuple[float, float]:
+    """Packets and bytes per member per second sent over `seconds` of wall time."""
+    before = [_link_counters(name) for name in lan.nodes]
+    started = time.monotonic()
+    time.sleep(seconds)
+    after = [_link_counters(name) for name in lan.nodes]
+    per = len(lan.nodes) * (time.monotonic() - started)
+    packets = sum(a[0] - b[0] for a, b in zip(after, before, strict=True)) / per
+    sent = sum(a[1] - b[1] for a, b in zip(after, before, strict=True)) / per
+    return packets, sent
+
+
+def quiet_real(args: argparse.Namespace) -> None:
+    """The quiet cost of a real cluster, measured on each daemon's own link (namespaces)."""
+    from daemon.devnet import all_found, wait_for
+    from tests.daemon import netns
+    from tests.daemon.cluster_procs import agreed, form_cluster
+
+    why = netns.unavailable()
+    if why is not None:
+        print(f"\nquiet real cluster: not measured ({why})")
+        return
+    with tempfile.TemporaryDirectory(prefix="gridmesh-cluster-quiet-") as root:
+        path = Path(root) / "bench.toml"
+        path.write_text(BENCH_CONFIG)
+        daemons: list[Any] = []
+        with netns.Lan(args.procs) as lan:
+            try:
+                for index in range(args.procs):
+                    daemon = netns.NetnsDaemon(
+                        Path(root) / f"node{index}",
+                        lan.nodes[index],
+                        lan.addr(index),
+                        config=path,
+                        bootstrap=[daemons[-1].addr] if daemons else [],
+                    )
+                    daemons.append(daemon)
+                    daemon.start()
+                wait_for(lambda: all_found(daemons), 60, "every daemon to find all", poll_s=0.2)
+                time.sleep(SETTLE_S)
+                without = _sent_rates(lan, args.proc_quiet)
+                form_cluster(daemons, C, voters=args.procs)
+                wait_for(lambda: agreed(daemons, C), 60, "a coordinator known to all")
+                time.sleep(SETTLE_S)
+                term = agreed(daemons, C)
+                within = _sent_rates(lan, args.proc_quiet)
+                still = agreed(daemons, C)
+            finally:
+                for daemon in daemons:
+                    daemon.stop()
+    print(
+        f"\n{args.procs} real daemons, each in a network namespace: sent on its link per "
+        f"member per second, {args.proc_quiet:g} s each (wall time)"
+    )
+    header = f"{'':>24} | {'packets/s':>9} | {'bytes/s':>9}"
+    print(header)
+    print("-" * len(header))
+    print(f"{'no cluster':>24} | {without[0]:>9.1f} | {without[1]:>9.0f}")
+    print(f"{'one quiet cluster':>24} | {within[0]:>9.1f} | {within[1]:>9.0f}")
+    print(
+        f"{'the cluster adds':>24} | {within[0] - without[0]:>9.1f} | "
+        f"{within[1] - without[1]:>9.0f}"
+    )
+    steady = "the same coordinator throughout" if term == still else f"{term} then {still}"
+    print(f"(coordinator and term: {steady})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="*", default=[3, 5, 7])
@@ -306,12 +402,14 @@ def main() -> None:
     parser.add_argument("--quiet", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--procs", type=int, default=0, help="also N real daemons (e.g. 5)")
-    parser.add_argument("--proc-trials", type=int, default=5)
+    parser.add_argument("--proc-trials", type=int, default=20)
+    parser.add_argument("--proc-quiet", type=float, default=10.0)
     args = parser.parse_args()
     if args.sizes:
         simulate(args)
     if args.procs:
         real_daemons(args)
+        quiet_real(args)
 
 
 if __name__ == "__main__":
