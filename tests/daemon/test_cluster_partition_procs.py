@@ -20,6 +20,7 @@ pytestmark = pytest.mark.procs
 
 C = "split"
 SIZE = 5
+WON = "gridmesh_cluster_elections_won_total"
 WATCH_S = 3.0  # the minority is watched this long: over twice the longest election timeout
 
 
@@ -54,6 +55,7 @@ def test_a_cut_off_minority_elects_nobody_and_the_majority_keeps_a_coordinator(
         minority = [leader, (leader + 1) % SIZE]
         majority = [d for i, d in enumerate(daemons) if i not in minority]
         cut_off = [daemons[i] for i in minority]
+        won = {d.peer_id: d.metric(WON, cluster=C) for d in cut_off}
         lan.partition(minority)
         cut = time.monotonic()
         new_id, new_term = wait_for(
@@ -74,6 +76,7 @@ def test_a_cut_off_minority_elects_nobody_and_the_majority_keeps_a_coordinator(
             samples += 1
         for daemon in cut_off:
             assert daemon.metric("gridmesh_cluster_coordinating", cluster=C) == 0
+            assert daemon.metric(WON, cluster=C) == won[daemon.peer_id], "won while cut off"
         kept = agreed(majority, C)
         assert kept is not None and kept[0] in {d.peer_id for d in majority}, views(majority, C)
         lan.heal()
