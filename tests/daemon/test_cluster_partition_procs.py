@@ -59,7 +59,7 @@ def test_a_cut_off_minority_elects_nobody_and_the_majority_keeps_a_coordinator(
         lan.partition(minority)
         cut = time.monotonic()
         new_id, new_term = wait_for(
-            lambda: agreed(majority, C), 30, "the majority to elect a coordinator", poll_s=0.05
+            lambda: agreed(majority, C), 30, "the majority to elect a coordinator", poll_s=0.1
         )
         elapsed_s = time.monotonic() - cut
         assert new_id in {d.peer_id for d in majority} and new_term > term
@@ -74,6 +74,8 @@ def test_a_cut_off_minority_elects_nobody_and_the_majority_keeps_a_coordinator(
                 assert not view["coordinating"], view
                 assert view["coordinator"] is None or view["term"] <= term, view
             samples += 1
+            # a look every 0.1 s: an observer that does not load the daemons it watches
+            time.sleep(max(0.0, min(0.1, watch_until - time.monotonic())))
         for daemon in cut_off:
             assert daemon.metric("gridmesh_cluster_coordinating", cluster=C) == 0
             assert daemon.metric(WON, cluster=C) == won[daemon.peer_id], "won while cut off"
@@ -82,7 +84,7 @@ def test_a_cut_off_minority_elects_nobody_and_the_majority_keeps_a_coordinator(
         lan.heal()
         healed = time.monotonic()
         final = wait_for(
-            lambda: agreed(daemons, C), 60, "one coordinator known to all five", poll_s=0.05
+            lambda: agreed(daemons, C), 60, "one coordinator known to all five", poll_s=0.1
         )
         converged_s = time.monotonic() - healed
         print(
