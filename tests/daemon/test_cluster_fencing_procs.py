@@ -41,7 +41,7 @@ async def until(condition: Callable[[], Any], timeout_s: float, what: str) -> An
             return result
         if trio.current_time() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await trio.sleep(0.05)
+        await trio.sleep(0.1)
 
 
 def _logs(daemons: list[DaemonProcess]) -> str:
