@@ -423,9 +423,13 @@ def deploy_through_cluster(
         raise DevnetError(f"the deploy through {CLUSTER!r} failed: {result}")
     served = sorted(result["servers"], key=lambda s: s["start"])
     where = ", ".join(f"{names.get(s['peer_id'], '?')}[{s['start']},{s['end']})" for s in served)
+    leader, term = result.get("coordinator"), result.get("term")
+    if leader is None:  # the answer came while its lease was being renewed (a loaded machine)
+        agreed = wait_for(lambda: agreed_coordinator(daemons), 30, "one coordinator known to all")
+        leader, term = agreed["coordinator"], agreed["term"]
     print(
         f"deployed through cluster {CLUSTER!r}: coordinator "
-        f"{names.get(result['coordinator'], '?')} (term {result['term']}) placed {where}"
+        f"{names.get(leader, '?')} (term {term}) placed {where}"
     )
     for line in result.get("events", [])[-3:]:
         print(f"  coordinator: {line.get('action')} {line.get('reason')}")
