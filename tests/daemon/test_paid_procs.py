@@ -6,6 +6,7 @@ acknowledged and nothing more."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,15 @@ def _earnings(home: Path) -> dict[str, dict[str, Any]]:
     from daemon.payments.store import earnings
 
     return {row["job_id"]: row for row in earnings(home)}
+
+
+def _acknowledged(home: Path, job: str) -> int:
+    """What the provider's store holds acknowledged for `job` (0 while its writer holds the
+    database)."""
+    try:
+        return int(_earnings(home).get(job, {}).get("acknowledged") or 0)
+    except sqlite3.OperationalError:
+        return 0
 
 
 def _route(net: Devnet, client: Any, gen: str) -> list[dict[str, Any]]:
@@ -166,6 +176,9 @@ def test_a_provider_killed_mid_job_is_paid_what_it_holds_acknowledged(
         wait_for(
             lambda: client.call("generate_poll", {"job": gen})["n_tokens"] >= 5, 30, "5 tokens"
         )
+        # the voucher acknowledging its receipts comes back asynchronously: on a loaded
+        # machine 5 tokens may pass before the first one is stored
+        wait_for(lambda: _acknowledged(victim.home, job) > 0, 30, "a stored acknowledgement")
         victim.kill()
         state = wait_for(
             lambda: (s := client.call("generate_poll", {"job": gen}))["done"] and s, 90, "the end"
