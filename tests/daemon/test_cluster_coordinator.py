@@ -517,6 +517,15 @@ async def test_a_voter_cannot_claim_a_term_it_never_won(autojump_clock, tmp_path
             ),
             "the real coordinator's proof of the current term": (real_proof, "bad_term_proof"),
         }
+        reasons = ("no_term_proof", "bad_term_proof")
+
+        def refusals() -> dict[str, float]:
+            return {
+                r: target.metric("gridmesh_cluster_commands_refused_total", reason=r)
+                for r in reasons
+            }
+
+        baseline = refusals()
         for seq, (what, (votes, reason)) in enumerate(attacks.items(), start=1):
             command = sign_command(me, CLUSTER, ahead, seq, wire.ASSIGN, b"\x80")
             if isinstance(votes, TermProof):
@@ -529,11 +538,10 @@ async def test_a_voter_cannot_claim_a_term_it_never_won(autojump_clock, tmp_path
             )
             assert codec.decode(raw)["refused"] == reason, what
         assert fence.state(CLUSTER) == before
-        refused = {
-            r: target.metric("gridmesh_cluster_commands_refused_total", reason=r)
-            for r in ("no_term_proof", "bad_term_proof")
-        }
-        assert refused == {"no_term_proof": 3, "bad_term_proof": 4}
+        refused = {r: n - baseline[r] for r, n in refusals().items()}
+        # an honest coordinator may also meet one no_term_proof (a command sent without its
+        # proof to a member that has not taken one yet: it is resent with it)
+        assert refused["bad_term_proof"] == 4 and refused["no_term_proof"] >= 3, refused
         # a signed vote the forger sends unasked, with a bad signature: dropped and counted
         bogus = election_wire.VoteReply(CLUSTER, ahead, True, pre=False, proof=b"s" * 64)
         await forger.daemon.net.request(
