@@ -45,7 +45,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
-from p2p import atomic_writes, identity
+from p2p import atomic_writes, deadconn, identity
 from p2p.addrs import (
     ListenError,
     check_listen_free,
@@ -193,6 +193,7 @@ class Libp2pNetwork:
         # one dial attempt: a dead peer must fail fast; our bootstrap loop does its own backoff
         self.host.get_network().retry_config = RetryConfig(max_retries=0)  # type: ignore[attr-defined]
         self._ping = PingService(self.host)
+        self.dark = deadconn.DeadConnections(self.ping, self._drop_peer)  # p2p.deadconn
         # GossipSub's defaults lose messages (120 s heartbeat, 10 msg/s spam limit): tune them
         self.gossipsub = GossipSub(
             protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11],
@@ -326,6 +327,7 @@ class Libp2pNetwork:
                     await stream.close()
                 return response
         except trio.TooSlowError:
+            self.dark.suspect(peer_id, self._nursery)  # a dark connection is dropped
             raise NetworkError(f"request {protocol} to {peer_id} timed out") from None
         except NetworkError:
             raise

@@ -1,0 +1,78 @@
+"""Dark connections (p2p.deadconn): a peer that answers neither a request nor a ping has its
+connections dropped, one check at a time; a peer that only answers slowly keeps them."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+
+import pytest
+import trio
+
+from p2p.deadconn import DeadConnections
+from p2p.network import NetworkError
+from tests.p2p.test_host import Node
+
+
+class Fake:
+    def __init__(self, answers: bool, ping_s: float = 0.1) -> None:
+        self.answers = answers
+        self.ping_s = ping_s
+        self.pings: list[str] = []
+        self.dropped: list[str] = []
+
+    async def ping(self, peer: str) -> float:
+        self.pings.append(peer)
+        await trio.sleep(self.ping_s)
+        if not self.answers:
+            raise trio.TooSlowError
+        return 1.0
+
+    async def drop(self, peer: str) -> None:
+        self.dropped.append(peer)
+
+
+async def test_a_peer_that_answers_no_ping_is_dropped_once_per_check(autojump_clock):
+    fake = Fake(answers=False)
+    dark = DeadConnections(fake.ping, fake.drop)
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):  # three requests timed out at once: one check
+            dark.suspect("p", nursery)
+        dark.suspect("q", nursery)
+    assert sorted(fake.pings) == ["p", "q"] and sorted(fake.dropped) == ["p", "q"]
+    assert dark.dropped == 2
+    async with trio.open_nursery() as nursery:  # checked again once the first is over
+        dark.suspect("p", nursery)
+    assert fake.dropped.count("p") == 2
+
+
+async def test_a_peer_that_answers_the_ping_keeps_its_connection(autojump_clock):
+    fake = Fake(answers=True)
+    dark = DeadConnections(fake.ping, fake.drop)
+    async with trio.open_nursery() as nursery:
+        dark.suspect("p", nursery)
+    assert fake.pings == ["p"] and fake.dropped == [] and dark.dropped == 0
+    dark.suspect("p", None)  # no network running: nothing to do
+    assert fake.pings == ["p"]
+
+
+async def test_a_slow_handler_times_a_request_out_but_the_connection_stays():
+    """Real hosts: the request times out, the ping is answered, nothing is dropped."""
+    async with AsyncExitStack() as stack:
+        a, b = Node(), Node()
+        for node in (a, b):
+            await stack.enter_async_context(node.net.run())
+        await b.net.connect(a.net.listen_addrs()[0])
+
+        async def slow(sender: str, payload: bytes) -> bytes:
+            await trio.sleep(2)
+            return payload
+
+        a.net.set_request_handler("/gridmesh/test/slow/1", slow)
+        with pytest.raises(NetworkError, match="timed out"):
+            await b.net.request(a.ident.peer_id, "/gridmesh/test/slow/1", b"x", timeout_s=0.3)
+        for _ in range(100):  # the check ran (up to 5 s): the ping was answered
+            if not b.net.dark._checking:
+                break
+            await trio.sleep(0.05)
+        assert b.net.dark.checks == 1 and b.net.dark.dropped == 0
+        assert a.ident.peer_id in b.net.connected_peers()
