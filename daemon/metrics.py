@@ -19,7 +19,12 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 MAX_LABEL_CHARS = 64
@@ -244,6 +249,29 @@ class _ClusterCollector:
         for event, count in snap.get("runtime", {}).items():
             events.add_metric([sanitize_label(event)], count)
         yield from (term, coordinating, started, won, members, refused, accepted, messages, events)
+        yield from _lapses_and_lag(snap)
+
+
+def _lapses_and_lag(snap: dict[str, Any]) -> Iterator[Metric]:
+    """Leases that ran out while this node led (it stopped commanding and went on with
+    heartbeats), and how late the event loop ran its tasks (`daemon.cluster.loop_lag`)."""
+    lapses = CounterMetricFamily(
+        "gridmesh_cluster_lease_lapses",
+        "Times this node's coordinator lease ran out while it still led (commands paused)",
+        labels=["cluster"],
+    )
+    for name, cluster in snap.get("clusters", {}).items():
+        lapses.add_metric([sanitize_label(name)], cluster.get("lease_lapses", 0))
+    yield lapses
+    lag = snap.get("loop_lag")
+    if isinstance(lag, dict) and lag.get("buckets"):
+        histogram = HistogramMetricFamily(
+            "gridmesh_event_loop_lag_seconds",
+            "How much later than asked a task sleeping 50 ms woke (time the event loop spent "
+            "on other work, or the process not running); every cluster timer is as late",
+        )
+        histogram.add_metric([], list(lag["buckets"].items()), sum_value=lag["sum"])
+        yield histogram
 
 
 def _section(resources: dict[str, Any], key: str) -> dict[str, Any]:

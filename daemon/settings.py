@@ -359,6 +359,7 @@ ClusterConfig = exposing(
             "election_timeout_min_s": "election_timeout_min_s",
             "election_timeout_max_s": "election_timeout_max_s",
             "lease_s": "lease_s",
+            "step_down_s": "step_down_s",
             "max_clock_rate_error": "max_rate_error",
         },
     ),

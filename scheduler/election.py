@@ -16,13 +16,21 @@ What it implements, beyond the terms, randomised timeouts and majority votes of 
   minimum election timeout ago (by its own clock) neither pre-votes nor votes for anyone
   else, nor adopts the requester's term. A node counts its own boot as such a contact, since
   it may have acknowledged a heartbeat just before it crashed.
-- A lease: the coordinator holds its role only while a majority (itself included) answered
-  a heartbeat round sent less than `lease_s` ago, by its own clock; when the lease runs out
-  it steps down by itself. Because every voter that answered the round refuses other
-  candidates for `election_timeout_min_s` of its own clock from receiving it, and
+- A lease: the coordinator may command only while a majority (itself included) answered
+  a heartbeat round sent less than `lease_s` ago, by its own clock (`is_coordinator`).
+  Because every voter that answered the round refuses other candidates for
+  `election_timeout_min_s` of its own clock from receiving it, and
   `lease_s < election_timeout_min_s * (1 - e) / (1 + e)` for clock rates within ±e, no
   other coordinator can be elected while the lease holds. (Safety of commands does not rest
   on this: `scheduler.fencing` refuses stale terms whatever the clocks do.)
+- CheckQuorum (thesis §6.2), apart from the lease: a coordinator whose lease ran out stops
+  commanding at once but goes on sending heartbeats; it steps down by itself only when no
+  majority answered a round sent in the last `step_down_s`. A heartbeat round trip that
+  takes longer than the lease for a moment (a loaded machine, connections re-made after a
+  partition heals) so costs a pause in commands, not a new term: the followers, whose timers
+  the heartbeats keep resetting, go on following it. A lease won back after a lapse is as
+  safe as the first: a voter that answers a round of term T has not voted in a later term,
+  and refuses to for `election_timeout_min_s` from then.
 
 Time is only ever this node's monotonic clock, and only differences of it are used; no time
 crosses the wire. Voter changes come from outside (the membership registry), one at a time.
@@ -67,7 +75,13 @@ class ElectionSettings:
       2.4 s plus round trips stays under 3 s;
     - `lease_s` 0.5, below 0.6 * 0.95 / 1.05 = 0.543: a voter's refusal window
       (`election_timeout_min_s` on a clock up to 5 % fast) outlasts the coordinator's lease
-      (on a clock up to 5 % slow) counted from the same heartbeat round.
+      (on a clock up to 5 % slow) counted from the same heartbeat round;
+    - `step_down_s` 2.0: how long a coordinator goes on without a majority's answer before it
+      gives up the lead (its commands stopped when the lease ran out). Measured on 5 real
+      daemons on a 2-core machine: healing a partition saturated the CPUs for about 2 s and
+      heartbeat round trips took 0.2-1 s meanwhile, so a coordinator that stepped down at
+      its lease's end was replaced in every run. A coordinator that is really cut off from
+      the majority is replaced as before: the majority does not hear it, and elects.
     """
 
     heartbeat_s: float = 0.15
@@ -75,12 +89,15 @@ class ElectionSettings:
     election_timeout_max_s: float = 1.2
     lease_s: float = 0.5
     max_rate_error: float = 0.05
+    step_down_s: float = 2.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.max_rate_error < 1:
             raise ValueError("max_rate_error must be in [0, 1)")
         if not 0 < self.heartbeat_s < self.lease_s:
             raise ValueError("heartbeat_s must be positive and below lease_s")
+        if not self.step_down_s >= self.lease_s:
+            raise ValueError("step_down_s must be at least lease_s")
         if not self.election_timeout_min_s < self.election_timeout_max_s:
             raise ValueError("election_timeout_min_s must be below election_timeout_max_s")
         e = self.max_rate_error
@@ -171,6 +188,8 @@ class ElectionCore:
         self._next_heartbeat = now
         self._lease_until = now
         self._leader_since = now
+        self._acked: dict[str, float] = {}
+        self._lapsed = False  # leading past the lease's end (counted once per lapse)
 
     # -- queries -----------------------------------------------------------------------
 
@@ -181,6 +200,16 @@ class ElectionCore:
     @property
     def lease_until(self) -> float:
         return self._lease_until
+
+    @property
+    def last_leader_contact(self) -> float:
+        """When this node last heard from a coordinator (or voted, or booted), its clock."""
+        return self._last_leader_contact
+
+    @property
+    def last_acks(self) -> dict[str, float]:
+        """While leading: each voter's last answered heartbeat (when its round was sent)."""
+        return dict(self._acked)
 
     def next_deadline(self) -> float:
         """When `tick` must next be called (this node's clock)."""
@@ -208,6 +237,9 @@ class ElectionCore:
                 self.stats["lease_lost"] += 1
                 self._become_follower(now, None, out)
                 return out
+            if now >= self._lease_until and not self._lapsed:
+                self._lapsed = True  # commands stop; heartbeats go on (CheckQuorum)
+                self.stats["lease_lapsed"] += 1
             if now >= self._next_heartbeat:
                 self._send_heartbeats(now, out)
             return out
@@ -348,18 +380,21 @@ class ElectionCore:
         if acks is None:
             return  # too old to count
         acks.add(sender)
+        self._acked[sender] = max(self._acked.get(sender, 0.0), self._round_sent[msg.round])
         if len(acks & self.voters) >= majority(self.voters):
             self._lease_until = max(
                 self._lease_until, self._round_sent[msg.round] + self.settings.lease_s
             )
+            self._lapsed = now >= self._lease_until
 
     # -- transitions -------------------------------------------------------------------
 
     def _step_down_at(self) -> float:
-        """A coordinator steps down when its lease runs out; a new one first gets `lease_s`
-        from its election to collect a heartbeat round's answers (its lease from the votes
-        may have run out while they came in)."""
-        return max(self._lease_until, self._leader_since + self.settings.lease_s)
+        """A coordinator steps down `step_down_s` after the last heartbeat round a majority
+        answered was sent (its lease ends `lease_s` after it), or after it was elected, if
+        no round was answered since."""
+        quorum_at = max(self._lease_until - self.settings.lease_s, self._leader_since)
+        return quorum_at + self.settings.step_down_s
 
     def _timeout(self) -> float:
         s = self.settings
@@ -428,6 +463,8 @@ class ElectionCore:
         self.stats["elections_won"] += 1
         self._round_sent.clear()
         self._round_acks.clear()
+        self._acked = {}
+        self._lapsed = False
         # every voter that granted its vote refuses others from the moment it granted it,
         # which is after the candidacy started
         self._lease_until = self._candidacy_started + self.settings.lease_s

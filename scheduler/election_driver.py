@@ -70,6 +70,19 @@ log = logging.getLogger(__name__)
 
 INBOX_SIZE = 256  # messages waiting for a driver; more are dropped (a peer cannot flood memory)
 SEND_TIMEOUT_S = 1.0  # one message's delivery; a later heartbeat or vote supersedes it
+SLOW_SEND_S = 0.1  # a delivery slower than this is logged (debug)
+# the core's counters whose growth is logged with its reason (`ElectionDriver._explain`)
+_EXPLAINED = frozenset(
+    {
+        "pre_votes_started",
+        "elections_started",
+        "elections_won",
+        "lease_lost",
+        "lease_lapsed",
+        "pre_votes_granted",
+        "votes_granted",
+    }
+)
 
 
 class Clock(Protocol):
@@ -439,7 +452,7 @@ class ElectionDriver:
         core = self.core
         while True:
             await self.thawed()
-            await self._apply(core.tick(self.clock.now()))
+            await self._tick()
             item: tuple[str, Any] | None = None
             # never a wake-up at once: a clock's rounding must not spin this loop
             wake = max(self.clock.trio_time(core.next_deadline()), trio.current_time() + 1e-6)
@@ -449,12 +462,80 @@ class ElectionDriver:
                 continue
             if self.frozen:  # arrived while frozen: handled after the thaw, clock first
                 await self.thawed()
-                await self._apply(core.tick(self.clock.now()))
+                await self._tick()
             sender, message = item
             if message is None:  # a wake-up (set_voters)
                 continue
             self.stats["received"] += 1
-            await self._apply(core.receive(sender, message, self.clock.now()))
+            now = self.clock.now()
+            before = Counter(core.stats)
+            effects = core.receive(sender, message, now)
+            self._explain(before, now, sender)
+            await self._apply(effects)
+
+    async def _tick(self) -> None:
+        core = self.core
+        now = self.clock.now()
+        due = core.next_deadline()
+        before = Counter(core.stats)
+        effects = core.tick(now)
+        self._explain(before, now, None, late=now - due)
+        await self._apply(effects)
+
+    def _explain(
+        self, before: Counter[str], now: float, sender: str | None, late: float = 0.0
+    ) -> None:
+        """Log why the election moved (an operator's question after a new term: who started
+        it, and how long since it had heard from the coordinator)."""
+        core = self.core
+        grew = {k for k, v in core.stats.items() if v > before[k]}
+        if not grew & _EXPLAINED:
+            return
+        heard = now - core.last_leader_contact
+        name = self.cluster
+        if "pre_votes_started" in grew:
+            log.info(
+                "%s: pre-vote for term %d: nothing from a coordinator for %.2f s "
+                "(timer %.2f s late)",
+                name,
+                core.term + 1,
+                heard,
+                late,
+            )
+        if "elections_started" in grew:
+            log.info("%s: election for term %d: a majority granted the pre-vote", name, core.term)
+        if "elections_won" in grew:
+            log.info("%s: won term %d", name, core.term)
+        acks = ", ".join(f"{p[-6:]} {now - t:.2f} s ago" for p, t in core.last_acks.items())
+        if "lease_lapsed" in grew:
+            log.info(
+                "%s: lease ran out in term %d: commands stop, heartbeats go on; rounds "
+                "last answered: %s",
+                name,
+                core.term,
+                acks or "none",
+            )
+        if "lease_lost" in grew:
+            log.info(
+                "%s: stepped down in term %d: no majority answered for %.2f s (%.2f s "
+                "late); rounds last answered: %s",
+                name,
+                core.term,
+                self.settings.step_down_s,
+                late,
+                acks or "none",
+            )
+        for kind in ("pre_votes_granted", "votes_granted"):
+            if kind in grew and sender is not None:
+                log.info(
+                    "%s: %s to %s (term %d): coordinator %s last heard %.2f s ago",
+                    name,
+                    kind.removesuffix("s_granted").replace("_", "-") + " granted",
+                    sender[-6:],
+                    core.term,
+                    (core.leader or "none")[-6:],
+                    heard,
+                )
 
     async def _apply(self, effects: list[Effect]) -> None:
         core = self.core
@@ -481,9 +562,20 @@ class ElectionDriver:
         self._nursery.start_soon(self._deliver, to, wire.encode(message))
 
     async def _deliver(self, to: str, payload: bytes) -> None:
+        started = trio.current_time()
         try:
             await self.router.net.request(
                 to, wire.ELECTION_PROTOCOL, payload, timeout_s=self.send_timeout_s
             )
-        except NetworkError:
+            took = trio.current_time() - started
+            if took > SLOW_SEND_S:
+                log.debug("%s: election message to %s took %.2f s", self.cluster, to[-6:], took)
+        except NetworkError as exc:
             self.stats["send_failed"] += 1
+            log.debug(
+                "%s: election message to %s failed after %.2f s: %s",
+                self.cluster,
+                to[-6:],
+                trio.current_time() - started,
+                exc,
+            )

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
+from daemon.cluster.loop_lag import LoopLag
 from p2p import codec, identity
 from p2p.network import Requests
 from registry import clusters as registry_clusters
@@ -174,6 +175,7 @@ class ClusterRuntime:
         self.router = ElectionRouter(net, self.fence, on_command=self._accepted)
         self.swim = swim_runner.SwimDriver(net)
         self.stats: Counter[str] = Counter()
+        self.loop_lag = LoopLag()
         self._runs: dict[str, _Run] = {}
         self._handlers: dict[str, CommandHandler] = {}
         self._death_handlers: list[DeathHandler] = []
@@ -308,10 +310,11 @@ class ClusterRuntime:
                 refused[(protocol, reason)] += count
         for name, run in sorted(self._runs.items()):
             states = Counter(self.member_states(name).values())
-            started = won = 0
+            started = won = lapses = 0
             if run.election is not None and run.election.ready:
                 core_stats = run.election.core.stats
                 started, won = core_stats["elections_started"], core_stats["elections_won"]
+                lapses = core_stats["lease_lapsed"]
                 for reason in ("not_voter", "wrong_cluster"):
                     refused[("election", reason)] += core_stats[reason]
                 refused[("election", "inbox_full")] += run.election.stats["inbox_full"]
@@ -324,6 +327,7 @@ class ClusterRuntime:
                 "coordinating": self.is_coordinator(name),
                 "elections_started": started,
                 "elections_won": won,
+                "lease_lapses": lapses,
                 "members": {state: states[state] for state in STATES},
             }
         return {
@@ -332,6 +336,7 @@ class ClusterRuntime:
             "commands_accepted": self.fence.accepted,
             "messages_refused": {k: v for k, v in refused.items() if v},
             "runtime": dict(self.stats),
+            "loop_lag": self.loop_lag.snapshot(),
         }
 
     # -- running ---------------------------------------------------------------------------
@@ -339,6 +344,7 @@ class ClusterRuntime:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self.loop_lag.run)
             await self._reconcile()
             task_status.started()
             while True:
@@ -470,6 +476,14 @@ class ClusterRuntime:
     def _on_swim(self, run: _Run, change: StateChanged) -> None:
         run.poke()
         if change.state != State.DEAD:
+            log.info(
+                "cluster %s: member %s %s (incarnation %d; loop lag %.2f s)",
+                run.name,
+                change.peer_id,
+                change.state.name.lower(),
+                change.incarnation,
+                self.loop_lag.last_s,
+            )
             return
         log.info("cluster %s: member %s declared dead", run.name, change.peer_id)
         for handler in list(self._death_handlers):

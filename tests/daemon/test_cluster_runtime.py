@@ -421,9 +421,11 @@ async def test_a_cluster_name_longer_than_the_wire_allows_is_left_out(autojump_c
 
 
 def test_cluster_config_keys_build_the_cores_settings_and_rules_are_checked():
-    config = parse({"cluster": {"probe_interval_s": 0.5, "lease_s": 0.4, "max_clusters": 4}})
+    config = parse(
+        {"cluster": {"probe_interval_s": 0.5, "lease_s": 0.4, "step_down_s": 3, "max_clusters": 4}}
+    )
     assert config.swim() == SwimSettings(probe_interval_s=0.5)
-    assert config.election() == ElectionSettings(lease_s=0.4)
+    assert config.election() == ElectionSettings(lease_s=0.4, step_down_s=3.0)
     assert config.cluster.max_clusters == 4
     # the defaults are the cores' own
     assert parse({}).swim() == SwimSettings() and parse({}).election() == ElectionSettings()
@@ -435,6 +437,7 @@ def test_cluster_config_keys_build_the_cores_settings_and_rules_are_checked():
         ({"indirect_checks": 17}, "cluster.indirect_checks must be <= 16"),
         ({"max_clusters": 0}, "cluster.max_clusters must be >= 1"),
         ({"heartbeat_s": 0.0}, "cluster.heartbeat_s must be positive"),
+        ({"step_down_s": 0.3}, "cluster.step_down_s must be at least lease_s"),
     ]:
         with pytest.raises(ConfigError, match=message):
             parse({"cluster": raw}, "node.toml")

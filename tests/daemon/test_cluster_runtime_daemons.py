@@ -22,6 +22,7 @@ from scheduler import swim_wire
 from scheduler.fencing import sign_command
 from scheduler.swim_driver import SWIM_PROTOCOL
 from tests.daemon.harness import (
+    FAST,
     MemoryCluster,
     RunningDaemon,
     inline_threads,
@@ -179,6 +180,54 @@ async def test_a_minority_elects_nobody_and_the_majority_keeps_a_coordinator(
         assert new_id is not None and await agreed(majority) == new_id
         net.hub.heal()
         assert await wait_agreed(net, daemons, 3.0) == new_id
+
+
+SLOW_HEAL_S = 0.35  # each message's delay while the machine is saturated after a heal
+SLOW_FOR_S = 2.0
+
+
+@pytest.mark.parametrize("step_down_s", [None, 0.5])
+async def test_a_heal_that_slows_every_message_does_not_depose_the_majoritys_coordinator(
+    autojump_clock, tmp_path, step_down_s
+):
+    """Measured on 5 real daemons in network namespaces (test_cluster_partition_procs.py):
+    healing a partition saturated the 2-core machine for about 2 s, every message took
+    0.1-0.9 s, so heartbeat round trips outlasted the 0.5 s lease; the coordinator stepped
+    down at its lease's end and a new term followed in 6 of 6 runs. Here every message takes
+    0.35 s for 2 s after the heal (a round trip 0.7 s): the majority's coordinator pauses
+    its commands but keeps its term, and nobody starts an election. With `step_down_s` at
+    the lease (0.5 s: what the code did before), the coordinator is deposed, so this test
+    reproduces the bug."""
+    settings = None
+    if step_down_s is not None:
+        settings = {**FAST, "cluster": {"step_down_s": step_down_s}}
+    async with memory_cluster(tmp_path, 5, settings=settings) as net:
+        daemons = list(net.daemons)
+        await form_cluster(daemons)
+        leader = by_id(daemons, await wait_agreed(net, daemons, 30))
+        minority = [leader, next(d for d in daemons if d is not leader)]
+        majority = [d for d in daemons if d not in minority]
+        net.hub.partition([{d.peer_id for d in minority}])
+        kept = await wait_agreed(net, majority, 3.0)
+        term = (await by_id(daemons, kept).call("cluster_coordinator", {"name": C}))["term"]
+        await trio.sleep(3.0)
+        started = {d.peer_id: elections_started(d) for d in daemons}
+        net.hub.heal()
+        net.hub.latency_s = SLOW_HEAL_S
+        await trio.sleep(SLOW_FOR_S)
+        net.hub.latency_s = 0.001
+        final = await wait_agreed(net, daemons, 5.0)
+        final_term = (await by_id(daemons, final).call("cluster_coordinator", {"name": C}))["term"]
+        if step_down_s is not None:  # the old behaviour: deposed by the slow heal
+            assert final_term > term
+            return
+        assert (final, final_term) == (kept, term)
+        assert {d.peer_id: elections_started(d) for d in daemons} == started
+        assert by_id(daemons, kept).metric("gridmesh_cluster_lease_lapses_total", cluster=C) >= 1
+
+
+def elections_started(running: RunningDaemon) -> float:
+    return running.metric("gridmesh_cluster_elections_started_total", cluster=C)
 
 
 async def test_hostile_peers_are_refused_and_counted_and_no_daemon_stops(autojump_clock, tmp_path):

@@ -155,20 +155,43 @@ def test_a_candidate_adopts_a_higher_term_from_a_refusal_and_steps_back():
     assert Persist(PersistentState(7, None)) in effects
 
 
-def test_a_leader_steps_down_when_no_majority_answers_within_its_lease():
+def test_a_leader_stops_commanding_at_its_lease_end_and_steps_down_after_step_down_s():
     a = core()
     now = elect(a)
     lease_end = a.lease_until
     assert lease_end <= now + S.lease_s
-    # nobody answers: heartbeats go out, then the lease runs out and it steps down
+    # nobody answers: the lease runs out (no commands), heartbeats go on until step_down_s
     t = now
+    heartbeats_after_lease = 0
     while a.role is Role.LEADER:
         t = a.next_deadline()
         effects = a.tick(t)
-        assert t <= now + S.lease_s + 1e-9
+        assert t <= now + S.step_down_s + 1e-9
+        if t >= lease_end and a.role is Role.LEADER:
+            assert not a.is_coordinator(t)
+            heartbeats_after_lease += len(sends(effects, Heartbeat))
+    assert t == pytest.approx(now + S.step_down_s)
+    assert heartbeats_after_lease > 0 and a.stats["lease_lapsed"] == 1
     assert a.stats["stepped_down"] == 1 and a.leader is None
     assert LeaderChanged(a.term, None) in effects
     assert not a.is_coordinator(t)
+
+
+def test_a_lapsed_lease_is_won_back_by_a_majority_answering_a_later_round():
+    """A round trip longer than the lease for a while (a loaded machine) costs commands,
+    not the lead: answers to a later round give the lease back."""
+    a = core()
+    now = elect(a)
+    t = a.lease_until + 0.2
+    effects = a.tick(t)
+    assert a.role is Role.LEADER and not a.is_coordinator(t)
+    rnd = sends(effects, Heartbeat)[0].message.round
+    # a stale round's answer (sent before the lease ran out, answered late) gives nothing
+    a.receive("b", HeartbeatReply("c1", a.term, rnd - 1, True), t + 0.1)
+    assert not a.is_coordinator(t + 0.1)
+    a.receive("b", HeartbeatReply("c1", a.term, rnd, True), t + 0.1)  # with a: two of three
+    assert a.is_coordinator(t + 0.1) and a.lease_until == pytest.approx(t + S.lease_s)
+    assert a.stats["stepped_down"] == 0 and now < t
 
 
 def test_answers_extend_the_lease_from_when_their_round_was_sent():
