@@ -422,10 +422,10 @@ async def test_a_cluster_name_longer_than_the_wire_allows_is_left_out(autojump_c
 
 def test_cluster_config_keys_build_the_cores_settings_and_rules_are_checked():
     config = parse(
-        {"cluster": {"probe_interval_s": 0.5, "lease_s": 0.4, "step_down_s": 3, "max_clusters": 4}}
+        {"cluster": {"probe_interval_s": 0.5, "lease_s": 0.4, "step_down_s": 4, "max_clusters": 4}}
     )
     assert config.swim() == SwimSettings(probe_interval_s=0.5)
-    assert config.election() == ElectionSettings(lease_s=0.4, step_down_s=3.0)
+    assert config.election() == ElectionSettings(lease_s=0.4, step_down_s=4.0)
     assert config.cluster.max_clusters == 4
     # the defaults are the cores' own
     assert parse({}).swim() == SwimSettings() and parse({}).election() == ElectionSettings()

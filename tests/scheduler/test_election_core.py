@@ -299,3 +299,23 @@ def test_the_signed_votes_that_elected_a_coordinator_are_kept_late_ones_too():
     assert c.vote_proofs == {"b": b"sig b", "c": b"sig c", "d": b"sig d"}
     assert c.step_down(1.6) and c.role is Role.FOLLOWER and c.stats["proof_short"] == 1
     assert c.vote_proofs == {} and c.step_down(1.7) == []
+
+
+def test_round_trips_that_stay_over_the_lease_still_end_in_a_step_down():
+    """Answers that come back after their round's lease ended give no lease, and do not put
+    off stepping down: a coordinator that could never command would otherwise lead on."""
+    a = core()
+    now = elect(a)
+    t = now
+    sent: list[tuple[float, int]] = []  # (when, round): each answered 0.6 s later
+    answered = 0
+    while a.role is Role.LEADER and t < now + 10:
+        t = a.next_deadline()
+        while sent and sent[0][0] + S.lease_s + 0.1 <= t:
+            a.receive("b", HeartbeatReply("c1", a.term, sent.pop(0)[1], True), t)
+            answered += 1
+            assert not a.is_coordinator(t)
+        sent += [(t, e.message.round) for e in sends(a.tick(t), Heartbeat)]
+    assert answered >= 10 and a.stats["stepped_down"] == 1
+    # the first lease (from the election) ended at now + lease_s at the latest
+    assert t == pytest.approx(now + S.step_down_s, abs=S.heartbeat_s)
