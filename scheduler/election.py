@@ -25,14 +25,14 @@ What it implements, beyond the terms, randomised timeouts and majority votes of 
   on this: `scheduler.fencing` refuses stale terms whatever the clocks do.)
 - CheckQuorum (thesis §6.2), apart from the lease: a coordinator whose lease ran out stops
   commanding at once but goes on sending heartbeats; it steps down by itself only when no
-  majority answered, within the lease, a round sent in the last `step_down_s`. A heartbeat
-  round trip that takes longer than the lease for a moment (a loaded machine, connections
+  majority answered a round sent in the last `step_down_s` within `election_timeout_max_s`.
+  A heartbeat round trip that takes longer than the lease (a loaded machine, connections
   re-made after a partition heals) so costs a pause in commands, not a new term: the
   followers, whose timers the heartbeats keep resetting, go on following it; round trips
-  that stay longer than the lease still end in a step-down and an election, as before but
-  `step_down_s` later. A lease won back after a lapse is as
-  safe as the first: a voter that answers a round of term T has not voted in a later term,
-  and refuses to for `election_timeout_min_s` from then.
+  that stay longer than a follower's longest timer end in a step-down and an election. A
+  lease won back after a lapse is as safe as the first: a voter that answers a round of
+  term T has not voted in a later term, and refuses to for `election_timeout_min_s` from
+  then.
 
 Time is only ever this node's monotonic clock, and only differences of it are used; no time
 crosses the wire. Voter changes come from outside (the membership registry), one at a time.
@@ -78,13 +78,14 @@ class ElectionSettings:
     - `lease_s` 0.5, below 0.6 * 0.95 / 1.05 = 0.543: a voter's refusal window
       (`election_timeout_min_s` on a clock up to 5 % fast) outlasts the coordinator's lease
       (on a clock up to 5 % slow) counted from the same heartbeat round;
-    - `step_down_s` 3.0: how long after its last timely answered round a coordinator gives
-      up the lead (its commands stopped `lease_s` after that round): a lease may lapse for
-      2.5 s. Measured on 5 real daemons on a 2-core machine: healing a partition saturated
-      the CPUs for about 2 s and requests took 0.1-0.9 s meanwhile, so a coordinator that
-      stepped down at its lease's end was replaced in every run. A coordinator really cut
-      off from the majority is replaced as before: the majority does not hear it, and
-      elects; a killed one too (this setting does not touch failover).
+    - `step_down_s` 3.0: how long after the last round a majority answered within
+      `election_timeout_max_s` a coordinator gives up the lead (its commands stopped when
+      its lease ran out). Measured on 5 real daemons on a 2-core machine: healing a
+      partition saturated the CPUs for about 2 s and requests took 0.1-0.9 s meanwhile, so
+      a coordinator that stepped down at its lease's end was replaced in every run. A
+      coordinator really cut off from the majority is replaced as before: the majority
+      does not hear it, and elects; a killed one too (this setting does not touch
+      failover).
     """
 
     heartbeat_s: float = 0.15
@@ -193,6 +194,7 @@ class ElectionCore:
         self._leader_since = now
         self._acked: dict[str, float] = {}
         self._lapsed = False  # leading past the lease's end (counted once per lapse)
+        self._quorum_at = now  # when the last round a majority answered in time was sent
 
     # -- queries -----------------------------------------------------------------------
 
@@ -384,22 +386,24 @@ class ElectionCore:
             return  # too old to count
         acks.add(sender)
         self._acked[sender] = max(self._acked.get(sender, 0.0), self._round_sent[msg.round])
-        lease_end = self._round_sent[msg.round] + self.settings.lease_s
-        if len(acks & self.voters) >= majority(self.voters) and now < lease_end:
-            # a majority that answers too late to hold the lease does not put off stepping
-            # down either: round trips that stay over the lease would keep a coordinator
-            # that can never command
-            self._lease_until = max(self._lease_until, lease_end)
+        if len(acks & self.voters) < majority(self.voters):
+            return
+        sent = self._round_sent[msg.round]
+        if now < sent + self.settings.lease_s:
+            self._lease_until = max(self._lease_until, sent + self.settings.lease_s)
             self._lapsed = False
+        if now - sent < self.settings.election_timeout_max_s:
+            # in touch with a majority, if slowly: put off stepping down. Round trips that
+            # stay longer than a follower's longest timer end in a step-down and an election
+            self._quorum_at = max(self._quorum_at, sent)
 
     # -- transitions -------------------------------------------------------------------
 
     def _step_down_at(self) -> float:
-        """A coordinator steps down `step_down_s` after the last heartbeat round a majority
-        answered in time to hold the lease was sent (its lease ends `lease_s` after it), or
-        after it was elected, if no round was answered so since."""
-        quorum_at = max(self._lease_until - self.settings.lease_s, self._leader_since)
-        return quorum_at + self.settings.step_down_s
+        """A coordinator steps down `step_down_s` after the last heartbeat round that a
+        majority answered within `election_timeout_max_s` was sent, or after it was elected,
+        if none was since."""
+        return max(self._quorum_at, self._leader_since) + self.settings.step_down_s
 
     def _timeout(self) -> float:
         s = self.settings
@@ -470,6 +474,7 @@ class ElectionCore:
         self._round_acks.clear()
         self._acked = {}
         self._lapsed = False
+        self._quorum_at = now
         # every voter that granted its vote refuses others from the moment it granted it,
         # which is after the candidacy started
         self._lease_until = self._candidacy_started + self.settings.lease_s

@@ -301,21 +301,35 @@ def test_the_signed_votes_that_elected_a_coordinator_are_kept_late_ones_too():
     assert c.vote_proofs == {} and c.step_down(1.7) == []
 
 
-def test_round_trips_that_stay_over_the_lease_still_end_in_a_step_down():
-    """Answers that come back after their round's lease ended give no lease, and do not put
-    off stepping down: a coordinator that could never command would otherwise lead on."""
+def lead_with_late_answers(late_s: float) -> tuple[ElectionCore, float, float, int]:
+    """A leader whose every heartbeat round is answered by b `late_s` after it was sent;
+    (core, elected at, last tick, answers) once it stepped down or 10 s passed."""
     a = core()
     now = elect(a)
     t = now
-    sent: list[tuple[float, int]] = []  # (when, round): each answered 0.6 s later
+    sent: list[tuple[float, int]] = []  # (when, round)
     answered = 0
     while a.role is Role.LEADER and t < now + 10:
         t = a.next_deadline()
-        while sent and sent[0][0] + S.lease_s + 0.1 <= t:
+        while sent and sent[0][0] + late_s <= t:
             a.receive("b", HeartbeatReply("c1", a.term, sent.pop(0)[1], True), t)
             answered += 1
-            assert not a.is_coordinator(t)
+            assert not a.is_coordinator(t)  # always past the lease: never commands
         sent += [(t, e.message.round) for e in sends(a.tick(t), Heartbeat)]
-    assert answered >= 10 and a.stats["stepped_down"] == 1
-    # the first lease (from the election) ended at now + lease_s at the latest
+    return a, now, t, answered
+
+
+def test_round_trips_over_the_lease_keep_the_lead_without_commands():
+    """Answered 0.7 s after each round (a saturated machine): no lease, so no command, but
+    the majority is in touch: the followers keep following and the term is kept."""
+    a, now, t, answered = lead_with_late_answers(0.7)
+    assert a.role is Role.LEADER and t >= now + 10 and answered > 50
+    assert a.stats["stepped_down"] == 0 and a.stats["lease_lapsed"] == 1
+
+
+def test_round_trips_over_the_longest_timer_end_in_a_step_down():
+    """Answered later than a follower's longest timer: out of touch, it steps down
+    `step_down_s` after it was elected (no round answered in time since)."""
+    a, now, t, answered = lead_with_late_answers(S.election_timeout_max_s + 0.1)
+    assert answered >= 5 and a.stats["stepped_down"] == 1
     assert t == pytest.approx(now + S.step_down_s, abs=S.heartbeat_s)
