@@ -7,8 +7,8 @@ and after the path heals TCP resends only on its retransmission backoff, seconds
 (measured: 5 real daemons cut 4 s apart went on failing requests for 6 s after the heal,
 while a fresh dial succeeds at once). So when a request times out, the peer is pinged (a
 stream of its own on the same connection, answered by libp2p itself, so a slow handler of
-ours does not fail it); a peer that does not answer that either has its connections closed.
-One check per peer at a time.
+ours does not fail it); a peer that answers neither that nor a second ping a second later has
+its connections closed. One check per peer at a time.
 """
 
 from __future__ import annotations
@@ -20,6 +20,12 @@ from typing import Any
 import trio
 
 log = logging.getLogger(__name__)
+
+# pings, PING_GAP_S apart, that must all go unanswered: on a saturated machine (load 7 on 2
+# cores) one ping of a live peer failed now and then, and dropping its connection reset every
+# stream on it, which made more requests time out
+PINGS = 2
+PING_GAP_S = 1.0
 
 
 class DeadConnections:
@@ -46,11 +52,14 @@ class DeadConnections:
     async def _check(self, peer_id: str) -> None:
         self.checks += 1
         try:
-            try:
-                await self._ping(peer_id)
-                return  # alive: the request was slow, not the connection dead
-            except Exception:  # a timeout, a reset, no route: all mean no answer
-                pass
+            for attempt in range(PINGS):
+                if attempt:
+                    await trio.sleep(PING_GAP_S)
+                try:
+                    await self._ping(peer_id)
+                    return  # alive: the request was slow, not the connection dead
+                except Exception:  # a timeout, a reset, no route: all mean no answer
+                    pass
             self.dropped += 1
             log.info("peer %s answers neither a request nor a ping: reconnecting", peer_id)
             await self._drop(peer_id)
