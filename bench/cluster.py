@@ -27,7 +27,9 @@ settled; the difference is the cluster's own traffic (SWIM, heartbeats; TCP pack
 are not messages one for one: a request is a yamux stream of several frames, and its ACKs).
 
 usage: python bench/cluster.py [--sizes 3 5 7] [--trials 50] [--quiet 10] [--seed 1]
-       [--procs 5] [--proc-trials 20] [--proc-quiet 10]   (`--sizes` with no size: no simulation)
+       [--procs 5] [--proc-trials 20] [--proc-quiet 10] [--keep DIR]
+(`--sizes` with no size: no simulation; `--keep DIR`: the real daemons' homes and logs stay
+in DIR, and a kill after which no coordinator is agreed within 30 s is reported with them)
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import hashlib  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
@@ -241,7 +244,12 @@ def real_daemons(args: argparse.Namespace) -> None:
     from daemon.devnet import Devnet, wait_for
 
     config = BENCH_CONFIG
-    with tempfile.TemporaryDirectory(prefix="gridmesh-cluster-bench-") as root:
+    if args.keep is not None:  # the daemons' homes and logs stay there
+        Path(args.keep).mkdir(parents=True, exist_ok=True)
+        place: Any = contextlib.nullcontext(str(args.keep))
+    else:
+        place = tempfile.TemporaryDirectory(prefix="gridmesh-cluster-bench-")
+    with place as root:
         path = Path(root) / "bench.toml"
         path.write_text(config)
         with Devnet(args.procs, root=Path(root) / "net", config=path) as devnet:
@@ -295,6 +303,12 @@ def real_daemons(args: argparse.Namespace) -> None:
                     ):
                         dead = time.monotonic() - killed
                     time.sleep(0.02)
+                if failover is None:
+                    print(
+                        f"trial {len(failovers) + 1}: no new coordinator known to all 30 s after "
+                        f"the kill ({time.strftime('%H:%M:%S')}; logs: {root}/net/*/daemon.log)",
+                        file=sys.stderr,
+                    )
                 failovers.append(failover if failover is not None else float("inf"))
                 deads.append(dead if dead is not None else float("inf"))
                 leader.bootstrap = [rest[0].addr]
@@ -404,6 +418,7 @@ def main() -> None:
     parser.add_argument("--procs", type=int, default=0, help="also N real daemons (e.g. 5)")
     parser.add_argument("--proc-trials", type=int, default=20)
     parser.add_argument("--proc-quiet", type=float, default=10.0)
+    parser.add_argument("--keep", type=Path, help="run the real daemons here and keep their logs")
     args = parser.parse_args()
     if args.sizes:
         simulate(args)
