@@ -245,7 +245,7 @@ async def test_forged_commands_and_outsiders_requests_are_refused(autojump_clock
         # (test_a_voter_cannot_claim_a_term_it_never_won tries proofs of every kind)
         ahead = sign_command(forger.daemon.ident, CLUSTER, term + 1, 1, wire.ASSIGN, order)
         assert await send(ahead) == "no_term_proof"
-        await trio.sleep(1)
+        await trio.sleep(1)  # virtual time: a second in which nothing may load "evil"
         assert target.daemon.shards.local_block("evil") is None
         # an outsider (no member of the cluster) asking the coordinator directly
         outsider = await net.add(tmp_path / "outsider", [leader.addr])
@@ -369,7 +369,7 @@ async def test_load_adds_a_copy_and_idleness_removes_it_never_below_the_minimum(
         assert any(e["action"] == "scale" and "2 -> 1: idle" in e["reason"] for e in events)
         assert any(e["action"] == "release" for e in events)
         # idle for much longer: never below the minimum
-        await trio.sleep(60)
+        await trio.sleep(60)  # virtual time: a minute of idleness, checked after
         assert len(served(net, leader)) == 1
         assert leader.daemon.coordinator.placements(CLUSTER)[0]["target"] == 1
         # undeployed, asked of another member: released, and gone from every member's table
