@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -42,7 +41,7 @@ from typing import Annotated, Any, Protocol
 import msgspec
 import trio
 
-from p2p import codec, identity
+from p2p import codec, files, identity
 from p2p.network import NetworkError, Requests
 from scheduler import election_wire as wire
 from scheduler.election import (
@@ -171,17 +170,7 @@ class FileElectionStore:
         data = json.dumps(
             {n: {"term": s.term, "voted_for": s.voted_for} for n, s in sorted(self._states.items())}
         ).encode()
-        await trio.to_thread.run_sync(self._write, data)
-
-    def _write(self, data: bytes) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
+        await trio.to_thread.run_sync(files.replace_private, self.path, data)
 
 
 class NotCoordinatorError(Exception):

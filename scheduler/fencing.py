@@ -48,7 +48,6 @@ term never overrides one from a higher term.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -57,7 +56,7 @@ from typing import Protocol
 
 import msgspec
 
-from p2p import identity
+from p2p import files, identity
 from scheduler.election import majority
 from scheduler.election_wire import MAX_PROOF_VOTES, WIRE_VERSION, Command, TermProof, Vote
 
@@ -264,15 +263,8 @@ class FileFenceStore:
 
     def save(self, cluster: str, state: FenceState) -> None:
         self._states[cluster] = state
-        tmp = self.path.with_name(self.path.name + ".tmp")
         data = json.dumps({name: asdict(s) for name, s in sorted(self._states.items())})
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
+        files.replace_private(self.path, data.encode())
 
 
 class FenceKeeper:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ import trio
 
 from daemon.cluster import coordinator_wire as wire
 from daemon.shards.jobs import ShardServiceError
-from p2p import codec
+from p2p import codec, files
 
 if TYPE_CHECKING:
     from daemon.shards.service import ShardService
@@ -74,18 +73,7 @@ class TableFile:
         if self.path is None:
             return
         data = json.dumps({c: wire.to_body(t.body()) for c, t in sorted(tables.items())})
-        await trio.to_thread.run_sync(self._write, data.encode())
-
-    def _write(self, data: bytes) -> None:
-        assert self.path is not None
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
+        await trio.to_thread.run_sync(files.replace_private, self.path, data.encode())
 
 
 class MemberSide:
