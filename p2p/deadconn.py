@@ -9,6 +9,13 @@ while a fresh dial succeeds at once). So when a request times out, the peer is p
 stream of its own on the same connection, answered by libp2p itself, so a slow handler of
 ours does not fail it); a peer that answers neither that nor a second ping a second later has
 its connections closed. One check per peer at a time.
+
+A peer we hear from during the check is not dark, whatever its pings do: `heard(peer)` is
+called whenever a frame of it arrives (a request of its own, an answer to ours). On a
+saturated machine a live peer's pings can go unanswered for seconds (CI, 2 cores, five
+daemons loading torch at once) while its other traffic still flows; dropping its connections
+then reset a long-lived stream on them (a forwarded `cluster_deploy`), which is worse than
+waiting for one more timeout.
 """
 
 from __future__ import annotations
@@ -40,8 +47,16 @@ class DeadConnections:
         self._ping = ping
         self._drop = drop
         self._checking: set[str] = set()
+        self._heard: dict[str, float] = {}  # peer -> when a frame of it last arrived
         self.checks = 0  # pings after a timed-out request
         self.dropped = 0  # peers whose connections were closed as dark
+        self.spared = 0  # peers that missed every ping but were heard from meanwhile
+
+    def heard(self, peer_id: str) -> None:
+        """A frame of `peer_id` arrived: its connection is not dark now (only peers under a
+        check are remembered, so the map stays as small as the checks running)."""
+        if peer_id in self._checking:
+            self._heard[peer_id] = trio.current_time()
 
     def suspect(self, peer_id: str, nursery: trio.Nursery | None) -> None:
         if nursery is None or peer_id in self._checking:
@@ -51,6 +66,7 @@ class DeadConnections:
 
     async def _check(self, peer_id: str) -> None:
         self.checks += 1
+        started = trio.current_time()
         try:
             for attempt in range(PINGS):
                 if attempt:
@@ -60,8 +76,12 @@ class DeadConnections:
                     return  # alive: the request was slow, not the connection dead
                 except Exception:  # a timeout, a reset, no route: all mean no answer
                     pass
+            if self._heard.get(peer_id, -1.0) >= started:
+                self.spared += 1  # busy, not dark: its frames arrive
+                return
             self.dropped += 1
             log.info("peer %s answers neither a request nor a ping: reconnecting", peer_id)
             await self._drop(peer_id)
         finally:
             self._checking.discard(peer_id)
+            self._heard.pop(peer_id, None)

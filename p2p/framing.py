@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -99,10 +100,12 @@ class FramedStream:
         max_frame_bytes: FrameBound,
         *,
         on_reject: RejectHook | None = None,
+        on_frame: Callable[[str], None] | None = None,
         frame_deadline_s: float = FRAME_DEADLINE_S,
         min_bytes_per_s: float = FRAME_MIN_BYTES_PER_S,
     ) -> None:
         self._stream = stream
+        self._on_frame = on_frame or (lambda peer_id: None)  # a frame of the peer arrived
         self._max = max_frame_bytes
         self._on_reject = on_reject or (lambda source, reason: None)
         self._deadline_s = frame_deadline_s
@@ -117,12 +120,14 @@ class FramedStream:
 
     async def receive(self) -> bytes:
         try:
-            return await read_frame(
+            frame = await read_frame(
                 self._stream,
                 self._max,
                 deadline_s=self._deadline_s,
                 min_bytes_per_s=self._min_bytes_per_s,
             )
+            self._on_frame(self.peer_id)
+            return frame
         except FrameDeadlineError as exc:
             self._on_reject("stream", exc.reason)
             await self.reset()

@@ -323,6 +323,7 @@ class Libp2pNetwork:
                 try:
                     await write_frame(stream, payload)
                     response = await read_frame(stream)
+                    self.dark.heard(peer_id)
                 finally:
                     await stream.close()
                 return response
@@ -341,6 +342,7 @@ class Libp2pNetwork:
             sender = stream.muxed_conn.peer_id.to_base58()
             with trio.fail_after(timeout_s or self._request_timeout_s):
                 request = await read_frame(stream)
+                self.dark.heard(sender)
                 await write_frame(stream, await handler(sender, request))
             await stream.close()
 
@@ -403,6 +405,7 @@ class Libp2pNetwork:
             peer_id,
             max_frame_bytes,
             on_reject=self._on_reject,
+            on_frame=self.dark.heard,
             frame_deadline_s=FRAME_DEADLINE_S if frame_deadline_s is None else frame_deadline_s,
             min_bytes_per_s=min_bytes_per_s or FRAME_MIN_BYTES_PER_S,
         )

@@ -24,9 +24,11 @@ from `model_dir` on this node; the members load their ranges from the same path 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
+import trio
 from msgspec import Meta
 
 from daemon.api.jsonrpc import Dispatcher
@@ -37,6 +39,8 @@ from daemon.cluster.coordinator_state import ScalingSettings
 from daemon.errors import FailedPrecondition, InvalidParams, NetworkFailure, Unavailable
 from p2p.network import NetworkError
 from scheduler.placement import PlacementWeights
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from daemon.cluster.runtime import ClusterRuntime
@@ -65,6 +69,7 @@ WaitS = Annotated[
     Meta(ge=0, le=wire.MAX_WAIT_S, description="how long to wait for the ranges to be served"),
 ]
 DTYPES = ("float32", "float16", "bfloat16")
+RETRY_PAUSE_S = 0.5  # before a forwarded request whose stream broke is sent again
 
 
 def register_coordinator_methods(dispatcher: Dispatcher, coordinator: ClusterCoordinator) -> None:
@@ -87,8 +92,25 @@ def register_coordinator_methods(dispatcher: Dispatcher, coordinator: ClusterCoo
             head_bytes=config.head_bytes(dtype),
         )
 
-    async def ask(cluster: str, request: Any, wait_s: float = 0.0) -> dict[str, Any]:
-        """`request` answered by the cluster's coordinator: this node, or forwarded."""
+    async def ask(
+        cluster: str, request: Any, wait_s: float = 0.0, *, idempotent: bool = True
+    ) -> dict[str, Any]:
+        """`request` answered by the cluster's coordinator: this node, or forwarded. A
+        forwarded idempotent request whose stream broke before its time was up is sent once
+        more, to whoever coordinates then (a connection reset under load, or a coordinator
+        that died meanwhile, must not fail a deploy that would succeed on a second try)."""
+        started = trio.current_time()
+        try:
+            return await ask_once(cluster, request, wait_s)
+        except NetworkFailure as exc:
+            elapsed = trio.current_time() - started
+            if not idempotent or elapsed > wait_s + coordinator.settings.forward_timeout_s / 2:
+                raise  # timed out rather than broken: its time is up
+            log.info("asking the coordinator of %s again: %s", cluster, exc.message)
+            await trio.sleep(RETRY_PAUSE_S)
+            return await ask_once(cluster, request, max(wait_s - elapsed, 0.0))
+
+    async def ask_once(cluster: str, request: Any, wait_s: float) -> dict[str, Any]:
         if runtime.is_coordinator(cluster):
             return await coordinator.handle(request)
         leader, term = runtime.coordinator(cluster)
@@ -157,7 +179,7 @@ def register_coordinator_methods(dispatcher: Dispatcher, coordinator: ClusterCoo
 
     async def cluster_undeploy(name: Name, model: Model) -> dict[str, Any]:
         """Stop a block deployed through the cluster: its servers there are released."""
-        return await ask(name, wire.UndeployRequest(name, model))
+        return await ask(name, wire.UndeployRequest(name, model), idempotent=False)
 
     for handler in (cluster_deploy, cluster_plan, cluster_undeploy):
         dispatcher.register(handler.__name__, handler)

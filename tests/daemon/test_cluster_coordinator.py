@@ -590,3 +590,36 @@ async def test_block_deploy_aimed_at_a_cluster_goes_through_its_coordinator(
             "generate", {"model": "tiny", "token_ids": PROMPT, "max_tokens": NEW_TOKENS}
         )
         assert again["tokens"] == expected
+
+
+async def test_a_forwarded_request_whose_stream_breaks_is_sent_once_more(
+    autojump_clock, tmp_path, one_torch_thread
+):
+    """The CI failure of session 6: the stream of a forwarded `cluster_deploy` ended
+    (StreamEOF) under load. Deploy and plan (idempotent) are sent again to whoever
+    coordinates then; undeploy (not idempotent) is not, and its error names the coordinator."""
+    from daemon.shards.model import make_tiny
+    from p2p.network import StreamClosed
+
+    model_dir = make_tiny(tmp_path / "tiny", layers=LAYERS, seed=7)
+    async with lab(tmp_path / "net", 3, small_memory(model_dir)) as net:
+        leader = await coordinator_agreed(net, 3)
+        asker = next(d for d in net.daemons if d is not leader)
+        coordinator = asker.daemon.coordinator
+        real_request = coordinator.net.request
+        broken: list[str] = []
+
+        async def breaks_once_per_call(peer: str, protocol: str, payload: bytes, **kw: Any):
+            if protocol == wire.COORDINATOR_PROTOCOL and len(broken) % 2 == 0:
+                broken.append(peer)
+                raise StreamClosed(f"stream from {peer} ended")
+            if protocol == wire.COORDINATOR_PROTOCOL:
+                broken.append("passed")
+            return await real_request(peer, protocol, payload, **kw)
+
+        coordinator.net.request = breaks_once_per_call  # type: ignore[method-assign]
+        plan = await asker.call("cluster_plan", {"name": CLUSTER, "model_dir": str(model_dir)})
+        assert plan["coordinator"] == leader.peer_id and broken == [leader.peer_id, "passed"]
+        with pytest.raises(RPCCallError, match=f"the coordinator {leader.peer_id} did not"):
+            await asker.call("cluster_undeploy", {"name": CLUSTER, "model": "tiny"})
+        assert broken == [leader.peer_id, "passed", leader.peer_id]  # not sent again

@@ -54,6 +54,26 @@ async def test_a_peer_that_misses_one_ping_but_answers_the_next_keeps_it(autojum
     assert fake.pings == ["p", "p"] and fake.dropped == [] and dark.dropped == 0
 
 
+async def test_a_peer_heard_from_during_the_check_keeps_it_though_it_misses_every_ping(
+    autojump_clock,
+):
+    """Saturated, not dark: its pings go unanswered but its frames still arrive."""
+    fake = Fake(answers=False, ping_s=1.5)
+    dark = DeadConnections(fake.ping, fake.drop)
+    async with trio.open_nursery() as nursery:
+        dark.suspect("p", nursery)
+        dark.suspect("q", nursery)
+        await trio.sleep(1.0)
+        dark.heard("p")  # a frame of p arrives during its check; q stays silent
+    assert sorted(fake.pings) == ["p", "p", "q", "q"]
+    assert fake.dropped == ["q"] and dark.spared == 1 and dark.dropped == 1
+    dark.heard("p")  # not under a check: nothing is remembered
+    assert dark._heard == {}
+    async with trio.open_nursery() as nursery:  # the next check of p starts afresh
+        dark.suspect("p", nursery)
+    assert fake.dropped == ["q", "p"]
+
+
 async def test_a_peer_that_answers_the_ping_keeps_its_connection(autojump_clock):
     fake = Fake(answers=True)
     dark = DeadConnections(fake.ping, fake.drop)
@@ -85,3 +105,22 @@ async def test_a_slow_handler_times_a_request_out_but_the_connection_stays():
             await trio.sleep(0.05)
         assert b.net.dark.checks == 1 and b.net.dark.dropped == 0
         assert a.ident.peer_id in b.net.connected_peers()
+
+
+async def test_a_real_hosts_answers_and_requests_count_as_heard():
+    async with AsyncExitStack() as stack:
+        a, b = Node(), Node()
+        for node in (a, b):
+            await stack.enter_async_context(node.net.run())
+        await b.net.connect(a.net.listen_addrs()[0])
+
+        async def echo(sender: str, payload: bytes) -> bytes:
+            return payload
+
+        a.net.set_request_handler("/gridmesh/test/echo/1", echo)
+        b.net.set_request_handler("/gridmesh/test/echo/1", echo)
+        a.net.dark._checking.add(b.ident.peer_id)  # as if a check of each were running
+        b.net.dark._checking.add(a.ident.peer_id)
+        assert await b.net.request(a.ident.peer_id, "/gridmesh/test/echo/1", b"x") == b"x"
+        assert a.ident.peer_id in b.net.dark._heard  # b heard a's answer
+        assert b.ident.peer_id in a.net.dark._heard  # a heard b's request
