@@ -1,0 +1,1 @@
+"""Serving: text in and out, sampling, the OpenAI-compatible endpoint and its access control."""
