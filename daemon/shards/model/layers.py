@@ -7,7 +7,7 @@ through `scaled_dot_product_attention`, SwiGLU. Weights are frozen parameters ta
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -76,27 +76,24 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
 
-    def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, layer: int
-    ) -> Tensor:
+    def _project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values `[batch, heads, seq, head_dim]`, rotated."""
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        past = 0
-        if cache is not None:
-            past = cache.length
-            cache.keys[layer][:, :, past : past + s] = k
-            cache.values[layer][:, :, past : past + s] = v
-            k = cache.keys[layer][:, :, : past + s]
-            v = cache.values[layer][:, :, : past + s]
+        return q, k, v
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, past: int) -> Tensor:
+        """Causal attention of `q` (the `s` new positions) over `k`, `v` (`past + s`)."""
+        s = q.shape[2]
         # Causal over cache + new tokens: query i (slot past+i) sees slots <= past+i.
         # SDPA's is_causal aligns top-left, right only when there is no past.
         mask = None
         if s > 1 and past > 0:
-            mask = torch.ones(s, past + s, dtype=torch.bool, device=x.device).tril(past)
+            mask = torch.ones(s, past + s, dtype=torch.bool, device=q.device).tril(past)
         groups = self.heads // self.kv_heads
         extra: dict[str, Any] = {}
         if groups > 1:
@@ -104,10 +101,46 @@ class Attention(nn.Module):
                 extra["enable_gqa"] = True
             else:  # masked GQA is not supported by every SDPA backend
                 k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
-        out = F.scaled_dot_product_attention(
+        return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=s > 1 and past == 0, scale=self.scale, **extra
         )
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, layer: int
+    ) -> Tensor:
+        b, s, _ = x.shape
+        q, k, v = self._project(x, cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            cache.keys[layer][:, :, past : past + s] = k
+            cache.values[layer][:, :, past : past + s] = v
+            k = cache.keys[layer][:, :, : past + s]
+            v = cache.values[layer][:, :, : past + s]
+        out = self._attend(q, k, v, past)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+
+    def forward_rows(
+        self, x: Tensor, cos: Tensor, sin: Tensor, caches: Sequence[KVCache], layer: int
+    ) -> Tensor:
+        """One new position for each row of `x` `[rows, 1, hidden]`, row i being the next
+        position of `caches[i]` (a batch-1 cache per session).
+
+        The projections run once for all rows; each row then writes its key and value at
+        its own cache's position and attends over that cache alone, with exactly the call a
+        lone one-token step makes (`forward`): no copy of any cache, no padding, no mask."""
+        b = x.shape[0]
+        q, k, v = self._project(x, cos, sin)
+        out = []
+        for row, cache in enumerate(caches):
+            past = cache.length
+            keys, values = cache.keys[layer], cache.values[layer]
+            keys[:, :, past : past + 1] = k[row : row + 1]
+            values[:, :, past : past + 1] = v[row : row + 1]
+            seen_k, seen_v = keys[:, :, : past + 1], values[:, :, : past + 1]
+            out.append(self._attend(q[row : row + 1], seen_k, seen_v, past))
+        attended = torch.cat(out) if b > 1 else out[0]
+        return self.o_proj(attended.transpose(1, 2).reshape(b, 1, self.heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -136,6 +169,13 @@ class DecoderLayer(nn.Module):
         self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, layer: int
     ) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_rows(
+        self, x: Tensor, cos: Tensor, sin: Tensor, caches: Sequence[KVCache], layer: int
+    ) -> Tensor:
+        """One new position per row, each row of its own cache (`Attention.forward_rows`)."""
+        x = x + self.self_attn.forward_rows(self.input_layernorm(x), cos, sin, caches, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

@@ -128,9 +128,44 @@ class LlamaShard(nn.Module):
         with torch.no_grad():
             return self._forward(x, cache, positions)
 
-    def _forward(
-        self, x: Tensor, cache: KVCache | None, positions: Tensor | Sequence[int] | None
-    ) -> Tensor:
+    def decode_rows(self, x: Tensor, caches: Sequence[KVCache]) -> Tensor:
+        """One new position for each of several sessions at once: row i of `x` (token ids
+        `[rows, 1]`, or hidden states `[rows, 1, hidden]`) is the next position of
+        `caches[i]`, a batch-1 cache of this shard, at that cache's own `length`.
+
+        The rows share every matrix product (what makes a batch cheaper than its rows one
+        by one) and nothing else: rotary embeddings at each row's own position, keys and
+        values written into each row's own cache, attention over that cache alone
+        (`Attention.forward_rows`). Every cache is checked for room before anything is
+        written; each grows by one. Output `[rows, 1, ...]` as `forward`'s."""
+        with torch.no_grad():
+            hidden = self._input(x)
+            rows, seq = hidden.shape[:2]
+            if seq != 1 or rows != len(caches) or not rows:
+                raise ModelError(
+                    f"a batched step takes one position for each of {len(caches)} caches, "
+                    f"got {tuple(x.shape)}"
+                )
+            if len({id(cache) for cache in caches}) != rows:
+                raise ModelError("a batched step cannot write one cache twice")
+            for cache in caches:
+                if cache.num_layers != self.num_layers or cache.batch != 1:
+                    raise ModelError(
+                        f"a batched step takes batch-1 caches of {self.num_layers} layers"
+                    )
+                cache.reserve(1)
+            pos = torch.tensor([[cache.length] for cache in caches], device=self.device)
+            cos, sin = self.rotary(pos, self.dtype)
+            for index, layer in enumerate(self.layers.values()):
+                hidden = layer.forward_rows(hidden, cos, sin, caches, index)
+            for cache in caches:
+                cache.length += 1
+            if self.norm is None or self.lm_head is None:
+                return hidden
+            return self.lm_head(self.norm(hidden)).float()
+
+    def _input(self, x: Tensor) -> Tensor:
+        """The first layer's input: token ids embedded, or hidden states checked."""
         device, dtype = self.device, self.dtype
         if self.embed_tokens is not None:
             if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32):
@@ -138,14 +173,19 @@ class LlamaShard(nn.Module):
                     "first shard takes token ids [batch, seq] int64, "
                     f"got {x.dtype} {tuple(x.shape)}"
                 )
-            hidden = self.embed_tokens(x.to(device))
-        else:
-            if x.dim() != 3 or x.shape[-1] != self.config.hidden_size or not x.is_floating_point():
-                raise ModelError(
-                    f"shard [{self.start}, {self.end}) takes hidden states [batch, seq, "
-                    f"{self.config.hidden_size}], got {x.dtype} {tuple(x.shape)}"
-                )
-            hidden = x.to(device=device, dtype=dtype)
+            return self.embed_tokens(x.to(device))
+        if x.dim() != 3 or x.shape[-1] != self.config.hidden_size or not x.is_floating_point():
+            raise ModelError(
+                f"shard [{self.start}, {self.end}) takes hidden states [batch, seq, "
+                f"{self.config.hidden_size}], got {x.dtype} {tuple(x.shape)}"
+            )
+        return x.to(device=device, dtype=dtype)
+
+    def _forward(
+        self, x: Tensor, cache: KVCache | None, positions: Tensor | Sequence[int] | None
+    ) -> Tensor:
+        device, dtype = self.device, self.dtype
+        hidden = self._input(x)
         batch, seq = hidden.shape[:2]
         if seq < 1:
             raise ModelError("empty input: seq must be >= 1")
