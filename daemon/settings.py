@@ -35,6 +35,7 @@ from daemon.cluster.coordinator_state import CoordinatorSettings, ScalingSetting
 from daemon.errors import ConfigInvalid
 from daemon.multiaddrs import BOOTSTRAP_EXAMPLE, LISTEN_EXAMPLE, bootstrap_error, listen_error
 from daemon.resources import EnergySettings
+from daemon.serving.settings import ServingConfig
 from p2p.discovery import DiscoverySettings
 from p2p.limits import HostLimits
 from p2p.records import PricePerUnit
@@ -53,7 +54,18 @@ ENV_PREFIX = "GRIDMESH_"
 
 # -- the tree -----------------------------------------------------------------------------
 
-SECTIONS = ("p2p", "rpc", "resources", "registry", "shards", "grpc", "chain", "market", "cluster")
+SECTIONS = (
+    "p2p",
+    "rpc",
+    "resources",
+    "registry",
+    "shards",
+    "grpc",
+    "chain",
+    "market",
+    "cluster",
+    "serving",
+)
 # a `description` names what a value out of bounds is not: "70000 is not a TCP port (...)"
 Port = Annotated[
     int, msgspec.Meta(ge=0, le=65535, description="a TCP port (0..65535; 0 picks a free one)")
@@ -421,6 +433,7 @@ class Config(Section):
     chain: ChainConfig = ChainConfig()
     market: MarketConfig = MarketConfig()
     cluster: ClusterConfig = ClusterConfig()
+    serving: ServingConfig = ServingConfig()
 
     def problems(self) -> Iterator[Problem]:
         for name in SECTIONS:
