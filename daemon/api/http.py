@@ -27,12 +27,29 @@ import hmac
 import json
 import logging
 from collections.abc import Callable
-from http import HTTPStatus
 
 import h11
 import trio
 
 from daemon.api.cookie import COOKIE_FILE
+from daemon.api.httpio import (
+    MAX_HEADER_BYTES,
+    BodyTooLarge,
+    ClientGone,
+    Conn,
+    ConnectionTable,
+    Headers,
+    Response,
+    TimedOut,
+    has_body,
+    header,
+    linger_close,
+    next_event,
+    read_body,
+    send,
+    started,
+    text_response,
+)
 from daemon.api.jsonrpc import (
     INTERNAL_ERROR,
     INVALID_REQUEST,
@@ -46,16 +63,10 @@ log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 MAX_BODY = 1 << 20
-MAX_HEADER_BYTES = 16 * 1024
 MAX_CONNECTIONS = 256
 REQUEST_TIMEOUT_S = 10.0  # idle + head + body of one request, however slowly it trickles in
-WRITE_TIMEOUT_S = 30.0
-LINGER_S = 1.0  # drain unread input this long before closing, so the client sees our error
 UNAUTHORIZED = status_of(Unauthorized).jsonrpc  # the table in daemon.errors decides
 METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
-_RECV_SIZE = 64 * 1024
-
-Headers = list[tuple[bytes, bytes]]
 
 
 def _rpc_error_body(code: int, message: str) -> bytes:
@@ -63,54 +74,11 @@ def _rpc_error_body(code: int, message: str) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode("ascii")
 
 
-def _error_reply(error: GridmeshError, extra: Headers | None = None) -> _Response:
+def _error_reply(error: GridmeshError, extra: Headers | None = None) -> Response:
     """`error` as a JSON-RPC error body, with the HTTP status of its kind."""
     status = status_of(error)
     body = _rpc_error_body(status.jsonrpc, error.message)
-    return _Response(status.http, body, b"application/json", extra, close=True)
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-class _ClientGone(Exception):
-    pass
-
-
-class _TimedOut(Exception):
-    """The request's deadline passed before its body was complete."""
-
-
-class _Conn:
-    """One connection's place in the connection table."""
-
-    def __init__(self) -> None:
-        self.scope = trio.CancelScope()
-        self.waiting_since: float | None = trio.current_time()  # None: a handler runs
-
-
-class _Response:
-    """What to send back for one request."""
-
-    def __init__(
-        self,
-        status: int,
-        body: bytes = b"",
-        content_type: bytes | None = None,
-        extra: Headers | None = None,
-        *,
-        close: bool = False,
-    ) -> None:
-        self.status = status
-        self.body = body
-        self.content_type = content_type
-        self.extra = extra or []
-        self.close = close  # the request body was not consumed: the connection must end
-
-
-def _text(status: int, text: str, extra: Headers | None = None) -> _Response:
-    return _Response(status, text.encode() + b"\n", b"text/plain; charset=utf-8", extra, close=True)
+    return Response(status.http, body, b"application/json", extra, close=True)
 
 
 class _Server:
@@ -135,59 +103,48 @@ class _Server:
         self._max_body = max_body
         self._max_connections = max_connections
         self._request_timeout_s = request_timeout_s
-        self._conns: set[_Conn] = set()
+        self._table = ConnectionTable(max_connections)
 
     @property
     def connections(self) -> int:
-        return len(self._conns)
-
-    def _make_room(self) -> bool:
-        """At the cap, shed the connection waiting longest for its request; False if all
-        connections are executing requests."""
-        if len(self._conns) < self._max_connections:
-            return True
-        waiting = [c for c in self._conns if c.waiting_since is not None]
-        if not waiting:
-            return False
-        oldest = min(waiting, key=lambda c: c.waiting_since or 0.0)
-        oldest.scope.cancel()
-        self._conns.discard(oldest)
-        self._reject("shed_slow_connection")
-        return True
+        return len(self._table)
 
     async def handle_connection(self, stream: trio.SocketStream) -> None:
         """Serve one connection; swallows every error so the listener keeps going."""
-        if not self._make_room():
+        room = self._table.make_room()
+        if room == "shed":
+            self._reject("shed_slow_connection")
+        elif not room:
             self._reject("too_many_connections")
             return  # serve_listeners closes the stream
-        me = _Conn()
-        self._conns.add(me)
+        me = Conn()
+        self._table.conns.add(me)
         try:
             host, port = stream.socket.getpeername()[:2]
             REQUESTER.set(f"rpc:{host}:{port}")  # this connection's task only
             with me.scope:
                 await self._serve(stream, me)
-        except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
+        except (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except trio.TooSlowError:
             log.debug("rpc connection timed out")
         except Exception:
             log.exception("rpc connection failed")
         finally:
-            self._conns.discard(me)
+            self._table.conns.discard(me)
             if me.scope.cancelled_caught:  # shed: close at once, no linger
                 await trio.aclose_forcefully(stream)
 
-    async def _serve(self, stream: trio.SocketStream, me: _Conn) -> None:
+    async def _serve(self, stream: trio.SocketStream, me: Conn) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         while True:
             me.waiting_since = trio.current_time()
             deadline = me.waiting_since + self._request_timeout_s  # the whole request
             try:
                 with trio.move_on_at(deadline) as scope:
-                    event = await _next_event(conn, stream)
+                    event = await next_event(conn, stream)
                 if scope.cancelled_caught:  # idle too long, or the head came too slowly
-                    if _started(conn):
+                    if started(conn):
                         self._reject("request_timeout")
                     return
                 if not isinstance(event, h11.Request):  # ConnectionClosed
@@ -197,14 +154,14 @@ class _Server:
                 self._reject("bad_http")
                 if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                     status = e.error_status_hint
-                    resp = _text(status, f"bad request: {e}")
-                    await _send(conn, stream, resp, head=False)
-                await _linger_close(stream)
+                    resp = text_response(status, f"bad request: {e}")
+                    await send(conn, stream, resp, head=False)
+                await linger_close(stream)
                 return
             head = event.method == b"HEAD"
-            await _send(conn, stream, response, head=head)
+            await send(conn, stream, response, head=head)
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
-                await _linger_close(stream)
+                await linger_close(stream)
                 return
             conn.start_next_cycle()
 
@@ -213,23 +170,23 @@ class _Server:
         conn: h11.Connection,
         stream: trio.SocketStream,
         req: h11.Request,
-        me: _Conn,
+        me: Conn,
         deadline: float,
-    ) -> _Response:
+    ) -> Response:
         path = req.target.split(b"?", 1)[0]
         if path == b"/metrics":
             if req.method != b"GET":
-                return _text(405, "method not allowed", [(b"allow", b"GET")])
+                return text_response(405, "method not allowed", [(b"allow", b"GET")])
             response = self._serve_metrics()
-            if _has_body(req):  # never read: answer, then close instead of keeping alive
+            if has_body(req):  # never read: answer, then close instead of keeping alive
                 response.close = True
             else:
                 await self._read_body(conn, stream, req, deadline)  # EndOfMessage, no I/O
             return response
         if path != b"/":
-            return _text(404, "not found")
+            return text_response(404, "not found")
         if req.method != b"POST":
-            return _text(405, "method not allowed", [(b"allow", b"POST")])
+            return text_response(405, "method not allowed", [(b"allow", b"POST")])
         if not self._authorized(req.headers):
             self._reject("unauthorized")
             denied = Unauthorized(
@@ -239,11 +196,11 @@ class _Server:
             return _error_reply(denied, [(b"www-authenticate", b"Bearer")])
         try:
             body = await self._read_body(conn, stream, req, deadline)
-        except _BodyTooLarge:
+        except BodyTooLarge:
             return self._too_large()
-        except _TimedOut:
+        except TimedOut:
             self._reject("request_timeout")
-            return _text(408, "request timeout: send the whole request at once")
+            return text_response(408, "request timeout: send the whole request at once")
         me.waiting_since = None  # executing: never shed
         try:
             result = await self._dispatcher.handle(body)
@@ -251,11 +208,11 @@ class _Server:
             log.exception("rpc dispatcher failed")
             result = _rpc_error_body(INTERNAL_ERROR, "internal error")
         if result is None:
-            return _Response(204)
-        return _Response(200, result, b"application/json")
+            return Response(204)
+        return Response(200, result, b"application/json")
 
     def _authorized(self, headers: Headers) -> bool:
-        scheme, _, credentials = (_header(headers, b"authorization") or b"").partition(b" ")
+        scheme, _, credentials = (header(headers, b"authorization") or b"").partition(b" ")
         # The scheme is case-insensitive (RFC 9110); the token is compared in constant time.
         ok = hmac.compare_digest(credentials.strip(), self._token)
         return ok and scheme.lower() == b"bearer"
@@ -263,119 +220,27 @@ class _Server:
     async def _read_body(
         self, conn: h11.Connection, stream: trio.SocketStream, req: h11.Request, deadline: float
     ) -> bytes:
-        length = _header(req.headers, b"content-length")
-        # h11 has already rejected a malformed Content-Length, so int() is safe.
-        if length is not None and int(length) > self._max_body:
-            raise _BodyTooLarge
-        if conn.they_are_waiting_for_100_continue:
-            await _send_all(stream, conn.send(h11.InformationalResponse(status_code=100)))
-        chunks: list[bytes] = []
-        total = 0
-        while True:
-            event: h11.Event | None = None
-            with trio.move_on_at(deadline):  # the request's one deadline, not one per chunk
-                event = await _next_event(conn, stream)
-            if event is None:
-                raise _TimedOut
-            if isinstance(event, h11.Data):
-                total += len(event.data)
-                if total > self._max_body:
-                    raise _BodyTooLarge
-                chunks.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                return b"".join(chunks)
-            else:  # ConnectionClosed in the middle of the body
-                raise _ClientGone
+        return await read_body(conn, stream, req, deadline, self._max_body)
 
-    def _too_large(self) -> _Response:
+    def _too_large(self) -> Response:
         self._reject("too_large")
         msg = f"invalid request: body larger than {self._max_body} bytes"
         err = _rpc_error_body(INVALID_REQUEST, msg)
-        return _Response(413, err, b"application/json", close=True)
+        return Response(413, err, b"application/json", close=True)
 
-    def _serve_metrics(self) -> _Response:
+    def _serve_metrics(self) -> Response:
         try:
             body = self._metrics()
         except Exception:
             log.exception("metrics collection failed")
-            return _Response(500, b"metrics collection failed\n", b"text/plain; charset=utf-8")
-        return _Response(200, body, METRICS_CONTENT_TYPE)
+            return Response(500, b"metrics collection failed\n", b"text/plain; charset=utf-8")
+        return Response(200, body, METRICS_CONTENT_TYPE)
 
     def _reject(self, reason: str) -> None:
         try:
             self._on_reject(reason)
         except Exception:
             log.exception("on_reject hook failed")
-
-
-async def _next_event(conn: h11.Connection, stream: trio.SocketStream) -> h11.Event:
-    while True:
-        event = conn.next_event()
-        if event is h11.PAUSED:  # cannot happen: we never read past the end of a request
-            raise RuntimeError("h11 paused unexpectedly")
-        if event is not h11.NEED_DATA:
-            return event
-        conn.receive_data(await stream.receive_some(_RECV_SIZE))
-
-
-async def _send(
-    conn: h11.Connection, stream: trio.SocketStream, resp: _Response, *, head: bool
-) -> None:
-    headers: Headers = [(b"cache-control", b"no-store")]
-    if resp.content_type is not None:
-        headers.append((b"content-type", resp.content_type))
-    if resp.status != 204:
-        headers.append((b"content-length", str(len(resp.body)).encode("ascii")))
-    if resp.close:
-        headers.append((b"connection", b"close"))
-    headers.extend(resp.extra)
-    reason = HTTPStatus(resp.status).phrase.encode("ascii")
-    out = conn.send(h11.Response(status_code=resp.status, headers=headers, reason=reason)) or b""
-    if resp.body and not head:
-        out += conn.send(h11.Data(data=resp.body)) or b""
-    out += conn.send(h11.EndOfMessage()) or b""
-    await _send_all(stream, out)
-
-
-async def _send_all(stream: trio.SocketStream, data: bytes | None) -> None:
-    if data:
-        with trio.fail_after(WRITE_TIMEOUT_S):
-            await stream.send_all(data)
-
-
-async def _linger_close(stream: trio.SocketStream) -> None:
-    """Half-close, then discard input for a moment before closing.
-
-    Closing a socket with unread input makes the kernel send a reset, which can destroy our
-    error response before the client reads it (e.g. a 413 sent before the body arrived).
-    """
-    try:
-        await stream.send_eof()
-        with trio.move_on_after(LINGER_S):
-            while await stream.receive_some(_RECV_SIZE):
-                pass
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-    await trio.aclose_forcefully(stream)
-
-
-def _has_body(req: h11.Request) -> bool:
-    length = _header(req.headers, b"content-length")
-    return (length is not None and int(length) > 0) or (
-        _header(req.headers, b"transfer-encoding") is not None
-    )
-
-
-def _started(conn: h11.Connection) -> bool:
-    """Whether part of a request has arrived (so a 408 is worth sending)."""
-    return bool(conn.trailing_data[0])
-
-
-def _header(headers: Headers, name: bytes) -> bytes | None:
-    for key, value in headers:
-        if key == name:  # h11 lower-cases header names
-            return value
-    return None
 
 
 async def serve_rpc(
