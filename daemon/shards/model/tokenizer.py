@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,39 @@ BYTE_BOS_ID = 256
 BYTE_EOS_ID = 257
 BYTE_BOS = "<|begin_of_text|>"
 BYTE_EOS = "<|end_of_text|>"
+
+# Bounds on what a checkpoint directory may make us read (real ones: tokenizer.json 2-35 MB).
+MAX_TOKENIZER_BYTES = 64 << 20
+MAX_CONFIG_BYTES = 4 << 20
+
+
+def read_bounded(file: Path, limit: int) -> str:
+    """The text of a checkpoint file, refused with a `ModelError` when over `limit` bytes (a
+    stat first, then a read of at most limit + 1 bytes: the file may grow in between)."""
+    try:
+        size = file.stat().st_size
+        if size <= limit:
+            with file.open("rb") as handle:
+                data = handle.read(limit + 1)
+            size = len(data)
+    except FileNotFoundError:
+        raise ModelError(f"{file}: not found") from None
+    except OSError as exc:
+        raise ModelError(f"{file}: cannot read: {exc}") from None
+    if size > limit:
+        raise ModelError(f"{file}: {size} bytes, over the limit of {limit}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ModelError(f"{file}: not UTF-8: {exc}") from None
+
+
+def read_json(file: Path, limit: int = MAX_CONFIG_BYTES) -> Any:
+    """A bounded JSON file of a checkpoint; every problem is a `ModelError` naming the file."""
+    try:
+        return json.loads(read_bounded(file, limit))
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ModelError(f"{file}: not valid JSON: {exc}") from None
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -98,7 +132,8 @@ class Tokenizer:
     Byte-level tokenizers (ours) run in pure Python; other `tokenizer.json` files go through
     the `tokenizers` library, imported only then. `encode` adds the special tokens the
     checkpoint's `tokenizer.json` post-processor names (e.g. Llama's BOS), as Hugging Face's
-    tokenizers do by default; `add_special_tokens=False` leaves them out.
+    tokenizers do by default; `add_special_tokens=False` leaves them out. Added tokens written
+    in the text (a chat template's `<|begin_of_text|>`) become their ids on both paths.
     """
 
     def __init__(
@@ -110,6 +145,9 @@ class Tokenizer:
         eos_ids: Sequence[int] = (),
         prefix: Sequence[int] = (),
         suffix: Sequence[int] = (),
+        added: Mapping[str, int] | None = None,
+        special_ids: Sequence[int] = (),
+        byte_decoder: bool = False,
     ) -> None:
         self.bos_id = bos_id
         # every id that ends a generation (generation_config.json may list several)
@@ -121,10 +159,26 @@ class Tokenizer:
         )
         self._backend = backend  # a tokenizers.Tokenizer, or None for bytes
         self._prefix, self._suffix = list(prefix), list(suffix)  # byte level: the template
+        # byte level: added tokens by content, matched leftmost-longest as the library does
+        self._added = {k: v for k, v in (added or {}).items() if k}
+        self._added_re = (
+            re.compile("|".join(re.escape(k) for k in sorted(self._added, key=len, reverse=True)))
+            if self._added
+            else None
+        )
+        self.special_ids: frozenset[int] = frozenset(special_ids)
+        # the decoder is ByteLevel: a text is the UTF-8 of its tokens' bytes put together
+        self._byte_decoder = backend is None or byte_decoder
+        self._bytes_cache: dict[int, bytes] = {}
 
     @property
     def is_byte_level(self) -> bool:
         return self._backend is None
+
+    @property
+    def decodes_bytes(self) -> bool:
+        """Whether `token_bytes` is exact: decode(ids) is the lossy UTF-8 of their bytes."""
+        return self._byte_decoder
 
     def encode(
         self, text: str, *, add_special_tokens: bool = True, add_bos: bool = False
@@ -132,7 +186,7 @@ class Tokenizer:
         """Token ids of `text`, with the checkpoint's special tokens around it (BOS for Llama)
         unless `add_special_tokens` is False; `add_bos` adds BOS when the template has none."""
         if self._backend is None:
-            ids = list(text.encode("utf-8"))
+            ids = self._encode_bytes(text)
             if add_special_tokens:
                 ids = [*self._prefix, *ids, *self._suffix]
         else:
@@ -141,11 +195,73 @@ class Tokenizer:
             ids.insert(0, self.bos_id)
         return ids
 
+    def _encode_bytes(self, text: str) -> list[int]:
+        if self._added_re is None:
+            return list(text.encode("utf-8"))
+        ids: list[int] = []
+        at = 0
+        for match in self._added_re.finditer(text):
+            ids.extend(text[at : match.start()].encode("utf-8"))
+            ids.append(self._added[match.group()])
+            at = match.end()
+        ids.extend(text[at:].encode("utf-8"))
+        return ids
+
     def decode(self, ids: Sequence[int]) -> str:
         """Special and out-of-vocabulary ids are skipped; broken UTF-8 becomes U+FFFD."""
         if self._backend is None:
             return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
         return self._backend.decode(list(ids), skip_special_tokens=True)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one id adds to a decoded text (b"" for special and unknown ids); only
+        meaningful when `decodes_bytes`."""
+        cached = self._bytes_cache.get(token_id)
+        if cached is not None:
+            return cached
+        if self._backend is None:
+            out = bytes((token_id,)) if 0 <= token_id < 256 else b""
+        elif token_id in self.special_ids or token_id < 0:
+            out = b""
+        else:
+            token = self._backend.id_to_token(token_id)
+            out = b"" if token is None else _byte_level_bytes(token)
+        if len(self._bytes_cache) < 1 << 20:
+            self._bytes_cache[token_id] = out
+        return out
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of a token written as text (e.g. an eos token named by tokenizer_config)."""
+        if self._backend is None:
+            return self._added.get(token)
+        return self._backend.token_to_id(token)
+
+
+_CHAR_BYTES: dict[str, int] = {}
+
+
+def _byte_level_bytes(token: str) -> bytes:
+    """As the ByteLevel decoder reads a token: each stand-in char is its byte; a token with
+    any other char (an added token such as "中文") is its own UTF-8."""
+    if not _CHAR_BYTES:
+        _CHAR_BYTES.update({char: byte for byte, char in _bytes_to_unicode().items()})
+    try:
+        return bytes(_CHAR_BYTES[c] for c in token)
+    except KeyError:
+        return token.encode("utf-8")
+
+
+def _is_byte_level_decoder(spec: Any) -> bool:
+    """A `tokenizer.json` whose decoder is ByteLevel (alone or a Sequence of only that)."""
+    decoder = spec.get("decoder") if isinstance(spec, dict) else None
+    if not isinstance(decoder, dict):
+        return False
+    parts = decoder.get("decoders") if decoder.get("type") == "Sequence" else [decoder]
+    return (
+        isinstance(parts, list)
+        and bool(parts)
+        and all(isinstance(p, dict) and p.get("type") == "ByteLevel" for p in parts)
+    )
 
 
 def _token_id(value: Any) -> int | None:
@@ -192,22 +308,21 @@ def _template(spec: Any) -> tuple[list[int], list[int]]:
 
 
 def load_tokenizer(model_dir: str | os.PathLike[str]) -> Tokenizer:
-    """The tokenizer of a checkpoint directory, from its `tokenizer.json`."""
+    """The tokenizer of a checkpoint directory, from its `tokenizer.json` (at most
+    `MAX_TOKENIZER_BYTES`)."""
     model_dir = Path(model_dir)
     file = model_dir / TOKENIZER_FILE
+    text = read_bounded(file, MAX_TOKENIZER_BYTES)
     try:
-        text = file.read_text()
         spec = json.loads(text)
-    except FileNotFoundError:
-        raise ModelError(f"{file}: not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise ModelError(f"{file}: cannot read: {exc}") from None
     ids: dict[str, int | None] = {"bos_token_id": None, "eos_token_id": None}
     eos_ids: list[int] = []
     for name in (CONFIG_FILE, GENERATION_FILE):  # generation_config.json wins
         try:
-            extra = json.loads((model_dir / name).read_text())
-        except (OSError, ValueError):
+            extra = read_json(model_dir / name)
+        except ModelError:
             continue
         for key in ids:
             if isinstance(extra, dict) and _token_id(extra.get(key)) is not None:
@@ -215,15 +330,29 @@ def load_tokenizer(model_dir: str | os.PathLike[str]) -> Tokenizer:
                 if key == "eos_token_id":
                     eos_ids = _token_ids(extra.get(key))
     if isinstance(spec, dict) and _is_byte_tokenizer(spec):
-        by_content = {
-            t["content"]: t.get("id")
+        added_tokens = [
+            t
             for t in spec.get("added_tokens") or []
             if isinstance(t, dict) and isinstance(t.get("content"), str)
-        }
+        ]
+        by_content = {t["content"]: t.get("id") for t in added_tokens}
         bos = ids["bos_token_id"] if ids["bos_token_id"] is not None else by_content.get(BYTE_BOS)
         eos = ids["eos_token_id"] if ids["eos_token_id"] is not None else by_content.get(BYTE_EOS)
         prefix, suffix = _template(spec)
-        return Tokenizer(bos_id=bos, eos_id=eos, eos_ids=eos_ids, prefix=prefix, suffix=suffix)
+        added = {
+            k: v
+            for k, v in by_content.items()
+            if isinstance(v, int) and not isinstance(v, bool) and v >= 256
+        }
+        return Tokenizer(
+            bos_id=bos,
+            eos_id=eos,
+            eos_ids=eos_ids,
+            prefix=prefix,
+            suffix=suffix,
+            added=added,
+            special_ids=list(added.values()),
+        )
     try:
         import tokenizers
     except ImportError:
@@ -232,6 +361,12 @@ def load_tokenizer(model_dir: str | os.PathLike[str]) -> Tokenizer:
         backend = tokenizers.Tokenizer.from_str(text)
     except Exception as exc:
         raise ModelError(f"{file}: invalid tokenizer: {exc}") from None
+    special = [i for i, t in backend.get_added_tokens_decoder().items() if t.special]
     return Tokenizer(
-        bos_id=ids["bos_token_id"], eos_id=ids["eos_token_id"], eos_ids=eos_ids, backend=backend
+        bos_id=ids["bos_token_id"],
+        eos_id=ids["eos_token_id"],
+        eos_ids=eos_ids,
+        backend=backend,
+        special_ids=special,
+        byte_decoder=_is_byte_level_decoder(spec),
     )
