@@ -25,17 +25,19 @@ missing route.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import trio
 
+from daemon.serving.sampling import Sampled, Sampler, legacy_sampler
 from daemon.shards import SHARD_PROTOCOL, wire
 from p2p.network import NetworkError, Stream, StreamOpener
 from scheduler.routing import NoRouteError, Server, find_route
@@ -569,20 +571,29 @@ async def generate(
     *,
     temperature: float = 0.0,
     seed: int | None = None,
-    eos_id: int | Sequence[int] | None = None,
+    eos_id: int | Collection[int] | None = None,
+    sampler: Sampler | None = None,
+    on_token: Callable[[Sampled], Awaitable[None] | None] | None = None,
 ) -> AsyncIterator[int]:
-    """Yield generated token ids one by one (greedy, or seeded sampling), up to and including
-    an eos id (`eos_id`: one id or several, e.g. Llama 3's end_of_text and eot_id)."""
+    """Yield generated token ids up to and including an eos id (`eos_id`: one or several).
+    Each is chosen here, where the last hop's logits arrive, by `sampler` (daemon.serving.
+    sampling; without one: greedy at temperature 0, else seeded by `seed`). Failover replays
+    stay inside `model.step`, away from the sampler: a seeded generation gives the same
+    tokens with or without recoveries. `on_token` gets each token with its logprobs before
+    it is yielded (awaited when it returns an awaitable)."""
+    if sampler is None:
+        sampler = legacy_sampler(prompt_ids, temperature=temperature, seed=seed)
+    elif temperature or seed is not None:
+        raise ValueError("temperature and seed belong to the sampler when one is given")
     stop = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
     logits = await model.step(prompt_ids)
     for _ in range(max_new_tokens):
-        if temperature <= 0:
-            token = int(torch.argmax(logits))
-        else:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=generator))
-        yield token
-        if token in stop:
+        sampled = sampler(logits)
+        if on_token is not None:
+            pending = on_token(sampled)
+            if inspect.isawaitable(pending):
+                await pending
+        yield sampled.token
+        if sampled.token in stop:
             return
-        logits = await model.step([token])
+        logits = await model.step([sampled.token])

@@ -1,17 +1,21 @@
 """One generation through the network's shard servers, as the local APIs run it: free, or as
 a paid job (`job_id`, daemon.payments.requester) whose receipts are checked step by step and
-whose vouchers are sent to the providers before the generation's sessions close."""
+whose vouchers are sent to the providers before the generation's sessions close. Tokens are
+chosen here, at the requester, by a `Sampler` (daemon.serving.sampling); a streaming
+consumer gets each one with its logprobs through `on_token`."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from daemon import errors
+from daemon.serving.sampling import Sampled, Sampler, SamplingError, legacy_sampler
 from daemon.shards.jobs import ShardServiceError
 
 if TYPE_CHECKING:
@@ -46,13 +50,31 @@ async def run_generation(
     prompt_ids: list[int],
     max_new_tokens: int,
     *,
-    temperature: float,
-    seed: int | None,
+    temperature: float = 0.0,
+    seed: int | None = None,
     relay: bool = False,
     max_price_per_unit: int | None = None,
     job_id: bytes | None = None,
+    sampler: Sampler | None = None,
+    on_token: Callable[[Sampled], Awaitable[None] | None] | None = None,
+    eos_ids: Collection[int] | None = None,
 ) -> Job:
-    """Fill `job` with the tokens of a generation (its error, route, recoveries when done)."""
+    """Fill `job` with the tokens of a generation (its error, route, recoveries when done).
+
+    `sampler` chooses each token (without one: greedy at `temperature` 0, else sampled with
+    `seed`, as the JSON-RPC and gRPC `generate` always did); `on_token(Sampled)` is called
+    (and awaited, when it returns an awaitable: back-pressure from a slow consumer) for each
+    token as it is generated. `eos_ids`: the ids that end the generation (default: the
+    tokenizer's of a model served here, if any)."""
+    if sampler is None:
+        try:
+            sampler = legacy_sampler(prompt_ids, temperature=temperature, seed=seed)
+        except SamplingError as exc:
+            job.fail(str(exc), errors.InvalidParams)
+            job.done, job.finished = True, time.time()
+            return job
+    elif temperature or seed is not None:
+        raise ValueError("temperature and seed belong to the sampler when one is given")
     from daemon.shards.client import GenerationError, RemoteModel
     from daemon.shards.client import generate as generate_tokens
 
@@ -91,14 +113,14 @@ async def run_generation(
             try:  # on leaving, the paid side sends the vouchers still owed (bounded)
                 await model.open()
                 job.route = model.route
-                eos = tokenizer.eos_id if tokenizer else None
+                eos = eos_ids if eos_ids is not None else tokenizer.eos_id if tokenizer else None
                 async for token in generate_tokens(
                     model,
                     prompt_ids,
                     max_new_tokens,
-                    temperature=temperature,
-                    seed=seed,
                     eos_id=eos,
+                    sampler=sampler,
+                    on_token=on_token,
                 ):
                     job.tokens.append(token)
                     if tokenizer is not None:
@@ -106,6 +128,8 @@ async def run_generation(
                 job.route = model.route
             except GenerationError as exc:
                 job.fail(str(exc), errors.generation_failure(exc))
+            except SamplingError as exc:  # e.g. a logit_bias id past this model's vocabulary
+                job.fail(str(exc), errors.InvalidParams)
             except Exception as exc:  # a background job must never take the daemon down
                 log.exception("generation %s failed", job.id)
                 job.fail(f"internal error: {type(exc).__name__}: {exc}")
