@@ -26,6 +26,7 @@ from daemon.cli.common import (
     print_json,
 )
 from daemon.cli.model import model_app
+from daemon.cli.serve import serve_app
 
 app = typer.Typer(
     help="gridmesh: a peer-to-peer network for AI compute.\n\n"
@@ -342,6 +343,7 @@ for command in shards.COMMANDS:
     app.command()(command)
 for command in jobs.COMMANDS:
     app.command()(command)
+app.add_typer(serve_app(daemon), name="serve")
 
 
 def main() -> None:
