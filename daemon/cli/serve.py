@@ -206,6 +206,8 @@ def endpoint_url(info: dict[str, Any] | None, serving: Any) -> str | None:
     reported = (info or {}).get("openai_url")
     if isinstance(reported, str) and reported.startswith("http"):
         url = reported.rstrip("/")
+        for anywhere, here in (("//0.0.0.0:", "//127.0.0.1:"), ("//[::]:", "//[::1]:")):
+            url = url.replace(anywhere, here)  # every interface: this machine's is one
         return url if url.endswith("/v1") else f"{url}/v1"
     if not serving.port:
         return None

@@ -130,6 +130,9 @@ def test_the_url_is_the_nodes_or_the_configs():
     assert serve.endpoint_url(None, fixed) == "http://127.0.0.1:8000/v1"
     assert serve.endpoint_url({"openai_url": "http://127.0.0.1:9/v1"}, fixed).endswith(":9/v1")
     assert serve.endpoint_url({"openai_url": "http://127.0.0.1:9/"}, fixed).endswith(":9/v1")
+    wide = {"openai_url": "http://0.0.0.0:9/v1"}
+    assert serve.endpoint_url(wide, fixed) == "http://127.0.0.1:9/v1"
+    assert serve.endpoint_url({"openai_url": "http://[::]:9/v1"}, fixed) == "http://[::1]:9/v1"
     assert serve.endpoint_url({"peer_id": "x"}, ServingConfig()) is None  # port 0: unknown
     keyed = ServingConfig(host="::", port=8000, api_keys=())
     assert serve.endpoint_url(None, keyed) == "http://[::1]:8000/v1"
