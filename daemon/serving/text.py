@@ -39,8 +39,10 @@ SPECIAL_TOKEN_NAMES = (
 )
 MAX_STOPS = 16
 MAX_STOP_CHARS = 1024
-# window decoding: how many tokens may be held back before they are emitted anyway
-MAX_PENDING_TOKENS = 16
+# window decoding: a run of byte-fallback pieces is held (decoded whole) up to this many ids,
+# and ids whose text still ends in U+FFFD are emitted anyway past MAX_PENDING_TOKENS
+MAX_BYTE_RUN = 16
+MAX_PENDING_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -257,8 +259,11 @@ class IncrementalDecoder:
     through a UTF-8 incremental decoder over each token's bytes: exact, O(1) per token. Other
     decoders (SentencePiece-style Metaspace, ByteFallback) decode a window of ids (the
     prefix/read offsets of text-generation-inference) and emit when the text does not end in
-    U+FFFD; the window is at most MAX_PENDING_TOKENS + a few ids, after which what is held is
-    emitted as it decodes (only a stream of invalid bytes gets there).
+    U+FFFD; a run of byte-fallback pieces is held until it ends (ByteFallback decodes a run as
+    a whole), up to MAX_BYTE_RUN ids. The window is at most MAX_PENDING_TOKENS + a few ids,
+    after which what is held is emitted as it decodes: only a stream of invalid bytes gets
+    there, and only then (or with a run of over MAX_BYTE_RUN pieces that is not UTF-8) may
+    the stream differ from decode() in which bytes became U+FFFD.
     """
 
     def __init__(self, tokenizer: Tokenizer, *, byte_exact: bool | None = None) -> None:
@@ -275,10 +280,18 @@ class IncrementalDecoder:
         if self._bytes:
             return self._utf8.decode(self._tokenizer.token_bytes(token_id))
         self._ids.append(token_id)
+        pending = len(self._ids) - self._read
+        tokenizer = self._tokenizer
+        if pending <= MAX_BYTE_RUN and (
+            token_id in tokenizer.byte_fallback_ids or tokenizer.is_silent(token_id)
+        ):
+            # ByteFallback decodes a run of <0xNN> pieces together (all U+FFFD when it is
+            # not UTF-8; skipped specials do not end a run), so what a run says is known only
+            # once it ends; a silent id has nothing to say
+            return ""
         decode = self._tokenizer.decode
         prefix = decode(self._ids[: self._read]) if self._read else ""
         text = decode(self._ids)
-        pending = len(self._ids) - self._read
         if pending > MAX_PENDING_TOKENS or (
             len(text) > len(prefix) and not text.endswith("\ufffd")
         ):

@@ -148,6 +148,7 @@ class Tokenizer:
         added: Mapping[str, int] | None = None,
         special_ids: Sequence[int] = (),
         byte_decoder: bool = False,
+        byte_fallback_ids: Sequence[int] = (),
     ) -> None:
         self.bos_id = bos_id
         # every id that ends a generation (generation_config.json may list several)
@@ -169,6 +170,8 @@ class Tokenizer:
         self.special_ids: frozenset[int] = frozenset(special_ids)
         # the decoder is ByteLevel: a text is the UTF-8 of its tokens' bytes put together
         self._byte_decoder = backend is None or byte_decoder
+        # SentencePiece byte fallback: the <0xNN> pieces, decoded together run by run
+        self.byte_fallback_ids: frozenset[int] = frozenset(byte_fallback_ids)
         self._bytes_cache: dict[int, bytes] = {}
 
     @property
@@ -230,6 +233,14 @@ class Tokenizer:
             self._bytes_cache[token_id] = out
         return out
 
+    def is_silent(self, token_id: int) -> bool:
+        """Whether decode skips this id: special, or not in the vocabulary."""
+        if token_id in self.special_ids or token_id < 0:
+            return True
+        if self._backend is None:
+            return token_id >= 256
+        return self._backend.id_to_token(token_id) is None
+
     def token_to_id(self, token: str) -> int | None:
         """The id of a token written as text (e.g. an eos token named by tokenizer_config)."""
         if self._backend is None:
@@ -249,6 +260,15 @@ def _byte_level_bytes(token: str) -> bytes:
         return bytes(_CHAR_BYTES[c] for c in token)
     except KeyError:
         return token.encode("utf-8")
+
+
+def _byte_fallback_ids(spec: Any, backend: Any) -> list[int]:
+    """The ids of the `<0xNN>` pieces of a model with `byte_fallback` (Llama 2, Mistral)."""
+    model = spec.get("model") if isinstance(spec, dict) else None
+    if not isinstance(model, dict) or model.get("byte_fallback") is not True:
+        return []
+    ids = (backend.token_to_id(f"<0x{byte:02X}>") for byte in range(256))
+    return [i for i in ids if i is not None]
 
 
 def _is_byte_level_decoder(spec: Any) -> bool:
@@ -369,4 +389,5 @@ def load_tokenizer(model_dir: str | os.PathLike[str]) -> Tokenizer:
         backend=backend,
         special_ids=special,
         byte_decoder=_is_byte_level_decoder(spec),
+        byte_fallback_ids=_byte_fallback_ids(spec, backend),
     )

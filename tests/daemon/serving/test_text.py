@@ -364,7 +364,62 @@ def test_window_decoder_is_bounded(checkpoints):
     pieces, rest = _stream(decoder, ids)
     assert "".join(pieces) + rest == text.decode(ids) == "\ufffd" * 100
     decoder.push(lone)
-    assert len(decoder._ids) <= 2 * 17
+    assert len(decoder._ids) <= 2 * 65
+
+
+def _spm_tokenizer():
+    """A SentencePiece-style tokenizer.json (Llama 2, Mistral): Metaspace text, <0xNN> byte
+    fallback pieces, a decoder that strips the leading space: the window path."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
+    tok.train_from_iterator(CORPUS[:3] * 10, trainer=trainer)
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    base = len(vocab)
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", base + byte)
+    return json.dumps(spec)
+
+
+@pytest.fixture(scope="module")
+def spm_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("spm") / "m"
+    path.mkdir()
+    (path / "tokenizer.json").write_text(_spm_tokenizer())
+    (path / "config.json").write_text(json.dumps({"max_position_embeddings": 64}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def spm(spm_dir):
+    return ModelText.load(spm_dir)
+
+
+def test_window_decoding_of_a_sentencepiece_tokenizer(spm):
+    assert not spm.tokenizer.decodes_bytes
+    held = 0
+    for sample in MULTIBYTE:
+        ids = spm.encode(sample, add_special_tokens=False)
+        pieces, rest = _stream(spm.decoder(), ids)
+        assert not any("\ufffd" in p for p in pieces), (sample, pieces)
+        assert "".join(pieces) + rest == spm.decode(ids)
+        held += pieces.count("")
+    assert held > 20  # byte-fallback pieces were held back until their character was whole
+    with pytest.raises(ValueError, match="byte by byte"):
+        IncrementalDecoder(spm.tokenizer, byte_exact=True)
 
 
 def _decode_property(text, ids_strategy):
@@ -378,12 +433,15 @@ def _decode_property(text, ids_strategy):
     check()
 
 
-def test_decoder_property_any_ids(checkpoints, tiny):
+def test_decoder_property_any_ids(checkpoints, tiny, spm_dir):
     """Any id sequence (broken UTF-8, specials, unknown ids): pushes + flush == decode."""
     bpe = ModelText.load(checkpoints["chatml"])
     _decode_property(bpe, st.lists(st.integers(0, 460), max_size=40))
     byte = ModelText(tokenizer=m.load_tokenizer(tiny), context_length=512)
     _decode_property(byte, st.lists(st.integers(0, 260), max_size=40))
+    # the window path on SentencePiece byte-fallback pieces, runs up to its bound
+    spm_text = ModelText.load(spm_dir)
+    _decode_property(spm_text, st.lists(st.integers(0, 560), max_size=16))
     # the byte path is the library's decode too, Rust's lossy UTF-8 included
     library = tokenizers.Tokenizer.from_file(str(tiny / "tokenizer.json"))
 
