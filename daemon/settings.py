@@ -54,18 +54,8 @@ ENV_PREFIX = "GRIDMESH_"
 
 # -- the tree -----------------------------------------------------------------------------
 
-SECTIONS = (
-    "p2p",
-    "rpc",
-    "resources",
-    "registry",
-    "shards",
-    "grpc",
-    "chain",
-    "market",
-    "cluster",
-    "serving",
-)
+SECTIONS = ("p2p", "rpc", "resources", "registry", "shards", "grpc", "chain", "market", "cluster")
+SECTIONS += ("serving",)
 # a `description` names what a value out of bounds is not: "70000 is not a TCP port (...)"
 Port = Annotated[
     int, msgspec.Meta(ge=0, le=65535, description="a TCP port (0..65535; 0 picks a free one)")
