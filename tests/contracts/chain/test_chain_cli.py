@@ -13,12 +13,20 @@ from tests.contracts.chain.rpc_helpers import rpc
 GM = [sys.executable, "-m", "daemon.cli.main"]
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C handled as a terminal would. A test suite started in the
+    background of a non-interactive shell (`pytest &`) inherits SIGINT ignored, and Python
+    then installs no KeyboardInterrupt handler, so the SIGINT below would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_serve_prints_its_accounts_serves_and_stops_on_ctrl_c() -> None:
     proc = subprocess.Popen(
         [*GM, "chain", "serve", "--port", "0", "--accounts", "2"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_sigint,
     )
     try:
         first = proc.stdout.readline()
