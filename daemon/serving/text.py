@@ -28,6 +28,7 @@ from daemon.shards.model.tokenizer import (
 
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers' own file; it wins over the config's
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"  # legacy: read as transformers reads it
 SPECIAL_TOKEN_NAMES = (
     "bos_token",
     "eos_token",
@@ -156,9 +157,9 @@ class ModelText:
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike[str]) -> ModelText:
-        """Read `tokenizer.json`, `tokenizer_config.json` (optional), `chat_template.jinja`
-        (optional), `generation_config.json` (optional) and `config.json`; every problem,
-        an oversized file included, is a `ModelError` naming the file."""
+        """Read `tokenizer.json`, `tokenizer_config.json`, `chat_template.jinja`,
+        `special_tokens_map.json`, `generation_config.json` (all optional) and `config.json`;
+        every problem, an oversized file included, is a `ModelError` naming the file."""
         model_dir = Path(model_dir)
         tokenizer = load_tokenizer(model_dir)
         config_file = model_dir / TOKENIZER_CONFIG_FILE
@@ -166,9 +167,18 @@ class ModelText:
         if not isinstance(config, Mapping):
             raise ModelError(f"{config_file}: expected a JSON object")
         template, reason = _chat_template_source(model_dir, config)
+        names = dict(config)
+        legacy = model_dir / SPECIAL_TOKENS_MAP_FILE
+        if "added_tokens_decoder" not in config and legacy.exists():
+            # transformers reads special_tokens_map.json only for configs without
+            # added_tokens_decoder, and then its values win
+            extra = read_json(legacy, MAX_CONFIG_BYTES)
+            if not isinstance(extra, Mapping):
+                raise ModelError(f"{legacy}: expected a JSON object")
+            names.update({k: v for k, v in extra.items() if k in SPECIAL_TOKEN_NAMES})
         special = {}
         for key in SPECIAL_TOKEN_NAMES:
-            text = _token_text(config.get(key), key)
+            text = _token_text(names.get(key), key)
             if text is not None:
                 special[key] = text
         generation_file = model_dir / GENERATION_FILE

@@ -259,6 +259,26 @@ def test_named_templates_and_chat_template_file(checkpoints, tmp_path, bpe_json)
         ModelText.load(path).render_chat(CHATS[0])
 
 
+def test_legacy_special_tokens_map(tmp_path, bpe_json):
+    """special_tokens_map.json names the special tokens when tokenizer_config.json has no
+    added_tokens_decoder, as transformers reads it; with one, it is ignored."""
+    path = _bpe_checkpoint(tmp_path / "legacy", bpe_json, LLAMA3)
+    (path / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": {"content": "<|im_start|>"}, "eos_token": "<|im_end|>"})
+    )
+    for modern in (False, True):
+        if modern:
+            config = json.loads((path / "tokenizer_config.json").read_text())
+            config["added_tokens_decoder"] = {}
+            (path / "tokenizer_config.json").write_text(json.dumps(config))
+        ours, theirs = ModelText.load(path), _hf(path)
+        assert ours.render_chat(CHATS[0]) == theirs.apply_chat_template(
+            CHATS[0], tokenize=False, add_generation_prompt=True
+        )
+        assert ours.bos_token == ("<|begin_of_text|>" if modern else "<|im_start|>")
+        assert ours.eos_token == theirs.eos_token
+
+
 # -- eos ids and defaults ---------------------------------------------------------------------
 
 
