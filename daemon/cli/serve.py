@@ -71,13 +71,13 @@ def _serve_command(daemon: Callable[..., None]) -> Callable[..., None]:
     ) -> None:
         if ctx.invoked_subcommand is not None:
             return
-        if not openai:
+        home = home_dir(options.get("home"))
+        serving = _check_serving(home, options.get("config"), openai, port, host)
+        if not openai and (serving is None or not serving.openai):
             fail(
                 "say what to serve: `gridmesh serve --openai` runs the daemon with the "
                 "OpenAI-compatible endpoint on (see `gridmesh serve --help`)"
             )
-        home = home_dir(options.get("home"))
-        serving = _check_serving(home, options.get("config"), port, host)
         overrides = {"GRIDMESH_SERVING__OPENAI": "true"}  # a layer over config.toml
         if port is not None:
             overrides["GRIDMESH_SERVING__PORT"] = str(port)
@@ -113,7 +113,8 @@ def _serve_command(daemon: Callable[..., None]) -> Callable[..., None]:
                 False,
                 "--openai",
                 help="Serve the OpenAI-compatible endpoint (/v1/chat/completions, "
-                "/v1/completions, /v1/models).",
+                "/v1/completions, /v1/models); without it, \\[serving] openai in the config "
+                "must be true.",
             ),
         ),
         _option(
@@ -149,7 +150,7 @@ def _option(name: str, annotation: Any, default: Any) -> inspect.Parameter:
 
 
 def _check_serving(
-    home: Path, config: Path | None, port: int | None, host: str | None
+    home: Path, config: Path | None, openai: bool, port: int | None, host: str | None
 ) -> Any | None:
     """[serving] as the daemon will see it, --port and --host over the config file and the
     environment; a mistake in them is refused naming the flag, and a fixed port that is
@@ -166,7 +167,8 @@ def _check_serving(
 
     layers = settings.Layers()
     layers.add_table(msgspec.to_builtins(base), "")
-    layers.set(("serving", "openai"), True, "--openai")
+    if openai:
+        layers.set(("serving", "openai"), True, "--openai")
     if port is not None:
         layers.set(("serving", "port"), port, "--port")
     if host is not None:

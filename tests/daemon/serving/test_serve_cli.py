@@ -78,6 +78,11 @@ def serve_args(tmp_path, *args: str) -> list[str]:
 
 def test_serve_without_openai_says_what_to_add(tmp_path):
     one_line_error(runner.invoke(app, serve_args(tmp_path)), "gridmesh serve --openai")
+    # unless the config turns it on; then the rest is checked as with --openai
+    config = tmp_path / "c.toml"
+    config.write_text("[serving]\nopenai = true\n")
+    result = runner.invoke(app, serve_args(tmp_path, "--config", str(config), "--port", "-1"))
+    one_line_error(result, "--port -1 is not a TCP port")
 
 
 @pytest.mark.parametrize(
