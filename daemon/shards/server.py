@@ -35,6 +35,12 @@ refused as `busy` (the client then routes around this server).
 
 A session opened with a job id is paid work (daemon.payments.provider): admitted only for a
 live, funded job; each of its steps answers with this node's signed receipt of the step.
+
+Compute: one step at a time per process (torch already uses every core for one). Decode
+steps (one position) of the sessions of one loaded range are batched: those ready together
+run as one forward pass (`daemon.shards.batching`), each session with its own KV cache and
+positions, and each gets its own rows back (its receipt, push and reply as alone). Prefills
+and other multi-position steps (a replay after a failover) run alone, between batches.
 """
 
 from __future__ import annotations
@@ -43,7 +49,6 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,44 +56,34 @@ import torch
 import trio
 
 from daemon.shards import wire
+from daemon.shards.batching import (
+    BATCH_WINDOW_S,
+    MAX_BATCH,
+    Batcher,
+    Batchers,
+    StepDropped,
+    run_alone,
+    run_steps,
+)
 from daemon.shards.blocks import ServedBlock, available_memory
-from daemon.shards.model import KVCache, LlamaConfig, ModelError, load_shard
+from daemon.shards.model import LlamaConfig, ModelError, load_shard
 from daemon.shards.push import Outbox, PushPool
+from daemon.shards.session import (
+    MAX_STEP_TOKENS,
+    Session,
+    ShardError,
+    check_step,
+    input_bytes_per_position,
+)
 from p2p.network import NetworkError, Stream, StreamOpener
 
 log = logging.getLogger(__name__)
 
 MAX_SESSIONS = 64
 SESSION_IDLE_S = 120.0
-MAX_STEP_TOKENS = 4096
 STREAM_IDLE_S = 30.0  # a stream without a live session and without a frame is closed
 MAX_STREAMS_PER_PEER = MAX_SESSIONS // 2 + 8  # a session each, plus pushes and spares
 TELL_OWNER_TIMEOUT_S = 5.0
-
-
-class ShardError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass
-class Session:
-    id: str
-    block: ServedBlock
-    cache: KVCache
-    max_length: int
-    owner: Outbox
-    """The stream that opened the session: results and errors of chained steps go there."""
-    peer: str  # the owner's peer id
-    link: str  # the token a push into this session must show (given to the owner only)
-    prev: str | None = None  # the only peer that may push into this session
-    next: wire.NextHop | None = None  # where chained steps push their output
-    stepping: bool = False  # a chained step of this session is computing or pushing
-    decoder: Any = None  # a StaticDecoder, made at the first one-token step if used
-    paid: Any = None  # a paid session's receipts (daemon.payments.provider.PaidSession)
-    length: int = 0
-    last_used: float = field(default_factory=time.monotonic)
 
 
 class ShardServer:
@@ -104,6 +99,8 @@ class ShardServer:
         stream_idle_s: float = STREAM_IDLE_S,
         max_streams_per_peer: int = MAX_STREAMS_PER_PEER,
         payments: Any = None,
+        max_batch: int = MAX_BATCH,
+        batch_window_s: float = BATCH_WINDOW_S,
     ) -> None:
         """`cache_budget_bytes`: KV cache all sessions may hold together (None: half of the
         memory available when the first range is loaded). `opener`: how to reach the next
@@ -113,7 +110,9 @@ class ShardServer:
         stream holding no live session may send nothing before it is closed;
         `max_streams_per_peer`: streams one peer may hold open at once. `payments`: the
         provider's side of paid work (`daemon.payments.provider.Provider`; None: sessions
-        opened for a job are refused)."""
+        opened for a job are refused). `max_batch`: most decode steps in one forward pass
+        (1: no batching); `batch_window_s`: how long a batch may wait for a session of the
+        previous batch (`daemon.shards.batching`)."""
         self.blocks: dict[str, ServedBlock] = {}
         self.sessions: dict[str, Session] = {}
         self.max_sessions = max_sessions
@@ -128,6 +127,11 @@ class ShardServer:
         # one step at a time per process: torch already uses every core for one
         self._compute = trio.CapacityLimiter(1)
         self.payments = payments
+        self.max_batch = max_batch
+        self.batch_window_s = batch_window_s
+        # the batchers of decode steps, per loaded range; `batching.batch_sizes` (a histogram
+        # of forward passes by steps in them) and `batching.batched_steps` for /metrics
+        self.batching: Batchers[Session] = Batchers(self._batcher)
 
     # -- blocks ------------------------------------------------------------------------
 
@@ -165,6 +169,7 @@ class ShardServer:
 
     def unload(self, model_id: str) -> bool:
         block = self.blocks.pop(model_id, None)
+        self.batching.drop(model_id)
         for session_id in [s.id for s in self.sessions.values() if s.block is block]:
             self.end_session(session_id)
         return block is not None
@@ -180,13 +185,6 @@ class ShardServer:
         free = (self.cache_budget_bytes or 0) - self.cache_used_bytes
         return max(0, free // block.cache_bytes_per_token)
 
-    @staticmethod
-    def input_bytes_per_position(block: ServedBlock) -> int:
-        """Bytes of one position of a step's input: a token id, or a hidden state."""
-        if block.start == 0:
-            return wire.element_size(torch.int64)
-        return block.config.hidden_size * wire.element_size(block.dtype)
-
     @property
     def max_frame_bytes(self) -> int:
         """The largest frame any session here can take: a header and a step of
@@ -194,8 +192,7 @@ class ShardServer:
         The transports refuse longer frames before reading them."""
         widest = max(
             (
-                min(MAX_STEP_TOKENS, b.config.max_position_embeddings)
-                * self.input_bytes_per_position(b)
+                min(MAX_STEP_TOKENS, b.config.max_position_embeddings) * input_bytes_per_position(b)
                 for b in self.blocks.values()
             ),
             default=0,
@@ -205,7 +202,7 @@ class ShardServer:
     def session_input_limit(self, session: Session) -> int:
         """The most tensor bytes a step of this session can carry (its remaining positions)."""
         positions = min(MAX_STEP_TOKENS, max(0, session.max_length - session.length))
-        return positions * self.input_bytes_per_position(session.block)
+        return positions * input_bytes_per_position(session.block)
 
     def open_session(self, header: wire.Open, owner: Outbox) -> Session:
         block = self.blocks.get(header.model)
@@ -298,72 +295,49 @@ class ShardServer:
             log.warning("cannot sign a receipt: %r", exc)
             raise ShardError("receipt", "this server cannot record the step's receipt") from None
 
-    def _check_input(self, session: Session, position: Any, x: torch.Tensor | None) -> None:
-        block = session.block
-        if x is None:
-            raise ShardError("bad_input", "forward needs a tensor")
-        if position != session.length:
-            raise ShardError(
-                "bad_position", f"expected position {session.length}, got {str(position)[:20]}"
-            )
-        if x.dim() < 2 or not 0 < x.shape[1] <= MAX_STEP_TOKENS:
-            raise ShardError("bad_input", f"a step carries 1..{MAX_STEP_TOKENS} positions")
-        if block.start == 0:
-            if x.dtype != torch.int64 or x.dim() != 2 or x.shape[0] != 1:
-                raise ShardError("bad_input", "the first shard takes int64 token ids [1, seq]")
-            if int(x.min()) < 0 or int(x.max()) >= block.config.vocab_size:
-                raise ShardError("bad_input", "token id out of the vocabulary")
-        else:
-            hidden = block.config.hidden_size
-            if x.dtype != block.dtype or x.dim() != 3 or x.shape[0] != 1 or x.shape[2] != hidden:
-                raise ShardError(
-                    "bad_input",
-                    f"expected {wire.NAMES[block.dtype]} hidden states [1, seq, {hidden}]",
-                )
-        seq = x.shape[1]
-        if session.length + seq > session.max_length:
-            raise ShardError(
-                "too_long",
-                f"{session.length + seq} positions exceed the session's {session.max_length}",
-            )
+    # -- batching ----------------------------------------------------------------------
+
+    def _batcher(self, block: ServedBlock) -> Batcher[Session]:
+        return Batcher(
+            lambda sessions, xs: run_steps(sessions, xs, self.static_decode),
+            limiter=self._compute,
+            settle=lambda sessions: [session.advance(1) for session in sessions],
+            live=lambda session: self.sessions.get(session.id) is session,
+            max_batch=self.max_batch,
+            window_s=self.batch_window_s,
+        )
+
+    @property
+    def waiting_steps(self) -> int:
+        """Steps waiting for compute: decode steps gathered for a batch, other steps queued
+        for the compute limiter."""
+        return self.batching.pending + int(self._compute.statistics().tasks_waiting)
+
+    # -- steps ---------------------------------------------------------------------------
 
     async def forward(
         self, session: Session, position: Any, x: torch.Tensor | None, last_only: bool
     ) -> torch.Tensor:
-        async with self._compute:  # the check too: two steps at one position must not race
-            self._check_input(session, position, x)
-            assert x is not None
-            out = await trio.to_thread.run_sync(self._run, session, x, last_only)
-        session.length += x.shape[1]
-        session.last_used = time.monotonic()
-        return out
-
-    def _run(self, session: Session, x: torch.Tensor, last_only: bool) -> torch.Tensor:
-        block = session.block
-
-        started = time.perf_counter()
+        """Compute one step of `session`: a decode step in a batch with other sessions',
+        anything longer alone. At most one step of a session is queued or computing."""
+        check_step(session, position, x)
+        assert x is not None
+        if session.computing:
+            raise ShardError("bad_position", "a step of this session is running")
         static = self.static_decode
-        if static is None:
-            static = block.device.startswith("cuda")
-        if static and x.shape[1] == 1:
-            if session.decoder is None:
-                from daemon.shards.model import StaticDecoder
-
-                session.decoder = StaticDecoder(block.shard, session.cache)
-            out = session.decoder.step(x).cpu()
-            block.compute_s += time.perf_counter() - started
-            block.steps += 1
+        session.computing = True
+        try:
+            if x.shape[1] == 1:
+                try:
+                    return await self.batching.of(session.block).step(session, x)
+                except StepDropped:
+                    raise ShardError("unknown_session", "the session ended") from None
+            async with self._compute:
+                out = await trio.to_thread.run_sync(run_alone, session, x, last_only, static)
+            session.advance(x.shape[1])
             return out
-        with torch.inference_mode():
-            first = session.length
-            positions = torch.arange(first, first + x.shape[1], device=block.device)
-            out = block.shard(x.to(block.device), session.cache, positions)
-            if last_only:
-                out = out[:, -1:, :]
-            out = out.cpu()
-        block.compute_s += time.perf_counter() - started
-        block.steps += 1
-        return out
+        finally:
+            session.computing = False
 
     # -- protocol ----------------------------------------------------------------------
 
@@ -399,7 +373,7 @@ class ShardServer:
                 def spawn(session: Session, header: wire.Forward, x: torch.Tensor | None) -> None:
                     if session.stepping:  # a client waits for each step before the next
                         raise ShardError("bad_position", "a step of this session is running")
-                    self._check_input(session, header.position, x)  # before parking x
+                    check_step(session, header.position, x)  # before parking x
                     assert x is not None
                     session.stepping = True
                     steps.start_soon(run_step, session, header, x)

@@ -1,0 +1,291 @@
+"""Continuous batching of decode steps: the one-position steps of the sessions of one loaded
+range run as one forward pass (and how a step is computed, alone or in a batch).
+
+Why: a decode step of one session reads every weight of the range to compute one row; the
+matrix products of 16 rows cost hardly more than those of one (on a CPU or a GPU alike, a
+decode step is bound by reading the weights). So the steps of different sessions that are
+ready at about the same time are gathered into one forward (`LlamaShard.decode_rows`), and
+sessions join and leave the batch between steps, as vLLM's scheduler does.
+
+How a batch is gathered: there is no background task. A step that arrives while no batch is
+being gathered makes its caller the *leader*: it waits until every session of the previous
+batch that still lives has its next step pending (sessions step in lockstep, so they come
+back together), or `window_s` after the oldest pending step arrived, or `max_batch` steps
+are pending, whichever is first; then it takes the compute limiter (prefills, which run
+alone, share it), takes up to `max_batch` pending steps in arrival order and runs them as one
+forward in a worker thread. Its callers get their own rows. A leader whose own step is done
+leaves; if steps are still pending, one of their callers leads next. So:
+- a lone session never waits (the previous batch was its own step alone);
+- a slow or dead session holds a batch back by at most `window_s`, and then drops out of the
+  sessions awaited until it steps again (then it joins the next batch);
+- nobody starves: steps are taken oldest first, at most `max_batch` at a time;
+- a caller cancelled while its step is pending withdraws it; once taken, its batch runs to
+  the end (shielded) and the session's state is settled by the leader (`settle`), whether
+  anyone still waits for the result or not, so a session's length never disagrees with its
+  cache;
+- a step whose session ended before its batch ran is dropped (`StepDropped`), the others run.
+
+Why each session keeps its own KV cache (rather than vLLM's shared slots or pages): the
+cache budget, `busy`, failover by replay and the sessions' lifetimes stay exactly as they
+were, and `decode_rows` attends each row over its own cache with no copy. Gathering the
+caches into one padded tensor per step would copy every cached position of every layer at
+every step (as many bytes as the weights, for 16 sessions of 200 positions at hidden 512),
+and shared slots would preallocate the longest length for every session or need paged
+attention, which plain torch has no kernel for. The price is one small attention call per
+row and layer; see bench/batching.py for what batching gains with it.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import torch
+import trio
+
+from daemon.shards.blocks import ServedBlock
+from daemon.shards.session import Session
+
+MAX_BATCH = 32
+BATCH_WINDOW_S = 0.005
+
+K = TypeVar("K")
+
+
+class StepDropped(Exception):
+    """The step's session ended before its batch ran."""
+
+
+@dataclass(eq=False)
+class _Step(Generic[K]):
+    key: K
+    x: torch.Tensor
+    arrived: float
+    done: trio.Event = field(default_factory=trio.Event)
+    out: torch.Tensor | None = None
+    error: BaseException | None = None
+    taken: bool = False
+
+
+class Batcher(Generic[K]):
+    """Gathers one-position steps of the sessions (`K`) of one loaded range and runs them
+    together.
+
+    `compute(keys, xs)`: runs in a worker thread, returns one output per step, in order;
+    `settle(keys)`: called on the event loop once a batch has run (the sessions advance);
+    `live(key)`: whether a session still exists (steps of ended ones are dropped);
+    `limiter`: the compute limiter batches and every other step share.
+
+    Read by metrics: `batch_sizes` (forward passes run, by number of steps in them),
+    `batched_steps` (steps that ran in a batch of two or more), `pending` (steps waiting)."""
+
+    def __init__(
+        self,
+        compute: Callable[[Sequence[K], Sequence[torch.Tensor]], list[torch.Tensor]],
+        *,
+        limiter: trio.CapacityLimiter,
+        settle: Callable[[Sequence[K]], None] = lambda keys: None,
+        live: Callable[[K], bool] = lambda key: True,
+        max_batch: int = MAX_BATCH,
+        window_s: float = BATCH_WINDOW_S,
+    ) -> None:
+        if max_batch < 1 or window_s < 0:
+            raise ValueError("max_batch must be >= 1 and window_s >= 0")
+        self._compute = compute
+        self._settle = settle
+        self._live = live
+        self._limiter = limiter
+        self.max_batch = max_batch
+        self.window_s = window_s
+        self._pending: list[_Step[K]] = []
+        self._expected: list[K] = []  # the sessions of the last batch
+        self._leading = False
+        self._changed = trio.Event()
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
+        self.batched_steps = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def step(self, key: K, x: torch.Tensor) -> torch.Tensor:
+        """`key`'s output for its one-position input `x` (batch 1), computed in a batch with
+        whatever other sessions' steps are ready. At most one step per key at a time (the
+        caller's rule: the server refuses a second one)."""
+        item = _Step(key, x, trio.current_time())
+        self._pending.append(item)
+        self._notify()
+        try:
+            while not item.done.is_set():
+                if self._leading:
+                    await self._changed.wait()
+                    continue
+                self._leading = True
+                try:
+                    await self._lead(item)
+                finally:
+                    self._leading = False
+                    self._notify()  # a waiting caller leads the steps left, if any
+        except BaseException:
+            if not item.taken and item in self._pending:  # withdrawn before its batch
+                self._pending.remove(item)
+            raise
+        if item.error is not None:
+            raise item.error
+        assert item.out is not None
+        return item.out
+
+    def _ready(self) -> bool:
+        if len(self._pending) >= self.max_batch:
+            return True
+        waiting = {id(item.key) for item in self._pending}
+        return all(id(key) in waiting for key in self._expected if self._live(key))
+
+    async def _lead(self, mine: _Step[K]) -> None:
+        """Run batches until `mine` is done."""
+        while not mine.done.is_set():
+            if not self._pending:  # a step not done is pending or in a batch: never here
+                mine.error = RuntimeError("a step was lost by its batcher")
+                mine.done.set()
+                return
+            oldest = min(item.arrived for item in self._pending)
+            with trio.move_on_at(oldest + self.window_s):
+                while not self._ready():
+                    await self._changed.wait()
+            with trio.CancelScope(shield=True):  # taken steps always finish
+                async with self._limiter:
+                    await self._run_batch()
+
+    async def _run_batch(self) -> None:
+        batch: list[_Step[K]] = []
+        seen: set[int] = set()
+        for item in list(self._pending):
+            if len(batch) == self.max_batch:
+                break
+            if id(item.key) in seen:  # a session's second step (its caller gave up on the
+                continue  # first, which is running): in a later batch, never twice in one
+            seen.add(id(item.key))
+            self._pending.remove(item)
+            item.taken = True
+            if self._live(item.key):
+                batch.append(item)
+            else:
+                item.error = StepDropped("the session ended")
+                item.done.set()
+        if not batch:
+            self._notify()
+            return
+        keys = [item.key for item in batch]
+        try:
+            outs = await trio.to_thread.run_sync(self._compute, keys, [i.x for i in batch])
+            if len(outs) != len(batch):
+                raise RuntimeError(f"a batch of {len(batch)} steps gave {len(outs)} outputs")
+        except BaseException as exc:  # every step of the batch fails alike
+            for item in batch:
+                item.error = exc if isinstance(exc, Exception) else StepDropped("batch failed")
+                item.done.set()
+            self._notify()
+            if isinstance(exc, Exception):
+                return
+            raise
+        self._settle(keys)
+        self._expected = keys
+        self.batch_sizes[len(batch)] += 1
+        if len(batch) > 1:
+            self.batched_steps += len(batch)
+        for item, out in zip(batch, outs, strict=True):
+            item.out = out
+            item.done.set()
+        self._notify()
+
+
+class Batchers(Generic[K]):
+    """The batchers of a server's loaded ranges (one each, made by `make` at its first
+    step), and their metrics summed for /metrics."""
+
+    def __init__(self, make: Callable[[ServedBlock], Batcher[K]]) -> None:
+        self._make = make
+        self._held: dict[str, tuple[ServedBlock, Batcher[K]]] = {}
+
+    def of(self, block: ServedBlock) -> Batcher[K]:
+        held = self._held.get(block.model_id)
+        if held is None or held[0] is not block:  # first step, or the range was reloaded
+            held = (block, self._make(block))
+            self._held[block.model_id] = held
+        return held[1]
+
+    def drop(self, model_id: str) -> None:
+        self._held.pop(model_id, None)
+
+    @property
+    def batch_sizes(self) -> dict[int, int]:
+        """Decode forward passes run, by how many sessions' steps each held (1: alone)."""
+        sizes: collections.Counter[int] = collections.Counter()
+        for _, batcher in self._held.values():
+            sizes.update(batcher.batch_sizes)
+        return dict(sorted(sizes.items()))
+
+    @property
+    def batched_steps(self) -> int:
+        """Decode steps that ran in a forward pass together with another session's."""
+        return sum(batcher.batched_steps for _, batcher in self._held.values())
+
+    @property
+    def pending(self) -> int:
+        return sum(batcher.pending for _, batcher in self._held.values())
+
+
+# -- computing steps (in a worker thread) ---------------------------------------------------
+
+
+def run_alone(
+    session: Session, x: torch.Tensor, last_only: bool, static: bool | None
+) -> torch.Tensor:
+    """One step of one session at its next positions; one-position steps through a static
+    decoder (CUDA graphs, `daemon.shards.model.decode`) when `static` (None: on CUDA)."""
+    block = session.block
+    started = time.perf_counter()
+    if static is None:
+        static = block.device.startswith("cuda")
+    if static and x.shape[1] == 1:
+        if session.decoder is None:
+            from daemon.shards.model import StaticDecoder
+
+            session.decoder = StaticDecoder(block.shard, session.cache)
+        out = session.decoder.step(x).cpu()
+    else:
+        with torch.inference_mode():
+            first = session.length
+            positions = torch.arange(first, first + x.shape[1], device=block.device)
+            out = block.shard(x.to(block.device), session.cache, positions)
+            if last_only:
+                out = out[:, -1:, :]
+            out = out.cpu()
+    block.compute_s += time.perf_counter() - started
+    block.steps += 1
+    return out
+
+
+def run_steps(
+    sessions: Sequence[Session], xs: Sequence[torch.Tensor], static: bool | None
+) -> list[torch.Tensor]:
+    """One decode step of each of `sessions` (all of one range): one alone as any step,
+    several as one forward pass (`LlamaShard.decode_rows`). A block's `steps` and
+    `compute_s` count forward passes, so its `ms_per_layer` stays what a step waits."""
+    if len(sessions) == 1:
+        return [run_alone(sessions[0], xs[0], False, static)]
+    block = sessions[0].block
+    started = time.perf_counter()
+    with torch.inference_mode():
+        x = torch.cat(list(xs)).to(block.device)
+        out = block.shard.decode_rows(x, [session.cache for session in sessions]).cpu()
+    block.compute_s += time.perf_counter() - started
+    block.steps += 1
+    return [out[row : row + 1].clone() for row in range(len(sessions))]
