@@ -149,10 +149,6 @@ class Bucket:
         self.held -= held
         self.level += held - used
 
-    def available(self, now: float) -> float:
-        self._refill(now)
-        return self.level
-
 
 @dataclass(frozen=True)
 class Limits:
