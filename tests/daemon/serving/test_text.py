@@ -663,6 +663,8 @@ def _render(source, **variables):
         ("{% set ns = namespace(_x=1) %}", "may not start"),
         ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "RecursionError"),
         ("{{ undefined_thing.attr }}", "undefined"),
+        ("{% include 'x.txt' %}", "loader|not found"),
+        ("{% import 'os' as os %}", "loader|not found"),
     ],
 )
 def test_sandbox_refuses(source, match):
@@ -679,6 +681,9 @@ def test_sandbox_refuses(source, match):
         "{{ dict.__call__.__globals__ }}",
         "{{ ''.format.__self__.__class__ }}",
         "{{ strftime_now.__code__ }}",
+        "{{ messages | map(attribute='__class__') | list }}",
+        "{{ messages | attr('__class__') }}",
+        "{{ self.__init__ }}",
     ],
 )
 def test_sandbox_leaks_nothing(source):
