@@ -59,6 +59,7 @@ from msgspec import Meta
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI
 MAX_TOP_LOGPROBS = 20
 BIAS_LIMIT = 100.0
+INLINE_VOCAB = 8192  # sampled steps over more tokens than this leave the event loop
 _CHOICE_STRIDE = 0x9E3779B97F4A7C15  # odd: distinct seeds for distinct choices
 _U64 = 1 << 64
 
@@ -105,8 +106,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
 class Sampled(NamedTuple):
     """One generated token. `logprob`: its log probability under the model's distribution
-    (None unless `logprobs`); `top`: the `top_logprobs` most likely tokens and theirs, most
-    likely first."""
+    (None unless `logprobs` or `top_logprobs`); `top`: the `top_logprobs` most likely tokens
+    and theirs, most likely first."""
 
     token: int
     logprob: float | None
@@ -184,6 +185,13 @@ class Sampler:
     @property
     def greedy(self) -> bool:
         return self.params.greedy
+
+    def cheap(self, vocab: int) -> bool:
+        """Whether a step costs little enough to run on an event loop: greedy (an argmax), or
+        a small vocabulary. A sampled step over 128k tokens takes milliseconds (the draw
+        alone makes one exponential per token, the top_p sort more): callers run those in a
+        worker thread."""
+        return self.greedy or vocab <= INLINE_VOCAB
 
     def _setup(self, vocab: int) -> None:
         """Vocabulary-sized state, once the vocabulary size is known."""

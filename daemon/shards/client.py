@@ -575,12 +575,10 @@ async def generate(
     sampler: Sampler | None = None,
     on_token: Callable[[Sampled], Awaitable[None] | None] | None = None,
 ) -> AsyncIterator[int]:
-    """Yield generated token ids up to and including an eos id (`eos_id`: one or several).
-    Each is chosen here, where the last hop's logits arrive, by `sampler` (daemon.serving.
-    sampling; without one: greedy at temperature 0, else seeded by `seed`). Failover replays
-    stay inside `model.step`, away from the sampler: a seeded generation gives the same
-    tokens with or without recoveries. `on_token` gets each token with its logprobs before
-    it is yielded (awaited when it returns an awaitable)."""
+    """Yield token ids up to and including an eos id (`eos_id`: one or several), chosen here
+    by `sampler` (without one: greedy at temperature 0, else seeded by `seed`); replays stay
+    in `model.step`, away from it. `on_token` gets each token with its logprobs before it is
+    yielded (awaited if it returns an awaitable)."""
     if sampler is None:
         sampler = legacy_sampler(prompt_ids, temperature=temperature, seed=seed)
     elif temperature or seed is not None:
@@ -588,7 +586,10 @@ async def generate(
     stop = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
     logits = await model.step(prompt_ids)
     for _ in range(max_new_tokens):
-        sampled = sampler(logits)
+        if sampler.cheap(len(logits)):
+            sampled = sampler(logits)
+        else:  # milliseconds over a large vocabulary: off the event loop
+            sampled = await trio.to_thread.run_sync(sampler, logits)
         if on_token is not None:
             pending = on_token(sampled)
             if inspect.isawaitable(pending):

@@ -6,6 +6,8 @@ recoveries."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import trio
 
@@ -180,3 +182,47 @@ async def test_a_seeded_generation_is_the_same_after_a_server_stalls(
     assert [r["peer_id"] for r in model.recoveries] == [victim]
     assert "no progress" in model.recoveries[0]["reason"]
     same(got, want)
+
+
+class _FakeModel:
+    """Only what `generate` uses of a RemoteModel: `step`, here logits of a large vocabulary
+    that depend on the tokens stepped so far."""
+
+    def __init__(self, vocab: int) -> None:
+        self.vocab, self.seen = vocab, 0
+
+    async def step(self, token_ids: list[int]) -> torch.Tensor:
+        self.seen += len(token_ids)
+        return torch.randn(self.vocab, generator=torch.Generator().manual_seed(self.seen)) * 4
+
+
+class _WhereSampler(Sampler):
+    def __call__(self, logits):
+        self.threads.append(threading.get_ident())
+        return super().__call__(logits)
+
+
+async def test_sampled_steps_over_a_large_vocabulary_leave_the_event_loop():
+    loop = threading.get_ident()
+    runs = {}
+    for name, params in {
+        "sampled": SamplingParams(seed=3, top_p=0.9),
+        "greedy": SamplingParams(temperature=0),
+    }.items():
+        for vocab in (1000, 50000):
+            sampler = _WhereSampler(params, [1, 2])
+            sampler.threads = []
+            tokens = [t async for t in generate(_FakeModel(vocab), [1, 2], 6, sampler=sampler)]
+            runs[name, vocab] = tokens, set(sampler.threads)
+    assert runs["sampled", 1000][1] == {loop}
+    assert loop not in runs["sampled", 50000][1]  # a worker thread
+    assert runs["greedy", 50000][1] == {loop}  # an argmax: cheap
+    # the same tokens as a sampler called inline
+    inline = Sampler(SamplingParams(seed=3, top_p=0.9), [1, 2])
+    fake = _FakeModel(50000)
+    want = []
+    logits = await fake.step([1, 2])
+    for _ in range(6):
+        want.append(inline(logits).token)
+        logits = await fake.step([want[-1]])
+    assert runs["sampled", 50000][0] == want
