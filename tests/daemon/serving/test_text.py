@@ -73,7 +73,31 @@ LLAMA3 = """{{- bos_token }}
 {% endif %}
 """
 
-TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3}
+# string methods, slicing, reversed loops, selectattr, namespaces holding computed values
+REASONING = """{%- set ns = namespace(last_user=messages | length - 1, sys='') %}
+{%- for message in messages[::-1] %}
+    {%- if message.role == 'user' and ns.last_user == messages | length - 1 %}
+        {%- set ns.last_user = messages | length - 1 - loop.index0 %}
+    {%- endif %}
+{%- endfor %}
+{%- for m in messages | selectattr('role', 'equalto', 'system') %}
+    {%- set ns.sys = ns.sys ~ m.content.strip() %}
+{%- endfor %}
+{%- if ns.sys %}{{ '<|im_start|>system\n' ~ ns.sys | upper ~ '<|im_end|>\n' }}{% endif %}
+{%- for message in messages if message.role != 'system' %}
+    {%- set content = message.content %}
+    {%- if message.role == 'assistant' and '</think>' in content %}
+        {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+    {%- endif %}
+    {%- if loop.index0 >= ns.last_user and message.content.startswith('!') %}
+        {%- set content = content[1:] | trim %}
+    {%- endif %}
+    {{- '<|im_start|>' ~ message.role ~ (' (' ~ message.name ~ ')' if message.name is defined
+        else '') ~ '\n' ~ content ~ '<|im_end|>\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n' }}{% endif %}"""
+
+TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3, "reasoning": REASONING}
 SPECIALS = [
     "<|begin_of_text|>",
     "<|end_of_text|>",
@@ -95,6 +119,12 @@ CHATS = [
     [
         {"role": "user", "content": "one"},
         {"role": "assistant", "content": "two 🚀"},
+    ],
+    [
+        {"role": "system", "content": "  be brief "},
+        {"role": "user", "content": "first", "name": "ann"},
+        {"role": "assistant", "content": "<think>\nhm</think>\n\nan answer"},
+        {"role": "user", "content": "!  second 中文"},
     ],
 ]
 
