@@ -162,8 +162,8 @@ class Sampler:
         vocab_size: int | None = None,
     ) -> None:
         """`choice`: which of a request's `n` generations this is (its own seed when seeded).
-        `vocab_size`: when known, logit_bias ids are checked now rather than at the first
-        step (SamplingError)."""
+        `vocab_size`: the tokenizer's, when known: logit_bias ids are checked against it now
+        (SamplingError) rather than against the logits' length at the first step."""
         _check(params)
         if choice < 0:
             raise SamplingError("choice must be >= 0")
@@ -179,8 +179,8 @@ class Sampler:
         self._counts: torch.Tensor | None = None  # generated tokens, per id (float32)
         self._seen: torch.Tensor | None = None  # prompt + generated ids (bool)
         self._bias: torch.Tensor | None = None  # logit_bias, with -inf where banned
-        if vocab_size is not None:
-            self._setup(vocab_size)
+        if vocab_size is not None:  # the logits may still be longer (padded embeddings)
+            self._check_bias(vocab_size)
 
     @property
     def greedy(self) -> bool:
@@ -193,17 +193,20 @@ class Sampler:
         worker thread."""
         return self.greedy or vocab <= INLINE_VOCAB
 
+    def _check_bias(self, vocab: int) -> None:
+        bad = sorted(k for k in self.params.logit_bias if k >= vocab)
+        if bad:
+            raise SamplingError(
+                f"logit_bias token id {bad[0]} is past the vocabulary (size {vocab})"
+            )
+
     def _setup(self, vocab: int) -> None:
         """Vocabulary-sized state, once the vocabulary size is known."""
         p = self.params
         if vocab < 1:
             raise SamplingError("empty logits")
         if p.logit_bias:
-            bad = sorted(k for k in p.logit_bias if k >= vocab)
-            if bad:
-                raise SamplingError(
-                    f"logit_bias token id {bad[0]} is past the vocabulary (size {vocab})"
-                )
+            self._check_bias(vocab)
             ids = torch.tensor(list(p.logit_bias), dtype=torch.int64)
             values = torch.tensor(list(p.logit_bias.values()), dtype=torch.float32)
             bias = torch.zeros(vocab, dtype=torch.float32).index_put_((ids,), values)

@@ -108,6 +108,9 @@ def test_sampler_refuses_params_built_past_what_the_arithmetic_allows():
 def test_logit_bias_past_the_vocabulary_is_a_clear_error():
     with pytest.raises(SamplingError, match="token id 8 is past the vocabulary"):
         Sampler(SamplingParams(logit_bias={8: 1.0}), [1], vocab_size=V)
+    # the tokenizer's vocabulary may be shorter than the logits (padded embeddings)
+    padded = Sampler(SamplingParams(temperature=0, logit_bias={7: 100}), [1], vocab_size=V)
+    assert padded(torch.zeros(V + 56)).token == 7
     sampler = Sampler(SamplingParams(logit_bias={8: 1.0}), [1])
     with pytest.raises(SamplingError, match="past the vocabulary"):
         sampler(torch.zeros(V))
