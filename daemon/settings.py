@@ -542,7 +542,7 @@ class Layers:
         unknown = re.fullmatch(r"Object contains unknown field `(.+)`", what)
         if unknown:
             names += (unknown.group(1),)
-            known = ", ".join(_struct_of(names[:-1]).__struct_fields__)
+            known = ", ".join(_element(_struct_of(names[:-1])).__struct_fields__)
             where_ = "top-level key" if len(names) == 1 else "key"
             text = f"unknown {where_} {'.'.join(names)} (known: {known})"
             return _say(self.source(names), text, "")
@@ -599,8 +599,20 @@ def _lookup(raw: Any, steps: list[str | int]) -> Any:
 def _struct_of(names: tuple[str, ...]) -> type:
     kind: Any = Config
     for name in names:
-        kind = typing.get_type_hints(kind, include_extras=True)[name]
+        kind = typing.get_type_hints(_element(kind), include_extras=True)[name]
     return kind
+
+
+def _element(kind: Any) -> Any:
+    """The struct inside an annotated, optional or container type (`tuple[ApiKey, ...] |
+    None` -> ApiKey): what the keys of a table in a list of tables belong to."""
+    while True:
+        if typing.get_origin(kind) is Annotated:
+            kind = kind.__origin__
+        elif args := [a for a in typing.get_args(kind) if a not in (type(None), Ellipsis)]:
+            kind = args[-1]  # a union's struct arm, a list's or a dict's value
+        else:
+            return kind
 
 
 def _field_type(names: tuple[str, ...]) -> Any:

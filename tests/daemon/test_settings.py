@@ -97,6 +97,11 @@ MISTAKES = [
         "unset, not a string",
     ),
     (file("[market]\nmax_price = 1\n"), "{file}: unknown key market.max_price"),
+    # a key of a table in a list of tables
+    (
+        file("[[serving.api_keys]]\nnme = 'x'\nkey = 'a-key-of-twenty-chars-and-more'\n"),
+        "{file}: unknown key serving.api_keys.nme (known: name, ",
+    ),
 ]
 
 

@@ -101,7 +101,10 @@ def test_the_sample_in_node_toml_is_a_working_key_table():
             "x.toml: serving.api_keys[0] needs exactly one of key_sha256",
         ),
         ({"api_keys": [{"name": "a", "key_sha256": "zz"}]}, "x.toml: serving.api_keys[0].key_sha"),
-        ({"api_keys": [{"name": "a b", "key": KEY}]}, "x.toml: serving.api_keys[0].name must"),
+        (
+            {"api_keys": [{"name": "a b", "key": KEY}]},
+            "x.toml: serving.api_keys[0].name 'a b' is not a key name",
+        ),
         (
             {"api_keys": [{"name": "a", "key": KEY, "requests_per_minute": 0}]},
             "x.toml: serving.api_keys[0].requests_per_minute must be >= 1",
