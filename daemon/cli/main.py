@@ -34,6 +34,7 @@ app = typer.Typer(
     "/ip4/ADDRESS/tcp/PORT/p2p/PEER_ID), then ask it questions with `gridmesh status`, "
     "`gridmesh peers` and `gridmesh nodes`. Serve a model with `gridmesh deploy DIR --model "
     "ID`, use it with `gridmesh generate --model ID TEXT`, stop with `gridmesh undeploy ID`. "
+    "Serve it to OpenAI clients with `gridmesh serve --openai` (POST /v1/chat/completions). "
     "Every command takes --home DIR (default $GRIDMESH_HOME or ~/.gridmesh) and --help.",
     no_args_is_help=True,
     add_completion=False,
