@@ -308,9 +308,11 @@ def test_a_seed_gives_the_same_tokens_and_choices_differ():
     probs = random_logits(0).softmax(dim=-1)
     want = int(torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(11)))
     assert Sampler(SamplingParams(seed=11), [])(random_logits(0)).token == want
-    # extreme seeds are fine
-    for seed in (-(1 << 63), -1, (1 << 63) - 1):
+    # extreme seeds are fine, and seed torch's generator as torch.manual_seed does
+    for seed in (-(1 << 63), -1, 0, (1 << 63) - 1):
         assert draws(SamplingParams(seed=seed)) == draws(SamplingParams(seed=seed))
+        torch_seed = torch.Generator().manual_seed(seed).initial_seed()
+        assert Sampler(SamplingParams(seed=seed), []).generator.initial_seed() == torch_seed
 
 
 def test_unseeded_samplers_draw_from_fresh_seeds():
