@@ -69,6 +69,38 @@ def test_chat_matches_transformers(checkpoints, name):
     assert ours.tokenizer.token_to_id("<|im_end|>") in ours.chat_ids(CHATS[1])
 
 
+def test_chat_ids_do_not_add_bos_twice(tmp_path, bpe_json):
+    """With a post-processor that adds BOS (Llama 3's), prompts get it and chats do not get
+    it again: the template wrote it, as in apply_chat_template."""
+    from tokenizers import Tokenizer, processors
+
+    tok = Tokenizer.from_str(bpe_json)
+    bos = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single="<|begin_of_text|> $A",
+                pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+                special_tokens=[("<|begin_of_text|>", bos)],
+            ),
+        ]
+    )
+    path = bpe_checkpoint(tmp_path / "bos", tok.to_str(), LLAMA3)
+    ours, theirs = ModelText.load(path), hf(path)
+    assert (
+        ours.encode("hi")
+        == theirs("hi")["input_ids"]
+        == [bos, *ours.encode("hi", add_special_tokens=False)]
+    )
+    for chat in CHATS:
+        ids = ours.chat_ids(chat)
+        assert ids == list(
+            theirs.apply_chat_template(chat, return_dict=False, add_generation_prompt=True)
+        )
+        assert ids[0] == bos and ids[1] != bos
+
+
 def test_encode_and_decode_match_transformers(checkpoints):
     ours = ModelText.load(checkpoints["chatml"])
     theirs = hf(checkpoints["chatml"])
