@@ -9,9 +9,10 @@ so it is treated as untrusted code: the sandbox refuses attribute access to inte
 (`''.__class__`), and on top of it every `*`, `**`, `+` and `%`, every call, attribute and
 item access, and the filters that can grow text (`center`, `indent`, `replace`, `format`,
 `tojson(indent=)`) are checked against `MAX_RENDERED_CHARS` and a deadline of
-`RENDER_SECONDS`. What is left unchecked: loops that neither call nor look anything up
-(`range` itself is capped at 100,000 items by the sandbox) and chains of `~` on local
-variables; both are bounded by the template's size and the output limit only.
+`RENDER_SECONDS`; the parsed template is rewritten so that every `for` iterates through a
+guard that checks the deadline and every `~` through one that checks the size. The deadline
+is checked, not enforced: one long step between two checks (sorting a long list, one filter
+over a big string) runs to its end.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from jinja2 import nodes
 from jinja2.exceptions import SecurityError, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
+from jinja2.visitor import NodeTransformer
 
 from daemon.shards.model.config import ModelError
 
@@ -122,6 +124,11 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         _tick()
         return _check_size(super().call(context, obj, *args, **kwargs))
 
+    def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
+        tree = _Guards().visit(super()._parse(source, name, filename))
+        tree.set_environment(self)
+        return tree
+
     def wrap_str_format(self, value: Any) -> Any:
         """`'...'.format`: refused when the format string asks for a huge width."""
         wrapped = super().wrap_str_format(value)
@@ -130,6 +137,44 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             if isinstance(text, str) and _HUGE_FORMAT.search(text):
                 raise SecurityError(f"a format with a huge width: {text[:40]!r}")
         return wrapped
+
+
+_LOOP_GUARD = "gridmesh_loop_guard"
+_SIZE_GUARD = "gridmesh_size_guard"
+
+
+def _loop_guard(iterable: Any) -> Any:
+    """Every `for` of a template iterates through this: the deadline is checked every 256
+    items, so that nested loops that neither call nor look anything up still end."""
+    for count, item in enumerate(iterable):
+        if not count & 255:
+            _tick()
+        yield item
+
+
+def _size_guard(value: Any) -> Any:
+    """Every `~` of a template goes through this: a doubling chain stops at the limit."""
+    _tick()
+    return _check_size(value)
+
+
+def _guarded(name: str, node: nodes.Expr) -> nodes.Expr:
+    return nodes.Call(
+        nodes.Name(name, "load", lineno=node.lineno), [node], [], None, None, lineno=node.lineno
+    )
+
+
+class _Guards(NodeTransformer):
+    """Rewrites a parsed template: `for x in E` -> `for x in guard(E)`, `a ~ b` ->
+    `guard(a ~ b)`."""
+
+    def visit_For(self, node: nodes.For) -> nodes.Node:  # noqa: N802 (the visitor's naming)
+        node = self.generic_visit(node)
+        node.iter = _guarded(_LOOP_GUARD, node.iter)
+        return node
+
+    def visit_Concat(self, node: nodes.Concat) -> nodes.Node:  # noqa: N802
+        return _guarded(_SIZE_GUARD, self.generic_visit(node))
 
 
 class _GenerationBlock(jinja2.ext.Extension):
@@ -253,6 +298,7 @@ def _environment() -> jinja2.Environment:
         strftime_now=_strftime_now,
         dict=_Dict(),
         namespace=_Namespace,
+        **{_LOOP_GUARD: _loop_guard, _SIZE_GUARD: _size_guard},
     )
     return env
 

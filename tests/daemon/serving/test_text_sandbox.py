@@ -52,6 +52,7 @@ def _render(source, **variables):
             "items",
         ),
         ("{{ ('a' * 4000000) | replace('a', 'aaaa') }}", "replace"),
+        ("{% set s = 'ab' %}" + "{% set s = s ~ s %}" * 40 + "{{ s | length }}", "items"),
         ("{% set ns = namespace(_x=1) %}", "may not start"),
         ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "RecursionError"),
         ("{{ undefined_thing.attr }}", "undefined"),
@@ -93,6 +94,13 @@ def test_sandbox_bounds_time_and_output(monkeypatch):
     slow = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
     with pytest.raises(ModelError, match="longer than 0.2 s"):
         _render(slow)
+    # loops that call nothing: the loop guard checks the deadline
+    quiet = (
+        "{% set s = 'a' * 10000 %}{% for a in s %}{% for b in s %}{% for c in s %}"
+        "{% endfor %}{% endfor %}{% endfor %}"
+    )
+    with pytest.raises(ModelError, match="longer than 0.2 s"):
+        _render(quiet)
     monkeypatch.setattr(ct, "MAX_RENDERED_CHARS", 1000)
     with pytest.raises(ModelError, match="output over 1000"):
         _render("{% for i in range(100) %}{{ 'x' * 20 }}{% endfor %}")
