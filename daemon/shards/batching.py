@@ -8,16 +8,23 @@ ready at about the same time are gathered into one forward (`LlamaShard.decode_r
 sessions join and leave the batch between steps, as vLLM's scheduler does.
 
 How a batch is gathered: there is no background task. A step that arrives while no batch is
-being gathered makes its caller the *leader*: it waits until every session of the previous
-batch that still lives has its next step pending (sessions step in lockstep, so they come
-back together), or `window_s` after the oldest pending step arrived, or `max_batch` steps
-are pending, whichever is first; then it takes the compute limiter (prefills, which run
-alone, share it), takes up to `max_batch` pending steps in arrival order and runs them as one
-forward in a worker thread. Its callers get their own rows. A leader whose own step is done
-leaves; if steps are still pending, one of their callers leads next. So:
-- a lone session never waits (the previous batch was its own step alone);
-- a slow or dead session holds a batch back by at most `window_s`, and then drops out of the
-  sessions awaited until it steps again (then it joins the next batch);
+being gathered makes its caller the *leader*. It waits until no other live session that ran
+here is due back (sessions come back together: in lockstep), or `window_s` after the batch
+could have run (its oldest step's arrival, or the end of the batch that step waited for),
+or until `max_batch` steps are pending, whichever is first. A session is due back when its
+last batch ended plus how long it took to come back the time before (its client's round
+trip; on a hop of a chain, the other hops' compute too). One due after the deadline is not
+awaited: on a hop of a chain two groups of sessions out of step by more than the window are
+two micro-batches of the pipeline, and waiting for the other would only leave this hop
+idle; groups closer than that merge. One overdue by more than the window (its client went
+quiet, its generation ended) is not awaited either. Then the leader takes the compute
+limiter (prefills, which run alone, share it), takes up to `max_batch` pending steps in
+arrival order and runs them as one forward in a worker thread. Its callers get their own
+rows. A leader whose own step is done leaves; if steps are still pending, one of their
+callers leads next. So:
+- a lone session never waits (nobody else is due);
+- a slow or dead session holds a batch back by at most `window_s`, and is then no longer
+  awaited until it steps again (then it joins the next batch);
 - nobody starves: steps are taken oldest first, at most `max_batch` at a time;
 - a caller cancelled while its step is pending withdraws it; once taken, its batch runs to
   the end (shielded) and the session's state is settled by the leader (`settle`), whether
@@ -101,8 +108,13 @@ class Batcher(Generic[K]):
         self.max_batch = max_batch
         self.window_s = window_s
         self._pending: list[_Step[K]] = []
-        self._expected: list[K] = []  # the sessions of the last batch
         self._leading = False
+        self._ran_at = float("-inf")  # when the last batch ended
+        # per live session (by id): when its last batch ended, and how long it took to come
+        # back with its next step after the one before (its client's round trip, or a whole
+        # pipeline's)
+        self._done_at: dict[int, tuple[K, float]] = {}
+        self._back_s: dict[int, float] = {}
         self._changed = trio.Event()
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.batched_steps = 0
@@ -120,6 +132,9 @@ class Batcher(Generic[K]):
         whatever other sessions' steps are ready. At most one step per key at a time (the
         caller's rule: the server refuses a second one)."""
         item = _Step(key, x, trio.current_time())
+        done = self._done_at.get(id(key))
+        if done is not None and done[0] is key:
+            self._back_s[id(key)] = item.arrived - done[1]
         self._pending.append(item)
         self._notify()
         try:
@@ -142,11 +157,20 @@ class Batcher(Generic[K]):
         assert item.out is not None
         return item.out
 
-    def _ready(self) -> bool:
+    def _ready(self, deadline: float) -> bool:
+        """Whether to run now: `max_batch` steps are pending, or no live session that ran
+        here is due back with its next step before `deadline` (due: when its last batch
+        ended plus how long it took to come back the time before; one overdue by more than
+        the window is not awaited: its client went quiet, or its generation ended)."""
         if len(self._pending) >= self.max_batch:
             return True
         waiting = {id(item.key) for item in self._pending}
-        return all(id(key) in waiting for key in self._expected if self._live(key))
+        earliest = trio.current_time() - self.window_s
+        for i, (key, done) in self._done_at.items():
+            due = done + self._back_s.get(i, 0.0)
+            if i not in waiting and earliest <= due <= deadline and self._live(key):
+                return False
+        return True
 
     async def _lead(self, mine: _Step[K]) -> None:
         """Run batches until `mine` is done."""
@@ -155,9 +179,12 @@ class Batcher(Generic[K]):
                 mine.error = RuntimeError("a step was lost by its batcher")
                 mine.done.set()
                 return
+            # the window runs from when this batch could have run: its oldest step's
+            # arrival, or the end of the batch that step waited for
             oldest = min(item.arrived for item in self._pending)
-            with trio.move_on_at(oldest + self.window_s):
-                while not self._ready():
+            deadline = max(oldest, self._ran_at) + self.window_s
+            with trio.move_on_at(deadline):
+                while not self._ready(deadline):
                     await self._changed.wait()
             with trio.CancelScope(shield=True):  # taken steps always finish
                 async with self._limiter:
@@ -196,7 +223,12 @@ class Batcher(Generic[K]):
                 return
             raise
         self._settle(keys)
-        self._expected = keys
+        self._ran_at = trio.current_time()
+        for key in keys:
+            self._done_at[id(key)] = (key, self._ran_at)
+        for gone in [i for i, (key, _) in self._done_at.items() if not self._live(key)]:
+            del self._done_at[gone]
+            self._back_s.pop(gone, None)
         self.batch_sizes[len(batch)] += 1
         if len(batch) > 1:
             self.batched_steps += len(batch)

@@ -1,0 +1,126 @@
+"""Batching is exact, through whole daemons (tests/daemon/harness.py: production daemons on
+the in-memory network and trio's virtual clock): 16 concurrent generations with different
+prompt lengths and budgets, joining and leaving the servers' batches at different steps,
+each give exactly the tokens they give alone and those of the single-process reference."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from tests.daemon.harness import memory_cluster
+
+LAYERS = 6
+SESSIONS = 16
+TEXT = list(b"sixteen sessions share every decode step of the shard servers, exactly")
+PROMPTS = [TEXT[: 2 + (7 * i) % 23] for i in range(SESSIONS)]  # 2..24 tokens
+BUDGETS = [16 + (5 * i) % 19 for i in range(SESSIONS)]  # 16..34 tokens
+
+
+COMPUTE_S = 0.002
+
+
+@pytest.fixture
+def one_torch_thread(monkeypatch):
+    """As the harness's daemons (shards.torch_threads = 1), for the reference run too; and
+    `trio.to_thread` inline (virtual time), each call taking `COMPUTE_S` of virtual time:
+    frames between daemons take none, so with instant compute a generation would run whole
+    at one instant, and none would ever overlap another (as a real step's compute does)."""
+    torch = pytest.importorskip("torch")
+
+    async def run_sync(fn, *args, **_):
+        await trio.sleep(COMPUTE_S)
+        return fn(*args)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", run_sync)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield torch
+    torch.set_num_threads(before)
+
+
+async def test_sixteen_concurrent_generations_are_batched_and_exact(
+    autojump_clock, tmp_path, one_torch_thread
+):
+    from daemon.shards.model import greedy_generate, load_model, make_tiny
+
+    model_dir = make_tiny(tmp_path / "tiny", layers=LAYERS, seed=13)
+    whole = load_model(model_dir)
+    reference = [greedy_generate([whole], p, n) for p, n in zip(PROMPTS, BUDGETS, strict=True)]
+    async with memory_cluster(tmp_path / "net", 3) as net:
+        ranges = [(0, 2), (2, 4), (4, 6)]
+        plan = [
+            {"peer_id": d.peer_id, "start": a, "end": b}
+            for d, (a, b) in zip(net.daemons, ranges, strict=True)
+        ]
+        deployed = await net.daemons[0].call(
+            "block_deploy", {"model": "tiny", "model_dir": str(model_dir), "plan": plan}
+        )
+        assert all(r["ok"] for r in deployed["results"]), deployed
+
+        async def everyone_sees_every_shard() -> bool:
+            for d in net.daemons:
+                listed = await d.call("block_list", {"model": "tiny"})
+                if len(listed["announced"].get("tiny", [])) != len(ranges):
+                    return False
+            return True
+
+        await net.wait_for(everyone_sees_every_shard, 15, "every daemon to see every shard")
+        servers = [d.daemon.shards.server for d in net.daemons]
+
+        async def generate(i: int) -> list[int]:
+            result = await net.daemons[i % 3].call(
+                "generate",
+                {
+                    "model": "tiny",
+                    "token_ids": PROMPTS[i],
+                    "max_tokens": BUDGETS[i],
+                    "client": f"user{i}",
+                },
+            )
+            assert result["error"] is None, result
+            return result["tokens"]
+
+        alone = [await generate(i) for i in range(SESSIONS)]
+        assert all(max(s.batching.batch_sizes) == 1 for s in servers)  # nothing to batch with
+        # together, twice: all 16 at once; then 0-7 at once, and 8 + j as j gets its
+        # (j % 4 + 2)th token, so that they join the batches at different steps (they leave
+        # at different steps with their different budgets)
+        for staggered in (False, True):
+            together = await concurrently(net, staggered)
+            for i in range(SESSIONS):
+                assert alone[i] == reference[i], i
+                assert together[i] == alone[i], (staggered, i)
+            sizes = [server.batching.batch_sizes for server in servers]
+            assert all(max(size) >= 8 for size in sizes), sizes  # they really ran together
+            assert all(s.batching.batched_steps > sum(BUDGETS) // 2 for s in servers), sizes
+            if not staggered:
+                assert all(16 in size for size in sizes), sizes  # all 16 in one batch
+            assert not any(s.sessions for s in servers)
+
+
+async def concurrently(net, staggered: bool) -> dict[int, list[int]]:
+    """The 16 generations at once (streamed jobs, polled), each from one of the daemons."""
+    together: dict[int, list[int]] = {}
+    started = [trio.Event() for _ in range(SESSIONS)]
+
+    async def one(i: int) -> None:
+        if staggered and i >= 8:
+            await started[i - 8].wait()
+        client = net.daemons[i % 3]
+        params = {"model": "tiny", "token_ids": PROMPTS[i], "max_tokens": BUDGETS[i]}
+        job = (await client.call("generate", {**params, "stream": True, "client": f"u{i}"}))["job"]
+        client.at_token(job, i % 4 + 2, started[i].set)
+
+        async def finished() -> dict | None:
+            state = await client.call("generate_poll", {"job": job})
+            return state if state["done"] else None
+
+        state = await net.wait_for(finished, 60, f"generation {i} to end")
+        assert state["error"] is None, state
+        together[i] = state["tokens"]
+
+    async with trio.open_nursery() as nursery:
+        for i in range(SESSIONS):
+            nursery.start_soon(one, i)
+    return together
