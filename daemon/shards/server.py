@@ -127,6 +127,8 @@ class ShardServer:
         # one step at a time per process: torch already uses every core for one
         self._compute = trio.CapacityLimiter(1)
         self.payments = payments
+        if max_batch < 1 or not 0 <= batch_window_s <= 1:
+            raise ValueError("max_batch must be >= 1 and batch_window_s within 0..1 s")
         self.max_batch = max_batch
         self.batch_window_s = batch_window_s
         # the batchers of decode steps, per loaded range; `batching.batch_sizes` (a histogram

@@ -292,3 +292,13 @@ async def test_a_server_killed_under_a_batch_fails_every_session_over_exactly(
     assert max(cluster.servers[replica].batching.batch_sizes) > 1  # replays, then batched
     for model in models:
         await model.close()
+
+
+def test_batching_bounds_are_checked():
+    from daemon.shards.server import ShardServer
+
+    for bad in ({"max_batch": 0}, {"batch_window_s": -1.0}, {"batch_window_s": 5.0}):
+        with pytest.raises(ValueError):
+            ShardServer(**bad)
+    with pytest.raises(ValueError):
+        Batcher(Fake(), limiter=trio.CapacityLimiter(1), max_batch=0)
