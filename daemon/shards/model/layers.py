@@ -120,27 +120,36 @@ class Attention(nn.Module):
         out = self._attend(q, k, v, past)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
 
-    def forward_rows(
-        self, x: Tensor, cos: Tensor, sin: Tensor, caches: Sequence[KVCache], layer: int
+    def forward_packed(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        caches: Sequence[KVCache],
+        sizes: Sequence[int],
+        layer: int,
     ) -> Tensor:
-        """One new position for each row of `x` `[rows, 1, hidden]`, row i being the next
-        position of `caches[i]` (a batch-1 cache per session).
+        """Steps of several sessions packed along the sequence of `x` `[1, sum(sizes),
+        hidden]`: the first `sizes[0]` positions continue `caches[0]`, the next `sizes[1]`
+        `caches[1]`, and so on (batch-1 caches, one per session).
 
-        The projections run once for all rows; each row then writes its key and value at
-        its own cache's position and attends over that cache alone, with exactly the call a
-        lone one-token step makes (`forward`): no copy of any cache, no padding, no mask."""
-        b = x.shape[0]
+        The projections run once for all positions; each session then writes its keys and
+        values into its own cache and attends over that cache alone, with exactly the call
+        a lone step of its positions makes (`forward`): no copy of any cache, no padding."""
         q, k, v = self._project(x, cos, sin)
         out = []
-        for row, cache in enumerate(caches):
-            past = cache.length
+        start = 0
+        for cache, size in zip(caches, sizes, strict=True):
+            past, end = cache.length, start + size
             keys, values = cache.keys[layer], cache.values[layer]
-            keys[:, :, past : past + 1] = k[row : row + 1]
-            values[:, :, past : past + 1] = v[row : row + 1]
-            seen_k, seen_v = keys[:, :, : past + 1], values[:, :, : past + 1]
-            out.append(self._attend(q[row : row + 1], seen_k, seen_v, past))
-        attended = torch.cat(out) if b > 1 else out[0]
-        return self.o_proj(attended.transpose(1, 2).reshape(b, 1, self.heads * self.head_dim))
+            keys[:, :, past : past + size] = k[:, :, start:end]
+            values[:, :, past : past + size] = v[:, :, start:end]
+            seen_k, seen_v = keys[:, :, : past + size], values[:, :, : past + size]
+            out.append(self._attend(q[:, :, start:end], seen_k, seen_v, past))
+            start = end
+        attended = torch.cat(out, dim=2) if len(out) > 1 else out[0]
+        total = x.shape[1]
+        return self.o_proj(attended.transpose(1, 2).reshape(1, total, self.heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -171,11 +180,20 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward_rows(
-        self, x: Tensor, cos: Tensor, sin: Tensor, caches: Sequence[KVCache], layer: int
+    def forward_packed(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        caches: Sequence[KVCache],
+        sizes: Sequence[int],
+        layer: int,
     ) -> Tensor:
-        """One new position per row, each row of its own cache (`Attention.forward_rows`)."""
-        x = x + self.self_attn.forward_rows(self.input_layernorm(x), cos, sin, caches, layer)
+        """Steps of several sessions packed along the sequence (`Attention.forward_packed`)."""
+        attended = self.self_attn.forward_packed(
+            self.input_layernorm(x), cos, sin, caches, sizes, layer
+        )
+        x = x + attended
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

@@ -128,41 +128,57 @@ class LlamaShard(nn.Module):
         with torch.no_grad():
             return self._forward(x, cache, positions)
 
-    def decode_rows(self, x: Tensor, caches: Sequence[KVCache]) -> Tensor:
-        """One new position for each of several sessions at once: row i of `x` (token ids
-        `[rows, 1]`, or hidden states `[rows, 1, hidden]`) is the next position of
-        `caches[i]`, a batch-1 cache of this shard, at that cache's own `length`.
+    def forward_packed(self, xs: Sequence[Tensor], caches: Sequence[KVCache]) -> list[Tensor]:
+        """Steps of several sessions in one forward pass: `xs[i]` (token ids `[1, s_i]`, or
+        hidden states `[1, s_i, hidden]`; a prefill, a replay or one decode position)
+        continues `caches[i]`, a batch-1 cache of this shard, at that cache's own `length`.
+        Returns each session's output `[1, s_i, ...]`, as `forward` would.
 
-        The rows share every matrix product (what makes a batch cheaper than its rows one
-        by one) and nothing else: rotary embeddings at each row's own position, keys and
-        values written into each row's own cache, attention over that cache alone
-        (`Attention.forward_rows`). Every cache is checked for room before anything is
-        written; each grows by one. Output `[rows, 1, ...]` as `forward`'s."""
+        The steps share every matrix product (what makes a batch cheaper than its steps one
+        by one: the weights are read once) and nothing else: they are packed along the
+        sequence, rotary embeddings at each position's own place in its session, keys and
+        values written into each session's own cache, and each session's attention over its
+        own cache alone (`Attention.forward_packed`). Every cache is checked for room before
+        anything is written; each grows by its step."""
         with torch.no_grad():
-            hidden = self._input(x)
-            rows, seq = hidden.shape[:2]
-            if seq != 1 or rows != len(caches) or not rows:
-                raise ModelError(
-                    f"a batched step takes one position for each of {len(caches)} caches, "
-                    f"got {tuple(x.shape)}"
-                )
-            if len({id(cache) for cache in caches}) != rows:
+            if not xs or len(xs) != len(caches):
+                raise ModelError(f"{len(xs)} steps for {len(caches)} caches")
+            if len({id(cache) for cache in caches}) != len(caches):
                 raise ModelError("a batched step cannot write one cache twice")
-            for cache in caches:
+            parts = [self._input(x) for x in xs]
+            for part in parts:
+                if part.shape[0] != 1 or part.shape[1] < 1:
+                    raise ModelError(f"a batched step takes batch 1, got {tuple(part.shape)}")
+            sizes = [part.shape[1] for part in parts]
+            for cache, size in zip(caches, sizes, strict=True):
                 if cache.num_layers != self.num_layers or cache.batch != 1:
                     raise ModelError(
                         f"a batched step takes batch-1 caches of {self.num_layers} layers"
                     )
-                cache.reserve(1)
-            pos = torch.tensor([[cache.length] for cache in caches], device=self.device)
-            cos, sin = self.rotary(pos, self.dtype)
+                cache.reserve(size)
+            hidden = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+            pos = torch.cat(
+                [torch.arange(c.length, c.length + n) for c, n in zip(caches, sizes, strict=True)]
+            )
+            cos, sin = self.rotary(pos[None].to(self.device), self.dtype)
             for index, layer in enumerate(self.layers.values()):
-                hidden = layer.forward_rows(hidden, cos, sin, caches, index)
-            for cache in caches:
-                cache.length += 1
-            if self.norm is None or self.lm_head is None:
-                return hidden
-            return self.lm_head(self.norm(hidden)).float()
+                hidden = layer.forward_packed(hidden, cos, sin, caches, sizes, index)
+            for cache, size in zip(caches, sizes, strict=True):
+                cache.length += size
+            if self.norm is not None and self.lm_head is not None:
+                hidden = self.lm_head(self.norm(hidden)).float()
+            return list(hidden.split(sizes, dim=1))
+
+    def decode_rows(self, x: Tensor, caches: Sequence[KVCache]) -> Tensor:
+        """One new position for each of several sessions: row i of `x` (ids `[rows, 1]` or
+        hidden states `[rows, 1, hidden]`) continues `caches[i]` (`forward_packed`); output
+        `[rows, 1, ...]`."""
+        if x.dim() < 2 or x.shape[1] != 1 or x.shape[0] != len(caches) or not len(caches):
+            raise ModelError(
+                f"a batched step takes one position for each of {len(caches)} caches, "
+                f"got {tuple(x.shape)}"
+            )
+        return torch.cat(self.forward_packed(list(x.split(1)), caches))
 
     def _input(self, x: Tensor) -> Tensor:
         """The first layer's input: token ids embedded, or hidden states checked."""

@@ -101,6 +101,43 @@ def test_sixteen_sessions_decoded_together_give_the_reference_tokens(model_dir):
     assert tokens == expected
 
 
+@pytest.mark.parametrize("span", [(0, 2), (2, 4), (0, 4)])
+def test_prefills_and_decode_steps_packed_in_one_pass_give_their_lone_outputs(model_dir, span):
+    """Sessions joining (a prefill of their prompt), replaying (several positions) and
+    decoding (one position) share one forward pass: each gets its lone step's output."""
+    start, end = span
+    shard = load_shard(model_dir, start, end)
+    generator = torch.Generator().manual_seed(end)
+
+    def one_input(seq: int, salt: int) -> torch.Tensor:
+        if shard.has_embedding:
+            return torch.tensor([[(salt * 17 + k) % 250 for k in range(seq)]])
+        return torch.randn(1, seq, shard.config.hidden_size, generator=generator)
+
+    packed = [shard.new_cache(max_len=80) for _ in range(8)]
+    alone = copy.deepcopy(packed)
+    worst = 0.0
+    for step in range(5):
+        # session i joins at step i % 3 with a prompt of 2 + i positions, then decodes
+        # one position a step (session 5 replays 3 at a time)
+        rows, xs = [], []
+        for i in range(8):
+            if step < i % 3:
+                continue
+            seq = 2 + i if packed[i].length == 0 else (3 if i == 5 else 1)
+            rows.append(i)
+            xs.append(one_input(seq, 10 * step + i))
+        outs = shard.forward_packed(xs, [packed[i] for i in rows])
+        for i, x, out in zip(rows, xs, outs, strict=True):
+            want = shard(x, alone[i])
+            assert out.shape == want.shape
+            worst = max(worst, float((out - want).abs().max()))
+            if shard.has_head:
+                assert torch.equal(out[0].argmax(-1), want[0].argmax(-1))
+    assert worst <= TOLERANCE, worst
+    assert [c.length for c in packed] == [c.length for c in alone]
+
+
 def test_a_batched_step_refuses_what_it_cannot_do_before_writing(model_dir):
     model = load_model(model_dir)
     roomy, full = model.new_cache(max_len=8), model.new_cache(max_len=2)
@@ -119,6 +156,10 @@ def test_a_batched_step_refuses_what_it_cannot_do_before_writing(model_dir):
         model.decode_rows(torch.tensor([[1]]), [model.new_cache(batch=2, max_len=4)])
     with pytest.raises(ModelError, match="token ids"):
         model.decode_rows(torch.zeros(1, 1, model.config.hidden_size), [roomy])
+    with pytest.raises(ModelError, match="2 steps for 1 caches"):
+        model.forward_packed([torch.tensor([[1]]), torch.tensor([[2]])], [roomy])
+    with pytest.raises(ModelError, match="batch 1"):
+        model.forward_packed([torch.tensor([[1], [2]])], [roomy])
 
 
 BF16_TOLERANCE = 5e-2
