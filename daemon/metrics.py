@@ -31,6 +31,11 @@ MAX_LABEL_CHARS = 64
 # Distinct (source, reason) pairs kept before further reasons are counted as "other".
 MAX_REJECT_SERIES = 256
 DHT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# time to first token and between tokens of the OpenAI endpoint's generations
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+MAX_MODEL_SERIES = 64  # distinct model labels of the serving metrics; then "other"
+SERVING_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models")
 
 _NOT_LABEL = re.compile(r"[^a-z0-9_]+")
 
@@ -107,6 +112,7 @@ class Metrics:
             "gridmesh_gpu_power_watts", "GPU power draw", ["index"], registry=reg
         )
         self._reject_series: set[tuple[str, str]] = set()
+        self._serving_series()
         # Label tuples currently exported per GPU gauge, so vanished GPUs can be removed.
         self._gpu_series: dict[Gauge, set[tuple[str, ...]]] = {
             self.gpu_memory_total: set(),
@@ -122,6 +128,69 @@ class Metrics:
                 labels = (labels[0], "other")
             self._reject_series.add(labels)
         self.rejected.labels(*labels).inc()
+
+    def _serving_series(self) -> None:
+        """The OpenAI endpoint's metrics (daemon.api.openai_http), per model."""
+        reg = self.registry
+        self.serving_requests = Counter(
+            "gridmesh_serving_requests_total",
+            "OpenAI endpoint requests by model, route and HTTP status (499: client gone)",
+            ["model", "route", "status"],
+            registry=reg,
+        )
+        self.serving_token_count = Counter(
+            "gridmesh_serving_tokens_total",
+            "Tokens through the OpenAI endpoint: in (prompts), out (generated)",
+            ["model", "direction"],
+            registry=reg,
+        )
+        self.serving_ttft = Histogram(
+            "gridmesh_serving_time_to_first_token_seconds",
+            "From a generation's start (after the queue) to its first token",
+            ["model"],
+            buckets=TTFT_BUCKETS,
+            registry=reg,
+        )
+        self.serving_itl = Histogram(
+            "gridmesh_serving_inter_token_latency_seconds",
+            "Between two tokens of one generation",
+            ["model"],
+            buckets=ITL_BUCKETS,
+            registry=reg,
+        )
+        self.serving_queued = Gauge(
+            "gridmesh_serving_queue_length",
+            "Requests waiting for a generation slot",
+            ["model"],
+            registry=reg,
+        )
+        self._model_labels: set[str] = set()
+
+    def _model_label(self, model: str | None) -> str:
+        if model is None:
+            return "none"
+        label = sanitize_label(model)
+        if label not in self._model_labels:
+            if len(self._model_labels) >= MAX_MODEL_SERIES:
+                return "other"
+            self._model_labels.add(label)
+        return label
+
+    def serving_request(self, model: str | None, route: str, status: int) -> None:
+        """One request's outcome; `model` only once it named a model this node serves."""
+        route = route if route in SERVING_ROUTES else "other"
+        self.serving_requests.labels(self._model_label(model), route, str(int(status))).inc()
+
+    def serving_tokens(self, model: str, direction: str, count: int) -> None:
+        self.serving_token_count.labels(self._model_label(model), direction).inc(count)
+
+    def serving_latency(self, model: str, kind: str, seconds: float) -> None:
+        """kind: "ttft" (first token) or "itl" (between tokens)."""
+        histogram = self.serving_ttft if kind == "ttft" else self.serving_itl
+        histogram.labels(self._model_label(model)).observe(max(0.0, float(seconds)))
+
+    def serving_queue(self, model: str, delta: int) -> None:
+        self.serving_queued.labels(self._model_label(model)).inc(delta)
 
     def rpc_outcome(self, method: str, outcome: str) -> None:
         label = method if method in self.known_methods else "unknown"

@@ -135,6 +135,7 @@ class Daemon:
         self.resources: dict[str, Any] = {}
         self.rpc_url = ""
         self.grpc_port: int | None = None
+        self.openai_url = ""
         self.shutdown = trio.Event()
         self._nursery_: trio.Nursery | None = None
         self._publish_now = trio.Event()
@@ -236,6 +237,26 @@ class Daemon:
         self.payments = Payments.of_daemon(self)  # job_*, earnings, stake, ... (JSON-RPC)
         register_payment_methods(self.dispatcher, self.payments)
         self.metrics.known_methods = {m["name"] for m in self.dispatcher.describe()}
+        self.openai = self._openai_endpoint()
+
+    def _openai_endpoint(self) -> Any:
+        """The OpenAI-compatible endpoint (daemon.api.openai_http) when [serving] openai is
+        on, else None. Built here; a daemon process also listens on [serving] host:port, an
+        in-process one is driven through `openai.handle_connection`."""
+        serving = self.config.serving
+        if not serving.openai:
+            return None
+        from daemon.api.openai_http import OpenAIServer
+        from daemon.serving.access import Access
+        from daemon.serving.engine import Engine
+
+        engine = Engine(
+            self.shards,
+            self.metrics,
+            model_dirs=serving.model_dirs,
+            max_queue=serving.max_queue,
+        )
+        return OpenAIServer(engine, Access(serving), self.metrics, max_body=serving.max_body_bytes)
 
     def _cluster_runtime(self) -> ClusterRuntime:
         """SWIM, election and fenced commands for the clusters this node is a member of."""
@@ -397,6 +418,20 @@ class Daemon:
                         task_status=task_status,
                     )
                 )
+            if process and self.openai is not None:
+                from daemon.api.openai_http import serve_openai
+
+                serving = self.config.serving
+                port = await nursery.start(
+                    lambda task_status: serve_openai(
+                        self.openai,
+                        host=serving.host,
+                        port=serving.port,
+                        task_status=task_status,
+                    )
+                )
+                shown = f"[{serving.host}]" if ":" in serving.host else serving.host
+                self.openai_url = f"http://{shown}:{port}/v1"
             nursery.start_soon(self.replicator.run_anti_entropy)
             nursery.start_soon(self.replicator.run_gc)
             nursery.start_soon(self.net.track_peers, self.config.p2p.ping_interval_s)
@@ -433,6 +468,7 @@ class Daemon:
             "listen_addrs": self.net.listen_addrs(),
             "rpc_url": self.rpc_url,
             "grpc_addr": f"127.0.0.1:{self.grpc_port}" if self.grpc_port else None,
+            "openai_url": self.openai_url or None,
             "version": __version__,
         }
 
