@@ -162,9 +162,12 @@ class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             out[int(key)] = value
         return out
 
-    def include_usage(self) -> bool:
+    def check_common(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise bad_param("stream_options", "stream_options is only allowed when stream is true")
+        self.stops()
+
+    def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
@@ -189,6 +192,7 @@ class ChatRequest(_Common, kw_only=True, forbid_unknown_fields=True):
 
     def check(self) -> None:
         """Refuse the documented fields we cannot honour (400 naming the field)."""
+        self.check_common()
         if self.tools:
             raise bad_param("tools", "tools are not supported by this server")
         if self.tool_choice not in (None, "none", "auto"):
@@ -219,6 +223,7 @@ class CompletionRequest(_Common, kw_only=True, forbid_unknown_fields=True):
     best_of: Annotated[int, Meta(ge=1, le=MAX_N)] | None = None
 
     def check(self) -> None:
+        self.check_common()
         if self.echo:
             raise bad_param("echo", "echo is not supported by this server")
         if self.suffix:
