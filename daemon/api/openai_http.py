@@ -70,6 +70,8 @@ ROUTES = {
 
 
 def _error(exc: OpenAIError, extra: list[tuple[bytes, bytes]] | None = None) -> Response:
+    if exc.status in (429, 503) and not extra:  # busy: the openai client waits this long
+        extra = [(b"retry-after", b"1")]
     return Response(exc.status, exc.body(), JSON, extra)
 
 

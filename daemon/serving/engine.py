@@ -185,7 +185,7 @@ class Engine:
         logprobs: bool,
         top: int,
     ) -> Plan:
-        from daemon.serving.sampling import SamplingParams
+        from daemon.serving.sampling import Sampler, SamplingError, SamplingParams
 
         context = int(text.context_length)
         if not ids:
@@ -225,6 +225,10 @@ class Engine:
             params = SamplingParams.parse(values)
         except Exception as exc:  # msgspec.ValidationError names the field
             raise bad_param(_field_of(str(exc)), f"invalid sampling parameters: {exc}") from None
+        try:  # what only the model can tell (a logit_bias id past its vocabulary)
+            Sampler(params, ids, vocab_size=vocab)
+        except SamplingError as exc:
+            raise bad_param("logit_bias", f"invalid sampling parameters: {exc}") from None
         return Plan(
             model=req.model,
             text=text,
