@@ -136,6 +136,7 @@ class Daemon:
         self.rpc_url = ""
         self.grpc_port: int | None = None
         self.openai_url = ""
+        self.openai: Any = None  # daemon.api.openai_http.OpenAIServer when [serving] openai
         self.shutdown = trio.Event()
         self._nursery_: trio.Nursery | None = None
         self._publish_now = trio.Event()
@@ -186,7 +187,7 @@ class Daemon:
             network_id=config.network_id,
             net=self.net,
             directory=self.directory,
-            local_state=lambda: {"rpc_url": self.rpc_url, "resources": self.resources},
+            local_state=self._local_state,
             request_shutdown=self.request_shutdown,
         )
         register_registry_methods(self.dispatcher, self.replicator)
@@ -238,6 +239,14 @@ class Daemon:
         register_payment_methods(self.dispatcher, self.payments)
         self.metrics.known_methods = {m["name"] for m in self.dispatcher.describe()}
         self.openai = self._openai_endpoint()
+
+    def _local_state(self) -> dict[str, Any]:
+        """What node_info adds: the RPC URL, resources, and the OpenAI endpoint's URL when
+        [serving] openai is on ("" until it listens)."""
+        state = {"rpc_url": self.rpc_url, "resources": self.resources}
+        if self.openai is not None:
+            state["openai_url"] = self.openai_url
+        return state
 
     def _openai_endpoint(self) -> Any:
         """The OpenAI-compatible endpoint (daemon.api.openai_http) when [serving] openai is

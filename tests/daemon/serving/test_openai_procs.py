@@ -58,6 +58,7 @@ def test_the_openai_client_against_three_daemons(tmp_path):
         wait_for(all_announced, 20, "every shard to be announced")
         url = node1.info["openai_url"]
         assert url.startswith("http://127.0.0.1:") and url.endswith("/v1")
+        assert node1.call("node_info")["openai_url"] == url  # what `gridmesh serve` prints
         client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=30)
         assert [m.id for m in client.models.list()] == ["tiny"]
 
