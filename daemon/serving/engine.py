@@ -110,12 +110,17 @@ class Engine:
     def models(self) -> list[str]:
         """The models this daemon can serve: announced over every layer, with a text side
         here (a local shard's checkpoint, or `[serving] model_dirs`)."""
+        ranges = self._announced()
+        return sorted(m for m, r in ranges.items() if _covered(r) and self._dir(m) is not None)
+
+    def _announced(self) -> dict[str, list[tuple[int, int]]]:
+        """Every announced model and the ranges its servers announce."""
         from registry.blocks import announcements
 
         ranges: dict[str, list[tuple[int, int]]] = {}
         for item in announcements(list(self.service.replica.entries.values())):
             ranges.setdefault(item.model, []).append((item.start, item.end))
-        return sorted(m for m, r in ranges.items() if _covered(r) and self._dir(m) is not None)
+        return ranges
 
     def _dir(self, model: str) -> Path | None:
         local = self.service.local_block(model)
@@ -128,10 +133,15 @@ class Engine:
         """The model's `ModelText` and vocabulary size, loaded once per checkpoint; 404
         model_not_found when the model is not one this daemon serves."""
         if model not in self.models():
+            why = "does not exist or is not served on this network"
+            if self._dir(model) is None and model in self._announced():
+                why = (
+                    "is served on this network, but this daemon has no tokenizer for it "
+                    "(it holds no shard of it: set [serving] model_dirs)"
+                )
             raise OpenAIError(
                 404,
-                f"The model {model[:200]!r} does not exist or is not served on this network "
-                "(GET /v1/models lists those that are)",
+                f"The model {model[:200]!r} {why} (GET /v1/models lists those served here)",
                 param="model",
                 code="model_not_found",
             )

@@ -53,17 +53,21 @@ def tiny_with_template(root: Path) -> Path:
 
 
 @asynccontextmanager
-async def serving_cluster(root: Path, model_dir: Path, count: int = 3) -> AsyncIterator[Any]:
-    """`count` whole daemons with the endpoint on, the tiny model split over all of them."""
+async def serving_cluster(
+    root: Path, model_dir: Path, count: int = 3, holders: int | None = None
+) -> AsyncIterator[Any]:
+    """`count` whole daemons with the endpoint on, the tiny model split over the first
+    `holders` of them (all by default)."""
     async with memory_cluster(root, count, settings=SERVING) as net:
-        step = LAYERS // count
+        holders = holders or count
+        step = LAYERS // holders
         plan = [
             {
                 "peer_id": d.peer_id,
                 "start": i * step,
-                "end": LAYERS if i == count - 1 else (i + 1) * step,
+                "end": LAYERS if i == holders - 1 else (i + 1) * step,
             }
-            for i, d in enumerate(net.daemons)
+            for i, d in enumerate(net.daemons[:holders])
         ]
         result = await net.daemons[0].call(
             "block_deploy", {"model": "tiny", "model_dir": str(model_dir), "plan": plan}
@@ -73,7 +77,7 @@ async def serving_cluster(root: Path, model_dir: Path, count: int = 3) -> AsyncI
         async def everyone_sees_every_shard() -> bool:
             for d in net.daemons:
                 listed = await d.call("block_list", {"model": "tiny"})
-                if len(listed["announced"].get("tiny", [])) != count:
+                if len(listed["announced"].get("tiny", [])) != holders:
                     return False
             return True
 

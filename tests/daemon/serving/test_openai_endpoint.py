@@ -389,3 +389,35 @@ async def test_keys_quota_and_the_queue(autojump_clock, tmp_path):
 
 async def _queued(engine) -> bool:
     return engine.admission.waiting == 1
+
+
+async def test_a_daemon_without_a_shard_needs_model_dirs_and_a_dead_route_is_an_error(
+    autojump_clock, tmp_path
+):
+    from daemon.api.openai_http import OpenAIServer
+    from daemon.serving.engine import Engine
+
+    model_dir = tiny_with_template(tmp_path)
+    async with serving_cluster(tmp_path / "net", model_dir, holders=2) as net:
+        bystander = net.daemons[2].daemon  # holds no shard: no tokenizer of its own
+        assert (await request(bystander.openai, "GET", "/v1/models")).json()["data"] == []
+        error = _error(
+            await request(bystander.openai, "POST", CHAT, chat(max_tokens=2)),
+            404,
+            "model",
+            "model_not_found",
+        )
+        assert "model_dirs" in error["message"]
+        engine = Engine(bystander.shards, bystander.metrics, model_dirs={"tiny": str(model_dir)})
+        given = OpenAIServer(engine, bystander.openai.access, bystander.metrics)
+        assert (await request(given, "GET", "/v1/models")).json()["data"][0]["id"] == "tiny"
+        assert (await request(given, "POST", CHAT, chat(max_tokens=2))).status == 200
+
+        net.kill(net.daemons[1])  # layers 3..6 have no server left
+        failed = await request(given, "POST", CHAT, chat(max_tokens=4))
+        assert failed.status >= 500 and failed.json()["error"]["type"] == "server_error"
+        streamed = await request(given, "POST", CHAT, chat(max_tokens=4, stream=True))
+        assert streamed.status == 200  # the head went out before the route failed
+        assert "error" in streamed.events[-2] and streamed.events[-1] == "[DONE]"
+        # and it serves on
+        assert (await request(given, "GET", "/v1/models")).status == 200
