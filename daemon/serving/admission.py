@@ -62,19 +62,19 @@ class Admission:
                 param="n",
                 code="rate_limit_exceeded",
             )
-        if not self._waiting and self._fits(owner, n):
-            jobs = self._try(owner, n)
-            if jobs is not None:
-                return jobs
-        if len(self._waiting) >= self.max_queue:
+        waiter = _Waiter(owner, n)
+        self._waiting.append(waiter)
+        self._grant()  # at once if nobody it must not pass is waiting
+        if waiter.granted is not None:
+            return waiter.granted
+        if len(self._waiting) > self.max_queue:
+            self._waiting.remove(waiter)
             raise OpenAIError(
                 429,
                 f"the server is busy: {len(self._waiting)} requests are already waiting "
                 "(the queue is full); retry later",
                 code="queue_full",
             )
-        waiter = _Waiter(owner, n)
-        self._waiting.append(waiter)
         self.on_queue(model, 1)
         handed = False
         try:

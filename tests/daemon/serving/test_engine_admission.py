@@ -118,3 +118,22 @@ def test_a_model_is_listed_only_when_its_layers_chain_from_zero():
     assert _covered([(0, 3), (2, 6), (0, 2)])
     assert not _covered([(0, 2), (3, 6)])
     assert not _covered([(2, 6)])
+
+
+async def test_a_request_that_can_run_does_not_queue_behind_one_held_by_its_own_cap(
+    autojump_clock,
+):
+    table = JobTable()
+    admission, queued = _admission(table, max_per_owner=2, max_queue=1)
+    busy = [table.new_job("greedy") for _ in range(2)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(admission.acquire, "greedy", 1, "m")
+        await trio.sleep(0.01)
+        assert admission.waiting == 1 and queued == {"m": 1}
+        start = trio.current_time()
+        jobs = await admission.acquire("fresh", 2, "m")  # the queue is full, but it can run
+        assert trio.current_time() == start and len(jobs) == 2
+        assert admission.waiting == 1 and queued == {"m": 1}
+        busy[0].done = True
+        admission.released()
+    assert admission.waiting == 0 and queued == {"m": 0}
