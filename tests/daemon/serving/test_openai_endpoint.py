@@ -421,3 +421,35 @@ async def test_a_daemon_without_a_shard_needs_model_dirs_and_a_dead_route_is_an_
         assert "error" in streamed.events[-2] and streamed.events[-1] == "[DONE]"
         # and it serves on
         assert (await request(given, "GET", "/v1/models")).status == 200
+
+
+async def test_concurrent_streams_each_give_what_they_give_alone(autojump_clock, tmp_path):
+    model_dir = tiny_with_template(tmp_path)
+    async with serving_cluster(tmp_path / "net", model_dir) as net:
+        server = net.daemons[0].daemon.openai
+        bodies = [
+            {
+                "model": "tiny",
+                "prompt": f"prompt number {i}" * (i + 1),
+                "max_tokens": 6 + 3 * i,
+                "temperature": 0,  # batched logits may differ in the last bits: no draws
+                "stream": True,
+                **NO_EOS,
+            }
+            for i in range(8)
+        ]
+        alone = [
+            streamed_text((await request(server, "POST", COMPLETIONS, b)).events, chat=False)
+            for b in bodies
+        ]
+        together: dict[int, str] = {}
+
+        async def one(i: int) -> None:
+            reply = await request(server, "POST", COMPLETIONS, bodies[i])
+            together[i] = streamed_text(reply.events, chat=False)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(8):
+                nursery.start_soon(one, i)
+        assert [together[i] for i in range(8)] == alone
+        assert net.daemons[0].metric("gridmesh_serving_inter_token_latency_seconds_count") > 0
