@@ -325,12 +325,13 @@ class Engine:
             usage.completion_tokens += 1
             self.metrics.serving_tokens(plan.model, "out", 1)
             token = int(sampled.token)
-            if token in eos:
-                state["reason"] = "stop"
-                scope.cancel()
+            infos = [_info(text, sampled)] if plan.logprobs else []  # each token, eos too
+            if token in eos:  # run_generation ends here by itself (eos_ids)
+                state["reason"] = "eos"
+                if infos:
+                    await emit(Piece(index, "", infos))
                 return
             out, stopped = stops.push(decoder.push(token))
-            infos = [_info(text, sampled)] if plan.logprobs else []
             if out or infos:
                 await emit(Piece(index, out, infos))
             if stopped:
@@ -358,12 +359,12 @@ class Engine:
                 await send.send(Piece(index, error=OpenAIError(status, job.error)))
                 return
             tail = ""
-            if state["reason"] is None or state["reason"] == "length":
+            if state["reason"] != "stop":  # not cut by a stop string: what is held back
                 tail, stopped = stops.push(decoder.flush())
                 tail += "" if stopped else stops.flush()
                 if stopped:
                     state["reason"] = "stop"
-            reason = state["reason"] or "length"
+            reason = {"eos": "stop", None: "length"}.get(state["reason"], state["reason"])
             await send.send(Piece(index, tail, finish_reason=reason))
 
 
