@@ -57,6 +57,7 @@ from daemon.shards.blocks import ServedBlock
 from daemon.shards.session import Session
 
 MAX_BATCH = 32
+MAX_BATCH_POSITIONS = 4096  # a step may carry that many alone (server.MAX_STEP_TOKENS)
 BATCH_WINDOW_S = 0.005
 
 K = TypeVar("K")
@@ -70,6 +71,8 @@ class StepDropped(Exception):
 class _Step(Generic[K]):
     key: K
     x: torch.Tensor
+    positions: int
+    last_only: bool
     arrived: float
     done: trio.Event = field(default_factory=trio.Event)
     out: torch.Tensor | None = None
@@ -78,34 +81,43 @@ class _Step(Generic[K]):
 
 
 class Batcher(Generic[K]):
-    """Gathers one-position steps of the sessions (`K`) of one loaded range and runs them
-    together.
+    """Gathers steps of the sessions (`K`) of one loaded range and runs them together.
 
-    `compute(keys, xs)`: runs in a worker thread, returns one output per step, in order;
-    `settle(keys)`: called on the event loop once a batch has run (the sessions advance);
+    `compute(keys, xs, last_only)`: runs in a worker thread, returns one output per step,
+    in order; `settle(keys, positions)`: called on the event loop once a batch has run (the
+    sessions advance by their steps' positions);
     `live(key)`: whether a session still exists (steps of ended ones are dropped);
     `limiter`: the compute limiter batches and every other step share.
 
+    A batch holds at most `max_batch` steps and `max_positions` positions (a step longer
+    than that runs alone).
+
     Read by metrics: `batch_sizes` (forward passes run, by number of steps in them),
-    `batched_steps` (steps that ran in a batch of two or more), `pending` (steps waiting)."""
+    `batched_steps` (steps that ran in a batch of two or more), `shared_prefills` (steps of
+    several positions, prefills and replays, that ran with other steps), `pending` (steps
+    waiting)."""
 
     def __init__(
         self,
-        compute: Callable[[Sequence[K], Sequence[torch.Tensor]], list[torch.Tensor]],
+        compute: Callable[
+            [Sequence[K], Sequence[torch.Tensor], Sequence[bool]], list[torch.Tensor]
+        ],
         *,
         limiter: trio.CapacityLimiter,
-        settle: Callable[[Sequence[K]], None] = lambda keys: None,
+        settle: Callable[[Sequence[K], Sequence[int]], None] = lambda keys, positions: None,
         live: Callable[[K], bool] = lambda key: True,
         max_batch: int = MAX_BATCH,
+        max_positions: int = MAX_BATCH_POSITIONS,
         window_s: float = BATCH_WINDOW_S,
     ) -> None:
-        if max_batch < 1 or window_s < 0:
-            raise ValueError("max_batch must be >= 1 and window_s >= 0")
+        if max_batch < 1 or max_positions < 1 or window_s < 0:
+            raise ValueError("max_batch and max_positions must be >= 1 and window_s >= 0")
         self._compute = compute
         self._settle = settle
         self._live = live
         self._limiter = limiter
         self.max_batch = max_batch
+        self.max_positions = max_positions
         self.window_s = window_s
         self._pending: list[_Step[K]] = []
         self._leading = False
@@ -118,6 +130,7 @@ class Batcher(Generic[K]):
         self._changed = trio.Event()
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.batched_steps = 0
+        self.shared_prefills = 0
 
     @property
     def pending(self) -> int:
@@ -127,11 +140,13 @@ class Batcher(Generic[K]):
         self._changed.set()
         self._changed = trio.Event()
 
-    async def step(self, key: K, x: torch.Tensor) -> torch.Tensor:
-        """`key`'s output for its one-position input `x` (batch 1), computed in a batch with
-        whatever other sessions' steps are ready. At most one step per key at a time (the
-        caller's rule: the server refuses a second one)."""
-        item = _Step(key, x, trio.current_time())
+    async def step(
+        self, key: K, x: torch.Tensor, *, positions: int = 1, last_only: bool = False
+    ) -> torch.Tensor:
+        """`key`'s output for its input `x` of `positions` positions, computed in a batch
+        with whatever other sessions' steps are ready. At most one step per key at a time
+        (the caller's rule: the server refuses a second one)."""
+        item = _Step(key, x, positions, last_only, trio.current_time())
         done = self._done_at.get(id(key))
         if done is not None and done[0] is key:
             self._back_s[id(key)] = item.arrived - done[1]
@@ -162,7 +177,10 @@ class Batcher(Generic[K]):
         here is due back with its next step before `deadline` (due: when its last batch
         ended plus how long it took to come back the time before; one overdue by more than
         the window is not awaited: its client went quiet, or its generation ended)."""
-        if len(self._pending) >= self.max_batch:
+        pending = self._pending
+        if len(pending) >= self.max_batch or sum(i.positions for i in pending) >= (
+            self.max_positions
+        ):
             return True
         waiting = {id(item.key) for item in self._pending}
         earliest = trio.current_time() - self.window_s
@@ -193,9 +211,12 @@ class Batcher(Generic[K]):
     async def _run_batch(self) -> None:
         batch: list[_Step[K]] = []
         seen: set[int] = set()
+        positions = 0
         for item in list(self._pending):
-            if len(batch) == self.max_batch:
-                break
+            if len(batch) == self.max_batch or (
+                batch and positions + item.positions > self.max_positions
+            ):
+                break  # the rest waits, in order: a long step is not passed over for ever
             if id(item.key) in seen:  # a session's second step (its caller gave up on the
                 continue  # first, which is running): in a later batch, never twice in one
             seen.add(id(item.key))
@@ -203,6 +224,7 @@ class Batcher(Generic[K]):
             item.taken = True
             if self._live(item.key):
                 batch.append(item)
+                positions += item.positions
             else:
                 item.error = StepDropped("the session ended")
                 item.done.set()
@@ -211,7 +233,9 @@ class Batcher(Generic[K]):
             return
         keys = [item.key for item in batch]
         try:
-            outs = await trio.to_thread.run_sync(self._compute, keys, [i.x for i in batch])
+            outs = await trio.to_thread.run_sync(
+                self._compute, keys, [i.x for i in batch], [i.last_only for i in batch]
+            )
             if len(outs) != len(batch):
                 raise RuntimeError(f"a batch of {len(batch)} steps gave {len(outs)} outputs")
         except BaseException as exc:  # every step of the batch fails alike
@@ -222,7 +246,7 @@ class Batcher(Generic[K]):
             if isinstance(exc, Exception):
                 return
             raise
-        self._settle(keys)
+        self._settle(keys, [item.positions for item in batch])
         self._ran_at = trio.current_time()
         for key in keys:
             self._done_at[id(key)] = (key, self._ran_at)
@@ -232,6 +256,7 @@ class Batcher(Generic[K]):
         self.batch_sizes[len(batch)] += 1
         if len(batch) > 1:
             self.batched_steps += len(batch)
+            self.shared_prefills += sum(item.positions > 1 for item in batch)
         for item, out in zip(batch, outs, strict=True):
             item.out = out
             item.done.set()
@@ -258,7 +283,7 @@ class Batchers(Generic[K]):
 
     @property
     def batch_sizes(self) -> dict[int, int]:
-        """Decode forward passes run, by how many sessions' steps each held (1: alone)."""
+        """Forward passes run, by how many sessions' steps each held (1: alone)."""
         sizes: collections.Counter[int] = collections.Counter()
         for _, batcher in self._held.values():
             sizes.update(batcher.batch_sizes)
@@ -266,8 +291,13 @@ class Batchers(Generic[K]):
 
     @property
     def batched_steps(self) -> int:
-        """Decode steps that ran in a forward pass together with another session's."""
+        """Steps that ran in a forward pass together with another session's."""
         return sum(batcher.batched_steps for _, batcher in self._held.values())
+
+    @property
+    def shared_prefills(self) -> int:
+        """Steps of several positions (prefills, replays) that ran with other steps."""
+        return sum(batcher.shared_prefills for _, batcher in self._held.values())
 
     @property
     def pending(self) -> int:
@@ -306,18 +336,25 @@ def run_alone(
 
 
 def run_steps(
-    sessions: Sequence[Session], xs: Sequence[torch.Tensor], static: bool | None
+    sessions: Sequence[Session],
+    xs: Sequence[torch.Tensor],
+    last_only: Sequence[bool],
+    static: bool | None,
 ) -> list[torch.Tensor]:
-    """One decode step of each of `sessions` (all of one range): one alone as any step,
-    several as one forward pass (`LlamaShard.decode_rows`). A block's `steps` and
-    `compute_s` count forward passes, so its `ms_per_layer` stays what a step waits."""
+    """A step of each of `sessions` (all of one range): one alone as any step, several as
+    one forward pass (`LlamaShard.forward_packed`); `last_only`: that session wants its
+    last position's output only. A block's `steps` and `compute_s` count forward passes,
+    so its `ms_per_layer` stays what a step waits."""
     if len(sessions) == 1:
-        return [run_alone(sessions[0], xs[0], False, static)]
+        return [run_alone(sessions[0], xs[0], last_only[0], static)]
     block = sessions[0].block
     started = time.perf_counter()
     with torch.inference_mode():
-        x = torch.cat(list(xs)).to(block.device)
-        out = block.shard.decode_rows(x, [session.cache for session in sessions]).cpu()
+        outs = block.shard.forward_packed(
+            [x.to(block.device) for x in xs], [session.cache for session in sessions]
+        )
+        outs = [out[:, -1:] if last else out for out, last in zip(outs, last_only, strict=True)]
+        outs = [out.cpu() if out.device.type != "cpu" else out.clone() for out in outs]
     block.compute_s += time.perf_counter() - started
     block.steps += 1
-    return [out[row : row + 1].clone() for row in range(len(sessions))]
+    return outs

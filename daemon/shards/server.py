@@ -36,11 +36,11 @@ refused as `busy` (the client then routes around this server).
 A session opened with a job id is paid work (daemon.payments.provider): admitted only for a
 live, funded job; each of its steps answers with this node's signed receipt of the step.
 
-Compute: one step at a time per process (torch already uses every core for one). Decode
-steps (one position) of the sessions of one loaded range are batched: those ready together
-run as one forward pass (`daemon.shards.batching`), each session with its own KV cache and
-positions, and each gets its own rows back (its receipt, push and reply as alone). Prefills
-and other multi-position steps (a replay after a failover) run alone, between batches.
+Compute: one forward pass at a time per process (torch already uses every core for one).
+The steps of the sessions of one loaded range that are ready together run as one forward
+pass (`daemon.shards.batching`): decode steps, prefills and replays alike, each session with
+its own KV cache and positions, and each gets its own output back (its receipt, push and
+reply as alone).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,6 @@ from daemon.shards.batching import (
     Batcher,
     Batchers,
     StepDropped,
-    run_alone,
     run_steps,
 )
 from daemon.shards.blocks import ServedBlock, available_memory
@@ -110,9 +109,9 @@ class ShardServer:
         stream holding no live session may send nothing before it is closed;
         `max_streams_per_peer`: streams one peer may hold open at once. `payments`: the
         provider's side of paid work (`daemon.payments.provider.Provider`; None: sessions
-        opened for a job are refused). `max_batch`: most decode steps in one forward pass
-        (1: no batching); `batch_window_s`: how long a batch may wait for a session of the
-        previous batch (`daemon.shards.batching`)."""
+        opened for a job are refused). `max_batch`: most steps in one forward pass (1: no
+        batching); `batch_window_s`: how long a batch may wait for sessions due back
+        (`daemon.shards.batching`)."""
         self.blocks: dict[str, ServedBlock] = {}
         self.sessions: dict[str, Session] = {}
         self.max_sessions = max_sessions
@@ -301,13 +300,18 @@ class ShardServer:
 
     def _batcher(self, block: ServedBlock) -> Batcher[Session]:
         return Batcher(
-            lambda sessions, xs: run_steps(sessions, xs, self.static_decode),
+            lambda sessions, xs, last_only: run_steps(sessions, xs, last_only, self.static_decode),
             limiter=self._compute,
-            settle=lambda sessions: [session.advance(1) for session in sessions],
+            settle=self._settle,
             live=lambda session: self.sessions.get(session.id) is session,
             max_batch=self.max_batch,
             window_s=self.batch_window_s,
         )
+
+    @staticmethod
+    def _settle(sessions: Sequence[Session], positions: Sequence[int]) -> None:
+        for session, count in zip(sessions, positions, strict=True):
+            session.advance(count)
 
     @property
     def waiting_steps(self) -> int:
@@ -320,24 +324,19 @@ class ShardServer:
     async def forward(
         self, session: Session, position: Any, x: torch.Tensor | None, last_only: bool
     ) -> torch.Tensor:
-        """Compute one step of `session`: a decode step in a batch with other sessions',
-        anything longer alone. At most one step of a session is queued or computing."""
+        """Compute one step of `session`, in one forward pass with the steps of other
+        sessions of its range that are ready (`daemon.shards.batching`). At most one step
+        of a session is queued or computing."""
         check_step(session, position, x)
         assert x is not None
         if session.computing:
             raise ShardError("bad_position", "a step of this session is running")
-        static = self.static_decode
         session.computing = True
         try:
-            if x.shape[1] == 1:
-                try:
-                    return await self.batching.of(session.block).step(session, x)
-                except StepDropped:
-                    raise ShardError("unknown_session", "the session ended") from None
-            async with self._compute:
-                out = await trio.to_thread.run_sync(run_alone, session, x, last_only, static)
-            session.advance(x.shape[1])
-            return out
+            batcher = self.batching.of(session.block)
+            return await batcher.step(session, x, positions=x.shape[1], last_only=last_only)
+        except StepDropped:
+            raise ShardError("unknown_session", "the session ended") from None
         finally:
             session.computing = False
 

@@ -30,7 +30,7 @@ class Fake:
         self.batches: list[list[str]] = []
         self.fail = fail or set()  # batch numbers that raise
 
-    def __call__(self, keys, xs) -> list[torch.Tensor]:
+    def __call__(self, keys, xs, last_only) -> list[torch.Tensor]:
         self.batches.append(list(keys))
         if len(self.batches) - 1 in self.fail:
             raise RuntimeError("the device failed")
@@ -195,8 +195,9 @@ async def test_concurrent_sessions_are_batched_and_exact(cluster, model_dir, exp
         server = cluster.servers[peer]
         sizes = server.batching.batch_sizes
         assert max(sizes) > 1 and server.batching.batched_steps > 0, (peer, sizes)
-        decode_steps = sum(size * count for size, count in sizes.items())  # one per token
-        assert sum(BUDGETS) - len(BUDGETS) <= decode_steps <= sum(BUDGETS)  # (the last's?)
+        steps = sum(size * count for size, count in sizes.items())
+        assert steps == len(PROMPTS) + sum(BUDGETS)  # a prefill, then a step per token
+        assert server.batching.shared_prefills > 0  # a prefill joined the decode steps
         assert not server.sessions and server.waiting_steps == 0
 
 
