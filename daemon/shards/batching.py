@@ -1,31 +1,37 @@
-"""Continuous batching of decode steps: the one-position steps of the sessions of one loaded
-range run as one forward pass (and how a step is computed, alone or in a batch).
+"""Continuous batching: the steps of the sessions of one loaded range that are ready at about
+the same time run as one forward pass (and how a step is computed, alone or in a batch).
 
 Why: a decode step of one session reads every weight of the range to compute one row; the
-matrix products of 16 rows cost hardly more than those of one (on a CPU or a GPU alike, a
-decode step is bound by reading the weights). So the steps of different sessions that are
-ready at about the same time are gathered into one forward (`LlamaShard.decode_rows`), and
-sessions join and leave the batch between steps, as vLLM's scheduler does.
+matrix products of 16 rows cost hardly more than those of one (a decode step is bound by
+reading the weights, on a GPU above all). So the steps of different sessions that are ready
+together are packed into one forward (`LlamaShard.forward_packed`): decode steps (one
+position), and also prefills of sessions that join and replays after a failover (many
+positions), so that a new session's prompt shares a pass with the others' decode steps
+instead of holding them up with a pass of its own. Sessions join and leave the batch
+between steps, as with vLLM's scheduler.
 
 How a batch is gathered: there is no background task. A step that arrives while no batch is
 being gathered makes its caller the *leader*. It waits until no other live session that ran
 here is due back (sessions come back together: in lockstep), or `window_s` after the batch
-could have run (its oldest step's arrival, or the end of the batch that step waited for),
-or until `max_batch` steps are pending, whichever is first. A session is due back when its
-last batch ended plus how long it took to come back the time before (its client's round
-trip; on a hop of a chain, the other hops' compute too). One due after the deadline is not
-awaited: on a hop of a chain two groups of sessions out of step by more than the window are
-two micro-batches of the pipeline, and waiting for the other would only leave this hop
-idle; groups closer than that merge. One overdue by more than the window (its client went
-quiet, its generation ended) is not awaited either. Then the leader takes the compute
-limiter (prefills, which run alone, share it), takes up to `max_batch` pending steps in
-arrival order and runs them as one forward in a worker thread. Its callers get their own
-rows. A leader whose own step is done leaves; if steps are still pending, one of their
-callers leads next. So:
+could have run (its oldest step's arrival, or the end of the batch that step waited for), or
+until `max_batch` steps or `max_positions` positions are pending, whichever is first. A
+session is due back when its last batch ended plus how long it took to come back the time
+before (its client's round trip; on a hop of a chain, the other hops' compute too). One due
+after the deadline is not awaited: on a hop of a chain two groups of sessions out of step by
+more than the window are two micro-batches of the pipeline, and waiting for the other would
+only leave this hop idle; groups closer than that merge. One overdue by more than the window
+(its client went quiet, its generation ended) is not awaited either. Then the leader takes
+the compute limiter (one forward pass at a time per process), takes pending steps in arrival
+order up to `max_batch` steps and `max_positions` positions (a step that would pass the
+latter waits for the next batch, and nothing behind it is taken before it: a long prefill is
+not passed over for ever; one longer than `max_positions` runs alone) and runs them as one
+forward in a worker thread. Its callers get their own outputs. A leader whose own step is
+done leaves; if steps are still pending, one of their callers leads next. So:
 - a lone session never waits (nobody else is due);
 - a slow or dead session holds a batch back by at most `window_s`, and is then no longer
   awaited until it steps again (then it joins the next batch);
 - nobody starves: steps are taken oldest first, at most `max_batch` at a time;
+- a batch of one runs as any lone step (a static decoder, CUDA graphs, where configured);
 - a caller cancelled while its step is pending withdraws it; once taken, its batch runs to
   the end (shielded) and the session's state is settled by the leader (`settle`), whether
   anyone still waits for the result or not, so a session's length never disagrees with its
@@ -34,12 +40,19 @@ callers leads next. So:
 
 Why each session keeps its own KV cache (rather than vLLM's shared slots or pages): the
 cache budget, `busy`, failover by replay and the sessions' lifetimes stay exactly as they
-were, and `decode_rows` attends each row over its own cache with no copy. Gathering the
+were, and `forward_packed` attends each session over its own cache with no copy. Gathering the
 caches into one padded tensor per step would copy every cached position of every layer at
 every step (as many bytes as the weights, for 16 sessions of 200 positions at hidden 512),
 and shared slots would preallocate the longest length for every session or need paged
 attention, which plain torch has no kernel for. The price is one small attention call per
-row and layer; see bench/batching.py for what batching gains with it.
+session and layer; see bench/batching.py for what batching gains with it, and what the
+gathers would cost. On a GPU, batches of several sessions run eagerly (no CUDA graph).
+
+Not done here: pipelining micro-batches across the hops of a chain on purpose (hop k
+computing one group of sessions while hop k-1 computes the next). Groups that come back
+farther apart than the window already run as separate batches, but nothing splits a batch
+into micro-batches; that takes a scheduler that knows the chain (the client, or the first
+hop) and steps that can be in flight for several groups at once.
 """
 
 from __future__ import annotations
