@@ -343,40 +343,57 @@ class OpenAIServer:
                 stream, response_head(conn, Response(200, content_type=SSE, extra=extra), None)
             )
 
-            async def event(doc: Any) -> None:
-                data = b"data: " + msgspec.json.encode(doc) + b"\n\n"
-                await send_all(stream, conn.send(h11.Data(data=data)))
+            out: list[bytes] = []  # events not yet written: one write for all that are ready
+
+            def event(doc: Any) -> None:
+                out.append(b"data: " + msgspec.json.encode(doc) + b"\n\n")
+
+            async def flush() -> None:
+                if out:
+                    data = b"".join(out)
+                    out.clear()
+                    await send_all(stream, conn.send(h11.Data(data=data)))
 
             if chat:
                 for i in range(plan.n):
-                    await event(chunk.role(i))
+                    event(chunk.role(i))
             offsets = [0] * plan.n
             finished = [False] * plan.n
-            async for piece in pieces:
-                if piece.error is not None:
-                    await event({"error": _error_doc(piece.error)})
+            failed = False
+            while not failed:
+                try:
+                    piece = pieces.receive_nowait()
+                except trio.WouldBlock:
+                    await flush()  # nothing more ready: write what is
+                    try:
+                        piece = await pieces.receive()
+                    except trio.EndOfChannel:
+                        break
+                except trio.EndOfChannel:
                     break
+                if piece.error is not None:
+                    event({"error": _error_doc(piece.error)})
+                    failed = True
+                    continue
                 if piece.text or piece.tokens:
-                    await event(chunk.content(piece, offsets[piece.index], plan.logprobs))
+                    event(chunk.content(piece, offsets[piece.index], plan.logprobs))
                     offsets[piece.index] += len(piece.text)
                 if piece.finish_reason is not None:
                     finished[piece.index] = True
-                    await event(chunk.finish(piece.index, piece.finish_reason))
-            else:
-                if not all(finished):  # a choice was cancelled: its reader was too slow
-                    slow = OpenAIError(
-                        503,
-                        "the stream was cancelled: the client did not read it fast enough",
-                        code="slow_reader",
-                    )
-                    self._reject("slow_reader")
-                    await event({"error": _error_doc(slow)})
-                elif include_usage:
-                    total = usage.prompt_tokens + usage.completion_tokens
-                    await event(
-                        chunk.usage(wire.Usage(usage.prompt_tokens, usage.completion_tokens, total))
-                    )
-        await send_all(stream, conn.send(h11.Data(data=b"data: [DONE]\n\n")))
+                    event(chunk.finish(piece.index, piece.finish_reason))
+            if not failed and not all(finished):  # a choice was cancelled: read too slowly
+                slow = OpenAIError(
+                    503,
+                    "the stream was cancelled: the client did not read it fast enough",
+                    code="slow_reader",
+                )
+                self._reject("slow_reader")
+                event({"error": _error_doc(slow)})
+            elif not failed and include_usage:
+                total = usage.prompt_tokens + usage.completion_tokens
+                event(chunk.usage(wire.Usage(usage.prompt_tokens, usage.completion_tokens, total)))
+        out.append(b"data: [DONE]\n\n")
+        await flush()
         await send_all(stream, conn.send(h11.EndOfMessage()))
         return None
 
