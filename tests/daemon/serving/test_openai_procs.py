@@ -125,16 +125,25 @@ def test_the_openai_client_against_three_daemons(tmp_path):
         )
         assert len(lp.choices[0].logprobs.content) == 3
 
-        # a client that leaves mid-stream
+        # a client that leaves mid-stream: its session ends on every shard server at once,
+        # seen as each server's KV cache coming back (idle sessions are reaped only after 30 s)
+        def free() -> list[int]:
+            return [d.call("block_list", {})["local"][0]["cache_tokens_free"] for d in net.daemons]
+
+        idle = free()
         stream = client.chat.completions.create(
             model="tiny", messages=messages, max_tokens=400, stream=True, **no_eos
         )
-        next(iter(stream))
+        chunks = iter(stream)
+        next(chunks), next(chunks)  # the role, then the first text
+        held = free()
+        assert all(h < i for h, i in zip(held, idle, strict=True)), (held, idle)
         stream.close()
+        wait_for(lambda: free() == idle, 5, "every server's session to end")
         wait_for(
             lambda: node1.metric("gridmesh_rejected_messages_total", reason="client_gone") == 1,
-            10,
-            "the request to be cancelled",
+            5,
+            "the daemon to count the client gone",
         )
 
         with pytest.raises(openai.NotFoundError) as missing:
