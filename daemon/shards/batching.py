@@ -88,6 +88,7 @@ class _Step(Generic[K]):
     last_only: bool
     arrived: float
     done: trio.Event = field(default_factory=trio.Event)
+    wake: trio.Event = field(default_factory=trio.Event)  # done, or lead the steps left
     out: torch.Tensor | None = None
     error: BaseException | None = None
     taken: bool = False
@@ -150,8 +151,18 @@ class Batcher(Generic[K]):
         return len(self._pending)
 
     def _notify(self) -> None:
+        """Wake the leader: the steps pending changed."""
         self._changed.set()
         self._changed = trio.Event()
+
+    def _finish(self, item: _Step[K]) -> None:
+        item.done.set()
+        item.wake.set()
+
+    def _hand_over(self) -> None:
+        """No leader: the oldest pending step's caller leads next (one task woken, not all)."""
+        if not self._leading and self._pending:
+            self._pending[0].wake.set()
 
     async def step(
         self, key: K, x: torch.Tensor, *, positions: int = 1, last_only: bool = False
@@ -168,17 +179,20 @@ class Batcher(Generic[K]):
         try:
             while not item.done.is_set():
                 if self._leading:
-                    await self._changed.wait()
+                    await item.wake.wait()
+                    item.wake = trio.Event()
                     continue
                 self._leading = True
                 try:
                     await self._lead(item)
                 finally:
                     self._leading = False
-                    self._notify()  # a waiting caller leads the steps left, if any
+                    self._hand_over()  # a waiting caller leads the steps left, if any
         except BaseException:
             if not item.taken and item in self._pending:  # withdrawn before its batch
                 self._pending.remove(item)
+                self._notify()
+                self._hand_over()
             raise
         if item.error is not None:
             raise item.error
@@ -208,7 +222,7 @@ class Batcher(Generic[K]):
         while not mine.done.is_set():
             if not self._pending:  # a step not done is pending or in a batch: never here
                 mine.error = RuntimeError("a step was lost by its batcher")
-                mine.done.set()
+                self._finish(mine)
                 return
             # the window runs from when this batch could have run: its oldest step's
             # arrival, or the end of the batch that step waited for
@@ -240,9 +254,8 @@ class Batcher(Generic[K]):
                 positions += item.positions
             else:
                 item.error = StepDropped("the session ended")
-                item.done.set()
+                self._finish(item)
         if not batch:
-            self._notify()
             return
         keys = [item.key for item in batch]
         try:
@@ -254,8 +267,7 @@ class Batcher(Generic[K]):
         except BaseException as exc:  # every step of the batch fails alike
             for item in batch:
                 item.error = exc if isinstance(exc, Exception) else StepDropped("batch failed")
-                item.done.set()
-            self._notify()
+                self._finish(item)
             if isinstance(exc, Exception):
                 return
             raise
@@ -272,8 +284,7 @@ class Batcher(Generic[K]):
             self.shared_prefills += sum(item.positions > 1 for item in batch)
         for item, out in zip(batch, outs, strict=True):
             item.out = out
-            item.done.set()
-        self._notify()
+            self._finish(item)
 
 
 class Batchers(Generic[K]):

@@ -303,3 +303,29 @@ def test_batching_bounds_are_checked():
             ShardServer(**bad)
     with pytest.raises(ValueError):
         Batcher(Fake(), limiter=trio.CapacityLimiter(1), max_batch=0)
+
+
+async def test_a_leader_that_gives_up_hands_the_batch_over(virtual_time):
+    fake = Fake()
+    steps = batcher(fake, window_s=1.0)
+    await steps.step("due", torch.tensor([0]))  # ran here: due back, so a leader waits
+    results: dict[str, int] = {}
+
+    async def step(name: str) -> None:
+        results[name] = int(await steps.step(name, torch.tensor([1])))
+
+    leader = trio.CancelScope()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_cancellable, leader, steps)
+        await trio.sleep(0.1)  # "a" leads, waiting for "due"
+        nursery.start_soon(step, "b")
+        nursery.start_soon(step, "c")
+        await trio.sleep(0.1)
+        leader.cancel()  # it gives up while waiting: "b" leads the rest
+    assert results == {"b": 2, "c": 2}
+    assert fake.batches[-1] == ["b", "c"] and steps.pending == 0
+
+
+async def _cancellable(scope: trio.CancelScope, steps: Batcher[str]) -> None:
+    with scope:
+        await steps.step("a", torch.tensor([1]))
