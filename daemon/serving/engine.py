@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 PIECES_BUFFERED = 64  # per choice, waiting for the client to read; past it: paused
 SLOW_READER_S = 10.0  # paused this long (the client reads nothing): cancelled
+# a chat request without max_tokens: generation_config.json's max_new_tokens, else this (not
+# the whole context: a route needs servers with KV cache for prompt + max_tokens, and a
+# quota reserves max_tokens x n up front)
+DEFAULT_MAX_TOKENS = 2048
 TOP_LOGPROB_TOKENS = 20
 
 
@@ -203,8 +207,9 @@ class Engine:
                 "messages" if isinstance(req, ChatRequest) else "prompt", "empty prompt"
             )
         room = context - len(ids)
-        if max_tokens is None:
-            max_tokens = room  # OpenAI: up to the context
+        if max_tokens is None:  # OpenAI: up to the context; here bounded (see DEFAULT_...)
+            default = text.defaults.max_new_tokens or DEFAULT_MAX_TOKENS
+            max_tokens = max(1, min(room, default))
         if room < 1 or max_tokens > room:
             raise OpenAIError(
                 400,
@@ -214,7 +219,7 @@ class Engine:
                 param="max_tokens" if room >= 1 else "messages",
                 code="context_length_exceeded",
             )
-        defaults = getattr(text, "defaults", None)
+        defaults = text.defaults  # generation_config.json's, None where it has none
         values: dict[str, Any] = {
             "presence_penalty": req.presence_penalty,
             "frequency_penalty": req.frequency_penalty,
@@ -225,8 +230,8 @@ class Engine:
         }
         for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
             given = getattr(req, name)
-            if given is None and defaults is not None:
-                given = getattr(defaults, name, None)  # generation_config.json's
+            if given is None:
+                given = getattr(defaults, name)
             if name == "top_k" and given is not None and given < 0:
                 given = 0  # vLLM's -1: off
             if given is not None:

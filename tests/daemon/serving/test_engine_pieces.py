@@ -99,3 +99,21 @@ async def test_logprobs_name_each_token_with_its_bytes(autojump_clock, monkeypat
     assert [info.data for info in infos] == [b"\xc3", b"\xa9", b""]
     assert [info.logprob for info in infos] == [-0.25] * 3
     assert infos[0].top == [("\ufffd", b"\xc3", -0.25)]
+
+
+def test_a_chat_without_max_tokens_gets_a_bounded_default(text):
+    import dataclasses
+
+    from daemon.serving.engine import DEFAULT_MAX_TOKENS
+    from daemon.serving.openai_wire import ChatRequest, decode
+
+    engine = Engine(JobTable(), Metrics())
+    text.context_length = 1 << 20  # a long-context model
+    body = b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}'
+    request = decode(body, ChatRequest)  # planned from the prompt ids given below
+    plan = engine._plan(request, text, 258, [1, 2, 3], request.limit(), False, 0)
+    assert plan.max_tokens == DEFAULT_MAX_TOKENS
+    text.defaults = dataclasses.replace(text.defaults, max_new_tokens=50)
+    assert engine._plan(request, text, 258, [1, 2, 3], None, False, 0).max_tokens == 50
+    text.context_length = 40  # the context bounds it too
+    assert engine._plan(request, text, 258, [1, 2, 3], None, False, 0).max_tokens == 37
