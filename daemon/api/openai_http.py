@@ -145,7 +145,7 @@ class OpenAIServer:
                     return
                 if not isinstance(event, h11.Request):  # ConnectionClosed
                     return
-                response = await self._route(conn, stream, event, me, deadline, peer)
+                response = await self._guarded(conn, stream, event, me, deadline, peer)
             except h11.RemoteProtocolError as e:
                 self._reject("bad_http")
                 if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
@@ -159,6 +159,31 @@ class OpenAIServer:
                 await linger_close(stream)
                 return
             conn.start_next_cycle()
+
+    async def _guarded(
+        self,
+        conn: h11.Connection,
+        stream: trio.abc.HalfCloseableStream,
+        req: h11.Request,
+        me: Conn,
+        deadline: float,
+        peer: str,
+    ) -> Response | None:
+        """`_route`, with a bug in it answered as a 500 in OpenAI's shape (when no answer
+        has started) instead of a dropped connection."""
+        try:
+            return await self._route(conn, stream, req, me, deadline, peer)
+        except (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
+            raise  # the client's doing: handled by the connection
+        except (trio.TooSlowError, h11.RemoteProtocolError):
+            raise
+        except Exception:
+            log.exception("openai request failed")
+            self._reject("internal_error")
+            if conn.our_state is not h11.SEND_RESPONSE:
+                raise
+            error = OpenAIError(500, "internal error while serving the request")
+            return _error(error, [(b"connection", b"close")])
 
     async def _route(
         self,

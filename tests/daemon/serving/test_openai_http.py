@@ -104,3 +104,16 @@ async def test_keep_alive_serves_requests_one_after_another(autojump_clock):
         reply = await client.rest(await client.head())
         assert reply.status == 400 and reply.json()["error"]["param"] == "messages"
         await client.stream.aclose()
+
+
+async def test_a_bug_while_planning_is_a_500_and_the_endpoint_serves_on(autojump_clock):
+    server, metrics = _server()
+
+    async def broken(request):
+        raise RuntimeError("a bug")
+
+    server.engine.plan_completion = broken
+    reply = await request(server, "POST", "/v1/completions", {"model": "x", "prompt": "a"})
+    assert reply.status == 500 and reply.json()["error"]["type"] == "server_error"
+    assert _rejected(metrics, "internal_error") == 1
+    assert (await request(server, "GET", "/v1/models")).status == 200
