@@ -1,0 +1,270 @@
+"""Parity of the OpenAI endpoint with Hugging Face transformers, end to end.
+
+The endpoint runs on whole daemons on the in-memory network, the model split over 3 of them
+(every token crosses the network), and is compared with transformers in this process:
+`AutoTokenizer.apply_chat_template(messages, add_generation_prompt=True)` for the prompt ids,
+then `LlamaForCausalLM.generate` with transformers' own eos handling (generation_config.json's
+eos ids, a list here) — `do_sample=False` for greedy, and `torch.manual_seed(seed)` then
+`generate(do_sample=True, temperature=, top_k=, top_p=, min_p=, repetition_penalty=)` for a
+request with that `seed`. Two checkpoints: a tiny Llama whose tokenizer is a byte-level BPE
+trained by the test with a real chat template (ChatML, Llama 3 style), and the plain tiny
+checkpoint with its byte tokenizer and make_tiny's own chat template.
+
+What must be equal: the reply's text == `tokenizer.decode(transformers' ids,
+skip_special_tokens=True)`; its token ids == transformers' (the endpoint does not send ids:
+each token of the reply's logprobs, a final eos included, has the bytes of transformers'
+token at that position and its log probability under the model within 1e-4, and
+`usage.completion_tokens` counts transformers' tokens); `usage.prompt_tokens` == the length of
+`apply_chat_template`'s ids; finish_reason "stop" when transformers ended on an eos, else
+"length".
+
+Bit for bit with transformers' sampling (the same tokens under the same seed): `temperature`
+(0 = greedy), `top_k`, `top_p`, `min_p`, `repetition_penalty`, each alone and all combined,
+greedy with repetition_penalty; `seed` for choice 0 (`n > 1`: choice k > 0 draws from a seed
+of its own, which transformers has no counterpart for). `presence_penalty`,
+`frequency_penalty` and `logit_bias` have no counterpart in transformers' `generate` and are
+not compared here (tests/daemon/serving/test_sampling.py checks them by hand).
+Also: stop strings end the reply before the stop string (finish_reason "stop"), max_tokens
+ends it with "length", an eos with "stop" (the eos is counted, not in the text).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from daemon.shards import model as m
+from tests.daemon.harness import inline_threads
+from tests.daemon.serving.openai_helpers import LAYERS, request, serving_cluster, streamed_text
+from tests.daemon.serving.parity_helpers import (
+    Reference,
+    bpe_tiny,
+    chat_tokens,
+    completion_tokens,
+)
+from tests.daemon.serving.text_helpers import CHATS
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+NEW = 24
+SAMPLED = {
+    "temperature": {"temperature": 1.0},
+    "temperature-0.7": {"temperature": 0.7},
+    "top_k": {"temperature": 1.0, "top_k": 10},
+    "top_p": {"temperature": 1.0, "top_p": 0.6},
+    "min_p": {"temperature": 1.0, "min_p": 0.5},
+    "repetition_penalty": {"temperature": 1.0, "repetition_penalty": 1.5},
+    "all": {
+        "temperature": 0.6,
+        "top_k": 20,
+        "top_p": 0.8,
+        "min_p": 0.05,
+        "repetition_penalty": 1.3,
+    },
+}
+GREEDY = {"greedy": {"temperature": 0}, "greedy-rp": {"temperature": 0, "repetition_penalty": 1.3}}
+SEEDS = (0, 7)
+
+
+@pytest.fixture(autouse=True)
+def _inline(monkeypatch):
+    inline_threads(monkeypatch)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    path = bpe_tiny(tmp_path_factory.mktemp("parity") / "bpe")
+    return path, Reference.load(path)
+
+
+def body(kind: str, prompt, params: dict, seed: int | None, **extra) -> dict:
+    key = "messages" if kind == CHAT else "prompt"
+    out = {"model": "tiny", key: prompt, "max_tokens": NEW, **params, **extra}
+    if seed is not None:
+        out["seed"] = seed
+    return out
+
+
+def check_chat(doc: dict, want) -> None:
+    (choice,) = doc["choices"]
+    assert choice["message"]["content"] == want.text
+    assert choice["finish_reason"] == want.finish_reason
+    assert doc["usage"] == want.usage()
+    want.check_tokens(chat_tokens(choice))
+
+
+def check_completion(doc: dict, want) -> None:
+    (choice,) = doc["choices"]
+    assert choice["text"] == want.text
+    assert choice["finish_reason"] == want.finish_reason
+    assert doc["usage"] == want.usage()
+    want.check_tokens(completion_tokens(choice), legacy=True)
+
+
+def streamed_chat_tokens(events: list) -> list[tuple[bytes, float]]:
+    out = []
+    for event in events:
+        if event == "[DONE]" or not event.get("choices"):
+            continue
+        logprobs = event["choices"][0].get("logprobs")
+        out += [(bytes(t["bytes"]), t["logprob"]) for t in (logprobs or {}).get("content") or []]
+    return out
+
+
+async def test_chat_greedy_and_sampled_equal_transformers(autojump_clock, tmp_path, bpe):
+    path, ref = bpe
+    cases = []  # (messages, params, seed, expected)
+    for messages in (CHATS[0], CHATS[1]):
+        prompt = ref.chat_ids(messages)
+        for params in GREEDY.values():
+            cases.append((messages, params, None, ref.generate(prompt, NEW, params)))
+    prompt = ref.chat_ids(CHATS[0])
+    for params in SAMPLED.values():
+        for seed in SEEDS:
+            cases.append((CHATS[0], params, seed, ref.generate(prompt, NEW, params, seed)))
+    greedy = cases[0][3].ids
+    assert any(c[3].ids != greedy for c in cases if c[2] is not None)  # they do sample
+    async with serving_cluster(tmp_path / "net", path) as net:
+        server = net.daemons[0].daemon.openai
+        for messages, params, seed, want in cases:
+            reply = await request(
+                server, "POST", CHAT, body(CHAT, messages, params, seed, logprobs=True)
+            )
+            assert reply.status == 200, reply.body
+            check_chat(reply.json(), want)
+        # streamed: the same text and tokens; no logprobs asked: the same text
+        for messages, params, seed, want in (cases[0], cases[-1]):
+            extra = {"stream": True, "logprobs": True}
+            streamed = await request(
+                server, "POST", CHAT, body(CHAT, messages, params, seed, **extra)
+            )
+            assert streamed.status == 200 and streamed.events[-1] == "[DONE]"
+            assert streamed_text(streamed.events) == want.text
+            want.check_tokens(streamed_chat_tokens(streamed.events))
+            plain = await request(server, "POST", CHAT, body(CHAT, messages, params, seed))
+            assert plain.json()["choices"][0]["message"]["content"] == want.text
+        # n = 2: choice 0 draws from the request's seed, as transformers does
+        messages, params, seed, want = cases[-1]
+        reply = await request(server, "POST", CHAT, body(CHAT, messages, params, seed, n=2))
+        assert reply.json()["choices"][0]["message"]["content"] == want.text
+
+
+async def test_completions_greedy_and_sampled_equal_transformers(autojump_clock, tmp_path, bpe):
+    path, ref = bpe
+    text = "hello world, the quick brown fox"
+    prompt = list(ref.tokenizer(text)["input_ids"])
+    cases = [(params, None) for params in GREEDY.values()]
+    cases += [(SAMPLED[name], seed) for name in ("all", "top_p", "min_p") for seed in SEEDS]
+    wanted = [ref.generate(prompt, NEW, params, seed) for params, seed in cases]
+    async with serving_cluster(tmp_path / "net", path) as net:
+        server = net.daemons[2].daemon.openai
+        for (params, seed), want in zip(cases, wanted, strict=True):
+            for form in (text, prompt):  # the prompt as text, and as transformers' ids
+                doc = body(COMPLETIONS, form, params, seed, logprobs=0)
+                reply = await request(server, "POST", COMPLETIONS, doc)
+                assert reply.status == 200, reply.body
+                check_completion(reply.json(), want)
+        params, seed = cases[-1]
+        doc = body(COMPLETIONS, text, params, seed, stream=True)
+        streamed = await request(server, "POST", COMPLETIONS, doc)
+        assert streamed_text(streamed.events, chat=False) == wanted[-1].text
+
+
+def _plain_span(text: str, start: int) -> str:
+    """The first two printable ASCII characters in a row from `start` on: a stop string the
+    reply really contains (a U+FFFD of a split character is never one)."""
+    for i in range(start, len(text) - 1):
+        if text[i : i + 2].isascii() and text[i : i + 2].isprintable():
+            return text[i : i + 2]
+    raise AssertionError(f"no plain span in {text!r}")
+
+
+async def test_stop_strings_max_tokens_and_eos_as_transformers_ends(autojump_clock, tmp_path, bpe):
+    path, ref = bpe
+    prompt = ref.chat_ids(CHATS[1])
+    greedy = ref.generate(prompt, NEW, GREEDY["greedy"])
+    sampled = ref.generate(prompt, NEW, SAMPLED["all"], 3)
+    short = ref.generate(prompt, 5, SAMPLED["all"], 3)
+    assert greedy.finish_reason == sampled.finish_reason == short.finish_reason == "length"
+    # transformers ends on an eos (generation_config.json's list) for some seed: find one
+    ended = None
+    for seed in range(64):
+        run = ref.generate(prompt, 48, SAMPLED["temperature"], seed)
+        if run.ended_on_eos:
+            ended = (seed, run)
+            break
+    assert ended is not None, "no seed in 0..63 ends on an eos"
+    async with serving_cluster(tmp_path / "net", path) as net:
+        server = net.daemons[1].daemon.openai
+        for want, params, seed in ((greedy, GREEDY["greedy"], None), (sampled, SAMPLED["all"], 3)):
+            stop = _plain_span(want.text, 4)
+            before, count = want.until_stop(stop)
+            for stops in (stop, ["never here", stop]):
+                for stream in (False, True):
+                    doc = body(CHAT, CHATS[1], params, seed, stop=stops, stream=stream)
+                    reply = await request(server, "POST", CHAT, doc)
+                    assert reply.status == 200, reply.body
+                    if stream:
+                        assert streamed_text(reply.events) == before
+                        finish = [
+                            c["finish_reason"] for e in reply.events[:-1] for c in e["choices"]
+                        ]
+                        assert finish[-1] == "stop"
+                    else:
+                        (choice,) = reply.json()["choices"]
+                        assert choice["message"]["content"] == before
+                        assert choice["finish_reason"] == "stop"
+                        assert reply.json()["usage"]["completion_tokens"] == count
+        # max_tokens: "length" after exactly that many of transformers' tokens
+        doc = body(CHAT, CHATS[1], SAMPLED["all"], 3, logprobs=True)
+        reply = await request(server, "POST", CHAT, {**doc, "max_tokens": 5})
+        check_chat(reply.json(), short)
+        assert reply.json()["choices"][0]["finish_reason"] == "length"
+        # an eos: "stop", the eos counted in usage and listed in logprobs, not in the text
+        seed, run = ended
+        doc = body(CHAT, CHATS[1], SAMPLED["temperature"], seed, logprobs=True, max_tokens=48)
+        reply = await request(server, "POST", CHAT, doc)
+        check_chat(reply.json(), run)
+        assert reply.json()["choices"][0]["finish_reason"] == "stop"
+        assert reply.json()["choices"][0]["logprobs"]["content"][-1]["bytes"] == []
+
+
+async def test_llama3_template_chat_equals_transformers(autojump_clock, tmp_path_factory):
+    path = bpe_tiny(tmp_path_factory.mktemp("llama3") / "bpe", "llama3", seed=5)
+    ref = Reference.load(path)
+    cases = [(CHATS[1], GREEDY["greedy"], None), (CHATS[2], SAMPLED["all"], 1)]
+    wanted = [ref.generate(ref.chat_ids(c), NEW, p, s) for c, p, s in cases]
+    assert ref.chat_ids(CHATS[1])[0] == ref.tokenizer.bos_token_id  # the template's BOS
+    async with serving_cluster(tmp_path_factory.mktemp("net"), path) as net:
+        server = net.daemons[0].daemon.openai
+        for (messages, params, seed), want in zip(cases, wanted, strict=True):
+            doc = body(CHAT, messages, params, seed, logprobs=True)
+            reply = await request(server, "POST", CHAT, doc)
+            assert reply.status == 200, reply.body
+            check_chat(reply.json(), want)
+
+
+async def test_plain_tiny_checkpoint_equals_transformers(autojump_clock, tmp_path):
+    """make_tiny's checkpoint as it is (its byte tokenizer, eos 257): completions from text
+    and from ids, greedy and sampled."""
+    path = m.make_tiny(tmp_path / "tiny", layers=LAYERS, seed=3)
+    ref = Reference.load(path)
+    text = "a network of shards 🙂"
+    prompt = list(ref.tokenizer(text)["input_ids"])
+    assert prompt == list(text.encode())  # bytes, no BOS (the tokenizer adds none)
+    cases = [(GREEDY["greedy"], None), (SAMPLED["all"], 0), (SAMPLED["temperature"], 7)]
+    wanted = [ref.generate(prompt, NEW, params, seed) for params, seed in cases]
+    async with serving_cluster(tmp_path / "net", path) as net:
+        server = net.daemons[0].daemon.openai
+        for (params, seed), want in zip(cases, wanted, strict=True):
+            for form in (text, prompt):
+                doc = body(COMPLETIONS, form, params, seed, logprobs=0)
+                reply = await request(server, "POST", COMPLETIONS, doc)
+                assert reply.status == 200, reply.body
+                check_completion(reply.json(), want)
