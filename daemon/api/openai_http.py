@@ -497,9 +497,10 @@ def _id(chat: bool) -> str:
 
 
 def _loopback(host: str) -> bool:
+    """Whether the client is on this machine (a peer we cannot name is not)."""
     from daemon.serving.settings import is_loopback
 
-    return is_loopback(host) or host == "unknown"
+    return is_loopback(host)
 
 
 def _chat_logprobs(tokens: list[Any]) -> wire.ChatLogprobs:

@@ -117,3 +117,15 @@ async def test_a_bug_while_planning_is_a_500_and_the_endpoint_serves_on(autojump
     assert reply.status == 500 and reply.json()["error"]["type"] == "server_error"
     assert _rejected(metrics, "internal_error") == 1
     assert (await request(server, "GET", "/v1/models")).status == 200
+
+
+async def test_a_client_beyond_loopback_needs_a_key(autojump_clock):
+    server, _ = _server()  # keys not required on loopback, and none configured
+    async with trio.open_nursery() as nursery:
+        client_end, served = trio.testing.memory_stream_pair()
+        nursery.start_soon(server.handle_connection, served, "192.0.2.7:5000")
+        client = Client(client_end)
+        await client.send("GET", "/v1/models")
+        reply = await client.rest(await client.head())
+        assert reply.status == 401 and reply.headers["www-authenticate"] == "Bearer"
+        await client_end.aclose()
