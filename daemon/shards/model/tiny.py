@@ -20,7 +20,25 @@ from daemon.shards.model.config import (
     ModelError,
     to_dtype,
 )
-from daemon.shards.model.tokenizer import BYTE_BOS_ID, BYTE_EOS_ID, byte_tokenizer_json
+from daemon.shards.model.tokenizer import (
+    BYTE_BOS,
+    BYTE_BOS_ID,
+    BYTE_EOS,
+    BYTE_EOS_ID,
+    byte_tokenizer_json,
+)
+
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+# ChatML's layout over the byte vocabulary: BOS once, each turn "<|im_start|>role\n...", ended
+# by EOS (the token the model ends its own turn with, an eos id of generation_config.json).
+# transformers' apply_chat_template renders it to the same text and ids as daemon.serving.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + eos_token + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -43,12 +61,16 @@ def make_tiny(
     shards: int = 1,
     rope_theta: float = 10000.0,
     rope_scaling: dict | None = None,
+    chat_template: str | None = None,
 ) -> Path:
     """Write a small deterministic random Llama checkpoint in the Hugging Face layout.
 
     Same arguments, same bytes. Weights are drawn at a trained model's scale (std 0.02,
     norm weights near 1) so logits and attention are not degenerate. `shards > 1` writes
     `model-0000k-of-0000N.safetensors` files and `model.safetensors.index.json`.
+    `chat_template` (e.g. TINY_CHAT_TEMPLATE) goes into `tokenizer_config.json`, with the
+    byte vocabulary's BOS and EOS as bos_token/eos_token, so that chat requests work on the
+    checkpoint as it is; None writes no `tokenizer_config.json` (as before it existed).
     """
     from safetensors.torch import save_file
 
@@ -116,4 +138,16 @@ def make_tiny(
         {"bos_token_id": BYTE_BOS_ID, "eos_token_id": BYTE_EOS_ID, "do_sample": False},
     )
     _write_json(out / TOKENIZER_FILE, byte_tokenizer_json())
+    if chat_template is not None:
+        _write_json(
+            out / TOKENIZER_CONFIG_FILE,
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": BYTE_BOS,
+                "eos_token": BYTE_EOS,
+                "clean_up_tokenization_spaces": False,
+                "model_max_length": max_positions,
+                "chat_template": chat_template,
+            },
+        )
     return out

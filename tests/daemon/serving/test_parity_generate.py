@@ -33,6 +33,7 @@ from __future__ import annotations
 import pytest
 
 from daemon.shards import model as m
+from daemon.shards.model.tiny import TINY_CHAT_TEMPLATE
 from tests.daemon.harness import inline_threads
 from tests.daemon.serving.openai_helpers import LAYERS, request, serving_cluster, streamed_text
 from tests.daemon.serving.parity_helpers import (
@@ -251,20 +252,50 @@ async def test_llama3_template_chat_equals_transformers(autojump_clock, tmp_path
 
 
 async def test_plain_tiny_checkpoint_equals_transformers(autojump_clock, tmp_path):
-    """make_tiny's checkpoint as it is (its byte tokenizer, eos 257): completions from text
-    and from ids, greedy and sampled."""
-    path = m.make_tiny(tmp_path / "tiny", layers=LAYERS, seed=3)
+    """make_tiny's checkpoint (its byte tokenizer, eos 257) with its own chat template:
+    chat, and completions from text and from ids, greedy and sampled."""
+    path = m.make_tiny(tmp_path / "tiny", layers=LAYERS, seed=3, chat_template=TINY_CHAT_TEMPLATE)
     ref = Reference.load(path)
     text = "a network of shards 🙂"
     prompt = list(ref.tokenizer(text)["input_ids"])
     assert prompt == list(text.encode())  # bytes, no BOS (the tokenizer adds none)
     cases = [(GREEDY["greedy"], None), (SAMPLED["all"], 0), (SAMPLED["temperature"], 7)]
     wanted = [ref.generate(prompt, NEW, params, seed) for params, seed in cases]
+    chats = [ref.generate(ref.chat_ids(CHATS[1]), NEW, p, s) for p, s in cases]
     async with serving_cluster(tmp_path / "net", path) as net:
         server = net.daemons[0].daemon.openai
-        for (params, seed), want in zip(cases, wanted, strict=True):
+        for (params, seed), want, chat in zip(cases, wanted, chats, strict=True):
             for form in (text, prompt):
                 doc = body(COMPLETIONS, form, params, seed, logprobs=0)
                 reply = await request(server, "POST", COMPLETIONS, doc)
                 assert reply.status == 200, reply.body
                 check_completion(reply.json(), want)
+            doc = body(CHAT, CHATS[1], params, seed, logprobs=True)
+            reply = await request(server, "POST", CHAT, doc)
+            assert reply.status == 200, reply.body
+            check_chat(reply.json(), chat)
+
+
+def test_make_tiny_chat_template_renders_as_transformers(tmp_path):
+    """make_tiny's chat template: the same bytes for the same arguments, rendered and
+    tokenized by daemon.serving as transformers' apply_chat_template does, BOS once and the
+    byte vocabulary's EOS ending each turn; without one, no tokenizer_config.json."""
+    from daemon.serving.text import ModelText
+
+    a = m.make_tiny(tmp_path / "a", layers=1, chat_template=TINY_CHAT_TEMPLATE)
+    b = m.make_tiny(tmp_path / "b", layers=1, chat_template=TINY_CHAT_TEMPLATE)
+    for name in ("tokenizer_config.json", "tokenizer.json", "model.safetensors"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert not (m.make_tiny(tmp_path / "c", layers=1) / "tokenizer_config.json").exists()
+    ours, theirs = ModelText.load(a), Reference.load(a).tokenizer
+    assert ours.eos_ids == {m.BYTE_EOS_ID}
+    for chat in CHATS:
+        for prompt in (True, False):
+            text = theirs.apply_chat_template(chat, tokenize=False, add_generation_prompt=prompt)
+            ids = theirs.apply_chat_template(chat, add_generation_prompt=prompt, return_dict=False)
+            assert ours.render_chat(chat, add_generation_prompt=prompt) == text
+            assert ours.chat_ids(chat, add_generation_prompt=prompt) == list(ids)
+            assert list(ids).count(m.BYTE_BOS_ID) == 1 and ids[0] == m.BYTE_BOS_ID
+            assert list(ids).count(m.BYTE_EOS_ID) == len(chat)
+    want = f"{m.BYTE_BOS}<|im_start|>user\nHi there 🙂{m.BYTE_EOS}\n<|im_start|>assistant\n"
+    assert ours.render_chat(CHATS[0]) == want
