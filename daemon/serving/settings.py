@@ -1,9 +1,8 @@
 """[serving]: the OpenAI-compatible endpoint's settings (README "Serving"): whether it runs,
 where it listens, its API keys and their limits, and local tokenizer directories.
 
-A section of the settings tree (daemon.settings.Config.serving) kept in its own module; it
-has a section's shape (a frozen msgspec Struct refusing unknown keys, `problems()` for the
-rules between keys) without importing daemon.settings, which imports it.
+A section of the settings tree (daemon.settings.Config.serving), kept beside the code it
+configures.
 """
 
 from __future__ import annotations
@@ -15,14 +14,10 @@ from typing import Annotated
 
 import msgspec
 
-# (key, why, other keys the rule involves), as daemon.settings.Problem
-Problem = tuple[str, str, tuple[str, ...]]
+from daemon.sections import Port, Problem, Section
 
 MIN_KEY_CHARS = 20  # a plaintext `key` shorter than this is refused (`gridmesh serve keygen`)
 
-Port = Annotated[
-    int, msgspec.Meta(ge=0, le=65535, description="a TCP port (0..65535; 0 picks a free one)")
-]
 Name = Annotated[
     str,
     msgspec.Meta(
@@ -89,7 +84,7 @@ def host_error(host: str) -> str | None:
     return None
 
 
-class ServingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class ServingConfig(Section):
     """[serving]: the OpenAI-compatible HTTP endpoint (`gridmesh serve --openai`). Off by
     default; on loopback unless `host` says otherwise, and then only with API keys."""
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from daemon import settings
+from daemon import sections, settings
 from daemon.cli.main import app
 from daemon.settings import Config, ConfigError, resolve
 from p2p.discovery import DiscoverySettings
@@ -193,7 +193,7 @@ def test_the_chain_and_prices_take_their_layers_and_types(tmp_path):
     # every network the chain client names is accepted (base-sepolia without an RPC URL
     # too: a command's --rpc-url may give it, and the chain client refuses it without one);
     # prices up to an int64
-    for network in settings.CHAIN_NETWORKS:
+    for network in sections.CHAIN_NETWORKS:
         assert settings.parse({"chain": {"network": network}}).chain.network == network
     assert settings.parse({"market": {"price_per_unit": 2**63 - 1}}).market.price_per_unit
 
@@ -204,7 +204,7 @@ def test_settings_names_the_networks_the_chain_client_defines():
     names = getattr(networks, "NETWORKS", None)
     if names is None:
         pytest.skip("contracts.chain.networks has no NETWORKS table yet")
-    assert set(settings.CHAIN_NETWORKS) == set(names)
+    assert set(sections.CHAIN_NETWORKS) == set(names)
 
 
 def test_other_gridmesh_variables_are_not_settings():

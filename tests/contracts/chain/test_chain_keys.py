@@ -96,6 +96,6 @@ def test_networks_and_their_endpoints() -> None:
 def test_settings_name_the_same_networks() -> None:
     """daemon.settings lists the names as a literal (loading a config must not import the
     chain client): they must stay the ones defined here."""
-    from daemon import settings
+    from daemon import sections
 
-    assert tuple(networks.NETWORKS) == settings.CHAIN_NETWORKS
+    assert tuple(networks.NETWORKS) == sections.CHAIN_NETWORKS
