@@ -86,23 +86,28 @@ class Reference:
         return list(ids)
 
     def generate(
-        self, prompt: list[int], max_new: int, params: dict[str, Any], seed: int | None = None
+        self,
+        prompt: list[int],
+        max_new: int,
+        params: dict[str, Any] | None,
+        seed: int | None = None,
     ) -> Expected:
         """`generate` with `params` (OpenAI names: temperature 0 is greedy), every warper
         stated so that no default of transformers' own applies, its eos ids from
-        generation_config.json; sampled under `torch.manual_seed(seed)`."""
-        temperature = params.get("temperature", 1.0)
-        kwargs: dict[str, Any] = {
-            "do_sample": temperature > 0,
-            "repetition_penalty": params.get("repetition_penalty", 1.0),
-        }
-        if temperature > 0:
-            kwargs.update(
-                temperature=temperature,
-                top_k=params.get("top_k", 0),
-                top_p=params.get("top_p", 1.0),
-                min_p=params.get("min_p"),
-            )
+        generation_config.json; sampled under `torch.manual_seed(seed)`. `params` None:
+        nothing stated, generation_config.json's values (do_sample included) rule."""
+        kwargs: dict[str, Any] = {}
+        if params is not None:
+            temperature = params.get("temperature", 1.0)
+            kwargs["do_sample"] = temperature > 0
+            kwargs["repetition_penalty"] = params.get("repetition_penalty", 1.0)
+            if temperature > 0:
+                kwargs.update(
+                    temperature=temperature,
+                    top_k=params.get("top_k", 0),
+                    top_p=params.get("top_p", 1.0),
+                    min_p=params.get("min_p"),
+                )
         if seed is not None:
             torch.manual_seed(seed)
         with torch.no_grad():

@@ -25,10 +25,16 @@ of its own, which transformers has no counterpart for). `presence_penalty`,
 `frequency_penalty` and `logit_bias` have no counterpart in transformers' `generate` and are
 not compared here (tests/daemon/serving/test_sampling.py checks them by hand).
 Also: stop strings end the reply before the stop string (finish_reason "stop"), max_tokens
-ends it with "length", an eos with "stop" (the eos is counted, not in the text).
+ends it with "length", an eos with "stop" (the eos is counted, not in the text). A request
+naming no sampling parameter samples with generation_config.json's temperature, top_k, top_p,
+min_p, repetition_penalty as transformers' `generate()` does, with one difference: a config
+that names no top_k gets none from the endpoint (vLLM's reading) and transformers 5's own
+default of 50 from `generate()`.
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -299,3 +305,40 @@ def test_make_tiny_chat_template_renders_as_transformers(tmp_path):
             assert list(ids).count(m.BYTE_EOS_ID) == len(chat)
     want = f"{m.BYTE_BOS}<|im_start|>user\nHi there 🙂{m.BYTE_EOS}\n<|im_start|>assistant\n"
     assert ours.render_chat(CHATS[0]) == want
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"do_sample": True, "temperature": 0.6, "top_p": 0.9},  # Llama 3's: no top_k
+        {"do_sample": True, "temperature": 0.7, "top_k": 20, "min_p": 0.05},
+        {"do_sample": True, "repetition_penalty": 1.3, "top_p": 0.8, "top_k": 0},
+    ],
+)
+async def test_generation_config_defaults_sample_as_transformers(autojump_clock, tmp_path, config):
+    """A request that names no sampling parameter samples with generation_config.json's
+    values, as transformers' `generate()` does when nothing is stated, except for top_k: a
+    config that names none gets no top_k here (as vLLM; OpenAI has no top_k) where
+    transformers 5 applies its own default of 50 (pinned below)."""
+    path = bpe_tiny(tmp_path / "bpe")
+    generation = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**generation, **config}))
+    ref = Reference.load(path)
+    prompt = ref.chat_ids(CHATS[0])
+    stated = {"temperature": 1.0, "top_k": 0, **config}
+    del stated["do_sample"]
+    wanted = {seed: ref.generate(prompt, NEW, stated, seed) for seed in SEEDS}
+    theirs = ref.generate(prompt, NEW, None, SEEDS[0]).ids  # transformers reads the config
+    if "top_k" in config:
+        assert theirs == wanted[SEEDS[0]].ids
+    else:
+        assert theirs == ref.generate(prompt, NEW, {**stated, "top_k": 50}, SEEDS[0]).ids
+        assert theirs != wanted[SEEDS[0]].ids
+    assert wanted[SEEDS[0]].ids != ref.generate(prompt, NEW, {"temperature": 1.0}, SEEDS[0]).ids
+    async with serving_cluster(tmp_path / "net", path) as net:
+        server = net.daemons[0].daemon.openai
+        for seed, want in wanted.items():
+            doc = body(CHAT, CHATS[0], {}, seed, logprobs=True)
+            reply = await request(server, "POST", CHAT, doc)
+            assert reply.status == 200, reply.body
+            check_chat(reply.json(), want)
