@@ -36,7 +36,9 @@ done leaves; if steps are still pending, one of their callers leads next. So:
   the end (shielded) and the session's state is settled by the leader (`settle`), whether
   anyone still waits for the result or not, so a session's length never disagrees with its
   cache;
-- a step whose session ended before its batch ran is dropped (`StepDropped`), the others run.
+- a step whose session ended before its batch ran is dropped (`StepDropped`), the others run;
+- a batch whose pass fails (out of memory, say) runs again one step at a time: a failure
+  is only its own step's.
 
 Why each session keeps its own KV cache (rather than vLLM's shared slots or pages): the
 cache budget, `busy`, failover by replay and the sessions' lifetimes stay exactly as they
@@ -257,20 +259,53 @@ class Batcher(Generic[K]):
                 self._finish(item)
         if not batch:
             return
-        keys = [item.key for item in batch]
+        outs = await self._attempt(batch)
+        if outs is not None:
+            self._finished(batch, outs)
+            return
+        if len(batch) > 1:
+            # a batch that failed (out of memory, say) runs again one step at a time, so
+            # that a failure is only its own step's (a failed pass advanced no session; the
+            # positions it may have written are written again)
+            try:
+                for item in batch:
+                    outs = await self._attempt([item])
+                    if outs is not None:
+                        self._finished([item], outs)
+            except BaseException:
+                for item in batch:
+                    if not item.done.is_set():
+                        item.error = StepDropped("its batch was interrupted")
+                        self._finish(item)
+                raise
+
+    async def _attempt(self, batch: list[_Step[K]]) -> list[torch.Tensor] | None:
+        """The batch's outputs (in a worker thread), or None if it failed: a lone step then
+        fails with the error."""
         try:
             outs = await trio.to_thread.run_sync(
-                self._compute, keys, [i.x for i in batch], [i.last_only for i in batch]
+                self._compute,
+                [item.key for item in batch],
+                [item.x for item in batch],
+                [item.last_only for item in batch],
             )
             if len(outs) != len(batch):
                 raise RuntimeError(f"a batch of {len(batch)} steps gave {len(outs)} outputs")
-        except BaseException as exc:  # every step of the batch fails alike
+            return outs
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].error = exc
+                self._finish(batch[0])
+            return None
+        except BaseException:
             for item in batch:
-                item.error = exc if isinstance(exc, Exception) else StepDropped("batch failed")
+                item.error = StepDropped("its batch was interrupted")
                 self._finish(item)
-            if isinstance(exc, Exception):
-                return
             raise
+
+    def _finished(self, batch: list[_Step[K]], outs: list[torch.Tensor]) -> None:
+        """Settle the sessions of a batch that ran, count it, and hand out the outputs."""
+        keys = [item.key for item in batch]
         self._settle(keys, [item.positions for item in batch])
         self._ran_at = trio.current_time()
         for key in keys:

@@ -26,13 +26,13 @@ model_dir = memory_cluster.model_dir
 class Fake:
     """A compute that records its batches and answers each step with its input plus 1."""
 
-    def __init__(self, fail: set[int] | None = None) -> None:
+    def __init__(self, fail: str | None = None) -> None:
         self.batches: list[list[str]] = []
-        self.fail = fail or set()  # batch numbers that raise
+        self.fail = fail  # a batch holding this key raises (as a step the device refuses)
 
     def __call__(self, keys, xs, last_only) -> list[torch.Tensor]:
         self.batches.append(list(keys))
-        if len(self.batches) - 1 in self.fail:
+        if self.fail in keys:
             raise RuntimeError("the device failed")
         return [x + 1 for x in xs]
 
@@ -116,7 +116,7 @@ async def test_batches_are_bounded_and_taken_oldest_first(virtual_time):
 
 async def test_withdrawn_dropped_and_failed_steps_leave_the_others_alone(virtual_time):
     ended: set[str] = set()
-    fake = Fake(fail={1})
+    fake = Fake(fail="bad")
     steps = batcher(fake, live=lambda key: key not in ended)
     results: dict[str, object] = {}
 
@@ -128,10 +128,12 @@ async def test_withdrawn_dropped_and_failed_steps_leave_the_others_alone(virtual
 
     await steps.step("lead", torch.tensor([0]))  # batch 0: "lead" alone, now awaited
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(step, "x", 1)
+        nursery.start_soon(step, "bad", 1)
         nursery.start_soon(step, "y", 2)
-        await trio.sleep(0.1)  # batch 1 ("x", "y") waits the window for "lead": it fails
-    assert results == {"x": "RuntimeError", "y": "RuntimeError"}
+        await trio.sleep(0.1)  # batch 1 ("bad", "y") waits the window for "lead": it fails
+    # then each of its steps runs alone: only the failing one fails
+    assert results == {"bad": "RuntimeError", "y": 3}
+    assert sorted(fake.batches[1]) == ["bad", "y"] and len(fake.batches) == 4
     async with trio.open_nursery() as nursery:
         with trio.CancelScope() as cancelled:
             cancelled.cancel()  # a caller that gives up before its batch: withdrawn
@@ -141,7 +143,7 @@ async def test_withdrawn_dropped_and_failed_steps_leave_the_others_alone(virtual
         ended.add("dead")  # its session ended while the step waited
         await trio.sleep(0.01)
         nursery.start_soon(step, "lead", 5)
-    assert results == {"x": 4, "y": "RuntimeError", "dead": "StepDropped", "lead": 6}
+    assert results == {"bad": "RuntimeError", "y": 3, "x": 4, "dead": "StepDropped", "lead": 6}
     assert steps.pending == 0
     assert all("gone" not in batch and "dead" not in batch for batch in fake.batches)
 
