@@ -26,7 +26,8 @@ torch = pytest.importorskip("torch")
 
 # per template: the token that ends an assistant turn (the tokenizer's eos_token)
 TURN_END = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}
-LOGPROB_TOL = 1e-4  # our shard chain's float32 logits vs transformers' (measured ~1e-6)
+TOP = 5  # top_logprobs compared
+LOGPROB_TOL = 1e-5  # our shard chain vs transformers (measured: all pass at 1e-6, not at 1e-7)
 
 
 def bpe_tiny(root: Path, template: str = "chatml", *, seed: int = 11) -> Path:
@@ -121,11 +122,13 @@ class Reference:
                 **kwargs,
             )
         ids = out.sequences[0, len(prompt) :].tolist()
-        logprobs = [
-            float(torch.log_softmax(step[0].float(), dim=-1)[token])
-            for step, token in zip(out.logits, ids, strict=True)
-        ]
-        return Expected(self, prompt, ids, logprobs, max_new)
+        steps = [torch.log_softmax(step[0].float(), dim=-1) for step in out.logits]
+        logprobs = [float(lp[token]) for lp, token in zip(steps, ids, strict=True)]
+        top = []
+        for lp in steps:
+            values, indices = torch.topk(lp, TOP)
+            top.append(list(zip(indices.tolist(), values.tolist(), strict=True)))
+        return Expected(self, prompt, ids, logprobs, max_new, top)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes a token adds to decoded text: b"" for special tokens, else its
@@ -150,6 +153,7 @@ class Expected:
     ids: list[int]  # generated, the eos included when it ended on one
     logprobs: list[float]  # the model's log probability of each generated id
     max_new: int
+    top: list[list[tuple[int, float]]]  # the TOP most likely ids and logprobs at each step
 
     @property
     def ended_on_eos(self) -> bool:
@@ -189,6 +193,17 @@ class Expected:
         for at, ((data, got), (expected, lp)) in enumerate(zip(tokens, want, strict=True)):
             assert data == expected, (at, data, expected)
             assert math.isclose(got, lp, abs_tol=LOGPROB_TOL), (at, got, lp)
+
+    def check_top(self, choice: dict[str, Any]) -> None:
+        """A chat choice's top_logprobs (TOP asked) are transformers' most likely tokens at
+        each step: the same bytes in the same order, the same logprobs (LOGPROB_TOL)."""
+        content = choice["logprobs"]["content"]
+        assert len(content) == len(self.top)
+        for at, (entry, want) in enumerate(zip(content, self.top, strict=True)):
+            got = [(bytes(t["bytes"]), t["logprob"]) for t in entry["top_logprobs"]]
+            assert [b for b, _ in got] == [self.ref.token_bytes(i) for i, _ in want], at
+            for (_, lp), (_, expected) in zip(got, want, strict=True):
+                assert math.isclose(lp, expected, abs_tol=LOGPROB_TOL), (at, lp, expected)
 
 
 def chat_tokens(choice: dict[str, Any]) -> list[tuple[bytes, float]]:

@@ -11,12 +11,14 @@ trained by the test with a real chat template (ChatML, Llama 3 style), and the p
 checkpoint with its byte tokenizer and make_tiny's own chat template.
 
 What must be equal: the reply's text == `tokenizer.decode(transformers' ids,
-skip_special_tokens=True)`; its token ids == transformers' (the endpoint does not send ids:
-each token of the reply's logprobs, a final eos included, has the bytes of transformers'
-token at that position and its log probability under the model within 1e-4, and
-`usage.completion_tokens` counts transformers' tokens); `usage.prompt_tokens` == the length of
+skip_special_tokens=True)`; its token ids == transformers'. The endpoint does not send ids,
+so each token of the reply's logprobs (a final eos included) must have the bytes of
+transformers' token at that position and its log probability under the model within 1e-5,
+and its top_logprobs transformers' 5 most likely tokens with theirs; `usage.completion_tokens`
+== the number of transformers' tokens, `usage.prompt_tokens` == the length of
 `apply_chat_template`'s ids; finish_reason "stop" when transformers ended on an eos, else
-"length".
+"length". (The logits themselves come from our shard chain, equal to transformers' within
+float32 rounding; the tokens drawn from them are the same.)
 
 Bit for bit with transformers' sampling (the same tokens under the same seed): `temperature`
 (0 = greedy), `top_k`, `top_p`, `min_p`, `repetition_penalty`, each alone and all combined,
@@ -43,6 +45,7 @@ from daemon.shards.model.tiny import TINY_CHAT_TEMPLATE
 from tests.daemon.harness import inline_threads
 from tests.daemon.serving.openai_helpers import LAYERS, request, serving_cluster, streamed_text
 from tests.daemon.serving.parity_helpers import (
+    TOP,
     Reference,
     bpe_tiny,
     chat_tokens,
@@ -140,11 +143,11 @@ async def test_chat_greedy_and_sampled_equal_transformers(autojump_clock, tmp_pa
     async with serving_cluster(tmp_path / "net", path) as net:
         server = net.daemons[0].daemon.openai
         for messages, params, seed, want in cases:
-            reply = await request(
-                server, "POST", CHAT, body(CHAT, messages, params, seed, logprobs=True)
-            )
+            doc = body(CHAT, messages, params, seed, logprobs=True, top_logprobs=TOP)
+            reply = await request(server, "POST", CHAT, doc)
             assert reply.status == 200, reply.body
             check_chat(reply.json(), want)
+            want.check_top(reply.json()["choices"][0])  # the model's top 5 at each step
         # streamed: the same text and tokens; no logprobs asked: the same text
         for messages, params, seed, want in (cases[0], cases[-1]):
             extra = {"stream": True, "logprobs": True}
