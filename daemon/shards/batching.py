@@ -403,17 +403,24 @@ def run_steps(
     """A step of each of `sessions` (all of one range): one alone as any step, several as
     one forward pass (`LlamaShard.forward_packed`); `last_only`: that session wants its
     last position's output only. A block's `steps` and `compute_s` count forward passes,
-    so its `ms_per_layer` stays what a step waits."""
-    if len(sessions) == 1:
-        return [run_alone(sessions[0], xs[0], last_only[0], static)]
-    block = sessions[0].block
-    started = time.perf_counter()
-    with torch.inference_mode():
-        outs = block.shard.forward_packed(
-            [x.to(block.device) for x in xs], [session.cache for session in sessions]
-        )
-        outs = [out[:, -1:] if last else out for out, last in zip(outs, last_only, strict=True)]
-        outs = [out.cpu() if out.device.type != "cpu" else out.clone() for out in outs]
-    block.compute_s += time.perf_counter() - started
-    block.steps += 1
-    return outs
+    so its `ms_per_layer` stays what a step waits. A step that fails leaves every cache at
+    its session's length (the session's, advanced only once its step is through, is what
+    counts), so that running it again writes the same positions."""
+    try:
+        if len(sessions) == 1:
+            return [run_alone(sessions[0], xs[0], last_only[0], static)]
+        block = sessions[0].block
+        started = time.perf_counter()
+        with torch.inference_mode():
+            outs = block.shard.forward_packed(
+                [x.to(block.device) for x in xs], [session.cache for session in sessions]
+            )
+            outs = [o[:, -1:] if last else o for o, last in zip(outs, last_only, strict=True)]
+            outs = [o.cpu() if o.device.type != "cpu" else o.clone() for o in outs]
+        block.compute_s += time.perf_counter() - started
+        block.steps += 1
+        return outs
+    except BaseException:
+        for session in sessions:
+            session.cache.length = session.length
+        raise

@@ -331,3 +331,43 @@ async def test_a_leader_that_gives_up_hands_the_batch_over(virtual_time):
 async def _cancellable(scope: trio.CancelScope, steps: Batcher[str]) -> None:
     with scope:
         await steps.step("a", torch.tensor([1]))
+
+
+async def test_a_failed_pass_leaves_every_cache_where_its_session_is(tmp_path, monkeypatch):
+    """A pass that fails after writing (the device fails as it hands the output back):
+    the caches are set back to their sessions' lengths, and the steps run again alone
+    give the outputs a clean server gives."""
+    from daemon.shards import wire
+    from daemon.shards.batching import run_steps
+    from daemon.shards.model import make_tiny
+    from daemon.shards.server import Outbox, ShardServer
+    from p2p.streams import stream_pair
+
+    model = make_tiny(tmp_path / "m", layers=2, seed=4)
+    servers = []
+    for _ in range(2):
+        server = ShardServer()
+        await server.load("m", model, 0, 2)
+        servers.append(server)
+    header = wire.Open(model="m", start=0, end=2, max_length=16)
+    owner = Outbox(stream_pair("a", "b")[0])
+    broken, clean = ([s.open_session(header, owner) for _ in range(2)] for s in servers)
+    for server, sessions in zip(servers, (broken, clean), strict=True):
+        for session in sessions:
+            await server.forward(session, 0, torch.tensor([[1, 2, 3]]), False)
+    xs = [torch.tensor([[4]]), torch.tensor([[5]])]
+    block = servers[0].blocks["m"]
+    packed = block.shard.forward_packed
+
+    def fails_late(*args):
+        packed(*args)  # the caches were written and grew
+        raise RuntimeError("the device failed")
+
+    monkeypatch.setattr(block.shard, "forward_packed", fails_late)
+    with pytest.raises(RuntimeError):
+        run_steps(broken, xs, [False, False], None)
+    assert [s.cache.length for s in broken] == [s.length for s in broken] == [3, 3]
+    monkeypatch.undo()
+    for session, twin, x in zip(broken, clean, xs, strict=True):
+        again = await servers[0].forward(session, 3, x, False)
+        assert torch.equal(again, await servers[1].forward(twin, 3, x, False))
