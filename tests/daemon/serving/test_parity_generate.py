@@ -1,7 +1,8 @@
 """Parity of the OpenAI endpoint with Hugging Face transformers, end to end.
 
 The endpoint runs on whole daemons on the in-memory network, the model split over 3 of them
-(every token crosses the network), and is compared with transformers in this process:
+(and 2 for the plain tiny checkpoint: every token crosses the network), and is compared with
+transformers in this process:
 `AutoTokenizer.apply_chat_template(messages, add_generation_prompt=True)` for the prompt ids,
 then `LlamaForCausalLM.generate` with transformers' own eos handling (generation_config.json's
 eos ids, a list here) — `do_sample=False` for greedy, and `torch.manual_seed(seed)` then
@@ -21,8 +22,9 @@ and its top_logprobs transformers' 5 most likely tokens with theirs; `usage.comp
 float32 rounding; the tokens drawn from them are the same.)
 
 Bit for bit with transformers' sampling (the same tokens under the same seed): `temperature`
-(0 = greedy), `top_k`, `top_p`, `min_p`, `repetition_penalty`, each alone and all combined,
-greedy with repetition_penalty; `seed` for choice 0 (`n > 1`: choice k > 0 draws from a seed
+(0 = greedy), `top_k` (1 and past the vocabulary included), `top_p`, `min_p`,
+`repetition_penalty` (above and below 1), each alone and all combined, greedy with
+repetition_penalty; `seed` for choice 0 (`n > 1`: choice k > 0 draws from a seed
 of its own, which transformers has no counterpart for). `presence_penalty`,
 `frequency_penalty` and `logit_bias` have no counterpart in transformers' `generate` and are
 not compared here (tests/daemon/serving/test_sampling.py checks them by hand).
@@ -66,6 +68,9 @@ SAMPLED = {
     "top_p": {"temperature": 1.0, "top_p": 0.6},
     "min_p": {"temperature": 1.0, "min_p": 0.5},
     "repetition_penalty": {"temperature": 1.0, "repetition_penalty": 1.5},
+    "repetition_reward": {"temperature": 1.0, "repetition_penalty": 0.8},
+    "top_k-1": {"temperature": 1.0, "top_k": 1},
+    "top_k-past-vocab": {"temperature": 2.0, "top_k": 100000},
     "all": {
         "temperature": 0.6,
         "top_k": 20,
@@ -243,6 +248,10 @@ async def test_stop_strings_max_tokens_and_eos_as_transformers_ends(autojump_clo
         check_chat(reply.json(), run)
         assert reply.json()["choices"][0]["finish_reason"] == "stop"
         assert reply.json()["choices"][0]["logprobs"]["content"][-1]["bytes"] == []
+        # the eos as the last token max_tokens allows: still "stop", as transformers ended on it
+        reply = await request(server, "POST", CHAT, {**doc, "max_tokens": len(run.ids)})
+        check_chat(reply.json(), ref.generate(prompt, len(run.ids), SAMPLED["temperature"], seed))
+        assert reply.json()["choices"][0]["finish_reason"] == "stop"
 
 
 async def test_llama3_template_chat_equals_transformers(autojump_clock, tmp_path_factory):
@@ -260,9 +269,11 @@ async def test_llama3_template_chat_equals_transformers(autojump_clock, tmp_path
             check_chat(reply.json(), want)
 
 
-async def test_plain_tiny_checkpoint_equals_transformers(autojump_clock, tmp_path):
-    """make_tiny's checkpoint (its byte tokenizer, eos 257) with its own chat template:
-    chat, and completions from text and from ids, greedy and sampled."""
+@pytest.mark.parametrize("daemons", [2, 3])
+async def test_plain_tiny_checkpoint_equals_transformers(autojump_clock, tmp_path, daemons):
+    """make_tiny's checkpoint (its byte tokenizer, eos 257) with its own chat template, split
+    over 2 and 3 daemons: chat, and completions from text and from ids, greedy and
+    sampled."""
     path = m.make_tiny(tmp_path / "tiny", layers=LAYERS, seed=3, chat_template=TINY_CHAT_TEMPLATE)
     ref = Reference.load(path)
     text = "a network of shards 🙂"
@@ -271,8 +282,8 @@ async def test_plain_tiny_checkpoint_equals_transformers(autojump_clock, tmp_pat
     cases = [(GREEDY["greedy"], None), (SAMPLED["all"], 0), (SAMPLED["temperature"], 7)]
     wanted = [ref.generate(prompt, NEW, params, seed) for params, seed in cases]
     chats = [ref.generate(ref.chat_ids(CHATS[1]), NEW, p, s) for p, s in cases]
-    async with serving_cluster(tmp_path / "net", path) as net:
-        server = net.daemons[0].daemon.openai
+    async with serving_cluster(tmp_path / "net", path, count=daemons) as net:
+        server = net.daemons[-1].daemon.openai
         for (params, seed), want, chat in zip(cases, wanted, chats, strict=True):
             for form in (text, prompt):
                 doc = body(COMPLETIONS, form, params, seed, logprobs=0)
