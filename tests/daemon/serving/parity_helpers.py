@@ -92,12 +92,16 @@ class Reference:
         max_new: int,
         params: dict[str, Any] | None,
         seed: int | None = None,
+        stop: list[str] | None = None,
     ) -> Expected:
         """`generate` with `params` (OpenAI names: temperature 0 is greedy), every warper
         stated so that no default of transformers' own applies, its eos ids from
         generation_config.json; sampled under `torch.manual_seed(seed)`. `params` None:
-        nothing stated, generation_config.json's values (do_sample included) rule."""
+        nothing stated, generation_config.json's values (do_sample included) rule. `stop`:
+        transformers' own stop_strings (it ends at the token that completes one)."""
         kwargs: dict[str, Any] = {}
+        if stop:
+            kwargs.update(stop_strings=stop, tokenizer=self.tokenizer)
         if params is not None:
             temperature = params.get("temperature", 1.0)
             kwargs["do_sample"] = temperature > 0
@@ -171,14 +175,10 @@ class Expected:
         n, k = len(self.prompt), len(self.ids)
         return {"prompt_tokens": n, "completion_tokens": k, "total_tokens": n + k}
 
-    def until_stop(self, stop: str) -> tuple[str, int]:
-        """(the text before `stop`, the tokens generated when it appeared): a reply with
-        this stop string ends there."""
-        for count in range(1, len(self.ids) + 1):
-            text = self.ref.tokenizer.decode(self.ids[:count], skip_special_tokens=True)
-            if stop in text:
-                return text[: text.index(stop)], count
-        raise AssertionError(f"{stop!r} is not in {self.text!r}")
+    def before_stop(self, stops: list[str]) -> str:
+        """The text before the first of `stops` (the reply to a request with them)."""
+        text = self.text
+        return text[: min(text.index(s) for s in stops if s in text)]
 
     def check_tokens(self, tokens: list[tuple[bytes, float]], *, legacy: bool = False) -> None:
         """A reply's (bytes, logprob) per token are this generation's ids, a final eos

@@ -28,8 +28,10 @@ repetition_penalty; `seed` for choice 0 (`n > 1`: choice k > 0 draws from a seed
 of its own, which transformers has no counterpart for). `presence_penalty`,
 `frequency_penalty` and `logit_bias` have no counterpart in transformers' `generate` and are
 not compared here (tests/daemon/serving/test_sampling.py checks them by hand).
-Also: stop strings end the reply before the stop string (finish_reason "stop"), max_tokens
-ends it with "length", an eos with "stop" (the eos is counted, not in the text). A request
+Also: a stop string ends the reply at the token where transformers' own
+`generate(stop_strings=...)` ends (usage counts as many tokens), its text the text before the
+stop string, finish_reason "stop" (a stop string only begun at the end is sent whole);
+max_tokens ends it with "length", an eos with "stop" (the eos is counted, not in the text). A request
 naming no sampling parameter samples with generation_config.json's temperature, top_k, top_p,
 min_p, repetition_penalty as transformers' `generate()` does, with one difference: a config
 that names no top_k gets none from the endpoint (vLLM's reading) and transformers 5's own
@@ -219,8 +221,11 @@ async def test_stop_strings_max_tokens_and_eos_as_transformers_ends(autojump_clo
         server = net.daemons[1].daemon.openai
         for want, params, seed in ((greedy, GREEDY["greedy"], None), (sampled, SAMPLED["all"], 3)):
             stop = _plain_span(want.text, 4)
-            before, count = want.until_stop(stop)
-            for stops in (stop, ["never here", stop]):
+            for stops in ([stop], ["never here", stop]):
+                # transformers' generate(stop_strings=...) ends at the token completing one
+                cut = ref.generate(prompt, NEW, params, seed, stop=stops)
+                assert cut.ids == want.ids[: len(cut.ids)] and len(cut.ids) < NEW
+                before = cut.before_stop(stops)
                 for stream in (False, True):
                     doc = body(CHAT, CHATS[1], params, seed, stop=stops, stream=stream)
                     reply = await request(server, "POST", CHAT, doc)
@@ -235,7 +240,21 @@ async def test_stop_strings_max_tokens_and_eos_as_transformers_ends(autojump_clo
                         (choice,) = reply.json()["choices"]
                         assert choice["message"]["content"] == before
                         assert choice["finish_reason"] == "stop"
-                        assert reply.json()["usage"]["completion_tokens"] == count
+                        assert reply.json()["usage"]["completion_tokens"] == len(cut.ids)
+            # a stop string whose start ends the reply but never completes: held back while
+            # it might, then sent whole at max_tokens ("length")
+            tail = [want.text[-2:] + "\u2603never"]
+            for stream in (False, True):
+                doc = body(CHAT, CHATS[1], params, seed, stop=tail, stream=stream)
+                reply = await request(server, "POST", CHAT, doc)
+                if stream:
+                    assert streamed_text(reply.events) == want.text
+                else:
+                    (choice,) = reply.json()["choices"]
+                    assert (choice["message"]["content"], choice["finish_reason"]) == (
+                        want.text,
+                        "length",
+                    )
         # max_tokens: "length" after exactly that many of transformers' tokens
         doc = body(CHAT, CHATS[1], SAMPLED["all"], 3, logprobs=True)
         reply = await request(server, "POST", CHAT, {**doc, "max_tokens": 5})
