@@ -31,9 +31,9 @@ not compared here (tests/daemon/serving/test_sampling.py checks them by hand).
 Also: a stop string ends the reply at the token where transformers' own
 `generate(stop_strings=...)` ends (usage counts as many tokens), its text the text before the
 stop string, finish_reason "stop" (a stop string only begun at the end is sent whole);
-max_tokens ends it with "length", an eos with "stop" (the eos is counted, not in the text). A request
-naming no sampling parameter samples with generation_config.json's temperature, top_k, top_p,
-min_p, repetition_penalty as transformers' `generate()` does, with one difference: a config
+max_tokens ends it with "length", an eos with "stop" (the eos is counted, not in the text).
+A request naming no sampling parameter samples with generation_config.json's temperature,
+top_k, top_p, min_p, repetition_penalty as transformers' `generate()` does, except that a config
 that names no top_k gets none from the endpoint (vLLM's reading) and transformers 5's own
 default of 50 from `generate()`.
 """
