@@ -89,7 +89,7 @@ class Reference:
     def generate(
         self,
         prompt: list[int],
-        max_new: int,
+        max_new: int | None,
         params: dict[str, Any] | None,
         seed: int | None = None,
         stop: list[str] | None = None,
@@ -98,8 +98,9 @@ class Reference:
         stated so that no default of transformers' own applies, its eos ids from
         generation_config.json; sampled under `torch.manual_seed(seed)`. `params` None:
         nothing stated, generation_config.json's values (do_sample included) rule. `stop`:
-        transformers' own stop_strings (it ends at the token that completes one)."""
-        kwargs: dict[str, Any] = {}
+        transformers' own stop_strings (it ends at the token that completes one). `max_new`
+        None: generation_config.json's max_new_tokens."""
+        kwargs: dict[str, Any] = {} if max_new is None else {"max_new_tokens": max_new}
         if stop:
             kwargs.update(stop_strings=stop, tokenizer=self.tokenizer)
         if params is not None:
@@ -119,7 +120,6 @@ class Reference:
             out = self.model.generate(
                 torch.tensor([prompt]),
                 attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                max_new_tokens=max_new,
                 pad_token_id=min(self.eos_ids),
                 output_logits=True,
                 return_dict_in_generate=True,
@@ -156,7 +156,7 @@ class Expected:
     prompt: list[int]
     ids: list[int]  # generated, the eos included when it ended on one
     logprobs: list[float]  # the model's log probability of each generated id
-    max_new: int
+    max_new: int | None
     top: list[list[tuple[int, float]]]  # the TOP most likely ids and logprobs at each step
 
     @property

@@ -344,7 +344,7 @@ def test_make_tiny_chat_template_renders_as_transformers(tmp_path):
     "config",
     [
         {"do_sample": True, "temperature": 0.6, "top_p": 0.9},  # Llama 3's: no top_k
-        {"do_sample": True, "temperature": 0.7, "top_k": 20, "min_p": 0.05},
+        {"do_sample": True, "temperature": 0.7, "top_k": 20, "min_p": 0.05, "max_new_tokens": 12},
         {"do_sample": True, "repetition_penalty": 1.3, "top_p": 0.8, "top_k": 0},
     ],
 )
@@ -352,7 +352,8 @@ async def test_generation_config_defaults_sample_as_transformers(autojump_clock,
     """A request that names no sampling parameter samples with generation_config.json's
     values, as transformers' `generate()` does when nothing is stated, except for top_k: a
     config that names none gets no top_k here (as vLLM; OpenAI has no top_k) where
-    transformers 5 applies its own default of 50 (pinned below)."""
+    transformers 5 applies its own default of 50 (pinned below). A request without
+    max_tokens gets its max_new_tokens, as `generate()` without one."""
     path = bpe_tiny(tmp_path / "bpe")
     generation = json.loads((path / "generation_config.json").read_text())
     (path / "generation_config.json").write_text(json.dumps({**generation, **config}))
@@ -360,18 +361,24 @@ async def test_generation_config_defaults_sample_as_transformers(autojump_clock,
     prompt = ref.chat_ids(CHATS[0])
     stated = {"temperature": 1.0, "top_k": 0, **config}
     del stated["do_sample"]
-    wanted = {seed: ref.generate(prompt, NEW, stated, seed) for seed in SEEDS}
-    theirs = ref.generate(prompt, NEW, None, SEEDS[0]).ids  # transformers reads the config
+    new = stated.pop("max_new_tokens", NEW)
+    wanted = {seed: ref.generate(prompt, new, stated, seed) for seed in SEEDS}
+    from_config = "max_new_tokens" in config
+    # transformers with nothing stated: generation_config.json's values
+    theirs = ref.generate(prompt, None if from_config else NEW, None, SEEDS[0]).ids
+    assert len(theirs) == new
     if "top_k" in config:
         assert theirs == wanted[SEEDS[0]].ids
     else:
-        assert theirs == ref.generate(prompt, NEW, {**stated, "top_k": 50}, SEEDS[0]).ids
+        assert theirs == ref.generate(prompt, new, {**stated, "top_k": 50}, SEEDS[0]).ids
         assert theirs != wanted[SEEDS[0]].ids
-    assert wanted[SEEDS[0]].ids != ref.generate(prompt, NEW, {"temperature": 1.0}, SEEDS[0]).ids
+    assert wanted[SEEDS[0]].ids != ref.generate(prompt, new, {"temperature": 1.0}, SEEDS[0]).ids
     async with serving_cluster(tmp_path / "net", path) as net:
         server = net.daemons[0].daemon.openai
         for seed, want in wanted.items():
             doc = body(CHAT, CHATS[0], {}, seed, logprobs=True)
+            if from_config:
+                del doc["max_tokens"]
             reply = await request(server, "POST", CHAT, doc)
             assert reply.status == 200, reply.body
             check_chat(reply.json(), want)
