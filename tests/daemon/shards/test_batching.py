@@ -317,13 +317,14 @@ async def test_a_leader_that_gives_up_hands_the_batch_over(virtual_time):
         results[name] = int(await steps.step(name, torch.tensor([1])))
 
     leader = trio.CancelScope()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_cancellable, leader, steps)
-        await trio.sleep(0.1)  # "a" leads, waiting for "due"
-        nursery.start_soon(step, "b")
-        nursery.start_soon(step, "c")
-        await trio.sleep(0.1)
-        leader.cancel()  # it gives up while waiting: "b" leads the rest
+    with trio.fail_after(60):  # virtual: "b" and "c" would wait for ever
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancellable, leader, steps)
+            await trio.sleep(0.1)  # "a" leads, waiting for "due" (which never comes)
+            nursery.start_soon(step, "b")
+            nursery.start_soon(step, "c")
+            await trio.sleep(0.1)
+            leader.cancel()  # it gives up while waiting: "b" leads the rest
     assert results == {"b": 2, "c": 2}
     assert sorted(fake.batches[-1]) == ["b", "c"] and steps.pending == 0
 
