@@ -315,9 +315,9 @@ class ShardServer:
 
     @property
     def waiting_steps(self) -> int:
-        """Steps waiting for compute: decode steps gathered for a batch, other steps queued
-        for the compute limiter."""
-        return self.batching.pending + int(self._compute.statistics().tasks_waiting)
+        """Steps waiting for compute: gathered for a batch, or waiting while another pass
+        runs (a batch takes its steps once it holds the compute)."""
+        return self.batching.pending
 
     # -- steps ---------------------------------------------------------------------------
 
