@@ -372,3 +372,22 @@ async def test_a_failed_pass_leaves_every_cache_where_its_session_is(tmp_path, m
     for session, twin, x in zip(broken, clean, xs, strict=True):
         again = await servers[0].forward(session, 3, x, False)
         assert torch.equal(again, await servers[1].forward(twin, 3, x, False))
+
+
+async def test_waiting_steps_are_the_steps_not_yet_in_a_pass(tmp_path):
+    from daemon.shards import wire
+    from daemon.shards.model import make_tiny
+    from daemon.shards.server import Outbox, ShardServer
+    from p2p.streams import stream_pair
+
+    server = ShardServer()
+    await server.load("m", make_tiny(tmp_path / "m", layers=2, seed=4), 0, 2)
+    header = wire.Open(model="m", start=0, end=2, max_length=16)
+    sessions = [server.open_session(header, Outbox(stream_pair("a", "b")[0])) for _ in "abc"]
+    async with trio.open_nursery() as nursery, server._compute:  # another pass runs
+        for session in sessions:
+            nursery.start_soon(server.forward, session, 0, torch.tensor([[1, 2]]), True)
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.waiting_steps == 3
+    assert server.waiting_steps == 0 and [s.length for s in sessions] == [2, 2, 2]
+    assert server.batching.batch_sizes == {3: 1} and server.batching.shared_prefills == 3
