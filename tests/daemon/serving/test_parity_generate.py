@@ -44,6 +44,7 @@ import json
 
 import pytest
 
+from daemon.serving.text import ModelText
 from daemon.shards import model as m
 from daemon.shards.model.tiny import TINY_CHAT_TEMPLATE
 from tests.daemon.harness import inline_threads
@@ -319,8 +320,6 @@ def test_make_tiny_chat_template_renders_as_transformers(tmp_path):
     """make_tiny's chat template: the same bytes for the same arguments, rendered and
     tokenized by daemon.serving as transformers' apply_chat_template does, BOS once and the
     byte vocabulary's EOS ending each turn; without one, no tokenizer_config.json."""
-    from daemon.serving.text import ModelText
-
     a = m.make_tiny(tmp_path / "a", layers=1, chat_template=TINY_CHAT_TEMPLATE)
     b = m.make_tiny(tmp_path / "b", layers=1, chat_template=TINY_CHAT_TEMPLATE)
     for name in ("tokenizer_config.json", "tokenizer.json", "model.safetensors"):
@@ -382,3 +381,31 @@ async def test_generation_config_defaults_sample_as_transformers(autojump_clock,
             reply = await request(server, "POST", CHAT, doc)
             assert reply.status == 200, reply.body
             check_chat(reply.json(), want)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="daemon/serving/openai_wire.py Message.text() joins text parts with '' before the "
+    "template sees them; ModelText (chat_template._content), the README and vLLM join them "
+    "with '\\n'",
+)
+async def test_text_parts_are_joined_with_newlines_as_the_text_side_does(autojump_clock, tmp_path):
+    """A message whose content is text parts reads as those texts joined with newlines (as
+    daemon.serving.text renders such a message, and vLLM): the same prompt and reply as the
+    joined string."""
+    path = m.make_tiny(tmp_path / "tiny", layers=LAYERS, seed=3, chat_template=TINY_CHAT_TEMPLATE)
+    parts = [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}]
+    joined = [{"role": "user", "content": "first\nsecond"}]
+    rendered = ModelText.load(path).chat_ids([{"role": "user", "content": parts}])
+    assert rendered == ModelText.load(path).chat_ids(joined)
+    async with serving_cluster(tmp_path / "net", path) as net:
+        server = net.daemons[0].daemon.openai
+        replies = []
+        for messages in ([{"role": "user", "content": parts}], joined):
+            doc = body(CHAT, messages, GREEDY["greedy"], None)
+            reply = await request(server, "POST", CHAT, doc)
+            assert reply.status == 200, reply.body
+            replies.append(reply.json())
+        assert replies[0]["usage"]["prompt_tokens"] == len(rendered)
+        assert replies[0]["usage"] == replies[1]["usage"]
+        assert replies[0]["choices"][0]["message"] == replies[1]["choices"][0]["message"]
