@@ -352,7 +352,8 @@ async def test_generation_config_defaults_sample_as_transformers(autojump_clock,
     values, as transformers' `generate()` does when nothing is stated, except for top_k: a
     config that names none gets no top_k here (as vLLM; OpenAI has no top_k) where
     transformers 5 applies its own default of 50 (pinned below). A request without
-    max_tokens gets its max_new_tokens, as `generate()` without one."""
+    max_tokens gets its max_new_tokens, as `generate()` without one; a request naming some
+    values gets the file's for the others."""
     path = bpe_tiny(tmp_path / "bpe")
     generation = json.loads((path / "generation_config.json").read_text())
     (path / "generation_config.json").write_text(json.dumps({**generation, **config}))
@@ -381,6 +382,10 @@ async def test_generation_config_defaults_sample_as_transformers(autojump_clock,
             reply = await request(server, "POST", CHAT, doc)
             assert reply.status == 200, reply.body
             check_chat(reply.json(), want)
+            # a value the request names wins over the file's; the others still apply
+            reply = await request(server, "POST", CHAT, {**doc, "temperature": 1.3})
+            mixed = ref.generate(prompt, new, {**stated, "temperature": 1.3}, seed)
+            check_chat(reply.json(), mixed)
 
 
 @pytest.mark.xfail(
