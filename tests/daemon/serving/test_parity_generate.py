@@ -148,6 +148,8 @@ async def test_chat_greedy_and_sampled_equal_transformers(autojump_clock, tmp_pa
             cases.append((CHATS[0], params, seed, ref.generate(prompt, NEW, params, seed)))
     greedy = cases[0][3].ids
     assert any(c[3].ids != greedy for c in cases if c[2] is not None)  # they do sample
+    text = ModelText.load(path)  # what the endpoint renders with: apply_chat_template's ids
+    assert all(text.chat_ids(c[0]) == c[3].prompt for c in cases)
     async with serving_cluster(tmp_path / "net", path) as net:
         server = net.daemons[0].daemon.openai
         for messages, params, seed, want in cases:
