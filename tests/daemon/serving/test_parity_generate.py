@@ -51,6 +51,7 @@ from tests.daemon.harness import inline_threads
 from tests.daemon.serving.openai_helpers import LAYERS, request, serving_cluster, streamed_text
 from tests.daemon.serving.parity_helpers import (
     TOP,
+    Expected,
     Reference,
     bpe_tiny,
     chat_tokens,
@@ -101,7 +102,7 @@ def bpe(tmp_path_factory):
     return path, Reference.load(path)
 
 
-def body(kind: str, prompt, params: dict, seed: int | None, **extra) -> dict:
+def body(kind: str, prompt: object, params: dict, seed: int | None, **extra: object) -> dict:
     key = "messages" if kind == CHAT else "prompt"
     out = {"model": "tiny", key: prompt, "max_tokens": NEW, **params, **extra}
     if seed is not None:
@@ -109,7 +110,7 @@ def body(kind: str, prompt, params: dict, seed: int | None, **extra) -> dict:
     return out
 
 
-def check_chat(doc: dict, want) -> None:
+def check_chat(doc: dict, want: Expected) -> None:
     (choice,) = doc["choices"]
     assert choice["message"]["content"] == want.text
     assert choice["finish_reason"] == want.finish_reason
@@ -117,7 +118,7 @@ def check_chat(doc: dict, want) -> None:
     want.check_tokens(chat_tokens(choice))
 
 
-def check_completion(doc: dict, want) -> None:
+def check_completion(doc: dict, want: Expected) -> None:
     (choice,) = doc["choices"]
     assert choice["text"] == want.text
     assert choice["finish_reason"] == want.finish_reason
