@@ -243,6 +243,11 @@ class Metrics:
         snapshot`), read at each scrape."""
         self.registry.register(_ClusterCollector(snapshot))
 
+    def watch_shards(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        """Export the shard server's sessions, KV cache and batches per model (`daemon.
+        shards.service.ShardService.snapshot`), read at each scrape."""
+        self.registry.register(_ShardCollector(snapshot))
+
     def render(self) -> bytes:
         """Prometheus text exposition; serve it with `CONTENT_TYPE`."""
         return generate_latest(self.registry)
@@ -354,3 +359,61 @@ def _is_num(value: Any) -> bool:
 
 def _num(value: Any) -> float:
     return float(value) if _is_num(value) else 0.0
+
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class _ShardCollector:
+    """Per model served here: live sessions, their KV cache bytes, forward passes by how
+    many sessions' steps each held (a histogram: continuous batching at work), steps that
+    shared a pass, steps waiting for one; per node: the KV cache budget. Models are those
+    loaded on this node."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self.snapshot = snapshot
+
+    def describe(self) -> list[Metric]:
+        return []  # read at scrape time only: nothing to check at registration
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.snapshot()
+        budget = GaugeMetricFamily(
+            "gridmesh_shard_kv_cache_budget_bytes", "KV cache all sessions may hold together"
+        )
+        budget.add_metric([], snap["cache_budget_bytes"])
+        yield budget
+        sessions = GaugeMetricFamily(
+            "gridmesh_shard_sessions", "Live sessions on this shard server", labels=["model"]
+        )
+        used = GaugeMetricFamily(
+            "gridmesh_shard_kv_cache_used_bytes", "KV cache held by live sessions", labels=["model"]
+        )
+        waiting = GaugeMetricFamily(
+            "gridmesh_shard_waiting_steps", "Steps waiting for a forward pass", labels=["model"]
+        )
+        batched = CounterMetricFamily(
+            "gridmesh_shard_batched_steps",
+            "Steps that shared a forward pass with another session's",
+            labels=["model"],
+        )
+        sizes = HistogramMetricFamily(
+            "gridmesh_shard_batch_size",
+            "Forward passes by the number of sessions' steps in each",
+            labels=["model"],
+        )
+        for model, row in sorted(snap["models"].items()):
+            label = [sanitize_label(model)]
+            sessions.add_metric(label, row["sessions"])
+            used.add_metric(label, row["cache_used_bytes"])
+            waiting.add_metric(label, row["waiting_steps"])
+            batched.add_metric(label, row["batched_steps"])
+            counts = row["batch_sizes"]
+            buckets = [
+                (str(edge), sum(n for size, n in counts.items() if size <= edge))
+                for edge in BATCH_BUCKETS
+            ]
+            buckets.append(("+Inf", sum(counts.values())))
+            total = sum(size * n for size, n in counts.items())
+            sizes.add_metric(label, buckets, total)
+        yield from (sessions, used, waiting, batched, sizes)

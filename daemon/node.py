@@ -205,6 +205,8 @@ class Daemon:
             stream_idle_s=config.shards.stream_idle_s,
             max_streams_per_peer=config.shards.max_streams_per_peer,
             max_local_connections=config.shards.max_local_connections,
+            max_batch=config.shards.max_batch,
+            batch_window_s=config.shards.batch_window_s,
             price_per_unit=config.market.price_per_unit,
             max_price_per_unit=config.market.max_price_per_unit,
         )
@@ -219,6 +221,7 @@ class Daemon:
             placements=lambda name: self.coordinator.placements(name),  # built just below
         )
         self.metrics.watch_clusters(self.clusters.snapshot)
+        self.metrics.watch_shards(self.shards.snapshot)
         self.coordinator = coordinator_for(  # places, heals and scales through clusters
             self.dispatcher,
             self.clusters,

@@ -218,6 +218,10 @@ class ShardsConfig(Section):
     stream_idle_s: Annotated[float, msgspec.Meta(ge=20, le=3600)] = 30.0
     max_streams_per_peer: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 40
     max_local_connections: Annotated[int, msgspec.Meta(ge=2, le=65536)] = 256
+    # continuous batching (daemon.shards.batching): the most steps in one forward pass (1: no
+    # batching), and how long a batch may wait for the sessions due back
+    max_batch: Annotated[int, msgspec.Meta(ge=1, le=256)] = 32
+    batch_window_s: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.005
 
 
 class GRPCConfig(Section):

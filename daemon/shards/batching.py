@@ -340,6 +340,10 @@ class Batchers(Generic[K]):
     def drop(self, model_id: str) -> None:
         self._held.pop(model_id, None)
 
+    def by_model(self) -> dict[str, Batcher[K]]:
+        """The batcher of each loaded range, by model id (for /metrics per model)."""
+        return {model: batcher for model, (_, batcher) in self._held.items()}
+
     @property
     def batch_sizes(self) -> dict[int, int]:
         """Forward passes run, by how many sessions' steps each held (1: alone)."""

@@ -103,6 +103,8 @@ class ShardService(JobTable):
         stream_idle_s: float = 30.0,
         max_streams_per_peer: int = 40,
         max_local_connections: int = 256,
+        max_batch: int = 32,
+        batch_window_s: float = 0.005,
         price_per_unit: int = 0,
         max_price_per_unit: int | None = None,
         nursery: trio.Nursery | None = None,
@@ -131,6 +133,8 @@ class ShardService(JobTable):
         self.stream_idle_s = stream_idle_s
         self.max_streams_per_peer = max_streams_per_peer
         self.max_local_connections = max_local_connections
+        self.max_batch = max_batch
+        self.batch_window_s = batch_window_s
         self.price_per_unit = price_per_unit
         self.default_max_price = max_price_per_unit
         self._tokenizers: dict[Path, Any] = {}
@@ -197,6 +201,8 @@ class ShardService(JobTable):
                 stream_idle_s=self.stream_idle_s,
                 max_streams_per_peer=self.max_streams_per_peer,
                 payments=self.provider,
+                max_batch=self.max_batch,
+                batch_window_s=self.batch_window_s,
             )
             self._register_stream_handler()
         return self._server
@@ -272,9 +278,31 @@ class ShardService(JobTable):
                 await self._announce(self.block_json(block))
 
     def queue_length(self) -> int:
-        """Steps waiting for this node's compute now (one step runs at a time)."""
-        limiter = getattr(self._server, "_compute", None)  # ShardServer's one-step limiter
-        return int(limiter.statistics().tasks_waiting) if limiter is not None else 0
+        """Steps waiting for this node's compute now (pending in its batchers)."""
+        return self._server.waiting_steps if self._server is not None else 0
+
+    def snapshot(self) -> dict[str, Any]:
+        """What /metrics shows of the shard server, per model: its sessions and their KV
+        cache bytes, forward passes by batch size, steps batched and steps waiting."""
+        server = self._server
+        if server is None:
+            return {"cache_budget_bytes": 0, "models": {}}
+        models: dict[str, dict[str, Any]] = {}
+
+        def of(model: str) -> dict[str, Any]:
+            empty = {"sessions": 0, "cache_used_bytes": 0, "batch_sizes": {}, "batched_steps": 0}
+            return models.setdefault(model, {**empty, "waiting_steps": 0})
+
+        for session in list(server.sessions.values()):
+            row = of(session.block.model_id)
+            row["sessions"] += 1
+            row["cache_used_bytes"] += session.cache.nbytes
+        for model, batcher in server.batching.by_model().items():
+            row = of(model)
+            row["batch_sizes"] = dict(batcher.batch_sizes)
+            row["batched_steps"] = batcher.batched_steps
+            row["waiting_steps"] = batcher.pending
+        return {"cache_budget_bytes": server.cache_budget_bytes or 0, "models": models}
 
     def measure_load(self) -> float:
         """The share of the time since the last measurement this node spent computing (what

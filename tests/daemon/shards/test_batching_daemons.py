@@ -100,6 +100,31 @@ async def test_sixteen_concurrent_generations_are_batched_and_exact(
             else:  # prompts of sessions joining late shared a pass with decode steps
                 assert all(s.batching.shared_prefills > 0 for s in servers)
             assert not any(s.sessions for s in servers)
+        for d, server in zip(net.daemons, servers, strict=True):  # and /metrics shows it
+            shown = scraped(d.daemon.metrics.render())
+            passes = sum(server.batching.batch_sizes.values())
+            assert shown['gridmesh_shard_batch_size_count{model="tiny"}'] == passes
+            alone_passes = server.batching.batch_sizes.get(1, 0)
+            assert shown['gridmesh_shard_batch_size_bucket{le="1",model="tiny"}'] == alone_passes
+            total = sum(size * n for size, n in server.batching.batch_sizes.items())
+            assert shown['gridmesh_shard_batch_size_sum{model="tiny"}'] == total
+            batched = shown['gridmesh_shard_batched_steps_total{model="tiny"}']
+            assert batched == server.batching.batched_steps > 0
+            assert shown['gridmesh_shard_sessions{model="tiny"}'] == 0  # all closed
+            assert shown["gridmesh_shard_kv_cache_budget_bytes"] == server.cache_budget_bytes > 0
+            assert d.daemon.shards.queue_length() == server.waiting_steps == 0
+
+
+def scraped(text: bytes) -> dict[str, float]:
+    """Prometheus text as {'name{labels}': value} (labels sorted, as the parser gives them)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(text.decode()):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
 
 
 async def concurrently(net, staggered: bool) -> dict[int, list[int]]:
@@ -127,3 +152,37 @@ async def concurrently(net, staggered: bool) -> dict[int, list[int]]:
         for i in range(SESSIONS):
             nursery.start_soon(one, i)
     return together
+
+
+async def test_shards_max_batch_in_the_config_reaches_the_shard_server(
+    autojump_clock, tmp_path, one_torch_thread
+):
+    """`[shards] max_batch = 1` turns batching off: concurrent generations run every step
+    alone (and stay exact); the bounds of both keys are checked at load."""
+    from daemon.settings import ConfigError, parse
+    from daemon.shards.model import greedy_generate, load_model, make_tiny
+    from tests.daemon.harness import FAST
+
+    for bad in ({"max_batch": 0}, {"max_batch": 257}, {"batch_window_s": 2.0}):
+        with pytest.raises(ConfigError, match=f"shards.{next(iter(bad))}"):
+            parse({"shards": bad})
+    model_dir = make_tiny(tmp_path / "tiny", layers=LAYERS, seed=13)
+    reference = [greedy_generate([load_model(model_dir)], PROMPTS[i], 8) for i in range(4)]
+    settings = {**FAST, "shards": {**FAST.get("shards", {}), "max_batch": 1}}
+    async with memory_cluster(tmp_path / "net", 1, settings=settings) as net:
+        daemon = net.daemons[0]
+        deployed = await daemon.call("block_deploy", {"model": "tiny", "model_dir": str(model_dir)})
+        assert deployed["ok"], deployed
+        server = daemon.daemon.shards.server
+        assert server.max_batch == 1
+        results: dict[int, list[int]] = {}
+
+        async def one(i: int) -> None:
+            params = {"model": "tiny", "token_ids": PROMPTS[i], "max_tokens": 8}
+            results[i] = (await daemon.call("generate", {**params, "client": f"u{i}"}))["tokens"]
+
+        async with trio.open_nursery() as nursery:
+            for i in range(4):
+                nursery.start_soon(one, i)
+        assert [results[i] for i in range(4)] == reference
+        assert set(server.batching.batch_sizes) == {1}
