@@ -116,7 +116,7 @@ class Message(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "\n".join(part.text for part in self.content)  # as vLLM and ModelText join them
 
 
 class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -392,12 +392,6 @@ async def test_generation_config_defaults_sample_as_transformers(autojump_clock,
             check_chat(reply.json(), mixed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon/serving/openai_wire.py Message.text() joins text parts with '' before the "
-    "template sees them; ModelText (chat_template._content), the README and vLLM join them "
-    "with '\\n'",
-)
 async def test_text_parts_are_joined_with_newlines_as_the_text_side_does(autojump_clock, tmp_path):
     """A message whose content is text parts reads as those texts joined with newlines (as
     daemon.serving.text renders such a message, and vLLM): the same prompt and reply as the
