@@ -36,6 +36,12 @@ def make_tiny(
     dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
     tie: bool = typer.Option(False, "--tie/--no-tie", help="Tie LM head to the embedding."),
     shards: int = typer.Option(1, "--shards", min=1, help="Safetensors files to split into."),
+    chat: bool = typer.Option(
+        True,
+        "--chat-template/--no-chat-template",
+        help="Write a ChatML-style chat template (tokenizer_config.json), so that "
+        "/v1/chat/completions works on the checkpoint.",
+    ),
 ) -> None:
     """Write a small deterministic random Llama checkpoint (Hugging Face layout)."""
     from daemon.shards import model
@@ -54,6 +60,7 @@ def make_tiny(
             dtype=dtype,
             tie=tie,
             shards=shards,
+            **({} if chat else {"chat_template": None}),
         )
         config = model.LlamaConfig.from_dir(path)
     except model.ModelError as exc:

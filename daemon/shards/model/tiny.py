@@ -61,16 +61,16 @@ def make_tiny(
     shards: int = 1,
     rope_theta: float = 10000.0,
     rope_scaling: dict | None = None,
-    chat_template: str | None = None,
+    chat_template: str | None = TINY_CHAT_TEMPLATE,
 ) -> Path:
     """Write a small deterministic random Llama checkpoint in the Hugging Face layout.
 
     Same arguments, same bytes. Weights are drawn at a trained model's scale (std 0.02,
     norm weights near 1) so logits and attention are not degenerate. `shards > 1` writes
     `model-0000k-of-0000N.safetensors` files and `model.safetensors.index.json`.
-    `chat_template` (e.g. TINY_CHAT_TEMPLATE) goes into `tokenizer_config.json`, with the
-    byte vocabulary's BOS and EOS as bos_token/eos_token, so that chat requests work on the
-    checkpoint as it is; None writes no `tokenizer_config.json` (as before it existed).
+    `chat_template` (TINY_CHAT_TEMPLATE by default) goes into `tokenizer_config.json`, with
+    the byte vocabulary's BOS and EOS as bos_token/eos_token, so that chat requests work on
+    the checkpoint as it is; None writes no `tokenizer_config.json`.
     """
     from safetensors.torch import save_file
 

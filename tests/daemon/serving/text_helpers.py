@@ -168,7 +168,7 @@ def make_checkpoints(root):
 
 
 def make_tiny(root):
-    return m.make_tiny(root / "m", layers=1)
+    return m.make_tiny(root / "m", layers=1, chat_template=None)  # the tests of "no template"
 
 
 def hf(path):

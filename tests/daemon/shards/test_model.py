@@ -462,6 +462,16 @@ def test_cli_make_tiny(tmp_path):
     assert f"parameters: {cfg.num_parameters():,}" in result.output
     assert f"bytes:      {4 * cfg.num_parameters():,}" in result.output
     assert (tmp_path / "cli" / "model.safetensors.index.json").is_file()
+    # a chat template by default (chat requests work on it as it is), none when asked
+    from daemon.serving.text import ModelText
+
+    chat = [{"role": "user", "content": "hi"}]
+    assert "user" in ModelText.load(tmp_path / "cli").render_chat(chat)
+    plain = CliRunner().invoke(
+        model_app, ["make-tiny", str(tmp_path / "plain"), "--no-chat-template"]
+    )
+    assert plain.exit_code == 0, plain.output
+    assert not ModelText.load(tmp_path / "plain").has_chat_template
     bad = CliRunner().invoke(model_app, ["make-tiny", str(tmp_path / "bad"), "--dtype", "int8"])
     assert bad.exit_code == 1 and "unsupported dtype" in bad.output
 
