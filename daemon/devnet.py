@@ -29,6 +29,7 @@ from contracts.chain.errors import ChainError
 from daemon.api.client import DaemonUnreachable, RPCCallError, RPCClient
 from daemon.api.cookie import read_cookie
 from daemon.config import REPO_CONFIGS
+from daemon.devnet_chat import chat_demo, print_client_example, serving_toml
 from daemon.home import DAEMON_FILE
 
 DEVNET_CONFIG = REPO_CONFIGS / "devnet.toml"
@@ -209,12 +210,15 @@ class Devnet:
         root: Path | None = None,
         config: Path = DEVNET_CONFIG,
         env: dict[str, str] | None = None,
+        node_configs: dict[int, Path] | None = None,
     ):
+        """`node_configs`: the config file of the daemon at that index, instead of `config`."""
         if size < 1:
             raise DevnetError("a devnet needs at least one daemon")
         self.size = size
         self.config = config
         self.env = env or {}
+        self.node_configs = node_configs or {}
         self._own_root = root is None
         self.root = root or Path(tempfile.mkdtemp(prefix="gridmesh-devnet-"))
         self.daemons: list[DaemonProcess] = []
@@ -223,7 +227,10 @@ class Devnet:
         for index in range(self.size):
             bootstrap = [self.daemons[-1].addr] if self.daemons else []
             daemon = DaemonProcess(
-                self.root / f"node{index}", config=self.config, bootstrap=bootstrap, env=self.env
+                self.root / f"node{index}",
+                config=self.node_configs.get(index, self.config),
+                bootstrap=bootstrap,
+                env=self.env,
             )
             self.daemons.append(daemon)
             daemon.start()
@@ -319,6 +326,7 @@ def print_registry_table(daemons: list[DaemonProcess], written: list[tuple[str, 
 
 
 CLUSTER = "devnet"
+MODEL, MODEL_DIR = "tiny", "tiny-model"  # the demo model (under the devnet's root)
 VOTERS = 3  # node0 (its admin, also a voter) and the next two; the others join as workers
 
 
@@ -408,7 +416,7 @@ def deploy_through_cluster(
     names = {d.peer_id: f"node{i}" for i, d in enumerate(daemons)}
     params = {
         "name": CLUSTER,
-        "model": "tiny",
+        "model": MODEL,
         "model_dir": str(model_dir),
         "replicas": 1,
         "wait_s": 60,
@@ -435,7 +443,7 @@ def deploy_through_cluster(
         print(f"  coordinator: {line.get('action')} {line.get('reason')}")
     wait_for(
         lambda: (
-            len(daemons[0].call("block_list", {"model": "tiny"})["announced"].get("tiny", []))
+            len(daemons[0].call("block_list", {"model": MODEL})["announced"].get(MODEL, []))
             >= len(served)
         ),
         30,
@@ -469,7 +477,7 @@ def generate_demo(
 
     tokenizer = load_tokenizer(model_dir)
     ids = tokenizer.encode(prompt)
-    params: dict[str, Any] = {"model": "tiny", "token_ids": ids, "max_tokens": max_tokens}
+    params: dict[str, Any] = {"model": MODEL, "token_ids": ids, "max_tokens": max_tokens}
     if job_id is not None:
         params["job_id"] = job_id
     remote = client.call("generate", params)
@@ -504,9 +512,7 @@ def paid_demo(devnet: Devnet, chain: Any, parties: list[Any]) -> bool:
     fees = dc.Party("fees", chain.fee_recipient)
     chain.fund(parties, 1000 * dc.TUSD)
     print("funded every node (gas, 1000 tUSD)")
-    model_dir = make_tiny(
-        devnet.root / "tiny-model", layers=6, hidden=64, heads=4, kv_heads=2, seed=1
-    )
+    model_dir = make_tiny(devnet.root / MODEL_DIR, layers=6, hidden=64, heads=4, kv_heads=2, seed=1)
     print(f"made a tiny 6-layer model in {model_dir}; deploying it through {CLUSTER!r}")
     servers = deploy_through_cluster(daemons, model_dir)
     client = next((d for d in daemons if d not in servers), daemons[0])
@@ -596,10 +602,19 @@ def main(argv: list[str] | None = None) -> int:
             "GRIDMESH_CHAIN__RPC_URL": chain.url,
             "GRIDMESH_MARKET__PRICE_PER_UNIT": str(PRICE_PER_UNIT),
         }
+        node0_config = devnet.root / "node0.toml"  # devnet.toml and node0's OpenAI endpoint
+        node0_config.write_text(
+            DEVNET_CONFIG.read_text() + serving_toml(MODEL, devnet.root / MODEL_DIR)
+        )
+        devnet.node_configs = {0: node0_config}
         print(f"starting {args.nodes} daemons under {devnet.root} ...", flush=True)
         devnet.start()
         for index, daemon in enumerate(devnet.daemons):
-            print(f"  node{index} {daemon.peer_id} rpc {daemon.info['rpc_url']}", flush=True)
+            openai = daemon.info.get("openai_url")
+            serves = f" openai {openai}" if openai else ""
+            print(
+                f"  node{index} {daemon.peer_id} rpc {daemon.info['rpc_url']}{serves}", flush=True
+            )
         print("waiting until every daemon finds all of them through nodes_find ...", flush=True)
         devnet.wait_all_found(args.timeout)
         print(f"all {args.nodes} daemons found by all in {time.monotonic() - started:.1f} s")
@@ -619,6 +634,10 @@ def main(argv: list[str] | None = None) -> int:
         form_cluster(devnet.daemons, args.timeout)
         if not paid_demo(devnet, chain, parties):
             return 1
+        openai_url = devnet.daemons[0].info.get("openai_url") or ""
+        if not chat_demo(openai_url, MODEL):
+            return 1
+        print_client_example(openai_url, MODEL)
         if once:
             return 0
         print("devnet running; Ctrl-C stops every daemon.", flush=True)
