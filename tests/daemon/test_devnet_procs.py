@@ -1,7 +1,8 @@
 """`make devnet` as the checks run it (`DEVNET_ONCE=1 python -m daemon.devnet`): its daemons
 form one cluster through the cluster_* RPC methods, it prints the coordinator they elected
 (peer id and term), deploys the demo model through that coordinator, and the paid generation
-through the cluster gives the tokens of one process with every balance exactly right."""
+through the cluster gives the tokens of one process with every balance exactly right; then
+node0 (alone serving the OpenAI endpoint) streams a chat with the deployed model."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.procs
 PEER = r"12D3KooW[1-9A-HJ-NP-Za-km-z]+"
 
 
-def test_make_devnet_forms_a_cluster_prints_its_coordinator_and_deploys_through_it(tmp_path):
+def test_make_devnet_forms_a_cluster_deploys_through_its_coordinator_and_chats(tmp_path):
     env = {**os.environ, "DEVNET_ONCE": "1", "TMPDIR": str(tmp_path)}
     done = subprocess.run(
         [sys.executable, "-m", "daemon.devnet", "--nodes", "4"],
@@ -32,6 +33,9 @@ def test_make_devnet_forms_a_cluster_prints_its_coordinator_and_deploys_through_
     assert done.returncode == 0, f"{out}\n{done.stderr[-4000:]}"
     nodes = dict(re.findall(rf"^  (node\d) ({PEER}) rpc ", out, re.M))
     assert sorted(nodes) == ["node0", "node1", "node2", "node3"], out
+    # only node0 serves the OpenAI endpoint, on loopback
+    serving = re.findall(r"^  (node\d) \S+ rpc \S+ openai (http://127\.0\.0\.1:\d+/v1)$", out, re.M)
+    assert [name for name, _ in serving] == ["node0"], out
     assert "node0 created cluster 'devnet'" in out
     joined = dict(re.findall(r"^(node\d) joined as a (voter|worker)$", out, re.M))
     assert joined == {"node1": "voter", "node2": "voter", "node3": "worker"}, out
@@ -63,3 +67,11 @@ def test_make_devnet_forms_a_cluster_prints_its_coordinator_and_deploys_through_
     assert "identical to the single-process run" in out
     assert "every balance is exactly right" in out
     assert "WRONG" not in out
+    # then one streamed chat through node0's endpoint, with a non-empty reply, and how to
+    # point the openai client and curl at it
+    url = serving[0][1]
+    assert f"POST {url}/chat/completions (stream) to 'tiny'" in out
+    reply = re.search(r"^reply \(streamed\): (.+)\nstreamed (\d+) tokens in ", out, re.M)
+    assert reply is not None and reply.group(1).strip() and int(reply.group(2)) > 0, out
+    assert f'client = OpenAI(base_url="{url}", api_key=' in out
+    assert f"curl -N {url}/chat/completions " in out
