@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from daemon.devnet_chat import chat_demo, serving_toml, shown, stream_chat
+from daemon.devnet.chat import chat_demo, serving_toml, shown, stream_chat
 from daemon.settings import parse
 
 
