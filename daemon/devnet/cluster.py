@@ -97,7 +97,8 @@ def deploy_through_cluster(
     daemons: list[DaemonProcess], model_dir: Path, timeout_s: float = 90.0
 ) -> list[DaemonProcess]:
     """cluster_deploy from node0: the coordinator places the model on members (node0's call
-    is forwarded to it when node0 is not it). Returns the daemons serving it, once announced."""
+    is forwarded to it when node0 is not it). Returns the daemons serving it, once announced
+    (and any it was assigned to and then given up on)."""
     names = {d.peer_id: f"node{i}" for i, d in enumerate(daemons)}
     params = {
         "name": CLUSTER,
@@ -135,7 +136,13 @@ def deploy_through_cluster(
         "the shards to be announced",
     )
     by_peer = {d.peer_id: d for d in daemons}
-    return [by_peer[s["peer_id"]] for s in served if s["peer_id"] in by_peer]
+    placed = [by_peer[s["peer_id"]] for s in served if s["peer_id"] in by_peer]
+    # a member the coordinator assigned and then gave up on (too slow to announce, as on a
+    # loaded machine) may still load the model and serve it: count it as a server too, so
+    # that the demo neither generates from it nor routes through it unstaked
+    events = [str(e.get("reason", "")) for e in result.get("events", [])]
+    late = [d for d in daemons if d not in placed and any(d.peer_id in e for e in events)]
+    return placed + late
 
 
 def _cluster_deploy(asker: DaemonProcess, params: dict[str, Any]) -> dict[str, Any] | None:
