@@ -44,6 +44,9 @@ MAX_ROLE_CHARS = 64
 
 # the deadline of the render running in this thread or task, monotonic seconds
 _deadline: ContextVar[float] = ContextVar("chat_template_deadline", default=float("inf"))
+# calls (macros, filters, methods) nested in the render running here, and their bound
+MAX_CALL_DEPTH = 64
+_call_depth: ContextVar[int] = ContextVar("chat_template_call_depth", default=0)
 
 # a %-format or str.format width or precision this long could allocate gigabytes
 _HUGE_FORMAT = re.compile(r"\d{7,}|%[^a-zA-Z%]*\*")
@@ -122,7 +125,15 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
     def call(self, context: Any, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
         _tick()
-        return _check_size(super().call(context, obj, *args, **kwargs))
+        depth = _call_depth.get()
+        if depth >= MAX_CALL_DEPTH:  # a macro calling itself: refused long before the
+            # interpreter's own limit, whose C stack can overflow first in a worker thread
+            raise SecurityError(f"calls nested deeper than {MAX_CALL_DEPTH}")
+        token = _call_depth.set(depth + 1)
+        try:
+            return _check_size(super().call(context, obj, *args, **kwargs))
+        finally:
+            _call_depth.reset(token)
 
     def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
         tree = _Guards().visit(super()._parse(source, name, filename))
