@@ -295,9 +295,12 @@ class OpenAIServer:
                     finally:
                         nursery.cancel_scope.cancel()
             if gone.cancelled_caught:
-                self._reject("client_gone")
-                self.metrics.serving_request(plan.model, route, 499)
                 raise ClientGone
+        except (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
+            # seen by the watcher, or by a write to the closed socket first: one count
+            self._reject("client_gone")
+            self.metrics.serving_request(plan.model, route, 499)
+            raise ClientGone from None
         except OpenAIError as exc:
             return self._fail(route, exc, model=plan.model)
         finally:
