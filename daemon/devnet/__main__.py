@@ -156,8 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         print_client_example(openai_url, MODEL)
         if once:
             return 0
-        print("devnet running; Ctrl-C stops every daemon.", flush=True)
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        stops = {signal.SIGINT, signal.SIGTERM}
+        # blocked (before saying so), so that sigwait takes them: unblocked, SIGTERM's default
+        # action ended this process at once and left its daemons running
+        signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        print("devnet running; Ctrl-C (or SIGTERM) stops every daemon.", flush=True)
+        signal.sigwait(stops)
         return 0
     except (DevnetError, ChainError, RPCCallError) as exc:
         print(f"devnet: {exc}", file=sys.stderr)

@@ -1,15 +1,19 @@
-"""`make devnet` as the checks run it (`DEVNET_ONCE=1 python -m daemon.devnet`): its daemons
+"""`make devnet` (`python -m daemon.devnet`, stopped by SIGTERM once it runs): its daemons
 form one cluster through the cluster_* RPC methods, it prints the coordinator they elected
 (peer id and term), deploys the demo model through that coordinator, and the paid generation
 through the cluster gives the tokens of one process with every balance exactly right; then
-node0 (alone serving the OpenAI endpoint) streams a chat with the deployed model."""
+node0 (alone serving the OpenAI endpoint) streams a chat with the deployed model; SIGTERM
+stops every daemon."""
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import pytest
 
@@ -20,17 +24,43 @@ pytestmark = pytest.mark.procs
 PEER = r"12D3KooW[1-9A-HJ-NP-Za-km-z]+"
 
 
+def _run_until_running_then_terminate(env: dict[str, str], err: Path) -> tuple[str, int, str]:
+    """`python -m daemon.devnet` until it says it is running, then SIGTERM (as a service
+    manager stops it): its output, exit code and stderr."""
+    with open(err, "w") as err_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon.devnet", "--nodes", "4"],
+            stdout=subprocess.PIPE,
+            stderr=err_file,
+            text=True,
+            env=env,
+        )
+    watchdog = threading.Timer(300, proc.kill)
+    watchdog.start()
+    lines = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("devnet running"):
+                proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return "".join(lines), code, err.read_text()
+
+
 def test_make_devnet_forms_a_cluster_deploys_through_its_coordinator_and_chats(tmp_path):
-    env = {**os.environ, "DEVNET_ONCE": "1", "TMPDIR": str(tmp_path)}
-    done = subprocess.run(
-        [sys.executable, "-m", "daemon.devnet", "--nodes", "4"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    out = done.stdout
-    assert done.returncode == 0, f"{out}\n{done.stderr[-4000:]}"
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    env.pop("DEVNET_ONCE", None)
+    out, code, err = _run_until_running_then_terminate(env, tmp_path / "stderr.txt")
+    assert code == 0, f"{out}\n{err[-4000:]}"
+    # SIGTERM stopped every daemon and removed the devnet's folder
+    assert "stopping daemons ..." in out
+    assert not list(tmp_path.glob("gridmesh-devnet-*")), out
     nodes = dict(re.findall(rf"^  (node\d) ({PEER}) rpc ", out, re.M))
     assert sorted(nodes) == ["node0", "node1", "node2", "node3"], out
     # only node0 serves the OpenAI endpoint, on loopback
