@@ -50,18 +50,30 @@ attention, which plain torch has no kernel for. The price is one small attention
 session and layer; see bench/batching.py for what batching gains with it, and what the
 gathers would cost. On a GPU, batches of several sessions run eagerly (no CUDA graph).
 
-Not done here: pipelining micro-batches across the hops of a chain on purpose (hop k
-computing one group of sessions while hop k-1 computes the next). Groups that come back
-farther apart than the window already run as separate batches, but nothing splits a batch
-into micro-batches; that takes a scheduler that knows the chain (the client, or the first
-hop) and steps that can be in flight for several groups at once.
+Pipelining (micro-batches across the hops of a chain): through a chain of D hops, sessions
+that step together would form one batch that travels from hop to hop, each hop idle while the
+D - 1 others compute. So on a range whose sessions belong to chains of D > 1 hops (each
+session's opener declares its chain's depth, `wire.Open.depth`), a batch takes at most
+ceil(n / D) steps, n being the sessions of the range that are due here (open and not gone
+quiet: pending, running, never stepped here yet, or not yet overdue by more than their usual
+round trip; D the deepest chain among them). The steps of concurrent sessions then travel
+as about D groups out of phase: while hop k runs step t of one group, hop k - 1 runs it for
+the next. Why D groups: a pass costs a + c·b for b rows (a: reading the weights, c: the
+rows' arithmetic), so one batch of all n sessions takes D·(a + c·n) per round, while D
+groups of n / D keep every hop busy and take D·a + c·n per round: never more, and up to D
+times less where the rows' arithmetic dominates (large batches, long prefills, a CPU). Once
+the batch is at its cap nobody is awaited; below it the window and "due back" rules stand, so
+a group's stragglers still join it, and the groups stay apart as they formed (steps are taken
+oldest first, and each hop passes a group on whole). A lone session never waits (its cap is
+1), nothing starves (oldest first), and a one-hop chain's sessions (or an old client's: no
+depth) batch exactly as before. The server may turn it off (`ShardServer(pipeline=False)`).
 """
 
 from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -70,6 +82,7 @@ import trio
 
 from daemon.shards.blocks import ServedBlock
 from daemon.shards.session import Session
+from daemon.shards.wire import MAX_DEPTH
 
 MAX_BATCH = 32
 MAX_BATCH_POSITIONS = 4096  # a step may carry that many alone (server.MAX_STEP_TOKENS)
@@ -103,10 +116,13 @@ class Batcher(Generic[K]):
     in order; `settle(keys, positions)`: called on the event loop once a batch has run (the
     sessions advance by their steps' positions);
     `live(key)`: whether a session still exists (steps of ended ones are dropped);
-    `limiter`: the compute limiter batches and every other step share.
+    `limiter`: the compute limiter batches and every other step share; `depth(key)`: hops
+    of the session's whole chain (1: no pipelining); `sessions()`: the live sessions of the
+    range, also those that have not stepped here yet (they count towards the micro-batches).
 
-    A batch holds at most `max_batch` steps and `max_positions` positions (a step longer
-    than that runs alone).
+    A batch holds at most `max_batch` steps (and, for sessions of chains of several hops,
+    ceil(sessions due here / depth): see the module's docstring) and `max_positions`
+    positions (a step longer than that runs alone).
 
     Read by metrics: `batch_sizes` (forward passes run, by number of steps in them),
     `batched_steps` (steps that ran in a batch of two or more), `shared_prefills` (steps of
@@ -122,6 +138,8 @@ class Batcher(Generic[K]):
         limiter: trio.CapacityLimiter,
         settle: Callable[[Sequence[K], Sequence[int]], None] = lambda keys, positions: None,
         live: Callable[[K], bool] = lambda key: True,
+        depth: Callable[[K], int] = lambda key: 1,
+        sessions: Callable[[], Iterable[K]] = tuple,
         max_batch: int = MAX_BATCH,
         max_positions: int = MAX_BATCH_POSITIONS,
         window_s: float = BATCH_WINDOW_S,
@@ -131,11 +149,14 @@ class Batcher(Generic[K]):
         self._compute = compute
         self._settle = settle
         self._live = live
+        self._depth = depth
+        self._sessions = sessions
         self._limiter = limiter
         self.max_batch = max_batch
         self.max_positions = max_positions
         self.window_s = window_s
         self._pending: list[_Step[K]] = []
+        self._running: set[int] = set()  # the sessions (by id) of the batch computing
         self._leading = False
         self._ran_at = float("-inf")  # when the last batch ended
         # per live session (by id): when its last batch ended, and how long it took to come
@@ -201,15 +222,43 @@ class Batcher(Generic[K]):
         assert item.out is not None
         return item.out
 
+    def cap(self) -> int:
+        """The most steps the next batch takes: `max_batch`, and on a hop of chains of
+        depth D > 1, ceil(sessions due here / D), so that concurrent chains' steps travel
+        as D micro-batches out of phase (see the module's docstring)."""
+        keys: dict[int, K] = {id(item.key): item.key for item in self._pending}
+        for i, (key, _) in self._done_at.items():
+            keys.setdefault(i, key)
+        for key in self._sessions():
+            keys.setdefault(id(key), key)
+        busy = {id(item.key) for item in self._pending} | self._running
+        now = trio.current_time()
+        count, depth = 0, 1
+        for i, key in keys.items():
+            if i in busy or (self._live(key) and not self._went_quiet(i, now)):
+                count += 1
+                depth = max(depth, min(MAX_DEPTH, self._depth(key)))
+        if depth <= 1:
+            return self.max_batch
+        return max(1, min(self.max_batch, -(-count // depth)))
+
+    def _went_quiet(self, i: int, now: float) -> bool:
+        """Whether a session that stepped here is overdue by more than its usual round trip
+        (and the window): it no longer counts towards the micro-batches until it steps."""
+        done, back = self._done_at.get(i), self._back_s.get(i)
+        if done is None or back is None:  # not stepped here yet, or only once
+            return False
+        return now > done[1] + back + max(self.window_s, back)
+
     def _ready(self, deadline: float) -> bool:
-        """Whether to run now: `max_batch` steps are pending, or no live session that ran
-        here is due back with its next step before `deadline` (due: when its last batch
-        ended plus how long it took to come back the time before; one overdue by more than
-        the window is not awaited: its client went quiet, or its generation ended)."""
+        """Whether to run now: a full batch is pending (`cap` steps or `max_positions`
+        positions), or no live session that ran here is due back with its next step before
+        `deadline` (due: when its last batch ended plus how long it took to come back the
+        time before; one overdue by more than the window is not awaited: its client went
+        quiet, or its generation ended)."""
         pending = self._pending
-        if len(pending) >= self.max_batch or sum(i.positions for i in pending) >= (
-            self.max_positions
-        ):
+        positions = sum(item.positions for item in pending)
+        if len(pending) >= self.cap() or positions >= self.max_positions:
             return True
         waiting = {id(item.key) for item in self._pending}
         earliest = trio.current_time() - self.window_s
@@ -241,10 +290,9 @@ class Batcher(Generic[K]):
         batch: list[_Step[K]] = []
         seen: set[int] = set()
         positions = 0
+        cap = self.cap()
         for item in list(self._pending):
-            if len(batch) == self.max_batch or (
-                batch and positions + item.positions > self.max_positions
-            ):
+            if len(batch) == cap or (batch and positions + item.positions > self.max_positions):
                 break  # the rest waits, in order: a long step is not passed over for ever
             if id(item.key) in seen:  # a session's second step (its caller gave up on the
                 continue  # first, which is running): in a later batch, never twice in one
@@ -259,6 +307,13 @@ class Batcher(Generic[K]):
                 self._finish(item)
         if not batch:
             return
+        self._running = {id(item.key) for item in batch}
+        try:
+            await self._run_taken(batch)
+        finally:
+            self._running = set()
+
+    async def _run_taken(self, batch: list[_Step[K]]) -> None:
         outs = await self._attempt(batch)
         if outs is not None:
             self._finished(batch, outs)

@@ -246,6 +246,8 @@ class RemoteModel:
                 hop = Hop(span.peer_id, span.start, span.end, stream, session="")
                 hops.insert(0, hop)
                 before = spans[i - 1].peer_id if i else (prev.peer_id if prev else None)
+                # the whole chain's hops: those kept before `prev` and the new ones
+                kept = next((j + 1 for j, h in enumerate(self.hops) if h is prev), 0)
                 reply, _ = await hop.call(
                     wire.Open(
                         model=self.model_id,
@@ -255,6 +257,7 @@ class RemoteModel:
                         prev=before,
                         next=hops[1].next_hop if len(hops) > 1 else None,
                         job=self.payments.job_id if self.payments is not None else None,
+                        depth=min(wire.MAX_DEPTH, kept + len(spans)),
                     ),
                     None,
                     self.step_timeout_s,

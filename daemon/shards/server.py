@@ -40,7 +40,8 @@ Compute: one forward pass at a time per process (torch already uses every core f
 The steps of the sessions of one loaded range that are ready together run as one forward
 pass (`daemon.shards.batching`): decode steps, prefills and replays alike, each session with
 its own KV cache and positions, and each gets its own output back (its receipt, push and
-reply as alone).
+reply as alone). Sessions of chains of D hops (their opener says D) run as about D
+micro-batches out of phase, so that every hop of their chains computes at once.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ class ShardServer:
         payments: Any = None,
         max_batch: int = MAX_BATCH,
         batch_window_s: float = BATCH_WINDOW_S,
+        pipeline: bool = True,
     ) -> None:
         """`cache_budget_bytes`: KV cache all sessions may hold together (None: half of the
         memory available when the first range is loaded). `opener`: how to reach the next
@@ -111,7 +113,8 @@ class ShardServer:
         provider's side of paid work (`daemon.payments.provider.Provider`; None: sessions
         opened for a job are refused). `max_batch`: most steps in one forward pass (1: no
         batching); `batch_window_s`: how long a batch may wait for sessions due back
-        (`daemon.shards.batching`)."""
+        (`daemon.shards.batching`); `pipeline`: the steps of sessions of chains of several
+        hops run as that many micro-batches out of phase (else as one batch)."""
         self.blocks: dict[str, ServedBlock] = {}
         self.sessions: dict[str, Session] = {}
         self.max_sessions = max_sessions
@@ -130,6 +133,7 @@ class ShardServer:
             raise ValueError("max_batch must be >= 1 and batch_window_s within 0..1 s")
         self.max_batch = max_batch
         self.batch_window_s = batch_window_s
+        self.pipeline = pipeline
         # the batchers of decode steps, per loaded range; `batching.batch_sizes` (a histogram
         # of forward passes by steps in them) and `batching.batched_steps` for /metrics
         self.batching: Batchers[Session] = Batchers(self._batcher)
@@ -247,6 +251,7 @@ class ShardServer:
             link=secrets.token_hex(16),
             prev=header.prev,
             next=header.next,
+            depth=header.depth or 1,
         )
         self.sessions[session_id] = session
         return session
@@ -304,6 +309,8 @@ class ShardServer:
             limiter=self._compute,
             settle=self._settle,
             live=lambda session: self.sessions.get(session.id) is session,
+            depth=lambda session: session.depth if self.pipeline else 1,
+            sessions=lambda: [s for s in self.sessions.values() if s.block is block],
             max_batch=self.max_batch,
             window_s=self.batch_window_s,
         )

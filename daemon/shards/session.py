@@ -39,6 +39,7 @@ class Session:
     computing: bool = False  # a step of this session is queued or computing (any path)
     decoder: Any = None  # a StaticDecoder, made at the first one-token step if used
     paid: Any = None  # a paid session's receipts (daemon.payments.provider.PaidSession)
+    depth: int = 1  # hops of the session's whole chain (its opener says; 1 if it does not)
     length: int = 0
     last_used: float = field(default_factory=time.monotonic)
 

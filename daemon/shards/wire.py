@@ -31,6 +31,7 @@ NAMES = {dtype: name for name, dtype in DTYPES.items()}
 MAX_HEADER_BYTES = 8 * 1024
 MAX_TENSOR_BYTES = 256 << 20
 MAX_DIMS = 4
+MAX_DEPTH = 256  # hops a chain may declare (a chain has at most one hop per layer)
 _LEN = struct.Struct(">I")
 
 # bounds of the header fields
@@ -74,7 +75,9 @@ class NextHop(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class Open(_Message, tag="open"):
     """Open a session. `prev`: the only peer that may push into it (the previous hop of a
     chain); `next`: where its chained steps push their output (None: the session's owner
-    gets the result)."""
+    gets the result); `depth`: how many hops the session's whole chain has, so that the
+    server splits the steps of concurrent chains into that many micro-batches
+    (`daemon.shards.batching`; None, as older clients send: one hop)."""
 
     model: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
     start: Count
@@ -83,6 +86,7 @@ class Open(_Message, tag="open"):
     prev: PeerId | None = None
     next: NextHop | None = None
     job: JobId | None = None  # the paid job the session's steps are for (None: free work)
+    depth: Annotated[int, msgspec.Meta(ge=1, le=MAX_DEPTH)] | None = None
 
 
 class Link(_Message, tag="link"):
