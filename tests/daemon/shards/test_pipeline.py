@@ -267,3 +267,54 @@ async def test_a_lone_session_is_not_slowed_by_pipelining(cluster, compute, deep
     assert abs(figures[1] - figures[0]) < 0.05 * figures[0], figures
     for server in servers:
         assert server.batching.batch_sizes == {1: 3 * (1 + BUDGETS[3])}
+
+
+async def test_a_hop_killed_under_micro_batches_fails_every_session_over_exactly(
+    cluster, compute, deep_model
+):
+    """8 generations through 4 hops, each range on two servers; a server of the second hop
+    dies mid-generation: every session on it replays onto the other, its new sessions are
+    told the whole chain's depth (4: the hop kept before it and the 3 re-routed), and every
+    token is the reference's."""
+    model_dir, reference = deep_model
+    per = LAYERS // HOPS
+    for k in range(HOPS):
+        for replica in ("a", "b"):
+            await cluster.add(f"h{k}{replica}", model_dir, k * per, (k + 1) * per)
+    models = [
+        RemoteModel(
+            cluster.client, cluster.announced, model_id="tiny", num_layers=LAYERS, max_length=64
+        )
+        for _ in range(8)
+    ]
+    for model in models:
+        await model.open()
+    victim = models[0].route[1]["peer_id"]
+    on_victim = [i for i, m in enumerate(models) if victim in [h["peer_id"] for h in m.route]]
+    assert len(on_victim) > 1
+    depths: list[set[int]] = []
+
+    async def one(i: int) -> None:
+        def on_token(count: int) -> None:
+            if i == 0 and count == 5:
+                cluster.kill(victim)
+            if i == 0 and count == 8:  # after the re-route
+                depths.append(
+                    {
+                        s.depth
+                        for p, v in cluster.servers.items()
+                        if p != victim
+                        for s in v.sessions.values()
+                    }
+                )
+
+        assert await collect(models[i], PROMPTS[i], BUDGETS[i], on_token) == reference[i]
+        await models[i].close()
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(models)):
+            nursery.start_soon(one, i)
+    assert depths == [{HOPS}]
+    for i in on_victim:
+        assert [r["peer_id"] for r in models[i].recoveries] == [victim], i
+    assert max(cluster.servers[victim].batching.batch_sizes) == 8 // HOPS  # micro-batches
