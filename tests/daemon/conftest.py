@@ -25,6 +25,15 @@ sync_timeout_s = 1.0
 allow_remote_deploy = true
 [grpc]
 port = 0
+[cluster]
+# several daemons share this machine's cores and load models all at once: heartbeats can
+# arrive a second late, which the defaults (0.6..1.2 s election timeouts) count as a dead
+# coordinator. Twice to 2.5x the defaults: failover takes longer, terms stop churning.
+heartbeat_s = 0.3
+election_timeout_min_s = 1.5
+election_timeout_max_s = 3.0
+lease_s = 1.2
+step_down_s = 6.0
 """
 
 

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.procs
 C = "split"
 SIZE = 5
 WON = "gridmesh_cluster_elections_won_total"
-WATCH_S = 3.0  # the minority is watched this long: over twice the longest election timeout
+WATCH_S = 6.5  # the minority is watched this long: over twice the longest election timeout
+# (3.0 s in tests/daemon/conftest.py's FAST_CONFIG)
 
 
 @pytest.fixture
@@ -101,7 +102,8 @@ def test_a_cut_off_minority_elects_nobody_and_the_majority_keeps_a_coordinator(
         # Not asserted: that the majority's coordinator keeps its term across the heal. It
         # held in 5 of 5 runs on a lightly loaded 2-core machine, and failed in most runs
         # with a load average of 5-13, where heartbeats themselves arrived more than the
-        # 0.6 s election timeout apart (README: Clusters at run time).
+        # 0.6 s election timeout apart (README: Clusters at run time); the procs tests now
+        # run with 1.5..3.0 s timeouts (tests/daemon/conftest.py).
         print(
             f"kept across the heal: {final == kept}; elections won after it: "
             f"{sum(won_after_heal.values()) - sum(won_before_heal.values()):.0f}"
