@@ -17,8 +17,20 @@ shared matrix products, attention per row over each session's own cache), and th
 alternative KV layout, gathering the B caches into one padded tensor per step and one masked
 attention (timed by hand here; the server does not use it): it shows what the gathers cost.
 
+Pipeline (`--pipeline`): the checkpoint split over 4 shard servers (`--hops`) on the
+in-memory network (`--latency-ms` per frame), N generations at once through the chain,
+without pipelining and with it (micro-batches of ceil(N / hops), daemon.shards.batching),
+each generation's tokens checked equal. Two tables: real threads and real time (all servers
+share this machine's cores: on a 2-core CPU four hops cannot compute at once, so this shows
+what pipelining costs here, not what it gains on 4 machines), and virtual time (trio's
+MockClock; a forward pass takes `--pass-ms` plus `--row-ms` per position it computes, as a
+pass whose rows' arithmetic counts; frames take `--latency-ms`), which shows how the hops'
+compute overlaps: the mean number of servers computing, and the share of the time two or more
+do.
+
 usage: python bench/batching.py [--hidden 512] [--layers 8] [--tokens 48]
        [--sessions 1 4 8 16] [--threads N] [--kernel] [--context 256] [--device cpu]
+       [--pipeline [--pipeline-only] [--hops 4] [--latency-ms 1] [--pass-ms 2] [--row-ms 10]]
 """
 
 from __future__ import annotations
@@ -38,6 +50,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import trio  # noqa: E402
+import trio.testing  # noqa: E402
 
 from daemon.shards import SHARD_PROTOCOL  # noqa: E402
 from daemon.shards.client import RemoteModel, generate  # noqa: E402
@@ -123,6 +136,141 @@ def end_to_end(args: argparse.Namespace, model_dir: Path) -> None:
     print(f"load {os.getloadavg()[0]:.1f} at the end")
 
 
+class Costed:
+    """`trio.to_thread.run_sync` for virtual time: a batcher's forward pass runs inline and
+    takes `pass_s` plus `row_s` per position of virtual time; the time each server (block)
+    computes is recorded as intervals."""
+
+    def __init__(self, pass_s: float, row_s: float) -> None:
+        self.pass_s, self.row_s = pass_s, row_s
+        self.intervals: dict[int, list[tuple[float, float]]] = {}
+
+    async def run_sync(self, fn, *args, **_):  # type: ignore[no-untyped-def]
+        sessions = args[0] if len(args) == 3 and isinstance(args[0], list) else []
+        if not sessions or not hasattr(sessions[0], "block"):
+            return fn(*args)
+        began = trio.current_time()
+        await trio.sleep(self.pass_s + self.row_s * sum(x.shape[1] for x in args[1]))
+        out = fn(*args)
+        spans = self.intervals.setdefault(id(sessions[0].block), [])
+        spans.append((began, trio.current_time()))
+        return out
+
+    def overlap(self, seconds: float) -> tuple[float, float]:
+        """Mean servers computing, and the share of the time two or more compute."""
+        events = sorted(
+            (t, change)
+            for spans in self.intervals.values()
+            for a, b in spans
+            for t, change in ((a, 1), (b, -1))
+        )
+        busy = two = 0.0
+        now, last = 0, 0.0
+        for t, change in events:
+            busy += now * (t - last)
+            two += (t - last) if now >= 2 else 0.0
+            now, last = now + change, t
+        return busy / seconds, two / seconds
+
+
+async def through_chain(
+    model_dir: Path, args: argparse.Namespace, sessions: int, pipeline: bool
+) -> tuple[float, list[list[int]], list[int]]:
+    """N generations at once through `args.hops` servers: seconds from the first step to
+    the last token, tokens, the largest batch on each server."""
+    hub = MemoryNetwork(latency_s=args.latency_ms / 1000)
+    client = hub.add_node("client")
+    per = args.layers // args.hops
+    servers: list[ShardServer] = []
+    ranges = []
+    for k in range(args.hops):
+        node = hub.add_node(f"h{k}")
+        server = ShardServer(opener=node, pipeline=pipeline)
+        end = (k + 1) * per if k < args.hops - 1 else args.layers
+        await server.load("m", model_dir, k * per, end, device=args.device)
+        node.set_stream_handler(
+            SHARD_PROTOCOL, server.handle_stream, max_frame_bytes=lambda s=server: s.max_frame_bytes
+        )
+        servers.append(server)
+        ranges.append(Server(f"h{k}", k * per, end, ms_per_layer=1.0, rtt_ms=1.0))
+
+    async def announced() -> list[Server]:
+        return ranges
+
+    models = [
+        RemoteModel(client, announced, model_id="m", num_layers=args.layers, max_length=128)
+        for _ in range(sessions)
+    ]
+    for model in models:
+        await model.open()
+    out: list[list[int]] = [[] for _ in range(sessions)]
+
+    async def one(i: int) -> None:
+        async for token in generate(models[i], prompt(i), args.tokens):
+            out[i].append(token)
+        await models[i].close()
+
+    started = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for i in range(sessions):
+            nursery.start_soon(one, i)
+    seconds = trio.current_time() - started
+    return seconds, out, [max(s.batching.batch_sizes) for s in servers]
+
+
+def pipelined(args: argparse.Namespace, model_dir: Path) -> None:
+    for virtual in (False, True):
+        if virtual:
+            print(
+                f"\npipeline, virtual time: {args.hops} hops, a pass {args.pass_ms} ms + "
+                f"{args.row_ms} ms per position, {args.latency_ms} ms per frame, "
+                f"{args.tokens} tokens per generation"
+            )
+        else:
+            print(
+                f"\npipeline, real time: {args.hops} hops in this one process, hidden "
+                f"{args.hidden}, {args.layers} layers, {args.latency_ms} ms per frame, "
+                f"{args.tokens} tokens per generation, torch threads "
+                f"{torch.get_num_threads()}, {os.cpu_count()} CPUs, load "
+                f"{os.getloadavg()[0]:.1f}"
+            )
+        header = (
+            f"{'sessions':>8} | {'one batch s':>11} {'busy':>5} {'2+':>5} | "
+            f"{'pipelined s':>11} {'busy':>5} {'2+':>5} | {'speed-up':>8} | largest batches"
+        )
+        print(header)
+        print("-" * len(header))
+        for n in args.sessions:
+            row = []
+            outs = []
+            for pipeline in (False, True):
+                costed = Costed(args.pass_ms / 1000, args.row_ms / 1000)
+                saved = trio.to_thread.run_sync
+                if virtual:
+                    trio.to_thread.run_sync = costed.run_sync  # type: ignore[assignment]
+                try:
+                    clock = trio.testing.MockClock(autojump_threshold=0) if virtual else None
+                    seconds, out, largest = trio.run(
+                        through_chain, model_dir, args, n, pipeline, clock=clock
+                    )
+                finally:
+                    trio.to_thread.run_sync = saved  # type: ignore[assignment]
+                busy, two = costed.overlap(seconds) if virtual else (float("nan"),) * 2
+                row.append((seconds, busy, two, largest))
+                outs.append(out)
+            if outs[0] != outs[1]:
+                raise SystemExit(f"{n} sessions: pipelined tokens differ")
+            (off, busy0, two0, big0), (on, busy1, two1, big1) = row
+            print(
+                f"{n:>8} | {off:>11.3f} {busy0:>5.2f} {two0:>5.2f} | {on:>11.3f} {busy1:>5.2f} "
+                f"{two1:>5.2f} | {off / on:>7.2f}x | {big0} -> {big1}"
+            )
+    print(
+        "busy: servers computing, on average; 2+: share of the time two or more compute "
+        "(virtual time only)"
+    )
+
+
 def gathered_step(shard: LlamaShard, x: torch.Tensor, caches, lengths: list[int]) -> torch.Tensor:
     """The alternative layout, for comparison only: the B caches gathered into one padded
     batch per layer, one masked attention; keys and values of the new position written
@@ -206,6 +354,12 @@ def main() -> None:
     parser.add_argument("--kernel-only", action="store_true")
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--pipeline", action="store_true", help="also the pipeline tables")
+    parser.add_argument("--pipeline-only", action="store_true")
+    parser.add_argument("--hops", type=int, default=4)
+    parser.add_argument("--latency-ms", type=float, default=1.0)
+    parser.add_argument("--pass-ms", type=float, default=2.0)
+    parser.add_argument("--row-ms", type=float, default=10.0)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -219,6 +373,10 @@ def main() -> None:
             intermediate=args.hidden * 11 // 4,
             seed=1,
         )
+        if args.pipeline or args.pipeline_only:
+            pipelined(args, model_dir)
+        if args.pipeline_only:
+            return
         if not args.kernel_only:
             end_to_end(args, model_dir)
         if args.kernel or args.kernel_only:
