@@ -1,8 +1,9 @@
 """The batcher under random schedules (hypothesis, trio's virtual clock): sessions stepping
 at random moments, with steps of random lengths, callers giving up, sessions ending and
-passes failing. Whatever happens: every step that was not withdrawn ends (its output, or an
-error), its output is its own, no pass holds a session twice or more than the bounds, a
-session is settled exactly once per step that ran, and nothing is left pending."""
+passes failing, sessions of chains of 1, 2 or 4 hops (micro-batches). Whatever happens:
+every step that was not withdrawn ends (its output, or an error), its output is its own, no
+pass holds a session twice or more than the bounds, a session is settled exactly once per
+step that ran, and nothing is left pending."""
 
 from __future__ import annotations
 
@@ -29,8 +30,12 @@ sessions_plan = st.lists(st.lists(step_plan, min_size=1, max_size=6), min_size=1
 
 
 @settings(max_examples=100, deadline=None)
-@given(plan=sessions_plan, window=st.sampled_from([0.0, 0.003, 0.01, 0.05]))
-def test_every_step_ends_with_its_own_output_within_the_bounds(plan, window):
+@given(
+    plan=sessions_plan,
+    window=st.sampled_from([0.0, 0.003, 0.01, 0.05]),
+    depth=st.sampled_from([1, 2, 4]),  # the sessions' chains (2, 4: micro-batches)
+)
+def test_every_step_ends_with_its_own_output_within_the_bounds(plan, window, depth):
     passes: list[list[tuple[str, int]]] = []
     settled: dict[str, int] = {}
     ended: set[str] = set()
@@ -45,6 +50,7 @@ def test_every_step_ends_with_its_own_output_within_the_bounds(plan, window):
         for key, n in zip(keys, positions, strict=True):
             settled[key] = settled.get(key, 0) + n
 
+    names = [f"s{i}" for i in range(len(plan))]
     ran: dict[str, int] = {}  # positions of steps that got their output
     outcomes: list[str] = []
 
@@ -78,13 +84,15 @@ def test_every_step_ends_with_its_own_output_within_the_bounds(plan, window):
             limiter=trio.CapacityLimiter(1),
             settle=settle,
             live=lambda key: key not in ended,
+            depth=lambda key: depth,
+            sessions=lambda: [name for name in names if name not in ended],
             max_batch=MAX_BATCH,
             max_positions=MAX_POSITIONS,
             window_s=window,
         )
         async with trio.open_nursery() as nursery:
             for i, steps in enumerate(plan):
-                nursery.start_soon(session, f"s{i}", steps, batcher)
+                nursery.start_soon(session, names[i], steps, batcher)
         assert batcher.pending == 0
 
     # passes inline: a worker thread computing would let the virtual clock jump meanwhile

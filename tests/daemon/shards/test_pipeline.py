@@ -7,6 +7,7 @@ sooner than as one big batch, every token stays exact, and a lone session is una
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 import trio
 import trio.testing
@@ -125,6 +126,25 @@ def test_the_chain_depth_in_the_open_frame_is_bounded_and_optional():
     for bad in (0, wire.MAX_DEPTH + 1, "4"):
         with pytest.raises(wire.WireError, match="bad_header"):
             wire.decode(wire.encode({**header, "depth": bad}))
+
+
+async def test_the_server_keeps_each_sessions_depth_and_may_turn_pipelining_off(tmp_path):
+    from daemon.shards.server import Outbox, ShardServer
+    from p2p.streams import stream_pair
+
+    server = ShardServer()
+    await server.load("m", make_tiny(tmp_path / "m", layers=2, seed=4), 0, 2)
+    owner = Outbox(stream_pair("a", "b")[0])
+    header = wire.Open(model="m", start=0, end=2, max_length=16)
+    old = [server.open_session(header, owner) for _ in range(4)]  # an old client's: no depth
+    assert {s.depth for s in old} == {1}
+    batcher = server.batching.of(server.blocks["m"])
+    assert batcher.cap() == server.max_batch  # one hop: as before
+    deep = [server.open_session(msgspec.structs.replace(header, depth=4), owner) for _ in "ab"]
+    assert {s.depth for s in deep} == {4}
+    assert batcher.cap() == 2  # 6 sessions due here, the deepest chain of 4 hops
+    server.pipeline = False
+    assert batcher.cap() == server.max_batch
 
 
 # -- 4 shard servers, compute taking virtual time ----------------------------------------
