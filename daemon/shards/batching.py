@@ -56,7 +56,10 @@ D - 1 others compute. So on a range whose sessions belong to chains of D > 1 hop
 session's opener declares its chain's depth, `wire.Open.depth`), a batch takes at most
 ceil(n / D) steps, n being the sessions of the range that are due here (open and not gone
 quiet: pending, running, never stepped here yet, or not yet overdue by more than their usual
-round trip; D the deepest chain among them). The steps of concurrent sessions then travel
+round trip). With chains of different depths, each session due here weighs 1 / its chain's
+depth, and a batch takes at most the ceiling of their sum: so a session that claims a very
+deep chain (the depth is its opener's word) weighs next to nothing, and cannot split the
+other sessions' batches. The steps of concurrent sessions then travel
 as about D groups out of phase: while hop k runs step t of one group, hop k - 1 runs it for
 the next. Why D groups: a pass costs a + c·b for b rows (a: reading the weights, c: the
 rows' arithmetic), so one batch of all n sessions takes D·(a + c·n) per round, while D
@@ -72,9 +75,11 @@ depth) batch exactly as before. The server may turn it off (`ShardServer(pipelin
 from __future__ import annotations
 
 import collections
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Generic, TypeVar
 
 import torch
@@ -224,8 +229,9 @@ class Batcher(Generic[K]):
 
     def cap(self) -> int:
         """The most steps the next batch takes: `max_batch`, and on a hop of chains of
-        depth D > 1, ceil(sessions due here / D), so that concurrent chains' steps travel
-        as D micro-batches out of phase (see the module's docstring)."""
+        depth D > 1, ceil(sessions due here / D) (each session weighing 1 / its own
+        chain's depth), so that concurrent chains' steps travel as D micro-batches out of
+        phase (see the module's docstring)."""
         keys: dict[int, K] = {id(item.key): item.key for item in self._pending}
         for i, (key, _) in self._done_at.items():
             keys.setdefault(i, key)
@@ -233,14 +239,15 @@ class Batcher(Generic[K]):
             keys.setdefault(id(key), key)
         busy = {id(item.key) for item in self._pending} | self._running
         now = trio.current_time()
-        count, depth = 0, 1
+        share, deep = Fraction(0), False  # each session due here weighs 1 / its depth
         for i, key in keys.items():
             if i in busy or (self._live(key) and not self._went_quiet(i, now)):
-                count += 1
-                depth = max(depth, min(MAX_DEPTH, self._depth(key)))
-        if depth <= 1:
+                depth = max(1, min(MAX_DEPTH, self._depth(key)))
+                share += Fraction(1, depth)
+                deep = deep or depth > 1
+        if not deep:  # one-hop chains (or old clients') only: as without pipelining
             return self.max_batch
-        return max(1, min(self.max_batch, -(-count // depth)))
+        return max(1, min(self.max_batch, math.ceil(share)))
 
     def _went_quiet(self, i: int, now: float) -> bool:
         """Whether a session that stepped here is overdue by more than its usual round trip

@@ -90,7 +90,8 @@ async def test_a_lone_session_of_a_deep_chain_never_waits(virtual_time):
 async def test_the_cap_counts_sessions_due_here_not_those_gone_quiet(virtual_time):
     """Sessions opened here but not stepped yet count (they are on their way down the
     chain); one that stepped and then stays away for more than its usual round trip does not,
-    until it steps again; ended ones never do; the deepest chain sets the depth."""
+    until it steps again; ended ones never do; with chains of different depths each session
+    weighs 1 / its depth, so one claiming a very deep chain splits nobody's batches."""
     names = [f"s{i}" for i in range(6)]  # keys are told apart by identity, as sessions
     s0, s1, s2 = names[:3]
     live = set(names)
@@ -104,9 +105,11 @@ async def test_the_cap_counts_sessions_due_here_not_those_gone_quiet(virtual_tim
         sessions=lambda: [name for name in names if name in live],
     )
     assert steps.cap() == 3  # 6 sessions, chains of 2 hops, none stepped yet
-    depths[s0] = 3
-    assert steps.cap() == 2  # the deepest chain: 3 hops
-    depths[s0] = 2
+    depths[s0] = wire.MAX_DEPTH
+    assert steps.cap() == 3  # ceil(5 / 2 + 1 / 256)
+    depths.update(dict.fromkeys(names[1:], 1))
+    assert steps.cap() == 6  # ceil(5 + 1 / 256): the others' batches stay whole
+    depths.update(dict.fromkeys(names, 2))
     for _ in range(2):  # s0 steps twice, 0.1 s apart: its round trip is known
         await steps.step(s0, torch.tensor([0]))
         await trio.sleep(0.1)
@@ -142,7 +145,10 @@ async def test_the_server_keeps_each_sessions_depth_and_may_turn_pipelining_off(
     assert batcher.cap() == server.max_batch  # one hop: as before
     deep = [server.open_session(msgspec.structs.replace(header, depth=4), owner) for _ in "ab"]
     assert {s.depth for s in deep} == {4}
-    assert batcher.cap() == 2  # 6 sessions due here, the deepest chain of 4 hops
+    assert batcher.cap() == 5  # ceil(4 / 1 + 2 / 4): each weighs 1 / its chain's depth
+    for session in old:
+        server.end_session(session.id)
+    assert batcher.cap() == 1  # ceil(2 / 4)
     server.pipeline = False
     assert batcher.cap() == server.max_batch
 
