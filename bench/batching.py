@@ -235,7 +235,7 @@ def pipelined(args: argparse.Namespace, model_dir: Path) -> None:
                 f"{os.getloadavg()[0]:.1f}"
             )
         header = (
-            f"{'sessions':>8} | {'one batch s':>11} {'busy':>5} {'2+':>5} | "
+            f"{'sessions':>8} | {'unpiped s':>11} {'busy':>5} {'2+':>5} | "
             f"{'pipelined s':>11} {'busy':>5} {'2+':>5} | {'speed-up':>8} | largest batches"
         )
         print(header)
