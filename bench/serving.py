@@ -206,9 +206,12 @@ def transformers_rows(model_dir: Path, args: argparse.Namespace, dtype: str) -> 
 
 
 def serving_config(args: argparse.Namespace) -> str:
-    return config_text(args.threads, args.device, local_sockets=True) + (
-        "\n[serving]\nopenai = true\nport = 0\n"
-    )
+    text = config_text(args.threads, args.device, local_sockets=True)
+    if args.pipeline:  # configs/devnet.toml turns it off: its daemons share one machine
+        if "pipeline = false" not in text:
+            raise RuntimeError("configs/devnet.toml no longer has 'pipeline = false'")
+        text = text.replace("pipeline = false", "pipeline = true")
+    return text + "\n[serving]\nopenai = true\nport = 0\n"
 
 
 def bench_daemons(
@@ -280,6 +283,13 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per request")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per daemon")
     parser.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--pipeline",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="micro-batches across the hops ([shards] pipeline); off by default, since the "
+        "daemons share this machine's cores",
+    )
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device")

@@ -207,6 +207,7 @@ class Daemon:
             max_local_connections=config.shards.max_local_connections,
             max_batch=config.shards.max_batch,
             batch_window_s=config.shards.batch_window_s,
+            pipeline=config.shards.pipeline,
             price_per_unit=config.market.price_per_unit,
             max_price_per_unit=config.market.max_price_per_unit,
         )

@@ -222,6 +222,9 @@ class ShardsConfig(Section):
     # batching), and how long a batch may wait for the sessions due back
     max_batch: Annotated[int, msgspec.Meta(ge=1, le=256)] = 32
     batch_window_s: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.005
+    # pipelining: a batch takes at most its share of the sessions of deep chains, so the hops
+    # of a chain compute at once (off where every hop shares one machine's cores)
+    pipeline: bool = True
 
 
 class GRPCConfig(Section):

@@ -105,6 +105,7 @@ class ShardService(JobTable):
         max_local_connections: int = 256,
         max_batch: int = 32,
         batch_window_s: float = 0.005,
+        pipeline: bool = True,
         price_per_unit: int = 0,
         max_price_per_unit: int | None = None,
         nursery: trio.Nursery | None = None,
@@ -135,6 +136,7 @@ class ShardService(JobTable):
         self.max_local_connections = max_local_connections
         self.max_batch = max_batch
         self.batch_window_s = batch_window_s
+        self.pipeline = pipeline
         self.price_per_unit = price_per_unit
         self.default_max_price = max_price_per_unit
         self._tokenizers: dict[Path, Any] = {}
@@ -203,6 +205,7 @@ class ShardService(JobTable):
                 payments=self.provider,
                 max_batch=self.max_batch,
                 batch_window_s=self.batch_window_s,
+                pipeline=self.pipeline,
             )
             self._register_stream_handler()
         return self._server

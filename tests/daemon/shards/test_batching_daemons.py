@@ -170,13 +170,14 @@ async def test_shards_max_batch_in_the_config_reaches_the_shard_server(
             parse({"shards": bad})
     model_dir = make_tiny(tmp_path / "tiny", layers=LAYERS, seed=13)
     reference = [greedy_generate([load_model(model_dir)], PROMPTS[i], 8) for i in range(4)]
-    settings = {**FAST, "shards": {**FAST.get("shards", {}), "max_batch": 1}}
+    shards = {**FAST.get("shards", {}), "max_batch": 1, "pipeline": False}
+    settings = {**FAST, "shards": shards}
     async with memory_cluster(tmp_path / "net", 1, settings=settings) as net:
         daemon = net.daemons[0]
         deployed = await daemon.call("block_deploy", {"model": "tiny", "model_dir": str(model_dir)})
         assert deployed["ok"], deployed
         server = daemon.daemon.shards.server
-        assert server.max_batch == 1
+        assert server.max_batch == 1 and server.pipeline is False
         results: dict[int, list[int]] = {}
 
         async def one(i: int) -> None:

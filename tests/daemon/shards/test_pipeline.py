@@ -289,8 +289,10 @@ async def test_a_lone_session_is_not_slowed_by_pipelining(cluster, compute, deep
         assert tokens[3] == reference[3]
         figures.append(seconds)
     # the same within the harness's own spread (trio runs ready tasks in a random order,
-    # which moves a lone generation through the 4 hops by a few ms either way)
-    assert abs(figures[1] - figures[0]) < 0.05 * figures[0], figures
+    # which moves a lone generation through the 4 hops by a few ms either way; 5 % failed
+    # once in a parallel run): a lone step held for the batch window at every pass would
+    # cost more than this
+    assert abs(figures[1] - figures[0]) < 0.15 * figures[0], figures
     for server in servers:
         assert server.batching.batch_sizes == {1: 3 * (1 + BUDGETS[3])}
 
