@@ -69,7 +69,8 @@ WaitS = Annotated[
     Meta(ge=0, le=wire.MAX_WAIT_S, description="how long to wait for the ranges to be served"),
 ]
 DTYPES = ("float32", "float16", "bfloat16")
-RETRY_PAUSE_S = 0.5  # before a forwarded request whose stream broke is sent again
+RETRY_PAUSE_S = 0.5  # before a forwarded request whose stream broke is sent again (x attempt)
+MAX_ASKS = 4  # tries of a forwarded idempotent request in all
 
 
 def register_coordinator_methods(dispatcher: Dispatcher, coordinator: ClusterCoordinator) -> None:
@@ -96,19 +97,23 @@ def register_coordinator_methods(dispatcher: Dispatcher, coordinator: ClusterCoo
         cluster: str, request: Any, wait_s: float = 0.0, *, idempotent: bool = True
     ) -> dict[str, Any]:
         """`request` answered by the cluster's coordinator: this node, or forwarded. A
-        forwarded idempotent request whose stream broke before its time was up is sent once
-        more, to whoever coordinates then (a connection reset under load, or a coordinator
-        that died meanwhile, must not fail a deploy that would succeed on a second try)."""
+        forwarded idempotent request whose stream broke before its time was up is sent again
+        (at most MAX_ASKS times in all), to whoever coordinates then: a connection reset under
+        load, or a coordinator that died meanwhile, must not fail a deploy that would succeed
+        on a second try."""
         started = trio.current_time()
-        try:
-            return await ask_once(cluster, request, wait_s)
-        except NetworkFailure as exc:
+        for attempt in range(1, MAX_ASKS + 1):
             elapsed = trio.current_time() - started
-            if not idempotent or elapsed > wait_s + coordinator.settings.forward_timeout_s / 2:
-                raise  # timed out rather than broken: its time is up
-            log.info("asking the coordinator of %s again: %s", cluster, exc.message)
-            await trio.sleep(RETRY_PAUSE_S)
-            return await ask_once(cluster, request, max(wait_s - elapsed, 0.0))
+            try:
+                return await ask_once(cluster, request, max(wait_s - elapsed, 0.0))
+            except NetworkFailure as exc:
+                elapsed = trio.current_time() - started
+                timed_out = elapsed > wait_s + coordinator.settings.forward_timeout_s / 2
+                if not idempotent or timed_out or attempt == MAX_ASKS:
+                    raise
+                log.info("asking the coordinator of %s again: %s", cluster, exc.message)
+                await trio.sleep(RETRY_PAUSE_S * attempt)
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     async def ask_once(cluster: str, request: Any, wait_s: float) -> dict[str, Any]:
         if runtime.is_coordinator(cluster):
