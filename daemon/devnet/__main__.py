@@ -14,6 +14,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 import time
 
 from contracts.chain.errors import ChainError
@@ -156,12 +157,16 @@ def main(argv: list[str] | None = None) -> int:
         print_client_example(openai_url, MODEL)
         if once:
             return 0
-        stops = {signal.SIGINT, signal.SIGTERM}
-        # blocked (before saying so), so that sigwait takes them: unblocked, SIGTERM's default
-        # action ended this process at once and left its daemons running
-        signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        # handled (before saying so): SIGTERM's default action ended this process at once and
+        # left its daemons running. Not sigwait with the signals blocked: a mask is per thread,
+        # and the dev chain's threads, started earlier, could still take SIGTERM and die of it.
+        # A Python handler runs in this thread whichever thread the signal reached.
+        stop = threading.Event()
+        for stopping in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(stopping, lambda signum, frame: stop.set())
         print("devnet running; Ctrl-C (or SIGTERM) stops every daemon.", flush=True)
-        signal.sigwait(stops)
+        while not stop.wait(0.5):
+            pass
         return 0
     except (DevnetError, ChainError, RPCCallError) as exc:
         print(f"devnet: {exc}", file=sys.stderr)

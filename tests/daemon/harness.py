@@ -201,6 +201,33 @@ class MemoryCluster:
         self.hub.remove_node(running.peer_id, refuse=True)
         running.scope.cancel()
 
+    async def deploy(
+        self,
+        model_dir: Path,
+        servers: list[RunningDaemon],
+        ranges: list[tuple[int, int]],
+        model: str = "tiny",
+    ) -> None:
+        """`servers[i]` loads `ranges[i]` of the model (one `block_deploy` plan, asked of
+        daemon 0), then every daemon sees every range announced."""
+        plan = [
+            {"peer_id": d.peer_id, "start": a, "end": b}
+            for d, (a, b) in zip(servers, ranges, strict=True)
+        ]
+        result = await self.daemons[0].call(
+            "block_deploy", {"model": model, "model_dir": str(model_dir), "plan": plan}
+        )
+        assert all(r["ok"] for r in result["results"]), result
+
+        async def everyone_sees_every_range() -> bool:
+            for d in self.daemons:
+                listed = await d.call("block_list", {"model": model})
+                if len(listed["announced"].get(model, [])) != len(ranges):
+                    return False
+            return True
+
+        await self.wait_for(everyone_sees_every_range, 15, "every daemon to see every range")
+
     async def wait_for(
         self,
         condition: Callable[[], Awaitable[Any]],

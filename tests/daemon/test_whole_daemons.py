@@ -172,26 +172,6 @@ LAYERS = 6
 PROMPT = list(b"a network of shards")
 
 
-async def deploy(net, model_dir, servers, ranges: list[tuple[int, int]]) -> None:
-    plan = [
-        {"peer_id": d.peer_id, "start": a, "end": b}
-        for d, (a, b) in zip(servers, ranges, strict=True)
-    ]
-    result = await net.daemons[0].call(
-        "block_deploy", {"model": "tiny", "model_dir": str(model_dir), "plan": plan}
-    )
-    assert all(r["ok"] for r in result["results"]), result
-
-    async def everyone_sees_every_shard() -> bool:
-        for d in net.daemons:
-            listed = await d.call("block_list", {"model": "tiny"})
-            if len(listed["announced"].get("tiny", [])) != len(ranges):
-                return False
-        return True
-
-    await net.wait_for(everyone_sees_every_shard, 15, "every daemon to see every shard")
-
-
 async def test_six_daemons_discover_replicate_serve_and_recover_a_killed_server(
     autojump_clock, tmp_path, one_torch_thread
 ):
@@ -222,7 +202,7 @@ async def test_six_daemons_discover_replicate_serve_and_recover_a_killed_server(
         await net.wait_for(replicated, 5, "the write to replicate")
         # a model over 3 daemons, the middle range twice
         servers = net.daemons[1:5]
-        await deploy(net, model_dir, servers, [(0, 2), (2, 4), (2, 4), (4, 6)])
+        await net.deploy(model_dir, servers, [(0, 2), (2, 4), (2, 4), (4, 6)])
         client = net.daemons[0]
         whole = await client.call(
             "generate", {"model": "tiny", "token_ids": PROMPT, "max_tokens": 24}
@@ -285,7 +265,7 @@ async def test_three_daemons_generate_exactly_the_single_process_tokens(
     with torch.no_grad():
         expected = greedy_generate([load_model(model_dir)], PROMPT, NEW_TOKENS)
     async with memory_cluster(tmp_path / "net", 3) as net:
-        await deploy(net, model_dir, net.daemons, [(0, 2), (2, 4), (4, 6)])
+        await net.deploy(model_dir, net.daemons, [(0, 2), (2, 4), (4, 6)])
         served = (await net.daemons[1].call("block_list", {}))["local"][0]
 
         async def in_dht_record() -> bool:  # served ranges also travel in the DHT record

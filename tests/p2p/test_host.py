@@ -227,8 +227,11 @@ async def test_gossip_reaches_subscribers_and_bad_messages_are_counted(nodes):
             with trio.move_on_after(0.5):
                 await arrived.wait()
     assert got["c"][0] == (a.ident.peer_id, b"hello")
-    assert ("pubsub", "ValueError") in c.rejects
-    assert (a.ident.peer_id, b"hello") in got["b"]
+    with trio.fail_after(10):  # the "boom" of the round that arrived may come after "hello"
+        while ("pubsub", "ValueError") not in c.rejects or (  # noqa: ASYNC110 - counters
+            (a.ident.peer_id, b"hello") not in got["b"]
+        ):
+            await trio.sleep(0.05)
     assert got["a"] == []  # a publisher never hears its own messages
 
 

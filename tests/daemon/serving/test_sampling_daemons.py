@@ -42,26 +42,6 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-async def deploy(net, model_dir, servers, ranges) -> None:
-    plan = [
-        {"peer_id": d.peer_id, "start": a, "end": b}
-        for d, (a, b) in zip(servers, ranges, strict=True)
-    ]
-    result = await net.daemons[0].call(
-        "block_deploy", {"model": "tiny", "model_dir": str(model_dir), "plan": plan}
-    )
-    assert all(r["ok"] for r in result["results"]), result
-
-    async def everyone_sees_every_shard() -> bool:
-        for d in net.daemons:
-            listed = await d.call("block_list", {"model": "tiny"})
-            if len(listed["announced"].get("tiny", [])) != len(ranges):
-                return False
-        return True
-
-    await net.wait_for(everyone_sees_every_shard, 15, "every daemon to see every shard")
-
-
 async def test_run_generation_samples_streams_and_survives_a_killed_server(
     autojump_clock, tmp_path, one_torch_thread
 ):
@@ -78,7 +58,7 @@ async def test_run_generation_samples_streams_and_survives_a_killed_server(
     tokens = [s.token for s in want]
     async with memory_cluster(tmp_path / "net", 4) as net:
         requester = net.daemons[0]
-        await deploy(net, model_dir, net.daemons[1:], [(0, 3), (3, 6), (3, 6)])
+        await net.deploy(model_dir, net.daemons[1:], [(0, 3), (3, 6), (3, 6)])
         service = requester.daemon.shards
 
         # 1. every token reaches on_token (awaited) with its logprobs; the middle server is

@@ -51,24 +51,7 @@ async def test_sixteen_concurrent_generations_are_batched_and_exact(
     whole = load_model(model_dir)
     reference = [greedy_generate([whole], p, n) for p, n in zip(PROMPTS, BUDGETS, strict=True)]
     async with memory_cluster(tmp_path / "net", 3) as net:
-        ranges = [(0, 2), (2, 4), (4, 6)]
-        plan = [
-            {"peer_id": d.peer_id, "start": a, "end": b}
-            for d, (a, b) in zip(net.daemons, ranges, strict=True)
-        ]
-        deployed = await net.daemons[0].call(
-            "block_deploy", {"model": "tiny", "model_dir": str(model_dir), "plan": plan}
-        )
-        assert all(r["ok"] for r in deployed["results"]), deployed
-
-        async def everyone_sees_every_shard() -> bool:
-            for d in net.daemons:
-                listed = await d.call("block_list", {"model": "tiny"})
-                if len(listed["announced"].get("tiny", [])) != len(ranges):
-                    return False
-            return True
-
-        await net.wait_for(everyone_sees_every_shard, 15, "every daemon to see every shard")
+        await net.deploy(model_dir, net.daemons, [(0, 2), (2, 4), (4, 6)])
         servers = [d.daemon.shards.server for d in net.daemons]
 
         async def generate(i: int) -> list[int]:
