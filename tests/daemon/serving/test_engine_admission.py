@@ -42,12 +42,12 @@ async def test_first_come_first_served_when_the_total_cap_frees(autojump_clock):
     async with trio.open_nursery() as nursery:
         for owner in ("first", "second", "third"):
             nursery.start_soon(ask, owner)
-            await trio.sleep(0.01)
+            await trio.sleep(0.01)  # virtual time (autojump_clock): they arrive in this order
         assert admission.waiting == 3 and queued == {"m": 3}
         for job in held[:3]:
             job.done = True
             admission.released()
-            await trio.sleep(0.01)
+            await trio.sleep(0.01)  # virtual time (autojump_clock): one admitted at a time
     assert order == ["first", "second", "third"]
     assert queued == {"m": 0}
 
