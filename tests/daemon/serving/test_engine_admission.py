@@ -65,12 +65,12 @@ async def test_a_request_held_back_by_its_own_cap_is_passed_over(autojump_clock)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ask, "greedy")
-        await trio.sleep(0.01)
+        await trio.sleep(0.01)  # virtual time (autojump_clock): greedy queues first
         nursery.start_soon(ask, "patient")
-        await trio.sleep(0.01)
+        await trio.sleep(0.01)  # virtual time: then patient
         others[0].done = True  # one slot frees: greedy may not take it, patient does
         admission.released()
-        await trio.sleep(0.01)
+        await trio.sleep(0.01)  # virtual time: the freed slot is handed out
         assert order == ["patient"]
         busy[0].done = True  # now greedy is under its cap, and a slot is free
         admission.released()
@@ -93,7 +93,7 @@ async def test_queue_full_is_429_and_a_long_wait_is_503(autojump_clock):
             assert slow.value.status == 503 and slow.value.code == "server_busy"
 
         nursery.start_soon(wait)
-        await trio.sleep(0.01)
+        await trio.sleep(0.01)  # virtual time (autojump_clock): the waiter queues
         with pytest.raises(OpenAIError) as full:
             await admission.acquire("b", 1, "m")
         assert full.value.status == 429 and full.value.code == "queue_full"
@@ -128,7 +128,7 @@ async def test_a_request_that_can_run_does_not_queue_behind_one_held_by_its_own_
     busy = [table.new_job("greedy") for _ in range(2)]
     async with trio.open_nursery() as nursery:
         nursery.start_soon(admission.acquire, "greedy", 1, "m")
-        await trio.sleep(0.01)
+        await trio.sleep(0.01)  # virtual time (autojump_clock): the waiter queues
         assert admission.waiting == 1 and queued == {"m": 1}
         start = trio.current_time()
         jobs = await admission.acquire("fresh", 2, "m")  # the queue is full, but it can run
