@@ -30,6 +30,7 @@ do.
 
 usage: python bench/batching.py [--hidden 512] [--layers 8] [--tokens 48]
        [--sessions 1 4 8 16] [--threads N] [--kernel] [--context 256] [--device cpu]
+       [--linear]  (only the table of the linear kernels: F.linear vs ours)
        [--pipeline [--pipeline-only] [--hops 4] [--latency-ms 1] [--pass-ms 2] [--row-ms 10]]
 """
 
@@ -56,6 +57,7 @@ from daemon.shards import SHARD_PROTOCOL  # noqa: E402
 from daemon.shards.client import RemoteModel, generate  # noqa: E402
 from daemon.shards.model import LlamaShard, load_model, make_tiny  # noqa: E402
 from daemon.shards.model.layers import rotate_half  # noqa: E402
+from daemon.shards.model.linear import linear  # noqa: E402
 from daemon.shards.server import ShardServer  # noqa: E402
 from p2p.testing.memnet import MemoryNetwork  # noqa: E402
 from scheduler.routing import Server  # noqa: E402
@@ -342,6 +344,33 @@ def kernel(args: argparse.Namespace, model_dir: Path) -> None:
         print(f"{rows:>3} | {figures[0]:>12.2f} | {figures[1]:>11.2f} | {figures[2]:>9.2f}")
 
 
+def linear_kernels(args: argparse.Namespace) -> None:
+    """ms per product of B rows with one `intermediate x hidden` weight: torch's `F.linear`
+    (MKL) and `daemon.shards.model.linear.linear` (oneDNN on CPU float32)."""
+    inter = args.hidden * 11 // 4
+    weight = torch.randn(inter, args.hidden) * 0.02
+    print(
+        f"\nlinear: one [{inter}, {args.hidden}] {weight.dtype} weight, ms per product "
+        f"(median of {args.repeat * 3}), {torch.get_num_threads()} threads"
+    )
+    header = f"{'B':>3} | {'F.linear':>8} | {'linear':>8} | {'max diff':>8}"
+    print(header)
+    print("-" * len(header))
+    for rows in args.sessions:
+        x = torch.randn(rows, args.hidden)
+        figures = []
+        for fn in (F.linear, linear):
+            fn(x, weight)
+            times = []
+            for _ in range(args.repeat * 3):
+                started = time.perf_counter()
+                fn(x, weight)
+                times.append(1000 * (time.perf_counter() - started))
+            figures.append(statistics.median(times))
+        diff = (F.linear(x, weight) - linear(x, weight)).abs().max().item()
+        print(f"{rows:>3} | {figures[0]:>8.2f} | {figures[1]:>8.2f} | {diff:>8.1e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=512)
@@ -352,6 +381,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--kernel", action="store_true", help="also the kernel table")
     parser.add_argument("--kernel-only", action="store_true")
+    parser.add_argument("--linear", action="store_true", help="only the linear kernels table")
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--pipeline", action="store_true", help="also the pipeline tables")
@@ -363,6 +393,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.linear:
+        linear_kernels(args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_tiny(
             Path(tmp) / "m",

@@ -16,19 +16,11 @@ from torch import Tensor, nn
 
 from daemon.shards.model.config import LlamaConfig
 from daemon.shards.model.kvcache import KVCache
+from daemon.shards.model.linear import Linear
 
 
 def _param(tensor: Tensor) -> nn.Parameter:
     return nn.Parameter(tensor, requires_grad=False)
-
-
-class Linear(nn.Module):
-    def __init__(self, weight: Tensor) -> None:
-        super().__init__()
-        self.weight = _param(weight)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight)
 
 
 class RMSNorm(nn.Module):

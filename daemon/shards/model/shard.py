@@ -9,7 +9,8 @@ from torch import Tensor, nn
 
 from daemon.shards.model.config import LlamaConfig, ModelError, check_shape, shard_tensor_names
 from daemon.shards.model.kvcache import KVCache
-from daemon.shards.model.layers import DecoderLayer, Embedding, Linear, RMSNorm, rope_inv_freq
+from daemon.shards.model.layers import DecoderLayer, Embedding, RMSNorm, rope_inv_freq
+from daemon.shards.model.linear import Linear
 
 
 class LlamaShard(nn.Module):
