@@ -11,7 +11,12 @@ while waiting for a non-streamed answer) cancels its generations at once, which 
 sessions on every shard server. A client that stops reading: its pieces are buffered up to
 `engine.PIECES_BUFFERED` per choice, then its generations are cancelled; a write that does
 not complete within `WRITE_TIMEOUT_S` closes the connection. Either way only that request
-stops; every other connection is served on.
+stops; every other connection is served on. A client that leaves before its whole answer is
+written is counted once (rejected "client_gone", status 499), however it was seen.
+
+A request that waits for a generation slot is told its place in the queue: a streamed one
+in SSE comments while it waits (daemon.api.openai_sse), a non-streamed one in the
+`x-queue-position` header of its reply (the position it joined the queue at).
 """
 
 from __future__ import annotations
@@ -38,22 +43,19 @@ from daemon.api.httpio import (
     linger_close,
     next_event,
     read_body,
-    response_head,
     send,
-    send_all,
     started,
+)
+from daemon.api.openai_sse import (
+    QUEUE_NOTICE_S,
+    Chunks,
+    EventStream,
+    chat_logprobs,
+    completion_logprobs,
 )
 from daemon.serving import openai_wire as wire
 from daemon.serving.access import Access, AccessError
-from daemon.serving.engine import (
-    Engine,
-    Piece,
-    Plan,
-    Usage,
-    created_now,
-    owner_of,
-    single_error,
-)
+from daemon.serving.engine import Engine, Plan, Usage, created_now, owner_of, single_error
 from daemon.serving.openai_wire import OpenAIError
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,7 @@ log = logging.getLogger(__name__)
 MAX_CONNECTIONS = 256
 REQUEST_TIMEOUT_S = 30.0  # idle + head + body of one request
 JSON = b"application/json"
-SSE = b"text/event-stream"
+GONE = (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError)
 ROUTES = {
     b"/v1/chat/completions": b"POST",
     b"/v1/completions": b"POST",
@@ -88,8 +90,10 @@ class OpenAIServer:
         max_body: int = wire.MAX_BODY,
         max_connections: int = MAX_CONNECTIONS,
         request_timeout_s: float = REQUEST_TIMEOUT_S,
+        queue_notice_s: float = QUEUE_NOTICE_S,
     ) -> None:
         self.engine = engine
+        self.queue_notice_s = queue_notice_s
         self.access = access
         self.metrics = metrics
         self.max_body = max_body
@@ -173,7 +177,7 @@ class OpenAIServer:
         has started) instead of a dropped connection."""
         try:
             return await self._route(conn, stream, req, me, deadline, peer)
-        except (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
+        except GONE:
             raise  # the client's doing: handled by the connection
         except (trio.TooSlowError, h11.RemoteProtocolError):
             raise
@@ -274,6 +278,11 @@ class OpenAIServer:
         principal: Any,
         owner: str,
     ) -> Response | None:
+        """Run the request and write its whole answer (None), or the error to answer with.
+
+        Every way the client can leave while it runs (the watcher sees the connection close,
+        a write or read finds it closed, both at once, while queued or mid-answer) ends here
+        as one count of client_gone and a 499, unless the whole answer was already written."""
         reserved = plan.reserve
         try:
             principal.reserve(reserved)
@@ -281,38 +290,51 @@ class OpenAIServer:
             self._reject("over_quota")
             return self._fail(route, _access_error(exc), _access_headers(exc), model=plan.model)
         usage = Usage(len(plan.prompt_ids))
+        outcome = _Outcome()
+        sse = EventStream(conn, stream, notice_s=self.queue_notice_s)
         try:
             with trio.CancelScope() as gone, single_error():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_watch, conn, stream, gone)
                     try:
                         if request.stream:
-                            result = await self._stream(
-                                conn, stream, chat, request, plan, owner, usage
-                            )
+                            await self._stream(sse, chat, request, plan, owner, usage, outcome)
                         else:
-                            result = await self._collect(chat, plan, owner, usage)
+                            await self._collect(conn, stream, chat, plan, owner, usage, outcome)
                     finally:
                         nursery.cancel_scope.cancel()
-            if gone.cancelled_caught:
-                raise ClientGone
-        except (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
-            # seen by the watcher, or by a write to the closed socket first: one count
-            self._reject("client_gone")
-            self.metrics.serving_request(plan.model, route, 499)
+        except BaseException as exc:
+            if not (gone.cancel_called or _client_left(exc)):
+                if isinstance(exc, OpenAIError) and not sse.started:
+                    return self._fail(route, exc, model=plan.model)
+                raise
+            self._count(route, plan.model, outcome)
             raise ClientGone from None
-        except OpenAIError as exc:
-            return self._fail(route, exc, model=plan.model)
         finally:
             principal.settle(reserved, usage.prompt_tokens + usage.completion_tokens)
-        self.metrics.serving_request(plan.model, route, 200)
-        return result
+        self._count(route, plan.model, outcome)
+        return None
 
-    async def _collect(self, chat: bool, plan: Plan, owner: str, usage: Usage) -> Response:
+    def _count(self, route: str, model: str, outcome: _Outcome) -> None:
+        if outcome.status is None:  # the client left before its whole answer was written
+            self._reject("client_gone")
+        self.metrics.serving_request(model, route, outcome.status or 499)
+
+    async def _collect(
+        self,
+        conn: h11.Connection,
+        stream: trio.abc.HalfCloseableStream,
+        chat: bool,
+        plan: Plan,
+        owner: str,
+        usage: Usage,
+        outcome: _Outcome,
+    ) -> None:
         texts = [""] * plan.n
         tokens: list[list[Any]] = [[] for _ in range(plan.n)]
         reasons: list[str | None] = [None] * plan.n
-        async with self.engine.run(plan, owner, usage) as pieces:
+        waited = _Waited()
+        async with self.engine.run(plan, owner, usage, waited) as pieces:
             async for piece in pieces:
                 if piece.error is not None:
                     raise piece.error
@@ -332,7 +354,7 @@ class OpenAIServer:
                 wire.ChatChoice(
                     i,
                     wire.ChatMessage("assistant", texts[i]),
-                    _chat_logprobs(tokens[i]) if plan.logprobs else None,
+                    chat_logprobs(tokens[i]) if plan.logprobs else None,
                     reasons[i],
                 )
                 for i in range(plan.n)
@@ -343,119 +365,100 @@ class OpenAIServer:
                 wire.CompletionChoice(
                     i,
                     texts[i],
-                    _completion_logprobs(tokens[i], 0) if plan.logprobs else None,
+                    completion_logprobs(tokens[i], 0) if plan.logprobs else None,
                     reasons[i],
                 )
                 for i in range(plan.n)
             ]
             doc = wire.Completion(ident, now, plan.model, choices_c, used)
-        return Response(200, msgspec.json.encode(doc), JSON)
+        extra = waited.headers()
+        await send(conn, stream, Response(200, msgspec.json.encode(doc), JSON, extra), head=False)
+        outcome.status = 200
 
     async def _stream(
         self,
-        conn: h11.Connection,
-        stream: trio.abc.HalfCloseableStream,
+        sse: EventStream,
         chat: bool,
         request: Any,
         plan: Plan,
         owner: str,
         usage: Usage,
+        outcome: _Outcome,
     ) -> None:
         include_usage = request.include_usage()
-        ident, now = _id(chat), created_now()
-        chunk = _Chunks(ident, now, plan.model, chat)
-        async with self.engine.run(plan, owner, usage) as pieces:
-            # the head only once admitted: a full queue is still a plain 429
-            extra = [(b"x-accel-buffering", b"no")]
-            await send_all(
-                stream, response_head(conn, Response(200, content_type=SSE, extra=extra), None)
-            )
-
-            out: list[bytes] = []  # events not yet written: one write for all that are ready
-
-            def event(doc: Any) -> None:
-                out.append(b"data: " + msgspec.json.encode(doc) + b"\n\n")
-
-            async def flush() -> None:
-                if out:
-                    data = b"".join(out)
-                    out.clear()
-                    await send_all(stream, conn.send(h11.Data(data=data)))
-
-            if chat:
-                for i in range(plan.n):
-                    event(chunk.role(i))
-            offsets = [0] * plan.n
-            finished = [False] * plan.n
-            failed = False
-            while not failed:
-                try:
-                    piece = pieces.receive_nowait()
-                except trio.WouldBlock:
-                    await flush()  # nothing more ready: write what is
+        chunk = Chunks(_id(chat), created_now(), plan.model, chat)
+        status = 200
+        try:
+            # the head goes out once admitted, or with the first queue notice: a full queue
+            # is still a plain 429, a wait past the queue's time after a notice an error event
+            async with self.engine.run(plan, owner, usage, sse.queued) as pieces:
+                if chat:
+                    for i in range(plan.n):
+                        sse.event(chunk.role(i))
+                offsets = [0] * plan.n
+                finished = [False] * plan.n
+                failed = False
+                while not failed:
                     try:
-                        piece = await pieces.receive()
+                        piece = pieces.receive_nowait()
+                    except trio.WouldBlock:
+                        await sse.flush()  # nothing more ready: write what is
+                        try:
+                            piece = await pieces.receive()
+                        except trio.EndOfChannel:
+                            break
                     except trio.EndOfChannel:
                         break
-                except trio.EndOfChannel:
-                    break
-                if piece.error is not None:
-                    event({"error": _error_doc(piece.error)})
-                    failed = True
-                    continue
-                if piece.text or piece.tokens:
-                    event(chunk.content(piece, offsets[piece.index], plan.logprobs))
-                    offsets[piece.index] += len(piece.text)
-                if piece.finish_reason is not None:
-                    finished[piece.index] = True
-                    event(chunk.finish(piece.index, piece.finish_reason))
-            if not failed and not all(finished):  # a choice was cancelled: read too slowly
-                slow = OpenAIError(
-                    503,
-                    "the stream was cancelled: the client did not read it fast enough",
-                    code="slow_reader",
-                )
-                self._reject("slow_reader")
-                event({"error": _error_doc(slow)})
-            elif not failed and include_usage:
-                total = usage.prompt_tokens + usage.completion_tokens
-                event(chunk.usage(wire.Usage(usage.prompt_tokens, usage.completion_tokens, total)))
-        out.append(b"data: [DONE]\n\n")
-        await flush()
-        await send_all(stream, conn.send(h11.EndOfMessage()))
-        return None
+                    if piece.error is not None:
+                        sse.error(piece.error)
+                        failed = True
+                        continue
+                    if piece.text or piece.tokens:
+                        sse.event(chunk.content(piece, offsets[piece.index], plan.logprobs))
+                        offsets[piece.index] += len(piece.text)
+                    if piece.finish_reason is not None:
+                        finished[piece.index] = True
+                        sse.event(chunk.finish(piece.index, piece.finish_reason))
+                if not failed and not all(finished):  # a choice was cancelled: read too slowly
+                    slow = OpenAIError(
+                        503,
+                        "the stream was cancelled: the client did not read it fast enough",
+                        code="slow_reader",
+                    )
+                    self._reject("slow_reader")
+                    sse.error(slow)
+                elif not failed and include_usage:
+                    total = usage.prompt_tokens + usage.completion_tokens
+                    used = wire.Usage(usage.prompt_tokens, usage.completion_tokens, total)
+                    sse.event(chunk.usage(used))
+        except OpenAIError as exc:
+            if not sse.started:
+                raise
+            sse.error(exc)  # the queue's 503 after a notice: the head is out
+            status = exc.status
+        await sse.flush(end=True)
+        outcome.status = status
 
 
-class _Chunks:
-    """The stream's chunk documents."""
+class _Outcome:
+    """The status a request's answer was written with; None until all of it was."""
 
-    def __init__(self, ident: str, created: int, model: str, chat: bool) -> None:
-        self.ident, self.created, self.model, self.chat = ident, created, model, chat
+    status: int | None = None
 
-    def role(self, index: int) -> Any:
-        choice = wire.ChunkChoice(index, wire.Delta(role="assistant", content=""), None, None)
-        return wire.ChatChunk(self.ident, self.created, self.model, [choice])
 
-    def content(self, piece: Piece, offset: int, logprobs: bool) -> Any:
-        if self.chat:
-            lp = _chat_logprobs(piece.tokens) if logprobs else None
-            choice = wire.ChunkChoice(piece.index, wire.Delta(content=piece.text), lp, None)
-            return wire.ChatChunk(self.ident, self.created, self.model, [choice])
-        clp = _completion_logprobs(piece.tokens, offset) if logprobs else None
-        one = wire.CompletionChoice(piece.index, piece.text, clp, None)
-        return wire.Completion(self.ident, self.created, self.model, [one], None)
+class _Waited:
+    """A non-streamed request's first place in the queue, told on its reply as
+    `x-queue-position` (such a client cannot be told more while it waits)."""
 
-    def finish(self, index: int, reason: str) -> Any:
-        if self.chat:
-            choice = wire.ChunkChoice(index, wire.Delta(), None, reason)
-            return wire.ChatChunk(self.ident, self.created, self.model, [choice])
-        one = wire.CompletionChoice(index, "", None, reason)
-        return wire.Completion(self.ident, self.created, self.model, [one], None)
+    def __init__(self) -> None:
+        self.position: int | None = None
 
-    def usage(self, used: wire.Usage) -> Any:
-        if self.chat:
-            return wire.ChatChunk(self.ident, self.created, self.model, [], usage=used)
-        return wire.Completion(self.ident, self.created, self.model, [], used)
+    async def __call__(self, position: int) -> None:
+        if self.position is None:
+            self.position = position
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [] if self.position is None else [(b"x-queue-position", b"%d" % self.position)]
 
 
 async def _watch(
@@ -479,6 +482,23 @@ async def _watch(
     gone.cancel()
 
 
+def _client_left(exc: BaseException) -> bool:
+    """Whether what ended a request is its client gone: each error in it, trio's Cancelled
+    aside, a read or write that found the connection closed (the watcher's cancel and a
+    failed write can end it together, as a group)."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [e for e in _leaves(exc) if not isinstance(e, trio.Cancelled)]
+        return bool(leaves) and all(isinstance(e, GONE) for e in leaves)
+    return isinstance(exc, GONE)
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
 def _access_error(exc: AccessError) -> OpenAIError:
     return OpenAIError(exc.status, exc.message, type=exc.type, code=exc.code)
 
@@ -491,10 +511,6 @@ def _access_headers(exc: AccessError) -> list[tuple[bytes, bytes]]:
     return []
 
 
-def _error_doc(error: OpenAIError) -> dict[str, Any]:
-    return {"message": error.message, "type": error.type, "param": error.param, "code": error.code}
-
-
 def _id(chat: bool) -> str:
     return ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
 
@@ -504,33 +520,6 @@ def _loopback(host: str) -> bool:
     from daemon.serving.settings import is_loopback
 
     return is_loopback(host)
-
-
-def _chat_logprobs(tokens: list[Any]) -> wire.ChatLogprobs:
-    return wire.ChatLogprobs(
-        [
-            wire.TokenLogprob(
-                t.token,
-                t.logprob,
-                list(t.data),
-                [wire.TopLogprob(s, lp, list(b)) for s, b, lp in t.top],
-            )
-            for t in tokens
-        ]
-    )
-
-
-def _completion_logprobs(tokens: list[Any], offset: int) -> wire.CompletionLogprobs:
-    offsets = []
-    for t in tokens:
-        offsets.append(offset)
-        offset += len(t.token)
-    return wire.CompletionLogprobs(
-        tokens=[t.token for t in tokens],
-        token_logprobs=[t.logprob for t in tokens],
-        top_logprobs=[{s: lp for s, _, lp in t.top} for t in tokens],
-        text_offset=offsets,
-    )
 
 
 async def serve_openai(

@@ -8,11 +8,16 @@ back all behind it (nobody jumps ahead of it). At most `max_queue` requests wait
 is refused at once with 429, and one that waits longer than `timeout_s` gets 503. The queue
 is woken whenever one of its requests releases its jobs, and polls every `POLL_S` for jobs
 ended by the daemon's other APIs.
+
+A waiting request's position is 1 + the number of requests queued ahead of it (first come,
+first served; one of them held back by its own cap may yet be passed). A caller that passes
+`on_wait` is told it when it starts to wait and at every wake-up (at least every `POLL_S`),
+so that it can tell its client (the endpoint sends it in the stream: daemon.api.openai_sse).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -21,6 +26,9 @@ from daemon.serving.openai_wire import OpenAIError
 from daemon.shards.jobs import ShardServiceError
 
 POLL_S = 0.25
+
+Waiting = Callable[[int], Awaitable[None]]
+"""Told a waiting request's position (1: next in line) while it waits."""
 
 
 class _Waiter:
@@ -52,8 +60,19 @@ class Admission:
     def waiting(self) -> int:
         return len(self._waiting)
 
-    async def acquire(self, owner: str, n: int, model: str) -> list[Any]:
-        """`n` new jobs for `owner`, after waiting in the queue if need be."""
+    def position(self, waiter: _Waiter) -> int:
+        """1 + the requests queued ahead of `waiter`; 0 once it is no longer waiting."""
+        try:
+            return self._waiting.index(waiter) + 1
+        except ValueError:
+            return 0
+
+    async def acquire(
+        self, owner: str, n: int, model: str, on_wait: Waiting | None = None
+    ) -> list[Any]:
+        """`n` new jobs for `owner`, after waiting in the queue if need be; `on_wait` is
+        awaited with the request's position when it starts to wait and at each wake-up (the
+        time it takes counts against the queue's timeout only once it returns)."""
         if n > self.max_per_owner:
             raise OpenAIError(
                 429,
@@ -77,13 +96,20 @@ class Admission:
             )
         self.on_queue(model, 1)
         handed = False
+        deadline = trio.current_time() + self.timeout_s
         try:
-            with trio.move_on_after(self.timeout_s):
-                while waiter.granted is None:
-                    with trio.move_on_after(POLL_S):
-                        await waiter.event.wait()
-                    waiter.event = trio.Event()
-                    self._grant()
+            while waiter.granted is None:
+                if on_wait is not None:
+                    await on_wait(self.position(waiter))
+                    if waiter.granted is not None:
+                        break
+                now = trio.current_time()
+                if now >= deadline:
+                    break
+                with trio.move_on_at(min(deadline, now + POLL_S)):
+                    await waiter.event.wait()
+                waiter.event = trio.Event()
+                self._grant()
             if waiter.granted is None:
                 raise OpenAIError(
                     503,

@@ -21,7 +21,7 @@ from typing import Any
 import trio
 
 from daemon import errors
-from daemon.serving.admission import Admission
+from daemon.serving.admission import Admission, Waiting
 from daemon.serving.openai_wire import ChatRequest, CompletionRequest, OpenAIError, bad_param
 
 log = logging.getLogger(__name__)
@@ -261,12 +261,13 @@ class Engine:
 
     @asynccontextmanager
     async def run(
-        self, plan: Plan, owner: str, usage: Usage
+        self, plan: Plan, owner: str, usage: Usage, on_wait: Waiting | None = None
     ) -> AsyncIterator[trio.MemoryReceiveChannel[Piece]]:
         """Run `plan`'s n generations as `owner`; yields the channel of their pieces (each
         choice ends with a piece that has a finish_reason or an error). Leaving the block
-        cancels what still runs. 429/503 (OpenAIError) when the queue is full or too slow."""
-        jobs = await self.admission.acquire(owner, plan.n, plan.model)
+        cancels what still runs. 429/503 (OpenAIError) when the queue is full or too slow;
+        `on_wait` is told the request's position while it waits (`Admission.acquire`)."""
+        jobs = await self.admission.acquire(owner, plan.n, plan.model, on_wait)
         send, receive = trio.open_memory_channel[Piece](PIECES_BUFFERED * plan.n)
         self.metrics.serving_tokens(plan.model, "in", len(plan.prompt_ids))
         try:
