@@ -1,9 +1,13 @@
 """Inference benchmark: decode speed in one process and split over 2, 3 and 4 daemons.
 
-Makes a random Llama-shaped checkpoint (`--preset`: `cpu` is hidden 2048, 8 layers, float32;
-`1b` and `8b` are Llama-3.2-1B and Llama-3.1-8B shapes in bfloat16), then
-- transformers (with `--hf`, the default on CUDA): `LlamaForCausalLM` on the same checkpoint,
-  a plain greedy decode loop with its KV cache, tokens/s: the baseline a user would pick;
+Makes a random checkpoint of `--family` (llama by default; qwen2, qwen3, mistral, qwen3_moe,
+... as `make_tiny(family=...)` writes them) shaped by `--preset` (`cpu` is hidden 2048, 8
+layers, float32; `1b` and `8b` are Llama-3.2-1B and Llama-3.1-8B shapes in bfloat16; a
+mixture of experts gets `--experts` experts of `--expert-intermediate`, `--experts-per-token`
+of them per token, in place of the MLP), then
+- transformers (with `--hf`, the default on CUDA): `AutoModelForCausalLM` on the same
+  checkpoint, a plain greedy decode loop with its KV cache, tokens/s: the baseline a user
+  would pick;
 - one process: gridmesh's greedy decode with the KV cache (the reference), tokens/s;
 - N daemons (servers) on loopback, each serving a contiguous range, driven by one extra client
   daemon: decode tokens/s and the overhead per token over one process, both chained (each
@@ -24,8 +28,9 @@ share the GPU.
 Targets: overhead per server <= 5 ms for hidden 2048 on loopback; recovery <= 5 s. On an H100:
 gridmesh in one process >= 4x transformers for 8B; 4 daemons >= 0.8 of one process for 8B.
 
-usage: python bench/inference.py [--preset cpu|1b|8b] [--device cpu|cuda] [--splits 2 3 4]
-       [--hidden 2048] [--layers 8] [--prompt-tokens N] [--tokens N] [--hf] [--no-recovery]
+usage: python bench/inference.py [--family NAME] [--preset cpu|1b|8b] [--device cpu|cuda]
+       [--splits 2 3 4] [--hidden 2048] [--layers 8] [--prompt-tokens N] [--tokens N] [--hf]
+       [--no-recovery] [--experts 16] [--experts-per-token 4] [--expert-intermediate N]
 smallest (a check that it runs, ~1 min on 2 cores): python bench/inference.py --hidden 64
        --layers 3 --splits 2 --transports local --prompt-tokens 4 --tokens 4
 """
@@ -38,6 +43,7 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parent.parent)  # don't let bench/ shadow packages
 
 import argparse  # noqa: E402
+import inspect  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -48,6 +54,7 @@ import torch  # noqa: E402
 from daemon.config import REPO_CONFIGS  # noqa: E402
 from daemon.devnet import DaemonProcess, Devnet, wait_for  # noqa: E402
 from daemon.shards.model import greedy_generate, load_model, make_tiny  # noqa: E402
+from daemon.shards.model.moe import LAYOUTS as MOE_FAMILIES  # noqa: E402
 
 # checkpoint shapes; `cpu` follows --hidden/--layers
 PRESETS: dict[str, dict] = {
@@ -138,12 +145,13 @@ def one_process(
 def transformers_baseline(
     model_dir: Path, prompt: list[int], tokens: int, device: str, dtype: str
 ) -> tuple[float, list[int]]:
-    """`LlamaForCausalLM`, greedy, with its KV cache: a plain decode loop."""
-    from transformers import LlamaForCausalLM
+    """transformers' model of the checkpoint's family, greedy, with its KV cache: a plain
+    decode loop."""
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
     model = model.to(device).eval()
     ids = torch.tensor([prompt], device=device)
 
@@ -289,12 +297,36 @@ def make_checkpoint(root: Path, args: argparse.Namespace) -> tuple[Path, dict]:
     if args.dtype:
         shape["dtype"] = args.dtype
     positions = max(512, args.prompt_tokens + args.tokens + 8)
-    model_dir = make_tiny(root / "model", **shape, max_positions=positions, seed=0)
-    return model_dir, shape
+    family: dict = {}
+    if args.family != "llama":  # today's Llama writer has no `family` argument
+        family["family"] = args.family
+    if args.family in MOE_FAMILIES:
+        family.update(
+            experts=args.experts,
+            experts_per_token=args.experts_per_token,
+            expert_intermediate=args.expert_intermediate or shape["hidden"] * 3 // 8,
+        )
+    missing = [key for key in family if key not in inspect.signature(make_tiny).parameters]
+    if missing:
+        raise SystemExit(f"make_tiny cannot write family {args.family!r}: no {missing} argument")
+    model_dir = make_tiny(root / "model", **shape, **family, max_positions=positions, seed=0)
+    return model_dir, {**shape, **family}
+
+
+def describe(shape: dict) -> str:
+    """The family and size of the checkpoint, for the report."""
+    text = f"{shape.get('family', 'llama')}, hidden {shape['hidden']}, {shape['layers']} layers"
+    if "experts" in shape:
+        text += (
+            f", {shape['experts']} experts of {shape['expert_intermediate']} "
+            f"({shape['experts_per_token']} per token)"
+        )
+    return text
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", default="llama", help="a family make_tiny writes")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
@@ -309,6 +341,11 @@ def main() -> int:
     )
     parser.add_argument("--hf", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--recovery", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--experts", type=int, default=16, help="mixture of experts only")
+    parser.add_argument("--experts-per-token", type=int, default=4, help="mixture of experts")
+    parser.add_argument(
+        "--expert-intermediate", type=int, default=None, help="experts' size: 3/8 of hidden"
+    )
     args = parser.parse_args()
     on_gpu = args.device.startswith("cuda")
     if on_gpu and not torch.cuda.is_available():
@@ -326,11 +363,15 @@ def main() -> int:
             configs[transport] = root / f"{transport}.toml"
             text = config_text(args.threads, args.device, transport == "local")
             configs[transport].write_text(text)
-        print(f"writing a random {args.preset} checkpoint ...", file=sys.stderr, flush=True)
+        print(
+            f"writing a random {args.family} {args.preset} checkpoint ...",
+            file=sys.stderr,
+            flush=True,
+        )
         model_dir, shape = make_checkpoint(root, args)
         dtype, layers = shape["dtype"], shape["layers"]
         print(
-            f"model: hidden {shape['hidden']}, {layers} layers, {dtype}, on {args.device}; "
+            f"model: {describe(shape)}, {dtype}, on {args.device}; "
             f"prompt {args.prompt_tokens} tokens, {args.tokens} new",
             file=sys.stderr,
         )
@@ -382,6 +423,7 @@ def main() -> int:
                 prompt,
                 long_reference,
             )
+    print(f"{describe(shape)}, {dtype}, on {args.device}")
     header = (
         f"{'setup':>28} | {'servers':>7} | {'messages':>8} | {'ms/token':>8} | "
         f"{'tokens/s':>8} | {'overhead':>9} | {'vs 1 process':>12} | {'same tokens':>11}"
