@@ -368,3 +368,23 @@ def test_missing_extra_and_misshapen_expert_weights_are_refused():
         SparseMoE(spec, HIDDEN, {k: v for k, v in fused.items() if k != "experts.down_proj"})
     with pytest.raises(ModelError, match=r"'experts.gate_up_proj' has shape \[7, 32, 32\]"):
         SparseMoE(spec, HIDDEN, {**fused, "experts.gate_up_proj": torch.zeros(7, 32, HIDDEN)})
+
+
+def test_any_leading_shape_and_dtype_conversion():
+    """`[tokens, hidden]` and `[batch, seq, hidden]` route the same tokens alike (packed
+    steps are `[1, sum, hidden]`); `.to(bfloat16)` converts every expert's weights."""
+    spec, fused = _weights()
+    moe = SparseMoE(spec, HIDDEN, fused)
+    x = torch.randn(2, 5, HIDDEN, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        whole = moe(x)
+        flat = moe(x.reshape(10, HIDDEN))
+        rows = torch.cat([moe(x[b : b + 1, s : s + 1]) for b in range(2) for s in range(5)])
+    assert flat.shape == (10, HIDDEN)
+    torch.testing.assert_close(flat, whole.reshape(10, HIDDEN), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rows.reshape(2, 5, HIDDEN), whole, rtol=1e-5, atol=1e-6)
+    moe = moe.to(torch.bfloat16)
+    assert {p.dtype for p in moe.parameters()} == {torch.bfloat16}
+    assert sum(p.numel() for p in moe.parameters()) == spec.layer_params(HIDDEN, 0)
+    with torch.no_grad():
+        assert moe(x.to(torch.bfloat16)).dtype == torch.bfloat16
