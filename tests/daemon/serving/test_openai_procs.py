@@ -140,9 +140,16 @@ def test_the_openai_client_against_three_daemons(tmp_path):
         assert all(h < i for h, i in zip(held, idle, strict=True)), (held, idle)
         stream.close()
         wait_for(lambda: free() == idle, 5, "every server's session to end")
-        # (that the daemon counts it as client_gone is checked on the in-memory network:
-        # test_openai_endpoint; over real sockets the count was missing in 2 of ~10 full-suite
-        # runs though the sessions had ended: an uncounted way out of the stream, still open)
+
+        def counted() -> bool:
+            gone = node1.metric("gridmesh_rejected_messages_total", reason="client_gone")
+            return gone >= 1 and node1.metric("gridmesh_serving_requests_total", status="499") >= 1
+
+        # counted once however the daemon saw it (test_openai_gone: every way out)
+        wait_for(counted, 5, "the client gone to be counted")
+        assert node1.metric("gridmesh_rejected_messages_total", reason="client_gone") == 1
+        assert node1.metric("gridmesh_serving_requests_total", status="499") == 1
+        assert node1.metric("gridmesh_rejected_messages_total", reason="internal_error") == 0
 
         with pytest.raises(openai.NotFoundError) as missing:
             client.chat.completions.create(model="nope", messages=messages)
