@@ -1,4 +1,5 @@
-"""A Llama-family decoder in plain torch that can be cut into contiguous ranges of layers.
+"""Llama-family decoders (Llama, Qwen2/2.5, Qwen3, Mistral) in plain torch that can be cut
+into contiguous ranges of layers.
 
 Each daemon loads one shard, layers `[start, end)`, straight from a Hugging Face style
 safetensors checkpoint, reading only that shard's tensors. The maths follows transformers'
@@ -11,8 +12,10 @@ ones: `model.embed_tokens.weight`, `model.layers.{i}.self_attn.q_proj.weight`, .
 `model.norm.weight`, `lm_head.weight`.
 
 Modules, each importing only those above it:
-- `config`: `config.json` parsing (`LlamaConfig`), dtypes, tensor names and sizes, `ModelError`
-- `kvcache`: the preallocated KV cache of one shard
+- `families`: what each family (llama, qwen2, qwen3, mistral) changes in the Llama decoder
+- `config`: `config.json` parsing (`ModelConfig`, alias `LlamaConfig`), dtypes, tensor names
+  and sizes, `ModelError`
+- `kvcache`: the preallocated KV cache of one shard (a ring for sliding-window layers)
 - `layers`: RMSNorm, rotary frequencies, attention, MLP, decoder layer
 - `shard`: `LlamaShard`, layers `[start, end)` and the eager forward pass
 - `checkpoint`: loading shards from safetensors files
@@ -29,18 +32,22 @@ from daemon.shards.model.config import (
     CONFIG_FILE,
     DTYPE_BYTES,
     DTYPES,
+    FULL,
     GENERATION_FILE,
     INDEX_FILE,
     ROPE_TYPES,
     SINGLE_FILE,
+    SLIDING,
     TOKENIZER_FILE,
     LlamaConfig,
+    ModelConfig,
     ModelError,
     dtype_name,
     shard_tensor_names,
     to_dtype,
 )
 from daemon.shards.model.decode import StaticDecoder
+from daemon.shards.model.families import FAMILIES, Family
 from daemon.shards.model.generate import greedy_generate, stop_ids
 from daemon.shards.model.kvcache import KVCache, KVCacheFull
 from daemon.shards.model.layers import rope_inv_freq
@@ -63,6 +70,11 @@ __all__ = [
     "BYTE_EOS_ID",
     "CONFIG_FILE",
     "DTYPES",
+    "FAMILIES",
+    "FULL",
+    "SLIDING",
+    "Family",
+    "ModelConfig",
     "DTYPE_BYTES",
     "GENERATION_FILE",
     "INDEX_FILE",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from daemon.shards.model.config import (
     INDEX_FILE,
     SINGLE_FILE,
     LlamaConfig,
+    ModelConfig,
     ModelError,
     check_shape,
     shard_tensor_names,
@@ -77,6 +79,51 @@ class Checkpoint:
         return handle.get_tensor(name)
 
 
+# Buffers some checkpoints carry that are not weights (transformers < 4.31 saved these).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _owner(config: ModelConfig, name: str) -> int | str | None:
+    """The layer index a tensor name belongs to, "embed" / "head", or None (elsewhere)."""
+    if name.startswith("model.layers."):
+        index = name[len("model.layers.") :].split(".", 1)[0]
+        return int(index) if index.isdigit() else None
+    if name.startswith("model.embed_tokens."):
+        return "embed"
+    if name.startswith(("model.norm.", "lm_head.")):
+        return "head"
+    return None
+
+
+def check_no_extra(
+    config: ModelConfig,
+    start: int,
+    end: int,
+    present: Iterable[str],
+    needed: Iterable[str],
+) -> None:
+    """Refuse a checkpoint holding tensors in the layers `[start, end)` (or the embedding
+    and head, where this shard has them) that the config does not describe: a bias, a norm
+    or an expert this family does not compute would otherwise be dropped without a word."""
+    wanted = set(needed)
+    if config.tie_word_embeddings:
+        wanted.add("lm_head.weight")  # tied: transformers ignores a stored copy too
+    for name in present:
+        if name in wanted or name.endswith(_IGNORED_SUFFIXES):
+            continue
+        owner = _owner(config, name)
+        mine = (
+            (isinstance(owner, int) and start <= owner < end)
+            or (owner == "embed" and start == 0)
+            or (owner == "head" and end == config.num_hidden_layers)
+        )
+        if mine:
+            raise ModelError(
+                f"unexpected tensor {name!r} in the checkpoint: a {config.family} model with "
+                "this config.json has no such weight"
+            )
+
+
 def load_shard(
     model_dir: str | os.PathLike[str],
     start: int,
@@ -93,9 +140,11 @@ def load_shard(
     torch_dtype = to_dtype(dtype)
     shapes = config.tensor_shapes()
     tensors: dict[str, Tensor] = {}
+    names = shard_tensor_names(config, start, end)
     with ExitStack() as stack:
         checkpoint = Checkpoint(model_dir, stack)
-        for name in shard_tensor_names(config, start, end):
+        check_no_extra(config, start, end, checkpoint.files, names)
+        for name in names:
             tensor = checkpoint.get(name, shapes[name])
             if not tensor.is_floating_point():
                 raise ModelError(f"tensor {name!r} has dtype {tensor.dtype}, expected floats")

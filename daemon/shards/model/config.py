@@ -1,4 +1,5 @@
-"""A Llama `config.json`: parsing and validation, dtypes, tensor names and sizes.
+"""A model's `config.json` (any family of `families`): parsing and validation, dtypes,
+tensor names and sizes.
 
 `ModelError` is the error of the whole model package: a checkpoint, config or request that
 it cannot serve, with the reason.
@@ -10,11 +11,20 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from daemon.shards.model.families import (
+    ALWAYS,
+    ARCHITECTURES,
+    FAMILIES,
+    FROM_CONFIG,
+    MODEL_TYPES,
+    Family,
+)
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -29,6 +39,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 ROPE_TYPES = ("default", "linear", "llama3")
+FULL, SLIDING = "full_attention", "sliding_attention"
 
 
 class ModelError(ValueError):
@@ -111,9 +122,70 @@ def _required(params: Mapping[str, Any], key: str, where: str) -> Mapping[str, A
     return params
 
 
+def _bool(raw: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = raw.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ModelError(f"config.json: {key} must be a boolean, got {value!r}")
+    return value
+
+
+def _switch(rule: str, attention_bias: bool) -> bool:
+    """A family's bias rule (families.NEVER / ALWAYS / FROM_CONFIG) applied."""
+    return rule == ALWAYS or (rule == FROM_CONFIG and attention_bias)
+
+
+def _family_of(raw: Mapping[str, Any]) -> Family:
+    model_type = raw.get("model_type")
+    if model_type is None:
+        architectures = raw.get("architectures") or []
+        if isinstance(architectures, list):
+            for name in architectures:
+                if isinstance(name, str) and name in ARCHITECTURES:
+                    return ARCHITECTURES[name]
+        raise ModelError(
+            f"config.json: missing field 'model_type' (expected one of {', '.join(MODEL_TYPES)})"
+        )
+    if not isinstance(model_type, str) or model_type not in MODEL_TYPES:
+        raise ModelError(
+            f"config.json: unsupported model_type {str(model_type)[:60]!r}; "
+            f"supported: {', '.join(MODEL_TYPES)}"
+        )
+    return MODEL_TYPES[model_type]
+
+
+def _window(
+    raw: Mapping[str, Any], family: Family, layers: int
+) -> tuple[int | None, tuple[str, ...]]:
+    """(sliding_window, layer_types) as transformers' config of `family` computes them."""
+    if family.window == "none":
+        return None, ()
+    on = True if family.window_flag is None else _bool(raw, family.window_flag, False)
+    window = raw.get("sliding_window", family.default_window) if on else None
+    if window is not None and (
+        isinstance(window, bool) or not isinstance(window, int) or window < 1
+    ):
+        raise ModelError(
+            f"config.json: sliding_window must be an integer >= 1 or null, got {window!r}"
+        )
+    if family.window == "every_layer":
+        return window, ()
+    given = raw.get("layer_types")
+    if given is not None:
+        if not isinstance(given, list) or not all(isinstance(kind, str) for kind in given):
+            raise ModelError("config.json: layer_types must be a list of strings")
+        return window, tuple(given)
+    first = _int(raw, "max_window_layers", family.default_max_window_layers, minimum=0)
+    return window, tuple(
+        SLIDING if window is not None and i >= first else FULL for i in range(layers)
+    )
+
+
 @dataclass(frozen=True)
-class LlamaConfig:
-    """The fields of a Hugging Face Llama `config.json` that the computation depends on."""
+class ModelConfig:
+    """The fields of a Hugging Face `config.json` that the computation depends on, for any
+    family of `families.FAMILIES` (a Llama config by default)."""
 
     vocab_size: int
     hidden_size: int
@@ -127,8 +199,18 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     rope_scaling: dict | None = field(default=None, hash=False)
     head_dim: int = 0  # 0: hidden_size // num_attention_heads
+    family: str = "llama"
+    qkv_bias: bool = False  # biases on q_proj, k_proj, v_proj
+    o_bias: bool = False  # a bias on o_proj
+    qk_norm: bool = False  # RMSNorm per head on queries and keys, before rotary
+    sliding_window: int | None = None  # positions a query sees (itself included)
+    # per layer, "full_attention" or "sliding_attention"; () = every layer sliding if
+    # `sliding_window` is set, else every layer full
+    layer_types: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ModelError(f"unknown family {self.family!r}; known: {', '.join(FAMILIES)}")
         if self.head_dim == 0:
             if self.hidden_size % self.num_attention_heads:
                 raise ModelError(
@@ -143,47 +225,92 @@ class LlamaConfig:
                 f"config.json: num_attention_heads {self.num_attention_heads} is not a multiple "
                 f"of num_key_value_heads {self.num_key_value_heads}"
             )
+        window = self.sliding_window
+        if window is not None and (
+            isinstance(window, bool) or not isinstance(window, int) or window < 1
+        ):
+            raise ModelError(f"config.json: sliding_window must be an integer >= 1, got {window!r}")
+        types = (
+            tuple(self.layer_types)
+            or ((SLIDING if window is not None else FULL),) * self.num_hidden_layers
+        )
+        if len(types) != self.num_hidden_layers:
+            raise ModelError(
+                f"config.json: layer_types has {len(types)} entries for "
+                f"{self.num_hidden_layers} layers"
+            )
+        for kind in types:
+            if kind not in (FULL, SLIDING):
+                raise ModelError(
+                    f"config.json: layer_types: unsupported {kind!r}; use {FULL!r} or {SLIDING!r}"
+                )
+            if kind == SLIDING and window is None:
+                raise ModelError(
+                    "config.json: layer_types has sliding layers but no sliding_window"
+                )
+        object.__setattr__(self, "layer_types", types)
+
+    @property
+    def spec(self) -> Family:
+        return FAMILIES[self.family]
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer` (a global index), None for full attention."""
+        return self.sliding_window if self.layer_types[layer] == SLIDING else None
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> LlamaConfig:
-        """Validate a parsed `config.json`; every problem is a `ModelError` naming the field."""
+    def from_dict(cls, raw: Mapping[str, Any]) -> ModelConfig:
+        """Validate a parsed `config.json`; every problem is a `ModelError` naming the field.
+
+        The family comes from `model_type` (or, without one, `architectures`); a field that
+        the family does not read, or a value of one that it cannot compute, is refused."""
         if not isinstance(raw, Mapping):
             raise ModelError("config.json: expected a JSON object")
-        model_type = raw.get("model_type")
-        architectures = raw.get("architectures") or []
-        if model_type is None and "LlamaForCausalLM" not in architectures:
-            raise ModelError("config.json: missing field 'model_type' (expected 'llama')")
-        if model_type is not None and model_type != "llama":
-            raise ModelError(f"config.json: unsupported model_type {model_type!r}, need 'llama'")
+        family = _family_of(raw)
+        unknown = sorted(str(key) for key in raw if key not in family.known_fields)
+        if unknown:
+            raise ModelError(
+                f"config.json: unknown field {unknown[0]!r} for model_type {family.name!r}"
+                + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+            )
         if raw.get("hidden_act", "silu") != "silu":
             raise ModelError(f"config.json: unsupported hidden_act {raw['hidden_act']!r}")
-        for key in ("attention_bias", "mlp_bias"):
-            if raw.get(key):
-                raise ModelError(f"config.json: {key}=true is not supported")
+        if raw.get("mlp_bias"):
+            raise ModelError("config.json: mlp_bias=true is not supported")
+        if raw.get("use_mrope"):
+            raise ModelError("config.json: use_mrope=true (multimodal rotary) is not supported")
+        attention_bias = _bool(raw, "attention_bias", False)
         heads = _int(raw, "num_attention_heads")
+        layers = _int(raw, "num_hidden_layers")
         max_positions = _int(raw, "max_position_embeddings", 2048)
         theta, scaling = _rope_scaling(raw, max_positions)
-        tie = raw.get("tie_word_embeddings", False)
-        if not isinstance(tie, bool):
-            raise ModelError(f"config.json: tie_word_embeddings must be a boolean, got {tie!r}")
         head_dim = raw.get("head_dim")
+        window, layer_types = _window(raw, family, layers)
         return cls(
             vocab_size=_int(raw, "vocab_size"),
             hidden_size=_int(raw, "hidden_size"),
             intermediate_size=_int(raw, "intermediate_size"),
-            num_hidden_layers=_int(raw, "num_hidden_layers"),
+            num_hidden_layers=layers,
             num_attention_heads=heads,
             num_key_value_heads=_int(raw, "num_key_value_heads", heads),
             rms_norm_eps=_float(raw, "rms_norm_eps", 1e-6),
             rope_theta=theta,
             max_position_embeddings=max_positions,
-            tie_word_embeddings=tie,
+            tie_word_embeddings=_bool(raw, "tie_word_embeddings", False),
             rope_scaling=scaling,
-            head_dim=0 if head_dim is None else _int(raw, "head_dim"),
+            head_dim=(
+                (family.default_head_dim or 0) if head_dim is None else _int(raw, "head_dim")
+            ),
+            family=family.name,
+            qkv_bias=_switch(family.qkv_bias, attention_bias),
+            o_bias=_switch(family.o_bias, attention_bias),
+            qk_norm=family.qk_norm,
+            sliding_window=window,
+            layer_types=layer_types,
         )
 
     @classmethod
-    def from_dir(cls, path: str | os.PathLike[str]) -> LlamaConfig:
+    def from_dir(cls, path: str | os.PathLike[str]) -> ModelConfig:
         """Read `config.json` from a checkpoint directory."""
         file = Path(path) / CONFIG_FILE
         try:
@@ -195,39 +322,83 @@ class LlamaConfig:
         return cls.from_dict(raw)
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict in the Hugging Face `config.json` layout (`from_dict` reads it)."""
-        out = asdict(self)
-        out["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
-        return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+        """A JSON-ready dict in the Hugging Face `config.json` layout of this family (what
+        `from_dict` and transformers read back to the same model)."""
+        spec = self.spec
+        out: dict[str, Any] = {
+            "architectures": [spec.architecture],
+            "model_type": spec.model_types[0],
             "hidden_act": "silu",
-            "attention_bias": False,
-            "mlp_bias": False,
-            **out,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
         }
+        if "attention_bias" in spec.fields:
+            out["attention_bias"] = self.qkv_bias
+        if "mlp_bias" in spec.fields:
+            out["mlp_bias"] = False
+        if spec.window == "every_layer":
+            out["sliding_window"] = self.sliding_window
+            if spec.window_flag:
+                out[spec.window_flag] = self.sliding_window is not None
+        elif spec.window == "per_layer":
+            out["use_sliding_window"] = self.sliding_window is not None
+            out["sliding_window"] = self.sliding_window
+            out["layer_types"] = list(self.layer_types)
+            out["max_window_layers"] = next(
+                (i for i, kind in enumerate(self.layer_types) if kind == SLIDING),
+                self.num_hidden_layers,
+            )
+        return out
 
     # Sizes, for the shard planner -------------------------------------------------------
 
-    def layer_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Shapes of one decoder layer's tensors, by name relative to `model.layers.{i}.`."""
+    def layer_shapes(self, layer: int = 0) -> dict[str, tuple[int, ...]]:
+        """Shapes of decoder layer `layer`'s tensors, by name relative to `model.layers.{i}.`."""
         h, d = self.hidden_size, self.head_dim
         q, kv, inter = (
             self.num_attention_heads * d,
             self.num_key_value_heads * d,
             self.intermediate_size,
         )
-        return {
+        shapes: dict[str, tuple[int, ...]] = {
             "input_layernorm.weight": (h,),
             "self_attn.q_proj.weight": (q, h),
             "self_attn.k_proj.weight": (kv, h),
             "self_attn.v_proj.weight": (kv, h),
             "self_attn.o_proj.weight": (h, q),
-            "post_attention_layernorm.weight": (h,),
-            "mlp.gate_proj.weight": (inter, h),
-            "mlp.up_proj.weight": (inter, h),
-            "mlp.down_proj.weight": (h, inter),
         }
+        if self.qkv_bias:
+            shapes.update(
+                {
+                    "self_attn.q_proj.bias": (q,),
+                    "self_attn.k_proj.bias": (kv,),
+                    "self_attn.v_proj.bias": (kv,),
+                }
+            )
+        if self.o_bias:
+            shapes["self_attn.o_proj.bias"] = (h,)
+        if self.qk_norm:
+            shapes["self_attn.q_norm.weight"] = (d,)
+            shapes["self_attn.k_norm.weight"] = (d,)
+        shapes["post_attention_layernorm.weight"] = (h,)
+        shapes.update(
+            {
+                "mlp.gate_proj.weight": (inter, h),
+                "mlp.up_proj.weight": (inter, h),
+                "mlp.down_proj.weight": (h, inter),
+            }
+        )
+        return shapes
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor of the whole checkpoint, by its Hugging Face name, in file order."""
@@ -235,22 +406,25 @@ class LlamaConfig:
             "model.embed_tokens.weight": (self.vocab_size, self.hidden_size)
         }
         for i in range(self.num_hidden_layers):
-            for name, shape in self.layer_shapes().items():
+            for name, shape in self.layer_shapes(i).items():
                 shapes[f"model.layers.{i}.{name}"] = shape
         shapes["model.norm.weight"] = (self.hidden_size,)
         if not self.tie_word_embeddings:
             shapes["lm_head.weight"] = (self.vocab_size, self.hidden_size)
         return shapes
 
-    def layer_params(self) -> int:
-        return sum(math.prod(shape) for shape in self.layer_shapes().values())
+    def layer_params(self, layer: int | None = None) -> int:
+        """Parameters of decoder layer `layer` (None: the largest layer)."""
+        if layer is None:
+            return max(self.layer_params(i) for i in range(self.num_hidden_layers))
+        return sum(math.prod(shape) for shape in self.layer_shapes(layer).values())
 
     def num_parameters(self) -> int:
         """Parameters of the whole model (a tied head counted once)."""
         return sum(math.prod(shape) for shape in self.tensor_shapes().values())
 
     def layer_bytes(self, dtype: str | torch.dtype = "float32") -> int:
-        """Parameter bytes of one decoder layer."""
+        """Parameter bytes of one decoder layer (the largest, where they differ)."""
         return self.layer_params() * DTYPE_BYTES[dtype_name(dtype)]
 
     def embed_bytes(self, dtype: str | torch.dtype = "float32") -> int:
@@ -270,7 +444,8 @@ class LlamaConfig:
     def shard_bytes(self, start: int, end: int, dtype: str | torch.dtype = "float32") -> int:
         """Parameter bytes that `load_shard(start, end)` holds (a tied head shared once)."""
         self.check_range(start, end)
-        total = (end - start) * self.layer_bytes(dtype)
+        element = DTYPE_BYTES[dtype_name(dtype)]
+        total = sum(self.layer_params(i) for i in range(start, end)) * element
         if start == 0:
             total += self.embed_bytes(dtype)
         if end == self.num_hidden_layers:
@@ -279,6 +454,36 @@ class LlamaConfig:
                 total -= self.embed_bytes(dtype)
         return total
 
+    def kv_bytes_per_token(
+        self, start: int = 0, end: int | None = None, dtype: str | torch.dtype = "float32"
+    ) -> int:
+        """Bytes of one position's keys and values in layers `[start, end)` (all by default),
+        while a cache is shorter than every sliding window."""
+        end = self.num_hidden_layers if end is None else end
+        self.check_range(start, end)
+        return (
+            (end - start)
+            * 2
+            * self.num_key_value_heads
+            * self.head_dim
+            * DTYPE_BYTES[dtype_name(dtype)]
+        )
+
+    def kv_cache_bytes(
+        self,
+        tokens: int,
+        start: int = 0,
+        end: int | None = None,
+        dtype: str | torch.dtype = "float32",
+    ) -> int:
+        """Bytes of a KV cache of `tokens` positions for layers `[start, end)`: a sliding
+        layer holds at most its window (`kvcache.KVCache`), a full layer every position."""
+        end = self.num_hidden_layers if end is None else end
+        per_layer = self.kv_bytes_per_token(start, end, dtype) // max(1, end - start)
+        return sum(
+            per_layer * min(tokens, self.layer_window(i) or tokens) for i in range(start, end)
+        )
+
     def check_range(self, start: int, end: int) -> None:
         if not (0 <= start < end <= self.num_hidden_layers):
             raise ModelError(
@@ -286,14 +491,14 @@ class LlamaConfig:
             )
 
 
-def shard_tensor_names(config: LlamaConfig, start: int, end: int) -> list[str]:
+def shard_tensor_names(config: ModelConfig, start: int, end: int) -> list[str]:
     """The checkpoint tensors that the shard `[start, end)` reads, in file order."""
     config.check_range(start, end)
     names = []
     if start == 0:
         names.append("model.embed_tokens.weight")
     for i in range(start, end):
-        names.extend(f"model.layers.{i}.{name}" for name in config.layer_shapes())
+        names.extend(f"model.layers.{i}.{name}" for name in config.layer_shapes(i))
     if end == config.num_hidden_layers:
         names.append("model.norm.weight")
         head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
@@ -305,3 +510,6 @@ def shard_tensor_names(config: LlamaConfig, start: int, end: int) -> list[str]:
 def check_shape(name: str, got: tuple[int, ...], want: tuple[int, ...]) -> None:
     if got != want:
         raise ModelError(f"tensor {name!r} has shape {list(got)}, config says {list(want)}")
+
+
+LlamaConfig = ModelConfig  # the name callers have used since the Llama-only days

@@ -9,7 +9,9 @@ A graph replays the same kernels on the same buffers, so nothing in the step may
 Python value that changes between steps: the position lives in a device tensor, the new key
 and value are written at that position with `index_copy_`, and attention covers the whole
 preallocated cache (`max_len` slots) with a mask of the slots up to the position (slots past
-it hold zeros or stale values; the mask gives them exactly zero weight). Prefill and other
+it hold zeros or stale values; the mask gives them exactly zero weight). A sliding-window
+layer's cache is a ring of `window` slots (`KVCache`): the key goes to slot `position %
+window`, and the mask is the same test over the ring's slots. Prefill and other
 multi-token steps stay on the eager path (`LlamaShard.forward`); both share one `KVCache`.
 
 On the CPU the same fixed-shape step runs eagerly (no graph); tests check it against the
@@ -27,7 +29,7 @@ from torch import Tensor
 
 from daemon.shards.model.config import ModelError
 from daemon.shards.model.kvcache import KVCache
-from daemon.shards.model.layers import Attention, rotate_half
+from daemon.shards.model.layers import Attention
 from daemon.shards.model.shard import LlamaShard
 
 log = logging.getLogger(__name__)
@@ -44,13 +46,10 @@ def _attention(
     position: Tensor,
     visible: Tensor,
 ) -> Tensor:
-    """One token's attention over the whole cache; `visible` masks the slots <= position."""
+    """One token's attention over the whole cache: the new key goes into slot `position`
+    (of the layer's ring, for a sliding-window layer), `visible` masks the slots in use."""
     heads, kv_heads, dim = attn.heads, attn.kv_heads, attn.head_dim
-    q = attn.q_proj(x).view(1, 1, heads, dim).transpose(1, 2)
-    k = attn.k_proj(x).view(1, 1, kv_heads, dim).transpose(1, 2)
-    v = attn.v_proj(x).view(1, 1, kv_heads, dim).transpose(1, 2)
-    q = q * cos + rotate_half(q) * sin
-    k = k * cos + rotate_half(k) * sin
+    q, k, v = attn.project(x, cos, sin)  # the same projection as the eager path
     keys.index_copy_(2, position, k)
     values.index_copy_(2, position, v)
     # grouped-query attention without repeating the cache: query heads grouped per kv head
@@ -100,11 +99,15 @@ class StaticDecoder:
         hidden = embed(self._input) if embed is not None else self._input
         for index, layer in enumerate(shard.layers.values()):
             keys, values = self.cache.keys[index], self.cache.values[index]
+            slot, seen = self._position, visible
+            if self.cache.is_ring(index):
+                # a ring of the last `n` positions: position p in slot p % n; once p >= n
+                # every slot holds one of the window's positions (p - n, p]
+                n = self.cache.slots[index]
+                slot, seen = self._position % n, self._slots[:n] <= self._position
             normed = layer.input_layernorm(hidden)
             attn = layer.self_attn
-            hidden = hidden + _attention(
-                attn, normed, cos, sin, keys, values, self._position, visible
-            )
+            hidden = hidden + _attention(attn, normed, cos, sin, keys, values, slot, seen)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         if shard.norm is None or shard.lm_head is None:
             return hidden
@@ -140,6 +143,9 @@ class StaticDecoder:
         with torch.inference_mode(), torch.cuda.device(self.shard.device) if on_gpu else _nothing():
             self._input.copy_(x)
             self._position.fill_(cache.length)
+            for index in range(cache.num_layers):
+                if cache.is_ring(index):  # the step overwrites the ring's oldest position
+                    cache.written(index, cache.length + 1)
             if self.use_graph and self._graph is None:
                 self._capture()
             if self._graph is not None:

@@ -1,4 +1,4 @@
-"""The layers of a Llama decoder, as transformers' `LlamaForCausalLM` computes them.
+"""The layers of a Llama-family decoder, as transformers computes them for each family.
 
 RMSNorm in float32, rotary embeddings computed in float32 and cast, grouped-query attention
 through `scaled_dot_product_attention`, SwiGLU. Weights are frozen parameters taken as given.
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from daemon.shards.model.config import LlamaConfig
+from daemon.shards.model.config import ModelConfig
 from daemon.shards.model.kvcache import KVCache
 from daemon.shards.model.linear import Linear
 
@@ -57,26 +57,52 @@ def _repeat_kv(x: Tensor, groups: int) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: LlamaConfig, weights: Mapping[str, Tensor]) -> None:
+    """Grouped-query attention of one layer, with the family's switches: biases on the
+    projections (Qwen2: q/k/v; Qwen3 / Llama `attention_bias`: all four), an RMSNorm per
+    head on queries and keys before rotary (Qwen3), and a sliding window (a query at `p`
+    sees positions `(p - window, p]`, as transformers' sliding-window mask)."""
+
+    def __init__(self, config: ModelConfig, weights: Mapping[str, Tensor], layer: int = 0) -> None:
         super().__init__()
-        self.q_proj = Linear(weights["q_proj.weight"])
-        self.k_proj = Linear(weights["k_proj.weight"])
-        self.v_proj = Linear(weights["v_proj.weight"])
-        self.o_proj = Linear(weights["o_proj.weight"])
+        self.q_proj = Linear(weights["q_proj.weight"], weights.get("q_proj.bias"))
+        self.k_proj = Linear(weights["k_proj.weight"], weights.get("k_proj.bias"))
+        self.v_proj = Linear(weights["v_proj.weight"], weights.get("v_proj.bias"))
+        self.o_proj = Linear(weights["o_proj.weight"], weights.get("o_proj.bias"))
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
+        if config.qk_norm:
+            self.q_norm = RMSNorm(weights["q_norm.weight"], config.rms_norm_eps)
+            self.k_norm = RMSNorm(weights["k_norm.weight"], config.rms_norm_eps)
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
+        self.window = config.layer_window(layer)
 
-    def _project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Queries, keys and values `[batch, heads, seq, head_dim]`, rotated."""
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, s, self.heads, self.head_dim)
+        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         return q, k, v
+
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+        groups = self.heads // self.kv_heads
+        extra: dict[str, Any] = {}
+        if groups > 1:
+            if mask is None:
+                extra["enable_gqa"] = True
+            else:  # masked GQA is not supported by every SDPA backend
+                k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale, **extra
+        )
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, past: int) -> Tensor:
         """Causal attention of `q` (the `s` new positions) over `k`, `v` (`past + s`)."""
@@ -86,30 +112,58 @@ class Attention(nn.Module):
         mask = None
         if s > 1 and past > 0:
             mask = torch.ones(s, past + s, dtype=torch.bool, device=q.device).tril(past)
-        groups = self.heads // self.kv_heads
-        extra: dict[str, Any] = {}
-        if groups > 1:
-            if mask is None:
-                extra["enable_gqa"] = True
-            else:  # masked GQA is not supported by every SDPA backend
-                k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=s > 1 and past == 0, scale=self.scale, **extra
-        )
+        return self._sdpa(q, k, v, mask, s > 1 and past == 0)
+
+    def _attend_window(
+        self, q: Tensor, k: Tensor, v: Tensor, cache: KVCache | None, layer: int
+    ) -> Tensor:
+        """Sliding-window attention of the new positions (after the cache's `length`): over
+        the window before them, read from the cache's ring, and their own keys, which are
+        staged for the ring (`KVCache.commit` writes them once the step is through)."""
+        window = self.window
+        assert window is not None
+        past = 0 if cache is None else cache.length
+        first = max(0, past - window + 1)
+        if cache is not None:
+            if past > first:
+                old_k, old_v = cache.window_before(layer, past)
+                k_all, v_all = torch.cat((old_k, k), dim=2), torch.cat((old_v, v), dim=2)
+            else:
+                k_all, v_all = k, v
+            cache.stage(layer, k, v)
+        else:
+            k_all, v_all = k, v
+        s = q.shape[2]
+        if past + s <= window:  # the window does not cut anything yet: plain causal
+            return self._attend(q, k_all, v_all, past - first)
+        if s == 1:  # one query: the window before it plus itself, all visible
+            return self._sdpa(q, k_all, v_all, None, False)
+        query = torch.arange(past, past + s, device=q.device)[:, None]
+        key = torch.arange(first, past + s, device=q.device)[None]
+        mask = (key <= query) & (key > query - window)
+        return self._sdpa(q, k_all, v_all, mask, False)
+
+    def _cached(self, q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int) -> Tensor:
+        """Attention of new positions continuing `cache` (written into it)."""
+        if self.window is not None:
+            return self._attend_window(q, k, v, cache, layer)
+        past, s = cache.length, q.shape[2]
+        keys, values = cache.keys[layer], cache.values[layer]
+        keys[:, :, past : past + s] = k
+        values[:, :, past : past + s] = v
+        return self._attend(q, keys[:, :, : past + s], values[:, :, : past + s], past)
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, layer: int
     ) -> Tensor:
         b, s, _ = x.shape
-        q, k, v = self._project(x, cos, sin)
-        past = 0
+        q, k, v = self.project(x, cos, sin)
         if cache is not None:
-            past = cache.length
-            cache.keys[layer][:, :, past : past + s] = k
-            cache.values[layer][:, :, past : past + s] = v
-            k = cache.keys[layer][:, :, : past + s]
-            v = cache.values[layer][:, :, : past + s]
-        out = self._attend(q, k, v, past)
+            out = self._cached(q, k, v, cache, layer)
+        elif self.window is not None:
+            out = self._attend_window(q, k, v, None, layer)
+        else:
+            out = self._attend(q, k, v, 0)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
 
     def forward_packed(
@@ -128,16 +182,13 @@ class Attention(nn.Module):
         The projections run once for all positions; each session then writes its keys and
         values into its own cache and attends over that cache alone, with exactly the call
         a lone step of its positions makes (`forward`): no copy of any cache, no padding."""
-        q, k, v = self._project(x, cos, sin)
+        q, k, v = self.project(x, cos, sin)
         out = []
         start = 0
         for cache, size in zip(caches, sizes, strict=True):
-            past, end = cache.length, start + size
-            keys, values = cache.keys[layer], cache.values[layer]
-            keys[:, :, past : past + size] = k[:, :, start:end]
-            values[:, :, past : past + size] = v[:, :, start:end]
-            seen_k, seen_v = keys[:, :, : past + size], values[:, :, : past + size]
-            out.append(self._attend(q[:, :, start:end], seen_k, seen_v, past))
+            end = start + size
+            part = (q[:, :, start:end], k[:, :, start:end], v[:, :, start:end])
+            out.append(self._cached(*part, cache, layer))
             start = end
         attended = torch.cat(out, dim=2) if len(out) > 1 else out[0]
         total = x.shape[1]
@@ -156,12 +207,14 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: LlamaConfig, weights: Mapping[str, Tensor]) -> None:
+    def __init__(self, config: ModelConfig, weights: Mapping[str, Tensor], layer: int = 0) -> None:
         super().__init__()
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(weights["input_layernorm.weight"], eps)
         self.self_attn = Attention(
-            config, {k[len("self_attn.") :]: v for k, v in weights.items() if "self_attn." in k}
+            config,
+            {k[len("self_attn.") :]: v for k, v in weights.items() if "self_attn." in k},
+            layer,
         )
         self.post_attention_layernorm = RMSNorm(weights["post_attention_layernorm.weight"], eps)
         self.mlp = MLP({k[len("mlp.") :]: v for k, v in weights.items() if k.startswith("mlp.")})
@@ -189,7 +242,7 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def rope_inv_freq(config: LlamaConfig) -> Tensor:
+def rope_inv_freq(config: ModelConfig) -> Tensor:
     """Inverse rotary frequencies (float32, CPU), as transformers computes them."""
     dim = config.head_dim
     base = config.rope_theta

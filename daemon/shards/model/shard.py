@@ -1,4 +1,4 @@
-"""A shard: decoder layers `[start, end)` of a Llama model, and its eager forward pass."""
+"""A shard: decoder layers `[start, end)` of a model of any family, and its eager forward pass."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from daemon.shards.model.config import LlamaConfig, ModelError, check_shape, shard_tensor_names
+from daemon.shards.model.config import ModelConfig, ModelError, check_shape, shard_tensor_names
 from daemon.shards.model.kvcache import KVCache
 from daemon.shards.model.layers import DecoderLayer, Embedding, RMSNorm, rope_inv_freq
 from daemon.shards.model.linear import Linear
@@ -22,7 +22,7 @@ class LlamaShard(nn.Module):
     """
 
     def __init__(
-        self, config: LlamaConfig, start: int, end: int, tensors: Mapping[str, Tensor]
+        self, config: ModelConfig, start: int, end: int, tensors: Mapping[str, Tensor]
     ) -> None:
         super().__init__()
         config.check_range(start, end)
@@ -45,7 +45,8 @@ class LlamaShard(nn.Module):
             {
                 str(i): DecoderLayer(
                     config,
-                    {name: tensors[f"model.layers.{i}.{name}"] for name in config.layer_shapes()},
+                    {name: tensors[f"model.layers.{i}.{name}"] for name in config.layer_shapes(i)},
+                    i,
                 )
                 for i in range(start, end)
             }
@@ -102,6 +103,7 @@ class LlamaShard(nn.Module):
             cfg.head_dim,
             dtype=self.dtype,
             device=self.device,
+            windows=[cfg.layer_window(i) for i in range(self.start, self.end)],
         )
 
     def rotary(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -162,9 +164,15 @@ class LlamaShard(nn.Module):
                 [torch.arange(c.length, c.length + n) for c, n in zip(caches, sizes, strict=True)]
             )
             cos, sin = self.rotary(pos[None].to(self.device), self.dtype)
-            for index, layer in enumerate(self.layers.values()):
-                hidden = layer.forward_packed(hidden, cos, sin, caches, sizes, index)
+            try:
+                for index, layer in enumerate(self.layers.values()):
+                    hidden = layer.forward_packed(hidden, cos, sin, caches, sizes, index)
+            except BaseException:
+                for cache in caches:
+                    cache.discard()
+                raise
             for cache, size in zip(caches, sizes, strict=True):
+                cache.commit(cache.length)
                 cache.length += size
             if self.norm is not None and self.lm_head is not None:
                 hidden = self.lm_head(self.norm(hidden)).float()
@@ -224,9 +232,15 @@ class LlamaShard(nn.Module):
         if pos.dim() != 2 or pos.shape[-1] != seq or pos.shape[0] not in (1, batch):
             raise ModelError(f"positions {tuple(pos.shape)} do not match input [{batch}, {seq}]")
         cos, sin = self.rotary(pos, dtype)
-        for index, layer in enumerate(self.layers.values()):
-            hidden = layer(hidden, cos, sin, cache, index)
+        try:
+            for index, layer in enumerate(self.layers.values()):
+                hidden = layer(hidden, cos, sin, cache, index)
+        except BaseException:
+            if cache is not None:
+                cache.discard()
+            raise
         if cache is not None:
+            cache.commit(past)
             cache.length = past + seq
         if self.norm is None or self.lm_head is None:
             return hidden

@@ -1,4 +1,4 @@
-"""Tiny deterministic random Llama checkpoints, for tests and demos."""
+"""Tiny deterministic random checkpoints of every family, for tests and demos."""
 
 from __future__ import annotations
 
@@ -12,14 +12,17 @@ from torch import Tensor
 
 from daemon.shards.model.config import (
     CONFIG_FILE,
+    FULL,
     GENERATION_FILE,
     INDEX_FILE,
     SINGLE_FILE,
+    SLIDING,
     TOKENIZER_FILE,
-    LlamaConfig,
+    ModelConfig,
     ModelError,
     to_dtype,
 )
+from daemon.shards.model.families import ALWAYS, FAMILIES, FROM_CONFIG
 from daemon.shards.model.tokenizer import (
     BYTE_BOS,
     BYTE_BOS_ID,
@@ -45,9 +48,75 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def tiny_config(
+    family: str = "llama",
+    *,
+    layers: int = 4,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    vocab: int = 258,
+    max_positions: int = 512,
+    tie: bool = False,
+    rope_theta: float = 10000.0,
+    rope_scaling: dict | None = None,
+    head_dim: int | None = None,
+    attention_bias: bool = False,
+    sliding_window: int | None = None,
+    max_window_layers: int = 0,
+) -> ModelConfig:
+    """The config of a tiny checkpoint of `family` (`families.FAMILIES`).
+
+    `sliding_window`: the attention window (Mistral: every layer; Qwen2/Qwen3: the layers
+    from `max_window_layers` on, as `use_sliding_window` does). `attention_bias`: biases
+    on all four projections, for the families whose config reads it (Llama, Qwen3).
+    """
+    spec = FAMILIES.get(family)
+    if spec is None:
+        raise ModelError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    if sliding_window is not None and spec.window == "none":
+        raise ModelError(f"family {family!r} has no sliding window")
+    if attention_bias and FROM_CONFIG not in (spec.qkv_bias, spec.o_bias):
+        raise ModelError(f"family {family!r} does not read attention_bias")
+    types: tuple[str, ...] = ()
+    if spec.window == "per_layer":
+        if not 0 <= max_window_layers <= layers:
+            raise ModelError(f"max_window_layers must be in [0, {layers}]")
+        sliding = sliding_window is not None
+        types = tuple(
+            SLIDING if sliding and i >= max_window_layers else FULL for i in range(layers)
+        )
+    return ModelConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        rms_norm_eps=1e-5,
+        rope_theta=rope_theta,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=tie,
+        rope_scaling=rope_scaling,
+        head_dim=head_dim or 0,
+        family=family,
+        qkv_bias=spec.qkv_bias == ALWAYS or (spec.qkv_bias == FROM_CONFIG and attention_bias),
+        o_bias=spec.o_bias == ALWAYS or (spec.o_bias == FROM_CONFIG and attention_bias),
+        qk_norm=spec.qk_norm,
+        sliding_window=sliding_window,
+        layer_types=types,
+    )
+
+
 def make_tiny(
     out_dir: str | os.PathLike[str],
     *,
+    family: str = "llama",
+    head_dim: int | None = None,
+    attention_bias: bool = False,
+    sliding_window: int | None = None,
+    max_window_layers: int = 0,
     layers: int = 4,
     hidden: int = 64,
     heads: int = 4,
@@ -63,7 +132,8 @@ def make_tiny(
     rope_scaling: dict | None = None,
     chat_template: str | None = TINY_CHAT_TEMPLATE,
 ) -> Path:
-    """Write a small deterministic random Llama checkpoint in the Hugging Face layout.
+    """Write a small deterministic random checkpoint of `family` in the Hugging Face layout
+    (`tiny_config` says what the family arguments do).
 
     Same arguments, same bytes. Weights are drawn at a trained model's scale (std 0.02,
     norm weights near 1) so logits and attention are not degenerate. `shards > 1` writes
@@ -76,21 +146,25 @@ def make_tiny(
 
     if vocab < 258:
         raise ModelError("vocab must be >= 258 (256 bytes + BOS + EOS)")
-    raw = {
-        "vocab_size": vocab,
-        "hidden_size": hidden,
-        "intermediate_size": intermediate,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": rope_theta,
-        "rope_scaling": rope_scaling,
-        "max_position_embeddings": max_positions,
-        "tie_word_embeddings": tie,
-        "model_type": "llama",
-    }
-    config = LlamaConfig.from_dict(raw)
+    config = tiny_config(
+        family,
+        layers=layers,
+        hidden=hidden,
+        heads=heads,
+        kv_heads=kv_heads,
+        intermediate=intermediate,
+        vocab=vocab,
+        max_positions=max_positions,
+        tie=tie,
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        head_dim=head_dim,
+        attention_bias=attention_bias,
+        sliding_window=sliding_window,
+        max_window_layers=max_window_layers,
+    )
+    if ModelConfig.from_dict(config.to_json()) != config:  # what is written reads back
+        raise ModelError(f"internal: the {family} config does not read back as written")
     torch_dtype = to_dtype(dtype)
     shapes = config.tensor_shapes()
     if not 1 <= shards <= len(shapes):
@@ -98,7 +172,7 @@ def make_tiny(
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, Tensor] = {}
     for name, shape in shapes.items():
-        if len(shape) == 1:  # norm weights around 1
+        if name.endswith("norm.weight"):  # norm weights around 1
             value = 1.0 + 0.1 * torch.randn(shape, generator=generator)
         else:
             value = 0.02 * torch.randn(shape, generator=generator)

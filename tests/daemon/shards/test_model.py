@@ -123,7 +123,7 @@ BASE = {
         ({"num_hidden_layers": 0}, "num_hidden_layers must be an integer >= 1"),
         ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads"),
         ({"hidden_size": 30}, "not a multiple of num_attention_heads"),
-        ({"model_type": "mistral"}, "unsupported model_type 'mistral'"),
+        ({"model_type": "gpt2"}, "unsupported model_type 'gpt2'"),
         ({"model_type": None}, "missing field 'model_type'"),
         ({"hidden_act": "gelu"}, "unsupported hidden_act"),
         ({"mlp_bias": True}, "mlp_bias=true is not supported"),
