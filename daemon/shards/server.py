@@ -66,7 +66,8 @@ from daemon.shards.batching import (
     run_steps,
 )
 from daemon.shards.blocks import ServedBlock, available_memory
-from daemon.shards.model import LlamaConfig, ModelError, load_shard
+from daemon.shards.model import LlamaConfig, LlamaShard, ModelError, load_shard
+from daemon.shards.model.linear import pack_linears
 from daemon.shards.push import Outbox, PushPool
 from daemon.shards.session import (
     MAX_STEP_TOKENS,
@@ -162,7 +163,7 @@ class ShardServer:
             )
         try:
             shard = await trio.to_thread.run_sync(
-                lambda: load_shard(model_dir, start, end, dtype=dtype, device=device)
+                lambda: self._load_shard(model_dir, start, end, dtype=dtype, device=device)
             )
         except (ModelError, OSError) as exc:
             raise ShardError("bad_model", f"cannot load {model_dir}: {exc}") from None
@@ -171,6 +172,14 @@ class ShardServer:
         if self.cache_budget_bytes is None:
             self.cache_budget_bytes = available_memory(device) // 2
         return block
+
+    def _load_shard(self, model_dir: Path, start: int, end: int, **where: Any) -> LlamaShard:
+        """Load a range; on a batching server, its CPU float32 weights in the layout made for
+        batched products (`daemon.shards.model.linear`)."""
+        shard = load_shard(model_dir, start, end, **where)
+        if self.max_batch > 1:
+            pack_linears(shard)
+        return shard
 
     def unload(self, model_id: str) -> bool:
         block = self.blocks.pop(model_id, None)
