@@ -10,7 +10,9 @@ Every request asks for `--tokens` new tokens greedily, with the eos and bos toke
 - time to first token (TTFT) p50/p99: from sending the request to its first text chunk;
 - inter-token latency (ITL) p50/p99: between a stream's consecutive text chunks (a chunk may
   carry more than one token when the detokenizer held back an incomplete piece: the gap is
-  then divided by its tokens).
+  then divided by its tokens);
+- rows/pass: the sessions' steps per forward pass over every daemon of the row, from their
+  `gridmesh_shard_batch_size` histograms (how well continuous batching packs the streams).
 The baseline is one process of Hugging Face transformers doing the same requests one at a
 time (a KV-cached greedy loop, as `bench/inference.py` measures it).
 Targets on the CPU: 8 concurrent streams give >= 3x the aggregate tokens/s of 1 stream, and
@@ -149,6 +151,7 @@ class Row:
     ttft: list[float]
     itl: list[float]
     errors: list[str]
+    rows_per_pass: float = float("nan")  # sessions' steps per forward pass, over every daemon
 
 
 def summarise(setup: str, streams: int, wall_s: float, results: list[Stream]) -> Row:
@@ -230,15 +233,26 @@ def bench_daemons(
         wait_for(lambda: completion(url, 0, args).error is None, 120, "a first completion")
         for streams in args.streams:
             print(f"{n} daemon(s), {streams} stream(s) ...", file=sys.stderr, flush=True)
+            before = passes(net.daemons)
             wall_s, results = run_level(url, streams, args)
-            rows.append(summarise(f"gridmesh, {n} daemon(s)", streams, wall_s, results))
+            row = summarise(f"gridmesh, {n} daemon(s)", streams, wall_s, results)
+            steps, count = (a - b for a, b in zip(passes(net.daemons), before, strict=True))
+            row.rows_per_pass = steps / count if count else float("nan")
+            rows.append(row)
     return rows
+
+
+def passes(daemons: list) -> tuple[float, float]:
+    """(steps, forward passes) the daemons' shard servers ran so far (their /metrics)."""
+    name = "gridmesh_shard_batch_size"
+    steps = sum(d.metric(f"{name}_sum") for d in daemons)
+    return steps, sum(d.metric(f"{name}_count") for d in daemons)
 
 
 def print_table(rows: list[Row]) -> None:
     header = (
         f"{'setup':>28} | {'streams':>7} | {'tokens/s':>8} | {'TTFT p50':>8} | "
-        f"{'TTFT p99':>8} | {'ITL p50':>8} | {'ITL p99':>8} | errors"
+        f"{'TTFT p99':>8} | {'ITL p50':>8} | {'ITL p99':>8} | {'rows/pass':>9} | errors"
     )
     print(header)
     print("-" * len(header))
@@ -248,6 +262,7 @@ def print_table(rows: list[Row]) -> None:
             f"{r.setup:>28} | {r.streams:>7} | {r.tokens_per_s:>8.2f} | "
             f"{percentile(r.ttft, 0.5) * ms:>6.0f}ms | {percentile(r.ttft, 0.99) * ms:>6.0f}ms | "
             f"{percentile(r.itl, 0.5) * ms:>6.1f}ms | {percentile(r.itl, 0.99) * ms:>6.1f}ms | "
+            f"{r.rows_per_pass:>9.2f} | "
             f"{len(r.errors)}{' (' + r.errors[0][:60] + ')' if r.errors else ''}"
         )
 
@@ -294,6 +309,7 @@ def main() -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device")
     args.preset = "cpu"
+    args.family = "llama"  # what bench/inference.make_checkpoint writes
     torch.set_num_threads(args.threads)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="gridmesh-serving-") as tmp:
