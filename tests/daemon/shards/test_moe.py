@@ -388,3 +388,24 @@ def test_any_leading_shape_and_dtype_conversion():
     assert sum(p.numel() for p in moe.parameters()) == spec.layer_params(HIDDEN, 0)
     with torch.no_grad():
         assert moe(x.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["per_expert", "fused"])
+def test_packed_experts_compute_what_plain_ones_do(fused):
+    """A batching server packs every `Linear` (`linear.pack_linears`): each expert's three
+    matrices are packed (fused checkpoints' per-expert views too), the router keeps its
+    plain weight, and the block computes the same within float32 rounding."""
+    from daemon.shards.model import linear as linear_module
+
+    if not linear_module._ONEDNN:
+        pytest.skip("this torch has no oneDNN")
+    spec, weights = _weights()
+    if not fused:
+        weights = _per_expert(spec, weights)
+    moe = SparseMoE(spec, HIDDEN, weights)
+    x = torch.randn(1, 9, HIDDEN, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        plain = moe(x)
+        assert linear_module.pack_linears(moe) == 3 * spec.num_experts
+        packed = moe(x)
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-6)
