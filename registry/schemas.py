@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from registry import kinds, query
+from registry import kinds, query, vdags
 from registry.specs import (
     KINDS,
     MAX_DEPTH,
@@ -319,6 +319,10 @@ def _check_vdags(key: str, value: dict[str, Any]) -> None:
         for j, ref in enumerate(edge.get("inputs", [])):
             ref_path = f"{path}.inputs[{j}]"
             known(_label_of(ref), ref_path if isinstance(ref, str) else f"{ref_path}.nodeLabel")
+    try:  # the graph itself: cycles, unfed nodes, dead ends, names (registry.vdags)
+        vdags.parse(value)
+    except vdags.VdagSpecError as exc:
+        raise _Invalid(exc.path, exc.problem) from None
 
 
 _CROSS_CHECKS: dict[str, Callable[[str, dict[str, Any]], None]] = {
@@ -423,7 +427,7 @@ AdmissionHook = Callable[[Write], str | None]
 MAX_CLUSTER_ADMINS = 64
 MAX_BLOCK_INSTANCES = 10_000
 MAX_LAYER_INDEX = 100_000
-MAX_VDAG_NODES = 256
+MAX_VDAG_NODES = vdags.MAX_NODES
 # a server announcement's key: registry.blocks.announcement_key(model, start, end, peer_id)
 ANNOUNCEMENT_KEY_RE = re.compile(r".+\.[0-9]+-[0-9]+\.([A-Za-z0-9]{12})")
 ENDPOINT_SCHEMES = frozenset({"http", "https", "grpc", "grpcs"})
