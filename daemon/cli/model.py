@@ -25,6 +25,27 @@ def _group() -> None:
 @model_app.command("make-tiny")
 def make_tiny(
     directory: Path = typer.Argument(..., help="Where to write the checkpoint."),
+    family: str = typer.Option(
+        "llama",
+        "--family",
+        help="llama, qwen2, qwen3 or mistral (the Hugging Face layout of each).",
+    ),
+    sliding_window: int | None = typer.Option(
+        None,
+        "--sliding-window",
+        min=1,
+        help="Attention window (mistral: every layer; qwen2/qwen3: the layers from "
+        "--max-window-layers on, as use_sliding_window).",
+    ),
+    max_window_layers: int = typer.Option(
+        0, "--max-window-layers", min=0, help="qwen2/qwen3: the first layer with the window."
+    ),
+    head_dim: int | None = typer.Option(
+        None, "--head-dim", min=2, help="Head size (default: hidden / heads; qwen3: 128)."
+    ),
+    attention_bias: bool = typer.Option(
+        False, "--attention-bias", help="llama/qwen3: biases on the attention projections."
+    ),
     layers: int = typer.Option(4, "--layers", min=1, help="Decoder layers."),
     hidden: int = typer.Option(64, "--hidden", min=2, help="Hidden size."),
     heads: int = typer.Option(4, "--heads", min=1, help="Attention heads."),
@@ -43,12 +64,17 @@ def make_tiny(
         "/v1/chat/completions works on the checkpoint.",
     ),
 ) -> None:
-    """Write a small deterministic random Llama checkpoint (Hugging Face layout)."""
+    """Write a small deterministic random checkpoint of a family (Hugging Face layout)."""
     from daemon.shards import model
 
     try:
         path = model.make_tiny(
             directory,
+            family=family,
+            sliding_window=sliding_window,
+            max_window_layers=max_window_layers,
+            head_dim=head_dim,
+            attention_bias=attention_bias,
             layers=layers,
             hidden=hidden,
             heads=heads,
@@ -62,12 +88,88 @@ def make_tiny(
             shards=shards,
             **({} if chat else {"chat_template": None}),
         )
-        config = model.LlamaConfig.from_dir(path)
+        config = model.ModelConfig.from_dir(path)
     except model.ModelError as exc:
         typer.echo(f"gridmesh: {exc}", err=True)
         raise typer.Exit(1) from None
     params = config.num_parameters()
     nbytes = params * model.DTYPE_BYTES[dtype]
     typer.echo(f"path:       {path}")
+    typer.echo(f"family:     {config.family}")
     typer.echo(f"parameters: {params:,}")
     typer.echo(f"bytes:      {nbytes:,} ({dtype})")
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n:,} ({n / scale:.1f} {unit})"
+    return f"{n:,}"
+
+
+@model_app.command("inspect")
+def inspect(
+    directory: Path = typer.Argument(..., help="A Hugging Face checkpoint directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """What a checkpoint is and whether gridmesh can serve it: family, dtype, layers,
+    parameters, memory per layer and per KV-cache token (read from config.json and the
+    safetensors headers; no weight is loaded). Exits 1 when it cannot be served."""
+    import json
+
+    from daemon.shards import model
+
+    report = model.inspect_checkpoint(directory)
+    problems = report["problems"]
+    if as_json:
+        typer.echo(json.dumps({**report, "servable": not problems}, indent=2))
+        raise typer.Exit(1 if problems else 0)
+    typer.echo(f"path:         {report['path']}")
+    if "family" in report:
+        heads = f"{report['heads']} heads, {report['kv_heads']} kv heads of {report['head_dim']}"
+        extras = [
+            name
+            for name, on in (
+                ("q/k/v biases", report["qkv_bias"]),
+                ("o_proj bias", report["o_bias"]),
+                ("q/k norms", report["qk_norm"]),
+                ("tied embeddings", report["tied_embeddings"]),
+            )
+            if on
+        ]
+        window = report["sliding_window"]
+        sliding = report["sliding_layers"]
+        typer.echo(f"family:       {report['family']}")
+        typer.echo(f"dtype:        {report['dtype'] or 'unknown'}")
+        typer.echo(f"layers:       {report['layers']} (hidden {report['hidden_size']}, {heads})")
+        typer.echo(f"vocabulary:   {report['vocab_size']:,}")
+        typer.echo(f"features:     {', '.join(extras) or 'none beyond Llama'}")
+        if window and sliding:
+            which = "all" if len(sliding) == report["layers"] else f"{len(sliding)}"
+            typer.echo(f"attention:    sliding window {window:,} on {which} layers")
+        else:
+            typer.echo("attention:    full")
+        typer.echo(f"parameters:   {report['parameters']:,}")
+        unit = report["bytes_dtype"]
+        typer.echo(f"per layer:    {_size(report['bytes_per_layer'])} bytes ({unit})")
+        typer.echo(f"embedding:    {_size(report['embedding_bytes'])} bytes")
+        typer.echo(f"head:         {_size(report['head_bytes'])} bytes")
+        typer.echo(f"total:        {_size(report['total_bytes'])} bytes")
+        per_token = report["kv_cache_bytes_per_token"]
+        per_layer = report["kv_cache_bytes_per_token_per_layer"]
+        typer.echo(f"KV cache:     {per_token:,} bytes per token ({per_layer:,} per layer)")
+        if window and sliding:
+            typer.echo(f"              sliding layers hold at most {window:,} tokens")
+        at_max = report["kv_cache_bytes_at_max_positions"]
+        typer.echo(f"              {_size(at_max)} bytes at {report['max_positions']:,} tokens")
+    elif report.get("model_type") is not None:
+        typer.echo(f"model_type:   {report['model_type']}")
+    if not problems:
+        typer.echo("servable:     yes")
+        return
+    typer.echo("servable:     no")
+    for problem in problems[:10]:
+        typer.echo(f"  - {problem}")
+    if len(problems) > 10:
+        typer.echo(f"  ... and {len(problems) - 10} more")
+    raise typer.Exit(1)

@@ -27,7 +27,7 @@ Modules, each importing only those above it:
 This package re-exports the public names callers use: `from daemon.shards.model import ...`.
 """
 
-from daemon.shards.model.checkpoint import Checkpoint, load_model, load_shard
+from daemon.shards.model.checkpoint import Checkpoint, inspect_checkpoint, load_model, load_shard
 from daemon.shards.model.config import (
     CONFIG_FILE,
     DTYPE_BYTES,
@@ -52,7 +52,7 @@ from daemon.shards.model.generate import greedy_generate, stop_ids
 from daemon.shards.model.kvcache import KVCache, KVCacheFull
 from daemon.shards.model.layers import rope_inv_freq
 from daemon.shards.model.shard import LlamaShard
-from daemon.shards.model.tiny import make_tiny
+from daemon.shards.model.tiny import make_tiny, tiny_config
 from daemon.shards.model.tokenizer import (
     BYTE_BOS,
     BYTE_BOS_ID,
@@ -92,6 +92,7 @@ __all__ = [
     "byte_tokenizer_json",
     "dtype_name",
     "greedy_generate",
+    "inspect_checkpoint",
     "load_model",
     "load_shard",
     "load_tokenizer",
@@ -99,5 +100,6 @@ __all__ = [
     "rope_inv_freq",
     "shard_tensor_names",
     "stop_ids",
+    "tiny_config",
     "to_dtype",
 ]

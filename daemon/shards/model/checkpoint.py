@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 
 from daemon.shards.model.config import (
+    CONFIG_FILE,
+    DTYPE_BYTES,
     INDEX_FILE,
     SINGLE_FILE,
     LlamaConfig,
@@ -77,6 +79,98 @@ class Checkpoint:
             raise ModelError(f"missing tensor {name!r} in {self.files[name].name}") from None
         check_shape(name, got, shape)
         return handle.get_tensor(name)
+
+    def header(self, name: str) -> tuple[tuple[int, ...], str]:
+        """A tensor's shape and stored dtype ("F32", "BF16", ...), from the file's header."""
+        if name not in self.files:
+            raise ModelError(f"missing tensor {name!r} in the checkpoint")
+        try:
+            piece = self._open(self.files[name]).get_slice(name)
+            return tuple(piece.get_shape()), str(piece.get_dtype())
+        except ModelError:
+            raise
+        except Exception:
+            raise ModelError(f"missing tensor {name!r} in {self.files[name].name}") from None
+
+
+# safetensors' names of the dtypes a checkpoint's weights may be stored in (converted to the
+# serving dtype when loaded)
+STORED_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def inspect_checkpoint(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """What `gridmesh model inspect` reports, read from config.json and the safetensors
+    headers only (no weight is loaded): the family and sizes, and `problems`, every
+    reason gridmesh cannot serve the checkpoint (empty: it can)."""
+    model_dir = Path(model_dir)
+    report: dict[str, Any] = {"path": str(model_dir), "problems": []}
+    problems: list[str] = report["problems"]
+    try:
+        raw = json.loads((model_dir / CONFIG_FILE).read_text())
+        if isinstance(raw, dict):
+            report["model_type"] = raw.get("model_type")
+    except (OSError, UnicodeDecodeError, ValueError):
+        pass
+    try:
+        config = ModelConfig.from_dir(model_dir)
+    except ModelError as exc:
+        problems.append(str(exc))
+        return report
+    stored: set[str] = set()
+    try:
+        with ExitStack() as stack:
+            checkpoint = Checkpoint(model_dir, stack)
+            shapes = config.tensor_shapes()
+            for name, shape in shapes.items():
+                try:
+                    got, dtype = checkpoint.header(name)
+                    check_shape(name, got, shape)
+                except ModelError as exc:
+                    problems.append(str(exc))
+                    continue
+                stored.add(dtype)
+                if dtype not in STORED_DTYPES:
+                    problems.append(f"tensor {name!r} is stored as {dtype}, not as float weights")
+            try:
+                check_no_extra(config, 0, config.num_hidden_layers, checkpoint.files, list(shapes))
+            except ModelError as exc:
+                problems.append(str(exc))
+    except ModelError as exc:
+        problems.append(str(exc))
+    names = sorted(STORED_DTYPES.get(d, d) for d in stored)
+    dtype = names[0] if len(names) == 1 and names[0] in DTYPE_BYTES else "float32"
+    windows = [i for i in range(config.num_hidden_layers) if config.layer_window(i)]
+    report.update(
+        {
+            "family": config.family,
+            "dtype": ", ".join(names) or None,
+            "layers": config.num_hidden_layers,
+            "hidden_size": config.hidden_size,
+            "heads": config.num_attention_heads,
+            "kv_heads": config.num_key_value_heads,
+            "head_dim": config.head_dim,
+            "vocab_size": config.vocab_size,
+            "qkv_bias": config.qkv_bias,
+            "o_bias": config.o_bias,
+            "qk_norm": config.qk_norm,
+            "tied_embeddings": config.tie_word_embeddings,
+            "sliding_window": config.sliding_window,
+            "sliding_layers": windows,
+            "parameters": config.num_parameters(),
+            "bytes_dtype": dtype,
+            "bytes_per_layer": config.layer_bytes(dtype),
+            "embedding_bytes": config.embed_bytes(dtype),
+            "head_bytes": config.head_bytes(dtype),
+            "total_bytes": config.shard_bytes(0, config.num_hidden_layers, dtype),
+            "kv_cache_bytes_per_token": config.kv_bytes_per_token(dtype=dtype),
+            "kv_cache_bytes_per_token_per_layer": config.kv_bytes_per_token(0, 1, dtype),
+            "max_positions": config.max_position_embeddings,
+            "kv_cache_bytes_at_max_positions": config.kv_cache_bytes(
+                config.max_position_embeddings, dtype=dtype
+            ),
+        }
+    )
+    return report
 
 
 # Buffers some checkpoints carry that are not weights (transformers < 4.31 saved these).
