@@ -43,6 +43,7 @@ from daemon.rpc_methods import register_node_methods
 from daemon.settings import Config
 from daemon.shard_methods import register_shard_methods
 from daemon.shards.service import ShardService
+from daemon.vdag_methods import register_vdag_methods
 from p2p import identity
 from p2p.aio import AsyncioBridge
 from p2p.discovery import ResourceDirectory
@@ -191,6 +192,7 @@ class Daemon:
             request_shutdown=self.request_shutdown,
         )
         register_registry_methods(self.dispatcher, self.replicator)
+        register_vdag_methods(self.dispatcher, self.replicator)
         self.shards = ShardService(
             ident=self.ident,
             net=self.net,

@@ -1,0 +1,172 @@
+"""The vdag_* JSON-RPC methods: vDAG specs checked against the registries, and their plans.
+
+The registry refuses what a vDAG entry gets wrong by itself (`registry.vdags`: cycles,
+dangling edges, names...). What needs the other entries is checked here, at this node's
+apply path, from its replica: a block node's ``manualBlockId`` must name a block (an entry
+of the `blocks` registry, or a model that servers announce), and every sub-vDAG must
+resolve, without a loop through the nesting (`scheduler.vdag.compile_plan`). A peer's vDAG
+arriving by gossip is not judged so: the blocks it names may simply not have reached this
+node yet.
+
+- `vdag_check(value, key?)`: what `vdag_apply` would refuse, without writing: the plan.
+- `vdag_apply(value, key?)`: checked, then written (key: ``name:version``, so that a new
+  version leaves the old one resolvable).
+- `vdag_plan(name, version?)`: the compiled graph, nesting expanded, with the servers of
+  each node's block.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Annotated, Any
+
+from msgspec import Meta
+
+from daemon import errors
+from daemon.api.jsonrpc import Dispatcher
+from daemon.errors import FailedPrecondition, InvalidParams, NotFound
+from registry.blocks import Announcement, BadAnnouncement, announcements, parse_announcement
+from registry.entry import Entry
+from registry.replica import Rejected, Replica
+from registry.replication import Replicator
+from registry.specs import MAX_KEY_LENGTH
+from scheduler.vdag import Catalog, VdagError, VdagPlan, VdagSpec, compile_plan, parse
+
+Name = Annotated[
+    str, Meta(min_length=1, max_length=MAX_KEY_LENGTH, description="vdagName, or name:version")
+]
+Version = (
+    Annotated[str, Meta(max_length=MAX_KEY_LENGTH, description="a version (default: the latest)")]
+    | None
+)
+Spec = Annotated[dict[str, Any], Meta(description="the vDAG spec (AIOS format)")]
+Key = (
+    Annotated[
+        str, Meta(max_length=MAX_KEY_LENGTH, description="registry key (default: name:version)")
+    ]
+    | None
+)
+
+
+def stored_specs(replica: Replica) -> Catalog:
+    """Every stored vDAG spec by name and version; of two entries with one name and version
+    the later written wins. An entry that no longer parses is left out."""
+    catalog = Catalog()
+    stored = [e for e in replica.entries.values() if e.kind == "vdags" and not e.deleted]
+    for entry in sorted(stored, key=lambda e: (e.ts, e.key)):
+        try:
+            catalog.add(parse(entry.value, entry.key))
+        except VdagError:
+            continue
+    return catalog
+
+
+class Blocks:
+    """The `blocks` registry as a vDAG node sees it: which ids name a block, who serves them.
+
+    A ``manualBlockId`` names a block when it is the key of a `blocks` entry (an AIOS block
+    spec, or a server's announcement), or a model that servers announce ranges of (one node
+    then runs the model's whole shard chain). A block spec with a `model` is served by the
+    servers announcing that model."""
+
+    def __init__(self, entries: Iterable[Entry]) -> None:
+        self.specs: dict[str, Entry] = {}
+        self.by_model: dict[str, list[Announcement]] = defaultdict(list)
+        blocks = [e for e in entries if e.kind == "blocks"]
+        for entry in blocks:
+            if not entry.deleted:
+                self.specs[entry.key] = entry
+        for item in announcements(blocks):
+            self.by_model[item.model].append(item)
+
+    def known(self, block_id: str) -> bool:
+        return block_id in self.specs or bool(self.by_model.get(block_id))
+
+    def servers(self, block_id: str) -> list[dict[str, Any]]:
+        """The servers of `block_id` now: peer, announced range and its key."""
+        found: list[Announcement] = []
+        entry = self.specs.get(block_id)
+        model = block_id
+        if entry is not None:
+            try:
+                own = parse_announcement(entry)
+            except BadAnnouncement:
+                own = None
+            if own is not None:
+                found.append(own)
+            model = str((entry.value or {}).get("model") or block_id)
+        if not found:
+            found = sorted(self.by_model.get(model, []), key=lambda a: (a.start, a.peer_id))
+        return [
+            {
+                "peer_id": a.peer_id,
+                "model": a.model,
+                "layers": [a.start, a.end],
+                "block": f"{a.model}.{a.start}-{a.end}.{a.peer_id[-12:]}",
+            }
+            for a in found
+        ]
+
+
+def check(replica: Replica, value: Any, key: str | None = None) -> tuple[VdagSpec, VdagPlan]:
+    """The spec and its plan, judged against this replica; InvalidParams naming the node or
+    edge for anything refused."""
+    try:
+        spec = parse(value, key)
+        blocks = Blocks(replica.entries.values())
+        plan = compile_plan(spec, stored_specs(replica).versions, blocks.known)
+    except VdagError as exc:
+        raise InvalidParams(f"vDAG refused: {exc}", {"reason": "vdag", "path": exc.path}) from None
+    return spec, plan
+
+
+def plan_json(replica: Replica, plan: VdagPlan) -> dict[str, Any]:
+    """The plan as JSON, each step with `servers` (its block's servers now)."""
+    blocks = Blocks(replica.entries.values())
+    raw = plan.to_json()
+    for step in raw["steps"]:
+        step["servers"] = blocks.servers(step["block_id"]) if step["block_id"] else []
+    return raw
+
+
+def register_vdag_methods(dispatcher: Dispatcher, replicator: Replicator) -> None:
+    replica = replicator.replica
+
+    async def vdag_check(value: Spec, key: Key = None) -> dict[str, Any]:
+        """Check a vDAG spec as vdag_apply would, against this node's registries, without
+        writing it: its plan, or an error naming the node or edge."""
+        _, plan = check(replica, value, key)
+        return plan_json(replica, plan)
+
+    async def vdag_apply(value: Spec, key: Key = None) -> dict[str, Any]:
+        """Check a vDAG spec against this node's registries (blocks, sub-vDAGs) and write it
+        under `key` (default name:version, so older versions stay resolvable)."""
+        spec, _ = check(replica, value, key)
+        try:
+            entry = await replicator.write("vdags", key or spec.uri, value)
+        except Rejected as exc:
+            raise errors.from_rejected(exc) from None
+        return entry.to_json()
+
+    async def vdag_plan(name: Name, version: Version = None) -> dict[str, Any]:
+        """The compiled graph of a stored vDAG (latest version unless given), nested vDAGs
+        expanded, with the servers of each node's block."""
+        catalog = stored_specs(replica)
+        spec = catalog.resolve(name, version)
+        if spec is None:
+            have = sorted(v for (n, v) in catalog.specs if n == name.partition(":")[0])
+            known = f"; versions stored: {', '.join(have)}" if have else ""
+            shown = name if version is None else f"{name} version {version}"
+            raise NotFound(f"no vDAG {shown}{known}")
+        blocks = Blocks(replica.entries.values())
+        try:
+            plan = compile_plan(spec, catalog.versions, blocks.known)
+        except VdagError as exc:  # stored, but what it names has gone since
+            raise FailedPrecondition(
+                f"vDAG {spec.uri} cannot run now: {exc}", {"reason": "vdag", "path": exc.path}
+            ) from None
+        return plan_json(replica, plan)
+
+    for handler in (vdag_check, vdag_apply, vdag_plan):
+        dispatcher.register(handler.__name__, handler)
