@@ -43,9 +43,10 @@ class PolicyFailed(SandboxError):
 
     kind = "policy_error"
 
-    def __init__(self, message: str, error_type: str = "Exception") -> None:
+    def __init__(self, message: str, error_type: str = "Exception", traceback: str = "") -> None:
         super().__init__(message)
         self.error_type = error_type
+        self.traceback = traceback
 
 
 class CallTimeout(SandboxError):
