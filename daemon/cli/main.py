@@ -27,6 +27,7 @@ from daemon.cli.common import (
 )
 from daemon.cli.model import model_app
 from daemon.cli.serve import serve_app
+from daemon.cli.vdag import vdag_app
 
 app = typer.Typer(
     help="gridmesh: a peer-to-peer network for AI compute.\n\n"
@@ -45,6 +46,7 @@ app.add_typer(model_app, name="model", help="Make and inspect model checkpoints.
 app.add_typer(chain_app, name="chain")
 app.add_typer(jobs.job_app, name="job")
 app.add_typer(cluster_app, name="cluster")
+app.add_typer(vdag_app, name="vdag")
 
 
 @app.command()
