@@ -30,6 +30,7 @@ from daemon.cluster.coordinator_methods import coordinator_for
 from daemon.cluster.membership import register_cluster_methods
 from daemon.cluster.runtime import ClusterRuntime, RegistryMembership, RuntimeSettings
 from daemon.cluster.runtime_methods import register_runtime_methods
+from daemon.doctor_methods import register_doctor_methods
 from daemon.home import (  # noqa: F401 - LOCK_FILE, DaemonError, read_daemon_file: re-exported
     DAEMON_FILE,
     LOCK_FILE,
@@ -243,6 +244,7 @@ class Daemon:
 
         self.payments = Payments.of_daemon(self)  # job_*, earnings, stake, ... (JSON-RPC)
         register_payment_methods(self.dispatcher, self.payments)
+        register_doctor_methods(self.dispatcher, self)  # node_doctor (`gridmesh doctor`)
         self.metrics.known_methods = {m["name"] for m in self.dispatcher.describe()}
         self.openai = self._openai_endpoint()
 
