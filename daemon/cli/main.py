@@ -26,6 +26,7 @@ from daemon.cli.common import (
     print_json,
 )
 from daemon.cli.model import model_app
+from daemon.cli.policy import policy_app
 from daemon.cli.serve import serve_app
 from daemon.cli.vdag import vdag_app
 
@@ -46,6 +47,7 @@ app.add_typer(model_app, name="model", help="Make and inspect model checkpoints.
 app.add_typer(chain_app, name="chain")
 app.add_typer(jobs.job_app, name="job")
 app.add_typer(cluster_app, name="cluster")
+app.add_typer(policy_app, name="policy")
 app.add_typer(vdag_app, name="vdag")
 
 
