@@ -30,7 +30,8 @@ gridmesh in one process >= 4x transformers for 8B; 4 daemons >= 0.8 of one proce
 
 usage: python bench/inference.py [--family NAME] [--preset cpu|1b|8b] [--device cpu|cuda]
        [--splits 2 3 4] [--hidden 2048] [--layers 8] [--prompt-tokens N] [--tokens N] [--hf]
-       [--no-recovery] [--experts 16] [--experts-per-token 4] [--expert-intermediate N]
+       [--no-recovery] [--sliding-window N] [--experts 16] [--experts-per-token 4]
+       [--expert-intermediate N]
 smallest (a check that it runs, ~1 min on 2 cores): python bench/inference.py --hidden 64
        --layers 3 --splits 2 --transports local --prompt-tokens 4 --tokens 4
 """
@@ -300,6 +301,8 @@ def make_checkpoint(root: Path, args: argparse.Namespace) -> tuple[Path, dict]:
     family: dict = {}
     if args.family != "llama":  # today's Llama writer has no `family` argument
         family["family"] = args.family
+    if args.sliding_window:
+        family["sliding_window"] = args.sliding_window
     if args.family in MOE_FAMILIES:
         family.update(
             experts=args.experts,
@@ -316,6 +319,8 @@ def make_checkpoint(root: Path, args: argparse.Namespace) -> tuple[Path, dict]:
 def describe(shape: dict) -> str:
     """The family and size of the checkpoint, for the report."""
     text = f"{shape.get('family', 'llama')}, hidden {shape['hidden']}, {shape['layers']} layers"
+    if shape.get("sliding_window"):
+        text += f", sliding window {shape['sliding_window']}"
     if "experts" in shape:
         text += (
             f", {shape['experts']} experts of {shape['expert_intermediate']} "
@@ -341,6 +346,9 @@ def main() -> int:
     )
     parser.add_argument("--hf", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--recovery", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--sliding-window", type=int, default=None, help="attention window (Mistral, Qwen)"
+    )
     parser.add_argument("--experts", type=int, default=16, help="mixture of experts only")
     parser.add_argument("--experts-per-token", type=int, default=4, help="mixture of experts")
     parser.add_argument(
