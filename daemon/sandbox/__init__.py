@@ -34,21 +34,46 @@ bytes, import guard), wire (bounded msgpack frames over pipes), worker (the work
 layers / landlock / seccomp / syscalls (isolation), pool (the trio pool), config, errors.
 """
 
-from daemon.sandbox.config import SandboxConfig
-from daemon.sandbox.errors import (
-    CallTimeout,
-    DependencyRefused,
-    IsolationRefused,
-    MessageTooLarge,
-    PolicyFailed,
-    PolicyInvalid,
-    PoolClosed,
-    SandboxError,
-    WorkerCrashed,
-)
-from daemon.sandbox.package import PolicyPackage, PolicyRef, load_package
-from daemon.sandbox.pool import SandboxCounters, SandboxPool
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what the lazy exports below are, for type checkers
+    from daemon.sandbox.config import SandboxConfig
+    from daemon.sandbox.errors import (
+        CallTimeout,
+        DependencyRefused,
+        IsolationRefused,
+        MessageTooLarge,
+        PolicyFailed,
+        PolicyInvalid,
+        PoolClosed,
+        SandboxError,
+        WorkerCrashed,
+    )
+    from daemon.sandbox.package import PolicyPackage, PolicyRef, load_package
+    from daemon.sandbox.pool import SandboxCounters, SandboxPool
+
+# exported names -> their modules, imported on first use (PEP 562): a worker process and a
+# config load import only what they use (not trio, not the pool)
+_EXPORTS = {
+    "SandboxConfig": "config",
+    "CallTimeout": "errors",
+    "DependencyRefused": "errors",
+    "IsolationRefused": "errors",
+    "MessageTooLarge": "errors",
+    "PolicyFailed": "errors",
+    "PolicyInvalid": "errors",
+    "PoolClosed": "errors",
+    "SandboxError": "errors",
+    "WorkerCrashed": "errors",
+    "PolicyPackage": "package",
+    "PolicyRef": "package",
+    "load_package": "package",
+    "SandboxCounters": "pool",
+    "SandboxPool": "pool",
+}
 __all__ = [
     "CallTimeout",
     "DependencyRefused",
@@ -66,3 +91,14 @@ __all__ = [
     "WorkerCrashed",
     "load_package",
 ]
+
+
+assert sorted(__all__) == sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"daemon.sandbox.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value

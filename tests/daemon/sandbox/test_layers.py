@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.sandbox import PolicyFailed, SandboxConfig, SandboxPool, load_package
+from daemon.sandbox import PolicyFailed, SandboxConfig, SandboxPool, WorkerCrashed, load_package
 from daemon.sandbox.seccomp import DENIED, program
 from tests.daemon.sandbox.test_escapes import ATTACKS, SECRET, attack, needs
 
@@ -113,3 +113,13 @@ def test_the_seccomp_program_is_well_formed() -> None:
     code = program()
     assert len(code) % 8 == 0 and len(code) // 8 < 4096  # BPF_MAXINSNS
     assert len(code) // 8 == 18 + 2 * len(DENIED) + 1
+
+
+async def test_the_cpu_time_limit_kills_and_the_pool_replaces(tmp_path: Path) -> None:
+    attacker = load_package(ATTACKS)
+    async with SandboxPool(SandboxConfig(spare_workers=0, cpu_s=1)) as pool:
+        # the deadline is far: the CPU-time limit ends it first
+        with pytest.raises(WorkerCrashed, match="killed by SIGXCPU: its CPU-time limit"):
+            await pool.call(attacker, "eval", {"input_data": {"attack": "spin"}}, timeout_s=30)
+        assert await attack(pool, attacker, "honest") == "ok"
+        assert pool.counters.failures["crashed"] == 1
