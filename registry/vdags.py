@@ -313,6 +313,42 @@ def check_graph(spec: VdagSpec) -> None:
                 "its output goes nowhere (no connection out of it, and it is not in graph.output)"
             )
     _check_names(spec, by_label)
+    for node in spec.nodes:
+        check_all_used(spec, node.label, node.inputs, node.outputs, node.error, repr(node.label))
+
+
+def unmatched(declared: tuple[str, ...], named: list[tuple[str, ...]]) -> list[str]:
+    """Declared names that none of `named` (what feeds, or reads, them) names; none when one
+    of them names nothing (it takes the whole input, or output)."""
+    if not named or any(not names for names in named):
+        return []
+    used = {name for names in named for name in names}
+    return [name for name in declared if name not in used]
+
+
+def check_all_used(
+    spec: VdagSpec,
+    label: str,
+    inputs: tuple[str, ...],
+    outputs: tuple[str, ...],
+    error: Any,
+    shown: str,
+) -> None:
+    """Every declared input of node `label` is fed, every declared output read."""
+    feeds = [p.names for p in spec.inputs if p.label == label]
+    feeds += [e.input_names for e in spec.edges if e.dst == label]
+    for name in unmatched(inputs, feeds):
+        raise error(
+            f"input {_show(name)} of {shown} is fed by nothing (what feeds it names "
+            f"{', '.join(sorted({n for names in feeds for n in names}))})"
+        )
+    reads = [p.names for p in spec.outputs if p.label == label]
+    reads += [e.output_names for e in spec.edges if e.src == label]
+    for name in unmatched(outputs, reads):
+        raise error(
+            f"output {_show(name)} of {shown} is read by nothing (what reads it names "
+            f"{', '.join(sorted({n for names in reads for n in names}))})"
+        )
 
 
 def _check_acyclic(spec: VdagSpec, succ: dict[str, list[VdagEdge]]) -> None:

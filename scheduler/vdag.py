@@ -44,6 +44,7 @@ from registry.vdags import (
     VdagPort,
     VdagSpec,
     VdagSpecError,
+    check_all_used,
     version_of,
 )
 from registry.vdags import parse as parse_graph
@@ -342,6 +343,10 @@ def _expand(spec: VdagSpec, prefix: str, stack: tuple[str, ...], ctx: _Context) 
             err = VdagError(port.path, "", _show(port.label))
             _check_sub_names(subs[port.label], port.names, "output", _erring(err))
         part.outs.extend((s, port.names) for s, _ in _select(outs[port.label], port.names))
+    for label, sub in subs.items():
+        node = spec.node(label)
+        shown = f"vDAG {sub.uri}"
+        check_all_used(spec, label, sub.input_names(), sub.output_names(), node.error, shown)
     return part
 
 

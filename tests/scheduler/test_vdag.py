@@ -232,6 +232,49 @@ BAD: list[tuple[str, Any, list[dict[str, Any]], str]] = [
         "graph.connections[1] 'b' -> 'c': feeds input 'x' of 'c', fed by graph.connections[0] too",
     ),
     (
+        "a declared input nobody produces",
+        spec(
+            [node("a"), node("c", IOMap=[{"inputs": [{"name": "x"}, {"name": "y"}]}])],
+            ["a"],
+            ["c"],
+            [{"from": "a", "to": "c", "inputNames": ["x"]}],
+        ),
+        [],
+        "nodes[1] 'c': input 'y' of 'c' is fed by nothing (what feeds it names x)",
+    ),
+    (
+        "a declared output nobody consumes",
+        spec(
+            [node("a", IOMap=[{"outputs": [{"name": "boxes"}, {"name": "scores"}]}]), node("b")],
+            ["a"],
+            ["b"],
+            [{"from": "a", "to": "b", "outputNames": ["boxes"]}],
+        ),
+        [],
+        "nodes[0] 'a': output 'scores' of 'a' is read by nothing (what reads it names boxes)",
+    ),
+    (
+        "a sub-vDAG's output nobody consumes",
+        changed(
+            changed(NESTED, ["nodes", 1, "vdagURI"], "two"),
+            ["graph", "connections", 1, "outputNames"],
+            ["a"],
+        ),
+        [
+            spec(
+                [node("u"), node("v")],
+                ["u", "v"],
+                [
+                    {"nodeLabel": "u", "outputNames": ["a"]},
+                    {"nodeLabel": "v", "outputNames": ["b"]},
+                ],
+                name="two",
+                version="1",
+            ),
+        ],
+        "nodes[1] 'sub': output 'b' of vDAG two:1 is read by nothing (what reads it names a)",
+    ),
+    (
         "wrong type: label",
         changed(LINEAR, ["nodes", 0, "nodeLabel"], 7),
         [],
