@@ -12,7 +12,7 @@ The protocol: a request is one msgpack map {op: "time" | "record"}; the answer
 resource record as the answerer finds it in the DHT, else None}. A peer can only have its own
 record looked up (the key comes from its authenticated peer id), at most
 `MAX_LOOKUPS` at a time on this node; a malformed request is refused and counted in
-/metrics (`gridmesh_rejected_total{source="doctor"}`).
+/metrics (`gridmesh_rejected_messages_total{source="doctor"}`).
 """
 
 from __future__ import annotations
