@@ -184,3 +184,44 @@ async def test_bad_params_are_refused_cleanly(autojump_clock, tmp_path):
         assert error.message == "vDAG refused: vdagVersion is required"
         error = await refused(a, "vdag_plan", {"name": ""})
         assert error.code == -32602
+
+
+async def test_a_peers_broken_vdag_is_dropped_and_counted(autojump_clock, tmp_path):
+    """A peer that skips its own checks and gossips a cyclic vDAG: every other node drops it
+    (the registry's schema runs `registry.vdags`) and counts it; a good one still arrives."""
+    from registry.entry import sign_entry
+
+    async with memory_cluster(tmp_path, 2) as net:
+        a, b = net.daemons
+        cyclic = vdag("loop", "1", [block("x", "detect"), block("y", "detect")], [("x", "y")])
+        cyclic["graph"]["input"] = ["x"]
+        cyclic["graph"]["connections"].append({"from": "y", "to": "x"})
+        good = vdag("fine", "1", [block("x", "detect")], [])
+        replica = a.daemon.replica
+        entries = []
+        for key, value in (("loop:1", cyclic), ("fine:1", good)):
+            ts = replica.clock.now()
+            entries.append(
+                sign_entry(
+                    a.daemon.ident,
+                    kind="vdags",
+                    key=key,
+                    value=value,
+                    ts=ts,
+                    created=ts,
+                    owner=a.peer_id,
+                )
+            )
+        before = b.metric("gridmesh_rejected_messages_total", reason="schema")
+        await a.daemon.replicator.announce(entries)  # gossip, without a's own checks
+
+        async def good_one_arrived() -> bool:
+            return b.daemon.replica.get("vdags", "fine:1") is not None
+
+        await net.wait_for(good_one_arrived, 10, "the good vDAG to reach b")
+        assert b.daemon.replica.get("vdags", "loop:1") is None
+        assert b.metric("gridmesh_rejected_messages_total", reason="schema") > before
+        # stored, but its block is unknown on b: the plan says so, naming the node
+        error = await refused(b, "vdag_plan", {"name": "fine"})
+        assert error.message == "vDAG fine:1 cannot run now: nodes[0] 'x': unknown block 'detect'"
+        assert (await b.call("node_info"))["peer_id"] == b.peer_id  # still serving
