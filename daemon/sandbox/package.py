@@ -10,7 +10,8 @@ Manifest (JSON, unknown keys refused):
     {"name": "least-loaded", "version": "1.0",
      "entry": "function:AIOSv1PolicyRule",      # module:Class (AIOS's default)
      "requirements": ["numpy"],                   # top-level import names, each on the
-     "description": "..."}                        # operator's allow-list
+     "description": "...",                        # operator's allow-list
+     "stateful": false}                           # true: one worker only (its state is one)
 
 Content hash: "sha256:" + hex of SHA-256 over every file, in path order, each as its path's
 length (4 bytes), its path (UTF-8, "/"-separated, relative to the package root), its length
@@ -59,6 +60,8 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     ] = "function:AIOSv1PolicyRule"
     requirements: Annotated[tuple[ImportName, ...], msgspec.Meta(max_length=32)] = ()
     description: Annotated[str, msgspec.Meta(max_length=1000)] = ""
+    # keeps state between calls (a quota's buckets): the pool runs it in one worker only
+    stateful: bool = False
 
     @property
     def module(self) -> str:

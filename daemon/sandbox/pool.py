@@ -331,7 +331,8 @@ class SandboxPool:
             idle = self._idle.get(digest)
             if idle:
                 return idle.pop()
-            if self._bound[digest] < self.config.workers_per_policy:
+            most = 1 if ref.package.manifest.stateful else self.config.workers_per_policy
+            if self._bound[digest] < most:
                 worker = await self._new_worker()
                 if worker is not None:
                     await self._load(worker, ref)
