@@ -225,3 +225,30 @@ async def test_a_peers_broken_vdag_is_dropped_and_counted(autojump_clock, tmp_pa
         error = await refused(b, "vdag_plan", {"name": "fine"})
         assert error.message == "vDAG fine:1 cannot run now: nodes[0] 'x': unknown block 'detect'"
         assert (await b.call("node_info"))["peer_id"] == b.peer_id  # still serving
+
+
+async def test_plan_shows_the_servers_of_a_deployed_model(autojump_clock, tmp_path):
+    """A node naming a model served over two daemons (their real announcements): the plan
+    lists both servers with their layer ranges; once one stops serving, only the other."""
+    pytest.importorskip("torch")
+    from daemon.shards.model import make_tiny
+
+    model_dir = make_tiny(tmp_path / "tiny", layers=4, seed=3)
+    async with memory_cluster(tmp_path / "net", 2) as net:
+        a, b = net.daemons
+        await net.deploy(model_dir, [a, b], [(0, 2), (2, 4)])
+        spec = vdag("chat", "1", [block("llm", "tiny")], [])
+        await a.call("vdag_apply", {"value": spec})
+        plan = await a.call("vdag_plan", {"name": "chat"})
+        servers = plan["steps"][0]["servers"]
+        assert [(s["peer_id"], s["layers"]) for s in servers] == [
+            (a.peer_id, [0, 2]),
+            (b.peer_id, [2, 4]),
+        ]
+        await b.call("block_undeploy", {"model": "tiny"})
+
+        async def one_server_left() -> bool:
+            plan = await a.call("vdag_plan", {"name": "chat"})
+            return len(plan["steps"][0]["servers"]) == 1
+
+        await net.wait_for(one_server_left, 10, "b's range to be withdrawn")
