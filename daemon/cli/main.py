@@ -12,7 +12,7 @@ from typing import Any
 import typer
 
 from daemon import config as configuration
-from daemon.cli import jobs, render, shards
+from daemon.cli import doctor, jobs, render, shards
 from daemon.cli.chain import chain_app
 from daemon.cli.cluster import cluster_app
 from daemon.cli.common import (
@@ -103,6 +103,12 @@ def daemon(
         help="gRPC inference port on 127.0.0.1 (default 0: a free one, shown by `status`).",
     ),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+    log_format: str = typer.Option(
+        "text",
+        "--log-format",
+        help="text, or json: one JSON object per line (ts, level, logger, message, extra "
+        "fields) for log collectors.",
+    ),
 ) -> None:
     """Run the daemon in the foreground until Ctrl-C or SIGTERM.
 
@@ -114,6 +120,10 @@ def daemon(
     level = getattr(logging, log_level.upper(), None)
     if not isinstance(level, int):
         fail(f"unknown log level {log_level!r} (use debug, info, warning or error)")
+    from daemon import logs
+
+    if log_format not in logs.FORMATS:
+        fail(f"unknown log format {log_format!r} (use text or json)")
     config_path = config or home / configuration.CONFIG_FILE
     flags = {"--listen": listen, "--bootstrap": bootstrap, "--rpc-port": rpc_port}
     try:
@@ -132,7 +142,7 @@ def daemon(
 
     for problem in port_problems(cfg):
         fail(problem)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(level, log_format)
     if stale is not None:
         logging.getLogger("daemon.home").warning(
             "removed stale daemon.json and rpc.cookie of pid %s (killed?)", stale
@@ -348,6 +358,7 @@ for command in shards.COMMANDS:
     app.command()(command)
 for command in jobs.COMMANDS:
     app.command()(command)
+app.command()(doctor.doctor)
 app.add_typer(serve_app(daemon), name="serve")
 
 
