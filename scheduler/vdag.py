@@ -10,9 +10,9 @@ checks of `registry.vdags`: self-loops, cycles, nodes nothing feeds, dead ends, 
 
 It refuses an unknown block, an unknown sub-vDAG, a vDAG nested inside itself (at any
 depth), names a sub-vDAG does not declare, nesting deeper than `MAX_NESTING` and plans of more
-than `MAX_PLAN_STEPS` steps, and gives a `VdagPlan`: every block node of the whole nesting,
-labelled by its path (``sub/summarize``), in topological order, with its level (steps of one
-level are independent: the executor may run them in parallel).
+than `MAX_PLAN_STEPS` steps or `MAX_PLAN_EDGES` edges, and gives a `VdagPlan`: every block
+node of the whole nesting, labelled by its path (``sub/summarize``), in topological order,
+with its level (steps of one level are independent: the executor may run them in parallel).
 
 Versions: ``vdagURI`` is ``name``, ``name:version`` or ``name:version-tag`` (AIOS joins the
 version and its release tag with ``-``). A name alone picks the latest version (versions
@@ -51,6 +51,7 @@ from registry.vdags import parse as parse_graph
 
 __all__ = [
     "MAX_NESTING",
+    "MAX_PLAN_EDGES",
     "MAX_PLAN_STEPS",
     "Catalog",
     "PlanEdge",
@@ -72,6 +73,7 @@ __all__ = [
 
 MAX_NESTING = 8  # vDAGs inside vDAGs, the outermost counting as 1
 MAX_PLAN_STEPS = 1024  # block nodes of the whole nesting
+MAX_PLAN_EDGES = 8192  # an edge between two sub-vDAGs joins each output step to each input
 
 Versions = Callable[[str], Iterable[VdagSpec]]
 BlockKnown = Callable[[str], bool]
@@ -228,7 +230,9 @@ class _Context:
     block_known: BlockKnown | None
     max_nesting: int
     max_steps: int
+    max_edges: int
     count: int = 0
+    edges: int = 0
     nested: dict[str, None] = field(default_factory=dict)
 
 
@@ -239,6 +243,7 @@ def compile_plan(
     *,
     max_nesting: int = MAX_NESTING,
     max_steps: int = MAX_PLAN_STEPS,
+    max_edges: int = MAX_PLAN_EDGES,
 ) -> VdagPlan:
     """Expand `spec`'s sub-vDAGs and order the whole graph; VdagError naming the node or
     edge for an unknown block or sub-vDAG, nesting that loops or is too deep, a sub-vDAG
@@ -250,7 +255,7 @@ def compile_plan(
         found = [s for s in versions(name) if (s.name, s.version) != (spec.name, spec.version)]
         return [*found, spec] if name == spec.name else found
 
-    ctx = _Context(with_root, block_known, max_nesting, max_steps)
+    ctx = _Context(with_root, block_known, max_nesting, max_steps, max_edges)
     try:
         part = _expand(spec, "", (spec.uri,), ctx)
     except VdagError:
@@ -330,9 +335,12 @@ def _expand(spec: VdagSpec, prefix: str, stack: tuple[str, ...], ctx: _Context) 
             _check_sub_names(subs[edge.dst], edge.input_names, "input", edge.error)
         for src, _ in _select(outs[edge.src], edge.output_names):
             for dst, _ in _select(ins[edge.dst], edge.input_names):
-                part.edges.setdefault(
-                    (src, dst), PlanEdge(src, dst, edge.output_names, edge.input_names)
-                )
+                if (src, dst) in part.edges:
+                    continue
+                ctx.edges += 1
+                if ctx.edges > ctx.max_edges:
+                    raise edge.error(f"the plan grows past {ctx.max_edges} edges")
+                part.edges[(src, dst)] = PlanEdge(src, dst, edge.output_names, edge.input_names)
     for port in spec.inputs:
         if port.label in subs:
             err = VdagError(port.path, "", _show(port.label))

@@ -355,6 +355,24 @@ def test_the_plan_size_is_bounded() -> None:
     assert error == "nodes[1] 'sub': in vDAG q:1: nodes[3] 'w': the plan grows past 4 steps"
 
 
+def test_the_plan_edges_are_bounded() -> None:
+    """An edge between two sub-vDAGs joins every output step of one to every input step of the
+    other: 16 x 16 here."""
+    wide = spec(
+        [node(f"n{i}") for i in range(16)],
+        [f"n{i}" for i in range(16)],
+        [f"n{i}" for i in range(16)],
+        name="wide",
+        version="1",
+    )
+    twice = spec([node("s", vdag="wide"), node("t", vdag="wide")], ["s"], ["t"], chain("s", "t"))
+    plan = compile_plan(parse(twice), catalog(wide).versions, BLOCKS.__contains__)
+    assert len(plan.edges) == 256 and plan.levels[1][0] == "t/n0"
+    assert refusal(twice, wide, max_edges=255) == (
+        "graph.connections[0] 's' -> 't': the plan grows past 255 edges"
+    )
+
+
 def test_a_cycle_names_every_node_on_it() -> None:
     raw = spec(
         [node("a"), node("b"), node("c"), node("d")],
