@@ -15,8 +15,11 @@ is declared dead) compares the two:
   by `scheduler.placement.place` on live members that serve none of the model, and sent to
   them as fenced `assign` commands (a member loads the range with its shard service and
   announces it as usual); an assignment the member reports it could not carry out
-  (`load_failed`), or does not announce within `assign_timeout_s`, is given up and that member
-  left out for the model for `failed_cooldown_s`;
+  (`load_failed`), or does not announce within `assign_timeout_s`, is given up (and released,
+  so that a late load does not serve beside its replacement) and that member left out for
+  the model for `failed_cooldown_s`. A new coordinator counts the ranges members report
+  still loading on its predecessor's orders as assigned (coordinator_inflight), so a deploy
+  asked again across a change of coordinator places no extra copies;
 - *scaling*: `coordinator_state.Scaler` moves the target between the spec's
   `min_instances` and `max_instances` from the servers' announced `utilisation` and
   `queue_length`; copies beyond the target are `release`d (never below it).
@@ -36,8 +39,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from daemon.cluster import coordinator_view
 from daemon.cluster import coordinator_wire as wire
 from daemon.cluster.coordinator_facts import node_facts, served_ranges
+from daemon.cluster.coordinator_inflight import InFlight, Loading, read_loading
 from daemon.cluster.coordinator_member import MemberSide, Table, TableFile
 from daemon.cluster.coordinator_state import (
     CoordinatorSettings,
@@ -49,6 +54,7 @@ from daemon.cluster.coordinator_state import (
     shortfalls,
     surplus,
 )
+from daemon.cluster.coordinator_view import MAX_SCORES_SHOWN
 from daemon.errors import FailedPrecondition, GridmeshError, InvalidParams
 from p2p import codec
 from p2p.network import NetworkError
@@ -73,7 +79,6 @@ log = logging.getLogger(__name__)
 
 MAX_EVENTS = 50  # per cluster
 MAX_HEAL_STEPS = 16  # ranges placed per deployment per round
-MAX_SCORES_SHOWN = 64
 
 
 @dataclass(frozen=True)
@@ -113,8 +118,10 @@ class ClusterCoordinator:
             shards, on_reject, lambda c: runtime.coordinator(c)[0], tables, self._tell
         )
         self.tables = self.member.tables  # this node's copy of each cluster's table
+        self.inflight = InFlight(self.member, shards, lambda c: runtime.coordinator(c)[0])
         self._adopted: dict[str, int] = {}  # cluster -> the term whose tables were gathered
         self._pending: dict[tuple[str, str], dict[str, _Pending]] = {}
+        self._given_up: dict[str, list[tuple[str, Served]]] = {}  # cluster -> to release
         self._failed: dict[tuple[str, str, str], float] = {}  # (cluster, model, peer) -> until
         self._scalers: dict[tuple[str, str], Scaler] = {}
         self._events: dict[str, deque[dict[str, Any]]] = {}
@@ -123,8 +130,8 @@ class ClusterCoordinator:
         self._wake = trio.Event()
         # cluster_deploy's handler (coordinator_methods), for block_deploy's `cluster` param
         self.rpc_deploy: Callable[..., Awaitable[dict[str, Any]]] | None = None
-        runtime.on_command(wire.ASSIGN, self.member.on_assign)
-        runtime.on_command(wire.RELEASE, self.member.on_release)
+        runtime.on_command(wire.ASSIGN, self.inflight.on_assign)
+        runtime.on_command(wire.RELEASE, self.inflight.on_release)
         runtime.on_command(wire.DEPLOYMENTS, self.member.on_table)
         runtime.on_member_dead(self._on_dead)
         self.net.set_request_handler(
@@ -176,7 +183,10 @@ class ClusterCoordinator:
             if view is None or sender not in view.members:
                 raise wire.WireError("not_member", f"not an active member of {cluster!r} here")
             if isinstance(request, wire.TableRequest):
-                return self.member.table_reply(cluster)
+                table = self.tables.get(cluster)
+                body = None if table is None else wire.to_body(table.body())
+                loading = self.inflight.report(cluster)
+                return codec.encode({"ok": True, "table": body, "loading": loading})
             if isinstance(request, wire.LoadFailed):
                 self._load_failed(sender, request)
                 return codec.encode({"ok": True, "result": {}})
@@ -329,6 +339,7 @@ class ClusterCoordinator:
                     changed = True
                 await self._heal(cluster, deployment, served, alive)
                 await self._shrink(cluster, deployment, served)
+            await self._release_given_up(cluster)
             if changed:
                 await self._publish(cluster)
 
@@ -339,6 +350,7 @@ class ClusterCoordinator:
         if self._adopted.get(cluster) == term:
             return
         tables = [self.tables.get(cluster)]
+        loading: dict[str, list[Loading]] = {self.me: read_loading(self.inflight.report(cluster))}
         request = wire.encode_request(wire.TableRequest(cluster))
 
         async def ask(peer: str) -> None:
@@ -353,6 +365,7 @@ class ClusterCoordinator:
                 if reply.get("table") is not None:
                     body = wire.body_of(wire.TableBody, reply["table"])
                     tables.append(Table.of(body))
+                loading[peer] = read_loading(reply.get("loading"))
             except (NetworkError, wire.WireError):
                 pass  # unreachable or odd: the others' tables will do
 
@@ -369,10 +382,45 @@ class ClusterCoordinator:
         self.tables[cluster] = Table(term, 0, deployments)
         self._adopted[cluster] = term
         self._pending = {k: v for k, v in self._pending.items() if k[0] != cluster}
+        self._given_up.pop(cluster, None)  # an earlier term's: not this one's to release
+        assigned = self._assigned_before(cluster, deployments, loading)
         if deployments:
-            self._event(cluster, "*", "adopt", f"coordinator of term {term}: {len(deployments)}")
+            self._event(
+                cluster,
+                "*",
+                "adopt",
+                f"coordinator of term {term}: {len(deployments)} deployment(s), "
+                f"{assigned} range(s) still loading on the last coordinator's orders",
+            )
         if newest is not None:  # (a cluster that never had a table needs none sent)
             await self._publish(cluster)
+
+    def _assigned_before(
+        self,
+        cluster: str,
+        deployments: Mapping[str, wire.Deployment],
+        loading: Mapping[str, list[Loading]],
+    ) -> int:
+        """Count the ranges members are loading on an earlier coordinator's orders as this
+        one's pending assignments, each with what is left of its `assign_timeout_s`."""
+        now = trio.current_time()
+        count = 0
+        for peer, items in sorted(loading.items()):
+            for item in items:
+                if item.model not in deployments:
+                    continue
+                left = max(self.settings.assign_timeout_s - item.loading_s, 0.0)
+                s = Served(peer, item.start, item.end, pending=True)
+                self._pending.setdefault((cluster, item.model), {})[peer] = _Pending(s, now + left)
+                count += 1
+        return count
+
+    async def _release_given_up(self, cluster: str) -> None:
+        """Release the ranges given up on, so that a member still loading one unloads it
+        once loaded (coordinator_inflight) instead of serving it beside its replacement."""
+        for model, s in self._given_up.pop(cluster, []):
+            body = wire.to_body(wire.ReleaseBody(model, s.start, s.end))
+            await self.runtime.command(cluster, wire.RELEASE, body, to={s.peer_id})
 
     async def _publish(self, cluster: str) -> None:
         """Send the deployment table, one version on, to every member."""
@@ -397,6 +445,8 @@ class ClusterCoordinator:
                 del pending[peer]
             elif now >= wait.deadline or peer not in live:
                 del pending[peer]
+                if peer in live:  # late: whatever it loads now is not wanted
+                    self._given_up.setdefault(cluster, []).append((model, s))
                 self._failed[(cluster, model, peer)] = now + self.settings.failed_cooldown_s
                 self._event(
                     cluster, model, "give_up", f"{peer} did not announce {s.start}..{s.end}"
@@ -529,53 +579,7 @@ class ClusterCoordinator:
     # -- what cluster_info shows -------------------------------------------------------------
 
     def status(self, cluster: str, model: str) -> dict[str, Any]:
-        table = self.tables.get(cluster)
-        deployment = table.deployments.get(model) if table else None
-        states = self.runtime.member_states(cluster)
-        served = self._served(cluster, model, {p for p, s in states.items() if s != "dead"})
-        placed = dict(self._placed.get((cluster, model)) or {})
-        if placed:
-            placed["scores"] = placed.get("scores", [])[:MAX_SCORES_SHOWN]
-        return {
-            "cluster": cluster,
-            "model": model,
-            "coordinator": self.runtime.coordinator(cluster)[0],
-            "term": self.runtime.coordinator(cluster)[1],
-            "spec": None if deployment is None else wire.to_body(deployment.spec),
-            "target": None if deployment is None else deployment.target,
-            "servers": [
-                {
-                    "peer_id": s.peer_id,
-                    "start": s.start,
-                    "end": s.end,
-                    "state": "assigned" if s.pending else states.get(s.peer_id, "unknown"),
-                    "utilisation": s.utilisation,
-                    "queue_length": s.queue_length,
-                }
-                for s in sorted(served, key=lambda s: (s.start, s.end, s.peer_id))
-            ],
-            "last_placement": placed or None,
-            "events": [e for e in self._events.get(cluster, ()) if e["model"] in (model, "*")],
-        }
+        return coordinator_view.status(self, cluster, model)
 
     def placements(self, cluster: str) -> list[dict[str, Any]]:
-        """One row per deployment of `cluster` this node knows of (its table: its own as the
-        coordinator, else the last one the coordinator sent here): target and bounds, the
-        live members serving it (peer start..end state) and the coordinator's last word."""
-        rows = []
-        for model in sorted(self.tables[cluster].deployments if cluster in self.tables else {}):
-            status = self.status(cluster, model)
-            spec, events = status["spec"], status["events"]
-            rows.append(
-                {
-                    "model": model,
-                    "target": status["target"],
-                    "instances": f"{spec['min_instances']}..{spec['max_instances']}",
-                    "servers": [
-                        f"{s['peer_id']} {s['start']}..{s['end']} {s['state']}"
-                        for s in status["servers"]
-                    ],
-                    "last": f"{events[-1]['action']}: {events[-1]['reason']}" if events else "",
-                }
-            )
-        return rows
+        return coordinator_view.placements(self, cluster)

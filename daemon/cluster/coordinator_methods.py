@@ -38,6 +38,7 @@ from daemon.cluster.coordinator_member import TableFile
 from daemon.cluster.coordinator_state import ScalingSettings
 from daemon.errors import FailedPrecondition, InvalidParams, NetworkFailure, Unavailable
 from p2p.network import NetworkError
+from scheduler.election_driver import NotCoordinatorError
 from scheduler.placement import PlacementWeights
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,13 @@ def register_coordinator_methods(dispatcher: Dispatcher, coordinator: ClusterCoo
 
     async def ask_once(cluster: str, request: Any, wait_s: float) -> dict[str, Any]:
         if runtime.is_coordinator(cluster):
-            return await coordinator.handle(request)
+            try:
+                return await coordinator.handle(request)
+            except NotCoordinatorError:  # the lease ran out meanwhile (a loaded machine)
+                raise Unavailable(
+                    f"this node no longer coordinates {cluster!r}: retry",
+                    {"reason": "not_coordinator", "coordinator": None},
+                ) from None
         leader, term = runtime.coordinator(cluster)
         if leader is None or leader == coordinator.me:
             raise Unavailable(
