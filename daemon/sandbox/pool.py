@@ -333,15 +333,23 @@ class SandboxPool:
                 return idle.pop()
             most = 1 if ref.package.manifest.stateful else self.config.workers_per_policy
             if self._bound[digest] < most:
-                worker = await self._new_worker()
-                if worker is not None:
+                self._bound[digest] += 1  # reserved before any await: others see it
+                try:
+                    worker = await self._new_worker()
+                except BaseException:
+                    self._bound[digest] -= 1
+                    raise
+                if worker is None:
+                    self._bound[digest] -= 1
+                else:
+                    worker.digest = digest  # from now on _forget releases the reservation
                     await self._load(worker, ref)
                     return worker
             await self._lot.park()
 
     async def _new_worker(self) -> _Worker | None:
-        """A worker to bind: a spare, a new one, or one made room for by retiring the
-        longest-idle worker of another policy; None if all are busy."""
+        """A worker to bind: a spare, a new one, or one made room for by retiring an idle
+        worker of another policy (the longest idle of its policy); None if all are busy."""
         if self._spares:
             worker = self._spares.pop()
             self._check_open().start_soon(self._refill)
@@ -356,8 +364,6 @@ class SandboxPool:
 
     async def _load(self, worker: _Worker, ref: PolicyRef) -> None:
         package = ref.package
-        worker.digest = package.digest
-        self._bound[package.digest] += 1
         message = {"op": "load", "digest": package.digest, "files": dict(package.files)}
         frame = wire.encode(message, MAX_PACKAGE_BYTES + MAX_FILES * 512, "the package")
         try:

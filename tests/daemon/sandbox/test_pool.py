@@ -176,3 +176,19 @@ async def test_layers_are_detected_and_reported(tmp_path: Path) -> None:
         assert all(state.startswith(("on: ", "off: ")) for state in pool.layers.values())
     with pytest.raises(PoolClosed):
         await pool.call(policy(tmp_path), "eval", {})
+
+
+async def test_concurrent_first_calls_respect_workers_per_policy(tmp_path: Path) -> None:
+    pid = policy(tmp_path, "import os\nreturn os.getpid()", "pid")
+    config = SandboxConfig(spare_workers=0, workers_per_policy=2, max_workers=8)
+    async with SandboxPool(config) as pool:
+        seen: list[int] = []
+
+        async def one() -> None:
+            seen.append(await pool.call(pid, "eval", {}))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(12):
+                nursery.start_soon(one)
+        assert len(seen) == 12 and len(set(seen)) == 2
+        assert pool.counters.started == 2  # the first (spare) and one more, not one per call
