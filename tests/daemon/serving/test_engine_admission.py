@@ -137,3 +137,28 @@ async def test_a_request_that_can_run_does_not_queue_behind_one_held_by_its_own_
         busy[0].done = True
         admission.released()
     assert admission.waiting == 0 and queued == {"m": 0}
+
+
+async def test_a_waiting_request_is_told_its_position_as_those_ahead_leave(autojump_clock):
+    table = JobTable()
+    admission, _ = _admission(table)
+    held = _fill(table, MAX_JOBS)
+    told: dict[str, list[int]] = {"a": [], "b": [], "c": []}
+
+    def teller(owner: str):
+        async def on_wait(position: int) -> None:
+            if not told[owner] or told[owner][-1] != position:
+                told[owner].append(position)
+
+        return on_wait
+
+    async with trio.open_nursery() as nursery:
+        for owner in ("a", "b", "c"):
+            nursery.start_soon(admission.acquire, owner, 1, "m", teller(owner))
+            await trio.sleep(0.01)  # virtual time (autojump_clock): they arrive in this order
+        assert told == {"a": [1], "b": [2], "c": [3]}
+        for job in held[:3]:
+            job.done = True
+            admission.released()
+            await trio.sleep(1)  # virtual time: at least one poll of every waiter
+    assert told == {"a": [1], "b": [2, 1], "c": [3, 2, 1]}
