@@ -314,7 +314,10 @@ def check_graph(spec: VdagSpec) -> None:
             )
     _check_names(spec, by_label)
     for node in spec.nodes:
-        check_all_used(spec, node.label, node.inputs, node.outputs, node.error, repr(node.label))
+        if node.inputs or node.outputs:
+            check_all_used(
+                spec, node.label, node.inputs, node.outputs, node.error, repr(node.label)
+            )
 
 
 def unmatched(declared: tuple[str, ...], named: list[tuple[str, ...]]) -> list[str]:
@@ -335,6 +338,8 @@ def check_all_used(
     shown: str,
 ) -> None:
     """Every declared input of node `label` is fed, every declared output read."""
+    if not inputs and not outputs:
+        return
     feeds = [p.names for p in spec.inputs if p.label == label]
     feeds += [e.input_names for e in spec.edges if e.dst == label]
     for name in unmatched(inputs, feeds):
