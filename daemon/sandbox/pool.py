@@ -42,7 +42,7 @@ ROOT = str(Path(__file__).resolve().parents[2])
 BOOTSTRAP = (
     f"import sys; sys.path.insert(0, {ROOT!r}); from daemon.sandbox.worker import main; main()"
 )
-WORKER_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "random"}
+WORKER_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}  # none of the daemon's
 START_TIMEOUT_S = 30.0
 SIGNALS = {
     signal.SIGXCPU: "its CPU-time limit",
@@ -135,8 +135,12 @@ class SandboxPool:
 
     async def __aexit__(self, *exc: Any) -> bool | None:
         nursery, self._nursery = self._nursery, None
-        for worker in list(self._workers):
+        workers = list(self._workers)
+        for worker in workers:
             self._kill(worker, count=False)
+        with trio.move_on_after(2.0, shield=True):  # reap them: no zombies left behind
+            for worker in workers:
+                await worker.process.wait()
         if nursery is not None:
             nursery.cancel_scope.cancel()
         self._lot.unpark_all()
