@@ -152,6 +152,18 @@ class SandboxPool:
         finally:
             shutil.rmtree(self._base, ignore_errors=True)
 
+    def snapshot(self) -> dict[str, Any]:
+        """Counters, layers and workers, for /metrics (daemon.sandbox.metrics)."""
+        return {
+            **self.counters.snapshot(),
+            "layers": dict(self.layers),
+            "workers": {
+                "live": len(self._workers),
+                "spare": len(self._spares),
+                "idle": sum(len(idle) for idle in self._idle.values()),
+            },
+        }
+
     @property
     def isolated(self) -> bool:
         """Whether at least one isolation layer (beyond rlimits) is on."""
