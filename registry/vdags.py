@@ -270,6 +270,8 @@ def parse(value: dict[str, Any]) -> VdagSpec:
         raise VdagSpecError("nodes", f"has {len(value['nodes'])} nodes (limit {MAX_NODES})")
     nodes = tuple(_node(i, raw) for i, raw in enumerate(value["nodes"]))
     graph = value["graph"]
+    if ":" in value["vdagName"]:
+        raise VdagSpecError("vdagName", "must not contain ':' (it separates name and version)")
     version = version_of(value["vdagVersion"])
     if not version:
         raise VdagSpecError("vdagVersion", "must name a version")

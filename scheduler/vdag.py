@@ -118,7 +118,7 @@ def parse_uri(uri: str) -> tuple[str, str | None]:
 def version_key(version: str) -> tuple[tuple[int, int, str], ...]:
     """Orders versions part by part (split at . - + _), numbers as numbers, before words."""
     parts = re.split(r"[.\-+_]", version)
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
+    return tuple((0, int(p), "") if p.isascii() and p.isdigit() else (1, 0, p) for p in parts)
 
 
 def _matches(spec: VdagSpec, version: str | None) -> bool:

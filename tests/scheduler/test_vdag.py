@@ -331,6 +331,12 @@ BAD: list[tuple[str, Any, list[dict[str, Any]], str]] = [
     ),
     ("nesting too deep", DEEP[0], DEEP[1:], "nests vDAGs deeper than 8 levels"),
     (
+        "a name that cannot be told from its version",
+        changed(LINEAR, ["vdagName"], "p:2"),
+        [],
+        "vdagName must not contain ':' (it separates name and version)",
+    ),
+    (
         "too many nodes",
         spec([node(f"n{i}") for i in range(257)], ["n0"], ["n0"]),
         [],
@@ -521,6 +527,7 @@ def test_uris_and_version_order() -> None:
     assert parse_uri("summarizer:") == ("summarizer", None)
     assert version_key("1.10") > version_key("1.9") > version_key("1.0-stable")
     assert sorted(["2", "10", "1.a", "1.2"], key=version_key) == ["1.2", "1.a", "2", "10"]
+    assert version_key("1.²") > version_key("1.9")  # a digit that int() does not read: a word
 
 
 # --------------------------------------------------------------------------- fuzz
@@ -607,3 +614,22 @@ def test_random_graphs_compile_in_topological_order_or_are_refused(
     assert sorted(position) == labels
     for a, b in edges:
         assert position[a] < position[b] and level[a] < level[b]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=6))
+def test_any_versions_resolve(versions: list[str]) -> None:
+    cat = Catalog()
+    for version in versions:
+        with contextlib.suppress(VdagError):  # e.g. an unpaired surrogate
+            cat.add(parse(changed(SUB, ["vdagVersion"], version)))
+    stored = [v for (_, v) in cat.specs]
+    if not stored:
+        return
+    latest = cat.resolve("q")
+    assert latest is not None
+    assert version_key(latest.version) == max(version_key(v) for v in stored)
+    for version in stored:
+        pinned = cat.resolve("q", version)
+        assert pinned is not None
+        assert pinned.version == version or pinned.version.startswith(version + "-")
