@@ -21,12 +21,14 @@ edge written twice is one edge.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 import msgspec
 
 MAX_NODES = 256  # nodes of one vDAG (a nested vDAG counts as one)
 MAX_NAMES = 64  # input or output names on one port or edge
+DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")  # a policy package's content hash
 
 
 class VdagSpecError(ValueError):
@@ -43,11 +45,13 @@ class VdagSpecError(ValueError):
 
 
 class PolicyRule(msgspec.Struct, frozen=True):
-    """A node's policy: the policy's URI, and what the spec passes to it."""
+    """A node's policy: the policy's URI, what the spec passes to it, and (``policyRuleDigest``,
+    ours) the content hash the policy package must have, ``sha256:<64 hex digits>``."""
 
     uri: str
     parameters: dict[str, Any]
     settings: dict[str, Any]
+    digest: str | None = None
 
 
 class VdagNode(msgspec.Struct, frozen=True):
@@ -190,7 +194,11 @@ def _policy(raw: Any, where: Where, field: str) -> PolicyRule | None:
     for name, value in (("parameters", parameters), ("settings", settings)):
         if not isinstance(value, dict):
             raise VdagSpecError(where[0], f"{field}.{name} must be an object", where[1])
-    return PolicyRule(uri, parameters, settings)
+    digest = raw.get("policyRuleDigest")
+    if digest is not None and not (isinstance(digest, str) and DIGEST_RE.fullmatch(digest)):
+        problem = f"{field}.policyRuleDigest must be sha256:<64 hex digits> (its content hash)"
+        raise VdagSpecError(where[0], problem, where[1])
+    return PolicyRule(uri, parameters, settings, digest)
 
 
 def _node(index: int, raw: dict[str, Any]) -> VdagNode:

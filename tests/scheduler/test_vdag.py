@@ -318,6 +318,16 @@ BAD: list[tuple[str, Any, list[dict[str, Any]], str]] = [
         "nodes[2] 'c': preprocessingPolicyRule.policyRuleURI must be a non-empty string",
     ),
     (
+        "policy with a malformed content hash",
+        changed(
+            LINEAR,
+            ["nodes", 0, "assignmentPolicyRule"],
+            {"policyRuleURI": "ll:1", "policyRuleDigest": "md5:abc"},
+        ),
+        [],
+        "nodes[0] 'a': assignmentPolicyRule.policyRuleDigest must be sha256:<64 hex digits>",
+    ),
+    (
         "label with a slash",
         spec([node("a/b")], ["a/b"], ["a/b"]),
         [],
@@ -481,6 +491,10 @@ def test_aios_format_with_version_object_and_policies() -> None:
         "parameters": {"size": 224},
     }
     raw["nodes"][1]["postprocessingPolicyRule"] = {}  # AIOS: no policy
+    raw["nodes"][3]["postprocessingPolicyRule"] = {
+        "policyRuleURI": "redact:3",
+        "policyRuleDigest": "sha256:" + "ab" * 32,
+    }
     raw["nodes"][2] = {
         "nodeLabel": "c",
         "nodeType": "block",
@@ -493,7 +507,8 @@ def test_aios_format_with_version_object_and_policies() -> None:
     assert b.preprocessing is not None and b.preprocessing.parameters == {"size": 224}
     assert b.postprocessing is None
     assert c.block_id is None and c.assignment is not None  # its policy picks the block
-    assert c.assignment.uri == "least-loaded:1"
+    assert c.assignment.uri == "least-loaded:1" and c.assignment.digest is None
+    assert plan.steps[3].postprocessing.digest == "sha256:" + "ab" * 32  # type: ignore[union-attr]
 
 
 def test_without_a_block_lookup_blocks_are_not_checked() -> None:
