@@ -527,10 +527,9 @@ def render(checks: Sequence[Check]) -> str:
         if check.fix and check.status != PASS:
             lines.append(f"      {'':<{width}}  fix: {check.fix}")
     failures = sum(c.status == FAIL for c in checks)
-    lines.append(
-        f"{failures} of {len(checks)} checks failed"
-        if failures
-        else f"all {len(checks)} "
-        "checks passed" + (" (with warnings)" if any(c.status == WARN for c in checks) else "")
-    )
+    if failures:
+        lines.append(f"{failures} of {len(checks)} checks failed")
+    else:
+        warnings = " (with warnings)" if any(c.status == WARN for c in checks) else ""
+        lines.append(f"all {len(checks)} checks passed{warnings}")
     return "\n".join(lines)
