@@ -242,16 +242,25 @@ class SandboxPool:
         )
         self._workers.add(worker)
         self.counters.started += 1
+        nursery.start_soon(self._watch, worker)  # reaps it whenever it exits
         try:
             with trio.fail_after(START_TIMEOUT_S):
                 hello = await worker.reader.receive(self.config.max_reply_bytes, "hello")
-        except (trio.TooSlowError, SandboxError) as exc:
+        except (
+            trio.TooSlowError,
+            SandboxError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+        ) as exc:
             reason = await self._death(worker)
-            self._kill(worker)
             log = self._log_tail(worker)
+            self._kill(worker, count=False)
             raise WorkerCrashed(
                 f"a sandbox worker failed to start ({reason or exc}){log}"
             ) from None
+        except BaseException:  # cancelled while it started
+            self._kill(worker, count=False)
+            raise
         worker.layers = dict(hello.get("layers", {})) if isinstance(hello, dict) else {}
         lost = [
             n
@@ -259,9 +268,8 @@ class SandboxPool:
             if s.startswith("on") and not worker.layers.get(n, "").startswith("on")
         ]
         if lost:
-            self._kill(worker)
+            self._kill(worker, count=False)
             raise IsolationRefused(f"a new worker lacks layers the first had: {', '.join(lost)}")
-        nursery.start_soon(self._watch, worker)
         return worker
 
     def _log_tail(self, worker: _Worker) -> str:
@@ -274,15 +282,19 @@ class SandboxPool:
     async def _watch(self, worker: _Worker) -> None:
         """Reaps the worker's process and removes its files once it exits."""
         await worker.process.wait()
-        if not worker.dead:  # died while idle (CPU-time limit, ...)
-            self.counters.crashes += 1
-            self._forget(worker)
+        self._died(worker)  # unless the pool killed it: then it is dead already
         for stream in (worker.send, worker.reader.stream):
             with contextlib.suppress(Exception):
                 await stream.aclose()
         shutil.rmtree(worker.scratch, ignore_errors=True)
         with contextlib.suppress(OSError):
             worker.scratch.with_suffix(".log").unlink()
+
+    def _died(self, worker: _Worker) -> None:
+        """The worker exited by itself (a limit, a signal, its own exit): counted once."""
+        if not worker.dead:
+            self.counters.crashes += 1
+            self._forget(worker)
 
     def _forget(self, worker: _Worker) -> None:
         if worker.dead:
@@ -426,7 +438,10 @@ class SandboxPool:
             ) from None
         except (WorkerCrashed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             reason = await self._death(worker)
-            self._kill(worker)
+            if worker.process.returncode is not None:
+                self._died(worker)
+            else:  # alive but broke the protocol
+                self._kill(worker)
             detail = reason or getattr(exc, "message", str(exc))
             raise WorkerCrashed(
                 f"policy {name}'s worker died during the call ({detail}); it was replaced"

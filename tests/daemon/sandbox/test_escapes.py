@@ -179,6 +179,7 @@ async def test_ctypes_tricks(pool: SandboxPool, attacker: PolicyPackage) -> None
     with pytest.raises(MessageTooLarge, match="4294967295 bytes, over the limit"):
         await attack(pool, attacker, "forge_reply_header")
     assert pool.counters.kills == 1 and pool.counters.failures["crashed"] == 1
+    assert pool.counters.crashes == 1  # the segfault, counted once
     await still_serving(pool, attacker, "too_large")
 
 

@@ -145,6 +145,7 @@ async def test_a_dead_worker_is_replaced(tmp_path: Path) -> None:
         after = await pool.call(dying, "eval", {"input_data": False})
         assert after != before
         assert pool.counters.failures["crashed"] == 1
+        assert pool.counters.crashes == 1 and pool.counters.kills == 0  # counted once
 
 
 async def test_workers_are_recycled_after_max_calls(tmp_path: Path) -> None:
