@@ -519,12 +519,15 @@ MARKS = {PASS: "ok  ", FAIL: "FAIL", WARN: "warn"}
 
 
 def render(checks: Sequence[Check]) -> str:
-    """One line per check, its fix on the next when it has one."""
+    """One line per check, its fix on the next when it has one (once after a run of lines
+    with the same fix: every daemon line without a daemon)."""
     width = max((len(c.title) for c in checks), default=0)
     lines = []
-    for check in checks:
+    for index, check in enumerate(checks):
         lines.append(f"{MARKS[check.status]}  {check.title:<{width}}  {check.detail}")
-        if check.fix and check.status != PASS:
+        after = checks[index + 1] if index + 1 < len(checks) else None
+        same_next = after is not None and after.fix == check.fix and after.status != PASS
+        if check.fix and check.status != PASS and not same_next:
             lines.append(f"      {'':<{width}}  fix: {check.fix}")
     failures = sum(c.status == FAIL for c in checks)
     if failures:
