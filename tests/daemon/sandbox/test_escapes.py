@@ -183,6 +183,16 @@ async def test_ctypes_tricks(pool: SandboxPool, attacker: PolicyPackage) -> None
     await still_serving(pool, attacker, "too_large")
 
 
+async def test_forged_frames_and_closed_pipes(pool: SandboxPool, attacker: PolicyPackage) -> None:
+    with pytest.raises(WorkerCrashed, match="malformed reply"):
+        await attack(pool, attacker, "forge_garbage_frame")
+    with pytest.raises(WorkerCrashed, match="worker died during the call|closed its pipe"):
+        await attack(pool, attacker, "close_pipes")
+    # the first is killed; the second exits by itself when it cannot answer: both replaced
+    assert pool.counters.kills + pool.counters.crashes == 2 and pool.counters.kills >= 1
+    await still_serving(pool, attacker, "crashed")
+
+
 async def test_a_100_mib_return_value(pool: SandboxPool, attacker: PolicyPackage) -> None:
     with pytest.raises(MessageTooLarge, match="reply is 104857\\d+ bytes, over the limit"):
         await attack(pool, attacker, "big_reply", mib=100)

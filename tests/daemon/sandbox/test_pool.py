@@ -193,3 +193,12 @@ async def test_concurrent_first_calls_respect_workers_per_policy(tmp_path: Path)
                 nursery.start_soon(one)
         assert len(seen) == 12 and len(set(seen)) == 2
         assert pool.counters.started == 2  # the first (spare) and one more, not one per call
+
+
+async def test_a_worker_that_cannot_start_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from daemon.sandbox import pool as pool_module
+
+    monkeypatch.setattr(pool_module, "BOOTSTRAP", "raise SystemExit('no python here')")
+    with pytest.raises(WorkerCrashed, match="failed to start \\(exit status 1\\): no python here"):
+        async with SandboxPool(FAST):
+            pass

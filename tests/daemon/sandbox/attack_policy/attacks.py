@@ -123,3 +123,20 @@ def import_module(name):
 def kill_pid(pid):
     os.kill(pid, 9)
     return "signalled"
+
+
+def forge_garbage_frame():
+    """Writes a frame whose body is not msgpack (0xc1 is never used) on the reply pipe."""
+    import json
+
+    fd = json.loads(sys.argv[-1])["reply_fd"]
+    os.write(fd, b"\x00\x00\x00\x03\xc1\xc1\xc1")
+    return "sent"
+
+
+def close_pipes():
+    import json
+
+    config = json.loads(sys.argv[-1])
+    os.close(config["reply_fd"])
+    return "closed"
