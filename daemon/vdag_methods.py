@@ -26,6 +26,7 @@ from msgspec import Meta
 from daemon import errors
 from daemon.api.jsonrpc import Dispatcher
 from daemon.errors import FailedPrecondition, InvalidParams, NotFound
+from registry import schemas
 from registry.blocks import Announcement, BadAnnouncement, announcements, parse_announcement
 from registry.entry import Entry
 from registry.replica import Rejected, Replica
@@ -143,6 +144,11 @@ def register_vdag_methods(dispatcher: Dispatcher, replicator: Replicator) -> Non
         """Check a vDAG spec against this node's registries (blocks, sub-vDAGs) and write it
         under `key` (default name:version, so older versions stay resolvable)."""
         spec, _ = check(replica, value, key)
+        if key is None:
+            try:
+                schemas.validate_key("vdags", spec.uri)
+            except schemas.SchemaError as exc:
+                raise InvalidParams(f"{exc}: give the vDAG a key", {"reason": "key"}) from None
         try:
             entry = await replicator.write("vdags", key or spec.uri, value)
         except Rejected as exc:

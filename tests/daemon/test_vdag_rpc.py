@@ -21,6 +21,9 @@ def _inline(monkeypatch):
     inline_threads(monkeypatch)
 
 
+LLAMA = {"blockId": "llama", "blockComponentURI": "llama:1"}
+
+
 def vdag(name: str, version: str, nodes: list[dict], edges: list[tuple[str, str]]) -> dict:
     heads = [n["nodeLabel"] for n in nodes if all(b != n["nodeLabel"] for _, b in edges)]
     tails = [n["nodeLabel"] for n in nodes if all(a != n["nodeLabel"] for a, _ in edges)]
@@ -184,6 +187,18 @@ async def test_bad_params_are_refused_cleanly(autojump_clock, tmp_path):
         assert error.message == "vDAG refused: vdagVersion is required"
         error = await refused(a, "vdag_plan", {"name": ""})
         assert error.code == -32602
+        spaced = vdag("p", "1.0 beta", [block("x", "llama")], [])
+        error = await refused(a, "vdag_apply", {"value": spaced})
+        assert error.message == (
+            "vDAG refused: nodes[0] 'x': unknown block 'llama'"  # checked first
+        )
+        await a.call("registry_put", {"kind": "blocks", "key": "llama", "value": LLAMA})
+        error = await refused(a, "vdag_apply", {"value": spaced})
+        assert error.message.startswith("vdags: key 'p:1.0 beta' may only use letters")
+        assert error.message.endswith(": give the vDAG a key")
+        entry = await a.call("vdag_apply", {"value": spaced, "key": "p-1.0-beta"})
+        assert entry["key"] == "p-1.0-beta"
+        assert (await a.call("vdag_plan", {"name": "p"}))["vdag"] == "p:1.0 beta"
 
 
 async def test_a_peers_broken_vdag_is_dropped_and_counted(autojump_clock, tmp_path):
