@@ -65,7 +65,8 @@ async def bench(args: argparse.Namespace) -> None:
             spare_workers=1,
             workers_per_policy=workers,
             max_workers=workers + 2,
-            **({"layers": layers} if layers is not None else {}),
+            # --layers "": none, and the opt-in that runs an untrusted policy without them
+            **({"layers": layers, "run_unisolated": not layers} if layers is not None else {}),
         )
         async with SandboxPool(config) as pool:
             for name, state in pool.layers.items():
