@@ -28,7 +28,7 @@ def make_tiny(
     family: str = typer.Option(
         "llama",
         "--family",
-        help="llama, qwen2, qwen3 or mistral (the Hugging Face layout of each).",
+        help="llama, qwen2, qwen3, mistral, qwen3_moe or mixtral (Hugging Face layout).",
     ),
     sliding_window: int | None = typer.Option(
         None,
@@ -45,6 +45,15 @@ def make_tiny(
     ),
     attention_bias: bool = typer.Option(
         False, "--attention-bias", help="llama/qwen3: biases on the attention projections."
+    ),
+    experts: int | None = typer.Option(
+        None, "--experts", min=1, help="qwen3_moe/mixtral: experts per sparse layer (4)."
+    ),
+    experts_per_token: int | None = typer.Option(
+        None, "--experts-per-token", min=1, help="qwen3_moe/mixtral: experts per token (2)."
+    ),
+    expert_intermediate: int | None = typer.Option(
+        None, "--expert-intermediate", min=1, help="qwen3_moe/mixtral: an expert's MLP size (64)."
     ),
     layers: int = typer.Option(4, "--layers", min=1, help="Decoder layers."),
     hidden: int = typer.Option(64, "--hidden", min=2, help="Hidden size."),
@@ -75,6 +84,9 @@ def make_tiny(
             max_window_layers=max_window_layers,
             head_dim=head_dim,
             attention_bias=attention_bias,
+            experts=experts,
+            experts_per_token=experts_per_token,
+            expert_intermediate=expert_intermediate,
             layers=layers,
             hidden=hidden,
             heads=heads,
@@ -144,6 +156,12 @@ def inspect(
         typer.echo(f"layers:       {report['layers']} (hidden {report['hidden_size']}, {heads})")
         typer.echo(f"vocabulary:   {report['vocab_size']:,}")
         typer.echo(f"features:     {', '.join(extras) or 'none beyond Llama'}")
+        if report.get("experts"):
+            moe = report["experts"]
+            typer.echo(
+                f"experts:      {moe['experts']} per sparse layer, {moe['per_token']} per token, "
+                f"{len(moe['sparse_layers'])} sparse layers (all experts counted in the bytes)"
+            )
         if window and sliding:
             which = "all" if len(sliding) == report["layers"] else f"{len(sliding)}"
             typer.echo(f"attention:    sliding window {window:,} on {which} layers")

@@ -12,10 +12,12 @@ ones: `model.embed_tokens.weight`, `model.layers.{i}.self_attn.q_proj.weight`, .
 `model.norm.weight`, `lm_head.weight`.
 
 Modules, each importing only those above it:
-- `families`: what each family (llama, qwen2, qwen3, mistral) changes in the Llama decoder
+- `families`: what each family (llama, qwen2, qwen3, mistral, qwen3_moe, mixtral) changes in
+  the Llama decoder
 - `config`: `config.json` parsing (`ModelConfig`, alias `LlamaConfig`), dtypes, tensor names
   and sizes, `ModelError`
 - `kvcache`: the preallocated KV cache of one shard (a ring for sliding-window layers)
+- `moe`: mixture-of-experts blocks (`MoESpec` from config.json, `SparseMoE`)
 - `layers`: RMSNorm, rotary frequencies, attention, MLP, decoder layer
 - `shard`: `LlamaShard`, layers `[start, end)` and the eager forward pass
 - `checkpoint`: loading shards from safetensors files
@@ -27,6 +29,7 @@ Modules, each importing only those above it:
 This package re-exports the public names callers use: `from daemon.shards.model import ...`.
 """
 
+from daemon.shards.model import config
 from daemon.shards.model.checkpoint import Checkpoint, inspect_checkpoint, load_model, load_shard
 from daemon.shards.model.config import (
     CONFIG_FILE,
@@ -51,6 +54,7 @@ from daemon.shards.model.families import FAMILIES, Family
 from daemon.shards.model.generate import greedy_generate, stop_ids
 from daemon.shards.model.kvcache import KVCache, KVCacheFull
 from daemon.shards.model.layers import rope_inv_freq
+from daemon.shards.model.moe import MoESpec, SparseMoE
 from daemon.shards.model.shard import LlamaShard
 from daemon.shards.model.tiny import make_tiny, tiny_config
 from daemon.shards.model.tokenizer import (
@@ -87,6 +91,8 @@ __all__ = [
     "LlamaConfig",
     "LlamaShard",
     "ModelError",
+    "MoESpec",
+    "SparseMoE",
     "StaticDecoder",
     "Tokenizer",
     "byte_tokenizer_json",
@@ -103,3 +109,6 @@ __all__ = [
     "tiny_config",
     "to_dtype",
 ]
+
+# config.py cannot import moe.py (which imports it): the parser of sparse blocks is given here
+config.set_moe_parser(MoESpec.from_config)

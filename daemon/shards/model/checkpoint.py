@@ -21,7 +21,7 @@ from daemon.shards.model.config import (
     ModelConfig,
     ModelError,
     check_shape,
-    shard_tensor_names,
+    shard_tensor_shapes,
     to_dtype,
 )
 from daemon.shards.model.shard import LlamaShard
@@ -120,7 +120,8 @@ def inspect_checkpoint(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         with ExitStack() as stack:
             checkpoint = Checkpoint(model_dir, stack)
-            shapes = config.tensor_shapes()
+            last = config.num_hidden_layers
+            shapes = shard_tensor_shapes(config, 0, last, has=checkpoint.files.__contains__)
             for name, shape in shapes.items():
                 try:
                     got, dtype = checkpoint.header(name)
@@ -132,7 +133,7 @@ def inspect_checkpoint(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
                 if dtype not in STORED_DTYPES:
                     problems.append(f"tensor {name!r} is stored as {dtype}, not as float weights")
             try:
-                check_no_extra(config, 0, config.num_hidden_layers, checkpoint.files, list(shapes))
+                check_no_extra(config, 0, last, checkpoint.files, shapes)
             except ModelError as exc:
                 problems.append(str(exc))
     except ModelError as exc:
@@ -154,6 +155,16 @@ def inspect_checkpoint(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
             "o_bias": config.o_bias,
             "qk_norm": config.qk_norm,
             "tied_embeddings": config.tie_word_embeddings,
+            "experts": None
+            if config.moe is None
+            else {
+                "experts": config.moe.num_experts,
+                "per_token": config.moe.top_k,
+                "expert_intermediate_size": config.moe.expert_intermediate_size,
+                "sparse_layers": [
+                    i for i in range(config.num_hidden_layers) if config.moe.is_moe_layer(i)
+                ],
+            },
             "sliding_window": config.sliding_window,
             "sliding_layers": windows,
             "parameters": config.num_parameters(),
@@ -232,14 +243,14 @@ def load_shard(
     config = LlamaConfig.from_dir(model_dir)
     config.check_range(start, end)
     torch_dtype = to_dtype(dtype)
-    shapes = config.tensor_shapes()
     tensors: dict[str, Tensor] = {}
-    names = shard_tensor_names(config, start, end)
     with ExitStack() as stack:
         checkpoint = Checkpoint(model_dir, stack)
-        check_no_extra(config, start, end, checkpoint.files, names)
-        for name in names:
-            tensor = checkpoint.get(name, shapes[name])
+        # a sparse block named as this checkpoint stores it (per expert, or fused)
+        shapes = shard_tensor_shapes(config, start, end, has=checkpoint.files.__contains__)
+        check_no_extra(config, start, end, checkpoint.files, shapes)
+        for name, shape in shapes.items():
+            tensor = checkpoint.get(name, shape)
             if not tensor.is_floating_point():
                 raise ModelError(f"tensor {name!r} has dtype {tensor.dtype}, expected floats")
             tensors[name] = tensor.to(device=device, dtype=torch_dtype)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,6 +155,20 @@ def _family_of(raw: Mapping[str, Any]) -> Family:
     return MODEL_TYPES[model_type]
 
 
+def _moe_json(moe: Any, family: str) -> dict[str, Any]:
+    """The config.json fields of a `moe.MoESpec` (what `MoESpec.from_config` reads back)."""
+    if family == "mixtral":
+        return {"num_local_experts": moe.num_experts, "num_experts_per_tok": moe.top_k}
+    return {
+        "num_experts": moe.num_experts,
+        "num_experts_per_tok": moe.top_k,
+        "moe_intermediate_size": moe.expert_intermediate_size,
+        "norm_topk_prob": moe.renormalize,
+        "decoder_sparse_step": moe.decoder_sparse_step,
+        "mlp_only_layers": sorted(moe.mlp_only_layers),
+    }
+
+
 def _window(
     raw: Mapping[str, Any], family: Family, layers: int
 ) -> tuple[int | None, tuple[str, ...]]:
@@ -207,6 +221,8 @@ class ModelConfig:
     # per layer, "full_attention" or "sliding_attention"; () = every layer sliding if
     # `sliding_window` is set, else every layer full
     layer_types: tuple[str, ...] = ()
+    # the sparse blocks of a mixture-of-experts family (a `moe.MoESpec`), None: dense MLPs
+    moe: Any = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -286,6 +302,7 @@ class ModelConfig:
         theta, scaling = _rope_scaling(raw, max_positions)
         head_dim = raw.get("head_dim")
         window, layer_types = _window(raw, family, layers)
+        moe = parse_moe(raw, family.name) if family.mlp == "moe" else None
         return cls(
             vocab_size=_int(raw, "vocab_size"),
             hidden_size=_int(raw, "hidden_size"),
@@ -307,6 +324,7 @@ class ModelConfig:
             qk_norm=family.qk_norm,
             sliding_window=window,
             layer_types=layer_types,
+            moe=moe,
         )
 
     @classmethod
@@ -346,6 +364,8 @@ class ModelConfig:
             out["attention_bias"] = self.qkv_bias
         if "mlp_bias" in spec.fields:
             out["mlp_bias"] = False
+        if self.moe is not None:
+            out.update(_moe_json(self.moe, spec.name))
         if spec.window == "every_layer":
             out["sliding_window"] = self.sliding_window
             if spec.window_flag:
@@ -362,8 +382,14 @@ class ModelConfig:
 
     # Sizes, for the shard planner -------------------------------------------------------
 
-    def layer_shapes(self, layer: int = 0) -> dict[str, tuple[int, ...]]:
-        """Shapes of decoder layer `layer`'s tensors, by name relative to `model.layers.{i}.`."""
+    def layer_shapes(
+        self, layer: int = 0, has: Callable[[str], bool] | None = None
+    ) -> dict[str, tuple[int, ...]]:
+        """Shapes of decoder layer `layer`'s tensors, by name relative to `model.layers.{i}.`.
+
+        A sparse (mixture-of-experts) layer's block is named as on the Hub (one tensor per
+        expert), or, given `has` (whether a checkpoint holds a name relative to the layer),
+        in the layout that checkpoint holds (`moe.MoESpec.checkpoint_layer_shapes`)."""
         h, d = self.hidden_size, self.head_dim
         q, kv, inter = (
             self.num_attention_heads * d,
@@ -391,6 +417,12 @@ class ModelConfig:
             shapes["self_attn.q_norm.weight"] = (d,)
             shapes["self_attn.k_norm.weight"] = (d,)
         shapes["post_attention_layernorm.weight"] = (h,)
+        if self.moe is not None:
+            if has is None:
+                shapes.update(self.moe.layer_shapes(h, layer))
+            else:
+                shapes.update(self.moe.checkpoint_layer_shapes(h, layer, has))
+            return shapes
         shapes.update(
             {
                 "mlp.gate_proj.weight": (inter, h),
@@ -491,20 +523,49 @@ class ModelConfig:
             )
 
 
+def shard_tensor_shapes(
+    config: ModelConfig, start: int, end: int, has: Callable[[str], bool] | None = None
+) -> dict[str, tuple[int, ...]]:
+    """The checkpoint tensors that the shard `[start, end)` reads, in file order, with their
+    shapes; `has(name)`: whether the checkpoint holds a tensor, to name a sparse block in the
+    layout it is stored in (`ModelConfig.layer_shapes`)."""
+    config.check_range(start, end)
+    h = config.hidden_size
+    shapes: dict[str, tuple[int, ...]] = {}
+    if start == 0:
+        shapes["model.embed_tokens.weight"] = (config.vocab_size, h)
+    for i in range(start, end):
+        prefix = f"model.layers.{i}."
+        inner = None if has is None else (lambda name, p=prefix: has(p + name))
+        for name, shape in config.layer_shapes(i, inner).items():
+            shapes[prefix + name] = shape
+    if end == config.num_hidden_layers:
+        shapes["model.norm.weight"] = (h,)
+        head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+        shapes.setdefault(head, (config.vocab_size, h))
+    return shapes
+
+
 def shard_tensor_names(config: ModelConfig, start: int, end: int) -> list[str]:
     """The checkpoint tensors that the shard `[start, end)` reads, in file order."""
-    config.check_range(start, end)
-    names = []
-    if start == 0:
-        names.append("model.embed_tokens.weight")
-    for i in range(start, end):
-        names.extend(f"model.layers.{i}.{name}" for name in config.layer_shapes(i))
-    if end == config.num_hidden_layers:
-        names.append("model.norm.weight")
-        head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-        if head not in names:
-            names.append(head)
-    return names
+    return list(shard_tensor_shapes(config, start, end))
+
+
+# The parser of mixture-of-experts blocks, `moe.MoESpec.from_config`: moe.py imports this
+# module (ModelError, check_shape), so this one cannot import it; the package's __init__
+# registers it (`set_moe_parser`) before anything can read a config.
+_moe_parser: list[Callable[[Mapping[str, Any], str], Any]] = []
+
+
+def set_moe_parser(parser: Callable[[Mapping[str, Any], str], Any]) -> None:
+    _moe_parser[:] = [parser]
+
+
+def parse_moe(raw: Mapping[str, Any], model_type: str) -> Any:
+    """The `moe.MoESpec` of a config.json of a mixture-of-experts family."""
+    if not _moe_parser:
+        raise ModelError("mixture-of-experts models need daemon.shards.model imported whole")
+    return _moe_parser[0](raw, model_type)
 
 
 def check_shape(name: str, got: tuple[int, ...], want: tuple[int, ...]) -> None:

@@ -30,6 +30,7 @@ from torch import Tensor
 from daemon.shards.model.config import ModelError
 from daemon.shards.model.kvcache import KVCache
 from daemon.shards.model.layers import Attention
+from daemon.shards.model.moe import SparseMoE
 from daemon.shards.model.shard import LlamaShard
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,13 @@ class StaticDecoder:
         self.cache = cache
         device = shard.device
         self.use_graph = device.type == "cuda" if graph is None else graph
+        if self.use_graph and any(
+            isinstance(layer.mlp, SparseMoE) for layer in shard.layers.values()
+        ):
+            # a sparse block runs only the experts its tokens are routed to: a step's kernels
+            # depend on the data, which a graph cannot replay; the fixed-shape step stays
+            log.info("a mixture-of-experts shard decodes without CUDA graphs")
+            self.use_graph = False
         self._graph: torch.cuda.CUDAGraph | None = None
         with torch.inference_mode():
             self._position = torch.zeros(1, dtype=torch.int64, device=device)

@@ -4,7 +4,8 @@ Every family here is a Llama decoder (RMSNorm, rotary, grouped-query attention, 
 a few switches, read from `config.json` as transformers reads them for that `model_type`:
 biases on the projections, an RMSNorm per attention head on queries and keys (Qwen3), a
 sliding attention window (Mistral; Qwen2/Qwen3 with `use_sliding_window`), a mixture of
-experts in place of the MLP (Qwen3-MoE). `config.ModelConfig.from_dict` applies them.
+experts in place of the MLP (Qwen3-MoE, Mixtral: `moe.MoESpec`, `moe.SparseMoE`).
+`config.ModelConfig.from_dict` applies them.
 """
 
 from __future__ import annotations
@@ -149,6 +150,33 @@ FAMILIES: dict[str, Family] = {
             window="every_layer",
             default_window=4096,
             fields=frozenset({"sliding_window"}),
+        ),
+        # Qwen3's attention (head_dim defaults to hidden / heads here), a sparse block in
+        # each layer but `mlp_only_layers` and those off `decoder_sparse_step`; the window,
+        # when `use_sliding_window`, on every layer (`max_window_layers` is read by nothing)
+        Family(
+            "qwen3_moe",
+            ("qwen3_moe",),
+            "Qwen3MoeForCausalLM",
+            qkv_bias=FROM_CONFIG,
+            o_bias=FROM_CONFIG,
+            qk_norm=True,
+            window="every_layer",
+            window_flag="use_sliding_window",
+            default_window=4096,
+            mlp="moe",
+            fields=_MOE_FIELDS
+            | {"attention_bias", "use_sliding_window", "sliding_window", "max_window_layers"},
+        ),
+        # Mistral's attention (no window unless `sliding_window` is set), a sparse block of
+        # `num_local_experts` experts of `intermediate_size` in every layer
+        Family(
+            "mixtral",
+            ("mixtral",),
+            "MixtralForCausalLM",
+            window="every_layer",
+            mlp="moe",
+            fields=_MOE_FIELDS | {"sliding_window", "router_jitter_noise"},
         ),
     )
 }

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from daemon.shards.model.config import ModelConfig
 from daemon.shards.model.kvcache import KVCache
 from daemon.shards.model.linear import Linear
+from daemon.shards.model.moe import SparseMoE
 
 
 def _param(tensor: Tensor) -> nn.Parameter:
@@ -217,7 +218,14 @@ class DecoderLayer(nn.Module):
             layer,
         )
         self.post_attention_layernorm = RMSNorm(weights["post_attention_layernorm.weight"], eps)
-        self.mlp = MLP({k[len("mlp.") :]: v for k, v in weights.items() if k.startswith("mlp.")})
+        moe = config.moe
+        self.mlp: MLP | SparseMoE
+        if moe is not None and moe.is_moe_layer(layer):
+            self.mlp = SparseMoE(moe, config.hidden_size, moe.block_weights(weights))
+        else:
+            self.mlp = MLP(
+                {k[len("mlp.") :]: v for k, v in weights.items() if k.startswith("mlp.")}
+            )
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, layer: int

@@ -7,7 +7,13 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from daemon.shards.model.config import ModelConfig, ModelError, check_shape, shard_tensor_names
+from daemon.shards.model.config import (
+    ModelConfig,
+    ModelError,
+    check_shape,
+    shard_tensor_names,
+    shard_tensor_shapes,
+)
 from daemon.shards.model.kvcache import KVCache
 from daemon.shards.model.layers import DecoderLayer, Embedding, RMSNorm, rope_inv_freq
 from daemon.shards.model.linear import Linear
@@ -29,13 +35,11 @@ class LlamaShard(nn.Module):
         self.config = config
         self.start = start
         self.end = end
-        shapes = config.tensor_shapes()
-        shapes.setdefault("lm_head.weight", shapes["model.embed_tokens.weight"])
-        needed = shard_tensor_names(config, start, end)
-        for name in needed:
+        needed = shard_tensor_shapes(config, start, end, has=lambda name: name in tensors)
+        for name, shape in needed.items():
             if name not in tensors:
                 raise ModelError(f"missing tensor {name!r}")
-            check_shape(name, tuple(tensors[name].shape), shapes[name])
+            check_shape(name, tuple(tensors[name].shape), shape)
         self.embed_tokens: Embedding | None = None
         self.norm: RMSNorm | None = None
         self.lm_head: Linear | None = None
@@ -45,7 +49,11 @@ class LlamaShard(nn.Module):
             {
                 str(i): DecoderLayer(
                     config,
-                    {name: tensors[f"model.layers.{i}.{name}"] for name in config.layer_shapes(i)},
+                    {
+                        name.removeprefix(f"model.layers.{i}."): tensors[name]
+                        for name in needed
+                        if name.startswith(f"model.layers.{i}.")
+                    },
                     i,
                 )
                 for i in range(start, end)

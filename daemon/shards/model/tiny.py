@@ -20,6 +20,7 @@ from daemon.shards.model.config import (
     TOKENIZER_FILE,
     ModelConfig,
     ModelError,
+    parse_moe,
     to_dtype,
 )
 from daemon.shards.model.families import ALWAYS, FAMILIES, FROM_CONFIG
@@ -65,12 +66,22 @@ def tiny_config(
     attention_bias: bool = False,
     sliding_window: int | None = None,
     max_window_layers: int = 0,
+    experts: int | None = None,
+    experts_per_token: int | None = None,
+    expert_intermediate: int | None = None,
+    norm_topk_prob: bool = False,
+    decoder_sparse_step: int = 1,
+    mlp_only_layers: tuple[int, ...] = (),
 ) -> ModelConfig:
     """The config of a tiny checkpoint of `family` (`families.FAMILIES`).
 
     `sliding_window`: the attention window (Mistral: every layer; Qwen2/Qwen3: the layers
     from `max_window_layers` on, as `use_sliding_window` does). `attention_bias`: biases
     on all four projections, for the families whose config reads it (Llama, Qwen3).
+    Mixture-of-experts families (qwen3_moe, mixtral): `experts` (4 by default) of
+    `expert_intermediate` (64; Mixtral's `intermediate_size`), `experts_per_token` (2) routed
+    per token; Qwen3-MoE's `norm_topk_prob`, `decoder_sparse_step` and `mlp_only_layers`
+    (dense layers, of `intermediate`).
     """
     spec = FAMILIES.get(family)
     if spec is None:
@@ -79,6 +90,29 @@ def tiny_config(
         raise ModelError(f"family {family!r} has no sliding window")
     if attention_bias and FROM_CONFIG not in (spec.qkv_bias, spec.o_bias):
         raise ModelError(f"family {family!r} does not read attention_bias")
+    moe = None
+    if spec.mlp == "moe":
+        raw: dict[str, Any] = {
+            "num_hidden_layers": layers,
+            "num_experts_per_tok": experts_per_token or 2,
+        }
+        if family == "mixtral":
+            intermediate = expert_intermediate or 64
+            raw.update(num_local_experts=experts or 4, intermediate_size=intermediate)
+        else:
+            raw.update(
+                num_experts=experts or 4,
+                moe_intermediate_size=expert_intermediate or 64,
+                norm_topk_prob=norm_topk_prob,
+                decoder_sparse_step=decoder_sparse_step,
+                mlp_only_layers=list(mlp_only_layers),
+                intermediate_size=intermediate,
+            )
+        moe = parse_moe(raw, family)
+    elif (experts, experts_per_token, expert_intermediate) != (None, None, None) or (
+        mlp_only_layers
+    ):
+        raise ModelError(f"family {family!r} has no experts")
     types: tuple[str, ...] = ()
     if spec.window == "per_layer":
         if not 0 <= max_window_layers <= layers:
@@ -106,6 +140,7 @@ def tiny_config(
         qk_norm=spec.qk_norm,
         sliding_window=sliding_window,
         layer_types=types,
+        moe=moe,
     )
 
 
@@ -117,6 +152,12 @@ def make_tiny(
     attention_bias: bool = False,
     sliding_window: int | None = None,
     max_window_layers: int = 0,
+    experts: int | None = None,
+    experts_per_token: int | None = None,
+    expert_intermediate: int | None = None,
+    norm_topk_prob: bool = False,
+    decoder_sparse_step: int = 1,
+    mlp_only_layers: tuple[int, ...] = (),
     layers: int = 4,
     hidden: int = 64,
     heads: int = 4,
@@ -162,6 +203,12 @@ def make_tiny(
         attention_bias=attention_bias,
         sliding_window=sliding_window,
         max_window_layers=max_window_layers,
+        experts=experts,
+        experts_per_token=experts_per_token,
+        expert_intermediate=expert_intermediate,
+        norm_topk_prob=norm_topk_prob,
+        decoder_sparse_step=decoder_sparse_step,
+        mlp_only_layers=mlp_only_layers,
     )
     if ModelConfig.from_dict(config.to_json()) != config:  # what is written reads back
         raise ModelError(f"internal: the {family} config does not read back as written")
@@ -174,6 +221,10 @@ def make_tiny(
     for name, shape in shapes.items():
         if name.endswith("norm.weight"):  # norm weights around 1
             value = 1.0 + 0.1 * torch.randn(shape, generator=generator)
+        elif name.endswith(".gate.weight"):
+            # a router at a trained model's contrast: at 0.02 every expert would score about
+            # 1/E and the top-k would turn on differences of float rounding
+            value = 0.5 * torch.randn(shape, generator=generator)
         else:
             value = 0.02 * torch.randn(shape, generator=generator)
         tensors[name] = value.to(torch_dtype).contiguous()

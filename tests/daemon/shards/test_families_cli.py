@@ -23,6 +23,8 @@ FAMILY_ARGS = {
     "qwen2": ["--sliding-window", "6", "--max-window-layers", "1", "--tie"],
     "qwen3": ["--head-dim", "32"],
     "mistral": ["--sliding-window", "6"],
+    "qwen3_moe": ["--experts", "5", "--experts-per-token", "2", "--expert-intermediate", "24"],
+    "mixtral": ["--experts", "3", "--sliding-window", "6"],
 }
 
 
@@ -48,10 +50,12 @@ def test_make_tiny_family_is_what_transformers_reads(tmp_path, family):
     ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     assert type(ref).__name__ == config.spec.architecture
     ours = m.load_model(path)
-    # every weight we wrote is one transformers loaded (none left at its init)
+    # every weight we wrote is one transformers loaded (none left at its init); sparse
+    # blocks aside, which transformers fuses in memory (the logits below check them)
     state = ref.state_dict()
     for name in config.tensor_shapes():
-        assert torch.equal(state[name], ours.state_dict()[name.removeprefix("model.")]), name
+        if config.moe is None or not any(b in name for b in (".mlp.", ".block_sparse_moe.")):
+            assert torch.equal(state[name], ours.state_dict()[name.removeprefix("model.")]), name
     with torch.no_grad():
         x = torch.tensor([PROMPT])
         assert (ref(x).logits - ours(x)).abs().max() <= 2e-5
@@ -92,6 +96,20 @@ def test_inspect_reports_a_servable_checkpoint(tmp_path):
     assert doc["sliding_layers"] == [1, 2] and doc["sliding_window"] == 6
     # 512 positions: the full layer holds them all, the two sliding layers 6 each
     assert doc["kv_cache_bytes_at_max_positions"] == 256 * (512 + 6 + 6)
+    assert doc["experts"] is None
+
+
+def test_inspect_reports_experts(tmp_path):
+    path = make(tmp_path, "qwen3_moe")
+    config = m.ModelConfig.from_dir(path)
+    result = CliRunner().invoke(model_app, ["inspect", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "family:       qwen3_moe" in result.output
+    assert "experts:      5 per sparse layer, 2 per token, 3 sparse layers" in result.output
+    # every expert counts: router 5 x 64, experts 5 x 3 x 24 x 64, attention, q/k norms, norms
+    per_layer = 5 * 64 + 5 * 3 * 24 * 64 + (64 * 64 * 2 + 2 * 32 * 64) + 2 * 16 + 2 * 64
+    assert config.layer_params(0) == per_layer
+    assert f"per layer:    {4 * per_layer:,}" in result.output
 
 
 def test_inspect_says_why_not(tmp_path):
