@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from msgspec import Meta
 
-from daemon import errors
+from daemon import errors, vdag_methods
 from daemon.api.jsonrpc import Dispatcher
 from daemon.errors import InvalidParams, NotFound
 from registry import schemas
@@ -33,7 +33,11 @@ def register_registry_methods(dispatcher: Dispatcher, replicator: Replicator) ->
     replica = replicator.replica
 
     async def registry_put(kind: Kind, key: Key, value: Value) -> dict[str, Any]:
-        """Create or update an entry; replicated to every node."""
+        """Create or update an entry; replicated to every node. A vDAG is also judged against
+        this node's registries first (unknown blocks and sub-vDAGs, a loop through the
+        nesting), as `vdag_apply` judges it."""
+        if kind == "vdags":
+            vdag_methods.check(replica, value, key)
         try:
             entry = await replicator.write(_kind(kind), key, value)
         except Rejected as exc:

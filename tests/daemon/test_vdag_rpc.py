@@ -101,6 +101,8 @@ async def test_apply_refuses_bad_vdags_and_plans_good_ones(autojump_clock, tmp_p
         error = await refused(a, "vdag_apply", {"value": unknown_block})
         assert error.message == "vDAG refused: nodes[1] 'b': unknown block 'nope'"
         assert error.data == {"reason": "vdag", "path": "nodes[1]"}
+        put = {"kind": "vdags", "key": "p:1.0", "value": unknown_block}  # `gridmesh apply`
+        assert (await refused(a, "registry_put", put)).message == error.message
         unknown_sub = vdag("p", "1.0", [block("a", "detect"), sub("s", "q")], [("a", "s")])
         error = await refused(a, "vdag_apply", {"value": unknown_sub})
         assert error.message == "vDAG refused: nodes[1] 's': unknown sub-vDAG 'q'"
