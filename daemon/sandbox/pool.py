@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import importlib.util
 import os
 import shutil
 import signal
@@ -39,9 +40,9 @@ from daemon.sandbox.package import MAX_FILES, MAX_PACKAGE_BYTES, PolicyPackage, 
 from daemon.sandbox.worker import METHODS, WorkerConfig
 
 ROOT = str(Path(__file__).resolve().parents[2])
-BOOTSTRAP = (
-    f"import sys; sys.path.insert(0, {ROOT!r}); from daemon.sandbox.worker import main; main()"
-)
+# the worker imports from the daemon's own sys.path (a user site or PYTHONPATH included,
+# which -E -s would drop); filled in at each start
+BOOTSTRAP = "import sys; sys.path[:0] = {paths!r}; from daemon.sandbox.worker import main; main()"
 WORKER_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}  # none of the daemon's
 START_TIMEOUT_S = 30.0
 SIGNALS = {
@@ -73,6 +74,24 @@ class SandboxCounters:
 
     def snapshot(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "failures": dict(self.failures)}
+
+
+def package_dirs(names: Iterable[str]) -> list[str]:
+    """Where the allowed packages are installed (Landlock lets workers read there), found
+    without importing them."""
+    found = []
+    for name in names:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        if spec is None:
+            continue
+        if spec.submodule_search_locations:
+            found.extend(spec.submodule_search_locations)
+        elif spec.origin and os.path.isabs(spec.origin):
+            found.append(os.path.dirname(spec.origin))
+    return found
 
 
 class _Worker:
@@ -181,7 +200,7 @@ class SandboxPool:
         isolation = layers_mod.LayerConfig(
             scratch=str(scratch),
             hidden_paths=self.hidden_paths,
-            read_paths=c.read_paths,
+            read_paths=(*c.read_paths, *package_dirs(c.allowed_packages)),
             cpu_s=c.cpu_s,
             memory_bytes=c.memory_mib << 20,
             open_files=c.open_files,
@@ -212,7 +231,7 @@ class SandboxPool:
             "-s",
             "-B",
             "-c",
-            BOOTSTRAP,
+            BOOTSTRAP.format(paths=[ROOT, *(p for p in sys.path if p)]),
             msgspec.json.encode(config).decode(),
         ]
         try:

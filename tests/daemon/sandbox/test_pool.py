@@ -11,6 +11,7 @@ import trio
 
 from daemon.sandbox import (
     CallTimeout,
+    DependencyRefused,
     IsolationRefused,
     MessageTooLarge,
     PolicyFailed,
@@ -202,3 +203,26 @@ async def test_a_worker_that_cannot_start_is_a_clear_error(monkeypatch: pytest.M
     with pytest.raises(WorkerCrashed, match="failed to start \\(exit status 1\\): no python here"):
         async with SandboxPool(FAST):
             pass
+
+
+async def test_an_allowed_package_outside_pythons_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Installed where the daemon finds it (here: a folder on its sys.path, as a user site
+    or PYTHONPATH would be), an allowed package is importable and readable in the worker."""
+    site = tmp_path / "site"
+    (site / "tinylib").mkdir(parents=True)
+    (site / "tinylib" / "__init__.py").write_text("from tinylib.data import VALUE\n")
+    (site / "tinylib" / "data.py").write_text("VALUE = 41\n")
+    monkeypatch.syspath_prepend(str(site))
+    body = "import tinylib\nreturn tinylib.VALUE + 1"
+    uses = load_package(
+        make_policy(tmp_path / "uses", body, name="uses", requirements=("tinylib",)),
+        allowed=("tinylib",),
+    )
+    async with SandboxPool(SandboxConfig(spare_workers=0, allowed_packages=("tinylib",))) as pool:
+        assert await pool.call(uses, "eval", {}) == 42
+    # not allowed by the operator: the worker refuses the manifest itself
+    async with SandboxPool(SandboxConfig(spare_workers=0)) as pool:
+        with pytest.raises(DependencyRefused, match="requires tinylib"):
+            await pool.call(uses, "eval", {})
