@@ -445,3 +445,44 @@ def test_missing_and_extra_weights_are_refused(hf, tmp_path):
     head = _rewrite(hf["qwen3"], tmp_path / "head", add_head_bias)
     with pytest.raises(m.ModelError, match="unexpected tensor 'lm_head.bias'"):
         m.load_shard(head, 3, 4)
+
+
+async def failover_generation(net, model_dir: Path, model: str, prompt: list[int], new: int):
+    """Deploy `model` over 4 of `net`'s daemons (layers 2-4 twice), generate `new` tokens
+    from daemon 0 and SIGKILL (in memory) the server of layers 2-4 on the route as the 5th
+    token arrives: the generation's tokens, after failing over by replay to the replica."""
+    servers = net.daemons[1:5]
+    await net.deploy(model_dir, servers, [(0, 2), (2, 4), (2, 4), (0, 2)], model=model)
+    client = net.daemons[0]
+    job = (
+        await client.call(
+            "generate",
+            {"model": model, "token_ids": prompt, "max_tokens": new, "stream": True},
+        )
+    )["job"]
+    killed: list[str] = []
+
+    def kill() -> None:
+        middle = client.daemon.shards.jobs[job].route[1]["peer_id"]
+        killed.append(middle)
+        net.kill(next(d for d in net.daemons if d.peer_id == middle))
+
+    client.at_token(job, 5, kill)
+
+    async def finished() -> dict | None:
+        state = await client.call("generate_poll", {"job": job})
+        return state if state["done"] else None
+
+    state = await net.wait_for(finished, 60, "the generation to end")
+    assert state["error"] is None, state
+    assert len(killed) == 1 and [r["peer_id"] for r in state["recoveries"]] == killed, state
+    return state["tokens"]
+
+
+async def test_sliding_window_fails_over_by_replay(autojump_clock, tmp_path, hf, one_thread):
+    """A server of a sliding-window model killed mid-generation (past the window): the
+    replica replays the recorded inputs into a fresh ring and the tokens are transformers'."""
+    prompt = PROMPTS[2]
+    want = hf_greedy(reference(hf["mistral"]), prompt, 16)
+    async with memory_cluster(tmp_path / "net", 5) as net:
+        assert await failover_generation(net, hf["mistral"], "mistral", prompt, 16) == want

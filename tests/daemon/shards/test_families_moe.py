@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from daemon.shards import model as m  # noqa: E402
 from tests.daemon.harness import inline_threads, memory_cluster  # noqa: E402
+from tests.daemon.shards.test_families import failover_generation  # noqa: E402
 
 NEW = 10
 TEXT = b"experts take the tokens their router sends them, two of four each"
@@ -284,3 +285,12 @@ async def test_moe_families_over_three_daemons(autojump_clock, tmp_path, hf, one
                 )
                 assert result["error"] is None, result
                 assert result["tokens"] == hf_greedy(ref, prompt), (case, prompt)
+
+
+async def test_moe_fails_over_by_replay(autojump_clock, tmp_path, hf, one_thread):
+    """Mixtral (experts and a window of 6): a server killed mid-generation, the replica
+    replays, the tokens are transformers'."""
+    prompt = PROMPTS[2]
+    want = hf_greedy(reference(hf["mixtral"]), prompt, 16)
+    async with memory_cluster(tmp_path / "net", 5) as net:
+        assert await failover_generation(net, hf["mixtral"], "mixtral", prompt, 16) == want
