@@ -309,7 +309,7 @@ def main() -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device")
     args.preset = "cpu"
-    args.family = "llama"  # what bench/inference.make_checkpoint writes
+    args.family, args.sliding_window = "llama", None  # what bench/inference.make_checkpoint reads
     torch.set_num_threads(args.threads)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="gridmesh-serving-") as tmp:
