@@ -20,11 +20,11 @@ import trio
 
 from p2p import codec, identity
 from p2p.limits import HostLimits, RejectHook
-from p2p.network import NetworkError
+from p2p.network import HELLO_PROTOCOL, NetworkError
 
 log = logging.getLogger(__name__)
 
-HELLO_PROTOCOL = "/gridmesh/hello/1.0.0"
+__all__ = ["HELLO_PROTOCOL", "HelloBody", "HelloGate", "open_hello"]
 HELLO_TYPE = "hello"
 MAX_HELLO_BYTES = 4096
 HELLO_RETRY_S = 30.0
@@ -83,6 +83,7 @@ class HelloGate:
         # peer id -> (when, why) its last hello failed: told to a waiting dial, and no hello
         # in the background is tried again for HELLO_RETRY_S
         self._failures: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        self._refused: OrderedDict[str, str] = OrderedDict()  # peer id -> why, for users
 
     def hello(self) -> bytes:
         body = {"network_id": self.network_id}
@@ -100,6 +101,8 @@ class HelloGate:
             self.mark_verified(sender)
         else:
             self._on_reject("hello", "wrong_network")
+            # shown, not held against it: the background check still runs (and drops it)
+            self._note_refused(sender, self._other_network(sender, theirs))
         # answered either way, so that the dialler can tell its user which network we are on
         return self.hello()
 
@@ -117,10 +120,22 @@ class HelloGate:
         if theirs != self.network_id:
             self._on_reject("hello", "wrong_network")
             await self._drop_peer(peer_id)
-            raise NetworkError(
-                f"peer {peer_id} is on network {theirs[:64]!r}, not {self.network_id!r}"
-            )
+            raise NetworkError(self._other_network(peer_id, theirs))
         self.mark_verified(peer_id)
+
+    def _other_network(self, peer_id: str, theirs: str) -> str:
+        return f"peer {peer_id} is on network {theirs[:64]!r}, not {self.network_id!r}"
+
+    def _note_refused(self, peer_id: str, why: str) -> None:
+        self._refused[peer_id] = why
+        self._refused.move_to_end(peer_id)
+        while len(self._refused) > self.limits.max_tracked_peers:
+            self._refused.popitem(last=False)
+
+    def refused(self) -> dict[str, str]:
+        """Peers whose hello failed (another network, none, malformed) and why, oldest
+        first: what `node_peers` can show beside the peers that passed."""
+        return dict(self._refused)
 
     async def ensure_verified(self, peer_id: str) -> None:
         """Check the peer's hello unless done already or under way (then wait for that one)."""
@@ -142,6 +157,7 @@ class HelloGate:
             self._failures[peer_id] = (time.monotonic(), str(exc))
             while len(self._failures) > self.limits.max_tracked_peers:
                 self._failures.popitem(last=False)
+            self._note_refused(peer_id, str(exc))
             raise
         finally:
             self._inflight.discard(peer_id)
@@ -166,6 +182,7 @@ class HelloGate:
 
     def mark_verified(self, peer_id: str) -> None:
         self._failures.pop(peer_id, None)
+        self._refused.pop(peer_id, None)
         self.verified[peer_id] = None
         self.verified.move_to_end(peer_id)
         if len(self.verified) > self.limits.max_tracked_peers:

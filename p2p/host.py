@@ -9,14 +9,15 @@ Keep all knowledge of py-libp2p 0.8.1's quirks here (DESIGN.md, "Known pitfalls"
 - `dht.add_peer` must be called after connecting; dead peers stay in the routing table and
   are dialled three times with backoff by every lookup: we dial once and forget peers whose
   last connection closed;
-- libp2p's loggers do not propagate: `quiet_libp2p_logs` attaches our own handler.
+- libp2p's loggers do not propagate: `quiet_libp2p_logs` attaches our own handler;
+- KadDHT ignores `protocol_prefix`: the network's name goes into every protocol id, topic and
+  DHT namespace here instead (`p2p.network.NetworkScope`), and the hello refuses the rest.
 
 The host's parts live beside it: `p2p.framing` (frames and the libp2p stream adapter),
 `p2p.hello` (the network-membership gate), `p2p.guard` (the stream guard, gossip limits and
 validators, inbound connection limits), `p2p.limits` (per-peer limits, token buckets),
-`p2p.dhtguard` (the DHT's validators and refusal counts), `p2p.addrs` (our addresses),
-`p2p.peers` (peer tracking).
-"""
+`p2p.dhtguard` (the DHT's validators and refusal counts), `p2p.addrs` and `p2p.hostaddrs`
+(our addresses), `p2p.peers` (peer tracking)."""
 
 from __future__ import annotations
 
@@ -46,13 +47,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
 from p2p import atomic_writes, deadconn, identity
-from p2p.addrs import (
-    ListenError,
-    check_listen_free,
-    dialable_addrs,
-    ip_and_port,
-    is_own_addr,
-)
+from p2p.addrs import ListenError, check_listen_free, is_own_addr
 from p2p.bans import PeerBans
 from p2p.dhtguard import DHT_PROTOCOL, ValidatorBridge
 from p2p.framing import (
@@ -75,6 +70,7 @@ from p2p.guard import (
     reason_of,
 )
 from p2p.hello import HELLO_PROTOCOL, HelloGate, open_hello
+from p2p.hostaddrs import dial_resolved, on_listen_ports
 from p2p.limits import HostLimits, RateLimiter, RejectHook
 from p2p.network import (
     MAX_STREAM_FRAME_BYTES,
@@ -83,6 +79,7 @@ from p2p.network import (
     GossipHandler,
     GossipValidator,
     NetworkError,
+    NetworkScope,
     PeerState,
     RequestHandler,
     StreamHandler,
@@ -156,12 +153,14 @@ class Libp2pNetwork:
     ) -> None:
         self._ident = ident
         self.network_id = network_id
+        self.scope = NetworkScope(network_id)
         self.limits = limits or HostLimits()
         self._on_reject = on_reject or (lambda source, reason: None)
         try:
             self._listen = [multiaddr.Multiaddr(a) for a in listen]
         except Exception as exc:
             raise ListenError(f"not a listen multiaddr: {str(listen)[:200]} ({exc})") from None
+        namespace = self.scope.namespace(dht_namespace)  # this network's DHT keys
         key_pair = create_new_key_pair(ident.node_seed)
         noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
         self.host = new_host(
@@ -179,7 +178,7 @@ class Libp2pNetwork:
             self.host,
             DHTMode.SERVER,
             validator=StrikingValidator(
-                {dht_namespace: ValidatorBridge(dht_validator, self._on_reject)},
+                {namespace: ValidatorBridge(dht_validator, self._on_reject)},
                 self._on_reject,
                 self.bans,
             ),
@@ -281,17 +280,23 @@ class Libp2pNetwork:
     def is_verified(self, peer_id: str) -> bool:
         return peer_id in self.hello_gate.verified
 
+    def refused_peers(self) -> dict[str, str]:
+        """Peers refused at the hello lately (another network, no gridmesh node), and why."""
+        return self.hello_gate.refused()
+
     @property
     def stream_errors(self) -> int:
         """Stream handlers that raised (their streams were reset and counted)."""
         return self._guard.errors
 
     async def dht_put(self, key: str, value: bytes) -> None:
+        key = self.scope.dht_key(key)
         await self._timed_dht("put", self.dht.put_value(key, value))
 
     async def dht_get(self, key: str) -> bytes | None:
         # py-libp2p answers from its local store without re-validating: an expired copy would
         # hide the fresh one on the network for the store's 24 h TTL. Drop it and ask around.
+        key = self.scope.dht_key(key)
         local = self.dht.value_store.get(key.encode())
         if local is not None:
             try:
@@ -317,6 +322,7 @@ class Libp2pNetwork:
     async def request(
         self, peer_id: str, protocol: str, payload: bytes, *, timeout_s: float | None = None
     ) -> bytes:
+        protocol = self.scope.protocol(protocol)
         try:
             with trio.fail_after(timeout_s or self._request_timeout_s):
                 stream = await self.host.new_stream(ID.from_base58(peer_id), [protocol])
@@ -346,7 +352,7 @@ class Libp2pNetwork:
                 await write_frame(stream, await handler(sender, request))
             await stream.close()
 
-        self.host.set_stream_handler(protocol, serve)  # type: ignore[arg-type]
+        self.host.set_stream_handler(self.scope.protocol(protocol), serve)  # type: ignore[arg-type]
         self.guard_handlers()
 
     async def open_stream(
@@ -360,6 +366,7 @@ class Libp2pNetwork:
     ) -> FramedStream:
         """A framed stream to `peer_id` (see `FramedStream` for the bounds on its frames;
         the deadline defaults to FRAME_DEADLINE_S plus the length at FRAME_MIN_BYTES_PER_S)."""
+        protocol = self.scope.protocol(protocol)
         try:
             with trio.fail_after(self._request_timeout_s):
                 raw = await self.host.new_stream(ID.from_base58(peer_id), [protocol])
@@ -389,7 +396,7 @@ class Libp2pNetwork:
             finally:
                 await stream.close()
 
-        self.host.set_stream_handler(protocol, serve)  # type: ignore[arg-type]
+        self.host.set_stream_handler(self.scope.protocol(protocol), serve)  # type: ignore[arg-type]
         self.guard_handlers()
 
     def _framed(
@@ -443,7 +450,8 @@ class Libp2pNetwork:
                 # dial this very address: host.connect() would return at once for a peer that
                 # is connected through another address, and so "connect" to a dead port
                 self.host.get_peerstore().add_addrs(info.peer_id, info.addrs, 3600)
-                await self.host.get_network().dial_addr(info.addrs[0], info.peer_id)  # type: ignore[attr-defined]
+                dial = self.host.get_network().dial_addr  # type: ignore[attr-defined]
+                await dial_resolved(dial, info.addrs[0], info.peer_id)  # /dns4/... resolved now
                 await self.hello_gate.ensure_verified(peer_id)
                 await self.dht.add_peer(info.peer_id)
         except NetworkError:
@@ -458,24 +466,8 @@ class Libp2pNetwork:
         return peer.peer_id
 
     def _advertised_addrs(self, candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
-        """What identify and our records announce: dialable addresses on our listen ports.
-
-        Observed addresses on other ports (the ephemeral ports of our own dials) are left out.
-        """
-        ports = set()
-        for own in self.host.get_transport_addrs():
-            with contextlib.suppress(ValueError):
-                ports.add(ip_and_port(own)[1])
-        kept = []
-        for addr in dialable_addrs(candidates):
-            try:
-                port = ip_and_port(addr)[1]
-            except ValueError:
-                kept.append(addr)
-                continue
-            if port in ports:
-                kept.append(addr)
-        return kept
+        """What identify and our records announce: dialable addresses on our listen ports."""
+        return on_listen_ports(candidates, self.host.get_transport_addrs())
 
     def _is_own_addr(self, addr: multiaddr.Multiaddr) -> bool:
         """True when `addr` is one of our own TCP listeners (dialling it reaches ourselves)."""
@@ -543,6 +535,7 @@ class Libp2pNetwork:
     # -- lifecycle --------------------------------------------------------------------
 
     async def publish(self, topic: str, data: bytes) -> None:
+        topic = self.scope.topic(topic)
         try:
             await self.pubsub.publish(topic, data)
         except Exception as exc:
@@ -553,6 +546,7 @@ class Libp2pNetwork:
     ) -> None:
         if self._nursery is None:
             raise NetworkError("subscribe() needs a running network")
+        topic = self.scope.topic(topic)
         if validator is not None:  # before the subscription, so that nothing slips past it
             self.gossip_validators.add(topic, validator)
         subscription = await self.pubsub.subscribe(topic)

@@ -14,6 +14,8 @@ for a failed request or a broken stream.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -54,6 +56,84 @@ class StreamReset(NetworkError):
 def frame_limit(bound: FrameBound) -> int:
     """The bound of the moment (a function is asked now)."""
     return bound() if callable(bound) else bound
+
+
+# a network id: what goes into protocol ids, topics and DHT namespaces (no '/', no spaces)
+NETWORK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+PROTOCOL_ROOT = "/gridmesh/"
+# protocols every network speaks alike: the hello tells a peer which network we are on
+HELLO_PROTOCOL = "/gridmesh/hello/1.0.0"
+UNSCOPED_PROTOCOLS = frozenset({HELLO_PROTOCOL})
+
+
+def check_network_id(network_id: str) -> str:
+    """`network_id` if it can name a network (NETWORK_ID_PATTERN), else ValueError."""
+    if not isinstance(network_id, str) or not re.match(NETWORK_ID_PATTERN, network_id):
+        raise ValueError(
+            f"network id {str(network_id)[:80]!r} is not 1..64 letters, digits, '.', '_' or "
+            "'-' starting with a letter or digit"
+        )
+    return network_id
+
+
+def scoped_namespace(namespace: str, network_id: str) -> str:
+    """The DHT namespace `namespace` of network `network_id`: `gridmesh-1a2b3c`. Short (6 hex
+    digits of the id's hash): py-libp2p refuses lookup keys over 50 bytes. Records also
+    carry their network inside, so two ids sharing a tag still never share a record."""
+    return f"{namespace}-{hashlib.sha256(network_id.encode()).hexdigest()[:6]}"
+
+
+@dataclass(frozen=True)
+class NetworkScope:
+    """Where a gridmesh network's name goes: every protocol id, gossip topic and DHT key a
+    transport registers, dials, subscribes, publishes or stores passes through here, so the
+    protocol constants elsewhere (`/gridmesh/shard/1.0.0`) stay as they are and nodes of
+    different networks never share a protocol, a topic or a key even when connected.
+
+    `/gridmesh/shard/1.0.0` becomes `/gridmesh/<id>/shard/1.0.0`; a name outside `/gridmesh/`
+    gets the prefix whole (`/echo/1` -> `/gridmesh/<id>/echo/1`); a name already scoped is
+    kept (the registry's topic names its network already). A DHT key `/<ns>/<rest>` moves to
+    `/<ns>-<tag>/<rest>` (`scoped_namespace`). `NetworkScope(None)` changes nothing (the
+    in-memory network's nodes made without a network).
+    """
+
+    network_id: str | None
+
+    def __post_init__(self) -> None:
+        if self.network_id is not None:
+            check_network_id(self.network_id)
+
+    @property
+    def prefix(self) -> str:
+        return f"{PROTOCOL_ROOT}{self.network_id}/"
+
+    def protocol(self, name: str) -> str:
+        """The protocol id (or gossip topic) `name` as this network speaks it."""
+        if self.network_id is None or name in UNSCOPED_PROTOCOLS or name.startswith(self.prefix):
+            return name
+        if name.startswith(PROTOCOL_ROOT):
+            return self.prefix + name[len(PROTOCOL_ROOT) :]
+        return self.prefix + name.lstrip("/")
+
+    topic = protocol
+
+    def namespace(self, namespace: str) -> str:
+        """This network's DHT namespace for `namespace` (`gridmesh` -> `gridmesh-1a2b3c`)."""
+        return (
+            namespace if self.network_id is None else scoped_namespace(namespace, self.network_id)
+        )
+
+    def dht_key(self, key: str) -> str:
+        """`key` in this network's namespace; a key already there is kept."""
+        if self.network_id is None or not key.startswith("/"):
+            return key
+        namespace, sep, rest = key[1:].partition("/")
+        if not sep:
+            return key
+        tag = self.namespace("")
+        if namespace.endswith(tag):  # already scoped
+            return key
+        return f"/{self.namespace(namespace)}/{rest}"
 
 
 class DHTValidator(Protocol):

@@ -1,7 +1,8 @@
 """Signed resource records stored in the DHT: what a node has, valid for a bounded time.
 
-A record lives under a key derived from the network id and the peer id, so a node can only
-publish under its own key, and networks sharing a DHT never read each other's records. Every
+A record lives under a key derived from the network id and the peer id, in the network's own
+DHT namespace (`p2p.network.NetworkScope`), so a node can only publish under its own key, and
+networks sharing a DHT never read each other's records. Every
 node's DHT validator runs `validate_record`; readers run it again before trusting a value,
 because a DHT node's local store keeps values long after they expire.
 """
@@ -16,6 +17,7 @@ import msgspec
 from msgspec import Meta
 
 from p2p import codec, identity
+from p2p.network import scoped_namespace
 
 NAMESPACE = "gridmesh"
 RECORD_TYPE = "resources"
@@ -37,9 +39,10 @@ class RecordError(ValueError):
 
 
 def record_key(network_id: str, peer_id: str) -> str:
-    """The DHT key of a node's resource record (short: py-libp2p rejects keys over 50 bytes)."""
+    """The DHT key of a node's resource record, in its network's namespace
+    (`/gridmesh-1a2b3c/<32 hex>`: 49 bytes; py-libp2p rejects lookup keys over 50)."""
     digest = hashlib.sha256(f"{network_id}\0{peer_id}".encode()).hexdigest()[:32]
-    return f"/{NAMESPACE}/{digest}"
+    return f"/{scoped_namespace(NAMESPACE, network_id)}/{digest}"
 
 
 @dataclass(frozen=True)

@@ -75,11 +75,15 @@ class MemoryNetwork:
         """UNIX time as every node sees it: `epoch` plus trio's (virtual) clock."""
         return self.epoch + trio.current_time()
 
-    def add_node(self, peer_id: str, validator: DHTValidator | None = None) -> MemoryNode:
+    def add_node(
+        self, peer_id: str, validator: DHTValidator | None = None, network_id: str | None = None
+    ) -> MemoryNode:
+        """A node; with `network_id`, its protocols, topics and keys are that network's
+        (`p2p.network.NetworkScope`) and nodes of other networks are refused (`_reach`)."""
         if peer_id in self._nodes:
             raise ValueError(f"{peer_id} is already on the network")
         self._removed.pop(peer_id, None)
-        node = MemoryNode(self, peer_id, validator)
+        node = MemoryNode(self, peer_id, validator, network_id)
         self._nodes[peer_id] = node
         return node
 
@@ -169,6 +173,10 @@ class MemoryNetwork:
         if dst is None or self._nodes.get(dst_id) is not dst:  # dead on arrival
             self.messages_dropped += 1
             await trio.sleep_forever()
+        if dst.network_id != src.network_id:  # as libp2p's hello gate: refused, both ways
+            dst._refuse(src.peer_id, src.network_id)
+            await self._leg(dst_id, src.peer_id, 1)
+            raise NetworkError(src._refuse(dst_id, dst.network_id))
         dst._heard_from(src.peer_id)
         return dst
 
@@ -241,7 +249,9 @@ class MemoryNetwork:
         if not src.alive or (dst is None and dst_id not in self._removed):
             self._at(now, reply.finish, False)
             return
-        if dst is None and self._removed[dst_id]:
+        if (dst is None and self._removed[dst_id]) or (
+            dst is not None and dst.network_id != src.network_id  # the hello refuses it
+        ):
             self._at(now + min(timeout_s, 2 * self.latency_s), reply.finish, False)
             return
         reply.timer = self._at(now + timeout_s, reply.finish, False)

@@ -48,6 +48,14 @@ one task per subscribed topic; an exception is counted (`gossip_handler_errors`)
 Since the id is a hash of origin and data, publishing the same bytes twice is one message to
 the receivers (GossipSub ids carry a sequence number too).
 
+Networks: a node added with `network_id` (`hub.add_node(peer, validator, network_id=...)`)
+scopes its protocol ids, topics and DHT keys as the libp2p host does (`p2p.network.
+NetworkScope`), and two nodes of different networks refuse each other as the hello does:
+`connect`, requests, streams and pings between them fail after one round trip with a
+`NetworkError` naming both networks (kept in each node's `refused_peers()`), and their DHT
+RPCs fail, so they never enter each other's routing tables. A node added without one
+changes no name and meets only nodes added without one.
+
 Simplifications: a handler runs in the caller's task, so it is cancelled when the caller gives
 up; loss and jitter come from one `random.Random(seed)`, so a run is reproducible only up to
 trio's (randomised) scheduling order; `now()` is `epoch + trio.current_time()`, which starts

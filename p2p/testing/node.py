@@ -15,6 +15,7 @@ from p2p.network import (
     GossipHandler,
     GossipValidator,
     NetworkError,
+    NetworkScope,
     RequestHandler,
 )
 from p2p.testing.kademlia import (
@@ -49,9 +50,13 @@ class MemoryNode(Peering):
     """One node on a `MemoryNetwork`; implements `p2p.network.Network` (streams,
     connections and peer tracking come from `Peering`)."""
 
-    def __init__(self, hub: Hub, peer_id: str, validator: DHTValidator | None) -> None:
+    def __init__(
+        self, hub: Hub, peer_id: str, validator: DHTValidator | None, network_id: str | None = None
+    ) -> None:
         self._hub = hub
         self._peer_id = peer_id
+        self.scope = NetworkScope(network_id)  # protocols, topics, keys: this network's
+        self.refused: dict[str, str] = {}  # peers of other networks refused, and why
         self._id = dht_id(peer_id)
         self._validator = validator
         self._table = RoutingTable()
@@ -86,6 +91,20 @@ class MemoryNode(Peering):
     def alive(self) -> bool:
         return self._alive
 
+    @property
+    def network_id(self) -> str | None:
+        return self.scope.network_id
+
+    def refused_peers(self) -> dict[str, str]:
+        """Peers of other networks this node was refused by or refused, and why."""
+        return dict(self.refused)
+
+    def _refuse(self, peer_id: str, theirs: str | None) -> str:
+        """A peer of network `theirs` met this node: remember why neither serves the other."""
+        why = f"peer {peer_id} is on network {theirs!r}, not {self.network_id!r}"
+        self.refused[peer_id] = why
+        return why
+
     def now(self) -> float:
         return self._hub.now()
 
@@ -101,6 +120,7 @@ class MemoryNode(Peering):
         """`timeout_s`: an answer taking longer fails the request (by default, unbounded)."""
         if protocol.startswith(_DHT_PREFIX):
             raise ValueError(f"{_DHT_PREFIX} protocols are the DHT's own")
+        protocol = self.scope.protocol(protocol)
         self._handlers[protocol] = handler
         if timeout_s is None:
             self._handler_timeouts.pop(protocol, None)
@@ -116,6 +136,7 @@ class MemoryNode(Peering):
             raise ValueError(f"{_DHT_PREFIX} protocols are the DHT's own")
         if not isinstance(payload, bytes):
             raise TypeError(f"a request payload is bytes, not {type(payload).__name__}")
+        protocol = self.scope.protocol(protocol)
         if timeout_s is None:
             response = await self._hub._transmit(self, peer_id, protocol, payload)
         else:
@@ -136,6 +157,7 @@ class MemoryNode(Peering):
         not reported (as in py-libp2p).
         """
         self._check_alive()
+        key = self.scope.dht_key(key)
         if self._validator is not None:
             self._validator.validate(key, value)
         self._keep(key, value)
@@ -159,6 +181,7 @@ class MemoryNode(Peering):
     async def dht_get(self, key: str) -> bytes | None:
         """The local value if it is still valid, else the best valid value the network has."""
         self._check_alive()
+        key = self.scope.dht_key(key)
         local = self._valid_local(key)
         if local is not None:
             return local
@@ -178,7 +201,7 @@ class MemoryNode(Peering):
         msg_id = message_id(self._peer_id, data)
         self._remember(msg_id)
         self._hub._ensure_timer()
-        self._hub._forward(self, topic, msg_id, self._peer_id, data, None)
+        self._hub._forward(self, self.scope.topic(topic), msg_id, self._peer_id, data, None)
         await trio.lowlevel.checkpoint()
 
     async def subscribe(
@@ -187,6 +210,7 @@ class MemoryNode(Peering):
         """Call `handler(origin, data)` for each message on `topic` from now on, in order;
         a message `validator` refuses is neither delivered nor forwarded (`Gossip.subscribe`)."""
         self._check_alive()
+        topic = self.scope.topic(topic)
         if validator is not None:  # before the subscription, so that nothing slips past it
             self._validators.setdefault(topic, []).append(validator)
         subscription = self._topics.get(topic)
@@ -216,6 +240,9 @@ class MemoryNode(Peering):
         if peer_id == self._peer_id:
             raise ValueError("a node cannot connect to itself")
         self._check_alive()
+        other = self._hub._nodes.get(peer_id)
+        if other is not None and other.network_id != self.network_id:  # the hello, in memory
+            await self._hub._round_trip(self, peer_id)  # raises with the reason
         deadline = trio.current_time() + timeout_s
         while (remaining := deadline - trio.current_time()) > 0:
             attempt_s = min(RPC_TIMEOUT_S, remaining)  # a lost dial is resent, as TCP does

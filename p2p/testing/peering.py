@@ -24,6 +24,7 @@ from p2p.network import (
     MAX_STREAM_FRAME_BYTES,
     FrameBound,
     NetworkError,
+    NetworkScope,
     PeerState,
     Stream,
     StreamHandler,
@@ -42,6 +43,7 @@ class Peering:
     _hub: Hub
     _peer_id: str
     _alive: bool
+    scope: NetworkScope
 
     def _init_peering(self) -> None:
         self.peers: dict[str, PeerState] = {}
@@ -59,7 +61,7 @@ class Peering:
         handler: StreamHandler,
         max_frame_bytes: FrameBound = MAX_STREAM_FRAME_BYTES,
     ) -> None:
-        self._stream_handlers[protocol] = (handler, max_frame_bytes)
+        self._stream_handlers[self.scope.protocol(protocol)] = (handler, max_frame_bytes)
 
     async def open_stream(
         self, peer_id: str, protocol: str, max_frame_bytes: FrameBound = MAX_STREAM_FRAME_BYTES
@@ -69,6 +71,7 @@ class Peering:
         unreachable (bound the call)."""
         if peer_id == self._peer_id:
             raise NetworkError("a node cannot open a stream to itself")
+        protocol = self.scope.protocol(protocol)
         stream = await self._hub._open_stream(self, peer_id, protocol, max_frame_bytes)  # type: ignore[arg-type]
         self._contacts.add(peer_id)
         return stream

@@ -159,7 +159,8 @@ async def _send_signed(sender: Libp2pNetwork, to: Libp2pNetwork, seqno: bytes, d
     """A signed message with a sequence number of our choosing, written straight to the
     peer's pubsub stream (a stock py-libp2p router would not send a reused id again)."""
     pubsub = sender.pubsub
-    msg = rpc_pb2.Message(data=data, topicIDs=[TOPIC], from_id=pubsub.my_id.to_bytes(), seqno=seqno)
+    topic = sender.scope.topic(TOPIC)  # as the network names it
+    msg = rpc_pb2.Message(data=data, topicIDs=[topic], from_id=pubsub.my_id.to_bytes(), seqno=seqno)
     assert pubsub.sign_key is not None
     msg.signature = pubsub.sign_key.sign(PUBSUB_SIGNING_PREFIX.encode() + msg.SerializeToString())
     msg.key = sender.host.get_public_key().serialize()

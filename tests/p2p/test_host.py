@@ -143,7 +143,8 @@ async def test_garbage_on_every_protocol_keeps_host_alive(nodes):
 
     a.net.set_request_handler("/gridmesh/test/echo/1", echo)
     protocols = [str(p) for p in a.net.host.get_mux().handlers if p is not None]
-    for expected in ("/ipfs/kad/1.0.0", "/meshsub/1.2.0", "/gridmesh/test/echo/1"):
+    echo = a.net.scope.protocol("/gridmesh/test/echo/1")  # as the network names it
+    for expected in ("/ipfs/kad/1.0.0", "/meshsub/1.2.0", echo):
         assert expected in protocols
     for protocol in protocols:
         try:
@@ -273,7 +274,8 @@ async def _raw_connect(attacker: Node, target: Node) -> None:
 
 
 async def _ask(attacker: Node, target: Node, protocol: str, payload: bytes) -> bytes:
-    stream = await attacker.net.host.new_stream(target.net.host.get_id(), [protocol])
+    wire = target.net.scope.protocol(protocol)  # as the target's network names it
+    stream = await attacker.net.host.new_stream(target.net.host.get_id(), [wire])
     await write_frame(stream, payload)
     return await read_frame(stream)
 
@@ -308,7 +310,7 @@ async def test_peer_without_hello_is_served_nothing():
         await stranger.connect(info)
         with pytest.raises(Exception):  # noqa: B017 - reset or closed, as libp2p reports it
             with trio.fail_after(5):
-                stream = await stranger.new_stream(info.peer_id, [SYNC])
+                stream = await stranger.new_stream(info.peer_id, [target.net.scope.protocol(SYNC)])
                 await write_frame(stream, b"give me everything")
                 await read_frame(stream)
         assert asked == []
@@ -336,7 +338,7 @@ async def test_gate_holds_streams_until_the_hello():
         await stranger.connect(info)
         with pytest.raises(Exception):  # noqa: B017
             with trio.fail_after(5):
-                stream = await stranger.new_stream(info.peer_id, [SYNC])
+                stream = await stranger.new_stream(info.peer_id, [target.net.scope.protocol(SYNC)])
                 await write_frame(stream, b"give me everything")
                 await read_frame(stream)
         assert asked == []
@@ -818,7 +820,9 @@ async def test_a_peer_that_stops_mid_frame_is_reset_in_time_and_counted():
         await good.send(b"before")
         assert await good.receive() == b"BEFORE"
 
-        raw = await attacker.net.host.new_stream(target.net.host.get_id(), [FRAMED])
+        raw = await attacker.net.host.new_stream(
+            target.net.host.get_id(), [target.net.scope.protocol(FRAMED)]
+        )
         started = trio.current_time()
         with contextlib.suppress(Exception):  # on a slow machine the reset may come first
             await raw.write(announced.to_bytes(4, "big") + b"x" * (announced // 2))
