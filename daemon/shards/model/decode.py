@@ -73,6 +73,7 @@ class StaticDecoder:
     def __init__(self, shard: LlamaShard, cache: KVCache, *, graph: bool | None = None) -> None:
         if cache.batch != 1 or cache.num_layers != shard.num_layers:
             raise ModelError("a static decoder needs a batch-1 cache of this shard's layers")
+        shard.check_cache(cache, 1)
         self.shard = shard
         self.cache = cache
         device = shard.device

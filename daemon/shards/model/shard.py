@@ -111,8 +111,26 @@ class LlamaShard(nn.Module):
             cfg.head_dim,
             dtype=self.dtype,
             device=self.device,
-            windows=[cfg.layer_window(i) for i in range(self.start, self.end)],
+            windows=self.windows,
         )
+
+    @property
+    def windows(self) -> list[int | None]:
+        """The sliding window of each of this shard's layers (None: full attention)."""
+        return [self.config.layer_window(i) for i in range(self.start, self.end)]
+
+    def check_cache(self, cache: KVCache, batch: int) -> None:
+        """Refuse a cache not made for this shard's layers (`new_cache`) and batch."""
+        if cache.num_layers != self.num_layers or cache.batch != batch:
+            raise ModelError(
+                f"cache has {cache.num_layers} layers and batch {cache.batch}; this shard "
+                f"has {self.num_layers} layers and the input batch {batch}"
+            )
+        if cache.windows != self.windows:
+            raise ModelError(
+                f"cache has the sliding windows {cache.windows}, this shard's layers "
+                f"{self.windows}: make it with new_cache"
+            )
 
     def rotary(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Rotary (cos, sin) for absolute `positions` `[batch or 1, seq]`, in `dtype`."""
@@ -166,6 +184,7 @@ class LlamaShard(nn.Module):
                     raise ModelError(
                         f"a batched step takes batch-1 caches of {self.num_layers} layers"
                     )
+                self.check_cache(cache, 1)
                 cache.reserve(size)
             hidden = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
             pos = torch.cat(
@@ -224,11 +243,7 @@ class LlamaShard(nn.Module):
             raise ModelError("empty input: seq must be >= 1")
         past = 0
         if cache is not None:
-            if cache.num_layers != self.num_layers or cache.batch != batch:
-                raise ModelError(
-                    f"cache has {cache.num_layers} layers and batch {cache.batch}; this shard "
-                    f"has {self.num_layers} layers and the input batch {batch}"
-                )
+            self.check_cache(cache, batch)
             cache.reserve(seq)
             past = cache.length
         if positions is None:

@@ -238,6 +238,18 @@ def test_failed_step_leaves_the_ring_as_it_was(hf, monkeypatch):
     assert (got - want).abs().max() == 0
 
 
+def test_a_cache_without_the_windows_is_refused(hf):
+    shard = m.load_model(hf["qwen2_window"])
+    plain = m.KVCache(4, 1, 2, 32, 16)  # no windows: not this shard's cache
+    with pytest.raises(m.ModelError, match="sliding windows"):
+        shard(ids(PROMPTS[0]), plain)
+    with pytest.raises(m.ModelError, match="sliding windows"):
+        shard.forward_packed([ids(PROMPTS[0])], [plain])
+    with pytest.raises(m.ModelError, match="sliding windows"):
+        m.StaticDecoder(shard, plain)
+    assert plain.length == 0
+
+
 def test_truncating_a_ring(hf):
     shard = m.load_model(hf["mistral"])  # window 6
     cache = shard.new_cache(max_len=64)
