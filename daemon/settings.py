@@ -47,6 +47,7 @@ from daemon.sections import (
 from daemon.serving.settings import ServingConfig
 from p2p.discovery import DiscoverySettings
 from p2p.limits import HostLimits
+from p2p.network import NETWORK_ID_PATTERN
 from registry.replica import Limits
 from registry.replication import ReplicationSettings
 from scheduler.election import ElectionSettings
@@ -58,6 +59,9 @@ class ConfigError(ConfigInvalid, ValueError):
 
 
 ENV_PREFIX = "GRIDMESH_"
+NETWORK_NAME = r"^[a-z0-9][a-z0-9-]{0,31}$"
+NETWORK_DOC = "a network name (1..32 lowercase letters, digits and '-', e.g. devnet, testnet)"
+NETWORK_ID_DOC = "a network id (1..64 letters, digits, '.', '_' and '-'; empty: gridmesh-NAME)"
 
 # -- the tree -----------------------------------------------------------------------------
 
@@ -68,7 +72,13 @@ SECTIONS += ("serving",)
 class Config(Section):
     """The whole tree; `discovery()` and its siblings are what each service is given."""
 
-    network_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = "gridmesh-local"
+    # the gridmesh network this node is on (configs/NAME.toml is its profile: `gridmesh init
+    # --network NAME`), and its id, part of every protocol id, gossip topic and DHT key (so
+    # nodes of two networks never exchange records); an empty id is gridmesh-NAME
+    network: Annotated[str, msgspec.Meta(pattern=NETWORK_NAME, description=NETWORK_DOC)] = "local"
+    network_id: Annotated[
+        str, msgspec.Meta(pattern=f"{NETWORK_ID_PATTERN}|^$", description=NETWORK_ID_DOC)
+    ] = ""
     p2p: P2PConfig = P2PConfig()
     rpc: RPCConfig = RPCConfig()
     resources: ResourcesConfig = ResourcesConfig()
@@ -79,6 +89,10 @@ class Config(Section):
     market: MarketConfig = MarketConfig()
     cluster: ClusterConfig = ClusterConfig()
     serving: ServingConfig = ServingConfig()
+
+    def __post_init__(self) -> None:
+        if not self.network_id:
+            msgspec.structs.force_setattr(self, "network_id", f"gridmesh-{self.network}")
 
     def problems(self) -> Iterator[Problem]:
         for name in SECTIONS:
