@@ -70,3 +70,23 @@ def default_home() -> Path:
 def template_text() -> str:
     """The text `gridmesh init` writes to HOME/config.toml."""
     return (REPO_CONFIGS / "node.toml").read_text()
+
+
+def network_profiles() -> list[str]:
+    """The networks `gridmesh init --network NAME` knows: the profiles configs/NAME.toml that
+    name their own network (`network = "NAME"`), sorted."""
+    names = []
+    for path in sorted(REPO_CONFIGS.glob("*.toml")):
+        declared = path.read_text().partition("\nnetwork = ")[2].partition("\n")[0]
+        if declared.split("#")[0].strip().strip('"') == path.stem:
+            names.append(path.stem)
+    return names
+
+
+def profile_text(network: str) -> str:
+    """What `gridmesh init --network NAME` writes to HOME/config.toml; ValueError naming the
+    known networks for another name."""
+    known = network_profiles()
+    if network not in known:
+        raise ValueError(f"unknown network {network[:64]!r} (known: {', '.join(known)})")
+    return (REPO_CONFIGS / f"{network}.toml").read_text()

@@ -12,6 +12,8 @@ import re
 TRANSPORT = re.compile(r"/(ip4|ip6|dns|dns4|dns6)/([^/]+)/tcp/(\d{1,5})")
 # A base58btc peer id (Ed25519 ids start 12D3KooW, older RSA ids Qm).
 _PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{40,64}")
+# A DNS name: dot-separated labels of 1..63 letters, digits and inner '-', 253 at most.
+_DNS_NAME = re.compile(r"(?=.{1,253}\.?$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+")
 LISTEN_EXAMPLE = "/ip4/0.0.0.0/tcp/4001 (tcp/0 picks a free port)"
 BOOTSTRAP_EXAMPLE = "/ip4/203.0.113.7/tcp/4001/p2p/12D3KooW..."
 
@@ -33,6 +35,8 @@ def _check_transport(addr: str) -> str | None:
             ipaddress.IPv6Address(host)
     except ValueError:
         return f"{host[:40]!r} is not an {proto} address"
+    if proto.startswith("dns") and not _DNS_NAME.fullmatch(host):
+        return f"{host[:40]!r} is not a DNS name (labels of letters, digits and '-', dot-separated)"
     return None
 
 

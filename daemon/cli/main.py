@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -52,16 +53,38 @@ app.add_typer(vdag_app, name="vdag")
 
 
 @app.command()
-def init(home: Path | None = HomeOption) -> None:
+def init(
+    home: Path | None = HomeOption,
+    network: str | None = typer.Option(
+        None,
+        "--network",
+        help="Write this network's profile (configs/NAME.toml: devnet, testnet) as the config "
+        "instead of the single-node template.",
+    ),
+    rpc_url: str | None = typer.Option(
+        None, "--rpc-url", help="With --network: the chain's RPC URL, written as [chain] rpc_url."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing config.toml (kept as config.toml.bak)."
+    ),
+) -> None:
     """Create this node's keys and config.toml (never overwrites existing keys)."""
     from p2p import identity
 
     home = home_dir(home)
     config_path = home / configuration.CONFIG_FILE
     try:
+        text = _config_text(network, rpc_url)
+    except ValueError as exc:
+        fail(str(exc))
+    if config_path.exists() and network is not None and not force:
+        fail(f"{config_path} exists: pass --force to replace it with the {network} profile")
+    try:
         ident, created = identity.init_identity(home)
+        if config_path.exists() and force:
+            config_path.replace(config_path.with_name(config_path.name + ".bak"))
         if not config_path.exists():
-            config_path.write_text(configuration.template_text())
+            config_path.write_text(text)
     except identity.IdentityError as exc:
         fail(str(exc))
     except OSError as exc:
@@ -71,6 +94,45 @@ def init(home: Path | None = HomeOption) -> None:
     typer.echo(f"peer id:        {ident.peer_id}")
     typer.echo(f"payout address: {ident.payout_address}")
     typer.echo(f"config:         {config_path}")
+    if network is not None:
+        _say_profile(configuration.parse(_toml(text), str(config_path)))
+
+
+def _config_text(network: str | None, rpc_url: str | None) -> str:
+    """What init writes: the template, or `network`'s profile with `rpc_url` put in (checked:
+    the profile must load); ValueError says why not."""
+    if network is None:
+        if rpc_url is not None:
+            raise ValueError("--rpc-url needs --network NAME")
+        return configuration.template_text()
+    text = configuration.profile_text(network)
+    if rpc_url is not None:
+        line = f"rpc_url = {json.dumps(rpc_url)}"
+        text, count = re.subn(r'(?m)^rpc_url = ""$', lambda _: line, text, count=1)
+        if count != 1:
+            raise ValueError(f"the {network} profile has no [chain] rpc_url to set")
+    try:  # the profile itself loads (a test checks it): what fails is the URL given
+        configuration.parse(_toml(text), "--rpc-url" if rpc_url else f"configs/{network}.toml")
+    except configuration.ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    return text
+
+
+def _toml(text: str) -> dict[str, Any]:
+    import tomllib
+
+    return tomllib.loads(text)
+
+
+def _say_profile(config: Any) -> None:
+    typer.echo(f"network:        {config.network} (id {config.network_id})")
+    if not config.p2p.bootstrap:
+        typer.echo("bootstrap:      none in the profile: pass --bootstrap ADDR to the daemon")
+    if config.chain.network != "devnet" and not config.chain.rpc_url:
+        typer.echo(
+            f"chain:          {config.chain.network} needs an RPC URL: set [chain] rpc_url "
+            "(or run init again with --rpc-url URL --force); until then paid work is off"
+        )
 
 
 @app.command()
