@@ -178,13 +178,15 @@ class RemoteModel:
         chained: bool = True,
         max_price_per_unit: int | None = None,
         payments: Any = None,
+        verifier: Any = None,
     ) -> None:
         """`step_timeout_s`: how long a step may make no progress before its hop counts as
         failed. `chained`: servers push to each other (else the client relays every hop).
         `max_price_per_unit`: routes (and re-routes) use no server over it (None: any).
         `payments`: a paid job's generation (`daemon.payments.requester.PaidGeneration`):
         sessions are opened for its job and every step's receipt must pass its check, else
-        the hop failed (None: free work)."""
+        the hop failed (None: free work). `verifier`: spot checks of the steps
+        (`daemon.verify.verifier.GenerationChecks`; None: none)."""
         self._opener = opener
         self._servers = servers
         self.model_id = model_id
@@ -198,6 +200,7 @@ class RemoteModel:
         self.chained = chained
         self.max_price_per_unit = max_price_per_unit
         self.payments = payments
+        self.verifier = verifier
         self.length = 0
         self.recoveries: list[dict[str, Any]] = []
         self._step_numbers = itertools.count(1)
@@ -218,6 +221,8 @@ class RemoteModel:
         goes (the next hop's session and link token) and who may push into it (the previous
         hop's peer); `prev` is then re-pointed at the first of them."""
         servers = await self._servers()
+        if self.verifier is not None:  # without excluded providers, reputation breaks ties
+            servers = self.verifier.routable(servers)
         price = self.max_price_per_unit
         try:
             spans = find_route(
@@ -442,6 +447,8 @@ class RemoteModel:
                     self.chained = False
             while step.next_hop < len(self.hops):
                 await relay_one()
+            if self.verifier is not None:  # a wrong hop found here fails over (HopFailed)
+                await self.verifier.after_step(self, step.position, step.x)
             return step.x
 
         logits = await self._with_recovery(run, step)

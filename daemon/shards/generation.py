@@ -98,6 +98,10 @@ async def run_generation(
     if paid is not None:  # receipts over the job's maximum would be refused: route within it
         job_max = paid.max_price_per_unit
         max_price = job_max if max_price is None else min(max_price, job_max)
+    # spot checks (daemon.verify), where the service has a verifier: a paid step's receipt
+    # waits for its checks, and a wrong one is never acknowledged
+    verifier = getattr(service, "verifier", None)
+    checks = verifier.generation(paid) if verifier is not None else None
     model = RemoteModel(
         service,
         lambda: service.servers(model_id, need_tokens=max_length),
@@ -106,7 +110,8 @@ async def run_generation(
         max_length=max_length,
         chained=not relay,
         max_price_per_unit=max_price,
-        payments=paid,
+        payments=checks.payments if checks is not None and paid is not None else paid,
+        verifier=checks,
     )
     try:
         async with paid.running() if paid is not None else contextlib.nullcontext():
@@ -133,6 +138,9 @@ async def run_generation(
             except Exception as exc:  # a background job must never take the daemon down
                 log.exception("generation %s failed", job.id)
                 job.fail(f"internal error: {type(exc).__name__}: {exc}")
+            finally:
+                if checks is not None:  # the receipts still held by checks
+                    checks.flush()
     finally:
         job.recoveries = model.recoveries
         job.forwarding = "chained" if model.chained else "relayed"

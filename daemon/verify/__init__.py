@@ -1,0 +1,11 @@
+"""Verified work: the requester checks that providers computed their steps right.
+
+- `policy`: which steps to check, and the requester's view of each provider (probation,
+  exclusion with back-off, the reputation that breaks routing ties); sans-IO.
+- `compare`: when two outputs of one step agree (exact, or within a documented tolerance).
+- `detection`: the expected number of steps until a cheater is caught.
+- `replica`: running a hop's step again on another server.
+- `canaries`: known-good steps, sent again as ordinary traffic.
+- `verifier`: the checks of a generation, driven by the shard client's hooks.
+- `cheat`: adversarial providers, for tests and benchmarks only.
+"""

@@ -1,0 +1,87 @@
+"""Run one step of a hop again on another server: the IO of a check or a canary.
+
+A fresh session on the server, the hop's earlier inputs sent in one catch-up pass (the server
+rebuilds the cache the provider had; see `daemon.verify.compare` for why the result may then
+differ in the last bits), then the step's input as the provider got it. To the server this is
+an ordinary session: its `max_length` is the generation's, as every session of it asks, and a
+generation's first chunk followed by one-token steps is what every generation sends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import trio
+
+from daemon.shards import SHARD_PROTOCOL, wire
+from daemon.shards.client import GenerationError, Hop, HopFailed
+from daemon.shards.session import MAX_STEP_TOKENS
+from p2p.network import NetworkError, StreamOpener
+
+
+class ReplicaUnavailable(Exception):
+    """The replica could not run the step (down, busy, refused): no verdict."""
+
+
+@dataclass(frozen=True)
+class Replay:
+    """A hop's step as a replica gets it: the inputs before it, and its own."""
+
+    model_id: str
+    start: int
+    end: int
+    max_length: int
+    prefix: torch.Tensor | None  # positions 0 .. position - 1 (None at position 0)
+    x: torch.Tensor
+    last_only: bool
+
+    @property
+    def position(self) -> int:
+        return 0 if self.prefix is None else int(self.prefix.shape[1])
+
+
+async def run_on(opener: StreamOpener, peer: str, replay: Replay, timeout_s: float) -> torch.Tensor:
+    """The output of `replay` computed by `peer`; ReplicaUnavailable if it gives none."""
+    try:
+        with trio.fail_after(timeout_s):
+            stream = await opener.open_stream(peer, SHARD_PROTOCOL)
+    except (NetworkError, trio.TooSlowError) as exc:
+        raise ReplicaUnavailable(f"{peer}: {exc!r}") from None
+    hop = Hop(peer, replay.start, replay.end, stream, session="")
+    try:
+        opened, _ = await hop.call(
+            wire.Open(
+                model=replay.model_id,
+                start=replay.start,
+                end=replay.end,
+                max_length=replay.max_length,
+                depth=1,
+            ),
+            None,
+            timeout_s,
+        )
+        if not isinstance(opened, wire.Opened):
+            raise ReplicaUnavailable(f"{peer}: {type(opened).__name__} answers an open")
+        hop.session = opened.session
+        if replay.prefix is not None:
+            for first in range(0, replay.prefix.shape[1], MAX_STEP_TOKENS):
+                piece = replay.prefix[:, first : first + MAX_STEP_TOKENS]
+                await hop.call(
+                    wire.Forward(session=hop.session, position=first, last_only=True),
+                    piece,
+                    timeout_s,
+                )
+        reply, out = await hop.call(
+            wire.Forward(session=hop.session, position=replay.position, last_only=replay.last_only),
+            replay.x,
+            timeout_s,
+        )
+        if out is None or not isinstance(reply, wire.Result):
+            raise ReplicaUnavailable(f"{peer}: a forward reply without a tensor")
+        return out
+    except (HopFailed, GenerationError) as exc:
+        raise ReplicaUnavailable(str(exc)) from None
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            await stream.close()
