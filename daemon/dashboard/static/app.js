@@ -1,0 +1,304 @@
+// The gridmesh dashboard: views fetched as JSON from /dashboard/api/VIEW, live numbers from
+// the server-sent events of /dashboard/events. Every value from the network is put on the
+// page as text (textContent), never as markup.
+"use strict";
+
+const TITLES = {
+  node: "This node", network: "Network", models: "Models",
+  jobs: "Sessions and jobs", money: "Money", registry: "Registries",
+};
+const $ = (id) => document.getElementById(id);
+const spark = [];
+let current = "node";
+let lastModels = null;
+let lastNodes = null;
+
+function el(tag, text, attrs) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+  return node;
+}
+
+function show(value) {
+  if (value === null || value === undefined) return "–";
+  if (typeof value === "object") return JSON.stringify(value);
+  return String(value);
+}
+
+function bytes(n) {
+  if (typeof n !== "number") return "–";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return n.toFixed(i ? 1 : 0) + " " + units[i];
+}
+
+function short(id) {
+  return typeof id === "string" && id.length > 16 ? id.slice(0, 8) + "…" + id.slice(-6) : show(id);
+}
+
+// a table with a caption, header cells and one row per item
+function table(caption, columns, rows, id) {
+  const t = el("table", undefined, id ? { id } : {});
+  t.appendChild(el("caption", caption));
+  const head = el("tr");
+  for (const [label] of columns) head.appendChild(el("th", label, { scope: "col" }));
+  t.appendChild(el("thead")).appendChild(head);
+  const body = t.appendChild(el("tbody"));
+  for (const row of rows) {
+    const tr = body.appendChild(el("tr"));
+    for (const [, get] of columns) {
+      const value = get(row);
+      const td = tr.appendChild(el("td"));
+      if (value instanceof Node) td.appendChild(value); else td.textContent = show(value);
+    }
+  }
+  if (!rows.length) {
+    const tr = body.appendChild(el("tr"));
+    tr.appendChild(el("td", "none", { colspan: String(columns.length) }));
+  }
+  return t;
+}
+
+function pairs(caption, obj) {
+  const rows = Object.entries(obj || {});
+  return table(caption, [["field", (r) => r[0]], ["value", (r) => r[1]]], rows);
+}
+
+function errorText(part) {
+  return part && typeof part === "object" && !Array.isArray(part) && part.error;
+}
+
+function partOr(caption, part, render) {
+  const err = errorText(part);
+  if (err) {
+    const p = el("p", caption + ": " + err, { class: "error" });
+    return p;
+  }
+  return render(part);
+}
+
+const RENDER = {
+  node(data) {
+    const out = [];
+    const info = data.info || {};
+    const res = info.resources || {};
+    out.push(pairs("Identity", {
+      "peer id": info.peer_id, version: info.version, network: info.network_id,
+      "payout address": info.payout_address, "RPC URL": info.rpc_url,
+      "OpenAI endpoint": info.openai_url,
+    }));
+    out.push(pairs("Reachability", {
+      "listening on": (info.listen_addrs || []).join(" "),
+      "advertised in the DHT": (data.advertised || []).join(" ") || "not yet published",
+      "record expires at": data.record_expires_at,
+      "peers connected": data.peers_connected,
+    }));
+    const cpu = res.cpu || {}, mem = res.memory || {}, disk = res.disk || {};
+    out.push(pairs("Resources", {
+      CPU: `${show(cpu.model)} (${show(cpu.cores)} cores, ${show(cpu.arch)})`,
+      memory: `${bytes(mem.available_bytes)} free of ${bytes(mem.total_bytes)}`,
+      disk: `${bytes(disk.free_bytes)} free`, "GPU driver": res.gpu_driver, "GPU error": res.gpu_error,
+    }));
+    out.push(table("GPUs", [
+      ["index", (g) => g.index], ["name", (g) => g.name],
+      ["utilisation", (g) => g.utilization_pct === null || g.utilization_pct === undefined ? "–" : g.utilization_pct + " %"],
+      ["memory free", (g) => bytes(g.memory_free_bytes) + " of " + bytes(g.memory_total_bytes)],
+      ["power", (g) => g.power_w === null || g.power_w === undefined ? "–" : g.power_w + " W"],
+    ], res.gpus || [], "gpus"));
+    return out;
+  },
+  network(data) {
+    const out = [];
+    out.push(partOr("Nodes", data.nodes, (nodes) => nodesTable(nodes)));
+    out.push(partOr("Peers", data.peers, (peers) => table("Peers and measured round trips", [
+      ["peer", (p) => short(p.peer_id)], ["connected", (p) => (p.connected ? "yes" : "no")],
+      ["RTT", (p) => (typeof p.rtt_ms === "number" ? p.rtt_ms.toFixed(1) + " ms" : "–")],
+      ["addresses", (p) => (p.addrs || []).join(" ")],
+    ], peers, "peers")));
+    out.push(table("Clusters", [
+      ["name", (c) => c.name],
+      ["coordinator", (c) => errorText(c.coordinator) || short((c.coordinator || {}).coordinator)],
+      ["term", (c) => (c.coordinator || {}).term],
+      ["admission", (c) => (c.value || {}).admission],
+    ], data.clusters || [], "clusters"));
+    return out;
+  },
+  models(data) {
+    if (data.error) return [el("p", data.error, { class: "error" })];
+    const out = [];
+    if (!(data.models || []).length) out.push(el("p", "No model is announced on the network."));
+    for (const m of data.models || []) out.push(layerMap(m));
+    out.push(table("Blocks loaded on this node", [
+      ["model", (b) => b.model], ["layers", (b) => `${show(b.start)}–${show(b.end)}`],
+      ["KV cache free (tokens)", (b) => b.cache_tokens_free],
+    ], data.local || [], "local-blocks"));
+    return out;
+  },
+  jobs(data) {
+    return [
+      el("p", "Tokens per second, time to first token, sessions and failovers (clients gone mid-stream) update live above."),
+      partOr("Paid jobs", data.paid_jobs, (jobs) => jobsTable(jobs)),
+    ];
+  },
+  money(data) {
+    return [
+      partOr("Wallet", data.wallet, (w) => pairs("Wallet and stake", w)),
+      partOr("Earnings", data.earnings, (e) => table("Earnings per job and provider", [
+        ["job", (r) => short(r.job_id)], ["provider", (r) => short(r.provider)],
+        ["receipts", (r) => r.receipts], ["acknowledged", (r) => r.acknowledged],
+        ["settled", (r) => r.settled], ["pending", (r) => r.pending],
+      ], e.jobs || [], "earnings")),
+      partOr("Jobs", data.jobs, (jobs) => jobsTable(jobs)),
+    ];
+  },
+  registry(data) {
+    const out = [table(`Entries (${(data.items || []).length})`, [
+      ["kind", (e) => e.kind], ["key", (e) => e.key], ["owner", (e) => short(e.owner)],
+      ["version", (e) => e.version], ["updated", (e) => e.updated_at], ["value", (e) => e.value],
+    ], data.items || [], "registry-entries")];
+    if (data.next_cursor) {
+      const more = el("button", "Next page", { type: "button", id: "reg-next" });
+      more.addEventListener("click", () => loadRegistry(data.next_cursor));
+      out.push(more);
+    }
+    fillKinds(data.kinds);
+    return out;
+  },
+};
+
+function nodesTable(nodes) {
+  return table(`Nodes found (${nodes.length})`, [
+    ["peer", (n) => short(n.peer_id)],
+    ["GPUs", (n) => ((n.resources || {}).gpus || []).map((g) => g.name).join(", ") || "none"],
+    ["CPU cores", (n) => ((n.resources || {}).cpu || {}).cores],
+    ["serves", (n) => ((n.resources || {}).blocks || []).map((b) => `${b.model} ${b.start}–${b.end}`).join(", ")],
+    ["price per unit", (n) => n.price_per_unit],
+    ["addresses", (n) => (n.addrs || []).join(" ")],
+  ], nodes, "nodes");
+}
+
+function jobsTable(jobs) {
+  return table("Paid jobs", [
+    ["job", (j) => short(j.job_id)], ["name", (j) => j.name], ["state", (j) => j.state],
+    ["deposit", (j) => j.deposit], ["max price per unit", (j) => j.max_price_per_unit],
+  ], Array.isArray(jobs) ? jobs : [], "paid-jobs");
+}
+
+// which node serves which layers of one model, drawn as bars over the layer range
+function layerMap(model) {
+  const layers = Math.max(1, model.layers || 1);
+  return table(`Layer map of ${model.model} (${layers} layers)`, [
+    ["server", (s) => short(s.peer_id)],
+    ["layers", (s) => `${show(s.start)}–${show(s.end)}`],
+    ["map", (s) => {
+      const bar = el("div", undefined, { class: "layers", role: "img",
+        "aria-label": `layers ${s.start} to ${s.end} of ${layers}` });
+      const span = bar.appendChild(el("span", `${s.start}–${s.end}`));
+      span.style.left = (100 * (s.start || 0) / layers) + "%";
+      span.style.width = (100 * ((s.end || 0) - (s.start || 0)) / layers) + "%";
+      return bar;
+    }],
+    ["KV cache free (tokens)", (s) => s.cache_tokens_free],
+    ["load", (s) => (typeof s.utilisation === "number" ? Math.round(100 * s.utilisation) + " %" : show(s.queue_length))],
+    ["price per unit", (s) => s.price_per_unit],
+  ], model.servers || [], "layer-map-" + model.model.replace(/[^A-Za-z0-9_-]/g, "_"));
+}
+
+function fillKinds(kinds) {
+  const select = $("reg-kind");
+  if (!Array.isArray(kinds) || select.options.length > 1) return;
+  for (const k of kinds) select.appendChild(el("option", k, { value: k }));
+}
+
+function render(view, data) {
+  const body = $("view-body");
+  body.replaceChildren(...RENDER[view](data));
+  $("view").setAttribute("aria-busy", "false");
+}
+
+async function getJSON(url) {
+  const response = await fetch(url, { credentials: "same-origin", cache: "no-store" });
+  const data = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
+  if (response.status === 401) { window.location.reload(); }
+  if (!response.ok) throw new Error(data.error || `HTTP ${response.status}`);
+  return data;
+}
+
+async function load(view) {
+  $("view").setAttribute("aria-busy", "true");
+  try {
+    const data = await getJSON(`/dashboard/api/${view}`);
+    if (view === current) render(view, data);
+  } catch (err) {
+    $("view-body").replaceChildren(el("p", String(err.message || err), { class: "error" }));
+  }
+}
+
+async function loadRegistry(cursor) {
+  const params = new URLSearchParams();
+  const kind = $("reg-kind").value, filter = $("reg-filter").value.trim(), limit = $("reg-limit").value;
+  if (kind) params.set("kind", kind);
+  if (filter) params.set("filter", filter);
+  if (limit) params.set("limit", limit);
+  if (cursor) params.set("cursor", cursor);
+  $("reg-error").textContent = "";
+  try {
+    render("registry", await getJSON(`/dashboard/api/registry?${params}`));
+  } catch (err) {
+    $("reg-error").textContent = String(err.message || err);
+  }
+}
+
+function select(view) {
+  if (!TITLES[view]) view = "node";
+  current = view;
+  for (const a of document.querySelectorAll("nav a")) {
+    if (a.dataset.view === view) a.setAttribute("aria-current", "page"); else a.removeAttribute("aria-current");
+  }
+  $("view-title").textContent = TITLES[view];
+  $("registry-form-section").hidden = view !== "registry";
+  if (view === "registry") loadRegistry(); else load(view);
+}
+
+function liveUpdate(d) {
+  if (d.error) { $("feed-state").textContent = d.error; return; }
+  $("live-steps").textContent = d.steps_per_s.toFixed(1);
+  $("live-tokens").textContent = d.tokens_per_s.toFixed(1);
+  $("live-ttft").textContent = d.ttft_s !== null ? (1000 * d.ttft_s).toFixed(0) + " ms"
+    : d.ttft_avg_s !== null ? (1000 * d.ttft_avg_s).toFixed(0) + " ms (average)" : "–";
+  $("live-sessions").textContent = d.sessions;
+  $("live-kv").textContent = bytes(d.kv_used_bytes) + " of " + bytes(d.kv_budget_bytes);
+  $("live-queue").textContent = d.queued + d.waiting_steps;
+  $("live-peers").textContent = d.peers_connected;
+  $("live-gone").textContent = d.client_gone_total;
+  spark.push(d.steps_per_s + d.tokens_per_s);
+  if (spark.length > 300) spark.shift();
+  const top = Math.max(1, ...spark);
+  $("spark-line").setAttribute("points", spark.map((v, i) => `${i},${(40 - 38 * v / top).toFixed(1)}`).join(" "));
+}
+
+function connect() {
+  const source = new EventSource("/dashboard/events");
+  source.addEventListener("open", () => { $("feed-state").textContent = "live"; });
+  source.addEventListener("error", () => { $("feed-state").textContent = "live feed lost: reconnecting…"; });
+  source.addEventListener("live", (e) => liveUpdate(JSON.parse(e.data)));
+  source.addEventListener("models", (e) => {
+    const text = e.data;
+    if (text !== lastModels && current === "models") render("models", JSON.parse(text));
+    lastModels = text;
+  });
+  source.addEventListener("nodes", (e) => {
+    const text = e.data;
+    if (text !== lastNodes && current === "network") load("network");
+    lastNodes = text;
+  });
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("registry-form").addEventListener("submit", (e) => { e.preventDefault(); loadRegistry(); });
+  window.addEventListener("hashchange", () => select(location.hash.slice(1)));
+  select(location.hash.slice(1) || "node");
+  connect();
+});

@@ -1,0 +1,168 @@
+"""The dashboard's JSON views, each built from this daemon's own JSON-RPC methods.
+
+A view asks through `Call` (the dispatcher in-process, so the same validation, errors and
+per-method metrics as any RPC client), and never fails as a whole: a part whose method
+fails (no chain configured, a cluster gone) carries `{"error": message}` instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+from urllib.parse import parse_qsl
+
+import msgspec
+from msgspec import Meta
+
+from registry.query import MAX_LENGTH, QueryError, compile_filter
+
+Call = Callable[[str, dict[str, Any] | None], Awaitable[Any]]
+
+MAX_CLUSTERS = 20  # clusters whose coordinator the network view asks for
+MAX_QUERY_BYTES = 6 * 1024
+
+
+class ViewError(Exception):
+    """A request the dashboard refuses (HTTP 400), with a message that says why."""
+
+
+class RPCFailed(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class RegistryQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The registry view's query string."""
+
+    kind: Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_]{0,31}$")] | None = None
+    filter: Annotated[str, Meta(max_length=MAX_LENGTH)] | None = None
+    limit: Annotated[int, Meta(ge=1, le=200)] = 50
+    cursor: Annotated[str, Meta(min_length=1, max_length=1024)] | None = None
+
+
+def parse_query(raw: bytes, allowed: set[str]) -> dict[str, str]:
+    """A query string as a dict, refused when it is too long, not UTF-8, repeats a name or
+    names one that is not in `allowed`."""
+    if len(raw) > MAX_QUERY_BYTES:
+        raise ViewError(f"query string longer than {MAX_QUERY_BYTES} bytes")
+    try:
+        text = raw.decode("ascii")
+        decoded = parse_qsl(
+            text, keep_blank_values=True, strict_parsing=bool(text), errors="strict"
+        )
+    except (UnicodeError, ValueError) as exc:
+        raise ViewError(f"malformed query string: {exc}") from None
+    out: dict[str, str] = {}
+    for key, value in decoded:
+        if key not in allowed:
+            raise ViewError(
+                f"unknown parameter {key[:40]!r}: expected {', '.join(sorted(allowed))}"
+            )
+        if key in out:
+            raise ViewError(f"parameter {key!r} given twice")
+        out[key] = value
+    return out
+
+
+def registry_query(raw: bytes) -> RegistryQuery:
+    """The registry view's parameters, typed and bounded; the filter is compiled here so a
+    bad one is refused with its position before anything is asked."""
+    given: dict[str, Any] = dict(parse_query(raw, {"kind", "filter", "limit", "cursor"}))
+    given = {k: v for k, v in given.items() if v != ""}
+    if "limit" in given:
+        if not given["limit"].isdigit() or len(given["limit"]) > 6:
+            raise ViewError("limit: expected a whole number from 1 to 200")
+        given["limit"] = int(given["limit"])
+    try:
+        query = msgspec.convert(given, RegistryQuery)
+    except msgspec.ValidationError as exc:
+        raise ViewError(f"invalid parameter: {exc}") from None
+    try:
+        compile_filter(query.filter)
+    except QueryError as exc:
+        raise ViewError(f"bad filter: {exc}") from None
+    return query
+
+
+async def _part(call: Call, method: str, params: dict[str, Any] | None = None) -> Any:
+    try:
+        return await call(method, params)
+    except RPCFailed as exc:
+        return {"error": exc.message, "code": exc.code}
+
+
+async def node_view(call: Call) -> dict[str, Any]:
+    info = await _part(call, "node_info")
+    peer_id = info.get("peer_id") if isinstance(info, dict) else None
+    records = await _part(call, "nodes_find")
+    own = None
+    if isinstance(records, list):
+        own = next((r for r in records if r.get("peer_id") == peer_id), None)
+    peers = await _part(call, "node_peers")
+    connected = sum(1 for p in peers if p.get("connected")) if isinstance(peers, list) else None
+    return {
+        "info": info,
+        "advertised": own.get("addrs") if own else [],
+        "record_expires_at": own.get("expires_at") if own else None,
+        "serves": (own.get("resources") or {}).get("blocks") if own else None,
+        "peers_connected": connected,
+    }
+
+
+async def network_view(call: Call) -> dict[str, Any]:
+    nodes = await _part(call, "nodes_find")
+    peers = await _part(call, "node_peers")
+    clusters = await _part(call, "registry_list", {"kind": "clusters", "limit": MAX_CLUSTERS})
+    rows = []
+    for entry in clusters.get("items", []) if isinstance(clusters, dict) else []:
+        name = entry.get("key")
+        coord = await _part(call, "cluster_coordinator", {"name": name})
+        rows.append({"name": name, "value": entry.get("value"), "coordinator": coord})
+    return {"nodes": nodes, "peers": peers, "clusters": rows}
+
+
+async def models_view(call: Call) -> dict[str, Any]:
+    """Per model, every announced server with its layers, KV cache free and load."""
+    listed = await _part(call, "block_list")
+    if "error" in listed:
+        return {"error": listed["error"], "models": []}
+    models = []
+    for model, servers in sorted((listed.get("announced") or {}).items()):
+        rows = sorted(servers, key=lambda s: (s.get("start", 0), s.get("peer_id", "")))
+        layers = max((s.get("end", 0) for s in rows), default=0)
+        models.append({"model": model, "layers": layers, "servers": rows})
+    return {"models": models, "local": listed.get("local", [])}
+
+
+async def jobs_view(call: Call) -> dict[str, Any]:
+    return {"paid_jobs": await _part(call, "job_list")}
+
+
+async def money_view(call: Call) -> dict[str, Any]:
+    return {
+        "wallet": await _part(call, "wallet"),
+        "earnings": await _part(call, "earnings"),
+        "jobs": await _part(call, "job_list"),
+    }
+
+
+async def registry_view(call: Call, query: RegistryQuery) -> dict[str, Any]:
+    params: dict[str, Any] = {"limit": query.limit}
+    for name in ("kind", "filter", "cursor"):
+        if getattr(query, name) is not None:
+            params[name] = getattr(query, name)
+    try:
+        page = await call("registry_list", params)
+    except RPCFailed as exc:
+        raise ViewError(exc.message) from None
+    return {"kinds": await _part(call, "registry_kinds"), "query": params, **page}
+
+
+VIEWS: dict[str, Callable[[Call], Awaitable[dict[str, Any]]]] = {
+    "node": node_view,
+    "network": network_view,
+    "models": models_view,
+    "jobs": jobs_view,
+    "money": money_view,
+}
