@@ -18,7 +18,8 @@ whose request is being executed are never shed. An honest client sends its reque
 so it is never the oldest waiting one.
 
 Routes: POST / (JSON-RPC, bearer token), GET /metrics (Prometheus text, no token: the
-listener is loopback only).
+listener is loopback only), /dashboard/... (daemon.dashboard: a session cookie from a
+one-time login link).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from daemon.api.jsonrpc import (
     Dispatcher,
     cap_recursion_limit,
 )
+from daemon.dashboard.routes import Dashboard
 from daemon.errors import GridmeshError, Unauthorized, status_of
 
 log = logging.getLogger(__name__)
@@ -104,6 +106,7 @@ class _Server:
         self._max_connections = max_connections
         self._request_timeout_s = request_timeout_s
         self._table = ConnectionTable(max_connections)
+        self._dashboard = Dashboard(dispatcher, metrics, self._reject)
 
     @property
     def connections(self) -> int:
@@ -183,6 +186,9 @@ class _Server:
             else:
                 await self._read_body(conn, stream, req, deadline)  # EndOfMessage, no I/O
             return response
+        if path == b"/dashboard" or path.startswith(b"/dashboard/"):
+            me.waiting_since = None  # executing (a live feed runs for long): never shed
+            return await self._dashboard.handle(conn, stream, req, deadline)
         if path != b"/":
             return text_response(404, "not found")
         if req.method != b"POST":

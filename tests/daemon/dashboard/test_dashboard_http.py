@@ -1,0 +1,174 @@
+"""The dashboard over HTTP without a browser, on whole in-memory daemons (virtual clock):
+the login link and its session cookie, every view's JSON, refused inputs, and the live
+feed's bounds (a cap on feeds, a reader that stops reading is dropped)."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from daemon.dashboard import auth
+from tests.daemon.dashboard.http_client import events, feed, make_server, request
+from tests.daemon.harness import inline_threads, memory_cluster
+
+LAYERS = 6
+
+
+@pytest.fixture(autouse=True)
+def _inline(monkeypatch):
+    inline_threads(monkeypatch)
+
+
+async def login(daemon, server, nursery) -> str:
+    """The session cookie a one-time link gives ("name=value")."""
+    link = await daemon.call("dashboard_login")
+    assert link["path"].startswith("/dashboard/login?code=")
+    reply = await request(nursery, server, link["path"])
+    assert reply.status == 303 and reply.headers[b"location"] == b"/dashboard/"
+    set_cookie = reply.headers[b"set-cookie"].decode()
+    assert "HttpOnly" in set_cookie and "SameSite=Strict" in set_cookie
+    again = await request(nursery, server, link["path"])  # a link works once
+    assert again.status == 403 and b"login-required" in again.body
+    return set_cookie.split(";")[0]
+
+
+async def test_login_views_and_refused_inputs(autojump_clock, tmp_path, nursery):
+    from daemon.shards.model import make_tiny
+
+    model_dir = make_tiny(tmp_path / "tiny", layers=LAYERS, seed=7)
+    async with memory_cluster(tmp_path, 3) as net:
+        d0 = net.daemons[0]
+        rejects: list[str] = []
+        server = make_server(d0.daemon, rejects)
+
+        # nothing without the login: the page says how to log in, the API answers 401
+        page = await request(nursery, server, "/dashboard/")
+        assert page.status == 401 and b"gridmesh dashboard" in page.body
+        api = await request(nursery, server, "/dashboard/api/node")
+        assert api.status == 401 and "gridmesh dashboard" in api.json()["error"]
+        forged = f"{auth.COOKIE_NAME}={'a' * 43}"
+        assert (await request(nursery, server, "/dashboard/api/node", cookie=forged)).status == 401
+        assert (await request(nursery, server, "/dashboard/events")).status == 401
+        bad_code = await request(nursery, server, "/dashboard/login?code=" + "b" * 43)
+        assert bad_code.status == 403
+        assert rejects.count("dashboard_unauthorized") == 4 and "dashboard_login" in rejects
+
+        cookie = await login(d0, server, nursery)
+        page = await request(nursery, server, "/dashboard/", cookie=cookie)
+        assert page.status == 200 and b'src="/dashboard/static/app.js"' in page.body
+        assert b"script-src 'self'" in page.headers[b"content-security-policy"]
+        js = await request(nursery, server, "/dashboard/static/app.js", cookie=cookie)
+        assert js.status == 200 and js.headers[b"content-type"].startswith(b"text/javascript")
+        missing = await request(nursery, server, "/dashboard/static/../http.py", cookie=cookie)
+        assert missing.status == 404
+
+        node = (await request(nursery, server, "/dashboard/api/node", cookie=cookie)).json()
+        assert node["info"]["peer_id"] == d0.peer_id
+        assert node["peers_connected"] == 2 and node["advertised"]
+
+        await net.deploy(model_dir, net.daemons, [(0, 2), (2, 4), (4, 6)])
+        network = (await request(nursery, server, "/dashboard/api/network", cookie=cookie)).json()
+        assert {n["peer_id"] for n in network["nodes"]} == {d.peer_id for d in net.daemons}
+        assert len(network["peers"]) == 2 and network["clusters"] == []
+        models = (await request(nursery, server, "/dashboard/api/models", cookie=cookie)).json()
+        (tiny,) = models["models"]
+        assert tiny["model"] == "tiny" and tiny["layers"] == LAYERS
+        assert [(s["peer_id"], s["start"], s["end"]) for s in tiny["servers"]] == [
+            (d.peer_id, 2 * i, 2 * i + 2) for i, d in enumerate(net.daemons)
+        ]
+        assert all(s["cache_tokens_free"] > 0 for s in tiny["servers"])
+        money = (await request(nursery, server, "/dashboard/api/money", cookie=cookie)).json()
+        assert set(money) == {"wallet", "earnings", "jobs"}  # no chain here: parts say why
+        assert "error" in money["wallet"]
+
+        # the registries, browsed with the filter syntax; bad input refused with why
+        await d0.call(
+            "registry_put",
+            {
+                "kind": "components",
+                "key": "alpha",
+                "value": {"name": "a", "version": "1", "description": "big"},
+            },
+        )
+        await d0.call(
+            "registry_put",
+            {
+                "kind": "components",
+                "key": "beta",
+                "value": {"name": "b", "version": "1", "description": "small"},
+            },
+        )
+        q = "/dashboard/api/registry?kind=components&filter=description+%3D%3D+%27big%27"
+        reg = (await request(nursery, server, q, cookie=cookie)).json()
+        assert [e["key"] for e in reg["items"]] == ["alpha"] and "components" in reg["kinds"]
+        page1 = await request(nursery, server, "/dashboard/api/registry?limit=1", cookie=cookie)
+        assert len(page1.json()["items"]) == 1 and page1.json()["next_cursor"]
+        for target, why in [
+            ("/dashboard/api/registry?filter=n+%3D%3D", "bad filter: expected a value"),
+            ("/dashboard/api/registry?limit=0", "limit"),
+            ("/dashboard/api/registry?limit=abc", "whole number"),
+            ("/dashboard/api/registry?kind=No+Such", "kind"),
+            ("/dashboard/api/registry?kind=a&kind=b", "given twice"),
+            ("/dashboard/api/registry?sort=key", "unknown parameter 'sort'"),
+            ("/dashboard/api/registry?filter=%FF", "malformed query string"),
+            ("/dashboard/api/node?x=1", "unknown parameter 'x'"),
+        ]:
+            reply = await request(nursery, server, target, cookie=cookie)
+            assert reply.status == 400 and why in reply.json()["error"], (target, reply.body)
+        assert (await request(nursery, server, "/dashboard/api/nope", cookie=cookie)).status == 404
+        posted = await request(
+            nursery, server, "/dashboard/api/node", cookie=cookie, method=b"POST"
+        )
+        assert posted.status == 405
+        with_body = await request(nursery, server, "/dashboard/", cookie=cookie, body=b"x")
+        assert with_body.status == 413
+        # a page elsewhere whose DNS name points at 127.0.0.1 (rebinding) is refused
+        rebound = await request(
+            nursery, server, "/dashboard/api/node", cookie=cookie, host=b"evil.example:8545"
+        )
+        assert rebound.status == 421 and "dashboard_host" in rejects
+        assert d0.metric("gridmesh_rpc_requests_total", method="nodes_find") >= 2
+
+
+async def test_live_feed_is_capped_and_drops_a_reader_that_stops(autojump_clock, tmp_path, nursery):
+    async with memory_cluster(tmp_path, 2) as net:
+        d0 = net.daemons[0]
+        rejects: list[str] = []
+        server = make_server(d0.daemon, rejects)
+        dash = server._dashboard
+        dash.max_feeds, dash.interval_s, dash.write_timeout_s = 2, 0.5, 3.0
+        cookie = await login(d0, server, nursery)
+
+        async def peers_counted() -> bool:  # the gauge is set every publish interval
+            return d0.metric("gridmesh_peers", state="connected") == 1
+
+        await net.wait_for(peers_counted, 5, "the peers gauge")
+        client, conn, reply = await feed(nursery, server, cookie)
+        assert reply.status == 200 and reply.headers[b"content-type"] == b"text/event-stream"
+        await events(client, conn, reply, 4)  # live, models, nodes, live
+        names = [name for name, _ in reply.events]
+        assert names == ["live", "models", "nodes", "live"]
+        live = reply.events[-1][1]
+        assert live["peers_connected"] == 1 and live["steps_per_s"] == 0.0
+        assert {n["peer_id"] for n in reply.events[2][1]} == {d.peer_id for d in net.daemons}
+
+        # a second feed that never reads after its head: dropped once a write blocks past
+        # the deadline; the daemon holds at most the one event it was writing
+        stuck, _, stuck_reply = await feed(nursery, server, cookie)
+        assert stuck_reply.status == 200 and dash.feeds == 2
+        third = await request(nursery, server, "/dashboard/events", cookie=cookie)
+        assert third.status == 503 and "dashboard_feeds" in rejects
+        await events(client, conn, reply, 2)  # the first feed keeps going meanwhile
+        with trio.fail_after(dash.write_timeout_s + 2 * dash.interval_s):
+            while dash.feeds > 1:
+                await events(client, conn, reply, 1)
+        assert "dashboard_slow_reader" in rejects
+        await client.aclose()  # a reader that leaves ends its feed too
+
+        async def no_feeds() -> bool:
+            return dash.feeds == 0
+
+        await net.wait_for(no_feeds, 2 * dash.interval_s + 1, "the closed feed to end")
+        again = await request(nursery, server, "/dashboard/events", cookie=cookie, method=b"HEAD")
+        assert again.status == 200 and again.body == b""
+        await net.wait_for(no_feeds, 1, "a HEAD feed to end after its head")
