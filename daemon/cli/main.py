@@ -13,7 +13,7 @@ from typing import Any
 import typer
 
 from daemon import config as configuration
-from daemon.cli import doctor, jobs, render, shards
+from daemon.cli import dashboard, doctor, jobs, render, shards
 from daemon.cli.chain import chain_app
 from daemon.cli.cluster import cluster_app
 from daemon.cli.common import (
@@ -421,6 +421,7 @@ for command in shards.COMMANDS:
 for command in jobs.COMMANDS:
     app.command()(command)
 app.command()(doctor.doctor)
+app.command()(dashboard.dashboard)
 app.add_typer(serve_app(daemon), name="serve")
 
 

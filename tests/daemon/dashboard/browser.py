@@ -1,0 +1,90 @@
+"""Headless Chromium for the dashboard's browser tests, driven by Selenium through Debian's
+chromedriver; each test skips, saying what is missing, where Chromium, chromedriver or
+Selenium (or axe-core, for the accessibility check) is not installed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
+# axe.min.js: $GRIDMESH_AXE_JS, or node_modules/axe-core of the repository (npm install axe-core)
+AXE_ENV = "GRIDMESH_AXE_JS"
+REPO = Path(__file__).resolve().parents[3]
+# the closed network refuses Chromium's own connections: turn them all off
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,900",
+)
+
+
+def find_chromium() -> tuple[str, str]:
+    """(chromium, chromedriver) paths, or skip saying which is missing."""
+    browser = os.environ.get("GRIDMESH_CHROMIUM") or next(
+        (p for p in map(shutil.which, CHROMIUM_NAMES) if p), None
+    )
+    driver = os.environ.get("GRIDMESH_CHROMEDRIVER") or shutil.which("chromedriver")
+    if not browser or not driver:
+        missing = "chromium" if not browser else "chromedriver"
+        pytest.skip(
+            f"browser tests need {missing}: apt-get install -y chromium chromium-driver "
+            "(or set GRIDMESH_CHROMIUM / GRIDMESH_CHROMEDRIVER)"
+        )
+    return browser, driver
+
+
+def axe_source() -> str:
+    """axe-core's script, or skip saying how to install it."""
+    given = os.environ.get(AXE_ENV)
+    path = Path(given) if given else REPO / "node_modules" / "axe-core" / "axe.min.js"
+    if not path.is_file():
+        pytest.skip(
+            f"the accessibility check needs axe-core: npm install axe-core (or set {AXE_ENV})"
+        )
+    return path.read_text(encoding="utf-8")
+
+
+def start_chromium(profile: Path) -> Any:
+    """A headless Chromium with a fresh profile, its console log kept for the test."""
+    webdriver = pytest.importorskip(
+        "selenium.webdriver", reason="browser tests need selenium: pip install selenium"
+    )
+    from selenium.webdriver.chrome.service import Service
+
+    browser, driver = find_chromium()
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in (*FLAGS, f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingOptions", {"browser": "ALL"})
+    return webdriver.Chrome(options=options, service=Service(executable_path=driver))
+
+
+def console_errors(driver: Any) -> list[dict[str, Any]]:
+    """The console's errors since the last call (reading the log empties it)."""
+    return [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+
+
+def run_axe(driver: Any, source: str) -> list[dict[str, Any]]:
+    """axe-core's violations of the page as it is now (WCAG 2 A and AA rules)."""
+    driver.execute_script(source)
+    result = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "axe.run(document, {runOnly: {type: 'tag', values: ['wcag2a', 'wcag2aa']}})"
+        ".then((r) => done(r.violations.map((v) => ({id: v.id, help: v.help,"
+        " nodes: v.nodes.map((n) => n.target.join(' '))}))))"
+        ".catch((e) => done([{id: 'axe-error', help: String(e), nodes: []}]));"
+    )
+    return result
