@@ -26,6 +26,8 @@ from msgspec import Meta
 from daemon import errors
 from daemon.api.jsonrpc import Dispatcher
 from daemon.errors import FailedPrecondition, InvalidParams, NotFound
+from daemon.vdags.protocol import MAX_BLOCK_ID
+from daemon.vdags.values import DEFAULT_DEADLINE_S, MAX_DEADLINE_S
 from registry import schemas
 from registry.blocks import Announcement, BadAnnouncement, announcements, parse_announcement
 from registry.entry import Entry
@@ -80,9 +82,20 @@ class Blocks:
                 self.specs[entry.key] = entry
         for item in announcements(blocks):
             self.by_model[item.model].append(item)
+        self.python = {
+            str(e.value["parameters"]["instanceOf"])
+            for e in blocks
+            if not e.deleted
+            and isinstance(e.value.get("parameters"), dict)
+            and isinstance(e.value["parameters"].get("instanceOf"), str)
+        }
 
     def known(self, block_id: str) -> bool:
-        return block_id in self.specs or bool(self.by_model.get(block_id))
+        return (
+            block_id in self.specs
+            or bool(self.by_model.get(block_id))
+            or block_id in self.python  # a Python block some daemon announces serving
+        )
 
     def servers(self, block_id: str) -> list[dict[str, Any]]:
         """The servers of `block_id` now: peer, announced range and its key."""
@@ -158,21 +171,102 @@ def register_vdag_methods(dispatcher: Dispatcher, replicator: Replicator) -> Non
     async def vdag_plan(name: Name, version: Version = None) -> dict[str, Any]:
         """The compiled graph of a stored vDAG (latest version unless given), nested vDAGs
         expanded, with the servers of each node's block."""
-        catalog = stored_specs(replica)
-        spec = catalog.resolve(name, version)
-        if spec is None:
-            have = sorted(v for (n, v) in catalog.specs if n == name.partition(":")[0])
-            known = f"; versions stored: {', '.join(have)}" if have else ""
-            shown = name if version is None else f"{name} version {version}"
-            raise NotFound(f"no vDAG {shown}{known}")
-        blocks = Blocks(replica.entries.values())
-        try:
-            plan = compile_plan(spec, catalog.versions, blocks.known)
-        except VdagError as exc:  # stored, but what it names has gone since
-            raise FailedPrecondition(
-                f"vDAG {spec.uri} cannot run now: {exc}", {"reason": "vdag", "path": exc.path}
-            ) from None
+        _, plan = resolve_plan(replica, name, version)
         return plan_json(replica, plan)
 
     for handler in (vdag_check, vdag_apply, vdag_plan):
+        dispatcher.register(handler.__name__, handler)
+
+
+# --------------------------------------------------------------------------- running
+
+
+Input = Annotated[Any, Meta(description="the vDAG's input (JSON; at most 1 MiB, 16 deep)")]
+Deadline = Annotated[
+    float, Meta(gt=0, le=MAX_DEADLINE_S, description=f"seconds (default {DEFAULT_DEADLINE_S:g})")
+]
+Session = (
+    Annotated[str, Meta(min_length=1, max_length=128, description="session id (quota key)")] | None
+)
+ApiKey = (
+    Annotated[str, Meta(min_length=1, max_length=128, description="API key (quota key)")] | None
+)
+BlockId = Annotated[
+    str,
+    Meta(
+        min_length=1, max_length=MAX_BLOCK_ID, pattern=r"^[A-Za-z0-9._:-]+$", description="block id"
+    ),
+]
+BlockPath = Annotated[
+    str, Meta(min_length=1, max_length=4096, description="the block package on this node")
+]
+BlockDigest = (
+    Annotated[str, Meta(pattern=r"^sha256:[0-9a-f]{64}$", description="its content hash")] | None
+)
+Settings = Annotated[dict[str, Any], Meta(description="given to the block's constructor")] | None
+
+
+def resolve_plan(replica: Replica, name: str, version: str | None) -> tuple[VdagSpec, VdagPlan]:
+    """The stored vDAG `name` (latest, or `version`) and its plan now; NotFound or
+    FailedPrecondition naming what is missing."""
+    catalog = stored_specs(replica)
+    spec = catalog.resolve(name, version)
+    if spec is None:
+        have = sorted(v for (n, v) in catalog.specs if n == name.partition(":")[0])
+        known = f"; versions stored: {', '.join(have)}" if have else ""
+        shown = name if version is None else f"{name} version {version}"
+        raise NotFound(f"no vDAG {shown}{known}")
+    blocks = Blocks(replica.entries.values())
+    try:
+        plan = compile_plan(spec, catalog.versions, blocks.known)
+    except VdagError as exc:  # stored, but what it names has gone since
+        raise FailedPrecondition(
+            f"vDAG {spec.uri} cannot run now: {exc}", {"reason": "vdag", "path": exc.path}
+        ) from None
+    return spec, plan
+
+
+def register_vdag_infer(dispatcher: Dispatcher, replicator: Replicator, service: Any) -> None:
+    """`vdag_infer` and the Python-block methods, run by the daemon's VdagService."""
+    replica = replicator.replica
+
+    async def vdag_infer(
+        name: Name,
+        input: Input,  # noqa: A002 - the AIOS name
+        version: Version = None,
+        deadline_s: Deadline = DEFAULT_DEADLINE_S,
+        session: Session = None,
+        api_key: ApiKey = None,
+    ) -> dict[str, Any]:
+        """Run a stored vDAG on `input` across the daemons serving its blocks: {vdag,
+        output, steps (each node's instance, attempts and times)}. A failure names the
+        node (data.node); over quota is busy (data.reason "quota")."""
+        spec, plan = resolve_plan(replica, name, version)
+        return await service.infer(
+            plan,
+            spec.controller,
+            input,
+            deadline_s=deadline_s,
+            session=session,
+            api_key=api_key,
+        )
+
+    async def vdag_block_serve(
+        block: BlockId,
+        path: BlockPath,
+        digest: BlockDigest = None,
+        settings: Settings = None,
+        parameters: Settings = None,
+    ) -> dict[str, Any]:
+        """Serve a Python block (AIOS block SDK: on_preprocess, on_data, on_update, health)
+        from the package at `path` on this node, in its sandbox, and announce it."""
+        return await service.serve_block(
+            block, path, digest=digest, settings=settings, parameters=parameters
+        )
+
+    async def vdag_block_unserve(block: BlockId) -> dict[str, Any]:
+        """Stop serving a Python block here, and withdraw its announcement."""
+        return {"unserved": await service.unserve_block(block)}
+
+    for handler in (vdag_infer, vdag_block_serve, vdag_block_unserve):
         dispatcher.register(handler.__name__, handler)

@@ -1,0 +1,170 @@
+"""vdag_infer on whole daemons (the in-memory network, the real clock: Python blocks run in
+the sandbox's worker processes): Python blocks served by several daemons, a model's shard
+chain as a node, linear and fan-out/fan-in graphs, a nested vDAG, a failed instance retried
+on another, the deadline, errors naming the node, input bounds at the boundary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from daemon.api.client import RPCCallError
+from tests.daemon.harness import memory_cluster
+from tests.daemon.vdags.helpers import (
+    block_package,
+    edge,
+    node,
+    sandbox_or_skip,
+    sub,
+    vdag,
+)
+
+
+async def serve(daemon: Any, tmp_path: Any, block_id: str, name: str, **kw: Any) -> dict:
+    path = block_package(tmp_path / "packages" / daemon.peer_id[-6:], name)
+    return await daemon.call("vdag_block_serve", {"block": block_id, "path": str(path), **kw})
+
+
+async def apply_when_known(net: Any, daemon: Any, spec: dict[str, Any]) -> None:
+    """vdag_apply once the blocks it names have reached `daemon`."""
+
+    async def applied() -> bool:
+        try:
+            await daemon.call("vdag_apply", {"value": spec})
+        except RPCCallError as exc:
+            if "unknown block" in exc.message:
+                return False
+            raise
+        return True
+
+    await net.wait_for(applied, 20, f"the blocks of {spec['vdagName']} to be known")
+
+
+async def infer(daemon: Any, name: str, value: Any, **kw: Any) -> dict[str, Any]:
+    return await daemon.call("vdag_infer", {"name": name, "input": value, **kw})
+
+
+async def refused(daemon: Any, name: str, value: Any, **kw: Any) -> RPCCallError:
+    with pytest.raises(RPCCallError) as info:
+        await infer(daemon, name, value, **kw)
+    return info.value
+
+
+PIPE = vdag("pipe", [node("a", "upper"), node("b", "rev")], [edge("a", "b")], ["a"], ["b"])
+FAN = vdag(
+    "fan",
+    [node("src", "upper"), node("l", "rev"), sub("r", "pipe:1"), node("j", "join")],
+    [
+        edge("src", "l"),
+        edge("src", "r"),
+        edge("l", "j", inputNames=["left"]),
+        edge("r", "j", inputNames=["right"]),
+    ],
+    ["src"],
+    ["j"],
+)
+
+
+async def test_graphs_run_across_daemons_and_fail_over(tmp_path):
+    await sandbox_or_skip()
+    async with memory_cluster(tmp_path / "net", 3) as net:
+        d0, d1, d2 = net.daemons
+        # upper on d0 and d1, rev on d1 and d2, join on d0 only
+        digest = (await serve(d0, tmp_path, "upper", "upper"))["digest"]
+        assert (await serve(d1, tmp_path, "upper", "upper"))["digest"] == digest
+        await serve(d1, tmp_path, "rev", "rev")
+        await serve(d2, tmp_path, "rev", "rev")
+        served = await serve(d0, tmp_path, "join", "join", settings={"sep": " + "})
+        assert served["health"] == "ok"
+        await apply_when_known(net, d2, PIPE)
+        await apply_when_known(net, d2, FAN)
+
+        # linear: d2 runs it, upper on d0 or d1, rev on d1 or d2 (itself)
+        result = await infer(d2, "pipe", "abc")
+        assert result["output"] == "CBA" and result["vdag"] == "pipe:1"
+        steps = {s["label"]: s for s in result["steps"]}
+        assert steps["a"]["instance"] in (d0.peer_id, d1.peer_id)
+        assert steps["b"]["started_s"] >= steps["a"]["finished_s"]
+
+        # fan-out / fan-in with the nested pipe as one branch
+        result = await infer(d1, "fan", "ab")
+        # src: AB; l: BA; r: pipe(AB) = BA; j joins by its input names, sorted
+        assert result["output"] == "BA + BA"
+        steps = {s["label"]: s for s in result["steps"]}
+        assert set(steps) == {"src", "l", "r/a", "r/b", "j"}
+        # l and r/a both start when src is done: the branches overlap
+        assert steps["l"]["started_s"] < steps["r/a"]["finished_s"]
+        assert steps["r/a"]["started_s"] < steps["l"]["finished_s"]
+        assert steps["j"]["started_s"] >= max(steps["l"]["finished_s"], steps["r/b"]["finished_s"])
+
+        # an instance dies: its announcement stays, so it is tried, fails, and the step is
+        # retried on the other instance of its block
+        net.kill(d1)
+        seen_failover = False
+        for _ in range(4):  # tied instances take turns: d1 is picked within two runs
+            result = await infer(d2, "pipe", "xyz")
+            assert result["output"] == "ZYX"
+            attempts = [a for s in result["steps"] for a in s["attempts"]]
+            failed = [a for a in attempts if a["error"]]
+            if failed:
+                seen_failover = True
+                assert failed[0]["instance"] == d1.peer_id
+                assert "cannot be reached" in failed[0]["error"]
+        assert seen_failover
+        assert d2.metric("gridmesh_vdag_requests_total", outcome="ok") >= 5
+
+
+async def test_errors_name_the_node_and_inputs_are_bounded(tmp_path):
+    await sandbox_or_skip()
+    async with memory_cluster(tmp_path / "net", 2) as net:
+        d0, d1 = net.daemons
+        await serve(d0, tmp_path, "upper", "upper")
+        await serve(d1, tmp_path, "boom", "boom")
+        await serve(d1, tmp_path, "count", "count")
+        bad = vdag(
+            "bad",
+            [node("a", "upper"), node("b", "boom")],
+            [edge("a", "b")],
+            ["a"],
+            ["b"],
+        )
+        await apply_when_known(net, d0, bad)
+        error = await refused(d0, "bad", "hi")
+        assert error.message == (
+            f"vDAG node 'b' failed: block 'boom' on {d1.peer_id[-12:]}: policy boom eval "
+            "raised RuntimeError: on_data failed: cannot handle 'HI'"
+        )
+        assert error.data == {"reason": "node", "node": "b", "why": "policy_error"}
+        assert error.code == -32010
+        # one entry per word (on_preprocess), each through on_data: a list of results
+        words = vdag("words", [node("c", "count")], [], ["c"], ["c"])
+        await apply_when_known(net, d0, words)
+        assert (await infer(d0, "words", "a bb ccc"))["output"] == [1, 2, 3]
+        assert (await infer(d0, "words", "single"))["output"] == 6
+
+        # bounds at the boundary: too large, and too deep, refused before anything runs
+        error = await refused(d0, "words", "x" * (1 << 20))
+        assert error.code == -32602 and "limit 1048576" in error.message
+        deep: Any = "x"
+        for _ in range(20):
+            deep = [deep]
+        error = await refused(d0, "words", deep)
+        assert error.code == -32602 and error.data["reason"] == "too_deep"
+        for reason in ("too_large", "too_deep"):
+            assert d0.metric("gridmesh_rejected_messages_total", source="vdag", reason=reason) == 1
+        error = await refused(d0, "words", "a", deadline_s=0)
+        assert error.code == -32602 and "deadline_s" in error.message
+        error = await refused(d0, "nope", "a")
+        assert error.code == -32004 and "no vDAG nope" in error.message
+        # the deadline: a block that takes longer than the whole request's time
+        slow_path = block_package(
+            tmp_path / "slow", "slow", "def on_data(self, entry):\n    while True: pass"
+        )
+        await d1.call("vdag_block_serve", {"block": "slow", "path": str(slow_path)})
+        slow = vdag("slow", [node("s", "slow")], [], ["s"], ["s"])
+        await apply_when_known(net, d0, slow)
+        error = await refused(d0, "slow", "x", deadline_s=0.5)
+        assert error.message == "the vDAG ran past its deadline of 0.5 s (still running: 's')"
+        assert error.data == {"reason": "deadline", "running": ["s"]}
+        assert d0.metric("gridmesh_vdag_requests_total", outcome="deadline") == 1
