@@ -44,7 +44,8 @@ from daemon.rpc_methods import register_node_methods
 from daemon.settings import Config
 from daemon.shard_methods import register_shard_methods
 from daemon.shards.service import ShardService
-from daemon.vdag_methods import register_vdag_methods
+from daemon.vdag_methods import register_vdag_infer, register_vdag_methods
+from daemon.vdags.service import VdagService
 from p2p import identity
 from p2p.aio import AsyncioBridge
 from p2p.discovery import ResourceDirectory
@@ -215,6 +216,16 @@ class Daemon:
             max_price_per_unit=config.market.max_price_per_unit,
         )
         register_shard_methods(self.dispatcher, self.shards, self.directory)
+        self.vdags = VdagService(  # vdag_infer; Python blocks; the sandbox pool (on first use)
+            peer_id=self.ident.peer_id,
+            net=self.net,
+            replicator=self.replicator,
+            shards=self.shards,
+            metrics=self.metrics,
+            home=home,
+            sandbox=getattr(config, "sandbox", None),  # [sandbox], once the tree has it
+        )
+        register_vdag_infer(self.dispatcher, self.replicator, self.vdags)
         self.clusters = self._cluster_runtime()
         register_runtime_methods(self.dispatcher, self.clusters)
         register_cluster_methods(
@@ -418,6 +429,7 @@ class Daemon:
             await nursery.start(self.clusters.run)
             await nursery.start(self.coordinator.run)
             await nursery.start(self.shards.run)
+            await nursery.start(self.vdags.run)
             if self.paid is not None:  # vouchers answered, jobs settled
                 await nursery.start(
                     lambda task_status: self.paid.run(self.net, task_status=task_status)
