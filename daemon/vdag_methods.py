@@ -270,3 +270,17 @@ def register_vdag_infer(dispatcher: Dispatcher, replicator: Replicator, service:
 
     for handler in (vdag_infer, vdag_block_serve, vdag_block_unserve):
         dispatcher.register(handler.__name__, handler)
+
+
+def grpc_infer(replicator: Replicator, service: Any) -> Any:
+    """vdag_infer for the gRPC vDAGInferenceService (daemon.api.grpc_vdag): (name, input,
+    deadline_s, session) -> {vdag, output, steps}."""
+    replica = replicator.replica
+
+    async def infer(name: str, value: Any, deadline_s: float, session: str | None) -> Any:
+        spec, plan = resolve_plan(replica, name, None)
+        return await service.infer(
+            plan, spec.controller, value, deadline_s=deadline_s, session=session
+        )
+
+    return infer

@@ -50,6 +50,8 @@ from daemon.api.grpc_messages import (
     text_delta,
 )
 from daemon.api.grpc_portal import TrioPortal
+from daemon.api.grpc_vdag import SERVICE_NAME as VDAG_SERVICE_NAME
+from daemon.api.grpc_vdag import add_vdag_service
 from daemon.api.proto import gridmesh_inference_pb2 as pb2
 from daemon.api.proto import gridmesh_inference_pb2_grpc as pb2_grpc
 from daemon.errors import GridmeshError, status_of
@@ -216,7 +218,7 @@ class _CookieAuth(grpc.aio.ServerInterceptor):
             raise ValueError("a gRPC token is required")
         self._token = token.encode("utf-8")
         self.on_reject = on_reject
-        self._prefix = f"/{SERVICE_NAME}/"
+        self._prefix: tuple[str, ...] = (f"/{SERVICE_NAME}/", f"/{VDAG_SERVICE_NAME}/")
 
     def _authorized(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
         values = [v for k, v in metadata or () if k == AUTH_METADATA]
@@ -289,6 +291,7 @@ async def _start(
     nursery: trio.Nursery,
     port: int,
     auth: _CookieAuth,
+    vdag_infer: Any = None,
 ) -> _Running:
     """Build and start the server; runs on the asyncio loop, which grpc.aio binds to."""
     portal = TrioPortal(token, nursery, asyncio.get_running_loop())
@@ -300,10 +303,13 @@ async def _start(
     )
     servicer = InferenceServicer(backend, portal, auth.on_reject)
     pb2_grpc.add_InferenceServicer_to_server(servicer, server)
+    served = [SERVICE_NAME]
+    if vdag_infer is not None:  # AIOS's vDAGInferenceService (daemon.api.grpc_vdag)
+        served.append(add_vdag_service(server, portal, vdag_infer))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
-        [SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server
+        [*served, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server
     )
     try:
         actual = server.add_insecure_port(f"{HOST}:{port}")
@@ -324,6 +330,7 @@ async def serve_grpc(
     port: int,
     token: str,
     on_reject: Callable[[str], None] = lambda reason: None,
+    vdag_infer: Any = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the inference API on 127.0.0.1:`port` (0: a free port) until cancelled.
@@ -338,7 +345,7 @@ async def serve_grpc(
     bind_error: OSError | None = None
     async with trio.open_nursery() as nursery:  # the portal's trio tasks
         try:
-            running = await bridge.run(_start, backend, trio_token, nursery, port, auth)
+            running = await bridge.run(_start, backend, trio_token, nursery, port, auth, vdag_infer)
         except OSError as exc:  # raised below, not wrapped in the nursery's ExceptionGroup
             bind_error = exc
         else:
