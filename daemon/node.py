@@ -44,7 +44,7 @@ from daemon.rpc_methods import register_node_methods
 from daemon.settings import Config
 from daemon.shard_methods import register_shard_methods
 from daemon.shards.service import ShardService
-from daemon.vdag_methods import register_vdag_infer, register_vdag_methods
+from daemon.vdag_methods import grpc_infer, register_vdag_infer, register_vdag_methods
 from daemon.vdags.service import VdagService
 from p2p import identity
 from p2p.aio import AsyncioBridge
@@ -444,6 +444,7 @@ class Daemon:
                         port=self.config.grpc.port,
                         token=token,  # the RPC cookie: gRPC authenticates like JSON-RPC
                         on_reject=lambda reason: self.metrics.reject("grpc", reason),
+                        vdag_infer=grpc_infer(self.replicator, self.vdags),
                         task_status=task_status,
                     )
                 )
