@@ -1,0 +1,207 @@
+"""vDAG benchmark: what running a graph adds over calling its blocks directly.
+
+Two whole daemons in this process, on the in-memory network with no added latency (the
+executor, the block protocol's msgpack, the registry lookups and the sandbox are the real
+ones; the network hop is an in-memory transfer, not TCP). A no-op Python block ("noop": its
+on_data returns its input) is served by daemon A (local to the vDAG's runner) and daemon B
+(remote). Measured, one request after another, each `--calls` times:
+
+- direct: the block called through A's sandbox pool (what the block costs by itself);
+- a chain of N nodes of the local block, run by A (`VdagService.infer`): overhead per node
+  = (p50 of the chain - N x p50 direct) / N, and the same at p99;
+- the chain on the remote block (B's sandbox, over the block protocol);
+- the chain with a pre- and a post-processing no-op policy on every node: overhead per
+  policy call = (p50 with - p50 without) / 2N;
+- no-op policy calls per second through the sandbox, one caller (bench/sandbox.py measures
+  it with more callers and workers).
+
+Targets (issue 18): <= 1 ms overhead per node; a sandboxed no-op policy call <= 0.5 ms p50.
+
+usage: python bench/vdag.py [--calls 300] [--nodes 1,4,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from daemon.sandbox import load_package  # noqa: E402
+from daemon.vdag_methods import resolve_plan  # noqa: E402
+from p2p.testing.memnet import MemoryNetwork  # noqa: E402
+from scheduler.vdag import PolicyRule  # noqa: E402
+from tests.daemon.harness import MemoryCluster  # noqa: E402
+
+BLOCK = """class Block:
+    def __init__(self, context):
+        pass
+
+    def on_data(self, entry):
+        return True, entry
+
+    def health(self):
+        return True, "ok"
+"""
+POLICY = """class AIOSv1PolicyRule:
+    def __init__(self, rule_id, settings, parameters):
+        pass
+
+    def eval(self, parameters, input_data, context):
+        return input_data
+
+    def management(self, action, data):
+        return None
+"""
+
+
+def write(folder: Path, files: dict[str, str]) -> Path:
+    folder.mkdir(parents=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def chain(name: str, block: str, n: int, policy: dict[str, Any] | None) -> dict[str, Any]:
+    extra = (
+        {"preprocessingPolicyRule": policy, "postprocessingPolicyRule": policy} if policy else {}
+    )
+    nodes = [
+        {"nodeLabel": f"n{i}", "nodeType": "block", "manualBlockId": block, **extra}
+        for i in range(n)
+    ]
+    edges = [{"from": f"n{i}", "to": f"n{i + 1}"} for i in range(n - 1)]
+    graph = {"input": ["n0"], "output": [f"n{n - 1}"], "connections": edges}
+    return {"vdagName": name, "vdagVersion": "1", "nodes": nodes, "graph": graph}
+
+
+async def timed(calls: int, fn: Any) -> list[float]:
+    for _ in range(min(20, calls)):  # warm
+        await fn()
+    out = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        await fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def row(name: str, samples: list[float]) -> tuple[str, float, float]:
+    return name, percentile(samples, 0.5), percentile(samples, 0.99)
+
+
+async def bench(args: argparse.Namespace) -> None:
+    root = Path(tempfile.mkdtemp(prefix="gridmesh-bench-vdag-"))
+    block = write(
+        root / "noop",
+        {"block.py": BLOCK, "manifest.json": '{"name": "noop", "entry": "block:Block"}'},
+    )
+    policy = write(
+        root / "policy", {"function.py": POLICY, "manifest.json": '{"name": "noop-policy"}'}
+    )
+    rule = {"policyRuleURI": str(policy), "policyRuleDigest": load_package(policy).digest}
+    async with trio.open_nursery() as nursery:
+        net = MemoryCluster(root / "net", nursery)
+        net.hub = MemoryNetwork(seed=0, latency_s=0.0, fanout=8)
+        await net.start(2)
+        await net.wait_for(net.all_found, 60, "the daemons to find each other")
+        a, b = net.daemons
+        await a.call("vdag_block_serve", {"block": "local", "path": str(block)})
+        await b.call("vdag_block_serve", {"block": "remote", "path": str(block)})
+        service = a.daemon.vdags
+        pool = await service.pool()
+        print(f"sandbox layers: {pool.layers}")
+        ref = service.blocks["local"].ref
+        payload = {"text": "x" * 64}
+        args_ = {"parameters": None, "input_data": payload, "context": {}}
+        direct = await timed(args.calls, lambda: pool.call(ref, "eval", args_))
+        noop_policy = service.store.ref(
+            PolicyRule(str(policy), {}, {}, rule["policyRuleDigest"]),
+            "bench",
+        )
+        pargs = {"parameters": {}, "input_data": payload, "context": {}}
+        policy_calls = await timed(args.calls, lambda: pool.call(noop_policy, "eval", pargs))
+
+        rows = [
+            row("block called directly (sandbox)", direct),
+            row("no-op policy call (sandbox)", policy_calls),
+        ]
+        per_node: list[tuple[str, float, float]] = []
+        for n in args.nodes:
+            specs = {
+                f"local{n}": chain(f"local{n}", "local", n, None),
+                f"remote{n}": chain(f"remote{n}", "remote", n, None),
+                f"pol{n}": chain(f"pol{n}", "local", n, rule),
+            }
+            for spec in specs.values():
+                await a.call("vdag_apply", {"value": spec})
+
+            async def known(name: str) -> bool:
+                try:
+                    resolve_plan(a.daemon.replica, name, None)
+                except Exception:
+                    return False
+                return True
+
+            for name in specs:
+                await net.wait_for(lambda name=name: known(name), 20, f"{name} to be runnable")
+            results = {}
+            for name in specs:
+                spec_, plan = resolve_plan(a.daemon.replica, name, None)
+
+                async def run(plan=plan, spec_=spec_) -> None:
+                    await service.infer(plan, spec_.controller, payload, deadline_s=30)
+
+                results[name] = await timed(args.calls, run)
+                rows.append(row(f"vDAG {name} ({n} node{'s' if n > 1 else ''})", results[name]))
+            d50, d99 = percentile(direct, 0.5), percentile(direct, 0.99)
+            for kind in ("local", "remote"):
+                s = results[f"{kind}{n}"]
+                per_node.append(
+                    (
+                        f"overhead per node, {kind} block, N={n}",
+                        (percentile(s, 0.5) - n * d50) / n,
+                        (percentile(s, 0.99) - n * d99) / n,
+                    )
+                )
+            w, wo = results[f"pol{n}"], results[f"local{n}"]
+            per_node.append(
+                (
+                    f"overhead per policy call, N={n}",
+                    (percentile(w, 0.5) - percentile(wo, 0.5)) / (2 * n),
+                    (percentile(w, 0.99) - percentile(wo, 0.99)) / (2 * n),
+                )
+            )
+        nursery.cancel_scope.cancel()
+    cores = len(os.sched_getaffinity(0))
+    print(f"\n{args.calls} calls each, one after another; {cores} cores; ms")
+    print(f"{'what':58} {'p50':>9} {'p99':>9}")
+    for name, p50, p99 in rows + per_node:
+        print(f"{name:58} {p50 * 1e3:9.3f} {p99 * 1e3:9.3f}")
+    mean = sum(policy_calls) / len(policy_calls)
+    print(f"\nno-op policy calls per second, one caller: {1 / mean:,.0f}")
+    print(json.dumps({"targets": {"per_node_ms": 1.0, "policy_call_p50_ms": 0.5}}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--nodes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8])
+    trio.run(bench, parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()
