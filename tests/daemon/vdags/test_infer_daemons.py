@@ -10,6 +10,9 @@ from typing import Any
 import pytest
 
 from daemon.api.client import RPCCallError
+from daemon.vdags.protocol import BLOCK_PROTOCOL, BlockCall, decode_reply, encode
+from p2p.codec import encode as encode_raw
+from p2p.network import NetworkError
 from tests.daemon.harness import memory_cluster
 from tests.daemon.vdags.helpers import (
     block_package,
@@ -157,6 +160,20 @@ async def test_errors_name_the_node_and_inputs_are_bounded(tmp_path):
         assert error.code == -32602 and "deadline_s" in error.message
         error = await refused(d0, "nope", "a")
         assert error.code == -32004 and "no vDAG nope" in error.message
+        # a peer's malformed or mistyped block calls: refused, counted, the daemon serving on
+        for junk, reason in (
+            (b"\xc1garbage", "malformed"),
+            (encode_raw({"block": "count", "input": 1, "timeout_s": -1}), "invalid"),
+            (encode_raw({"block": "../x", "input": 1, "timeout_s": 1}), "invalid"),
+        ):
+            with pytest.raises(NetworkError):
+                await d0.daemon.net.request(d1.peer_id, BLOCK_PROTOCOL, junk, timeout_s=5)
+            assert d1.metric("gridmesh_rejected_messages_total", source="vdag", reason=reason)
+        # a well-formed call of a block d1 does not serve: a reply saying so
+        call = BlockCall(block="upper", input=1, timeout_s=5)
+        raw = await d0.daemon.net.request(d1.peer_id, BLOCK_PROTOCOL, encode(call), timeout_s=5)
+        assert decode_reply(raw).kind == "unknown_block"
+        assert (await infer(d0, "words", "still serving"))["output"] == [5, 7]
         # the deadline: a block that takes longer than the whole request's time
         slow_path = block_package(
             tmp_path / "slow", "slow", "def on_data(self, entry):\n    while True: pass"
