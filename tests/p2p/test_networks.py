@@ -18,6 +18,7 @@ from p2p import identity, records
 from p2p.discovery import DiscoverySettings, ResourceDirectory
 from p2p.host import HELLO_PROTOCOL, Libp2pNetwork, read_frame, write_frame
 from p2p.network import NetworkError, NetworkScope, check_network_id
+from p2p.testing import conformance
 from p2p.testing.memnet import MemoryNetwork
 
 DEVNET, TESTNET = "gridmesh-devnet", "gridmesh-testnet"
@@ -64,6 +65,10 @@ def test_a_network_id_that_cannot_name_a_protocol_is_refused(bad):
         check_network_id(bad)
     with pytest.raises(ValueError):
         NetworkScope(bad)
+    with pytest.raises(ValueError):  # both transports, before anything is built
+        MemoryNetwork().add_node("x", None, network_id=bad)
+    with pytest.raises(ValueError):
+        _Host(bad)
 
 
 # -- in memory ------------------------------------------------------------------------------
@@ -138,6 +143,24 @@ async def test_memory_nodes_of_two_networks_exchange_nothing(autojump_clock):
     assert await dirs[2].lookup(d0.peer_id) is None
     assert await t0.dht_get(records.record_key(DEVNET, d0.peer_id)) is None
     assert d0.peer_id not in t0.known_peers() and t0.peer_id not in d0.known_peers()
+
+
+@asynccontextmanager
+async def _scoped_memory_pair() -> AsyncIterator[conformance.Pair]:
+    hub = MemoryNetwork(latency_s=0.001)
+    a, b = hub.add_node("peer-a", None, TESTNET), hub.add_node("peer-b", None, TESTNET)
+    await a.connect(b.listen_addrs()[0])
+
+    async def vanish_b() -> None:
+        hub.remove_node(b.peer_id, refuse=True)
+        await trio.lowlevel.checkpoint()
+
+    yield conformance.Pair(a, b, vanish_b)
+
+
+async def test_memory_nodes_of_a_network_keep_the_whole_contract(autojump_clock):
+    """Scoped names change nothing a caller sees: the seam's conformance suite passes."""
+    await conformance.check_network(_scoped_memory_pair)
 
 
 # -- real hosts -----------------------------------------------------------------------------
