@@ -223,7 +223,7 @@ class Daemon:
             shards=self.shards,
             metrics=self.metrics,
             home=home,
-            sandbox=getattr(config, "sandbox", None),  # [sandbox], once the tree has it
+            sandbox=config.sandbox,
         )
         register_vdag_infer(self.dispatcher, self.replicator, self.vdags)
         self.clusters = self._cluster_runtime()

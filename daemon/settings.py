@@ -31,6 +31,7 @@ from typing import Annotated, Any
 import msgspec
 
 from daemon.errors import ConfigInvalid
+from daemon.sandbox.config import SandboxConfig
 from daemon.sections import (
     ChainConfig,
     ClusterConfig,
@@ -66,7 +67,7 @@ NETWORK_ID_DOC = "a network id (1..64 letters, digits, '.', '_' and '-'; empty: 
 # -- the tree -----------------------------------------------------------------------------
 
 SECTIONS = ("p2p", "rpc", "resources", "registry", "shards", "grpc", "chain", "market", "cluster")
-SECTIONS += ("serving",)
+SECTIONS += ("serving", "sandbox")
 
 
 class Config(Section):
@@ -89,6 +90,7 @@ class Config(Section):
     market: MarketConfig = MarketConfig()
     cluster: ClusterConfig = ClusterConfig()
     serving: ServingConfig = ServingConfig()
+    sandbox: SandboxConfig = SandboxConfig()
 
     def __post_init__(self) -> None:
         if not self.network_id:
