@@ -123,16 +123,45 @@ async def network_view(call: Call) -> dict[str, Any]:
 
 
 async def models_view(call: Call) -> dict[str, Any]:
-    """Per model, every announced server with its layers, KV cache free and load."""
+    """Per model, every announced server with its layers and KV cache free, joined with the
+    load its node record declares (sessions of max_sessions, ms per layer), and the number
+    of replicas of its least served layer."""
     listed = await _part(call, "block_list")
     if "error" in listed:
         return {"error": listed["error"], "models": []}
+    records = await _part(call, "nodes_find")
+    declared: dict[tuple[str, str, int, int], dict[str, Any]] = {}
+    for record in records if isinstance(records, list) else []:
+        for b in (record.get("resources") or {}).get("blocks") or []:
+            if isinstance(b, dict):
+                where = (record.get("peer_id"), b.get("model"), b.get("start"), b.get("end"))
+                declared[where] = b  # type: ignore[index]
     models = []
     for model, servers in sorted((listed.get("announced") or {}).items()):
-        rows = sorted(servers, key=lambda s: (s.get("start", 0), s.get("peer_id", "")))
+        rows = []
+        for s in sorted(servers, key=lambda s: (s.get("start", 0), s.get("peer_id", ""))):
+            load = declared.get((s.get("peer_id"), model, s.get("start"), s.get("end")), {})
+            rows.append(
+                {
+                    **s,
+                    "sessions": load.get("sessions"),
+                    "max_sessions": load.get("max_sessions"),
+                    "ms_per_layer": load.get("ms_per_layer"),
+                }
+            )
         layers = max((s.get("end", 0) for s in rows), default=0)
-        models.append({"model": model, "layers": layers, "servers": rows})
+        replicas = _least_replicas(rows, layers)
+        models.append({"model": model, "layers": layers, "replicas": replicas, "servers": rows})
     return {"models": models, "local": listed.get("local", [])}
+
+
+def _least_replicas(rows: list[dict[str, Any]], layers: int) -> int:
+    """How many servers hold the least served layer of 0..layers (0: a gap). Counted per
+    span between range boundaries, so a peer announcing a huge range costs nothing."""
+    spans = [(s.get("start", 0), s.get("end", 0)) for s in rows]
+    bounds = sorted({0, *(a for a, _ in spans), *(b for _, b in spans)})
+    counts = [sum(1 for a, b in spans if a <= lo < b) for lo in bounds if lo < layers]
+    return min(counts, default=0)
 
 
 async def jobs_view(call: Call) -> dict[str, Any]:

@@ -112,6 +112,7 @@ const RENDER = {
   network(data) {
     const out = [];
     out.push(partOr("Nodes", data.nodes, (nodes) => nodesTable(nodes)));
+    out.push(partOr("Peer map", data.peers, (peers) => peerMap(peers)));
     out.push(partOr("Peers", data.peers, (peers) => table("Peers and measured round trips", [
       ["peer", (p) => short(p.peer_id)], ["connected", (p) => (p.connected ? "yes" : "no")],
       ["RTT", (p) => (typeof p.rtt_ms === "number" ? p.rtt_ms.toFixed(1) + " ms" : "–")],
@@ -179,6 +180,40 @@ function nodesTable(nodes) {
   ], nodes, "nodes");
 }
 
+// this node in the middle, each peer around it, farther the longer its round trip
+function peerMap(peers) {
+  const NS = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(NS, "svg");
+  svg.setAttribute("viewBox", "-110 -110 220 220");
+  svg.setAttribute("role", "img");
+  svg.setAttribute("id", "peer-map");
+  svg.setAttribute("aria-label", `Map of ${peers.length} peers, distance by round-trip time`);
+  const top = Math.max(1, ...peers.map((p) => (typeof p.rtt_ms === "number" ? p.rtt_ms : 0)));
+  const add = (tag, attrs, text) => {
+    const node = document.createElementNS(NS, tag);
+    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
+    if (text !== undefined) node.textContent = text;
+    svg.appendChild(node);
+    return node;
+  };
+  add("circle", { cx: 0, cy: 0, r: 6, class: "me" });
+  peers.forEach((p, i) => {
+    const angle = (2 * Math.PI * i) / Math.max(1, peers.length);
+    const known = typeof p.rtt_ms === "number";
+    const r = 25 + 70 * (known ? p.rtt_ms / top : 1);
+    const x = (r * Math.cos(angle)).toFixed(1), y = (r * Math.sin(angle)).toFixed(1);
+    add("line", { x1: 0, y1: 0, x2: x, y2: y, class: p.connected ? "link" : "link down" });
+    add("circle", { cx: x, cy: y, r: 4, class: p.connected ? "peer" : "peer down" });
+    const anchor = Number(x) > 20 ? "end" : Number(x) < -20 ? "start" : "middle";
+    add("text", { x, y: Number(y) - 6, "text-anchor": anchor },
+      `${short(p.peer_id)} ${known ? p.rtt_ms.toFixed(1) + " ms" : "?"}`);
+  });
+  const figure = el("figure");
+  figure.appendChild(svg);
+  figure.appendChild(el("figcaption", "Peers by measured round trip (farther is slower; grey: not connected)"));
+  return figure;
+}
+
 function jobsTable(jobs) {
   return table("Paid jobs", [
     ["job", (j) => short(j.job_id)], ["name", (j) => j.name], ["state", (j) => j.state],
@@ -189,7 +224,8 @@ function jobsTable(jobs) {
 // which node serves which layers of one model, drawn as bars over the layer range
 function layerMap(model) {
   const layers = Math.max(1, model.layers || 1);
-  return table(`Layer map of ${model.model} (${layers} layers)`, [
+  const caption = `Layer map of ${model.model} (${layers} layers, ${show(model.replicas)} replica(s) of its least served layer)`;
+  return table(caption, [
     ["server", (s) => short(s.peer_id)],
     ["layers", (s) => `${show(s.start)}–${show(s.end)}`],
     ["map", (s) => {
@@ -201,7 +237,8 @@ function layerMap(model) {
       return bar;
     }],
     ["KV cache free (tokens)", (s) => s.cache_tokens_free],
-    ["load", (s) => (typeof s.utilisation === "number" ? Math.round(100 * s.utilisation) + " %" : show(s.queue_length))],
+    ["load (sessions)", (s) => (typeof s.sessions === "number" ? `${s.sessions} of ${show(s.max_sessions)}` : "–")],
+    ["ms per layer", (s) => s.ms_per_layer],
     ["price per unit", (s) => s.price_per_unit],
   ], model.servers || [], "layer-map-" + model.model.replace(/[^A-Za-z0-9_-]/g, "_"));
 }

@@ -100,6 +100,7 @@ def test_the_dashboard_in_chromium_on_three_daemons(tmp_path):
             rows = lambda d: d.find_elements(By.CSS_SELECTOR, "#nodes tbody tr")  # noqa: E731
             wait.until(lambda d: len(rows(d)) == 3)
             assert "Nodes found (3)" in driver.find_element(By.ID, "nodes").text
+            assert len(driver.find_elements(By.CSS_SELECTOR, "#peer-map circle.peer")) == 2
 
             open_view("models")
             layer_rows = "#layer-map-tiny tbody tr"

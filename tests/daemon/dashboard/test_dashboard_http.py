@@ -70,13 +70,20 @@ async def test_login_views_and_refused_inputs(autojump_clock, tmp_path, nursery)
         network = (await request(nursery, server, "/dashboard/api/network", cookie=cookie)).json()
         assert {n["peer_id"] for n in network["nodes"]} == {d.peer_id for d in net.daemons}
         assert len(network["peers"]) == 2 and network["clusters"] == []
-        models = (await request(nursery, server, "/dashboard/api/models", cookie=cookie)).json()
+
+        async def models_with_load() -> dict | None:  # once the node records list the blocks
+            reply = await request(nursery, server, "/dashboard/api/models", cookie=cookie)
+            servers = reply.json()["models"][0]["servers"]
+            return reply.json() if all(s["sessions"] is not None for s in servers) else None
+
+        models = await net.wait_for(models_with_load, 10, "the node records to list blocks")
         (tiny,) = models["models"]
-        assert tiny["model"] == "tiny" and tiny["layers"] == LAYERS
+        assert tiny["model"] == "tiny" and tiny["layers"] == LAYERS and tiny["replicas"] == 1
         assert [(s["peer_id"], s["start"], s["end"]) for s in tiny["servers"]] == [
             (d.peer_id, 2 * i, 2 * i + 2) for i, d in enumerate(net.daemons)
         ]
         assert all(s["cache_tokens_free"] > 0 for s in tiny["servers"])
+        assert all(s["sessions"] == 0 and s["max_sessions"] > 0 for s in tiny["servers"])
         money = (await request(nursery, server, "/dashboard/api/money", cookie=cookie)).json()
         assert set(money) == {"wallet", "earnings", "jobs"}  # no chain here: parts say why
         assert "error" in money["wallet"]
