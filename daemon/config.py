@@ -8,7 +8,10 @@ one of its names, never by `gridmesh status` and the other commands that only ta
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +93,41 @@ def profile_text(network: str) -> str:
     if network not in known:
         raise ValueError(f"unknown network {network[:64]!r} (known: {', '.join(known)})")
     return (REPO_CONFIGS / f"{network}.toml").read_text()
+
+
+def init_text(network: str | None, rpc_url: str | None) -> str:
+    """What `gridmesh init` writes: the template, or `network`'s profile with `rpc_url` as its
+    [chain] rpc_url (checked: the result must load); ValueError says why not."""
+    if network is None:
+        if rpc_url is not None:
+            raise ValueError("--rpc-url needs --network NAME")
+        return template_text()
+    text = profile_text(network)
+    if rpc_url is not None:
+        line = f"rpc_url = {json.dumps(rpc_url)}"
+        text, count = re.subn(r'(?m)^rpc_url = ""$', lambda _: line, text, count=1)
+        if count != 1:
+            raise ValueError(f"the {network} profile has no [chain] rpc_url to set")
+    from daemon import settings
+
+    try:  # the profile itself loads (a test checks it): what fails is the URL given
+        settings.parse(tomllib.loads(text), "--rpc-url" if rpc_url else f"configs/{network}.toml")
+    except settings.ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    return text
+
+
+def profile_notes(text: str) -> list[str]:
+    """What `gridmesh init --network` tells its user about the profile it wrote."""
+    from daemon import settings
+
+    config = settings.parse(tomllib.loads(text))
+    notes = [f"network:        {config.network} (id {config.network_id})"]
+    if not config.p2p.bootstrap:
+        notes.append("bootstrap:      none in the profile: pass --bootstrap ADDR to the daemon")
+    if config.chain.network != "devnet" and not config.chain.rpc_url:
+        notes.append(
+            f"chain:          {config.chain.network} needs an RPC URL: set [chain] rpc_url "
+            "(or run init again with --rpc-url URL --force); until then paid work is off"
+        )
+    return notes

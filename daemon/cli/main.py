@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -74,7 +73,7 @@ def init(
     home = home_dir(home)
     config_path = home / configuration.CONFIG_FILE
     try:
-        text = _config_text(network, rpc_url)
+        text = configuration.init_text(network, rpc_url)
     except ValueError as exc:
         fail(str(exc))
     if config_path.exists() and network is not None and not force:
@@ -94,45 +93,8 @@ def init(
     typer.echo(f"peer id:        {ident.peer_id}")
     typer.echo(f"payout address: {ident.payout_address}")
     typer.echo(f"config:         {config_path}")
-    if network is not None:
-        _say_profile(configuration.parse(_toml(text), str(config_path)))
-
-
-def _config_text(network: str | None, rpc_url: str | None) -> str:
-    """What init writes: the template, or `network`'s profile with `rpc_url` put in (checked:
-    the profile must load); ValueError says why not."""
-    if network is None:
-        if rpc_url is not None:
-            raise ValueError("--rpc-url needs --network NAME")
-        return configuration.template_text()
-    text = configuration.profile_text(network)
-    if rpc_url is not None:
-        line = f"rpc_url = {json.dumps(rpc_url)}"
-        text, count = re.subn(r'(?m)^rpc_url = ""$', lambda _: line, text, count=1)
-        if count != 1:
-            raise ValueError(f"the {network} profile has no [chain] rpc_url to set")
-    try:  # the profile itself loads (a test checks it): what fails is the URL given
-        configuration.parse(_toml(text), "--rpc-url" if rpc_url else f"configs/{network}.toml")
-    except configuration.ConfigError as exc:
-        raise ValueError(str(exc)) from None
-    return text
-
-
-def _toml(text: str) -> dict[str, Any]:
-    import tomllib
-
-    return tomllib.loads(text)
-
-
-def _say_profile(config: Any) -> None:
-    typer.echo(f"network:        {config.network} (id {config.network_id})")
-    if not config.p2p.bootstrap:
-        typer.echo("bootstrap:      none in the profile: pass --bootstrap ADDR to the daemon")
-    if config.chain.network != "devnet" and not config.chain.rpc_url:
-        typer.echo(
-            f"chain:          {config.chain.network} needs an RPC URL: set [chain] rpc_url "
-            "(or run init again with --rpc-url URL --force); until then paid work is off"
-        )
+    for line in configuration.profile_notes(text) if network is not None else []:
+        typer.echo(line)
 
 
 @app.command()
