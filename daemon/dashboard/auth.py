@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
+import string
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -20,11 +21,12 @@ MAX_CODES = 16
 MAX_SESSIONS = 32
 COOKIE_NAME = "gridmesh_dashboard"
 TOKEN_CHARS = 43  # secrets.token_urlsafe(32)
+ALPHABET = frozenset(string.ascii_letters + string.digits + "-_")
 
 
 def well_formed(token: str) -> bool:
     """A code or session id as we issue them: 43 URL-safe base64 characters."""
-    return len(token) == TOKEN_CHARS and all(c.isalnum() or c in "-_" for c in token)
+    return len(token) == TOKEN_CHARS and all(c in ALPHABET for c in token)
 
 
 class _Expiring:

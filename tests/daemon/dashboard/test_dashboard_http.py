@@ -51,6 +51,8 @@ async def test_login_views_and_refused_inputs(autojump_clock, tmp_path, nursery)
         assert (await request(nursery, server, "/dashboard/events")).status == 401
         bad_code = await request(nursery, server, "/dashboard/login?code=" + "b" * 43)
         assert bad_code.status == 403
+        accented = await request(nursery, server, "/dashboard/login?code=" + "b" * 42 + "%C3%A9")
+        assert accented.status == 403
         assert rejects.count("dashboard_unauthorized") == 4 and "dashboard_login" in rejects
 
         cookie = await login(d0, server, nursery)
