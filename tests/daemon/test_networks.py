@@ -198,17 +198,24 @@ async def test_daemons_of_two_networks_see_none_of_each_others_records(autojump_
         ):
             await test0.call("node_connect", {"multiaddr": dev1.addr})
         assert "gridmesh-testnet" in dev1.node.refused_peers()[test0.peer_id]
-        # registry entries (components here; blocks travel the same way) stay in their network
-        await dev0.call("registry_put", {"kind": "components", "key": "dev", "value": COMPONENT})
-        await test0.call("registry_put", {"kind": "components", "key": "test", "value": COMPONENT})
+        # registry entries (components, blocks) stay in their network
+        for running, key in ((dev0, "dev"), (test0, "test")):
+            await running.call(
+                "registry_put", {"kind": "components", "key": key, "value": COMPONENT}
+            )
+            block = {"blockId": key, "blockComponentURI": "detector:1"}
+            await running.call("registry_put", {"kind": "blocks", "key": key, "value": block})
 
         async def replicated() -> bool:
-            return (await _keys(dev1)) == {"dev"} and (await _keys(test1)) == {"test"}
+            return (await _keys(dev1)) == (await _keys(dev1, "blocks")) == {"dev"} and (
+                await _keys(test1)
+            ) == (await _keys(test1, "blocks")) == {"test"}
 
         await net.wait_for(replicated, 10, "each write within its network")
         await trio.sleep(10)  # ten anti-entropy rounds later: still nothing crossed
-        assert await _keys(dev0) == await _keys(dev1) == {"dev"}
-        assert await _keys(test0) == await _keys(test1) == {"test"}
+        for kind in ("components", "blocks"):
+            assert await _keys(dev0, kind) == await _keys(dev1, kind) == {"dev"}
+            assert await _keys(test0, kind) == await _keys(test1, kind) == {"test"}
         assert await _found(dev0) == devnet and await _found(test1) == testnet
         for running in (dev0, dev1):
             peers = {p["peer_id"] for p in await running.call("node_peers")}
