@@ -117,8 +117,9 @@ def init_text(network: str | None, rpc_url: str | None) -> str:
     return text
 
 
-def profile_notes(text: str) -> list[str]:
-    """What `gridmesh init --network` tells its user about the profile it wrote."""
+def profile_notes(text: str, home: Path) -> list[str]:
+    """What `gridmesh init --network` tells its user about the profile it wrote to `home`."""
+    from contracts.chain.records import record_path
     from daemon import settings
 
     config = settings.parse(tomllib.loads(text))
@@ -129,5 +130,11 @@ def profile_notes(text: str) -> list[str]:
         notes.append(
             f"chain:          {config.chain.network} needs an RPC URL: set [chain] rpc_url "
             "(or run init again with --rpc-url URL --force); until then paid work is off"
+        )
+    chain = config.chain.network
+    if not record_path(home, chain).exists():  # the daemon then works unpaid (as it does today)
+        notes.append(
+            f"contracts:      none recorded for {chain} in {home}: this node works unpaid until "
+            f"`gridmesh chain deploy --network {chain}` (or a copied record) puts them there"
         )
     return notes

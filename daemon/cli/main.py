@@ -93,7 +93,7 @@ def init(
     typer.echo(f"peer id:        {ident.peer_id}")
     typer.echo(f"payout address: {ident.payout_address}")
     typer.echo(f"config:         {config_path}")
-    for line in configuration.profile_notes(text) if network is not None else []:
+    for line in configuration.profile_notes(text, home) if network is not None else []:
         typer.echo(line)
 
 

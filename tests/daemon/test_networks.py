@@ -65,6 +65,7 @@ def test_init_network_writes_the_profile_as_a_config_that_loads(tmp_path):
     assert result.exit_code == 0, result.output
     assert "network:        testnet (id gridmesh-testnet)" in result.output
     assert "base-sepolia needs an RPC URL" in result.output
+    assert "contracts:      none recorded for base-sepolia" in result.output  # works unpaid
     config = load(tmp_path / "config.toml")
     assert (config.network, config.network_id) == ("testnet", "gridmesh-testnet")
     assert config.chain.network == "base-sepolia" and config.p2p.listen == (
