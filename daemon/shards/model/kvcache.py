@@ -4,7 +4,9 @@ A layer with a sliding attention window (Mistral, Qwen2 with `use_sliding_window
 reads a key older than its window, so its cache holds the last `window` positions only: a
 ring, position `p` in slot `p % window`. A step of several positions reads the window
 before it from the ring and writes its own keys there only once the whole step is through
-(`stage` / `commit`), so a step that fails leaves the ring as it was and can run again.
+(`stage` / `commit`), so a step that fails leaves the ring as it was and can run again. A
+one-position step writes its key at once, over the one position its window has just left
+(`layers.Attention`), and attends over the ring in place.
 """
 
 from __future__ import annotations

@@ -125,6 +125,8 @@ class Attention(nn.Module):
         assert window is not None
         past = 0 if cache is None else cache.length
         first = max(0, past - window + 1)
+        if cache is not None and q.shape[2] == 1:
+            return self._decode_window(q, k, v, cache, layer)
         if cache is not None:
             if past > first:
                 old_k, old_v = cache.window_before(layer, past)
@@ -137,12 +139,26 @@ class Attention(nn.Module):
         s = q.shape[2]
         if past + s <= window:  # the window does not cut anything yet: plain causal
             return self._attend(q, k_all, v_all, past - first)
-        if s == 1:  # one query: the window before it plus itself, all visible
-            return self._sdpa(q, k_all, v_all, None, False)
         query = torch.arange(past, past + s, device=q.device)[:, None]
         key = torch.arange(first, past + s, device=q.device)[None]
         mask = (key <= query) & (key > query - window)
         return self._sdpa(q, k_all, v_all, mask, False)
+
+    def _decode_window(self, q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int) -> Tensor:
+        """One new position `p` of a sliding layer, attending in place over the ring: its key
+        goes straight into slot `p % slots`, over `p - window`, the one position its window
+        has just left (a step that fails and runs again needs only the window before `p`);
+        the ring's slots then hold exactly the window, in ring order (attention over a set of
+        keys does not depend on their order)."""
+        past = cache.length
+        keys, values = cache.keys[layer], cache.values[layer]
+        slots = keys.shape[2]
+        slot = past % slots
+        keys[:, :, slot : slot + 1] = k
+        values[:, :, slot : slot + 1] = v
+        cache.written(layer, past + 1)
+        seen = min(past + 1, slots)
+        return self._sdpa(q, keys[:, :, :seen], values[:, :, :seen], None, False)
 
     def _cached(self, q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int) -> Tensor:
         """Attention of new positions continuing `cache` (written into it)."""

@@ -217,7 +217,7 @@ def test_static_decoder_equals_eager_past_the_window(hf):
 
 def test_failed_step_leaves_the_ring_as_it_was(hf, monkeypatch):
     """A multi-token step that fails in its last layer wrote nothing into any ring (its keys
-    were staged), so the same step runs again to the same logits."""
+    were staged), so the same step runs again to the same logits; so does a one-token step."""
     shard = m.load_model(hf["mistral"])
     cache = shard.new_cache(max_len=64)
     shard(ids(PROMPTS[2][:12]), cache)
@@ -236,6 +236,15 @@ def test_failed_step_leaves_the_ring_as_it_was(hf, monkeypatch):
     assert cache.length == 12
     got = shard(ids(PROMPTS[2][12:17]), cache)
     assert (got - want).abs().max() == 0
+    # a one-position step writes its key into the ring at once, over the position its
+    # window has just left: failed, it runs again to the same logits too
+    want = shard(ids(PROMPTS[2][17:18]), ref_cache)
+    monkeypatch.setattr(last.mlp, "forward", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        shard(ids(PROMPTS[2][17:18]), cache)
+    monkeypatch.undo()
+    assert cache.length == 17
+    assert (shard(ids(PROMPTS[2][17:18]), cache) - want).abs().max() == 0
 
 
 def test_a_cache_without_the_windows_is_refused(hf):
