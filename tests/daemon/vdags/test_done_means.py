@@ -1,5 +1,6 @@
 """Issue 18's "Done means", end to end on 3 whole daemons (in memory, on the real clock:
-Python blocks and policies run in sandbox worker processes), through JSON-RPC `vdag_infer`:
+Python blocks and policies run in sandbox worker processes), through JSON-RPC `vdag_infer`
+and the OpenAI-compatible endpoint (`model` naming the vDAG):
 
     input -> prep (Python block; preprocessing policy)
     prep  -> gen  (the tiny model's shard chain)         } two parallel branches
@@ -14,6 +15,7 @@ blocks over all three (upper on two of them)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import pytest
 
 from daemon.sandbox import load_package
 from tests.daemon.harness import memory_cluster
+from tests.daemon.serving.openai_helpers import SERVING, request
 from tests.daemon.vdags.helpers import (
     block_package,
     edge,
@@ -37,6 +40,7 @@ LAYERS = 4
 NEW = 8
 PRE = "return input_data.strip().lower()"
 POST = "return {'answer': input_data, 'via': context['node']}"
+POST_TEXT = "return input_data + ' [' + context['node'] + ']'"  # text, for the OpenAI endpoint
 
 
 def load_class(package: Path, module: str, name: str) -> Any:
@@ -77,6 +81,7 @@ async def test_done_means_end_to_end(tmp_path):
     packages = {name: block_package(tmp_path / "blocks", name) for name in ("upper", "rev", "join")}
     pre = policy_package(tmp_path, "pre", PRE)
     post = policy_package(tmp_path, "post", POST)
+    post_text = policy_package(tmp_path, "post-text", POST_TEXT)
     prompt = "  A Network Of Blocks "
 
     # the same composition in one process
@@ -103,8 +108,9 @@ async def test_done_means_end_to_end(tmp_path):
         {"sep": " || "},
     )
     expected = policy_eval(post, joined, {"node": "join"})
+    expected_text = policy_eval(post_text, joined, {"node": "join"})
 
-    async with memory_cluster(tmp_path / "net", 3) as net:
+    async with memory_cluster(tmp_path / "net", 3, settings=SERVING) as net:
         d0, d1, d2 = net.daemons
         await net.deploy(model_dir, [d0, d1], [(0, 2), (2, LAYERS)])
         for daemon, names in ((d0, ["upper"]), (d1, ["upper", "rev"]), (d2, ["join"])):
@@ -157,3 +163,16 @@ async def test_done_means_end_to_end(tmp_path):
         # and again, from another daemon holding a shard: the same answer
         again = await d1.call("vdag_infer", {"name": "done", "input": prompt})
         assert again["output"] == expected
+
+        # through the OpenAI-compatible endpoint: `model` names the vDAG (its text variant)
+        as_text = json.loads(json.dumps(whole))
+        as_text["vdagName"] = "done-text"
+        as_text["nodes"][3]["postprocessingPolicyRule"] = rule(
+            str(post_text), load_package(post_text).digest
+        )
+        await apply_when_known(net, d0, as_text)
+        chat = {"model": "done-text", "messages": [{"role": "user", "content": prompt}]}
+        reply = await request(d0.daemon.openai, "POST", "/v1/chat/completions", chat)
+        assert reply.status == 200, reply.body
+        content = json.loads(reply.body)["choices"][0]["message"]["content"]
+        assert content == expected_text
