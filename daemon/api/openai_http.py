@@ -99,6 +99,7 @@ class OpenAIServer:
         self.max_body = max_body
         self.request_timeout_s = request_timeout_s
         self._table = ConnectionTable(max_connections)
+        self.vdags: Any = None  # daemon.vdags.openai.VdagCompletions, set by the daemon
 
     @property
     def connections(self) -> int:
@@ -242,6 +243,12 @@ class OpenAIServer:
                 request = wire.decode(body, kind)
                 model = request.model
                 engine = self.engine
+                if self.vdags is not None:  # `model` naming a vDAG (daemon.vdags.openai)
+                    key = None if principal.anonymous else principal.name
+                    answer = await self.vdags.answer(request, chat, engine.models(), key)
+                    if answer is not None:
+                        self.metrics.serving_request(model, route, 200)
+                        return answer
                 plan = await (
                     engine.plan_chat(request) if chat else engine.plan_completion(request)
                 )
