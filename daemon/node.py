@@ -44,7 +44,13 @@ from daemon.rpc_methods import register_node_methods
 from daemon.settings import Config
 from daemon.shard_methods import register_shard_methods
 from daemon.shards.service import ShardService
-from daemon.vdag_methods import grpc_infer, register_vdag_infer, register_vdag_methods
+from daemon.vdag_methods import (
+    grpc_infer,
+    register_vdag_infer,
+    register_vdag_methods,
+    resolve_plan,
+)
+from daemon.vdags.openai import VdagCompletions
 from daemon.vdags.service import VdagService
 from p2p import identity
 from p2p.aio import AsyncioBridge
@@ -258,6 +264,10 @@ class Daemon:
         register_doctor_methods(self.dispatcher, self)  # node_doctor (`gridmesh doctor`)
         self.metrics.known_methods = {m["name"] for m in self.dispatcher.describe()}
         self.openai = self._openai_endpoint()
+        if self.openai is not None:  # its `model` may name a vDAG
+            self.openai.vdags = VdagCompletions(
+                lambda name: resolve_plan(self.replica, name, None), self.vdags
+            )
 
     def _local_state(self) -> dict[str, Any]:
         """What node_info adds: the RPC URL, resources, and the OpenAI endpoint's URL when
