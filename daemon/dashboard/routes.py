@@ -9,7 +9,7 @@ Routes (GET or HEAD only; a request body is refused):
   /dashboard/                the page        /dashboard/static/NAME  its files
   /dashboard/api/VIEW        JSON: node, network, models, jobs, money, registry?kind=&filter=
   /dashboard/events          server-sent events: `live` every interval, `models` and `nodes`
-                             every few intervals
+                             every few, `money` (earnings totals) every 30
 
 The event feed holds no queue: each tick it builds the newest numbers and writes them with a
 deadline, so a reader that does not read is dropped after `WRITE_TIMEOUT_S` and never makes
@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 MAX_FEEDS = 8
 INTERVAL_S = 1.0
 SLOW_EVERY = 5  # `models` and `nodes` events every this many intervals
+MONEY_EVERY = 30  # a `money` event (earnings totals, balance: asks the chain)
+MONEY_TIMEOUT_S = 5.0  # a slow chain delays the feed at most this long
 WRITE_TIMEOUT_S = 5.0
 FEED_LIFETIME_S = 3600.0  # then the feed ends; EventSource reconnects by itself
 STATIC_DIR = Path(__file__).parent / "static"
@@ -236,12 +238,19 @@ class Dashboard:
                             conn, stream, "models", await views.models_view(self.call)
                         )
                         await self._event(conn, stream, "nodes", await self._nodes())
+                    if tick % MONEY_EVERY == 0:
+                        await self._event(conn, stream, "money", await self._money())
                     tick += 1
                     await trio.sleep(self.interval_s)
         except trio.TooSlowError:
             self._reject("dashboard_slow_reader")
         finally:
             self.feeds -= 1
+
+    async def _money(self) -> dict[str, Any]:
+        with trio.move_on_after(MONEY_TIMEOUT_S):
+            return await views.money_totals(self.call)
+        return {"error": f"earnings took longer than {MONEY_TIMEOUT_S:g} s"}
 
     async def _nodes(self) -> Any:
         try:

@@ -176,6 +176,29 @@ async def money_view(call: Call) -> dict[str, Any]:
     }
 
 
+def _amount(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+async def money_totals(call: Call) -> dict[str, Any]:
+    """Earnings summed over jobs, with the balance and stake when a chain is configured: one
+    point of the page's earnings-over-time plot (amounts in the token's smallest unit)."""
+    earned = await _part(call, "earnings")
+    if not isinstance(earned, dict) or "error" in earned:
+        return {"error": earned.get("error") if isinstance(earned, dict) else "no answer"}
+    jobs = [j for j in earned.get("jobs") or [] if isinstance(j, dict)]
+    totals = {k: sum(_amount(j.get(k)) for j in jobs) for k in ("signed", "acknowledged")}
+    totals |= {k: sum(_amount(j.get(k)) for j in jobs) for k in ("settled", "pending")}
+    stake = earned.get("stake")
+    return {
+        **totals,
+        "jobs": len(jobs),
+        "balance": earned.get("balance"),
+        "stake": stake.get("stake") if isinstance(stake, dict) else None,
+        "chain_error": earned.get("chain_error"),
+    }
+
+
 async def registry_view(call: Call, query: RegistryQuery) -> dict[str, Any]:
     params: dict[str, Any] = {"limit": query.limit}
     for name in ("kind", "filter", "cursor"):

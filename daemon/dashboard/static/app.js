@@ -12,6 +12,7 @@ const spark = [];
 let current = "node";
 let lastModels = null;
 let lastNodes = null;
+const money = [];  // earnings totals over time, from the feed's `money` events
 
 function el(tag, text, attrs) {
   const node = document.createElement(tag);
@@ -145,6 +146,7 @@ const RENDER = {
   },
   money(data) {
     return [
+      earningsPlot(),
       partOr("Wallet", data.wallet, (w) => pairs("Wallet and stake", w)),
       partOr("Earnings", data.earnings, (e) => table("Earnings per job and provider", [
         ["job", (r) => short(r.job_id)], ["provider", (r) => short(r.provider)],
@@ -211,6 +213,34 @@ function peerMap(peers) {
   const figure = el("figure");
   figure.appendChild(svg);
   figure.appendChild(el("figcaption", "Peers by measured round trip (farther is slower; grey: not connected)"));
+  return figure;
+}
+
+// earnings (settled, acknowledged, pending) since the page opened, one point per `money` event
+function earningsPlot() {
+  const NS = "http://www.w3.org/2000/svg";
+  const figure = el("figure", undefined, { id: "earnings-plot" });
+  const svg = document.createElementNS(NS, "svg");
+  svg.setAttribute("viewBox", "0 0 300 80");
+  svg.setAttribute("preserveAspectRatio", "none");
+  svg.setAttribute("role", "img");
+  const last = money[money.length - 1] || {};
+  svg.setAttribute("aria-label", `Earnings over time: settled ${show(last.settled)}, ` +
+    `acknowledged ${show(last.acknowledged)}, pending ${show(last.pending)}`);
+  const series = [["settled", "settled"], ["acknowledged", "acked"], ["pending", "pending"]];
+  const top = Math.max(1, ...money.flatMap((m) => series.map(([k]) => m[k] || 0)));
+  for (const [key, cls] of series) {
+    const line = document.createElementNS(NS, "polyline");
+    const step = 300 / Math.max(1, money.length - 1);
+    line.setAttribute("points", money.map((m, i) => `${(i * step).toFixed(1)},${(78 - 76 * (m[key] || 0) / top).toFixed(1)}`).join(" "));
+    line.setAttribute("class", cls);
+    svg.appendChild(line);
+  }
+  figure.appendChild(svg);
+  const note = last.error || last.chain_error;
+  figure.appendChild(el("figcaption", `Earnings since this page opened (${money.length} points, every 30 s): ` +
+    `settled ${show(last.settled)}, acknowledged ${show(last.acknowledged)}, pending ${show(last.pending)}` +
+    `, balance ${show(last.balance)}, stake ${show(last.stake)}` + (note ? ` (${note})` : "")));
   return figure;
 }
 
@@ -325,6 +355,12 @@ function connect() {
     const text = e.data;
     if (text !== lastModels && current === "models") render("models", JSON.parse(text));
     lastModels = text;
+  });
+  source.addEventListener("money", (e) => {
+    money.push(JSON.parse(e.data));
+    if (money.length > 240) money.shift();
+    const plot = $("earnings-plot");
+    if (plot && current === "money") plot.replaceWith(earningsPlot());
   });
   source.addEventListener("nodes", (e) => {
     const text = e.data;

@@ -125,6 +125,10 @@ def test_the_dashboard_in_chromium_on_three_daemons(tmp_path):
 
             for view in VIEWS:
                 open_view(view)
+                if view == "money":  # the feed's first `money` event is plotted
+                    plot = (By.CSS_SELECTOR, "#earnings-plot figcaption")
+                    wait.until(lambda d, p=plot: "(0 points" not in d.find_element(*p).text)
+                    assert "no chain configured" in driver.find_element(*plot).text
                 if view != "jobs":
                     driver.save_screenshot(str(shots / f"{view}.png"))
                 violations = run_axe(driver, axe)

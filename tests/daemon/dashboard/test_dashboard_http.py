@@ -154,9 +154,12 @@ async def test_live_feed_is_capped_and_drops_a_reader_that_stops(autojump_clock,
         await net.wait_for(peers_counted, 5, "the peers gauge")
         client, conn, reply = await feed(nursery, server, cookie)
         assert reply.status == 200 and reply.headers[b"content-type"] == b"text/event-stream"
-        await events(client, conn, reply, 4)  # live, models, nodes, live
+        await events(client, conn, reply, 5)
         names = [name for name, _ in reply.events]
-        assert names == ["live", "models", "nodes", "live"]
+        assert names == ["live", "models", "nodes", "money", "live"]
+        money = reply.events[3][1]  # no chain here: totals 0 and why there is no balance
+        assert money["jobs"] == 0 and money["settled"] == 0 and money["balance"] is None
+        assert "no chain configured" in money["chain_error"]
         live = reply.events[-1][1]
         assert live["peers_connected"] == 1 and live["steps_per_s"] == 0.0
         assert {n["peer_id"] for n in reply.events[2][1]} == {d.peer_id for d in net.daemons}
