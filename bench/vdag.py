@@ -12,6 +12,8 @@ on_data returns its input) is served by daemon A (local to the vDAG's runner) an
 - the chain on the remote block (B's sandbox, over the block protocol);
 - the chain with a pre- and a post-processing no-op policy on every node: overhead per
   policy call = (p50 with - p50 without) / 2N;
+- finding and compiling the plan, which vdag_infer does per request (not in the chains'
+  times, which run a compiled plan);
 - no-op policy calls per second through the sandbox, one caller (bench/sandbox.py measures
   it with more callers and workers).
 
@@ -167,6 +169,17 @@ async def bench(args: argparse.Namespace) -> None:
 
                 results[name] = await timed(args.calls, run)
                 rows.append(row(f"vDAG {name} ({n} node{'s' if n > 1 else ''})", results[name]))
+            name = f"local{n}"
+
+            async def resolve(name: str = name) -> None:
+                resolve_plan(a.daemon.replica, name, None)
+
+            rows.append(
+                row(
+                    f"find and compile the plan of {name} (JSON-RPC does)",
+                    await timed(args.calls, resolve),
+                )
+            )
             d50, d99 = percentile(direct, 0.5), percentile(direct, 0.99)
             for kind in ("local", "remote"):
                 s = results[f"{kind}{n}"]

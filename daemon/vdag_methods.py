@@ -17,6 +17,7 @@ node yet.
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Annotated, Any
@@ -206,9 +207,32 @@ BlockDigest = (
 Settings = Annotated[dict[str, Any], Meta(description="given to the block's constructor")] | None
 
 
+MAX_CACHED_PLANS = 256
+# replica -> (its change count, {(name, version): (spec, plan)}): a request resolves and
+# compiles its plan again only after the registry changed (parsing every stored vDAG each
+# time cost ~0.9 ms with six 1..8-node vDAGs stored)
+_plans: weakref.WeakKeyDictionary[Replica, tuple[Any, dict[Any, Any]]] = weakref.WeakKeyDictionary()
+
+
 def resolve_plan(replica: Replica, name: str, version: str | None) -> tuple[VdagSpec, VdagPlan]:
     """The stored vDAG `name` (latest, or `version`) and its plan now; NotFound or
     FailedPrecondition naming what is missing."""
+    # the replica's count of changes to its entries (no public name for it yet)
+    stamp = (getattr(replica, "_mutations", None), len(replica.entries))
+    held = _plans.get(replica)
+    if held is None or held[0] != stamp or stamp[0] is None:
+        held = (stamp, {})
+        _plans[replica] = held
+    found = held[1].get((name, version))
+    if found is None:
+        found = _resolve_plan(replica, name, version)
+        if len(held[1]) >= MAX_CACHED_PLANS:
+            held[1].clear()
+        held[1][(name, version)] = found
+    return found
+
+
+def _resolve_plan(replica: Replica, name: str, version: str | None) -> tuple[VdagSpec, VdagPlan]:
     catalog = stored_specs(replica)
     spec = catalog.resolve(name, version)
     if spec is None:

@@ -83,6 +83,18 @@ async def test_model_chain_nodes(autojump_clock, tmp_path):
         text = bytes(PROMPT).decode()
         result = await d0.call("vdag_infer", {"name": "chain", "input": text})
         assert result["output"]["token_ids"] == second
+        # a new version is what the next request runs (plans are cached until the registry
+        # changes); the old one stays callable by its version
+        newer = {**chain, "vdagVersion": "2"}
+        newer["nodes"] = [
+            node("m1", "tiny", modelParameters={"max_tokens": 2}),
+            node("m2", "tiny", modelParameters={"max_tokens": 2}),
+        ]
+        await d2.call("vdag_apply", {"value": newer})
+        result = await d2.call("vdag_infer", {"name": "chain", "input": PROMPT})
+        assert result["vdag"] == "chain:2" and len(result["output"]["token_ids"]) == 2
+        result = await d2.call("vdag_infer", {"name": "chain", "version": "1", "input": PROMPT})
+        assert result["vdag"] == "chain:1" and result["output"]["token_ids"] == second
         # a wrong input for a model node, and the model withdrawn: errors name the node
         with pytest.raises(RPCCallError) as info:
             await d2.call("vdag_infer", {"name": "chain", "input": {"nothing": 1}})
