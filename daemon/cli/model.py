@@ -115,8 +115,8 @@ def make_tiny(
 def _size(n: int) -> str:
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= scale:
-            return f"{n:,} ({n / scale:.1f} {unit})"
-    return f"{n:,}"
+            return f"{n:,} bytes ({n / scale:.1f} {unit})"
+    return f"{n:,} bytes"
 
 
 @model_app.command("inspect")
@@ -169,17 +169,17 @@ def inspect(
             typer.echo("attention:    full")
         typer.echo(f"parameters:   {report['parameters']:,}")
         unit = report["bytes_dtype"]
-        typer.echo(f"per layer:    {_size(report['bytes_per_layer'])} bytes ({unit})")
-        typer.echo(f"embedding:    {_size(report['embedding_bytes'])} bytes")
-        typer.echo(f"head:         {_size(report['head_bytes'])} bytes")
-        typer.echo(f"total:        {_size(report['total_bytes'])} bytes")
+        typer.echo(f"per layer:    {_size(report['bytes_per_layer'])}, in {unit}")
+        typer.echo(f"embedding:    {_size(report['embedding_bytes'])}")
+        typer.echo(f"head:         {_size(report['head_bytes'])}")
+        typer.echo(f"total:        {_size(report['total_bytes'])}")
         per_token = report["kv_cache_bytes_per_token"]
         per_layer = report["kv_cache_bytes_per_token_per_layer"]
         typer.echo(f"KV cache:     {per_token:,} bytes per token ({per_layer:,} per layer)")
         if window and sliding:
             typer.echo(f"              sliding layers hold at most {window:,} tokens")
         at_max = report["kv_cache_bytes_at_max_positions"]
-        typer.echo(f"              {_size(at_max)} bytes at {report['max_positions']:,} tokens")
+        typer.echo(f"              {_size(at_max)} at {report['max_positions']:,} tokens")
     elif report.get("model_type") is not None:
         typer.echo(f"model_type:   {report['model_type']}")
     if not problems:
