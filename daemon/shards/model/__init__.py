@@ -1,11 +1,13 @@
-"""Llama-family decoders (Llama, Qwen2/2.5, Qwen3, Mistral) in plain torch that can be cut
-into contiguous ranges of layers.
+"""Llama-family decoders (Llama, Qwen2/2.5, Qwen3, Mistral, Qwen3-MoE, Mixtral) in plain torch
+that can be cut into contiguous ranges of layers.
 
 Each daemon loads one shard, layers `[start, end)`, straight from a Hugging Face style
 safetensors checkpoint, reading only that shard's tensors. The maths follows transformers'
 `LlamaForCausalLM` step by step (RMSNorm in float32, rotary embeddings computed in float32
-and cast, grouped-query attention through `scaled_dot_product_attention`), so a chain of
-shards gives the same logits as the whole model in transformers.
+and cast, grouped-query attention through `scaled_dot_product_attention`), with what each
+family changes (`families`: biases, q/k norms, a sliding window, experts) as transformers
+computes it for that family, so a chain of shards gives the same logits as the whole model
+in transformers.
 
 Tensor names in a checkpoint (and the `checkpoint_names()` of a shard) are the Hugging Face
 ones: `model.embed_tokens.weight`, `model.layers.{i}.self_attn.q_proj.weight`, ...,

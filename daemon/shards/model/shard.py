@@ -20,11 +20,13 @@ from daemon.shards.model.linear import Linear
 
 
 class LlamaShard(nn.Module):
-    """Decoder layers `[start, end)` of a Llama model, plus the embedding if `start == 0` and
-    the final norm and LM head if `end == num_hidden_layers`.
+    """Decoder layers `[start, end)` of a model of any family (the name is from when there
+    was only Llama), plus the embedding if `start == 0` and the final norm and LM head if
+    `end == num_hidden_layers`.
 
     Parameter names follow the checkpoint without its `model.` prefix, with global layer
-    indices (`layers.5.mlp.up_proj.weight`), so `checkpoint_names()` maps back exactly.
+    indices (`layers.5.mlp.up_proj.weight`), so `checkpoint_names()` maps back exactly;
+    except in a sparse block (`moe.SparseMoE`: `mlp.gate`, `mlp.experts.{e}.*`).
     """
 
     def __init__(
