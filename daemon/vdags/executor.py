@@ -159,6 +159,9 @@ class Executor:
         done = {step.label: trio.Event() for step in plan.steps}
         traces = {step.label: StepTrace(step.label, step.block_id) for step in plan.steps}
         failure: list[NodeFailed] = []
+        into: dict[str, list[Any]] = {step.label: [] for step in plan.steps}
+        for edge in plan.edges:
+            into[edge.dst].append(edge)
         t0 = trio.current_time()
 
         async def one(step: PlanStep, cancel: trio.CancelScope) -> None:
@@ -167,7 +170,7 @@ class Executor:
             trace = traces[step.label]
             trace.started = trio.current_time()
             try:
-                feeds = _feeds(plan, step, value, outputs)
+                feeds = _feeds(plan, step, value, outputs, into[step.label])
                 outputs[step.label] = await self._step(step, feeds, ctx, trace)
             except NodeFailed as exc:
                 if not failure:
@@ -286,7 +289,9 @@ def least_loaded(loads: list[dict[str, Any]], turns: Counter[str], key: str) -> 
     return tied[turns[key] % len(tied)]
 
 
-def _feeds(plan: VdagPlan, step: PlanStep, value: Any, outputs: dict[str, Any]) -> list[Feed]:
+def _feeds(
+    plan: VdagPlan, step: PlanStep, value: Any, outputs: dict[str, Any], edges: list[Any]
+) -> list[Feed]:
     # graph.input's inputNames: those keys of the vDAG's input, under the same names
     feeds = [
         Feed(INPUT, value, *((port.names, port.names) if isinstance(value, dict) else ((), ())))
@@ -294,9 +299,7 @@ def _feeds(plan: VdagPlan, step: PlanStep, value: Any, outputs: dict[str, Any]) 
         if port.step == step.label
     ]
     feeds += [
-        Feed(edge.src, outputs[edge.src], edge.output_names, edge.input_names)
-        for edge in plan.edges
-        if edge.dst == step.label
+        Feed(edge.src, outputs[edge.src], edge.output_names, edge.input_names) for edge in edges
     ]
     return feeds
 

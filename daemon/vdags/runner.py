@@ -56,11 +56,30 @@ class DaemonRunner:
         self.local = local
         self.reported: dict[tuple[str, str], int] = {}  # (block, peer) -> load it reported
         self.inflight: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._seen: tuple[Any, dict[str, tuple[list[str], str | None]]] = (None, {})
 
     # -- which instances ------------------------------------------------------------------
 
-    def model_of(self, block_id: str) -> str | None:
-        """The model whose shard chain `block_id` names, or None."""
+    def _stamp(self) -> tuple[Any, int]:
+        # the replica's count of changes to its entries (no public name for it yet)
+        return getattr(self.replica, "_mutations", None), len(self.replica.entries)
+
+    def _lookup(self, block_id: str) -> tuple[list[str], str | None]:
+        """(Python-block instances, model) of `block_id`, read again only after the registry
+        changed: each step would otherwise scan every entry."""
+        stamp = self._stamp()
+        if self._seen[0] != stamp or stamp[0] is None:
+            self._seen = (stamp, {})
+        found = self._seen[1].get(block_id)
+        if found is None:
+            peers = [i.peer_id for i in python_instances(self.replica.entries.values(), block_id)]
+            found = (peers, None if peers else self._model_of(block_id))
+            if len(self._seen[1]) >= 1024:
+                self._seen[1].clear()
+            self._seen[1][block_id] = found
+        return found
+
+    def _model_of(self, block_id: str) -> str | None:
         if self.shards.announced(block_id):
             return block_id
         entry = self.replica.entries.get(("blocks", block_id))
@@ -70,14 +89,15 @@ class DaemonRunner:
             return model
         return None
 
+    def model_of(self, block_id: str) -> str | None:
+        """The model whose shard chain `block_id` names, or None."""
+        return self._lookup(block_id)[1]
+
     def candidates(self, step: PlanStep) -> list[str]:
-        block = step.block_id or ""
-        found = [i.peer_id for i in python_instances(self.replica.entries.values(), block)]
-        if found:
-            return found
-        if self.model_of(block) is not None:
-            return [CHAIN]
-        return []
+        peers, model = self._lookup(step.block_id or "")
+        if peers:
+            return list(peers)
+        return [CHAIN] if model is not None else []
 
     def load(self, step: PlanStep, instance: str) -> float:
         key = (step.block_id or "", instance)

@@ -42,6 +42,8 @@ from scheduler.vdag import VdagPlan
 log = logging.getLogger(__name__)
 
 MAX_BLOCKS = 64  # Python blocks one daemon serves
+MAX_REQUESTS = 64  # vDAG requests running here at once (more: busy)
+MAX_SERVED_CALLS = 256  # Python-block calls from peers running here at once (more: busy)
 ANSWER_TIMEOUT_S = MAX_DEADLINE_S + 5
 
 
@@ -75,6 +77,8 @@ class VdagService:
         self._pool_ready = trio.Event()
         self._running = False
         self._collector = False
+        self.running = 0  # vDAG requests
+        self.serving = 0  # block calls
         reg = metrics.registry
         self.requests = Counter(
             "gridmesh_vdag_requests", "vDAG requests by outcome", ["outcome"], registry=reg
@@ -220,7 +224,12 @@ class VdagService:
         if block is None or (call.digest is not None and call.digest != block.digest):
             self.block_calls.labels("unknown_block").inc()
             return BlockReply(False, kind="unknown_block", message="not served here")
+        if self.serving >= MAX_SERVED_CALLS:
+            self.block_calls.labels("busy").inc()
+            message = f"busy: {MAX_SERVED_CALLS} block calls running here"
+            return BlockReply(False, kind="busy", message=message, load=block.inflight)
         block.inflight += 1
+        self.serving += 1
         try:
             pool = await self.pool()
             args = {"parameters": None, "input_data": call.input, "context": call.context}
@@ -236,6 +245,7 @@ class VdagService:
             return BlockReply(False, kind="output", message=str(exc), load=block.inflight - 1)
         finally:
             block.inflight -= 1
+            self.serving -= 1
             block.calls += 1
         self.block_calls.labels("ok").inc()
         return BlockReply(True, output=output, load=block.inflight)
@@ -262,7 +272,11 @@ class VdagService:
             self.metrics.reject("vdag", exc.reason)
             self.requests.labels("invalid").inc()
             raise errors.InvalidParams(str(exc), {"reason": exc.reason}) from None
+        if self.running >= MAX_REQUESTS:
+            self.requests.labels("busy").inc()
+            raise errors.Busy(f"busy: {MAX_REQUESTS} vDAG requests are running on this node")
         ctx = RunContext(uri, session=session, api_key=api_key)
+        self.running += 1
         try:
             await self._quota(controller, ctx)
             result = await self.executor.run(plan, value, ctx, deadline_s=deadline_s)
@@ -280,6 +294,8 @@ class VdagService:
         except errors.Busy:
             self.requests.labels("quota").inc()
             raise
+        finally:
+            self.running -= 1
         self.requests.labels("ok").inc()
         self.seconds.observe(trio.current_time() - start)
         return {"vdag": uri, "output": result.output, "steps": result.trace()}

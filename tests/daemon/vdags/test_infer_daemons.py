@@ -11,6 +11,7 @@ import pytest
 
 from daemon.api.client import RPCCallError
 from daemon.vdags.protocol import BLOCK_PROTOCOL, BlockCall, decode_reply, encode
+from daemon.vdags.service import MAX_REQUESTS, MAX_SERVED_CALLS
 from p2p.codec import encode as encode_raw
 from p2p.network import NetworkError
 from tests.daemon.harness import memory_cluster
@@ -100,6 +101,22 @@ async def test_graphs_run_across_daemons_and_fail_over(tmp_path):
         assert steps["l"]["started_s"] < steps["r/a"]["finished_s"]
         assert steps["r/a"]["started_s"] < steps["l"]["finished_s"]
         assert steps["j"]["started_s"] >= max(steps["l"]["finished_s"], steps["r/b"]["finished_s"])
+
+        # an instance at its cap of block calls answers busy: the step goes to the other
+        d0.daemon.vdags.serving = MAX_SERVED_CALLS
+        busy = []
+        for _ in range(3):
+            result = await infer(d2, "pipe", "abc")
+            assert result["output"] == "CBA"
+            busy += [a for a in result["steps"][0]["attempts"] if a["error"]]
+        assert busy and all(a["instance"] == d0.peer_id for a in busy)
+        assert "busy: 256 block calls running here" in busy[0]["error"]
+        d0.daemon.vdags.serving = 0
+        # a node at its cap of vDAG requests refuses more, busy
+        d2.daemon.vdags.running = MAX_REQUESTS
+        error = await refused(d2, "pipe", "abc")
+        assert error.code == -32031 and "64 vDAG requests are running" in error.message
+        d2.daemon.vdags.running = 0
 
         # an instance dies: its announcement stays, so it is tried, fails, and the step is
         # retried on the other instance of its block
