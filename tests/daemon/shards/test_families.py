@@ -144,6 +144,21 @@ def test_logits_match_transformers(hf, case):
     assert max(diffs) <= TOL, diffs
 
 
+@pytest.mark.parametrize("case", ["mistral", "qwen2_window"])
+def test_chunked_prefill_over_the_ring_matches_transformers(hf, case):
+    """A prompt fed in chunks longer than the window (a replay's chunks, a long prefill in
+    steps): each chunk reads the window before it out of the ring; the logits of all the
+    chunks are those of transformers' whole prompt."""
+    ref, ours = reference(hf[case]), m.load_model(hf[case])
+    tokens = PROMPTS[2]
+    cache = ours.new_cache(max_len=64)
+    with torch.no_grad():
+        want = ref(ids(tokens)).logits
+        got = torch.cat([ours(ids(tokens[i : i + 7]), cache) for i in range(0, len(tokens), 7)], 1)
+    assert cache.keys[-1].shape[2] == ours.config.sliding_window  # a ring, wrapped 4 times
+    assert (got - want).abs().max() <= TOL
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_greedy_equals_transformers_generate(hf, case):
     """Whole model and a chain of 3 shards, several prompts (some longer than the window)."""
