@@ -49,7 +49,8 @@ def register_node_methods(
         }
 
     async def node_peers() -> list[dict[str, Any]]:
-        """Peers this node knows, whether connected, and their RTT."""
+        """Peers this node knows, whether connected, and their RTT; then the peers refused at
+        the hello lately (another network...), with `refused`: why."""
         connected = net.connected_peers()
         peers = []
         # only peers whose hello verified: a connected non-gridmesh peer is about to be dropped
@@ -63,6 +64,13 @@ def register_node_methods(
                     "rtt_ms": None if state is None or state.rtt_ms is None else state.rtt_ms,
                 }
             )
+        known = {p["peer_id"] for p in peers}
+        for peer_id, why in sorted(net.refused_peers().items()):
+            if peer_id not in known:
+                peers.append(
+                    {"peer_id": peer_id, "addrs": [], "connected": False, "rtt_ms": None}
+                    | {"refused": why}
+                )
         return peers
 
     async def node_connect(multiaddr: Multiaddr) -> dict[str, Any]:

@@ -295,6 +295,10 @@ class Network(Requests, Streams, Gossip, DHT, Protocol):
         """Peers with an open connection to this node."""
         ...
 
+    def refused_peers(self) -> dict[str, str]:
+        """Peers refused at the hello lately (another network, no gridmesh node), and why."""
+        ...
+
     def listen_addrs(self) -> list[str]:
         """Addresses others dial to reach this node (each ends in /p2p/<peer id>)."""
         ...

@@ -75,9 +75,10 @@ def peers(rows: list[dict[str, Any]]) -> None:
         table.add_column(column)
     for row in rows:
         rtt = row.get("rtt_ms")
+        refused = row.get("refused")
         table.add_row(
             short_id(row["peer_id"]),
-            "yes" if row.get("connected") else "no",
+            f"refused: {refused}" if refused else "yes" if row.get("connected") else "no",
             f"{rtt:.1f}" if isinstance(rtt, int | float) else "-",
             (row.get("addrs") or ["-"])[0],
         )

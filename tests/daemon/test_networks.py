@@ -219,6 +219,30 @@ async def test_daemons_of_two_networks_see_none_of_each_others_records(autojump_
             assert await _keys(test0, kind) == await _keys(test1, kind) == {"test"}
         assert await _found(dev0) == devnet and await _found(test1) == testnet
         for running in (dev0, dev1):
-            peers = {p["peer_id"] for p in await running.call("node_peers")}
-            assert not peers & testnet
+            peers = await running.call("node_peers")
+            assert not {p["peer_id"] for p in peers if "refused" not in p} & testnet
+        refused = [p for p in await dev1.call("node_peers") if "refused" in p]
+        assert [p["peer_id"] for p in refused] == [test0.peer_id] and not refused[0]["connected"]
+        assert "is on network 'gridmesh-testnet', not 'gridmesh-devnet'" in refused[0]["refused"]
         nursery.cancel_scope.cancel()
+
+
+def test_gridmesh_peers_shows_a_refused_peer_and_why(capsys, monkeypatch):
+    from daemon.cli import render
+
+    monkeypatch.setattr(render.console, "width", 200)
+    render.peers(
+        [
+            {"peer_id": "12D3KooWgood", "addrs": ["/ip4/1.2.3.4/tcp/1"], "connected": True},
+            {
+                "peer_id": "12D3KooWother",
+                "addrs": [],
+                "connected": False,
+                "rtt_ms": None,
+                "refused": "peer 12D3KooWother is on network 'gridmesh-testnet'",
+            },
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "refused: peer 12D3KooWother is on network 'gridmesh-testnet'" in out
+    assert "yes" in out
