@@ -14,10 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon.dashboard.browser import axe_source, console_errors, run_axe, start_chromium
+from tests.daemon.dashboard.browser import (
+    AXE_MISSING,
+    axe_source,
+    console_errors,
+    run_axe,
+    start_chromium,
+)
 
 pytest.importorskip("torch")
-pytest.importorskip("selenium")
+pytest.importorskip("selenium", reason="browser tests need selenium: pip install selenium")
 
 pytestmark = pytest.mark.procs
 
@@ -131,8 +137,9 @@ def test_the_dashboard_in_chromium_on_three_daemons(tmp_path):
                     assert "no chain configured" in driver.find_element(*plot).text
                 if view != "jobs":
                     driver.save_screenshot(str(shots / f"{view}.png"))
-                violations = run_axe(driver, axe)
-                assert violations == [], (view, violations)
+                if axe is not None:
+                    violations = run_axe(driver, axe)
+                    assert violations == [], (view, violations)
 
             # the registries with the filter syntax, and a bad filter's message
             driver.find_element(By.ID, "reg-filter").send_keys("key LIKE 'ti%'", Keys.ENTER)
@@ -173,3 +180,5 @@ def test_the_dashboard_in_chromium_on_three_daemons(tmp_path):
         print(f"screenshots in {shots}: {sorted(p.name for p in shots.iterdir())}")
     finally:
         driver.quit()
+    if axe is None:  # everything else was checked above
+        pytest.skip(AXE_MISSING)
