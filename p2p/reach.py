@@ -1,0 +1,356 @@
+"""Reachability of a libp2p host: AutoNAT, circuit relay v2, DCUtR hole punching, UPnP.
+
+A part of the libp2p adapter (p2p.host); every py-libp2p 0.8.1 workaround it needs is here:
+- AutoNAT's server answers a dial-back with `host.connect()`, which returns at once for a
+  peer that is already connected: every node would be told it is public. Our server dials
+  the asked address on a fresh connection (`swarm.dial_addr`) and closes that one after.
+- AutoNAT's client sends only our listen addresses, which behind a NAT never match the IP the
+  server observes, so the server refuses instead of failing the dial. We add the addresses a
+  NAT would map (the IP peers observe us at, with our listen port: the prediction DCUtR makes
+  too), count a refusal as no vote, and count votes from direct connections only.
+- The swarm never dials `/p2p-circuit` addresses (it has no relay transport):
+  `dial_circuit` dials them through `CircuitV2Transport` itself.
+- The transport's reservation refresher runs in whatever nursery it is given: ours, so that
+  it stops with the host.
+
+A node is `public` once `confirmations` peers reached it on a fresh connection, `private` once
+that many could not; until then `unknown`. A private node reserves a slot on up to `relays`
+peers that serve the relay hop protocol (peers it learned from the DHT and hello) and
+advertises `/…/p2p/RELAY/p2p-circuit` addresses. With `serve`, a node relays for others
+within `RelayLimits` (reservations, circuits, bytes and seconds per circuit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import msgspec
+import multiaddr
+import trio
+from libp2p.host.autonat.autonat import AutoNATService
+from libp2p.host.autonat.pb.autonat_pb2 import Message as AutoNATMessage
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+from libp2p.relay.circuit_v2 import CircuitV2Protocol, CircuitV2Transport, DCUtRProtocol
+from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL
+from libp2p.relay.circuit_v2.resources import RelayLimits
+from libp2p.tools.anyio_service import background_trio_service
+
+from p2p.hostaddrs import dial_resolved
+
+log = logging.getLogger(__name__)
+
+PUBLIC, PRIVATE, UNKNOWN = "public", "private", "unknown"
+DIRECT, RELAYED = "direct", "relayed"
+AUTONAT_TIMEOUT_S = 10.0
+RESERVE_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class ReachSettings:
+    """How a node finds out whether it is reachable, and helps others (`[relay]` in the
+    config; README "Networks")."""
+
+    # serve circuit relay v2 for others (only while AutoNAT says this node is public)
+    serve: bool = False
+    max_reservations: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 32
+    max_circuits: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 16  # per reserving peer
+    circuit_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 << 20
+    circuit_s: Annotated[int, msgspec.Meta(ge=1, le=86400)] = 600
+    reservation_ttl_s: Annotated[int, msgspec.Meta(ge=10, le=86400)] = 3600
+    # when private: relays to hold a reservation on
+    relays: Annotated[int, msgspec.Meta(ge=0, le=8)] = 2
+    # AutoNAT: peers that must agree before the status flips, and how often to ask
+    confirmations: Annotated[int, msgspec.Meta(ge=1, le=16)] = 3
+    check_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    hole_punch: bool = True
+    upnp: bool = False
+
+    def relay_limits(self) -> RelayLimits:
+        return RelayLimits(
+            duration=self.circuit_s,
+            data=self.circuit_bytes,
+            max_circuit_conns=self.max_circuits,
+            max_reservations=self.max_reservations,
+            reservation_ttl=self.reservation_ttl_s,
+        )
+
+
+def reach_info(net: Any) -> dict[str, Any]:
+    """What `node_info` shows of a network's reachability (`unknown` where it has none, as
+    on the in-memory network)."""
+    reach = getattr(net, "reach", None)
+    if isinstance(reach, Reachability):
+        return reach.info()
+    return {"reachability": UNKNOWN, "observed_addrs": [], "relayed_addrs": [], "relays": []}
+
+
+def connection_of(net: Any, peer_id: str) -> str | None:
+    """`direct` or `relayed` for a connected peer of a libp2p network; None otherwise."""
+    reach = getattr(net, "reach", None)
+    return reach.connection_kind(peer_id) if isinstance(reach, Reachability) else None
+
+
+def is_circuit(addr: multiaddr.Multiaddr | str) -> bool:
+    return "/p2p-circuit" in str(addr)
+
+
+def tally(votes: dict[str, bool], confirmations: int, current: str) -> str:
+    """The status after `votes` (peer -> reached us): flips only when `confirmations` agree."""
+    reached = sum(votes.values())
+    if reached >= confirmations:
+        return PUBLIC
+    if len(votes) - reached >= confirmations:
+        return PRIVATE
+    return current
+
+
+class FreshDialAutoNAT(AutoNATService):
+    """AutoNAT whose server dials back on a new connection (see the module docstring)."""
+
+    async def _try_dial(self, peer_id: ID, addrs: list[bytes]) -> bytes | None:
+        swarm = self.host.get_network()
+        for raw in addrs:
+            try:
+                with trio.fail_after(AUTONAT_TIMEOUT_S / 2):
+                    conn = await swarm.dial_addr(multiaddr.Multiaddr(raw), peer_id)  # type: ignore[attr-defined]
+            except Exception:
+                continue
+            with contextlib.suppress(Exception):
+                await conn.close()
+            return bytes(raw)
+        return None
+
+
+class Reachability:
+    """AutoNAT status, relay service and reservations, DCUtR and UPnP for one host."""
+
+    def __init__(self, host: Any, settings: ReachSettings) -> None:
+        self.host = host
+        self.settings = settings
+        self.status = UNKNOWN
+        self.votes: dict[str, bool] = {}
+        self.relayed: dict[str, list[multiaddr.Multiaddr]] = {}  # relay peer id -> our addrs
+        self.upnp_addr: str | None = None
+        self.autonat = FreshDialAutoNAT(host, serve=True, confirmations=settings.confirmations)
+        self.relay = CircuitV2Protocol(host, settings.relay_limits(), allow_hop=settings.serve)
+        config = RelayConfig(roles=RelayRole.STOP | RelayRole.CLIENT)
+        self.transport = CircuitV2Transport(host, self.relay, config)
+        self.dcutr = DCUtRProtocol(host) if settings.hole_punch else None
+        self._nursery: trio.Nursery | None = None
+        self.refused_hops = 0  # relay requests refused while we were not known to be public
+        self._host_addrs = host.get_addrs
+        host.get_addrs = self._get_addrs  # identify and our records announce relayed addresses
+
+    # -- what node_info shows ------------------------------------------------------------
+
+    def observed_addrs(self) -> list[str]:
+        """Addresses peers saw our direct connections come from (identify)."""
+        manager = getattr(self.host, "_observed_addr_manager", None)
+        if manager is None:
+            return []
+        return sorted({str(a) for a in manager.addrs(min_observers=1) if not is_circuit(a)})
+
+    def connection_kind(self, peer_id: str) -> str | None:
+        """`direct` if any connection to the peer is direct, `relayed` if all are relayed."""
+        try:
+            conns = self.host.get_network().get_connections(ID.from_base58(peer_id))
+        except Exception:
+            return None
+        kinds = set()
+        for conn in conns or []:
+            try:
+                addrs = conn.get_transport_addresses()
+            except Exception:
+                addrs = []
+            kinds.add(RELAYED if any(is_circuit(a) for a in addrs) else DIRECT)
+        if not kinds:
+            return None
+        return DIRECT if DIRECT in kinds else RELAYED
+
+    def relayed_addrs(self) -> list[multiaddr.Multiaddr]:
+        return [a for addrs in self.relayed.values() for a in addrs]
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "reachability": self.status,
+            "observed_addrs": self.observed_addrs(),
+            "relayed_addrs": [str(a) for a in self.relayed_addrs()],
+            "relays": sorted(self.relayed),
+            "relay_serving": self.serving,
+            "upnp_addr": self.upnp_addr,
+        }
+
+    @property
+    def serving(self) -> bool:
+        return self.settings.serve and self.status == PUBLIC
+
+    # -- running -------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[Reachability]:
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(background_trio_service(self.relay))
+            await self.relay.event_started.wait()
+            if self.settings.serve:  # relay only while AutoNAT says we are public
+                self._serve_hop = self.host.get_mux().handlers[HOP_PROTOCOL]
+                self.host.set_stream_handler(HOP_PROTOCOL, self._hop_if_public)
+            if self.dcutr is not None:
+                await stack.enter_async_context(background_trio_service(self.dcutr))
+                await self.dcutr.event_started.wait()
+            self._nursery = await stack.enter_async_context(trio.open_nursery())
+            self._nursery.start_soon(self._loop)
+            if self.settings.upnp:
+                self._nursery.start_soon(self._try_upnp)
+            try:
+                yield self
+            finally:
+                self._nursery.cancel_scope.cancel()
+
+    async def _hop_if_public(self, stream: Any) -> None:
+        if not self.serving:
+            self.refused_hops += 1
+            await stream.reset()
+            return
+        await self._serve_hop(stream)
+
+    async def _loop(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                await self.check()
+            if self.status == PRIVATE:
+                with contextlib.suppress(Exception):
+                    await self.reserve()
+            # ask again soon while nobody has told us yet (peers are still connecting)
+            await trio.sleep(
+                self.settings.check_s if self.votes else min(1.0, self.settings.check_s)
+            )
+
+    def _direct_peers(self) -> list[ID]:
+        peers = []
+        for peer in self.host.get_connected_peers():
+            if self.connection_kind(peer.to_base58()) == DIRECT:
+                peers.append(peer)
+        return peers
+
+    def _candidate_addrs(self) -> list[bytes]:
+        """Our listen addresses plus the NAT mappings peers' observations predict."""
+        out = [
+            multiaddr.Multiaddr(str(a).split("/p2p/")[0]) for a in self.host.get_transport_addrs()
+        ]
+        ports = {a.value_for_protocol("tcp") for a in out if "/tcp/" in str(a)}
+        for seen in self.observed_addrs():
+            ip_proto = "ip6" if seen.startswith("/ip6/") else "ip4"
+            ip = multiaddr.Multiaddr(seen).value_for_protocol(ip_proto)
+            out += [multiaddr.Multiaddr(f"/{ip_proto}/{ip}/tcp/{port}") for port in ports]
+        return list({a.to_bytes(): None for a in out if not is_circuit(a)})
+
+    async def check(self) -> str:
+        """Ask directly connected peers to dial us back; update and return the status."""
+        candidates = self._candidate_addrs()
+        for peer in self._direct_peers()[: 2 * self.settings.confirmations]:
+            try:
+                status, _ = await self.autonat.query_server(peer, candidates, AUTONAT_TIMEOUT_S)
+            except Exception as exc:  # a peer without AutoNAT, or gone: no vote
+                log.debug("AutoNAT query to %s failed: %r", peer, exc)
+                continue
+            if status == AutoNATMessage.OK:
+                self.votes[peer.to_base58()] = True
+            elif status == AutoNATMessage.E_DIAL_ERROR:
+                self.votes[peer.to_base58()] = False
+            else:  # refused (relayed, or no address at its observed IP): no vote
+                self.votes.pop(peer.to_base58(), None)
+        self.status = tally(self.votes, self.settings.confirmations, self.status)
+        if self.status == PUBLIC and self.relayed:
+            self.relayed.clear()  # reachable directly: relayed addresses only slow peers down
+        return self.status
+
+    def _relay_candidates(self) -> list[ID]:
+        store = self.host.get_peerstore()
+        out = []
+        for peer in self._direct_peers():
+            with contextlib.suppress(Exception):
+                if HOP_PROTOCOL in store.get_protocols(peer):
+                    out.append(peer)
+        return out
+
+    async def reserve(self) -> list[str]:
+        """Hold reservations on up to `relays` relays; returns the relays held."""
+        connected = {p.to_base58() for p in self.host.get_connected_peers()}
+        for gone in set(self.relayed) - connected:
+            del self.relayed[gone]
+        for relay in self._relay_candidates():
+            if len(self.relayed) >= self.settings.relays:
+                break
+            if relay.to_base58() in self.relayed:
+                continue
+            await self.reserve_on(relay)
+        return sorted(self.relayed)
+
+    async def reserve_on(self, relay: ID) -> bool:
+        """Reserve a slot on `relay` and advertise the relayed addresses it gives us."""
+        assert self._nursery is not None, "reserve_on() needs running()"
+        try:
+            with trio.fail_after(RESERVE_TIMEOUT_S):
+                stream = await self.host.new_stream(relay, [HOP_PROTOCOL])
+                ok = await self.transport.reserve(stream, relay, self._nursery)
+        except Exception as exc:
+            log.info("reservation on relay %s failed: %r", relay, exc)
+            return False
+        if not ok:
+            log.info("relay %s refused a reservation", relay)
+            return False
+        suffix = f"/p2p/{relay.to_base58()}/p2p-circuit"
+        addrs = [
+            multiaddr.Multiaddr(str(a).split("/p2p/")[0] + suffix)
+            for a in self.host.get_peerstore().addrs(relay)
+            if not is_circuit(a) and "/tcp/" in str(a)
+        ]
+        self.relayed[relay.to_base58()] = addrs
+        log.info("reserved a slot on relay %s: %s", relay, [str(a) for a in addrs])
+        return True
+
+    async def dial(self, target: multiaddr.Multiaddr, info: PeerInfo) -> None:
+        """Dial exactly `target`: through the relay it names (.../p2p/RELAY/p2p-circuit/
+        p2p/PEER), which the swarm cannot do, or directly (a /dns4 name resolved now)."""
+        if is_circuit(target):
+            await self.transport.dial(target)
+            return
+        dial = self.host.get_network().dial_addr
+        await dial_resolved(dial, info.addrs[0], info.peer_id)
+
+    def _get_addrs(self) -> list[multiaddr.Multiaddr]:
+        """`host.get_addrs()` and then our relayed addresses: py-libp2p's own strips every
+        address after its first /p2p/ part (.../p2p/RELAY/p2p-circuit becomes ...)."""
+        me = multiaddr.Multiaddr(f"/p2p/{self.host.get_id()}")
+        return self._host_addrs() + [a.encapsulate(me) for a in self.relayed_addrs()]
+
+    async def hole_punch(self, peer_id: str) -> bool:
+        """Try DCUtR now; True once a direct connection to the peer exists."""
+        if self.dcutr is None:
+            return False
+        return bool(await self.dcutr.initiate_hole_punch(ID.from_base58(peer_id)))
+
+    async def _try_upnp(self) -> None:
+        """Map our listen ports on an IGD router if one answers (py-libp2p's UPnP)."""
+        try:
+            from libp2p.discovery.upnp.upnp import UpnpManager
+
+            upnp = UpnpManager()
+            if not await upnp.discover():
+                log.info("UPnP: no router offers port mapping")
+                return
+            for addr in self.host.get_transport_addrs():
+                port = int(multiaddr.Multiaddr(str(addr)).value_for_protocol("tcp"))
+                if await upnp.add_port_mapping(port, "TCP"):
+                    self.upnp_addr = f"/ip4/{upnp.get_external_ip()}/tcp/{port}"
+                    log.info("UPnP: mapped %s", self.upnp_addr)
+                    return
+        except Exception as exc:
+            log.info("UPnP failed: %r", exc)
