@@ -17,7 +17,7 @@ The host's parts live beside it: `p2p.framing` (frames and the libp2p stream ada
 `p2p.hello` (the network-membership gate), `p2p.guard` (the stream guard, gossip limits and
 validators, inbound connection limits), `p2p.limits` (per-peer limits, token buckets),
 `p2p.dhtguard` (the DHT's validators and refusal counts), `p2p.addrs` and `p2p.hostaddrs`
-(our addresses), `p2p.peers` (peer tracking)."""
+(our addresses), `p2p.peers` (peer tracking), `p2p.reach` (AutoNAT, relay, DCUtR, UPnP)."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ from p2p.guard import (
     reason_of,
 )
 from p2p.hello import HELLO_PROTOCOL, HelloGate, open_hello
-from p2p.hostaddrs import dial_resolved, on_listen_ports
+from p2p.hostaddrs import on_listen_ports
 from p2p.limits import HostLimits, RateLimiter, RejectHook
 from p2p.network import (
     MAX_STREAM_FRAME_BYTES,
@@ -85,6 +85,7 @@ from p2p.network import (
     StreamHandler,
 )
 from p2p.peers import ForgetDisconnected, keep_connected, track_peers
+from p2p.reach import Reachability, ReachSettings
 
 _swarm._HAPPY_EYEBALLS_DELAY = 0  # type: ignore[attr-defined]
 atomic_writes.install()  # a cancelled write must not break its connection (see the module)
@@ -150,6 +151,7 @@ class Libp2pNetwork:
         on_reject: RejectHook | None = None,
         on_dht_op: DHTObserver | None = None,
         limits: HostLimits | None = None,
+        reach: ReachSettings | None = None,
     ) -> None:
         self._ident = ident
         self.network_id = network_id
@@ -192,6 +194,7 @@ class Libp2pNetwork:
         # one dial attempt: a dead peer must fail fast; our bootstrap loop does its own backoff
         self.host.get_network().retry_config = RetryConfig(max_retries=0)  # type: ignore[attr-defined]
         self._ping = PingService(self.host)
+        self.reach = Reachability(self.host, reach or ReachSettings())  # p2p.reach
         self.dark = deadconn.DeadConnections(self.ping, self._drop_peer)  # p2p.deadconn
         # GossipSub's defaults lose messages (120 s heartbeat, 10 msg/s spam limit): tune them
         self.gossipsub = GossipSub(
@@ -450,8 +453,7 @@ class Libp2pNetwork:
                 # dial this very address: host.connect() would return at once for a peer that
                 # is connected through another address, and so "connect" to a dead port
                 self.host.get_peerstore().add_addrs(info.peer_id, info.addrs, 3600)
-                dial = self.host.get_network().dial_addr  # type: ignore[attr-defined]
-                await dial_resolved(dial, info.addrs[0], info.peer_id)  # /dns4/... resolved now
+                await self.reach.dial(target, info)  # /dns4/... resolved now, relayed too
                 await self.hello_gate.ensure_verified(peer_id)
                 await self.dht.add_peer(info.peer_id)
         except NetworkError:
@@ -579,6 +581,7 @@ class Libp2pNetwork:
             await stack.enter_async_context(background_trio_service(self.pubsub))
             await self.pubsub.wait_until_ready()
             await stack.enter_async_context(background_trio_service(self.dht))
+            await stack.enter_async_context(self.reach.running())  # before the guard (below)
             self.set_request_handler(HELLO_PROTOCOL, self.hello_gate.answer)
             self._nursery = await stack.enter_async_context(trio.open_nursery())
             self.hello_gate.nursery = self._nursery
