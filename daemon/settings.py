@@ -31,6 +31,7 @@ from typing import Annotated, Any
 import msgspec
 
 from daemon.errors import ConfigInvalid
+from daemon.relay_config import RelayConfig
 from daemon.sandbox.config import SandboxConfig
 from daemon.sections import (
     ChainConfig,
@@ -68,6 +69,7 @@ NETWORK_ID_DOC = "a network id (1..64 letters, digits, '.', '_' and '-'; empty: 
 
 SECTIONS = ("p2p", "rpc", "resources", "registry", "shards", "grpc", "chain", "market", "cluster")
 SECTIONS += ("serving", "sandbox")
+SECTIONS += ("relay",)
 
 
 class Config(Section):
@@ -91,6 +93,7 @@ class Config(Section):
     cluster: ClusterConfig = ClusterConfig()
     serving: ServingConfig = ServingConfig()
     sandbox: SandboxConfig = SandboxConfig()
+    relay: RelayConfig = RelayConfig()
 
     def __post_init__(self) -> None:
         if not self.network_id:
