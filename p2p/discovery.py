@@ -16,6 +16,7 @@ import msgspec
 import trio
 
 from p2p import identity, records
+from p2p.liveness import Liveness
 from p2p.network import Network
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,11 @@ class DiscoverySettings:
     # answering no DHT queries) costs find() nothing after the first time.
     absent_retry_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     absent_retry_max_s: Annotated[float, msgspec.Meta(gt=0)] = 600.0
+    # a connected peer is pinged every `liveness_probe_s`; one missing `liveness_misses` pings
+    # in a row, or whose connection closed and cannot be dialled again, leaves find() until
+    # it answers again or publishes anew (p2p.liveness)
+    liveness_probe_s: Annotated[float, msgspec.Meta(gt=0)] = 1.5
+    liveness_misses: Annotated[int, msgspec.Meta(ge=1)] = 2
 
 
 class RecordValidator:
@@ -109,6 +115,10 @@ class ResourceDirectory:
         self._attempted: set[str] = set()  # peers looked up at least once
         self._refreshers = 0  # running refresh_forever tasks
         self._wake = trio.Event()  # set by find() when it saw peers never looked up
+        # who is gone, from closed connections and unanswered pings (runs in refresh_forever)
+        self.liveness = Liveness(
+            net, probe_interval_s=settings.liveness_probe_s, misses=settings.liveness_misses
+        )
         self.published = 0
         self.publish_failures = 0
 
@@ -244,6 +254,19 @@ class ResourceDirectory:
         keep = known | set(self._cache) | set(self._retry_at)
         self._backoff = {p: d for p, d in self._backoff.items() if p in keep}
         self._attempted &= keep
+        self.liveness.forget(set(self._cache))
+
+    def _addrs_of(self, peer_id: str) -> list[str]:
+        """Where to dial `peer_id` again: what the transport knows, then its record's."""
+        record = self._cache.get(peer_id)
+        known = self._net.peer_addrs(peer_id)
+        return known + [a for a in (record.addrs if record else []) if a not in known]
+
+    def _listed(self, record: records.ResourceRecord) -> bool:
+        """Whether find() lists `record`: ours always, another's unless its node is gone."""
+        if record.peer_id == self._ident.peer_id:
+            return True
+        return not self.liveness.hides(record.peer_id, record.issued_at)
 
     async def refresh_once(self) -> int:
         """Look up, in parallel, every known peer whose record is due; how many were due."""
@@ -282,6 +305,7 @@ class ResourceDirectory:
         self._refreshers += 1
         try:
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.liveness.run, self._cache.__contains__, self._addrs_of)
                 while True:
                     now = self._net.now()
                     for peer_id in self._candidates():
@@ -331,5 +355,9 @@ class ResourceDirectory:
                     for peer_id in wanted:
                         nursery.start_soon(self._refresh_one, peer_id, limiter)
         self._forget_expired()
-        matching = [r for r in self._cache.values() if predicate is None or predicate(r)]
+        matching = [
+            r
+            for r in self._cache.values()
+            if self._listed(r) and (predicate is None or predicate(r))
+        ]
         return sorted(matching, key=lambda r: r.peer_id)
