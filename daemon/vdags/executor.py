@@ -38,6 +38,7 @@ from daemon.vdags.values import (
 from scheduler.vdag import PlanStep, PolicyRule, VdagPlan
 
 MAX_ATTEMPTS = 3
+RETRY_PAUSE_S = 0.1  # times the attempt's number, before trying failed instances again
 log = logging.getLogger(__name__)
 
 
@@ -227,10 +228,18 @@ class Executor:
         return output
 
     async def _attempts(self, step: PlanStep, value: Any, ctx: RunContext, trace: StepTrace) -> Any:
+        """Try instances not yet tried; once every instance has failed (for its own sake: a
+        stream that would not open, a restart), try them again after a short pause, up to
+        MAX_ATTEMPTS tries in all."""
         tried: list[str] = []
         last: AttemptFailed | None = None
-        for _ in range(MAX_ATTEMPTS):
-            left = [c for c in self.runner.candidates(step) if c not in tried]
+        for attempt in range(MAX_ATTEMPTS):
+            everyone = self.runner.candidates(step)
+            left = [c for c in everyone if c not in tried]
+            if not left and everyone and last is not None:
+                await trio.sleep(RETRY_PAUSE_S * attempt)  # all failed once: again, later
+                tried.clear()
+                left = everyone
             if not left:
                 break
             instance = await self._assign(step, left, value, ctx)
@@ -252,8 +261,10 @@ class Executor:
                 retryable=False,
                 reason="no_instance",
             )
+        instances = len({a["instance"] for a in trace.attempts})
         raise AttemptFailed(
-            f"failed on {len(tried)} instance(s) of block {step.block_id!r}; last: {last.message}",
+            f"failed {len(trace.attempts)} time(s) on {instances} instance(s) of block "
+            f"{step.block_id!r}; last: {last.message}",
             retryable=False,
             reason=last.reason,
         )

@@ -16,6 +16,7 @@ blocks over all three (upper on two of them)."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +73,27 @@ def policy_eval(package: Path, value: Any, context: dict[str, Any]) -> Any:
     return cls("r", {}, {}).eval({}, value, context)
 
 
-async def test_done_means_end_to_end(tmp_path):
+@dataclass
+class Composition:
+    """The issue's vDAG (its specs, packages and policies) and what it computes in one
+    process: `expected` (JSON-RPC's output), `expected_text` (the text variant's)."""
+
+    model_dir: Path
+    packages: dict[str, Path]
+    prompt: str
+    pipe: dict[str, Any]
+    whole: dict[str, Any]
+    as_text: dict[str, Any]
+    expected: Any
+    expected_text: str
+    prepared: str
+
+
+def composition(tmp_path: Path, layers: int = LAYERS, model_dir: Path | None = None) -> Composition:
     torch = pytest.importorskip("torch")
-    await sandbox_or_skip()
     from daemon.shards.model import greedy_generate, load_model, load_tokenizer, make_tiny
 
-    model_dir = make_tiny(tmp_path / "tiny", layers=LAYERS, seed=5)
+    model_dir = model_dir or make_tiny(tmp_path / "tiny", layers=layers, seed=5)
     packages = {name: block_package(tmp_path / "blocks", name) for name in ("upper", "rev", "join")}
     pre = policy_package(tmp_path, "pre", PRE)
     post = policy_package(tmp_path, "post", POST)
@@ -107,45 +123,66 @@ async def test_done_means_end_to_end(tmp_path):
         {"left": generated, "right": nested},
         {"sep": " || "},
     )
-    expected = policy_eval(post, joined, {"node": "join"})
-    expected_text = policy_eval(post_text, joined, {"node": "join"})
+    pipe = vdag("pipe", [node("u", "upper"), node("r", "rev")], [edge("u", "r")], ["u"], ["r"])
+    whole = vdag(
+        "done",
+        [
+            node("prep", "upper", preprocessingPolicyRule=rule(str(pre), load_package(pre).digest)),
+            node("gen", "tiny", modelParameters={"max_tokens": NEW}),
+            sub("sub", "pipe:1"),
+            node(
+                "join", "join", postprocessingPolicyRule=rule(str(post), load_package(post).digest)
+            ),
+        ],
+        [
+            edge("prep", "gen"),
+            edge("prep", "sub"),
+            edge("gen", "join", inputNames=["left"]),
+            edge("sub", "join", inputNames=["right"]),
+        ],
+        ["prep"],
+        ["join"],
+    )
+    as_text = json.loads(json.dumps(whole))
+    as_text["vdagName"] = "done-text"
+    as_text["nodes"][3]["postprocessingPolicyRule"] = rule(
+        str(post_text), load_package(post_text).digest
+    )
+    return Composition(
+        model_dir=model_dir,
+        packages=packages,
+        prompt=prompt,
+        pipe=pipe,
+        whole=whole,
+        as_text=as_text,
+        expected=policy_eval(post, joined, {"node": "join"}),
+        expected_text=policy_eval(post_text, joined, {"node": "join"}),
+        prepared=prepared,
+    )
+
+
+# which daemon of three serves which Python block (upper on two of them)
+SERVED = ((0, ["upper"]), (1, ["upper", "rev"]), (2, ["join"]))
+
+
+def serve_params(c: Composition, name: str) -> dict[str, Any]:
+    settings = {"sep": " || "} if name == "join" else {}
+    return {"block": name, "path": str(c.packages[name]), "settings": settings}
+
+
+async def test_done_means_end_to_end(tmp_path):
+    await sandbox_or_skip()
+    c = composition(tmp_path)
+    model_dir, prompt, expected, expected_text = c.model_dir, c.prompt, c.expected, c.expected_text
+    prepared = c.prepared
 
     async with memory_cluster(tmp_path / "net", 3, settings=SERVING) as net:
         d0, d1, d2 = net.daemons
         await net.deploy(model_dir, [d0, d1], [(0, 2), (2, LAYERS)])
-        for daemon, names in ((d0, ["upper"]), (d1, ["upper", "rev"]), (d2, ["join"])):
+        for index, names in SERVED:
             for name in names:
-                settings = {"sep": " || "} if name == "join" else {}
-                await daemon.call(
-                    "vdag_block_serve",
-                    {"block": name, "path": str(packages[name]), "settings": settings},
-                )
-        pipe = vdag("pipe", [node("u", "upper"), node("r", "rev")], [edge("u", "r")], ["u"], ["r"])
-        whole = vdag(
-            "done",
-            [
-                node(
-                    "prep",
-                    "upper",
-                    preprocessingPolicyRule=rule(str(pre), load_package(pre).digest),
-                ),
-                node("gen", "tiny", modelParameters={"max_tokens": NEW}),
-                sub("sub", "pipe:1"),
-                node(
-                    "join",
-                    "join",
-                    postprocessingPolicyRule=rule(str(post), load_package(post).digest),
-                ),
-            ],
-            [
-                edge("prep", "gen"),
-                edge("prep", "sub"),
-                edge("gen", "join", inputNames=["left"]),
-                edge("sub", "join", inputNames=["right"]),
-            ],
-            ["prep"],
-            ["join"],
-        )
+                await net.daemons[index].call("vdag_block_serve", serve_params(c, name))
+        pipe, whole = c.pipe, c.whole
         await apply_when_known(net, d0, pipe)
         await apply_when_known(net, d0, whole)
 
@@ -165,11 +202,7 @@ async def test_done_means_end_to_end(tmp_path):
         assert again["output"] == expected
 
         # through the OpenAI-compatible endpoint: `model` names the vDAG (its text variant)
-        as_text = json.loads(json.dumps(whole))
-        as_text["vdagName"] = "done-text"
-        as_text["nodes"][3]["postprocessingPolicyRule"] = rule(
-            str(post_text), load_package(post_text).digest
-        )
+        as_text = c.as_text
         await apply_when_known(net, d0, as_text)
         chat = {"model": "done-text", "messages": [{"role": "user", "content": prompt}]}
         reply = await request(d0.daemon.openai, "POST", "/v1/chat/completions", chat)

@@ -56,6 +56,7 @@ class FakeRunner:
     blocks: dict[str, tuple[Any, float]]
     instances: dict[str, list[str]] = field(default_factory=dict)
     broken: set[str] = field(default_factory=set)
+    flaky: Counter[str] = field(default_factory=Counter)  # failures left per instance
     calls: list[tuple[str, str]] = field(default_factory=list)
     running: Counter[str] = field(default_factory=Counter)
 
@@ -73,7 +74,8 @@ class FakeRunner:
             await trio.sleep(seconds)
         finally:
             self.running[instance] -= 1
-        if instance in self.broken:
+        if instance in self.broken or self.flaky[instance] > 0:
+            self.flaky[instance] -= 1
             raise AttemptFailed(f"{instance} cannot be reached", retryable=True)
         try:
             return fn(value)
@@ -186,7 +188,20 @@ async def test_a_failed_instance_is_retried_on_another(autojump_clock):
     with pytest.raises(NodeFailed) as info:
         await run(plan, "q", runner)
     assert info.value.node == "a"
-    assert "failed on 2 instance(s) of block 'upper'" in str(info.value)
+    assert "failed 3 time(s) on 2 instance(s) of block 'upper'" in str(info.value)
+
+
+async def test_a_lone_instance_that_fails_for_its_own_sake_is_tried_again(autojump_clock):
+    plan = plan_of(spec("t", [block("a", "upper")], []))
+    runner = FakeRunner(BLOCKS, instances={"upper": ["only"]}, flaky=Counter({"only": 2}))
+    start = trio.current_time()
+    result = await run(plan, "q", runner)
+    assert result.output == "Q"
+    attempts = result.trace()[0]["attempts"]
+    assert [a["instance"] for a in attempts] == ["only"] * 3
+    assert [a["error"] is None for a in attempts] == [False, False, True]
+    # three runs of the block (1 s each) and the pauses before the 2nd and 3rd (0.1, 0.2 s)
+    assert trio.current_time() - start == pytest.approx(3.3)
 
 
 async def test_an_error_of_the_block_names_the_node_and_cancels_the_rest(autojump_clock):
