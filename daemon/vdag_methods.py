@@ -292,7 +292,21 @@ def register_vdag_infer(dispatcher: Dispatcher, replicator: Replicator, service:
         """Stop serving a Python block here, and withdraw its announcement."""
         return {"unserved": await service.unserve_block(block)}
 
-    for handler in (vdag_infer, vdag_block_serve, vdag_block_unserve):
+    async def vdag_block_update(block: BlockId, parameters: Settings = None) -> dict[str, Any]:
+        """Call a served Python block's on_update(parameters) (AIOS's block contract)."""
+        return {"result": await service.update_block(block, parameters or {})}
+
+    async def vdag_block_list() -> list[dict[str, Any]]:
+        """The Python blocks this node serves: digest, source, calls, running, health."""
+        return await service.list_blocks()
+
+    for handler in (
+        vdag_infer,
+        vdag_block_serve,
+        vdag_block_unserve,
+        vdag_block_update,
+        vdag_block_list,
+    ):
         dispatcher.register(handler.__name__, handler)
 
 

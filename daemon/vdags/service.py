@@ -209,6 +209,43 @@ class VdagService:
         await self.replicator.write("blocks", instance_key(block_id, self.peer_id), None)
         return True
 
+    async def update_block(self, block_id: str, parameters: dict[str, Any]) -> Any:
+        """AIOS's on_update on a block served here (one worker: a block that keeps state
+        declares "stateful": true, so that all its calls go to that one worker)."""
+        block = self.blocks.get(block_id)
+        if block is None:
+            raise errors.NotFound(f"this node does not serve block {block_id!r}")
+        try:
+            pool = await self.pool()
+            args = {"action": "update", "data": parameters}
+            return await pool.call(block.ref, "management", args)
+        except SandboxError as exc:
+            raise errors.FailedPrecondition(
+                f"block {block_id!r}: {exc}", {"reason": exc.kind}
+            ) from None
+
+    async def list_blocks(self) -> list[dict[str, Any]]:
+        """The Python blocks served here, each with its health (AIOS's health())."""
+        out = []
+        for block_id, block in sorted(self.blocks.items()):
+            try:
+                pool = await self.pool()
+                args = {"action": "health", "data": None}
+                health: Any = await pool.call(block.ref, "management", args)
+            except SandboxError as exc:
+                health = f"unhealthy: {exc}"
+            out.append(
+                {
+                    "block": block_id,
+                    "digest": block.digest,
+                    "source": block.package.source,
+                    "calls": block.calls,
+                    "running": block.inflight,
+                    "health": health,
+                }
+            )
+        return out
+
     async def answer(self, sender: str, payload: bytes) -> bytes:
         """The block protocol's handler: one call of a block served here."""
         try:

@@ -42,6 +42,11 @@ BLOCKS = {
         def on_data(self, entry):
             return True, len(entry)
     """,
+    # the text with the tag its parameters give (on_update changes them)
+    "tag": """
+        def on_data(self, entry):
+            return True, entry + self.context["parameters"].get("tag", "")
+    """,
     # fails as its own code would
     "boom": """
         def on_data(self, entry):
@@ -50,7 +55,9 @@ BLOCKS = {
 }
 
 
-def block_package(root: Path, name: str, body: str | None = None) -> Path:
+def block_package(
+    root: Path, name: str, body: str | None = None, manifest: dict[str, Any] | None = None
+) -> Path:
     """A block package folder: block.py (class Block with AIOS's contract) and its manifest."""
     folder = root / f"block-{name}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -66,7 +73,8 @@ def block_package(root: Path, name: str, body: str | None = None) -> Path:
         "        return True, 'ok'\n"
     )
     (folder / "block.py").write_text(code)
-    (folder / "manifest.json").write_text(json.dumps({"name": name, "entry": "block:Block"}))
+    document = {"name": name, "entry": "block:Block", **(manifest or {})}
+    (folder / "manifest.json").write_text(json.dumps(document))
     return folder
 
 

@@ -163,6 +163,23 @@ async def test_errors_name_the_node_and_inputs_are_bounded(tmp_path):
         assert (await infer(d0, "words", "a bb ccc"))["output"] == [1, 2, 3]
         assert (await infer(d0, "words", "single"))["output"] == 6
 
+        # AIOS's on_update through vdag_block_update (a stateful block: one worker)
+        tag = block_package(tmp_path / "tag", "tag", manifest={"stateful": True})
+        params = {"block": "tag", "path": str(tag), "parameters": {"tag": "!"}}
+        await d1.call("vdag_block_serve", params)
+        tagged = vdag("tagged", [node("t", "tag")], [], ["t"], ["t"])
+        await apply_when_known(net, d0, tagged)
+        assert (await infer(d0, "tagged", "hi"))["output"] == "hi!"
+        update = {"block": "tag", "parameters": {"tag": "?"}}
+        assert (await d1.call("vdag_block_update", update))["result"] == {"tag": "?"}
+        assert (await infer(d0, "tagged", "hi"))["output"] == "hi?"
+        listed = {b["block"]: b for b in await d1.call("vdag_block_list")}
+        assert sorted(listed) == ["boom", "count", "tag"]
+        assert listed["tag"]["health"] == "ok" and listed["tag"]["calls"] == 2
+        missing = {"block": "nope", "parameters": {}}
+        with pytest.raises(RPCCallError, match="does not serve block 'nope'"):
+            await d1.call("vdag_block_update", missing)
+
         # bounds at the boundary: too large, and too deep, refused before anything runs
         error = await refused(d0, "words", "x" * (1 << 20))
         assert error.code == -32602 and "limit 1048576" in error.message
