@@ -18,13 +18,13 @@ from typing import Annotated
 import msgspec
 import trio
 
-from p2p import codec, identity
+from p2p import codec, identity, versions
 from p2p.limits import HostLimits, RejectHook
 from p2p.network import HELLO_PROTOCOL, NetworkError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HELLO_PROTOCOL", "HelloBody", "HelloGate", "open_hello"]
+__all__ = ["HELLO_PROTOCOL", "HelloBody", "HelloGate", "open_hello", "open_hello_body"]
 HELLO_TYPE = "hello"
 MAX_HELLO_BYTES = 4096
 HELLO_RETRY_S = 30.0
@@ -34,13 +34,21 @@ Request = Callable[..., Awaitable[bytes]]
 
 
 class HelloBody(msgspec.Struct, frozen=True):
-    """The signed hello's body: which gridmesh network the sender belongs to."""
+    """The signed hello's body: which gridmesh network the sender belongs to, and which
+    version of the wire protocol it speaks (p2p.versions; absent from hellos of nodes that
+    predate it: 1.0). Fields a newer minor version adds are skipped."""
 
     network_id: Annotated[str, msgspec.Meta(max_length=128)]
+    version: versions.Version = "1.0"
 
 
 def open_hello(payload: bytes, sender: str) -> str:
     """The network id of a peer's hello; CodecError unless it is well-formed and theirs."""
+    return open_hello_body(payload, sender).network_id
+
+
+def open_hello_body(payload: bytes, sender: str) -> HelloBody:
+    """A peer's hello; CodecError unless it is well-formed and theirs."""
     env = codec.parse_envelope(payload, expect_type=HELLO_TYPE, max_bytes=MAX_HELLO_BYTES)
     if env.sender != sender:
         raise codec.CodecError("wrong_sender", "hello signed by another peer")
@@ -49,7 +57,7 @@ def open_hello(payload: bytes, sender: str) -> str:
     except msgspec.ValidationError as exc:
         raise codec.CodecError("malformed", f"hello body: {str(exc)[:200]}") from None
     codec.verify_envelope(env)  # last: the costly check, after the cheap ones
-    return body.network_id
+    return body
 
 
 class HelloGate:
@@ -84,20 +92,27 @@ class HelloGate:
         # in the background is tried again for HELLO_RETRY_S
         self._failures: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self._refused: OrderedDict[str, str] = OrderedDict()  # peer id -> why, for users
+        self.version = versions.PROTOCOL_VERSION  # what our hello says we speak
 
     def hello(self) -> bytes:
-        body = {"network_id": self.network_id}
+        body = {"network_id": self.network_id, "version": self.version}
         return codec.seal(self._ident, HELLO_TYPE, body, timestamp=self._now()).to_wire()
 
     async def answer(self, sender: str, payload: bytes) -> bytes:
         """The HELLO_PROTOCOL request handler."""
         try:
-            theirs = open_hello(payload, sender)
+            body = open_hello_body(payload, sender)
         except codec.CodecError as exc:
             self._on_reject("hello", exc.reason)
             exc._gridmesh_counted = True  # type: ignore[attr-defined]
             raise
-        if theirs == self.network_id:
+        theirs = body.network_id
+        why = versions.incompatibility(self.version, body.version)
+        if why is not None:
+            self._on_reject("hello", "incompatible_version")
+            # answered, so that the dialler can tell its user why; never verified
+            self._note_refused(sender, f"peer {sender} {why}")
+        elif theirs == self.network_id:
             self.mark_verified(sender)
         else:
             self._on_reject("hello", "wrong_network")
@@ -112,11 +127,17 @@ class HelloGate:
             reply = await self._request(
                 peer_id, HELLO_PROTOCOL, self.hello(), timeout_s=self.limits.hello_timeout_s
             )
-            theirs = open_hello(reply, peer_id)
+            body = open_hello_body(reply, peer_id)
         except (NetworkError, codec.CodecError) as exc:
             self._on_reject("hello", getattr(exc, "reason", "no_hello"))
             await self._drop_peer(peer_id)
             raise NetworkError(f"peer {peer_id} failed the gridmesh handshake: {exc}") from None
+        theirs = body.network_id
+        why = versions.incompatibility(self.version, body.version)
+        if why is not None:
+            self._on_reject("hello", "incompatible_version")
+            await self._drop_peer(peer_id)
+            raise NetworkError(f"peer {peer_id} {why}")
         if theirs != self.network_id:
             self._on_reject("hello", "wrong_network")
             await self._drop_peer(peer_id)
