@@ -11,6 +11,7 @@ from daemon import __version__, errors
 from daemon.api.jsonrpc import Dispatcher
 from daemon.errors import InvalidParams
 from p2p.network import NetworkError
+from p2p.reach import connection_of, reach_info
 from scheduler.filters import FilterError, NodeFilter
 
 if TYPE_CHECKING:
@@ -45,6 +46,8 @@ def register_node_methods(
             "network_id": network_id,
             "listen_addrs": net.listen_addrs(),
             "payout_address": ident.payout_address,
+            **reach_info(net),  # reachability, observed and relayed addresses (p2p.reach)
+            "connections": {p: connection_of(net, p) for p in sorted(net.connected_peers())},
             **local_state(),
         }
 
@@ -62,6 +65,7 @@ def register_node_methods(
                     "addrs": net.peer_addrs(peer_id) or (state.addrs if state else []),
                     "connected": peer_id in connected,
                     "rtt_ms": None if state is None or state.rtt_ms is None else state.rtt_ms,
+                    "connection": connection_of(net, peer_id),  # direct, relayed or None
                 }
             )
         known = {p["peer_id"] for p in peers}

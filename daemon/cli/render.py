@@ -52,6 +52,11 @@ def node_info(info: dict[str, Any]) -> None:
         table.add_row("grpc", info["grpc_addr"])
     for addr in info.get("listen_addrs") or []:
         table.add_row("listen", addr)
+    table.add_row("reachability", str(info.get("reachability", "unknown")))
+    for addr in info.get("observed_addrs") or []:
+        table.add_row("observed", addr)
+    for peer, kind in (info.get("connections") or {}).items():
+        table.add_row(f"  peer {short_id(peer)}", str(kind or "-"))
     table.add_row("cpu", f"{cpu.get('model', '?')} ({cpu.get('cores', '?')} cores)")
     table.add_row(
         "memory", f"{gib(mem.get('available_bytes'))} free of {gib(mem.get('total_bytes'))}"
@@ -78,7 +83,11 @@ def peers(rows: list[dict[str, Any]]) -> None:
         refused = row.get("refused")
         table.add_row(
             short_id(row["peer_id"]),
-            f"refused: {refused}" if refused else "yes" if row.get("connected") else "no",
+            f"refused: {refused}"
+            if refused
+            else f"yes ({row.get('connection') or '?'})"
+            if row.get("connected")
+            else "no",
             f"{rtt:.1f}" if isinstance(rtt, int | float) else "-",
             (row.get("addrs") or ["-"])[0],
         )
