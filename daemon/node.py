@@ -120,6 +120,7 @@ def libp2p_network(
         on_reject=metrics.reject,
         on_dht_op=metrics.observe_dht,
         limits=config.host_limits(),
+        reach=config.relay.reach(),
     )
 
 
