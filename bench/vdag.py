@@ -19,7 +19,11 @@ on_data returns its input) is served by daemon A (local to the vDAG's runner) an
 
 Targets (issue 18): <= 1 ms overhead per node; a sandboxed no-op policy call <= 0.5 ms p50.
 
-usage: python bench/vdag.py [--calls 300] [--nodes 1,4,8]
+`--procs`: instead, two daemon processes over libp2p on TCP loopback, timed from a JSON-RPC
+client; the per-node cost is the slope between a 1-node and the longest chain (the block's
+own call and the hop included).
+
+usage: python bench/vdag.py [--calls 300] [--nodes 1,4,8] [--procs]
 """
 
 from __future__ import annotations
@@ -209,11 +213,75 @@ async def bench(args: argparse.Namespace) -> None:
     print(json.dumps({"targets": {"per_node_ms": 1.0, "policy_call_p50_ms": 0.5}}))
 
 
+def bench_procs(args: argparse.Namespace) -> None:
+    """Two daemon processes over libp2p on TCP loopback, timed from a JSON-RPC client: the
+    per-node cost is the slope between a 1-node and an N-node chain (the block's own
+    sandbox call and the libp2p hop included; the HTTP call and the plan lookup cancel)."""
+    from daemon.devnet import Devnet, wait_for
+
+    root = Path(tempfile.mkdtemp(prefix="gridmesh-bench-vdag-procs-"))
+    block = write(
+        root / "noop",
+        {"block.py": BLOCK, "manifest.json": '{"name": "noop", "entry": "block:Block"}'},
+    )
+    longest = max(args.nodes)
+    with Devnet(2, root=root / "net") as net:
+        net.wait_all_found(60)
+        a, b = net.daemons
+        a.call("vdag_block_serve", {"block": "local", "path": str(block)}, timeout=120)
+        b.call("vdag_block_serve", {"block": "remote", "path": str(block)}, timeout=120)
+        names = []
+        for kind in ("local", "remote"):
+            for n in sorted({1, longest}):
+                spec = chain(f"{kind}{n}", kind, n, None)
+
+                def applied(spec: dict[str, Any] = spec) -> bool:
+                    try:
+                        a.call("vdag_apply", {"value": spec})
+                    except Exception:
+                        return False
+                    return True
+
+                wait_for(applied, 30, f"{spec['vdagName']} to apply", poll_s=0.2)
+                names.append(spec["vdagName"])
+        client = a.client(timeout=60)
+        samples: dict[str, list[float]] = {}
+        payload = {"text": "x" * 64}
+        for name in names:
+            for _ in range(min(20, args.calls)):
+                client.call("vdag_infer", {"name": name, "input": payload})
+            out = []
+            for _ in range(args.calls):
+                start = time.perf_counter()
+                client.call("vdag_infer", {"name": name, "input": payload})
+                out.append(time.perf_counter() - start)
+            samples[name] = out
+    print(f"\nprocesses over libp2p on loopback; {args.calls} JSON-RPC calls each; ms")
+    print(f"{'what':58} {'p50':>9} {'p99':>9}")
+    for name, out in samples.items():
+        print(
+            f"{'vdag_infer ' + name:58} {percentile(out, 0.5) * 1e3:9.3f} "
+            f"{percentile(out, 0.99) * 1e3:9.3f}"
+        )
+    for kind in ("local", "remote"):
+        one, many = samples[f"{kind}1"], samples[f"{kind}{longest}"]
+        per = [(percentile(many, q) - percentile(one, q)) / (longest - 1) for q in (0.5, 0.99)]
+        what = f"per node ({kind} block, block call included), 1 vs {longest} nodes"
+        print(f"{what:58} {per[0] * 1e3:9.3f} {per[1] * 1e3:9.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--nodes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8])
-    trio.run(bench, parser.parse_args())
+    parser.add_argument(
+        "--procs", action="store_true", help="two daemon processes over libp2p (TCP loopback)"
+    )
+    args = parser.parse_args()
+    if args.procs:
+        bench_procs(args)
+    else:
+        trio.run(bench, args)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from daemon.api.generation import MAX_NEW_TOKENS, MAX_PROMPT_CHARS, MAX_PROMPT_T
 from daemon.shards.jobs import ShardServiceError
 from daemon.vdags.executor import AttemptFailed, RunContext
 from daemon.vdags.protocol import (
-    BLOCK_PROTOCOL,
     BlockCall,
     BlockReply,
     ProtocolError,
@@ -31,6 +30,7 @@ from daemon.vdags.protocol import (
     encode,
     python_instances,
 )
+from daemon.vdags.streams import BlockStreams
 from p2p.network import NetworkError
 from scheduler.vdag import PlanStep
 
@@ -57,6 +57,7 @@ class DaemonRunner:
         self.reported: dict[tuple[str, str], int] = {}  # (block, peer) -> load it reported
         self.inflight: collections.Counter[tuple[str, str]] = collections.Counter()
         self._seen: tuple[Any, dict[str, tuple[list[str], str | None]]] = (None, {})
+        self.streams = BlockStreams(net)
 
     # -- which instances ------------------------------------------------------------------
 
@@ -135,10 +136,7 @@ class DaemonRunner:
         if instance == self.peer_id:
             return await self.local.run_block(call)
         try:
-            payload = await self.net.request(
-                instance, BLOCK_PROTOCOL, encode(call), timeout_s=remaining_s()
-            )
-            return decode_reply(payload)
+            return decode_reply(await self.streams.call(instance, encode(call)))
         except NetworkError as exc:
             raise AttemptFailed(
                 f"block {step.block_id!r} on {instance[-12:]} cannot be reached: {exc}",

@@ -24,6 +24,7 @@ from daemon.vdags.executor import DeadlineExceeded, Executor, NodeFailed, RunCon
 from daemon.vdags.policies import PolicyStore, SandboxPolicies
 from daemon.vdags.protocol import (
     BLOCK_PROTOCOL,
+    MAX_MESSAGE_BYTES,
     BlockCall,
     BlockReply,
     ProtocolError,
@@ -34,6 +35,7 @@ from daemon.vdags.protocol import (
 )
 from daemon.vdags.pyblocks import PythonBlock, load_block
 from daemon.vdags.runner import DaemonRunner
+from daemon.vdags.streams import BLOCK_STREAM_PROTOCOL, stream_handler
 from daemon.vdags.values import MAX_DEADLINE_S, ValueRefused, check_value
 from p2p.network import NetworkError
 from registry.vdags import PolicyRule
@@ -102,6 +104,8 @@ class VdagService:
             buckets=(0.001, 0.005, 0.02, 0.1, 0.5, 2, 10, 60),
         )
         net.set_request_handler(BLOCK_PROTOCOL, self.answer, timeout_s=ANSWER_TIMEOUT_S)
+        serve = stream_handler(self.run_block, lambda reason: metrics.reject("vdag", reason))
+        net.set_stream_handler(BLOCK_STREAM_PROTOCOL, serve, MAX_MESSAGE_BYTES)
 
     # -- the sandbox pool -------------------------------------------------------------------
 
@@ -133,6 +137,7 @@ class VdagService:
         finally:
             self._pool = None
             self._running = False
+            await self.runner.streams.close()
 
     def _snapshot(self) -> dict[str, Any]:
         pool = self._pool

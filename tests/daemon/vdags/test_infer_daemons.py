@@ -12,6 +12,7 @@ import pytest
 from daemon.api.client import RPCCallError
 from daemon.vdags.protocol import BLOCK_PROTOCOL, BlockCall, decode_reply, encode
 from daemon.vdags.service import MAX_REQUESTS, MAX_SERVED_CALLS
+from daemon.vdags.streams import BLOCK_STREAM_PROTOCOL
 from p2p.codec import encode as encode_raw
 from p2p.network import NetworkError
 from tests.daemon.harness import memory_cluster
@@ -203,6 +204,14 @@ async def test_errors_name_the_node_and_inputs_are_bounded(tmp_path):
             with pytest.raises(NetworkError):
                 await d0.daemon.net.request(d1.peer_id, BLOCK_PROTOCOL, junk, timeout_s=5)
             assert d1.metric("gridmesh_rejected_messages_total", source="vdag", reason=reason)
+        # the same over the block stream protocol: the stream is reset, the junk counted
+        stream = await d0.daemon.net.open_stream(d1.peer_id, BLOCK_STREAM_PROTOCOL)
+        before = d1.metric("gridmesh_rejected_messages_total", source="vdag", reason="malformed")
+        await stream.send(b"\xc1garbage")
+        with pytest.raises(NetworkError):
+            await stream.receive()
+        after = d1.metric("gridmesh_rejected_messages_total", source="vdag", reason="malformed")
+        assert after == before + 1
         # a well-formed call of a block d1 does not serve: a reply saying so
         call = BlockCall(block="upper", input=1, timeout_s=5)
         raw = await d0.daemon.net.request(d1.peer_id, BLOCK_PROTOCOL, encode(call), timeout_s=5)
