@@ -29,11 +29,32 @@ class ServedBlock:
 
     @property
     def cache_bytes_per_token(self) -> int:
-        """Keys and values of one position in every layer of this range."""
+        """Keys and values of one position in every layer of this range (while a cache is
+        shorter than every sliding window)."""
         cfg = self.config
         per_layer = 2 * cfg.num_key_value_heads * cfg.head_dim
         element = torch.empty((), dtype=self.dtype).element_size()
         return per_layer * (self.end - self.start) * element
+
+    def cache_bytes(self, tokens: int) -> int:
+        """Bytes of one session's KV cache of `tokens` positions here: a layer with a
+        sliding window holds at most its window (`KVCache`'s ring), a full layer all."""
+        return self.config.kv_cache_bytes(tokens, self.start, self.end, self.dtype)
+
+    def tokens_for(self, free_bytes: int) -> int:
+        """Positions that fit in `free_bytes`: `free_bytes // cache_bytes_per_token` (what
+        the servers announce as free), or where sliding windows make a session cheaper, the
+        longest session whose cache fits (the model's longest if that does)."""
+        most = self.config.max_position_embeddings
+        if free_bytes <= 0:
+            return 0
+        if self.cache_bytes(most) <= free_bytes:
+            return max(most, free_bytes // self.cache_bytes_per_token)
+        low, high = 0, most  # cache_bytes(low) fits, cache_bytes(high) does not
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if self.cache_bytes(middle) <= free_bytes else (low, middle)
+        return low
 
     @property
     def ms_per_layer(self) -> float:

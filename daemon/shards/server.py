@@ -196,8 +196,7 @@ class ShardServer:
 
     def free_cache_tokens(self, block: ServedBlock) -> int:
         """Positions of `block` that one more session could still hold in its KV cache."""
-        free = (self.cache_budget_bytes or 0) - self.cache_used_bytes
-        return max(0, free // block.cache_bytes_per_token)
+        return block.tokens_for((self.cache_budget_bytes or 0) - self.cache_used_bytes)
 
     @property
     def max_frame_bytes(self) -> int:

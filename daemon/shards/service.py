@@ -272,7 +272,7 @@ class ShardService(JobTable):
                 continue  # undeployed while we announced another: no resurrection
             announced = self._announced_free.get(block.model_id)
             free = self._server.free_cache_tokens(block)
-            budget = (self._server.cache_budget_bytes or 0) // block.cache_bytes_per_token
+            budget = block.tokens_for(self._server.cache_budget_bytes or 0)
             queue, util = self._announced_load.get(block.model_id, (0, 0.0))
             load_moved = abs(self.utilisation - util) >= LOAD_STEP or (queue > 0) != (
                 self.queue_length() > 0

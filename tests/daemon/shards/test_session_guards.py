@@ -432,3 +432,50 @@ async def test_same_host_peers_are_told_apart_and_cannot_use_each_others_session
         reply = await ask(ours, {**fwd, "position": 1}, hidden)
         assert wire.op(reply) == "result" and reply.length == 2
         nursery.cancel_scope.cancel()
+
+
+async def test_a_sliding_window_session_needs_only_its_windows_cache(cluster, tmp_path):
+    """Admission counts a sliding layer's ring (its window), not every position: a long
+    session of a windowed model fits where a full-attention cache of its length would not."""
+    from daemon.shards.model import make_tiny
+
+    model = make_tiny(
+        tmp_path / "mistral", family="mistral", layers=2, sliding_window=8, max_positions=512
+    )
+    probe = await cluster.add("probe", model, 0, 2)
+    per_token = probe.blocks["tiny"].cache_bytes_per_token
+    server = await cluster.add("a", model, 0, 2, cache_budget_bytes=100 * per_token)
+    block = server.blocks["tiny"]
+    assert block.cache_bytes(400) == 8 * per_token  # two rings of 8 positions
+    assert server.free_cache_tokens(block) == 512  # any session fits (100 without windows)
+    stream = await cluster.dial("a")
+    header = {"op": "open", "model": "tiny", "start": 0, "end": 2, "max_length": 400}
+    await stream.send(wire.encode(header))
+    opened = wire.decode(await stream.receive())[0]
+    assert wire.op(opened) == "opened"
+    assert server.cache_used_bytes == 8 * per_token
+
+
+def test_tokens_for_is_the_longest_session_that_fits(tmp_path):
+    from daemon.shards.blocks import ServedBlock
+    from daemon.shards.model import load_model, make_tiny
+
+    model = make_tiny(
+        tmp_path / "qwen2",
+        family="qwen2",
+        layers=4,
+        sliding_window=16,
+        max_window_layers=2,  # layers 2 and 3 slide, 0 and 1 see everything
+        max_positions=256,
+    )
+    shard = load_model(model)
+    block = ServedBlock("m", model, 0, 4, shard.config, shard, torch.float32, "cpu")
+    layer = block.cache_bytes_per_token // 4
+    for tokens in (0, 1, 15, 16, 17, 100, 256):
+        assert block.cache_bytes(tokens) == layer * (2 * tokens + 2 * min(tokens, 16))
+        fits = block.tokens_for(block.cache_bytes(tokens))
+        assert fits == tokens or (tokens == 256 and fits == 256)
+        if tokens:
+            assert block.tokens_for(block.cache_bytes(tokens) - 1) == tokens - 1
+    assert block.tokens_for(0) == 0
+    assert block.tokens_for(10**12) == 10**12 // block.cache_bytes_per_token  # as announced
