@@ -54,6 +54,53 @@ def sample(text: str) -> Sample:
     return out
 
 
+# per model: (column, metric sample name, label that must match or None)
+_PER_MODEL: list[tuple[str, str, tuple[str, str] | None]] = [
+    ("sessions", "gridmesh_shard_sessions", None),
+    ("kv_used_bytes", "gridmesh_shard_kv_cache_used_bytes", None),
+    ("waiting_steps", "gridmesh_shard_waiting_steps", None),
+    ("steps", "gridmesh_shard_batch_size_sum", None),
+    ("passes", "gridmesh_shard_batch_size_count", None),
+    ("tokens_in", "gridmesh_serving_tokens_total", ("direction", "in")),
+    ("tokens_out", "gridmesh_serving_tokens_total", ("direction", "out")),
+    ("ttft_sum", "gridmesh_serving_time_to_first_token_seconds_sum", None),
+    ("ttft_count", "gridmesh_serving_time_to_first_token_seconds_count", None),
+    ("queued", "gridmesh_serving_queue_length", None),
+]
+MAX_MODELS = 64  # rows in the per-model table (the metrics cap their model labels too)
+
+
+def per_model(text: str) -> list[dict[str, Any]]:
+    """Per model, since this daemon started: shard sessions, KV cache, steps and forward
+    passes (their ratio: the mean batch size), OpenAI tokens and mean time to first token."""
+    wanted: dict[str, list[tuple[str, tuple[str, str] | None]]] = {}
+    for key, name, label in _PER_MODEL:
+        wanted.setdefault(name, []).append((key, label))
+    rows: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            model = s.labels.get("model")
+            for key, label in wanted.get(s.name, ()) if model is not None else ():
+                if label is None or s.labels.get(label[0]) == label[1]:
+                    if model not in rows and len(rows) >= MAX_MODELS:
+                        continue
+                    row = rows.setdefault(model, dict.fromkeys((k for k, _, _ in _PER_MODEL), 0.0))
+                    row[key] += float(s.value)
+    out = []
+    for model, row in sorted(rows.items()):
+        passes, ttft_n = row.pop("passes"), row.pop("ttft_count")
+        ttft_sum = row.pop("ttft_sum")
+        out.append(
+            {
+                "model": model,
+                **{k: int(v) for k, v in row.items()},
+                "mean_batch": round(row["steps"] / passes, 2) if passes else None,
+                "ttft_avg_s": round(ttft_sum / ttft_n, 4) if ttft_n else None,
+            }
+        )
+    return out
+
+
 def rates(prev: Sample | None, now: Sample, seconds: float) -> dict[str, Any]:
     """What one live event carries: gauges as they are, counters as per-second rates over
     `seconds` since `prev` (0 for the first sample: nothing to compare with)."""

@@ -37,7 +37,7 @@ from daemon.api.httpio import (
     read_body,
 )
 from daemon.dashboard import auth, views
-from daemon.dashboard.live import Sampler
+from daemon.dashboard.live import Sampler, per_model
 
 log = logging.getLogger(__name__)
 
@@ -202,9 +202,12 @@ class Dashboard:
         try:
             if name == b"registry":
                 return _json(200, await views.registry_view(self.call, views.registry_query(query)))
+            if name == b"jobs":
+                views.parse_query(query, set())
+                return _json(200, await views.jobs_view(self.call, self._per_model()))
             view = views.VIEWS.get(name.decode("ascii", "replace"))
             if view is None:
-                known = ", ".join([*views.VIEWS, "registry"])
+                known = ", ".join([*views.VIEWS, "jobs", "registry"])
                 return _error(404, f"no view {name[:40].decode('ascii', 'replace')!r}: {known}")
             if query:
                 views.parse_query(query, set())  # these views take no parameters
@@ -246,6 +249,13 @@ class Dashboard:
             self._reject("dashboard_slow_reader")
         finally:
             self.feeds -= 1
+
+    def _per_model(self) -> list[dict[str, Any]]:
+        try:
+            return per_model(self.metrics().decode("utf-8", "replace"))
+        except Exception:  # a broken collector must not break the view
+            log.exception("dashboard: reading metrics failed")
+            return []
 
     async def _money(self) -> dict[str, Any]:
         with trio.move_on_after(MONEY_TIMEOUT_S):

@@ -164,8 +164,9 @@ def _least_replicas(rows: list[dict[str, Any]], layers: int) -> int:
     return min(counts, default=0)
 
 
-async def jobs_view(call: Call) -> dict[str, Any]:
-    return {"paid_jobs": await _part(call, "job_list")}
+async def jobs_view(call: Call, per_model: list[dict[str, Any]]) -> dict[str, Any]:
+    """Paid jobs, and per model what this node's metrics counted (`live.per_model`)."""
+    return {"paid_jobs": await _part(call, "job_list"), "per_model": per_model}
 
 
 async def money_view(call: Call) -> dict[str, Any]:
@@ -215,6 +216,5 @@ VIEWS: dict[str, Callable[[Call], Awaitable[dict[str, Any]]]] = {
     "node": node_view,
     "network": network_view,
     "models": models_view,
-    "jobs": jobs_view,
     "money": money_view,
 }

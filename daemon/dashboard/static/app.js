@@ -93,7 +93,8 @@ const RENDER = {
     out.push(pairs("Reachability", {
       "listening on": (info.listen_addrs || []).join(" "),
       "advertised in the DHT": (data.advertised || []).join(" ") || "not yet published",
-      "record expires at": data.record_expires_at,
+      "record expires at": typeof data.record_expires_at === "number"
+        ? new Date(1000 * data.record_expires_at).toISOString() : data.record_expires_at,
       "peers connected": data.peers_connected,
     }));
     const cpu = res.cpu || {}, mem = res.memory || {}, disk = res.disk || {};
@@ -140,7 +141,15 @@ const RENDER = {
   },
   jobs(data) {
     return [
-      el("p", "Tokens per second, time to first token, sessions and failovers (clients gone mid-stream) update live above."),
+      el("p", "Tokens per second, time to first token, sessions and queue update live above; below, per model since this daemon started."),
+      table("Per model on this node", [
+        ["model", (m) => m.model], ["sessions", (m) => m.sessions],
+        ["KV cache used", (m) => bytes(m.kv_used_bytes)], ["waiting steps", (m) => m.waiting_steps],
+        ["steps computed", (m) => m.steps], ["mean batch", (m) => m.mean_batch],
+        ["OpenAI tokens in / out", (m) => `${m.tokens_in} / ${m.tokens_out}`],
+        ["mean time to first token", (m) => (m.ttft_avg_s === null ? "–" : (1000 * m.ttft_avg_s).toFixed(0) + " ms")],
+        ["queued", (m) => m.queued],
+      ], data.per_model || [], "per-model"),
       partOr("Paid jobs", data.paid_jobs, (jobs) => jobsTable(jobs)),
     ];
   },

@@ -38,6 +38,7 @@ def shots_dir(tmp_path: Path) -> Path:
 
 
 def test_the_dashboard_in_chromium_on_three_daemons(tmp_path):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -60,14 +61,17 @@ def test_the_dashboard_in_chromium_on_three_daemons(tmp_path):
             deployed = node0.call(
                 "block_deploy", {"model": "tiny", "model_dir": str(model_dir), "plan": plan}
             )
-            assert deployed["ok"], deployed
+            assert deployed["ok"], [r.get("error") for r in deployed.get("results", [])]
             wait_for(
                 lambda: len(node0.call("block_list", {"model": "tiny"})["announced"]["tiny"]) == 3,
                 20,
                 "every range announced",
             )
             base = node0.info["rpc_url"].rstrip("/")
-            wait = WebDriverWait(driver, 20)
+            # a view redrawn by a live event replaces its elements under the test's feet
+            wait = WebDriverWait(
+                driver, 30, ignored_exceptions=(StaleElementReferenceException, ValueError)
+            )
 
             # without the login: the page says how to log in, and the data is refused
             driver.get(base + "/dashboard/")
@@ -105,13 +109,20 @@ def test_the_dashboard_in_chromium_on_three_daemons(tmp_path):
             open_view("network")
             rows = lambda d: d.find_elements(By.CSS_SELECTOR, "#nodes tbody tr")  # noqa: E731
             wait.until(lambda d: len(rows(d)) == 3)
-            assert "Nodes found (3)" in driver.find_element(By.ID, "nodes").text
-            assert len(driver.find_elements(By.CSS_SELECTOR, "#peer-map circle.peer")) == 2
+            wait.until(lambda d: "Nodes found (3)" in d.find_element(By.ID, "nodes").text)
+            wait.until(
+                lambda d: len(d.find_elements(By.CSS_SELECTOR, "#peer-map circle.peer")) == 2
+            )
 
             open_view("models")
             layer_rows = "#layer-map-tiny tbody tr"
-            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, layer_rows)) == 3)
-            ranges = [r.text for r in driver.find_elements(By.CSS_SELECTOR, layer_rows)]
+            ranges = wait.until(  # read in one go: a `models` event may redraw the table
+                lambda d: (
+                    [r.text for r in d.find_elements(By.CSS_SELECTOR, layer_rows)]
+                    if len(d.find_elements(By.CSS_SELECTOR, layer_rows)) == 3
+                    else None
+                )
+            )
             assert all(f"{2 * i}–{2 * i + 2}" in text for i, text in enumerate(ranges)), ranges
 
             # tokens per second rise during a generation, pushed by the feed (no reload)
@@ -131,6 +142,8 @@ def test_the_dashboard_in_chromium_on_three_daemons(tmp_path):
 
             for view in VIEWS:
                 open_view(view)
+                if view == "jobs":  # after the generation: this node's shard counted its steps
+                    assert "tiny" in driver.find_element(By.ID, "per-model").text
                 if view == "money":  # the feed's first `money` event is plotted
                     plot = (By.CSS_SELECTOR, "#earnings-plot figcaption")
                     wait.until(lambda d, p=plot: "(0 points" not in d.find_element(*p).text)

@@ -86,6 +86,11 @@ async def test_login_views_and_refused_inputs(autojump_clock, tmp_path, nursery)
         ]
         assert all(s["cache_tokens_free"] > 0 for s in tiny["servers"])
         assert all(s["sessions"] == 0 and s["max_sessions"] > 0 for s in tiny["servers"])
+        await d0.call("generate", {"model": "tiny", "token_ids": [1, 2, 3], "max_tokens": 5})
+        jobs = (await request(nursery, server, "/dashboard/api/jobs", cookie=cookie)).json()
+        (row,) = jobs["per_model"]  # this node's shard computed the prompt and 4 more steps
+        assert row["model"] == "tiny" and row["steps"] >= 5 and row["mean_batch"] >= 1
+        assert jobs["paid_jobs"] == []  # none created here
         money = (await request(nursery, server, "/dashboard/api/money", cookie=cookie)).json()
         assert set(money) == {"wallet", "earnings", "jobs"}  # no chain here: parts say why
         assert "error" in money["wallet"]
