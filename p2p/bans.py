@@ -11,6 +11,8 @@ closed, new ones are closed as soon as its identity is known, and its streams ar
 Honest peers never come near: they stay under the rate limits, so they collect no strikes.
 Gossip over a rate or size limit is no strike: an honest forwarder relays its whole mesh's
 rate (one busy writer would get every forwarder banned), and may run with larger limits.
+Slower misbehaviour (invalid or stale records, refused gossip) lowers the peer's score
+(p2p.scoring, `penalize`); a peer whose score falls below its threshold is banned the same way.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from p2p.limits import RateLimiter
+from p2p.scoring import PeerScores
 
 
 class PeerBans:
@@ -34,8 +37,13 @@ class PeerBans:
         max_peers: int,
         on_ban: Callable[[str], None],
         clock: Callable[[], float] = time.monotonic,
+        *,
+        score_threshold: float = -100.0,
+        score_half_life_s: float = 30.0,
     ) -> None:
         self._strikes = RateLimiter(strikes / window_s, strikes, max_peers, clock)
+        self.scores = PeerScores(score_threshold, score_half_life_s, max_peers, self._on_low, clock)
+        self.low_score_bans = 0  # bans for a score below the threshold
         self._ban_s = ban_s
         self._max_peers = max_peers
         self._on_ban = on_ban
@@ -49,6 +57,17 @@ class PeerBans:
             return
         if not self._strikes.allow(peer):
             self.ban(peer)
+
+    def penalize(self, peer: str, reason: str) -> None:
+        """One event of `reason` (p2p.scoring.PENALTIES) against `peer`'s score; below the
+        threshold it is banned (`ban_s` 0: never)."""
+        if self._ban_s <= 0 or self.is_banned(peer):
+            return
+        self.scores.penalize(peer, reason)
+
+    def _on_low(self, peer: str, score: float) -> None:
+        self.low_score_bans += 1
+        self.ban(peer)
 
     def ban(self, peer: str) -> None:
         self._until.pop(peer, None)

@@ -25,6 +25,7 @@ from libp2p.peer.id import ID
 from libp2p.pubsub.pubsub import ValidationCache, ValidationResult, signature_validator
 
 from p2p.bans import PeerBans
+from p2p.codec import CodecError
 from p2p.dhtguard import DHT_PROTOCOL, DHT_REFUSAL, CountingValidator, ResetCountingStream
 from p2p.hello import HELLO_PROTOCOL, HelloGate
 from p2p.limits import HostLimits, RateLimiter, RejectHook
@@ -73,6 +74,7 @@ class StreamGuard:
                 elif not self._limiter.allow((peer, protocol)):
                     refusal = "rate_limited"
                     self._bans.strike(peer)
+                    self._bans.penalize(peer, "rate_limited")
                 if refusal is not None:
                     self._on_reject("stream", refusal)
                     with contextlib.suppress(Exception):
@@ -110,6 +112,8 @@ class StreamGuard:
                 self.errors += 1
                 if not getattr(exc, "_gridmesh_counted", False):
                     self._on_reject("stream", reason_of(exc))
+                if peer is not None and isinstance(exc, CodecError):  # it sent garbage
+                    self._bans.penalize(peer, "malformed")
                 log.info("stream handler for %s failed: %r", protocol, exc)
                 with contextlib.suppress(Exception):
                     await raw.reset()  # counted above, not again by a DHT stream's proxy
@@ -128,6 +132,7 @@ class StreamGuard:
             return True
         if peer is not None:
             self._bans.strike(peer)
+            self._bans.penalize(peer, "rate_limited")
         return False
 
 
@@ -148,8 +153,15 @@ class StrikingValidator(CountingValidator):
             super().validate(key, value)
         except Exception as exc:
             peer = DHT_PEER.get()
-            if peer is not None and getattr(exc, "reason", None) not in NO_STRIKE_REASONS:
-                self._bans.strike(peer)
+            if peer is not None:
+                reason = getattr(exc, "reason", None)
+                if reason in NO_STRIKE_REASONS:
+                    self._bans.penalize(peer, "stale")
+                else:
+                    self._bans.strike(peer)
+                    self._bans.penalize(
+                        peer, "bad_signature" if reason == "bad_signature" else "invalid_record"
+                    )
             raise
 
 
@@ -203,7 +215,7 @@ def harden_pubsub(
                 return  # a validator of ours refused it: it counted it (GossipValidators)
             bad_sig = pubsub.strict_signing and not _safe_signature_check(msg)
             on_reject("pubsub", "bad_signature" if bad_sig else "refused")
-            if bad_sig:
+            if bad_sig:  # a strike, not a score: floods of these are what strikes are for
                 bans.strike(peer)
 
     def notify_subscriptions(msg: Any) -> None:
@@ -244,9 +256,10 @@ class GossipValidators:
     py-libp2p would format the whole message into one.
     """
 
-    def __init__(self, pubsub: Any, on_reject: RejectHook) -> None:
+    def __init__(self, pubsub: Any, on_reject: RejectHook, bans: PeerBans | None = None) -> None:
         self._pubsub = pubsub
         self._on_reject = on_reject
+        self._bans = bans  # a refused message lowers its (signing) origin's score
         self._by_topic: dict[str, list[GossipValidator]] = {}
 
     def add(self, topic: str, validator: GossipValidator) -> None:
@@ -257,7 +270,7 @@ class GossipValidators:
         validators.append(validator)
 
     def _runner(self, topic: str, validators: list[GossipValidator]) -> Callable[[ID, Any], bool]:
-        pubsub, on_reject = self._pubsub, self._on_reject
+        pubsub, on_reject, bans = self._pubsub, self._on_reject, self._bans
 
         def validate(forwarder: ID, msg: Any) -> bool:
             if forwarder == pubsub.my_id:
@@ -265,6 +278,8 @@ class GossipValidators:
             try:
                 origin, data = ID(msg.from_id).to_base58(), msg.data
                 accepted = all(validator(origin, data) for validator in validators)
+                if not accepted and bans is not None:  # refused: held against its origin
+                    bans.penalize(origin, "malformed")
             except Exception as exc:  # a validator's bug refuses the message, never more
                 on_reject("pubsub", "validator_error")
                 log.info("gossip validator for %s failed: %r", topic, exc)

@@ -47,6 +47,10 @@ class HostLimits:
     ban_strikes: Annotated[int, msgspec.Meta(ge=1)] = 200
     ban_window_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
     ban_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
+    # a peer's application score (p2p.scoring) below `score_threshold` is banned as above;
+    # penalties fade with a half-life of `score_half_life_s`
+    score_threshold: Annotated[float, msgspec.Meta(lt=0)] = -100.0
+    score_half_life_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
 
 
 class RateLimiter:

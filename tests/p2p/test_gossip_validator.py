@@ -69,7 +69,9 @@ async def _until(condition: Callable[[], object], limit_s: float, what: str) -> 
 
 async def test_refusals_are_counted_by_the_validator_only_and_bad_signatures_still_ban():
     target_rejects: Counter[str] = Counter()
-    target = _node(target_rejects, HostLimits(ban_strikes=5, ban_window_s=60, ban_s=60))
+    # strikes alone ban here: the refusals' score (p2p.scoring) is tested in test_scoring.py
+    limits = HostLimits(ban_strikes=5, ban_window_s=60, ban_s=60, score_threshold=-1e6)
+    target = _node(target_rejects, limits)
     forger = _node(Counter())
     refused: list[bytes] = []
     got: list[bytes] = []
