@@ -86,6 +86,7 @@ from p2p.network import (
 )
 from p2p.peers import ForgetDisconnected, keep_connected, track_peers
 from p2p.reach import Reachability, ReachSettings
+from p2p.scoring import gossipsub_params
 
 _swarm._HAPPY_EYEBALLS_DELAY = 0  # type: ignore[attr-defined]
 atomic_writes.install()  # a cancelled write must not break its connection (see the module)
@@ -174,7 +175,13 @@ class Libp2pNetwork:
         self.host._addrs_factory = self._advertised_addrs  # type: ignore[attr-defined]
         lim = self.limits
         self.bans = PeerBans(
-            lim.ban_strikes, lim.ban_window_s, lim.ban_s, lim.max_tracked_peers, self._on_ban
+            lim.ban_strikes,
+            lim.ban_window_s,
+            lim.ban_s,
+            lim.max_tracked_peers,
+            self._on_ban,
+            score_threshold=lim.score_threshold,
+            score_half_life_s=lim.score_half_life_s,
         )
         self.dht = KadDHT(
             self.host,
@@ -207,6 +214,7 @@ class Libp2pNetwork:
             spam_protection_enabled=False,
             max_messages_per_topic_per_second=10_000.0,
             max_pending_messages_per_peer=1000,
+            score_params=gossipsub_params(self.bans.scores),  # our score as P6 (p2p.scoring)
         )
         self.pubsub = Pubsub(
             self.host,
@@ -242,7 +250,7 @@ class Libp2pNetwork:
             ),
             self.bans,
         )
-        self.gossip_validators = GossipValidators(self.pubsub, self._on_reject)
+        self.gossip_validators = GossipValidators(self.pubsub, self._on_reject, self.bans)
         self.hello_gate = HelloGate(
             ident,
             network_id,
