@@ -23,6 +23,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import msgspec
 import trio
 
 from daemon.vdags.values import (
@@ -104,6 +105,11 @@ class Runner(Protocol):
         """The block's output for `value` on `instance`; AttemptFailed otherwise."""
         ...
 
+    def served_blocks(self) -> list[str]:
+        """Every block that some instance serves now (what a node without a manualBlockId
+        may be given by its assignment policy)."""
+        ...
+
 
 class Policies(Protocol):
     async def eval(self, rule: PolicyRule, step: PlanStep, input_data: Any, ctx: RunContext) -> Any:
@@ -115,7 +121,7 @@ class Policies(Protocol):
 @dataclass
 class StepTrace:
     label: str
-    block: str | None
+    block: str | None  # for a node without a manualBlockId: the block its policy chose
     started: float = math.nan
     finished: float = math.nan
     instance: str | None = None
@@ -216,6 +222,9 @@ class Executor:
             if step.preprocessing is not None:
                 value = await self.policies.eval(step.preprocessing, step, value, ctx)
                 check_value(value, "the preprocessing policy's output")
+            if step.block_id is None:  # its assignment policy picks the block
+                step = await self._pick_block(step, value, ctx)
+                trace.block = step.block_id
             output = await self._attempts(step, value, ctx, trace)
             check_value(output, "its output")
             if step.postprocessing is not None:
@@ -268,6 +277,25 @@ class Executor:
             retryable=False,
             reason=last.reason,
         )
+
+    async def _pick_block(self, step: PlanStep, value: Any, ctx: RunContext) -> PlanStep:
+        """A node without a manualBlockId: its assignment policy is asked for the block
+        (input `{"blocks": [ids], "input"}` -> `{"block": id}`); the instance is then the
+        least-loaded one of that block."""
+        assert step.assignment is not None  # compile_plan refuses a node with neither
+        blocks = self.runner.served_blocks()
+        answer = await self.policies.eval(
+            step.assignment, step, {"blocks": blocks, "input": value}, ctx
+        )
+        chosen = answer.get("block") if isinstance(answer, dict) else answer
+        if chosen not in blocks:
+            raise AttemptFailed(
+                f"the assignment policy chose block {str(chosen)[:80]!r}, not one of the "
+                f"{len(blocks)} blocks served now",
+                retryable=False,
+                reason="assignment",
+            )
+        return msgspec.structs.replace(step, block_id=str(chosen), assignment=None)
 
     async def _assign(
         self, step: PlanStep, candidates: list[str], value: Any, ctx: RunContext

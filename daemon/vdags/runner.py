@@ -32,6 +32,7 @@ from daemon.vdags.protocol import (
 )
 from daemon.vdags.streams import BlockStreams
 from p2p.network import NetworkError
+from registry.blocks import announcements
 from scheduler.vdag import PlanStep
 
 CHAIN = "chain"
@@ -99,6 +100,20 @@ class DaemonRunner:
         if peers:
             return list(peers)
         return [CHAIN] if model is not None else []
+
+    def served_blocks(self) -> list[str]:
+        """Python blocks some daemon announces serving, and models that servers announce."""
+        found: set[str] = set()
+        for entry in self.replica.entries.values():
+            params = entry.value.get("parameters") if isinstance(entry.value, dict) else None
+            if entry.kind == "blocks" and isinstance(params, dict):
+                block = params.get("instanceOf")
+                if isinstance(block, str) and self._lookup(block)[0]:
+                    found.add(block)
+        for model in {a.model for a in announcements(list(self.replica.entries.values()))}:
+            if self._lookup(model)[1] is not None:
+                found.add(model)
+        return sorted(found)
 
     def load(self, step: PlanStep, instance: str) -> float:
         key = (step.block_id or "", instance)

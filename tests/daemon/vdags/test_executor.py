@@ -66,6 +66,9 @@ class FakeRunner:
     def load(self, step: PlanStep, instance: str) -> float:
         return float(self.running[instance])
 
+    def served_blocks(self) -> list[str]:
+        return sorted(self.blocks)
+
     async def call(self, step: PlanStep, instance: str, value: Any, ctx: RunContext) -> Any:
         fn, seconds = self.blocks[step.block_id or ""]
         self.calls.append((step.label, instance))
@@ -289,3 +292,34 @@ async def test_default_assignment_spreads_over_equal_instances(autojump_clock):
     for _ in range(3):
         await executor.run(plan, "z", CTX, deadline_s=10)
     assert [i for _, i in runner.calls] == ["i2", "i2", "i2"]
+
+
+class PickPolicy:
+    """An assignment policy that picks the block named by the input's first word."""
+
+    async def eval(self, rule: Any, step: PlanStep, input_data: Any, ctx: RunContext) -> Any:
+        assert sorted(input_data["blocks"]) == sorted(BLOCKS)
+        return {"block": input_data["input"].split()[0]}
+
+
+async def test_a_node_without_a_block_gets_one_from_its_assignment_policy(autojump_clock):
+    value = {
+        "vdagName": "t",
+        "vdagVersion": "1",
+        "nodes": [
+            {
+                "nodeLabel": "any",
+                "nodeType": "block",
+                "assignmentPolicyRule": {"policyRuleURI": "builtin:pick"},
+            },
+        ],
+        "graph": {"input": ["any"], "output": ["any"]},
+    }
+    plan = plan_of(parse(value, "t:1"))
+    executor = Executor(FakeRunner(BLOCKS), PickPolicy())
+    result = await executor.run(plan, "upper case", CTX, deadline_s=10)
+    assert result.output == "UPPER CASE" and result.trace()[0]["block"] == "upper"
+    result = await executor.run(plan, "rev it", CTX, deadline_s=10)
+    assert result.output == "ti ver" and result.trace()[0]["block"] == "rev"
+    with pytest.raises(NodeFailed, match="chose block 'nope', not one of the 6 blocks"):
+        await executor.run(plan, "nope x", CTX, deadline_s=10)

@@ -82,6 +82,43 @@ async def test_pre_post_assignment_and_quota(tmp_path):
         assert d2.metric("gridmesh_sandbox_failures_total") == 0
 
 
+PICK = "return {'block': 'rev' if input_data['input'].startswith('r:') else 'upper'}"
+
+
+async def test_a_node_without_a_block_is_given_one_by_its_assignment_policy(tmp_path):
+    await sandbox_or_skip()
+    pick = policy_package(tmp_path, "pick", PICK)
+    async with memory_cluster(tmp_path / "net", 2) as net:
+        d0, d1 = net.daemons
+        for d, name in ((d0, "upper"), (d1, "rev")):
+            path = block_package(tmp_path / name, name)
+            await d.call("vdag_block_serve", {"block": name, "path": str(path)})
+        free = {
+            "nodeLabel": "any",
+            "nodeType": "block",
+            "assignmentPolicyRule": rule(str(pick), load_package(pick).digest),
+        }
+        await apply_when_known(net, d0, vdag("free", [free], [], ["any"], ["any"]))
+
+        async def both_known() -> bool:
+            return len(d0.daemon.vdags.runner.served_blocks()) == 2
+
+        await net.wait_for(both_known, 20, "both blocks to be announced to d0")
+        assert d0.daemon.vdags.runner.served_blocks() == ["rev", "upper"]
+        result = await infer(d0, "free", "r:abc")
+        assert result["output"] == "cba:r" and result["steps"][0]["block"] == "rev"
+        assert result["steps"][0]["instance"] == d1.peer_id
+        result = await infer(d0, "free", "abc")
+        assert result["output"] == "ABC" and result["steps"][0]["block"] == "upper"
+        # a policy naming a block nobody serves: refused, naming the node
+        wrong = policy_package(tmp_path, "wrong", "return {'block': 'gone'}")
+        free["assignmentPolicyRule"] = rule(str(wrong), load_package(wrong).digest)
+        await d0.call("vdag_apply", {"value": vdag("free2", [free], [], ["any"], ["any"])})
+        error = await refused(d0, "free2", "x")
+        assert error.data["node"] == "any"
+        assert "chose block 'gone', not one of the 2 blocks served now" in error.message
+
+
 async def test_policies_without_or_with_a_wrong_hash_are_refused(tmp_path):
     await sandbox_or_skip()
     pre = policy_package(tmp_path, "pre", PRE)
