@@ -27,7 +27,7 @@ from msgspec import Meta
 from daemon import errors
 from daemon.api.jsonrpc import Dispatcher
 from daemon.errors import FailedPrecondition, InvalidParams, NotFound
-from daemon.vdags.protocol import MAX_BLOCK_ID
+from daemon.vdags.protocol import MAX_BLOCK_ID, python_instances
 from daemon.vdags.values import DEFAULT_DEADLINE_S, MAX_DEADLINE_S
 from registry import schemas
 from registry.blocks import Announcement, BadAnnouncement, announcements, parse_announcement
@@ -78,6 +78,7 @@ class Blocks:
         self.specs: dict[str, Entry] = {}
         self.by_model: dict[str, list[Announcement]] = defaultdict(list)
         blocks = [e for e in entries if e.kind == "blocks"]
+        self.entries = blocks
         for entry in blocks:
             if not entry.deleted:
                 self.specs[entry.key] = entry
@@ -99,7 +100,13 @@ class Blocks:
         )
 
     def servers(self, block_id: str) -> list[dict[str, Any]]:
-        """The servers of `block_id` now: peer, announced range and its key."""
+        """The servers of `block_id` now: peer, announced range and its key; for a Python
+        block, each daemon serving it and the package's digest."""
+        if block_id in self.python:
+            return [
+                {"peer_id": i.peer_id, "kind": "python", "digest": i.digest}
+                for i in python_instances(self.entries, block_id)
+            ]
         found: list[Announcement] = []
         entry = self.specs.get(block_id)
         model = block_id

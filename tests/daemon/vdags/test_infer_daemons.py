@@ -85,6 +85,13 @@ async def test_graphs_run_across_daemons_and_fail_over(tmp_path):
         await apply_when_known(net, d2, PIPE)
         await apply_when_known(net, d2, FAN)
 
+        # the plan shows each Python block's servers
+        planned = await d2.call("vdag_plan", {"name": "pipe"})
+        servers = {s["label"]: s["servers"] for s in planned["steps"]}
+        assert sorted(x["peer_id"] for x in servers["a"]) == sorted([d0.peer_id, d1.peer_id])
+        assert {x["digest"] for x in servers["a"]} == {digest}
+        assert all(x["kind"] == "python" for x in servers["b"])
+
         # linear: d2 runs it, upper on d0 or d1, rev on d1 or d2 (itself)
         result = await infer(d2, "pipe", "abc")
         assert result["output"] == "CBA" and result["vdag"] == "pipe:1"
