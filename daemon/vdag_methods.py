@@ -225,7 +225,7 @@ def resolve_plan(replica: Replica, name: str, version: str | None) -> tuple[Vdag
     """The stored vDAG `name` (latest, or `version`) and its plan now; NotFound or
     FailedPrecondition naming what is missing."""
     # the replica's count of changes to its entries (no public name for it yet)
-    stamp = (getattr(replica, "_mutations", None), len(replica.entries))
+    stamp = (replica.changes, len(replica.entries))
     held = _plans.get(replica)
     if held is None or held[0] != stamp or stamp[0] is None:
         held = (stamp, {})

@@ -164,6 +164,11 @@ class Replica:
         self._mutations += 1
         self._size_memo.clear()
 
+    @property
+    def changes(self) -> int:
+        """How many times `entries` changed: a cache over them is stale once this moved."""
+        return self._mutations
+
     def _check_stored(self, entry: Entry) -> None:
         if entry.kind not in schemas.KINDS:
             raise Rejected("bad_entry", f"unknown kind {entry.kind!r}")

@@ -64,7 +64,7 @@ class DaemonRunner:
 
     def _stamp(self) -> tuple[Any, int]:
         # the replica's count of changes to its entries (no public name for it yet)
-        return getattr(self.replica, "_mutations", None), len(self.replica.entries)
+        return self.replica.changes, len(self.replica.entries)
 
     def _lookup(self, block_id: str) -> tuple[list[str], str | None]:
         """(Python-block instances, model) of `block_id`, read again only after the registry

@@ -234,3 +234,16 @@ async def test_cached_digests_follow_every_change():
     assert await r.collect_garbage(horizon_ms=1_000) == 1
     assert r.digests() == fresh()
     assert ("components", "a") not in r.entries
+
+
+async def test_changes_moves_with_every_change_to_the_entries():
+    alice, bob = replica_for(ALICE), replica_for(BOB)
+    seen = [alice.changes]
+    entry = await alice.put("components", "llama", COMPONENT)
+    seen.append(alice.changes)
+    await alice.put("components", "llama", None)
+    seen.append(alice.changes)
+    assert seen[0] < seen[1] < seen[2]
+    before = bob.changes
+    await bob.apply([entry])
+    assert bob.changes > before
