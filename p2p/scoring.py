@@ -31,7 +31,9 @@ PENALTIES: dict[str, float] = {
     # an expired or future record: honest peers send one now and then (a copy expiring in
     # transit, a clock off by seconds), so it takes a thousand at once to reach the threshold
     "stale": 0.1,
-    "rate_limited": 0.5,  # over a rate limit (strikes ban the floods; this marks the peer)
+    # a stream or DHT message over its rate limit (honest peers stay far below): a hundred
+    # within a half-life bans, even where strikes are set out of reach
+    "rate_limited": 1.0,
 }
 
 
