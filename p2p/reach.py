@@ -8,8 +8,13 @@ A part of the libp2p adapter (p2p.host); every py-libp2p 0.8.1 workaround it nee
   server observes, so the server refuses instead of failing the dial. We add the addresses a
   NAT would map (the IP peers observe us at, with our listen port: the prediction DCUtR makes
   too), count a refusal as no vote, and count votes from direct connections only.
-- The swarm never dials `/p2p-circuit` addresses (it has no relay transport):
-  `dial_circuit` dials them through `CircuitV2Transport` itself.
+- The swarm never dials `/p2p-circuit` addresses (it has no relay transport): `dial` dials
+  them through `CircuitV2Transport` itself, and the swarm's `dial_peer` (what every new
+  stream, DHT query and hello uses) falls back to a peer's relayed addresses when its direct
+  ones fail, so a private peer learned from the DHT is reached through its relay.
+- `CircuitV2Transport` with the client role reserves a slot on the relay before every dial
+  through it, so dialers would fill a relay's slots: it runs without that role (our
+  reservations are made explicitly, `reserve_on`).
 - The transport's reservation refresher runs in whatever nursery it is given: ours, so that
   it stops with the host.
 
@@ -140,12 +145,17 @@ class Reachability:
         self.upnp_addr: str | None = None
         self.autonat = FreshDialAutoNAT(host, serve=True, confirmations=settings.confirmations)
         self.relay = CircuitV2Protocol(host, settings.relay_limits(), allow_hop=settings.serve)
-        config = RelayConfig(roles=RelayRole.STOP | RelayRole.CLIENT)
+        # without the CLIENT role: its dials would also take a reservation slot on the relay
+        config = RelayConfig(roles=RelayRole.STOP)
         self.transport = CircuitV2Transport(host, self.relay, config)
         self.dcutr = DCUtRProtocol(host) if settings.hole_punch else None
         self._nursery: trio.Nursery | None = None
         self.refused_hops = 0  # relay requests refused while we were not known to be public
+        self.circuit_dials = 0  # connections we opened through a relay
         self._host_addrs = host.get_addrs
+        swarm = host.get_network()
+        self._swarm_dial_peer = swarm.dial_peer
+        swarm.dial_peer = self._dial_peer  # direct first, then through relays (docstring)
         host.get_addrs = self._get_addrs  # identify and our records announce relayed addresses
 
     # -- what node_info shows ------------------------------------------------------------
@@ -185,6 +195,7 @@ class Reachability:
             "relays": sorted(self.relayed),
             "relay_serving": self.serving,
             "upnp_addr": self.upnp_addr,
+            "circuit_dials": self.circuit_dials,
         }
 
     @property
@@ -321,9 +332,29 @@ class Reachability:
         p2p/PEER), which the swarm cannot do, or directly (a /dns4 name resolved now)."""
         if is_circuit(target):
             await self.transport.dial(target)
+            self.circuit_dials += 1
             return
         dial = self.host.get_network().dial_addr
         await dial_resolved(dial, info.addrs[0], info.peer_id)
+
+    async def _dial_peer(self, peer_id: ID) -> list[Any]:
+        try:
+            return await self._swarm_dial_peer(peer_id)  # type: ignore[no-any-return]
+        except Exception as direct_failed:
+            circuits = {
+                str(a).split("/p2p-circuit")[0] + f"/p2p-circuit/p2p/{peer_id}"
+                for a in self.host.get_peerstore().addrs(peer_id)
+                if is_circuit(a)
+            }
+            for addr in sorted(circuits):
+                try:
+                    with trio.fail_after(RESERVE_TIMEOUT_S):
+                        conn = await self.transport.dial(multiaddr.Multiaddr(addr))
+                    self.circuit_dials += 1
+                    return [conn]
+                except Exception as exc:
+                    log.debug("dialling %s through %s failed: %r", peer_id, addr, exc)
+            raise direct_failed
 
     def _get_addrs(self) -> list[multiaddr.Multiaddr]:
         """`host.get_addrs()` and then our relayed addresses: py-libp2p's own strips every

@@ -1,7 +1,7 @@
 """node_info and node_peers show reachability, observed and relayed addresses, and whether each
 connection is direct or relayed (p2p.reach). On the in-memory network nothing is known of NAT:
 `unknown`, no addresses, no kind. The values on real hosts behind NAT are checked by
-tests/p2p/test_reach_netns.py; the CLI's rendering of them here."""
+tests/daemon/test_nat_procs.py; the CLI's rendering of them here."""
 
 from pathlib import Path
 from typing import Any

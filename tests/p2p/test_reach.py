@@ -1,6 +1,6 @@
 """p2p.reach on real hosts over loopback: AutoNAT's fresh dial-back, relay serving within its
 limits (only once public), reservations and the relayed addresses advertised, connecting and
-talking through a relay. (NAT, hole punching and private status: tests/p2p/test_reach_netns.py.)"""
+talking through a relay. (NAT, hole punching and private status: tests/daemon/test_nat_procs.py.)"""
 
 import socket
 from contextlib import AsyncExitStack
