@@ -73,10 +73,16 @@ class Linear(nn.Module):
 
 def pack_linears(module: nn.Module, rows: int = PACKED_ROWS) -> int:
     """`Linear.pack` every linear layer of `module` whose weight no other layer shares (a
-    head tied to the embedding keeps its plain weight: the embedding needs it). Returns how
-    many were packed."""
+    head tied to the embedding keeps its plain weight: the embedding needs it) and that is
+    not inside a module whose class sets `PACK_LINEARS = False` (a mixture of experts: each
+    expert sees a few rows of a batch, where the plain layout is faster). Returns how many
+    were packed."""
     counts: dict[int, int] = {}
     for _, param in module.named_parameters(remove_duplicate=False):
         counts[id(param)] = counts.get(id(param), 0) + 1
-    layers = [m for m in module.modules() if isinstance(m, Linear) and not m.packed]
+    kept = [m for m in module.modules() if not getattr(m, "PACK_LINEARS", True)]
+    plain = {id(layer) for m in kept for layer in m.modules()}
+    layers = [
+        m for m in module.modules() if isinstance(m, Linear) and not m.packed and id(m) not in plain
+    ]
     return sum(layer.pack(rows) for layer in layers if counts.get(id(layer.weight)) == 1)

@@ -392,9 +392,9 @@ def test_any_leading_shape_and_dtype_conversion():
 
 @pytest.mark.parametrize("fused", [False, True], ids=["per_expert", "fused"])
 def test_packed_experts_compute_what_plain_ones_do(fused):
-    """A batching server packs every `Linear` (`linear.pack_linears`): each expert's three
-    matrices are packed (fused checkpoints' per-expert views too), the router keeps its
-    plain weight, and the block computes the same within float32 rounding."""
+    """`Linear.pack` on each expert's three matrices (fused checkpoints' per-expert views too)
+    computes the same within float32 rounding; a batching server's `pack_linears` leaves the
+    experts plain (a few rows each: the plain layout is faster) and packs the rest."""
     from daemon.shards.model import linear as linear_module
 
     if not linear_module._ONEDNN:
@@ -404,8 +404,12 @@ def test_packed_experts_compute_what_plain_ones_do(fused):
         weights = _per_expert(spec, weights)
     moe = SparseMoE(spec, HIDDEN, weights)
     x = torch.randn(1, 9, HIDDEN, generator=torch.Generator().manual_seed(5))
+    host = torch.nn.ModuleDict({"moe": moe, "proj": linear_module.Linear(torch.randn(4, 4))})
     with torch.no_grad():
         plain = moe(x)
-        assert linear_module.pack_linears(moe) == 3 * spec.num_experts
+        assert linear_module.pack_linears(host) == 1 and host["proj"].packed
+        experts = [m for m in moe.modules() if isinstance(m, linear_module.Linear)]
+        assert len(experts) == 3 * spec.num_experts and not any(m.packed for m in experts)
+        assert all(m.pack() for m in experts)
         packed = moe(x)
     torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-6)
