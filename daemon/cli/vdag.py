@@ -3,6 +3,7 @@ their compiled plans (JSON-RPC `vdag_check`, `vdag_apply`, `vdag_plan`)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,42 @@ def apply(
             params["key"] = doc["key"]
         entry = call(home, "vdag_apply", params)
         typer.echo(f"vdags/{entry['key']} applied (version {render.version(entry['version'])})")
+
+
+@vdag_app.command()
+def infer(
+    name: str = typer.Argument(..., help="The vDAG's name (or name:version)."),
+    input_json: str = typer.Option(
+        ...,
+        "--input",
+        help='The input as JSON (e.g. \'{"text": "hello"}\'), or @FILE to read it from a file.',
+    ),
+    version: str | None = typer.Option(None, "--version", help="A version (default: latest)."),
+    deadline_s: float | None = typer.Option(
+        None, "--deadline", min=0.001, help="Seconds for the whole graph (default: the daemon's)."
+    ),
+    session: str | None = typer.Option(None, "--session", help="Session id for quota policies."),
+    home: Path | None = HomeOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Run a stored vDAG on an input across the daemons serving its blocks, and print its
+    output (--json: also each step's instance, attempts and times)."""
+    text = input_json
+    if input_json.startswith("@"):
+        try:
+            text = Path(input_json[1:]).read_text()
+        except OSError as exc:
+            fail(f"cannot read the input file {input_json[1:]}: {exc.strerror or exc}")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        fail(f"--input is not JSON: {exc}")
+    params: dict[str, Any] = {"name": name, "input": value}
+    for key, given in (("version", version), ("deadline_s", deadline_s), ("session", session)):
+        if given is not None:
+            params[key] = given
+    result = call(home, "vdag_infer", params)
+    print_json(result if as_json else result.get("output"))
 
 
 def _policies(step: dict[str, Any]) -> str:

@@ -169,3 +169,31 @@ def test_check_and_apply_send_each_document(fake):
     other.write_text(json.dumps({"kind": "blocks", "key": "b", "value": {}}))
     result = run(fake, "apply", str(other))
     assert result.exit_code == 1 and "blocks/b is not a vDAG" in result.output
+
+
+def test_infer_sends_the_input_and_prints_the_output(fake):
+    answer = {"vdag": "p:1.0", "output": {"text": "HELLO"}, "steps": [{"label": "up"}]}
+    fake.results = {"vdag_infer": answer}
+    result = run(fake, "infer", "p", "--input", '{"text": "hello"}', "--deadline", "5")
+    assert result.exit_code == 0, result.output
+    assert fake.calls == [
+        ("vdag_infer", {"name": "p", "input": {"text": "hello"}, "deadline_s": 5.0})
+    ]
+    assert json.loads(result.output) == {"text": "HELLO"}
+    given = fake.home / "in.json"
+    given.write_text("[1, 2, 3]")
+    fake.calls.clear()
+    result = run(fake, "infer", "p:1.0", "--input", f"@{given}", "--json", "--session", "s1")
+    assert fake.calls == [("vdag_infer", {"name": "p:1.0", "input": [1, 2, 3], "session": "s1"})]
+    assert json.loads(result.output) == answer
+
+
+def test_infer_refuses_bad_input_and_shows_the_daemons_error(fake):
+    result = run(fake, "infer", "p", "--input", "{nope")
+    assert result.exit_code == 1 and "--input is not JSON" in result.output and not fake.calls
+    result = run(fake, "infer", "p", "--input", "@/nonexistent/in.json")
+    assert result.exit_code == 1 and "cannot read the input file" in result.output
+    message = "step 'up' failed on every instance"
+    fake.results = {"vdag_infer": {"error": {"code": -32030, "message": message}}}
+    result = run(fake, "infer", "p", "--input", "{}")
+    assert result.exit_code == 1 and message in result.output
