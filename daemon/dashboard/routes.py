@@ -7,7 +7,8 @@ another site that rebinds its DNS name to 127.0.0.1 is refused).
 
 Routes (GET or HEAD only; a request body is refused):
   /dashboard/                the page        /dashboard/static/NAME  its files
-  /dashboard/api/VIEW        JSON: node, network, models, jobs, money, registry?kind=&filter=
+  /dashboard/api/VIEW        JSON: node, network, models, jobs, money, doctor (on demand),
+                             registry?kind=&filter=&limit=&cursor=
   /dashboard/events          server-sent events: `live` every interval, `models` and `nodes`
                              every few, `money` (earnings totals) every 30
 
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 MAX_FEEDS = 8
 INTERVAL_S = 1.0
 SLOW_EVERY = 5  # `models` and `nodes` events every this many intervals
+VIEW_TIMEOUT_S = 120.0  # `doctor` dials peers and asks the chain
 MONEY_EVERY = 30  # a `money` event (earnings totals, balance: asks the chain)
 MONEY_TIMEOUT_S = 5.0  # a slow chain delays the feed at most this long
 WRITE_TIMEOUT_S = 5.0
@@ -211,7 +213,9 @@ class Dashboard:
                 return _error(404, f"no view {name[:40].decode('ascii', 'replace')!r}: {known}")
             if query:
                 views.parse_query(query, set())  # these views take no parameters
-            return _json(200, await view(self.call))
+            with trio.move_on_after(VIEW_TIMEOUT_S):
+                return _json(200, await view(self.call))
+            return _error(504, f"the {name.decode()} view took longer than {VIEW_TIMEOUT_S:g} s")
         except views.ViewError as exc:
             self._reject("dashboard_bad_query")
             return _error(400, str(exc))

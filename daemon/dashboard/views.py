@@ -212,9 +212,15 @@ async def registry_view(call: Call, query: RegistryQuery) -> dict[str, Any]:
     return {"kinds": await _part(call, "registry_kinds"), "query": params, **page}
 
 
+async def doctor_view(call: Call) -> dict[str, Any]:
+    """`gridmesh doctor`'s daemon lines (reachability among them): run on demand only."""
+    return {"checks": await _part(call, "node_doctor")}
+
+
 VIEWS: dict[str, Callable[[Call], Awaitable[dict[str, Any]]]] = {
     "node": node_view,
     "network": network_view,
     "models": models_view,
     "money": money_view,
+    "doctor": doctor_view,
 }

@@ -103,6 +103,10 @@ const RENDER = {
       memory: `${bytes(mem.available_bytes)} free of ${bytes(mem.total_bytes)}`,
       disk: `${bytes(disk.free_bytes)} free`, "GPU driver": res.gpu_driver, "GPU error": res.gpu_error,
     }));
+    const checks = el("div", undefined, { id: "doctor" });
+    const run = el("button", "Check reachability and more (gridmesh doctor)", { type: "button", id: "run-doctor" });
+    run.addEventListener("click", () => runDoctor(checks, run));
+    out.push(run, checks);
     out.push(table("GPUs", [
       ["index", (g) => g.index], ["name", (g) => g.name],
       ["utilisation", (g) => g.utilization_pct === null || g.utilization_pct === undefined ? "–" : g.utilization_pct + " %"],
@@ -179,6 +183,21 @@ const RENDER = {
     return out;
   },
 };
+
+async function runDoctor(into, button) {
+  button.disabled = true;
+  into.replaceChildren(el("p", "checking… (dials peers, asks the chain: up to a minute)", { role: "status" }));
+  try {
+    const data = await getJSON("/dashboard/api/doctor");
+    into.replaceChildren(partOr("Doctor", data.checks, (checks) => table("Doctor's checks", [
+      ["check", (c) => c.name], ["status", (c) => c.status], ["detail", (c) => c.detail], ["fix", (c) => c.fix],
+    ], checks, "doctor-checks")));
+  } catch (err) {
+    into.replaceChildren(el("p", String(err.message || err), { class: "error" }));
+  } finally {
+    button.disabled = false;
+  }
+}
 
 function nodesTable(nodes) {
   return table(`Nodes found (${nodes.length})`, [

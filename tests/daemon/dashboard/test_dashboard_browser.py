@@ -38,7 +38,8 @@ def shots_dir(tmp_path: Path) -> Path:
 
 
 def test_the_dashboard_in_chromium_on_three_daemons(tmp_path):
-    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -96,6 +97,12 @@ def test_the_dashboard_in_chromium_on_three_daemons(tmp_path):
             wait.until(lambda d: node0.peer_id in d.find_element(By.ID, "view-body").text)
             wait.until(lambda d: d.find_element(By.ID, "feed-state").text == "live")
             driver.execute_script("window.notReloaded = true")
+            driver.find_element(By.ID, "run-doctor").click()  # reachability, on demand
+            checks = (By.ID, "doctor-checks")
+            WebDriverWait(driver, 130, ignored_exceptions=(NoSuchElementException,)).until(
+                lambda d: "reachability" in d.find_element(*checks).text
+            )
+            driver.save_screenshot(str(shots / "node-doctor.png"))
 
             def open_view(view: str) -> None:
                 driver.find_element(By.CSS_SELECTOR, f'nav a[data-view="{view}"]').click()
@@ -168,10 +175,11 @@ def test_the_dashboard_in_chromium_on_three_daemons(tmp_path):
 
             # keyboard only: Tab from the top reaches the skip link, then each view's link;
             # Enter opens it
+            driver.get("about:blank")  # a fresh load, not a same-page jump to #node
             driver.get(base + "/dashboard/#node")
             wait.until(lambda d: d.find_element(By.ID, "feed-state").text == "live")
-            body = driver.find_element(By.TAG_NAME, "body")
-            body.send_keys(Keys.TAB)
+            # keys to the document as loaded (nothing clicked: Tab starts at the top)
+            ActionChains(driver).send_keys(Keys.TAB).perform()
             focused = lambda: driver.switch_to.active_element  # noqa: E731
             assert focused().text == "Skip to content"
             labels = []

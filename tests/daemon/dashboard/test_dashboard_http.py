@@ -67,6 +67,10 @@ async def test_login_views_and_refused_inputs(autojump_clock, tmp_path, nursery)
         node = (await request(nursery, server, "/dashboard/api/node", cookie=cookie)).json()
         assert node["info"]["peer_id"] == d0.peer_id
         assert node["peers_connected"] == 2 and node["advertised"]
+        doctor = (await request(nursery, server, "/dashboard/api/doctor", cookie=cookie)).json()
+        names = {c["name"] for c in doctor["checks"]}
+        assert "reachability" in names, names
+        assert {c["status"] for c in doctor["checks"]} <= {"pass", "fail", "warn"} and names
 
         await net.deploy(model_dir, net.daemons, [(0, 2), (2, 4), (4, 6)])
         network = (await request(nursery, server, "/dashboard/api/network", cookie=cookie)).json()
