@@ -1,8 +1,9 @@
 """Run one step of a hop again on another server: the IO of a check or a canary.
 
-A fresh session on the server, the hop's earlier inputs sent in one catch-up pass (the server
-rebuilds the cache the provider had; see `daemon.verify.compare` for why the result may then
-differ in the last bits), then the step's input as the provider got it. To the server this is
+A fresh session on the server, and the hop's earlier inputs with the step's own in one pass
+(the step's rows of its output are the step's; see `daemon.verify.compare` for why they may
+differ from the provider's in the last bits). Past MAX_STEP_TOKENS positions the earlier
+inputs go first, in pieces, then the step's. To the server this is
 an ordinary session: its `max_length` is the generation's, as every session of it asks, and a
 generation's first chunk followed by one-token steps is what every generation sends.
 """
@@ -64,22 +65,25 @@ async def run_on(opener: StreamOpener, peer: str, replay: Replay, timeout_s: flo
         if not isinstance(opened, wire.Opened):
             raise ReplicaUnavailable(f"{peer}: {type(opened).__name__} answers an open")
         hop.session = opened.session
-        if replay.prefix is not None:
-            for first in range(0, replay.prefix.shape[1], MAX_STEP_TOKENS):
-                piece = replay.prefix[:, first : first + MAX_STEP_TOKENS]
+        x, position, prefix = replay.x, replay.position, replay.prefix
+        if prefix is not None and position + x.shape[1] <= MAX_STEP_TOKENS:
+            x, position, prefix = torch.cat((prefix, x), dim=1), 0, None  # one pass
+        if prefix is not None:  # too long for one step: catch up first, then the step
+            for first in range(0, prefix.shape[1], MAX_STEP_TOKENS):
+                piece = prefix[:, first : first + MAX_STEP_TOKENS]
                 await hop.call(
                     wire.Forward(session=hop.session, position=first, last_only=True),
                     piece,
                     timeout_s,
                 )
         reply, out = await hop.call(
-            wire.Forward(session=hop.session, position=replay.position, last_only=replay.last_only),
-            replay.x,
+            wire.Forward(session=hop.session, position=position, last_only=replay.last_only),
+            x,
             timeout_s,
         )
         if out is None or not isinstance(reply, wire.Result):
             raise ReplicaUnavailable(f"{peer}: a forward reply without a tensor")
-        return out
+        return out if replay.last_only else out[:, -replay.x.shape[1] :]
     except (HopFailed, GenerationError) as exc:
         raise ReplicaUnavailable(str(exc)) from None
     finally:
