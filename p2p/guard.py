@@ -53,6 +53,9 @@ class StreamGuard:
         self._on_reject = on_reject
         self._bans = bans
         self.errors = 0  # handlers that raised
+        # inbound streams being served now, by peer and by protocol (HostLimits caps)
+        self.open_by_peer: dict[str, int] = {}
+        self.open_by_protocol: dict[str, int] = {}
 
     def guard_all(self, handlers: dict[Any, Any]) -> None:
         """Wrap every handler of a multiselect table that is not wrapped yet, in place."""
@@ -92,38 +95,78 @@ class StreamGuard:
                         with contextlib.suppress(Exception):
                             await stream.reset()
                         return
-            token, peer_token, raw = None, None, stream
-            if protocol == DHT_PROTOCOL:
-                cell = [False]
-                token, peer_token = DHT_REFUSAL.set(cell), DHT_PEER.set(peer)
-                stream = ResetCountingStream(
-                    stream,
-                    cell,
-                    self._on_reject,
-                    lambda: self._allow_dht_message(peer),
-                )
-            try:
-                await handler(stream)
-            except trio.Cancelled:
-                raise
-            except BaseException as exc:  # noqa: BLE001 - the guard must catch everything
-                if isinstance(exc, KeyboardInterrupt | SystemExit):
-                    raise
-                self.errors += 1
-                if not getattr(exc, "_gridmesh_counted", False):
-                    self._on_reject("stream", reason_of(exc))
-                if peer is not None and isinstance(exc, CodecError):  # it sent garbage
-                    self._bans.penalize(peer, "malformed")
-                log.info("stream handler for %s failed: %r", protocol, exc)
+            busy = self._over_caps(peer, protocol)
+            if busy is not None:
+                self._on_reject("stream", busy)
                 with contextlib.suppress(Exception):
-                    await raw.reset()  # counted above, not again by a DHT stream's proxy
+                    await stream.reset()
+                return
+            self._opened(peer, protocol, 1)
+            try:
+                await self._serve(peer, protocol, handler, stream)
             finally:
-                if token is not None and peer_token is not None:
-                    DHT_REFUSAL.reset(token)
-                    DHT_PEER.reset(peer_token)
+                self._opened(peer, protocol, -1)
 
         guarded._gridmesh_guarded = True  # type: ignore[attr-defined]
         return guarded
+
+    def _over_caps(self, peer: str | None, protocol: str) -> str | None:
+        """Why a new stream of `peer` on `protocol` is one too many (None: it is not)."""
+        limits = self._hello.limits
+        if self.open_by_protocol.get(protocol, 0) >= limits.max_streams_per_protocol:
+            return "protocol_busy"
+        if peer is not None and self.open_by_peer.get(peer, 0) >= limits.max_streams_per_peer:
+            self._bans.penalize(peer, "rate_limited")
+            return "too_many_streams"
+        return None
+
+    def _opened(self, peer: str | None, protocol: str, delta: int) -> None:
+        for table, key in ((self.open_by_peer, peer), (self.open_by_protocol, protocol)):
+            if key is None:
+                continue
+            count = table.get(key, 0) + delta
+            if count > 0:
+                table[key] = count
+            else:
+                table.pop(key, None)
+
+    async def _serve(
+        self,
+        peer: str | None,
+        protocol: str,
+        handler: Callable[[Any], Awaitable[None]],
+        stream: Any,
+    ) -> None:
+        """Run the handler; its failure is counted and resets the stream."""
+        token, peer_token, raw = None, None, stream
+        if protocol == DHT_PROTOCOL:
+            cell = [False]
+            token, peer_token = DHT_REFUSAL.set(cell), DHT_PEER.set(peer)
+            stream = ResetCountingStream(
+                stream,
+                cell,
+                self._on_reject,
+                lambda: self._allow_dht_message(peer),
+            )
+        try:
+            await handler(stream)
+        except trio.Cancelled:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the guard must catch everything
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+            self.errors += 1
+            if not getattr(exc, "_gridmesh_counted", False):
+                self._on_reject("stream", reason_of(exc))
+            if peer is not None and isinstance(exc, CodecError):  # it sent garbage
+                self._bans.penalize(peer, "malformed")
+            log.info("stream handler for %s failed: %r", protocol, exc)
+            with contextlib.suppress(Exception):
+                await raw.reset()  # counted above, not again by a DHT stream's proxy
+        finally:
+            if token is not None and peer_token is not None:
+                DHT_REFUSAL.reset(token)
+                DHT_PEER.reset(peer_token)
 
     def _allow_dht_message(self, peer: str | None) -> bool:
         if peer is not None and self._bans.is_banned(peer):

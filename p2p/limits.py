@@ -39,6 +39,10 @@ class HostLimits:
     seen_ttl_s: Annotated[int, msgspec.Meta(ge=1)] = 30
     # verified peers and rate-limit buckets remembered
     max_tracked_peers: Annotated[int, msgspec.Meta(ge=1)] = 4096
+    # inbound streams served at once: from one peer (over it: reset, and a score penalty),
+    # and on one protocol from all peers together (over it: reset)
+    max_streams_per_peer: Annotated[int, msgspec.Meta(ge=1)] = 512
+    max_streams_per_protocol: Annotated[int, msgspec.Meta(ge=1)] = 4096
     # inbound connections open at once from one IP
     max_connections_per_ip: Annotated[int, msgspec.Meta(ge=1)] = 64
     # a peer refused for abuse (streams or DHT messages over its rate, bad gossip signatures)
