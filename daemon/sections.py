@@ -135,6 +135,10 @@ P2PConfig = exposing(
             "ban_strikes": "ban_strikes",
             "ban_window_s": "ban_window_s",
             "ban_s": "ban_s",
+            "peer_max_streams": "max_streams_per_peer",
+            "protocol_max_streams": "max_streams_per_protocol",
+            "peer_score_threshold": "score_threshold",
+            "peer_score_half_life_s": "score_half_life_s",
         },
     ),
 )
