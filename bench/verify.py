@@ -8,7 +8,10 @@ real threads and real time. A requester (`RemoteModel` + `generate`, greedy) run
 
 Table 1, overhead: aggregate tokens/s without a verifier, and with spot checks at 0, 2 and
 10 % of the steps of each hop (a flat rate: `probation_rate` = `rate`), rounds interleaved
-(`--rounds`, median); the overhead is 1 - tokens/s with checks / tokens/s without. Every
+(`--rounds`, median); the overhead is 1 - tokens/s with checks / tokens/s without (wall),
+and CPU ms per token with checks / without - 1 (CPU: the process's CPU time, servers and
+replicas included, is what verification costs the network; on a shared machine it is also
+far less noisy than the wall clock). Every
 checked step runs again on a replica: a new session, the hop's earlier inputs in one pass,
 then the step. Also the largest honest difference seen between a provider and its replica
 (row-relative; `daemon.verify.compare` allows 1e-5 in float32).
@@ -31,6 +34,7 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse  # noqa: E402
+import logging  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
@@ -99,8 +103,11 @@ async def honest_cluster(model_dir: Path, layers: int) -> Cluster:
     return cluster
 
 
-async def workload(cluster: Cluster, verifier: Verifier | None, args: argparse.Namespace) -> float:
-    """Aggregate tokens/s of `--generations` concurrent generations."""
+async def workload(
+    cluster: Cluster, verifier: Verifier | None, args: argparse.Namespace
+) -> tuple[float, float]:
+    """Aggregate tokens/s of `--generations` concurrent generations, and the process's CPU
+    ms per token (servers, replicas and requester all run in this process)."""
     done = 0
 
     async def one(i: int) -> None:
@@ -112,11 +119,12 @@ async def workload(cluster: Cluster, verifier: Verifier | None, args: argparse.N
             done += 1
         await remote.close()
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     async with trio.open_nursery() as nursery:
         for i in range(args.generations):
             nursery.start_soon(one, i)
-    return done / (time.perf_counter() - started)
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return done / wall, 1000 * cpu / done
 
 
 async def overhead(args: argparse.Namespace, model_dir: Path) -> None:
@@ -126,26 +134,31 @@ async def overhead(args: argparse.Namespace, model_dir: Path) -> None:
         for rate in args.rates
     }
     await workload(cluster, None, args)  # warm up
-    runs: dict[float | None, list[float]] = {None: [], **{r: [] for r in args.rates}}
+    runs: dict[float | None, list[tuple[float, float]]] = {None: [], **{r: [] for r in args.rates}}
     for _ in range(args.rounds):
         for rate in runs:
             runs[rate].append(await workload(cluster, verifiers.get(rate), args))
-    base = statistics.median(runs[None])
+    base = statistics.median(t for t, _ in runs[None])
+    base_cpu = statistics.median(c for _, c in runs[None])
     print(
         f"\noverhead: {args.generations} generations x {args.tokens} tokens, hidden "
         f"{args.hidden}, {args.layers} layers in 2 ranges x 3 servers, median of {args.rounds}"
     )
-    header = "check rate | tokens/s | overhead | checks | replica steps | max honest spread"
+    header = (
+        "check rate | tokens/s | overhead (wall) | CPU ms/token | overhead (CPU) | checks "
+        "| max honest spread"
+    )
     print(header)
     print("-" * len(header))
-    print(f"{'none':>10} | {base:>8.1f} | {'-':>8} | {'-':>6} | {'-':>13} | -")
+    print(f"{'none':>10} | {base:>8.1f} | {'-':>15} | {base_cpu:>12.2f} | {'-':>14} | {'-':>6} | -")
     for rate in args.rates:
         v = verifiers[rate]
-        tps = statistics.median(runs[rate])
+        tps = statistics.median(t for t, _ in runs[rate])
+        cpu = statistics.median(c for _, c in runs[rate])
         print(
-            f"{rate * 100:>9.0f}% | {tps:>8.1f} | {(1 - tps / base) * 100:>7.1f}% | "
-            f"{v.counters['checks_pass'] + v.counters['checks_fail']:>6} | "
-            f"{v.counters['replica_steps']:>13} | {v.spread_max:.1e}"
+            f"{rate * 100:>9.0f}% | {tps:>8.1f} | {(1 - tps / base) * 100:>14.1f}% | "
+            f"{cpu:>12.2f} | {(cpu / base_cpu - 1) * 100:>13.1f}% | "
+            f"{v.counters['checks_pass'] + v.counters['checks_fail']:>6} | {v.spread_max:.1e}"
         )
 
 
@@ -202,6 +215,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    logging.getLogger("daemon.shards.client").setLevel(logging.ERROR)  # the caught cheaters
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_tiny(
             Path(tmp) / "m", layers=args.layers, hidden=args.hidden, seed=5, max_positions=1024
