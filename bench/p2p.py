@@ -7,7 +7,13 @@ finds it through nodes_find ("found by all" counts from spawning the process, in
 start included; "after ready" from the moment it wrote daemon.json).
 Targets: connect <= 30 ms, get p95 <= 300 ms, found by all <= 5 s.
 
-usage: python bench/p2p.py [--sizes 4 6 8] [--records 20]
+A second table (p2p.reach, in one process on loopback: a relay and two hosts): the time to
+connect through the relay (TCP to the relay, a circuit, Noise + Yamux over it, our hello),
+the time from that dial until DCUtR has made the connection direct (loopback has no NAT: this
+is the protocol's own cost, not a punch's), and request throughput (1 MiB requests answered
+with their length) over the relayed connection and over a direct one.
+
+usage: python bench/p2p.py [--sizes 4 6 8] [--records 20] [--relay-samples 5] [--relay-only]
 """
 
 from __future__ import annotations
@@ -19,17 +25,20 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse  # noqa: E402
+import logging  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
 import trio  # noqa: E402
+from libp2p.peer.id import ID  # noqa: E402
 
 from daemon.devnet import DaemonProcess, Devnet  # noqa: E402
 from p2p import identity, records  # noqa: E402
 from p2p.discovery import DiscoverySettings, RecordValidator  # noqa: E402
 from p2p.host import Libp2pNetwork, quiet_libp2p_logs  # noqa: E402
+from p2p.reach import ReachSettings  # noqa: E402
 
 CONFIG = """
 network_id = "bench"
@@ -54,7 +63,7 @@ def pct(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def bench_host() -> Libp2pNetwork:
+def bench_host(reach: ReachSettings | None = None) -> Libp2pNetwork:
     settings = DiscoverySettings(network_id="bench")
     return Libp2pNetwork(
         identity.NodeIdentity.generate(),
@@ -63,7 +72,83 @@ def bench_host() -> Libp2pNetwork:
         dht_namespace=records.NAMESPACE,
         dht_validator=RecordValidator(settings, time.time, lambda reason: None),
         dht_timeout_s=5.0,
+        reach=reach,
     )
+
+
+BULK = 1 << 20  # bytes per throughput request
+DIRECT_WAIT_S = 15.0  # a dial not direct by then counts as missed
+
+
+async def _length(sender: str, data: bytes) -> bytes:
+    return str(len(data)).encode()
+
+
+async def _throughput(dialer: Libp2pNetwork, peer_id: str, total: int) -> float:
+    """MiB/s of `total` bytes sent as 1 MiB requests to `peer_id`."""
+    payload = b"\x5a" * BULK
+    started = time.perf_counter()
+    for _ in range(total // BULK):
+        assert await dialer.request(peer_id, "bulk", payload, timeout_s=30) == str(BULK).encode()
+    return total / (1 << 20) / (time.perf_counter() - started)
+
+
+async def _wait(condition, timeout_s: float) -> None:  # type: ignore[no-untyped-def]
+    with trio.fail_after(timeout_s):
+        while not condition():  # noqa: ASYNC110 - real sockets: poll the state
+            await trio.sleep(0.005)
+
+
+async def measure_relay(samples: int, total: int) -> dict[str, list[float]]:
+    """Relay connect and time-to-direct (fresh dialers), relayed and direct throughput."""
+    fast = {"confirmations": 1, "check_s": 0.2}
+
+    def host(**reach: object) -> Libp2pNetwork:
+        return bench_host(ReachSettings(**{**fast, **reach}))  # type: ignore[arg-type]
+
+    out: dict[str, list[float]] = {
+        "relay": [],
+        "direct": [],
+        "missed": [],
+        "relayed_mib": [],
+        "direct_mib": [],
+    }
+    relay = host(serve=True, circuit_bytes=1 << 40)
+    punching, relayed_only = host(), host(hole_punch=False)
+    async with relay.run(), punching.run(), relayed_only.run():
+        for target in (punching, relayed_only):
+            await target.connect(relay.listen_addrs()[0])
+            target.set_request_handler("bulk", _length)
+        await _wait(lambda: relay.reach.serving, 10)
+        for target in (punching, relayed_only):
+            assert await target.reach.reserve_on(ID.from_base58(relay.peer_id))
+
+        def circuit(target: Libp2pNetwork) -> str:
+            return next(a for a in target.listen_addrs() if "/p2p-circuit/" in a)
+
+        for _ in range(samples):  # a fresh dialer each time: relay dial, then DCUtR
+            async with host().run() as dialer:
+                await dialer.connect(relay.listen_addrs()[0])
+                started = time.perf_counter()
+                await dialer.connect(circuit(punching))
+                out["relay"].append((time.perf_counter() - started) * 1000)
+                try:
+                    await _wait(
+                        lambda d=dialer: d.reach.connection_kind(punching.peer_id) == "direct",
+                        DIRECT_WAIT_S,
+                    )
+                    out["direct"].append((time.perf_counter() - started) * 1000)
+                except trio.TooSlowError:
+                    out["missed"].append(1.0)  # DCUtR gave no direct connection in time
+        async with host(hole_punch=False).run() as dialer:  # nobody punches: stays relayed
+            await dialer.connect(relay.listen_addrs()[0])
+            await dialer.connect(circuit(relayed_only))
+            assert dialer.reach.connection_kind(relayed_only.peer_id) == "relayed"
+            out["relayed_mib"].append(await _throughput(dialer, relayed_only.peer_id, total))
+            await dialer.connect(relayed_only.listen_addrs()[0])  # a direct connection too
+            assert dialer.reach.connection_kind(relayed_only.peer_id) == "direct"
+            out["direct_mib"].append(await _throughput(dialer, relayed_only.peer_id, total))
+    return out
 
 
 async def measure_dht(daemons: list[DaemonProcess], n_records: int) -> dict[str, list[float]]:
@@ -134,8 +219,38 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[4, 6, 8])
     parser.add_argument("--records", type=int, default=20)
+    parser.add_argument("--relay-samples", type=int, default=5)
+    parser.add_argument("--relay-mib", type=int, default=32, help="MiB per throughput run")
+    parser.add_argument("--relay-only", action="store_true", help="only the relay table")
     args = parser.parse_args()
-    quiet_libp2p_logs()
+    quiet_libp2p_logs(logging.CRITICAL)  # DCUtR and the relay log every reset stream
+    if not args.relay_only:
+        daemon_table(args)
+    relay_table(args.relay_samples, args.relay_mib << 20)
+    return 0
+
+
+def relay_table(samples: int, total: int) -> None:
+    r = trio.run(measure_relay, samples, total)
+    header = (
+        f"{'relay connect p50':>17} | {'p95':>8} | {'until direct p50':>16} | {'p95':>8} | "
+        f"{'relayed MiB/s':>13} | {'direct MiB/s':>12}"
+    )
+    print(header)
+    print("-" * len(header))
+    print(
+        f"{pct(r['relay'], 0.5):>14.1f} ms | {pct(r['relay'], 0.95):>5.1f} ms | "
+        f"{pct(r['direct'], 0.5) if r['direct'] else float('nan'):>13.1f} ms | "
+        f"{pct(r['direct'], 0.95) if r['direct'] else float('nan'):>5.1f} ms | "
+        f"{r['relayed_mib'][0]:>13.1f} | {r['direct_mib'][0]:>12.1f}"
+    )
+    print(
+        f"({samples} relay dials, {len(r['missed'])} not direct within {DIRECT_WAIT_S:.0f} s; "
+        f"{total >> 20} MiB as 1 MiB requests)"
+    )
+
+
+def daemon_table(args: argparse.Namespace) -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="gridmesh-bench-") as tmp:
         config = Path(tmp) / "bench.toml"
@@ -163,7 +278,6 @@ def main() -> int:
             f"{pct(s['get'], 0.95):>5.1f} ms | {join_s:>10.2f} s | {join_ready_s:>9.2f} s"
         )
     print("targets: connect <= 30 ms, get p95 <= 300 ms, found by all <= 5 s")
-    return 0
 
 
 if __name__ == "__main__":

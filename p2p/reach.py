@@ -277,9 +277,9 @@ class Reachability:
                 self.votes[peer.to_base58()] = False
             else:  # refused (relayed, or no address at its observed IP): no vote
                 self.votes.pop(peer.to_base58(), None)
-        self.status = tally(self.votes, self.settings.confirmations, self.status)
-        if self.status == PUBLIC and self.relayed:
-            self.relayed.clear()  # reachable directly: relayed addresses only slow peers down
+        was, self.status = self.status, tally(self.votes, self.settings.confirmations, self.status)
+        if was == PRIVATE and self.status == PUBLIC:
+            self.relayed.clear()  # reachable directly now: relayed addresses only slow peers
         return self.status
 
     def _relay_candidates(self) -> list[ID]:
