@@ -90,7 +90,12 @@ const RENDER = {
       "payout address": info.payout_address, "RPC URL": info.rpc_url,
       "OpenAI endpoint": info.openai_url,
     }));
+    const list = (v) => (Array.isArray(v) ? v.join(" ") || "none" : v);
     out.push(pairs("Reachability", {
+      "reachable from outside": info.reachability,
+      "observed addresses": list(info.observed_addrs),
+      "relayed addresses": list(info.relayed_addrs),
+      relays: list(info.relays),
       "listening on": (info.listen_addrs || []).join(" "),
       "advertised in the DHT": (data.advertised || []).join(" ") || "not yet published",
       "record expires at": typeof data.record_expires_at === "number"
@@ -122,6 +127,7 @@ const RENDER = {
     out.push(partOr("Peers", data.peers, (peers) => table("Peers and measured round trips", [
       ["peer", (p) => short(p.peer_id)], ["connected", (p) => (p.connected ? "yes" : "no")],
       ["RTT", (p) => (typeof p.rtt_ms === "number" ? p.rtt_ms.toFixed(1) + " ms" : "–")],
+      ["connection", (p) => p.connection],
       ["addresses", (p) => (p.addrs || []).join(" ")],
     ], peers, "peers")));
     out.push(table("Clusters", [

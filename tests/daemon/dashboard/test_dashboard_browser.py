@@ -95,6 +95,9 @@ def test_the_dashboard_in_chromium_on_three_daemons(tmp_path):
             assert printed.startswith(base + "/dashboard/login?code="), printed
             driver.get(printed)
             wait.until(lambda d: node0.peer_id in d.find_element(By.ID, "view-body").text)
+            # node_info's reachability (p2p.reach: AutoNAT), shown as the daemon says it
+            reach = node0.call("node_info")["reachability"]
+            assert f"reachable from outside {reach}" in driver.find_element(By.ID, "view-body").text
             wait.until(lambda d: d.find_element(By.ID, "feed-state").text == "live")
             driver.execute_script("window.notReloaded = true")
             driver.find_element(By.ID, "run-doctor").click()  # reachability, on demand
