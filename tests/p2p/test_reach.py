@@ -2,9 +2,12 @@
 limits (only once public), reservations and the relayed addresses advertised, connecting and
 talking through a relay. (NAT, hole punching and private status: tests/daemon/test_nat_procs.py.)"""
 
+import contextlib
+import os
 import socket
 from contextlib import AsyncExitStack
 
+import multiaddr
 import pytest
 import trio
 from libp2p.host.autonat.pb.autonat_pb2 import Message as AutoNATMessage
@@ -71,8 +74,6 @@ async def test_autonat_dials_back_on_a_fresh_connection() -> None:
             await stack.enter_async_context(net.run())
         await client.connect(server.listen_addrs()[0])
         dead = f"/ip4/127.0.0.1/tcp/{closed_port()}"
-        import multiaddr
-
         status, _ = await client.reach.autonat.query_server(
             ID.from_base58(server.peer_id), [multiaddr.Multiaddr(dead).to_bytes()]
         )
@@ -151,3 +152,24 @@ async def test_dcutr_upgrades_a_relayed_connection_to_a_direct_one() -> None:
         # both ends run DCUtR: the relayed connection is upgraded (no NAT on loopback)
         await wait_for(lambda: dialer.reach.connection_kind(private.peer_id) == "direct", 20)
         assert await dialer.request(private.peer_id, "echo", b"d" * 1000) == b"d" * 1000
+
+
+async def test_garbage_on_relay_hole_punch_and_autonat_streams_leaves_the_relay_serving() -> None:
+    relay, attacker, private = make(serve=True), make(), make(hole_punch=False)
+    async with AsyncExitStack() as stack:
+        for net in (relay, attacker, private):
+            await stack.enter_async_context(net.run())
+        for net in (attacker, private):
+            await net.connect(relay.listen_addrs()[0])
+        await wait_for(lambda: relay.reach.serving)
+        protocols = [str(p) for p in relay.host.get_mux().handlers if p is not None]
+        targets = [p for p in protocols if "relay" in p or "dcutr" in p or "autonat" in p]
+        assert len(targets) >= 4, protocols  # hop, stop, dcutr, autonat
+        for protocol in targets:
+            for size in (1, 7, 64 * 1024):
+                with contextlib.suppress(Exception), trio.move_on_after(2):
+                    stream = await attacker.host.new_stream(relay.host.get_id(), [protocol])
+                    await stream.write(os.urandom(size))
+                    await stream.close()
+        assert await private.reach.reserve_on(ID.from_base58(relay.peer_id))
+        await relay.ping(private.peer_id)
