@@ -21,7 +21,7 @@ lint: $(STAMP)
 # its module fixtures are built once); TEST_WORKERS=0 runs them in this process, in order.
 TEST_WORKERS ?= 2
 
-test: $(STAMP) lint contracts-deps
+test: $(STAMP) lint contracts-deps dashboard-deps
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # the pinned Solidity toolchain (solc-js, OpenZeppelin, anvil) for the contract tests; never
@@ -32,6 +32,14 @@ contracts-deps: $(CONTRACTS_STAMP)
 $(CONTRACTS_STAMP): contracts/package-lock.json
 	cd contracts && npm ci --no-audit --no-fund
 	touch $(CONTRACTS_STAMP)
+
+# axe-core (pinned by its lock file) for the dashboard's accessibility check in Chromium
+DASHBOARD_STAMP := tests/daemon/dashboard/node_modules/.installed
+.PHONY: dashboard-deps
+dashboard-deps: $(DASHBOARD_STAMP)
+$(DASHBOARD_STAMP): tests/daemon/dashboard/package-lock.json
+	cd tests/daemon/dashboard && npm ci --no-audit --no-fund
+	touch $(DASHBOARD_STAMP)
 
 # the property tests with fresh random examples, many more of them (see tests/conftest.py)
 fuzz: $(STAMP)
