@@ -63,12 +63,14 @@ def pct(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def bench_host(reach: ReachSettings | None = None) -> Libp2pNetwork:
+def bench_host(
+    reach: ReachSettings | None = None, listen: str = "/ip4/127.0.0.1/tcp/0"
+) -> Libp2pNetwork:
     settings = DiscoverySettings(network_id="bench")
     return Libp2pNetwork(
         identity.NodeIdentity.generate(),
         network_id="bench",
-        listen=["/ip4/127.0.0.1/tcp/0"],
+        listen=[listen],
         dht_namespace=records.NAMESPACE,
         dht_validator=RecordValidator(settings, time.time, lambda reason: None),
         dht_timeout_s=5.0,
@@ -221,17 +223,26 @@ def main() -> int:
     parser.add_argument("--records", type=int, default=20)
     parser.add_argument("--relay-samples", type=int, default=5)
     parser.add_argument("--relay-mib", type=int, default=32, help="MiB per throughput run")
-    parser.add_argument("--relay-only", action="store_true", help="only the relay table")
+    parser.add_argument("--relay-only", action="store_true", help="only the relay tables")
     args = parser.parse_args()
     quiet_libp2p_logs(logging.CRITICAL)  # DCUtR and the relay log every reset stream
     if not args.relay_only:
         daemon_table(args)
-    relay_table(args.relay_samples, args.relay_mib << 20)
+    print("loopback (no NAT):")
+    relay_table(trio.run(measure_relay, args.relay_samples, args.relay_mib << 20), args)
+    from bench.p2p_nat import measure_nat, unavailable  # noqa: PLC0415 - root only
+
+    why = unavailable()
+    if why is not None:
+        print(f"behind NAT: not measured ({why})")
+        return 0
+    print("behind NAT (network namespaces: two private hosts, each behind a MASQUERADE NAT):")
+    relay_table(measure_nat(args.relay_samples, args.relay_mib << 20), args)
     return 0
 
 
-def relay_table(samples: int, total: int) -> None:
-    r = trio.run(measure_relay, samples, total)
+def relay_table(r: dict[str, list[float]], args: argparse.Namespace) -> None:
+    samples, total = args.relay_samples, args.relay_mib << 20
     header = (
         f"{'relay connect p50':>17} | {'p95':>8} | {'until direct p50':>16} | {'p95':>8} | "
         f"{'relayed MiB/s':>13} | {'direct MiB/s':>12}"
