@@ -8,10 +8,13 @@ real threads and real time. A requester (`RemoteModel` + `generate`, greedy) run
 
 Table 1, overhead: aggregate tokens/s without a verifier, and with spot checks at 0, 2 and
 10 % of the steps of each hop (a flat rate: `probation_rate` = `rate`), rounds interleaved
-(`--rounds`, median); the overhead is 1 - tokens/s with checks / tokens/s without (wall),
+(`--rounds`, each in another order; per round the ratio to that round's run without checks,
+median over rounds); the overhead is 1 - tokens/s with checks / tokens/s without (wall),
 and CPU ms per token with checks / without - 1 (CPU: the process's CPU time, servers and
 replicas included, is what verification costs the network; on a shared machine it is also
-far less noisy than the wall clock). Every
+far less noisy than the wall clock). "CPU per check" is what one checked step cost, in hop-steps
+(half a token's CPU without checks): at a rate r the overhead is about r times it (each
+token's two hops are drawn, and a token costs two hop-steps). Every
 checked step runs again on a replica: a new session, the hop's earlier inputs in one pass,
 then the step. Also the largest honest difference seen between a provider and its replica
 (row-relative; `daemon.verify.compare` allows 1e-5 in float32).
@@ -134,31 +137,48 @@ async def overhead(args: argparse.Namespace, model_dir: Path) -> None:
         for rate in args.rates
     }
     await workload(cluster, None, args)  # warm up
-    runs: dict[float | None, list[tuple[float, float]]] = {None: [], **{r: [] for r in args.rates}}
-    for _ in range(args.rounds):
-        for rate in runs:
+    configs: list[float | None] = [None, *args.rates]
+    runs: dict[float | None, list[tuple[float, float]]] = {c: [] for c in configs}
+    for round_ in range(args.rounds):  # each round in another order: drifts cancel out
+        shift = round_ % len(configs)
+        for rate in configs[shift:] + configs[:shift]:
             runs[rate].append(await workload(cluster, verifiers.get(rate), args))
     base = statistics.median(t for t, _ in runs[None])
     base_cpu = statistics.median(c for _, c in runs[None])
+
+    def ratio(rate: float | None, which: int) -> float:
+        """The median over rounds of this rate's figure over the same round's baseline."""
+        return statistics.median(
+            r[which] / b[which] for r, b in zip(runs[rate], runs[None], strict=True)
+        )
+
+    tokens = args.generations * args.tokens * args.rounds
+    hop_step_ms = base_cpu / 2  # two hops per token
     print(
         f"\noverhead: {args.generations} generations x {args.tokens} tokens, hidden "
-        f"{args.hidden}, {args.layers} layers in 2 ranges x 3 servers, median of {args.rounds}"
+        f"{args.hidden}, {args.layers} layers in 2 ranges x 3 servers, {args.rounds} rounds "
+        "(overheads: the median of each round's ratio to its own run without checks)"
     )
     header = (
         "check rate | tokens/s | overhead (wall) | CPU ms/token | overhead (CPU) | checks "
-        "| max honest spread"
+        "| CPU per check (hop-steps) | max honest spread"
     )
     print(header)
     print("-" * len(header))
-    print(f"{'none':>10} | {base:>8.1f} | {'-':>15} | {base_cpu:>12.2f} | {'-':>14} | {'-':>6} | -")
+    print(
+        f"{'none':>10} | {base:>8.1f} | {'-':>15} | {base_cpu:>12.2f} | {'-':>14} | {'-':>6} "
+        f"| {'-':>25} | -"
+    )
     for rate in args.rates:
         v = verifiers[rate]
-        tps = statistics.median(t for t, _ in runs[rate])
+        checks = v.counters["checks_pass"] + v.counters["checks_fail"]
         cpu = statistics.median(c for _, c in runs[rate])
+        extra = (cpu - base_cpu) * tokens / checks / hop_step_ms if checks else float("nan")
         print(
-            f"{rate * 100:>9.0f}% | {tps:>8.1f} | {(1 - tps / base) * 100:>14.1f}% | "
-            f"{cpu:>12.2f} | {(cpu / base_cpu - 1) * 100:>13.1f}% | "
-            f"{v.counters['checks_pass'] + v.counters['checks_fail']:>6} | {v.spread_max:.1e}"
+            f"{rate * 100:>9.0f}% | {statistics.median(t for t, _ in runs[rate]):>8.1f} | "
+            f"{(1 - ratio(rate, 0)) * 100:>14.1f}% | {cpu:>12.2f} | "
+            f"{(ratio(rate, 1) - 1) * 100:>13.1f}% | {checks:>6} | {extra:>25.1f} | "
+            f"{v.spread_max:.1e}"
         )
 
 

@@ -160,11 +160,11 @@ class GenerationChecks:
         drawn: list[tuple[int, Replay, torch.Tensor]] = []
         canaries: list[tuple[int, Canary]] = []
         for i, hop in enumerate(hops):
-            replay, out = self._step_of(model, hops, i, position, logits)
-            if replay is None or out is None:
-                continue
-            if v.reputation.should_check(hop.peer_id, now):
-                drawn.append((i, replay, out))
+            check = v.reputation.should_check(hop.peer_id, now)
+            if check:  # (what it got and gave is gathered only for the hops drawn)
+                replay, out = self._step_of(model, hops, i, position, logits)
+                if replay is not None and out is not None:
+                    drawn.append((i, replay, out))
             if v.reputation.should_canary(hop.peer_id, now):
                 kept = v.canaries.get(model.model_id, hop.start, hop.end)
                 if kept:
