@@ -49,8 +49,8 @@ class DiscoverySettings:
     # a connected peer is pinged every `liveness_probe_s`; one missing `liveness_misses` pings
     # in a row, or whose connection closed and cannot be dialled again, leaves find() until
     # it answers again or publishes anew (p2p.liveness)
-    liveness_probe_s: Annotated[float, msgspec.Meta(gt=0)] = 1.5
-    liveness_misses: Annotated[int, msgspec.Meta(ge=1)] = 2
+    liveness_probe_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    liveness_misses: Annotated[int, msgspec.Meta(ge=1)] = 3
 
 
 class RecordValidator:

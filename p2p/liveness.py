@@ -36,8 +36,8 @@ class Liveness:
         self,
         net: Network,
         *,
-        probe_interval_s: float = 1.5,
-        misses: int = 2,
+        probe_interval_s: float = 1.0,
+        misses: int = 3,
         redial_timeout_s: float = 2.0,
         max_parallel: int = 32,
     ) -> None:
