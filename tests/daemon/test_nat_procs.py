@@ -7,8 +7,9 @@ one reserves a slot on the relay and advertises the relayed address in its DHT r
 find each other's records through the DHT, connect through the relay (the hello
 request/response crosses it), and DCUtR then upgrades the connection to a direct one where
 the NATs keep ports (cone), and cannot where they pick random ones (symmetric): the test
-says which. Either way a registry write on one reaches the other. (A generation across them
-is not run here: no model is served in this test.)
+says which. Either way a registry write on one reaches the other, and a generation asked of
+one runs on a tiny model served by the other (shard streams across the NATs: abstract Unix
+sockets are per network namespace, so the same-host shortcut cannot be taken).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 from daemon.devnet import wait_for
 from tests.daemon import natlab
 from tests.daemon.netns import NetnsDaemon
+from tests.daemon.shard_procs import LAYERS, NEW_TOKENS, PROMPT, reference_tokens, tiny_model
 
 pytestmark = pytest.mark.procs
 
@@ -30,6 +32,16 @@ PUBLIC_ENV = {
 }
 PRIVATE_ENV = {"GRIDMESH_RELAY__CONFIRMATIONS": "1", "GRIDMESH_RELAY__CHECK_S": "1"}
 DIRECT_WAIT_S = 20.0
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir):
+    return reference_tokens(model_dir)
 
 
 @pytest.fixture(params=["cone", "symmetric"])
@@ -49,7 +61,7 @@ def kind_of(daemon: NetnsDaemon, peer_id: str) -> str | None:
 
 
 def test_private_nodes_meet_through_the_relay_and_punch_through_where_the_nat_allows(
-    tmp_path, fast_config, lab
+    tmp_path, fast_config, lab, model_dir, expected
 ):
     daemons: list[NetnsDaemon] = []
     try:
@@ -132,6 +144,29 @@ def test_private_nodes_meet_through_the_relay_and_punch_through_where_the_nat_al
             return (got.get("value") or {}).get("name") == "natlab"
 
         wait_for(b_has_it, 30, "a's registry write to reach b")
+
+        # and a generation: b asks, a serves every layer
+        plan = [{"peer_id": a.peer_id, "start": 0, "end": LAYERS}]
+        result = a.call(
+            "block_deploy", {"model": "tiny", "model_dir": str(model_dir), "plan": plan}
+        )
+        assert all(r["ok"] for r in result["results"]), result
+        wait_for(
+            lambda: b.call("block_list", {"model": "tiny"})["announced"].get("tiny"),
+            30,
+            "b to see a's shard",
+        )
+        started = time.monotonic()
+        result = b.call(
+            "generate", {"model": "tiny", "token_ids": PROMPT, "max_tokens": NEW_TOKENS}, 120
+        )
+        assert result["error"] is None, result
+        assert result["tokens"] == expected
+        assert [h["peer_id"] for h in result["route"]] == [a.peer_id]
+        print(
+            f"generation of {NEW_TOKENS} tokens asked of b, served by a over a "
+            f"{kind_of(b, a.peer_id)} connection: {time.monotonic() - started:.2f} s"
+        )
     finally:
         for daemon in daemons:
             daemon.stop()
