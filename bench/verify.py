@@ -14,9 +14,9 @@ and CPU ms per token with checks / without - 1 (CPU: the process's CPU time, ser
 replicas included, is what verification costs the network; on a shared machine it is also
 far less noisy than the wall clock). "CPU per check" is what one checked step cost, in hop-steps
 (half a token's CPU without checks): at a rate r the overhead is about r times it (each
-token's two hops are drawn, and a token costs two hop-steps). Every
-checked step runs again on a replica: a new session, the hop's earlier inputs in one pass,
-then the step. Also the largest honest difference seen between a provider and its replica
+token's two hops are drawn, and a token costs two hop-steps). Every checked step runs again
+on a replica: a new session, the hop's earlier inputs and the step's in one pass. Also the
+largest honest difference seen between a provider and its replica
 (row-relative; `daemon.verify.compare` allows 1e-5 in float32).
 
 Table 2, steps to detection: a fourth server of the first range cheats in each mode
@@ -25,7 +25,8 @@ lowest round trip, so routes go through it; at a flat 2 % rate, the steps it ser
 first failed check, over `--seeds` seeded runs, against `daemon.verify.detection`'s mean.
 
 usage: python bench/verify.py [--hidden 256] [--layers 8] [--generations 8] [--tokens 48]
-       [--rounds 3] [--seeds 20] [--rates 0 0.02 0.10] [--threads 1] [--skip-detection]
+       [--rounds 3] [--seeds 20] [--rates 0 0.02 0.10] [--threads 1]
+       [--skip-detection] [--skip-overhead]
 """
 
 from __future__ import annotations
@@ -232,6 +233,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.02, 0.10])
     parser.add_argument("--skip-detection", action="store_true")
+    parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -240,7 +242,8 @@ def main() -> None:
         model_dir = make_tiny(
             Path(tmp) / "m", layers=args.layers, hidden=args.hidden, seed=5, max_positions=1024
         )
-        trio.run(overhead, args, model_dir)
+        if not args.skip_overhead:
+            trio.run(overhead, args, model_dir)
         if not args.skip_detection:
             trio.run(detection_table, args, model_dir)
     print(f"load {os.getloadavg()[0]:.1f} at the end")

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import torch
 import trio
 
@@ -92,6 +93,16 @@ class Verifier:
             rank = ranks.get(s.peer_id, 0)
             out.append(_with_rtt(s, s.rtt_ms + rank * RANK_PENALTY_MS) if rank else s)
         return out
+
+    def to_json(self) -> dict[str, Any]:
+        """What the local APIs and /metrics can show: counters, providers, canaries."""
+        return {
+            "config": msgspec.to_builtins(self.config),
+            "counters": dict(self.counters),
+            "providers": self.reputation.to_json(self.clock()),
+            "canaries": len(self.canaries),
+            "max_honest_spread": self.spread_max,
+        }
 
     def record(self, verdict: Verdict) -> None:
         self.verdicts.append(verdict)

@@ -84,6 +84,17 @@ def test_routing_prefers_the_better_reputation_at_equal_latency():
     assert {s.peer_id for s in v.routable(servers)} == {"a", "b", "c"}
 
 
+def test_the_verifier_reports_its_state():
+    v = Verifier(VerifyConfig(rate=0.05), clock=lambda: 5.0)
+    v.reputation.passed("a", 0)
+    v.reputation.failed("b", 0)
+    v.counters["checks_pass"] += 1
+    state = v.to_json()
+    assert state["config"]["rate"] == 0.05 and state["counters"] == {"checks_pass": 1}
+    assert state["providers"]["a"]["state"] == "probation"
+    assert state["providers"]["b"]["failures"] == 1 and state["canaries"] == 0
+
+
 def test_expected_steps_to_detection():
     assert detection.expected_steps(0.02, 1.0) == pytest.approx(50)
     assert detection.expected_steps(0.02, 0.1) == pytest.approx(500)
