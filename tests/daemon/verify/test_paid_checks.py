@@ -76,8 +76,7 @@ async def test_a_step_found_wrong_is_never_acknowledged(tmp_path, cluster, model
     # the cheater signed its (prompt) step's receipt; no voucher acknowledges it
     account = providers["cheat"].store.account(JOB, providers["cheat"].address)
     assert account is not None and account.signed > 0 and account.acknowledged == 0
-    # the honest providers of the route: all they signed is acknowledged
-
+    # the honest providers (route and replicas): all they signed is acknowledged
     acknowledged = 0
     for peer in RANGES:
         if peer == "cheat":
