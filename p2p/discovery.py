@@ -257,10 +257,11 @@ class ResourceDirectory:
         self.liveness.forget(set(self._cache))
 
     def _addrs_of(self, peer_id: str) -> list[str]:
-        """Where to dial `peer_id` again: what the transport knows, then its record's."""
+        """Where to dial `peer_id` again: the addresses its signed record advertises, then
+        what the transport knows (which may hold the ephemeral ports of its own dials)."""
         record = self._cache.get(peer_id)
-        known = self._net.peer_addrs(peer_id)
-        return known + [a for a in (record.addrs if record else []) if a not in known]
+        advertised = list(record.addrs) if record else []
+        return advertised + [a for a in self._net.peer_addrs(peer_id) if a not in advertised]
 
     def _listed(self, record: records.ResourceRecord) -> bool:
         """Whether find() lists `record`: ours always, another's unless its node is gone."""

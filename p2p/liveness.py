@@ -4,22 +4,25 @@ A resource record stays valid for its whole lifetime (90 s by default) after its
 until now `find()` listed a SIGKILLed node for that long. This module uses what the network
 already observes, on the `Network` seam only (so it runs alike over libp2p and in memory):
 
-- a connection that closes: the peer is dialled again once (`redial_timeout_s`); if that
-  fails, it is taken for gone. A node killed outright refuses the dial at once; one whose
-  connection closed for any other reason is connected again and stays listed;
-- a connected peer that answers `misses` pings in a row (each bounded by the transport's ping
+- a connection that closes: the peer is dialled again (at the addresses its record
+  advertises, within `redial_timeout_s`); if that fails, it is taken for gone. A node killed
+  outright refuses the dial at once; one whose connection closed for any other reason is
+  connected again and stays listed. A gone peer is dialled again every `recheck_s` while its
+  record lasts, and is back when a dial succeeds;
+- a connected peer that misses `misses` pings in a row (each bounded by the transport's ping
   timeout, `probe_interval_s` apart) is taken for gone: a partition leaves TCP connections
   open but silent. One ping answered, however late within its timeout, is enough: a slow link
   never makes an honest node flap.
 
 A gone peer's record is kept, not deleted: it is listed again as soon as the peer answers a
-ping or a record it issued after it was taken for gone is seen (it published again). Peers this
+ping or a dial, or a record it issued after it was taken for gone is seen. Peers this
 node has never been connected to are judged by their record's validity alone.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 import trio
@@ -38,13 +41,16 @@ class Liveness:
         *,
         probe_interval_s: float = 1.0,
         misses: int = 3,
-        redial_timeout_s: float = 2.0,
+        redial_timeout_s: float = 5.0,
+        recheck_s: float = 5.0,
         max_parallel: int = 32,
     ) -> None:
         self._net = net
         self._probe_interval_s = probe_interval_s
         self._misses_needed = misses
         self._redial_timeout_s = redial_timeout_s
+        self._recheck_s = recheck_s
+        self._rechecked: dict[str, float] = {}  # gone peer -> when it was last dialled
         self._limiter = trio.CapacityLimiter(max_parallel)
         self._lost: dict[str, float] = {}  # peer -> when (net.now()) it was taken for gone
         self._misses: dict[str, int] = {}  # connected peer -> pings missed in a row
@@ -91,14 +97,16 @@ class Liveness:
         self._revive(peer_id)
 
     async def _redial(self, peer_id: str, addrs: list[str]) -> None:
-        """A connection to `peer_id` closed: dial it once again; gone if that fails."""
+        """A connection to `peer_id` closed (or it is gone and due for another try): dial it
+        again; gone if that fails, back if it answers."""
         async with self._limiter:
             for addr in addrs or [f"/p2p/{peer_id}"]:
                 try:
                     await self._net.connect(addr, self._redial_timeout_s)
-                    return
                 except Exception:  # refused, unreachable, timed out, malformed address
                     continue
+                self._revive(peer_id)
+                return
         self._mark_lost(peer_id, "connection closed, redial failed")
 
     async def run(
@@ -110,18 +118,38 @@ class Liveness:
         connections closed since a round saw them open (at `addrs_of(peer)`) and ping every
         connected peer. `watched`: peers whose loss matters (those with a record listed)."""
         seen: set[str] = set()  # peers connected at some round and not taken for gone since
-        while True:
-            connected = self._net.connected_peers() - {self._net.peer_id}
-            closed = [p for p in seen - connected if watched(p) and p not in self._lost]
-            seen = connected | {p for p in seen if p not in self._lost and watched(p)}
-            async with trio.open_nursery() as nursery:
+        dialling: set[str] = set()  # redials under way (they run beside the rounds)
+
+        async def redial(peer_id: str) -> None:
+            try:
+                await self._redial(peer_id, addrs_of(peer_id)[:4])
+            finally:
+                dialling.discard(peer_id)
+
+        async with trio.open_nursery() as background:
+            while True:
+                connected = self._net.connected_peers() - {self._net.peer_id}
+                closed = [p for p in seen - connected if watched(p) and p not in self._lost]
+                seen = connected | {p for p in seen if p not in self._lost and watched(p)}
+                now = trio.current_time()
+                # a gone peer (while its record lasts) is dialled every `recheck_s`: a live
+                # one whose redial failed once (a loaded machine) comes back without waiting
+                # for a newer record of it
+                for peer_id in [p for p in self._lost if p not in connected and watched(p)]:
+                    if now - self._rechecked.get(peer_id, -math.inf) >= self._recheck_s:
+                        self._rechecked[peer_id] = now
+                        closed.append(peer_id)
+                self._rechecked = {p: t for p, t in self._rechecked.items() if p in self._lost}
                 for peer_id in closed:
                     self._misses.pop(peer_id, None)
-                    nursery.start_soon(self._redial, peer_id, addrs_of(peer_id)[:4])
-                for peer_id in connected:
-                    nursery.start_soon(self._ping, peer_id)
-            self._misses = {p: n for p, n in self._misses.items() if p in connected}
-            await trio.sleep(self._probe_interval_s)
+                    if peer_id not in dialling:
+                        dialling.add(peer_id)
+                        background.start_soon(redial, peer_id)
+                async with trio.open_nursery() as nursery:
+                    for peer_id in connected:
+                        nursery.start_soon(self._ping, peer_id)
+                self._misses = {p: n for p, n in self._misses.items() if p in connected}
+                await trio.sleep(self._probe_interval_s)
 
     def forget(self, keep: set[str]) -> None:
         """Drop what is known of peers outside `keep` (their records expired)."""
