@@ -59,7 +59,8 @@ def test_the_sample_in_node_toml_is_a_working_key_table():
     """The commented [[serving.api_keys]] sample parses once its digest is filled in."""
     lines = NODE_TOML.read_text().splitlines()
     start = lines.index("# [[serving.api_keys]]")
-    sample = "\n".join(line.removeprefix("# ") for line in lines[start:])
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("#")), len(lines))
+    sample = "\n".join(line.removeprefix("# ") for line in lines[start:end])
     sample = sample.replace("<64 hex digits from gridmesh serve keygen>", DIGEST)
     cfg = settings.parse(tomllib.loads(sample)).serving
     (key,) = cfg.api_keys
