@@ -37,3 +37,12 @@ def expected_steps_with_probation(
 def detection_probability(rate: float, cheat_fraction: float, steps: int) -> float:
     """The chance that a flat-rate cheater is caught within `steps` steps."""
     return 1.0 - (1.0 - rate * cheat_fraction) ** steps
+
+
+def expected_steps_audited(rate: float, cheat_fraction: float) -> float:
+    """The same with `audit_history` (a hop that is not the last): a check catches any cheat
+    at or before it. The first cheat comes after 1/q steps on average, and from that step
+    on each step is checked with probability r: 1/q + 1/r - 1."""
+    if rate <= 0 or cheat_fraction <= 0:
+        return float("inf")
+    return 1.0 / cheat_fraction + 1.0 / rate - 1.0

@@ -35,6 +35,10 @@ class VerifyConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The same for a provider on probation (new, or after a failed check)."""
     canary_rate: float = 0.0
     """Chance, per hop and step, that a canary is sent to a provider on probation."""
+    audit_history: bool = False
+    """A check of a hop (not the last) also compares the provider's outputs at every earlier
+    position of the generation, which the replica computes in the same pass (a cheat on an
+    unchecked step is then caught at the next check; its token was used already)."""
     graduate_after: int = 20
     """Passed checks that end probation."""
     exclude_after: int = 2

@@ -36,6 +36,7 @@ class Replay:
     prefix: torch.Tensor | None  # positions 0 .. position - 1 (None at position 0)
     x: torch.Tensor
     last_only: bool
+    full: bool = False  # the output of every position (one pass only), not the step's alone
 
     @property
     def position(self) -> int:
@@ -83,7 +84,9 @@ async def run_on(opener: StreamOpener, peer: str, replay: Replay, timeout_s: flo
         )
         if out is None or not isinstance(reply, wire.Result):
             raise ReplicaUnavailable(f"{peer}: a forward reply without a tensor")
-        return out if replay.last_only else out[:, -replay.x.shape[1] :]
+        if replay.last_only or (replay.full and prefix is None):
+            return out
+        return out[:, -replay.x.shape[1] :]
     except (HopFailed, GenerationError) as exc:
         raise ReplicaUnavailable(str(exc)) from None
     finally:

@@ -19,6 +19,7 @@ acknowledged as before, in the order they came.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter
 from collections.abc import Callable
@@ -30,6 +31,7 @@ import torch
 import trio
 
 from daemon.shards.client import HopFailed
+from daemon.shards.session import MAX_STEP_TOKENS
 from daemon.verify.canaries import Canary, CanaryStore
 from daemon.verify.compare import Agreement, compare, tolerance
 from daemon.verify.policy import RANK_PENALTY_MS, Reputation, VerifyConfig
@@ -110,10 +112,15 @@ class Verifier:
         self.counters[f"checks_{verdict.outcome}"] += 1
 
 
-def _with_rtt(server: Any, rtt_ms: float) -> Any:
-    from dataclasses import replace
+def _canary(replay: Replay, output: torch.Tensor) -> Canary:
+    """A verified step as a canary: its own rows (an audit's earlier rows are left out)."""
+    if not replay.full:
+        return Canary(replay, output)
+    return Canary(dataclasses.replace(replay, full=False), output[:, -replay.x.shape[1] :])
 
-    return replace(server, rtt_ms=rtt_ms)
+
+def _with_rtt(server: Any, rtt_ms: float) -> Any:
+    return dataclasses.replace(server, rtt_ms=rtt_ms)
 
 
 class DeferredPayments:
@@ -213,11 +220,12 @@ class GenerationChecks:
             reason = "no majority among replicas" if d.outcome == "unresolved" else "wrong output"
             raise HopFailed(d.peer, f"failed a check: {reason}")
 
-    @staticmethod
     def _step_of(
-        model: Any, hops: list[Any], i: int, position: int, logits: torch.Tensor
+        self, model: Any, hops: list[Any], i: int, position: int, logits: torch.Tensor
     ) -> tuple[Replay | None, torch.Tensor | None]:
-        """Hop `i`'s part of the step at `position`: what it got (and before) and gave."""
+        """Hop `i`'s part of the step at `position`: what it got (and before) and gave (with
+        `audit_history`, what it gave at every earlier position too, where recorded: the
+        next hop's inputs)."""
         hop = hops[i]
         if not hop.chunks or hop.chunks[-1][0] != position:
             return None, None
@@ -232,14 +240,21 @@ class GenerationChecks:
             if not after or after[-1][0] != position:
                 return None, None
             out = after[-1][1]
+        x = hop.chunks[-1][1]
+        full = False
+        if self.verifier.config.audit_history and not last and chunks:
+            given = [c for _, c in after]
+            if sum(c.shape[1] for c in given) == position + x.shape[1] <= MAX_STEP_TOKENS:
+                out, full = torch.cat(given, dim=1), True
         replay = Replay(
             model.model_id,
             hop.start,
             hop.end,
             model.max_length,
             torch.cat(chunks, dim=1) if chunks else None,
-            hop.chunks[-1][1],
+            x,
             last,
+            full,
         )
         return replay, out
 
@@ -307,7 +322,7 @@ class GenerationChecks:
             verdict = Verdict(i, provider, "pass", [])
             v.reputation.passed(provider, now)
             v.reputation.passed(checker, now)
-            v.canaries.add(Canary(replay, theirs))
+            v.canaries.add(_canary(replay, theirs))
         else:
             third = await self._replica_output(model, servers, replay, {provider, checker})
             if third is None:
@@ -320,12 +335,12 @@ class GenerationChecks:
                     verdict = Verdict(i, provider, "fail", [provider])
                     v.reputation.passed(checker, now)
                     v.reputation.passed(referee, now)
-                    v.canaries.add(Canary(replay, ref))
+                    v.canaries.add(_canary(replay, ref))
                 elif provider_ok and not checker_ok:
                     verdict = Verdict(i, provider, "pass", [checker])
                     v.reputation.passed(provider, now)
                     v.reputation.passed(referee, now)
-                    v.canaries.add(Canary(replay, ref))
+                    v.canaries.add(_canary(replay, ref))
                 else:
                     verdict = Verdict(i, provider, "unresolved", [])
         v.record(verdict)

@@ -78,8 +78,9 @@ async def steps_to_detection(cluster, mode: str, seeds: range, **config) -> list
     [
         ("skip", FLAT_2),
         ("corrupt", {"rate": 0.02, "probation_rate": 0.10, "graduate_after": 20}),
+        ("corrupt", {**FLAT_2, "audit_history": True}),
     ],
-    ids=["skip-flat-2%", "corrupt-half-default-probation"],
+    ids=["skip-flat-2%", "corrupt-half-default-probation", "corrupt-half-flat-2%-audited"],
 )
 async def test_steps_to_detection_match_the_expectation(cluster, model_dir, mode, config):
     await build(cluster, model_dir, None)
@@ -89,11 +90,15 @@ async def test_steps_to_detection_match_the_expectation(cluster, model_dir, mode
     expected = detection.expected_steps_with_probation(
         config["rate"], config["probation_rate"], config.get("graduate_after", 20), q
     )
-    if config["rate"] == config["probation_rate"]:
+    if config.get("audit_history"):  # a check also catches the earlier cheats
+        expected = detection.expected_steps_audited(config["rate"], q)
+    elif config["rate"] == config["probation_rate"]:
         assert expected == pytest.approx(detection.expected_steps(config["rate"], q))
     # the mean of 40 runs, within 4 standard errors (the draws are seeded: this is fixed)
     sd = statistics.pstdev(measured)
     mean = statistics.fmean(measured)
+    if config.get("audit_history"):  # far sooner than checking the step alone (1/(r q))
+        assert mean < 0.75 * detection.expected_steps(config["rate"], q), mean
     assert abs(mean - expected) <= 4 * max(sd, 1.0) / math.sqrt(len(measured)), (
         mean,
         expected,

@@ -106,3 +106,6 @@ def test_expected_steps_to_detection():
     # q = 0.5, g = 1: 1/0.1 + 0.5 * 1/(0.02*0.5) = 10 + 50
     assert detection.expected_steps_with_probation(0.02, 0.1, 1, 0.5) == pytest.approx(60)
     assert detection.detection_probability(0.02, 1.0, 50) == pytest.approx(1 - 0.98**50)
+    # auditing earlier positions: the first cheat (2 steps at q = 0.5), then a check
+    assert detection.expected_steps_audited(0.02, 0.5) == pytest.approx(51)
+    assert detection.expected_steps_audited(0.02, 1.0) == pytest.approx(50)

@@ -78,3 +78,16 @@ async def test_without_a_replica_no_verdict_is_drawn(cluster, model_dir, referen
     remote = model(cluster, v.generation(), fast="a1")
     assert await tokens(remote, prompt, 6) == expected[:6]
     assert v.counters["checks_skipped"] == 14 and not v.verdicts and not remote.recoveries
+
+
+async def test_auditing_earlier_positions_flags_no_honest_provider(cluster, model_dir, reference):
+    prompt, expected = reference
+    await build(cluster, model_dir, None)
+    v = verifier(seed=5, rate=0.5, probation_rate=0.5, audit_history=True)
+    for _ in range(2):
+        remote = model(cluster, v.generation(), fast="a1")
+        assert await tokens(remote, prompt, 24) == expected
+        assert not remote.recoveries
+    assert v.counters["checks_pass"] > 20 and not v.counters["checks_fail"]
+    # the canaries kept are the steps' own rows, not the audited history
+    assert all(c.output.shape[1] == c.replay.x.shape[1] for c in v.canaries.get("tiny", 0, 3))
