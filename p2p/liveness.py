@@ -12,7 +12,10 @@ already observes, on the `Network` seam only (so it runs alike over libp2p and i
 - a connected peer that misses `misses` pings in a row (each bounded by the transport's ping
   timeout, `probe_interval_s` apart) is taken for gone: a partition leaves TCP connections
   open but silent. One ping answered, however late within its timeout, is enough: a slow link
-  never makes an honest node flap.
+  never makes an honest node flap. A round in which most peers missed (3 or more pinged), or
+  which began late (this node's event loop lagging), counts no misses: the trouble is then
+  this node's own (a flood saturating it hid every honest peer from its `nodes_find` in
+  bench/abuse.py), and its peers judge it.
 
 A gone peer's record is kept, not deleted: it is listed again as soon as the peer answers a
 ping or a dial, or a record it issued after it was taken for gone is seen. Peers this
@@ -56,6 +59,7 @@ class Liveness:
         self._misses: dict[str, int] = {}  # connected peer -> pings missed in a row
         self.lost_total = 0  # peers taken for gone (closed and not redialled, or silent)
         self.revived_total = 0  # gone peers seen alive again
+        self.rounds_spared = 0  # rounds whose misses were not counted (the trouble was ours)
 
     def lost(self) -> dict[str, float]:
         """Peers taken for gone, and since when (the network's clock)."""
@@ -83,18 +87,29 @@ class Liveness:
             self.revived_total += 1
             log.info("peer %s is back", peer_id)
 
-    async def _ping(self, peer_id: str) -> None:
+    async def _ping(self, peer_id: str, missed: list[str]) -> None:
+        """Ping `peer_id`; it goes into `missed` if it does not answer (counted by the round)."""
         try:
             async with self._limiter:
                 await self._net.ping(peer_id)
         except Exception:  # a timeout, a reset, no route: all mean no answer
-            missed = self._misses.get(peer_id, 0) + 1
-            self._misses[peer_id] = missed
-            if missed >= self._misses_needed:
-                self._mark_lost(peer_id, f"{missed} pings unanswered")
+            missed.append(peer_id)
             return
         self._misses.pop(peer_id, None)
         self._revive(peer_id)
+
+    def _count_misses(self, missed: list[str], pinged: int, late_s: float) -> None:
+        """Count a round's unanswered pings, unless the trouble looks like ours: most peers
+        missed at once (this node overloaded, or its own link cut: others judge it), or the
+        round itself started late (our event loop lagging, the pings' time eaten by it)."""
+        if late_s > self._probe_interval_s or (pinged >= 3 and 2 * len(missed) > pinged):
+            self.rounds_spared += 1
+            return
+        for peer_id in missed:
+            count = self._misses.get(peer_id, 0) + 1
+            self._misses[peer_id] = count
+            if count >= self._misses_needed:
+                self._mark_lost(peer_id, f"{count} pings unanswered")
 
     async def _redial(self, peer_id: str, addrs: list[str]) -> None:
         """A connection to `peer_id` closed (or it is gone and due for another try): dial it
@@ -119,6 +134,7 @@ class Liveness:
         connected peer. `watched`: peers whose loss matters (those with a record listed)."""
         seen: set[str] = set()  # peers connected at some round and not taken for gone since
         dialling: set[str] = set()  # redials under way (they run beside the rounds)
+        late_s = 0.0  # how much later than asked the last round began
 
         async def redial(peer_id: str) -> None:
             try:
@@ -145,11 +161,15 @@ class Liveness:
                     if peer_id not in dialling:
                         dialling.add(peer_id)
                         background.start_soon(redial, peer_id)
+                missed: list[str] = []
                 async with trio.open_nursery() as nursery:
                     for peer_id in connected:
-                        nursery.start_soon(self._ping, peer_id)
+                        nursery.start_soon(self._ping, peer_id, missed)
+                self._count_misses(missed, len(connected), late_s)
                 self._misses = {p: n for p, n in self._misses.items() if p in connected}
+                slept_from = trio.current_time()
                 await trio.sleep(self._probe_interval_s)
+                late_s = trio.current_time() - slept_from - self._probe_interval_s
 
     def forget(self, keep: set[str]) -> None:
         """Drop what is known of peers outside `keep` (their records expired)."""

@@ -67,6 +67,11 @@ async def test_killed_and_cut_off_nodes_leave_nodes_find_within_10_s(
         print(f"cut-off node gone from every nodes_find after {took:.1f} s (virtual)")
         assert took <= 10.0
         assert all(d.daemon.directory.liveness.lost_total >= 2 for d in others)
+        # the cut-off node misses every peer's pings at once: the trouble is its own, it hides
+        # nobody (as a flooded, saturated node must not hide its honest peers)
+        assert back.daemon.directory.liveness.rounds_spared >= 3
+        assert back.daemon.directory.liveness.lost() == {}
+        assert len(await back.call("nodes_find", {})) == 4
 
         cluster.hub.heal()
         await cluster.wait_for(cluster.all_found, 30, "the healed node to be listed again")
