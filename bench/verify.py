@@ -22,7 +22,8 @@ largest honest difference seen between a provider and its replica
 Table 2, steps to detection: a fourth server of the first range cheats in each mode
 (`daemon.verify.cheat`; `corrupt` on half of its steps, the others on all) and announces the
 lowest round trip, so routes go through it; at a flat 2 % rate, the steps it served until the
-first failed check, over `--seeds` seeded runs, against `daemon.verify.detection`'s mean.
+first failed check, over `--seeds` seeded runs, against `daemon.verify.detection`'s mean; and
+`corrupt` again with `audit_history` (a check also compares every earlier position).
 
 usage: python bench/verify.py [--hidden 256] [--layers 8] [--generations 8] [--tokens 48]
        [--rounds 3] [--seeds 20] [--rates 0 0.02 0.10] [--threads 1]
@@ -191,15 +192,22 @@ async def detection_table(args: argparse.Namespace, model_dir: Path) -> None:
         f"\nsteps to detection at a flat 2 % rate, {args.seeds} seeded runs per mode "
         "(the cheater's steps up to and including the one caught)"
     )
-    header = "mode    | cheats on | expected | measured mean | 95% CI of mean | median | max"
+    header = "mode           | cheats on | expected | measured mean | 95% CI of mean | median | max"
     print(header)
     print("-" * len(header))
-    for mode in MODES:
+    rows = [(mode, mode, False) for mode in MODES] + [("corrupt, audit", "corrupt", True)]
+    for label, mode, audit in rows:
         q = FRACTION.get(mode, 1.0)
+        expected = (
+            detection.expected_steps_audited(0.02, q)
+            if audit
+            else detection.expected_steps(0.02, q)
+        )
         measured = []
         for seed in range(args.seeds):
             cheat = Cheat(server, mode, fraction=q, seed=seed).install()
-            v = Verifier(VerifyConfig(rate=0.02, probation_rate=0.02), rng=random.Random(seed))
+            config = VerifyConfig(rate=0.02, probation_rate=0.02, audit_history=audit)
+            v = Verifier(config, rng=random.Random(seed))
             remote = cluster.model(v.generation(), max_length=1000)
             await remote.open()
             async for _ in generate(remote, [seed % 200 + 1, 7], 990):
@@ -212,7 +220,7 @@ async def detection_table(args: argparse.Namespace, model_dir: Path) -> None:
         mean = statistics.fmean(finite)
         half = 1.96 * statistics.pstdev(finite) / math.sqrt(len(finite))
         print(
-            f"{mode:<7} | {q * 100:>8.0f}% | {detection.expected_steps(0.02, q):>8.1f} | "
+            f"{label:<14} | {q * 100:>8.0f}% | {expected:>8.1f} | "
             f"{mean:>13.1f} | {mean - half:>6.1f}..{mean + half:<6.1f} | "
             f"{statistics.median(finite):>6.0f} | {max(finite):>3.0f}"
             + (
