@@ -3,7 +3,7 @@
 A part of the libp2p adapter (p2p.host); every py-libp2p 0.8.1 workaround it needs is here:
 - AutoNAT's server answers a dial-back with `host.connect()`, which returns at once for a
   peer that is already connected: every node would be told it is public. Our server dials
-  the asked address on a fresh connection (`swarm.dial_addr`) and closes that one after.
+  the asked address anew, up to the security handshake (`FreshDialAutoNAT`).
 - AutoNAT's client sends only our listen addresses, which behind a NAT never match the IP the
   server observes, so the server refuses instead of failing the dial. We add the addresses a
   NAT would map (the IP peers observe us at, with our listen port: the prediction DCUtR makes
@@ -15,6 +15,12 @@ A part of the libp2p adapter (p2p.host); every py-libp2p 0.8.1 workaround it nee
 - `CircuitV2Transport` with the client role reserves a slot on the relay before every dial
   through it, so dialers would fill a relay's slots: it runs without that role (our
   reservations are made explicitly, `reserve_on`).
+- DCUtR's own driver (a loop that looks for relayed connections every 2 s) made every
+  daemon's pings to its peers time out after a hostile peer's garbage (tests/daemon/
+  test_procs.py::test_bad_input_is_counted_and_daemon_keeps_serving failed with it and
+  passed without it; the cause inside it was not found): it is replaced by
+  `_drive_hole_punches`, which punches to peers reached only through a relay, in the
+  background, at most every PUNCH_RETRY_S.
 - The transport's reservation refresher runs in whatever nursery it is given: ours, so that
   it stops with the host.
 
@@ -55,6 +61,9 @@ PUBLIC, PRIVATE, UNKNOWN = "public", "private", "unknown"
 DIRECT, RELAYED = "direct", "relayed"
 AUTONAT_TIMEOUT_S = 10.0
 RESERVE_TIMEOUT_S = 10.0
+PUNCH_POLL_S = 1.0  # how often relayed-only peers are looked for
+PUNCH_RETRY_S = 30.0  # a peer is punched to at most this often
+PUNCH_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -117,19 +126,29 @@ def tally(votes: dict[str, bool], confirmations: int, current: str) -> str:
 
 
 class FreshDialAutoNAT(AutoNATService):
-    """AutoNAT whose server dials back on a new connection (see the module docstring)."""
+    """AutoNAT whose server dials back on a new connection (see the module docstring).
+
+    The dial-back goes as far as the security handshake, which proves the peer's identity,
+    and is then closed: it never joins either swarm. (A full connection, closed at once, was
+    taken by the dialled peer as its newest connection to us and its next streams failed.)"""
 
     async def _try_dial(self, peer_id: ID, addrs: list[bytes]) -> bytes | None:
         swarm = self.host.get_network()
-        for raw in addrs:
+        for addr in addrs:
+            maddr = multiaddr.Multiaddr(addr)
+            raw = None
             try:
                 with trio.fail_after(AUTONAT_TIMEOUT_S / 2):
-                    conn = await swarm.dial_addr(multiaddr.Multiaddr(raw), peer_id)  # type: ignore[attr-defined]
+                    transport = swarm.transport_manager.transport_for_dialing(maddr)  # type: ignore[attr-defined]
+                    raw = await transport.dial(maddr)
+                    await swarm.upgrader.upgrade_security(raw, True, peer_id)  # type: ignore[attr-defined]
+                return bytes(addr)
             except Exception:
                 continue
-            with contextlib.suppress(Exception):
-                await conn.close()
-            return bytes(raw)
+            finally:
+                if raw is not None:
+                    with contextlib.suppress(Exception):
+                        await raw.close()
         return None
 
 
@@ -149,6 +168,9 @@ class Reachability:
         config = RelayConfig(roles=RelayRole.STOP)
         self.transport = CircuitV2Transport(host, self.relay, config)
         self.dcutr = DCUtRProtocol(host) if settings.hole_punch else None
+        if self.dcutr is not None:  # its own driver slowed every peer down: ours instead
+            self.dcutr._auto_drive_loop = trio.sleep_forever  # type: ignore[method-assign]
+        self._punched: dict[str, float] = {}  # peer -> when we last tried to punch to it
         self._nursery: trio.Nursery | None = None
         self.refused_hops = 0  # relay requests refused while we were not known to be public
         self.circuit_dials = 0  # connections we opened through a relay
@@ -217,6 +239,8 @@ class Reachability:
                 await self.dcutr.event_started.wait()
             self._nursery = await stack.enter_async_context(trio.open_nursery())
             self._nursery.start_soon(self._loop)
+            if self.dcutr is not None:
+                self._nursery.start_soon(self._drive_hole_punches)
             if self.settings.upnp:
                 self._nursery.start_soon(self._try_upnp)
             try:
@@ -242,6 +266,28 @@ class Reachability:
             await trio.sleep(
                 self.settings.check_s if self.votes else min(1.0, self.settings.check_s)
             )
+
+    async def _drive_hole_punches(self) -> None:
+        """Every PUNCH_POLL_S, try DCUtR (in the background) with each peer we reach only
+        through a relay, at most once per PUNCH_RETRY_S."""
+        while True:
+            await trio.sleep(PUNCH_POLL_S)
+            now = trio.current_time()
+            for peer in self.host.get_connected_peers():
+                peer_id = peer.to_base58()
+                if self.connection_kind(peer_id) != RELAYED:
+                    continue
+                if now - self._punched.get(peer_id, -PUNCH_RETRY_S) < PUNCH_RETRY_S:
+                    continue
+                self._punched[peer_id] = now
+                assert self._nursery is not None
+                self._nursery.start_soon(self._punch, peer_id)
+            for peer_id in [p for p, t in self._punched.items() if now - t > 10 * PUNCH_RETRY_S]:
+                del self._punched[peer_id]  # bounded: peers long gone are forgotten
+
+    async def _punch(self, peer_id: str) -> None:
+        with contextlib.suppress(Exception), trio.move_on_after(PUNCH_TIMEOUT_S):
+            await self.hole_punch(peer_id)
 
     def _direct_peers(self) -> list[ID]:
         peers = []
