@@ -81,6 +81,10 @@ async def test_autonat_dials_back_on_a_fresh_connection() -> None:
         assert client.peer_id in server.connected_peers()  # the old connection is untouched
         await wait_for(lambda: client.reach.status == PUBLIC)  # its real address answers
         assert reach_info(client)["reachability"] == PUBLIC
+        # the dial-backs stop after the security handshake: they never join either swarm
+        client_id, server_id = ID.from_base58(client.peer_id), ID.from_base58(server.peer_id)
+        assert len(server.host.get_network().get_connections(client_id)) == 1
+        assert len(client.host.get_network().get_connections(server_id)) == 1
 
 
 async def test_relay_reservation_relayed_address_and_a_request_through_it() -> None:
