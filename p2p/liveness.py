@@ -12,10 +12,11 @@ already observes, on the `Network` seam only (so it runs alike over libp2p and i
 - a connected peer that misses `misses` pings in a row (each bounded by the transport's ping
   timeout, `probe_interval_s` apart) is taken for gone: a partition leaves TCP connections
   open but silent. One ping answered, however late within its timeout, is enough: a slow link
-  never makes an honest node flap. A round in which most peers missed (3 or more pinged), or
-  which began late (this node's event loop lagging), counts no misses: the trouble is then
-  this node's own (a flood saturating it hid every honest peer from its `nodes_find` in
-  bench/abuse.py), and its peers judge it.
+  never makes an honest node flap. A round in which most peers missed (2 of 3, half of 4 or
+  more), or which began late (this node's event loop lagging), counts no misses: the trouble
+  is then this node's own (a flood saturating it hid honest peers from its `nodes_find` in
+  bench/abuse.py), and its peers judge it. Likewise a redial refused at once marks the peer
+  gone, one that only ran out of time must fail twice in a row.
 
 A gone peer's record is kept, not deleted: it is listed again as soon as the peer answers a
 ping or a dial, or a record it issued after it was taken for gone is seen. Peers this
@@ -54,6 +55,7 @@ class Liveness:
         self._redial_timeout_s = redial_timeout_s
         self._recheck_s = recheck_s
         self._rechecked: dict[str, float] = {}  # gone peer -> when it was last dialled
+        self._slow_dials: set[str] = set()  # peers whose last redial ran out of time
         self._limiter = trio.CapacityLimiter(max_parallel)
         self._lost: dict[str, float] = {}  # peer -> when (net.now()) it was taken for gone
         self._misses: dict[str, int] = {}  # connected peer -> pings missed in a row
@@ -102,7 +104,8 @@ class Liveness:
         """Count a round's unanswered pings, unless the trouble looks like ours: most peers
         missed at once (this node overloaded, or its own link cut: others judge it), or the
         round itself started late (our event loop lagging, the pings' time eaten by it)."""
-        if late_s > self._probe_interval_s or (pinged >= 3 and 2 * len(missed) > pinged):
+        most = 2 * len(missed) >= pinged if pinged >= 4 else 2 * len(missed) > pinged
+        if late_s > self._probe_interval_s or (pinged >= 3 and most):
             self.rounds_spared += 1
             return
         for peer_id in missed:
@@ -114,15 +117,23 @@ class Liveness:
     async def _redial(self, peer_id: str, addrs: list[str]) -> None:
         """A connection to `peer_id` closed (or it is gone and due for another try): dial it
         again; gone if that fails, back if it answers."""
+        started = trio.current_time()
         async with self._limiter:
             for addr in addrs or [f"/p2p/{peer_id}"]:
                 try:
                     await self._net.connect(addr, self._redial_timeout_s)
                 except Exception:  # refused, unreachable, timed out, malformed address
                     continue
+                self._slow_dials.discard(peer_id)
                 self._revive(peer_id)
                 return
-        self._mark_lost(peer_id, "connection closed, redial failed")
+        # refused at once: nothing listens there (a killed node). A dial that only ran out of
+        # time may be our own load: gone after the second such dial in a row
+        if trio.current_time() - started < self._redial_timeout_s or peer_id in self._slow_dials:
+            self._slow_dials.discard(peer_id)
+            self._mark_lost(peer_id, "connection closed, redial failed")
+        else:
+            self._slow_dials.add(peer_id)
 
     async def run(
         self,
@@ -151,11 +162,15 @@ class Liveness:
                 # a gone peer (while its record lasts) is dialled every `recheck_s`: a live
                 # one whose redial failed once (a loaded machine) comes back without waiting
                 # for a newer record of it
-                for peer_id in [p for p in self._lost if p not in connected and watched(p)]:
+                again = [*self._lost, *self._slow_dials]
+                for peer_id in [p for p in again if p not in connected and watched(p)]:
                     if now - self._rechecked.get(peer_id, -math.inf) >= self._recheck_s:
                         self._rechecked[peer_id] = now
                         closed.append(peer_id)
-                self._rechecked = {p: t for p, t in self._rechecked.items() if p in self._lost}
+                self._rechecked = {
+                    p: t for p, t in self._rechecked.items() if p in self._lost or p in again
+                }
+                self._slow_dials &= {p for p in self._slow_dials if watched(p)}
                 for peer_id in closed:
                     self._misses.pop(peer_id, None)
                     if peer_id not in dialling:
