@@ -221,6 +221,7 @@ class Daemon:
             pipeline=config.shards.pipeline,
             price_per_unit=config.market.price_per_unit,
             max_price_per_unit=config.market.max_price_per_unit,
+            verifier=self._verifier(),
         )
         register_shard_methods(self.dispatcher, self.shards, self.directory)
         self.vdags = VdagService(  # vdag_infer; Python blocks; the sandbox pool (on first use)
@@ -296,6 +297,27 @@ class Daemon:
             max_queue=serving.max_queue,
         )
         return OpenAIServer(engine, Access(serving), self.metrics, max_body=serving.max_body_bytes)
+
+    def _verifier(self) -> Any:
+        """The spot checks of this node's generations ([verify]; None when off), exported
+        in /metrics and by the `verify_status` method."""
+        verifier = None
+        if self.config.verify.enabled:
+            from daemon.verify.metrics import VerifyCollector
+            from daemon.verify.verifier import Verifier
+
+            verifier = Verifier(self.config.verify.policy())
+            self.metrics.registry.register(VerifyCollector(verifier))
+
+        async def verify_status() -> dict[str, Any]:
+            """This node's spot checks as a requester: config, counters, providers by
+            standing ({"enabled": false} when [verify] is off)."""
+            return (
+                {"enabled": False} if verifier is None else {"enabled": True, **verifier.to_json()}
+            )
+
+        self.dispatcher.register("verify_status", verify_status)
+        return verifier
 
     def _cluster_runtime(self) -> ClusterRuntime:
         """SWIM, election and fenced commands for the clusters this node is a member of."""

@@ -47,6 +47,7 @@ from daemon.sections import (
     ShardsConfig,
 )
 from daemon.serving.settings import ServingConfig
+from daemon.verify.config import VerifySection
 from p2p.discovery import DiscoverySettings
 from p2p.limits import HostLimits
 from p2p.network import NETWORK_ID_PATTERN
@@ -68,7 +69,7 @@ NETWORK_ID_DOC = "a network id (1..64 letters, digits, '.', '_' and '-'; empty: 
 # -- the tree -----------------------------------------------------------------------------
 
 SECTIONS = ("p2p", "rpc", "resources", "registry", "shards", "grpc", "chain", "market", "cluster")
-SECTIONS += ("serving", "sandbox")
+SECTIONS += ("serving", "sandbox", "verify")
 SECTIONS += ("relay",)
 
 
@@ -93,6 +94,7 @@ class Config(Section):
     cluster: ClusterConfig = ClusterConfig()
     serving: ServingConfig = ServingConfig()
     sandbox: SandboxConfig = SandboxConfig()
+    verify: VerifySection = VerifySection()
     relay: RelayConfig = RelayConfig()
 
     def __post_init__(self) -> None:

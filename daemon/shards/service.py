@@ -109,11 +109,14 @@ class ShardService(JobTable):
         price_per_unit: int = 0,
         max_price_per_unit: int | None = None,
         nursery: trio.Nursery | None = None,
+        verifier: Any = None,
     ) -> None:
         """`price_per_unit`: this node's price as a provider, announced with every block;
         `max_price_per_unit`: the most it pays as a requester when a generation names no
-        maximum (None: no maximum), whichever API asks (JSON-RPC, gRPC)."""
+        maximum (None: no maximum), whichever API asks (JSON-RPC, gRPC); `verifier`: the
+        spot checks of its generations (daemon.verify.Verifier; None: none)."""
         super().__init__()
+        self.verifier = verifier
         self.ident = ident
         self.net = net
         self.replica = replica
