@@ -20,6 +20,7 @@ Targets on the CPU: 8 concurrent streams give >= 3x the aggregate tokens/s of 1 
 
 usage: python bench/serving.py [--hidden 2048] [--layers 8] [--daemons 1 4]
        [--streams 1 4 8 16 32] [--prompt-tokens 16] [--tokens 32] [--device cpu|cuda]
+       [--pipeline] [--batched-layout]
 smallest (a check that it runs): python bench/serving.py --hidden 64 --layers 4
        --daemons 1 2 --streams 1 4 --tokens 8 --no-hf
 """
@@ -210,10 +211,12 @@ def transformers_rows(model_dir: Path, args: argparse.Namespace, dtype: str) -> 
 
 def serving_config(args: argparse.Namespace) -> str:
     text = config_text(args.threads, args.device, local_sockets=True)
+    if "pipeline = false" not in text:
+        raise RuntimeError("configs/devnet.toml no longer has 'pipeline = false'")
     if args.pipeline:  # configs/devnet.toml turns it off: its daemons share one machine
-        if "pipeline = false" not in text:
-            raise RuntimeError("configs/devnet.toml no longer has 'pipeline = false'")
         text = text.replace("pipeline = false", "pipeline = true")
+    if args.batched_layout:  # in the same [shards] table
+        text = text.replace("pipeline = ", "batched_layout = true\npipeline = ")
     return text + "\n[serving]\nopenai = true\nport = 0\n"
 
 
@@ -304,6 +307,11 @@ def main() -> int:
         default=False,
         help="micro-batches across the hops ([shards] pipeline); off by default, since the "
         "daemons share this machine's cores",
+    )
+    parser.add_argument(
+        "--batched-layout",
+        action="store_true",
+        help="[shards] batched_layout: CPU weights in oneDNN's layout for batched products",
     )
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -219,6 +219,7 @@ class Daemon:
             max_batch=config.shards.max_batch,
             batch_window_s=config.shards.batch_window_s,
             pipeline=config.shards.pipeline,
+            batched_layout=config.shards.batched_layout,
             price_per_unit=config.market.price_per_unit,
             max_price_per_unit=config.market.max_price_per_unit,
             verifier=self._verifier(),

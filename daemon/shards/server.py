@@ -103,6 +103,7 @@ class ShardServer:
         max_batch: int = MAX_BATCH,
         batch_window_s: float = BATCH_WINDOW_S,
         pipeline: bool = True,
+        batched_layout: bool = False,
     ) -> None:
         """`cache_budget_bytes`: KV cache all sessions may hold together (None: half of the
         memory available when the first range is loaded). `opener`: how to reach the next
@@ -115,7 +116,9 @@ class ShardServer:
         opened for a job are refused). `max_batch`: most steps in one forward pass (1: no
         batching); `batch_window_s`: how long a batch may wait for sessions due back
         (`daemon.shards.batching`); `pipeline`: the steps of sessions of chains of several
-        hops run as that many micro-batches out of phase (else as one batch)."""
+        hops run as that many micro-batches out of phase (else as one batch);
+        `batched_layout`: CPU float32 weights in oneDNN's layout for batched products
+        (`daemon.shards.model.linear.pack_linears`)."""
         self.blocks: dict[str, ServedBlock] = {}
         self.sessions: dict[str, Session] = {}
         self.max_sessions = max_sessions
@@ -135,6 +138,7 @@ class ShardServer:
         self.max_batch = max_batch
         self.batch_window_s = batch_window_s
         self.pipeline = pipeline
+        self.batched_layout = batched_layout
         # the batchers of decode steps, per loaded range; `batching.batch_sizes` (a histogram
         # of forward passes by steps in them) and `batching.batched_steps` for /metrics
         self.batching: Batchers[Session] = Batchers(self._batcher)
@@ -177,7 +181,7 @@ class ShardServer:
         """Load a range; on a batching server, its CPU float32 weights in the layout made for
         batched products (`daemon.shards.model.linear`)."""
         shard = load_shard(model_dir, start, end, **where)
-        if self.max_batch > 1:
+        if self.batched_layout and self.max_batch > 1:
             pack_linears(shard)
         return shard
 

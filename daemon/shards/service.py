@@ -106,6 +106,7 @@ class ShardService(JobTable):
         max_batch: int = 32,
         batch_window_s: float = 0.005,
         pipeline: bool = True,
+        batched_layout: bool = False,
         price_per_unit: int = 0,
         max_price_per_unit: int | None = None,
         nursery: trio.Nursery | None = None,
@@ -138,6 +139,7 @@ class ShardService(JobTable):
         self.max_streams_per_peer = max_streams_per_peer
         self.max_local_connections = max_local_connections
         self.max_batch = max_batch
+        self.batched_layout = batched_layout
         self.batch_window_s = batch_window_s
         self.pipeline = pipeline
         self.price_per_unit = price_per_unit
@@ -209,6 +211,7 @@ class ShardService(JobTable):
                 max_batch=self.max_batch,
                 batch_window_s=self.batch_window_s,
                 pipeline=self.pipeline,
+                batched_layout=self.batched_layout,
             )
             self._register_stream_handler()
         return self._server

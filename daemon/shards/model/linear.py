@@ -9,12 +9,13 @@ it takes the weight as it is, so nothing is copied or repacked. Both compute the
 dot products in a different summation order (differences ~1e-6, as between MKL's own batch
 sizes); GPUs and other dtypes keep `F.linear`.
 
-A server that batches (continuous batching: several sessions' rows per product) also
-reorders each weight once, at load, into oneDNN's blocked layout for products of about
-`PACKED_ROWS` rows (`pack_linears`; the plain copy is dropped, so memory stays the same). On
-2 cores, one thread, a 5632x2048 weight: 8 rows 6.0 -> 2.7 ms, 16 rows 10.0 -> 4.1 ms, and a
-lone row 1.5 -> 2.0 ms (`python bench/batching.py --linear --hidden 2048 --threads 1`): a
-server that never batches (`[shards] max_batch = 1`) keeps the plain layout.
+A server that usually batches (continuous batching: several sessions' rows per product)
+may also reorder each weight once, at load, into oneDNN's blocked layout for products of
+about `PACKED_ROWS` rows (`pack_linears`, `[shards] batched_layout = true`; the plain copy is
+dropped, so memory stays the same). On 2 cores, one thread, a 5632x2048 weight, quiet
+machine: 8 rows 6.0 -> 2.7 ms and 16 rows 10.0 -> 4.1 ms, but a lone row 1.5 -> 2.0 ms; at
+load 3: 8 rows 4.5 -> 3.3, 16 rows 6.1 -> 4.4, 2 rows 3.3 -> 4.0, a lone row 2.2 -> 3.3 ms.
+So it is off by default: a lone user's steps would be slower.
 """
 
 from __future__ import annotations

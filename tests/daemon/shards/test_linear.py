@@ -97,12 +97,17 @@ def test_a_packed_layer_refuses_other_inputs_clearly() -> None:
         layer(torch.randn(2, 4).bfloat16())
 
 
-@pytest.mark.parametrize(("max_batch", "packed"), [(1, False), (8, linear_module._ONEDNN)])
-async def test_a_batching_server_loads_its_weights_packed(tmp_path, max_batch, packed) -> None:
+@pytest.mark.parametrize(
+    ("max_batch", "layout", "packed"),
+    [(8, False, False), (1, True, False), (8, True, linear_module._ONEDNN)],
+)
+async def test_a_batching_server_asked_for_it_loads_its_weights_packed(
+    tmp_path, max_batch, layout, packed
+) -> None:
     from daemon.shards.model import make_tiny
     from daemon.shards.server import ShardServer
 
-    server = ShardServer(max_batch=max_batch)
+    server = ShardServer(max_batch=max_batch, batched_layout=layout)
     block = await server.load("m", make_tiny(tmp_path / "m", layers=2, seed=4), 0, 2)
     layers = [m for m in block.shard.modules() if isinstance(m, Linear)]
     assert layers and all(m.packed == packed for m in layers)
