@@ -20,7 +20,7 @@ Targets on the CPU: 8 concurrent streams give >= 3x the aggregate tokens/s of 1 
 
 usage: python bench/serving.py [--hidden 2048] [--layers 8] [--daemons 1 4]
        [--streams 1 4 8 16 32] [--prompt-tokens 16] [--tokens 32] [--device cpu|cuda]
-       [--pipeline] [--batched-layout]
+       [--pipeline] [--batched-layout] [--batch-window S]
 smallest (a check that it runs): python bench/serving.py --hidden 64 --layers 4
        --daemons 1 2 --streams 1 4 --tokens 8 --no-hf
 """
@@ -217,6 +217,8 @@ def serving_config(args: argparse.Namespace) -> str:
         text = text.replace("pipeline = false", "pipeline = true")
     if args.batched_layout:  # in the same [shards] table
         text = text.replace("pipeline = ", "batched_layout = true\npipeline = ")
+    if args.batch_window is not None:
+        text = text.replace("pipeline = ", f"batch_window_s = {args.batch_window}\npipeline = ")
     return text + "\n[serving]\nopenai = true\nport = 0\n"
 
 
@@ -312,6 +314,9 @@ def main() -> int:
         "--batched-layout",
         action="store_true",
         help="[shards] batched_layout: CPU weights in oneDNN's layout for batched products",
+    )
+    parser.add_argument(
+        "--batch-window", type=float, default=None, help="[shards] batch_window_s (s)"
     )
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
