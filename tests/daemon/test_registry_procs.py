@@ -50,17 +50,21 @@ def test_forged_and_malformed_registry_messages_rejected_everywhere(tmp_path, fa
         def counted(daemon: DaemonProcess, **labels: str) -> bool:
             return daemon.metric("gridmesh_rejected_messages_total", **labels) >= 1
 
-        for daemon in net.daemons:  # gossip reaches every node, and every node refuses
-            wait_for(
-                lambda d=daemon: counted(d, source="gossip", reason="unauthorized"),
-                10,
-                "the forged update to be refused",
-            )
-            assert counted(daemon, source="gossip", reason="bad_signature")
-            assert counted(daemon, source="gossip", reason="malformed")
+        # the node the hostile peer gossips to refuses each forgery (and so forwards none;
+        # since the host runs p2p.reach the short-lived hostile peer no longer meshes with
+        # the other nodes before it is done: see the session 8 note), and no node holds a
+        # forged value
+        target = net.daemons[1]
+        wait_for(
+            lambda: counted(target, source="gossip", reason="unauthorized"),
+            10,
+            "the forged update to be refused",
+        )
+        assert counted(target, source="gossip", reason="bad_signature")
+        assert counted(target, source="gossip", reason="malformed")
+        for daemon in net.daemons:
             entry = daemon.call("registry_get", {"kind": "components", "key": "llama"})
             assert entry["value"] == COMPONENT and entry["author"] == owner.peer_id
-        target = net.daemons[1]
         assert counted(target, source="sync")
         assert target.alive() and len(target.call("nodes_find", {})) == 3
 
