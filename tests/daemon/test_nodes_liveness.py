@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.daemon.harness import FAST, MemoryCluster, RunningDaemon
+from tests.daemon.harness import FAST, MemoryCluster, RunningDaemon, inline_threads
+
+
+@pytest.fixture(autouse=True)
+def _inline(monkeypatch):
+    """Worker threads run inline: a real thread's wait would let the virtual clock jump (on a
+    busy machine, by seconds), and these tests time the daemons in virtual seconds."""
+    inline_threads(monkeypatch)
+
 
 pytestmark = pytest.mark.trio
 
