@@ -55,8 +55,9 @@ class HopFailed(Exception):
     def __init__(
         self, peer_id: str, reason: str, *, transient: bool = False, busy: bool = False
     ) -> None:
-        """`transient`: the hop's stream broke (reset or EOF), which a reconnecting peer
-        may survive; it gets one more chance when no route avoids it. `busy`: the server
+        """`transient`: the hop's stream broke (reset or EOF), could not be opened, or gave
+        no answer in time, which a reconnecting peer or a slow link may survive; it gets one
+        more chance when no route avoids it. `busy`: the server
         refused a session at one of its caps (it is alive, only full)."""
         super().__init__(f"{peer_id}: {reason}")
         self.peer_id = peer_id
@@ -144,8 +145,10 @@ class Hop:
                 reply, out = await self.receive()
                 while getattr(reply, "step", None) is not None:  # a late message of an
                     reply, out = await self.receive()  # abandoned chained step
-        except trio.TooSlowError:
-            raise HopFailed(self.peer_id, f"no answer within {timeout_s:.1f} s") from None
+        except trio.TooSlowError:  # a slow link (a loaded relay) may answer the next time
+            raise HopFailed(
+                self.peer_id, f"no answer within {timeout_s:.1f} s", transient=True
+            ) from None
         self.check(reply)
         return reply, out
 
@@ -207,6 +210,7 @@ class RemoteModel:
         # peers whose stream broke: when each broke, and which were given their one retry
         self._broke_at: dict[str, float] = {}
         self._retried: set[str] = set()
+        self._why_failed: dict[str, str] = {}  # each failed peer's last failure, for errors
         self._resume_at: int | None = None  # the hop a failed re-route started from
 
     @property
@@ -305,8 +309,8 @@ class RemoteModel:
                 self._broke_at.pop(peer_id, None)  # it is back
                 return stream
             except (NetworkError, trio.TooSlowError) as exc:
-                if trio.current_time() + delay > deadline:
-                    raise HopFailed(peer_id, repr(exc)) from None
+                if trio.current_time() + delay > deadline:  # unreachable just now
+                    raise HopFailed(peer_id, repr(exc), transient=True) from None
             await trio.sleep(delay)
             delay = min(1.0, 2 * delay)
 
@@ -402,6 +406,7 @@ class RemoteModel:
                     ) from exc
                 log.warning("hop %s failed (%s); re-routing", exc.peer_id, exc.reason)
                 self.failed.add(exc.peer_id)
+                self._why_failed[exc.peer_id] = exc.reason[:200]
                 if exc.busy:
                     self.busy.add(exc.peer_id)
                 if exc.transient and exc.peer_id not in self._retried:
@@ -419,10 +424,15 @@ class RemoteModel:
                             f"{exc.first_missing} on are at their session or cache limits "
                             f"({names}); try again later"
                         ) from None
-                    raise GenerationError(str(exc)) from None
+                    raise GenerationError(str(exc) + self._failures_told()) from None
                 log.warning("no route without %s: trying them again", sorted(again))
                 self.failed -= again
                 self._retried |= again
+
+    def _failures_told(self) -> str:
+        """Why the peers this generation excluded failed (for the no-route error)."""
+        told = [f"{p[-12:]}: {why}" for p, why in sorted(self._why_failed.items())[:4]]
+        return f"; failed here: {'; '.join(told)}" if told else ""
 
     async def step(self, token_ids: list[int]) -> torch.Tensor:
         """Run new tokens through every hop; returns the logits of the last position."""
@@ -439,6 +449,8 @@ class RemoteModel:
             step.next_hop += 1
 
         async def run() -> torch.Tensor:
+            if not self.hops:  # not opened yet (or its opening failed): open here
+                self.hops = await self._open_hops(0)
             if self.chained and step.next_hop < len(self.hops):
                 await self._run_chained(step)
                 if step.next_hop < len(self.hops):  # a server could not push to the next

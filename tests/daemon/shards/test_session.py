@@ -266,6 +266,49 @@ async def test_a_hop_that_stays_away_past_the_step_deadline_is_a_clear_error(
     assert trio.current_time() - started < 5  # the retry ends at the step deadline
 
 
+async def test_a_lone_server_that_answered_too_slowly_once_gets_one_more_chance(
+    cluster, virtual_time, model_dir, reference
+):
+    """A slow link (a loaded relay, CI's NAT test) left a lone server's first open unanswered:
+    with no other route, it is tried once more, and the generation is exact."""
+    prompt, expected = reference
+    server = await cluster.add("a", model_dir, 0, LAYERS)
+    streams = 0
+
+    async def slow_once(stream) -> None:
+        nonlocal streams
+        streams += 1
+        if streams == 1:
+            await trio.sleep(5.0)  # past the step deadline: this stream never answers
+            await stream.close()
+            return
+        await server.handle_stream(stream)
+
+    cluster.serve("a", slow_once)
+    model = remote(cluster, step_timeout_s=1.0)
+    assert await collect(model, prompt, 24) == expected
+    assert [r["peer_id"] for r in model.recoveries] == ["a"]
+    assert "no answer within 1.0 s" in model.recoveries[0]["reason"]
+
+
+async def test_a_lone_server_that_never_answers_is_an_error_that_says_why(
+    cluster, virtual_time, model_dir, reference
+):
+    prompt, _ = reference
+    await cluster.add("a", model_dir, 0, LAYERS)
+
+    async def silent(stream) -> None:
+        await trio.sleep(60.0)
+        await stream.close()
+
+    cluster.serve("a", silent)
+    model = remote(cluster, step_timeout_s=1.0)
+    started = trio.current_time()
+    with pytest.raises(GenerationError, match=r"failed here: a: no answer within 1\.0 s"):
+        await collect(model, prompt, 4)
+    assert trio.current_time() - started < 5  # one retry, not a wait per recovery
+
+
 @pytest.mark.skipif(localsock.HOST_ID is None, reason="abstract Unix sockets need Linux")
 async def test_one_server_chained_over_the_local_socket(model_dir, reference):
     """Issue 12 item 16's setting: one server, chained, over the local socket (in daemons,
