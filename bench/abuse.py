@@ -463,6 +463,7 @@ def main() -> int:
         "--quick", action="store_true", help="a check run: 5 s floods, 5 s settle, 8 probes"
     )
     parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
+    parser.add_argument("--keep", type=Path, help="run the daemons here and keep their logs")
     parser.add_argument(
         "--nice",
         type=int,
@@ -486,6 +487,9 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))  # clean up as on Ctrl-C
     with tempfile.TemporaryDirectory(prefix="gridmesh-abuse-") as tmp:
         root = Path(tmp)
+        if args.keep is not None:
+            root = args.keep
+            root.mkdir(parents=True, exist_ok=True)
         net = Devnet(4, root=root / "net", config=config_file(root))
         try:
             print("starting 4 daemons ...", flush=True)

@@ -533,6 +533,9 @@ class ClusterCoordinator:
                         now + self.settings.failed_cooldown_s
                     )
                     self._event(cluster, spec.model, "assign_refused", f"{a.peer_id}: {refused}")
+                    if refused == "unreachable":  # no answer: it may have the order all the
+                        # same, and load it beside the copy placed instead: released too
+                        self._given_up.setdefault(cluster, []).append((spec.model, s))
                 elif a.peer_id in self._pending.get(key, {}):  # (not failed meanwhile)
                     served.append(s)
 

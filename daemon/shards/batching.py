@@ -12,23 +12,24 @@ between steps, as with vLLM's scheduler.
 
 How a batch is gathered: there is no background task. A step that arrives while no batch is
 being gathered makes its caller the *leader*. It waits until no other live session that ran
-here is due back (sessions come back together: in lockstep), or `window_s` after the batch
-could have run (its oldest step's arrival, or the end of the batch that step waited for), or
-until `max_batch` steps or `max_positions` positions are pending, whichever is first. A
-session is due back when its last batch ended plus how long it took to come back the time
-before (its client's round trip; on a hop of a chain, the other hops' compute too). One due
-after the deadline is not awaited: on a hop of a chain two groups of sessions out of step by
-more than the window are two micro-batches of the pipeline, and waiting for the other would
-only leave this hop idle; groups closer than that merge. One overdue by more than the window
-(its client went quiet, its generation ended) is not awaited either. Then the leader takes
-the compute limiter (one forward pass at a time per process), takes pending steps in arrival
-order up to `max_batch` steps and `max_positions` positions (a step that would pass the
-latter waits for the next batch, and nothing behind it is taken before it: a long prefill is
-not passed over for ever; one longer than `max_positions` runs alone) and runs them as one
-forward in a worker thread. Its callers get their own outputs. A leader whose own step is
-done leaves; if steps are still pending, one of their callers leads next. So:
+here is due back (sessions come back together: in lockstep), or the window (`window_s`,
+grown to about one pass's time: `Batcher.window`) after the batch could have run (its oldest
+step's arrival, or the end of the batch that step waited for), or until `max_batch` steps or
+`max_positions` positions are pending, whichever is first. A session is due back when its
+last batch ended plus how long it took to come back the time before (its client's round
+trip; on a hop of a chain, the other hops' compute too). One due after the deadline is not
+awaited: on a hop of a chain two groups of sessions out of step by more than the window are
+two micro-batches of the pipeline, and waiting for the other would only leave this hop idle;
+groups closer than that merge. One overdue by more than the window (its client went quiet,
+its generation ended) is not awaited either. Then the leader takes the compute limiter (one
+forward pass at a time per process), takes pending steps in arrival order up to `max_batch`
+steps and `max_positions` positions (a step that would pass the latter waits for the next
+batch, and nothing behind it is taken before it: a long prefill is not passed over for ever;
+one longer than `max_positions` runs alone) and runs them as one forward in a worker thread.
+Its callers get their own outputs. A leader whose own step is done leaves; if steps are
+still pending, one of their callers leads next. So:
 - a lone session never waits (nobody else is due);
-- a slow or dead session holds a batch back by at most `window_s`, and is then no longer
+- a slow or dead session holds a batch back by at most the window, and is then no longer
   awaited until it steps again (then it joins the next batch);
 - nobody starves: steps are taken oldest first, at most `max_batch` at a time;
 - a batch of one runs as any lone step (a static decoder, CUDA graphs, where configured);
@@ -92,6 +93,9 @@ from daemon.shards.wire import MAX_DEPTH
 MAX_BATCH = 32
 MAX_BATCH_POSITIONS = 4096  # a step may carry that many alone (server.MAX_STEP_TOKENS)
 BATCH_WINDOW_S = 0.005
+# the window grows to about one pass's time (see `Batcher.window`), up to this
+MAX_ADAPTIVE_WINDOW_S = 0.25
+PASS_EWMA = 0.2  # the weight of the newest pass in the pass time's moving average
 
 K = TypeVar("K")
 
@@ -148,6 +152,7 @@ class Batcher(Generic[K]):
         max_batch: int = MAX_BATCH,
         max_positions: int = MAX_BATCH_POSITIONS,
         window_s: float = BATCH_WINDOW_S,
+        max_window_s: float = MAX_ADAPTIVE_WINDOW_S,
     ) -> None:
         if max_batch < 1 or max_positions < 1 or window_s < 0:
             raise ValueError("max_batch and max_positions must be >= 1 and window_s >= 0")
@@ -160,6 +165,9 @@ class Batcher(Generic[K]):
         self.max_batch = max_batch
         self.max_positions = max_positions
         self.window_s = window_s
+        self.max_window_s = max_window_s
+        self.pass_s = 0.0  # the moving average of a pass's time (event loop's clock)
+        self._pipelined = False  # whether the last `cap` made micro-batches
         self._pending: list[_Step[K]] = []
         self._running: set[int] = set()  # the sessions (by id) of the batch computing
         self._leading = False
@@ -245,9 +253,23 @@ class Batcher(Generic[K]):
                 depth = max(1, min(MAX_DEPTH, self._depth(key)))
                 share += Fraction(1, depth)
                 deep = deep or depth > 1
+        self._pipelined = deep
         if not deep:  # one-hop chains (or old clients') only: as without pipelining
             return self.max_batch
         return max(1, min(self.max_batch, math.ceil(share)))
+
+    def window(self) -> float:
+        """How long a batch may wait for sessions due back: `window_s`, grown to the time
+        of one pass here (at most `max_window_s`). Why one pass: a straggler left out runs
+        in a pass of its own, which reads every weight again and holds the next batch back
+        by about as long; waiting up to that long for it costs no more, and on a chain of
+        hops whose passes take longer than `window_s` (daemons sharing cores, a big model
+        on a CPU) a fixed window splits sessions that step together into a batch each.
+        Micro-batches of a pipeline keep `window_s`: their groups are a pass apart by design,
+        each hop on its own hardware, and waiting for the next group would idle this one."""
+        if self._pipelined:
+            return self.window_s
+        return max(self.window_s, min(self.pass_s, self.max_window_s))
 
     def _went_quiet(self, i: int, now: float) -> bool:
         """Whether a session that stepped here is overdue by more than its usual round trip
@@ -255,7 +277,7 @@ class Batcher(Generic[K]):
         done, back = self._done_at.get(i), self._back_s.get(i)
         if done is None or back is None:  # not stepped here yet, or only once
             return False
-        return now > done[1] + back + max(self.window_s, back)
+        return now > done[1] + back + max(self.window(), back)
 
     def _ready(self, deadline: float) -> bool:
         """Whether to run now: a full batch is pending (`cap` steps or `max_positions`
@@ -268,7 +290,7 @@ class Batcher(Generic[K]):
         if len(pending) >= self.cap() or positions >= self.max_positions:
             return True
         waiting = {id(item.key) for item in self._pending}
-        earliest = trio.current_time() - self.window_s
+        earliest = trio.current_time() - self.window()
         for i, (key, done) in self._done_at.items():
             due = done + self._back_s.get(i, 0.0)
             if i not in waiting and earliest <= due <= deadline and self._live(key):
@@ -285,7 +307,8 @@ class Batcher(Generic[K]):
             # the window runs from when this batch could have run: its oldest step's
             # arrival, or the end of the batch that step waited for
             oldest = min(item.arrived for item in self._pending)
-            deadline = max(oldest, self._ran_at) + self.window_s
+            self.cap()  # (whether this range makes micro-batches now: `window`)
+            deadline = max(oldest, self._ran_at) + self.window()
             with trio.move_on_at(deadline):
                 while not self._ready(deadline):
                     await self._changed.wait()
@@ -345,12 +368,15 @@ class Batcher(Generic[K]):
         """The batch's outputs (in a worker thread), or None if it failed: a lone step then
         fails with the error."""
         try:
+            started = trio.current_time()
             outs = await trio.to_thread.run_sync(
                 self._compute,
                 [item.key for item in batch],
                 [item.x for item in batch],
                 [item.last_only for item in batch],
             )
+            took = trio.current_time() - started
+            self.pass_s += PASS_EWMA * (took - self.pass_s) if self.pass_s else took
             if len(outs) != len(batch):
                 raise RuntimeError(f"a batch of {len(batch)} steps gave {len(outs)} outputs")
             return outs

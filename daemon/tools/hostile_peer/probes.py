@@ -55,7 +55,10 @@ async def garbage(target_addr: str, network_id: str) -> None:
         print("done", protocols)
 
 
-async def registry(target_addr: str, network_id: str, kind: str, key: str) -> None:
+async def registry(target_addrs: str, network_id: str, kind: str, key: str) -> None:
+    """Forgeries against every target of `target_addrs` (comma-separated multiaddrs): each
+    is dialled and must have grafted us into its gossip mesh before anything is published,
+    so that every one of them is attacked directly (none relies on another forwarding)."""
     net = hostile_network(network_id)
     me = net._ident
     topic = topic_for(network_id)
@@ -65,9 +68,9 @@ async def registry(target_addr: str, network_id: str, kind: str, key: str) -> No
             pass
 
         await net.subscribe(topic, ignore)
-        target = await net.connect(target_addr)
+        targets = [await net.connect(addr) for addr in target_addrs.split(",")]
         pull = {"v": WIRE_VERSION, "op": "pull", "ids": [[kind, key]]}
-        pulled = codec.decode(await net.request(target, SYNC_PROTOCOL, codec.encode(pull)))
+        pulled = codec.decode(await net.request(targets[0], SYNC_PROTOCOL, codec.encode(pull)))
         real = entry_from_wire(pulled["entries"][0])
         usurp = sign_entry(
             me,
@@ -80,20 +83,25 @@ async def registry(target_addr: str, network_id: str, kind: str, key: str) -> No
         )
         tampered = Entry(**{**real.__dict__, "value": {**(real.value or {}), "version": "x"}})
         forged = [usurp.to_wire(), tampered.to_wire()]
-        # publish once the gossip mesh includes us (GossipSub heartbeat is 1 s)
-        await poll(lambda: net.gossipsub.mesh.get(topic), 10)
+        # publish once every target's gossip mesh includes us (GossipSub heartbeat is 1 s)
+        ids = {ID.from_base58(t) for t in targets}
+        if not await poll(lambda: ids <= set(net.gossipsub.mesh.get(topic, ())), 20):
+            meshed = set(net.gossipsub.mesh.get(topic, ()))
+            raise SystemExit(f"not grafted within 20 s by {sorted(map(str, ids - meshed))}")
         for _ in range(3):
             await net.publish(topic, codec.encode({"v": WIRE_VERSION, "entries": forged}))
             await net.publish(topic, os.urandom(512))
-        for message in (
-            {"v": WIRE_VERSION, "op": "push", "entries": forged},
-            {"v": WIRE_VERSION, "op": "digests", "digests": {"blocks": ["x"]}},
-            {"v": 99, "op": "digests"},
-        ):
-            reply = codec.decode(await net.request(target, SYNC_PROTOCOL, codec.encode(message)))
-            print("sync reply", reply)
-        try:
-            await net.request(target, SYNC_PROTOCOL, os.urandom(300))
-        except Exception as exc:
-            print("garbage sync", type(exc).__name__)
+        for target in targets:
+            for message in (
+                {"v": WIRE_VERSION, "op": "push", "entries": forged},
+                {"v": WIRE_VERSION, "op": "digests", "digests": {"blocks": ["x"]}},
+                {"v": 99, "op": "digests"},
+            ):
+                request = codec.encode(message)
+                reply = codec.decode(await net.request(target, SYNC_PROTOCOL, request))
+                print("sync reply", reply)
+            try:
+                await net.request(target, SYNC_PROTOCOL, os.urandom(300))
+            except Exception as exc:
+                print("garbage sync", type(exc).__name__)
         print("done")

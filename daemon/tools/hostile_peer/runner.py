@@ -2,9 +2,10 @@
 
     python -m daemon.tools.hostile_peer garbage TARGET_MULTIADDR NETWORK_ID
         random bytes on every protocol the target advertises, and forged DHT records
-    python -m daemon.tools.hostile_peer registry TARGET_MULTIADDR NETWORK_ID KIND KEY
+    python -m daemon.tools.hostile_peer registry TARGET_MULTIADDR[,...] NETWORK_ID KIND KEY
         forged registry entries (someone else's entry, tampered signature), random bytes on
-        the registry topic, and malformed sync requests
+        the registry topic, and malformed sync requests, to every target given (each must
+        graft the hostile peer into its gossip mesh first)
     python -m daemon.tools.hostile_peer flood KIND TARGET_MULTIADDR NETWORK_ID [--seconds S]
         one flood at the highest rate this process manages, for S seconds (default 10),
         bounded in count as well; KIND is one of

@@ -103,6 +103,44 @@ async def test_a_slow_session_holds_a_batch_at_most_the_window(virtual_time):
     assert sum(w > 0.1 for w in waited) == 1
 
 
+@pytest.mark.parametrize("max_window_s", [0.0, 0.25], ids=["fixed", "adaptive"])
+async def test_the_window_grows_to_a_pass_so_that_a_straggler_joins_its_batch(
+    virtual_time, monkeypatch, max_window_s
+):
+    """Passes take 0.2 s (as on daemons sharing cores); "b" comes back 0.1 s after "a" every
+    round, past the 5 ms window. A fixed window runs them apart, a pass each; grown to a
+    pass, the window gathers them: one pass per round, and every round sooner."""
+    pass_s = 0.2
+
+    async def slow_pass(fn, *args, **_):
+        await trio.sleep(pass_s)
+        return fn(*args)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", slow_pass)
+    fake = Fake()
+    steps = batcher(fake, window_s=0.005, max_window_s=max_window_s)
+
+    async def session(name: str, back_s: float) -> None:
+        for t in range(8):
+            assert int(await steps.step(name, torch.tensor([t]))) == t + 1
+            await trio.sleep(back_s)
+
+    started = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session, "a", 0.01)
+        nursery.start_soon(session, "b", 0.11)
+    took = trio.current_time() - started
+    assert steps.pass_s == pytest.approx(pass_s)
+    if max_window_s:
+        assert steps.window() == pytest.approx(pass_s)
+        assert steps.batch_sizes[2] >= 7, steps.batch_sizes
+        assert took < 8 * 0.35, took  # a pass and b's round trip per round
+    else:
+        assert steps.window() == 0.005
+        assert steps.batch_sizes[2] <= 1, steps.batch_sizes  # (the first step, together)
+        assert took > 7 * 0.4, took  # two passes per round
+
+
 async def test_batches_are_bounded_and_taken_oldest_first(virtual_time):
     fake = Fake()
     steps = batcher(fake, max_batch=4, window_s=0.0)
