@@ -21,6 +21,7 @@ waiting for one more timeout.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 # stream on it, which made more requests time out
 PINGS = 2
 PING_GAP_S = 1.0
+MAX_HEARD = 4096  # peers whose last frame is remembered (least recently heard forgotten)
 
 
 class DeadConnections:
@@ -47,16 +49,22 @@ class DeadConnections:
         self._ping = ping
         self._drop = drop
         self._checking: set[str] = set()
-        self._heard: dict[str, float] = {}  # peer -> when a frame of it last arrived
+        # peer -> when a frame of it last arrived (the event loop's clock), most recent last
+        self._heard: OrderedDict[str, float] = OrderedDict()
         self.checks = 0  # pings after a timed-out request
         self.dropped = 0  # peers whose connections were closed as dark
         self.spared = 0  # peers that missed every ping but were heard from meanwhile
 
     def heard(self, peer_id: str) -> None:
-        """A frame of `peer_id` arrived: its connection is not dark now (only peers under a
-        check are remembered, so the map stays as small as the checks running)."""
-        if peer_id in self._checking:
-            self._heard[peer_id] = trio.current_time()
+        """A frame of `peer_id` arrived: its connection is not dark now."""
+        self._heard[peer_id] = trio.current_time()
+        self._heard.move_to_end(peer_id)
+        if len(self._heard) > MAX_HEARD:
+            self._heard.popitem(last=False)
+
+    def heard_at(self, peer_id: str) -> float | None:
+        """When (the event loop's clock) a frame of `peer_id` last arrived, if one did."""
+        return self._heard.get(peer_id)
 
     def suspect(self, peer_id: str, nursery: trio.Nursery | None) -> None:
         if nursery is None or peer_id in self._checking:
@@ -84,4 +92,3 @@ class DeadConnections:
             await self._drop(peer_id)
         finally:
             self._checking.discard(peer_id)
-            self._heard.pop(peer_id, None)

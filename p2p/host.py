@@ -511,6 +511,9 @@ class Libp2pNetwork:
             await self._ping.ping(ID.from_base58(peer_id), 1)
         return (time.perf_counter() - started) * 1000
 
+    def heard_at(self, peer_id: str) -> float | None:
+        return self.dark.heard_at(peer_id)
+
     def peer_addrs(self, peer_id: str) -> list[str]:
         try:
             return [str(a) for a in self.host.get_peerstore().addrs(ID.from_base58(peer_id))]

@@ -11,12 +11,16 @@ already observes, on the `Network` seam only (so it runs alike over libp2p and i
   record lasts, and is back when a dial succeeds;
 - a connected peer that misses `misses` pings in a row (each bounded by the transport's ping
   timeout, `probe_interval_s` apart) is taken for gone: a partition leaves TCP connections
-  open but silent. One ping answered, however late within its timeout, is enough: a slow link
-  never makes an honest node flap. A round in which most peers missed (2 of 3, half of 4 or
-  more), or which began late (this node's event loop lagging), counts no misses: the trouble
-  is then this node's own (a flood saturating it hid honest peers from its `nodes_find` in
-  bench/abuse.py), and its peers judge it. Likewise a redial refused at once marks the peer
-  gone, one that only ran out of time must fail twice in a row.
+  open but silent. One ping answered, however late within its timeout, is enough: a slow
+  link never makes an honest node flap. A ping missed by a peer heard from since the round
+  before (a request, an answer, a frame of it: `Network.heard_at`) is no miss either: under
+  a flood py-libp2p's pings between honest nodes failed for seconds while their other
+  traffic flowed, and `nodes_find` lost live nodes (bench/abuse.py). A round in which most
+  peers missed (2 of 3, half of 4 or more), or which began late (this node's event loop
+  lagging), counts no misses: the trouble is then this node's own (a flood saturating it hid
+  honest peers from its `nodes_find` in bench/abuse.py), and its peers judge it. Likewise a
+  redial refused at once marks the peer gone, one that only ran out of time must fail twice
+  in a row.
 
 A gone peer's record is kept, not deleted: it is listed again as soon as the peer answers a
 ping or a dial, or a record it issued after it was taken for gone is seen. Peers this
@@ -62,6 +66,7 @@ class Liveness:
         self.lost_total = 0  # peers taken for gone (closed and not redialled, or silent)
         self.revived_total = 0  # gone peers seen alive again
         self.rounds_spared = 0  # rounds whose misses were not counted (the trouble was ours)
+        self.heard_spared = 0  # pings missed by peers heard from meanwhile (not counted)
 
     def lost(self) -> dict[str, float]:
         """Peers taken for gone, and since when (the network's clock)."""
@@ -90,17 +95,24 @@ class Liveness:
             log.info("peer %s is back", peer_id)
 
     async def _ping(self, peer_id: str, missed: list[str]) -> None:
-        """Ping `peer_id`; it goes into `missed` if it does not answer (counted by the round)."""
+        """Ping `peer_id`; it goes into `missed` if it does not answer (counted by the round)
+        and was not heard from since the round before either."""
+        started = trio.current_time()
         try:
             async with self._limiter:
                 await self._net.ping(peer_id)
         except Exception:  # a timeout, a reset, no route: all mean no answer
-            missed.append(peer_id)
-            return
+            heard = self._net.heard_at(peer_id)
+            if heard is None or heard < started - self._probe_interval_s:
+                missed.append(peer_id)
+                return
+            self.heard_spared += 1  # its pings fail, its messages arrive: busy, not gone
         self._misses.pop(peer_id, None)
         self._revive(peer_id)
 
-    def _count_misses(self, missed: list[str], pinged: int, late_s: float) -> None:
+    def _count_misses(
+        self, missed: list[str], pinged: int, late_s: float, watched: Callable[[str], bool]
+    ) -> None:
         """Count a round's unanswered pings, unless the trouble looks like ours: most peers
         missed at once (this node overloaded, or its own link cut: others judge it), or the
         round itself started late (our event loop lagging, the pings' time eaten by it)."""
@@ -111,7 +123,8 @@ class Liveness:
         for peer_id in missed:
             count = self._misses.get(peer_id, 0) + 1
             self._misses[peer_id] = count
-            if count >= self._misses_needed:
+            # (a peer with no record listed has nothing to hide: not marked, nor logged)
+            if count >= self._misses_needed and watched(peer_id):
                 self._mark_lost(peer_id, f"{count} pings unanswered")
 
     async def _redial(self, peer_id: str, addrs: list[str]) -> None:
@@ -180,7 +193,7 @@ class Liveness:
                 async with trio.open_nursery() as nursery:
                     for peer_id in connected:
                         nursery.start_soon(self._ping, peer_id, missed)
-                self._count_misses(missed, len(connected), late_s)
+                self._count_misses(missed, len(connected), late_s, watched)
                 self._misses = {p: n for p, n in self._misses.items() if p in connected}
                 slept_from = trio.current_time()
                 await trio.sleep(self._probe_interval_s)

@@ -315,6 +315,11 @@ class Network(Requests, Streams, Gossip, DHT, Protocol):
         """Round-trip time to a connected peer in milliseconds."""
         ...
 
+    def heard_at(self, peer_id: str) -> float | None:
+        """When (`trio.current_time()`) a message of `peer_id` last arrived here (a request,
+        an answer, a frame), if one did: a peer heard from is alive, whatever its pings do."""
+        ...
+
     def run(self) -> AbstractAsyncContextManager[Any]:
         """Start the node; it stops when the context exits."""
         ...

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -64,9 +65,11 @@ async def track_peers(
     net: Network, interval_s: float, disconnect: Callable[[str], Awaitable[None]]
 ) -> None:
     """Keep `net.peers` current: who is connected or routable, and their measured RTT; a
-    peer silent for long is disconnected."""
+    peer silent for long (no ping answered, nothing heard from it) is disconnected."""
+    alive_at: dict[str, float] = {}  # connected peer -> when it last answered (trio clock)
     while True:
         connected = net.connected_peers()
+        alive_at = {p: t for p, t in alive_at.items() if p in connected}
         for peer_id in net.known_peers():
             state = net.peers.setdefault(peer_id, PeerState(peer_id))
             state.addrs = net.peer_addrs(peer_id) or state.addrs
@@ -75,15 +78,20 @@ async def track_peers(
                     state.rtt_ms = await net.ping(peer_id)
                     state.last_seen = time.time()
                     state.missed_pings = 0
+                    alive_at[peer_id] = trio.current_time()
                 except Exception:
                     # connected but silent: a frozen or half-closed peer. Drop it so that
                     # lookups stop waiting on it; a live peer reconnects on its own.
                     state.rtt_ms = None
                     state.missed_pings += 1
-                    silent_s = time.time() - (state.last_seen or time.time())
+                    now = trio.current_time()
+                    # its messages still arriving (a flood elsewhere can fail py-libp2p's
+                    # pings between honest nodes for seconds) count as answers
+                    heard = net.heard_at(peer_id)
+                    last = max(alive_at.setdefault(peer_id, now), heard or -math.inf)
                     # a busy peer (a long import holding the GIL) misses a few pings;
                     # only one silent for a long time is taken for frozen
-                    if state.missed_pings >= MAX_MISSED_PINGS and silent_s >= FROZEN_AFTER_S:
+                    if state.missed_pings >= MAX_MISSED_PINGS and now - last >= FROZEN_AFTER_S:
                         log.info("peer %s does not answer pings; disconnecting", peer_id)
                         with contextlib.suppress(Exception):
                             await disconnect(peer_id)

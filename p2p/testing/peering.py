@@ -143,6 +143,10 @@ class Peering:
             raise NetworkError(f"ping to {peer_id} timed out") from None
         return (trio.current_time() - started) * 1000
 
+    def heard_at(self, peer_id: str) -> float | None:
+        """Not tracked in memory: liveness and track_peers judge by pings alone here."""
+        return None
+
     @asynccontextmanager
     async def run(self) -> AsyncIterator[Any]:
         """Nothing to start: a memory node runs from `add_node` until `remove_node`."""

@@ -8,6 +8,7 @@ from contextlib import AsyncExitStack
 import pytest
 import trio
 
+from p2p import deadconn
 from p2p.deadconn import DeadConnections
 from p2p.network import NetworkError
 from tests.p2p.test_host import Node
@@ -67,11 +68,18 @@ async def test_a_peer_heard_from_during_the_check_keeps_it_though_it_misses_ever
         dark.heard("p")  # a frame of p arrives during its check; q stays silent
     assert sorted(fake.pings) == ["p", "p", "q", "q"]
     assert fake.dropped == ["q"] and dark.spared == 1 and dark.dropped == 1
-    dark.heard("p")  # not under a check: nothing is remembered
-    assert dark._heard == {}
-    async with trio.open_nursery() as nursery:  # the next check of p starts afresh
-        dark.suspect("p", nursery)
+    assert dark.heard_at("p") == 1.0 and dark.heard_at("q") is None  # (liveness reads it)
+    async with trio.open_nursery() as nursery:  # the next check of p starts afresh: what
+        dark.suspect("p", nursery)  # was heard before it does not spare it
     assert fake.dropped == ["q", "p"]
+
+
+async def test_what_was_heard_is_bounded(autojump_clock):
+    dark = DeadConnections(Fake(answers=True).ping, Fake(answers=True).drop)
+    for i in range(deadconn.MAX_HEARD + 10):
+        dark.heard(f"p{i}")
+    assert dark.heard_at("p0") is None and dark.heard_at(f"p{deadconn.MAX_HEARD + 9}") == 0.0
+    assert len(dark._heard) == deadconn.MAX_HEARD
 
 
 async def test_a_peer_that_answers_the_ping_keeps_its_connection(autojump_clock):
