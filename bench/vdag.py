@@ -21,7 +21,10 @@ Targets (issue 18): <= 1 ms overhead per node; a sandboxed no-op policy call <= 
 
 `--procs`: instead, two daemon processes over libp2p on TCP loopback, timed from a JSON-RPC
 client; the per-node cost is the slope between a 1-node and the longest chain (the block's
-own call and the hop included).
+own call and the hop included). Beside it, for scale: the round trip of one frame each way
+over a kept libp2p stream between two bare hosts in two processes (no vDAG, no block: the
+floor of a remote node's hop on this machine), and a fan-out of the longest chain's length
+of remote nodes run in parallel (the calls to one peer at once).
 
 usage: python bench/vdag.py [--calls 300] [--nodes 1,4,8] [--procs]
 """
@@ -43,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from daemon.sandbox import load_package  # noqa: E402
 from daemon.vdag_methods import resolve_plan  # noqa: E402
+from daemon.vdags.protocol import BlockCall, encode  # noqa: E402
 from p2p.testing.memnet import MemoryNetwork  # noqa: E402
 from scheduler.vdag import PolicyRule  # noqa: E402
 from tests.daemon.harness import MemoryCluster  # noqa: E402
@@ -213,6 +217,87 @@ async def bench(args: argparse.Namespace) -> None:
     print(json.dumps({"targets": {"per_node_ms": 1.0, "policy_call_p50_ms": 0.5}}))
 
 
+def fan(name: str, block: str, n: int) -> dict[str, Any]:
+    """`n` nodes of `block`, each on the vDAG's input, all of them its output (in parallel)."""
+    nodes = [{"nodeLabel": f"f{i}", "nodeType": "block", "manualBlockId": block} for i in range(n)]
+    labels = [f"f{i}" for i in range(n)]
+    graph = {"input": labels, "output": labels, "connections": []}
+    return {"vdagName": name, "vdagVersion": "1", "nodes": nodes, "graph": graph}
+
+
+ECHO = "/gridmesh-bench/echo/1.0.0"
+
+
+def _bare_host() -> Any:
+    from p2p import identity, records
+    from p2p.discovery import DiscoverySettings, RecordValidator
+    from p2p.host import Libp2pNetwork
+
+    settings = DiscoverySettings(network_id="bench-vdag")
+    return Libp2pNetwork(
+        identity.NodeIdentity.generate(),
+        network_id="bench-vdag",
+        listen=["/ip4/127.0.0.1/tcp/0"],
+        dht_namespace=records.NAMESPACE,
+        dht_validator=RecordValidator(settings, time.time, lambda reason: None),
+        dht_timeout_s=5.0,
+    )
+
+
+async def echo_server() -> None:
+    """A bare libp2p host answering each frame of ECHO streams with itself (prints its
+    address, then serves until killed)."""
+    net = _bare_host()
+
+    async def echo(stream: Any) -> None:
+        while True:
+            try:
+                frame = await stream.receive()
+            except Exception:
+                return
+            await stream.send(frame)
+
+    async with net.run():
+        net.set_stream_handler(ECHO, echo, 1 << 20)
+        print(net.listen_addrs()[0], flush=True)
+        await trio.sleep_forever()
+
+
+async def echo_client(addr: str, calls: int, payload: bytes) -> list[float]:
+    net = _bare_host()
+    async with net.run():
+        stream = await net.open_stream(await net.connect(addr), ECHO, 1 << 20)
+
+        async def once() -> None:
+            await stream.send(payload)
+            await stream.receive()
+
+        return await timed(calls, once)
+
+
+def libp2p_round_trips(calls: int, payload: bytes) -> list[float]:
+    """Round trips of `payload` over a kept libp2p stream to a bare host in another process."""
+    import logging
+    import subprocess
+
+    from p2p.host import quiet_libp2p_logs
+
+    quiet_libp2p_logs(logging.CRITICAL)
+    server = subprocess.Popen(
+        [sys.executable, __file__, "--echo-server"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        addr = server.stdout.readline().strip()
+        return trio.run(echo_client, addr, calls, payload)
+    finally:
+        server.kill()
+        server.wait()
+
+
 def bench_procs(args: argparse.Namespace) -> None:
     """Two daemon processes over libp2p on TCP loopback, timed from a JSON-RPC client: the
     per-node cost is the slope between a 1-node and an N-node chain (the block's own
@@ -244,6 +329,10 @@ def bench_procs(args: argparse.Namespace) -> None:
 
                 wait_for(applied, 30, f"{spec['vdagName']} to apply", poll_s=0.2)
                 names.append(spec["vdagName"])
+        for kind in ("local", "remote"):
+            spec = fan(f"{kind}fan{longest}", kind, longest)
+            wait_for(lambda s=spec: bool(a.call("vdag_apply", {"value": s})), 30, "a fan-out")
+            names.append(spec["vdagName"])
         client = a.client(timeout=60)
         samples: dict[str, list[float]] = {}
         payload = {"text": "x" * 64}
@@ -256,6 +345,9 @@ def bench_procs(args: argparse.Namespace) -> None:
                 client.call("vdag_infer", {"name": name, "input": payload})
                 out.append(time.perf_counter() - start)
             samples[name] = out
+    # the block call's frame, as a remote node sends it (msgpack of a BlockCall)
+    frame = encode(BlockCall(block="remote", input=payload, timeout_s=30.0, context={}))
+    floor = libp2p_round_trips(args.calls, frame)
     print(f"\nprocesses over libp2p on loopback; {args.calls} JSON-RPC calls each; ms")
     print(f"{'what':58} {'p50':>9} {'p99':>9}")
     for name, out in samples.items():
@@ -268,6 +360,13 @@ def bench_procs(args: argparse.Namespace) -> None:
         per = [(percentile(many, q) - percentile(one, q)) / (longest - 1) for q in (0.5, 0.99)]
         what = f"per node ({kind} block, block call included), 1 vs {longest} nodes"
         print(f"{what:58} {per[0] * 1e3:9.3f} {per[1] * 1e3:9.3f}")
+    what = f"libp2p round trip, kept stream, {len(frame)} B frame (no vDAG)"
+    print(f"{what:58} {percentile(floor, 0.5) * 1e3:9.3f} {percentile(floor, 0.99) * 1e3:9.3f}")
+    for kind in ("local", "remote"):
+        one, wide = samples[f"{kind}1"], samples[f"{kind}fan{longest}"]
+        per = [(percentile(wide, q) - percentile(one, q)) / (longest - 1) for q in (0.5, 0.99)]
+        what = f"per parallel node ({kind} block), 1 vs {longest} side by side"
+        print(f"{what:58} {per[0] * 1e3:9.3f} {per[1] * 1e3:9.3f}")
 
 
 def main() -> None:
@@ -277,8 +376,11 @@ def main() -> None:
     parser.add_argument(
         "--procs", action="store_true", help="two daemon processes over libp2p (TCP loopback)"
     )
+    parser.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.procs:
+    if args.echo_server:
+        trio.run(echo_server)
+    elif args.procs:
         bench_procs(args)
     else:
         trio.run(bench, args)
