@@ -51,13 +51,29 @@ class BlockReply(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     load: Annotated[int, Meta(ge=0)] = 0
 
 
+MAX_CALL_ID = (1 << 32) - 1
+
+
+class MuxCall(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A block call on the multiplexed stream (daemon.vdags.streams): `id` pairs it with
+    its reply, so that calls to one peer share one stream and are answered in any order."""
+
+    id: Annotated[int, Meta(ge=0, le=MAX_CALL_ID)]
+    call: BlockCall
+
+
+class MuxReply(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    id: Annotated[int, Meta(ge=0, le=MAX_CALL_ID)]
+    reply: BlockReply
+
+
 class ProtocolError(ValueError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 
 
-def encode(message: BlockCall | BlockReply) -> bytes:
+def encode(message: BlockCall | BlockReply | MuxCall | MuxReply) -> bytes:
     return codec.encode(msgspec.to_builtins(message))
 
 
@@ -69,9 +85,20 @@ def decode_reply(payload: bytes) -> BlockReply:
     return _decode(payload, BlockReply)
 
 
-def _decode(payload: bytes, kind: type[Any]) -> Any:
+def decode_mux_call(payload: bytes) -> MuxCall:
+    return _decode(payload, MuxCall, 1)
+
+
+def decode_mux_reply(payload: bytes) -> MuxReply:
+    return _decode(payload, MuxReply, 1)
+
+
+def _decode(payload: bytes, kind: type[Any], envelope: int = 0) -> Any:
+    """`payload` as a `kind`: a value at most MAX_DEPTH deep inside its envelope (two
+    levels; `envelope` more for the multiplexed stream's wrapper)."""
     try:
-        raw = codec.decode(payload, max_bytes=MAX_MESSAGE_BYTES, max_depth=MAX_DEPTH + 2)
+        depth = MAX_DEPTH + 2 + envelope
+        raw = codec.decode(payload, max_bytes=MAX_MESSAGE_BYTES, max_depth=depth)
         return msgspec.convert(raw, kind)
     except codec.CodecError as exc:
         raise ProtocolError(exc.reason, str(exc)) from None

@@ -22,14 +22,7 @@ import trio
 from daemon.api.generation import MAX_NEW_TOKENS, MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS
 from daemon.shards.jobs import ShardServiceError
 from daemon.vdags.executor import AttemptFailed, RunContext
-from daemon.vdags.protocol import (
-    BlockCall,
-    BlockReply,
-    ProtocolError,
-    decode_reply,
-    encode,
-    python_instances,
-)
+from daemon.vdags.protocol import BlockCall, BlockReply, ProtocolError, python_instances
 from daemon.vdags.streams import BlockStreams
 from p2p.network import NetworkError
 from registry.blocks import announcements
@@ -151,7 +144,7 @@ class DaemonRunner:
         if instance == self.peer_id:
             return await self.local.run_block(call)
         try:
-            return decode_reply(await self.streams.call(instance, encode(call)))
+            return await self.streams.call(instance, call)
         except NetworkError as exc:
             raise AttemptFailed(
                 f"block {step.block_id!r} on {instance[-12:]} cannot be reached: {exc}",

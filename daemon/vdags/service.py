@@ -35,7 +35,7 @@ from daemon.vdags.protocol import (
 )
 from daemon.vdags.pyblocks import PythonBlock, load_block
 from daemon.vdags.runner import DaemonRunner
-from daemon.vdags.streams import BLOCK_STREAM_PROTOCOL, stream_handler
+from daemon.vdags.streams import BLOCK_STREAM_PROTOCOL, MUX_PROTOCOL, mux_handler, stream_handler
 from daemon.vdags.values import MAX_DEADLINE_S, ValueRefused, check_value
 from p2p.network import NetworkError
 from registry.vdags import PolicyRule
@@ -104,7 +104,13 @@ class VdagService:
             buckets=(0.001, 0.005, 0.02, 0.1, 0.5, 2, 10, 60),
         )
         net.set_request_handler(BLOCK_PROTOCOL, self.answer, timeout_s=ANSWER_TIMEOUT_S)
-        serve = stream_handler(self.run_block, lambda reason: metrics.reject("vdag", reason))
+
+        def reject(reason: str) -> None:
+            metrics.reject("vdag", reason)
+
+        mux = mux_handler(self.run_block, reject)
+        net.set_stream_handler(MUX_PROTOCOL, mux, MAX_MESSAGE_BYTES)
+        serve = stream_handler(self.run_block, reject)
         net.set_stream_handler(BLOCK_STREAM_PROTOCOL, serve, MAX_MESSAGE_BYTES)
 
     # -- the sandbox pool -------------------------------------------------------------------
@@ -115,29 +121,33 @@ class VdagService:
         from daemon.sandbox.pool import SandboxPool
 
         self._running = True
-        task_status.started()
         try:
-            while True:
-                await self._want_pool.wait()
-                hidden = [self.home] if self.home is not None else []
-                try:
-                    async with SandboxPool(self.sandbox_config, hidden_paths=hidden) as pool:
-                        self._pool, self._pool_error = pool, None
-                        if not self._collector:
-                            self._collector = True
-                            self.metrics.registry.register(SandboxCollector(self._snapshot))
-                        self._pool_ready.set()
-                        await trio.sleep_forever()
-                except SandboxError as exc:
-                    log.warning("the sandbox pool cannot start: %s", exc)
-                    self._pool_error = exc
-                    self._want_pool = trio.Event()
-                    ready, self._pool_ready = self._pool_ready, trio.Event()
-                    ready.set()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.runner.streams.run)
+                task_status.started()
+                await self._hold_pool(SandboxPool, SandboxCollector)
         finally:
             self._pool = None
             self._running = False
-            await self.runner.streams.close()
+
+    async def _hold_pool(self, pool_type: Any, collector_type: Any) -> None:
+        while True:
+            await self._want_pool.wait()
+            hidden = [self.home] if self.home is not None else []
+            try:
+                async with pool_type(self.sandbox_config, hidden_paths=hidden) as pool:
+                    self._pool, self._pool_error = pool, None
+                    if not self._collector:
+                        self._collector = True
+                        self.metrics.registry.register(collector_type(self._snapshot))
+                    self._pool_ready.set()
+                    await trio.sleep_forever()
+            except SandboxError as exc:
+                log.warning("the sandbox pool cannot start: %s", exc)
+                self._pool_error = exc
+                self._want_pool = trio.Event()
+                ready, self._pool_ready = self._pool_ready, trio.Event()
+                ready.set()
 
     def _snapshot(self) -> dict[str, Any]:
         pool = self._pool

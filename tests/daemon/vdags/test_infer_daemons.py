@@ -12,7 +12,7 @@ import pytest
 from daemon.api.client import RPCCallError
 from daemon.vdags.protocol import BLOCK_PROTOCOL, BlockCall, decode_reply, encode
 from daemon.vdags.service import MAX_REQUESTS, MAX_SERVED_CALLS
-from daemon.vdags.streams import BLOCK_STREAM_PROTOCOL
+from daemon.vdags.streams import BLOCK_STREAM_PROTOCOL, MUX_PROTOCOL
 from p2p.codec import encode as encode_raw
 from p2p.network import NetworkError
 from tests.daemon.harness import memory_cluster
@@ -219,6 +219,13 @@ async def test_errors_name_the_node_and_inputs_are_bounded(tmp_path):
             await stream.receive()
         after = d1.metric("gridmesh_rejected_messages_total", source="vdag", reason="malformed")
         assert after == before + 1
+        # and over the multiplexed block stream, which d0's own calls to d1 went over
+        assert d1.peer_id in d0.daemon.vdags.runner.streams.links
+        stream = await d0.daemon.net.open_stream(d1.peer_id, MUX_PROTOCOL)
+        await stream.send(encode_raw({"id": 1, "call": {"block": "count", "timeout_s": 1}}))
+        with pytest.raises(NetworkError):
+            await stream.receive()
+        assert d1.metric("gridmesh_rejected_messages_total", source="vdag", reason="invalid") == 3
         # a well-formed call of a block d1 does not serve: a reply saying so
         call = BlockCall(block="upper", input=1, timeout_s=5)
         raw = await d0.daemon.net.request(d1.peer_id, BLOCK_PROTOCOL, encode(call), timeout_s=5)
