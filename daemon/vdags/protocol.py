@@ -2,7 +2,9 @@
 running a vDAG and a daemon serving one of its blocks; and where those servers are found.
 
 Request (msgpack): `BlockCall {block, digest, input, context, timeout_s}`; answer:
-`BlockReply {ok, output, kind, message, load}` — `load` is the calls to that block running at
+`BlockReply {ok, output, kind, message, load}` (on the multiplexed stream of
+daemon.vdags.streams, batches of them, each under its call's id: `[MuxCall {id, call}]`,
+`[MuxReply {id, reply}]`) — `load` is the calls to that block running at
 the server when it answered (what least-loaded assignment reads). Both are decoded into
 typed structs with the codec's size and depth bounds; a malformed request is refused and
 counted, never raised into the host.
@@ -67,6 +69,13 @@ class MuxReply(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     reply: BlockReply
 
 
+# A frame of the multiplexed stream is a batch: the calls (replies) queued while the one
+# before was sent, at most MAX_BATCH and MAX_MESSAGE_BYTES together.
+MAX_BATCH = 64
+MuxCalls = Annotated[list[MuxCall], Meta(min_length=1, max_length=MAX_BATCH)]
+MuxReplies = Annotated[list[MuxReply], Meta(min_length=1, max_length=MAX_BATCH)]
+
+
 class ProtocolError(ValueError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
@@ -85,17 +94,24 @@ def decode_reply(payload: bytes) -> BlockReply:
     return _decode(payload, BlockReply)
 
 
-def decode_mux_call(payload: bytes) -> MuxCall:
-    return _decode(payload, MuxCall, 1)
+def batch_frame(items: list[bytes]) -> bytes:
+    """One frame of encoded MuxCalls (or MuxReplies): a msgpack array of them."""
+    n = len(items)
+    head = bytes([0x90 | n]) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
+    return head + b"".join(items)
 
 
-def decode_mux_reply(payload: bytes) -> MuxReply:
-    return _decode(payload, MuxReply, 1)
+def decode_mux_calls(payload: bytes) -> list[MuxCall]:
+    return _decode(payload, MuxCalls, 2)
+
+
+def decode_mux_replies(payload: bytes) -> list[MuxReply]:
+    return _decode(payload, MuxReplies, 2)
 
 
 def _decode(payload: bytes, kind: type[Any], envelope: int = 0) -> Any:
     """`payload` as a `kind`: a value at most MAX_DEPTH deep inside its envelope (two
-    levels; `envelope` more for the multiplexed stream's wrapper)."""
+    levels; `envelope` more for the multiplexed stream's batch and wrapper)."""
     try:
         depth = MAX_DEPTH + 2 + envelope
         raw = codec.decode(payload, max_bytes=MAX_MESSAGE_BYTES, max_depth=depth)

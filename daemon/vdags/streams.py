@@ -7,10 +7,13 @@ remote nodes to one peer opened and reset 4 streams per request (~10 ms per para
 and a busy runner could reach the serving peer's limit on new streams per second.
 
 So a caller keeps one stream per peer (`BlockStreams`, protocol `MUX_PROTOCOL`) and sends
-each call as a `MuxCall {id, call}` frame; the server (`mux_handler`) runs the calls of a
-stream side by side (at most `MAX_PENDING` at once: it stops reading beyond that) and
-answers each with a `MuxReply {id, reply}` frame as soon as it is done, in any order. One
-reader task per link hands each reply to the call waiting for its id. A link that breaks (the
+each call as a `MuxCall {id, call}`; the server (`mux_handler`) runs the calls of a stream
+side by side (at most `MAX_PENDING` at once: it stops reading beyond that) and answers each
+with a `MuxReply {id, reply}` as soon as it is done, in any order. One reader task per link
+hands each reply to the call waiting for its id. A frame is a batch (`_Sender`): what queued
+while the frame before was being sent goes in one frame, so the calls of a fan-out to one
+peer, and replies done together, share py-libp2p's cost per message (the most of a remote
+call's time: bench/vdag.py --procs). A link that breaks (the
 peer restarted or reset it, a reply that does not decode, a send stuck past
 `SEND_TIMEOUT_S`) fails the calls waiting on it with NetworkError and is replaced by a fresh
 one on the next call; a call on a link that was already open and broke before its reply is
@@ -24,12 +27,14 @@ for daemons that speak only it.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 
 from daemon.vdags.protocol import (
+    MAX_BATCH,
     MAX_CALL_ID,
     MAX_MESSAGE_BYTES,
     BlockCall,
@@ -37,9 +42,10 @@ from daemon.vdags.protocol import (
     MuxCall,
     MuxReply,
     ProtocolError,
+    batch_frame,
     decode_call,
-    decode_mux_call,
-    decode_mux_reply,
+    decode_mux_calls,
+    decode_mux_replies,
     encode,
 )
 from p2p.network import NetworkError, StreamClosed
@@ -51,7 +57,66 @@ MUX_PROTOCOL = "/gridmesh/vdag-block-mux/1.0.0"
 MAX_PEERS = 1024  # links kept (beyond: an idle one is closed, or the call refused)
 MAX_PENDING = 256  # calls waiting on one link; calls one server stream runs at once
 OPEN_TIMEOUT_S = 5.0  # a peer that does not take a stream by then is tried no longer
-SEND_TIMEOUT_S = 30.0  # a frame not sent by then (the peer stopped reading): link broken
+SEND_TIMEOUT_S = 10.0  # a frame not sent by then (the peer stopped reading): link broken
+MAX_ITEM_BYTES = MAX_MESSAGE_BYTES - 16  # one call or reply, encoded, in a frame of its own
+
+
+class _Sender:
+    """What one side queues for a stream, sent in batches: the task that sends takes all
+    that queued meanwhile (up to MAX_BATCH items, MAX_ITEM_BYTES together), so calls (or
+    replies) that come together share a frame, and py-libp2p's cost per message. With
+    `shield`, a send is never cut in the middle of a frame (the stream outlives the task
+    that sends); one not done within SEND_TIMEOUT_S breaks the stream."""
+
+    def __init__(self, stream: Any, *, shield: bool) -> None:
+        self.stream = stream
+        self.shield = shield
+        self.queue: deque[tuple[bytes, list[bool]]] = deque()
+        self.lock = trio.Lock()
+        self.broken: str | None = None
+        self.frames = 0
+        self.items = 0
+
+    async def send(self, item: bytes) -> None:
+        """Queue `item` and return once it is sent, by this task or by one sending before
+        it; NetworkError if the stream broke first (or `item` is too large)."""
+        if len(item) > MAX_ITEM_BYTES:
+            raise NetworkError(f"a message of {len(item)} bytes exceeds {MAX_ITEM_BYTES}")
+        box = [False]
+        self.queue.append((item, box))
+        async with self.lock:
+            while not box[0]:
+                if self.broken is not None:
+                    raise NetworkError(self.broken)
+                await self._send_batch()
+
+    async def _send_batch(self) -> None:
+        items: list[bytes] = []
+        boxes: list[list[bool]] = []
+        size = 0
+        while self.queue and len(items) < MAX_BATCH:
+            item, box = self.queue[0]
+            if items and size + len(item) > MAX_ITEM_BYTES:
+                break
+            self.queue.popleft()
+            items.append(item)
+            boxes.append(box)
+            size += len(item)
+        frame = batch_frame(items)
+        with trio.CancelScope(shield=self.shield):
+            with trio.move_on_after(SEND_TIMEOUT_S) as scope:
+                try:
+                    await self.stream.send(frame)
+                except NetworkError as exc:
+                    self.broken = str(exc)
+                    raise
+        if scope.cancelled_caught:
+            self.broken = f"a frame was not sent within {SEND_TIMEOUT_S:g} s"
+            raise NetworkError(self.broken)
+        self.frames += 1
+        self.items += len(items)
+        for box in boxes:
+            box[0] = True
 
 
 class _NotSent(NetworkError):
@@ -77,7 +142,7 @@ class _Link:
         self.stream = stream
         self.waiting: dict[int, _Slot] = {}
         self.next_id = 0
-        self.send_lock = trio.Lock()
+        self.sender = _Sender(stream, shield=True)
         self.broken: str | None = None
 
     def new_id(self) -> int:
@@ -183,26 +248,18 @@ class BlockStreams:
     async def _exchange(self, link: _Link, call: BlockCall) -> BlockReply:
         if len(link.waiting) >= MAX_PENDING:
             raise NetworkError(f"{MAX_PENDING} block calls are waiting on {link.peer_id} already")
+        if link.broken is not None:
+            raise _NotSent(f"stream to {link.peer_id} broke: {link.broken}")
         call_id = link.new_id()
         slot = link.waiting[call_id] = _Slot()
         try:
-            frame = encode(MuxCall(call_id, call))
-            async with link.send_lock:
-                if link.broken is not None:
-                    raise _NotSent(f"stream to {link.peer_id} broke: {link.broken}")
-                sent = False
-                with trio.CancelScope(shield=True):  # never half a frame
-                    with trio.move_on_after(SEND_TIMEOUT_S):
-                        try:
-                            await link.stream.send(frame)
-                        except NetworkError as exc:
-                            await self._break(link, str(exc))
-                            raise _NotSent(str(exc)) from None
-                        sent = True
-                    if not sent:
-                        why = f"a frame was not sent within {SEND_TIMEOUT_S:g} s"
-                        await self._break(link, why)
-                        raise NetworkError(f"stream to {link.peer_id}: {why}")
+            try:
+                await link.sender.send(encode(MuxCall(call_id, call)))
+            except NetworkError as exc:
+                if link.sender.broken is None:  # this call alone: too large
+                    raise
+                await self._break(link, str(exc))
+                raise _NotSent(f"stream to {link.peer_id} broke: {exc}") from None
             await slot.event.wait()
         finally:
             link.waiting.pop(call_id, None)
@@ -223,7 +280,7 @@ class BlockStreams:
         while True:
             try:
                 frame = await link.stream.receive()
-                message = decode_mux_reply(frame)
+                messages = decode_mux_replies(frame)
             except StreamClosed:
                 await self._break(link, "the peer closed it")
                 return
@@ -232,10 +289,11 @@ class BlockStreams:
                     log.info("block stream to %s broke: %s", link.peer_id[-12:], exc)
                 await self._break(link, str(exc))
                 return
-            slot = link.waiting.pop(message.id, None)
-            if slot is not None:
-                slot.reply = message.reply
-                slot.event.set()
+            for message in messages:
+                slot = link.waiting.pop(message.id, None)
+                if slot is not None:
+                    slot.reply = message.reply
+                    slot.event.set()
 
     async def close(self) -> None:
         """Close every link now (`run` does it when it ends)."""
@@ -255,14 +313,13 @@ def mux_handler(
     frame is refused and counted, and the stream reset."""
 
     async def serve(stream: Any) -> None:
-        send_lock = trio.Lock()
+        sender = _Sender(stream, shield=False)
         slots = trio.Semaphore(MAX_PENDING)
 
         async def answer(message: MuxCall, cancel: trio.CancelScope) -> None:
             try:
-                frame = encode(MuxReply(message.id, await run(message.call)))
-                async with send_lock:
-                    await stream.send(frame)
+                reply = await run(message.call)
+                await sender.send(encode(MuxReply(message.id, reply)))
             except NetworkError:  # the caller is gone: nothing more to answer on this stream
                 cancel.cancel()
             finally:
@@ -270,19 +327,20 @@ def mux_handler(
 
         async with trio.open_nursery() as nursery:
             while True:
-                await slots.acquire()
                 try:
                     frame = await stream.receive()
                 except (StreamClosed, NetworkError):  # the caller is done with it, or gone
                     break  # the calls still running are answered
                 try:
-                    message = decode_mux_call(frame)
+                    messages = decode_mux_calls(frame)
                 except ProtocolError as exc:
                     reject(exc.reason)
                     nursery.cancel_scope.cancel()
                     await stream.reset()
                     return
-                nursery.start_soon(answer, message, nursery.cancel_scope)
+                for message in messages:
+                    await slots.acquire()
+                    nursery.start_soon(answer, message, nursery.cancel_scope)
 
     return serve
 

@@ -222,7 +222,7 @@ async def test_errors_name_the_node_and_inputs_are_bounded(tmp_path):
         # and over the multiplexed block stream, which d0's own calls to d1 went over
         assert d1.peer_id in d0.daemon.vdags.runner.streams.links
         stream = await d0.daemon.net.open_stream(d1.peer_id, MUX_PROTOCOL)
-        await stream.send(encode_raw({"id": 1, "call": {"block": "count", "timeout_s": 1}}))
+        await stream.send(encode_raw([{"id": 1, "call": {"block": "count", "timeout_s": 1}}]))
         with pytest.raises(NetworkError):
             await stream.receive()
         assert d1.metric("gridmesh_rejected_messages_total", source="vdag", reason="invalid") == 3

@@ -11,13 +11,15 @@ import pytest
 import trio
 
 from daemon.vdags.protocol import (
+    MAX_BATCH,
     BlockCall,
     BlockReply,
     MuxCall,
     MuxReply,
     ProtocolError,
-    decode_mux_call,
-    decode_mux_reply,
+    batch_frame,
+    decode_mux_calls,
+    decode_mux_replies,
     encode,
 )
 from daemon.vdags.streams import MAX_PENDING, MUX_PROTOCOL, BlockStreams, mux_handler
@@ -79,6 +81,9 @@ async def test_calls_share_one_stream_and_are_answered_out_of_order(autojump_clo
         assert trio.current_time() - started < 1.0
         assert server.most == 8 and done == list(range(7, -1, -1))
         assert hub.streams_opened == 1 and streams.opened == 1
+        # the 8 calls, started together, went in fewer frames than calls
+        sender = streams.links["b"].sender
+        assert sender.items == 8 and sender.frames < 8
         assert (await streams.call("b", call(9))).output["n"] == 9
         assert hub.streams_opened == 1
         nursery.cancel_scope.cancel()
@@ -152,21 +157,23 @@ async def test_calls_need_the_streams_running():
         await BlockStreams(a).call("b", call(1))
 
 
+def raw_call(id_: Any = 1, **call: Any) -> dict[str, Any]:
+    return {"id": id_, "call": {"block": "blk", "input": 1, "timeout_s": 1, **call}}
+
+
 @pytest.mark.parametrize(
     "junk, reason",
     [
         (b"\xc1garbage", "malformed"),
-        (encode_raw({"id": 1, "call": {"block": "blk", "input": 1, "timeout_s": -1}}), "invalid"),
-        (encode_raw({"id": -1, "call": {"block": "blk", "input": 1, "timeout_s": 1}}), "invalid"),
-        (
-            encode_raw({"id": 1 << 40, "call": {"block": "b", "input": 1, "timeout_s": 1}}),
-            "invalid",
-        ),
-        (
-            encode_raw({"id": 1, "call": {"block": "b", "input": 1, "timeout_s": 1}, "x": 1}),
-            "invalid",
-        ),
-        (encode_raw({"block": "blk", "input": 1, "timeout_s": 1}), "invalid"),
+        (encode_raw([raw_call(timeout_s=-1)]), "invalid"),
+        (encode_raw([raw_call(block="../x")]), "invalid"),
+        (encode_raw([raw_call(-1)]), "invalid"),
+        (encode_raw([raw_call(1 << 40)]), "invalid"),
+        (encode_raw([{**raw_call(), "x": 1}]), "invalid"),  # an unknown field
+        (encode_raw([raw_call(), {"block": "blk", "input": 1, "timeout_s": 1}]), "invalid"),
+        (encode_raw(raw_call()), "invalid"),  # not a batch
+        (encode_raw([]), "invalid"),
+        (encode_raw([raw_call(i) for i in range(MAX_BATCH + 1)]), "invalid"),
     ],
 )
 async def test_a_malformed_call_is_refused_counted_and_resets_the_stream(
@@ -176,8 +183,8 @@ async def test_a_malformed_call_is_refused_counted_and_resets_the_stream(
     server = Server()
     a, _ = pair(hub, server)
     stream = await a.open_stream("b", MUX_PROTOCOL)
-    # a good call first, still answered; then the junk
-    await stream.send(encode(MuxCall(7, call(1, sleep=0.5))))
+    # a call in flight, then the junk: the stream is reset (the call with it)
+    await stream.send(batch_frame([encode(MuxCall(7, call(1, sleep=0.5)))]))
     await stream.send(junk)
     with pytest.raises(NetworkError):
         while True:
@@ -185,8 +192,8 @@ async def test_a_malformed_call_is_refused_counted_and_resets_the_stream(
     assert server.rejected == [reason]
     # the server serves a new stream as before
     stream = await a.open_stream("b", MUX_PROTOCOL)
-    await stream.send(encode(MuxCall(8, call(2))))
-    assert decode_mux_reply(await stream.receive()).id == 8
+    await stream.send(batch_frame([encode(MuxCall(8, call(2)))]))
+    assert [r.id for r in decode_mux_replies(await stream.receive())] == [8]
 
 
 async def test_a_malformed_reply_breaks_the_link_with_a_clear_error(autojump_clock):
@@ -194,8 +201,8 @@ async def test_a_malformed_reply_breaks_the_link_with_a_clear_error(autojump_clo
     a, b = hub.add_node("a"), hub.add_node("b")
 
     async def liar(stream: Any) -> None:
-        message = decode_mux_call(await stream.receive())
-        await stream.send(encode_raw({"id": message.id, "reply": {"ok": "yes"}}))
+        (message,) = decode_mux_calls(await stream.receive())
+        await stream.send(encode_raw([{"id": message.id, "reply": {"ok": "yes"}}]))
         await trio.sleep_forever()
 
     b.set_stream_handler(MUX_PROTOCOL, liar)
@@ -218,27 +225,34 @@ async def test_the_server_runs_at_most_max_pending_calls_of_a_stream_at_once(aut
 
         async def send_all() -> None:
             for n in range(total):
-                await stream.send(encode(MuxCall(n, call(n, sleep=1.0))))
+                await stream.send(batch_frame([encode(MuxCall(n, call(n, sleep=1.0)))]))
 
         nursery.start_soon(send_all)
-        ids = set()
-        for _ in range(total):
-            ids.add(decode_mux_reply(await stream.receive()).id)
+        ids: set[int] = set()
+        while len(ids) < total:
+            ids.update(r.id for r in decode_mux_replies(await stream.receive()))
     assert ids == set(range(total))
     assert server.most == MAX_PENDING
 
 
-def test_ids_are_bounded_and_messages_round_trip():
-    message = MuxCall(5, call(1))
-    assert decode_mux_call(encode(message)) == message
+def test_ids_are_bounded_and_batches_round_trip():
+    for n in (1, 15, 16, MAX_BATCH):
+        messages = [MuxCall(i, call(i)) for i in range(n)]
+        assert decode_mux_calls(batch_frame([encode(m) for m in messages])) == messages
     reply = MuxReply((1 << 32) - 1, BlockReply(True, output=[1, "x"]))
-    assert decode_mux_reply(encode(reply)) == reply
-    with pytest.raises(ProtocolError):
-        decode_mux_reply(encode_raw({"id": 1 << 32, "reply": {"ok": True}}))
+    assert decode_mux_replies(batch_frame([encode(reply)])) == [reply]
+    for junk in (
+        [{"id": 1 << 32, "reply": {"ok": True}}],  # id out of range
+        [],  # an empty batch
+        [{"id": 1, "reply": {"ok": True}}] * (MAX_BATCH + 1),  # too many
+        {"id": 1, "reply": {"ok": True}},  # not a batch
+    ):
+        with pytest.raises(ProtocolError, match="invalid|Expected"):
+            decode_mux_replies(encode_raw(junk))
     deep: Any = 1
     for _ in range(20):  # a value deeper than MAX_DEPTH inside its envelope
         deep = [deep]
     with pytest.raises(ProtocolError, match="deeper"):
-        decode_mux_call(
-            encode_raw({"id": 1, "call": {"block": "b", "input": deep, "timeout_s": 1}})
+        decode_mux_calls(
+            encode_raw([{"id": 1, "call": {"block": "b", "input": deep, "timeout_s": 1}}])
         )
