@@ -23,8 +23,9 @@ Targets (issue 18): <= 1 ms overhead per node; a sandboxed no-op policy call <= 
 client; the per-node cost is the slope between a 1-node and the longest chain (the block's
 own call and the hop included). Beside it, for scale: the round trip of one frame each way
 over a kept libp2p stream between two bare hosts in two processes (no vDAG, no block: the
-floor of a remote node's hop on this machine), and a fan-out of the longest chain's length
-of remote nodes run in parallel (the calls to one peer at once).
+floor of a remote node's hop on this machine) and what a remote node costs beyond it (p50s
+of separate runs: noisy); and fan-outs of the longest chain's length of local and remote
+nodes run in parallel (a remote fan-out's calls go to one peer at once).
 
 usage: python bench/vdag.py [--calls 300] [--nodes 1,4,8] [--procs]
 """
@@ -362,6 +363,10 @@ def bench_procs(args: argparse.Namespace) -> None:
         print(f"{what:58} {per[0] * 1e3:9.3f} {per[1] * 1e3:9.3f}")
     what = f"libp2p round trip, kept stream, {len(frame)} B frame (no vDAG)"
     print(f"{what:58} {percentile(floor, 0.5) * 1e3:9.3f} {percentile(floor, 0.99) * 1e3:9.3f}")
+    one, many = samples["remote1"], samples[f"remote{longest}"]
+    per_node = (percentile(many, 0.5) - percentile(one, 0.5)) / (longest - 1)
+    what = "per remote node beyond that (block call included)"
+    print(f"{what:58} {(per_node - percentile(floor, 0.5)) * 1e3:9.3f} {'':>9}")
     for kind in ("local", "remote"):
         one, wide = samples[f"{kind}1"], samples[f"{kind}fan{longest}"]
         per = [(percentile(wide, q) - percentile(one, q)) / (longest - 1) for q in (0.5, 0.99)]
