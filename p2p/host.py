@@ -71,6 +71,7 @@ from p2p.guard import (
 )
 from p2p.hello import HELLO_PROTOCOL, HelloGate, open_hello
 from p2p.hostaddrs import on_listen_ports
+from p2p.libp2p_logs import quiet_libp2p_logs
 from p2p.limits import HostLimits, RateLimiter, RejectHook
 from p2p.network import (
     MAX_STREAM_FRAME_BYTES,
@@ -122,18 +123,6 @@ PING_TIMEOUT_S = 2.0
 CLOSED_POLL_S = 2.0  # how often an inbound connection's socket is checked for being closed
 # (op, outcome, seconds) -> None
 DHTObserver = Callable[[str, str, float], None]
-
-
-def quiet_libp2p_logs(level: int = logging.ERROR) -> None:
-    """py-libp2p's loggers don't propagate and warn on every odd stream: give them our handler."""
-    root = logging.getLogger("libp2p")
-    root.handlers.clear()
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.setLevel(level)  # some libp2p modules set their own, lower levels
-    root.addHandler(handler)
-    root.setLevel(level)
-    root.propagate = False
 
 
 class Libp2pNetwork:
