@@ -21,69 +21,38 @@ A server at one of its caps (sessions, sessions of one peer, KV cache) answers a
 are all that stands between it and a route, it raises ServersBusyError ("busy: ..."), which
 the APIs report as busy (JSON-RPC -32031, gRPC RESOURCE_EXHAUSTED: retry later), not as a
 missing route.
+
+One hop and its errors are in daemon.shards.hops, the token loop (`generate`) in
+daemon.shards.token_loop; both are importable from here too.
 """
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import trio
 
-from daemon.serving.sampling import Sampled, Sampler, legacy_sampler
 from daemon.shards import SHARD_PROTOCOL, wire
+from daemon.shards.hops import (  # noqa: F401 - RequestRefused: re-exported
+    GenerationError,
+    Hop,
+    HopFailed,
+    RequestRefused,
+    ServersBusyError,
+    close_all,
+)
+from daemon.shards.token_loop import generate  # noqa: F401 - re-exported: the token loop
 from p2p.network import NetworkError, Stream, StreamOpener
 from scheduler.routing import NoRouteError, Server, find_route
 
 log = logging.getLogger(__name__)
-
-
-# server error codes that no other server would answer differently
-REQUEST_ERRORS = {"bad_length", "too_long", "bad_input", "bad_position", "bad_range", "model"}
-# a paid job no server would take (daemon.payments.provider)
-REQUEST_ERRORS |= {"unknown_job", "job_refunded", "job_expired", "job_spent", "not_payer"}
-
-
-class HopFailed(Exception):
-    def __init__(
-        self, peer_id: str, reason: str, *, transient: bool = False, busy: bool = False
-    ) -> None:
-        """`transient`: the hop's stream broke (reset or EOF), could not be opened, or gave
-        no answer in time, which a reconnecting peer or a slow link may survive; it gets one
-        more chance when no route avoids it. `busy`: the server
-        refused a session at one of its caps (it is alive, only full)."""
-        super().__init__(f"{peer_id}: {reason}")
-        self.peer_id = peer_id
-        self.reason = reason
-        self.transient = transient
-        self.busy = busy
-
-
-class GenerationError(RuntimeError):
-    """A generation cannot go on; `code` says why, for the local APIs (daemon.errors)."""
-
-    code = "failed"
-
-
-class RequestRefused(GenerationError):
-    """A server refused the request itself: another server would refuse it too."""
-
-    code = "refused"
-
-
-class ServersBusyError(GenerationError):
-    """No route, only because servers on it answered `busy` (at their session or cache
-    caps): retrying later may succeed. Its message starts with "busy:", which the local
-    APIs map to their busy errors."""
-
-    code = "busy"
 
 
 class _BusyNoRoute(NoRouteError):
@@ -100,65 +69,6 @@ class _BusyNoRoute(NoRouteError):
             priced_out=exc.priced_out,
         )
         self.busy = busy
-
-
-@dataclass
-class Hop:
-    peer_id: str
-    start: int
-    end: int
-    stream: Stream
-    session: str
-    link: str = ""  # the token the previous hop's server shows when it pushes to us
-    chunks: list[tuple[int, torch.Tensor]] = field(default_factory=list)
-
-    def record(self, position: int, x: torch.Tensor) -> None:
-        """Keep an input for replay (once: a chained step may have recorded it already)."""
-        if not self.chunks or self.chunks[-1][0] < position:
-            self.chunks.append((position, x))
-
-    @property
-    def next_hop(self) -> wire.NextHop:
-        """How the previous hop's server reaches this hop's session."""
-        return wire.NextHop(peer=self.peer_id, session=self.session, link=self.link)
-
-    async def send(self, header: wire.Request, tensor: torch.Tensor | None = None) -> None:
-        try:
-            await self.stream.send(wire.encode(header, tensor))
-        except NetworkError as exc:
-            raise HopFailed(self.peer_id, str(exc), transient=True) from None
-
-    async def receive(self) -> tuple[wire.Message, torch.Tensor | None]:
-        try:
-            return wire.decode(await self.stream.receive())
-        except NetworkError as exc:
-            raise HopFailed(self.peer_id, str(exc), transient=True) from None
-        except wire.WireError as exc:
-            raise HopFailed(self.peer_id, str(exc)) from None
-
-    async def call(
-        self, header: wire.Request, tensor: torch.Tensor | None, timeout_s: float
-    ) -> tuple[wire.Message, torch.Tensor | None]:
-        try:
-            with trio.fail_after(timeout_s):
-                await self.send(header, tensor)
-                reply, out = await self.receive()
-                while getattr(reply, "step", None) is not None:  # a late message of an
-                    reply, out = await self.receive()  # abandoned chained step
-        except trio.TooSlowError:  # a slow link (a loaded relay) may answer the next time
-            raise HopFailed(
-                self.peer_id, f"no answer within {timeout_s:.1f} s", transient=True
-            ) from None
-        self.check(reply)
-        return reply, out
-
-    def check(self, reply: wire.Message) -> None:
-        """Raise for an error reply: GenerationError if our request is at fault."""
-        if isinstance(reply, wire.Error):
-            message = f"{reply.code}: {reply.message[:300]}"
-            if reply.code in REQUEST_ERRORS:  # another server would refuse it too
-                raise RequestRefused(f"{self.peer_id} refused: {message}")
-            raise HopFailed(self.peer_id, message, busy=reply.code == "busy")
 
 
 # () -> servers currently announced for the model (with RTTs); refreshed on every re-route
@@ -289,7 +199,7 @@ class RemoteModel:
                 if not isinstance(reply, wire.Linked):
                     raise HopFailed(prev.peer_id, f"{type(reply).__name__} answers a link")
         except BaseException:
-            await _close_all(hops)
+            await close_all(hops)
             raise
         return hops
 
@@ -361,7 +271,7 @@ class RemoteModel:
         replay = [(p, c) for p, c in old.chunks if p < self.length] if old else []
         current = next((c for p, c in old.chunks if p >= self.length), None) if old else None
         start = old.start if old else 0
-        await _close_all(self.hops[index:])
+        await close_all(self.hops[index:])
         # if opening fails, the next recovery starts here again (the closed hops keep the
         # inputs to replay)
         self._resume_at = index
@@ -561,16 +471,8 @@ class RemoteModel:
         raise HopFailed(hops[missing].peer_id, f"no progress within {self.step_timeout_s:.1f} s")
 
     async def close(self) -> None:
-        await _close_all(self.hops)
+        await close_all(self.hops)
         self.hops = []
-
-
-async def _close_all(hops: list[Hop]) -> None:
-    """Close hop streams (their servers free the sessions), whatever is being cancelled."""
-    with trio.CancelScope(shield=True):
-        for hop in hops:
-            with trio.move_on_after(1):
-                await hop.stream.close()
 
 
 # one hop's answer to a chained step: (index in the chain, reply, tensor, failure)
@@ -584,39 +486,3 @@ class _Step:
     position: int
     next_hop: int
     x: torch.Tensor
-
-
-async def generate(
-    model: RemoteModel,
-    prompt_ids: list[int],
-    max_new_tokens: int,
-    *,
-    temperature: float = 0.0,
-    seed: int | None = None,
-    eos_id: int | Collection[int] | None = None,
-    sampler: Sampler | None = None,
-    on_token: Callable[[Sampled], Awaitable[None] | None] | None = None,
-) -> AsyncIterator[int]:
-    """Yield token ids up to and including an eos id (`eos_id`: one or several), chosen here
-    by `sampler` (without one: greedy at temperature 0, else seeded by `seed`); replays stay
-    in `model.step`, away from it. `on_token` gets each token with its logprobs before it is
-    yielded (awaited if it returns an awaitable)."""
-    if sampler is None:
-        sampler = legacy_sampler(prompt_ids, temperature=temperature, seed=seed)
-    elif temperature or seed is not None:
-        raise ValueError("temperature and seed belong to the sampler when one is given")
-    stop = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
-    logits = await model.step(prompt_ids)
-    for _ in range(max_new_tokens):
-        if sampler.cheap(len(logits)):
-            sampled = sampler(logits)
-        else:  # milliseconds over a large vocabulary: off the event loop
-            sampled = await trio.to_thread.run_sync(sampler, logits)
-        if on_token is not None:
-            pending = on_token(sampled)
-            if inspect.isawaitable(pending):
-                await pending
-        yield sampled.token
-        if sampled.token in stop:
-            return
-        logits = await model.step([sampled.token])
