@@ -295,15 +295,6 @@ class BlockStreams:
                     slot.reply = message.reply
                     slot.event.set()
 
-    async def close(self) -> None:
-        """Close every link now (`run` does it when it ends)."""
-        links = list(self.links.values())
-        self.links.clear()
-        with trio.CancelScope(shield=True):
-            for link in links:
-                link.fail("closed")
-                await link.stream.close()
-
 
 def mux_handler(
     run: Callable[[BlockCall], Awaitable[BlockReply]], reject: Callable[[str], None]
