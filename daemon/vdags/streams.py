@@ -13,12 +13,14 @@ with a `MuxReply {id, reply}` as soon as it is done, in any order. One reader ta
 hands each reply to the call waiting for its id. A frame is a batch (`_Sender`): what queued
 while the frame before was being sent goes in one frame, so the calls of a fan-out to one
 peer, and replies done together, share py-libp2p's cost per message (the most of a remote
-call's time: bench/vdag.py --procs). A link that breaks (the
-peer restarted or reset it, a reply that does not decode, a send stuck past
-`SEND_TIMEOUT_S`) fails the calls waiting on it with NetworkError and is replaced by a fresh
-one on the next call; a call on a link that was already open and broke before its reply is
-tried once more on a fresh link. A caller cancelled while waiting leaves the link alone (its
-late reply is dropped); a send is never cut in the middle of a frame.
+call's time: bench/vdag.py --procs).
+
+A link that breaks (the peer restarted or reset it, a reply that does not decode, a send
+stuck past `SEND_TIMEOUT_S`) fails the calls waiting on it with NetworkError and is replaced
+by a fresh one on the next call. A call whose frame could not be sent on a link that was
+already open is tried once more on a fresh link; one already sent is not (the peer may have
+run it: the executor's retries decide). A caller cancelled while waiting leaves the link
+alone (its late reply is dropped); a send is never cut in the middle of a frame.
 
 The one-call-per-stream protocol (`BLOCK_STREAM_PROTOCOL`, `stream_handler`) is still served
 for daemons that speak only it.
