@@ -51,7 +51,7 @@ class DaemonRunner:
         self.reported: dict[tuple[str, str], int] = {}  # (block, peer) -> load it reported
         self.inflight: collections.Counter[tuple[str, str]] = collections.Counter()
         self._seen: tuple[Any, dict[str, tuple[list[str], str | None]]] = (None, {})
-        self.streams = BlockStreams(net)
+        self.streams = BlockStreams(net, lambda reason: local.metrics.reject("vdag", reason))
 
     # -- which instances ------------------------------------------------------------------
 

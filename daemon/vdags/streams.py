@@ -165,10 +165,12 @@ class _Link:
 
 class BlockStreams:
     """The caller's side: calls to each peer over its one link. `run` must be running (in
-    the daemon's nursery): it holds the links' reader tasks."""
+    the daemon's nursery): it holds the links' reader tasks. A malformed reply breaks its
+    link and is passed to `reject` (the daemon counts it)."""
 
-    def __init__(self, net: Any) -> None:
+    def __init__(self, net: Any, reject: Callable[[str], None] | None = None) -> None:
         self.net = net
+        self.reject = reject or (lambda reason: None)  # a malformed reply, counted
         self.links: dict[str, _Link] = {}
         self._opening: dict[str, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
@@ -287,6 +289,8 @@ class BlockStreams:
                 await self._break(link, "the peer closed it")
                 return
             except (NetworkError, ProtocolError) as exc:
+                if isinstance(exc, ProtocolError):
+                    self.reject(exc.reason)
                 if link.broken is None:
                     log.info("block stream to %s broke: %s", link.peer_id[-12:], exc)
                 await self._break(link, str(exc))

@@ -206,12 +206,13 @@ async def test_a_malformed_reply_breaks_the_link_with_a_clear_error(autojump_clo
         await trio.sleep_forever()
 
     b.set_stream_handler(MUX_PROTOCOL, liar)
-    streams = BlockStreams(a)
+    rejected: list[str] = []
+    streams = BlockStreams(a, rejected.append)
     async with trio.open_nursery() as nursery:
         await nursery.start(streams.run)
         with pytest.raises(NetworkError, match="Expected `bool`"):
             await streams.call("b", call(1))
-        assert "b" not in streams.links
+        assert "b" not in streams.links and rejected == ["invalid"]
         nursery.cancel_scope.cancel()
 
 
