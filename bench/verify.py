@@ -15,7 +15,9 @@ replicas included, is what verification costs the network; on a shared machine i
 far less noisy than the wall clock). "CPU per check" is what one checked step cost, in hop-steps
 (half a token's CPU without checks): at a rate r the overhead is about r times it (each
 token's two hops are drawn, and a token costs two hop-steps). Every checked step runs again
-on a replica: a new session, the hop's earlier inputs and the step's in one pass. Also the
+on a replica, in the replica session that follows the hop for the generation: the hop's
+inputs since its last check and the step's, in one pass ("replica positions per check"; a
+hop's first check of a generation catches up on the whole prefix). Also the
 largest honest difference seen between a provider and its replica
 (row-relative; `daemon.verify.compare` allows 1e-5 in float32).
 
@@ -123,6 +125,8 @@ async def workload(
         async for _ in generate(remote, [i % 200 + 1, 3, 5, 7, 11, 13], args.tokens):
             done += 1
         await remote.close()
+        if checks is not None:
+            await checks.aclose()  # its replica sessions
 
     started, cpu = time.perf_counter(), time.process_time()
     async with trio.open_nursery() as nursery:
@@ -163,24 +167,25 @@ async def overhead(args: argparse.Namespace, model_dir: Path) -> None:
     )
     header = (
         "check rate | tokens/s | overhead (wall) | CPU ms/token | overhead (CPU) | checks "
-        "| CPU per check (hop-steps) | max honest spread"
+        "| CPU per check (hop-steps) | replica positions per check | max honest spread"
     )
     print(header)
     print("-" * len(header))
     print(
         f"{'none':>10} | {base:>8.1f} | {'-':>15} | {base_cpu:>12.2f} | {'-':>14} | {'-':>6} "
-        f"| {'-':>25} | -"
+        f"| {'-':>25} | {'-':>27} | -"
     )
     for rate in args.rates:
         v = verifiers[rate]
         checks = v.counters["checks_pass"] + v.counters["checks_fail"]
         cpu = statistics.median(c for _, c in runs[rate])
         extra = (cpu - base_cpu) * tokens / checks / hop_step_ms if checks else float("nan")
+        fed = v.counters["replica_positions"] / max(1, v.counters["replica_steps"])
         print(
             f"{rate * 100:>9.0f}% | {statistics.median(t for t, _ in runs[rate]):>8.1f} | "
             f"{(1 - ratio(rate, 0)) * 100:>14.1f}% | {cpu:>12.2f} | "
             f"{(ratio(rate, 1) - 1) * 100:>13.1f}% | {checks:>6} | {extra:>25.1f} | "
-            f"{v.spread_max:.1e}"
+            f"{fed:>27.1f} | {v.spread_max:.1e}"
         )
 
 
@@ -208,12 +213,14 @@ async def detection_table(args: argparse.Namespace, model_dir: Path) -> None:
             cheat = Cheat(server, mode, fraction=q, seed=seed).install()
             config = VerifyConfig(rate=0.02, probation_rate=0.02, audit_history=audit)
             v = Verifier(config, rng=random.Random(seed))
-            remote = cluster.model(v.generation(), max_length=1000)
+            checks = v.generation()
+            remote = cluster.model(checks, max_length=1000)
             await remote.open()
             async for _ in generate(remote, [seed % 200 + 1, 7], 990):
                 if remote.recoveries:
                     break
             await remote.close()
+            await checks.aclose()
             server.forward = honest_forward
             measured.append(cheat.steps if remote.recoveries else math.inf)
         finite = [m for m in measured if math.isfinite(m)]

@@ -1,15 +1,21 @@
-"""Run one step of a hop again on another server: the IO of a check or a canary.
+"""Run a hop's steps again on another server: the IO of a check or a canary.
 
-A fresh session on the server, and the hop's earlier inputs with the step's own in one pass
-(the step's rows of its output are the step's; see `daemon.verify.compare` for why they may
-differ from the provider's in the last bits). Past MAX_STEP_TOKENS positions the earlier
-inputs go first, in pieces, then the step's. To the server this is
-an ordinary session: its `max_length` is the generation's, as every session of it asks, and a
-generation's first chunk followed by one-token steps is what every generation sends.
+Two ways, both ordinary sessions to the server (its `max_length` is the generation's, as every
+session of it asks):
+- `ReplicaSession`: a session on a replica that follows one provider hop of a generation
+  lazily. A check sends it only the hop's inputs it has not seen yet, the step's included, in
+  one pass (in pieces past MAX_STEP_TOKENS), so that a check costs about one pass, not a
+  replay of the whole prefix; the session stays open for the hop's next check.
+- `run_on`: a fresh session, the hop's earlier inputs with the step's in one pass (a third
+  replica's tie-break, a canary).
+
+The step's rows of the output are the step's; see `daemon.verify.compare` for why they may
+differ from the provider's in the last bits.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -36,59 +42,116 @@ class Replay:
     prefix: torch.Tensor | None  # positions 0 .. position - 1 (None at position 0)
     x: torch.Tensor
     last_only: bool
-    full: bool = False  # the output of every position (one pass only), not the step's alone
+    full: bool = False  # the output of every position, not the step's alone
 
     @property
     def position(self) -> int:
         return 0 if self.prefix is None else int(self.prefix.shape[1])
 
 
-async def run_on(opener: StreamOpener, peer: str, replay: Replay, timeout_s: float) -> torch.Tensor:
-    """The output of `replay` computed by `peer`; ReplicaUnavailable if it gives none."""
-    try:
-        with trio.fail_after(timeout_s):
-            stream = await opener.open_stream(peer, SHARD_PROTOCOL)
-    except (NetworkError, trio.TooSlowError) as exc:
-        raise ReplicaUnavailable(f"{peer}: {exc!r}") from None
-    hop = Hop(peer, replay.start, replay.end, stream, session="")
-    try:
-        opened, _ = await hop.call(
-            wire.Open(
-                model=replay.model_id,
-                start=replay.start,
-                end=replay.end,
-                max_length=replay.max_length,
-                depth=1,
-            ),
-            None,
-            timeout_s,
-        )
-        if not isinstance(opened, wire.Opened):
-            raise ReplicaUnavailable(f"{peer}: {type(opened).__name__} answers an open")
-        hop.session = opened.session
-        x, position, prefix = replay.x, replay.position, replay.prefix
-        if prefix is not None and position + x.shape[1] <= MAX_STEP_TOKENS:
-            x, position, prefix = torch.cat((prefix, x), dim=1), 0, None  # one pass
-        if prefix is not None:  # too long for one step: catch up first, then the step
-            for first in range(0, prefix.shape[1], MAX_STEP_TOKENS):
-                piece = prefix[:, first : first + MAX_STEP_TOKENS]
-                await hop.call(
-                    wire.Forward(session=hop.session, position=first, last_only=True),
+class ReplicaSession:
+    """An open session on `peer` over one range; `fed`: the positions it holds."""
+
+    def __init__(self, peer: str, hop: Hop, timeout_s: float) -> None:
+        self.peer = peer
+        self.hop = hop
+        self.timeout_s = timeout_s
+        self.fed = 0
+        self.broken = False  # a forward failed half-way: what it holds is unknown
+
+    @classmethod
+    async def open(
+        cls,
+        opener: StreamOpener,
+        peer: str,
+        model_id: str,
+        start: int,
+        end: int,
+        max_length: int,
+        timeout_s: float,
+    ) -> ReplicaSession:
+        """A new session on `peer` (ReplicaUnavailable if it gives none)."""
+        try:
+            with trio.fail_after(timeout_s):
+                stream = await opener.open_stream(peer, SHARD_PROTOCOL)
+        except (NetworkError, trio.TooSlowError) as exc:
+            raise ReplicaUnavailable(f"{peer}: {exc!r}") from None
+        session = cls(peer, Hop(peer, start, end, stream, session=""), timeout_s)
+        try:
+            opened, _ = await session.hop.call(
+                wire.Open(model=model_id, start=start, end=end, max_length=max_length, depth=1),
+                None,
+                timeout_s,
+            )
+            if not isinstance(opened, wire.Opened):
+                raise ReplicaUnavailable(f"{peer}: {type(opened).__name__} answers an open")
+        except BaseException as exc:
+            await session.close()
+            if isinstance(exc, HopFailed | GenerationError):
+                raise ReplicaUnavailable(str(exc)) from None
+            raise
+        session.hop.session = opened.session
+        return session
+
+    async def forward(self, x: torch.Tensor, *, last_only: bool, keep: int) -> torch.Tensor:
+        """Run `x` (the inputs of positions `fed` on) through the range. Returns the output of
+        its last `keep` rows, or with `last_only` the last row's (what the last range gives).
+        ReplicaUnavailable (and `broken`) if the replica gives no answer."""
+        if self.broken:
+            raise ReplicaUnavailable(f"{self.peer}: the session broke earlier")
+        n = int(x.shape[1])
+        keep = min(max(keep, 1), n)
+        kept: list[torch.Tensor] = []
+        self.broken = True  # until every piece is in
+        try:
+            for first in range(0, n, MAX_STEP_TOKENS):
+                piece = x[:, first : first + MAX_STEP_TOKENS]
+                rows = int(piece.shape[1])
+                final = first + rows == n
+                wanted = not last_only and first + rows > n - keep
+                reply, out = await self.hop.call(
+                    wire.Forward(
+                        session=self.hop.session,
+                        position=self.fed,
+                        last_only=last_only or not wanted,
+                    ),
                     piece,
-                    timeout_s,
+                    self.timeout_s,
                 )
-        reply, out = await hop.call(
-            wire.Forward(session=hop.session, position=position, last_only=replay.last_only),
-            x,
-            timeout_s,
-        )
-        if out is None or not isinstance(reply, wire.Result):
-            raise ReplicaUnavailable(f"{peer}: a forward reply without a tensor")
-        if replay.last_only or (replay.full and prefix is None):
-            return out
-        return out[:, -replay.x.shape[1] :]
-    except (HopFailed, GenerationError) as exc:
-        raise ReplicaUnavailable(str(exc)) from None
+                if out is None or not isinstance(reply, wire.Result):
+                    raise ReplicaUnavailable(f"{self.peer}: a forward reply without a tensor")
+                self.fed += rows
+                if final and last_only:
+                    kept.append(out)
+                elif wanted:
+                    if out.dim() != 3 or out.shape[1] != rows:
+                        raise ReplicaUnavailable(f"{self.peer}: {out.shape[1]} rows for {rows}")
+                    kept.append(out[:, max(0, n - keep - first) :])
+        except (HopFailed, GenerationError) as exc:
+            raise ReplicaUnavailable(str(exc)) from None
+        self.broken = False
+        return kept[0] if len(kept) == 1 else torch.cat(kept, dim=1)
+
+    async def close(self) -> None:
+        self.broken = True
+        # (a stream that broke already has nothing to close; this runs in the background too)
+        with trio.CancelScope(shield=True), trio.move_on_after(1), contextlib.suppress(Exception):
+            await self.hop.stream.close()
+
+
+async def run_on(
+    opener: StreamOpener, peer: str, replay: Replay, timeout_s: float, keep: int | None = None
+) -> torch.Tensor:
+    """The output of `replay` computed by `peer` in a fresh session: the step's rows (or with
+    `replay.full`, or `keep`, that many last rows of every position up to the step's end);
+    ReplicaUnavailable if it gives none."""
+    session = await ReplicaSession.open(
+        opener, peer, replay.model_id, replay.start, replay.end, replay.max_length, timeout_s
+    )
+    try:
+        x = replay.x if replay.prefix is None else torch.cat((replay.prefix, replay.x), dim=1)
+        if keep is None:
+            keep = int(x.shape[1]) if replay.full else int(replay.x.shape[1])
+        return await session.forward(x, last_only=replay.last_only, keep=keep)
     finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(1):
-            await stream.close()
+        await session.close()

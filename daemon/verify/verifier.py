@@ -8,7 +8,11 @@ counters); `Verifier.generation()` gives one generation its `GenerationChecks`, 
 - `after_step(model, position, logits)`: every hop of the step that just ran is drawn for a
   check (at its provider's rate) and, on probation, for a canary. A checked hop's step runs
   again on a replica of the same range (another provider, another payout key); a difference
-  goes to a third replica and the minority fails the check. A provider that fails makes the
+  goes to a third replica and the minority fails the check. The replica keeps one session per
+  provider hop for the generation (`ReplicaSession`), fed only the hop's inputs it has not seen
+  yet, so that a check costs one pass over the steps since the hop's last check instead of a
+  replay of the whole prefix. The provider sees nothing of this: the draw is made after it
+  answered, and the replica is another server. A provider that fails makes the
   step fail over (`HopFailed`): the client re-routes without it and runs the step again on an
   honest route, before any token is drawn from it.
 
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,13 +35,14 @@ import torch
 import trio
 
 from daemon.shards.client import HopFailed
-from daemon.shards.session import MAX_STEP_TOKENS
 from daemon.verify.canaries import Canary, CanaryStore
 from daemon.verify.compare import Agreement, compare, tolerance
 from daemon.verify.policy import RANK_PENALTY_MS, Reputation, VerifyConfig
-from daemon.verify.replica import Replay, ReplicaUnavailable, run_on
+from daemon.verify.replica import Replay, ReplicaSession, ReplicaUnavailable, run_on
 
 _BAD = ("fail", "unresolved", "canary-fail")  # outcomes that fail the step over
+# replica sessions held open at once by one requester (a server takes 32 of one peer)
+MAX_REPLICA_SESSIONS = 32
 
 PayoutOf = Callable[[str], "str | None"]
 
@@ -64,9 +69,12 @@ class Verifier:
         clock: Callable[[], float] = trio.current_time,
         rtol: float | None = None,
         canaries: CanaryStore | None = None,
+        max_replica_sessions: int = MAX_REPLICA_SESSIONS,
     ) -> None:
         """`payout_of(peer)`: the payout key a provider announced (None: unknown, the peer
-        id stands for it). `rtol`: the comparison's bound (default: by the dtype)."""
+        id stands for it). `rtol`: the comparison's bound (default: by the dtype).
+        `max_replica_sessions`: the checks' replica sessions held open at once, over all
+        generations (a generation that is never flushed cannot hold replicas' memory)."""
         self.config = config or VerifyConfig()
         self.rng = rng or random.SystemRandom()
         self.reputation = Reputation(self.config, self.rng)
@@ -77,6 +85,9 @@ class Verifier:
         self.counters: Counter[str] = Counter()
         self.verdicts: list[Verdict] = []  # the newest 1000
         self.spread_max = 0.0  # the largest honest difference seen (agreements only)
+        self.max_replica_sessions = max_replica_sessions
+        # the open replica sessions, least recently used first, and whose they are
+        self._held: OrderedDict[ReplicaSession, GenerationChecks] = OrderedDict()
 
     def generation(self, payments: Any = None) -> GenerationChecks:
         return GenerationChecks(self, payments)
@@ -103,6 +114,7 @@ class Verifier:
             "counters": dict(self.counters),
             "providers": self.reputation.to_json(self.clock()),
             "canaries": len(self.canaries),
+            "replica_sessions_open": len(self._held),
             "max_honest_spread": self.spread_max,
         }
 
@@ -114,9 +126,21 @@ class Verifier:
 
 def _canary(replay: Replay, output: torch.Tensor) -> Canary:
     """A verified step as a canary: its own rows (an audit's earlier rows are left out)."""
-    if not replay.full:
+    if replay.last_only:
         return Canary(replay, output)
-    return Canary(dataclasses.replace(replay, full=False), output[:, -replay.x.shape[1] :])
+    return Canary(replay, output[:, -replay.x.shape[1] :])
+
+
+@dataclass
+class _Drawn:
+    """A hop's step drawn for a check: the hop, the step as a replica gets it, what the
+    provider gave, and (for `audit_history`) the next hop's recorded inputs."""
+
+    i: int
+    hop: Any
+    replay: Replay
+    out: torch.Tensor
+    given: list[tuple[int, torch.Tensor]]
 
 
 def _with_rtt(server: Any, rtt_ms: float) -> Any:
@@ -162,27 +186,34 @@ class GenerationChecks:
         self.verifier = verifier
         self.payments = DeferredPayments(paid) if paid is not None else None
         self.checked_steps = 0
+        # per provider hop (by identity), its replica session: (hop, session)
+        self._followers: dict[int, tuple[Any, ReplicaSession]] = {}
 
     def routable(self, servers: list[Any]) -> list[Any]:
         return self.verifier.routable(servers)
 
     def flush(self) -> None:
-        """Acknowledge what is still held (the generation ends)."""
+        """Acknowledge what is still held and end the replica sessions (the generation
+        ends; `aclose` where the caller can wait, else they end in the background)."""
         if self.payments is not None:
             self.payments.release(set())
+        if self._followers:
+            trio.lowlevel.spawn_system_task(self.aclose, name="verify replica sessions")
 
     async def after_step(self, model: Any, position: int, logits: torch.Tensor) -> None:
         v = self.verifier
         now = v.clock()
         hops = list(model.hops)
-        drawn: list[tuple[int, Replay, torch.Tensor]] = []
+        if self._followers:  # hops replaced by a failover: their replica sessions end
+            await self._drop_followers(lambda hop: not any(hop is h for h in hops))
+        drawn: list[_Drawn] = []
         canaries: list[tuple[int, Canary]] = []
         for i, hop in enumerate(hops):
             check = v.reputation.should_check(hop.peer_id, now)
             if check:  # (what it got and gave is gathered only for the hops drawn)
-                replay, out = self._step_of(model, hops, i, position, logits)
-                if replay is not None and out is not None:
-                    drawn.append((i, replay, out))
+                step = self._step_of(model, hops, i, position, logits)
+                if step is not None:
+                    drawn.append(step)
             if v.reputation.should_canary(hop.peer_id, now):
                 kept = v.canaries.get(model.model_id, hop.start, hop.end)
                 if kept:
@@ -191,15 +222,15 @@ class GenerationChecks:
         if drawn or canaries:
             servers = await model._servers()
 
-            async def check(i: int, replay: Replay, out: torch.Tensor) -> None:
-                verdicts.append(await self._check(model, servers, i, replay, out))
+            async def check(step: _Drawn) -> None:
+                verdicts.append(await self._check(model, servers, step))
 
             async def canary(i: int, canary: Canary) -> None:
                 verdicts.append(await self._canary(model, hops[i].peer_id, i, canary))
 
             async with trio.open_nursery() as nursery:
-                for args in drawn:
-                    nursery.start_soon(check, *args)
+                for step in drawn:
+                    nursery.start_soon(check, step)
                 for c_args in canaries:
                     nursery.start_soon(canary, *c_args)
             self.checked_steps += 1
@@ -220,32 +251,56 @@ class GenerationChecks:
             reason = "no majority among replicas" if d.outcome == "unresolved" else "wrong output"
             raise HopFailed(d.peer, f"failed a check: {reason}")
 
+    async def aclose(self) -> None:
+        """End the replica sessions (the generation ends); never raises."""
+        await self._drop_followers(lambda hop: True)
+
+    async def _drop_followers(self, which: Callable[[Any], bool]) -> None:
+        for hop, session in list(self._followers.values()):
+            if which(hop):
+                await self._forget(hop, session)
+
+    async def _hold(self, hop: Any, session: ReplicaSession) -> None:
+        """Keep `session` as the hop's; past the requester's cap on open replica sessions,
+        the least recently used one (of any generation) ends."""
+        v = self.verifier
+        self._followers[id(hop)] = (hop, session)
+        v._held[session] = self
+        while len(v._held) > v.max_replica_sessions:
+            old, owner = next(iter(v._held.items()))
+            v.counters["replica_sessions_evicted"] += 1
+            held = [h for h, s in owner._followers.values() if s is old]
+            await owner._forget(held[0] if held else None, old)
+
+    async def _forget(self, hop: Any, session: ReplicaSession) -> None:
+        if hop is not None and self._followers.get(id(hop), (None, None))[1] is session:
+            del self._followers[id(hop)]
+        self.verifier._held.pop(session, None)
+        await session.close()
+
     def _step_of(
         self, model: Any, hops: list[Any], i: int, position: int, logits: torch.Tensor
-    ) -> tuple[Replay | None, torch.Tensor | None]:
-        """Hop `i`'s part of the step at `position`: what it got (and before) and gave (with
-        `audit_history`, what it gave at every earlier position too, where recorded: the
-        next hop's inputs)."""
+    ) -> _Drawn | None:
+        """Hop `i`'s part of the step at `position`: what it got (and before) and gave (and,
+        for `audit_history`, the next hop's inputs: what it gave at every earlier position)."""
         hop = hops[i]
         if not hop.chunks or hop.chunks[-1][0] != position:
-            return None, None
+            return None
         chunks = [c for p, c in hop.chunks if p < position]
         if sum(c.shape[1] for c in chunks) != position:
-            return None, None  # the inputs before it are not all recorded
+            return None  # the inputs before it are not all recorded
         last = i == len(hops) - 1
+        given: list[tuple[int, torch.Tensor]] = []
         if last:
             out = logits
         else:
             after = hops[i + 1].chunks
             if not after or after[-1][0] != position:
-                return None, None
+                return None
             out = after[-1][1]
+            if self.verifier.config.audit_history:
+                given = list(after)
         x = hop.chunks[-1][1]
-        full = False
-        if self.verifier.config.audit_history and not last and chunks:
-            given = [c for _, c in after]
-            if sum(c.shape[1] for c in given) == position + x.shape[1] <= MAX_STEP_TOKENS:
-                out, full = torch.cat(given, dim=1), True
         replay = Replay(
             model.model_id,
             hop.start,
@@ -254,12 +309,11 @@ class GenerationChecks:
             torch.cat(chunks, dim=1) if chunks else None,
             x,
             last,
-            full,
         )
-        return replay, out
+        return _Drawn(i, hop, replay, out, given)
 
     def _replicas(
-        self, model: Any, servers: list[Any], replay: Replay, avoid: set[str]
+        self, model: Any, servers: list[Any], replay: Replay, avoid: set[str], shuffle: bool = True
     ) -> list[str]:
         """Servers of exactly the range, not excluded, failed or sharing a payout key."""
         v, now = self.verifier, self.verifier.clock()
@@ -277,24 +331,115 @@ class GenerationChecks:
                 and not v.reputation.excluded(s.peer_id, now)
             }
         )
-        v.rng.shuffle(peers)
+        if shuffle:
+            v.rng.shuffle(peers)
         return peers
 
     async def _replica_output(
-        self, model: Any, servers: list[Any], replay: Replay, avoid: set[str]
+        self, model: Any, servers: list[Any], replay: Replay, avoid: set[str], keep: int
     ) -> tuple[str, torch.Tensor] | None:
-        """The step run on one replica (tried in a random order; None: none could)."""
+        """The step run on one replica in a fresh session (tried in a random order; None:
+        none could); its last `keep` rows."""
         v = self.verifier
         for peer in self._replicas(model, servers, replay, avoid)[:3]:
             try:
-                out = await run_on(model._opener, peer, replay, model.step_timeout_s)
+                out = await run_on(model._opener, peer, replay, model.step_timeout_s, keep)
             except ReplicaUnavailable:
                 v.counters["replica_unavailable"] += 1
                 avoid = avoid | {peer}
                 continue
             v.counters["replica_steps"] += 1
+            v.counters["replica_positions"] += replay.position + int(replay.x.shape[1])
             return peer, out
         return None
+
+    def _follows(self, model: Any, servers: list[Any], step: _Drawn, peer: str) -> bool:
+        """Whether `peer` may still check the hop (as `_replicas` would choose it)."""
+        avoid = {step.hop.peer_id}
+        return peer in self._replicas(model, servers, step.replay, avoid, shuffle=False)
+
+    async def _follower_output(
+        self, model: Any, servers: list[Any], step: _Drawn
+    ) -> tuple[str, torch.Tensor, int] | None:
+        """The step run on the hop's replica session (opened at the hop's first check, on a
+        replica tried in a random order): its output from the first position compared on,
+        which it returns too; None: no replica could run it."""
+        v, hop, replay = self.verifier, step.hop, step.replay
+        held = self._followers.get(id(hop))
+        if held is not None and not (
+            held[0] is hop and self._follows(model, servers, step, held[1].peer)
+        ):
+            await self._forget(*held)
+            held = None
+        avoid = {hop.peer_id}
+        for _ in range(3):
+            if held is None:
+                peers = self._replicas(model, servers, replay, avoid)
+                if not peers:
+                    return None
+                try:
+                    session = await ReplicaSession.open(
+                        model._opener,
+                        peers[0],
+                        replay.model_id,
+                        replay.start,
+                        replay.end,
+                        replay.max_length,
+                        model.step_timeout_s,
+                    )
+                except ReplicaUnavailable:
+                    v.counters["replica_unavailable"] += 1
+                    avoid.add(peers[0])
+                    continue
+                v.counters["replica_sessions"] += 1
+                held = (hop, session)
+                await self._hold(hop, session)
+            session = held[1]
+            if session in v._held:
+                v._held.move_to_end(session)  # recently used
+            feed = self._unseen(step, session.fed)
+            if feed is None:  # (cannot happen: a hop's inputs are only ever appended)
+                await self._forget(hop, session)
+                held = None
+                continue
+            x, first = feed
+            end = replay.position + int(replay.x.shape[1])
+            try:
+                out = await session.forward(x, last_only=replay.last_only, keep=end - first)
+            except ReplicaUnavailable:
+                v.counters["replica_unavailable"] += 1
+                await self._forget(hop, session)
+                avoid.add(session.peer)
+                held = None
+                continue
+            v.counters["replica_steps"] += 1
+            v.counters["replica_positions"] += int(x.shape[1])
+            return session.peer, out, first
+        return None
+
+    def _unseen(self, step: _Drawn, fed: int) -> tuple[torch.Tensor, int] | None:
+        """The hop's inputs from position `fed` to the step's end, and the first position
+        whose output is compared: with `audit_history` (a hop that is not the last) `fed`,
+        where the provider's outputs since then are recorded, else the step's."""
+        position = step.replay.position
+        if fed > position:
+            return None
+        inputs = [c for p, c in step.hop.chunks if fed <= p <= position]
+        if sum(int(c.shape[1]) for c in inputs) != position + int(step.replay.x.shape[1]) - fed:
+            return None
+        first = position
+        if step.given and fed < position:
+            gave = [c for p, c in step.given if fed <= p <= position]
+            if sum(int(c.shape[1]) for c in gave) == sum(int(c.shape[1]) for c in inputs):
+                first = fed
+        return (inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1)), first
+
+    def _provider_rows(self, step: _Drawn, first: int) -> torch.Tensor:
+        """What the provider gave from position `first` to the step's end."""
+        if first == step.replay.position:
+            return step.out
+        gave = [c for p, c in step.given if first <= p <= step.replay.position]
+        return torch.cat(gave, dim=1)
 
     def _agree(self, got: torch.Tensor, want: torch.Tensor, replay: Replay) -> bool:
         v = self.verifier
@@ -307,16 +452,16 @@ class GenerationChecks:
             v.spread_max = max(v.spread_max, spread(got, want))
         return how is not Agreement.DIFFER
 
-    async def _check(
-        self, model: Any, servers: list[Any], i: int, replay: Replay, out: torch.Tensor
-    ) -> Verdict:
-        v = self.verifier
-        provider = model.hops[i].peer_id if i < len(model.hops) else ""
-        first = await self._replica_output(model, servers, replay, {provider})
+    async def _check(self, model: Any, servers: list[Any], step: _Drawn) -> Verdict:
+        v, i, replay = self.verifier, step.i, step.replay
+        provider = step.hop.peer_id
+        first = await self._follower_output(model, servers, step)
         if first is None:
             v.counters["checks_skipped"] += 1  # no replica: not a verdict
             return Verdict(i, provider, "skipped", [])
-        checker, theirs = first
+        checker, theirs, since = first
+        out = self._provider_rows(step, since)
+        keep = replay.position + int(replay.x.shape[1]) - since
         now = v.clock()
         if self._agree(out, theirs, replay):
             verdict = Verdict(i, provider, "pass", [])
@@ -324,7 +469,8 @@ class GenerationChecks:
             v.reputation.passed(checker, now)
             v.canaries.add(_canary(replay, theirs))
         else:
-            third = await self._replica_output(model, servers, replay, {provider, checker})
+            avoid = {provider, checker}
+            third = await self._replica_output(model, servers, replay, avoid, keep)
             if third is None:
                 verdict = Verdict(i, provider, "unresolved", [])
             else:
@@ -343,6 +489,8 @@ class GenerationChecks:
                     v.canaries.add(_canary(replay, ref))
                 else:
                     verdict = Verdict(i, provider, "unresolved", [])
+            if checker in verdict.failed or verdict.outcome == "unresolved":
+                await self._drop_followers(lambda hop: hop is step.hop)  # not this one again
         v.record(verdict)
         return verdict
 

@@ -64,4 +64,11 @@ async def tokens(remote: RemoteModel, prompt: list[int], n: int) -> list[int]:
         return [t async for t in generate(remote, prompt, n)]
     finally:
         remote.last_route = remote.route  # type: ignore[attr-defined]
-        await remote.close()
+        await close(remote)
+
+
+async def close(remote: RemoteModel) -> None:
+    """Close the generation and its checks' replica sessions."""
+    await remote.close()
+    if remote.verifier is not None:
+        await remote.verifier.aclose()

@@ -18,7 +18,14 @@ from daemon.verify import detection  # noqa: E402
 from daemon.verify.cheat import MODES, Cheat  # noqa: E402
 from daemon.verify.compare import tolerance  # noqa: E402
 from tests.daemon.shards import memory_cluster  # noqa: E402
-from tests.daemon.verify.cluster import HONEST_A, HONEST_B, build, model, verifier  # noqa: E402
+from tests.daemon.verify.cluster import (  # noqa: E402
+    HONEST_A,
+    HONEST_B,
+    build,
+    close,
+    model,
+    verifier,
+)
 
 cluster, model_dir = memory_cluster.cluster, memory_cluster.model_dir
 FRACTION = {"corrupt": 0.5}  # the other modes cheat on every step
@@ -34,7 +41,7 @@ async def until_caught(remote, prompt: list[int], max_new: int) -> bool:
                 return True
         return bool(remote.recoveries)
     finally:
-        await remote.close()
+        await close(remote)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -55,7 +62,7 @@ async def test_every_mode_is_caught_and_excluded_at_a_2_percent_rate(cluster, mo
     remote = model(cluster, v.generation())
     await remote.open()
     assert remote.route[0]["peer_id"] != "cheat"
-    await remote.close()
+    await close(remote)
     assert cheat.cheated > 0
 
 
@@ -94,8 +101,16 @@ async def test_steps_to_detection_match_the_expectation(cluster, model_dir, mode
         expected = detection.expected_steps_audited(config["rate"], q)
     elif config["rate"] == config["probation_rate"]:
         assert expected == pytest.approx(detection.expected_steps(config["rate"], q))
-    # the mean of 40 runs, within 4 standard errors (the draws are seeded: this is fixed)
+    # the mean of 40 runs, within 4 standard errors (the draws are seeded: this is fixed).
+    # The standard deviation is the sample's, or at least the distribution's where it is
+    # known: a geometric one with a mean of 50 has 49.5, and 40 seeded draws (these seeds
+    # gave a sample mean of 26) can show half that
     sd = statistics.pstdev(measured)
+    r, rq = config["rate"], config["rate"] * q
+    if config.get("audit_history"):  # a geometric wait for a cheat, then one for a check
+        sd = max(sd, math.sqrt((1 - q) / q**2 + (1 - r) / r**2))
+    elif config["rate"] == config["probation_rate"]:
+        sd = max(sd, math.sqrt(1 - rq) / rq)
     mean = statistics.fmean(measured)
     if config.get("audit_history"):  # far sooner than checking the step alone (1/(r q))
         assert mean < 0.75 * detection.expected_steps(config["rate"], q), mean
@@ -115,7 +130,7 @@ async def test_honest_providers_are_never_flagged_across_10000_checked_steps(clu
         await remote.open()
         async for _ in generate(remote, [i % 250 + 1, 5, 7, 9], 24):
             pass
-        await remote.close()
+        await close(remote)
         assert not remote.recoveries
 
     while v.counters["checks_pass"] < 10_000:

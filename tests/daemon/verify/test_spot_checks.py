@@ -38,16 +38,23 @@ async def test_every_cheat_is_caught_and_the_tokens_stay_exact(
     assert "cheat" in remote.failed
     failed = [d for d in v.verdicts if d.failed]
     assert failed and all(d.failed == ["cheat"] for d in failed)
-    assert all(v.reputation.records[p].total_failures == 0 for p in HONEST_A)
+    records = v.reputation.records
+    assert all(records[p].total_failures == 0 for p in HONEST_A if p in records)
+    assert any(p in records for p in HONEST_A)  # an honest replica did check
 
 
 async def test_a_lying_replica_loses_the_tie_break(cluster, model_dir, reference):
     prompt, expected = reference
     cheat = await build(cluster, model_dir, "corrupt")
     v = verifier(rate=1.0, probation_rate=1.0)
-    remote = model(cluster, v.generation(), fast="a1")  # an honest route: a1, then b*
-    assert await tokens(remote, prompt, 24) == expected
-    assert remote.last_route[0]["peer_id"] == "a1" and not remote.recoveries
+    # a hop's checker is drawn once per generation: generations until the cheater was drawn
+    # (and lost) twice
+    for _ in range(12):
+        if v.reputation.state("cheat", v.clock()) == "excluded":
+            break
+        remote = model(cluster, v.generation(), fast="a1")  # an honest route: a1, then b*
+        assert await tokens(remote, prompt, 24) == expected
+        assert remote.last_route[0]["peer_id"] == "a1" and not remote.recoveries
     # the cheater was drawn as a checker of a1's steps: the third replica sided with a1
     lost = [d for d in v.verdicts if d.failed == ["cheat"]]
     assert lost and all(d.peer == "a1" and d.outcome == "pass" for d in lost)

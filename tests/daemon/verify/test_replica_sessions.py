@@ -1,0 +1,122 @@
+"""A checker's replica session per provider hop: a check sends the replica only the hop's
+inputs it has not seen yet (about one step's work, not a replay of the prefix), the session
+is replaced when its replica goes away, and it ends with the generation."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+torch = pytest.importorskip("torch")
+
+from daemon.shards.client import generate  # noqa: E402
+from tests.daemon.shards import memory_cluster  # noqa: E402
+from tests.daemon.verify.cluster import build, close, model, tokens, verifier  # noqa: E402
+
+cluster, model_dir, reference = (
+    memory_cluster.cluster,
+    memory_cluster.model_dir,
+    memory_cluster.reference,
+)
+
+
+def count_rows(cluster) -> dict[str, int]:
+    """Per server, the input positions its compute gets from now on."""
+    rows = dict.fromkeys(cluster.servers, 0)
+    for peer, server in cluster.servers.items():
+        honest = server.forward
+
+        async def forward(session, position, x, last_only, peer=peer, honest=honest):
+            rows[peer] += int(x.shape[1])
+            return await honest(session, position, x, last_only)
+
+        server.forward = forward
+    return rows
+
+
+async def no_sessions_left(cluster, peers: set[str]) -> None:
+    with trio.fail_after(10):
+        while any(cluster.servers[p].sessions for p in peers):  # noqa: ASYNC110 (a condition)
+            await trio.sleep(0.01)
+
+
+async def test_a_check_costs_the_replica_only_the_positions_it_has_not_seen(
+    cluster, model_dir, reference
+):
+    prompt, expected = reference
+    await build(cluster, model_dir, None)
+    rows = count_rows(cluster)
+    v = verifier(rate=1.0, probation_rate=1.0)
+    remote = model(cluster, v.generation(), fast="a1")
+    assert await tokens(remote, prompt, 24) == expected
+    route = {hop["peer_id"] for hop in remote.last_route}
+    positions = len(prompt) + 24  # the prompt's pass, then 24 one-token steps
+    assert v.counters["checks_pass"] == 2 * 25 and not v.counters["checks_fail"]
+    # one replica session per hop, fed every position once: what the route computed
+    assert v.counters["replica_sessions"] == 2
+    assert v.counters["replica_positions"] == 2 * positions
+    assert sum(n for p, n in rows.items() if p not in route) == 2 * positions
+    assert sum(n for p, n in rows.items() if p in route) == 2 * positions
+    # (a fresh session per check would have replayed every prefix: about 18x as many here)
+    await no_sessions_left(cluster, set(cluster.servers))
+
+
+async def test_at_a_low_rate_a_check_sends_the_steps_since_the_last_one(
+    cluster, model_dir, reference
+):
+    prompt, expected = reference
+    await build(cluster, model_dir, None)
+    rows = count_rows(cluster)
+    v = verifier(seed=4, rate=0.25, probation_rate=0.25)
+    remote = model(cluster, v.generation(), fast="a1")
+    assert await tokens(remote, prompt, 24) == expected
+    route = {hop["peer_id"] for hop in remote.last_route}
+    checks = v.counters["checks_pass"]
+    assert checks >= 3 and not v.counters["checks_fail"]
+    assert v.counters["replica_steps"] == checks
+    # each hop's replica got each position at most once (up to its last check)
+    replicas = sum(n for p, n in rows.items() if p not in route)
+    assert replicas == v.counters["replica_positions"] <= 2 * (len(prompt) + 24)
+
+
+async def test_a_replica_that_goes_away_is_replaced(cluster, model_dir, reference):
+    prompt, expected = reference
+    await build(cluster, model_dir, None)
+    v = verifier(rate=1.0, probation_rate=1.0)
+    checks = v.generation()
+    remote = model(cluster, checks, fast="a1")
+    await remote.open()
+    got: list[int] = []
+    try:
+        async for token in generate(remote, prompt, 24):
+            got.append(token)
+            if len(got) == 8:  # the first range's checker goes away
+                (follower,) = [s for hop, s in checks._followers.values() if hop.start == 0]
+                cluster.kill(follower.peer)
+                gone = follower.peer
+    finally:
+        await close(remote)
+    assert got == expected and not remote.recoveries
+    assert v.counters["checks_pass"] == 2 * 25 and not v.counters["checks_fail"]
+    # a new session on another replica caught up on the whole prefix, in one pass
+    assert v.counters["replica_sessions"] == 3
+    assert v.counters["replica_positions"] > 2 * (len(prompt) + 24)
+    assert gone not in v.reputation.records or not v.reputation.records[gone].total_failures
+
+
+async def test_replica_sessions_end_when_the_checks_are_flushed(cluster, model_dir, reference):
+    prompt, expected = reference
+    await build(cluster, model_dir, None)
+    v = verifier(rate=1.0, probation_rate=1.0)
+    checks = v.generation()
+    remote = model(cluster, checks, fast="a1")
+    await remote.open()
+    assert [t async for t in generate(remote, prompt, 6)] == expected[:6]
+    route = {hop.peer_id for hop in remote.hops}
+    replicas = {s.peer for _, s in checks._followers.values()}
+    assert len(replicas) == 2 and not replicas & route
+    assert all(cluster.servers[p].sessions for p in replicas)
+    checks.flush()  # (what a daemon's generation calls at its end: closes in the background)
+    await no_sessions_left(cluster, replicas)
+    assert not checks._followers
+    await remote.close()
