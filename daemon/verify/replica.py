@@ -58,6 +58,7 @@ class ReplicaSession:
         self.timeout_s = timeout_s
         self.fed = 0
         self.broken = False  # a forward failed half-way: what it holds is unknown
+        self.in_use = False  # a forward is in flight
 
     @classmethod
     async def open(
@@ -102,7 +103,7 @@ class ReplicaSession:
         n = int(x.shape[1])
         keep = min(max(keep, 1), n)
         kept: list[torch.Tensor] = []
-        self.broken = True  # until every piece is in
+        self.broken = self.in_use = True  # (broken until every piece is in)
         try:
             for first in range(0, n, MAX_STEP_TOKENS):
                 piece = x[:, first : first + MAX_STEP_TOKENS]
@@ -129,6 +130,8 @@ class ReplicaSession:
                     kept.append(out[:, max(0, n - keep - first) :])
         except (HopFailed, GenerationError) as exc:
             raise ReplicaUnavailable(str(exc)) from None
+        finally:
+            self.in_use = False
         self.broken = False
         return kept[0] if len(kept) == 1 else torch.cat(kept, dim=1)
 

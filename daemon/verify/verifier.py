@@ -267,7 +267,10 @@ class GenerationChecks:
         self._followers[id(hop)] = (hop, session)
         v._held[session] = self
         while len(v._held) > v.max_replica_sessions:
-            old, owner = next(iter(v._held.items()))
+            idle = [(s, o) for s, o in v._held.items() if not s.in_use and s is not session]
+            if not idle:  # every other one is checking a step just now
+                break
+            old, owner = idle[0]
             v.counters["replica_sessions_evicted"] += 1
             held = [h for h, s in owner._followers.values() if s is old]
             await owner._forget(held[0] if held else None, old)

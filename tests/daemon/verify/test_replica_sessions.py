@@ -120,3 +120,26 @@ async def test_replica_sessions_end_when_the_checks_are_flushed(cluster, model_d
     await no_sessions_left(cluster, replicas)
     assert not checks._followers
     await remote.close()
+
+
+async def test_the_requester_holds_at_most_its_cap_of_replica_sessions(
+    cluster, model_dir, reference
+):
+    prompt, expected = reference
+    await build(cluster, model_dir, None)
+    v = verifier(rate=1.0, probation_rate=1.0)
+    v.max_replica_sessions = 2
+    generations = [v.generation() for _ in range(2)]
+    for checks in generations:  # neither is flushed nor closed: the cap ends the first's
+        remote = model(cluster, checks, fast="a1")
+        await remote.open()
+        assert [t async for t in generate(remote, prompt, 4)] == expected[:4]
+        await remote.close()
+    assert v.counters["replica_sessions"] == 4 and v.counters["replica_sessions_evicted"] == 2
+    assert not generations[0]._followers and len(generations[1]._followers) == 2
+    assert v.to_json()["replica_sessions_open"] == 2
+    with trio.fail_after(10):  # the servers see the evicted sessions' streams end
+        while sum(len(s.sessions) for s in cluster.servers.values()) > 2:  # noqa: ASYNC110
+            await trio.sleep(0.01)
+    await generations[1].aclose()
+    await no_sessions_left(cluster, set(cluster.servers))
