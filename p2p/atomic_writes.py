@@ -66,13 +66,10 @@ class _Writer:
     async def _run(self) -> None:
         try:
             while True:
-                try:
-                    frame = self._receive.receive_nowait()
-                except trio.WouldBlock:
-                    with trio.move_on_after(IDLE_S):
-                        frame = await self._receive.receive()
-                        await self._write(frame)
-                        continue
+                frame: _Frame | None = None
+                with trio.move_on_after(IDLE_S):  # (the wait only: never around a write)
+                    frame = await self._receive.receive()
+                if frame is None:
                     try:  # idle: end, unless a frame came in meanwhile (no await between)
                         frame = self._receive.receive_nowait()
                     except trio.WouldBlock:

@@ -97,3 +97,13 @@ def test_install_patches_yamux():
 
     atomic_writes.install()
     assert Yamux._write_frame is _write_whole_frame
+
+
+async def test_a_frame_given_just_before_the_writer_idles_out_is_written_whole(autojump_clock):
+    """The idle timer bounds the wait for a frame, never a write: a write cut by it would
+    leave the peer half a frame (and the caller told it was written)."""
+    conn = _Conn()
+    await _write_whole_frame(conn, b"a")
+    await trio.sleep(IDLE_S - 0.005)  # the frame's write (0.01 s) outlasts the idle timer
+    await _write_whole_frame(conn, b"b")
+    assert conn.secured_conn.written == [b"a", b"b"]
