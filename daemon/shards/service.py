@@ -4,6 +4,11 @@ torch is imported only when this node first loads a shard or generates (DESIGN.m
 that serves nothing stays small). Serving daemons announce each loaded range in the `blocks`
 registry (model, layers, measured ms per layer), which is how clients find routes; peers may
 ask a daemon to load a range over `/gridmesh/shard-control/1.0.0` when its config allows.
+
+ShardService is made of parts, each in its own module: the announcements of its blocks and
+the reading of others' (daemon.shards.announce), the shard streams it accepts and opens
+(daemon.shards.streams) and the generations the local APIs poll (daemon.shards.jobs); the
+network and registry it is given are described in daemon.shards.ports.
 """
 
 from __future__ import annotations
@@ -11,14 +16,16 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from daemon.shards import SHARD_PROTOCOL
+from daemon.shards.announce import (  # noqa: F401 - block_key: re-exported
+    Announcements,
+    block_key,
+)
 from daemon.shards.control import (  # noqa: F401 - re-exported for the API modules
     CONTROL_PROTOCOL,
     LOAD_TIMEOUT_S,
@@ -36,11 +43,10 @@ from daemon.shards.jobs import (  # noqa: F401 - MAX_*, JOB_TTL_S: re-exported
     JobTable,
     ShardServiceError,
 )
+from daemon.shards.ports import Entries, ShardNetwork, Writer
+from daemon.shards.streams import ShardStreams
 from p2p import codec, localsock
-from p2p.network import NetworkError, PeerState, Requests, Stream, Streams
-from p2p.streams import stream_pair
-from registry.blocks import announcement_key, announcements
-from registry.replica import Rejected
+from p2p.network import NetworkError
 
 if TYPE_CHECKING:
     from daemon.metrics import Metrics
@@ -49,37 +55,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LOCAL_RETRY_S = 60.0  # after a failed local dial, use libp2p to that peer for this long
-# the longest shard frame a stream takes before this node serves anything (headers only)
-HEADER_FRAME_BYTES = 64 * 1024
-LOAD_STEP = 0.1  # re-announce a block when this node's utilisation moved this much
-MAX_QUEUE_LENGTH = 1 << 20
 
-
-block_key = announcement_key  # where a server announces a range it serves
-
-
-class ShardNetwork(Requests, Streams, Protocol):
-    """What shards ask of the network: control requests, shard streams, peers' RTT."""
-
-    @property
-    def peers(self) -> Mapping[str, PeerState]: ...
-
-
-class Entries(Protocol):
-    """The registry replica as shards read it (announcements of blocks)."""
-
-    @property
-    def entries(self) -> Mapping[Any, Any]: ...
-
-
-class Writer(Protocol):
-    """The replicator as shards use it: announce and withdraw our own blocks."""
-
-    def write(self, kind: str, key: str, value: dict[str, Any] | None) -> Awaitable[Any]: ...
-
-
-class ShardService(JobTable):
+class ShardService(Announcements, ShardStreams, JobTable):
     """Serve shards, announce them, and generate through the network's shards.
 
     It gets only what it uses: this node's identity, the network, the registry replica (to
@@ -216,48 +193,8 @@ class ShardService(JobTable):
             self._register_stream_handler()
         return self._server
 
-    def _register_stream_handler(self) -> None:
-        """Register the libp2p shard handler, its frames bounded by what we serve at the
-        moment each frame begins (`max_frame_bytes` is asked per frame): libp2p's framing
-        refuses longer ones from their length prefix, also on streams opened before a load
-        or an unload; the server checks each frame against its session anyway."""
-        assert self._server is not None
-        self.net.set_stream_handler(
-            SHARD_PROTOCOL,
-            self._server.handle_stream,
-            max_frame_bytes=self.max_frame_bytes,
-        )
-
-    def max_frame_bytes(self) -> int:
-        """The longest shard frame this node takes now (asked per frame, on libp2p streams
-        and local sockets alike)."""
-        if self._server is None:
-            return HEADER_FRAME_BYTES
-        return max(HEADER_FRAME_BYTES, self._server.max_frame_bytes)
-
     def start(self) -> None:
         self.net.set_request_handler(CONTROL_PROTOCOL, self._on_control, timeout_s=LOAD_TIMEOUT_S)
-
-    async def serve_local(self) -> None:
-        """Accept shard streams from daemons on this host over a Unix socket (see
-        p2p.localsock); without one (not Linux, or the name taken) peers use libp2p."""
-        if not self.local_sockets:
-            return
-        listener = localsock.Listener(
-            self.ident,
-            {SHARD_PROTOCOL: self._on_local_stream},
-            on_reject=lambda reason: self.metrics.reject("localsock", reason),
-            max_frame_bytes=self.max_frame_bytes,
-            max_connections=self.max_local_connections,
-        )
-        try:
-            await listener.serve()
-        except OSError as exc:
-            log.warning("no local shard socket (%s); same-host peers will use libp2p", exc)
-
-    async def _on_local_stream(self, stream: Stream) -> None:
-        await self.ensure_torch()
-        await self.server.handle_stream(stream)
 
     async def reap_forever(self, interval_s: float = 10.0) -> None:
         """Free the caches of sessions abandoned without a close (their client vanished), and
@@ -267,28 +204,6 @@ class ShardService(JobTable):
             if self._server is not None:
                 self._server.reap_idle()
                 await self.refresh_announcements()
-
-    async def refresh_announcements(self) -> None:
-        """Re-announce the blocks whose free cache moved by more than a tenth of the budget
-        since their last announcement."""
-        assert self._server is not None
-        self.measure_load()
-        for block in list(self._server.blocks.values()):
-            if self._server.blocks.get(block.model_id) is not block:
-                continue  # undeployed while we announced another: no resurrection
-            announced = self._announced_free.get(block.model_id)
-            free = self._server.free_cache_tokens(block)
-            budget = block.tokens_for(self._server.cache_budget_bytes or 0)
-            queue, util = self._announced_load.get(block.model_id, (0, 0.0))
-            load_moved = abs(self.utilisation - util) >= LOAD_STEP or (queue > 0) != (
-                self.queue_length() > 0
-            )
-            if announced is None or abs(free - announced) > budget // 10 or load_moved:
-                await self._announce(self.block_json(block))
-
-    def queue_length(self) -> int:
-        """Steps waiting for this node's compute now (pending in its batchers)."""
-        return self._server.waiting_steps if self._server is not None else 0
 
     def snapshot(self) -> dict[str, Any]:
         """What /metrics shows of the shard server, per model: its sessions and their KV
@@ -312,23 +227,6 @@ class ShardService(JobTable):
             row["batched_steps"] = batcher.batched_steps
             row["waiting_steps"] = batcher.pending
         return {"cache_budget_bytes": server.cache_budget_bytes or 0, "models": models}
-
-    def measure_load(self) -> float:
-        """The share of the time since the last measurement this node spent computing (what
-        its blocks' steps took), announced as `utilisation` for the cluster coordinator's
-        scaling (daemon.cluster.coordinator)."""
-        busy = sum(b.compute_s for b in self._server.blocks.values()) if self._server else 0.0
-        now = time.monotonic()
-        if self._load_mark is not None and now > self._load_mark[0]:
-            spent = max(0.0, busy - self._load_mark[1])
-            self.utilisation = round(min(1.0, spent / (now - self._load_mark[0])), 3)
-        self._load_mark = (now, busy)
-        return self.utilisation
-
-    def block_json(self, block: Any) -> dict[str, Any]:
-        """A served block as the APIs and announcements show it, with its free cache."""
-        assert self._server is not None
-        return {**block.to_json(), "cache_tokens_free": self._server.free_cache_tokens(block)}
 
     def summary(self) -> list[dict[str, Any]]:
         """What this node serves, for its DHT resource record: ranges, speed, load."""
@@ -369,49 +267,12 @@ class ShardService(JobTable):
         await self._announce(self.block_json(block))
         return self.block_json(block)
 
-    async def _announce(self, block: dict[str, Any]) -> None:
-        peer_id = self.ident.peer_id
-        key = block_key(block["model"], block["start"], block["end"], peer_id)
-        value = {
-            "blockId": key,
-            "blockComponentURI": block["model"],
-            "model": block["model"],
-            "layers": [block["start"], block["end"]],
-            "served_by": [peer_id],
-            "parameters": {
-                "ms_per_layer": block["ms_per_layer"],
-                "dtype": block["dtype"],
-                "parameters_bytes": block["parameters_bytes"],
-                "cache_tokens_free": block["cache_tokens_free"],
-                "host": localsock.HOST_ID,  # peers on this host dial our local socket
-                "price_per_unit": self.price_per_unit,
-                # load, for a cluster coordinator's scaling
-                "queue_length": min(self.queue_length(), MAX_QUEUE_LENGTH),
-                "utilisation": self.utilisation,
-            },
-        }
-        try:
-            await self.replicator.write("blocks", key, value)
-            self._announced_free[block["model"]] = block["cache_tokens_free"]
-            self._announced_load[block["model"]] = (
-                value["parameters"]["queue_length"],
-                self.utilisation,
-            )
-        except Rejected as exc:
-            log.warning("could not announce %s: %s", key, exc)
-
     async def unload(self, model_id: str) -> bool:
         if self._server is None or model_id not in self._server.blocks:
             return False
         block = self._server.blocks[model_id]
         self._server.unload(model_id)
-        self._announced_free.pop(model_id, None)
-        self._announced_load.pop(model_id, None)
-        key = block_key(model_id, block.start, block.end, self.ident.peer_id)
-        try:
-            await self.replicator.write("blocks", key, None)
-        except Rejected as exc:
-            log.warning("could not withdraw %s: %s", key, exc)
+        await self._withdraw(model_id, block)
         return True
 
     def local_block(self, model_id: str) -> Any:
@@ -471,105 +332,7 @@ class ShardService(JobTable):
             raise ShardServiceError("remote_refused", f"{peer_id}: {error}")
         return reply["block"]
 
-    # -- routing and generation ----------------------------------------------------------
-
-    def announced(self, model_id: str) -> list[dict[str, Any]]:
-        """Every announced server of a model, from this node's registry replica.
-
-        Entries are read through their typed form (`registry.blocks`): only a server's own
-        announcement counts, and an entry that cannot be read (stored by an older version,
-        say) is skipped and counted (`registry`, `bad_entry`), never raised."""
-        found = announcements(
-            list(self.replica.entries.values()),
-            model_id,
-            on_bad=lambda reason: self.metrics.reject("registry", reason),
-        )
-        return [
-            {
-                "peer_id": item.peer_id,
-                "start": item.start,
-                "end": item.end,
-                "ms_per_layer": item.ms_per_layer,
-                "cache_tokens_free": item.cache_tokens_free,
-                "price_per_unit": item.price_per_unit,
-            }
-            for item in found
-        ]
-
-    async def servers(self, model_id: str, need_tokens: int = 0) -> list[Any]:
-        """Announced servers of a model, as routing sees them. Those that announced less
-        free cache than `need_tokens` are left out (the announcement may be stale either
-        way: a server that turns out full refuses the session and is routed around)."""
-        from scheduler.routing import Server
-
-        me = self.ident.peer_id
-        out = []
-        for item in self.announced(model_id):
-            peer = item["peer_id"]
-            free = item["cache_tokens_free"]
-            if free is not None and free < need_tokens:
-                continue
-            state = self.net.peers.get(peer)
-            rtt = 0.0 if peer == me else (state.rtt_ms if state and state.rtt_ms else 1.0)
-            # every announced server counts as alive: opening its stream dials it if needed,
-            # and one that fails is excluded by the client for the rest of the generation
-            out.append(
-                Server(
-                    peer,
-                    item["start"],
-                    item["end"],
-                    item["ms_per_layer"],
-                    rtt,
-                    price_per_unit=item["price_per_unit"],
-                )
-            )
-        return out
-
-    async def open_stream(self, peer_id: str, protocol: str) -> Stream:
-        """A stream to a shard server: in memory to ourselves, over the Unix socket to a
-        daemon on this host, else over libp2p."""
-        transports = self.metrics.shard_streams
-        if peer_id == self.ident.peer_id:
-            transports.labels("loopback").inc()
-            return await self._loopback(protocol)
-        failed_at = self._local_failed.get(peer_id, -LOCAL_RETRY_S)
-        if self.same_host(peer_id) and time.monotonic() - failed_at >= LOCAL_RETRY_S:
-            try:
-                stream = await localsock.dial(self.ident, peer_id, protocol)
-                transports.labels("local").inc()
-                return stream
-            except NetworkError as exc:
-                log.info("local stream to %s failed (%s); using libp2p", peer_id[-12:], exc)
-                self._local_failed[peer_id] = time.monotonic()
-        transports.labels("libp2p").inc()
-        return await self.net.open_stream(peer_id, protocol)
-
-    def same_host(self, peer_id: str) -> bool:
-        """Whether the peer announced a block from this host (same kernel boot id)."""
-        if not self.local_sockets:
-            return False
-        # only the peer's own, readable announcements say where it runs (registry.blocks)
-        return any(
-            item.peer_id == peer_id and item.host == localsock.HOST_ID
-            for item in announcements(self.replica.entries.values())
-        )
-
-    async def _loopback(self, protocol: str) -> Stream:
-        """A stream to our own shard server, in memory (libp2p cannot dial itself)."""
-        me = self.ident.peer_id
-        client_end, server_end = stream_pair(me, me, capacity=4)
-
-        async def serve() -> None:
-            try:
-                await self.server.handle_stream(server_end)
-            except Exception:  # as the libp2p guard: count it, end the stream, keep the node
-                log.exception("loopback shard stream failed")
-                self.metrics.reject("shard", "handler_error")
-            finally:
-                await server_end.close()
-
-        self.spawn(serve)
-        return client_end
+    # -- generation ------------------------------------------------------------------------
 
     async def generate(
         self,

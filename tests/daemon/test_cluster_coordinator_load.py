@@ -22,7 +22,7 @@ async def test_utilisation_is_measured_and_re_announced_when_it_moves(tmp_path, 
         writes.append(value["parameters"])
 
     clock = [100.0]
-    monkeypatch.setattr("daemon.shards.service.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("daemon.shards.announce.time.monotonic", lambda: clock[0])
     shards = service()
     shards.replicator = SimpleNamespace(write=write)
     server = ShardServer()
