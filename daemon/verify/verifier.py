@@ -19,6 +19,15 @@ counters); `Verifier.generation()` gives one generation its `GenerationChecks`, 
 In a paid generation the receipts of a step are held until its checks are done (`payments`):
 the receipt of a step found wrong is never acknowledged, the others are checked and
 acknowledged as before, in the order they came.
+
+The replica sessions end with the generation: `aclose()` (or `flush()`, which closes them in
+the background); a hop replaced by a failover loses its session at the next step; and one
+requester holds at most `max_replica_sessions` of them (the least recently used idle one ends
+first), so a generation that is never closed holds no replica's memory for long. What a
+replica can see: a session whose chunks after the first are the steps since the last check,
+several positions at once, which an ordinary generation does not send; it may guess that it
+is checking someone, not whom nor which step, and a replica that answers wrong loses to the
+third one.
 """
 
 from __future__ import annotations
