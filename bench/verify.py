@@ -25,7 +25,9 @@ Table 2, steps to detection: a fourth server of the first range cheats in each m
 (`daemon.verify.cheat`; `corrupt` on half of its steps, the others on all) and announces the
 lowest round trip, so routes go through it; at a flat 2 % rate, the steps it served until the
 first failed check, over `--seeds` seeded runs, against `daemon.verify.detection`'s mean; and
-`corrupt` again with `audit_history` (a check also compares every earlier position).
+`corrupt` again with `audit_history` (a check also compares every earlier position). The
+95 % interval of the mean uses the larger of the sample's and the distribution's standard
+deviation (a few seeded geometric draws understate it).
 
 usage: python bench/verify.py [--hidden 256] [--layers 8] [--generations 8] [--tokens 48]
        [--rounds 3] [--seeds 20] [--rates 0 0.02 0.10] [--threads 1]
@@ -225,7 +227,15 @@ async def detection_table(args: argparse.Namespace, model_dir: Path) -> None:
             measured.append(cheat.steps if remote.recoveries else math.inf)
         finite = [m for m in measured if math.isfinite(m)]
         mean = statistics.fmean(finite)
-        half = 1.96 * statistics.pstdev(finite) / math.sqrt(len(finite))
+        # the sample's sd, or the distribution's where larger: 20 seeded geometric draws of
+        # mean 50 often show half its sd of 49.5 (seeds 0..19 of skip: mean 19 to 31)
+        r = 0.02
+        sd = statistics.pstdev(finite)
+        if audit:
+            sd = max(sd, math.sqrt((1 - q) / q**2 + (1 - r) / r**2))
+        else:
+            sd = max(sd, math.sqrt(1 - r * q) / (r * q))
+        half = 1.96 * sd / math.sqrt(len(finite))
         print(
             f"{label:<14} | {q * 100:>8.0f}% | {expected:>8.1f} | "
             f"{mean:>13.1f} | {mean - half:>6.1f}..{mean + half:<6.1f} | "
