@@ -8,7 +8,6 @@ its server may have closed it as idle, and retried once on a fresh stream when a
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import trio
@@ -33,7 +32,7 @@ class Outbox:
     def __init__(self, stream: Stream) -> None:
         self.stream = stream
         self._lock = trio.Lock()
-        self.last_sent = time.monotonic()
+        self.last_sent = trio.current_time()  # (the event loop's clock: virtual in tests)
 
     async def send(self, header: wire.Reply | wire.Forward, tensor: Any = None) -> None:
         await self.send_frame(wire.encode(header, tensor))
@@ -41,7 +40,7 @@ class Outbox:
     async def send_frame(self, frame: bytes) -> None:
         async with self._lock:
             await self.stream.send(frame)
-            self.last_sent = time.monotonic()
+            self.last_sent = trio.current_time()
 
 
 class PushPool:
@@ -81,7 +80,7 @@ class PushPool:
         lock = self._dialing.setdefault(peer_id, trio.Lock())
         async with lock:
             outbox = self._peers.get(peer_id)
-            if outbox is not None and time.monotonic() - outbox.last_sent > POOL_IDLE_S:
+            if outbox is not None and trio.current_time() - outbox.last_sent > POOL_IDLE_S:
                 await self._drop(peer_id, outbox)  # its server may have closed it
                 outbox = None
             if outbox is None:
