@@ -36,6 +36,10 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 MAX_MODEL_SERIES = 64  # distinct model labels of the serving metrics; then "other"
 SERVING_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models")
+MAX_KIND_SERIES = 32  # distinct registry kind labels of the replication counters; then "other"
+REPLICATION_VIAS = ("gossip", "sync_pull", "sync_push")
+GENERATION_STATES = ("done", "failed", "cancelled")
+SETTLE_OUTCOMES = ("settled", "already", "failed")
 
 _NOT_LABEL = re.compile(r"[^a-z0-9_]+")
 
@@ -113,6 +117,7 @@ class Metrics:
         )
         self._reject_series: set[tuple[str, str]] = set()
         self._serving_series()
+        self._work_series()
         # Label tuples currently exported per GPU gauge, so vanished GPUs can be removed.
         self._gpu_series: dict[Gauge, set[tuple[str, ...]]] = {
             self.gpu_memory_total: set(),
@@ -165,6 +170,64 @@ class Metrics:
             registry=reg,
         )
         self._model_labels: set[str] = set()
+
+    def _work_series(self) -> None:
+        """Generations this node ran and their failovers, settlements of its paid work, and
+        registry entries replicated to it."""
+        reg = self.registry
+        self.generations = Counter(
+            "gridmesh_generations_total",
+            "Generations this node ran through shard servers, by how they ended",
+            ["outcome"],
+            registry=reg,
+        )
+        self.generation_failovers = Counter(
+            "gridmesh_generation_failovers_total",
+            "Failovers (a hop re-routed and replayed) of this node's generations",
+            registry=reg,
+        )
+        self.settlements = Counter(
+            "gridmesh_settlements_total",
+            "Voucher settlements on chain: settled, already (settled before), failed",
+            ["outcome"],
+            registry=reg,
+        )
+        self.settled_amount = Counter(
+            "gridmesh_settled_amount_total",
+            "Amount settled to this provider, in the payment token's smallest unit",
+            registry=reg,
+        )
+        self.registry_entries = Counter(
+            "gridmesh_registry_entries_total",
+            "Registry entries from peers: received (decoded) and applied (changed the "
+            "replica), by kind and how they came (gossip, sync_pull, sync_push)",
+            ["via", "stage", "kind"],
+            registry=reg,
+        )
+        self._kind_labels: set[str] = set()
+
+    def generation_ended(self, state: str, failovers: int) -> None:
+        """One generation ended (daemon.shards.recent's hook)."""
+        self.generations.labels(state if state in GENERATION_STATES else "other").inc()
+        self.generation_failovers.inc(max(0, int(failovers)))
+
+    def settlement(self, outcome: str, amount: int = 0) -> None:
+        """One settlement of a job's voucher (daemon.payments.provider's hook)."""
+        self.settlements.labels(outcome if outcome in SETTLE_OUTCOMES else "other").inc()
+        if amount > 0:
+            self.settled_amount.inc(amount)
+
+    def registry_replicated(self, via: str, stage: str, kind: str, count: int) -> None:
+        """`count` entries of `kind` received or applied (registry.replication's hook)."""
+        label = sanitize_label(kind)
+        if label not in self._kind_labels:
+            if len(self._kind_labels) >= MAX_KIND_SERIES:
+                label = "other"
+            else:
+                self._kind_labels.add(label)
+        via = via if via in REPLICATION_VIAS else "other"
+        stage = stage if stage in ("received", "applied") else "other"
+        self.registry_entries.labels(via, stage, label).inc(max(0, count))
 
     def _model_label(self, model: str | None) -> str:
         if model is None:
@@ -247,6 +310,12 @@ class Metrics:
         """Export the shard server's sessions, KV cache and batches per model (`daemon.
         shards.service.ShardService.snapshot`), read at each scrape."""
         self.registry.register(_ShardCollector(snapshot))
+
+    def watch_replication(self, stats: Callable[[], dict[str, int]]) -> None:
+        """Export registry replication's own counters (`registry.replication.Replicator.
+        stats`: sync rounds and failures, gossip sent, applied and refused...), read at
+        each scrape."""
+        self.registry.register(_ReplicationCollector(stats))
 
     def render(self) -> bytes:
         """Prometheus text exposition; serve it with `CONTENT_TYPE`."""
@@ -346,6 +415,38 @@ def _lapses_and_lag(snap: dict[str, Any]) -> Iterator[Metric]:
         )
         histogram.add_metric([], list(lag["buckets"].items()), sum_value=lag["sum"])
         yield histogram
+
+
+class _ReplicationCollector:
+    """Anti-entropy rounds and failed rounds, and every event the replicator counts (its
+    keys are the code's own, a bounded set)."""
+
+    def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
+        self.stats = stats
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        stats = dict(self.stats())
+        rounds = CounterMetricFamily(
+            "gridmesh_registry_sync_rounds", "Anti-entropy rounds this node completed"
+        )
+        rounds.add_metric([], stats.get("sync_rounds", 0))
+        failures = CounterMetricFamily(
+            "gridmesh_registry_sync_failures",
+            "Anti-entropy rounds that failed (peer unreachable, timed out, bad reply)",
+        )
+        failures.add_metric([], stats.get("sync_failed", 0))
+        events = CounterMetricFamily(
+            "gridmesh_registry_replication_events",
+            "Registry replication's counters: gossip_sent, gossip_applied, gossip_refused "
+            "(dropped by the validator), sync_pages, sync_hedged, sync_applied, ...",
+            labels=["event"],
+        )
+        for event, count in sorted(stats.items()):
+            events.add_metric([sanitize_label(event)], count)
+        yield from (rounds, failures, events)
 
 
 def _section(resources: dict[str, Any], key: str) -> dict[str, Any]:

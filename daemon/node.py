@@ -31,6 +31,7 @@ from daemon.cluster.membership import register_cluster_methods
 from daemon.cluster.runtime import ClusterRuntime, RegistryMembership, RuntimeSettings
 from daemon.cluster.runtime_methods import register_runtime_methods
 from daemon.doctor_methods import register_doctor_methods
+from daemon.generation_methods import register_generation_methods
 from daemon.home import (  # noqa: F401 - LOCK_FILE, DaemonError, read_daemon_file: re-exported
     DAEMON_FILE,
     LOCK_FILE,
@@ -43,6 +44,7 @@ from daemon.registry_methods import register_registry_methods
 from daemon.rpc_methods import register_node_methods
 from daemon.settings import Config
 from daemon.shard_methods import register_shard_methods
+from daemon.shards.recent import RecentGenerations
 from daemon.shards.service import ShardService
 from daemon.vdag_methods import (
     grpc_infer,
@@ -189,6 +191,7 @@ class Daemon:
             self.replica,
             config.replication(),
             on_reject=self.metrics.reject,
+            on_entries=self.metrics.registry_replicated,
         )
         self.dispatcher = Dispatcher(on_outcome=self.metrics.rpc_outcome)
         register_node_methods(
@@ -225,6 +228,9 @@ class Daemon:
             verifier=self._verifier(),
         )
         register_shard_methods(self.dispatcher, self.shards, self.directory)
+        # the last generations' routes and failovers (generation_list, the dashboard)
+        self.shards.generations = RecentGenerations(on_end=self.metrics.generation_ended)
+        register_generation_methods(self.dispatcher, self.shards.generations)
         self.vdags = VdagService(  # vdag_infer; Python blocks; the sandbox pool (on first use)
             peer_id=self.ident.peer_id,
             net=self.net,
@@ -246,6 +252,7 @@ class Daemon:
         )
         self.metrics.watch_clusters(self.clusters.snapshot)
         self.metrics.watch_shards(self.shards.snapshot)
+        self.metrics.watch_replication(lambda: self.replicator.stats)
         self.coordinator = coordinator_for(  # places, heals and scales through clusters
             self.dispatcher,
             self.clusters,
@@ -379,6 +386,7 @@ class Daemon:
         )
         if self.paid is not None:
             self.shards.provider = self.paid.provider
+            self.paid.provider.on_settle = self.metrics.settlement
             self.shards.requester = self.paid.requester
 
     async def refresh_resources(self) -> None:

@@ -107,13 +107,17 @@ class Replicator:
         *,
         rng: random.Random | None = None,
         on_reject: Callable[[str, str], None] | None = None,
+        on_entries: Callable[[str, str, str, int], None] | None = None,
     ) -> None:
+        """`on_entries(via, stage, kind, count)`: entries from peers, `received` (decoded)
+        and `applied` (changed the replica), via `gossip`, `sync_pull` or `sync_push`."""
         self.net = net
         self.replica = replica
         self.settings = settings
         self.topic = topic_for(settings.network_id)
         self._rng = rng or random.Random()
         self._on_reject = on_reject or (lambda source, reason: None)
+        self._on_entries = on_entries
         self.stats: Counter[str] = Counter()
         # smoothed round-trip time of answered sync requests and its mean deviation (as TCP's
         # retransmission timer keeps them); None until the first answer
@@ -165,6 +169,11 @@ class Replicator:
     def _reject(self, source: str, reason: str) -> None:
         self.stats[f"rejected_{source}"] += 1
         self._on_reject(source, reason)
+
+    def _tally(self, via: str, stage: str, entries: list[Entry]) -> None:
+        if self._on_entries is not None:
+            for kind, count in Counter(e.kind for e in entries).items():
+                self._on_entries(via, stage, kind, count)
 
     def _entries(self, raw: list[Any], source: str) -> list[Entry]:
         """The entries of a message, each through its typed form; a bad one is counted."""
@@ -234,9 +243,11 @@ class Replicator:
             self._reject("gossip", exc.reason)
             return
         entries = self._entries(msg.entries, "gossip")
+        self._tally("gossip", "received", entries)
         if entries:
             changed = await self.replica.apply(entries, "gossip")
             self.stats["gossip_applied"] += len(changed)
+            self._tally("gossip", "applied", changed)
 
     async def on_sync(self, sender: str, payload: bytes) -> bytes:
         """Serve one anti-entropy step for a peer."""
@@ -275,8 +286,10 @@ class Replicator:
                 reply = {"applied": 0}
             else:
                 entries = self._entries(op.entries, "sync")
+                self._tally("sync_push", "received", entries)
                 changed = await self.replica.apply(entries, "sync")
                 self.stats["sync_applied"] += len(changed)
+                self._tally("sync_push", "applied", changed)
                 reply = {"applied": len(changed)}
         except wire.WireError as exc:
             self._reject("sync", exc.reason)
@@ -436,6 +449,7 @@ class Replicator:
                         self._reject("sync", "unrequested")
                 # a cluster before the entries it governs: they are judged by its admins
                 entries.sort(key=lambda e: e.kind != "clusters")
+                self._tally("sync_pull", "received", entries)
                 applied += await self._apply_pulled(entries)
                 received = {e.id for e in entries}
                 if not got.more or not received:
@@ -445,6 +459,7 @@ class Replicator:
 
     async def _apply_pulled(self, entries: list[Entry]) -> int:
         changed = await self.replica.apply(entries, "sync")
+        self._tally("sync_pull", "applied", changed)
         self._remember("", self._refused_for_good(entries, changed))
         recent_ms = self.replica.clock.now().wall_ms - self.settings.reannounce_window_s * 1000
         fresh = [e for e in changed if e.ts.wall_ms >= recent_ms]

@@ -108,6 +108,8 @@ class Provider:
         self._due: set[bytes] = set()
         self._wake = trio.Event()
         self.settle_failures: list[SettleFailure] = []
+        # (outcome: settled, already or failed; amount newly settled): metrics
+        self.on_settle: Callable[[str, int], None] = lambda outcome, amount: None
         self._load()
 
     @property
@@ -290,6 +292,7 @@ class Provider:
         if book is None or signed is None:
             return False
         delay = SETTLE_BACKOFF_S
+        outcome = "settled"
         for attempt in range(1, SETTLE_ATTEMPTS + 1):
             try:
                 await self.escrow.settle(signed)
@@ -297,6 +300,7 @@ class Provider:
                 if exc.error_name != "StaleVoucher":  # another revert would revert again
                     self._failed(signed, str(exc))
                     return False
+                outcome = "already"
                 log.info(
                     "voucher %d of job %s was settled already",
                     signed.voucher.nonce,
@@ -310,8 +314,10 @@ class Provider:
                 await trio.sleep(delay)
                 delay *= 2
                 continue
+            before = book.settled_amount
             book.settled(signed)
             await self.store.run(self.store.record_settled, signed)
+            self.on_settle(outcome, book.settled_amount - before)
             return True
         return False
 
@@ -325,6 +331,7 @@ class Provider:
             error,
         )
         self._on_reject("settle_failed")
+        self.on_settle("failed", 0)
         self.settle_failures.append(SettleFailure(v.job_id, v.nonce, error[:300]))
         del self.settle_failures[:-32]
 

@@ -16,6 +16,7 @@ import trio
 
 from daemon import errors
 from daemon.serving.sampling import Sampled, Sampler, SamplingError, legacy_sampler
+from daemon.shards import recent
 from daemon.shards.jobs import ShardServiceError
 
 if TYPE_CHECKING:
@@ -113,6 +114,8 @@ async def run_generation(
         payments=checks.payments if checks is not None and paid is not None else paid,
         verifier=checks,
     )
+    # its live route, failovers and speed, for generation_list and the dashboard
+    entry = recent.begin(service, job.id, model_id, model, len(prompt_ids), paid is not None)
     try:
         async with paid.running() if paid is not None else contextlib.nullcontext():
             try:  # on leaving, the paid side sends the vouchers still owed (bounded)
@@ -128,6 +131,7 @@ async def run_generation(
                     on_token=on_token,
                 ):
                     job.tokens.append(token)
+                    entry.token()
                     if tokenizer is not None:
                         job.text = tokenizer.decode(job.tokens)
                 job.route = model.route
@@ -144,6 +148,7 @@ async def run_generation(
     finally:
         job.recoveries = model.recoveries
         job.forwarding = "chained" if model.chained else "relayed"
+        entry.end(job)  # before the close: the route as it ended
         with trio.CancelScope(shield=True):
             await model.close()
         if paid is not None:
