@@ -9,8 +9,10 @@ Routes (GET or HEAD only; a request body is refused):
   /dashboard/                the page        /dashboard/static/NAME  its files
   /dashboard/api/VIEW        JSON: node, network, models, jobs, money, doctor (on demand),
                              registry?kind=&filter=&limit=&cursor=
-  /dashboard/events          server-sent events: `live` every interval, `models` and `nodes`
-                             every few, `money` (earnings totals) every 30
+  /dashboard/events          server-sent events: `live` every interval, `generations` (this
+                             node's recent ones: routes, failovers, speed) every interval
+                             it changed, `models` and `nodes` every few, `money` (earnings
+                             totals) every 30
 
 The event feed holds no queue: each tick it builds the newest numbers and writes them with a
 deadline, so a reader that does not read is dropped after `WRITE_TIMEOUT_S` and never makes
@@ -236,14 +238,18 @@ class Dashboard:
                 return
             sampler = Sampler(self.metrics)
             tick = 0
+            sent: Any = []  # the last `generations` sent (none yet: as if none ran)
             with trio.move_on_after(self.feed_lifetime_s):
                 await self._write(stream, conn.send(h11.Data(data=b"retry: 2000\n\n")))
                 while self.logins.valid(session):
                     await self._event(conn, stream, "live", sampler.next())
+                    recent = await views.generations(self.call)
+                    if recent != sent:
+                        await self._event(conn, stream, "generations", recent)
+                        sent = recent
                     if tick % SLOW_EVERY == 0:
-                        await self._event(
-                            conn, stream, "models", await views.models_view(self.call)
-                        )
+                        models = await views.models_view(self.call, with_routes=False)
+                        await self._event(conn, stream, "models", models)
                         await self._event(conn, stream, "nodes", await self._nodes())
                     if tick % MONEY_EVERY == 0:
                         await self._event(conn, stream, "money", await self._money())

@@ -19,6 +19,7 @@ from registry.query import MAX_LENGTH, QueryError, compile_filter
 Call = Callable[[str, dict[str, Any] | None], Awaitable[Any]]
 
 MAX_CLUSTERS = 20  # clusters whose coordinator the network view asks for
+GENERATIONS_SHOWN = 16  # recent generations (routes, failovers) on the models and jobs views
 MAX_QUERY_BYTES = 6 * 1024
 
 
@@ -122,13 +123,22 @@ async def network_view(call: Call) -> dict[str, Any]:
     return {"nodes": nodes, "peers": peers, "clusters": rows}
 
 
-async def models_view(call: Call) -> dict[str, Any]:
+async def generations(call: Call) -> Any:
+    """This node's recent generations, newest first, with their live routes and failovers
+    (`generation_list`), or `{"error": ...}`."""
+    listed = await _part(call, "generation_list", {"limit": GENERATIONS_SHOWN})
+    return listed.get("generations", listed) if isinstance(listed, dict) else listed
+
+
+async def models_view(call: Call, *, with_routes: bool = True) -> dict[str, Any]:
     """Per model, every announced server with its layers and KV cache free, joined with the
     load its node record declares (sessions of max_sessions, ms per layer), and the number
-    of replicas of its least served layer."""
+    of replicas of its least served layer; with the routes of this node's recent
+    generations unless `with_routes` is false (the feed sends those on their own)."""
+    routes = {"generations": await generations(call)} if with_routes else {}
     listed = await _part(call, "block_list")
     if "error" in listed:
-        return {"error": listed["error"], "models": []}
+        return {"error": listed["error"], "models": [], **routes}
     records = await _part(call, "nodes_find")
     declared: dict[tuple[str, str, int, int], dict[str, Any]] = {}
     for record in records if isinstance(records, list) else []:
@@ -152,7 +162,7 @@ async def models_view(call: Call) -> dict[str, Any]:
         layers = max((s.get("end", 0) for s in rows), default=0)
         replicas = _least_replicas(rows, layers)
         models.append({"model": model, "layers": layers, "replicas": replicas, "servers": rows})
-    return {"models": models, "local": listed.get("local", [])}
+    return {"models": models, "local": listed.get("local", []), **routes}
 
 
 def _least_replicas(rows: list[dict[str, Any]], layers: int) -> int:
@@ -165,8 +175,13 @@ def _least_replicas(rows: list[dict[str, Any]], layers: int) -> int:
 
 
 async def jobs_view(call: Call, per_model: list[dict[str, Any]]) -> dict[str, Any]:
-    """Paid jobs, and per model what this node's metrics counted (`live.per_model`)."""
-    return {"paid_jobs": await _part(call, "job_list"), "per_model": per_model}
+    """This node's recent generations (tokens per second, time to first token, failovers),
+    paid jobs, and per model what this node's metrics counted (`live.per_model`)."""
+    return {
+        "generations": await generations(call),
+        "paid_jobs": await _part(call, "job_list"),
+        "per_model": per_model,
+    }
 
 
 async def money_view(call: Call) -> dict[str, Any]:

@@ -13,6 +13,7 @@ let current = "node";
 let lastModels = null;
 let lastNodes = null;
 const money = [];  // earnings totals over time, from the feed's `money` events
+let lastGenerations = [];  // this node's recent generations (views and `generations` events)
 
 function el(tag, text, attrs) {
   const node = document.createElement(tag);
@@ -143,6 +144,10 @@ const RENDER = {
     const out = [];
     if (!(data.models || []).length) out.push(el("p", "No model is announced on the network."));
     for (const m of data.models || []) out.push(layerMap(m));
+    // the `models` event carries no routes: the feed's `generations` events do
+    const gens = data.generations !== undefined ? data.generations : lastGenerations;
+    if (Array.isArray(gens)) lastGenerations = gens;
+    out.push(partOr("Routes", gens, routesTable));
     out.push(table("Blocks loaded on this node", [
       ["model", (b) => b.model], ["layers", (b) => `${show(b.start)}–${show(b.end)}`],
       ["KV cache free (tokens)", (b) => b.cache_tokens_free],
@@ -151,7 +156,11 @@ const RENDER = {
   },
   jobs(data) {
     return [
-      el("p", "Tokens per second, time to first token, sessions and queue update live above; below, per model since this daemon started."),
+      el("p", "Tokens per second, time to first token, sessions and queue update live above; below, this node's recent generations (live), then per model since this daemon started."),
+      partOr("Generations", data.generations, (gens) => {
+        lastGenerations = gens;
+        return generationsTable(gens);
+      }),
       table("Per model on this node", [
         ["model", (m) => m.model], ["sessions", (m) => m.sessions],
         ["KV cache used", (m) => bytes(m.kv_used_bytes)], ["waiting steps", (m) => m.waiting_steps],
@@ -278,6 +287,65 @@ function earningsPlot() {
   return figure;
 }
 
+function hopsText(route) {
+  return (route || []).map((h) => `${short(h.peer)} ${show(h.start)}–${show(h.end)}`).join(" → ");
+}
+
+// which peer serves which layer range of one generation, as an ordered list
+function routeList(g) {
+  const list = el("ol", undefined, { class: "route" });
+  for (const h of g.route || []) list.appendChild(el("li", `${short(h.peer)} layers ${show(h.start)}–${show(h.end)}`));
+  return list;
+}
+
+// the same route drawn as bars over the layer range
+function routeBar(g) {
+  const hops = g.route || [];
+  const layers = Math.max(1, ...hops.map((h) => h.end || 0));
+  const bar = el("div", undefined, { class: "layers", role: "img", "aria-label": "route: " + (hopsText(hops) || "none") });
+  hops.forEach((h, i) => {
+    const span = bar.appendChild(el("span", `${show(h.start)}–${show(h.end)}`, i % 2 ? { class: "alt" } : {}));
+    span.style.left = (100 * (h.start || 0) / layers) + "%";
+    span.style.width = (100 * ((h.end || 0) - (h.start || 0)) / layers) + "%";
+  });
+  return bar;
+}
+
+function stateText(g) {
+  return g.error ? `${g.state}: ${g.error}` : g.state;
+}
+
+function routesTable(gens) {
+  return table("Live routes of this node's generations (newest first)", [
+    ["generation", (g) => short(g.job)], ["model", (g) => g.model], ["state", stateText],
+    ["route (peer and layers, in order)", routeList], ["map", routeBar],
+    ["failovers", (g) => g.failovers],
+  ], gens, "routes");
+}
+
+function generationsTable(gens) {
+  const ms = (s) => (typeof s === "number" ? (1000 * s).toFixed(0) + " ms" : "–");
+  return table("Generations from this node (newest first, live)", [
+    ["generation", (g) => short(g.job)], ["model", (g) => g.model], ["state", stateText],
+    ["tokens", (g) => g.tokens],
+    ["tokens per second", (g) => (typeof g.tokens_per_s === "number" ? g.tokens_per_s.toFixed(1) : "–")],
+    ["time to first token", (g) => ms(g.ttft_s)],
+    ["failovers", (g) => g.failovers],
+    ["what failed", (g) => (g.failed || []).map((f) => `${short(f.peer)} (from layer ${show(f.from_layer)}): ${f.reason}`).join("; ") || "–"],
+    ["route", (g) => hopsText(g.route) || "–"],
+  ], gens, "generations");
+}
+
+// a `generations` event: redraw the table of the view shown, nothing else
+function redrawGenerations() {
+  const swap = (id, make) => {
+    const old = $(id);
+    if (old && Array.isArray(lastGenerations)) old.replaceWith(make(lastGenerations));
+  };
+  if (current === "jobs") swap("generations", generationsTable);
+  if (current === "models") swap("routes", routesTable);
+}
+
 function jobsTable(jobs) {
   return table("Paid jobs", [
     ["job", (j) => short(j.job_id)], ["name", (j) => j.name], ["state", (j) => j.state],
@@ -389,6 +457,10 @@ function connect() {
     const text = e.data;
     if (text !== lastModels && current === "models") render("models", JSON.parse(text));
     lastModels = text;
+  });
+  source.addEventListener("generations", (e) => {
+    lastGenerations = JSON.parse(e.data);
+    redrawGenerations();
   });
   source.addEventListener("money", (e) => {
     money.push(JSON.parse(e.data));

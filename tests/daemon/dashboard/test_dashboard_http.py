@@ -4,6 +4,8 @@ feed's bounds (a cap on feeds, a reader that stops reading is dropped)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import trio
 
@@ -95,6 +97,15 @@ async def test_login_views_and_refused_inputs(autojump_clock, tmp_path, nursery)
         (row,) = jobs["per_model"]  # this node's shard computed the prompt and 4 more steps
         assert row["model"] == "tiny" and row["steps"] >= 5 and row["mean_batch"] >= 1
         assert jobs["paid_jobs"] == []  # none created here
+        # the generation's route through the 3 servers, with its speed and no failover
+        (gen,) = jobs["generations"]
+        assert gen["state"] == "done" and gen["tokens"] == 5 and gen["failovers"] == 0
+        assert gen["ttft_s"] is not None and "tokens_per_s" in gen  # None: 0 s on this clock
+        assert [(h["peer"], h["start"], h["end"]) for h in gen["route"]] == [
+            (d.peer_id, 2 * i, 2 * i + 2) for i, d in enumerate(net.daemons)
+        ]
+        models = (await request(nursery, server, "/dashboard/api/models", cookie=cookie)).json()
+        assert models["generations"] == jobs["generations"]
         money = (await request(nursery, server, "/dashboard/api/money", cookie=cookie)).json()
         assert set(money) == {"wallet", "earnings", "jobs"}  # no chain here: parts say why
         assert "error" in money["wallet"]
@@ -172,6 +183,17 @@ async def test_live_feed_is_capped_and_drops_a_reader_that_stops(autojump_clock,
         live = reply.events[-1][1]
         assert live["peers_connected"] == 1 and live["steps_per_s"] == 0.0
         assert {n["peer_id"] for n in reply.events[2][1]} == {d.peer_id for d in net.daemons}
+        # a generation starts: a tick pushes its live route (sent only when something changed)
+        route = [{"peer_id": net.daemons[1].peer_id, "start": 0, "end": 2}]
+        model = SimpleNamespace(route=route, recoveries=[], chained=True)
+        d0.daemon.shards.generations.begin("g" * 32, "tiny", model, prompt_tokens=3, paid=False)
+        before = len(reply.events)
+        while reply.events[-1][0] != "generations":  # this tick's or the next one's
+            await events(client, conn, reply, 1)
+            assert len(reply.events) - before <= 3, reply.events[before:]
+        (gen,) = reply.events[-1][1]
+        assert gen["route"] == [{"peer": net.daemons[1].peer_id, "start": 0, "end": 2}]
+        assert gen["state"] == "running" and gen["failovers"] == 0
 
         # a second feed that never reads after its head: dropped once a write blocks past
         # the deadline; the daemon holds at most the one event it was writing

@@ -63,7 +63,7 @@ async def test_the_panels_query_metrics_the_daemon_exports(autojump_clock, tmp_p
     unknown = {title: used - names for title, used in panels.items() if used - names}
     assert unknown == {}, f"panels query metrics no daemon exports: {unknown}"
     # the topics the board is for: requests, tokens, latencies, batches, cache, gossip drops,
-    # elections
+    # elections, registry replication, settlements, generations' failovers
     used = set().union(*panels.values())
     for needed in [
         "gridmesh_rpc_requests_total",
@@ -73,6 +73,14 @@ async def test_the_panels_query_metrics_the_daemon_exports(autojump_clock, tmp_p
         "gridmesh_shard_kv_cache_used_bytes",
         "gridmesh_rejected_messages_total",
         "gridmesh_cluster_elections_started_total",
+        "gridmesh_registry_entries_total",
+        "gridmesh_registry_sync_rounds_total",
+        "gridmesh_registry_sync_failures_total",
+        "gridmesh_registry_replication_events_total",
+        "gridmesh_settlements_total",
+        "gridmesh_settled_amount_total",
+        "gridmesh_generations_total",
+        "gridmesh_generation_failovers_total",
     ]:
         assert needed in used, needed
 
