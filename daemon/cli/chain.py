@@ -252,6 +252,95 @@ def deploy(
     typer.echo(f"block {record.block}; recorded in {written}")
 
 
+@chain_app.command()
+def use(
+    escrow: str = typer.Option(
+        ...,
+        "--escrow",
+        help="The JobEscrow address the network's operators published (0x + 40 hex digits).",
+        show_default=False,
+    ),
+    network: str | None = NetworkOption,
+    rpc_url: str | None = RpcUrlOption,
+    force: bool = typer.Option(
+        False, "--force", help="Replace a record of another deployment in HOME/chain/NETWORK.json."
+    ),
+    home: Path | None = HomeOption,
+    config: Path | None = ConfigOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Record a deployment someone else made, from its JobEscrow address alone.
+
+    The other three contracts are read from JobEscrow itself (token, providers, reputation)
+    and checked: each has code, and ProviderRegistry and ReputationRegistry name this JobEscrow
+    as theirs. Nothing is sent: no gas is needed. Then restart the daemon to do paid work.
+    Example: `gridmesh chain use --escrow 0x...` (network and URL from [chain] in config.toml)."""
+    from contracts.chain import networks, records
+    from contracts.chain.client import ChainClient
+
+    home = home_dir(home)
+    net, url = _endpoint(home, config, network, rpc_url)
+    try:
+        existing = records.read_record(home, net.name)
+    except ChainError as exc:
+        fail(str(exc))
+    with ChainClient(url, retries=3) as client:
+        chain_id = _reach(client, net, url)
+        try:
+            networks.check_chain_id(net, url, chain_id)
+            addresses, block = _published(client, escrow)
+        except ChainError as exc:
+            fail(str(exc))
+    if existing is not None and not force and existing.addresses != addresses:
+        fail(
+            f"{records.record_path(home, net.name)} records another deployment (JobEscrow "
+            f"{existing.addresses.get('JobEscrow', '?')}, chain id {existing.chain_id}): add "
+            "--force to replace it"
+        )
+    record = records.DeploymentRecord(net.name, chain_id, addresses, block)
+    try:
+        written = records.write_record(home, record)
+    except OSError as exc:
+        fail(f"cannot write {records.record_path(home, net.name)}: {exc.strerror or exc}")
+    if as_json:
+        print_json({**record.as_json(), "record": str(written)})
+        return
+    for name, address in record.addresses.items():
+        typer.echo(f"{name:<19} {address}")
+    typer.echo(f"recorded in {written}; restart the daemon to do paid work")
+
+
+def _published(client: Any, escrow: str) -> tuple[dict[str, str], int]:
+    """The four addresses of the deployment whose JobEscrow is at `escrow`, and the block they
+    were read at; ChainError says what does not fit."""
+    from web3 import Web3
+
+    if not Web3.is_address(escrow):
+        raise ChainError(f"--escrow {escrow!r} is not an address (0x + 40 hex digits)")
+    escrow = Web3.to_checksum_address(escrow)
+    if not _has_code(client, escrow):
+        raise ChainError(f"no contract at {escrow} on chain id {client.chain_id_sync()}")
+    bound = client.bind("JobEscrow", escrow)
+    try:
+        addresses = {
+            "TestUSD": client.call_sync(bound, "token"),
+            "ReputationRegistry": client.call_sync(bound, "reputation"),
+            "ProviderRegistry": client.call_sync(bound, "providers"),
+        }
+        for name in ("ReputationRegistry", "ProviderRegistry"):
+            if not _has_code(client, addresses[name]):
+                raise ChainError(f"no {name} at {addresses[name]}")
+            owner = client.call_sync(client.bind(name, addresses[name]), "escrow")
+            if Web3.to_checksum_address(owner) != escrow:
+                raise ChainError(f"{name} at {addresses[name]} belongs to JobEscrow {owner}")
+        if not _has_code(client, addresses["TestUSD"]):
+            raise ChainError(f"no TestUSD at {addresses['TestUSD']}")
+    except ChainError as exc:
+        raise ChainError(f"{escrow} is not a gridmesh JobEscrow: {exc}") from None
+    block = client.run_sync(lambda w3: int(w3.eth.block_number))
+    return {**addresses, "JobEscrow": escrow}, block
+
+
 def _has_code(client: Any, address: str | None) -> bool:
     if not address:
         return False

@@ -358,17 +358,27 @@ def fund(
         None, "--to", help="Address to fund (default: this node's payout address)."
     ),
     tusd: str = typer.Option("1000tUSD", "--tusd", help="tUSD to mint to it (0: none)."),
-    eth: float = typer.Option(10.0, "--eth", min=0, help="Gas money (ETH) to send it."),
+    eth: float | None = typer.Option(
+        None,
+        "--eth",
+        min=0,
+        help="Gas money (ETH) to send it: development chains only (default 10 there).",
+        show_default=False,
+    ),
     network: str | None = typer.Option(
-        None, "--network", help="devnet or anvil (default: [chain] network, else devnet)."
+        None,
+        "--network",
+        help="devnet, anvil or base-sepolia (default: [chain] network, else devnet).",
     ),
     rpc_url: str | None = typer.Option(None, "--rpc-url", help="The chain's JSON-RPC endpoint."),
     home: Path | None = HomeOption,
 ) -> None:
-    """Give an account gas and tUSD on a development chain.
+    """Give an account tUSD (and, on a development chain, gas).
 
-    Both come from the chain's first funded account (its key is public). Needs `gridmesh
-    chain deploy` for this home first (for tUSD's address); no daemon needed.
+    On devnet and anvil both come from the chain's first funded account (its key is public).
+    On base-sepolia the node mints tUSD itself with its chain key (TestUSD's mint is open to
+    anyone), paying the gas: get Base Sepolia ETH from a faucet first. Needs a deployment
+    recorded for this home (`gridmesh chain deploy` or `gridmesh chain use`); no daemon needed.
     Example: `gridmesh fund --tusd 500tUSD`."""
     import trio
 
@@ -379,20 +389,30 @@ def fund(
 
     home = home_dir(home)
     net, url = _endpoint(home, None, network, rpc_url)
-    if not net.development:
-        fail(
-            f"{net.name} is not a development chain: get its ETH from a faucet; tUSD's mint is "
-            "open to anyone, so the node can mint for itself once it has gas"
-        )
     units = parse_amount(tusd)
+    if net.development:
+        key, wei = net.dev_key, int(Decimal(str(10.0 if eth is None else eth)) * 10**18)
+    elif eth:
+        fail(
+            f"{net.name} is not a development chain: nobody here can hand out its ETH; get "
+            "some from a faucet for the payout address (`gridmesh fund` then mints tUSD)"
+        )
+    else:
+        key, wei = _chain_key(home), 0
     target = to or _payout_address(home)
     try:
-        with ChainClient(url, net.dev_key, retries=3) as client:
+        with ChainClient(url, key, retries=3) as client:
             escrow = Escrow.from_home(client, home, net.name)
 
             async def run() -> tuple[int, int]:
-                if eth > 0:
-                    await escrow.send_gas(target, int(Decimal(str(eth)) * 10**18))
+                await escrow.check()  # the recorded chain, its contracts there
+                if not net.development and units > 0 and await escrow.gas_balance() == 0:
+                    fail(
+                        f"{escrow.address} has no ETH on {net.name} to pay the gas of minting: "
+                        "get test ETH from a faucet for that address first"
+                    )
+                if wei > 0:
+                    await escrow.send_gas(target, wei)
                 if units > 0:
                     await escrow.mint(units, to=target)
                 return await escrow.token_balance(target), await escrow.gas_balance(target)
@@ -401,6 +421,18 @@ def fund(
     except ChainError as exc:
         fail(explain(exc))
     typer.echo(f"{target}: {show_amount(balance)}, {Decimal(gas) / 10**18} ETH")
+
+
+def _chain_key(home: Path) -> str:
+    """The key the node transacts with: $GRIDMESH_CHAIN_KEY, else its payout key."""
+    from daemon.payments.wiring import chain_key
+    from p2p import identity
+
+    try:
+        return chain_key(identity.load_identity(home))
+    except Exception as exc:  # no identity yet, a broken key file
+        fail(f"no node identity in {home} ({exc}): run `gridmesh init`")
+        raise
 
 
 def _payout_address(home: Path) -> str:
