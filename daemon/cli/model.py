@@ -40,6 +40,12 @@ def make_tiny(
     max_window_layers: int = typer.Option(
         0, "--max-window-layers", min=0, help="qwen2/qwen3: the first layer with the window."
     ),
+    layer_types: str = typer.Option(
+        "",
+        "--layer-types",
+        help="mistral/qwen2/qwen3: each layer's attention, comma-separated full_attention or "
+        "sliding_attention (with --sliding-window), e.g. sliding_attention,full_attention.",
+    ),
     head_dim: int | None = typer.Option(
         None, "--head-dim", min=2, help="Head size (default: hidden / heads; qwen3: 128)."
     ),
@@ -82,6 +88,7 @@ def make_tiny(
             family=family,
             sliding_window=sliding_window,
             max_window_layers=max_window_layers,
+            layer_types=tuple(kind.strip() for kind in layer_types.split(",") if kind.strip()),
             head_dim=head_dim,
             attention_bias=attention_bias,
             experts=experts,
@@ -117,6 +124,17 @@ def _size(n: int) -> str:
         if n >= scale:
             return f"{n:,} bytes ({n / scale:.1f} {unit})"
     return f"{n:,} bytes"
+
+
+def _spans(layers: list[int]) -> str:
+    """Layer indices as runs: [0, 1, 2, 5] -> "0-2, 5"."""
+    runs: list[list[int]] = []
+    for i in layers:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 @model_app.command("inspect")
@@ -163,8 +181,13 @@ def inspect(
                 f"{len(moe['sparse_layers'])} sparse layers (all experts counted in the bytes)"
             )
         if window and sliding:
-            which = "all" if len(sliding) == report["layers"] else f"{len(sliding)}"
-            typer.echo(f"attention:    sliding window {window:,} on {which} layers")
+            full = [i for i in range(report["layers"]) if i not in set(sliding)]
+            which = (
+                f"{len(sliding)} layers ({_spans(sliding)}), full on {len(full)} ({_spans(full)})"
+                if full
+                else "all layers"
+            )
+            typer.echo(f"attention:    sliding window {window:,} on {which}")
         else:
             typer.echo("attention:    full")
         typer.echo(f"parameters:   {report['parameters']:,}")

@@ -167,6 +167,7 @@ def inspect_checkpoint(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
             },
             "sliding_window": config.sliding_window,
             "sliding_layers": windows,
+            "layer_types": list(config.layer_types),
             "parameters": config.num_parameters(),
             "bytes_dtype": dtype,
             "bytes_per_layer": config.layer_bytes(dtype),

@@ -189,7 +189,10 @@ def _window(
     if given is not None:
         if not isinstance(given, list) or not all(isinstance(kind, str) for kind in given):
             raise ModelError("config.json: layer_types must be a list of strings")
-        return window, tuple(given)
+        # "attention": transformers' older name of "full_attention", read as that still
+        return window, tuple(FULL if kind == "attention" else kind for kind in given)
+    if family.window == "layer_types":
+        return window, ()
     first = _int(raw, "max_window_layers", family.default_max_window_layers, minimum=0)
     return window, tuple(
         SLIDING if window is not None and i >= first else FULL for i in range(layers)
@@ -255,10 +258,11 @@ class ModelConfig:
                 f"config.json: layer_types has {len(types)} entries for "
                 f"{self.num_hidden_layers} layers"
             )
-        for kind in types:
+        for i, kind in enumerate(types):
             if kind not in (FULL, SLIDING):
                 raise ModelError(
-                    f"config.json: layer_types: unsupported {kind!r}; use {FULL!r} or {SLIDING!r}"
+                    f"config.json: layer_types[{i}]: unsupported {str(kind)[:60]!r}; "
+                    f"use {FULL!r} or {SLIDING!r}"
                 )
             if kind == SLIDING and window is None:
                 raise ModelError(
@@ -370,6 +374,10 @@ class ModelConfig:
             out["sliding_window"] = self.sliding_window
             if spec.window_flag:
                 out[spec.window_flag] = self.sliding_window is not None
+        elif spec.window == "layer_types":
+            out["sliding_window"] = self.sliding_window
+            if set(self.layer_types) != {SLIDING if self.sliding_window else FULL}:
+                out["layer_types"] = list(self.layer_types)
         elif spec.window == "per_layer":
             out["use_sliding_window"] = self.sliding_window is not None
             out["sliding_window"] = self.sliding_window

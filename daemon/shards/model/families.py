@@ -82,9 +82,11 @@ class Family:
 
     `qkv_bias` / `o_bias`: NEVER, ALWAYS, or FROM_CONFIG (the `attention_bias` field).
     `window`: how the sliding window is read: "none" (no window), "every_layer" (the
-    `sliding_window` field for all layers, gated by `window_flag` if set) or "per_layer"
-    (gated by `window_flag`; the layers from `layer_types`, else those from
-    `max_window_layers` on, as transformers' Qwen2/Qwen3 configs compute them).
+    `sliding_window` field for all layers, gated by `window_flag` if set), "layer_types"
+    (the layers `layer_types` names sliding, else every layer: transformers reads a Mistral
+    config with `layer_types` as Ministral, whose layers alternate) or "per_layer" (gated by
+    `window_flag`; the layers from `layer_types`, else those from `max_window_layers` on, as
+    transformers' Qwen2/Qwen3 configs compute them).
     `default_head_dim`: the head size when config.json has no `head_dim` (None: hidden /
     heads). `default_window`: `sliding_window` when the field is absent.
     """
@@ -143,13 +145,15 @@ FAMILIES: dict[str, Family] = {
             default_head_dim=128,
             fields=_QWEN_WINDOW | {"attention_bias"},
         ),
+        # the window on the layers `layer_types` names (every layer without it); "ministral"
+        # is what transformers makes of a "mistral" config with `layer_types`
         Family(
             "mistral",
-            ("mistral",),
+            ("mistral", "ministral"),
             "MistralForCausalLM",
-            window="every_layer",
+            window="layer_types",
             default_window=4096,
-            fields=frozenset({"sliding_window"}),
+            fields=frozenset({"sliding_window", "layer_types"}),
         ),
         # Qwen3's attention (head_dim defaults to hidden / heads here), a sparse block in
         # each layer but `mlp_only_layers` and those off `decoder_sparse_step`; the window,

@@ -66,6 +66,7 @@ def tiny_config(
     attention_bias: bool = False,
     sliding_window: int | None = None,
     max_window_layers: int = 0,
+    layer_types: tuple[str, ...] = (),
     experts: int | None = None,
     experts_per_token: int | None = None,
     expert_intermediate: int | None = None,
@@ -76,7 +77,9 @@ def tiny_config(
     """The config of a tiny checkpoint of `family` (`families.FAMILIES`).
 
     `sliding_window`: the attention window (Mistral: every layer; Qwen2/Qwen3: the layers
-    from `max_window_layers` on, as `use_sliding_window` does). `attention_bias`: biases
+    from `max_window_layers` on, as `use_sliding_window` does); `layer_types` (Mistral,
+    Qwen2, Qwen3): which layers slide, "full_attention" or "sliding_attention" for each
+    layer, written to config.json as such. `attention_bias`: biases
     on all four projections, for the families whose config reads it (Llama, Qwen3).
     Mixture-of-experts families (qwen3_moe, mixtral): `experts` (4 by default) of
     `expert_intermediate` (64; Mixtral's `intermediate_size`), `experts_per_token` (2) routed
@@ -114,7 +117,11 @@ def tiny_config(
     ):
         raise ModelError(f"family {family!r} has no experts")
     types: tuple[str, ...] = ()
-    if spec.window == "per_layer":
+    if layer_types:
+        if spec.window not in ("per_layer", "layer_types"):
+            raise ModelError(f"family {family!r} reads no layer_types")
+        types = tuple(layer_types)
+    elif spec.window == "per_layer":
         if not 0 <= max_window_layers <= layers:
             raise ModelError(f"max_window_layers must be in [0, {layers}]")
         sliding = sliding_window is not None
@@ -152,6 +159,7 @@ def make_tiny(
     attention_bias: bool = False,
     sliding_window: int | None = None,
     max_window_layers: int = 0,
+    layer_types: tuple[str, ...] = (),
     experts: int | None = None,
     experts_per_token: int | None = None,
     expert_intermediate: int | None = None,
@@ -203,6 +211,7 @@ def make_tiny(
         attention_bias=attention_bias,
         sliding_window=sliding_window,
         max_window_layers=max_window_layers,
+        layer_types=layer_types,
         experts=experts,
         experts_per_token=experts_per_token,
         expert_intermediate=expert_intermediate,
