@@ -1,7 +1,9 @@
 """The dashboard in a real headless Chromium, on a devnet of 3 daemon processes serving the
 tiny model: refused without the login, then opened with `gridmesh dashboard`'s one-time link;
 each view loads without console errors, shows the 3 nodes and the model's layer map, the
-tokens per second rise live during a generation without a reload; keyboard navigation works
+tokens per second rise live during a generation without a reload, and the generation's row
+(with its failovers) and its live route (which server serves which layers) appear on the jobs
+and models views, pushed by the feed; keyboard navigation works
 and axe-core finds no violation. Screenshots of each view go to $GRIDMESH_DASHBOARD_SCREENSHOTS
 (default: the test's tmp dir)."""
 
@@ -29,6 +31,11 @@ pytestmark = pytest.mark.procs
 
 LAYERS = 6
 VIEWS = ["node", "network", "models", "jobs", "money", "registry"]
+
+
+def short(peer_or_job: str) -> str:
+    """An id as the page shows it (app.js `short`)."""
+    return peer_or_job[:8] + "…" + peer_or_job[-6:]
 
 
 def shots_dir(tmp_path: Path) -> Path:
@@ -144,7 +151,26 @@ def test_the_dashboard_in_chromium_on_three_daemons(tmp_path):
             try:
                 wait.until(lambda d: float(d.find_element(By.ID, "live-steps").text) > 0)
                 seen = driver.find_element(By.ID, "live-steps").text
+                # the generation's row, pushed by the feed, with its failovers column
+                tag = short(job)
+
+                def generation_row(d, table: str) -> dict | None:
+                    heads = [h.text for h in d.find_elements(By.CSS_SELECTOR, f"#{table} th")]
+                    for row in d.find_elements(By.CSS_SELECTOR, f"#{table} tbody tr"):
+                        cells = [c.text for c in row.find_elements(By.TAG_NAME, "td")]
+                        if cells and cells[0] == tag:
+                            return dict(zip(heads, cells, strict=True))
+                    return None
+
+                row = wait.until(lambda d: generation_row(d, "generations"))
+                assert row["failovers"] == "0" and row["model"] == "tiny", row
                 driver.save_screenshot(str(shots / "jobs.png"))
+                # its live route on the models view: which server serves which layers
+                open_view("models")
+                row = wait.until(lambda d: generation_row(d, "routes"))
+                hops = [f"{short(p['peer_id'])} layers {p['start']}–{p['end']}" for p in plan]
+                assert row["route (peer and layers, in order)"].split("\n") == hops, row
+                driver.save_screenshot(str(shots / "models-route.png"))
             finally:
                 node0.call("generate_cancel", {"job": job})
             assert driver.execute_script("return window.notReloaded === true"), "page reloaded"
