@@ -324,6 +324,7 @@ def _earned(output: str) -> int | None:
     return int(float(found.group(1)) * TUSD) if found else None
 
 
+@pytest.mark.procs
 def test_the_readme_join_the_testnet_section_runs_on_a_local_testnet(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
