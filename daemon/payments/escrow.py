@@ -160,7 +160,8 @@ class Escrow:
             raise ChainError(
                 f"no chain configured: no deployment recorded in {record_path(home, network)}; "
                 f"run `gridmesh chain deploy --network {network}` (after `gridmesh chain serve` "
-                "for a devnet)"
+                "for a devnet), or `gridmesh chain use --escrow ADDRESS` for a deployment "
+                "someone published"
             )
         return cls(client, record, **kwargs)
 

@@ -53,7 +53,8 @@ def no_chain_message(home: Path, network: str) -> str:
     return (
         f"no chain configured: no deployment of [chain] network {network!r} is recorded in "
         f"{home}/chain/{network}.json; run `gridmesh chain deploy --network {network} --home "
-        f"{home}` (for a devnet, `gridmesh chain serve` first), then restart the daemon"
+        f"{home}` (for a devnet, `gridmesh chain serve` first), or `gridmesh chain use --escrow "
+        "ADDRESS` for a deployment someone published, then restart the daemon"
     )
 
 

@@ -51,9 +51,9 @@ def escrow_from_home(home: Path, config: Config, ident: NodeIdentity) -> Escrow 
     network = config.chain.network
     if not record_path(home, network).exists():
         log.info(
-            "unpaid: no contracts recorded for chain network %r (gridmesh chain deploy "
-            "--network %s, or copy its deployment record into this home); this node serves "
-            "and requests work without payment",
+            "unpaid: no contracts recorded for chain network %r (gridmesh chain use --escrow "
+            "ADDRESS for a published deployment, or gridmesh chain deploy --network %s); this "
+            "node serves and requests work without payment",
             network,
             network,
         )

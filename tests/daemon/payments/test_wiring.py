@@ -17,3 +17,4 @@ def test_no_recorded_contracts_means_unpaid_said_once(tmp_path, caplog):
     assert len(said) == 1
     assert "no contracts recorded for chain network 'base-sepolia'" in said[0]
     assert "gridmesh chain deploy --network base-sepolia" in said[0]
+    assert "gridmesh chain use --escrow ADDRESS" in said[0]
