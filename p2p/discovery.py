@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -20,6 +20,9 @@ from p2p.liveness import Liveness
 from p2p.network import Network
 
 log = logging.getLogger(__name__)
+
+# a look-up walks the DHT too when the node itself has not answered within this
+WALK_AFTER_S = 0.5
 
 # (reason) -> None; the daemon counts these in /metrics
 RejectHook = Callable[[str], None]
@@ -149,6 +152,10 @@ class ResourceDirectory:
     async def publish_once(self) -> bool:
         """Put our record; True when the put finished within the deadline."""
         value = self.make_own_record()
+        try:  # find() answers with our own record at once, whatever the put's fate
+            self._offer(self._own(value))
+        except records.RecordError as exc:  # the network's validators refuse it too
+            log.warning("our own resource record is invalid: %s", exc)
         with trio.move_on_after(self._settings.dht_timeout_s):
             try:
                 await self._net.dht_put(self.key_for(self._ident.peer_id), value)
@@ -157,10 +164,6 @@ class ResourceDirectory:
                 self.publish_failures += 1
                 return False
             self.published += 1
-            try:  # find() answers with our own record at once
-                self._offer(self._own(value))
-            except records.RecordError as exc:  # the network's validators refuse it too
-                log.warning("our own resource record is invalid: %s", exc)
             return True
         self.publish_failures += 1
         return False
@@ -174,19 +177,53 @@ class ResourceDirectory:
             await self.publish_once()
 
     async def lookup(self, peer_id: str) -> records.ResourceRecord | None:
-        """Fetch and verify one node's record; None if absent, invalid, expired or too slow."""
+        """Fetch and verify one node's record; None if absent, invalid, expired or too slow.
+
+        The node itself is asked (it holds its own record, the freshest there is: one round
+        trip), and a DHT walk starts too once that has failed or taken `WALK_AFTER_S`; the
+        first valid record wins, all within `dht_timeout_s`. A walk alone waits on every one
+        of the key's closest peers, so one connected peer that answered no DHT query
+        (bench/abuse.py's idle hostile peer) made honest look-ups time out, and their
+        records expired from `nodes_find`.
+        """
         key = self.key_for(peer_id)
-        value: bytes | None = None
-        with trio.move_on_after(self._settings.dht_timeout_s):
+        found: list[records.ResourceRecord] = []
+        owner_done = trio.Event()
+
+        async def ask(how: str, get: Callable[[], Awaitable[bytes | None]]) -> None:
             try:
-                value = await self._net.dht_get(key)
+                record = self._verified(peer_id, await get())
             except Exception as exc:
-                log.debug("DHT get for %s failed: %r", peer_id, exc)
+                log.debug("%s for the record of %s failed: %r", how, peer_id, exc)
+                record = None
+            if record is not None:
+                found.append(record)
+                nursery.cancel_scope.cancel()
+
+        async def ask_owner() -> None:
+            try:
+                await ask("asking the node", lambda: self._net.dht_get_from(peer_id, key))
+            finally:
+                owner_done.set()
+
+        async def walk() -> None:
+            with trio.move_on_after(WALK_AFTER_S):
+                await owner_done.wait()
+            await ask("a DHT walk", lambda: self._net.dht_get(key))
+
+        with trio.move_on_after(self._settings.dht_timeout_s):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask_owner)
+                nursery.start_soon(walk)
+        return found[0] if found else None
+
+    def _verified(self, peer_id: str, value: bytes | None) -> records.ResourceRecord | None:
+        """`value` as `peer_id`'s valid record, or None (refusals counted, stale ones not)."""
         if value is None:
             return None
         try:
             record = records.validate_record(
-                key,
+                self.key_for(peer_id),
                 value,
                 now=self._net.now(),
                 network_id=self._settings.network_id,

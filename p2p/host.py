@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -50,6 +50,7 @@ from p2p import atomic_writes, deadconn, identity
 from p2p.addrs import ListenError, check_listen_free, is_own_addr
 from p2p.bans import PeerBans
 from p2p.dhtguard import DHT_PROTOCOL, ValidatorBridge
+from p2p.dhtops import DHTObserver, DhtOps
 from p2p.framing import (
     FRAME_DEADLINE_S,
     FRAME_MIN_BYTES_PER_S,
@@ -122,7 +123,6 @@ __all__ = [
 PING_TIMEOUT_S = 2.0
 CLOSED_POLL_S = 2.0  # how often an inbound connection's socket is checked for being closed
 # (op, outcome, seconds) -> None
-DHTObserver = Callable[[str, str, float], None]
 
 
 class Libp2pNetwork:
@@ -220,10 +220,8 @@ class Libp2pNetwork:
         )
         self._nursery: trio.Nursery | None = None
         self.host.get_network().register_notifee(ForgetDisconnected(self))
-        self._dht_validator = dht_validator
-        self._dht_timeout_s = dht_timeout_s
+        self._dht_ops = DhtOps(self.dht, dht_validator, dht_timeout_s, on_dht_op)
         self._request_timeout_s = request_timeout_s
-        self._on_dht_op = on_dht_op or (lambda op, outcome, seconds: None)
         self.peers: dict[str, PeerState] = {}
         limits = self.limits
         self._stream_limiter = RateLimiter(
@@ -290,34 +288,13 @@ class Libp2pNetwork:
         return self._guard.errors
 
     async def dht_put(self, key: str, value: bytes) -> None:
-        key = self.scope.dht_key(key)
-        await self._timed_dht("put", self.dht.put_value(key, value))
+        await self._dht_ops.put(self.scope.dht_key(key), value)
 
     async def dht_get(self, key: str) -> bytes | None:
-        # py-libp2p answers from its local store without re-validating: an expired copy would
-        # hide the fresh one on the network for the store's 24 h TTL. Drop it and ask around.
-        key = self.scope.dht_key(key)
-        local = self.dht.value_store.get(key.encode())
-        if local is not None:
-            try:
-                self._dht_validator.validate(key, local.value)
-            except Exception:
-                self.dht.value_store.remove(key.encode())
-        return await self._timed_dht("get", self.dht.get_value(key))
+        return await self._dht_ops.get(self.scope.dht_key(key))
 
-    async def _timed_dht(self, op: str, call: Awaitable[Any]) -> Any:
-        started = trio.current_time()
-        outcome = "error"
-        try:
-            with trio.fail_after(self._dht_timeout_s):
-                result = await call
-            outcome = "ok"
-            return result
-        except trio.TooSlowError:
-            outcome = "timeout"
-            raise NetworkError(f"DHT {op} took longer than {self._dht_timeout_s} s") from None
-        finally:
-            self._on_dht_op(op, outcome, trio.current_time() - started)
+    async def dht_get_from(self, peer_id: str, key: str) -> bytes | None:
+        return await self._dht_ops.get_from(peer_id, self.scope.dht_key(key))
 
     async def request(
         self, peer_id: str, protocol: str, payload: bytes, *, timeout_s: float | None = None

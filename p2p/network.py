@@ -273,6 +273,12 @@ class DHT(Protocol):
 
     async def dht_get(self, key: str) -> bytes | None: ...
 
+    async def dht_get_from(self, peer_id: str, key: str) -> bytes | None:
+        """The valid value `peer_id` itself holds for `key`, asked of it alone: one round
+        trip, no walk (a walk waits on every one of the closest peers, a silent one too).
+        None when it holds none, holds an invalid one, or cannot be asked."""
+        ...
+
 
 class Network(Requests, Streams, Gossip, DHT, Protocol):
     """The whole contract the daemon uses; `p2p.host.Libp2pNetwork` and

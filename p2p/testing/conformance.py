@@ -533,8 +533,19 @@ async def dht_put_get(pair: Pair) -> None:
         _expect(await pair.b.dht_get(DHT_KEY[:-2] + "ff") is None, "a value for a missing key")
 
 
+async def dht_get_from_holder(pair: Pair) -> None:
+    """A value asked of the node that put it comes back; a key it never held gives None."""
+    with trio.fail_after(pair.timeout_s):
+        await pair.a.dht_put(DHT_KEY, b"value")
+        got = await pair.b.dht_get_from(pair.a.peer_id, DHT_KEY)
+        _expect(got == b"value", f"b asked a for its value and got {got!r}")
+        missing = await pair.b.dht_get_from(pair.a.peer_id, DHT_KEY[:-2] + "ff")
+        _expect(missing is None, f"a value for a missing key: {missing!r}")
+        _expect(await pair.a.dht_get_from(pair.a.peer_id, DHT_KEY) == b"value", "own value")
+
+
 GOSSIP_CHECKS: list[Check] = [gossip_delivered, gossip_handler_fails, gossip_validated]
-DHT_CHECKS: list[Check] = [dht_put_get]
+DHT_CHECKS: list[Check] = [dht_put_get, dht_get_from_holder]
 
 
 async def run_checks(make_pair: MakePair, checks: list[Check]) -> None:

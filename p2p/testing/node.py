@@ -190,6 +190,23 @@ class MemoryNode(Peering):
         valid = [v for v in dict.fromkeys(found) if self._accepts(key, v)]
         return valid[self._select(key, valid)] if valid else None
 
+    async def dht_get_from(self, peer_id: str, key: str) -> bytes | None:
+        self._check_alive()
+        key = self.scope.dht_key(key)
+        if peer_id == self.peer_id:
+            return self._valid_local(key)
+        answered = trio.Event()
+        replies: list[Any] = []
+
+        def on_reply(ok: bool, response: Any) -> None:
+            replies.append(response if ok else None)
+            answered.set()
+
+        self._call_dht(peer_id, GET, key, len(key), on_reply)
+        await answered.wait()
+        value = replies[0][0] if replies[0] else None
+        return value if value is not None and self._accepts(key, value) else None
+
     async def publish(self, topic: str, data: bytes) -> None:
         """Send `data` to `fanout` random subscribed known peers; they pass it on.
 

@@ -398,3 +398,73 @@ async def test_a_silent_peers_slow_lookups_never_let_honest_records_expire(autoj
         assert misses == 0
         assert seam.silent_lookups >= 20  # the silent peer was tried all along
         nursery.cancel_scope.cancel()
+
+
+class _WalksHang:
+    """A node's network on which every DHT walk hangs, as py-libp2p's does when one of the
+    key's closest peers is connected but answers no DHT query (it waits for every one): a
+    get finds nothing, and a put stores locally and then reaches nobody. Asking a node
+    directly (`dht_get_from`) still works."""
+
+    def __init__(self, inner: MemoryNode, owners_answer: bool = True) -> None:
+        self._inner = inner
+        self._owners_answer = owners_answer
+        self.walks = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    async def dht_get(self, key: str) -> bytes | None:
+        self.walks += 1
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def dht_put(self, key: str, value: bytes) -> None:
+        self._inner._keep(self._inner.scope.dht_key(key), value)  # py-libp2p stores first
+        self.walks += 1
+        await trio.sleep_forever()
+
+    async def dht_get_from(self, peer_id: str, key: str) -> bytes | None:
+        if self._owners_answer:
+            return await self._inner.dht_get_from(peer_id, key)
+        return None  # as if only walks were tried
+
+
+@pytest.mark.parametrize("owners_answer", [True, False], ids=["asked-of-its-node", "walk-only"])
+async def test_walks_stuck_on_a_silent_peer_expire_no_honest_record(autojump_clock, owners_answer):
+    """With devnet's short records (valid 10 s, published every 2 s, look-ups bounded by
+    3 s) and every DHT walk hanging, each node still lists every other for minutes: a
+    record is asked of its node too (bench/abuse.py's "nodes_find found 3 of 4"). With
+    walks alone (as before), the records expire: the scenario does bite."""
+    settings = DiscoverySettings(
+        network_id="sim", record_validity_s=10, publish_interval_s=2, dht_timeout_s=3
+    )
+    hub = MemoryNetwork(seed=7)
+    idents = [NodeIdentity.generate() for _ in range(3)]
+    nodes = [hub.add_node(ident.peer_id) for ident in idents]
+    seams = [_WalksHang(node, owners_answer) for node in nodes]
+    directories = [
+        ResourceDirectory(seam, ident, settings, describe=lambda: ([], {}))  # type: ignore[arg-type]
+        for seam, ident in zip(seams, idents, strict=True)
+    ]
+    for node, directory in zip(nodes, directories, strict=True):
+        node.set_validator(directory.validator)
+    await nodes[1].connect(idents[0].peer_id)
+    await nodes[2].connect(idents[0].peer_id)
+    await nodes[2].connect(idents[1].peer_id)
+    everyone = sorted(ident.peer_id for ident in idents)
+    async with trio.open_nursery() as nursery:
+        for directory in directories:
+            nursery.start_soon(directory.run)
+            nursery.start_soon(directory.refresh_forever)
+        await trio.sleep(5)  # virtual time: first look-ups done
+        listed = []
+        for _ in range(120):  # two virtual minutes, many record lifetimes
+            listed += [[r.peer_id for r in await d.find()] for d in directories]
+            await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    if owners_answer:
+        assert all(found == everyone for found in listed)
+    else:
+        assert all(seam.walks > 0 for seam in seams)
+        assert all(len(found) == 1 for found in listed[-3:]), listed[-3:]  # only its own

@@ -1,0 +1,74 @@
+"""Our DHT operations over py-libp2p's KadDHT: each bounded in time, observed, and validated
+where py-libp2p does not validate (its local store, a single peer's answer)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+from libp2p.kad_dht.kad_dht import KadDHT
+from libp2p.peer.id import ID
+
+from p2p.network import DHTValidator, NetworkError
+
+# (op, outcome, seconds) -> None; the daemon counts them in /metrics
+DHTObserver = Callable[[str, str, float], None]
+
+
+class DhtOps:
+    """put, get and get_from on namespaced keys (the caller scopes them)."""
+
+    def __init__(
+        self,
+        dht: KadDHT,
+        validator: DHTValidator,
+        timeout_s: float,
+        on_op: DHTObserver | None = None,
+    ) -> None:
+        self._dht = dht
+        self._validator = validator
+        self._timeout_s = timeout_s
+        self._on_op = on_op or (lambda op, outcome, seconds: None)
+
+    async def put(self, key: str, value: bytes) -> None:
+        await self._timed("put", self._dht.put_value(key, value))
+
+    async def get(self, key: str) -> bytes | None:
+        # py-libp2p answers from its local store without re-validating: an expired copy would
+        # hide the fresh one on the network for the store's 24 h TTL. Drop it and ask around.
+        local = self._dht.value_store.get(key.encode())
+        if local is not None and not self._valid(key, local.value):
+            self._dht.value_store.remove(key.encode())
+        return await self._timed("get", self._dht.get_value(key))
+
+    async def get_from(self, peer_id: str, key: str) -> bytes | None:
+        try:
+            peer = ID.from_base58(peer_id)
+        except Exception:
+            return None
+        # py-libp2p's one-peer GET_VALUE (a step of its walk): None on any failure
+        store = self._dht.value_store
+        value = await self._timed("get_from", store._get_from_peer(peer, key.encode()))
+        return value if isinstance(value, bytes) and self._valid(key, value) else None
+
+    def _valid(self, key: str, value: bytes) -> bool:
+        try:
+            self._validator.validate(key, value)
+        except Exception:
+            return False
+        return True
+
+    async def _timed(self, op: str, call: Awaitable[Any]) -> Any:
+        started = trio.current_time()
+        outcome = "error"
+        try:
+            with trio.fail_after(self._timeout_s):
+                result = await call
+            outcome = "ok"
+            return result
+        except trio.TooSlowError:
+            outcome = "timeout"
+            raise NetworkError(f"DHT {op} took longer than {self._timeout_s} s") from None
+        finally:
+            self._on_op(op, outcome, trio.current_time() - started)
