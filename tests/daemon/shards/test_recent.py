@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from daemon.api.client import RPCCallError
-from daemon.shards.recent import MAX_FAILOVERS, RecentGenerations, begin
+from daemon.shards.recent import MAX_FAILOVERS, Generation, RecentGenerations, begin
 from tests.daemon.harness import inline_threads, memory_cluster
 
 LAYERS = 4
@@ -124,8 +124,12 @@ async def test_bounded_oldest_finished_go_first_and_filters():
 
 async def test_a_service_without_a_record_records_nothing():
     entry = begin(object(), "j", "tiny", FakeModel([]), 1, False)
+    assert not isinstance(entry, Generation)
     entry.token()
     entry.end(FakeJob("j"))  # no error, nothing kept
+    service = type("Service", (), {"generations": RecentGenerations(clock=Clock())})()
+    recorded = begin(service, "j", "tiny", FakeModel([("a", 0, 4)]), 1, False)
+    assert isinstance(recorded, Generation) and len(service.generations) == 1
 
 
 @pytest.fixture
