@@ -4,6 +4,8 @@ generations, with their bounded labels."""
 
 from __future__ import annotations
 
+import pytest
+
 from contracts.chain.errors import ChainError
 from daemon.metrics import MAX_KIND_SERIES, Metrics
 from tests.daemon.harness import inline_threads, memory_cluster
@@ -125,3 +127,39 @@ def test_the_replication_collector_reads_the_stats_at_scrape_time():
     assert value(metrics, name) == 5
     assert value(metrics, "gridmesh_registry_sync_failures_total") == 1
     assert value(metrics, "gridmesh_registry_replication_events_total", event="gossip_refused") == 4
+
+
+async def test_a_paid_generation_is_settled_in_the_metrics(autojump_clock, tmp_path, monkeypatch):
+    """Whole daemons with an in-memory escrow (tests/daemon/payments/test_paid_shards.py's
+    cluster): the provider's settlement is counted with its amount by the daemon's wiring,
+    and the requester's record marks the generation paid."""
+    pytest.importorskip("torch")
+    import trio
+
+    from daemon.shards.model import make_tiny
+    from tests.daemon.payments.test_paid_shards import (
+        GENERATE,
+        JOB,
+        PROMPT,
+        cluster,
+        create_job,
+        deploy,
+        settled,
+    )
+
+    inline_threads(monkeypatch)
+    model_dir = make_tiny(tmp_path / "tiny", layers=4, seed=7)
+    async with trio.open_nursery() as nursery:
+        net = await cluster(nursery, tmp_path / "net", [3])
+        requester, server = net.daemons
+        await deploy(net, model_dir, [(server, 0, 4)])
+        create_job(net, requester)
+        result = await requester.call("generate", {**GENERATE, "job_id": JOB.hex()})
+        await settled(net, [server])
+        owed = 4 * (len(PROMPT) + len(result["tokens"])) * 3  # layers x tokens x price
+        assert server.metric("gridmesh_settlements_total", outcome="settled") >= 1
+        assert server.metric("gridmesh_settlements_total", outcome="failed") == 0
+        assert server.metric("gridmesh_settled_amount_total") == owed
+        (gen,) = (await requester.call("generation_list"))["generations"]
+        assert gen["paid"] is True and gen["state"] == "done"
+        nursery.cancel_scope.cancel()
