@@ -360,6 +360,7 @@ ClusterConfig = exposing(
                 "unknown_rtt_ms",
                 "memory_fraction",
                 "max_nodes_per_chain",
+                "kv_reserve_tokens",
             )
         },
     ),

@@ -39,6 +39,12 @@ from typing import Annotated, Any
 
 from msgspec import Meta
 
+from scheduler.model_memory import (
+    DEFAULT_KV_RESERVE_TOKENS,
+    MAX_KV_RESERVE_TOKENS,
+    LayerCosts,
+    check_reserve_tokens,
+)
 from scheduler.shard_plan import (
     MAX_BYTES,
     MAX_PEER_ID_LEN,
@@ -85,6 +91,11 @@ class PlacementWeights:
     memory_fraction: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.9
     # the most nodes one chain may use (0: as many as the range has layers)
     max_nodes_per_chain: Annotated[int, Meta(ge=0, le=MAX_NODES)] = 0
+    # positions of KV cache a node keeps room for in each layer it is given, beside the
+    # weights (a sliding-window layer: at most its window; scheduler.model_memory)
+    kv_reserve_tokens: Annotated[int, Meta(ge=0, le=MAX_KV_RESERVE_TOKENS)] = (
+        DEFAULT_KV_RESERVE_TOKENS
+    )
 
     def validate(self) -> None:
         for name in TERMS:
@@ -96,6 +107,10 @@ class PlacementWeights:
             raise PlacementError("memory_fraction must be a number in (0, 1]")
         if not _is_int(self.max_nodes_per_chain) or not 0 <= self.max_nodes_per_chain <= MAX_NODES:
             raise PlacementError(f"max_nodes_per_chain must be an integer in [0, {MAX_NODES}]")
+        try:
+            check_reserve_tokens(self.kv_reserve_tokens)
+        except PlanError as exc:
+            raise PlacementError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -190,21 +205,22 @@ def place(
     weights.validate()
     model, start, end = _check_request(request)
     sub = _sub_spec(model, start, end)
-    facts, excluded = _valid(nodes, sub, weights.memory_fraction)
+    costs = LayerCosts.of(sub, weights.kv_reserve_tokens)
+    facts, excluded = _valid(nodes, costs, weights.memory_fraction)
     scored = _score(facts, weights)
     order = sorted(scored, key=lambda s: (-s.score.total, s.facts.peer_id))
     limit = weights.max_nodes_per_chain or sub.num_layers
     chains: list[list[Assignment]] = []
     left = list(order)
     for replica in range(request.replicas):
-        chain = _chain(sub, left, limit, weights, replica)
+        chain = _chain(sub, costs, left, limit, weights, replica)
         if chain is None:
             break
         chains.append(chain)
         used = {a.peer_id for a in chain}
         left = [s for s in left if s.facts.peer_id not in used]
     if not chains:
-        raise PlacementError(_no_fit(sub, start, end, scored, excluded, limit, weights))
+        raise PlacementError(_no_fit(sub, costs, start, end, scored, excluded, limit, weights))
     by_peer = {n.peer_id: n for n in facts}
     rtt, _ = _rtt_table((by_peer[a.peer_id] for chain in chains for a in chain), weights)
     final: dict[str, NodeScore] = {s.facts.peer_id: s.score for s in scored}
@@ -247,6 +263,8 @@ def _sub_spec(model: ModelSpec, start: int, end: int) -> ModelSpec:
         model.embed_bytes if start == 0 else 0,
         model.head_bytes if end == model.num_layers else 0,
         model.cache_bytes_per_layer,
+        model.kv_bytes_per_token,
+        model.window_range(start, end),
     )
 
 
@@ -255,7 +273,7 @@ def _budget(free: int, fraction: float) -> int:
 
 
 def _valid(
-    nodes: Iterable[Any], sub: ModelSpec, fraction: float
+    nodes: Iterable[Any], costs: LayerCosts, fraction: float
 ) -> tuple[list[NodeFacts], dict[str, str]]:
     """Usable nodes (bounded values, one per peer id, one layer at least fits) and why the
     others were left out."""
@@ -271,10 +289,10 @@ def _valid(
     for item in sorted(items, key=lambda n: n.peer_id):
         peer = item.peer_id[:MAX_PEER_ID_LEN]
         problem = "listed twice" if listed[item.peer_id] > 1 else _problem(item)
-        if problem is None and _budget(item.free_bytes, fraction) < sub.per_layer_bytes:
+        if problem is None and _budget(item.free_bytes, fraction) < costs.largest:
             problem = (
                 f"too little free memory: {item.free_bytes} bytes, one layer needs "
-                f"{sub.per_layer_bytes} within {fraction:.0%}"
+                f"{costs.largest} (weights and KV-cache reserve) within {fraction:.0%}"
             )
         if problem is None:
             kept[peer] = item
@@ -406,7 +424,12 @@ def _with(score: NodeScore, **changes: Any) -> NodeScore:
 
 
 def _chain(
-    sub: ModelSpec, ordered: list[_Scored], limit: int, weights: PlacementWeights, replica: int
+    sub: ModelSpec,
+    costs: LayerCosts,
+    ordered: list[_Scored],
+    limit: int,
+    weights: PlacementWeights,
+    replica: int,
 ) -> list[Assignment] | None:
     """The fewest best-scored nodes of `ordered` that hold `sub`, split and ordered; None if
     no chain of at most `limit` of them does.
@@ -414,21 +437,29 @@ def _chain(
     The best-scored prefix that holds the range is tried first; when none does (a node that
     can't hold an end, rounding to whole layers), shard_plan's own choice among all of them."""
     limit = min(limit, sub.num_layers)
-    frac = weights.memory_fraction
+    frac, tokens = weights.memory_fraction, weights.kv_reserve_tokens
     chain: list[Assignment] | None = None
     for size in range(1, min(limit, len(ordered)) + 1):
         group = ordered[:size]
-        if sum(s.budget for s in group) < sub.total_bytes:
+        if sum(s.budget for s in group) < costs.total:
             continue
         try:
-            plan = plan_with_nodes(sub, _candidates(group), size, memory_fraction=frac)
+            plan = plan_with_nodes(
+                sub, _candidates(group), size, memory_fraction=frac, kv_reserve_tokens=tokens
+            )
         except PlanError:
             continue
         chain = plan.chains()[0]
         break
     if chain is None:
         try:
-            plan = plan_shards(sub, _candidates(ordered), max_nodes=limit, memory_fraction=frac)
+            plan = plan_shards(
+                sub,
+                _candidates(ordered),
+                max_nodes=limit,
+                memory_fraction=frac,
+                kv_reserve_tokens=tokens,
+            )
         except PlanError:
             return None
         chain = plan.chains()[0]
@@ -478,6 +509,7 @@ def _order_middle(
 
 def _no_fit(
     sub: ModelSpec,
+    costs: LayerCosts,
     start: int,
     end: int,
     scored: list[_Scored],
@@ -487,14 +519,16 @@ def _no_fit(
 ) -> str:
     usable = sum(s.budget for s in scored)
     message = (
-        f"layers {start}..{end} of {sub.name!r} need {sub.total_bytes} bytes "
-        f"({sub.num_layers} x {sub.per_layer_bytes}"
+        f"layers {start}..{end} of {sub.name!r} need {costs.total} bytes "
+        f"({sub.num_layers} layers of {sub.layer_bytes} + KV-cache reserve "
+        f"{costs.layer_total - sub.num_layers * sub.layer_bytes} for "
+        f"{weights.kv_reserve_tokens} tokens per layer"
         + (f" + embedding {sub.embed_bytes}" if sub.embed_bytes else "")
         + (f" + head {sub.head_bytes}" if sub.head_bytes else "")
         + f"); {len(scored)} eligible node(s) offer {usable} usable bytes "
         f"({weights.memory_fraction:.0%} of their free memory)"
     )
-    if usable >= sub.total_bytes:
+    if usable >= costs.total:
         message += f", but no chain of at most {limit} of them holds it in whole layers"
     if excluded:
         message += f"; {len(excluded)} left out ({'; '.join(sorted(set(excluded.values()))[:3])})"

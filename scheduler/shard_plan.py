@@ -6,9 +6,11 @@ never trusted and never a crash.
 
 The rule (exo's memory-weighted partitioning, adjusted by throughput):
 
-1. A node's *budget* is `floor(memory_fraction * free_bytes)`. A range `[s, e)` costs
-   `(e - s) * (layer_bytes + cache_bytes_per_layer)`, plus `embed_bytes` when `s == 0` and
-   `head_bytes` when `e == num_layers`. No range ever exceeds its node's budget.
+1. A node's *budget* is `floor(memory_fraction * free_bytes)`. A range `[s, e)` costs each
+   of its layers' weights and KV-cache reserve (`kv_reserve_tokens` positions of keys and
+   values per layer, a sliding-window layer's at most its window: `model_memory.LayerCosts`),
+   plus `embed_bytes` when `s == 0` and `head_bytes` when `e == num_layers`. No range ever
+   exceeds its node's budget.
 2. Nodes are preferred by `budget * throughput` (then lower rtt, then lower price, a node
    that declares no price after every priced one, then peer id). Each chain
    gets up to `max_nodes` nodes (default: as many as there are layers); `replicas` chains are
@@ -36,21 +38,39 @@ from dataclasses import dataclass
 from typing import Any
 
 from p2p.records import MAX_PRICE_PER_UNIT
+from scheduler.model_memory import (
+    DEFAULT_KV_RESERVE_TOKENS,
+    FIRST,
+    LAST,
+    MAX_BYTES,
+    MAX_LAYERS,
+    MAX_NAME_LEN,
+    MIDDLE,
+    LayerCosts,
+    ModelSpec,
+    PlanError,
+)
 
-MAX_LAYERS = 100_000
-MAX_BYTES = 2**62
+__all__ = [  # the model's sizes live in scheduler.model_memory; callers import them here too
+    "DEFAULT_KV_RESERVE_TOKENS",
+    "MAX_BYTES",
+    "LayerCosts",
+    "ModelSpec",
+    "PlanError",
+    "Assignment",
+    "Candidate",
+    "Plan",
+    "plan_shards",
+    "plan_with_nodes",
+]
+
 MAX_REPLICAS = 1024
 MAX_CANDIDATES = 4096
 MAX_PEER_ID_LEN = 256
-MAX_NAME_LEN = 256
 MAX_THROUGHPUT = 1e15
 MAX_RTT_MS = 1e7
 _MIN_FACTOR = 1e-12
 _UNKNOWN_PRICE = MAX_PRICE_PER_UNIT + 1  # a node without a price sorts after every price
-
-
-class PlanError(ValueError):
-    """The model can't be placed as asked; the message says what was needed and available."""
 
 
 @dataclass(frozen=True)
@@ -62,35 +82,6 @@ class Candidate:
     rtt_ms: float | None = None
     price_per_unit: int | None = None
     """Its price per layer-token; None: it declares none (an older version)."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    num_layers: int
-    layer_bytes: int
-    embed_bytes: int
-    head_bytes: int
-    cache_bytes_per_layer: int = 0
-
-    @property
-    def per_layer_bytes(self) -> int:
-        """Bytes one layer takes on a server, weights plus the KV-cache reserve."""
-        return self.layer_bytes + self.cache_bytes_per_layer
-
-    @property
-    def total_bytes(self) -> int:
-        return self.num_layers * self.per_layer_bytes + self.embed_bytes + self.head_bytes
-
-    def validate(self) -> None:
-        if not isinstance(self.name, str) or not 0 < len(self.name) <= MAX_NAME_LEN:
-            raise PlanError(f"model name must be a string of 1 to {MAX_NAME_LEN} characters")
-        if not _is_int(self.num_layers) or not 1 <= self.num_layers <= MAX_LAYERS:
-            raise PlanError(f"num_layers must be an integer in [1, {MAX_LAYERS}]")
-        for field in ("layer_bytes", "embed_bytes", "head_bytes", "cache_bytes_per_layer"):
-            value = getattr(self, field)
-            if not _is_int(value) or not 0 <= value <= MAX_BYTES:
-                raise PlanError(f"{field} must be an integer in [0, 2**62]")
 
 
 @dataclass(frozen=True)
@@ -216,16 +207,27 @@ def plan_shards(
     max_nodes: int | None = None,
     memory_fraction: float = 0.9,
     max_price_per_unit: int | None = None,
+    kv_reserve_tokens: int = DEFAULT_KV_RESERVE_TOKENS,
 ) -> Plan:
     """Place `model` on up to `max_nodes` nodes per chain, `replicas` chains if they fit.
 
     Returns a plan with at least one full chain (its `replicas` says how many were built);
     raises PlanError when not even one fits. Deterministic: the input order doesn't matter.
     `max_price_per_unit` (None: no maximum) leaves out the candidates over it or unpriced.
+    `kv_reserve_tokens`: the positions of KV cache each layer's node keeps room for.
     """
     if max_nodes is not None and (not _is_int(max_nodes) or max_nodes < 1):
         raise PlanError("max_nodes must be a positive integer or None")
-    return _plan(model, candidates, replicas, max_nodes, False, memory_fraction, max_price_per_unit)
+    return _plan(
+        model,
+        candidates,
+        replicas,
+        max_nodes,
+        False,
+        memory_fraction,
+        max_price_per_unit,
+        kv_reserve_tokens,
+    )
 
 
 def plan_with_nodes(
@@ -236,11 +238,21 @@ def plan_with_nodes(
     replicas: int = 1,
     memory_fraction: float = 0.9,
     max_price_per_unit: int | None = None,
+    kv_reserve_tokens: int = DEFAULT_KV_RESERVE_TOKENS,
 ) -> Plan:
     """Like plan_shards, but every chain is split over exactly `n_nodes` daemons."""
     if not _is_int(n_nodes) or n_nodes < 1:
         raise PlanError("n_nodes must be a positive integer")
-    return _plan(model, candidates, replicas, n_nodes, True, memory_fraction, max_price_per_unit)
+    return _plan(
+        model,
+        candidates,
+        replicas,
+        n_nodes,
+        True,
+        memory_fraction,
+        max_price_per_unit,
+        kv_reserve_tokens,
+    )
 
 
 def _plan(
@@ -251,10 +263,11 @@ def _plan(
     exact: bool,
     memory_fraction: float,
     max_price: int | None = None,
+    kv_reserve_tokens: int = DEFAULT_KV_RESERVE_TOKENS,
 ) -> Plan:
     if not isinstance(model, ModelSpec):
         raise PlanError("model must be a ModelSpec")
-    model.validate()
+    costs = LayerCosts.of(model, kv_reserve_tokens)
     if not _is_int(replicas) or not 1 <= replicas <= MAX_REPLICAS:
         raise PlanError(f"replicas must be an integer in [1, {MAX_REPLICAS}]")
     if (
@@ -271,19 +284,21 @@ def _plan(
     valid, rejected = _valid_nodes(candidates, memory_fraction)
     nodes = [node for node in valid if _affordable(node, max_price)]
     priced_out = len(valid) - len(nodes)
-    holders = [node for node in nodes if _fit(model, node.budget, 0) >= 1]
+    holders = [node for node in nodes if costs.fit(node.budget) >= 1]
     pool = sorted(holders, key=_Node.pref_key)[:MAX_CANDIDATES]
     size = min(per_chain if per_chain is not None else n, n)
     by_memory = sorted(pool, key=lambda node: (-node.budget, node.pref_key()))
     top = min(replicas, len(pool) // size if exact else len(pool))
-    per_copy = max(model.total_bytes, 1)
+    per_copy = max(costs.total, 1)
     top = min(top, sum(node.budget for node in pool) // per_copy)
     for count in range(top, 0, -1):
         for ordered in (pool, by_memory):
-            groups = _groups(model, ordered, count, size, exact)
+            groups = _groups(costs, ordered, count, size, exact)
             if groups is not None:
                 return _build(model, groups)
-    message = _no_fit_message(model, nodes, pool, rejected, size, exact, memory_fraction)
+    message = _no_fit_message(
+        model, costs, kv_reserve_tokens, nodes, pool, rejected, size, exact, memory_fraction
+    )
     if priced_out:
         message += (
             f"; {priced_out} candidate(s) excluded for price (over the maximum of {max_price} "
@@ -341,16 +356,6 @@ def _node_of(c: Any, memory_fraction: float) -> _Node | None:
     return _Node(c.peer_id, budget, float(tp), rtt_value, price)
 
 
-def _fit(model: ModelSpec, budget: int, extra: int) -> int:
-    """How many layers (at most num_layers) fit in `budget` beside `extra` bytes; -1: none."""
-    room = budget - extra
-    if room < 0:
-        return -1
-    if model.per_layer_bytes == 0:
-        return model.num_layers
-    return min(model.num_layers, room // model.per_layer_bytes)
-
-
 @dataclass(frozen=True)
 class _Slot:
     node: _Node
@@ -358,39 +363,38 @@ class _Slot:
     room: int
 
 
-def _arrange(model: ModelSpec, group: list[_Node], exact: bool) -> list[_Slot] | None:
+def _arrange(costs: LayerCosts, group: list[_Node], exact: bool) -> list[_Slot] | None:
     """Order a group into a chain (ends chosen as described above), or None if it can't hold
     the model with at least one layer on every node. Unless `exact`, a chain may leave out
     nodes that can't help."""
-    n, k = model.num_layers, len(group)
+    n, k = costs.count, len(group)
     if k == 0 or k > n:
         return None
     if k == 1:
         node = group[0]
-        extra = model.embed_bytes + model.head_bytes
-        cap = _fit(model, node.budget, extra)
-        return [_Slot(node, cap, node.budget - extra)] if cap >= n else None
-    mid = [_fit(model, node.budget, 0) for node in group]
-    first_caps = [_fit(model, node.budget, model.embed_bytes) for node in group]
-    last_caps = [_fit(model, node.budget, model.head_bytes) for node in group]
+        extra = costs.embed + costs.head
+        return [_Slot(node, n, node.budget - extra)] if costs.total <= node.budget else None
+    mid = [costs.fit(node.budget, MIDDLE) for node in group]
+    first_caps = [costs.fit(node.budget - costs.embed, FIRST) for node in group]
+    last_caps = [costs.fit(node.budget - costs.head, LAST) for node in group]
     firsts = sorted((mid[i] - first_caps[i], i) for i in range(k) if first_caps[i] >= 1)[:2]
     lasts = sorted((mid[i] - last_caps[i], i) for i in range(k) if last_caps[i] >= 1)[:2]
     pairs = [(lf + ll, f, la) for lf, f in firsts for ll, la in lasts if f != la]
     if not pairs:
         # At most one node can hold an end: the only chain left is that node alone.
-        return None if exact else _arrange(model, [group[firsts[0][1]]], exact) if firsts else None
+        return None if exact else _arrange(costs, [group[firsts[0][1]]], exact) if firsts else None
     _, f, la = min(pairs)
     middle = [i for i in range(k) if i not in (f, la)]
-    slots = [_Slot(group[f], first_caps[f], group[f].budget - model.embed_bytes)]
+    slots = [_Slot(group[f], first_caps[f], group[f].budget - costs.embed)]
     slots += [_Slot(group[i], mid[i], group[i].budget) for i in middle]
-    slots.append(_Slot(group[la], last_caps[la], group[la].budget - model.head_bytes))
+    slots.append(_Slot(group[la], last_caps[la], group[la].budget - costs.head))
     if sum(s.cap for s in slots) < n:
         return None
     return slots
 
 
 def _groups(
-    model: ModelSpec, ordered: list[_Node], count: int, size: int, exact: bool
+    costs: LayerCosts, ordered: list[_Node], count: int, size: int, exact: bool
 ) -> list[list[_Slot]] | None:
     """Deal the first count*size nodes of `ordered` into `count` chains, snake order (1..k,
     k..1, ...) so the chains get similar capacity; None when one of them can't hold the model."""
@@ -403,7 +407,7 @@ def _groups(
         groups[col if row % 2 == 0 else count - 1 - col].append(node)
     out = []
     for group in groups:
-        slots = _arrange(model, sorted(group, key=_Node.pref_key), exact)
+        slots = _arrange(costs, sorted(group, key=_Node.pref_key), exact)
         if slots is None:
             return None
         out.append(slots)
@@ -460,6 +464,8 @@ def _water_fill(n: int, weights: list[float], caps: list[int]) -> list[int]:
 
 def _no_fit_message(
     model: ModelSpec,
+    costs: LayerCosts,
+    tokens: int,
     nodes: list[_Node],
     pool: list[_Node],
     rejected: int,
@@ -467,10 +473,16 @@ def _no_fit_message(
     exact: bool,
     memory_fraction: float,
 ) -> str:
+    reserve = costs.layer_total - model.num_layers * model.layer_bytes
     need = (
-        f"model {model.name!r} needs {_fmt(model.total_bytes)}: {model.num_layers} layers x "
-        f"{model.per_layer_bytes} (incl. KV-cache reserve) + embedding {model.embed_bytes} "
-        f"+ head {model.head_bytes}"
+        f"model {model.name!r} needs {_fmt(costs.total)}: {model.num_layers} layers x "
+        f"{model.layer_bytes} + KV-cache reserve {reserve} ({tokens} tokens per layer"
+        + (
+            f", fixed {model.cache_bytes_per_layer} per layer"
+            if model.cache_bytes_per_layer
+            else ""
+        )
+        + f") + embedding {model.embed_bytes} + head {model.head_bytes}"
     )
     usable = sum(node.budget for node in nodes)
     have = (
@@ -479,14 +491,14 @@ def _no_fit_message(
     )
     if rejected:
         have += f"; {rejected} candidate(s) ignored as invalid or duplicate"
-    if usable < model.total_bytes:
+    if usable < costs.total:
         return f"{need}, but {have}"
     if len(pool) < len(nodes):
         have += f"; {len(nodes) - len(pool)} can't hold even one layer"
     if exact and len(pool) < size:
         return f"{need}; can't split over exactly {size} daemons: {have}, {len(pool)} usable"
     best = sum(node.budget for node in sorted(pool, key=lambda n: -n.budget)[:size])
-    if size < model.num_layers and best < model.total_bytes:
+    if size < model.num_layers and best < costs.total:
         return (
             f"{need}; {have}, but a chain may use only {size} node(s) and the {size} "
             f"largest hold only {_fmt(best)}"

@@ -27,6 +27,8 @@ Modules, each importing only those above it:
 - `generate`: the single-process reference generation loop
 - `tokenizer`: `tokenizer.json` reading, byte-level or through `tokenizers`
 - `tiny`: small deterministic random checkpoints for tests and demos
+- `planning`: a checkpoint's sizes as the shard planner counts them (weights, KV per token,
+  windows)
 
 This package re-exports the public names callers use: `from daemon.shards.model import ...`.
 """
@@ -57,6 +59,7 @@ from daemon.shards.model.generate import greedy_generate, stop_ids
 from daemon.shards.model.kvcache import KVCache, KVCacheFull
 from daemon.shards.model.layers import rope_inv_freq
 from daemon.shards.model.moe import MoESpec, SparseMoE
+from daemon.shards.model.planning import model_spec, plan_sizes
 from daemon.shards.model.shard import LlamaShard
 from daemon.shards.model.tiny import make_tiny, tiny_config
 from daemon.shards.model.tokenizer import (
@@ -105,6 +108,8 @@ __all__ = [
     "load_shard",
     "load_tokenizer",
     "make_tiny",
+    "model_spec",
+    "plan_sizes",
     "rope_inv_freq",
     "shard_tensor_names",
     "stop_ids",

@@ -24,7 +24,9 @@ from daemon.shards.model.config import (
     shard_tensor_shapes,
     to_dtype,
 )
+from daemon.shards.model.planning import model_spec
 from daemon.shards.model.shard import LlamaShard
+from scheduler.model_memory import DEFAULT_KV_RESERVE_TOKENS, LayerCosts
 
 
 class Checkpoint:
@@ -180,6 +182,9 @@ def inspect_checkpoint(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
             "kv_cache_bytes_at_max_positions": config.kv_cache_bytes(
                 config.max_position_embeddings, dtype=dtype
             ),
+            # what the shard planner counts for the whole model on one node, by default
+            "kv_reserve_tokens": DEFAULT_KV_RESERVE_TOKENS,
+            "planned_bytes": LayerCosts.of(model_spec(config, "model", dtype)).total,
         }
     )
     return report
