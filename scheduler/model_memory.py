@@ -16,6 +16,7 @@ bounds it.
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import operator
 from dataclasses import dataclass, field
@@ -129,9 +130,13 @@ class LayerCosts:
 
     @classmethod
     def of(cls, model: ModelSpec, tokens: int = DEFAULT_KV_RESERVE_TOKENS) -> LayerCosts:
-        """`model`'s costs with `tokens` positions of KV cache reserved per layer."""
+        """`model`'s costs with `tokens` positions of KV cache reserved per layer (the same
+        object again for the same model and tokens: placement plans one model many times)."""
         model.validate()
-        check_reserve_tokens(tokens)
+        return _costs(model, check_reserve_tokens(tokens))
+
+    @classmethod
+    def _build(cls, model: ModelSpec, tokens: int) -> LayerCosts:
         fixed = model.layer_bytes + model.cache_bytes_per_layer
         if not model.layer_windows:  # every layer alike
             per = fixed + model.kv_bytes_per_token * tokens
@@ -197,6 +202,11 @@ class LayerCosts:
                 worst = max(map(operator.sub, self._prefix[k:], self._prefix))
             self._worst[k] = worst
         return self._worst[k]
+
+
+@functools.lru_cache(maxsize=16)
+def _costs(model: ModelSpec, tokens: int) -> LayerCosts:
+    return LayerCosts._build(model, tokens)
 
 
 def _is_int(value: Any) -> bool:
