@@ -203,11 +203,12 @@ def inspect(
             typer.echo(f"              sliding layers hold at most {window:,} tokens")
         at_max = report["kv_cache_bytes_at_max_positions"]
         typer.echo(f"              {_size(at_max)} at {report['max_positions']:,} tokens")
-        typer.echo(
-            f"planned:      {_size(report['planned_bytes'])} on one node, with a KV-cache "
-            f"reserve of {report['kv_reserve_tokens']:,} tokens per layer"
-            + (" (sliding layers: their window)" if window and sliding else "")
-        )
+        if report["planned_bytes"] is not None:
+            typer.echo(
+                f"planned:      {_size(report['planned_bytes'])} on one node, with a KV-cache "
+                f"reserve of {report['kv_reserve_tokens']:,} tokens per layer"
+                + (" (sliding layers: their window)" if window and sliding else "")
+            )
     elif report.get("model_type") is not None:
         typer.echo(f"model_type:   {report['model_type']}")
     if not problems:

@@ -26,7 +26,7 @@ from daemon.shards.model.config import (
 )
 from daemon.shards.model.planning import model_spec
 from daemon.shards.model.shard import LlamaShard
-from scheduler.model_memory import DEFAULT_KV_RESERVE_TOKENS, LayerCosts
+from scheduler.model_memory import DEFAULT_KV_RESERVE_TOKENS, LayerCosts, PlanError
 
 
 class Checkpoint:
@@ -184,10 +184,20 @@ def inspect_checkpoint(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
             ),
             # what the shard planner counts for the whole model on one node, by default
             "kv_reserve_tokens": DEFAULT_KV_RESERVE_TOKENS,
-            "planned_bytes": LayerCosts.of(model_spec(config, "model", dtype)).total,
+            "planned_bytes": _planned_bytes(config, dtype, problems),
         }
     )
     return report
+
+
+def _planned_bytes(config: ModelConfig, dtype: str, problems: list[str]) -> int | None:
+    """The bytes the shard planner counts for the whole model on one node (None, and a
+    problem, where its sizes are beyond what the planner takes)."""
+    try:
+        return LayerCosts.of(model_spec(config, "model", dtype)).total
+    except PlanError as exc:
+        problems.append(f"the shard planner cannot place it: {exc}")
+        return None
 
 
 # Buffers some checkpoints carry that are not weights (transformers < 4.31 saved these).

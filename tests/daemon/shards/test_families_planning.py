@@ -103,3 +103,21 @@ def test_inspect_prints_what_the_planner_counts(tmp_path):
     text = CliRunner().invoke(model_app, ["inspect", str(path)]).output
     assert f"planned:      {doc['planned_bytes']:,} bytes" in text
     assert "reserve of 4,096 tokens per layer (sliding layers: their window)" in text
+
+
+def test_inspect_says_when_the_planner_cannot_take_a_model():
+    from daemon.shards.model.checkpoint import _planned_bytes
+
+    huge = m.ModelConfig(
+        vocab_size=300,
+        hidden_size=8,
+        intermediate_size=8,
+        num_hidden_layers=100_001,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    problems: list[str] = []
+    assert _planned_bytes(huge, "float32", problems) is None
+    assert problems == [
+        "the shard planner cannot place it: num_layers must be an integer in [1, 100000]"
+    ]
