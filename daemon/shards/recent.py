@@ -214,7 +214,7 @@ def begin(
     service: Any, job_id: str, model_id: str, source: LiveModel, prompt_tokens: int, paid: bool
 ) -> Generation | _Unrecorded:
     """Record a generation in `service.generations` (a RecentGenerations), if it has one."""
-    record = getattr(service, "generations", None)
+    record = getattr(service, "generations", None)  # test doubles may lack it
     if not isinstance(record, RecentGenerations):
         return _Unrecorded()
     return record.begin(job_id, model_id, source, prompt_tokens=prompt_tokens, paid=paid)

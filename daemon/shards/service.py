@@ -50,6 +50,7 @@ from p2p.network import NetworkError
 
 if TYPE_CHECKING:
     from daemon.metrics import Metrics
+    from daemon.shards.recent import RecentGenerations
     from daemon.shards.server import ShardServer
     from p2p.identity import NodeIdentity
 
@@ -125,6 +126,8 @@ class ShardService(Announcements, ShardStreams, JobTable):
         # paid work (daemon.payments), given by the daemon when it has an Escrow
         self.provider: Any = None  # payments.provider.Provider: paid sessions served here
         self.requester: Any = None  # payments.requester.Requester: paid generations
+        # the last generations' routes and failovers (generation_list, the dashboard)
+        self.generations: RecentGenerations | None = None
 
     # -- running ---------------------------------------------------------------------------
 
