@@ -135,6 +135,7 @@ def profile_notes(text: str, home: Path) -> list[str]:
     if not record_path(home, chain).exists():  # the daemon then works unpaid (as it does today)
         notes.append(
             f"contracts:      none recorded for {chain} in {home}: this node works unpaid until "
-            f"`gridmesh chain deploy --network {chain}` (or a copied record) puts them there"
+            f"`gridmesh chain use --escrow ADDRESS` records a published deployment (or "
+            f"`gridmesh chain deploy --network {chain}` makes one)"
         )
     return notes

@@ -416,7 +416,10 @@ def no_chain_verdicts(network: str, home: Path, why: str) -> list[Check]:
         ]
     record = home / "chain" / f"{network}.json"
     detail = f"no deployment of [chain] network {network!r} recorded in {record}: unpaid work"
-    fix = f"`gridmesh chain deploy --network {network}`, or copy the network's record there"
+    fix = (
+        "`gridmesh chain use --escrow ADDRESS` (a published deployment's JobEscrow), or "
+        f"`gridmesh chain deploy --network {network}`"
+    )
     return [
         warned("chain", detail, fix),
         warned("payout", "not checked: no chain"),
