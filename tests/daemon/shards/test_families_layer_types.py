@@ -31,6 +31,7 @@ from tests.daemon.shards.test_families import (  # noqa: E402
     SIZES,
     TOL,
     _perturb,
+    failover_generation,
     hf_greedy,
     ids,
     reference,
@@ -180,6 +181,16 @@ async def test_mixed_layer_types_over_three_daemons(autojump_clock, tmp_path, hf
                 )
                 assert result["error"] is None, result
                 assert result["tokens"] == hf_greedy(ref, prompt), (case, prompt)
+
+
+async def test_mixed_layer_types_fail_over_by_replay(autojump_clock, tmp_path, hf, one_thread):
+    """The server of layers 2-4 (one sliding, one full) killed mid-generation, past the
+    window: the replica replays into fresh caches and the tokens are transformers'."""
+    prompt = PROMPTS[2]
+    want = hf_greedy(reference(hf["mistral_mixed"]), prompt, 16)
+    async with memory_cluster(tmp_path / "net", 5) as net:
+        got = await failover_generation(net, hf["mistral_mixed"], "mixed", prompt, 16)
+    assert got == want
 
 
 @pytest.mark.parametrize(
