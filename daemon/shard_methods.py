@@ -114,20 +114,13 @@ def register_shard_methods(
 
     async def _model_spec(model_dir: str, dtype: str) -> Any:
         await service.ensure_torch()
-        from daemon.shards.model import LlamaConfig, ModelError
-        from scheduler.shard_plan import ModelSpec
+        from daemon.shards.model import LlamaConfig, ModelError, model_spec
 
         try:
             config = LlamaConfig.from_dir(model_dir)
         except (ModelError, OSError) as exc:
             raise InvalidParams(f"cannot read the model in {model_dir}: {exc}") from None
-        return config, ModelSpec(
-            name=model_dir,
-            num_layers=config.num_hidden_layers,
-            layer_bytes=config.layer_bytes(dtype),
-            embed_bytes=config.embed_bytes(dtype),
-            head_bytes=config.head_bytes(dtype),
-        )
+        return config, model_spec(config, model_dir, dtype)  # weights and KV-cache sizes
 
     def _accepts_deploys(record: Any) -> bool:
         """This node (local control), or a peer whose record says it takes remote deploys."""

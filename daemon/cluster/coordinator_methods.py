@@ -81,18 +81,13 @@ def register_coordinator_methods(dispatcher: Dispatcher, coordinator: ClusterCoo
         if dtype not in DTYPES:
             raise InvalidParams(f"dtype must be one of {', '.join(DTYPES)}")
         await coordinator.shards.ensure_torch()
-        from daemon.shards.model import LlamaConfig, ModelError
+        from daemon.shards.model import LlamaConfig, ModelError, plan_sizes
 
         try:
             config = LlamaConfig.from_dir(model_dir)
         except (ModelError, OSError) as exc:
             raise InvalidParams(f"cannot read the model in {model_dir}: {exc}") from None
-        return wire.ModelShape(
-            num_layers=config.num_hidden_layers,
-            layer_bytes=config.layer_bytes(dtype),
-            embed_bytes=config.embed_bytes(dtype),
-            head_bytes=config.head_bytes(dtype),
-        )
+        return wire.ModelShape(**plan_sizes(config, dtype))
 
     async def ask(
         cluster: str, request: Any, wait_s: float = 0.0, *, idempotent: bool = True

@@ -46,6 +46,9 @@ class _Strict(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     pass
 
 
+Window = Annotated[int, Meta(ge=1, le=2**31)]  # a sliding-attention layer's window
+
+
 class ModelShape(_Strict):
     """A model's size as placement needs it (scheduler.shard_plan.ModelSpec)."""
 
@@ -54,6 +57,8 @@ class ModelShape(_Strict):
     embed_bytes: Bytes
     head_bytes: Bytes
     cache_bytes_per_layer: Bytes = 0
+    kv_bytes_per_token: Bytes = 0  # one position of one layer's keys and values
+    layer_windows: Annotated[tuple[Window | None, ...], Meta(max_length=1 << 16)] = ()
 
 
 class DeploySpec(_Strict):
@@ -77,6 +82,8 @@ class DeploySpec(_Strict):
             shape.embed_bytes,
             shape.head_bytes,
             shape.cache_bytes_per_layer,
+            shape.kv_bytes_per_token,
+            shape.layer_windows,
         )
 
     def problem(self) -> str | None:

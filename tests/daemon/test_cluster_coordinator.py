@@ -49,14 +49,11 @@ def one_torch_thread():
 def small_memory(model_dir: Path):
     """Resources whose free memory holds about a third of the tiny model: placement must
     split it over three members."""
-    from daemon.shards.model import LlamaConfig
+    from daemon.shards.model import LlamaConfig, model_spec
+    from scheduler.model_memory import LayerCosts
 
     config = LlamaConfig.from_dir(model_dir)
-    whole = (
-        LAYERS * config.layer_bytes("float32")
-        + config.embed_bytes("float32")
-        + config.head_bytes("float32")
-    )
+    whole = LayerCosts.of(model_spec(config, "tiny")).total  # weights and KV-cache reserve
     free = int(whole / 0.9 / 2.5)
 
     def detect(home: Path) -> dict[str, Any]:
