@@ -17,7 +17,7 @@ DHTObserver = Callable[[str, str, float], None]
 
 
 class DhtOps:
-    """put, get and get_from on namespaced keys (the caller scopes them)."""
+    """put, get and get_from on namespaced keys (the caller scopes them); find_peers."""
 
     def __init__(
         self,
@@ -51,6 +51,15 @@ class DhtOps:
         store = self._dht.value_store
         value = await self._timed("get_from", store._get_from_peer(peer, key.encode()))
         return value if isinstance(value, bytes) and self._valid(key, value) else None
+
+    async def find_peers(self, target: bytes) -> list[str]:
+        """py-libp2p's iterative FIND_NODE walk (ALPHA in flight; peers met with addresses
+        join its routing table and peerstore), bounded by our deadline."""
+        found = await self._timed(
+            "find_peers", self._dht.peer_routing.find_closest_peers_network(target)
+        )
+        own = self._dht.host.get_id()
+        return [peer.to_base58() for peer in found if peer != own]
 
     def _valid(self, key: str, value: bytes) -> bool:
         try:

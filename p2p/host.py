@@ -46,7 +46,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
-from p2p import atomic_writes, deadconn, identity
+from p2p import atomic_writes, caps, deadconn, identity
 from p2p.addrs import ListenError, check_listen_free, is_own_addr
 from p2p.bans import PeerBans
 from p2p.dhtguard import DHT_PROTOCOL, ValidatorBridge
@@ -159,6 +159,8 @@ class Libp2pNetwork:
             key_pair=key_pair,
             sec_opt={NOISE_PROTOCOL_ID: noise},
             muxer_preference="YAMUX",
+            connection_config=caps.connection_config(self.limits),  # caps in total and per peer
+            resource_manager=caps.resource_manager(self.limits, self._on_reject),
         )
         # advertise only addresses a peer can dial: 0.0.0.0 becomes this host's addresses
         self.host._addrs_factory = self._advertised_addrs  # type: ignore[attr-defined]
@@ -295,6 +297,9 @@ class Libp2pNetwork:
 
     async def dht_get_from(self, peer_id: str, key: str) -> bytes | None:
         return await self._dht_ops.get_from(peer_id, self.scope.dht_key(key))
+
+    async def dht_find_peers(self, target: bytes) -> list[str]:
+        return await self._dht_ops.find_peers(target)
 
     async def request(
         self, peer_id: str, protocol: str, payload: bytes, *, timeout_s: float | None = None

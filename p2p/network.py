@@ -279,6 +279,15 @@ class DHT(Protocol):
         None when it holds none, holds an invalid one, or cannot be asked."""
         ...
 
+    async def dht_find_peers(self, target: bytes) -> list[str]:
+        """Walk the DHT toward `target` (Kademlia's iterative FIND_NODE: ALPHA queries in
+        flight, each to the closest peers not yet asked, until the closest have answered) and
+        return the peers closest to it that the walk met, nearest first: at most K (20), never
+        this node. They join the routing table where it has room, so what a node knows grows
+        beyond its connections and its bootstrap peers (a walk toward a random target is a
+        bucket refresh). The ids are hearsay until used; bound the call with a deadline."""
+        ...
+
 
 class Network(Requests, Streams, Gossip, DHT, Protocol):
     """The whole contract the daemon uses; `p2p.host.Libp2pNetwork` and

@@ -544,8 +544,18 @@ async def dht_get_from_holder(pair: Pair) -> None:
         _expect(await pair.a.dht_get_from(pair.a.peer_id, DHT_KEY) == b"value", "own value")
 
 
+async def dht_find_peers_walks(pair: Pair) -> None:
+    """A walk toward any target returns the other node (the only one there is), never the
+    walker itself; both ways."""
+    with trio.fail_after(pair.timeout_s):
+        for walker, other in ((pair.a, pair.b), (pair.b, pair.a)):
+            for target in (other.peer_id.encode(), walker.peer_id.encode(), b"\x5a" * 32):
+                found = await walker.dht_find_peers(target)
+                _expect(found == [other.peer_id], f"a walk to {target[:8]!r} met {found!r}")
+
+
 GOSSIP_CHECKS: list[Check] = [gossip_delivered, gossip_handler_fails, gossip_validated]
-DHT_CHECKS: list[Check] = [dht_put_get, dht_get_from_holder]
+DHT_CHECKS: list[Check] = [dht_put_get, dht_get_from_holder, dht_find_peers_walks]
 
 
 async def run_checks(make_pair: MakePair, checks: list[Check]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -40,7 +41,10 @@ class MemoryNetwork:
         epoch: float = 1_700_000_000.0,
         fanout: int = GOSSIP_FANOUT,
         seen_cache: int = SEEN_CACHE_SIZE,
+        bucket_size: int | None = None,
     ) -> None:
+        """`bucket_size`: each node's routing table keeps at most that many peers per k-bucket
+        (real Kademlia's K, as py-libp2p's); None keeps every peer heard of (see `memnet`)."""
         if latency_s < 0 or jitter_s < 0 or not 0.0 <= loss <= 1.0:
             raise ValueError("latency and jitter must be >= 0 and loss in [0, 1]")
         if fanout < 1 or seen_cache < 1:
@@ -54,6 +58,8 @@ class MemoryNetwork:
         self.rng = random.Random(seed)
         self.fanout = fanout
         self.seen_cache = seen_cache
+        self.bucket_size = bucket_size
+        self.lookup_rounds: Counter[int] = Counter()  # rounds an iterative lookup took -> how many
         self.messages_sent = 0  # every message, gossip hops included
         self.messages_dropped = 0
         self.bytes_sent = 0

@@ -35,12 +35,19 @@ def dht_id(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest(), "big")
 
 
+def target_id(target: bytes) -> int:
+    """The 256-bit Kademlia id of a walk's target (`dht_id(key)` is `target_id(key.encode())`)."""
+    return int.from_bytes(hashlib.sha256(target).digest(), "big")
+
+
 def _ids_size(peers: list[str]) -> int:
     return sum(map(len, peers)) + 2
 
 
 class RoutingTable:
-    """Every peer a node knows, kept sorted by id.
+    """Every peer a node knows, kept sorted by id; with `bucket_size`, at most that many per
+    k-bucket (peers whose id shares exactly i leading bits with `own`), as real Kademlia
+    keeps: a full bucket keeps its old peers and refuses newcomers until one fails.
 
     Peers sharing a longer id prefix with a target are closer to it (XOR metric) and lie
     contiguously in id order, so the `count` closest are found by bisecting for the smallest
@@ -48,7 +55,10 @@ class RoutingTable:
     instead of a scan of every known peer.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, own: int = 0, bucket_size: int | None = None) -> None:
+        self._own = own
+        self._bucket_size = bucket_size
+        self._buckets: dict[int, int] = {}  # bucket (bit length of the XOR) -> peers in it
         self._ids: list[int] = []
         self._by_id: dict[int, str] = {}
         self._by_peer: dict[str, int] = {}
@@ -67,6 +77,11 @@ class RoutingTable:
         if peer_id in self._by_peer:
             return False
         pid = dht_id(peer_id)
+        if self._bucket_size is not None:
+            bucket = (pid ^ self._own).bit_length()
+            if self._buckets.get(bucket, 0) >= self._bucket_size:
+                return False
+            self._buckets[bucket] = self._buckets.get(bucket, 0) + 1
         bisect.insort(self._ids, pid)
         self._by_id[pid] = peer_id
         self._by_peer[peer_id] = pid
@@ -79,12 +94,15 @@ class RoutingTable:
             return
         del self._ids[bisect.bisect_left(self._ids, pid)]
         del self._by_id[pid]
+        if self._bucket_size is not None:
+            self._buckets[(pid ^ self._own).bit_length()] -= 1
         self.version += 1
 
     def clear(self) -> None:
         self._ids.clear()
         self._by_id.clear()
         self._by_peer.clear()
+        self._buckets.clear()
         self.version += 1
 
     def members(self, peers: set[str]) -> set[str]:
@@ -157,7 +175,9 @@ class _Lookup:
     each up to 10 s.
 
     `run()` returns the K closest peers that answered, nearest first, and every value
-    received (unvalidated) when looking up a key.
+    received (unvalidated) when looking up a key. `rounds`: how many steps deep it went (a
+    peer from the node's own table is one step away, a peer named in the answer of a peer n
+    steps away is n + 1), the deepest query it sent; the hub counts them (`lookup_rounds`).
     """
 
     def __init__(self, node: Node, target: int, key: str | None) -> None:
@@ -169,6 +189,8 @@ class _Lookup:
         else:
             self._request = (GET, key, len(key))
         self._candidates: list[tuple[int, str]] = []  # sorted by distance to the target
+        self._depth: dict[str, int] = {}  # candidate -> steps from this node
+        self.rounds = 0
         self._seen: set[str] = {node.peer_id}
         self._queried: set[str] = set()
         self._in_flight: set[str] = set()
@@ -180,7 +202,7 @@ class _Lookup:
         self._done = trio.Event()
         node._check_alive()
         for peer_id in node._table.closest(target, K):
-            self._consider(peer_id)
+            self._consider(peer_id, 1)
 
     async def run(self) -> tuple[list[str], list[bytes]]:
         self._schedule()
@@ -188,11 +210,13 @@ class _Lookup:
             await self._done.wait()
         finally:
             self._done.set()  # replies still in flight are ignored from now on
+        self._node._hub.lookup_rounds[self.rounds] += 1
         return [peer_id for _, peer_id in self._answered[:K]], self._values
 
-    def _consider(self, peer_id: str) -> None:
+    def _consider(self, peer_id: str, depth: int) -> None:
         if peer_id not in self._seen:
             self._seen.add(peer_id)
+            self._depth[peer_id] = depth
             bisect.insort(self._candidates, (dht_id(peer_id) ^ self._target, peer_id))
 
     def _schedule(self) -> None:
@@ -210,6 +234,7 @@ class _Lookup:
                     break
                 queried.add(peer_id)
                 in_flight.add(peer_id)
+                self.rounds = max(self.rounds, self._depth[peer_id])
                 on_reply = functools.partial(self._on_reply, peer_id)
                 self._node._call_dht(peer_id, protocol, payload, size, on_reply)
                 self._stall_timers[peer_id] = hub._at(
@@ -246,10 +271,12 @@ class _Lookup:
                     self._values.append(value)
             node, seen = self._node, self._seen
             table = node._table
+            depth = self._depth[peer_id] + 1
             for peer in closer:
                 if peer not in table:
                     node._discover(peer)
                 if peer not in seen:
                     seen.add(peer)
+                    self._depth[peer] = depth
                     bisect.insort(self._candidates, (dht_id(peer) ^ self._target, peer))
         self._schedule()

@@ -62,9 +62,12 @@ trio's (randomised) scheduling order; `now()` is `epoch + trio.current_time()`, 
 at `epoch` only under a MockClock.
 
 Routing: a node's table holds every peer it has heard from or heard of (no k-buckets), kept
-sorted by id so the K closest to a target cost O(log n + K). A peer leaves it after
+sorted by id so the K closest to a target cost O(log n + K); a hub made with `bucket_size`
+keeps at most that many per k-bucket instead, as real Kademlia does (a node then knows
+O(K log n) peers, and finds the rest by walking: `dht_find_peers`). A peer leaves it after
 MAX_FAILURES consecutive failed RPCs; a lookup adds the peers named in answers, as py-libp2p
-does, except recently evicted ones. `known_peers()` is that table.
+does, except recently evicted ones. `known_peers()` is that table. Every lookup's depth is
+counted in the hub's `lookup_rounds` (see `p2p.testing.kademlia._Lookup`).
 
 `dht_get` returns the local copy first, as py-libp2p does, but only if the node's validator
 still accepts it: a copy the validator now rejects (an expired record) is dropped and the
@@ -93,6 +96,7 @@ from p2p.testing.kademlia import (
     K,
     RoutingTable,
     dht_id,
+    target_id,
 )
 from p2p.testing.node import DIAL_TIMEOUT_S, MemoryNode, message_id
 from p2p.testing.peering import PING_TIMEOUT_S
@@ -121,4 +125,5 @@ __all__ = [
     "dht_id",
     "message_id",
     "stream_pair",
+    "target_id",
 ]

@@ -32,6 +32,7 @@ from p2p.testing.kademlia import (
     _ids_size,
     _Lookup,
     dht_id,
+    target_id,
 )
 from p2p.testing.peering import Peering, peer_of
 
@@ -59,7 +60,7 @@ class MemoryNode(Peering):
         self.refused: dict[str, str] = {}  # peers of other networks refused, and why
         self._id = dht_id(peer_id)
         self._validator = validator
-        self._table = RoutingTable()
+        self._table = RoutingTable(self._id, hub.bucket_size)
         self._failures: dict[str, int] = {}
         self._evicted: dict[str, float] = {}  # peer id -> when it was dropped
         self._store: dict[str, bytes] = {}
@@ -206,6 +207,12 @@ class MemoryNode(Peering):
         await answered.wait()
         value = replies[0][0] if replies[0] else None
         return value if value is not None and self._accepts(key, value) else None
+
+    async def dht_find_peers(self, target: bytes) -> list[str]:
+        self._check_alive()
+        await self._ensure_bootstrapped()
+        closest, _ = await _Lookup(self, target_id(target), None).run()
+        return closest
 
     async def publish(self, topic: str, data: bytes) -> None:
         """Send `data` to `fanout` random subscribed known peers; they pass it on.
