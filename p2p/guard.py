@@ -339,7 +339,8 @@ class GossipValidators:
 def harden_inbound(
     swarm: Any, limit: int, on_reject: RejectHook, poll_s: Callable[[], float]
 ) -> None:
-    """Per-IP cap on inbound connections, and inbound slots that come back.
+    """Per-IP cap on inbound connections, inbound slots that come back, and a count of the
+    connections refused for want of a slot (p2p.caps sets their number).
 
     py-libp2p 0.8.1 holds an inbound slot (of 250) until the swarm stops, not until the
     connection closes: after ~125 peers have come and gone, every new peer is refused.
@@ -363,8 +364,10 @@ def harden_inbound(
             ip = (raw.get_remote_address() or ("", 0))[0]
         except Exception:
             ip = ""
-        if per_ip.get(ip, 0) >= limit:
-            on_reject("connection", "per_ip_limit")
+        slots = getattr(swarm, "_inbound_limiter", None)  # py-libp2p's: it refuses uncounted
+        full = slots is not None and slots.available_tokens < 1
+        if full or per_ip.get(ip, 0) >= limit:
+            on_reject("connection", "inbound_limit" if full else "per_ip_limit")
             with contextlib.suppress(Exception):
                 await raw.close()
             return

@@ -45,6 +45,11 @@ class HostLimits:
     max_streams_per_protocol: Annotated[int, msgspec.Meta(ge=1)] = 4096
     # inbound connections open at once from one IP
     max_connections_per_ip: Annotated[int, msgspec.Meta(ge=1)] = 64
+    # connections open at once, inbound and outbound together, and to one peer (a relayed
+    # and a direct one, two dialled at once by both ends): over either a new connection is
+    # closed before it is used, and counted (p2p.caps: py-libp2p's resource manager)
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 256
+    max_connections_per_peer: Annotated[int, msgspec.Meta(ge=1)] = 4
     # a peer refused for abuse (streams or DHT messages over its rate, bad gossip signatures)
     # more than `ban_strikes` times within about `ban_window_s` is disconnected and refused
     # for `ban_s` (p2p.bans)
