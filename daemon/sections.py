@@ -132,6 +132,8 @@ P2PConfig = exposing(
             "hello_timeout_s": "hello_timeout_s",
             "gossip_seen_ttl_s": "seen_ttl_s",
             "max_connections_per_ip": "max_connections_per_ip",
+            "max_connections": "max_connections",
+            "peer_max_connections": "max_connections_per_peer",
             "ban_strikes": "ban_strikes",
             "ban_window_s": "ban_window_s",
             "ban_s": "ban_s",
