@@ -26,6 +26,8 @@ from prometheus_client.core import (
     Metric,
 )
 
+from daemon.net_metrics import NetworkCollector
+
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 MAX_LABEL_CHARS = 64
 # Distinct (source, reason) pairs kept before further reasons are counted as "other".
@@ -316,6 +318,12 @@ class Metrics:
         stats`: sync rounds and failures, gossip sent, applied and refused...), read at
         each scrape."""
         self.registry.register(_ReplicationCollector(stats))
+
+    def watch_network(self, net: Any, liveness: Any = None) -> None:
+        """Export the network's liveness, pings, peer scores, bans and disconnects
+        (daemon.net_metrics; `liveness`: discovery's p2p.liveness.Liveness), read at each
+        scrape."""
+        self.registry.register(NetworkCollector(net, liveness))
 
     def render(self) -> bytes:
         """Prometheus text exposition; serve it with `CONTENT_TYPE`."""

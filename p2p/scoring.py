@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -58,6 +58,7 @@ class PeerScores:
         self._clock = clock
         self._scores: OrderedDict[str, tuple[float, float]] = OrderedDict()  # score, when
         self.penalties = 0  # events counted
+        self.by_reason: Counter[str] = Counter()  # events counted, by reason (/metrics)
         self.lows = 0  # times a peer fell below the threshold
 
     def score(self, peer: str) -> float:
@@ -73,6 +74,7 @@ class PeerScores:
         again from 0 (its ban is the back-off)."""
         value = self.score(peer) - PENALTIES[reason]
         self.penalties += 1
+        self.by_reason[reason] += 1
         self._scores.pop(peer, None)
         if value < self.threshold:
             self.lows += 1
@@ -82,6 +84,10 @@ class PeerScores:
         while len(self._scores) > self._max:
             self._scores.popitem(last=False)
         return value
+
+    def current(self) -> list[float]:
+        """The score now of every peer something is held against (at most `max_peers`)."""
+        return [self.score(peer) for peer in self._scores]
 
     def lowest(self, count: int = 10) -> list[tuple[str, float]]:
         """The `count` lowest-scored peers now, lowest first (for node_peers and /metrics)."""
