@@ -28,7 +28,8 @@ import msgspec
 PASS: Literal["pass"] = "pass"
 FAIL: Literal["fail"] = "fail"
 WARN: Literal["warn"] = "warn"
-Status = Literal["pass", "fail", "warn"]
+SKIP: Literal["skip"] = "skip"  # not checked: a line it depends on failed (that one says why)
+Status = Literal["pass", "fail", "warn", "skip"]
 
 Text = Annotated[str, msgspec.Meta(max_length=4000)]
 
@@ -103,6 +104,10 @@ def failed(name: Name, detail: str, fix: str) -> Check:
 
 def warned(name: Name, detail: str, fix: str = "") -> Check:
     return Check(name, WARN, _cut(detail), _cut(fix))
+
+
+def skipped(name: Name, detail: str, fix: str = "") -> Check:
+    return Check(name, SKIP, _cut(detail), _cut(fix))
 
 
 def _cut(text: str, most: int = 4000) -> str:
@@ -411,8 +416,8 @@ def no_chain_verdicts(network: str, home: Path, why: str) -> list[Check]:
         fix = "fix [chain] in config.toml (rpc_url), then restart the daemon"
         return [
             failed("chain", f"a deployment is recorded but unusable: {why}", fix),
-            failed("payout", "not checked: the chain is not usable", "fix the chain line first"),
-            failed("contracts", "not checked: the chain is not usable", "fix the chain line"),
+            skipped("payout", "not checked: the chain is not usable", "fix the chain line first"),
+            skipped("contracts", "not checked: the chain is not usable", "fix the chain line"),
         ]
     record = home / "chain" / f"{network}.json"
     detail = f"no deployment of [chain] network {network!r} recorded in {record}: unpaid work"
@@ -430,8 +435,8 @@ def no_chain_verdicts(network: str, home: Path, why: str) -> list[Check]:
 def chain_unreachable_verdicts() -> list[Check]:
     why = "not checked: the chain RPC does not answer"
     return [
-        failed("payout", why, "fix the chain line first"),
-        failed("contracts", why, "fix the chain line first"),
+        skipped("payout", why, "fix the chain line first"),
+        skipped("contracts", why, "fix the chain line first"),
     ]
 
 
@@ -518,7 +523,7 @@ def ok(checks: Iterable[Check]) -> bool:
     return all(check.status != FAIL for check in checks)
 
 
-MARKS = {PASS: "ok  ", FAIL: "FAIL", WARN: "warn"}
+MARKS = {PASS: "ok  ", FAIL: "FAIL", WARN: "warn", SKIP: "skip"}
 
 
 def render(checks: Sequence[Check]) -> str:
@@ -533,8 +538,10 @@ def render(checks: Sequence[Check]) -> str:
         if check.fix and check.status != PASS and not same_next:
             lines.append(f"      {'':<{width}}  fix: {check.fix}")
     failures = sum(c.status == FAIL for c in checks)
+    skips = sum(c.status == SKIP for c in checks)
     if failures:
-        lines.append(f"{failures} of {len(checks)} checks failed")
+        not_checked = f" ({skips} not checked)" if skips else ""
+        lines.append(f"{failures} of {len(checks)} checks failed{not_checked}")
     else:
         warnings = " (with warnings)" if any(c.status == WARN for c in checks) else ""
         lines.append(f"all {len(checks)} checks passed{warnings}")
