@@ -119,7 +119,16 @@ async def network_view(call: Call) -> dict[str, Any]:
     for entry in clusters.get("items", []) if isinstance(clusters, dict) else []:
         name = entry.get("key")
         coord = await _part(call, "cluster_coordinator", {"name": name})
-        rows.append({"name": name, "value": entry.get("value"), "coordinator": coord})
+        value = entry.get("value") if isinstance(entry.get("value"), dict) else {}
+        settings = value.get("settings") if isinstance(value.get("settings"), dict) else {}
+        rows.append(
+            {
+                "name": name,
+                "admission": settings.get("admission"),
+                "value": value,
+                "coordinator": coord,
+            }
+        )
     return {"nodes": nodes, "peers": peers, "clusters": rows}
 
 

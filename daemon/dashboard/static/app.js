@@ -135,7 +135,7 @@ const RENDER = {
       ["name", (c) => c.name],
       ["coordinator", (c) => errorText(c.coordinator) || short((c.coordinator || {}).coordinator)],
       ["term", (c) => (c.coordinator || {}).term],
-      ["admission", (c) => (c.value || {}).admission],
+      ["admission", (c) => c.admission],
     ], data.clusters || [], "clusters"));
     return out;
   },
@@ -175,10 +175,14 @@ const RENDER = {
   money(data) {
     return [
       earningsPlot(),
-      partOr("Wallet", data.wallet, (w) => pairs("Wallet and stake", w)),
-      partOr("Earnings", data.earnings, (e) => table("Earnings per job and provider", [
+      partOr("Wallet", data.wallet, (w) => {
+        const { stake, ...account } = w;
+        return [pairs("Wallet", account), pairs("Stake", stake)];
+      }),
+      partOr("Earnings", data.earnings, (e) => table("Earnings per job and provider (receipts signed, the latest voucher acknowledged, settled on chain)", [
         ["job", (r) => short(r.job_id)], ["provider", (r) => short(r.provider)],
-        ["receipts", (r) => r.receipts], ["acknowledged", (r) => r.acknowledged],
+        ["receipts", (r) => r.receipts], ["signed", (r) => r.signed],
+        ["acknowledged (voucher)", (r) => r.acknowledged], ["voucher nonce", (r) => r.nonce],
         ["settled", (r) => r.settled], ["pending", (r) => r.pending],
       ], e.jobs || [], "earnings")),
       partOr("Jobs", data.jobs, (jobs) => jobsTable(jobs)),
@@ -383,7 +387,7 @@ function fillKinds(kinds) {
 
 function render(view, data) {
   const body = $("view-body");
-  body.replaceChildren(...RENDER[view](data));
+  body.replaceChildren(...RENDER[view](data).flat());
   $("view").setAttribute("aria-busy", "false");
 }
 

@@ -138,3 +138,16 @@ async def _next(conn: h11.Connection, client: Any) -> Any:
         except trio.ClosedResourceError:
             data = b""
         conn.receive_data(data)
+
+
+async def login(daemon: Any, server: _Server, nursery: trio.Nursery) -> str:
+    """The session cookie a one-time link gives ("name=value"); the link works once."""
+    link = await daemon.call("dashboard_login")
+    assert link["path"].startswith("/dashboard/login?code=")
+    reply = await request(nursery, server, link["path"])
+    assert reply.status == 303 and reply.headers[b"location"] == b"/dashboard/"
+    set_cookie = reply.headers[b"set-cookie"].decode()
+    assert "HttpOnly" in set_cookie and "SameSite=Strict" in set_cookie
+    again = await request(nursery, server, link["path"])
+    assert again.status == 403 and b"login-required" in again.body
+    return set_cookie.split(";")[0]

@@ -10,6 +10,7 @@ and axe-core finds no violation. Screenshots of each view go to $GRIDMESH_DASHBO
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,35 @@ pytestmark = pytest.mark.procs
 
 LAYERS = 6
 VIEWS = ["node", "network", "models", "jobs", "money", "registry"]
+CLUSTER = "lab"
+# what a GPU's row reads (daemon.resources.GpuInfo): the test machine has none, so the node
+# view's renderer is also given this one in the page (test_dashboard_views: the daemon sends it)
+GPU = {
+    "index": 0,
+    "name": "Fake H100",
+    "memory_total_bytes": 80 << 30,
+    "memory_free_bytes": 60 << 30,
+    "utilization_pct": 37,
+    "power_w": 212.5,
+}
+PAID = {  # the money view's parts as a provider with a chain gets them (test_dashboard_money)
+    "wallet": {"address": "0xab", "balance": 1234, "gas_balance": 1, "stake": {"stake": 500}},
+    "earnings": {
+        "jobs": [
+            {
+                "job_id": "0x" + "11" * 32,
+                "provider": "0xab",
+                "receipts": 3,
+                "signed": 90,
+                "acknowledged": 90,
+                "nonce": 7,
+                "settled": 60,
+                "pending": 30,
+            }
+        ]
+    },
+    "jobs": [],
+}
 
 
 def short(peer_or_job: str) -> str:
@@ -62,6 +92,8 @@ def test_the_dashboard_in_chromium_on_three_daemons(tmp_path):
         with Devnet(3, root=tmp_path / "net") as net:
             net.wait_all_found()
             node0 = net.daemons[0]
+            # a cluster of one: its election runs while the test does the rest (network view)
+            node0.call("cluster_create", {"name": CLUSTER, "admission": "open"})
             plan = [
                 {"peer_id": d.peer_id, "start": 2 * i, "end": 2 * i + 2}
                 for i, d in enumerate(net.daemons)
@@ -89,6 +121,8 @@ def test_the_dashboard_in_chromium_on_three_daemons(tmp_path):
             )
             assert status == 401
             driver.save_screenshot(str(shots / "0-login-required.png"))
+            if axe is not None:  # the login page is labelled too
+                assert run_axe(driver, axe) == [], "login page"
             console_errors(driver)  # the refused loads above are logged as errors: expected
 
             # `gridmesh dashboard` prints the one-time link
@@ -103,8 +137,28 @@ def test_the_dashboard_in_chromium_on_three_daemons(tmp_path):
             driver.get(printed)
             wait.until(lambda d: node0.peer_id in d.find_element(By.ID, "view-body").text)
             # node_info's reachability (p2p.reach: AutoNAT), shown as the daemon says it
-            reach = node0.call("node_info")["reachability"]
-            assert f"reachable from outside {reach}" in driver.find_element(By.ID, "view-body").text
+            info = node0.call("node_info")
+            shown = driver.find_element(By.ID, "view-body").text
+            assert f"reachable from outside {info['reachability']}" in shown
+            assert f"version {info['version']}" in shown
+            # a GPU's utilisation and memory, as the GPUs table shows them
+            gpus = driver.execute_script(
+                "return RENDER.node({info: {resources: {gpus: [arguments[0]]}}})"
+                ".find((part) => part.id === 'gpus').textContent",
+                GPU,
+            )
+            assert "Fake H100" in gpus and "37 %" in gpus and "60.0 GiB of 80.0 GiB" in gpus
+            # and the money view's tables with a chain (this devnet has none; the numbers are
+            # test_dashboard_money's): receipts, the voucher, settled, balance and stake
+            money = driver.execute_script(
+                "const box = document.createElement('div');"
+                "box.append(...RENDER.money(arguments[0]).flat());"
+                "return Array.from(box.querySelectorAll('table')).map((t) => t.textContent);",
+                PAID,
+            )
+            wallet, stake, earned, _ = money
+            assert "balance1234" in wallet and "stake500" in stake, money
+            assert "voucher nonce" in earned and "7" in earned and "pending" in earned, money
             wait.until(lambda d: d.find_element(By.ID, "feed-state").text == "live")
             driver.execute_script("window.notReloaded = true")
             driver.find_element(By.ID, "run-doctor").click()  # reachability, on demand
@@ -162,8 +216,15 @@ def test_the_dashboard_in_chromium_on_three_daemons(tmp_path):
                             return dict(zip(heads, cells, strict=True))
                     return None
 
-                row = wait.until(lambda d: generation_row(d, "generations"))
+                row = wait.until(  # once its first token came back
+                    lambda d: (
+                        (r := generation_row(d, "generations"))
+                        and r["time to first token"] != "–"
+                        and r
+                    )
+                )
                 assert row["failovers"] == "0" and row["model"] == "tiny", row
+                assert re.fullmatch(r"\d+ ms", row["time to first token"]), row
                 driver.save_screenshot(str(shots / "jobs.png"))
                 # its live route on the models view: which server serves which layers
                 open_view("models")
@@ -176,8 +237,31 @@ def test_the_dashboard_in_chromium_on_three_daemons(tmp_path):
             assert driver.execute_script("return window.notReloaded === true"), "page reloaded"
             print(f"tokens per second seen live: {seen}")
 
+            def elected() -> bool:
+                asked = node0.call("cluster_coordinator", {"name": CLUSTER})
+                return asked["coordinator"] is not None
+
+            def network_shown(d) -> tuple[str, list[str]] | None:
+                """The cluster row and the RTT cells, once a round trip is shown (a ping
+                that failed under load shows "–" until the next: then load the view again)."""
+                peers = d.find_elements(By.CSS_SELECTOR, "#peers tbody tr")
+                rtts = [r.find_elements(By.TAG_NAME, "td")[2].text for r in peers]
+                if not any(t.endswith(" ms") for t in rtts):
+                    d.execute_script("load('network')")
+                    return None
+                return d.find_element(By.CSS_SELECTOR, "#clusters tbody tr").text, rtts
+
             for view in VIEWS:
+                if view == "network":  # it shows clusters as they are when it loads
+                    wait_for(elected, 30, "the cluster's election")
                 open_view(view)
+                if view == "network":  # the coordinator (node0, alone in it), its term, RTTs
+                    cluster, rtts = wait.until(network_shown)  # read in one go (redraws)
+                    name, leader, term, admission = cluster.split(" ")
+                    assert (name, leader, admission) == (CLUSTER, short(node0.peer_id), "open")
+                    assert int(term) >= 1, cluster
+                    assert len(rtts) == 2, rtts
+                    assert all(re.fullmatch(r"\d+\.\d ms|–", t) for t in rtts), rtts
                 if view == "jobs":  # after the generation: this node's shard counted its steps
                     assert "tiny" in driver.find_element(By.ID, "per-model").text
                 if view == "money":  # the feed's first `money` event is plotted
@@ -226,8 +310,22 @@ def test_the_dashboard_in_chromium_on_three_daemons(tmp_path):
             focused().send_keys(Keys.SHIFT, Keys.TAB)  # back to "Money"
             focused().send_keys(Keys.ENTER)
             wait.until(lambda d: d.find_element(By.ID, "view-title").text == "Money")
+            # the skip link takes the focus past the navigation, to the view
+            for _ in range(5):  # Money, Sessions and jobs, Models, Network, This node
+                focused().send_keys(Keys.SHIFT, Keys.TAB)
+            assert focused().text == "Skip to content"
+            focused().send_keys(Keys.ENTER)
+            assert focused().get_attribute("id") == "main"
             assert console_errors(driver) == []
-        print(f"screenshots in {shots}: {sorted(p.name for p in shots.iterdir())}")
+            # offline: everything the page loaded came from this daemon
+            loaded = driver.execute_script(
+                "return performance.getEntriesByType('resource').map((e) => e.name)"
+            )
+            assert loaded and all(url.startswith(base + "/dashboard/") for url in loaded), loaded
+        written = sorted(p.name for p in shots.iterdir())
+        print(f"screenshots in {shots}: {written}")
+        for view in VIEWS:  # one of each view at least (jobs and models during the generation)
+            assert f"{view}.png" in written, (view, written)
     finally:
         driver.quit()
     if axe is None:  # everything else was checked above

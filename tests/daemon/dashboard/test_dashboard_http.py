@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from daemon.dashboard import auth
-from tests.daemon.dashboard.http_client import events, feed, make_server, request
+from tests.daemon.dashboard.http_client import events, feed, login, make_server, request
 from tests.daemon.harness import inline_threads, memory_cluster
 
 LAYERS = 6
@@ -19,19 +19,6 @@ LAYERS = 6
 @pytest.fixture(autouse=True)
 def _inline(monkeypatch):
     inline_threads(monkeypatch)
-
-
-async def login(daemon, server, nursery) -> str:
-    """The session cookie a one-time link gives ("name=value")."""
-    link = await daemon.call("dashboard_login")
-    assert link["path"].startswith("/dashboard/login?code=")
-    reply = await request(nursery, server, link["path"])
-    assert reply.status == 303 and reply.headers[b"location"] == b"/dashboard/"
-    set_cookie = reply.headers[b"set-cookie"].decode()
-    assert "HttpOnly" in set_cookie and "SameSite=Strict" in set_cookie
-    again = await request(nursery, server, link["path"])  # a link works once
-    assert again.status == 403 and b"login-required" in again.body
-    return set_cookie.split(";")[0]
 
 
 async def test_login_views_and_refused_inputs(autojump_clock, tmp_path, nursery):
