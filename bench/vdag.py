@@ -1,33 +1,72 @@
-"""vDAG benchmark: what running a graph adds over calling its blocks directly.
+"""vDAG benchmark: what running a graph adds over calling its blocks directly (issue 18).
 
-Two whole daemons in this process, on the in-memory network with no added latency (the
-executor, the block protocol's msgpack, the registry lookups and the sandbox are the real
-ones; the network hop is an in-memory transfer, not TCP). A no-op Python block ("noop": its
-on_data returns its input) is served by daemon A (local to the vDAG's runner) and daemon B
-(remote). Measured, one request after another, each `--calls` times:
+Every measurement below is interleaved with the others: each is called `--round` times in
+turn, round after round, until each has `--calls` samples (after 20 warm-up calls each), so
+that a change in the machine's load falls on all of them alike. Times are of one call after
+another, in ms; p50 and p99 of the samples.
 
-- direct: the block called through A's sandbox pool (what the block costs by itself);
-- a chain of N nodes of the local block, run by A (`VdagService.infer`): overhead per node
-  = (p50 of the chain - N x p50 direct) / N, and the same at p99;
-- the chain on the remote block (B's sandbox, over the block protocol);
-- the chain with a pre- and a post-processing no-op policy on every node: overhead per
-  policy call = (p50 with - p50 without) / 2N;
-- finding and compiling the plan, which vdag_infer does per request (not in the chains'
-  times, which run a compiled plan);
-- no-op policy calls per second through the sandbox, one caller (bench/sandbox.py measures
-  it with more callers and workers).
+Default: two whole daemons A and B in this process, on the in-memory network with no added
+latency (the executor, the block protocol's msgpack, the registry lookups and the sandbox
+are the real ones; the network hop is an in-memory transfer, not TCP). A no-op Python block
+("noop": its on_data returns its input) is served by A as "local" and by B as "remote".
+Lines:
 
-Targets (issue 18): <= 1 ms overhead per node; a sandboxed no-op policy call <= 0.5 ms p50.
+- `block called directly (sandbox)`: A's sandbox pool calls the local block's eval (what the
+  block costs by itself, no vDAG);
+- `remote block called directly (block protocol)`: A calls B's block over the multiplexed
+  block stream the runner uses (`BlockStreams.call`, no vDAG);
+- `no-op policy call (sandbox)`: A's sandbox pool calls a no-op policy's eval directly;
+- `vDAG localN / remoteN (N nodes)`: a chain of N nodes of that block run by A
+  (`VdagService.infer` on a compiled plan);
+- `vDAG polN`: the local chain with a no-op pre- and post-processing policy on every node;
+- `find and compile the plan`: what vdag_infer does per request before running (not in the
+  chains' times);
+- `overhead per node, local block, N`: (p50 of localN - N x p50 of the local direct call) / N,
+  and the same with p99s;
+- `overhead per node, remote block, N`: (p50 of remoteN - N x p50 of the remote direct call)
+  / N, and the same with p99s;
+- `overhead per policy call, N`: (p50 of polN - p50 of localN) / 2N (each policy call's
+  whole cost inside the vDAG, its sandbox call included), and the same with p99s;
+- no-op policy calls per second through the sandbox, one caller (from the mean of the direct
+  policy calls; bench/sandbox.py measures more callers and workers).
 
-`--procs`: instead, two daemon processes over libp2p on TCP loopback, timed from a JSON-RPC
-client; the per-node cost is the slope between a 1-node and the longest chain (the block's
-own call and the hop included). Beside it, for scale: the round trip of one frame each way
-over a kept libp2p stream between two bare hosts in two processes (no vDAG, no block: the
-floor of a remote node's hop on this machine) and what a remote node costs beyond it (p50s
-of separate runs: noisy); and fan-outs of the longest chain's length of local and remote
-nodes run in parallel (a remote fan-out's calls go to one peer at once).
+`--procs`: two daemon processes A and B (daemon.devnet) over libp2p on TCP loopback; the
+bench process has its own libp2p host on the devnet's network and its own sandbox pool.
+Lines:
 
-usage: python bench/vdag.py [--calls 300] [--nodes 1,4,8] [--procs]
+- `vdag_infer NAME`: one JSON-RPC call to A running vDAG NAME (HTTP included), timed in the
+  calling thread: chains of 1 and N nodes of A's block (localK), of B's block (remoteK), of
+  A's block with a no-op pre- and post-processing policy on every node (polK), and fan-outs
+  of N nodes side by side (localfanN, remotefanN);
+- `per node (KIND, block call included)`: the slope (p50 of KIND N - p50 of KIND 1) /
+  (N - 1), for A's block, B's block, and A's block with its 2 policies (pol): what one more
+  sequential node costs, its block call included (the HTTP call, the plan lookup and the
+  first node cancel), and the same with p99s;
+- `one step of KIND N inside A (its trace)`: each step's time from its start to its end in
+  the executor's trace that vdag_infer answers (A's runner, the hop and B's block call; not
+  the HTTP call nor the executor between steps);
+- `local block called directly (sandbox, bench process)`: the bench's own sandbox pool (the
+  daemons' [sandbox] settings: the defaults) calls the same block package's eval;
+- `remote block called directly (mux stream to B)`: the bench's host calls B's block over
+  the block protocol the runner uses (`/gridmesh/vdag-block-mux/1.0.0`, `BlockStreams`, the
+  stream kept open; the same BlockCall as the runner sends), no vDAG;
+- `vDAG overhead per local node` = local slope - local direct call, p50 (p99: the p99s);
+- `vDAG overhead per remote node` = remote slope - remote direct call, p50 (p99: the p99s);
+- `overhead per policy call` = (pol slope - local slope) / 2, p50 (p99: the p99s);
+- `libp2p round trip, kept stream`: one frame the size of a block call each way over a kept
+  libp2p stream between the bench's host and a bare host in another process (no vDAG, no
+  block: the floor of a remote hop here), and `per remote node beyond that` = remote slope -
+  that round trip (p50s);
+- `per parallel node (KIND block)`: (p50 of KINDfanN - p50 of KIND1) / (N - 1), p99 alike.
+
+Slopes and differences of p99s are noisy (each p99 is ~3 samples of 300); a negative value
+is noise around zero. The last line is a JSON summary: each per-node overhead (p50, p99, at
+each N) against the 1 ms target, and the policy call against 0.5 ms; `met` is judged on p50.
+
+Targets (issue 18): <= 1 ms overhead per node on loopback; a sandboxed no-op policy call
+<= 0.5 ms p50.
+
+usage: python bench/vdag.py [--calls 300] [--round 20] [--nodes 1,4,8] [--procs]
 """
 
 from __future__ import annotations
@@ -38,6 +77,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +92,8 @@ from p2p.testing.memnet import MemoryNetwork  # noqa: E402
 from scheduler.vdag import PolicyRule  # noqa: E402
 from tests.daemon.harness import MemoryCluster  # noqa: E402
 
+TARGET_NODE_MS = 1.0
+TARGET_POLICY_MS = 0.5
 BLOCK = """class Block:
     def __init__(self, context):
         pass
@@ -72,6 +114,10 @@ POLICY = """class AIOSv1PolicyRule:
     def management(self, action, data):
         return None
 """
+PAYLOAD = {"text": "x" * 64}
+
+Probe = Callable[[], Awaitable[float]]  # one call; returns its seconds
+Row = tuple[str, float, float]  # what, p50 s, p99 s
 
 
 def write(folder: Path, files: dict[str, str]) -> Path:
@@ -81,9 +127,25 @@ def write(folder: Path, files: dict[str, str]) -> Path:
     return folder
 
 
+def packages(root: Path) -> tuple[Path, dict[str, str]]:
+    """The no-op block's folder, and the no-op policy's rule (URI and digest)."""
+    block = write(
+        root / "noop",
+        {"block.py": BLOCK, "manifest.json": '{"name": "noop", "entry": "block:Block"}'},
+    )
+    policy = write(
+        root / "policy", {"function.py": POLICY, "manifest.json": '{"name": "noop-policy"}'}
+    )
+    return block, {"policyRuleURI": str(policy), "policyRuleDigest": load_package(policy).digest}
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def p50_p99(values: list[float]) -> tuple[float, float]:
+    return percentile(values, 0.5), percentile(values, 0.99)
 
 
 def chain(name: str, block: str, n: int, policy: dict[str, Any] | None) -> dict[str, Any]:
@@ -99,31 +161,71 @@ def chain(name: str, block: str, n: int, policy: dict[str, Any] | None) -> dict[
     return {"vdagName": name, "vdagVersion": "1", "nodes": nodes, "graph": graph}
 
 
-async def timed(calls: int, fn: Any) -> list[float]:
-    for _ in range(min(20, calls)):  # warm
-        await fn()
-    out = []
-    for _ in range(calls):
+def fan(name: str, block: str, n: int) -> dict[str, Any]:
+    """`n` nodes of `block`, each on the vDAG's input, all of them its output (in parallel)."""
+    nodes = [{"nodeLabel": f"f{i}", "nodeType": "block", "manualBlockId": block} for i in range(n)]
+    labels = [f"f{i}" for i in range(n)]
+    graph = {"input": labels, "output": labels, "connections": []}
+    return {"vdagName": name, "vdagVersion": "1", "nodes": nodes, "graph": graph}
+
+
+def block_call(block: str) -> BlockCall:
+    """The call a vDAG's runner sends for node n0 of a 1-node chain of `block` (the same
+    fields: daemon.vdags.runner, RunContext.for_step)."""
+    context = {"vdag": f"{block}1:1", "node": "n0", "block": block, "session": None}
+    return BlockCall(block=block, input=PAYLOAD, timeout_s=30.0, context=context)
+
+
+def timing(fn: Callable[[], Awaitable[Any]]) -> Probe:
+    async def probe() -> float:
         start = time.perf_counter()
         await fn()
-        out.append(time.perf_counter() - start)
+        return time.perf_counter() - start
+
+    return probe
+
+
+async def interleaved(probes: dict[str, Probe], calls: int, round_: int) -> dict[str, list[float]]:
+    """Each probe `calls` times: `round_` calls of each in turn, round after round (after
+    min(20, calls) warm-up calls of each), so that load changes fall on all alike."""
+    for probe in probes.values():
+        for _ in range(min(20, calls)):
+            await probe()
+    out: dict[str, list[float]] = {name: [] for name in probes}
+    while any(len(samples) < calls for samples in out.values()):
+        for name, probe in probes.items():
+            for _ in range(min(round_, calls - len(out[name]))):
+                out[name].append(await probe())
     return out
 
 
-def row(name: str, samples: list[float]) -> tuple[str, float, float]:
-    return name, percentile(samples, 0.5), percentile(samples, 0.99)
+def print_rows(rows: list[Row]) -> None:
+    print(f"{'what':68} {'p50':>9} {'p99':>9}")
+    for name, p50, p99 in rows:
+        print(f"{name:68} {p50 * 1e3:9.3f} {p99 * 1e3:9.3f}")
+
+
+def judged(p50: float, p99: float, target_ms: float) -> dict[str, Any]:
+    return {
+        "p50_ms": round(p50 * 1e3, 4),
+        "p99_ms": round(p99 * 1e3, 4),
+        "met": p50 * 1e3 <= target_ms,
+    }
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+# -- in one process, on the in-memory network -----------------------------------------------
 
 
 async def bench(args: argparse.Namespace) -> None:
     root = Path(tempfile.mkdtemp(prefix="gridmesh-bench-vdag-"))
-    block = write(
-        root / "noop",
-        {"block.py": BLOCK, "manifest.json": '{"name": "noop", "entry": "block:Block"}'},
-    )
-    policy = write(
-        root / "policy", {"function.py": POLICY, "manifest.json": '{"name": "noop-policy"}'}
-    )
-    rule = {"policyRuleURI": str(policy), "policyRuleDigest": load_package(policy).digest}
+    block, rule = packages(root)
     async with trio.open_nursery() as nursery:
         net = MemoryCluster(root / "net", nursery)
         net.hub = MemoryNetwork(seed=0, latency_s=0.0, fanout=8)
@@ -136,21 +238,22 @@ async def bench(args: argparse.Namespace) -> None:
         pool = await service.pool()
         print(f"sandbox layers: {pool.layers}")
         ref = service.blocks["local"].ref
-        payload = {"text": "x" * 64}
-        args_ = {"parameters": None, "input_data": payload, "context": {}}
-        direct = await timed(args.calls, lambda: pool.call(ref, "eval", args_))
+        args_ = {"parameters": None, "input_data": PAYLOAD, "context": {}}
         noop_policy = service.store.ref(
-            PolicyRule(str(policy), {}, {}, rule["policyRuleDigest"]),
-            "bench",
+            PolicyRule(rule["policyRuleURI"], {}, {}, rule["policyRuleDigest"]), "bench"
         )
-        pargs = {"parameters": {}, "input_data": payload, "context": {}}
-        policy_calls = await timed(args.calls, lambda: pool.call(noop_policy, "eval", pargs))
+        pargs = {"parameters": {}, "input_data": PAYLOAD, "context": {}}
+        remote_call = block_call("remote")
 
-        rows = [
-            row("block called directly (sandbox)", direct),
-            row("no-op policy call (sandbox)", policy_calls),
-        ]
-        per_node: list[tuple[str, float, float]] = []
+        async def remote_direct() -> None:
+            reply = await service.runner.streams.call(b.peer_id, remote_call)
+            assert reply.ok, reply.message
+
+        probes: dict[str, Probe] = {
+            "direct": timing(lambda: pool.call(ref, "eval", args_)),
+            "remote direct": timing(remote_direct),
+            "policy": timing(lambda: pool.call(noop_policy, "eval", pargs)),
+        }
         for n in args.nodes:
             specs = {
                 f"local{n}": chain(f"local{n}", "local", n, None),
@@ -158,7 +261,15 @@ async def bench(args: argparse.Namespace) -> None:
                 f"pol{n}": chain(f"pol{n}", "local", n, rule),
             }
             for spec in specs.values():
-                await a.call("vdag_apply", {"value": spec})
+
+                async def applied(spec: dict[str, Any] = spec) -> bool:
+                    try:  # refused until A has B's block announcement
+                        await a.call("vdag_apply", {"value": spec})
+                    except Exception:
+                        return False
+                    return True
+
+                await net.wait_for(applied, 20, f"{spec['vdagName']} to apply")
 
             async def known(name: str) -> bool:
                 try:
@@ -169,75 +280,84 @@ async def bench(args: argparse.Namespace) -> None:
 
             for name in specs:
                 await net.wait_for(lambda name=name: known(name), 20, f"{name} to be runnable")
-            results = {}
-            for name in specs:
                 spec_, plan = resolve_plan(a.daemon.replica, name, None)
 
-                async def run(plan=plan, spec_=spec_) -> None:
-                    await service.infer(plan, spec_.controller, payload, deadline_s=30)
+                async def run(plan: Any = plan, spec_: Any = spec_) -> None:
+                    await service.infer(plan, spec_.controller, PAYLOAD, deadline_s=30)
 
-                results[name] = await timed(args.calls, run)
-                rows.append(row(f"vDAG {name} ({n} node{'s' if n > 1 else ''})", results[name]))
-            name = f"local{n}"
+                probes[name] = timing(run)
 
-            async def resolve(name: str = name) -> None:
+            async def resolve(name: str = f"local{n}") -> None:
                 resolve_plan(a.daemon.replica, name, None)
 
-            rows.append(
-                row(
-                    f"find and compile the plan of {name} (JSON-RPC does)",
-                    await timed(args.calls, resolve),
-                )
-            )
-            d50, d99 = percentile(direct, 0.5), percentile(direct, 0.99)
-            for kind in ("local", "remote"):
-                s = results[f"{kind}{n}"]
-                per_node.append(
-                    (
-                        f"overhead per node, {kind} block, N={n}",
-                        (percentile(s, 0.5) - n * d50) / n,
-                        (percentile(s, 0.99) - n * d99) / n,
-                    )
-                )
-            w, wo = results[f"pol{n}"], results[f"local{n}"]
-            per_node.append(
-                (
-                    f"overhead per policy call, N={n}",
-                    (percentile(w, 0.5) - percentile(wo, 0.5)) / (2 * n),
-                    (percentile(w, 0.99) - percentile(wo, 0.99)) / (2 * n),
-                )
-            )
+            probes[f"compile local{n}"] = timing(resolve)
+        loads = [load_average()]
+        samples = await interleaved(probes, args.calls, args.round)
+        loads.append(load_average())
         nursery.cancel_scope.cancel()
+
+    d50, d99 = p50_p99(samples["direct"])
+    r50, r99 = p50_p99(samples["remote direct"])
+    rows: list[Row] = [
+        ("block called directly (sandbox)", d50, d99),
+        ("remote block called directly (block protocol)", r50, r99),
+        ("no-op policy call (sandbox)", *p50_p99(samples["policy"])),
+    ]
+    overheads: list[Row] = []
+    summary: dict[str, Any] = {"local": {}, "remote": {}, "policy_in_vdag": {}}
+    for n in args.nodes:
+        s = "s" if n > 1 else ""
+        for name in (f"local{n}", f"remote{n}", f"pol{n}"):
+            rows.append((f"vDAG {name} ({n} node{s})", *p50_p99(samples[name])))
+        rows.append(
+            (
+                f"find and compile the plan of local{n} (JSON-RPC does)",
+                *p50_p99(samples[f"compile local{n}"]),
+            )
+        )
+        for kind, base50, base99 in (("local", d50, d99), ("remote", r50, r99)):
+            c50, c99 = p50_p99(samples[f"{kind}{n}"])
+            per = ((c50 - n * base50) / n, (c99 - n * base99) / n)
+            overheads.append((f"overhead per node, {kind} block, N={n}", *per))
+            summary[kind][f"N={n}"] = judged(*per, TARGET_NODE_MS)
+        w50, w99 = p50_p99(samples[f"pol{n}"])
+        wo50, wo99 = p50_p99(samples[f"local{n}"])
+        per = ((w50 - wo50) / (2 * n), (w99 - wo99) / (2 * n))
+        overheads.append((f"overhead per policy call, N={n}", *per))
+        summary["policy_in_vdag"][f"N={n}"] = judged(*per, TARGET_POLICY_MS)
     cores = len(os.sched_getaffinity(0))
-    print(f"\n{args.calls} calls each, one after another; {cores} cores; ms")
-    print(f"{'what':58} {'p50':>9} {'p99':>9}")
-    for name, p50, p99 in rows + per_node:
-        print(f"{name:58} {p50 * 1e3:9.3f} {p99 * 1e3:9.3f}")
-    mean = sum(policy_calls) / len(policy_calls)
-    print(f"\nno-op policy calls per second, one caller: {1 / mean:,.0f}")
-    print(json.dumps({"targets": {"per_node_ms": 1.0, "policy_call_p50_ms": 0.5}}))
+    print(
+        f"\nin one process, in-memory network; {args.calls} calls each, interleaved in rounds "
+        f"of {args.round}; {cores} cores; load average before {loads[0]}, after {loads[1]}; ms"
+    )
+    print_rows(rows + overheads)
+    policy = samples["policy"]
+    print(f"\nno-op policy calls per second, one caller: {len(policy) / sum(policy):,.0f}")
+    result = {
+        "mode": "memnet",
+        "targets": {"per_node_overhead_ms": TARGET_NODE_MS, "policy_call_p50_ms": TARGET_POLICY_MS},
+        "per_node_overhead": {"local": summary["local"], "remote": summary["remote"]},
+        "policy_call": judged(*p50_p99(policy), TARGET_POLICY_MS),
+        "policy_overhead_in_vdag": summary["policy_in_vdag"],
+        "load_average": loads,
+    }
+    print(json.dumps(result))
 
 
-def fan(name: str, block: str, n: int) -> dict[str, Any]:
-    """`n` nodes of `block`, each on the vDAG's input, all of them its output (in parallel)."""
-    nodes = [{"nodeLabel": f"f{i}", "nodeType": "block", "manualBlockId": block} for i in range(n)]
-    labels = [f"f{i}" for i in range(n)]
-    graph = {"input": labels, "output": labels, "connections": []}
-    return {"vdagName": name, "vdagVersion": "1", "nodes": nodes, "graph": graph}
-
+# -- two daemon processes over libp2p ---------------------------------------------------------
 
 ECHO = "/gridmesh-bench/echo/1.0.0"
 
 
-def _bare_host() -> Any:
+def _bare_host(network_id: str) -> Any:
     from p2p import identity, records
     from p2p.discovery import DiscoverySettings, RecordValidator
     from p2p.host import Libp2pNetwork
 
-    settings = DiscoverySettings(network_id="bench-vdag")
+    settings = DiscoverySettings(network_id=network_id)
     return Libp2pNetwork(
         identity.NodeIdentity.generate(),
-        network_id="bench-vdag",
+        network_id=network_id,
         listen=["/ip4/127.0.0.1/tcp/0"],
         dht_namespace=records.NAMESPACE,
         dht_validator=RecordValidator(settings, time.time, lambda reason: None),
@@ -245,10 +365,10 @@ def _bare_host() -> Any:
     )
 
 
-async def echo_server() -> None:
+async def echo_server(network_id: str) -> None:
     """A bare libp2p host answering each frame of ECHO streams with itself (prints its
     address, then serves until killed)."""
-    net = _bare_host()
+    net = _bare_host(network_id)
 
     async def echo(stream: Any) -> None:
         while True:
@@ -264,128 +384,216 @@ async def echo_server() -> None:
         await trio.sleep_forever()
 
 
-async def echo_client(addr: str, calls: int, payload: bytes) -> list[float]:
-    net = _bare_host()
-    async with net.run():
-        stream = await net.open_stream(await net.connect(addr), ECHO, 1 << 20)
+async def measure_procs(
+    args: argparse.Namespace,
+    a: Any,
+    b: Any,
+    names: list[str],
+    echo_addr: str,
+    network_id: str,
+    block: Path,
+    root: Path,
+) -> tuple[dict[str, list[float]], list[str]]:
+    """All of --procs's measurements, interleaved (see the module's docstring)."""
+    from daemon.sandbox.config import SandboxConfig
+    from daemon.sandbox.pool import SandboxPool
+    from daemon.vdags.pyblocks import load_block
+    from daemon.vdags.streams import BlockStreams
 
-        async def once() -> None:
-            await stream.send(payload)
-            await stream.receive()
+    net = _bare_host(network_id)
+    client = a.client(timeout=60)
 
-        return await timed(calls, once)
+    longest = max(args.nodes)
+    steps: dict[str, list[float]] = {f"steps local{longest}": [], f"steps remote{longest}": []}
 
+    def rpc_probe(name: str) -> Probe:
+        def once() -> float:
+            start = time.perf_counter()
+            result = client.call("vdag_infer", {"name": name, "input": PAYLOAD})
+            took = time.perf_counter() - start
+            if f"steps {name}" in steps:  # each step's time inside A (the executor's trace)
+                steps[f"steps {name}"] += [
+                    s["finished_s"] - s["started_s"] for s in result["steps"]
+                ]
+            return took
 
-def libp2p_round_trips(calls: int, payload: bytes) -> list[float]:
-    """Round trips of `payload` over a kept libp2p stream to a bare host in another process."""
-    import logging
-    import subprocess
+        async def probe() -> float:  # timed in the thread: trio's hand-over not counted
+            return await trio.to_thread.run_sync(once)
 
-    from p2p.host import quiet_libp2p_logs
+        return probe
 
-    quiet_libp2p_logs(logging.CRITICAL)
-    server = subprocess.Popen(
-        [sys.executable, __file__, "--echo-server"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert server.stdout is not None
-        addr = server.stdout.readline().strip()
-        return trio.run(echo_client, addr, calls, payload)
-    finally:
-        server.kill()
-        server.wait()
+    async with net.run(), trio.open_nursery() as nursery:
+        peer_b = await net.connect(b.addr)
+        echo = await net.open_stream(await net.connect(echo_addr), ECHO, 1 << 20)
+        frame = encode(block_call("remote"))
+        streams = BlockStreams(net)
+        await nursery.start(streams.run)
+        remote_call = block_call("remote")
+
+        async def remote_direct() -> None:
+            reply = await streams.call(peer_b, remote_call)
+            assert reply.ok, reply.message
+
+        async def round_trip() -> None:
+            await echo.send(frame)
+            await echo.receive()
+
+        config = SandboxConfig()
+        local = load_block("local", block, digest=None, allowed=config.allowed_packages)
+        args_ = {"parameters": None, "input_data": PAYLOAD, "context": {}}
+        async with SandboxPool(config, hidden_paths=[root]) as pool:
+            probes: dict[str, Probe] = {
+                "local direct": timing(lambda: pool.call(local.ref, "eval", args_)),
+                "remote direct": timing(remote_direct),
+                "round trip": timing(round_trip),
+            }
+            probes.update({name: rpc_probe(name) for name in names})
+            loads = [load_average()]
+            samples = await interleaved(probes, args.calls, args.round)
+            loads.append(load_average())
+        assert streams.opened == 1, "the direct calls took more than one stream"
+        nursery.cancel_scope.cancel()
+    samples.update(steps)
+    samples["frame bytes"] = [float(len(frame))]
+    return samples, loads
 
 
 def bench_procs(args: argparse.Namespace) -> None:
-    """Two daemon processes over libp2p on TCP loopback, timed from a JSON-RPC client: the
-    per-node cost is the slope between a 1-node and an N-node chain (the block's own
-    sandbox call and the libp2p hop included; the HTTP call and the plan lookup cancel)."""
+    import logging
+    import subprocess
+
     from daemon.devnet import Devnet, wait_for
+    from p2p.host import quiet_libp2p_logs
 
     root = Path(tempfile.mkdtemp(prefix="gridmesh-bench-vdag-procs-"))
-    block = write(
-        root / "noop",
-        {"block.py": BLOCK, "manifest.json": '{"name": "noop", "entry": "block:Block"}'},
-    )
+    block, rule = packages(root)
     longest = max(args.nodes)
+    ends = sorted({1, longest})
     with Devnet(2, root=root / "net") as net:
         net.wait_all_found(60)
         a, b = net.daemons
         a.call("vdag_block_serve", {"block": "local", "path": str(block)}, timeout=120)
         b.call("vdag_block_serve", {"block": "remote", "path": str(block)}, timeout=120)
-        names = []
-        for kind in ("local", "remote"):
-            for n in sorted({1, longest}):
-                spec = chain(f"{kind}{n}", kind, n, None)
+        specs = [chain(f"{kind}{n}", kind, n, None) for kind in ("local", "remote") for n in ends]
+        specs += [chain(f"pol{n}", "local", n, rule) for n in ends]
+        specs += [fan(f"{kind}fan{longest}", kind, longest) for kind in ("local", "remote")]
+        for spec in specs:
 
-                def applied(spec: dict[str, Any] = spec) -> bool:
-                    try:
-                        a.call("vdag_apply", {"value": spec})
-                    except Exception:
-                        return False
-                    return True
+            def applied(spec: dict[str, Any] = spec) -> bool:
+                try:
+                    a.call("vdag_apply", {"value": spec})
+                except Exception:
+                    return False
+                return True
 
-                wait_for(applied, 30, f"{spec['vdagName']} to apply", poll_s=0.2)
-                names.append(spec["vdagName"])
-        for kind in ("local", "remote"):
-            spec = fan(f"{kind}fan{longest}", kind, longest)
-            wait_for(lambda s=spec: bool(a.call("vdag_apply", {"value": s})), 30, "a fan-out")
-            names.append(spec["vdagName"])
-        client = a.client(timeout=60)
-        samples: dict[str, list[float]] = {}
-        payload = {"text": "x" * 64}
-        for name in names:
-            for _ in range(min(20, args.calls)):
-                client.call("vdag_infer", {"name": name, "input": payload})
-            out = []
-            for _ in range(args.calls):
-                start = time.perf_counter()
-                client.call("vdag_infer", {"name": name, "input": payload})
-                out.append(time.perf_counter() - start)
-            samples[name] = out
-    # the block call's frame, as a remote node sends it (msgpack of a BlockCall)
-    frame = encode(BlockCall(block="remote", input=payload, timeout_s=30.0, context={}))
-    floor = libp2p_round_trips(args.calls, frame)
-    print(f"\nprocesses over libp2p on loopback; {args.calls} JSON-RPC calls each; ms")
-    print(f"{'what':58} {'p50':>9} {'p99':>9}")
-    for name, out in samples.items():
-        print(
-            f"{'vdag_infer ' + name:58} {percentile(out, 0.5) * 1e3:9.3f} "
-            f"{percentile(out, 0.99) * 1e3:9.3f}"
+            wait_for(applied, 30, f"{spec['vdagName']} to apply", poll_s=0.2)
+        names = [spec["vdagName"] for spec in specs]
+        network_id = b.call("node_info")["network_id"]
+        quiet_libp2p_logs(logging.CRITICAL)
+        server = subprocess.Popen(
+            [sys.executable, __file__, "--echo-server", network_id],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
         )
+        try:
+            assert server.stdout is not None
+            echo_addr = server.stdout.readline().strip()
+            samples, loads = trio.run(
+                measure_procs, args, a, b, names, echo_addr, network_id, block, root
+            )
+        finally:
+            server.kill()
+            server.wait()
+    report_procs(args, samples, loads)
+
+
+def report_procs(
+    args: argparse.Namespace, samples: dict[str, list[float]], loads: list[str]
+) -> None:
+    longest = max(args.nodes)
+    span = longest - 1
+
+    def slope(kind: str, many: str) -> tuple[float, float]:
+        one, wide = p50_p99(samples[f"{kind}1"]), p50_p99(samples[many])
+        return (wide[0] - one[0]) / span, (wide[1] - one[1]) / span
+
+    cores = len(os.sched_getaffinity(0))
+    print(
+        f"\nprocesses over libp2p on loopback; {args.calls} calls each, interleaved in rounds "
+        f"of {args.round}; {cores} cores; load average before {loads[0]}, after {loads[1]}; ms"
+    )
+    rows: list[Row] = []
+    for name, out in samples.items():
+        if name not in (
+            "local direct",
+            "remote direct",
+            "round trip",
+            "frame bytes",
+        ) and not name.startswith("steps "):
+            rows.append((f"vdag_infer {name}", *p50_p99(out)))
+    local, remote, pol = (
+        slope("local", f"local{longest}"),
+        slope("remote", f"remote{longest}"),
+        slope("pol", f"pol{longest}"),
+    )
+    for kind, per in (
+        ("local block", local),
+        ("remote block", remote),
+        ("local block + 2 policies", pol),
+    ):
+        rows.append((f"per node ({kind}, block call included), 1 vs {longest} nodes", *per))
     for kind in ("local", "remote"):
-        one, many = samples[f"{kind}1"], samples[f"{kind}{longest}"]
-        per = [(percentile(many, q) - percentile(one, q)) / (longest - 1) for q in (0.5, 0.99)]
-        what = f"per node ({kind} block, block call included), 1 vs {longest} nodes"
-        print(f"{what:58} {per[0] * 1e3:9.3f} {per[1] * 1e3:9.3f}")
-    what = f"libp2p round trip, kept stream, {len(frame)} B frame (no vDAG)"
-    print(f"{what:58} {percentile(floor, 0.5) * 1e3:9.3f} {percentile(floor, 0.99) * 1e3:9.3f}")
-    one, many = samples["remote1"], samples[f"remote{longest}"]
-    per_node = (percentile(many, 0.5) - percentile(one, 0.5)) / (longest - 1)
-    what = "per remote node beyond that (block call included)"
-    print(f"{what:58} {(per_node - percentile(floor, 0.5)) * 1e3:9.3f} {'':>9}")
+        what = f"one step of {kind}{longest} inside A (its trace), each step"
+        rows.append((what, *p50_p99(samples[f"steps {kind}{longest}"])))
+    ld, rd, rt = (p50_p99(samples[k]) for k in ("local direct", "remote direct", "round trip"))
+    rows.append(("local block called directly (sandbox, bench process)", *ld))
+    rows.append(("remote block called directly (mux stream to B)", *rd))
+    over_local = (local[0] - ld[0], local[1] - ld[1])
+    over_remote = (remote[0] - rd[0], remote[1] - rd[1])
+    over_policy = ((pol[0] - local[0]) / 2, (pol[1] - local[1]) / 2)
+    rows.append(("vDAG overhead per local node (slope - direct)", *over_local))
+    rows.append(("vDAG overhead per remote node (slope - direct)", *over_remote))
+    rows.append(("overhead per policy call ((pol - local slope) / 2)", *over_policy))
+    frame = int(samples["frame bytes"][0])
+    rows.append((f"libp2p round trip, kept stream, {frame} B frame (no vDAG)", *rt))
+    rows.append(
+        ("per remote node beyond that (block call included)", remote[0] - rt[0], float("nan"))
+    )
     for kind in ("local", "remote"):
-        one, wide = samples[f"{kind}1"], samples[f"{kind}fan{longest}"]
-        per = [(percentile(wide, q) - percentile(one, q)) / (longest - 1) for q in (0.5, 0.99)]
-        what = f"per parallel node ({kind} block), 1 vs {longest} side by side"
-        print(f"{what:58} {per[0] * 1e3:9.3f} {per[1] * 1e3:9.3f}")
+        per = slope(kind, f"{kind}fan{longest}")
+        rows.append((f"per parallel node ({kind} block), 1 vs {longest} side by side", *per))
+    print_rows(rows)
+    result = {
+        "mode": "procs",
+        "targets": {"per_node_overhead_ms": TARGET_NODE_MS, "policy_call_p50_ms": TARGET_POLICY_MS},
+        "per_node_overhead": {
+            "local": judged(*over_local, TARGET_NODE_MS),
+            "remote": judged(*over_remote, TARGET_NODE_MS),
+        },
+        "policy_overhead_in_vdag": judged(*over_policy, TARGET_POLICY_MS),
+        "load_average": loads,
+    }
+    print(json.dumps(result))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--round", type=int, default=20, help="calls of each in turn")
     parser.add_argument("--nodes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8])
     parser.add_argument(
         "--procs", action="store_true", help="two daemon processes over libp2p (TCP loopback)"
     )
-    parser.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--echo-server", metavar="NETWORK_ID", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.calls < 1 or args.round < 1 or min(args.nodes) < 1:
+        parser.error("--calls, --round and --nodes must be positive")
     if args.echo_server:
-        trio.run(echo_server)
+        trio.run(echo_server, args.echo_server)
     elif args.procs:
+        if max(args.nodes) < 2:
+            parser.error("--procs needs a chain of at least 2 nodes (--nodes)")
         bench_procs(args)
     else:
         trio.run(bench, args)
