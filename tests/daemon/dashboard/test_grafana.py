@@ -46,6 +46,37 @@ def queried(board: dict) -> dict[str, set[str]]:
     return out
 
 
+GROUPING = re.compile(r"\b(?:by|without) \(([^)]*)\)")
+MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)\s*\"")
+ANY_SERIES = {"instance", "job", "le", "quantile"}  # set by Prometheus or by the histogram
+
+
+def labels_used(expr: str) -> set[tuple[str, str]]:
+    """(metric, label) for each label a query groups by or matches on: those of a `by (...)`
+    apply to each metric in the expression, a matcher to the metric it follows."""
+    used = set()
+    grouped = {x.strip() for g in GROUPING.findall(expr) for x in g.split(",") if x.strip()}
+    for name in set(METRIC.findall(expr)):
+        used |= {(name, label) for label in grouped}
+    for name, matchers in re.findall(r"(gridmesh_[a-z0-9_]+)\{([^}]*)\}", expr):
+        used |= {(name, label) for label in MATCHER.findall(matchers)}
+    return {(n, label) for n, label in used if label not in ANY_SERIES}
+
+
+def label_names(registry, text: str) -> dict[str, set[str]]:
+    """Series name -> its label names: declared by the daemon's own metrics (even before a
+    sample), or seen on a sample of a collector's family."""
+    out: dict[str, set[str]] = {}
+    for collector, names in registry._collector_to_names.items():
+        declared = getattr(collector, "_labelnames", None)
+        for name in names if declared is not None else ():
+            out[name] = set(declared)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, set()).update(sample.labels)
+    return out
+
+
 async def test_the_panels_query_metrics_the_daemon_exports(autojump_clock, tmp_path):
     board = json.loads(BOARD.read_text())
     panels = queried(board)
@@ -58,10 +89,25 @@ async def test_the_panels_query_metrics_the_daemon_exports(autojump_clock, tmp_p
         for target in panel.get("targets", []):
             assert target["datasource"]["uid"] == "${datasource}"
     async with memory_cluster(tmp_path, 1) as net:
-        names = exported(net.daemons[0].daemon.metrics.render().decode())
+        metrics = net.daemons[0].daemon.metrics
+        names = exported(metrics.render().decode())
+        declared = label_names(metrics.registry, metrics.render().decode())
     assert len(names) > 40  # the daemon's own metrics and its collectors' families
     unknown = {title: used - names for title, used in panels.items() if used - names}
     assert unknown == {}, f"panels query metrics no daemon exports: {unknown}"
+    # the labels a query groups or filters by are labels of the metric it names (a wrong one
+    # silently merges every series, or shows none)
+    wrong = {}
+    for panel in board["panels"]:
+        for target in panel.get("targets", []):
+            for name, label in labels_used(target["expr"]):
+                if name in declared and label not in declared[name]:
+                    wrong.setdefault(panel["title"], set()).add((name, label))
+    assert wrong == {}, f"panels use labels their metrics do not have: {wrong}"
+    checked = {
+        n for p in board["panels"] for t in p.get("targets", []) for n in METRIC.findall(t["expr"])
+    }
+    assert len(checked & set(declared)) >= 20  # most names' labels are known up front
     # the topics the board is for: requests, tokens, latencies, batches, cache, gossip drops,
     # elections, registry replication, settlements, generations' failovers
     used = set().union(*panels.values())
@@ -108,3 +154,5 @@ def test_a_misnamed_metric_is_caught():
         ]
     }
     assert queried(board)["t"] - names == {"gridmesh_y_total"}
+    expr = 'sum by (model, le) (rate(gridmesh_x_total{instance=~"$i", route="a"}[5m]))'
+    assert labels_used(expr) == {("gridmesh_x_total", "model"), ("gridmesh_x_total", "route")}
