@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -202,7 +203,8 @@ async def interleaved(probes: dict[str, Probe], calls: int, round_: int) -> dict
 def print_rows(rows: list[Row]) -> None:
     print(f"{'what':68} {'p50':>9} {'p99':>9}")
     for name, p50, p99 in rows:
-        print(f"{name:68} {p50 * 1e3:9.3f} {p99 * 1e3:9.3f}")
+        high = "" if math.isnan(p99) else f"{p99 * 1e3:9.3f}"
+        print(f"{name:68} {p50 * 1e3:9.3f} {high:>9}")
 
 
 def judged(p50: float, p99: float, target_ms: float) -> dict[str, Any]:
