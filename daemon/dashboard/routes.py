@@ -7,7 +7,8 @@ another site that rebinds its DNS name to 127.0.0.1 is refused).
 
 Routes (GET or HEAD only; a request body is refused):
   /dashboard/                the page        /dashboard/static/NAME  its files
-  /dashboard/api/VIEW        JSON: node, network, models, jobs, money, doctor (on demand),
+  /dashboard/api/VIEW        JSON: node, network, models, jobs, money (with the earnings
+                             plot's points so far), doctor (on demand),
                              registry?kind=&filter=&limit=&cursor=
   /dashboard/events          server-sent events: `live` every interval, `generations` (this
                              node's recent ones: routes, failovers, speed) every interval
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,6 +52,7 @@ INTERVAL_S = 1.0
 SLOW_EVERY = 5  # `models` and `nodes` events every this many intervals
 VIEW_TIMEOUT_S = 120.0  # `doctor` dials peers and asks the chain
 MONEY_EVERY = 30  # a `money` event (earnings totals, balance: asks the chain)
+MONEY_POINTS = 240  # earnings kept for the plot: 2 hours of points, one per MONEY_EVERY
 MONEY_TIMEOUT_S = 5.0  # a slow chain delays the feed at most this long
 WRITE_TIMEOUT_S = 5.0
 FEED_LIFETIME_S = 3600.0  # then the feed ends; EventSource reconnects by itself
@@ -120,6 +124,8 @@ class Dashboard:
         self.feed_lifetime_s = feed_lifetime_s
         self.feeds = 0
         self._ids = 0
+        # the earnings plot's points, shared by every page: (trio time taken, point)
+        self.money_points: deque[tuple[float, dict[str, Any]]] = deque(maxlen=MONEY_POINTS)
 
         async def dashboard_login() -> dict[str, Any]:
             """A one-time link (path on this RPC port) that opens the dashboard."""
@@ -209,6 +215,12 @@ class Dashboard:
             if name == b"jobs":
                 views.parse_query(query, set())
                 return _json(200, await views.jobs_view(self.call, self._per_model()))
+            if name == b"money":  # with the plot's points so far: a reload keeps the history
+                views.parse_query(query, set())
+                with trio.move_on_after(VIEW_TIMEOUT_S):
+                    money = await views.money_view(self.call)
+                    return _json(200, {**money, "history": [p for _, p in self.money_points]})
+                return _error(504, f"the money view took longer than {VIEW_TIMEOUT_S:g} s")
             view = views.VIEWS.get(name.decode("ascii", "replace"))
             if view is None:
                 known = ", ".join([*views.VIEWS, "jobs", "registry"])
@@ -268,8 +280,17 @@ class Dashboard:
             return []
 
     async def _money(self) -> dict[str, Any]:
+        """The newest point of the earnings plot: one taken less than half a money interval
+        ago (by any feed) is reused, so that several pages ask the chain once; a new one is
+        kept in `money_points` unless it failed (a gap, not a fall to 0)."""
+        now = trio.current_time()
+        if self.money_points and now - self.money_points[-1][0] < MONEY_EVERY * self.interval_s / 2:
+            return self.money_points[-1][1]
         with trio.move_on_after(MONEY_TIMEOUT_S):
-            return await views.money_totals(self.call)
+            point = {**await views.money_totals(self.call), "at": round(time.time(), 3)}
+            if "error" not in point:
+                self.money_points.append((now, point))
+            return point
         return {"error": f"earnings took longer than {MONEY_TIMEOUT_S:g} s"}
 
     async def _nodes(self) -> Any:

@@ -12,7 +12,8 @@ const spark = [];
 let current = "node";
 let lastModels = null;
 let lastNodes = null;
-const money = [];  // earnings totals over time, from the feed's `money` events
+const money = [];  // earnings totals over time: the money view's history, then `money` events
+let moneyError = null;  // why the newest point could not be taken (the plot keeps a gap)
 let lastGenerations = [];  // this node's recent generations (views and `generations` events)
 
 function el(tag, text, attrs) {
@@ -173,6 +174,9 @@ const RENDER = {
     ];
   },
   money(data) {
+    if (Array.isArray(data.history) && data.history.length > money.length) {
+      money.splice(0, money.length, ...data.history);
+    }
     return [
       earningsPlot(),
       partOr("Wallet", data.wallet, (w) => {
@@ -263,7 +267,8 @@ function peerMap(peers) {
   return figure;
 }
 
-// earnings (settled, acknowledged, pending) since the page opened, one point per `money` event
+// earnings (settled, acknowledged, pending) over time: the points the daemon kept (one per
+// 30 s while a dashboard page is open, the last 2 hours), placed by when each was taken
 function earningsPlot() {
   const NS = "http://www.w3.org/2000/svg";
   const figure = el("figure", undefined, { id: "earnings-plot" });
@@ -276,16 +281,18 @@ function earningsPlot() {
     `acknowledged ${show(last.acknowledged)}, pending ${show(last.pending)}`);
   const series = [["settled", "settled"], ["acknowledged", "acked"], ["pending", "pending"]];
   const top = Math.max(1, ...money.flatMap((m) => series.map(([k]) => m[k] || 0)));
+  const first = (money[0] || {}).at, span = (last.at || 0) - (first || 0);
+  const x = (m, i) => (span > 0 ? 300 * (m.at - first) / span : i * 300 / Math.max(1, money.length - 1));
   for (const [key, cls] of series) {
     const line = document.createElementNS(NS, "polyline");
-    const step = 300 / Math.max(1, money.length - 1);
-    line.setAttribute("points", money.map((m, i) => `${(i * step).toFixed(1)},${(78 - 76 * (m[key] || 0) / top).toFixed(1)}`).join(" "));
+    line.setAttribute("points", money.map((m, i) => `${x(m, i).toFixed(1)},${(78 - 76 * (m[key] || 0) / top).toFixed(1)}`).join(" "));
     line.setAttribute("class", cls);
     svg.appendChild(line);
   }
   figure.appendChild(svg);
-  const note = last.error || last.chain_error;
-  figure.appendChild(el("figcaption", `Earnings since this page opened (${money.length} points, every 30 s): ` +
+  const note = moneyError || last.chain_error;
+  const since = typeof first === "number" ? new Date(1000 * first).toISOString() : "now";
+  figure.appendChild(el("figcaption", `Earnings since ${since} (${money.length} points, every 30 s while a dashboard page is open): ` +
     `settled ${show(last.settled)}, acknowledged ${show(last.acknowledged)}, pending ${show(last.pending)}` +
     `, balance ${show(last.balance)}, stake ${show(last.stake)}` + (note ? ` (${note})` : "")));
   return figure;
@@ -467,7 +474,9 @@ function connect() {
     redrawGenerations();
   });
   source.addEventListener("money", (e) => {
-    money.push(JSON.parse(e.data));
+    const point = JSON.parse(e.data);
+    moneyError = point.error || null;
+    if (!point.error && (!money.length || money[money.length - 1].at !== point.at)) money.push(point);
     if (money.length > 240) money.shift();
     const plot = $("earnings-plot");
     if (plot && current === "money") plot.replaceWith(earningsPlot());

@@ -60,6 +60,11 @@ PAID = {  # the money view's parts as a provider with a chain gets them (test_da
         ]
     },
     "jobs": [],
+    "history": [
+        {"at": 1000.0, "settled": 0, "acknowledged": 0, "pending": 0},
+        {"at": 1030.0, "settled": 20, "acknowledged": 20, "pending": 0},
+        {"at": 1120.0, "settled": 60, "acknowledged": 90, "pending": 30},
+    ],
 }
 
 
@@ -150,13 +155,17 @@ def test_the_dashboard_in_chromium_on_three_daemons(tmp_path):
             assert "Fake H100" in gpus and "37 %" in gpus and "60.0 GiB of 80.0 GiB" in gpus
             # and the money view's tables with a chain (this devnet has none; the numbers are
             # test_dashboard_money's): receipts, the voucher, settled, balance and stake
-            money = driver.execute_script(
-                "const box = document.createElement('div');"
+            money, settled = driver.execute_script(
+                "const kept = money.splice(0), box = document.createElement('div');"
                 "box.append(...RENDER.money(arguments[0]).flat());"
-                "return Array.from(box.querySelectorAll('table')).map((t) => t.textContent);",
+                "money.splice(0, money.length, ...kept);"  # the page's own points back
+                "return [Array.from(box.querySelectorAll('table')).map((t) => t.textContent),"
+                " box.querySelector('#earnings-plot polyline.settled').getAttribute('points')];",
                 PAID,
             )
             wallet, stake, earned, _ = money
+            # the earnings plot: the history's points placed by time (30 s, then 90 s on)
+            assert settled == "0.0,78.0 75.0,61.1 300.0,27.3", settled
             assert "balance1234" in wallet and "stake500" in stake, money
             assert "voucher nonce" in earned and "7" in earned and "pending" in earned, money
             wait.until(lambda d: d.find_element(By.ID, "feed-state").text == "live")

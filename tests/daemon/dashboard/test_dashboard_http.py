@@ -94,7 +94,7 @@ async def test_login_views_and_refused_inputs(autojump_clock, tmp_path, nursery)
         models = (await request(nursery, server, "/dashboard/api/models", cookie=cookie)).json()
         assert models["generations"] == jobs["generations"]
         money = (await request(nursery, server, "/dashboard/api/money", cookie=cookie)).json()
-        assert set(money) == {"wallet", "earnings", "jobs"}  # no chain here: parts say why
+        assert set(money) == {"wallet", "earnings", "jobs", "history"}  # no chain: parts say why
         assert "error" in money["wallet"]
 
         # the registries, browsed with the filter syntax; bad input refused with why
@@ -167,6 +167,9 @@ async def test_live_feed_is_capped_and_drops_a_reader_that_stops(autojump_clock,
         money = reply.events[3][1]  # no chain here: totals 0 and why there is no balance
         assert money["jobs"] == 0 and money["settled"] == 0 and money["balance"] is None
         assert "no chain configured" in money["chain_error"]
+        # the point is kept for the plot: a page opened (or reloaded) later starts with it
+        view = (await request(nursery, server, "/dashboard/api/money", cookie=cookie)).json()
+        assert view["history"] == [money] and money["at"] > 0
         live = reply.events[-1][1]
         assert live["peers_connected"] == 1 and live["steps_per_s"] == 0.0
         assert {n["peer_id"] for n in reply.events[2][1]} == {d.peer_id for d in net.daemons}
@@ -193,6 +196,12 @@ async def test_live_feed_is_capped_and_drops_a_reader_that_stops(autojump_clock,
             while dash.feeds > 1:
                 await events(client, conn, reply, 1)
         assert "dashboard_slow_reader" in rejects
+        assert len(dash.money_points) == 1  # the second feed reused the first one's point
+        while sum(name == "money" for name, _ in reply.events) < 2:  # 30 intervals on
+            await events(client, conn, reply, 1)
+        view = (await request(nursery, server, "/dashboard/api/money", cookie=cookie)).json()
+        assert len(view["history"]) == len(dash.money_points) == 2
+        assert view["history"] == [e for name, e in reply.events if name == "money"]
         await client.aclose()  # a reader that leaves ends its feed too
 
         async def no_feeds() -> bool:

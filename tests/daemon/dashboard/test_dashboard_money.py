@@ -94,6 +94,8 @@ async def test_receipts_vouchers_settlements_balance_and_stake(autojump_clock, t
         assert point["pending"] == 0 and point["jobs"] == 1 and point["stake"] == STAKE
         assert point["balance"] == wallet["balance"] and point["chain_error"] is None
         await client.aclose()
+        again = (await request(nursery, server, "/dashboard/api/money", cookie=cookie)).json()
+        assert again["history"] == [point]  # a page opened later plots it too
 
         # the requester's view: the paid job it created, with its deposit
         asked = make_server(requester.daemon, [])
