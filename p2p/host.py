@@ -192,7 +192,7 @@ class Libp2pNetwork:
         # one dial attempt: a dead peer must fail fast; our bootstrap loop does its own backoff
         self.host.get_network().retry_config = RetryConfig(max_retries=0)  # type: ignore[attr-defined]
         self._ping = PingService(self.host)
-        self.reach = Reachability(self.host, reach or ReachSettings())  # p2p.reach
+        self.reach = Reachability(self.host, reach or ReachSettings(), self._on_reject, self.bans)
         self.dark = deadconn.DeadConnections(self.ping, self._drop_peer)  # p2p.deadconn
         # GossipSub's defaults lose messages (120 s heartbeat, 10 msg/s spam limit): tune them
         self.gossipsub = GossipSub(

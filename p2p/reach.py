@@ -23,6 +23,8 @@ A part of the libp2p adapter (p2p.host); every py-libp2p 0.8.1 workaround it nee
   background, at most every PUNCH_RETRY_S.
 - The transport's reservation refresher runs in whatever nursery it is given: ours, so that
   it stops with the host.
+- The relay and DCUtR handlers refuse garbage silently: the first message of every hop, stop
+  and DCUtR stream is checked, counted and held against its sender first (p2p.reachguard).
 
 A node is `public` once `confirmations` peers reached it on a fresh connection, `private` once
 that many could not; until then `unknown`. A private node reserves a slot on up to `relays`
@@ -49,11 +51,16 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.relay.circuit_v2 import CircuitV2Protocol, CircuitV2Transport, DCUtRProtocol
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2.dcutr import PROTOCOL_ID as DCUTR_PROTOCOL
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL
+from libp2p.relay.circuit_v2.protocol import STOP_PROTOCOL_ID as STOP_PROTOCOL
 from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.tools.anyio_service import background_trio_service
 
+from p2p.bans import PeerBans
 from p2p.hostaddrs import dial_resolved
+from p2p.limits import RejectHook
+from p2p.reachguard import DCUTR, HOP, STOP, FirstMessageCheck
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +162,18 @@ class FreshDialAutoNAT(AutoNATService):
 class Reachability:
     """AutoNAT status, relay service and reservations, DCUtR and UPnP for one host."""
 
-    def __init__(self, host: Any, settings: ReachSettings) -> None:
+    def __init__(
+        self,
+        host: Any,
+        settings: ReachSettings,
+        on_reject: RejectHook | None = None,
+        bans: PeerBans | None = None,
+    ) -> None:
         self.host = host
         self.settings = settings
+        self._on_reject = on_reject or (lambda source, reason: None)
+        # every relay and DCUtR stream's first message, checked and counted (p2p.reachguard)
+        self.checks = FirstMessageCheck(self._on_reject, bans)
         self.status = UNKNOWN
         self.votes: dict[str, bool] = {}
         self.relayed: dict[str, list[multiaddr.Multiaddr]] = {}  # relay peer id -> our addrs
@@ -231,12 +247,16 @@ class Reachability:
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(background_trio_service(self.relay))
             await self.relay.event_started.wait()
+            handlers, check = self.host.get_mux().handlers, self.checks.wrap
             if self.settings.serve:  # relay only while AutoNAT says we are public
-                self._serve_hop = self.host.get_mux().handlers[HOP_PROTOCOL]
+                self._serve_hop = check(HOP, handlers[HOP_PROTOCOL])
                 self.host.set_stream_handler(HOP_PROTOCOL, self._hop_if_public)
+            self.host.set_stream_handler(STOP_PROTOCOL, check(STOP, handlers[STOP_PROTOCOL]))
             if self.dcutr is not None:
                 await stack.enter_async_context(background_trio_service(self.dcutr))
                 await self.dcutr.event_started.wait()
+                handler = handlers[DCUTR_PROTOCOL]
+                self.host.set_stream_handler(DCUTR_PROTOCOL, check(DCUTR, handler))
             self._nursery = await stack.enter_async_context(trio.open_nursery())
             self._nursery.start_soon(self._loop)
             if self.dcutr is not None:
@@ -251,6 +271,7 @@ class Reachability:
     async def _hop_if_public(self, stream: Any) -> None:
         if not self.serving:
             self.refused_hops += 1
+            self._on_reject("stream", "hop_not_serving")
             await stream.reset()
             return
         await self._serve_hop(stream)
