@@ -43,6 +43,23 @@ GPU = {
     "utilization_pct": 37,
     "power_w": 212.5,
 }
+REROUTED = [  # the second server's range taken over by a third
+    {"peer": "12D3KooW" + "a" * 44, "start": 0, "end": 2},
+    {"peer": "12D3KooW" + "c" * 44, "start": 2, "end": 6},
+]
+FAILED = "12D3KooW…bbbbbb (from layer 2): connection reset"
+FAILED_OVER = {  # a generation_list row after one failover (daemon.shards.recent)
+    "job": "f" * 32,
+    "model": "tiny",
+    "state": "done",
+    "tokens": 12,
+    "tokens_per_s": 30.5,
+    "ttft_s": 0.25,
+    "route": REROUTED,
+    "failovers": 1,
+    "failed": [{"peer": "12D3KooW" + "b" * 44, "reason": "connection reset", "from_layer": 2}],
+    "error": None,
+}
 PAID = {  # the money view's parts as a provider with a chain gets them (test_dashboard_money)
     "wallet": {"address": "0xab", "balance": 1234, "gas_balance": 1, "stake": {"stake": 500}},
     "earnings": {
@@ -166,6 +183,24 @@ def test_the_dashboard_in_chromium_on_three_daemons(tmp_path):
             wallet, stake, earned, _ = money
             # the earnings plot: the history's points placed by time (30 s, then 90 s on)
             assert settled == "0.0,78.0 75.0,61.1 300.0,27.3", settled
+            # a generation that failed over (test_recent makes one on whole daemons): its row
+            # counts it and says what failed; the route shown is the one after the failover
+            failed_over = driver.execute_script(
+                "const kept = lastGenerations, box = document.createElement('div');"
+                "box.append(...RENDER.jobs({generations: [arguments[0]], per_model: [],"
+                " paid_jobs: []}).flat(), ...RENDER.models({models: [], local: [],"
+                " generations: [arguments[0]]}).flat());"
+                "lastGenerations = kept;"  # the page's own, as the feed sent them
+                "const cells = (id) => Array.from(box.querySelector(`#${id} tbody tr`).cells,"
+                " (c) => c.textContent);"
+                "return [cells('generations'), cells('routes')];",
+                FAILED_OVER,
+            )
+            row, route = failed_over
+            # generation, model, state, tokens, tokens per second, ttft, failovers, what failed
+            assert row[2:8] == ["done", "12", "30.5", "250 ms", "1", FAILED], row
+            hops = [f"{short(h['peer'])} layers {h['start']}–{h['end']}" for h in REROUTED]
+            assert route[2:4] == ["done", "".join(hops)] and route[5] == "1", route
             assert "balance1234" in wallet and "stake500" in stake, money
             assert "voucher nonce" in earned and "7" in earned and "pending" in earned, money
             wait.until(lambda d: d.find_element(By.ID, "feed-state").text == "live")
