@@ -311,12 +311,8 @@ async def bench(args: argparse.Namespace) -> None:
         s = "s" if n > 1 else ""
         for name in (f"local{n}", f"remote{n}", f"pol{n}"):
             rows.append((f"vDAG {name} ({n} node{s})", *p50_p99(samples[name])))
-        rows.append(
-            (
-                f"find and compile the plan of local{n} (JSON-RPC does)",
-                *p50_p99(samples[f"compile local{n}"]),
-            )
-        )
+        compiled = p50_p99(samples[f"compile local{n}"])
+        rows.append((f"find and compile the plan of local{n} (JSON-RPC does)", *compiled))
         for kind, base50, base99 in (("local", d50, d99), ("remote", r50, r99)):
             c50, c99 = p50_p99(samples[f"{kind}{n}"])
             per = ((c50 - n * base50) / n, (c99 - n * base99) / n)
@@ -507,11 +503,11 @@ def bench_procs(args: argparse.Namespace) -> None:
         finally:
             server.kill()
             server.wait()
-    report_procs(args, samples, loads)
+    report_procs(args, names, samples, loads)
 
 
 def report_procs(
-    args: argparse.Namespace, samples: dict[str, list[float]], loads: list[str]
+    args: argparse.Namespace, names: list[str], samples: dict[str, list[float]], loads: list[str]
 ) -> None:
     longest = max(args.nodes)
     span = longest - 1
@@ -525,25 +521,10 @@ def report_procs(
         f"\nprocesses over libp2p on loopback; {args.calls} calls each, interleaved in rounds "
         f"of {args.round}; {cores} cores; load average before {loads[0]}, after {loads[1]}; ms"
     )
-    rows: list[Row] = []
-    for name, out in samples.items():
-        if name not in (
-            "local direct",
-            "remote direct",
-            "round trip",
-            "frame bytes",
-        ) and not name.startswith("steps "):
-            rows.append((f"vdag_infer {name}", *p50_p99(out)))
-    local, remote, pol = (
-        slope("local", f"local{longest}"),
-        slope("remote", f"remote{longest}"),
-        slope("pol", f"pol{longest}"),
-    )
-    for kind, per in (
-        ("local block", local),
-        ("remote block", remote),
-        ("local block + 2 policies", pol),
-    ):
+    rows: list[Row] = [(f"vdag_infer {name}", *p50_p99(samples[name])) for name in names]
+    local, remote, pol = (slope(kind, f"{kind}{longest}") for kind in ("local", "remote", "pol"))
+    kinds = ("local block", "remote block", "local block + 2 policies")
+    for kind, per in zip(kinds, (local, remote, pol), strict=True):
         rows.append((f"per node ({kind}, block call included), 1 vs {longest} nodes", *per))
     for kind in ("local", "remote"):
         what = f"one step of {kind}{longest} inside A (its trace), each step"
