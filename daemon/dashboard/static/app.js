@@ -446,8 +446,12 @@ function liveUpdate(d) {
   if (d.error) { $("feed-state").textContent = d.error; return; }
   $("live-steps").textContent = d.steps_per_s.toFixed(1);
   $("live-tokens").textContent = d.tokens_per_s.toFixed(1);
+  // the OpenAI endpoint's over the last second, else its average, else this node's newest
+  // generation's (JSON-RPC and gRPC generations are not in the endpoint's histogram)
+  const newest = (Array.isArray(lastGenerations) ? lastGenerations : []).find((g) => typeof g.ttft_s === "number");
   $("live-ttft").textContent = d.ttft_s !== null ? (1000 * d.ttft_s).toFixed(0) + " ms"
-    : d.ttft_avg_s !== null ? (1000 * d.ttft_avg_s).toFixed(0) + " ms (average)" : "–";
+    : d.ttft_avg_s !== null ? (1000 * d.ttft_avg_s).toFixed(0) + " ms (average)"
+    : newest ? (1000 * newest.ttft_s).toFixed(0) + " ms (newest generation)" : "–";
   $("live-sessions").textContent = d.sessions;
   $("live-kv").textContent = bytes(d.kv_used_bytes) + " of " + bytes(d.kv_budget_bytes);
   $("live-queue").textContent = d.queued + d.waiting_steps;

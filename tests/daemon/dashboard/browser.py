@@ -80,14 +80,20 @@ def console_errors(driver: Any) -> list[dict[str, Any]]:
     return [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
 
 
+AXE_TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "best-practice"]
+
+
 def run_axe(driver: Any, source: str) -> list[dict[str, Any]]:
-    """axe-core's violations of the page as it is now (WCAG 2 A and AA rules)."""
+    """axe-core's violations of the page as it is now: WCAG 2.0 and 2.1 A and AA rules
+    (names, labels, contrast, keyboard access), and axe's best practices (landmarks,
+    headings, no positive tabindex)."""
     driver.execute_script(source)
     result = driver.execute_async_script(
         "const done = arguments[arguments.length - 1];"
-        "axe.run(document, {runOnly: {type: 'tag', values: ['wcag2a', 'wcag2aa']}})"
+        "axe.run(document, {runOnly: {type: 'tag', values: arguments[0]}})"
         ".then((r) => done(r.violations.map((v) => ({id: v.id, help: v.help,"
         " nodes: v.nodes.map((n) => n.target.join(' '))}))))"
-        ".catch((e) => done([{id: 'axe-error', help: String(e), nodes: []}]));"
+        ".catch((e) => done([{id: 'axe-error', help: String(e), nodes: []}]));",
+        AXE_TAGS,
     )
     return result

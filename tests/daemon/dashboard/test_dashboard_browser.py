@@ -269,6 +269,9 @@ def test_the_dashboard_in_chromium_on_three_daemons(tmp_path):
                 )
                 assert row["failovers"] == "0" and row["model"] == "tiny", row
                 assert re.fullmatch(r"\d+ ms", row["time to first token"]), row
+                # the live strip's too (this generation is not the OpenAI endpoint's)
+                ttft = (By.ID, "live-ttft")
+                wait.until(lambda d: d.find_element(*ttft).text.endswith("(newest generation)"))
                 driver.save_screenshot(str(shots / "jobs.png"))
                 # its live route on the models view: which server serves which layers
                 open_view("models")
@@ -361,6 +364,11 @@ def test_the_dashboard_in_chromium_on_three_daemons(tmp_path):
             focused().send_keys(Keys.ENTER)
             assert focused().get_attribute("id") == "main"
             assert console_errors(driver) == []
+            if axe is not None:  # the check itself: an unlabelled field is caught
+                driver.execute_script(
+                    "document.getElementById('main').append(document.createElement('input'))"
+                )
+                assert "label" in {v["id"] for v in run_axe(driver, axe)}
             # offline: everything the page loaded came from this daemon
             loaded = driver.execute_script(
                 "return performance.getEntriesByType('resource').map((e) => e.name)"
