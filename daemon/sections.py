@@ -134,6 +134,8 @@ P2PConfig = exposing(
             "max_connections_per_ip": "max_connections_per_ip",
             "max_connections": "max_connections",
             "peer_max_connections": "max_connections_per_peer",
+            "connection_max_buffered_bytes": "max_buffered_bytes_per_connection",
+            "max_buffered_bytes": "max_buffered_bytes",
             "ban_strikes": "ban_strikes",
             "ban_window_s": "ban_window_s",
             "ban_s": "ban_s",

@@ -46,7 +46,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
-from p2p import atomic_writes, caps, deadconn, identity
+from p2p import atomic_writes, buffers, caps, deadconn, identity
 from p2p.addrs import ListenError, check_listen_free, is_own_addr
 from p2p.bans import PeerBans
 from p2p.dhtguard import DHT_PROTOCOL, ValidatorBridge
@@ -194,6 +194,7 @@ class Libp2pNetwork:
         self._ping = PingService(self.host)
         self.reach = Reachability(self.host, reach or ReachSettings(), self._on_reject, self.bans)
         self.dark = deadconn.DeadConnections(self.ping, self._drop_peer)  # p2p.deadconn
+        self.inbound = buffers.host_budget(lim, self._on_reject, self.bans)  # unread bytes
         # GossipSub's defaults lose messages (120 s heartbeat, 10 msg/s spam limit): tune them
         self.gossipsub = GossipSub(
             protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11],

@@ -50,6 +50,11 @@ class HostLimits:
     # closed before it is used, and counted (p2p.caps: py-libp2p's resource manager)
     max_connections: Annotated[int, msgspec.Meta(ge=1)] = 256
     max_connections_per_peer: Annotated[int, msgspec.Meta(ge=1)] = 4
+    # inbound bytes held unread in streams' buffers: one connection's together, and all (each
+    # stream at most what yamux lets a sender have in flight, 16 MiB); more is dropped and the
+    # stream closed for reading (p2p.buffers)
+    max_buffered_bytes_per_connection: Annotated[int, msgspec.Meta(ge=1 << 20)] = 128 << 20
+    max_buffered_bytes: Annotated[int, msgspec.Meta(ge=1 << 20)] = 1 << 30
     # a peer refused for abuse (streams or DHT messages over its rate, bad gossip signatures)
     # more than `ban_strikes` times within about `ban_window_s` is disconnected and refused
     # for `ban_s` (p2p.bans)

@@ -47,6 +47,7 @@ class ForgetDisconnected(INotifee):
 
     async def connected(self, network: Any, conn: Any) -> None:
         peer = conn.muxed_conn.peer_id.to_base58()
+        self._owner.inbound.install(conn.muxed_conn, peer)  # unread bytes bounded (p2p.buffers)
         if self._owner.bans.is_banned(peer):  # its identity is known now: refuse it
             self._owner.refuse_banned(peer)
             return
