@@ -3,8 +3,9 @@
 
 What is exported depends on what the network has: the peers' pings (every network), the
 liveness of record holders (`p2p.liveness.Liveness`, given by discovery), and, on a libp2p
-host only, peer scores and bans (`p2p.bans.PeerBans`) and dark connections dropped
-(`p2p.deadconn.DeadConnections`). Every label value is the code's own (a bounded set).
+host only, peer scores and bans (`p2p.bans.PeerBans`), dark connections dropped
+(`p2p.deadconn.DeadConnections`), connections open and inbound bytes held (p2p.caps,
+p2p.buffers). Every label value is the code's own (a bounded set).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class NetworkCollector:
 
     def collect(self) -> Iterator[Metric]:
         yield from self._pings()
+        yield from self._held()
         if self.liveness is not None:
             yield from self._liveness()
         bans = getattr(self.net, "bans", None)
@@ -58,6 +60,30 @@ class NetworkCollector:
         peers = dict(getattr(self.net, "peers", {}) or {})
         missed.add_metric([], sum(getattr(p, "missed_pings", 0) for p in peers.values()))
         yield missed
+
+    def _held(self) -> Iterator[Metric]:
+        """Connections open and inbound bytes held unread (a libp2p host's caps, p2p.caps
+        and p2p.buffers)."""
+        host = getattr(self.net, "host", None)
+        if host is not None:
+            # (read here, not through p2p.caps: metrics must not import libp2p, CLI start-up)
+            per_peer = [len(c) for c in dict(host.get_network().connections).values()]
+            conns = GaugeMetricFamily(
+                "gridmesh_connections",
+                "Connections open now: in total, and to the peer holding the most",
+                labels=["scope"],
+            )
+            conns.add_metric(["total"], sum(per_peer))
+            conns.add_metric(["busiest_peer"], max(per_peer, default=0))
+            yield conns
+        inbound = getattr(self.net, "inbound", None)
+        if inbound is not None:
+            held = GaugeMetricFamily(
+                "gridmesh_inbound_buffered_bytes",
+                "Inbound stream bytes held unread now ([p2p] max_buffered_bytes bounds them)",
+            )
+            held.add_metric([], inbound.held)
+            yield held
 
     def _liveness(self) -> Iterator[Metric]:
         gone = GaugeMetricFamily(

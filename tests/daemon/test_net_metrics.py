@@ -48,6 +48,8 @@ async def test_a_flooding_peer_moves_the_score_ban_and_disconnect_metrics():
         await flooder.net.connect(addr)
         await honest.net.connect(addr)
         target.net.set_request_handler(ECHO, echo)
+        assert _value(metrics, "gridmesh_connections", scope="total") == 2
+        assert ("gridmesh_inbound_buffered_bytes", ()) in _samples(metrics)
         assert _value(metrics, "gridmesh_peer_bans_total", reason="strikes") == 0
         assert _value(metrics, "gridmesh_peer_score_bucket", le="+Inf") == 0
         assert _value(metrics, "gridmesh_peers_banned") == 0
@@ -62,6 +64,7 @@ async def test_a_flooding_peer_moves_the_score_ban_and_disconnect_metrics():
         assert _value(metrics, "gridmesh_peer_bans_total", reason="low_score") == 0
         assert _value(metrics, "gridmesh_peers_banned") == 1
         assert _value(metrics, "gridmesh_peer_disconnects_total", reason="banned") == 1
+        assert _value(metrics, "gridmesh_connections", scope="total") == 1
         assert _value(metrics, "gridmesh_peer_penalties_total", reason="rate_limited") > 10
         # the flooder's score is held against it: one peer, below -10, none below -100
         assert _value(metrics, "gridmesh_peer_score_bucket", le="+Inf") == 1
