@@ -178,7 +178,7 @@ const RENDER = {
       money.splice(0, money.length, ...data.history);
     }
     return [
-      earningsPlot(),
+      earningsPlot(), walletPlot(),
       partOr("Wallet", data.wallet, (w) => {
         const { stake, ...account } = w;
         return [pairs("Wallet", account), pairs("Stake", stake)];
@@ -267,35 +267,54 @@ function peerMap(peers) {
   return figure;
 }
 
-// earnings (settled, acknowledged, pending) over time: the points the daemon kept (one per
-// 30 s while a dashboard page is open, the last 2 hours), placed by when each was taken
-function earningsPlot() {
+// money over time, from the points the daemon kept (one per 30 s while a dashboard page is
+// open, the last 2 hours), each placed by when it was taken; `series`: [key, label, class];
+// `why`: say why the chain's numbers are missing (once per view is enough)
+function moneyPlot(id, title, series, why) {
   const NS = "http://www.w3.org/2000/svg";
-  const figure = el("figure", undefined, { id: "earnings-plot" });
+  const figure = el("figure", undefined, { id, class: "money-plot" });
   const svg = document.createElementNS(NS, "svg");
   svg.setAttribute("viewBox", "0 0 300 80");
   svg.setAttribute("preserveAspectRatio", "none");
   svg.setAttribute("role", "img");
   const last = money[money.length - 1] || {};
-  svg.setAttribute("aria-label", `Earnings over time: settled ${show(last.settled)}, ` +
-    `acknowledged ${show(last.acknowledged)}, pending ${show(last.pending)}`);
-  const series = [["settled", "settled"], ["acknowledged", "acked"], ["pending", "pending"]];
+  const now = series.map(([key, label]) => `${label} ${show(last[key])}`).join(", ");
+  svg.setAttribute("aria-label", `${title} over time: ${now}`);
   const top = Math.max(1, ...money.flatMap((m) => series.map(([k]) => m[k] || 0)));
   const first = (money[0] || {}).at, span = (last.at || 0) - (first || 0);
   const x = (m, i) => (span > 0 ? 300 * (m.at - first) / span : i * 300 / Math.max(1, money.length - 1));
-  for (const [key, cls] of series) {
+  for (const [key, , cls] of series) {
     const line = document.createElementNS(NS, "polyline");
     line.setAttribute("points", money.map((m, i) => `${x(m, i).toFixed(1)},${(78 - 76 * (m[key] || 0) / top).toFixed(1)}`).join(" "));
     line.setAttribute("class", cls);
     svg.appendChild(line);
   }
   figure.appendChild(svg);
-  const note = moneyError || last.chain_error;
+  const note = why ? moneyError || last.chain_error : null;
   const since = typeof first === "number" ? new Date(1000 * first).toISOString() : "now";
-  figure.appendChild(el("figcaption", `Earnings since ${since} (${money.length} points, every 30 s while a dashboard page is open): ` +
-    `settled ${show(last.settled)}, acknowledged ${show(last.acknowledged)}, pending ${show(last.pending)}` +
-    `, balance ${show(last.balance)}, stake ${show(last.stake)}` + (note ? ` (${note})` : "")));
+  const caption = el("figcaption", `${title} since ${since} (${money.length} points, every 30 s while a dashboard page is open): `);
+  series.forEach(([key, label, cls], i) => {
+    caption.appendChild(el("span", `${label} ${show(last[key])}`, { class: "key " + cls }));
+    if (i < series.length - 1) caption.appendChild(document.createTextNode(", "));
+  });
+  if (note) caption.appendChild(document.createTextNode(` (${note})`));
+  figure.appendChild(caption);
   return figure;
+}
+
+// what this node earned as a provider: receipts signed, vouchers acknowledged, settled
+function earningsPlot() {
+  return moneyPlot("earnings-plot", "Earnings", [
+    ["signed", "signed in receipts", "signed"], ["acknowledged", "acknowledged by vouchers", "acked"],
+    ["settled", "settled", "settled"], ["pending", "pending", "pending"],
+  ], true);
+}
+
+// its token balance and stake on the chain
+function walletPlot() {
+  return moneyPlot("wallet-plot", "Balance and stake", [
+    ["balance", "balance", "balance"], ["stake", "stake", "stake"],
+  ], false);
 }
 
 function hopsText(route) {
@@ -482,8 +501,10 @@ function connect() {
     moneyError = point.error || null;
     if (!point.error && (!money.length || money[money.length - 1].at !== point.at)) money.push(point);
     if (money.length > 240) money.shift();
-    const plot = $("earnings-plot");
-    if (plot && current === "money") plot.replaceWith(earningsPlot());
+    if (current === "money" && $("earnings-plot")) {
+      $("earnings-plot").replaceWith(earningsPlot());
+      $("wallet-plot").replaceWith(walletPlot());
+    }
   });
   source.addEventListener("nodes", (e) => {
     const text = e.data;

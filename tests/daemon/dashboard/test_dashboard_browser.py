@@ -77,10 +77,14 @@ PAID = {  # the money view's parts as a provider with a chain gets them (test_da
         ]
     },
     "jobs": [],
-    "history": [
-        {"at": 1000.0, "settled": 0, "acknowledged": 0, "pending": 0},
-        {"at": 1030.0, "settled": 20, "acknowledged": 20, "pending": 0},
-        {"at": 1120.0, "settled": 60, "acknowledged": 90, "pending": 30},
+    "history": [  # signed = acknowledged; the stake, 500, tops the wallet plot
+        {"at": at, "signed": acked, "acknowledged": acked, "settled": paid}
+        | {"pending": acked - paid, "balance": balance, "stake": 500}
+        for at, acked, paid, balance in [
+            (1000.0, 0, 0, 100),
+            (1030.0, 20, 20, 120),
+            (1120.0, 90, 60, 160),
+        ]
     ],
 }
 
@@ -172,17 +176,19 @@ def test_the_dashboard_in_chromium_on_three_daemons(tmp_path):
             assert "Fake H100" in gpus and "37 %" in gpus and "60.0 GiB of 80.0 GiB" in gpus
             # and the money view's tables with a chain (this devnet has none; the numbers are
             # test_dashboard_money's): receipts, the voucher, settled, balance and stake
-            money, settled = driver.execute_script(
+            money, settled, balance = driver.execute_script(
                 "const kept = money.splice(0), box = document.createElement('div');"
                 "box.append(...RENDER.money(arguments[0]).flat());"
                 "money.splice(0, money.length, ...kept);"  # the page's own points back
                 "return [Array.from(box.querySelectorAll('table')).map((t) => t.textContent),"
-                " box.querySelector('#earnings-plot polyline.settled').getAttribute('points')];",
+                " box.querySelector('#earnings-plot polyline.settled').getAttribute('points'),"
+                " box.querySelector('#wallet-plot polyline.balance').getAttribute('points')];",
                 PAID,
             )
             wallet, stake, earned, _ = money
             # the earnings plot: the history's points placed by time (30 s, then 90 s on)
             assert settled == "0.0,78.0 75.0,61.1 300.0,27.3", settled
+            assert balance == "0.0,62.8 75.0,59.8 300.0,53.7", balance  # stake: 500 on top
             # a generation that failed over (test_recent makes one on whole daemons): its row
             # counts it and says what failed; the route shown is the one after the failover
             failed_over = driver.execute_script(
