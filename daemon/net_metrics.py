@@ -109,13 +109,15 @@ class NetworkCollector:
         disconnects = CounterMetricFamily(
             "gridmesh_peer_disconnects",
             "Peers this node disconnected, by reason: banned (strikes or a low score, "
-            "p2p.bans), dark (answered neither a request nor two pings, p2p.deadconn)",
+            "p2p.bans), dark (answered neither a request nor two pings, p2p.deadconn), frozen "
+            "(missed pings and was not heard from for 20 s, p2p.peers)",
             labels=["reason"],
         )
         if bans is not None:
             disconnects.add_metric(["banned"], bans.bans)
         if dark is not None:
             disconnects.add_metric(["dark"], dark.dropped)
+            disconnects.add_metric(["frozen"], dark.frozen)
             checks = CounterMetricFamily(
                 "gridmesh_dark_connection_checks",
                 "Peers pinged after a request to them timed out, by outcome: alive (answered "

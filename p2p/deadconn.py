@@ -54,6 +54,12 @@ class DeadConnections:
         self.checks = 0  # pings after a timed-out request
         self.dropped = 0  # peers whose connections were closed as dark
         self.spared = 0  # peers that missed every ping but were heard from meanwhile
+        self.frozen = 0  # peers disconnected as frozen by p2p.peers.track_peers
+
+    async def drop_frozen(self, peer_id: str) -> None:
+        """Close the connections of a peer that answers no pings for long (track_peers)."""
+        self.frozen += 1
+        await self._drop(peer_id)
 
     def heard(self, peer_id: str) -> None:
         """A frame of `peer_id` arrived: its connection is not dark now."""

@@ -494,7 +494,7 @@ class Libp2pNetwork:
 
     async def track_peers(self, interval_s: float) -> None:
         """Keep `peers` current: who is connected or routable, and their measured RTT."""
-        await track_peers(self, interval_s, lambda p: self.host.disconnect(ID.from_base58(p)))
+        await track_peers(self, interval_s, self.dark.drop_frozen)  # counted (/metrics)
 
     async def keep_connected(
         self,

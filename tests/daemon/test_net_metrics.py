@@ -12,6 +12,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.metrics import Metrics
+from p2p.deadconn import DeadConnections
 from p2p.host import HostLimits
 from p2p.network import NetworkError
 from tests.daemon.harness import MemoryCluster, inline_threads
@@ -103,3 +104,25 @@ async def test_a_killed_daemon_moves_the_liveness_metrics(
         assert _value(watcher, "gridmesh_liveness_events_total", event="back") == 0
         assert ("gridmesh_peer_missed_pings", ()) in _samples(watcher)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_frozen_peer_dropped_by_track_peers_is_counted():
+    dropped: list[str] = []
+
+    async def drop(peer_id: str) -> None:
+        dropped.append(peer_id)
+
+    async def ping(peer_id: str) -> float:
+        raise TimeoutError
+
+    class Net:
+        peers: dict = {}  # noqa: RUF012
+        dark = DeadConnections(ping, drop)
+
+    metrics = Metrics()
+    metrics.watch_network(Net())
+    assert _value(metrics, "gridmesh_peer_disconnects_total", reason="frozen") == 0
+    await Net.dark.drop_frozen("frozen-peer")
+    assert dropped == ["frozen-peer"]
+    assert _value(metrics, "gridmesh_peer_disconnects_total", reason="frozen") == 1
+    assert _value(metrics, "gridmesh_peer_disconnects_total", reason="dark") == 0
