@@ -20,7 +20,11 @@ trim or prune: nothing gets above the caps), the resource manager's counter is s
 above them (it counts a connection twice while it upgrades), the breaker and degradation are
 off, and every refusal is counted on the reject hook as `connection`/`REASON`:
 `total_limit`, `per_peer_limit` (the lifecycle), `inbound_limit` (`p2p.guard.harden_inbound`:
-the inbound slots), `rate_limited` (the per-peer connection rate), `resource_limit`.
+the inbound slots), `rate_limited` (the per-peer connection rate), `resource_limit`; and a
+stream past the manager's streams in total (10,000, inbound and outbound) as
+`stream`/`resource_limit`. Streams per peer and per protocol are capped by p2p.guard (the
+manager's protocol limits are not consulted by py-libp2p's swarm), and memory by p2p.buffers
+(nothing in py-libp2p 0.8.1 asks the manager for memory).
 """
 
 from __future__ import annotations
@@ -104,6 +108,8 @@ def count_refusals(manager: ResourceManager, on_reject: RejectHook) -> None:
     def blocked(resource_type: str, direction: str = "unknown", scope: str = "system") -> None:
         if resource_type == "connection":
             on_reject("connection", "rate_limited" if scope == "rate" else "resource_limit")
+        elif resource_type == "stream":  # its streams in total (ResourceLimits.max_streams)
+            on_reject("stream", "resource_limit")
         record(resource_type, direction, scope)
 
     manager._record_blocked_resource = blocked  # type: ignore[method-assign]

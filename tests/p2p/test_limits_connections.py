@@ -12,6 +12,7 @@ import pytest
 import trio
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.rcmgr import Direction
 
 from p2p import caps
 from p2p.host import HostLimits
@@ -113,3 +114,17 @@ def test_the_swarm_limits_never_refuse_before_the_caps():
     assert manager.circuit_breaker is None and manager.graceful_degradation is None
     lifecycle = manager.connection_lifecycle.limits
     assert lifecycle.max_established_total == 10 and lifecycle.max_established_per_peer == 3
+
+
+def test_the_managers_own_refusals_are_counted():
+    rejects: Counter[str] = Counter()
+    manager = caps.resource_manager(
+        HostLimits(), lambda source, reason: rejects.update([f"{source}:{reason}"])
+    )
+    manager.limits.max_streams = 1
+    assert manager.acquire_stream("", Direction.INBOUND)
+    assert not manager.acquire_stream("", Direction.INBOUND)
+    assert rejects["stream:resource_limit"] == 1
+    manager.limits.max_connections = 0
+    assert manager.open_connection(None, endpoint_ip="127.0.0.1") is None
+    assert rejects["connection:resource_limit"] == 1
