@@ -258,7 +258,9 @@ function peerMap(peers) {
     add("line", { x1: 0, y1: 0, x2: x, y2: y, class: p.connected ? "link" : "link down" });
     add("circle", { cx: x, cy: y, r: 4, class: p.connected ? "peer" : "peer down" });
     const anchor = Number(x) > 20 ? "end" : Number(x) < -20 ? "start" : "middle";
-    add("text", { x, y: Number(y) - 6, "text-anchor": anchor },
+    // above the dot, or below it for every other peer: labels of peers on opposite sides
+    // (which run towards the middle) never share a line
+    add("text", { x, y: Number(y) + (i % 2 ? 11 : -6), "text-anchor": anchor },
       `${short(p.peer_id)} ${known ? p.rtt_ms.toFixed(1) + " ms" : "?"}`);
   });
   const figure = el("figure");

@@ -234,6 +234,14 @@ def test_the_dashboard_in_chromium_on_three_daemons(tmp_path):
             wait.until(
                 lambda d: len(d.find_elements(By.CSS_SELECTOR, "#peer-map circle.peer")) == 2
             )
+            overlaps = driver.execute_script(  # the peers' labels can be read: none overlap
+                "const boxes = Array.from(document.querySelectorAll('#peer-map text'),"
+                " (t) => t.getBBox());"
+                "return boxes.flatMap((a, i) => boxes.slice(i + 1).filter((b) =>"
+                " a.x < b.x + b.width && b.x < a.x + a.width"
+                " && a.y < b.y + b.height && b.y < a.y + a.height)).length;"
+            )
+            assert overlaps == 0
 
             open_view("models")
             layer_rows = "#layer-map-tiny tbody tr"
