@@ -253,6 +253,7 @@ class Daemon:
         self.metrics.watch_clusters(self.clusters.snapshot)
         self.metrics.watch_shards(self.shards.snapshot)
         self.metrics.watch_replication(lambda: self.replicator.stats)
+        self.metrics.watch_network(self.net, self.directory.liveness)  # liveness, scores, bans
         self.coordinator = coordinator_for(  # places, heals and scales through clusters
             self.dispatcher,
             self.clusters,

@@ -85,9 +85,6 @@ async def test_a_killed_daemon_moves_the_liveness_metrics(
     async with trio.open_nursery() as nursery:
         cluster = MemoryCluster(tmp_path, nursery, settings=SETTINGS)
         await cluster.start(3)
-        for running in cluster.daemons:  # what the daemon's composition is to do
-            daemon = running.daemon
-            daemon.metrics.watch_network(daemon.net, daemon.directory.liveness)
         await cluster.wait_for(cluster.all_found, 120, "all 3 daemons to find each other")
         victim, watcher = cluster.daemons[2], cluster.daemons[0].daemon.metrics
         await trio.sleep(5)
