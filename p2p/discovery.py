@@ -2,6 +2,28 @@
 
 Sans-IO in the sense of DESIGN.md: it only talks to a `Network`, so the same code runs over
 libp2p in the daemon and over `p2p.testing.memnet` in simulations on trio's virtual clock.
+
+How it scales (issue 19, "Finding nodes at internet scale"):
+
+- Whom to look up. A node's routing table holds O(K log N) peers (k-buckets), so the peers it
+  knows are not the network. `refresh_forever` also sweeps and walks the DHT
+  (`p2p.walks`: iterative Kademlia FIND_NODE walks, `Network.dht_find_peers`, toward one
+  target in each subtree of the key space, then toward a random target now and then), and
+  looks up the record of every node they meet. Walks were chosen over a directory kept in
+  the DHT (a key listing members): such a key is a hot spot that its K holders must serve to
+  everyone, and a hostile holder can hide members; walks load every node alike and need
+  nothing beyond what py-libp2p's Kademlia already answers.
+- How much a node holds. Every node does not need every record at internet scale, and cannot
+  fetch them all every few seconds. `find()` (`nodes_find`) answers from the records this
+  node has found, verified and unexpired: at most `max_peers` (4096 by default). Each is
+  refreshed lazily, asked of its own node (one round trip) once past half its validity, so a
+  node's steady work is at most `max_peers` look-ups per half validity (45 s by default)
+  plus one walk every `walk_interval_s`, whatever N is. Up to `max_peers` nodes, every node
+  lists every live node (the 1,000-node simulation checks it); beyond, it lists the nodes its
+  walks met last, the peers of its routing table first (kept whatever the cap).
+- Who is gone: `p2p.liveness` (closed connections, unanswered pings: at most
+  `liveness_max_pings` pings a round however many peers are connected), and `p2p.gone`
+  (what one node saw go, it tells the others by gossip; each checks with one request).
 """
 
 from __future__ import annotations
@@ -16,8 +38,10 @@ import msgspec
 import trio
 
 from p2p import identity, records
+from p2p.gone import GoneNotices
 from p2p.liveness import Liveness
 from p2p.network import Network
+from p2p.walks import Walker
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +78,14 @@ class DiscoverySettings:
     # it answers again or publishes anew (p2p.liveness)
     liveness_probe_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0
     liveness_misses: Annotated[int, msgspec.Meta(ge=1)] = 3
+    # pings a liveness round sends at most (suspects first, then the longest unpinged)
+    liveness_max_pings: Annotated[int, msgspec.Meta(ge=1)] = 16
+    # how many nodes' records a node holds and lists at most (see the module's docstring)
+    max_peers: Annotated[int, msgspec.Meta(ge=1)] = 4096
+    # walks of the DHT meet nodes beyond the known ones (p2p.walks): one toward a random
+    # target every `walk_interval_s`, a sweep of the key space every `sweep_interval_s`
+    walk_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    sweep_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 600.0
 
 
 class RecordValidator:
@@ -104,23 +136,44 @@ class ResourceDirectory:
         """`price_per_unit`: this node's price, signed into its record (None: declares none)."""
         self._net = net
         self._ident = ident
+        self._self_id = ident.peer_id  # derived from the key on each read: read it once
         self._settings = settings
         self._describe = describe
         self._price_per_unit = price_per_unit
         self._on_reject = on_reject or (lambda reason: None)
         # a record stored with us (its publisher put it here) is verified: cache it at once
         self.validator = RecordValidator(settings, net.now, self._on_reject, self._offer)
-        self._cache: dict[str, records.ResourceRecord] = {}
+        self._cache: dict[str, records.ResourceRecord] = {}  # at most max_peers (_trim)
         # peer id -> when it may be looked up again; set when a look-up starts, cleared when
         # one finds a record, so a look-up that fails or is cancelled counts as a miss
         self._retry_at: dict[str, float] = {}
         self._backoff: dict[str, float] = {}  # peer id -> its current retry delay
         self._attempted: set[str] = set()  # peers looked up at least once
         self._refreshers = 0  # running refresh_forever tasks
+        # meets nodes beyond the network's known peers (p2p.walks)
+        self.walker = Walker(
+            net,
+            timeout_s=settings.dht_timeout_s,
+            interval_s=settings.walk_interval_s,
+            sweep_interval_s=settings.sweep_interval_s,
+            max_nodes=settings.max_peers,
+            known=self._knows,
+            view=lambda: len(self._candidates()),
+            on_new=self._met_new,
+        )
+        self.lookups = 0  # records looked up (asked of their node, walked if need be)
         self._wake = trio.Event()  # set by find() when it saw peers never looked up
         # who is gone, from closed connections and unanswered pings (runs in refresh_forever)
         self.liveness = Liveness(
-            net, probe_interval_s=settings.liveness_probe_s, misses=settings.liveness_misses
+            net,
+            probe_interval_s=settings.liveness_probe_s,
+            misses=settings.liveness_misses,
+            max_pings=settings.liveness_max_pings,
+            on_lost=self._saw_gone,
+        )
+        # tells the others whom this node saw go, checks whom they saw go (p2p.gone)
+        self.gone = GoneNotices(
+            net, self.liveness, probe=self._answers, lists=self.lists, on_reject=self._on_reject
         )
         self.published = 0
         self.publish_failures = 0
@@ -142,7 +195,7 @@ class ResourceDirectory:
 
     def _own(self, value: bytes) -> records.ResourceRecord:
         return records.validate_record(
-            self.key_for(self._ident.peer_id),
+            self.key_for(self._self_id),
             value,
             now=self._net.now(),
             network_id=self._settings.network_id,
@@ -158,7 +211,7 @@ class ResourceDirectory:
             log.warning("our own resource record is invalid: %s", exc)
         with trio.move_on_after(self._settings.dht_timeout_s):
             try:
-                await self._net.dht_put(self.key_for(self._ident.peer_id), value)
+                await self._net.dht_put(self.key_for(self._self_id), value)
             except Exception as exc:  # a failed put is retried at the next interval
                 log.debug("publishing resource record failed: %r", exc)
                 self.publish_failures += 1
@@ -187,6 +240,7 @@ class ResourceDirectory:
         records expired from `nodes_find`.
         """
         key = self.key_for(peer_id)
+        self.lookups += 1
         found: list[records.ResourceRecord] = []
         owner_done = trio.Event()
 
@@ -217,6 +271,17 @@ class ResourceDirectory:
                 nursery.start_soon(walk)
         return found[0] if found else None
 
+    def _saw_gone(self, peer_id: str) -> None:
+        self.gone.saw_gone(peer_id)
+
+    async def _answers(self, peer_id: str) -> bool:
+        """Whether `peer_id` itself answers with its valid record (kept if it does)."""
+        value = await self._net.dht_get_from(peer_id, self.key_for(peer_id))
+        record = self._verified(peer_id, value)
+        if record is not None:
+            self._offer(record)
+        return record is not None
+
     def _verified(self, peer_id: str, value: bytes | None) -> records.ResourceRecord | None:
         """`value` as `peer_id`'s valid record, or None (refusals counted, stale ones not)."""
         if value is None:
@@ -240,6 +305,8 @@ class ResourceDirectory:
         current = self._cache.get(record.peer_id)
         if current is None or record.issued_at >= current.issued_at:
             self._cache[record.peer_id] = record
+            if current is None and len(self._cache) > self._settings.max_peers:
+                self._trim()
         self._retry_at.pop(record.peer_id, None)
         self._backoff.pop(record.peer_id, None)
 
@@ -276,13 +343,41 @@ class ResourceDirectory:
             self._offer(record)
 
     def _candidates(self) -> list[str]:
-        return sorted(self._net.known_peers() | {self._ident.peer_id})
+        """Whose records to hold: ourselves, the network's known peers, and the nodes whose
+        records we hold or our walks met (see `_trim`: at most `max_peers` in all)."""
+        return list(
+            self._net.known_peers() | self.walker.met.keys() | self._cache.keys() | {self._self_id}
+        )
+
+    def _trim(self) -> None:
+        """Keep at most `max_peers` nodes beyond the known ones: those met longest ago go first,
+        those without a record before those with one."""
+        cap = self._settings.max_peers
+        extra = (self.walker.met.keys() | self._cache.keys()) - self._net.known_peers()
+        extra.discard(self._self_id)
+        excess = len(extra) - max(0, cap - len(self._net.known_peers()) - 1)
+        if excess <= 0:
+            return
+        order = sorted(extra, key=lambda p: (p in self._cache, self.walker.met.get(p, -math.inf)))
+        for peer_id in order[:excess]:
+            self.walker.drop(peer_id)
+            self._cache.pop(peer_id, None)
+
+    def _knows(self, peer_id: str) -> bool:
+        return peer_id in self._cache or peer_id in self._net.known_peers()
+
+    def _met_new(self) -> None:
+        """A walk met nodes we did not know: keep within the cap, look them up now."""
+        self._trim()
+        self._wake.set()
 
     def _forget_expired(self) -> None:
         now = self._net.now()
         for peer_id, record in list(self._cache.items()):
             if record.expires_at < now:
                 del self._cache[peer_id]
+        # met a record's lifetime ago and no record since: hearsay of a node that left
+        self.walker.forget(now - self._settings.record_validity_s, self._cache.__contains__)
         # a peer that left is forgotten once its back-off has run out, not before: leaving
         # and reconnecting must not earn a silent peer another wait in find()
         known = set(self._candidates())
@@ -302,9 +397,14 @@ class ResourceDirectory:
 
     def _listed(self, record: records.ResourceRecord) -> bool:
         """Whether find() lists `record`: ours always, another's unless its node is gone."""
-        if record.peer_id == self._ident.peer_id:
+        if record.peer_id == self._self_id:
             return True
         return not self.liveness.hides(record.peer_id, record.issued_at)
+
+    def lists(self, peer_id: str) -> bool:
+        """Whether find() lists `peer_id` now (its record held, unexpired, its node not gone)."""
+        record = self._cache.get(peer_id)
+        return record is not None and record.expires_at >= self._net.now() and self._listed(record)
 
     async def refresh_once(self) -> int:
         """Look up, in parallel, every known peer whose record is due; how many were due."""
@@ -344,6 +444,8 @@ class ResourceDirectory:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.liveness.run, self._cache.__contains__, self._addrs_of)
+                nursery.start_soon(self.walker.run)
+                nursery.start_soon(self.gone.run)
                 while True:
                     now = self._net.now()
                     for peer_id in self._candidates():

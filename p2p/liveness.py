@@ -22,6 +22,10 @@ already observes, on the `Network` seam only (so it runs alike over libp2p and i
   redial refused at once marks the peer gone, one that only ran out of time must fail twice
   in a row.
 
+At most `max_pings` peers are pinged a round, however many are connected (a node that looked
+up a thousand records holds a thousand connections): those that missed a ping first, then
+those pinged longest ago, in turn. With a few peers every one is pinged every round.
+
 A gone peer's record is kept, not deleted: it is listed again as soon as the peer answers a
 ping or a dial, or a record it issued after it was taken for gone is seen. Peers this
 node has never been connected to are judged by their record's validity alone.
@@ -29,6 +33,7 @@ node has never been connected to are judged by their record's validity alone.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable
@@ -52,7 +57,12 @@ class Liveness:
         redial_timeout_s: float = 5.0,
         recheck_s: float = 5.0,
         max_parallel: int = 32,
+        max_pings: int = 16,
+        on_lost: Callable[[str], None] | None = None,
     ) -> None:
+        """`on_lost(peer)`: this node saw `peer` go (not told: see `mark_gone`), or, when it
+        pings only some of its peers a round, suspects it (a ping unanswered and counted:
+        others check for themselves, see `p2p.gone`)."""
         self._net = net
         self._probe_interval_s = probe_interval_s
         self._misses_needed = misses
@@ -61,6 +71,10 @@ class Liveness:
         self._rechecked: dict[str, float] = {}  # gone peer -> when it was last dialled
         self._slow_dials: set[str] = set()  # peers whose last redial ran out of time
         self._limiter = trio.CapacityLimiter(max_parallel)
+        self._max_pings = max_pings
+        self._on_lost = on_lost or (lambda peer_id: None)
+        self._turns: dict[str, None] = {}  # connected peers, the longest unpinged first
+        self._capped = False  # whether the last round pinged only some connected peers
         self._lost: dict[str, float] = {}  # peer -> when (net.now()) it was taken for gone
         self._misses: dict[str, int] = {}  # connected peer -> pings missed in a row
         self.lost_total = 0  # peers taken for gone (closed and not redialled, or silent)
@@ -83,11 +97,18 @@ class Liveness:
             return False
         return True
 
-    def _mark_lost(self, peer_id: str, why: str) -> None:
+    def _mark_lost(self, peer_id: str, why: str, *, seen: bool = True) -> None:
         if peer_id not in self._lost:
             self._lost[peer_id] = self._net.now()
             self.lost_total += 1
             log.info("peer %s is gone (%s): no longer listed", peer_id, why)
+            if seen:
+                self._on_lost(peer_id)
+
+    def mark_gone(self, peer_id: str, why: str) -> None:
+        """Take `peer_id` for gone on another's word, checked by the caller (`p2p.gone`): as
+        a peer this node saw go, it is listed again when it answers or publishes anew."""
+        self._mark_lost(peer_id, why, seen=False)
 
     def _revive(self, peer_id: str) -> None:
         if self._lost.pop(peer_id, None) is not None:
@@ -126,6 +147,10 @@ class Liveness:
             # (a peer with no record listed has nothing to hide: not marked, nor logged)
             if count >= self._misses_needed and watched(peer_id):
                 self._mark_lost(peer_id, f"{count} pings unanswered")
+            elif self._capped and watched(peer_id):
+                # suspected, by one of the few that ping it: the others may check it now
+                # (where each node pings every peer each round, each judges for itself)
+                self._on_lost(peer_id)
 
     async def _redial(self, peer_id: str, addrs: list[str]) -> None:
         """A connection to `peer_id` closed (or it is gone and due for another try): dial it
@@ -154,8 +179,9 @@ class Liveness:
         addrs_of: Callable[[str], list[str]],
     ) -> None:
         """Until cancelled: every `probe_interval_s`, redial the `watched` peers whose
-        connections closed since a round saw them open (at `addrs_of(peer)`) and ping every
-        connected peer. `watched`: peers whose loss matters (those with a record listed)."""
+        connections closed since a round saw them open (at `addrs_of(peer)`) and ping the
+        connected peers (at most `max_pings`).
+        `watched`: peers whose loss matters (those with a record listed)."""
         seen: set[str] = set()  # peers connected at some round and not taken for gone since
         dialling: set[str] = set()  # redials under way (they run beside the rounds)
         late_s = 0.0  # how much later than asked the last round began
@@ -190,14 +216,38 @@ class Liveness:
                         dialling.add(peer_id)
                         background.start_soon(redial, peer_id)
                 missed: list[str] = []
+                pinged = self._to_ping(connected)
                 async with trio.open_nursery() as nursery:
-                    for peer_id in connected:
+                    for peer_id in pinged:
                         nursery.start_soon(self._ping, peer_id, missed)
-                self._count_misses(missed, len(connected), late_s, watched)
+                self._count_misses(missed, len(pinged), late_s, watched)
                 self._misses = {p: n for p, n in self._misses.items() if p in connected}
                 slept_from = trio.current_time()
                 await trio.sleep(self._probe_interval_s)
                 late_s = trio.current_time() - slept_from - self._probe_interval_s
+
+    def _to_ping(self, connected: set[str]) -> list[str]:
+        """This round's pings: every connected peer, or at most `max_pings` of them (those
+        that missed the last ping first, then in turn, the longest unpinged first)."""
+        self._capped = len(connected) > self._max_pings
+        if not self._capped:
+            self._turns.clear()
+            return list(connected)
+        turns = self._turns
+        for peer_id in turns.keys() - connected:
+            del turns[peer_id]
+        for peer_id in connected - turns.keys():
+            turns[peer_id] = None
+        chosen = [p for p in self._misses if p in connected][: self._max_pings]
+        for peer_id in itertools.islice(turns, 2 * self._max_pings):
+            if len(chosen) >= self._max_pings:
+                break
+            if peer_id not in chosen:
+                chosen.append(peer_id)
+        for peer_id in chosen:  # to the back of the line
+            turns.pop(peer_id, None)
+            turns[peer_id] = None
+        return chosen
 
     def forget(self, keep: set[str]) -> None:
         """Drop what is known of peers outside `keep` (their records expired)."""

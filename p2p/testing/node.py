@@ -73,7 +73,7 @@ class MemoryNode(Peering):
         self._validators: dict[str, list[GossipValidator]] = {}  # topic -> all must accept
         self._seen: set[bytes] = set()
         self._seen_order: deque[bytes] = deque()
-        self._gossip_cache: dict[str, tuple[int, int, list[str]]] = {}
+        self._gossip_cache: dict[str, tuple[Any, int, list[str]]] = {}
         self.gossip_received = 0  # first copies of messages on subscribed topics
         self.gossip_duplicates = 0  # copies dropped as already seen
         self.gossip_handler_errors = 0  # handler calls that raised
@@ -330,13 +330,21 @@ class MemoryNode(Peering):
             self._seen.discard(self._seen_order.popleft())
 
     def _gossip_peers(self, topic: str) -> list[str]:
-        """Known peers subscribed to `topic`, sorted; cached until the table or topic changes."""
+        """Known peers subscribed to `topic`, sorted; cached until the table or topic changes.
+
+        With k-buckets, the peers this node exchanged messages with too: GossipSub meshes
+        over connections, and a node that joined late sits in few full buckets (Kademlia
+        keeps old peers), so the table alone would rarely pass it a message."""
         table_version, subs_version = self._table.version, self._hub._subscriptions_version
+        if self._hub.bucket_size is not None:  # contacts only grow: their count versions them
+            table_version = (table_version, len(self._contacts))
         cached = self._gossip_cache.get(topic)
         if cached is not None and cached[0] == table_version and cached[1] == subs_version:
             return cached[2]
         subscribers = self._hub._subscribers.get(topic)
         peers = sorted(self._table.members(subscribers)) if subscribers else []
+        if subscribers and self._hub.bucket_size is not None:
+            peers = sorted(set(peers) | (self._contacts & subscribers))
         self._gossip_cache[topic] = (table_version, subs_version, peers)
         return peers
 

@@ -7,10 +7,16 @@ from __future__ import annotations
 import math
 import random
 
+import msgspec
 import trio
 
+from p2p.discovery import DiscoverySettings, ResourceDirectory
+from p2p.gone import GONE_TOPIC, GoneNotice
+from p2p.identity import NodeIdentity
+from p2p.testing.discovery_sim import SETTINGS, shared_signature_checks, simulate
 from p2p.testing.kademlia import K, RoutingTable, dht_id, target_id
 from p2p.testing.memnet import MemoryNetwork
+from p2p.walks import sweep_bits, sweep_targets
 
 
 def test_k_buckets_keep_at_most_k_per_bucket_and_free_room_on_discard() -> None:
@@ -63,3 +69,113 @@ async def test_walks_find_the_true_closest_in_about_log2_n_rounds(autojump_clock
     rounds = list(hub.lookup_rounds.elements())
     assert len(rounds) == 40
     assert max(rounds) <= math.log2(count) and sum(rounds) / len(rounds) >= 2, rounds
+
+
+def test_sweep_targets_land_one_in_each_subtree() -> None:
+    for bits in (1, 4, 7):
+        targets = sweep_targets(bits)
+        assert len(targets) == 1 << bits
+        subtrees = [target_id(t) >> (256 - bits) for t in targets]
+        assert subtrees == list(range(1 << bits))
+    assert sweep_bits(1000, 4096) == 7  # about K/2 = 10 nodes a subtree
+    assert sweep_bits(100_000, 4096) == sweep_bits(4096, 4096) == 9  # bounded by the cap
+    assert sweep_bits(0, 4096) == 1
+
+
+def _directories(hub: MemoryNetwork, count: int, settings: DiscoverySettings) -> list:
+    out = []
+    for index in range(count):
+        ident = NodeIdentity.generate()
+        node = hub.add_node(ident.peer_id)
+        directory = ResourceDirectory(
+            node, ident, settings, describe=lambda i=index: ([f"/memory/{i}"], {"i": i})
+        )
+        node.set_validator(directory.validator)
+        out.append((ident.peer_id, node, directory))
+    return out
+
+
+async def test_records_beyond_the_known_peers_are_found_and_the_cap_holds(autojump_clock):
+    """With k-buckets (bucket size 4) nobody knows all 60 nodes, yet with walks every node
+    lists every node; a node whose cap is 12 lists no more than that (its table's peers
+    first), and still every node it knows of."""
+    hub = MemoryNetwork(seed=21, bucket_size=4)
+    settings = DiscoverySettings(network_id="sim", record_validity_s=90, publish_interval_s=30)
+    capped = DiscoverySettings(
+        network_id="sim", record_validity_s=90, publish_interval_s=30, max_peers=12
+    )
+    nodes = _directories(hub, 59, settings) + _directories(hub, 1, capped)
+    rng = random.Random(21)
+    for index in range(1, len(nodes)):
+        await nodes[index][1].connect(nodes[rng.randrange(index)][0])
+    everyone = {peer_id for peer_id, _, _ in nodes}
+    async with trio.open_nursery() as nursery:
+        for _, _, directory in nodes:
+            nursery.start_soon(directory.run)
+            nursery.start_soon(directory.refresh_forever)
+        await trio.sleep(60)  # virtual time (autojump clock)
+        assert all(len(node.known_peers()) < 40 for _, node, _ in nodes)
+        for peer_id, _, directory in nodes[:-1]:
+            assert {r.peer_id for r in await directory.find()} == everyone, peer_id
+        _, node, directory = nodes[-1]
+        listed = {r.peer_id for r in await directory.find()}
+        assert len(listed) <= max(12, len(node.known_peers()) + 1)
+        assert node.known_peers() <= listed
+        assert sum(d.walker.walks for _, _, d in nodes) >= 60
+        nursery.cancel_scope.cancel()
+
+
+async def _all_list(nodes: list, everyone: set[str]) -> bool:
+    return all([{r.peer_id for r in await d.find()} == everyone for _, _, d in nodes])
+
+
+async def test_a_false_gone_notice_hides_no_live_node_and_a_malformed_one_goes_nowhere(
+    autojump_clock,
+):
+    """A liar announces that a live node is gone: every node asks that node itself, it
+    answers, and it stays listed; bytes that are no notice are refused by the validator."""
+    hub = MemoryNetwork(seed=22)
+    settings = DiscoverySettings(network_id="sim", record_validity_s=90, publish_interval_s=30)
+    nodes = _directories(hub, 6, settings)
+    for index in range(1, len(nodes)):
+        await nodes[index][1].connect(nodes[0][0])
+    liar = hub.add_node("liar")
+    await liar.connect(nodes[0][0])
+    everyone = {peer_id for peer_id, _, _ in nodes}
+    async with trio.open_nursery() as nursery:
+        for _, _, directory in nodes:
+            nursery.start_soon(directory.run)
+            nursery.start_soon(directory.refresh_forever)
+        await trio.sleep(20)  # virtual time (autojump clock)
+        assert await _all_list(nodes, everyone)
+        victim = nodes[3][0]
+        await liar.publish(GONE_TOPIC, msgspec.msgpack.encode(GoneNotice(victim)))
+        await liar.publish(GONE_TOPIC, b"\x93not a notice")
+        for _ in range(10):
+            await trio.sleep(0.5)  # virtual time (autojump clock)
+            assert await _all_list(nodes, everyone)
+        others = [d for p, _, d in nodes if p != victim]
+        assert sum(d.gone.refuted for d in others) >= 3  # they asked, it answered
+        assert sum(d.gone.confirmed for d in others) == 0
+        assert sum(d.gone.refused for _, _, d in nodes) >= 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_two_hundred_nodes_find_each_other_and_drop_the_dead_within_10_s(autojump_clock):
+    """p2p.testing.discovery_sim at 200 nodes (bench/discovery_sim.py runs 1,000): lookups
+    take about log2(N) rounds at most, every node lists every node within the record's
+    validity, and stopped or cut-off nodes leave every list within 10 s."""
+    count = 200
+    with shared_signature_checks():
+        result = await simulate(count, seed=3)
+    total = sum(result.lookup_rounds.values())
+    deep = sum(n for rounds, n in result.lookup_rounds.items() if rounds > math.log2(count))
+    assert total > 1000
+    assert result.rounds_mean <= math.log2(count) / 2, result.lookup_rounds
+    assert deep <= total / 100, result.lookup_rounds  # 99 % within log2 N rounds
+    assert result.known_max < count / 2  # k-buckets: nobody knew everyone
+    assert result.all_found_s <= SETTINGS.record_validity_s
+    assert result.gone_s["stopped"] <= 10.0, result.gone_s
+    assert result.gone_s["cut off"] <= 10.0, result.gone_s
+    # bounded work: about one look-up per record per half validity, a walk a second
+    assert result.lookups_per_node_min < 3 * count, result.lookups_per_node_min

@@ -114,3 +114,43 @@ async def test_a_silent_peer_without_a_record_is_not_marked_gone(autojump_clock)
         await trio.sleep(12)
         assert live.lost() == {} and live.lost_total == 0
         nursery.cancel_scope.cancel()
+
+
+class _CountingNet(_Net):
+    def __init__(self, peers: set[str]) -> None:
+        super().__init__(peers)
+        self.pings: list[tuple[float, str]] = []
+
+    async def ping(self, peer_id: str) -> float:
+        self.pings.append((trio.current_time(), peer_id))
+        return await super().ping(peer_id)
+
+
+async def test_many_peers_are_pinged_a_few_a_round_in_turn_and_a_silent_one_is_suspected(
+    autojump_clock,
+):
+    """30 connected peers, at most 4 pings a round: each round sends 4, every peer is pinged
+    within 8 rounds, and a silent peer is announced (`on_lost`) at its first miss, pinged
+    every round after, and gone after three."""
+    peers = {f"p{i}" for i in range(30)}
+    net = _CountingNet(peers)
+    told: list[tuple[float, str]] = []
+    live = Liveness(net, max_pings=4, on_lost=lambda p: told.append((trio.current_time(), p)))  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(live.run, lambda p: True, lambda p: [f"/p2p/{p}"])
+        await trio.sleep(8.5)  # virtual: rounds at 0, 1, ... 8
+        per_round: dict[float, int] = {}
+        for when, _ in net.pings:
+            per_round[when] = per_round.get(when, 0) + 1
+        assert max(per_round.values()) == 4
+        assert {p for _, p in net.pings} == peers  # everyone had a turn
+        assert told == []
+        net.silent.add("p7")
+        silenced = trio.current_time()
+        while "p7" not in live.lost():  # noqa: ASYNC110
+            await trio.sleep(0.5)  # virtual time (autojump clock)
+        assert told and told[0][1] == "p7"
+        assert told[0][0] - silenced <= 8 + 2 + 1  # its turn, then one ping timeout
+        assert [p for _, p in told].count("p7") == 3  # two suspicions, then gone
+        assert set(live.lost()) == {"p7"}
+        nursery.cancel_scope.cancel()
