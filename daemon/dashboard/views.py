@@ -196,7 +196,7 @@ async def jobs_view(call: Call, per_model: list[dict[str, Any]]) -> dict[str, An
 async def money_view(call: Call) -> dict[str, Any]:
     return {
         "wallet": await _part(call, "wallet"),
-        "earnings": await _part(call, "earnings"),
+        "earnings": await _part(call, "earnings", {"history": True}),  # with its plot's points
         "jobs": await _part(call, "job_list"),
     }
 

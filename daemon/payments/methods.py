@@ -266,15 +266,19 @@ def register_payment_methods(dispatcher: Dispatcher, payments: Payments) -> None
         return [job.as_json() for job in await book.run(book.list)]
 
     @chain_errors
-    async def earnings() -> dict[str, Any]:
+    async def earnings(history: bool = False) -> dict[str, Any]:
         """What this node earned as a provider, per job: receipts signed, acknowledged,
-        settled and pending; with its token balance and stake when a chain is configured."""
+        settled and pending; with `history`, also those totals over time (at most about 240
+        points); with its token balance and stake when a chain is configured."""
         import trio
 
         from daemon.payments.store import earnings as store_earnings
+        from daemon.payments.store import earnings_history
 
         jobs = await trio.to_thread.run_sync(store_earnings, payments.home)
         out: dict[str, Any] = {"jobs": jobs}
+        if history:
+            out["history"] = await trio.to_thread.run_sync(earnings_history, payments.home)
         if payments.escrow is None:
             out["chain_error"] = payments.why_no_escrow or no_chain_message(
                 payments.home, payments.network

@@ -272,3 +272,55 @@ def earnings(db: Path | str) -> list[dict[str, Any]]:
         ]
     finally:
         store.close()
+
+
+HISTORY_POINTS = 240
+
+
+def earnings_history(db: Path | str, most: int = HISTORY_POINTS) -> list[dict[str, Any]]:
+    """Cumulative earnings over time, oldest first, at most about `most` points, each
+    `{at, signed, acknowledged, settled, pending}` (the token's smallest unit; `at` in Unix
+    seconds, the end of its time bucket). `signed` follows every receipt's time. A job's
+    vouchers and settlements keep only their latest row, so its acknowledged and settled
+    amounts appear whole at the time of its latest voucher and settlement. [] without a
+    store. Rows are read one by one (a provider's millions of receipts take time here, not
+    memory): the `earnings` RPC computes it only when asked (`history: true`)."""
+    if most < 1:
+        raise ValueError("most must be >= 1")
+    path = Path(db)
+    if path.is_dir():
+        path = path / STORE_FILE
+    if not path.exists():
+        return []
+    store = PaymentStore(path)
+    try:
+        return _history(store._db, most)
+    finally:
+        store.close()
+
+
+def _history(db: Any, most: int) -> list[dict[str, Any]]:
+    tables = ("receipts", "vouchers", "settlements")
+    spans = [db.execute(f"SELECT MIN(at), MAX(at) FROM {t}").fetchone() for t in tables]
+    known = [s for s in spans if s[0] is not None]
+    if not known:
+        return []
+    first, last = min(s[0] for s in known), max(s[1] for s in known)
+    width = max((last - first) / most, 1e-3)
+    columns = {"receipts": "amount", "vouchers": "cumulative", "settlements": "cumulative"}
+    keys = {"receipts": "signed", "vouchers": "acknowledged", "settlements": "settled"}
+    buckets: dict[int, dict[str, Any]] = {}
+    for table in tables:  # streamed row by row: exact for any amount, memory per bucket only
+        for at, amount in db.execute(f"SELECT at, {columns[table]} FROM {table}"):
+            point = buckets.setdefault(int((at - first) / width), {"at": at})
+            point["at"] = max(point["at"], at)
+            point[keys[table]] = point.get(keys[table], 0) + int(amount)
+    totals = dict.fromkeys(keys.values(), 0)
+    out = []
+    for bucket in sorted(buckets):
+        point = buckets[bucket]
+        for key in totals:
+            totals[key] += point.get(key, 0)
+        pending = max(0, totals["acknowledged"] - totals["settled"])
+        out.append({"at": round(point["at"], 3), **totals, "pending": pending})
+    return out

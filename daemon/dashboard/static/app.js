@@ -12,7 +12,8 @@ const spark = [];
 let current = "node";
 let lastModels = null;
 let lastNodes = null;
-const money = [];  // earnings totals over time: the money view's history, then `money` events
+const money = [];  // balance and stake over time: the money view's history, then `money` events
+const earned = [];  // earnings over time: the payment store's history, then `money` events
 let moneyError = null;  // why the newest point could not be taken (the plot keeps a gap)
 let lastGenerations = [];  // this node's recent generations (views and `generations` events)
 
@@ -177,6 +178,8 @@ const RENDER = {
     if (Array.isArray(data.history) && data.history.length > money.length) {
       money.splice(0, money.length, ...data.history);
     }
+    const stored = (data.earnings || {}).history;
+    if (Array.isArray(stored)) earned.splice(0, earned.length, ...stored);
     return [
       earningsPlot(), walletPlot(),
       partOr("Wallet", data.wallet, (w) => {
@@ -269,10 +272,11 @@ function peerMap(peers) {
   return figure;
 }
 
-// money over time, from the points the daemon kept (one per 30 s while a dashboard page is
-// open, the last 2 hours), each placed by when it was taken; `series`: [key, label, class];
-// `why`: say why the chain's numbers are missing (once per view is enough)
-function moneyPlot(id, title, series, why) {
+// money over time from `money` (points with `at` in Unix seconds: the payment store's history
+// for earnings, the daemon's samples every 30 s while a page is open for balance and stake),
+// each placed by its time; `series`: [key, label, class]; `why`: say why the chain's numbers
+// are missing (once per view is enough); `every`: where the points come from, for the caption
+function moneyPlot(id, title, series, why, money, every) {
   const NS = "http://www.w3.org/2000/svg";
   const figure = el("figure", undefined, { id, class: "money-plot" });
   const svg = document.createElementNS(NS, "svg");
@@ -294,7 +298,7 @@ function moneyPlot(id, title, series, why) {
   figure.appendChild(svg);
   const note = why ? moneyError || last.chain_error : null;
   const since = typeof first === "number" ? new Date(1000 * first).toISOString() : "now";
-  const caption = el("figcaption", `${title} since ${since} (${money.length} points, every 30 s while a dashboard page is open): `);
+  const caption = el("figcaption", `${title} since ${since} (${money.length} points, ${every}): `);
   series.forEach(([key, label, cls], i) => {
     caption.appendChild(el("span", `${label} ${show(last[key])}`, { class: "key " + cls }));
     if (i < series.length - 1) caption.appendChild(document.createTextNode(", "));
@@ -309,14 +313,14 @@ function earningsPlot() {
   return moneyPlot("earnings-plot", "Earnings", [
     ["signed", "signed in receipts", "signed"], ["acknowledged", "acknowledged by vouchers", "acked"],
     ["settled", "settled", "settled"], ["pending", "pending", "pending"],
-  ], true);
+  ], true, earned, "from this node's payment records");
 }
 
 // its token balance and stake on the chain
 function walletPlot() {
   return moneyPlot("wallet-plot", "Balance and stake", [
     ["balance", "balance", "balance"], ["stake", "stake", "stake"],
-  ], false);
+  ], false, money, "every 30 s while a dashboard page is open");
 }
 
 function hopsText(route) {
@@ -503,6 +507,8 @@ function connect() {
     moneyError = point.error || null;
     if (!point.error && (!money.length || money[money.length - 1].at !== point.at)) money.push(point);
     if (money.length > 240) money.shift();
+    if (!point.error && point.at > ((earned[earned.length - 1] || {}).at || 0)) earned.push(point);
+    if (earned.length > 480) earned.shift();
     if (current === "money" && $("earnings-plot")) {
       $("earnings-plot").replaceWith(earningsPlot());
       $("wallet-plot").replaceWith(walletPlot());

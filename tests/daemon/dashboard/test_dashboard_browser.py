@@ -74,17 +74,17 @@ PAID = {  # the money view's parts as a provider with a chain gets them (test_da
                 "settled": 60,
                 "pending": 30,
             }
-        ]
+        ],
+        "history": [  # the payment store's (earnings_history): signed = acknowledged
+            {"at": at, "signed": acked, "acknowledged": acked, "settled": paid}
+            | {"pending": acked - paid}
+            for at, acked, paid in [(1000.0, 0, 0), (1030.0, 20, 20), (1120.0, 90, 60)]
+        ],
     },
     "jobs": [],
-    "history": [  # signed = acknowledged; the stake, 500, tops the wallet plot
-        {"at": at, "signed": acked, "acknowledged": acked, "settled": paid}
-        | {"pending": acked - paid, "balance": balance, "stake": 500}
-        for at, acked, paid, balance in [
-            (1000.0, 0, 0, 100),
-            (1030.0, 20, 20, 120),
-            (1120.0, 90, 60, 160),
-        ]
+    "history": [  # the daemon's samples; the stake, 500, tops the wallet plot
+        {"at": at, "balance": balance, "stake": 500}
+        for at, balance in [(1000.0, 100), (1030.0, 120), (1120.0, 160)]
     ],
 }
 
@@ -177,16 +177,18 @@ def test_the_dashboard_in_chromium_on_three_daemons(tmp_path):
             # and the money view's tables with a chain (this devnet has none; the numbers are
             # test_dashboard_money's): receipts, the voucher, settled, balance and stake
             money, settled, balance = driver.execute_script(
-                "const kept = money.splice(0), box = document.createElement('div');"
+                "const kept = money.splice(0), mine = earned.splice(0),"
+                " box = document.createElement('div');"
                 "box.append(...RENDER.money(arguments[0]).flat());"
                 "money.splice(0, money.length, ...kept);"  # the page's own points back
+                "earned.splice(0, earned.length, ...mine);"
                 "return [Array.from(box.querySelectorAll('table')).map((t) => t.textContent),"
                 " box.querySelector('#earnings-plot polyline.settled').getAttribute('points'),"
                 " box.querySelector('#wallet-plot polyline.balance').getAttribute('points')];",
                 PAID,
             )
             wallet, stake, earned, _ = money
-            # the earnings plot: the history's points placed by time (30 s, then 90 s on)
+            # the earnings plot: the store's history placed by time (30 s, then 90 s on)
             assert settled == "0.0,78.0 75.0,61.1 300.0,27.3", settled
             assert balance == "0.0,62.8 75.0,59.8 300.0,53.7", balance  # stake: 500 on top
             # a generation that failed over (test_recent makes one on whole daemons): its row

@@ -85,6 +85,10 @@ async def test_receipts_vouchers_settlements_balance_and_stake(autojump_clock, t
         assert wallet["balance"] > 0 and wallet["gas_balance"] == GAS
         assert wallet["stake"]["stake"] == STAKE and wallet["stake"]["active"] is True
         assert money["earnings"]["balance"] == wallet["balance"]
+        # the earnings plot's points: the payment store's history, ending at the totals
+        history = money["earnings"]["history"]
+        assert history and history[-1]["signed"] == history[-1]["settled"] == owed
+        assert history[-1]["pending"] == 0
 
         # the feed's first `money` event: one point of the earnings plot, with the totals
         client, conn, reply = await feed(nursery, server, cookie)

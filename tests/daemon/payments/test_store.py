@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from contracts.eip712 import Domain, SignedVoucher, Signer, Voucher, encode_signed_voucher
 from contracts.receipts import ReceiptChain
 from daemon.payments import wire
-from daemon.payments.store import STORE_FILE, PaymentStore, earnings
+from daemon.payments.store import STORE_FILE, PaymentStore, earnings, earnings_history
 
 DOMAIN = Domain(chain_id=131277322940537, verifying_contract=bytes(range(20)))
 PAYER = Signer(bytes([1] * 32))
@@ -182,3 +182,44 @@ def test_maps_of_any_shape_raise_only_the_decoders_error(obj):
             wire.voucher_of(message)
     except wire.VoucherWireError:
         pass
+
+
+def test_earnings_over_time_are_cumulative_bounded_and_exact(tmp_path, monkeypatch):
+    """Receipts at their own times, a job's voucher and settlement at their latest: the
+    history is cumulative, in time order, about `most` points at most, and exact past 64
+    bits."""
+    import daemon.payments.store as store_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(store_module.time, "time", lambda: clock[0])
+    assert earnings_history(tmp_path) == []
+    store = PaymentStore(tmp_path / STORE_FILE)
+    assert earnings_history(tmp_path) == []  # a store without a row yet
+    signed = receipts(JOB, 3)  # 6, 12, 18
+    for at, r in zip((1000.0, 1001.0, 2000.0), signed, strict=True):
+        clock[0] = at
+        store.add_receipt(r, DOMAIN.digest(r.receipt))
+    clock[0] = 2500.0
+    store.put_voucher(voucher(JOB, 36, 1))
+    clock[0] = 3000.0
+    store.record_settled(voucher(JOB, 24, 1))
+    big = (1 << 200) + 7
+    store.put_voucher(voucher(OTHER_JOB, big, 1))  # also at 3000
+    store.close()
+
+    history = earnings_history(tmp_path, most=10)
+    assert 4 <= len(history) <= 11
+    assert history[0] == {
+        "at": 1001.0, "signed": 18, "acknowledged": 0, "settled": 0, "pending": 0
+    }  # fmt: skip
+    assert [p["at"] for p in history] == sorted(p["at"] for p in history)
+    for key in ("signed", "acknowledged", "settled"):
+        values = [p[key] for p in history]
+        assert values == sorted(values), key
+    assert history[-1] == {
+        "at": 3000.0, "signed": 36, "acknowledged": 36 + big, "settled": 24, "pending": 12 + big
+    }  # fmt: skip
+    assert [p for p in history if p["at"] == 2500.0][0]["acknowledged"] == 36
+    assert len(earnings_history(tmp_path, most=1)) <= 2
+    with pytest.raises(ValueError):
+        earnings_history(tmp_path, most=0)
