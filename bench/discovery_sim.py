@@ -55,6 +55,12 @@ def table(result: SimResult) -> str:
         ),
         ("record look-ups per node per min", f"{result.lookups_per_node_min:.0f}", "until then"),
         ("DHT walks per node per min", f"{result.walks_per_node_min:.0f}", "until then"),
+        (
+            "record look-ups per node per min",
+            f"{result.steady_lookups_per_node_min:.0f}",
+            "the 30 s after (all still listed)",
+        ),
+        ("DHT walks per node per min", f"{result.steady_walks_per_node_min:.1f}", "the 30 s after"),
         ("stopped nodes gone from every list", f"{result.gone_s['stopped']:.2f} s", "<= 10 s"),
         ("cut-off nodes gone from every list", f"{result.gone_s['cut off']:.2f} s", "<= 10 s"),
         ("messages", f"{result.messages}", ""),

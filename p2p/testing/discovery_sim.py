@@ -6,7 +6,8 @@ earlier node, each publishing its signed record and running `refresh_forever` as
 does, on trio's virtual clock. `simulate` measures:
 - the rounds of every iterative lookup the run made (puts, walks, gets), against log2 N;
 - how long until every node's `find()` lists every node (against the record's validity);
-- the work each node did: records looked up and walks, per node per virtual minute;
+- the work each node did: records looked up and walks, per node per virtual minute, until
+  then and over `steady_s` after (when every node must still list every node);
 - after `kills` nodes are stopped (their connections refused, as a killed process's are)
   and `cutoffs` are cut off (a partition: their connections stay open but silent), how
   long until no live node lists them any more.
@@ -73,8 +74,10 @@ class SimResult:
     lookup_rounds: Counter[int]
     known_max: int  # the largest routing table
     all_found_s: float  # virtual seconds until every node listed every node
-    lookups_per_node_min: float  # record look-ups per node per virtual minute
+    lookups_per_node_min: float  # record look-ups per node per virtual minute, until all found
     walks_per_node_min: float
+    steady_lookups_per_node_min: float  # the same over `steady_s` after all were found
+    steady_walks_per_node_min: float
     gone_s: dict[str, float]  # "stopped" / "cut off" -> slowest victim's seconds
     wall_s: float
     messages: int
@@ -111,6 +114,7 @@ async def simulate(
     settings: DiscoverySettings = SETTINGS,
     limit_s: float | None = None,
     poll_s: float = 5.0,
+    steady_s: float = 30.0,
 ) -> SimResult:
     """Run the simulation (under a MockClock with autojump); raises AssertionError when the
     nodes do not all find each other within `limit_s` (default: the record's validity)."""
@@ -156,6 +160,10 @@ async def simulate(
         minutes = all_found_s / 60
         lookups = sum(sim.directory.lookups for sim in sims)
         walks = sum(sim.directory.walker.walks for sim in sims)
+        await trio.sleep(steady_s)  # virtual time: the work of keeping what was found
+        steady_lookups = sum(sim.directory.lookups for sim in sims) - lookups
+        steady_walks = sum(sim.directory.walker.walks for sim in sims) - walks
+        assert _all_listed(sims), "a node stopped listing a live node"
 
         victims = rng.sample(sims, kills + cutoffs)
         stopped, cut = victims[:kills], victims[kills:]
@@ -185,6 +193,8 @@ async def simulate(
         all_found_s=all_found_s,
         lookups_per_node_min=lookups / count / max(minutes, 1e-9),
         walks_per_node_min=walks / count / max(minutes, 1e-9),
+        steady_lookups_per_node_min=steady_lookups / count / (steady_s / 60),
+        steady_walks_per_node_min=steady_walks / count / (steady_s / 60),
         gone_s=gone_s,
         wall_s=time.perf_counter() - wall,
         messages=hub.messages_sent,
