@@ -10,8 +10,10 @@ import random
 import msgspec
 import trio
 
+from p2p import records
 from p2p.discovery import DiscoverySettings, ResourceDirectory
 from p2p.gone import GONE_TOPIC, GoneNotice
+from p2p.host import Libp2pNetwork
 from p2p.identity import NodeIdentity
 from p2p.testing.discovery_sim import SETTINGS, shared_signature_checks, simulate
 from p2p.testing.kademlia import K, RoutingTable, dht_id, target_id
@@ -189,3 +191,54 @@ async def test_two_hundred_nodes_find_each_other_and_drop_the_dead_within_10_s(a
     per_half_validity = result.steady_lookups_per_node_min * SETTINGS.record_validity_s / 120
     assert per_half_validity < 1.5 * count, result.steady_lookups_per_node_min
     assert result.steady_walks_per_node_min <= 60 / SETTINGS.walk_interval_s + 1
+
+
+class _DirectoryValidator:
+    """The host's DHT validator is the directory's, which exists only after the host."""
+
+    directory: ResourceDirectory | None = None
+
+    def validate(self, key: str, value: bytes) -> None:
+        assert self.directory is not None
+        self.directory.validator.validate(key, value)
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        assert self.directory is not None
+        return self.directory.validator.select(key, values)
+
+
+async def test_on_libp2p_a_walk_meets_a_node_two_hops_away_and_its_record_is_listed() -> None:
+    """Real py-libp2p hosts in a line, a - b - c: a's walks (dht_find_peers) meet c, whom a
+    never dialled, and a lists c's record."""
+    settings = DiscoverySettings(
+        network_id="walks", record_validity_s=30, publish_interval_s=5, walk_interval_s=1
+    )
+    parts = []
+    for _ in range(3):
+        ident = NodeIdentity.generate()
+        validator = _DirectoryValidator()
+        net = Libp2pNetwork(
+            ident,
+            network_id="walks",
+            listen=["/ip4/127.0.0.1/tcp/0"],
+            dht_namespace=records.NAMESPACE,
+            dht_validator=validator,
+        )
+        directory = ResourceDirectory(net, ident, settings, describe=lambda: ([], {}))
+        validator.directory = directory
+        parts.append((net, directory))
+    (a, found_by_a), (b, _), (c, _) = parts
+    async with a.run(), b.run(), c.run():
+        await a.connect(b.listen_addrs()[0])
+        await c.connect(b.listen_addrs()[0])
+        assert c.peer_id not in a.known_peers()
+        async with trio.open_nursery() as nursery:
+            for _, directory in parts:
+                nursery.start_soon(directory.run)
+                nursery.start_soon(directory.refresh_forever)
+            with trio.fail_after(30):
+                while c.peer_id not in {r.peer_id for r in await found_by_a.find()}:  # noqa: ASYNC110
+                    await trio.sleep(0.1)
+            assert c.peer_id in found_by_a.walker.met
+            assert found_by_a.walker.walks >= 1
+            nursery.cancel_scope.cancel()
