@@ -35,7 +35,8 @@ DHT calls use the same links but bound each RPC by RPC_TIMEOUT_S of virtual time
 unanswered RPC counts as a failure against the peer.
 
 Gossip (`publish`/`subscribe`) is an epidemic broadcast over the same lossy links, one hop per
-message: the publisher sends to `fanout` random known peers subscribed to the topic; a
+message: the publisher sends to `fanout` random known peers subscribed to the topic (with
+k-buckets, known or contacted: GossipSub meshes over connections); a
 subscriber that has not seen the message id (a hash of origin and data, kept in a bounded
 seen-cache) runs the topic's validators (`subscribe(..., validator)`; a refused message is
 counted in `gossip_refused` and goes no further), then hands it to its handlers and forwards it
