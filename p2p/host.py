@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -223,7 +223,9 @@ class Libp2pNetwork:
         )
         self._nursery: trio.Nursery | None = None
         self.host.get_network().register_notifee(ForgetDisconnected(self))
-        self._dht_ops = DhtOps(self.dht, dht_validator, dht_timeout_s, on_dht_op)
+        self._dht_ops = DhtOps(
+            self.dht, dht_validator, dht_timeout_s, on_dht_op, spawn=self._start_soon
+        )
         self._request_timeout_s = request_timeout_s
         self.peers: dict[str, PeerState] = {}
         limits = self.limits
@@ -465,6 +467,12 @@ class Libp2pNetwork:
         """A banned peer connected (or we dialled it): count it and close the connection."""
         self._on_reject("connection", "banned")
         self._drop_in_background(peer_id)
+
+    def _start_soon(self, task: Callable[[], Awaitable[None]]) -> bool:
+        if self._nursery is None:
+            return False
+        self._nursery.start_soon(task)
+        return True
 
     def _drop_in_background(self, peer_id: str) -> None:
         if self._nursery is not None:  # called from sync code
