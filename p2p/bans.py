@@ -18,7 +18,7 @@ Slower misbehaviour (invalid or stale records, refused gossip) lowers the peer's
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 
 from p2p.limits import RateLimiter
@@ -50,11 +50,15 @@ class PeerBans:
         self._clock = clock
         self._until: OrderedDict[str, float] = OrderedDict()
         self.bans = 0  # bans so far
+        self.last_why = ""  # what the latest ban was for (PeerBans.why)
+        # per peer, what its strikes and penalties were for (the ban's log line says why)
+        self._why: OrderedDict[str, Counter[str]] = OrderedDict()
 
-    def strike(self, peer: str) -> None:
+    def strike(self, peer: str, reason: str = "other") -> None:
         """One refusal for abuse; the strike over the limit bans the peer (`ban_s` 0: never)."""
         if self._ban_s <= 0 or self.is_banned(peer):
             return
+        self._note(peer, f"strike: {reason}")
         if not self._strikes.allow(peer):
             self.ban(peer)
 
@@ -63,13 +67,29 @@ class PeerBans:
         threshold it is banned (`ban_s` 0: never)."""
         if self._ban_s <= 0 or self.is_banned(peer):
             return
+        self._note(peer, reason)
         self.scores.penalize(peer, reason)
+
+    def _note(self, peer: str, reason: str) -> None:
+        counts = self._why.pop(peer, None) or Counter()
+        if len(counts) < 32 or reason in counts:
+            counts[reason] += 1
+        self._why[peer] = counts
+        while len(self._why) > self._max_peers:
+            self._why.popitem(last=False)
+
+    def why(self, peer: str) -> str:
+        """What was held against `peer` since its last ban, most frequent first."""
+        counts = self._why.get(peer) or Counter()
+        return ", ".join(f"{reason} x{n}" for reason, n in counts.most_common(5)) or "nothing"
 
     def _on_low(self, peer: str, score: float) -> None:
         self.low_score_bans += 1
         self.ban(peer)
 
     def ban(self, peer: str) -> None:
+        self.last_why = self.why(peer)  # for on_ban to tell
+        self._why.pop(peer, None)
         self._until.pop(peer, None)
         self._until[peer] = self._clock() + self._ban_s
         while len(self._until) > self._max_peers:

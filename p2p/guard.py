@@ -76,7 +76,7 @@ class StreamGuard:
                     refusal = "banned"
                 elif not self._limiter.allow((peer, protocol)):
                     refusal = "rate_limited"
-                    self._bans.strike(peer)
+                    self._bans.strike(peer, f"streams of {protocol}")
                     self._bans.penalize(peer, "rate_limited")
                 if refusal is not None:
                     self._on_reject("stream", refusal)
@@ -174,7 +174,7 @@ class StreamGuard:
         if self._limiter.allow((peer, "dht-message")):
             return True
         if peer is not None:
-            self._bans.strike(peer)
+            self._bans.strike(peer, "DHT messages")
             self._bans.penalize(peer, "rate_limited")
         return False
 
@@ -201,7 +201,7 @@ class StrikingValidator(CountingValidator):
                 if reason in NO_STRIKE_REASONS:
                     self._bans.penalize(peer, "stale")
                 else:
-                    self._bans.strike(peer)
+                    self._bans.strike(peer, f"DHT record {reason}")
                     self._bans.penalize(
                         peer, "bad_signature" if reason == "bad_signature" else "invalid_record"
                     )
@@ -259,7 +259,7 @@ def harden_pubsub(
             bad_sig = pubsub.strict_signing and not _safe_signature_check(msg)
             on_reject("pubsub", "bad_signature" if bad_sig else "refused")
             if bad_sig:  # a strike, not a score: floods of these are what strikes are for
-                bans.strike(peer)
+                bans.strike(peer, "gossip bad_signature")
 
     def notify_subscriptions(msg: Any) -> None:
         for topic in msg.topicIDs:

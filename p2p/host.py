@@ -460,7 +460,12 @@ class Libp2pNetwork:
     def _on_ban(self, peer_id: str) -> None:
         """A peer kept breaking our limits (p2p.bans): count it and close its connections."""
         self._on_reject("peer", "banned")
-        log.warning("peer %s banned for %.0f s: over its limits", peer_id, self.limits.ban_s)
+        log.warning(
+            "peer %s banned for %.0f s: over its limits (%s)",
+            peer_id,
+            self.limits.ban_s,
+            self.bans.last_why,
+        )
         self._drop_in_background(peer_id)
 
     def refuse_banned(self, peer_id: str) -> None:

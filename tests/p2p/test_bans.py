@@ -213,3 +213,15 @@ async def test_dht_messages_over_the_limit_are_strikes_too():
         assert _count(target, "stream", "rate_limited") == 0  # messages, not streams
         assert _count(target, "dht", "rate_limited") >= 3
         assert _count(target, "peer", "banned") == 1
+
+
+def test_a_ban_says_what_was_held_against_the_peer():
+    clock = FakeClock()
+    bans, banned = make_bans(clock, strikes=3)
+    bans.penalize("evil", "stale")
+    for _ in range(4):
+        bans.strike("evil", "streams of /ipfs/kad/1.0.0")
+    assert banned == ["evil"]
+    assert bans.last_why == "strike: streams of /ipfs/kad/1.0.0 x4, stale x1"
+    assert bans.why("evil") == "nothing"  # forgotten with the ban: the next one starts afresh
+    assert bans.why("honest") == "nothing"
