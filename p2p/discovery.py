@@ -17,10 +17,11 @@ How it scales (issue 19, "Finding nodes at internet scale"):
   fetch them all every few seconds. `find()` (`nodes_find`) answers from the records this
   node has found, verified and unexpired: at most `max_peers` (4096 by default). Each is
   refreshed lazily, asked of its own node (one round trip) once past half its validity, so a
-  node's steady work is at most `max_peers` look-ups per half validity (45 s by default)
-  plus one walk every `walk_interval_s`, whatever N is. Up to `max_peers` nodes, every node
-  lists every live node (the 1,000-node simulation checks it); beyond, it lists the nodes its
-  walks met last, the peers of its routing table first (kept whatever the cap).
+  node's steady work is about `max_peers` look-ups per publish interval (a record is fetched
+  ~15 s old on average: 30 s by default) plus one walk every `walk_interval_s`, whatever N
+  is. Up to `max_peers` nodes, every node lists every live node (bench/discovery_sim.py and
+  tests/p2p/test_discovery_scale.py check it); beyond, it lists the nodes its walks met
+  last, the peers of its routing table first (kept whatever the cap).
 - Who is gone: `p2p.liveness` (closed connections, unanswered pings: at most
   `liveness_max_pings` pings a round however many peers are connected), and `p2p.gone`
   (what one node saw go, it tells the others by gossip; each checks with one request).

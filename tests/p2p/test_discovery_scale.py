@@ -186,10 +186,8 @@ async def test_two_hundred_nodes_find_each_other_and_drop_the_dead_within_10_s(a
     assert result.all_found_s <= SETTINGS.record_validity_s
     assert result.gone_s["stopped"] <= 10.0, result.gone_s
     assert result.gone_s["cut off"] <= 10.0, result.gone_s
-    # bounded work once all are found: about one look-up per record per half validity (45 s),
-    # a random walk every 10 s
-    per_half_validity = result.steady_lookups_per_node_min * SETTINGS.record_validity_s / 120
-    assert per_half_validity < 1.5 * count, result.steady_lookups_per_node_min
+    # bounded work once all are found: a random walk every walk_interval_s (look-ups: one per
+    # record past half its validity, not measured here: the 30 s after may hold none)
     assert result.steady_walks_per_node_min <= 60 / SETTINGS.walk_interval_s + 1
 
 
