@@ -247,15 +247,21 @@ class PaymentStore(PrivateDB):
         return [a for a in self.accounts() if a.pending > 0]
 
 
-def earnings(db: Path | str) -> list[dict[str, Any]]:
-    """Per job and provider: receipts signed (count and amount), acknowledged (the latest
-    voucher), settled and pending, amounts in the token's smallest unit. [] without a store."""
+def _open_existing(db: Path | str) -> PaymentStore | None:
+    """The store in `db` (a home directory or the file itself); None when there is none yet
+    (reading must not create one)."""
     path = Path(db)
     if path.is_dir():
         path = path / STORE_FILE
-    if not path.exists():
+    return PaymentStore(path) if path.exists() else None
+
+
+def earnings(db: Path | str) -> list[dict[str, Any]]:
+    """Per job and provider: receipts signed (count and amount), acknowledged (the latest
+    voucher), settled and pending, amounts in the token's smallest unit. [] without a store."""
+    store = _open_existing(db)
+    if store is None:
         return []
-    store = PaymentStore(path)
     try:
         return [
             {
@@ -287,12 +293,9 @@ def earnings_history(db: Path | str, most: int = HISTORY_POINTS) -> list[dict[st
     memory): the `earnings` RPC computes it only when asked (`history: true`)."""
     if most < 1:
         raise ValueError("most must be >= 1")
-    path = Path(db)
-    if path.is_dir():
-        path = path / STORE_FILE
-    if not path.exists():
+    store = _open_existing(db)
+    if store is None:
         return []
-    store = PaymentStore(path)
     try:
         return _history(store._db, most)
     finally:
