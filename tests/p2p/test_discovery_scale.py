@@ -15,7 +15,6 @@ from p2p.discovery import DiscoverySettings, ResourceDirectory
 from p2p.gone import GONE_TOPIC, GoneNotice
 from p2p.host import Libp2pNetwork
 from p2p.identity import NodeIdentity
-from p2p.testing.discovery_sim import SETTINGS, shared_signature_checks, simulate
 from p2p.testing.kademlia import K, RoutingTable, dht_id, target_id
 from p2p.testing.memnet import MemoryNetwork
 from p2p.walks import sweep_bits, sweep_targets
@@ -161,34 +160,6 @@ async def test_a_false_gone_notice_hides_no_live_node_and_a_malformed_one_goes_n
         assert sum(d.gone.confirmed for d in others) == 0
         assert sum(d.gone.refused for _, _, d in nodes) >= 1
         nursery.cancel_scope.cancel()
-
-
-async def test_two_hundred_nodes_find_each_other_and_drop_the_dead_within_10_s(autojump_clock):
-    """p2p.testing.discovery_sim at 200 nodes (bench/discovery_sim.py runs 1,000): lookups
-    take about log2(N) rounds at most, every node lists every node within the record's
-    validity, and stopped or cut-off nodes leave every list within 10 s."""
-    count = 200
-    with shared_signature_checks():
-        result = await simulate(count, seed=3)
-    print(
-        f"{count} nodes: rounds {dict(sorted(result.lookup_rounds.items()))} (mean "
-        f"{result.rounds_mean:.2f}, log2 N {math.log2(count):.1f}), all found after "
-        f"{result.all_found_s:.0f} s, gone after {result.gone_s}, steady look-ups "
-        f"{result.steady_lookups_per_node_min:.0f}/node/min, walks "
-        f"{result.steady_walks_per_node_min:.1f}/node/min, {result.wall_s:.0f} s of CPU wall"
-    )
-    total = sum(result.lookup_rounds.values())
-    deep = sum(n for rounds, n in result.lookup_rounds.items() if rounds > math.log2(count))
-    assert total > 1000
-    assert result.rounds_mean <= math.log2(count) / 2, result.lookup_rounds
-    assert deep <= total / 100, result.lookup_rounds  # 99 % within log2 N rounds
-    assert result.known_max < count / 2  # k-buckets: nobody knew everyone
-    assert result.all_found_s <= SETTINGS.record_validity_s
-    assert result.gone_s["stopped"] <= 10.0, result.gone_s
-    assert result.gone_s["cut off"] <= 10.0, result.gone_s
-    # bounded work once all are found: a random walk every walk_interval_s (look-ups: one per
-    # record past half its validity, not measured here: the 30 s after may hold none)
-    assert result.steady_walks_per_node_min <= 60 / SETTINGS.walk_interval_s + 1
 
 
 class _DirectoryValidator:
