@@ -468,3 +468,52 @@ async def test_walks_stuck_on_a_silent_peer_expire_no_honest_record(autojump_clo
     else:
         assert all(seam.walks > 0 for seam in seams)
         assert all(len(found) == 1 for found in listed[-3:]), listed[-3:]  # only its own
+
+
+class _AnswersWithAnother:
+    """A node's network on which every node asked for its record answers with another
+    node's valid record (replayed: signed by its real owner, under the asker's key)."""
+
+    def __init__(self, inner: MemoryNode, replayed: bytes) -> None:
+        self._inner = inner
+        self._replayed = replayed
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    async def dht_get_from(self, peer_id: str, key: str) -> bytes | None:
+        return self._replayed
+
+
+async def test_a_node_answering_with_another_nodes_record_is_not_believed(autojump_clock):
+    """Asked for its record, a node answers with a third node's valid, signed one: the
+    look-up refuses it (it is not the asked node's: the key binding), counts it, and the DHT
+    walk finds the right one."""
+    hub = MemoryNetwork(seed=8)
+    idents = [NodeIdentity.generate() for _ in range(3)]  # asker, target, third
+    nodes = [hub.add_node(ident.peer_id) for ident in idents]
+    directories = [
+        ResourceDirectory(node, ident, SETTINGS, describe=lambda i=i: ([f"/memory/{i}"], {}))
+        for i, (node, ident) in enumerate(zip(nodes, idents, strict=True))
+    ]
+    for node, directory in zip(nodes, directories, strict=True):
+        node.set_validator(directory.validator)
+    await nodes[1].connect(idents[0].peer_id)
+    await nodes[2].connect(idents[0].peer_id)
+    for directory in directories:
+        assert await directory.publish_once()
+    third_key = directories[2].key_for(idents[2].peer_id)
+    replayed = nodes[2].local_value(third_key)
+    assert replayed is not None
+    refused: list[str] = []
+    asker = ResourceDirectory(
+        _AnswersWithAnother(nodes[0], replayed),  # type: ignore[arg-type]
+        idents[0],
+        SETTINGS,
+        describe=lambda: ([], {}),
+        on_reject=refused.append,
+    )
+    record = await asker.lookup(idents[1].peer_id)
+    assert record is not None and record.peer_id == idents[1].peer_id
+    assert record.addrs == ["/memory/1"]
+    assert len(refused) == 1 and refused[0] != "stale", refused
