@@ -33,7 +33,6 @@ import trio
 from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
-from libp2p.host.ping import PingService
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network import swarm as _swarm
 from libp2p.network.config import RetryConfig
@@ -87,6 +86,7 @@ from p2p.network import (
     StreamHandler,
 )
 from p2p.peers import ForgetDisconnected, keep_connected, track_peers
+from p2p.ping import Pinger
 from p2p.reach import Reachability, ReachSettings
 from p2p.scoring import gossipsub_params
 
@@ -191,7 +191,7 @@ class Libp2pNetwork:
         self.dht.validator.strict_validation = True  # type: ignore[union-attr]
         # one dial attempt: a dead peer must fail fast; our bootstrap loop does its own backoff
         self.host.get_network().retry_config = RetryConfig(max_retries=0)  # type: ignore[attr-defined]
-        self._ping = PingService(self.host)
+        self._pinger = Pinger(self.host)  # p2p.ping: concurrent pings to a peer take turns
         self.reach = Reachability(self.host, reach or ReachSettings(), self._on_reject, self.bans)
         self.dark = deadconn.DeadConnections(self.ping, self._drop_peer)  # p2p.deadconn
         self.inbound = buffers.host_budget(lim, self._on_reject, self.bans)  # unread bytes
@@ -493,7 +493,7 @@ class Libp2pNetwork:
         """Round-trip time to a connected peer in milliseconds."""
         started = time.perf_counter()
         with trio.fail_after(PING_TIMEOUT_S):
-            await self._ping.ping(ID.from_base58(peer_id), 1)
+            await self._pinger.ping(ID.from_base58(peer_id))
         return (time.perf_counter() - started) * 1000
 
     def heard_at(self, peer_id: str) -> float | None:

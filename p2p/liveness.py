@@ -15,7 +15,9 @@ already observes, on the `Network` seam only (so it runs alike over libp2p and i
   link never makes an honest node flap. A ping missed by a peer heard from since the round
   before (a request, an answer, a frame of it: `Network.heard_at`) is no miss either: under
   a flood py-libp2p's pings between honest nodes failed for seconds while their other
-  traffic flowed, and `nodes_find` lost live nodes (bench/abuse.py). A round in which most
+  traffic flowed, and `nodes_find` lost live nodes (bench/abuse.py; much of that was
+  py-libp2p's ping client failing every ping that overlapped another to the same peer,
+  replaced by `p2p.ping`). A round in which most
   peers missed (2 of 3, half of 4 or more), or which began late (this node's event loop
   lagging), counts no misses: the trouble is then this node's own (a flood saturating it hid
   honest peers from its `nodes_find` in bench/abuse.py), and its peers judge it. Likewise a
