@@ -29,7 +29,7 @@ from p2p.codec import CodecError
 from p2p.dhtguard import DHT_PROTOCOL, DHT_REFUSAL, CountingValidator, ResetCountingStream
 from p2p.hello import HELLO_PROTOCOL, HelloGate
 from p2p.limits import HostLimits, RateLimiter, RejectHook
-from p2p.network import GossipValidator
+from p2p.network import GossipValidator, GossipVerdict, gossip_verdict
 
 log = logging.getLogger(__name__)
 
@@ -320,9 +320,17 @@ class GossipValidators:
                 return True  # our own publication
             try:
                 origin, data = ID(msg.from_id).to_base58(), msg.data
-                accepted = all(validator(origin, data) for validator in validators)
-                if not accepted and bans is not None:  # refused: held against its origin
+                verdict = GossipVerdict.ACCEPT
+                for validator in validators:
+                    verdict = gossip_verdict(validator(origin, data))
+                    if verdict is not GossipVerdict.ACCEPT:
+                        break
+                # invalid: held against its origin (never against ourselves: a copy of our
+                # own message that came back); old news (IGNORE) is no fault of anyone's
+                rejected = verdict is GossipVerdict.REJECT
+                if rejected and bans is not None and msg.from_id != pubsub.my_id.to_bytes():
                     bans.penalize(origin, "malformed")
+                accepted = verdict is GossipVerdict.ACCEPT
             except Exception as exc:  # a validator's bug refuses the message, never more
                 on_reject("pubsub", "validator_error")
                 log.info("gossip validator for %s failed: %r", topic, exc)

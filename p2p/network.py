@@ -14,6 +14,7 @@ for a failed request or a broken stream.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import re
 from collections.abc import Awaitable, Callable
@@ -25,8 +26,30 @@ from typing import Any, Protocol
 RequestHandler = Callable[[str, bytes], Awaitable[bytes]]
 # handler(origin peer id, message data); exceptions are counted and dropped by the network
 GossipHandler = Callable[[str, bytes], Awaitable[None]]
-# validator(origin peer id, message data) -> whether to take the message (`Gossip.subscribe`)
-GossipValidator = Callable[[str, bytes], bool]
+
+
+class GossipVerdict(enum.Enum):
+    """What a gossip validator makes of a message (`Gossip.subscribe`)."""
+
+    ACCEPT = "accept"
+    # nothing wrong with it, but nothing new here either (a copy of what this node holds, an
+    # update that loses the merge): dropped, and not held against its origin
+    IGNORE = "ignore"
+    # invalid (malformed, badly signed, over a quota): dropped, and held against its origin
+    REJECT = "reject"
+
+
+# validator(origin peer id, message data) -> a verdict; True is ACCEPT, False is REJECT
+GossipValidator = Callable[[str, bytes], "bool | GossipVerdict"]
+
+
+def gossip_verdict(answer: bool | GossipVerdict) -> GossipVerdict:
+    """A validator's answer as a verdict (a bool is ACCEPT or REJECT)."""
+    if isinstance(answer, GossipVerdict):
+        return answer
+    return GossipVerdict.ACCEPT if answer is True else GossipVerdict.REJECT
+
+
 # the longest frame a stream takes: a number, or a function asked as each frame begins (so a
 # stream opened earlier gets the bound of the moment)
 FrameBound = int | Callable[[], int]
@@ -257,12 +280,15 @@ class Gossip(Protocol):
         """Call `handler` for every message on `topic` (from others) from now on.
 
         `validator`, when given, runs on every message from others before anything else
-        is done with it: a message it refuses (returns False, or raises: counted by the
-        network) is neither delivered to this node's handlers nor forwarded to its peers, so
-        what this node would refuse costs the rest of the network nothing. It is synchronous,
-        cheap and changes no state (it may count its refusals); it sees the message's origin,
-        not the peer that forwarded it. A topic's validators (one per `subscribe`) must all
-        accept a message. This node's own publications are never validated.
+        is done with it: a message it refuses (returns False or `GossipVerdict.REJECT` or
+        `IGNORE`, or raises: counted by the network) is neither delivered to this node's
+        handlers nor forwarded to its peers, so what this node would refuse costs the rest of
+        the network nothing. Only a REJECT (or False) lowers the origin's score (p2p.scoring):
+        a message that is merely old news here (IGNORE) is what honest peers send all the
+        time. It is synchronous, cheap and changes no state (it may count its refusals); it
+        sees the message's origin, not the peer that forwarded it. A topic's validators (one
+        per `subscribe`) must all accept a message. This node's own publications are never
+        validated.
         (`check_gossip_validator`, `check_gossip_not_forwarded`)
         """
         ...

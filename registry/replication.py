@@ -30,11 +30,16 @@ import msgspec
 import trio
 
 from p2p import codec
-from p2p.network import Network, NetworkError
+from p2p.network import GossipVerdict, Network, NetworkError
 from registry import sync, wire
 from registry.entry import Entry, EntryError, EntryId, entry_from_wire
 from registry.replica import QUOTA_STRIKES, Rejected, Replica
 
+# refusals of a gossiped entry that only a faulty or hostile author earns (the rest, such as
+# `unknown_cluster` or `stale_claim`, honest writes meet in passing)
+HARMFUL_REASONS = frozenset(
+    {"too_large", "quota", "unknown_kind", "bad_timestamp", "schema", "bad_signature"}
+)
 log = logging.getLogger(__name__)
 
 SYNC_PROTOCOL = "/gridmesh/registry/sync/1.0.0"
@@ -192,11 +197,17 @@ class Replicator:
         limit = self.settings.max_message_bytes - REPLY_MARGIN
         return max(1024, min(self.settings.sync_page_bytes, limit))
 
-    def validate_gossip(self, sender: str, data: bytes) -> bool:
+    def validate_gossip(self, sender: str, data: bytes) -> GossipVerdict:
         """The registry topic's gossip validator (`Gossip.subscribe`): take a message only if
         it decodes and at least one entry in it would be accepted and change this replica.
         The network neither delivers nor forwards a refused message, so an entry over its
         author's quota, badly signed or already held here costs the rest of the mesh nothing.
+        A message refused for what only a faulty or hostile author writes (HARMFUL_REASONS,
+        or an entry that does not decode) is a REJECT, held against its origin; one that is
+        only old news here (every entry held already, losing the merge, or refused for what
+        honest writes meet in passing: a cluster not known here yet, a raced claim) is an
+        IGNORE. (Until session 11 both were held against the origin: every node's duplicate
+        copies of honest writes banned their authors, and a node itself, in bench/abuse.py.)
 
         Synchronous and cheap: it stops at the first entry that would change the replica,
         checks each cheapest first (`Replica.check`: size and quota before the signature),
@@ -209,7 +220,7 @@ class Replicator:
         except wire.WireError as exc:
             self.stats["gossip_refused"] += 1
             self._reject("gossip", exc.reason)
-            return False
+            return GossipVerdict.REJECT
         malformed: list[str] = []
         refused: list[str] = []
         over_quota: Counter[tuple[str, str]] = Counter()
@@ -225,7 +236,7 @@ class Replicator:
                 continue
             try:
                 if self.replica.would_change(entry):
-                    return True
+                    return GossipVerdict.ACCEPT
             except Rejected as exc:
                 over_quota[slot] += exc.reason == "quota"
                 refused.append(exc.reason)
@@ -234,7 +245,9 @@ class Replicator:
             self._reject("gossip", reason)
         for reason in refused:  # as Replica.apply counts what it refuses
             self.replica._count_reject("gossip", reason)
-        return False
+        if malformed or HARMFUL_REASONS.intersection(refused):
+            return GossipVerdict.REJECT
+        return GossipVerdict.IGNORE
 
     async def on_gossip(self, sender: str, data: bytes) -> None:
         try:

@@ -14,9 +14,11 @@ from p2p.network import (
     DHTValidator,
     GossipHandler,
     GossipValidator,
+    GossipVerdict,
     NetworkError,
     NetworkScope,
     RequestHandler,
+    gossip_verdict,
 )
 from p2p.testing.kademlia import (
     _DHT_PREFIX,
@@ -373,7 +375,7 @@ class MemoryNode(Peering):
         """Whether every validator of `topic` takes the message (one that raises refuses)."""
         for validator in tuple(self._validators.get(topic, ())):
             try:
-                if not validator(origin, data):
+                if gossip_verdict(validator(origin, data)) is not GossipVerdict.ACCEPT:
                     return False
             except Exception:
                 self.gossip_validator_errors += 1

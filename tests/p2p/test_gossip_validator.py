@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 import pytest
 import trio
@@ -20,6 +21,7 @@ from libp2p.pubsub.pubsub import PUBSUB_SIGNING_PREFIX
 
 from p2p import identity, records
 from p2p.host import HostLimits, Libp2pNetwork
+from p2p.network import GossipVerdict
 
 TOPIC = "t"
 
@@ -191,3 +193,44 @@ async def test_a_refusal_costs_no_formatting_of_the_message():
     message.seqno = (1).to_bytes(8, "big")
     message.data = b"accepted"
     await net.pubsub.validate_msg(ID.from_base58(origin.peer_id), message)
+
+
+async def test_old_news_is_dropped_without_holding_it_against_anyone():
+    """A message a validator IGNOREs (a copy of what the node holds: honest gossip, all the
+    time) goes nowhere and costs its origin nothing; a REJECT lowers the origin's score; and
+    a copy of our own message that comes back never lowers our own. (Every refusal lowered
+    the origin's score before: in bench/abuse.py the duplicate copies of honest registry
+    writes banned their authors, the target among them, and the target itself.)"""
+    limits = HostLimits(score_threshold=-5.0)  # ten REJECTs' worth of "malformed"
+    net = _node(Counter(), limits)
+    verdicts = {
+        b"old": GossipVerdict.IGNORE,
+        b"bad": GossipVerdict.REJECT,
+        b"new": GossipVerdict.ACCEPT,
+    }
+    net.gossip_validators.add(TOPIC, lambda origin, data: verdicts[data])
+    honest, hostile = identity.NodeIdentity.generate(), identity.NodeIdentity.generate()
+
+    def message(origin: str, data: bytes, n: int) -> Any:
+        return rpc_pb2.Message(
+            data=data,
+            topicIDs=[TOPIC],
+            from_id=ID.from_base58(origin).to_bytes(),
+            seqno=n.to_bytes(8, "big"),
+        )
+
+    forwarder = ID.from_base58(identity.NodeIdentity.generate().peer_id)
+    for n in range(1, 301):  # far more old news than the ban threshold's worth
+        with pytest.raises(ValidationError):
+            await net.pubsub.validate_msg(forwarder, message(honest.peer_id, b"old", n))
+    assert net.bans.scores.score(honest.peer_id) == 0
+    assert not net.bans.is_banned(honest.peer_id)
+    await net.pubsub.validate_msg(forwarder, message(honest.peer_id, b"new", 301))
+    for n in range(1, 11):  # our own message, refused on its way back: never held against us
+        with pytest.raises(ValidationError):
+            await net.pubsub.validate_msg(forwarder, message(net.peer_id, b"bad", n))
+    assert net.bans.scores.score(net.peer_id) == 0
+    for n in range(1, 12):
+        with pytest.raises(ValidationError):
+            await net.pubsub.validate_msg(forwarder, message(hostile.peer_id, b"bad", n))
+    assert net.bans.is_banned(hostile.peer_id)

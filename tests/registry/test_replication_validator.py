@@ -18,12 +18,15 @@ import trio
 
 from p2p import codec
 from p2p.identity import NodeIdentity
+from p2p.network import GossipVerdict
 from p2p.testing.memnet import MemoryNetwork, MemoryNode
 from registry import replica as replica_module
 from registry.entry import Entry, sign_entry
 from registry.hlc import HybridClock, Timestamp
 from registry.replica import QUOTA_STRIKES, Limits, Replica
 from registry.replication import ReplicationSettings, Replicator, topic_for
+
+ACCEPT, IGNORE, REJECT = GossipVerdict.ACCEPT, GossipVerdict.IGNORE, GossipVerdict.REJECT
 
 SETTINGS = ReplicationSettings(network_id="validator")
 TOPIC = topic_for(SETTINGS.network_id)
@@ -181,17 +184,19 @@ async def test_the_validator_counts_a_refused_message_as_the_handler_would():
         await repl.on_gossip("peer", taken)  # the author's quota, held by both
     stranger = NodeIdentity.generate()
     badsig = dict(signed(stranger, "s", clock_ms, 1).to_wire(), sig=bytes(64))
+    # each refused message, and whether it is held against its origin (REJECT) or is only
+    # old news here (IGNORE: what honest peers' gossip is all the time)
     refused = [
-        message(entries[3:12]),  # over quota, past QUOTA_STRIKES
-        message([badsig, {"kind": 1}, *entries[3:5]]),
-        message(entries[:3]),  # held already: refused, nothing counted
-        message([dict(entries[0], value={"name": 1})]),  # a schema error
-        codec.encode({"v": 1, "entries": "x"}),
-        b"\xc1",
+        (message(entries[3:12]), REJECT),  # over quota, past QUOTA_STRIKES
+        (message([badsig, {"kind": 1}, *entries[3:5]]), REJECT),
+        (message(entries[:3]), IGNORE),  # held already: refused, nothing counted
+        (message([dict(entries[0], value={"name": 1})]), REJECT),  # a schema error
+        (codec.encode({"v": 1, "entries": "x"}), REJECT),
+        (b"\xc1", REJECT),
     ]
     (validated, via_validator, counts_v), (handled, via_handler, counts_h) = twins
-    for data in refused:
-        assert via_validator.validate_gossip("peer", data) is False
+    for data, verdict in refused:
+        assert via_validator.validate_gossip("peer", data) is verdict
         await via_handler.on_gossip("peer", data)
     assert counts_v == counts_h, (counts_v, counts_h)
     assert validated.rejected == handled.rejected
@@ -201,4 +206,4 @@ async def test_the_validator_counts_a_refused_message_as_the_handler_would():
     assert validated._size_memo == {}  # the validator keeps nothing of what it refused
     # and one entry it would take is enough to pass a message on
     fresh = signed(stranger, "t", clock_ms, 2).to_wire()
-    assert via_validator.validate_gossip("peer", message([*entries[3:8], fresh])) is True
+    assert via_validator.validate_gossip("peer", message([*entries[3:8], fresh])) is ACCEPT
