@@ -40,7 +40,11 @@ class PeerBans:
         *,
         score_threshold: float = -100.0,
         score_half_life_s: float = 30.0,
+        own: str | None = None,
     ) -> None:
+        """`own`: this node's peer id, never struck, penalized or banned (a copy of our own
+        message relayed back, refused, must not ban us from ourselves)."""
+        self._own = own
         self._strikes = RateLimiter(strikes / window_s, strikes, max_peers, clock)
         self.scores = PeerScores(score_threshold, score_half_life_s, max_peers, self._on_low, clock)
         self.low_score_bans = 0  # bans for a score below the threshold
@@ -56,7 +60,7 @@ class PeerBans:
 
     def strike(self, peer: str, reason: str = "other") -> None:
         """One refusal for abuse; the strike over the limit bans the peer (`ban_s` 0: never)."""
-        if self._ban_s <= 0 or self.is_banned(peer):
+        if self._ban_s <= 0 or peer == self._own or self.is_banned(peer):
             return
         self._note(peer, f"strike: {reason}")
         if not self._strikes.allow(peer):
@@ -65,7 +69,7 @@ class PeerBans:
     def penalize(self, peer: str, reason: str) -> None:
         """One event of `reason` (p2p.scoring.PENALTIES) against `peer`'s score; below the
         threshold it is banned (`ban_s` 0: never)."""
-        if self._ban_s <= 0 or self.is_banned(peer):
+        if self._ban_s <= 0 or peer == self._own or self.is_banned(peer):
             return
         self._note(peer, reason)
         self.scores.penalize(peer, reason)
@@ -88,6 +92,8 @@ class PeerBans:
         self.ban(peer)
 
     def ban(self, peer: str) -> None:
+        if peer == self._own:
+            return
         self.last_why = self.why(peer)  # for on_ban to tell
         self._why.pop(peer, None)
         self._until.pop(peer, None)

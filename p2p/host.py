@@ -173,6 +173,7 @@ class Libp2pNetwork:
             self._on_ban,
             score_threshold=lim.score_threshold,
             score_half_life_s=lim.score_half_life_s,
+            own=ident.peer_id,
         )
         self.dht = KadDHT(
             self.host,

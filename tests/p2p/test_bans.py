@@ -62,6 +62,19 @@ def test_ban_s_zero_turns_bans_off():
     assert banned == [] and not bans.is_banned("evil")
 
 
+def test_a_node_never_strikes_penalizes_or_bans_itself():
+    banned: list[str] = []
+    bans = PeerBans(5, 10.0, 30.0, 100, banned.append, FakeClock(), own="me")
+    for _ in range(100):
+        bans.strike("me")
+        bans.penalize("me", "bad_signature")
+    bans.ban("me")
+    assert banned == [] and not bans.is_banned("me") and bans.scores.score("me") == 0
+    for _ in range(6):
+        bans.strike("evil")
+    assert banned == ["evil"]
+
+
 def test_banned_peers_are_forgotten_beyond_the_cap():
     clock = FakeClock()
     banned: list[str] = []
