@@ -11,7 +11,12 @@ most, so that a phase's p99 stands for all of it and is not one sample):
   node (`registry_get` polled every 10 ms);
 - generate: `--tokens` new tokens asked of the untargeted node, routed through the target.
 First a baseline without a flood for `--seconds`, then each flood for `--seconds` (probing
-while it runs):
+while it runs), each followed by `--settle` seconds without one, whose last `--seconds` are
+probed again as a quiet window. The baseline a flood is compared with is every quiet window
+pooled: the first and the one after each flood. (On 2 shared cores one window's p99 of 100
+samples is nearly its largest sample: two quiet windows' p99s differed by 1.6x, so a single
+20 s baseline made the ratio noise. The pooled one is measured over the whole run, as the
+floods are; each window's own p99 is printed beside it.) The floods:
 idle (a control: the hostile peer connected and silent, without a record of its own),
 badsig (registry gossip with bad signatures), gossip (garbage gossip), dht (forged DHT puts),
 streams (stream and connection flood), frames (huge never-finished and garbage frames, shard
@@ -126,6 +131,23 @@ class Phase:
     rejected: float = 0.0  # the target's gridmesh_rejected_messages_total, during the phase
     entries: dict[str, float] = field(default_factory=dict)  # node -> registry entries added
     target_alive: bool = True
+    quiet: Phase | None = None  # (a flood's) the quiet window at the end of its settle time
+
+    def __post_init__(self) -> None:
+        if self.quiet is None and self.name not in ("baseline", "quiet"):
+            self.quiet = Phase("quiet")
+
+
+def pooled(windows: list[Phase]) -> Phase:
+    """The quiet windows as one baseline: their samples and errors together."""
+    base = Phase("baseline")
+    for window in windows:
+        for name, samples in window.samples.items():
+            base.samples.setdefault(name, []).extend(samples)
+            base.errors[name] = base.errors.get(name, 0) + window.errors.get(name, 0)
+        for name, why in window.first_error.items():
+            base.first_error.setdefault(name, why)
+    return base
 
 
 class Probes:
@@ -359,9 +381,16 @@ def run_flood(
     if not phase.hostile:
         tail = (log_dir / f"hostile-{kind}.log").read_text(errors="replace")[-600:]
         print(f"  the {kind} flood ended without a result (exit {hostile.returncode}): {tail}")
-    time.sleep(args.settle)
+    if args.settle >= 2 * args.seconds:  # the settle's last `--seconds`: a quiet window
+        time.sleep(args.settle - args.seconds)
+        quiet_ends = time.monotonic() + args.seconds
+        probes.rounds(phase.quiet, args.probes, args.seconds, lambda: time.monotonic() < quiet_ends)
+    else:
+        time.sleep(args.settle)
     after = watch.sample()
-    probe_writes = len(phase.samples.get(probes.names[2], []))  # the registry probe's entries
+    probe_writes = sum(  # the registry probe's entries
+        len(p.samples.get(probes.names[2], [])) for p in (phase, phase.quiet)
+    )
     for name, daemon in nodes.items():
         phase.entries[name] = registry_entries(daemon) - entries_before[name] - probe_writes
     for node in before:
@@ -373,8 +402,18 @@ def mb(n: int) -> str:
     return f"{n / 1e6:.0f}"
 
 
-def print_tables(phases: list[Phase], baseline: Phase) -> bool:
+def print_tables(phases: list[Phase], first: Phase) -> bool:
     """Print the latency, RSS and flood tables; whether every target was met."""
+    windows = [first, *(p.quiet for p in phases if p.quiet is not None and p.quiet.samples)]
+    baseline = pooled(windows)
+    print(
+        f"baseline: {len(windows)} quiet windows pooled (before the floods, and at the end of "
+        "each settle time); each window's own p99:"
+    )
+    for name in baseline.samples:
+        own = [pct(w.samples[name], 0.99) * 1000 for w in windows if w.samples.get(name)]
+        if own:
+            print(f"  {name:<22} {min(own):.1f} - {max(own):.1f} ms")
     met = True
     header = (
         f"{'flood':<9} | {'probe':<22} | {'n':>3} | {'err':>3} | {'p50 ms':>8} | "
