@@ -71,9 +71,13 @@ def _perturb(model) -> None:
 
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory) -> dict[str, Path]:
+    return write_all(tmp_path_factory.mktemp("moe"))
+
+
+def write_all(root: Path) -> dict[str, Path]:
+    """Every case's checkpoint, written by transformers under `root`."""
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    root = tmp_path_factory.mktemp("moe")
     out = {}
     for seed, (case, (prefix, changes, fused)) in enumerate(CASES.items()):
         config = getattr(transformers, f"{prefix}Config")(**SIZES, **changes)
