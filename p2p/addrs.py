@@ -1,8 +1,10 @@
-"""Addresses of this host: which TCP addresses are ours, dialable, and free to listen on.
+"""Addresses: which TCP addresses are ours, free to listen on, and worth telling peers;
+and which of the addresses a peer gives are worth dialling.
 
 py-libp2p sets SO_REUSEPORT and carries on when a bind fails, and advertises 0.0.0.0
 (DESIGN.md, "Known pitfalls"): these helpers let the host refuse a taken port clearly and
-announce only addresses a peer can dial.
+announce only addresses a peer can dial. Where each check is made: see `advertised`'s
+section below.
 """
 
 from __future__ import annotations
@@ -10,7 +12,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
+import math
+import re
 import socket
+import time
 
 import multiaddr
 
@@ -67,8 +72,22 @@ def check_listen_free(listen: list[multiaddr.Multiaddr]) -> None:
                 raise ListenError(f"cannot listen on {addr}: {host}:{port} {why}") from None
 
 
+_INTERFACES_TTL_S = 30.0  # interfaces change rarely; the host's addresses are read often
+_interfaces: dict[int, tuple[float, list[str]]] = {}  # IP version -> (when read, addresses)
+
+
 def interface_ips(version: int) -> list[str]:
-    """This host's non-loopback addresses of one IP version (best effort, no extra deps)."""
+    """This host's non-loopback addresses of one IP version (best effort, no extra deps),
+    read at most every _INTERFACES_TTL_S: resolving the host name may block, and every
+    identify answer and record asks for them."""
+    read_at, found = _interfaces.get(version, (-math.inf, []))
+    if time.monotonic() - read_at > _INTERFACES_TTL_S:
+        found = _read_interface_ips(version)
+        _interfaces[version] = (time.monotonic(), found)
+    return list(found)
+
+
+def _read_interface_ips(version: int) -> list[str]:
     family = socket.AF_INET if version == 4 else socket.AF_INET6
     found: list[str] = []
     with contextlib.suppress(OSError):
@@ -128,3 +147,214 @@ def dialable_addrs(addrs: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr
             out.append(multiaddr.Multiaddr(f"/{proto}/{local}/tcp/{port}"))
     seen: set[str] = set()
     return [a for a in out if not (str(a) in seen or seen.add(str(a)))]
+
+
+# -- who may be given which address, and what a peer's addresses are worth ---------------
+#
+# Where the filtering is done, and why both sides:
+# - At publication (`advertised`, used for the host's addresses: identify, the signed peer
+#   record, the DHT resource record, Kademlia's answers about us, a relay's reservation
+#   answer): never 0.0.0.0 or ::, nothing unusable, public addresses first, and loopback or
+#   link-local ones only when the node has no other. One list goes to every peer (identify
+#   has no say per peer in py-libp2p, and a DHT record is read by everyone), so the
+#   publisher cannot tell a peer on its own host from a remote one; it only keeps loopback
+#   out where an address that others can dial exists (a peer on the same host dials that one
+#   as well).
+# - By the reader, before a dial (`check_addrs` when a record is validated, `dial_order` when
+#   its addresses are dialled): every address a peer gives is its word, untrusted. The reader
+#   knows where it is, so "to a remote peer" is judged there: loopback and link-local
+#   addresses name the dialler's own host (or link), and are dialled only when this node is
+#   itself reachable on such addresses alone (a single-host network such as the devnet on
+#   127.0.0.1: a peer that advertises loopback is then on our host, and one that is not
+#   cannot be dialled directly anyway). Private (RFC 1918, fc00::/7, 100.64/10) addresses
+#   are dialable within a LAN or behind one NAT and are always kept.
+
+MAX_ADDRS = 32  # addresses a peer may give in one record
+MAX_ADDR_CHARS = 512  # characters in one of them
+# scopes, best first: an address anyone may dial, one within a LAN or site, one on this host
+# or link only (loopback, link-local)
+PUBLIC, PRIVATE, LOCAL = 0, 1, 2
+
+_IP_PROTOCOLS = {"ip4": 4, "ip6": 6}
+_DNS_PROTOCOLS = ("dns", "dns4", "dns6")
+_PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{32,128}")  # base58btc
+_DNS_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_PORT = re.compile(r"[0-9]{1,5}")
+_MEMORY_ID = re.compile(r"[0-9]{1,19}")
+
+
+class AddrRefused(ValueError):
+    """A peer's address we will not dial; `reason` is what /metrics counts it as."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def ip_scope(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> int:
+    """PUBLIC, PRIVATE or LOCAL (loopback, link-local); AddrRefused for an IP nobody can
+    dial (unspecified, multicast, the broadcast address)."""
+    if ip.is_unspecified:
+        raise AddrRefused("unspecified")
+    if ip.is_multicast or ip == ipaddress.IPv4Address("255.255.255.255"):
+        raise AddrRefused("multicast")
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip_scope(ip.ipv4_mapped)
+    if ip.is_loopback or ip.is_link_local:
+        return LOCAL
+    if ip.is_global:
+        return PUBLIC
+    return PRIVATE  # RFC 1918, unique-local, 100.64/10 and the rest: dialable nearby
+
+
+def _direct(parts: list[str]) -> tuple[str, int]:
+    """`[proto, host, "tcp", port]` as (canonical text, scope); AddrRefused otherwise."""
+    proto, host, transport, port_text = parts
+    if transport != "tcp":
+        raise AddrRefused("unsupported")
+    if not _PORT.fullmatch(port_text) or int(port_text) > 65535:
+        raise AddrRefused("malformed")
+    port = int(port_text)
+    if port == 0:
+        raise AddrRefused("port_zero")
+    if proto in _DNS_PROTOCOLS:
+        name = host.lower()
+        labels = (name[:-1] if name.endswith(".") else name).split(".")
+        if len(name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+            raise AddrRefused("malformed")
+        # a name's scope shows only once resolved; "localhost" is known beforehand
+        scope = LOCAL if labels[-1] == "localhost" else PUBLIC
+        return f"/{proto}/{name}/tcp/{port}", scope
+    if proto not in _IP_PROTOCOLS or "%" in host:
+        raise AddrRefused("unsupported" if proto not in _IP_PROTOCOLS else "malformed")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise AddrRefused("malformed") from None
+    if ip.version != _IP_PROTOCOLS[proto]:
+        raise AddrRefused("malformed")
+    return f"/{proto}/{ip}/tcp/{port}", ip_scope(ip)
+
+
+def check_addr(text: str, peer_id: str) -> tuple[str, int]:
+    """One address `peer_id` gave for itself, as (canonical text ending in /p2p/<peer_id>,
+    scope), or AddrRefused with the reason.
+
+    Only the shapes a gridmesh node dials are accepted (a whitelist, parsed as text: cheaper
+    than py-multiaddr's parser, and nothing it does not know gets through):
+    `/ip4|ip6|dns|dns4|dns6/HOST/tcp/PORT[/p2p/PEER]`, the same through a relay
+    (`.../p2p/RELAY/p2p-circuit[/p2p/PEER]`: its scope is the relay's), and the in-process
+    `/memory/N[/p2p/PEER]` and bare `/p2p/PEER` (the in-memory network's). The last /p2p/
+    part, where given, must be `peer_id`: an address naming another peer would have every
+    reader dial that one.
+    """
+    if len(text) > MAX_ADDR_CHARS:
+        raise AddrRefused("too_long")
+    if not text.startswith("/") or "//" in text:
+        raise AddrRefused("malformed")
+    parts = text[1:].rstrip("/").split("/")
+    if len(parts) >= 2 and parts[-2] == "p2p":
+        if parts[-1] != peer_id:
+            raise AddrRefused("wrong_peer" if _PEER_ID.fullmatch(parts[-1]) else "malformed")
+        parts = parts[:-2]
+    suffix = f"/p2p/{peer_id}"
+    if not parts:
+        return suffix, PUBLIC  # no place: the dialler's transport finds the peer
+    if parts[0] == "memory":  # an in-process transport: this host only
+        if len(parts) != 2 or not _MEMORY_ID.fullmatch(parts[1]):
+            raise AddrRefused("malformed")
+        return f"/memory/{int(parts[1])}{suffix}", LOCAL
+    if parts[-1] == "p2p-circuit":
+        if len(parts) != 7 or parts[4] != "p2p":
+            raise AddrRefused("malformed" if len(parts) < 7 else "unsupported")
+        relay = parts[5]
+        if not _PEER_ID.fullmatch(relay):
+            raise AddrRefused("malformed")
+        if relay == peer_id:
+            raise AddrRefused("wrong_peer")
+        place, scope = _direct(parts[:4])
+        return f"{place}/p2p/{relay}/p2p-circuit{suffix}", scope
+    if len(parts) != 4:
+        raise AddrRefused("malformed" if len(parts) < 4 else "unsupported")
+    place, scope = _direct(parts)
+    return place + suffix, scope
+
+
+def check_addrs(texts: list[str], peer_id: str) -> tuple[list[str], list[str]]:
+    """The addresses `peer_id` gave that are worth dialling, as it wrote them (what it
+    signed), once each, in its order (at most MAX_ADDRS read); and the reason for each one
+    dropped."""
+    kept: list[str] = []
+    seen: set[str] = set()
+    dropped: list[str] = []
+    for index, text in enumerate(texts):
+        if index >= MAX_ADDRS:
+            dropped.append("too_many")
+            continue
+        try:
+            addr, _ = check_addr(text, peer_id)
+        except AddrRefused as exc:
+            dropped.append(exc.reason)
+            continue
+        if addr not in seen:
+            seen.add(addr)
+            kept.append(text)
+    return kept, dropped
+
+
+def local_only(own: list[str]) -> bool:
+    """Whether this node, advertising `own`, can be dialled directly only from its own host:
+    it has direct addresses and all are loopback or link-local (a devnet on 127.0.0.1)."""
+    scopes = []
+    for text in own:
+        place = text.split("/p2p/")[0]  # bare /p2p/ addresses name no place
+        if place and "/p2p-circuit" not in text:  # relayed ones: the relay's place, not ours
+            with contextlib.suppress(AddrRefused):
+                scopes.append(check_addr(place, "")[1])
+    return bool(scopes) and all(scope == LOCAL for scope in scopes)
+
+
+def dial_order(texts: list[str], peer_id: str, *, local: bool) -> list[str]:
+    """The addresses of `peer_id` this node may dial, in the order given: well-formed and
+    usable (`check_addr`), and loopback or link-local ones only when `local` (this node is
+    on a single host's network, see `local_only`). At most MAX_ADDRS are read."""
+    out: list[str] = []
+    for text in texts[:MAX_ADDRS]:
+        try:
+            addr, scope = check_addr(text, peer_id)
+        except AddrRefused:
+            continue
+        if (scope != LOCAL or local) and addr not in out:
+            out.append(addr)
+    return out
+
+
+def advertised(
+    direct: list[multiaddr.Multiaddr], relayed: list[multiaddr.Multiaddr]
+) -> list[multiaddr.Multiaddr]:
+    """What this node tells every peer it can be dialled at (`direct`: listen and confirmed
+    observed addresses; `relayed`: .../p2p/RELAY/p2p-circuit), without any /p2p/ of its own:
+    never 0.0.0.0 or :: (replaced by this host's addresses), nothing unusable, loopback and
+    link-local ones only when there is no other direct address; public ones first (direct,
+    then relayed), then private ones, then local ones; once each, at most MAX_ADDRS."""
+    ranked: list[tuple[int, int, multiaddr.Multiaddr]] = []
+    for kind, addrs in ((0, dialable_addrs(direct)), (1, relayed)):
+        for addr in addrs:
+            text = str(addr)
+            if kind == 0 and "/p2p/" in text:
+                text = text.split("/p2p/")[0]
+            try:
+                _, scope = check_addr(text, "")  # "": no /p2p/ of ours in it
+            except AddrRefused:
+                continue
+            ranked.append((scope, kind, multiaddr.Multiaddr(text)))
+    if any(scope != LOCAL and kind == 0 for scope, kind, _ in ranked):
+        ranked = [r for r in ranked if r[0] != LOCAL]
+    ranked.sort(key=lambda r: (r[0], r[1]))  # stable: the given order within a rank
+    out: list[multiaddr.Multiaddr] = []
+    seen: set[str] = set()
+    for _, _, addr in ranked:
+        if str(addr) not in seen and len(out) < MAX_ADDRS:
+            seen.add(str(addr))
+            out.append(addr)
+    return out

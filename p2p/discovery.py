@@ -39,6 +39,7 @@ import msgspec
 import trio
 
 from p2p import identity, records
+from p2p.addrs import dial_order, local_only
 from p2p.gone import GoneNotices
 from p2p.liveness import Liveness
 from p2p.network import Network
@@ -189,7 +190,7 @@ class ResourceDirectory:
             network_id=self._settings.network_id,
             now=self._net.now(),
             valid_for=self._settings.record_validity_s,
-            addrs=addrs,
+            addrs=addrs[: records.MAX_ADDRS],  # more would have the record refused whole
             resources=resources,
             price_per_unit=self._price_per_unit,
         )
@@ -304,6 +305,9 @@ class ResourceDirectory:
     def _offer(self, record: records.ResourceRecord) -> None:
         """Cache a verified record if it is the newest we have; its peer stops backing off."""
         current = self._cache.get(record.peer_id)
+        if current is None or record.issued_at > current.issued_at:  # once per record
+            for reason in record.dropped_addrs:  # unusable addresses: never dialled
+                self._on_reject(f"addr_{reason}")
         if current is None or record.issued_at >= current.issued_at:
             self._cache[record.peer_id] = record
             if current is None and len(self._cache) > self._settings.max_peers:
@@ -391,10 +395,15 @@ class ResourceDirectory:
 
     def _addrs_of(self, peer_id: str) -> list[str]:
         """Where to dial `peer_id` again: the addresses its signed record advertises, then
-        what the transport knows (which may hold the ephemeral ports of its own dials)."""
+        what the transport knows (which may hold the ephemeral ports of its own dials).
+
+        All are the peer's word: only usable ones naming it are dialled, and loopback or
+        link-local ones only when this node too is reachable on such addresses alone, so is
+        on the peer's host (the reader judges "a remote peer": see p2p.addrs)."""
         record = self._cache.get(peer_id)
         advertised = list(record.addrs) if record else []
-        return advertised + [a for a in self._net.peer_addrs(peer_id) if a not in advertised]
+        known = advertised + [a for a in self._net.peer_addrs(peer_id) if a not in advertised]
+        return dial_order(known, peer_id, local=local_only(self._net.listen_addrs()))
 
     def _listed(self, record: records.ResourceRecord) -> bool:
         """Whether find() lists `record`: ours always, another's unless its node is gone."""

@@ -26,6 +26,17 @@ A part of the libp2p adapter (p2p.host); every py-libp2p 0.8.1 workaround it nee
 - The relay and DCUtR handlers refuse garbage silently: the first message of every hop, stop
   and DCUtR stream is checked, counted and held against its sender first (p2p.reachguard).
 
+What the node advertises (`host.get_addrs()`: identify, the signed peer record, the DHT
+resource record, Kademlia's answers about us, a relay's reservation answer) is built here
+(`_get_addrs`, filtered and ordered by `p2p.addrs.advertised`): its listen addresses
+(0.0.0.0 replaced by this host's), the observed addresses peers confirmed, and its relayed
+addresses. An address a peer saw us at is advertised only once confirmed: AutoNAT dialled us
+back on it lately (the server names the address it reached, which must be one we asked it to
+try), or at least OBSERVERS_NEEDED peers in distinct observer groups (py-libp2p's
+ObservedAddrManager groups IPv4 peers by address, IPv6 ones by /56) saw it on a port we listen
+on; py-libp2p alone waits for 4. DCUtR still sends the unconfirmed prediction (observed IP,
+listen port) to the one peer it punches a hole to: that is the point of hole punching.
+
 A node is `public` once `confirmations` peers reached it on a fresh connection, `private` once
 that many could not; until then `unknown`. A private node reserves a slot on up to `relays`
 peers that serve the relay hop protocol (peers it learned from the DHT and hello) and
@@ -37,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -57,8 +69,9 @@ from libp2p.relay.circuit_v2.protocol import STOP_PROTOCOL_ID as STOP_PROTOCOL
 from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.tools.anyio_service import background_trio_service
 
+from p2p.addrs import advertised, dial_order, dialable_addrs, local_only
 from p2p.bans import PeerBans
-from p2p.hostaddrs import dial_resolved
+from p2p.hostaddrs import dial_resolved, on_listen_ports
 from p2p.limits import RejectHook
 from p2p.reachguard import DCUTR, HOP, STOP, FirstMessageCheck
 
@@ -71,6 +84,8 @@ RESERVE_TIMEOUT_S = 10.0
 PUNCH_POLL_S = 1.0  # how often relayed-only peers are looked for
 PUNCH_RETRY_S = 30.0  # a peer is punched to at most this often
 PUNCH_TIMEOUT_S = 30.0
+OBSERVERS_NEEDED = 2  # peers that must see us at an address before we advertise it
+CONFIRMED_MIN_S = 60.0  # an AutoNAT confirmation lasts 3 check rounds, at least this long
 
 
 @dataclass(frozen=True)
@@ -177,6 +192,7 @@ class Reachability:
         self.status = UNKNOWN
         self.votes: dict[str, bool] = {}
         self.relayed: dict[str, list[multiaddr.Multiaddr]] = {}  # relay peer id -> our addrs
+        self.confirmed: dict[str, float] = {}  # address AutoNAT reached us at -> when (monotonic)
         self.upnp_addr: str | None = None
         self.autonat = FreshDialAutoNAT(host, serve=True, confirmations=settings.confirmations)
         self.relay = CircuitV2Protocol(host, settings.relay_limits(), allow_hop=settings.serve)
@@ -225,11 +241,35 @@ class Reachability:
     def relayed_addrs(self) -> list[multiaddr.Multiaddr]:
         return [a for addrs in self.relayed.values() for a in addrs]
 
+    def confirmed_addrs(self) -> list[multiaddr.Multiaddr]:
+        """Observed addresses peers confirmed (see the module docstring): AutoNAT reached us
+        there lately, or OBSERVERS_NEEDED peers saw us there on a port we listen on."""
+        now, ttl = time.monotonic(), max(3 * self.settings.check_s, CONFIRMED_MIN_S)
+        for addr in [a for a, at in self.confirmed.items() if now - at > ttl]:
+            del self.confirmed[addr]
+        out = [multiaddr.Multiaddr(a) for a in self.confirmed]
+        manager = getattr(self.host, "_observed_addr_manager", None)
+        if manager is not None:
+            with contextlib.suppress(Exception):  # py-libp2p's bookkeeping: never fail get_addrs
+                seen = [
+                    a for a in manager.addrs(min_observers=OBSERVERS_NEEDED) if not is_circuit(a)
+                ]
+                out += on_listen_ports(seen, self.host.get_transport_addrs())
+        return out
+
+    def _confirm(self, reached: bytes | None, candidates: list[bytes]) -> None:
+        """AutoNAT reached us at `reached`: remember it, if it is one we asked to be tried
+        (a server's word for any other address is worth nothing)."""
+        if reached is not None and reached in candidates:
+            with contextlib.suppress(Exception):
+                self.confirmed[str(multiaddr.Multiaddr(reached))] = time.monotonic()
+
     def info(self) -> dict[str, Any]:
         return {
             "reachability": self.status,
             "observed_addrs": self.observed_addrs(),
             "relayed_addrs": [str(a) for a in self.relayed_addrs()],
+            "confirmed_addrs": [str(a) for a in self.confirmed_addrs()],
             "relays": sorted(self.relayed),
             "relay_serving": self.serving,
             "upnp_addr": self.upnp_addr,
@@ -318,10 +358,11 @@ class Reachability:
         return peers
 
     def _candidate_addrs(self) -> list[bytes]:
-        """Our listen addresses plus the NAT mappings peers' observations predict."""
-        out = [
-            multiaddr.Multiaddr(str(a).split("/p2p/")[0]) for a in self.host.get_transport_addrs()
-        ]
+        """Our listen addresses (0.0.0.0 replaced by this host's) plus the NAT mappings
+        peers' observations predict."""
+        out = dialable_addrs(
+            [multiaddr.Multiaddr(str(a).split("/p2p/")[0]) for a in self.host.get_transport_addrs()]
+        )
         ports = {a.value_for_protocol("tcp") for a in out if "/tcp/" in str(a)}
         for seen in self.observed_addrs():
             ip_proto = "ip6" if seen.startswith("/ip6/") else "ip4"
@@ -334,12 +375,15 @@ class Reachability:
         candidates = self._candidate_addrs()
         for peer in self._direct_peers()[: 2 * self.settings.confirmations]:
             try:
-                status, _ = await self.autonat.query_server(peer, candidates, AUTONAT_TIMEOUT_S)
+                status, reached = await self.autonat.query_server(
+                    peer, candidates, AUTONAT_TIMEOUT_S
+                )
             except Exception as exc:  # a peer without AutoNAT, or gone: no vote
                 log.debug("AutoNAT query to %s failed: %r", peer, exc)
                 continue
             if status == AutoNATMessage.OK:
                 self.votes[peer.to_base58()] = True
+                self._confirm(reached, candidates)
             elif status == AutoNATMessage.E_DIAL_ERROR:
                 self.votes[peer.to_base58()] = False
             else:  # refused (relayed, or no address at its observed IP): no vote
@@ -413,7 +457,10 @@ class Reachability:
                 for a in self.host.get_peerstore().addrs(peer_id)
                 if is_circuit(a)
             }
-            for addr in sorted(circuits):
+            # the peer's word (identify): only usable relays, loopback ones only from loopback
+            own = [str(a) for a in self.host.get_transport_addrs()]
+            usable = dial_order(sorted(circuits), peer_id.to_base58(), local=local_only(own))
+            for addr in usable:
                 try:
                     with trio.fail_after(RESERVE_TIMEOUT_S):
                         conn = await self.transport.dial(multiaddr.Multiaddr(addr))
@@ -424,10 +471,13 @@ class Reachability:
             raise direct_failed
 
     def _get_addrs(self) -> list[multiaddr.Multiaddr]:
-        """`host.get_addrs()` and then our relayed addresses: py-libp2p's own strips every
-        address after its first /p2p/ part (.../p2p/RELAY/p2p-circuit becomes ...)."""
+        """`host.get_addrs()`: what this host tells every peer (see the module docstring),
+        each ending in /p2p/<our id>. Relayed addresses are added here: py-libp2p's own
+        get_addrs strips every address after its first /p2p/ part (.../p2p/RELAY/p2p-circuit
+        would become ...)."""
         me = multiaddr.Multiaddr(f"/p2p/{self.host.get_id()}")
-        return self._host_addrs() + [a.encapsulate(me) for a in self.relayed_addrs()]
+        direct = self._host_addrs() + self.confirmed_addrs()
+        return [a.encapsulate(me) for a in advertised(direct, self.relayed_addrs())]
 
     async def hole_punch(self, peer_id: str) -> bool:
         """Try DCUtR now; True once a direct connection to the peer exists."""

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
+from p2p import addrs as addrs_check
 from p2p import codec, identity
 from p2p.network import scoped_namespace
 
@@ -24,8 +25,8 @@ RECORD_TYPE = "resources"
 MAX_RECORD_BYTES = 64 * 1024
 DEFAULT_MAX_SKEW_S = 10.0
 MAX_VALIDITY_S = 3600.0
-MAX_ADDRS = 32
-MAX_ADDR_CHARS = 512
+MAX_ADDRS = addrs_check.MAX_ADDRS  # a record with more is refused whole (malformed)
+MAX_ADDR_CHARS = addrs_check.MAX_ADDR_CHARS
 # A price: the stablecoin's smallest unit per unit of work (one layer run over one token).
 # At most an int64, so msgpack, sqlite and JSON all carry it exactly.
 MAX_PRICE_PER_UNIT = 2**63 - 1
@@ -56,6 +57,9 @@ class ResourceRecord:
     resources: dict[str, Any]
     # the node's price per unit of work; None: it declares none (a node of an older version)
     price_per_unit: int | None = None
+    # why each address of the signed record that is not in `addrs` was dropped (unusable:
+    # p2p.addrs.check_addrs); the reader counts them
+    dropped_addrs: tuple[str, ...] = ()
 
     @property
     def expires_at(self) -> float:
@@ -123,6 +127,11 @@ def validate_record(
 
     Cheap checks first: size, shape, network, key and freshness are refused before the
     signature is checked, so forged or misplaced records cost a flooder's victim little.
+    Its addresses, the publisher's word, are then parsed (`p2p.addrs.check_addrs`): the
+    record keeps the usable ones as signed, and says why it dropped the others
+    (`dropped_addrs`: unspecified, multicast, port 0, malformed, naming another peer...); one
+    bad address does not cost the record. Whether an address is near enough to dial (loopback
+    from another host) is for the dialler to judge (`p2p.addrs.dial_order`).
     """
     if len(key) > 128:
         raise RecordError("wrong_key", "key too long")
@@ -147,15 +156,17 @@ def validate_record(
         codec.verify_envelope(env)
     except codec.CodecError as exc:
         raise RecordError(exc.reason, str(exc)) from None
+    addrs, dropped = addrs_check.check_addrs(body.addrs, env.sender)
     return ResourceRecord(
         peer_id=env.sender,
         network_id=network_id,
         issued_at=issued,
         valid_for=body.valid_for,
         payout_address=body.payout,
-        addrs=list(body.addrs),
+        addrs=addrs,
         resources=body.resources,
         price_per_unit=body.price_per_unit,
+        dropped_addrs=tuple(dropped),
     )
 
 
