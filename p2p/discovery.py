@@ -29,6 +29,7 @@ How it scales (issue 19, "Finding nodes at internet scale"):
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -49,6 +50,9 @@ log = logging.getLogger(__name__)
 
 # a look-up walks the DHT too when the node itself has not answered within this
 WALK_AFTER_S = 0.5
+# the refresher wakes for look-ups falling due (each at its own time) at most once per this
+# fraction of its interval, and handles all that fell due meanwhile at once
+BATCH_FRACTION = 1 / 32
 
 # (reason) -> None; the daemon counts these in /metrics
 RejectHook = Callable[[str], None]
@@ -152,6 +156,12 @@ class ResourceDirectory:
         self._backoff: dict[str, float] = {}  # peer id -> its current retry delay
         self._attempted: set[str] = set()  # peers looked up at least once
         self._refreshers = 0  # running refresh_forever tasks
+        # when each peer's next look-up falls due (`_due_at`), for the refresher: a heap with
+        # one live entry per peer (`_queued`), so that a wake costs what fell due, not a scan
+        # of every peer held (with a scan, N records falling due one by one cost O(N**2))
+        self._queue: list[tuple[float, str]] = []
+        self._queued: dict[str, float] = {}
+        self._scan_all = False  # set with `_wake` by find(): look at every candidate
         # meets nodes beyond the network's known peers (p2p.walks)
         self.walker = Walker(
             net,
@@ -314,6 +324,7 @@ class ResourceDirectory:
                 self._trim()
         self._retry_at.pop(record.peer_id, None)
         self._backoff.pop(record.peer_id, None)
+        self._schedule(record.peer_id)
 
     def _base_retry_s(self) -> float:
         return min(self._settings.absent_retry_s, self._settings.publish_interval_s)
@@ -321,10 +332,37 @@ class ResourceDirectory:
     def _due(self, peer_id: str, now: float) -> bool:
         """Whether `peer_id` needs a look-up: no usable cached record, or one past half its
         validity, and it is not backing off or already being looked up."""
-        if now < self._retry_at.get(peer_id, -math.inf):
-            return False
+        return now >= self._due_at(peer_id)
+
+    def _due_at(self, peer_id: str) -> float:
+        """When `peer_id` falls due (`_due`): -inf for a peer never looked up."""
         record = self._cache.get(peer_id)
-        return record is None or now >= record.issued_at + record.valid_for / 2
+        due = -math.inf if record is None else record.issued_at + record.valid_for / 2
+        return max(due, self._retry_at.get(peer_id, -math.inf))
+
+    def _schedule(self, peer_id: str) -> None:
+        """Queue `peer_id` for the refresher at its due time, unless queued earlier already
+        (an entry that finds its peer not yet due queues it again: `_pop_due`)."""
+        when = self._due_at(peer_id)
+        queued = self._queued.get(peer_id)
+        if queued is None or when < queued:
+            self._queued[peer_id] = when
+            heapq.heappush(self._queue, (when, peer_id))
+
+    def _pop_due(self, now: float) -> list[str]:
+        """The queued peers due by `now` (those found not yet due are queued anew)."""
+        due: list[str] = []
+        queue, queued = self._queue, self._queued
+        while queue and queue[0][0] <= now:
+            when, peer_id = heapq.heappop(queue)
+            if queued.get(peer_id) != when:
+                continue  # superseded by an earlier entry, already handled
+            del queued[peer_id]
+            if self._due_at(peer_id) > now:
+                self._schedule(peer_id)  # refreshed or backing off since
+            else:
+                due.append(peer_id)
+        return due
 
     async def _refresh_one(self, peer_id: str, limiter: trio.CapacityLimiter) -> None:
         """Look `peer_id` up (bounded by `dht_timeout_s`) and cache what verifies."""
@@ -342,10 +380,13 @@ class ResourceDirectory:
             )
             self._backoff[peer_id] = delay
         self._retry_at[peer_id] = now + delay  # until a look-up finds a record
-        async with limiter:
-            record = await self.lookup(peer_id)
-        if record is not None:
-            self._offer(record)
+        try:
+            async with limiter:
+                record = await self.lookup(peer_id)
+            if record is not None:
+                self._offer(record)
+        finally:
+            self._schedule(peer_id)  # its next look-up: the record's refresh, or the retry
 
     def _candidates(self) -> list[str]:
         """Whose records to hold: ourselves, the network's known peers, and the nodes whose
@@ -358,9 +399,12 @@ class ResourceDirectory:
         """Keep at most `max_peers` nodes beyond the known ones: those met longest ago go first,
         those without a record before those with one."""
         cap = self._settings.max_peers
-        extra = (self.walker.met.keys() | self._cache.keys()) - self._net.known_peers()
+        known = self._net.known_peers()
+        if len(self.walker.met) + len(self._cache) < cap - len(known):
+            return  # within the cap however they overlap: no set built (a walk calls this)
+        extra = (self.walker.met.keys() | self._cache.keys()) - known
         extra.discard(self._self_id)
-        excess = len(extra) - max(0, cap - len(self._net.known_peers()) - 1)
+        excess = len(extra) - max(0, cap - len(known) - 1)
         if excess <= 0:
             return
         order = sorted(extra, key=lambda p: (p in self._cache, self.walker.met.get(p, -math.inf)))
@@ -371,9 +415,11 @@ class ResourceDirectory:
     def _knows(self, peer_id: str) -> bool:
         return peer_id in self._cache or peer_id in self._net.known_peers()
 
-    def _met_new(self) -> None:
+    def _met_new(self, peers: list[str]) -> None:
         """A walk met nodes we did not know: keep within the cap, look them up now."""
         self._trim()
+        for peer_id in peers:
+            self._schedule(peer_id)
         self._wake.set()
 
     def _forget_expired(self) -> None:
@@ -430,17 +476,20 @@ class ResourceDirectory:
     async def refresh_forever(self, interval_s: float | None = None) -> None:
         """Keep cached records fresh in the background, so find() need not wait on the DHT.
 
-        Every `interval_s` (default: the smaller of `publish_interval_s` and a quarter of
-        `record_validity_s`) it starts a look-up of each known peer whose record is missing or
-        past half its validity, except those backing off (see `absent_retry_s`) or being looked
-        up already. Look-ups run on their own: a silent peer's, which takes `dht_timeout_s`,
-        never holds back the next round for the others (it once let honest records expire
-        while a record-less peer was connected).
+        It starts a look-up of each peer whose record is missing or past half its validity,
+        except those backing off (see `absent_retry_s`) or being looked up already, as each
+        falls due (`_queue`; in batches at most `BATCH_FRACTION` of the interval apart), and
+        looks at every known peer every `interval_s` (default: the smaller of
+        `publish_interval_s` and a quarter of `record_validity_s`; the routing table's a few
+        times as often, and all at once when find() saw a peer never looked up). Look-ups run
+        on their own: a silent peer's, which takes `dht_timeout_s`, never holds back the
+        others (it once let honest records expire while a record-less peer was connected).
         """
         if interval_s is None:
             interval_s = min(
                 self._settings.publish_interval_s, self._settings.record_validity_s / 4
             )
+        batch_s = interval_s * BATCH_FRACTION
         limiter = trio.CapacityLimiter(self._settings.max_parallel_gets)
         in_flight: set[str] = set()
 
@@ -456,31 +505,40 @@ class ResourceDirectory:
                 nursery.start_soon(self.liveness.run, self._cache.__contains__, self._addrs_of)
                 nursery.start_soon(self.walker.run)
                 nursery.start_soon(self.gone.run)
+                next_scan = next_forget = -math.inf  # (the network's clock)
                 while True:
                     now = self._net.now()
-                    for peer_id in self._candidates():
-                        if peer_id not in in_flight and self._due(peer_id, now):
+                    known = self._net.known_peers()
+                    due = self._pop_due(now)
+                    if self._scan_all or now >= next_scan:
+                        # all: a peer that became a candidate unqueued is not missed
+                        self._scan_all = False
+                        next_scan = now + interval_s
+                        due += [p for p in self._candidates() if self._due(p, now)]
+                    else:  # the routing table's newcomers (none of them queued)
+                        due += [p for p in known if self._due(p, now)]
+                    for peer_id in due:
+                        if peer_id not in in_flight and self._holds(peer_id, known):
                             in_flight.add(peer_id)
                             nursery.start_soon(refresh, peer_id)
-                    self._forget_expired()
-                    with trio.move_on_after(self._next_due_in(interval_s, in_flight)):
+                    if now >= next_forget:  # O(held): not at every wake
+                        self._forget_expired()
+                        next_forget = now + interval_s / 4
+                    soonest = min(next_scan, self._queue[0][0] if self._queue else math.inf)
+                    with trio.move_on_after(max(batch_s, min(soonest - now, interval_s / 4))):
                         await self._wake.wait()
                     self._wake = trio.Event()
         finally:
             self._refreshers -= 1
 
-    def _next_due_in(self, most_s: float, in_flight: set[str]) -> float:
-        """Seconds until the next peer falls due (a failed look-up's retry included), at most
-        `most_s`: a retry waits for its own time, not for the next full interval."""
-        now = self._net.now()
-        soonest = now + most_s
-        for peer_id in self._candidates():
-            if peer_id in in_flight:
-                continue
-            record = self._cache.get(peer_id)
-            due = -math.inf if record is None else record.issued_at + record.valid_for / 2
-            soonest = min(soonest, max(due, self._retry_at.get(peer_id, -math.inf)))
-        return max(0.0, soonest - now)
+    def _holds(self, peer_id: str, known: set[str]) -> bool:
+        """Whether `peer_id` is still a candidate (`_candidates`), without building them."""
+        return (
+            peer_id in self._cache
+            or peer_id in self.walker.met
+            or peer_id in known
+            or peer_id == self._self_id
+        )
 
     async def find(
         self, predicate: Callable[[records.ResourceRecord], bool] | None = None
@@ -497,6 +555,7 @@ class ResourceDirectory:
         wanted = [p for p in self._candidates() if self._due(p, now)]
         if self._refreshers:
             if any(p not in self._attempted for p in wanted):
+                self._scan_all = True
                 self._wake.set()
         elif wanted:
             limiter = trio.CapacityLimiter(self._settings.max_parallel_gets)

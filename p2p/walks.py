@@ -71,7 +71,7 @@ def sweep_bits(nodes: int, max_nodes: int) -> int:
 class Walker:
     """Walks the DHT; `met` holds the nodes its walks returned, and when (the network's
     clock). `view()` is how many nodes the node knows of in all (the estimate of N);
-    `on_new()` is called after a walk met nodes not in `known()`."""
+    `on_new(nodes)` is called after a walk met `nodes`, not met before nor in `known()`."""
 
     def __init__(
         self,
@@ -83,7 +83,7 @@ class Walker:
         max_nodes: int,
         known: Callable[[str], bool],
         view: Callable[[], int],
-        on_new: Callable[[], None],
+        on_new: Callable[[list[str]], None],
     ) -> None:
         self._net = net
         self._self_id = net.peer_id
@@ -114,16 +114,16 @@ class Walker:
         if not found:
             self.walk_failures += 1
         now = self._net.now()
-        new = 0
+        new: list[str] = []
         for peer_id in found[: 2 * K]:  # more than K would be a transport's bug: bounded
             if not isinstance(peer_id, str) or peer_id == self._self_id or len(peer_id) > 128:
                 continue
             if peer_id not in self.met and not self._known(peer_id):
-                new += 1
+                new.append(peer_id)
             self.met[peer_id] = now
         if new:
-            self._on_new()
-        return new
+            self._on_new(new)
+        return len(new)
 
     async def sweep(self, bits: int) -> int:
         """One sweep of 2**bits walks (see the module); how many unknown nodes it met."""
