@@ -26,7 +26,13 @@ already observes, on the `Network` seam only (so it runs alike over libp2p and i
 
 At most `max_pings` peers are pinged a round, however many are connected (a node that looked
 up a thousand records holds a thousand connections): those that missed a ping first, then
-those pinged longest ago, in turn. With a few peers every one is pinged every round.
+the others in turn, each once a cycle of about connected / `max_pings` rounds. A newly
+connected peer's first turn falls at a random round of the coming cycle, so the nodes that
+connected to a peer at the same moment (all that looked up its new record) do not all ping
+it in the same round of their cycles: they did (a peer was appended to each node's line),
+and a peer cut off just after that round went unpinged by everyone for a whole cycle (a
+cut-off node left every list after 11.25 s at 200 nodes, where a cycle is 12 rounds; at
+1,000 nodes a cycle is 62). With a few peers every one is pinged every round.
 
 A gone peer's record is kept, not deleted: it is listed again as soon as the peer answers a
 ping or a dial, or a record it issued after it was taken for gone is seen. Peers this
@@ -35,9 +41,10 @@ node has never been connected to are judged by their record's validity alone.
 
 from __future__ import annotations
 
-import itertools
+import heapq
 import logging
 import math
+import random
 from collections.abc import Callable
 
 import trio
@@ -61,10 +68,12 @@ class Liveness:
         max_parallel: int = 32,
         max_pings: int = 16,
         on_lost: Callable[[str], None] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         """`on_lost(peer)`: this node saw `peer` go (not told: see `mark_gone`), or, when it
         pings only some of its peers a round, suspects it (a ping unanswered and counted:
-        others check for themselves, see `p2p.gone`)."""
+        others check for themselves, see `p2p.gone`). `rng`: places newcomers' first turns
+        (tests pass a seeded one)."""
         self._net = net
         self._probe_interval_s = probe_interval_s
         self._misses_needed = misses
@@ -75,7 +84,10 @@ class Liveness:
         self._limiter = trio.CapacityLimiter(max_parallel)
         self._max_pings = max_pings
         self._on_lost = on_lost or (lambda peer_id: None)
-        self._turns: dict[str, None] = {}  # connected peers, the longest unpinged first
+        self._rng = rng or random.Random()
+        self._round = 0  # rounds run (the clock of the turns)
+        self._turn: dict[str, int] = {}  # connected peer -> the round of its next turn
+        self._turns: list[tuple[int, str]] = []  # heap of (round, peer); stale ones skipped
         self._capped = False  # whether the last round pinged only some connected peers
         self._lost: dict[str, float] = {}  # peer -> when (net.now()) it was taken for gone
         self._misses: dict[str, int] = {}  # connected peer -> pings missed in a row
@@ -197,8 +209,9 @@ class Liveness:
         async with trio.open_nursery() as background:
             while True:
                 connected = self._net.connected_peers() - {self._net.peer_id}
-                closed = [p for p in seen - connected if watched(p) and p not in self._lost]
-                seen = connected | {p for p in seen if p not in self._lost and watched(p)}
+                gone_away = seen - connected  # (only these are looked at one by one)
+                closed = [p for p in gone_away if watched(p) and p not in self._lost]
+                seen = connected | {p for p in gone_away if p not in self._lost and watched(p)}
                 now = trio.current_time()
                 # a gone peer (while its record lasts) is dialled every `recheck_s`: a live
                 # one whose redial failed once (a loaded machine) comes back without waiting
@@ -223,32 +236,44 @@ class Liveness:
                     for peer_id in pinged:
                         nursery.start_soon(self._ping, peer_id, missed)
                 self._count_misses(missed, len(pinged), late_s, watched)
-                self._misses = {p: n for p, n in self._misses.items() if p in connected}
+                if self._misses:
+                    self._misses = {p: n for p, n in self._misses.items() if p in connected}
                 slept_from = trio.current_time()
                 await trio.sleep(self._probe_interval_s)
                 late_s = trio.current_time() - slept_from - self._probe_interval_s
 
     def _to_ping(self, connected: set[str]) -> list[str]:
         """This round's pings: every connected peer, or at most `max_pings` of them (those
-        that missed the last ping first, then in turn, the longest unpinged first)."""
+        that missed the last ping first, then in turn: see the module)."""
+        self._round += 1
         self._capped = len(connected) > self._max_pings
+        turn = self._turn
         if not self._capped:
+            turn.clear()
             self._turns.clear()
             return list(connected)
-        turns = self._turns
-        for peer_id in turns.keys() - connected:
-            del turns[peer_id]
-        for peer_id in connected - turns.keys():
-            turns[peer_id] = None
+        for peer_id in turn.keys() - connected:
+            del turn[peer_id]
+        cycle = -(-len(connected) // self._max_pings)
+        heap = self._turns
+        for peer_id in connected - turn.keys():
+            due = self._round + self._rng.randrange(cycle)
+            turn[peer_id] = due
+            heapq.heappush(heap, (due, peer_id))
+        if len(heap) > 2 * len(turn) + 64:  # mostly stale entries: rebuild
+            heap[:] = [(due, peer_id) for peer_id, due in turn.items()]
+            heapq.heapify(heap)
         chosen = [p for p in self._misses if p in connected][: self._max_pings]
-        for peer_id in itertools.islice(turns, 2 * self._max_pings):
-            if len(chosen) >= self._max_pings:
-                break
-            if peer_id not in chosen:
+        picked = set(chosen)
+        while len(chosen) < self._max_pings and heap:
+            due, peer_id = heapq.heappop(heap)
+            if turn.get(peer_id) == due and peer_id not in picked:
                 chosen.append(peer_id)
-        for peer_id in chosen:  # to the back of the line
-            turns.pop(peer_id, None)
-            turns[peer_id] = None
+                picked.add(peer_id)
+        for peer_id in chosen:  # to the back of the line: next cycle
+            due = self._round + cycle
+            turn[peer_id] = due
+            heapq.heappush(heap, (due, peer_id))
         return chosen
 
     def forget(self, keep: set[str]) -> None:

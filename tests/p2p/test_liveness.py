@@ -3,6 +3,8 @@ who is spared (a dial that only timed out once, a round in which most peers miss
 
 from __future__ import annotations
 
+import random
+
 import trio
 
 from p2p.liveness import Liveness
@@ -153,4 +155,41 @@ async def test_many_peers_are_pinged_a_few_a_round_in_turn_and_a_silent_one_is_s
         assert told[0][0] - silenced <= 8 + 2 + 1  # its turn, then one ping timeout
         assert [p for _, p in told].count("p7") == 3  # two suspicions, then gone
         assert set(live.lost()) == {"p7"}
+        nursery.cancel_scope.cancel()
+
+
+async def test_nodes_that_met_the_same_peers_at_once_ping_each_in_different_rounds(
+    autojump_clock,
+):
+    """60 nodes connected at the same moment to the same 40 peers (as every node that looked
+    up a new record is), each pinging 4 a round (a cycle of 10 rounds): a peer cut off right
+    after its turn is suspected by some node within a round and a ping timeout, not a cycle
+    later. (Each node appended newcomers to its line in the same order, so all pinged a peer
+    in the same round: a cut-off node took 11.25 s to leave every list at 200 nodes.)"""
+    peers = {f"p{i}" for i in range(40)}
+    nets = [_CountingNet(peers) for _ in range(60)]
+    told: list[tuple[float, str]] = []
+    lives = [
+        Liveness(
+            net,  # type: ignore[arg-type]
+            max_pings=4,
+            rng=random.Random(index),
+            on_lost=lambda p: told.append((trio.current_time(), p)),
+        )
+        for index, net in enumerate(nets)
+    ]
+    async with trio.open_nursery() as nursery:
+        for live in lives:
+            nursery.start_soon(live.run, lambda p: True, lambda p: [f"/p2p/{p}"])
+        await trio.sleep(12.5)  # virtual: more than a cycle, everyone in step
+        for net in nets:  # each node still pings each peer once a cycle, in turn
+            assert {p for when, p in net.pings if when < 10} == peers
+        latest = max(when for net in nets for when, _ in net.pings)
+        cut = min(p for net in nets for when, p in net.pings if when == latest)
+        for net in nets:
+            net.silent.add(cut)
+        silenced = trio.current_time()
+        while cut not in {p for _, p in told}:  # noqa: ASYNC110
+            await trio.sleep(0.1)  # virtual time (autojump clock)
+        assert trio.current_time() - silenced <= 1 + 2 + 1  # next round, one ping timeout
         nursery.cancel_scope.cancel()
