@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import ipaddress
 import math
 import re
@@ -238,7 +239,24 @@ def _direct(parts: list[str]) -> tuple[str, int]:
 
 def check_addr(text: str, peer_id: str) -> tuple[str, int]:
     """One address `peer_id` gave for itself, as (canonical text ending in /p2p/<peer_id>,
-    scope), or AddrRefused with the reason.
+    scope), or AddrRefused with the reason (see `_check_addr`). Answers are remembered for
+    the last 4096 addresses: the same records are read again at every refresh."""
+    answer = _checked(text, peer_id)
+    if isinstance(answer, str):
+        raise AddrRefused(answer)
+    return answer
+
+
+@functools.lru_cache(maxsize=4096)
+def _checked(text: str, peer_id: str) -> tuple[str, int] | str:
+    try:
+        return _check_addr(text, peer_id)
+    except AddrRefused as exc:
+        return exc.reason
+
+
+def _check_addr(text: str, peer_id: str) -> tuple[str, int]:
+    """`check_addr` itself.
 
     Only the shapes a gridmesh node dials are accepted (a whitelist, parsed as text: cheaper
     than py-multiaddr's parser, and nothing it does not know gets through):
