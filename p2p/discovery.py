@@ -440,16 +440,18 @@ class ResourceDirectory:
         self.liveness.forget(set(self._cache))
 
     def _addrs_of(self, peer_id: str) -> list[str]:
-        """Where to dial `peer_id` again: the addresses its signed record advertises, then
-        what the transport knows (which may hold the ephemeral ports of its own dials).
+        """Where to dial `peer_id` again: the addresses its signed record advertises, or,
+        where none of them may be dialled from here, what the transport knows (which may
+        hold the ephemeral ports of its own dials: each such address dialled in vain costs
+        a redial its timeout, and a cut-off node would stay listed for longer).
 
         All are the peer's word: only usable ones naming it are dialled, and loopback or
         link-local ones only when this node too is reachable on such addresses alone, so is
         on the peer's host (the reader judges "a remote peer": see p2p.addrs)."""
         record = self._cache.get(peer_id)
-        advertised = list(record.addrs) if record else []
-        known = advertised + [a for a in self._net.peer_addrs(peer_id) if a not in advertised]
-        return dial_order(known, peer_id, local=local_only(self._net.listen_addrs()))
+        local = local_only(self._net.listen_addrs())
+        advertised = dial_order(list(record.addrs), peer_id, local=local) if record else []
+        return advertised or dial_order(self._net.peer_addrs(peer_id), peer_id, local=local)
 
     def _listed(self, record: records.ResourceRecord) -> bool:
         """Whether find() lists `record`: ours always, another's unless its node is gone."""
