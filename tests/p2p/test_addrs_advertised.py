@@ -383,6 +383,42 @@ async def test_observed_addresses_are_advertised_once_confirmed_public_first() -
         assert str(predicted) in b.reach.info()["confirmed_addrs"]
 
 
+async def test_relayed_addresses_a_peer_gave_are_checked_before_the_swarm_dials_them() -> None:
+    """A peer whose direct addresses fail is dialled through the relays its identify named
+    (p2p.reach): unusable ones, and ones naming another peer, are never dialled."""
+    net = _host()
+    peer = ID.from_base58(PEER)
+    given = [
+        f"/ip4/0.0.0.0/tcp/4001/p2p/{RELAY}/p2p-circuit",
+        f"/ip4/1.2.3.4/tcp/0/p2p/{RELAY}/p2p-circuit",
+        f"/ip4/224.0.0.1/tcp/4001/p2p/{RELAY}/p2p-circuit",
+        f"/ip4/1.2.3.4/tcp/4001/p2p/{PEER}/p2p-circuit",  # through itself
+        f"/ip4/5.6.7.8/tcp/4001/p2p/{RELAY}/p2p-circuit",
+        f"/ip4/127.0.0.1/tcp/4001/p2p/{RELAY}/p2p-circuit",  # we are on loopback too
+    ]
+    net.host.get_peerstore().add_addrs(peer, [multiaddr.Multiaddr(a) for a in given], 60)
+    dialled: list[str] = []
+
+    async def direct(peer_id: ID) -> list[object]:
+        raise OSError("no direct address answers")
+
+    async def through_relay(addr: multiaddr.Multiaddr) -> object:
+        dialled.append(str(addr))
+        raise OSError("the relay is gone")
+
+    net.reach._swarm_dial_peer = direct  # type: ignore[assignment]
+    net.reach.transport.dial = through_relay  # type: ignore[method-assign]
+    # (not started: py-libp2p's auto-connector would dial the peer too; as if listening)
+    listening = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/4000")]
+    net.host.get_transport_addrs = lambda: listening  # type: ignore[method-assign]
+    with pytest.raises(OSError, match="no direct"):
+        await net.reach._dial_peer(peer)
+    assert dialled == [
+        f"/ip4/127.0.0.1/tcp/4001/p2p/{RELAY}/p2p-circuit/p2p/{PEER}",
+        f"/ip4/5.6.7.8/tcp/4001/p2p/{RELAY}/p2p-circuit/p2p/{PEER}",
+    ]
+
+
 # -- a hostile peer's record on the in-memory network ----------------------------------
 
 
