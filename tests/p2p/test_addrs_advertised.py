@@ -45,9 +45,10 @@ from p2p.host import Libp2pNetwork
 from p2p.reach import ReachSettings
 from p2p.testing.memnet import MemoryNetwork
 
-PEER = identity.NodeIdentity.generate().peer_id
-OTHER = identity.NodeIdentity.generate().peer_id
-RELAY = identity.NodeIdentity.generate().peer_id
+# fixed identities: they name parametrized tests, which every xdist worker must collect alike
+PEER = identity.NodeIdentity(bytes([1]) * 32, bytes([11]) * 32).peer_id
+OTHER = identity.NodeIdentity(bytes([2]) * 32, bytes([12]) * 32).peer_id
+RELAY = identity.NodeIdentity(bytes([3]) * 32, bytes([13]) * 32).peer_id
 NET = "addrtest"
 
 # (address, why it is dropped)
