@@ -7,9 +7,13 @@ real threads and real time. A requester (`RemoteModel` + `generate`, greedy) run
 `--generations` generations at once of `--tokens` tokens each after a short prompt.
 
 Table 1, overhead: aggregate tokens/s without a verifier, and with spot checks at 0, 2 and
-10 % of the steps of each hop (a flat rate: `probation_rate` = `rate`), rounds interleaved
+10 % of the steps of each hop (a flat rate: `probation_rate` = `rate`), after a warm-up
+that runs every server (routes and replicas: a check on every step, with a verifier of its
+own, so that no configuration's first round pays for a server's first passes), rounds interleaved
 (`--rounds`, each in another order; per round the ratio to that round's run without checks,
-median over rounds); the overhead is 1 - tokens/s with checks / tokens/s without (wall),
+median over rounds, and the middle half of the rounds' figures, their first to third
+quartile, in the last column: on a shared machine one round's moves by several points); the
+overhead is 1 - tokens/s with checks / tokens/s without (wall),
 and CPU ms per token with checks / without - 1 (CPU: the process's CPU time, servers and
 replicas included, is what verification costs the network; on a shared machine it is also
 far less noisy than the wall clock). "CPU per check" is what one checked step cost, in hop-steps
@@ -19,7 +23,9 @@ on a replica, in the replica session that follows the hop for the generation: th
 inputs since its last check and the step's, in one pass ("replica positions per check"; a
 hop's first check of a generation catches up on the whole prefix). Also the
 largest honest difference seen between a provider and its replica
-(row-relative; `daemon.verify.compare` allows 1e-5 in float32).
+(row-relative; `daemon.verify.compare` allows 1e-5 in float32). `--breakdown` adds where the
+time goes per configuration: the routes' servers' and the replicas' forward passes and compute
+time, and how long the token loops waited at a step's end for its checks.
 
 Table 2, steps to detection: a fourth server of the first range cheats in each mode
 (`daemon.verify.cheat`; `corrupt` on half of its steps, the others on all) and announces the
@@ -31,7 +37,7 @@ deviation (a few seeded geometric draws understate it).
 
 usage: python bench/verify.py [--hidden 256] [--layers 8] [--generations 8] [--tokens 48]
        [--rounds 3] [--seeds 20] [--rates 0 0.02 0.10] [--threads 1]
-       [--skip-detection] [--skip-overhead]
+       [--skip-detection] [--skip-overhead] [--breakdown]
 """
 
 from __future__ import annotations
@@ -112,18 +118,57 @@ async def honest_cluster(model_dir: Path, layers: int) -> Cluster:
     return cluster
 
 
+class Breakdown:
+    """Where a configuration's time goes, summed over its rounds (`--breakdown`): per server
+    group (the routes' servers, the others: replicas), forward passes, steps in them and
+    compute seconds; and how long the token loops waited in the checks' hook."""
+
+    def __init__(self) -> None:
+        self.passes: dict[str, int] = {"route": 0, "replica": 0}
+        self.steps: dict[str, int] = {"route": 0, "replica": 0}
+        self.compute_s: dict[str, float] = {"route": 0.0, "replica": 0.0}
+        self.hook_s = 0.0  # token loops' wall time in after_step, all steps
+        self.checked_hook_s = 0.0  # of it, in steps with a check
+        self.checked_steps = 0
+        self.tokens = 0
+        self.wall_s = 0.0
+        self.cpu_s = 0.0
+
+
+def _snapshot(cluster: Cluster) -> dict[str, tuple[int, int, float]]:
+    """Per server: (passes, steps in them, compute seconds) so far."""
+    out = {}
+    for peer, server in cluster.servers.items():
+        sizes = server.batching.batch_sizes
+        blocks = list(server.blocks.values())
+        out[peer] = (
+            sum(sizes.values()),
+            sum(k * n for k, n in sizes.items()),
+            sum(b.compute_s for b in blocks),
+        )
+    return out
+
+
 async def workload(
-    cluster: Cluster, verifier: Verifier | None, args: argparse.Namespace
+    cluster: Cluster,
+    verifier: Verifier | None,
+    args: argparse.Namespace,
+    breakdown: Breakdown | None = None,
 ) -> tuple[float, float]:
     """Aggregate tokens/s of `--generations` concurrent generations, and the process's CPU
     ms per token (servers, replicas and requester all run in this process)."""
     done = 0
+    routes: set[str] = set()
+    before = _snapshot(cluster) if breakdown is not None else {}
 
     async def one(i: int) -> None:
         nonlocal done
         checks = verifier.generation() if verifier is not None else None
+        if checks is not None and breakdown is not None:
+            checks.after_step = _timed(checks, checks.after_step, breakdown)
         remote = cluster.model(checks, max_length=args.tokens + 16)
         await remote.open()
+        routes.update(h.peer_id for h in remote.hops)
         async for _ in generate(remote, [i % 200 + 1, 3, 5, 7, 11, 13], args.tokens):
             done += 1
         await remote.close()
@@ -135,7 +180,33 @@ async def workload(
         for i in range(args.generations):
             nursery.start_soon(one, i)
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    if breakdown is not None:
+        after = _snapshot(cluster)
+        for peer in after:
+            group = "route" if peer in routes else "replica"
+            breakdown.passes[group] += after[peer][0] - before[peer][0]
+            breakdown.steps[group] += after[peer][1] - before[peer][1]
+            breakdown.compute_s[group] += after[peer][2] - before[peer][2]
+        breakdown.tokens += done
+        breakdown.wall_s += wall
+        breakdown.cpu_s += cpu
     return done / wall, 1000 * cpu / done
+
+
+def _timed(checks: object, hook: object, breakdown: Breakdown) -> object:
+    async def after_step(*args: object) -> None:
+        started = time.perf_counter()
+        before = checks.checked_steps  # type: ignore[attr-defined]
+        try:
+            await hook(*args)  # type: ignore[operator]
+        finally:
+            took = time.perf_counter() - started
+            breakdown.hook_s += took
+            if checks.checked_steps > before:  # type: ignore[attr-defined]
+                breakdown.checked_hook_s += took
+                breakdown.checked_steps += 1
+
+    return after_step
 
 
 async def overhead(args: argparse.Namespace, model_dir: Path) -> None:
@@ -144,13 +215,18 @@ async def overhead(args: argparse.Namespace, model_dir: Path) -> None:
         rate: Verifier(VerifyConfig(rate=rate, probation_rate=rate), rng=random.Random(1))
         for rate in args.rates
     }
-    await workload(cluster, None, args)  # warm up
+    await workload(cluster, None, args)  # warm up the routes' servers
+    # and every replica (a check on every step), so that no configuration's first round
+    # pays for a server's first passes
+    warm = Verifier(VerifyConfig(rate=1.0, probation_rate=1.0), rng=random.Random(0))
+    await workload(cluster, warm, args)
     configs: list[float | None] = [None, *args.rates]
     runs: dict[float | None, list[tuple[float, float]]] = {c: [] for c in configs}
+    parts = {c: Breakdown() for c in configs} if args.breakdown else {}
     for round_ in range(args.rounds):  # each round in another order: drifts cancel out
         shift = round_ % len(configs)
         for rate in configs[shift:] + configs[:shift]:
-            runs[rate].append(await workload(cluster, verifiers.get(rate), args))
+            runs[rate].append(await workload(cluster, verifiers.get(rate), args, parts.get(rate)))
     base = statistics.median(t for t, _ in runs[None])
     base_cpu = statistics.median(c for _, c in runs[None])
 
@@ -159,6 +235,16 @@ async def overhead(args: argparse.Namespace, model_dir: Path) -> None:
         return statistics.median(
             r[which] / b[which] for r, b in zip(runs[rate], runs[None], strict=True)
         )
+
+    def middle(rate: float, which: int) -> str:
+        """The middle half of the rounds' overheads (their first and third quartiles): how
+        much the figure moves from round to round on this machine."""
+        ratios = [r[which] / b[which] for r, b in zip(runs[rate], runs[None], strict=True)]
+        overheads = sorted((1 - x if which == 0 else x - 1) * 100 for x in ratios)
+        if len(overheads) < 2:
+            return "-"
+        q1, _, q3 = statistics.quantiles(overheads, n=4)
+        return f"{q1:.1f}..{q3:.1f}%"
 
     tokens = args.generations * args.tokens * args.rounds
     hop_step_ms = base_cpu / 2  # two hops per token
@@ -169,13 +255,14 @@ async def overhead(args: argparse.Namespace, model_dir: Path) -> None:
     )
     header = (
         "check rate | tokens/s | overhead (wall) | CPU ms/token | overhead (CPU) | checks "
-        "| CPU per check (hop-steps) | replica positions per check | max honest spread"
+        "| CPU per check (hop-steps) | replica positions per check | max honest spread "
+        "| middle half of rounds: wall; CPU"
     )
     print(header)
     print("-" * len(header))
     print(
         f"{'none':>10} | {base:>8.1f} | {'-':>15} | {base_cpu:>12.2f} | {'-':>14} | {'-':>6} "
-        f"| {'-':>25} | {'-':>27} | -"
+        f"| {'-':>25} | {'-':>27} | {'-':>17} | -"
     )
     for rate in args.rates:
         v = verifiers[rate]
@@ -187,7 +274,37 @@ async def overhead(args: argparse.Namespace, model_dir: Path) -> None:
             f"{rate * 100:>9.0f}% | {statistics.median(t for t, _ in runs[rate]):>8.1f} | "
             f"{(1 - ratio(rate, 0)) * 100:>14.1f}% | {cpu:>12.2f} | "
             f"{(ratio(rate, 1) - 1) * 100:>13.1f}% | {checks:>6} | {extra:>25.1f} | "
-            f"{fed:>27.1f} | {v.spread_max:.1e}"
+            f"{fed:>27.1f} | {v.spread_max:>17.1e} | {middle(rate, 0)}; {middle(rate, 1)}"
+        )
+    if parts:
+        print_breakdown(parts, verifiers)
+
+
+def print_breakdown(parts: dict[float | None, Breakdown], verifiers: dict[float, Verifier]) -> None:
+    print(
+        "\nbreakdown (all rounds): per token, wall and CPU ms; the routes' servers' and the "
+        "replicas' forward passes, steps and compute ms; the token loops' wait in the checks"
+    )
+    header = (
+        "check rate | wall ms/tok | CPU ms/tok | route passes/tok | route steps/pass "
+        "| route compute ms/tok | replica passes/tok | replica compute ms/tok "
+        "| checked steps | wait per checked step ms | hook ms/tok | sessions opened"
+    )
+    print(header)
+    print("-" * len(header))
+    for rate, b in parts.items():
+        n = max(1, b.tokens)
+        v = verifiers.get(rate) if rate is not None else None
+        opened = v.counters["replica_sessions"] if v is not None else 0
+        label = "none" if rate is None else f"{rate * 100:.0f}%"
+        print(
+            f"{label:>10} | {1000 * b.wall_s / n:>11.3f} | {1000 * b.cpu_s / n:>10.3f} | "
+            f"{b.passes['route'] / n:>16.3f} | "
+            f"{b.steps['route'] / max(1, b.passes['route']):>16.2f} | "
+            f"{1000 * b.compute_s['route'] / n:>20.3f} | {b.passes['replica'] / n:>18.3f} | "
+            f"{1000 * b.compute_s['replica'] / n:>22.3f} | {b.checked_steps:>13} | "
+            f"{1000 * b.checked_hook_s / max(1, b.checked_steps):>24.2f} | "
+            f"{1000 * b.hook_s / n:>11.3f} | {opened:>15}"
         )
 
 
@@ -259,6 +376,9 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.02, 0.10])
     parser.add_argument("--skip-detection", action="store_true")
     parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument(
+        "--breakdown", action="store_true", help="where the time goes, per check rate"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

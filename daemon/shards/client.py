@@ -99,7 +99,9 @@ class RemoteModel:
         `payments`: a paid job's generation (`daemon.payments.requester.PaidGeneration`):
         sessions are opened for its job and every step's receipt must pass its check, else
         the hop failed (None: free work). `verifier`: spot checks of the steps
-        (`daemon.verify.verifier.GenerationChecks`; None: none)."""
+        (`daemon.verify.verifier.GenerationChecks`; None: none), told when a step starts and
+        when each hop's input is known (its checks run beside the step) and, at the step's
+        end, asked for the verdicts (a hop found wrong raises HopFailed there)."""
         self._opener = opener
         self._servers = servers
         self.model_id = model_id
@@ -234,7 +236,13 @@ class RemoteModel:
     def _tokens(self, hop: Hop) -> int:
         return sum(chunk.shape[1] for position, chunk in hop.chunks if position < self.length)
 
+    def _input_known(self, hop: Hop, position: int, x: torch.Tensor) -> None:
+        """`hop`'s input at `position` is known: a check of it may start on a replica."""
+        if self.verifier is not None:
+            self.verifier.input_known(hop, position, x)
+
     async def _forward(self, hop: Hop, position: int, x: torch.Tensor, last: bool) -> torch.Tensor:
+        self._input_known(hop, position, x)
         header = wire.Forward(session=hop.session, position=position, last_only=last)
         reply, out = await hop.call(header, x, self.step_timeout_s)
         if out is None or not isinstance(reply, wire.Result):
@@ -361,6 +369,8 @@ class RemoteModel:
         async def run() -> torch.Tensor:
             if not self.hops:  # not opened yet (or its opening failed): open here
                 self.hops = await self._open_hops(0)
+            if self.verifier is not None:  # the hops drawn for a check: they run beside
+                self.verifier.before_step(self, step.position)  # the step, on replicas
             if self.chained and step.next_hop < len(self.hops):
                 await self._run_chained(step)
                 if step.next_hop < len(self.hops):  # a server could not push to the next
@@ -392,6 +402,7 @@ class RemoteModel:
             session=hops[0].session, position=step.position, step=number, last_only=True
         )
         hops[0].record(step.position, step.x)
+        self._input_known(hops[0], step.position, step.x)
         with trio.move_on_after(self.step_timeout_s) as sending:
             await hops[0].send(header, step.x)
         if sending.cancelled_caught:
@@ -439,6 +450,7 @@ class RemoteModel:
                     heard[i] = reply, out
                     if i + 1 < len(hops):
                         hops[i + 1].record(step.position, out)
+                        self._input_known(hops[i + 1], step.position, out)
                         if isinstance(reply, wire.Partial) and reply.forward_error:
                             # hop i could not reach hop i + 1
                             relay_from = i + 1 if relay_from is None else min(relay_from, i + 1)

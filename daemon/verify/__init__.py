@@ -4,7 +4,10 @@
   exclusion with back-off, the reputation that breaks routing ties); sans-IO.
 - `compare`: when two outputs of one step agree (exact, or within a documented tolerance).
 - `detection`: the expected number of steps until a cheater is caught.
-- `replica`: running a hop's step again on another server.
+- `replica`: running a hop's step again on another server (and a check's plan, drawn when
+  its step starts); `links`: the streams kept to replicas for it; `followers`: the replica
+  session that follows each provider hop of a generation.
+- `deferred`: a paid generation's receipts, held until their step's checks are done.
 - `canaries`: known-good steps, sent again as ordinary traffic.
 - `verifier`: the checks of a generation, driven by the shard client's hooks.
 - `cheat`: adversarial providers, for tests and benchmarks only.

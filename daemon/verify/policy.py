@@ -7,9 +7,10 @@ probation, with its passes reset; `exclude_after` failed checks within `failure_
 exclude it from this requester's routes for a back-off that doubles with each exclusion
 (`backoff_s` .. `max_backoff_s`); it comes back on probation.
 
-The decision to check a step is drawn after the provider answered, from a random source the
-provider cannot see, one independent draw per (step, hop): nothing it receives differs between
-a checked and an unchecked step, and past draws say nothing about the next one.
+The decision to check a step is drawn when the step starts, from a random source the provider
+cannot see, one independent draw per (step, hop); the replica's work runs on another server,
+beside the step: nothing the provider receives differs between a checked and an unchecked
+step, and past draws say nothing about the next one.
 """
 
 from __future__ import annotations

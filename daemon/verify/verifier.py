@@ -2,19 +2,28 @@
 
 `Verifier` lives as long as the requester (its providers' reputations, its canaries, its
 counters); `Verifier.generation()` gives one generation its `GenerationChecks`, which the
-`RemoteModel` calls (`verifier=`) at two points:
+`RemoteModel` calls (`verifier=`) at these points:
 - `routable(servers)`: excluded providers are left out, and among routes of equal latency the
   one of better reputation wins (`daemon.verify.policy.RANK_PENALTY_MS`);
-- `after_step(model, position, logits)`: every hop of the step that just ran is drawn for a
-  check (at its provider's rate) and, on probation, for a canary. A checked hop's step runs
-  again on a replica of the same range (another provider, another payout key); a difference
-  goes to a third replica and the minority fails the check. The replica keeps one session per
-  provider hop for the generation (`ReplicaSession`), fed only the hop's inputs it has not seen
-  yet, so that a check costs one pass over the steps since the hop's last check instead of a
-  replay of the whole prefix. The provider sees nothing of this: the draw is made after it
-  answered, and the replica is another server. A provider that fails makes the
-  step fail over (`HopFailed`): the client re-routes without it and runs the step again on an
-  honest route, before any token is drawn from it.
+- `before_step(model, position)`: every hop of the step about to run is drawn for a check (at
+  its provider's rate, one independent draw per step and hop). A checked hop's step runs again
+  on a replica of the same range (another provider, another payout key), beside the step
+  itself: the replica's session is made ready at once, and
+- `input_known(hop, position, x)`: as soon as the hop's input is known (sent to the first hop,
+  or pushed on by the hop before: the client gets a copy), it goes to the replica too, so
+  that the replica computes while the provider does and the check adds little or nothing to
+  the step's time (the token loop waits only for what is left of it at the step's end);
+- `after_step(model, position, logits)`: the drawn hops' outputs are compared with their
+  replicas' (and, on probation, a canary may be sent); a difference goes to a third replica
+  and the minority fails the check. A provider that fails makes the step fail over
+  (`HopFailed`): the client re-routes without it and runs the step again on an honest route,
+  before any token is drawn from it.
+The replica keeps one session per provider hop for the generation (`ReplicaSession`), fed
+only the hop's inputs it has not seen yet, so that a check costs one pass over the steps since
+the hop's last check instead of a replay of the whole prefix. The provider sees nothing of
+this: nothing it receives depends on the draw (the replica is another server, and its work
+runs beside the step; only a check slower than the provider's step delays the next step, after
+the provider answered, and past draws say nothing about the next one).
 
 In a paid generation the receipts of a step are held until its checks are done (`payments`):
 the receipt of a step found wrong is never acknowledged, the others are checked and
@@ -46,8 +55,11 @@ import trio
 from daemon.shards.client import HopFailed
 from daemon.verify.canaries import Canary, CanaryStore
 from daemon.verify.compare import Agreement, compare, tolerance
+from daemon.verify.deferred import DeferredPayments
+from daemon.verify.followers import Followers
+from daemon.verify.links import ReplicaLinks
 from daemon.verify.policy import RANK_PENALTY_MS, Reputation, VerifyConfig
-from daemon.verify.replica import Replay, ReplicaSession, ReplicaUnavailable, run_on
+from daemon.verify.replica import Plan, Replay, ReplicaSession, ReplicaUnavailable, run_on
 
 _BAD = ("fail", "unresolved", "canary-fail")  # outcomes that fail the step over
 # replica sessions held open at once by one requester (a server takes 32 of one peer)
@@ -97,6 +109,7 @@ class Verifier:
         self.max_replica_sessions = max_replica_sessions
         # the open replica sessions, least recently used first, and whose they are
         self._held: OrderedDict[ReplicaSession, GenerationChecks] = OrderedDict()
+        self.links = ReplicaLinks()  # streams to replicas, kept for the checks to come
 
     def generation(self, payments: Any = None) -> GenerationChecks:
         return GenerationChecks(self, payments)
@@ -124,6 +137,7 @@ class Verifier:
             "providers": self.reputation.to_json(self.clock()),
             "canaries": len(self.canaries),
             "replica_sessions_open": len(self._held),
+            "replica_links_open": len(self.links),
             "max_honest_spread": self.spread_max,
         }
 
@@ -156,47 +170,17 @@ def _with_rtt(server: Any, rtt_ms: float) -> Any:
     return dataclasses.replace(server, rtt_ms=rtt_ms)
 
 
-class DeferredPayments:
-    """A paid generation's receipt checks, held until the step's checks are done."""
-
-    def __init__(self, paid: Any) -> None:
-        self.paid = paid
-        self.held: list[tuple[str, str, Any, bytes, bytes]] = []
-        self.withheld = 0
-
-    def __getattr__(self, name: str) -> Any:  # job_id, max_price_per_unit, opened, ...
-        return getattr(self.paid, name)
-
-    def check(
-        self, peer_id: str, session_id: str, receipt: bytes | None, given: bytes, got: bytes
-    ) -> str | None:
-        self.held.append((peer_id, session_id, receipt, given, got))
-        return None
-
-    def release(self, withhold: set[str]) -> tuple[str, str] | None:
-        """Check and acknowledge the held receipts except those of `withhold`'s peers; the
-        first refused one's (peer, reason), or None."""
-        held, self.held = self.held, []
-        refused: tuple[str, str] | None = None
-        for peer, session, receipt, given, got in held:
-            if peer in withhold:
-                self.withheld += 1
-                continue
-            why = self.paid.check(peer, session, receipt, given, got)
-            if why is not None and refused is None:
-                refused = (peer, why)
-        return refused
-
-
-class GenerationChecks:
+class GenerationChecks(Followers):
     """One generation's side of the checks (the `RemoteModel`'s `verifier`)."""
 
     def __init__(self, verifier: Verifier, paid: Any) -> None:
+        super().__init__()  # per provider hop, its replica session (`Followers`)
         self.verifier = verifier
         self.payments = DeferredPayments(paid) if paid is not None else None
         self.checked_steps = 0
-        # per provider hop (by identity), its replica session: (hop, session)
-        self._followers: dict[int, tuple[Any, ReplicaSession]] = {}
+        # per hop (by identity), its draw for the step now running: (hop, position, plan or
+        # None: not drawn for a check)
+        self._drawn: dict[int, tuple[Any, int, Plan | None]] = {}
 
     def routable(self, servers: list[Any]) -> list[Any]:
         return self.verifier.routable(servers)
@@ -206,8 +190,65 @@ class GenerationChecks:
         ends; `aclose` where the caller can wait, else they end in the background)."""
         if self.payments is not None:
             self.payments.release(set())
+        self._cancel_plans()
         if self._followers:
             trio.lowlevel.spawn_system_task(self.aclose, name="verify replica sessions")
+
+    def before_step(self, model: Any, position: int) -> None:
+        """The step at `position` starts: every hop of the route is drawn for a check (at its
+        provider's rate, once per step and hop: a step run again after a failover keeps the
+        draws of the hops it kept); a drawn hop's replica side starts now, beside the step.
+        Nothing the provider receives depends on the draw."""
+        v = self.verifier
+        now = v.clock()
+        hops = list(model.hops)
+        for i, hop in enumerate(hops):
+            held = self._drawn.get(id(hop))
+            if held is not None and held[0] is hop and held[1] == position:
+                continue  # drawn already
+            plan = None
+            if v.reputation.should_check(hop.peer_id, now):
+                plan = Plan(hop, position, last=i == len(hops) - 1)
+                self._start(model, plan)
+            self._keep_draw(hop, position, plan)
+        for key, (hop, _, plan) in list(self._drawn.items()):
+            if not any(hop is h for h in hops):  # replaced by a failover
+                del self._drawn[key]
+                if plan is not None:
+                    plan.scope.cancel()
+
+    def input_known(self, hop: Any, position: int, x: torch.Tensor) -> None:
+        """`hop`'s input at `position` is known (sent, or pushed to it): a check of it goes
+        to its replica now."""
+        held = self._drawn.get(id(hop))
+        if held is not None and held[0] is hop and held[1] == position and held[2] is not None:
+            held[2].give(x)
+
+    def _keep_draw(self, hop: Any, position: int, plan: Plan | None) -> None:
+        old = self._drawn.get(id(hop))
+        if old is not None and old[2] is not None and old[2] is not plan:
+            old[2].scope.cancel()  # (a plan never collected: its step did not finish)
+        self._drawn[id(hop)] = (hop, position, plan)
+
+    def _cancel_plans(self) -> None:
+        for _, _, plan in self._drawn.values():
+            if plan is not None:
+                plan.scope.cancel()
+        self._drawn.clear()
+
+    def _start(self, model: Any, plan: Plan) -> None:
+        trio.lowlevel.spawn_system_task(self._run, model, plan, name="verify check")
+
+    async def _run(self, model: Any, plan: Plan) -> None:
+        """A plan's replica side; never raises (its error is the plan's)."""
+        try:
+            with plan.scope:
+                servers = await model._servers()
+                plan.result = await self._follower_output(model, servers, plan)
+        except Exception as exc:  # (a bug: after_step raises it in the generation's task)
+            plan.error = exc
+        finally:
+            plan.done.set()
 
     async def after_step(self, model: Any, position: int, logits: torch.Tensor) -> None:
         v = self.verifier
@@ -215,14 +256,29 @@ class GenerationChecks:
         hops = list(model.hops)
         if self._followers:  # hops replaced by a failover: their replica sessions end
             await self._drop_followers(lambda hop: not any(hop is h for h in hops))
-        drawn: list[_Drawn] = []
+        drawn: list[tuple[_Drawn, Plan]] = []
         canaries: list[tuple[int, Canary]] = []
         for i, hop in enumerate(hops):
-            check = v.reputation.should_check(hop.peer_id, now)
-            if check:  # (what it got and gave is gathered only for the hops drawn)
+            held = self._drawn.get(id(hop))
+            if held is not None and held[0] is hop and held[1] == position:
+                plan = held[2]
+                if plan is not None and plan.collected:  # the step ran again after a
+                    plan = None  # failover further on: this hop's part was checked
+            else:  # not drawn when the step started (no `before_step`): drawn now
+                plan = None
+                if v.reputation.should_check(hop.peer_id, now):
+                    plan = Plan(hop, position, last=i == len(hops) - 1)
+                    self._start(model, plan)
+                self._keep_draw(hop, position, plan)
+            if plan is not None:
+                # what it got and gave is gathered only for the hops drawn
                 step = self._step_of(model, hops, i, position, logits)
-                if step is not None:
-                    drawn.append(step)
+                if step is None:
+                    plan.scope.cancel()
+                else:
+                    plan.give(step.replay.x)  # (known since the hop ran)
+                    plan.collected = True
+                    drawn.append((step, plan))
             if v.reputation.should_canary(hop.peer_id, now):
                 kept = v.canaries.get(model.model_id, hop.start, hop.end)
                 if kept:
@@ -231,15 +287,18 @@ class GenerationChecks:
         if drawn or canaries:
             servers = await model._servers()
 
-            async def check(step: _Drawn) -> None:
-                verdicts.append(await self._check(model, servers, step))
+            async def check(step: _Drawn, plan: Plan) -> None:
+                await plan.done.wait()
+                if plan.error is not None:
+                    raise plan.error
+                verdicts.append(await self._check(model, servers, step, plan.result))
 
             async def canary(i: int, canary: Canary) -> None:
                 verdicts.append(await self._canary(model, hops[i].peer_id, i, canary))
 
             async with trio.open_nursery() as nursery:
-                for step in drawn:
-                    nursery.start_soon(check, step)
+                for step, plan in drawn:
+                    nursery.start_soon(check, step, plan)
                 for c_args in canaries:
                     nursery.start_soon(canary, *c_args)
             self.checked_steps += 1
@@ -261,34 +320,9 @@ class GenerationChecks:
             raise HopFailed(d.peer, f"failed a check: {reason}")
 
     async def aclose(self) -> None:
-        """End the replica sessions (the generation ends); never raises."""
+        """End the checks and replica sessions (the generation ends); never raises."""
+        self._cancel_plans()
         await self._drop_followers(lambda hop: True)
-
-    async def _drop_followers(self, which: Callable[[Any], bool]) -> None:
-        for hop, session in list(self._followers.values()):
-            if which(hop):
-                await self._forget(hop, session)
-
-    async def _hold(self, hop: Any, session: ReplicaSession) -> None:
-        """Keep `session` as the hop's; past the requester's cap on open replica sessions,
-        the least recently used one (of any generation) ends."""
-        v = self.verifier
-        self._followers[id(hop)] = (hop, session)
-        v._held[session] = self
-        while len(v._held) > v.max_replica_sessions:
-            idle = [(s, o) for s, o in v._held.items() if not s.in_use and s is not session]
-            if not idle:  # every other one is checking a step just now
-                break
-            old, owner = idle[0]
-            v.counters["replica_sessions_evicted"] += 1
-            held = [h for h, s in owner._followers.values() if s is old]
-            await owner._forget(held[0] if held else None, old)
-
-    async def _forget(self, hop: Any, session: ReplicaSession) -> None:
-        if hop is not None and self._followers.get(id(hop), (None, None))[1] is session:
-            del self._followers[id(hop)]
-        self.verifier._held.pop(session, None)
-        await session.close()
 
     def _step_of(
         self, model: Any, hops: list[Any], i: int, position: int, logits: torch.Tensor
@@ -324,134 +358,19 @@ class GenerationChecks:
         )
         return _Drawn(i, hop, replay, out, given)
 
-    def _replicas(
-        self, model: Any, servers: list[Any], replay: Replay, avoid: set[str], shuffle: bool = True
-    ) -> list[str]:
-        """Servers of exactly the range, not excluded, failed or sharing a payout key."""
-        v, now = self.verifier, self.verifier.clock()
-        payouts = {v.payout(p) for p in avoid}
-        peers = sorted(
-            {
-                s.peer_id
-                for s in servers
-                if s.start == replay.start
-                and s.end == replay.end
-                and s.alive
-                and s.peer_id not in avoid
-                and s.peer_id not in model.failed
-                and v.payout(s.peer_id) not in payouts
-                and not v.reputation.excluded(s.peer_id, now)
-            }
-        )
-        if shuffle:
-            v.rng.shuffle(peers)
-        return peers
-
-    async def _replica_output(
-        self, model: Any, servers: list[Any], replay: Replay, avoid: set[str], keep: int
-    ) -> tuple[str, torch.Tensor] | None:
-        """The step run on one replica in a fresh session (tried in a random order; None:
-        none could); its last `keep` rows."""
-        v = self.verifier
-        for peer in self._replicas(model, servers, replay, avoid)[:3]:
-            try:
-                out = await run_on(model._opener, peer, replay, model.step_timeout_s, keep)
-            except ReplicaUnavailable:
-                v.counters["replica_unavailable"] += 1
-                avoid = avoid | {peer}
-                continue
-            v.counters["replica_steps"] += 1
-            v.counters["replica_positions"] += replay.position + int(replay.x.shape[1])
-            return peer, out
-        return None
-
-    def _follows(self, model: Any, servers: list[Any], step: _Drawn, peer: str) -> bool:
-        """Whether `peer` may still check the hop (as `_replicas` would choose it)."""
-        avoid = {step.hop.peer_id}
-        return peer in self._replicas(model, servers, step.replay, avoid, shuffle=False)
-
-    async def _follower_output(
-        self, model: Any, servers: list[Any], step: _Drawn
-    ) -> tuple[str, torch.Tensor, int] | None:
-        """The step run on the hop's replica session (opened at the hop's first check, on a
-        replica tried in a random order): its output from the first position compared on,
-        which it returns too; None: no replica could run it."""
-        v, hop, replay = self.verifier, step.hop, step.replay
-        held = self._followers.get(id(hop))
-        if held is not None and not (
-            held[0] is hop and self._follows(model, servers, step, held[1].peer)
-        ):
-            await self._forget(*held)
-            held = None
-        avoid = {hop.peer_id}
-        for _ in range(3):
-            if held is None:
-                peers = self._replicas(model, servers, replay, avoid)
-                if not peers:
-                    return None
-                try:
-                    session = await ReplicaSession.open(
-                        model._opener,
-                        peers[0],
-                        replay.model_id,
-                        replay.start,
-                        replay.end,
-                        replay.max_length,
-                        model.step_timeout_s,
-                    )
-                except ReplicaUnavailable:
-                    v.counters["replica_unavailable"] += 1
-                    avoid.add(peers[0])
-                    continue
-                v.counters["replica_sessions"] += 1
-                held = (hop, session)
-                await self._hold(hop, session)
-            session = held[1]
-            if session in v._held:
-                v._held.move_to_end(session)  # recently used
-            feed = self._unseen(step, session.fed)
-            if feed is None:  # (cannot happen: a hop's inputs are only ever appended)
-                await self._forget(hop, session)
-                held = None
-                continue
-            x, first = feed
-            end = replay.position + int(replay.x.shape[1])
-            try:
-                out = await session.forward(x, last_only=replay.last_only, keep=end - first)
-            except ReplicaUnavailable:
-                v.counters["replica_unavailable"] += 1
-                await self._forget(hop, session)
-                avoid.add(session.peer)
-                held = None
-                continue
-            v.counters["replica_steps"] += 1
-            v.counters["replica_positions"] += int(x.shape[1])
-            return session.peer, out, first
-        return None
-
-    def _unseen(self, step: _Drawn, fed: int) -> tuple[torch.Tensor, int] | None:
-        """The hop's inputs from position `fed` to the step's end, and the first position
-        whose output is compared: with `audit_history` (a hop that is not the last) `fed`,
-        where the provider's outputs since then are recorded, else the step's."""
+    def _provider_rows(
+        self, step: _Drawn, first: int, theirs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """What the provider gave from position `first` to the step's end, the replica's rows
+        to compare with it, and the first position compared (the step's alone where the
+        provider's earlier outputs are not all recorded)."""
         position = step.replay.position
-        if fed > position:
-            return None
-        inputs = [c for p, c in step.hop.chunks if fed <= p <= position]
-        if sum(int(c.shape[1]) for c in inputs) != position + int(step.replay.x.shape[1]) - fed:
-            return None
-        first = position
-        if step.given and fed < position:
-            gave = [c for p, c in step.given if fed <= p <= position]
-            if sum(int(c.shape[1]) for c in gave) == sum(int(c.shape[1]) for c in inputs):
-                first = fed
-        return (inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1)), first
-
-    def _provider_rows(self, step: _Drawn, first: int) -> torch.Tensor:
-        """What the provider gave from position `first` to the step's end."""
-        if first == step.replay.position:
-            return step.out
-        gave = [c for p, c in step.given if first <= p <= step.replay.position]
-        return torch.cat(gave, dim=1)
+        if first == position:
+            return step.out, theirs, first
+        gave = [c for p, c in step.given if first <= p <= position]
+        if not gave or sum(int(c.shape[1]) for c in gave) != int(theirs.shape[1]):
+            return step.out, theirs[:, -int(step.out.shape[1]) :], position
+        return torch.cat(gave, dim=1), theirs, first
 
     def _agree(self, got: torch.Tensor, want: torch.Tensor, replay: Replay) -> bool:
         v = self.verifier
@@ -464,15 +383,21 @@ class GenerationChecks:
             v.spread_max = max(v.spread_max, spread(got, want))
         return how is not Agreement.DIFFER
 
-    async def _check(self, model: Any, servers: list[Any], step: _Drawn) -> Verdict:
+    async def _check(
+        self,
+        model: Any,
+        servers: list[Any],
+        step: _Drawn,
+        first: tuple[str, torch.Tensor, int] | None,
+    ) -> Verdict:
+        """The verdict on `step`, given its replica's output (`first`, from its plan)."""
         v, i, replay = self.verifier, step.i, step.replay
         provider = step.hop.peer_id
-        first = await self._follower_output(model, servers, step)
         if first is None:
             v.counters["checks_skipped"] += 1  # no replica: not a verdict
             return Verdict(i, provider, "skipped", [])
         checker, theirs, since = first
-        out = self._provider_rows(step, since)
+        out, theirs, since = self._provider_rows(step, since, theirs)
         keep = replay.position + int(replay.x.shape[1]) - since
         now = v.clock()
         if self._agree(out, theirs, replay):
@@ -509,6 +434,7 @@ class GenerationChecks:
     async def _canary(self, model: Any, peer: str, i: int, canary: Canary) -> Verdict:
         v = self.verifier
         try:
+            # (a stream of its own, as an ordinary generation's: not one of the checks' links)
             got = await run_on(model._opener, peer, canary.replay, model.step_timeout_s)
         except ReplicaUnavailable:
             v.counters["canaries_unanswered"] += 1

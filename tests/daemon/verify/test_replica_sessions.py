@@ -143,3 +143,37 @@ async def test_the_requester_holds_at_most_its_cap_of_replica_sessions(
             await trio.sleep(0.01)
     await generations[1].aclose()
     await no_sessions_left(cluster, set(cluster.servers))
+
+
+async def test_replica_sessions_reuse_the_streams_kept_to_the_replicas(
+    cluster, model_dir, reference
+):
+    prompt, expected = reference
+    await build(cluster, model_dir, None)
+    v = verifier(rate=1.0, probation_rate=1.0)
+    for _ in range(3):  # one generation after the other: each opens 2 replica sessions
+        remote = model(cluster, v.generation(), fast="a1")
+        assert await tokens(remote, prompt, 4) == expected[:4]
+    assert v.counters["replica_sessions"] == 6 and not v.counters["replica_unavailable"]
+    # on at most two streams (one per replica drawn, and each session ended with a frame,
+    # not its stream): the servers hold no session, the streams stay for the next checks
+    assert v.links.opened <= 4 and len(v.links) == v.links.opened
+    await no_sessions_left(cluster, set(cluster.servers))
+
+
+async def test_a_kept_stream_that_broke_is_replaced_at_once(cluster, model_dir, reference):
+    prompt, expected = reference
+    await build(cluster, model_dir, None)
+    v = verifier(rate=1.0, probation_rate=1.0)
+    remote = model(cluster, v.generation(), fast="a1")
+    assert await tokens(remote, prompt, 4) == expected[:4]
+    kept = [link for links in v.links._links.values() for link in links]
+    assert kept and v.links.opened == len(kept)
+    for link in kept:  # (as a server that closed them, idle, or a connection that dropped)
+        link.stream.abort()
+    remote = model(cluster, v.generation(), fast="a1")
+    assert await tokens(remote, prompt, 4) == expected[:4]
+    # the next sessions opened on new streams to the same replicas, with no check lost
+    assert v.counters["checks_pass"] == 2 * 2 * 5 and not v.counters["checks_skipped"]
+    assert not v.counters["replica_unavailable"] and v.links.opened == 2 * len(kept)
+    await no_sessions_left(cluster, set(cluster.servers))
