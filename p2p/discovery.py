@@ -272,15 +272,15 @@ class ResourceDirectory:
             finally:
                 owner_done.set()
 
-        async def walk() -> None:
-            with trio.move_on_after(WALK_AFTER_S):
-                await owner_done.wait()
-            await ask("a DHT walk", lambda: self._net.dht_get(key))
-
         with trio.move_on_after(self._settings.dht_timeout_s):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(ask_owner)
-                nursery.start_soon(walk)
+                # the walk, in this task: a task of its own, spawned for each look-up, was
+                # nearly always cancelled before it walked (the node answers first)
+                with trio.move_on_after(WALK_AFTER_S):
+                    await owner_done.wait()
+                if not found:
+                    await ask("a DHT walk", lambda: self._net.dht_get(key))
         return found[0] if found else None
 
     def _saw_gone(self, peer_id: str) -> None:
