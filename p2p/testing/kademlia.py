@@ -52,7 +52,9 @@ class RoutingTable:
     Peers sharing a longer id prefix with a target are closer to it (XOR metric) and lie
     contiguously in id order, so the `count` closest are found by bisecting for the smallest
     prefix subtree around the target that holds `count` peers: O(log n + count) per query
-    instead of a scan of every known peer.
+    instead of a scan of every known peer. The last answers are kept until the table changes:
+    a node is asked for its own record by every other (GET answers carry the closest peers
+    too), many times over with the same target.
     """
 
     def __init__(self, own: int = 0, bucket_size: int | None = None) -> None:
@@ -63,6 +65,8 @@ class RoutingTable:
         self._by_id: dict[int, str] = {}
         self._by_peer: dict[str, int] = {}
         self.version = 0  # bumped on every change, so views of the table can be cached
+        self._answers: dict[tuple[int, int], list[str]] = {}  # (target, n) -> n closest
+        self._answers_version = 0
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -112,6 +116,18 @@ class RoutingTable:
     def closest(self, target: int, count: int, exclude: str | None = None) -> list[str]:
         """The `count` known peers closest to `target`, nearest first, without `exclude`."""
         want = count + 1 if exclude is not None and exclude in self._by_peer else count
+        if self._answers_version != self.version or len(self._answers) >= 1024:
+            self._answers.clear()
+            self._answers_version = self.version
+        kept = self._answers.get((target, count + 1))
+        if kept is None:
+            kept = self._answers[(target, count + 1)] = self._closest(target, count + 1)
+        if want > count:
+            return [peer for peer in kept if peer != exclude][:count]
+        return kept[:count]
+
+    def _closest(self, target: int, want: int) -> list[str]:
+        """The `want` known peers closest to `target`, nearest first."""
         ids = self._ids
         if len(ids) <= 4 * want:  # sorting a few dozen ints beats the search below
             pool: list[int] = ids
@@ -137,10 +153,7 @@ class RoutingTable:
             pool = ids[lo:hi]
         by_id = self._by_id
         nearest = sorted([pid ^ target for pid in pool])[:want]  # XOR distances
-        peers = [by_id[distance ^ target] for distance in nearest]
-        if want > count:
-            peers = [peer for peer in peers if peer != exclude][:count]
-        return peers
+        return [by_id[distance ^ target] for distance in nearest]
 
 
 class _Reply:
