@@ -178,6 +178,48 @@ async def test_the_refreshers_work_follows_what_falls_due_not_all_it_holds(autoj
     assert directory.due_checks < 10 * count, directory.due_checks
 
 
+async def test_a_late_joiner_is_listed_by_the_nodes_it_connected_to(autojump_clock):
+    """Nodes whose sweeps are done and whose k-buckets are full (size 1 here) meet a node
+    that joins later by their walks only by chance; its own walks connected to them, and
+    they list it within a refresh interval, though neither their table nor their walks
+    hold it."""
+    hub = MemoryNetwork(seed=24, bucket_size=1)
+    settings = DiscoverySettings(
+        network_id="sim",
+        record_validity_s=90,
+        publish_interval_s=30,
+        walk_interval_s=1000,  # no random walks: what walks meet is what sweeps met
+        sweep_interval_s=1000,
+    )
+    nodes = _directories(hub, 31, settings)
+    rng = random.Random(24)
+    for index in range(1, 30):
+        await nodes[index][1].connect(nodes[rng.randrange(index)][0])
+    async with trio.open_nursery() as nursery:
+        for _, _, directory in nodes[:30]:
+            nursery.start_soon(directory.run)
+            nursery.start_soon(directory.refresh_forever)
+        await trio.sleep(30)  # virtual time: the first 30 are done sweeping
+        late_id, late, late_dir = nodes[30]
+        await late.connect(nodes[0][0])
+        nursery.start_soon(late_dir.run)
+        nursery.start_soon(late_dir.refresh_forever)
+        await trio.sleep(5)  # virtual time: its sweep has connected to the others
+        reached = [d for p, n, d in nodes[:30] if late_id in n.connected_peers()]
+        unseen = [
+            d
+            for p, n, d in nodes[:30]
+            if late_id in n.connected_peers()
+            and late_id not in n.known_peers()
+            and late_id not in d.walker.met
+            and not d.lists(late_id)
+        ]
+        assert len(reached) >= 20 and unseen, (len(reached), len(unseen))
+        await trio.sleep(25)  # virtual time: a refresh interval (22.5 s) and a look-up
+        assert all(d.lists(late_id) for d in reached)
+        nursery.cancel_scope.cancel()
+
+
 async def _all_list(nodes: list, everyone: set[str]) -> bool:
     return all([{r.peer_id for r in await d.find()} == everyone for _, _, d in nodes])
 
