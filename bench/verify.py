@@ -127,6 +127,7 @@ class Breakdown:
         self.passes: dict[str, int] = {"route": 0, "replica": 0}
         self.steps: dict[str, int] = {"route": 0, "replica": 0}
         self.compute_s: dict[str, float] = {"route": 0.0, "replica": 0.0}
+        self.compute_cpu_s: dict[str, float] = {"route": 0.0, "replica": 0.0}  # threads' CPU
         self.hook_s = 0.0  # token loops' wall time in after_step, all steps
         self.checked_hook_s = 0.0  # of it, in steps with a check
         self.checked_steps = 0
@@ -135,8 +136,30 @@ class Breakdown:
         self.cpu_s = 0.0
 
 
-def _snapshot(cluster: Cluster) -> dict[str, tuple[int, int, float]]:
-    """Per server: (passes, steps in them, compute seconds) so far."""
+# per loaded range (by identity), the CPU time its passes took in their worker threads
+_PASS_CPU: dict[int, float] = {}
+
+
+def count_pass_cpu() -> None:
+    """Count each forward pass's CPU time (its worker thread's) per range (`--breakdown`):
+    the process's CPU time less these is the event loop's (client, protocol, verifier)."""
+    import daemon.shards.server as server_module
+
+    run_steps = server_module.run_steps
+
+    def counted(sessions, xs, last_only, static):  # type: ignore[no-untyped-def]
+        started = time.thread_time()
+        try:
+            return run_steps(sessions, xs, last_only, static)
+        finally:
+            key = id(sessions[0].block)
+            _PASS_CPU[key] = _PASS_CPU.get(key, 0.0) + time.thread_time() - started
+
+    server_module.run_steps = counted
+
+
+def _snapshot(cluster: Cluster) -> dict[str, tuple[int, int, float, float]]:
+    """Per server: (passes, steps in them, compute seconds, their CPU seconds) so far."""
     out = {}
     for peer, server in cluster.servers.items():
         sizes = server.batching.batch_sizes
@@ -145,6 +168,7 @@ def _snapshot(cluster: Cluster) -> dict[str, tuple[int, int, float]]:
             sum(sizes.values()),
             sum(k * n for k, n in sizes.items()),
             sum(b.compute_s for b in blocks),
+            sum(_PASS_CPU.get(id(b), 0.0) for b in blocks),
         )
     return out
 
@@ -187,6 +211,7 @@ async def workload(
             breakdown.passes[group] += after[peer][0] - before[peer][0]
             breakdown.steps[group] += after[peer][1] - before[peer][1]
             breakdown.compute_s[group] += after[peer][2] - before[peer][2]
+            breakdown.compute_cpu_s[group] += after[peer][3] - before[peer][3]
         breakdown.tokens += done
         breakdown.wall_s += wall
         breakdown.cpu_s += cpu
@@ -283,17 +308,24 @@ async def overhead(args: argparse.Namespace, model_dir: Path) -> None:
 def print_breakdown(parts: dict[float | None, Breakdown], verifiers: dict[float, Verifier]) -> None:
     print(
         "\nbreakdown (all rounds): per token, wall and CPU ms; the routes' servers' and the "
-        "replicas' forward passes, steps and compute ms; the token loops' wait in the checks"
+        "replicas' forward passes, steps and compute ms (wall, and the worker threads' CPU); "
+        "the rest of the CPU (the event loop: client, protocol, verifier); the token loops' "
+        "wait in the checks"
     )
     header = (
         "check rate | wall ms/tok | CPU ms/tok | route passes/tok | route steps/pass "
-        "| route compute ms/tok | replica passes/tok | replica compute ms/tok "
-        "| checked steps | wait per checked step ms | hook ms/tok | sessions opened"
+        "| route compute ms/tok (CPU) | replica passes/tok | replica compute ms/tok (CPU) "
+        "| event loop CPU ms/tok | checked steps | wait per checked step ms | hook ms/tok "
+        "| sessions opened"
     )
     print(header)
     print("-" * len(header))
     for rate, b in parts.items():
         n = max(1, b.tokens)
+
+        def ms(seconds: float, n: int = n) -> float:
+            return 1000 * seconds / n
+
         v = verifiers.get(rate) if rate is not None else None
         opened = v.counters["replica_sessions"] if v is not None else 0
         label = "none" if rate is None else f"{rate * 100:.0f}%"
@@ -301,8 +333,10 @@ def print_breakdown(parts: dict[float | None, Breakdown], verifiers: dict[float,
             f"{label:>10} | {1000 * b.wall_s / n:>11.3f} | {1000 * b.cpu_s / n:>10.3f} | "
             f"{b.passes['route'] / n:>16.3f} | "
             f"{b.steps['route'] / max(1, b.passes['route']):>16.2f} | "
-            f"{1000 * b.compute_s['route'] / n:>20.3f} | {b.passes['replica'] / n:>18.3f} | "
-            f"{1000 * b.compute_s['replica'] / n:>22.3f} | {b.checked_steps:>13} | "
+            f"{ms(b.compute_s['route']):>12.3f} ({ms(b.compute_cpu_s['route']):.3f}) | "
+            f"{b.passes['replica'] / n:>18.3f} | "
+            f"{ms(b.compute_s['replica']):>14.3f} ({ms(b.compute_cpu_s['replica']):.3f}) | "
+            f"{ms(b.cpu_s - sum(b.compute_cpu_s.values())):>21.3f} | {b.checked_steps:>13} | "
             f"{1000 * b.checked_hook_s / max(1, b.checked_steps):>24.2f} | "
             f"{1000 * b.hook_s / n:>11.3f} | {opened:>15}"
         )
@@ -382,6 +416,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.breakdown:
+        count_pass_cpu()
     logging.getLogger("daemon.shards.client").setLevel(logging.ERROR)  # the caught cheaters
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_tiny(
