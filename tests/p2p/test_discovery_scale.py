@@ -1,6 +1,7 @@
 """Discovery at scale on the in-memory network: k-bucket routing tables, DHT walks that take
-about log2(N) rounds, and (p2p.testing.discovery_sim) hundreds of nodes that find each other
-beyond the peers they know and drop dead ones within 10 s, on trio's virtual clock."""
+about log2(N) rounds, records found beyond the peers a node knows, a refresher whose work
+follows what falls due, late joiners listed, on trio's virtual clock. (Hundreds to a thousand
+nodes finding each other and dropping dead ones within 10 s: bench/discovery_sim.py.)"""
 
 from __future__ import annotations
 
