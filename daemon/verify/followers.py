@@ -6,15 +6,12 @@ sessions; and fresh sessions for a third replica's tie-break."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import trio
 
 from daemon.verify.replica import Plan, Replay, ReplicaSession, ReplicaUnavailable, run_on
-
-if TYPE_CHECKING:
-    from daemon.verify.verifier import Verifier
 
 # a check drawn when its step started waits this many step timeouts at most for the hop's
 # input (a generation dropped half-way without `flush`: its checks end by themselves)
@@ -24,7 +21,9 @@ READY_TIMEOUT_STEPS = 4
 class Followers:
     """Per provider hop (by identity) of one generation, its replica session."""
 
-    verifier: Verifier
+    # the generation's daemon.verify.verifier.Verifier (not imported: that module imports this
+    # one, and an import circle fails daemon.tools.deps even for type checking alone)
+    verifier: Any
 
     def __init__(self) -> None:
         self._followers: dict[int, tuple[Any, ReplicaSession]] = {}
