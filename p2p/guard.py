@@ -325,10 +325,10 @@ class GossipValidators:
                     verdict = gossip_verdict(validator(origin, data))
                     if verdict is not GossipVerdict.ACCEPT:
                         break
-                # invalid: held against its origin (never against ourselves: a copy of our
-                # own message that came back); old news (IGNORE) is no fault of anyone's
-                rejected = verdict is GossipVerdict.REJECT
-                if rejected and bans is not None and msg.from_id != pubsub.my_id.to_bytes():
+                # invalid: held against its origin (PeerBans never holds anything against
+                # ourselves: a copy of our own message that came back); old news (IGNORE) is
+                # no fault of anyone's
+                if verdict is GossipVerdict.REJECT and bans is not None:
                     bans.penalize(origin, "malformed")
                 accepted = verdict is GossipVerdict.ACCEPT
             except Exception as exc:  # a validator's bug refuses the message, never more
