@@ -325,6 +325,11 @@ class Metrics:
         scrape."""
         self.registry.register(NetworkCollector(net, liveness))
 
+    def watch_gc(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        """Export the garbage collector's pauses (`daemon.gcpauses.GcPauses.snapshot`),
+        read at each scrape."""
+        self.registry.register(_GcCollector(snapshot))
+
     def render(self) -> bytes:
         """Prometheus text exposition; serve it with `CONTENT_TYPE`."""
         return generate_latest(self.registry)
@@ -423,6 +428,34 @@ def _lapses_and_lag(snap: dict[str, Any]) -> Iterator[Metric]:
         )
         histogram.add_metric([], list(lag["buckets"].items()), sum_value=lag["sum"])
         yield histogram
+
+
+class _GcCollector:
+    """The collector's pauses per generation, and the objects frozen out of its reach."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self.snapshot = snapshot
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.snapshot()
+        pauses = HistogramMetricFamily(
+            "gridmesh_gc_pause_seconds",
+            "How long each garbage collection stopped the daemon (every task, the event loop "
+            "included), by generation",
+            labels=["generation"],
+        )
+        for generation, data in snap["generations"].items():
+            pauses.add_metric([generation], list(data["buckets"].items()), data["sum"])
+        frozen = GaugeMetricFamily(
+            "gridmesh_gc_frozen_objects",
+            "Objects moved out of the collector's reach after start-up and model loads "
+            "(gc.freeze): what full collections no longer walk",
+        )
+        frozen.add_metric([], snap["frozen"])
+        yield from (pauses, frozen)
 
 
 class _ReplicationCollector:

@@ -22,7 +22,7 @@ from typing import Any
 
 import trio
 
-from daemon import __version__, resources
+from daemon import __version__, gcpauses, resources
 from daemon.api import cookie
 from daemon.api.http import serve_rpc
 from daemon.api.jsonrpc import Dispatcher
@@ -254,6 +254,13 @@ class Daemon:
         self.metrics.watch_shards(self.shards.snapshot)
         self.metrics.watch_replication(lambda: self.replicator.stats)
         self.metrics.watch_network(self.net, self.directory.liveness)  # liveness, scores, bans
+        # a process's collector pauses, kept short by freezing what start-up and model loads
+        # built (daemon.gcpauses); in-process daemons share their test's process: left alone
+        self.gc_pauses = gcpauses.GcPauses() if parts.process else None
+        if self.gc_pauses is not None:
+            pauses = self.gc_pauses
+            self.metrics.watch_gc(pauses.snapshot)
+            self.shards.on_loaded = lambda: pauses.freeze("a model load")
         self.coordinator = coordinator_for(  # places, heals and scales through clusters
             self.dispatcher,
             self.clusters,
@@ -513,6 +520,9 @@ class Daemon:
             nursery.start_soon(self._refresh_loop)
             if process:
                 _write_json_atomic(self.home / DAEMON_FILE, self.info_file())
+            if self.gc_pauses is not None:
+                self.gc_pauses.install()
+                self.gc_pauses.freeze("start-up")
             log.info("daemon %s up; rpc %s", self.ident.peer_id, self.rpc_url)
             task_status.started()
             await self.shutdown.wait()

@@ -128,6 +128,7 @@ class ShardService(Announcements, ShardStreams, JobTable):
         self.requester: Any = None  # payments.requester.Requester: paid generations
         # the last generations' routes and failovers (generation_list, the dashboard)
         self.generations: RecentGenerations | None = None
+        self.on_loaded: Callable[[], None] | None = None  # after each model load (the daemon's)
 
     # -- running ---------------------------------------------------------------------------
 
@@ -267,6 +268,8 @@ class ShardService(Announcements, ShardStreams, JobTable):
             )
         except (ShardError, ModelError) as exc:
             raise ShardServiceError(getattr(exc, "code", "bad_model"), str(exc)) from None
+        if self.on_loaded is not None:
+            self.on_loaded()
         await self._announce(self.block_json(block))
         return self.block_json(block)
 

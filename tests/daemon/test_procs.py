@@ -67,6 +67,14 @@ def test_bad_input_is_counted_and_daemon_keeps_serving(net4):
     assert len(target.call("nodes_find", {})) == 4
 
 
+def test_a_daemon_process_freezes_what_start_up_built_and_times_its_collections(net4):
+    """daemon.gcpauses in a real process: start-up's objects (torch, py-libp2p...) are out of
+    full collections' reach, and every collection's pause is exported."""
+    node = net4.daemons[0]
+    assert node.metric("gridmesh_gc_frozen_objects") > 50_000
+    wait_for(lambda: node.metric("gridmesh_gc_pause_seconds_count") > 0, 10, "a collection")
+
+
 def test_sigkilled_daemon_restarts_in_its_home_with_its_identity(tmp_path, fast_config):
     """What only a process shows: SIGKILL leaves daemon.json behind, and a restart in that
     home starts anyway, as the same node. (Discovery's side of a kill and a restart, the
