@@ -207,3 +207,84 @@ async def test_the_validator_counts_a_refused_message_as_the_handler_would():
     # and one entry it would take is enough to pass a message on
     fresh = signed(stranger, "t", clock_ms, 2).to_wire()
     assert via_validator.validate_gossip("peer", message([*entries[3:8], fresh])) is ACCEPT
+
+
+def test_each_refusal_honest_writes_meet_is_ignored_and_each_harmful_one_rejected():
+    """One message per refusal reason, each signed by its author: what honest gossip meets in
+    passing (an older version, a cluster not known here yet, a raced claim, a write that
+    lost its authority, a write a newer admission rule refuses) is IGNOREd, counted under its
+    reason and held against no one; what only a faulty or hostile author writes is
+    REJECTed (HARMFUL_REASONS)."""
+    clock_ms = 1_800_000_000_000
+    counts: Counter[str] = Counter()
+    replica = Replica(
+        NodeIdentity.generate(),
+        clock=HybridClock(now_ms=lambda: clock_ms),
+        on_reject=lambda source, reason: counts.update([f"{source}:{reason}"]),
+    )
+    repl = Replicator(
+        None,  # type: ignore[arg-type] - no network: messages are handed in directly
+        replica,
+        SETTINGS,
+        on_reject=lambda source, reason: counts.update([f"{source}:{reason}"]),
+    )
+    alice, bob = NodeIdentity.generate(), NodeIdentity.generate()
+
+    def write(
+        who: NodeIdentity, kind: str, key: str, value: Any, ts: Timestamp, **kw: Any
+    ) -> dict[str, Any]:
+        created = kw.pop("created", ts)
+        owner = kw.pop("owner", who.peer_id)
+        return sign_entry(
+            who, kind=kind, key=key, value=value, ts=ts, created=created, owner=owner
+        ).to_wire()
+
+    now = Timestamp(clock_ms, 0)
+    first = Timestamp(clock_ms, 1)
+    held = write(alice, "components", "held", VALUE, Timestamp(clock_ms, 5), created=first)
+    taken = message([held])
+    trio.run(repl.on_gossip, "peer", taken)
+    assert ("components", "held") in replica.entries
+    hour_ago = Timestamp(clock_ms - 3_600_000, 0)
+    cases = {
+        "older_version": (write(alice, "components", "held", VALUE, first), None),
+        "unknown_cluster": (
+            write(alice, "components", "c", dict(VALUE, cluster_id="nowhere"), now),
+            "unknown_cluster",
+        ),
+        "stale_claim": (
+            write(bob, "components", "held", VALUE, Timestamp(clock_ms, 9), created=hour_ago),
+            "stale_claim",
+        ),
+        "unauthorized": (
+            write(bob, "components", "alices", VALUE, now, owner=alice.peer_id),
+            "unauthorized",
+        ),
+        "admission": (
+            write(
+                bob,
+                "endpoints",
+                "e",
+                {"url": "https://x.example", "protocol": "http", "peer_id": "other"},
+                now,
+            ),
+            "admission",
+        ),
+    }
+    for name, (entry, reason) in cases.items():
+        counts.clear()
+        assert repl.validate_gossip("peer", message([entry])) is IGNORE, name
+        expected = Counter({f"gossip:{reason}": 1}) if reason else Counter()
+        assert counts == expected, (name, counts)
+    assert len(replica.entries) == 1  # none of them changed anything
+    # (quota: test_the_validator_counts_a_refused_message_as_the_handler_would)
+    harmful = {
+        "bad_signature": dict(write(bob, "components", "b", VALUE, now), sig=bytes(64)),
+        "schema": write(bob, "components", "s", {"name": 1}, now),
+        "unknown_kind": write(bob, "no-such-kind", "k", VALUE, now),
+        "bad_timestamp": write(bob, "components", "t", VALUE, Timestamp(clock_ms + 3_600_000, 0)),
+    }
+    for reason, entry in harmful.items():
+        counts.clear()
+        assert repl.validate_gossip("peer", message([entry])) is REJECT, reason
+        assert counts[f"gossip:{reason}"] == 1, (reason, counts)
