@@ -17,7 +17,8 @@ The host's parts live beside it: `p2p.framing` (frames and the libp2p stream ada
 `p2p.hello` (the network-membership gate), `p2p.guard` (the stream guard, gossip limits and
 validators, inbound connection limits), `p2p.limits` (per-peer limits, token buckets),
 `p2p.dhtguard` (the DHT's validators and refusal counts), `p2p.addrs` and `p2p.hostaddrs`
-(our addresses), `p2p.peers` (peer tracking), `p2p.reach` (AutoNAT, relay, DCUtR, UPnP)."""
+(our addresses), `p2p.addrguard` (peers' addresses: what is stored and dialled, what is passed
+on), `p2p.peers` (peer tracking), `p2p.reach` (AutoNAT, relay, DCUtR, UPnP)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
 from p2p import atomic_writes, buffers, caps, deadconn, identity
+from p2p.addrguard import AddrGuard
 from p2p.addrs import ListenError, check_listen_free, is_own_addr
 from p2p.bans import PeerBans
 from p2p.dhtguard import DHT_PROTOCOL, ValidatorBridge
@@ -194,6 +196,10 @@ class Libp2pNetwork:
         self.host.get_network().retry_config = RetryConfig(max_retries=0)  # type: ignore[attr-defined]
         self._pinger = Pinger(self.host)  # p2p.ping: concurrent pings to a peer take turns
         self.reach = Reachability(self.host, reach or ReachSettings(), self._on_reject, self.bans)
+        # what peers tell us of addresses is checked before it is stored (and so dialled),
+        # and what we pass on is tailored to each peer (p2p.addrguard)
+        self.addr_guard = AddrGuard(self.host, self._on_reject)
+        self.addr_guard.install(self.reach.dcutr)
         self.dark = deadconn.DeadConnections(self.ping, self._drop_peer)  # p2p.deadconn
         self.inbound = buffers.host_budget(lim, self._on_reject, self.bans)  # unread bytes
         # GossipSub's defaults lose messages (120 s heartbeat, 10 msg/s spam limit): tune them
@@ -435,7 +441,7 @@ class Libp2pNetwork:
             with trio.fail_after(timeout_s):
                 # dial this very address: host.connect() would return at once for a peer that
                 # is connected through another address, and so "connect" to a dead port
-                self.host.get_peerstore().add_addrs(info.peer_id, info.addrs, 3600)
+                self.addr_guard.trusted_add(info.peer_id, info.addrs, 3600)  # our word
                 await self.reach.dial(target, info)  # /dns4/... resolved now, relayed too
                 await self.hello_gate.ensure_verified(peer_id)
                 await self.dht.add_peer(info.peer_id)
