@@ -10,13 +10,17 @@ Table 1, overhead: aggregate tokens/s without a verifier, and with spot checks a
 10 % of the steps of each hop (a flat rate: `probation_rate` = `rate`), after a warm-up
 that runs every server (routes and replicas: a check on every step, with a verifier of its
 own, so that no configuration's first round pays for a server's first passes), rounds interleaved
-(`--rounds`, each in another order; per round the ratio to that round's run without checks,
-median over rounds, and the middle half of the rounds' figures, their first to third
-quartile, in the last column: on a shared machine one round's moves by several points); the
-overhead is 1 - tokens/s with checks / tokens/s without (wall),
-and CPU ms per token with checks / without - 1 (CPU: the process's CPU time, servers and
-replicas included, is what verification costs the network; on a shared machine it is also
-far less noisy than the wall clock). "CPU per check" is what one checked step cost, in hop-steps
+(`--rounds`, each in another order). The overhead is 1 - tokens/s with checks / tokens/s
+without (wall), and CPU ms per token with checks / without - 1 (CPU: the process's CPU
+time, servers and replicas included, is what verification costs the network), both from the
+totals over all rounds, with a 95 % interval from a paired bootstrap over rounds (a round's
+run with checks against the same round's run without); the last column gives the median and
+the first to third quartile of each round's own ratio (how much one round's figure moves).
+Why totals: at 2 % a round holds about 15 checks, a count that varies from round to round
+and is skewed, so a median of per-round ratios leans to the rounds with fewer checks, and on
+this shared 2-core machine one round's figures move by 10 points and more with the load
+(`uptime` beside every number). Why 10 rounds by default (3 before): three rounds' interval
+spans some 20 points at 2 %. "CPU per check" is what one checked step cost, in hop-steps
 (half a token's CPU without checks): at a rate r the overhead is about r times it (each
 token's two hops are drawn, and a token costs two hop-steps). Every checked step runs again
 on a replica, in the replica session that follows the hop for the generation: the hop's
@@ -24,8 +28,13 @@ inputs since its last check and the step's, in one pass ("replica positions per 
 hop's first check of a generation catches up on the whole prefix). Also the
 largest honest difference seen between a provider and its replica
 (row-relative; `daemon.verify.compare` allows 1e-5 in float32). `--breakdown` adds where the
-time goes per configuration: the routes' servers' and the replicas' forward passes and compute
-time, and how long the token loops waited at a step's end for its checks.
+time goes per configuration: the cores the process kept busy (CPU / wall: it is one
+process, but its passes run in worker threads, so the wall overhead is not the CPU one), the
+routes' servers' and the replicas' forward passes and compute time (and the replicas' CPU per
+pass: what a check's catch-up costs), how long the token loops waited at a step's end for
+its checks, and the verifier's hooks' CPU in a step it does not check (what the machinery
+costs at a 0 % rate; the hooks of such a step never yield, so their thread's CPU time is
+theirs alone).
 
 Table 2, steps to detection: a fourth server of the first range cheats in each mode
 (`daemon.verify.cheat`; `corrupt` on half of its steps, the others on all) and announces the
@@ -36,7 +45,7 @@ first failed check, over `--seeds` seeded runs, against `daemon.verify.detection
 deviation (a few seeded geometric draws understate it).
 
 usage: python bench/verify.py [--hidden 256] [--layers 8] [--generations 8] [--tokens 48]
-       [--rounds 3] [--seeds 20] [--rates 0 0.02 0.10] [--threads 1]
+       [--rounds 10] [--seeds 20] [--rates 0 0.02 0.10] [--threads 1]
        [--skip-detection] [--skip-overhead] [--breakdown]
 """
 
@@ -56,6 +65,8 @@ import random  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 import trio  # noqa: E402
@@ -131,6 +142,8 @@ class Breakdown:
         self.hook_s = 0.0  # token loops' wall time in after_step, all steps
         self.checked_hook_s = 0.0  # of it, in steps with a check
         self.checked_steps = 0
+        self.unchecked_hook_cpu_s = 0.0  # the hooks' CPU in steps without a check
+        self.unchecked_steps = 0
         self.tokens = 0
         self.wall_s = 0.0
         self.cpu_s = 0.0
@@ -178,9 +191,10 @@ async def workload(
     verifier: Verifier | None,
     args: argparse.Namespace,
     breakdown: Breakdown | None = None,
-) -> tuple[float, float]:
-    """Aggregate tokens/s of `--generations` concurrent generations, and the process's CPU
-    ms per token (servers, replicas and requester all run in this process)."""
+    runs: list[Run] | None = None,
+) -> None:
+    """`--generations` concurrent generations; their tokens, wall and CPU seconds (the
+    process's: servers, replicas and requester all run in it) go to `runs`."""
     done = 0
     routes: set[str] = set()
     before = _snapshot(cluster) if breakdown is not None else {}
@@ -189,7 +203,7 @@ async def workload(
         nonlocal done
         checks = verifier.generation() if verifier is not None else None
         if checks is not None and breakdown is not None:
-            checks.after_step = _timed(checks, checks.after_step, breakdown)
+            _instrument(checks, breakdown)
         remote = cluster.model(checks, max_length=args.tokens + 16)
         await remote.open()
         routes.update(h.peer_id for h in remote.hops)
@@ -204,6 +218,8 @@ async def workload(
         for i in range(args.generations):
             nursery.start_soon(one, i)
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    if runs is not None:
+        runs.append(Run(done, wall, cpu))
     if breakdown is not None:
         after = _snapshot(cluster)
         for peer in after:
@@ -215,23 +231,112 @@ async def workload(
         breakdown.tokens += done
         breakdown.wall_s += wall
         breakdown.cpu_s += cpu
-    return done / wall, 1000 * cpu / done
 
 
-def _timed(checks: object, hook: object, breakdown: Breakdown) -> object:
-    async def after_step(*args: object) -> None:
-        started = time.perf_counter()
-        before = checks.checked_steps  # type: ignore[attr-defined]
+def _instrument(checks: Any, breakdown: Breakdown) -> None:
+    """Time the checks' hooks of one generation (`--breakdown`): the token loop's wall time
+    in `after_step` (all steps, and those with a check), and the hooks' CPU in steps without
+    a check. Those run start to end without yielding to the event loop (nothing is awaited
+    where no hop was drawn), so their thread's CPU time is theirs alone: what the verifier
+    costs a step it does not check."""
+    before_step, input_known, after_step = (
+        checks.before_step,
+        checks.input_known,
+        checks.after_step,
+    )
+    pending = [0.0]  # this step's CPU in before_step and input_known so far
+
+    def timed_before(*args: Any) -> None:
+        started = time.thread_time()
         try:
-            await hook(*args)  # type: ignore[operator]
+            before_step(*args)
+        finally:
+            pending[0] += time.thread_time() - started
+
+    def timed_input(*args: Any) -> None:
+        started = time.thread_time()
+        try:
+            input_known(*args)
+        finally:
+            pending[0] += time.thread_time() - started
+
+    async def timed_after(*args: Any) -> None:
+        started, cpu = time.perf_counter(), time.thread_time()
+        before = checks.checked_steps
+        try:
+            await after_step(*args)
         finally:
             took = time.perf_counter() - started
             breakdown.hook_s += took
-            if checks.checked_steps > before:  # type: ignore[attr-defined]
+            if checks.checked_steps > before:
                 breakdown.checked_hook_s += took
                 breakdown.checked_steps += 1
+            else:
+                breakdown.unchecked_hook_cpu_s += pending[0] + time.thread_time() - cpu
+                breakdown.unchecked_steps += 1
+            pending[0] = 0.0
 
-    return after_step
+    checks.before_step, checks.input_known, checks.after_step = (
+        timed_before,
+        timed_input,
+        timed_after,
+    )
+
+
+@dataclass(frozen=True)
+class Run:
+    """One configuration's run in one round."""
+
+    tokens: int
+    wall_s: float
+    cpu_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s
+
+    @property
+    def cpu_ms_per_token(self) -> float:
+        return 1000 * self.cpu_s / self.tokens
+
+
+def pooled(
+    runs: list[Run], base: list[Run], rounds: list[int] | None = None
+) -> tuple[float, float]:
+    """The overhead of `runs` over `base` (wall, CPU; fractions) from the rounds' totals
+    (`rounds`: which rounds, repeats allowed: a bootstrap sample): 1 - tokens/s with checks
+    / without, and CPU per token with checks / without - 1. Totals weigh each round by its
+    tokens, so a round with more checks than the rate's mean counts as much as one with
+    fewer: the mean over the rounds is the rate's, where a median of per-round ratios would
+    lean to the rounds with fewer checks (their count is skewed to the right at 2 %)."""
+    picked = rounds if rounds is not None else list(range(len(runs)))
+
+    def total(which: list[Run]) -> tuple[float, float, float]:
+        return (
+            sum(which[i].tokens for i in picked),
+            sum(which[i].wall_s for i in picked),
+            sum(which[i].cpu_s for i in picked),
+        )
+
+    t, w, c = total(runs)
+    bt, bw, bc = total(base)
+    return 1 - (t / w) / (bt / bw), (c / t) / (bc / bt) - 1
+
+
+def interval(runs: list[Run], base: list[Run], samples: int = 2000) -> tuple[str, str]:
+    """95 % intervals of the pooled overheads (wall, CPU) by a paired bootstrap over rounds
+    (a round's run with checks goes with the same round's run without: they ran minutes
+    apart at most, under the same load)."""
+    n = len(runs)
+    if n < 3:
+        return "-", "-"
+    rng = random.Random(0)  # (the same resamples every time: the interval is reproducible)
+    draws = [pooled(runs, base, [rng.randrange(n) for _ in range(n)]) for _ in range(samples)]
+    out = []
+    for which in (0, 1):
+        values = sorted(100 * d[which] for d in draws)
+        out.append(f"{values[int(0.025 * samples)]:.1f}..{values[int(0.975 * samples)]:.1f}%")
+    return out[0], out[1]
 
 
 async def overhead(args: argparse.Namespace, model_dir: Path) -> None:
@@ -246,59 +351,64 @@ async def overhead(args: argparse.Namespace, model_dir: Path) -> None:
     warm = Verifier(VerifyConfig(rate=1.0, probation_rate=1.0), rng=random.Random(0))
     await workload(cluster, warm, args)
     configs: list[float | None] = [None, *args.rates]
-    runs: dict[float | None, list[tuple[float, float]]] = {c: [] for c in configs}
+    runs: dict[float | None, list[Run]] = {c: [] for c in configs}
     parts = {c: Breakdown() for c in configs} if args.breakdown else {}
+    load_before = os.getloadavg()[0]
     for round_ in range(args.rounds):  # each round in another order: drifts cancel out
         shift = round_ % len(configs)
         for rate in configs[shift:] + configs[:shift]:
-            runs[rate].append(await workload(cluster, verifiers.get(rate), args, parts.get(rate)))
-    base = statistics.median(t for t, _ in runs[None])
-    base_cpu = statistics.median(c for _, c in runs[None])
-
-    def ratio(rate: float | None, which: int) -> float:
-        """The median over rounds of this rate's figure over the same round's baseline."""
-        return statistics.median(
-            r[which] / b[which] for r, b in zip(runs[rate], runs[None], strict=True)
-        )
+            await workload(cluster, verifiers.get(rate), args, parts.get(rate), runs[rate])
+    base = runs[None]
 
     def middle(rate: float, which: int) -> str:
-        """The middle half of the rounds' overheads (their first and third quartiles): how
-        much the figure moves from round to round on this machine."""
-        ratios = [r[which] / b[which] for r, b in zip(runs[rate], runs[None], strict=True)]
-        overheads = sorted((1 - x if which == 0 else x - 1) * 100 for x in ratios)
-        if len(overheads) < 2:
+        """The middle half of the rounds' own overheads (their first and third quartiles):
+        how much one round's figure moves on this machine."""
+        if len(base) < 2:
             return "-"
-        q1, _, q3 = statistics.quantiles(overheads, n=4)
-        return f"{q1:.1f}..{q3:.1f}%"
+        pairs = list(zip(runs[rate], base, strict=True))
+        if which == 0:
+            each = [100 * (1 - r.tokens_per_s / b.tokens_per_s) for r, b in pairs]
+        else:
+            each = [100 * (r.cpu_ms_per_token / b.cpu_ms_per_token - 1) for r, b in pairs]
+        q1, q2, q3 = statistics.quantiles(each, n=4)
+        return f"{q2:.1f} ({q1:.1f}..{q3:.1f})%"
 
-    tokens = args.generations * args.tokens * args.rounds
+    tokens = sum(r.tokens for r in base)
+    base_cpu = 1000 * sum(r.cpu_s for r in base) / tokens
+    base_tps = tokens / sum(r.wall_s for r in base)
     hop_step_ms = base_cpu / 2  # two hops per token
     print(
         f"\noverhead: {args.generations} generations x {args.tokens} tokens, hidden "
         f"{args.hidden}, {args.layers} layers in 2 ranges x 3 servers, {args.rounds} rounds "
-        "(overheads: the median of each round's ratio to its own run without checks)"
+        f"(load {load_before:.1f} before them, {os.getloadavg()[0]:.1f} after). Overheads "
+        "from the rounds' totals, with a 95 % interval (paired bootstrap over rounds); and "
+        "the median (first..third quartile) of each round's own ratio to its run without "
+        "checks"
     )
     header = (
-        "check rate | tokens/s | overhead (wall) | CPU ms/token | overhead (CPU) | checks "
-        "| CPU per check (hop-steps) | replica positions per check | max honest spread "
-        "| middle half of rounds: wall; CPU"
+        "check rate | tokens/s | overhead (wall) | 95% interval | CPU ms/token "
+        "| overhead (CPU) | 95% interval | checks | CPU per check (hop-steps) "
+        "| replica positions per check | max honest spread | per round: wall; CPU"
     )
     print(header)
     print("-" * len(header))
     print(
-        f"{'none':>10} | {base:>8.1f} | {'-':>15} | {base_cpu:>12.2f} | {'-':>14} | {'-':>6} "
-        f"| {'-':>25} | {'-':>27} | {'-':>17} | -"
+        f"{'none':>10} | {base_tps:>8.1f} | {'-':>15} | {'-':>12} | {base_cpu:>12.2f} | "
+        f"{'-':>14} | {'-':>12} | {'-':>6} | {'-':>25} | {'-':>27} | {'-':>17} | -"
     )
     for rate in args.rates:
         v = verifiers[rate]
         checks = v.counters["checks_pass"] + v.counters["checks_fail"]
-        cpu = statistics.median(c for _, c in runs[rate])
-        extra = (cpu - base_cpu) * tokens / checks / hop_step_ms if checks else float("nan")
+        wall, cpu = pooled(runs[rate], base)
+        wall_ci, cpu_ci = interval(runs[rate], base)
+        extra = cpu * base_cpu * tokens / checks / hop_step_ms if checks else float("nan")
         fed = v.counters["replica_positions"] / max(1, v.counters["replica_steps"])
+        done = sum(r.tokens for r in runs[rate])
         print(
-            f"{rate * 100:>9.0f}% | {statistics.median(t for t, _ in runs[rate]):>8.1f} | "
-            f"{(1 - ratio(rate, 0)) * 100:>14.1f}% | {cpu:>12.2f} | "
-            f"{(ratio(rate, 1) - 1) * 100:>13.1f}% | {checks:>6} | {extra:>25.1f} | "
+            f"{rate * 100:>9.0f}% | {done / sum(r.wall_s for r in runs[rate]):>8.1f} | "
+            f"{wall * 100:>14.1f}% | {wall_ci:>12} | "
+            f"{1000 * sum(r.cpu_s for r in runs[rate]) / done:>12.2f} | "
+            f"{cpu * 100:>13.1f}% | {cpu_ci:>12} | {checks:>6} | {extra:>25.1f} | "
             f"{fed:>27.1f} | {v.spread_max:>17.1e} | {middle(rate, 0)}; {middle(rate, 1)}"
         )
     if parts:
@@ -307,15 +417,17 @@ async def overhead(args: argparse.Namespace, model_dir: Path) -> None:
 
 def print_breakdown(parts: dict[float | None, Breakdown], verifiers: dict[float, Verifier]) -> None:
     print(
-        "\nbreakdown (all rounds): per token, wall and CPU ms; the routes' servers' and the "
-        "replicas' forward passes, steps and compute ms (wall, and the worker threads' CPU); "
-        "the rest of the CPU (the event loop: client, protocol, verifier); the token loops' "
-        "wait in the checks"
+        "\nbreakdown (all rounds): per token, wall and CPU ms, and the cores the process kept "
+        "busy (CPU / wall); the routes' servers' and the replicas' forward passes, steps and "
+        "compute ms (wall, and the worker threads' CPU), and the replicas' CPU per pass; the "
+        "rest of the CPU (the event loop: client, protocol, verifier); the token loops' wait "
+        "in the checks; the verifier's hooks' CPU in a step without a check"
     )
     header = (
-        "check rate | wall ms/tok | CPU ms/tok | route passes/tok | route steps/pass "
+        "check rate | wall ms/tok | CPU ms/tok | cores | route passes/tok | route steps/pass "
         "| route compute ms/tok (CPU) | replica passes/tok | replica compute ms/tok (CPU) "
-        "| event loop CPU ms/tok | checked steps | wait per checked step ms | hook ms/tok "
+        "| replica CPU ms/pass | event loop CPU ms/tok | checked steps "
+        "| wait per checked step ms | hook ms/tok | hooks CPU us/unchecked step "
         "| sessions opened"
     )
     print(header)
@@ -329,16 +441,22 @@ def print_breakdown(parts: dict[float | None, Breakdown], verifiers: dict[float,
         v = verifiers.get(rate) if rate is not None else None
         opened = v.counters["replica_sessions"] if v is not None else 0
         label = "none" if rate is None else f"{rate * 100:.0f}%"
+        per_pass = 1000 * b.compute_cpu_s["replica"] / max(1, b.passes["replica"])
+        hooks = (
+            f"{1e6 * b.unchecked_hook_cpu_s / b.unchecked_steps:.1f}" if b.unchecked_steps else "-"
+        )
         print(
             f"{label:>10} | {1000 * b.wall_s / n:>11.3f} | {1000 * b.cpu_s / n:>10.3f} | "
+            f"{b.cpu_s / max(1e-9, b.wall_s):>5.2f} | "
             f"{b.passes['route'] / n:>16.3f} | "
             f"{b.steps['route'] / max(1, b.passes['route']):>16.2f} | "
             f"{ms(b.compute_s['route']):>12.3f} ({ms(b.compute_cpu_s['route']):.3f}) | "
             f"{b.passes['replica'] / n:>18.3f} | "
             f"{ms(b.compute_s['replica']):>14.3f} ({ms(b.compute_cpu_s['replica']):.3f}) | "
+            f"{per_pass:>19.2f} | "
             f"{ms(b.cpu_s - sum(b.compute_cpu_s.values())):>21.3f} | {b.checked_steps:>13} | "
             f"{1000 * b.checked_hook_s / max(1, b.checked_steps):>24.2f} | "
-            f"{1000 * b.hook_s / n:>11.3f} | {opened:>15}"
+            f"{1000 * b.hook_s / n:>11.3f} | {hooks:>27} | {opened:>15}"
         )
 
 
@@ -405,7 +523,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=48)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.02, 0.10])
     parser.add_argument("--skip-detection", action="store_true")
