@@ -36,6 +36,14 @@ its checks, and the verifier's hooks' CPU in a step it does not check (what the 
 costs at a 0 % rate; the hooks of such a step never yield, so their thread's CPU time is
 theirs alone).
 
+`--replicas-apart` (the requester's critical path, labelled so in the output): a real
+deployment runs each replica on another machine, where its passes take nothing from the
+requester's or the providers' cores, event loop or process. Here the servers other than the
+routes' (a1, a2, b1, b2) then run in a child process (`--replica-host`), reached over Unix
+sockets (`p2p.localsock`), announced 0.05 ms slower so that routes stay on a0 and b0; wall
+and CPU figures are this process's (requester and the routes' providers), and "network CPU"
+adds the child's. It is not another machine: the child's passes still take these 2 cores.
+
 Table 2, steps to detection: a fourth server of the first range cheats in each mode
 (`daemon.verify.cheat`; `corrupt` on half of its steps, the others on all) and announces the
 lowest round trip, so routes go through it; at a flat 2 % rate, the steps it served until the
@@ -46,7 +54,7 @@ deviation (a few seeded geometric draws understate it).
 
 usage: python bench/verify.py [--hidden 256] [--layers 8] [--generations 8] [--tokens 48]
        [--rounds 10] [--seeds 20] [--rates 0 0.02 0.10] [--threads 1]
-       [--skip-detection] [--skip-overhead] [--breakdown]
+       [--skip-detection] [--skip-overhead] [--breakdown] [--replicas-apart]
 """
 
 from __future__ import annotations
@@ -58,11 +66,13 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse  # noqa: E402
+import hashlib  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -79,6 +89,8 @@ from daemon.verify import detection  # noqa: E402
 from daemon.verify.cheat import MODES, Cheat  # noqa: E402
 from daemon.verify.policy import VerifyConfig  # noqa: E402
 from daemon.verify.verifier import Verifier  # noqa: E402
+from p2p import localsock  # noqa: E402
+from p2p.identity import NodeIdentity  # noqa: E402
 from p2p.testing.memnet import MemoryNetwork  # noqa: E402
 from scheduler.routing import Server  # noqa: E402
 
@@ -86,12 +98,19 @@ FRACTION = {"corrupt": 0.5}
 
 
 class Cluster:
-    def __init__(self, layers: int) -> None:
+    def __init__(self, layers: int, apart: Apart | None = None) -> None:
         self.hub = MemoryNetwork()
         self.client = self.hub.add_node("client")
         self.layers = layers
         self.servers: dict[str, ShardServer] = {}
         self.ranges: dict[str, tuple[int, int]] = {}
+        self.apart = apart
+        self.opener: Any = self.client
+        if apart is not None:  # APART's servers: in the child process, announced a little
+            self.opener = SplitOpener(self.client, apart.ids)  # slower (never on a route)
+            half = layers // 2
+            for name, peer in apart.ids.items():
+                self.ranges[peer] = (0, half) if name.startswith("a") else (half, layers)
 
     async def add(self, peer: str, model_dir: Path, start: int, end: int) -> ShardServer:
         node = self.hub.add_node(peer)
@@ -105,13 +124,18 @@ class Cluster:
 
     async def announced(self) -> list[Server]:
         return [
-            Server(p, a, b, ms_per_layer=1.0, rtt_ms=0.5 if p == "cheat" else 1.0)
+            Server(p, a, b, ms_per_layer=1.0, rtt_ms=self._rtt_ms(p))
             for p, (a, b) in self.ranges.items()
         ]
 
+    def _rtt_ms(self, peer: str) -> float:
+        if peer == "cheat":
+            return 0.5
+        return 1.05 if self.apart is not None and peer not in self.servers else 1.0
+
     def model(self, checks: object, max_length: int) -> RemoteModel:
         return RemoteModel(
-            self.client,
+            self.opener,
             self.announced,
             model_id="m",
             num_layers=self.layers,
@@ -120,12 +144,14 @@ class Cluster:
         )
 
 
-async def honest_cluster(model_dir: Path, layers: int) -> Cluster:
-    cluster = Cluster(layers)
+async def honest_cluster(model_dir: Path, layers: int, apart: Apart | None = None) -> Cluster:
+    cluster = Cluster(layers, apart)
     half = layers // 2
     for i in range(3):
-        await cluster.add(f"a{i}", model_dir, 0, half)
-        await cluster.add(f"b{i}", model_dir, half, layers)
+        if apart is None or f"a{i}" not in APART:
+            await cluster.add(f"a{i}", model_dir, 0, half)
+        if apart is None or f"b{i}" not in APART:
+            await cluster.add(f"b{i}", model_dir, half, layers)
     return cluster
 
 
@@ -213,13 +239,16 @@ async def workload(
         if checks is not None:
             await checks.aclose()  # its replica sessions
 
+    apart = cluster.apart.cpu_s() if cluster.apart is not None else 0.0
     started, cpu = time.perf_counter(), time.process_time()
     async with trio.open_nursery() as nursery:
         for i in range(args.generations):
             nursery.start_soon(one, i)
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    if cluster.apart is not None:
+        apart = cluster.apart.cpu_s() - apart
     if runs is not None:
-        runs.append(Run(done, wall, cpu))
+        runs.append(Run(done, wall, cpu, apart))
     if breakdown is not None:
         after = _snapshot(cluster)
         for peer in after:
@@ -289,7 +318,8 @@ class Run:
 
     tokens: int
     wall_s: float
-    cpu_s: float
+    cpu_s: float  # this process's
+    apart_cpu_s: float = 0.0  # the replicas' process's (`--replicas-apart`)
 
     @property
     def tokens_per_s(self) -> float:
@@ -301,21 +331,22 @@ class Run:
 
 
 def pooled(
-    runs: list[Run], base: list[Run], rounds: list[int] | None = None
+    runs: list[Run], base: list[Run], rounds: list[int] | None = None, whole: bool = False
 ) -> tuple[float, float]:
     """The overhead of `runs` over `base` (wall, CPU; fractions) from the rounds' totals
     (`rounds`: which rounds, repeats allowed: a bootstrap sample): 1 - tokens/s with checks
     / without, and CPU per token with checks / without - 1. Totals weigh each round by its
     tokens, so a round with more checks than the rate's mean counts as much as one with
     fewer: the mean over the rounds is the rate's, where a median of per-round ratios would
-    lean to the rounds with fewer checks (their count is skewed to the right at 2 %)."""
+    lean to the rounds with fewer checks (their count is skewed to the right at 2 %).
+    `whole`: the CPU of the replicas' process too (`--replicas-apart`)."""
     picked = rounds if rounds is not None else list(range(len(runs)))
 
     def total(which: list[Run]) -> tuple[float, float, float]:
         return (
             sum(which[i].tokens for i in picked),
             sum(which[i].wall_s for i in picked),
-            sum(which[i].cpu_s for i in picked),
+            sum(which[i].cpu_s + (which[i].apart_cpu_s if whole else 0.0) for i in picked),
         )
 
     t, w, c = total(runs)
@@ -323,7 +354,9 @@ def pooled(
     return 1 - (t / w) / (bt / bw), (c / t) / (bc / bt) - 1
 
 
-def interval(runs: list[Run], base: list[Run], samples: int = 2000) -> tuple[str, str]:
+def interval(
+    runs: list[Run], base: list[Run], samples: int = 2000, whole: bool = False
+) -> tuple[str, str]:
     """95 % intervals of the pooled overheads (wall, CPU) by a paired bootstrap over rounds
     (a round's run with checks goes with the same round's run without: they ran minutes
     apart at most, under the same load)."""
@@ -331,7 +364,9 @@ def interval(runs: list[Run], base: list[Run], samples: int = 2000) -> tuple[str
     if n < 3:
         return "-", "-"
     rng = random.Random(0)  # (the same resamples every time: the interval is reproducible)
-    draws = [pooled(runs, base, [rng.randrange(n) for _ in range(n)]) for _ in range(samples)]
+    draws = [
+        pooled(runs, base, [rng.randrange(n) for _ in range(n)], whole) for _ in range(samples)
+    ]
     out = []
     for which in (0, 1):
         values = sorted(100 * d[which] for d in draws)
@@ -339,8 +374,8 @@ def interval(runs: list[Run], base: list[Run], samples: int = 2000) -> tuple[str
     return out[0], out[1]
 
 
-async def overhead(args: argparse.Namespace, model_dir: Path) -> None:
-    cluster = await honest_cluster(model_dir, args.layers)
+async def overhead(args: argparse.Namespace, model_dir: Path, apart: Apart | None = None) -> None:
+    cluster = await honest_cluster(model_dir, args.layers, apart)
     verifiers = {
         rate: Verifier(VerifyConfig(rate=rate, probation_rate=rate), rng=random.Random(1))
         for rate in args.rates
@@ -385,10 +420,19 @@ async def overhead(args: argparse.Namespace, model_dir: Path) -> None:
         "the median (first..third quartile) of each round's own ratio to its run without "
         "checks"
     )
+    if apart is not None:
+        print(
+            "replicas apart: the servers other than the routes' (a0, b0) run in a process of "
+            "their own, reached over Unix sockets, on the same 2 cores (not another machine: "
+            "their passes still take these cores). Wall and CPU: this process's, the "
+            "requester's and the routes' providers' (the requester's critical path); "
+            "'network CPU': with the replicas' process's CPU"
+        )
     header = (
         "check rate | tokens/s | overhead (wall) | 95% interval | CPU ms/token "
         "| overhead (CPU) | 95% interval | checks | CPU per check (hop-steps) "
         "| replica positions per check | max honest spread | per round: wall; CPU"
+        + (" | network CPU overhead | 95% interval" if apart is not None else "")
     )
     print(header)
     print("-" * len(header))
@@ -410,9 +454,16 @@ async def overhead(args: argparse.Namespace, model_dir: Path) -> None:
             f"{1000 * sum(r.cpu_s for r in runs[rate]) / done:>12.2f} | "
             f"{cpu * 100:>13.1f}% | {cpu_ci:>12} | {checks:>6} | {extra:>25.1f} | "
             f"{fed:>27.1f} | {v.spread_max:>17.1e} | {middle(rate, 0)}; {middle(rate, 1)}"
+            + (network(runs[rate], base) if apart is not None else "")
         )
     if parts:
         print_breakdown(parts, verifiers)
+
+
+def network(runs: list[Run], base: list[Run]) -> str:
+    """The CPU overhead with the replicas' process's CPU (`--replicas-apart`)."""
+    _, cpu = pooled(runs, base, whole=True)
+    return f" | {cpu * 100:>19.1f}% | {interval(runs, base, whole=True)[1]:>12}"
 
 
 def print_breakdown(parts: dict[float | None, Breakdown], verifiers: dict[float, Verifier]) -> None:
@@ -458,6 +509,106 @@ def print_breakdown(parts: dict[float | None, Breakdown], verifiers: dict[float,
             f"{1000 * b.checked_hook_s / max(1, b.checked_steps):>24.2f} | "
             f"{1000 * b.hook_s / n:>11.3f} | {hooks:>27} | {opened:>15}"
         )
+
+
+# -- replicas apart (`--replicas-apart`) ---------------------------------------------------
+
+
+APART = ("a1", "a2", "b1", "b2")  # the servers that then run in a process of their own
+
+
+def _apart_identities() -> dict[str, NodeIdentity]:
+    """Fixed keys for the servers apart (a bench's: nothing to keep secret)."""
+    return {
+        name: NodeIdentity(
+            node_seed=hashlib.sha256(f"bench-verify-{name}".encode()).digest(),
+            payout_key=hashlib.sha256(f"bench-verify-payout-{name}".encode()).digest(),
+        )
+        for name in APART
+    }
+
+
+async def replica_host(model_dir: Path, layers: int) -> None:
+    """The child process of `--replicas-apart`: the servers of APART, each listening on its
+    Unix socket (`p2p.localsock`); a line "cpu" on stdin answers this process's CPU seconds,
+    and stdin's end ends it."""
+    half = layers // 2
+    async with trio.open_nursery() as nursery:
+        for name, ident in _apart_identities().items():
+            server = ShardServer()
+            start, end = (0, half) if name.startswith("a") else (half, layers)
+            await server.load("m", model_dir, start, end)
+            streams = localsock.LocalStreams(ident)
+            streams.set_stream_handler(
+                SHARD_PROTOCOL,
+                server.handle_stream,
+                max_frame_bytes=lambda server=server: server.max_frame_bytes,
+            )
+            await nursery.start(streams.serve)
+        print("ready", flush=True)
+        stdin = trio.lowlevel.FdStream(os.dup(0))
+        buffered = b""
+        while True:
+            data = await stdin.receive_some()
+            if not data:
+                break
+            buffered += data
+            while b"\n" in buffered:
+                _, buffered = buffered.split(b"\n", 1)
+                print(f"{time.process_time():.6f}", flush=True)
+        nursery.cancel_scope.cancel()
+
+
+class Apart:
+    """The child process that serves APART, and how to reach it and read its CPU time."""
+
+    def __init__(self, model_dir: Path, layers: int, threads: int) -> None:
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--replica-host",
+                str(model_dir),
+                "--layers",
+                str(layers),
+                "--threads",
+                str(threads),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None and self.process.stdin is not None
+        if self.process.stdout.readline().strip() != "ready":
+            raise RuntimeError("the replicas' process did not start")
+        self.ids = {name: ident.peer_id for name, ident in _apart_identities().items()}
+
+    def cpu_s(self) -> float:
+        """The child's CPU seconds so far (asked between runs, outside their timing)."""
+        assert self.process.stdout is not None and self.process.stdin is not None
+        self.process.stdin.write("cpu\n")
+        self.process.stdin.flush()
+        return float(self.process.stdout.readline())
+
+    def close(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
+
+
+class SplitOpener:
+    """The requester's streams: to the servers apart over their Unix sockets, to the others
+    over the in-memory network."""
+
+    def __init__(self, memory: Any, apart: dict[str, str]) -> None:
+        self.memory = memory
+        self.apart = set(apart.values())
+        self.ident = NodeIdentity.generate()
+
+    async def open_stream(self, peer_id: str, protocol: str) -> Any:
+        if peer_id in self.apart:
+            return await localsock.dial(self.ident, peer_id, protocol)
+        return await self.memory.open_stream(peer_id, protocol)
 
 
 async def detection_table(args: argparse.Namespace, model_dir: Path) -> None:
@@ -532,8 +683,17 @@ def main() -> None:
         "--breakdown", action="store_true", help="where the time goes, per check rate"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--replicas-apart",
+        action="store_true",
+        help="the replicas in a process of their own (the requester's critical path)",
+    )
+    parser.add_argument("--replica-host", type=Path, help=argparse.SUPPRESS)  # (its child)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.replica_host is not None:
+        trio.run(replica_host, args.replica_host, args.layers)
+        return
     if args.breakdown:
         count_pass_cpu()
     logging.getLogger("daemon.shards.client").setLevel(logging.ERROR)  # the caught cheaters
@@ -542,7 +702,12 @@ def main() -> None:
             Path(tmp) / "m", layers=args.layers, hidden=args.hidden, seed=5, max_positions=1024
         )
         if not args.skip_overhead:
-            trio.run(overhead, args, model_dir)
+            apart = Apart(model_dir, args.layers, args.threads) if args.replicas_apart else None
+            try:
+                trio.run(overhead, args, model_dir, apart)
+            finally:
+                if apart is not None:
+                    apart.close()
         if not args.skip_detection:
             trio.run(detection_table, args, model_dir)
     print(f"load {os.getloadavg()[0]:.1f} at the end")
