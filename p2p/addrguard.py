@@ -80,6 +80,8 @@ class AddrGuard:
         self.trusted_add = self._store.add_addrs  # py-libp2p's own: no checks
         self._local_at = -math.inf
         self._local = False
+        self._own: list[Any] = []  # our listeners, and their ports (read with `_local`)
+        self._own_ports: set[str] = set()
         self.withheld: collections.Counter[str] = collections.Counter()
 
     def install(self, dcutr: Any | None) -> None:
@@ -105,6 +107,8 @@ class AddrGuard:
         if now - self._local_at > LOCAL_TTL_S:
             with contextlib.suppress(Exception):  # never fail an intake on our own addresses
                 self._local = local_only([str(a) for a in self._host.get_addrs()])
+                self._own = list(self._host.get_transport_addrs())
+                self._own_ports = {_port(str(a)) for a in self._own}
             self._local_at = now
         return self._local
 
@@ -127,17 +131,18 @@ class AddrGuard:
     def usable(self, peer: str, addrs: list[Any], source: str) -> list[Any]:
         """The `addrs` of `peer` ("": none named) this node may dial; the rest counted."""
         local = self.local()
-        own = None
         kept = []
         for addr in addrs:
             try:
-                _, scope = check_addr(str(addr), peer)
+                place, scope = check_addr(str(addr), peer)
                 if scope == LOCAL and not local:
                     raise AddrRefused("local")
-                if "/p2p-circuit" not in str(addr):
-                    own = self._host.get_transport_addrs() if own is None else own
-                    if is_own_addr(addr, own):
-                        raise AddrRefused("own")
+                if (
+                    "/p2p-circuit" not in place
+                    and _port(place) in self._own_ports
+                    and is_own_addr(addr, self._own)
+                ):
+                    raise AddrRefused("own")
             except AddrRefused as exc:
                 self._on_reject(source, f"addr_{exc.reason}")
                 continue
@@ -206,13 +211,9 @@ class AddrGuard:
         message.ParseFromString(frame)
         changed = False
         for entry in [*message.closerPeers, *message.providerPeers]:
-            try:
-                peer = ID(entry.id).to_base58()
-            except Exception:
-                peer = "?"
             kept = []
             for raw in entry.addrs:
-                scope = _scope(raw, peer)
+                scope = _peer_scope(raw, entry.id)
                 if isinstance(scope, str):
                     self._on_reject("answer", f"addr_{scope}")
                 elif scope == LOCAL and not near:
@@ -232,6 +233,11 @@ class AddrGuard:
         return message.SerializeToString() if changed else frame
 
 
+def _port(text: str) -> str:
+    """The TCP port of an address as text ("" for none)."""
+    return text.split("/tcp/", 1)[1].split("/", 1)[0] if "/tcp/" in text else ""
+
+
 @functools.lru_cache(maxsize=4096)
 def _scope(raw: bytes, peer: str) -> int | str:
     """The scope of an address as written on the wire, or why it is refused."""
@@ -241,6 +247,16 @@ def _scope(raw: bytes, peer: str) -> int | str:
         return exc.reason
     except Exception:
         return "malformed"
+
+
+@functools.lru_cache(maxsize=4096)
+def _peer_scope(raw: bytes, peer_id: bytes) -> int | str:
+    """`_scope` for a peer named by its id's bytes (as Kademlia names it)."""
+    try:
+        peer = ID(peer_id).to_base58()
+    except Exception:
+        return "malformed"
+    return _scope(raw, peer)
 
 
 @functools.lru_cache(maxsize=1024)
