@@ -23,14 +23,17 @@ streams (stream and connection flood), frames (huge never-finished and garbage f
 sessions), fill (a registry fill by one author; last, since what it stores stays). In the
 floods the hostile peer first puts a valid record of its own on the target, as any peer does,
 so that their rows show what the flood costs rather than what a silent peer does (see idle).
-The resident memory (VmRSS) of the target and of the untargeted daemon is read before each
+The hostile peer runs under SCHED_IDLE (`--no-sched-idle` to turn it off): on a core only
+when no daemon wants it, as if on its own machine; the last table shows the cores it took,
+and the cores the target and the untargeted daemon used in each phase (what the flood cost
+them). The resident memory (VmRSS) of the target and of the untargeted daemon is read before each
 flood, every half second while it runs (the maximum is reported), and `--settle` seconds after.
 Targets: honest p99 during every flood <= 2x the baseline p99; RSS back within 20 % of its
 start `--settle` (60) seconds after. The exit status is 0 whatever the targets, unless
 `--strict`.
 
 usage: python bench/abuse.py [--seconds 20] [--settle 60] [--probes 100] [--floods KIND,...]
-       [--tokens 8] [--nice N] [--quick] [--strict]
+       [--tokens 8] [--nice N] [--no-sched-idle] [--quick] [--strict]
 """
 
 from __future__ import annotations
@@ -84,6 +87,47 @@ def ratio_interval(
         for _ in range(rounds)
     )
     return ratios[int(0.05 * rounds)], ratios[int(0.95 * rounds) - 1]
+
+
+def attacker_priority(args: argparse.Namespace) -> None:
+    """In the hostile peer's process, before it runs: its niceness, and SCHED_IDLE unless
+    --no-sched-idle. An attacker runs on its own machine; here it shares the daemons' 2
+    cores, and even at niceness 19 a running flood holds a core the daemons then wait for
+    (it is preempted at the scheduler's next tick, not at once). Under SCHED_IDLE it runs
+    only on a core nothing else wants, which is every core the daemons leave idle: the flood
+    still goes as fast as this process can send it (the rates are in the last table)."""
+    if args.nice:
+        os.nice(args.nice)
+    if args.sched_idle:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time a process has used (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+class CPUWatch:
+    """On exit, fills `into` with the cores each process used while inside: CPU seconds
+    over wall seconds (a process gone meanwhile reads its last sample, or 0)."""
+
+    def __init__(self, pids: dict[str, int], into: dict[str, float]) -> None:
+        self.pids = pids
+        self.into = into
+
+    def __enter__(self) -> CPUWatch:
+        self.started = time.monotonic()
+        self.before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = max(time.monotonic() - self.started, 1e-9)
+        for name, pid in self.pids.items():
+            self.into[name] = max(0.0, cpu_seconds(pid) - self.before[name]) / wall
 
 
 def rss_bytes(pid: int) -> int:
@@ -148,6 +192,7 @@ class Phase:
     rejected: float = 0.0  # the target's gridmesh_rejected_messages_total, during the phase
     entries: dict[str, float] = field(default_factory=dict)  # node -> registry entries added
     target_alive: bool = True
+    cores: dict[str, float] = field(default_factory=dict)  # process -> CPU s / wall s
     quiet: Phase | None = None  # (a flood's) the quiet window at the end of its settle time
 
     def __post_init__(self) -> None:
@@ -351,7 +396,7 @@ def run_flood(
         text=True,
         cwd=REPO,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        preexec_fn=(lambda: os.nice(args.nice)) if args.nice else None,  # noqa: PLW1509
+        preexec_fn=lambda: attacker_priority(args),  # noqa: PLW1509
     )
     procs.append(hostile)
     lines: list[str] = []
@@ -373,12 +418,13 @@ def run_flood(
         watch.reset()
         flood_ends = time.monotonic() + args.seconds
         if started.is_set():
-            probes.rounds(
-                phase,
-                args.probes,
-                args.seconds,
-                lambda: hostile.poll() is None and time.monotonic() < flood_ends,
-            )
+            with CPUWatch({**watch.pids, "attacker": hostile.pid}, phase.cores):
+                probes.rounds(
+                    phase,
+                    args.probes,
+                    args.seconds,
+                    lambda: hostile.poll() is None and time.monotonic() < flood_ends,
+                )
         else:
             print(f"  the {kind} flood did not start within 60 s", flush=True)
             hostile.kill()
@@ -452,7 +498,7 @@ def print_tables(phases: list[Phase], first: Phase) -> bool:
             print(
                 f"{phase.name:<9} | {name:<22} | {len(samples):>3} | {phase.errors[name]:>3} | "
                 f"{pct(samples, 0.5) * 1000:>8.1f} | {pct(samples, 0.99) * 1000:>8.1f} | "
-                f"{ratio:>7.2f}x | {low:>5.2f}-{high:<5.2f}x | {'yes' if ok else 'NO'}"
+                f"{ratio:>7.2f}x | {f'{low:.2f}-{high:.2f}x':>13} | {'yes' if ok else 'NO'}"
             )
     print(f"target: p99 during a flood <= {P99_TARGET:g}x the baseline p99, no failed probe")
     print(
@@ -482,6 +528,18 @@ def print_tables(phases: list[Phase], first: Phase) -> bool:
                 f"{mb(after):>8} | {ratio:>11.2f}x | {'yes' if ok else 'NO'}"
             )
     print(f"target: RSS after the settle time within {RSS_TARGET - 1:.0%} of before the flood")
+    print()
+    header = f"{'phase':<9} | {'target cores':>12} | {'untargeted cores':>16} | attacker cores"
+    print(header)
+    print("-" * len(header))
+    for phase in [first, *phases]:
+        cores = phase.cores
+        print(
+            f"{phase.name:<9} | {cores.get('target', 0):>12.2f} | "
+            f"{cores.get('untargeted', 0):>16.2f} | {cores.get('attacker', 0):>14.2f}"
+        )
+    print("(cores: CPU seconds over wall seconds while the phase was probed, probes included;")
+    print(" the attacker's own, under SCHED_IDLE unless --no-sched-idle, is what it could take)")
     print()
     header = (
         f"{'flood':<9} | {'sent':>8} | {'refused':>8} | {'accepted':>8} | {'failed':>6} | "
@@ -529,8 +587,16 @@ def main() -> int:
         "--nice",
         type=int,
         default=0,
-        help="run the hostile peer at this niceness: on a small machine it competes with the "
-        "daemons for the cores, which an attacker on another host would not",
+        help="also run the hostile peer at this niceness (with --no-sched-idle: on a small "
+        "machine it competes with the daemons for the cores, which an attacker on another "
+        "host would not)",
+    )
+    parser.add_argument(
+        "--sched-idle",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the hostile peer under SCHED_IDLE: only on cores the daemons leave idle, "
+        "as if on its own machine (default: on)",
     )
     args = parser.parse_args()
     quick = {"seconds": 5.0, "settle": 5.0, "probes": 8}
@@ -575,9 +641,13 @@ def main() -> int:
                     flush=True,
                 )
                 baseline_ends = time.monotonic() + args.seconds
-                probes.rounds(
-                    baseline, args.probes, args.seconds, lambda: time.monotonic() < baseline_ends
-                )
+                with CPUWatch(pids, baseline.cores):
+                    probes.rounds(
+                        baseline,
+                        args.probes,
+                        args.seconds,
+                        lambda: time.monotonic() < baseline_ends,
+                    )
                 for kind in floods:
                     if not target.alive():
                         print(f"the target is dead: {kind} skipped", flush=True)
