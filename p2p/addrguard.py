@@ -118,15 +118,18 @@ class AddrGuard:
             self.trusted_add(peer_id, addrs, ttl)
             return
         kept = self.usable(peer_id.to_base58(), list(addrs), "peerstore")
-        room = MAX_ADDRS - self._stored(peer_id)
-        for _ in kept[max(room, 0) :]:
+        stored = self._stored(peer_id)
+        new = [a for a in kept if a not in stored]
+        room = max(MAX_ADDRS - len(stored), 0)
+        for _ in new[room:]:
             self._on_reject("peerstore", "addr_too_many")
-        if kept[: max(room, 0)]:
-            self.trusted_add(peer_id, kept[: max(room, 0)], ttl)
+        kept = [a for a in kept if a in stored or a in new[:room]]  # known ones: ttl renewed
+        if kept:
+            self.trusted_add(peer_id, kept, ttl)
 
-    def _stored(self, peer_id: ID) -> int:
+    def _stored(self, peer_id: ID) -> list[Any]:
         data = getattr(self._store, "peer_data_map", {}).get(peer_id)
-        return len(data.get_addrs()) if data is not None else 0
+        return list(data.get_addrs()) if data is not None else []
 
     def usable(self, peer: str, addrs: list[Any], source: str) -> list[Any]:
         """The `addrs` of `peer` ("": none named) this node may dial; the rest counted."""

@@ -222,10 +222,14 @@ def test_a_peer_is_stored_at_no_more_than_max_addrs_addresses() -> None:
     node = _Node()
     peer = ID.from_base58(THIRD)
     store = node.net.host.get_peerstore()
-    store.add_addrs(peer, [multiaddr.Multiaddr(f"/ip4/1.2.3.{i}/tcp/1") for i in range(30)], 60)
+    first = [multiaddr.Multiaddr(f"/ip4/1.2.3.{i}/tcp/1") for i in range(30)]
+    store.add_addrs(peer, first, 60)
     store.add_addrs(peer, [multiaddr.Multiaddr(f"/ip4/1.2.4.{i}/tcp/1") for i in range(5)], 60)
     assert len(node.net.peer_addrs(THIRD)) == MAX_ADDRS
     assert node.rejects == [("peerstore", "addr_too_many")] * (35 - MAX_ADDRS)
+    store.add_addrs(peer, first, 60)  # told again (a Kademlia walk): no more, none counted
+    assert len(node.net.peer_addrs(THIRD)) == MAX_ADDRS
+    assert len(node.rejects) == 35 - MAX_ADDRS
 
 
 def test_a_hole_punch_is_tried_only_at_usable_addresses_of_what_the_peer_sent() -> None:
