@@ -156,11 +156,11 @@ def dialable_addrs(addrs: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr
 # - At publication (`advertised`, used for the host's addresses: identify, the signed peer
 #   record, the DHT resource record, Kademlia's answers about us, a relay's reservation
 #   answer): never 0.0.0.0 or ::, nothing unusable, public addresses first, and loopback or
-#   link-local ones only when the node has no other. One list goes to every peer (identify
-#   has no say per peer in py-libp2p, and a DHT record is read by everyone), so the
-#   publisher cannot tell a peer on its own host from a remote one; it only keeps loopback
-#   out where an address that others can dial exists (a peer on the same host dials that one
-#   as well).
+#   link-local ones only when the node has no other (a peer on the same host dials the
+#   others as well). The DHT record is read by everyone and cannot tell a peer on our host
+#   from a remote one; identify and Kademlia messages can, and `p2p.addrguard` leaves
+#   loopback and link-local addresses (and signed records that hold them) out of those it
+#   sends to a peer that is not on this host.
 # - By the reader, before a dial (`check_addrs` when a record is validated, `dial_order` when
 #   its addresses are dialled): every address a peer gives is its word, untrusted. The reader
 #   knows where it is, so "to a remote peer" is judged there: loopback and link-local
@@ -168,7 +168,9 @@ def dialable_addrs(addrs: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr
 #   itself reachable on such addresses alone (a single-host network such as the devnet on
 #   127.0.0.1: a peer that advertises loopback is then on our host, and one that is not
 #   cannot be dialled directly anyway). Private (RFC 1918, fc00::/7, 100.64/10) addresses
-#   are dialable within a LAN or behind one NAT and are always kept.
+#   are dialable within a LAN or behind one NAT and are always kept. What py-libp2p learns
+#   of peers (identify, Kademlia, DCUtR) is checked the same way before it is stored, and so
+#   before its swarm dials it (`p2p.addrguard`).
 
 MAX_ADDRS = 32  # addresses a peer may give in one record
 MAX_ADDR_CHARS = 512  # characters in one of them

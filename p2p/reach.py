@@ -35,7 +35,9 @@ back on it lately (the server names the address it reached, which must be one we
 try), or at least OBSERVERS_NEEDED peers in distinct observer groups (py-libp2p's
 ObservedAddrManager groups IPv4 peers by address, IPv6 ones by /56) saw it on a port we listen
 on; py-libp2p alone waits for 4. DCUtR still sends the unconfirmed prediction (observed IP,
-listen port) to the one peer it punches a hole to: that is the point of hole punching.
+listen port) to the one peer it punches a hole to: that is the point of hole punching. What
+peers tell us of addresses (identify, Kademlia, DCUtR's) is checked before py-libp2p stores or
+dials it, and what identify and Kademlia send is tailored to each peer: `p2p.addrguard`.
 
 A node is `public` once `confirmations` peers reached it on a fresh connection, `private` once
 that many could not; until then `unknown`. A private node reserves a slot on up to `relays`
