@@ -23,15 +23,17 @@ stored (a same-host peer's loopback address to a remote peer). `AddrGuard` is th
   (connected directly from one of its addresses), and a signed peer record that carries one
   is withheld from the others (it cannot be edited; py-libp2p then reads the plain list).
   Withheld local addresses are normal and counted in `withheld` only.
-- A DNS name is judged by its name (`localhost` is local, any other public) before it is
-  resolved: what it resolves to is not checked (the resolver is the dialler's; a name that
-  resolves to loopback, say, is dialled).
+- A DNS name is judged by its name when it is stored (`localhost` is local, any other
+  public), and each address it resolves to when the TCP transport dials it, as an address
+  given would be (source `dns`): a name cannot make us dial 0.0.0.0, multicast, our own
+  listener, or loopback from a node not on loopback alone.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import functools
 import math
 import time
@@ -46,6 +48,7 @@ from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL
 from libp2p.kad_dht.pb.kademlia_pb2 import Message as KadMessage
 from libp2p.peer.envelope import consume_envelope
 from libp2p.peer.id import ID
+from libp2p.transport.exceptions import OpenConnectionError
 
 from p2p.addrs import (
     LOCAL,
@@ -60,6 +63,11 @@ from p2p.limits import RejectHook
 
 LOCAL_TTL_S = 1.0  # how long "this node is on loopback alone" is taken as read
 MAX_VARINT_BYTES = 10
+_DNS = ("/dns/", "/dns4/", "/dns6/", "/dnsaddr/")
+# the DNS address a transport's dial is resolving now (None: an IP address was dialled)
+_resolving: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "gridmesh_resolving", default=None
+)
 
 
 def _same_host(ip: str) -> bool:
@@ -97,6 +105,9 @@ class AddrGuard:
         if dcutr is not None:
             decode = dcutr._decode_observed_addrs
             dcutr._decode_observed_addrs = lambda raw: self.usable("", decode(raw), "dcutr")
+        for transport in self._host.get_network().transport_manager.get_transports():
+            if hasattr(transport, "_dial_resolved"):  # TCP: resolves /dns* names itself
+                self._check_resolved(transport)
 
     # -- in: what we store, and so dial ---------------------------------------------------
 
@@ -154,6 +165,36 @@ class AddrGuard:
                 continue
             kept.append(addr)
         return kept
+
+    def _check_resolved(self, transport: Any) -> None:
+        """What a name resolves to is checked as the name could not be (unspecified,
+        multicast, loopback from a node not on loopback alone, our own listener) before the
+        transport dials it; each refused answer is counted (source `dns`)."""
+        dials = {name: getattr(transport, name) for name in ("dial", "dial_with_source")}
+        dial_resolved = transport._dial_resolved
+
+        def resolving(dial: Callable[..., Any]) -> Callable[..., Any]:
+            async def dial_named(maddr: Any, *args: Any, **kwargs: Any) -> Any:
+                text = str(maddr)
+                token = _resolving.set(text if text.startswith(_DNS) else None)
+                try:
+                    return await dial(maddr, *args, **kwargs)
+                finally:
+                    _resolving.reset(token)
+
+            return dial_named
+
+        async def checked(addr: Any, *args: Any, **kwargs: Any) -> Any:
+            name = _resolving.get()
+            if name is not None:
+                place = str(addr).split("/p2p/")[0]
+                if not self.usable("", [multiaddr.Multiaddr(place)], "dns"):
+                    raise OpenConnectionError(f"{name} resolved to {place}: not dialled")
+            return await dial_resolved(addr, *args, **kwargs)
+
+        for name, dial in dials.items():
+            setattr(transport, name, resolving(dial))
+        transport._dial_resolved = checked
 
     # -- out: what we tell each peer -----------------------------------------------------
 

@@ -25,6 +25,7 @@ from libp2p.kad_dht.pb.kademlia_pb2 import Message
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.peer.peerstore import env_to_send_in_RPC
+from libp2p.transport.tcp import tcp as tcp_module
 
 from p2p import addrguard, identity, records
 from p2p import addrs as addrs_module
@@ -214,6 +215,41 @@ async def test_a_hostile_kademlia_answer_is_counted_and_none_of_its_addresses_is
         with pytest.raises(Exception, match="[Nn]o known addresses|peer ID not found"):
             await honest.net.host.get_network().dial_peer(third)
         assert _bad_dials(dialled, victim.port) == []
+        assert victim.connections == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_name_a_peer_gives_is_dialled_only_where_it_resolves_to_a_usable_address(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A name passes as public when it is stored; what it resolves to (a hostile peer's own
+    DNS answer: loopback, 0.0.0.0) is checked when the transport dials it."""
+    _not_on_loopback_alone(monkeypatch)
+    honest, hostile = _Node("/ip4/0.0.0.0/tcp/0"), _Node()
+    victim = _Victim()
+    async with AsyncExitStack() as stack:
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        await victim.serve(nursery)
+        for node in (honest, hostile):
+            await stack.enter_async_context(node.net.run())
+        answers = [f"/ip4/127.0.0.1/tcp/{victim.port}", f"/ip4/0.0.0.0/tcp/{victim.port}"]
+
+        async def resolve(maddr, **_: object) -> list[multiaddr.Multiaddr]:  # type: ignore[no-untyped-def]
+            assert "victim.example" in str(maddr)
+            return [multiaddr.Multiaddr(a) for a in answers]
+
+        monkeypatch.setattr(tcp_module, "resolve_multiaddr_with_retry", resolve)
+        hostile_at = hostile.net.listen_addrs()[0]
+        _unguarded(hostile)
+        named = [multiaddr.Multiaddr(f"/dns4/victim.example/tcp/{victim.port}")]
+        hostile.net.host.get_addrs = lambda: named
+        await honest.net.connect(hostile_at)
+        await _wait_for(lambda: _identified(honest, hostile.peer_id))
+        assert honest.net.peer_addrs(hostile.peer_id) == [str(named[0])]  # a name: kept
+        await honest.net.host.disconnect(ID.from_base58(hostile.peer_id))
+        with pytest.raises(Exception):  # noqa: B017 - py-libp2p's errors vary by path
+            await honest.net.host.get_network().dial_peer(ID.from_base58(hostile.peer_id))
+        assert honest.counted("dns") == {"addr_local", "addr_unspecified"}
         assert victim.connections == 0
         nursery.cancel_scope.cancel()
 
