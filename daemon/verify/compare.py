@@ -15,6 +15,7 @@ range's layers) and should be re-measured where such providers run.
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 
 import torch
@@ -39,20 +40,28 @@ def tolerance(dtype: torch.dtype) -> float:
 
 def compare(got: torch.Tensor, want: torch.Tensor, rtol: float) -> Agreement:
     """`got` against `want` (both [1, seq, width]), row by row (see the module doc)."""
+    return judge(got, want, rtol)[0]
+
+
+def judge(got: torch.Tensor, want: torch.Tensor, rtol: float) -> tuple[Agreement, float]:
+    """`compare`'s verdict and the difference it held against `rtol` (`spread`; 0 for the
+    same bits), from one pass over the tensors: a check's comparison runs on the
+    requester's event loop, once per checked hop."""
     if got.shape != want.shape:
-        return Agreement.DIFFER
+        return Agreement.DIFFER, math.inf
     if torch.equal(got, want):
-        return Agreement.EXACT
-    a, b = got.double(), want.double()
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        return Agreement.DIFFER
-    scale = b.abs().amax(dim=-1).clamp_min(1e-30)
-    worst = ((a - b).abs().amax(dim=-1) / scale).max().item()
-    return Agreement.CLOSE if worst <= rtol else Agreement.DIFFER
+        return Agreement.EXACT, 0.0
+    worst = spread(got, want)
+    return (Agreement.CLOSE if worst <= rtol else Agreement.DIFFER), worst
 
 
 def spread(got: torch.Tensor, want: torch.Tensor) -> float:
-    """The largest row-relative difference (what `compare` holds against `rtol`)."""
-    a, b = got.double(), want.double()
+    """The largest row-relative difference (what `compare` holds against `rtol`); inf where
+    a value is not finite (a NaN or an infinity never agrees, not even with itself). In
+    float32 (float64 where either is): the difference of two close float32 values is exact,
+    and 1e-5 is far above float32's rounding of the ratio."""
+    dtype = torch.float64 if torch.float64 in (got.dtype, want.dtype) else torch.float32
+    a, b = got.to(dtype), want.to(dtype)
     scale = b.abs().amax(dim=-1).clamp_min(1e-30)
-    return ((a - b).abs().amax(dim=-1) / scale).max().item()
+    worst = ((a - b).abs().amax(dim=-1) / scale).max().item()  # (NaN for any non-finite)
+    return worst if math.isfinite(worst) else math.inf

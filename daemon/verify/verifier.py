@@ -54,7 +54,7 @@ import trio
 
 from daemon.shards.client import HopFailed
 from daemon.verify.canaries import Canary, CanaryStore
-from daemon.verify.compare import Agreement, compare, tolerance
+from daemon.verify.compare import Agreement, judge, tolerance
 from daemon.verify.deferred import DeferredPayments
 from daemon.verify.followers import Followers
 from daemon.verify.links import ReplicaLinks
@@ -201,7 +201,7 @@ class GenerationChecks(Followers):
         Nothing the provider receives depends on the draw."""
         v = self.verifier
         now = v.clock()
-        hops = list(model.hops)
+        hops = model.hops
         for i, hop in enumerate(hops):
             held = self._drawn.get(id(hop))
             if held is not None and held[0] is hop and held[1] == position:
@@ -211,6 +211,8 @@ class GenerationChecks(Followers):
                 plan = Plan(hop, position, last=i == len(hops) - 1)
                 self._start(model, plan)
             self._keep_draw(hop, position, plan)
+        if len(self._drawn) == len(hops):  # a draw per hop of the route, none of another
+            return
         for key, (hop, _, plan) in list(self._drawn.items()):
             if not any(hop is h for h in hops):  # replaced by a failover
                 del self._drawn[key]
@@ -375,12 +377,10 @@ class GenerationChecks(Followers):
     def _agree(self, got: torch.Tensor, want: torch.Tensor, replay: Replay) -> bool:
         v = self.verifier
         dtype = replay.x.dtype if replay.x.is_floating_point() else want.dtype
-        how = compare(got, want, v.rtol if v.rtol is not None else tolerance(dtype))
+        how, worst = judge(got, want, v.rtol if v.rtol is not None else tolerance(dtype))
         v.counters[f"compare_{how.value}"] += 1
         if how is Agreement.CLOSE:
-            from daemon.verify.compare import spread
-
-            v.spread_max = max(v.spread_max, spread(got, want))
+            v.spread_max = max(v.spread_max, worst)
         return how is not Agreement.DIFFER
 
     async def _check(

@@ -99,3 +99,37 @@ async def test_a_check_whose_step_never_comes_ends_by_itself(cluster, model_dir,
     assert v.counters["checks_abandoned"] == 2
     await close(remote)
     assert not checks._followers
+
+
+async def test_a_hop_replaced_before_its_step_loses_its_draw():
+    """A drawn hop that a failover replaced before its step ran: its check is called off and
+    its draw forgotten when the step starts again on the new route (a check left waiting
+    would hold a replica session for READY_TIMEOUT_STEPS step timeouts)."""
+    from daemon.shards.hops import Hop
+    from daemon.verify.policy import VerifyConfig
+    from daemon.verify.verifier import Verifier
+
+    class Model:  # what before_step reads of a RemoteModel; servers never answer here
+        def __init__(self, hops: list[Hop]) -> None:
+            self.hops = hops
+
+        async def _servers(self) -> list[object]:
+            await trio.sleep_forever()
+            return []
+
+    def hop(peer: str, start: int, end: int) -> Hop:
+        return Hop(peer, start, end, None, session="s")  # type: ignore[arg-type]
+
+    v = Verifier(VerifyConfig(rate=1.0, probation_rate=1.0))
+    checks = v.generation()
+    first, second, third = hop("a1", 0, 3), hop("b1", 3, 6), hop("b2", 3, 6)
+    remote = Model([first, second])
+    checks.before_step(remote, 4)
+    plans = {id(h): entry[2] for h in (first, second) for entry in [checks._drawn[id(h)]]}
+    remote.hops = [first, third]  # b1 failed: the step runs again from layer 3 on b2
+    checks.before_step(remote, 4)
+    assert plans[id(second)].scope.cancel_called
+    assert not plans[id(first)].scope.cancel_called  # kept hop: kept draw, kept check
+    assert checks._drawn[id(first)][2] is plans[id(first)]
+    assert set(checks._drawn) == {id(first), id(third)}
+    await checks.aclose()
