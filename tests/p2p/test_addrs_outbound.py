@@ -14,6 +14,7 @@ devnet keeps working), never signed records that hold them, and no garbage.
 from __future__ import annotations
 
 from contextlib import AsyncExitStack
+from types import SimpleNamespace
 
 import multiaddr
 import pytest
@@ -252,6 +253,31 @@ async def test_a_name_a_peer_gives_is_dialled_only_where_it_resolves_to_a_usable
         assert honest.counted("dns") == {"addr_local", "addr_unspecified"}
         assert victim.connections == 0
         nursery.cancel_scope.cancel()
+
+
+def test_a_peer_is_on_this_host_only_when_connected_directly_from_one_of_its_addresses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    node = _Node()
+    guard, peer = node.net.addr_guard, ID.from_base58(THIRD)
+    circuit = [multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/1/p2p/{OTHER}/p2p-circuit")]
+    connections = {
+        "direct": [],
+        "relayed": [SimpleNamespace(get_transport_addresses=lambda: circuit)],
+    }
+    network = node.net.host.get_network()
+
+    def stream(ip: str, kind: str) -> SimpleNamespace:
+        monkeypatch.setattr(network, "get_connections", lambda _peer: connections[kind])
+        return SimpleNamespace(
+            get_remote_address=lambda: (ip, 40000), muxed_conn=SimpleNamespace(peer_id=peer)
+        )
+
+    assert guard.near(stream("127.0.0.1", "direct"))
+    assert guard.near(stream("::1", "direct"))
+    assert not guard.near(stream("198.51.100.7", "direct"))
+    # through a relay on this host: the address is the relay's, the peer may be anywhere
+    assert not guard.near(stream("127.0.0.1", "relayed"))
 
 
 def test_a_peer_is_stored_at_no_more_than_max_addrs_addresses() -> None:
