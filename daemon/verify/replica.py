@@ -172,6 +172,9 @@ class ReplicaSession:
             raise ReplicaUnavailable(f"{self.peer}: the session broke earlier")
         n = int(x.shape[1])
         keep = min(max(keep, 1), n)
+        # only the last row wanted (the route's last hop, or one step's position): the
+        # server sends that row alone, not every row of the piece to be cut here
+        tail = last_only or keep == 1
         kept: list[torch.Tensor] = []
         self.broken = self.in_use = True  # (broken until every piece is in)
         try:
@@ -179,19 +182,21 @@ class ReplicaSession:
                 piece = x[:, first : first + MAX_STEP_TOKENS]
                 rows = int(piece.shape[1])
                 final = first + rows == n
-                wanted = not last_only and first + rows > n - keep
+                wanted = not tail and first + rows > n - keep
                 reply, out = await self._call(
                     wire.Forward(
                         session=self.hop.session,
                         position=self.fed,
-                        last_only=last_only or not wanted,
+                        last_only=tail or not wanted,
                     ),
                     piece,
                 )
                 if out is None or not isinstance(reply, wire.Result):
                     raise ReplicaUnavailable(f"{self.peer}: a forward reply without a tensor")
                 self.fed += rows
-                if final and last_only:
+                if final and tail:
+                    if out.dim() != 3 or out.shape[1] != 1:
+                        raise ReplicaUnavailable(f"{self.peer}: {tuple(out.shape)} for one row")
                     kept.append(out)
                 elif wanted:
                     if out.dim() != 3 or out.shape[1] != rows:

@@ -177,3 +177,33 @@ async def test_a_kept_stream_that_broke_is_replaced_at_once(cluster, model_dir, 
     assert v.counters["checks_pass"] == 2 * 2 * 5 and not v.counters["checks_skipped"]
     assert not v.counters["replica_unavailable"] and v.links.opened == 2 * len(kept)
     await no_sessions_left(cluster, set(cluster.servers))
+
+
+async def test_a_replica_sends_back_only_the_rows_a_check_compares(cluster, model_dir, reference):
+    """A check compares one step's rows: a one-position step's replica is asked for its last
+    row alone (`last_only`), on the middle hop too, and sends back no rows of the positions
+    it caught up on; the prompt's step (several positions) gets its rows."""
+    prompt, expected = reference
+    await build(cluster, model_dir, None)
+    sent: dict[str, list[int]] = {p: [] for p in cluster.servers}
+    for peer, server in cluster.servers.items():
+        honest = server.forward
+
+        async def forward(session, position, x, last_only, peer=peer, honest=honest):
+            out = await honest(session, position, x, last_only)
+            sent[peer].append(int(out.shape[1]))
+            return out
+
+        server.forward = forward
+    v = verifier(seed=3, rate=0.3, probation_rate=0.3)
+    remote = model(cluster, v.generation(), fast="a1")
+    assert await tokens(remote, prompt, 24) == expected
+    assert v.counters["checks_pass"] >= 4 and not v.counters["checks_fail"]
+    route = {hop["peer_id"] for hop in remote.last_route}
+    caught_up = v.counters["replica_positions"] - v.counters["replica_steps"]
+    assert caught_up > 0  # (the checks did catch up on positions they had not seen)
+    replies = [rows for p, each in sent.items() if p not in route for rows in each]
+    assert len(replies) == v.counters["replica_steps"]
+    first_steps = sum(1 for rows in replies if rows == len(prompt))  # a check of step 0
+    assert all(rows == 1 for rows in replies if rows != len(prompt))
+    assert sum(replies) <= v.counters["replica_steps"] + first_steps * len(prompt)
