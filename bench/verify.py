@@ -517,24 +517,25 @@ def print_breakdown(parts: dict[float | None, Breakdown], verifiers: dict[float,
 APART = ("a1", "a2", "b1", "b2")  # the servers that then run in a process of their own
 
 
-def _apart_identities() -> dict[str, NodeIdentity]:
-    """Fixed keys for the servers apart (a bench's: nothing to keep secret)."""
+def _apart_identities(seed: bytes) -> dict[str, NodeIdentity]:
+    """The servers' keys, from one seed the parent draws per run (their Unix sockets are
+    named after their peer ids: two runs at once must not share them)."""
     return {
         name: NodeIdentity(
-            node_seed=hashlib.sha256(f"bench-verify-{name}".encode()).digest(),
-            payout_key=hashlib.sha256(f"bench-verify-payout-{name}".encode()).digest(),
+            node_seed=hashlib.sha256(seed + f"node-{name}".encode()).digest(),
+            payout_key=hashlib.sha256(seed + f"payout-{name}".encode()).digest(),
         )
         for name in APART
     }
 
 
-async def replica_host(model_dir: Path, layers: int) -> None:
+async def replica_host(model_dir: Path, layers: int, seed: bytes) -> None:
     """The child process of `--replicas-apart`: the servers of APART, each listening on its
     Unix socket (`p2p.localsock`); a line "cpu" on stdin answers this process's CPU seconds,
     and stdin's end ends it."""
     half = layers // 2
     async with trio.open_nursery() as nursery:
-        for name, ident in _apart_identities().items():
+        for name, ident in _apart_identities(seed).items():
             server = ShardServer()
             start, end = (0, half) if name.startswith("a") else (half, layers)
             await server.load("m", model_dir, start, end)
@@ -563,12 +564,15 @@ class Apart:
     """The child process that serves APART, and how to reach it and read its CPU time."""
 
     def __init__(self, model_dir: Path, layers: int, threads: int) -> None:
+        seed = os.urandom(16)
         self.process = subprocess.Popen(
             [
                 sys.executable,
                 str(Path(__file__).resolve()),
                 "--replica-host",
                 str(model_dir),
+                "--replica-seed",
+                seed.hex(),
                 "--layers",
                 str(layers),
                 "--threads",
@@ -581,7 +585,7 @@ class Apart:
         assert self.process.stdout is not None and self.process.stdin is not None
         if self.process.stdout.readline().strip() != "ready":
             raise RuntimeError("the replicas' process did not start")
-        self.ids = {name: ident.peer_id for name, ident in _apart_identities().items()}
+        self.ids = {name: ident.peer_id for name, ident in _apart_identities(seed).items()}
 
     def cpu_s(self) -> float:
         """The child's CPU seconds so far (asked between runs, outside their timing)."""
@@ -689,10 +693,11 @@ def main() -> None:
         help="the replicas in a process of their own (the requester's critical path)",
     )
     parser.add_argument("--replica-host", type=Path, help=argparse.SUPPRESS)  # (its child)
+    parser.add_argument("--replica-seed", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.replica_host is not None:
-        trio.run(replica_host, args.replica_host, args.layers)
+        trio.run(replica_host, args.replica_host, args.layers, bytes.fromhex(args.replica_seed))
         return
     if args.breakdown:
         count_pass_cpu()
