@@ -288,3 +288,54 @@ def test_each_refusal_honest_writes_meet_is_ignored_and_each_harmful_one_rejecte
         counts.clear()
         assert repl.validate_gossip("peer", message([entry])) is REJECT, reason
         assert counts[f"gossip:{reason}"] == 1, (reason, counts)
+
+
+async def test_a_flood_of_replayed_entries_costs_no_signature_check_and_goes_nowhere(
+    autojump_clock, monkeypatch
+):
+    """A peer that replays entries the target holds (honest ones, signed by their authors,
+    in messages of its own) earns an IGNORE each: held against no one, never forwarded,
+    nothing written, and not one signature checked (a held entry is recognised by equality
+    before any check)."""
+    verified: Counter[str] = Counter()
+    real_verify = replica_module.verify_entry
+
+    def counting_verify(entry: Entry) -> bool:
+        verified[entry.author] += 1
+        return real_verify(entry)
+
+    monkeypatch.setattr(replica_module, "verify_entry", counting_verify)
+    hub = MemoryNetwork(seed=5)
+    mallory = NodeIdentity.generate()
+    hostile = hub.add_node(mallory.peer_id)
+    target, c = (_replicated(hub, NodeIdentity.generate()) for _ in range(2))
+    await hostile.connect(target.node.peer_id)
+    await c.node.connect(target.node.peer_id)
+
+    async def ignore(origin: str, data: bytes) -> None:
+        pass
+
+    await hostile.subscribe(TOPIC, ignore)
+    for n in (target, c):
+        await n.replicator.start()
+    honest = [await c.replicator.write("components", f"h{i}", VALUE) for i in range(8)]
+    await wait_for(
+        lambda: all(target.replica.get(e.kind, e.key) == e for e in honest), 5, "honest writes"
+    )
+    await trio.sleep(1)
+    received_at_c = c.node.gossip_received
+    applied = target.replicator.stats["gossip_applied"]
+    verified.clear()
+    replays = [e.to_wire() for e in honest]
+    rng = random.Random(7)
+    # each message other bytes (other entries or another order): no seen-message cache
+    # recognises them, the validator sees every one
+    flood = {message(rng.sample(replays, k=rng.randint(2, 8))) for _ in range(300)}
+    for data in flood:
+        await hostile.publish(TOPIC, data)
+    await trio.sleep(2)
+    assert target.node.gossip_refused == len(flood) > 250
+    assert target.replicator.stats["gossip_applied"] == applied  # nothing written
+    assert c.node.gossip_received == received_at_c  # nothing forwarded
+    assert sum(verified.values()) == 0, verified  # no signature checked
+    assert target.rejects == Counter(), target.rejects  # old news: no refusal counted
