@@ -287,13 +287,12 @@ class GenerationChecks(Followers):
                     canaries.append((i, v.rng.choice(kept)))
         verdicts: list[Verdict] = []
         if drawn or canaries:
-            servers = await model._servers()
 
             async def check(step: _Drawn, plan: Plan) -> None:
                 await plan.done.wait()
                 if plan.error is not None:
                     raise plan.error
-                verdicts.append(await self._check(model, servers, step, plan.result))
+                verdicts.append(await self._check(model, step, plan.result))
 
             async def canary(i: int, canary: Canary) -> None:
                 verdicts.append(await self._canary(model, hops[i].peer_id, i, canary))
@@ -386,11 +385,11 @@ class GenerationChecks(Followers):
     async def _check(
         self,
         model: Any,
-        servers: list[Any],
         step: _Drawn,
         first: tuple[str, torch.Tensor, int] | None,
     ) -> Verdict:
-        """The verdict on `step`, given its replica's output (`first`, from its plan)."""
+        """The verdict on `step`, given its replica's output (`first`, from its plan); the
+        servers announced are asked for only where a third replica must decide."""
         v, i, replay = self.verifier, step.i, step.replay
         provider = step.hop.peer_id
         if first is None:
@@ -407,6 +406,7 @@ class GenerationChecks(Followers):
             v.canaries.add(_canary(replay, theirs))
         else:
             avoid = {provider, checker}
+            servers = await model._servers()
             third = await self._replica_output(model, servers, replay, avoid, keep)
             if third is None:
                 verdict = Verdict(i, provider, "unresolved", [])

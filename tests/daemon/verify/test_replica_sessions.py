@@ -207,3 +207,24 @@ async def test_a_replica_sends_back_only_the_rows_a_check_compares(cluster, mode
     first_steps = sum(1 for rows in replies if rows == len(prompt))  # a check of step 0
     assert all(rows == 1 for rows in replies if rows != len(prompt))
     assert sum(replies) <= v.counters["replica_steps"] + first_steps * len(prompt)
+
+
+async def test_an_agreeing_check_asks_for_the_servers_only_to_choose_its_replica(
+    cluster, model_dir, reference
+):
+    """The servers announced (a lookup in a real network) are asked for once per checked hop,
+    to choose or confirm its replica, and again only where a third replica must decide."""
+    prompt, expected = reference
+    await build(cluster, model_dir, None)
+    v = verifier(rate=1.0, probation_rate=1.0)
+    remote = model(cluster, v.generation(), fast="a1")
+    announced, asked = remote._servers, [0]
+
+    async def servers():
+        asked[0] += 1
+        return await announced()
+
+    remote._servers = servers
+    assert await tokens(remote, prompt, 8) == expected[:8]
+    assert v.counters["checks_pass"] == 2 * 9 and not v.counters["checks_fail"]
+    assert asked[0] == 1 + v.counters["checks_pass"]  # the route's opening, then each check
