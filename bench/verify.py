@@ -34,7 +34,9 @@ routes' servers' and the replicas' forward passes and compute time (and the repl
 pass: what a check's catch-up costs), how long the token loops waited at a step's end for
 its checks, and the verifier's hooks' CPU in a step it does not check (what the machinery
 costs at a 0 % rate; the hooks of such a step never yield, so their thread's CPU time is
-theirs alone).
+theirs alone). Its timing costs about ten clock reads per step (some 10 us here: the thread
+CPU clock is a system call), charged to every row with a verifier and not to "none": read
+the overheads from a run without `--breakdown`.
 
 `--replicas-apart` (the requester's critical path, labelled so in the output): a real
 deployment runs each replica on another machine, where its passes take nothing from the
