@@ -164,17 +164,22 @@ class ReplicaSession:
             return await self.link.call(self.hop, header, tensor, self.timeout_s)
         return await self.hop.call(header, tensor, self.timeout_s)
 
-    async def forward(self, x: torch.Tensor, *, last_only: bool, keep: int) -> torch.Tensor:
+    async def forward(
+        self, x: torch.Tensor, *, last_only: bool, keep: int, ordinary: bool = False
+    ) -> torch.Tensor:
         """Run `x` (the inputs of positions `fed` on) through the range. Returns the output of
-        its last `keep` rows, or with `last_only` the last row's (what the last range gives).
-        ReplicaUnavailable (and `broken`) if the replica gives no answer."""
+        its last `keep` rows, or with `last_only` the last row's (what the last range gives);
+        ReplicaUnavailable (and `broken`) if the replica gives no answer. `ordinary`: ask as
+        an ordinary generation's client does (a canary's: every row of a range that is not
+        the last, cut here); else a one-row `keep` asks the server for that row alone (a
+        check's replica, which may know it checks someone)."""
         if self.broken:
             raise ReplicaUnavailable(f"{self.peer}: the session broke earlier")
         n = int(x.shape[1])
         keep = min(max(keep, 1), n)
         # only the last row wanted (the route's last hop, or one step's position): the
         # server sends that row alone, not every row of the piece to be cut here
-        tail = last_only or keep == 1
+        tail = last_only or (keep == 1 and not ordinary)
         kept: list[torch.Tensor] = []
         self.broken = self.in_use = True  # (broken until every piece is in)
         try:
@@ -238,10 +243,13 @@ async def run_on(
     timeout_s: float,
     keep: int | None = None,
     links: ReplicaLinks | None = None,
+    *,
+    ordinary: bool = False,
 ) -> torch.Tensor:
     """The output of `replay` computed by `peer` in a fresh session: the step's rows (or with
     `replay.full`, or `keep`, that many last rows of every position up to the step's end);
-    ReplicaUnavailable if it gives none."""
+    ReplicaUnavailable if it gives none. `ordinary`: asked as an ordinary generation's client
+    asks (a canary: see `ReplicaSession.forward`)."""
     session = await ReplicaSession.open(
         opener,
         peer,
@@ -256,6 +264,6 @@ async def run_on(
         x = replay.x if replay.prefix is None else torch.cat((replay.prefix, replay.x), dim=1)
         if keep is None:
             keep = int(x.shape[1]) if replay.full else int(replay.x.shape[1])
-        return await session.forward(x, last_only=replay.last_only, keep=keep)
+        return await session.forward(x, last_only=replay.last_only, keep=keep, ordinary=ordinary)
     finally:
         await session.close()

@@ -435,7 +435,9 @@ class GenerationChecks(Followers):
         v = self.verifier
         try:
             # (a stream of its own, as an ordinary generation's: not one of the checks' links)
-            got = await run_on(model._opener, peer, canary.replay, model.step_timeout_s)
+            got = await run_on(
+                model._opener, peer, canary.replay, model.step_timeout_s, ordinary=True
+            )
         except ReplicaUnavailable:
             v.counters["canaries_unanswered"] += 1
             return Verdict(i, peer, "skipped", [])

@@ -58,3 +58,26 @@ def test_the_store_keeps_the_newest_per_range_within_its_bytes():
     assert [int(c.output[0, 0, 0]) for c in store.get("m", 0, 1)] == [2]
     store.add(_canary(3, 9, n=10_000))  # larger than the whole budget: not kept
     assert store.get("m", 3, 4) == []
+
+
+async def test_a_canary_asks_what_an_ordinary_client_asks(cluster, model_dir, reference):
+    """A canary to a provider of a range that is not the last asks for every row, as an
+    ordinary generation's client does there (a check's replica asks for one row alone: a
+    request no ordinary client sends that range, which would tell a canary apart)."""
+    prompt, expected = reference
+    await build(cluster, model_dir, None)
+    v = verifier(rate=1.0, probation_rate=1.0)
+    assert await tokens(model(cluster, v.generation(), fast="a1"), prompt, 8) == expected[:8]
+    asked: list[bool] = []
+    honest = cluster.servers["a2"].forward
+
+    async def forward(session, position, x, last_only):
+        asked.append(last_only)
+        return await honest(session, position, x, last_only)
+
+    cluster.servers["a2"].forward = forward
+    v.config = v.reputation.config = type(v.config)(rate=0.0, probation_rate=0.0, canary_rate=1.0)
+    remote = model(cluster, v.generation(), fast="a2")  # range A on a2, then range B
+    assert await tokens(remote, prompt, 6) == expected[:6]
+    assert v.counters["canaries_sent"] >= 2 and not v.counters["checks_canary-fail"]
+    assert asked and not any(asked)  # (the route's own steps there ask for every row too)
