@@ -113,21 +113,41 @@ def cpu_seconds(pid: int) -> float:
 
 class CPUWatch:
     """On exit, fills `into` with the cores each process used while inside: CPU seconds
-    over wall seconds (a process gone meanwhile reads its last sample, or 0)."""
+    over wall seconds. Sampled every `interval_s`, so that a process that exits meanwhile
+    (the fill's attacker, once it has sent its supply) reads its last sample."""
 
-    def __init__(self, pids: dict[str, int], into: dict[str, float]) -> None:
+    def __init__(
+        self, pids: dict[str, int], into: dict[str, float], interval_s: float = 0.25
+    ) -> None:
         self.pids = pids
         self.into = into
+        self.interval_s = interval_s
+        self._last = dict.fromkeys(pids, 0.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        for name, pid in self.pids.items():
+            self._last[name] = max(self._last[name], cpu_seconds(pid))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
 
     def __enter__(self) -> CPUWatch:
         self.started = time.monotonic()
-        self.before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self._sample()
+        self.before = dict(self._last)
+        self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sample()
         wall = max(time.monotonic() - self.started, 1e-9)
-        for name, pid in self.pids.items():
-            self.into[name] = max(0.0, cpu_seconds(pid) - self.before[name]) / wall
+        for name in self.pids:
+            self.into[name] = max(0.0, self._last[name] - self.before[name]) / wall
 
 
 def rss_bytes(pid: int) -> int:
