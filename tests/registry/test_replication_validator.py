@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 import trio
 
 from p2p import codec
@@ -77,17 +78,23 @@ async def wait_for(condition: Any, limit_s: float, what: str) -> None:
         await trio.sleep(0.05)  # virtual time (autojump clock)
 
 
-async def test_gossip_the_target_refuses_never_reaches_the_nodes_behind_it(
-    autojump_clock, monkeypatch
-):
-    verified: Counter[str] = Counter()
+@pytest.fixture
+def verified(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Entry signatures checked by the replicas, per author."""
+    counts: Counter[str] = Counter()
     real_verify = replica_module.verify_entry
 
     def counting_verify(entry: Entry) -> bool:
-        verified[entry.author] += 1
+        counts[entry.author] += 1
         return real_verify(entry)
 
     monkeypatch.setattr(replica_module, "verify_entry", counting_verify)
+    return counts
+
+
+async def test_gossip_the_target_refuses_never_reaches_the_nodes_behind_it(
+    autojump_clock, verified
+):
     hub = MemoryNetwork(seed=21)
     mallory = NodeIdentity.generate()
     hostile = hub.add_node(mallory.peer_id)
@@ -291,20 +298,12 @@ def test_each_refusal_honest_writes_meet_is_ignored_and_each_harmful_one_rejecte
 
 
 async def test_a_flood_of_replayed_entries_costs_no_signature_check_and_goes_nowhere(
-    autojump_clock, monkeypatch
+    autojump_clock, verified
 ):
     """A peer that replays entries the target holds (honest ones, signed by their authors,
     in messages of its own) earns an IGNORE each: held against no one, never forwarded,
     nothing written, and not one signature checked (a held entry is recognised by equality
     before any check)."""
-    verified: Counter[str] = Counter()
-    real_verify = replica_module.verify_entry
-
-    def counting_verify(entry: Entry) -> bool:
-        verified[entry.author] += 1
-        return real_verify(entry)
-
-    monkeypatch.setattr(replica_module, "verify_entry", counting_verify)
     hub = MemoryNetwork(seed=5)
     mallory = NodeIdentity.generate()
     hostile = hub.add_node(mallory.peer_id)
