@@ -13,7 +13,8 @@ devnet keeps working), never signed records that hold them, and no garbage.
 
 from __future__ import annotations
 
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from types import SimpleNamespace
 
 import multiaddr
@@ -149,12 +150,12 @@ def _bad_dials(dialled: list[str], victim_port: int) -> list[str]:
     return [a for a in dialled if f"/tcp/{victim_port}" in a or "/tcp/0" in a or "224." in a]
 
 
-# -- in: what a peer says is checked before the swarm may dial it ---------------------
-
-
-async def test_a_hostile_identify_is_counted_and_none_of_its_addresses_is_dialled(
+@asynccontextmanager
+async def _honest_hostile_and_victim(
     monkeypatch: pytest.MonkeyPatch,
-) -> None:
+) -> AsyncIterator[tuple[_Node, _Node, _Victim]]:
+    """An honest node (on all interfaces, not on loopback alone) and a hostile one, both
+    running, and a victim listener that counts the connections it is dialled with."""
     _not_on_loopback_alone(monkeypatch)
     honest, hostile = _Node("/ip4/0.0.0.0/tcp/0"), _Node()
     victim = _Victim()
@@ -163,6 +164,17 @@ async def test_a_hostile_identify_is_counted_and_none_of_its_addresses_is_dialle
         await victim.serve(nursery)
         for node in (honest, hostile):
             await stack.enter_async_context(node.net.run())
+        yield honest, hostile, victim
+        nursery.cancel_scope.cancel()
+
+
+# -- in: what a peer says is checked before the swarm may dial it ---------------------
+
+
+async def test_a_hostile_identify_is_counted_and_none_of_its_addresses_is_dialled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with _honest_hostile_and_victim(monkeypatch) as (honest, hostile, victim):
         bad = _bad_addrs(victim.port)
         port = honest.net.host.get_transport_addrs()[0].value_for_protocol("tcp")
         bad[f"/ip4/{LAN_IP}/tcp/{port}"] = "addr_own"  # the honest node itself
@@ -184,20 +196,12 @@ async def test_a_hostile_identify_is_counted_and_none_of_its_addresses_is_dialle
             await honest.net.host.get_network().dial_peer(ID.from_base58(hostile.peer_id))
         assert _bad_dials(dialled, victim.port) == []
         assert victim.connections == 0
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_hostile_kademlia_answer_is_counted_and_none_of_its_addresses_is_dialled(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    _not_on_loopback_alone(monkeypatch)
-    honest, hostile = _Node("/ip4/0.0.0.0/tcp/0"), _Node()
-    victim = _Victim()
-    async with AsyncExitStack() as stack:
-        nursery = await stack.enter_async_context(trio.open_nursery())
-        await victim.serve(nursery)
-        for node in (honest, hostile):
-            await stack.enter_async_context(node.net.run())
+    async with _honest_hostile_and_victim(monkeypatch) as (honest, hostile, victim):
         bad = _bad_addrs(victim.port)
         _unguarded(hostile)
         # the hostile peer knows a third peer "at" the bad addresses, and says so
@@ -217,7 +221,6 @@ async def test_a_hostile_kademlia_answer_is_counted_and_none_of_its_addresses_is
             await honest.net.host.get_network().dial_peer(third)
         assert _bad_dials(dialled, victim.port) == []
         assert victim.connections == 0
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_name_a_peer_gives_is_dialled_only_where_it_resolves_to_a_usable_address(
@@ -225,14 +228,7 @@ async def test_a_name_a_peer_gives_is_dialled_only_where_it_resolves_to_a_usable
 ) -> None:
     """A name passes as public when it is stored; what it resolves to (a hostile peer's own
     DNS answer: loopback, 0.0.0.0) is checked when the transport dials it."""
-    _not_on_loopback_alone(monkeypatch)
-    honest, hostile = _Node("/ip4/0.0.0.0/tcp/0"), _Node()
-    victim = _Victim()
-    async with AsyncExitStack() as stack:
-        nursery = await stack.enter_async_context(trio.open_nursery())
-        await victim.serve(nursery)
-        for node in (honest, hostile):
-            await stack.enter_async_context(node.net.run())
+    async with _honest_hostile_and_victim(monkeypatch) as (honest, hostile, victim):
         answers = [f"/ip4/127.0.0.1/tcp/{victim.port}", f"/ip4/0.0.0.0/tcp/{victim.port}"]
 
         async def resolve(maddr, **_: object) -> list[multiaddr.Multiaddr]:  # type: ignore[no-untyped-def]
@@ -252,7 +248,6 @@ async def test_a_name_a_peer_gives_is_dialled_only_where_it_resolves_to_a_usable
             await honest.net.host.get_network().dial_peer(ID.from_base58(hostile.peer_id))
         assert honest.counted("dns") == {"addr_local", "addr_unspecified"}
         assert victim.connections == 0
-        nursery.cancel_scope.cancel()
 
 
 def test_a_peer_is_on_this_host_only_when_connected_directly_from_one_of_its_addresses(
