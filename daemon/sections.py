@@ -203,7 +203,19 @@ RegistryConfig = exposing(
         # a daemon's requests cross real links: twice the simulations' 0.5 s
         defaults={"sync_timeout_s": 1.0},
     ),
-    Exposed(Limits, {k: k for k in ("max_entry_bytes", "author_max_entries", "author_max_bytes")}),
+    Exposed(
+        Limits,
+        {
+            k: k
+            for k in (
+                "max_entry_bytes",
+                "author_max_entries",
+                "author_max_bytes",
+                "author_bytes_per_s",
+                "author_bytes_burst",
+            )
+        },
+    ),
 )
 
 

@@ -19,7 +19,7 @@ entropy offers it again later, once the cluster entry has arrived.
 from __future__ import annotations
 
 import base64
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -39,6 +39,18 @@ MAX_LIST_LIMIT = 1000
 MAX_ENTRY_BYTES = 64 * 1024
 AUTHOR_MAX_ENTRIES = 10_000
 AUTHOR_MAX_BYTES = 4 << 20
+# bytes of entries one author may have accepted here, per second and at once (a token bucket):
+# an honest author writes a few KB at a time; an author writing its whole quota at once lands
+# it over seconds, so its replication (checks, sqlite writes, gossip, pulls) is spread out
+# instead of stalling every node together
+AUTHOR_BYTES_PER_S = 256 << 10
+AUTHOR_BYTES_BURST = 1 << 20
+MAX_RATE_AUTHORS = 4096  # authors whose byte budget is remembered (the least recent forgotten)
+# `apply` commits a batch in parts of at most this many bytes or entries, each under the
+# apply lock alone (one sqlite transaction each): a write queued behind a large batch (a 1 MiB
+# pull page, a 2 MB push) waits for one part, not for all of it (the lock is fair)
+APPLY_PART_BYTES = 256 << 10
+APPLY_PART_ENTRIES = 64
 # how recent a competing (earlier) claim on an already-owned key must be to take it over
 CLAIM_WINDOW_MS = 60_000
 # quota refusals of one author in one batch after which the rest of its new keys in that
@@ -67,6 +79,11 @@ class Limits:
     that does not grow its author's usage (an update in place, a delete) is always let
     through, so an author over quota can still shrink.
 
+    `author_bytes_per_s` and `author_bytes_burst` bound how fast one author's entries are
+    accepted (a token bucket of their wire sizes, every accepted write counted, from any
+    source): a write over it is refused with reason `rate_limited` and taken later (anti-
+    entropy offers it again; a local client is told to retry).
+
     The `msgspec.Meta` bounds are what a config may set (daemon.settings checks them at load,
     and that `author_max_bytes` is at least `max_entry_bytes`; construction does not).
     """
@@ -75,6 +92,8 @@ class Limits:
     author_max_entries: Annotated[int, msgspec.Meta(ge=1)] = AUTHOR_MAX_ENTRIES
     author_max_bytes: Annotated[int, msgspec.Meta(ge=1024)] = AUTHOR_MAX_BYTES
     per_kind: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    author_bytes_per_s: Annotated[float, msgspec.Meta(gt=0)] = float(AUTHOR_BYTES_PER_S)
+    author_bytes_burst: Annotated[int, msgspec.Meta(ge=1024)] = AUTHOR_BYTES_BURST
 
 
 def wire_size(entry: Entry) -> int:
@@ -131,6 +150,8 @@ class Replica:
         self.usage: dict[tuple[str, str], list[int]] = {}
         self._sizes: dict[EntryId, int] = {}
         self._size_memo: dict[int, tuple[Entry, int]] = {}  # entries being checked or applied
+        # accepted-bytes budget per author: author -> (tokens, when last refilled, in s)
+        self._rate: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
     async def load(self) -> None:
         """Read the store. An entry that no longer passes the shape, schema and admission
@@ -274,6 +295,38 @@ class Replica:
                     "registry.author_max_entries / author_max_bytes)",
                 )
 
+    # -- the accepted-bytes rate ---------------------------------------------------------
+
+    def rate_room(self, author: str) -> float:
+        """Bytes of `author`'s entries this replica would accept now (its token bucket).
+        A full bucket holds at least one entry of the largest size."""
+        limits = self.limits
+        burst = float(max(limits.author_bytes_burst, limits.max_entry_bytes))
+        now = self.clock.now_ms() / 1000
+        tokens, last = self._rate.get(author, (burst, now))
+        return min(burst, tokens + max(0.0, now - last) * limits.author_bytes_per_s)
+
+    def _spend(self, author: str, size: int) -> None:
+        """Take `size` bytes from `author`'s bucket (an accepted write)."""
+        tokens = self.rate_room(author) - size
+        self._rate[author] = (tokens, self.clock.now_ms() / 1000)
+        self._rate.move_to_end(author)
+        while len(self._rate) > MAX_RATE_AUTHORS:
+            self._rate.popitem(last=False)  # forgotten: a full bucket again
+
+    def _check_rate(self, entry: Entry, pending_spent: Mapping[str, int] | None) -> None:
+        size = self._size(entry)
+        spent = (pending_spent or {}).get(entry.author, 0)
+        if self.rate_room(entry.author) - spent < size:
+            limits = self.limits
+            raise Rejected(
+                "rate_limited",
+                f"author {entry.author} wrote more than this node accepts at once "
+                f"({max(limits.author_bytes_burst, limits.max_entry_bytes)} bytes, then "
+                f"{limits.author_bytes_per_s:.0f} bytes/s; registry.author_bytes_burst / "
+                f"author_bytes_per_s): {entry.kind}/{entry.key} ({size} bytes) is taken later",
+            )
+
     # -- checks ------------------------------------------------------------------------
 
     def admins_of(
@@ -301,17 +354,20 @@ class Replica:
         entry: Entry,
         pending: Mapping[EntryId, Entry] | None = None,
         pending_usage: Mapping[tuple[str, str], list[int]] | None = None,
+        pending_spent: Mapping[str, int] | None = None,
     ) -> None:
         """Raise Rejected unless `entry` may be merged into this replica (plus `pending`,
-        the earlier entries of the same batch, and `pending_usage`, their quota usage).
+        the earlier entries of the same batch, `pending_usage`, their quota usage, and
+        `pending_spent`, their bytes by author, not yet taken from the author's rate).
 
-        The checks run cheapest first, so a flood costs little: size and the claimed
-        author's quota (dict lookups and one encoding), then kind, clock and schema, and only
-        then the signature. Checking a quota before the signature is safe: a refused entry
-        changes nothing and never counts towards anyone's quota, so a forger naming another
-        author can only get its own entry refused."""
+        The checks run cheapest first, so a flood costs little: size, the claimed author's
+        quota and rate (dict lookups and one encoding), then kind, clock and schema, and only
+        then the signature. Checking a quota or rate before the signature is safe: a refused
+        entry changes nothing and never counts towards anyone's quota or rate, so a forger
+        naming another author can only get its own entry refused."""
         current = (pending or {}).get(entry.id) or self.entries.get(entry.id)
         self._check_size_and_quota(entry, current, pending_usage)
+        self._check_rate(entry, pending_spent)
         if entry.kind not in schemas.KINDS:
             raise Rejected("unknown_kind", f"unknown kind {entry.kind!r}")
         try:
@@ -413,15 +469,34 @@ class Replica:
         """Check, merge and persist a batch; returns the entries that changed the replica.
 
         Batches apply one at a time: a batch merged against a state that another batch is
-        still committing could write an older entry over a newer one."""
+        still committing could write an older entry over a newer one. A large batch is
+        applied in parts (APPLY_PART_BYTES, APPLY_PART_ENTRIES), each under the lock alone
+        and committed in its own transaction, so that a write queued behind it (an honest
+        user's, a small gossip message) waits for one part, not for the whole batch; the
+        parts go in the batch's order, so a cluster entry still precedes what it governs."""
+        changed: list[Entry] = []
+        over_quota: Counter[tuple[str, str]] = Counter()  # quota refusals, by (author, kind)
+        part: list[Entry] = []
+        size = 0
+        for entry in entries:
+            cost = self._size(entry)
+            if part and (size + cost > APPLY_PART_BYTES or len(part) >= APPLY_PART_ENTRIES):
+                async with self._apply_lock:
+                    changed += await self._apply(part, source, over_quota)
+                part, size = [], 0
+            part.append(entry)
+            size += cost
         async with self._apply_lock:
-            return await self._apply(entries, source)
+            changed += await self._apply(part, source, over_quota)
+        return changed
 
-    async def _apply(self, entries: Iterable[Entry], source: str) -> list[Entry]:
+    async def _apply(
+        self, entries: Iterable[Entry], source: str, over_quota: Counter[tuple[str, str]]
+    ) -> list[Entry]:
         changed: dict[EntryId, Entry] = {}
         replaced: dict[EntryId, Entry | None] = {}  # what each changed id held before the batch
         pending_usage: dict[tuple[str, str], list[int]] = {}
-        over_quota: Counter[tuple[str, str]] = Counter()  # quota refusals, by (author, kind)
+        pending_spent: Counter[str] = Counter()  # bytes accepted in this batch, by author
         for entry in entries:
             current = changed.get(entry.id) or self.entries.get(entry.id)
             if current == entry:
@@ -432,7 +507,7 @@ class Replica:
                 self._count_reject(source, "quota")
                 continue
             try:
-                self.check(entry, changed, pending_usage)
+                self.check(entry, changed, pending_usage, pending_spent)
             except Rejected as exc:
                 if exc.reason == "quota":
                     over_quota[(entry.author, entry.kind)] += 1
@@ -443,6 +518,7 @@ class Replica:
                     row = pending_usage.setdefault(slot, list(self.usage.get(slot, [0, 0])))
                     row[0] += n
                     row[1] += b
+                pending_spent[entry.author] += self._size(entry)
                 replaced.setdefault(entry.id, self.entries.get(entry.id))
                 changed[entry.id] = entry
                 self.clock.observe(entry.ts)
@@ -451,6 +527,8 @@ class Replica:
                 await self.store.apply(changed.values())
             for entry_id, entry in changed.items():
                 self._account(entry, replaced[entry_id])
+            for author, spent in pending_spent.items():
+                self._spend(author, spent)
             self.entries.update(changed)
             self.applied += len(changed)
             self._mutations += 1

@@ -53,7 +53,7 @@ _R = TypeVar("_R")
 MAX_REFUSED = 10_000  # refused entry states remembered (the oldest are forgotten first)
 MAX_PUSH_PEERS = 4096  # peers whose push budget is remembered (the least recent forgotten)
 # refusals that may pass later without a new version: the entry is fetched again next round
-RETRY_REASONS = frozenset({"unknown_cluster", "bad_timestamp"})
+RETRY_REASONS = frozenset({"unknown_cluster", "bad_timestamp", "rate_limited"})
 
 
 def _refusal(peer_id: str, entry_id: EntryId, claim: Any, version: Any) -> tuple[Any, ...]:
@@ -406,7 +406,7 @@ class Replicator:
                 reply = await self._call(peer_id, message, wire.ListingReply)
             lst = sync.parse_listing(reply)
             pull_ids, push = sync.plan(self.replica.entries, lst, after)
-            pull_ids = self._not_refused(lst, pull_ids)
+            pull_ids = self._by_rate(lst, self._not_refused(lst, pull_ids))
             # another peer that answers first may lack some: they come in a later round
             applied += await self._pull([peer_id, *(p for p in hedges if p != peer_id)], pull_ids)
             pushed += await self._push(peer_id, push)
@@ -441,6 +441,22 @@ class Replicator:
                 continue
             out.append(entry_id)
         return out
+
+    def _by_rate(self, lst: sync.Listing, ids: list[EntryId]) -> list[EntryId]:
+        """`ids` less those whose listed author has no room left in this replica's rate
+        (`Replica.rate_room`: they would be refused; a later round pulls them), the rest
+        the ids of authors with a full bucket first (else in the listing's order): an honest
+        author's few entries are not pulled behind pages of one author's fill, nor refused
+        with it."""
+        authors = {(k, key): v[2] for k, key, _, v in lst.summaries if len(v) > 2}
+        full = self.replica.rate_room("")  # an author never seen: a full bucket
+        room: dict[Any, float] = {}
+        for author in set(authors.values()):
+            room[author] = self.replica.rate_room(author) if isinstance(author, str) else 0.0
+        kept = [i for i in ids if room.get(authors.get(i), full) > 0]
+        self.stats["sync_skipped_rate"] += len(ids) - len(kept)
+        kept.sort(key=lambda i: room.get(authors.get(i), full) < full)
+        return kept
 
     async def _pull(self, peers: list[str], ids: list[EntryId]) -> int:
         """Fetch `ids` in requests of at most MAX_TRANSFER ids, asking again for the ids a

@@ -1,0 +1,196 @@
+"""One author writing its whole quota at once: how fast a node accepts one author's bytes
+(`Limits.author_bytes_per_s`, `author_bytes_burst`) and how long an honest write waits behind
+a large batch (`Replica.apply` commits in parts, APPLY_PART_BYTES).
+
+Attacked as a real peer on the in-memory network: a hostile node, connected to the target
+only, pushes and gossips a fill of 60 KB entries, again and again, as bench/abuse.py's fill
+does. The target takes the author's burst at once and the rest at the author's rate (refusals
+counted as `rate_limited`), an honest author's writes pass meanwhile, and the whole fill lands
+in the end, on the target and on an honest node behind it."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+import trio
+
+from p2p import codec
+from p2p.identity import NodeIdentity
+from p2p.testing.memnet import MemoryNetwork
+from registry.entry import Entry, sign_entry
+from registry.hlc import HybridClock, Timestamp
+from registry.replica import APPLY_PART_BYTES, Limits, Replica, wire_size
+from registry.replication import SYNC_PROTOCOL, ReplicationSettings, Replicator, topic_for
+
+SETTINGS = ReplicationSettings(network_id="rate")
+TOPIC = topic_for(SETTINGS.network_id)
+FILLER = {f"b{i}": "x" * 4000 for i in range(15)}  # about 60 KB, as the bench's fill
+RATE = 128 * 1024
+BURST = 512 * 1024
+FILL = 40  # entries: about 2.4 MB, under the default 4 MiB quota
+
+
+def filled(ident: NodeIdentity, n: int, now_ms: int) -> Entry:
+    ts = Timestamp(now_ms, n)
+    key = f"fill-{n}"
+    return sign_entry(
+        ident,
+        kind="components",
+        key=key,
+        value={"name": key, "version": "1", "config": FILLER},
+        ts=ts,
+        created=ts,
+        owner=ident.peer_id,
+    )
+
+
+def node(hub: MemoryNetwork, limits: Limits, store: Any = None) -> tuple[Any, Replica, Replicator]:
+    ident = NodeIdentity(node_seed=hub.rng.randbytes(32), payout_key=hub.rng.randbytes(32))
+    rejects: Counter[str] = Counter()
+    replica = Replica(
+        ident,
+        clock=HybridClock(now_ms=lambda: int(hub.now() * 1000)),
+        limits=limits,
+        store=store,
+        on_reject=lambda source, reason: rejects.update([f"{source}:{reason}"]),
+    )
+    replica.counted = rejects  # type: ignore[attr-defined]
+    net = hub.add_node(ident.peer_id)
+    return net, replica, Replicator(net, replica, SETTINGS, rng=random.Random(2))
+
+
+def held_bytes(replica: Replica, author: str) -> int:
+    return sum(wire_size(e) for e in replica.entries.values() if e.author == author)
+
+
+async def test_a_fill_lands_at_its_authors_rate_while_honest_writes_pass(autojump_clock):
+    hub = MemoryNetwork(seed=19)
+    limits = Limits(author_bytes_per_s=RATE, author_bytes_burst=BURST)
+    target, target_replica, target_repl = node(hub, limits)
+    behind, behind_replica, behind_repl = node(hub, limits)
+    await behind.connect(target.peer_id)
+    mallory = NodeIdentity.generate()
+    attacker = hub.add_node(mallory.peer_id)
+    await attacker.connect(target.peer_id)
+    fill = [filled(mallory, n, int(hub.now() * 1000)) for n in range(FILL)]
+    size = wire_size(fill[0])
+    total = sum(wire_size(e) for e in fill)
+    assert total > 4 * BURST
+
+    async def flood() -> None:
+        """Push the fill 32 entries at a time and gossip it 8 at a time, every 0.5 s, as
+        the bench's fill does (it keeps sending what it has)."""
+        wire = [e.to_wire() for e in fill]
+        while True:
+            for start in range(0, FILL, 32):
+                push = {"v": 1, "op": "push", "entries": wire[start : start + 32]}
+                await attacker.request(target.peer_id, SYNC_PROTOCOL, codec.encode(push))
+            for start in range(0, FILL, 8):
+                data = codec.encode({"v": 1, "entries": wire[start : start + 8]})
+                await attacker.publish(TOPIC, data)
+            await trio.sleep(0.5)
+
+    async with trio.open_nursery() as nursery:
+        for repl in (target_repl, behind_repl):
+            await repl.start()
+            nursery.start_soon(repl.run_anti_entropy)
+        started = trio.current_time()
+        nursery.start_soon(flood)
+        honest = 0
+        while sum(e.author == mallory.peer_id for e in target_replica.entries.values()) < FILL:
+            assert trio.current_time() - started < 60, "the fill never landed whole"
+            # never more of the author's bytes than its burst and its rate since the start
+            elapsed = trio.current_time() - started
+            for replica in (target_replica, behind_replica):
+                assert held_bytes(replica, mallory.peer_id) <= BURST + RATE * elapsed + size
+            # an honest author's write passes on the target at once, and reaches the node
+            # behind it, while the fill is refused
+            honest += 1
+            key = f"honest-{honest}"
+            entry = await behind_repl.write("components", key, {"name": key, "version": "1"})
+            assert target_replica.get("components", key) in (None, entry)
+            deadline = trio.current_time() + 2
+            while target_replica.get("components", key) != entry:
+                assert trio.current_time() < deadline, f"{key} did not reach the target"
+                await trio.sleep(0.05)  # virtual time (autojump clock)
+            await trio.sleep(0.5)
+        # the fill took about (total - burst) / rate, not less
+        assert trio.current_time() - started >= (total - BURST - size) / RATE
+        counted = target_replica.counted  # type: ignore[attr-defined]
+        assert counted["sync:rate_limited"] + counted["gossip:rate_limited"] > 0, counted
+        assert target_replica.rejected["rate_limited"] > 0
+        # the node behind gets the whole fill too (anti-entropy, at the author's rate there)
+        deadline = trio.current_time() + 60
+        while held_bytes(behind_replica, mallory.peer_id) < total:
+            assert trio.current_time() < deadline, "the node behind never got the whole fill"
+            await trio.sleep(0.5)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_local_write_over_the_rate_is_refused_with_the_keys_to_raise_it():
+    clock_ms = [1_000_000]
+    ident = NodeIdentity.generate()
+    replica = Replica(
+        ident,
+        clock=HybridClock(now_ms=lambda: clock_ms[0]),
+        limits=Limits(author_bytes_per_s=RATE, author_bytes_burst=BURST),
+    )
+    value = {"name": "big", "version": "1", "config": FILLER}
+    written = 0
+    try:
+        for n in range(100):
+            await replica.put("components", f"big-{n}", value)
+            written += 1
+    except Exception as exc:
+        assert getattr(exc, "reason", None) == "rate_limited"
+        assert "registry.author_bytes_burst" in str(exc)
+    assert 0 < written < 100
+    clock_ms[0] += 2000  # two seconds later the author may write again
+    await replica.put("components", "big-later", value)
+
+
+class SlowStore:
+    """A store whose commits take 50 ms (virtual) each, recording what each committed;
+    `committing` is set when the first commit starts, `done` once `expect` keys are in."""
+
+    def __init__(self, expect: int) -> None:
+        self.commits: list[list[str]] = []
+        self.expect = expect
+        self.committing = trio.Event()
+        self.done = trio.Event()
+
+    async def apply(self, entries: Iterable[Entry]) -> None:
+        self.commits.append([e.key for e in entries])
+        self.committing.set()
+        await trio.sleep(0.05)
+        if sum(len(c) for c in self.commits) >= self.expect:
+            self.done.set()
+
+
+async def test_an_honest_write_waits_for_one_part_of_a_large_push_not_all_of_it(autojump_clock):
+    hub = MemoryNetwork(seed=20)
+    store = SlowStore(expect=33)
+    # a large burst: the push is applied whole (the rate is the other test's subject)
+    limits = Limits(author_bytes_burst=1 << 30)
+    target, target_replica, target_repl = node(hub, limits, store)
+    mallory = NodeIdentity.generate()
+    attacker = hub.add_node(mallory.peer_id)
+    await attacker.connect(target.peer_id)
+    fill = [filled(mallory, n, int(hub.now() * 1000)) for n in range(32)]  # about 2 MB
+    push = {"v": 1, "op": "push", "entries": [e.to_wire() for e in fill]}
+    async with trio.open_nursery() as nursery:
+        await target_repl.start()
+        nursery.start_soon(attacker.request, target.peer_id, SYNC_PROTOCOL, codec.encode(push))
+        await store.committing.wait()  # the push's first part is being committed
+        await target_repl.write("components", "honest", {"name": "h", "version": "1"})
+        await store.done.wait()
+    order = [key for commit in store.commits for key in commit]
+    size = wire_size(fill[0])
+    assert all(len(c) * size <= APPLY_PART_BYTES for c in store.commits if c != ["honest"])
+    # the honest write went in right after the part that was committing when it came
+    assert store.commits[1] == ["honest"], [len(c) for c in store.commits]
+    assert order.index("honest") < order.index("fill-31")
+    assert len(target_replica.entries) == 33
