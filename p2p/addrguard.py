@@ -22,7 +22,9 @@ stored (a same-host peer's loopback address to a remote peer). `AddrGuard` is th
   stored as it gave them); loopback and link-local addresses go only to a peer on this host
   (connected directly from one of its addresses), and a signed peer record that carries one
   is withheld from the others (it cannot be edited; py-libp2p then reads the plain list).
-  Withheld local addresses are normal and counted in `withheld` only.
+  Withheld local addresses are normal and counted in `withheld` only. AutoNAT's dial-back
+  requests are tailored by `p2p.reach` with `reach_of` (the widest scope a peer can dial);
+  the DHT resource record, read by anyone, by `p2p.addrs.for_everyone`.
 - A DNS name is judged by its name when it is stored (`localhost` is local, any other
   public), and each address it resolves to when the TCP transport dials it, as an address
   given would be (source `dns`): a name cannot make us dial 0.0.0.0, multicast, our own
@@ -35,6 +37,7 @@ import collections
 import contextlib
 import contextvars
 import functools
+import ipaddress
 import math
 import time
 from collections.abc import Callable
@@ -53,8 +56,11 @@ from libp2p.transport.exceptions import OpenConnectionError
 from p2p.addrs import (
     LOCAL,
     MAX_ADDRS,
+    PRIVATE,
+    PUBLIC,
     AddrRefused,
     check_addr,
+    ip_scope,
     is_local_ip,
     is_own_addr,
     local_only,
@@ -231,6 +237,24 @@ class AddrGuard:
                 if any("/p2p-circuit" in str(a) for a in conn.get_transport_addresses()):
                     return False
         return True
+
+    def reach_of(self, peer: ID) -> int:
+        """The widest scope of our addresses `peer` could dial (what AutoNAT asks it to
+        try): LOCAL when it is on this host (connected directly from one of its addresses),
+        PRIVATE when a direct connection comes from a private address (our LAN, or behind
+        our NAT), else PUBLIC (across the internet, or known only through a relay)."""
+        widest = PUBLIC
+        with contextlib.suppress(Exception):
+            for conn in self._host.get_network().get_connections(peer) or []:
+                if any("/p2p-circuit" in str(a) for a in conn.get_transport_addresses()):
+                    continue
+                ip = str(conn.muxed_conn.get_remote_address()[0]).removeprefix("::ffff:")
+                if _same_host(ip):
+                    return LOCAL
+                with contextlib.suppress(ValueError, AddrRefused):
+                    if ip_scope(ipaddress.ip_address(ip)) == PRIVATE:
+                        widest = PRIVATE
+        return widest
 
     def identify_frame(self, frame: bytes, near: bool) -> bytes:
         """Our identify message for one peer: no local address unless it is on this host

@@ -17,6 +17,7 @@ import math
 import re
 import socket
 import time
+from collections.abc import Iterable
 
 import multiaddr
 
@@ -158,9 +159,11 @@ def dialable_addrs(addrs: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr
 #   answer): never 0.0.0.0 or ::, nothing unusable, public addresses first, and loopback or
 #   link-local ones only when the node has no other (a peer on the same host dials the
 #   others as well). The DHT record is read by everyone and cannot tell a peer on our host
-#   from a remote one; identify and Kademlia messages can, and `p2p.addrguard` leaves
-#   loopback and link-local addresses (and signed records that hold them) out of those it
-#   sends to a peer that is not on this host.
+#   from a remote one: it carries them only while every peer known is on this host
+#   (`for_everyone`). Identify, Kademlia and AutoNAT messages can tell, and `p2p.addrguard`
+#   leaves loopback and link-local addresses (and signed records that hold them) out of
+#   those it sends to a peer that is not on this host (AutoNAT, which only dials back at
+#   the address it sees us at, private ones too to a peer beyond our LAN).
 # - By the reader, before a dial (`check_addrs` when a record is validated, `dial_order` when
 #   its addresses are dialled): every address a peer gives is its word, untrusted. The reader
 #   knows where it is, so "to a remote peer" is judged there: loopback and link-local
@@ -332,6 +335,34 @@ def local_only(own: list[str]) -> bool:
             with contextlib.suppress(AddrRefused):
                 scopes.append(check_addr(place, "")[1])
     return bool(scopes) and all(scope == LOCAL for scope in scopes)
+
+
+def _place_scope(text: str) -> int | None:
+    """The scope of the place an address names (a relay's, for a relayed one); None where
+    it names none (a bare /p2p/ address) or is unusable."""
+    place = text.split("/p2p/")[0]
+    if not place:
+        return None
+    try:
+        return check_addr(place, "")[1]
+    except AddrRefused:
+        return None
+
+
+def for_everyone(own: list[str], peers: Iterable[list[str]]) -> list[str]:
+    """Our addresses `own` as a record every peer of the network may read carries them
+    (the DHT resource record: its holders serve it to anyone, so it cannot be tailored per
+    reader as identify and Kademlia are, `p2p.addrguard`): loopback and link-local ones only
+    while no peer known (`peers`: each one's addresses) is placed beyond a host, so all are
+    on ours (a devnet on 127.0.0.1); the others as they are. A reader elsewhere could not
+    dial a local address, and would only learn of this host from it."""
+    local = [text for text in own if _place_scope(text) == LOCAL]
+    if not local:
+        return own
+    for addrs in peers:
+        if any(_place_scope(text) not in (None, LOCAL) for text in addrs[:MAX_ADDRS]):
+            return [text for text in own if text not in local]
+    return own
 
 
 def dial_order(texts: list[str], peer_id: str, *, local: bool) -> list[str]:

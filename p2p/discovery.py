@@ -32,7 +32,7 @@ import heapq
 import logging
 import math
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -40,7 +40,7 @@ import msgspec
 import trio
 
 from p2p import identity, records
-from p2p.addrs import dial_order, local_only
+from p2p.addrs import dial_order, for_everyone, local_only
 from p2p.gone import GoneNotices
 from p2p.liveness import Liveness
 from p2p.network import Network
@@ -194,6 +194,8 @@ class ResourceDirectory:
 
     def make_own_record(self) -> bytes:
         addrs, resources = self._describe()
+        # read by anyone: loopback addresses only while every peer known is on our host
+        addrs = for_everyone(addrs, self._peers_addrs())
         return records.make_record(
             self._ident,
             network_id=self._settings.network_id,
@@ -203,6 +205,15 @@ class ResourceDirectory:
             resources=resources,
             price_per_unit=self._price_per_unit,
         )
+
+    def _peers_addrs(self) -> Iterator[list[str]]:
+        """What this node knows of where its peers are: their records' addresses, and the
+        transport's for the peers connected (`p2p.addrs.for_everyone` reads them)."""
+        for peer_id, record in self._cache.items():
+            if peer_id != self._self_id:
+                yield list(record.addrs)
+        for peer_id in self._net.connected_peers():
+            yield self._net.peer_addrs(peer_id)
 
     def _own(self, value: bytes) -> records.ResourceRecord:
         return records.validate_record(

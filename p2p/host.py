@@ -195,10 +195,16 @@ class Libp2pNetwork:
         # one dial attempt: a dead peer must fail fast; our bootstrap loop does its own backoff
         self.host.get_network().retry_config = RetryConfig(max_retries=0)  # type: ignore[attr-defined]
         self._pinger = Pinger(self.host)  # p2p.ping: concurrent pings to a peer take turns
-        self.reach = Reachability(self.host, reach or ReachSettings(), self._on_reject, self.bans)
         # what peers tell us of addresses is checked before it is stored (and so dialled),
-        # and what we pass on is tailored to each peer (p2p.addrguard)
+        # and what we pass on is tailored to each peer (p2p.addrguard; AutoNAT's requests too)
         self.addr_guard = AddrGuard(self.host, self._on_reject)
+        self.reach = Reachability(
+            self.host,
+            reach or ReachSettings(),
+            self._on_reject,
+            self.bans,
+            reach_of=self.addr_guard.reach_of,
+        )
         self.addr_guard.install(self.reach.dcutr)
         self.dark = deadconn.DeadConnections(self.ping, self._drop_peer)  # p2p.deadconn
         self.inbound = buffers.host_budget(lim, self._on_reject, self.bans)  # unread bytes

@@ -7,7 +7,9 @@ A part of the libp2p adapter (p2p.host); every py-libp2p 0.8.1 workaround it nee
 - AutoNAT's client sends only our listen addresses, which behind a NAT never match the IP the
   server observes, so the server refuses instead of failing the dial. We add the addresses a
   NAT would map (the IP peers observe us at, with our listen port: the prediction DCUtR makes
-  too), count a refusal as no vote, and count votes from direct connections only.
+  too), count a refusal as no vote, and count votes from direct connections only. Each server
+  is asked only what it could dial (`_for_server`): loopback addresses only on our host,
+  private ones only from our LAN or NAT (it never learns them otherwise).
 - The swarm never dials `/p2p-circuit` addresses (it has no relay transport): `dial` dials
   them through `CircuitV2Transport` itself, and the swarm's `dial_peer` (what every new
   stream, DHT query and hello uses) falls back to a peer's relayed addresses when its direct
@@ -51,7 +53,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -71,7 +73,7 @@ from libp2p.relay.circuit_v2.protocol import STOP_PROTOCOL_ID as STOP_PROTOCOL
 from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.tools.anyio_service import background_trio_service
 
-from p2p.addrs import advertised, dial_order, dialable_addrs, local_only
+from p2p.addrs import LOCAL, advertised, check_addr, dial_order, dialable_addrs, local_only
 from p2p.bans import PeerBans
 from p2p.hostaddrs import dial_resolved, on_listen_ports
 from p2p.limits import RejectHook
@@ -185,8 +187,12 @@ class Reachability:
         settings: ReachSettings,
         on_reject: RejectHook | None = None,
         bans: PeerBans | None = None,
+        reach_of: Callable[[ID], int] | None = None,
     ) -> None:
+        """`reach_of(peer)`: the widest scope of our addresses `peer` could dial
+        (`p2p.addrguard.AddrGuard.reach_of`; None: every scope, as on one host)."""
         self.host = host
+        self._reach_of = reach_of or (lambda peer: LOCAL)
         self.settings = settings
         self._on_reject = on_reject or (lambda source, reason: None)
         # every relay and DCUtR stream's first message, checked and counted (p2p.reachguard)
@@ -372,20 +378,35 @@ class Reachability:
             out += [multiaddr.Multiaddr(f"/{ip_proto}/{ip}/tcp/{port}") for port in ports]
         return list({a.to_bytes(): None for a in out if not is_circuit(a)})
 
+    def _for_server(self, peer: ID, candidates: list[bytes]) -> list[bytes]:
+        """The `candidates` an AutoNAT server `peer` is asked to dial back: only those it
+        could (loopback ones only on our host, private ones only from our LAN or NAT; the
+        server dials only at the IP it sees us at anyway), so our local addresses are
+        never told to a peer beyond them."""
+        widest = self._reach_of(peer)
+        asked = []
+        for addr in candidates:
+            with contextlib.suppress(Exception):  # (our own, built above: never unusable)
+                if check_addr(str(multiaddr.Multiaddr(addr)), "")[1] <= widest:
+                    asked.append(addr)
+        return asked
+
     async def check(self) -> str:
         """Ask directly connected peers to dial us back; update and return the status."""
         candidates = self._candidate_addrs()
         for peer in self._direct_peers()[: 2 * self.settings.confirmations]:
+            asked = self._for_server(peer, candidates)
+            if not asked:  # nothing it could dial back (we are on loopback alone): no vote
+                self.votes.pop(peer.to_base58(), None)
+                continue
             try:
-                status, reached = await self.autonat.query_server(
-                    peer, candidates, AUTONAT_TIMEOUT_S
-                )
+                status, reached = await self.autonat.query_server(peer, asked, AUTONAT_TIMEOUT_S)
             except Exception as exc:  # a peer without AutoNAT, or gone: no vote
                 log.debug("AutoNAT query to %s failed: %r", peer, exc)
                 continue
             if status == AutoNATMessage.OK:
                 self.votes[peer.to_base58()] = True
-                self._confirm(reached, candidates)
+                self._confirm(reached, asked)
             elif status == AutoNATMessage.E_DIAL_ERROR:
                 self.votes[peer.to_base58()] = False
             else:  # refused (relayed, or no address at its observed IP): no vote

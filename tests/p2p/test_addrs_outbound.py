@@ -31,7 +31,8 @@ from libp2p.transport.tcp import tcp as tcp_module
 
 from p2p import addrguard, identity, records
 from p2p import addrs as addrs_module
-from p2p.addrs import MAX_ADDRS
+from p2p.addrs import LOCAL, MAX_ADDRS, PRIVATE, PUBLIC
+from p2p.discovery import DiscoverySettings, ResourceDirectory
 from p2p.host import Libp2pNetwork
 from p2p.reach import ReachSettings
 
@@ -56,8 +57,9 @@ class _Node:
 
     def __init__(self, listen: str = "/ip4/127.0.0.1/tcp/0", hole_punch: bool = False) -> None:
         self.rejects: list[tuple[str, str]] = []
+        self.ident = identity.NodeIdentity.generate()
         self.net = Libp2pNetwork(
-            identity.NodeIdentity.generate(),
+            self.ident,
             network_id=NET,
             listen=[listen],
             dht_namespace=records.NAMESPACE,
@@ -442,3 +444,130 @@ async def test_identify_and_requests_tell_a_remote_peer_no_loopback_address(
         await _wait_for(lambda: any(m.key == request.key for m in heard))
         assert not next(m for m in heard if m.key == request.key).HasField("senderRecord")
         assert honest.net.addr_guard.withheld["identify"] >= len(own)
+
+
+# -- what a node says of itself to peers beyond its host --------------------------------
+
+
+async def _record_seen_by(
+    reader: _Node, publisher: _Node, directory: ResourceDirectory
+) -> list[str]:
+    """The publisher's record as it is now, as `reader` gets it when it asks the publisher
+    (a Kademlia GET_VALUE): its addresses. (It is stored as a put stores it first: the put's
+    walk here may stall on the far peer's LAN address, which no one answers on this host.)"""
+    key = directory.key_for(publisher.peer_id)
+    scoped = publisher.net.scope.dht_key(key).encode()
+    publisher.net.dht.value_store.put(scoped, directory.make_own_record())
+    value = await reader.net.dht_get_from(publisher.peer_id, key)
+    assert value is not None
+    record = records.validate_record(key, value, now=reader.net.now(), network_id=NET)
+    return list(record.addrs)
+
+
+async def test_a_node_on_loopback_alone_keeps_loopback_out_of_its_record_once_peers_are_elsewhere(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A node listening on loopback alone, among peers on its host (the devnet), lists its
+    loopback address in its DHT record: they dial it there. Once it knows a peer elsewhere
+    (here: one listening on a LAN address), the record, which any peer may fetch, lists it
+    no more: a peer elsewhere could not dial it, and would only learn of this host."""
+    _not_on_loopback_alone(monkeypatch)  # the far peer, on 0.0.0.0, advertises LAN_IP
+    honest, neighbour, far = _Node(), _Node(), _Node("/ip4/0.0.0.0/tcp/0")
+    directory = ResourceDirectory(
+        honest.net,
+        honest.ident,
+        DiscoverySettings(network_id=NET),
+        describe=lambda: (honest.net.listen_addrs(), {}),
+    )
+    async with AsyncExitStack() as stack:
+        for node in (honest, neighbour, far):
+            await stack.enter_async_context(node.net.run())
+        loopback = honest.net.listen_addrs()
+        assert all("/ip4/127.0.0.1/" in a for a in loopback)
+        assert not any("127.0.0.1" in a for a in far.net.listen_addrs())
+        # the devnet: every peer on this host
+        await honest.net.connect(neighbour.net.listen_addrs()[0])
+        await _wait_for(lambda: _identified(honest, neighbour.peer_id))
+        assert await _record_seen_by(neighbour, honest, directory) == loopback
+
+        # a peer elsewhere (dialled on loopback here, as the test's one host allows)
+        port = far.net.host.get_transport_addrs()[0].value_for_protocol("tcp")
+        await honest.net.connect(f"/ip4/127.0.0.1/tcp/{port}/p2p/{far.peer_id}")
+        await _wait_for(lambda: any(LAN_IP in a for a in honest.net.peer_addrs(far.peer_id)))
+        assert await _record_seen_by(far, honest, directory) == []
+        assert await _record_seen_by(neighbour, honest, directory) == []
+
+
+def test_a_peer_dials_our_addresses_of_the_scopes_its_connection_shows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`reach_of`: on this host, all; from a private address (our LAN, our NAT), private and
+    public ones; from a public one, or only through a relay, public ones alone."""
+    _not_on_loopback_alone(monkeypatch)
+    node = _Node()
+    guard, peer = node.net.addr_guard, ID.from_base58(THIRD)
+    circuit = [multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/1/p2p/{OTHER}/p2p-circuit")]
+    network = node.net.host.get_network()
+
+    def connected_from(ip: str, relayed: bool = False) -> int:
+        conn = SimpleNamespace(
+            get_transport_addresses=lambda: circuit if relayed else [],
+            muxed_conn=SimpleNamespace(get_remote_address=lambda: (ip, 40000)),
+        )
+        monkeypatch.setattr(network, "get_connections", lambda _peer: [conn])
+        return guard.reach_of(peer)
+
+    assert connected_from("127.0.0.1") == LOCAL
+    assert connected_from(LAN_IP) == LOCAL  # one of this host's own addresses
+    assert connected_from("::ffff:127.0.0.1") == LOCAL
+    assert connected_from("192.168.7.9") == PRIVATE
+    assert connected_from("10.1.2.3") == PRIVATE
+    assert connected_from("8.8.4.4") == PUBLIC
+    assert connected_from("127.0.0.1", relayed=True) == PUBLIC
+    monkeypatch.setattr(network, "get_connections", lambda _peer: [])
+    assert guard.reach_of(peer) == PUBLIC
+
+
+async def test_autonat_asks_a_server_to_dial_back_only_addresses_it_could(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What an AutoNAT server receives, on the wire: a server on our host is asked to try
+    our loopback address (the devnet finds itself reachable); a server elsewhere is asked
+    only our public addresses (it dials back only at the IP it sees us at: a private or
+    loopback one would only tell it of our LAN and host), and, where we have none, nothing."""
+    client, server = _Node(), _Node()
+    asked: list[list[str]] = []
+    async with AsyncExitStack() as stack:
+        for node in (client, server):
+            await stack.enter_async_context(node.net.run())
+        autonat = server.net.reach.autonat
+        handle_dial = autonat._handle_dial
+
+        async def recorded(message, observed_ip, is_relayed):  # type: ignore[no-untyped-def]
+            asked.append([str(multiaddr.Multiaddr(a)) for a in message.dial.peer.addrs])
+            return await handle_dial(message, observed_ip, is_relayed)
+
+        monkeypatch.setattr(autonat, "_handle_dial", recorded)
+        await client.net.connect(server.net.listen_addrs()[0])
+        loopback = [a.split("/p2p/")[0] for a in client.net.listen_addrs()]
+
+        # on our host: loopback asked, and reached
+        await client.net.reach.check()
+        assert asked == [loopback]
+        assert client.net.reach.votes == {server.peer_id: True}
+
+        # elsewhere: a loopback-only node has nothing such a server could dial
+        monkeypatch.setattr(addrguard, "_same_host", lambda ip: False)
+        await client.net.reach.check()
+        assert len(asked) == 1 and client.net.reach.votes == {}
+
+        # with a LAN address and a public one (the NAT mapping a peer saw): the public one
+        public = "/ip4/8.8.4.4/tcp/4001"
+        mixed = [*loopback, f"/ip4/{LAN_IP}/tcp/4001", public]
+        monkeypatch.setattr(
+            client.net.reach,
+            "_candidate_addrs",
+            lambda: [multiaddr.Multiaddr(a).to_bytes() for a in mixed],
+        )
+        await client.net.reach.check()
+        assert asked[1:] == [[public]]
