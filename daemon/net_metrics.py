@@ -28,6 +28,8 @@ LIVENESS_EVENTS = {
     "revived_total": "back",  # a gone peer seen alive again
     "rounds_spared": "round_spared",  # a round whose misses were not counted (ours)
     "heard_spared": "ping_spared",  # a missed ping of a peer heard from meanwhile
+    "rechecks_total": "recheck",  # a gone peer dialled again (less and less often)
+    "forgotten_total": "forgotten",  # a gone peer no longer dialled (its rechecks spent)
 }
 
 
@@ -95,7 +97,9 @@ class NetworkCollector:
             "gridmesh_liveness_events",
             "Liveness of record holders: gone (connection closed and redial failed, or pings "
             "missed), back, round_spared (a round's misses not counted: the trouble was this "
-            "node's), ping_spared (a missed ping of a peer heard from meanwhile)",
+            "node's), ping_spared (a missed ping of a peer heard from meanwhile), recheck (a "
+            "gone peer dialled again, the gaps doubling), forgotten (a gone peer no longer "
+            "dialled after its last recheck, until it shows itself)",
             labels=["event"],
         )
         for attr, event in LIVENESS_EVENTS.items():

@@ -86,6 +86,11 @@ class DiscoverySettings:
     liveness_misses: Annotated[int, msgspec.Meta(ge=1)] = 3
     # pings a liveness round sends at most (suspects first, then the longest unpinged)
     liveness_max_pings: Annotated[int, msgspec.Meta(ge=1)] = 16
+    # a gone peer is dialled again at once, then 5 s later, the gap doubling up to
+    # `liveness_recheck_max_s`; after `liveness_max_rechecks` dials it is forgotten (not
+    # dialled until it connects, answers or publishes anew: p2p.liveness)
+    liveness_recheck_max_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    liveness_max_rechecks: Annotated[int, msgspec.Meta(ge=1, le=64)] = 6
     # how many nodes' records a node holds and lists at most (see the module's docstring)
     max_peers: Annotated[int, msgspec.Meta(ge=1)] = 4096
     # walks of the DHT meet nodes beyond the known ones (p2p.walks): one toward a random
@@ -180,6 +185,8 @@ class ResourceDirectory:
             probe_interval_s=settings.liveness_probe_s,
             misses=settings.liveness_misses,
             max_pings=settings.liveness_max_pings,
+            recheck_max_s=settings.liveness_recheck_max_s,
+            max_rechecks=settings.liveness_max_rechecks,
             on_lost=self._saw_gone,
         )
         # tells the others whom this node saw go, checks whom they saw go (p2p.gone)

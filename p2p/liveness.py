@@ -37,6 +37,14 @@ cut-off node left every list after 11.25 s at 200 nodes, where a cycle is 12 rou
 A gone peer's record is kept, not deleted: it is listed again as soon as the peer answers a
 ping or a dial, or a record it issued after it was taken for gone is seen. Peers this
 node has never been connected to are judged by their record's validity alone.
+
+A gone peer is dialled again at once, then `recheck_s` later, the gap doubling each time up
+to `recheck_max_s`; after `max_rechecks` such dials it is forgotten: not dialled again (it
+stays unlisted) until it shows itself (connects, answers, publishes a newer record). Every
+node dialled a gone peer every `recheck_s` for as long as its record lasted: a hostile peer
+of a flood, gone with a record valid for an hour, was dialled ~12 times a minute by each
+node for that hour (bench/abuse.py's logs, "Failed to open TCP stream"). Both are counted
+(`rechecks_total`, `forgotten_total`: /metrics).
 """
 
 from __future__ import annotations
@@ -65,6 +73,8 @@ class Liveness:
         misses: int = 3,
         redial_timeout_s: float = 5.0,
         recheck_s: float = 5.0,
+        recheck_max_s: float = 300.0,
+        max_rechecks: int = 6,
         max_parallel: int = 32,
         max_pings: int = 16,
         on_lost: Callable[[str], None] | None = None,
@@ -79,7 +89,10 @@ class Liveness:
         self._misses_needed = misses
         self._redial_timeout_s = redial_timeout_s
         self._recheck_s = recheck_s
+        self._recheck_max_s = recheck_max_s
+        self._max_rechecks = max_rechecks
         self._rechecked: dict[str, float] = {}  # gone peer -> when it was last dialled
+        self._rechecks: dict[str, int] = {}  # gone peer -> dials since it went (the backoff)
         self._slow_dials: set[str] = set()  # peers whose last redial ran out of time
         self._limiter = trio.CapacityLimiter(max_parallel)
         self._max_pings = max_pings
@@ -95,6 +108,8 @@ class Liveness:
         self.revived_total = 0  # gone peers seen alive again
         self.rounds_spared = 0  # rounds whose misses were not counted (the trouble was ours)
         self.heard_spared = 0  # pings missed by peers heard from meanwhile (not counted)
+        self.rechecks_total = 0  # dials of gone peers (to see whether they are back)
+        self.forgotten_total = 0  # gone peers no longer dialled (max_rechecks reached)
 
     def lost(self) -> dict[str, float]:
         """Peers taken for gone, and since when (the network's clock)."""
@@ -125,6 +140,7 @@ class Liveness:
         self._mark_lost(peer_id, why, seen=False)
 
     def _revive(self, peer_id: str) -> None:
+        self._rechecks.pop(peer_id, None)  # it showed itself: a later loss starts afresh
         if self._lost.pop(peer_id, None) is not None:
             self.revived_total += 1
             log.info("peer %s is back", peer_id)
@@ -177,6 +193,7 @@ class Liveness:
                 except Exception:  # refused, unreachable, timed out, malformed address
                     continue
                 self._slow_dials.discard(peer_id)
+                self._rechecks.pop(peer_id, None)
                 self._revive(peer_id)
                 return
         # refused at once: nothing listens there (a killed node). A dial that only ran out of
@@ -213,17 +230,18 @@ class Liveness:
                 closed = [p for p in gone_away if watched(p) and p not in self._lost]
                 seen = connected | {p for p in gone_away if p not in self._lost and watched(p)}
                 now = trio.current_time()
-                # a gone peer (while its record lasts) is dialled every `recheck_s`: a live
-                # one whose redial failed once (a loaded machine) comes back without waiting
-                # for a newer record of it
+                # a gone peer (while its record lasts) is dialled again, less and less often,
+                # then forgotten (`_recheck_due`): a live one whose redial failed once (a
+                # loaded machine) comes back without waiting for a newer record of it
                 again = [*self._lost, *self._slow_dials]
-                for peer_id in [p for p in again if p not in connected and watched(p)]:
-                    if now - self._rechecked.get(peer_id, -math.inf) >= self._recheck_s:
-                        self._rechecked[peer_id] = now
+                for peer_id in again:
+                    idle = peer_id not in connected and peer_id not in dialling
+                    if idle and watched(peer_id) and self._recheck_due(peer_id, now):
                         closed.append(peer_id)
                 self._rechecked = {
                     p: t for p, t in self._rechecked.items() if p in self._lost or p in again
                 }
+                self._rechecks = {p: n for p, n in self._rechecks.items() if p in self._rechecked}
                 self._slow_dials &= {p for p in self._slow_dials if watched(p)}
                 for peer_id in closed:
                     self._misses.pop(peer_id, None)
@@ -241,6 +259,25 @@ class Liveness:
                 slept_from = trio.current_time()
                 await trio.sleep(self._probe_interval_s)
                 late_s = trio.current_time() - slept_from - self._probe_interval_s
+
+    def _recheck_due(self, peer_id: str, now: float) -> bool:
+        """Whether gone `peer_id` is dialled again now (counted if so): at once, then
+        `recheck_s` after the last dial, the gap doubling up to `recheck_max_s`; never
+        after `max_rechecks` dials (it is forgotten, counted once)."""
+        done = self._rechecks.get(peer_id, 0)
+        if done >= self._max_rechecks:
+            if done == self._max_rechecks:
+                self._rechecks[peer_id] = done + 1  # (counted once)
+                self.forgotten_total += 1
+                log.info("peer %s is still gone after %d dials: no longer dialled", peer_id, done)
+            return False
+        gap = 0.0 if done == 0 else min(self._recheck_s * 2 ** (done - 1), self._recheck_max_s)
+        if now - self._rechecked.get(peer_id, -math.inf) < gap:
+            return False
+        self._rechecked[peer_id] = now
+        self._rechecks[peer_id] = done + 1
+        self.rechecks_total += 1
+        return True
 
     def _to_ping(self, connected: set[str]) -> list[str]:
         """This round's pings: every connected peer, or at most `max_pings` of them (those

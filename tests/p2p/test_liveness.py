@@ -193,3 +193,44 @@ async def test_nodes_that_met_the_same_peers_at_once_ping_each_in_different_roun
             await trio.sleep(0.1)  # virtual time (autojump clock)
         assert trio.current_time() - silenced <= 1 + 2 + 1  # next round, one ping timeout
         nursery.cancel_scope.cancel()
+
+
+async def test_a_departed_peer_is_dialled_less_and_less_often_then_forgotten(autojump_clock):
+    """A peer that left for good (a flood's hostile peer, its record valid for an hour) is
+    dialled again at once, then 5, 10, 20, 40 s apart, and forgotten after 6 dials: it was
+    dialled every 5 s for as long as its record lasted. Seen again, it starts afresh."""
+    net = _Net({"left", "stays"})
+    dials: list[float] = []
+    connect = net.connect
+
+    async def counted(addr: str, timeout_s: float = 5.0) -> str:
+        if addr.endswith("/left"):
+            dials.append(trio.current_time())
+        return await connect(addr, timeout_s)
+
+    net.connect = counted  # type: ignore[method-assign]
+    live = Liveness(net, recheck_s=5.0, max_rechecks=6)
+    async with trio.open_nursery() as nursery:
+        await _running(net, live, nursery)
+        net.refusing.add("left")
+        net.connected.discard("left")
+        await trio.sleep(3600)  # its record's whole validity
+        assert set(live.lost()) == {"left"}  # still unlisted
+        # the redial when its connection closed, then 6 rechecks, the gaps doubling
+        assert len(dials) == 7, dials
+        gaps = [b - a for a, b in zip(dials[1:], dials[2:], strict=False)]
+        # (rounds are probe_interval_s apart, plus their pings: a dial falls up to one late)
+        assert all(w <= g < w + 1.5 for g, w in zip(gaps, [5, 10, 20, 40, 80], strict=True)), gaps
+        assert dials[-1] - dials[0] < 200
+        assert live.rechecks_total == 6 and live.forgotten_total == 1
+        # it comes back (connects to us): listed again; gone again later, dialled afresh
+        net.refusing.clear()
+        net.connected.add("left")
+        await trio.sleep(3)
+        assert live.lost() == {} and live.revived_total == 1
+        net.refusing.add("left")
+        net.connected.discard("left")
+        before = len(dials)
+        await trio.sleep(30)
+        assert set(live.lost()) == {"left"} and len(dials) - before == 4  # redial, 0, 5, 10
+        nursery.cancel_scope.cancel()
