@@ -481,6 +481,18 @@ def run_flood(
     return phase
 
 
+def not_landed(phase: Phase) -> str | None:
+    """Why a flood's rows measure no flood, or None. A fill that stored nothing on the target
+    did not land: its hostile peer, under SCHED_IDLE, runs only on cores nothing else wants,
+    and on a machine loaded by other work it can be starved for seconds, miss the target's
+    pings and Kademlia requests and be disconnected as gone (seen: "does not answer pings;
+    disconnecting" in the target's log, "+entries 0/0"). Rerun on a quieter machine, or with
+    --no-sched-idle --nice 19."""
+    if phase.name == "fill" and not phase.entries.get("target", 0) > 0:
+        return "the fill stored nothing on the target (its hostile peer starved or cut off?)"
+    return None
+
+
 def mb(n: int) -> str:
     return f"{n / 1e6:.0f}"
 
@@ -531,6 +543,11 @@ def print_tables(phases: list[Phase], first: Phase) -> bool:
     for phase in [baseline, *phases]:
         for name, why in phase.first_error.items():
             print(f"  {phase.name} {name} first failure: {why}")
+    for phase in phases:
+        why = not_landed(phase)
+        if why is not None:
+            met = False
+            print(f"  {phase.name} DID NOT LAND, its rows measure no flood: {why}")
     print()
     header = (
         f"{'flood':<9} | {'node':<10} | {'before MB':>9} | {'during MB':>9} | {'after MB':>8} | "

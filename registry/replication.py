@@ -406,9 +406,11 @@ class Replicator:
                 reply = await self._call(peer_id, message, wire.ListingReply)
             lst = sync.parse_listing(reply)
             pull_ids, push = sync.plan(self.replica.entries, lst, after)
-            pull_ids = self._by_rate(lst, self._not_refused(lst, pull_ids))
+            authors = {(k, key): v[2] for k, key, _, v in lst.summaries if len(v) > 2}
+            pull_ids = self._by_rate(authors, self._not_refused(lst, pull_ids))
             # another peer that answers first may lack some: they come in a later round
-            applied += await self._pull([peer_id, *(p for p in hedges if p != peer_id)], pull_ids)
+            peers = [peer_id, *(p for p in hedges if p != peer_id)]
+            applied += await self._pull(peers, pull_ids, authors)
             pushed += await self._push(peer_id, push)
             pages += 1
             self.stats["sync_pages"] += 1
@@ -442,30 +444,50 @@ class Replicator:
             out.append(entry_id)
         return out
 
-    def _by_rate(self, lst: sync.Listing, ids: list[EntryId]) -> list[EntryId]:
-        """`ids` less those whose listed author has no room left in this replica's rate
-        (`Replica.rate_room`: they would be refused; a later round pulls them), the rest
-        the ids of authors with a full bucket first (else in the listing's order): an honest
-        author's few entries are not pulled behind pages of one author's fill, nor refused
-        with it."""
-        authors = {(k, key): v[2] for k, key, _, v in lst.summaries if len(v) > 2}
-        full = self.replica.rate_room("")  # an author never seen: a full bucket
+    def _by_rate(self, authors: dict[EntryId, Any], ids: list[EntryId]) -> list[EntryId]:
+        """`ids` less those whose listed author (`authors`) has no room left in this
+        replica's rate (`Replica.rate_room`: they would be refused; a later round pulls
+        them), and of an author whose budget is not full, no more than its room holds of
+        entries of the largest size, plus one; the ids of authors with a full budget first
+        (else in the listing's order): an honest author's few entries are not pulled behind
+        pages of one author's fill, nor refused with it, and a fill is not fetched whole
+        every round to be refused but for the room its author has."""
+        full = self.replica.rate_room("")  # an author never seen: a full budget
+        largest = self.replica.limits.max_entry_bytes
         room: dict[Any, float] = {}
         for author in set(authors.values()):
             room[author] = self.replica.rate_room(author) if isinstance(author, str) else 0.0
-        kept = [i for i in ids if room.get(authors.get(i), full) > 0]
+        left = {a: int(r // largest) + 1 for a, r in room.items() if 0 < r < full}
+        kept = []
+        for entry_id in ids:
+            author = authors.get(entry_id)
+            if room.get(author, full) <= 0:
+                continue
+            if author in left:
+                if left[author] <= 0:
+                    continue
+                left[author] -= 1
+            kept.append(entry_id)
         self.stats["sync_skipped_rate"] += len(ids) - len(kept)
         kept.sort(key=lambda i: room.get(authors.get(i), full) < full)
         return kept
 
-    async def _pull(self, peers: list[str], ids: list[EntryId]) -> int:
+    async def _pull(
+        self, peers: list[str], ids: list[EntryId], authors: dict[EntryId, Any] | None = None
+    ) -> int:
         """Fetch `ids` in requests of at most MAX_TRANSFER ids, asking again for the ids a
-        reply left out for lack of room; returns how many changed the replica."""
+        reply left out for lack of room; returns how many changed the replica. Before each
+        request, the ids of listed authors (`authors`) whose rate has no room left are left
+        for a later round (`_by_rate`): a round fetches at most a page of what it refuses."""
         applied = 0
         remaining = list(ids)
         while remaining:
             chunk, remaining = remaining[: sync.MAX_TRANSFER], remaining[sync.MAX_TRANSFER :]
             while chunk:
+                if authors:
+                    chunk = self._by_rate(authors, chunk)
+                    if not chunk:
+                        break
                 _, got = await self._call_any(
                     peers, {"op": "pull", "ids": [list(i) for i in chunk]}, wire.PullReply
                 )
