@@ -46,6 +46,12 @@ sockets (`p2p.localsock`), announced 0.05 ms slower so that routes stay on a0 an
 and CPU figures are this process's (requester and the routes' providers), and "network CPU"
 adds the child's. It is not another machine: the child's passes still take these 2 cores.
 
+`--spread`: generation i's route is a{i % 3}, b{i % 3} (announced 0.05 ms faster to it), so
+every server carries traffic and a check's pass on its replica may share a batch with that
+replica's own steps (`daemon.shards.batching`), as in a network where the replicas serve
+requesters of their own; with `--generations 24` each server carries 8 generations, as the
+routes' two servers do by default. In the breakdown every server counts as a route's then.
+
 Table 2, steps to detection: a fourth server of the first range cheats in each mode
 (`daemon.verify.cheat`; `corrupt` on half of its steps, the others on all) and announces the
 lowest round trip, so routes go through it; at a flat 2 % rate, the steps it served until the
@@ -56,7 +62,7 @@ deviation (a few seeded geometric draws understate it).
 
 usage: python bench/verify.py [--hidden 256] [--layers 8] [--generations 8] [--tokens 48]
        [--rounds 10] [--seeds 20] [--rates 0 0.02 0.10] [--threads 1]
-       [--skip-detection] [--skip-overhead] [--breakdown] [--replicas-apart]
+       [--skip-detection] [--skip-overhead] [--breakdown] [--replicas-apart] [--spread]
 """
 
 from __future__ import annotations
@@ -124,21 +130,26 @@ class Cluster:
         self.servers[peer], self.ranges[peer] = server, (start, end)
         return server
 
-    async def announced(self) -> list[Server]:
+    async def announced(self, lane: int | None = None) -> list[Server]:
         return [
-            Server(p, a, b, ms_per_layer=1.0, rtt_ms=self._rtt_ms(p))
+            Server(p, a, b, ms_per_layer=1.0, rtt_ms=self._rtt_ms(p, lane))
             for p, (a, b) in self.ranges.items()
         ]
 
-    def _rtt_ms(self, peer: str) -> float:
+    def _rtt_ms(self, peer: str, lane: int | None = None) -> float:
         if peer == "cheat":
             return 0.5
+        if lane is not None:  # `--spread`: this generation's route is a{lane}, b{lane}
+            return 1.0 if peer[1:] == str(lane) else 1.05
         return 1.05 if self.apart is not None and peer not in self.servers else 1.0
 
-    def model(self, checks: object, max_length: int) -> RemoteModel:
+    def model(self, checks: object, max_length: int, lane: int | None = None) -> RemoteModel:
+        async def announced() -> list[Server]:
+            return await self.announced(lane)
+
         return RemoteModel(
             self.opener,
-            self.announced,
+            announced,
             model_id="m",
             num_layers=self.layers,
             max_length=max_length,
@@ -232,7 +243,8 @@ async def workload(
         checks = verifier.generation() if verifier is not None else None
         if checks is not None and breakdown is not None:
             _instrument(checks, breakdown)
-        remote = cluster.model(checks, max_length=args.tokens + 16)
+        lane = i % 3 if args.spread else None  # (`--spread`: the route a{i % 3}, b{i % 3})
+        remote = cluster.model(checks, max_length=args.tokens + 16, lane=lane)
         await remote.open()
         routes.update(h.peer_id for h in remote.hops)
         async for _ in generate(remote, [i % 200 + 1, 3, 5, 7, 11, 13], args.tokens):
@@ -422,6 +434,12 @@ async def overhead(args: argparse.Namespace, model_dir: Path, apart: Apart | Non
         "the median (first..third quartile) of each round's own ratio to its run without "
         "checks"
     )
+    if args.spread:
+        print(
+            "spread: generation i's route is a{i % 3}, b{i % 3}, so that every server carries "
+            "a third of the generations and a check's pass on its replica may share a batch "
+            "with that replica's own steps (the breakdown's 'route' counts every server)"
+        )
     if apart is not None:
         print(
             "replicas apart: the servers other than the routes' (a0, b0) run in a process of "
@@ -694,9 +712,17 @@ def main() -> None:
         action="store_true",
         help="the replicas in a process of their own (the requester's critical path)",
     )
+    parser.add_argument(
+        "--spread",
+        action="store_true",
+        help="generation i's route is a{i %% 3}, b{i %% 3}: every server carries traffic, "
+        "and a check shares its replica's passes",
+    )
     parser.add_argument("--replica-host", type=Path, help=argparse.SUPPRESS)  # (its child)
     parser.add_argument("--replica-seed", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.spread and args.replicas_apart:
+        parser.error("--spread puts routes on every server: not with --replicas-apart")
     torch.set_num_threads(args.threads)
     if args.replica_host is not None:
         trio.run(replica_host, args.replica_host, args.layers, bytes.fromhex(args.replica_seed))
