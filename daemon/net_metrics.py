@@ -5,7 +5,8 @@ What is exported depends on what the network has: the peers' pings (every networ
 liveness of record holders (`p2p.liveness.Liveness`, given by discovery), and, on a libp2p
 host only, peer scores and bans (`p2p.bans.PeerBans`), dark connections dropped
 (`p2p.deadconn.DeadConnections`), connections open and inbound bytes held (p2p.caps,
-p2p.buffers). Every label value is the code's own (a bounded set).
+p2p.buffers), peers the auto-connector gave up on (`p2p.peers.AutoDialBound`). Every label
+value is the code's own (a bounded set).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class NetworkCollector:
         if bans is not None:
             yield from _scores(bans)
         yield from self._disconnects(bans)
+        yield from self._auto_dials()
 
     def _pings(self) -> Iterator[Metric]:
         missed = GaugeMetricFamily(
@@ -105,6 +107,18 @@ class NetworkCollector:
         for attr, event in LIVENESS_EVENTS.items():
             events.add_metric([event], getattr(self.liveness, attr, 0))
         yield from (gone, events)
+
+    def _auto_dials(self) -> Iterator[Metric]:
+        auto_dials = getattr(self.net, "auto_dials", None)
+        if auto_dials is None:
+            return
+        forgotten = CounterMetricFamily(
+            "gridmesh_auto_dial_forgotten",
+            "Peers py-libp2p's auto-connector no longer dials: its dials failed 6 times in a row "
+            "(p2p.peers.AutoDialBound; dialled again once they connect)",
+        )
+        forgotten.add_metric([], auto_dials.forgotten_total)
+        yield forgotten
 
     def _disconnects(self, bans: Any) -> Iterator[Metric]:
         dark = getattr(self.net, "dark", None)

@@ -87,7 +87,7 @@ from p2p.network import (
     RequestHandler,
     StreamHandler,
 )
-from p2p.peers import ForgetDisconnected, keep_connected, track_peers
+from p2p.peers import AutoDialBound, ForgetDisconnected, keep_connected, track_peers
 from p2p.ping import Pinger
 from p2p.reach import Reachability, ReachSettings
 from p2p.scoring import gossipsub_params
@@ -235,6 +235,8 @@ class Libp2pNetwork:
             lambda: CLOSED_POLL_S,
         )
         self._nursery: trio.Nursery | None = None
+        # py-libp2p's auto-connector redials a gone peer every minute for hours: bounded
+        self.auto_dials = AutoDialBound(self.host.get_network())
         self.host.get_network().register_notifee(ForgetDisconnected(self))
         self._dht_ops = DhtOps(
             self.dht, dht_validator, dht_timeout_s, on_dht_op, spawn=self._start_soon

@@ -19,6 +19,45 @@ log = logging.getLogger(__name__)
 
 MAX_MISSED_PINGS = 3
 FROZEN_AFTER_S = 20.0
+AUTO_DIAL_MAX_FAILURES = 6  # failed auto-connect dials in a row before a peer is forgotten
+MAX_FORGOTTEN = 4096  # peers remembered as forgotten (beyond: the oldest is dialled again)
+
+
+class AutoDialBound:
+    """A bound on py-libp2p's auto-connector: a peer it failed to dial `max_failures` times
+    in a row is forgotten (never auto-dialled again) until it connects.
+
+    Below its low watermark (always, in a network of fewer than ~100 peers) the
+    auto-connector dials every peer of the peerstore it is not connected to, every 10 s, a
+    failed one again after 5, 15, 20, 40 s and then every 60 s, for as long as its addresses
+    last in the peerstore (2 h for identify's, renewed by every Kademlia walk that names it):
+    a peer gone for good was dialled once a minute for hours by every node. Its own success
+    clears its count, as does our notifee's `connected` (`forgive`)."""
+
+    def __init__(self, swarm: Any, max_failures: int = AUTO_DIAL_MAX_FAILURES) -> None:
+        self._connector = swarm.auto_connector
+        self._max_failures = max_failures
+        self._skip = self._connector._should_skip_peer
+        self._forgotten: dict[Any, None] = {}  # peer ID -> None, oldest first
+        self.forgotten_total = 0  # peers forgotten (/metrics)
+        self._connector._should_skip_peer = self._should_skip
+
+    def _should_skip(self, peer: Any) -> bool:
+        if peer in self._forgotten:
+            return True
+        if self._connector._failure_counts.get(peer, 0) >= self._max_failures:
+            self._forgotten[peer] = None
+            self.forgotten_total += 1
+            if len(self._forgotten) > MAX_FORGOTTEN:
+                del self._forgotten[next(iter(self._forgotten))]
+            log.info("peer %s: %d auto-dials failed, no longer dialled", peer, self._max_failures)
+            return True
+        return bool(self._skip(peer))
+
+    def forgive(self, peer: Any) -> None:
+        """`peer` connected: auto-dialled again if it goes (py-libp2p's backoff afresh)."""
+        self._forgotten.pop(peer, None)
+        self._connector._failure_counts.pop(peer, None)
 
 
 class ForgetDisconnected(INotifee):
@@ -46,6 +85,7 @@ class ForgetDisconnected(INotifee):
         pass
 
     async def connected(self, network: Any, conn: Any) -> None:
+        self._owner.auto_dials.forgive(conn.muxed_conn.peer_id)
         peer = conn.muxed_conn.peer_id.to_base58()
         self._owner.inbound.install(conn.muxed_conn, peer)  # unread bytes bounded (p2p.buffers)
         if self._owner.bans.is_banned(peer):  # its identity is known now: refuse it

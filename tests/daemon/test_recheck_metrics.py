@@ -1,5 +1,5 @@
-"""A gone peer's rechecks and its being forgotten (p2p.liveness) reach /metrics
-(daemon.net_metrics), read from the liveness at each scrape."""
+"""A gone peer's rechecks and its being forgotten (p2p.liveness, p2p.peers.AutoDialBound)
+reach /metrics (daemon.net_metrics), read at each scrape."""
 
 from __future__ import annotations
 
@@ -21,3 +21,11 @@ def test_rechecks_and_forgotten_peers_are_exported() -> None:
     )  # fmt: skip
     events = _events(liveness)
     assert events["recheck"] == 7 and events["forgotten"] == 1 and events["gone"] == 2
+
+
+def test_peers_the_auto_connector_forgot_are_exported() -> None:
+    net = SimpleNamespace(peers={}, auto_dials=SimpleNamespace(forgotten_total=3))
+    (family,) = [
+        m for m in NetworkCollector(net).collect() if m.name == "gridmesh_auto_dial_forgotten"
+    ]
+    assert [s.value for s in family.samples if s.name.endswith("_total")] == [3]
