@@ -514,8 +514,16 @@ class Replicator:
         self._remember("", self._refused_for_good(entries, changed))
         recent_ms = self.replica.clock.now().wall_ms - self.settings.reannounce_window_s * 1000
         fresh = [e for e in changed if e.ts.wall_ms >= recent_ms]
-        if fresh:  # a write that gossip missed here was likely missed elsewhere too
-            await self.announce(fresh)
+        # ... but not an author's that has spent half its rate budget here: it writes more
+        # at once than nodes accept (a fill), so its entries reach the others as they reach
+        # us, by anti-entropy at its rate; gossiped again by every node that pulled them,
+        # they would cross every link several times over, mostly to be refused
+        half = self.replica.rate_room("") / 2
+        room = {a: self.replica.rate_room(a) for a in {e.author for e in fresh}}
+        spread = [e for e in fresh if room[e.author] >= half]
+        self.stats["reannounce_skipped_rate"] += len(fresh) - len(spread)
+        if spread:  # a write that gossip missed here was likely missed elsewhere too
+            await self.announce(spread)
         return len(changed)
 
     def _refused_for_good(self, entries: list[Entry], changed: list[Entry]) -> list[Entry]:

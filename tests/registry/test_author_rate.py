@@ -251,3 +251,44 @@ async def test_anti_entropy_fetches_a_fill_at_its_authors_rate_not_whole_every_r
     # few a round (62 of 45 applied here; 85 if the first round fetched the fill whole)
     assert received["sync_pull:received"] <= 3 * FILL // 2 + 10, received
     assert puller_repl.stats["sync_skipped_rate"] > 0
+
+
+async def test_a_fill_pulled_is_not_gossiped_on_but_an_honest_fresh_write_is(autojump_clock):
+    """A node that pulls fresh entries gossips them on (gossip may have missed others too),
+    but not those of an author that spent half its budget here: they reach the others by
+    anti-entropy at the author's rate, instead of crossing every link once per puller."""
+    hub = MemoryNetwork(seed=22)
+    holder, holder_replica, holder_repl = node(hub, Limits(author_bytes_burst=1 << 30))
+    limits = Limits(author_bytes_per_s=RATE, author_bytes_burst=BURST)
+    puller, puller_replica, puller_repl = node(hub, limits)
+    await puller.connect(holder.peer_id)
+    gossiped: Counter[str] = Counter()
+    publish = puller_repl._publish
+
+    async def counting(batch: list[dict[str, Any]]) -> None:
+        gossiped.update(item["author"] for item in batch)
+        await publish(batch)
+
+    puller_repl._publish = counting  # type: ignore[method-assign]
+    mallory, bob = NodeIdentity.generate(), NodeIdentity.generate()
+    now_ms = int(hub.now() * 1000)
+    fill = [filled(mallory, n, now_ms) for n in range(12)]
+    ts = Timestamp(now_ms, 1)
+    honest = sign_entry(
+        bob,
+        kind="components",
+        key="honest",
+        value={"name": "h", "version": "1"},
+        ts=ts,
+        created=ts,
+        owner=bob.peer_id,
+    )
+    await holder_replica.apply([*fill, honest], "sync")
+    await puller_repl.start()
+    await holder_repl.start()
+    applied, _ = await puller_repl.sync_with(holder.peer_id)  # within the fresh window
+    assert applied >= 2 and puller_replica.get("components", "honest") == honest
+    assert any(puller_replica.get(e.kind, e.key) == e for e in fill)
+    assert gossiped[bob.peer_id] == 1, gossiped
+    assert gossiped[mallory.peer_id] == 0, gossiped
+    assert puller_repl.stats["reannounce_skipped_rate"] > 0
