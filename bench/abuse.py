@@ -24,7 +24,9 @@ sessions), fill (a registry fill by one author; last, since what it stores stays
 floods the hostile peer first puts a valid record of its own on the target, as any peer does,
 so that their rows show what the flood costs rather than what a silent peer does (see idle).
 The hostile peer runs under SCHED_IDLE (`--no-sched-idle` to turn it off): on a core only
-when no daemon wants it, as if on its own machine; the last table shows the cores it took,
+when no daemon wants it, as if on its own machine (on a machine busy with other work it can
+be starved, cut off as gone, and its flood never arrives: a fill that stored nothing on the
+target is printed as not landed, a miss); the last table shows the cores it took,
 and the cores the target and the untargeted daemon used in each phase (what the flood cost
 them). The resident memory (VmRSS) of the target and of the untargeted daemon is read before each
 flood, every half second while it runs (the maximum is reported), and `--settle` seconds after.
