@@ -195,6 +195,10 @@ class Compute:
 
 @pytest.fixture
 def compute(autojump_clock, monkeypatch):
+    """Costed compute on trio's virtual clock. The tests that take it also take
+    `autojump_clock` themselves: pytest-trio runs a test on the clock among the test's own
+    arguments only, so without it they ran on the real clock, and their timings moved with
+    the machine's load (a loaded run saw pipelining end 0.87x as soon as without)."""
     costed = Compute()
     monkeypatch.setattr(trio.to_thread, "run_sync", costed.run_sync)
     before = torch.get_num_threads()
@@ -244,13 +248,16 @@ async def run_all(cluster, which: list[int], *, pipeline: bool) -> tuple[float, 
     return trio.current_time() - started, tokens
 
 
-async def test_pipelined_hops_compute_at_once_and_end_sooner_exactly(cluster, compute, deep_model):
+async def test_pipelined_hops_compute_at_once_and_end_sooner_exactly(
+    autojump_clock, cluster, compute, deep_model
+):
     """16 concurrent generations through 4 hops, without pipelining (as before it: one big
     batch at first, that drifts into groups by accident: those that come back farther apart
     than the window run apart), then pipelined (micro-batches of ceil(16 / 4) = 4). Pipelined,
     all 4 servers compute at once at times and 2 or more most of the time, about 3 servers
-    compute on average instead of about 2, and all generations end about 1.6x sooner (seen:
-    1.50-1.63x; asserted: 1.4x); every token is the single-process reference's both times."""
+    compute on average instead of about 1, and all generations end about 2.9x sooner (seen:
+    2.86x and 2.98x, the unpipelined run's time moving with trio's scheduling order; asserted:
+    2x); every token is the single-process reference's both times."""
     model_dir, reference = deep_model
     servers = await four_hops(cluster, model_dir)
     everyone = list(range(SESSIONS))
@@ -272,12 +279,14 @@ async def test_pipelined_hops_compute_at_once_and_end_sooner_exactly(cluster, co
     assert all(max(size) == SESSIONS // HOPS for size in sizes_on), sizes_on  # micro-batches
     assert most_on == HOPS and overlapped_on > 0.8, figures  # every hop at once, often
     assert overlapped_on > 1.8 * overlapped_off and computing_on > 1.4 * computing_off, figures
-    assert before > 1.4 * piped, figures
+    assert before > 2 * piped, figures
     await trio.testing.wait_all_tasks_blocked()
     assert not any(server.sessions for server in servers)
 
 
-async def test_a_lone_session_is_not_slowed_by_pipelining(cluster, compute, deep_model):
+async def test_a_lone_session_is_not_slowed_by_pipelining(
+    autojump_clock, cluster, compute, deep_model
+):
     """One generation through the 4 hops takes the same virtual time, and computes the same
     passes (every one alone), pipelining on or off; and its tokens are the reference's."""
     model_dir, reference = deep_model
@@ -298,7 +307,7 @@ async def test_a_lone_session_is_not_slowed_by_pipelining(cluster, compute, deep
 
 
 async def test_a_hop_killed_under_micro_batches_fails_every_session_over_exactly(
-    cluster, compute, deep_model
+    autojump_clock, cluster, compute, deep_model
 ):
     """8 generations through 4 hops, each range on two servers; a server of the second hop
     dies mid-generation: every session on it replays onto the other, its new sessions are
