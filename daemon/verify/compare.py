@@ -6,6 +6,10 @@ positions in one pass, the provider may have batched the step with other session
 order of float sums then differs: measured on the tiny test model (float32, CPU), a position
 computed after a one-pass catch-up differs from the same position computed step by step by at
 most 6e-7 of the row's largest magnitude (`bench/verify.py` prints the measured spread).
+A replica's step runs through its batcher too, so its rows may come from a pass shared with
+other sessions' steps: a decode step packed with others is not the same bits as alone (a
+pass of several rows takes other matrix kernels), a catch-up packed with decode steps was
+(tests/daemon/verify/test_batched_rows.py holds both within the bound).
 So outputs agree when, for every position, the largest difference is within `rtol` of the
 largest magnitude of the reference's row; float32's bound, 1e-5, is about 20x the measured
 spread. The half-precision bounds were not measured here (no GPU in this run): they are set
