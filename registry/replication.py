@@ -33,7 +33,7 @@ from p2p import codec
 from p2p.network import GossipVerdict, Network, NetworkError
 from registry import sync, wire
 from registry.entry import Entry, EntryError, EntryId, entry_from_wire
-from registry.replica import QUOTA_STRIKES, Rejected, Replica
+from registry.replica import QUOTA_STRIKES, Rejected, Replica, wire_size
 
 # refusals of a gossiped entry that only a faulty or hostile author earns (the rest, such as
 # `unknown_cluster` or `stale_claim`, honest writes meet in passing)
@@ -224,11 +224,17 @@ class Replicator:
         malformed: list[str] = []
         refused: list[str] = []
         over_quota: Counter[tuple[str, str]] = Counter()
+        entries: list[Entry] = []
         for item in msg.entries:
             try:
-                entry = entry_from_wire(item)
+                entries.append(entry_from_wire(item))
             except EntryError as exc:
                 malformed.append(exc.reason)
+        over_rate = self._over_rate(entries)
+        for entry in entries:
+            if entry.author in over_rate:
+                if self.replica.entries.get(entry.id) != entry:  # (held: old news)
+                    refused.append("rate_limited")
                 continue
             slot = (entry.author, entry.kind)
             if over_quota[slot] >= QUOTA_STRIKES and entry.id not in self.replica.entries:
@@ -248,6 +254,18 @@ class Replicator:
         if malformed or HARMFUL_REASONS.intersection(refused):
             return GossipVerdict.REJECT
         return GossipVerdict.IGNORE
+
+    def _over_rate(self, entries: list[Entry]) -> set[str]:
+        """The authors whose new entries in one gossip message do not all fit their rate
+        budget here (`Replica.rate_room`). Such a message is not taken at all, though some
+        of it would fit: taken, it would be forwarded whole, and every node would decode and
+        refuse the rest, message after message, for as long as the author keeps writing
+        faster than its rate (a fill); what fits comes by anti-entropy instead."""
+        need: Counter[str] = Counter()
+        for entry in entries:
+            if self.replica.entries.get(entry.id) != entry:
+                need[entry.author] += wire_size(entry)
+        return {a for a, size in need.items() if size > self.replica.rate_room(a)}
 
     async def on_gossip(self, sender: str, data: bytes) -> None:
         try:
