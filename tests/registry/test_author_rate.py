@@ -5,8 +5,10 @@ a large batch (`Replica.apply` commits in parts, APPLY_PART_BYTES).
 Attacked as a real peer on the in-memory network: a hostile node, connected to the target
 only, pushes and gossips a fill of 60 KB entries, again and again, as bench/abuse.py's fill
 does. The target takes the author's burst at once and the rest at the author's rate (refusals
-counted as `rate_limited`), an honest author's writes pass meanwhile, and the whole fill lands
-in the end, on the target and on an honest node behind it."""
+counted as `rate_limited`), an honest author's writes pass meanwhile, the pushed fill lands in
+the end, on the target and on an honest node behind it, and gossip that does not fit the
+author's budget whole is not passed on. Anti-entropy fetches a fill about once, and does not
+gossip it on."""
 
 from __future__ import annotations
 
