@@ -229,12 +229,17 @@ class Devnet:
         return self
 
     def wait_all_found(self, timeout_s: float = 30.0) -> None:
-        wait_for(
-            lambda: all_found(self.daemons),
-            timeout_s,
-            f"all {self.size} daemons to find each other",
-            poll_s=0.2,
-        )
+        last: dict[str, int] = {}
+
+        def found() -> bool:
+            last.update(found_counts(self.daemons))
+            return all(count == self.size for count in last.values())
+
+        try:
+            wait_for(found, timeout_s, f"all {self.size} daemons to find each other", poll_s=0.2)
+        except DevnetError as exc:  # say who was missing: how many found each daemon last
+            seen = ", ".join(f"{peer[-8:]}: {count}" for peer, count in last.items())
+            raise DevnetError(f"{exc} (found by, at the end: {seen})") from None
 
     def stop(self) -> None:
         for daemon in self.daemons:

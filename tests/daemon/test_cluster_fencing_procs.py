@@ -53,7 +53,7 @@ async def test_a_resumed_coordinators_commands_are_refused_as_stale_and_it_steps
 ):
     with Devnet(5, root=tmp_path, config=fast_config) as devnet:
         daemons = devnet.daemons
-        await trio.to_thread.run_sync(devnet.wait_all_found, 60)
+        await trio.to_thread.run_sync(devnet.wait_all_found, 120)
         await trio.to_thread.run_sync(form_cluster, daemons, C, 3)
         network_id = daemons[0].call("node_info")["network_id"]
         async with worker_peer(network_id, daemons) as worker:
