@@ -14,3 +14,29 @@ from hypothesis import settings
 settings.register_profile("repeatable", derandomize=True, print_blob=True)
 settings.register_profile("explore", max_examples=500, print_blob=True)
 settings.load_profile(os.environ.get("GRIDMESH_HYPOTHESIS", "repeatable"))
+
+
+# The procs tests of clusters (real daemons electing coordinators on 1.5-3 s timeouts) run one
+# after another on one worker: two of them at once, each with 3-5 daemons, on CI's 2 cores
+# starve each other's elections; each passes alone. `--dist loadfile` groups by file, so
+# these files are made one group.
+CLUSTER_PROCS = (
+    "tests/daemon/test_cli_cluster.py",
+    "tests/daemon/test_cluster_coordinator_procs.py",
+    "tests/daemon/test_cluster_fencing_procs.py",
+    "tests/daemon/test_cluster_partition_procs.py",
+    "tests/daemon/test_cluster_runtime_procs.py",
+)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None  # xdist's own
+    from xdist.scheduler import LoadFileScheduling
+
+    class ClusterProcsTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return "cluster-procs" if scope in CLUSTER_PROCS else scope
+
+    return ClusterProcsTogether(config, log)
