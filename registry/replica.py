@@ -297,11 +297,16 @@ class Replica:
 
     # -- the accepted-bytes rate ---------------------------------------------------------
 
+    @property
+    def rate_burst(self) -> float:
+        """A full token bucket: an author's budget before it writes (at least one entry of
+        the largest size)."""
+        return float(max(self.limits.author_bytes_burst, self.limits.max_entry_bytes))
+
     def rate_room(self, author: str) -> float:
-        """Bytes of `author`'s entries this replica would accept now (its token bucket).
-        A full bucket holds at least one entry of the largest size."""
+        """Bytes of `author`'s entries this replica would accept now (its token bucket)."""
         limits = self.limits
-        burst = float(max(limits.author_bytes_burst, limits.max_entry_bytes))
+        burst = self.rate_burst
         now = self.clock.now_ms() / 1000
         tokens, last = self._rate.get(author, (burst, now))
         return min(burst, tokens + max(0.0, now - last) * limits.author_bytes_per_s)
@@ -322,7 +327,7 @@ class Replica:
             raise Rejected(
                 "rate_limited",
                 f"author {entry.author} wrote more than this node accepts at once "
-                f"({max(limits.author_bytes_burst, limits.max_entry_bytes)} bytes, then "
+                f"({self.rate_burst:.0f} bytes, then "
                 f"{limits.author_bytes_per_s:.0f} bytes/s; registry.author_bytes_burst / "
                 f"author_bytes_per_s): {entry.kind}/{entry.key} ({size} bytes) is taken later",
             )

@@ -470,7 +470,7 @@ class Replicator:
         (else in the listing's order): an honest author's few entries are not pulled behind
         pages of one author's fill, nor refused with it, and a fill is not fetched whole
         every round to be refused but for the room its author has."""
-        full = self.replica.rate_room("")  # an author never seen: a full budget
+        full = self.replica.rate_burst
         largest = self.replica.limits.max_entry_bytes
         room: dict[Any, float] = {}
         for author in set(authors.values()):
@@ -536,7 +536,7 @@ class Replicator:
         # at once than nodes accept (a fill), so its entries reach the others as they reach
         # us, by anti-entropy at its rate; gossiped again by every node that pulled them,
         # they would cross every link several times over, mostly to be refused
-        half = self.replica.rate_room("") / 2
+        half = self.replica.rate_burst / 2
         room = {a: self.replica.rate_room(a) for a in {e.author for e in fresh}}
         spread = [e for e in fresh if room[e.author] >= half]
         self.stats["reannounce_skipped_rate"] += len(fresh) - len(spread)
