@@ -668,7 +668,9 @@ async def detection_table(args: argparse.Namespace, model_dir: Path) -> None:
             await remote.close()
             await checks.aclose()
             server.forward = honest_forward
-            measured.append(cheat.steps if remote.recoveries else math.inf)
+            measured.append(
+                cheat.steps_through(remote.recoveries) if remote.recoveries else math.inf
+            )
         finite = [m for m in measured if math.isfinite(m)]
         mean = statistics.fmean(finite)
         # the sample's sd, or the distribution's where larger: 20 seeded geometric draws of

@@ -124,6 +124,9 @@ class RemoteModel:
         self._retried: set[str] = set()
         self._why_failed: dict[str, str] = {}  # each failed peer's last failure, for errors
         self._resume_at: int | None = None  # the hop a failed re-route started from
+        # speculative steps whose checks are still judged, oldest first (see `settle`)
+        self._unsettled: list[_Unsettled] = []
+        self._replaying = False  # a roll-back replays its prefix: no checks are drawn
 
     @property
     def route(self) -> list[dict[str, Any]]:
@@ -352,12 +355,102 @@ class RemoteModel:
         told = [f"{p[-12:]}: {why}" for p, why in sorted(self._why_failed.items())[:4]]
         return f"; failed here: {'; '.join(told)}" if told else ""
 
-    async def step(self, token_ids: list[int]) -> torch.Tensor:
-        """Run new tokens through every hop; returns the logits of the last position."""
+    @property
+    def speculating(self) -> bool:
+        """Whether a speculative step goes on without waiting for its checks (a verifier
+        that allows it: `daemon.verify.verifier.GenerationChecks.speculative`)."""
+        return self.verifier is not None and bool(getattr(self.verifier, "speculative", False))
+
+    def unsettled(self, position: int) -> bool:
+        """Whether the step that started at `position` has checks still being judged."""
+        return any(u.position == position for u in self._unsettled)
+
+    @property
+    def settled_length(self) -> int:
+        """Every step that started before this position is settled: its checks, if any,
+        passed (a token drawn from such a step's logits may be let out)."""
+        return self._unsettled[0].position if self._unsettled else self.length
+
+    async def settle(self, *, wait: bool) -> tuple[int, torch.Tensor] | None:
+        """Take in the verdicts of the speculative steps, oldest first (`wait`: wait for all
+        of them; else those in already, and waiting only where a later one failed: the roll-
+        back may go further back). A step found wrong is rolled back to: the route is
+        rebuilt without the provider that failed, its prefix replayed and the step run
+        again; returns (its position, its new logits), and every later step is gone (their
+        tokens must be drawn again). None: nothing to roll back to (yet)."""
+        while self._unsettled:
+            first = self._unsettled[0]
+            if not first.pending.done.is_set():
+                failed = any(u.pending.done.is_set() and u.failed for u in self._unsettled)
+                if not wait and not failed:
+                    return None
+                await first.pending.done.wait()
+            if first.pending.error is not None:
+                raise first.pending.error
+            if first.pending.failure is None:
+                self._unsettled.pop(0).pending.release()  # its verdicts stand
+                continue
+            return first.position, await self._roll_back(first)
+        return None
+
+    async def _roll_back(self, wrong: _Unsettled) -> torch.Tensor:
+        """Go back to the step at `wrong.position` (its check failed after the generation
+        went on): every session holds positions computed from that step's output, and a
+        server cannot forget positions, so the whole route is opened again without the
+        provider found wrong, the first hop's recorded inputs before the step are replayed
+        (step by step, as they ran: the rebuilt caches are the honest ones) and the step runs
+        again. Returns its logits."""
+        failure = wrong.pending.failure
+        assert failure is not None
+        if len(self.recoveries) >= self.max_recoveries:
+            raise GenerationError(f"giving up after {self.max_recoveries} recoveries: {failure}")
+        log.warning("hop %s failed (%s); rolling back", failure.peer_id, failure.reason)
+        started = time.monotonic()
+        self.failed.add(failure.peer_id)
+        self._why_failed[failure.peer_id] = failure.reason[:200]
+        inputs = [(p, c) for p, c in self.hops[0].chunks if p < wrong.position] if self.hops else []
+        if sum(int(c.shape[1]) for _, c in inputs) != wrong.position:
+            raise GenerationError("cannot roll back: the first hop's inputs are not all recorded")
+        wrong.pending.release()
+        for gone in self._unsettled[1:]:  # the later steps are gone: their checks' verdicts
+            gone.pending.discard()  # count for nothing, as if they had never run
+        self._unsettled.clear()
+        await close_all(self.hops)
+        self.hops, self.length = [], 0
+        self._replaying = True
+        try:
+            for _, chunk in inputs:
+                await self.step([int(t) for t in chunk[0]])
+        finally:
+            self._replaying = False
+        logits = await self.step(wrong.token_ids, speculative=True)
+        self.recoveries.append(
+            {
+                "peer_id": failure.peer_id,
+                "reason": failure.reason,
+                "from_layer": 0,
+                "rolled_back_to": wrong.position,
+                "seconds": round(time.monotonic() - started, 3),
+            }
+        )
+        return logits
+
+    async def step(self, token_ids: list[int], *, speculative: bool = False) -> torch.Tensor:
+        """Run new tokens through every hop; returns the logits of the last position.
+
+        `speculative` (where `speculating`): the step's checks are judged in the background
+        and the step returns at once; the caller must `settle` before it lets out a token
+        drawn from a step that is not settled (`settled_length`), and draw again from the
+        step `settle` rolls back to (daemon.shards.token_loop does). Else the step waits for
+        its checks, and a step found wrong fails over before it returns."""
         if not token_ids:
             raise GenerationError("a step needs at least one token")
         if self.length + len(token_ids) > self.max_length:
             raise GenerationError(f"{self.length + len(token_ids)} tokens exceed {self.max_length}")
+        if self._unsettled and not speculative:
+            raise GenerationError("earlier steps' checks are not settled: settle them first")
+        hooks = self.verifier is not None and not self._replaying
+        ahead = hooks and speculative and self.speculating
         step = _Step(self.length, 0, torch.tensor([token_ids], dtype=torch.int64))
 
         async def relay_one() -> None:
@@ -369,8 +462,8 @@ class RemoteModel:
         async def run() -> torch.Tensor:
             if not self.hops:  # not opened yet (or its opening failed): open here
                 self.hops = await self._open_hops(0)
-            if self.verifier is not None:  # the hops drawn for a check: they run beside
-                self.verifier.before_step(self, step.position)  # the step, on replicas
+            if hooks:  # the hops drawn for a check: they run beside the step, on replicas
+                self.verifier.before_step(self, step.position)
             if self.chained and step.next_hop < len(self.hops):
                 await self._run_chained(step)
                 if step.next_hop < len(self.hops):  # a server could not push to the next
@@ -379,11 +472,15 @@ class RemoteModel:
                     self.chained = False
             while step.next_hop < len(self.hops):
                 await relay_one()
-            if self.verifier is not None:  # a wrong hop found here fails over (HopFailed)
+            if hooks and not ahead:  # a wrong hop found here fails over (HopFailed)
                 await self.verifier.after_step(self, step.position, step.x)
             return step.x
 
         logits = await self._with_recovery(run, step)
+        if ahead:  # judged in the background: `settle` takes the verdict in
+            pending = self.verifier.after_step_speculative(self, step.position, logits)
+            if pending is not None:
+                self._unsettled.append(_Unsettled(step.position, list(token_ids), pending))
         self.length += len(token_ids)
         return logits[0, -1].float()
 
@@ -483,6 +580,9 @@ class RemoteModel:
         raise HopFailed(hops[missing].peer_id, f"no progress within {self.step_timeout_s:.1f} s")
 
     async def close(self) -> None:
+        for gone in self._unsettled:  # (a generation left before its checks were in)
+            gone.pending.discard()
+        self._unsettled.clear()
         await close_all(self.hops)
         self.hops = []
 
@@ -498,3 +598,18 @@ class _Step:
     position: int
     next_hop: int
     x: torch.Tensor
+
+
+@dataclass
+class _Unsettled:
+    """A speculative step whose checks are judged in the background: where it started, its
+    tokens (to run it again after a roll-back) and its verdict to come
+    (`daemon.verify.verifier.Pending`: `done`, `failure`, `error`)."""
+
+    position: int
+    token_ids: list[int]
+    pending: Any
+
+    @property
+    def failed(self) -> bool:
+        return self.pending.failure is not None or self.pending.error is not None

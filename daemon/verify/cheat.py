@@ -44,7 +44,17 @@ class Cheat:
         self.honest = server.forward
         self.steps = 0
         self.cheated = 0
+        self.positions: list[int] = []  # where each step it served started
         self._earlier: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def steps_through(self, recoveries: list[dict[str, Any]]) -> int:
+        """Its steps up to and including the one caught (the first recovery's): a generation
+        that speculates goes on for a step or two while a check runs, and rolls back to the
+        step caught (`rolled_back_to`); without speculation it stops there (`steps`)."""
+        back = recoveries[0].get("rolled_back_to") if recoveries else None
+        if back is None:
+            return self.steps
+        return sum(1 for p in self.positions if p <= back)
 
     def install(self) -> Cheat:
         self.server.forward = self.forward
@@ -55,6 +65,7 @@ class Cheat:
     ) -> torch.Tensor:
         out = await self.honest(session, position, x, last_only)
         self.steps += 1
+        self.positions.append(int(position))
         earlier = self._earlier.get(tuple(out.shape))
         self._earlier[tuple(out.shape)] = out
         if self.rng.random() >= self.fraction:

@@ -23,6 +23,7 @@ class VerifySection(Section):
     probation_rate: Share = 0.10
     canary_rate: Share = 0.0
     audit_history: bool = False
+    speculate: bool = True
     graduate_after: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 20
     exclude_after: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 2
     failure_window_s: Seconds = 3600.0

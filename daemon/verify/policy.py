@@ -40,6 +40,10 @@ class VerifyConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A check of a hop (not the last) also compares the provider's outputs at every earlier
     position of the generation, which the replica computes in the same pass (a cheat on an
     unchecked step is then caught at the next check; its token was used already)."""
+    speculate: bool = True
+    """A free generation goes on while a step's checks run and rolls back to the step if
+    one fails (its tokens are let out only once the checks passed); off: every checked step
+    waits for its checks. Paid generations always wait (their receipts are held per step)."""
     graduate_after: int = 20
     """Passed checks that end probation."""
     exclude_after: int = 2

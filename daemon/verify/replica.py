@@ -72,6 +72,7 @@ class Plan:
     error: BaseException | None = None
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     collected: bool = False  # its verdict was drawn (a step run again is not checked twice)
+    after: Plan | None = None  # the hop's check still running before it (it goes first)
 
     def give(self, x: torch.Tensor) -> None:
         if not self.ready.is_set():

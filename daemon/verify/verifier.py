@@ -76,6 +76,10 @@ class Verdict:
     peer: str
     outcome: str  # "pass", "fail", "unresolved" (no majority or no replica), "canary-fail"
     failed: list[str]
+    # what it earns when applied (`GenerationChecks._apply`): the peers that passed, and the
+    # step as a canary
+    passed: list[str] = dataclasses.field(default_factory=list)
+    canary: Canary | None = None
 
 
 class Verifier:
@@ -166,6 +170,33 @@ class _Drawn:
     given: list[tuple[int, torch.Tensor]]
 
 
+@dataclass(eq=False)
+class Pending:
+    """A step's checks judged in the background while the generation goes on (speculation):
+    `done` once judged; `failure`: the hop found wrong, which the step fails over from after
+    a roll-back to it (None: every check passed, or none had a verdict)."""
+
+    position: int
+    before: Pending | None = None  # the generation's step judged before it
+    done: trio.Event = dataclasses.field(default_factory=trio.Event)
+    failure: HopFailed | None = None
+    error: Exception | None = None  # (a bug in the judging: raised where it is settled)
+    # settled by the generation (its verdicts stand) or dropped (`discard`): the next step's
+    # verdicts may apply
+    released: trio.Event = dataclasses.field(default_factory=trio.Event)
+    discarded: bool = False
+
+    def release(self) -> None:
+        self.before = None
+        self.released.set()
+
+    def discard(self) -> None:
+        """The step is gone (rolled back over, or the generation ended first): its verdicts
+        are dropped unapplied, as if it had never run."""
+        self.discarded = True
+        self.release()
+
+
 def _with_rtt(server: Any, rtt_ms: float) -> Any:
     return dataclasses.replace(server, rtt_ms=rtt_ms)
 
@@ -181,6 +212,19 @@ class GenerationChecks(Followers):
         # per hop (by identity), its draw for the step now running: (hop, position, plan or
         # None: not drawn for a check)
         self._drawn: dict[int, tuple[Any, int, Plan | None]] = {}
+        # per hop (by identity), its newest plan: the next one's replica side waits for it
+        # (speculation lets one hop's checks overlap; its replica session takes them in turn)
+        self._last_plan: dict[int, Plan] = {}
+        # speculative steps judged and not yet released by the generation, oldest first: a
+        # step's verdicts apply (reputations, records) only once the step before it is
+        # released, so that a step rolled back over counts for nothing, as if it never ran
+        self._pending: list[Pending] = []
+
+    @property
+    def speculative(self) -> bool:
+        """Whether the token loop may go on while a step's checks run (free work only: a
+        paid generation's receipts are held and released step by step as checks end)."""
+        return self.payments is None and self.verifier.config.speculate
 
     def routable(self, servers: list[Any]) -> list[Any]:
         return self.verifier.routable(servers)
@@ -216,7 +260,7 @@ class GenerationChecks(Followers):
         for key, (hop, _, plan) in list(self._drawn.items()):
             if not any(hop is h for h in hops):  # replaced by a failover
                 del self._drawn[key]
-                if plan is not None:
+                if plan is not None and not plan.collected:  # (a collected one is judged)
                     plan.scope.cancel()
 
     def input_known(self, hop: Any, position: int, x: torch.Tensor) -> None:
@@ -228,23 +272,36 @@ class GenerationChecks(Followers):
 
     def _keep_draw(self, hop: Any, position: int, plan: Plan | None) -> None:
         old = self._drawn.get(id(hop))
-        if old is not None and old[2] is not None and old[2] is not plan:
+        if old is not None and old[2] is not None and old[2] is not plan and not old[2].collected:
             old[2].scope.cancel()  # (a plan never collected: its step did not finish)
         self._drawn[id(hop)] = (hop, position, plan)
 
     def _cancel_plans(self) -> None:
+        for pending in self._pending:
+            pending.discard()
+        self._pending.clear()
         for _, _, plan in self._drawn.values():
             if plan is not None:
                 plan.scope.cancel()
+        for plan in self._last_plan.values():
+            plan.scope.cancel()
         self._drawn.clear()
+        self._last_plan.clear()
 
     def _start(self, model: Any, plan: Plan) -> None:
+        before = self._last_plan.get(id(plan.hop))
+        if before is not None and before.hop is plan.hop and not before.done.is_set():
+            plan.after = before
+        self._last_plan[id(plan.hop)] = plan
         trio.lowlevel.spawn_system_task(self._run, model, plan, name="verify check")
 
     async def _run(self, model: Any, plan: Plan) -> None:
         """A plan's replica side; never raises (its error is the plan's)."""
         try:
             with plan.scope:
+                if plan.after is not None:  # the hop's check before it goes first
+                    await plan.after.done.wait()
+                    plan.after = None
                 servers = await model._servers()
                 plan.result = await self._follower_output(model, servers, plan)
         except Exception as exc:  # (a bug: after_step raises it in the generation's task)
@@ -253,11 +310,63 @@ class GenerationChecks(Followers):
             plan.done.set()
 
     async def after_step(self, model: Any, position: int, logits: torch.Tensor) -> None:
-        v = self.verifier
-        now = v.clock()
+        """The step at `position` ended: its checks are judged now (the token loop waits);
+        a hop found wrong raises HopFailed (the step fails over from it)."""
         hops = list(model.hops)
         if self._followers:  # hops replaced by a failover: their replica sessions end
             await self._drop_followers(lambda hop: not any(hop is h for h in hops))
+        drawn, canaries = self._collect(model, hops, position, logits)
+        failure = await self._judge(model, hops, drawn, canaries)
+        if failure is not None:
+            raise failure
+
+    def after_step_speculative(
+        self, model: Any, position: int, logits: torch.Tensor
+    ) -> Pending | None:
+        """The step at `position` ended and the token loop goes on at once: its checks are
+        judged in the background (`Pending`; None: nothing drawn). The caller must not let
+        the step's tokens out before `Pending.done`, and rolls back to the step if it has a
+        `failure` (`daemon.shards.client.RemoteModel.settle`)."""
+        hops = list(model.hops)
+        if any(not any(hop is h for h in hops) for hop, _ in self._followers.values()):
+            trio.lowlevel.spawn_system_task(  # replaced by a failover: they end
+                self._drop_followers,
+                lambda hop: not any(hop is h for h in hops),
+                name="verify replica sessions",
+            )
+        drawn, canaries = self._collect(model, hops, position, logits)
+        if not drawn and not canaries:
+            return None
+        self._pending = [p for p in self._pending if not p.released.is_set()]
+        pending = Pending(position, self._pending[-1] if self._pending else None)
+        self._pending.append(pending)
+        trio.lowlevel.spawn_system_task(
+            self._judge_pending, model, hops, drawn, canaries, pending, name="verify judge"
+        )
+        return pending
+
+    async def _judge_pending(
+        self,
+        model: Any,
+        hops: list[Any],
+        drawn: list[tuple[_Drawn, Plan]],
+        canaries: list[tuple[int, Canary]],
+        pending: Pending,
+    ) -> None:
+        """`_judge` in the background: never raises (a bug's error is the pending's)."""
+        try:
+            pending.failure = await self._judge(model, hops, drawn, canaries, pending)
+        except Exception as exc:
+            pending.error = exc
+        finally:
+            pending.done.set()
+
+    def _collect(
+        self, model: Any, hops: list[Any], position: int, logits: torch.Tensor
+    ) -> tuple[list[tuple[_Drawn, Plan]], list[tuple[int, Canary]]]:
+        """The step's hops drawn for a check (with their plans) and its canaries to send."""
+        v = self.verifier
+        now = v.clock()
         drawn: list[tuple[_Drawn, Plan]] = []
         canaries: list[tuple[int, Canary]] = []
         for i, hop in enumerate(hops):
@@ -285,6 +394,21 @@ class GenerationChecks(Followers):
                 kept = v.canaries.get(model.model_id, hop.start, hop.end)
                 if kept:
                     canaries.append((i, v.rng.choice(kept)))
+        return drawn, canaries
+
+    async def _judge(
+        self,
+        model: Any,
+        hops: list[Any],
+        drawn: list[tuple[_Drawn, Plan]],
+        canaries: list[tuple[int, Canary]],
+        pending: Pending | None = None,
+    ) -> HopFailed | None:
+        """The verdicts of one step's checks and their consequences; the earliest hop found
+        wrong (or whose receipt was refused) as the HopFailed that fails it over, or None.
+        `pending` (a speculative step): the consequences wait for the step before it to be
+        released, and a step discarded meanwhile has none."""
+        v = self.verifier
         verdicts: list[Verdict] = []
         if drawn or canaries:
 
@@ -303,6 +427,14 @@ class GenerationChecks(Followers):
                 for c_args in canaries:
                     nursery.start_soon(canary, *c_args)
             self.checked_steps += 1
+        if pending is not None:
+            if pending.before is not None:
+                await pending.before.released.wait()
+            if pending.discarded:
+                return None
+        now = v.clock()
+        for verdict in verdicts:
+            self._apply(verdict, now)
         lost = {peer for d in verdicts for peer in d.failed}
         for peer in lost:
             if v.reputation.failed(peer, now):
@@ -314,11 +446,23 @@ class GenerationChecks(Followers):
         if self.payments is not None:
             refused = self.payments.release(lost & route)
             if refused is not None and not bad:
-                raise HopFailed(*refused)
+                return HopFailed(*refused)
         if bad:  # the earliest wrong hop: the step fails over from there
             d = bad[0]
             reason = "no majority among replicas" if d.outcome == "unresolved" else "wrong output"
-            raise HopFailed(d.peer, f"failed a check: {reason}")
+            return HopFailed(d.peer, f"failed a check: {reason}")
+        return None
+
+    def _apply(self, verdict: Verdict, now: float) -> None:
+        """A verdict's gains: the peers that passed, the step as a canary, the record (a
+        skipped check has none)."""
+        v = self.verifier
+        for peer in verdict.passed:
+            v.reputation.passed(peer, now)
+        if verdict.canary is not None:
+            v.canaries.add(verdict.canary)
+        if verdict.outcome != "skipped":
+            v.record(verdict)
 
     async def aclose(self) -> None:
         """End the checks and replica sessions (the generation ends); never raises."""
@@ -398,12 +542,8 @@ class GenerationChecks(Followers):
         checker, theirs, since = first
         out, theirs, since = self._provider_rows(step, since, theirs)
         keep = replay.position + int(replay.x.shape[1]) - since
-        now = v.clock()
         if self._agree(out, theirs, replay):
-            verdict = Verdict(i, provider, "pass", [])
-            v.reputation.passed(provider, now)
-            v.reputation.passed(checker, now)
-            v.canaries.add(_canary(replay, theirs))
+            verdict = Verdict(i, provider, "pass", [], [provider, checker], _canary(replay, theirs))
         else:
             avoid = {provider, checker}
             servers = await model._servers()
@@ -414,21 +554,15 @@ class GenerationChecks(Followers):
                 referee, ref = third
                 provider_ok = self._agree(out, ref, replay)
                 checker_ok = self._agree(theirs, ref, replay)
+                known = _canary(replay, ref)
                 if checker_ok and not provider_ok:
-                    verdict = Verdict(i, provider, "fail", [provider])
-                    v.reputation.passed(checker, now)
-                    v.reputation.passed(referee, now)
-                    v.canaries.add(_canary(replay, ref))
+                    verdict = Verdict(i, provider, "fail", [provider], [checker, referee], known)
                 elif provider_ok and not checker_ok:
-                    verdict = Verdict(i, provider, "pass", [checker])
-                    v.reputation.passed(provider, now)
-                    v.reputation.passed(referee, now)
-                    v.canaries.add(_canary(replay, ref))
+                    verdict = Verdict(i, provider, "pass", [checker], [provider, referee], known)
                 else:
                     verdict = Verdict(i, provider, "unresolved", [])
             if checker in verdict.failed or verdict.outcome == "unresolved":
                 await self._drop_followers(lambda hop: hop is step.hop)  # not this one again
-        v.record(verdict)
         return verdict
 
     async def _canary(self, model: Any, peer: str, i: int, canary: Canary) -> Verdict:
@@ -443,9 +577,5 @@ class GenerationChecks(Followers):
             return Verdict(i, peer, "skipped", [])
         v.counters["canaries_sent"] += 1
         if self._agree(got, canary.output, canary.replay):
-            v.reputation.passed(peer, v.clock())
-            verdict = Verdict(i, peer, "pass", [])
-        else:
-            verdict = Verdict(i, peer, "canary-fail", [peer])
-        v.record(verdict)
-        return verdict
+            return Verdict(i, peer, "pass", [], [peer])
+        return Verdict(i, peer, "canary-fail", [peer])

@@ -78,11 +78,17 @@ async def test_an_excluded_cheater_is_left_out_of_routes_until_its_back_off_ends
     now = [0.0]
     v = verifier(rate=1.0, probation_rate=1.0, exclude_after=2, backoff_s=600)
     v.clock = lambda: now[0]
-    for _ in range(2):  # each generation catches it once and routes around it
+    generations = 0
+    # each generation catches it and routes around it (the steps it ran while a check was
+    # judged are checked too: it may fail twice in one generation)
+    while v.reputation.state("cheat", now[0]) != "excluded":
+        generations += 1
+        assert generations <= 2
         remote = model(cluster, v.generation())
         assert await tokens(remote, prompt, 4) == expected[:4]
         assert remote.recoveries[0]["peer_id"] == "cheat"
-    assert v.reputation.state("cheat", now[0]) == "excluded"
+    failures = v.reputation.records["cheat"].total_failures
+    assert failures >= 2
     remote = model(cluster, v.generation())
     assert await tokens(remote, prompt, 4) == expected[:4]
     assert not remote.recoveries and remote.last_route[0]["peer_id"] != "cheat"
@@ -90,4 +96,4 @@ async def test_an_excluded_cheater_is_left_out_of_routes_until_its_back_off_ends
     remote = model(cluster, v.generation())
     assert await tokens(remote, prompt, 4) == expected[:4]
     assert remote.recoveries[0]["peer_id"] == "cheat"
-    assert v.reputation.records["cheat"].total_failures == 3
+    assert v.reputation.records["cheat"].total_failures > failures

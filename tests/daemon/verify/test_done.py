@@ -75,7 +75,7 @@ async def steps_to_detection(cluster, mode: str, seeds: range, **config) -> list
         v = verifier(seed=seed, **config)
         remote = model(cluster, v.generation(), max_length=512)
         assert await until_caught(remote, [seed % 250 + 1, 7], 500), seed
-        measured.append(cheat.steps)
+        measured.append(cheat.steps_through(remote.recoveries))
         cluster.servers["cheat"].forward = cheat.honest
     return measured
 

@@ -62,8 +62,10 @@ async def test_a_lying_replica_loses_the_tie_break(cluster, model_dir, reference
     lost = [d for d in v.verdicts if d.failed == ["cheat"]]
     assert lost and all(d.peer == "a1" and d.outcome == "pass" for d in lost)
     assert cheat.cheated >= len(lost)  # (its catch-up passes cheat too, unseen)
-    # two failed checks exclude it: it is drawn as a checker no more
-    assert len(lost) == v.config.exclude_after == v.reputation.records["cheat"].total_failures
+    # two failed checks exclude it: it is drawn as a checker no more (a generation that
+    # speculates may have several of a hop's checks on it at once: each lie counts)
+    assert len(lost) >= v.config.exclude_after
+    assert len(lost) == v.reputation.records["cheat"].total_failures
     assert v.reputation.state("cheat", v.clock()) == "excluded"
     assert v.reputation.records["a1"].total_failures == 0
 
