@@ -46,7 +46,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
-from p2p import atomic_writes, buffers, caps, deadconn, identity
+from p2p import atomic_writes, buffers, caps, deadconn, identity, inbound
 from p2p.addrguard import AddrGuard
 from p2p.addrs import ListenError, check_listen_free, is_own_addr
 from p2p.bans import PeerBans
@@ -208,6 +208,8 @@ class Libp2pNetwork:
         self.addr_guard.install(self.reach.dcutr)
         self.dark = deadconn.DeadConnections(self.ping, self._drop_peer)  # p2p.deadconn
         self.inbound = buffers.host_budget(lim, self._on_reject, self.bans)  # unread bytes
+        # bytes read from each peer, at a rate its score brings down (p2p.inbound)
+        self.inbound_rate = inbound.InboundBudget(lim, self.bans.scores.score, self._on_reject)
         # GossipSub's defaults lose messages (120 s heartbeat, 10 msg/s spam limit): tune them
         self.gossipsub = GossipSub(
             protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11],
@@ -238,6 +240,7 @@ class Libp2pNetwork:
         # py-libp2p's auto-connector redials a gone peer every minute for hours: bounded
         self.auto_dials = AutoDialBound(self.host.get_network())
         self.host.get_network().register_notifee(ForgetDisconnected(self))
+        self.host.get_network().register_notifee(inbound.BudgetOnConnect(self.inbound_rate))
         self._dht_ops = DhtOps(
             self.dht, dht_validator, dht_timeout_s, on_dht_op, spawn=self._start_soon
         )

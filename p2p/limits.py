@@ -55,6 +55,14 @@ class HostLimits:
     # stream closed for reading (p2p.buffers)
     max_buffered_bytes_per_connection: Annotated[int, msgspec.Meta(ge=1 << 20)] = 128 << 20
     max_buffered_bytes: Annotated[int, msgspec.Meta(ge=1 << 20)] = 1 << 30
+    # inbound bytes one peer's connections are read at (p2p.inbound): over the budget they
+    # are not read until it refills, so the peer's sends block. Far above an honest peer's
+    # traffic; a peer whose score (p2p.scoring) is below 0 is read at half the rate for every
+    # `inbound_halving_score` points, down to `min_inbound_bytes_per_s`
+    inbound_bytes_per_s: Annotated[int, msgspec.Meta(ge=1 << 20)] = 64 << 20
+    inbound_bytes_burst: Annotated[int, msgspec.Meta(ge=1 << 20)] = 64 << 20
+    inbound_halving_score: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    min_inbound_bytes_per_s: Annotated[int, msgspec.Meta(ge=1024)] = 16 << 10
     # a peer refused for abuse (streams or DHT messages over its rate, bad gossip signatures)
     # more than `ban_strikes` times within about `ban_window_s` is disconnected and refused
     # for `ban_s` (p2p.bans)
