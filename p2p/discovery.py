@@ -50,6 +50,17 @@ log = logging.getLogger(__name__)
 
 # a look-up walks the DHT too when the node itself has not answered within this
 WALK_AFTER_S = 0.5
+# A walk while the node is connected to us is a hedge against a slow answer, and a walk is
+# ~15 DHT streams where asking the node is one (FIND_NODE rounds, a GET_VALUE to each of the
+# key's closest nodes, a PUT_VALUE to those missing it; each runs to its end: p2p.dhtops).
+# On a loaded machine every node answers late, so every look-up walked: 5 daemons on the
+# tests' config opened ~870 DHT streams a minute each, KadDHT's 12 inbound handlers stayed
+# full for minutes, it reset the rest (~300 a minute a node), which failed more asks and
+# puts, and so more walks; records expired and nodes went missing from `nodes_find`. Such
+# hedges are budgeted: HEDGE_PER_LOOKUP walks per look-up, HEDGE_BURST at most saved up. A
+# node not connected is walked for as before (it may not be reachable at all).
+HEDGE_PER_LOOKUP = 0.1
+HEDGE_BURST = 3.0
 # the refresher wakes for look-ups falling due (each at its own time) at most once per this
 # fraction of its interval, and handles all that fell due meanwhile at once
 BATCH_FRACTION = 1 / 32
@@ -178,6 +189,8 @@ class ResourceDirectory:
             on_new=self._met_new,
         )
         self.lookups = 0  # records looked up (asked of their node, walked if need be)
+        self.hedge_budget = HEDGE_BURST  # walks left for look-ups of connected nodes
+        self.hedges_skipped = 0  # look-ups of a connected node that did not walk (no budget)
         self._wake = trio.Event()  # set by find() when it saw peers never looked up
         # who is gone, from closed connections and unanswered pings (runs in refresh_forever)
         self.liveness = Liveness(
@@ -266,10 +279,12 @@ class ResourceDirectory:
         first valid record wins, all within `dht_timeout_s`. A walk alone waits on every one
         of the key's closest peers, so one connected peer that answered no DHT query
         (bench/abuse.py's idle hostile peer) made honest look-ups time out, and their
-        records expired from `nodes_find`.
+        records expired from `nodes_find`. The walk for a node connected to us comes out of
+        a budget (`HEDGE_PER_LOOKUP`).
         """
         key = self.key_for(peer_id)
         self.lookups += 1
+        self.hedge_budget = min(HEDGE_BURST, self.hedge_budget + HEDGE_PER_LOOKUP)
         found: list[records.ResourceRecord] = []
         owner_done = trio.Event()
 
@@ -296,9 +311,20 @@ class ResourceDirectory:
                 # nearly always cancelled before it walked (the node answers first)
                 with trio.move_on_after(WALK_AFTER_S):
                     await owner_done.wait()
-                if not found:
+                if not found and self._may_walk(peer_id):
                     await ask("a DHT walk", lambda: self._net.dht_get(key))
         return found[0] if found else None
+
+    def _may_walk(self, peer_id: str) -> bool:
+        """Whether a look-up of `peer_id` whose node has not answered walks the DHT too: yes
+        for a node not connected to us; for a connected one, if the hedge budget allows."""
+        if peer_id not in self._net.connected_peers():
+            return True
+        if self.hedge_budget >= 1:
+            self.hedge_budget -= 1
+            return True
+        self.hedges_skipped += 1
+        return False
 
     def _saw_gone(self, peer_id: str) -> None:
         self.gone.saw_gone(peer_id)
