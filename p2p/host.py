@@ -46,7 +46,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
-from p2p import atomic_writes, buffers, caps, deadconn, identity, inbound
+from p2p import atomic_writes, buffers, caps, deadconn, identity, inbound, sender_records
 from p2p.addrguard import AddrGuard
 from p2p.addrs import ListenError, check_listen_free, is_own_addr
 from p2p.bans import PeerBans
@@ -94,6 +94,7 @@ from p2p.scoring import gossipsub_params
 
 _swarm._HAPPY_EYEBALLS_DELAY = 0  # type: ignore[attr-defined]
 atomic_writes.install()  # a cancelled write must not break its connection (see the module)
+sender_records.install()  # a gossip peer's signed record checked once, not per RPC
 # py-libp2p drops gossip silently once a subscription's queue (32) is full; ours is larger and
 # every drop is counted (see `p2p.guard.harden_pubsub`)
 _pubsub_module.SUBSCRIPTION_CHANNEL_SIZE = 256  # type: ignore[attr-defined]
