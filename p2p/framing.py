@@ -31,6 +31,13 @@ class FrameDeadlineError(NetworkError):
     reason = "frame_deadline"
 
 
+class FrameTooLargeError(NetworkError):
+    """A frame's length prefix is over the receiver's bound. Peers running our code know the
+    bounds, so it is garbage: held against the sender's score (`FramedStream`, p2p.guard)."""
+
+    reason = "frame_too_large"
+
+
 frame_time_limit_s = localsock.frame_time_limit_s
 
 
@@ -58,7 +65,7 @@ async def read_frame(
             head += await _read_exactly(stream, _LEN.size - len(head))
         (length,) = _LEN.unpack(head)
         if length > limit:
-            raise NetworkError(f"frame of {length} bytes exceeds the limit of {limit}")
+            raise FrameTooLargeError(f"frame of {length} bytes exceeds the limit of {limit}")
         scope.deadline = begun + frame_time_limit_s(length, deadline_s, min_bytes_per_s)
         return await _read_exactly(stream, length)
     waited = trio.current_time() - begun
@@ -101,16 +108,24 @@ class FramedStream:
         *,
         on_reject: RejectHook | None = None,
         on_frame: Callable[[str], None] | None = None,
+        on_garbage: Callable[[str], None] | None = None,
         frame_deadline_s: float = FRAME_DEADLINE_S,
         min_bytes_per_s: float = FRAME_MIN_BYTES_PER_S,
     ) -> None:
         self._stream = stream
         self._on_frame = on_frame or (lambda peer_id: None)  # a frame of the peer arrived
+        self._on_garbage = on_garbage or (lambda peer_id: None)  # it sent garbage (scored)
         self._max = max_frame_bytes
         self._on_reject = on_reject or (lambda source, reason: None)
         self._deadline_s = frame_deadline_s
         self._min_bytes_per_s = min_bytes_per_s
         self.peer_id = peer_id
+
+    def misbehaved(self) -> None:
+        """The peer sent what its protocol refuses as garbage (a frame that does not decode):
+        held against its score, so its bytes are read more slowly (p2p.inbound) and, kept
+        up, it is banned. Optional on other streams: callers look it up with getattr."""
+        self._on_garbage(self.peer_id)
 
     async def send(self, frame: bytes) -> None:
         try:
@@ -134,6 +149,10 @@ class FramedStream:
             error = FrameDeadlineError(f"stream from {self.peer_id}: {exc}")
             error._gridmesh_counted = True  # type: ignore[attr-defined]  # the guard: not again
             raise error from None
+        except FrameTooLargeError as exc:
+            self.misbehaved()
+            exc._gridmesh_scored = True  # type: ignore[attr-defined]  # the guard: not again
+            raise
         except NetworkError:
             raise
         except _Libp2pStreamEOF:

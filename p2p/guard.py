@@ -27,6 +27,7 @@ from libp2p.pubsub.pubsub import ValidationCache, ValidationResult, signature_va
 from p2p.bans import PeerBans
 from p2p.codec import CodecError
 from p2p.dhtguard import DHT_PROTOCOL, DHT_REFUSAL, CountingValidator, ResetCountingStream
+from p2p.framing import FrameTooLargeError
 from p2p.hello import HELLO_PROTOCOL, HelloGate
 from p2p.limits import HostLimits, RateLimiter, RejectHook
 from p2p.network import GossipValidator, GossipVerdict, gossip_verdict
@@ -158,7 +159,8 @@ class StreamGuard:
             self.errors += 1
             if not getattr(exc, "_gridmesh_counted", False):
                 self._on_reject("stream", reason_of(exc))
-            if peer is not None and isinstance(exc, CodecError):  # it sent garbage
+            garbage = isinstance(exc, CodecError | FrameTooLargeError)
+            if peer is not None and garbage and not getattr(exc, "_gridmesh_scored", False):
                 self._bans.penalize(peer, "malformed")
             log.info("stream handler for %s failed: %r", protocol, exc)
             with contextlib.suppress(Exception):

@@ -417,6 +417,7 @@ class Libp2pNetwork:
             max_frame_bytes,
             on_reject=self._on_reject,
             on_frame=self.dark.heard,
+            on_garbage=lambda peer: self.bans.penalize(peer, "malformed"),
             frame_deadline_s=FRAME_DEADLINE_S if frame_deadline_s is None else frame_deadline_s,
             min_bytes_per_s=min_bytes_per_s or FRAME_MIN_BYTES_PER_S,
         )

@@ -85,6 +85,8 @@ SESSION_IDLE_S = 120.0
 STREAM_IDLE_S = 30.0  # a stream without a live session and without a frame is closed
 MAX_STREAMS_PER_PEER = MAX_SESSIONS // 2 + 8  # a session each, plus pushes and spares
 TELL_OWNER_TIMEOUT_S = 5.0
+# wire errors of a frame that does not decode at all (not one a session refuses)
+GARBAGE = frozenset({"malformed", "bad_header", "bad_shape", "bad_dtype"})
 
 
 class ShardServer:
@@ -494,6 +496,13 @@ class ShardServer:
             owned.discard(session.id)
             return wire.Closed(), None
         except (wire.WireError, ShardError, ModelError, RuntimeError) as exc:
+            if isinstance(exc, wire.WireError) and exc.reason in GARBAGE:
+                # no client of ours sends a frame that does not decode: held against the
+                # peer's score, so its bytes are read more slowly (p2p.inbound); local and
+                # in-memory streams have no score (no `misbehaved`)
+                misbehaved = getattr(outbox.stream, "misbehaved", None)
+                if misbehaved is not None:
+                    misbehaved()
             return self._error(exc, step), None
 
     async def _pushed(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 from collections import Counter
 
 import trio
@@ -19,6 +20,7 @@ from tests.p2p.test_gossip_validator import _node, _running
 
 SINK = "/gridmesh/test/sink/1"
 PARSE = "/gridmesh/test/parse/1"
+FRAMED = "/gridmesh/test/framed/1"
 ECHO = "/gridmesh/test/echo/1"
 MiB, KiB = 1 << 20, 1 << 10
 
@@ -44,10 +46,13 @@ def test_the_rate_halves_per_point_of_score_and_the_burst_with_it():
     assert budget.charge("bad", 1) > 0  # paid back only to zero: no new burst yet
 
 
-async def _push(limits: HostLimits, size: int, garbage: int = 0) -> tuple[float, float, Counter]:
-    """A real peer sends `garbage` undecodable requests, then pushes `size` bytes into a
-    stream whose handler reads them all; meanwhile an honest peer asks for an echo. Returns
-    (seconds the push took, seconds the honest echo took, the target's refusals)."""
+async def _push(
+    limits: HostLimits, size: int, garbage: int = 0, oversized: int = 0
+) -> tuple[float, float, Counter]:
+    """A real peer sends `garbage` undecodable requests and `oversized` frames over a framed
+    protocol's bound, then pushes `size` bytes into a stream whose handler reads them all;
+    meanwhile an honest peer asks for an echo. Returns (seconds the push took, seconds the
+    honest echo took, the target's refusals)."""
     rejects: Counter[str] = Counter()
     target, pusher, honest = _node(rejects, limits), _node(Counter()), _node(Counter())
     received = 0
@@ -66,10 +71,15 @@ async def _push(limits: HostLimits, size: int, garbage: int = 0) -> tuple[float,
     async def echo(sender: str, request: bytes) -> bytes:
         return request
 
+    async def framed(stream) -> None:
+        while True:  # frames over 1 KiB are refused from their prefix (and scored)
+            await stream.receive()
+
     target.host.set_stream_handler(target.scope.protocol(SINK), sink)
     target.guard_handlers()
     target.set_request_handler(PARSE, parse)
     target.set_request_handler(ECHO, echo)
+    target.set_stream_handler(FRAMED, framed, max_frame_bytes=KiB)
     async with _running(target, pusher, honest):
         await pusher.connect(target.listen_addrs()[0])
         await honest.connect(target.listen_addrs()[0])
@@ -77,6 +87,14 @@ async def _push(limits: HostLimits, size: int, garbage: int = 0) -> tuple[float,
         for _ in range(garbage):
             with contextlib.suppress(Exception):  # the target resets the stream: the point
                 await pusher.request(target.peer_id, PARSE, b"\xc1" * 64, timeout_s=10)
+        for _ in range(oversized):
+            with contextlib.suppress(Exception):  # reset by the target
+                raw = await pusher.host.new_stream(
+                    ID.from_base58(target.peer_id), [target.scope.protocol(FRAMED)]
+                )
+                await raw.write(struct.pack(">I", MiB) + b"x" * 64)
+                with trio.fail_after(10):
+                    await raw.read(1)  # until the target resets it
         stream = await pusher.host.new_stream(
             ID.from_base58(target.peer_id), [target.scope.protocol(SINK)]
         )
@@ -119,4 +137,12 @@ async def test_a_peer_that_sent_garbage_is_read_slowly_from_its_first_penalties(
     # 1 MiB at 64 KiB/s would take 16 s; the score recovers meanwhile (half-life 30 s), and
     # the rate with it (-8.5 after 7 s: 180 KiB/s). Unbudgeted: as fast as the clean push
     assert took >= 5.0, took
+    assert echo_s < 1.0, echo_s
+
+
+async def test_a_peer_sending_frames_over_the_bound_is_read_slowly():
+    limits = HostLimits(min_inbound_bytes_per_s=64 * KiB)
+    took, echo_s, rejects = await _push(limits, MiB, oversized=20)
+    assert rejects["stream:frame_too_large"] >= 10  # and each held against its score
+    assert took >= 5.0, took  # as after garbage requests (above)
     assert echo_s < 1.0, echo_s
