@@ -5,7 +5,12 @@ Starts 4 daemons on loopback (the devnet config, one torch thread each) and depl
 one hostile peer (`python -m daemon.tools.hostile_peer flood KIND`, its own process and
 identity) connects to it alone. node1 serves nothing and is not attacked: the UNTARGETED node.
 Honest probes, each in its own thread, paced evenly over the phase (`--probes` samples at
-most, so that a phase's p99 stands for all of it and is not one sample):
+most, so that a phase's p99 stands for all of it and is not one sample; 300 over 30 s by
+default, since session 14: with 100 over 20 s a p99 was the second largest sample, and two
+runs' ratios for the same flood differed by more than the 2x target itself, the idle
+control's up to 1.74x. 300 make it the fourth largest; the bootstrap interval below still
+says how far a ratio is from noise. The generation probe runs back to back where it cannot
+keep the pace):
 - nodes_find on the target, and on the untargeted node;
 - registry write: `registry_put` on the target until the entry is visible on the untargeted
   node (`registry_get` polled every 10 ms);
@@ -20,7 +25,8 @@ floods are; each window's own p99 is printed beside it.) The floods:
 idle (a control: the hostile peer connected and silent, without a record of its own),
 badsig (registry gossip with bad signatures), gossip (garbage gossip), dht (forged DHT puts),
 streams (stream and connection flood), frames (huge never-finished and garbage frames, shard
-sessions), fill (a registry fill by one author; last, since what it stores stays). In the
+sessions), fill (a registry fill by one author, FILL_ENTRIES_PER_S a second of the phase, so
+that it lasts the phase as 2,000 entries lasted 20 s; last, since what it stores stays). In the
 floods the hostile peer first puts a valid record of its own on the target, as any peer does,
 so that their rows show what the flood costs rather than what a silent peer does (see idle).
 The hostile peer runs under SCHED_IDLE (`--no-sched-idle` to turn it off): on a core only
@@ -34,7 +40,7 @@ Targets: honest p99 during every flood <= 2x the baseline p99; RSS back within 2
 start `--settle` (60) seconds after. The exit status is 0 whatever the targets, unless
 `--strict`.
 
-usage: python bench/abuse.py [--seconds 20] [--settle 60] [--probes 100] [--floods KIND,...]
+usage: python bench/abuse.py [--seconds 30] [--settle 60] [--probes 300] [--floods KIND,...]
        [--tokens 8] [--nice N] [--no-sched-idle] [--quick] [--strict]
 """
 
@@ -68,6 +74,7 @@ LAYERS = 6
 P99_TARGET = 2.0  # honest p99 during a flood <= 2x the baseline p99
 RSS_TARGET = 1.2  # RSS after the settle time within 20 % of before the flood
 PROBE_TIMEOUT_S = 20.0  # a probe that takes longer counts as failed, at this many seconds
+FILL_ENTRIES_PER_S = 100  # the fill's supply per second of the phase (2,000 in 20 s before)
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -412,7 +419,12 @@ def run_flood(
     hostile = subprocess.Popen(
         [sys.executable, "-m", "daemon.tools.hostile_peer", "flood", kind, target.addr]
         + [args.network_id, "--seconds", str(args.seconds)]
-        + ([] if kind == IDLE else ["--announce"]),
+        + ([] if kind == IDLE else ["--announce"])
+        + (
+            ["--fill-entries", str(round(FILL_ENTRIES_PER_S * args.seconds))]
+            if kind == "fill"
+            else []
+        ),
         stdout=subprocess.PIPE,
         stderr=log,
         text=True,
@@ -606,12 +618,12 @@ def print_tables(phases: list[Phase], first: Phase) -> bool:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, help="each flood's duration (20)")
+    parser.add_argument("--seconds", type=float, help="each flood's duration (30)")
     parser.add_argument("--settle", type=float, help="seconds before RSS 'after' (60)")
     parser.add_argument(
         "--probes",
         type=int,
-        help="the most samples of each probe per phase, paced over it (100)",
+        help="the most samples of each probe per phase, paced over it (300)",
     )
     parser.add_argument("--tokens", type=int, default=8, help="tokens per generate probe")
     parser.add_argument(
@@ -639,7 +651,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     quick = {"seconds": 5.0, "settle": 5.0, "probes": 8}
-    full = {"seconds": 20.0, "settle": 60.0, "probes": 100}
+    full = {"seconds": 30.0, "settle": 60.0, "probes": 300}
     for name, value in (quick if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
