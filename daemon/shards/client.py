@@ -127,6 +127,7 @@ class RemoteModel:
         # speculative steps whose checks are still judged, oldest first (see `settle`)
         self._unsettled: list[_Unsettled] = []
         self._replaying = False  # a roll-back replays its prefix: no checks are drawn
+        self.ahead_step = False  # the step running does not wait for its checks
 
     @property
     def route(self) -> list[dict[str, Any]]:
@@ -384,6 +385,9 @@ class RemoteModel:
                 failed = any(u.pending.done.is_set() and u.failed for u in self._unsettled)
                 if not wait and not failed:
                     return None
+                hurry = getattr(self.verifier, "hurry", None)
+                if hurry is not None:  # its checks gathering with others: they go now
+                    hurry()
                 await first.pending.done.wait()
             if first.pending.error is not None:
                 raise first.pending.error
@@ -451,6 +455,7 @@ class RemoteModel:
             raise GenerationError("earlier steps' checks are not settled: settle them first")
         hooks = self.verifier is not None and not self._replaying
         ahead = hooks and speculative and self.speculating
+        self.ahead_step = ahead  # (the verifier's checks of it need not hurry)
         step = _Step(self.length, 0, torch.tensor([token_ids], dtype=torch.int64))
 
         async def relay_one() -> None:

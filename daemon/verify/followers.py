@@ -122,9 +122,15 @@ class Followers:
         avoid = {hop.peer_id}
         for _ in range(3):
             if held is None:
-                peers = self._replicas(model, servers, (hop.start, hop.end), avoid)
+                span = (hop.start, hop.end)
+                peers = self._replicas(model, servers, span, avoid)
                 if not peers:
                     return None
+                if plan.round is not None:  # the round's replica of the range, where it may
+                    drawn = plan.round.replicas.setdefault(span, peers[0])
+                    if drawn in peers:
+                        peers.remove(drawn)
+                        peers.insert(0, drawn)
                 try:
                     session = await ReplicaSession.open(
                         model._opener,

@@ -44,6 +44,9 @@ class VerifyConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A free generation goes on while a step's checks run and rolls back to the step if
     one fails (its tokens are let out only once the checks passed); off: every checked step
     waits for its checks. Paid generations always wait (their receipts are held per step)."""
+    gather_s: float = 0.2
+    """How long a speculating generation's check waits for others before they go to their
+    replicas together, to share a pass there (`daemon.verify.gather`; 0: at once)."""
     graduate_after: int = 20
     """Passed checks that end probation."""
     exclude_after: int = 2
@@ -57,6 +60,8 @@ class VerifyConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"verify.{name} must be within 0..1, got {value}")
+        if not 0.0 <= self.gather_s <= 10.0:
+            raise ValueError(f"verify.gather_s must be within 0..10, got {self.gather_s}")
         if not 0 <= self.graduate_after <= 1_000_000:
             raise ValueError("verify.graduate_after must be within 0..1000000")
         if not 1 <= self.exclude_after <= 1000:

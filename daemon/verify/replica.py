@@ -73,6 +73,8 @@ class Plan:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     collected: bool = False  # its verdict was drawn (a step run again is not checked twice)
     after: Plan | None = None  # the hop's check still running before it (it goes first)
+    gather: bool = False  # waits for other checks to go with (`daemon.verify.gather`)
+    round: Any = None  # the gather's round it went with (its replica per range)
 
     def give(self, x: torch.Tensor) -> None:
         if not self.ready.is_set():

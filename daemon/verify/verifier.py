@@ -57,6 +57,7 @@ from daemon.verify.canaries import Canary, CanaryStore
 from daemon.verify.compare import Agreement, judge, tolerance
 from daemon.verify.deferred import DeferredPayments
 from daemon.verify.followers import Followers
+from daemon.verify.gather import Gather
 from daemon.verify.links import ReplicaLinks
 from daemon.verify.policy import RANK_PENALTY_MS, Reputation, VerifyConfig
 from daemon.verify.replica import Plan, Replay, ReplicaSession, ReplicaUnavailable, run_on
@@ -114,6 +115,7 @@ class Verifier:
         # the open replica sessions, least recently used first, and whose they are
         self._held: OrderedDict[ReplicaSession, GenerationChecks] = OrderedDict()
         self.links = ReplicaLinks()  # streams to replicas, kept for the checks to come
+        self.gather = Gather(self.config.gather_s)  # speculating checks go in rounds
 
     def generation(self, payments: Any = None) -> GenerationChecks:
         return GenerationChecks(self, payments)
@@ -229,6 +231,10 @@ class GenerationChecks(Followers):
     def routable(self, servers: list[Any]) -> list[Any]:
         return self.verifier.routable(servers)
 
+    def hurry(self) -> None:
+        """The generation waits for its verdicts: the checks gathering go now."""
+        self.verifier.gather.hurry()
+
     def flush(self) -> None:
         """Acknowledge what is still held and end the replica sessions (the generation
         ends; `aclose` where the caller can wait, else they end in the background)."""
@@ -289,6 +295,10 @@ class GenerationChecks(Followers):
         self._last_plan.clear()
 
     def _start(self, model: Any, plan: Plan) -> None:
+        # a step the generation does not wait for: its check may gather with others
+        plan.gather = (
+            bool(getattr(model, "ahead_step", False)) and self.verifier.gather.gather_s > 0
+        )
         before = self._last_plan.get(id(plan.hop))
         if before is not None and before.hop is plan.hop and not before.done.is_set():
             plan.after = before
@@ -302,6 +312,8 @@ class GenerationChecks(Followers):
                 if plan.after is not None:  # the hop's check before it goes first
                     await plan.after.done.wait()
                     plan.after = None
+                if plan.gather:
+                    plan.round = await self.verifier.gather.wait()
                 servers = await model._servers()
                 plan.result = await self._follower_output(model, servers, plan)
         except Exception as exc:  # (a bug: after_step raises it in the generation's task)

@@ -140,6 +140,7 @@ async def test_honest_providers_are_never_flagged_across_10000_checked_steps(clu
     assert v.counters["checks_pass"] >= 10_000
     assert not v.counters["checks_fail"] and not v.counters["checks_unresolved"]
     assert all(not d.failed for d in v.verdicts)
-    # most checks catch up in one pass, so their bits differ; far within the bound
-    assert v.counters["compare_close"] > v.counters["compare_exact"] > 0
+    # checks that catch up several positions in one pass (or share a batch) differ in the
+    # last bits, those of one position alone are exact; both far within the bound
+    assert v.counters["compare_close"] > 0 and v.counters["compare_exact"] > 0
     assert 0 < v.spread_max < tolerance(torch.float32) / 10
