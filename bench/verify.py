@@ -31,8 +31,9 @@ largest honest difference seen between a provider and its replica
 time goes per configuration: the cores the process kept busy (CPU / wall: it is one
 process, but its passes run in worker threads, so the wall overhead is not the CPU one), the
 routes' servers' and the replicas' forward passes and compute time (and the replicas' CPU per
-pass: what a check's catch-up costs), how long the token loops waited at a step's end for
-its checks, and the verifier's hooks' CPU in a step it does not check (what the machinery
+pass: what a check's catch-up costs), how long the token loops waited for checks (at a
+step's end; a speculating generation, the default, in `settle`: at its end, or with too many
+tokens held), and the verifier's hooks' CPU in a step it does not check (what the machinery
 costs at a 0 % rate; the hooks of such a step never yield, so their thread's CPU time is
 theirs alone). Its timing costs about ten clock reads per step (some 10 us here: the thread
 CPU clock is a system call), charged to every row with a verifier and not to "none": read
@@ -51,6 +52,11 @@ every server carries traffic and a check's pass on its replica may share a batch
 replica's own steps (`daemon.shards.batching`), as in a network where the replicas serve
 requesters of their own; with `--generations 24` each server carries 8 generations, as the
 routes' two servers do by default. In the breakdown every server counts as a route's then.
+
+Speculation and gathering (`verify.speculate`, `verify.gather_s`, on by default): a
+generation does not wait for a step's checks, and its checks wait up to `gather_s` for others
+so that a replica runs several in one pass; the line under the table says how many went per
+round. A token goes out only once its steps passed (`daemon.shards.token_loop`).
 
 Table 2, steps to detection: a fourth server of the first range cheats in each mode
 (`daemon.verify.cheat`; `corrupt` on half of its steps, the others on all) and announces the
@@ -245,6 +251,8 @@ async def workload(
             _instrument(checks, breakdown)
         lane = i % 3 if args.spread else None  # (`--spread`: the route a{i % 3}, b{i % 3})
         remote = cluster.model(checks, max_length=args.tokens + 16, lane=lane)
+        if checks is not None and breakdown is not None:
+            _time_settle(remote, breakdown)
         await remote.open()
         routes.update(h.peer_id for h in remote.hops)
         async for _ in generate(remote, [i % 200 + 1, 3, 5, 7, 11, 13], args.tokens):
@@ -282,10 +290,11 @@ def _instrument(checks: Any, breakdown: Breakdown) -> None:
     a check. Those run start to end without yielding to the event loop (nothing is awaited
     where no hop was drawn), so their thread's CPU time is theirs alone: what the verifier
     costs a step it does not check."""
-    before_step, input_known, after_step = (
+    before_step, input_known, after_step, speculative = (
         checks.before_step,
         checks.input_known,
         checks.after_step,
+        checks.after_step_speculative,
     )
     pending = [0.0]  # this step's CPU in before_step and input_known so far
 
@@ -319,11 +328,45 @@ def _instrument(checks: Any, breakdown: Breakdown) -> None:
                 breakdown.unchecked_steps += 1
             pending[0] = 0.0
 
+    def timed_speculative(*args: Any) -> Any:
+        # (a speculating step's hook: it never waits; the token loop's waits for verdicts
+        # are timed in `settle`, see `_time_settle`)
+        cpu = time.thread_time()
+        out = None
+        try:
+            out = speculative(*args)
+            return out
+        finally:
+            if out is None:
+                breakdown.unchecked_hook_cpu_s += pending[0] + time.thread_time() - cpu
+                breakdown.unchecked_steps += 1
+            else:
+                breakdown.checked_steps += 1
+            pending[0] = 0.0
+
     checks.before_step, checks.input_known, checks.after_step = (
         timed_before,
         timed_input,
         timed_after,
     )
+    checks.after_step_speculative = timed_speculative
+
+
+def _time_settle(remote: Any, breakdown: Breakdown) -> None:
+    """Count the token loop's wall time in `settle` (`--breakdown`): where a speculating
+    generation waits for its checks (its end, or too many tokens held)."""
+    settle = remote.settle
+
+    async def timed(*, wait: bool) -> Any:
+        started = time.perf_counter()
+        try:
+            return await settle(wait=wait)
+        finally:
+            took = time.perf_counter() - started
+            breakdown.hook_s += took
+            breakdown.checked_hook_s += took
+
+    remote.settle = timed
 
 
 @dataclass(frozen=True)
@@ -476,6 +519,13 @@ async def overhead(args: argparse.Namespace, model_dir: Path, apart: Apart | Non
             f"{fed:>27.1f} | {v.spread_max:>17.1e} | {middle(rate, 0)}; {middle(rate, 1)}"
             + (network(runs[rate], base) if apart is not None else "")
         )
+    for rate in args.rates:
+        g = verifiers[rate].gather
+        if g.rounds:
+            print(
+                f"{rate * 100:.0f}%: checks gathered in {g.rounds} rounds of "
+                f"{g.checks / g.rounds:.2f} on average (verify.gather_s {g.gather_s} s)"
+            )
     if parts:
         print_breakdown(parts, verifiers)
 

@@ -127,7 +127,8 @@ class Followers:
                 if not peers:
                     return None
                 if plan.round is not None:  # the round's replica of the range, where it may
-                    drawn = plan.round.replicas.setdefault(span, peers[0])
+                    key = (model.model_id, *span)
+                    drawn = plan.round.replicas.setdefault(key, peers[0])
                     if drawn in peers:
                         peers.remove(drawn)
                         peers.insert(0, drawn)

@@ -25,10 +25,11 @@ import trio
 
 @dataclass(eq=False)
 class Round:
-    """Checks gathering together: `go` once they may start; per range, its replica."""
+    """Checks gathering together: `go` once they may start; per model and range, its
+    replica."""
 
     go: trio.Event = field(default_factory=trio.Event)
-    replicas: dict[tuple[int, int], str] = field(default_factory=dict)
+    replicas: dict[tuple[str, int, int], str] = field(default_factory=dict)  # (model, range)
     checks: int = 0
 
 
