@@ -44,7 +44,7 @@ class VerifyConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A free generation goes on while a step's checks run and rolls back to the step if
     one fails (its tokens are let out only once the checks passed); off: every checked step
     waits for its checks. Paid generations always wait (their receipts are held per step)."""
-    gather_s: float = 0.2
+    gather_s: float = 0.5
     """How long a speculating generation's check waits for others before they go to their
     replicas together, to share a pass there (`daemon.verify.gather`; 0: at once)."""
     graduate_after: int = 20
