@@ -124,6 +124,13 @@ __all__ = [
 ]
 
 PING_TIMEOUT_S = 2.0
+# a request that gave up sooner than this shows nothing about its connection, and does not
+# have it checked for being dark (p2p.deadconn): SWIM's probes wait 80 ms (up to 0.64 s on a
+# slow node) while opening a stream alone took 1-2 s on a loaded machine (5 daemons of the
+# election procs tests, median 1.9 s of those over 1 s), so nearly every probe timed out,
+# every peer was under a check all the time, and each check whose two pings missed closed the
+# connection and every stream on it (~10 times per daemon per test)
+DARK_MIN_WAIT_S = 1.0
 CLOSED_POLL_S = 2.0  # how often an inbound connection's socket is checked for being closed
 # (op, outcome, seconds) -> None
 
@@ -327,8 +334,9 @@ class Libp2pNetwork:
         self, peer_id: str, protocol: str, payload: bytes, *, timeout_s: float | None = None
     ) -> bytes:
         protocol = self.scope.protocol(protocol)
+        timeout_s = timeout_s or self._request_timeout_s
         try:
-            with trio.fail_after(timeout_s or self._request_timeout_s):
+            with trio.fail_after(timeout_s):
                 stream = await self.host.new_stream(ID.from_base58(peer_id), [protocol])
                 try:
                     await write_frame(stream, payload)
@@ -338,7 +346,8 @@ class Libp2pNetwork:
                     await stream.close()
                 return response
         except trio.TooSlowError:
-            self.dark.suspect(peer_id, self._nursery)  # a dark connection is dropped
+            if timeout_s >= DARK_MIN_WAIT_S:
+                self.dark.suspect(peer_id, self._nursery)  # a dark connection is dropped
             raise NetworkError(f"request {protocol} to {peer_id} timed out") from None
         except NetworkError:
             raise

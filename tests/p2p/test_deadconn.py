@@ -10,6 +10,7 @@ import trio
 
 from p2p import deadconn
 from p2p.deadconn import DeadConnections
+from p2p.host import DARK_MIN_WAIT_S
 from p2p.network import NetworkError
 from tests.p2p.test_host import Node
 
@@ -101,18 +102,42 @@ async def test_a_slow_handler_times_a_request_out_but_the_connection_stays():
         await b.net.connect(a.net.listen_addrs()[0])
 
         async def slow(sender: str, payload: bytes) -> bytes:
-            await trio.sleep(2)
+            await trio.sleep(3)
             return payload
 
         a.net.set_request_handler("/gridmesh/test/slow/1", slow)
         with pytest.raises(NetworkError, match="timed out"):
-            await b.net.request(a.ident.peer_id, "/gridmesh/test/slow/1", b"x", timeout_s=0.3)
+            await b.net.request(
+                a.ident.peer_id, "/gridmesh/test/slow/1", b"x", timeout_s=DARK_MIN_WAIT_S
+            )
         for _ in range(100):  # the check ran (up to 5 s): the ping was answered
             if not b.net.dark._checking:
                 break
             await trio.sleep(0.05)
         assert b.net.dark.checks == 1 and b.net.dark.dropped == 0
         assert a.ident.peer_id in b.net.connected_peers()
+
+
+async def test_a_request_that_gives_up_sooner_than_a_ping_starts_no_check():
+    """Real hosts: SWIM's probes wait 80 ms; their timeouts, by the hundred on a loaded
+    machine, say nothing of the connection and must not have it checked (and dropped)."""
+    async with AsyncExitStack() as stack:
+        a, b = Node(), Node()
+        for node in (a, b):
+            await stack.enter_async_context(node.net.run())
+        await b.net.connect(a.net.listen_addrs()[0])
+
+        async def slow(sender: str, payload: bytes) -> bytes:
+            await trio.sleep(2)
+            return payload
+
+        a.net.set_request_handler("/gridmesh/test/slow/1", slow)
+        for _ in range(3):
+            with pytest.raises(NetworkError, match="timed out"):
+                await b.net.request(a.ident.peer_id, "/gridmesh/test/slow/1", b"x", timeout_s=0.1)
+            # a check is marked as the request gives up (`suspect`), before it pings
+            assert not b.net.dark._checking
+        assert b.net.dark.checks == 0
 
 
 async def test_a_real_hosts_answers_and_requests_count_as_heard():
