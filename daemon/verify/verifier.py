@@ -309,10 +309,10 @@ class GenerationChecks(Followers):
         """A plan's replica side; never raises (its error is the plan's)."""
         try:
             with plan.scope:
-                if plan.after is not None:  # the hop's check before it goes first
-                    await plan.after.done.wait()
-                    plan.after = None
-                if plan.gather:
+                if plan.after is not None:  # the hop's check before it goes first (it
+                    await plan.after.done.wait()  # gathered: this one goes at once, and a
+                    plan.after = None  # round that went meanwhile does not hold it up)
+                elif plan.gather:
                     plan.round = await self.verifier.gather.wait()
                 servers = await model._servers()
                 plan.result = await self._follower_output(model, servers, plan)
