@@ -57,6 +57,8 @@ Speculation and gathering (`verify.speculate`, `verify.gather_s`, on by default)
 generation does not wait for a step's checks, and its checks wait up to `gather_s` for others
 so that a replica runs several in one pass; the line under the table says how many went per
 round. A token goes out only once its steps passed (`daemon.shards.token_loop`).
+`--waiting` adds, interleaved in the same rounds, each rate above 0 in generations that wait
+for every check (`speculate` off, no gathering): rows "wait", the mechanism before.
 
 Table 2, steps to detection: a fourth server of the first range cheats in each mode
 (`daemon.verify.cheat`; `corrupt` on half of its steps, the others on all) and announces the
@@ -69,6 +71,7 @@ deviation (a few seeded geometric draws understate it).
 usage: python bench/verify.py [--hidden 256] [--layers 8] [--generations 8] [--tokens 48]
        [--rounds 10] [--seeds 20] [--rates 0 0.02 0.10] [--threads 1]
        [--skip-detection] [--skip-overhead] [--breakdown] [--replicas-apart] [--spread]
+       [--waiting]
 """
 
 from __future__ import annotations
@@ -431,12 +434,23 @@ def interval(
     return out[0], out[1]
 
 
+def _verifier(rate: float) -> Verifier:
+    """A configuration's verifier: a negative rate is that rate in generations that wait
+    for every check (`--waiting`: no speculation, no gathering)."""
+    if rate < 0:
+        config = VerifyConfig(rate=-rate, probation_rate=-rate, speculate=False, gather_s=0.0)
+    else:
+        config = VerifyConfig(rate=rate, probation_rate=rate)
+    return Verifier(config, rng=random.Random(1))
+
+
+def _label(rate: float) -> str:
+    return f"{abs(rate) * 100:.0f}%" + (" wait" if rate < 0 else "")
+
+
 async def overhead(args: argparse.Namespace, model_dir: Path, apart: Apart | None = None) -> None:
     cluster = await honest_cluster(model_dir, args.layers, apart)
-    verifiers = {
-        rate: Verifier(VerifyConfig(rate=rate, probation_rate=rate), rng=random.Random(1))
-        for rate in args.rates
-    }
+    verifiers = {rate: _verifier(rate) for rate in args.rates}
     await workload(cluster, None, args)  # warm up the routes' servers
     # and every replica (a check on every step), so that no configuration's first round
     # pays for a server's first passes
@@ -512,7 +526,7 @@ async def overhead(args: argparse.Namespace, model_dir: Path, apart: Apart | Non
         fed = v.counters["replica_positions"] / max(1, v.counters["replica_steps"])
         done = sum(r.tokens for r in runs[rate])
         print(
-            f"{rate * 100:>9.0f}% | {done / sum(r.wall_s for r in runs[rate]):>8.1f} | "
+            f"{_label(rate):>10} | {done / sum(r.wall_s for r in runs[rate]):>8.1f} | "
             f"{wall * 100:>14.1f}% | {wall_ci:>12} | "
             f"{1000 * sum(r.cpu_s for r in runs[rate]) / done:>12.2f} | "
             f"{cpu * 100:>13.1f}% | {cpu_ci:>12} | {checks:>6} | {extra:>25.1f} | "
@@ -523,7 +537,7 @@ async def overhead(args: argparse.Namespace, model_dir: Path, apart: Apart | Non
         g = verifiers[rate].gather
         if g.rounds:
             print(
-                f"{rate * 100:.0f}%: checks gathered in {g.rounds} rounds of "
+                f"{_label(rate)}: checks gathered in {g.rounds} rounds of "
                 f"{g.checks / g.rounds:.2f} on average (verify.gather_s {g.gather_s} s)"
             )
     if parts:
@@ -561,7 +575,7 @@ def print_breakdown(parts: dict[float | None, Breakdown], verifiers: dict[float,
 
         v = verifiers.get(rate) if rate is not None else None
         opened = v.counters["replica_sessions"] if v is not None else 0
-        label = "none" if rate is None else f"{rate * 100:.0f}%"
+        label = "none" if rate is None else _label(rate)
         per_pass = 1000 * b.compute_cpu_s["replica"] / max(1, b.passes["replica"])
         hooks = (
             f"{1e6 * b.unchecked_hook_cpu_s / b.unchecked_steps:.1f}" if b.unchecked_steps else "-"
@@ -754,6 +768,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.02, 0.10])
     parser.add_argument("--skip-detection", action="store_true")
+    parser.add_argument(
+        "--waiting",
+        action="store_true",
+        help="also each rate above 0 in generations that wait for every check (rows 'wait')",
+    )
     parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument(
         "--breakdown", action="store_true", help="where the time goes, per check rate"
@@ -773,6 +792,8 @@ def main() -> None:
     parser.add_argument("--replica-host", type=Path, help=argparse.SUPPRESS)  # (its child)
     parser.add_argument("--replica-seed", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.waiting:
+        args.rates = [*args.rates, *(-r for r in args.rates if r > 0)]
     if args.spread and args.replicas_apart:
         parser.error("--spread puts routes on every server: not with --replicas-apart")
     torch.set_num_threads(args.threads)
