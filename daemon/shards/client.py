@@ -101,7 +101,9 @@ class RemoteModel:
         the hop failed (None: free work). `verifier`: spot checks of the steps
         (`daemon.verify.verifier.GenerationChecks`; None: none), told when a step starts and
         when each hop's input is known (its checks run beside the step) and, at the step's
-        end, asked for the verdicts (a hop found wrong raises HopFailed there)."""
+        end, asked for the verdicts (a hop found wrong raises HopFailed there), or, in a
+        speculative step, told that it ended: its verdicts come in later (`settle`), and a
+        step found wrong is rolled back to."""
         self._opener = opener
         self._servers = servers
         self.model_id = model_id

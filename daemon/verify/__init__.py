@@ -7,6 +7,7 @@
 - `replica`: running a hop's step again on another server (and a check's plan, drawn when
   its step starts); `links`: the streams kept to replicas for it; `followers`: the replica
   session that follows each provider hop of a generation.
+- `gather`: a speculating generation's checks, gathered so that a replica runs several at once.
 - `deferred`: a paid generation's receipts, held until their step's checks are done.
 - `canaries`: known-good steps, sent again as ordinary traffic.
 - `verifier`: the checks of a generation, driven by the shard client's hooks.

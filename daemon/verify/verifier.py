@@ -18,6 +18,13 @@ counters); `Verifier.generation()` gives one generation its `GenerationChecks`, 
   and the minority fails the check. A provider that fails makes the step fail over
   (`HopFailed`): the client re-routes without it and runs the step again on an honest route,
   before any token is drawn from it.
+- `after_step_speculative(model, position, logits)` (a free generation, `speculate` on:
+  `daemon.shards.token_loop` speculates): the same checks judged in the background
+  (`Pending`), while the generation goes on; it lets no token of the step out before the
+  verdicts, and rolls back to the step if a hop was found wrong. Verdicts apply in step order,
+  and those of a step rolled back over are dropped (as if it had never run). Such a step's
+  checks gather with others for up to `gather_s` (`daemon.verify.gather`) so that a replica
+  runs several in one pass.
 The replica keeps one session per provider hop for the generation (`ReplicaSession`), fed
 only the hop's inputs it has not seen yet, so that a check costs one pass over the steps since
 the hop's last check instead of a replay of the whole prefix. The provider sees nothing of
