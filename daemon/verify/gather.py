@@ -5,7 +5,8 @@ Why: where the replicas have no traffic of their own, each check was a forward p
 own on an idle replica (its weights cold), about as much CPU as the route's pass of several
 generations' steps. A generation that speculates (the token loop goes on while a step's
 checks run) does not need a check's verdict at once, only before it lets the step's tokens
-out; so a check drawn there waits up to `gather_s` (0.5 s) for others (of any generation of this
+out; so a check drawn there waits up to `gather_s` (off by default: see
+`policy.VerifyConfig.gather_s` for when it pays) for others (of any generation of this
 requester), and then they all go at once, each range's to one replica drawn for the round:
 the replica's batching (`daemon.shards.batching`) runs their catch-ups as one pass. A
 generation that must have its verdicts now (its end, or too many tokens held) hurries the
