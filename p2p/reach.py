@@ -90,6 +90,7 @@ PUNCH_RETRY_S = 30.0  # a peer is punched to at most this often
 PUNCH_TIMEOUT_S = 30.0
 OBSERVERS_NEEDED = 2  # peers that must see us at an address before we advertise it
 CONFIRMED_MIN_S = 60.0  # an AutoNAT confirmation lasts 3 check rounds, at least this long
+ADDRS_FRESH_S = 1.0  # what we advertise is rebuilt at most this often (pubsub asks per RPC)
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,9 @@ class Reachability:
         self.refused_hops = 0  # relay requests refused while we were not known to be public
         self.circuit_dials = 0  # connections we opened through a relay
         self._host_addrs = host.get_addrs
+        # (when built, monotonic; what) of `_get_addrs`: see ADDRS_FRESH_S
+        self._addrs_memo: tuple[float, list[multiaddr.Multiaddr]] | None = None
+        self._watch_observations()
         swarm = host.get_network()
         self._swarm_dial_peer = swarm.dial_peer
         swarm.dial_peer = self._dial_peer  # direct first, then through relays (docstring)
@@ -271,6 +275,7 @@ class Reachability:
         if reached is not None and reached in candidates:
             with contextlib.suppress(Exception):
                 self.confirmed[str(multiaddr.Multiaddr(reached))] = time.monotonic()
+                self._addrs_changed()
 
     def info(self) -> dict[str, Any]:
         return {
@@ -414,6 +419,7 @@ class Reachability:
         was, self.status = self.status, tally(self.votes, self.settings.confirmations, self.status)
         if was == PRIVATE and self.status == PUBLIC:
             self.relayed.clear()  # reachable directly now: relayed addresses only slow peers
+            self._addrs_changed()
         return self.status
 
     def _relay_candidates(self) -> list[ID]:
@@ -430,6 +436,7 @@ class Reachability:
         connected = {p.to_base58() for p in self.host.get_connected_peers()}
         for gone in set(self.relayed) - connected:
             del self.relayed[gone]
+            self._addrs_changed()
         for relay in self._relay_candidates():
             if len(self.relayed) >= self.settings.relays:
                 break
@@ -458,6 +465,7 @@ class Reachability:
             if not is_circuit(a) and "/tcp/" in str(a)
         ]
         self.relayed[relay.to_base58()] = addrs
+        self._addrs_changed()
         log.info("reserved a slot on relay %s: %s", relay, [str(a) for a in addrs])
         return True
 
@@ -497,10 +505,36 @@ class Reachability:
         """`host.get_addrs()`: what this host tells every peer (see the module docstring),
         each ending in /p2p/<our id>. Relayed addresses are added here: py-libp2p's own
         get_addrs strips every address after its first /p2p/ part (.../p2p/RELAY/p2p-circuit
-        would become ...)."""
+        would become ...). Built at most every ADDRS_FRESH_S and when our reservations or
+        confirmations change: pubsub asks for it with every RPC it sends."""
+        now = time.monotonic()
+        if self._addrs_memo is not None and now - self._addrs_memo[0] < ADDRS_FRESH_S:
+            return list(self._addrs_memo[1])
         me = multiaddr.Multiaddr(f"/p2p/{self.host.get_id()}")
         direct = self._host_addrs() + self.confirmed_addrs()
-        return [a.encapsulate(me) for a in advertised(direct, self.relayed_addrs())]
+        addrs = [a.encapsulate(me) for a in advertised(direct, self.relayed_addrs())]
+        self._addrs_memo = (now, addrs)
+        return list(addrs)
+
+    def _addrs_changed(self) -> None:
+        self._addrs_memo = None
+
+    def _watch_observations(self) -> None:
+        """What peers see us at (identify's observations) feeds `_get_addrs`: a change
+        rebuilds it at once."""
+        manager = getattr(self.host, "_observed_addr_manager", None)
+        for name in ("record_observation", "remove_conn"):
+            method = getattr(manager, name, None)
+            if method is None:
+                continue
+
+            def changed(*args: Any, _method: Any = method, **kwargs: Any) -> Any:
+                try:
+                    return _method(*args, **kwargs)
+                finally:
+                    self._addrs_changed()
+
+            setattr(manager, name, changed)
 
     async def hole_punch(self, peer_id: str) -> bool:
         """Try DCUtR now; True once a direct connection to the peer exists."""

@@ -177,3 +177,32 @@ async def test_garbage_on_relay_hole_punch_and_autonat_streams_leaves_the_relay_
                     await stream.close()
         assert await private.reach.reserve_on(ID.from_base58(relay.peer_id))
         await relay.ping(private.peer_id)
+
+
+async def test_advertised_addresses_are_built_once_per_moment_and_again_when_they_change() -> None:
+    # pubsub asks for our addresses (host.get_addrs) with every RPC it sends: a gossip burst
+    # must not rebuild them each time, and a new reservation must show at once
+    relay, private = make(serve=True), make(hole_punch=False)
+    async with AsyncExitStack() as stack:
+        for net in (relay, private):
+            await stack.enter_async_context(net.run())
+        await private.connect(relay.listen_addrs()[0])
+        await wait_for(lambda: relay.reach.serving)
+        reach = private.reach
+        builds = 0
+        listen = reach._host_addrs
+
+        def counted() -> list[multiaddr.Multiaddr]:
+            nonlocal builds
+            builds += 1
+            return listen()
+
+        reach._host_addrs = counted
+        reach._addrs_changed()
+        first = [str(a) for a in private.host.get_addrs()]
+        for _ in range(200):
+            assert [str(a) for a in private.host.get_addrs()] == first
+        assert builds == 1
+        assert await reach.reserve_on(ID.from_base58(relay.peer_id))
+        assert any("/p2p-circuit" in str(a) for a in private.host.get_addrs())
+        assert builds == 2
