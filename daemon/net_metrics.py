@@ -166,7 +166,7 @@ def _scores(bans: Any) -> Iterator[Metric]:
     penalties = CounterMetricFamily(
         "gridmesh_peer_penalties",
         "Events held against a peer's score, by reason (bad_signature, invalid_record, "
-        "malformed, stale, rate_limited)",
+        "malformed, stale, rate_limited, over_budget)",
         labels=["reason"],
     )
     for reason, count in sorted(scores.by_reason.items()):

@@ -66,13 +66,13 @@ class PeerBans:
         if not self._strikes.allow(peer):
             self.ban(peer)
 
-    def penalize(self, peer: str, reason: str) -> None:
-        """One event of `reason` (p2p.scoring.PENALTIES) against `peer`'s score; below the
-        threshold it is banned (`ban_s` 0: never)."""
+    def penalize(self, peer: str, reason: str, events: int = 1) -> None:
+        """`events` events of `reason` (p2p.scoring.PENALTIES) against `peer`'s score; below
+        the threshold it is banned (`ban_s` 0: never)."""
         if self._ban_s <= 0 or peer == self._own or self.is_banned(peer):
             return
         self._note(peer, reason)
-        self.scores.penalize(peer, reason)
+        self.scores.penalize(peer, reason, events)
 
     def _note(self, peer: str, reason: str) -> None:
         counts = self._why.pop(peer, None) or Counter()

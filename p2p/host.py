@@ -217,7 +217,9 @@ class Libp2pNetwork:
         self.dark = deadconn.DeadConnections(self.ping, self._drop_peer)  # p2p.deadconn
         self.inbound = buffers.host_budget(lim, self._on_reject, self.bans)  # unread bytes
         # bytes read from each peer, at a rate its score brings down (p2p.inbound)
-        self.inbound_rate = inbound.InboundBudget(lim, self.bans.scores.score, self._on_reject)
+        self.inbound_rate = inbound.InboundBudget(
+            lim, self.bans.scores.score, self._on_reject, penalize=self.bans.penalize
+        )
         # GossipSub's defaults lose messages (120 s heartbeat, 10 msg/s spam limit): tune them
         self.gossipsub = GossipSub(
             protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11],

@@ -6,9 +6,9 @@ yamux parses it into frames and buffers, a handler reads it. A flood that stays 
 message limit (huge never-finished frames, garbage frames answered one by one, gossip
 dropped only once decoded) still takes the node's event loop from honest users: profiled on
 the abuse bench's target during the frames flood (7 MB/s), yamux's frame reader was 13 % of
-its samples, the largest single part. Refusing bytes once read costs as much as taking them; not reading them costs
-nothing: the kernel's socket buffer and the peer's yamux send windows fill, and the sender
-blocks.
+its samples, the largest single part. Refusing bytes once read costs as much as taking
+them; not reading them costs nothing: the kernel's socket buffer and the peer's yamux send
+windows fill, and the sender blocks.
 
 Each peer has a token bucket of bytes (`HostLimits.inbound_bytes_per_s`,
 `inbound_bytes_burst`), shared by its connections, charged as each connection's reader
@@ -19,6 +19,12 @@ is the peer's score (p2p.scoring): it halves for every `inbound_halving_score` p
 below 0, down to `min_inbound_bytes_per_s`, so a peer that has sent garbage is read slowly
 from its first penalties on, long before a ban, and at full speed again as its score
 recovers. Honest peers' rare penalties (a stale record, 0.1) barely move it.
+
+Throttling alone would keep a flooder connected for ever: read at the floor, it is refused
+rarely, and its score recovers as fast as its few refusals lower it. So a peer read at the
+floor that still sends past it is penalized for the time it is held back (`over_budget`,
+one event per OVER_BUDGET_EVENT_S), which bans a flood pinned at the floor within seconds;
+an honest peer (score near 0) is only ever slowed by its budget, never scored for it.
 """
 
 from __future__ import annotations
@@ -33,6 +39,10 @@ from p2p.limits import HostLimits, RejectHook
 
 # the score (<= 0) of a peer now (p2p.scoring.PeerScores.score)
 ScoreOf = Callable[[str], float]
+# (peer, reason, events): p2p.bans.PeerBans.penalize
+Penalize = Callable[[str, str, int], None]
+
+OVER_BUDGET_EVENT_S = 0.1  # held back this long at the floor: one `over_budget` event
 
 
 class InboundBudget:
@@ -44,6 +54,7 @@ class InboundBudget:
         score_of: ScoreOf,
         on_reject: RejectHook,
         clock: Callable[[], float] = trio.current_time,
+        penalize: Penalize | None = None,
     ) -> None:
         self.rate = float(limits.inbound_bytes_per_s)
         self.burst = float(limits.inbound_bytes_burst)
@@ -53,6 +64,8 @@ class InboundBudget:
         self._score_of = score_of
         self._on_reject = on_reject
         self._clock = clock
+        self._penalize = penalize or (lambda peer, reason, events: None)
+        self._owed: dict[str, float] = {}  # seconds held back at the floor, not yet scored
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, when
         self.pauses = 0  # readers paused for a peer over its budget
         self.paused_s = 0.0  # and for how long in all
@@ -83,7 +96,19 @@ class InboundBudget:
             self.pauses += 1
             self.paused_s += wait
             self._on_reject("inbound", "throttled")
+            if self.rate_of(peer) <= self.floor:
+                self._score_flood(peer, wait)
             await trio.sleep(wait)
+
+    def _score_flood(self, peer: str, wait: float) -> None:
+        owed = self._owed.pop(peer, 0.0) + wait
+        events = int(owed / OVER_BUDGET_EVENT_S)
+        if events:
+            self._penalize(peer, "over_budget", events)
+            owed -= events * OVER_BUDGET_EVENT_S
+        self._owed[peer] = owed
+        while len(self._owed) > self._max_peers:
+            del self._owed[next(iter(self._owed))]
 
     def install(self, muxed_conn: Any, peer: str) -> bool:
         """Put the reads of `muxed_conn`'s secure channel (a yamux connection's) under

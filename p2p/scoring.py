@@ -34,6 +34,10 @@ PENALTIES: dict[str, float] = {
     # a stream or DHT message over its rate limit (honest peers stay far below): a hundred
     # within a half-life bans, even where strikes are set out of reach
     "rate_limited": 1.0,
+    # a tenth of a second a peer already read at the floor rate (p2p.inbound) was held back
+    # for sending past it: throttling makes a flooder's refusals rare, this keeps it on the
+    # way to its ban (10 a second: a flood pinned at the floor is banned within seconds)
+    "over_budget": 1.0,
 }
 
 
@@ -68,13 +72,13 @@ class PeerScores:
             return 0.0
         return value * math.exp(-self._decay * max(0.0, self._clock() - when))
 
-    def penalize(self, peer: str, reason: str) -> float:
-        """Lower `peer`'s score for one `reason` event (KeyError for an unknown reason);
-        its new score. Falling below the threshold calls `on_low` once, and starts the peer
-        again from 0 (its ban is the back-off)."""
-        value = self.score(peer) - PENALTIES[reason]
-        self.penalties += 1
-        self.by_reason[reason] += 1
+    def penalize(self, peer: str, reason: str, events: int = 1) -> float:
+        """Lower `peer`'s score for `events` events of `reason` (KeyError for an unknown
+        reason); its new score. Falling below the threshold calls `on_low` once, and starts
+        the peer again from 0 (its ban is the back-off)."""
+        value = self.score(peer) - PENALTIES[reason] * events
+        self.penalties += events
+        self.by_reason[reason] += events
         self._scores.pop(peer, None)
         if value < self.threshold:
             self.lows += 1

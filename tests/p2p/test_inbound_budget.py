@@ -46,6 +46,30 @@ def test_the_rate_halves_per_point_of_score_and_the_burst_with_it():
     assert budget.charge("bad", 1) > 0  # paid back only to zero: no new burst yet
 
 
+async def test_a_peer_held_back_at_the_floor_is_scored_for_it_and_an_honest_one_never(
+    autojump_clock,
+):
+    # throttled at the floor, a flooder is refused too rarely to reach its ban by refusals:
+    # the time it is held back there counts against it; a peer at score 0 is only slowed
+    scores = {"honest": 0.0, "flooder": -40.0}
+    events: Counter[tuple[str, str]] = Counter()
+
+    def penalize(peer: str, reason: str, count: int) -> None:
+        events[peer, reason] += count
+
+    limits = HostLimits(
+        inbound_bytes_per_s=MiB, inbound_bytes_burst=MiB, min_inbound_bytes_per_s=16 * KiB
+    )
+    budget = InboundBudget(limits, scores.__getitem__, lambda s, r: None, penalize=penalize)
+    start = trio.current_time()
+    for _ in range(8):
+        await budget.take("flooder", 16 * KiB)  # after its burst, 1 s held back each
+        await budget.take("honest", MiB)  # its whole budget each time, at full rate
+    assert trio.current_time() - start >= 6.9
+    assert events["honest", "over_budget"] == 0
+    assert 65 <= events["flooder", "over_budget"] <= 70  # one a tenth of a second held back
+
+
 async def _push(
     limits: HostLimits, size: int, garbage: int = 0, oversized: int = 0
 ) -> tuple[float, float, Counter]:

@@ -33,9 +33,7 @@ class Scored:
         return getattr(self._stream, name)
 
 
-async def test_garbage_frames_are_held_against_the_sender_and_refusals_are_not(
-    cluster, model_dir
-):
+async def test_garbage_frames_are_held_against_the_sender_and_refusals_are_not(cluster, model_dir):
     server = await cluster.add("b", model_dir, 2, 6)
     client, server_end = stream_pair("attacker", "b", capacity=4)
     scored = Scored(server_end)
