@@ -459,6 +459,13 @@ async def test_members_that_cannot_load_say_so_and_the_block_lands_on_one_that_c
     async with lab(tmp_path / "net", 4, detect) as net:
         good = net.daemons[1]
         leader = await coordinator_agreed(net, 4)
+        everyone = {d.peer_id for d in net.daemons}
+
+        async def all_records_known() -> bool:  # a member without one is left out, untried
+            found = await leader.daemon.coordinator.directory.find()
+            return {r.peer_id for r in found} >= everyone
+
+        await net.wait_for(all_records_known, 30, "the coordinator to know every record")
 
         async def no_checkpoint(*args: Any, **kwargs: Any) -> dict:
             raise ShardServiceError("bad_model", "no checkpoint at that path here")
