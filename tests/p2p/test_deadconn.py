@@ -3,7 +3,8 @@ connections dropped, one check at a time; a peer that only answers slowly keeps 
 
 from __future__ import annotations
 
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import pytest
 import trio
@@ -13,6 +14,8 @@ from p2p.deadconn import DeadConnections
 from p2p.host import DARK_MIN_WAIT_S
 from p2p.network import NetworkError
 from tests.p2p.test_host import Node
+
+SLOW = "/gridmesh/test/slow/1"
 
 
 class Fake:
@@ -93,8 +96,9 @@ async def test_a_peer_that_answers_the_ping_keeps_its_connection(autojump_clock)
     assert fake.pings == ["p"]
 
 
-async def test_a_slow_handler_times_a_request_out_but_the_connection_stays():
-    """Real hosts: the request times out, the ping is answered, nothing is dropped."""
+@asynccontextmanager
+async def _slow_pair(handler_s: float) -> AsyncIterator[tuple[Node, Node]]:
+    """Two real hosts, b connected to a, a answering SLOW requests after `handler_s`."""
     async with AsyncExitStack() as stack:
         a, b = Node(), Node()
         for node in (a, b):
@@ -102,14 +106,18 @@ async def test_a_slow_handler_times_a_request_out_but_the_connection_stays():
         await b.net.connect(a.net.listen_addrs()[0])
 
         async def slow(sender: str, payload: bytes) -> bytes:
-            await trio.sleep(3)
+            await trio.sleep(handler_s)
             return payload
 
-        a.net.set_request_handler("/gridmesh/test/slow/1", slow)
+        a.net.set_request_handler(SLOW, slow)
+        yield a, b
+
+
+async def test_a_slow_handler_times_a_request_out_but_the_connection_stays():
+    """Real hosts: the request times out, the ping is answered, nothing is dropped."""
+    async with _slow_pair(3) as (a, b):
         with pytest.raises(NetworkError, match="timed out"):
-            await b.net.request(
-                a.ident.peer_id, "/gridmesh/test/slow/1", b"x", timeout_s=DARK_MIN_WAIT_S
-            )
+            await b.net.request(a.ident.peer_id, SLOW, b"x", timeout_s=DARK_MIN_WAIT_S)
         for _ in range(100):  # the check ran (up to 5 s): the ping was answered
             if not b.net.dark._checking:
                 break
@@ -121,20 +129,10 @@ async def test_a_slow_handler_times_a_request_out_but_the_connection_stays():
 async def test_a_request_that_gives_up_sooner_than_a_ping_starts_no_check():
     """Real hosts: SWIM's probes wait 80 ms; their timeouts, by the hundred on a loaded
     machine, say nothing of the connection and must not have it checked (and dropped)."""
-    async with AsyncExitStack() as stack:
-        a, b = Node(), Node()
-        for node in (a, b):
-            await stack.enter_async_context(node.net.run())
-        await b.net.connect(a.net.listen_addrs()[0])
-
-        async def slow(sender: str, payload: bytes) -> bytes:
-            await trio.sleep(2)
-            return payload
-
-        a.net.set_request_handler("/gridmesh/test/slow/1", slow)
+    async with _slow_pair(2) as (a, b):
         for _ in range(3):
             with pytest.raises(NetworkError, match="timed out"):
-                await b.net.request(a.ident.peer_id, "/gridmesh/test/slow/1", b"x", timeout_s=0.1)
+                await b.net.request(a.ident.peer_id, SLOW, b"x", timeout_s=0.1)
             # a check is marked as the request gives up (`suspect`), before it pings
             assert not b.net.dark._checking
         assert b.net.dark.checks == 0
