@@ -19,10 +19,11 @@ lint: $(STAMP)
 
 # Test files run in parallel, one worker per core here (a file's tests stay together, so
 # its module fixtures are built once); TEST_WORKERS=0 runs them in this process, in order.
+# The slowest tests are listed at the end: where the suite's minutes go, for whoever speeds it.
 TEST_WORKERS ?= 2
 
 test: $(STAMP) lint contracts-deps dashboard-deps
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20
 
 # the pinned Solidity toolchain (solc-js, OpenZeppelin, anvil) for the contract tests; never
 # needed by the daemon at run time. npm ci empties node_modules, so the stamp lives inside it.
