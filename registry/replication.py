@@ -52,6 +52,7 @@ REPLY_MARGIN = 4096  # room for a reply's own framing beside its entries
 _R = TypeVar("_R")
 MAX_REFUSED = 10_000  # refused entry states remembered (the oldest are forgotten first)
 MAX_PUSH_PEERS = 4096  # peers whose push budget is remembered (the least recent forgotten)
+MAX_GOSSIP_AUTHORS = 4096  # authors whose gossip budget is remembered (the least recent forgotten)
 # refusals that may pass later without a new version: the entry is fetched again next round
 RETRY_REASONS = frozenset({"unknown_cluster", "bad_timestamp", "rate_limited"})
 
@@ -101,6 +102,14 @@ class ReplicationSettings:
     # answered `applied: 0`, so an honest pusher moves on: this node pulls what it lacks
     push_bytes_per_s: Annotated[float, msgspec.Meta(gt=0)] = float(4 << 20)
     push_bytes_burst: Annotated[int, msgspec.Meta(ge=1)] = 16 << 20
+    # bytes of one author's new entries this node takes (and so relays) by gossip, per second
+    # and at once (a token bucket, under the author's rate of `registry.replica.Limits`): an
+    # author writing more comes by anti-entropy, one pull per node on its own stream. A
+    # relayed message goes out whole on every mesh link, ahead of whatever is queued behind
+    # it on that link: each ~480 KB message of the abuse bench's fill, taken every ~2 s at
+    # the author's rate, held honest gossip behind it for 100-250 ms on the links it crossed
+    gossip_author_bytes_per_s: Annotated[float, msgspec.Meta(gt=0)] = float(16 << 10)
+    gossip_author_bytes_burst: Annotated[int, msgspec.Meta(ge=1)] = 512 << 10
 
 
 class Replicator:
@@ -134,6 +143,8 @@ class Replicator:
         self._refused: OrderedDict[tuple[Any, ...], float] = OrderedDict()
         # push budget per sending peer: peer id -> (tokens, when last refilled)
         self._push_tokens: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        # gossip budget per author: author -> (tokens, when last refilled)
+        self._gossip_tokens: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
     # -- outgoing ----------------------------------------------------------------------
 
@@ -230,7 +241,8 @@ class Replicator:
                 entries.append(entry_from_wire(item))
             except EntryError as exc:
                 malformed.append(exc.reason)
-        over_rate = self._over_rate(entries)
+        need = self._new_bytes(entries)
+        over_rate = self._over_rate(need)
         for entry in entries:
             if entry.author in over_rate:
                 if self.replica.entries.get(entry.id) != entry:  # (held: old news)
@@ -242,6 +254,8 @@ class Replicator:
                 continue
             try:
                 if self.replica.would_change(entry):
+                    for author, size in need.items():
+                        self._spend_gossip(author, size)
                     return GossipVerdict.ACCEPT
             except Rejected as exc:
                 over_quota[slot] += exc.reason == "quota"
@@ -255,17 +269,44 @@ class Replicator:
             return GossipVerdict.REJECT
         return GossipVerdict.IGNORE
 
-    def _over_rate(self, entries: list[Entry]) -> set[str]:
-        """The authors whose new entries in one gossip message do not all fit their rate
-        budget here (`Replica.rate_room`). Such a message is not taken at all, though some
-        of it would fit: taken, it would be forwarded whole, and every node would decode and
-        refuse the rest, message after message, for as long as the author keeps writing
-        faster than its rate (a fill); what fits comes by anti-entropy instead."""
+    def _new_bytes(self, entries: list[Entry]) -> Counter[str]:
+        """Bytes of new entries (not held here as they are) in one message, by author."""
         need: Counter[str] = Counter()
         for entry in entries:
             if self.replica.entries.get(entry.id) != entry:
                 need[entry.author] += wire_size(entry)
-        return {a for a, size in need.items() if size > self.replica.rate_room(a)}
+        return need
+
+    def _over_rate(self, need: Counter[str]) -> set[str]:
+        """The authors whose new entries in one gossip message (`need`, `_new_bytes`) do not
+        all fit their rate budget here (`Replica.rate_room`) or their gossip budget
+        (`gossip_author_bytes_per_s`). Such a message is not taken at all, though some of it
+        would fit: taken, it would be forwarded whole, and every node would decode and
+        refuse the rest, message after message, for as long as the author keeps writing
+        faster than its rate (a fill); what fits comes by anti-entropy instead. The gossip
+        budget is the smaller: an author's writes past it are not relayed on every mesh
+        link (where each large message delays the honest gossip queued behind it) but
+        pulled, once per node, at the author's rate."""
+        return {
+            a
+            for a, size in need.items()
+            if size > min(self.replica.rate_room(a), self._gossip_room(a))
+        }
+
+    def _gossip_room(self, author: str) -> float:
+        """Bytes of `author`'s new entries this node would take by gossip now."""
+        burst = float(self.settings.gossip_author_bytes_burst)
+        now = self.replica.clock.now_ms() / 1000  # the replica's clock, as its rate's
+        tokens, last = self._gossip_tokens.get(author, (burst, now))
+        return min(burst, tokens + max(0.0, now - last) * self.settings.gossip_author_bytes_per_s)
+
+    def _spend_gossip(self, author: str, size: int) -> None:
+        """Take `size` bytes from `author`'s gossip budget (a message taken)."""
+        tokens = self._gossip_room(author) - size
+        self._gossip_tokens.pop(author, None)
+        self._gossip_tokens[author] = (tokens, self.replica.clock.now_ms() / 1000)
+        while len(self._gossip_tokens) > MAX_GOSSIP_AUTHORS:
+            self._gossip_tokens.popitem(last=False)  # forgotten: a full bucket again
 
     async def on_gossip(self, sender: str, data: bytes) -> None:
         try:

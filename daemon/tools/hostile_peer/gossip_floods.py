@@ -117,7 +117,8 @@ async def fill(attack: Flood) -> None:
             attack.stats.sent += len(batch) - 1  # entries, not messages
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(attack.workers, push, 2)
+        if attack.limits.fill_pushers > 0:
+            nursery.start_soon(attack.workers, push, attack.limits.fill_pushers)
         nursery.start_soon(attack.workers, gossip, 1)
 
 

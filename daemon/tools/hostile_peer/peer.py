@@ -83,6 +83,7 @@ class FloodLimits:
     max_idle_conns: int = 256  # raw TCP connections that never finish the handshake
     frame_mb: int = 32  # MB sent into each never-finished frame
     fill_entries: int = 2000  # registry entries of the fill (about 60 KB each)
+    fill_pushers: int = 2  # parallel sync pushes of the fill (0: it gossips only)
     # stay connected this long after the flood, sending nothing, so the target gets to what
     # it has queued (a peer's unread gossip is dropped when it disconnects)
     linger_s: float = 2.0
