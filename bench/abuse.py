@@ -25,8 +25,11 @@ floods are; each window's own p99 is printed beside it.) The floods:
 idle (a control: the hostile peer connected and silent, without a record of its own),
 badsig (registry gossip with bad signatures), gossip (garbage gossip), dht (forged DHT puts),
 streams (stream and connection flood), frames (huge never-finished and garbage frames, shard
-sessions), fill (a registry fill by one author, FILL_ENTRIES_PER_S a second of the phase, so
-that it lasts the phase as 2,000 entries lasted 20 s; last, since what it stores stays). In the
+sessions), fill (a registry fill by one author, as fast as the hostile peer makes entries, for
+the whole phase: its supply, FILL_ENTRIES_PER_S a second of the phase, is more than it makes;
+until session 15 it was 100 a second, which it sent in 6-13 s of 30, and the phase, which ends
+when the hostile peer does, had 132 samples, its p99 the second largest; a flood that ends
+early is printed as such; last, since what it stores stays). In the
 floods the hostile peer first puts a valid record of its own on the target, as any peer does,
 so that their rows show what the flood costs rather than what a silent peer does (see idle).
 The hostile peer runs under SCHED_IDLE (`--no-sched-idle` to turn it off): on a core only
@@ -74,7 +77,10 @@ LAYERS = 6
 P99_TARGET = 2.0  # honest p99 during a flood <= 2x the baseline p99
 RSS_TARGET = 1.2  # RSS after the settle time within 20 % of before the flood
 PROBE_TIMEOUT_S = 20.0  # a probe that takes longer counts as failed, at this many seconds
-FILL_ENTRIES_PER_S = 100  # the fill's supply per second of the phase (2,000 in 20 s before)
+# the fill's supply per second of the phase: more than the hostile peer makes (180-530 entries
+# a second on 2 shared cores, session 15), so that the fill lasts the phase; 100 ran out early
+FILL_ENTRIES_PER_S = 2000
+EARLY = 0.9  # a flood that ran for less than this share of the phase ended early
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -478,6 +484,11 @@ def run_flood(
     if not phase.hostile:
         tail = (log_dir / f"hostile-{kind}.log").read_text(errors="replace")[-600:]
         print(f"  the {kind} flood ended without a result (exit {hostile.returncode}): {tail}")
+    elif kind != IDLE and phase.hostile.get("seconds", 0) < EARLY * args.seconds:
+        print(
+            f"  the {kind} flood ended after {phase.hostile.get('seconds', 0):.1f} s of "
+            f"{args.seconds:g} (its supply ran out?): its rows measure that much of the phase"
+        )
     if args.settle >= 2 * args.seconds:  # the settle's last `--seconds`: a quiet window
         time.sleep(args.settle - args.seconds)
         quiet_ends = time.monotonic() + args.seconds
@@ -610,7 +621,9 @@ def print_tables(phases: list[Phase], first: Phase) -> bool:
             f"{h.get('bytes', 0) / 1e6:>7.1f} | {phase.rejected:>15.0f} | "
             f"{added:>13} | {'yes' if phase.target_alive else 'NO'}"
         )
-    print("(sent/refused/accepted/failed: the hostile peer's own counts; target rejected: the")
+    print("(sent/refused/accepted/failed: the hostile peer's own counts; sent and MB sent are")
+    print(" what it handed its own libp2p, not what reached the target: of a fill's first 181 MB")
+    print(" the target read 8-13 MB in session 15's measurements; target rejected: the")
     print(" target's gridmesh_rejected_messages_total during the flood; +entries t/u: registry")
     print(" entries the target / the untargeted node gained, the probes' own writes left out)")
     return met
