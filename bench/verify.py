@@ -32,7 +32,7 @@ time goes per configuration: the cores the process kept busy (CPU / wall: it is 
 process, but its passes run in worker threads, so the wall overhead is not the CPU one), the
 routes' servers' and the replicas' forward passes and compute time (and the replicas' CPU per
 pass: what a check's catch-up costs), how long the token loops waited for checks (at a
-step's end; a speculating generation, the default, in `settle`: at its end, or with too many
+step's end; a speculating generation in `settle`: at its end, or with too many
 tokens held), and the verifier's hooks' CPU in a step it does not check (what the machinery
 costs at a 0 % rate; the hooks of such a step never yield, so their thread's CPU time is
 theirs alone). Its timing costs about ten clock reads per step (some 10 us here: the thread
@@ -53,12 +53,16 @@ replica's own steps (`daemon.shards.batching`), as in a network where the replic
 requesters of their own; with `--generations 24` each server carries 8 generations, as the
 routes' two servers do by default. In the breakdown every server counts as a route's then.
 
-Speculation and gathering (`verify.speculate`, `verify.gather_s`, on by default): a
-generation does not wait for a step's checks, and its checks wait up to `gather_s` for others
-so that a replica runs several in one pass; the line under the table says how many went per
-round. A token goes out only once its steps passed (`daemon.shards.token_loop`).
-`--waiting` adds, interleaved in the same rounds, each rate above 0 in generations that wait
-for every check (`speculate` off, no gathering): rows "wait", the mechanism before.
+Speculation and gathering (`verify.speculate`, `verify.gather_s`, both off by default): a
+speculating generation does not wait for a step's checks (a token goes out only once its steps
+passed: `daemon.shards.token_loop`), and its checks may wait up to `gather_s` for others so
+that a replica runs several in one pass; the line under the table says how many went per
+round. `--waiting` adds, interleaved in the same rounds, each rate above 0 with the other
+mechanism than the default's: rows "spec" (speculating) where the default waits, rows "wait"
+where it speculates. `--gather S ...` adds each rate above 0, speculating, with `gather_s` S
+(rows "gS"). Each such row is also set against the default's row of its rate, paired round
+by round as against the run without checks (a line under the table): the difference the
+choice of mechanism makes, with its own 95 % interval.
 
 Table 2, steps to detection: a fourth server of the first range cheats in each mode
 (`daemon.verify.cheat`; `corrupt` on half of its steps, the others on all) and announces the
@@ -71,7 +75,7 @@ deviation (a few seeded geometric draws understate it).
 usage: python bench/verify.py [--hidden 256] [--layers 8] [--generations 8] [--tokens 48]
        [--rounds 10] [--seeds 20] [--rates 0 0.02 0.10] [--threads 1]
        [--skip-detection] [--skip-overhead] [--breakdown] [--replicas-apart] [--spread]
-       [--waiting]
+       [--waiting] [--gather S ...]
 """
 
 from __future__ import annotations
@@ -434,30 +438,47 @@ def interval(
     return out[0], out[1]
 
 
-def _verifier(rate: float) -> Verifier:
-    """A configuration's verifier: a negative rate is that rate in generations that wait
-    for every check (`--waiting`: no speculation, no gathering)."""
-    if rate < 0:
-        config = VerifyConfig(rate=-rate, probation_rate=-rate, speculate=False, gather_s=0.0)
-    else:
-        config = VerifyConfig(rate=rate, probation_rate=rate)
+@dataclass(frozen=True)
+class Mode:
+    """One configuration with checks: the rate, and how a generation takes its checks
+    (`speculate`: None, `VerifyConfig`'s default; `--waiting`: the other mechanism;
+    `--gather`: speculating, its checks gathering for `gather_s` first)."""
+
+    rate: float
+    speculate: bool | None = None
+    gather_s: float = 0.0
+
+    @property
+    def label(self) -> str:
+        out = f"{self.rate * 100:.0f}%"
+        if self.gather_s:
+            return out + f" g{self.gather_s:g}"
+        if self.speculate is None:
+            return out
+        return out + (" spec" if self.speculate else " wait")
+
+
+def _verifier(mode: Mode) -> Verifier:
+    """A configuration's verifier (a flat rate: `probation_rate` = `rate`)."""
+    config = VerifyConfig(
+        rate=mode.rate,
+        probation_rate=mode.rate,
+        speculate=VerifyConfig().speculate if mode.speculate is None else mode.speculate,
+        gather_s=mode.gather_s,
+    )
     return Verifier(config, rng=random.Random(1))
-
-
-def _label(rate: float) -> str:
-    return f"{abs(rate) * 100:.0f}%" + (" wait" if rate < 0 else "")
 
 
 async def overhead(args: argparse.Namespace, model_dir: Path, apart: Apart | None = None) -> None:
     cluster = await honest_cluster(model_dir, args.layers, apart)
-    verifiers = {rate: _verifier(rate) for rate in args.rates}
+    verifiers = {mode: _verifier(mode) for mode in args.modes}
     await workload(cluster, None, args)  # warm up the routes' servers
     # and every replica (a check on every step), so that no configuration's first round
     # pays for a server's first passes
     warm = Verifier(VerifyConfig(rate=1.0, probation_rate=1.0), rng=random.Random(0))
     await workload(cluster, warm, args)
-    configs: list[float | None] = [None, *args.rates]
-    runs: dict[float | None, list[Run]] = {c: [] for c in configs}
+    configs: list[Mode | None] = [None, *args.modes]
+    runs: dict[Mode | None, list[Run]] = {c: [] for c in configs}
     parts = {c: Breakdown() for c in configs} if args.breakdown else {}
     load_before = os.getloadavg()[0]
     for round_ in range(args.rounds):  # each round in another order: drifts cancel out
@@ -466,7 +487,7 @@ async def overhead(args: argparse.Namespace, model_dir: Path, apart: Apart | Non
             await workload(cluster, verifiers.get(rate), args, parts.get(rate), runs[rate])
     base = runs[None]
 
-    def middle(rate: float, which: int) -> str:
+    def middle(rate: Mode, which: int) -> str:
         """The middle half of the rounds' own overheads (their first and third quartiles):
         how much one round's figure moves on this machine."""
         if len(base) < 2:
@@ -517,7 +538,7 @@ async def overhead(args: argparse.Namespace, model_dir: Path, apart: Apart | Non
         f"{'none':>10} | {base_tps:>8.1f} | {'-':>15} | {'-':>12} | {base_cpu:>12.2f} | "
         f"{'-':>14} | {'-':>12} | {'-':>6} | {'-':>25} | {'-':>27} | {'-':>17} | -"
     )
-    for rate in args.rates:
+    for rate in args.modes:
         v = verifiers[rate]
         checks = v.counters["checks_pass"] + v.counters["checks_fail"]
         wall, cpu = pooled(runs[rate], base)
@@ -526,18 +547,27 @@ async def overhead(args: argparse.Namespace, model_dir: Path, apart: Apart | Non
         fed = v.counters["replica_positions"] / max(1, v.counters["replica_steps"])
         done = sum(r.tokens for r in runs[rate])
         print(
-            f"{_label(rate):>10} | {done / sum(r.wall_s for r in runs[rate]):>8.1f} | "
+            f"{rate.label:>10} | {done / sum(r.wall_s for r in runs[rate]):>8.1f} | "
             f"{wall * 100:>14.1f}% | {wall_ci:>12} | "
             f"{1000 * sum(r.cpu_s for r in runs[rate]) / done:>12.2f} | "
             f"{cpu * 100:>13.1f}% | {cpu_ci:>12} | {checks:>6} | {extra:>25.1f} | "
             f"{fed:>27.1f} | {v.spread_max:>17.1e} | {middle(rate, 0)}; {middle(rate, 1)}"
             + (network(runs[rate], base) if apart is not None else "")
         )
-    for rate in args.rates:
+    for rate in args.modes:  # a mechanism against the default's at its rate, paired
+        plain = Mode(rate.rate)
+        if rate != plain and plain in runs:
+            wall, cpu = pooled(runs[rate], runs[plain])
+            wall_ci, cpu_ci = interval(runs[rate], runs[plain])
+            print(
+                f"{rate.label} against {plain.label} (paired, same rounds): wall "
+                f"{wall * 100:+.1f}% ({wall_ci}), CPU {cpu * 100:+.1f}% ({cpu_ci})"
+            )
+    for rate in args.modes:
         g = verifiers[rate].gather
         if g.rounds:
             print(
-                f"{_label(rate)}: checks gathered in {g.rounds} rounds of "
+                f"{rate.label}: checks gathered in {g.rounds} rounds of "
                 f"{g.checks / g.rounds:.2f} on average (verify.gather_s {g.gather_s} s)"
             )
     if parts:
@@ -550,7 +580,7 @@ def network(runs: list[Run], base: list[Run]) -> str:
     return f" | {cpu * 100:>19.1f}% | {interval(runs, base, whole=True)[1]:>12}"
 
 
-def print_breakdown(parts: dict[float | None, Breakdown], verifiers: dict[float, Verifier]) -> None:
+def print_breakdown(parts: dict[Mode | None, Breakdown], verifiers: dict[Mode, Verifier]) -> None:
     print(
         "\nbreakdown (all rounds): per token, wall and CPU ms, and the cores the process kept "
         "busy (CPU / wall); the routes' servers' and the replicas' forward passes, steps and "
@@ -575,7 +605,7 @@ def print_breakdown(parts: dict[float | None, Breakdown], verifiers: dict[float,
 
         v = verifiers.get(rate) if rate is not None else None
         opened = v.counters["replica_sessions"] if v is not None else 0
-        label = "none" if rate is None else _label(rate)
+        label = "none" if rate is None else rate.label
         per_pass = 1000 * b.compute_cpu_s["replica"] / max(1, b.passes["replica"])
         hooks = (
             f"{1e6 * b.unchecked_hook_cpu_s / b.unchecked_steps:.1f}" if b.unchecked_steps else "-"
@@ -771,7 +801,16 @@ def main() -> None:
     parser.add_argument(
         "--waiting",
         action="store_true",
-        help="also each rate above 0 in generations that wait for every check (rows 'wait')",
+        help="also each rate above 0 with the other mechanism than the default's: "
+        "speculating (rows 'spec') or waiting for every check (rows 'wait')",
+    )
+    parser.add_argument(
+        "--gather",
+        type=float,
+        nargs="+",
+        default=[],
+        metavar="S",
+        help="also each rate above 0 with verify.gather_s S (rows 'gS')",
     )
     parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument(
@@ -792,8 +831,13 @@ def main() -> None:
     parser.add_argument("--replica-host", type=Path, help=argparse.SUPPRESS)  # (its child)
     parser.add_argument("--replica-seed", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.modes = [Mode(r) for r in args.rates]
     if args.waiting:
-        args.rates = [*args.rates, *(-r for r in args.rates if r > 0)]
+        other = not VerifyConfig().speculate  # the mechanism the default does not use
+        args.modes += [Mode(r, speculate=other) for r in args.rates if r > 0]
+    args.modes += [
+        Mode(r, speculate=True, gather_s=g) for g in args.gather for r in args.rates if r > 0
+    ]
     if args.spread and args.replicas_apart:
         parser.error("--spread puts routes on every server: not with --replicas-apart")
     torch.set_num_threads(args.threads)

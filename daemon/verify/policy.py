@@ -40,17 +40,23 @@ class VerifyConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A check of a hop (not the last) also compares the provider's outputs at every earlier
     position of the generation, which the replica computes in the same pass (a cheat on an
     unchecked step is then caught at the next check; its token was used already)."""
-    speculate: bool = True
+    speculate: bool = False
     """A free generation goes on while a step's checks run and rolls back to the step if
-    one fails (its tokens are let out only once the checks passed); off: every checked step
-    waits for its checks. Paid generations always wait (their receipts are held per step)."""
+    one fails (its tokens are let out only once the checks passed); off (the default): every
+    checked step waits for its checks. Paid generations always wait (their receipts are held
+    per step). Off by default: in eight paired runs of bench/verify.py at 2 % (idle replicas,
+    one with the replicas in a process of their own) speculating cost 0.8 points more wall
+    than waiting on average (4.1 less to 4.0 more; less in two runs): no gain. It can only
+    pay where a check's wait is long against a step (a replica far away), which no bench
+    here measures yet."""
     gather_s: float = 0.0
     """How long a speculating generation's check waits for others before they go to their
     replicas together, to share a pass there (`daemon.verify.gather`; 0, the default: at
     once). It pays where checks are frequent (25 %: a quarter of the replicas' passes and
-    half their CPU), not at 2 % on idle replicas, where a check's catch-up rows, not the
-    pass, are its cost (same replica CPU a token, in fewer, larger passes); and it holds the
-    step's tokens back that much longer."""
+    half their CPU). At 2 % on idle replicas, 1 s halves the replicas' passes (0.5 a check)
+    and cuts their CPU by 22-28 % (session 15, two runs), but the whole overhead moved
+    within the bench's noise (CPU 9.4-11.3 % against 7.0-14.0 % speculating without it,
+    three runs); and it holds the step's tokens back that much longer."""
     graduate_after: int = 20
     """Passed checks that end probation."""
     exclude_after: int = 2

@@ -24,7 +24,7 @@ cluster, model_dir, reference = (
 async def test_concurrent_generations_checks_share_replica_passes(cluster, model_dir, reference):
     prompt, expected = reference
     await build(cluster, model_dir, None)
-    v = verifier(rate=0.25, probation_rate=0.25, gather_s=5.0)
+    v = verifier(rate=0.25, probation_rate=0.25, gather_s=5.0, speculate=True)
     got: list[list[int]] = []
 
     async def one() -> None:
@@ -80,3 +80,33 @@ async def test_a_round_goes_when_hurried_or_after_its_time(autojump_clock):
     assert went[2] == 1.25 and gather.rounds == 2
     with pytest.raises(ValueError):
         Gather(-1.0)
+
+
+async def test_a_rounds_checks_of_a_range_run_as_one_replica_pass(cluster, model_dir, reference):
+    """Four generations' first steps gather in one round; each range's four checks go to the
+    round's replica together and run there as one pass (not the first alone, then the rest:
+    a replica has no traffic of its own to wait for)."""
+    prompt, _ = reference
+    await build(cluster, model_dir, None)
+    v = verifier(rate=1.0, probation_rate=1.0, gather_s=10.0, speculate=True)
+    remotes = [model(cluster, v.generation(), fast="a1") for _ in range(4)]
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            for remote in remotes:
+                await remote.open()
+                nursery.start_soon(lambda r=remote: r.step(prompt, speculative=True))
+        for remote in remotes:  # the first hurries the round: all eight checks go
+            assert await remote.settle(wait=True) is None
+    assert (v.gather.rounds, v.gather.checks) == (1, 8)
+    assert v.counters["checks_pass"] == 8
+    route_b = remotes[0].hops[1].peer_id
+    used = {
+        p: dict(cluster.servers[p].batching.batch_sizes)
+        for p in ("a2", "a3", "b1", "b2", "b3")
+        if p != route_b and cluster.servers[p].batching.batch_sizes
+    }
+    # one replica a range (the round's), one pass of the four checks each
+    assert sorted(p[0] for p in used) == ["a", "b"], used
+    assert all(sizes == {4: 1} for sizes in used.values()), used
+    for remote in remotes:
+        await close(remote)

@@ -83,7 +83,7 @@ async def test_a_wrong_step_caught_after_the_loop_went_on_is_rolled_back(
     await cluster.add("cheat", model_dir, *A)
     at = len(prompt) + 4  # the step of the 5th token drawn (the 6th token comes from it)
     seen = wrong_once_and_slow_checks(cluster, at)
-    v = verifier(rate=1.0, probation_rate=1.0)
+    v = verifier(rate=1.0, probation_rate=1.0, speculate=True)
     remote = model(cluster, v.generation())
     delivered: list[tuple[int, bool]] = []  # (token, had its step's check answered)
 
@@ -110,7 +110,7 @@ async def test_seeded_sampling_is_exact_across_a_roll_back(cluster, model_dir, r
     want = await run(honest, prompt, 24, sampler=legacy_sampler(prompt, temperature=0.9, seed=5))
     at = len(prompt) + 6
     seen = wrong_once_and_slow_checks(cluster, at)
-    v = verifier(rate=1.0, probation_rate=1.0)
+    v = verifier(rate=1.0, probation_rate=1.0, speculate=True)
     remote = model(cluster, v.generation())
     got = await run(remote, prompt, 24, sampler=legacy_sampler(prompt, temperature=0.9, seed=5))
     assert seen["went_on"] and remote.recoveries[0]["rolled_back_to"] == at
@@ -125,7 +125,7 @@ async def test_a_generation_that_ends_waits_for_its_last_checks(cluster, model_d
     n = 8
     at = len(prompt) + n - 2  # the step the 8th (last) token is drawn from
     seen = wrong_once_and_slow_checks(cluster, at)
-    v = verifier(rate=1.0, probation_rate=1.0)
+    v = verifier(rate=1.0, probation_rate=1.0, speculate=True)
     remote = model(cluster, v.generation())
     assert await run(remote, prompt, n) == expected[:n]
     assert seen["answered"] and remote.recoveries[0]["rolled_back_to"] == at
