@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from daemon.settings import ConfigError, parse
+from daemon.verify.policy import VerifyConfig
 from daemon.verify.verifier import Verifier
 from tests.daemon.harness import FAST, inline_threads, memory_cluster
 
@@ -22,6 +23,8 @@ def test_the_section_is_off_by_default_and_gives_the_verifiers_rules():
     policy = section.policy()
     assert (policy.rate, policy.exclude_after, policy.probation_rate) == (0.05, 3, 0.10)
     assert (policy.speculate, policy.gather_s) == (False, 0.0)
+    # (a verifier made in code waits for its checks too: speculation gave no gain)
+    assert VerifyConfig().speculate is False
     section = parse({"verify": {"speculate": True, "gather_s": 0.1}}).verify
     assert (section.policy().speculate, section.policy().gather_s) == (True, 0.1)
 
