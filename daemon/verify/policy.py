@@ -44,9 +44,9 @@ class VerifyConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A free generation goes on while a step's checks run and rolls back to the step if
     one fails (its tokens are let out only once the checks passed); off (the default): every
     checked step waits for its checks. Paid generations always wait (their receipts are held
-    per step). Off by default: in eight paired runs of bench/verify.py at 2 % (idle replicas,
-    one with the replicas in a process of their own) speculating cost 0.8 points more wall
-    than waiting on average (4.1 less to 4.0 more; less in two runs): no gain. It can only
+    per step). Off by default: in ten paired runs of bench/verify.py at 2 % (idle replicas,
+    one with the replicas in a process of their own) speculating cost 1.1 points more wall
+    than waiting on average (4.1 less to 5.4 more; less in three runs): no gain. It can only
     pay where a check's wait is long against a step (a replica far away), which no bench
     here measures yet."""
     gather_s: float = 0.0
