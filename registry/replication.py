@@ -248,6 +248,8 @@ class Replicator:
                 if self.replica.entries.get(entry.id) != entry:  # (held: old news)
                     refused.append("rate_limited")
                 continue
+            if over_rate:  # taken for another author's entry, it would go on whole: not taken
+                continue
             slot = (entry.author, entry.kind)
             if over_quota[slot] >= QUOTA_STRIKES and entry.id not in self.replica.entries:
                 refused.append("quota")
@@ -281,9 +283,11 @@ class Replicator:
         """The authors whose new entries in one gossip message (`need`, `_new_bytes`) do not
         all fit their rate budget here (`Replica.rate_room`) or their gossip budget
         (`gossip_author_bytes_per_s`). Such a message is not taken at all, though some of it
-        would fit: taken, it would be forwarded whole, and every node would decode and
-        refuse the rest, message after message, for as long as the author keeps writing
-        faster than its rate (a fill); what fits comes by anti-entropy instead. The gossip
+        would fit, nor for another author's entries in it (one fresh entry of a second
+        identity would otherwise carry the rest past every budget): taken, it would be
+        forwarded whole, and every node would decode and refuse the rest, message after
+        message, for as long as the author keeps writing faster than its rate (a fill); what
+        fits comes by anti-entropy instead. The gossip
         budget is the smaller: an author's writes past it are not relayed on every mesh
         link (where each large message delays the honest gossip queued behind it) but
         pulled, once per node, at the author's rate."""

@@ -338,3 +338,35 @@ async def test_a_flood_of_replayed_entries_costs_no_signature_check_and_goes_now
     assert c.node.gossip_received == received_at_c  # nothing forwarded
     assert sum(verified.values()) == 0, verified  # no signature checked
     assert target.rejects == Counter(), target.rejects  # old news: no refusal counted
+
+
+def test_a_message_with_an_author_over_its_gossip_budget_is_not_taken_for_anothers_entry():
+    """An attacker whose identity is past its gossip budget cannot have its entries relayed
+    by putting one fresh entry of a second identity beside them: the message is taken for
+    none of its entries (IGNORE, not held against anyone), and comes by anti-entropy."""
+    clock_ms = 1_800_000_000_000
+    counts: Counter[str] = Counter()
+    replica = Replica(
+        NodeIdentity.generate(),
+        clock=HybridClock(now_ms=lambda: clock_ms),  # frozen: no budget comes back
+        on_reject=lambda source, reason: counts.update([f"{source}:{reason}"]),
+    )
+    settings = ReplicationSettings(network_id="validator", gossip_author_bytes_burst=8 << 10)
+    repl = Replicator(
+        None,  # type: ignore[arg-type] - no network: messages are handed in directly
+        replica,
+        settings,
+        on_reject=lambda source, reason: counts.update([f"{source}:{reason}"]),
+    )
+    filler, accomplice = NodeIdentity.generate(), NodeIdentity.generate()
+    first = [signed(filler, f"f{i}", clock_ms, i).to_wire() for i in range(3)]  # ~6 KB
+    assert repl.validate_gossip("peer", message(first)) is ACCEPT  # within its burst
+    trio.run(repl.on_gossip, "peer", message(first))
+    more = [signed(filler, f"g{i}", clock_ms, i).to_wire() for i in range(3)]
+    assert repl.validate_gossip("peer", message(more)) is IGNORE  # past it
+    counts.clear()
+    fresh = signed(accomplice, "a", clock_ms, 1).to_wire()
+    assert repl.validate_gossip("peer", message([*more, fresh])) is IGNORE
+    assert counts == Counter({"gossip:rate_limited": 3}), counts
+    # the accomplice's entry alone is taken
+    assert repl.validate_gossip("peer", message([fresh])) is ACCEPT
