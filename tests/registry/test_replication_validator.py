@@ -60,6 +60,28 @@ def _replicated(hub: MemoryNetwork, ident: NodeIdentity) -> Node:
     return Node(node, replica, replicator, rejects)
 
 
+def _offline(
+    clock_ms: int,
+    counts: Counter[str],
+    limits: Limits | None = None,
+    settings: ReplicationSettings = SETTINGS,
+) -> tuple[Replica, Replicator]:
+    """A replica and its replicator without a network (messages are handed in directly) on a
+    frozen clock, both counting refusals into `counts` as `source:reason`."""
+
+    def count(source: str, reason: str) -> None:
+        counts[f"{source}:{reason}"] += 1
+
+    replica = Replica(
+        NodeIdentity.generate(),
+        clock=HybridClock(now_ms=lambda: clock_ms),
+        limits=limits or Limits(),
+        on_reject=count,
+    )
+    repl = Replicator(None, replica, settings, on_reject=count)  # type: ignore[arg-type]
+    return replica, repl
+
+
 def signed(ident: NodeIdentity, key: str, now_ms: int, n: int) -> Entry:
     ts = Timestamp(now_ms, n)
     return sign_entry(
@@ -172,18 +194,7 @@ async def test_the_validator_counts_a_refused_message_as_the_handler_would():
     twins = []
     for _ in range(2):
         counts: Counter[str] = Counter()
-        replica = Replica(
-            NodeIdentity.generate(),
-            clock=HybridClock(now_ms=lambda: clock_ms),
-            limits=Limits(author_max_entries=3),
-            on_reject=lambda source, reason, counts=counts: counts.update([f"{source}:{reason}"]),
-        )
-        repl = Replicator(
-            None,  # type: ignore[arg-type] - no network: messages are handed in directly
-            replica,
-            SETTINGS,
-            on_reject=lambda source, reason, counts=counts: counts.update([f"{source}:{reason}"]),
-        )
+        replica, repl = _offline(clock_ms, counts, Limits(author_max_entries=3))
         twins.append((replica, repl, counts))
     entries = [signed(author, f"k{i}", clock_ms, i).to_wire() for i in range(12)]
     taken = message(entries[:3])
@@ -224,17 +235,7 @@ def test_each_refusal_honest_writes_meet_is_ignored_and_each_harmful_one_rejecte
     REJECTed (HARMFUL_REASONS)."""
     clock_ms = 1_800_000_000_000
     counts: Counter[str] = Counter()
-    replica = Replica(
-        NodeIdentity.generate(),
-        clock=HybridClock(now_ms=lambda: clock_ms),
-        on_reject=lambda source, reason: counts.update([f"{source}:{reason}"]),
-    )
-    repl = Replicator(
-        None,  # type: ignore[arg-type] - no network: messages are handed in directly
-        replica,
-        SETTINGS,
-        on_reject=lambda source, reason: counts.update([f"{source}:{reason}"]),
-    )
+    replica, repl = _offline(clock_ms, counts)
     alice, bob = NodeIdentity.generate(), NodeIdentity.generate()
 
     def write(
@@ -346,18 +347,8 @@ def test_a_message_with_an_author_over_its_gossip_budget_is_not_taken_for_anothe
     none of its entries (IGNORE, not held against anyone), and comes by anti-entropy."""
     clock_ms = 1_800_000_000_000
     counts: Counter[str] = Counter()
-    replica = Replica(
-        NodeIdentity.generate(),
-        clock=HybridClock(now_ms=lambda: clock_ms),  # frozen: no budget comes back
-        on_reject=lambda source, reason: counts.update([f"{source}:{reason}"]),
-    )
     settings = ReplicationSettings(network_id="validator", gossip_author_bytes_burst=8 << 10)
-    repl = Replicator(
-        None,  # type: ignore[arg-type] - no network: messages are handed in directly
-        replica,
-        settings,
-        on_reject=lambda source, reason: counts.update([f"{source}:{reason}"]),
-    )
+    _, repl = _offline(clock_ms, counts, settings=settings)  # frozen: no budget comes back
     filler, accomplice = NodeIdentity.generate(), NodeIdentity.generate()
     first = [signed(filler, f"f{i}", clock_ms, i).to_wire() for i in range(3)]  # ~6 KB
     assert repl.validate_gossip("peer", message(first)) is ACCEPT  # within its burst
