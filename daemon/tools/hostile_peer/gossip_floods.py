@@ -109,6 +109,7 @@ async def fill(attack: Flood) -> None:
         attack.stats.refused += len(batch) - applied
 
     async def gossip() -> None:
+        await attack.outbound_room()
         batch = entries(8)  # about 500 KB: under the gossip limit
         if not batch:
             attack.exhausted = True
