@@ -19,47 +19,22 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import libp2p.pubsub.gossipsub as gossipsub_module
 import libp2p.pubsub.pubsub as pubsub_module
 import trio
 
-from p2p import codec, identity, records
-from p2p.host import HostLimits, Libp2pNetwork
+from p2p import codec, identity
 from registry.entry import sign_entry
 from registry.hlc import Timestamp
 from registry.replica import Replica
 from registry.replication import ReplicationSettings, Replicator, topic_for
+from tests.registry.real_hosts import unbanning_host
 
 NET = "accounting"
 TOPIC = topic_for(NET)
 MAX_GOSSIP = 64 * 1024
-
-
-class _NoRecords:
-    def validate(self, key: str, value: bytes) -> None:
-        raise ValueError("no records in this test")
-
-    def select(self, key: str, values: list[bytes]) -> int:
-        return 0
-
-
-def _host(ident: identity.NodeIdentity, rejects: Counter[str]) -> Libp2pNetwork:
-    return Libp2pNetwork(
-        ident,
-        network_id=NET,
-        listen=["/ip4/127.0.0.1/tcp/0"],
-        dht_namespace=records.NAMESPACE,
-        dht_validator=_NoRecords(),
-        on_reject=lambda source, reason: rejects.update([f"{source}:{reason}"]),
-        # a ban would stop the count half way, and reading the hostile peer at the floor rate
-        # (p2p.inbound) would slow it from 2 s to 70: this test is about counting, so the
-        # score's threshold is out of reach and the floor is the full rate (bans by score:
-        # tests/daemon/test_hostile_peer_scored.py; the floor: tests/p2p/test_inbound_budget.py)
-        limits=HostLimits(
-            max_gossip_bytes=MAX_GOSSIP, score_threshold=-1e9, min_inbound_bytes_per_s=1 << 26
-        ),
-    )
 
 
 def _gossip(rejects: Counter[str]) -> int:
@@ -71,6 +46,10 @@ async def _until(condition, limit_s: float, what: str) -> None:
         while not condition():  # noqa: ASYNC110 - real sockets: poll the counters
             await trio.sleep(0.02)
     assert condition(), what
+
+
+def _counter(rejects: Counter[str]) -> Callable[[str, str], None]:
+    return lambda source, reason: rejects.update([f"{source}:{reason}"])
 
 
 async def test_every_bad_gossip_message_that_leaves_a_hostile_peer_is_counted(monkeypatch):
@@ -89,7 +68,10 @@ async def test_every_bad_gossip_message_that_leaves_a_hostile_peer_is_counted(mo
     target_ident, mallory = identity.NodeIdentity.generate(), identity.NodeIdentity.generate()
     target_rejects: Counter[str] = Counter()
     hostile_rejects: Counter[str] = Counter()
-    target, hostile = _host(target_ident, target_rejects), _host(mallory, hostile_rejects)
+    target, hostile = (  # a ban would stop the count half way: this test is about counting
+        unbanning_host(target_ident, NET, _counter(target_rejects), max_gossip_bytes=MAX_GOSSIP),
+        unbanning_host(mallory, NET, _counter(hostile_rejects), max_gossip_bytes=MAX_GOSSIP),
+    )
 
     def count(source: str, reason: str) -> None:
         target_rejects.update([f"{source}:{reason}"])

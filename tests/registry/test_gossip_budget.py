@@ -19,34 +19,14 @@ from collections import Counter
 import trio
 
 from daemon.tools.hostile_peer import FloodLimits, flood
-from p2p import identity, records
-from p2p.host import HostLimits, Libp2pNetwork
+from p2p import identity
 from registry import wire
 from registry.replica import Replica
 from registry.replication import MAX_GOSSIP_BYTES, ReplicationSettings, Replicator
+from tests.registry.real_hosts import unbanning_host
 
 NET = "gossipbudget"
 FILL_SECONDS = 8.0
-
-
-class _NoRecords:
-    def validate(self, key: str, value: bytes) -> None:
-        raise ValueError("no records in this test")
-
-    def select(self, key: str, values: list[bytes]) -> int:
-        return 0
-
-
-def _host(ident: identity.NodeIdentity) -> Libp2pNetwork:
-    return Libp2pNetwork(
-        ident,
-        network_id=NET,
-        listen=["/ip4/127.0.0.1/tcp/0"],
-        dht_namespace=records.NAMESPACE,
-        dht_validator=_NoRecords(),
-        # the fill is valid: nothing here scores or bans it, and it is read at the full rate
-        limits=HostLimits(score_threshold=-1e9, min_inbound_bytes_per_s=1 << 26),
-    )
 
 
 async def _until(condition, limit_s: float, what: str) -> None:
@@ -61,7 +41,10 @@ async def test_a_fill_is_relayed_by_gossip_once_then_comes_by_anti_entropy():
         identity.NodeIdentity.generate(),
         identity.NodeIdentity.generate(),
     )
-    target, neighbour = _host(target_ident), _host(neighbour_ident)
+    target, neighbour = (
+        unbanning_host(target_ident, NET),
+        unbanning_host(neighbour_ident, NET),
+    )  # the fill is valid: nothing here scores or bans it, it is read at the full rate
     # entries of each author the neighbour received by gossip (the target's relays)
     relayed: Counter[str] = Counter()
     async with target.run(), neighbour.run():
