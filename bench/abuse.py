@@ -25,8 +25,9 @@ floods are; each window's own p99 is printed beside it.) The floods:
 idle (a control: the hostile peer connected and silent, without a record of its own),
 badsig (registry gossip with bad signatures), gossip (garbage gossip), dht (forged DHT puts),
 streams (stream and connection flood), frames (huge never-finished and garbage frames, shard
-sessions), fill (a registry fill by one author, as fast as the hostile peer makes entries, for
-the whole phase: its supply, FILL_ENTRIES_PER_S a second of the phase, is more than it makes;
+sessions), fill (a registry fill by one author, as fast as the target reads it (its gossip
+paced by its own outbound queue, `Flood.outbound_room`), for the whole phase: its supply,
+FILL_ENTRIES_PER_S a second of the phase, is more than it makes;
 until session 15 it was 100 a second, which it sent in 6-13 s of 30, and the phase, which ends
 when the hostile peer does, had 132 samples, its p99 the second largest; a flood that ends
 early is printed as such; last, since what it stores stays). In the
