@@ -260,7 +260,7 @@ class Daemon:
         if self.gc_pauses is not None:
             pauses = self.gc_pauses
             self.metrics.watch_gc(pauses.snapshot)
-            self.shards.on_loaded = lambda: pauses.freeze("a model load")
+            self.shards.on_loaded = lambda: pauses.freeze("torch's import or a model load")
         self.coordinator = coordinator_for(  # places, heals and scales through clusters
             self.dispatcher,
             self.clusters,

@@ -128,7 +128,10 @@ class ShardService(Announcements, ShardStreams, JobTable):
         self.requester: Any = None  # payments.requester.Requester: paid generations
         # the last generations' routes and failovers (generation_list, the dashboard)
         self.generations: RecentGenerations | None = None
-        self.on_loaded: Callable[[], None] | None = None  # after each model load (the daemon's)
+        # after torch's first import and after each model load (the daemon's: it freezes what
+        # they made, which every full garbage collection would otherwise walk: daemon.gcpauses)
+        self.on_loaded: Callable[[], None] | None = None
+        self._torch_imported = False
 
     # -- running ---------------------------------------------------------------------------
 
@@ -161,13 +164,20 @@ class ShardService(Announcements, ShardStreams, JobTable):
 
     async def ensure_torch(self) -> None:
         """Import torch and the model code in a worker thread: a multi-second import on the
-        event loop would stall pings and streams until peers drop us."""
-        if self._server is None:
+        event loop would stall pings and streams until peers drop us. The first import then
+        calls `on_loaded`: it makes some 200,000 objects (torch, transformers), and a node
+        that only requests generations loads no model, so nothing else would freeze them;
+        each full garbage collection walked them, ~90 ms a pause (session 15's abuse bench,
+        the untargeted node)."""
+        if self._server is None and not self._torch_imported:
             await trio.to_thread.run_sync(importlib.import_module, "daemon.shards.server")
             if self.torch_threads > 0:
                 import torch
 
                 torch.set_num_threads(self.torch_threads)
+            self._torch_imported = True
+            if self.on_loaded is not None:
+                self.on_loaded()
 
     def torch_device(self) -> str:
         """The configured device, with `auto` resolved: the first GPU torch sees, else CPU."""

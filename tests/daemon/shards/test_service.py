@@ -170,3 +170,14 @@ async def test_control_requests_are_typed_and_bounded_over_the_network(autojump_
     await trio.to_thread.run_sync(fuzz)
     reply = await ask(load)
     assert reply["ok"] is True and reply["block"]["end"] == 2 and announced
+
+
+async def test_torchs_first_import_calls_on_loaded_once():
+    """A node that only requests generations imports torch but loads no model: the daemon's
+    `on_loaded` (a gc.freeze of what was made) must still run, once."""
+    shards = service()
+    calls = []
+    shards.on_loaded = lambda: calls.append(1)
+    await shards.ensure_torch()
+    await shards.ensure_torch()
+    assert calls == [1]
