@@ -1,57 +1,74 @@
 """Verified work benchmark (issue 20): what spot checks cost, and how fast they catch cheaters.
 
 Setup: a random Llama checkpoint (make_tiny; `--hidden`, `--layers`, float32, CPU) split in two
-ranges, each served by three honest shard servers (`ShardServer`) on the in-memory network
-(frames cost no latency: the servers' compute and the protocol are what is measured), with
-real threads and real time. A requester (`RemoteModel` + `generate`, greedy) runs
-`--generations` generations at once of `--tokens` tokens each after a short prompt.
+ranges, each served by three honest shard servers (`ShardServer`), with real threads and real
+time. A requester (`RemoteModel` + `generate`, greedy) runs `--generations` generations at
+once of `--tokens` tokens each after a short prompt; its routes go through a0 and b0, and
+a1, a2, b1, b2 are the replicas its checks run on.
 
-Table 1, overhead: aggregate tokens/s without a verifier, and with spot checks at 0, 2 and
-10 % of the steps of each hop (a flat rate: `probation_rate` = `rate`), after a warm-up
-that runs every server (routes and replicas: a check on every step, with a verifier of its
-own, so that no configuration's first round pays for a server's first passes), rounds interleaved
+Where the servers run (since session 16): on a network every provider is another machine,
+so a check's replica pass takes nothing from the requester's or the route's cores, event
+loop or GIL; what the requester's throughput pays for a check is its own verifier and
+protocol CPU, the wait for the check's answer (or, speculating, the machinery that hides
+it), and the route's extra passes when a waiting generation misses its batch. By default,
+then, the routes' servers run in a child process and the replicas in another (`Host`,
+reached over Unix sockets: `p2p.localsock`; the replicas announced 0.05 ms slower, so that
+routes stay on a0, b0), and this process is the requester alone: its tokens/s and its CPU
+are the requester's. The replicas' process runs under SCHED_IDLE (`--no-sched-idle`: not),
+on the cores the requester and routes leave idle, as if on machines of their own (these are
+2 cores shared with other work: under load a check's answer waits for an idle core, which
+is where speculation should hide the wait). The routes run apart too, rather than in this
+process, so that the verifier's CPU does not hold the route's passes on one GIL, nor the
+route's passes the verifier's, which no network does; they keep this process's priority,
+since their passes are the requester's throughput. It is still one machine: the routes and
+the requester share 2 cores. `--routes-here` (what `--replicas-apart` was before session
+16): the routes' servers in this process, the replicas apart. `--one-process` (the default
+before session 16): every server in this process on the in-memory network, where a
+replica's pass holds the routes' back (session 15 measured +0.79 route passes a check).
+
+Tables 1a and 1b, overhead: aggregate tokens/s without a verifier, and with spot checks at 0, 2
+and 10 % of the steps of each hop (a flat rate: `probation_rate` = `rate`), after a warm-up
+that runs every server (routes and replicas: a check on every step, with a verifier of its own,
+so that no configuration's first round pays for a server's first passes), rounds interleaved
 (`--rounds`, each in another order). The overhead is 1 - tokens/s with checks / tokens/s
-without (wall), and CPU ms per token with checks / without - 1 (CPU: the process's CPU
-time, servers and replicas included, is what verification costs the network), both from the
-totals over all rounds, with a 95 % interval from a paired bootstrap over rounds (a round's
-run with checks against the same round's run without); the last column gives the median and
-the first to third quartile of each round's own ratio (how much one round's figure moves).
-Why totals: at 2 % a round holds about 15 checks, a count that varies from round to round
-and is skewed, so a median of per-round ratios leans to the rounds with fewer checks, and on
-this shared 2-core machine one round's figures move by 10 points and more with the load
-(`uptime` beside every number). Why 10 rounds by default (3 before): three rounds' interval
-spans some 20 points at 2 %. "CPU per check" is what one checked step cost, in hop-steps
-(half a token's CPU without checks): at a rate r the overhead is about r times it (each
-token's two hops are drawn, and a token costs two hop-steps). Every checked step runs again
-on a replica, in the replica session that follows the hop for the generation: the hop's
-inputs since its last check and the step's, in one pass ("replica positions per check"; a
-hop's first check of a generation catches up on the whole prefix). Also the
-largest honest difference seen between a provider and its replica
+without (wall), and CPU ms per token with checks / without - 1, both from the totals over all
+rounds, with a 95 % interval from a paired bootstrap over rounds (a round's run with checks
+against the same round's run without); the last column gives the median and the first to third
+quartile of each round's own ratio (how much one round's figure moves). Table 1a is what the
+requester sees: tokens/s and this process's CPU (the requester's alone by default; with
+`--routes-here` the routes' too; with `--one-process` everything), and the routes' forward
+passes a token. Table 1b is the network's extra compute, never the requester's throughput: the
+routes' CPU, the replicas' (and as a share of the routes'), all processes' together with its
+overhead, and what one check cost it. Why totals: at 2 % a round holds about 15 checks, a count
+that varies from round to round and is skewed, so a median of per-round ratios leans to the
+rounds with fewer checks, and on this shared 2-core machine one round's figures move by 10
+points and more with the load (`uptime` beside every number). Why 10 rounds by default (3
+before): three rounds' interval spans some 20 points at 2 %. "CPU per check" is what one
+checked step cost the network (all processes), in hop-steps (half a token's CPU without
+checks): at a rate r the overhead is about r times it (each token's two hops are drawn, and a
+token costs two hop-steps). Every checked step runs again on a replica, in the replica session
+that follows the hop for the generation: the hop's inputs since its last check and the step's,
+in one pass ("replica positions per check"; a hop's first check of a generation catches up on
+the whole prefix). Also the largest honest difference seen between a provider and its replica
 (row-relative; `daemon.verify.compare` allows 1e-5 in float32). `--breakdown` adds where the
-time goes per configuration: the cores the process kept busy (CPU / wall: it is one
-process, but its passes run in worker threads, so the wall overhead is not the CPU one), the
-routes' servers' and the replicas' forward passes and compute time (and the replicas' CPU per
-pass: what a check's catch-up costs), how long the token loops waited for checks (at a
-step's end; a speculating generation in `settle`: at its end, or with too many
-tokens held), and the verifier's hooks' CPU in a step it does not check (what the machinery
-costs at a 0 % rate; the hooks of such a step never yield, so their thread's CPU time is
-theirs alone). Its timing costs about ten clock reads per step (some 10 us here: the thread
-CPU clock is a system call), charged to every row with a verifier and not to "none": read
-the overheads from a run without `--breakdown`.
+time goes per configuration (its servers' columns count only those in this process: all of them
+with `--one-process`): the cores the process kept busy (CPU / wall: it is one process, but its
+passes run in worker threads, so the wall overhead is not the CPU one), the routes' servers'
+and the replicas' forward passes and compute time (and the replicas' CPU per pass: what a
+check's catch-up costs), how long the token loops waited for checks (at a step's end; a
+speculating generation in `settle`: at its end, or with too many tokens held), and the
+verifier's hooks' CPU in a step it does not check (what the machinery costs at a 0 % rate; the
+hooks of such a step never yield, so their thread's CPU time is theirs alone). Its timing costs
+about ten clock reads per step (some 10 us here: the thread CPU clock is a system call),
+charged to every row with a verifier and not to "none": read the overheads from a run without
+`--breakdown`.
 
-`--replicas-apart` (the requester's critical path, labelled so in the output): a real
-deployment runs each replica on another machine, where its passes take nothing from the
-requester's or the providers' cores, event loop or process. Here the servers other than the
-routes' (a1, a2, b1, b2) then run in a child process (`--replica-host`), reached over Unix
-sockets (`p2p.localsock`), announced 0.05 ms slower so that routes stay on a0 and b0; wall
-and CPU figures are this process's (requester and the routes' providers), and "network CPU"
-adds the child's. It is not another machine: the child's passes still take these 2 cores.
-
-`--spread`: generation i's route is a{i % 3}, b{i % 3} (announced 0.05 ms faster to it), so
-every server carries traffic and a check's pass on its replica may share a batch with that
-replica's own steps (`daemon.shards.batching`), as in a network where the replicas serve
-requesters of their own; with `--generations 24` each server carries 8 generations, as the
-routes' two servers do by default. In the breakdown every server counts as a route's then.
+`--spread` (with `--one-process`): generation i's route is a{i % 3}, b{i % 3} (announced 0.05
+ms faster to it), so every server carries traffic and a check's pass on its replica may share a
+batch with that replica's own steps (`daemon.shards.batching`), as in a network where the
+replicas serve requesters of their own; with `--generations 24` each server carries 8
+generations, as the routes' two servers do by default. In the breakdown every server counts as
+a route's then.
 
 Speculation and gathering (`verify.speculate`, `verify.gather_s`, both off by default): a
 speculating generation does not wait for a step's checks (a token goes out only once its steps
@@ -74,8 +91,8 @@ deviation (a few seeded geometric draws understate it).
 
 usage: python bench/verify.py [--hidden 256] [--layers 8] [--generations 8] [--tokens 48]
        [--rounds 10] [--seeds 20] [--rates 0 0.02 0.10] [--threads 1]
-       [--skip-detection] [--skip-overhead] [--breakdown] [--replicas-apart] [--spread]
-       [--waiting] [--gather S ...]
+       [--skip-detection] [--skip-overhead] [--breakdown] [--waiting] [--gather S ...]
+       [--one-process [--spread] | --routes-here] [--no-sched-idle]
 """
 
 from __future__ import annotations
@@ -119,19 +136,23 @@ FRACTION = {"corrupt": 0.5}
 
 
 class Cluster:
-    def __init__(self, layers: int, apart: Apart | None = None) -> None:
+    def __init__(self, layers: int, routes: Host | None = None, replicas: Host | None = None):
         self.hub = MemoryNetwork()
         self.client = self.hub.add_node("client")
         self.layers = layers
         self.servers: dict[str, ShardServer] = {}
         self.ranges: dict[str, tuple[int, int]] = {}
-        self.apart = apart
+        self.names: dict[str, str] = {}  # peer id -> its name (a0 .. b2, cheat)
+        self.route_host, self.replica_host = routes, replicas
+        self.hosts = [h for h in (routes, replicas) if h is not None]
         self.opener: Any = self.client
-        if apart is not None:  # APART's servers: in the child process, announced a little
-            self.opener = SplitOpener(self.client, apart.ids)  # slower (never on a route)
+        if self.hosts:  # servers in child processes, reached over their Unix sockets
+            self.opener = SplitOpener(self.client, {p for h in self.hosts for p in h.ids.values()})
             half = layers // 2
-            for name, peer in apart.ids.items():
-                self.ranges[peer] = (0, half) if name.startswith("a") else (half, layers)
+            for host in self.hosts:
+                for name, peer in host.ids.items():
+                    self.ranges[peer] = (0, half) if name.startswith("a") else (half, layers)
+                    self.names[peer] = name
 
     async def add(self, peer: str, model_dir: Path, start: int, end: int) -> ShardServer:
         node = self.hub.add_node(peer)
@@ -141,6 +162,7 @@ class Cluster:
             SHARD_PROTOCOL, server.handle_stream, max_frame_bytes=lambda: server.max_frame_bytes
         )
         self.servers[peer], self.ranges[peer] = server, (start, end)
+        self.names[peer] = peer
         return server
 
     async def announced(self, lane: int | None = None) -> list[Server]:
@@ -154,7 +176,8 @@ class Cluster:
             return 0.5
         if lane is not None:  # `--spread`: this generation's route is a{lane}, b{lane}
             return 1.0 if peer[1:] == str(lane) else 1.05
-        return 1.05 if self.apart is not None and peer not in self.servers else 1.0
+        # servers apart: the routes are a0, b0 (the others announced a little slower)
+        return 1.05 if self.hosts and self.names.get(peer) not in ROUTES else 1.0
 
     def model(self, checks: object, max_length: int, lane: int | None = None) -> RemoteModel:
         async def announced() -> list[Server]:
@@ -170,14 +193,16 @@ class Cluster:
         )
 
 
-async def honest_cluster(model_dir: Path, layers: int, apart: Apart | None = None) -> Cluster:
-    cluster = Cluster(layers, apart)
+async def honest_cluster(
+    model_dir: Path, layers: int, routes: Host | None = None, replicas: Host | None = None
+) -> Cluster:
+    """Three honest servers a range: in this process, but those `routes` and `replicas`
+    serve in their child processes."""
+    cluster = Cluster(layers, routes, replicas)
     half = layers // 2
-    for i in range(3):
-        if apart is None or f"a{i}" not in APART:
-            await cluster.add(f"a{i}", model_dir, 0, half)
-        if apart is None or f"b{i}" not in APART:
-            await cluster.add(f"b{i}", model_dir, half, layers)
+    for name in ROUTES + REPLICAS:
+        if name not in cluster.names.values():
+            await cluster.add(name, model_dir, *((0, half) if name[0] == "a" else (half, layers)))
     return cluster
 
 
@@ -245,11 +270,12 @@ async def workload(
     breakdown: Breakdown | None = None,
     runs: list[Run] | None = None,
 ) -> None:
-    """`--generations` concurrent generations; their tokens, wall and CPU seconds (the
-    process's: servers, replicas and requester all run in it) go to `runs`."""
+    """`--generations` concurrent generations; their tokens, wall and CPU seconds (this
+    process's, and each child's: the routes' and the replicas') and the routes' and
+    replicas' forward passes go to `runs`."""
     done = 0
     routes: set[str] = set()
-    before = _snapshot(cluster) if breakdown is not None else {}
+    before = _snapshot(cluster)
 
     async def one(i: int) -> None:
         nonlocal done
@@ -268,18 +294,26 @@ async def workload(
         if checks is not None:
             await checks.aclose()  # its replica sessions
 
-    apart = cluster.apart.cpu_s() if cluster.apart is not None else 0.0
+    hosts_before = [h.stats() if h is not None else None for h in _hosts(cluster)]
     started, cpu = time.perf_counter(), time.process_time()
     async with trio.open_nursery() as nursery:
         for i in range(args.generations):
             nursery.start_soon(one, i)
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu
-    if cluster.apart is not None:
-        apart = cluster.apart.cpu_s() - apart
+    hosts = [h.stats() if h is not None else None for h in _hosts(cluster)]
+    after = _snapshot(cluster)
+    passes = {  # (the servers in this process)
+        group: sum(after[p][0] - before[p][0] for p in after if (p in routes) == (group == "route"))
+        for group in ("route", "replica")
+    }
+    child_cpu = [0.0, 0.0]
+    for i, (a, b) in enumerate(zip(hosts_before, hosts, strict=True)):
+        if a is not None and b is not None:
+            child_cpu[i] = b.cpu_s - a.cpu_s
+            passes["route" if i == 0 else "replica"] += b.passes - a.passes
     if runs is not None:
-        runs.append(Run(done, wall, cpu, apart))
+        runs.append(Run(done, wall, cpu, *child_cpu, passes["route"], passes["replica"]))
     if breakdown is not None:
-        after = _snapshot(cluster)
         for peer in after:
             group = "route" if peer in routes else "replica"
             breakdown.passes[group] += after[peer][0] - before[peer][0]
@@ -383,7 +417,10 @@ class Run:
     tokens: int
     wall_s: float
     cpu_s: float  # this process's
-    apart_cpu_s: float = 0.0  # the replicas' process's (`--replicas-apart`)
+    route_cpu_s: float = 0.0  # the routes' process's (by default; else 0, in `cpu_s`)
+    replica_cpu_s: float = 0.0  # the replicas' process's (unless `--one-process`)
+    route_passes: int = 0  # forward passes of the routes' servers
+    replica_passes: int = 0  # and of the replicas'
 
     @property
     def tokens_per_s(self) -> float:
@@ -393,9 +430,18 @@ class Run:
     def cpu_ms_per_token(self) -> float:
         return 1000 * self.cpu_s / self.tokens
 
+    def cpu(self, part: str) -> float:
+        """CPU seconds of one part: "here" (this process), "routes", "replicas" (their
+        processes') or "network" (all of them)."""
+        if part == "network":
+            return self.cpu_s + self.route_cpu_s + self.replica_cpu_s
+        return {"here": self.cpu_s, "routes": self.route_cpu_s, "replicas": self.replica_cpu_s}[
+            part
+        ]
+
 
 def pooled(
-    runs: list[Run], base: list[Run], rounds: list[int] | None = None, whole: bool = False
+    runs: list[Run], base: list[Run], rounds: list[int] | None = None, part: str = "here"
 ) -> tuple[float, float]:
     """The overhead of `runs` over `base` (wall, CPU; fractions) from the rounds' totals
     (`rounds`: which rounds, repeats allowed: a bootstrap sample): 1 - tokens/s with checks
@@ -403,14 +449,14 @@ def pooled(
     tokens, so a round with more checks than the rate's mean counts as much as one with
     fewer: the mean over the rounds is the rate's, where a median of per-round ratios would
     lean to the rounds with fewer checks (their count is skewed to the right at 2 %).
-    `whole`: the CPU of the replicas' process too (`--replicas-apart`)."""
+    `part`: whose CPU (`Run.cpu`)."""
     picked = rounds if rounds is not None else list(range(len(runs)))
 
     def total(which: list[Run]) -> tuple[float, float, float]:
         return (
             sum(which[i].tokens for i in picked),
             sum(which[i].wall_s for i in picked),
-            sum(which[i].cpu_s + (which[i].apart_cpu_s if whole else 0.0) for i in picked),
+            sum(which[i].cpu(part) for i in picked),
         )
 
     t, w, c = total(runs)
@@ -419,7 +465,7 @@ def pooled(
 
 
 def interval(
-    runs: list[Run], base: list[Run], samples: int = 2000, whole: bool = False
+    runs: list[Run], base: list[Run], samples: int = 2000, part: str = "here"
 ) -> tuple[str, str]:
     """95 % intervals of the pooled overheads (wall, CPU) by a paired bootstrap over rounds
     (a round's run with checks goes with the same round's run without: they ran minutes
@@ -428,9 +474,7 @@ def interval(
     if n < 3:
         return "-", "-"
     rng = random.Random(0)  # (the same resamples every time: the interval is reproducible)
-    draws = [
-        pooled(runs, base, [rng.randrange(n) for _ in range(n)], whole) for _ in range(samples)
-    ]
+    draws = [pooled(runs, base, [rng.randrange(n) for _ in range(n)], part) for _ in range(samples)]
     out = []
     for which in (0, 1):
         values = sorted(100 * d[which] for d in draws)
@@ -469,8 +513,13 @@ def _verifier(mode: Mode) -> Verifier:
     return Verifier(config, rng=random.Random(1))
 
 
-async def overhead(args: argparse.Namespace, model_dir: Path, apart: Apart | None = None) -> None:
-    cluster = await honest_cluster(model_dir, args.layers, apart)
+async def overhead(
+    args: argparse.Namespace,
+    model_dir: Path,
+    routes: Host | None = None,
+    replicas: Host | None = None,
+) -> None:
+    cluster = await honest_cluster(model_dir, args.layers, routes, replicas)
     verifiers = {mode: _verifier(mode) for mode in args.modes}
     await workload(cluster, None, args)  # warm up the routes' servers
     # and every replica (a check on every step), so that no configuration's first round
@@ -501,9 +550,7 @@ async def overhead(args: argparse.Namespace, model_dir: Path, apart: Apart | Non
         return f"{q2:.1f} ({q1:.1f}..{q3:.1f})%"
 
     tokens = sum(r.tokens for r in base)
-    base_cpu = 1000 * sum(r.cpu_s for r in base) / tokens
     base_tps = tokens / sum(r.wall_s for r in base)
-    hop_step_ms = base_cpu / 2  # two hops per token
     print(
         f"\noverhead: {args.generations} generations x {args.tokens} tokens, hidden "
         f"{args.hidden}, {args.layers} layers in 2 ranges x 3 servers, {args.rounds} rounds "
@@ -512,56 +559,134 @@ async def overhead(args: argparse.Namespace, model_dir: Path, apart: Apart | Non
         "the median (first..third quartile) of each round's own ratio to its run without "
         "checks"
     )
+    print(SETUPS[args.setup] + (IDLE if args.setup != "one" and args.sched_idle else ""))
     if args.spread:
         print(
             "spread: generation i's route is a{i % 3}, b{i % 3}, so that every server carries "
             "a third of the generations and a check's pass on its replica may share a batch "
             "with that replica's own steps (the breakdown's 'route' counts every server)"
         )
-    if apart is not None:
-        print(
-            "replicas apart: the servers other than the routes' (a0, b0) run in a process of "
-            "their own, reached over Unix sockets, on the same 2 cores (not another machine: "
-            "their passes still take these cores). Wall and CPU: this process's, the "
-            "requester's and the routes' providers' (the requester's critical path); "
-            "'network CPU': with the replicas' process's CPU"
-        )
-    header = (
-        "check rate | tokens/s | overhead (wall) | 95% interval | CPU ms/token "
-        "| overhead (CPU) | 95% interval | checks | CPU per check (hop-steps) "
-        "| replica positions per check | max honest spread | per round: wall; CPU"
-        + (" | network CPU overhead | 95% interval" if apart is not None else "")
-    )
-    print(header)
-    print("-" * len(header))
+    here = {"apart": "requester", "routes-here": "requester + routes", "one": "one process"}[
+        args.setup
+    ]
+    known = {"apart": ("routes", "replicas"), "routes-here": ("replicas",), "one": ()}[args.setup]
+    configs = [None, *args.modes]
+
+    def per_token(rate: Mode | None, part: str) -> float:
+        done = sum(r.tokens for r in runs[rate])
+        return 1000 * sum(r.cpu(part) for r in runs[rate]) / done
+
+    def against(rate: Mode, part: str, base: list[Run] = base) -> list[str]:
+        """A part's CPU ms/token, its overhead and interval against `base`."""
+        return [
+            f"{per_token(rate, part):.3f}",
+            f"{pooled(runs[rate], base, part=part)[1] * 100:.1f}%",
+            interval(runs[rate], base, part=part)[1],
+        ]
+
     print(
-        f"{'none':>10} | {base_tps:>8.1f} | {'-':>15} | {'-':>12} | {base_cpu:>12.2f} | "
-        f"{'-':>14} | {'-':>12} | {'-':>6} | {'-':>25} | {'-':>27} | {'-':>17} | -"
+        "\nthe requester's throughput (its tokens/s, and its process's CPU: what a requester "
+        "pays for its checks)"
     )
+    rows = [["none", f"{base_tps:.1f}", "-", "-", "-", f"{per_token(None, 'here'):.3f}"]]
+    rows[0] += ["-", "-", "-", f"{sum(r.route_passes for r in base) / tokens:.3f}"]
     for rate in args.modes:
         v = verifiers[rate]
-        checks = v.counters["checks_pass"] + v.counters["checks_fail"]
-        wall, cpu = pooled(runs[rate], base)
-        wall_ci, cpu_ci = interval(runs[rate], base)
-        extra = cpu * base_cpu * tokens / checks / hop_step_ms if checks else float("nan")
-        fed = v.counters["replica_positions"] / max(1, v.counters["replica_steps"])
         done = sum(r.tokens for r in runs[rate])
-        print(
-            f"{rate.label:>10} | {done / sum(r.wall_s for r in runs[rate]):>8.1f} | "
-            f"{wall * 100:>14.1f}% | {wall_ci:>12} | "
-            f"{1000 * sum(r.cpu_s for r in runs[rate]) / done:>12.2f} | "
-            f"{cpu * 100:>13.1f}% | {cpu_ci:>12} | {checks:>6} | {extra:>25.1f} | "
-            f"{fed:>27.1f} | {v.spread_max:>17.1e} | {middle(rate, 0)}; {middle(rate, 1)}"
-            + (network(runs[rate], base) if apart is not None else "")
+        rows.append(
+            [
+                rate.label,
+                f"{done / sum(r.wall_s for r in runs[rate]):.1f}",
+                f"{pooled(runs[rate], base)[0] * 100:.1f}%",
+                interval(runs[rate], base)[0],
+                f"{middle(rate, 0)}",
+                *against(rate, "here"),
+                f"{v.counters['checks_pass'] + v.counters['checks_fail']}",
+                f"{sum(r.route_passes for r in runs[rate]) / done:.3f}",
+            ]
         )
+    table(
+        [
+            "check rate",
+            "tokens/s",
+            "overhead (wall)",
+            "95% interval",
+            "per round: wall",
+            f"CPU ms/token ({here})",
+            "overhead (CPU)",
+            "95% interval",
+            "checks",
+            "route passes/token",
+        ],
+        rows,
+    )
+    print(
+        "\nthe network's extra compute (CPU ms a token: the routes' servers', the replicas', "
+        "all processes'; not the requester's throughput)"
+    )
+    rows = []
+    for rate in configs:
+        v = verifiers.get(rate) if rate is not None else None
+        done = sum(r.tokens for r in runs[rate])
+        row = [rate.label if rate is not None else "none"]
+        if "routes" in known:
+            row += (
+                against(rate, "routes")
+                if rate is not None
+                else [f"{per_token(None, 'routes'):.3f}", "-", "-"]
+            )
+        else:
+            row += ["-", "-", "-"]
+        row.append(f"{per_token(rate, 'replicas'):.3f}" if "replicas" in known else "-")
+        row.append(
+            f"{per_token(rate, 'replicas') / per_token(rate, 'routes') * 100:.1f}%"
+            if "routes" in known
+            else "-"
+        )
+        if rate is None or v is None:
+            row += [f"{per_token(None, 'network'):.3f}", "-", "-", "-", "-", "-", "-"]
+            rows.append(row)
+            continue
+        checks = v.counters["checks_pass"] + v.counters["checks_fail"]
+        cpu = pooled(runs[rate], base, part="network")[1]
+        row += [f"{per_token(rate, 'network'):.3f}", f"{cpu * 100:.1f}%"]
+        row.append(interval(runs[rate], base, part="network")[1])
+        row += [
+            f"{2 * cpu * done / checks:.1f}" if checks else "-",  # hop-steps: half a token's
+            f"{sum(r.replica_passes for r in runs[rate]) / max(1, checks):.2f}",
+            f"{v.counters['replica_positions'] / max(1, v.counters['replica_steps']):.1f}",
+            f"{v.spread_max:.1e}",
+        ]
+        rows.append(row)
+    table(
+        [
+            "check rate",
+            "routes CPU ms/tok",
+            "overhead",
+            "95% interval",
+            "replicas CPU ms/tok",
+            "replicas/routes",
+            "network CPU ms/tok",
+            "overhead",
+            "95% interval",
+            "CPU per check (hop-steps)",
+            "replica passes per check",
+            "replica positions per check",
+            "max honest spread",
+        ],
+        rows,
+    )
     for rate in args.modes:  # a mechanism against the default's at its rate, paired
         plain = Mode(rate.rate)
         if rate != plain and plain in runs:
             wall, cpu = pooled(runs[rate], runs[plain])
             wall_ci, cpu_ci = interval(runs[rate], runs[plain])
+            net = pooled(runs[rate], runs[plain], part="network")[1]
+            net_ci = interval(runs[rate], runs[plain], part="network")[1]
             print(
                 f"{rate.label} against {plain.label} (paired, same rounds): wall "
-                f"{wall * 100:+.1f}% ({wall_ci}), CPU {cpu * 100:+.1f}% ({cpu_ci})"
+                f"{wall * 100:+.1f}% ({wall_ci}), CPU ({here}) {cpu * 100:+.1f}% ({cpu_ci}), "
+                f"network CPU {net * 100:+.1f}% ({net_ci})"
             )
     for rate in args.modes:
         g = verifiers[rate].gather
@@ -574,10 +699,14 @@ async def overhead(args: argparse.Namespace, model_dir: Path, apart: Apart | Non
         print_breakdown(parts, verifiers)
 
 
-def network(runs: list[Run], base: list[Run]) -> str:
-    """The CPU overhead with the replicas' process's CPU (`--replicas-apart`)."""
-    _, cpu = pooled(runs, base, whole=True)
-    return f" | {cpu * 100:>19.1f}% | {interval(runs, base, whole=True)[1]:>12}"
+def table(header: list[str], rows: list[list[str]]) -> None:
+    """Print `rows` under `header`, each column as wide as its widest cell."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = " | ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))
+    print(line)
+    print("-" * len(line))
+    for row in rows:
+        print(" | ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
 
 
 def print_breakdown(parts: dict[Mode | None, Breakdown], verifiers: dict[Mode, Verifier]) -> None:
@@ -625,13 +754,47 @@ def print_breakdown(parts: dict[Mode | None, Breakdown], verifiers: dict[Mode, V
         )
 
 
-# -- replicas apart (`--replicas-apart`) ---------------------------------------------------
+# -- servers apart (the default; `--routes-here`, `--one-process`) --------------------------
 
 
-APART = ("a1", "a2", "b1", "b2")  # the servers that then run in a process of their own
+ROUTES = ("a0", "b0")  # the routes' servers where servers run apart
+REPLICAS = ("a1", "a2", "b1", "b2")  # and the replicas'
+
+SETUPS = {
+    "apart": (
+        "servers apart (the default): the routes' servers (a0, b0) run in a process of their "
+        "own, the replicas' (a1, a2, b1, b2) in another, reached over Unix sockets, as on a "
+        "network where each is another machine: this process is the requester alone "
+        "(client, verifier, protocol), its CPU is the requester's, and its tokens/s what the "
+        "requester sees; the routes' and replicas' CPU is the network's"
+    ),
+    "routes-here": (
+        "routes here (`--routes-here`): the replicas (a1, a2, b1, b2) run in a process of "
+        "their own, reached over Unix sockets; the routes' servers (a0, b0) in this process "
+        "with the requester, whose CPU then holds theirs"
+    ),
+    "one": (
+        "one process (`--one-process`): requester, routes and replicas all in this process, "
+        "on its event loop and GIL: a replica's pass holds the routes' back, which no network "
+        "does"
+    ),
+}
+IDLE = (
+    "; the replicas' process under SCHED_IDLE (`--no-sched-idle` to turn it off): it runs "
+    "only on cores the requester and routes leave idle, as if on machines of their own, "
+    "which is where a check's answer waits on this 2-core machine when others load it"
+)
 
 
-def _apart_identities(seed: bytes) -> dict[str, NodeIdentity]:
+@dataclass(frozen=True)
+class HostStats:
+    """A child process's CPU seconds and its servers' forward passes so far."""
+
+    cpu_s: float
+    passes: int
+
+
+def _identities(seed: bytes, names: tuple[str, ...]) -> dict[str, NodeIdentity]:
     """The servers' keys, from one seed the parent draws per run (their Unix sockets are
     named after their peer ids: two runs at once must not share them)."""
     return {
@@ -639,17 +802,18 @@ def _apart_identities(seed: bytes) -> dict[str, NodeIdentity]:
             node_seed=hashlib.sha256(seed + f"node-{name}".encode()).digest(),
             payout_key=hashlib.sha256(seed + f"payout-{name}".encode()).digest(),
         )
-        for name in APART
+        for name in names
     }
 
 
-async def replica_host(model_dir: Path, layers: int, seed: bytes) -> None:
-    """The child process of `--replicas-apart`: the servers of APART, each listening on its
-    Unix socket (`p2p.localsock`); a line "cpu" on stdin answers this process's CPU seconds,
-    and stdin's end ends it."""
+async def serve_host(model_dir: Path, layers: int, seed: bytes, names: tuple[str, ...]) -> None:
+    """A child process (`Host`): the servers `names`, each listening on its Unix socket
+    (`p2p.localsock`); a line on stdin answers this process's CPU seconds and its servers'
+    passes so far, and stdin's end ends it."""
     half = layers // 2
+    servers = []
     async with trio.open_nursery() as nursery:
-        for name, ident in _apart_identities(seed).items():
+        for name, ident in _identities(seed, names).items():
             server = ShardServer()
             start, end = (0, half) if name.startswith("a") else (half, layers)
             await server.load("m", model_dir, start, end)
@@ -660,6 +824,7 @@ async def replica_host(model_dir: Path, layers: int, seed: bytes) -> None:
                 max_frame_bytes=lambda server=server: server.max_frame_bytes,
             )
             await nursery.start(streams.serve)
+            servers.append(server)
         print("ready", flush=True)
         stdin = trio.lowlevel.FdStream(os.dup(0))
         buffered = b""
@@ -670,23 +835,34 @@ async def replica_host(model_dir: Path, layers: int, seed: bytes) -> None:
             buffered += data
             while b"\n" in buffered:
                 _, buffered = buffered.split(b"\n", 1)
-                print(f"{time.process_time():.6f}", flush=True)
+                passes = sum(sum(s.batching.batch_sizes.values()) for s in servers)
+                print(f"{time.process_time():.6f} {passes}", flush=True)
         nursery.cancel_scope.cancel()
 
 
-class Apart:
-    """The child process that serves APART, and how to reach it and read its CPU time."""
+def _sched_idle() -> None:
+    """In a child before it runs: SCHED_IDLE, inherited by every thread it starts."""
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
-    def __init__(self, model_dir: Path, layers: int, threads: int) -> None:
+
+class Host:
+    """A child process serving `names`, and how to reach it and read its figures; under
+    SCHED_IDLE where `idle`."""
+
+    def __init__(
+        self, model_dir: Path, layers: int, threads: int, names: tuple[str, ...], idle: bool
+    ) -> None:
         seed = os.urandom(16)
         self.process = subprocess.Popen(
             [
                 sys.executable,
                 str(Path(__file__).resolve()),
-                "--replica-host",
+                "--host",
                 str(model_dir),
-                "--replica-seed",
+                "--host-seed",
                 seed.hex(),
+                "--host-names",
+                ",".join(names),
                 "--layers",
                 str(layers),
                 "--threads",
@@ -695,18 +871,20 @@ class Apart:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            preexec_fn=_sched_idle if idle else None,  # noqa: PLW1509 (no threads yet)
         )
         assert self.process.stdout is not None and self.process.stdin is not None
         if self.process.stdout.readline().strip() != "ready":
-            raise RuntimeError("the replicas' process did not start")
-        self.ids = {name: ident.peer_id for name, ident in _apart_identities(seed).items()}
+            raise RuntimeError(f"the servers' process ({', '.join(names)}) did not start")
+        self.ids = {name: ident.peer_id for name, ident in _identities(seed, names).items()}
 
-    def cpu_s(self) -> float:
-        """The child's CPU seconds so far (asked between runs, outside their timing)."""
+    def stats(self) -> HostStats:
+        """The child's figures so far (asked between runs, outside their timing)."""
         assert self.process.stdout is not None and self.process.stdin is not None
-        self.process.stdin.write("cpu\n")
+        self.process.stdin.write("stats\n")
         self.process.stdin.flush()
-        return float(self.process.stdout.readline())
+        cpu, passes = self.process.stdout.readline().split()
+        return HostStats(float(cpu), int(passes))
 
     def close(self) -> None:
         assert self.process.stdin is not None
@@ -714,13 +892,18 @@ class Apart:
         self.process.wait(timeout=30)
 
 
+def _hosts(cluster: Cluster) -> tuple[Host | None, Host | None]:
+    """The routes' and the replicas' child processes (None: in this process)."""
+    return cluster.route_host, cluster.replica_host
+
+
 class SplitOpener:
     """The requester's streams: to the servers apart over their Unix sockets, to the others
     over the in-memory network."""
 
-    def __init__(self, memory: Any, apart: dict[str, str]) -> None:
+    def __init__(self, memory: Any, apart: set[str]) -> None:
         self.memory = memory
-        self.apart = set(apart.values())
+        self.apart = apart
         self.ident = NodeIdentity.generate()
 
     async def open_stream(self, peer_id: str, protocol: str) -> Any:
@@ -817,10 +1000,24 @@ def main() -> None:
         "--breakdown", action="store_true", help="where the time goes, per check rate"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument(
+    setup = parser.add_mutually_exclusive_group()
+    setup.add_argument(
+        "--one-process",
+        action="store_true",
+        help="every server in this process with the requester (the default before session 16)",
+    )
+    setup.add_argument(
+        "--routes-here",
         "--replicas-apart",
         action="store_true",
-        help="the replicas in a process of their own (the requester's critical path)",
+        help="the routes' servers in this process, the replicas in a process of their own "
+        "(what --replicas-apart named before session 16)",
+    )
+    parser.add_argument(
+        "--no-sched-idle",
+        dest="sched_idle",
+        action="store_false",
+        help="the replicas' process at this process's priority, not under SCHED_IDLE",
     )
     parser.add_argument(
         "--spread",
@@ -828,8 +1025,9 @@ def main() -> None:
         help="generation i's route is a{i %% 3}, b{i %% 3}: every server carries traffic, "
         "and a check shares its replica's passes",
     )
-    parser.add_argument("--replica-host", type=Path, help=argparse.SUPPRESS)  # (its child)
-    parser.add_argument("--replica-seed", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--host", type=Path, help=argparse.SUPPRESS)  # (a `Host` child)
+    parser.add_argument("--host-seed", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--host-names", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.modes = [Mode(r) for r in args.rates]
     if args.waiting:
@@ -838,11 +1036,13 @@ def main() -> None:
     args.modes += [
         Mode(r, speculate=True, gather_s=g) for g in args.gather for r in args.rates if r > 0
     ]
-    if args.spread and args.replicas_apart:
-        parser.error("--spread puts routes on every server: not with --replicas-apart")
+    args.setup = "one" if args.one_process else "routes-here" if args.routes_here else "apart"
+    if args.spread and args.setup != "one":
+        parser.error("--spread puts routes on every server: only with --one-process")
     torch.set_num_threads(args.threads)
-    if args.replica_host is not None:
-        trio.run(replica_host, args.replica_host, args.layers, bytes.fromhex(args.replica_seed))
+    if args.host is not None:
+        names = tuple(args.host_names.split(","))
+        trio.run(serve_host, args.host, args.layers, bytes.fromhex(args.host_seed), names)
         return
     if args.breakdown:
         count_pass_cpu()
@@ -852,12 +1052,21 @@ def main() -> None:
             Path(tmp) / "m", layers=args.layers, hidden=args.hidden, seed=5, max_positions=1024
         )
         if not args.skip_overhead:
-            apart = Apart(model_dir, args.layers, args.threads) if args.replicas_apart else None
+            hosts: list[Host] = []
             try:
-                trio.run(overhead, args, model_dir, apart)
+                routes = replicas = None
+                if args.setup == "apart":
+                    routes = Host(model_dir, args.layers, args.threads, ROUTES, idle=False)
+                    hosts.append(routes)
+                if args.setup != "one":
+                    replicas = Host(
+                        model_dir, args.layers, args.threads, REPLICAS, idle=args.sched_idle
+                    )
+                    hosts.append(replicas)
+                trio.run(overhead, args, model_dir, routes, replicas)
             finally:
-                if apart is not None:
-                    apart.close()
+                for host in hosts:
+                    host.close()
         if not args.skip_detection:
             trio.run(detection_table, args, model_dir)
     print(f"load {os.getloadavg()[0]:.1f} at the end")
