@@ -67,6 +67,7 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
+from typing import TextIO  # noqa: E402
 
 from daemon.api.client import RPCClientError  # noqa: E402
 from daemon.devnet import DEVNET_CONFIG, DaemonProcess, Devnet, wait_for  # noqa: E402
@@ -127,24 +128,42 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+def runqueue_wait_seconds(pid: int) -> float:
+    """Time the process's main thread (a daemon's event loop) spent ready to run but waiting
+    for a core (/proc/PID/schedstat; 0 once it is gone): what contention for the cores, not
+    the loop's own work, added to its latencies."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 class CPUWatch:
     """On exit, fills `into` with the cores each process used while inside: CPU seconds
-    over wall seconds. Sampled every `interval_s`, so that a process that exits meanwhile
-    (the fill's attacker, once it has sent its supply) reads its last sample."""
+    over wall seconds; and `waits` (if given) with the milliseconds a second each one's main
+    thread waited for a core. Sampled every `interval_s`, so that a process that exits
+    meanwhile (the fill's attacker, once it has sent its supply) reads its last sample."""
 
     def __init__(
-        self, pids: dict[str, int], into: dict[str, float], interval_s: float = 0.25
+        self,
+        pids: dict[str, int],
+        into: dict[str, float],
+        interval_s: float = 0.25,
+        waits: dict[str, float] | None = None,
     ) -> None:
         self.pids = pids
         self.into = into
+        self.waits = waits
         self.interval_s = interval_s
         self._last = dict.fromkeys(pids, 0.0)
+        self._waited = dict.fromkeys(pids, 0.0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> None:
         for name, pid in self.pids.items():
             self._last[name] = max(self._last[name], cpu_seconds(pid))
+            self._waited[name] = max(self._waited[name], runqueue_wait_seconds(pid))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -154,6 +173,7 @@ class CPUWatch:
         self.started = time.monotonic()
         self._sample()
         self.before = dict(self._last)
+        self.waited_before = dict(self._waited)
         self._thread.start()
         return self
 
@@ -164,6 +184,9 @@ class CPUWatch:
         wall = max(time.monotonic() - self.started, 1e-9)
         for name in self.pids:
             self.into[name] = max(0.0, self._last[name] - self.before[name]) / wall
+            if self.waits is not None:
+                waited = self._waited[name] - self.waited_before[name]
+                self.waits[name] = max(0.0, waited) * 1000 / wall
 
 
 def rss_bytes(pid: int) -> int:
@@ -229,6 +252,8 @@ class Phase:
     entries: dict[str, float] = field(default_factory=dict)  # node -> registry entries added
     target_alive: bool = True
     cores: dict[str, float] = field(default_factory=dict)  # process -> CPU s / wall s
+    # process -> ms a second its main thread waited for a core
+    waits: dict[str, float] = field(default_factory=dict)
     quiet: Phase | None = None  # (a flood's) the quiet window at the end of its settle time
 
     def __post_init__(self) -> None:
@@ -260,6 +285,9 @@ class Probes:
         self._writes = 0
         self.peers: set[str] = set()  # every daemon's peer id (set by main)
         self.node_names: dict[str, str] = {}  # peer id -> node name
+        # with --keep: each sample as a JSON line [phase, probe, wall start, seconds, ok], to
+        # set beside the daemons' logs (GRIDMESH_SLOW_STEPS) when a row needs explaining
+        self.record: TextIO | None = None
         self.names = [
             "nodes_find@target",
             "nodes_find@untargeted",
@@ -342,10 +370,14 @@ class Probes:
                     time.sleep(wait)  # pacing the samples, not waiting for a condition
                 if not keep_going():
                     return
+                began = time.time()
                 seconds, ok = self.run_one(name, phase)
                 with lock:
                     phase.samples[name].append(seconds)
                     phase.errors[name] += not ok
+                    if self.record is not None:
+                        row = [phase.name, name, round(began, 4), round(seconds, 5), ok]
+                        self.record.write(json.dumps(row) + "\n")
 
         threads = [threading.Thread(target=loop, args=(name,), daemon=True) for name in self.names]
         for thread in threads:
@@ -459,7 +491,7 @@ def run_flood(
         watch.reset()
         flood_ends = time.monotonic() + args.seconds
         if started.is_set():
-            with CPUWatch({**watch.pids, "attacker": hostile.pid}, phase.cores):
+            with CPUWatch({**watch.pids, "attacker": hostile.pid}, phase.cores, waits=phase.waits):
                 probes.rounds(
                     phase,
                     args.probes,
@@ -592,17 +624,24 @@ def print_tables(phases: list[Phase], first: Phase) -> bool:
             )
     print(f"target: RSS after the settle time within {RSS_TARGET - 1:.0%} of before the flood")
     print()
-    header = f"{'phase':<9} | {'target cores':>12} | {'untargeted cores':>16} | attacker cores"
+    header = (
+        f"{'phase':<9} | {'target cores':>12} | {'untargeted cores':>16} | attacker cores | "
+        "waited ms/s t/u"
+    )
     print(header)
     print("-" * len(header))
     for phase in [first, *phases]:
-        cores = phase.cores
+        cores, waits = phase.cores, phase.waits
+        waited = f"{waits.get('target', 0):.0f}/{waits.get('untargeted', 0):.0f}"
         print(
             f"{phase.name:<9} | {cores.get('target', 0):>12.2f} | "
-            f"{cores.get('untargeted', 0):>16.2f} | {cores.get('attacker', 0):>14.2f}"
+            f"{cores.get('untargeted', 0):>16.2f} | {cores.get('attacker', 0):>14.2f} | "
+            f"{waited:>15}"
         )
     print("(cores: CPU seconds over wall seconds while the phase was probed, probes included;")
-    print(" the attacker's own, under SCHED_IDLE unless --no-sched-idle, is what it could take)")
+    print(" the attacker's own, under SCHED_IDLE unless --no-sched-idle, is what it could take;")
+    print(" waited: ms a second the target's / untargeted daemon's event-loop thread was ready")
+    print(" to run but waited for a core, from /proc/PID/schedstat: contention, not its work)")
     print()
     header = (
         f"{'flood':<9} | {'sent':>8} | {'refused':>8} | {'accepted':>8} | {'failed':>6} | "
@@ -647,7 +686,13 @@ def main() -> int:
         "--quick", action="store_true", help="a check run: 5 s floods, 5 s settle, 8 probes"
     )
     parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
-    parser.add_argument("--keep", type=Path, help="run the daemons here and keep their logs")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="run the daemons here and keep their logs, and every probe's sample in "
+        "probes.jsonl (with GRIDMESH_SLOW_STEPS=0.01 in the environment, each daemon also "
+        "logs the task steps that held its event loop longer)",
+    )
     parser.add_argument(
         "--nice",
         type=int,
@@ -693,6 +738,8 @@ def main() -> int:
             probes = Probes(target, untargeted, args.tokens)
             probes.node_names = {d.peer_id: f"node{i}" for i, d in enumerate(net.daemons)}
             probes.peers = set(probes.node_names)
+            if args.keep is not None:
+                probes.record = (root / "probes.jsonl").open("w", buffering=1)
             for name in probes.names:  # warm up: first calls load and connect
                 probes.run_one(name)
             args.network_id = target.call("node_info")["network_id"]
@@ -706,7 +753,7 @@ def main() -> int:
                     flush=True,
                 )
                 baseline_ends = time.monotonic() + args.seconds
-                with CPUWatch(pids, baseline.cores):
+                with CPUWatch(pids, baseline.cores, waits=baseline.waits):
                     probes.rounds(
                         baseline,
                         args.probes,
