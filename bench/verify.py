@@ -70,7 +70,7 @@ replicas serve requesters of their own; with `--generations 24` each server carr
 generations, as the routes' two servers do by default. In the breakdown every server counts as
 a route's then.
 
-Speculation and gathering (`verify.speculate`, `verify.gather_s`, both off by default): a
+Speculation and gathering (`verify.speculate`, on by default since session 16; `gather_s`, 0): a
 speculating generation does not wait for a step's checks (a token goes out only once its steps
 passed: `daemon.shards.token_loop`), and its checks may wait up to `gather_s` for others so
 that a replica runs several in one pass; the line under the table says how many went per

@@ -23,7 +23,7 @@ class VerifySection(Section):
     probation_rate: Share = 0.10
     canary_rate: Share = 0.0
     audit_history: bool = False
-    speculate: bool = False
+    speculate: bool = True
     gather_s: Annotated[float, msgspec.Meta(ge=0.0, le=10.0)] = 0.0
     graduate_after: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 20
     exclude_after: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 2

@@ -40,15 +40,15 @@ class VerifyConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A check of a hop (not the last) also compares the provider's outputs at every earlier
     position of the generation, which the replica computes in the same pass (a cheat on an
     unchecked step is then caught at the next check; its token was used already)."""
-    speculate: bool = False
+    speculate: bool = True
     """A free generation goes on while a step's checks run and rolls back to the step if
-    one fails (its tokens are let out only once the checks passed); off (the default): every
-    checked step waits for its checks. Paid generations always wait (their receipts are held
-    per step). Off by default: in ten paired runs of bench/verify.py at 2 % (idle replicas,
-    one with the replicas in a process of their own) speculating cost 1.1 points more wall
-    than waiting on average (4.1 less to 5.4 more; less in three runs): no gain. It can only
-    pay where a check's wait is long against a step (a replica far away), which no bench
-    here measures yet."""
+    one fails (its tokens are let out only once the checks passed); off: every checked step
+    waits for its checks. Paid generations always wait (their receipts are held per step).
+    On by default: where the replicas are other machines (bench/verify.py's default since
+    session 16) a waiting generation misses its route's batch at every check, and in seven
+    paired runs at 2 % speculating cost the requester 1.3-6.2 points less wall in six (10 %:
+    4.4-15.2 less in all four). In one process on 2 cores, where a replica's pass takes the
+    route's cores, it gained nothing (sessions 14-15)."""
     gather_s: float = 0.0
     """How long a speculating generation's check waits for others before they go to their
     replicas together, to share a pass there (`daemon.verify.gather`; 0, the default: at
