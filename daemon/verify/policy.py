@@ -45,10 +45,10 @@ class VerifyConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     one fails (its tokens are let out only once the checks passed); off: every checked step
     waits for its checks. Paid generations always wait (their receipts are held per step).
     On by default: where the replicas are other machines (bench/verify.py's default since
-    session 16) a waiting generation misses its route's batch at every check, and in seven
-    paired runs at 2 % speculating cost the requester 1.3-6.2 points less wall in six (10 %:
-    4.4-15.2 less in all four). In one process on 2 cores, where a replica's pass takes the
-    route's cores, it gained nothing (sessions 14-15)."""
+    session 16) a waiting generation misses its route's batch at every check, and in eight
+    paired runs at 2 % speculating cost the requester 1.3-6.2 points less wall in six (0.4
+    and 1.8 more in two; 10 %: 4.4-15.2 less in all five). In one process on 2 cores, where
+    a replica's pass takes the route's cores, it gained nothing (sessions 14-15)."""
     gather_s: float = 0.0
     """How long a speculating generation's check waits for others before they go to their
     replicas together, to share a pass there (`daemon.verify.gather`; 0, the default: at
