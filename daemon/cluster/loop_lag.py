@@ -68,20 +68,30 @@ class LoopLag:
 
 class SlowSteps(trio.abc.Instrument):
     """Logs every task step that held the loop longer than `threshold_s`, with the task's
-    name: what a lag was spent on. Costs a clock read per step; for diagnosis
+    name and the CPU the loop's thread spent in it: what a lag was spent on, and whether on
+    work or on waiting (for a core taken by other processes, for the GIL held by another
+    thread, or blocked in a call). Costs two clock reads per step; for diagnosis
     (GRIDMESH_SLOW_STEPS=seconds in the daemon's environment turns it on)."""
 
     def __init__(self, threshold_s: float) -> None:
         self.threshold_s = threshold_s
         self._started = time.perf_counter()
+        self._cpu_started = time.thread_time()
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
         self._started = time.perf_counter()
+        self._cpu_started = time.thread_time()
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
         took = time.perf_counter() - self._started
         if took > self.threshold_s:
-            log.info("task %s held the event loop for %.3f s", task.name, took)
+            cpu = time.thread_time() - self._cpu_started
+            log.info(
+                "task %s held the event loop for %.3f s (%.3f s of CPU; the rest waiting)",
+                task.name,
+                took,
+                cpu,
+            )
 
 
 def slow_steps_from_env() -> SlowSteps | None:

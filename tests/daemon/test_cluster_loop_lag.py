@@ -61,3 +61,26 @@ async def test_slow_steps_names_the_task_that_held_the_loop(caplog, monkeypatch)
         trio.lowlevel.remove_instrument(slow)
     held = [r.getMessage() for r in caplog.records if "held the event loop" in r.getMessage()]
     assert len(held) == 1 and "block_the_loop" in held[0]
+    # a sleep holds the loop without work: the CPU part tells waiting from computing
+    assert float(held[0].split("(")[1].split(" s of CPU")[0]) < 0.05, held[0]
+
+
+async def spin_the_loop(seconds: float) -> None:
+    await trio.sleep(0.12)
+    until = time.thread_time() + seconds
+    while time.thread_time() < until:  # CPU work on the loop's thread, as a decode would
+        pass
+
+
+async def test_slow_steps_tells_work_from_waiting(caplog):
+    slow = SlowSteps(0.1)
+    trio.lowlevel.add_instrument(slow)
+    try:
+        with caplog.at_level(logging.INFO, logger="daemon.cluster.loop_lag"):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(spin_the_loop, 0.2)
+    finally:
+        trio.lowlevel.remove_instrument(slow)
+    held = [r.getMessage() for r in caplog.records if "held the event loop" in r.getMessage()]
+    assert len(held) == 1 and "spin_the_loop" in held[0]
+    assert float(held[0].split("(")[1].split(" s of CPU")[0]) >= 0.19, held[0]
