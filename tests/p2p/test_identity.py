@@ -63,3 +63,23 @@ def test_load_rejects_corrupt_or_mismatched_files(tmp_path):
         identity.load_identity(tmp_path)
     with pytest.raises(identity.IdentityError, match="gridmesh init"):
         identity.load_identity(tmp_path / "empty")
+
+
+def test_the_keys_are_derived_once_per_identity(monkeypatch):
+    """A daemon asks its peer id on every stream it opens and every entry it writes: the
+    key behind it is derived once, and two identities still keep their own."""
+    ident, other = identity.NodeIdentity.generate(), identity.NodeIdentity.generate()
+    derived = []
+    real = identity.Ed25519PrivateKey.from_private_bytes
+
+    def counting(seed: bytes):
+        derived.append(seed)
+        return real(seed)
+
+    monkeypatch.setattr(identity.Ed25519PrivateKey, "from_private_bytes", counting)
+    first = ident.peer_id
+    assert ident.peer_id == first and ident.sign(b"m") and ident.public_key
+    assert derived == [ident.node_seed]
+    assert other.peer_id != first and derived == [ident.node_seed, other.node_seed]
+    assert identity.verify(first, b"m", ident.sign(b"m"))
+    assert ident == identity.NodeIdentity(ident.node_seed, ident.payout_key)  # fields only
