@@ -46,23 +46,32 @@ def test_the_lag_is_a_histogram_in_metrics():
     assert "gridmesh_event_loop_lag_seconds_sum 0.303" in text
 
 
+async def slow_steps_logged(caplog, slow: SlowSteps, task, seconds: float) -> list[str]:
+    """What `slow` logs while `task(seconds)` runs."""
+    trio.lowlevel.add_instrument(slow)
+    try:
+        with caplog.at_level(logging.INFO, logger="daemon.cluster.loop_lag"):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(task, seconds)
+    finally:
+        trio.lowlevel.remove_instrument(slow)
+    return [r.getMessage() for r in caplog.records if "held the event loop" in r.getMessage()]
+
+
+def cpu_of(message: str) -> float:
+    return float(message.split("(")[1].split(" s of CPU")[0])
+
+
 async def test_slow_steps_names_the_task_that_held_the_loop(caplog, monkeypatch):
     monkeypatch.setenv("GRIDMESH_SLOW_STEPS", "0.1")
     slow = slow_steps_from_env()
     assert isinstance(slow, SlowSteps) and slow.threshold_s == 0.1
     monkeypatch.setenv("GRIDMESH_SLOW_STEPS", "no")
     assert slow_steps_from_env() is None
-    trio.lowlevel.add_instrument(slow)
-    try:
-        with caplog.at_level(logging.INFO, logger="daemon.cluster.loop_lag"):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(block_the_loop, 0.2)
-    finally:
-        trio.lowlevel.remove_instrument(slow)
-    held = [r.getMessage() for r in caplog.records if "held the event loop" in r.getMessage()]
+    held = await slow_steps_logged(caplog, slow, block_the_loop, 0.2)
     assert len(held) == 1 and "block_the_loop" in held[0]
     # a sleep holds the loop without work: the CPU part tells waiting from computing
-    assert float(held[0].split("(")[1].split(" s of CPU")[0]) < 0.05, held[0]
+    assert cpu_of(held[0]) < 0.05, held[0]
 
 
 async def spin_the_loop(seconds: float) -> None:
@@ -73,14 +82,6 @@ async def spin_the_loop(seconds: float) -> None:
 
 
 async def test_slow_steps_tells_work_from_waiting(caplog):
-    slow = SlowSteps(0.1)
-    trio.lowlevel.add_instrument(slow)
-    try:
-        with caplog.at_level(logging.INFO, logger="daemon.cluster.loop_lag"):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(spin_the_loop, 0.2)
-    finally:
-        trio.lowlevel.remove_instrument(slow)
-    held = [r.getMessage() for r in caplog.records if "held the event loop" in r.getMessage()]
+    held = await slow_steps_logged(caplog, SlowSteps(0.1), spin_the_loop, 0.2)
     assert len(held) == 1 and "spin_the_loop" in held[0]
-    assert float(held[0].split("(")[1].split(" s of CPU")[0]) >= 0.19, held[0]
+    assert cpu_of(held[0]) >= 0.19, held[0]
