@@ -728,6 +728,7 @@ def main() -> int:
             root = args.keep
             root.mkdir(parents=True, exist_ok=True)
         net = Devnet(4, root=root / "net", config=config_file(root))
+        record: TextIO | None = None  # with --keep: the samples' file
         try:
             print("starting 4 daemons ...", flush=True)
             net.start()
@@ -739,7 +740,7 @@ def main() -> int:
             probes.node_names = {d.peer_id: f"node{i}" for i, d in enumerate(net.daemons)}
             probes.peers = set(probes.node_names)
             if args.keep is not None:
-                probes.record = (root / "probes.jsonl").open("w", buffering=1)
+                record = probes.record = (root / "probes.jsonl").open("w", buffering=1)
             for name in probes.names:  # warm up: first calls load and connect
                 probes.run_one(name)
             args.network_id = target.call("node_info")["network_id"]
@@ -788,6 +789,8 @@ def main() -> int:
                     proc.kill()
                     proc.wait()
             net.stop()
+            if record is not None:
+                record.close()
     print("all targets met" if met else "some targets missed")
     return 1 if args.strict and not met else 0
 
