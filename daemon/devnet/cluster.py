@@ -146,10 +146,17 @@ def deploy_through_cluster(
 
 
 def _cluster_deploy(asker: DaemonProcess, params: dict[str, Any]) -> dict[str, Any] | None:
-    """The deploy's answer; None (retry) while the cluster is between coordinators."""
+    """The deploy's answer; None (retry) while the cluster is between coordinators, or when
+    its coordinator lost the lease while placing (asked again, the next one places only what
+    is missing: daemon.cluster.coordinator_inflight)."""
     try:
-        return asker.call("cluster_deploy", params, timeout=120)
+        result = asker.call("cluster_deploy", params, timeout=120)
     except RPCCallError as exc:
         if (exc.data or {}).get("reason") in ("not_coordinator", "no_coordinator"):
             return None
         raise
+    events = result.get("events") or [{}]
+    if not result.get("ok") and events[-1].get("action") == "handover":
+        print("  the coordinator lost its lease while placing: asking again")
+        return None
+    return result

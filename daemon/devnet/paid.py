@@ -18,9 +18,10 @@ def generate_demo(
     prompt: str,
     max_tokens: int,
     job_id: str | None = None,
-) -> bool:
+) -> tuple[bool, set[str]]:
     """Generate from `client` (as paid job `job_id` when given) through the deployed model
-    and compare with a single-process run. Returns whether the token ids are equal."""
+    and compare with a single-process run. Returns whether the token ids are equal, and the
+    peer ids of the route's servers."""
     from daemon.shards.model import greedy_generate, load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
@@ -41,7 +42,7 @@ def generate_demo(
     print(f"single process:      {local_text!r}")
     same = remote["tokens"] == local
     print("identical to the single-process run" if same else "DIFFERENT from the single process")
-    return same
+    return same, {h["peer_id"] for h in remote["route"]}
 
 
 def paid_demo(devnet: Devnet, chain: Any, parties: list[Any]) -> bool:
@@ -84,7 +85,14 @@ def paid_demo(devnet: Devnet, chain: Any, parties: list[Any]) -> bool:
     )
     if not paid_flow:
         print("this build's generate takes no job_id: the demo runs free, the job is refunded")
-    same = generate_demo(client, daemons, model_dir, "gridmesh ", 24, job if paid_flow else None)
+    same, route = generate_demo(
+        client, daemons, model_dir, "gridmesh ", 24, job if paid_flow else None
+    )
+    if paid_flow and not route & {d.peer_id for d in servers}:  # say why nothing will be paid
+        print(
+            "the route went through none of the staked servers: the cluster placed the model "
+            "elsewhere meanwhile (a member declared dead on a busy machine?); see cluster_info"
+        )
     acked: dict[str, int] = {}
     if paid_flow:
         acked = wait_for(lambda: dc.acknowledged(client, job), 30, f"{requester.name}'s vouchers")
