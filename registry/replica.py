@@ -140,9 +140,10 @@ class Replica:
         self.store = store
         self.hooks = schemas.default_hooks if hooks is None else hooks
         self._on_reject = on_reject or (lambda source, reason: None)
-        self.entries: dict[EntryId, Entry] = {}
-        self._mutations = 0  # counts changes to `entries`: the digests cache's key
-        self._digests: tuple[tuple[int, int], dict[str, list[bytes]]] | None = None
+        # read-only to all but this class, which changes it only through `put` / `remove`
+        # (they keep the anti-entropy index: digests, keys by bucket, tombstones)
+        self.entries = sync.Entries()
+        self._mutations = 0  # counts changes to `entries`: a cache over them is keyed on it
         self._apply_lock = trio.Lock()
         self.applied = 0
         self.rejected: Counter[str] = Counter()
@@ -180,7 +181,7 @@ class Replica:
                 self._count_reject("store", exc.reason)
                 continue
             self._account(entry, self.entries.get(entry.id))
-            self.entries[entry.id] = entry
+            self.entries.put(entry)
             self.clock.advance(entry.ts)
         self._mutations += 1
         self._size_memo.clear()
@@ -534,7 +535,8 @@ class Replica:
                 self._account(entry, replaced[entry_id])
             for author, spent in pending_spent.items():
                 self._spend(author, spent)
-            self.entries.update(changed)
+            for entry in changed.values():
+                self.entries.put(entry)
             self.applied += len(changed)
             self._mutations += 1
         self._size_memo.clear()
@@ -569,9 +571,9 @@ class Replica:
     async def collect_garbage(self, horizon_ms: int) -> int:
         """Forget tombstones older than the horizon (a peer offline longer may resurrect)."""
         cutoff = self.clock.now().wall_ms - horizon_ms
-        old = [e.id for e in self.entries.values() if e.deleted and e.ts.wall_ms < cutoff]
+        old = [e.id for e in self.entries.tombstones() if e.ts.wall_ms < cutoff]
         for entry_id in old:
-            self._forget(self.entries.pop(entry_id))
+            self._forget(self.entries.remove(entry_id))
         self._mutations += 1
         if old and self.store is not None:
             await self.store.purge_tombstones(cutoff)
@@ -580,12 +582,10 @@ class Replica:
     # -- reads -------------------------------------------------------------------------
 
     def digests(self) -> dict[str, list[bytes]]:
-        """Anti-entropy digests of every entry (`sync.digests`), recomputed only after the
-        entries changed: every sync round, served or started, asks for them."""
-        key = (self._mutations, len(self.entries))
-        if self._digests is None or self._digests[0] != key:
-            self._digests = (key, sync.digests(self.entries.values()))
-        return self._digests[1]
+        """Anti-entropy digests of every entry (`sync.digests`): every sync round, served or
+        started, asks for them, so they are kept as entries change (`sync.Entries`), not
+        recomputed over the whole registry."""
+        return self.entries.digests()
 
     def get(self, kind: str, key: str) -> Entry | None:
         return self.entries.get((kind, key))

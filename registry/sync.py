@@ -16,8 +16,10 @@ their typed forms.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
-from collections.abc import Iterable, Mapping
+import heapq
+from collections.abc import ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -51,11 +53,166 @@ def state_hash(entry: Entry) -> bytes:
 
 
 def digests(entries: Iterable[Entry]) -> dict[str, list[bytes]]:
+    """The digests of `entries` computed from scratch (`Entries.digests` keeps them as
+    entries change; this is what they must equal)."""
     out: dict[str, list[int]] = {}
     for entry in entries:
         row = out.setdefault(entry.kind, [0] * BUCKETS)
         row[bucket_of(entry.kind, entry.key)] ^= entry.state_hash
-    return {kind: [v.to_bytes(DIGEST_BYTES, "big") for v in row] for kind, row in out.items()}
+    return {kind: _encode_row(row) for kind, row in out.items()}
+
+
+def _encode_row(row: list[int]) -> list[bytes]:
+    return [v.to_bytes(DIGEST_BYTES, "big") for v in row]
+
+
+class Entries(Mapping[EntryId, Entry]):
+    """A replica's entries, indexed for anti-entropy, read as a mapping of id to entry.
+
+    A sync round asks for the digests and lists or plans a few buckets; under a fill flood
+    the registry holds thousands of entries while one honest write changes one bucket. So
+    this keeps, as entries change, each kind's bucket digests (the XOR of their entries'
+    state hashes: XOR-ing the old state out and the new one in is the same digest
+    `digests` computes from scratch) and each (kind, bucket)'s keys in order: reading the
+    digests costs O(kinds x buckets) and a listing or plan of some buckets reads only
+    their entries, from the first id it wants.
+
+    Changed only through `put` and `remove` (the replica's writes, loads and garbage
+    collection), so no change can miss the index; a read-only mapping otherwise."""
+
+    def __init__(self, entries: Iterable[Entry] = ()) -> None:
+        self._by_id: dict[EntryId, Entry] = {}
+        self._xor: dict[str, list[int]] = {}  # kind -> each bucket's XOR of state hashes
+        self._count: dict[str, int] = {}  # kind -> entries held (a kind with none has no row)
+        self._keys: dict[tuple[str, int], list[str]] = {}  # (kind, bucket) -> sorted keys
+        self._tombstones: set[EntryId] = set()
+        self._encoded: dict[str, list[bytes]] = {}  # `digests()`, kept up to date lazily
+        self._stale: set[str] = set()  # kinds whose encoded row is out of date
+        for entry in entries:
+            self.put(entry)
+
+    # -- the mapping (a dict's speed: every check of every entry reads it) -----------------
+
+    def __getitem__(self, entry_id: EntryId) -> Entry:
+        return self._by_id[entry_id]
+
+    def __iter__(self) -> Iterator[EntryId]:
+        return iter(self._by_id)
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __contains__(self, entry_id: object) -> bool:
+        return entry_id in self._by_id
+
+    def get(self, entry_id: EntryId, default: Any = None) -> Any:
+        return self._by_id.get(entry_id, default)
+
+    def keys(self) -> KeysView[EntryId]:
+        return self._by_id.keys()
+
+    def values(self) -> ValuesView[Entry]:
+        return self._by_id.values()
+
+    def items(self) -> ItemsView[EntryId, Entry]:
+        return self._by_id.items()
+
+    # -- changes ---------------------------------------------------------------------------
+
+    def put(self, entry: Entry) -> Entry | None:
+        """Hold `entry` in place of what its id held (returned, None if nothing). Unchecked:
+        the replica checks and merges before it puts."""
+        kind, key = entry_id = entry.id
+        bucket = bucket_of(kind, key)
+        old = self._by_id.get(entry_id)
+        if old is None:
+            row = self._xor.setdefault(kind, [0] * BUCKETS)
+            self._count[kind] = self._count.get(kind, 0) + 1
+            bisect.insort(self._keys.setdefault((kind, bucket), []), key)
+        else:
+            row = self._xor[kind]
+            row[bucket] ^= old.state_hash
+        row[bucket] ^= entry.state_hash
+        self._by_id[entry_id] = entry
+        if entry.deleted:
+            self._tombstones.add(entry_id)
+        else:
+            self._tombstones.discard(entry_id)
+        self._stale.add(kind)
+        return old
+
+    def remove(self, entry_id: EntryId) -> Entry:
+        """Forget the entry held under `entry_id` (KeyError if none) and return it."""
+        entry = self._by_id.pop(entry_id)
+        kind, key = entry_id
+        bucket = bucket_of(kind, key)
+        self._tombstones.discard(entry_id)
+        self._stale.add(kind)
+        keys = self._keys[(kind, bucket)]
+        del keys[bisect.bisect_left(keys, key)]
+        if not keys:
+            del self._keys[(kind, bucket)]
+        self._count[kind] -= 1
+        if self._count[kind] == 0:  # as `digests` computes it: no row for a kind with none
+            del self._count[kind], self._xor[kind]
+        else:
+            self._xor[kind][bucket] ^= entry.state_hash
+        return entry
+
+    # -- what anti-entropy reads -----------------------------------------------------------
+
+    def digests(self) -> dict[str, list[bytes]]:
+        """Every kind's bucket digests, equal to `digests(self.values())`; the same object
+        until an entry changes (callers must not change it)."""
+        if self._stale:
+            encoded = dict(self._encoded)  # a new object: one handed out before stays as it was
+            for kind in self._stale:
+                row = self._xor.get(kind)
+                if row is None:
+                    encoded.pop(kind, None)
+                else:
+                    encoded[kind] = _encode_row(row)
+            self._encoded = encoded
+            self._stale.clear()
+        return self._encoded
+
+    def tombstones(self) -> list[Entry]:
+        """The deleted entries held (what garbage collection looks at)."""
+        return [self._by_id[entry_id] for entry_id in self._tombstones]
+
+    def ids_in(
+        self,
+        buckets: Iterable[tuple[str, int]],
+        after: EntryId | None = None,
+        end: EntryId | None = None,
+    ) -> Iterator[EntryId]:
+        """The ids held in `buckets` that come after `after` and not after `end`, in (kind,
+        key) order: only those buckets' keys are read, from `after` on."""
+        by_kind: dict[str, set[int]] = {}
+        for kind, bucket in buckets:
+            by_kind.setdefault(kind, set()).add(bucket)
+        for kind in sorted(by_kind):
+            if after is not None and kind < after[0]:
+                continue
+            if end is not None and kind > end[0]:
+                return
+            runs = []
+            for bucket in sorted(by_kind[kind]):
+                keys = self._keys.get((kind, bucket))
+                if not keys:
+                    continue
+                lo = bisect.bisect_right(keys, after[1]) if after and kind == after[0] else 0
+                hi = bisect.bisect_right(keys, end[1]) if end and kind == end[0] else len(keys)
+                if lo < hi:
+                    runs.append(keys[lo:hi])
+            ordered = runs[0] if len(runs) == 1 else heapq.merge(*runs)
+            for key in ordered:
+                yield (kind, key)
+
+
+def _indexed(entries: Mapping[EntryId, Entry]) -> Entries:
+    """`entries` as an index (a replica's already is; any other mapping is indexed once)."""
+    return entries if isinstance(entries, Entries) else Entries(entries.values())
 
 
 def differing_buckets(
@@ -104,19 +261,16 @@ def listing(
 ) -> Listing:
     """One page of the summaries of `entries` in `buckets` with ids after `after`, at most
     `max_items` of them and about `max_bytes` (always at least one)."""
-    wanted = set(buckets)
+    index = _indexed(entries)
     out: list[Summary] = []
     size = 0
-    for entry_id in sorted(entries):
-        if after is not None and entry_id <= after:
-            continue
-        if (entry_id[0], bucket_of(*entry_id)) in wanted:
-            entry = entries[entry_id]
-            cost = summary_bytes(entry)
-            if out and (len(out) == max_items or size + cost > max_bytes):
-                return Listing(buckets, out, truncated=True, next=(out[-1][0], out[-1][1]))
-            out.append(summary(entry))
-            size += cost
+    for entry_id in index.ids_in(buckets, after):
+        entry = index[entry_id]
+        cost = summary_bytes(entry)
+        if out and (len(out) == max_items or size + cost > max_bytes):
+            return Listing(buckets, out, truncated=True, next=(out[-1][0], out[-1][1]))
+        out.append(summary(entry))
+        size += cost
     return Listing(buckets, out, truncated=False)
 
 
@@ -156,14 +310,10 @@ def plan(
     end = theirs.next if theirs.truncated else None
     if theirs.truncated and end is None:
         return pull, push  # an old-style truncated page: its range is unknown, push nothing
-    wanted = set(theirs.buckets)
-    for entry_id, entry in sorted(mine.items()):
-        if after is not None and entry_id <= after:
-            continue
-        if end is not None and entry_id > end:
-            break
-        if entry_id not in listed and (entry_id[0], bucket_of(*entry_id)) in wanted:
-            push.append(entry)
+    index = _indexed(mine)
+    for entry_id in index.ids_in(theirs.buckets, after, end):
+        if entry_id not in listed:
+            push.append(index[entry_id])
     return pull, push
 
 

@@ -113,9 +113,9 @@ async def test_only_servers_own_readable_announcements_are_routed(autojump_clock
     assert rejected(metrics, "gossip", "admission") == 1
     assert len(replica.entries) == 3  # the announcement, the cluster, the block spec
 
-    # as an older version would have stored them: both straight into the replica
+    # as an older version would have stored them: both straight into the replica, unchecked
     for entry in poisoned:
-        replica.entries[entry.id] = entry
+        replica.entries.put(entry)
 
     daemon = SimpleNamespace(
         ident=ident, replica=replica, metrics=metrics, net=SimpleNamespace(peers={})
