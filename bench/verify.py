@@ -105,6 +105,7 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -113,7 +114,7 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
@@ -440,16 +441,34 @@ class Run:
         ]
 
 
+def paired(
+    runs: list[Run], base: list[Run], rounds: list[int] | None = None, part: str = "here"
+) -> tuple[float, float]:
+    """The overhead of `runs` over `base` (wall, CPU; fractions) from each round's own pair
+    (`rounds`: which rounds, repeats allowed: a bootstrap sample): 1 - the geometric mean over
+    the rounds of tokens/s with checks / without, and the geometric mean of CPU per token
+    with checks / without - 1. Paired: a round's two runs ran seconds apart, under the same
+    load and the same seed of check draws. Each round weighs the same: a round slowed by
+    other work (the shared machine) moves its own ratio, not the whole, as it does a total
+    it dominates. The mean (not a median) of the rounds' ratios: the number of checks in a
+    round is skewed at 2 %, and its mean is the rate's."""
+    picked = rounds if rounds is not None else list(range(len(runs)))
+    wall = [math.log(runs[i].tokens_per_s / base[i].tokens_per_s) for i in picked]
+    cpu = [math.log(_cpu_per_token(runs[i], part) / _cpu_per_token(base[i], part)) for i in picked]
+    return 1 - math.exp(statistics.fmean(wall)), math.exp(statistics.fmean(cpu)) - 1
+
+
+def _cpu_per_token(run: Run, part: str) -> float:
+    return max(run.cpu(part), 1e-9) / run.tokens
+
+
 def pooled(
     runs: list[Run], base: list[Run], rounds: list[int] | None = None, part: str = "here"
 ) -> tuple[float, float]:
-    """The overhead of `runs` over `base` (wall, CPU; fractions) from the rounds' totals
-    (`rounds`: which rounds, repeats allowed: a bootstrap sample): 1 - tokens/s with checks
-    / without, and CPU per token with checks / without - 1. Totals weigh each round by its
-    tokens, so a round with more checks than the rate's mean counts as much as one with
-    fewer: the mean over the rounds is the rate's, where a median of per-round ratios would
-    lean to the rounds with fewer checks (their count is skewed to the right at 2 %).
-    `part`: whose CPU (`Run.cpu`)."""
+    """The overhead from the rounds' totals (the bench's estimate before session 17, printed
+    under the table): 1 - tokens/s with checks / without, and CPU per token with checks /
+    without - 1, over all rounds' tokens, walls and CPU. A round slowed by other work weighs
+    more, as its walls are longer."""
     picked = rounds if rounds is not None else list(range(len(runs)))
 
     def total(which: list[Run]) -> tuple[float, float, float]:
@@ -465,16 +484,22 @@ def pooled(
 
 
 def interval(
-    runs: list[Run], base: list[Run], samples: int = 2000, part: str = "here"
+    runs: list[Run],
+    base: list[Run],
+    samples: int = 2000,
+    part: str = "here",
+    estimate: Any = paired,
 ) -> tuple[str, str]:
-    """95 % intervals of the pooled overheads (wall, CPU) by a paired bootstrap over rounds
-    (a round's run with checks goes with the same round's run without: they ran minutes
-    apart at most, under the same load)."""
+    """95 % intervals of the overheads (wall, CPU; `estimate`: `paired` or `pooled`) by a
+    paired bootstrap over rounds (a round's run with checks goes with the same round's run
+    without: they ran seconds apart, under the same load)."""
     n = len(runs)
     if n < 3:
         return "-", "-"
     rng = random.Random(0)  # (the same resamples every time: the interval is reproducible)
-    draws = [pooled(runs, base, [rng.randrange(n) for _ in range(n)], part) for _ in range(samples)]
+    draws = [
+        estimate(runs, base, [rng.randrange(n) for _ in range(n)], part) for _ in range(samples)
+    ]
     out = []
     for which in (0, 1):
         values = sorted(100 * d[which] for d in draws)
@@ -532,9 +557,13 @@ async def overhead(
     load_before = os.getloadavg()[0]
     for round_ in range(args.rounds):  # each round in another order: drifts cancel out
         shift = round_ % len(configs)
+        for v in verifiers.values():  # every configuration draws from the round's seed:
+            v.rng.seed(round_)  # those of one rate check about as many steps in a round
         for rate in configs[shift:] + configs[:shift]:
             await workload(cluster, verifiers.get(rate), args, parts.get(rate), runs[rate])
     base = runs[None]
+    if args.keep is not None:
+        keep(args.keep, runs, load_before)
 
     def middle(rate: Mode, which: int) -> str:
         """The middle half of the rounds' own overheads (their first and third quartiles):
@@ -554,10 +583,11 @@ async def overhead(
     print(
         f"\noverhead: {args.generations} generations x {args.tokens} tokens, hidden "
         f"{args.hidden}, {args.layers} layers in 2 ranges x 3 servers, {args.rounds} rounds "
-        f"(load {load_before:.1f} before them, {os.getloadavg()[0]:.1f} after). Overheads "
-        "from the rounds' totals, with a 95 % interval (paired bootstrap over rounds); and "
-        "the median (first..third quartile) of each round's own ratio to its run without "
-        "checks"
+        f"(load {load_before:.1f} before them, {os.getloadavg()[0]:.1f} after), interleaved, "
+        "every configuration of a round drawing its checks from the round's seed. Overheads "
+        "from each round's pair (its run with checks against its run without: the geometric "
+        "mean of the rounds' ratios), with a 95 % interval (bootstrap over rounds); and the "
+        "median (first..third quartile) of the rounds' own ratios"
     )
     print(SETUPS[args.setup] + (IDLE if args.setup != "one" and args.sched_idle else ""))
     if args.spread:
@@ -580,7 +610,7 @@ async def overhead(
         """A part's CPU ms/token, its overhead and interval against `base`."""
         return [
             f"{per_token(rate, part):.3f}",
-            f"{pooled(runs[rate], base, part=part)[1] * 100:.1f}%",
+            f"{paired(runs[rate], base, part=part)[1] * 100:.1f}%",
             interval(runs[rate], base, part=part)[1],
         ]
 
@@ -597,7 +627,7 @@ async def overhead(
             [
                 rate.label,
                 f"{done / sum(r.wall_s for r in runs[rate]):.1f}",
-                f"{pooled(runs[rate], base)[0] * 100:.1f}%",
+                f"{paired(runs[rate], base)[0] * 100:.1f}%",
                 interval(runs[rate], base)[0],
                 f"{middle(rate, 0)}",
                 *against(rate, "here"),
@@ -620,6 +650,7 @@ async def overhead(
         ],
         rows,
     )
+    noise_floor(runs, base, args.modes)
     print(
         "\nthe network's extra compute (CPU ms a token: the routes' servers', the replicas', "
         "all processes'; not the requester's throughput)"
@@ -648,7 +679,7 @@ async def overhead(
             rows.append(row)
             continue
         checks = v.counters["checks_pass"] + v.counters["checks_fail"]
-        cpu = pooled(runs[rate], base, part="network")[1]
+        cpu = paired(runs[rate], base, part="network")[1]
         row += [f"{per_token(rate, 'network'):.3f}", f"{cpu * 100:.1f}%"]
         row.append(interval(runs[rate], base, part="network")[1])
         row += [
@@ -679,9 +710,9 @@ async def overhead(
     for rate in args.modes:  # a mechanism against the default's at its rate, paired
         plain = Mode(rate.rate)
         if rate != plain and plain in runs:
-            wall, cpu = pooled(runs[rate], runs[plain])
+            wall, cpu = paired(runs[rate], runs[plain])
             wall_ci, cpu_ci = interval(runs[rate], runs[plain])
-            net = pooled(runs[rate], runs[plain], part="network")[1]
+            net = paired(runs[rate], runs[plain], part="network")[1]
             net_ci = interval(runs[rate], runs[plain], part="network")[1]
             print(
                 f"{rate.label} against {plain.label} (paired, same rounds): wall "
@@ -697,6 +728,49 @@ async def overhead(
             )
     if parts:
         print_breakdown(parts, verifiers)
+
+
+def noise_floor(runs: dict[Mode | None, list[Run]], base: list[Run], modes: list[Mode]) -> None:
+    """Under table 1a: the 0 % row as the bench's noise floor (a verifier on, no check
+    drawn: its hooks cost about 10 us of the requester's CPU a token, some 0.3 % of a
+    token's wall, so what the row reads beyond that is the bench's noise), each rate against
+    it (paired: what the checks cost beyond the machinery), and the overheads from the
+    rounds' totals (the estimate before session 17)."""
+    zero = next((m for m in modes if m.rate == 0), None)
+    if zero is not None:
+        wall, cpu = paired(runs[zero], base)
+        wall_ci, cpu_ci = interval(runs[zero], base)
+        print(
+            f"noise floor: the {zero.label} row (no check drawn) reads {wall * 100:+.1f}% wall "
+            f"({wall_ci}), {cpu * 100:+.1f}% CPU ({cpu_ci}); an overhead within its interval's "
+            "width of it is not resolved"
+        )
+        for mode in modes:
+            if mode.rate > 0:
+                wall, cpu = paired(runs[mode], runs[zero])
+                wall_ci, cpu_ci = interval(runs[mode], runs[zero])
+                print(
+                    f"  {mode.label} against {zero.label} (paired): wall {wall * 100:+.1f}% "
+                    f"({wall_ci}), CPU {cpu * 100:+.1f}% ({cpu_ci})"
+                )
+    told = []
+    for mode in modes:
+        wall, cpu = pooled(runs[mode], base)
+        wall_ci, cpu_ci = interval(runs[mode], base, estimate=pooled)
+        told.append(f"{mode.label} {wall * 100:.1f}% ({wall_ci}), CPU {cpu * 100:.1f}% ({cpu_ci})")
+    print("from the rounds' totals (before session 17): " + "; ".join(told))
+
+
+def keep(path: Path, runs: dict[Mode | None, list[Run]], load_before: float) -> None:
+    """Every round's runs as JSON (`--keep`): to compare estimators on the same rounds."""
+    out = {
+        "load": [load_before, os.getloadavg()[0]],
+        "runs": {
+            (m.label if m is not None else "none"): [asdict(r) for r in rs]
+            for m, rs in runs.items()
+        },
+    }
+    path.write_text(json.dumps(out, indent=1))
 
 
 def table(header: list[str], rows: list[list[str]]) -> None:
@@ -1000,6 +1074,9 @@ def main() -> None:
         "--breakdown", action="store_true", help="where the time goes, per check rate"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--keep", type=Path, metavar="FILE", help="write every round's runs there (JSON)"
+    )
     setup = parser.add_mutually_exclusive_group()
     setup.add_argument(
         "--one-process",
