@@ -27,39 +27,49 @@ before session 16): every server in this process on the in-memory network, where
 replica's pass holds the routes' back (session 15 measured +0.79 route passes a check).
 
 Tables 1a and 1b, overhead: aggregate tokens/s without a verifier, and with spot checks at 0, 2
-and 10 % of the steps of each hop (a flat rate: `probation_rate` = `rate`), after a warm-up
-that runs every server (routes and replicas: a check on every step, with a verifier of its own,
-so that no configuration's first round pays for a server's first passes), rounds interleaved
-(`--rounds`, each in another order). The overhead is 1 - tokens/s with checks / tokens/s
-without (wall), and CPU ms per token with checks / without - 1, both from the totals over all
-rounds, with a 95 % interval from a paired bootstrap over rounds (a round's run with checks
-against the same round's run without); the last column gives the median and the first to third
-quartile of each round's own ratio (how much one round's figure moves). Table 1a is what the
-requester sees: tokens/s and this process's CPU (the requester's alone by default; with
-`--routes-here` the routes' too; with `--one-process` everything), and the routes' forward
-passes a token. Table 1b is the network's extra compute, never the requester's throughput: the
-routes' CPU, the replicas' (and as a share of the routes'), all processes' together with its
-overhead, and what one check cost it. Why totals: at 2 % a round holds about 15 checks, a count
-that varies from round to round and is skewed, so a median of per-round ratios leans to the
-rounds with fewer checks, and on this shared 2-core machine one round's figures move by 10
-points and more with the load (`uptime` beside every number). Why 10 rounds by default (3
-before): three rounds' interval spans some 20 points at 2 %. "CPU per check" is what one
-checked step cost the network (all processes), in hop-steps (half a token's CPU without
-checks): at a rate r the overhead is about r times it (each token's two hops are drawn, and a
-token costs two hop-steps). Every checked step runs again on a replica, in the replica session
-that follows the hop for the generation: the hop's inputs since its last check and the step's,
-in one pass ("replica positions per check"; a hop's first check of a generation catches up on
-the whole prefix). Also the largest honest difference seen between a provider and its replica
-(row-relative; `daemon.verify.compare` allows 1e-5 in float32). `--breakdown` adds where the
-time goes per configuration (its servers' columns count only those in this process: all of them
-with `--one-process`): the cores the process kept busy (CPU / wall: it is one process, but its
-passes run in worker threads, so the wall overhead is not the CPU one), the routes' servers'
-and the replicas' forward passes and compute time (and the replicas' CPU per pass: what a
-check's catch-up costs), how long the token loops waited for checks (at a step's end; a
-speculating generation in `settle`: at its end, or with too many tokens held), and the
-verifier's hooks' CPU in a step it does not check (what the machinery costs at a 0 % rate; the
-hooks of such a step never yield, so their thread's CPU time is theirs alone). Its timing costs
-about ten clock reads per step (some 10 us here: the thread CPU clock is a system call),
+and 10 % of the steps of each hop (a flat rate: `probation_rate` = `rate`), after a warm-up that
+runs every server (routes and replicas: a check on every step, with a verifier of its own, so
+that no configuration's first round pays for a server's first passes), rounds interleaved
+(`--rounds`, each in another order; every configuration of a round draws its checks from the
+round's seed, so that those of one rate check about as many steps in it). The overhead is paired
+round by round (since session 17): each round's ratio of tokens/s with checks to its run without
+(and of CPU ms per token), the overhead 1 - their geometric mean over the rounds (CPU: the
+geometric mean - 1), with a 95 % interval from a bootstrap over rounds; the column after it
+gives the median and the first to third quartile of the rounds' own ratios (how much one round's
+figure moves). Under table 1a: the 0 % row as the noise floor (a verifier on and no check drawn:
+its hooks cost about 10 us of the requester's CPU a token, some 0.3 % of a token's wall, so the
+rest of what the row reads is the bench's noise), each rate against the 0 % row, paired (what
+the checks cost beyond the machinery), and the overheads from the rounds' totals (the estimate
+before session 17). Table 1a is what the requester sees: tokens/s and this process's CPU (the
+requester's alone by default; with `--routes-here` the routes' too; with `--one-process`
+everything), and the routes' forward passes a token. Table 1b is the network's extra compute,
+never the requester's throughput: the routes' CPU, the replicas' (and as a share of the
+routes'), all processes' together with its overhead, and what one check cost it. Why paired
+ratios, each round weighing the same: a round's two runs ran seconds apart under the same load,
+and on this shared 2-core machine the load moves one run's figures by 10 points and more
+(`uptime` beside every number; a run's tokens/s hardly follows the run's before it, so the noise
+is per run and only more rounds narrow the interval): totals let the slowest, most loaded rounds
+weigh most, and a round's ratio moves only itself. A mean, not a median: at 2 % a round holds
+about 15 checks, a count that is skewed, and the mean's is the rate's. Why 10 rounds by default
+(3 before): three rounds' interval spans some 20 points at 2 %; at 20 rounds the 0 % row's
+interval still spans 8-10 points (sessions 15-16), so a 5 % target needs some 40 rounds or more
+on a quiet machine. `--keep FILE` writes every round's runs (JSON) to compare estimators on
+them. "CPU per check" is what one checked step cost the network (all processes), in hop-steps
+(half a token's CPU without checks): at a rate r the overhead is about r times it (each token's
+two hops are drawn, and a token costs two hop-steps). Every checked step runs again on a
+replica, in the replica session that follows the hop for the generation: the hop's inputs since
+its last check and the step's, in one pass ("replica positions per check"; a hop's first check
+of a generation catches up on the whole prefix). Also the largest honest difference seen between
+a provider and its replica (row-relative; `daemon.verify.compare` allows 1e-5 in float32).
+`--breakdown` adds where the time goes per configuration (its servers' columns count only those
+in this process: all of them with `--one-process`): the cores the process kept busy (CPU / wall:
+it is one process, but its passes run in worker threads, so the wall overhead is not the CPU
+one), the routes' servers' and the replicas' forward passes and compute time (and the replicas'
+CPU per pass: what a check's catch-up costs), how long the token loops waited for checks (at a
+step's end; a speculating generation in `settle`: at its end, or with too many tokens held), and
+the verifier's hooks' CPU in a step it does not check (what the machinery costs at a 0 % rate;
+the hooks of such a step never yield, so their thread's CPU time is theirs alone). Its timing
+costs about ten clock reads per step (some 10 us here: the thread CPU clock is a system call),
 charged to every row with a verifier and not to "none": read the overheads from a run without
 `--breakdown`.
 
@@ -91,7 +101,7 @@ deviation (a few seeded geometric draws understate it).
 
 usage: python bench/verify.py [--hidden 256] [--layers 8] [--generations 8] [--tokens 48]
        [--rounds 10] [--seeds 20] [--rates 0 0.02 0.10] [--threads 1]
-       [--skip-detection] [--skip-overhead] [--breakdown] [--waiting] [--gather S ...]
+       [--skip-detection] [--skip-overhead] [--breakdown] [--waiting] [--gather S ...] [--keep FILE]
        [--one-process [--spread] | --routes-here] [--no-sched-idle]
 """
 
