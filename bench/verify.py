@@ -306,6 +306,7 @@ async def workload(
             await checks.aclose()  # its replica sessions
 
     hosts_before = [h.stats() if h is not None else None for h in _hosts(cluster)]
+    busy = machine_busy_s()
     started, cpu = time.perf_counter(), time.process_time()
     async with trio.open_nursery() as nursery:
         for i in range(args.generations):
@@ -323,7 +324,10 @@ async def workload(
             child_cpu[i] = b.cpu_s - a.cpu_s
             passes["route" if i == 0 else "replica"] += b.passes - a.passes
     if runs is not None:
-        runs.append(Run(done, wall, cpu, *child_cpu, passes["route"], passes["replica"]))
+        others = machine_busy_s() - busy - cpu - sum(child_cpu)
+        runs.append(
+            Run(done, wall, cpu, *child_cpu, passes["route"], passes["replica"], others / wall)
+        )
     if breakdown is not None:
         for peer in after:
             group = "route" if peer in routes else "replica"
@@ -334,6 +338,18 @@ async def workload(
         breakdown.tokens += done
         breakdown.wall_s += wall
         breakdown.cpu_s += cpu
+
+
+def machine_busy_s() -> float:
+    """The CPU seconds every core of the machine has been busy (/proc/stat: all but idle and
+    iowait; 0 where there is none): with the bench's own CPU taken off, what other work took
+    during a run, the load that the rounds' pairing is meant to cancel."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(t) for t in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # (not guests)
 
 
 def _instrument(checks: Any, breakdown: Breakdown) -> None:
@@ -432,6 +448,7 @@ class Run:
     replica_cpu_s: float = 0.0  # the replicas' process's (unless `--one-process`)
     route_passes: int = 0  # forward passes of the routes' servers
     replica_passes: int = 0  # and of the replicas'
+    others_cores: float = 0.0  # the cores other work kept busy meanwhile (the machine's load)
 
     @property
     def tokens_per_s(self) -> float:
