@@ -602,11 +602,10 @@ class Replica:
         after = decode_cursor(cursor) if cursor else None
         limit = max(1, min(limit, MAX_LIST_LIMIT))
         items: list[Entry] = []
-        for entry_id in sorted(self.entries):
-            if kind is not None and entry_id[0] != kind:
-                continue
-            if after is not None and entry_id <= after:
-                continue
+        kinds = self.entries.kinds() if kind is None else [kind]
+        # in id order from the cursor on, the kind's entries only (the index holds them sorted)
+        buckets = [(k, b) for k in kinds for b in range(sync.BUCKETS)]
+        for entry_id in self.entries.ids_in(buckets, after):
             entry = self.entries[entry_id]
             if entry.deleted and not include_deleted:
                 continue

@@ -176,6 +176,10 @@ class Entries(Mapping[EntryId, Entry]):
             self._stale.clear()
         return self._encoded
 
+    def kinds(self) -> list[str]:
+        """The kinds of the entries held, in order."""
+        return sorted(self._count)
+
     def tombstones(self) -> list[Entry]:
         """The deleted entries held (what garbage collection looks at)."""
         return [self._by_id[entry_id] for entry_id in self._tombstones]
