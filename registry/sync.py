@@ -1,7 +1,9 @@
 """Anti-entropy: compare compact digests with one peer and exchange only what differs.
 
 Entries are grouped per kind into BUCKETS key ranges (by hash of the key). A bucket's digest
-is the XOR of the hashes of its entries' exact states, so it is order-free and cheap. A round:
+is the XOR of the hashes of its entries' exact states, so it is order-free and cheap, and a
+replica keeps it as entries change (`Entries`, which also holds each bucket's keys in order):
+a round costs what the buckets it compares and lists hold, not the registry's size. A round:
 1. A sends its digests; B answers with one page of the (key, claim, version) of its entries in
    the buckets that differ, in (kind, key) order, bounded in count and in bytes; when it
    stopped early (`truncated`) it names where the next page starts (`next`), and A asks for
@@ -105,7 +107,7 @@ class Entries(Mapping[EntryId, Entry]):
     def __contains__(self, entry_id: object) -> bool:
         return entry_id in self._by_id
 
-    def get(self, entry_id: EntryId, default: Any = None) -> Any:
+    def get(self, entry_id: EntryId, default: Entry | None = None) -> Entry | None:  # type: ignore[override]
         return self._by_id.get(entry_id, default)
 
     def keys(self) -> KeysView[EntryId]:
