@@ -39,21 +39,26 @@ gives the median and the first to third quartile of the rounds' own ratios (how 
 figure moves). Under table 1a: the 0 % row as the noise floor (a verifier on and no check drawn:
 its hooks cost about 10 us of the requester's CPU a token, some 0.3 % of a token's wall, so the
 rest of what the row reads is the bench's noise), each rate against the 0 % row, paired (what
-the checks cost beyond the machinery), and the overheads from the rounds' totals (the estimate
-before session 17). Table 1a is what the requester sees: tokens/s and this process's CPU (the
-requester's alone by default; with `--routes-here` the routes' too; with `--one-process`
-everything), and the routes' forward passes a token. Table 1b is the network's extra compute,
-never the requester's throughput: the routes' CPU, the replicas' (and as a share of the
-routes'), all processes' together with its overhead, and what one check cost it. Why paired
-ratios, each round weighing the same: a round's two runs ran seconds apart under the same load,
-and on this shared 2-core machine the load moves one run's figures by 10 points and more
-(`uptime` beside every number; a run's tokens/s hardly follows the run's before it, so the noise
-is per run and only more rounds narrow the interval): totals let the slowest, most loaded rounds
-weigh most, and a round's ratio moves only itself. A mean, not a median: at 2 % a round holds
-about 15 checks, a count that is skewed, and the mean's is the rate's. Why 10 rounds by default
-(3 before): three rounds' interval spans some 20 points at 2 %; at 20 rounds the 0 % row's
-interval still spans 8-10 points (sessions 15-16), so a 5 % target needs some 40 rounds or more
-on a quiet machine. `--keep FILE` writes every round's runs (JSON) to compare estimators on
+the checks cost beyond the machinery), the overheads adjusted for other work's load (each run
+records how many cores other work kept busy meanwhile, from /proc/stat less the bench's own CPU;
+the rounds' log ratios are fitted on the difference between a pair's runs, and the overhead read
+at none: on this shared machine, load 7-11, that difference explained most of the rounds'
+spread, a correlation of -0.86, and halved the interval; other work runs at its own priority,
+the bench under nice, so it barely depends on what the bench checks), and the overheads from the
+rounds' totals (the estimate before session 17). Table 1a is what the requester sees: tokens/s
+and this process's CPU (the requester's alone by default; with `--routes-here` the routes' too;
+with `--one-process` everything), and the routes' forward passes a token. Table 1b is the
+network's extra compute, never the requester's throughput: the routes' CPU, the replicas' (and
+as a share of the routes'), all processes' together with its overhead, and what one check cost
+it. Why paired ratios, each round weighing the same: a round's two runs ran seconds apart under
+the same load, and on this shared 2-core machine the load moves one run's figures by 10 points
+and more (`uptime` beside every number; a run's tokens/s hardly follows the run's before it, so
+the noise is per run and only more rounds narrow the interval): totals let the slowest, most
+loaded rounds weigh most, and a round's ratio moves only itself. A mean, not a median: at 2 % a
+round holds about 15 checks, a count that is skewed, and the mean's is the rate's. Why 10 rounds
+by default (3 before): three rounds' interval spans some 20 points at 2 %; at 20 rounds the 0 %
+row's interval still spans 8-10 points (sessions 15-16), so a 5 % target needs some 40 rounds or
+more on a quiet machine. `--keep FILE` writes every round's runs (JSON) to compare estimators on
 them. "CPU per check" is what one checked step cost the network (all processes), in hop-steps
 (half a token's CPU without checks): at a rate r the overhead is about r times it (each token's
 two hops are drawn, and a token costs two hop-steps). Every checked step runs again on a
@@ -485,6 +490,34 @@ def paired(
     return 1 - math.exp(statistics.fmean(wall)), math.exp(statistics.fmean(cpu)) - 1
 
 
+def adjusted(
+    runs: list[Run], base: list[Run], rounds: list[int] | None = None, part: str = "here"
+) -> tuple[float, float]:
+    """`paired`, adjusted for other work's load: the rounds' log ratios fitted (least squares)
+    on how many more cores other work kept busy in the run with checks than in the run
+    without (`Run.others_cores`), and the overhead at no difference (the intercept). Other
+    work on this shared machine takes the cores a run needs, so a run it loaded more is
+    slower whatever it checks; the fit takes that part of each round's ratio out (on a
+    loaded machine it explained most of their spread: session 17, a correlation of -0.86 over
+    30 rounds). Other work barely depends on what the bench checks (it runs at its own
+    priority, the bench under nice), so the fit does not take the checks' cost out with it."""
+    picked = rounds if rounds is not None else list(range(len(runs)))
+    xs = [runs[i].others_cores - base[i].others_cores for i in picked]
+    wall = [math.log(runs[i].tokens_per_s / base[i].tokens_per_s) for i in picked]
+    cpu = [math.log(_cpu_per_token(runs[i], part) / _cpu_per_token(base[i], part)) for i in picked]
+    return 1 - math.exp(_intercept(xs, wall)), math.exp(_intercept(xs, cpu)) - 1
+
+
+def _intercept(xs: list[float], ys: list[float]) -> float:
+    """The least-squares line's value at x = 0 (the mean of `ys` where `xs` do not vary)."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    if var < 1e-12:
+        return my
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var
+    return my - slope * mx
+
+
 def _cpu_per_token(run: Run, part: str) -> float:
     return max(run.cpu(part), 1e-9) / run.tokens
 
@@ -780,6 +813,17 @@ def noise_floor(runs: dict[Mode | None, list[Run]], base: list[Run], modes: list
                     f"  {mode.label} against {zero.label} (paired): wall {wall * 100:+.1f}% "
                     f"({wall_ci}), CPU {cpu * 100:+.1f}% ({cpu_ci})"
                 )
+    told = []
+    for mode in modes:
+        wall, cpu = adjusted(runs[mode], base)
+        wall_ci, cpu_ci = interval(runs[mode], base, estimate=adjusted)
+        told.append(f"{mode.label} {wall * 100:.1f}% ({wall_ci}), CPU {cpu * 100:.1f}% ({cpu_ci})")
+    spread = statistics.pstdev(r.others_cores for rs in runs.values() for r in rs)
+    print(
+        "adjusted for other work's load (the rounds' ratios fitted on the difference of the "
+        f"cores other work kept busy between a pair's runs, sd {spread:.2f} cores over the "
+        "runs; the overhead at none): " + "; ".join(told)
+    )
     told = []
     for mode in modes:
         wall, cpu = pooled(runs[mode], base)
