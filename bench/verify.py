@@ -43,22 +43,23 @@ the checks cost beyond the machinery), the overheads adjusted for other work's l
 records how many cores other work kept busy meanwhile, from /proc/stat less the bench's own CPU;
 the rounds' log ratios are fitted on the difference between a pair's runs, and the overhead read
 at none: on this shared machine, load 7-11, that difference explained most of the rounds'
-spread, a correlation of -0.86, and halved the interval; other work runs at its own priority,
-the bench under nice, so it barely depends on what the bench checks), and the overheads from the
-rounds' totals (the estimate before session 17). Table 1a is what the requester sees: tokens/s
-and this process's CPU (the requester's alone by default; with `--routes-here` the routes' too;
-with `--one-process` everything), and the routes' forward passes a token. Table 1b is the
-network's extra compute, never the requester's throughput: the routes' CPU, the replicas' (and
-as a share of the routes'), all processes' together with its overhead, and what one check cost
-it. Why paired ratios, each round weighing the same: a round's two runs ran seconds apart under
-the same load, and on this shared 2-core machine the load moves one run's figures by 10 points
-and more (`uptime` beside every number; a run's tokens/s hardly follows the run's before it, so
-the noise is per run and only more rounds narrow the interval): totals let the slowest, most
-loaded rounds weigh most, and a round's ratio moves only itself. A mean, not a median: at 2 % a
-round holds about 15 checks, a count that is skewed, and the mean's is the rate's. Why 10 rounds
-by default (3 before): three rounds' interval spans some 20 points at 2 %; at 20 rounds the 0 %
-row's interval still spans 8-10 points (sessions 15-16), so a 5 % target needs some 40 rounds or
-more on a quiet machine. `--keep FILE` writes every round's runs (JSON) to compare estimators on
+spread, a correlation of -0.86, and halved the interval; where other work runs at the bench's
+priority, a run that takes more CPU leaves it less, so checks that cost CPU lean the adjusted
+figure high, about a point at 2 %), and the overheads from the rounds' totals (the estimate
+before session 17). Table 1a is what the requester sees: tokens/s and this process's CPU (the
+requester's alone by default; with `--routes-here` the routes' too; with `--one-process`
+everything), and the routes' forward passes a token. Table 1b is the network's extra compute,
+never the requester's throughput: the routes' CPU, the replicas' (and as a share of the
+routes'), all processes' together with its overhead, and what one check cost it. Why paired
+ratios, each round weighing the same: a round's two runs ran seconds apart under the same load,
+and on this shared 2-core machine the load moves one run's figures by 10 points and more
+(`uptime` beside every number; a run's tokens/s hardly follows the run's before it, so the noise
+is per run and only more rounds narrow the interval): totals let the slowest, most loaded rounds
+weigh most, and a round's ratio moves only itself. A mean, not a median: at 2 % a round holds
+about 15 checks, a count that is skewed, and the mean's is the rate's. Why 10 rounds by default
+(3 before): three rounds' interval spans some 20 points at 2 %; at 20 rounds the 0 % row's
+interval still spans 8-10 points (sessions 15-16), so a 5 % target needs some 40 rounds or more
+on a quiet machine. `--keep FILE` writes every round's runs (JSON) to compare estimators on
 them. "CPU per check" is what one checked step cost the network (all processes), in hop-steps
 (half a token's CPU without checks): at a rate r the overhead is about r times it (each token's
 two hops are drawn, and a token costs two hop-steps). Every checked step runs again on a
@@ -499,8 +500,11 @@ def adjusted(
     work on this shared machine takes the cores a run needs, so a run it loaded more is
     slower whatever it checks; the fit takes that part of each round's ratio out (on a
     loaded machine it explained most of their spread: session 17, a correlation of -0.86 over
-    30 rounds). Other work barely depends on what the bench checks (it runs at its own
-    priority, the bench under nice), so the fit does not take the checks' cost out with it."""
+    30 rounds). Where other work runs at the bench's priority (the other engineers' work
+    under nice 19, as the bench), a run that takes more CPU leaves it less, which the fit
+    reads as a lighter load: checks that cost CPU then lean the adjusted overhead high (on
+    the safe side), by about the fit's slope times the cores they take from other work (at
+    2 %, some 0.01 core: about a point). Without other work it is the paired estimate."""
     picked = rounds if rounds is not None else list(range(len(runs)))
     xs = [runs[i].others_cores - base[i].others_cores for i in picked]
     wall = [math.log(runs[i].tokens_per_s / base[i].tokens_per_s) for i in picked]
