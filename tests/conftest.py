@@ -50,15 +50,5 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     passing alone), with the daemons dropping each other as unresponsive under load. A
     rerun passes a slow machine; a real break fails both runs. Find the cause and drop this."""
     for item in items:
-        if item.nodeid.split("::")[0] in CLUSTER_PROCS[1:] or item.nodeid in RERUN_ONCE:
+        if item.nodeid.split("::")[0] in CLUSTER_PROCS[1:]:
             item.add_marker(pytest.mark.flaky(reruns=1))
-
-
-# Whole in-memory daemons on the virtual clock that failed once in a fresh-clone `make test`
-# (session 16) and once in 14 runs of their file with `-n 2`, and passed about 120 other runs
-# (alone, under two CPU burners, in their file): the cause is not found. One rerun keeps CI
-# green meanwhile; a real break fails both runs. Find the cause and drop this.
-RERUN_ONCE = {
-    "tests/daemon/test_cluster_coordinator_inflight.py::"
-    "test_a_deploy_asked_again_across_a_change_of_coordinator_places_exactly_its_copies",
-}
