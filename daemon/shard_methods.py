@@ -342,7 +342,9 @@ def register_shard_methods(
         if model:
             models = {model}
         else:
-            models = {a.model for a in announcements(list(service.replica.entries.values()))}
+            models = {
+                a.model for a in announcements(list(service.replica.entries.of_kind("blocks")))
+            }
         announced = {name: service.announced(name) for name in sorted(models)}
         return {"local": service.local_blocks(), "announced": announced}
 

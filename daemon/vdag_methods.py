@@ -57,7 +57,7 @@ def stored_specs(replica: Replica) -> Catalog:
     """Every stored vDAG spec by name and version; of two entries with one name and version
     the later written wins. An entry that no longer parses is left out."""
     catalog = Catalog()
-    stored = [e for e in replica.entries.values() if e.kind == "vdags" and not e.deleted]
+    stored = [e for e in replica.entries.of_kind("vdags") if not e.deleted]
     for entry in sorted(stored, key=lambda e: (e.ts, e.key)):
         try:
             catalog.add(parse(entry.value, entry.key))
@@ -136,7 +136,7 @@ def check(replica: Replica, value: Any, key: str | None = None) -> tuple[VdagSpe
     edge for anything refused."""
     try:
         spec = parse(value, key)
-        blocks = Blocks(replica.entries.values())
+        blocks = Blocks(replica.entries.of_kind("blocks"))
         plan = compile_plan(spec, stored_specs(replica).versions, blocks.known)
     except VdagError as exc:
         raise InvalidParams(f"vDAG refused: {exc}", {"reason": "vdag", "path": exc.path}) from None
@@ -145,7 +145,7 @@ def check(replica: Replica, value: Any, key: str | None = None) -> tuple[VdagSpe
 
 def plan_json(replica: Replica, plan: VdagPlan) -> dict[str, Any]:
     """The plan as JSON, each step with `servers` (its block's servers now)."""
-    blocks = Blocks(replica.entries.values())
+    blocks = Blocks(replica.entries.of_kind("blocks"))
     raw = plan.to_json()
     for step in raw["steps"]:
         step["servers"] = blocks.servers(step["block_id"]) if step["block_id"] else []
@@ -247,7 +247,7 @@ def _resolve_plan(replica: Replica, name: str, version: str | None) -> tuple[Vda
         known = f"; versions stored: {', '.join(have)}" if have else ""
         shown = name if version is None else f"{name} version {version}"
         raise NotFound(f"no vDAG {shown}{known}")
-    blocks = Blocks(replica.entries.values())
+    blocks = Blocks(replica.entries.of_kind("blocks"))
     try:
         plan = compile_plan(spec, catalog.versions, blocks.known)
     except VdagError as exc:  # stored, but what it names has gone since

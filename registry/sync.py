@@ -68,6 +68,9 @@ def _encode_row(row: list[int]) -> list[bytes]:
     return [v.to_bytes(DIGEST_BYTES, "big") for v in row]
 
 
+_NONE: dict[EntryId, Entry] = {}
+
+
 class Entries(Mapping[EntryId, Entry]):
     """A replica's entries, indexed for anti-entropy, read as a mapping of id to entry.
 
@@ -87,6 +90,7 @@ class Entries(Mapping[EntryId, Entry]):
         self._xor: dict[str, list[int]] = {}  # kind -> each bucket's XOR of state hashes
         self._count: dict[str, int] = {}  # kind -> entries held (a kind with none has no row)
         self._keys: dict[tuple[str, int], list[str]] = {}  # (kind, bucket) -> sorted keys
+        self._by_kind: dict[str, dict[EntryId, Entry]] = {}  # kind -> its entries
         self._tombstones: set[EntryId] = set()
         self._encoded: dict[str, list[bytes]] = {}  # `digests()`, kept up to date lazily
         self._stale: set[str] = set()  # kinds whose encoded row is out of date
@@ -136,6 +140,7 @@ class Entries(Mapping[EntryId, Entry]):
             row[bucket] ^= old.state_hash
         row[bucket] ^= entry.state_hash
         self._by_id[entry_id] = entry
+        self._by_kind.setdefault(kind, {})[entry_id] = entry
         if entry.deleted:
             self._tombstones.add(entry_id)
         else:
@@ -155,8 +160,9 @@ class Entries(Mapping[EntryId, Entry]):
         if not keys:
             del self._keys[(kind, bucket)]
         self._count[kind] -= 1
+        del self._by_kind[kind][entry_id]
         if self._count[kind] == 0:  # as `digests` computes it: no row for a kind with none
-            del self._count[kind], self._xor[kind]
+            del self._count[kind], self._xor[kind], self._by_kind[kind]
         else:
             self._xor[kind][bucket] ^= entry.state_hash
         return entry
@@ -177,6 +183,12 @@ class Entries(Mapping[EntryId, Entry]):
             self._encoded = encoded
             self._stale.clear()
         return self._encoded
+
+    def of_kind(self, kind: str) -> ValuesView[Entry]:
+        """The entries of one kind (deleted ones too), without reading the others: the
+        daemon reads the `blocks` announcements on every route and stream, and a fill
+        flood's thousands of entries are of another kind."""
+        return self._by_kind.get(kind, _NONE).values()
 
     def kinds(self) -> list[str]:
         """The kinds of the entries held, in order."""

@@ -122,7 +122,7 @@ class Engine:
         from registry.blocks import announcements
 
         ranges: dict[str, list[tuple[int, int]]] = {}
-        for item in announcements(list(self.service.replica.entries.values())):
+        for item in announcements(list(self.service.replica.entries.of_kind("blocks"))):
             ranges.setdefault(item.model, []).append((item.start, item.end))
         return ranges
 

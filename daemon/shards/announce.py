@@ -134,7 +134,7 @@ class Announcements:
         announcement counts, and an entry that cannot be read (stored by an older version,
         say) is skipped and counted (`registry`, `bad_entry`), never raised."""
         found = announcements(
-            list(self.replica.entries.values()),
+            list(self.replica.entries.of_kind("blocks")),
             model_id,
             on_bad=lambda reason: self.metrics.reject("registry", reason),
         )

@@ -116,7 +116,7 @@ class ShardStreams:
         # only the peer's own, readable announcements say where it runs (registry.blocks)
         return any(
             item.peer_id == peer_id and item.host == localsock.HOST_ID
-            for item in announcements(self.replica.entries.values())
+            for item in announcements(self.replica.entries.of_kind("blocks"))
         )
 
     async def _loopback(self, protocol: str) -> Stream:

@@ -67,7 +67,10 @@ class DaemonRunner:
             self._seen = (stamp, {})
         found = self._seen[1].get(block_id)
         if found is None:
-            peers = [i.peer_id for i in python_instances(self.replica.entries.values(), block_id)]
+            peers = [
+                i.peer_id
+                for i in python_instances(self.replica.entries.of_kind("blocks"), block_id)
+            ]
             found = (peers, None if peers else self._model_of(block_id))
             if len(self._seen[1]) >= 1024:
                 self._seen[1].clear()
@@ -97,13 +100,13 @@ class DaemonRunner:
     def served_blocks(self) -> list[str]:
         """Python blocks some daemon announces serving, and models that servers announce."""
         found: set[str] = set()
-        for entry in self.replica.entries.values():
+        for entry in self.replica.entries.of_kind("blocks"):
             params = entry.value.get("parameters") if isinstance(entry.value, dict) else None
             if entry.kind == "blocks" and isinstance(params, dict):
                 block = params.get("instanceOf")
                 if isinstance(block, str) and self._lookup(block)[0]:
                     found.add(block)
-        for model in {a.model for a in announcements(list(self.replica.entries.values()))}:
+        for model in {a.model for a in announcements(list(self.replica.entries.of_kind("blocks")))}:
             if self._lookup(model)[1] is not None:
                 found.add(model)
         return sorted(found)

@@ -15,6 +15,7 @@ from p2p.identity import NodeIdentity
 from registry.blocks import announcement_key
 from registry.entry import Entry, sign_entry
 from registry.hlc import Timestamp
+from registry.sync import Entries
 from scheduler.vdag import Catalog, compile_plan, parse
 from tests.daemon.test_cli_cluster import FakeDaemon
 
@@ -48,7 +49,7 @@ TOP = {
 
 class _Replica:
     def __init__(self, entries: list[Entry]) -> None:
-        self.entries = {e.id: e for e in entries}
+        self.entries = Entries(entries)
 
 
 def entry(kind: str, key: str, value: dict[str, Any]) -> Entry:

@@ -50,6 +50,8 @@ def check_index(held: sync.Entries, rng: random.Random) -> None:
         i for i, e in plain.items() if e.deleted
     )
     kinds = sorted(VALUES)
+    for kind in [*kinds, "blocks"]:  # (no entry of that one)
+        assert sorted(e.id for e in held.of_kind(kind)) == sorted(i for i in plain if i[0] == kind)
     for _ in range(4):
         buckets = {
             (rng.choice(kinds), rng.randrange(sync.BUCKETS)) for _ in range(rng.randint(1, 6))

@@ -19,6 +19,7 @@ from daemon.serving.access import Access
 from daemon.serving.engine import Engine, Piece, Plan
 from daemon.serving.settings import ServingConfig
 from daemon.shards.jobs import MAX_JOBS, JobTable
+from registry.sync import Entries
 
 MODEL = "scripted"
 
@@ -26,7 +27,7 @@ MODEL = "scripted"
 class ScriptedEngine(Engine):
     def __init__(self, *, gated: bool = True, **kw: Any) -> None:
         table = JobTable()
-        table.replica = SimpleNamespace(entries={})
+        table.replica = SimpleNamespace(entries=Entries())
         table.local_block = lambda model: None
         super().__init__(table, Metrics(), **kw)
         self.table = table

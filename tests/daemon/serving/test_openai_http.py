@@ -16,13 +16,14 @@ from daemon.serving.access import Access
 from daemon.serving.engine import Engine
 from daemon.serving.settings import ServingConfig
 from daemon.shards.jobs import JobTable
+from registry.sync import Entries
 from tests.daemon.serving.openai_helpers import Client, connect, request
 
 
 def _server(**kw) -> tuple[OpenAIServer, Metrics]:
     metrics = Metrics()
     service = JobTable()
-    service.replica = SimpleNamespace(entries={})  # an empty network: no model announced
+    service.replica = SimpleNamespace(entries=Entries())  # an empty network: no model announced
     service.local_block = lambda model: None
     engine = Engine(service, metrics)
     return OpenAIServer(engine, Access(ServingConfig(openai=True)), metrics, **kw), metrics

@@ -16,8 +16,16 @@ from daemon.shards.server import Outbox, ShardServer  # noqa: E402
 from daemon.shards.service import ShardService, block_key  # noqa: E402
 from p2p import localsock  # noqa: E402
 from p2p.streams import stream_pair  # noqa: E402
+from registry.sync import Entries  # noqa: E402
 
 ME = "12D3KooWme"
+
+
+class _Entries(dict):
+    """A replica's entries for announcements that are not real entries (no state hash)."""
+
+    def of_kind(self, kind: str) -> list[SimpleNamespace]:
+        return [e for e in self.values() if e.kind == kind]
 
 
 def announcement(peer: str, start: int, end: int, **parameters) -> SimpleNamespace:
@@ -35,7 +43,7 @@ def service(*entries: SimpleNamespace) -> ShardService:
     return ShardService(
         ident=SimpleNamespace(peer_id=ME),  # type: ignore[arg-type]
         net=SimpleNamespace(peers={"full": SimpleNamespace(rtt_ms=3.0)}),  # type: ignore[arg-type]
-        replica=SimpleNamespace(entries={(e.kind, e.key): e for e in entries}),
+        replica=SimpleNamespace(entries=_Entries({(e.kind, e.key): e for e in entries})),
         replicator=SimpleNamespace(),  # type: ignore[arg-type]
         metrics=Metrics(),
         allow_remote_deploy=False,
@@ -128,7 +136,7 @@ async def test_control_requests_are_typed_and_bounded_over_the_network(autojump_
 
     shards = ShardService(
         ident=ident,
-        replica=SimpleNamespace(entries={}),
+        replica=SimpleNamespace(entries=Entries()),
         net=SimpleNamespace(set_stream_handler=lambda *a, **kw: None),  # type: ignore[arg-type]
         metrics=metrics,
         replicator=SimpleNamespace(write=write),
