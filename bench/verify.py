@@ -39,13 +39,7 @@ gives the median and the first to third quartile of the rounds' own ratios (how 
 figure moves). Under table 1a: the 0 % row as the noise floor (a verifier on and no check drawn:
 its hooks cost about 10 us of the requester's CPU a token, some 0.3 % of a token's wall, so the
 rest of what the row reads is the bench's noise), each rate against the 0 % row, paired (what
-the checks cost beyond the machinery), the overheads adjusted for other work's load (each run
-records how many cores other work kept busy meanwhile, from /proc/stat less the bench's own CPU;
-the rounds' log ratios are fitted on the difference between a pair's runs, and the overhead read
-at none: on this shared machine, load 7-11, that difference explained most of the rounds'
-spread, a correlation of -0.86, and halved the interval; where other work runs at the bench's
-priority, a run that takes more CPU leaves it less, so checks that cost CPU lean the adjusted
-figure high, about a point at 2 %), and the overheads from the rounds' totals (the estimate
+the checks cost beyond the machinery), and the overheads from the rounds' totals (the estimate
 before session 17). Table 1a is what the requester sees: tokens/s and this process's CPU (the
 requester's alone by default; with `--routes-here` the routes' too; with `--one-process`
 everything), and the routes' forward passes a token. Table 1b is the network's extra compute,
@@ -60,24 +54,28 @@ about 15 checks, a count that is skewed, and the mean's is the rate's. Why 10 ro
 (3 before): three rounds' interval spans some 20 points at 2 %; at 20 rounds the 0 % row's
 interval still spans 8-10 points (sessions 15-16), so a 5 % target needs some 40 rounds or more
 on a quiet machine. `--keep FILE` writes every round's runs (JSON) to compare estimators on
-them. "CPU per check" is what one checked step cost the network (all processes), in hop-steps
-(half a token's CPU without checks): at a rate r the overhead is about r times it (each token's
-two hops are drawn, and a token costs two hop-steps). Every checked step runs again on a
-replica, in the replica session that follows the hop for the generation: the hop's inputs since
-its last check and the step's, in one pass ("replica positions per check"; a hop's first check
-of a generation catches up on the whole prefix). Also the largest honest difference seen between
-a provider and its replica (row-relative; `daemon.verify.compare` allows 1e-5 in float32).
-`--breakdown` adds where the time goes per configuration (its servers' columns count only those
-in this process: all of them with `--one-process`): the cores the process kept busy (CPU / wall:
-it is one process, but its passes run in worker threads, so the wall overhead is not the CPU
-one), the routes' servers' and the replicas' forward passes and compute time (and the replicas'
-CPU per pass: what a check's catch-up costs), how long the token loops waited for checks (at a
-step's end; a speculating generation in `settle`: at its end, or with too many tokens held), and
-the verifier's hooks' CPU in a step it does not check (what the machinery costs at a 0 % rate;
-the hooks of such a step never yield, so their thread's CPU time is theirs alone). Its timing
-costs about ten clock reads per step (some 10 us here: the thread CPU clock is a system call),
-charged to every row with a verifier and not to "none": read the overheads from a run without
-`--breakdown`.
+them, with the cores other work kept busy during each run (/proc/stat less the bench's own CPU).
+A fit of the rounds' ratios on that load was tried in session 17 and dropped: other work here
+runs at the bench's priority (nice 19), so a run with checks, taking more CPU, leaves it less
+(-0.07 cores at 2 %, -0.13 at 10 %, standard error 0.02-0.03, load 3-10), and the fit read the
+checks' own cost as a lighter load, adding 6-12 points to the overheads. "CPU per check" is what
+one checked step cost the network (all processes), in hop-steps (half a token's CPU without
+checks): at a rate r the overhead is about r times it (each token's two hops are drawn, and a
+token costs two hop-steps). Every checked step runs again on a replica, in the replica session
+that follows the hop for the generation: the hop's inputs since its last check and the step's,
+in one pass ("replica positions per check"; a hop's first check of a generation catches up on
+the whole prefix). Also the largest honest difference seen between a provider and its replica
+(row-relative; `daemon.verify.compare` allows 1e-5 in float32). `--breakdown` adds where the
+time goes per configuration (its servers' columns count only those in this process: all of them
+with `--one-process`): the cores the process kept busy (CPU / wall: it is one process, but its
+passes run in worker threads, so the wall overhead is not the CPU one), the routes' servers' and
+the replicas' forward passes and compute time (and the replicas' CPU per pass: what a check's
+catch-up costs), how long the token loops waited for checks (at a step's end; a speculating
+generation in `settle`: at its end, or with too many tokens held), and the verifier's hooks' CPU
+in a step it does not check (what the machinery costs at a 0 % rate; the hooks of such a step
+never yield, so their thread's CPU time is theirs alone). Its timing costs about ten clock reads
+per step (some 10 us here: the thread CPU clock is a system call), charged to every row with a
+verifier and not to "none": read the overheads from a run without `--breakdown`.
 
 `--spread` (with `--one-process`): generation i's route is a{i % 3}, b{i % 3} (announced 0.05
 ms faster to it), so every server carries traffic and a check's pass on its replica may share a
@@ -454,7 +452,7 @@ class Run:
     replica_cpu_s: float = 0.0  # the replicas' process's (unless `--one-process`)
     route_passes: int = 0  # forward passes of the routes' servers
     replica_passes: int = 0  # and of the replicas'
-    others_cores: float = 0.0  # the cores other work kept busy meanwhile (the machine's load)
+    others_cores: float = 0.0  # the cores other work kept busy meanwhile (in `--keep`'s JSON)
 
     @property
     def tokens_per_s(self) -> float:
@@ -489,37 +487,6 @@ def paired(
     wall = [math.log(runs[i].tokens_per_s / base[i].tokens_per_s) for i in picked]
     cpu = [math.log(_cpu_per_token(runs[i], part) / _cpu_per_token(base[i], part)) for i in picked]
     return 1 - math.exp(statistics.fmean(wall)), math.exp(statistics.fmean(cpu)) - 1
-
-
-def adjusted(
-    runs: list[Run], base: list[Run], rounds: list[int] | None = None, part: str = "here"
-) -> tuple[float, float]:
-    """`paired`, adjusted for other work's load: the rounds' log ratios fitted (least squares)
-    on how many more cores other work kept busy in the run with checks than in the run
-    without (`Run.others_cores`), and the overhead at no difference (the intercept). Other
-    work on this shared machine takes the cores a run needs, so a run it loaded more is
-    slower whatever it checks; the fit takes that part of each round's ratio out (on a
-    loaded machine it explained most of their spread: session 17, a correlation of -0.86 over
-    30 rounds). Where other work runs at the bench's priority (the other engineers' work
-    under nice 19, as the bench), a run that takes more CPU leaves it less, which the fit
-    reads as a lighter load: checks that cost CPU then lean the adjusted overhead high (on
-    the safe side), by about the fit's slope times the cores they take from other work (at
-    2 %, some 0.01 core: about a point). Without other work it is the paired estimate."""
-    picked = rounds if rounds is not None else list(range(len(runs)))
-    xs = [runs[i].others_cores - base[i].others_cores for i in picked]
-    wall = [math.log(runs[i].tokens_per_s / base[i].tokens_per_s) for i in picked]
-    cpu = [math.log(_cpu_per_token(runs[i], part) / _cpu_per_token(base[i], part)) for i in picked]
-    return 1 - math.exp(_intercept(xs, wall)), math.exp(_intercept(xs, cpu)) - 1
-
-
-def _intercept(xs: list[float], ys: list[float]) -> float:
-    """The least-squares line's value at x = 0 (the mean of `ys` where `xs` do not vary)."""
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    var = sum((x - mx) ** 2 for x in xs)
-    if var < 1e-12:
-        return my
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var
-    return my - slope * mx
 
 
 def _cpu_per_token(run: Run, part: str) -> float:
@@ -817,17 +784,6 @@ def noise_floor(runs: dict[Mode | None, list[Run]], base: list[Run], modes: list
                     f"  {mode.label} against {zero.label} (paired): wall {wall * 100:+.1f}% "
                     f"({wall_ci}), CPU {cpu * 100:+.1f}% ({cpu_ci})"
                 )
-    told = []
-    for mode in modes:
-        wall, cpu = adjusted(runs[mode], base)
-        wall_ci, cpu_ci = interval(runs[mode], base, estimate=adjusted)
-        told.append(f"{mode.label} {wall * 100:.1f}% ({wall_ci}), CPU {cpu * 100:.1f}% ({cpu_ci})")
-    spread = statistics.pstdev(r.others_cores for rs in runs.values() for r in rs)
-    print(
-        "adjusted for other work's load (the rounds' ratios fitted on the difference of the "
-        f"cores other work kept busy between a pair's runs, sd {spread:.2f} cores over the "
-        "runs; the overhead at none): " + "; ".join(told)
-    )
     told = []
     for mode in modes:
         wall, cpu = pooled(runs[mode], base)

@@ -61,23 +61,3 @@ def test_interval_brackets_the_estimate_and_is_reproducible(bench: ModuleType) -
     assert low <= 100 * wall <= high
     assert bench.interval(checked, base) == bench.interval(checked, base)
     assert bench.interval(checked[:2], base[:2]) == ("-", "-")  # too few rounds for one
-
-
-def test_adjusted_takes_other_works_load_out_of_each_round(bench: ModuleType) -> None:
-    # checks cost 5 %; in each round other work kept some more cores busy in one of the two
-    # runs, which made that run slower by 20 % a core
-    extra = [0.5, -0.3, 0.0, 0.8, -0.6, 0.2]
-    base, checked = [], []
-    for more in extra:
-        base.append(bench.Run(tokens=384, wall_s=1.0, cpu_s=0.2, others_cores=1.0))
-        slower = math.exp(0.2 * more)  # (the load's share of the run's wall)
-        checked.append(
-            bench.Run(tokens=384, wall_s=1.05 * slower, cpu_s=0.21, others_cores=1.0 + more)
-        )
-    wall, cpu = bench.adjusted(checked, base)
-    assert wall == pytest.approx(1 - 1 / 1.05)
-    assert cpu == pytest.approx(0.05)
-    assert bench.paired(checked, base)[0] > wall + 0.01  # (unadjusted, the load leaks in)
-    # where the load does not vary, it is the paired estimate
-    flat = [bench.Run(tokens=384, wall_s=1.05, cpu_s=0.21, others_cores=1.0) for _ in extra]
-    assert bench.adjusted(flat, base) == pytest.approx(bench.paired(flat, base))
