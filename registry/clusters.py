@@ -147,10 +147,10 @@ def cluster_view(replica: Replica, name: str) -> ClusterView | None:
 def clusters_of(replica: Replica, peer_id: str) -> list[str]:
     """The clusters (sorted) in which `peer_id` is an active member, as `replica` holds them."""
     out = []
-    for (kind, key), entry in replica.entries.items():
-        if kind != "members" or entry.value is None or is_request(entry.value):
+    for entry in replica.entries.of_kind("members"):
+        if entry.value is None or is_request(entry.value):
             continue
-        cluster, _, peer = key.partition("/")
+        cluster, _, peer = entry.key.partition("/")
         held = replica.get("clusters", cluster) if peer == peer_id else None
         if held is not None and held.value is not None:
             out.append(cluster)
@@ -158,13 +158,13 @@ def clusters_of(replica: Replica, peer_id: str) -> list[str]:
 
 
 def _member_entries(replica: Replica, name: str) -> list[Entry]:
-    """The cluster's live member entries, by key (one pass, no sort of the whole replica:
-    the runtime reads views whenever the replica changes)."""
+    """The cluster's live member entries, by key (one pass over the `members` entries, no
+    sort of the whole replica: the runtime reads views whenever the replica changes)."""
     prefix = f"{name}/"
     found = [
         entry
-        for (kind, key), entry in replica.entries.items()
-        if kind == "members" and key.startswith(prefix) and entry.value is not None
+        for entry in replica.entries.of_kind("members")
+        if entry.key.startswith(prefix) and entry.value is not None
     ]
     return sorted(found, key=lambda e: e.key)
 

@@ -105,9 +105,9 @@ class RegistryMembership:
         if applied != self._applied:
             self._applied = applied
             marks = frozenset(
-                (entry_id, entry.signature)  # an entry is replaced whole, never changed
-                for entry_id, entry in self.replica.entries.items()
-                if entry_id[0] in self.KINDS
+                (entry.id, entry.signature)  # an entry is replaced whole, never changed
+                for kind in self.KINDS
+                for entry in self.replica.entries.of_kind(kind)
             )
             if marks != self._marks:
                 self._marks = marks

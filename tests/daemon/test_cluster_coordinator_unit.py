@@ -16,6 +16,7 @@ from daemon.errors import FailedPrecondition
 from daemon.shards.jobs import ShardServiceError
 from p2p import codec
 from p2p.network import NetworkError
+from registry.sync import Entries
 
 ME = "me"
 C = "lab"
@@ -103,7 +104,7 @@ def coordinator(
         runtime=runtime,  # type: ignore[arg-type]
         shards=shards,  # type: ignore[arg-type]
         directory=SimpleNamespace(find=find),  # type: ignore[arg-type]
-        replica=SimpleNamespace(entries={}),  # type: ignore[arg-type]
+        replica=SimpleNamespace(entries=Entries()),  # type: ignore[arg-type]
         on_reject=rejected.append,
         settings=CoordinatorSettings(assign_timeout_s=5.0, failed_cooldown_s=60.0),
         tables=tables,
