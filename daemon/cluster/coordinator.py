@@ -435,7 +435,7 @@ class ClusterCoordinator:
     def _served(self, cluster: str, model: str, live: set[str]) -> list[Served]:
         """The live members' announced ranges of `model`, and the pending assignments (an
         announced one is no longer pending; one past its deadline is given up)."""
-        out = served_ranges(list(self.replica.entries.values()), model, live)
+        out = served_ranges(list(self.replica.entries.of_kind("blocks")), model, live)
         pending = self._pending.get((cluster, model), {})
         now = trio.current_time()
         announced = {(s.peer_id, s.start, s.end) for s in out}
@@ -576,7 +576,7 @@ class ClusterCoordinator:
         records = await self.directory.find()
         peers_now = getattr(self.net, "peers", {})
         own = {p: st.rtt_ms for p, st in peers_now.items() if st.rtt_ms is not None}
-        entries = list(self.replica.entries.values())
+        entries = list(self.replica.entries.of_kind("blocks"))
         return node_facts(records, entries, peers, model, self.me, own)
 
     # -- what cluster_info shows -------------------------------------------------------------
