@@ -53,7 +53,8 @@ weigh most, and a round's ratio moves only itself. A mean, not a median: at 2 % 
 about 15 checks, a count that is skewed, and the mean's is the rate's. Why 10 rounds by default
 (3 before): three rounds' interval spans some 20 points at 2 %; at 20 rounds the 0 % row's
 interval still spans 8-10 points (sessions 15-16), so a 5 % target needs some 40 rounds or more
-on a quiet machine. `--keep FILE` writes every round's runs (JSON) to compare estimators on
+on a quiet machine (`--pool` pairs the rounds of several `--keep` files together, as one
+longer run). `--keep FILE` writes every round's runs (JSON) to compare estimators on
 them, with the cores other work kept busy during each run (/proc/stat less the bench's own CPU).
 A fit of the rounds' ratios on that load was tried in session 17 and dropped: other work here
 runs at the bench's priority (nice 19), so a run with checks, taking more CPU, leaves it less
@@ -107,6 +108,7 @@ usage: python bench/verify.py [--hidden 256] [--layers 8] [--generations 8] [--t
        [--rounds 10] [--seeds 20] [--rates 0 0.02 0.10] [--threads 1]
        [--skip-detection] [--skip-overhead] [--breakdown] [--waiting] [--gather S ...] [--keep FILE]
        [--one-process [--spread] | --routes-here] [--no-sched-idle]
+       python bench/verify.py --pool FILE [FILE ...]   (the rounds of several --keep files)
 """
 
 from __future__ import annotations
@@ -804,6 +806,32 @@ def keep(path: Path, runs: dict[Mode | None, list[Run]], load_before: float) -> 
     path.write_text(json.dumps(out, indent=1))
 
 
+def pool(paths: list[Path]) -> None:
+    """`--pool`: the paired overheads over the rounds of several `--keep` files together (runs
+    of the same configurations; the rounds of one run are paired as they ran), a longer run's
+    interval without running it again."""
+    runs: dict[str, list[Run]] = {}
+    loads = []
+    for path in paths:
+        kept = json.loads(path.read_text())
+        loads.append(kept["load"])
+        for label, items in kept["runs"].items():
+            runs.setdefault(label, []).extend(Run(**item) for item in items)
+    base = runs.get("none")
+    if not base or any(len(rs) != len(base) for rs in runs.values()):
+        raise SystemExit("--pool: every file needs the same configurations, 'none' among them")
+    shown = ", ".join(f"{a:.1f} -> {b:.1f}" for a, b in loads)
+    print(f"{len(base)} rounds of {len(paths)} run(s) (load before -> after: {shown})")
+    rows = []
+    for label, rs in runs.items():
+        if label == "none":
+            continue
+        wall, cpu = paired(rs, base)
+        wall_ci, cpu_ci = interval(rs, base)
+        rows.append([label, f"{wall * 100:.1f}%", wall_ci, f"{cpu * 100:.1f}%", cpu_ci])
+    table(["check rate", "overhead (wall)", "95% interval", "overhead (CPU)", "95% interval"], rows)
+
+
 def table(header: list[str], rows: list[list[str]]) -> None:
     """Print `rows` under `header`, each column as wide as its widest cell."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
@@ -1108,6 +1136,13 @@ def main() -> None:
     parser.add_argument(
         "--keep", type=Path, metavar="FILE", help="write every round's runs there (JSON)"
     )
+    parser.add_argument(
+        "--pool",
+        type=Path,
+        nargs="+",
+        metavar="FILE",
+        help="run nothing: the paired overheads over the rounds of these --keep files together",
+    )
     setup = parser.add_mutually_exclusive_group()
     setup.add_argument(
         "--one-process",
@@ -1137,6 +1172,9 @@ def main() -> None:
     parser.add_argument("--host-seed", default="", help=argparse.SUPPRESS)
     parser.add_argument("--host-names", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.pool:
+        pool(args.pool)
+        return
     args.modes = [Mode(r) for r in args.rates]
     if args.waiting:
         other = not VerifyConfig().speculate  # the mechanism the default does not use

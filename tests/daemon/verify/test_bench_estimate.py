@@ -4,6 +4,7 @@ by other work on the shared machine moves its own ratio and not the whole estima
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -61,3 +62,22 @@ def test_interval_brackets_the_estimate_and_is_reproducible(bench: ModuleType) -
     assert low <= 100 * wall <= high
     assert bench.interval(checked, base) == bench.interval(checked, base)
     assert bench.interval(checked[:2], base[:2]) == ("-", "-")  # too few rounds for one
+
+
+def test_pooled_keep_files_pair_each_round_as_it_ran(bench: ModuleType, tmp_path, capsys) -> None:
+    """`--pool`: two runs' rounds together, each paired with its own run without checks.
+    The first file's runs with checks take 2 % longer than its runs without, the second's
+    4 %, its runs twice as slow: pooled, 3 % (a total over both would weigh the second)."""
+
+    def kept(name: str, slow: float, longer: float) -> Path:
+        base = [{"tokens": 384, "wall_s": slow * (1 + i / 10), "cpu_s": 0.2} for i in range(5)]
+        checked = [{**r, "wall_s": r["wall_s"] * longer} for r in base]
+        path = tmp_path / name
+        path.write_text(json.dumps({"load": [1.0, 1.5], "runs": {"none": base, "2%": checked}}))
+        return path
+
+    bench.pool([kept("a.json", 1.0, 1.02), kept("b.json", 2.0, 1.04)])
+    row = next(
+        line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("2%")
+    )
+    assert row.split("|")[1].strip() == f"{(1 - 1 / math.sqrt(1.02 * 1.04)) * 100:.1f}%"
