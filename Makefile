@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/p2p.py
 	$(BIN)/python bench/registry_daemons.py
 	$(BIN)/python bench/registry.py
+	$(BIN)/python bench/registry_sync.py
 	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/abuse.py
 	$(BIN)/python bench/chain.py
