@@ -20,7 +20,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -316,6 +315,25 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
 
 
+def _answers_within(proc: subprocess.Popen[bytes], w3: Any, timeout_s: float) -> str:
+    """Whether anvil answers a JSON-RPC call: "up", "exited" if it died first, "silent" if
+    neither happened within `timeout_s`."""
+    from daemon.devnet import DevnetError, wait_for
+
+    def state() -> str | None:
+        if proc.poll() is not None:
+            return "exited"
+        with contextlib.suppress(Exception):
+            if w3.eth.chain_id:
+                return "up"
+        return None
+
+    try:
+        return wait_for(state, timeout_s, "anvil to answer", poll_s=0.02)
+    except DevnetError:
+        return "silent"
+
+
 @pytest.fixture(scope="session")
 def anvil_w3() -> Iterator[Any]:
     """A fresh anvil on a free 127.0.0.1 port for this test session; always killed after."""
@@ -336,14 +354,7 @@ def anvil_w3() -> Iterator[Any]:
                 preexec_fn=_die_with_parent,
             )
             w3 = Web3(Web3.HTTPProvider(f"http://127.0.0.1:{port}", request_kwargs={"timeout": 30}))
-            deadline = time.monotonic() + 30
-            while proc.poll() is None and time.monotonic() < deadline:
-                try:
-                    if w3.eth.chain_id:
-                        break
-                except Exception:
-                    time.sleep(0.02)  # polling anvil's port until it answers, under a deadline
-            else:
+            if _answers_within(proc, w3, 30.0) != "up":  # exited (its port taken?) or silent
                 proc.kill()
                 proc.wait()
                 continue
